@@ -1,0 +1,174 @@
+"""Frozen configuration dataclasses: the base model and the adapter page pool."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from jaxlora.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (HF `rope_scaling` with rope_type llama3)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (what HF `config.json` describes)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    name: str = "llama"
+
+    def __post_init__(self):
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model config field {field!r}: expected a positive int, "
+                                  f"got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model config: num_heads ({self.num_heads}) must be a multiple of "
+                              f"num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each LoRA-targetable linear module."""
+        h, q, kv, i = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        return {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Reads a HF Llama/Mistral `config.json` dictionary."""
+
+        def need(key):
+            if key not in cfg:
+                raise ConfigError(f"{source}: missing field {key!r}")
+            return cfg[key]
+
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "mistral"):
+            raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; "
+                              "expected 'llama' or 'mistral'")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ConfigError(f"{source}: fields 'attention_bias'/'mlp_bias' must be false "
+                              "(biased Llama variants are not supported)")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: field 'hidden_act' is {act!r}; expected 'silu'")
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        head_dim = cfg.get("head_dim") or hidden // heads
+        scaling = None
+        raw = cfg.get("rope_scaling")
+        if raw:
+            rope_type = raw.get("rope_type", raw.get("type"))
+            if rope_type == "llama3":
+                scaling = RopeScaling(
+                    factor=float(raw["factor"]),
+                    low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
+                    high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
+                    original_max_position_embeddings=int(
+                        raw.get("original_max_position_embeddings", 8192)),
+                )
+            elif rope_type not in (None, "default"):
+                raise ConfigError(f"{source}: field 'rope_scaling.rope_type' is {rope_type!r}; "
+                                  "expected 'llama3' or 'default'")
+        return cls(
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            name=str(cfg.get("_name_or_path") or model_type),
+        )
+
+    @classmethod
+    def from_hf_json(cls, path: str | os.PathLike) -> ModelConfig:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: file not found (expected a HF config.json)") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_hf_dict(data, source=path)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False,
+        }
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraPoolConfig:
+    """The GPU adapter page pool (see pallas_kernels/layout.py for the layout).
+
+    max_rank: the largest adapter rank accepted; rows_per_page: rank-rows in one page;
+    pages_per_pool: pages in each width pool (the same number for every pool); max_slots: how
+    many distinct adapters one step can reference.
+    """
+
+    max_rank: int = 64
+    rows_per_page: int = 16
+    pages_per_pool: int = 256
+    max_slots: int = 32
+
+    def __post_init__(self):
+        for field in ("max_rank", "rows_per_page", "pages_per_pool", "max_slots"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"lora pool config field {field!r}: expected a positive int, "
+                                  f"got {value!r}")
+
+    @property
+    def max_pages_per_weight(self) -> int:
+        return -(-self.max_rank // self.rows_per_page)

@@ -1,0 +1,151 @@
+"""Host-side LoRA weights and the device-side inputs of the model's LoRA hook.
+
+``LoraWeights`` is one adapter in host memory, already in the rank-row layout of the page pool
+(pallas_kernels/layout.py). ``LoraInputs`` is what one forward pass receives: the page pools, the
+slot metadata and each token's slot. ``pack_adapters`` lays a few adapters into fresh pools, for
+tests, offline generation and evaluation; the serving engine uses jaxlora.memory instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.config import LoraPoolConfig, ModelConfig
+from pallas_kernels import layout
+from pallas_kernels.layout import MODULE_POOLS, MODULES, NO_ADAPTER, SlotInfo
+
+
+@dataclasses.dataclass
+class LoraWeights:
+    """One adapter in host memory.
+
+    a[m]: (num_layers, r_m, in_m) rank-rows of A (PEFT lora_A.weight per layer);
+    b[m]: (num_layers, r_m, out_m) rank-rows of B (PEFT lora_B.weight transposed);
+    scales[m]: the factor applied to (x @ A) @ B. Modules the adapter does not target are absent.
+    Where PEFT patterns give layers different ranks, rows beyond a layer's own rank are zero and
+    where they give layers different scales, B rows carry the ratio to scales[m].
+    """
+
+    name: str
+    a: dict[str, np.ndarray]
+    b: dict[str, np.ndarray]
+    scales: dict[str, float]
+    source: str = ""
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m: int(self.a[m].shape[1]) for m in self.a}
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values(), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.a.values()) + sum(x.nbytes for x in self.b.values())
+
+    def pages_needed(self, rows_per_page: int) -> dict[str, int]:
+        """Pages this adapter takes in each pool."""
+        need = {axis: 0 for axis in layout.POOL_AXES}
+        for m, r in self.ranks.items():
+            a_axis, b_axis = MODULE_POOLS[m]
+            need[a_axis] += layout.pages_for_rank(r, rows_per_page)
+            need[b_axis] += layout.pages_for_rank(r, rows_per_page)
+        return need
+
+
+@flax.struct.dataclass
+class LoraInputs:
+    """Device-side inputs of the LoRA hook for one forward pass."""
+
+    pools: dict[str, jax.Array]  # POOL_AXES -> (L, P, R, width)
+    a_pages: jax.Array  # (S, 7, MP) int32
+    b_pages: jax.Array  # (S, 7, MP) int32
+    ranks: jax.Array  # (S, 7) int32
+    scales: jax.Array  # (S, 7) float32
+    token_slot: jax.Array  # (T,) or (B, S) int32, NO_ADAPTER = base model
+    # "reference": gather + einsum in jnp; "pallas": the SGMV kernels; "pallas_interpret": the
+    # kernels in interpret mode (CPU tests).
+    impl: str = flax.struct.field(pytree_node=False, default="reference")
+
+    def with_tokens(self, token_slot: jax.Array) -> LoraInputs:
+        return self.replace(token_slot=token_slot)
+
+
+def empty_pools(config: ModelConfig, pool: LoraPoolConfig, dtype=jnp.float32
+                ) -> dict[str, np.ndarray]:
+    widths = layout.pool_widths(config.hidden_size, config.q_size, config.kv_size,
+                                config.intermediate_size)
+    return {axis: np.zeros((config.num_layers, pool.pages_per_pool, pool.rows_per_page, w),
+                           dtype=jnp.dtype(dtype))
+            for axis, w in widths.items()}
+
+
+def write_adapter_rows(pools: dict[str, np.ndarray], weights: LoraWeights,
+                       pages: dict[str, list[int]], rows_per_page: int) -> SlotInfo:
+    """Copies an adapter's rank-rows into the given pages (host numpy pools) and returns the slot.
+
+    pages[axis] lists the page ids, in the order the adapter's weights take them (MODULES order,
+    A before B within a module when both use the pool).
+    """
+    cursor = {axis: 0 for axis in layout.POOL_AXES}
+    ranks, scales, a_pages, b_pages = [], [], [], []
+    for m in MODULES:
+        if m not in weights.a:
+            ranks.append(0)
+            scales.append(0.0)
+            a_pages.append(())
+            b_pages.append(())
+            continue
+        r = weights.a[m].shape[1]
+        n = layout.pages_for_rank(r, rows_per_page)
+        taken = []
+        for axis, rows in zip(MODULE_POOLS[m], (weights.a[m], weights.b[m]), strict=True):
+            ids = pages[axis][cursor[axis]:cursor[axis] + n]
+            cursor[axis] += n
+            for i, page in enumerate(ids):
+                chunk = rows[:, i * rows_per_page:(i + 1) * rows_per_page, :]
+                pools[axis][:, page, :chunk.shape[1], :] = chunk
+            taken.append(tuple(ids))
+        ranks.append(r)
+        scales.append(float(weights.scales[m]))
+        a_pages.append(taken[0])
+        b_pages.append(taken[1])
+    return SlotInfo(ranks=tuple(ranks), scales=tuple(scales), a_pages=tuple(a_pages),
+                    b_pages=tuple(b_pages))
+
+
+def pack_adapters(config: ModelConfig, adapters: list[LoraWeights],
+                  pool: LoraPoolConfig | None = None, dtype=jnp.float32, impl: str = "reference"
+                  ) -> LoraInputs:
+    """Lays adapters into fresh pools (slot i = adapters[i]); token_slot is left empty.
+
+    Pages are handed out in a shuffled order so that nothing relies on contiguous page ids.
+    """
+    pool = pool or LoraPoolConfig(max_slots=max(1, len(adapters)))
+    pools = empty_pools(config, pool, dtype)
+    rng = np.random.default_rng(0)
+    free = {axis: list(rng.permutation(pool.pages_per_pool)) for axis in layout.POOL_AXES}
+    slots = []
+    for w in adapters:
+        need = w.pages_needed(pool.rows_per_page)
+        pages = {}
+        for axis, n in need.items():
+            if n > len(free[axis]):
+                raise ValueError(f"pack_adapters: pool {axis!r} has {len(free[axis])} free pages,"
+                                 f" adapter {w.name!r} needs {n}")
+            pages[axis], free[axis] = [int(p) for p in free[axis][:n]], free[axis][n:]
+        slots.append(write_adapter_rows(pools, w, pages, pool.rows_per_page))
+    meta = layout.build_slot_metadata(slots, max_slots=pool.max_slots, max_rank=pool.max_rank,
+                                      rows_per_page=pool.rows_per_page)
+    return LoraInputs(
+        pools={k: jnp.asarray(v) for k, v in pools.items()},
+        a_pages=jnp.asarray(meta["a_pages"]), b_pages=jnp.asarray(meta["b_pages"]),
+        ranks=jnp.asarray(meta["ranks"]), scales=jnp.asarray(meta["scales"]),
+        token_slot=jnp.full((0,), NO_ADAPTER, jnp.int32), impl=impl,
+    )

@@ -1,0 +1,1 @@
+"""Pallas kernels (Triton backend on GPU), each with a pure-jnp reference beside it."""
