@@ -2,7 +2,6 @@ import os
 
 # Several fake CPU devices for the tensor-parallel and pmap tests; must be set before jax loads.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-os.environ.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
