@@ -69,6 +69,9 @@ class LoraInputs:
     ranks: jax.Array  # (S, 7) int32
     scales: jax.Array  # (S, 7) float32
     token_slot: jax.Array  # (T,) or (B, S) int32, NO_ADAPTER = base model
+    # Extra int32 arrays the Pallas kernels derive from token_slot on the host
+    # (pallas_kernels.sgmv.build_sgmv_metadata); None on the reference path.
+    kernel_meta: dict[str, jax.Array] | None = None
     # "reference": gather + einsum in jnp; "pallas": the SGMV kernels; "pallas_interpret": the
     # kernels in interpret mode (CPU tests).
     impl: str = flax.struct.field(pytree_node=False, default="reference")

@@ -1,0 +1,301 @@
+"""A functional Flax Llama (GQA, RoPE with llama3 scaling, RMSNorm, SwiGLU) with a LoRA hook on
+every one of q, k, v, o, gate, up, down, driven by a per-token adapter slot.
+
+Parameters are a plain pytree (``model.apply({"params": params}, ...)``) whose leaves carry logical
+axis names (``jaxlora.sharding`` maps them to a mesh); layers are stacked on a leading ``layers``
+axis by ``nn.scan``. ``kernel`` leaves are HF ``weight.T``.
+
+Three ways to run attention, chosen by the ``kv`` argument:
+- ``kv=None``: the whole sequence is in the batch (training, evaluation, fidelity tests);
+  causal attention over it, with an optional padding mask.
+- ``KVCache(mode="prefill")``: a chunk of a sequence whose earlier tokens sit in the paged cache;
+  the chunk's K/V are written to their pages, then the chunk attends over the gathered context.
+- ``KVCache(mode="decode")``: one token per row, attention reads K/V through the page table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxlora.config import ModelConfig
+from jaxlora.lora import LoraInputs
+from pallas_kernels import layout
+from pallas_kernels import sgmv as sgmv_ops
+
+Dtype = jnp.dtype
+
+
+@flax.struct.dataclass
+class KVCache:
+    """The paged KV cache as one forward pass sees it (see pallas_kernels/paged_attention.py)."""
+
+    k_pool: jax.Array  # (L, num_pages, page_size, KVH, D)
+    v_pool: jax.Array  # (L, num_pages, page_size, KVH, D)
+    page_table: jax.Array  # (B, max_pages_per_seq) int32
+    seq_lens: jax.Array  # (B,) int32: tokens in the cache once this pass has written its own
+    token_valid: jax.Array  # (B, S) bool: padding tokens of a chunk are neither written nor read
+    mode: str = flax.struct.field(pytree_node=False, default="decode")
+    # "reference" (jnp, CPU) | "pallas" | "pallas_interpret"
+    impl: str = flax.struct.field(pytree_node=False, default="reference")
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Llama 3.1 frequency-dependent scaling, as transformers' _compute_llama3_parameters.
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: (B, S, N, D); positions: (B, S). HF's rotate-half convention."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, S, D/2)
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(
+                        nn.initializers.normal(stddev=0.02), axes))
+
+
+def apply_lora_group(group: str, x: jax.Array, y: jax.Array, layer: jax.Array,
+                     lora: LoraInputs) -> jax.Array:
+    """y (T, sum of the group's out widths) += the LoRA delta of each token's adapter."""
+    modules = layout.MODULE_GROUPS[group]
+    weights = tuple(layout.MODULE_INDEX[m] for m in modules)
+    a_pool = lora.pools[layout.MODULE_POOLS[modules[0]][0]]
+    b_pools = tuple(lora.pools[layout.MODULE_POOLS[m][1]] for m in modules)
+    token_slot = lora.token_slot.reshape(-1)
+    if lora.impl == "reference":
+        v = sgmv_ops.sgmv_shrink_reference(x, a_pool, lora.a_pages, lora.ranks, token_slot, layer,
+                                           weights=weights)
+        return sgmv_ops.sgmv_expand_reference(y, v, b_pools, lora.b_pages, lora.ranks,
+                                              lora.scales, token_slot, layer, weights=weights)
+    interpret = lora.impl == "pallas_interpret"
+    v = sgmv_ops.sgmv_shrink(x, a_pool, lora.a_pages, lora.ranks, token_slot, layer,
+                             weights=weights, kernel_meta=lora.kernel_meta, interpret=interpret)
+    return sgmv_ops.sgmv_expand(y, v, b_pools, lora.b_pages, lora.ranks, lora.scales, token_slot,
+                                layer, weights=weights, kernel_meta=lora.kernel_meta,
+                                interpret=interpret)
+
+
+def _with_lora(group: str, x: jax.Array, outputs: list[jax.Array], layer, lora):
+    """Adds the group's LoRA delta to its base outputs (each (B, S, out_m))."""
+    if lora is None:
+        return outputs
+    b, s, _ = x.shape
+    widths = [o.shape[-1] for o in outputs]
+    fused = jnp.concatenate(outputs, axis=-1).reshape(b * s, sum(widths))
+    fused = apply_lora_group(group, x.reshape(b * s, -1), fused, layer, lora)
+    split_at = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
+    return [part.reshape(b, s, -1) for part in jnp.split(fused, split_at, axis=-1)]
+
+
+def _dense_attention(q, k, v, mask, sm_scale):
+    """q: (B, S, NH, D); k, v: (B, K, KVH, D); mask: (B, S, K) bool."""
+    b, s, nh, d = q.shape
+    kvh = k.shape[2]
+    group = nh // kvh
+    qg = q.reshape(b, s, kvh, group, d).astype(jnp.float32)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * sm_scale
+    scores = jnp.where(mask[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask[:, None, None], probs, 0.0)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, s, nh, d).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x, layer, positions, attn_mask, lora, kv, k_pool, v_pool):
+        cfg = self.config
+        b, s, _ = x.shape
+        dense = lambda f, axes, name: _dense(f, axes, name, self.dtype, self.param_dtype)  # noqa: E731
+        q = dense(cfg.q_size, ("embed", "heads"), "q_proj")(x)
+        k = dense(cfg.kv_size, ("embed", "kv_heads"), "k_proj")(x)
+        v = dense(cfg.kv_size, ("embed", "kv_heads"), "v_proj")(x)
+        q, k, v = _with_lora("qkv", x, [q, k, v], layer, lora)
+        q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        inv_freq = rope_inverse_frequencies(cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        sm_scale = 1.0 / math.sqrt(cfg.head_dim)
+
+        if kv is None:
+            causal = positions[:, :, None] >= positions[:, None, :]
+            mask = causal if attn_mask is None else causal & attn_mask[:, None, :]
+            out = _dense_attention(q, k, v, mask, sm_scale)
+        else:
+            out, k_pool, v_pool = _cached_attention(q, k, v, positions, layer, kv, k_pool, v_pool,
+                                                    sm_scale)
+        out = out.reshape(b, s, cfg.q_size)
+        o = dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out)
+        (o,) = _with_lora("o", out, [o], layer, lora)
+        return o, k_pool, v_pool
+
+
+def _cached_attention(q, k, v, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale):
+    from pallas_kernels import paged_attention as pa
+
+    b, s = positions.shape
+    k_pool, v_pool = pa.write_kv(k_pool, v_pool, k.reshape(b * s, *k.shape[2:]),
+                                 v.reshape(b * s, *v.shape[2:]), kv.page_table, positions, layer,
+                                 kv.token_valid)
+    if kv.mode == "decode":
+        assert s == 1, "decode mode takes one token per row"
+        if kv.impl == "reference":
+            out = pa.paged_attention_reference(q[:, 0], k_pool, v_pool, kv.page_table,
+                                               kv.seq_lens, layer, sm_scale=sm_scale)
+        else:
+            out = pa.paged_attention(q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer,
+                                     sm_scale=sm_scale, interpret=kv.impl == "pallas_interpret")
+        return out[:, None], k_pool, v_pool
+    max_len = kv.page_table.shape[1] * k_pool.shape[2]
+    ck, cv = pa.gather_kv(k_pool, v_pool, kv.page_table, layer, max_len)
+    key_pos = jnp.arange(max_len)[None, None, :]
+    mask = (key_pos <= positions[:, :, None]) & (key_pos < kv.seq_lens[:, None, None])
+    mask = mask & kv.token_valid[:, :, None]
+    if kv.impl == "reference":
+        out = _dense_attention(q, ck, cv, mask, sm_scale)
+    else:
+        out = jax.nn.dot_product_attention(q, ck, cv, mask=mask[:, None], scale=sm_scale)
+        out = jnp.where(kv.token_valid[:, :, None, None], out, 0)
+    return out, k_pool, v_pool
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x, layer, lora):
+        cfg = self.config
+        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj", self.dtype,
+                      self.param_dtype)(x)
+        up = _dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj", self.dtype,
+                    self.param_dtype)(x)
+        gate, up = _with_lora("gate_up", x, [gate, up], layer, lora)
+        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(
+            self.dtype)
+        down = _dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", self.dtype,
+                      self.param_dtype)(hidden)
+        (down,) = _with_lora("down", hidden, [down], layer, lora)
+        return down
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, carry, layer, positions, attn_mask, lora, kv):
+        h, k_pool, v_pool = carry
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
+        attn_out, k_pool, v_pool = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
+            norm("input_layernorm")(h), layer, positions, attn_mask, lora, kv, k_pool, v_pool)
+        h = h + attn_out
+        h = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
+            norm("post_attention_layernorm")(h), layer, lora)
+        return (h, k_pool, v_pool), None
+
+
+class Llama(nn.Module):
+    """``apply({"params": p}, tokens, ...)`` -> logits (B, S, V) float32 [, updated KV pools]."""
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, *, lora: LoraInputs | None = None,
+                 kv: KVCache | None = None, attn_mask=None, return_hidden=False):
+        cfg = self.config
+        param_dtype = self.param_dtype or self.dtype
+        b, s = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                         param_dtype=param_dtype, name="embed_tokens",
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
+        h = embed(tokens)
+        stack = nn.scan(
+            DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        pools = (kv.k_pool, kv.v_pool) if kv is not None else (None, None)
+        (h, k_pool, v_pool), _ = stack(cfg, self.dtype, param_dtype, name="layers")(
+            (h, *pools), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, attn_mask, lora,
+            kv)
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, param_dtype, name="norm")(h)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = _dense(cfg.vocab_size, ("embed", "vocab"), "lm_head", self.dtype,
+                            param_dtype)(h)
+        logits = logits.astype(jnp.float32)
+        out = (logits, h) if return_hidden else logits
+        if kv is None:
+            return out
+        return out, kv.replace(k_pool=k_pool, v_pool=v_pool)
+
+
+def init_params(config: ModelConfig, rng: jax.Array | int = 0, dtype=jnp.float32):
+    """Random parameters as a plain pytree (logical-axis boxes removed)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    model = Llama(config, dtype=dtype)
+    params = jax.jit(model.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return nn.meta.unbox(params)
+
+
+def logical_axes(config: ModelConfig):
+    """The pytree of logical axis names of the parameters (PartitionSpecs of names)."""
+    model = Llama(config)
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    return nn.get_partition_spec(boxed["params"])
