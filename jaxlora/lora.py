@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import LoraPoolConfig, ModelConfig
+from jaxlora.errors import PoolExhaustedError
 from pallas_kernels import layout
 from pallas_kernels.layout import MODULE_POOLS, MODULES, NO_ADAPTER, SlotInfo
 
@@ -140,8 +141,9 @@ def pack_adapters(config: ModelConfig, adapters: list[LoraWeights],
         pages = {}
         for axis, n in need.items():
             if n > len(free[axis]):
-                raise ValueError(f"pack_adapters: pool {axis!r} has {len(free[axis])} free pages,"
-                                 f" adapter {w.name!r} needs {n}")
+                raise PoolExhaustedError(
+                    f"pack_adapters: pool {axis!r} has {len(free[axis])} free pages, adapter "
+                    f"{w.name!r} needs {n} (raise LoraPoolConfig.pages_per_pool)")
             pages[axis], free[axis] = [int(p) for p in free[axis][:n]], free[axis][n:]
         slots.append(write_adapter_rows(pools, w, pages, pool.rows_per_page))
     meta = layout.build_slot_metadata(slots, max_slots=pool.max_slots, max_rank=pool.max_rank,

@@ -1,0 +1,56 @@
+"""Tensor parallelism on 4 fake CPU devices: same function, weights really split."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.models import TINY
+from jaxlora.config import LoraPoolConfig
+from jaxlora.errors import ConfigError
+from jaxlora.lora import pack_adapters
+from jaxlora.model import Llama, init_params
+from jaxlora.sharding import TP_AXIS, make_mesh, pool_shardings, replicated, shard_params
+from pallas_kernels.layout import MODULES, NO_ADAPTER
+from tests.test_model import random_lora
+
+TP_CONFIG = dataclasses.replace(TINY, num_heads=8, num_kv_heads=4, head_dim=8)
+
+
+def test_sharded_forward_equals_single_device_and_weights_are_split():
+    assert len(jax.devices()) >= 4, "conftest sets 4 fake CPU devices"
+    config = TP_CONFIG
+    params = init_params(config, 3)
+    adapters = [random_lora(config, "a", 6, MODULES, 1), random_lora(config, "b", 2, MODULES, 2)]
+    lora = pack_adapters(config, adapters, LoraPoolConfig(max_rank=16, rows_per_page=4,
+                                                           pages_per_pool=32, max_slots=2))
+    tokens = jnp.array(np.random.default_rng(0).integers(0, 512, (3, 5)), jnp.int32)
+    slots = jnp.asarray(np.repeat(np.array([[1], [NO_ADAPTER], [0]], np.int32), 5, axis=1))
+    lora = lora.with_tokens(slots)
+    model = Llama(config)
+    expected = np.asarray(model.apply({"params": params}, tokens, lora=lora))
+
+    mesh = make_mesh(4)
+    sharded = shard_params(params, config, mesh)
+    q = sharded["layers"]["attn"]["q_proj"]["kernel"]
+    o = sharded["layers"]["attn"]["o_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, TP_AXIS)
+    assert o.sharding.spec == jax.sharding.PartitionSpec(None, TP_AXIS, None)
+    assert q.addressable_shards[0].data.shape == (2, 64, 16)
+    assert sharded["lm_head"]["kernel"].addressable_shards[0].data.shape == (64, 128)
+    pools = jax.device_put(lora.pools, pool_shardings(mesh))
+    assert pools["mlp"].addressable_shards[0].data.shape[-1] == config.intermediate_size // 4
+    assert pools["embed"].addressable_shards[0].data.shape[-1] == config.hidden_size
+    lora_sharded = jax.device_put(lora.replace(pools={}), replicated(mesh)).replace(pools=pools)
+
+    forward = jax.jit(lambda p, t, l: model.apply({"params": p}, t, lora=l))
+    got = np.asarray(forward(sharded, tokens, lora_sharded))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_indivisible_tp_is_a_clear_error():
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        shard_params(init_params(TINY, 0), dataclasses.replace(TINY, num_kv_heads=2, num_heads=4),
+                     make_mesh(4))
