@@ -1,0 +1,121 @@
+"""Safe reading of safetensors files: header-only validation and tensor loads that never unpickle.
+
+The header is parsed here (8-byte little-endian length, then JSON) rather than through the
+safetensors library so that validation costs one small read per file and every defect (truncated
+data, offsets out of range, a pickle in disguise) becomes a FormatError naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+
+import numpy as np
+from safetensors import safe_open
+
+from jaxlora.errors import FormatError
+
+# Extensions of formats that can only be read by unpickling (torch.save, pickle, joblib).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+ITEMSIZES = {**FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+# A header larger than this is certainly corrupt (real ones are a few MB for 100k tensors).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype code, e.g. "F32", "BF16"
+    shape: tuple[int, ...]
+
+
+def refuse_pickle(path: str, what: str) -> None:
+    """Raises FormatError for a file that only unpickling could read; never opens it."""
+    raise FormatError(f"{path}: {what} is a pickle-based file ({os.path.basename(path)}); "
+                      "jaxlora never unpickles (it can execute code). Expected a .safetensors "
+                      "file; convert it with safetensors.torch.save_file")
+
+
+def find_pickle_beside(directory: str, stems: tuple[str, ...]) -> str | None:
+    """The first pickle-format file in directory whose name starts with one of stems."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return None
+    for name in names:
+        if name.endswith(PICKLE_SUFFIXES) and name.startswith(stems):
+            return os.path.join(directory, name)
+    return None
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validates a safetensors file from its header alone; returns (tensors, metadata).
+
+    Checks that the header is well-formed JSON, that each tensor's byte range matches its dtype
+    and shape, and that every range lies inside the file (so a truncated download is caught here,
+    not by a crash when the data is read).
+    """
+    if path.endswith(PICKLE_SUFFIXES):
+        refuse_pickle(path, "the weights file")
+    try:
+        file_size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise FormatError(f"{path}: not a safetensors file (only {file_size} bytes; "
+                                  "expected an 8-byte header length and a JSON header)")
+            if prefix.startswith((b"PK\x03\x04", b"\x80")):
+                refuse_pickle(path, "this file")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+                raise FormatError(f"{path}: not a valid safetensors file (header length "
+                                  f"{header_len} does not fit in a file of {file_size} bytes)")
+            raw = f.read(header_len)
+    except FileNotFoundError as e:
+        raise FormatError(f"{path}: file not found") from e
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({e})") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not a valid safetensors file (header is not JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: not a valid safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = file_size - 8 - header_len
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry "
+                              "(expected dtype, shape and data_offsets)") from e
+        if dtype not in ITEMSIZES:
+            raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        expected_bytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZES[dtype]
+        if not 0 <= begin <= end or end - begin != expected_bytes:
+            raise FormatError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] that do "
+                              f"not match dtype {dtype} and shape {list(shape)} "
+                              f"({expected_bytes} bytes)")
+        if end > data_size:
+            raise FormatError(f"{path}: truncated or corrupt: tensor {name!r} ends at byte {end} "
+                              f"of the data section, which holds only {data_size} bytes")
+        tensors[name] = TensorInfo(dtype=dtype, shape=shape)
+    return tensors, metadata
+
+
+def read_tensors(path: str, names: list[str]) -> dict[str, np.ndarray]:
+    """Reads the named tensors (already validated by read_header) as numpy arrays."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in names}
+    except FormatError:
+        raise
+    except Exception as e:  # the safetensors library raises its own (Rust-side) error types
+        raise FormatError(f"{path}: cannot read tensors ({type(e).__name__}: {e})") from e

@@ -1,0 +1,230 @@
+"""HF Llama checkpoints (config.json + model.safetensors or a sharded index) <-> jaxlora params.
+
+The params pytree is the one jaxlora.model.Llama takes under {"params": ...}: every linear is a
+`kernel` (HF `weight` transposed, so activations multiply it from the left) and every per-layer
+leaf is stacked over layers on axis 0 (the model scans over layers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from jaxlora.config import ModelConfig
+from jaxlora.errors import FormatError
+from jaxlora.formats import _safetensors
+from jaxlora.formats._safetensors import FLOAT_DTYPES
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+# Buffers that some transformers versions saved although they are derived from the config.
+_DERIVED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The params pytree of the model with shape tuples as leaves."""
+    n, h, v = config.num_layers, config.hidden_size, config.vocab_size
+    modules = config.module_shapes()
+    shapes = {
+        "embed_tokens": {"embedding": (v, h)},
+        "layers": {
+            "input_layernorm": {"scale": (n, h)},
+            "attn": {m: {"kernel": (n, *modules[m])} for m in ATTENTION_MODULES},
+            "post_attention_layernorm": {"scale": (n, h)},
+            "mlp": {m: {"kernel": (n, *modules[m])} for m in MLP_MODULES},
+        },
+        "norm": {"scale": (h,)},
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = {"kernel": (h, v)}
+    return shapes
+
+
+def _hf_layout(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, bool]]:
+    """(HF tensor name, params path, layer index or None, stored transposed) for every tensor."""
+    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False
+    yield "model.norm.weight", ("norm", "scale"), None, False
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", ("lm_head", "kernel"), None, True
+    for layer in range(config.num_layers):
+        prefix = f"model.layers.{layer}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield f"{prefix}.{norm}.weight", ("layers", norm, "scale"), layer, False
+        for m in ATTENTION_MODULES:
+            yield f"{prefix}.self_attn.{m}.weight", ("layers", "attn", m, "kernel"), layer, True
+        for m in MLP_MODULES:
+            yield f"{prefix}.mlp.{m}.weight", ("layers", "mlp", m, "kernel"), layer, True
+
+
+def _leaf(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _hf_shape(config: ModelConfig, path: tuple[str, ...], layer: int | None,
+              transposed: bool) -> tuple[int, ...]:
+    shape = _leaf(param_shapes(config), path)
+    if layer is not None:
+        shape = shape[1:]
+    return tuple(reversed(shape)) if transposed else tuple(shape)
+
+
+def _flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    if isinstance(tree, dict):
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, (*prefix, key)))
+        return flat
+    return {prefix: tree}
+
+
+def check_params(config: ModelConfig, params: dict, source: str = "params") -> None:
+    """Raises FormatError unless params has exactly the leaves and shapes the model expects."""
+    if not isinstance(params, dict):
+        raise FormatError(f"{source}: expected a dict pytree of arrays, got "
+                          f"{type(params).__name__}")
+    expected = _flatten(param_shapes(config))
+    got = _flatten(params)
+    for path, shape in expected.items():
+        name = "/".join(path)
+        if path not in got:
+            raise FormatError(f"{source}: missing parameter {name!r} (expected shape {shape})")
+        leaf = got[path]
+        actual = tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+        if actual != shape:
+            raise FormatError(f"{source}: parameter {name!r} has shape {actual}; expected {shape}")
+    extra = sorted("/".join(p) for p in set(got) - set(expected))
+    if extra:
+        raise FormatError(f"{source}: unexpected parameters {extra} (tie_word_embeddings="
+                          f"{config.tie_word_embeddings})")
+
+
+def _weight_files(directory: str) -> tuple[dict[str, str], dict, str]:
+    """(tensor name -> safetensors file holding it, file -> its header's tensors, the file that
+    lists the tensors: model.safetensors itself or the index, for messages about missing ones)."""
+    single = os.path.join(directory, WEIGHTS_NAME)
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.isfile(single):
+        tensors, _ = _safetensors.read_header(single)
+        return dict.fromkeys(tensors, single), {single: tensors}, single
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FormatError(f"{index}: not a valid safetensors index (expected JSON with a "
+                              f"'weight_map' object): {e}") from e
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index}: field 'weight_map' must map tensor names to file names")
+        files = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                raise FormatError(f"{index}: weight_map[{name!r}] = {shard!r}; expected a file "
+                                  "name in the checkpoint directory")
+            files[name] = os.path.join(directory, shard)
+        headers = {path: _safetensors.read_header(path)[0] for path in set(files.values())}
+        for name, path in files.items():
+            if name not in headers[path]:
+                raise FormatError(f"{path}: tensor {name!r} listed in {INDEX_NAME} is missing "
+                                  "from this shard")
+        return files, headers, index
+    pickled = _safetensors.find_pickle_beside(directory, ("pytorch_model", "model", "consolidated"))
+    if pickled:
+        _safetensors.refuse_pickle(pickled, "the checkpoint")
+    raise FormatError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} (expected a HF checkpoint "
+                      "directory with safetensors weights)")
+
+
+def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    """Reads a HF Llama checkpoint directory into (config, params) with numpy leaves of dtype.
+
+    Every tensor's presence, dtype and shape is checked from the safetensors headers before any
+    weight is read.
+    """
+    directory = os.fspath(path)
+    if os.path.isfile(directory):
+        if directory.endswith(_safetensors.PICKLE_SUFFIXES):
+            _safetensors.refuse_pickle(directory, "the checkpoint")
+        raise FormatError(f"{directory}: expected a checkpoint directory (config.json + "
+                          f"{WEIGHTS_NAME}), got a file")
+    config = ModelConfig.from_hf_json(os.path.join(directory, CONFIG_NAME))
+    files, headers, listing = _weight_files(directory)
+    layout = list(_hf_layout(config))
+    expected_names = {name for name, *_ in layout}
+    for name, tensor_path, layer, transposed in layout:
+        if name not in files:
+            shape = _hf_shape(config, tensor_path, layer, transposed)
+            raise FormatError(f"{listing}: missing tensor {name!r} (expected shape {list(shape)})")
+        info = headers[files[name]][name]
+        shape = _hf_shape(config, tensor_path, layer, transposed)
+        if info.shape != shape:
+            raise FormatError(f"{files[name]}: tensor {name!r} has shape {list(info.shape)}; "
+                              f"expected {list(shape)} (from {CONFIG_NAME})")
+        if info.dtype not in FLOAT_DTYPES:
+            raise FormatError(f"{files[name]}: tensor {name!r} has dtype {info.dtype}; expected "
+                              f"one of {sorted(FLOAT_DTYPES)}")
+    tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    for name, file in sorted(files.items()):
+        if name in expected_names or name in tolerated or name.endswith(_DERIVED_TENSOR_SUFFIXES):
+            continue
+        raise FormatError(f"{file}: unexpected tensor {name!r} (not part of a Llama model with "
+                          f"{config.num_layers} layers, tie_word_embeddings="
+                          f"{config.tie_word_embeddings})")
+
+    dtype = np.dtype(dtype)
+    params = _map_shapes(param_shapes(config), lambda shape: np.empty(shape, dtype))
+    by_file: dict[str, list] = {}
+    for entry in layout:
+        by_file.setdefault(files[entry[0]], []).append(entry)
+    for file, entries in by_file.items():
+        # One tensor at a time, so peak host memory stays near the size of the converted params.
+        for name, tensor_path, layer, transposed in entries:
+            value = _safetensors.read_tensors(file, [name])[name]
+            if transposed:
+                value = value.T
+            target = _leaf(params, tensor_path)
+            if layer is None:
+                target[...] = value
+            else:
+                target[layer] = value
+    return config, params
+
+
+def _map_shapes(tree, fn):
+    if isinstance(tree, dict):
+        return {k: _map_shapes(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _torch_dtype_name(dtype: np.dtype) -> str:
+    return {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+            "float64": "float64"}.get(np.dtype(dtype).name, "float32")
+
+
+def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dict) -> None:
+    """Writes config.json and model.safetensors that transformers' LlamaForCausalLM loads."""
+    directory = os.fspath(path)
+    check_params(config, params)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {}
+    for name, tensor_path, layer, transposed in _hf_layout(config):
+        value = np.asarray(_leaf(params, tensor_path))
+        if layer is not None:
+            value = value[layer]
+        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+    dtype = np.asarray(params["embed_tokens"]["embedding"]).dtype
+    hf_config = {**config.to_hf_dict(), "_name_or_path": config.name,
+                 "torch_dtype": _torch_dtype_name(dtype)}
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
