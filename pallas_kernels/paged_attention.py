@@ -1,0 +1,405 @@
+"""Decode attention over a paged KV cache, plus the KV writes and gathers the engine needs.
+
+KV cache layout (the engine is written against it)::
+
+    k_pool, v_pool  (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+    page_table      (B, max_pages_per_seq) int32   page id of each row's i-th page
+    seq_lens        (B,) int32                     tokens in the cache for the row, the current
+                                                   one included; 0 = inactive row (output zeros)
+    layer           () int32                       traced: the call sits inside a scan over layers
+
+Token ``pos`` of a row lives at ``pool[layer, page_table[row, pos // page_size],
+pos % page_size]``; the same page id addresses the same slot in every layer. Page-table entries at
+or beyond a row's length are never read, so they may hold anything.
+
+Query heads are grouped as in HF ``repeat_kv``: query head ``i`` attends with kv head
+``i // (num_heads // num_kv_heads)``.
+
+``paged_attention`` is a Pallas Triton kernel (flash-decoding: each program owns one (row, kv head,
+kv split) and walks that split's pages in blocks with an online softmax; with several splits the
+partial results are merged in jnp). ``paged_attention_reference`` computes the same in plain jnp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxlora.errors import ConfigError
+
+# A finite "minus infinity": masked logits must not turn the running max into -inf, or
+# exp(-inf - -inf) would give NaN for rows whose block is fully masked.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Triton's tensor-core dot needs every dimension >= 16, so the query heads that share one kv head
+# (often 1..8) are padded up to this many rows inside the kernel (masked loads, masked stores).
+_MIN_DOT_ROWS = 16
+# Programs the heuristic aims for: about two per SM of an H100 (132 SMs).
+_TARGET_PROGRAMS = 264
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttentionConfig:
+    """Tuning knobs of the decode kernel.
+
+    pages_per_block: pages loaded per inner-loop step (block of pages_per_block * page_size keys);
+    kv_splits: programs that share one (row, kv head), each walking a contiguous slice of the page
+    table (flash-decoding; helps small batches with long sequences); num_warps / num_stages: Triton
+    launch parameters.
+    """
+
+    pages_per_block: int = 4
+    kv_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for field in ("pages_per_block", "kv_splits", "num_warps", "num_stages"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"PagedAttentionConfig field {field!r}: expected a positive "
+                                  f"int, got {value!r}")
+        if not _is_power_of_2(self.pages_per_block):
+            raise ConfigError(f"PagedAttentionConfig field 'pages_per_block': expected a power "
+                              f"of 2 (Triton block shapes), got {self.pages_per_block}")
+
+    @property
+    def name(self) -> str:
+        return (f"paged_attention_p{self.pages_per_block}_k{self.kv_splits}"
+                f"_w{self.num_warps}_s{self.num_stages}")
+
+    @classmethod
+    def heuristic(cls, *, batch: int, num_kv_heads: int, max_pages_per_seq: int,
+                  page_size: int) -> PagedAttentionConfig:
+        """A default for these shapes: ~64-key blocks, and enough kv splits to fill the GPU."""
+        pages_per_block = max(1, 64 // page_size)
+        pages_per_block = min(pages_per_block, _next_power_of_2(max_pages_per_seq))
+        blocks = -(-max_pages_per_seq // pages_per_block)
+        wanted_splits = -(-_TARGET_PROGRAMS // max(1, batch * num_kv_heads))
+        kv_splits = max(1, min(_next_power_of_2(wanted_splits), blocks, 16))
+        return cls(pages_per_block=pages_per_block, kv_splits=kv_splits, num_warps=4,
+                   num_stages=2)
+
+
+def _check_cache_shapes(k_pool, v_pool, page_table, *, where: str) -> None:
+    if k_pool.ndim != 5:
+        raise ConfigError(f"{where}: k_pool must be (num_layers, num_pages, page_size, "
+                          f"num_kv_heads, head_dim), got shape {k_pool.shape}")
+    if v_pool.shape != k_pool.shape:
+        raise ConfigError(f"{where}: v_pool shape {v_pool.shape} must equal k_pool shape "
+                          f"{k_pool.shape}")
+    if page_table.ndim != 2 or not jnp.issubdtype(page_table.dtype, jnp.integer):
+        raise ConfigError(f"{where}: page_table must be (B, max_pages_per_seq) int32, got "
+                          f"{page_table.dtype}{list(page_table.shape)}")
+
+
+def _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens, *, where: str) -> None:
+    _check_cache_shapes(k_pool, v_pool, page_table, where=where)
+    _, _, _, num_kv_heads, head_dim = k_pool.shape
+    if q.ndim != 3 or q.shape[2] != head_dim:
+        raise ConfigError(f"{where}: q must be (B, num_heads, head_dim={head_dim}), got shape "
+                          f"{q.shape}")
+    batch, num_heads, _ = q.shape
+    if num_heads % num_kv_heads:
+        raise ConfigError(f"{where}: q has {num_heads} heads, not a multiple of the pool's "
+                          f"num_kv_heads={num_kv_heads}")
+    if page_table.shape[0] != batch:
+        raise ConfigError(f"{where}: page_table has {page_table.shape[0]} rows, q has batch "
+                          f"{batch}")
+    if seq_lens.shape != (batch,) or not jnp.issubdtype(seq_lens.dtype, jnp.integer):
+        raise ConfigError(f"{where}: seq_lens must be ({batch},) int32, got "
+                          f"{seq_lens.dtype}{list(seq_lens.shape)}")
+
+
+def _layer_scalar(layer, num_layers: int) -> jax.Array:
+    # Clamped so that a wrong layer index reads a wrong layer rather than out of bounds memory.
+    return jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1)
+
+
+def _paged_attention_kernel(
+    # inputs
+    layer_ref,  # (1,) int32
+    seq_lens_ref,  # (B,) int32
+    page_table_ref,  # (B, max_pages_per_seq) int32
+    q_ref,  # (B, num_heads, head_dim)
+    k_pool_ref,  # (L, P, page_size, KVH, D)
+    v_pool_ref,  # (L, P, page_size, KVH, D)
+    # outputs: (B, num_heads, D) in q's dtype with one split, else per-split unnormalised
+    # accumulators (splits, B, num_heads, D) f32 and softmax stats m, l (splits, B, num_heads) f32
+    *out_refs,
+    sm_scale: float,
+    queries_per_kv: int,
+    pages_per_block: int,
+    pages_per_split: int,
+    split_output: bool,
+):
+    row = pl.program_id(0)
+    kv_head = pl.program_id(1)
+    split = pl.program_id(2)
+    _, num_pages, page_size, _, head_dim = k_pool_ref.shape
+    max_pages_per_seq = page_table_ref.shape[1]
+    block_keys = pages_per_block * page_size
+    padded_queries = max(_MIN_DOT_ROWS, _next_power_of_2(queries_per_kv))
+
+    layer = layer_ref[0]
+    seq_len = jnp.minimum(seq_lens_ref[row], max_pages_per_seq * page_size)
+    num_heads = q_ref.shape[1]
+    dims = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
+    query_index = jnp.arange(padded_queries, dtype=jnp.int32)
+    query_valid = query_index < queries_per_kv
+    # Padding lanes point past the last head: masked on the GPU, dropped by interpret-mode stores.
+    heads = jnp.where(query_valid, kv_head * queries_per_kv + query_index, num_heads)
+    query_mask = jnp.broadcast_to(query_valid[:, None], (padded_queries, head_dim))
+    # Every index is an integer array (no slices): the form both Triton and interpret mode take.
+    q = pltriton.load(q_ref.at[row, heads[:, None], dims], mask=query_mask, other=0)
+    # fp32 caches get exact fp32 products; bf16/fp16 use the tensor cores' native inputs.
+    precision = (jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
+                 else jax.lax.Precision.DEFAULT)
+
+    split_start = split * pages_per_split * page_size
+    split_end = jnp.minimum(seq_len, split_start + pages_per_split * page_size)
+    num_blocks = jnp.maximum(split_end - split_start + block_keys - 1, 0) // block_keys
+
+    def body(block, carry):
+        acc, running_max, denom = carry
+        key_pos = split_start + block * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
+        key_valid = key_pos < split_end
+        pages = pltriton.load(page_table_ref.at[row, key_pos // page_size], mask=key_valid,
+                              other=0)
+        pages = jnp.clip(pages, 0, num_pages - 1)
+        offsets = key_pos % page_size
+        key_mask = jnp.broadcast_to(key_valid[:, None], (block_keys, head_dim))
+        k = pltriton.load(k_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
+                          mask=key_mask, other=0)
+        logits = pltriton.dot(q, k, trans_b=True, precision=precision) * sm_scale
+        logits = jnp.where(key_valid[None, :], logits, _MASK_VALUE)
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=1))
+        correction = jnp.exp(running_max - new_max)
+        probs = jnp.exp(logits - new_max[:, None])
+        denom = denom * correction + jnp.sum(probs, axis=1)
+        v = pltriton.load(v_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
+                          mask=key_mask, other=0)
+        acc = acc * correction[:, None] + pltriton.dot(probs.astype(v.dtype), v,
+                                                       precision=precision)
+        return acc, new_max, denom
+
+    init = (jnp.zeros((padded_queries, head_dim), jnp.float32),
+            jnp.full((padded_queries,), _MASK_VALUE, jnp.float32),
+            jnp.zeros((padded_queries,), jnp.float32))
+    acc, running_max, denom = jax.lax.fori_loop(0, num_blocks, body, init)
+
+    if split_output:
+        acc_ref, max_ref, denom_ref = out_refs
+        pltriton.store(acc_ref.at[split, row, heads[:, None], dims], acc, mask=query_mask)
+        pltriton.store(max_ref.at[split, row, heads], running_max, mask=query_valid)
+        pltriton.store(denom_ref.at[split, row, heads], denom, mask=query_valid)
+    else:
+        (out_ref,) = out_refs
+        safe_denom = jnp.where(denom > 0, denom, 1.0)
+        out = jnp.where(denom[:, None] > 0, acc / safe_denom[:, None], 0.0)
+        pltriton.store(out_ref.at[row, heads[:, None], dims], out.astype(out_ref.dtype),
+                       mask=query_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))
+def paged_attention(
+    q: jax.Array,  # (B, num_heads, head_dim)
+    k_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    seq_lens: jax.Array,  # (B,) int32, 0 = inactive row
+    layer: jax.Array | int,  # () int32
+    *,
+    sm_scale: float,
+    config: PagedAttentionConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
+    """One decode step of attention for every row, reading K/V straight from the paged pools."""
+    where = "paged_attention"
+    _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens, where=where)
+    batch, num_heads, head_dim = q.shape
+    num_layers, _, page_size, num_kv_heads, _ = k_pool.shape
+    max_pages_per_seq = page_table.shape[1]
+    for field, value in (("head_dim", head_dim), ("page_size", page_size)):
+        if not _is_power_of_2(value) or value < (16 if field == "head_dim" else 1):
+            raise ConfigError(f"{where}: {field}={value}; the Triton kernel needs a power of 2"
+                              f"{' >= 16' if field == 'head_dim' else ''} (use "
+                              "paged_attention_reference for other shapes)")
+    if config is None:
+        config = PagedAttentionConfig.heuristic(batch=batch, num_kv_heads=num_kv_heads,
+                                                max_pages_per_seq=max_pages_per_seq,
+                                                page_size=page_size)
+    block_keys = config.pages_per_block * page_size
+    if block_keys < 16:
+        raise ConfigError(f"{where}: pages_per_block * page_size = {block_keys}; the Triton dot "
+                          "needs at least 16 keys per block")
+    blocks_total = -(-max_pages_per_seq // config.pages_per_block)
+    kv_splits = min(config.kv_splits, blocks_total)
+    pages_per_split = -(-blocks_total // kv_splits) * config.pages_per_block
+    split_output = kv_splits > 1
+
+    if split_output:
+        out_shape = (jax.ShapeDtypeStruct((kv_splits, batch, num_heads, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((kv_splits, batch, num_heads), jnp.float32),
+                     jax.ShapeDtypeStruct((kv_splits, batch, num_heads), jnp.float32))
+    else:
+        out_shape = (jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype),)
+    kernel = functools.partial(
+        _paged_attention_kernel, sm_scale=float(sm_scale),
+        queries_per_kv=num_heads // num_kv_heads, pages_per_block=config.pages_per_block,
+        pages_per_split=pages_per_split, split_output=split_output)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, kv_splits),
+        out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
+                                                num_stages=config.num_stages),
+        interpret=interpret,
+        name=config.name,
+    )(_layer_scalar(layer, num_layers).reshape(1), seq_lens.astype(jnp.int32),
+      page_table.astype(jnp.int32), q, k_pool, v_pool)
+    if not split_output:
+        return outs[0]
+    acc, split_max, split_denom = outs
+    # Merge the splits' online-softmax states; splits that saw no key carry denom 0.
+    global_max = jnp.max(split_max, axis=0)
+    weight = jnp.where(split_denom > 0, jnp.exp(split_max - global_max[None]), 0.0)
+    denom = jnp.sum(split_denom * weight, axis=0)
+    numer = jnp.sum(acc * weight[..., None], axis=0)
+    out = jnp.where(denom[..., None] > 0, numer / jnp.where(denom > 0, denom, 1.0)[..., None],
+                    0.0)
+    return out.astype(q.dtype)
+
+
+def gather_kv(
+    k_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    layer: jax.Array | int,  # () int32
+    max_len: int,
+) -> tuple[jax.Array, jax.Array]:  # k, v: (B, max_len, KVH, D) in the pool's dtype
+    """Each row's first max_len cached positions, in order (chunked prefill attention).
+
+    Positions at or beyond a row's length hold whatever the pages hold: mask them.
+    """
+    _check_cache_shapes(k_pool, v_pool, page_table, where="gather_kv")
+    num_layers, _, page_size, num_kv_heads, head_dim = k_pool.shape
+    batch, max_pages_per_seq = page_table.shape
+    pages_needed = -(-max_len // page_size)
+    if max_len <= 0 or pages_needed > max_pages_per_seq:
+        raise ConfigError(f"gather_kv: max_len={max_len} must be in 1.."
+                          f"{max_pages_per_seq * page_size} (page_table has {max_pages_per_seq}"
+                          f" pages of {page_size} per row)")
+    layer = _layer_scalar(layer, num_layers)
+    pages = page_table[:, :pages_needed].astype(jnp.int32)
+
+    def take(pool):
+        # One gather indexed by (layer, page): never materialises pool[layer].
+        rows = pool[layer, pages]  # (B, pages_needed, page_size, KVH, D)
+        rows = rows.reshape(batch, pages_needed * page_size, num_kv_heads, head_dim)
+        return rows[:, :max_len]
+
+    return take(k_pool), take(v_pool)
+
+
+def write_kv(
+    k_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    k_new: jax.Array,  # (*token_shape, KVH, D)
+    v_new: jax.Array,  # (*token_shape, KVH, D)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    positions: jax.Array,  # token_shape int32: (B,) one token per row, or (B, S)
+    layer: jax.Array | int,  # () int32
+    valid: jax.Array,  # token_shape bool: False = write nothing for this token
+) -> tuple[jax.Array, jax.Array]:
+    """Scatters new tokens' K/V into the pools at their positions; returns the updated pools.
+
+    Token shapes: ``(B,)`` (decode: token b belongs to page_table row b) or ``(B, S)`` (S tokens
+    of row b). A packed prefill batch whose tokens come from several rows passes
+    ``page_table[token_row]`` with positions of shape (T,). Invalid tokens, negative positions and
+    positions beyond the page table write nothing. Two valid tokens with the same (row, position)
+    is a caller bug (one of them wins).
+    """
+    where = "write_kv"
+    _check_cache_shapes(k_pool, v_pool, page_table, where=where)
+    num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
+    batch, max_pages_per_seq = page_table.shape
+    token_shape = positions.shape
+    if positions.ndim not in (1, 2) or token_shape[0] != batch:
+        raise ConfigError(f"{where}: positions must be ({batch},) or ({batch}, S) to match the "
+                          f"page_table rows, got shape {token_shape}")
+    expected = (*token_shape, num_kv_heads, head_dim)
+    for tensor_name, tensor in (("k_new", k_new), ("v_new", v_new)):
+        if tensor.shape != expected:
+            raise ConfigError(f"{where}: {tensor_name} must have shape {expected}, got "
+                              f"{tensor.shape}")
+    if valid.shape != token_shape:
+        raise ConfigError(f"{where}: valid must have shape {token_shape}, got {valid.shape}")
+
+    positions = positions.astype(jnp.int32)
+    page_slot = positions // page_size
+    in_table = (positions >= 0) & (page_slot < max_pages_per_seq)
+    table = page_table.astype(jnp.int32)
+    if positions.ndim == 1:
+        pages = jnp.take_along_axis(table, jnp.clip(page_slot, 0, max_pages_per_seq - 1)[:, None],
+                                    axis=1)[:, 0]
+    else:
+        pages = jnp.take_along_axis(table, jnp.clip(page_slot, 0, max_pages_per_seq - 1), axis=1)
+    writes = valid & in_table & (pages >= 0) & (pages < num_pages)
+    # Tokens that must not write are sent to page num_pages (out of bounds) and dropped.
+    pages = jnp.where(writes, pages, num_pages).reshape(-1)
+    offsets = (positions % page_size).reshape(-1)
+    layer = _layer_scalar(layer, num_layers)
+
+    def scatter(pool, new):
+        rows = new.reshape(-1, num_kv_heads, head_dim).astype(pool.dtype)
+        return pool.at[layer, pages, offsets].set(rows, mode="drop")
+
+    return scatter(k_pool, k_new), scatter(v_pool, v_new)
+
+
+def paged_attention_reference(
+    q: jax.Array,  # (B, num_heads, head_dim)
+    k_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    seq_lens: jax.Array,  # (B,) int32
+    layer: jax.Array | int,  # () int32
+    *,
+    sm_scale: float,
+) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
+    """paged_attention in plain jnp: gather every row's pages, fp32 masked softmax."""
+    _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens,
+                            where="paged_attention_reference")
+    batch, num_heads, head_dim = q.shape
+    _, _, page_size, num_kv_heads, _ = k_pool.shape
+    max_len = page_table.shape[1] * page_size
+    k, v = gather_kv(k_pool, v_pool, page_table, layer, max_len)
+    queries_per_kv = num_heads // num_kv_heads
+    q_grouped = q.astype(jnp.float32).reshape(batch, num_kv_heads, queries_per_kv, head_dim)
+    logits = jnp.einsum("bhgd,bshd->bhgs", q_grouped, k.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) * sm_scale
+    key_valid = jnp.arange(max_len)[None, :] < seq_lens[:, None]  # (B, max_len)
+    logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
+    row_active = seq_lens > 0
+    # Inactive rows would softmax over all -inf; give them finite logits and zero them after.
+    logits = jnp.where(row_active[:, None, None, None], logits, 0.0)
+    weights = jax.nn.softmax(logits, axis=-1)
+    # Slots past a row's length may hold anything, NaN included: 0 * NaN would leak through.
+    v = jnp.where(key_valid[:, :, None, None], v.astype(jnp.float32), 0.0)
+    out = jnp.einsum("bhgs,bshd->bhgd", weights, v,
+                     precision=jax.lax.Precision.HIGHEST)
+    out = jnp.where(row_active[:, None, None, None], out, 0.0)
+    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

@@ -1,0 +1,303 @@
+"""Paged decode attention (interpret mode; compiled on a GPU), KV cache writes and gathers."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from jaxlora.errors import ConfigError
+from pallas_kernels.paged_attention import (
+    PagedAttentionConfig,
+    gather_kv,
+    paged_attention,
+    paged_attention_reference,
+    write_kv,
+)
+
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def make_cache(rng, seq_lens, *, num_layers=2, page_size=4, max_pages_per_seq=6, num_kv_heads=2,
+               head_dim=16, spare_pages=5, dtype=jnp.float32):
+    """Random pools (junk everywhere), a shuffled page table, and each row's dense K/V.
+
+    Page-table entries beyond a row's length point at random (possibly shared) pages: the kernel
+    must never read them.
+    """
+    batch = len(seq_lens)
+    num_pages = batch * max_pages_per_seq + spare_pages
+    shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+    k_pool = np.asarray(jnp.asarray(rng.standard_normal(shape), dtype))
+    v_pool = np.asarray(jnp.asarray(rng.standard_normal(shape), dtype))
+    page_table = rng.integers(0, num_pages, (batch, max_pages_per_seq)).astype(np.int32)
+    free = list(rng.permutation(num_pages))
+    dense_k, dense_v = [], []
+    for row, length in enumerate(seq_lens):
+        used = -(-length // page_size)
+        page_table[row, :used] = [free.pop() for _ in range(used)]
+        pos = np.arange(length)
+        pages = page_table[row, pos // page_size]
+        dense_k.append(k_pool[:, pages, pos % page_size].astype(np.float64))
+        dense_v.append(v_pool[:, pages, pos % page_size].astype(np.float64))
+    return (jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(page_table),
+            jnp.asarray(np.asarray(seq_lens, np.int32)), dense_k, dense_v)
+
+
+def dense_attention(q, dense_k, dense_v, layer, sm_scale):
+    """float64 numpy attention of each row's query over its dense K/V (rows of length 0: zeros)."""
+    q = np.asarray(q, np.float64)
+    batch, num_heads, head_dim = q.shape
+    out = np.zeros_like(q)
+    for row in range(batch):
+        k, v = dense_k[row][layer], dense_v[row][layer]  # (len, KVH, D)
+        if k.shape[0] == 0:
+            continue
+        group = num_heads // k.shape[1]
+        k = np.repeat(k, group, axis=1)
+        v = np.repeat(v, group, axis=1)
+        logits = np.einsum("hd,shd->hs", q[row], k) * sm_scale
+        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+        weights /= weights.sum(axis=1, keepdims=True)
+        out[row] = np.einsum("hs,shd->hd", weights, v)
+    return out
+
+
+# Lengths: 1, page boundaries (4, 8, 24 = the full table), one past a boundary, inactive (0).
+SEQ_LENS = (1, 4, 5, 0, 8, 24, 13)
+
+
+def test_interpret_outputs_start_as_nan():
+    """The poisoning the kernel tests rely on: interpret mode fills outputs with NaN, so an element
+    the kernel forgets to write (an inactive row, a padding lane) shows up as NaN."""
+
+    def writes_nothing(x_ref, o_ref):
+        del x_ref, o_ref
+
+    out = pl.pallas_call(writes_nothing, out_shape=jax.ShapeDtypeStruct((4,), jnp.float32),
+                         interpret=True)(jnp.zeros(4))
+    assert np.isnan(np.asarray(out)).all()
+
+
+def test_reference_matches_dense_attention():
+    rng = np.random.default_rng(0)
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(rng, SEQ_LENS, num_kv_heads=2)
+    q = jnp.asarray(rng.standard_normal((len(SEQ_LENS), 4, 16)), jnp.float32)
+    for layer in range(2):
+        out = paged_attention_reference(q, k_pool, v_pool, page_table, seq_lens, layer,
+                                        sm_scale=0.3)
+        np.testing.assert_allclose(out, dense_attention(q, dk, dv, layer, 0.3), atol=1e-5,
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("queries_per_kv", [1, 2, 4])
+def test_kernel_interpret_matches_reference(queries_per_kv, dtype):
+    rng = np.random.default_rng(queries_per_kv)
+    num_kv_heads = 2
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
+        rng, SEQ_LENS, num_kv_heads=num_kv_heads, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((len(SEQ_LENS), num_kv_heads * queries_per_kv, 16)),
+                    dtype)
+    config = PagedAttentionConfig(pages_per_block=4, kv_splits=1)
+    out = paged_attention(q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1), sm_scale=0.25,
+                          config=config, interpret=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all(), "an output element was never written"
+    assert (out[np.asarray(SEQ_LENS) == 0] == 0).all()
+    ref = paged_attention_reference(q, k_pool, v_pool, page_table, seq_lens, 1, sm_scale=0.25)
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=tol, rtol=tol)
+    np.testing.assert_allclose(out, dense_attention(q, dk, dv, 1, 0.25), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernel_interpret_kv_splits(dtype):
+    """Three splits over a 6-page table with 1-page blocks: uneven splits, some of them empty."""
+    rng = np.random.default_rng(7)
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
+        rng, SEQ_LENS, page_size=16, num_kv_heads=1, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((len(SEQ_LENS), 2, 16)), dtype)
+    config = PagedAttentionConfig(pages_per_block=1, kv_splits=3)
+    out = paged_attention(q, k_pool, v_pool, page_table, seq_lens, 0, sm_scale=0.25,
+                          config=config, interpret=True)
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    assert (out[np.asarray(SEQ_LENS) == 0] == 0).all()
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out, dense_attention(q, dk, dv, 0, 0.25), atol=tol, rtol=tol)
+
+
+def test_kernel_in_scan_over_layers_with_heuristic_config():
+    """The engine's use: the layer index is the traced scan counter, the config the default."""
+    rng = np.random.default_rng(3)
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(rng, (9, 1, 16), num_layers=3)
+    q = jnp.asarray(rng.standard_normal((3, 3, 4, 16)), jnp.float32)  # (layers, B, H, D)
+
+    @jax.jit
+    def all_layers(q):
+        def step(carry, inputs):
+            layer, q_layer = inputs
+            out = paged_attention(q_layer, k_pool, v_pool, page_table, seq_lens, layer,
+                                  sm_scale=0.25, interpret=True)
+            return carry, out
+
+        return jax.lax.scan(step, 0, (jnp.arange(3, dtype=jnp.int32), q))[1]
+
+    out = all_layers(q)
+    for layer in range(3):
+        np.testing.assert_allclose(out[layer], dense_attention(q[layer], dk, dv, layer, 0.25),
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_bad_shapes_raise_config_error():
+    rng = np.random.default_rng(0)
+    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(rng, (3, 5))
+    q = jnp.zeros((2, 4, 16), jnp.float32)
+    call = functools.partial(paged_attention, sm_scale=1.0, interpret=True)
+    with pytest.raises(ConfigError, match="num_kv_heads=2"):
+        call(jnp.zeros((2, 3, 16)), k_pool, v_pool, page_table, seq_lens, 0)
+    with pytest.raises(ConfigError, match="head_dim=16"):
+        call(jnp.zeros((2, 4, 8)), k_pool, v_pool, page_table, seq_lens, 0)
+    with pytest.raises(ConfigError, match="seq_lens"):
+        call(q, k_pool, v_pool, page_table, seq_lens[:1], 0)
+    with pytest.raises(ConfigError, match="v_pool"):
+        call(q, k_pool, v_pool[:, :3], page_table, seq_lens, 0)
+    with pytest.raises(ConfigError, match="at least 16 keys"):
+        call(q, k_pool, v_pool, page_table, seq_lens, 0,
+             config=PagedAttentionConfig(pages_per_block=2))
+    with pytest.raises(ConfigError, match="power of 2"):
+        PagedAttentionConfig(pages_per_block=3)
+    odd = jnp.zeros((2, 8, 4, 2, 24), jnp.float32)
+    with pytest.raises(ConfigError, match="head_dim=24"):
+        call(jnp.zeros((2, 4, 24)), odd, odd, page_table, seq_lens, 0)
+
+
+def test_write_kv_decode_tokens_then_gather():
+    """One token per row at its position; invalid rows and out-of-table positions write nothing."""
+    rng = np.random.default_rng(1)
+    page_size, kvh, dim = 4, 2, 8
+    k_pool = jnp.zeros((2, 10, page_size, kvh, dim), jnp.bfloat16)
+    v_pool = jnp.zeros_like(k_pool)
+    page_table = jnp.asarray([[3, 7, 1], [0, 9, 2], [5, 6, 4], [8, 8, 8]], jnp.int32)
+    positions = jnp.asarray([5, 0, 11, 12], jnp.int32)  # 12 is past the 3-page table
+    valid = jnp.asarray([True, True, False, True])
+    k_new = jnp.asarray(rng.standard_normal((4, kvh, dim)), jnp.bfloat16)
+    v_new = k_new + 1
+    k2, v2 = write_kv(k_pool, v_pool, k_new, v_new, page_table, positions, jnp.int32(1), valid)
+    k2, v2 = np.asarray(k2, np.float32), np.asarray(v2, np.float32)
+    np.testing.assert_array_equal(k2[1, 7, 1], np.asarray(k_new[0], np.float32))  # row 0, pos 5
+    np.testing.assert_array_equal(v2[1, 0, 0], np.asarray(v_new[1], np.float32))  # row 1, pos 0
+    written = np.zeros(k2.shape[:3], bool)
+    written[1, 7, 1] = written[1, 0, 0] = True
+    assert (k2[~written] == 0).all() and (v2[~written] == 0).all()
+
+    k, v = gather_kv(jnp.asarray(k2), jnp.asarray(v2), page_table, 1, max_len=6)
+    assert k.shape == (4, 6, kvh, dim)
+    np.testing.assert_array_equal(k[0, 5], k2[1, 7, 1])
+    np.testing.assert_array_equal(v[1, 0], v2[1, 0, 0])
+
+
+def test_write_kv_chunks_round_trip_through_attention():
+    """Rows filled chunk by chunk with (B, S) writes give the same cache as the dense K/V."""
+    rng = np.random.default_rng(2)
+    page_size, kvh, dim, layers = 4, 2, 16, 2
+    lens = np.asarray([7, 12, 3])
+    batch, chunk = len(lens), 5
+    page_table = jnp.asarray(rng.permutation(12).reshape(batch, 4), jnp.int32)
+    k_pool = jnp.full((layers, 12, page_size, kvh, dim), jnp.nan, jnp.float32)
+    v_pool = k_pool
+    dense_k = rng.standard_normal((layers, batch, 20, kvh, dim))
+    dense_v = rng.standard_normal((layers, batch, 20, kvh, dim))
+    for start in range(0, 20, chunk):
+        positions = jnp.asarray(np.broadcast_to(np.arange(start, start + chunk), (batch, chunk)),
+                                jnp.int32)
+        valid = positions < jnp.asarray(lens)[:, None]
+        for layer in range(layers):
+            sl = slice(start, start + chunk)
+            k_pool, v_pool = write_kv(
+                k_pool, v_pool, jnp.asarray(dense_k[layer][:, sl], jnp.float32),
+                jnp.asarray(dense_v[layer][:, sl], jnp.float32), page_table,
+                positions, layer, valid)
+    k, v = gather_kv(k_pool, v_pool, page_table, 1, max_len=12)
+    for row, length in enumerate(lens):
+        np.testing.assert_allclose(k[row, :length], dense_k[1, row, :length], rtol=1e-6)
+        np.testing.assert_allclose(v[row, :length], dense_v[1, row, :length], rtol=1e-6)
+    q = jnp.asarray(rng.standard_normal((batch, 4, dim)), jnp.float32)
+    dk = [[dense_k[la, r, :n] for la in range(layers)] for r, n in enumerate(lens)]
+    dv = [[dense_v[la, r, :n] for la in range(layers)] for r, n in enumerate(lens)]
+    expected = dense_attention(q, dk, dv, 1, 0.25)
+    # Unwritten slots are NaN: any read past a row's length would poison the output.
+    for attend in (functools.partial(paged_attention, interpret=True), paged_attention_reference):
+        out = attend(q, k_pool, v_pool, page_table, jnp.asarray(lens, jnp.int32), 1,
+                     sm_scale=0.25)
+        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_write_and_gather_bad_shapes_raise():
+    pool = jnp.zeros((1, 4, 4, 2, 8))
+    table = jnp.zeros((2, 2), jnp.int32)
+    with pytest.raises(ConfigError, match=r"k_new must have shape \(2, 2, 8\)"):
+        write_kv(pool, pool, jnp.zeros((2, 8)), jnp.zeros((2, 2, 8)), table,
+                 jnp.zeros((2,), jnp.int32), 0, jnp.ones((2,), bool))
+    with pytest.raises(ConfigError, match="positions"):
+        write_kv(pool, pool, jnp.zeros((3, 2, 8)), jnp.zeros((3, 2, 8)), table,
+                 jnp.zeros((3,), jnp.int32), 0, jnp.ones((3,), bool))
+    with pytest.raises(ConfigError, match="max_len=9"):
+        gather_kv(pool, pool, table, 0, max_len=9)
+
+
+# ----------------------------------------------------------------------------- compiled (GPU)
+
+GPU_SEQ_LENS = (1, 16, 17, 0, 255, 256, 1000, 2048, 33, 0, 511, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("queries_per_kv", [1, 4, 8])
+@pytest.mark.parametrize("config", [None, PagedAttentionConfig(pages_per_block=4, kv_splits=1),
+                                    PagedAttentionConfig(pages_per_block=8, kv_splits=4,
+                                                         num_warps=8, num_stages=3)],
+                         ids=["heuristic", "p4k1", "p8k4"])
+def test_compiled_kernel_matches_reference(config, queries_per_kv, dtype):
+    rng = np.random.default_rng(queries_per_kv)
+    num_kv_heads, head_dim = 8, 128
+    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
+        rng, GPU_SEQ_LENS, num_layers=2, page_size=16, max_pages_per_seq=128,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((len(GPU_SEQ_LENS), num_kv_heads * queries_per_kv,
+                                         head_dim)), dtype)
+    scale = head_dim ** -0.5
+    out = paged_attention(q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1), sm_scale=scale,
+                          config=config)
+    ref = paged_attention_reference(q, k_pool, v_pool, page_table, seq_lens, 1, sm_scale=scale)
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    assert (out[np.asarray(GPU_SEQ_LENS) == 0] == 0).all()
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_in_scan_over_layers():
+    rng = np.random.default_rng(5)
+    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
+        rng, GPU_SEQ_LENS, num_layers=4, page_size=16, max_pages_per_seq=128, num_kv_heads=8,
+        head_dim=128, dtype=jnp.bfloat16)
+    q = jnp.asarray(rng.standard_normal((4, len(GPU_SEQ_LENS), 32, 128)), jnp.bfloat16)
+
+    def run(attend):
+        def step(carry, inputs):
+            layer, q_layer = inputs
+            return carry, attend(q_layer, k_pool, v_pool, page_table, seq_lens, layer,
+                                 sm_scale=0.088)
+        return jax.jit(lambda q: jax.lax.scan(step, 0, (jnp.arange(4, dtype=jnp.int32), q))[1])
+
+    out = np.asarray(run(paged_attention)(q), np.float32)
+    ref = np.asarray(run(paged_attention_reference)(q), np.float32)
+    np.testing.assert_allclose(out, ref, atol=2e-2, rtol=2e-2)
