@@ -1,0 +1,219 @@
+"""Batched sampling: greedy and filtered limits, the sampled distribution, batch invariance,
+logprobs, parameter validation and stop strings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlora.errors import RequestError
+from jaxlora.sampling import (
+    SamplingBatch,
+    SamplingParams,
+    StopStringDetector,
+    sample,
+    split_seed,
+    truncate_at_stop,
+    uses_top_k_top_p,
+)
+
+
+def run(logits, params, token_indices=None, **kwargs):
+    token_indices = [0] * len(params) if token_indices is None else token_indices
+    batch = SamplingBatch.from_params(params, token_indices)
+    return sample(jnp.asarray(logits, jnp.float32), batch, **kwargs)
+
+
+def random_logits(seed, rows, vocab=50):
+    return np.random.default_rng(seed).standard_normal((rows, vocab)).astype(np.float32) * 3
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, seed=1),
+    SamplingParams(temperature=0.0, top_k=5, top_p=0.5, seed=2),
+    SamplingParams(temperature=1.0, top_k=1, seed=3),
+    SamplingParams(temperature=2.0, top_p=1e-6, seed=4),
+    SamplingParams(temperature=0.7, top_k=1, top_p=0.3, seed=5),
+], ids=["greedy", "greedy-ignores-filters", "top_k=1", "tiny-top_p", "both"])
+def test_deterministic_limits_equal_argmax(params):
+    logits = random_logits(0, 16)
+    out = run(logits, [params] * 16, token_indices=list(range(16)))
+    np.testing.assert_array_equal(out.tokens, logits.argmax(axis=1))
+
+
+def empirical_distribution(logits_row, params, draws=6000):
+    """Samples one row `draws` times: rows differ only in their token index (their key)."""
+    logits = np.broadcast_to(logits_row, (draws, logits_row.shape[0]))
+    out = run(logits, [params] * draws, token_indices=list(range(draws)))
+    return np.bincount(np.asarray(out.tokens), minlength=logits_row.shape[0]) / draws
+
+
+def chi_square(freq, probs, draws):
+    support = probs > 0
+    assert (freq[~support] == 0).all(), "a token outside the allowed set was sampled"
+    return float(np.sum((freq[support] - probs[support]) ** 2 / probs[support]) * draws)
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+LOGITS_ROW = np.log(np.array([0.3, 0.25, 0.2, 0.12, 0.08, 0.05], np.float64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_distribution_matches_softmax(temperature):
+    """With a fixed seed this cannot flake; the bound (5 degrees of freedom, ~1e-6 tail) is
+    loose enough for any correct sampler and far below what a wrong distribution gives."""
+    draws = 6000
+    freq = empirical_distribution(LOGITS_ROW, SamplingParams(temperature=temperature, seed=11),
+                                  draws)
+    probs = softmax(LOGITS_ROW.astype(np.float64) / temperature)
+    assert chi_square(freq, probs, draws) < 40
+    # The same test rejects the untempered distribution: the check has teeth.
+    if temperature != 1.0:
+        assert chi_square(freq, softmax(LOGITS_ROW.astype(np.float64)), draws) > 200
+
+
+@pytest.mark.parametrize("top_k, top_p, allowed", [
+    (3, 1.0, 3),  # top-k keeps 3 tokens
+    (0, 0.6, 3),  # 0.3 + 0.25 < 0.6 <= 0.3 + 0.25 + 0.2: the nucleus has 3 tokens
+    (4, 0.5, 2),  # top-p on the top-4-renormalised distribution: 0.3/0.87 + 0.25/0.87 >= 0.5
+])
+def test_filtered_distribution_is_renormalised_softmax(top_k, top_p, allowed):
+    draws = 6000
+    freq = empirical_distribution(LOGITS_ROW, SamplingParams(top_k=top_k, top_p=top_p, seed=3),
+                                  draws)
+    probs = np.exp(LOGITS_ROW.astype(np.float64))
+    probs[allowed:] = 0
+    probs /= probs.sum()
+    assert chi_square(freq, probs, draws) < 40
+
+
+def test_same_seed_same_sample_whatever_the_batch():
+    rng = np.random.default_rng(4)
+    vocab = 64
+    mine = rng.standard_normal(vocab).astype(np.float32)
+    params = SamplingParams(temperature=1.3, top_k=40, top_p=0.9, seed=2024)
+    alone = [int(run(mine[None], [params], token_indices=[t]).tokens[0]) for t in range(8)]
+    assert len(set(alone)) > 1, "the token index must change the random stream"
+    others = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=s)
+              for t, k, p, s in [(0.0, 0, 1.0, 1), (1.0, 0, 1.0, 2), (0.5, 3, 0.5, 3),
+                                 (2.0, 0, 0.2, 4), (1.0, 10, 1.0, 2024)]]
+    for batch_size in (2, 5, 9):
+        for position in (0, batch_size // 2, batch_size - 1):
+            logits = rng.standard_normal((batch_size, vocab)).astype(np.float32)
+            logits[position] = mine
+            rows = [others[i % len(others)] for i in range(batch_size)]
+            rows[position] = params
+            for t in (0, 5):
+                indices = list(rng.integers(0, 100, batch_size))
+                indices[position] = t
+                out = run(logits, rows, token_indices=indices)
+                assert int(out.tokens[position]) == alone[t], (batch_size, position, t)
+
+
+def test_skipping_the_filter_changes_nothing_for_unfiltered_rows():
+    logits = random_logits(5, 12)
+    params = [SamplingParams(temperature=0.8, seed=i) for i in range(12)]
+    assert not uses_top_k_top_p(params)
+    assert uses_top_k_top_p(params + [SamplingParams(top_p=0.9)])
+    assert not uses_top_k_top_p([SamplingParams(temperature=0, top_k=3)])
+    full = run(logits, params, apply_top_k_top_p=True)
+    skipped = run(logits, params, apply_top_k_top_p=False)
+    np.testing.assert_array_equal(full.tokens, skipped.tokens)
+
+
+def test_logprobs_of_chosen_and_top_tokens():
+    logits = random_logits(6, 4, vocab=30)
+    params = [SamplingParams(temperature=t, seed=i) for i, t in enumerate((0.0, 1.0, 0.3, 2.0))]
+    out = run(logits, params, num_top_logprobs=5)
+    expected = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    rows = np.arange(4)
+    np.testing.assert_allclose(out.logprobs, expected[rows, np.asarray(out.tokens)], rtol=1e-6)
+    order = np.argsort(-expected, axis=1)[:, :5]
+    np.testing.assert_array_equal(out.top_token_ids, order)
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(expected, order, 1),
+                               rtol=1e-6)
+    assert run(logits, params).top_logprobs.shape == (4, 0)
+
+
+def test_padding_rows_and_seed_words():
+    batch = SamplingBatch.from_params([SamplingParams(seed=-1)], [3], batch_size=4)
+    assert batch.temperature.shape == (4,) and (batch.temperature[1:] == 0).all()
+    assert tuple(batch.seed[0]) == (2**32 - 1, 2**32 - 1)
+    assert split_seed(2**64 + 5) == (5, 0) and split_seed(2**32 + 7) == (7, 1)
+    with pytest.raises(ValueError, match="row 0 has no seed"):
+        SamplingBatch.from_params([SamplingParams()], [0])
+    with_override = SamplingBatch.from_params([SamplingParams()], [0], seeds=[9])
+    assert tuple(with_override.seed[0]) == (9, 0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -0.1, ">= 0"),
+    ("temperature", float("nan"), "finite"),
+    ("top_p", 0.0, r"\(0, 1\]"),
+    ("top_p", 1.5, r"\(0, 1\]"),
+    ("top_k", -1, ">= 0"),
+    ("top_k", 2.5, "int"),
+    ("max_tokens", 0, ">= 1"),
+    ("logprobs", 21, "0..20"),
+    ("logprobs", -1, "0..20"),
+    ("seed", "7", "int"),
+    ("stop_strings", ["ok", ""], "non-empty"),
+    ("stop_token_ids", [3, -2], ">= 0"),
+    ("ignore_eos", "yes", "bool"),
+])
+def test_invalid_params_raise_request_error(field, value, message):
+    with pytest.raises(RequestError, match=f"'{field}'.*{message}"):
+        SamplingParams(**{field: value})
+
+
+def test_params_normalise_lists_and_check_vocab():
+    params = SamplingParams(stop_strings="###", stop_token_ids=[5, 7], temperature=1)
+    assert params.stop_strings == ("###",) and params.stop_token_ids == (5, 7)
+    assert isinstance(params.temperature, float)
+    hash(params)  # frozen and hashable
+    params.check_vocab(8)
+    with pytest.raises(RequestError, match="'stop_token_ids'.*0..6"):
+        params.check_vocab(7)
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("hello world. bye", ["."]) == ("hello world", True)
+    assert truncate_at_stop("a STOP b END", ["END", "STOP"]) == ("a ", True)
+    assert truncate_at_stop("no stop here", ["###"]) == ("no stop here", False)
+    assert truncate_at_stop("x##y##", ["##"], search_from=3) == ("x##y", True)
+
+
+@pytest.mark.parametrize("pieces", [
+    ["Hello", " wor", "ld", "<e", "nd>", " more"],
+    ["Hello world<", "end", "> more"],
+    ["Hello world<end> more"],
+    list("Hello world<end> more"),
+])
+def test_stop_detector_on_streamed_text(pieces):
+    detector = StopStringDetector(["<end>", "STOP"])
+    streamed = []
+    for piece in pieces:
+        out, stopped = detector.push(piece)
+        streamed.append(out)
+        # Never hand out text that might start a stop string.
+        assert not "".join(streamed).endswith("<")
+        if stopped:
+            break
+    assert stopped and "".join(streamed) == "Hello world" == detector.text
+    assert detector.push("again") == ("", True)
+
+
+def test_stop_detector_holds_back_then_flushes():
+    detector = StopStringDetector(["STOP"])
+    assert detector.push("the ST") == ("the ", False)
+    assert detector.push("ORY") == ("STORY", False)
+    assert detector.push(" S") == (" ", False)
+    assert detector.flush() == "S"
+    assert detector.text == "the STORY S"
+    assert StopStringDetector([]).push("anything") == ("anything", False)
