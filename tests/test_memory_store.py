@@ -1,0 +1,315 @@
+"""AdapterStore: header-only registration, lazy/eager host copies, host budget, bad input."""
+
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from memory_testing import CONFIG, POOL, TARGET_SETS, file_rows, write_adapter
+
+from configs.models import TINY
+from jaxlora import formats
+from jaxlora.config import ModelConfig
+from jaxlora.errors import AdapterError, FormatError, JaxloraError, UnknownAdapterError
+from jaxlora.lora import LoraWeights
+from jaxlora.memory import AdapterFootprint, AdapterStore, AdapterStoreConfig, pack_weights
+from pallas_kernels.layout import MODULES
+
+
+def unpack(packed, footprint, rows_per_page=POOL.rows_per_page):
+    """module -> (A rows, B rows) cut back out of a PackedAdapter's blocks."""
+    from pallas_kernels.layout import MODULE_POOLS, pages_for_rank
+
+    cursor = dict.fromkeys(packed.blocks, 0)
+    rows = {}
+    for m, r in zip(MODULES, footprint.ranks, strict=True):
+        if not r:
+            continue
+        n = pages_for_rank(r, rows_per_page)
+        got = []
+        for axis in MODULE_POOLS[m]:
+            block = packed.blocks[axis][:, cursor[axis]:cursor[axis] + n]
+            cursor[axis] += n
+            flat = block.reshape(block.shape[0], n * rows_per_page, -1)
+            assert not flat[:, r:].any(), "rows past the rank must be zero in the host copy"
+            got.append(flat[:, :r])
+        rows[m] = tuple(got)
+    return rows
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    paths = {}
+    for i, targets in enumerate(TARGET_SETS):
+        paths[f"ad{i}"] = write_adapter(tmp_path / "root", f"ad{i}", rank=i + 1, seed=i,
+                                        targets=targets)
+    return tmp_path / "root", paths
+
+
+def test_register_root_reads_headers_only(adapters, monkeypatch):
+    root, paths = adapters
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("registration must not read weights")
+
+    monkeypatch.setattr(formats, "load_peft_adapter", no_weights)
+    store = AdapterStore(CONFIG, POOL)
+    report = store.register_root(root)
+    assert report.registered == tuple(sorted(paths)) and not report.failed
+    assert store.names() == sorted(paths) and len(store) == 4
+    entry = store.get("ad1")
+    assert entry.source == paths["ad1"]
+    assert entry.footprint.ranks == (2, 0, 2, 0, 0, 0, 0)  # q and v, rank 2
+    assert entry.footprint.scales[0] == pytest.approx(2.0)  # alpha = 2r
+    stats = store.stats()
+    assert (stats.loads, stats.cached, stats.host_bytes) == (0, 0, 0)
+
+
+def test_lazy_load_packs_file_rows_into_pages(adapters):
+    _, paths = adapters
+    store = AdapterStore(CONFIG, POOL)
+    for name, path in paths.items():
+        entry = store.register(name, path)
+        packed = store.load(entry)
+        assert packed.nbytes == entry.nbytes
+        assert packed.footprint == entry.footprint
+        expected = file_rows(path)
+        got = unpack(packed, entry.footprint)
+        assert sorted(got) == sorted(expected)
+        for m in expected:
+            np.testing.assert_array_equal(got[m][0], expected[m][0])
+            np.testing.assert_array_equal(got[m][1], expected[m][1])
+    assert store.stats().loads == 4
+    assert store.load(store.get("ad0")) is store.cached_weights(store.get("ad0"))
+    assert store.stats().loads == 4  # served from RAM
+
+
+def test_eager_registration_loads_at_once(adapters):
+    root, _ = adapters
+    store = AdapterStore(CONFIG, POOL, AdapterStoreConfig(eager=True))
+    store.register_root(root)
+    stats = store.stats()
+    assert stats.loads == 4 and stats.cached == 4
+    assert stats.host_bytes == sum(store.get(n).nbytes for n in store.names())
+    assert set(stats.load_seconds) == set(store.names())
+
+
+def test_host_budget_drops_least_recently_used(adapters):
+    _, paths = adapters
+    store = AdapterStore(CONFIG, POOL)
+    sizes = {}
+    for name, path in paths.items():
+        sizes[name] = store.register(name, path).nbytes
+    budget = sizes["ad1"] + sizes["ad2"] + sizes["ad3"]
+    store = AdapterStore(CONFIG, POOL, AdapterStoreConfig(host_budget_bytes=budget))
+    for name, path in paths.items():
+        store.register(name, path)
+    for name in ("ad1", "ad2", "ad3"):
+        store.load(store.get(name))
+    store.load(store.get("ad1"))  # ad2 is now the least recently used
+    assert store.stats().host_bytes == budget
+    store.load(store.get("ad0"))  # the largest: needs room
+    assert not store.is_cached(store.get("ad2"))
+    assert store.is_cached(store.get("ad0"))
+    stats = store.stats()
+    assert stats.host_bytes <= budget and stats.drops >= 1
+    loads = stats.loads
+    packed = store.load(store.get("ad2"))  # dropped: read from disk again, same rows
+    assert store.stats().loads == loads + 1
+    np.testing.assert_array_equal(unpack(packed, packed.footprint)["o_proj"][0],
+                                  file_rows(paths["ad2"])["o_proj"][0])
+
+
+def test_memory_only_adapters_are_never_dropped():
+    store = AdapterStore(CONFIG, POOL, AdapterStoreConfig(host_budget_bytes=0))
+    weights = random_weights("mem", rank=3)
+    entry = store.register_weights("mem", weights)
+    assert store.is_cached(entry) and store.stats().host_bytes == entry.nbytes
+    packed = store.load(entry)
+    np.testing.assert_array_equal(unpack(packed, entry.footprint)["k_proj"][1], weights.b["k_proj"])
+
+
+def random_weights(name, *, rank, modules=("q_proj", "k_proj"), config=CONFIG, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = config.module_shapes()
+    return LoraWeights(
+        name=name,
+        a={m: rng.standard_normal((config.num_layers, rank, shapes[m][0]), np.float32)
+           for m in modules},
+        b={m: rng.standard_normal((config.num_layers, rank, shapes[m][1]), np.float32)
+           for m in modules},
+        scales=dict.fromkeys(modules, 0.5))
+
+
+def test_bfloat16_store_casts_once():
+    store = AdapterStore(CONFIG, POOL, AdapterStoreConfig(dtype="bfloat16"))
+    weights = random_weights("w", rank=2)
+    packed = store.load(store.register_weights("w", weights))
+    assert all(b.dtype == jnp.bfloat16 for b in packed.blocks.values())
+    got = unpack(packed, packed.footprint)["q_proj"][0].astype(np.float32)
+    np.testing.assert_array_equal(got, weights.a["q_proj"].astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_pack_weights_page_order_matches_footprint():
+    weights = random_weights("w", rank=5, modules=MODULES)
+    packed = pack_weights(weights, CONFIG, POOL.rows_per_page, np.float32)
+    assert packed.footprint == AdapterFootprint.of_weights(weights)
+    need = packed.footprint.pages_needed(POOL.rows_per_page)
+    assert need == weights.pages_needed(POOL.rows_per_page)
+    assert {a: b.shape[1] for a, b in packed.blocks.items()} == need
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def assert_store_still_serves(store, names):
+    assert store.names() == sorted(names)
+    for name in names:
+        store.load(store.get(name))
+
+
+@pytest.fixture
+def store_with_one(tmp_path):
+    store = AdapterStore(CONFIG, POOL)
+    store.register("good", write_adapter(tmp_path, "good", rank=2, seed=1))
+    return store
+
+
+def test_missing_directory(store_with_one, tmp_path):
+    with pytest.raises(FormatError, match="nowhere"):
+        store_with_one.register("x", tmp_path / "nowhere")
+    assert_store_still_serves(store_with_one, ["good"])
+
+
+def test_missing_weights_file(store_with_one, tmp_path):
+    path = write_adapter(tmp_path, "x", rank=2, seed=2)
+    os.remove(os.path.join(path, "adapter_model.safetensors"))
+    with pytest.raises(FormatError, match="adapter_model.safetensors"):
+        store_with_one.register("x", path)
+    assert_store_still_serves(store_with_one, ["good"])
+
+
+def test_truncated_file(store_with_one, tmp_path):
+    path = write_adapter(tmp_path, "x", rank=2, seed=2)
+    file = os.path.join(path, "adapter_model.safetensors")
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) - 100)
+    with pytest.raises(FormatError, match="truncated"):
+        store_with_one.register("x", path)
+    assert_store_still_serves(store_with_one, ["good"])
+
+
+def test_shape_of_another_model(store_with_one, tmp_path):
+    other = ModelConfig(**{**TINY.__dict__, "hidden_size": 32, "head_dim": 8})
+    path = write_adapter(tmp_path, "x", rank=2, seed=2, config=other)
+    with pytest.raises(FormatError, match=r"has shape \[2, 32\]; expected \[2, 64\]"):
+        store_with_one.register("x", path)
+    assert_store_still_serves(store_with_one, ["good"])
+
+
+def test_rank_above_maximum(store_with_one, tmp_path):
+    path = write_adapter(tmp_path, "x", rank=POOL.max_rank + 1, seed=2)
+    with pytest.raises(AdapterError, match=f"rank {POOL.max_rank + 1}.*max_rank={POOL.max_rank}"):
+        store_with_one.register("x", path)
+    with pytest.raises(AdapterError, match="rank 9; expected 1..8"):
+        store_with_one.register_weights("y", random_weights("y", rank=9))
+    assert_store_still_serves(store_with_one, ["good"])
+
+
+def test_pickle_file_is_refused(store_with_one, tmp_path):
+    path = write_adapter(tmp_path, "x", rank=2, seed=2)
+    os.remove(os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_model.bin"), "wb") as f:
+        f.write(b"\x80\x04not really a pickle")
+    with pytest.raises(FormatError, match="never unpickles"):
+        store_with_one.register("x", path)
+    assert_store_still_serves(store_with_one, ["good"])
+
+
+def test_name_taken_and_unknown_names(store_with_one, tmp_path):
+    path = write_adapter(tmp_path, "x", rank=2, seed=2)
+    with pytest.raises(AdapterError, match="'good' .* is already registered"):
+        store_with_one.register("good", path)
+    for call in (store_with_one.get, store_with_one.unregister):
+        with pytest.raises(UnknownAdapterError, match="'nope' is not registered"):
+            call("nope")
+    with pytest.raises(UnknownAdapterError, match="'nope' is not registered"):
+        store_with_one.replace("nope", path)
+    for bad in ("", " padded ", "a\nb", 3):
+        with pytest.raises(AdapterError, match="adapter name"):
+            store_with_one.register(bad, path)
+    assert_store_still_serves(store_with_one, ["good"])
+
+
+def test_bad_in_memory_weights(store_with_one):
+    weights = random_weights("w", rank=2)
+    weights.b["q_proj"] = weights.b["q_proj"][:, :, :3]
+    with pytest.raises(AdapterError, match=r"tensor b\['q_proj'\] has shape \(2, 2, 3\); "
+                                           r"expected \(2, 2, 64\)"):
+        store_with_one.register_weights("w", weights)
+    weights = random_weights("w", rank=2)
+    weights.a["lm_head"] = weights.a.pop("q_proj")
+    with pytest.raises(AdapterError, match="not LoRA targets"):
+        store_with_one.register_weights("w", weights)
+    assert_store_still_serves(store_with_one, ["good"])
+
+
+def test_register_root_is_atomic_unless_skipping(tmp_path):
+    root = tmp_path / "root"
+    for i in range(3):
+        write_adapter(root, f"ok{i}", rank=1, seed=i)
+    bad = write_adapter(root, "bad", rank=POOL.max_rank + 4, seed=9)
+    (root / "not_an_adapter").mkdir()
+    store = AdapterStore(CONFIG, POOL)
+    with pytest.raises(AdapterError, match="2 of 5 adapter directories refused, none "
+                                           "registered: bad: .*not_an_adapter: "):
+        store.register_root(root)
+    assert len(store) == 0
+    report = store.register_root(root, skip_invalid=True)
+    assert report.registered == ("ok0", "ok1", "ok2")
+    assert set(report.failed) == {"bad", "not_an_adapter"}
+    assert all(isinstance(e, JaxloraError) for e in report.failed.values())
+    shutil.rmtree(bad)
+    report = store.register_root(root, skip_invalid=True)  # the others are taken now
+    assert report.registered == () and set(report.failed) >= {"ok0", "ok1", "ok2"}
+    with pytest.raises(FormatError, match="cannot list"):
+        store.register_root(tmp_path / "missing")
+
+
+def test_file_changed_after_registration(store_with_one, tmp_path):
+    path = write_adapter(tmp_path, "x", rank=2, seed=2)
+    entry = store_with_one.register("x", path)
+    write_adapter(tmp_path, "x", rank=4, seed=3)  # rewritten in place with another rank
+    with pytest.raises(FormatError, match="changed on disk since it was registered"):
+        store_with_one.load(entry)
+    shutil.rmtree(path)
+    with pytest.raises(FormatError):
+        store_with_one.load(entry)
+    assert store_with_one.names() == ["good", "x"]
+    store_with_one.load(store_with_one.get("good"))
+
+
+def test_replace_and_unregister_keep_versions_apart(store_with_one, tmp_path):
+    old = store_with_one.get("good")
+    store_with_one.load(old)
+    new_path = write_adapter(tmp_path, "good_v2", rank=3, seed=5)
+    new = store_with_one.replace("good", new_path)
+    assert new.version > old.version and store_with_one.get("good") is new
+    assert not store_with_one.is_cached(old)  # the old version's RAM is given back
+    # A holder of the old entry (an in-flight request) can still read its rows from disk.
+    np.testing.assert_array_equal(unpack(store_with_one.load(old), old.footprint)["q_proj"][0],
+                                  file_rows(old.source)["q_proj"][0])
+    assert not store_with_one.is_cached(old)  # ... without putting it back in the cache
+    with pytest.raises(FormatError):
+        store_with_one.replace("good", tmp_path / "missing")
+    assert store_with_one.get("good") is new  # a failed replace changes nothing
+    assert store_with_one.unregister("good") is new
+    assert len(store_with_one) == 0 and store_with_one.stats().host_bytes == 0
+
+
+def test_bad_store_config():
+    with pytest.raises(AdapterError, match="'dtype'"):
+        AdapterStoreConfig(dtype="float33")
+    with pytest.raises(AdapterError, match="'host_budget_bytes'"):
+        AdapterStoreConfig(host_budget_bytes=-1)
