@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import FormatError
-from jaxlora.formats.hf import check_params, param_shapes
+from jaxlora.formats.hf import check_params, read_hf_config
 
 CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"
@@ -40,7 +40,7 @@ def restore_params(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     so a checkpoint that does not match its config is refused instead of silently reshaped.
     """
     directory = os.path.abspath(os.fspath(path))
-    config = ModelConfig.from_hf_json(os.path.join(directory, CONFIG_NAME))
+    config = read_hf_config(os.path.join(directory, CONFIG_NAME))
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise FormatError(f"{params_dir}: not found (expected an orbax checkpoint written by "

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxlora.config import ModelConfig
-from jaxlora.errors import FormatError
+from jaxlora.errors import ConfigError, FormatError
 from jaxlora.formats import _safetensors
 from jaxlora.formats._safetensors import FLOAT_DTYPES
 
@@ -28,6 +28,38 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 # Buffers that some transformers versions saved although they are derived from the config.
 _DERIVED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def read_hf_config(path: str | os.PathLike) -> ModelConfig:
+    """ModelConfig of a HF config.json, in the format of transformers 4 or 5.
+
+    transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta, scaling fields}) instead of
+    top-level `rope_theta` and `rope_scaling`; it is translated here so ModelConfig.from_hf_dict
+    sees the form it reads, and a llama3-scaled model is not silently read as unscaled.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found (expected a HF config.json)") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    rope = raw.get("rope_parameters")
+    if isinstance(rope, dict):
+        raw = dict(raw)
+        if "rope_theta" in rope and "rope_theta" not in raw:
+            raw["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default" and not raw.get("rope_scaling"):
+            raw["rope_scaling"] = scaling
+    elif rope is not None:
+        raise ConfigError(f"{path}: field 'rope_parameters' is {rope!r}; expected an object")
+    return ModelConfig.from_hf_dict(raw, source=path)
 
 
 def param_shapes(config: ModelConfig) -> dict:
@@ -157,7 +189,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
             _safetensors.refuse_pickle(directory, "the checkpoint")
         raise FormatError(f"{directory}: expected a checkpoint directory (config.json + "
                           f"{WEIGHTS_NAME}), got a file")
-    config = ModelConfig.from_hf_json(os.path.join(directory, CONFIG_NAME))
+    config = read_hf_config(os.path.join(directory, CONFIG_NAME))
     files, headers, listing = _weight_files(directory)
     layout = list(_hf_layout(config))
     expected_names = {name for name, *_ in layout}

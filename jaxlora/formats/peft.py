@@ -54,7 +54,26 @@ UNSUPPORTED_FEATURES = {
     "use_bdlora": "BD-LoRA (block-diagonal LoRA)",
     "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
 }
+# init_lora_weights methods that rewrite the base weights (W - A B, quantisation): such an adapter
+# only works with its own modified base model, unless PEFT converted it at save time (which
+# resets init_lora_weights to true).
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# Every adapter_config.json field of PEFT's LoraConfig that jaxlora has judged; an unknown field
+# that looks like a feature switch (use_*, *_config) and is set is refused rather than ignored.
+KNOWN_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
+    "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "megatron_config", "megatron_core", "trainable_token_indices",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora", "velora_config",
+    "alora_invocation_tokens", "use_qalora", "qalora_group_size", "monteclora_config",
+    "layer_replication", "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "ensure_weight_tying",
+})
 
 _TENSOR_RE = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -215,6 +234,17 @@ def _check_config(cfg: dict, config_file: str) -> dict:
         if cfg.get(field):
             raise AdapterError(f"{config_file}: field {field!r} is {cfg[field]!r}: {feature} is "
                                "not supported; expected it unset (null/false)")
+    for field, value in cfg.items():
+        looks_like_feature = field.startswith("use_") or field.endswith("_config")
+        if field not in KNOWN_FIELDS and value and looks_like_feature:
+            raise AdapterError(f"{config_file}: field {field!r} is {value!r}: an unknown PEFT "
+                               "feature, not supported; expected it unset (null/false)")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+        raise AdapterError(f"{config_file}: field 'init_lora_weights' is {init!r}: this "
+                           "initialisation modifies the base weights, so the adapter only works "
+                           "with its own base model; expected an adapter converted at save time "
+                           "(init_lora_weights true)")
     bias = cfg.get("bias", "none")
     if bias != "none":
         raise AdapterError(f"{config_file}: field 'bias' is {bias!r}: adapters with biases are "

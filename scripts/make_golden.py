@@ -1,0 +1,168 @@
+"""Writes the golden fixtures that tests/test_golden.py checks jaxlora against.
+
+A tiny random HF Llama (GQA, 2 layers, llama3 RoPE scaling) and four PEFT LoRA adapters are built
+with transformers + peft, saved in their native formats, and the reference fp32 logits of the base
+model and of every adapter on every input row are computed by transformers + peft (CPU, fp32,
+eager attention). Output, under --out (default tests/fixtures/golden/):
+
+    base/              config.json + model.safetensors (transformers save_pretrained)
+    adapters/<name>/   adapter_config.json + adapter_model.safetensors (peft save_pretrained)
+    golden.npz         input_ids (rows, seq) int32; logits (variants, rows, seq, vocab) float32,
+                       where variant 0 is the base model and variant k the k-th adapter
+    golden.json        variant names, adapter settings, library versions
+
+Needs torch, transformers and peft; deliberately does not import jaxlora (an independent
+reference). Not part of CI:  python scripts/make_golden.py [--out DIR] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import peft
+import torch
+import transformers
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures" / "golden"
+
+BASE_CONFIG = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu",
+    attention_bias=False, mlp_bias=False,
+    # llama3 frequency scaling with a short original context, so that at head_dim 16 some
+    # frequencies are scaled, some smoothed and some kept: every branch of the formula is used.
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+)
+
+# Adapters: ranks 1 and 64, different module subsets, rsLoRA, rank/alpha patterns (per module and
+# per layer) and layers_to_transform. lora_B is overwritten with random values in every case.
+ADAPTERS = {
+    "r1_qv": dict(r=1, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
+    "r64_all_rslora": dict(r=64, lora_alpha=16, target_modules="all-linear", use_rslora=True),
+    "r8_patterns": dict(
+        r=8, lora_alpha=16, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"model.layers.0.mlp.down_proj": 4, "up_proj": 2},
+        alpha_pattern={"gate_proj": 32, "model.layers.1.self_attn.o_proj": 4}),
+    "r4_k_down_layer1": dict(r=4, lora_alpha=8, target_modules=["k_proj", "down_proj"],
+                             layers_to_transform=[1]),
+}
+
+ROWS = 5
+SEQ = 8
+
+
+def randomize_base(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Replaces HF's std-0.02 init with O(1)-activation weights so LoRA deltas show in logits."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif "embed_tokens" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+            else:  # Linear weight (out, in)
+                fan_in = param.shape[1]
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
+
+
+def randomize_lora(model: torch.nn.Module, generator: torch.Generator) -> int:
+    """Random A and B (PEFT initialises B to zero, which would make the adapter a no-op)."""
+    count = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                fan_in = param.shape[1]
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
+            elif "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator)
+                            / math.sqrt(param.shape[1]))
+                count += 1
+    return count
+
+
+def load_base(base_dir: pathlib.Path) -> transformers.LlamaForCausalLM:
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits.to(torch.float32).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_float32_matmul_precision("highest")
+    generator = torch.Generator().manual_seed(args.seed)
+    out: pathlib.Path = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    base_dir = out / "base"
+
+    config = transformers.LlamaConfig(**BASE_CONFIG)
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    randomize_base(model, generator)
+    model.save_pretrained(base_dir)
+    for extra in base_dir.iterdir():
+        if extra.name not in ("config.json", "model.safetensors"):
+            extra.unlink()  # generation_config.json: irrelevant to logits
+
+    input_ids = torch.randint(0, config.vocab_size, (ROWS, SEQ), generator=generator)
+    logits = [logits_of(load_base(base_dir), input_ids)]
+    for name, settings in ADAPTERS.items():
+        adapter_dir = out / "adapters" / name
+        lora_config = peft.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **settings)
+        base = load_base(base_dir)
+        # Recorded as base_model_name_or_path; the default would be this machine's absolute path.
+        base.name_or_path = "jaxlora-golden/tiny-llama"
+        peft_model = peft.get_peft_model(base, lora_config)
+        if randomize_lora(peft_model, generator) == 0:
+            raise RuntimeError(f"adapter {name}: no lora_B parameters were created")
+        peft_model.save_pretrained(adapter_dir)
+        for extra in adapter_dir.iterdir():
+            if extra.name not in ("adapter_config.json", "adapter_model.safetensors"):
+                extra.unlink()  # README.md model card
+        # The reference loads the adapter back from disk exactly as a user of peft would.
+        reloaded = peft.PeftModel.from_pretrained(load_base(base_dir), adapter_dir).eval()
+        logits.append(logits_of(reloaded, input_ids))
+
+    stacked = np.stack(logits).astype(np.float32)
+    for k, name in enumerate(ADAPTERS, start=1):
+        change = np.abs(stacked[k] - stacked[0]).max() / np.abs(stacked[0]).max()
+        if change < 1e-2:
+            raise RuntimeError(f"adapter {name} changes the logits by only {change:.2e}")
+    np.savez_compressed(out / "golden.npz", input_ids=input_ids.numpy().astype(np.int32),
+                        logits=stacked)
+    manifest = {
+        "variants": ["base", *ADAPTERS],
+        "adapters": ADAPTERS,
+        "rows": ROWS, "seq": SEQ, "seed": args.seed,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+    }
+    with open(out / "golden.json", "w") as f:
+        json.dump(manifest, f, indent=2)
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({total / 1e6:.2f} MB): variants {manifest['variants']}, "
+          f"logits {stacked.shape}")
+    for k, name in enumerate(manifest["variants"][1:], start=1):
+        change = np.abs(stacked[k] - stacked[0]).max() / np.abs(stacked[0]).max()
+        print(f"  {name}: max|logits - base| / max|base| = {change:.3f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the reference runs on CPU in fp32
+    main()
