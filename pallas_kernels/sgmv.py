@@ -7,13 +7,65 @@ G is the number of weights in a fused module group (q|k|v: 3, gate|up: 2, o and 
 share the input x (so one shrink) and write column slices of one fused output (so one expand).
 Tokens whose slot is NO_ADAPTER get v = 0 and leave y untouched.
 
-This file holds the plain-jnp references; the Pallas Triton kernels sit beside them.
+Beside the plain-jnp references sit the Pallas Triton kernels ``sgmv_shrink`` / ``sgmv_expand``:
+one ``pallas_call`` per (layer, group, shrink|expand) whatever the number of distinct adapters.
+
+Page pool as the kernels read it
+--------------------------------
+A pool ``(L, P, R, W)`` is passed whole with a traced ``layer`` scalar and viewed as ``L*P*R``
+rows of width W (a free reshape, never a copy of one layer). Rank-row ``i`` of weight ``w`` of the
+adapter in slot ``s`` is pool row ``(layer * P + pages[s, w, i // R]) * R + i % R``. Rows with
+``i >= ranks[s, w]`` are never loaded: the loads are masked, so whatever another adapter left in
+the tail of a page (NaN included) is never read. Page ids and the layer are clamped into the pool
+so that a bad id can read the wrong rows but never outside the pool.
+
+v as the kernels see it
+-----------------------
+v ``(T, G, MP*R)`` float32 is addressed as ``(T, G*MP*R)``: column ``g*MP*R + i`` is rank-row i of
+weight g. Columns ``i >= rank`` are zero. In expand they are masked again, so v may carry garbage.
+
+Two regimes, chosen statically by ``SgmvConfig.regime(T)``
+--------------------------------------------------------
+decode  (T <= ``decode_max_tokens``): one program per (token, block of rank rows) for shrink and
+        per (token, block of y columns) for expand; tokens in any order, no metadata beyond
+        token_slot; arithmetic on the CUDA cores (a token's work is a matrix-vector product).
+prefill (larger T): tokens sorted by slot and cut into tiles of at most ``block_tokens`` tokens of
+        one slot; one program per (tile, block of v columns, K split) for shrink and per (tile,
+        block of y columns) for expand; ``pltriton.dot`` on the tensor cores; an adapter's rows are
+        read once per tile instead of once per token. When the tiles alone give too few programs
+        the shrink splits the reduction over the input width and accumulates with atomic adds
+        into a zeroed v.
+
+Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
+-----------------------------------------------------------------
+    sorted_tokens  (T,)   token ids sorted by slot (stable); NO_ADAPTER tokens last
+    tile_start     (NT,)  first position in sorted_tokens of the tile
+    tile_size      (NT,)  tokens in the tile, 1..block_tokens; 0 = unused tile
+    tile_slot      (NT,)  slot of all the tile's tokens; NO_ADAPTER (-1): a tile of base-only tokens
+
+NT = ``num_tiles_bound(T, S, block_tokens) = min(T, ceil(T / block_tokens) + min(T, S + 1) - 1)``:
+the tokens of each of the at most S + 1 segments (S slots and NO_ADAPTER) are cut into
+ceil(n / block_tokens) tiles. Used tiles come first, in slot order. The host builder (numpy) and
+``build_sgmv_metadata_jnp`` (inside jit) produce identical arrays; the metadata must be built with
+the same ``block_tokens`` as the config the kernels get.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxlora.errors import AdapterError, ConfigError
+from pallas_kernels.layout import MODULES, NO_ADAPTER
+
+_NUM_WEIGHTS = len(MODULES)
+_META_KEYS = ("sorted_tokens", "tile_start", "tile_size", "tile_slot")
 
 
 def _gather_rows(pool, layer, pages, ranks):
@@ -80,3 +132,716 @@ def sgmv_expand_reference(
     if col != y.shape[-1]:
         raise ValueError(f"expand: the group's widths add up to {col}, y has {y.shape[-1]} columns")
     return y32.astype(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SgmvConfig:
+    """Tuning knobs of the SGMV kernels (defaults tuned on an H100, bf16, hidden 4096).
+
+    Block sizes are powers of two; the kernels shrink a block to the problem where the problem is
+    smaller (tiny test shapes), never below 16 where it feeds a tensor-core dot. ``None`` for
+    ``shrink_split_k`` / ``decode_shrink_rows`` picks them from the shapes so that a launch has
+    at least ``target_programs`` programs.
+    """
+
+    decode_max_tokens: int = 16  # T <= this: decode kernels (per token); larger T: prefill tiles
+    target_programs: int = 264  # programs worth launching: two per H100 SM
+    # prefill
+    block_tokens: int = 64  # tokens of one slot per tile (the M of the dots)
+    shrink_block_n: int = 128  # v columns per shrink program
+    shrink_block_k: int = 64  # input-width step of the shrink loop
+    shrink_split_k: int | None = None  # programs splitting the input width (atomic adds if > 1)
+    shrink_num_warps: int = 4
+    shrink_num_stages: int = 3
+    expand_block_n: int = 256  # y columns per expand program
+    expand_rank_chunk: int = 64  # rank rows per expand dot (a loop runs ceil(rank / chunk) times)
+    expand_num_warps: int = 8
+    expand_num_stages: int = 2
+    # decode
+    decode_shrink_rows: int | None = None  # v columns (rank rows) per decode shrink program
+    decode_block_k: int = 512  # input-width step of the decode shrink loop
+    decode_expand_block_n: int = 128  # y columns per decode expand program
+    decode_rank_chunk: int = 16  # rank rows per step of the decode expand loop
+    decode_num_warps: int = 4
+    decode_num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_tokens", "shrink_block_n", "shrink_block_k", "expand_block_n",
+                     "expand_rank_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not _is_pow2(value) or value < 16:
+                raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two >= 16 "
+                                  f"(a tensor-core dot dimension), got {value!r}")
+        for name in ("decode_block_k", "decode_expand_block_n", "decode_rank_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not _is_pow2(value):
+                raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two, "
+                                  f"got {value!r}")
+        for name in ("shrink_split_k", "decode_shrink_rows"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not _is_pow2(value)):
+                raise ConfigError(f"SgmvConfig field {name!r}: expected None or a power of two, "
+                                  f"got {value!r}")
+        for name in ("decode_max_tokens", "target_programs", "shrink_num_warps",
+                     "shrink_num_stages", "expand_num_warps", "expand_num_stages",
+                     "decode_num_warps", "decode_num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "decode_max_tokens" else 1):
+                raise ConfigError(f"SgmvConfig field {name!r}: expected a positive int, "
+                                  f"got {value!r}")
+
+    def regime(self, num_tokens: int) -> str:
+        return "decode" if num_tokens <= self.decode_max_tokens else "prefill"
+
+
+def num_tiles_bound(num_tokens: int, num_slots: int, block_tokens: int) -> int:
+    """Static number of prefill tiles: enough for any assignment of T tokens to S slots."""
+    if num_tokens == 0:
+        return 0
+    segments = min(num_tokens, num_slots + 1)
+    return min(num_tokens, -(-num_tokens // block_tokens) + segments - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefill metadata
+# ------------------------------------------------------------------------------------------------
+
+def build_sgmv_metadata(token_slot: np.ndarray, num_slots: int, *,
+                        config: SgmvConfig | None = None) -> dict[str, np.ndarray]:
+    """Host-side (numpy) prefill metadata for ``token_slot`` (T,) over ``num_slots`` slots."""
+    config = config or SgmvConfig()
+    token_slot = np.asarray(token_slot)
+    if token_slot.ndim != 1 or not np.issubdtype(token_slot.dtype, np.integer):
+        raise AdapterError(f"build_sgmv_metadata: token_slot must be a 1-D int array, got shape "
+                           f"{token_slot.shape} dtype {token_slot.dtype}")
+    bad = (token_slot < NO_ADAPTER) | (token_slot >= num_slots)
+    if bad.any():
+        t = int(np.argmax(bad))
+        raise AdapterError(f"build_sgmv_metadata: token_slot[{t}] = {int(token_slot[t])}; "
+                           f"expected {NO_ADAPTER} (no adapter) or a slot in [0, {num_slots})")
+    t_count = token_slot.shape[0]
+    bt = config.block_tokens
+    nt = num_tiles_bound(t_count, num_slots, bt)
+    key = np.where(token_slot < 0, num_slots, token_slot).astype(np.int64)
+    order = np.argsort(key, kind="stable").astype(np.int32)
+    counts = np.bincount(key, minlength=num_slots + 1)
+    seg_start = np.cumsum(counts) - counts
+    tile_start = np.zeros(nt, np.int32)
+    tile_size = np.zeros(nt, np.int32)
+    tile_slot = np.full(nt, NO_ADAPTER, np.int32)
+    j = 0
+    for s in np.flatnonzero(counts):
+        for off in range(0, int(counts[s]), bt):
+            tile_start[j] = seg_start[s] + off
+            tile_size[j] = min(bt, int(counts[s]) - off)
+            tile_slot[j] = s if s < num_slots else NO_ADAPTER
+            j += 1
+    return {"sorted_tokens": order, "tile_start": tile_start, "tile_size": tile_size,
+            "tile_slot": tile_slot}
+
+
+def build_sgmv_metadata_jnp(token_slot: jax.Array, num_slots: int, *,
+                            config: SgmvConfig | None = None) -> dict[str, jax.Array]:
+    """The same arrays as ``build_sgmv_metadata``, computed with jnp (usable inside jit)."""
+    config = config or SgmvConfig()
+    t_count = token_slot.shape[0]
+    bt = config.block_tokens
+    nt = num_tiles_bound(t_count, num_slots, bt)
+    key = jnp.where(token_slot < 0, num_slots, token_slot).astype(jnp.int32)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    counts = jnp.zeros(num_slots + 1, jnp.int32).at[key].add(1)
+    seg_start = jnp.cumsum(counts) - counts
+    seg_tiles = (counts + bt - 1) // bt
+    seg_tiles_end = jnp.cumsum(seg_tiles)
+    j = jnp.arange(nt, dtype=jnp.int32)
+    seg = jnp.searchsorted(seg_tiles_end, j, side="right").astype(jnp.int32)
+    used = seg <= num_slots
+    seg = jnp.minimum(seg, num_slots)
+    local = j - (seg_tiles_end[seg] - seg_tiles[seg])
+    tile_start = jnp.where(used, seg_start[seg] + local * bt, 0)
+    tile_size = jnp.where(used, jnp.clip(counts[seg] - local * bt, 0, bt), 0)
+    tile_slot = jnp.where(used & (seg < num_slots), seg, NO_ADAPTER)
+    return {"sorted_tokens": order, "tile_start": tile_start.astype(jnp.int32),
+            "tile_size": tile_size.astype(jnp.int32), "tile_slot": tile_slot.astype(jnp.int32)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel helpers
+# ------------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _idx(index, valid, bound, interpret):
+    """Index of a masked load/store.
+
+    Compiled Triton never touches masked-off addresses. The interpreter gathers every index
+    (clamped) and scatters every index, masked ones included, so there a masked index is moved
+    one past the end, where the scatter drops it.
+    """
+    if interpret:
+        return jnp.where(valid, index, bound)
+    return index
+
+
+def _accumulate(ref, idx, value, mask, interpret):
+    """ref[idx] += value where mask, atomically (split-K shrink programs share v entries)."""
+    if interpret:
+        # Programs run one after another in the interpreter; its atomic add has no mask.
+        old = pltriton.load(ref.at[idx], mask=mask, other=0.0)
+        pltriton.store(ref.at[idx], old + value, mask=mask)
+    else:
+        pltriton.atomic_add(ref, idx, value, mask=mask)
+
+
+def _compute_dtype(*dtypes):
+    """Operand dtype of the dots: a shared 16-bit float stays (tensor cores), anything else f32."""
+    first = jnp.dtype(dtypes[0])
+    if all(jnp.dtype(d) == first for d in dtypes) and first.itemsize == 2:
+        return first
+    return jnp.dtype(jnp.float32)
+
+
+def _dot_precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _weight_of_column(g_index, weights):
+    """Weight index (0..6) of each column, from its group position g (static table)."""
+    w = jnp.full(g_index.shape, weights[0], jnp.int32)
+    for g in range(1, len(weights)):
+        w = jnp.where(g_index >= g, weights[g], w)
+    return w
+
+
+def _pool_rows(pages_ref, slot, w, i, layer, *, pages_per_pool, rows_per_page, max_pages):
+    """Pool row (in the (L*P*R, W) view) of rank-row i of weight w of the slot; shapes of i."""
+    page_idx = jnp.minimum(i // rows_per_page, max_pages - 1)
+    page = jnp.clip(pages_ref[slot, w, page_idx], 0, pages_per_pool - 1)
+    return (layer * pages_per_pool + page) * rows_per_page + i % rows_per_page
+
+
+def _compiler_params(num_warps, num_stages):
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks (static shapes; a bad call names the tensor and the expected shape)
+# ------------------------------------------------------------------------------------------------
+
+_WHERE = "pallas_kernels/sgmv.py"
+
+
+def _check_weights(fn, weights):
+    if (not isinstance(weights, tuple) or not weights
+            or any(not isinstance(w, int) or not 0 <= w < _NUM_WEIGHTS for w in weights)):
+        raise ConfigError(f"{_WHERE} {fn}: weights must be a non-empty tuple of weight indices "
+                          f"in [0, {_NUM_WEIGHTS}), got {weights!r}")
+
+
+def _check_pool(fn, name, pool):
+    if pool.ndim != 4:
+        raise ConfigError(f"{_WHERE} {fn}: {name} must be (L, P, R, W), got shape {pool.shape}")
+
+
+def _check_slot_tables(fn, pages_name, pages, ranks, token_slot, num_tokens, scales=None):
+    if pages.ndim != 3 or pages.shape[1] != _NUM_WEIGHTS:
+        raise ConfigError(f"{_WHERE} {fn}: {pages_name} must be (S, {_NUM_WEIGHTS}, MP), "
+                          f"got shape {pages.shape}")
+    s = pages.shape[0]
+    if ranks.shape != (s, _NUM_WEIGHTS):
+        raise ConfigError(f"{_WHERE} {fn}: ranks must be (S, {_NUM_WEIGHTS}) = "
+                          f"{(s, _NUM_WEIGHTS)}, got shape {ranks.shape}")
+    if scales is not None and scales.shape != (s, _NUM_WEIGHTS):
+        raise ConfigError(f"{_WHERE} {fn}: scales must be (S, {_NUM_WEIGHTS}) = "
+                          f"{(s, _NUM_WEIGHTS)}, got shape {scales.shape}")
+    if token_slot.shape != (num_tokens,):
+        raise ConfigError(f"{_WHERE} {fn}: token_slot must be (T,) = ({num_tokens},), "
+                          f"got shape {token_slot.shape}")
+    for name, arr in ((pages_name, pages), ("ranks", ranks), ("token_slot", token_slot)):
+        if not jnp.issubdtype(arr.dtype, jnp.integer):
+            raise ConfigError(f"{_WHERE} {fn}: {name} must be int32, got {arr.dtype}")
+
+
+def _check_meta(fn, meta, num_tokens, num_slots, config):
+    nt = num_tiles_bound(num_tokens, num_slots, config.block_tokens)
+    expected = {"sorted_tokens": (num_tokens,), "tile_start": (nt,), "tile_size": (nt,),
+                "tile_slot": (nt,)}
+    if set(meta) != set(_META_KEYS):
+        raise ConfigError(f"{_WHERE} {fn}: kernel_meta must have the keys {list(_META_KEYS)} "
+                          f"(build_sgmv_metadata), got {sorted(meta)}")
+    for key, shape in expected.items():
+        if tuple(meta[key].shape) != shape:
+            raise ConfigError(f"{_WHERE} {fn}: kernel_meta[{key!r}] must have shape {shape} "
+                              f"(T={num_tokens}, S={num_slots}, "
+                              f"block_tokens={config.block_tokens}), got {tuple(meta[key].shape)}")
+
+
+def _prefill_meta(fn, kernel_meta, token_slot, num_slots, config):
+    if kernel_meta is None:
+        meta = build_sgmv_metadata_jnp(token_slot, num_slots, config=config)
+    else:
+        _check_meta(fn, kernel_meta, token_slot.shape[0], num_slots, config)
+        meta = kernel_meta
+    return [jnp.asarray(meta[k], jnp.int32) for k in _META_KEYS]
+
+
+# ------------------------------------------------------------------------------------------------
+# shrink
+# ------------------------------------------------------------------------------------------------
+
+def _shrink_split_k(config, num_tokens, n_blocks, k_blocks):
+    if config.shrink_split_k is not None:
+        return min(config.shrink_split_k, _next_pow2(k_blocks))
+    programs = _cdiv(num_tokens, config.block_tokens) * n_blocks
+    split = 1
+    while programs * split < config.target_programs and split * 4 <= k_blocks:
+        split *= 2
+    return split
+
+
+def _decode_shrink_rows(config, num_tokens, columns):
+    if config.decode_shrink_rows is not None:
+        return min(config.decode_shrink_rows, _next_pow2(columns))
+    rows = min(32, _next_pow2(columns))
+    while rows > 4 and num_tokens * _cdiv(columns, rows) < config.target_programs:
+        rows //= 2
+    return rows
+
+
+def _prefill_shrink_kernel(x_ref, pool_ref, pages_ref, ranks_ref, layer_ref, order_ref,
+                           start_ref, size_ref, tslot_ref, *rest, weights, rank_cols,
+                           pages_per_pool, rows_per_page, max_pages, bt, bn, bk, n_blocks,
+                           k_blocks, k_per_split, split, dtype, interpret):
+    v_ref = rest[-1]
+    num_tokens, width = x_ref.shape
+    columns = len(weights) * rank_cols
+    nb = pl.program_id(0) % n_blocks
+    ks = pl.program_id(0) // n_blocks
+    tile = pl.program_id(1)
+    size = size_ref[tile]
+
+    @pl.when(size > 0)
+    def _tile():
+        slot = tslot_ref[tile]
+        start = start_ref[tile]
+        i = jnp.arange(bt, dtype=jnp.int32)
+        row_ok = i < size
+        tok = pltriton.load(order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)],
+                            mask=row_ok, other=0)
+        n = nb * bn + jnp.arange(bn, dtype=jnp.int32)
+        col_ok = n < columns
+        c = n % rank_cols
+        w = _weight_of_column(n // rank_cols, weights)
+        slot_c = jnp.maximum(slot, 0)
+        rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+        live = col_ok & (c < rank)
+        layer = layer_ref[0]
+        a_row = _pool_rows(pages_ref, slot_c, w, c, layer, pages_per_pool=pages_per_pool,
+                           rows_per_page=rows_per_page, max_pages=max_pages)
+        tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
+        a_i = _idx(a_row, live, pool_ref.shape[0], interpret)[:, None]
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        out_idx = (tok_i, _idx(n, col_ok, columns, interpret)[None, :])
+        any_live = jnp.sum(live.astype(jnp.int32)) > 0
+
+        @pl.when(any_live)
+        def _compute():
+            def body(kb, acc):
+                k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
+                if width % bk:
+                    k_ok = k < width
+                    k_i = _idx(k, k_ok, width, interpret)[None, :]
+                    x_mask = row_ok[:, None] & k_ok[None, :]
+                    a_mask = live[:, None] & k_ok[None, :]
+                else:
+                    k_i = k[None, :]
+                    x_mask, a_mask = row_ok[:, None], live[:, None]
+                xt = pltriton.load(x_ref.at[tok_i, k_i], mask=x_mask, other=0).astype(dtype)
+                at = pltriton.load(pool_ref.at[a_i, k_i], mask=a_mask, other=0).astype(dtype)
+                return acc + pltriton.dot(xt, at, trans_b=True, precision=_dot_precision(dtype))
+
+            lo = ks * k_per_split
+            hi = jnp.minimum(lo + k_per_split, k_blocks)
+            acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bt, bn), jnp.float32))
+            if split == 1:
+                pltriton.store(v_ref.at[out_idx], acc, mask=out_mask)
+            else:
+                _accumulate(v_ref, out_idx, acc, out_mask, interpret)
+
+        if split == 1:
+            # Every v entry is written by exactly one program: dead columns and base-only tiles
+            # write their zeros here (with a K split, v starts zeroed instead).
+            @pl.when(jnp.logical_not(any_live))
+            def _zeros():
+                pltriton.store(v_ref.at[out_idx], jnp.zeros((bt, bn), jnp.float32),
+                               mask=out_mask)
+
+
+def _decode_shrink_kernel(x_ref, pool_ref, pages_ref, ranks_ref, layer_ref, slot_ref, v_ref, *,
+                          weights, rank_cols, pages_per_pool, rows_per_page, max_pages, rows, bk,
+                          interpret):
+    _, width = x_ref.shape
+    columns = len(weights) * rank_cols
+    t = pl.program_id(1)
+    n = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)
+    col_ok = n < columns
+    slot = slot_ref[t]
+    c = n % rank_cols
+    w = _weight_of_column(n // rank_cols, weights)
+    slot_c = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+    live = col_ok & (c < rank)
+    a_row = _pool_rows(pages_ref, slot_c, w, c, layer_ref[0], pages_per_pool=pages_per_pool,
+                       rows_per_page=rows_per_page, max_pages=max_pages)
+    a_i = _idx(a_row, live, pool_ref.shape[0], interpret)[:, None]
+    out_i = _idx(n, col_ok, columns, interpret)
+    any_live = jnp.sum(live.astype(jnp.int32)) > 0
+
+    @pl.when(any_live)
+    def _compute():
+        def body(kb, acc):
+            k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
+            if width % bk:
+                k_ok = k < width
+                k_i = _idx(k, k_ok, width, interpret)
+                xk = pltriton.load(x_ref.at[t, k_i], mask=k_ok, other=0)
+                at = pltriton.load(pool_ref.at[a_i, k_i[None, :]],
+                                   mask=live[:, None] & k_ok[None, :], other=0)
+            else:
+                xk = x_ref[t, k]
+                at = pltriton.load(pool_ref.at[a_i, k[None, :]], mask=live[:, None], other=0)
+            return acc + at.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
+
+        acc = jax.lax.fori_loop(0, _cdiv(width, bk), body, jnp.zeros((rows, bk), jnp.float32))
+        pltriton.store(v_ref.at[t, out_i], jnp.sum(acc, axis=1), mask=col_ok)
+
+    @pl.when(jnp.logical_not(any_live))
+    def _zeros():
+        pltriton.store(v_ref.at[t, out_i], jnp.zeros((rows,), jnp.float32), mask=col_ok)
+
+
+def sgmv_shrink(
+    x: jax.Array,  # (T, in)
+    a_pool: jax.Array,  # (L, P, R, in)
+    a_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    token_slot: jax.Array,  # (T,) int32
+    layer: jax.Array | int,  # () int32
+    *,
+    weights: tuple[int, ...],
+    kernel_meta: dict | None = None,
+    config: SgmvConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (T, G, MP*R) float32
+    """Pallas Triton shrink; same contract as ``sgmv_shrink_reference``."""
+    config = config or SgmvConfig()
+    fn = "sgmv_shrink"
+    _check_weights(fn, weights)
+    _check_pool(fn, "a_pool", a_pool)
+    if x.ndim != 2 or x.shape[1] != a_pool.shape[3]:
+        raise ConfigError(f"{_WHERE} {fn}: x must be (T, {a_pool.shape[3]}) (a_pool's width), "
+                          f"got shape {x.shape}")
+    num_tokens, width = x.shape
+    _check_slot_tables(fn, "a_pages", a_pages, ranks, token_slot, num_tokens)
+    num_layers, pages_per_pool, rows_per_page, _ = a_pool.shape
+    num_slots, _, max_pages = a_pages.shape
+    g_count = len(weights)
+    rank_cols = max_pages * rows_per_page
+    columns = g_count * rank_cols
+    if num_tokens == 0:
+        return jnp.zeros((0, g_count, rank_cols), jnp.float32)
+    pool_rows = a_pool.reshape(num_layers * pages_per_pool * rows_per_page, width)
+    layer1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)
+    a_pages = a_pages.astype(jnp.int32)
+    ranks = ranks.astype(jnp.int32)
+    token_slot = token_slot.astype(jnp.int32)
+    statics = dict(weights=weights, rank_cols=rank_cols, pages_per_pool=pages_per_pool,
+                   rows_per_page=rows_per_page, max_pages=max_pages, interpret=interpret)
+    out_shape = jax.ShapeDtypeStruct((num_tokens, columns), jnp.float32)
+
+    if config.regime(num_tokens) == "decode":
+        rows = _decode_shrink_rows(config, num_tokens, columns)
+        bk = min(config.decode_block_k, _next_pow2(width))
+        name = (f"sgmv_shrink_decode_rows{rows}_bk{bk}_w{config.decode_num_warps}"
+                f"_s{config.decode_num_stages}")
+        v = pl.pallas_call(
+            functools.partial(_decode_shrink_kernel, rows=rows, bk=bk, **statics),
+            out_shape=out_shape, grid=(_cdiv(columns, rows), num_tokens),
+            compiler_params=_compiler_params(config.decode_num_warps, config.decode_num_stages),
+            interpret=interpret, name=name,
+        )(x, pool_rows, a_pages, ranks, layer1, token_slot)
+        return v.reshape(num_tokens, g_count, rank_cols)
+
+    meta = _prefill_meta(fn, kernel_meta, token_slot, num_slots, config)
+    num_tiles = meta[1].shape[0]
+    bt = config.block_tokens
+    bn = max(16, min(config.shrink_block_n, _next_pow2(columns)))
+    bk = max(16, min(config.shrink_block_k, _next_pow2(width)))
+    n_blocks = _cdiv(columns, bn)
+    k_blocks = _cdiv(width, bk)
+    split = _shrink_split_k(config, num_tokens, n_blocks, k_blocks)
+    k_per_split = _cdiv(k_blocks, split)
+    split = _cdiv(k_blocks, k_per_split)
+    dtype = _compute_dtype(x.dtype, a_pool.dtype)
+    name = (f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{split}_w{config.shrink_num_warps}"
+            f"_s{config.shrink_num_stages}")
+    kernel = functools.partial(
+        _prefill_shrink_kernel, bt=bt, bn=bn, bk=bk, n_blocks=n_blocks, k_blocks=k_blocks,
+        k_per_split=k_per_split, split=split, dtype=dtype, **statics)
+    args = [x, pool_rows, a_pages, ranks, layer1, *meta]
+    aliases = {}
+    if split > 1:
+        args.append(jnp.zeros((num_tokens, columns), jnp.float32))
+        aliases = {len(args) - 1: 0}
+    v = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(n_blocks * split, num_tiles),
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(config.shrink_num_warps, config.shrink_num_stages),
+        interpret=interpret, name=name,
+    )(*args)
+    return v.reshape(num_tokens, g_count, rank_cols)
+
+
+# ------------------------------------------------------------------------------------------------
+# expand
+# ------------------------------------------------------------------------------------------------
+
+def _group_of_block(block, block_starts):
+    """Static per-group column-block ranges: yields (g, block index inside group g, condition)."""
+    for g in range(len(block_starts) - 1):
+        lo, hi = block_starts[g], block_starts[g + 1]
+        yield g, block - lo, (block >= lo) & (block < hi)
+
+
+def _prefill_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets, block_starts,
+                           rank_cols, pages_per_pool, rows_per_page, max_pages, bt, bn, chunk,
+                           dtypes, interpret):
+    g_count = len(weights)
+    pool_refs = refs[:g_count]
+    (pages_ref, ranks_ref, scales_ref, layer_ref, order_ref, start_ref, size_ref, tslot_ref,
+     y_ref) = refs[g_count:]
+    del y_in_ref  # aliased to y_ref
+    num_tokens, y_cols = y_ref.shape
+    v_cols = v_ref.shape[1]
+    tile = pl.program_id(1)
+    size = size_ref[tile]
+    slot = tslot_ref[tile]
+
+    for g, cb, in_group in _group_of_block(pl.program_id(0), block_starts):
+        w = weights[g]
+        pool_ref = pool_refs[g]
+        width = widths[g]
+        dtype = dtypes[g]
+
+        @pl.when(in_group & (size > 0) & (slot >= 0))
+        def _group(g=g, cb=cb, w=w, pool_ref=pool_ref, width=width, dtype=dtype):
+            slot_c = jnp.maximum(slot, 0)
+            rank = ranks_ref[slot_c, w]
+
+            @pl.when(rank > 0)
+            def _compute():
+                start = start_ref[tile]
+                scale = scales_ref[slot_c, w]
+                i = jnp.arange(bt, dtype=jnp.int32)
+                row_ok = i < size
+                tok = pltriton.load(order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)],
+                                    mask=row_ok, other=0)
+                tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
+                cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+                col_ok = cols < width
+                cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+                layer = layer_ref[0]
+
+                def body(step, acc):
+                    j = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
+                    j_ok = j < rank
+                    b_row = _pool_rows(pages_ref, slot_c, w, j, layer,
+                                       pages_per_pool=pages_per_pool[g],
+                                       rows_per_page=rows_per_page, max_pages=max_pages)
+                    b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
+                    v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
+                    vt = pltriton.load(v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :],
+                                       other=0.0).astype(dtype)
+                    b_mask = j_ok[:, None] & col_ok[None, :] if width % bn else j_ok[:, None]
+                    bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask,
+                                        other=0).astype(dtype)
+                    return acc + pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
+
+                acc = jax.lax.fori_loop(0, (rank + chunk - 1) // chunk, body,
+                                        jnp.zeros((bt, bn), jnp.float32))
+                y_i = (tok_i, _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)[None, :])
+                y_mask = row_ok[:, None] & col_ok[None, :] if width % bn else row_ok[:, None]
+                yt = pltriton.load(y_ref.at[y_i], mask=y_mask, other=0)
+                out = (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype)
+                pltriton.store(y_ref.at[y_i], out, mask=y_mask)
+
+
+def _decode_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets, block_starts,
+                          rank_cols, pages_per_pool, rows_per_page, max_pages, bn, chunk,
+                          interpret):
+    g_count = len(weights)
+    pool_refs = refs[:g_count]
+    pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = refs[g_count:]
+    del y_in_ref  # aliased to y_ref
+    _, y_cols = y_ref.shape
+    v_cols = v_ref.shape[1]
+    t = pl.program_id(1)
+    slot = slot_ref[t]
+
+    for g, cb, in_group in _group_of_block(pl.program_id(0), block_starts):
+        w = weights[g]
+        pool_ref = pool_refs[g]
+        width = widths[g]
+
+        @pl.when(in_group & (slot >= 0))
+        def _group(g=g, cb=cb, w=w, pool_ref=pool_ref, width=width):
+            slot_c = jnp.maximum(slot, 0)
+            rank = ranks_ref[slot_c, w]
+
+            @pl.when(rank > 0)
+            def _compute():
+                scale = scales_ref[slot_c, w]
+                cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+                col_ok = cols < width
+                cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+                layer = layer_ref[0]
+
+                def body(step, acc):
+                    j = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
+                    j_ok = j < rank
+                    b_row = _pool_rows(pages_ref, slot_c, w, j, layer,
+                                       pages_per_pool=pages_per_pool[g],
+                                       rows_per_page=rows_per_page, max_pages=max_pages)
+                    b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
+                    vj = pltriton.load(v_ref.at[t, _idx(g * rank_cols + j, j_ok, v_cols,
+                                                        interpret)],
+                                       mask=j_ok, other=0.0)
+                    b_mask = j_ok[:, None] & col_ok[None, :] if width % bn else j_ok[:, None]
+                    bj = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0)
+                    return acc + jnp.sum(vj[:, None] * bj.astype(jnp.float32), axis=0)
+
+                acc = jax.lax.fori_loop(0, (rank + chunk - 1) // chunk, body,
+                                        jnp.zeros((bn,), jnp.float32))
+                y_i = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)
+                y_mask = col_ok if width % bn else None
+                if y_mask is None:
+                    yt = y_ref[t, y_i]
+                    pltriton.store(y_ref.at[t, y_i],
+                                   (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype))
+                else:
+                    yt = pltriton.load(y_ref.at[t, y_i], mask=y_mask, other=0)
+                    pltriton.store(y_ref.at[t, y_i],
+                                   (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype),
+                                   mask=y_mask)
+
+
+def sgmv_expand(
+    y: jax.Array,  # (T, sum of out widths), updated
+    v: jax.Array,  # (T, G, MP*R) float32
+    b_pools: tuple[jax.Array, ...],  # G pools (L, P, R, out_g)
+    b_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    scales: jax.Array,  # (S, 7) float32
+    token_slot: jax.Array,  # (T,) int32
+    layer: jax.Array | int,  # () int32
+    *,
+    weights: tuple[int, ...],
+    kernel_meta: dict | None = None,
+    config: SgmvConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (T, sum of out widths), y's dtype
+    """Pallas Triton expand; same contract as ``sgmv_expand_reference`` (y is updated in place
+    when the caller donates it or it is an intermediate inside jit)."""
+    config = config or SgmvConfig()
+    fn = "sgmv_expand"
+    _check_weights(fn, weights)
+    b_pools = tuple(b_pools)
+    g_count = len(weights)
+    if len(b_pools) != g_count:
+        raise ConfigError(f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
+                          f"({g_count}), got {len(b_pools)}")
+    for g, pool in enumerate(b_pools):
+        _check_pool(fn, f"b_pools[{g}]", pool)
+    num_layers, _, rows_per_page, _ = b_pools[0].shape
+    for g, pool in enumerate(b_pools):
+        if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
+            raise ConfigError(f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
+                              f"L={num_layers} layers and R={rows_per_page} rows per page like "
+                              f"b_pools[0]")
+    widths = tuple(int(p.shape[3]) for p in b_pools)
+    if y.ndim != 2 or y.shape[1] != sum(widths):
+        raise ConfigError(f"{_WHERE} {fn}: y must be (T, {sum(widths)}) (the group's widths "
+                          f"{widths} side by side), got shape {y.shape}")
+    num_tokens = y.shape[0]
+    _check_slot_tables(fn, "b_pages", b_pages, ranks, token_slot, num_tokens, scales)
+    num_slots, _, max_pages = b_pages.shape
+    rank_cols = max_pages * rows_per_page
+    if v.shape != (num_tokens, g_count, rank_cols):
+        raise ConfigError(f"{_WHERE} {fn}: v must be (T, G, MP*R) = "
+                          f"{(num_tokens, g_count, rank_cols)}, got shape {v.shape}")
+    if num_tokens == 0:
+        return y
+    pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)
+    layer1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)
+    v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
+    col_offsets = tuple(int(o) for o in np.cumsum((0,) + widths[:-1]))
+    statics = dict(weights=weights, widths=widths, col_offsets=col_offsets,
+                   rank_cols=rank_cols, pages_per_pool=tuple(int(p.shape[1]) for p in b_pools),
+                   rows_per_page=rows_per_page, max_pages=max_pages, interpret=interpret)
+    tables = (b_pages.astype(jnp.int32), ranks.astype(jnp.int32), scales.astype(jnp.float32),
+              layer1)
+    out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype)
+
+    if config.regime(num_tokens) == "decode":
+        bn = min(config.decode_expand_block_n, _next_pow2(max(widths)))
+        chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
+        block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
+        name = (f"sgmv_expand_decode_bn{bn}_rc{chunk}_w{config.decode_num_warps}"
+                f"_s{config.decode_num_stages}")
+        return pl.pallas_call(
+            functools.partial(_decode_expand_kernel, block_starts=block_starts, bn=bn,
+                              chunk=chunk, **statics),
+            out_shape=out_shape, grid=(block_starts[-1], num_tokens),
+            input_output_aliases={0: 0},
+            compiler_params=_compiler_params(config.decode_num_warps, config.decode_num_stages),
+            interpret=interpret, name=name,
+        )(y, v2, *pool_rows, *tables, token_slot.astype(jnp.int32))
+
+    meta = _prefill_meta(fn, kernel_meta, token_slot.astype(jnp.int32), num_slots, config)
+    num_tiles = meta[1].shape[0]
+    bt = config.block_tokens
+    bn = max(16, min(config.expand_block_n, _next_pow2(max(widths))))
+    chunk = max(16, min(config.expand_rank_chunk, _next_pow2(rank_cols)))
+    block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
+    dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
+    name = (f"sgmv_expand_prefill_bt{bt}_bn{bn}_rc{chunk}_w{config.expand_num_warps}"
+            f"_s{config.expand_num_stages}")
+    return pl.pallas_call(
+        functools.partial(_prefill_expand_kernel, block_starts=block_starts, bt=bt, bn=bn,
+                          chunk=chunk, dtypes=dtypes, **statics),
+        out_shape=out_shape, grid=(block_starts[-1], num_tiles),
+        input_output_aliases={0: 0},
+        compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),
+        interpret=interpret, name=name,
+    )(y, v2, *pool_rows, *tables, *meta)
+
+
+__all__ = [
+    "SgmvConfig", "build_sgmv_metadata", "build_sgmv_metadata_jnp", "num_tiles_bound",
+    "sgmv_expand", "sgmv_expand_reference", "sgmv_shrink", "sgmv_shrink_reference",
+]
+
