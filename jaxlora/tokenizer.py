@@ -1,0 +1,353 @@
+"""Tokenizers: HF ``tokenizer.json`` files, the tiny model's built-in one, streaming detokenisation
+and chat templates.
+
+``Tokenizer.from_file`` reads a ``tokenizer.json`` (or a HF model directory) with the
+``tokenizers`` library, plus, when present beside it, ``tokenizer_config.json`` (bos / eos / pad
+tokens, ``chat_template``) and ``generation_config.json`` (extra EOS ids, as Llama-3 instruct
+models list them). Chat templates are jinja2, rendered in jinja2's immutable sandbox (a template
+can format text, never run code). Without a template the default is::
+
+    <|system|>\\n{content}\\n<|user|>\\n{content}\\n ... <|assistant|>\\n
+
+``tiny_tokenizer()`` builds the tiny test model's tokenizer in code (nothing downloaded):
+byte-level BPE, so every UTF-8 string round-trips, with at most 512 ids and the special tokens
+<pad> <bos> <eos> <|system|> <|user|> <|assistant|>.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from jaxlora.errors import ConfigError, FormatError, RequestError
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+CHAT_ROLES = ("system", "user", "assistant")
+TINY_VOCAB_SIZE = 512
+TINY_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>") + tuple(f"<|{role}|>" for role in CHAT_ROLES)
+
+# Text the tiny tokenizer learns its merges from: enough for common English pieces, so that tokens
+# span several bytes (as real tokenizers' do) and streaming has merged tokens to cope with.
+_TINY_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A user asks a question and the assistant answers it.
+Serving many LoRA adapters on one GPU: every request names its adapter, and the server batches
+requests for different adapters into the same step. The adapter weights are paged into the GPU
+memory when they are needed and evicted when they are not used. The model reads the prompt, then
+generates one token at a time until it reaches the end of the text or the maximum number of
+tokens. Hello, world! How are you today? I am fine, thank you. What is the time? It is ten past
+three. The weather is nice and the sun is shining. There are two cats and three dogs in the house.
+def main():
+    for index in range(10):
+        print(index, "hello")
+    return None
+Café, naïve, résumé, déjà vu. Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Ok, yes, no, maybe.
+system: you are a helpful assistant. user: please write a short story. assistant: once upon a time
+"""
+
+
+def _load_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any, field: str, source: str) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("content")
+    if not isinstance(value, str):
+        raise FormatError(f"{source}: field {field!r} must be a token string or "
+                          f"{{\"content\": string}}, got {value!r}")
+    return value
+
+
+def _chat_template(value: Any, source: str) -> str | None:
+    """HF allows one template or a list of named ones; the one named "default" is used."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise FormatError(f"{source}: field 'chat_template' must be a string or a list holding a "
+                      "template named 'default'")
+
+
+def _message_text(message: Any, index: int) -> tuple[str, str]:
+    if not isinstance(message, Mapping):
+        raise RequestError(f"messages[{index}]: expected an object with 'role' and 'content'")
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str):
+        raise RequestError(f"messages[{index}].role: expected a string, got {role!r}")
+    if content is None:
+        content = ""
+    if isinstance(content, list):  # OpenAI content parts: only text parts are understood
+        texts = []
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(
+                    part.get("text"), str):
+                raise RequestError(f"messages[{index}].content: only text parts "
+                                   f"({{'type': 'text', 'text': ...}}) are supported, got {part!r}")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise RequestError(f"messages[{index}].content: expected a string or a list of text "
+                           f"parts, got {type(content).__name__}")
+    return role, content
+
+
+class IncrementalDecoder:
+    """Streams the text of generated tokens one token at a time.
+
+    ``push(token_id)`` returns the text the token adds (possibly "" while a multi-byte character
+    is incomplete); ``finish()`` returns what is still held back (an incomplete character at the
+    very end, rendered as U+FFFD as a full decode renders it). The concatenation of all returned
+    pieces is the text the generated tokens add after the prompt tokens given as context.
+    """
+
+    # Prompt tokens kept as left context: enough for decoders that treat a text's first token
+    # specially (SentencePiece drops its leading space).
+    _CONTEXT_TOKENS = 6
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *,
+                 skip_special_tokens: bool = True):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids = [int(t) for t in prompt_ids[-self._CONTEXT_TOKENS:]]
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def _delta(self, *, final: bool) -> str:
+        decode = functools.partial(self._tokenizer.decode, skip_special_tokens=self._skip)
+        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = decode(self._ids[self._prefix_offset:])
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return new_text[len(prefix_text):]
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        return self._delta(final=False)
+
+    def finish(self) -> str:
+        return self._delta(final=True)
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with the special tokens and chat template of its model."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token: str | None = None,
+                 eos_tokens: Sequence[str] = (), extra_eos_ids: Iterable[int] = (),
+                 pad_token: str | None = None, chat_template: str | None = None,
+                 source: str = "<memory>"):
+        self.backend = backend
+        self.source = source
+        self.bos_token = bos_token
+        self.pad_token = pad_token
+        self.chat_template = chat_template
+        self.bos_token_id = self._special_id(bos_token, "bos_token")
+        self.pad_token_id = self._special_id(pad_token, "pad_token")
+        eos_ids = [self._special_id(t, "eos_token") for t in eos_tokens]
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted({*eos_ids, *map(int, extra_eos_ids)}))
+        self.eos_token = eos_tokens[0] if eos_tokens else None
+        self.eos_token_id = eos_ids[0] if eos_ids else (
+            self.eos_token_ids[0] if self.eos_token_ids else None)
+
+    def _special_id(self, token: str | None, field: str) -> int | None:
+        if token is None:
+            return None
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise FormatError(f"{self.source}: {field} {token!r} is not in the vocabulary")
+        return token_id
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """Loads a tokenizer.json, or a HF directory holding tokenizer.json (and, beside it,
+        optionally tokenizer_config.json and generation_config.json)."""
+        path = os.fspath(path)
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FormatError(f"{file}: file not found (expected a HF {TOKENIZER_FILE} or a "
+                              "directory holding one)")
+        try:
+            backend = tokenizers.Tokenizer.from_file(file)
+        except Exception as e:  # the library raises a bare Exception for every parse error
+            raise FormatError(f"{file}: not a valid HF {TOKENIZER_FILE} ({e})") from e
+
+        config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+        config = _load_json(config_path) if os.path.isfile(config_path) else {}
+        bos = _token_content(config.get("bos_token"), "bos_token", config_path)
+        if config.get("add_bos_token") is False:
+            bos = None
+        eos = _token_content(config.get("eos_token"), "eos_token", config_path)
+        pad = _token_content(config.get("pad_token"), "pad_token", config_path)
+        template = _chat_template(config.get("chat_template"), config_path)
+
+        extra_eos: list[int] = []
+        generation_path = os.path.join(directory, GENERATION_CONFIG_FILE)
+        if os.path.isfile(generation_path):
+            value = _load_json(generation_path).get("eos_token_id")
+            ids = value if isinstance(value, list) else [] if value is None else [value]
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise FormatError(f"{generation_path}: field 'eos_token_id' must be a token id "
+                                  f"or a list of token ids, got {value!r}")
+            vocab_size = backend.get_vocab_size(with_added_tokens=True)
+            if any(t >= vocab_size for t in ids):
+                raise FormatError(f"{generation_path}: field 'eos_token_id' {value!r} is outside "
+                                  f"the vocabulary of {file} (0..{vocab_size - 1})")
+            extra_eos = ids
+        source = config_path if os.path.isfile(config_path) else file
+        return cls(backend, bos_token=bos, eos_tokens=(eos,) if eos else (),
+                   extra_eos_ids=extra_eos, pad_token=pad, chat_template=template, source=source)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes tokenizer.json and tokenizer_config.json (and generation_config.json when
+        there are EOS ids besides eos_token) so that ``from_file(directory)`` gives this back."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        self.backend.save(os.path.join(directory, TOKENIZER_FILE))
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                  "pad_token": self.pad_token, "add_bos_token": self.bos_token is not None}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        if set(self.eos_token_ids) - {self.eos_token_id}:
+            with open(os.path.join(directory, GENERATION_CONFIG_FILE), "w") as f:
+                json.dump({"eos_token_id": list(self.eos_token_ids)}, f, indent=2)
+
+    # ------------------------------------------------------------------ text <-> ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of text, with the BOS token first when add_bos and the model has one.
+
+        The file's own post-processor is not applied (it would add BOS a second time)."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(t) for t in ids], skip_special_tokens=skip_special_tokens)
+
+    def incremental_decoder(self, prompt_ids: Sequence[int] = (), *,
+                            skip_special_tokens: bool = True) -> IncrementalDecoder:
+        return IncrementalDecoder(self, prompt_ids, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ chat
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
+                            add_generation_prompt: bool = True) -> str:
+        """The prompt text of a chat (OpenAI-style messages: role and content)."""
+        if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+            raise RequestError("messages: expected a non-empty list of {role, content} objects")
+        normalised = [_message_text(m, i) for i, m in enumerate(messages)]
+        if self.chat_template is None:
+            parts = []
+            for index, (role, content) in enumerate(normalised):
+                if role not in CHAT_ROLES:
+                    raise RequestError(f"messages[{index}].role: {role!r} is not one of "
+                                       f"{list(CHAT_ROLES)} (the default chat template)")
+                parts.append(f"<|{role}|>\n{content}\n")
+            if add_generation_prompt:
+                parts.append("<|assistant|>\n")
+            return "".join(parts)
+        template = _compile_template(self.chat_template, self.source)
+        try:
+            return template.render(
+                messages=[{"role": r, "content": c} for r, c in normalised],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except _TemplateRaised as e:
+            raise RequestError(f"chat template of {self.source}: {e}") from e
+        except Exception as e:  # a broken template fails at render time too
+            raise ConfigError(f"{self.source}: field 'chat_template' failed to render "
+                              f"({type(e).__name__}: {e})") from e
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of a chat; BOS is added unless the template already wrote it."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        has_bos = self.bos_token is not None and text.startswith(self.bos_token)
+        return self.encode(text, add_bos=not has_bos)
+
+
+class _TemplateRaised(Exception):
+    """A template's own raise_exception(...) call (e.g. roles that do not alternate)."""
+
+
+def _raise_from_template(message: str):
+    raise _TemplateRaised(message)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source_text: str, source: str):
+    try:
+        import jinja2.sandbox
+    except ImportError as e:
+        raise ConfigError(f"{source}: has a 'chat_template', which needs the jinja2 package "
+                          "(pip install jinja2)") from e
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # The helpers HF's own renderer offers templates.
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False,
+                                                                  indent=indent)
+    env.globals["raise_exception"] = _raise_from_template
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source_text)
+    except jinja2.TemplateError as e:
+        raise ConfigError(f"{source}: field 'chat_template' is not a valid jinja2 template "
+                          f"({e})") from e
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE, min_frequency=2, show_progress=False,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_TINY_CORPUS.splitlines(keepends=True), trainer=trainer)
+    return backend.to_str()
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """The tiny model's tokenizer: byte-level BPE, <= 512 ids, specials at ids 0..5."""
+    backend = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json())
+    return Tokenizer(backend, bos_token="<bos>", eos_tokens=("<eos>",), pad_token="<pad>",
+                     source="tiny_tokenizer()")

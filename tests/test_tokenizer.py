@@ -1,0 +1,201 @@
+"""Tokenizer: the tiny built-in tokenizer, HF files, streaming detokenisation, chat templates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from configs.models import TINY
+from jaxlora.errors import ConfigError, FormatError, RequestError
+from jaxlora.tokenizer import TINY_SPECIAL_TOKENS, Tokenizer, tiny_tokenizer
+
+TEXTS = [
+    "Hello, world! The quick brown fox.",
+    "Café, naïve, résumé, Ångström, façade",
+    "emoji 😀👍🏽 and a family 👨‍👩‍👧 in one",
+    "日本語のテキストと中文文本，한국어",
+    "  leading and trailing spaces \n\ttabs\r\nand newlines  ",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return tiny_tokenizer()
+
+
+def test_tiny_tokenizer_shape(tok):
+    assert tok.vocab_size <= TINY.vocab_size
+    special_ids = [tok.token_to_id(t) for t in TINY_SPECIAL_TOKENS]
+    assert special_ids == list(range(len(TINY_SPECIAL_TOKENS)))
+    assert tok.bos_token_id == 1 and tok.eos_token_ids == (2,) and tok.pad_token_id == 0
+    # Merged multi-byte tokens exist, so streaming is exercised on more than single bytes.
+    assert len(tok.encode("the assistant", add_bos=False)) < len("the assistant")
+    assert tiny_tokenizer().backend.to_str() == tok.backend.to_str()  # deterministic
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+    assert tok.encode(text, add_bos=False) == ids[1:]
+
+
+def stream(tok, ids, prompt_ids=()):
+    decoder = tok.incremental_decoder(prompt_ids)
+    pieces = [decoder.push(i) for i in ids]
+    pieces.append(decoder.finish())
+    return pieces
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_decode_equals_full_decode(tok, text):
+    ids = tok.encode(text, add_bos=False)
+    pieces = stream(tok, ids)
+    assert "".join(pieces) == text
+    # No piece ever ends inside a character: an incomplete one is held back, not shown as U+FFFD.
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_incremental_decode_of_random_ids_with_specials_and_invalid_bytes(tok):
+    """Random ids produce broken UTF-8 and special tokens; the stream still equals the full
+    decode, broken bytes as U+FFFD in the same places."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        ids = [int(i) for i in rng.integers(0, tok.vocab_size, rng.integers(1, 40))]
+        assert "".join(stream(tok, ids)) == tok.decode(ids)
+        assert "".join(stream(tok, ids, prompt_ids=tok.encode("Hi there"))) == tok.decode(ids)
+
+
+def test_incremental_decode_continues_the_prompt(tok):
+    prompt = tok.encode("The answer is")
+    generated = tok.encode(" 42, café 😀", add_bos=False)
+    full = tok.decode(prompt + generated)
+    assert "".join(stream(tok, generated, prompt_ids=prompt)) == full[len(tok.decode(prompt)):]
+
+
+def test_default_chat_template(tok):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                             {"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"}]
+    text = tok.apply_chat_template(messages)
+    assert text == ("<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\nHello.\n"
+                    "<|user|>\nBye\n<|assistant|>\n")
+    assert not tok.apply_chat_template(messages, add_generation_prompt=False).endswith(
+        "<|assistant|>\n")
+    ids = tok.encode_chat(messages)
+    assert ids[0] == tok.bos_token_id
+    assert ids.count(tok.token_to_id("<|user|>")) == 2  # role markers are single special tokens
+    assert tok.decode(ids, skip_special_tokens=False) == "<bos>" + text
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty"),
+    ("hello", "non-empty"),
+    ([{"role": "wizard", "content": "x"}], r"messages\[0\].role"),
+    ([{"role": "user", "content": 5}], r"messages\[0\].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "text parts"),
+    (["just a string"], r"messages\[0\]"),
+])
+def test_bad_messages_raise_request_error(tok, messages, match):
+    with pytest.raises(RequestError, match=match):
+        tok.apply_chat_template(messages)
+
+
+def write_hf_dir(tmp_path, tok, **config):
+    tok.save(tmp_path)
+    if config:
+        path = tmp_path / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return tmp_path
+
+
+def test_saved_tokenizer_loads_back_identically(tok, tmp_path):
+    write_hf_dir(tmp_path, tok)
+    for source in (tmp_path, tmp_path / "tokenizer.json"):
+        loaded = Tokenizer.from_file(source)
+        assert loaded.backend.to_str() == tok.backend.to_str()
+        assert (loaded.bos_token_id, loaded.eos_token_ids, loaded.pad_token_id) == (
+            tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id)
+        for text in TEXTS:
+            assert loaded.encode(text) == tok.encode(text)
+        assert loaded.apply_chat_template([{"role": "user", "content": "x"}]) == (
+            tok.apply_chat_template([{"role": "user", "content": "x"}]))
+
+
+def test_hf_config_fields(tok, tmp_path):
+    """bos/eos as {"content": ...} objects, add_bos_token false, extra EOS ids in
+    generation_config.json: the shapes real HF model directories use."""
+    write_hf_dir(tmp_path, tok, bos_token={"content": "<bos>", "lstrip": False},
+                 eos_token={"content": "<eos>"}, add_bos_token=False)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.eos_token_ids == (2, 5) and loaded.eos_token_id == 2
+    assert loaded.encode("hi") == tok.encode("hi", add_bos=False)
+    loaded.save(tmp_path / "again")
+    assert Tokenizer.from_file(tmp_path / "again").eos_token_ids == (2, 5)
+
+
+def test_jinja_chat_template_from_config(tok, tmp_path):
+    pytest.importorskip("jinja2")  # an optional dependency: needed only for HF chat templates
+    template = ("{{ bos_token }}{% for m in messages %}"
+                "{% if m['role'] == 'system' and not loop.first %}"
+                "{{ raise_exception('system message must come first') }}{% endif %}"
+                "[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}\n"
+                "{% endfor %}{% if add_generation_prompt %}[ASSISTANT] {% endif %}")
+    write_hf_dir(tmp_path, tok, chat_template=template)
+    loaded = Tokenizer.from_file(tmp_path)
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    text = loaded.apply_chat_template(messages)
+    assert text == "<bos>[SYSTEM] S<eos>\n[USER] U<eos>\n[ASSISTANT] "
+    assert loaded.encode_chat(messages).count(tok.bos_token_id) == 1  # BOS not doubled
+    with pytest.raises(RequestError, match="system message must come first"):
+        loaded.apply_chat_template(messages[::-1])
+
+
+def test_jinja_template_cannot_reach_python(tok, tmp_path):
+    pytest.importorskip("jinja2")
+    write_hf_dir(tmp_path, tok,
+                 chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(ConfigError, match="chat_template"):
+        Tokenizer.from_file(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+    write_hf_dir(tmp_path, tok, chat_template="{% for m in messages %}")
+    with pytest.raises(ConfigError, match="not a valid jinja2 template"):
+        Tokenizer.from_file(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_missing_or_corrupt_files_raise_format_error(tok, tmp_path):
+    with pytest.raises(FormatError, match="nowhere.*file not found"):
+        Tokenizer.from_file(tmp_path / "nowhere")
+    with pytest.raises(FormatError, match="empty_dir.*tokenizer.json.*file not found"):
+        (tmp_path / "empty_dir").mkdir()
+        Tokenizer.from_file(tmp_path / "empty_dir")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3')
+    with pytest.raises(FormatError, match=r"bad/tokenizer.json.*not a valid"):
+        Tokenizer.from_file(bad)
+    (bad / "tokenizer.json").write_bytes(b"\x00\xff garbage")
+    with pytest.raises(FormatError, match=r"bad/tokenizer.json"):
+        Tokenizer.from_file(bad / "tokenizer.json")
+
+    good = write_hf_dir(tmp_path / "good", tok)
+    (good / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="tokenizer_config.json"):
+        Tokenizer.from_file(good)
+    write_hf_dir(good, tok, eos_token="<not-a-token>")
+    with pytest.raises(FormatError, match="eos_token '<not-a-token>'"):
+        Tokenizer.from_file(good)
+    write_hf_dir(good, tok, eos_token=7)
+    with pytest.raises(FormatError, match="'eos_token'"):
+        Tokenizer.from_file(good)
+    write_hf_dir(good, tok)
+    (good / "generation_config.json").write_text(json.dumps({"eos_token_id": 99999}))
+    with pytest.raises(FormatError, match="generation_config.json.*eos_token_id"):
+        Tokenizer.from_file(good)
