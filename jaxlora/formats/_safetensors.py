@@ -65,16 +65,18 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         file_size = os.path.getsize(path)
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise FormatError(f"{path}: not a safetensors file (only {file_size} bytes; "
-                                  "expected an 8-byte header length and a JSON header)")
-            if prefix.startswith((b"PK\x03\x04", b"\x80")):
-                refuse_pickle(path, "this file")
-            (header_len,) = struct.unpack("<Q", prefix)
+            prefix = f.read(9)
+            # A safetensors header is a JSON object: the byte after the 8-byte length is "{".
+            if len(prefix) < 9 or prefix[8:9] != b"{":
+                if prefix.startswith((b"PK\x03\x04", b"\x80")):  # torch.save zip / raw pickle
+                    refuse_pickle(path, "this file")
+                raise FormatError(f"{path}: not a safetensors file (expected an 8-byte header "
+                                  "length followed by a JSON header)")
+            (header_len,) = struct.unpack("<Q", prefix[:8])
             if header_len > min(MAX_HEADER_BYTES, file_size - 8):
                 raise FormatError(f"{path}: not a valid safetensors file (header length "
                                   f"{header_len} does not fit in a file of {file_size} bytes)")
+            f.seek(8)
             raw = f.read(header_len)
     except FileNotFoundError as e:
         raise FormatError(f"{path}: file not found") from e

@@ -75,6 +75,9 @@ KNOWN_FIELDS = frozenset({
     "arrow_config", "kasa_config", "ensure_weight_tying",
 })
 
+# Modules whose whole weight PEFT saves with the adapter (modules_to_save, resized embeddings).
+FULL_WEIGHT_MODULES = ("lm_head", "model.embed_tokens", "embed_tokens")
+
 _TENSOR_RE = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -349,7 +352,7 @@ def _parse_tensor_name(name: str, weights_file: str, targetable: dict) -> tuple[
                            "not supported")
     match = _TENSOR_RE.match(name[len(TENSOR_PREFIX):]) if name.startswith(TENSOR_PREFIX) else None
     if match is None:
-        if name.startswith(TENSOR_PREFIX) and name.endswith(".weight"):
+        if name.removeprefix(TENSOR_PREFIX).removesuffix(".weight") in FULL_WEIGHT_MODULES:
             raise AdapterError(f"{weights_file}: tensor {name!r} is a full module weight "
                                "(modules_to_save or saved embedding layers); not supported")
         raise FormatError(f"{weights_file}: unknown tensor {name!r}; expected names like "
