@@ -252,8 +252,8 @@ class AdapterManager:
         if pinned:
             try:
                 self.release(self.acquire(name))
-            except PoolExhaustedError:
-                pass  # resident on first use; the pin protects it from then on
+            except JaxloraError:
+                pass  # no room now (or a load error): tried again, and reported, on first use
         return entry
 
     def unregister(self, name: str) -> AdapterEntry:
@@ -394,9 +394,9 @@ class AdapterManager:
                 self._issue_scatters()
                 self._note_finished()
                 state, future = rec.state, rec.load_future
-                batch = rec.batch
-                stage = batch.stage if batch is not None else None
-                marker = batch.marker if batch is not None else None
+                # Copies complete in order: wait for the oldest one still in flight.
+                stage = self._staged[0].stage if self._staged else None
+                marker = self._copying[0].marker if self._copying else None
             if state is _State.READY:
                 return
             if state is _State.FAILED:
