@@ -5,6 +5,7 @@ import random
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 from memory_testing import (
@@ -256,7 +257,7 @@ def test_unknown_and_bad_manager_config():
 
 
 def test_tensor_parallel_pools_keep_their_sharding(four):
-    mesh = make_mesh(2)
+    mesh = make_mesh(2, devices=jax.devices("cpu"))  # conftest makes 4 CPU devices
     store = AdapterStore(CONFIG, POOL)
     manager = AdapterManager(store, AdapterManagerConfig(load_workers=0),
                              shardings=pool_shardings(mesh))
