@@ -1,0 +1,422 @@
+"""SGMV shrink / expand kernels against their plain-jnp references.
+
+CPU: the Pallas kernels run with interpret=True. The same cases run compiled on a GPU (marked
+``gpu``, skipped without one). Pools are filled with NaN wherever no adapter's rank-row lives
+(page tails beyond the rank, free pages), page ids are shuffled, ranks are not multiples of any
+block size, tokens are shuffled with ragged segments and base-only tokens, and outputs are
+poisoned (NaN) before each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlora.errors import AdapterError, ConfigError
+from pallas_kernels.layout import NO_ADAPTER
+from pallas_kernels.sgmv import (
+    SgmvConfig,
+    build_sgmv_metadata,
+    build_sgmv_metadata_jnp,
+    num_tiles_bound,
+    sgmv_expand,
+    sgmv_expand_reference,
+    sgmv_shrink,
+    sgmv_shrink_reference,
+)
+
+# Small blocks so that tiny shapes still cover several blocks per dimension, partial blocks,
+# several K steps and several rank chunks.
+SMALL = SgmvConfig(block_tokens=16, shrink_block_n=16, shrink_block_k=16, expand_block_n=16,
+                   expand_rank_chunk=16, decode_shrink_rows=8, decode_block_k=16,
+                   decode_expand_block_n=16, decode_rank_chunk=4)
+
+INTERPRET = [pytest.param(True, id="interpret"),
+             pytest.param(False, id="compiled", marks=pytest.mark.gpu)]
+
+# (in width, out widths of the group): q|k|v with GQA widths, gate|up, down.
+GROUPS = {"qkv": (40, (32, 16, 16)), "gate_up": (40, (56, 56)), "down": (72, (40,))}
+
+TOL = {"float32": 2e-5, "bfloat16": 1e-2}
+
+
+@dataclasses.dataclass
+class Problem:
+    x: jax.Array
+    y: jax.Array
+    a_pool: jax.Array
+    b_pools: tuple[jax.Array, ...]
+    a_pages: jax.Array
+    b_pages: jax.Array
+    ranks: jax.Array
+    scales: jax.Array
+    token_slot: np.ndarray
+    layer: jax.Array
+    weights: tuple[int, ...]
+
+
+def _alloc_pages(rng, needs, extra=5):
+    """Shuffled page ids for each request (a list of page counts) in one pool of fitting size."""
+    total = sum(needs) + extra
+    ids = rng.permutation(total)
+    out, cur = [], 0
+    for n in needs:
+        out.append(ids[cur:cur + n])
+        cur += n
+    return total, out
+
+
+def make_problem(seed, *, num_tokens, in_width, out_widths, rows_per_page=4, max_pages=3,
+                 num_slots=6, num_layers=2, dtype=jnp.float32, no_adapter_frac=0.2,
+                 runs=False) -> Problem:
+    rng = np.random.default_rng(seed)
+    g_count = len(out_widths)
+    weights = tuple(int(w) for w in np.sort(rng.choice(7, g_count, replace=False)))
+    max_rank = rows_per_page * max_pages
+    ranks = rng.integers(1, max_rank + 1, (num_slots, 7))
+    ranks[rng.random((num_slots, 7)) < 0.15] = 0  # weights an adapter does not target
+    ranks[0, weights[0]] = max_rank
+    ranks[-1, weights[-1]] = 1
+    ranks = ranks.astype(np.int32)
+    n_pages = -(-ranks // rows_per_page)
+
+    # A rows of every weight of the group live in one pool; B pools are shared between weights
+    # of equal width (k and v), like the real layout.
+    slot_weight = [(s, w) for s in range(num_slots) for w in weights]
+    a_total, a_ids = _alloc_pages(rng, [n_pages[s, w] for s, w in slot_weight])
+    a_pages = np.zeros((num_slots, 7, max_pages), np.int32)
+    a_pool = np.full((num_layers, a_total, rows_per_page, in_width), np.nan, np.float32)
+    for (s, w), ids in zip(slot_weight, a_ids, strict=True):
+        a_pages[s, w, :len(ids)] = ids
+        rows = rng.standard_normal((num_layers, ranks[s, w], in_width)) / np.sqrt(in_width)
+        for i, page in enumerate(ids):
+            chunk = rows[:, i * rows_per_page:(i + 1) * rows_per_page]
+            a_pool[:, page, :chunk.shape[1]] = chunk
+
+    b_pages = np.zeros((num_slots, 7, max_pages), np.int32)
+    by_width = {}
+    for g, width in enumerate(out_widths):
+        by_width.setdefault(width, []).append(g)
+    pool_of_g = {}
+    for width, gs in by_width.items():
+        reqs = [(s, weights[g]) for g in gs for s in range(num_slots)]
+        total, ids_list = _alloc_pages(rng, [n_pages[s, w] for s, w in reqs])
+        pool = np.full((num_layers, total, rows_per_page, width), np.nan, np.float32)
+        for (s, w), ids in zip(reqs, ids_list, strict=True):
+            b_pages[s, w, :len(ids)] = ids
+            rows = rng.standard_normal((num_layers, ranks[s, w], width))
+            for i, page in enumerate(ids):
+                chunk = rows[:, i * rows_per_page:(i + 1) * rows_per_page]
+                pool[:, page, :chunk.shape[1]] = chunk
+        pool = jnp.asarray(pool, dtype)
+        for g in gs:
+            pool_of_g[g] = pool
+
+    if runs:  # prefill-like: contiguous runs of one adapter, runs in random slot order
+        slots = rng.integers(-1, num_slots, max(1, num_tokens // 5))
+        cuts = np.sort(rng.choice(np.arange(1, num_tokens), len(slots) - 1, replace=False))
+        token_slot = np.concatenate([np.full(n, s) for s, n in
+                                     zip(slots, np.diff([0, *cuts, num_tokens]), strict=True)])
+    else:  # skewed random assignment, shuffled order
+        p = 1.0 / np.arange(1, num_slots + 1)
+        token_slot = rng.choice(num_slots, num_tokens, p=p / p.sum())
+        token_slot[rng.random(num_tokens) < no_adapter_frac] = NO_ADAPTER
+    token_slot = token_slot.astype(np.int32)
+
+    return Problem(
+        x=jnp.asarray(rng.standard_normal((num_tokens, in_width)), dtype),
+        y=jnp.asarray(rng.standard_normal((num_tokens, sum(out_widths))), dtype),
+        a_pool=jnp.asarray(a_pool, dtype),
+        b_pools=tuple(pool_of_g[g] for g in range(g_count)),
+        a_pages=jnp.asarray(a_pages), b_pages=jnp.asarray(b_pages), ranks=jnp.asarray(ranks),
+        scales=jnp.asarray(rng.uniform(0.5, 2.0, (num_slots, 7)), jnp.float32),
+        token_slot=token_slot, layer=jnp.int32(rng.integers(num_layers)), weights=weights)
+
+
+def _poison_allocator(nbytes):
+    """Leaves NaN in freed device memory so that a fresh kernel output starts as garbage.
+
+    The interpreter already starts outputs as NaN; on a GPU this makes the allocator hand the
+    kernel memory full of NaN instead of whatever zeros a fresh process happens to have.
+    """
+    junk = jnp.full((max(1, nbytes // 4) * 4,), jnp.nan, jnp.float32)
+    junk.block_until_ready()
+    del junk
+
+
+def _rel_err(out, ref):
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert np.isfinite(out).all(), "kernel output holds NaN/inf (an unwritten or unmasked entry)"
+    return np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30)
+
+
+def _run_shrink(prob, config, interpret, meta="host"):
+    kernel_meta = None
+    if meta == "host":
+        kernel_meta = build_sgmv_metadata(prob.token_slot, prob.a_pages.shape[0], config=config)
+    _poison_allocator(prob.x.shape[0] * prob.a_pages.shape[2] * 64 * 4)
+    return sgmv_shrink(prob.x, prob.a_pool, prob.a_pages, prob.ranks,
+                       jnp.asarray(prob.token_slot), prob.layer, weights=prob.weights,
+                       kernel_meta=kernel_meta, config=config, interpret=interpret)
+
+
+def _run_expand(prob, v, config, interpret, meta="host"):
+    kernel_meta = None
+    if meta == "host":
+        kernel_meta = build_sgmv_metadata(prob.token_slot, prob.b_pages.shape[0], config=config)
+    return sgmv_expand(prob.y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales,
+                       jnp.asarray(prob.token_slot), prob.layer, weights=prob.weights,
+                       kernel_meta=kernel_meta, config=config, interpret=interpret)
+
+
+def _reference(prob):
+    ts = jnp.asarray(prob.token_slot)
+    v = sgmv_shrink_reference(prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts, prob.layer,
+                              weights=prob.weights)
+    y = sgmv_expand_reference(prob.y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales,
+                              ts, prob.layer, weights=prob.weights)
+    return v, y
+
+
+def _check(prob, v, y, v_ref, y_ref, dtype_name):
+    tol = TOL[dtype_name]
+    assert _rel_err(v, v_ref) < min(tol, 1e-4)  # products of equal dtypes are exact in f32
+    base_only = prob.token_slot < 0
+    np.testing.assert_array_equal(np.asarray(v)[base_only], 0.0)
+    # Columns beyond each token's rank are exactly zero.
+    ranks = np.asarray(prob.ranks)
+    rank_cols = v.shape[2]
+    for g, w in enumerate(prob.weights):
+        r = np.where(base_only, 0, ranks[np.maximum(prob.token_slot, 0), w])
+        beyond = np.arange(rank_cols)[None, :] >= r[:, None]
+        np.testing.assert_array_equal(np.asarray(v)[:, g, :][beyond], 0.0)
+    assert _rel_err(y, y_ref) < tol
+    assert y.dtype == prob.y.dtype
+    # Base-only tokens are left untouched, bit for bit.
+    np.testing.assert_array_equal(np.asarray(y)[base_only], np.asarray(prob.y)[base_only])
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata
+# ------------------------------------------------------------------------------------------------
+
+def _check_metadata(meta, token_slot, num_slots, bt):
+    t = len(token_slot)
+    nt = num_tiles_bound(t, num_slots, bt)
+    assert {k: v.shape for k, v in meta.items()} == {
+        "sorted_tokens": (t,), "tile_start": (nt,), "tile_size": (nt,), "tile_slot": (nt,)}
+    assert all(v.dtype == np.int32 for v in meta.values())
+    order = meta["sorted_tokens"]
+    np.testing.assert_array_equal(np.sort(order), np.arange(t))
+    keys = np.where(token_slot < 0, num_slots, token_slot)[order]
+    assert (np.diff(keys) >= 0).all()  # sorted by slot, base-only last
+    covered = np.zeros(t, int)
+    sizes = meta["tile_size"]
+    used = sizes > 0
+    first_unused = len(used) if used.all() else int(np.argmin(used))
+    assert not used[first_unused:].any()  # used tiles come first
+    for j in np.flatnonzero(used):
+        assert 1 <= sizes[j] <= bt
+        toks = order[meta["tile_start"][j]:meta["tile_start"][j] + sizes[j]]
+        covered[toks] += 1
+        assert (token_slot[toks] == meta["tile_slot"][j]).all()
+    np.testing.assert_array_equal(covered, 1)
+
+
+@pytest.mark.parametrize("case", ["random", "all_base", "one_slot", "distinct", "single"])
+@pytest.mark.parametrize("bt", [16, 64])
+def test_metadata_builders(case, bt):
+    rng = np.random.default_rng(bt)
+    num_slots = 9
+    token_slot = {
+        "random": rng.integers(-1, num_slots, 150),
+        "all_base": np.full(40, NO_ADAPTER),
+        "one_slot": np.full(130, 3),
+        "distinct": rng.permutation(num_slots)[:num_slots],
+        "single": np.array([4]),
+    }[case].astype(np.int32)
+    config = SgmvConfig(block_tokens=bt)
+    meta = build_sgmv_metadata(token_slot, num_slots, config=config)
+    _check_metadata(meta, token_slot, num_slots, bt)
+    jitted = jax.jit(lambda ts: build_sgmv_metadata_jnp(ts, num_slots, config=config))
+    meta_jnp = jitted(jnp.asarray(token_slot))
+    for key, value in meta.items():
+        np.testing.assert_array_equal(np.asarray(meta_jnp[key]), value, err_msg=key)
+
+
+def test_metadata_tile_bound_is_tight():
+    # Every token its own slot: one tile per token, the bound's worst case.
+    token_slot = np.arange(20, dtype=np.int32)
+    meta = build_sgmv_metadata(token_slot, 20, config=SgmvConfig(block_tokens=16))
+    assert (meta["tile_size"] == 1).all()
+    # One slot: ceil(T / bt) used tiles, the rest of the static bound unused.
+    meta = build_sgmv_metadata(np.zeros(40, np.int32), 20, config=SgmvConfig(block_tokens=16))
+    np.testing.assert_array_equal(meta["tile_size"][:3], [16, 16, 8])
+    assert (meta["tile_size"][3:] == 0).all()
+
+
+def test_metadata_rejects_bad_slots():
+    with pytest.raises(AdapterError, match=r"token_slot\[2\] = 7"):
+        build_sgmv_metadata(np.array([0, 1, 7], np.int32), 4)
+    with pytest.raises(AdapterError, match="token_slot"):
+        build_sgmv_metadata(np.array([0, -2], np.int32), 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels against the references
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("regime", ["decode", "prefill"])
+def test_kernels_match_reference(regime, group, dtype_name, interpret):
+    in_width, out_widths = GROUPS[group]
+    num_tokens = 11 if regime == "decode" else 53
+    config = dataclasses.replace(SMALL, decode_max_tokens=16)
+    assert config.regime(num_tokens) == regime
+    seed = zlib.crc32(f"{regime}-{group}-{dtype_name}".encode())
+    prob = make_problem(seed, num_tokens=num_tokens, in_width=in_width, out_widths=out_widths,
+                        dtype=jnp.dtype(dtype_name), runs=regime == "prefill")
+    v_ref, y_ref = _reference(prob)
+    v = _run_shrink(prob, config, interpret)
+    y = _run_expand(prob, v_ref, config, interpret)
+    _check(prob, v, y, v_ref, y_ref, dtype_name)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("regime", ["decode", "prefill"])
+def test_default_config_and_jnp_metadata(regime, interpret):
+    """Default block sizes (clipped to tiny shapes); prefill metadata built inside the call."""
+    num_tokens = 9 if regime == "decode" else 70
+    prob = make_problem(5, num_tokens=num_tokens, in_width=48, out_widths=(48, 24, 24),
+                        rows_per_page=16, max_pages=2)
+    config = SgmvConfig()
+    assert config.regime(num_tokens) == regime
+    v_ref, y_ref = _reference(prob)
+    v = _run_shrink(prob, config, interpret, meta=None)
+    y = _run_expand(prob, v, config, interpret, meta=None)
+    _check(prob, v, y, v_ref, y_ref, "float32")
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("split", [None, 4])
+def test_prefill_shrink_split_k(split, interpret):
+    """The reduction split over programs (atomic adds into a zeroed v)."""
+    prob = make_problem(11, num_tokens=40, in_width=72, out_widths=(40,), dtype=jnp.bfloat16,
+                        runs=True)
+    config = dataclasses.replace(SMALL, decode_max_tokens=0, shrink_split_k=split,
+                                 target_programs=10_000)
+    v_ref, _ = _reference(prob)
+    v = _run_shrink(prob, config, interpret)
+    assert _rel_err(v, v_ref) < 1e-4
+    np.testing.assert_array_equal(np.asarray(v)[prob.token_slot < 0], 0.0)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("regime", ["decode", "prefill"])
+def test_ranks_up_to_128_in_one_batch(regime, interpret):
+    prob = make_problem(3, num_tokens=8 if regime == "decode" else 40, in_width=32,
+                        out_widths=(24, 24), rows_per_page=16, max_pages=8, num_slots=4)
+    config = dataclasses.replace(SMALL, decode_max_tokens=8)
+    assert int(jnp.max(prob.ranks)) == 128 and int(jnp.min(prob.ranks[:, 0])) >= 0
+    v_ref, y_ref = _reference(prob)
+    v = _run_shrink(prob, config, interpret)
+    y = _run_expand(prob, v_ref, config, interpret)
+    _check(prob, v, y, v_ref, y_ref, "float32")
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("regime", ["decode", "prefill"])
+def test_expand_ignores_garbage_beyond_rank_and_all_base_tokens(regime, interpret):
+    prob = make_problem(7, num_tokens=10 if regime == "decode" else 33, in_width=40,
+                        out_widths=(32, 16, 16))
+    config = dataclasses.replace(SMALL, decode_max_tokens=10)
+    v_ref, y_ref = _reference(prob)
+    ranks = np.asarray(prob.ranks)
+    r = ranks[np.maximum(prob.token_slot, 0)][:, list(prob.weights)]  # (T, G)
+    beyond = np.arange(v_ref.shape[2])[None, None, :] >= r[:, :, None]
+    v_garbage = jnp.where(jnp.asarray(beyond), jnp.nan, v_ref)
+    y = _run_expand(prob, v_garbage, config, interpret)
+    assert _rel_err(y, y_ref) < TOL["float32"]
+    # No adapter anywhere: y comes back unchanged, v all zero.
+    prob.token_slot = np.full_like(prob.token_slot, NO_ADAPTER)
+    y = _run_expand(prob, v_ref, config, interpret)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(prob.y))
+    np.testing.assert_array_equal(np.asarray(_run_shrink(prob, config, interpret)), 0.0)
+
+
+def test_traced_layer_inside_scan():
+    """The model's use: one shrink + expand per layer inside lax.scan, layer traced."""
+    prob = make_problem(9, num_tokens=30, in_width=40, out_widths=(56, 56), num_layers=3)
+    config = dataclasses.replace(SMALL, decode_max_tokens=0)
+    ts = jnp.asarray(prob.token_slot)
+    meta = build_sgmv_metadata(prob.token_slot, prob.a_pages.shape[0], config=config)
+
+    def run(shrink, expand):
+        def step(y, layer):
+            v = shrink(prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts, layer)
+            y = expand(y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts, layer)
+            return y, None
+        return jax.jit(lambda y: jax.lax.scan(step, y, jnp.arange(3, dtype=jnp.int32))[0])(
+            prob.y)
+
+    kw = dict(weights=prob.weights, kernel_meta=meta, config=config, interpret=True)
+    y = run(lambda *a: sgmv_shrink(*a, **kw), lambda *a: sgmv_expand(*a, **kw))
+    y_ref = run(lambda *a: sgmv_shrink_reference(*a, weights=prob.weights),
+                lambda *a: sgmv_expand_reference(*a, weights=prob.weights))
+    assert _rel_err(y, y_ref) < TOL["float32"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 16, 300])
+def test_gpu_realistic_shapes_default_config(num_tokens):
+    """Compiled kernels at model-like widths with the default (H100-tuned) config."""
+    prob = make_problem(num_tokens, num_tokens=num_tokens, in_width=1024,
+                        out_widths=(1024, 256, 256), rows_per_page=16, max_pages=4,
+                        num_slots=24, dtype=jnp.bfloat16)
+    v_ref, y_ref = _reference(prob)
+    v = _run_shrink(prob, SgmvConfig(), False)
+    y = _run_expand(prob, v, SgmvConfig(), False)
+    _check(prob, v, y, v_ref, y_ref, "bfloat16")
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: clear errors naming the tensor and the expected shape
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_config_errors():
+    prob = make_problem(1, num_tokens=20, in_width=40, out_widths=(56, 56))
+    ts = jnp.asarray(prob.token_slot)
+    args = (prob.a_pages, prob.ranks, ts, prob.layer)
+    with pytest.raises(ConfigError, match=r"x must be \(T, 40\)"):
+        sgmv_shrink(prob.x[:, :30], prob.a_pool, *args, weights=prob.weights, interpret=True)
+    with pytest.raises(ConfigError, match="weights"):
+        sgmv_shrink(prob.x, prob.a_pool, *args, weights=(7,), interpret=True)
+    with pytest.raises(ConfigError, match="token_slot must be"):
+        sgmv_shrink(prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts[:5], prob.layer,
+                    weights=prob.weights, interpret=True)
+    meta = build_sgmv_metadata(prob.token_slot, 6, config=SgmvConfig(block_tokens=16))
+    with pytest.raises(ConfigError, match=r"kernel_meta\['tile_start'\] must have shape"):
+        sgmv_shrink(prob.x, prob.a_pool, *args, weights=prob.weights, kernel_meta=meta,
+                    config=SgmvConfig(block_tokens=64, decode_max_tokens=0), interpret=True)
+    v = jnp.zeros((20, 2, 12), jnp.float32)
+    with pytest.raises(ConfigError, match=r"y must be \(T, 112\)"):
+        sgmv_expand(prob.y[:, :100], v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts,
+                    prob.layer, weights=prob.weights, interpret=True)
+    with pytest.raises(ConfigError, match=r"v must be \(T, G, MP\*R\)"):
+        sgmv_expand(prob.y, v[:, :1], prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts,
+                    prob.layer, weights=prob.weights, interpret=True)
+    with pytest.raises(ConfigError, match="one pool per weight"):
+        sgmv_expand(prob.y, v, prob.b_pools[:1], prob.b_pages, prob.ranks, prob.scales, ts,
+                    prob.layer, weights=prob.weights, interpret=True)
+    with pytest.raises(ConfigError, match="block_tokens"):
+        SgmvConfig(block_tokens=24)
+    with pytest.raises(ConfigError, match="decode_shrink_rows"):
+        SgmvConfig(decode_shrink_rows=3)
