@@ -456,6 +456,11 @@ PEFT_BREAKAGES = {
     "bad_json": (lambda d: open(os.path.join(d, CONFIG_FILE), "w").write("{'r': 4,"),
                  FormatError, [CONFIG_FILE, "JSON"]),
     "bad_r": (lambda d: rewrite_config(d, r="4"), FormatError, [CONFIG_FILE, "'r'", "int"]),
+    "adapter_of_a_deeper_model": (lambda d: rewrite_tensors(d, add={
+        f"{peft_tensor_prefix(5, 'q_proj')}.lora_A.weight": np.ones((4, 64), np.float32)}),
+        FormatError, [WEIGHTS_FILE, "layers.5.self_attn.q_proj.lora_A.weight", "2 layers"]),
+    "bad_exclude_modules": (lambda d: rewrite_config(d, exclude_modules={"q_proj": 1}),
+                            FormatError, [CONFIG_FILE, "exclude_modules"]),
     "no_config": (lambda d: os.remove(os.path.join(d, CONFIG_FILE)), FormatError,
                   [CONFIG_FILE, "not found"]),
 }

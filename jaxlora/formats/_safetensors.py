@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 
@@ -100,7 +101,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                               "(expected dtype, shape and data_offsets)") from e
         if dtype not in ITEMSIZES:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        expected_bytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZES[dtype]
+        expected_bytes = math.prod(shape) * ITEMSIZES[dtype]
         if not 0 <= begin <= end or end - begin != expected_bytes:
             raise FormatError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] that do "
                               f"not match dtype {dtype} and shape {list(shape)} "

@@ -120,9 +120,8 @@ def _targetable(config: ModelConfig) -> dict[str, tuple[int, str]]:
             for layer in range(config.num_layers) for m in MODULES}
 
 
-def _matches_target(cfg: dict, key: str) -> bool:
+def _matches_target(targets, layers, layers_pattern, key: str) -> bool:
     """PEFT's check_target_module_exists for one module name (exclusions already applied)."""
-    targets = cfg["target_modules"]
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
     if key in targets:
@@ -132,15 +131,13 @@ def _matches_target(cfg: dict, key: str) -> bool:
     # targets (saved "all-linear" adapters list every module by its full name).
     if not any(".".join(parts[i:]) in targets for i in range(1, len(parts))):
         return False
-    layers = cfg.get("layers_to_transform")
-    if layers is None or (isinstance(layers, list) and not layers):
+    if layers is None or layers == ():
         return True
-    patterns = cfg.get("layers_pattern")
-    if not patterns:
+    if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
         match = None
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
             match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
             if match:
                 break
@@ -150,13 +147,26 @@ def _matches_target(cfg: dict, key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def _excluded(cfg: dict, key: str) -> bool:
-    exclude = cfg.get("exclude_modules")
+def _excluded(exclude, key: str) -> bool:
     if not exclude:
         return False
     if isinstance(exclude, str):
         return re.fullmatch(exclude, key) is not None
     return key in exclude or any(key.endswith(f".{e}") for e in exclude)
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=256)
+def _matched_modules(config: ModelConfig, targets, exclude, layers, layers_pattern
+                     ) -> tuple[str, ...]:
+    """Names of the modules PEFT would put LoRA on. Cached: adapters of one fleet usually share
+    their targeting settings, and registering thousands of adapters must take seconds."""
+    return tuple(key for key in _model_module_names(config)
+                 if not _excluded(exclude, key)
+                 and _matches_target(targets, layers, layers_pattern, key))
 
 
 def _pattern_key(patterns: dict, key: str) -> str | None:
@@ -292,6 +302,12 @@ def _check_config(cfg: dict, config_file: str) -> dict:
     else:
         raise FormatError(f"{config_file}: field 'target_modules' is {targets!r}; expected a list "
                           "of module names, a regex string or 'all-linear'")
+    for field in ("exclude_modules", "layers_pattern"):
+        value = cfg.get(field)
+        if not (value is None or isinstance(value, str)
+                or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise FormatError(f"{config_file}: field {field!r} is {value!r}; expected a string, "
+                              "a list of strings or null")
     layers = cfg.get("layers_to_transform")
     if not (layers is None or (isinstance(layers, int) and not isinstance(layers, bool))
             or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))):
@@ -309,10 +325,11 @@ def _resolve_targets(cfg: dict, config: ModelConfig, config_file: str) -> dict[s
     targetable = _targetable(config)
     if cfg["target_modules"] is None:  # all-linear: every linear but the output head, exactly
         cfg["target_modules"] = frozenset(targetable)
-    matched = []
-    for key in _model_module_names(config):
-        if not _excluded(cfg, key) and _matches_target(cfg, key):
-            matched.append(key)
+    exclude = cfg.get("exclude_modules")
+    matched = _matched_modules(
+        config, cfg["target_modules"],
+        frozenset(exclude) if isinstance(exclude, list) else exclude,
+        _hashable(cfg.get("layers_to_transform")), _hashable(cfg.get("layers_pattern")))
     allowed = ", ".join(MODULES)
     for key in matched:
         if key in ("model.embed_tokens", "lm_head"):
@@ -361,6 +378,12 @@ def _parse_tensor_name(name: str, weights_file: str, targetable: dict) -> tuple[
     if module not in targetable and f"model.{module}" in targetable:
         module = f"model.{module}"  # saved from a bare LlamaModel rather than LlamaForCausalLM
     if module not in targetable:
+        layer = re.match(r"model\.layers\.(\d+)\.", module)
+        n_layers = 1 + max(layer for layer, _ in targetable.values())
+        if layer and int(layer.group(1)) >= n_layers:
+            raise FormatError(f"{weights_file}: tensor {name!r} is for layer {layer.group(1)}, "
+                              f"but the base model has {n_layers} layers (expected layer indices "
+                              f"0..{n_layers - 1}): the adapter belongs to another model")
         if module.endswith(("embed_tokens", "lm_head")):
             raise AdapterError(f"{weights_file}: tensor {name!r} is LoRA on {module!r}; LoRA on "
                                "embeddings / lm_head is not supported")
