@@ -180,8 +180,7 @@ def _cached_attention(q, k, v, positions, layer, kv: KVCache, k_pool, v_pool, sm
     from pallas_kernels import paged_attention as pa
 
     b, s = positions.shape
-    k_pool, v_pool = pa.write_kv(k_pool, v_pool, k.reshape(b * s, *k.shape[2:]),
-                                 v.reshape(b * s, *v.shape[2:]), kv.page_table, positions, layer,
+    k_pool, v_pool = pa.write_kv(k_pool, v_pool, k, v, kv.page_table, positions, layer,
                                  kv.token_valid)
     if kv.mode == "decode":
         assert s == 1, "decode mode takes one token per row"
@@ -245,7 +244,10 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """``apply({"params": p}, tokens, ...)`` -> logits (B, S, V) float32 [, updated KV pools]."""
+    """``apply({"params": p}, tokens, ...)`` -> logits (B, S, V) float32 [, updated KVCache].
+
+    ``logit_index`` (B,) int32 keeps only one position per row: logits (B, 1, V).
+    """
 
     config: ModelConfig
     dtype: Dtype = jnp.float32
@@ -253,7 +255,8 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, *, lora: LoraInputs | None = None,
-                 kv: KVCache | None = None, attn_mask=None, return_hidden=False):
+                 kv: KVCache | None = None, attn_mask=None, logit_index=None,
+                 return_hidden=False):
         cfg = self.config
         param_dtype = self.param_dtype or self.dtype
         b, s = tokens.shape
@@ -272,6 +275,9 @@ class Llama(nn.Module):
         (h, k_pool, v_pool), _ = stack(cfg, self.dtype, param_dtype, name="layers")(
             (h, *pools), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, attn_mask, lora,
             kv)
+        if logit_index is not None:
+            # Only these positions (B,) need logits: skip the LM head everywhere else.
+            h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, param_dtype, name="norm")(h)
         if cfg.tie_word_embeddings:
             logits = embed.attend(h)

@@ -1,0 +1,532 @@
+"""The serving engine: iteration-level continuous batching of requests for any mix of adapters.
+
+Scheduling policy (one iteration):
+
+1. Finish what was cancelled, and abort (reason ``deadline``) every waiting request whose
+   first-token deadline has passed or can no longer be met given the measured step time
+   (S-LoRA's early abort).
+2. Admit waiting requests first-come first-served while batch rows, KV pages and adapter slots
+   allow. A request that cannot be admitted (its adapter's pages are all held, or the step's
+   adapter slots are full of other adapters) may be overtaken by later requests, but at most
+   ``max_skips`` times; after that nothing behind it is admitted until it is (the fairness bound:
+   no request and no adapter starves under a skewed load). A request whose adapter is still being
+   copied to the GPU holds its place but does not block others.
+3. Decode rows (one token each) go first; prompts are prefilled in chunks of at most
+   ``prefill_chunk`` tokens within the remaining token budget, so a long prompt never stalls the
+   running decodes.
+4. When the KV pool runs out, the most recently admitted running request is preempted: its pages
+   are freed and it re-queues at the front; it later recomputes its prompt and the tokens it had
+   generated, and continues with identical output (sampling keys depend only on the request's seed
+   and the token index).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.config import LoraPoolConfig, ModelConfig
+from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager
+from jaxlora.engine.request import Delta, FinishReason, Request, Status
+from jaxlora.engine.runner import ModelRunner, RunnerConfig, StepBatch, bucket, empty_batch
+from jaxlora.errors import (
+    AdapterError,
+    JaxloraError,
+    PoolExhaustedError,
+    RequestError,
+    UnknownAdapterError,
+)
+from jaxlora.sampling import (
+    SampleOutput,
+    SamplingBatch,
+    SamplingParams,
+    StopStringDetector,
+    sample,
+    uses_top_k_top_p,
+)
+from pallas_kernels import layout
+
+log = logging.getLogger("jaxlora.engine")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    kv: KVCacheConfig = KVCacheConfig()
+    runner: RunnerConfig = RunnerConfig()
+    lora_pool: LoraPoolConfig = LoraPoolConfig()
+    max_num_tokens: int = 256  # token budget of one iteration (decode rows + prefill chunks)
+    max_waiting: int = 1024  # bounded queue: submit() beyond it raises (server: 503)
+    max_skips: int = 8  # fairness bound, see the module docstring
+    warmup: bool = True
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0
+    deadline_aborts: int = 0
+    finished: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    step_time_ema: float = 0.0
+    requests_per_adapter: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
+    tokens_per_adapter: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
+    ttft: list = dataclasses.field(default_factory=list)  # seconds, recent
+    tpot: list = dataclasses.field(default_factory=list)
+
+
+class Engine:
+    """Owns the model runner, the KV cache and the scheduler; the adapter manager is shared.
+
+    ``adapters`` is a ``jaxlora.memory.AdapterManager`` (or None: base model only).
+    ``tokenizer`` (optional) turns tokens into streamed text and enables stop strings.
+    """
+
+    def __init__(self, config: ModelConfig, params, engine_config: EngineConfig | None = None, *,
+                 adapters=None, tokenizer=None, dtype=jnp.float32):
+        self.config = config
+        self.engine_config = ec = engine_config or EngineConfig()
+        self.adapters = adapters
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config, params, ec.runner, dtype=dtype)
+        self.kv = KVCacheManager(config, ec.kv, dtype=dtype)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._by_id: dict[str, Request] = {}
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._seed_rng = np.random.default_rng()
+        self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        if ec.warmup:
+            self.warmup()
+
+    # -- public API -----------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams | None = None, *,
+               adapter: str | None = None, request_id: str | None = None,
+               deadline_s: float | None = None) -> Request:
+        """Queues a request; returns it at once (stream its deltas or wait on it)."""
+        sampling = sampling or SamplingParams()
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise RequestError("prompt: expected at least one token, got an empty prompt")
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"prompt: token id {bad[0]} is outside the vocabulary "
+                               f"0..{self.config.vocab_size - 1}")
+        limit = self.engine_config.kv.max_model_len
+        if len(prompt_ids) >= limit:
+            raise RequestError(f"prompt: {len(prompt_ids)} tokens; the context length is {limit}"
+                               f" (prompt plus at least one generated token)")
+        if len(prompt_ids) + sampling.max_tokens > limit:
+            raise RequestError(f"max_tokens: {sampling.max_tokens} plus the prompt's "
+                               f"{len(prompt_ids)} tokens exceeds the context length {limit}")
+        if self.kv.pages_for(len(prompt_ids) + 1) > self.engine_config.kv.num_pages:
+            raise RequestError(f"prompt: {len(prompt_ids)} tokens need more KV pages than the "
+                               f"pool has ({self.engine_config.kv.num_pages})")
+        if adapter is not None:
+            if self.adapters is None or adapter not in self.adapters.store:
+                raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
+        if sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=int(self._seed_rng.integers(2**63)))
+        request = Request(request_id=request_id or f"req-{next(self._ids)}",
+                          prompt_ids=prompt_ids, sampling=sampling, adapter=adapter)
+        if self.tokenizer is not None:
+            request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
+        if sampling.stop_strings:
+            request._stop_detector = StopStringDetector(sampling.stop_strings)
+        if deadline_s is not None:
+            request.deadline = request.arrival + deadline_s
+        with self._lock:
+            if len(self._waiting) >= self.engine_config.max_waiting:
+                raise PoolExhaustedError(f"engine queue is full ({len(self._waiting)} waiting "
+                                         "requests); retry later")
+            if request.request_id in self._by_id:
+                raise RequestError(f"request id {request.request_id!r} is already in use")
+            self._waiting.append(request)
+            self._by_id[request.request_id] = request
+            self.stats.requests_per_adapter[adapter or ""] += 1
+        self._wakeup.set()
+        return request
+
+    def cancel(self, request_id: str) -> None:
+        """Cancels a request (e.g. its client disconnected); its pages are freed next step."""
+        with self._lock:
+            request = self._by_id.get(request_id)
+            if request is not None:
+                request.cancel_requested = True
+        self._wakeup.set()
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def run_until_idle(self, max_steps: int | None = None) -> None:
+        steps = 0
+        while self.has_work():
+            self.step()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return
+
+    def start(self) -> None:
+        """Runs the engine loop in a background thread (the server's mode)."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="jaxlora-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.has_work():
+                self._wakeup.wait(timeout=0.05)
+                self._wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # an engine bug must not kill the server: fail the batch, go on
+                log.exception("engine step failed; failing the running requests")
+                with self._lock:
+                    for request in list(self._running):
+                        self._finish(request, FinishReason.ERROR, "internal error in the step")
+
+    def warmup(self) -> None:
+        """Compiles every shape bucket once, so that no request pays for a compilation."""
+        start = time.perf_counter()
+        lora_meta = self._lora_meta([])
+        for mode, rows, length in self.runner.bucket_shapes():
+            batch = empty_batch(rows, length, self.engine_config.kv.max_pages_per_seq)
+            for use_lora in (False, True) if self.adapters is not None else (False,):
+                logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
+                    mode, self.kv.k_pool, self.kv.v_pool, self._lora_pools(), batch, lora_meta,
+                    use_lora)
+                self._sample(logits, [None] * rows)
+        jax.block_until_ready(self.kv.k_pool)
+        log.info("warm-up compiled %d step shapes in %.1f s", len(self.runner.compiled_shapes),
+                 time.perf_counter() - start)
+
+    # -- one iteration --------------------------------------------------------------------------
+    def step(self) -> None:
+        start = time.perf_counter()
+        if self.adapters is not None:
+            self.adapters.poll()
+        with self._lock:
+            self._reap()
+            self._admit()
+            decode, prefill = self._schedule()
+        ran = False
+        if prefill:
+            self._run_rows("prefill", prefill)
+            self.stats.prefill_steps += 1
+            ran = True
+        if decode:
+            self._run_rows("decode", decode)
+            self.stats.decode_steps += 1
+            ran = True
+        if ran:
+            self.stats.steps += 1
+            elapsed = time.perf_counter() - start
+            ema = self.stats.step_time_ema
+            self.stats.step_time_ema = elapsed if ema == 0 else 0.9 * ema + 0.1 * elapsed
+        elif self.has_work():
+            time.sleep(0.001)  # every runnable request waits on an adapter copy
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for request in list(self._running) + list(self._waiting):
+            if request.cancel_requested:
+                self._finish(request, FinishReason.ABORT, "cancelled")
+        ema = self.stats.step_time_ema
+        for request in list(self._waiting):
+            if request.deadline is None or request.output_ids:
+                continue
+            # A prompt needs about ceil(len / chunk) steps once admitted.
+            steps = -(-len(request.prompt_ids) // self.engine_config.runner.prefill_chunk)
+            if now > request.deadline or now + steps * ema > request.deadline:
+                self.stats.deadline_aborts += 1
+                self._finish(request, FinishReason.DEADLINE,
+                             "the request could no longer meet its first-token deadline")
+
+    def _distinct_adapters(self) -> set[str]:
+        return {r.adapter for r in self._running if r.adapter is not None}
+
+    def _admit(self) -> None:
+        ec = self.engine_config
+        blocked_head = False
+        for request in list(self._waiting):
+            if len(self._running) >= ec.runner.max_batch:
+                break
+            admitted = self._try_admit(request)
+            if admitted:
+                if blocked_head:
+                    head = self._waiting[0]
+                    head.skipped += 1
+                continue
+            if not blocked_head:
+                blocked_head = True
+                if request.skipped >= ec.max_skips:
+                    break  # the fairness bound: nobody overtakes it any more
+
+    def _try_admit(self, request: Request) -> bool:
+        ec = self.engine_config
+        if request.adapter is not None and request.adapter_handle is None:
+            if request.adapter not in self._distinct_adapters() and \
+                    len(self._distinct_adapters()) >= ec.lora_pool.max_slots:
+                return False
+            try:
+                request.adapter_handle = self.adapters.acquire(request.adapter)
+            except PoolExhaustedError:
+                return False
+            except (UnknownAdapterError, AdapterError) as e:
+                self._finish(request, FinishReason.ERROR, str(e))
+                return False
+        first = min(request.remaining, ec.runner.prefill_chunk)
+        if not self.kv.ensure(request.request_id, request.num_computed + first):
+            return False
+        self._waiting.remove(request)
+        request.status = Status.RUNNING
+        self._running.append(request)
+        return True
+
+    def _schedule(self) -> tuple[list[tuple[Request, int]], list[tuple[Request, int]]]:
+        """Rows of this iteration: (request, tokens to feed)."""
+        ec = self.engine_config
+        budget = ec.max_num_tokens
+        decode, prefill = [], []
+        for request in list(self._running):
+            if request.status is not Status.RUNNING or not self._adapter_ready(request):
+                continue
+            if request.remaining == 1 and len(decode) < ec.runner.max_batch and budget > 0:
+                if self._reserve(request, 1):
+                    decode.append((request, 1))
+                    budget -= 1
+        for request in list(self._running):
+            if request.status is not Status.RUNNING or not self._adapter_ready(request):
+                continue
+            if request.remaining > 1 and len(prefill) < ec.runner.max_prefill_rows and budget > 0:
+                n = min(request.remaining, ec.runner.prefill_chunk, budget)
+                if self._reserve(request, n):
+                    prefill.append((request, n))
+                    budget -= n
+        return decode, prefill
+
+    def _reserve(self, request: Request, n: int) -> bool:
+        """KV pages for n more tokens; preempts the newest running requests if needed."""
+        while not self.kv.ensure(request.request_id, request.num_computed + n):
+            victims = [r for r in self._running if r is not request and r.status is Status.RUNNING]
+            if not victims:
+                self._preempt(request)
+                return False
+            self._preempt(max(victims, key=lambda r: r.arrival))
+        return request.status is Status.RUNNING
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        request.num_computed = 0
+        request.status = Status.WAITING
+        request.preemptions += 1
+        self.stats.preemptions += 1
+        self._running.remove(request)
+        self._waiting.appendleft(request)
+        log.info("preempted %s (recompute later)", request.request_id)
+
+    def _adapter_ready(self, request: Request) -> bool:
+        if request.adapter is None:
+            return True
+        handle = request.adapter_handle
+        if handle.error is not None:
+            self._finish(request, FinishReason.ERROR, f"adapter {request.adapter!r} failed to "
+                         f"load: {handle.error}")
+            return False
+        return handle.ready
+
+    # -- running rows ---------------------------------------------------------------------------
+    def _lora_pools(self):
+        return self.adapters.pools if self.adapters is not None else {}
+
+    def _lora_meta(self, slot_infos) -> dict:
+        pool = self.engine_config.lora_pool
+        meta = layout.build_slot_metadata(slot_infos, max_slots=pool.max_slots,
+                                          max_rank=pool.max_rank,
+                                          rows_per_page=pool.rows_per_page)
+        return {k: jnp.asarray(v) for k, v in meta.items()}
+
+    def _run_rows(self, mode: str, rows: list[tuple[Request, int]]) -> None:
+        # A row scheduled earlier in this iteration may have been preempted since.
+        rows = [(r, n) for r, n in rows if r.status is Status.RUNNING]
+        if not rows:
+            return
+        ec = self.engine_config
+        length = 1 if mode == "decode" else ec.runner.prefill_chunk
+        limit = ec.runner.max_batch if mode == "decode" else ec.runner.max_prefill_rows
+        b = bucket(len(rows), limit)
+        max_pages = ec.kv.max_pages_per_seq
+        tokens = np.zeros((b, length), np.int32)
+        positions = np.zeros((b, length), np.int32)
+        valid = np.zeros((b, length), bool)
+        page_table = np.zeros((b, max_pages), np.int32)
+        seq_lens = np.zeros(b, np.int32)
+        logit_index = np.zeros(b, np.int32)
+        token_slot = np.full((b, length), layout.NO_ADAPTER, np.int32)
+        slots: dict[str, int] = {}
+        slot_infos = []
+        for i, (request, n) in enumerate(rows):
+            start = request.num_computed
+            tokens[i, :n] = request.sequence[start:start + n]
+            positions[i, :n] = np.arange(start, start + n)
+            valid[i, :n] = True
+            page_table[i] = self.kv.page_table_row(request.request_id)
+            seq_lens[i] = start + n
+            logit_index[i] = n - 1
+            if request.adapter is not None:
+                if request.adapter not in slots:
+                    slots[request.adapter] = len(slot_infos)
+                    slot_infos.append(request.adapter_handle.slot_info)
+                token_slot[i, :n] = slots[request.adapter]
+        batch = StepBatch(tokens=tokens, positions=positions, token_valid=valid,
+                          page_table=page_table, seq_lens=seq_lens, logit_index=logit_index,
+                          token_slot=token_slot)
+        use_lora = bool(slot_infos)
+        logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
+            mode, self.kv.k_pool, self.kv.v_pool, self._lora_pools(), batch,
+            self._lora_meta(slot_infos), use_lora)
+        sampled_rows = [(r, n) if r.num_computed + n == len(r.sequence) else None
+                        for r, n in rows]
+        sampled = self._sample(logits, [r for r, _ in rows] + [None] * (b - len(rows)))
+        with self._lock:
+            for i, (request, n) in enumerate(rows):
+                request.num_computed += n
+                if mode == "prefill":
+                    self.stats.prompt_tokens += n
+                if sampled_rows[i] is None or request.status is not Status.RUNNING:
+                    continue
+                self._append_token(request, sampled, i)
+
+    def _sample(self, logits, requests: list[Request | None]) -> SampleOutput:
+        """Samples every row on device; one host transfer of the small results."""
+        live = [r for r in requests if r is not None]
+        params = [r.sampling for r in live]
+        batch = SamplingBatch.from_params(params, [len(r.output_ids) for r in live],
+                                          batch_size=len(requests))
+        top_n = max((p.logprobs or 0 for p in params), default=0)
+        out = sample(logits, batch, num_top_logprobs=top_n,
+                     apply_top_k_top_p=uses_top_k_top_p(params))
+        return jax.device_get(out)
+
+    def _append_token(self, request: Request, sampled, row: int) -> None:
+        token = int(sampled.tokens[row])
+        now = time.monotonic()
+        if request.first_token_time is None:
+            request.first_token_time = now
+            self.stats.ttft.append(now - request.arrival)
+            del self.stats.ttft[:-1000]
+        request.output_ids.append(token)
+        logprob = None
+        top = None
+        if request.sampling.logprobs is not None:
+            logprob = float(sampled.logprobs[row])
+            request.output_logprobs.append(logprob)
+            if request.sampling.logprobs:
+                n = request.sampling.logprobs
+                top = {int(t): float(lp) for t, lp in zip(sampled.top_token_ids[row][:n],
+                                                          sampled.top_logprobs[row][:n],
+                                                          strict=True)}
+                request.output_top_logprobs.append(top)
+        self.stats.generated_tokens += 1
+        self.stats.tokens_per_adapter[request.adapter or ""] += 1
+        sp = request.sampling
+        finish = None
+        if not sp.ignore_eos and token in self.eos_ids:
+            finish = FinishReason.STOP
+        elif token in sp.stop_token_ids:
+            finish = FinishReason.STOP
+        text = self._detokenize(request, token)
+        detector = request._stop_detector
+        if detector is not None and finish is None:
+            text, stopped = detector.push(text)
+            if stopped:
+                finish = FinishReason.STOP
+        if finish is None and (len(request.output_ids) >= sp.max_tokens or
+                               len(request.sequence) >= self.engine_config.kv.max_model_len):
+            finish = FinishReason.LENGTH
+        if finish is not None and not (detector is not None and detector.stopped):
+            # The end of the output: what the decoder and the stop detector held back is text.
+            if request._detok_state is not None:
+                tail = request._detok_state.finish()
+                text += detector.push(tail)[0] if detector is not None else tail
+            if detector is not None:
+                text += detector.flush()
+        request.text += text
+        request.push(Delta(token_ids=[token], text=text,
+                           logprobs=[logprob] if logprob is not None else None,
+                           top_logprobs=[top] if top is not None else None))
+        if finish is not None:
+            self._finish(request, finish)
+
+    def _detokenize(self, request: Request, token: int) -> str:
+        if request._detok_state is None:
+            return ""
+        return request._detok_state.push(token)
+
+    def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
+        if request.status is Status.FINISHED:
+            return
+        if request in self._running:
+            self._running.remove(request)
+        if request in self._waiting:
+            self._waiting.remove(request)
+        self.kv.free(request.request_id)
+        if request.adapter_handle is not None:
+            self.adapters.release(request.adapter_handle)
+            request.adapter_handle = None
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        request.error = error
+        request.finish_time = time.monotonic()
+        self._by_id.pop(request.request_id, None)
+        self.stats.finished += 1
+        if request.first_token_time is not None and len(request.output_ids) > 1:
+            self.stats.tpot.append((request.finish_time - request.first_token_time)
+                                   / (len(request.output_ids) - 1))
+            del self.stats.tpot[:-1000]
+        request.push(Delta(token_ids=[], text="", finish_reason=reason, error=error))
+
+    # -- introspection --------------------------------------------------------------------------
+    def pool_usage(self) -> dict:
+        usage = {"kv_free_pages": self.kv.free_pages,
+                 "kv_total_pages": self.engine_config.kv.num_pages}
+        return usage
+
+
+__all__ = ["Engine", "EngineConfig", "JaxloraError"]

@@ -1,0 +1,115 @@
+"""A generation request as the engine tracks it, and what it streams back."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import queue
+import threading
+import time
+
+from jaxlora.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, no KV pages yet
+    RUNNING = "running"  # holds KV pages and an adapter reference
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"  # cancelled by the caller (e.g. the client disconnected)
+    DEADLINE = "deadline"  # admission control: its deadline could no longer be met
+    ERROR = "error"  # the adapter failed to load, ...
+
+
+@dataclasses.dataclass
+class Delta:
+    """What one engine iteration added to a request: new tokens, their text, and the end."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+_END = object()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter: str | None = None
+    deadline: float | None = None  # monotonic time by which the first token must be out
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+
+    status: Status = Status.WAITING
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    output_top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    text: str = ""
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    adapter_handle: object | None = None
+    preemptions: int = 0
+    skipped: int = 0  # times a later request was admitted first (fairness bound)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    cancel_requested: bool = False
+    _detok_state: object | None = None  # tokenizer.IncrementalDecoder
+    _stop_detector: object | None = None  # sampling.StopStringDetector
+
+    def __post_init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to feed before the next one can be sampled."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    # -- streaming (engine thread -> consumers) -------------------------------------------------
+    def push(self, delta: Delta) -> None:
+        self._queue.put(delta)
+        if delta.finish_reason is not None:
+            self._queue.put(_END)
+            self._done.set()
+
+    def stream(self, timeout: float | None = None):
+        """Blocking iterator over deltas until the request finishes."""
+        while True:
+            item = self._queue.get(timeout=timeout)
+            if item is _END:
+                return
+            yield item
+
+    async def astream(self):
+        """Async iterator over deltas (the server's streaming responses)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(0.002)
+                continue
+            if item is _END:
+                return
+            yield item
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)

@@ -1,0 +1,123 @@
+"""Jit-compiled model steps over the paged KV cache, one compilation per shape bucket."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.config import ModelConfig
+from jaxlora.lora import LoraInputs
+from jaxlora.model import KVCache, Llama
+
+log = logging.getLogger("jaxlora.engine")
+
+
+@flax.struct.dataclass
+class StepBatch:
+    """Host-built, bucket-padded inputs of one step (all int32 / bool)."""
+
+    tokens: jax.Array  # (B, S)
+    positions: jax.Array  # (B, S)
+    token_valid: jax.Array  # (B, S) bool
+    page_table: jax.Array  # (B, max_pages_per_seq)
+    seq_lens: jax.Array  # (B,) tokens in the cache after this step (0 = padding row)
+    logit_index: jax.Array  # (B,) position in S whose logits are sampled
+    token_slot: jax.Array  # (B, S) adapter slot, -1 = none
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    max_batch: int = 32  # decode rows per step
+    prefill_chunk: int = 64  # tokens of one prompt fed per prefill step
+    max_prefill_rows: int = 4  # prompts prefilled together in one step
+    # attention / LoRA implementation: "auto" = Pallas kernels on GPU, jnp reference elsewhere
+    impl: str = "auto"
+
+
+def bucket(n: int, limit: int) -> int:
+    """Smallest power of two >= n (capped at limit): bounded compilations."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, limit)
+
+
+def resolve_impl(impl: str) -> str:
+    if impl != "auto":
+        return impl
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, params, runner: RunnerConfig, *, dtype=jnp.float32):
+        self.config = config
+        self.params = params
+        self.runner = runner
+        self.impl = resolve_impl(runner.impl)
+        self.model = Llama(config, dtype=dtype)
+        self._step = jax.jit(self._forward, static_argnames=("mode", "use_lora"),
+                             donate_argnums=(1, 2))
+        self.compiled_shapes: set[tuple] = set()
+
+    def _forward(self, params, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta, *,
+                 mode: str, use_lora: bool):
+        kv = KVCache(k_pool=k_pool, v_pool=v_pool, page_table=batch.page_table,
+                     seq_lens=batch.seq_lens, token_valid=batch.token_valid, mode=mode,
+                     impl=self.impl)
+        lora = None
+        if use_lora:
+            lora = LoraInputs(pools=lora_pools, token_slot=batch.token_slot, impl=self.impl,
+                              **lora_meta)
+        logits, kv = self.model.apply({"params": params}, batch.tokens, batch.positions,
+                                      lora=lora, kv=kv, logit_index=batch.logit_index)
+        return logits[:, 0], kv.k_pool, kv.v_pool
+
+    def run(self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta,
+            use_lora: bool):
+        """Dispatches one step (asynchronously); returns logits (B, V) and the new KV pools."""
+        key = (mode, batch.tokens.shape, use_lora)
+        if key not in self.compiled_shapes:
+            self.compiled_shapes.add(key)
+            log.info("compiling step mode=%s batch=%s lora=%s (%d compiled shapes)", mode,
+                     batch.tokens.shape, use_lora, len(self.compiled_shapes))
+        return self._step(self.params, k_pool, v_pool, lora_pools, batch, lora_meta, mode=mode,
+                          use_lora=use_lora)
+
+    def bucket_shapes(self) -> list[tuple[str, int, int]]:
+        r = self.runner
+        shapes = []
+        b = 1
+        while True:
+            shapes.append(("decode", b, 1))
+            if b >= r.max_batch:
+                break
+            b = min(2 * b, r.max_batch)
+        b = 1
+        while True:
+            shapes.append(("prefill", b, r.prefill_chunk))
+            if b >= r.max_prefill_rows:
+                break
+            b = min(2 * b, r.max_prefill_rows)
+        return shapes
+
+
+def empty_batch(rows: int, length: int, max_pages: int) -> StepBatch:
+    """A batch of padding rows: writes nothing, reads nothing (used for warm-up)."""
+    zeros = np.zeros((rows, length), np.int32)
+    return StepBatch(tokens=zeros, positions=zeros, token_valid=np.zeros((rows, length), bool),
+                     page_table=np.zeros((rows, max_pages), np.int32),
+                     seq_lens=np.zeros(rows, np.int32), logit_index=np.zeros(rows, np.int32),
+                     token_slot=np.full((rows, length), -1, np.int32))
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - start
