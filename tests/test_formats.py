@@ -343,6 +343,17 @@ def test_rank_and_alpha_patterns_per_module_and_per_layer(tmp_path):
             peft_delta(d, layer, module, spec.layer_scales[module][layer]), rtol=1e-5, atol=1e-5)
 
 
+def test_zero_alpha_in_the_first_layer_does_not_zero_the_module(tmp_path):
+    adapter_config = {"r": 4, "lora_alpha": 8, "target_modules": ["up_proj"],
+                      "alpha_pattern": {"model.layers.0.mlp.up_proj": 0}}
+    d = write_adapter(tmp_path / "z", TINY, adapter_config, {(0, "up_proj"): 4, (1, "up_proj"): 4})
+    weights = load_peft_adapter(d, TINY, max_rank=MAX_RANK)
+    assert weights.scales == {"up_proj": 2.0}
+    assert not weights.b["up_proj"][0].any()
+    np.testing.assert_allclose(jaxlora_delta(weights, 1, "up_proj"),
+                               peft_delta(d, 1, "up_proj", 2.0), rtol=1e-5, atol=1e-5)
+
+
 def test_layers_to_transform_leaves_other_layers_untouched(tmp_path):
     adapter_config = {"r": 4, "lora_alpha": 4, "target_modules": ["k_proj", "gate_proj"],
                       "layers_to_transform": [1]}
@@ -459,6 +470,8 @@ PEFT_BREAKAGES = {
     "adapter_of_a_deeper_model": (lambda d: rewrite_tensors(d, add={
         f"{peft_tensor_prefix(5, 'q_proj')}.lora_A.weight": np.ones((4, 64), np.float32)}),
         FormatError, [WEIGHTS_FILE, "layers.5.self_attn.q_proj.lora_A.weight", "2 layers"]),
+    "nan_alpha": (lambda d: rewrite_config(d, lora_alpha=float("nan")), FormatError,
+                  [CONFIG_FILE, "lora_alpha", "finite"]),
     "bad_exclude_modules": (lambda d: rewrite_config(d, exclude_modules={"q_proj": 1}),
                             FormatError, [CONFIG_FILE, "exclude_modules"]),
     "no_config": (lambda d: os.remove(os.path.join(d, CONFIG_FILE)), FormatError,

@@ -238,6 +238,15 @@ def _read_config(config_file: str) -> dict:
     return cfg
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def _check_config(cfg: dict, config_file: str) -> dict:
     """Validates field types and refuses unsupported features; returns a normalised copy."""
     peft_type = cfg.get("peft_type")
@@ -263,23 +272,26 @@ def _check_config(cfg: dict, config_file: str) -> dict:
         raise AdapterError(f"{config_file}: field 'bias' is {bias!r}: adapters with biases are "
                            "not supported; expected 'none'")
     r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    if not _is_positive_int(r):
         raise FormatError(f"{config_file}: field 'r' is {r!r}; expected a positive int")
     alpha = cfg.get("lora_alpha", 8)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise FormatError(f"{config_file}: field 'lora_alpha' is {alpha!r}; expected a number")
+    if not _is_finite_number(alpha):
+        raise FormatError(f"{config_file}: field 'lora_alpha' is {alpha!r}; expected a finite "
+                          "number")
     use_rslora = cfg.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise FormatError(f"{config_file}: field 'use_rslora' is {use_rslora!r}; expected a bool")
-    for field, kind in (("rank_pattern", int), ("alpha_pattern", int | float)):
+    for field, valid, expected in (
+            ("rank_pattern", _is_positive_int, "a positive int"),
+            ("alpha_pattern", _is_finite_number, "a finite number")):
         patterns = cfg.get(field) or {}
         if not isinstance(patterns, dict):
             raise FormatError(f"{config_file}: field {field!r} must be an object mapping module "
                               f"name patterns to values, got {patterns!r}")
         for key, value in patterns.items():
-            if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-                raise FormatError(f"{config_file}: {field}[{key!r}] is {value!r}; expected a "
-                                  "positive number" + (" (int)" if kind is int else ""))
+            if not valid(value):
+                raise FormatError(f"{config_file}: {field}[{key!r}] is {value!r}; expected "
+                                  f"{expected}")
             try:
                 re.compile(key)
             except re.error as e:
@@ -393,6 +405,14 @@ def _parse_tensor_name(name: str, weights_file: str, targetable: dict) -> tuple[
     return module, match.group("kind")
 
 
+def _module_scale(layer_ranks: list[int], layer_scales: list[float]) -> float:
+    """The scale the kernels apply to a module: that of its first full-rank layer (other layers
+    fold their ratio to it into their B rows), or any non-zero one if that one is zero."""
+    top = max(layer_ranks)
+    full = [s for r, s in zip(layer_ranks, layer_scales, strict=True) if r == top and s]
+    return (full or [s for s in layer_scales if s] or [0.0])[0]
+
+
 def read_peft_adapter_spec(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
                            name: str | None = None, dtype=np.float32) -> AdapterSpec:
     """Validates a PEFT adapter against the base model without reading its weights."""
@@ -454,9 +474,7 @@ def read_peft_adapter_spec(path: str | os.PathLike, config: ModelConfig, *, max_
 
     target_modules = tuple(m for m in MODULES if m in layer_ranks)
     ranks = {m: max(layer_ranks[m]) for m in target_modules}
-    # The module's scale is that of its first layer of full rank; other layers fold the ratio
-    # into their B rows when loaded.
-    scales = {m: layer_scales[m][layer_ranks[m].index(ranks[m])] for m in target_modules}
+    scales = {m: _module_scale(layer_ranks[m], layer_scales[m]) for m in target_modules}
     itemsize = np.dtype(dtype).itemsize
     nbytes = sum(n_layers * ranks[m] * sum(shapes[m]) * itemsize for m in target_modules)
     return AdapterSpec(
@@ -485,7 +503,7 @@ def load_peft_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank:
             if pair is None:
                 continue
             rank = spec.layer_ranks[m][layer]
-            ratio = spec.layer_scales[m][layer] / spec.scales[m]
+            ratio = spec.layer_scales[m][layer] / spec.scales[m] if spec.scales[m] else 0.0
             a[m][layer, :rank] = raw[pair[0]]
             b_rows = raw[pair[1]].T
             b[m][layer, :rank] = b_rows if ratio == 1.0 else b_rows.astype(np.float32) * ratio
