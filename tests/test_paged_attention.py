@@ -118,17 +118,19 @@ def test_kernel_interpret_matches_reference(queries_per_kv, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_kernel_interpret_kv_splits(dtype):
-    """Three splits over a 6-page table with 1-page blocks: uneven splits, some of them empty."""
+    """Three splits of 2 pages (32 keys) over a 6-page table: rows that end in each split, on a
+    split boundary, and inactive rows (every split empty)."""
     rng = np.random.default_rng(7)
+    lens = (1, 32, 33, 0, 64, 96, 70, 17)
     k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
-        rng, SEQ_LENS, page_size=16, num_kv_heads=1, dtype=dtype)
-    q = jnp.asarray(rng.standard_normal((len(SEQ_LENS), 2, 16)), dtype)
+        rng, lens, page_size=16, num_kv_heads=1, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((len(lens), 2, 16)), dtype)
     config = PagedAttentionConfig(pages_per_block=1, kv_splits=3)
     out = paged_attention(q, k_pool, v_pool, page_table, seq_lens, 0, sm_scale=0.25,
                           config=config, interpret=True)
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
-    assert (out[np.asarray(SEQ_LENS) == 0] == 0).all()
+    assert (out[np.asarray(lens) == 0] == 0).all()
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(out, dense_attention(q, dk, dv, 0, 0.25), atol=tol, rtol=tol)
 
@@ -214,13 +216,14 @@ def test_write_kv_chunks_round_trip_through_attention():
     v_pool = k_pool
     dense_k = rng.standard_normal((layers, batch, 20, kvh, dim))
     dense_v = rng.standard_normal((layers, batch, 20, kvh, dim))
+    write = jax.jit(write_kv)
     for start in range(0, 20, chunk):
         positions = jnp.asarray(np.broadcast_to(np.arange(start, start + chunk), (batch, chunk)),
                                 jnp.int32)
         valid = positions < jnp.asarray(lens)[:, None]
         for layer in range(layers):
             sl = slice(start, start + chunk)
-            k_pool, v_pool = write_kv(
+            k_pool, v_pool = write(
                 k_pool, v_pool, jnp.asarray(dense_k[layer][:, sl], jnp.float32),
                 jnp.asarray(dense_v[layer][:, sl], jnp.float32), page_table,
                 positions, layer, valid)
