@@ -55,12 +55,16 @@ def four(tmp_path):
     return paths
 
 
-def test_resident_rows_equal_files_and_reference_layout(four):
-    manager = make_manager()
+@pytest.mark.parametrize("host_memory_kind", [None, "pinned_host"])
+def test_resident_rows_equal_files_and_reference_layout(four, host_memory_kind):
+    manager = make_manager(host_memory_kind=host_memory_kind)
     for name, path in four.items():
         manager.register(name, path)
     handles = [manager.acquire(name) for name in four]
     assert not any(h.ready for h in handles)  # queued until the engine polls
+    if host_memory_kind:
+        blocks = manager.store.cached_weights(manager.store.get("ad0")).blocks
+        assert all(b.sharding.memory_kind == host_memory_kind for b in blocks.values())
     manager.poll()
     for h in handles:
         h.wait()
@@ -82,7 +86,8 @@ def test_resident_rows_equal_files_and_reference_layout(four):
     for h in handles:
         h.release()
     stats = manager.stats()
-    assert (stats.misses, stats.hits, stats.copy_batches) == (4, 0, 1)  # one batched copy
+    # One batched transfer call, one scatter per adapter.
+    assert (stats.misses, stats.hits, stats.transfer_batches, stats.scatters) == (4, 0, 1, 4)
     assert stats.bytes_copied == sum(manager.store.get(n).nbytes for n in four)
     assert set(stats.load_seconds) == set(four)
 
@@ -94,10 +99,9 @@ def test_copies_donate_the_pools():
     handle = manager.acquire("w")
     with manager.locked_pools() as pools:
         assert all(pools[a] is before[a] for a in pools)
-    manager.poll()
+    handle.wait().release()
     assert all(before[axis].is_deleted() for axis in ("embed", "heads", "kv_heads"))
     assert not before["mlp"].is_deleted()  # untouched pool: no pages of this adapter
-    handle.wait().release()
 
 
 def random_weights(rank, modules=("q_proj", "k_proj", "v_proj"), seed=0, name="w"):
@@ -148,7 +152,7 @@ def test_referenced_adapters_are_never_evicted():
     held[1].release()
     manager.acquire("w3").release()
     assert resident_names(manager) == {"w0", "w2", "w3"}
-    manager.poll()
+    manager.wait_all()
     pools = host_pools(manager)
     for h, seed in ((held[0], 0), (held[2], 2)):  # their rows were never overwritten
         w = random_weights(2, layout.MODULES, seed=seed)
@@ -241,7 +245,7 @@ def test_eviction_before_the_copy_cancels_it():
     assert manager.evict("w0")
     manager.poll()
     stats = manager.stats()
-    assert (stats.copy_batches, stats.bytes_copied) == (0, 0)
+    assert (stats.transfer_batches, stats.scatters, stats.bytes_copied) == (0, 0, 0)
     check_consistent(manager)
 
 

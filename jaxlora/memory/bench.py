@@ -72,12 +72,14 @@ def random_adapter(config: ModelConfig, rank: int, seed: int) -> LoraWeights:
                        scales=dict.fromkeys(MODULES, 2.0))
 
 
-def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int) -> dict:
+def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int,
+                    host_memory_kind: str | None) -> dict:
     rows_per_page = 16
     per_adapter = 7 * -(-rank // rows_per_page)  # embed pages of an all-module adapter
     pool = LoraPoolConfig(max_rank=max(rank, rows_per_page), rows_per_page=rows_per_page,
                           pages_per_pool=per_adapter * (adapters + 1), max_slots=adapters)
-    store = AdapterStore(config, pool, AdapterStoreConfig(dtype="bfloat16"))
+    store = AdapterStore(config, pool, AdapterStoreConfig(dtype="bfloat16",
+                                                          host_memory_kind=host_memory_kind))
     manager = AdapterManager(store, AdapterManagerConfig(load_workers=0))
     names = [f"a{i}" for i in range(adapters)]
     for i, name in enumerate(names):
@@ -142,6 +144,7 @@ def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int) -
     stats = manager.stats()
     return {
         "model": config.name, "rank": rank, "adapter_bytes": nbytes,
+        "host_memory_kind": host_memory_kind,
         "cold_acquire_to_ready_ms": [round(t * 1e3, 2) for t in cold],
         "cold_GBps_median": round(nbytes / statistics.median(cold) / 1e9, 2),
         f"batched_{adapters}_adapters_ms": round(batched * 1e3, 2),
@@ -150,7 +153,8 @@ def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int) -
         "step_ms_no_copies_max": round(max(quiet) * 1e3, 3),
         "step_ms_with_copies_median": round(statistics.median(busy) * 1e3, 3),
         "step_ms_with_copies_max": round(max(busy) * 1e3, 3),
-        "copy_batches": stats.copy_batches, "bytes_copied": stats.bytes_copied,
+        "transfer_batches": stats.transfer_batches, "scatters": stats.scatters,
+        "bytes_copied": stats.bytes_copied,
     }
 
 
@@ -163,9 +167,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = get_model_preset(args.model)
     result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-    manager = measure_manager(config, args.rank, args.adapters, args.steps)
-    result["transfer"] = measure_transfers(manager["adapter_bytes"])
-    result["manager"] = manager
+    for kind in (None, "pinned_host"):
+        result[f"manager_{kind or 'numpy'}"] = measure_manager(config, args.rank, args.adapters,
+                                                               args.steps, kind)
+    result["transfer"] = measure_transfers(result["manager_numpy"]["adapter_bytes"])
     print(json.dumps(result, indent=1))
 
 

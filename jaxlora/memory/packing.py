@@ -3,8 +3,11 @@
 ``AdapterFootprint`` is what the header of an adapter tells (rank and scale of each module) and
 what the pool needs to know before any weight is read: how many pages each pool gives it and the
 order those pages take. ``PackedAdapter`` adds the rank-rows themselves, already cut into pages:
-for each pool axis one array ``(num_layers, pages, rows_per_page, width)`` whose page i goes to
-the i-th page id allocated in that pool. The page order is the one of
+for each pool axis the adapter uses, one array ``(num_layers, pages, rows_per_page, width)`` whose
+page i goes to the i-th page id allocated in that pool. The page count of each array is rounded up
+to a *bucket* (1, 2, 3, 4, 6, 8, 12, 16, ...: at most a third more) so that the jitted copy into
+the pool compiles for a handful of shapes only; the padding pages are never written to the pool.
+The page order is the one of
 ``jaxlora.lora.write_adapter_rows`` (MODULES order, A before B within a module), so a
 ``SlotInfo`` built here feeds ``layout.build_slot_metadata`` unchanged.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -68,22 +72,34 @@ class AdapterFootprint:
                         b_pages=tuple(b_pages))
 
 
+def page_bucket(n: int) -> int:
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... that is >= n."""
+    size = 1
+    while size < n:
+        if size >= 2 and size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2
+    return size
+
+
 def packed_nbytes(footprint: AdapterFootprint, config: ModelConfig, rows_per_page: int,
                   dtype) -> int:
-    """Bytes of the packed form (pages are padded to rows_per_page rows)."""
+    """Bytes of the packed form (pages hold rows_per_page rows, page counts are bucketed)."""
     widths = layout.pool_widths(config.hidden_size, config.q_size, config.kv_size,
                                 config.intermediate_size)
     itemsize = np.dtype(dtype).itemsize
-    return sum(n * config.num_layers * rows_per_page * widths[axis] * itemsize
-               for axis, n in footprint.pages_needed(rows_per_page).items())
+    return sum(page_bucket(n) * config.num_layers * rows_per_page * widths[axis] * itemsize
+               for axis, n in footprint.pages_needed(rows_per_page).items() if n)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PackedAdapter:
-    """An adapter's rank-rows cut into pages: blocks[axis] is (num_layers, pages, R, width)."""
+    """An adapter's rank-rows cut into pages: blocks[axis] is (num_layers, bucketed pages, R,
+    width), for the axes where the adapter has pages; a numpy array, or a jax.Array in host
+    memory (``pinned_host``) when the store is configured so."""
 
     footprint: AdapterFootprint
-    blocks: dict[str, np.ndarray]
+    blocks: dict[str, Any]
 
     @property
     def nbytes(self) -> int:
@@ -131,8 +147,9 @@ def pack_weights(weights: LoraWeights, config: ModelConfig, rows_per_page: int,
     widths = layout.pool_widths(config.hidden_size, config.q_size, config.kv_size,
                                 config.intermediate_size)
     need = footprint.pages_needed(rows_per_page)
-    blocks = {axis: np.zeros((config.num_layers, n, rows_per_page, widths[axis]), dtype)
-              for axis, n in need.items()}
+    blocks = {axis: np.zeros((config.num_layers, page_bucket(n), rows_per_page, widths[axis]),
+                             dtype)
+              for axis, n in need.items() if n}
     cursor = dict.fromkeys(POOL_AXES, 0)
     for m, r in zip(MODULES, footprint.ranks, strict=True):
         if not r:

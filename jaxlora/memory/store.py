@@ -42,12 +42,16 @@ class AdapterStoreConfig:
 
     dtype: element type of the host copy and of the GPU pool (weights are cast once, at load);
     host_budget_bytes: the most bytes of disk-backed adapters kept in RAM (None: no limit);
-    eager: read and pack weights at registration instead of on first use.
+    eager: read and pack weights at registration instead of on first use;
+    host_memory_kind: None keeps numpy arrays (pageable memory); "pinned_host" keeps jax arrays
+    in page-locked host memory, which the GPU reads about 7x faster (H100: 41 GB/s against 5.7
+    GB/s for numpy), at the price of pinned RAM and a copy into it when an adapter is loaded.
     """
 
     dtype: str = "float32"
     host_budget_bytes: int | None = None
     eager: bool = False
+    host_memory_kind: str | None = None
 
     def __post_init__(self):
         try:
@@ -60,6 +64,9 @@ class AdapterStoreConfig:
                                                    or self.host_budget_bytes < 0):
             raise AdapterError("adapter store config field 'host_budget_bytes': expected None "
                                f"or an int >= 0, got {self.host_budget_bytes!r}")
+        if self.host_memory_kind not in (None, "pinned_host"):
+            raise AdapterError("adapter store config field 'host_memory_kind': expected None or "
+                               f"'pinned_host', got {self.host_memory_kind!r}")
 
     def dtype_object(self):
         # bfloat16 and friends are not numpy builtins; jax.numpy knows them (via ml_dtypes).
@@ -296,8 +303,8 @@ class AdapterStore:
                             ) -> tuple[AdapterEntry, PackedAdapter]:
         validate_weights(weights, self.model_config, max_rank=self.pool_config.max_rank,
                          source=weights.source or MEMORY_SOURCE)
-        packed = pack_weights(weights, self.model_config, self.pool_config.rows_per_page,
-                              self.dtype)
+        packed = self._to_host_memory(pack_weights(
+            weights, self.model_config, self.pool_config.rows_per_page, self.dtype))
         entry = AdapterEntry(name=name, version=self._new_version(), source=MEMORY_SOURCE,
                              footprint=packed.footprint, nbytes=packed.nbytes)
         return entry, packed
@@ -342,7 +349,17 @@ class AdapterStore:
             raise FormatError(f"{entry.source}: adapter {entry.name!r} changed on disk since it "
                               f"was registered (ranks/scales {packed.footprint} now, "
                               f"{entry.footprint} then); replace it to serve the new files")
-        return packed
+        return self._to_host_memory(packed)
+
+    def _to_host_memory(self, packed: PackedAdapter) -> PackedAdapter:
+        kind = self.config.host_memory_kind
+        if kind is None:
+            return packed
+        import jax
+
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
+        blocks = jax.device_put(packed.blocks, sharding)
+        return PackedAdapter(footprint=packed.footprint, blocks=jax.block_until_ready(blocks))
 
     def _cached_locked(self, key) -> PackedAdapter | None:
         packed = self._memory_only.get(key)
