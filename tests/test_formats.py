@@ -558,6 +558,8 @@ def test_orbax_params_round_trip(tmp_path):
     params = random_params(LLAMA3_TINY, seed=3)
     save_params(tmp_path / "ckpt", LLAMA3_TINY, params)
     save_params(tmp_path / "ckpt", LLAMA3_TINY, params)  # overwriting is allowed
+    # jaxlora.llm takes a directory with a config.json for a HF checkpoint.
+    assert not (tmp_path / "ckpt" / "config.json").exists()
     config, restored = restore_params(tmp_path / "ckpt")
     assert config == LLAMA3_TINY
     assert_trees_equal(restored, params)
@@ -565,14 +567,14 @@ def test_orbax_params_round_trip(tmp_path):
 
 def test_orbax_checkpoint_that_contradicts_its_config_is_refused(tmp_path, tiny_params):
     save_params(tmp_path / "ckpt", TINY, tiny_params)
-    path = tmp_path / "ckpt" / "config.json"
+    path = tmp_path / "ckpt" / "model_config.json"
     cfg = json.loads(path.read_text())
     cfg["intermediate_size"] = 96
     path.write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match=r"params.*gate_proj/kernel.*\(2, 64, 96\)"):
         restore_params(tmp_path / "ckpt")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    (tmp_path / "empty" / "model_config.json").write_text(json.dumps(TINY.to_hf_dict()))
     with pytest.raises(FormatError, match="not found"):
         restore_params(tmp_path / "empty")
 

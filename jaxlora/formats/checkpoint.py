@@ -1,6 +1,6 @@
 """Converted base parameters saved and restored with orbax-checkpoint, the config as JSON beside.
 
-Layout of a checkpoint directory:  config.json (HF-style, ModelConfig.from_hf_json reads it) and
+Layout of a checkpoint directory: model_config.json (HF config.json fields) and
 params/ (an orbax StandardCheckpointer checkpoint of the params pytree).
 """
 
@@ -17,7 +17,8 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import FormatError
 from jaxlora.formats.hf import check_params, read_hf_config
 
-CONFIG_NAME = "config.json"
+# Not "config.json": a directory holding one is taken for a HF checkpoint (jaxlora.llm).
+CONFIG_NAME = "model_config.json"
 PARAMS_DIR = "params"
 
 
