@@ -73,14 +73,15 @@ def random_adapter(config: ModelConfig, rank: int, seed: int) -> LoraWeights:
 
 
 def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int,
-                    host_memory_kind: str | None) -> dict:
+                    host_memory_kind: str | None, max_in_flight: int) -> dict:
     rows_per_page = 16
     per_adapter = 7 * -(-rank // rows_per_page)  # embed pages of an all-module adapter
     pool = LoraPoolConfig(max_rank=max(rank, rows_per_page), rows_per_page=rows_per_page,
                           pages_per_pool=per_adapter * (adapters + 1), max_slots=adapters)
     store = AdapterStore(config, pool, AdapterStoreConfig(dtype="bfloat16",
                                                           host_memory_kind=host_memory_kind))
-    manager = AdapterManager(store, AdapterManagerConfig(load_workers=0))
+    manager = AdapterManager(store, AdapterManagerConfig(
+        load_workers=0, max_copy_bytes_in_flight=max_in_flight))
     names = [f"a{i}" for i in range(adapters)]
     for i, name in enumerate(names):
         manager.register(name, random_adapter(config, rank, i))
@@ -164,13 +165,16 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--max-in-flight-mb", type=int, default=1024)
+    parser.add_argument("--host-memory-kinds", default="numpy,pinned_host")
     args = parser.parse_args(argv)
     config = get_model_preset(args.model)
     result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-    for kind in (None, "pinned_host"):
-        result[f"manager_{kind or 'numpy'}"] = measure_manager(config, args.rank, args.adapters,
-                                                               args.steps, kind)
-    result["transfer"] = measure_transfers(result["manager_numpy"]["adapter_bytes"])
+    for kind in args.host_memory_kinds.split(","):
+        result[f"manager_{kind}"] = manager = measure_manager(
+            config, args.rank, args.adapters, args.steps, None if kind == "numpy" else kind,
+            args.max_in_flight_mb << 20)
+    result["transfer"] = measure_transfers(manager["adapter_bytes"])
     print(json.dumps(result, indent=1))
 
 
