@@ -22,14 +22,12 @@ from jaxlora.config import LoraPoolConfig
 from jaxlora.errors import AdapterError, FormatError, PoolExhaustedError, UnknownAdapterError
 from jaxlora.formats import load_peft_adapter
 from jaxlora.lora import LoraWeights, empty_pools, write_adapter_rows
-from jaxlora.memory import AdapterManager, AdapterManagerConfig, AdapterStore
+from jaxlora.memory import AdapterManager, AdapterManagerConfig, AdapterStore, AdapterStoreConfig
 from jaxlora.sharding import make_mesh, pool_shardings
 from pallas_kernels import layout
 
 
 def make_manager(pool=POOL, workers=0, **store_kwargs):
-    from jaxlora.memory import AdapterStoreConfig
-
     store = AdapterStore(CONFIG, pool, AdapterStoreConfig(**store_kwargs))
     return AdapterManager(store, AdapterManagerConfig(load_workers=workers))
 
@@ -262,7 +260,7 @@ def test_unknown_and_bad_manager_config():
 
 def test_tensor_parallel_pools_keep_their_sharding(four):
     mesh = make_mesh(2, devices=jax.devices("cpu"))  # conftest makes 4 CPU devices
-    store = AdapterStore(CONFIG, POOL)
+    store = AdapterStore(CONFIG, POOL, AdapterStoreConfig(host_memory_kind=None))
     manager = AdapterManager(store, AdapterManagerConfig(load_workers=0),
                              shardings=pool_shardings(mesh))
     for name, path in four.items():

@@ -30,7 +30,7 @@ def unpack(packed, footprint, rows_per_page=POOL.rows_per_page):
         n = pages_for_rank(r, rows_per_page)
         got = []
         for axis in MODULE_POOLS[m]:
-            block = packed.blocks[axis][:, cursor[axis]:cursor[axis] + n]
+            block = np.asarray(packed.blocks[axis])[:, cursor[axis]:cursor[axis] + n]
             cursor[axis] += n
             flat = block.reshape(block.shape[0], n * rows_per_page, -1)
             assert not flat[:, r:].any(), "rows past the rank must be zero in the host copy"
@@ -315,3 +315,5 @@ def test_bad_store_config():
         AdapterStoreConfig(dtype="float33")
     with pytest.raises(AdapterError, match="'host_budget_bytes'"):
         AdapterStoreConfig(host_budget_bytes=-1)
+    with pytest.raises(AdapterError, match="'host_memory_kind'"):
+        AdapterStoreConfig(host_memory_kind="device")

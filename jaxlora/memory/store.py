@@ -44,14 +44,16 @@ class AdapterStoreConfig:
     host_budget_bytes: the most bytes of disk-backed adapters kept in RAM (None: no limit);
     eager: read and pack weights at registration instead of on first use;
     host_memory_kind: None keeps numpy arrays (pageable memory); "pinned_host" keeps jax arrays
-    in page-locked host memory, which the GPU reads about 7x faster (H100: 41 GB/s against 5.7
-    GB/s for numpy), at the price of pinned RAM and a copy into it when an adapter is loaded.
+    in page-locked host memory, which the GPU reads several times faster (H100, one 84 MB
+    adapter: ready 3.0 ms after acquire against 8.6 ms from numpy), at the price of pinned RAM
+    and of a copy into it when an adapter is loaded; "auto": pinned_host when the default device
+    is a GPU, else None.
     """
 
     dtype: str = "float32"
     host_budget_bytes: int | None = None
     eager: bool = False
-    host_memory_kind: str | None = None
+    host_memory_kind: str | None = "auto"
 
     def __post_init__(self):
         try:
@@ -64,9 +66,16 @@ class AdapterStoreConfig:
                                                    or self.host_budget_bytes < 0):
             raise AdapterError("adapter store config field 'host_budget_bytes': expected None "
                                f"or an int >= 0, got {self.host_budget_bytes!r}")
-        if self.host_memory_kind not in (None, "pinned_host"):
-            raise AdapterError("adapter store config field 'host_memory_kind': expected None or "
-                               f"'pinned_host', got {self.host_memory_kind!r}")
+        if self.host_memory_kind not in (None, "pinned_host", "auto"):
+            raise AdapterError("adapter store config field 'host_memory_kind': expected None, "
+                               f"'pinned_host' or 'auto', got {self.host_memory_kind!r}")
+
+    def resolved_host_memory_kind(self) -> str | None:
+        if self.host_memory_kind != "auto":
+            return self.host_memory_kind
+        import jax
+
+        return "pinned_host" if jax.devices()[0].platform == "gpu" else None
 
     def dtype_object(self):
         # bfloat16 and friends are not numpy builtins; jax.numpy knows them (via ml_dtypes).
@@ -118,6 +127,7 @@ class AdapterStore:
         self.pool_config = pool_config
         self.config = config or AdapterStoreConfig()
         self.dtype = self.config.dtype_object()
+        self.host_memory_kind = self.config.resolved_host_memory_kind()
         self._entries: dict[str, AdapterEntry] = {}
         # Packed weights of disk-backed versions, least recently used first.
         self._cache: collections.OrderedDict[tuple[str, int], PackedAdapter] = (
@@ -352,7 +362,7 @@ class AdapterStore:
         return self._to_host_memory(packed)
 
     def _to_host_memory(self, packed: PackedAdapter) -> PackedAdapter:
-        kind = self.config.host_memory_kind
+        kind = self.host_memory_kind
         if kind is None:
             return packed
         import jax
