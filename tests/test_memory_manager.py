@@ -256,6 +256,26 @@ def test_unknown_and_bad_manager_config():
     assert manager.pinned_names() == set()
     with pytest.raises(AdapterError, match="load_workers"):
         AdapterManagerConfig(load_workers=-1)
+    manager.close()
+    with pytest.raises(AdapterError, match="closed"):
+        manager.acquire("ghost")
+
+
+def test_one_adapter_in_flight_at_a_time(four):
+    store = AdapterStore(CONFIG, POOL)
+    manager = AdapterManager(store, AdapterManagerConfig(load_workers=0,
+                                                         max_copy_bytes_in_flight=1))
+    for name, path in four.items():
+        manager.register(name, path)
+    handles = [manager.acquire(n) for n in four]
+    handles[-1].wait()  # waits through the three copies queued before it
+    assert all(h.ready for h in handles)
+    assert manager.stats().transfer_batches == 4
+    pools = host_pools(manager)
+    for h in handles:
+        assert_rows_equal(file_rows(four[h.name]),
+                          pool_rows(pools, h.slot_info, POOL.rows_per_page), h.name)
+        h.release()
 
 
 def test_tensor_parallel_pools_keep_their_sharding(four):
