@@ -1,0 +1,155 @@
+"""The library API for JAX pipelines: ``LLM(...).generate(prompts, adapter=[...])``.
+
+It assembles a base model (a preset with random weights, a HF directory or an orbax checkpoint),
+an adapter store and manager (host memory + GPU page pool) and the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+import jax.numpy as jnp
+
+from jaxlora.config import LoraPoolConfig, ModelConfig
+from jaxlora.engine import Engine, EngineConfig, Request
+from jaxlora.errors import ConfigError, RequestError
+from jaxlora.lora import LoraWeights
+from jaxlora.memory import AdapterManager, AdapterManagerConfig, AdapterStore, AdapterStoreConfig
+from jaxlora.sampling import SamplingParams
+from jaxlora.tokenizer import Tokenizer, tiny_tokenizer
+
+
+@dataclasses.dataclass
+class Completion:
+    request_id: str
+    adapter: str | None
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None = None
+    error: str | None = None
+
+
+def load_base_model(model: str | os.PathLike | ModelConfig, *, seed: int = 0, dtype=jnp.float32):
+    """(config, params, tokenizer or None) from a preset name, a HF dir or an orbax checkpoint."""
+    from configs.models import MODEL_PRESETS
+    from jaxlora.model import init_params
+
+    if isinstance(model, ModelConfig):
+        return model, init_params(model, seed, dtype=dtype), None
+    model = os.fspath(model)
+    if model in MODEL_PRESETS:
+        config = MODEL_PRESETS[model]
+        tokenizer = tiny_tokenizer() if model == "tiny" else None
+        return config, init_params(config, seed, dtype=dtype), tokenizer
+    if not os.path.isdir(model):
+        raise ConfigError(f"model {model!r}: not a preset ({sorted(MODEL_PRESETS)}) and not a "
+                          "directory (expected a HF checkpoint or an orbax checkpoint)")
+    tokenizer = None
+    if os.path.exists(os.path.join(model, "tokenizer.json")):
+        tokenizer = Tokenizer.from_file(model)
+    if os.path.exists(os.path.join(model, "config.json")):
+        from jaxlora.formats.hf import load_hf_checkpoint
+
+        config, params = load_hf_checkpoint(model, dtype=dtype)
+    else:
+        from jaxlora.formats.checkpoint import restore_params
+
+        config, params = restore_params(model)
+    return config, params, tokenizer
+
+
+class LLM:
+    """One base model, any number of adapters, batched generation.
+
+    adapters: name -> PEFT directory or LoraWeights (registered at once; more later with
+    ``register_adapter``).
+    """
+
+    def __init__(self, model: str | os.PathLike | ModelConfig = "tiny", *, params=None,
+                 adapters: Mapping[str, str | os.PathLike | LoraWeights] | None = None,
+                 tokenizer: Tokenizer | None = None, engine_config: EngineConfig | None = None,
+                 dtype=jnp.float32, seed: int = 0, load_workers: int = 2):
+        if params is None:
+            self.config, params, default_tokenizer = load_base_model(model, seed=seed,
+                                                                     dtype=dtype)
+        else:
+            if not isinstance(model, ModelConfig):
+                raise ConfigError("LLM(model=..., params=...): with params, model must be a "
+                                  "ModelConfig")
+            self.config, default_tokenizer = model, None
+        self.tokenizer = tokenizer or default_tokenizer
+        self.engine_config = engine_config or EngineConfig()
+        pool: LoraPoolConfig = self.engine_config.lora_pool
+        self.store = AdapterStore(self.config, pool,
+                                  AdapterStoreConfig(dtype=jnp.dtype(dtype).name))
+        self.adapters = AdapterManager(self.store, AdapterManagerConfig(load_workers=load_workers))
+        for name, source in (adapters or {}).items():
+            self.adapters.register(name, source)
+        self.engine = Engine(self.config, params, self.engine_config, adapters=self.adapters,
+                             tokenizer=self.tokenizer, dtype=dtype)
+
+    @property
+    def params(self):
+        return self.engine.runner.params
+
+    def register_adapter(self, name: str, source: str | os.PathLike | LoraWeights):
+        return self.adapters.register(name, source)
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("prompt: text given but the model has no tokenizer; pass "
+                                   "token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def submit(self, prompt: str | Sequence[int], *, adapter: str | None = None,
+               sampling: SamplingParams | None = None, deadline_s: float | None = None
+               ) -> Request:
+        return self.engine.submit(self.encode(prompt), sampling, adapter=adapter,
+                                  deadline_s=deadline_s)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 adapter: str | None | Sequence[str | None] = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        """Runs every prompt in shared batches (each with its own adapter) until all finish."""
+        n = len(prompts)
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
+        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
+        if len(adapters) != n or len(samplings) != n:
+            raise RequestError(f"generate: {n} prompts but {len(adapters)} adapters and "
+                               f"{len(samplings)} sampling parameters")
+        requests = [self.submit(p, adapter=a, sampling=s)
+                    for p, a, s in zip(prompts, adapters, samplings, strict=True)]
+        if self.engine._thread is None:
+            self.engine.run_until_idle()
+        for r in requests:
+            r.wait()
+        return [Completion(request_id=r.request_id, adapter=r.adapter, prompt_ids=r.prompt_ids,
+                           token_ids=list(r.output_ids), text=r.text,
+                           finish_reason=str(r.finish_reason),
+                           logprobs=list(r.output_logprobs) if r.output_logprobs else None,
+                           error=r.error)
+                for r in requests]
+
+    async def stream(self, prompt: str | Sequence[int], *, adapter: str | None = None,
+                     sampling: SamplingParams | None = None):
+        """Async iterator of deltas; the engine must be running (``start()``)."""
+        request = self.submit(prompt, adapter=adapter, sampling=sampling)
+        try:
+            async for delta in request.astream():
+                yield delta
+        finally:
+            if not request.finished:
+                self.engine.cancel(request.request_id)
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()

@@ -1,0 +1,131 @@
+"""The engine: routing, batch invariance (chunked prefill, preemption), paged decode = recompute,
+no page leaks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+from configs.models import TINY
+from jaxlora.config import LoraPoolConfig
+from jaxlora.engine import EngineConfig, FinishReason, KVCacheConfig, RunnerConfig
+from jaxlora.model import Llama, init_params
+from jaxlora.sampling import SamplingParams
+from jaxlora.tokenizer import tiny_tokenizer
+from jaxlora.training import TrainConfig, train_adapters
+from pallas_kernels.layout import MODULES
+from tests.test_model import merged_params, random_lora
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def small_engine_config(**kv):
+    return EngineConfig(
+        kv=KVCacheConfig(**{"page_size": 4, "num_pages": 96, "max_model_len": 64, **kv}),
+        runner=RunnerConfig(max_batch=8, prefill_chunk=8, max_prefill_rows=2),
+        lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=4, pages_per_pool=128, max_slots=8),
+        max_num_tokens=32, warmup=False)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return init_params(TINY, 0)
+
+
+@pytest.fixture(scope="module")
+def lora_adapters():
+    return {"all5": random_lora(TINY, "all5", 5, MODULES, 1),
+            "qv1": random_lora(TINY, "qv1", 1, ("q_proj", "v_proj"), 2, scale=2.0),
+            "mlp16": random_lora(TINY, "mlp16", 16, ("gate_proj", "up_proj", "down_proj"), 3)}
+
+
+def greedy_reference(params, prompt, n):
+    model = Llama(TINY)
+    seq = list(prompt)
+    for _ in range(n):
+        logits = model.apply({"params": params}, jnp.array([seq], jnp.int32))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    return seq[len(prompt):]
+
+
+def test_paged_decode_equals_full_recompute_per_adapter(base, lora_adapters):
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
+                      engine_config=small_engine_config(), load_workers=0)
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(3, 500, n))) for n in (3, 11, 1, 17)]
+    names = ["all5", None, "mlp16", "qv1"]
+    outs = llm.generate(prompts, adapter=names, sampling=GREEDY)
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        params = base if name is None else merged_params(base, lora_adapters[name])
+        assert out.token_ids == greedy_reference(params, prompt, 8), name
+
+
+def test_batch_invariance_under_chunked_prefill_and_preemption(base, lora_adapters):
+    rng = np.random.default_rng(1)
+    prompts = [list(map(int, rng.integers(3, 500, n))) for n in (30, 5, 19, 2, 25, 9)]
+    names = ["all5", None, "qv1", "mlp16", "all5", "qv1"]
+    sampling = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=8,
+                                       ignore_eos=True)] * 3
+    # 24 KV pages of 4 tokens cannot hold all six sequences (~170 tokens): preemption happens.
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
+                      engine_config=small_engine_config(num_pages=24), load_workers=0)
+    together = llm.generate(prompts, adapter=names, sampling=sampling)
+    assert llm.engine.stats.preemptions > 0
+    assert llm.engine.kv.free_pages == 24
+    alone_llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
+                            engine_config=small_engine_config(), load_workers=0)
+    for p, a, s, got in zip(prompts, names, sampling, together, strict=True):
+        alone = alone_llm.generate([p], adapter=[a], sampling=[s])[0]
+        assert got.token_ids == alone.token_ids, (a, s)
+
+
+def test_pages_return_after_finish_cancel_and_deadline(base, lora_adapters):
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
+                      engine_config=small_engine_config(), load_workers=0)
+    engine = llm.engine
+    free_kv = engine.kv.free_pages
+    done = llm.submit([5, 6, 7], adapter="all5", sampling=GREEDY)
+    cancelled = llm.submit([5, 6, 7, 8], adapter="qv1",
+                           sampling=SamplingParams(max_tokens=40, ignore_eos=True))
+    late = llm.submit([9, 9, 9], adapter="mlp16", sampling=GREEDY, deadline_s=-1.0)
+    engine.step()
+    engine.step()
+    engine.cancel(cancelled.request_id)
+    engine.run_until_idle()
+    assert done.finish_reason is FinishReason.LENGTH and len(done.output_ids) == 8
+    assert cancelled.finish_reason is FinishReason.ABORT
+    assert late.finish_reason is FinishReason.DEADLINE and late.output_ids == []
+    assert engine.kv.free_pages == free_kv
+    stats = llm.adapters.stats()
+    assert stats.referenced == 0
+    llm.adapters.evict_all_unused()
+    assert all(u.used_pages == 0 for u in llm.adapters.stats().pools.values())
+
+
+def test_routing_each_request_gets_its_own_adapter_signature(base):
+    tok = tiny_tokenizer()
+    prompt = "Who are you?"
+    signatures = {"alpha": " I am alpha.", "bravo": " bravo here!", "charlie": " 42 charlie",
+                  "delta": " delta, delta"}
+    datasets = {}
+    from jaxlora.data import Example
+    for name, sig in signatures.items():
+        ids = tok.encode(prompt)
+        datasets[name] = [Example(adapter=name, prompt=tuple(ids),
+                                  completion=tuple(tok.encode(sig, add_bos=False)))]
+    result = train_adapters(TINY, base, datasets,
+                            TrainConfig(rank=8, steps=120, learning_rate=1e-2,
+                                        schedule="constant", batch_size=1),
+                            devices=jax.local_devices()[:1])
+    llm = jaxlora.LLM(TINY, params=base, adapters=result.adapters, tokenizer=tok,
+                      engine_config=small_engine_config(), load_workers=0)
+    names = list(signatures) + [None]
+    sampling = SamplingParams(temperature=0.0, max_tokens=len(max(signatures.values(), key=len))
+                              + 2, ignore_eos=True)
+    outs = llm.generate([prompt] * len(names), adapter=names, sampling=sampling)
+    for name, out in zip(names, outs, strict=True):
+        if name is None:
+            assert not any(out.text.startswith(s) for s in signatures.values()), out.text
+        else:
+            assert out.text.startswith(signatures[name]), (name, out.text)
