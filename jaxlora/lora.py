@@ -60,6 +60,20 @@ class LoraWeights:
         return need
 
 
+def random_lora_weights(config: ModelConfig, name: str, rank: int, modules=MODULES, *,
+                        seed: int = 0, std: float = 0.3, scale: float = 0.5,
+                        dtype=np.float32) -> LoraWeights:
+    """An adapter with random non-zero A and B (benchmarks, demos, tests)."""
+    rng = np.random.default_rng(seed)
+    shapes = config.module_shapes()
+    a, b = {}, {}
+    for m in modules:
+        fan_in, fan_out = shapes[m]
+        a[m] = rng.normal(0, std, (config.num_layers, rank, fan_in)).astype(dtype)
+        b[m] = rng.normal(0, std, (config.num_layers, rank, fan_out)).astype(dtype)
+    return LoraWeights(name=name, a=a, b=b, scales={m: scale for m in modules})
+
+
 @flax.struct.dataclass
 class LoraInputs:
     """Device-side inputs of the LoRA hook for one forward pass."""

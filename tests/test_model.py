@@ -7,20 +7,13 @@ import pytest
 
 from configs.models import TINY
 from jaxlora.config import LoraPoolConfig
-from jaxlora.lora import LoraWeights, pack_adapters
+from jaxlora.lora import LoraWeights, pack_adapters, random_lora_weights
 from jaxlora.model import Llama, init_params
 from pallas_kernels.layout import MODULES, NO_ADAPTER
 
 
 def random_lora(config, name, rank, modules, seed, scale=0.5):
-    rng = np.random.default_rng(seed)
-    shapes = config.module_shapes()
-    a, b = {}, {}
-    for m in modules:
-        fan_in, fan_out = shapes[m]
-        a[m] = rng.normal(0, 0.3, (config.num_layers, rank, fan_in)).astype(np.float32)
-        b[m] = rng.normal(0, 0.3, (config.num_layers, rank, fan_out)).astype(np.float32)
-    return LoraWeights(name=name, a=a, b=b, scales={m: scale for m in modules})
+    return random_lora_weights(config, name, rank, modules, seed=seed, scale=scale)
 
 
 def merged_params(params, lora: LoraWeights):

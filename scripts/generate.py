@@ -1,0 +1,34 @@
+"""Offline generation: several prompts, each with its own adapter, in ONE engine batch.
+
+    python scripts/generate.py                      # tiny model, demo adapters
+    python scripts/generate.py --model=/path/to/hf --adapter=sql=/path/to/peft --prompt="..."
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from jaxlora.generate import run_generate  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "tiny", "model preset, HF checkpoint directory or orbax checkpoint")
+flags.DEFINE_multi_string("adapter", [], "adapter as name=path (PEFT directory); repeatable")
+flags.DEFINE_multi_string("prompt", [], "a prompt; repeatable (default: demo prompts)")
+flags.DEFINE_integer("max_tokens", 24, "tokens to generate per request")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+
+
+def main(argv):
+    del argv
+    run_generate(model=FLAGS.model, adapters=FLAGS.adapter, prompts=FLAGS.prompt,
+                 max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature, seed=FLAGS.seed)
+
+
+if __name__ == "__main__":
+    app.run(main)
