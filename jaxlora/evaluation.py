@@ -240,6 +240,26 @@ def _random_stacked(config: ModelConfig, indices, rank, modules, seed, dtype):
     return a, b
 
 
+def synthetic_examples(adapters: Sequence[str | None], per_adapter: int, *, prompt_len: int,
+                       completion_len: int, vocab_size: int, seed: int = 0) -> list[Example]:
+    """Random-token examples, `per_adapter` for each adapter, interleaved (for benchmarks).
+
+    Interleaving means consecutive examples belong to different adapters, the order in which
+    requests for many adapters arrive at a shared service.
+    """
+    if per_adapter <= 0 or prompt_len <= 0 or completion_len <= 0:
+        raise ConfigError(f"synthetic_examples: per_adapter ({per_adapter}), prompt_len "
+                          f"({prompt_len}) and completion_len ({completion_len}) must be positive")
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in range(per_adapter):
+        for adapter in adapters:
+            ids = rng.integers(0, vocab_size, prompt_len + completion_len).tolist()
+            examples.append(Example(adapter, tuple(ids[:prompt_len]), tuple(ids[prompt_len:]),
+                                    f"synthetic[{adapter}][{i}]"))
+    return examples
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 
@@ -420,7 +440,8 @@ def _resolve_impl(requested: str, devices) -> str:
     return requested
 
 
-def _build_eval_step(config: ModelConfig, dtype, devices, num_slots: int, impl: str):
+@functools.lru_cache(maxsize=16)
+def _build_eval_step(config: ModelConfig, dtype, devices: tuple, num_slots: int, impl: str):
     model = Llama(config, dtype=dtype)
 
     def step(params, lora: LoraInputs, tokens, targets, loss_mask, valid, row_slot):
@@ -489,7 +510,7 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
     groups, assigned, capacity = _plan_groups(examples, names, eval_config)
     plan = _plan_steps(examples, assigned, global_rows=batch * len(devices),
                        min_bucket=eval_config.min_bucket, max_length=max_length)
-    step_fn = _build_eval_step(config, dtype, devices, capacity, impl)
+    step_fn = _build_eval_step(config, dtype, tuple(devices), capacity, impl)
     params = jax.device_put(params, replicated)
 
     def group_lora(group: int) -> LoraInputs:

@@ -17,6 +17,7 @@ so a run resumed from an orbax checkpoint reaches the same parameters as an unin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -363,9 +364,12 @@ def _replicate(tree, mesh: Mesh):
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+@functools.lru_cache(maxsize=16)
 def _build_step(config: ModelConfig, train: TrainConfig, num_adapters: int, dtype,
-                optimizer: optax.GradientTransformation, devices):
+                devices: tuple):
+    """The pmapped train step; cached so that repeated trainings in a process compile once."""
     model = Llama(config, dtype=dtype)
+    optimizer = make_optimizer(train)
     scales = dict.fromkeys(train.target_modules, train.scale)
 
     def step(state, params, batch):
@@ -452,7 +456,7 @@ def train_adapters(config: ModelConfig, params, datasets: Mapping[str, Sequence[
             start_step = int(state["step"])
 
     try:
-        step_fn = _build_step(config, train, len(names), dtype, optimizer, devices)
+        step_fn = _build_step(config, train, len(names), dtype, tuple(devices))
         state = _replicate(state, mesh)
         params = _replicate(params, mesh)
         losses = []
