@@ -153,10 +153,10 @@ class SgmvConfig:
     """
 
     decode_max_tokens: int = 16  # T <= this: decode kernels (per token); larger T: prefill tiles
-    target_programs: int = 264  # programs worth launching: two per H100 SM
+    target_programs: int = 132  # programs worth launching: one per H100 SM
     # prefill
     block_tokens: int = 64  # tokens of one slot per tile (the M of the dots)
-    shrink_block_n: int = 128  # v columns per shrink program
+    shrink_block_n: int = 64  # v columns per shrink program
     shrink_block_k: int = 64  # input-width step of the shrink loop
     shrink_split_k: int | None = None  # programs splitting the input width (atomic adds if > 1)
     shrink_num_warps: int = 4
@@ -167,9 +167,9 @@ class SgmvConfig:
     expand_num_stages: int = 2
     # decode
     decode_shrink_rows: int | None = None  # v columns (rank rows) per decode shrink program
-    decode_block_k: int = 512  # input-width step of the decode shrink loop
+    decode_block_k: int = 2048  # input-width step of the decode shrink loop
     decode_expand_block_n: int = 128  # y columns per decode expand program
-    decode_rank_chunk: int = 16  # rank rows per step of the decode expand loop
+    decode_rank_chunk: int = 64  # rank rows per step of the decode expand loop
     decode_num_warps: int = 4
     decode_num_stages: int = 3
 
@@ -327,6 +327,12 @@ def _weight_of_column(g_index, weights):
     return w
 
 
+def _layer(layer_ref, pool_ref, pages_per_pool, rows_per_page):
+    """The traced layer, clamped into the pool (inside the kernel: no extra launch)."""
+    num_layers = pool_ref.shape[0] // (pages_per_pool * rows_per_page)
+    return jnp.clip(layer_ref[0], 0, num_layers - 1)
+
+
 def _pool_rows(pages_ref, slot, w, i, layer, *, pages_per_pool, rows_per_page, max_pages):
     """Pool row (in the (L*P*R, W) view) of rank-row i of weight w of the slot; shapes of i."""
     page_idx = jnp.minimum(i // rows_per_page, max_pages - 1)
@@ -404,6 +410,8 @@ def _prefill_meta(fn, kernel_meta, token_slot, num_slots, config):
 # ------------------------------------------------------------------------------------------------
 
 def _shrink_split_k(config, num_tokens, n_blocks, k_blocks):
+    """Splits of the input width: only when the fewest tiles T could make (one slot) would leave
+    SMs idle; a split costs a zeroing launch and atomic adds."""
     if config.shrink_split_k is not None:
         return min(config.shrink_split_k, _next_pow2(k_blocks))
     programs = _cdiv(num_tokens, config.block_tokens) * n_blocks
@@ -414,10 +422,11 @@ def _shrink_split_k(config, num_tokens, n_blocks, k_blocks):
 
 
 def _decode_shrink_rows(config, num_tokens, columns):
+    """Rank rows per decode shrink program: the most that still gives every SM work."""
     if config.decode_shrink_rows is not None:
         return min(config.decode_shrink_rows, _next_pow2(columns))
-    rows = min(32, _next_pow2(columns))
-    while rows > 4 and num_tokens * _cdiv(columns, rows) < config.target_programs:
+    rows = min(8, _next_pow2(columns))
+    while rows > 1 and num_tokens * _cdiv(columns, rows) < 4 * config.target_programs:
         rows //= 2
     return rows
 
@@ -449,7 +458,7 @@ def _prefill_shrink_kernel(x_ref, pool_ref, pages_ref, ranks_ref, layer_ref, ord
         slot_c = jnp.maximum(slot, 0)
         rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
         live = col_ok & (c < rank)
-        layer = layer_ref[0]
+        layer = _layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
         a_row = _pool_rows(pages_ref, slot_c, w, c, layer, pages_per_pool=pages_per_pool,
                            rows_per_page=rows_per_page, max_pages=max_pages)
         tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
@@ -505,7 +514,8 @@ def _decode_shrink_kernel(x_ref, pool_ref, pages_ref, ranks_ref, layer_ref, slot
     slot_c = jnp.maximum(slot, 0)
     rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
     live = col_ok & (c < rank)
-    a_row = _pool_rows(pages_ref, slot_c, w, c, layer_ref[0], pages_per_pool=pages_per_pool,
+    layer = _layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
+    a_row = _pool_rows(pages_ref, slot_c, w, c, layer, pages_per_pool=pages_per_pool,
                        rows_per_page=rows_per_page, max_pages=max_pages)
     a_i = _idx(a_row, live, pool_ref.shape[0], interpret)[:, None]
     out_i = _idx(n, col_ok, columns, interpret)
@@ -565,7 +575,7 @@ def sgmv_shrink(
     if num_tokens == 0:
         return jnp.zeros((0, g_count, rank_cols), jnp.float32)
     pool_rows = a_pool.reshape(num_layers * pages_per_pool * rows_per_page, width)
-    layer1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)
+    layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
     a_pages = a_pages.astype(jnp.int32)
     ranks = ranks.astype(jnp.int32)
     token_slot = token_slot.astype(jnp.int32)
@@ -664,7 +674,7 @@ def _prefill_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets,
                 cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
                 col_ok = cols < width
                 cols_i = _idx(cols, col_ok, width, interpret)[None, :]
-                layer = layer_ref[0]
+                layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
 
                 def body(step, acc):
                     j = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
@@ -718,7 +728,7 @@ def _decode_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets, 
                 cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
                 col_ok = cols < width
                 cols_i = _idx(cols, col_ok, width, interpret)[None, :]
-                layer = layer_ref[0]
+                layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
 
                 def body(step, acc):
                     j = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
@@ -796,7 +806,7 @@ def sgmv_expand(
     if num_tokens == 0:
         return y
     pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)
-    layer1 = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1).reshape(1)
+    layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
     v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
     col_offsets = tuple(int(o) for o in np.cumsum((0,) + widths[:-1]))
     statics = dict(weights=weights, widths=widths, col_offsets=col_offsets,

@@ -104,18 +104,41 @@ def parse_group(text: str) -> Group:
     return Group(text, weights, (w,) * g)
 
 
+def fill_pool(shape, seed, scale):
+    """A pool filled in pieces of < 2**30 elements (one fill of > 2**32 elements came out
+    wrong on the GPU), each piece its own seed."""
+    layers, pages, rows, width = shape
+    step = max(1, (1 << 30) // (rows * width))
+    pieces = [fill((1, min(step, pages - p), rows, width), jnp.bfloat16, seed * 1000 + 17 * l + i,
+                   scale)
+              for l in range(layers) for i, p in enumerate(range(0, pages, step))]
+    per_layer = -(-pages // step)
+    return jnp.concatenate([jnp.concatenate(pieces[l * per_layer:(l + 1) * per_layer], axis=1)
+                            for l in range(layers)], axis=0)
+
+
+def describe(name, a):
+    """Mean |value| and the fraction of zeros of the first and last pages: data sanity."""
+    head = jnp.abs(a[:, :8].astype(jnp.float32)) if a.ndim == 4 else jnp.abs(a.astype(jnp.float32))
+    tail = jnp.abs(a[:, -8:].astype(jnp.float32)) if a.ndim == 4 else head
+    print(f"  data {name}{tuple(a.shape)}: mean|.| head {float(head.mean()):.4g} tail "
+          f"{float(tail.mean()):.4g}, zeros {float((head == 0).mean()):.2g}", flush=True)
+
+
 def make_pools(group: Group, rank: int, max_adapters: int) -> dict:
     """{"a_pool": (L, P, R, hidden), "b_pools": G pools (L, P, R, width)} in bf16."""
     r_pp = FLAGS.rows_per_page
     mp = -(-rank // r_pp)
     g = len(group.widths)
     pages = max_adapters * g * mp
-    a_pool = fill((FLAGS.num_layers, pages, r_pp, FLAGS.hidden), jnp.bfloat16, 1,
-                  float(np.sqrt(3.0 / FLAGS.hidden)))
+    a_pool = fill_pool((FLAGS.num_layers, pages, r_pp, FLAGS.hidden), 1,
+                       float(np.sqrt(3.0 / FLAGS.hidden)))
     # Weights of equal width share one B pool (like the kv_heads pool); page ids never collide.
-    b_pool = fill((FLAGS.num_layers, pages, r_pp, group.widths[0]), jnp.bfloat16, 2,
-                  float(np.sqrt(3.0 / rank)))
+    b_pool = fill_pool((FLAGS.num_layers, pages, r_pp, group.widths[0]), 2,
+                       float(np.sqrt(3.0 / rank)))
     assert len(set(group.widths)) == 1
+    describe("a_pool", a_pool)
+    describe("b_pool", b_pool)
     return {"a_pool": a_pool, "b_pools": (b_pool,) * g}
 
 
@@ -302,6 +325,13 @@ def segments(events):
     return out
 
 
+def kernel_breakdown(segs):
+    """Median duration of each kernel position of the iterations (names shortened)."""
+    width = min(len(s) for s in segs)
+    return [(segs[0][i][0][:60], float(np.median([s[i][2] for s in segs])) / 1e3)
+            for i in range(width)]
+
+
 def seg_times(seg):
     busy = sum(e[2] for e in seg) / 1e3
     span = (max(e[1] + e[2] for e in seg) - min(e[1] for e in seg)) / 1e3 if seg else 0.0
@@ -342,13 +372,14 @@ def measure_copy_bandwidth(flush_buf):
     results = {}
     for name, fn in copy_methods().items():
         def timed(flush_buf, x, fn=fn):
-            outs = []
+            outs = [x]
             for _ in range(4):
-                flush_buf, x = jax.lax.optimization_barrier((flush_buf, x))
+                # The flush waits for the previous copy, the copy for the flush.
+                flush_buf, _ = jax.lax.optimization_barrier((flush_buf, outs[-1]))
                 flush_buf = l2_flush(flush_buf)
                 x_i, flush_buf = jax.lax.optimization_barrier((x, flush_buf))
                 outs.append(fn(x_i))
-            return flush_buf, outs  # every output whole: XLA may not skip any of the copy
+            return flush_buf, outs[1:]  # every output whole: XLA may not skip any copy
         f = jax.jit(timed, donate_argnums=(0,))
         flush_buf, outs = f(flush_buf, x)
         jax.block_until_ready(outs)
@@ -455,6 +486,8 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
                 y, flush_buf = fn(y, flush_buf, x, pools, tables)
                 jax.block_until_ready(y)
                 first_y[impl] = np.asarray(y.astype(jnp.float32))
+                y_change = float(np.max(np.abs(first_y[impl] - np.asarray(
+                    y0.astype(jnp.float32)))))
                 t1 = time.perf_counter()
                 y, flush_buf = fn(y, flush_buf, x, pools, tables)
                 jax.block_until_ready(y)
@@ -464,7 +497,7 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
                 continue
             calls = 1 if wall > FLAGS.slow_call_s else FLAGS.calls
             plan[impl] = {"fn": fn, "x": x, "tables": tables, "y": y, "calls": calls,
-                          "wall": wall}
+                          "wall": wall, "y_change": y_change}
 
         def run_all(plan=plan):
             nonlocal flush_buf
@@ -482,9 +515,11 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
         for impl, p in plan.items():
             calls, wall = p["calls"], p["wall"]
             n = calls * row["iters"]
-            entry = {"calls": calls, "wall_us_per_iter": wall / row["iters"] * 1e6}
+            entry = {"calls": calls, "wall_us_per_iter": wall / row["iters"] * 1e6,
+                     "max_abs_y_change": p["y_change"]}
             if len(segs) == expected:
                 mine = [seg_times(s) for s in segs[cursor:cursor + n]]
+                entry["kernel_us"] = kernel_breakdown(segs[cursor:cursor + n])
                 entry["busy_us"] = float(np.median([b for b, _ in mine]))
                 entry["span_us"] = float(np.median([s for _, s in mine]))
                 entry["kernels_per_iter"] = len(segs[cursor])
@@ -538,7 +573,7 @@ def evaluate(result, copy_bw):
 def print_row(result, copy_bw):
     v = evaluate(result, copy_bw)
     cols = []
-    for e in result["impls"].values():
+    for e in (result["impls"].get(k, {}) for k in FLAGS.impls):
         cols.append(f"{e['busy_us']:14.1f}" if "busy_us" in e else f"{'error':>14s}")
     target = {True: "met", False: "MISSED"}.get(v.get("bandwidth_target"), "-")
     if v.get("faster_than_baselines") is False:
