@@ -515,7 +515,8 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
 
     def group_lora(group: int) -> LoraInputs:
         if adapters is None:
-            lora = pack_adapters(config, [], LoraPoolConfig(max_rank=1, rows_per_page=1,
+            # the base model alone: one empty slot, so the step has its usual inputs
+            lora = pack_adapters(config, [], LoraPoolConfig(max_rank=16, rows_per_page=16,
                                                             pages_per_pool=1, max_slots=1),
                                  dtype=dtype, impl=impl)
         else:
