@@ -29,25 +29,31 @@ Two regimes, chosen statically by ``SgmvConfig.regime(T)``
 decode  (T <= ``decode_max_tokens``): one program per (token, block of rank rows) for shrink and
         per (token, block of y columns) for expand; tokens in any order, no metadata beyond
         token_slot; arithmetic on the CUDA cores (a token's work is a matrix-vector product).
-prefill (larger T): tokens sorted by slot and cut into tiles of at most ``block_tokens`` tokens of
-        one slot; one program per (tile, block of v columns, K split) for shrink and per (tile,
-        block of y columns) for expand; ``pltriton.dot`` on the tensor cores; an adapter's rows are
-        read once per tile instead of once per token. When the tiles alone give too few programs
-        the shrink splits the reduction over the input width and accumulates with atomic adds
-        into a zeroed v.
+prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one slot; one program
+        per (tile, block of v columns, K split) for shrink and per (tile, run of y column blocks)
+        for expand; ``pltriton.dot`` on the tensor cores; an adapter's rows are read once per
+        tile instead of once per token. Shrink tiles are large (``shrink_block_tokens``: fewer
+        re-reads of A when many tokens share an adapter); expand tiles are small
+        (``expand_block_tokens``: a tile of one token, the many-adapter case, must not hold a big
+        accumulator). When the tiles alone give too few programs the shrink splits the reduction
+        over the input width and accumulates with atomic adds into a zeroed v; the expand walks
+        ``expand_col_steps`` column blocks per program (software-pipelined loads of B and y).
 
 Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
 -----------------------------------------------------------------
-    sorted_tokens  (T,)   token ids sorted by slot (stable); NO_ADAPTER tokens last
-    tile_start     (NT,)  first position in sorted_tokens of the tile
-    tile_size      (NT,)  tokens in the tile, 1..block_tokens; 0 = unused tile
-    tile_slot      (NT,)  slot of all the tile's tokens; NO_ADAPTER (-1): a tile of base-only tokens
+    sorted_tokens       (T,)    token ids sorted by slot (stable); NO_ADAPTER tokens last
+    shrink_tile_start   (NTs,)  first position in sorted_tokens of the tile
+    shrink_tile_size    (NTs,)  tokens in the tile, 1..shrink_block_tokens; 0 = unused tile
+    shrink_tile_slot    (NTs,)  slot of the tile's tokens; NO_ADAPTER (-1): base-only tokens
+    expand_tile_start   (NTe,)  the same for tiles of at most expand_block_tokens tokens
+    expand_tile_size    (NTe,)
+    expand_tile_slot    (NTe,)
 
-NT = ``num_tiles_bound(T, S, block_tokens) = min(T, ceil(T / block_tokens) + min(T, S + 1) - 1)``:
+NT = ``num_tiles_bound(T, S, bt) = min(T, ceil(T / bt) + min(T, S + 1) - 1)`` for tile size bt:
 the tokens of each of the at most S + 1 segments (S slots and NO_ADAPTER) are cut into
-ceil(n / block_tokens) tiles. Used tiles come first, in slot order. The host builder (numpy) and
+ceil(n / bt) tiles. Used tiles come first, in slot order. The host builder (numpy) and
 ``build_sgmv_metadata_jnp`` (inside jit) produce identical arrays; the metadata must be built with
-the same ``block_tokens`` as the config the kernels get.
+the same tile sizes as the config the kernels get (the shapes are checked).
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ from jaxlora.errors import AdapterError, ConfigError
 from pallas_kernels.layout import MODULES, NO_ADAPTER
 
 _NUM_WEIGHTS = len(MODULES)
-_META_KEYS = ("sorted_tokens", "tile_start", "tile_size", "tile_slot")
+_TILE_FIELDS = ("start", "size", "slot")
+_META_KEYS = ("sorted_tokens", *(f"{kind}_tile_{f}" for kind in ("shrink", "expand")
+                                 for f in _TILE_FIELDS))
 
 
 def _gather_rows(pool, layer, pages, ranks):
@@ -155,16 +163,17 @@ class SgmvConfig:
     decode_max_tokens: int = 16  # T <= this: decode kernels (per token); larger T: prefill tiles
     target_programs: int = 132  # programs worth launching: one per H100 SM
     # prefill
-    block_tokens: int = 64  # tokens of one slot per tile (the M of the dots)
+    shrink_block_tokens: int = 64  # tokens of one slot per shrink tile (the M of its dots)
     shrink_block_n: int = 64  # v columns per shrink program
     shrink_block_k: int = 64  # input-width step of the shrink loop
     shrink_split_k: int | None = None  # programs splitting the input width (atomic adds if > 1)
     shrink_num_warps: int = 4
     shrink_num_stages: int = 3
-    expand_block_n: int = 256  # y columns per expand program
-    expand_rank_chunk: int = 64  # rank rows per expand dot (a loop runs ceil(rank / chunk) times)
-    expand_num_warps: int = 8
-    expand_num_stages: int = 2
+    expand_block_tokens: int = 16  # tokens of one slot per expand tile
+    expand_block_n: int = 256  # y columns per step of an expand program
+    expand_col_steps: int | None = None  # column blocks per expand program (a pipelined loop)
+    expand_num_warps: int = 4
+    expand_num_stages: int = 3
     # decode
     decode_shrink_rows: int | None = None  # v columns (rank rows) per decode shrink program
     decode_block_k: int = 2048  # input-width step of the decode shrink loop
@@ -174,8 +183,8 @@ class SgmvConfig:
     decode_num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_tokens", "shrink_block_n", "shrink_block_k", "expand_block_n",
-                     "expand_rank_chunk"):
+        for name in ("shrink_block_tokens", "shrink_block_n", "shrink_block_k",
+                     "expand_block_tokens", "expand_block_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value) or value < 16:
                 raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two >= 16 "
@@ -185,7 +194,7 @@ class SgmvConfig:
             if not isinstance(value, int) or not _is_pow2(value):
                 raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two, "
                                   f"got {value!r}")
-        for name in ("shrink_split_k", "decode_shrink_rows"):
+        for name in ("shrink_split_k", "decode_shrink_rows", "expand_col_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not _is_pow2(value)):
                 raise ConfigError(f"SgmvConfig field {name!r}: expected None or a power of two, "
@@ -228,24 +237,26 @@ def build_sgmv_metadata(token_slot: np.ndarray, num_slots: int, *,
         raise AdapterError(f"build_sgmv_metadata: token_slot[{t}] = {int(token_slot[t])}; "
                            f"expected {NO_ADAPTER} (no adapter) or a slot in [0, {num_slots})")
     t_count = token_slot.shape[0]
-    bt = config.block_tokens
-    nt = num_tiles_bound(t_count, num_slots, bt)
     key = np.where(token_slot < 0, num_slots, token_slot).astype(np.int64)
-    order = np.argsort(key, kind="stable").astype(np.int32)
+    meta = {"sorted_tokens": np.argsort(key, kind="stable").astype(np.int32)}
     counts = np.bincount(key, minlength=num_slots + 1)
     seg_start = np.cumsum(counts) - counts
-    tile_start = np.zeros(nt, np.int32)
-    tile_size = np.zeros(nt, np.int32)
-    tile_slot = np.full(nt, NO_ADAPTER, np.int32)
-    j = 0
-    for s in np.flatnonzero(counts):
-        for off in range(0, int(counts[s]), bt):
-            tile_start[j] = seg_start[s] + off
-            tile_size[j] = min(bt, int(counts[s]) - off)
-            tile_slot[j] = s if s < num_slots else NO_ADAPTER
-            j += 1
-    return {"sorted_tokens": order, "tile_start": tile_start, "tile_size": tile_size,
-            "tile_slot": tile_slot}
+    for kind, bt in (("shrink", config.shrink_block_tokens),
+                     ("expand", config.expand_block_tokens)):
+        nt = num_tiles_bound(t_count, num_slots, bt)
+        tile_start = np.zeros(nt, np.int32)
+        tile_size = np.zeros(nt, np.int32)
+        tile_slot = np.full(nt, NO_ADAPTER, np.int32)
+        j = 0
+        for s in np.flatnonzero(counts):
+            for off in range(0, int(counts[s]), bt):
+                tile_start[j] = seg_start[s] + off
+                tile_size[j] = min(bt, int(counts[s]) - off)
+                tile_slot[j] = s if s < num_slots else NO_ADAPTER
+                j += 1
+        meta.update({f"{kind}_tile_start": tile_start, f"{kind}_tile_size": tile_size,
+                     f"{kind}_tile_slot": tile_slot})
+    return meta
 
 
 def build_sgmv_metadata_jnp(token_slot: jax.Array, num_slots: int, *,
@@ -253,24 +264,27 @@ def build_sgmv_metadata_jnp(token_slot: jax.Array, num_slots: int, *,
     """The same arrays as ``build_sgmv_metadata``, computed with jnp (usable inside jit)."""
     config = config or SgmvConfig()
     t_count = token_slot.shape[0]
-    bt = config.block_tokens
-    nt = num_tiles_bound(t_count, num_slots, bt)
     key = jnp.where(token_slot < 0, num_slots, token_slot).astype(jnp.int32)
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    meta = {"sorted_tokens": jnp.argsort(key, stable=True).astype(jnp.int32)}
     counts = jnp.zeros(num_slots + 1, jnp.int32).at[key].add(1)
     seg_start = jnp.cumsum(counts) - counts
-    seg_tiles = (counts + bt - 1) // bt
-    seg_tiles_end = jnp.cumsum(seg_tiles)
-    j = jnp.arange(nt, dtype=jnp.int32)
-    seg = jnp.searchsorted(seg_tiles_end, j, side="right").astype(jnp.int32)
-    used = seg <= num_slots
-    seg = jnp.minimum(seg, num_slots)
-    local = j - (seg_tiles_end[seg] - seg_tiles[seg])
-    tile_start = jnp.where(used, seg_start[seg] + local * bt, 0)
-    tile_size = jnp.where(used, jnp.clip(counts[seg] - local * bt, 0, bt), 0)
-    tile_slot = jnp.where(used & (seg < num_slots), seg, NO_ADAPTER)
-    return {"sorted_tokens": order, "tile_start": tile_start.astype(jnp.int32),
-            "tile_size": tile_size.astype(jnp.int32), "tile_slot": tile_slot.astype(jnp.int32)}
+    for kind, bt in (("shrink", config.shrink_block_tokens),
+                     ("expand", config.expand_block_tokens)):
+        nt = num_tiles_bound(t_count, num_slots, bt)
+        seg_tiles = (counts + bt - 1) // bt
+        seg_tiles_end = jnp.cumsum(seg_tiles)
+        j = jnp.arange(nt, dtype=jnp.int32)
+        seg = jnp.searchsorted(seg_tiles_end, j, side="right").astype(jnp.int32)
+        used = seg <= num_slots
+        seg = jnp.minimum(seg, num_slots)
+        local = j - (seg_tiles_end[seg] - seg_tiles[seg])
+        tile_start = jnp.where(used, seg_start[seg] + local * bt, 0)
+        tile_size = jnp.where(used, jnp.clip(counts[seg] - local * bt, 0, bt), 0)
+        tile_slot = jnp.where(used & (seg < num_slots), seg, NO_ADAPTER)
+        meta.update({f"{kind}_tile_start": tile_start.astype(jnp.int32),
+                     f"{kind}_tile_size": tile_size.astype(jnp.int32),
+                     f"{kind}_tile_slot": tile_slot.astype(jnp.int32)})
+    return meta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,26 +397,31 @@ def _check_slot_tables(fn, pages_name, pages, ranks, token_slot, num_tokens, sca
 
 
 def _check_meta(fn, meta, num_tokens, num_slots, config):
-    nt = num_tiles_bound(num_tokens, num_slots, config.block_tokens)
-    expected = {"sorted_tokens": (num_tokens,), "tile_start": (nt,), "tile_size": (nt,),
-                "tile_slot": (nt,)}
+    expected = {"sorted_tokens": (num_tokens,)}
+    for kind, bt in (("shrink", config.shrink_block_tokens),
+                     ("expand", config.expand_block_tokens)):
+        nt = num_tiles_bound(num_tokens, num_slots, bt)
+        expected.update({f"{kind}_tile_{f}": (nt,) for f in _TILE_FIELDS})
     if set(meta) != set(_META_KEYS):
         raise ConfigError(f"{_WHERE} {fn}: kernel_meta must have the keys {list(_META_KEYS)} "
                           f"(build_sgmv_metadata), got {sorted(meta)}")
     for key, shape in expected.items():
         if tuple(meta[key].shape) != shape:
             raise ConfigError(f"{_WHERE} {fn}: kernel_meta[{key!r}] must have shape {shape} "
-                              f"(T={num_tokens}, S={num_slots}, "
-                              f"block_tokens={config.block_tokens}), got {tuple(meta[key].shape)}")
+                              f"(T={num_tokens}, S={num_slots}, shrink_block_tokens="
+                              f"{config.shrink_block_tokens}, expand_block_tokens="
+                              f"{config.expand_block_tokens}), got {tuple(meta[key].shape)}")
 
 
-def _prefill_meta(fn, kernel_meta, token_slot, num_slots, config):
+def _prefill_meta(fn, kind, kernel_meta, token_slot, num_slots, config):
+    """sorted_tokens and the (start, size, slot) tile arrays of one kernel kind."""
     if kernel_meta is None:
         meta = build_sgmv_metadata_jnp(token_slot, num_slots, config=config)
     else:
         _check_meta(fn, kernel_meta, token_slot.shape[0], num_slots, config)
         meta = kernel_meta
-    return [jnp.asarray(meta[k], jnp.int32) for k in _META_KEYS]
+    keys = ("sorted_tokens", *(f"{kind}_tile_{f}" for f in _TILE_FIELDS))
+    return [jnp.asarray(meta[k], jnp.int32) for k in keys]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,11 +433,25 @@ def _shrink_split_k(config, num_tokens, n_blocks, k_blocks):
     SMs idle; a split costs a zeroing launch and atomic adds."""
     if config.shrink_split_k is not None:
         return min(config.shrink_split_k, _next_pow2(k_blocks))
-    programs = _cdiv(num_tokens, config.block_tokens) * n_blocks
+    programs = _cdiv(num_tokens, config.shrink_block_tokens) * n_blocks
     split = 1
     while programs * split < config.target_programs and split * 4 <= k_blocks:
         split *= 2
     return split
+
+
+def _expand_col_steps(config, num_tokens, blocks_per_weight):
+    """Column blocks per expand program: long pipelined runs when the tiles T could make (one
+    slot) already give every SM several programs, one block per program otherwise."""
+    if config.expand_col_steps is not None:
+        return min(config.expand_col_steps, _next_pow2(max(blocks_per_weight)))
+    tiles = _cdiv(num_tokens, config.expand_block_tokens)
+    steps = 1
+    while (steps < 8 and steps * 2 <= min(blocks_per_weight)
+           and tiles * sum(_cdiv(b, steps * 2) for b in blocks_per_weight)
+           >= 4 * config.target_programs):
+        steps *= 2
+    return steps
 
 
 def _decode_shrink_rows(config, num_tokens, columns):
@@ -596,9 +629,9 @@ def sgmv_shrink(
         )(x, pool_rows, a_pages, ranks, layer1, token_slot)
         return v.reshape(num_tokens, g_count, rank_cols)
 
-    meta = _prefill_meta(fn, kernel_meta, token_slot, num_slots, config)
+    meta = _prefill_meta(fn, "shrink", kernel_meta, token_slot, num_slots, config)
     num_tiles = meta[1].shape[0]
-    bt = config.block_tokens
+    bt = config.shrink_block_tokens
     bn = max(16, min(config.shrink_block_n, _next_pow2(columns)))
     bk = max(16, min(config.shrink_block_k, _next_pow2(width)))
     n_blocks = _cdiv(columns, bn)
@@ -638,8 +671,8 @@ def _group_of_block(block, block_starts):
 
 
 def _prefill_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets, block_starts,
-                           rank_cols, pages_per_pool, rows_per_page, max_pages, bt, bn, chunk,
-                           dtypes, interpret):
+                           rank_cols, pages_per_pool, rows_per_page, max_pages, bt, bn, steps,
+                           rank_pad, dtypes, interpret):
     g_count = len(weights)
     pool_refs = refs[:g_count]
     (pages_ref, ranks_ref, scales_ref, layer_ref, order_ref, start_ref, size_ref, tslot_ref,
@@ -651,14 +684,14 @@ def _prefill_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets,
     size = size_ref[tile]
     slot = tslot_ref[tile]
 
-    for g, cb, in_group in _group_of_block(pl.program_id(0), block_starts):
+    for g, prog, in_group in _group_of_block(pl.program_id(0), block_starts):
         w = weights[g]
         pool_ref = pool_refs[g]
         width = widths[g]
         dtype = dtypes[g]
 
         @pl.when(in_group & (size > 0) & (slot >= 0))
-        def _group(g=g, cb=cb, w=w, pool_ref=pool_ref, width=width, dtype=dtype):
+        def _group(g=g, prog=prog, w=w, pool_ref=pool_ref, width=width, dtype=dtype):
             slot_c = jnp.maximum(slot, 0)
             rank = ranks_ref[slot_c, w]
 
@@ -671,33 +704,42 @@ def _prefill_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets,
                 tok = pltriton.load(order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)],
                                     mask=row_ok, other=0)
                 tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
-                cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
-                col_ok = cols < width
-                cols_i = _idx(cols, col_ok, width, interpret)[None, :]
                 layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
+                # The tile's v (all its rank columns) once; rows beyond the rank are masked so
+                # that v may carry garbage there and B rows of other adapters are never read.
+                j = jnp.arange(rank_pad, dtype=jnp.int32)
+                j_ok = j < rank
+                b_row = _pool_rows(pages_ref, slot_c, w, j, layer,
+                                   pages_per_pool=pages_per_pool[g],
+                                   rows_per_page=rows_per_page, max_pages=max_pages)
+                b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
+                v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
+                vt = pltriton.load(v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :],
+                                   other=0.0).astype(dtype)
+                ragged = width % (bn * steps) != 0
 
-                def body(step, acc):
-                    j = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
-                    j_ok = j < rank
-                    b_row = _pool_rows(pages_ref, slot_c, w, j, layer,
-                                       pages_per_pool=pages_per_pool[g],
-                                       rows_per_page=rows_per_page, max_pages=max_pages)
-                    b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
-                    v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
-                    vt = pltriton.load(v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :],
-                                       other=0.0).astype(dtype)
-                    b_mask = j_ok[:, None] & col_ok[None, :] if width % bn else j_ok[:, None]
+                def body(step, carry):
+                    cols = pl.multiple_of((prog * steps + step) * bn, bn) + jnp.arange(
+                        bn, dtype=jnp.int32)
+                    if ragged:
+                        col_ok = cols < width
+                        cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+                        b_mask = j_ok[:, None] & col_ok[None, :]
+                        y_mask = row_ok[:, None] & col_ok[None, :]
+                        y_c = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)[None, :]
+                    else:
+                        cols_i = cols[None, :]
+                        b_mask, y_mask = j_ok[:, None], row_ok[:, None]
+                        y_c = (col_offsets[g] + cols)[None, :]
                     bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask,
                                         other=0).astype(dtype)
-                    return acc + pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
+                    yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
+                    delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
+                    out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
+                    pltriton.store(y_ref.at[tok_i, y_c], out, mask=y_mask)
+                    return carry
 
-                acc = jax.lax.fori_loop(0, (rank + chunk - 1) // chunk, body,
-                                        jnp.zeros((bt, bn), jnp.float32))
-                y_i = (tok_i, _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)[None, :])
-                y_mask = row_ok[:, None] & col_ok[None, :] if width % bn else row_ok[:, None]
-                yt = pltriton.load(y_ref.at[y_i], mask=y_mask, other=0)
-                out = (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype)
-                pltriton.store(y_ref.at[y_i], out, mask=y_mask)
+                jax.lax.fori_loop(0, steps, body, 0)
 
 
 def _decode_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets, block_starts,
@@ -831,18 +873,21 @@ def sgmv_expand(
             interpret=interpret, name=name,
         )(y, v2, *pool_rows, *tables, token_slot.astype(jnp.int32))
 
-    meta = _prefill_meta(fn, kernel_meta, token_slot.astype(jnp.int32), num_slots, config)
+    meta = _prefill_meta(fn, "expand", kernel_meta, token_slot.astype(jnp.int32), num_slots,
+                         config)
     num_tiles = meta[1].shape[0]
-    bt = config.block_tokens
+    bt = config.expand_block_tokens
     bn = max(16, min(config.expand_block_n, _next_pow2(max(widths))))
-    chunk = max(16, min(config.expand_rank_chunk, _next_pow2(rank_cols)))
-    block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
+    steps = _expand_col_steps(config, num_tokens, [_cdiv(w, bn) for w in widths])
+    block_starts = tuple(int(b) for b in np.cumsum(
+        [0] + [_cdiv(_cdiv(w, bn), steps) for w in widths]))
+    rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
-    name = (f"sgmv_expand_prefill_bt{bt}_bn{bn}_rc{chunk}_w{config.expand_num_warps}"
+    name = (f"sgmv_expand_prefill_bt{bt}_bn{bn}_st{steps}_w{config.expand_num_warps}"
             f"_s{config.expand_num_stages}")
     return pl.pallas_call(
         functools.partial(_prefill_expand_kernel, block_starts=block_starts, bt=bt, bn=bn,
-                          chunk=chunk, dtypes=dtypes, **statics),
+                          steps=steps, rank_pad=rank_pad, dtypes=dtypes, **statics),
         out_shape=out_shape, grid=(block_starts[-1], num_tiles),
         input_output_aliases={0: 0},
         compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),

@@ -32,8 +32,9 @@ from pallas_kernels.sgmv import (
 
 # Small blocks so that tiny shapes still cover several blocks per dimension, partial blocks,
 # several K steps and several rank chunks.
-SMALL = SgmvConfig(block_tokens=16, shrink_block_n=16, shrink_block_k=16, expand_block_n=16,
-                   expand_rank_chunk=16, decode_shrink_rows=8, decode_block_k=16,
+SMALL = SgmvConfig(shrink_block_tokens=32, expand_block_tokens=16, shrink_block_n=16,
+                   shrink_block_k=16, expand_block_n=16, expand_col_steps=2,
+                   decode_shrink_rows=8, decode_block_k=16,
                    decode_expand_block_n=16, decode_rank_chunk=4)
 
 INTERPRET = [pytest.param(True, id="interpret"),
@@ -206,27 +207,32 @@ def _check(prob, v, y, v_ref, y_ref, dtype_name):
 # metadata
 # ------------------------------------------------------------------------------------------------
 
-def _check_metadata(meta, token_slot, num_slots, bt):
+def _check_metadata(meta, token_slot, num_slots, config):
     t = len(token_slot)
-    nt = num_tiles_bound(t, num_slots, bt)
-    assert {k: v.shape for k, v in meta.items()} == {
-        "sorted_tokens": (t,), "tile_start": (nt,), "tile_size": (nt,), "tile_slot": (nt,)}
+    tile_sizes = {"shrink": config.shrink_block_tokens, "expand": config.expand_block_tokens}
+    expected = {"sorted_tokens": (t,)}
+    for kind, bt in tile_sizes.items():
+        nt = num_tiles_bound(t, num_slots, bt)
+        expected.update({f"{kind}_tile_{f}": (nt,) for f in ("start", "size", "slot")})
+    assert {k: v.shape for k, v in meta.items()} == expected
     assert all(v.dtype == np.int32 for v in meta.values())
     order = meta["sorted_tokens"]
     np.testing.assert_array_equal(np.sort(order), np.arange(t))
     keys = np.where(token_slot < 0, num_slots, token_slot)[order]
     assert (np.diff(keys) >= 0).all()  # sorted by slot, base-only last
-    covered = np.zeros(t, int)
-    sizes = meta["tile_size"]
-    used = sizes > 0
-    first_unused = len(used) if used.all() else int(np.argmin(used))
-    assert not used[first_unused:].any()  # used tiles come first
-    for j in np.flatnonzero(used):
-        assert 1 <= sizes[j] <= bt
-        toks = order[meta["tile_start"][j]:meta["tile_start"][j] + sizes[j]]
-        covered[toks] += 1
-        assert (token_slot[toks] == meta["tile_slot"][j]).all()
-    np.testing.assert_array_equal(covered, 1)
+    for kind, bt in tile_sizes.items():
+        covered = np.zeros(t, int)
+        sizes = meta[f"{kind}_tile_size"]
+        used = sizes > 0
+        first_unused = len(used) if used.all() else int(np.argmin(used))
+        assert not used[first_unused:].any()  # used tiles come first
+        for j in np.flatnonzero(used):
+            assert 1 <= sizes[j] <= bt
+            start = meta[f"{kind}_tile_start"][j]
+            toks = order[start:start + sizes[j]]
+            covered[toks] += 1
+            assert (token_slot[toks] == meta[f"{kind}_tile_slot"][j]).all()
+        np.testing.assert_array_equal(covered, 1)
 
 
 @pytest.mark.parametrize("case", ["random", "all_base", "one_slot", "distinct", "single"])
@@ -241,9 +247,9 @@ def test_metadata_builders(case, bt):
         "distinct": rng.permutation(num_slots)[:num_slots],
         "single": np.array([4]),
     }[case].astype(np.int32)
-    config = SgmvConfig(block_tokens=bt)
+    config = SgmvConfig(shrink_block_tokens=bt, expand_block_tokens=16)
     meta = build_sgmv_metadata(token_slot, num_slots, config=config)
-    _check_metadata(meta, token_slot, num_slots, bt)
+    _check_metadata(meta, token_slot, num_slots, config)
     jitted = jax.jit(lambda ts: build_sgmv_metadata_jnp(ts, num_slots, config=config))
     meta_jnp = jitted(jnp.asarray(token_slot))
     for key, value in meta.items():
@@ -253,12 +259,15 @@ def test_metadata_builders(case, bt):
 def test_metadata_tile_bound_is_tight():
     # Every token its own slot: one tile per token, the bound's worst case.
     token_slot = np.arange(20, dtype=np.int32)
-    meta = build_sgmv_metadata(token_slot, 20, config=SgmvConfig(block_tokens=16))
-    assert (meta["tile_size"] == 1).all()
+    config = SgmvConfig(shrink_block_tokens=32, expand_block_tokens=16)
+    meta = build_sgmv_metadata(token_slot, 20, config=config)
+    assert (meta["shrink_tile_size"] == 1).all() and (meta["expand_tile_size"] == 1).all()
     # One slot: ceil(T / bt) used tiles, the rest of the static bound unused.
-    meta = build_sgmv_metadata(np.zeros(40, np.int32), 20, config=SgmvConfig(block_tokens=16))
-    np.testing.assert_array_equal(meta["tile_size"][:3], [16, 16, 8])
-    assert (meta["tile_size"][3:] == 0).all()
+    meta = build_sgmv_metadata(np.zeros(40, np.int32), 20, config=config)
+    np.testing.assert_array_equal(meta["expand_tile_size"][:3], [16, 16, 8])
+    assert (meta["expand_tile_size"][3:] == 0).all()
+    np.testing.assert_array_equal(meta["shrink_tile_size"][:2], [32, 8])
+    assert (meta["shrink_tile_size"][2:] == 0).all()
 
 
 def test_metadata_rejects_bad_slots():
@@ -402,10 +411,11 @@ def test_bad_inputs_raise_config_errors():
     with pytest.raises(ConfigError, match="token_slot must be"):
         sgmv_shrink(prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts[:5], prob.layer,
                     weights=prob.weights, interpret=True)
-    meta = build_sgmv_metadata(prob.token_slot, 6, config=SgmvConfig(block_tokens=16))
-    with pytest.raises(ConfigError, match=r"kernel_meta\['tile_start'\] must have shape"):
+    meta = build_sgmv_metadata(prob.token_slot, 6, config=SgmvConfig(shrink_block_tokens=16))
+    with pytest.raises(ConfigError, match=r"kernel_meta\['shrink_tile_start'\] must have shape"):
         sgmv_shrink(prob.x, prob.a_pool, *args, weights=prob.weights, kernel_meta=meta,
-                    config=SgmvConfig(block_tokens=64, decode_max_tokens=0), interpret=True)
+                    config=SgmvConfig(shrink_block_tokens=64, decode_max_tokens=0),
+                    interpret=True)
     v = jnp.zeros((20, 2, 12), jnp.float32)
     with pytest.raises(ConfigError, match=r"y must be \(T, 112\)"):
         sgmv_expand(prob.y[:, :100], v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts,
@@ -416,7 +426,7 @@ def test_bad_inputs_raise_config_errors():
     with pytest.raises(ConfigError, match="one pool per weight"):
         sgmv_expand(prob.y, v, prob.b_pools[:1], prob.b_pages, prob.ranks, prob.scales, ts,
                     prob.layer, weights=prob.weights, interpret=True)
-    with pytest.raises(ConfigError, match="block_tokens"):
-        SgmvConfig(block_tokens=24)
+    with pytest.raises(ConfigError, match="expand_block_tokens"):
+        SgmvConfig(expand_block_tokens=24)
     with pytest.raises(ConfigError, match="decode_shrink_rows"):
         SgmvConfig(decode_shrink_rows=3)
