@@ -134,6 +134,7 @@ def test_trained_adapter_beats_the_base_model_and_another_adapter(params, tmp_pa
     assert base.accuracy < 0.5 and other.exact_match == 0.0
 
 
+@pytest.mark.slow
 def test_evaluate_script_writes_table_json_and_csv(tmp_path):
     adapters = tmp_path / "adapters"
     for seed, name in enumerate(("sql", "chat")):

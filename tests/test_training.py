@@ -196,6 +196,7 @@ def _train(data, workdir, export, *, steps=200, learning_rate="3e-3", checkpoint
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_parameters(tmp_path):
     data = tmp_path / "train.jsonl"
     records = [{"adapter": "pirate", "prompt": "Hello", "completion": " arr matey"},
