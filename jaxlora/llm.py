@@ -66,13 +66,13 @@ class LLM:
     """One base model, any number of adapters, batched generation.
 
     adapters: name -> PEFT directory or LoraWeights (registered at once; more later with
-    ``register_adapter``).
+    ``register_adapter``). tp: tensor-parallel size (Megatron split over the first tp devices).
     """
 
     def __init__(self, model: str | os.PathLike | ModelConfig = "tiny", *, params=None,
                  adapters: Mapping[str, str | os.PathLike | LoraWeights] | None = None,
                  tokenizer: Tokenizer | None = None, engine_config: EngineConfig | None = None,
-                 dtype=jnp.float32, seed: int = 0, load_workers: int = 2):
+                 dtype=jnp.float32, seed: int = 0, load_workers: int = 2, tp: int = 1):
         if params is None:
             self.config, params, default_tokenizer = load_base_model(model, seed=seed,
                                                                      dtype=dtype)
@@ -84,13 +84,21 @@ class LLM:
         self.tokenizer = tokenizer or default_tokenizer
         self.engine_config = engine_config or EngineConfig()
         pool: LoraPoolConfig = self.engine_config.lora_pool
+        mesh, pool_shardings = None, None
+        if tp > 1:
+            from jaxlora import sharding
+
+            mesh = sharding.make_mesh(tp)
+            params = sharding.shard_params(params, self.config, mesh)
+            pool_shardings = sharding.pool_shardings(mesh)
         self.store = AdapterStore(self.config, pool,
                                   AdapterStoreConfig(dtype=jnp.dtype(dtype).name))
-        self.adapters = AdapterManager(self.store, AdapterManagerConfig(load_workers=load_workers))
+        self.adapters = AdapterManager(self.store, AdapterManagerConfig(load_workers=load_workers),
+                                       shardings=pool_shardings)
         for name, source in (adapters or {}).items():
             self.adapters.register(name, source)
         self.engine = Engine(self.config, params, self.engine_config, adapters=self.adapters,
-                             tokenizer=self.tokenizer, dtype=dtype)
+                             tokenizer=self.tokenizer, dtype=dtype, mesh=mesh)
 
     @property
     def params(self):

@@ -72,5 +72,10 @@ def pool_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
             for axis in POOL_AXES}
 
 
+def kv_pool_sharding(mesh: Mesh) -> NamedSharding:
+    """KV pools (L, pages, page_size, KVH, D): each device holds its own KV heads."""
+    return NamedSharding(mesh, PartitionSpec(None, None, None, TP_AXIS, None))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

@@ -54,3 +54,27 @@ def test_indivisible_tp_is_a_clear_error():
     with pytest.raises(ConfigError, match="num_kv_heads"):
         shard_params(init_params(TINY, 0), dataclasses.replace(TINY, num_kv_heads=2, num_heads=4),
                      make_mesh(4))
+
+
+def test_tensor_parallel_engine_generates_the_single_device_tokens():
+    from jaxlora.llm import LLM
+    from jaxlora.sampling import SamplingParams
+    from tests.test_engine import small_engine_config
+
+    config = TP_CONFIG
+    params = init_params(config, 5)
+    adapters = {"a": random_lora(config, "a", 4, MODULES, 1),
+                "b": random_lora(config, "b", 2, ("q_proj", "down_proj"), 2)}
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3], [40, 41, 42]]
+    names = ["a", None, "b"]
+    sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outs = {}
+    for tp in (1, 4):
+        llm = LLM(config, params=params, adapters=adapters, engine_config=small_engine_config(),
+                  load_workers=0, tp=tp)
+        outs[tp] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
+        if tp == 4:
+            assert llm.engine.kv.k_pool.addressable_shards[0].data.shape[3] == 1
+            q = llm.params["layers"]["attn"]["q_proj"]["kernel"]
+            assert q.addressable_shards[0].data.shape[-1] == config.q_size // 4
+    assert outs[4] == outs[1]

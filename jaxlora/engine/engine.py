@@ -95,13 +95,25 @@ class Engine:
     """
 
     def __init__(self, config: ModelConfig, params, engine_config: EngineConfig | None = None, *,
-                 adapters=None, tokenizer=None, dtype=jnp.float32):
+                 adapters=None, tokenizer=None, dtype=jnp.float32, mesh=None):
+        """mesh: a `tp` mesh (jaxlora.sharding.make_mesh) for tensor parallelism; params and the
+        adapter pools must already be sharded over it."""
         self.config = config
         self.engine_config = ec = engine_config or EngineConfig()
         self.adapters = adapters
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, params, ec.runner, dtype=dtype)
-        self.kv = KVCacheManager(config, ec.kv, dtype=dtype)
+        self.mesh = mesh
+        runner_config = ec.runner
+        kv_sharding = None
+        if mesh is not None and mesh.size > 1:
+            from jaxlora.sharding import kv_pool_sharding
+
+            kv_sharding = kv_pool_sharding(mesh)
+            # The Pallas kernels are not partitioned by GSPMD: a sharded step uses the jnp path,
+            # which XLA splits over the mesh.
+            runner_config = dataclasses.replace(runner_config, impl="reference")
+        self.runner = ModelRunner(config, params, runner_config, dtype=dtype)
+        self.kv = KVCacheManager(config, ec.kv, dtype=dtype, sharding=kv_sharding)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._lock = threading.RLock()

@@ -37,12 +37,14 @@ class KVCacheConfig:
 class KVCacheManager:
     """Owns the KV page pools and which pages each sequence holds."""
 
-    def __init__(self, model: ModelConfig, config: KVCacheConfig, dtype=jnp.float32):
+    def __init__(self, model: ModelConfig, config: KVCacheConfig, dtype=jnp.float32, *,
+                 sharding=None):
+        """sharding: of the pool arrays (tensor parallelism splits the KV heads)."""
         self.config = config
         shape = (model.num_layers, config.num_pages, config.page_size, model.num_kv_heads,
                  model.head_dim)
-        self.k_pool = jnp.zeros(shape, dtype)
-        self.v_pool = jnp.zeros(shape, dtype)
+        self.k_pool = jnp.zeros(shape, dtype, device=sharding)
+        self.v_pool = jnp.zeros(shape, dtype, device=sharding)
         self.allocator = PageAllocator(config.num_pages, name="kv")
         self._pages: dict[int, list[int]] = {}
         self.bytes_per_page = 2 * int(np.prod(shape[:1] + shape[2:])) * jnp.dtype(dtype).itemsize
