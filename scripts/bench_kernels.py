@@ -54,12 +54,11 @@ flags.DEFINE_string("variants", "{}", "JSON {name: {SgmvConfig field: value}} fo
 flags.DEFINE_integer("hidden", 4096, "input width")
 flags.DEFINE_integer("rows_per_page", 16, "rank-rows per page")
 flags.DEFINE_integer("num_layers", 2, "layers in the pools (iterations alternate layers)")
-flags.DEFINE_integer("calls", 3, "timed calls per implementation and row")
-flags.DEFINE_float("target_call_ms", 20.0, "iterations per call are chosen to last about this")
+flags.DEFINE_integer("calls", 4, "timed calls per implementation and row")
 flags.DEFINE_float("slow_call_s", 1.0, "an implementation whose call takes longer is timed once")
 flags.DEFINE_float("copy_gib", 1.0, "size of the copy-bandwidth buffers")
 flags.DEFINE_integer("flush_mib", 256, "size of the L2-flush buffer")
-flags.DEFINE_integer("compile_threads", 12, "parallel compilations")
+flags.DEFINE_integer("compile_threads", 16, "parallel compilations")
 flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke runs)")
 flags.DEFINE_string("out_json", "", "JSON output (default: $OUT/bench_kernels.json or ./)")
 
@@ -326,10 +325,13 @@ def segments(events):
 
 
 def kernel_breakdown(segs):
-    """Median duration of each kernel position of the iterations (names shortened)."""
-    width = min(len(s) for s in segs)
-    return [(segs[0][i][0][:60], float(np.median([s[i][2] for s in segs])) / 1e3)
-            for i in range(width)]
+    """Median duration of each kernel position over the iterations with the usual kernel count
+    (names shortened)."""
+    counts = [len(s) for s in segs]
+    usual = max(set(counts), key=counts.count)
+    same = [s for s in segs if len(s) == usual]
+    return [(same[0][i][0][:60], float(np.median([s[i][2] for s in same])) / 1e3)
+            for i in range(usual)]
 
 
 def seg_times(seg):
@@ -434,9 +436,10 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
     for t in tokens:
         for wl in FLAGS.workloads:
             work = make_workload(wl, t, group, rank, pools, rng)
-            # Iterations per call: about target_call_ms of copy-bound work, 2..8.
+            # Few unrolled iterations per call (each unrolled copy of a Pallas kernel is compiled
+            # again); more calls give the median its samples.
             est_us = work["bytes"] / copy_bw / 1e3 + 10
-            iters = int(np.clip(FLAGS.target_call_ms * 1e3 / est_us, 2, 8))
+            iters = 2 if est_us > 1000 else 3
             rows.append(dict(group=group, rank=rank, tokens=t, workload=wl, work=work,
                              iters=iters))
 
@@ -467,6 +470,8 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
     print(f"[{group.name} r={rank}] compiled {len(futures)} in {time.time() - t0:.0f}s",
           flush=True)
 
+    # Warm-up (and the correctness cross-check) of every row, then one profiled run of all.
+    work_plan = []
     for i, row in enumerate(rows):
         y0 = fill((row["tokens"], sum(group.widths)), jnp.bfloat16, 4, 1.0)
         result = {"out": group.name, "rank": rank, "T": row["tokens"],
@@ -482,12 +487,7 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
             fn, x, tables = c
             try:
                 y = jnp.copy(y0)
-                t1 = time.perf_counter()
-                y, flush_buf = fn(y, flush_buf, x, pools, tables)
                 jax.block_until_ready(y)
-                first_y[impl] = np.asarray(y.astype(jnp.float32))
-                y_change = float(np.max(np.abs(first_y[impl] - np.asarray(
-                    y0.astype(jnp.float32)))))
                 t1 = time.perf_counter()
                 y, flush_buf = fn(y, flush_buf, x, pools, tables)
                 jax.block_until_ready(y)
@@ -495,45 +495,54 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
             except Exception as e:  # noqa: BLE001 - e.g. a baseline running out of memory
                 result["impls"][impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 continue
+            first_y[impl] = np.asarray(y.astype(jnp.float32))
+            y_change = float(np.max(np.abs(first_y[impl] - np.asarray(y0.astype(jnp.float32)))))
             calls = 1 if wall > FLAGS.slow_call_s else FLAGS.calls
             plan[impl] = {"fn": fn, "x": x, "tables": tables, "y": y, "calls": calls,
                           "wall": wall, "y_change": y_change}
+        ref_impl = next(iter(first_y), None)
+        for impl, y in first_y.items():
+            ref = first_y[ref_impl]
+            plan[impl]["rel_err"] = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)),
+                                                                        1e-30))
+        work_plan.append((row, result, plan))
+        del first_y
 
-        def run_all(plan=plan):
-            nonlocal flush_buf
+    def run_all():
+        nonlocal flush_buf
+        for _, _, plan in work_plan:
             for p in plan.values():
                 for _ in range(p["calls"]):
                     p["y"], flush_buf = p["fn"](p["y"], flush_buf, p["x"], pools, p["tables"])
                     jax.block_until_ready(p["y"])
 
-        events = profile(run_all)
-        for p in plan.values():
-            p["y"] = None
-        segs = segments(events)
-        expected = sum(p["calls"] * row["iters"] for p in plan.values())
-        cursor = 0
+    t0 = time.time()
+    segs = segments(profile(run_all))
+    expected = sum(p["calls"] * row["iters"] for row, _, plan in work_plan
+                   for p in plan.values())
+    print(f"[{group.name} r={rank}] profiled {len(segs)} iterations (expected {expected}) in "
+          f"{time.time() - t0:.0f}s", flush=True)
+    cursor = 0
+    for row, result, plan in work_plan:
+        ref_impl = next(iter(plan), "")
         for impl, p in plan.items():
-            calls, wall = p["calls"], p["wall"]
-            n = calls * row["iters"]
-            entry = {"calls": calls, "wall_us_per_iter": wall / row["iters"] * 1e6,
-                     "max_abs_y_change": p["y_change"]}
+            n = p["calls"] * row["iters"]
+            entry = {"calls": p["calls"], "wall_us_per_iter": p["wall"] / row["iters"] * 1e6,
+                     "max_abs_y_change": p["y_change"], "rel_err_vs_" + ref_impl: p["rel_err"]}
             if len(segs) == expected:
                 mine = [seg_times(s) for s in segs[cursor:cursor + n]]
                 entry["kernel_us"] = kernel_breakdown(segs[cursor:cursor + n])
                 entry["busy_us"] = float(np.median([b for b, _ in mine]))
                 entry["span_us"] = float(np.median([s for _, s in mine]))
-                entry["kernels_per_iter"] = len(segs[cursor])
+                entry["kernels_per_iter"] = int(np.median([len(x) for x in
+                                                           segs[cursor:cursor + n]]))
                 entry["method"] = "profiler"
             else:
                 entry["busy_us"] = entry["span_us"] = entry["wall_us_per_iter"]
                 entry["method"] = f"wall (profiler segments {len(segs)} != {expected})"
             cursor += n
             result["impls"][impl] = entry
-        ref_impl = next(iter(first_y), None)
-        for impl, y in first_y.items():
-            ref = first_y[ref_impl]
-            err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
-            result["impls"][impl]["rel_err_vs_" + ref_impl] = err
+            p["y"] = None
         rows_out.append(result)
         print_row(result, copy_bw)
     return flush_buf
