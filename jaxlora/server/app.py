@@ -1,0 +1,574 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat, models, runtime adapter loading,
+health and Prometheus metrics. OpenAPI schema at /openapi.json, docs at /docs.
+
+``model`` in a request names the base model (ServerConfig.model_name) or a registered adapter;
+requests for different adapters share the engine's batches. Every failure is an OpenAI-style
+error answer (jaxlora.server.errors); a client that disconnects cancels its requests, which frees
+their KV pages and adapter references at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jaxlora.engine import Delta, FinishReason
+from jaxlora.engine import Request as EngineRequest
+from jaxlora.errors import JaxloraError, PoolExhaustedError, RequestError, UnknownAdapterError
+from jaxlora.sampling import SamplingParams
+from jaxlora.server import metrics as prom
+from jaxlora.server.errors import (
+    AuthenticationError,
+    EngineRequestError,
+    describe,
+    error_response,
+    exception_response,
+    with_param,
+)
+from jaxlora.server.generation import RequestGroup
+from jaxlora.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+)
+from jaxlora.server.state import ServingState
+
+log = logging.getLogger("jaxlora.server")
+
+_SEED_LIMIT = 2**63
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
+          "/v1/unload_lora_adapter", "/health", "/metrics")
+
+
+def _sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+# ---------------------------------------------------------------------------- request checks
+
+
+def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    def refuse(field: str, why: str):
+        raise with_param(RequestError(f"{field}: {why}"), field)
+
+    for field in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, field)
+        if value not in (None, 0, 0.0):
+            refuse(field, f"only 0 is supported, got {value!r}")
+    if body.logit_bias:
+        refuse("logit_bias", "not supported (only an empty map)")
+    if isinstance(body, CompletionRequest):
+        if body.best_of is not None and body.best_of != body.n:
+            refuse("best_of", f"only None or equal to n ({body.n}) is supported, got "
+                   f"{body.best_of!r}")
+        if body.suffix is not None:
+            refuse("suffix", "not supported")
+        if body.echo and body.logprobs is not None:
+            refuse("echo", "echo with logprobs (prompt logprobs) is not supported")
+    else:
+        if body.tools:
+            refuse("tools", "tool calls are not supported")
+        if body.tool_choice not in (None, "none"):
+            refuse("tool_choice", f"only 'none' is supported, got {body.tool_choice!r}")
+        if body.response_format is not None and body.response_format.type != "text":
+            refuse("response_format", f"only type 'text' is supported, got "
+                   f"{body.response_format.type!r}")
+        if body.top_logprobs is not None and not body.logprobs:
+            refuse("top_logprobs", "needs logprobs=true")
+
+
+def _samplings(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs,
+               count: int) -> list[SamplingParams]:
+    """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
+    stop = body.stop if body.stop is not None else ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if body.seed is not None and not -_SEED_LIMIT <= body.seed < _SEED_LIMIT:
+        raise with_param(RequestError(f"seed: expected an int in [-2**63, 2**63), got "
+                                      f"{body.seed}"), "seed")
+    out = []
+    for i in range(count):
+        seed = None if body.seed is None else (body.seed + i) % _SEED_LIMIT
+        try:
+            out.append(SamplingParams(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=0 if body.top_k is None else body.top_k, max_tokens=max_tokens,
+                stop_token_ids=tuple(body.stop_token_ids or ()), stop_strings=tuple(stop),
+                seed=seed, logprobs=logprobs, ignore_eos=body.ignore_eos))
+        except RequestError as e:
+            field = str(e).split("'")[1] if str(e).startswith("sampling parameter '") else None
+            raise with_param(e, {"stop_strings": "stop"}.get(field, field)) from None
+    return out
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+class _Formatter:
+    """Token text and logprob blocks (OpenAI's completion and chat shapes)."""
+
+    def __init__(self, state: ServingState):
+        self.tokenizer = state.tokenizer
+
+    def token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"<{token_id}>"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def completion_logprobs(self, token_ids, logprobs, tops, offset: int) -> tuple[dict, int]:
+        tokens = [self.token_text(t) for t in token_ids]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        top = [{self.token_text(t): lp for t, lp in (entry or {}).items()}
+               for entry in (tops or [{}] * len(tokens))]
+        return {"tokens": tokens, "token_logprobs": list(logprobs or []), "top_logprobs": top,
+                "text_offset": offsets}, offset
+
+    def chat_logprobs(self, token_ids, logprobs, tops) -> dict:
+        content = []
+        for i, token in enumerate(token_ids):
+            text = self.token_text(token)
+            alternatives = [{"token": self.token_text(t), "logprob": lp,
+                             "bytes": list(self.token_text(t).encode())}
+                            for t, lp in ((tops[i] if tops else None) or {}).items()]
+            content.append({"token": text, "logprob": logprobs[i], "bytes": list(text.encode()),
+                            "top_logprobs": alternatives})
+        return {"content": content}
+
+
+def _usage(prompt_lengths: list[int], requests: list[EngineRequest]) -> dict:
+    prompt = sum(prompt_lengths)
+    completion = sum(len(r.output_ids) for r in requests)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _failure(state: ServingState, request: EngineRequest) -> JaxloraError | None:
+    """The error a request that did not end normally gets (None: it ended normally)."""
+    reason = request.finish_reason
+    if reason in (FinishReason.STOP, FinishReason.LENGTH):
+        return None
+    if reason is FinishReason.DEADLINE:
+        return PoolExhaustedError("the server is overloaded: the request could not start "
+                                  "before its first-token deadline; retry later")
+    if reason is FinishReason.ABORT:
+        return PoolExhaustedError("the request was cancelled by the server (shutting down)")
+    if request.adapter is not None and request.adapter not in state.adapters.store:
+        return with_param(UnknownAdapterError(
+            f"The model `{request.adapter}` was unloaded before the request could start"),
+            "model")
+    return EngineRequestError(f"generation failed: {request.error}")
+
+
+# ---------------------------------------------------------------------------- the app
+
+_bearer = HTTPBearer(auto_error=False, description="The server's API key, if it has one.")
+
+
+async def _check_api_key(request: Request,
+                         credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                                Depends(_bearer)]) -> None:
+    key = request.app.state.serving.config.api_key
+    if key is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise AuthenticationError("Invalid or missing API key: send the server's key as "
+                                  "'Authorization: Bearer <key>'")
+
+
+
+def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool = False,
+               background_warmup: bool = False, on_ready=None) -> FastAPI:
+    """The FastAPI app serving state. With manage_engine, the app's start-up starts the engine
+    (after compiling every step shape when warm_up; in the background with background_warmup)
+    and its shutdown stops it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_engine:
+            state.start(warm_up=warm_up, background=background_warmup, on_ready=on_ready)
+        try:
+            yield
+        finally:
+            await state.pump.close()
+            if manage_engine:
+                state.stop()
+
+    app = FastAPI(title="jaxlora", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible multi-LoRA server: `model` is the base model or "
+                  "any registered adapter; requests for different adapters share every batch.")
+    app.state.serving = state
+    formatter = _Formatter(state)
+    # ------------------------------------------------------------------ errors
+
+    @app.exception_handler(JaxloraError)
+    async def jaxlora_error(request: Request, error: JaxloraError):
+        return exception_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        problems = error.errors()
+        first = problems[0] if problems else {}
+        location = [str(p) for p in first.get("loc", ()) if p != "body"]
+        field = ".".join(location) or "body"
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":
+            message = "unknown field (not supported by this server)"
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        return error_response(400, f"{field}: {message}{more}", param=field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        return error_response(error.status_code, str(error.detail), code=None)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception):
+        return exception_response(error)
+
+    app.add_middleware(_CountResponses, metrics=state.metrics)
+
+    # ------------------------------------------------------------------ plain routes
+
+    @app.get("/health", tags=["server"])
+    async def health():
+        ok, status = state.health()
+        return JSONResponse({"status": status}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
+    async def metrics():
+        return Response(state.metrics_text(), media_type=prom.CONTENT_TYPE)
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+
+    @api.get("/models", tags=["models"])
+    async def list_models():
+        return {"object": "list", "data": state.models()}
+
+    @api.get("/models/{model_id:path}", tags=["models"])
+    async def get_model(model_id: str):
+        for card in state.models():
+            if card["id"] == model_id:
+                return card
+        state.resolve_model(model_id)  # raises the 404
+        raise UnknownAdapterError(f"The model `{model_id}` does not exist")
+
+    @api.post("/load_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        import anyio.to_thread
+
+        # Registration reads the adapter's headers from disk: off the event loop.
+        await anyio.to_thread.run_sync(
+            lambda: state.load_adapter(body.lora_name, body.lora_path,
+                                       replace=body.load_inplace))
+        verb = "replaced" if body.load_inplace else "added"
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb} "
+                                 "successfully.")
+
+    @api.post("/unload_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        state.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
+                                 "successfully.")
+
+    # ------------------------------------------------------------------ generation helpers
+
+    def submit_group(http_id: str, prompts: list[list[int]], samplings_per_prompt,
+                     adapter: str | None) -> RequestGroup:
+        group = RequestGroup(state.engine, state.pump)
+        try:
+            for p, ids in enumerate(prompts):
+                for c, sampling in enumerate(samplings_per_prompt):
+                    request = state.submit(ids, sampling, adapter, f"{http_id}-{p}-{c}")
+                    group.add(request)
+        except BaseException:
+            group.cancel()
+            raise
+        return group
+
+    async def wait_all(group: RequestGroup, raw: Request) -> bool:
+        """Waits until every request of group finished; False if the client went away."""
+        try:
+            while not group.finished:
+                event = await group.next_event(timeout=state.config.disconnect_poll_s)
+                if event is None and await raw.is_disconnected():
+                    group.cancel()
+                    return False
+        except BaseException:
+            group.cancel()
+            raise
+        return True
+
+    def check_finished(group: RequestGroup) -> None:
+        for request in group.requests:
+            error = _failure(state, request)
+            if error is not None:
+                raise error
+
+    def max_tokens_of(body, default: int) -> int:
+        value = body.max_tokens
+        if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+            value = body.max_completion_tokens
+        return default if value is None else value
+
+    async def stream(group: RequestGroup, raw: Request, chunks) -> Response:
+        """A text/event-stream of chunks(events); waits for the first event first, so that a
+        request refused before its first token still gets a proper error status."""
+        events = group.events()
+        try:
+            first = await anext(events)
+        except BaseException:
+            group.cancel()
+            raise
+        index, delta = first
+        if delta.finish_reason is not None and delta.finish_reason not in (
+                FinishReason.STOP, FinishReason.LENGTH):
+            group.cancel()
+            error = _failure(state, group.requests[index])
+            return exception_response(error)
+
+        async def body() -> AsyncIterator[str]:
+            async def all_events():
+                yield first
+                async for event in events:
+                    yield event
+
+            try:
+                async for piece in chunks(all_events()):
+                    yield piece
+                yield _sse("[DONE]")
+            finally:
+                group.cancel()  # no-op once every request finished; else the client left
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    def stream_error(error: JaxloraError) -> str:
+        """An error after the 200 header went out: an SSE event the OpenAI client raises."""
+        _, payload = describe(error)
+        return _sse(payload)
+
+    # ------------------------------------------------------------------ completions
+
+    @api.post("/completions", tags=["generation"])
+    async def completions(body: CompletionRequest, raw: Request):
+        adapter = state.resolve_model(body.model)
+        _refuse_unsupported(body)
+        prompts = _completion_prompts(state, body.prompt)
+        if body.n < 1 or body.n * len(prompts) > state.config.max_n:
+            raise with_param(RequestError(
+                f"n: expected 1..{state.config.max_n} choices in all (n times the number of "
+                f"prompts), got n={body.n} for {len(prompts)} prompts"), "n")
+        samplings = _samplings(body, max_tokens_of(body, state.config.default_max_tokens),
+                               body.logprobs, body.n)
+        http_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        group = submit_group(http_id, prompts, samplings, adapter)
+        prompt_lengths = [len(p) for p in prompts]
+
+        def echo_text(index: int) -> str:
+            if not body.echo:
+                return ""
+            if isinstance(body.prompt, str):
+                return body.prompt
+            if isinstance(body.prompt, list) and isinstance(body.prompt[index // body.n], str):
+                return body.prompt[index // body.n]
+            # Token ids (checked against the vocabulary by the engine by now).
+            tokenizer = state.tokenizer
+            return tokenizer.decode(prompts[index // body.n]) if tokenizer is not None else ""
+
+        if not body.stream:
+            if not await wait_all(group, raw):
+                return Response(status_code=499)
+            check_finished(group)
+            choices = []
+            for i, r in enumerate(group.requests):
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs, _ = formatter.completion_logprobs(
+                        r.output_ids, r.output_logprobs, r.output_top_logprobs, 0)
+                choices.append({"index": i, "text": echo_text(i) + r.text, "logprobs": logprobs,
+                                "finish_reason": str(r.finish_reason)})
+            return {"id": http_id, "object": "text_completion", "created": created,
+                    "model": body.model, "choices": choices,
+                    "usage": _usage(prompt_lengths, group.requests)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices: list[dict], usage=None) -> str:
+            payload = {"id": http_id, "object": "text_completion", "created": created,
+                       "model": body.model, "choices": choices}
+            if include_usage:
+                payload["usage"] = usage
+            return _sse(payload)
+
+        async def chunks(events) -> AsyncIterator[str]:
+            offsets = [0] * len(group.requests)
+            echoed = set()
+            async for index, delta in events:
+                delta: Delta
+                if delta.finish_reason is not None and delta.finish_reason not in (
+                        FinishReason.STOP, FinishReason.LENGTH):
+                    yield stream_error(_failure(state, group.requests[index]))
+                    return
+                text = delta.text
+                if body.echo and index not in echoed:
+                    echoed.add(index)
+                    text = echo_text(index) + text
+                logprobs = None
+                if body.logprobs is not None and delta.token_ids:
+                    logprobs, offsets[index] = formatter.completion_logprobs(
+                        delta.token_ids, delta.logprobs, delta.top_logprobs, offsets[index])
+                finish = None if delta.finish_reason is None else str(delta.finish_reason)
+                if text or logprobs or finish:
+                    yield chunk([{"index": index, "text": text, "logprobs": logprobs,
+                                  "finish_reason": finish}])
+            if include_usage:
+                yield chunk([], _usage(prompt_lengths, group.requests))
+
+        return await stream(group, raw, chunks)
+
+    # ------------------------------------------------------------------ chat
+
+    @api.post("/chat/completions", tags=["generation"])
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        adapter = state.resolve_model(body.model)
+        _refuse_unsupported(body)
+        if state.tokenizer is None:
+            raise with_param(RequestError("messages: the model has no tokenizer (and so no chat "
+                                          "template); use /v1/completions with token ids"),
+                             "messages")
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        prompt = state.tokenizer.encode_chat(messages)
+        if not 1 <= body.n <= state.config.max_n:
+            raise with_param(RequestError(f"n: expected 1..{state.config.max_n}, got {body.n}"),
+                             "n")
+        rest_of_context = max(1, state.max_model_len - len(prompt))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        samplings = _samplings(body, max_tokens_of(body, rest_of_context),
+                               logprobs, body.n)
+        http_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        group = submit_group(http_id, [prompt], samplings, adapter)
+
+        if not body.stream:
+            if not await wait_all(group, raw):
+                return Response(status_code=499)
+            check_finished(group)
+            choices = []
+            for i, r in enumerate(group.requests):
+                lp = None
+                if body.logprobs:
+                    lp = formatter.chat_logprobs(r.output_ids, r.output_logprobs,
+                                                 r.output_top_logprobs)
+                choices.append({"index": i,
+                                "message": {"role": "assistant", "content": r.text},
+                                "logprobs": lp, "finish_reason": str(r.finish_reason)})
+            return {"id": http_id, "object": "chat.completion", "created": created,
+                    "model": body.model, "choices": choices,
+                    "usage": _usage([len(prompt)], group.requests)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices: list[dict], usage=None) -> str:
+            payload = {"id": http_id, "object": "chat.completion.chunk", "created": created,
+                       "model": body.model, "choices": choices}
+            if include_usage:
+                payload["usage"] = usage
+            return _sse(payload)
+
+        async def chunks(events) -> AsyncIterator[str]:
+            for i in range(len(group.requests)):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+            async for index, delta in events:
+                if delta.finish_reason is not None and delta.finish_reason not in (
+                        FinishReason.STOP, FinishReason.LENGTH):
+                    yield stream_error(_failure(state, group.requests[index]))
+                    return
+                lp = None
+                if body.logprobs and delta.token_ids:
+                    lp = formatter.chat_logprobs(delta.token_ids, delta.logprobs,
+                                                 delta.top_logprobs)
+                if delta.text or lp:
+                    yield chunk([{"index": index, "delta": {"content": delta.text},
+                                  "logprobs": lp, "finish_reason": None}])
+                if delta.finish_reason is not None:
+                    yield chunk([{"index": index, "delta": {}, "logprobs": None,
+                                  "finish_reason": str(delta.finish_reason)}])
+            if include_usage:
+                yield chunk([], _usage([len(prompt)], group.requests))
+
+        return await stream(group, raw, chunks)
+
+    app.include_router(api)
+    return app
+
+
+class _CountResponses:
+    """Counts responses per route and status (plain ASGI: streaming passes through untouched)."""
+
+    def __init__(self, app, metrics: prom.ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path.startswith("/v1/models/"):
+            route = "/v1/models/{model}"
+        else:
+            route = path if path in ROUTES else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.responses.inc(route, str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _completion_prompts(state: ServingState, prompt) -> list[list[int]]:
+    """Token ids of each prompt of a completion request."""
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise with_param(RequestError("prompt: expected at least one prompt, got an empty "
+                                      "list"), "prompt")
+    ids = []
+    for item in items:
+        if isinstance(item, str):
+            if state.tokenizer is None:
+                raise with_param(RequestError("prompt: text given but the model has no "
+                                              "tokenizer; send token ids"), "prompt")
+            ids.append(state.tokenizer.encode(item))
+        else:
+            if not item:
+                raise with_param(RequestError("prompt: expected at least one token, got an "
+                                              "empty token list"), "prompt")
+            ids.append([int(t) for t in item])
+    return ids

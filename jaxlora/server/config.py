@@ -1,0 +1,62 @@
+"""The server's own settings (the engine's are jaxlora.engine.EngineConfig)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from jaxlora.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """model_name: what clients put in `model` for the base model (adapters use their own names).
+    api_key: required as ``Authorization: Bearer <key>`` on /v1/* (None: no key).
+    adapter_roots: directories that POST /v1/load_lora_adapter may read adapters from (after
+    resolving symlinks); empty: runtime loading is refused.
+    max_n: most choices one request may ask for (n times the number of prompts).
+    first_token_deadline_s: a request not started within this many seconds is dropped with 503
+    (S-LoRA's admission control; None: requests wait as long as the queue lets them).
+    stream_poll_s: how often the server collects new tokens from the engine for all open
+    requests (one poller for all of them, so the cost does not grow with the number of streams).
+    disconnect_poll_s: how often a non-streaming request checks that its client is still there.
+    default_max_tokens: max_tokens of a completion that gives none (chat: the rest of the
+    context).
+    """
+
+    model_name: str
+    api_key: str | None = None
+    adapter_roots: tuple[str, ...] = ()
+    max_n: int = 16
+    first_token_deadline_s: float | None = None
+    stream_poll_s: float = 0.002
+    disconnect_poll_s: float = 0.25
+    default_max_tokens: int = 16
+
+    def __post_init__(self):
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ConfigError(f"server config field 'model_name': expected a non-empty string, "
+                              f"got {self.model_name!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ConfigError("server config field 'api_key': expected a non-empty string or "
+                              "None")
+        roots = tuple(os.fspath(r) for r in self.adapter_roots)
+        for root in roots:
+            if not os.path.isdir(root):
+                raise ConfigError(f"server config field 'adapter_roots': {root!r} is not a "
+                                  "directory")
+        object.__setattr__(self, "adapter_roots", roots)
+        for field in ("max_n", "default_max_tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"server config field {field!r}: expected an int >= 1, got "
+                                  f"{value!r}")
+        for field in ("stream_poll_s", "disconnect_poll_s"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"server config field {field!r}: expected seconds > 0, got "
+                                  f"{value!r}")
+        deadline = self.first_token_deadline_s
+        if deadline is not None and (not isinstance(deadline, (int, float)) or not deadline > 0):
+            raise ConfigError(f"server config field 'first_token_deadline_s': expected seconds "
+                              f"> 0 or None, got {deadline!r}")

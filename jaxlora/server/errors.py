@@ -1,0 +1,95 @@
+"""OpenAI-style error answers: every failure becomes ``{"error": {...}}`` with the right status.
+
+Handlers raise the library's own exceptions (jaxlora.errors); this module is the one place that
+maps them to HTTP: unknown model or adapter 404, invalid request or adapter 400, missing API key
+401, full queue 503, anything unexpected 500 (logged; no traceback goes to the client).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi.responses import JSONResponse
+
+from jaxlora.errors import (
+    AdapterError,
+    ConfigError,
+    FormatError,
+    JaxloraError,
+    PoolExhaustedError,
+    RequestError,
+    UnknownAdapterError,
+)
+
+log = logging.getLogger("jaxlora.server")
+
+# Seconds a client is told to wait before retrying an overloaded server.
+RETRY_AFTER_S = 1
+
+
+class AuthenticationError(JaxloraError):
+    """The request has no API key or a wrong one."""
+
+
+def with_param(error: JaxloraError, param: str | None) -> JaxloraError:
+    """Tags an exception with the request field it is about (the ``param`` of the answer)."""
+    error.param = param
+    return error
+
+
+def status_of(error: BaseException) -> tuple[int, str, str | None]:
+    """(HTTP status, OpenAI error type, code) of an exception."""
+    if isinstance(error, AuthenticationError):
+        return 401, "authentication_error", "invalid_api_key"
+    if isinstance(error, EngineRequestError):
+        return 500, "server_error", "engine_error"
+    if isinstance(error, UnknownAdapterError):
+        return 404, "invalid_request_error", "model_not_found"
+    if isinstance(error, PoolExhaustedError):
+        return 503, "server_error", "overloaded"
+    if isinstance(error, ConfigError):
+        # At request time only the server's own configuration (e.g. its chat template) can be
+        # wrong: not the client's fault.
+        return 500, "server_error", "server_config"
+    if isinstance(error, (RequestError, AdapterError, FormatError)):
+        return 400, "invalid_request_error", None
+    if isinstance(error, JaxloraError):
+        return 400, "invalid_request_error", None
+    return 500, "server_error", "internal_error"
+
+
+def error_payload(status: int, message: str, *, type_: str, param: str | None = None,
+                  code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param,
+                      "code": code if code is not None else str(status)}}
+
+
+def error_response(status: int, message: str, *, type_: str | None = None,
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+    if type_ is None:
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(error_payload(status, message, type_=type_, param=param, code=code),
+                        status_code=status, headers=headers)
+
+
+def describe(error: BaseException) -> tuple[int, dict]:
+    """(status, payload) of an exception; unexpected exceptions are logged, not shown."""
+    status, type_, code = status_of(error)
+    if status == 500 and not isinstance(error, JaxloraError):
+        log.error("unexpected error while serving a request", exc_info=error)
+        message = f"internal server error ({type(error).__name__}); see the server log"
+    else:
+        message = str(error)
+    return status, error_payload(status, message, type_=type_,
+                                 param=getattr(error, "param", None), code=code)
+
+
+def exception_response(error: BaseException) -> JSONResponse:
+    status, payload = describe(error)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+class EngineRequestError(JaxloraError):
+    """The engine ended a valid request with an error of its own (500)."""

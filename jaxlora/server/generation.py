@@ -1,0 +1,135 @@
+"""From engine requests to the event loop: one poller for every open request, and the group of
+requests (prompts x choices) that one HTTP call made.
+
+The engine thread pushes each request's deltas into the request's own thread-safe queue. Rather
+than one coroutine per request polling its queue (tens of thousands of wake-ups a second with a
+few hundred open streams), one ``DeltaPump`` task drains every open request's queue each
+``poll_s`` and hands the deltas to the asyncio queue of the HTTP call that owns the request.
+
+A group that is abandoned (client gone, error) cancels its unfinished requests; the pump keeps
+watching them until the engine reports them finished (their KV pages and adapter references are
+freed by then), so that metrics count them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Callable
+
+from jaxlora.engine import Delta, Engine, Request
+
+
+def drain(request: Request) -> list[Delta]:
+    """Every delta the engine has pushed for request so far (without blocking)."""
+    deltas = []
+    while True:
+        try:
+            delta = next(request.stream(timeout=0), None)
+        except queue.Empty:
+            return deltas
+        if delta is None:
+            return deltas
+        deltas.append(delta)
+        if delta.finish_reason is not None:
+            return deltas
+
+
+class DeltaPump:
+    """Moves deltas from engine requests to asyncio queues; on_finish(request) at each end."""
+
+    def __init__(self, poll_s: float, on_finish: Callable[[Request], None]):
+        self._poll_s = poll_s
+        self._on_finish = on_finish
+        # request -> (queue of the HTTP call, its choice index); queue None once abandoned.
+        self._watched: dict[Request, tuple[asyncio.Queue | None, int]] = {}
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+
+    @property
+    def open_requests(self) -> int:
+        return len(self._watched)
+
+    def watch(self, request: Request, target: asyncio.Queue, index: int) -> None:
+        self._watched[request] = (target, index)
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="jaxlora-delta-pump")
+        self._wake.set()
+
+    def abandon(self, request: Request) -> None:
+        """Nobody reads this request any more; keep watching it until the engine ends it."""
+        if request in self._watched:
+            self._watched[request] = (None, self._watched[request][1])
+
+    def _pump_once(self) -> None:
+        for request, (target, index) in list(self._watched.items()):
+            for delta in drain(request):
+                if target is not None:
+                    target.put_nowait((index, delta))
+                if delta.finish_reason is not None:
+                    del self._watched[request]
+                    self._on_finish(request)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._watched:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._pump_once()
+            await asyncio.sleep(self._poll_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+class RequestGroup:
+    """The engine requests of one HTTP call (choice i = requests[i]) and their merged deltas."""
+
+    def __init__(self, engine: Engine, pump: DeltaPump):
+        self.engine = engine
+        self.pump = pump
+        self.requests: list[Request] = []
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._open: set[int] = set()
+
+    def add(self, request: Request) -> None:
+        index = len(self.requests)
+        self.requests.append(request)
+        self._open.add(index)
+        self.pump.watch(request, self._queue, index)
+
+    @property
+    def finished(self) -> bool:
+        return not self._open
+
+    async def next_event(self, timeout: float | None = None) -> tuple[int, Delta] | None:
+        """The next (choice index, delta); None after timeout seconds without one."""
+        try:
+            index, delta = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+        if delta.finish_reason is not None:
+            self._open.discard(index)
+        return index, delta
+
+    async def events(self) -> AsyncIterator[tuple[int, Delta]]:
+        while not self.finished:
+            event = await self.next_event()
+            if event is not None:
+                yield event
+
+    def cancel(self) -> None:
+        """Cancels every unfinished request (their pages are freed at the next engine step)."""
+        for index in sorted(self._open):
+            request = self.requests[index]
+            self.engine.cancel(request.request_id)
+            self.pump.abandon(request)
+        self._open.clear()

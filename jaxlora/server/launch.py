@@ -1,0 +1,185 @@
+"""Assembling a server from command-line style settings: model, adapters, engine sizes.
+
+``LaunchConfig`` is everything ``scripts/serve.py`` takes; ``build_state`` turns it into a
+ServingState. Sizes left at None get a heuristic default from the model and the backend: on CPU
+few batch buckets (each compiles for seconds there), on GPU the engine's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora import demo
+from jaxlora.config import LoraPoolConfig, ModelConfig
+from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+from jaxlora.errors import ConfigError
+from jaxlora.server.config import ServerConfig
+from jaxlora.server.state import ServingState
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """model: "" (the embedded demo), a preset name, a HF directory or an orbax checkpoint.
+    lora_modules: "name=path" or "path" (named after its directory) PEFT adapters;
+    lora_dirs: directories whose every sub-directory is an adapter (named after it).
+    Engine sizes (None: heuristic default, see engine_config_for)."""
+
+    model: str = ""
+    served_model_name: str = ""
+    lora_modules: tuple[str, ...] = ()
+    lora_dirs: tuple[str, ...] = ()
+    allowed_adapter_roots: tuple[str, ...] = ()
+    api_key: str | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    load_workers: int = 2
+    first_token_deadline_s: float | None = None
+    max_batch: int | None = None
+    max_prefill_rows: int | None = None
+    prefill_chunk: int | None = None
+    max_num_tokens: int | None = None
+    max_waiting: int | None = None
+    page_size: int | None = None
+    kv_pages: int | None = None
+    max_model_len: int | None = None
+    adapter_pool_pages: int | None = None
+    rows_per_page: int | None = None
+    max_rank: int | None = None
+    max_slots: int | None = None
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: expected one of {sorted(DTYPES)}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size: expected an int >= 1, got "
+                              f"{self.tensor_parallel_size!r}")
+
+
+def parse_lora_modules(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """{"name": path} from "name=path" or "path" entries (a path's name is its directory)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path = spec
+            name = os.path.basename(os.path.normpath(spec))
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ConfigError(f"--lora_modules entry {spec!r}: expected name=path or a PEFT "
+                              "adapter directory")
+        if name in out:
+            raise ConfigError(f"--lora_modules: adapter name {name!r} given twice "
+                              f"({out[name]} and {path})")
+        out[name] = path
+    return out
+
+
+def engine_config_for(model: ModelConfig, launch: LaunchConfig, *, backend: str | None = None,
+                      warmup: bool = False) -> EngineConfig:
+    """The engine sizes of launch, defaults filled in for the model and the backend."""
+    backend = backend or jax.default_backend()
+    on_cpu = backend == "cpu"
+    runner_default, kv_default, pool_default = RunnerConfig(), KVCacheConfig(), LoraPoolConfig()
+
+    def pick(value, default):
+        return default if value is None else value
+
+    max_batch = pick(launch.max_batch, 8 if on_cpu else runner_default.max_batch)
+    max_model_len = pick(launch.max_model_len,
+                         min(model.max_position_embeddings, 512 if on_cpu else 4096))
+    if max_model_len > model.max_position_embeddings:
+        raise ConfigError(f"max_model_len {max_model_len}: the model's context "
+                          f"(max_position_embeddings) is {model.max_position_embeddings}")
+    page_size = pick(launch.page_size, kv_default.page_size)
+    pages_per_seq = -(-max_model_len // page_size)
+    # Half of the batch at full length: preemption covers the rare moment when more is needed.
+    kv_pages = pick(launch.kv_pages, max(pages_per_seq, max_batch * pages_per_seq // 2))
+    runner = RunnerConfig(max_batch=max_batch,
+                          prefill_chunk=pick(launch.prefill_chunk, runner_default.prefill_chunk),
+                          max_prefill_rows=pick(launch.max_prefill_rows,
+                                                1 if on_cpu else runner_default.max_prefill_rows))
+    pool = LoraPoolConfig(max_rank=pick(launch.max_rank, pool_default.max_rank),
+                          rows_per_page=pick(launch.rows_per_page, pool_default.rows_per_page),
+                          pages_per_pool=pick(launch.adapter_pool_pages,
+                                              pool_default.pages_per_pool),
+                          max_slots=pick(launch.max_slots, min(max_batch,
+                                                               pool_default.max_slots)))
+    return EngineConfig(
+        kv=KVCacheConfig(page_size=page_size, num_pages=kv_pages, max_model_len=max_model_len),
+        runner=runner, lora_pool=pool,
+        max_num_tokens=pick(launch.max_num_tokens,
+                            max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk)),
+        max_waiting=pick(launch.max_waiting, EngineConfig().max_waiting), warmup=warmup)
+
+
+def default_model_name(model: str) -> str:
+    if not model:
+        return demo.DEMO_MODEL_NAME
+    if os.path.isdir(model):
+        return os.path.basename(os.path.normpath(model))
+    return model
+
+
+def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
+    """Loads the model and the adapters of launch and wraps them for serving (the engine is
+    not started: create_app's start-up does it)."""
+    from jaxlora.llm import LLM, load_base_model
+
+    adapters = parse_lora_modules(launch.lora_modules)
+    model = launch.model
+    if not model:
+        demo.check_assets()
+        model = demo.model_dir()
+        adapters = {**demo.adapter_dirs(), **adapters}
+    dtype = DTYPES[launch.dtype]
+    config, params, tokenizer = load_base_model(model, seed=launch.seed, dtype=dtype)
+    engine_config = engine_config_for(config, launch, warmup=warmup)
+    llm = LLM(config, params=params, tokenizer=tokenizer, engine_config=engine_config,
+              dtype=dtype, seed=launch.seed, load_workers=launch.load_workers,
+              tp=launch.tensor_parallel_size)
+    for name, path in adapters.items():
+        llm.adapters.register(name, path)
+    for root in launch.lora_dirs:
+        llm.adapters.register_root(root)
+    server_config = ServerConfig(
+        model_name=launch.served_model_name or default_model_name(launch.model),
+        api_key=launch.api_key or None, adapter_roots=tuple(launch.allowed_adapter_roots),
+        first_token_deadline_s=launch.first_token_deadline_s)
+    if server_config.model_name in llm.adapters.store:
+        raise ConfigError(f"served model name {server_config.model_name!r} is also an "
+                          "adapter's name; rename one (--served_model_name)")
+    return ServingState(llm, server_config)
+
+
+def banner(state: ServingState, url: str) -> str:
+    """What the server prints once it is ready: where it is and a request to paste."""
+    config = state.config
+    adapters = state.adapters.store.names()
+    example_model = adapters[0] if adapters else config.model_name
+    prompt = demo.DEMO_PROMPTS[0]
+    body = json.dumps({"model": example_model, "messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": 32, "temperature": 0})
+    auth = (f" \\\n  -H {shlex.quote('Authorization: Bearer ' + config.api_key)}"
+            if config.api_key else "")
+    shown = ", ".join(adapters[:8]) + (f", ... ({len(adapters)} in all)"
+                                        if len(adapters) > 8 else "")
+    return "\n".join([
+        "",
+        f"jaxlora is serving {config.model_name!r} at {url}/v1 (OpenAI-compatible)",
+        f"  adapters: {shown or '(none yet)'}",
+        f"  models: {url}/v1/models   health: {url}/health   metrics: {url}/metrics   "
+        f"docs: {url}/docs",
+        "Try it (set \"model\" to an adapter name or to the base model's):",
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+        f"    -d {shlex.quote(body)}",
+        "",
+    ])

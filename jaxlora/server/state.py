@@ -1,0 +1,291 @@
+"""What the HTTP layer serves from: the LLM (engine + adapters), readiness, runtime adapter
+loading inside the allowed roots, and the metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from jaxlora.engine import Request
+from jaxlora.errors import AdapterError, FormatError, UnknownAdapterError
+from jaxlora.llm import LLM
+from jaxlora.memory.store import MEMORY_SOURCE
+from jaxlora.sampling import SamplingParams
+from jaxlora.server import metrics as prom
+from jaxlora.server.config import ServerConfig
+from jaxlora.server.errors import with_param
+from jaxlora.server.generation import DeltaPump
+
+log = logging.getLogger("jaxlora.server")
+
+
+def resolve_adapter_path(path: str, roots: tuple[str, ...]) -> str:
+    """The real path of an adapter directory that lies inside one of roots.
+
+    A relative path is taken relative to each root in turn. Symlinks are resolved before the
+    check, so neither ``..`` nor a link can lead outside the roots. Raises AdapterError.
+    """
+    if not roots:
+        raise with_param(AdapterError(
+            "runtime adapter loading is disabled: the server was started without allowed "
+            "adapter roots (scripts/serve.py --allowed_adapter_roots=DIR[,DIR...])"), "lora_path")
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise with_param(AdapterError(f"lora_path {path!r}: expected a directory path"),
+                         "lora_path")
+    real_roots = [os.path.realpath(r) for r in roots]
+    candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in real_roots]
+    inside = []
+    for candidate in candidates:
+        real = os.path.realpath(candidate)
+        if any(real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+               for root in real_roots):
+            inside.append(real)
+    if not inside:
+        raise with_param(AdapterError(
+            f"lora_path {path!r}: not inside an allowed adapter root (symlinks resolved); "
+            "only directories under --allowed_adapter_roots can be loaded at runtime"),
+            "lora_path")
+    existing = [p for p in inside if os.path.isdir(p)]
+    return existing[0] if existing else inside[0]
+
+
+class ServingState:
+    """One served model: the LLM, its public name, and what the endpoints need around it."""
+
+    def __init__(self, llm: LLM, config: ServerConfig):
+        self.llm = llm
+        self.engine = llm.engine
+        self.adapters = llm.adapters
+        self.tokenizer = llm.tokenizer
+        self.config = config
+        self.max_model_len = llm.engine_config.kv.max_model_len
+        self.metrics = prom.ServerMetrics()
+        self.pump = DeltaPump(config.stream_poll_s, self._on_finish)
+        self.created = int(time.time())
+        self._adapter_created: dict[str, int] = {}
+        self._ready = threading.Event()
+        self._started = False
+        self._warmup_error: BaseException | None = None
+        self._warmup_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self, *, warm_up: bool = False, background: bool = False, on_ready=None) -> None:
+        """Starts the engine loop; with warm_up, first compiles every step shape. In the
+        background, requests that arrive meanwhile queue in the engine and run once it is warm
+        (GET /health answers 503 until then)."""
+        if self._started:
+            return
+        self._started = True
+
+        def run():
+            try:
+                if warm_up:
+                    start = time.perf_counter()
+                    self.engine.warmup()
+                    log.info("engine warm in %.1f s", time.perf_counter() - start)
+                self.llm.start()
+            except BaseException as e:  # reported by /health; the server stays up to say so
+                self._warmup_error = e
+                log.exception("engine warm-up failed")
+                return
+            self._ready.set()
+            if on_ready is not None:
+                on_ready()
+
+        if background:
+            self._warmup_thread = threading.Thread(target=run, name="jaxlora-warmup",
+                                                   daemon=True)
+            self._warmup_thread.start()
+        else:
+            run()
+
+    def stop(self) -> None:
+        if self._warmup_thread is not None:
+            self._warmup_thread.join()
+        self.llm.stop()
+        self.adapters.close()
+        self._ready.clear()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def health(self) -> tuple[bool, str]:
+        if self._warmup_error is not None:
+            return False, f"engine failed to start: {self._warmup_error}"
+        if not self._started or not self.ready:
+            return False, "starting (compiling the engine's step shapes)"
+        return True, "ok"
+
+    # ------------------------------------------------------------------ models and adapters
+
+    def resolve_model(self, name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model)."""
+        if name == self.config.model_name:
+            return None
+        if name in self.adapters.store:
+            return name
+        raise with_param(UnknownAdapterError(
+            f"The model `{name}` does not exist: it is neither the base model "
+            f"({self.config.model_name!r}) nor a registered adapter (GET /v1/models lists "
+            "them)"), "model")
+
+    def models(self) -> list[dict]:
+        base = {"id": self.config.model_name, "object": "model", "created": self.created,
+                "owned_by": "jaxlora", "root": self.config.model_name, "parent": None,
+                "max_model_len": self.max_model_len}
+        cards = [base]
+        for name in self.adapters.store.names():
+            entry = self.adapters.store.current(name)
+            if entry is None:  # unregistered meanwhile
+                continue
+            cards.append({"id": name, "object": "model",
+                          "created": self._adapter_created.get(name, self.created),
+                          "owned_by": "jaxlora",
+                          "root": entry.source if entry.source != MEMORY_SOURCE else name,
+                          "parent": self.config.model_name, "max_model_len": self.max_model_len})
+        return cards
+
+    def load_adapter(self, name: str, path: str, *, replace: bool = False) -> str:
+        """Registers the PEFT directory at path (inside the allowed roots) as name; returns the
+        real path. Raises AdapterError / FormatError (400) with the reason."""
+        if name == self.config.model_name:
+            raise with_param(AdapterError(f"lora_name {name!r}: that is the base model's name"),
+                             "lora_name")
+        real = resolve_adapter_path(path, self.config.adapter_roots)
+        if not os.path.isdir(real):
+            raise with_param(FormatError(f"lora_path {path!r}: no such adapter directory under "
+                                         "the allowed adapter roots"), "lora_path")
+        if replace:
+            if name not in self.adapters.store:
+                raise with_param(UnknownAdapterError(
+                    f"lora_name {name!r}: load_inplace replaces a loaded adapter, and none is "
+                    "loaded under that name"), "lora_name")
+            self.adapters.replace(name, real)
+        else:
+            if name in self.adapters.store:
+                raise with_param(AdapterError(
+                    f"The lora adapter '{name}' has already been loaded (unload it first, or "
+                    "pass load_inplace=true to replace it)"), "lora_name")
+            self.adapters.register(name, real)
+        self._adapter_created[name] = int(time.time())
+        log.info("adapter %r loaded from %s", name, real)
+        return real
+
+    def unload_adapter(self, name: str) -> None:
+        """Forgets name; requests already running finish with its weights (their pages are
+        freed when they end), queued ones fail with 404."""
+        try:
+            self.adapters.unregister(name)
+        except UnknownAdapterError as e:
+            raise with_param(UnknownAdapterError(
+                f"The lora adapter '{name}' cannot be found (it is not loaded)"), "lora_name"
+                             ) from e
+        self._adapter_created.pop(name, None)
+        log.info("adapter %r unloaded", name)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None,
+               request_id: str) -> Request:
+        deadline = self.config.first_token_deadline_s
+        request = self.engine.submit(prompt_ids, sampling, adapter=adapter,
+                                     request_id=request_id, deadline_s=deadline)
+        self.metrics.requests.inc(self.model_label(adapter))
+        return request
+
+    def model_label(self, adapter: str | None) -> str:
+        return self.config.model_name if adapter is None else adapter
+
+    def _on_finish(self, request: Request) -> None:
+        m = self.metrics
+        label = self.model_label(request.adapter)
+        m.finished.inc(label, str(request.finish_reason))
+        m.prompt_tokens.inc(label, amount=len(request.prompt_ids))
+        m.generation_tokens.inc(label, amount=len(request.output_ids))
+        if request.first_token_time is not None:
+            m.ttft.observe(request.first_token_time - request.arrival)
+            if len(request.output_ids) > 1 and request.finish_time is not None:
+                m.tpot.observe((request.finish_time - request.first_token_time)
+                               / (len(request.output_ids) - 1))
+        if request.finish_time is not None:
+            m.latency.observe(request.finish_time - request.arrival)
+
+    # ------------------------------------------------------------------ /metrics
+
+    def metrics_text(self) -> str:
+        engine, stats = self.engine, self.engine.stats
+        manager = self.adapters.stats()
+        usage = self.engine.pool_usage()
+        kv_total, kv_free = usage["kv_total_pages"], usage["kv_free_pages"]
+        lines = self.metrics.own()
+        lines += prom.gauge("jaxlora_num_requests_waiting",
+                            "Requests queued in the engine, not yet admitted.",
+                            engine.num_waiting)
+        lines += prom.gauge("jaxlora_num_requests_running",
+                            "Requests holding KV pages (prefilling or decoding).",
+                            engine.num_running)
+        lines += prom.gauge("jaxlora_open_requests",
+                            "Requests the server is streaming or waiting on.",
+                            self.pump.open_requests)
+        lines += prom.gauge("jaxlora_kv_cache_pages_total", "Pages of the KV cache pool.",
+                            kv_total)
+        lines += prom.gauge("jaxlora_kv_cache_pages_free", "Free pages of the KV cache pool.",
+                            kv_free)
+        lines += prom.gauge("jaxlora_kv_cache_usage_ratio", "Used fraction of the KV cache pool.",
+                            (kv_total - kv_free) / kv_total if kv_total else 0.0)
+        pools = manager.pools
+        lines += prom.gauge("jaxlora_adapter_pool_pages_total",
+                            "Pages of each adapter page pool.",
+                            {(axis,): u.num_pages for axis, u in pools.items()}, ("pool",))
+        lines += prom.gauge("jaxlora_adapter_pool_pages_used",
+                            "Used pages of each adapter page pool.",
+                            {(axis,): u.used_pages for axis, u in pools.items()}, ("pool",))
+        lines += prom.gauge("jaxlora_adapter_pool_usage_ratio",
+                            "Used fraction of each adapter page pool.",
+                            {(axis,): u.utilization for axis, u in pools.items()}, ("pool",))
+        lines += prom.gauge("jaxlora_adapters_registered", "Adapters registered (servable).",
+                            len(self.adapters.store))
+        lines += prom.gauge("jaxlora_adapters_resident",
+                            "Adapter versions holding pages of the GPU pool.", manager.resident)
+        lines += prom.gauge("jaxlora_adapters_referenced",
+                            "Resident adapters used by at least one request.", manager.referenced)
+        lines += prom.gauge("jaxlora_adapters_pinned", "Pinned adapters.", manager.pinned)
+        lines += prom.counter_snapshot("jaxlora_adapter_hits_total",
+                                       "Adapter acquisitions that found it resident.",
+                                       manager.hits)
+        lines += prom.counter_snapshot("jaxlora_adapter_misses_total",
+                                       "Adapter acquisitions that had to load it.",
+                                       manager.misses)
+        lines += prom.counter_snapshot("jaxlora_adapter_evictions_total",
+                                       "Adapters evicted from the GPU pool.", manager.evictions)
+        lines += prom.counter_snapshot("jaxlora_adapter_load_failures_total",
+                                       "Adapter loads that failed.", manager.load_failures)
+        lines += prom.counter_snapshot("jaxlora_adapter_bytes_copied_total",
+                                       "Bytes copied from host memory to the adapter pools.",
+                                       manager.bytes_copied)
+        lines += prom.gauge("jaxlora_adapter_load_seconds",
+                            "Seconds the last load of each adapter took, from the miss until "
+                            "its pages were ready.",
+                            {(name,): s for name, s in manager.load_seconds.items()},
+                            ("adapter",))
+        lines += prom.counter_snapshot("jaxlora_engine_steps_total",
+                                       "Engine iterations that ran the model.", stats.steps)
+        lines += prom.counter_snapshot("jaxlora_engine_preemptions_total",
+                                       "Requests preempted (KV pool full), recomputed later.",
+                                       stats.preemptions)
+        lines += prom.counter_snapshot("jaxlora_engine_deadline_aborts_total",
+                                       "Requests dropped by admission control (deadline).",
+                                       stats.deadline_aborts)
+        lines += prom.gauge("jaxlora_engine_step_seconds",
+                            "Moving average of the duration of one engine iteration.",
+                            stats.step_time_ema)
+        lines += prom.gauge("jaxlora_engine_ready", "1 once the engine is warm and running.",
+                            1 if self.ready else 0)
+        return "\n".join(lines) + "\n"
