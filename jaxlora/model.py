@@ -267,14 +267,29 @@ class Llama(nn.Module):
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
         h = embed(tokens)
-        stack = nn.scan(
-            DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         pools = (kv.k_pool, kv.v_pool) if kv is not None else (None, None)
-        (h, k_pool, v_pool), _ = stack(cfg, self.dtype, param_dtype, name="layers")(
-            (h, *pools), jnp.arange(cfg.num_layers, dtype=jnp.int32), positions, attn_mask, lora,
-            kv)
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        if self.is_initializing():
+            # nn.scan creates the stacked parameters with their `layers` logical axis.
+            stack = nn.scan(
+                DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            (h, k_pool, v_pool), _ = stack(cfg, self.dtype, param_dtype, name="layers")(
+                (h, *pools), layer_ids, positions, attn_mask, lora, kv)
+        else:
+            # A plain lax.scan when running: nn.scan traces its body once more to find broadcast
+            # values and refuses bodies with effects, which Pallas calls may carry.
+            layer = DecoderLayer(cfg, self.dtype, param_dtype)
+
+            def body(carry, xs):
+                layer_params, layer_id = xs
+                carry, _ = layer.apply({"params": layer_params}, carry, layer_id, positions,
+                                       attn_mask, lora, kv)
+                return carry, None
+
+            (h, k_pool, v_pool), _ = jax.lax.scan(
+                body, (h, *pools), (self.variables["params"]["layers"], layer_ids))
         if logit_index is not None:
             # Only these positions (B,) need logits: skip the LM head everywhere else.
             h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)

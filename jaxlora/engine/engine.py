@@ -53,6 +53,7 @@ from jaxlora.sampling import (
     uses_top_k_top_p,
 )
 from pallas_kernels import layout
+from pallas_kernels.sgmv import build_sgmv_metadata
 
 log = logging.getLogger("jaxlora.engine")
 
@@ -236,9 +237,9 @@ class Engine:
     def warmup(self) -> None:
         """Compiles every shape bucket once, so that no request pays for a compilation."""
         start = time.perf_counter()
-        lora_meta = self._lora_meta([])
         for mode, rows, length in self.runner.bucket_shapes():
             batch = empty_batch(rows, length, self.engine_config.kv.max_pages_per_seq)
+            lora_meta = self._lora_meta([], batch.token_slot)
             for use_lora in (False, True) if self.adapters is not None else (False,):
                 logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
                     mode, self.kv.k_pool, self.kv.v_pool, self._lora_pools(), batch, lora_meta,
@@ -387,12 +388,18 @@ class Engine:
     def _lora_pools(self):
         return self.adapters.pools if self.adapters is not None else {}
 
-    def _lora_meta(self, slot_infos) -> dict:
+    def _lora_meta(self, slot_infos, token_slot: np.ndarray) -> dict:
         pool = self.engine_config.lora_pool
         meta = layout.build_slot_metadata(slot_infos, max_slots=pool.max_slots,
                                           max_rank=pool.max_rank,
                                           rows_per_page=pool.rows_per_page)
-        return {k: jnp.asarray(v) for k, v in meta.items()}
+        meta = {k: jnp.asarray(v) for k, v in meta.items()}
+        if self.runner.impl != "reference":
+            # The kernels' token order and tiles, built here once per step rather than inside
+            # every (layer, module group) launch.
+            kernel_meta = build_sgmv_metadata(token_slot.reshape(-1), pool.max_slots)
+            meta["kernel_meta"] = {k: jnp.asarray(v) for k, v in kernel_meta.items()}
+        return meta
 
     def _run_rows(self, mode: str, rows: list[tuple[Request, int]]) -> None:
         # A row scheduled earlier in this iteration may have been preempted since.
@@ -432,7 +439,7 @@ class Engine:
         use_lora = bool(slot_infos)
         logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
             mode, self.kv.k_pool, self.kv.v_pool, self._lora_pools(), batch,
-            self._lora_meta(slot_infos), use_lora)
+            self._lora_meta(slot_infos, token_slot), use_lora)
         sampled_rows = [(r, n) if r.num_computed + n == len(r.sequence) else None
                         for r, n in rows]
         sampled = self._sample(logits, [r for r, _ in rows] + [None] * (b - len(rows)))
