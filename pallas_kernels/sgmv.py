@@ -125,21 +125,20 @@ def sgmv_expand_reference(
 ) -> jax.Array:  # (T, sum of out widths), y's dtype
     valid = token_slot >= 0
     slot = jnp.where(valid, token_slot, 0)
-    y32 = y.astype(jnp.float32)
-    col = 0
+    deltas = []
     for g, w in enumerate(weights):
-        pool = b_pools[g]
-        width = pool.shape[-1]
         r = jnp.where(valid, ranks[slot, w], 0)
-        rows = _gather_rows(pool, layer, b_pages[slot, w], r)
+        rows = _gather_rows(b_pools[g], layer, b_pages[slot, w], r)
         delta = jnp.einsum("tr,tro->to", v[:, g, :].astype(jnp.float32), rows,
                            precision=jax.lax.Precision.HIGHEST)
-        delta = delta * jnp.where(valid, scales[slot, w], 0.0)[:, None]
-        y32 = y32.at[:, col:col + width].add(delta)
-        col += width
-    if col != y.shape[-1]:
-        raise ValueError(f"expand: the group's widths add up to {col}, y has {y.shape[-1]} columns")
-    return y32.astype(y.dtype)
+        deltas.append(delta * jnp.where(valid, scales[slot, w], 0.0)[:, None])
+    width = sum(d.shape[-1] for d in deltas)
+    if width != y.shape[-1]:
+        raise ValueError(f"expand: the group's widths add up to {width}, y has {y.shape[-1]} "
+                         "columns")
+    # One concatenated delta rather than .at[slice].add per weight: a full-width slice update
+    # crashes XLA's partitioner under pmap / shard_map on several devices (jax 0.11.2).
+    return (y.astype(jnp.float32) + jnp.concatenate(deltas, axis=-1)).astype(y.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
