@@ -23,7 +23,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 def small_engine_config(**kv):
     return EngineConfig(
         kv=KVCacheConfig(**{"page_size": 4, "num_pages": 96, "max_model_len": 64, **kv}),
-        runner=RunnerConfig(max_batch=8, prefill_chunk=8, max_prefill_rows=2),
+        runner=RunnerConfig(max_batch=8, prefill_chunk=8, max_prefill_rows=2,
+                            decode_buckets=(8,), prefill_buckets=(2,)),
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=4, pages_per_pool=128, max_slots=8),
         max_num_tokens=32, warmup=False)
 
@@ -40,12 +41,18 @@ def lora_adapters():
             "mlp16": random_lora(TINY, "mlp16", 16, ("gate_proj", "up_proj", "down_proj"), 3)}
 
 
-def greedy_reference(params, prompt, n):
-    model = Llama(TINY)
+@jax.jit
+def _full_forward(params, tokens):
+    return Llama(TINY).apply({"params": params}, tokens)
+
+
+def greedy_reference(params, prompt, n, width=32):
+    """Greedy decoding by recomputing the whole sequence for every token (no KV cache)."""
     seq = list(prompt)
     for _ in range(n):
-        logits = model.apply({"params": params}, jnp.array([seq], jnp.int32))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        # Padding after the sequence cannot change causal logits: one compiled shape.
+        logits = _full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
@@ -147,3 +154,23 @@ def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_ad
         outs[impl] = [o.token_ids for o in llm.generate(prompts, adapter=names,
                                                         sampling=sampling)]
     assert outs["pallas_interpret"] == outs["reference"]
+
+
+def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
+    from jaxlora.engine.runner import bucket
+
+    runner = RunnerConfig(max_batch=32, max_prefill_rows=6)
+    assert runner.buckets("decode") == (1, 2, 4, 8, 16, 32)
+    assert runner.buckets("prefill") == (1, 2, 4, 6)
+    assert bucket(5, runner.buckets("decode")) == 8 and bucket(6, runner.buckets("prefill")) == 6
+    import dataclasses
+
+    config = dataclasses.replace(small_engine_config(), warmup=True)
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
+                      load_workers=0)
+    warmed = set(llm.engine.runner.compiled_shapes)
+    assert len(warmed) == 2 * len(llm.engine.runner.bucket_shapes())  # with and without LoRA
+    rng = np.random.default_rng(3)
+    prompts = [list(map(int, rng.integers(3, 500, n))) for n in (1, 9, 30, 4, 12)]
+    llm.generate(prompts, adapter=["all5", None, "qv1", "mlp16", None], sampling=GREEDY)
+    assert llm.engine.runner.compiled_shapes == warmed  # serving compiled nothing new

@@ -408,8 +408,7 @@ class Engine:
             return
         ec = self.engine_config
         length = 1 if mode == "decode" else ec.runner.prefill_chunk
-        limit = ec.runner.max_batch if mode == "decode" else ec.runner.max_prefill_rows
-        b = bucket(len(rows), limit)
+        b = bucket(len(rows), ec.runner.buckets(mode))
         max_pages = ec.kv.max_pages_per_seq
         tokens = np.zeros((b, length), np.int32)
         positions = np.zeros((b, length), np.int32)

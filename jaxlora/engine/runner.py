@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import ModelConfig
+from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from jaxlora.model import KVCache, Llama
 
@@ -38,14 +39,24 @@ class RunnerConfig:
     max_prefill_rows: int = 4  # prompts prefilled together in one step
     # attention / LoRA implementation: "auto" = Pallas kernels on GPU, jnp reference elsewhere
     impl: str = "auto"
+    # Row counts a step is padded to (one compilation each); None = powers of two up to the max.
+    decode_buckets: tuple[int, ...] | None = None
+    prefill_buckets: tuple[int, ...] | None = None
+
+    def buckets(self, mode: str) -> tuple[int, ...]:
+        limit = self.max_batch if mode == "decode" else self.max_prefill_rows
+        given = self.decode_buckets if mode == "decode" else self.prefill_buckets
+        if given is None:
+            given = tuple(2 ** i for i in range(limit.bit_length()) if 2 ** i < limit) + (limit,)
+        sizes = tuple(sorted({min(b, limit) for b in given} | {limit}))
+        if sizes[0] < 1:
+            raise ConfigError(f"runner config: {mode} buckets {given} must be positive")
+        return sizes
 
 
-def bucket(n: int, limit: int) -> int:
-    """Smallest power of two >= n (capped at limit): bounded compilations."""
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, limit)
+def bucket(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest bucket that holds n rows: bounded compilations."""
+    return next(b for b in sizes if b >= n)
 
 
 def resolve_impl(impl: str) -> str:
@@ -91,20 +102,8 @@ class ModelRunner:
 
     def bucket_shapes(self) -> list[tuple[str, int, int]]:
         r = self.runner
-        shapes = []
-        b = 1
-        while True:
-            shapes.append(("decode", b, 1))
-            if b >= r.max_batch:
-                break
-            b = min(2 * b, r.max_batch)
-        b = 1
-        while True:
-            shapes.append(("prefill", b, r.prefill_chunk))
-            if b >= r.max_prefill_rows:
-                break
-            b = min(2 * b, r.max_prefill_rows)
-        return shapes
+        return ([("decode", b, 1) for b in r.buckets("decode")]
+                + [("prefill", b, r.prefill_chunk) for b in r.buckets("prefill")])
 
 
 def empty_batch(rows: int, length: int, max_pages: int) -> StepBatch:
