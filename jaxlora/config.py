@@ -10,6 +10,14 @@ from typing import Any
 from jaxlora.errors import ConfigError
 
 
+def require_positive_ints(obj, fields: tuple[str, ...], what: str) -> None:
+    """Raises ConfigError naming `what` and the field unless every field is an int > 0."""
+    for field in fields:
+        value = getattr(obj, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{what} field {field!r}: expected a positive int, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style frequency-dependent RoPE scaling (HF `rope_scaling` with rope_type llama3)."""
@@ -39,12 +47,9 @@ class ModelConfig:
     name: str = "llama"
 
     def __post_init__(self):
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model config field {field!r}: expected a positive int, "
-                                  f"got {value!r}")
+        require_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size",
+                                     "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                     "max_position_embeddings"), "model config")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model config: num_heads ({self.num_heads}) must be a multiple of "
                               f"num_kv_heads ({self.num_kv_heads})")
@@ -163,11 +168,8 @@ class LoraPoolConfig:
     max_slots: int = 32
 
     def __post_init__(self):
-        for field in ("max_rank", "rows_per_page", "pages_per_pool", "max_slots"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"lora pool config field {field!r}: expected a positive int, "
-                                  f"got {value!r}")
+        require_positive_ints(self, ("max_rank", "rows_per_page", "pages_per_pool",
+                                     "max_slots"), "lora pool config")
 
     @property
     def max_pages_per_weight(self) -> int:

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlora.config import ModelConfig
+from jaxlora.config import ModelConfig, require_positive_ints
 from jaxlora.data import Example, Tokenizer, bucket_length, make_example, pad_rows
 from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs, LoraWeights
@@ -68,11 +68,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for field in ("rank", "steps", "batch_size", "max_seq_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"train config field {field!r}: expected a positive int, "
-                                  f"got {value!r}")
+        require_positive_ints(self, ("rank", "steps", "batch_size", "max_seq_len"),
+                              "train config")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(f"train config field 'warmup_steps': expected an int in "
                               f"[0, steps={self.steps}], got {self.warmup_steps!r}")

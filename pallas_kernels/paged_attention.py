@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxlora.config import require_positive_ints
 from jaxlora.errors import ConfigError
 
 # A finite "minus infinity": masked logits must not turn the running max into -inf, or
@@ -66,11 +67,8 @@ class PagedAttentionConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in ("pages_per_block", "kv_splits", "num_warps", "num_stages"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"PagedAttentionConfig field {field!r}: expected a positive "
-                                  f"int, got {value!r}")
+        require_positive_ints(self, ("pages_per_block", "kv_splits", "num_warps",
+                                     "num_stages"), "PagedAttentionConfig")
         if not _is_power_of_2(self.pages_per_block):
             raise ConfigError(f"PagedAttentionConfig field 'pages_per_block': expected a power "
                               f"of 2 (Triton block shapes), got {self.pages_per_block}")

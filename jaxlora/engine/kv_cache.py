@@ -11,8 +11,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.config import ModelConfig
-from jaxlora.errors import ConfigError
+from jaxlora.config import ModelConfig, require_positive_ints
 from jaxlora.memory.allocator import PageAllocator
 
 
@@ -23,11 +22,8 @@ class KVCacheConfig:
     max_model_len: int = 512  # context length a sequence may reach (prompt + output)
 
     def __post_init__(self):
-        for field in ("page_size", "num_pages", "max_model_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"kv cache config field {field!r}: expected a positive int, "
-                                  f"got {value!r}")
+        require_positive_ints(self, ("page_size", "num_pages", "max_model_len"),
+                              "kv cache config")
 
     @property
     def max_pages_per_seq(self) -> int:
