@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 from absl import app, flags
@@ -32,7 +33,7 @@ flags.DEFINE_list("lora_dirs", [], "Directories whose every sub-directory is a P
 flags.DEFINE_list("allowed_adapter_roots", [], "Directories runtime loading may read adapters "
                   "from; empty: runtime loading is refused.")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
-flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
 flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1/* (default: "
                     "$JAXLORA_API_KEY; empty: no key).")
 flags.DEFINE_integer("max_batch", None, "Decode rows per step (default: 8 on CPU, 32 on GPU).")
@@ -94,8 +95,19 @@ def main(argv):
         state = build_state(launch)
     except JaxloraError as e:
         sys.exit(f"error: {e}")
-    shown_host = "127.0.0.1" if FLAGS.host in ("0.0.0.0", "::") else FLAGS.host
-    url = f"http://{shown_host}:{FLAGS.port}"
+    # Bound here rather than by uvicorn so that --port=0 (any free port) prints the real one.
+    family = socket.AF_INET6 if ":" in FLAGS.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((FLAGS.host, FLAGS.port))
+    except OSError as e:
+        sys.exit(f"error: cannot listen on {FLAGS.host}:{FLAGS.port} ({e.strerror})")
+    port = sock.getsockname()[1]
+    shown_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(FLAGS.host, FLAGS.host)
+    if ":" in shown_host and not shown_host.startswith("["):
+        shown_host = f"[{shown_host}]"
+    url = f"http://{shown_host}:{port}"
 
     def ready():
         print(banner(state, url), flush=True)
@@ -104,8 +116,8 @@ def main(argv):
         print(f"jaxlora: compiling the engine's step shapes; {url} answers once they are done "
               "(restarts reuse the compilation cache)", flush=True)
     app_ = create_app(state, warm_up=FLAGS.warmup, background_warmup=True, on_ready=ready)
-    uvicorn.run(app_, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
-                timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app_, log_level=FLAGS.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -194,7 +195,6 @@ async def _check_api_key(request: Request,
                                   "'Authorization: Bearer <key>'")
 
 
-
 def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool = False,
                background_warmup: bool = False, on_ready=None) -> FastAPI:
     """The FastAPI app serving state. With manage_engine, the app's start-up starts the engine
@@ -217,6 +217,7 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
                   "any registered adapter; requests for different adapters share every batch.")
     app.state.serving = state
     formatter = _Formatter(state)
+
     # ------------------------------------------------------------------ errors
 
     @app.exception_handler(JaxloraError)
@@ -232,6 +233,8 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
         message = first.get("msg", "invalid request")
         if first.get("type") == "extra_forbidden":
             message = "unknown field (not supported by this server)"
+        elif first.get("type") == "json_invalid":
+            field, message = "body", f"not valid JSON ({first.get('ctx', {}).get('error', '')})"
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         return error_response(400, f"{field}: {message}{more}", param=field)
 
@@ -272,8 +275,6 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
 
     @api.post("/load_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
-        import anyio.to_thread
-
         # Registration reads the adapter's headers from disk: off the event loop.
         await anyio.to_thread.run_sync(
             lambda: state.load_adapter(body.lora_name, body.lora_path,
@@ -293,6 +294,11 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
     def submit_group(http_id: str, prompts: list[list[int]], samplings_per_prompt,
                      adapter: str | None) -> RequestGroup:
         group = RequestGroup(state.engine, state.pump)
+        for sampling in samplings_per_prompt:
+            try:
+                sampling.check_vocab(state.llm.config.vocab_size)
+            except RequestError as e:
+                raise with_param(e, "stop_token_ids") from None
         try:
             for p, ids in enumerate(prompts):
                 for c, sampling in enumerate(samplings_per_prompt):
@@ -329,11 +335,15 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
         return default if value is None else value
 
     async def stream(group: RequestGroup, raw: Request, chunks) -> Response:
-        """A text/event-stream of chunks(events); waits for the first event first, so that a
-        request refused before its first token still gets a proper error status."""
-        events = group.events()
+        """A text/event-stream of chunks(events). The first event is awaited before answering,
+        so that a request refused before its first token still gets a proper error status."""
         try:
-            first = await anext(events)
+            first = None
+            while first is None:
+                first = await group.next_event(timeout=state.config.disconnect_poll_s)
+                if first is None and await raw.is_disconnected():
+                    group.cancel()
+                    return Response(status_code=499)
         except BaseException:
             group.cancel()
             raise
@@ -341,15 +351,14 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
         if delta.finish_reason is not None and delta.finish_reason not in (
                 FinishReason.STOP, FinishReason.LENGTH):
             group.cancel()
-            error = _failure(state, group.requests[index])
-            return exception_response(error)
+            return exception_response(_failure(state, group.requests[index]))
+
+        async def all_events():
+            yield first
+            async for event in group.events():
+                yield event
 
         async def body() -> AsyncIterator[str]:
-            async def all_events():
-                yield first
-                async for event in events:
-                    yield event
-
             try:
                 async for piece in chunks(all_events()):
                     yield piece

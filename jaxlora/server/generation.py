@@ -14,10 +14,13 @@ freed by then), so that metrics count them too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 from collections.abc import AsyncIterator, Callable
 
 from jaxlora.engine import Delta, Engine, Request
+
+log = logging.getLogger("jaxlora.server")
 
 
 def drain(request: Request) -> list[Delta]:
@@ -70,7 +73,10 @@ class DeltaPump:
                     target.put_nowait((index, delta))
                 if delta.finish_reason is not None:
                     del self._watched[request]
-                    self._on_finish(request)
+                    try:
+                        self._on_finish(request)
+                    except Exception:  # bookkeeping must never stall every open stream
+                        log.exception("on_finish failed for %s", request.request_id)
 
     async def _run(self) -> None:
         while True:

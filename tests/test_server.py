@@ -1,0 +1,486 @@
+"""The OpenAI-compatible server against the official openai client: routing of the demo adapters
+in shared batches, streaming, n / seed / stop / logprobs, every error path, disconnects, runtime
+adapter loading while other requests stream, and /metrics."""
+
+import asyncio
+import json
+import os
+import shutil
+
+import httpx
+import openai
+import pytest
+
+from jaxlora import demo
+from jaxlora.errors import AdapterError
+from jaxlora.server import resolve_adapter_path
+from jaxlora.server.launch import LaunchConfig, banner, engine_config_for, parse_lora_modules
+from tests.test_server_helpers import (
+    API_KEY,
+    engine_idle,
+    metric,
+    parse_metrics,
+    start_demo_server,
+    wait_until,
+)
+
+BASE = demo.DEMO_MODEL_NAME
+VOICES = {BASE: demo.BASE_SIGNATURE, **demo.DEMO_SIGNATURES}
+GREEDY = {"temperature": 0, "max_tokens": 40}
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory):
+    """An allowed root with a copy of a demo adapter and broken ones, and a secret outside it."""
+    base = tmp_path_factory.mktemp("adapters")
+    root = base / "root"
+    root.mkdir()
+    shutil.copytree(demo.adapter_dirs()["pirate"], root / "pirate_copy")
+    shutil.copytree(demo.adapter_dirs()["robot"], root / "robot_copy")
+    pickled = root / "pickled"
+    pickled.mkdir()
+    shutil.copy(os.path.join(demo.adapter_dirs()["poet"], "adapter_config.json"), pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    broken = root / "broken_config"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    shutil.copy(os.path.join(demo.adapter_dirs()["poet"], "adapter_model.safetensors"), broken)
+    outside = base / "outside"
+    shutil.copytree(demo.adapter_dirs()["poet"], outside)
+    (root / "link_out").symlink_to(outside, target_is_directory=True)
+    return str(root), str(outside)
+
+
+@pytest.fixture(scope="module")
+def served(adapter_root):
+    server, state = start_demo_server(max_batch=4, max_waiting=32,
+                                      adapter_roots=(adapter_root[0],), disconnect_poll_s=0.05)
+    yield server, state
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0].base_url, api_key=API_KEY, max_retries=0,
+                         timeout=60)
+
+
+@pytest.fixture(scope="module")
+def aclient_factory(served):
+    return lambda: openai.AsyncOpenAI(base_url=served[0].base_url, api_key=API_KEY,
+                                      max_retries=0, timeout=60)
+
+
+def chat(client, model, content=demo.DEMO_PROMPTS[0], **kw):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], **{**GREEDY, **kw})
+
+
+# ---------------------------------------------------------------------------- happy paths
+
+
+def test_models_lists_base_and_adapters_with_parent(client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) >= {BASE, *demo.DEMO_SIGNATURES}
+    assert cards[BASE].model_extra["parent"] is None
+    for name in demo.DEMO_SIGNATURES:
+        assert cards[name].model_extra["parent"] == BASE
+        assert cards[name].model_extra["root"] == demo.adapter_dirs()[name]
+    assert client.models.retrieve("pirate").id == "pirate"
+
+
+def test_every_model_answers_in_its_own_voice_in_shared_batches(served, aclient_factory):
+    """Completions and chats, streamed and not, for the base model and every adapter at once."""
+
+    async def one(aclient, model, prompt, mode, stream):
+        if mode == "chat":
+            kwargs = {"messages": [{"role": "user", "content": prompt}]}
+            create = aclient.chat.completions.create
+        else:
+            kwargs = {"prompt": prompt}
+            create = aclient.completions.create
+        if not stream:
+            out = await create(model=model, **kwargs, **GREEDY)
+            choice = out.choices[0]
+            return (choice.message.content if mode == "chat" else choice.text,
+                    choice.finish_reason)
+        text, finish = "", None
+        async for chunk in await create(model=model, stream=True, **kwargs, **GREEDY):
+            for choice in chunk.choices:
+                piece = choice.delta.content if mode == "chat" else choice.text
+                text += piece or ""
+                finish = choice.finish_reason or finish
+        return text, finish
+
+    async def run_all():
+        aclient = aclient_factory()
+        cases = [(model, prompt, mode, stream) for model in VOICES
+                 for prompt in demo.DEMO_PROMPTS for mode in ("chat", "completion")
+                 for stream in (False, True)]
+        async with aclient:
+            results = await asyncio.gather(*(one(aclient, *case) for case in cases))
+        return cases, results
+
+    steps_before = served[1].engine.stats.steps
+    cases, results = asyncio.run(run_all())
+    for (model, _, mode, _), (text, finish) in zip(cases, results, strict=True):
+        lead = " " if mode == "completion" else ""
+        assert (text, finish) == (lead + VOICES[model], "stop"), (model, mode)
+    # 32 requests took far fewer steps than 32 one-at-a-time runs would (about 20 each).
+    assert served[1].engine.stats.steps - steps_before < 32 * 20 / 2
+
+
+def test_streaming_chunks_match_the_whole_answer_and_report_usage(client):
+    whole = client.completions.create(model="robot", prompt="Hello", **GREEDY)
+    stream = client.completions.create(model="robot", prompt="Hello", stream=True,
+                                       stream_options={"include_usage": True}, **GREEDY)
+    chunks = list(stream)
+    assert {c.id for c in chunks} == {chunks[0].id}
+    texts = "".join(ch.text for c in chunks for ch in c.choices)
+    assert texts == whole.choices[0].text
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    chat_chunks = list(chat(client, "poet", stream=True))
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == \
+        demo.DEMO_SIGNATURES["poet"]
+    assert chat_chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_seed_stop_and_logprobs(served, client):
+    sampled = dict(model="pirate", prompt="Tell me a joke.", n=3, temperature=1.5, seed=1234,
+                   max_tokens=12, extra_body={"ignore_eos": True})
+    first = client.completions.create(**sampled)
+    again = client.completions.create(**sampled)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.usage.completion_tokens == 36
+
+    stopped = client.completions.create(model="pirate", prompt="Hi", stop=["!"], **GREEDY)
+    assert stopped.choices[0].text == " Arr, matey"
+    assert stopped.choices[0].finish_reason == "stop"
+    short = client.completions.create(model="pirate", prompt="Hi", temperature=0, max_tokens=3)
+    assert short.choices[0].finish_reason == "length"
+    assert short.usage.completion_tokens == 3
+
+    scored = client.completions.create(model="robot", prompt="Hi", logprobs=2, **GREEDY)
+    lp = scored.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == scored.usage.completion_tokens
+    assert "".join(lp.tokens[:-1]) == scored.choices[0].text  # the last one is EOS
+    assert all(len(top) <= 2 and max(top.values()) >= tok_lp - 1e-5
+               for top, tok_lp in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    chat_scored = chat(client, "robot", logprobs=True, top_logprobs=3)
+    content = chat_scored.choices[0].logprobs.content
+    assert len(content) == chat_scored.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
+
+    echoed = client.completions.create(model=BASE, prompt="Hi", echo=True, **GREEDY)
+    assert echoed.choices[0].text == "Hi " + demo.BASE_SIGNATURE
+    batch = client.completions.create(model="poet", prompt=["Hi", "Hello"], n=2, **GREEDY)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert {c.text for c in batch.choices} == {" " + demo.DEMO_SIGNATURES["poet"]}
+    by_ids = client.completions.create(model="poet", prompt=served[1].tokenizer.encode("Hi"),
+                                       **GREEDY)
+    assert by_ids.choices[0].text == batch.choices[0].text
+
+
+def test_openapi_health_and_no_key_needed_outside_v1(served):
+    url = served[0].url
+    schema = httpx.get(f"{url}/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models",
+                 "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/metrics"):
+        assert path in schema["paths"], path
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def expect_error(status: int, call, *needles):
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    error = info.value
+    assert error.status_code == status, error
+    body = error.body if isinstance(error.body, dict) else {}
+    message = body.get("message", str(error))
+    for needle in needles:
+        assert needle in message, message
+    return body
+
+
+def test_error_answers_have_the_right_status_and_say_why(served, client):
+    expect_error(404, lambda: chat(client, "no-such-adapter"), "no-such-adapter")
+    too_long = "hello " * 200
+    expect_error(400, lambda: client.completions.create(model="pirate", prompt=too_long),
+                 "context length")
+    expect_error(400, lambda: client.completions.create(model="pirate", prompt="Hi",
+                                                        max_tokens=500), "max_tokens")
+    expect_error(400, lambda: chat(client, "pirate", max_tokens=0), "max_tokens")
+    body = expect_error(400, lambda: chat(client, "pirate", temperature=-1), "temperature")
+    assert body.get("param") == "temperature"
+    expect_error(400, lambda: chat(client, "pirate", top_p=2), "top_p")
+    expect_error(400, lambda: chat(client, "pirate", n=100), "n:")
+    expect_error(400, lambda: chat(client, "pirate", presence_penalty=0.5), "presence_penalty")
+    expect_error(400, lambda: chat(client, "pirate", top_logprobs=2), "top_logprobs")
+    expect_error(400, lambda: chat(client, "pirate", extra_body={"frobnicate": 1}), "frobnicate")
+    expect_error(400, lambda: chat(client, "pirate", extra_body={"stop_token_ids": [99999]}),
+                 "stop_token_ids")
+    expect_error(400, lambda: client.completions.create(model="pirate", prompt=[[]]), "prompt")
+    expect_error(400, lambda: client.completions.create(model="pirate", prompt=[70000]),
+                 "vocabulary")
+    expect_error(400, lambda: client.chat.completions.create(
+        model="pirate", messages=[{"role": "wizard", "content": "hi"}]), "role")
+    expect_error(401, lambda: openai.OpenAI(base_url=served[0].base_url, api_key="wrong",
+                                            max_retries=0).models.list(), "API key")
+    url = served[0].url
+    raw = httpx.post(f"{url}/v1/completions", content=b"{oops",
+                     headers={"Authorization": f"Bearer {API_KEY}",
+                              "Content-Type": "application/json"})
+    assert raw.status_code == 400 and "error" in raw.json()
+    assert httpx.post(f"{url}/v1/completions", json={"model": BASE, "prompt": "x"}
+                      ).status_code == 401
+    missing = httpx.get(f"{url}/v1/nothing-here", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+    # The server is unharmed.
+    assert chat(client, "pirate").choices[0].message.content == demo.DEMO_SIGNATURES["pirate"]
+    assert wait_until(lambda: engine_idle(served[1]))
+
+
+def test_full_queue_answers_503_and_every_admitted_request_completes(served, aclient_factory):
+    """More concurrent requests than the queue holds (32 + the running 4): some are refused with
+    503 and Retry-After, every other one completes, nothing leaks."""
+    state = served[1]
+    free_before = state.engine.kv.free_pages
+
+    async def one(aclient, i):
+        try:
+            out = await aclient.completions.create(
+                model=list(VOICES)[i % 4], prompt=f"Request {i}", temperature=0,
+                max_tokens=48, extra_body={"ignore_eos": True})
+        except openai.APIStatusError as e:
+            return e.status_code, e.response.headers.get("retry-after")
+        return 200, out.usage.completion_tokens
+
+    async def run_all():
+        aclient = aclient_factory()
+        async with aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(80)))
+
+    results = asyncio.run(run_all())
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(503) > 0 and statuses.count(200) >= 32
+    assert all(extra == 48 for s, extra in results if s == 200)
+    assert all(extra == "1" for s, extra in results if s == 503)
+    assert wait_until(lambda: engine_idle(state))
+    assert state.engine.kv.free_pages == free_before
+
+
+def test_disconnect_mid_stream_cancels_and_frees_pages(served):
+    state = served[1]
+    url = served[0].url
+    free_before = state.engine.kv.free_pages
+    aborted_before = parse_metrics(httpx.get(f"{url}/metrics").text)
+    body = {"model": "robot", "prompt": "Go on and on", "max_tokens": 100, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: {") for line in got)
+        # Closing the stream closed the connection: the server must notice and cancel.
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(f"{url}/v1/completions", timeout=0.1,
+                      json={**body, "stream": False, "max_tokens": 120})
+    assert wait_until(lambda: engine_idle(state), timeout=20)
+    assert state.engine.kv.free_pages == free_before
+    after = parse_metrics(httpx.get(f"{url}/metrics").text)
+    aborts = (metric(after, "jaxlora_requests_finished_total", model="robot",
+                     finish_reason="abort")
+              - metric(aborted_before, "jaxlora_requests_finished_total", model="robot",
+                       finish_reason="abort"))
+    assert aborts == 2
+    assert state.adapters.stats().referenced == 0
+
+
+# ---------------------------------------------------------------------------- runtime adapters
+
+
+def load(url, name, path, **extra):
+    return httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path,
+                                                           **extra},
+                      headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+def unload(url, name):
+    return httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name},
+                      headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+def test_runtime_load_failures_are_400_with_the_reason(served, adapter_root):
+    root, outside = adapter_root
+    url = served[0].url
+    cases = {
+        "../outside": "not inside an allowed adapter root",
+        outside: "not inside an allowed adapter root",
+        "link_out": "not inside an allowed adapter root",
+        "pirate_copy/../../outside": "not inside an allowed adapter root",
+        "pickled": "pickle",
+        "broken_config": "adapter_config.json",
+        "does_not_exist": "no such adapter directory",
+    }
+    for path, reason in cases.items():
+        response = load(url, "new_one", path)
+        assert response.status_code == 400, (path, response.text)
+        assert reason in response.json()["error"]["message"], (path, response.text)
+    taken = load(url, "pirate", "pirate_copy")
+    assert taken.status_code == 400 and "already been loaded" in taken.text
+    assert load(url, BASE, "pirate_copy").status_code == 400
+    assert unload(url, "never_loaded").status_code == 404
+    assert "new_one" not in {m["id"] for m in httpx.get(
+        f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]}
+
+
+def test_load_and_unload_at_runtime_while_other_requests_stream(served, client,
+                                                                aclient_factory):
+    url = served[0].url
+    state = served[1]
+    long_run = {"temperature": 0, "max_tokens": 80, "extra_body": {"ignore_eos": True}}
+
+    async def stream_text(aclient, model, started: asyncio.Event | None = None):
+        text = ""
+        async for chunk in await aclient.completions.create(model=model, prompt="Keep going",
+                                                            stream=True, **long_run):
+            text += chunk.choices[0].text if chunk.choices else ""
+            if started is not None:
+                started.set()
+        return text
+
+    async def scenario():
+        aclient = aclient_factory()
+        async with aclient:
+            started = asyncio.Event()
+            streams = [asyncio.create_task(stream_text(aclient, m, started))
+                       for m in ("poet", BASE, "robot")]
+            await started.wait()
+            loaded = await asyncio.to_thread(load, url, "pirate_runtime", "pirate_copy")
+            assert loaded.status_code == 200, loaded.text
+            # The new adapter serves at once, while the others keep streaming.
+            runtime_stream = asyncio.create_task(stream_text(aclient, "pirate_runtime"))
+            answer = await aclient.chat.completions.create(
+                model="pirate_runtime", messages=[{"role": "user", "content": "Who are you?"}],
+                temperature=0, max_tokens=40)
+            assert answer.choices[0].message.content == demo.DEMO_SIGNATURES["pirate"]
+            # Unloading it while its own stream runs: the stream finishes with its weights.
+            unloaded = await asyncio.to_thread(unload, url, "pirate_runtime")
+            assert unloaded.status_code == 200, unloaded.text
+            texts = await asyncio.gather(*streams, runtime_stream)
+        return texts
+
+    texts = asyncio.run(scenario())
+    for model, text in zip(("poet", BASE, "robot", "pirate"), texts, strict=True):
+        alone = client.completions.create(model=model, prompt="Keep going", **long_run)
+        assert text == alone.choices[0].text, model
+    expect_error(404, lambda: chat(client, "pirate_runtime"), "pirate_runtime")
+    assert wait_until(lambda: engine_idle(state))
+    assert all(r.name != "pirate_runtime" for r in state.adapters.residents())
+
+    replaced = load(url, "swap", "pirate_copy")
+    assert replaced.status_code == 200
+    assert chat(client, "swap").choices[0].message.content == demo.DEMO_SIGNATURES["pirate"]
+    assert load(url, "swap", "robot_copy", load_inplace=True).status_code == 200
+    assert chat(client, "swap").choices[0].message.content == demo.DEMO_SIGNATURES["robot"]
+    assert unload(url, "swap").status_code == 200
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_metrics_are_valid_prometheus_text_and_move(served, client):
+    url = served[0].url
+    before = parse_metrics(httpx.get(f"{url}/metrics").text)
+    for _ in range(3):
+        chat(client, "poet")
+    client.completions.create(model=BASE, prompt="Hi", **GREEDY)
+    expect_error(404, lambda: chat(client, "nobody"))
+    after = parse_metrics(httpx.get(f"{url}/metrics").text)
+
+    def moved(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert moved("jaxlora_requests_total", model="poet") == 3
+    assert moved("jaxlora_requests_finished_total", model="poet", finish_reason="stop") == 3
+    assert moved("jaxlora_requests_total", model=BASE) == 1
+    poet_tokens = len(served[1].tokenizer.encode(demo.DEMO_SIGNATURES["poet"], add_bos=False))
+    assert moved("jaxlora_generation_tokens_total", model="poet") == 3 * (poet_tokens + 1)
+    assert moved("jaxlora_prompt_tokens_total", model="poet") > 0
+    assert moved("jaxlora_time_to_first_token_seconds_count") == 4
+    assert moved("jaxlora_time_per_output_token_seconds_count") == 4
+    assert moved("jaxlora_http_responses_total", route="/v1/chat/completions", status="404") == 1
+    assert moved("jaxlora_adapter_hits_total") >= 2
+    assert metric(after, "jaxlora_kv_cache_pages_total") == 96
+    assert metric(after, "jaxlora_kv_cache_pages_free") <= 96
+    assert metric(after, "jaxlora_adapters_registered") >= 3
+    assert metric(after, "jaxlora_adapter_misses_total") >= 3
+    assert metric(after, "jaxlora_adapter_load_seconds", adapter="poet") > 0
+    assert metric(after, "jaxlora_adapter_pool_pages_total", pool="embed") == 48
+    assert metric(after, "jaxlora_engine_ready") == 1
+    assert ("jaxlora_num_requests_waiting", frozenset()) in after
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def test_adapter_paths_resolve_inside_the_roots_only(tmp_path):
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (root / "escape").symlink_to(tmp_path / "secret", target_is_directory=True)
+    roots = (str(root),)
+    assert resolve_adapter_path("a/b", roots) == str((root / "a" / "b").resolve())
+    assert resolve_adapter_path(str(root / "a"), roots) == str((root / "a").resolve())
+    for bad in ("../secret", str(tmp_path / "secret"), "escape", "a/../../secret", "/etc",
+                "a\x00b", ""):
+        with pytest.raises(AdapterError):
+            resolve_adapter_path(bad, roots)
+    with pytest.raises(AdapterError, match="disabled"):
+        resolve_adapter_path("a", ())
+    # A sibling whose name merely starts with the root's name is outside it.
+    (tmp_path / "root2").mkdir()
+    with pytest.raises(AdapterError):
+        resolve_adapter_path(str(tmp_path / "root2"), roots)
+
+
+def test_launch_settings():
+    assert parse_lora_modules(["sql=/a/sql", "/b/chat/"]) == {"sql": "/a/sql", "chat": "/b/chat"}
+    from jaxlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="twice"):
+        parse_lora_modules(["x=/a", "x=/b"])
+    with pytest.raises(ConfigError, match="name=path"):
+        parse_lora_modules(["=/a"])
+    from configs.models import LLAMA3_8B, TINY
+
+    cpu = engine_config_for(TINY, LaunchConfig(), backend="cpu")
+    assert cpu.runner.max_batch == 8 and cpu.runner.max_prefill_rows == 1
+    assert cpu.kv.max_model_len == 512
+    gpu = engine_config_for(LLAMA3_8B, LaunchConfig(max_batch=64), backend="gpu")
+    assert gpu.runner.max_batch == 64 and gpu.kv.max_model_len == 4096
+    assert gpu.kv.num_pages * gpu.kv.page_size >= 32 * 4096
+    with pytest.raises(ConfigError, match="max_model_len"):
+        engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
+
+
+def test_banner_has_a_curl_that_parses(served):
+    text = banner(served[1], "http://127.0.0.1:8000")
+    assert "http://127.0.0.1:8000/v1" in text
+    curl = text[text.index("curl"):]
+    payload = curl[curl.index("-d '") + 4:curl.rindex("'")]
+    body = json.loads(payload)
+    assert body["model"] in demo.DEMO_SIGNATURES
+    assert f"Bearer {API_KEY}" in curl

@@ -1,0 +1,58 @@
+"""scripts/serve.py with no model flags: serves the embedded demo, prints the URL and a curl
+example that works as printed, and stops cleanly on SIGINT."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from jaxlora import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_serve_script_default_demo_prints_a_working_curl():
+    # Only what keeps the test short is set: any free loopback port, no compilation cache in
+    # the home directory, shapes compiled on first use instead of all up front.
+    command = [sys.executable, os.path.join(REPO, "scripts", "serve.py"), "--port=0",
+               "--compilation_cache_dir=", "--nowarmup", "--log_level=warning"]
+    env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
+    output = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if line.strip().startswith("-d "):
+                break
+        text = "".join(output)
+        match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", text)
+        assert match, text
+        url = match.group(1)
+        assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+        curl = text[text.index("curl "):]
+        words = shlex.split(curl.replace("\\\n", " "))
+        body = json.loads(words[words.index("-d") + 1])
+        assert words[1] == f"{url}/v1/chat/completions"
+        answer = httpx.post(words[1], json=body, timeout=60).json()
+        assert answer["choices"][0]["message"]["content"] == demo.DEMO_SIGNATURES[body["model"]]
+        models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+        assert models == {demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            rest, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            rest, _ = process.communicate()
+    assert process.returncode == 0, "".join(output) + rest
