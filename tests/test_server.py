@@ -3,6 +3,7 @@ in shared batches, streaming, n / seed / stop / logprobs, every error path, disc
 adapter loading while other requests stream, and /metrics."""
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -484,3 +485,23 @@ def test_banner_has_a_curl_that_parses(served):
     body = json.loads(payload)
     assert body["model"] in demo.DEMO_SIGNATURES
     assert f"Bearer {API_KEY}" in curl
+
+
+def test_health_is_503_until_the_engine_runs():
+    from fastapi.testclient import TestClient
+
+    from jaxlora.llm import LLM
+    from jaxlora.server import ServerConfig, ServingState, create_app
+    from tests.test_server_helpers import demo_engine_config
+
+    config = dataclasses.replace(demo_engine_config(max_batch=1, max_waiting=1), warmup=False)
+    llm = LLM(demo.model_dir(), engine_config=config)
+    state = ServingState(llm, ServerConfig(model_name=BASE))
+    http = TestClient(create_app(state, manage_engine=False))  # no lifespan: never started
+    response = http.get("/health")
+    assert response.status_code == 503 and "starting" in response.json()["status"]
+    state.start()
+    try:
+        assert http.get("/health").json() == {"status": "ok"}
+    finally:
+        state.stop()
