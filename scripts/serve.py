@@ -117,7 +117,11 @@ def main(argv):
               "(restarts reuse the compilation cache)", flush=True)
     app_ = create_app(state, warm_up=FLAGS.warmup, background_warmup=True, on_ready=ready)
     config = uvicorn.Config(app_, log_level=FLAGS.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal it caught
+    print("jaxlora: stopped", flush=True)
 
 
 if __name__ == "__main__":

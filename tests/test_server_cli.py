@@ -56,3 +56,4 @@ def test_serve_script_default_demo_prints_a_working_curl():
             process.kill()
             rest, _ = process.communicate()
     assert process.returncode == 0, "".join(output) + rest
+    assert "Traceback" not in rest and "jaxlora: stopped" in rest, rest

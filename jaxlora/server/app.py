@@ -309,14 +309,28 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
             raise
         return group
 
+    async def next_event_or_gone(group: RequestGroup, raw: Request, clock: list[float]):
+        """The group's next event (None after a quiet poll interval); raises _ClientGone once
+        the client disconnected. Checked every poll interval even while tokens keep coming,
+        so that a long generation for a vanished client does not run to its end."""
+        poll = state.config.disconnect_poll_s
+        event = await group.next_event(timeout=poll)
+        now = time.monotonic()
+        if now - clock[0] >= poll:
+            clock[0] = now
+            if await raw.is_disconnected():
+                raise _ClientGone
+        return event
+
     async def wait_all(group: RequestGroup, raw: Request) -> bool:
         """Waits until every request of group finished; False if the client went away."""
+        clock = [time.monotonic()]
         try:
             while not group.finished:
-                event = await group.next_event(timeout=state.config.disconnect_poll_s)
-                if event is None and await raw.is_disconnected():
-                    group.cancel()
-                    return False
+                await next_event_or_gone(group, raw, clock)
+        except _ClientGone:
+            group.cancel()
+            return False
         except BaseException:
             group.cancel()
             raise
@@ -337,13 +351,14 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
     async def stream(group: RequestGroup, raw: Request, chunks) -> Response:
         """A text/event-stream of chunks(events). The first event is awaited before answering,
         so that a request refused before its first token still gets a proper error status."""
+        clock = [time.monotonic()]
         try:
             first = None
             while first is None:
-                first = await group.next_event(timeout=state.config.disconnect_poll_s)
-                if first is None and await raw.is_disconnected():
-                    group.cancel()
-                    return Response(status_code=499)
+                first = await next_event_or_gone(group, raw, clock)
+        except _ClientGone:
+            group.cancel()
+            return Response(status_code=499)
         except BaseException:
             group.cancel()
             raise
@@ -530,6 +545,10 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
 
     app.include_router(api)
     return app
+
+
+class _ClientGone(Exception):
+    """The client of a request disconnected."""
 
 
 class _CountResponses:

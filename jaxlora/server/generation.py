@@ -51,7 +51,13 @@ class DeltaPump:
 
     @property
     def open_requests(self) -> int:
+        """Requests not yet seen finished (abandoned ones included)."""
         return len(self._watched)
+
+    @property
+    def cancelling(self) -> int:
+        """Requests whose client is gone, not yet ended by the engine."""
+        return sum(1 for target, _ in self._watched.values() if target is None)
 
     def watch(self, request: Request, target: asyncio.Queue, index: int) -> None:
         self._watched[request] = (target, index)

@@ -234,6 +234,9 @@ class ServingState:
         lines += prom.gauge("jaxlora_open_requests",
                             "Requests the server is streaming or waiting on.",
                             self.pump.open_requests)
+        lines += prom.gauge("jaxlora_requests_cancelling",
+                            "Requests whose client went away, not yet ended by the engine.",
+                            self.pump.cancelling)
         lines += prom.gauge("jaxlora_kv_cache_pages_total", "Pages of the KV cache pool.",
                             kv_total)
         lines += prom.gauge("jaxlora_kv_cache_pages_free", "Free pages of the KV cache pool.",
