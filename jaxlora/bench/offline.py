@@ -1,0 +1,191 @@
+"""Offline throughput: a fixed batch of requests (equal prompts, greedy, EOS ignored) per batch
+size and adapter workload, run to completion by the engine; each decode step timed and compared
+with its roofline (jaxlora/bench/roofline.py) at the copy bandwidth measured in the same run."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+
+from jaxlora.config import LoraPoolConfig, ModelConfig
+from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+from jaxlora.errors import ConfigError
+from jaxlora.sampling import SamplingParams
+from pallas_kernels.layout import pages_for_rank
+
+from . import roofline
+from .engine_setup import BenchEngine, preload
+from .timing import CompileCounter, StepRecord
+from .workloads import WORKLOADS, assign_adapters, offline_prompts
+
+log = logging.getLogger("jaxlora.bench")
+
+KV_PAGE_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineConfig:
+    """prefill_rows: prompts prefilled together (prefill shapes: 1 and prefill_rows rows);
+    skewed_adapters: the adapters the skewed workload draws from (Zipf, alpha 1)."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 64, 128)
+    workloads: tuple[str, ...] = WORKLOADS
+    prompt_len: int = 256
+    output_len: int = 128
+    rank: int = 16
+    skewed_adapters: int = 1000
+    prefill_rows: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1
+                                       for b in self.batch_sizes):
+            raise ConfigError(f"offline benchmark batch_sizes: expected positive ints, got "
+                              f"{self.batch_sizes!r}")
+        unknown = [w for w in self.workloads if w not in WORKLOADS]
+        if unknown or not self.workloads:
+            raise ConfigError(f"offline benchmark workloads {list(self.workloads)}: expected a "
+                              f"non-empty subset of {list(WORKLOADS)}")
+        for field in ("prompt_len", "output_len", "rank", "skewed_adapters", "prefill_rows"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"offline benchmark field {field!r}: expected an int >= 1, "
+                                  f"got {value!r}")
+        if self.output_len < 2:
+            raise ConfigError(f"offline benchmark output_len {self.output_len}: expected >= 2 "
+                              "(the first token comes from the prefill; decode steps follow)")
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.batch_sizes)
+
+    def engine_config(self) -> EngineConfig:
+        """Every request of the largest batch resident at once: KV pages for all of them, pool
+        pages and step slots for one adapter per request."""
+        max_len = self.prompt_len + self.output_len
+        rows_per_page = min(16, self.rank)
+        prefill_rows = min(self.prefill_rows, self.max_batch)
+        return EngineConfig(
+            kv=KVCacheConfig(page_size=KV_PAGE_SIZE, max_model_len=max_len,
+                             num_pages=self.max_batch * -(-max_len // KV_PAGE_SIZE)),
+            runner=RunnerConfig(max_batch=self.max_batch, prefill_chunk=self.prompt_len,
+                                max_prefill_rows=prefill_rows,
+                                decode_buckets=tuple(sorted(set(self.batch_sizes))),
+                                prefill_buckets=tuple(sorted({1, prefill_rows}))),
+            lora_pool=LoraPoolConfig(
+                max_rank=self.rank, rows_per_page=rows_per_page,
+                pages_per_pool=7 * pages_for_rank(self.rank, rows_per_page) * self.max_batch,
+                max_slots=self.max_batch),
+            max_num_tokens=prefill_rows * self.prompt_len + self.max_batch)
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize_decode(records: list[StepRecord], batch: int, model: ModelConfig, itemsize: int,
+                     copy_gbps: float) -> dict:
+    """Median time and roofline of the decode steps that ran the whole batch (steps of a
+    partial batch, while prompts are still being prefilled, are counted but not summarized)."""
+    decode = [r for r in records if r.mode == "decode"]
+    full = [r for r in decode if r.rows == batch]
+    floors = [roofline.decode_step_bytes(model, itemsize, seq_lens=r.seq_lens,
+                                         adapter_ranks=r.slot_ranks) for r in full]
+    step_s = _median([r.seconds for r in full])
+    floor_s = _median([f.seconds(copy_gbps) for f in floors])
+    mid = sorted(floors, key=lambda f: f.total)[len(floors) // 2] if floors else None
+    return {
+        "decode_steps": len(decode), "full_batch_decode_steps": len(full),
+        "decode_step_ms": step_s * 1e3, "roofline_ms": floor_s * 1e3,
+        "roofline_ratio": step_s / floor_s if full else float("nan"),
+        "bytes_weights_MB": mid.weights / 1e6 if mid else float("nan"),
+        "bytes_kv_MB": mid.kv_read / 1e6 if mid else float("nan"),
+        "bytes_adapters_MB": mid.adapters / 1e6 if mid else float("nan"),
+        "distinct_adapters_per_step": _median([len(r.slot_ranks) for r in full]),
+        "prefill_steps": sum(r.mode == "prefill" for r in records),
+        "prefill_s": sum(r.seconds for r in records if r.mode == "prefill"),
+    }
+
+
+def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str,
+            copy_gbps: float) -> dict:
+    engine = bench.engine
+    model = engine.config
+    indices = assign_adapters(workload, batch, seed=config.seed + batch,
+                              skewed_adapters=config.skewed_adapters)
+    names = _names(bench, indices)
+    load_s = preload(bench, names)
+    prompts = offline_prompts(batch, config.prompt_len, model.vocab_size, seed=config.seed)
+    sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
+    bench.timer.take()
+    iterations = []
+    with CompileCounter() as compiles:
+        start = time.perf_counter()
+        requests = [engine.submit(list(map(int, p)), sampling, adapter=n)
+                    for p, n in zip(prompts, names, strict=True)]
+        while engine.has_work():
+            t = time.perf_counter()
+            engine.step()
+            iterations.append(time.perf_counter() - t)
+        wall = time.perf_counter() - start
+    records = bench.timer.take()
+    failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
+    if failed:
+        raise RuntimeError(f"offline row batch={batch} workload={workload}: "
+                           f"{len(failed)} requests did not produce {config.output_len} tokens "
+                           f"(first: {failed[0].finish_reason} {failed[0].error})")
+    tokens = sum(len(r.output_ids) for r in requests)
+    row = {"batch": batch, "workload": workload,
+           "distinct_adapters": len({n for n in names if n is not None}),
+           "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
+           "engine_iterations": len(iterations),
+           "iteration_ms_median": _median(iterations) * 1e3,
+           "adapter_preload_s": load_s, "compilations_while_timed": compiles.count}
+    row.update(summarize_decode(records, batch, model, bench.itemsize, copy_gbps))
+    log.info("offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)",
+             batch, workload, row["output_tokens_per_s"], row["decode_step_ms"],
+             row["roofline_ms"], row["roofline_ratio"])
+    return row
+
+
+def _names(bench: BenchEngine, indices: list[int | None]) -> list[str | None]:
+    present = [i for i in indices if i is not None]
+    named = dict(zip(present, bench.adapters.ensure(present), strict=True))
+    return [None if i is None else named[i] for i in indices]
+
+
+def lora_cost(rows: list[dict], copy_gbps: float) -> None:
+    """Adds to each LoRA row its step time over the no-LoRA row of the same batch size, and the
+    part of it its extra bytes (the adapters) explain at the copy bandwidth."""
+    base = {r["batch"]: r for r in rows if r["workload"] == "no_lora"}
+    for r in rows:
+        ref = base.get(r["batch"])
+        if r["workload"] == "no_lora" or ref is None:
+            continue
+        extra_ms = r["decode_step_ms"] - ref["decode_step_ms"]
+        explained_ms = r["bytes_adapters_MB"] * 1e6 / (copy_gbps * 1e9) * 1e3
+        r["lora_extra_ms"] = extra_ms
+        r["lora_explained_ms"] = explained_ms
+        r["lora_cost_ratio"] = extra_ms / explained_ms if explained_ms > 0 else float("nan")
+
+
+def run_offline(bench: BenchEngine, config: OfflineConfig, copy_gbps: float, *,
+                time_budget_s: float | None = None, on_row=None) -> dict:
+    """Every (batch size, workload) row, batch sizes outermost; rows that would start after
+    time_budget_s (the first row always runs) are listed as not run. on_row(rows) is called
+    after each row (checkpoints)."""
+    start = time.perf_counter()
+    rows, skipped = [], []
+    for batch in config.batch_sizes:
+        for workload in config.workloads:
+            if (rows and time_budget_s is not None
+                    and time.perf_counter() - start > time_budget_s):
+                skipped.append({"batch": batch, "workload": workload})
+                continue
+            rows.append(run_row(bench, config, batch, workload, copy_gbps))
+            lora_cost(rows, copy_gbps)
+            if on_row is not None:
+                on_row(rows)
+    return {"config": dataclasses.asdict(config), "rows": rows, "not_run": skipped}

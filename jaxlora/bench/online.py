@@ -1,0 +1,178 @@
+"""Online serving on S-LoRA's synthetic trace: requests arrive on their trace times while the
+engine runs (in this thread: submit what has arrived, run one iteration, repeat); adapters start
+in host memory (the pool is emptied before each trace) and are paged in on demand."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+
+import numpy as np
+
+from jaxlora.config import LoraPoolConfig
+from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+from jaxlora.errors import ConfigError
+from jaxlora.sampling import SamplingParams
+from pallas_kernels.layout import pages_for_rank
+
+from .engine_setup import BenchEngine
+from .timing import CompileCounter
+from .workloads import TraceConfig, synthetic_trace, trace_prompt
+
+log = logging.getLogger("jaxlora.bench")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+    """adapter_counts: one trace per count; rate: requests per second; duration_s: arrivals
+    span; drain_timeout_s: how long after the last arrival unfinished requests may run before
+    they are cancelled (and count as missing the SLO); slo_s: the first-token objective;
+    max_batch: decode rows (and adapters) per step; resident_adapters: adapters the GPU pool
+    holds at once; kv_pages: KV cache pages of 16 tokens."""
+
+    adapter_counts: tuple[int, ...] = (5, 100, 1000, 2000)
+    rate: float = 4.0
+    duration_s: float = 60.0
+    drain_timeout_s: float = 60.0
+    alpha: float = 1.0
+    cv: float = 1.0
+    popularity: str = "slora"
+    min_len: int = 8
+    max_len: int = 512
+    slo_s: float = 6.0
+    rank: int = 16
+    max_batch: int = 64
+    prefill_chunk: int = 256
+    prefill_rows: int = 4
+    resident_adapters: int = 96
+    kv_pages: int = 3000
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.adapter_counts or any(not isinstance(n, int) or n < 1
+                                          for n in self.adapter_counts):
+            raise ConfigError(f"online benchmark adapter_counts: expected positive ints, got "
+                              f"{self.adapter_counts!r}")
+        for field in ("max_batch", "prefill_chunk", "prefill_rows", "resident_adapters",
+                      "kv_pages", "rank"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"online benchmark field {field!r}: expected an int >= 1, got "
+                                  f"{value!r}")
+        if self.resident_adapters < self.max_batch:
+            raise ConfigError(f"online benchmark: resident_adapters ({self.resident_adapters}) "
+                              f"must be >= max_batch ({self.max_batch}): a full step of "
+                              "distinct adapters needs them all resident")
+        self.trace(self.adapter_counts[0])  # validates the trace fields
+
+    def trace(self, num_adapters: int) -> TraceConfig:
+        return TraceConfig(num_adapters=num_adapters, rate=self.rate, duration_s=self.duration_s,
+                           alpha=self.alpha, cv=self.cv, popularity=self.popularity,
+                           min_len=self.min_len, max_len=self.max_len, seed=self.seed)
+
+    def engine_config(self) -> EngineConfig:
+        rows_per_page = min(16, self.rank)
+        return EngineConfig(
+            kv=KVCacheConfig(page_size=16, num_pages=self.kv_pages,
+                             max_model_len=2 * self.max_len),
+            runner=RunnerConfig(max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
+                                max_prefill_rows=self.prefill_rows),
+            lora_pool=LoraPoolConfig(
+                max_rank=self.rank, rows_per_page=rows_per_page,
+                pages_per_pool=7 * pages_for_rank(self.rank, rows_per_page)
+                * self.resident_adapters,
+                max_slots=self.max_batch),
+            max_num_tokens=self.prefill_rows * self.prefill_chunk + self.max_batch,
+            max_waiting=1 << 20)
+
+
+def _percentile(values, q):
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> dict:
+    engine, manager = bench.engine, bench.manager
+    model = engine.config
+    trace = synthetic_trace(config.trace(num_adapters))
+    names = bench.adapters.ensure([r.adapter for r in trace])
+    manager.evict_all_unused()
+    before = manager.stats()
+    preemptions_before = engine.stats.preemptions
+    bench.timer.take()
+    submitted = []
+    with CompileCounter() as compiles:
+        origin = time.monotonic()
+        next_index = 0
+        give_up = origin + config.duration_s + config.drain_timeout_s
+        while next_index < len(trace) or engine.has_work():
+            now = time.monotonic()
+            while next_index < len(trace) and origin + trace[next_index].arrival_s <= now:
+                item = trace[next_index]
+                sampling = SamplingParams(temperature=0.0, max_tokens=item.output_len,
+                                          ignore_eos=True)
+                request = engine.submit(trace_prompt(item, model.vocab_size, seed=config.seed),
+                                        sampling, adapter=names[next_index])
+                submitted.append((item, request))
+                next_index += 1
+            if now > give_up:
+                for _, request in submitted:
+                    if not request.finished:
+                        engine.cancel(request.request_id)
+                engine.run_until_idle()
+                break
+            if engine.has_work():
+                engine.step()
+            elif next_index < len(trace):
+                time.sleep(max(0.0, min(0.005, origin + trace[next_index].arrival_s - now)))
+        end = time.monotonic()
+    after = manager.stats()
+    records = bench.timer.take()
+    done = [(item, r) for item, r in submitted
+            if r.finished and r.error is None and len(r.output_ids) == item.output_len]
+    ttft = [r.first_token_time - (origin + item.arrival_s) for item, r in done]
+    tpot = [(r.finish_time - r.first_token_time) / (len(r.output_ids) - 1)
+            for _, r in done if len(r.output_ids) > 1]
+    latency = [r.finish_time - (origin + item.arrival_s) for item, r in done]
+    out_tokens = sum(len(r.output_ids) for _, r in done)
+    elapsed = (max(r.finish_time for _, r in done) - origin) if done else end - origin
+    decode = [r for r in records if r.mode == "decode"]
+    row = {
+        "num_adapters": num_adapters, "requests": len(trace), "finished": len(done),
+        "unfinished": len(trace) - len(done), "distinct_adapters": len(set(names)),
+        "elapsed_s": elapsed, "throughput_rps": len(done) / elapsed,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "ttft_p50_s": _percentile(ttft, 50), "ttft_p90_s": _percentile(ttft, 90),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "tpot_ms_median": statistics.median(tpot) * 1e3 if tpot else float("nan"),
+        "tpot_ms_mean": statistics.fmean(tpot) * 1e3 if tpot else float("nan"),
+        "latency_s_mean": statistics.fmean(latency) if latency else float("nan"),
+        "slo_attainment": sum(t <= config.slo_s for t in ttft) / len(trace),
+        "adapter_misses": after.misses - before.misses,
+        "adapter_evictions": after.evictions - before.evictions,
+        "adapter_GB_copied": (after.bytes_copied - before.bytes_copied) / 1e9,
+        "decode_steps": len(decode),
+        "decode_step_ms_median": statistics.median(r.seconds for r in decode) * 1e3
+        if decode else float("nan"),
+        "decode_rows_mean": statistics.fmean(r.rows for r in decode) if decode else 0.0,
+        "adapters_per_decode_step_mean": statistics.fmean(len(r.slot_ranks) for r in decode)
+        if decode else 0.0,
+        "prefill_steps": sum(r.mode == "prefill" for r in records),
+        "preemptions": engine.stats.preemptions - preemptions_before,
+        "compilations_while_timed": compiles.count,
+    }
+    log.info("online n=%d: %.2f req/s, %.0f tok/s, ttft p50 %.2f s p99 %.2f s, SLO %.1f%%, "
+             "%d misses", num_adapters, row["throughput_rps"], row["output_tokens_per_s"],
+             row["ttft_p50_s"], row["ttft_p99_s"], 100 * row["slo_attainment"],
+             row["adapter_misses"])
+    return row
+
+
+def run_online(bench: BenchEngine, config: OnlineConfig, *, on_row=None) -> dict:
+    rows = []
+    for count in config.adapter_counts:
+        rows.append(run_trace(bench, config, count))
+        if on_row is not None:
+            on_row(rows)
+    return {"config": dataclasses.asdict(config), "rows": rows}

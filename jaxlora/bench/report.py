@@ -1,0 +1,195 @@
+"""Benchmark results: the issue's targets judged, markdown tables, and the figure.
+
+Results are the JSON documents scripts/benchmark.py and scripts/bench_peft.py write: each has a
+"meta" dict and any of "offline" ({"rows": [...]}), "online" ({"rows": [...]}) and "peft"
+({"rows": [...]}); ``merge`` combines several.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from jaxlora.errors import ConfigError
+
+ROOFLINE_TARGET = 1.25  # decode step <= 1.25x its roofline, batch >= 32, every workload
+ROOFLINE_MIN_BATCH = 32
+LORA_COST_TARGET = 1.1  # LoRA step cost <= 1.1x what the adapter bytes explain
+PEFT_SPEEDUP_TARGET = 30.0  # output tokens/s >= 30x HF PEFT at batch 8, distinct adapters
+PEFT_BATCH = 8
+ONLINE_RETENTION_TARGET = 0.95  # throughput at 2,000 adapters >= 95% of that at 5
+ONLINE_FEW, ONLINE_MANY = 5, 2000
+
+
+def load(paths) -> dict:
+    """Merges result files: sections are taken from the file that has them, metas are kept."""
+    merged = {"meta": {}}
+    for path in paths:
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: benchmark result file not found") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(doc, dict) or "meta" not in doc:
+            raise ConfigError(f"{path}: expected a benchmark result object with a 'meta' field")
+        for section in ("offline", "online", "peft"):
+            if section in doc:
+                merged[section] = doc[section]
+                merged["meta"][section] = doc["meta"]
+    return merged
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def verdicts(results: dict) -> list[dict]:
+    """One entry per target: name, met (True / False / None when not measured), detail."""
+    out = []
+    offline = results.get("offline", {}).get("rows", [])
+    big = [r for r in offline if r["batch"] >= ROOFLINE_MIN_BATCH and _finite(r["roofline_ratio"])]
+    if big:
+        worst = max(big, key=lambda r: r["roofline_ratio"])
+        met = all(r["roofline_ratio"] <= ROOFLINE_TARGET for r in big)
+        detail = (f"{sum(r['roofline_ratio'] <= ROOFLINE_TARGET for r in big)}/{len(big)} rows "
+                  f"within {ROOFLINE_TARGET}x; worst {worst['roofline_ratio']:.2f}x "
+                  f"(batch {worst['batch']}, {worst['workload']})")
+    else:
+        met, detail = None, "no offline row at batch >= 32"
+    out.append({"target": f"decode step <= {ROOFLINE_TARGET}x roofline at batch >= "
+                          f"{ROOFLINE_MIN_BATCH}", "met": met, "detail": detail})
+
+    lora = [r for r in offline if _finite(r.get("lora_cost_ratio"))]
+    if lora:
+        worst = max(lora, key=lambda r: r["lora_cost_ratio"])
+        met = all(r["lora_cost_ratio"] <= LORA_COST_TARGET for r in lora)
+        detail = (f"{sum(r['lora_cost_ratio'] <= LORA_COST_TARGET for r in lora)}/{len(lora)} "
+                  f"rows within {LORA_COST_TARGET}x; worst {worst['lora_cost_ratio']:.2f}x "
+                  f"(batch {worst['batch']}, {worst['workload']}: +{worst['lora_extra_ms']:.3f} "
+                  f"ms for {worst['lora_explained_ms']:.3f} ms of adapter bytes)")
+    else:
+        met, detail = None, "no LoRA row with a no-LoRA row of the same batch size"
+    out.append({"target": f"LoRA step cost <= {LORA_COST_TARGET}x the adapter bytes' time",
+                "met": met, "detail": detail})
+
+    peft = {(r["batch"], r["workload"]): r for r in results.get("peft", {}).get("rows", [])}
+    ours = {(r["batch"], r["workload"]): r for r in offline}
+    key = (PEFT_BATCH, "distinct")
+    if key in peft and key in ours and peft[key].get("output_tokens_per_s"):
+        speedup = ours[key]["output_tokens_per_s"] / peft[key]["output_tokens_per_s"]
+        met = speedup >= PEFT_SPEEDUP_TARGET
+        detail = (f"{speedup:.1f}x ({ours[key]['output_tokens_per_s']:.0f} vs "
+                  f"{peft[key]['output_tokens_per_s']:.1f} output tokens/s)")
+    else:
+        met, detail = None, "batch 8 distinct not measured for both"
+    out.append({"target": f">= {PEFT_SPEEDUP_TARGET:.0f}x HF PEFT output tokens/s at batch "
+                          f"{PEFT_BATCH}, distinct", "met": met, "detail": detail})
+
+    online = {r["num_adapters"]: r for r in results.get("online", {}).get("rows", [])}
+    if ONLINE_FEW in online and ONLINE_MANY in online:
+        few, many = online[ONLINE_FEW]["throughput_rps"], online[ONLINE_MANY]["throughput_rps"]
+        retention = many / few if few else float("nan")
+        met = retention >= ONLINE_RETENTION_TARGET
+        detail = (f"{100 * retention:.1f}% ({many:.2f} vs {few:.2f} req/s)")
+    else:
+        met, detail = None, f"traces of {ONLINE_FEW} and {ONLINE_MANY} adapters not both run"
+    out.append({"target": f"online throughput at {ONLINE_MANY} adapters >= "
+                          f"{100 * ONLINE_RETENTION_TARGET:.0f}% of {ONLINE_FEW}",
+                "met": met, "detail": detail})
+    return out
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(x):
+        if isinstance(x, float):
+            return "-" if not math.isfinite(x) else f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    parts = []
+    offline = results.get("offline", {}).get("rows", [])
+    if offline:
+        parts.append("### Offline throughput\n\n" + _table(
+            ["batch", "workload", "adapters", "tokens/s", "step ms", "roofline ms", "ratio",
+             "weights MB", "KV MB", "adapters MB", "LoRA extra ms", "explained ms",
+             "LoRA cost ratio"],
+            [[r["batch"], r["workload"], r["distinct_adapters"], r["output_tokens_per_s"],
+              r["decode_step_ms"], r["roofline_ms"], r["roofline_ratio"],
+              r["bytes_weights_MB"], r["bytes_kv_MB"], r["bytes_adapters_MB"],
+              r.get("lora_extra_ms", float("nan")), r.get("lora_explained_ms", float("nan")),
+              r.get("lora_cost_ratio", float("nan"))] for r in offline]))
+        not_run = results["offline"].get("not_run", [])
+        if not_run:
+            parts.append("Not run (time budget): " + ", ".join(
+                f"batch {r['batch']} {r['workload']}" for r in not_run))
+    peft = results.get("peft", {}).get("rows", [])
+    if peft:
+        parts.append("### HF transformers + PEFT baseline\n\n" + _table(
+            ["batch", "workload", "adapters", "output tokens", "seconds", "tokens/s"],
+            [[r["batch"], r["workload"], r["distinct_adapters"], r["output_tokens"],
+              r["wall_s"], r["output_tokens_per_s"]] for r in peft]))
+    online = results.get("online", {}).get("rows", [])
+    if online:
+        parts.append("### Online (S-LoRA synthetic trace)\n\n" + _table(
+            ["adapters", "requests", "finished", "req/s", "tokens/s", "TTFT p50 s",
+             "TTFT p90 s", "TTFT p99 s", "TPOT ms", "SLO met", "misses", "GB copied",
+             "adapters/step"],
+            [[r["num_adapters"], r["requests"], r["finished"], r["throughput_rps"],
+              r["output_tokens_per_s"], r["ttft_p50_s"], r["ttft_p90_s"], r["ttft_p99_s"],
+              r["tpot_ms_median"], f"{100 * r['slo_attainment']:.1f}%", r["adapter_misses"],
+              r["adapter_GB_copied"], r["adapters_per_decode_step_mean"]] for r in online]))
+    verdict_rows = [[v["target"], {True: "met", False: "MISSED", None: "not measured"}[v["met"]],
+                     v["detail"]] for v in verdicts(results)]
+    parts.append("### Targets\n\n" + _table(["target", "verdict", "measured"], verdict_rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(results: dict, path: str | os.PathLike) -> bool:
+    """Writes the figure (PNG); False when matplotlib (the `bench` extra) is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    offline = results.get("offline", {}).get("rows", [])
+    online = results.get("online", {}).get("rows", [])
+    peft = results.get("peft", {}).get("rows", [])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    for workload in dict.fromkeys(r["workload"] for r in offline):
+        rows = sorted((r for r in offline if r["workload"] == workload), key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in rows], [r["output_tokens_per_s"] for r in rows], "o-",
+                label=workload)
+    for workload in dict.fromkeys(r["workload"] for r in peft):
+        rows = sorted((r for r in peft if r["workload"] == workload), key=lambda r: r["batch"])
+        ax.plot([r["batch"] for r in rows], [r["output_tokens_per_s"] for r in rows], "x--",
+                label=f"HF PEFT {workload}")
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="output tokens/s",
+           title="Offline throughput")
+    ax.legend(fontsize=7)
+    rows = sorted(online, key=lambda r: r["num_adapters"])
+    counts = [r["num_adapters"] for r in rows]
+    ax = axes[1]
+    ax.plot(counts, [r["throughput_rps"] for r in rows], "o-")
+    ax.set(xscale="log", xlabel="adapters", ylabel="requests/s", title="Online throughput")
+    ax.set_ylim(bottom=0)
+    ax = axes[2]
+    for key, label in (("ttft_p50_s", "TTFT p50"), ("ttft_p90_s", "TTFT p90"),
+                       ("ttft_p99_s", "TTFT p99")):
+        ax.plot(counts, [r[key] for r in rows], "o-", label=label)
+    ax.set(xscale="log", xlabel="adapters", ylabel="seconds", title="Online first-token latency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,71 @@
+"""The bytes a decode step must move through device memory, and the time they take at a measured
+copy bandwidth: the floor no implementation of the step beats (decode is memory-bound: every
+weight is read once for a few rows of arithmetic).
+
+A decode step of B rows reads, at the least:
+
+- every base weight once: per layer q, k, v, o, gate, up, down and two RMSNorm scales; the final
+  norm and the LM head; and the B embedding rows of its tokens (a gather: the embedding table is
+  not read whole, unless it is tied to the LM head, which reads it whole anyway);
+- the K and V of every cached token of every row (seq_len tokens, the new one included);
+- each distinct adapter of the step once: A and B rank-rows of every targeted weight, every layer.
+
+Activations, the KV written for the new tokens, logits and metadata are a few MB at most and are
+left out: the floor is a lower bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from jaxlora.config import ModelConfig
+from pallas_kernels.layout import MODULES
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStepBytes:
+    weights: int
+    kv_read: int
+    adapters: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_read + self.adapters
+
+    def seconds(self, bandwidth_gbps: float) -> float:
+        """The step's floor at a bandwidth in GB/s (1e9 bytes per second)."""
+        return self.total / (bandwidth_gbps * 1e9)
+
+
+def base_weight_bytes(config: ModelConfig, itemsize: int, rows: int) -> int:
+    """Base-model bytes a decode step of `rows` rows reads (see the module docstring)."""
+    h, q, kv, inter = (config.hidden_size, config.q_size, config.kv_size,
+                       config.intermediate_size)
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    lm_head = config.vocab_size * h
+    embedding_rows = rows * h
+    return itemsize * (config.num_layers * per_layer + h + lm_head + embedding_rows)
+
+
+def kv_read_bytes(config: ModelConfig, itemsize: int, seq_lens: Iterable[int]) -> int:
+    """K and V of seq_len tokens of each row, every layer."""
+    per_token = config.num_layers * 2 * config.kv_size * itemsize
+    return per_token * sum(int(n) for n in seq_lens)
+
+
+def adapter_bytes(config: ModelConfig, itemsize: int, ranks: Sequence[int]) -> int:
+    """Bytes of one adapter's rank-rows; ranks: the rank of each of MODULES (0: not targeted)."""
+    shapes = config.module_shapes()
+    rows = sum(r * (shapes[m][0] + shapes[m][1]) for m, r in zip(MODULES, ranks, strict=True))
+    return config.num_layers * rows * itemsize
+
+
+def decode_step_bytes(config: ModelConfig, itemsize: int, *, seq_lens: Sequence[int],
+                      adapter_ranks: Iterable[Sequence[int]]) -> DecodeStepBytes:
+    """The floor of one decode step: seq_lens of its rows (padding rows left out) and the ranks
+    of each distinct adapter it uses."""
+    return DecodeStepBytes(
+        weights=base_weight_bytes(config, itemsize, len(seq_lens)),
+        kv_read=kv_read_bytes(config, itemsize, seq_lens),
+        adapters=sum(adapter_bytes(config, itemsize, ranks) for ranks in adapter_ranks))

@@ -1,0 +1,167 @@
+"""End-to-end benchmark of the engine on a GPU (in-process): offline throughput against the decode
+roofline, and S-LoRA's synthetic online trace. See docs/BENCHMARKS.md for the results.
+
+    PYTHONPATH=. python scripts/benchmark.py --section=offline --json_out=$OUT/offline.json
+    PYTHONPATH=. python scripts/benchmark.py --section=online --online_rate=6 \\
+        --json_out=$OUT/online.json
+    PYTHONPATH=. python scripts/bench_peft.py --json_out=$OUT/peft.json
+    PYTHONPATH=. python scripts/benchmark.py --section=report \\
+        --inputs=$OUT/offline.json,$OUT/online.json,$OUT/peft.json --figure_out=$OUT/bench.png
+
+The copy bandwidth of the roofline is measured in the same process by scripts/bench_kernels.py's
+copy-ceiling measurement (its flags --copy_gib, --flush_mib, --interpret and --compile_threads
+apply here too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+# The offline run holds the weights, a KV cache for 128 sequences and a pool of 128 adapters:
+# more than JAX's default 75% of the GPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.93")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import bench_kernels  # noqa: E402  (scripts/ is on sys.path when this file runs)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from configs.models import get_model_preset  # noqa: E402
+from jaxlora.bench import report  # noqa: E402
+from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
+from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
+from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
+from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("section", "offline", ["offline", "online", "report"], "what to run")
+flags.DEFINE_string("model", "llama-2-7b", "model preset (configs/models.py)")
+flags.DEFINE_string("dtype", "bfloat16", "weights, KV cache and adapter pool dtype")
+flags.DEFINE_integer("rank", 16, "adapter rank (all 7 modules)")
+flags.DEFINE_integer("weight_sets", 4, "distinct adapter weight sets held in host memory; "
+                     "adapter i uses set i mod this (jaxlora/bench/adapters.py)")
+flags.DEFINE_integer("seed", 0, "seed of weights, prompts and traces")
+flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
+flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128"], "offline batch sizes")
+flags.DEFINE_list("offline_workloads", list(WORKLOADS), "offline adapter workloads")
+flags.DEFINE_integer("prompt_len", 256, "offline prompt tokens")
+flags.DEFINE_integer("output_len", 128, "offline output tokens")
+flags.DEFINE_integer("skewed_adapters", 1000, "adapters of the skewed workload (Zipf 1)")
+flags.DEFINE_integer("prefill_rows", 8, "offline prompts prefilled per step")
+flags.DEFINE_float("offline_time_budget_s", 0.0, "rows starting later are not run; 0: none")
+flags.DEFINE_list("online_adapters", ["5", "100", "1000", "2000"], "adapters per trace")
+flags.DEFINE_float("online_rate", 4.0, "requests per second")
+flags.DEFINE_float("online_duration_s", 60.0, "arrival span of each trace")
+flags.DEFINE_float("online_drain_s", 60.0, "after the last arrival, unfinished requests are "
+                   "cancelled after this long")
+flags.DEFINE_float("online_alpha", 1.0, "adapter popularity exponent")
+flags.DEFINE_float("online_cv", 1.0, "inter-arrival coefficient of variation (1: Poisson)")
+flags.DEFINE_enum("online_popularity", "slora", ["slora", "zipf"], "popularity law")
+flags.DEFINE_integer("online_min_len", 8, "shortest prompt / output")
+flags.DEFINE_integer("online_max_len", 512, "longest prompt / output")
+flags.DEFINE_float("slo_s", 6.0, "first-token objective")
+flags.DEFINE_integer("online_max_batch", 64, "decode rows per step")
+flags.DEFINE_integer("online_prefill_chunk", 256, "prompt tokens per prefill row")
+flags.DEFINE_integer("online_prefill_rows", 4, "prompts prefilled per step")
+flags.DEFINE_integer("online_resident_adapters", 96, "adapters the GPU pool holds")
+flags.DEFINE_integer("online_kv_pages", 3000, "KV cache pages of 16 tokens")
+flags.DEFINE_list("inputs", [], "report: result JSON files to merge")
+flags.DEFINE_string("json_out", "", "results (default: $OUT/<section>.json or ./)")
+flags.DEFINE_string("figure_out", "", "report: PNG figure path")
+flags.DEFINE_string("markdown_out", "", "report: markdown tables path (also printed)")
+
+
+def measure_copy_gbps() -> tuple[float, dict]:
+    if FLAGS.copy_bandwidth_gbps > 0:
+        return FLAGS.copy_bandwidth_gbps, {"given": FLAGS.copy_bandwidth_gbps}
+    flush_buf = bench_kernels.fill(((FLAGS.flush_mib << 20) // 4,), jnp.float32, 5, 1.0)
+    best, methods, flush_buf = bench_kernels.measure_copy_bandwidth(flush_buf)
+    del flush_buf
+    if not best > 0:
+        raise app.UsageError("the copy bandwidth could not be measured (no device trace); pass "
+                             "--copy_bandwidth_gbps")
+    return best, methods
+
+
+def meta(copy_gbps: float, copy_methods: dict, setup_seconds: dict, model) -> dict:
+    device = jax.devices()[0]
+    return {"device": getattr(device, "device_kind", str(device)), "platform": device.platform,
+            "jax": jax.__version__, "model": dataclasses.asdict(model), "dtype": FLAGS.dtype,
+            "rank": FLAGS.rank, "weight_sets": FLAGS.weight_sets, "copy_GBps": copy_gbps,
+            "copy_methods": copy_methods, "setup_seconds": setup_seconds,
+            "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def output_path() -> str:
+    return FLAGS.json_out or os.path.join(os.environ.get("OUT", "."), f"{FLAGS.section}.json")
+
+
+def main(argv):
+    del argv
+    logging.getLogger("jaxlora").setLevel(logging.INFO)
+    if FLAGS.section == "report":
+        results = report.load(FLAGS.inputs)
+        text = report.markdown(results)
+        print(text)
+        if FLAGS.markdown_out:
+            with open(FLAGS.markdown_out, "w") as f:
+                f.write(text)
+        if FLAGS.figure_out and not report.plot(results, FLAGS.figure_out):
+            print("matplotlib is not installed (pip install -e .[bench]): no figure")
+        return
+    model = get_model_preset(FLAGS.model)
+    setup = SetupConfig(dtype=FLAGS.dtype, rank=FLAGS.rank, weight_sets=FLAGS.weight_sets,
+                        compile_threads=FLAGS.compile_threads, seed=FLAGS.seed)
+    print("devices:", jax.devices(), flush=True)
+    copy_gbps, copy_methods = measure_copy_gbps()
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    if FLAGS.section == "offline":
+        config = OfflineConfig(
+            batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
+            workloads=tuple(FLAGS.offline_workloads), prompt_len=FLAGS.prompt_len,
+            output_len=FLAGS.output_len, rank=FLAGS.rank, skewed_adapters=FLAGS.skewed_adapters,
+            prefill_rows=FLAGS.prefill_rows, seed=FLAGS.seed)
+    else:
+        config = OnlineConfig(
+            adapter_counts=tuple(int(n) for n in FLAGS.online_adapters), rate=FLAGS.online_rate,
+            duration_s=FLAGS.online_duration_s, drain_timeout_s=FLAGS.online_drain_s,
+            alpha=FLAGS.online_alpha, cv=FLAGS.online_cv, popularity=FLAGS.online_popularity,
+            min_len=FLAGS.online_min_len, max_len=FLAGS.online_max_len, slo_s=FLAGS.slo_s,
+            rank=FLAGS.rank, max_batch=FLAGS.online_max_batch,
+            prefill_chunk=FLAGS.online_prefill_chunk, prefill_rows=FLAGS.online_prefill_rows,
+            resident_adapters=FLAGS.online_resident_adapters, kv_pages=FLAGS.online_kv_pages,
+            seed=FLAGS.seed)
+    bench = build_engine(model, config.engine_config(), setup)
+    print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
+    doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}
+    doc["meta"]["adapter_host_bytes"] = bench.adapters.host_bytes
+    path = output_path()
+
+    def checkpoint(rows):
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+    if FLAGS.section == "offline":
+        budget = FLAGS.offline_time_budget_s or None
+        doc["offline"] = {"rows": []}
+        doc["offline"] = run_offline(
+            bench, config, copy_gbps, time_budget_s=budget,
+            on_row=lambda rows: (doc["offline"].update(rows=rows), checkpoint(rows)))
+    else:
+        doc["online"] = {"rows": []}
+        doc["online"] = run_online(
+            bench, config,
+            on_row=lambda rows: (doc["online"].update(rows=rows), checkpoint(rows)))
+    checkpoint(None)
+    print(report.markdown(doc), flush=True)
+    print("wrote", path, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
