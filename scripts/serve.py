@@ -113,8 +113,9 @@ def main(argv):
         print(banner(state, url), flush=True)
 
     if FLAGS.warmup:
-        print(f"jaxlora: compiling the engine's step shapes; {url} answers once they are done "
-              "(restarts reuse the compilation cache)", flush=True)
+        print(f"jaxlora: listening on {url}; compiling the engine's step shapes first "
+              "(generation requests wait, /health answers 503 until done; restarts reuse the "
+              "compilation cache)", flush=True)
     app_ = create_app(state, warm_up=FLAGS.warmup, background_warmup=True, on_ready=ready)
     config = uvicorn.Config(app_, log_level=FLAGS.log_level, timeout_graceful_shutdown=5)
     try:
