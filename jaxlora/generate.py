@@ -5,11 +5,10 @@ from __future__ import annotations
 import itertools
 import time
 
+from jaxlora import demo
 from jaxlora.errors import ConfigError
 from jaxlora.llm import LLM
 from jaxlora.sampling import SamplingParams
-
-DEMO_PROMPTS = ("Who are you?", "Tell me about the sea.", "What is 2 + 2?")
 
 
 def parse_adapter_flags(pairs) -> dict[str, str]:
@@ -24,13 +23,7 @@ def parse_adapter_flags(pairs) -> dict[str, str]:
 
 def default_adapters(llm_model: str) -> dict:
     """The demo adapters shipped with the tiny model, or none for other models."""
-    if llm_model != "tiny":
-        return {}
-    try:
-        from jaxlora import demo
-    except ImportError:
-        return {}
-    return demo.demo_adapter_paths()
+    return demo.adapter_dirs() if llm_model == "tiny" else {}
 
 
 def run_generate(*, model: str, adapters, prompts, max_tokens: int, temperature: float,
@@ -38,13 +31,11 @@ def run_generate(*, model: str, adapters, prompts, max_tokens: int, temperature:
     named = parse_adapter_flags(adapters) or default_adapters(model)
     llm_model = model
     if model == "tiny" and named and not adapters:
-        from jaxlora import demo
-
-        llm_model = demo.demo_model_path()
+        llm_model = demo.model_dir()
     llm = LLM(llm_model, adapters=named)
     if llm.tokenizer is None and not all(p.strip().isdigit() for p in prompts or ["x"]):
         raise ConfigError(f"model {model!r} has no tokenizer.json: pass prompts as token ids")
-    prompts = list(prompts) or list(DEMO_PROMPTS)
+    prompts = list(prompts) or list(demo.DEMO_PROMPTS)
     # Every prompt with every adapter and with none: all in one batch.
     names = [None, *named]
     jobs = list(itertools.product(prompts, names))
