@@ -37,6 +37,7 @@ class OfflineConfig:
     rank: int = 16
     skewed_adapters: int = 1000
     prefill_rows: int = 8
+    impl: str = "auto"  # RunnerConfig.impl
     seed: int = 0
 
     def __post_init__(self):
@@ -71,7 +72,7 @@ class OfflineConfig:
             kv=KVCacheConfig(page_size=KV_PAGE_SIZE, max_model_len=max_len,
                              num_pages=self.max_batch * -(-max_len // KV_PAGE_SIZE)),
             runner=RunnerConfig(max_batch=self.max_batch, prefill_chunk=self.prompt_len,
-                                max_prefill_rows=prefill_rows,
+                                max_prefill_rows=prefill_rows, impl=self.impl,
                                 decode_buckets=tuple(sorted(set(self.batch_sizes))),
                                 prefill_buckets=tuple(sorted({1, prefill_rows}))),
             lora_pool=LoraPoolConfig(

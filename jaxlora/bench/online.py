@@ -48,6 +48,7 @@ class OnlineConfig:
     prefill_rows: int = 4
     resident_adapters: int = 96
     kv_pages: int = 3000
+    impl: str = "auto"  # RunnerConfig.impl
     seed: int = 0
 
     def __post_init__(self):
@@ -78,7 +79,7 @@ class OnlineConfig:
             kv=KVCacheConfig(page_size=16, num_pages=self.kv_pages,
                              max_model_len=2 * self.max_len),
             runner=RunnerConfig(max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-                                max_prefill_rows=self.prefill_rows),
+                                max_prefill_rows=self.prefill_rows, impl=self.impl),
             lora_pool=LoraPoolConfig(
                 max_rank=self.rank, rows_per_page=rows_per_page,
                 pages_per_pool=7 * pages_for_rank(self.rank, rows_per_page)

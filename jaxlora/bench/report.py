@@ -186,7 +186,7 @@ def plot(results: dict, path: str | os.PathLike) -> bool:
     ax = axes[2]
     for key, label in (("ttft_p50_s", "TTFT p50"), ("ttft_p90_s", "TTFT p90"),
                        ("ttft_p99_s", "TTFT p99")):
-        ax.plot(counts, [r[key] for r in rows], "o-", label=label)
+        ax.plot(counts, [r.get(key, float("nan")) for r in rows], "o-", label=label)
     ax.set(xscale="log", xlabel="adapters", ylabel="seconds", title="Online first-token latency")
     ax.legend(fontsize=7)
     fig.tight_layout()

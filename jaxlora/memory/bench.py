@@ -1,19 +1,23 @@
-"""Measures the adapter copy path on the current device.
+"""Measures the adapter memory system on the current device (driven by scripts/bench_adapters.py).
 
-    python -m jaxlora.memory.bench [--model llama-2-7b] [--rank 16] [--adapters 8]
-
-Prints, as JSON: host-to-device transfer rates of one adapter's bytes (pageable numpy, numpy via
-pinned_host, pinned_host only), the manager's cold-acquire latency (acquire -> ready, weights in
-host RAM), one batched copy of several adapters, and the time of a stand-in decode step run back
-to back with and without cold-adapter copies in flight (the copies must not slow the steps).
+- host-to-device transfer rates of one adapter's bytes (pageable numpy, numpy via pinned_host,
+  pinned_host only): the ceiling the adapter loads are judged against;
+- the manager's cold-acquire latency (acquire -> ready, weights in host RAM), one batched copy of
+  several adapters, and a stand-in decode step run back to back with and without cold-adapter
+  copies in flight (the copies must not slow the steps);
+- registration of thousands of PEFT directories (header-only validation) and the host memory a
+  registered and a resident adapter costs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import statistics
+import struct
+import tempfile
 import time
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -162,24 +166,91 @@ def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int,
     }
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama-2-7b")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--adapters", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--max-in-flight-mb", type=int, default=1024)
-    parser.add_argument("--host-memory-kinds", default="numpy,pinned_host")
-    args = parser.parse_args(argv)
-    config = get_model_preset(args.model)
-    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-    for kind in args.host_memory_kinds.split(","):
+def peft_tensor_name(layer: int, module: str, kind: str) -> str:
+    block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{kind}.weight"
+
+
+def write_sparse_peft_adapter(directory: str, config: ModelConfig, rank: int) -> int:
+    """Writes a PEFT directory (rank on all 7 modules, bf16) whose safetensors data section is a
+    sparse hole: the header and the file size are exactly those of a real adapter, so header-only
+    validation does all its work, while 2,000 llama-2-7b-sized adapters cost no disk. Returns the
+    file's logical size."""
+
+    shapes = config.module_shapes()
+    header, offset = {}, 0
+    for layer in range(config.num_layers):
+        for module in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                       "down_proj"):
+            fan_in, fan_out = shapes[module]
+            for kind, shape in (("A", [rank, fan_in]), ("B", [fan_out, rank])):
+                nbytes = shape[0] * shape[1] * 2
+                header[peft_tensor_name(layer, module, kind)] = {
+                    "dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "adapter_model.safetensors")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+                   "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
+                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"],
+                   "use_rslora": False, "use_dora": False, "modules_to_save": None}, f)
+    return 8 + len(raw) + offset
+
+
+def measure_registration(config: ModelConfig, rank: int, count: int,
+                         root: str | None = None) -> dict:
+    """Registers `count` PEFT directories of the model's full shape through AdapterStore
+    .register_root (validation of every config and safetensors header, no weights read)."""
+    pool = LoraPoolConfig(max_rank=max(rank, 16), rows_per_page=16,
+                          pages_per_pool=7 * -(-rank // 16), max_slots=1)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        start = time.perf_counter()
+        file_bytes = 0
+        for i in range(count):
+            file_bytes = write_sparse_peft_adapter(os.path.join(tmp, f"adapter{i:05d}"),
+                                                   config, rank)
+        write_seconds = time.perf_counter() - start
+        store = AdapterStore(config, pool, AdapterStoreConfig(dtype="bfloat16",
+                                                              host_memory_kind=None))
+        tracemalloc.start()
+        before, _ = tracemalloc.get_traced_memory()
+        start = time.perf_counter()
+        report = store.register_root(tmp)
+        seconds = time.perf_counter() - start
+        after, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        if len(report.registered) != count:
+            raise RuntimeError(f"registered {len(report.registered)} of {count} adapters")
+        entry = store.get(report.registered[0])
+        return {"adapters": count, "rank": rank, "file_bytes_each": file_bytes,
+                "write_s": round(write_seconds, 2), "register_s": round(seconds, 3),
+                "register_ms_each": round(seconds / count * 1e3, 3),
+                "registry_bytes_each": round((after - before) / count),
+                "resident_host_bytes_each": entry.nbytes}
+
+
+def run(model: str = "llama-2-7b", rank: int = 16, adapters: int = 8, steps: int = 40,
+        max_in_flight_mb: int = 1024, host_memory_kinds: tuple[str, ...] = ("pinned_host",),
+        register_count: int = 2000) -> dict:
+    """Every measurement of this module, as one JSON-able dict (see scripts/bench_adapters.py)."""
+    config = get_model_preset(model)
+    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+              "model": model, "rank": rank}
+    if not host_memory_kinds:
+        raise ValueError("host_memory_kinds: expected at least one of numpy, pinned_host")
+    for kind in host_memory_kinds:
         result[f"manager_{kind}"] = manager = measure_manager(
-            config, args.rank, args.adapters, args.steps, None if kind == "numpy" else kind,
-            args.max_in_flight_mb << 20)
+            config, rank, adapters, steps, None if kind == "numpy" else kind,
+            max_in_flight_mb << 20)
     result["transfer"] = measure_transfers(manager["adapter_bytes"])
-    print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    if register_count:
+        result["registration"] = measure_registration(config, rank, register_count)
+    return result
