@@ -252,6 +252,9 @@ class Llama(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype | None = None
+    # False: a Python loop over layers with static slices of the stacked weights instead of
+    # lax.scan (whose per-layer dynamic slices XLA may materialize as copies before each GEMM).
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions=None, *, lora: LoraInputs | None = None,
@@ -288,8 +291,15 @@ class Llama(nn.Module):
                                        attn_mask, lora, kv)
                 return carry, None
 
-            (h, k_pool, v_pool), _ = jax.lax.scan(
-                body, (h, *pools), (self.variables["params"]["layers"], layer_ids))
+            stacked = self.variables["params"]["layers"]
+            if self.scan_layers:
+                (h, k_pool, v_pool), _ = jax.lax.scan(body, (h, *pools), (stacked, layer_ids))
+            else:
+                carry = (h, *pools)
+                for i in range(cfg.num_layers):
+                    carry, _ = body(carry, (jax.tree.map(lambda w, i=i: w[i], stacked),
+                                            layer_ids[i]))
+                h, k_pool, v_pool = carry
         if logit_index is not None:
             # Only these positions (B,) need logits: skip the LM head everywhere else.
             h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)
