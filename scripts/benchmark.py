@@ -50,6 +50,8 @@ flags.DEFINE_integer("seed", 0, "seed of weights, prompts and traces")
 flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
 flags.DEFINE_enum("impl", "auto", ["auto", "pallas", "reference"], "attention / LoRA kernels "
                   "(auto: Pallas on GPU)")
+flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"], "the step's layer loop "
+                  "(auto: unrolled on GPU)")
 flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128"], "offline batch sizes")
 flags.DEFINE_list("offline_workloads", list(WORKLOADS), "offline adapter workloads")
 flags.DEFINE_integer("prompt_len", 256, "offline prompt tokens")
@@ -142,7 +144,8 @@ def main(argv):
             batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
             workloads=tuple(FLAGS.offline_workloads), prompt_len=FLAGS.prompt_len,
             output_len=FLAGS.output_len, rank=FLAGS.rank, skewed_adapters=FLAGS.skewed_adapters,
-            prefill_rows=FLAGS.prefill_rows, impl=FLAGS.impl, seed=FLAGS.seed)
+            prefill_rows=FLAGS.prefill_rows, impl=FLAGS.impl,
+            layer_loop=FLAGS.layer_loop, seed=FLAGS.seed)
     else:
         config = OnlineConfig(
             adapter_counts=tuple(int(n) for n in FLAGS.online_adapters), rate=FLAGS.online_rate,
@@ -152,7 +155,7 @@ def main(argv):
             rank=FLAGS.rank, max_batch=FLAGS.online_max_batch,
             prefill_chunk=FLAGS.online_prefill_chunk, prefill_rows=FLAGS.online_prefill_rows,
             resident_adapters=FLAGS.online_resident_adapters, kv_pages=FLAGS.online_kv_pages,
-            impl=FLAGS.impl, seed=FLAGS.seed)
+            impl=FLAGS.impl, layer_loop=FLAGS.layer_loop, seed=FLAGS.seed)
     bench = build_engine(model, config.engine_config(), setup)
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
     doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}

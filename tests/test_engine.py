@@ -174,3 +174,29 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (1, 9, 30, 4, 12)]
     llm.generate(prompts, adapter=["all5", None, "qv1", "mlp16", None], sampling=GREEDY)
     assert llm.engine.runner.compiled_shapes == warmed  # serving compiled nothing new
+
+
+def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
+    """layer_loop='unrolled' (the GPU default: no per-layer weight copies) is the same function
+    as the lax.scan loop: same greedy tokens through paged decode and mixed adapters."""
+    import dataclasses
+
+    from jaxlora.errors import ConfigError
+
+    rng = np.random.default_rng(5)
+    prompts = [list(map(int, rng.integers(3, 500, n))) for n in (6, 13, 2)]
+    names = ["all5", None, "qv1"]
+    outs = {}
+    for loop in ("scan", "unrolled"):
+        config = small_engine_config()
+        config = dataclasses.replace(
+            config, runner=dataclasses.replace(config.runner, layer_loop=loop))
+        llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
+                          load_workers=0)
+        assert llm.engine.runner.model.scan_layers == (loop == "scan")
+        outs[loop] = [o.token_ids for o in llm.generate(prompts, adapter=names,
+                                                        sampling=GREEDY)]
+    assert outs["unrolled"] == outs["scan"]
+    assert RunnerConfig().scan_layers() == (jax.default_backend() != "gpu")
+    with pytest.raises(ConfigError, match="layer_loop"):
+        RunnerConfig(layer_loop="sideways")

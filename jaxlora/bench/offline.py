@@ -38,6 +38,7 @@ class OfflineConfig:
     skewed_adapters: int = 1000
     prefill_rows: int = 8
     impl: str = "auto"  # RunnerConfig.impl
+    layer_loop: str = "auto"  # RunnerConfig.layer_loop
     seed: int = 0
 
     def __post_init__(self):
@@ -73,6 +74,7 @@ class OfflineConfig:
                              num_pages=self.max_batch * -(-max_len // KV_PAGE_SIZE)),
             runner=RunnerConfig(max_batch=self.max_batch, prefill_chunk=self.prompt_len,
                                 max_prefill_rows=prefill_rows, impl=self.impl,
+                                layer_loop=self.layer_loop,
                                 decode_buckets=tuple(sorted(set(self.batch_sizes))),
                                 prefill_buckets=tuple(sorted({1, prefill_rows}))),
             lora_pool=LoraPoolConfig(

@@ -49,6 +49,7 @@ class OnlineConfig:
     resident_adapters: int = 96
     kv_pages: int = 3000
     impl: str = "auto"  # RunnerConfig.impl
+    layer_loop: str = "auto"  # RunnerConfig.layer_loop
     seed: int = 0
 
     def __post_init__(self):
@@ -79,7 +80,8 @@ class OnlineConfig:
             kv=KVCacheConfig(page_size=16, num_pages=self.kv_pages,
                              max_model_len=2 * self.max_len),
             runner=RunnerConfig(max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-                                max_prefill_rows=self.prefill_rows, impl=self.impl),
+                                max_prefill_rows=self.prefill_rows, impl=self.impl,
+                                layer_loop=self.layer_loop),
             lora_pool=LoraPoolConfig(
                 max_rank=self.rank, rows_per_page=rows_per_page,
                 pages_per_pool=7 * pages_for_rank(self.rank, rows_per_page)

@@ -42,6 +42,22 @@ class RunnerConfig:
     # Row counts a step is padded to (one compilation each); None = powers of two up to the max.
     decode_buckets: tuple[int, ...] | None = None
     prefill_buckets: tuple[int, ...] | None = None
+    # Layer loop of the step: "scan" (lax.scan over the stacked weights: one traced layer, fast
+    # compiles), "unrolled" (one static slice per layer), or "auto": unrolled on GPU, scan
+    # elsewhere. On the H200 a llama-2-7b decode forward took 11.6 ms with the scan (XLA copies
+    # each layer's dynamically sliced weights before its GEMMs: ~3x the weight bytes) and 4.6 ms
+    # unrolled (docs/BENCHMARKS.md, scripts/bench_step.py).
+    layer_loop: str = "auto"
+
+    def __post_init__(self):
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ConfigError(f"runner config field layer_loop: expected 'auto', 'scan' or "
+                              f"'unrolled', got {self.layer_loop!r}")
+
+    def scan_layers(self) -> bool:
+        if self.layer_loop == "auto":
+            return jax.default_backend() != "gpu"
+        return self.layer_loop == "scan"
 
     def buckets(self, mode: str) -> tuple[int, ...]:
         limit = self.max_batch if mode == "decode" else self.max_prefill_rows
@@ -71,7 +87,7 @@ class ModelRunner:
         self.params = params
         self.runner = runner
         self.impl = resolve_impl(runner.impl)
-        self.model = Llama(config, dtype=dtype)
+        self.model = Llama(config, dtype=dtype, scan_layers=runner.scan_layers())
         self._step = jax.jit(self._forward, static_argnames=("mode", "use_lora"),
                              donate_argnums=(1, 2))
         self.compiled_shapes: set[tuple] = set()
