@@ -10,7 +10,9 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import Engine, EngineConfig, Request
@@ -59,6 +61,8 @@ def load_base_model(model: str | os.PathLike | ModelConfig, *, seed: int = 0, dt
         from jaxlora.formats.checkpoint import restore_params
 
         config, params = restore_params(model)
+        # The checkpoint keeps the dtype it was saved in; serve in the one asked for.
+        params = jax.tree.map(lambda p: np.asarray(p).astype(dtype), params)
     return config, params, tokenizer
 
 

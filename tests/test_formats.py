@@ -590,3 +590,28 @@ def test_header_length_byte_that_looks_like_a_pickle_opcode_is_fine(tmp_path):
     assert tensors["x"].shape == (2, 3)
     np.testing.assert_array_equal(safetensors_io.read_tensors(str(path), ["x"])["x"],
                                   data.reshape(2, 3))
+
+
+def test_llm_serves_an_orbax_checkpoint_in_the_dtype_asked_for(tmp_path):
+    """jaxlora.LLM / serve.py --model=<orbax dir>: the saved tokenizer is used and --dtype casts
+    the restored weights (a float32 checkpoint served in bfloat16 is bfloat16 on the device)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxlora
+    from jaxlora.llm import load_base_model
+    from jaxlora.sampling import SamplingParams
+    from jaxlora.tokenizer import tiny_tokenizer
+
+    params = random_params(TINY, seed=4)
+    tiny_tokenizer().save(tmp_path / "tok")
+    save_params(tmp_path / "ckpt", TINY, params, tokenizer_dir=tmp_path / "tok")
+    config, restored, tokenizer = load_base_model(tmp_path / "ckpt", dtype=jnp.bfloat16)
+    assert config == TINY and tokenizer is not None
+    assert {leaf.dtype for leaf in jax.tree.leaves(restored)} == {jnp.dtype(jnp.bfloat16)}
+    llm = jaxlora.LLM(str(tmp_path / "ckpt"), load_workers=0)
+    out = llm.generate(["hello"], sampling=SamplingParams(max_tokens=3, temperature=0.0,
+                                                          ignore_eos=True))
+    assert len(out[0].token_ids) == 3
+    with pytest.raises(FormatError, match="no tokenizer.json"):
+        save_params(tmp_path / "other", TINY, params, tokenizer_dir=tmp_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -22,11 +23,23 @@ CONFIG_NAME = "model_config.json"
 PARAMS_DIR = "params"
 
 
-def save_params(path: str | os.PathLike, config: ModelConfig, params: dict) -> None:
-    """Writes params (numpy or jax leaves) and the config; replaces an existing checkpoint."""
+def save_params(path: str | os.PathLike, config: ModelConfig, params: dict, *,
+                tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Writes params (numpy or jax leaves) and the config; replaces an existing checkpoint.
+
+    tokenizer_dir: a directory holding tokenizer.json (and optionally tokenizer_config.json),
+    copied beside the params so that `jaxlora.LLM(path)` and the server can encode text.
+    """
     directory = os.path.abspath(os.fspath(path))
     check_params(config, params, source="save_params: params")
     os.makedirs(directory, exist_ok=True)
+    if tokenizer_dir is not None:
+        source = os.fspath(tokenizer_dir)
+        if not os.path.isfile(os.path.join(source, "tokenizer.json")):
+            raise FormatError(f"{source}: no tokenizer.json (save_params tokenizer_dir)")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump({**config.to_hf_dict(), "_name_or_path": config.name}, f, indent=2)
     with ocp.StandardCheckpointer() as checkpointer:

@@ -31,6 +31,11 @@ class AuthenticationError(JaxloraError):
     """The request has no API key or a wrong one."""
 
 
+# Request fields an engine RequestError message may start with ("max_tokens: ...").
+REQUEST_FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                  "logprobs", "n", "messages")
+
+
 def with_param(error: JaxloraError, param: str | None) -> JaxloraError:
     """Tags an exception with the request field it is about (the ``param`` of the answer)."""
     error.param = param
@@ -81,8 +86,12 @@ def describe(error: BaseException) -> tuple[int, dict]:
         message = f"internal server error ({type(error).__name__}); see the server log"
     else:
         message = str(error)
-    return status, error_payload(status, message, type_=type_,
-                                 param=getattr(error, "param", None), code=code)
+    param = getattr(error, "param", None)
+    if param is None and status == 400:
+        # The engine's validation messages start with the request field they are about.
+        field = message.split(":", 1)[0]
+        param = field if field in REQUEST_FIELDS else None
+    return status, error_payload(status, message, type_=type_, param=param, code=code)
 
 
 def exception_response(error: BaseException) -> JSONResponse:

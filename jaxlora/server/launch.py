@@ -168,8 +168,8 @@ def banner(state: ServingState, url: str) -> str:
     prompt = demo.DEMO_PROMPTS[0]
     body = json.dumps({"model": example_model, "messages": [{"role": "user", "content": prompt}],
                        "max_tokens": 32, "temperature": 0})
-    auth = (f" \\\n  -H {shlex.quote('Authorization: Bearer ' + config.api_key)}"
-            if config.api_key else "")
+    # The key itself never goes to stdout or logs: the example reads it from the environment.
+    auth = ' \\\n  -H "Authorization: Bearer $JAXLORA_API_KEY"' if config.api_key else ""
     shown = ", ".join(adapters[:8]) + (f", ... ({len(adapters)} in all)"
                                         if len(adapters) > 8 else "")
     return "\n".join([
@@ -178,7 +178,8 @@ def banner(state: ServingState, url: str) -> str:
         f"  adapters: {shown or '(none yet)'}",
         f"  models: {url}/v1/models   health: {url}/health   metrics: {url}/metrics   "
         f"docs: {url}/docs",
-        "Try it (set \"model\" to an adapter name or to the base model's):",
+        "Try it (set \"model\" to an adapter name or to the base model's"
+        + ("; export JAXLORA_API_KEY=<the server's key>):" if config.api_key else "):"),
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
         f"    -d {shlex.quote(body)}",
         "",
