@@ -410,7 +410,12 @@ def _plan_groups(examples: Sequence[Example], names: Sequence[str | None],
 
 
 def _plan_steps(examples: Sequence[Example], assigned: Sequence[Sequence[int]], *,
-                global_rows: int, min_bucket: int, max_length: int) -> list[_Step]:
+                global_rows: int, min_bucket: int, max_length: int,
+                num_devices: int = 1, row_buckets: bool = False) -> list[_Step]:
+    """Steps of global_rows rows (padding rows -1). With row_buckets, a step's last, partial
+    batch is padded only to the next power-of-two rows per device (one compilation per bucket):
+    the one-adapter-at-a-time baseline then computes its examples, not padding, as a system
+    that batches per adapter would."""
     steps = []
     for group, indices in enumerate(assigned):
         by_length: dict[int, list[int]] = {}
@@ -422,8 +427,11 @@ def _plan_steps(examples: Sequence[Example], assigned: Sequence[Sequence[int]], 
             rows = by_length[length]
             for start in range(0, len(rows), global_rows):
                 chunk = rows[start:start + global_rows]
-                steps.append(_Step(group, length,
-                                   tuple(chunk) + (-1,) * (global_rows - len(chunk))))
+                width = global_rows
+                if row_buckets:
+                    per_device = -(-len(chunk) // num_devices)
+                    width = min(global_rows, num_devices * (1 << (per_device - 1).bit_length()))
+                steps.append(_Step(group, length, tuple(chunk) + (-1,) * (width - len(chunk))))
     return steps
 
 
@@ -509,7 +517,8 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
     batch = eval_config.batch_size
     groups, assigned, capacity = _plan_groups(examples, names, eval_config)
     plan = _plan_steps(examples, assigned, global_rows=batch * len(devices),
-                       min_bucket=eval_config.min_bucket, max_length=max_length)
+                       min_bucket=eval_config.min_bucket, max_length=max_length,
+                       num_devices=len(devices), row_buckets=eval_config.one_adapter_at_a_time)
     step_fn = _build_eval_step(config, dtype, tuple(devices), capacity, impl)
     params = jax.device_put(params, replicated)
 
@@ -528,8 +537,9 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
         arrays = pad_rows(rows, step.length)
         arrays["row_slot"] = np.array(
             [lora_slots[r.adapter] if r is not None else NO_ADAPTER for r in rows], np.int32)
-        # this process's devices only, as (local devices, batch, ...)
-        return {k: v.reshape(len(devices), batch, *v.shape[1:])[local_positions]
+        # this process's devices only, as (local devices, rows per device, ...)
+        per_device = len(step.rows) // len(devices)
+        return {k: v.reshape(len(devices), per_device, *v.shape[1:])[local_positions]
                 for k, v in arrays.items()}
 
     def run(lora, arrays):
@@ -543,9 +553,9 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
     compile_start = time.perf_counter()
     if plan:
         lora = group_lora(plan[0].group)
-        for length in sorted({s.length for s in plan}):
+        for length, width in sorted({(s.length, len(s.rows)) for s in plan}):
             jax.block_until_ready(run(lora, host_batch(
-                _Step(plan[0].group, length, (-1,) * (batch * len(devices))), {})))
+                _Step(plan[0].group, length, (-1,) * width), {})))
         del lora
     compile_s = time.perf_counter() - compile_start
 
@@ -600,7 +610,7 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
         adapters=metrics, devices=len(devices), device_kind=devices[0].device_kind,
         mode="one_adapter_at_a_time" if eval_config.one_adapter_at_a_time else "mixed",
         lora_impl=impl, steps=len(plan), rows=len(examples),
-        padded_rows=len(plan) * batch * len(devices) - len(examples),
+        padded_rows=sum(len(s.rows) for s in plan) - len(examples),
         tokens_forwarded=tokens_forwarded,
         tokens_padded=sum(s.length * len(s.rows) for s in plan),
         compile_s=compile_s, eval_s=eval_s,

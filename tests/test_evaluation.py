@@ -1,6 +1,7 @@
 """Offline evaluation: exact metrics whatever the device count, against a direct computation, on
 trained adapters, through the script; and the JSONL dataset reader."""
 
+import collections
 import csv
 import json
 import os
@@ -61,6 +62,10 @@ def test_metrics_are_identical_on_1_and_4_devices_and_one_adapter_at_a_time(para
     assert (one.devices, four.devices) == (1, 4)
     assert one.steps == 8 and four.steps == 5 and single.steps == 6
     assert one.rows == 23 and four.padded_rows == 5 * 12 - 23
+    # the baseline pads each adapter's batch only to a power of two rows per device
+    sizes = collections.Counter(e.adapter for e in examples).values()
+    widths = [4 * (1 << (-(-n // 4) - 1).bit_length()) for n in sizes]
+    assert single.padded_rows == sum(widths) - 23 < 6 * 12 - 23
     assert [m.adapter for m in one.adapters] == [None] + [source.names[i] for i in (1, 2, 3, 4, 0)]
     assert sum(m.examples for m in one.adapters) == 23
     assert one.tokens_forwarded == sum(e.length for e in examples)
