@@ -172,8 +172,23 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
     assert len(warmed) == 2 * len(llm.engine.runner.bucket_shapes())  # with and without LoRA
     rng = np.random.default_rng(3)
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (1, 9, 30, 4, 12)]
-    llm.generate(prompts, adapter=["all5", None, "qv1", "mlp16", None], sampling=GREEDY)
-    assert llm.engine.runner.compiled_shapes == warmed  # serving compiled nothing new
+    compiled = []
+
+    def on_event(event, duration, **kwargs):
+        # The adapter manager's page scatter compiles once per page-count bucket the first time
+        # an adapter of that size lands; everything else must have been compiled by warm-up.
+        if event.endswith("backend_compile_duration") and "_scatter_pages" not in str(kwargs):
+            compiled.append(kwargs)
+
+    step_cache = llm.engine.runner._step._cache_size()
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        llm.generate(prompts, adapter=["all5", None, "qv1", "mlp16", None], sampling=GREEDY)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert llm.engine.runner.compiled_shapes == warmed  # serving compiled nothing new ...
+    assert llm.engine.runner._step._cache_size() == step_cache  # ... by jit's own count too
+    assert not compiled, f"XLA compilations while serving: {compiled}"
 
 
 def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
@@ -200,3 +215,56 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
     assert RunnerConfig().scan_layers() == (jax.default_backend() != "gpu")
     with pytest.raises(ConfigError, match="layer_loop"):
         RunnerConfig(layer_loop="sideways")
+
+
+def test_replace_mid_generation_serves_each_request_its_own_version(base, lora_adapters):
+    """A request admitted before `replace` keeps the old weights to its last token while a
+    request admitted after it, in the same steps, gets the new ones: two versions of one name
+    are two slots, never one (which would serve one of them the other's weights)."""
+    old, new = lora_adapters["all5"], random_lora(TINY, "all5", 5, MODULES, 11)
+    prompt_old, prompt_new = [5, 6, 7, 8], [9, 10, 11, 12]
+    sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    llm = jaxlora.LLM(TINY, params=base, adapters={"all5": old},
+                      engine_config=small_engine_config(), load_workers=0)
+    first = llm.submit(prompt_old, adapter="all5", sampling=sampling)
+    llm.engine.step()
+    llm.engine.step()
+    assert first.output_ids  # decoding on version 1
+    llm.adapters.replace("all5", new)
+    second = llm.submit(prompt_new, adapter="all5", sampling=sampling)
+    llm.engine.run_until_idle()
+    assert first.adapter_handle is None and second.finish_reason is FinishReason.LENGTH
+    assert first.output_ids == greedy_reference(merged_params(base, old), prompt_old, 6)
+    assert second.output_ids == greedy_reference(merged_params(base, new), prompt_new, 6)
+
+
+def test_max_slots_holds_for_requests_readmitted_after_preemption(base, lora_adapters):
+    """Distinct adapter versions in the running set never exceed max_slots, whatever the
+    admission path (first admission, or re-admission of a preempted request that kept its
+    adapter handle)."""
+    import dataclasses
+
+    config = small_engine_config(num_pages=14)  # page_size 4: preemptions with 6 requests
+    config = dataclasses.replace(config, lora_pool=dataclasses.replace(config.lora_pool,
+                                                                       max_slots=2))
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
+                      load_workers=0)
+    engine = llm.engine
+    rng = np.random.default_rng(9)
+    names = ["all5", "qv1", "mlp16", "all5", "qv1", "mlp16"]
+    requests = [llm.submit(list(map(int, rng.integers(3, 500, 5))), adapter=name,
+                           sampling=SamplingParams(temperature=0.0, max_tokens=10,
+                                                   ignore_eos=True))
+                for name in names]
+    most = 0
+    while engine.has_work():
+        engine.step()
+        most = max(most, len(engine._distinct_adapters()))
+        assert most <= 2
+    assert engine.stats.preemptions > 0
+    assert all(r.finish_reason is FinishReason.LENGTH for r in requests), [
+        (r.finish_reason, r.error) for r in requests]
+    for request, name in zip(requests, names, strict=True):
+        expected = greedy_reference(merged_params(base, lora_adapters[name]),
+                                    request.prompt_ids, 10)
+        assert request.output_ids == expected, name

@@ -123,9 +123,10 @@ def compile_step_shapes(engine, *, threads: int) -> dict:
         batch = empty_batch(rows, length, max_pages)
         lora_meta = engine._lora_meta([], batch.token_slot)
         for use_lora in (False, True) if engine.adapters is not None else (False,):
-            lowered.append(((mode, rows, use_lora), engine.runner._step.lower(
-                engine.runner.params, engine.kv.k_pool, engine.kv.v_pool, engine._lora_pools(),
-                batch, lora_meta, mode=mode, use_lora=use_lora)))
+            with engine._locked_lora_pools() as lora_pools:
+                lowered.append(((mode, rows, use_lora), engine.runner._step.lower(
+                    engine.runner.params, engine.kv.k_pool, engine.kv.v_pool, lora_pools,
+                    batch, lora_meta, mode=mode, use_lora=use_lora)))
     lowered_at = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(lambda item: item[1].compile(), lowered))

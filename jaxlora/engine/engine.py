@@ -23,6 +23,7 @@ Scheduling policy (one iteration):
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -241,9 +242,10 @@ class Engine:
             batch = empty_batch(rows, length, self.engine_config.kv.max_pages_per_seq)
             lora_meta = self._lora_meta([], batch.token_slot)
             for use_lora in (False, True) if self.adapters is not None else (False,):
-                logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
-                    mode, self.kv.k_pool, self.kv.v_pool, self._lora_pools(), batch, lora_meta,
-                    use_lora)
+                with self._locked_lora_pools() as lora_pools:
+                    logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
+                        mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta,
+                        use_lora)
                 self._sample(logits, [None] * rows)
         jax.block_until_ready(self.kv.k_pool)
         log.info("warm-up compiled %d step shapes in %.1f s", len(self.runner.compiled_shapes),
@@ -291,8 +293,16 @@ class Engine:
                 self._finish(request, FinishReason.DEADLINE,
                              "the request could no longer meet its first-token deadline")
 
-    def _distinct_adapters(self) -> set[str]:
-        return {r.adapter for r in self._running if r.adapter is not None}
+    @staticmethod
+    def _adapter_key(request: Request) -> tuple[str, int]:
+        """The adapter version a request runs with: requests on the old and the new version
+        of a replaced adapter use different slots (different pages) in the same step."""
+        handle = request.adapter_handle
+        return (handle.name, handle.version)
+
+    def _distinct_adapters(self) -> set[tuple[str, int]]:
+        return {self._adapter_key(r) for r in self._running
+                if r.adapter is not None and r.adapter_handle is not None}
 
     def _admit(self) -> None:
         ec = self.engine_config
@@ -313,16 +323,24 @@ class Engine:
 
     def _try_admit(self, request: Request) -> bool:
         ec = self.engine_config
-        if request.adapter is not None and request.adapter_handle is None:
-            if request.adapter not in self._distinct_adapters() and \
-                    len(self._distinct_adapters()) >= ec.lora_pool.max_slots:
-                return False
-            try:
-                request.adapter_handle = self.adapters.acquire(request.adapter)
-            except PoolExhaustedError:
-                return False
-            except (UnknownAdapterError, AdapterError) as e:
-                self._finish(request, FinishReason.ERROR, str(e))
+        if request.adapter is not None:
+            # Every admission (a re-admission after preemption too) respects the step's slots.
+            running = self._distinct_adapters()
+            full = len(running) >= ec.lora_pool.max_slots
+            if request.adapter_handle is None:
+                current = self.adapters.store.current(request.adapter)
+                if full and current is not None and current.key not in running:
+                    return False
+                try:
+                    request.adapter_handle = self.adapters.acquire(request.adapter)
+                except PoolExhaustedError:
+                    return False
+                except (UnknownAdapterError, AdapterError) as e:
+                    self._finish(request, FinishReason.ERROR, str(e))
+                    return False
+            if full and self._adapter_key(request) not in running:
+                # Replaced between the check and the acquire, or re-admitted after preemption
+                # while other adapters took the slots: wait for a slot (keep the version held).
                 return False
         first = min(request.remaining, ec.runner.prefill_chunk)
         if not self.kv.ensure(request.request_id, request.num_computed + first):
@@ -385,8 +403,17 @@ class Engine:
         return handle.ready
 
     # -- running rows ---------------------------------------------------------------------------
-    def _lora_pools(self):
-        return self.adapters.pools if self.adapters is not None else {}
+    @contextlib.contextmanager
+    def _locked_lora_pools(self):
+        """The adapter pools, held while a step is dispatched on them: another thread's poll(),
+        wait() or pin() donates the pool buffers to its scatters, which would otherwise delete
+        the arrays under a dispatch. (The step reads the pools and does not donate them: they
+        are the manager's, updated by its own donated scatters.)"""
+        if self.adapters is None:
+            yield {}
+            return
+        with self.adapters.locked_pools() as pools:
+            yield pools
 
     def _lora_meta(self, slot_infos, token_slot: np.ndarray) -> dict:
         pool = self.engine_config.lora_pool
@@ -417,7 +444,7 @@ class Engine:
         seq_lens = np.zeros(b, np.int32)
         logit_index = np.zeros(b, np.int32)
         token_slot = np.full((b, length), layout.NO_ADAPTER, np.int32)
-        slots: dict[str, int] = {}
+        slots: dict[tuple[str, int], int] = {}
         slot_infos = []
         for i, (request, n) in enumerate(rows):
             start = request.num_computed
@@ -428,17 +455,19 @@ class Engine:
             seq_lens[i] = start + n
             logit_index[i] = n - 1
             if request.adapter is not None:
-                if request.adapter not in slots:
-                    slots[request.adapter] = len(slot_infos)
+                key = self._adapter_key(request)
+                if key not in slots:
+                    slots[key] = len(slot_infos)
                     slot_infos.append(request.adapter_handle.slot_info)
-                token_slot[i, :n] = slots[request.adapter]
+                token_slot[i, :n] = slots[key]
         batch = StepBatch(tokens=tokens, positions=positions, token_valid=valid,
                           page_table=page_table, seq_lens=seq_lens, logit_index=logit_index,
                           token_slot=token_slot)
         use_lora = bool(slot_infos)
-        logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
-            mode, self.kv.k_pool, self.kv.v_pool, self._lora_pools(), batch,
-            self._lora_meta(slot_infos, token_slot), use_lora)
+        lora_meta = self._lora_meta(slot_infos, token_slot)
+        with self._locked_lora_pools() as lora_pools:
+            logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
+                mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta, use_lora)
         sampled_rows = [(r, n) if r.num_computed + n == len(r.sequence) else None
                         for r, n in rows]
         sampled = self._sample(logits, [r for r, _ in rows] + [None] * (b - len(rows)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,8 +40,13 @@ class KVCacheManager:
         self.config = config
         shape = (model.num_layers, config.num_pages, config.page_size, model.num_kv_heads,
                  model.head_dim)
-        self.k_pool = jnp.zeros(shape, dtype, device=sharding)
-        self.v_pool = jnp.zeros(shape, dtype, device=sharding)
+        # Committed to a device from the start: jit specializes on committed-ness, and the step
+        # returns committed pools, so uncommitted fresh pools cost one more compilation of the
+        # first bucket once serving starts.
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.k_pool = jax.device_put(jnp.zeros(shape, dtype), sharding)
+        self.v_pool = jax.device_put(jnp.zeros(shape, dtype), sharding)
         self.allocator = PageAllocator(config.num_pages, name="kv")
         self._pages: dict[int, list[int]] = {}
         self.bytes_per_page = 2 * int(np.prod(shape[:1] + shape[2:])) * jnp.dtype(dtype).itemsize
