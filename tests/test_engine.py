@@ -268,3 +268,29 @@ def test_max_slots_holds_for_requests_readmitted_after_preemption(base, lora_ada
         expected = greedy_reference(merged_params(base, lora_adapters[name]),
                                     request.prompt_ids, 10)
         assert request.output_ids == expected, name
+
+
+def test_deadline_aborts_an_admitted_request_that_can_no_longer_make_it(base, lora_adapters):
+    """S-LoRA's early abort also covers requests already admitted but without a first token (a
+    prompt half prefilled): with the measured step time, the chunks it still needs overrun its
+    deadline, so it is aborted with a reason and its pages come back; a request without a
+    deadline is untouched."""
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
+                      engine_config=small_engine_config(), load_workers=0)
+    engine = llm.engine
+    free_kv = engine.kv.free_pages
+    long_prompt = list(range(3, 43))  # 5 chunks of 8
+    doomed = llm.submit(long_prompt, adapter="all5", sampling=GREEDY, deadline_s=30.0)
+    calm = llm.submit(long_prompt, adapter="qv1", sampling=GREEDY)
+    for _ in range(5):  # admitted, adapter copied, first chunk prefilled
+        engine.step()
+        if doomed.num_computed:
+            break
+    assert doomed in engine._running and 0 < doomed.num_computed < len(long_prompt) - 16
+    engine.stats.step_time_ema = 10.0  # 4 chunks left x 10 s > the 30 s left
+    engine.step()
+    assert doomed.finish_reason is FinishReason.DEADLINE and not doomed.output_ids
+    assert "deadline" in doomed.error
+    engine.run_until_idle()
+    assert calm.finish_reason is FinishReason.LENGTH and len(calm.output_ids) == 8
+    assert engine.kv.free_pages == free_kv and llm.adapters.stats().referenced == 0

@@ -2,9 +2,10 @@
 
 Scheduling policy (one iteration):
 
-1. Finish what was cancelled, and abort (reason ``deadline``) every waiting request whose
-   first-token deadline has passed or can no longer be met given the measured step time
-   (S-LoRA's early abort).
+1. Finish what was cancelled, and abort (reason ``deadline``) every request still without its
+   first token, waiting or admitted (adapter loading, prompt half prefilled), whose first-token
+   deadline has passed or can no longer be met: its own prefill chunks plus the iterations the
+   prompt tokens ahead of it need, at the measured step time (S-LoRA's early abort).
 2. Admit waiting requests first-come first-served while batch rows, KV pages and adapter slots
    allow. A request that cannot be admitted (its adapter's pages are all held, or the step's
    adapter slots are full of other adapters) may be overtaken by later requests, but at most
@@ -14,10 +15,12 @@ Scheduling policy (one iteration):
 3. Decode rows (one token each) go first; prompts are prefilled in chunks of at most
    ``prefill_chunk`` tokens within the remaining token budget, so a long prompt never stalls the
    running decodes.
-4. When the KV pool runs out, the most recently admitted running request is preempted: its pages
+4. When the KV pool runs out, the most recently arrived running request that is newer than the
+   one needing pages is preempted, one not yet scheduled in this iteration if there is one, or
+   else the requester itself (an older request is never preempted for a newer one): its pages
    are freed and it re-queues at the front; it later recomputes its prompt and the tokens it had
-   generated, and continues with identical output (sampling keys depend only on the request's seed
-   and the token index).
+   generated, and continues with identical output (sampling keys depend only on the request's
+   seed and the token index).
 """
 
 from __future__ import annotations
@@ -282,16 +285,25 @@ class Engine:
         for request in list(self._running) + list(self._waiting):
             if request.cancel_requested:
                 self._finish(request, FinishReason.ABORT, "cancelled")
+        ec = self.engine_config
         ema = self.stats.step_time_ema
-        for request in list(self._waiting):
-            if request.deadline is None or request.output_ids:
-                continue
-            # A prompt needs about ceil(len / chunk) steps once admitted.
-            steps = -(-len(request.prompt_ids) // self.engine_config.runner.prefill_chunk)
-            if now > request.deadline or now + steps * ema > request.deadline:
-                self.stats.deadline_aborts += 1
-                self._finish(request, FinishReason.DEADLINE,
-                             "the request could no longer meet its first-token deadline")
+        # Prompt tokens still to prefill ahead of each request: running ones first (their chunks
+        # come first), then the queue in order. Each iteration prefills at most max_num_tokens.
+        ahead = 0
+        for request in list(self._running) + list(self._waiting):
+            own = max(0, len(request.prompt_ids) - request.num_computed)
+            if request.deadline is not None and not request.output_ids:
+                # Admitted or not, a request without its first token (its adapter still
+                # loading, its prompt half prefilled) is aborted once it cannot make it: its own
+                # chunks, and the iterations the prompts ahead of it need.
+                steps = (-(-own // ec.runner.prefill_chunk)
+                         + ahead // max(1, ec.max_num_tokens))
+                if now > request.deadline or now + steps * ema > request.deadline:
+                    self.stats.deadline_aborts += 1
+                    self._finish(request, FinishReason.DEADLINE,
+                                 "the request could no longer meet its first-token deadline")
+                    continue
+            ahead += own
 
     @staticmethod
     def _adapter_key(request: Request) -> tuple[str, int]:
@@ -359,7 +371,7 @@ class Engine:
             if request.status is not Status.RUNNING or not self._adapter_ready(request):
                 continue
             if request.remaining == 1 and len(decode) < ec.runner.max_batch and budget > 0:
-                if self._reserve(request, 1):
+                if self._reserve(request, 1, (decode, prefill)):
                     decode.append((request, 1))
                     budget -= 1
         for request in list(self._running):
@@ -367,19 +379,26 @@ class Engine:
                 continue
             if request.remaining > 1 and len(prefill) < ec.runner.max_prefill_rows and budget > 0:
                 n = min(request.remaining, ec.runner.prefill_chunk, budget)
-                if self._reserve(request, n):
+                if self._reserve(request, n, (decode, prefill)):
                     prefill.append((request, n))
                     budget -= n
         return decode, prefill
 
-    def _reserve(self, request: Request, n: int) -> bool:
-        """KV pages for n more tokens; preempts the newest running requests if needed."""
+    def _reserve(self, request: Request, n: int,
+                 scheduled: tuple[list[tuple[Request, int]], ...] = ()) -> bool:
+        """KV pages for n more tokens; preempts the newest running request if needed, which is
+        the requester itself when it is the newest (an older request is never preempted for a
+        newer one). Requests already scheduled this iteration are preempted only when nothing
+        else is left (their work would be wasted)."""
         while not self.kv.ensure(request.request_id, request.num_computed + n):
-            victims = [r for r in self._running if r is not request and r.status is Status.RUNNING]
-            if not victims:
+            newer = [r for r in self._running if r is not request
+                     and r.status is Status.RUNNING and r.arrival > request.arrival]
+            if not newer:
                 self._preempt(request)
                 return False
-            self._preempt(max(victims, key=lambda r: r.arrival))
+            taken = {id(r) for rows in scheduled for r, _ in rows}
+            idle = [r for r in newer if id(r) not in taken]
+            self._preempt(max(idle or newer, key=lambda r: r.arrival))
         return request.status is Status.RUNNING
 
     def _preempt(self, request: Request) -> None:
