@@ -294,3 +294,15 @@ def test_deadline_aborts_an_admitted_request_that_can_no_longer_make_it(base, lo
     engine.run_until_idle()
     assert calm.finish_reason is FinishReason.LENGTH and len(calm.output_ids) == 8
     assert engine.kv.free_pages == free_kv and llm.adapters.stats().referenced == 0
+
+
+def test_submit_refuses_what_it_cannot_honour(base):
+    from jaxlora.errors import RequestError
+
+    llm = jaxlora.LLM(TINY, params=base, engine_config=small_engine_config(), load_workers=0)
+    with pytest.raises(RequestError, match="stop_token_ids"):
+        llm.engine.submit([5, 6], sampling=SamplingParams(stop_token_ids=(TINY.vocab_size,)))
+    assert llm.engine.tokenizer is None  # an engine on token ids alone: no text to match
+    with pytest.raises(RequestError, match="stop strings need a tokenizer"):
+        llm.engine.submit([5, 6], sampling=SamplingParams(stop_strings=("x",)))
+    assert not llm.engine.has_work()

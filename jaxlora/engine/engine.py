@@ -146,6 +146,10 @@ class Engine:
         if bad:
             raise RequestError(f"prompt: token id {bad[0]} is outside the vocabulary "
                                f"0..{self.config.vocab_size - 1}")
+        sampling.check_vocab(self.config.vocab_size)
+        if sampling.stop_strings and self.tokenizer is None:
+            raise RequestError("stop: stop strings need a tokenizer to match text against, and "
+                               "this engine has none; use stop_token_ids")
         limit = self.engine_config.kv.max_model_len
         if len(prompt_ids) >= limit:
             raise RequestError(f"prompt: {len(prompt_ids)} tokens; the context length is {limit}"
