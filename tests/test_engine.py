@@ -184,6 +184,10 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
     jax.monitoring.register_event_duration_secs_listener(on_event)
     try:
         llm.generate(prompts, adapter=["all5", None, "qv1", "mlp16", None], sampling=GREEDY)
+        # sampled rows with top-p / top-k and logprobs use sampler variants warmed up too
+        llm.generate(prompts[:3], adapter=["qv1", None, "all5"],
+                     sampling=SamplingParams(temperature=0.8, top_p=0.9, top_k=5, logprobs=3,
+                                             max_tokens=4, seed=1))
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     assert llm.engine.runner.compiled_shapes == warmed  # serving compiled nothing new ...

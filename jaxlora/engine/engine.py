@@ -49,6 +49,7 @@ from jaxlora.errors import (
     UnknownAdapterError,
 )
 from jaxlora.sampling import (
+    MAX_LOGPROBS,
     SampleOutput,
     SamplingBatch,
     SamplingParams,
@@ -253,7 +254,7 @@ class Engine:
                     logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
                         mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta,
                         use_lora)
-                self._sample(logits, [None] * rows)
+            self._warm_sampler(logits, rows)
         jax.block_until_ready(self.kv.k_pool)
         log.info("warm-up compiled %d step shapes in %.1f s", len(self.runner.compiled_shapes),
                  time.perf_counter() - start)
@@ -509,10 +510,20 @@ class Engine:
         params = [r.sampling for r in live]
         batch = SamplingBatch.from_params(params, [len(r.output_ids) for r in live],
                                           batch_size=len(requests))
-        top_n = max((p.logprobs or 0 for p in params), default=0)
+        # Alternatives: none, or the most any request may ask for (each request keeps its own
+        # first n): two sampler shapes per bucket instead of one per distinct n.
+        top_n = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
         out = sample(logits, batch, num_top_logprobs=top_n,
                      apply_top_k_top_p=uses_top_k_top_p(params))
         return jax.device_get(out)
+
+    def _warm_sampler(self, logits, rows: int) -> None:
+        """Compiles every sampler variant of a bucket (logprobs off/on, top-k/top-p off/on)."""
+        batch = SamplingBatch.from_params([], [], batch_size=rows)
+        for top_n in (0, MAX_LOGPROBS):
+            for filtered in (False, True):
+                jax.block_until_ready(sample(logits, batch, num_top_logprobs=top_n,
+                                             apply_top_k_top_p=filtered))
 
     def _append_token(self, request: Request, sampled, row: int) -> None:
         token = int(sampled.tokens[row])
