@@ -39,8 +39,6 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Triton's tensor-core dot needs every dimension >= 16, so the query heads that share one kv head
 # (often 1..8) are padded up to this many rows inside the kernel (masked loads, masked stores).
 _MIN_DOT_ROWS = 16
-# Programs the heuristic aims for: about two per SM of an H100 (132 SMs).
-_TARGET_PROGRAMS = 264
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -80,12 +78,13 @@ class PagedAttentionConfig:
 
     @classmethod
     def heuristic(cls, *, batch: int, num_kv_heads: int, max_pages_per_seq: int,
-                  page_size: int) -> PagedAttentionConfig:
-        """A default for these shapes: ~64-key blocks, and enough kv splits to fill the GPU."""
+                  page_size: int, target_programs: int = 264) -> PagedAttentionConfig:
+        """A default for these shapes: ~64-key blocks, and enough kv splits to fill the GPU
+        (target_programs: about two per SM of an H100 / H200, 132 SMs)."""
         pages_per_block = max(1, 64 // page_size)
         pages_per_block = min(pages_per_block, _next_power_of_2(max_pages_per_seq))
         blocks = -(-max_pages_per_seq // pages_per_block)
-        wanted_splits = -(-_TARGET_PROGRAMS // max(1, batch * num_kv_heads))
+        wanted_splits = -(-target_programs // max(1, batch * num_kv_heads))
         kv_splits = max(1, min(_next_power_of_2(wanted_splits), blocks, 16))
         return cls(pages_per_block=pages_per_block, kv_splits=kv_splits, num_warps=4,
                    num_stages=2)
@@ -245,6 +244,8 @@ def paged_attention(
                           "needs at least 16 keys per block")
     blocks_total = -(-max_pages_per_seq // config.pages_per_block)
     kv_splits = min(config.kv_splits, blocks_total)
+    # Profiles show the splits that run, not the ones asked for.
+    config = dataclasses.replace(config, kv_splits=kv_splits)
     pages_per_split = -(-blocks_total // kv_splits) * config.pages_per_block
     split_output = kv_splits > 1
 

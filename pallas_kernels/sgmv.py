@@ -463,10 +463,22 @@ def _decode_shrink_rows(config, num_tokens, columns):
     return rows
 
 
-def _prefill_shrink_kernel(x_ref, pool_ref, pages_ref, ranks_ref, layer_ref, order_ref,
-                           start_ref, size_ref, tslot_ref, *rest, weights, rank_cols,
-                           pages_per_pool, rows_per_page, max_pages, bt, bn, bk, n_blocks,
-                           k_blocks, k_per_split, split, dtype, interpret):
+def _prefill_shrink_kernel(
+    # inputs
+    x_ref,  # (T, in) activations
+    pool_ref,  # (L*P*R, in) A rank-rows of every layer and page
+    pages_ref,  # (S, 7, MP) int32 page ids of each slot's weights
+    ranks_ref,  # (S, 7) int32
+    layer_ref,  # (1,) int32
+    order_ref,  # (T,) int32 tokens sorted by slot
+    start_ref,  # (NT,) int32 first sorted position of each tile
+    size_ref,  # (NT,) int32 tokens in each tile (0: unused tile)
+    tslot_ref,  # (NT,) int32 slot of each tile
+    *rest,  # [(T, G*MP*R) float32 zeros, aliased to v_ref, when split > 1]
+    # outputs: rest[-1] = v_ref (T, G*MP*R) float32
+    weights, rank_cols, pages_per_pool, rows_per_page, max_pages, bt, bn, bk, n_blocks, k_blocks,
+    k_per_split, split, dtype, interpret,
+):
     v_ref = rest[-1]
     num_tokens, width = x_ref.shape
     columns = len(weights) * rank_cols
@@ -532,9 +544,18 @@ def _prefill_shrink_kernel(x_ref, pool_ref, pages_ref, ranks_ref, layer_ref, ord
                                mask=out_mask)
 
 
-def _decode_shrink_kernel(x_ref, pool_ref, pages_ref, ranks_ref, layer_ref, slot_ref, v_ref, *,
-                          weights, rank_cols, pages_per_pool, rows_per_page, max_pages, rows, bk,
-                          interpret):
+def _decode_shrink_kernel(
+    # inputs
+    x_ref,  # (T, in) activations
+    pool_ref,  # (L*P*R, in) A rank-rows of every layer and page
+    pages_ref,  # (S, 7, MP) int32
+    ranks_ref,  # (S, 7) int32
+    layer_ref,  # (1,) int32
+    slot_ref,  # (T,) int32 each token's slot, -1 = no adapter
+    # outputs
+    v_ref,  # (T, G*MP*R) float32
+    *, weights, rank_cols, pages_per_pool, rows_per_page, max_pages, rows, bk, interpret,
+):
     _, width = x_ref.shape
     columns = len(weights) * rank_cols
     t = pl.program_id(1)
@@ -577,6 +598,7 @@ def _decode_shrink_kernel(x_ref, pool_ref, pages_ref, ranks_ref, layer_ref, slot
 
 
 def sgmv_shrink(
+    # inputs
     x: jax.Array,  # (T, in)
     a_pool: jax.Array,  # (L, P, R, in)
     a_pages: jax.Array,  # (S, 7, MP) int32
@@ -669,9 +691,18 @@ def _group_of_block(block, block_starts):
         yield g, block - lo, (block >= lo) & (block < hi)
 
 
-def _prefill_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets, block_starts,
-                           rank_cols, pages_per_pool, rows_per_page, max_pages, bt, bn, steps,
-                           rank_pad, dtypes, interpret):
+def _prefill_expand_kernel(
+    # inputs
+    y_in_ref,  # (T, sum of out widths) base output, aliased to y_ref
+    v_ref,  # (T, G*MP*R) float32 from shrink
+    *refs,
+    # refs[:G]: B pools, (L*P_g*R, out_g) each
+    # then pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), sorted tokens
+    # (T,), tile starts / sizes / slots (NT,) each, all int32 but scales
+    # outputs: refs[-1] = y_ref (T, sum of out widths)
+    weights, widths, col_offsets, block_starts, rank_cols, pages_per_pool, rows_per_page,
+    max_pages, bt, bn, steps, rank_pad, dtypes, interpret,
+):
     g_count = len(weights)
     pool_refs = refs[:g_count]
     (pages_ref, ranks_ref, scales_ref, layer_ref, order_ref, start_ref, size_ref, tslot_ref,
@@ -741,9 +772,18 @@ def _prefill_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets,
                 jax.lax.fori_loop(0, steps, body, 0)
 
 
-def _decode_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets, block_starts,
-                          rank_cols, pages_per_pool, rows_per_page, max_pages, bn, chunk,
-                          interpret):
+def _decode_expand_kernel(
+    # inputs
+    y_in_ref,  # (T, sum of out widths) base output, aliased to y_ref
+    v_ref,  # (T, G*MP*R) float32 from shrink
+    *refs,
+    # refs[:G]: B pools, (L*P_g*R, out_g) each
+    # then pages (S, 7, MP) int32, ranks (S, 7) int32, scales (S, 7) float32, layer (1,) int32,
+    # token slots (T,) int32
+    # outputs: refs[-1] = y_ref (T, sum of out widths)
+    weights, widths, col_offsets, block_starts, rank_cols, pages_per_pool, rows_per_page,
+    max_pages, bn, chunk, interpret,
+):
     g_count = len(weights)
     pool_refs = refs[:g_count]
     pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = refs[g_count:]
@@ -801,6 +841,7 @@ def _decode_expand_kernel(y_in_ref, v_ref, *refs, weights, widths, col_offsets, 
 
 
 def sgmv_expand(
+    # inputs
     y: jax.Array,  # (T, sum of out widths), updated
     v: jax.Array,  # (T, G, MP*R) float32
     b_pools: tuple[jax.Array, ...],  # G pools (L, P, R, out_g)
