@@ -323,20 +323,23 @@ class Engine:
 
     def _admit(self) -> None:
         ec = self.engine_config
-        blocked_head = False
+        blocked: list[Request] = []  # passed over in this pass, in queue order
         for request in list(self._waiting):
             if len(self._running) >= ec.runner.max_batch:
                 break
-            admitted = self._try_admit(request)
-            if admitted:
-                if blocked_head:
-                    head = self._waiting[0]
-                    head.skipped += 1
+            if self._try_admit(request):
+                # Every request passed over has been overtaken once more; once one of them has
+                # been overtaken max_skips times, nothing behind it is admitted before it.
+                for waiting in blocked:
+                    waiting.skipped += 1
+                if any(waiting.skipped >= ec.max_skips for waiting in blocked):
+                    break
                 continue
-            if not blocked_head:
-                blocked_head = True
-                if request.skipped >= ec.max_skips:
-                    break  # the fairness bound: nobody overtakes it any more
+            if request.status is Status.FINISHED:
+                continue  # refused for good (unknown adapter, ...): blocks nobody
+            if request.skipped >= ec.max_skips:
+                break  # the fairness bound: nobody overtakes it any more
+            blocked.append(request)
 
     def _try_admit(self, request: Request) -> bool:
         ec = self.engine_config

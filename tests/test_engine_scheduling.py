@@ -1,0 +1,279 @@
+"""Engine scheduling as seen from outside: the fairness bound under a skewed load, the async
+streaming API on the background engine thread, and cold adapters that load without blocking
+the requests of warm ones."""
+
+import asyncio
+import dataclasses
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxlora
+from configs.models import TINY
+from jaxlora.config import LoraPoolConfig
+from jaxlora.engine import EngineConfig, FinishReason, KVCacheConfig, RunnerConfig, Status
+from jaxlora.formats import load_peft_adapter
+from jaxlora.memory.store import AdapterStore
+from jaxlora.model import Llama, init_params
+from jaxlora.sampling import SamplingParams
+from pallas_kernels.layout import MODULES
+from tests.peft_util import write_random_peft_adapter
+from tests.test_model import merged_params, random_lora
+
+MAX_RANK = 16
+
+
+def small_engine_config(*, max_slots=8, max_skips=8, **kv):
+    return EngineConfig(
+        kv=KVCacheConfig(**{"page_size": 4, "num_pages": 96, "max_model_len": 64, **kv}),
+        runner=RunnerConfig(max_batch=8, prefill_chunk=8, max_prefill_rows=2,
+                            decode_buckets=(8,), prefill_buckets=(2,)),
+        lora_pool=LoraPoolConfig(max_rank=MAX_RANK, rows_per_page=4, pages_per_pool=128,
+                                 max_slots=max_slots),
+        max_num_tokens=32, max_skips=max_skips, warmup=False)
+
+
+def greedy(max_tokens):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return init_params(TINY, 0)
+
+
+@jax.jit
+def _full_forward(params, tokens):
+    return Llama(TINY).apply({"params": params}, tokens)
+
+
+def greedy_reference(params, prompt, n, width=32):
+    """Greedy decoding by recomputing the whole sequence for every token (no KV cache)."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits = _full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    return seq[len(prompt):]
+
+
+def test_async_streams_on_the_engine_thread_match_generate(base):
+    """Three concurrent LLM.stream consumers on different adapters, served by the background
+    engine thread: the streamed token ids are the ones generate() returns, the last delta says
+    why the request ended, and stop() leaves nothing running."""
+    loras = {"a": random_lora(TINY, "a", 4, MODULES, 31),
+             "b": random_lora(TINY, "b", 16, ("k_proj", "o_proj", "up_proj"), 32),
+             "c": random_lora(TINY, "c", 1, ("q_proj", "v_proj"), 33, scale=2.0)}
+    llm = jaxlora.LLM(TINY, params=base, adapters=loras, engine_config=small_engine_config(),
+                      load_workers=0)
+    engine = llm.engine
+    free_kv = engine.kv.free_pages
+    prompts = [[5, 6, 7, 8, 9], list(range(40, 52)), [300]]
+    names = ["a", "b", "c"]
+    sampling = greedy(6)
+
+    async def consume(prompt, name):
+        deltas = []
+        async for delta in llm.stream(prompt, adapter=name, sampling=sampling):
+            deltas.append(delta)
+        return deltas
+
+    async def main():
+        return await asyncio.wait_for(
+            asyncio.gather(*(consume(p, n) for p, n in zip(prompts, names, strict=True))),
+            timeout=120)
+
+    llm.start()
+    try:
+        streamed = asyncio.run(main())
+        generated = llm.generate(prompts, adapter=names, sampling=sampling)
+    finally:
+        llm.stop()
+    assert engine._thread is None
+    assert engine.num_running == 0 and engine.num_waiting == 0 and not engine.has_work()
+    assert engine.kv.free_pages == free_kv
+    assert llm.adapters.stats().referenced == 0
+
+    for deltas, completion, name in zip(streamed, generated, names, strict=True):
+        assert completion.finish_reason == "length" and len(completion.token_ids) == 6, name
+        ids = [t for d in deltas for t in d.token_ids]
+        assert ids == completion.token_ids, name
+        # Token by token, then one closing delta with the reason (and nothing after it).
+        assert all(len(d.token_ids) == 1 and d.finish_reason is None for d in deltas[:-1]), name
+        assert deltas[-1].finish_reason is FinishReason.LENGTH and deltas[-1].error is None
+        assert len(deltas) == 7, name
+    # Different adapters really were applied (the streams are not all the base model's).
+    assert len({tuple(c.token_ids) for c in generated}) == 3
+
+
+def test_cold_adapter_loading_does_not_block_warm_requests(base, tmp_path, monkeypatch):
+    """A request whose adapter is still being read from disk (a background loader thread) holds
+    its place but does not hold up the others: a warm-adapter request and a base-model request
+    produce all their tokens while it has none; once the read completes it finishes with the
+    tokens the adapter's merged weights give, and every KV page and adapter reference is back."""
+    cold_dir = write_random_peft_adapter(tmp_path / "cold", TINY, rank=4, seed=41,
+                                         target_modules=("q_proj", "v_proj", "down_proj"))
+    warm = random_lora(TINY, "warm", 8, MODULES, 42)
+    release, entered = threading.Event(), threading.Event()
+    read_and_pack = AdapterStore._read_and_pack
+
+    def slow_read_and_pack(self, entry):
+        if entry.name == "cold":
+            entered.set()
+            assert release.wait(timeout=120), "the test never released the cold adapter load"
+        return read_and_pack(self, entry)
+
+    monkeypatch.setattr(AdapterStore, "_read_and_pack", slow_read_and_pack)
+    llm = jaxlora.LLM(TINY, params=base, adapters={"warm": warm, "cold": cold_dir},
+                      engine_config=small_engine_config(), load_workers=1)
+    engine = llm.engine
+    free_kv = engine.kv.free_pages
+    n_tokens = 6
+    try:
+        cold = llm.submit([11, 12, 13, 14], adapter="cold", sampling=greedy(n_tokens))
+        hot = llm.submit([21, 22, 23], adapter="warm", sampling=greedy(n_tokens))
+        plain = llm.submit([31, 32, 33, 34, 35], adapter=None, sampling=greedy(n_tokens))
+        for _ in range(60):
+            engine.step()
+            if hot.finished and plain.finished:
+                break
+        assert hot.finish_reason is FinishReason.LENGTH and len(hot.output_ids) == n_tokens
+        assert plain.finish_reason is FinishReason.LENGTH and len(plain.output_ids) == n_tokens
+        assert entered.is_set()  # the cold adapter's read started (on the loader thread) ...
+        assert not cold.finished and cold.output_ids == []  # ... and nothing ran for it yet
+        assert cold.status is Status.RUNNING and not cold.adapter_handle.ready
+        release.set()
+        deadline = time.monotonic() + 60
+        while engine.has_work():
+            engine.step()
+            assert time.monotonic() < deadline, "the cold request never finished"
+    finally:
+        release.set()
+        llm.adapters.close()
+
+    assert cold.finish_reason is FinishReason.LENGTH, (cold.finish_reason, cold.error)
+    cold_weights = load_peft_adapter(cold_dir, TINY, max_rank=MAX_RANK)
+    assert cold.output_ids == greedy_reference(merged_params(base, cold_weights),
+                                               cold.prompt_ids, n_tokens)
+    assert hot.output_ids == greedy_reference(merged_params(base, warm), hot.prompt_ids,
+                                              n_tokens)
+    assert plain.output_ids == greedy_reference(base, plain.prompt_ids, n_tokens)
+    assert engine.kv.free_pages == free_kv
+    stats = llm.adapters.stats()
+    assert stats.referenced == 0 and stats.load_failures == 0
+    assert {r.name: r.refs for r in llm.adapters.residents()} == {"warm": 0, "cold": 0}
+
+
+@dataclasses.dataclass
+class SkewedRun:
+    names: list  # adapter of each request, in submission order
+    requests: list
+    admitted_at: dict  # request_id -> index of the step that admitted it
+    head_overtaken: dict  # request_id -> later requests admitted while it was the blocked head
+    overtaken: dict  # request_id -> later requests admitted before it, in all
+    preemptions: int
+    kv_pages_back: bool
+    adapter_refs: int
+
+
+MAX_SKIPS = 2
+SKEWED_TOKENS = 4
+SKEWED_LORAS = {"hot": (4, MODULES, 21, 0.5),
+                "rare_a": (8, ("q_proj", "v_proj"), 22, 2.0),
+                "rare_b": (2, ("gate_proj", "down_proj"), 23, 0.5)}
+
+
+@pytest.fixture(scope="module")
+def skewed_run(base):
+    """One hot adapter floods the queue and requests for rare adapters arrive in between, with
+    one adapter slot per step: a rare request cannot run next to the hot ones. The engine is
+    stepped by hand, and every admission pass (the waiting queue before a step, the requests
+    the step admitted) is recorded."""
+    loras = {name: random_lora(TINY, name, rank, modules, seed, scale=scale)
+             for name, (rank, modules, seed, scale) in SKEWED_LORAS.items()}
+    llm = jaxlora.LLM(TINY, params=base, adapters=loras, load_workers=0,
+                      engine_config=small_engine_config(max_slots=1, max_skips=MAX_SKIPS))
+    engine = llm.engine
+    free_kv = engine.kv.free_pages
+    names = (["hot"] * 3 + ["rare_a"] + ["hot"] * 6 + ["rare_b"] + ["hot"] * 6 + ["rare_a"]
+             + ["hot"] * 4)
+    requests = [llm.submit([3 + (7 * i + 5 * k) % 500 for k in range(3 + i % 4)], adapter=name,
+                           sampling=greedy(SKEWED_TOKENS))
+                for i, name in enumerate(names)]
+    position = {r.request_id: i for i, r in enumerate(requests)}
+    admitted_at, head_overtaken = {}, dict.fromkeys(position, 0)
+    steps = 0
+    while engine.has_work():
+        queue = [r for r in requests if r.status is Status.WAITING]
+        engine.step()
+        steps += 1
+        admitted = {r.request_id for r in queue if r.status is not Status.WAITING}
+        for rid in admitted:
+            admitted_at[rid] = steps
+        # The pass's blocked head: the first queued request it did not admit; every request
+        # behind it that the pass admitted overtook it.
+        blocked = [r for r in queue if r.request_id not in admitted]
+        if blocked:
+            head = blocked[0]
+            head_overtaken[head.request_id] += sum(
+                1 for rid in admitted if position[rid] > position[head.request_id])
+        assert steps < 400, "the engine did not drain the queue"
+    overtaken = {r.request_id: sum(1 for later in requests[i + 1:]
+                                   if admitted_at[later.request_id] < admitted_at[r.request_id])
+                 for i, r in enumerate(requests)}
+    return SkewedRun(names=names, requests=requests, admitted_at=admitted_at,
+                     head_overtaken=head_overtaken, overtaken=overtaken,
+                     preemptions=engine.stats.preemptions,
+                     kv_pages_back=engine.kv.free_pages == free_kv,
+                     adapter_refs=llm.adapters.stats().referenced)
+
+
+def describe(run: SkewedRun, request_ids) -> dict:
+    """Who overtook each listed request (for failure messages)."""
+    out = {}
+    for rid in request_ids:
+        i = next(k for k, r in enumerate(run.requests) if r.request_id == rid)
+        out[rid] = {"adapter": run.names[i], "skipped": run.requests[i].skipped,
+                    "admitted_at_step": run.admitted_at[rid],
+                    "overtaken_by": [r.request_id for r in run.requests[i + 1:]
+                                     if run.admitted_at[r.request_id] < run.admitted_at[rid]]}
+    return out
+
+
+def test_skewed_load_every_request_finishes_with_its_solo_output(base, skewed_run):
+    run = skewed_run
+    assert run.preemptions == 0  # admission order alone decides who went first
+    assert all(r.finish_reason is FinishReason.LENGTH for r in run.requests), [
+        (r.request_id, r.finish_reason, r.error) for r in run.requests]
+    merged = {name: merged_params(base, random_lora(TINY, name, rank, modules, seed,
+                                                    scale=scale))
+              for name, (rank, modules, seed, scale) in SKEWED_LORAS.items()}
+    for request, name in zip(run.requests, run.names, strict=True):
+        expected = greedy_reference(merged[name], request.prompt_ids, SKEWED_TOKENS)
+        assert request.output_ids == expected, (request.request_id, name)
+    assert run.kv_pages_back and run.adapter_refs == 0
+
+
+def test_skewed_load_blocked_head_is_overtaken_at_most_max_skips_times(skewed_run):
+    """The module docstring of jaxlora.engine.engine: a request that cannot be admitted may be
+    overtaken by later requests, but at most max_skips times; then nothing behind it is
+    admitted until it is. Checked here for the head of the queue (the request the engine
+    counts skips for, Request.skipped), by that count and by the observed admissions."""
+    run = skewed_run
+    # The load is skewed enough that the policy's overtaking actually happens ...
+    assert max(run.head_overtaken.values()) >= 1, run.head_overtaken
+    # ... and never beyond the bound.
+    over = [r.request_id for r in run.requests
+            if r.skipped > MAX_SKIPS or run.head_overtaken[r.request_id] > MAX_SKIPS]
+    assert not over, (f"max_skips={MAX_SKIPS}", describe(run, over))
+
+
+def test_skewed_load_no_request_is_overtaken_more_than_max_skips_times(skewed_run):
+    """The same bound for every request, not only the current head of the queue: the docstring
+    states it for any request that cannot be admitted (one queued behind a blocked head is
+    overtaken too when a later request is admitted)."""
+    run = skewed_run
+    over = [rid for rid, n in run.overtaken.items() if n > MAX_SKIPS]
+    assert not over, (f"max_skips={MAX_SKIPS}", describe(run, over))
