@@ -373,7 +373,9 @@ def _build_step(config: ModelConfig, train: TrainConfig, num_adapters: int, dtyp
         row_slot = batch["row_slot"]
         loss_mask = batch["loss_mask"]
         in_adapter = (row_slot[:, None] == jnp.arange(num_adapters)[None, :]).astype(jnp.float32)
-        local_counts = in_adapter.T @ loss_mask.sum(-1).astype(jnp.float32)
+        # Exact per-adapter sums: a default-precision matmul may run in TF32 on GPU.
+        local_counts = jnp.dot(in_adapter.T, loss_mask.sum(-1).astype(jnp.float32),
+                               precision=jax.lax.Precision.HIGHEST)
         counts = jax.lax.psum(local_counts, DATA_AXIS)
 
         def loss_fn(lora_params):
@@ -384,7 +386,7 @@ def _build_step(config: ModelConfig, train: TrainConfig, num_adapters: int, dtyp
             log_z = jax.nn.logsumexp(logits, axis=-1)
             target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
             nll = jnp.where(loss_mask, log_z - target_logit, 0.0)
-            nll_sums = in_adapter.T @ nll.sum(-1)
+            nll_sums = jnp.dot(in_adapter.T, nll.sum(-1), precision=jax.lax.Precision.HIGHEST)
             return jnp.sum(nll_sums / jnp.maximum(counts, 1.0)), nll_sums
 
         grads, nll_sums = jax.grad(loss_fn, has_aux=True)(state["lora"])

@@ -159,6 +159,16 @@ def test_n_seed_stop_and_logprobs(served, client):
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert first.usage.completion_tokens == 36
+    # the same n choices streamed: chunks of the three interleave, each ends once
+    texts, finishes = ["", "", ""], [0, 0, 0]
+    chunks = list(client.completions.create(**sampled, stream=True,
+                                            stream_options={"include_usage": True}))
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            finishes[choice.index] += choice.finish_reason is not None
+    assert texts == [c.text for c in first.choices] and finishes == [1, 1, 1]
+    assert chunks[-1].usage.completion_tokens == 36
 
     stopped = client.completions.create(model="pirate", prompt="Hi", stop=["!"], **GREEDY)
     assert stopped.choices[0].text == " Arr, matey"
