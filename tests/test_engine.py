@@ -216,6 +216,16 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
         outs[loop] = [o.token_ids for o in llm.generate(prompts, adapter=names,
                                                         sampling=GREEDY)]
     assert outs["unrolled"] == outs["scan"]
+    # the GPU default: unrolled layers on the kernel path (interpret mode here)
+    config = small_engine_config()
+    config = dataclasses.replace(config, runner=dataclasses.replace(
+        config.runner, layer_loop="unrolled", impl="pallas_interpret"))
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
+                      load_workers=0)
+    short = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    kernel_outs = [o.token_ids for o in llm.generate(prompts[::2], adapter=names[::2],
+                                                     sampling=short)]
+    assert kernel_outs == [out[:2] for out in outs["scan"][::2]]
     assert RunnerConfig().scan_layers() == (jax.default_backend() != "gpu")
     with pytest.raises(ConfigError, match="layer_loop"):
         RunnerConfig(layer_loop="sideways")
