@@ -320,3 +320,36 @@ def test_submit_refuses_what_it_cannot_honour(base):
     with pytest.raises(RequestError, match="stop strings need a tokenizer"):
         llm.engine.submit([5, 6], sampling=SamplingParams(stop_strings=("x",)))
     assert not llm.engine.has_work()
+
+
+def test_a_failed_adapter_load_fails_its_requests_only_and_leaks_nothing(base, lora_adapters,
+                                                                         tmp_path):
+    """An adapter whose file broke after registration (headers were fine then): its requests end
+    with an error naming the adapter, a request cancelled while still queued ends too, the
+    others are served, and every KV page and adapter reference comes back."""
+    import os
+
+    from tests.peft_util import write_random_peft_adapter
+
+    path = write_random_peft_adapter(tmp_path / "broken", TINY, rank=4, seed=3)
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
+                      engine_config=small_engine_config(), load_workers=0)
+    llm.register_adapter("broken", path)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    with open(weights, "r+b") as f:  # corrupt the data section, keep the size
+        f.seek(os.path.getsize(weights) // 2)
+        f.write(b"\xff" * 64)
+    os.truncate(weights, os.path.getsize(weights) - 8)  # and cut the end: a truncated download
+    engine = llm.engine
+    free_kv = engine.kv.free_pages
+    failing = llm.submit([5, 6, 7], adapter="broken", sampling=GREEDY)
+    fine = llm.submit([5, 6, 7], adapter="qv1", sampling=GREEDY)
+    queued = llm.submit([8, 9], adapter="all5", sampling=GREEDY)
+    engine.cancel(queued.request_id)
+    engine.run_until_idle()
+    assert failing.finish_reason is FinishReason.ERROR and "broken" in failing.error
+    assert fine.finish_reason is FinishReason.LENGTH and len(fine.output_ids) == 8
+    assert queued.finish_reason is FinishReason.ABORT and not queued.output_ids
+    assert engine.kv.free_pages == free_kv and llm.adapters.stats().referenced == 0
+    llm.adapters.evict_all_unused()
+    assert all(u.used_pages == 0 for u in llm.adapters.stats().pools.values())

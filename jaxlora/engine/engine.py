@@ -42,7 +42,6 @@ from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager
 from jaxlora.engine.request import Delta, FinishReason, Request, Status
 from jaxlora.engine.runner import ModelRunner, RunnerConfig, StepBatch, bucket, empty_batch
 from jaxlora.errors import (
-    AdapterError,
     JaxloraError,
     PoolExhaustedError,
     RequestError,
@@ -355,8 +354,9 @@ class Engine:
                     request.adapter_handle = self.adapters.acquire(request.adapter)
                 except PoolExhaustedError:
                     return False
-                except (UnknownAdapterError, AdapterError) as e:
-                    self._finish(request, FinishReason.ERROR, str(e))
+                except JaxloraError as e:  # unknown, or its files broke since registration
+                    self._finish(request, FinishReason.ERROR,
+                                 f"adapter {request.adapter!r} could not be loaded: {e}")
                     return False
             if full and self._adapter_key(request) not in running:
                 # Replaced between the check and the acquire, or re-admitted after preemption
