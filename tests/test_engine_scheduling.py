@@ -7,8 +7,6 @@ import dataclasses
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 import jaxlora
@@ -17,10 +15,11 @@ from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import EngineConfig, FinishReason, KVCacheConfig, RunnerConfig, Status
 from jaxlora.formats import load_peft_adapter
 from jaxlora.memory.store import AdapterStore
-from jaxlora.model import Llama, init_params
+from jaxlora.model import init_params
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import MODULES
 from tests.peft_util import write_random_peft_adapter
+from tests.test_engine import greedy_reference
 from tests.test_model import merged_params, random_lora
 
 MAX_RANK = 16
@@ -43,20 +42,6 @@ def greedy(max_tokens):
 @pytest.fixture(scope="module")
 def base():
     return init_params(TINY, 0)
-
-
-@jax.jit
-def _full_forward(params, tokens):
-    return Llama(TINY).apply({"params": params}, tokens)
-
-
-def greedy_reference(params, prompt, n, width=32):
-    """Greedy decoding by recomputing the whole sequence for every token (no KV cache)."""
-    seq = list(prompt)
-    for _ in range(n):
-        logits = _full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
-        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
-    return seq[len(prompt):]
 
 
 def test_async_streams_on_the_engine_thread_match_generate(base):
