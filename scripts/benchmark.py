@@ -50,8 +50,8 @@ flags.DEFINE_integer("seed", 0, "seed of weights, prompts and traces")
 flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
 flags.DEFINE_enum("impl", "auto", ["auto", "pallas", "reference"], "attention / LoRA kernels "
                   "(auto: Pallas on GPU)")
-flags.DEFINE_enum("layer_loop", "auto", ["auto", "scan", "unrolled"], "the step's layer loop "
-                  "(auto: unrolled on GPU)")
+flags.DEFINE_enum("layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop "
+                  "(RunnerConfig.layer_loop)")
 flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128"], "offline batch sizes")
 flags.DEFINE_list("offline_workloads", list(WORKLOADS), "offline adapter workloads")
 flags.DEFINE_integer("prompt_len", 256, "offline prompt tokens")

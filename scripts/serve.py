@@ -49,6 +49,9 @@ flags.DEFINE_integer("adapter_pool_pages", None, "Pages of each adapter page poo
 flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
 flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
 flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
+flags.DEFINE_enum("layer_loop", "scan", ["scan", "unrolled"], "Step layer loop: scan (fast "
+                  "compiles) or unrolled (on the H200, a 2.5x faster 7B decode forward, 45 s "
+                  "per compiled shape; see docs/BENCHMARKS.md).")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and "
                   "activations.")
@@ -90,7 +93,8 @@ def main(argv):
         prefill_chunk=FLAGS.prefill_chunk, max_num_tokens=FLAGS.max_num_tokens,
         max_waiting=FLAGS.max_waiting, page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages,
         max_model_len=FLAGS.max_model_len, adapter_pool_pages=FLAGS.adapter_pool_pages,
-        rows_per_page=FLAGS.rows_per_page, max_rank=FLAGS.max_rank, max_slots=FLAGS.max_slots)
+        rows_per_page=FLAGS.rows_per_page, max_rank=FLAGS.max_rank, max_slots=FLAGS.max_slots,
+        layer_loop=FLAGS.layer_loop)
     try:
         state = build_state(launch)
     except JaxloraError as e:

@@ -196,7 +196,7 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
 
 
 def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
-    """layer_loop='unrolled' (the GPU default: no per-layer weight copies) is the same function
+    """layer_loop='unrolled' (no per-layer weight copies on the GPU) is the same function
     as the lax.scan loop: same greedy tokens through paged decode and mixed adapters."""
     import dataclasses
 
@@ -216,7 +216,7 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
         outs[loop] = [o.token_ids for o in llm.generate(prompts, adapter=names,
                                                         sampling=GREEDY)]
     assert outs["unrolled"] == outs["scan"]
-    # the GPU default: unrolled layers on the kernel path (interpret mode here)
+    # unrolled layers on the kernel path (interpret mode here)
     config = small_engine_config()
     config = dataclasses.replace(config, runner=dataclasses.replace(
         config.runner, layer_loop="unrolled", impl="pallas_interpret"))
@@ -226,7 +226,7 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
     kernel_outs = [o.token_ids for o in llm.generate(prompts[::2], adapter=names[::2],
                                                      sampling=short)]
     assert kernel_outs == [out[:2] for out in outs["scan"][::2]]
-    assert RunnerConfig().scan_layers() == (jax.default_backend() != "gpu")
+    assert RunnerConfig().scan_layers()
     with pytest.raises(ConfigError, match="layer_loop"):
         RunnerConfig(layer_loop="sideways")
 

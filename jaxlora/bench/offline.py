@@ -38,7 +38,7 @@ class OfflineConfig:
     skewed_adapters: int = 1000
     prefill_rows: int = 8
     impl: str = "auto"  # RunnerConfig.impl
-    layer_loop: str = "auto"  # RunnerConfig.layer_loop
+    layer_loop: str = "scan"  # RunnerConfig.layer_loop
     seed: int = 0
 
     def __post_init__(self):

@@ -49,7 +49,7 @@ class OnlineConfig:
     resident_adapters: int = 96
     kv_pages: int = 3000
     impl: str = "auto"  # RunnerConfig.impl
-    layer_loop: str = "auto"  # RunnerConfig.layer_loop
+    layer_loop: str = "scan"  # RunnerConfig.layer_loop
     seed: int = 0
 
     def __post_init__(self):

@@ -42,21 +42,20 @@ class RunnerConfig:
     # Row counts a step is padded to (one compilation each); None = powers of two up to the max.
     decode_buckets: tuple[int, ...] | None = None
     prefill_buckets: tuple[int, ...] | None = None
-    # Layer loop of the step: "scan" (lax.scan over the stacked weights: one traced layer, fast
-    # compiles), "unrolled" (one static slice per layer), or "auto": unrolled on GPU, scan
-    # elsewhere. On the H200 a llama-2-7b decode forward took 11.6 ms with the scan (XLA copies
-    # each layer's dynamically sliced weights before its GEMMs: ~3x the weight bytes) and 4.6 ms
-    # unrolled (docs/BENCHMARKS.md, scripts/bench_step.py).
-    layer_loop: str = "auto"
+    # Layer loop of the step. "scan": lax.scan over the stacked weights (one traced layer; 2 s
+    # to compile a llama-2-7b shape on the H200). "unrolled": one static slice per layer; XLA
+    # then reads each layer's weights in place instead of copying its dynamic slice before the
+    # GEMMs, so the bare 7B decode forward took 4.6 ms instead of 11.6 ms, but 45 s to compile
+    # each shape (docs/BENCHMARKS.md, scripts/bench_step.py). Unrolled is opt-in until the
+    # engine's warm-up of every bucket with it has been measured on the GPU.
+    layer_loop: str = "scan"
 
     def __post_init__(self):
-        if self.layer_loop not in ("auto", "scan", "unrolled"):
-            raise ConfigError(f"runner config field layer_loop: expected 'auto', 'scan' or "
-                              f"'unrolled', got {self.layer_loop!r}")
+        if self.layer_loop not in ("scan", "unrolled"):
+            raise ConfigError(f"runner config field layer_loop: expected 'scan' or 'unrolled', "
+                              f"got {self.layer_loop!r}")
 
     def scan_layers(self) -> bool:
-        if self.layer_loop == "auto":
-            return jax.default_backend() != "gpu"
         return self.layer_loop == "scan"
 
     def buckets(self, mode: str) -> tuple[int, ...]:

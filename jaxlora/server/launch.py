@@ -55,6 +55,7 @@ class LaunchConfig:
     rows_per_page: int | None = None
     max_rank: int | None = None
     max_slots: int | None = None
+    layer_loop: str = "scan"  # RunnerConfig.layer_loop
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -106,7 +107,8 @@ def engine_config_for(model: ModelConfig, launch: LaunchConfig, *, backend: str 
     runner = RunnerConfig(max_batch=max_batch,
                           prefill_chunk=pick(launch.prefill_chunk, runner_default.prefill_chunk),
                           max_prefill_rows=pick(launch.max_prefill_rows,
-                                                1 if on_cpu else runner_default.max_prefill_rows))
+                                                1 if on_cpu else runner_default.max_prefill_rows),
+                          layer_loop=launch.layer_loop)
     pool = LoraPoolConfig(max_rank=pick(launch.max_rank, pool_default.max_rank),
                           rows_per_page=pick(launch.rows_per_page, pool_default.rows_per_page),
                           pages_per_pool=pick(launch.adapter_pool_pages,
