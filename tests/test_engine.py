@@ -166,9 +166,21 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
     import dataclasses
 
     config = dataclasses.replace(small_engine_config(), warmup=True)
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
-                      load_workers=0)
+    step_compiles = []
+
+    def on_warmup_event(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration") and "_forward" in str(kwargs):
+            step_compiles.append(kwargs)
+
+    jax.monitoring.register_event_duration_secs_listener(on_warmup_event)
+    try:
+        llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
+                          load_workers=0)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_warmup_event)
     warmed = set(llm.engine.runner.compiled_shapes)
+    # compiled in parallel, once each: running the buckets afterwards hit JAX's cache
+    assert len(step_compiles) == len(warmed) == 2 * len(llm.engine.runner.bucket_shapes())
     assert len(warmed) == 2 * len(llm.engine.runner.bucket_shapes())  # with and without LoRA
     rng = np.random.default_rng(3)
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (1, 9, 30, 4, 12)]

@@ -9,16 +9,12 @@ wait adds no idle time to the device.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-from jaxlora.engine.runner import empty_batch
 
 log = logging.getLogger("jaxlora.bench")
 
@@ -90,53 +86,11 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
-def _commit_kv_pools(engine) -> None:
-    """Replaces the (empty) KV pools by zeros committed to the default device.
-
-    Fresh pools are uncommitted and a step that reads the committed adapter pools returns them
-    committed; jit specializes on that, so steps compiled for the fresh pools would be compiled
-    again once the first LoRA step ran.
-    """
-    kv = engine.kv
-    if kv.num_sequences or kv.k_pool.committed:
-        return
-    shape, dtype = kv.k_pool.shape, kv.k_pool.dtype
-    for name in ("k_pool", "v_pool"):
-        getattr(kv, name).delete()  # freed before the new one is allocated
-        setattr(kv, name, jnp.zeros(shape, dtype, device=jax.devices()[0]))
-
-
 def compile_step_shapes(engine, *, threads: int) -> dict:
-    """Compiles every step shape of the engine (its runner's buckets, with and without LoRA)
-    on `threads` threads, then runs the engine's own warm-up, which then finds them compiled and
-    also compiles the sampler. Returns the shapes and the seconds spent.
-
-    Lowering happens on this thread (tracing is Python); the XLA compilations, which release the
-    GIL, run in parallel. The engine has no parallel warm-up of its own: this reaches into its
-    runner's jitted step and its metadata builder, the arguments its warm-up passes.
-    """
-    start = time.perf_counter()
-    max_pages = engine.engine_config.kv.max_pages_per_seq
-    _commit_kv_pools(engine)
-    lowered = []
-    for mode, rows, length in engine.runner.bucket_shapes():
-        batch = empty_batch(rows, length, max_pages)
-        lora_meta = engine._lora_meta([], batch.token_slot)
-        for use_lora in (False, True) if engine.adapters is not None else (False,):
-            with engine._locked_lora_pools() as lora_pools:
-                lowered.append(((mode, rows, use_lora), engine.runner._step.lower(
-                    engine.runner.params, engine.kv.k_pool, engine.kv.v_pool, lora_pools,
-                    batch, lora_meta, mode=mode, use_lora=use_lora)))
-    lowered_at = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        list(pool.map(lambda item: item[1].compile(), lowered))
-    compiled_at = time.perf_counter()
-    with CompileCounter() as during_warmup:
-        engine.warmup()
-    done = time.perf_counter()
-    log.info("lowered %d step shapes in %.1f s, compiled them in %.1f s; warm-up %.1f s "
-             "(%d more compilations)", len(lowered), lowered_at - start,
-             compiled_at - lowered_at, done - compiled_at, during_warmup.count)
-    return {"shapes": [list(key) for key, _ in lowered], "lower_s": lowered_at - start,
-            "compile_s": compiled_at - lowered_at, "warmup_s": done - compiled_at,
-            "warmup_compilations": during_warmup.count}
+    """Runs the engine's warm-up (every step shape compiled on `threads` threads, then run once
+    with its samplers) and returns its shapes and seconds, with the number of XLA
+    compilations it made."""
+    engine.engine_config = dataclasses.replace(engine.engine_config, compile_threads=threads)
+    with CompileCounter() as compiled:
+        report = engine.warmup()
+    return {**report, "compilations": compiled.count}

@@ -26,6 +26,7 @@ Scheduling policy (one iteration):
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -71,6 +72,7 @@ class EngineConfig:
     max_waiting: int = 1024  # bounded queue: submit() beyond it raises (server: 503)
     max_skips: int = 8  # fairness bound, see the module docstring
     warmup: bool = True
+    compile_threads: int = 8  # warm-up compiles the step shapes on this many threads
 
 
 @dataclasses.dataclass
@@ -242,21 +244,49 @@ class Engine:
                     for request in list(self._running):
                         self._finish(request, FinishReason.ERROR, "internal error in the step")
 
-    def warmup(self) -> None:
-        """Compiles every shape bucket once, so that no request pays for a compilation."""
+    def warmup(self) -> dict:
+        """Compiles every shape bucket (with and without LoRA) and its sampler variants, so that
+        no request pays for a compilation; returns the shapes and seconds.
+
+        The step shapes are lowered on this thread (tracing is Python) and compiled on
+        ``compile_threads`` threads (XLA releases the GIL); running each bucket once afterwards
+        finds its executable in JAX's compilation cache and compiles the samplers."""
         start = time.perf_counter()
-        for mode, rows, length in self.runner.bucket_shapes():
-            batch = empty_batch(rows, length, self.engine_config.kv.max_pages_per_seq)
-            lora_meta = self._lora_meta([], batch.token_slot)
-            for use_lora in (False, True) if self.adapters is not None else (False,):
+        max_pages = self.engine_config.kv.max_pages_per_seq
+        variants = [(mode, rows, length, use_lora)
+                    for mode, rows, length in self.runner.bucket_shapes()
+                    for use_lora in ((False, True) if self.adapters is not None else (False,))]
+        threads = min(self.engine_config.compile_threads, len(variants))
+        if threads > 1:
+            lowered = []
+            for mode, rows, length, use_lora in variants:
+                batch = empty_batch(rows, length, max_pages)
                 with self._locked_lora_pools() as lora_pools:
-                    logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
-                        mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta,
-                        use_lora)
-            self._warm_sampler(logits, rows)
+                    lowered.append(self.runner.lower(
+                        mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch,
+                        self._lora_meta([], batch.token_slot), use_lora))
+            lowered_at = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda item: item.compile(), lowered))
+        else:
+            lowered_at = start
+        compiled_at = time.perf_counter()
+        for mode, rows, length, use_lora in variants:
+            batch = empty_batch(rows, length, max_pages)
+            with self._locked_lora_pools() as lora_pools:
+                logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
+                    mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch,
+                    self._lora_meta([], batch.token_slot), use_lora)
+            if use_lora or self.adapters is None:  # once per bucket
+                self._warm_sampler(logits, rows)
         jax.block_until_ready(self.kv.k_pool)
-        log.info("warm-up compiled %d step shapes in %.1f s", len(self.runner.compiled_shapes),
-                 time.perf_counter() - start)
+        done = time.perf_counter()
+        log.info("warm-up: %d step shapes lowered in %.1f s, compiled on %d threads in %.1f s, "
+                 "run with their samplers in %.1f s", len(variants), lowered_at - start,
+                 max(threads, 1), compiled_at - lowered_at, done - compiled_at)
+        return {"shapes": [[mode, rows, use_lora] for mode, rows, _, use_lora in variants],
+                "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
+                "warmup_s": done - compiled_at}
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> None:

@@ -115,6 +115,14 @@ class ModelRunner:
         return self._step(self.params, k_pool, v_pool, lora_pools, batch, lora_meta, mode=mode,
                           use_lora=use_lora)
 
+    def lower(self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta,
+              use_lora: bool):
+        """The step lowered for these shapes (``.compile()`` fills JAX's compilation cache, so
+        a later ``run`` of the same shapes does not compile again)."""
+        self.compiled_shapes.add((mode, batch.tokens.shape, use_lora))
+        return self._step.lower(self.params, k_pool, v_pool, lora_pools, batch, lora_meta,
+                                mode=mode, use_lora=use_lora)
+
     def bucket_shapes(self) -> list[tuple[str, int, int]]:
         r = self.runner
         return ([("decode", b, 1) for b in r.buckets("decode")]
