@@ -150,9 +150,10 @@ class LLM:
                 for r in requests]
 
     async def stream(self, prompt: str | Sequence[int], *, adapter: str | None = None,
-                     sampling: SamplingParams | None = None):
-        """Async iterator of deltas; the engine must be running (``start()``)."""
-        request = self.submit(prompt, adapter=adapter, sampling=sampling)
+                     sampling: SamplingParams | None = None, deadline_s: float | None = None):
+        """Async iterator of deltas; the engine must be running (``start()``). Leaving the
+        iteration early cancels the request (its pages are freed)."""
+        request = self.submit(prompt, adapter=adapter, sampling=sampling, deadline_s=deadline_s)
         try:
             async for delta in request.astream():
                 yield delta
