@@ -59,9 +59,10 @@ def build_engine(model: ModelConfig, engine_config: EngineConfig, setup: SetupCo
                                    name_of=adapter_name, seed=setup.seed + 1)
     manager = AdapterManager(store, AdapterManagerConfig(load_workers=0))
     seconds["adapter_weight_sets"] = time.perf_counter() - start
-    engine = Engine(model, params, dataclasses.replace(engine_config, warmup=False),
-                    adapters=manager, dtype=dtype)
-    seconds["compile"] = compile_step_shapes(engine, threads=setup.compile_threads)
+    engine = Engine(model, params, dataclasses.replace(
+        engine_config, warmup=False, compile_threads=setup.compile_threads),
+        adapters=manager, dtype=dtype)
+    seconds["compile"] = compile_step_shapes(engine)
     bench = BenchEngine(engine=engine, manager=manager, adapters=population,
                         timer=StepTimer(engine), setup_seconds=seconds)
     # Every benchmark adapter has the same page counts: one copy compiles the manager's scatter

@@ -86,11 +86,10 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
-def compile_step_shapes(engine, *, threads: int) -> dict:
-    """Runs the engine's warm-up (every step shape compiled on `threads` threads, then run once
-    with its samplers) and returns its shapes and seconds, with the number of XLA
+def compile_step_shapes(engine) -> dict:
+    """Runs the engine's warm-up (every step shape compiled on its config's compile_threads,
+    then run once with its samplers) and returns its shapes and seconds, with the number of XLA
     compilations it made."""
-    engine.engine_config = dataclasses.replace(engine.engine_config, compile_threads=threads)
     with CompileCounter() as compiled:
         report = engine.warmup()
     return {**report, "compilations": compiled.count}

@@ -253,30 +253,30 @@ class Engine:
         finds its executable in JAX's compilation cache and compiles the samplers."""
         start = time.perf_counter()
         max_pages = self.engine_config.kv.max_pages_per_seq
-        variants = [(mode, rows, length, use_lora)
-                    for mode, rows, length in self.runner.bucket_shapes()
-                    for use_lora in ((False, True) if self.adapters is not None else (False,))]
+        variants = []  # (mode, rows, use_lora, padding-only batch, its LoRA metadata)
+        for mode, rows, length in self.runner.bucket_shapes():
+            batch = empty_batch(rows, length, max_pages)
+            lora_meta = self._lora_meta([], batch.token_slot)
+            for use_lora in (False, True) if self.adapters is not None else (False,):
+                variants.append((mode, rows, use_lora, batch, lora_meta))
         threads = min(self.engine_config.compile_threads, len(variants))
         if threads > 1:
             lowered = []
-            for mode, rows, length, use_lora in variants:
-                batch = empty_batch(rows, length, max_pages)
+            for mode, _, use_lora, batch, lora_meta in variants:
                 with self._locked_lora_pools() as lora_pools:
-                    lowered.append(self.runner.lower(
-                        mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch,
-                        self._lora_meta([], batch.token_slot), use_lora))
+                    lowered.append(self.runner.lower(mode, self.kv.k_pool, self.kv.v_pool,
+                                                     lora_pools, batch, lora_meta, use_lora))
             lowered_at = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
                 list(pool.map(lambda item: item.compile(), lowered))
         else:
             lowered_at = start
         compiled_at = time.perf_counter()
-        for mode, rows, length, use_lora in variants:
-            batch = empty_batch(rows, length, max_pages)
+        for mode, rows, use_lora, batch, lora_meta in variants:
             with self._locked_lora_pools() as lora_pools:
                 logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
-                    mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch,
-                    self._lora_meta([], batch.token_slot), use_lora)
+                    mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta,
+                    use_lora)
             if use_lora or self.adapters is None:  # once per bucket
                 self._warm_sampler(logits, rows)
         jax.block_until_ready(self.kv.k_pool)
@@ -284,7 +284,7 @@ class Engine:
         log.info("warm-up: %d step shapes lowered in %.1f s, compiled on %d threads in %.1f s, "
                  "run with their samplers in %.1f s", len(variants), lowered_at - start,
                  max(threads, 1), compiled_at - lowered_at, done - compiled_at)
-        return {"shapes": [[mode, rows, use_lora] for mode, rows, _, use_lora in variants],
+        return {"shapes": [[mode, rows, use_lora] for mode, rows, use_lora, _, _ in variants],
                 "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
                 "warmup_s": done - compiled_at}
 

@@ -166,26 +166,22 @@ def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int,
     }
 
 
-def peft_tensor_name(layer: int, module: str, kind: str) -> str:
-    block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"base_model.model.model.layers.{layer}.{block}.{module}.lora_{kind}.weight"
-
-
 def write_sparse_peft_adapter(directory: str, config: ModelConfig, rank: int) -> int:
     """Writes a PEFT directory (rank on all 7 modules, bf16) whose safetensors data section is a
     sparse hole: the header and the file size are exactly those of a real adapter, so header-only
     validation does all its work, while 2,000 llama-2-7b-sized adapters cost no disk. Returns the
     file's logical size."""
+    from jaxlora.formats.peft import TENSOR_PREFIX, _module_key
 
     shapes = config.module_shapes()
     header, offset = {}, 0
     for layer in range(config.num_layers):
-        for module in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                       "down_proj"):
+        for module in MODULES:
             fan_in, fan_out = shapes[module]
             for kind, shape in (("A", [rank, fan_in]), ("B", [fan_out, rank])):
                 nbytes = shape[0] * shape[1] * 2
-                header[peft_tensor_name(layer, module, kind)] = {
+                name = f"{TENSOR_PREFIX}{_module_key(layer, module)}.lora_{kind}.weight"
+                header[name] = {
                     "dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
     header["__metadata__"] = {"format": "pt"}
@@ -199,8 +195,7 @@ def write_sparse_peft_adapter(directory: str, config: ModelConfig, rank: int) ->
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
                    "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
-                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                      "up_proj", "down_proj"],
+                   "target_modules": list(MODULES),
                    "use_rslora": False, "use_dora": False, "modules_to_save": None}, f)
     return 8 + len(raw) + offset
 
