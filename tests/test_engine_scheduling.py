@@ -11,8 +11,7 @@ import pytest
 
 import jaxlora
 from configs.models import TINY
-from jaxlora.config import LoraPoolConfig
-from jaxlora.engine import EngineConfig, FinishReason, KVCacheConfig, RunnerConfig, Status
+from jaxlora.engine import FinishReason, Status
 from jaxlora.formats import load_peft_adapter
 from jaxlora.memory.store import AdapterStore
 from jaxlora.model import init_params
@@ -20,19 +19,18 @@ from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import MODULES
 from tests.peft_util import write_random_peft_adapter
 from tests.test_engine import greedy_reference
+from tests.test_engine import small_engine_config as engine_test_config
 from tests.test_model import merged_params, random_lora
 
 MAX_RANK = 16
 
 
 def small_engine_config(*, max_slots=8, max_skips=8, **kv):
-    return EngineConfig(
-        kv=KVCacheConfig(**{"page_size": 4, "num_pages": 96, "max_model_len": 64, **kv}),
-        runner=RunnerConfig(max_batch=8, prefill_chunk=8, max_prefill_rows=2,
-                            decode_buckets=(8,), prefill_buckets=(2,)),
-        lora_pool=LoraPoolConfig(max_rank=MAX_RANK, rows_per_page=4, pages_per_pool=128,
-                                 max_slots=max_slots),
-        max_num_tokens=32, max_skips=max_skips, warmup=False)
+    """test_engine's small engine with the fairness knobs set."""
+    config = engine_test_config(**kv)
+    return dataclasses.replace(
+        config, lora_pool=dataclasses.replace(config.lora_pool, max_slots=max_slots),
+        max_skips=max_skips)
 
 
 def greedy(max_tokens):
