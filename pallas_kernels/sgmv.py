@@ -73,7 +73,8 @@ from pallas_kernels.layout import MODULES, NO_ADAPTER
 _NUM_WEIGHTS = len(MODULES)
 _TILE_FIELDS = ("start", "size", "slot")
 _META_KEYS = ("sorted_tokens", *(f"{kind}_tile_{f}" for kind in ("shrink", "expand")
-                                 for f in _TILE_FIELDS))
+                                 for f in _TILE_FIELDS),
+              "shrink_num_tiles", "expand_num_tiles")
 
 
 def _gather_rows(pool, layer, pages, ranks):
@@ -155,22 +156,25 @@ class SgmvConfig:
 
     Block sizes are powers of two; the kernels shrink a block to the problem where the problem is
     smaller (tiny test shapes), never below 16 where it feeds a tensor-core dot. ``None`` for
-    ``shrink_split_k`` / ``decode_shrink_rows`` picks them from the shapes so that a launch has
-    at least ``target_programs`` programs.
+    ``shrink_split_k`` / ``expand_col_steps`` / ``decode_shrink_rows`` picks them from the shapes;
+    the prefill kernels then choose, at run time from the number of tiles in use, the split and
+    the column run that give every one of ``target_programs`` SMs about ``*_waves`` programs.
     """
 
     decode_max_tokens: int = 16  # T <= this: decode kernels (per token); larger T: prefill tiles
-    target_programs: int = 132  # programs worth launching: one per H100 SM
+    target_programs: int = 132  # streaming multiprocessors (an H100 SXM has 132)
+    shrink_waves: int = 4  # the shrink splits K until the tiles in use give SMs this many programs
+    expand_waves: int = 4  # expand programs walk columns while SMs still get this many programs
     # prefill
     shrink_block_tokens: int = 64  # tokens of one slot per shrink tile (the M of its dots)
     shrink_block_n: int = 64  # v columns per shrink program
     shrink_block_k: int = 64  # input-width step of the shrink loop
-    shrink_split_k: int | None = None  # programs splitting the input width (atomic adds if > 1)
+    shrink_split_k: int | None = None  # most programs splitting the input width (atomic adds)
     shrink_num_warps: int = 4
     shrink_num_stages: int = 3
     expand_block_tokens: int = 16  # tokens of one slot per expand tile
     expand_block_n: int = 256  # y columns per step of an expand program
-    expand_col_steps: int | None = None  # column blocks per expand program (a pipelined loop)
+    expand_col_steps: int | None = None  # most column blocks per expand program (pipelined)
     expand_num_warps: int = 4
     expand_num_stages: int = 3
     # decode
@@ -198,7 +202,8 @@ class SgmvConfig:
             if value is not None and (not isinstance(value, int) or not _is_pow2(value)):
                 raise ConfigError(f"SgmvConfig field {name!r}: expected None or a power of two, "
                                   f"got {value!r}")
-        for name in ("decode_max_tokens", "target_programs", "shrink_num_warps",
+        for name in ("decode_max_tokens", "target_programs", "shrink_waves", "expand_waves",
+                     "shrink_num_warps",
                      "shrink_num_stages", "expand_num_warps", "expand_num_stages",
                      "decode_num_warps", "decode_num_stages"):
             value = getattr(self, name)
@@ -254,7 +259,8 @@ def build_sgmv_metadata(token_slot: np.ndarray, num_slots: int, *,
                 tile_slot[j] = s if s < num_slots else NO_ADAPTER
                 j += 1
         meta.update({f"{kind}_tile_start": tile_start, f"{kind}_tile_size": tile_size,
-                     f"{kind}_tile_slot": tile_slot})
+                     f"{kind}_tile_slot": tile_slot,
+                     f"{kind}_num_tiles": np.array([j], np.int32)})
     return meta
 
 
@@ -282,7 +288,8 @@ def build_sgmv_metadata_jnp(token_slot: jax.Array, num_slots: int, *,
         tile_slot = jnp.where(used & (seg < num_slots), seg, NO_ADAPTER)
         meta.update({f"{kind}_tile_start": tile_start.astype(jnp.int32),
                      f"{kind}_tile_size": tile_size.astype(jnp.int32),
-                     f"{kind}_tile_slot": tile_slot.astype(jnp.int32)})
+                     f"{kind}_tile_slot": tile_slot.astype(jnp.int32),
+                     f"{kind}_num_tiles": seg_tiles_end[-1:].astype(jnp.int32)})
     return meta
 
 
@@ -401,6 +408,7 @@ def _check_meta(fn, meta, num_tokens, num_slots, config):
                      ("expand", config.expand_block_tokens)):
         nt = num_tiles_bound(num_tokens, num_slots, bt)
         expected.update({f"{kind}_tile_{f}": (nt,) for f in _TILE_FIELDS})
+        expected[f"{kind}_num_tiles"] = (1,)
     if set(meta) != set(_META_KEYS):
         raise ConfigError(f"{_WHERE} {fn}: kernel_meta must have the keys {list(_META_KEYS)} "
                           f"(build_sgmv_metadata), got {sorted(meta)}")
@@ -419,7 +427,7 @@ def _prefill_meta(fn, kind, kernel_meta, token_slot, num_slots, config):
     else:
         _check_meta(fn, kernel_meta, token_slot.shape[0], num_slots, config)
         meta = kernel_meta
-    keys = ("sorted_tokens", *(f"{kind}_tile_{f}" for f in _TILE_FIELDS))
+    keys = ("sorted_tokens", *(f"{kind}_tile_{f}" for f in _TILE_FIELDS), f"{kind}_num_tiles")
     return [jnp.asarray(meta[k], jnp.int32) for k in keys]
 
 
@@ -427,28 +435,39 @@ def _prefill_meta(fn, kind, kernel_meta, token_slot, num_slots, config):
 # shrink
 # ------------------------------------------------------------------------------------------------
 
-def _shrink_split_k(config, num_tokens, n_blocks, k_blocks):
-    """Splits of the input width: only when the fewest tiles T could make (one slot) would leave
-    SMs idle; a split costs a zeroing launch and atomic adds."""
+def _shrink_max_split(config, num_tokens, n_blocks, k_blocks):
+    """The largest split of the input width a launch may use: what the fewest tiles T can make
+    (one slot) need to give every SM ``shrink_waves`` programs, each split keeping at least
+    four K blocks. The split actually used is chosen in the kernel from the number of tiles in
+    use (``_runtime_pow2``), so that a batch of many adapters (many tiles) is not cut into
+    tiny programs."""
     if config.shrink_split_k is not None:
         return min(config.shrink_split_k, _next_pow2(k_blocks))
+    target = config.shrink_waves * config.target_programs
     programs = _cdiv(num_tokens, config.shrink_block_tokens) * n_blocks
     split = 1
-    while programs * split < config.target_programs and split * 4 <= k_blocks:
+    while programs * split < target and split * 4 <= k_blocks:
         split *= 2
     return split
 
 
-def _expand_col_steps(config, num_tokens, blocks_per_weight):
-    """Column blocks per expand program: long pipelined runs when the tiles T could make (one
-    slot) already give every SM several programs, one block per program otherwise."""
+def _runtime_pow2(condition, candidates):
+    """Traced choice: the last of ``candidates`` (ascending) for which ``condition(c)`` holds, the
+    first when none does. Conditions are monotone (true up to some c, false after), so this is
+    the largest c that holds."""
+    chosen = jnp.int32(candidates[0])
+    for c in candidates[1:]:
+        chosen = jnp.where(condition(c), jnp.int32(c), chosen)
+    return chosen
+
+
+def _expand_col_steps(config, blocks_per_weight):
+    """The most column blocks an expand program may walk (a pipelined loop over B and y); the
+    number actually walked is chosen in the kernel from the tiles in use."""
     if config.expand_col_steps is not None:
         return min(config.expand_col_steps, _next_pow2(max(blocks_per_weight)))
-    tiles = _cdiv(num_tokens, config.expand_block_tokens)
     steps = 1
-    while (steps < 8 and steps * 2 <= min(blocks_per_weight)
-           and tiles * sum(_cdiv(b, steps * 2) for b in blocks_per_weight)
-           >= 4 * config.target_programs):
+    while steps < 8 and steps * 2 <= min(blocks_per_weight):
         steps *= 2
     return steps
 
@@ -474,21 +493,31 @@ def _prefill_shrink_kernel(
     start_ref,  # (NT,) int32 first sorted position of each tile
     size_ref,  # (NT,) int32 tokens in each tile (0: unused tile)
     tslot_ref,  # (NT,) int32 slot of each tile
-    *rest,  # [(T, G*MP*R) float32 zeros, aliased to v_ref, when split > 1]
+    used_ref,  # (1,) int32 tiles in use (they come first)
+    *rest,  # [(T, G*MP*R) float32 zeros, aliased to v_ref, when max_split > 1]
     # outputs: rest[-1] = v_ref (T, G*MP*R) float32
     weights, rank_cols, pages_per_pool, rows_per_page, max_pages, bt, bn, bk, n_blocks, k_blocks,
-    k_per_split, split, dtype, interpret,
+    max_split, target, dtype, interpret,
 ):
     v_ref = rest[-1]
     num_tokens, width = x_ref.shape
     columns = len(weights) * rank_cols
-    nb = pl.program_id(0) % n_blocks
-    ks = pl.program_id(0) // n_blocks
-    tile = pl.program_id(1)
-    size = size_ref[tile]
+    used = used_ref[0]
+    # Work items (tile, column block, K split) are numbered flat over the programs; the split
+    # grows only while the tiles in use leave SMs idle.
+    # c is needed while c / 2 leaves programs short of the target: the smallest split reaching it.
+    split = _runtime_pow2(lambda c: used * (n_blocks * (c // 2)) < target,
+                          [1 << i for i in range(max_split.bit_length())])
+    item = pl.program_id(0)
+    per_tile = n_blocks * split
+    tile = item // per_tile
+    rest_ = item - tile * per_tile
+    nb = rest_ % n_blocks
+    ks = rest_ // n_blocks
 
-    @pl.when(size > 0)
+    @pl.when(tile < used)
     def _tile():
+        size = size_ref[tile]
         slot = tslot_ref[tile]
         start = start_ref[tile]
         i = jnp.arange(bt, dtype=jnp.int32)
@@ -527,17 +556,24 @@ def _prefill_shrink_kernel(
                 at = pltriton.load(pool_ref.at[a_i, k_i], mask=a_mask, other=0).astype(dtype)
                 return acc + pltriton.dot(xt, at, trans_b=True, precision=_dot_precision(dtype))
 
+            k_per_split = (k_blocks + split - 1) // split
             lo = ks * k_per_split
             hi = jnp.minimum(lo + k_per_split, k_blocks)
             acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bt, bn), jnp.float32))
-            if split == 1:
+            if max_split == 1:
                 pltriton.store(v_ref.at[out_idx], acc, mask=out_mask)
             else:
-                _accumulate(v_ref, out_idx, acc, out_mask, interpret)
+                @pl.when(split == 1)
+                def _store():
+                    pltriton.store(v_ref.at[out_idx], acc, mask=out_mask)
 
-        if split == 1:
+                @pl.when(split > 1)
+                def _add():
+                    _accumulate(v_ref, out_idx, acc, out_mask, interpret)
+
+        if max_split == 1:
             # Every v entry is written by exactly one program: dead columns and base-only tiles
-            # write their zeros here (with a K split, v starts zeroed instead).
+            # write their zeros here (when a split is possible, v starts zeroed instead).
             @pl.when(jnp.logical_not(any_live))
             def _zeros():
                 pltriton.store(v_ref.at[out_idx], jnp.zeros((bt, bn), jnp.float32),
@@ -657,22 +693,26 @@ def sgmv_shrink(
     bk = max(16, min(config.shrink_block_k, _next_pow2(width)))
     n_blocks = _cdiv(columns, bn)
     k_blocks = _cdiv(width, bk)
-    split = _shrink_split_k(config, num_tokens, n_blocks, k_blocks)
-    k_per_split = _cdiv(k_blocks, split)
-    split = _cdiv(k_blocks, k_per_split)
+    max_split = _shrink_max_split(config, num_tokens, n_blocks, k_blocks)
+    target = config.shrink_waves * config.target_programs
+    used = np.arange(1, num_tiles + 1)
+    split = np.ones_like(used)
+    for c in (1 << i for i in range(1, max_split.bit_length())):
+        split = np.where(used * n_blocks * (c // 2) < target, c, split)
+    programs = int(np.max(used * n_blocks * split))
     dtype = _compute_dtype(x.dtype, a_pool.dtype)
-    name = (f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{split}_w{config.shrink_num_warps}"
-            f"_s{config.shrink_num_stages}")
+    name = (f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{max_split}"
+            f"_w{config.shrink_num_warps}_s{config.shrink_num_stages}")
     kernel = functools.partial(
         _prefill_shrink_kernel, bt=bt, bn=bn, bk=bk, n_blocks=n_blocks, k_blocks=k_blocks,
-        k_per_split=k_per_split, split=split, dtype=dtype, **statics)
+        max_split=max_split, target=target, dtype=dtype, **statics)
     args = [x, pool_rows, a_pages, ranks, layer1, *meta]
     aliases = {}
-    if split > 1:
+    if max_split > 1:
         args.append(jnp.zeros((num_tokens, columns), jnp.float32))
         aliases = {len(args) - 1: 0}
     v = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(n_blocks * split, num_tiles),
+        kernel, out_shape=out_shape, grid=(programs,),
         input_output_aliases=aliases,
         compiler_params=_compiler_params(config.shrink_num_warps, config.shrink_num_stages),
         interpret=interpret, name=name,
@@ -698,78 +738,101 @@ def _prefill_expand_kernel(
     *refs,
     # refs[:G]: B pools, (L*P_g*R, out_g) each
     # then pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), sorted tokens
-    # (T,), tile starts / sizes / slots (NT,) each, all int32 but scales
+    # (T,), tile starts / sizes / slots (NT,) each, tiles in use (1,), all int32 but scales
     # outputs: refs[-1] = y_ref (T, sum of out widths)
-    weights, widths, col_offsets, block_starts, rank_cols, pages_per_pool, rows_per_page,
-    max_pages, bt, bn, steps, rank_pad, dtypes, interpret,
+    weights, widths, col_offsets, blocks, step_choices, col_programs, target, rank_cols,
+    pages_per_pool, rows_per_page, max_pages, bt, bn, rank_pad, dtypes, interpret,
 ):
     g_count = len(weights)
     pool_refs = refs[:g_count]
     (pages_ref, ranks_ref, scales_ref, layer_ref, order_ref, start_ref, size_ref, tslot_ref,
-     y_ref) = refs[g_count:]
+     used_ref, y_ref) = refs[g_count:]
     del y_in_ref  # aliased to y_ref
     num_tokens, y_cols = y_ref.shape
     v_cols = v_ref.shape[1]
-    tile = pl.program_id(1)
-    size = size_ref[tile]
-    slot = tslot_ref[tile]
+    used = used_ref[0]
+    # Column blocks walked per program: the longest runs that still give every SM programs,
+    # from the tiles in use (few tiles: one block per program; many: long pipelined runs).
+    choice = _runtime_pow2(lambda i: used * col_programs[i][-1] >= target,
+                           list(range(len(step_choices))))
 
-    for g, prog, in_group in _group_of_block(pl.program_id(0), block_starts):
-        w = weights[g]
-        pool_ref = pool_refs[g]
-        width = widths[g]
-        dtype = dtypes[g]
+    def pick(table):
+        value = jnp.int32(table[0])
+        for i in range(1, len(table)):
+            value = jnp.where(choice == i, jnp.int32(table[i]), value)
+        return value
 
-        @pl.when(in_group & (size > 0) & (slot >= 0))
-        def _group(g=g, prog=prog, w=w, pool_ref=pool_ref, width=width, dtype=dtype):
-            slot_c = jnp.maximum(slot, 0)
-            rank = ranks_ref[slot_c, w]
+    steps = pick(step_choices)
+    starts = [pick([cp[g] for cp in col_programs]) for g in range(g_count + 1)]
+    item = pl.program_id(0)
+    tile = item // starts[-1]
+    prog_all = item - tile * starts[-1]
 
-            @pl.when(rank > 0)
-            def _compute():
-                start = start_ref[tile]
-                scale = scales_ref[slot_c, w]
-                i = jnp.arange(bt, dtype=jnp.int32)
-                row_ok = i < size
-                tok = pltriton.load(order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)],
-                                    mask=row_ok, other=0)
-                tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
-                layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
-                # The tile's v (all its rank columns) once; rows beyond the rank are masked so
-                # that v may carry garbage there and B rows of other adapters are never read.
-                j = jnp.arange(rank_pad, dtype=jnp.int32)
-                j_ok = j < rank
-                b_row = _pool_rows(pages_ref, slot_c, w, j, layer,
-                                   pages_per_pool=pages_per_pool[g],
-                                   rows_per_page=rows_per_page, max_pages=max_pages)
-                b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
-                v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
-                vt = pltriton.load(v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :],
-                                   other=0.0).astype(dtype)
-                ragged = width % (bn * steps) != 0
+    @pl.when(tile < used)
+    def _tile():
+        size = size_ref[tile]
+        slot = tslot_ref[tile]
+        slot_c = jnp.maximum(slot, 0)
+        for g in range(g_count):
+            w = weights[g]
+            pool_ref = pool_refs[g]
+            width = widths[g]
+            dtype = dtypes[g]
+            in_group = (prog_all >= starts[g]) & (prog_all < starts[g + 1])
 
-                def body(step, carry):
-                    cols = pl.multiple_of((prog * steps + step) * bn, bn) + jnp.arange(
-                        bn, dtype=jnp.int32)
-                    if ragged:
-                        col_ok = cols < width
-                        cols_i = _idx(cols, col_ok, width, interpret)[None, :]
-                        b_mask = j_ok[:, None] & col_ok[None, :]
-                        y_mask = row_ok[:, None] & col_ok[None, :]
-                        y_c = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)[None, :]
-                    else:
-                        cols_i = cols[None, :]
-                        b_mask, y_mask = j_ok[:, None], row_ok[:, None]
-                        y_c = (col_offsets[g] + cols)[None, :]
-                    bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask,
-                                        other=0).astype(dtype)
-                    yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
-                    delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
-                    out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
-                    pltriton.store(y_ref.at[tok_i, y_c], out, mask=y_mask)
-                    return carry
+            @pl.when(in_group & (slot >= 0))
+            def _group(g=g, w=w, pool_ref=pool_ref, width=width, dtype=dtype):
+                rank = ranks_ref[slot_c, w]
 
-                jax.lax.fori_loop(0, steps, body, 0)
+                @pl.when(rank > 0)
+                def _compute():
+                    start = start_ref[tile]
+                    scale = scales_ref[slot_c, w]
+                    i = jnp.arange(bt, dtype=jnp.int32)
+                    row_ok = i < size
+                    tok = pltriton.load(
+                        order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)],
+                        mask=row_ok, other=0)
+                    tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
+                    layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
+                    # The tile's v (all its rank columns) once; rows beyond the rank are masked
+                    # so that v may carry garbage there and B rows of other adapters are never
+                    # read.
+                    j = jnp.arange(rank_pad, dtype=jnp.int32)
+                    j_ok = j < rank
+                    b_row = _pool_rows(pages_ref, slot_c, w, j, layer,
+                                       pages_per_pool=pages_per_pool[g],
+                                       rows_per_page=rows_per_page, max_pages=max_pages)
+                    b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
+                    v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
+                    vt = pltriton.load(v_ref.at[tok_i, v_i],
+                                       mask=row_ok[:, None] & j_ok[None, :],
+                                       other=0.0).astype(dtype)
+                    first = (prog_all - starts[g]) * steps
+                    ragged = width % bn != 0
+
+                    def body(step, carry):
+                        cols = pl.multiple_of((first + step) * bn, bn) + jnp.arange(
+                            bn, dtype=jnp.int32)
+                        if ragged:
+                            col_ok = cols < width
+                            cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+                            b_mask = j_ok[:, None] & col_ok[None, :]
+                            y_mask = row_ok[:, None] & col_ok[None, :]
+                            y_c = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)[None, :]
+                        else:
+                            cols_i = cols[None, :]
+                            b_mask, y_mask = j_ok[:, None], row_ok[:, None]
+                            y_c = (col_offsets[g] + cols)[None, :]
+                        bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask,
+                                            other=0).astype(dtype)
+                        yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
+                        delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
+                        out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
+                        pltriton.store(y_ref.at[tok_i, y_c], out, mask=y_mask)
+                        return carry
+
+                    jax.lax.fori_loop(0, jnp.minimum(steps, blocks[g] - first), body, 0)
 
 
 def _decode_expand_kernel(
@@ -918,17 +981,27 @@ def sgmv_expand(
     num_tiles = meta[1].shape[0]
     bt = config.expand_block_tokens
     bn = max(16, min(config.expand_block_n, _next_pow2(max(widths))))
-    steps = _expand_col_steps(config, num_tokens, [_cdiv(w, bn) for w in widths])
-    block_starts = tuple(int(b) for b in np.cumsum(
-        [0] + [_cdiv(_cdiv(w, bn), steps) for w in widths]))
+    blocks = tuple(_cdiv(w, bn) for w in widths)
+    max_steps = _expand_col_steps(config, blocks)
+    step_choices = tuple(1 << i for i in range(max_steps.bit_length()))
+    # col_programs[i]: cumulative column programs of the group's weights at step_choices[i].
+    col_programs = tuple(tuple(int(c) for c in np.cumsum([0] + [_cdiv(b, s) for b in blocks]))
+                         for s in step_choices)
+    target = config.expand_waves * config.target_programs
+    used = np.arange(1, num_tiles + 1)
+    choice = np.zeros_like(used)
+    for i, cp in enumerate(col_programs):
+        choice = np.where(used * cp[-1] >= target, i, choice)
+    programs = int(np.max(used * np.asarray([cp[-1] for cp in col_programs])[choice]))
     rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
-    name = (f"sgmv_expand_prefill_bt{bt}_bn{bn}_st{steps}_w{config.expand_num_warps}"
+    name = (f"sgmv_expand_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
             f"_s{config.expand_num_stages}")
     return pl.pallas_call(
-        functools.partial(_prefill_expand_kernel, block_starts=block_starts, bt=bt, bn=bn,
-                          steps=steps, rank_pad=rank_pad, dtypes=dtypes, **statics),
-        out_shape=out_shape, grid=(block_starts[-1], num_tiles),
+        functools.partial(_prefill_expand_kernel, blocks=blocks, step_choices=step_choices,
+                          col_programs=col_programs, target=target, bt=bt, bn=bn,
+                          rank_pad=rank_pad, dtypes=dtypes, **statics),
+        out_shape=out_shape, grid=(programs,),
         input_output_aliases={0: 0},
         compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),
         interpret=interpret, name=name,

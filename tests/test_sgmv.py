@@ -214,6 +214,7 @@ def _check_metadata(meta, token_slot, num_slots, config):
     for kind, bt in tile_sizes.items():
         nt = num_tiles_bound(t, num_slots, bt)
         expected.update({f"{kind}_tile_{f}": (nt,) for f in ("start", "size", "slot")})
+        expected[f"{kind}_num_tiles"] = (1,)
     assert {k: v.shape for k, v in meta.items()} == expected
     assert all(v.dtype == np.int32 for v in meta.values())
     order = meta["sorted_tokens"]
@@ -226,6 +227,7 @@ def _check_metadata(meta, token_slot, num_slots, config):
         used = sizes > 0
         first_unused = len(used) if used.all() else int(np.argmin(used))
         assert not used[first_unused:].any()  # used tiles come first
+        assert meta[f"{kind}_num_tiles"][0] == first_unused
         for j in np.flatnonzero(used):
             assert 1 <= sizes[j] <= bt
             start = meta[f"{kind}_tile_start"][j]
@@ -326,6 +328,28 @@ def test_prefill_shrink_split_k(split, interpret):
     v = _run_shrink(prob, config, interpret)
     assert _rel_err(v, v_ref) < 1e-4
     np.testing.assert_array_equal(np.asarray(v)[prob.token_slot < 0], 0.0)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("assignment", ["one_slot", "distinct", "mixed"])
+@pytest.mark.parametrize("target_programs", [1, 6, 40])
+def test_prefill_run_time_split_and_column_runs(assignment, target_programs, interpret):
+    """The prefill kernels pick their K split (shrink) and column run (expand) at run time from
+    the tiles in use; every choice, with column runs that do not divide a weight's blocks, gives
+    the reference result."""
+    prob = make_problem(13, num_tokens=37, in_width=136, out_widths=(56, 40, 40),
+                        dtype=jnp.bfloat16, num_slots=40)
+    prob.token_slot = {
+        "one_slot": np.full(37, 2),
+        "distinct": np.random.default_rng(0).permutation(40)[:37],
+        "mixed": np.where(np.arange(37) % 3 == 0, NO_ADAPTER, np.arange(37) % 5),
+    }[assignment].astype(np.int32)
+    config = dataclasses.replace(SMALL, decode_max_tokens=0, target_programs=target_programs,
+                                 shrink_waves=2, expand_waves=1, expand_col_steps=4)
+    v_ref, y_ref = _reference(prob)
+    v = _run_shrink(prob, config, interpret)
+    y = _run_expand(prob, v_ref, config, interpret)
+    _check(prob, v, y, v_ref, y_ref, "bfloat16")
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
