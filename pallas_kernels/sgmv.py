@@ -24,20 +24,22 @@ v as the kernels see it
 v ``(T, G, MP*R)`` float32 is addressed as ``(T, G*MP*R)``: column ``g*MP*R + i`` is rank-row i of
 weight g. Columns ``i >= rank`` are zero. In expand they are masked again, so v may carry garbage.
 
-Two regimes, chosen statically by ``SgmvConfig.regime(T)``
---------------------------------------------------------
-decode  (T <= ``decode_max_tokens``): one program per (token, block of rank rows) for shrink and
-        per (token, block of y columns) for expand; tokens in any order, no metadata beyond
-        token_slot; arithmetic on the CUDA cores (a token's work is a matrix-vector product).
-prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one slot; one program
-        per (tile, block of v columns, K split) for shrink and per (tile, run of y column blocks)
-        for expand; ``pltriton.dot`` on the tensor cores; an adapter's rows are read once per
-        tile instead of once per token. Shrink tiles are large (``shrink_block_tokens``: fewer
-        re-reads of A when many tokens share an adapter); expand tiles are small
-        (``expand_block_tokens``: a tile of one token, the many-adapter case, must not hold a big
-        accumulator). When the tiles alone give too few programs the shrink splits the reduction
-        over the input width and accumulates with atomic adds into a zeroed v; the expand walks
-        ``expand_col_steps`` column blocks per program (software-pipelined loads of B and y).
+Two regimes, chosen statically per kernel by ``SgmvConfig.regime(T, kernel)``
+----------------------------------------------------------------------------
+decode  (shrink: T <= ``decode_shrink_max_tokens``, expand: T <= ``decode_max_tokens``): one
+        program per (token, block of rank rows) for shrink and per (token, block of y columns)
+        for expand; tokens in any order, no metadata beyond token_slot; arithmetic on the CUDA
+        cores (a token's work is a matrix-vector product).
+prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one slot;
+        ``pltriton.dot`` on the tensor cores; an adapter's rows are read once per tile instead of
+        once per token. The grids are flat and static (NT tiles is only an upper bound); each
+        program maps its id to a work item from the number of tiles in use, read at run time:
+        shrink items are (tile, block of v columns, K split), expand items are (tile, run of y
+        column blocks). When few tiles are in use (one adapter) the shrink splits the reduction
+        over the input width (atomic adds into a zeroed v) and the expand gives each program one
+        column block; when many are (many adapters) the shrink does not split and the expand
+        walks up to ``expand_col_steps`` column blocks per program (software-pipelined loads of
+        B and y). Programs beyond the work exit at once.
 
 Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
 -----------------------------------------------------------------
@@ -48,6 +50,8 @@ Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
     expand_tile_start   (NTe,)  the same for tiles of at most expand_block_tokens tokens
     expand_tile_size    (NTe,)
     expand_tile_slot    (NTe,)
+    shrink_num_tiles    (1,)    tiles in use (they come first)
+    expand_num_tiles    (1,)
 
 NT = ``num_tiles_bound(T, S, bt) = min(T, ceil(T / bt) + min(T, S + 1) - 1)`` for tile size bt:
 the tokens of each of the at most S + 1 segments (S slots and NO_ADAPTER) are cut into
@@ -161,29 +165,34 @@ class SgmvConfig:
     the column run that give every one of ``target_programs`` SMs about ``*_waves`` programs.
     """
 
-    decode_max_tokens: int = 16  # T <= this: decode kernels (per token); larger T: prefill tiles
+    decode_max_tokens: int = 16  # T <= this: decode expand (per token); larger T: prefill tiles
+    # T <= this: decode shrink; None: decode_max_tokens. The per-token shrink stays cheaper up to
+    # larger T than the per-token expand, which re-reads an adapter's B for each of its tokens.
+    decode_shrink_max_tokens: int | None = 64
     target_programs: int = 132  # streaming multiprocessors (an H100 SXM has 132)
     shrink_waves: int = 4  # the shrink splits K until the tiles in use give SMs this many programs
     expand_waves: int = 4  # expand programs walk columns while SMs still get this many programs
     # prefill
-    shrink_block_tokens: int = 64  # tokens of one slot per shrink tile (the M of its dots)
+    shrink_block_tokens: int = 16  # tokens of one slot per shrink tile (the M of its dots)
     shrink_block_n: int = 64  # v columns per shrink program
-    shrink_block_k: int = 64  # input-width step of the shrink loop
+    shrink_block_k: int = 256  # input-width step of the shrink loop
     shrink_split_k: int | None = None  # most programs splitting the input width (atomic adds)
     shrink_num_warps: int = 4
     shrink_num_stages: int = 3
     expand_block_tokens: int = 16  # tokens of one slot per expand tile
-    expand_block_n: int = 256  # y columns per step of an expand program
+    expand_block_n: int = 128  # y columns per step of an expand program
     expand_col_steps: int | None = None  # most column blocks per expand program (pipelined)
     expand_num_warps: int = 4
     expand_num_stages: int = 3
     # decode
     decode_shrink_rows: int | None = None  # v columns (rank rows) per decode shrink program
     decode_block_k: int = 2048  # input-width step of the decode shrink loop
-    decode_expand_block_n: int = 128  # y columns per decode expand program
+    decode_shrink_num_warps: int = 8
+    decode_shrink_num_stages: int = 2
+    decode_expand_block_n: int = 256  # y columns per decode expand program
     decode_rank_chunk: int = 64  # rank rows per step of the decode expand loop
-    decode_num_warps: int = 4
-    decode_num_stages: int = 3
+    decode_expand_num_warps: int = 4
+    decode_expand_num_stages: int = 3
 
     def __post_init__(self):
         for name in ("shrink_block_tokens", "shrink_block_n", "shrink_block_k",
@@ -197,6 +206,11 @@ class SgmvConfig:
             if not isinstance(value, int) or not _is_pow2(value):
                 raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two, "
                                   f"got {value!r}")
+        if self.decode_shrink_max_tokens is not None and (
+                not isinstance(self.decode_shrink_max_tokens, int)
+                or self.decode_shrink_max_tokens < 0):
+            raise ConfigError("SgmvConfig field 'decode_shrink_max_tokens': expected None or an "
+                              f"int >= 0, got {self.decode_shrink_max_tokens!r}")
         for name in ("shrink_split_k", "decode_shrink_rows", "expand_col_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not _is_pow2(value)):
@@ -205,14 +219,19 @@ class SgmvConfig:
         for name in ("decode_max_tokens", "target_programs", "shrink_waves", "expand_waves",
                      "shrink_num_warps",
                      "shrink_num_stages", "expand_num_warps", "expand_num_stages",
-                     "decode_num_warps", "decode_num_stages"):
+                     "decode_shrink_num_warps", "decode_shrink_num_stages",
+                     "decode_expand_num_warps", "decode_expand_num_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "decode_max_tokens" else 1):
                 raise ConfigError(f"SgmvConfig field {name!r}: expected a positive int, "
                                   f"got {value!r}")
 
-    def regime(self, num_tokens: int) -> str:
-        return "decode" if num_tokens <= self.decode_max_tokens else "prefill"
+    def regime(self, num_tokens: int, kernel: str = "expand") -> str:
+        """"decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens."""
+        limit = self.decode_max_tokens
+        if kernel == "shrink" and self.decode_shrink_max_tokens is not None:
+            limit = self.decode_shrink_max_tokens
+        return "decode" if num_tokens <= limit else "prefill"
 
 
 def num_tiles_bound(num_tokens: int, num_slots: int, block_tokens: int) -> int:
@@ -673,15 +692,16 @@ def sgmv_shrink(
                    rows_per_page=rows_per_page, max_pages=max_pages, interpret=interpret)
     out_shape = jax.ShapeDtypeStruct((num_tokens, columns), jnp.float32)
 
-    if config.regime(num_tokens) == "decode":
+    if config.regime(num_tokens, "shrink") == "decode":
         rows = _decode_shrink_rows(config, num_tokens, columns)
         bk = min(config.decode_block_k, _next_pow2(width))
-        name = (f"sgmv_shrink_decode_rows{rows}_bk{bk}_w{config.decode_num_warps}"
-                f"_s{config.decode_num_stages}")
+        name = (f"sgmv_shrink_decode_rows{rows}_bk{bk}_w{config.decode_shrink_num_warps}"
+                f"_s{config.decode_shrink_num_stages}")
         v = pl.pallas_call(
             functools.partial(_decode_shrink_kernel, rows=rows, bk=bk, **statics),
             out_shape=out_shape, grid=(_cdiv(columns, rows), num_tokens),
-            compiler_params=_compiler_params(config.decode_num_warps, config.decode_num_stages),
+            compiler_params=_compiler_params(config.decode_shrink_num_warps,
+                                             config.decode_shrink_num_stages),
             interpret=interpret, name=name,
         )(x, pool_rows, a_pages, ranks, layer1, token_slot)
         return v.reshape(num_tokens, g_count, rank_cols)
@@ -965,14 +985,15 @@ def sgmv_expand(
         bn = min(config.decode_expand_block_n, _next_pow2(max(widths)))
         chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
         block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
-        name = (f"sgmv_expand_decode_bn{bn}_rc{chunk}_w{config.decode_num_warps}"
-                f"_s{config.decode_num_stages}")
+        name = (f"sgmv_expand_decode_bn{bn}_rc{chunk}_w{config.decode_expand_num_warps}"
+                f"_s{config.decode_expand_num_stages}")
         return pl.pallas_call(
             functools.partial(_decode_expand_kernel, block_starts=block_starts, bn=bn,
                               chunk=chunk, **statics),
             out_shape=out_shape, grid=(block_starts[-1], num_tokens),
             input_output_aliases={0: 0},
-            compiler_params=_compiler_params(config.decode_num_warps, config.decode_num_stages),
+            compiler_params=_compiler_params(config.decode_expand_num_warps,
+                                             config.decode_expand_num_stages),
             interpret=interpret, name=name,
         )(y, v2, *pool_rows, *tables, token_slot.astype(jnp.int32))
 

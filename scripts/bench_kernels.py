@@ -448,7 +448,8 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
         work = row["work"]
         tables = {k: jnp.asarray(work[k]) for k in ("token_slot", "ranks", "scales", "a_pages",
                                                     "b_pages")}
-        if cfg is not None and cfg.regime(row["tokens"]) == "prefill":
+        if cfg is not None and "prefill" in (cfg.regime(row["tokens"], "shrink"),
+                                             cfg.regime(row["tokens"], "expand")):
             meta = build_sgmv_metadata(work["token_slot"], work["num_slots"], config=cfg)
             tables["meta"] = {k: jnp.asarray(v) for k, v in meta.items()}
         x = fill((row["tokens"], FLAGS.hidden), jnp.bfloat16, 3, 1.0)

@@ -35,7 +35,7 @@ from pallas_kernels.sgmv import (
 SMALL = SgmvConfig(shrink_block_tokens=32, expand_block_tokens=16, shrink_block_n=16,
                    shrink_block_k=16, expand_block_n=16, expand_col_steps=2,
                    decode_shrink_rows=8, decode_block_k=16,
-                   decode_expand_block_n=16, decode_rank_chunk=4)
+                   decode_expand_block_n=16, decode_rank_chunk=4, decode_shrink_max_tokens=None)
 
 INTERPRET = [pytest.param(True, id="interpret"),
              pytest.param(False, id="compiled", marks=pytest.mark.gpu)]
@@ -302,14 +302,16 @@ def test_kernels_match_reference(regime, group, dtype_name, interpret):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("regime", ["decode", "prefill"])
-def test_default_config_and_jnp_metadata(regime, interpret):
-    """Default block sizes (clipped to tiny shapes); prefill metadata built inside the call."""
-    num_tokens = 9 if regime == "decode" else 70
+@pytest.mark.parametrize("regimes", [("decode", "decode"), ("decode", "prefill"),
+                                     ("prefill", "prefill")])
+def test_default_config_and_jnp_metadata(regimes, interpret):
+    """Default block sizes (clipped to tiny shapes), where the shrink and the expand may run
+    different regimes at one T; prefill metadata built inside the call."""
+    num_tokens = {("decode", "decode"): 9, ("decode", "prefill"): 40}.get(regimes, 70)
     prob = make_problem(5, num_tokens=num_tokens, in_width=48, out_widths=(48, 24, 24),
                         rows_per_page=16, max_pages=2)
     config = SgmvConfig()
-    assert config.regime(num_tokens) == regime
+    assert (config.regime(num_tokens, "shrink"), config.regime(num_tokens, "expand")) == regimes
     v_ref, y_ref = _reference(prob)
     v = _run_shrink(prob, config, interpret, meta=None)
     y = _run_expand(prob, v, config, interpret, meta=None)
@@ -408,7 +410,7 @@ def test_traced_layer_inside_scan():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 16, 300])
+@pytest.mark.parametrize("num_tokens", [1, 16, 48, 300])
 def test_gpu_realistic_shapes_default_config(num_tokens):
     """Compiled kernels at model-like widths with the default (H100-tuned) config."""
     prob = make_problem(num_tokens, num_tokens=num_tokens, in_width=1024,
@@ -438,7 +440,8 @@ def test_bad_inputs_raise_config_errors():
     meta = build_sgmv_metadata(prob.token_slot, 6, config=SgmvConfig(shrink_block_tokens=16))
     with pytest.raises(ConfigError, match=r"kernel_meta\['shrink_tile_start'\] must have shape"):
         sgmv_shrink(prob.x, prob.a_pool, *args, weights=prob.weights, kernel_meta=meta,
-                    config=SgmvConfig(shrink_block_tokens=64, decode_max_tokens=0),
+                    config=SgmvConfig(shrink_block_tokens=64, decode_max_tokens=0,
+                                      decode_shrink_max_tokens=None),
                     interpret=True)
     v = jnp.zeros((20, 2, 12), jnp.float32)
     with pytest.raises(ConfigError, match=r"y must be \(T, 112\)"):
