@@ -156,7 +156,8 @@ def _is_pow2(n: int) -> bool:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SgmvConfig:
-    """Tuning knobs of the SGMV kernels (defaults tuned on an H100, bf16, hidden 4096).
+    """Tuning knobs of the SGMV kernels (defaults from a sweep on an H200, bf16, hidden 4096:
+    docs/BENCHMARKS.md, "the sweep").
 
     Block sizes are powers of two; the kernels shrink a block to the problem where the problem is
     smaller (tiny test shapes), never below 16 where it feeds a tensor-core dot. ``None`` for

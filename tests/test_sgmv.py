@@ -412,7 +412,7 @@ def test_traced_layer_inside_scan():
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 16, 48, 300])
 def test_gpu_realistic_shapes_default_config(num_tokens):
-    """Compiled kernels at model-like widths with the default (H100-tuned) config."""
+    """Compiled kernels at model-like widths with the default (GPU-tuned) config."""
     prob = make_problem(num_tokens, num_tokens=num_tokens, in_width=1024,
                         out_widths=(1024, 256, 256), rows_per_page=16, max_pages=4,
                         num_slots=24, dtype=jnp.bfloat16)
