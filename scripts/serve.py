@@ -50,8 +50,8 @@ flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
 flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
 flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
 flags.DEFINE_enum("layer_loop", "scan", ["scan", "unrolled"], "Step layer loop: scan (fast "
-                  "compiles) or unrolled (on the H200, a 2.5x faster 7B decode forward, 45 s "
-                  "per compiled shape; see docs/BENCHMARKS.md).")
+                  "compiles) or unrolled (on the H200, 1.5-2.2x faster 7B decode steps, minutes "
+                  "of compiling; see docs/BENCHMARKS.md).")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and "
                   "activations.")
