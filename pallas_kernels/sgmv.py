@@ -459,7 +459,7 @@ def _shrink_max_split(config, num_tokens, n_blocks, k_blocks):
     """The largest split of the input width a launch may use: what the fewest tiles T can make
     (one slot) need to give every SM ``shrink_waves`` programs, each split keeping at least
     four K blocks. The split actually used is chosen in the kernel from the number of tiles in
-    use (``_runtime_pow2``), so that a batch of many adapters (many tiles) is not cut into
+    use (``_shrink_split``), so that a batch of many adapters (many tiles) is not cut into
     tiny programs."""
     if config.shrink_split_k is not None:
         return min(config.shrink_split_k, _next_pow2(k_blocks))
@@ -471,14 +471,34 @@ def _shrink_max_split(config, num_tokens, n_blocks, k_blocks):
     return split
 
 
-def _runtime_pow2(condition, candidates):
-    """Traced choice: the last of ``candidates`` (ascending) for which ``condition(c)`` holds, the
-    first when none does. Conditions are monotone (true up to some c, false after), so this is
-    the largest c that holds."""
-    chosen = jnp.int32(candidates[0])
-    for c in candidates[1:]:
-        chosen = jnp.where(condition(c), jnp.int32(c), chosen)
-    return chosen
+def _shrink_split(used, n_blocks, max_split, target, where):
+    """The K split for ``used`` tiles in use: the smallest power of two up to ``max_split`` that
+    gives ``target`` programs (split c is needed while c / 2 leaves programs short of it).
+
+    One rule for the kernel (``where=jnp.where`` on the traced tile count) and for the launch
+    (``where=np.where`` over every possible count, to size the grid)."""
+    split = 1
+    for c in (1 << i for i in range(1, max_split.bit_length())):
+        split = where(used * (n_blocks * (c // 2)) < target, c, split)
+    return split
+
+
+def _expand_run_choice(used, col_programs, target, where):
+    """Index into the column-run choices for ``used`` tiles in use: the longest run whose column
+    programs still give ``target`` programs (the first, one block, when none does). Shared by the
+    kernel and the launch like ``_shrink_split``."""
+    choice = 0
+    for i in range(1, len(col_programs)):
+        choice = where(used * col_programs[i][-1] >= target, i, choice)
+    return choice
+
+
+def _lookup(table, index):
+    """``table[index]`` for a traced index (a static table, a chain of selects)."""
+    value = jnp.int32(table[0])
+    for i in range(1, len(table)):
+        value = jnp.where(index == i, jnp.int32(table[i]), value)
+    return value
 
 
 def _expand_col_steps(config, blocks_per_weight):
@@ -525,9 +545,7 @@ def _prefill_shrink_kernel(
     used = used_ref[0]
     # Work items (tile, column block, K split) are numbered flat over the programs; the split
     # grows only while the tiles in use leave SMs idle.
-    # c is needed while c / 2 leaves programs short of the target: the smallest split reaching it.
-    split = _runtime_pow2(lambda c: used * (n_blocks * (c // 2)) < target,
-                          [1 << i for i in range(max_split.bit_length())])
+    split = _shrink_split(used, n_blocks, max_split, target, jnp.where)
     item = pl.program_id(0)
     per_tile = n_blocks * split
     tile = item // per_tile
@@ -717,10 +735,8 @@ def sgmv_shrink(
     max_split = _shrink_max_split(config, num_tokens, n_blocks, k_blocks)
     target = config.shrink_waves * config.target_programs
     used = np.arange(1, num_tiles + 1)
-    split = np.ones_like(used)
-    for c in (1 << i for i in range(1, max_split.bit_length())):
-        split = np.where(used * n_blocks * (c // 2) < target, c, split)
-    programs = int(np.max(used * n_blocks * split))
+    programs = int(np.max(used * n_blocks * _shrink_split(used, n_blocks, max_split, target,
+                                                          np.where)))
     dtype = _compute_dtype(x.dtype, a_pool.dtype)
     name = (f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{max_split}"
             f"_w{config.shrink_num_warps}_s{config.shrink_num_stages}")
@@ -774,17 +790,9 @@ def _prefill_expand_kernel(
     used = used_ref[0]
     # Column blocks walked per program: the longest runs that still give every SM programs,
     # from the tiles in use (few tiles: one block per program; many: long pipelined runs).
-    choice = _runtime_pow2(lambda i: used * col_programs[i][-1] >= target,
-                           list(range(len(step_choices))))
-
-    def pick(table):
-        value = jnp.int32(table[0])
-        for i in range(1, len(table)):
-            value = jnp.where(choice == i, jnp.int32(table[i]), value)
-        return value
-
-    steps = pick(step_choices)
-    starts = [pick([cp[g] for cp in col_programs]) for g in range(g_count + 1)]
+    choice = _expand_run_choice(used, col_programs, target, jnp.where)
+    steps = _lookup(step_choices, choice)
+    starts = [_lookup([cp[g] for cp in col_programs], choice) for g in range(g_count + 1)]
     item = pl.program_id(0)
     tile = item // starts[-1]
     prog_all = item - tile * starts[-1]
@@ -1011,9 +1019,7 @@ def sgmv_expand(
                          for s in step_choices)
     target = config.expand_waves * config.target_programs
     used = np.arange(1, num_tiles + 1)
-    choice = np.zeros_like(used)
-    for i, cp in enumerate(col_programs):
-        choice = np.where(used * cp[-1] >= target, i, choice)
+    choice = _expand_run_choice(used, col_programs, target, np.where)
     programs = int(np.max(used * np.asarray([cp[-1] for cp in col_programs])[choice]))
     rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)

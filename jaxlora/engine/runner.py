@@ -46,8 +46,9 @@ class RunnerConfig:
     # to compile a llama-2-7b shape on the H200). "unrolled": one static slice per layer; XLA
     # then reads each layer's weights in place instead of copying its dynamic slice before the
     # GEMMs, so the bare 7B decode forward took 4.6 ms instead of 11.6 ms, but 45 s to compile
-    # each shape (docs/BENCHMARKS.md, scripts/bench_step.py). Unrolled is opt-in until the
-    # engine's warm-up of every bucket with it has been measured on the GPU.
+    # each shape (docs/BENCHMARKS.md, scripts/bench_step.py). Unrolled is opt-in: in the engine
+    # it shortened 7B decode steps 1.5-2.2x, but its warm-up compiled 10 step shapes in 340 s
+    # against 57 s for 14 with the scan (16 threads, H200 machine).
     layer_loop: str = "scan"
 
     def __post_init__(self):
