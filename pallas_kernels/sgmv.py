@@ -477,9 +477,10 @@ def _shrink_split(used, n_blocks, max_split, target, where):
 
     One rule for the kernel (``where=jnp.where`` on the traced tile count) and for the launch
     (``where=np.where`` over every possible count, to size the grid)."""
-    split = 1
+    # Typed int32 constants: the Triton lowering mistypes selects between weak-typed literals.
+    split = np.int32(1)
     for c in (1 << i for i in range(1, max_split.bit_length())):
-        split = where(used * (n_blocks * (c // 2)) < target, c, split)
+        split = where(used * (n_blocks * (c // 2)) < target, np.int32(c), split)
     return split
 
 
@@ -487,9 +488,9 @@ def _expand_run_choice(used, col_programs, target, where):
     """Index into the column-run choices for ``used`` tiles in use: the longest run whose column
     programs still give ``target`` programs (the first, one block, when none does). Shared by the
     kernel and the launch like ``_shrink_split``."""
-    choice = 0
+    choice = np.int32(0)
     for i in range(1, len(col_programs)):
-        choice = where(used * col_programs[i][-1] >= target, i, choice)
+        choice = where(used * col_programs[i][-1] >= target, np.int32(i), choice)
     return choice
 
 

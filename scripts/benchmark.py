@@ -42,6 +42,12 @@ from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("section", "offline", ["offline", "online", "report"], "what to run")
 flags.DEFINE_string("model", "llama-2-7b", "model preset (configs/models.py)")
+flags.DEFINE_integer("model_layers", 0, "layers of the model (0: the preset's); fewer layers "
+                     "compile faster for a quick per-layer profile, but the roofline rows are "
+                     "only comparable at the preset's depth")
+flags.DEFINE_integer("profile_steps", 0, "offline: engine iterations per row traced with the JAX "
+                     "profiler once the batch decodes (a per-kernel breakdown in the row's "
+                     "'profile'); 0: none")
 flags.DEFINE_string("dtype", "bfloat16", "weights, KV cache and adapter pool dtype")
 flags.DEFINE_integer("rank", 16, "adapter rank (all 7 modules)")
 flags.DEFINE_integer("weight_sets", 4, "distinct adapter weight sets held in host memory; "
@@ -134,6 +140,8 @@ def main(argv):
             print("matplotlib is not installed (pip install -e .[bench]): no figure")
         return
     model = get_model_preset(FLAGS.model)
+    if FLAGS.model_layers:
+        model = dataclasses.replace(model, num_layers=FLAGS.model_layers)
     setup = SetupConfig(dtype=FLAGS.dtype, rank=FLAGS.rank, weight_sets=FLAGS.weight_sets,
                         compile_threads=FLAGS.compile_threads, seed=FLAGS.seed)
     print("devices:", jax.devices(), flush=True)
@@ -145,7 +153,7 @@ def main(argv):
             workloads=tuple(FLAGS.offline_workloads), prompt_len=FLAGS.prompt_len,
             output_len=FLAGS.output_len, rank=FLAGS.rank, skewed_adapters=FLAGS.skewed_adapters,
             prefill_rows=FLAGS.prefill_rows, impl=FLAGS.impl,
-            layer_loop=FLAGS.layer_loop, seed=FLAGS.seed)
+            layer_loop=FLAGS.layer_loop, profile_steps=FLAGS.profile_steps, seed=FLAGS.seed)
     else:
         config = OnlineConfig(
             adapter_counts=tuple(int(n) for n in FLAGS.online_adapters), rate=FLAGS.online_rate,

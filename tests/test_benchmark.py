@@ -14,7 +14,7 @@ import pytest
 
 import jaxlora
 from configs.models import TINY
-from jaxlora.bench import report, roofline
+from jaxlora.bench import profile, report, roofline
 from jaxlora.bench.adapters import AdapterPopulation, make_store
 from jaxlora.bench.engine_setup import SetupConfig, build_engine
 from jaxlora.bench.offline import OfflineConfig, run_offline
@@ -183,6 +183,52 @@ def test_offline_time_budget_lists_rows_not_run(offline_result):
                          copy_gbps=50.0, time_budget_s=0.0)
     assert [r["workload"] for r in result["rows"]] == ["no_lora"]
     assert result["not_run"] == [{"batch": 4, "workload": "distinct"}]
+
+
+def test_offline_profile_traces_iterations_outside_the_step_times(offline_result, monkeypatch):
+    config, bench, _ = offline_result
+    traced = []
+
+    def fake_profile(step, steps):  # CPU traces have no GPU kernels: count the traced steps
+        for _ in range(steps):
+            step()
+            traced.append(1)
+        return profile.breakdown([("nvjet_gemm", 0, 2_000_000)], steps, 0.004 * steps)
+
+    monkeypatch.setattr(profile, "profile_iterations", fake_profile)
+    config = dataclasses.replace(config, batch_sizes=(4,), workloads=("distinct",),
+                                 prompt_len=3, output_len=10, profile_steps=3)
+    row = run_offline(bench, config, copy_gbps=50.0)["rows"][0]
+    assert len(traced) == 3 and row["output_tokens"] == 4 * 10
+    assert row["profile"]["category_ms"]["gemm"] == pytest.approx(2.0 / 3)
+    assert len(row["profile"]["profiled_step_records_ms"]) == 3
+    # 9 decode steps per request, two of them on half the batch; 3 traced ones are left out.
+    assert row["full_batch_decode_steps"] == 10 - 1 - 1 - 3
+    with pytest.raises(ConfigError, match="profile_steps"):
+        OfflineConfig(profile_steps=-1)
+
+
+def test_profile_breakdown_groups_kernels_and_measures_idle_time():
+    events = [  # (name, start ns, duration ns) over 2 iterations of 10 ms wall
+        ("nvjet_tst_128x64_gemm", 0, 3_000_000), ("sgmv_shrink_decode_rows16", 3_000_000, 500_000),
+        ("sgmv_expand_prefill_bn128", 3_500_000, 500_000),
+        ("paged_attention_decode_b16", 4_000_000, 1_000_000),
+        ("loop_multiply_fusion", 4_500_000, 1_000_000),  # overlaps attention by 0.5 ms
+        ("MemcpyH2D", 6_000_000, 200_000), ("input_reduce_fusion", 10_000_000, 800_000),
+    ]
+    b = profile.breakdown(events, steps=2, wall_s=0.020, top=3)
+    assert b["category_ms"] == pytest.approx({"lora": 0.5, "attention": 0.5, "gemm": 1.5,
+                                              "copy": 0.1, "other": 0.9})
+    assert b["busy_ms"] == pytest.approx((5.5 + 0.2 + 0.8) / 2)
+    assert b["wall_ms"] == pytest.approx(10.0) and b["idle_ms"] == pytest.approx(10.0 - 3.25)
+    assert b["kernels_per_step"] == 3.5
+    assert [k["name"] for k in b["top_kernels"]] == ["nvjet_tst_128x64_gemm",
+                                                     "paged_attention_decode_b16",
+                                                     "loop_multiply_fusion"]
+    assert b["top_kernels"][0] == {"name": "nvjet_tst_128x64_gemm", "category": "gemm",
+                                   "ms": 1.5, "launches": 0.5}
+    assert "idle 6.75" in profile.format_breakdown("t", b)
+    assert profile.gpu_events("/nonexistent") == []
 
 
 def test_online_trace_pages_adapters_and_measures_latency():

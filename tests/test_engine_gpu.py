@@ -1,16 +1,19 @@
 """On the GPU: the engine with the Pallas kernels (SGMV + paged attention) generates the same
-tokens as with the jnp reference path."""
+tokens as with the jnp reference path. On any machine: its step shapes lower for the GPU."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 import pytest
+from gpu_lowering import lower_for_gpu, triton_kernels
 
 import jaxlora
 from configs.models import TINY
 from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+from jaxlora.engine.runner import empty_batch
 from jaxlora.lora import random_lora_weights
 from jaxlora.model import init_params
 from jaxlora.sampling import SamplingParams
@@ -46,3 +49,36 @@ def test_pallas_engine_matches_reference_engine():
                                                            sampling=sampling)]
     assert jax.default_backend() == "gpu"
     assert outputs["pallas"] == outputs["reference"]
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_pallas_engine_steps_lower_for_the_gpu(layer_loop):
+    """On any machine: every step shape of an engine on the Pallas kernels (decode and prefill,
+    with and without LoRA) lowers to Triton kernels for an abstract GPU (tests/gpu_lowering.py)."""
+    config = EngineConfig(
+        kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
+        runner=RunnerConfig(max_batch=4, prefill_chunk=32, max_prefill_rows=2, impl="pallas",
+                            layer_loop=layer_loop),
+        lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
+        warmup=False)
+    llm = jaxlora.LLM(CONFIG, params=init_params(CONFIG, 0), adapters={
+        "a0": random_lora_weights(CONFIG, "a0", 16, MODULES, seed=0)},
+        engine_config=config, load_workers=0)
+    engine, runner = llm.engine, llm.engine.runner
+    lowered = 0
+    for mode, rows, length in runner.bucket_shapes():
+        batch = empty_batch(rows, length, config.kv.max_pages_per_seq)
+        meta = engine._lora_meta([], np.asarray(batch.token_slot))
+        for use_lora in (False, True):
+            step = functools.partial(runner._forward, mode=mode, use_lora=use_lora)
+            with engine._locked_lora_pools() as pools:
+                text = lower_for_gpu(step, runner.params, engine.kv.k_pool, engine.kv.v_pool,
+                                     pools, batch, meta)
+            kernels = triton_kernels(text)
+            # scan: one traced layer; unrolled: every layer. Eight SGMV launches per layer with
+            # LoRA; decode attention in every layer (JAX may lower those as one shared function).
+            layers = 1 if layer_loop == "scan" else CONFIG.num_layers
+            sgmv, attention = 8 * layers * use_lora, mode == "decode"
+            assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
+            lowered += 1
+    assert lowered == 2 * len(runner.bucket_shapes())

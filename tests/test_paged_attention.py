@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gpu_lowering import lower_for_gpu, triton_kernels
 from jax.experimental import pallas as pl
 
 from jaxlora.errors import ConfigError
@@ -133,6 +134,25 @@ def test_kernel_interpret_kv_splits(dtype):
     assert (out[np.asarray(lens) == 0] == 0).all()
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(out, dense_attention(q, dk, dv, 0, 0.25), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("config", [PagedAttentionConfig(pages_per_block=4, kv_splits=1),
+                                    PagedAttentionConfig(pages_per_block=1, kv_splits=3), None],
+                         ids=["one_split", "kv_splits", "heuristic"])
+def test_kernel_lowers_for_the_gpu(config, dtype):
+    """The configurations interpreted above also lower to Triton (tests/gpu_lowering.py)."""
+    rng = np.random.default_rng(5)
+    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
+        rng, (1, 32, 33, 0, 64, 96), page_size=16, num_kv_heads=2, dtype=dtype)
+    q = jnp.asarray(rng.standard_normal((6, 4, 16)), dtype)
+
+    def attend(q, k_pool, v_pool, page_table, seq_lens, layer):
+        return paged_attention(q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=0.25,
+                               config=config)
+
+    text = lower_for_gpu(attend, q, k_pool, v_pool, page_table, seq_lens, jnp.int32(0))
+    assert triton_kernels(text) == 1
 
 
 def test_kernel_in_scan_over_layers_with_heuristic_config():

@@ -10,12 +10,14 @@ poisoned (NaN) before each run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gpu_lowering import lower_for_gpu, triton_kernels
 
 from jaxlora.errors import AdapterError, ConfigError
 from pallas_kernels.layout import NO_ADAPTER
@@ -162,18 +164,36 @@ def _run_shrink(prob, config, interpret, meta="host"):
     if meta == "host":
         kernel_meta = build_sgmv_metadata(prob.token_slot, prob.a_pages.shape[0], config=config)
     _poison_allocator(prob.x.shape[0] * prob.a_pages.shape[2] * 64 * 4)
-    return sgmv_shrink(prob.x, prob.a_pool, prob.a_pages, prob.ranks,
-                       jnp.asarray(prob.token_slot), prob.layer, weights=prob.weights,
-                       kernel_meta=kernel_meta, config=config, interpret=interpret)
+
+    def shrink(x, a_pool, a_pages, ranks, token_slot, layer, kernel_meta, *, interpret):
+        return sgmv_shrink(x, a_pool, a_pages, ranks, token_slot, layer, weights=prob.weights,
+                           kernel_meta=kernel_meta, config=config, interpret=interpret)
+
+    args = (prob.x, prob.a_pool, prob.a_pages, prob.ranks, jnp.asarray(prob.token_slot),
+            prob.layer, kernel_meta)
+    if interpret:  # the same call must also lower for the GPU
+        assert triton_kernels(lower_for_gpu(functools.partial(shrink, interpret=False),
+                                            *args)) == 1
+    return shrink(*args, interpret=interpret)
 
 
 def _run_expand(prob, v, config, interpret, meta="host"):
     kernel_meta = None
     if meta == "host":
         kernel_meta = build_sgmv_metadata(prob.token_slot, prob.b_pages.shape[0], config=config)
-    return sgmv_expand(prob.y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales,
-                       jnp.asarray(prob.token_slot), prob.layer, weights=prob.weights,
-                       kernel_meta=kernel_meta, config=config, interpret=interpret)
+
+    def expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer, kernel_meta, *,
+               interpret):
+        return sgmv_expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer,
+                           weights=prob.weights, kernel_meta=kernel_meta, config=config,
+                           interpret=interpret)
+
+    args = (prob.y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales,
+            jnp.asarray(prob.token_slot), prob.layer, kernel_meta)
+    if interpret:
+        assert triton_kernels(lower_for_gpu(functools.partial(expand, interpret=False),
+                                            *args)) == 1
+    return expand(*args, interpret=interpret)
 
 
 def _reference(prob):
@@ -420,6 +440,25 @@ def test_gpu_realistic_shapes_default_config(num_tokens):
     v = _run_shrink(prob, SgmvConfig(), False)
     y = _run_expand(prob, v, SgmvConfig(), False)
     _check(prob, v, y, v_ref, y_ref, "bfloat16")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 48, 300, 4096])
+def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
+    """What the GPU test above compiles, and T=4096 (the largest splits and column runs), lowered
+    to Triton on any machine (tests/gpu_lowering.py); host- and jnp-built metadata."""
+    prob = make_problem(num_tokens, num_tokens=num_tokens, in_width=1024,
+                        out_widths=(1024, 256, 256), rows_per_page=16, max_pages=4,
+                        num_slots=24, dtype=jnp.bfloat16)
+    config = SgmvConfig()
+    ts = jnp.asarray(prob.token_slot)
+    for meta in (build_sgmv_metadata(prob.token_slot, 24, config=config), None):
+        def step(x, y, ts, meta):
+            v = sgmv_shrink(x, prob.a_pool, prob.a_pages, prob.ranks, ts, prob.layer,
+                            weights=prob.weights, kernel_meta=meta, config=config)
+            return sgmv_expand(y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts,
+                               prob.layer, weights=prob.weights, kernel_meta=meta, config=config)
+
+        assert triton_kernels(lower_for_gpu(step, prob.x, prob.y, ts, meta)) == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from jaxlora.errors import ConfigError
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import pages_for_rank
 
-from . import roofline
+from . import profile, roofline
 from .engine_setup import BenchEngine, preload
 from .timing import CompileCounter, StepRecord
 from .workloads import WORKLOADS, assign_adapters, offline_prompts
@@ -23,6 +23,7 @@ from .workloads import WORKLOADS, assign_adapters, offline_prompts
 log = logging.getLogger("jaxlora.bench")
 
 KV_PAGE_SIZE = 16
+PROFILE_AFTER_TOKENS = 4  # every request past its prefill and first decode steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,9 @@ class OfflineConfig:
     prefill_rows: int = 8
     impl: str = "auto"  # RunnerConfig.impl
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
+    # Engine iterations of every row traced with the JAX profiler once the whole batch decodes
+    # (jaxlora/bench/profile.py); 0: none. Traced iterations are left out of the step times.
+    profile_steps: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -50,6 +54,9 @@ class OfflineConfig:
         if unknown or not self.workloads:
             raise ConfigError(f"offline benchmark workloads {list(self.workloads)}: expected a "
                               f"non-empty subset of {list(WORKLOADS)}")
+        if not isinstance(self.profile_steps, int) or self.profile_steps < 0:
+            raise ConfigError(f"offline benchmark field 'profile_steps': expected an int >= 0, "
+                              f"got {self.profile_steps!r}")
         for field in ("prompt_len", "output_len", "rank", "skewed_adapters", "prefill_rows"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -123,17 +130,31 @@ def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str
     prompts = offline_prompts(batch, config.prompt_len, model.vocab_size, seed=config.seed)
     sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
     bench.timer.take()
-    iterations = []
+    iterations, profiled_records, step_profile, profile_s = [], [], None, 0.0
     with CompileCounter() as compiles:
         start = time.perf_counter()
         requests = [engine.submit(list(map(int, p)), sampling, adapter=n)
                     for p, n in zip(prompts, names, strict=True)]
         while engine.has_work():
+            if (config.profile_steps and step_profile is None
+                    and config.output_len > PROFILE_AFTER_TOKENS + config.profile_steps
+                    and all(len(r.output_ids) >= PROFILE_AFTER_TOKENS for r in requests)):
+                kept = bench.timer.take()
+                t = time.perf_counter()
+                step_profile = profile.profile_iterations(engine.step, config.profile_steps) or {}
+                profile_s = time.perf_counter() - t
+                profiled_records = bench.timer.take()
+                bench.timer.records = kept
+                continue
             t = time.perf_counter()
             engine.step()
             iterations.append(time.perf_counter() - t)
         wall = time.perf_counter() - start
     records = bench.timer.take()
+    if profiled_records:
+        # The traced iterations count at the untraced median step time, not the profiler's.
+        typical = _median([r.seconds for r in records if r.mode == "decode"])
+        wall -= profile_s - len(profiled_records) * typical
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
         raise RuntimeError(f"offline row batch={batch} workload={workload}: "
@@ -147,6 +168,10 @@ def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str
            "iteration_ms_median": _median(iterations) * 1e3,
            "adapter_preload_s": load_s, "compilations_while_timed": compiles.count}
     row.update(summarize_decode(records, batch, model, bench.itemsize, copy_gbps))
+    if step_profile:
+        row["profile"] = {**step_profile,
+                          "profiled_step_records_ms": [r.seconds * 1e3 for r in profiled_records]}
+        log.info("%s", profile.format_breakdown(f"batch={batch} {workload}", step_profile))
     log.info("offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)",
              batch, workload, row["output_tokens_per_s"], row["decode_step_ms"],
              row["roofline_ms"], row["roofline_ratio"])

@@ -1,0 +1,117 @@
+"""Where a step's time goes: the GPU kernels of a few engine iterations, from the JAX profiler,
+grouped by what they compute (base GEMMs, attention, LoRA SGMV, memory copies and sets, other
+XLA kernels), beside the iterations' wall time. Wall time the kernels do not cover is the host:
+building the batch, dispatch, argument transfers and the sampler's round trip."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tempfile
+import time
+
+import jax
+
+# First match wins: a Pallas kernel is named after its pallas_call, XLA's cuBLAS/cuBLASLt GEMMs
+# carry gemm-library kernel names (nvjet on Hopper, xmma/cutlass/gemv elsewhere).
+CATEGORIES = (
+    ("lora", re.compile(r"sgmv", re.I)),
+    ("attention", re.compile(r"attention", re.I)),
+    ("gemm", re.compile(r"nvjet|gemm|xmma|cutlass|gemv|cublas|matmul|dot", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
+)
+OTHER = "other"
+
+
+def category(kernel_name: str) -> str:
+    for name, pattern in CATEGORIES:
+        if pattern.search(kernel_name):
+            return name
+    return OTHER
+
+
+def gpu_events(trace_dir: str) -> list[tuple[str, int, int]]:
+    """(name, start_ns, duration_ns) of every activity on the GPU streams of the newest trace in
+    trace_dir, by start time; empty where the trace has no GPU (CPU runs)."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not files:
+        return []
+    data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
+    events = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            events.extend((e.name, e.start_ns, e.duration_ns) for e in line.events)
+    events.sort(key=lambda e: e[1])
+    return events
+
+
+def busy_ns(events) -> int:
+    """Time at least one kernel ran (the union of their intervals: streams may overlap)."""
+    total, end = 0, None
+    for _, start, duration in sorted(events, key=lambda e: e[1]):
+        stop = start + duration
+        if end is None or start >= end:
+            total += duration
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total
+
+
+def breakdown(events, steps: int, wall_s: float, *, top: int = 12) -> dict:
+    """Per-iteration milliseconds of each category, the busy union and the wall time, the kernel
+    count, and the costliest kernel names (total ms per iteration and launches per iteration)."""
+    steps = max(1, steps)
+    per_category: dict[str, float] = {}
+    per_name: dict[str, list] = {}
+    for name, _, duration in events:
+        c = category(name)
+        per_category[c] = per_category.get(c, 0.0) + duration
+        entry = per_name.setdefault(name, [0.0, 0])
+        entry[0] += duration
+        entry[1] += 1
+    ms = {c: per_category.get(c, 0.0) / steps / 1e6
+          for c in [n for n, _ in CATEGORIES] + [OTHER]}
+    busy_ms = busy_ns(events) / steps / 1e6
+    wall_ms = wall_s / steps * 1e3
+    kernels = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "steps": steps, "wall_ms": wall_ms, "busy_ms": busy_ms,
+        "idle_ms": max(0.0, wall_ms - busy_ms), "kernels_per_step": len(events) / steps,
+        "category_ms": ms,
+        "top_kernels": [{"name": n[:120], "category": category(n), "ms": t / steps / 1e6,
+                         "launches": c / steps} for n, (t, c) in kernels],
+    }
+
+
+def profile_iterations(step, steps: int) -> dict | None:
+    """Runs step() `steps` times under the JAX profiler; the breakdown of their GPU kernels,
+    or None where the trace holds no GPU activity."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        try:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            wall = time.perf_counter() - start
+        finally:
+            jax.profiler.stop_trace()
+        events = gpu_events(trace_dir)
+    if not events:
+        return None
+    return breakdown(events, steps, wall)
+
+
+def format_breakdown(label: str, b: dict) -> str:
+    cats = "  ".join(f"{c} {ms:.2f}" for c, ms in b["category_ms"].items())
+    lines = [f"profile {label}: wall {b['wall_ms']:.2f} ms/step, GPU busy {b['busy_ms']:.2f}, "
+             f"idle {b['idle_ms']:.2f}; {b['kernels_per_step']:.0f} kernels/step; {cats}"]
+    lines += [f"    {k['ms']:7.3f} ms {k['launches']:6.1f}x  {k['category']:<9} {k['name']}"
+              for k in b["top_kernels"]]
+    return "\n".join(lines)
