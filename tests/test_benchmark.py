@@ -222,6 +222,11 @@ def test_profile_breakdown_groups_kernels_and_measures_idle_time():
     assert b["busy_ms"] == pytest.approx((5.5 + 0.2 + 0.8) / 2)
     assert b["wall_ms"] == pytest.approx(10.0) and b["idle_ms"] == pytest.approx(10.0 - 3.25)
     assert b["kernels_per_step"] == 3.5
+    # Idle: 0.5 ms before the MemcpyH2D, 3.8 ms before the last kernel (both long).
+    assert profile.idle_gaps_ns(events) == [500_000, 3_800_000]
+    assert b["launch_gap_ms"] == 0.0 and b["long_gaps_per_step"] == 1.0
+    close = [("a", 0, 1000), ("b", 21_000, 1000), ("c", 200_000, 1000)]
+    assert profile.breakdown(close, 1, 1e-3)["launch_gap_ms"] == pytest.approx(0.02)
     assert [k["name"] for k in b["top_kernels"]] == ["nvjet_tst_128x64_gemm",
                                                      "paged_attention_decode_b16",
                                                      "loop_multiply_fusion"]

@@ -22,6 +22,7 @@ CATEGORIES = (
     ("copy", re.compile(r"memcpy|memset|copy", re.I)),
 )
 OTHER = "other"
+LAUNCH_GAP_NS = 50_000
 
 
 def category(kernel_name: str) -> str:
@@ -50,18 +51,28 @@ def gpu_events(trace_dir: str) -> list[tuple[str, int, int]]:
     return events
 
 
-def busy_ns(events) -> int:
-    """Time at least one kernel ran (the union of their intervals: streams may overlap)."""
-    total, end = 0, None
+def _union(events) -> list[list[int]]:
+    """The intervals during which at least one kernel ran (streams may overlap), in order."""
+    spans: list[list[int]] = []
     for _, start, duration in sorted(events, key=lambda e: e[1]):
         stop = start + duration
-        if end is None or start >= end:
-            total += duration
-            end = stop
-        elif stop > end:
-            total += stop - end
-            end = stop
-    return total
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], stop)
+        else:
+            spans.append([start, stop])
+    return spans
+
+
+def busy_ns(events) -> int:
+    """Time at least one kernel ran."""
+    return sum(stop - start for start, stop in _union(events))
+
+
+def idle_gaps_ns(events) -> list[int]:
+    """The idle stretches between kernels: short ones are the GPU waiting for the host to launch
+    the next kernel of a step, long ones the host's work between steps."""
+    spans = _union(events)
+    return [b[0] - a[1] for a, b in zip(spans, spans[1:])]
 
 
 def breakdown(events, steps: int, wall_s: float, *, top: int = 12) -> dict:
@@ -80,10 +91,15 @@ def breakdown(events, steps: int, wall_s: float, *, top: int = 12) -> dict:
           for c in [n for n, _ in CATEGORIES] + [OTHER]}
     busy_ms = busy_ns(events) / steps / 1e6
     wall_ms = wall_s / steps * 1e3
+    gaps = idle_gaps_ns(events)
+    short = [g for g in gaps if g < LAUNCH_GAP_NS]
     kernels = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
     return {
         "steps": steps, "wall_ms": wall_ms, "busy_ms": busy_ms,
         "idle_ms": max(0.0, wall_ms - busy_ms), "kernels_per_step": len(events) / steps,
+        # Idle time between kernels closer than LAUNCH_GAP_NS, and the number of longer gaps.
+        "launch_gap_ms": sum(short) / steps / 1e6,
+        "long_gaps_per_step": (len(gaps) - len(short)) / steps,
         "category_ms": ms,
         "top_kernels": [{"name": n[:120], "category": category(n), "ms": t / steps / 1e6,
                          "launches": c / steps} for n, (t, c) in kernels],
@@ -111,7 +127,8 @@ def profile_iterations(step, steps: int) -> dict | None:
 def format_breakdown(label: str, b: dict) -> str:
     cats = "  ".join(f"{c} {ms:.2f}" for c, ms in b["category_ms"].items())
     lines = [f"profile {label}: wall {b['wall_ms']:.2f} ms/step, GPU busy {b['busy_ms']:.2f}, "
-             f"idle {b['idle_ms']:.2f}; {b['kernels_per_step']:.0f} kernels/step; {cats}"]
+             f"idle {b['idle_ms']:.2f} (between kernels < 50 us apart: "
+             f"{b['launch_gap_ms']:.2f}); {b['kernels_per_step']:.0f} kernels/step; {cats}"]
     lines += [f"    {k['ms']:7.3f} ms {k['launches']:6.1f}x  {k['category']:<9} {k['name']}"
               for k in b["top_kernels"]]
     return "\n".join(lines)
