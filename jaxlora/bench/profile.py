@@ -6,6 +6,7 @@ building the batch, dispatch, argument transfers and the sampler's round trip.""
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
 import tempfile
@@ -72,7 +73,7 @@ def idle_gaps_ns(events) -> list[int]:
     """The idle stretches between kernels: short ones are the GPU waiting for the host to launch
     the next kernel of a step, long ones the host's work between steps."""
     spans = _union(events)
-    return [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return [b[0] - a[1] for a, b in itertools.pairwise(spans)]
 
 
 def breakdown(events, steps: int, wall_s: float, *, top: int = 12) -> dict:
