@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import glob
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ from jax.experimental.pallas import triton as pltriton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlora.bench.profile import gpu_events  # noqa: E402
 from pallas_kernels.sgmv import (  # noqa: E402
     SgmvConfig,
     build_sgmv_metadata,
@@ -279,24 +279,6 @@ def make_timed(step, iters, weights):
             y = step(x_i, y, pools, tables_i, layer, weights)
         return y, flush_buf
     return jax.jit(timed, donate_argnums=(0, 1))
-
-
-def gpu_events(trace_dir):
-    """(name, start_ns, duration_ns) of every device activity on the GPU streams, by start."""
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not files:
-        return []
-    data = jax.profiler.ProfileData.from_file(max(files, key=os.path.getmtime))
-    events = []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            events.extend((e.name, e.start_ns, e.duration_ns) for e in line.events)
-    events.sort(key=lambda e: e[1])
-    return events
 
 
 def profile(run):
