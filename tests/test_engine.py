@@ -365,3 +365,62 @@ def test_a_failed_adapter_load_fails_its_requests_only_and_leaks_nothing(base, l
     assert engine.kv.free_pages == free_kv and llm.adapters.stats().referenced == 0
     llm.adapters.evict_all_unused()
     assert all(u.used_pages == 0 for u in llm.adapters.stats().pools.values())
+
+
+def test_packed_step_inputs_round_trip_every_dtype():
+    from jaxlora.engine.runner import PackedInputs
+
+    rng = np.random.default_rng(0)
+    tree = ({"ids": rng.integers(-5, 9, (3, 4)).astype(np.int32),
+             "valid": rng.random((2, 5)) < 0.5, "none": None},
+            {"scales": rng.standard_normal((4, 7)).astype(np.float32),
+             "wide": np.array([2 ** 31 - 1, -2 ** 31], np.int64),
+             "empty": np.zeros((0, 3), np.int32)})
+    packed = PackedInputs.pack(tree)
+    assert packed.buffer.dtype == np.int32 and packed.buffer.shape == (12 + 10 + 28 + 2,)
+    back = jax.jit(PackedInputs.unpack, static_argnums=(1, 2))(packed.buffer, packed.treedef,
+                                                              packed.layout)
+    assert back[0]["none"] is None
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), want)  # float32 bit for bit
+    assert back[0]["valid"].dtype == jnp.bool_ and back[1]["scales"].dtype == jnp.float32
+    with pytest.raises(ValueError, match="does not fit int32"):
+        PackedInputs.pack({"x": np.array([2 ** 31], np.int64)})
+    with pytest.raises(TypeError, match="float64"):
+        PackedInputs.pack({"x": np.zeros(2)})
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_a_step_makes_one_host_to_device_transfer(base, lora_adapters, use_lora):
+    """The batch and the LoRA and kernel metadata travel packed in one explicit transfer: with
+    implicit host-to-device transfers disallowed, a step still runs and gives the logits of the
+    unpacked inputs."""
+    import dataclasses
+
+    from jaxlora.engine.runner import empty_batch
+
+    config = small_engine_config()
+    config = dataclasses.replace(config, runner=dataclasses.replace(config.runner,
+                                                                    impl="pallas_interpret"))
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
+                      load_workers=0)
+    engine, runner = llm.engine, llm.engine.runner
+    handle = engine.adapters.acquire("all5")
+    handle.wait()
+    batch = empty_batch(8, 1, config.kv.max_pages_per_seq)
+    batch = batch.replace(tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
+                          token_valid=np.ones((8, 1), bool),
+                          seq_lens=np.ones(8, np.int32),
+                          token_slot=np.where(np.arange(8) % 2, 0, -1).astype(np.int32)[:, None])
+    meta = engine._lora_meta([handle.slot_info], batch.token_slot)
+    assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(meta))
+    with engine._locked_lora_pools() as pools:
+        expected = jax.jit(runner._forward, static_argnames=("mode", "use_lora"))(
+            runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta,
+            mode="decode", use_lora=use_lora)[0]
+        with jax.transfer_guard_host_to_device("disallow"):
+            logits, engine.kv.k_pool, engine.kv.v_pool = runner.run(
+                "decode", engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta, use_lora)
+    handle.release()
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-6, atol=1e-6)

@@ -477,13 +477,11 @@ class Engine:
         meta = layout.build_slot_metadata(slot_infos, max_slots=pool.max_slots,
                                           max_rank=pool.max_rank,
                                           rows_per_page=pool.rows_per_page)
-        meta = {k: jnp.asarray(v) for k, v in meta.items()}
         if self.runner.impl != "reference":
             # The kernels' token order and tiles, built here once per step rather than inside
             # every (layer, module group) launch.
-            kernel_meta = build_sgmv_metadata(token_slot.reshape(-1), pool.max_slots)
-            meta["kernel_meta"] = {k: jnp.asarray(v) for k, v in kernel_meta.items()}
-        return meta
+            meta["kernel_meta"] = build_sgmv_metadata(token_slot.reshape(-1), pool.max_slots)
+        return meta  # host arrays: the runner sends them with the batch in one transfer
 
     def _run_rows(self, mode: str, rows: list[tuple[Request, int]]) -> None:
         # A row scheduled earlier in this iteration may have been preempted since.

@@ -70,6 +70,58 @@ class RunnerConfig:
         return sizes
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedInputs:
+    """A step's host-built inputs (the StepBatch and the LoRA metadata: some twenty small int32,
+    bool and float32 arrays) laid end to end in one int32 buffer, so that a step makes one
+    host-to-device transfer instead of one per array. ``layout`` (static: part of the step's
+    compilation key) records each array's shape and dtype; ``unpack`` rebuilds them on the
+    device as slices of the buffer."""
+
+    buffer: np.ndarray  # (n,) int32
+    treedef: jax.tree_util.PyTreeDef
+    layout: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype name) per leaf
+
+    @staticmethod
+    def pack(tree) -> PackedInputs:
+        leaves, treedef = jax.tree.flatten(tree)
+        parts, layout = [], []
+        for leaf in leaves:
+            array = np.asarray(leaf)
+            if array.dtype == np.float32:
+                words = array.view(np.int32)
+            elif array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
+                if array.size and np.issubdtype(array.dtype, np.integer) and (
+                        array.min() < np.iinfo(np.int32).min
+                        or array.max() > np.iinfo(np.int32).max):
+                    raise ValueError(f"step input of dtype {array.dtype} does not fit int32")
+                words = array.astype(np.int32)
+            else:
+                raise TypeError(f"step input dtype {array.dtype}: expected an integer, bool or "
+                                "float32 array")
+            parts.append(words.reshape(-1))
+            layout.append((tuple(array.shape), "bool" if array.dtype == np.bool_ else
+                           "float32" if array.dtype == np.float32 else "int32"))
+        buffer = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        return PackedInputs(buffer=buffer, treedef=treedef, layout=tuple(layout))
+
+    @staticmethod
+    def unpack(buffer: jax.Array, treedef, layout):
+        """The inputs as device arrays (static slices of the buffer, inside the jitted step)."""
+        leaves, offset = [], 0
+        for shape, dtype in layout:
+            size = int(np.prod(shape, dtype=np.int64))
+            words = buffer[offset:offset + size].reshape(shape)
+            offset += size
+            if dtype == "bool":
+                leaves.append(words != 0)
+            elif dtype == "float32":
+                leaves.append(jax.lax.bitcast_convert_type(words, jnp.float32))
+            else:
+                leaves.append(words)
+        return jax.tree.unflatten(treedef, leaves)
+
+
 def bucket(n: int, sizes: tuple[int, ...]) -> int:
     """The smallest bucket that holds n rows: bounded compilations."""
     return next(b for b in sizes if b >= n)
@@ -88,9 +140,16 @@ class ModelRunner:
         self.runner = runner
         self.impl = resolve_impl(runner.impl)
         self.model = Llama(config, dtype=dtype, scan_layers=runner.scan_layers())
-        self._step = jax.jit(self._forward, static_argnames=("mode", "use_lora"),
+        self._step = jax.jit(self._packed_forward,
+                             static_argnames=("treedef", "layout", "mode", "use_lora"),
                              donate_argnums=(1, 2))
         self.compiled_shapes: set[tuple] = set()
+
+    def _packed_forward(self, params, k_pool, v_pool, lora_pools, buffer, *, treedef, layout,
+                        mode: str, use_lora: bool):
+        batch, lora_meta = PackedInputs.unpack(buffer, treedef, layout)
+        return self._forward(params, k_pool, v_pool, lora_pools, batch, lora_meta, mode=mode,
+                             use_lora=use_lora)
 
     def _forward(self, params, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta, *,
                  mode: str, use_lora: bool):
@@ -107,13 +166,16 @@ class ModelRunner:
 
     def run(self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta,
             use_lora: bool):
-        """Dispatches one step (asynchronously); returns logits (B, V) and the new KV pools."""
+        """Dispatches one step (asynchronously); returns logits (B, V) and the new KV pools.
+        batch and lora_meta are host (numpy) arrays: they travel in one packed transfer."""
         key = (mode, batch.tokens.shape, use_lora)
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
             log.info("compiling step mode=%s batch=%s lora=%s (%d compiled shapes)", mode,
                      batch.tokens.shape, use_lora, len(self.compiled_shapes))
-        return self._step(self.params, k_pool, v_pool, lora_pools, batch, lora_meta, mode=mode,
+        packed = PackedInputs.pack((batch, lora_meta))
+        return self._step(self.params, k_pool, v_pool, lora_pools, jax.device_put(packed.buffer),
+                          treedef=packed.treedef, layout=packed.layout, mode=mode,
                           use_lora=use_lora)
 
     def lower(self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta,
@@ -121,8 +183,10 @@ class ModelRunner:
         """The step lowered for these shapes (``.compile()`` fills JAX's compilation cache, so
         a later ``run`` of the same shapes does not compile again)."""
         self.compiled_shapes.add((mode, batch.tokens.shape, use_lora))
-        return self._step.lower(self.params, k_pool, v_pool, lora_pools, batch, lora_meta,
-                                mode=mode, use_lora=use_lora)
+        packed = PackedInputs.pack((batch, lora_meta))
+        return self._step.lower(self.params, k_pool, v_pool, lora_pools, packed.buffer,
+                                treedef=packed.treedef, layout=packed.layout, mode=mode,
+                                use_lora=use_lora)
 
     def bucket_shapes(self) -> list[tuple[str, int, int]]:
         r = self.runner
