@@ -70,6 +70,10 @@ class RunnerConfig:
         return sizes
 
 
+_INT32, _FLOAT32, _BOOL = np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.bool_)
+_INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedInputs:
     """A step's host-built inputs (the StepBatch and the LoRA metadata: some twenty small int32,
@@ -84,25 +88,32 @@ class PackedInputs:
 
     @staticmethod
     def pack(tree) -> PackedInputs:
+        # Runs on every step: the common dtypes take no checks and no copies (a view for float32
+        # words, a ravel view for contiguous int32); only bool and other integers are converted.
         leaves, treedef = jax.tree.flatten(tree)
         parts, layout = [], []
         for leaf in leaves:
-            array = np.asarray(leaf)
-            if array.dtype == np.float32:
-                words = array.view(np.int32)
-            elif array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
-                if array.size and np.issubdtype(array.dtype, np.integer) and (
-                        array.min() < np.iinfo(np.int32).min
-                        or array.max() > np.iinfo(np.int32).max):
-                    raise ValueError(f"step input of dtype {array.dtype} does not fit int32")
-                words = array.astype(np.int32)
+            array = leaf if isinstance(leaf, np.ndarray) else np.asarray(leaf)
+            dtype = array.dtype
+            if dtype == _INT32:
+                parts.append(array.ravel())
+                kind = "int32"
+            elif dtype == _FLOAT32:
+                parts.append(array.ravel().view(_INT32))
+                kind = "float32"
+            elif dtype == _BOOL:
+                parts.append(array.ravel().astype(_INT32))
+                kind = "bool"
+            elif np.issubdtype(dtype, np.integer):
+                if array.size and (array.min() < _INT32_MIN or array.max() > _INT32_MAX):
+                    raise ValueError(f"step input of dtype {dtype} does not fit int32")
+                parts.append(array.ravel().astype(_INT32))
+                kind = "int32"
             else:
-                raise TypeError(f"step input dtype {array.dtype}: expected an integer, bool or "
+                raise TypeError(f"step input dtype {dtype}: expected an integer, bool or "
                                 "float32 array")
-            parts.append(words.reshape(-1))
-            layout.append((tuple(array.shape), "bool" if array.dtype == np.bool_ else
-                           "float32" if array.dtype == np.float32 else "int32"))
-        buffer = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+            layout.append((array.shape, kind))
+        buffer = np.concatenate(parts) if parts else np.zeros(0, _INT32)
         return PackedInputs(buffer=buffer, treedef=treedef, layout=tuple(layout))
 
     @staticmethod
