@@ -54,6 +54,7 @@ that derivation lives beside each kernel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -123,16 +124,36 @@ def build_slot_metadata(slots: list[SlotInfo | None], *, max_slots: int, max_ran
     for s, info in enumerate(slots):
         if info is None:
             continue
-        for w in range(n):
-            r = info.ranks[w]
-            if r > max_rank:
-                raise ValueError(f"slot {s} weight {MODULES[w]}: rank {r} > max_rank {max_rank}")
-            need = pages_for_rank(r, rows_per_page)
-            if len(info.a_pages[w]) != need or len(info.b_pages[w]) != need:
-                raise ValueError(f"slot {s} weight {MODULES[w]}: rank {r} needs {need} pages, "
-                                 f"got {len(info.a_pages[w])} (A) / {len(info.b_pages[w])} (B)")
-            ranks[s, w] = r
-            scales[s, w] = info.scales[w] if r else 0.0
-            a_pages[s, w, :need] = info.a_pages[w]
-            b_pages[s, w, :need] = info.b_pages[w]
+        try:
+            rows = _slot_rows(info, max_rank, rows_per_page)
+        except ValueError as e:
+            raise ValueError(f"slot {s} {e}") from None
+        ranks[s], scales[s], a_pages[s], b_pages[s] = rows
     return {"a_pages": a_pages, "b_pages": b_pages, "ranks": ranks, "scales": scales}
+
+
+@functools.lru_cache(maxsize=8192)
+def _slot_rows(info: SlotInfo, max_rank: int, rows_per_page: int):
+    """One adapter's rows of the slot arrays. The engine packs the same resident adapters step
+    after step: their rows are checked and built once (SlotInfo is immutable)."""
+    mp = pages_for_rank(max_rank, rows_per_page)
+    n = len(MODULES)
+    a_pages = np.zeros((n, mp), np.int32)
+    b_pages = np.zeros((n, mp), np.int32)
+    ranks = np.zeros(n, np.int32)
+    scales = np.zeros(n, np.float32)
+    for w in range(n):
+        r = info.ranks[w]
+        if r > max_rank:
+            raise ValueError(f"weight {MODULES[w]}: rank {r} > max_rank {max_rank}")
+        need = pages_for_rank(r, rows_per_page)
+        if len(info.a_pages[w]) != need or len(info.b_pages[w]) != need:
+            raise ValueError(f"weight {MODULES[w]}: rank {r} needs {need} pages, "
+                             f"got {len(info.a_pages[w])} (A) / {len(info.b_pages[w])} (B)")
+        ranks[w] = r
+        scales[w] = info.scales[w] if r else 0.0
+        a_pages[w, :need] = info.a_pages[w]
+        b_pages[w, :need] = info.b_pages[w]
+    for array in (ranks, scales, a_pages, b_pages):
+        array.flags.writeable = False  # shared by every later step
+    return ranks, scales, a_pages, b_pages

@@ -424,3 +424,15 @@ def test_a_step_makes_one_host_to_device_transfer(base, lora_adapters, use_lora)
                 "decode", engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta, use_lora)
     handle.release()
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_request_tokens_slice_the_sequence_without_building_it():
+    from jaxlora.engine.request import Request
+
+    request = Request("r", [10, 11, 12, 13], GREEDY)
+    request.output_ids.extend([20, 21, 22])
+    sequence = request.sequence
+    assert request.sequence_len == len(sequence) == 7
+    for start in range(8):
+        for n in range(8 - start):
+            assert request.tokens(start, n) == sequence[start:start + n], (start, n)

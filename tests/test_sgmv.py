@@ -20,7 +20,7 @@ import pytest
 from gpu_lowering import lower_for_gpu, triton_kernels
 
 from jaxlora.errors import AdapterError, ConfigError
-from pallas_kernels.layout import NO_ADAPTER
+from pallas_kernels.layout import NO_ADAPTER, SlotInfo, build_slot_metadata
 from pallas_kernels.sgmv import (
     SgmvConfig,
     build_sgmv_metadata,
@@ -297,6 +297,28 @@ def test_metadata_rejects_bad_slots():
         build_sgmv_metadata(np.array([0, 1, 7], np.int32), 4)
     with pytest.raises(AdapterError, match="token_slot"):
         build_sgmv_metadata(np.array([0, -2], np.int32), 4)
+
+
+def test_slot_metadata_packs_cached_rows_into_fresh_arrays():
+    info = SlotInfo(ranks=(5, 0, 1, 16, 5, 5, 5), scales=(0.5, 1.0, 2.0, 0.5, 0.5, 0.5, 0.5),
+                    a_pages=((3, 9), (), (4,), (1, 2, 5, 6), (7, 8), (10, 11), (12, 13)),
+                    b_pages=((0, 2), (), (6,), (3, 4, 7, 8), (1, 5), (9, 10), (11, 12)))
+    kw = dict(max_slots=3, max_rank=16, rows_per_page=4)
+    first = build_slot_metadata([None, info], **kw)
+    np.testing.assert_array_equal(first["ranks"][1], info.ranks)
+    np.testing.assert_array_equal(first["scales"][1], [0.5, 0.0, 2.0, 0.5, 0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(first["a_pages"][1, 3], [1, 2, 5, 6])
+    np.testing.assert_array_equal(first["b_pages"][1, 0], [0, 2, 0, 0])
+    assert not first["ranks"][[0, 2]].any()
+    first["ranks"][1] = -1  # a step's arrays are its own: the cached rows stay intact
+    again = build_slot_metadata([info, None, info], **kw)
+    np.testing.assert_array_equal(again["ranks"][0], info.ranks)
+    np.testing.assert_array_equal(again["a_pages"][2], again["a_pages"][0])
+    with pytest.raises(ValueError, match="slot 1 weight q_proj: rank 5 needs 2 pages"):
+        build_slot_metadata([info, dataclasses.replace(info, a_pages=((3,),) + info.a_pages[1:])],
+                            **kw)
+    with pytest.raises(ValueError, match="slot 0 weight o_proj: rank 16 > max_rank 8"):
+        build_slot_metadata([info], max_slots=1, max_rank=8, rows_per_page=4)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -503,7 +503,7 @@ class Engine:
         slot_infos = []
         for i, (request, n) in enumerate(rows):
             start = request.num_computed
-            tokens[i, :n] = request.sequence[start:start + n]
+            tokens[i, :n] = request.tokens(start, n)
             positions[i, :n] = np.arange(start, start + n)
             valid[i, :n] = True
             page_table[i] = self.kv.page_table_row(request.request_id)
@@ -523,7 +523,7 @@ class Engine:
         with self._locked_lora_pools() as lora_pools:
             logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
                 mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta, use_lora)
-        sampled_rows = [(r, n) if r.num_computed + n == len(r.sequence) else None
+        sampled_rows = [(r, n) if r.num_computed + n == r.sequence_len else None
                         for r, n in rows]
         sampled = self._sample(logits, [r for r, _ in rows] + [None] * (b - len(rows)))
         with self._lock:
@@ -590,7 +590,7 @@ class Engine:
             if stopped:
                 finish = FinishReason.STOP
         if finish is None and (len(request.output_ids) >= sp.max_tokens or
-                               len(request.sequence) >= self.engine_config.kv.max_model_len):
+                               request.sequence_len >= self.engine_config.kv.max_model_len):
             finish = FinishReason.LENGTH
         if finish is not None and not (detector is not None and detector.stopped):
             # The end of the output: what the decoder and the stop detector held back is text.

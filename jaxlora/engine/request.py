@@ -76,6 +76,19 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def sequence_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        """sequence[start:start + n] without building the whole sequence (every step)."""
+        prompt = len(self.prompt_ids)
+        if start + n <= prompt:
+            return self.prompt_ids[start:start + n]
+        if start >= prompt:
+            return self.output_ids[start - prompt:start - prompt + n]
+        return self.prompt_ids[start:] + self.output_ids[:start + n - prompt]
+
+    @property
     def remaining(self) -> int:
         """Tokens still to feed before the next one can be sampled."""
         return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
