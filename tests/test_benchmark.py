@@ -270,7 +270,8 @@ def _results(ratio=1.1, lora_ratio=1.05, speedup=40.0, retention=0.97):
             "peft": {"rows": [{"batch": 8, "workload": "distinct",
                                "output_tokens_per_s": 10.0}]},
             "online": {"rows": [{"num_adapters": n, "throughput_rps": rps, "ttft_p50_s": 0.1,
-                                 "ttft_p90_s": 0.2, "ttft_p99_s": 0.5}
+                                 "ttft_p90_s": 0.2, "ttft_p99_s": 0.5,
+                                 "output_tokens_per_s": 250 * rps}
                                 for n, rps in ((5, 10.0), (2000, 10.0 * retention))]}}
 
 
@@ -280,6 +281,7 @@ def test_report_judges_each_target():
     missed = report.verdicts(_results(ratio=1.3, lora_ratio=1.2, speedup=20, retention=0.9))
     assert [v["met"] for v in missed] == [False, False, False, False]
     assert "1.30x" in missed[0]["detail"] and "20.0x" in missed[2]["detail"]
+    assert missed[3]["detail"] == "90.0% (9.00 vs 10.00 req/s); output tokens/s 90.0%"
     assert [v["met"] for v in report.verdicts({})] == [None] * 4
 
 

@@ -94,6 +94,10 @@ def verdicts(results: dict) -> list[dict]:
         retention = many / few if few else float("nan")
         met = retention >= ONLINE_RETENTION_TARGET
         detail = (f"{100 * retention:.1f}% ({many:.2f} vs {few:.2f} req/s)")
+        few_tps = online[ONLINE_FEW].get("output_tokens_per_s")
+        many_tps = online[ONLINE_MANY].get("output_tokens_per_s")
+        if few_tps and many_tps is not None:  # judged by requests/s; tokens/s shown beside it
+            detail += f"; output tokens/s {100 * many_tps / few_tps:.1f}%"
     else:
         met, detail = None, f"traces of {ONLINE_FEW} and {ONLINE_MANY} adapters not both run"
     out.append({"target": f"online throughput at {ONLINE_MANY} adapters >= "
