@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -35,7 +34,7 @@ from jax.experimental.pallas import triton as pltriton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlora.bench.profile import gpu_events  # noqa: E402
+from jaxlora.bench.profile import trace_gpu_events  # noqa: E402
 from pallas_kernels.sgmv import (  # noqa: E402
     SgmvConfig,
     build_sgmv_metadata,
@@ -281,16 +280,6 @@ def make_timed(step, iters, weights):
     return jax.jit(timed, donate_argnums=(0, 1))
 
 
-def profile(run):
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        try:
-            run()
-        finally:
-            jax.profiler.stop_trace()
-        return gpu_events(d)
-
-
 def segments(events):
     """Kernels between consecutive flushes: one list per iteration."""
     out, cur = [], None
@@ -375,7 +364,7 @@ def measure_copy_bandwidth(flush_buf):
                 flush_buf, outs = f(flush_buf, x)
                 jax.block_until_ready(outs)
                 del outs
-        events = profile(run)
+        events = trace_gpu_events(run)
         times = [seg_times(s)[0] for s in segments(events) if s]
         if times:
             us = float(np.median(times))
@@ -500,7 +489,7 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
                     jax.block_until_ready(p["y"])
 
     t0 = time.time()
-    segs = segments(profile(run_all))
+    segs = segments(trace_gpu_events(run_all))
     expected = sum(p["calls"] * row["iters"] for row, _, plan in work_plan
                    for p in plan.values())
     print(f"[{group.name} r={rank}] profiled {len(segs)} iterations (expected {expected}) in "

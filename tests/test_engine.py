@@ -431,7 +431,7 @@ def test_request_tokens_slice_the_sequence_without_building_it():
 
     request = Request("r", [10, 11, 12, 13], GREEDY)
     request.output_ids.extend([20, 21, 22])
-    sequence = request.sequence
+    sequence = request.prompt_ids + request.output_ids
     assert request.sequence_len == len(sequence) == 7
     for start in range(8):
         for n in range(8 - start):

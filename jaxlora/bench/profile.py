@@ -107,22 +107,32 @@ def breakdown(events, steps: int, wall_s: float, *, top: int = 12) -> dict:
     }
 
 
-def profile_iterations(step, steps: int) -> dict | None:
-    """Runs step() `steps` times under the JAX profiler; the breakdown of their GPU kernels,
-    or None where the trace holds no GPU activity."""
+def trace_gpu_events(run) -> list[tuple[str, int, int]]:
+    """Runs run() under the JAX profiler; its GPU activities (``gpu_events``)."""
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         try:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            wall = time.perf_counter() - start
+            run()
         finally:
             jax.profiler.stop_trace()
-        events = gpu_events(trace_dir)
+        return gpu_events(trace_dir)
+
+
+def profile_iterations(step, steps: int) -> dict | None:
+    """Runs step() `steps` times under the JAX profiler; the breakdown of their GPU kernels,
+    or None where the trace holds no GPU activity."""
+    wall = []
+
+    def run():
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall.append(time.perf_counter() - start)
+
+    events = trace_gpu_events(run)
     if not events:
         return None
-    return breakdown(events, steps, wall)
+    return breakdown(events, steps, wall[0])
 
 
 def format_breakdown(label: str, b: dict) -> str:

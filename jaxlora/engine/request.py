@@ -72,15 +72,11 @@ class Request:
         self._done = threading.Event()
 
     @property
-    def sequence(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
     def sequence_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def tokens(self, start: int, n: int) -> list[int]:
-        """sequence[start:start + n] without building the whole sequence (every step)."""
+        """(prompt_ids + output_ids)[start:start + n] without building the whole sequence."""
         prompt = len(self.prompt_ids)
         if start + n <= prompt:
             return self.prompt_ids[start:start + n]
