@@ -45,6 +45,9 @@ flags.DEFINE_string("model", "llama-2-7b", "model preset (configs/models.py)")
 flags.DEFINE_integer("model_layers", 0, "layers of the model (0: the preset's); fewer layers "
                      "compile faster for a quick per-layer profile, but the roofline rows are "
                      "only comparable at the preset's depth")
+flags.DEFINE_list("free_running", ["async", "sync"], "offline: after the timed pass, each row "
+                  "is served again untimed once per scheduling mode listed (async, sync); the "
+                  "first gives its tokens/s; empty: the timed pass's")
 flags.DEFINE_integer("profile_steps", 0, "offline: engine iterations per row traced with the JAX "
                      "profiler once the batch decodes (a per-kernel breakdown in the row's "
                      "'profile'); 0: none")
@@ -153,7 +156,8 @@ def main(argv):
             workloads=tuple(FLAGS.offline_workloads), prompt_len=FLAGS.prompt_len,
             output_len=FLAGS.output_len, rank=FLAGS.rank, skewed_adapters=FLAGS.skewed_adapters,
             prefill_rows=FLAGS.prefill_rows, impl=FLAGS.impl,
-            layer_loop=FLAGS.layer_loop, profile_steps=FLAGS.profile_steps, seed=FLAGS.seed)
+            layer_loop=FLAGS.layer_loop, profile_steps=FLAGS.profile_steps,
+            free_running=tuple(FLAGS.free_running), seed=FLAGS.seed)
     else:
         config = OnlineConfig(
             adapter_counts=tuple(int(n) for n in FLAGS.online_adapters), rate=FLAGS.online_rate,

@@ -52,6 +52,8 @@ flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
 flags.DEFINE_enum("layer_loop", "scan", ["scan", "unrolled"], "Step layer loop: scan (fast "
                   "compiles) or unrolled (on the H200, 1.5-2.2x faster 7B decode steps, minutes "
                   "of compiling; see docs/BENCHMARKS.md).")
+flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine iteration before reading the "
+                  "previous one's tokens, so that host work overlaps the GPU's (same outputs).")
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and "
                   "activations.")
@@ -94,7 +96,7 @@ def main(argv):
         max_waiting=FLAGS.max_waiting, page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages,
         max_model_len=FLAGS.max_model_len, adapter_pool_pages=FLAGS.adapter_pool_pages,
         rows_per_page=FLAGS.rows_per_page, max_rank=FLAGS.max_rank, max_slots=FLAGS.max_slots,
-        layer_loop=FLAGS.layer_loop)
+        layer_loop=FLAGS.layer_loop, async_scheduling=FLAGS.async_scheduling)
     try:
         state = build_state(launch)
     except JaxloraError as e:

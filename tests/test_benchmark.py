@@ -155,6 +155,13 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
         assert r["output_tokens"] == batch * config.output_len
         assert r["compilations_while_timed"] == 0
         assert r["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / r["wall_s"])
+        # The headline tokens/s is the untimed async pass's; the sync and the timed ones beside.
+        free = r["free_running"]
+        assert list(free) == ["async", "sync"]
+        assert r["wall_s"] == free["async"]["wall_s"]
+        assert all(f["compilations_while_timed"] == 0 and f["iteration_ms_median"] > 0
+                   for f in free.values())
+        assert r["output_tokens_per_s_timed"] > 0
         # output_len - 1 decode steps per request; batch 4 prefills in two steps of 2, so two
         # decode steps run half the batch.
         assert r["full_batch_decode_steps"] == config.output_len - 1 - (batch > 2)

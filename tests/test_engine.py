@@ -253,9 +253,9 @@ def test_replace_mid_generation_serves_each_request_its_own_version(base, lora_a
     llm = jaxlora.LLM(TINY, params=base, adapters={"all5": old},
                       engine_config=small_engine_config(), load_workers=0)
     first = llm.submit(prompt_old, adapter="all5", sampling=sampling)
-    llm.engine.step()
-    llm.engine.step()
-    assert first.output_ids  # decoding on version 1
+    for _ in range(3):  # async scheduling: the prefill's token is read one iteration later
+        llm.engine.step()
+    assert 0 < len(first.output_ids) < 6  # decoding on version 1
     llm.adapters.replace("all5", new)
     second = llm.submit(prompt_new, adapter="all5", sampling=sampling)
     llm.engine.run_until_idle()
@@ -436,3 +436,68 @@ def test_request_tokens_slice_the_sequence_without_building_it():
     for start in range(8):
         for n in range(8 - start):
             assert request.tokens(start, n) == sequence[start:start + n], (start, n)
+
+
+def test_async_scheduling_gives_the_sync_outputs(base, lora_adapters):
+    """Async scheduling (each iteration dispatched before the previous one's tokens are read,
+    decode rows taking their token from the device) gives every request the tokens, logprobs,
+    text and finish reason of the synchronous engine: with preemptions (a small KV pool),
+    mixed adapters, seeded sampling with top-k / top-p and logprobs, a stop token (its
+    request's next row is computed and dropped), a stop string, and the context length."""
+    import dataclasses
+
+    tokenizer = tiny_tokenizer()
+    prompts = [[5, 6, 7, 8], list(range(40, 52)), [300, 301], [9, 10, 11], [77] * 6,
+               [120, 121, 122, 123, 124]]
+    adapters = ["all5", None, "qv1", "mlp16", "all5", None]
+    probe = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, tokenizer=tokenizer,
+                        engine_config=small_engine_config(), load_workers=0)
+    probed = probe.generate(prompts[:2], adapter=adapters[:2],
+                            sampling=SamplingParams(temperature=0.0, max_tokens=8,
+                                                    ignore_eos=True))
+    stop_token = probed[0].token_ids[3]
+    stop_text = tokenizer.decode(probed[1].token_ids[2:4]).strip()
+    assert stop_token not in probed[0].token_ids[:3] and stop_text
+    samplings = [
+        SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token]),
+        SamplingParams(temperature=0.0, max_tokens=12, stop_strings=[stop_text]),
+        SamplingParams(temperature=0.9, top_p=0.8, top_k=20, max_tokens=10, seed=3,
+                       logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=0.7, max_tokens=9, seed=11, logprobs=0, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=40 - 6, ignore_eos=True),  # the context
+        SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
+    ]
+
+    def serve(async_scheduling):
+        config = dataclasses.replace(small_engine_config(num_pages=11, max_model_len=40),
+                                     async_scheduling=async_scheduling)
+        llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, tokenizer=tokenizer,
+                          engine_config=config, load_workers=0)
+        engine, run = llm.engine, llm.engine.runner.run
+        from_device = []
+
+        def spy(mode, *args, register=None):
+            from_device.append(int((args[3].token_src >= 0).sum()))
+            return run(mode, *args, register=register)
+
+        engine.runner.run = spy
+        requests = [llm.submit(p, adapter=a, sampling=s)
+                    for p, a, s in zip(prompts, adapters, samplings, strict=True)]
+        engine.run_until_idle()
+        assert engine.kv.free_pages == config.kv.num_pages
+        return requests, engine.stats, sum(from_device)
+
+    sync, sync_stats, sync_from_device = serve(False)
+    served, stats, from_device = serve(True)
+    assert sync_from_device == 0 and from_device > 0
+    assert sync_stats.preemptions > 0 and stats.preemptions > 0
+    assert [r.finish_reason for r in sync] == [FinishReason.STOP, FinishReason.STOP,
+                                               FinishReason.LENGTH, FinishReason.LENGTH,
+                                               FinishReason.LENGTH, FinishReason.LENGTH]
+    assert sync[0].output_ids[-1] == stop_token and len(sync[4].output_ids) == 40 - 6
+    for expected, got in zip(sync, served, strict=True):
+        assert got.output_ids == expected.output_ids
+        assert (got.finish_reason, got.text) == (expected.finish_reason, expected.text)
+        np.testing.assert_allclose(got.output_logprobs, expected.output_logprobs, atol=1e-5)
+        assert [sorted(t) for t in got.output_top_logprobs] == [
+            sorted(t) for t in expected.output_top_logprobs]

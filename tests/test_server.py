@@ -496,6 +496,9 @@ def test_launch_settings():
     gpu = engine_config_for(LLAMA3_8B, LaunchConfig(max_batch=64), backend="gpu")
     assert gpu.runner.max_batch == 64 and gpu.kv.max_model_len == 4096
     assert gpu.kv.num_pages * gpu.kv.page_size >= 32 * 4096
+    assert cpu.async_scheduling and gpu.async_scheduling
+    assert not engine_config_for(TINY, LaunchConfig(async_scheduling=False),
+                                 backend="cpu").async_scheduling
     with pytest.raises(ConfigError, match="max_model_len"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
 

@@ -43,6 +43,10 @@ class OfflineConfig:
     # Engine iterations of every row traced with the JAX profiler once the whole batch decodes
     # (jaxlora/bench/profile.py); 0: none. Traced iterations are left out of the step times.
     profile_steps: int = 0
+    # After the timed pass (every step waited for and timed), each row is served again once per
+    # mode here, untimed: "async" / "sync" scheduling (EngineConfig.async_scheduling). The first
+    # gives the row's output tokens/s; () keeps the timed pass's.
+    free_running: tuple[str, ...] = ("async", "sync")
     seed: int = 0
 
     def __post_init__(self):
@@ -54,6 +58,9 @@ class OfflineConfig:
         if unknown or not self.workloads:
             raise ConfigError(f"offline benchmark workloads {list(self.workloads)}: expected a "
                               f"non-empty subset of {list(WORKLOADS)}")
+        if any(mode not in ("async", "sync") for mode in self.free_running):
+            raise ConfigError(f"offline benchmark field 'free_running': expected modes 'async' "
+                              f"or 'sync', got {self.free_running!r}")
         if not isinstance(self.profile_steps, int) or self.profile_steps < 0:
             raise ConfigError(f"offline benchmark field 'profile_steps': expected an int >= 0, "
                               f"got {self.profile_steps!r}")
@@ -121,27 +128,80 @@ def summarize_decode(records: list[StepRecord], batch: int, model: ModelConfig, 
 
 def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str,
             copy_gbps: float) -> dict:
+    """The row's requests served once with every model step timed (the step times, the
+    roofline), then once per ``config.free_running`` scheduling mode untimed (tokens/s)."""
     engine = bench.engine
     model = engine.config
     indices = assign_adapters(workload, batch, seed=config.seed + batch,
                               skewed_adapters=config.skewed_adapters)
     names = _names(bench, indices)
     load_s = preload(bench, names)
-    prompts = offline_prompts(batch, config.prompt_len, model.vocab_size, seed=config.seed)
-    sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
     bench.timer.take()
+    timed = _serve(bench, config, batch, workload, names, profile_steps=config.profile_steps)
+    records = bench.timer.take()
+    wall = timed["wall_s"]
+    if timed["profiled_records"]:
+        # The traced iterations count at the untraced median step time, not the profiler's.
+        typical = _median([r.seconds for r in records if r.mode == "decode"])
+        wall -= timed["profile_s"] - len(timed["profiled_records"]) * typical
+    tokens = timed["output_tokens"]
+    row = {"batch": batch, "workload": workload,
+           "distinct_adapters": len({n for n in names if n is not None}),
+           "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
+           "output_tokens_per_s_timed": tokens / wall,
+           "engine_iterations": len(timed["iterations"]),
+           "iteration_ms_median": _median(timed["iterations"]) * 1e3,
+           "adapter_preload_s": load_s, "compilations_while_timed": timed["compilations"]}
+    row.update(summarize_decode(records, batch, model, bench.itemsize, copy_gbps))
+    if timed["step_profile"]:
+        row["profile"] = {**timed["step_profile"], "profiled_step_records_ms": [
+            r.seconds * 1e3 for r in timed["profiled_records"]]}
+        log.info("%s", profile.format_breakdown(f"batch={batch} {workload}",
+                                                timed["step_profile"]))
+    if config.free_running:
+        row["free_running"] = {}
+        bench.timer.enabled = False
+        try:
+            for mode in config.free_running:
+                engine.async_scheduling = mode == "async"
+                free = _serve(bench, config, batch, workload, names, profile_steps=0)
+                row["free_running"][mode] = {
+                    "wall_s": free["wall_s"],
+                    "output_tokens_per_s": free["output_tokens"] / free["wall_s"],
+                    "iteration_ms_median": _median(free["iterations"]) * 1e3,
+                    "compilations_while_timed": free["compilations"]}
+        finally:
+            bench.timer.enabled = True
+            engine.async_scheduling = engine.engine_config.async_scheduling
+        # The headline: the first free-running mode (the engine as it serves), not the pass
+        # that waited for every step to time it.
+        first = row["free_running"][config.free_running[0]]
+        row.update(wall_s=first["wall_s"], output_tokens_per_s=first["output_tokens_per_s"])
+    log.info("offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)",
+             batch, workload, row["output_tokens_per_s"], row["decode_step_ms"],
+             row["roofline_ms"], row["roofline_ratio"])
+    return row
+
+
+def _serve(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str,
+           names: list[str | None], *, profile_steps: int) -> dict:
+    """Serves the row's requests to the end; fails if one did not produce every token."""
+    engine = bench.engine
+    prompts = offline_prompts(batch, config.prompt_len, engine.config.vocab_size,
+                              seed=config.seed)
+    sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
     iterations, profiled_records, step_profile, profile_s = [], [], None, 0.0
     with CompileCounter() as compiles:
         start = time.perf_counter()
         requests = [engine.submit(list(map(int, p)), sampling, adapter=n)
                     for p, n in zip(prompts, names, strict=True)]
         while engine.has_work():
-            if (config.profile_steps and step_profile is None
-                    and config.output_len > PROFILE_AFTER_TOKENS + config.profile_steps
+            if (profile_steps and step_profile is None
+                    and config.output_len > PROFILE_AFTER_TOKENS + profile_steps
                     and all(len(r.output_ids) >= PROFILE_AFTER_TOKENS for r in requests)):
                 kept = bench.timer.take()
                 t = time.perf_counter()
-                step_profile = profile.profile_iterations(engine.step, config.profile_steps) or {}
+                step_profile = profile.profile_iterations(engine.step, profile_steps) or {}
                 profile_s = time.perf_counter() - t
                 profiled_records = bench.timer.take()
                 bench.timer.records = kept
@@ -150,32 +210,15 @@ def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str
             engine.step()
             iterations.append(time.perf_counter() - t)
         wall = time.perf_counter() - start
-    records = bench.timer.take()
-    if profiled_records:
-        # The traced iterations count at the untraced median step time, not the profiler's.
-        typical = _median([r.seconds for r in records if r.mode == "decode"])
-        wall -= profile_s - len(profiled_records) * typical
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
         raise RuntimeError(f"offline row batch={batch} workload={workload}: "
                            f"{len(failed)} requests did not produce {config.output_len} tokens "
                            f"(first: {failed[0].finish_reason} {failed[0].error})")
-    tokens = sum(len(r.output_ids) for r in requests)
-    row = {"batch": batch, "workload": workload,
-           "distinct_adapters": len({n for n in names if n is not None}),
-           "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
-           "engine_iterations": len(iterations),
-           "iteration_ms_median": _median(iterations) * 1e3,
-           "adapter_preload_s": load_s, "compilations_while_timed": compiles.count}
-    row.update(summarize_decode(records, batch, model, bench.itemsize, copy_gbps))
-    if step_profile:
-        row["profile"] = {**step_profile,
-                          "profiled_step_records_ms": [r.seconds * 1e3 for r in profiled_records]}
-        log.info("%s", profile.format_breakdown(f"batch={batch} {workload}", step_profile))
-    log.info("offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)",
-             batch, workload, row["output_tokens_per_s"], row["decode_step_ms"],
-             row["roofline_ms"], row["roofline_ratio"])
-    return row
+    return {"wall_s": wall, "iterations": iterations, "compilations": compiles.count,
+            "output_tokens": sum(len(r.output_ids) for r in requests),
+            "step_profile": step_profile, "profiled_records": profiled_records,
+            "profile_s": profile_s}
 
 
 def _names(bench: BenchEngine, indices: list[int | None]) -> list[str | None]:

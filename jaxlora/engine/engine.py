@@ -41,7 +41,16 @@ import numpy as np
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager
 from jaxlora.engine.request import Delta, FinishReason, Request, Status
-from jaxlora.engine.runner import ModelRunner, RunnerConfig, StepBatch, bucket, empty_batch
+from jaxlora.engine.runner import (
+    ModelRunner,
+    PackedInputs,
+    RunnerConfig,
+    StepBatch,
+    bucket,
+    empty_batch,
+    sample_step,
+    unpack_samples,
+)
 from jaxlora.errors import (
     JaxloraError,
     PoolExhaustedError,
@@ -50,11 +59,9 @@ from jaxlora.errors import (
 )
 from jaxlora.sampling import (
     MAX_LOGPROBS,
-    SampleOutput,
     SamplingBatch,
     SamplingParams,
     StopStringDetector,
-    sample,
     uses_top_k_top_p,
 )
 from pallas_kernels import layout
@@ -73,6 +80,21 @@ class EngineConfig:
     max_skips: int = 8  # fairness bound, see the module docstring
     warmup: bool = True
     compile_threads: int = 8  # warm-up compiles the step shapes on this many threads
+    # Dispatch each iteration's steps before reading the previous iteration's tokens: decode
+    # rows take their input token from the device, so the host's work (reading the tokens,
+    # streaming, scheduling, building the next batch) overlaps with the device's. A row whose
+    # request turns out to have stopped (EOS, a stop string) in the previous token is computed
+    # once more and dropped. Outputs are identical either way.
+    async_scheduling: bool = True
+
+
+@dataclasses.dataclass
+class _Launch:
+    """A dispatched step whose sampled tokens the host has not read yet."""
+
+    mode: str
+    sampled: jax.Array  # (B, 2 + 2n) int32, runner.unpack_samples; its copy to host started
+    rows: list  # (request, its epoch at dispatch, row) of the rows that sample a token
 
 
 @dataclasses.dataclass
@@ -111,15 +133,17 @@ class Engine:
         self.tokenizer = tokenizer
         self.mesh = mesh
         runner_config = ec.runner
-        kv_sharding = None
+        kv_sharding = register_sharding = None
         if mesh is not None and mesh.size > 1:
+            register_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             from jaxlora.sharding import kv_pool_sharding
 
             kv_sharding = kv_pool_sharding(mesh)
             # The Pallas kernels are not partitioned by GSPMD: a sharded step uses the jnp path,
             # which XLA splits over the mesh.
             runner_config = dataclasses.replace(runner_config, impl="reference")
-        self.runner = ModelRunner(config, params, runner_config, dtype=dtype)
+        self.runner = ModelRunner(config, params, runner_config, dtype=dtype,
+                                  register_sharding=register_sharding)
         self.kv = KVCacheManager(config, ec.kv, dtype=dtype, sharding=kv_sharding)
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -131,6 +155,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._seed_rng = np.random.default_rng()
+        self._register = self.runner.empty_register  # the tokens the last iteration sampled
+        self._pending: list[_Launch] = []  # async scheduling: steps not read back yet
+        self.async_scheduling = ec.async_scheduling  # may be switched between iterations
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
         if ec.warmup:
             self.warmup()
@@ -240,6 +267,8 @@ class Engine:
                 self.step()
             except Exception:  # an engine bug must not kill the server: fail the batch, go on
                 log.exception("engine step failed; failing the running requests")
+                self._pending = []
+                self._register = self.runner.empty_register
                 with self._lock:
                     for request in list(self._running):
                         self._finish(request, FinishReason.ERROR, "internal error in the step")
@@ -278,7 +307,7 @@ class Engine:
                     mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta,
                     use_lora)
             if use_lora or self.adapters is None:  # once per bucket
-                self._warm_sampler(logits, rows)
+                self._warm_sampler(logits, mode, rows)
         jax.block_until_ready(self.kv.k_pool)
         done = time.perf_counter()
         log.info("warm-up: %d step shapes lowered in %.1f s, compiled on %d threads in %.1f s, "
@@ -297,21 +326,30 @@ class Engine:
             self._reap()
             self._admit()
             decode, prefill = self._schedule()
-        ran = False
+        # Every step of this iteration reads the tokens the previous iteration sampled from the
+        # register as it was; the samplers chain their writes into the next one.
+        register_in, launched = self._register, []
         if prefill:
-            self._run_rows("prefill", prefill)
-            self.stats.prefill_steps += 1
-            ran = True
+            launched.append(self._launch("prefill", prefill, register_in))
         if decode:
-            self._run_rows("decode", decode)
-            self.stats.decode_steps += 1
-            ran = True
-        if ran:
+            launched.append(self._launch("decode", decode, register_in))
+        launched = [launch for launch in launched if launch is not None]
+        self.stats.prefill_steps += sum(launch.mode == "prefill" for launch in launched)
+        self.stats.decode_steps += sum(launch.mode == "decode" for launch in launched)
+        if self.async_scheduling:
+            # The device now has this iteration's steps queued: reading the previous one's
+            # tokens (and the host work on them) overlaps with them.
+            completing, self._pending = self._pending, launched
+        else:
+            completing = launched
+        for launch in completing:
+            self._complete(launch)
+        if launched:
             self.stats.steps += 1
             elapsed = time.perf_counter() - start
             ema = self.stats.step_time_ema
             self.stats.step_time_ema = elapsed if ema == 0 else 0.9 * ema + 0.1 * elapsed
-        elif self.has_work():
+        elif not completing and self.has_work():
             time.sleep(0.001)  # every runnable request waits on an adapter copy
 
     def _reap(self) -> None:
@@ -326,7 +364,7 @@ class Engine:
         ahead = 0
         for request in list(self._running) + list(self._waiting):
             own = max(0, len(request.prompt_ids) - request.num_computed)
-            if request.deadline is not None and not request.output_ids:
+            if request.deadline is not None and not request.output_ids and not request.inflight:
                 # Admitted or not, a request without its first token (its adapter still
                 # loading, its prompt half prefilled) is aborted once it cannot make it: its own
                 # chunks, and the iterations the prompts ahead of it need.
@@ -408,7 +446,8 @@ class Engine:
         for request in list(self._running):
             if request.status is not Status.RUNNING or not self._adapter_ready(request):
                 continue
-            if request.remaining == 1 and len(decode) < ec.runner.max_batch and budget > 0:
+            if (request.remaining == 1 and len(decode) < ec.runner.max_batch and budget > 0
+                    and not self._ends_when_read(request)):
                 if self._reserve(request, 1, (decode, prefill)):
                     decode.append((request, 1))
                     budget -= 1
@@ -421,6 +460,13 @@ class Engine:
                     prefill.append((request, n))
                     budget -= n
         return decode, prefill
+
+    def _ends_when_read(self, request: Request) -> bool:
+        """Whether the tokens being sampled for the request reach its max_tokens or the context
+        length (async scheduling): then it must not be fed again."""
+        return bool(request.inflight) and (
+            len(request.output_ids) + request.inflight >= request.sampling.max_tokens
+            or request.scheduled_len >= self.engine_config.kv.max_model_len)
 
     def _reserve(self, request: Request, n: int,
                  scheduled: tuple[list[tuple[Request, int]], ...] = ()) -> bool:
@@ -442,6 +488,8 @@ class Engine:
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)
         request.num_computed = 0
+        request.inflight = 0
+        request.epoch += 1
         request.status = Status.WAITING
         request.preemptions += 1
         self.stats.preemptions += 1
@@ -483,11 +531,15 @@ class Engine:
             meta["kernel_meta"] = build_sgmv_metadata(token_slot.reshape(-1), pool.max_slots)
         return meta  # host arrays: the runner sends them with the batch in one transfer
 
-    def _run_rows(self, mode: str, rows: list[tuple[Request, int]]) -> None:
+    def _launch(self, mode: str, rows: list[tuple[Request, int]],
+                register_in: jax.Array) -> _Launch | None:
+        """Builds and dispatches one step and its sampler; the host reads the results later
+        (``_complete``). A row whose input token is still being sampled on the device (async
+        scheduling) reads it from ``register_in``."""
         # A row scheduled earlier in this iteration may have been preempted since.
         rows = [(r, n) for r, n in rows if r.status is Status.RUNNING]
         if not rows:
-            return
+            return None
         ec = self.engine_config
         length = 1 if mode == "decode" else ec.runner.prefill_chunk
         b = bucket(len(rows), ec.runner.buckets(mode))
@@ -499,11 +551,16 @@ class Engine:
         seq_lens = np.zeros(b, np.int32)
         logit_index = np.zeros(b, np.int32)
         token_slot = np.full((b, length), layout.NO_ADAPTER, np.int32)
+        token_src = np.full(b, -1, np.int32)
         slots: dict[tuple[str, int], int] = {}
         slot_infos = []
         for i, (request, n) in enumerate(rows):
             start = request.num_computed
-            tokens[i, :n] = request.tokens(start, n)
+            known = request.sequence_len
+            if start + n <= known:
+                tokens[i, :n] = request.tokens(start, n)
+            else:  # its one token is the one the previous iteration is sampling
+                token_src[i] = request.inflight_src
             positions[i, :n] = np.arange(start, start + n)
             valid[i, :n] = True
             page_table[i] = self.kv.page_table_row(request.request_id)
@@ -517,44 +574,63 @@ class Engine:
                 token_slot[i, :n] = slots[key]
         batch = StepBatch(tokens=tokens, positions=positions, token_valid=valid,
                           page_table=page_table, seq_lens=seq_lens, logit_index=logit_index,
-                          token_slot=token_slot)
+                          token_slot=token_slot, token_src=token_src)
         use_lora = bool(slot_infos)
         lora_meta = self._lora_meta(slot_infos, token_slot)
         with self._locked_lora_pools() as lora_pools:
             logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
-                mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta, use_lora)
-        sampled_rows = [(r, n) if r.num_computed + n == r.sequence_len else None
-                        for r, n in rows]
-        sampled = self._sample(logits, [r for r, _ in rows] + [None] * (b - len(rows)))
+                mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta, use_lora,
+                register=register_in)
+        samples = [r.num_computed + n == r.scheduled_len for r, n in rows]
+        live = [r for r, _ in rows]
+        sampling = SamplingBatch.from_params(
+            [r.sampling for r in live], [len(r.output_ids) + r.inflight for r in live],
+            batch_size=b)
+        # Alternatives: none, or the most any request may ask for (each request keeps its own
+        # first n): two sampler shapes per bucket instead of one per distinct n.
+        params = [r.sampling for r in live]
+        top_n = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
+        offset = ec.runner.register_offset(mode)
+        packed = PackedInputs.pack(sampling)
+        sampled, self._register = sample_step(
+            logits, self._register, jax.device_put(packed.buffer), treedef=packed.treedef,
+            layout=packed.layout, register_offset=offset, num_top_logprobs=top_n,
+            apply_top_k_top_p=uses_top_k_top_p(params))
+        sampled.copy_to_host_async()
+        launch = _Launch(mode=mode, sampled=sampled, rows=[])
         with self._lock:
             for i, (request, n) in enumerate(rows):
                 request.num_computed += n
                 if mode == "prefill":
                     self.stats.prompt_tokens += n
-                if sampled_rows[i] is None or request.status is not Status.RUNNING:
+                if samples[i]:
+                    request.inflight += 1
+                    request.inflight_src = offset + i
+                    launch.rows.append((request, request.epoch, i))
+        return launch
+
+    def _complete(self, launch: _Launch) -> None:
+        """Reads a dispatched step's sampled tokens (waits for them) and appends them."""
+        sampled = unpack_samples(np.asarray(launch.sampled))
+        with self._lock:
+            for request, epoch, row in launch.rows:
+                # Preempted since (its token is sampled again after the recompute) or finished
+                # while this step ran (a stop found in the previous token): dropped.
+                if request.epoch != epoch or request.status is not Status.RUNNING:
                     continue
-                self._append_token(request, sampled, i)
+                request.inflight -= 1
+                self._append_token(request, sampled, row)
 
-    def _sample(self, logits, requests: list[Request | None]) -> SampleOutput:
-        """Samples every row on device; one host transfer of the small results."""
-        live = [r for r in requests if r is not None]
-        params = [r.sampling for r in live]
-        batch = SamplingBatch.from_params(params, [len(r.output_ids) for r in live],
-                                          batch_size=len(requests))
-        # Alternatives: none, or the most any request may ask for (each request keeps its own
-        # first n): two sampler shapes per bucket instead of one per distinct n.
-        top_n = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
-        out = sample(logits, batch, num_top_logprobs=top_n,
-                     apply_top_k_top_p=uses_top_k_top_p(params))
-        return jax.device_get(out)
-
-    def _warm_sampler(self, logits, rows: int) -> None:
+    def _warm_sampler(self, logits, mode: str, rows: int) -> None:
         """Compiles every sampler variant of a bucket (logprobs off/on, top-k/top-p off/on)."""
-        batch = SamplingBatch.from_params([], [], batch_size=rows)
+        packed = PackedInputs.pack(SamplingBatch.from_params([], [], batch_size=rows))
+        offset = self.engine_config.runner.register_offset(mode)
         for top_n in (0, MAX_LOGPROBS):
             for filtered in (False, True):
-                jax.block_until_ready(sample(logits, batch, num_top_logprobs=top_n,
-                                             apply_top_k_top_p=filtered))
+                jax.block_until_ready(sample_step(
+                    logits, self._register, packed.buffer, treedef=packed.treedef,
+                    layout=packed.layout, register_offset=offset, num_top_logprobs=top_n,
+                    apply_top_k_top_p=filtered))
 
     def _append_token(self, request: Request, sampled, row: int) -> None:
         token = int(sampled.tokens[row])

@@ -55,7 +55,12 @@ class Request:
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     text: str = ""
-    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_computed: int = 0  # tokens whose K/V are in the cache (or being written by a step)
+    # Tokens sampled by dispatched steps whose values the host has not read yet (async
+    # scheduling), and where the newest of them sits in the engine's device token register.
+    inflight: int = 0
+    inflight_src: int = -1
+    epoch: int = 0  # bumped on preemption: results of steps dispatched before are dropped
     finish_reason: FinishReason | None = None
     error: str | None = None
     adapter_handle: object | None = None
@@ -85,9 +90,14 @@ class Request:
         return self.prompt_ids[start:] + self.output_ids[:start + n - prompt]
 
     @property
+    def scheduled_len(self) -> int:
+        """The sequence once the tokens being sampled on the device are in."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.inflight
+
+    @property
     def remaining(self) -> int:
         """Tokens still to feed before the next one can be sampled."""
-        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+        return self.scheduled_len - self.num_computed
 
     @property
     def finished(self) -> bool:

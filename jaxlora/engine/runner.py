@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -15,6 +16,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from jaxlora.model import KVCache, Llama
+from jaxlora.sampling import SampleOutput, sample
 
 log = logging.getLogger("jaxlora.engine")
 
@@ -30,6 +32,9 @@ class StepBatch:
     seq_lens: jax.Array  # (B,) tokens in the cache after this step (0 = padding row)
     logit_index: jax.Array  # (B,) position in S whose logits are sampled
     token_slot: jax.Array  # (B, S) adapter slot, -1 = none
+    # (B,) where the row's first token is read on the device: an index into the token register
+    # (the tokens the previous iteration sampled, not yet seen by the host); -1 = tokens[:, 0].
+    token_src: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,15 @@ class RunnerConfig:
     def scan_layers(self) -> bool:
         return self.layer_loop == "scan"
 
+    @property
+    def register_size(self) -> int:
+        """Tokens one iteration samples at most: the decode rows, then the prefill rows (each
+        mode's sampler writes its own part of the register, see ``register_offset``)."""
+        return self.max_batch + self.max_prefill_rows
+
+    def register_offset(self, mode: str) -> int:
+        return 0 if mode == "decode" else self.max_batch
+
     def buckets(self, mode: str) -> tuple[int, ...]:
         limit = self.max_batch if mode == "decode" else self.max_prefill_rows
         given = self.decode_buckets if mode == "decode" else self.prefill_buckets
@@ -71,6 +85,7 @@ class RunnerConfig:
 
 
 _INT32, _FLOAT32, _BOOL = np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.bool_)
+_UINT32 = np.dtype(np.uint32)
 _INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 
 
@@ -104,6 +119,9 @@ class PackedInputs:
             elif dtype == _BOOL:
                 parts.append(array.ravel().astype(_INT32))
                 kind = "bool"
+            elif dtype == _UINT32:
+                parts.append(array.ravel().view(_INT32))
+                kind = "uint32"
             elif np.issubdtype(dtype, np.integer):
                 if array.size and (array.min() < _INT32_MIN or array.max() > _INT32_MAX):
                     raise ValueError(f"step input of dtype {dtype} does not fit int32")
@@ -126,11 +144,38 @@ class PackedInputs:
             offset += size
             if dtype == "bool":
                 leaves.append(words != 0)
-            elif dtype == "float32":
-                leaves.append(jax.lax.bitcast_convert_type(words, jnp.float32))
+            elif dtype in ("float32", "uint32"):
+                leaves.append(jax.lax.bitcast_convert_type(words, jnp.dtype(dtype)))
             else:
                 leaves.append(words)
         return jax.tree.unflatten(treedef, leaves)
+
+
+@functools.partial(jax.jit, static_argnames=("treedef", "layout", "register_offset",
+                                             "num_top_logprobs", "apply_top_k_top_p"))
+def sample_step(logits, register, buffer, *, treedef, layout, register_offset: int,
+                num_top_logprobs: int, apply_top_k_top_p: bool):
+    """Samples a step's logits (B, V) under its packed ``SamplingBatch``; returns the results
+    packed for one device-to-host copy, (B, 2 + 2n) int32 (``unpack_samples``), and the token
+    register with the sampled tokens written at ``register_offset`` (the next step's rows read
+    them there without a round trip through the host)."""
+    batch = PackedInputs.unpack(buffer, treedef, layout)
+    out = sample(logits, batch, num_top_logprobs=num_top_logprobs,
+                 apply_top_k_top_p=apply_top_k_top_p)
+    register = jax.lax.dynamic_update_slice(register, out.tokens, (register_offset,))
+    as_words = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    packed = jnp.concatenate([out.tokens[:, None], as_words(out.logprobs)[:, None],
+                              out.top_token_ids, as_words(out.top_logprobs)], axis=1)
+    return packed, register
+
+
+def unpack_samples(packed: np.ndarray) -> SampleOutput:
+    """``sample_step``'s packed results on the host, as numpy views."""
+    packed = np.asarray(packed)
+    n = (packed.shape[1] - 2) // 2
+    return SampleOutput(tokens=packed[:, 0], logprobs=packed[:, 1].view(np.float32),
+                        top_token_ids=packed[:, 2:2 + n],
+                        top_logprobs=packed[:, 2 + n:].view(np.float32))
 
 
 def bucket(n: int, sizes: tuple[int, ...]) -> int:
@@ -145,7 +190,8 @@ def resolve_impl(impl: str) -> str:
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params, runner: RunnerConfig, *, dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, params, runner: RunnerConfig, *, dtype=jnp.float32,
+                 register_sharding=None):
         self.config = config
         self.params = params
         self.runner = runner
@@ -155,15 +201,26 @@ class ModelRunner:
                              static_argnames=("treedef", "layout", "mode", "use_lora"),
                              donate_argnums=(1, 2))
         self.compiled_shapes: set[tuple] = set()
+        # Every step takes a register of the same shape (one compilation per bucket); steps
+        # whose rows all read their tokens from the host get this one.
+        # It is committed like the registers the samplers return, so that both hit the same
+        # compiled step.
+        self.empty_register = jax.device_put(np.zeros(runner.register_size, np.int32),
+                                             register_sharding or jax.devices()[0])
 
-    def _packed_forward(self, params, k_pool, v_pool, lora_pools, buffer, *, treedef, layout,
-                        mode: str, use_lora: bool):
+    def _packed_forward(self, params, k_pool, v_pool, lora_pools, register, buffer, *, treedef,
+                        layout, mode: str, use_lora: bool):
         batch, lora_meta = PackedInputs.unpack(buffer, treedef, layout)
         return self._forward(params, k_pool, v_pool, lora_pools, batch, lora_meta, mode=mode,
-                             use_lora=use_lora)
+                             use_lora=use_lora, register=register)
 
     def _forward(self, params, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta, *,
-                 mode: str, use_lora: bool):
+                 mode: str, use_lora: bool, register=None):
+        tokens = batch.tokens
+        if register is not None:
+            src = batch.token_src
+            from_device = register[jnp.clip(src, 0, register.shape[0] - 1)]
+            tokens = tokens.at[:, 0].set(jnp.where(src >= 0, from_device, tokens[:, 0]))
         kv = KVCache(k_pool=k_pool, v_pool=v_pool, page_table=batch.page_table,
                      seq_lens=batch.seq_lens, token_valid=batch.token_valid, mode=mode,
                      impl=self.impl)
@@ -171,23 +228,25 @@ class ModelRunner:
         if use_lora:
             lora = LoraInputs(pools=lora_pools, token_slot=batch.token_slot, impl=self.impl,
                               **lora_meta)
-        logits, kv = self.model.apply({"params": params}, batch.tokens, batch.positions,
+        logits, kv = self.model.apply({"params": params}, tokens, batch.positions,
                                       lora=lora, kv=kv, logit_index=batch.logit_index)
         return logits[:, 0], kv.k_pool, kv.v_pool
 
     def run(self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta,
-            use_lora: bool):
+            use_lora: bool, register: jax.Array | None = None):
         """Dispatches one step (asynchronously); returns logits (B, V) and the new KV pools.
-        batch and lora_meta are host (numpy) arrays: they travel in one packed transfer."""
+        batch and lora_meta are host (numpy) arrays: they travel in one packed transfer.
+        register: the device tokens that rows with ``token_src >= 0`` read (None: none do)."""
         key = (mode, batch.tokens.shape, use_lora)
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
             log.info("compiling step mode=%s batch=%s lora=%s (%d compiled shapes)", mode,
                      batch.tokens.shape, use_lora, len(self.compiled_shapes))
         packed = PackedInputs.pack((batch, lora_meta))
-        return self._step(self.params, k_pool, v_pool, lora_pools, jax.device_put(packed.buffer),
-                          treedef=packed.treedef, layout=packed.layout, mode=mode,
-                          use_lora=use_lora)
+        register = self.empty_register if register is None else register
+        return self._step(self.params, k_pool, v_pool, lora_pools, register,
+                          jax.device_put(packed.buffer), treedef=packed.treedef,
+                          layout=packed.layout, mode=mode, use_lora=use_lora)
 
     def lower(self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta,
               use_lora: bool):
@@ -195,9 +254,9 @@ class ModelRunner:
         a later ``run`` of the same shapes does not compile again)."""
         self.compiled_shapes.add((mode, batch.tokens.shape, use_lora))
         packed = PackedInputs.pack((batch, lora_meta))
-        return self._step.lower(self.params, k_pool, v_pool, lora_pools, packed.buffer,
-                                treedef=packed.treedef, layout=packed.layout, mode=mode,
-                                use_lora=use_lora)
+        return self._step.lower(self.params, k_pool, v_pool, lora_pools, self.empty_register,
+                                packed.buffer, treedef=packed.treedef, layout=packed.layout,
+                                mode=mode, use_lora=use_lora)
 
     def bucket_shapes(self) -> list[tuple[str, int, int]]:
         r = self.runner
@@ -211,7 +270,8 @@ def empty_batch(rows: int, length: int, max_pages: int) -> StepBatch:
     return StepBatch(tokens=zeros, positions=zeros, token_valid=np.zeros((rows, length), bool),
                      page_table=np.zeros((rows, max_pages), np.int32),
                      seq_lens=np.zeros(rows, np.int32), logit_index=np.zeros(rows, np.int32),
-                     token_slot=np.full((rows, length), -1, np.int32))
+                     token_slot=np.full((rows, length), -1, np.int32),
+                     token_src=np.full(rows, -1, np.int32))
 
 
 def timed(fn):

@@ -56,6 +56,7 @@ class LaunchConfig:
     max_rank: int | None = None
     max_slots: int | None = None
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
+    async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -120,7 +121,8 @@ def engine_config_for(model: ModelConfig, launch: LaunchConfig, *, backend: str 
         runner=runner, lora_pool=pool,
         max_num_tokens=pick(launch.max_num_tokens,
                             max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk)),
-        max_waiting=pick(launch.max_waiting, EngineConfig().max_waiting), warmup=warmup)
+        max_waiting=pick(launch.max_waiting, EngineConfig().max_waiting), warmup=warmup,
+        async_scheduling=launch.async_scheduling)
 
 
 def default_model_name(model: str) -> str:
