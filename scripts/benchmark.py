@@ -84,6 +84,8 @@ flags.DEFINE_integer("online_prefill_chunk", 256, "prompt tokens per prefill row
 flags.DEFINE_integer("online_prefill_rows", 4, "prompts prefilled per step")
 flags.DEFINE_integer("online_resident_adapters", 96, "adapters the GPU pool holds")
 flags.DEFINE_integer("online_kv_pages", 3000, "KV cache pages of 16 tokens")
+flags.DEFINE_bool("online_time_steps", False, "online: wait for and time every model step "
+                  "(the device then waits for the host); default: the engine runs as it serves")
 flags.DEFINE_list("inputs", [], "report: result JSON files to merge")
 flags.DEFINE_string("json_out", "", "results (default: $OUT/<section>.json or ./)")
 flags.DEFINE_string("figure_out", "", "report: PNG figure path")
@@ -167,7 +169,8 @@ def main(argv):
             rank=FLAGS.rank, max_batch=FLAGS.online_max_batch,
             prefill_chunk=FLAGS.online_prefill_chunk, prefill_rows=FLAGS.online_prefill_rows,
             resident_adapters=FLAGS.online_resident_adapters, kv_pages=FLAGS.online_kv_pages,
-            impl=FLAGS.impl, layer_loop=FLAGS.layer_loop, seed=FLAGS.seed)
+            impl=FLAGS.impl, layer_loop=FLAGS.layer_loop, time_steps=FLAGS.online_time_steps,
+            seed=FLAGS.seed)
     bench = build_engine(model, config.engine_config(), setup)
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
     doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}

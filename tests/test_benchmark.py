@@ -3,6 +3,7 @@ and traces, roofline byte counts, aliased adapters, offline rows, an online trac
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -249,6 +250,12 @@ def test_online_trace_pages_adapters_and_measures_latency():
                           prefill_chunk=8, prefill_rows=1, resident_adapters=6, kv_pages=64)
     bench = build_engine(TINY, config.engine_config(), SETUP)
     rows = run_online(bench, config)["rows"]
+    # Untimed by default (the engine as it serves), timed on request; the counts either way.
+    timed = run_online(bench, dataclasses.replace(config, adapter_counts=(3,),
+                                                  time_steps=True))["rows"][0]
+    assert timed["decode_step_ms_median"] > 0 and bench.timer.blocking
+    assert all(math.isnan(r["decode_step_ms_median"]) and not r["steps_timed"] for r in rows)
+    assert all(r["decode_steps"] > 0 and r["decode_rows_mean"] > 0 for r in (*rows, timed))
     for r, count in zip(rows, (3, 40), strict=True):
         trace = synthetic_trace(config.trace(count))
         assert r["num_adapters"] == count and r["requests"] == len(trace)

@@ -4,8 +4,10 @@ in host memory (the pool is emptied before each trace) and are paged in on deman
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import statistics
 import time
 
@@ -50,6 +52,10 @@ class OnlineConfig:
     kv_pages: int = 3000
     impl: str = "auto"  # RunnerConfig.impl
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
+    # True: every model step is waited for and timed (decode_step_ms_median), which makes the
+    # device wait for the host as synchronous scheduling would; False: the engine runs as it
+    # serves (async scheduling) and the steps are only counted.
+    time_steps: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -104,8 +110,10 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
     before = manager.stats()
     preemptions_before = engine.stats.preemptions
     bench.timer.take()
+    bench.timer.blocking = config.time_steps
     submitted = []
-    with CompileCounter() as compiles:
+    with CompileCounter() as compiles, contextlib.ExitStack() as restore:
+        restore.callback(setattr, bench.timer, "blocking", True)
         origin = time.monotonic()
         next_index = 0
         give_up = origin + config.duration_s + config.drain_timeout_s
@@ -141,6 +149,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
     out_tokens = sum(len(r.output_ids) for _, r in done)
     elapsed = (max(r.finish_time for _, r in done) - origin) if done else end - origin
     decode = [r for r in records if r.mode == "decode"]
+    timed = [r.seconds for r in decode if not math.isnan(r.seconds)]
     row = {
         "num_adapters": num_adapters, "requests": len(trace), "finished": len(done),
         "unfinished": len(trace) - len(done), "distinct_adapters": len(set(names)),
@@ -156,8 +165,8 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         "adapter_evictions": after.evictions - before.evictions,
         "adapter_GB_copied": (after.bytes_copied - before.bytes_copied) / 1e9,
         "decode_steps": len(decode),
-        "decode_step_ms_median": statistics.median(r.seconds for r in decode) * 1e3
-        if decode else float("nan"),
+        "decode_step_ms_median": statistics.median(timed) * 1e3 if timed else float("nan"),
+        "steps_timed": config.time_steps,
         "decode_rows_mean": statistics.fmean(r.rows for r in decode) if decode else 0.0,
         "adapters_per_decode_step_mean": statistics.fmean(len(r.slot_ranks) for r in decode)
         if decode else 0.0,
