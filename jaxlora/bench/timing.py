@@ -3,8 +3,9 @@
 ``StepTimer`` wraps the engine runner's ``run``: each step is timed from its dispatch until its
 logits are ready (``block_until_ready``), so a record is the step's device time plus the dispatch
 and argument transfer of the host-built batch, the part of an engine iteration that the model
-step costs. The engine itself waits for every step's sampled tokens right after, so the extra
-wait adds no idle time to the device.
+step costs. Waiting for each step makes the device wait for the host between steps, as
+synchronous scheduling would; the benchmarks measure throughput in separate untimed passes
+(``enabled = False``), or count steps without waiting (``blocking = False``).
 """
 
 from __future__ import annotations

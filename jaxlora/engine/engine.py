@@ -21,6 +21,14 @@ Scheduling policy (one iteration):
    are freed and it re-queues at the front; it later recomputes its prompt and the tokens it had
    generated, and continues with identical output (sampling keys depend only on the request's
    seed and the token index).
+5. Async scheduling (``EngineConfig.async_scheduling``, on by default): an iteration dispatches
+   its steps first and only then reads the tokens of the previous iteration's steps, so the
+   device always has the next step queued while the host reads tokens, streams and schedules. A
+   decode row whose input token is still being sampled reads it on the device from the token
+   register that the previous iteration's samplers wrote (``StepBatch.token_src``). Lengths are
+   known ahead (max_tokens, the context), so a request is never fed past them; a stop found in
+   a token (EOS, a stop token or string) is seen one iteration late, and the row computed
+   meanwhile is dropped. Outputs are the synchronous engine's.
 """
 
 from __future__ import annotations
