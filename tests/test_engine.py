@@ -501,3 +501,38 @@ def test_async_scheduling_gives_the_sync_outputs(base, lora_adapters):
         np.testing.assert_allclose(got.output_logprobs, expected.output_logprobs, atol=1e-5)
         assert [sorted(t) for t in got.output_top_logprobs] == [
             sorted(t) for t in expected.output_top_logprobs]
+
+
+def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base, lora_adapters):
+    """The engine thread survives an exception in a step taken while earlier steps' tokens are
+    still on the device (async scheduling): the running requests end with an error and free
+    their pages and adapters, the pending steps are dropped, and a request submitted after
+    gets the reference tokens."""
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
+                      engine_config=small_engine_config(), load_workers=0)
+    engine, run = llm.engine, llm.engine.runner.run
+    assert engine.async_scheduling
+    free_kv = engine.kv.free_pages
+    calls = []
+
+    def failing(mode, *args, **kwargs):
+        calls.append(mode)
+        if len(calls) == 4:  # a decode step, with the previous one's tokens not read yet
+            raise RuntimeError("injected device failure")
+        return run(mode, *args, **kwargs)
+
+    engine.runner.run = failing
+    hit = [llm.submit([5, 6, 7], adapter=a, sampling=GREEDY) for a in ("all5", None)]
+    engine.start()
+    try:
+        assert all(r.wait(timeout=60) for r in hit)
+        assert [(r.finish_reason, r.error) for r in hit] == [
+            (FinishReason.ERROR, "internal error in the step")] * 2
+        assert engine.kv.free_pages == free_kv and llm.adapters.stats().referenced == 0
+        after = llm.submit([9, 10, 11], adapter="qv1", sampling=GREEDY)
+        assert after.wait(timeout=60) and after.finish_reason is FinishReason.LENGTH
+    finally:
+        engine.stop()
+    assert calls[3] == "decode"
+    assert after.output_ids == greedy_reference(merged_params(base, lora_adapters["qv1"]),
+                                                [9, 10, 11], 8)
