@@ -297,6 +297,12 @@ def test_report_judges_each_target():
     assert "1.30x" in missed[0]["detail"] and "20.0x" in missed[2]["detail"]
     assert missed[3]["detail"] == "90.0% (9.00 vs 10.00 req/s); output tokens/s 90.0%"
     assert [v["met"] for v in report.verdicts({})] == [None] * 4
+    # The async-scheduled iteration, where measured, is shown beside the timed step.
+    results = _results(ratio=1.3)
+    results["offline"]["rows"][0].update(
+        roofline_ms=4.0, free_running={"async": {"iteration_ms_median": 5.2}})
+    detail = report.verdicts(results)[0]["detail"]
+    assert detail.endswith("async-scheduled iteration (device step) 1.30-1.30x the roofline")
 
 
 def test_benchmark_script_writes_results_and_report(tmp_path):
