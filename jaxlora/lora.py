@@ -90,6 +90,9 @@ class LoraInputs:
     # "reference": gather + einsum in jnp; "pallas": the SGMV kernels; "pallas_interpret": the
     # kernels in interpret mode (CPU tests).
     impl: str = flax.struct.field(pytree_node=False, default="reference")
+    # The kernels' tuning (pallas_kernels.sgmv.SgmvConfig; None: its defaults). kernel_meta
+    # must be built with the same one.
+    sgmv_config: object = flax.struct.field(pytree_node=False, default=None)
 
     def with_tokens(self, token_slot: jax.Array) -> LoraInputs:
         return self.replace(token_slot=token_slot)

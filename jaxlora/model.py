@@ -107,12 +107,10 @@ def apply_lora_group(group: str, x: jax.Array, y: jax.Array, layer: jax.Array,
                                            weights=weights)
         return sgmv_ops.sgmv_expand_reference(y, v, b_pools, lora.b_pages, lora.ranks,
                                               lora.scales, token_slot, layer, weights=weights)
-    interpret = lora.impl == "pallas_interpret"
-    v = sgmv_ops.sgmv_shrink(x, a_pool, lora.a_pages, lora.ranks, token_slot, layer,
-                             weights=weights, kernel_meta=lora.kernel_meta, interpret=interpret)
-    return sgmv_ops.sgmv_expand(y, v, b_pools, lora.b_pages, lora.ranks, lora.scales, token_slot,
-                                layer, weights=weights, kernel_meta=lora.kernel_meta,
-                                interpret=interpret)
+    return sgmv_ops.sgmv_apply(x, y, a_pool, b_pools, lora.a_pages, lora.b_pages, lora.ranks,
+                               lora.scales, token_slot, layer, weights=weights,
+                               kernel_meta=lora.kernel_meta, config=lora.sgmv_config,
+                               interpret=lora.impl == "pallas_interpret")
 
 
 def _with_lora(group: str, x: jax.Array, outputs: list[jax.Array], layer, lora):

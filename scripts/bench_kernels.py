@@ -38,8 +38,7 @@ from jaxlora.bench.profile import trace_gpu_events  # noqa: E402
 from pallas_kernels.sgmv import (  # noqa: E402
     SgmvConfig,
     build_sgmv_metadata,
-    sgmv_expand,
-    sgmv_shrink,
+    sgmv_apply,
 )
 
 FLAGS = flags.FLAGS
@@ -179,15 +178,14 @@ def make_workload(workload: str, num_tokens: int, group: Group, rank: int, pools
 # ------------------------------------------------------------------------------------------------
 
 def step_sgmv(config):
+    """The group's LoRA through ``sgmv_apply``: shrink then expand, or one fused decode launch
+    where the config asks for it (a variant with decode_fused_max_tokens)."""
     def step(x, y, pools, tables, layer, weights):
-        v = sgmv_shrink(x, pools["a_pool"], tables["a_pages"], tables["ranks"],
-                        tables["token_slot"], layer, weights=weights,
-                        kernel_meta=tables.get("meta"), config=config,
-                        interpret=FLAGS.interpret)
-        return sgmv_expand(y, v, pools["b_pools"], tables["b_pages"], tables["ranks"],
-                           tables["scales"], tables["token_slot"], layer, weights=weights,
-                           kernel_meta=tables.get("meta"), config=config,
-                           interpret=FLAGS.interpret)
+        return sgmv_apply(x, y, pools["a_pool"], pools["b_pools"], tables["a_pages"],
+                          tables["b_pages"], tables["ranks"], tables["scales"],
+                          tables["token_slot"], layer, weights=weights,
+                          kernel_meta=tables.get("meta"), config=config,
+                          interpret=FLAGS.interpret)
     return step
 
 

@@ -38,6 +38,7 @@ from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
+from pallas_kernels.sgmv import SgmvConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("section", "offline", ["offline", "online", "report"], "what to run")
@@ -48,6 +49,8 @@ flags.DEFINE_integer("model_layers", 0, "layers of the model (0: the preset's); 
 flags.DEFINE_list("free_running", ["async", "sync"], "offline: after the timed pass, each row "
                   "is served again untimed once per scheduling mode listed (async, sync); the "
                   "first gives its tokens/s; empty: the timed pass's")
+flags.DEFINE_string("sgmv_config", "{}", "JSON {SgmvConfig field: value} for the engine's SGMV "
+                    "kernels, e.g. '{\"decode_fused_max_tokens\": 32}' (fused decode launches)")
 flags.DEFINE_integer("profile_steps", 0, "offline: engine iterations per row traced with the JAX "
                      "profiler once the batch decodes (a per-kernel breakdown in the row's "
                      "'profile'); 0: none")
@@ -171,7 +174,12 @@ def main(argv):
             resident_adapters=FLAGS.online_resident_adapters, kv_pages=FLAGS.online_kv_pages,
             impl=FLAGS.impl, layer_loop=FLAGS.layer_loop, time_steps=FLAGS.online_time_steps,
             seed=FLAGS.seed)
-    bench = build_engine(model, config.engine_config(), setup)
+    engine_config = config.engine_config()
+    sgmv = json.loads(FLAGS.sgmv_config)
+    if sgmv:
+        engine_config = dataclasses.replace(engine_config, runner=dataclasses.replace(
+            engine_config.runner, sgmv=SgmvConfig(**sgmv)))
+    bench = build_engine(model, engine_config, setup)
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
     doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}
     doc["meta"]["adapter_host_bytes"] = bench.adapters.host_bytes

@@ -536,3 +536,27 @@ def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base,
     assert calls[3] == "decode"
     assert after.output_ids == greedy_reference(merged_params(base, lora_adapters["qv1"]),
                                                 [9, 10, 11], 8)
+
+
+def test_pallas_engine_with_fused_decode_launches_gives_the_reference_tokens(base,
+                                                                              lora_adapters):
+    """RunnerConfig.sgmv reaches the kernels: with the fused decode launch (shrink and expand
+    in one) the Pallas engine (interpret mode) gives each adapter's greedy reference tokens.
+    (tests/test_engine_gpu.py counts its launches in the steps lowered for the GPU.)"""
+    import dataclasses
+
+    from pallas_kernels.sgmv import SgmvConfig
+
+    config = small_engine_config()
+    config = dataclasses.replace(config, runner=dataclasses.replace(
+        config.runner, impl="pallas_interpret",
+        sgmv=SgmvConfig(decode_fused_max_tokens=8, decode_fused_block_n=64)))
+    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
+                      load_workers=0)
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44], [300]]
+    names = ["all5", "mlp16", "qv1"]
+    sampling = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outs = llm.generate(prompts, adapter=names, sampling=sampling)
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        expected = greedy_reference(merged_params(base, lora_adapters[name]), prompt, 4)
+        assert out.token_ids == expected, name

@@ -18,6 +18,7 @@ from jaxlora.lora import random_lora_weights
 from jaxlora.model import init_params
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import MODULES
+from pallas_kernels.sgmv import SgmvConfig
 
 # Big enough for tensor-core tiles and several pages per sequence, small enough for seconds.
 CONFIG = dataclasses.replace(TINY, hidden_size=256, intermediate_size=512, num_heads=8,
@@ -51,14 +52,17 @@ def test_pallas_engine_matches_reference_engine():
     assert outputs["pallas"] == outputs["reference"]
 
 
-@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
-def test_pallas_engine_steps_lower_for_the_gpu(layer_loop):
+@pytest.mark.parametrize("layer_loop,fused", [("scan", False), ("unrolled", False),
+                                              ("scan", True)])
+def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, fused):
     """On any machine: every step shape of an engine on the Pallas kernels (decode and prefill,
-    with and without LoRA) lowers to Triton kernels for an abstract GPU (tests/gpu_lowering.py)."""
+    with and without LoRA) lowers to Triton kernels for an abstract GPU (tests/gpu_lowering.py).
+    With the fused decode launch, decode steps make one SGMV launch per (layer, group)."""
+    sgmv = SgmvConfig(decode_fused_max_tokens=4) if fused else None
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
         runner=RunnerConfig(max_batch=4, prefill_chunk=32, max_prefill_rows=2, impl="pallas",
-                            layer_loop=layer_loop),
+                            layer_loop=layer_loop, sgmv=sgmv),
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
         warmup=False)
     llm = jaxlora.LLM(CONFIG, params=init_params(CONFIG, 0), adapters={
@@ -76,9 +80,11 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop):
                                      pools, batch, meta)
             kernels = triton_kernels(text)
             # scan: one traced layer; unrolled: every layer. Eight SGMV launches per layer with
-            # LoRA; decode attention in every layer (JAX may lower those as one shared function).
+            # LoRA (four fused); decode attention in every layer (JAX may lower those as one
+            # shared function).
             layers = 1 if layer_loop == "scan" else CONFIG.num_layers
-            sgmv, attention = 8 * layers * use_lora, mode == "decode"
+            per_layer = 4 if fused and mode == "decode" else 8
+            sgmv, attention = per_layer * layers * use_lora, mode == "decode"
             assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
             lowered += 1
     assert lowered == 2 * len(runner.bucket_shapes())

@@ -536,7 +536,8 @@ class Engine:
         if self.runner.impl != "reference":
             # The kernels' token order and tiles, built here once per step rather than inside
             # every (layer, module group) launch.
-            meta["kernel_meta"] = build_sgmv_metadata(token_slot.reshape(-1), pool.max_slots)
+            meta["kernel_meta"] = build_sgmv_metadata(token_slot.reshape(-1), pool.max_slots,
+                                                      config=self.engine_config.runner.sgmv)
         return meta  # host arrays: the runner sends them with the batch in one transfer
 
     def _launch(self, mode: str, rows: list[tuple[Request, int]],

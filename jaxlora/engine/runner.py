@@ -17,6 +17,7 @@ from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from jaxlora.model import KVCache, Llama
 from jaxlora.sampling import SampleOutput, sample
+from pallas_kernels.sgmv import SgmvConfig
 
 log = logging.getLogger("jaxlora.engine")
 
@@ -55,6 +56,8 @@ class RunnerConfig:
     # it shortened 7B decode steps 1.5-2.2x, but its warm-up compiled 10 step shapes in 340 s
     # against 57 s for 14 with the scan (16 threads, H200 machine).
     layer_loop: str = "scan"
+    # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. the fused decode launch.
+    sgmv: SgmvConfig | None = None
 
     def __post_init__(self):
         if self.layer_loop not in ("scan", "unrolled"):
@@ -227,6 +230,7 @@ class ModelRunner:
         lora = None
         if use_lora:
             lora = LoraInputs(pools=lora_pools, token_slot=batch.token_slot, impl=self.impl,
+                              sgmv_config=self.runner.sgmv,
                               **lora_meta)
         logits, kv = self.model.apply({"params": params}, tokens, batch.positions,
                                       lora=lora, kv=kv, logit_index=batch.logit_index)
