@@ -9,6 +9,7 @@ Tokens whose slot is NO_ADAPTER get v = 0 and leave y untouched.
 
 Beside the plain-jnp references sit the Pallas Triton kernels ``sgmv_shrink`` / ``sgmv_expand``:
 one ``pallas_call`` per (layer, group, shrink|expand) whatever the number of distinct adapters.
+``sgmv_apply`` (the model's entry point) runs both for a group, or the fused decode kernel.
 
 Page pool as the kernels read it
 --------------------------------
@@ -40,6 +41,14 @@ prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one sl
         column block; when many are (many adapters) the shrink does not split and the expand
         walks up to ``expand_col_steps`` column blocks per program (software-pipelined loads of
         B and y). Programs beyond the work exit at once.
+
+fused decode (``sgmv_apply`` with T <= ``decode_fused_max_tokens``; off by default): one launch
+        per group instead of two, one program per (token, block of ``decode_fused_block_n`` y
+        columns). Each program computes its token's v for the weight of its columns (all rank
+        rows at once, so the adapter's A is read once per column block, from L2 after the
+        first) and adds v B to its columns. It trades one launch (3-4 us at decode sizes) for
+        re-reading A per column block; whether that pays, and up to which T, is for
+        ``scripts/bench_kernels.py`` to tell (a variant with decode_fused_max_tokens).
 
 Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
 -----------------------------------------------------------------
