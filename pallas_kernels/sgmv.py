@@ -425,6 +425,21 @@ def _check_pool(fn, name, pool):
         raise ConfigError(f"{_WHERE} {fn}: {name} must be (L, P, R, W), got shape {pool.shape}")
 
 
+def _check_b_pools(fn, b_pools, g_count, like, like_name):
+    """One B pool per weight of the group, each with the layers and rows per page of ``like``."""
+    if len(b_pools) != g_count:
+        raise ConfigError(f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
+                          f"({g_count}), got {len(b_pools)}")
+    for g, pool in enumerate(b_pools):
+        _check_pool(fn, f"b_pools[{g}]", pool)
+    num_layers, _, rows_per_page, _ = like.shape
+    for g, pool in enumerate(b_pools):
+        if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
+            raise ConfigError(f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
+                              f"L={num_layers} layers and R={rows_per_page} rows per page like "
+                              f"{like_name}")
+
+
 def _check_slot_tables(fn, pages_name, pages, ranks, token_slot, num_tokens, scales=None):
     if pages.ndim != 3 or pages.shape[1] != _NUM_WEIGHTS:
         raise ConfigError(f"{_WHERE} {fn}: {pages_name} must be (S, {_NUM_WEIGHTS}, MP), "
@@ -641,6 +656,23 @@ def _prefill_shrink_kernel(
                                mask=out_mask)
 
 
+def _token_and_rows(x_ref, pool_ref, t, row_i, row_ok, kb, bk, interpret):
+    """Input columns [kb*bk, kb*bk + bk) of token t, and of the pool rows row_i (masked by
+    row_ok, and past the input width): (bk,), (rows, bk)."""
+    width = x_ref.shape[1]
+    k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
+    if width % bk:
+        k_ok = k < width
+        k_i = _idx(k, k_ok, width, interpret)
+        xk = pltriton.load(x_ref.at[t, k_i], mask=k_ok, other=0)
+        rows = pltriton.load(pool_ref.at[row_i, k_i[None, :]],
+                             mask=row_ok[:, None] & k_ok[None, :], other=0)
+    else:
+        xk = x_ref[t, k]
+        rows = pltriton.load(pool_ref.at[row_i, k[None, :]], mask=row_ok[:, None], other=0)
+    return xk, rows
+
+
 def _decode_shrink_kernel(
     # inputs
     x_ref,  # (T, in) activations
@@ -674,16 +706,7 @@ def _decode_shrink_kernel(
     @pl.when(any_live)
     def _compute():
         def body(kb, acc):
-            k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
-            if width % bk:
-                k_ok = k < width
-                k_i = _idx(k, k_ok, width, interpret)
-                xk = pltriton.load(x_ref.at[t, k_i], mask=k_ok, other=0)
-                at = pltriton.load(pool_ref.at[a_i, k_i[None, :]],
-                                   mask=live[:, None] & k_ok[None, :], other=0)
-            else:
-                xk = x_ref[t, k]
-                at = pltriton.load(pool_ref.at[a_i, k[None, :]], mask=live[:, None], other=0)
+            xk, at = _token_and_rows(x_ref, pool_ref, t, a_i, live, kb, bk, interpret)
             return acc + at.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
 
         acc = jax.lax.fori_loop(0, _cdiv(width, bk), body, jnp.zeros((rows, bk), jnp.float32))
@@ -978,17 +1001,8 @@ def sgmv_expand(
     _check_weights(fn, weights)
     b_pools = tuple(b_pools)
     g_count = len(weights)
-    if len(b_pools) != g_count:
-        raise ConfigError(f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
-                          f"({g_count}), got {len(b_pools)}")
-    for g, pool in enumerate(b_pools):
-        _check_pool(fn, f"b_pools[{g}]", pool)
+    _check_b_pools(fn, b_pools, g_count, b_pools[0] if b_pools else None, "b_pools[0]")
     num_layers, _, rows_per_page, _ = b_pools[0].shape
-    for g, pool in enumerate(b_pools):
-        if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
-            raise ConfigError(f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
-                              f"L={num_layers} layers and R={rows_per_page} rows per page like "
-                              f"b_pools[0]")
     widths = tuple(int(p.shape[3]) for p in b_pools)
     if y.ndim != 2 or y.shape[1] != sum(widths):
         raise ConfigError(f"{_WHERE} {fn}: y must be (T, {sum(widths)}) (the group's widths "
@@ -1126,17 +1140,7 @@ def _fused_decode_kernel(
                 a_i = _idx(a_row, j_ok, a_pool_ref.shape[0], interpret)[:, None]
 
                 def shrink_step(kb, acc):
-                    k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
-                    if in_width % bk:
-                        k_ok = k < in_width
-                        k_i = _idx(k, k_ok, in_width, interpret)
-                        xk = pltriton.load(x_ref.at[t, k_i], mask=k_ok, other=0)
-                        ak = pltriton.load(a_pool_ref.at[a_i, k_i[None, :]],
-                                           mask=j_ok[:, None] & k_ok[None, :], other=0)
-                    else:
-                        xk = x_ref[t, k]
-                        ak = pltriton.load(a_pool_ref.at[a_i, k[None, :]], mask=j_ok[:, None],
-                                           other=0)
+                    xk, ak = _token_and_rows(x_ref, a_pool_ref, t, a_i, j_ok, kb, bk, interpret)
                     return acc + ak.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
 
                 acc = jax.lax.fori_loop(0, _cdiv(in_width, bk), shrink_step,
@@ -1204,17 +1208,8 @@ def sgmv_apply(
     _check_pool(fn, "a_pool", a_pool)
     b_pools = tuple(b_pools)
     g_count = len(weights)
-    if len(b_pools) != g_count:
-        raise ConfigError(f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
-                          f"({g_count}), got {len(b_pools)}")
-    for g, pool in enumerate(b_pools):
-        _check_pool(fn, f"b_pools[{g}]", pool)
+    _check_b_pools(fn, b_pools, g_count, a_pool, "a_pool")
     num_layers, a_pages_per_pool, rows_per_page, in_width = a_pool.shape
-    for g, pool in enumerate(b_pools):
-        if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
-            raise ConfigError(f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
-                              f"L={num_layers} layers and R={rows_per_page} rows per page like "
-                              f"a_pool")
     if x.shape[1] != in_width:
         raise ConfigError(f"{_WHERE} {fn}: x must be (T, {in_width}) (a_pool's width), got "
                           f"shape {x.shape}")
