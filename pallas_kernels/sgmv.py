@@ -1196,8 +1196,8 @@ def sgmv_apply(
     ``sgmv_shrink`` then ``sgmv_expand`` (two launches).
     """
     config = config or SgmvConfig()
-    num_tokens = x.shape[0] if x.ndim == 2 else -1
-    if num_tokens < 0 or num_tokens > config.decode_fused_max_tokens or num_tokens == 0:
+    num_tokens = x.shape[0] if x.ndim == 2 else 0  # a bad x: the unfused path names it
+    if not 0 < num_tokens <= config.decode_fused_max_tokens:
         v = sgmv_shrink(x, a_pool, a_pages, ranks, token_slot, layer, weights=weights,
                         kernel_meta=kernel_meta, config=config, interpret=interpret)
         return sgmv_expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer,

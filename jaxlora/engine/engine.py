@@ -591,21 +591,16 @@ class Engine:
                 mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta, use_lora,
                 register=register_in)
         samples = [r.num_computed + n == r.scheduled_len for r, n in rows]
-        live = [r for r, _ in rows]
+        params = [r.sampling for r, _ in rows]
         sampling = SamplingBatch.from_params(
-            [r.sampling for r in live], [len(r.output_ids) + r.inflight for r in live],
-            batch_size=b)
+            params, [len(r.output_ids) + r.inflight for r, _ in rows], batch_size=b)
         # Alternatives: none, or the most any request may ask for (each request keeps its own
         # first n): two sampler shapes per bucket instead of one per distinct n.
-        params = [r.sampling for r in live]
         top_n = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
-        offset = ec.runner.register_offset(mode)
-        packed = PackedInputs.pack(sampling)
-        sampled, self._register = sample_step(
-            logits, self._register, jax.device_put(packed.buffer), treedef=packed.treedef,
-            layout=packed.layout, register_offset=offset, num_top_logprobs=top_n,
-            apply_top_k_top_p=uses_top_k_top_p(params))
+        sampled, self._register = self._sample(logits, mode, sampling, top_n=top_n,
+                                               filtered=uses_top_k_top_p(params))
         sampled.copy_to_host_async()
+        offset = ec.runner.register_offset(mode)
         launch = _Launch(mode=mode, sampled=sampled, rows=[])
         with self._lock:
             for i, (request, n) in enumerate(rows):
@@ -630,16 +625,23 @@ class Engine:
                 request.inflight -= 1
                 self._append_token(request, sampled, row)
 
+    def _sample(self, logits, mode: str, sampling: SamplingBatch, *, top_n: int,
+                filtered: bool):
+        """Dispatches the sampler of a step (its inputs in one packed transfer); returns its
+        packed results and the token register with this mode's part rewritten."""
+        packed = PackedInputs.pack(sampling)
+        return sample_step(logits, self._register, jax.device_put(packed.buffer),
+                           treedef=packed.treedef, layout=packed.layout,
+                           register_offset=self.engine_config.runner.register_offset(mode),
+                           num_top_logprobs=top_n, apply_top_k_top_p=filtered)
+
     def _warm_sampler(self, logits, mode: str, rows: int) -> None:
         """Compiles every sampler variant of a bucket (logprobs off/on, top-k/top-p off/on)."""
-        packed = PackedInputs.pack(SamplingBatch.from_params([], [], batch_size=rows))
-        offset = self.engine_config.runner.register_offset(mode)
+        sampling = SamplingBatch.from_params([], [], batch_size=rows)
         for top_n in (0, MAX_LOGPROBS):
             for filtered in (False, True):
-                jax.block_until_ready(sample_step(
-                    logits, self._register, packed.buffer, treedef=packed.treedef,
-                    layout=packed.layout, register_offset=offset, num_top_logprobs=top_n,
-                    apply_top_k_top_p=filtered))
+                jax.block_until_ready(self._sample(logits, mode, sampling, top_n=top_n,
+                                                   filtered=filtered))
 
     def _append_token(self, request: Request, sampled, row: int) -> None:
         token = int(sampled.tokens[row])
