@@ -9,7 +9,7 @@ Tokens whose slot is NO_ADAPTER get v = 0 and leave y untouched.
 
 Beside the plain-jnp references sit the Pallas Triton kernels ``sgmv_shrink`` / ``sgmv_expand``:
 one ``pallas_call`` per (layer, group, shrink|expand) whatever the number of distinct adapters.
-``sgmv_apply`` (the model's entry point) runs both for a group, or the fused decode kernel.
+``sgmv_apply`` (the model's entry point) runs both for a group.
 
 Page pool as the kernels read it
 --------------------------------
@@ -41,14 +41,6 @@ prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one sl
         column block; when many are (many adapters) the shrink does not split and the expand
         walks up to ``expand_col_steps`` column blocks per program (software-pipelined loads of
         B and y). Programs beyond the work exit at once.
-
-fused decode (``sgmv_apply`` with T <= ``decode_fused_max_tokens``; off by default): one launch
-        per group instead of two, one program per (token, block of ``decode_fused_block_n`` y
-        columns). Each program computes its token's v for the weight of its columns (all rank
-        rows at once, so the adapter's A is read once per column block, from L2 after the
-        first) and adds v B to its columns. It trades one launch (3-4 us at decode sizes) for
-        re-reading A per column block; whether that pays, and up to which T, is for
-        ``scripts/bench_kernels.py`` to tell (a variant with decode_fused_max_tokens).
 
 Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
 -----------------------------------------------------------------
@@ -203,15 +195,6 @@ class SgmvConfig:
     decode_rank_chunk: int = 64  # rank rows per step of the decode expand loop
     decode_expand_num_warps: int = 4
     decode_expand_num_stages: int = 3
-    # fused decode (``sgmv_apply``): T <= decode_fused_max_tokens runs shrink and expand in one
-    # launch, one program per (token, block of y columns), each recomputing its token's v for
-    # its weight (the adapter's A is re-read per column block, from L2); 0 = never (the default:
-    # not yet timed on a GPU).
-    decode_fused_max_tokens: int = 0
-    decode_fused_block_n: int = 1024  # y columns per fused program
-    decode_fused_tile: int = 8192  # elements of a register tile (rank rows x columns / inputs)
-    decode_fused_num_warps: int = 4
-    decode_fused_num_stages: int = 2
 
     def __post_init__(self):
         for name in ("shrink_block_tokens", "shrink_block_n", "shrink_block_k",
@@ -220,8 +203,7 @@ class SgmvConfig:
             if not isinstance(value, int) or not _is_pow2(value) or value < 16:
                 raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two >= 16 "
                                   f"(a tensor-core dot dimension), got {value!r}")
-        for name in ("decode_block_k", "decode_expand_block_n", "decode_rank_chunk",
-                     "decode_fused_block_n", "decode_fused_tile"):
+        for name in ("decode_block_k", "decode_expand_block_n", "decode_rank_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value):
                 raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two, "
@@ -240,11 +222,9 @@ class SgmvConfig:
                      "shrink_num_warps",
                      "shrink_num_stages", "expand_num_warps", "expand_num_stages",
                      "decode_shrink_num_warps", "decode_shrink_num_stages",
-                     "decode_expand_num_warps", "decode_expand_num_stages",
-                     "decode_fused_max_tokens", "decode_fused_num_warps",
-                     "decode_fused_num_stages"):
+                     "decode_expand_num_warps", "decode_expand_num_stages"):
             value = getattr(self, name)
-            at_least = 0 if name in ("decode_max_tokens", "decode_fused_max_tokens") else 1
+            at_least = 0 if name == "decode_max_tokens" else 1
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(f"SgmvConfig field {name!r}: expected a positive int, "
                                   f"got {value!r}")
@@ -1097,81 +1077,6 @@ def sgmv_apply_reference(
                                  weights=weights)
 
 
-def _fused_decode_kernel(
-    # inputs
-    x_ref,  # (T, in) activations
-    a_pool_ref,  # (L*Pa*R, in) A rank-rows
-    y_in_ref,  # (T, sum of out widths) base output, aliased to y_ref
-    *refs,
-    # refs[:G]: B pools, (L*P_g*R, out_g) each
-    # then a_pages (S, 7, MP), b_pages (S, 7, MP) int32, ranks (S, 7) int32, scales (S, 7)
-    # float32, layer (1,) int32, token slots (T,) int32
-    # outputs: refs[-1] = y_ref (T, sum of out widths)
-    weights, widths, col_offsets, block_starts, a_pages_per_pool, b_pages_per_pool,
-    rows_per_page, max_pages, rank_pad, bn, sub, bk, interpret,
-):
-    g_count = len(weights)
-    b_refs = refs[:g_count]
-    a_pages_ref, b_pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = refs[g_count:]
-    del y_in_ref  # aliased to y_ref
-    in_width = x_ref.shape[1]
-    _, y_cols = y_ref.shape
-    t = pl.program_id(1)
-    slot = slot_ref[t]
-
-    for g, cb, in_group in _group_of_block(pl.program_id(0), block_starts):
-        @pl.when(in_group & (slot >= 0))
-        def _group(g=g, cb=cb):
-            w = weights[g]
-            b_ref = b_refs[g]
-            width = widths[g]
-            slot_c = jnp.maximum(slot, 0)
-            rank = ranks_ref[slot_c, w]
-
-            @pl.when(rank > 0)
-            def _compute():
-                j = jnp.arange(rank_pad, dtype=jnp.int32)
-                j_ok = j < rank
-                # v = A_w x[t] for the rank rows of this token's adapter (rows >= rank masked).
-                a_layer = _layer(layer_ref, a_pool_ref, a_pages_per_pool, rows_per_page)
-                a_row = _pool_rows(a_pages_ref, slot_c, w, j, a_layer,
-                                   pages_per_pool=a_pages_per_pool,
-                                   rows_per_page=rows_per_page, max_pages=max_pages)
-                a_i = _idx(a_row, j_ok, a_pool_ref.shape[0], interpret)[:, None]
-
-                def shrink_step(kb, acc):
-                    xk, ak = _token_and_rows(x_ref, a_pool_ref, t, a_i, j_ok, kb, bk, interpret)
-                    return acc + ak.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
-
-                acc = jax.lax.fori_loop(0, _cdiv(in_width, bk), shrink_step,
-                                        jnp.zeros((rank_pad, bk), jnp.float32))
-                v = jnp.sum(acc, axis=1)  # (rank_pad,), zero beyond the rank
-                # y[t, cols] += scale * v B_w[:, cols], sub columns at a time.
-                scale = scales_ref[slot_c, w]
-                b_layer = _layer(layer_ref, b_ref, b_pages_per_pool[g], rows_per_page)
-                b_row = _pool_rows(b_pages_ref, slot_c, w, j, b_layer,
-                                   pages_per_pool=b_pages_per_pool[g],
-                                   rows_per_page=rows_per_page, max_pages=max_pages)
-                b_i = _idx(b_row, j_ok, b_ref.shape[0], interpret)[:, None]
-
-                def expand_step(step, carry):
-                    cols = (pl.multiple_of(cb * bn + step * sub, sub)
-                            + jnp.arange(sub, dtype=jnp.int32))
-                    col_ok = cols < width
-                    cols_i = _idx(cols, col_ok, width, interpret)
-                    bj = pltriton.load(b_ref.at[b_i, cols_i[None, :]],
-                                       mask=j_ok[:, None] & col_ok[None, :], other=0)
-                    delta = jnp.sum(v[:, None] * bj.astype(jnp.float32), axis=0) * scale
-                    y_i = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)
-                    yt = pltriton.load(y_ref.at[t, y_i], mask=col_ok, other=0)
-                    pltriton.store(y_ref.at[t, y_i],
-                                   (yt.astype(jnp.float32) + delta).astype(y_ref.dtype),
-                                   mask=col_ok)
-                    return carry
-
-                jax.lax.fori_loop(0, bn // sub, expand_step, 0)
-
-
 def sgmv_apply(
     # inputs
     x: jax.Array,  # (T, in)
@@ -1190,64 +1095,16 @@ def sgmv_apply(
     config: SgmvConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (T, sum of out widths), y's dtype
-    """y += each token's LoRA delta for a module group (``sgmv_apply_reference``).
+    """y += each token's LoRA delta for a module group (``sgmv_apply_reference``): ``sgmv_shrink``
+    then ``sgmv_expand``, two launches.
 
-    T <= ``config.decode_fused_max_tokens``: one fused launch (shrink and expand); otherwise
-    ``sgmv_shrink`` then ``sgmv_expand`` (two launches).
+    (A single-launch variant, each program recomputing its token's v for its block of y columns,
+    was measured slower at every decode size: docs/BENCHMARKS.md, "Fifth session".)
     """
-    config = config or SgmvConfig()
-    num_tokens = x.shape[0] if x.ndim == 2 else 0  # a bad x: the unfused path names it
-    if not 0 < num_tokens <= config.decode_fused_max_tokens:
-        v = sgmv_shrink(x, a_pool, a_pages, ranks, token_slot, layer, weights=weights,
-                        kernel_meta=kernel_meta, config=config, interpret=interpret)
-        return sgmv_expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer,
-                           weights=weights, kernel_meta=kernel_meta, config=config,
-                           interpret=interpret)
-    fn = "sgmv_apply"
-    _check_weights(fn, weights)
-    _check_pool(fn, "a_pool", a_pool)
-    b_pools = tuple(b_pools)
-    g_count = len(weights)
-    _check_b_pools(fn, b_pools, g_count, a_pool, "a_pool")
-    num_layers, a_pages_per_pool, rows_per_page, in_width = a_pool.shape
-    if x.shape[1] != in_width:
-        raise ConfigError(f"{_WHERE} {fn}: x must be (T, {in_width}) (a_pool's width), got "
-                          f"shape {x.shape}")
-    widths = tuple(int(p.shape[3]) for p in b_pools)
-    if y.ndim != 2 or y.shape != (num_tokens, sum(widths)):
-        raise ConfigError(f"{_WHERE} {fn}: y must be (T, {sum(widths)}) = "
-                          f"{(num_tokens, sum(widths))} (the group's widths {widths} side by "
-                          f"side), got shape {y.shape}")
-    _check_slot_tables(fn, "a_pages", a_pages, ranks, token_slot, num_tokens)
-    _check_slot_tables(fn, "b_pages", b_pages, ranks, token_slot, num_tokens, scales)
-    max_pages = a_pages.shape[2]
-    if b_pages.shape != a_pages.shape:
-        raise ConfigError(f"{_WHERE} {fn}: b_pages must have a_pages' shape {a_pages.shape}, "
-                          f"got {b_pages.shape}")
-    rank_pad = max(16, _next_pow2(max_pages * rows_per_page))
-    bn = min(config.decode_fused_block_n, _next_pow2(max(widths)))
-    sub = max(1, min(bn, config.decode_fused_tile // rank_pad))
-    bk = max(1, min(_next_pow2(in_width), config.decode_fused_tile // rank_pad))
-    block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
-    col_offsets = tuple(int(o) for o in np.cumsum((0,) + widths[:-1]))
-    name = (f"sgmv_fused_decode_bn{bn}_sub{sub}_bk{bk}_w{config.decode_fused_num_warps}"
-            f"_s{config.decode_fused_num_stages}")
-    kernel = functools.partial(
-        _fused_decode_kernel, weights=weights, widths=widths, col_offsets=col_offsets,
-        block_starts=block_starts, a_pages_per_pool=a_pages_per_pool,
-        b_pages_per_pool=tuple(int(p.shape[1]) for p in b_pools), rows_per_page=rows_per_page,
-        max_pages=max_pages, rank_pad=rank_pad, bn=bn, sub=sub, bk=bk, interpret=interpret)
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        grid=(block_starts[-1], num_tokens),
-        input_output_aliases={2: 0},
-        compiler_params=_compiler_params(config.decode_fused_num_warps,
-                                         config.decode_fused_num_stages),
-        interpret=interpret, name=name,
-    )(x, a_pool.reshape(-1, in_width), y, *(p.reshape(-1, p.shape[3]) for p in b_pools),
-      a_pages.astype(jnp.int32), b_pages.astype(jnp.int32), ranks.astype(jnp.int32),
-      scales.astype(jnp.float32), jnp.asarray(layer, jnp.int32).reshape(1),
-      token_slot.astype(jnp.int32))
+    v = sgmv_shrink(x, a_pool, a_pages, ranks, token_slot, layer, weights=weights,
+                    kernel_meta=kernel_meta, config=config, interpret=interpret)
+    return sgmv_expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer, weights=weights,
+                       kernel_meta=kernel_meta, config=config, interpret=interpret)
 
 
 __all__ = [

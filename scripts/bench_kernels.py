@@ -178,8 +178,7 @@ def make_workload(workload: str, num_tokens: int, group: Group, rank: int, pools
 # ------------------------------------------------------------------------------------------------
 
 def step_sgmv(config):
-    """The group's LoRA through ``sgmv_apply``: shrink then expand, or one fused decode launch
-    where the config asks for it (a variant with decode_fused_max_tokens)."""
+    """The group's LoRA through ``sgmv_apply`` (the model's entry point): shrink then expand."""
     def step(x, y, pools, tables, layer, weights):
         return sgmv_apply(x, y, pools["a_pool"], pools["b_pools"], tables["a_pages"],
                           tables["b_pages"], tables["ranks"], tables["scales"],

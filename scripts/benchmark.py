@@ -50,7 +50,7 @@ flags.DEFINE_list("free_running", ["async", "sync"], "offline: after the timed p
                   "is served again untimed once per scheduling mode listed (async, sync); the "
                   "first gives its tokens/s; empty: the timed pass's")
 flags.DEFINE_string("sgmv_config", "{}", "JSON {SgmvConfig field: value} for the engine's SGMV "
-                    "kernels, e.g. '{\"decode_fused_max_tokens\": 32}' (fused decode launches)")
+                    "kernels, e.g. '{\"decode_max_tokens\": 32}' (per-token expand up to 32 rows)")
 flags.DEFINE_integer("profile_steps", 0, "offline: engine iterations per row traced with the JAX "
                      "profiler once the batch decodes (a per-kernel breakdown in the row's "
                      "'profile'); 0: none")

@@ -538,11 +538,11 @@ def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base,
                                                 [9, 10, 11], 8)
 
 
-def test_pallas_engine_with_fused_decode_launches_gives_the_reference_tokens(base,
-                                                                              lora_adapters):
-    """RunnerConfig.sgmv reaches the kernels: with the fused decode launch (shrink and expand
-    in one) the Pallas engine (interpret mode) gives each adapter's greedy reference tokens.
-    (tests/test_engine_gpu.py counts its launches in the steps lowered for the GPU.)"""
+def test_runner_sgmv_config_reaches_the_kernels(base, lora_adapters):
+    """RunnerConfig.sgmv reaches the kernels and the metadata: with every LoRA launch in the
+    prefill (tensor-core tile) regime, decode steps included, the Pallas engine (interpret mode)
+    gives each adapter's greedy reference tokens. (tests/test_engine_gpu.py counts the regimes'
+    kernels in the steps lowered for the GPU.)"""
     import dataclasses
 
     from pallas_kernels.sgmv import SgmvConfig
@@ -550,7 +550,8 @@ def test_pallas_engine_with_fused_decode_launches_gives_the_reference_tokens(bas
     config = small_engine_config()
     config = dataclasses.replace(config, runner=dataclasses.replace(
         config.runner, impl="pallas_interpret",
-        sgmv=SgmvConfig(decode_fused_max_tokens=8, decode_fused_block_n=64)))
+        sgmv=SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0,
+                        shrink_block_tokens=16, expand_block_tokens=16)))
     llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
                       load_workers=0)
     prompts = [[5, 6, 7], [40, 41, 42, 43, 44], [300]]

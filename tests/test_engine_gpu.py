@@ -52,13 +52,14 @@ def test_pallas_engine_matches_reference_engine():
     assert outputs["pallas"] == outputs["reference"]
 
 
-@pytest.mark.parametrize("layer_loop,fused", [("scan", False), ("unrolled", False),
-                                              ("scan", True)])
-def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, fused):
+@pytest.mark.parametrize("layer_loop,tiles_only", [("scan", False), ("unrolled", False),
+                                                   ("scan", True)])
+def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only):
     """On any machine: every step shape of an engine on the Pallas kernels (decode and prefill,
     with and without LoRA) lowers to Triton kernels for an abstract GPU (tests/gpu_lowering.py).
-    With the fused decode launch, decode steps make one SGMV launch per (layer, group)."""
-    sgmv = SgmvConfig(decode_fused_max_tokens=4) if fused else None
+    RunnerConfig.sgmv picks the kernels: with the decode regime off, decode steps run the
+    tensor-core tile kernels."""
+    sgmv = SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0) if tiles_only else None
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
         runner=RunnerConfig(max_batch=4, prefill_chunk=32, max_prefill_rows=2, impl="pallas",
@@ -80,11 +81,15 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, fused):
                                      pools, batch, meta)
             kernels = triton_kernels(text)
             # scan: one traced layer; unrolled: every layer. Eight SGMV launches per layer with
-            # LoRA (four fused); decode attention in every layer (JAX may lower those as one
-            # shared function).
+            # LoRA; decode attention in every layer (JAX may lower those as one shared function).
             layers = 1 if layer_loop == "scan" else CONFIG.num_layers
-            per_layer = 4 if fused and mode == "decode" else 8
-            sgmv, attention = per_layer * layers * use_lora, mode == "decode"
+            sgmv, attention = 8 * layers * use_lora, mode == "decode"
             assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
+            if use_lora:
+                per_token = "sgmv_shrink_decode" in text or "sgmv_expand_decode" in text
+                if tiles_only:
+                    assert not per_token, mode
+                elif mode == "decode":
+                    assert per_token
             lowered += 1
     assert lowered == 2 * len(runner.bucket_shapes())

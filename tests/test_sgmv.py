@@ -486,75 +486,41 @@ def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
 
 
 # ------------------------------------------------------------------------------------------------
-# fused decode (shrink + expand in one launch)
+# sgmv_apply (the model's entry point: shrink then expand)
 # ------------------------------------------------------------------------------------------------
 
-def _run_apply(prob, config, interpret, *, launches):
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("num_tokens", [11, 40])
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_sgmv_apply_matches_reference(group, num_tokens, interpret):
+    """Both regimes (decode at T=11, prefill at T=40 with the test config), two launches each;
+    base-only tokens left bit for bit."""
+    in_width, out_widths = GROUPS[group]
+    prob = make_problem(zlib.crc32(f"apply-{group}-{num_tokens}".encode()),
+                        num_tokens=num_tokens, in_width=in_width, out_widths=out_widths,
+                        dtype=jnp.bfloat16)
+    config = dataclasses.replace(SMALL, decode_max_tokens=16)
+    ts = jnp.asarray(prob.token_slot)
+    meta = None if config.regime(num_tokens) == "decode" else build_sgmv_metadata(
+        prob.token_slot, prob.ranks.shape[0], config=config)
     _poison_allocator(prob.y.size * 4)
 
     def apply(x, y, token_slot, *, interpret):
         return sgmv_apply(x, y, prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages,
                           prob.ranks, prob.scales, token_slot, prob.layer, weights=prob.weights,
-                          config=config, interpret=interpret)
+                          kernel_meta=meta, config=config, interpret=interpret)
 
-    args = (prob.x, prob.y, jnp.asarray(prob.token_slot))
-    if interpret:  # the same call must also lower for the GPU, in this many launches
+    args = (prob.x, prob.y, ts)
+    if interpret:  # the same call must also lower for the GPU, in two launches
         assert triton_kernels(lower_for_gpu(functools.partial(apply, interpret=False),
-                                            *args)) == launches
-    return apply(*args, interpret=interpret)
-
-
-def _check_apply(prob, y, dtype_name):
-    ts = jnp.asarray(prob.token_slot)
+                                            *args)) == 2
+    y = apply(*args, interpret=interpret)
     y_ref = sgmv_apply_reference(prob.x, prob.y, prob.a_pool, prob.b_pools, prob.a_pages,
                                  prob.b_pages, prob.ranks, prob.scales, ts, prob.layer,
                                  weights=prob.weights)
-    assert _rel_err(y, y_ref) < TOL[dtype_name] and y.dtype == prob.y.dtype
+    assert _rel_err(y, y_ref) < TOL["bfloat16"] and y.dtype == prob.y.dtype
     base_only = prob.token_slot < 0
     np.testing.assert_array_equal(np.asarray(y)[base_only], np.asarray(prob.y)[base_only])
-
-
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("group", list(GROUPS))
-def test_fused_decode_matches_reference(group, dtype_name, interpret):
-    """One launch per group: ragged column blocks, several input and column steps per program,
-    mixed ranks not a multiple of any block, shuffled pages, NaN beyond every rank and in free
-    pages, base-only tokens left bit for bit."""
-    in_width, out_widths = GROUPS[group]
-    prob = make_problem(zlib.crc32(f"fused-{group}-{dtype_name}".encode()), num_tokens=11,
-                        in_width=in_width, out_widths=out_widths, dtype=jnp.dtype(dtype_name))
-    config = SgmvConfig(decode_fused_max_tokens=11, decode_fused_block_n=32,
-                        decode_fused_tile=128)
-    _check_apply(prob, _run_apply(prob, config, interpret, launches=1), dtype_name)
-    # Beyond decode_fused_max_tokens: shrink then expand, the same result.
-    unfused = dataclasses.replace(config, decode_fused_max_tokens=10)
-    _check_apply(prob, _run_apply(prob, unfused, interpret, launches=2), dtype_name)
-
-
-@pytest.mark.parametrize("interpret", INTERPRET)
-def test_fused_decode_ranks_up_to_128(interpret):
-    prob = make_problem(3, num_tokens=8, in_width=32, out_widths=(24, 24), rows_per_page=16,
-                        max_pages=8, num_slots=4)
-    assert int(jnp.max(prob.ranks)) == 128
-    config = SgmvConfig(decode_fused_max_tokens=8)
-    _check_apply(prob, _run_apply(prob, config, interpret, launches=1), "float32")
-
-
-@pytest.mark.parametrize("num_tokens", [1, 16])
-def test_fused_decode_lowers_for_the_gpu_at_model_widths(num_tokens):
-    prob = make_problem(num_tokens, num_tokens=num_tokens, in_width=4096,
-                        out_widths=(4096, 1024, 1024), rows_per_page=16, max_pages=4,
-                        num_slots=16, dtype=jnp.bfloat16)
-    config = SgmvConfig(decode_fused_max_tokens=16)
-
-    def step(x, y, ts):
-        return sgmv_apply(x, y, prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages,
-                          prob.ranks, prob.scales, ts, prob.layer, weights=prob.weights,
-                          config=config)
-
-    assert triton_kernels(lower_for_gpu(step, prob.x, prob.y,
-                                        jnp.asarray(prob.token_slot))) == 1
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class RunnerConfig:
     # it shortened 7B decode steps 1.5-2.2x, but its warm-up compiled 10 step shapes in 340 s
     # against 57 s for 14 with the scan (16 threads, H200 machine).
     layer_loop: str = "scan"
-    # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. the fused decode launch.
+    # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
     sgmv: SgmvConfig | None = None
 
     def __post_init__(self):
