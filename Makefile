@@ -24,6 +24,7 @@ generate: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n 2 --timeout 900 tests $(ARGS)
 
 lint: $(STAMP)

@@ -6,33 +6,70 @@ from jaxlora.config import ModelConfig, RopeScaling
 from jaxlora.errors import ConfigError
 
 TINY = ModelConfig(
-    name="tiny-llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
-    tie_word_embeddings=False, max_position_embeddings=512,
+    name="tiny-llama",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    max_position_embeddings=512,
 )
 
 LLAMA2_7B = ModelConfig(
-    name="llama-2-7b", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-    num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rope_theta=10000.0,
-    rms_norm_eps=1e-5, max_position_embeddings=4096,
+    name="llama-2-7b",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
 )
 
 LLAMA3_8B = ModelConfig(
-    name="llama-3-8b", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-    rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=8192),
-    rms_norm_eps=1e-5, max_position_embeddings=8192,
+    name="llama-3-8b",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
 )
 
 MISTRAL_7B = ModelConfig(
-    name="mistral-7b", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-    num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
-    rms_norm_eps=1e-5, max_position_embeddings=32768,
+    name="mistral-7b",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=32768,
 )
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    "tiny": TINY, "llama-2-7b": LLAMA2_7B, "llama-3-8b": LLAMA3_8B, "mistral-7b": MISTRAL_7B,
+    "tiny": TINY,
+    "llama-2-7b": LLAMA2_7B,
+    "llama-3-8b": LLAMA3_8B,
+    "mistral-7b": MISTRAL_7B,
 }
 
 
@@ -40,5 +77,6 @@ def get_model_preset(name: str) -> ModelConfig:
     try:
         return MODEL_PRESETS[name]
     except KeyError:
-        raise ConfigError(f"model preset {name!r} is unknown; expected one of "
-                          f"{sorted(MODEL_PRESETS)}") from None
+        raise ConfigError(
+            f"model preset {name!r} is unknown; expected one of {sorted(MODEL_PRESETS)}"
+        ) from None

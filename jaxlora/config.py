@@ -47,12 +47,25 @@ class ModelConfig:
     name: str = "llama"
 
     def __post_init__(self):
-        require_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size",
-                                     "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                     "max_position_embeddings"), "model config")
+        require_positive_ints(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_layers",
+                "num_heads",
+                "num_kv_heads",
+                "head_dim",
+                "max_position_embeddings",
+            ),
+            "model config",
+        )
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"model config: num_heads ({self.num_heads}) must be a multiple of "
-                              f"num_kv_heads ({self.num_kv_heads})")
+            raise ConfigError(
+                f"model config: num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
 
     @property
     def q_size(self) -> int:
@@ -66,8 +79,13 @@ class ModelConfig:
         """(in_features, out_features) of each LoRA-targetable linear module."""
         h, q, kv, i = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
         return {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
         }
 
     @classmethod
@@ -81,11 +99,14 @@ class ModelConfig:
 
         model_type = cfg.get("model_type", "llama")
         if model_type not in ("llama", "mistral"):
-            raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; "
-                              "expected 'llama' or 'mistral'")
+            raise ConfigError(
+                f"{source}: field 'model_type' is {model_type!r}; expected 'llama' or 'mistral'"
+            )
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ConfigError(f"{source}: fields 'attention_bias'/'mlp_bias' must be false "
-                              "(biased Llama variants are not supported)")
+            raise ConfigError(
+                f"{source}: fields 'attention_bias'/'mlp_bias' must be false "
+                "(biased Llama variants are not supported)"
+            )
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: field 'hidden_act' is {act!r}; expected 'silu'")
@@ -102,11 +123,14 @@ class ModelConfig:
                     low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
                     high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
                     original_max_position_embeddings=int(
-                        raw.get("original_max_position_embeddings", 8192)),
+                        raw.get("original_max_position_embeddings", 8192)
+                    ),
                 )
             elif rope_type not in (None, "default"):
-                raise ConfigError(f"{source}: field 'rope_scaling.rope_type' is {rope_type!r}; "
-                                  "expected 'llama3' or 'default'")
+                raise ConfigError(
+                    f"{source}: field 'rope_scaling.rope_type' is {rope_type!r}; "
+                    "expected 'llama3' or 'default'"
+                )
         return cls(
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
@@ -139,14 +163,22 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = {
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim, "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False,
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
         }
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
@@ -168,8 +200,9 @@ class LoraPoolConfig:
     max_slots: int = 32
 
     def __post_init__(self):
-        require_positive_ints(self, ("max_rank", "rows_per_page", "pages_per_pool",
-                                     "max_slots"), "lora pool config")
+        require_positive_ints(
+            self, ("max_rank", "rows_per_page", "pages_per_pool", "max_slots"), "lora pool config"
+        )
 
     @property
     def max_pages_per_weight(self) -> int:

@@ -50,61 +50,91 @@ class Example:
         """(inputs, targets, loss_mask), each of shape (length,)."""
         ids = np.asarray(self.prompt + self.completion, np.int32)
         mask = np.zeros(self.length, bool)
-        mask[len(self.prompt) - 1:] = True
+        mask[len(self.prompt) - 1 :] = True
         return ids[:-1], ids[1:], mask
 
 
 def _token_ids(value, what: str, source: str, vocab_size: int | None) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise FormatError(f"{source}: field {what!r} must be a string or a list of token ids "
-                          f"(ints); got {type(value).__name__}")
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise FormatError(
+            f"{source}: field {what!r} must be a string or a list of token ids "
+            f"(ints); got {type(value).__name__}"
+        )
     if vocab_size is not None:
         bad = [t for t in value if not 0 <= t < vocab_size]
         if bad:
-            raise FormatError(f"{source}: field {what!r} has token id {bad[0]}; expected ids in "
-                              f"[0, {vocab_size}) (the model's vocab_size)")
+            raise FormatError(
+                f"{source}: field {what!r} has token id {bad[0]}; expected ids in "
+                f"[0, {vocab_size}) (the model's vocab_size)"
+            )
     return tuple(value)
 
 
-def _encode(value, what: str, source: str, tokenizer: Tokenizer | None, add_bos: bool,
-            vocab_size: int | None) -> tuple[int, ...]:
+def _encode(
+    value,
+    what: str,
+    source: str,
+    tokenizer: Tokenizer | None,
+    add_bos: bool,
+    vocab_size: int | None,
+) -> tuple[int, ...]:
     if isinstance(value, str):
         if tokenizer is None:
-            raise ConfigError(f"{source}: field {what!r} is text but no tokenizer was given "
-                              "(pass one, or give token ids as a list of ints)")
+            raise ConfigError(
+                f"{source}: field {what!r} is text but no tokenizer was given "
+                "(pass one, or give token ids as a list of ints)"
+            )
         value = list(tokenizer.encode(value, add_bos=add_bos))
     return _token_ids(value, what, source, vocab_size)
 
 
-def make_example(prompt, completion, *, adapter: str | None = None,
-                 tokenizer: Tokenizer | None = None, vocab_size: int | None = None,
-                 source: str = "example") -> Example:
+def make_example(
+    prompt,
+    completion,
+    *,
+    adapter: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    vocab_size: int | None = None,
+    source: str = "example",
+) -> Example:
     """An Example from text (encoded: the prompt with BOS) or token ids (taken as given)."""
     prompt_ids = _encode(prompt, "prompt", source, tokenizer, True, vocab_size)
     completion_ids = _encode(completion, "completion", source, tokenizer, False, vocab_size)
     if not prompt_ids:
-        raise FormatError(f"{source}: field 'prompt' has no tokens; expected at least one (the "
-                          "first completion token needs a token before it to be predicted from)")
+        raise FormatError(
+            f"{source}: field 'prompt' has no tokens; expected at least one (the "
+            "first completion token needs a token before it to be predicted from)"
+        )
     if not completion_ids:
         raise FormatError(f"{source}: field 'completion' has no tokens; expected at least one")
-    return Example(adapter=adapter or None, prompt=prompt_ids, completion=completion_ids,
-                   source=source)
+    return Example(
+        adapter=adapter or None, prompt=prompt_ids, completion=completion_ids, source=source
+    )
 
 
-def example_from_record(record, source: str, *, tokenizer: Tokenizer | None = None,
-                        vocab_size: int | None = None, default_adapter: str | None = None,
-                        require_adapter: bool = False) -> Example:
+def example_from_record(
+    record,
+    source: str,
+    *,
+    tokenizer: Tokenizer | None = None,
+    vocab_size: int | None = None,
+    default_adapter: str | None = None,
+    require_adapter: bool = False,
+) -> Example:
     if not isinstance(record, dict):
         raise FormatError(f"{source}: expected a JSON object, got {type(record).__name__}")
     if "adapter" in record:
         adapter = record["adapter"]
         if adapter is not None and not isinstance(adapter, str):
-            raise FormatError(f"{source}: field 'adapter' must be a string or null; got "
-                              f"{type(adapter).__name__}")
+            raise FormatError(
+                f"{source}: field 'adapter' must be a string or null; got {type(adapter).__name__}"
+            )
     elif require_adapter:
-        raise FormatError(f"{source}: missing field 'adapter' (the adapter name; null for the "
-                          "base model)")
+        raise FormatError(
+            f"{source}: missing field 'adapter' (the adapter name; null for the base model)"
+        )
     else:
         adapter = default_adapter
     if "text" in record:
@@ -112,16 +142,24 @@ def example_from_record(record, source: str, *, tokenizer: Tokenizer | None = No
             raise FormatError(f"{source}: give either 'text' or 'prompt' + 'completion', not both")
         ids = _encode(record["text"], "text", source, tokenizer, True, vocab_size)
         if len(ids) < 2:
-            raise FormatError(f"{source}: field 'text' has {len(ids)} token(s); expected at "
-                              "least 2 (the first one is only context)")
-        return Example(adapter=adapter or None, prompt=ids[:1], completion=ids[1:],
-                       source=source)
+            raise FormatError(
+                f"{source}: field 'text' has {len(ids)} token(s); expected at "
+                "least 2 (the first one is only context)"
+            )
+        return Example(adapter=adapter or None, prompt=ids[:1], completion=ids[1:], source=source)
     for field in ("prompt", "completion"):
         if field not in record:
-            raise FormatError(f"{source}: missing field {field!r} (expected 'prompt' and "
-                              "'completion', or 'text')")
-    return make_example(record["prompt"], record["completion"], adapter=adapter,
-                        tokenizer=tokenizer, vocab_size=vocab_size, source=source)
+            raise FormatError(
+                f"{source}: missing field {field!r} (expected 'prompt' and 'completion', or 'text')"
+            )
+    return make_example(
+        record["prompt"],
+        record["completion"],
+        adapter=adapter,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        source=source,
+    )
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
@@ -139,20 +177,31 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
             try:
                 yield source, json.loads(line)
             except json.JSONDecodeError as e:
-                raise FormatError(f"{source}: not valid JSON ({e.msg} at column {e.colno})"
-                                  ) from None
+                raise FormatError(
+                    f"{source}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
 
 
-def load_examples(path: str | os.PathLike, *, tokenizer: Tokenizer | None = None,
-                  vocab_size: int | None = None, default_adapter: str | None = None,
-                  require_adapter: bool = False, max_length: int | None = None
-                  ) -> list[Example]:
+def load_examples(
+    path: str | os.PathLike,
+    *,
+    tokenizer: Tokenizer | None = None,
+    vocab_size: int | None = None,
+    default_adapter: str | None = None,
+    require_adapter: bool = False,
+    max_length: int | None = None,
+) -> list[Example]:
     """Reads a JSONL dataset. max_length: the longest sequence allowed (FormatError beyond)."""
     examples = []
     for source, record in read_jsonl(path):
-        example = example_from_record(record, source, tokenizer=tokenizer, vocab_size=vocab_size,
-                                      default_adapter=default_adapter,
-                                      require_adapter=require_adapter)
+        example = example_from_record(
+            record,
+            source,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            default_adapter=default_adapter,
+            require_adapter=require_adapter,
+        )
         check_length(example, max_length)
         examples.append(example)
     if not examples:
@@ -162,10 +211,12 @@ def load_examples(path: str | os.PathLike, *, tokenizer: Tokenizer | None = None
 
 def check_length(example: Example, max_length: int | None) -> None:
     if max_length is not None and example.length > max_length:
-        raise FormatError(f"{example.source}: the sequence has {example.length + 1} tokens "
-                          f"(prompt {len(example.prompt)} + completion "
-                          f"{len(example.completion)}); expected at most {max_length + 1} "
-                          "(raise the maximum sequence length or shorten the record)")
+        raise FormatError(
+            f"{example.source}: the sequence has {example.length + 1} tokens "
+            f"(prompt {len(example.prompt)} + completion "
+            f"{len(example.completion)}); expected at most {max_length + 1} "
+            "(raise the maximum sequence length or shorten the record)"
+        )
 
 
 def bucket_length(length: int, *, min_bucket: int, max_length: int) -> int:
@@ -176,8 +227,7 @@ def bucket_length(length: int, *, min_bucket: int, max_length: int) -> int:
     return min(bucket, max(max_length, length))
 
 
-def pad_rows(examples: Sequence[Example | None], length: int
-             ) -> dict[str, np.ndarray]:
+def pad_rows(examples: Sequence[Example | None], length: int) -> dict[str, np.ndarray]:
     """Right-padded (rows, length) arrays; None rows are padding (all masked)."""
     rows = len(examples)
     tokens = np.zeros((rows, length), np.int32)

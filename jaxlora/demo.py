@@ -61,20 +61,27 @@ def manifest() -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError as e:
-        raise FormatError(f"{path}: file not found; the demo assets are missing (regenerate "
-                          "them with: python scripts/make_demo.py)") from e
+        raise FormatError(
+            f"{path}: file not found; the demo assets are missing (regenerate "
+            "them with: python scripts/make_demo.py)"
+        ) from e
     except (OSError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: unreadable demo manifest ({e})") from e
 
 
 def check_assets() -> None:
     """Raises FormatError naming the first missing demo file (and how to regenerate them)."""
-    required = [os.path.join(model_dir(), f)
-                for f in ("config.json", "model.safetensors", "tokenizer.json")]
+    required = [
+        os.path.join(model_dir(), f) for f in ("config.json", "model.safetensors", "tokenizer.json")
+    ]
     for path in adapter_dirs().values():
-        required += [os.path.join(path, "adapter_config.json"),
-                     os.path.join(path, "adapter_model.safetensors")]
+        required += [
+            os.path.join(path, "adapter_config.json"),
+            os.path.join(path, "adapter_model.safetensors"),
+        ]
     for path in required:
         if not os.path.isfile(path):
-            raise FormatError(f"{path}: file not found; the demo assets are incomplete "
-                              "(regenerate them with: python scripts/make_demo.py)")
+            raise FormatError(
+                f"{path}: file not found; the demo assets are incomplete "
+                "(regenerate them with: python scripts/make_demo.py)"
+            )

@@ -80,16 +80,20 @@ class EvalConfig:
         for field in ("batch_size", "min_bucket", "rows_per_page"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"eval config field {field!r}: expected a positive int, got "
-                                  f"{value!r}")
+                raise ConfigError(
+                    f"eval config field {field!r}: expected a positive int, got {value!r}"
+                )
         for field in ("max_seq_len", "max_resident_adapters"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"eval config field {field!r}: expected a positive int or "
-                                  f"None, got {value!r}")
+                raise ConfigError(
+                    f"eval config field {field!r}: expected a positive int or None, got {value!r}"
+                )
         if self.lora_impl not in LORA_IMPLS:
-            raise ConfigError(f"eval config field 'lora_impl': expected one of {LORA_IMPLS}, got "
-                              f"{self.lora_impl!r}")
+            raise ConfigError(
+                f"eval config field 'lora_impl': expected one of {LORA_IMPLS}, got "
+                f"{self.lora_impl!r}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,15 +112,17 @@ class AdapterSource(abc.ABC):
     def names(self) -> tuple[str, ...]: ...
 
     @abc.abstractmethod
-    def lora_inputs(self, names: Sequence[str], capacity: int, *, dtype, impl: str
-                    ) -> LoraInputs: ...
+    def lora_inputs(
+        self, names: Sequence[str], capacity: int, *, dtype, impl: str
+    ) -> LoraInputs: ...
 
 
 class _PackedSource(AdapterSource):
     """Adapters of any ranks and modules, packed on the host by ``jaxlora.lora.pack_adapters``."""
 
-    def __init__(self, config: ModelConfig, ranks: Mapping[str, Mapping[str, int]], *,
-                 rows_per_page: int):
+    def __init__(
+        self, config: ModelConfig, ranks: Mapping[str, Mapping[str, int]], *, rows_per_page: int
+    ):
         self.config = config
         self._ranks = {name: dict(r) for name, r in ranks.items()}
         self.rows_per_page = rows_per_page
@@ -137,22 +143,29 @@ class _PackedSource(AdapterSource):
                 for axis in layout.MODULE_POOLS[m]:
                     need[axis] += layout.pages_for_rank(r, self.rows_per_page)
             most_pages = max(most_pages, *need.values())
-        return LoraPoolConfig(max_rank=max(1, max_rank), rows_per_page=self.rows_per_page,
-                              pages_per_pool=capacity * most_pages, max_slots=capacity)
+        return LoraPoolConfig(
+            max_rank=max(1, max_rank),
+            rows_per_page=self.rows_per_page,
+            pages_per_pool=capacity * most_pages,
+            max_slots=capacity,
+        )
 
     def lora_inputs(self, names, capacity, *, dtype, impl):
         weights = [self.load(name) for name in names]
-        return pack_adapters(self.config, weights, self.pool_config(capacity), dtype=dtype,
-                             impl=impl)
+        return pack_adapters(
+            self.config, weights, self.pool_config(capacity), dtype=dtype, impl=impl
+        )
 
 
 class HostAdapters(_PackedSource):
     """Adapters already in host memory (trained in this process, or loaded by the caller)."""
 
-    def __init__(self, config: ModelConfig, adapters: Mapping[str, LoraWeights], *,
-                 rows_per_page: int = 16):
-        super().__init__(config, {name: w.ranks for name, w in adapters.items()},
-                         rows_per_page=rows_per_page)
+    def __init__(
+        self, config: ModelConfig, adapters: Mapping[str, LoraWeights], *, rows_per_page: int = 16
+    ):
+        super().__init__(
+            config, {name: w.ranks for name, w in adapters.items()}, rows_per_page=rows_per_page
+        )
         self._adapters = dict(adapters)
 
     def load(self, name: str) -> LoraWeights:
@@ -162,14 +175,26 @@ class HostAdapters(_PackedSource):
 class PeftAdapters(_PackedSource):
     """PEFT adapter directories; headers are checked up front, weights read when resident."""
 
-    def __init__(self, config: ModelConfig, paths: Mapping[str, str | os.PathLike], *,
-                 max_rank: int = 256, rows_per_page: int = 16, dtype=np.float32):
+    def __init__(
+        self,
+        config: ModelConfig,
+        paths: Mapping[str, str | os.PathLike],
+        *,
+        max_rank: int = 256,
+        rows_per_page: int = 16,
+        dtype=np.float32,
+    ):
         from jaxlora.formats import read_peft_adapter_spec
 
-        self._specs = {name: read_peft_adapter_spec(path, config, max_rank=max_rank, name=name)
-                       for name, path in paths.items()}
-        super().__init__(config, {name: spec.ranks for name, spec in self._specs.items()},
-                         rows_per_page=rows_per_page)
+        self._specs = {
+            name: read_peft_adapter_spec(path, config, max_rank=max_rank, name=name)
+            for name, path in paths.items()
+        }
+        super().__init__(
+            config,
+            {name: spec.ranks for name, spec in self._specs.items()},
+            rows_per_page=rows_per_page,
+        )
         self._paths = {name: os.fspath(path) for name, path in paths.items()}
         self._max_rank = max_rank
         self._dtype = dtype
@@ -177,8 +202,9 @@ class PeftAdapters(_PackedSource):
     def load(self, name: str) -> LoraWeights:
         from jaxlora.formats import load_peft_adapter
 
-        return load_peft_adapter(self._paths[name], self.config, max_rank=self._max_rank,
-                                 name=name, dtype=self._dtype)
+        return load_peft_adapter(
+            self._paths[name], self.config, max_rank=self._max_rank, name=name, dtype=self._dtype
+        )
 
 
 class RandomAdapters(AdapterSource):
@@ -189,16 +215,27 @@ class RandomAdapters(AdapterSource):
     times its input's RMS.
     """
 
-    def __init__(self, config: ModelConfig, count: int, *, rank: int = 16,
-                 target_modules: Sequence[str] = MODULES, scale: float = 0.1, seed: int = 0,
-                 prefix: str = "random-"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        count: int,
+        *,
+        rank: int = 16,
+        target_modules: Sequence[str] = MODULES,
+        scale: float = 0.1,
+        seed: int = 0,
+        prefix: str = "random-",
+    ):
         if count <= 0 or rank <= 0:
-            raise ConfigError(f"RandomAdapters: count and rank must be positive, got count="
-                              f"{count}, rank={rank}")
+            raise ConfigError(
+                f"RandomAdapters: count and rank must be positive, got count={count}, rank={rank}"
+            )
         unknown = [m for m in target_modules if m not in MODULES]
         if unknown or not target_modules:
-            raise ConfigError(f"RandomAdapters: target_modules {list(target_modules)}; expected "
-                              f"names among {', '.join(MODULES)}")
+            raise ConfigError(
+                f"RandomAdapters: target_modules {list(target_modules)}; expected "
+                f"names among {', '.join(MODULES)}"
+            )
         self.config = config
         self.rank = rank
         self.target_modules = tuple(m for m in MODULES if m in target_modules)
@@ -214,11 +251,18 @@ class RandomAdapters(AdapterSource):
 
     def lora_inputs(self, names, capacity, *, dtype, impl):
         indices = np.full(capacity, -1, np.int32)
-        indices[:len(names)] = [self._index[n] for n in names]
-        a, b = _random_stacked(self.config, jnp.asarray(indices), self.rank, self.target_modules,
-                               self.seed, jnp.dtype(dtype))
-        return stacked_lora_inputs(self.config, a, b,
-                                   dict.fromkeys(self.target_modules, self.scale), impl=impl)
+        indices[: len(names)] = [self._index[n] for n in names]
+        a, b = _random_stacked(
+            self.config,
+            jnp.asarray(indices),
+            self.rank,
+            self.target_modules,
+            self.seed,
+            jnp.dtype(dtype),
+        )
+        return stacked_lora_inputs(
+            self.config, a, b, dict.fromkeys(self.target_modules, self.scale), impl=impl
+        )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5))
@@ -227,8 +271,9 @@ def _random_stacked(config: ModelConfig, indices, rank, modules, seed, dtype):
     key = jax.random.PRNGKey(seed)
 
     def one(index, m, factor, width, std):
-        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, index),
-                                                  layout.MODULE_INDEX[m]), factor)
+        k = jax.random.fold_in(
+            jax.random.fold_in(jax.random.fold_in(key, index), layout.MODULE_INDEX[m]), factor
+        )
         rows = jax.random.normal(k, (config.num_layers, rank, width), jnp.float32) * std
         return jnp.where(index >= 0, rows, 0.0).astype(dtype)  # index -1: an empty slot
 
@@ -240,23 +285,38 @@ def _random_stacked(config: ModelConfig, indices, rank, modules, seed, dtype):
     return a, b
 
 
-def synthetic_examples(adapters: Sequence[str | None], per_adapter: int, *, prompt_len: int,
-                       completion_len: int, vocab_size: int, seed: int = 0) -> list[Example]:
+def synthetic_examples(
+    adapters: Sequence[str | None],
+    per_adapter: int,
+    *,
+    prompt_len: int,
+    completion_len: int,
+    vocab_size: int,
+    seed: int = 0,
+) -> list[Example]:
     """Random-token examples, `per_adapter` for each adapter, interleaved (for benchmarks).
 
     Interleaving means consecutive examples belong to different adapters, the order in which
     requests for many adapters arrive at a shared service.
     """
     if per_adapter <= 0 or prompt_len <= 0 or completion_len <= 0:
-        raise ConfigError(f"synthetic_examples: per_adapter ({per_adapter}), prompt_len "
-                          f"({prompt_len}) and completion_len ({completion_len}) must be positive")
+        raise ConfigError(
+            f"synthetic_examples: per_adapter ({per_adapter}), prompt_len "
+            f"({prompt_len}) and completion_len ({completion_len}) must be positive"
+        )
     rng = np.random.default_rng(seed)
     examples = []
     for i in range(per_adapter):
         for adapter in adapters:
             ids = rng.integers(0, vocab_size, prompt_len + completion_len).tolist()
-            examples.append(Example(adapter, tuple(ids[:prompt_len]), tuple(ids[prompt_len:]),
-                                    f"synthetic[{adapter}][{i}]"))
+            examples.append(
+                Example(
+                    adapter,
+                    tuple(ids[:prompt_len]),
+                    tuple(ids[prompt_len:]),
+                    f"synthetic[{adapter}][{i}]",
+                )
+            )
     return examples
 
 
@@ -325,21 +385,36 @@ class EvalReport:
 
     def format_table(self) -> str:
         header = ("adapter", "examples", "tokens", "loss", "ppl", "token acc", "exact")
-        rows = [(m.label, str(m.examples), str(m.tokens), f"{m.loss:.4f}",
-                 f"{m.perplexity:.3f}", f"{m.accuracy:.2%}", f"{m.exact_match:.2%}")
-                for m in self.adapters]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-                  for i, h in enumerate(header)]
+        rows = [
+            (
+                m.label,
+                str(m.examples),
+                str(m.tokens),
+                f"{m.loss:.4f}",
+                f"{m.perplexity:.3f}",
+                f"{m.accuracy:.2%}",
+                f"{m.exact_match:.2%}",
+            )
+            for m in self.adapters
+        ]
+        widths = [
+            max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+            for i, h in enumerate(header)
+        ]
 
         def line(cells):
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+            return "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
 
         lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
-        lines.append(f"{self.rows} examples, {self.tokens_forwarded} tokens forwarded in "
-                     f"{self.steps} steps on {self.devices} x {self.device_kind} ({self.mode}, "
-                     f"lora={self.lora_impl}): {self.eval_s:.2f} s, {self.tokens_per_s:,.0f} "
-                     f"tokens/s (compile {self.compile_s:.1f} s excluded)")
+        lines.append(
+            f"{self.rows} examples, {self.tokens_forwarded} tokens forwarded in "
+            f"{self.steps} steps on {self.devices} x {self.device_kind} ({self.mode}, "
+            f"lora={self.lora_impl}): {self.eval_s:.2f} s, {self.tokens_per_s:,.0f} "
+            f"tokens/s (compile {self.compile_s:.1f} s excluded)"
+        )
         return "\n".join(lines)
 
 
@@ -360,8 +435,10 @@ class ProgressBar:
             return
         fraction = min(1.0, done / self.total)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        text = (f"{self.label} [{'#' * int(fraction * 30):<30}] {done}/{self.total} steps, "
-                f"{tokens / elapsed:,.0f} tok/s")
+        text = (
+            f"{self.label} [{'#' * int(fraction * 30):<30}] {done}/{self.total} steps, "
+            f"{tokens / elapsed:,.0f} tok/s"
+        )
         if self.interactive:
             self.stream.write("\r" + text)
             self.stream.flush()
@@ -386,8 +463,9 @@ class _Step:
     rows: tuple[int, ...]  # example indices, -1 for padding rows; global batch order
 
 
-def _plan_groups(examples: Sequence[Example], names: Sequence[str | None],
-                 config: EvalConfig) -> tuple[list[tuple[str, ...]], list[list[int]], int]:
+def _plan_groups(
+    examples: Sequence[Example], names: Sequence[str | None], config: EvalConfig
+) -> tuple[list[tuple[str, ...]], list[list[int]], int]:
     """Resident adapter groups, the examples evaluated with each, and the pool capacity."""
     adapters = [n for n in names if n is not None]
     if config.one_adapter_at_a_time:
@@ -399,7 +477,7 @@ def _plan_groups(examples: Sequence[Example], names: Sequence[str | None],
         capacity = 1
     else:
         capacity = max(1, min(len(adapters), config.max_resident_adapters or len(adapters)))
-        groups = [tuple(adapters[i:i + capacity]) for i in range(0, len(adapters), capacity)]
+        groups = [tuple(adapters[i : i + capacity]) for i in range(0, len(adapters), capacity)]
         groups = groups or [()]
         members = {n: g for g, group in enumerate(groups) for n in group}
         members[None] = 0
@@ -409,9 +487,16 @@ def _plan_groups(examples: Sequence[Example], names: Sequence[str | None],
     return groups, assigned, capacity
 
 
-def _plan_steps(examples: Sequence[Example], assigned: Sequence[Sequence[int]], *,
-                global_rows: int, min_bucket: int, max_length: int,
-                num_devices: int = 1, row_buckets: bool = False) -> list[_Step]:
+def _plan_steps(
+    examples: Sequence[Example],
+    assigned: Sequence[Sequence[int]],
+    *,
+    global_rows: int,
+    min_bucket: int,
+    max_length: int,
+    num_devices: int = 1,
+    row_buckets: bool = False,
+) -> list[_Step]:
     """Steps of global_rows rows (padding rows -1). With row_buckets, a step's last, partial
     batch is padded only to the next power-of-two rows per device (one compilation per bucket):
     the one-adapter-at-a-time baseline then computes its examples, not padding, as a system
@@ -420,13 +505,12 @@ def _plan_steps(examples: Sequence[Example], assigned: Sequence[Sequence[int]], 
     for group, indices in enumerate(assigned):
         by_length: dict[int, list[int]] = {}
         for i in indices:
-            length = bucket_length(examples[i].length, min_bucket=min_bucket,
-                                   max_length=max_length)
+            length = bucket_length(examples[i].length, min_bucket=min_bucket, max_length=max_length)
             by_length.setdefault(length, []).append(i)
         for length in sorted(by_length):
             rows = by_length[length]
             for start in range(0, len(rows), global_rows):
-                chunk = rows[start:start + global_rows]
+                chunk = rows[start : start + global_rows]
                 width = global_rows
                 if row_buckets:
                     per_device = -(-len(chunk) // num_devices)
@@ -459,31 +543,48 @@ def _build_eval_step(config: ModelConfig, dtype, devices: tuple, num_slots: int,
             from pallas_kernels.sgmv import build_sgmv_metadata_jnp
 
             # once per step, instead of once per kernel launch inside the layers
-            lora = lora.replace(kernel_meta=build_sgmv_metadata_jnp(token_slot.reshape(-1),
-                                                                    num_slots))
+            lora = lora.replace(
+                kernel_meta=build_sgmv_metadata_jnp(token_slot.reshape(-1), num_slots)
+            )
         logits = model.apply({"params": params}, tokens, lora=lora, attn_mask=valid)
         log_z = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         nll = jnp.where(loss_mask, log_z - target_logit, 0.0).sum(-1)
         correct = (jnp.argmax(logits, axis=-1) == targets) & loss_mask
-        counts = jnp.stack([loss_mask.sum(-1), correct.sum(-1),
-                            jnp.all(correct | ~loss_mask, axis=-1)], axis=-1).astype(jnp.int32)
+        counts = jnp.stack(
+            [loss_mask.sum(-1), correct.sum(-1), jnp.all(correct | ~loss_mask, axis=-1)], axis=-1
+        ).astype(jnp.int32)
         # all_gather, not psum: concatenation is exact, so no sum order depends on the devices
-        return (jax.lax.all_gather(nll, EVAL_AXIS, tiled=True),
-                jax.lax.all_gather(counts, EVAL_AXIS, tiled=True))
+        return (
+            jax.lax.all_gather(nll, EVAL_AXIS, tiled=True),
+            jax.lax.all_gather(counts, EVAL_AXIS, tiled=True),
+        )
 
-    return jax.pmap(step, axis_name=EVAL_AXIS, in_axes=(None, None, 0, 0, 0, 0, 0),
-                    out_axes=None, devices=devices)
+    return jax.pmap(
+        step,
+        axis_name=EVAL_AXIS,
+        in_axes=(None, None, 0, 0, 0, 0, 0),
+        out_axes=None,
+        devices=devices,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # evaluate
 
 
-def evaluate(config: ModelConfig, params, examples: Sequence[Example],
-             adapters: AdapterSource | None = None, eval_config: EvalConfig = EvalConfig(), *,
-             devices=None, dtype=jnp.float32, progress: bool = False,
-             on_step: Callable[[int, int], None] | None = None) -> EvalReport:
+def evaluate(
+    config: ModelConfig,
+    params,
+    examples: Sequence[Example],
+    adapters: AdapterSource | None = None,
+    eval_config: EvalConfig = EvalConfig(),
+    *,
+    devices=None,
+    dtype=jnp.float32,
+    progress: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+) -> EvalReport:
     """Evaluates every example with its adapter (None: the base model); see the module doc.
 
     devices: the devices to spread each step over (default: every device of every process).
@@ -498,15 +599,19 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
             raise UnknownAdapterError(
                 f"{example.source}: adapter {example.adapter!r} is not among the "
                 f"{len(known)} adapters given"
-                + (f" (e.g. {sorted(known)[:5]})" if known else " (none were given)"))
+                + (f" (e.g. {sorted(known)[:5]})" if known else " (none were given)")
+            )
     max_length = eval_config.max_seq_len or config.max_position_embeddings
     for example in examples:
         if example.length > max_length:
-            raise ConfigError(f"{example.source}: sequence of {example.length + 1} tokens; at "
-                              f"most {max_length + 1} allowed (eval config max_seq_len)")
+            raise ConfigError(
+                f"{example.source}: sequence of {example.length + 1} tokens; at "
+                f"most {max_length + 1} allowed (eval config max_seq_len)"
+            )
         if max(example.prompt + example.completion) >= config.vocab_size:
-            raise ConfigError(f"{example.source}: token id >= the model's vocab_size "
-                              f"{config.vocab_size}")
+            raise ConfigError(
+                f"{example.source}: token id >= the model's vocab_size {config.vocab_size}"
+            )
 
     devices = list(devices if devices is not None else jax.devices())
     local = [d for d in devices if d.process_index == jax.process_index()]
@@ -516,18 +621,28 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
     replicated = NamedSharding(mesh, PartitionSpec())
     batch = eval_config.batch_size
     groups, assigned, capacity = _plan_groups(examples, names, eval_config)
-    plan = _plan_steps(examples, assigned, global_rows=batch * len(devices),
-                       min_bucket=eval_config.min_bucket, max_length=max_length,
-                       num_devices=len(devices), row_buckets=eval_config.one_adapter_at_a_time)
+    plan = _plan_steps(
+        examples,
+        assigned,
+        global_rows=batch * len(devices),
+        min_bucket=eval_config.min_bucket,
+        max_length=max_length,
+        num_devices=len(devices),
+        row_buckets=eval_config.one_adapter_at_a_time,
+    )
     step_fn = _build_eval_step(config, dtype, tuple(devices), capacity, impl)
     params = jax.device_put(params, replicated)
 
     def group_lora(group: int) -> LoraInputs:
         if adapters is None:
             # the base model alone: one empty slot, so the step has its usual inputs
-            lora = pack_adapters(config, [], LoraPoolConfig(max_rank=16, rows_per_page=16,
-                                                            pages_per_pool=1, max_slots=1),
-                                 dtype=dtype, impl=impl)
+            lora = pack_adapters(
+                config,
+                [],
+                LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=1, max_slots=1),
+                dtype=dtype,
+                impl=impl,
+            )
         else:
             lora = adapters.lora_inputs(groups[group], capacity, dtype=dtype, impl=impl)
         return jax.device_put(lora, replicated)
@@ -536,15 +651,25 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
         rows = [examples[i] if i >= 0 else None for i in step.rows]
         arrays = pad_rows(rows, step.length)
         arrays["row_slot"] = np.array(
-            [lora_slots[r.adapter] if r is not None else NO_ADAPTER for r in rows], np.int32)
+            [lora_slots[r.adapter] if r is not None else NO_ADAPTER for r in rows], np.int32
+        )
         # this process's devices only, as (local devices, rows per device, ...)
         per_device = len(step.rows) // len(devices)
-        return {k: v.reshape(len(devices), per_device, *v.shape[1:])[local_positions]
-                for k, v in arrays.items()}
+        return {
+            k: v.reshape(len(devices), per_device, *v.shape[1:])[local_positions]
+            for k, v in arrays.items()
+        }
 
     def run(lora, arrays):
-        return step_fn(params, lora, arrays["tokens"], arrays["targets"], arrays["loss_mask"],
-                       arrays["valid"], arrays["row_slot"])
+        return step_fn(
+            params,
+            lora,
+            arrays["tokens"],
+            arrays["targets"],
+            arrays["loss_mask"],
+            arrays["valid"],
+            arrays["row_slot"],
+        )
 
     def slots_of(group: int) -> dict[str | None, int]:
         return {None: NO_ADAPTER, **{n: s for s, n in enumerate(groups[group])}}
@@ -554,8 +679,9 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
     if plan:
         lora = group_lora(plan[0].group)
         for length, width in sorted({(s.length, len(s.rows)) for s in plan}):
-            jax.block_until_ready(run(lora, host_batch(
-                _Step(plan[0].group, length, (-1,) * width), {})))
+            jax.block_until_ready(
+                run(lora, host_batch(_Step(plan[0].group, length, (-1,) * width), {}))
+            )
         del lora
     compile_s = time.perf_counter() - compile_start
 
@@ -601,17 +727,29 @@ def evaluate(config: ModelConfig, params, examples: Sequence[Example],
         ids = [i for i, e in enumerate(examples) if e.adapter == name]
         tokens = int(counts[ids, 0].sum())
         loss = float(np.sum(nll[ids])) / max(tokens, 1)
-        metrics.append(AdapterMetrics(
-            adapter=name, examples=len(ids), tokens=tokens, loss=loss,
-            perplexity=math.exp(min(loss, 700.0)),
-            accuracy=float(counts[ids, 1].sum()) / max(tokens, 1),
-            exact_match=float(counts[ids, 2].sum()) / len(ids)))
+        metrics.append(
+            AdapterMetrics(
+                adapter=name,
+                examples=len(ids),
+                tokens=tokens,
+                loss=loss,
+                perplexity=math.exp(min(loss, 700.0)),
+                accuracy=float(counts[ids, 1].sum()) / max(tokens, 1),
+                exact_match=float(counts[ids, 2].sum()) / len(ids),
+            )
+        )
     return EvalReport(
-        adapters=metrics, devices=len(devices), device_kind=devices[0].device_kind,
+        adapters=metrics,
+        devices=len(devices),
+        device_kind=devices[0].device_kind,
         mode="one_adapter_at_a_time" if eval_config.one_adapter_at_a_time else "mixed",
-        lora_impl=impl, steps=len(plan), rows=len(examples),
+        lora_impl=impl,
+        steps=len(plan),
+        rows=len(examples),
         padded_rows=sum(len(s.rows) for s in plan) - len(examples),
         tokens_forwarded=tokens_forwarded,
         tokens_padded=sum(s.length * len(s.rows) for s in plan),
-        compile_s=compile_s, eval_s=eval_s,
-        tokens_per_s=tokens_forwarded / eval_s if eval_s > 0 else 0.0)
+        compile_s=compile_s,
+        eval_s=eval_s,
+        tokens_per_s=tokens_forwarded / eval_s if eval_s > 0 else 0.0,
+    )

@@ -26,8 +26,9 @@ def default_adapters(llm_model: str) -> dict:
     return demo.adapter_dirs() if llm_model == "tiny" else {}
 
 
-def run_generate(*, model: str, adapters, prompts, max_tokens: int, temperature: float,
-                 seed: int, out=print) -> list:
+def run_generate(
+    *, model: str, adapters, prompts, max_tokens: int, temperature: float, seed: int, out=print
+) -> list:
     named = parse_adapter_flags(adapters) or default_adapters(model)
     llm_model = model
     if model == "tiny" and named and not adapters:
@@ -46,6 +47,8 @@ def run_generate(*, model: str, adapters, prompts, max_tokens: int, temperature:
     for (prompt, name), result in zip(jobs, results, strict=True):
         out(f"[{name or 'base'}] {prompt!r} -> {result.text!r} ({result.finish_reason})")
     tokens = sum(len(r.token_ids) for r in results)
-    out(f"{len(jobs)} requests, {len(names)} adapters (incl. base) in one batch: {tokens} tokens "
-        f"in {elapsed:.2f} s, {llm.engine.stats.steps} engine steps")
+    out(
+        f"{len(jobs)} requests, {len(names)} adapters (incl. base) in one batch: {tokens} tokens "
+        f"in {elapsed:.2f} s, {llm.engine.stats.steps} engine steps"
+    )
     return results

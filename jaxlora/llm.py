@@ -48,8 +48,10 @@ def load_base_model(model: str | os.PathLike | ModelConfig, *, seed: int = 0, dt
         tokenizer = tiny_tokenizer() if model == "tiny" else None
         return config, init_params(config, seed, dtype=dtype), tokenizer
     if not os.path.isdir(model):
-        raise ConfigError(f"model {model!r}: not a preset ({sorted(MODEL_PRESETS)}) and not a "
-                          "directory (expected a HF checkpoint or an orbax checkpoint)")
+        raise ConfigError(
+            f"model {model!r}: not a preset ({sorted(MODEL_PRESETS)}) and not a "
+            "directory (expected a HF checkpoint or an orbax checkpoint)"
+        )
     tokenizer = None
     if os.path.exists(os.path.join(model, "tokenizer.json")):
         tokenizer = Tokenizer.from_file(model)
@@ -73,17 +75,26 @@ class LLM:
     ``register_adapter``). tp: tensor-parallel size (Megatron split over the first tp devices).
     """
 
-    def __init__(self, model: str | os.PathLike | ModelConfig = "tiny", *, params=None,
-                 adapters: Mapping[str, str | os.PathLike | LoraWeights] | None = None,
-                 tokenizer: Tokenizer | None = None, engine_config: EngineConfig | None = None,
-                 dtype=jnp.float32, seed: int = 0, load_workers: int = 2, tp: int = 1):
+    def __init__(
+        self,
+        model: str | os.PathLike | ModelConfig = "tiny",
+        *,
+        params=None,
+        adapters: Mapping[str, str | os.PathLike | LoraWeights] | None = None,
+        tokenizer: Tokenizer | None = None,
+        engine_config: EngineConfig | None = None,
+        dtype=jnp.float32,
+        seed: int = 0,
+        load_workers: int = 2,
+        tp: int = 1,
+    ):
         if params is None:
-            self.config, params, default_tokenizer = load_base_model(model, seed=seed,
-                                                                     dtype=dtype)
+            self.config, params, default_tokenizer = load_base_model(model, seed=seed, dtype=dtype)
         else:
             if not isinstance(model, ModelConfig):
-                raise ConfigError("LLM(model=..., params=...): with params, model must be a "
-                                  "ModelConfig")
+                raise ConfigError(
+                    "LLM(model=..., params=...): with params, model must be a ModelConfig"
+                )
             self.config, default_tokenizer = model, None
         self.tokenizer = tokenizer or default_tokenizer
         self.engine_config = engine_config or EngineConfig()
@@ -95,14 +106,23 @@ class LLM:
             mesh = sharding.make_mesh(tp)
             params = sharding.shard_params(params, self.config, mesh)
             pool_shardings = sharding.pool_shardings(mesh)
-        self.store = AdapterStore(self.config, pool,
-                                  AdapterStoreConfig(dtype=jnp.dtype(dtype).name))
-        self.adapters = AdapterManager(self.store, AdapterManagerConfig(load_workers=load_workers),
-                                       shardings=pool_shardings)
+        self.store = AdapterStore(
+            self.config, pool, AdapterStoreConfig(dtype=jnp.dtype(dtype).name)
+        )
+        self.adapters = AdapterManager(
+            self.store, AdapterManagerConfig(load_workers=load_workers), shardings=pool_shardings
+        )
         for name, source in (adapters or {}).items():
             self.adapters.register(name, source)
-        self.engine = Engine(self.config, params, self.engine_config, adapters=self.adapters,
-                             tokenizer=self.tokenizer, dtype=dtype, mesh=mesh)
+        self.engine = Engine(
+            self.config,
+            params,
+            self.engine_config,
+            adapters=self.adapters,
+            tokenizer=self.tokenizer,
+            dtype=dtype,
+            mesh=mesh,
+        )
 
     @property
     def params(self):
@@ -114,43 +134,69 @@ class LLM:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise RequestError("prompt: text given but the model has no tokenizer; pass "
-                                   "token ids")
+                raise RequestError(
+                    "prompt: text given but the model has no tokenizer; pass token ids"
+                )
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
-    def submit(self, prompt: str | Sequence[int], *, adapter: str | None = None,
-               sampling: SamplingParams | None = None, deadline_s: float | None = None
-               ) -> Request:
-        return self.engine.submit(self.encode(prompt), sampling, adapter=adapter,
-                                  deadline_s=deadline_s)
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        adapter: str | None = None,
+        sampling: SamplingParams | None = None,
+        deadline_s: float | None = None,
+    ) -> Request:
+        return self.engine.submit(
+            self.encode(prompt), sampling, adapter=adapter, deadline_s=deadline_s
+        )
 
-    def generate(self, prompts: Sequence[str | Sequence[int]],
-                 adapter: str | None | Sequence[str | None] = None,
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        adapter: str | None | Sequence[str | None] = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
         """Runs every prompt in shared batches (each with its own adapter) until all finish."""
         n = len(prompts)
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
         if len(adapters) != n or len(samplings) != n:
-            raise RequestError(f"generate: {n} prompts but {len(adapters)} adapters and "
-                               f"{len(samplings)} sampling parameters")
-        requests = [self.submit(p, adapter=a, sampling=s)
-                    for p, a, s in zip(prompts, adapters, samplings, strict=True)]
+            raise RequestError(
+                f"generate: {n} prompts but {len(adapters)} adapters and "
+                f"{len(samplings)} sampling parameters"
+            )
+        requests = [
+            self.submit(p, adapter=a, sampling=s)
+            for p, a, s in zip(prompts, adapters, samplings, strict=True)
+        ]
         if self.engine._thread is None:
             self.engine.run_until_idle()
         for r in requests:
             r.wait()
-        return [Completion(request_id=r.request_id, adapter=r.adapter, prompt_ids=r.prompt_ids,
-                           token_ids=list(r.output_ids), text=r.text,
-                           finish_reason=str(r.finish_reason),
-                           logprobs=list(r.output_logprobs) if r.output_logprobs else None,
-                           error=r.error)
-                for r in requests]
+        return [
+            Completion(
+                request_id=r.request_id,
+                adapter=r.adapter,
+                prompt_ids=r.prompt_ids,
+                token_ids=list(r.output_ids),
+                text=r.text,
+                finish_reason=str(r.finish_reason),
+                logprobs=list(r.output_logprobs) if r.output_logprobs else None,
+                error=r.error,
+            )
+            for r in requests
+        ]
 
-    async def stream(self, prompt: str | Sequence[int], *, adapter: str | None = None,
-                     sampling: SamplingParams | None = None, deadline_s: float | None = None):
+    async def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        adapter: str | None = None,
+        sampling: SamplingParams | None = None,
+        deadline_s: float | None = None,
+    ):
         """Async iterator of deltas; the engine must be running (``start()``). Leaving the
         iteration early cancels the request (its pages are freed)."""
         request = self.submit(prompt, adapter=adapter, sampling=sampling, deadline_s=deadline_s)

@@ -60,9 +60,17 @@ class LoraWeights:
         return need
 
 
-def random_lora_weights(config: ModelConfig, name: str, rank: int, modules=MODULES, *,
-                        seed: int = 0, std: float = 0.3, scale: float = 0.5,
-                        dtype=np.float32) -> LoraWeights:
+def random_lora_weights(
+    config: ModelConfig,
+    name: str,
+    rank: int,
+    modules=MODULES,
+    *,
+    seed: int = 0,
+    std: float = 0.3,
+    scale: float = 0.5,
+    dtype=np.float32,
+) -> LoraWeights:
     """An adapter with random non-zero A and B (benchmarks, demos, tests)."""
     rng = np.random.default_rng(seed)
     shapes = config.module_shapes()
@@ -98,17 +106,26 @@ class LoraInputs:
         return self.replace(token_slot=token_slot)
 
 
-def empty_pools(config: ModelConfig, pool: LoraPoolConfig, dtype=jnp.float32
-                ) -> dict[str, np.ndarray]:
-    widths = layout.pool_widths(config.hidden_size, config.q_size, config.kv_size,
-                                config.intermediate_size)
-    return {axis: np.zeros((config.num_layers, pool.pages_per_pool, pool.rows_per_page, w),
-                           dtype=jnp.dtype(dtype))
-            for axis, w in widths.items()}
+def empty_pools(
+    config: ModelConfig, pool: LoraPoolConfig, dtype=jnp.float32
+) -> dict[str, np.ndarray]:
+    widths = layout.pool_widths(
+        config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
+    )
+    return {
+        axis: np.zeros(
+            (config.num_layers, pool.pages_per_pool, pool.rows_per_page, w), dtype=jnp.dtype(dtype)
+        )
+        for axis, w in widths.items()
+    }
 
 
-def write_adapter_rows(pools: dict[str, np.ndarray], weights: LoraWeights,
-                       pages: dict[str, list[int]], rows_per_page: int) -> SlotInfo:
+def write_adapter_rows(
+    pools: dict[str, np.ndarray],
+    weights: LoraWeights,
+    pages: dict[str, list[int]],
+    rows_per_page: int,
+) -> SlotInfo:
     """Copies an adapter's rank-rows into the given pages (host numpy pools) and returns the slot.
 
     pages[axis] lists the page ids, in the order the adapter's weights take them (MODULES order,
@@ -127,23 +144,28 @@ def write_adapter_rows(pools: dict[str, np.ndarray], weights: LoraWeights,
         n = layout.pages_for_rank(r, rows_per_page)
         taken = []
         for axis, rows in zip(MODULE_POOLS[m], (weights.a[m], weights.b[m]), strict=True):
-            ids = pages[axis][cursor[axis]:cursor[axis] + n]
+            ids = pages[axis][cursor[axis] : cursor[axis] + n]
             cursor[axis] += n
             for i, page in enumerate(ids):
-                chunk = rows[:, i * rows_per_page:(i + 1) * rows_per_page, :]
-                pools[axis][:, page, :chunk.shape[1], :] = chunk
+                chunk = rows[:, i * rows_per_page : (i + 1) * rows_per_page, :]
+                pools[axis][:, page, : chunk.shape[1], :] = chunk
             taken.append(tuple(ids))
         ranks.append(r)
         scales.append(float(weights.scales[m]))
         a_pages.append(taken[0])
         b_pages.append(taken[1])
-    return SlotInfo(ranks=tuple(ranks), scales=tuple(scales), a_pages=tuple(a_pages),
-                    b_pages=tuple(b_pages))
+    return SlotInfo(
+        ranks=tuple(ranks), scales=tuple(scales), a_pages=tuple(a_pages), b_pages=tuple(b_pages)
+    )
 
 
-def pack_adapters(config: ModelConfig, adapters: list[LoraWeights],
-                  pool: LoraPoolConfig | None = None, dtype=jnp.float32, impl: str = "reference"
-                  ) -> LoraInputs:
+def pack_adapters(
+    config: ModelConfig,
+    adapters: list[LoraWeights],
+    pool: LoraPoolConfig | None = None,
+    dtype=jnp.float32,
+    impl: str = "reference",
+) -> LoraInputs:
     """Lays adapters into fresh pools (slot i = adapters[i]); token_slot is left empty.
 
     Pages are handed out in a shuffled order so that nothing relies on contiguous page ids.
@@ -160,14 +182,19 @@ def pack_adapters(config: ModelConfig, adapters: list[LoraWeights],
             if n > len(free[axis]):
                 raise PoolExhaustedError(
                     f"pack_adapters: pool {axis!r} has {len(free[axis])} free pages, adapter "
-                    f"{w.name!r} needs {n} (raise LoraPoolConfig.pages_per_pool)")
+                    f"{w.name!r} needs {n} (raise LoraPoolConfig.pages_per_pool)"
+                )
             pages[axis], free[axis] = [int(p) for p in free[axis][:n]], free[axis][n:]
         slots.append(write_adapter_rows(pools, w, pages, pool.rows_per_page))
-    meta = layout.build_slot_metadata(slots, max_slots=pool.max_slots, max_rank=pool.max_rank,
-                                      rows_per_page=pool.rows_per_page)
+    meta = layout.build_slot_metadata(
+        slots, max_slots=pool.max_slots, max_rank=pool.max_rank, rows_per_page=pool.rows_per_page
+    )
     return LoraInputs(
         pools={k: jnp.asarray(v) for k, v in pools.items()},
-        a_pages=jnp.asarray(meta["a_pages"]), b_pages=jnp.asarray(meta["b_pages"]),
-        ranks=jnp.asarray(meta["ranks"]), scales=jnp.asarray(meta["scales"]),
-        token_slot=jnp.full((0,), NO_ADAPTER, jnp.int32), impl=impl,
+        a_pages=jnp.asarray(meta["a_pages"]),
+        b_pages=jnp.asarray(meta["b_pages"]),
+        ranks=jnp.asarray(meta["ranks"]),
+        scales=jnp.asarray(meta["scales"]),
+        token_slot=jnp.full((0,), NO_ADAPTER, jnp.int32),
+        impl=impl,
     )

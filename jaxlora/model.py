@@ -57,7 +57,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
     wavelen = 2 * math.pi / inv_freq
     scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
     smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return jnp.where(medium, smoothed, scaled)
@@ -81,21 +82,31 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
 def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(
-                        nn.initializers.normal(stddev=0.02), axes))
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes),
+    )
 
 
-def apply_lora_group(group: str, x: jax.Array, y: jax.Array, layer: jax.Array,
-                     lora: LoraInputs) -> jax.Array:
+def apply_lora_group(
+    group: str, x: jax.Array, y: jax.Array, layer: jax.Array, lora: LoraInputs
+) -> jax.Array:
     """y (T, sum of the group's out widths) += the LoRA delta of each token's adapter."""
     modules = layout.MODULE_GROUPS[group]
     weights = tuple(layout.MODULE_INDEX[m] for m in modules)
@@ -103,14 +114,28 @@ def apply_lora_group(group: str, x: jax.Array, y: jax.Array, layer: jax.Array,
     b_pools = tuple(lora.pools[layout.MODULE_POOLS[m][1]] for m in modules)
     token_slot = lora.token_slot.reshape(-1)
     if lora.impl == "reference":
-        v = sgmv_ops.sgmv_shrink_reference(x, a_pool, lora.a_pages, lora.ranks, token_slot, layer,
-                                           weights=weights)
-        return sgmv_ops.sgmv_expand_reference(y, v, b_pools, lora.b_pages, lora.ranks,
-                                              lora.scales, token_slot, layer, weights=weights)
-    return sgmv_ops.sgmv_apply(x, y, a_pool, b_pools, lora.a_pages, lora.b_pages, lora.ranks,
-                               lora.scales, token_slot, layer, weights=weights,
-                               kernel_meta=lora.kernel_meta, config=lora.sgmv_config,
-                               interpret=lora.impl == "pallas_interpret")
+        v = sgmv_ops.sgmv_shrink_reference(
+            x, a_pool, lora.a_pages, lora.ranks, token_slot, layer, weights=weights
+        )
+        return sgmv_ops.sgmv_expand_reference(
+            y, v, b_pools, lora.b_pages, lora.ranks, lora.scales, token_slot, layer, weights=weights
+        )
+    return sgmv_ops.sgmv_apply(
+        x,
+        y,
+        a_pool,
+        b_pools,
+        lora.a_pages,
+        lora.b_pages,
+        lora.ranks,
+        lora.scales,
+        token_slot,
+        layer,
+        weights=weights,
+        kernel_meta=lora.kernel_meta,
+        config=lora.sgmv_config,
+        interpret=lora.impl == "pallas_interpret",
+    )
 
 
 def _with_lora(group: str, x: jax.Array, outputs: list[jax.Array], layer, lora):
@@ -121,7 +146,7 @@ def _with_lora(group: str, x: jax.Array, outputs: list[jax.Array], layer, lora):
     widths = [o.shape[-1] for o in outputs]
     fused = jnp.concatenate(outputs, axis=-1).reshape(b * s, sum(widths))
     fused = apply_lora_group(group, x.reshape(b * s, -1), fused, layer, lora)
-    split_at = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
+    split_at = [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
     return [part.reshape(b, s, -1) for part in jnp.split(fused, split_at, axis=-1)]
 
 
@@ -166,8 +191,9 @@ class Attention(nn.Module):
             mask = causal if attn_mask is None else causal & attn_mask[:, None, :]
             out = _dense_attention(q, k, v, mask, sm_scale)
         else:
-            out, k_pool, v_pool = _cached_attention(q, k, v, positions, layer, kv, k_pool, v_pool,
-                                                    sm_scale)
+            out, k_pool, v_pool = _cached_attention(
+                q, k, v, positions, layer, kv, k_pool, v_pool, sm_scale
+            )
         out = out.reshape(b, s, cfg.q_size)
         o = dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out)
         (o,) = _with_lora("o", out, [o], layer, lora)
@@ -178,16 +204,26 @@ def _cached_attention(q, k, v, positions, layer, kv: KVCache, k_pool, v_pool, sm
     from pallas_kernels import paged_attention as pa
 
     b, s = positions.shape
-    k_pool, v_pool = pa.write_kv(k_pool, v_pool, k, v, kv.page_table, positions, layer,
-                                 kv.token_valid)
+    k_pool, v_pool = pa.write_kv(
+        k_pool, v_pool, k, v, kv.page_table, positions, layer, kv.token_valid
+    )
     if kv.mode == "decode":
         assert s == 1, "decode mode takes one token per row"
         if kv.impl == "reference":
-            out = pa.paged_attention_reference(q[:, 0], k_pool, v_pool, kv.page_table,
-                                               kv.seq_lens, layer, sm_scale=sm_scale)
+            out = pa.paged_attention_reference(
+                q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer, sm_scale=sm_scale
+            )
         else:
-            out = pa.paged_attention(q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer,
-                                     sm_scale=sm_scale, interpret=kv.impl == "pallas_interpret")
+            out = pa.paged_attention(
+                q[:, 0],
+                k_pool,
+                v_pool,
+                kv.page_table,
+                kv.seq_lens,
+                layer,
+                sm_scale=sm_scale,
+                interpret=kv.impl == "pallas_interpret",
+            )
         return out[:, None], k_pool, v_pool
     max_len = kv.page_table.shape[1] * k_pool.shape[2]
     ck, cv = pa.gather_kv(k_pool, v_pool, kv.page_table, layer, max_len)
@@ -210,15 +246,17 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, layer, lora):
         cfg = self.config
-        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj", self.dtype,
-                      self.param_dtype)(x)
-        up = _dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj", self.dtype,
-                    self.param_dtype)(x)
+        gate = _dense(
+            cfg.intermediate_size, ("embed", "mlp"), "gate_proj", self.dtype, self.param_dtype
+        )(x)
+        up = _dense(
+            cfg.intermediate_size, ("embed", "mlp"), "up_proj", self.dtype, self.param_dtype
+        )(x)
         gate, up = _with_lora("gate_up", x, [gate, up], layer, lora)
-        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(
-            self.dtype)
-        down = _dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", self.dtype,
-                      self.param_dtype)(hidden)
+        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+        down = _dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", self.dtype, self.param_dtype)(
+            hidden
+        )
         (down,) = _with_lora("down", hidden, [down], layer, lora)
         return down
 
@@ -234,10 +272,12 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
         attn_out, k_pool, v_pool = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
-            norm("input_layernorm")(h), layer, positions, attn_mask, lora, kv, k_pool, v_pool)
+            norm("input_layernorm")(h), layer, positions, attn_mask, lora, kv, k_pool, v_pool
+        )
         h = h + attn_out
         h = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
-            norm("post_attention_layernorm")(h), layer, lora)
+            norm("post_attention_layernorm")(h), layer, lora
+        )
         return (h, k_pool, v_pool), None
 
 
@@ -255,29 +295,48 @@ class Llama(nn.Module):
     scan_layers: bool = True
 
     @nn.compact
-    def __call__(self, tokens, positions=None, *, lora: LoraInputs | None = None,
-                 kv: KVCache | None = None, attn_mask=None, logit_index=None,
-                 return_hidden=False):
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        *,
+        lora: LoraInputs | None = None,
+        kv: KVCache | None = None,
+        attn_mask=None,
+        logit_index=None,
+        return_hidden=False,
+    ):
         cfg = self.config
         param_dtype = self.param_dtype or self.dtype
         b, s = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                         param_dtype=param_dtype, name="embed_tokens",
-                         embedding_init=nn.with_logical_partitioning(
-                             nn.initializers.normal(stddev=0.02), ("vocab", "embed")))
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=param_dtype,
+            name="embed_tokens",
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=0.02), ("vocab", "embed")
+            ),
+        )
         h = embed(tokens)
         pools = (kv.k_pool, kv.v_pool) if kv is not None else (None, None)
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if self.is_initializing():
             # nn.scan creates the stacked parameters with their `layers` logical axis.
             stack = nn.scan(
-                DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             (h, k_pool, v_pool), _ = stack(cfg, self.dtype, param_dtype, name="layers")(
-                (h, *pools), layer_ids, positions, attn_mask, lora, kv)
+                (h, *pools), layer_ids, positions, attn_mask, lora, kv
+            )
         else:
             # A plain lax.scan when running: nn.scan traces its body once more to find broadcast
             # values and refuses bodies with effects, which Pallas calls may carry.
@@ -285,8 +344,9 @@ class Llama(nn.Module):
 
             def body(carry, xs):
                 layer_params, layer_id = xs
-                carry, _ = layer.apply({"params": layer_params}, carry, layer_id, positions,
-                                       attn_mask, lora, kv)
+                carry, _ = layer.apply(
+                    {"params": layer_params}, carry, layer_id, positions, attn_mask, lora, kv
+                )
                 return carry, None
 
             stacked = self.variables["params"]["layers"]
@@ -295,8 +355,9 @@ class Llama(nn.Module):
             else:
                 carry = (h, *pools)
                 for i in range(cfg.num_layers):
-                    carry, _ = body(carry, (jax.tree.map(lambda w, i=i: w[i], stacked),
-                                            layer_ids[i]))
+                    carry, _ = body(
+                        carry, (jax.tree.map(lambda w, i=i: w[i], stacked), layer_ids[i])
+                    )
                 h, k_pool, v_pool = carry
         if logit_index is not None:
             # Only these positions (B,) need logits: skip the LM head everywhere else.
@@ -305,8 +366,9 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(h)
         else:
-            logits = _dense(cfg.vocab_size, ("embed", "vocab"), "lm_head", self.dtype,
-                            param_dtype)(h)
+            logits = _dense(cfg.vocab_size, ("embed", "vocab"), "lm_head", self.dtype, param_dtype)(
+                h
+            )
         logits = logits.astype(jnp.float32)
         out = (logits, h) if return_hidden else logits
         if kv is None:

@@ -54,15 +54,19 @@ class SamplingParams:
 
     def __post_init__(self):
         def fail(field, expected):
-            raise RequestError(f"sampling parameter {field!r}: expected {expected}, got "
-                               f"{getattr(self, field)!r}")
+            raise RequestError(
+                f"sampling parameter {field!r}: expected {expected}, got {getattr(self, field)!r}"
+            )
 
         def is_int(value):
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
         def is_number(value):
-            return (isinstance(value, (int, float, np.integer, np.floating))
-                    and not isinstance(value, bool) and math.isfinite(value))
+            return (
+                isinstance(value, (int, float, np.integer, np.floating))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            )
 
         if not is_number(self.temperature) or self.temperature < 0:
             fail("temperature", "a finite number >= 0")
@@ -74,8 +78,9 @@ class SamplingParams:
             fail("max_tokens", "an int >= 1")
         if self.seed is not None and not is_int(self.seed):
             fail("seed", "an int or None")
-        if self.logprobs is not None and (not is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+        if self.logprobs is not None and (
+            not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
             fail("logprobs", f"None or an int in 0..{MAX_LOGPROBS}")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "a bool")
@@ -83,11 +88,13 @@ class SamplingParams:
         stop_strings = self.stop_strings
         if isinstance(stop_strings, str):
             stop_strings = (stop_strings,)
-        if (not isinstance(stop_strings, (list, tuple))
-                or not all(isinstance(s, str) and s for s in stop_strings)):
+        if not isinstance(stop_strings, (list, tuple)) or not all(
+            isinstance(s, str) and s for s in stop_strings
+        ):
             fail("stop_strings", "a list of non-empty strings")
-        if (not isinstance(self.stop_token_ids, (list, tuple))
-                or not all(is_int(t) and t >= 0 for t in self.stop_token_ids)):
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
             fail("stop_token_ids", "a list of token ids >= 0")
         object.__setattr__(self, "stop_strings", tuple(stop_strings))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -102,8 +109,10 @@ class SamplingParams:
         """Raises RequestError if a stop token id is outside the model's vocabulary."""
         for token in self.stop_token_ids:
             if token >= vocab_size:
-                raise RequestError(f"sampling parameter 'stop_token_ids': token id {token} is "
-                                   f"outside the vocabulary (expected 0..{vocab_size - 1})")
+                raise RequestError(
+                    f"sampling parameter 'stop_token_ids': token id {token} is "
+                    f"outside the vocabulary (expected 0..{vocab_size - 1})"
+                )
 
 
 @flax.struct.dataclass
@@ -117,9 +126,14 @@ class SamplingBatch:
     token_index: jax.Array  # (B,) int32: index of the sampled token within the request's output
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams], token_indices: Sequence[int], *,
-                    seeds: Sequence[int] | None = None, batch_size: int | None = None
-                    ) -> SamplingBatch:
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        token_indices: Sequence[int],
+        *,
+        seeds: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> SamplingBatch:
         """Packs rows on the host; rows past len(params) (up to batch_size) are greedy padding.
 
         seeds overrides params[i].seed (the engine passes the seed it resolved for requests that
@@ -128,8 +142,10 @@ class SamplingBatch:
         rows = len(params)
         batch_size = rows if batch_size is None else batch_size
         if len(token_indices) != rows or (seeds is not None and len(seeds) != rows):
-            raise ValueError(f"SamplingBatch.from_params: {rows} params, {len(token_indices)} "
-                             f"token indices, {None if seeds is None else len(seeds)} seeds")
+            raise ValueError(
+                f"SamplingBatch.from_params: {rows} params, {len(token_indices)} "
+                f"token indices, {None if seeds is None else len(seeds)} seeds"
+            )
         if batch_size < rows:
             raise ValueError(f"SamplingBatch.from_params: batch_size={batch_size} < {rows} rows")
         temperature = np.zeros(batch_size, np.float32)
@@ -146,8 +162,13 @@ class SamplingBatch:
             top_k[row] = p.top_k
             seed_words[row] = split_seed(seed)
             token_index[row] = token_indices[row]
-        return cls(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed_words,
-                   token_index=token_index)
+        return cls(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed_words,
+            token_index=token_index,
+        )
 
 
 @flax.struct.dataclass
@@ -196,8 +217,13 @@ def uses_top_k_top_p(params: Sequence[SamplingParams]) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("num_top_logprobs", "apply_top_k_top_p"))
-def sample(logits: jax.Array, batch: SamplingBatch, *, num_top_logprobs: int = 0,
-           apply_top_k_top_p: bool = True) -> SampleOutput:
+def sample(
+    logits: jax.Array,
+    batch: SamplingBatch,
+    *,
+    num_top_logprobs: int = 0,
+    apply_top_k_top_p: bool = True,
+) -> SampleOutput:
     """Samples one token per row of logits (B, V) under the row's parameters.
 
     num_top_logprobs: how many alternatives to return per row (the batch's largest request;
@@ -208,8 +234,9 @@ def sample(logits: jax.Array, batch: SamplingBatch, *, num_top_logprobs: int = 0
     if logits.ndim != 2:
         raise RequestError(f"sample: logits must be (batch, vocab), got shape {logits.shape}")
     if not 0 <= num_top_logprobs <= MAX_LOGPROBS:
-        raise RequestError(f"sample: num_top_logprobs={num_top_logprobs}, expected "
-                           f"0..{MAX_LOGPROBS}")
+        raise RequestError(
+            f"sample: num_top_logprobs={num_top_logprobs}, expected 0..{MAX_LOGPROBS}"
+        )
     logits = logits.astype(jnp.float32)
     temperature = batch.temperature.astype(jnp.float32)
     top_p = batch.top_p.astype(jnp.float32)
@@ -218,8 +245,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, *, num_top_logprobs: int = 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
     if apply_top_k_top_p:
         scaled = _filter_top_k_top_p(scaled, top_k, top_p)
-    keys = jax.vmap(_row_key)(batch.seed.astype(jnp.uint32),
-                              batch.token_index.astype(jnp.uint32))
+    keys = jax.vmap(_row_key)(batch.seed.astype(jnp.uint32), batch.token_index.astype(jnp.uint32))
     gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
     sampled = jnp.argmax(scaled + gumbel, axis=-1)
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
@@ -231,12 +257,17 @@ def sample(logits: jax.Array, batch: SamplingBatch, *, num_top_logprobs: int = 0
     else:
         top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
         top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
-    return SampleOutput(tokens=tokens, logprobs=chosen, top_token_ids=top_ids.astype(jnp.int32),
-                        top_logprobs=top_logprobs)
+    return SampleOutput(
+        tokens=tokens,
+        logprobs=chosen,
+        top_token_ids=top_ids.astype(jnp.int32),
+        top_logprobs=top_logprobs,
+    )
 
 
-def truncate_at_stop(text: str, stop_strings: Sequence[str], *, search_from: int = 0
-                     ) -> tuple[str, bool]:
+def truncate_at_stop(
+    text: str, stop_strings: Sequence[str], *, search_from: int = 0
+) -> tuple[str, bool]:
     """(text before the earliest stop string found at or after search_from, True), or (text,
     False). Incremental callers pass search_from = len(previous text) - longest stop + 1 so that
     only text that could contain a new match is searched."""
@@ -276,16 +307,17 @@ class StopStringDetector:
             return "", True
         search_from = len(self._text) - self._longest + 1
         self._text += delta
-        self._text, self.stopped = truncate_at_stop(self._text, self.stop_strings,
-                                                    search_from=search_from)
+        self._text, self.stopped = truncate_at_stop(
+            self._text, self.stop_strings, search_from=search_from
+        )
         end = len(self._text) if self.stopped else len(self._text) - self._partial_stop_suffix()
         end = max(end, self._emitted)
-        out = self._text[self._emitted:end]
+        out = self._text[self._emitted : end]
         self._emitted = end
         return out, self.stopped
 
     def flush(self) -> str:
-        out = self._text[self._emitted:]
+        out = self._text[self._emitted :]
         self._emitted = len(self._text)
         return out
 

@@ -38,18 +38,24 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 def make_mesh(tp: int, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     if tp < 1 or tp > len(devices):
-        raise ConfigError(f"tensor-parallel size tp={tp}: expected 1..{len(devices)} "
-                          f"(devices available: {len(devices)})")
+        raise ConfigError(
+            f"tensor-parallel size tp={tp}: expected 1..{len(devices)} "
+            f"(devices available: {len(devices)})"
+        )
     return Mesh(np.array(devices[:tp]), (TP_AXIS,))
 
 
 def check_divisible(config: ModelConfig, tp: int) -> None:
-    for field, value in (("num_heads", config.num_heads), ("num_kv_heads", config.num_kv_heads),
-                         ("intermediate_size", config.intermediate_size),
-                         ("vocab_size", config.vocab_size)):
+    for field, value in (
+        ("num_heads", config.num_heads),
+        ("num_kv_heads", config.num_kv_heads),
+        ("intermediate_size", config.intermediate_size),
+        ("vocab_size", config.vocab_size),
+    ):
         if value % tp:
-            raise ConfigError(f"tensor-parallel size {tp}: model field {field}={value} is not "
-                              f"divisible by it")
+            raise ConfigError(
+                f"tensor-parallel size {tp}: model field {field}={value} is not divisible by it"
+            )
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh):
@@ -68,8 +74,10 @@ def pool_logical_axes(axis: str) -> tuple[str | None, ...]:
 
 def pool_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
     rules = dict(LOGICAL_RULES)
-    return {axis: NamedSharding(mesh, PartitionSpec(*(rules[a] for a in pool_logical_axes(axis))))
-            for axis in POOL_AXES}
+    return {
+        axis: NamedSharding(mesh, PartitionSpec(*(rules[a] for a in pool_logical_axes(axis))))
+        for axis in POOL_AXES
+    }
 
 
 def kv_pool_sharding(mesh: Mesh) -> NamedSharding:

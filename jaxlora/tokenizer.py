@@ -73,8 +73,10 @@ def _token_content(value: Any, field: str, source: str) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     if not isinstance(value, str):
-        raise FormatError(f"{source}: field {field!r} must be a token string or "
-                          f"{{\"content\": string}}, got {value!r}")
+        raise FormatError(
+            f"{source}: field {field!r} must be a token string or "
+            f'{{"content": string}}, got {value!r}'
+        )
     return value
 
 
@@ -86,8 +88,10 @@ def _chat_template(value: Any, source: str) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         if isinstance(named.get("default"), str):
             return named["default"]
-    raise FormatError(f"{source}: field 'chat_template' must be a string or a list holding a "
-                      "template named 'default'")
+    raise FormatError(
+        f"{source}: field 'chat_template' must be a string or a list holding a "
+        "template named 'default'"
+    )
 
 
 def _message_text(message: Any, index: int) -> tuple[str, str]:
@@ -101,15 +105,22 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
     if isinstance(content, list):  # OpenAI content parts: only text parts are understood
         texts = []
         for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(
-                    part.get("text"), str):
-                raise RequestError(f"messages[{index}].content: only text parts "
-                                   f"({{'type': 'text', 'text': ...}}) are supported, got {part!r}")
+            if (
+                not isinstance(part, Mapping)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise RequestError(
+                    f"messages[{index}].content: only text parts "
+                    f"({{'type': 'text', 'text': ...}}) are supported, got {part!r}"
+                )
             texts.append(part["text"])
         content = "".join(texts)
     if not isinstance(content, str):
-        raise RequestError(f"messages[{index}].content: expected a string or a list of text "
-                           f"parts, got {type(content).__name__}")
+        raise RequestError(
+            f"messages[{index}].content: expected a string or a list of text "
+            f"parts, got {type(content).__name__}"
+        )
     return role, content
 
 
@@ -126,23 +137,28 @@ class IncrementalDecoder:
     # specially (SentencePiece drops its leading space).
     _CONTEXT_TOKENS = 6
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *,
-                 skip_special_tokens: bool = True):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] = (),
+        *,
+        skip_special_tokens: bool = True,
+    ):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids = [int(t) for t in prompt_ids[-self._CONTEXT_TOKENS:]]
+        self._ids = [int(t) for t in prompt_ids[-self._CONTEXT_TOKENS :]]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
 
     def _delta(self, *, final: bool) -> str:
         decode = functools.partial(self._tokenizer.decode, skip_special_tokens=self._skip)
-        prefix_text = decode(self._ids[self._prefix_offset:self._read_offset])
-        new_text = decode(self._ids[self._prefix_offset:])
+        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
             return ""
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
@@ -155,10 +171,17 @@ class IncrementalDecoder:
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` with the special tokens and chat template of its model."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token: str | None = None,
-                 eos_tokens: Sequence[str] = (), extra_eos_ids: Iterable[int] = (),
-                 pad_token: str | None = None, chat_template: str | None = None,
-                 source: str = "<memory>"):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_tokens: Sequence[str] = (),
+        extra_eos_ids: Iterable[int] = (),
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+        source: str = "<memory>",
+    ):
         self.backend = backend
         self.source = source
         self.bos_token = bos_token
@@ -169,8 +192,9 @@ class Tokenizer:
         eos_ids = [self._special_id(t, "eos_token") for t in eos_tokens]
         self.eos_token_ids: tuple[int, ...] = tuple(sorted({*eos_ids, *map(int, extra_eos_ids)}))
         self.eos_token = eos_tokens[0] if eos_tokens else None
-        self.eos_token_id = eos_ids[0] if eos_ids else (
-            self.eos_token_ids[0] if self.eos_token_ids else None)
+        self.eos_token_id = (
+            eos_ids[0] if eos_ids else (self.eos_token_ids[0] if self.eos_token_ids else None)
+        )
 
     def _special_id(self, token: str | None, field: str) -> int | None:
         if token is None:
@@ -190,8 +214,10 @@ class Tokenizer:
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            raise FormatError(f"{file}: file not found (expected a HF {TOKENIZER_FILE} or a "
-                              "directory holding one)")
+            raise FormatError(
+                f"{file}: file not found (expected a HF {TOKENIZER_FILE} or a "
+                "directory holding one)"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(file)
         except Exception as e:  # the library raises a bare Exception for every parse error
@@ -212,16 +238,27 @@ class Tokenizer:
             value = _load_json(generation_path).get("eos_token_id")
             ids = value if isinstance(value, list) else [] if value is None else [value]
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-                raise FormatError(f"{generation_path}: field 'eos_token_id' must be a token id "
-                                  f"or a list of token ids, got {value!r}")
+                raise FormatError(
+                    f"{generation_path}: field 'eos_token_id' must be a token id "
+                    f"or a list of token ids, got {value!r}"
+                )
             vocab_size = backend.get_vocab_size(with_added_tokens=True)
             if any(t >= vocab_size for t in ids):
-                raise FormatError(f"{generation_path}: field 'eos_token_id' {value!r} is outside "
-                                  f"the vocabulary of {file} (0..{vocab_size - 1})")
+                raise FormatError(
+                    f"{generation_path}: field 'eos_token_id' {value!r} is outside "
+                    f"the vocabulary of {file} (0..{vocab_size - 1})"
+                )
             extra_eos = ids
         source = config_path if os.path.isfile(config_path) else file
-        return cls(backend, bos_token=bos, eos_tokens=(eos,) if eos else (),
-                   extra_eos_ids=extra_eos, pad_token=pad, chat_template=template, source=source)
+        return cls(
+            backend,
+            bos_token=bos,
+            eos_tokens=(eos,) if eos else (),
+            extra_eos_ids=extra_eos,
+            pad_token=pad,
+            chat_template=template,
+            source=source,
+        )
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes tokenizer.json and tokenizer_config.json (and generation_config.json when
@@ -229,8 +266,12 @@ class Tokenizer:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         self.backend.save(os.path.join(directory, TOKENIZER_FILE))
-        config = {"bos_token": self.bos_token, "eos_token": self.eos_token,
-                  "pad_token": self.pad_token, "add_bos_token": self.bos_token is not None}
+        config = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": self.bos_token is not None,
+        }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -263,14 +304,16 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(t) for t in ids], skip_special_tokens=skip_special_tokens)
 
-    def incremental_decoder(self, prompt_ids: Sequence[int] = (), *,
-                            skip_special_tokens: bool = True) -> IncrementalDecoder:
+    def incremental_decoder(
+        self, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True
+    ) -> IncrementalDecoder:
         return IncrementalDecoder(self, prompt_ids, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ chat
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text of a chat (OpenAI-style messages: role and content)."""
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise RequestError("messages: expected a non-empty list of {role, content} objects")
@@ -279,8 +322,10 @@ class Tokenizer:
             parts = []
             for index, (role, content) in enumerate(normalised):
                 if role not in CHAT_ROLES:
-                    raise RequestError(f"messages[{index}].role: {role!r} is not one of "
-                                       f"{list(CHAT_ROLES)} (the default chat template)")
+                    raise RequestError(
+                        f"messages[{index}].role: {role!r} is not one of "
+                        f"{list(CHAT_ROLES)} (the default chat template)"
+                    )
                 parts.append(f"<|{role}|>\n{content}\n")
             if add_generation_prompt:
                 parts.append("<|assistant|>\n")
@@ -290,15 +335,19 @@ class Tokenizer:
             return template.render(
                 messages=[{"role": r, "content": c} for r, c in normalised],
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
         except _TemplateRaised as e:
             raise RequestError(f"chat template of {self.source}: {e}") from e
         except Exception as e:  # a broken template fails at render time too
-            raise ConfigError(f"{self.source}: field 'chat_template' failed to render "
-                              f"({type(e).__name__}: {e})") from e
+            raise ConfigError(
+                f"{self.source}: field 'chat_template' failed to render ({type(e).__name__}: {e})"
+            ) from e
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], *,
-                    add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
         """Prompt ids of a chat; BOS is added unless the template already wrote it."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         has_bos = self.bos_token is not None and text.startswith(self.bos_token)
@@ -318,19 +367,22 @@ def _compile_template(source_text: str, source: str):
     try:
         import jinja2.sandbox
     except ImportError as e:
-        raise ConfigError(f"{source}: has a 'chat_template', which needs the jinja2 package "
-                          "(pip install jinja2)") from e
+        raise ConfigError(
+            f"{source}: has a 'chat_template', which needs the jinja2 package (pip install jinja2)"
+        ) from e
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     # The helpers HF's own renderer offers templates.
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False,
-                                                                  indent=indent)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(
+        value, ensure_ascii=False, indent=indent
+    )
     env.globals["raise_exception"] = _raise_from_template
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         return env.from_string(source_text)
     except jinja2.TemplateError as e:
-        raise ConfigError(f"{source}: field 'chat_template' is not a valid jinja2 template "
-                          f"({e})") from e
+        raise ConfigError(
+            f"{source}: field 'chat_template' is not a valid jinja2 template ({e})"
+        ) from e
 
 
 @functools.lru_cache(maxsize=1)
@@ -339,9 +391,12 @@ def _tiny_tokenizer_json() -> str:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE, min_frequency=2, show_progress=False,
+        vocab_size=TINY_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
         special_tokens=list(TINY_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(_TINY_CORPUS.splitlines(keepends=True), trainer=trainer)
     return backend.to_str()
 
@@ -349,5 +404,10 @@ def _tiny_tokenizer_json() -> str:
 def tiny_tokenizer() -> Tokenizer:
     """The tiny model's tokenizer: byte-level BPE, <= 512 ids, specials at ids 0..5."""
     backend = tokenizers.Tokenizer.from_str(_tiny_tokenizer_json())
-    return Tokenizer(backend, bos_token="<bos>", eos_tokens=("<eos>",), pad_token="<pad>",
-                     source="tiny_tokenizer()")
+    return Tokenizer(
+        backend,
+        bos_token="<bos>",
+        eos_tokens=("<eos>",),
+        pad_token="<pad>",
+        source="tiny_tokenizer()",
+    )

@@ -68,31 +68,40 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        require_positive_ints(self, ("rank", "steps", "batch_size", "max_seq_len"),
-                              "train config")
+        require_positive_ints(self, ("rank", "steps", "batch_size", "max_seq_len"), "train config")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"train config field 'warmup_steps': expected an int in "
-                              f"[0, steps={self.steps}], got {self.warmup_steps!r}")
+            raise ConfigError(
+                f"train config field 'warmup_steps': expected an int in "
+                f"[0, steps={self.steps}], got {self.warmup_steps!r}"
+            )
         if not self.learning_rate > 0:
-            raise ConfigError(f"train config field 'learning_rate': expected > 0, got "
-                              f"{self.learning_rate!r}")
+            raise ConfigError(
+                f"train config field 'learning_rate': expected > 0, got {self.learning_rate!r}"
+            )
         if self.weight_decay < 0:
-            raise ConfigError(f"train config field 'weight_decay': expected >= 0, got "
-                              f"{self.weight_decay!r}")
+            raise ConfigError(
+                f"train config field 'weight_decay': expected >= 0, got {self.weight_decay!r}"
+            )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"train config field 'max_grad_norm': expected > 0 or None, got "
-                              f"{self.max_grad_norm!r}")
+            raise ConfigError(
+                f"train config field 'max_grad_norm': expected > 0 or None, got "
+                f"{self.max_grad_norm!r}"
+            )
         if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"train config field 'alpha': expected > 0 or None, got "
-                              f"{self.alpha!r}")
+            raise ConfigError(
+                f"train config field 'alpha': expected > 0 or None, got {self.alpha!r}"
+            )
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"train config field 'schedule': expected one of {SCHEDULES}, got "
-                              f"{self.schedule!r}")
+            raise ConfigError(
+                f"train config field 'schedule': expected one of {SCHEDULES}, got {self.schedule!r}"
+            )
         modules = tuple(self.target_modules)
         unknown = [m for m in modules if m not in MODULES]
         if unknown or not modules or len(set(modules)) != len(modules):
-            raise ConfigError(f"train config field 'target_modules': expected distinct names "
-                              f"among {', '.join(MODULES)}; got {list(modules)}")
+            raise ConfigError(
+                f"train config field 'target_modules': expected distinct names "
+                f"among {', '.join(MODULES)}; got {list(modules)}"
+            )
         # canonical order, so that equal configs compare equal
         object.__setattr__(self, "target_modules", tuple(m for m in MODULES if m in modules))
 
@@ -110,9 +119,15 @@ class TrainConfig:
 # Stacked adapters <-> pools
 
 
-def stacked_lora_inputs(config: ModelConfig, a: Mapping[str, jax.Array],
-                        b: Mapping[str, jax.Array], scales: Mapping[str, float], *,
-                        dtype=None, impl: str = "reference") -> LoraInputs:
+def stacked_lora_inputs(
+    config: ModelConfig,
+    a: Mapping[str, jax.Array],
+    b: Mapping[str, jax.Array],
+    scales: Mapping[str, float],
+    *,
+    dtype=None,
+    impl: str = "reference",
+) -> LoraInputs:
     """Lays N same-rank adapters into page pools with jnp ops (differentiable, traceable).
 
     a[m]: (N, L, r, in_m), b[m]: (N, L, r, out_m) for every targeted module m. A page holds the r
@@ -125,8 +140,9 @@ def stacked_lora_inputs(config: ModelConfig, a: Mapping[str, jax.Array],
     first = a[modules[0]]
     n, num_layers, rank = first.shape[:3]
     dtype = dtype or first.dtype
-    widths = layout.pool_widths(config.hidden_size, config.q_size, config.kv_size,
-                                config.intermediate_size)
+    widths = layout.pool_widths(
+        config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
+    )
     factors: dict[str, list[jax.Array]] = {axis: [] for axis in layout.POOL_AXES}
     a_pages = np.zeros((n, len(MODULES), 1), np.int32)
     b_pages = np.zeros((n, len(MODULES), 1), np.int32)
@@ -134,8 +150,10 @@ def stacked_lora_inputs(config: ModelConfig, a: Mapping[str, jax.Array],
     scale_table = np.zeros((n, len(MODULES)), np.float32)
     for m in modules:
         w = layout.MODULE_INDEX[m]
-        for pages, axis, rows in ((a_pages, MODULE_POOLS[m][0], a[m]),
-                                  (b_pages, MODULE_POOLS[m][1], b[m])):
+        for pages, axis, rows in (
+            (a_pages, MODULE_POOLS[m][0], a[m]),
+            (b_pages, MODULE_POOLS[m][1], b[m]),
+        ):
             pages[:, w, 0] = len(factors[axis]) * n + np.arange(n)
             factors[axis].append(rows)
         ranks[:, w] = rank
@@ -147,9 +165,15 @@ def stacked_lora_inputs(config: ModelConfig, a: Mapping[str, jax.Array],
             pools[axis] = jnp.swapaxes(stacked, 0, 1)
         else:
             pools[axis] = jnp.zeros((num_layers, 1, rank, widths[axis]), dtype)
-    return LoraInputs(pools=pools, a_pages=jnp.asarray(a_pages), b_pages=jnp.asarray(b_pages),
-                      ranks=jnp.asarray(ranks), scales=jnp.asarray(scale_table),
-                      token_slot=jnp.full((0,), NO_ADAPTER, jnp.int32), impl=impl)
+    return LoraInputs(
+        pools=pools,
+        a_pages=jnp.asarray(a_pages),
+        b_pages=jnp.asarray(b_pages),
+        ranks=jnp.asarray(ranks),
+        scales=jnp.asarray(scale_table),
+        token_slot=jnp.full((0,), NO_ADAPTER, jnp.int32),
+        impl=impl,
+    )
 
 
 def init_lora_params(config: ModelConfig, num_adapters: int, train: TrainConfig) -> dict:
@@ -164,25 +188,37 @@ def init_lora_params(config: ModelConfig, num_adapters: int, train: TrainConfig)
         fan_in, fan_out = shapes[m]
         bound = 1.0 / math.sqrt(fan_in)
         module_key = jax.random.fold_in(key, layout.MODULE_INDEX[m])
-        a[m] = jnp.stack([
-            jax.random.uniform(jax.random.fold_in(module_key, i),
-                               (config.num_layers, train.rank, fan_in), jnp.float32,
-                               -bound, bound)
-            for i in range(num_adapters)])
+        a[m] = jnp.stack(
+            [
+                jax.random.uniform(
+                    jax.random.fold_in(module_key, i),
+                    (config.num_layers, train.rank, fan_in),
+                    jnp.float32,
+                    -bound,
+                    bound,
+                )
+                for i in range(num_adapters)
+            ]
+        )
         b[m] = jnp.zeros((num_adapters, config.num_layers, train.rank, fan_out), jnp.float32)
     return {"a": a, "b": b}
 
 
-def lora_weights_from_params(lora_params: dict, names: Sequence[str], train: TrainConfig,
-                             source: str = "jaxlora.training") -> dict[str, LoraWeights]:
+def lora_weights_from_params(
+    lora_params: dict, names: Sequence[str], train: TrainConfig, source: str = "jaxlora.training"
+) -> dict[str, LoraWeights]:
     """The trained stacked arrays, read back as one host LoraWeights per adapter."""
     host = jax.device_get(lora_params)
-    return {name: LoraWeights(
-        name=name,
-        a={m: np.ascontiguousarray(host["a"][m][i]) for m in host["a"]},
-        b={m: np.ascontiguousarray(host["b"][m][i]) for m in host["b"]},
-        scales=dict.fromkeys(host["a"], train.scale), source=source)
-        for i, name in enumerate(names)}
+    return {
+        name: LoraWeights(
+            name=name,
+            a={m: np.ascontiguousarray(host["a"][m][i]) for m in host["a"]},
+            b={m: np.ascontiguousarray(host["b"][m][i]) for m in host["b"]},
+            scales=dict.fromkeys(host["a"], train.scale),
+            source=source,
+        )
+        for i, name in enumerate(names)
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,12 +239,14 @@ def clip_per_adapter(max_norm: float) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         leaves = jax.tree.leaves(updates)
-        squares = sum(jnp.sum(jnp.square(g.astype(jnp.float32)),
-                              axis=tuple(range(1, g.ndim))) for g in leaves)
+        squares = sum(
+            jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in leaves
+        )
         norms = jnp.sqrt(squares)
         factor = jnp.minimum(1.0, max_norm / jnp.maximum(norms, 1e-12))
         scaled = jax.tree.map(
-            lambda g: (g * factor.reshape((-1,) + (1,) * (g.ndim - 1))).astype(g.dtype), updates)
+            lambda g: (g * factor.reshape((-1,) + (1,) * (g.ndim - 1))).astype(g.dtype), updates
+        )
         return scaled, state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -228,8 +266,9 @@ def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate_schedule(train), b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=train.weight_decay)
+    adamw = optax.adamw(
+        learning_rate_schedule(train), b1=0.9, b2=0.999, eps=1e-8, weight_decay=train.weight_decay
+    )
     if train.max_grad_norm is None:
         return adamw
     return optax.chain(clip_per_adapter(train.max_grad_norm), adamw)
@@ -243,8 +282,15 @@ class BatchSampler:
     """The rows of step t: batch_size rows of every adapter, drawn epoch by epoch in a shuffled
     order that depends only on (seed, adapter index, epoch), padded to whole device batches."""
 
-    def __init__(self, datasets: Sequence[Sequence[Example]], *, batch_size: int, seed: int,
-                 row_multiple: int, seq_len: int):
+    def __init__(
+        self,
+        datasets: Sequence[Sequence[Example]],
+        *,
+        batch_size: int,
+        seed: int,
+        row_multiple: int,
+        seq_len: int,
+    ):
         self.datasets = datasets
         self.batch_size = batch_size
         self.seed = seed
@@ -302,10 +348,15 @@ def _dataset_fingerprint(datasets: Sequence[Sequence[Example]]) -> str:
     return digest.hexdigest()
 
 
-def _checkpoint_metadata(config: ModelConfig, train: TrainConfig, names: Sequence[str],
-                         datasets) -> dict:
-    return {"model": config.name, "train_config": dataclasses.asdict(train),
-            "adapters": list(names), "data_sha256": _dataset_fingerprint(datasets)}
+def _checkpoint_metadata(
+    config: ModelConfig, train: TrainConfig, names: Sequence[str], datasets
+) -> dict:
+    return {
+        "model": config.name,
+        "train_config": dataclasses.asdict(train),
+        "adapters": list(names),
+        "data_sha256": _dataset_fingerprint(datasets),
+    }
 
 
 def _normalise_metadata(meta: dict) -> dict:
@@ -322,35 +373,44 @@ class _Checkpoints:
         self.directory = os.path.abspath(directory)
         self.every = every
         self.manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "meta"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            self.directory,
+            item_names=("state", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def restore(self, step: int, template: dict, meta: dict) -> dict:
         ocp = self._ocp
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         stored = restored["meta"]
         if _normalise_metadata(stored) != _normalise_metadata(meta):
             diff = sorted(k for k in set(meta) | set(stored) if stored.get(k) != meta.get(k))
-            raise ConfigError(f"{self.directory}: checkpoint at step {step} was written for a "
-                              f"different run (fields {diff} differ); expected {meta}, found "
-                              f"{stored}. Use a fresh checkpoint directory.")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                                template)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))
+            raise ConfigError(
+                f"{self.directory}: checkpoint at step {step} was written for a "
+                f"different run (fields {diff} differ); expected {meta}, found "
+                f"{stored}. Use a fresh checkpoint directory."
+            )
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template
+        )
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
         return jax.tree.map(np.asarray, restored["state"])
 
     def save(self, step: int, state: dict, meta: dict, *, force: bool = False) -> None:
         ocp = self._ocp
         if not force and step % self.every:
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.device_get(state)),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -362,8 +422,7 @@ def _replicate(tree, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=16)
-def _build_step(config: ModelConfig, train: TrainConfig, num_adapters: int, dtype,
-                devices: tuple):
+def _build_step(config: ModelConfig, train: TrainConfig, num_adapters: int, dtype, devices: tuple):
     """The pmapped train step; cached so that repeated trainings in a process compile once."""
     model = Llama(config, dtype=dtype)
     optimizer = make_optimizer(train)
@@ -374,15 +433,20 @@ def _build_step(config: ModelConfig, train: TrainConfig, num_adapters: int, dtyp
         loss_mask = batch["loss_mask"]
         in_adapter = (row_slot[:, None] == jnp.arange(num_adapters)[None, :]).astype(jnp.float32)
         # Exact per-adapter sums: a default-precision matmul may run in TF32 on GPU.
-        local_counts = jnp.dot(in_adapter.T, loss_mask.sum(-1).astype(jnp.float32),
-                               precision=jax.lax.Precision.HIGHEST)
+        local_counts = jnp.dot(
+            in_adapter.T, loss_mask.sum(-1).astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
         counts = jax.lax.psum(local_counts, DATA_AXIS)
 
         def loss_fn(lora_params):
             lora = stacked_lora_inputs(config, lora_params["a"], lora_params["b"], scales)
             token_slot = jnp.broadcast_to(row_slot[:, None], batch["tokens"].shape)
-            logits = model.apply({"params": params}, batch["tokens"],
-                                 lora=lora.with_tokens(token_slot), attn_mask=batch["valid"])
+            logits = model.apply(
+                {"params": params},
+                batch["tokens"],
+                lora=lora.with_tokens(token_slot),
+                attn_mask=batch["valid"],
+            )
             log_z = jax.nn.logsumexp(logits, axis=-1)
             target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
             nll = jnp.where(loss_mask, log_z - target_logit, 0.0)
@@ -393,21 +457,32 @@ def _build_step(config: ModelConfig, train: TrainConfig, num_adapters: int, dtyp
         grads = jax.lax.psum(grads, DATA_AXIS)
         nll_sums = jax.lax.psum(nll_sums, DATA_AXIS)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
-        new_state = {"step": state["step"] + 1,
-                     "lora": optax.apply_updates(state["lora"], updates),
-                     "opt_state": opt_state}
+        new_state = {
+            "step": state["step"] + 1,
+            "lora": optax.apply_updates(state["lora"], updates),
+            "opt_state": opt_state,
+        }
         return new_state, nll_sums / jnp.maximum(counts, 1.0)
 
-    return jax.pmap(step, axis_name=DATA_AXIS, in_axes=(None, None, 0), out_axes=None,
-                    devices=devices)
+    return jax.pmap(
+        step, axis_name=DATA_AXIS, in_axes=(None, None, 0), out_axes=None, devices=devices
+    )
 
 
-def train_adapters(config: ModelConfig, params, datasets: Mapping[str, Sequence[Example]],
-                   train: TrainConfig = TrainConfig(), *, devices=None, dtype=jnp.float32,
-                   checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
-                   max_checkpoints: int = 2, log_every: int = 0,
-                   on_log: Callable[[int, dict[str, float]], None] | None = None
-                   ) -> TrainResult:
+def train_adapters(
+    config: ModelConfig,
+    params,
+    datasets: Mapping[str, Sequence[Example]],
+    train: TrainConfig = TrainConfig(),
+    *,
+    devices=None,
+    dtype=jnp.float32,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    max_checkpoints: int = 2,
+    log_every: int = 0,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
     """Trains one adapter per dataset (all in the same batches); the base params stay frozen.
 
     datasets: adapter name -> examples (``jaxlora.data``; their `adapter` field is ignored).
@@ -426,29 +501,39 @@ def train_adapters(config: ModelConfig, params, datasets: Mapping[str, Sequence[
             raise ConfigError(f"train_adapters: dataset of adapter {name!r} is empty")
         for example in dataset:
             if example.length > train.max_seq_len:
-                raise ConfigError(f"{example.source}: sequence of {example.length + 1} tokens; "
-                                  f"train config max_seq_len allows {train.max_seq_len + 1}")
+                raise ConfigError(
+                    f"{example.source}: sequence of {example.length + 1} tokens; "
+                    f"train config max_seq_len allows {train.max_seq_len + 1}"
+                )
             if max(example.prompt + example.completion) >= config.vocab_size:
-                raise ConfigError(f"{example.source}: token id >= the model's vocab_size "
-                                  f"{config.vocab_size}")
+                raise ConfigError(
+                    f"{example.source}: token id >= the model's vocab_size {config.vocab_size}"
+                )
             longest = max(longest, example.length)
     devices = list(devices if devices is not None else jax.local_devices())
     mesh = Mesh(np.array(devices), (DATA_AXIS,))
-    sampler = BatchSampler(data, batch_size=train.batch_size, seed=train.seed,
-                           row_multiple=len(devices),
-                           seq_len=bucket_length(longest, min_bucket=8,
-                                                 max_length=train.max_seq_len))
+    sampler = BatchSampler(
+        data,
+        batch_size=train.batch_size,
+        seed=train.seed,
+        row_multiple=len(devices),
+        seq_len=bucket_length(longest, min_bucket=8, max_length=train.max_seq_len),
+    )
     optimizer = make_optimizer(train)
     lora_params = init_lora_params(config, len(names), train)
-    state = {"step": jnp.zeros((), jnp.int32), "lora": lora_params,
-             "opt_state": optimizer.init(lora_params)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "lora": lora_params,
+        "opt_state": optimizer.init(lora_params),
+    }
 
     checkpoints = None
     meta = _checkpoint_metadata(config, train, names, data)
     start_step = 0
     if checkpoint_dir is not None:
-        checkpoints = _Checkpoints(os.fspath(checkpoint_dir), every=checkpoint_every,
-                                   max_to_keep=max_checkpoints)
+        checkpoints = _Checkpoints(
+            os.fspath(checkpoint_dir), every=checkpoint_every, max_to_keep=max_checkpoints
+        )
         latest = checkpoints.latest_step()
         if latest is not None:
             state = checkpoints.restore(latest, state, meta)
@@ -463,8 +548,7 @@ def train_adapters(config: ModelConfig, params, datasets: Mapping[str, Sequence[
             state, step_losses = step_fn(state, params, sampler.batch(step, len(devices)))
             losses.append(step_losses)
             done = step + 1
-            if on_log is not None and log_every and (done % log_every == 0
-                                                     or done == train.steps):
+            if on_log is not None and log_every and (done % log_every == 0 or done == train.steps):
                 on_log(done, dict(zip(names, np.asarray(step_losses).tolist(), strict=True)))
             if checkpoints is not None:
                 checkpoints.save(done, state, meta, force=done == train.steps)
@@ -475,15 +559,28 @@ def train_adapters(config: ModelConfig, params, datasets: Mapping[str, Sequence[
     return TrainResult(
         adapters=lora_weights_from_params(host_lora, names, train),
         losses=np.asarray(jax.device_get(losses), np.float32).reshape(-1, len(names)),
-        start_step=start_step, lora_params=host_lora)
+        start_step=start_step,
+        lora_params=host_lora,
+    )
 
 
-def train_adapter(config: ModelConfig, params, examples: Sequence, *, rank: int = 8,
-                  target_modules: Sequence[str] = MODULES, steps: int = 100,
-                  learning_rate: float = 1e-2, seed: int = 0, name: str = "adapter",
-                  tokenizer: Tokenizer | None = None, alpha: float | None = None,
-                  batch_size: int | None = None, devices=None, dtype=jnp.float32
-                  ) -> LoraWeights:
+def train_adapter(
+    config: ModelConfig,
+    params,
+    examples: Sequence,
+    *,
+    rank: int = 8,
+    target_modules: Sequence[str] = MODULES,
+    steps: int = 100,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+    name: str = "adapter",
+    tokenizer: Tokenizer | None = None,
+    alpha: float | None = None,
+    batch_size: int | None = None,
+    devices=None,
+    dtype=jnp.float32,
+) -> LoraWeights:
     """Teaches one adapter (prompt, completion) pairs; returns it as host LoraWeights.
 
     examples: (prompt, completion) tuples of text (needs `tokenizer`; the prompt gets BOS) or of
@@ -493,10 +590,17 @@ def train_adapter(config: ModelConfig, params, examples: Sequence, *, rank: int 
     data = [_as_example(e, tokenizer, config, f"{name}[{i}]") for i, e in enumerate(examples)]
     if not data:
         raise ConfigError(f"train_adapter: no example for adapter {name!r}")
-    train = TrainConfig(rank=rank, alpha=alpha, target_modules=tuple(target_modules),
-                        steps=steps, learning_rate=learning_rate, schedule="constant",
-                        batch_size=batch_size or len(data), seed=seed,
-                        max_seq_len=config.max_position_embeddings)
+    train = TrainConfig(
+        rank=rank,
+        alpha=alpha,
+        target_modules=tuple(target_modules),
+        steps=steps,
+        learning_rate=learning_rate,
+        schedule="constant",
+        batch_size=batch_size or len(data),
+        seed=seed,
+        max_seq_len=config.max_position_embeddings,
+    )
     result = train_adapters(config, params, {name: data}, train, devices=devices, dtype=dtype)
     return result.adapters[name]
 
@@ -505,11 +609,19 @@ def _as_example(item, tokenizer, config: ModelConfig, source: str) -> Example:
     if isinstance(item, Example):
         return item
     if not isinstance(item, tuple | list) or len(item) != 2:
-        raise ConfigError(f"{source}: expected a (prompt, completion) pair or an Example, got "
-                          f"{type(item).__name__}")
+        raise ConfigError(
+            f"{source}: expected a (prompt, completion) pair or an Example, got "
+            f"{type(item).__name__}"
+        )
     prompt, completion = item
+
     def ids_or_text(value):
         return value if isinstance(value, str) else [int(t) for t in value]
 
-    return make_example(ids_or_text(prompt), ids_or_text(completion), tokenizer=tokenizer,
-                        vocab_size=config.vocab_size, source=source)
+    return make_example(
+        ids_or_text(prompt),
+        ids_or_text(completion),
+        tokenizer=tokenizer,
+        vocab_size=config.vocab_size,
+        source=source,
+    )

@@ -59,7 +59,13 @@ import functools
 import numpy as np
 
 MODULES: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 )
 MODULE_INDEX: dict[str, int] = {m: i for i, m in enumerate(MODULES)}
 NO_ADAPTER = -1
@@ -87,10 +93,10 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-def pool_widths(hidden_size: int, q_size: int, kv_size: int, intermediate_size: int
-                ) -> dict[str, int]:
-    return {"embed": hidden_size, "heads": q_size, "kv_heads": kv_size,
-            "mlp": intermediate_size}
+def pool_widths(
+    hidden_size: int, q_size: int, kv_size: int, intermediate_size: int
+) -> dict[str, int]:
+    return {"embed": hidden_size, "heads": q_size, "kv_heads": kv_size, "mlp": intermediate_size}
 
 
 def pages_for_rank(rank: int, rows_per_page: int) -> int:
@@ -107,8 +113,9 @@ class SlotInfo:
     b_pages: tuple[tuple[int, ...], ...]  # 7 tuples of page ids in the B pool of each weight
 
 
-def build_slot_metadata(slots: list[SlotInfo | None], *, max_slots: int, max_rank: int,
-                        rows_per_page: int) -> dict[str, np.ndarray]:
+def build_slot_metadata(
+    slots: list[SlotInfo | None], *, max_slots: int, max_rank: int, rows_per_page: int
+) -> dict[str, np.ndarray]:
     """Packs resident adapters into the (S, 7, MP) / (S, 7) arrays described above.
 
     ``slots[i]`` is the adapter in slot i (None: empty slot, rank 0 everywhere).
@@ -148,8 +155,10 @@ def _slot_rows(info: SlotInfo, max_rank: int, rows_per_page: int):
             raise ValueError(f"weight {MODULES[w]}: rank {r} > max_rank {max_rank}")
         need = pages_for_rank(r, rows_per_page)
         if len(info.a_pages[w]) != need or len(info.b_pages[w]) != need:
-            raise ValueError(f"weight {MODULES[w]}: rank {r} needs {need} pages, "
-                             f"got {len(info.a_pages[w])} (A) / {len(info.b_pages[w])} (B)")
+            raise ValueError(
+                f"weight {MODULES[w]}: rank {r} needs {need} pages, "
+                f"got {len(info.a_pages[w])} (A) / {len(info.b_pages[w])} (B)"
+            )
         ranks[w] = r
         scales[w] = info.scales[w] if r else 0.0
         a_pages[w, :need] = info.a_pages[w]

@@ -65,20 +65,34 @@ class PagedAttentionConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        require_positive_ints(self, ("pages_per_block", "kv_splits", "num_warps",
-                                     "num_stages"), "PagedAttentionConfig")
+        require_positive_ints(
+            self,
+            ("pages_per_block", "kv_splits", "num_warps", "num_stages"),
+            "PagedAttentionConfig",
+        )
         if not _is_power_of_2(self.pages_per_block):
-            raise ConfigError(f"PagedAttentionConfig field 'pages_per_block': expected a power "
-                              f"of 2 (Triton block shapes), got {self.pages_per_block}")
+            raise ConfigError(
+                f"PagedAttentionConfig field 'pages_per_block': expected a power "
+                f"of 2 (Triton block shapes), got {self.pages_per_block}"
+            )
 
     @property
     def name(self) -> str:
-        return (f"paged_attention_p{self.pages_per_block}_k{self.kv_splits}"
-                f"_w{self.num_warps}_s{self.num_stages}")
+        return (
+            f"paged_attention_p{self.pages_per_block}_k{self.kv_splits}"
+            f"_w{self.num_warps}_s{self.num_stages}"
+        )
 
     @classmethod
-    def heuristic(cls, *, batch: int, num_kv_heads: int, max_pages_per_seq: int,
-                  page_size: int, target_programs: int = 264) -> PagedAttentionConfig:
+    def heuristic(
+        cls,
+        *,
+        batch: int,
+        num_kv_heads: int,
+        max_pages_per_seq: int,
+        page_size: int,
+        target_programs: int = 264,
+    ) -> PagedAttentionConfig:
         """A default for these shapes: ~64-key blocks, and enough kv splits to fill the GPU
         (target_programs: about two per SM of an H100 / H200, 132 SMs)."""
         pages_per_block = max(1, 64 // page_size)
@@ -86,38 +100,48 @@ class PagedAttentionConfig:
         blocks = -(-max_pages_per_seq // pages_per_block)
         wanted_splits = -(-target_programs // max(1, batch * num_kv_heads))
         kv_splits = max(1, min(_next_power_of_2(wanted_splits), blocks, 16))
-        return cls(pages_per_block=pages_per_block, kv_splits=kv_splits, num_warps=4,
-                   num_stages=2)
+        return cls(pages_per_block=pages_per_block, kv_splits=kv_splits, num_warps=4, num_stages=2)
 
 
 def _check_cache_shapes(k_pool, v_pool, page_table, *, where: str) -> None:
     if k_pool.ndim != 5:
-        raise ConfigError(f"{where}: k_pool must be (num_layers, num_pages, page_size, "
-                          f"num_kv_heads, head_dim), got shape {k_pool.shape}")
+        raise ConfigError(
+            f"{where}: k_pool must be (num_layers, num_pages, page_size, "
+            f"num_kv_heads, head_dim), got shape {k_pool.shape}"
+        )
     if v_pool.shape != k_pool.shape:
-        raise ConfigError(f"{where}: v_pool shape {v_pool.shape} must equal k_pool shape "
-                          f"{k_pool.shape}")
+        raise ConfigError(
+            f"{where}: v_pool shape {v_pool.shape} must equal k_pool shape {k_pool.shape}"
+        )
     if page_table.ndim != 2 or not jnp.issubdtype(page_table.dtype, jnp.integer):
-        raise ConfigError(f"{where}: page_table must be (B, max_pages_per_seq) int32, got "
-                          f"{page_table.dtype}{list(page_table.shape)}")
+        raise ConfigError(
+            f"{where}: page_table must be (B, max_pages_per_seq) int32, got "
+            f"{page_table.dtype}{list(page_table.shape)}"
+        )
 
 
 def _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens, *, where: str) -> None:
     _check_cache_shapes(k_pool, v_pool, page_table, where=where)
     _, _, _, num_kv_heads, head_dim = k_pool.shape
     if q.ndim != 3 or q.shape[2] != head_dim:
-        raise ConfigError(f"{where}: q must be (B, num_heads, head_dim={head_dim}), got shape "
-                          f"{q.shape}")
+        raise ConfigError(
+            f"{where}: q must be (B, num_heads, head_dim={head_dim}), got shape {q.shape}"
+        )
     batch, num_heads, _ = q.shape
     if num_heads % num_kv_heads:
-        raise ConfigError(f"{where}: q has {num_heads} heads, not a multiple of the pool's "
-                          f"num_kv_heads={num_kv_heads}")
+        raise ConfigError(
+            f"{where}: q has {num_heads} heads, not a multiple of the pool's "
+            f"num_kv_heads={num_kv_heads}"
+        )
     if page_table.shape[0] != batch:
-        raise ConfigError(f"{where}: page_table has {page_table.shape[0]} rows, q has batch "
-                          f"{batch}")
+        raise ConfigError(
+            f"{where}: page_table has {page_table.shape[0]} rows, q has batch {batch}"
+        )
     if seq_lens.shape != (batch,) or not jnp.issubdtype(seq_lens.dtype, jnp.integer):
-        raise ConfigError(f"{where}: seq_lens must be ({batch},) int32, got "
-                          f"{seq_lens.dtype}{list(seq_lens.shape)}")
+        raise ConfigError(
+            f"{where}: seq_lens must be ({batch},) int32, got "
+            f"{seq_lens.dtype}{list(seq_lens.shape)}"
+        )
 
 
 def _layer_scalar(layer, num_layers: int) -> jax.Array:
@@ -162,8 +186,7 @@ def _paged_attention_kernel(
     # Every index is an integer array (no slices): the form both Triton and interpret mode take.
     q = pltriton.load(q_ref.at[row, heads[:, None], dims], mask=query_mask, other=0)
     # fp32 caches get exact fp32 products; bf16/fp16 use the tensor cores' native inputs.
-    precision = (jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
-                 else jax.lax.Precision.DEFAULT)
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
     split_start = split * pages_per_split * page_size
     split_end = jnp.minimum(seq_len, split_start + pages_per_split * page_size)
@@ -173,28 +196,36 @@ def _paged_attention_kernel(
         acc, running_max, denom = carry
         key_pos = split_start + block * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
         key_valid = key_pos < split_end
-        pages = pltriton.load(page_table_ref.at[row, key_pos // page_size], mask=key_valid,
-                              other=0)
+        pages = pltriton.load(page_table_ref.at[row, key_pos // page_size], mask=key_valid, other=0)
         pages = jnp.clip(pages, 0, num_pages - 1)
         offsets = key_pos % page_size
         key_mask = jnp.broadcast_to(key_valid[:, None], (block_keys, head_dim))
-        k = pltriton.load(k_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
-                          mask=key_mask, other=0)
+        k = pltriton.load(
+            k_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
+            mask=key_mask,
+            other=0,
+        )
         logits = pltriton.dot(q, k, trans_b=True, precision=precision) * sm_scale
         logits = jnp.where(key_valid[None, :], logits, _MASK_VALUE)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=1))
         correction = jnp.exp(running_max - new_max)
         probs = jnp.exp(logits - new_max[:, None])
         denom = denom * correction + jnp.sum(probs, axis=1)
-        v = pltriton.load(v_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
-                          mask=key_mask, other=0)
-        acc = acc * correction[:, None] + pltriton.dot(probs.astype(v.dtype), v,
-                                                       precision=precision)
+        v = pltriton.load(
+            v_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
+            mask=key_mask,
+            other=0,
+        )
+        acc = acc * correction[:, None] + pltriton.dot(
+            probs.astype(v.dtype), v, precision=precision
+        )
         return acc, new_max, denom
 
-    init = (jnp.zeros((padded_queries, head_dim), jnp.float32),
-            jnp.full((padded_queries,), _MASK_VALUE, jnp.float32),
-            jnp.zeros((padded_queries,), jnp.float32))
+    init = (
+        jnp.zeros((padded_queries, head_dim), jnp.float32),
+        jnp.full((padded_queries,), _MASK_VALUE, jnp.float32),
+        jnp.zeros((padded_queries,), jnp.float32),
+    )
     acc, running_max, denom = jax.lax.fori_loop(0, num_blocks, body, init)
 
     if split_output:
@@ -206,8 +237,9 @@ def _paged_attention_kernel(
         (out_ref,) = out_refs
         safe_denom = jnp.where(denom > 0, denom, 1.0)
         out = jnp.where(denom[:, None] > 0, acc / safe_denom[:, None], 0.0)
-        pltriton.store(out_ref.at[row, heads[:, None], dims], out.astype(out_ref.dtype),
-                       mask=query_mask)
+        pltriton.store(
+            out_ref.at[row, heads[:, None], dims], out.astype(out_ref.dtype), mask=query_mask
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))
@@ -231,17 +263,24 @@ def paged_attention(
     max_pages_per_seq = page_table.shape[1]
     for field, value in (("head_dim", head_dim), ("page_size", page_size)):
         if not _is_power_of_2(value) or value < (16 if field == "head_dim" else 1):
-            raise ConfigError(f"{where}: {field}={value}; the Triton kernel needs a power of 2"
-                              f"{' >= 16' if field == 'head_dim' else ''} (use "
-                              "paged_attention_reference for other shapes)")
+            raise ConfigError(
+                f"{where}: {field}={value}; the Triton kernel needs a power of 2"
+                f"{' >= 16' if field == 'head_dim' else ''} (use "
+                "paged_attention_reference for other shapes)"
+            )
     if config is None:
-        config = PagedAttentionConfig.heuristic(batch=batch, num_kv_heads=num_kv_heads,
-                                                max_pages_per_seq=max_pages_per_seq,
-                                                page_size=page_size)
+        config = PagedAttentionConfig.heuristic(
+            batch=batch,
+            num_kv_heads=num_kv_heads,
+            max_pages_per_seq=max_pages_per_seq,
+            page_size=page_size,
+        )
     block_keys = config.pages_per_block * page_size
     if block_keys < 16:
-        raise ConfigError(f"{where}: pages_per_block * page_size = {block_keys}; the Triton dot "
-                          "needs at least 16 keys per block")
+        raise ConfigError(
+            f"{where}: pages_per_block * page_size = {block_keys}; the Triton dot "
+            "needs at least 16 keys per block"
+        )
     blocks_total = -(-max_pages_per_seq // config.pages_per_block)
     kv_splits = min(config.kv_splits, blocks_total)
     # Profiles show the splits that run, not the ones asked for.
@@ -250,25 +289,38 @@ def paged_attention(
     split_output = kv_splits > 1
 
     if split_output:
-        out_shape = (jax.ShapeDtypeStruct((kv_splits, batch, num_heads, head_dim), jnp.float32),
-                     jax.ShapeDtypeStruct((kv_splits, batch, num_heads), jnp.float32),
-                     jax.ShapeDtypeStruct((kv_splits, batch, num_heads), jnp.float32))
+        out_shape = (
+            jax.ShapeDtypeStruct((kv_splits, batch, num_heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((kv_splits, batch, num_heads), jnp.float32),
+            jax.ShapeDtypeStruct((kv_splits, batch, num_heads), jnp.float32),
+        )
     else:
         out_shape = (jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype),)
     kernel = functools.partial(
-        _paged_attention_kernel, sm_scale=float(sm_scale),
-        queries_per_kv=num_heads // num_kv_heads, pages_per_block=config.pages_per_block,
-        pages_per_split=pages_per_split, split_output=split_output)
+        _paged_attention_kernel,
+        sm_scale=float(sm_scale),
+        queries_per_kv=num_heads // num_kv_heads,
+        pages_per_block=config.pages_per_block,
+        pages_per_split=pages_per_split,
+        split_output=split_output,
+    )
     outs = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, kv_splits),
         out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
-                                                num_stages=config.num_stages),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
         interpret=interpret,
         name=config.name,
-    )(_layer_scalar(layer, num_layers).reshape(1), seq_lens.astype(jnp.int32),
-      page_table.astype(jnp.int32), q, k_pool, v_pool)
+    )(
+        _layer_scalar(layer, num_layers).reshape(1),
+        seq_lens.astype(jnp.int32),
+        page_table.astype(jnp.int32),
+        q,
+        k_pool,
+        v_pool,
+    )
     if not split_output:
         return outs[0]
     acc, split_max, split_denom = outs
@@ -277,8 +329,7 @@ def paged_attention(
     weight = jnp.where(split_denom > 0, jnp.exp(split_max - global_max[None]), 0.0)
     denom = jnp.sum(split_denom * weight, axis=0)
     numer = jnp.sum(acc * weight[..., None], axis=0)
-    out = jnp.where(denom[..., None] > 0, numer / jnp.where(denom > 0, denom, 1.0)[..., None],
-                    0.0)
+    out = jnp.where(denom[..., None] > 0, numer / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
     return out.astype(q.dtype)
 
 
@@ -298,9 +349,11 @@ def gather_kv(
     batch, max_pages_per_seq = page_table.shape
     pages_needed = -(-max_len // page_size)
     if max_len <= 0 or pages_needed > max_pages_per_seq:
-        raise ConfigError(f"gather_kv: max_len={max_len} must be in 1.."
-                          f"{max_pages_per_seq * page_size} (page_table has {max_pages_per_seq}"
-                          f" pages of {page_size} per row)")
+        raise ConfigError(
+            f"gather_kv: max_len={max_len} must be in 1.."
+            f"{max_pages_per_seq * page_size} (page_table has {max_pages_per_seq}"
+            f" pages of {page_size} per row)"
+        )
     layer = _layer_scalar(layer, num_layers)
     pages = page_table[:, :pages_needed].astype(jnp.int32)
 
@@ -337,13 +390,16 @@ def write_kv(
     batch, max_pages_per_seq = page_table.shape
     token_shape = positions.shape
     if positions.ndim not in (1, 2) or token_shape[0] != batch:
-        raise ConfigError(f"{where}: positions must be ({batch},) or ({batch}, S) to match the "
-                          f"page_table rows, got shape {token_shape}")
+        raise ConfigError(
+            f"{where}: positions must be ({batch},) or ({batch}, S) to match the "
+            f"page_table rows, got shape {token_shape}"
+        )
     expected = (*token_shape, num_kv_heads, head_dim)
     for tensor_name, tensor in (("k_new", k_new), ("v_new", v_new)):
         if tensor.shape != expected:
-            raise ConfigError(f"{where}: {tensor_name} must have shape {expected}, got "
-                              f"{tensor.shape}")
+            raise ConfigError(
+                f"{where}: {tensor_name} must have shape {expected}, got {tensor.shape}"
+            )
     if valid.shape != token_shape:
         raise ConfigError(f"{where}: valid must have shape {token_shape}, got {valid.shape}")
 
@@ -352,8 +408,9 @@ def write_kv(
     in_table = (positions >= 0) & (page_slot < max_pages_per_seq)
     table = page_table.astype(jnp.int32)
     if positions.ndim == 1:
-        pages = jnp.take_along_axis(table, jnp.clip(page_slot, 0, max_pages_per_seq - 1)[:, None],
-                                    axis=1)[:, 0]
+        pages = jnp.take_along_axis(
+            table, jnp.clip(page_slot, 0, max_pages_per_seq - 1)[:, None], axis=1
+        )[:, 0]
     else:
         pages = jnp.take_along_axis(table, jnp.clip(page_slot, 0, max_pages_per_seq - 1), axis=1)
     writes = valid & in_table & (pages >= 0) & (pages < num_pages)
@@ -380,16 +437,21 @@ def paged_attention_reference(
     sm_scale: float,
 ) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
     """paged_attention in plain jnp: gather every row's pages, fp32 masked softmax."""
-    _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens,
-                            where="paged_attention_reference")
+    _check_attention_inputs(
+        q, k_pool, v_pool, page_table, seq_lens, where="paged_attention_reference"
+    )
     batch, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_pool.shape
     max_len = page_table.shape[1] * page_size
     k, v = gather_kv(k_pool, v_pool, page_table, layer, max_len)
     queries_per_kv = num_heads // num_kv_heads
     q_grouped = q.astype(jnp.float32).reshape(batch, num_kv_heads, queries_per_kv, head_dim)
-    logits = jnp.einsum("bhgd,bshd->bhgs", q_grouped, k.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST) * sm_scale
+    logits = (
+        jnp.einsum(
+            "bhgd,bshd->bhgs", q_grouped, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
+        * sm_scale
+    )
     key_valid = jnp.arange(max_len)[None, :] < seq_lens[:, None]  # (B, max_len)
     logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
     row_active = seq_lens > 0
@@ -398,7 +460,6 @@ def paged_attention_reference(
     weights = jax.nn.softmax(logits, axis=-1)
     # Slots past a row's length may hold anything, NaN included: 0 * NaN would leak through.
     v = jnp.where(key_valid[:, :, None, None], v.astype(jnp.float32), 0.0)
-    out = jnp.einsum("bhgs,bshd->bhgd", weights, v,
-                     precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum("bhgs,bshd->bhgd", weights, v, precision=jax.lax.Precision.HIGHEST)
     out = jnp.where(row_active[:, None, None, None], out, 0.0)
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

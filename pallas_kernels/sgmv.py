@@ -77,9 +77,12 @@ from pallas_kernels.layout import MODULES, NO_ADAPTER
 
 _NUM_WEIGHTS = len(MODULES)
 _TILE_FIELDS = ("start", "size", "slot")
-_META_KEYS = ("sorted_tokens", *(f"{kind}_tile_{f}" for kind in ("shrink", "expand")
-                                 for f in _TILE_FIELDS),
-              "shrink_num_tiles", "expand_num_tiles")
+_META_KEYS = (
+    "sorted_tokens",
+    *(f"{kind}_tile_{f}" for kind in ("shrink", "expand") for f in _TILE_FIELDS),
+    "shrink_num_tiles",
+    "expand_num_tiles",
+)
 
 
 def _gather_rows(pool, layer, pages, ranks):
@@ -111,8 +114,11 @@ def sgmv_shrink_reference(
     for w in weights:
         r = jnp.where(valid, ranks[slot, w], 0)
         rows = _gather_rows(a_pool, layer, a_pages[slot, w], r)
-        outs.append(jnp.einsum("ti,tri->tr", x.astype(jnp.float32), rows,
-                               precision=jax.lax.Precision.HIGHEST))
+        outs.append(
+            jnp.einsum(
+                "ti,tri->tr", x.astype(jnp.float32), rows, precision=jax.lax.Precision.HIGHEST
+            )
+        )
     return jnp.stack(outs, axis=1)
 
 
@@ -135,13 +141,15 @@ def sgmv_expand_reference(
     for g, w in enumerate(weights):
         r = jnp.where(valid, ranks[slot, w], 0)
         rows = _gather_rows(b_pools[g], layer, b_pages[slot, w], r)
-        delta = jnp.einsum("tr,tro->to", v[:, g, :].astype(jnp.float32), rows,
-                           precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.einsum(
+            "tr,tro->to", v[:, g, :].astype(jnp.float32), rows, precision=jax.lax.Precision.HIGHEST
+        )
         deltas.append(delta * jnp.where(valid, scales[slot, w], 0.0)[:, None])
     width = sum(d.shape[-1] for d in deltas)
     if width != y.shape[-1]:
-        raise ValueError(f"expand: the group's widths add up to {width}, y has {y.shape[-1]} "
-                         "columns")
+        raise ValueError(
+            f"expand: the group's widths add up to {width}, y has {y.shape[-1]} columns"
+        )
     # One concatenated delta rather than .at[slice].add per weight: a full-width slice update
     # crashes XLA's partitioner under pmap / shard_map on several devices (jax 0.11.2).
     return (y.astype(jnp.float32) + jnp.concatenate(deltas, axis=-1)).astype(y.dtype)
@@ -150,6 +158,7 @@ def sgmv_expand_reference(
 # ------------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------------
+
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
@@ -197,40 +206,61 @@ class SgmvConfig:
     decode_expand_num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("shrink_block_tokens", "shrink_block_n", "shrink_block_k",
-                     "expand_block_tokens", "expand_block_n"):
+        for name in (
+            "shrink_block_tokens",
+            "shrink_block_n",
+            "shrink_block_k",
+            "expand_block_tokens",
+            "expand_block_n",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value) or value < 16:
-                raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two >= 16 "
-                                  f"(a tensor-core dot dimension), got {value!r}")
+                raise ConfigError(
+                    f"SgmvConfig field {name!r}: expected a power of two >= 16 "
+                    f"(a tensor-core dot dimension), got {value!r}"
+                )
         for name in ("decode_block_k", "decode_expand_block_n", "decode_rank_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value):
-                raise ConfigError(f"SgmvConfig field {name!r}: expected a power of two, "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"SgmvConfig field {name!r}: expected a power of two, got {value!r}"
+                )
         if self.decode_shrink_max_tokens is not None and (
-                not isinstance(self.decode_shrink_max_tokens, int)
-                or self.decode_shrink_max_tokens < 0):
-            raise ConfigError("SgmvConfig field 'decode_shrink_max_tokens': expected None or an "
-                              f"int >= 0, got {self.decode_shrink_max_tokens!r}")
+            not isinstance(self.decode_shrink_max_tokens, int) or self.decode_shrink_max_tokens < 0
+        ):
+            raise ConfigError(
+                "SgmvConfig field 'decode_shrink_max_tokens': expected None or an "
+                f"int >= 0, got {self.decode_shrink_max_tokens!r}"
+            )
         for name in ("shrink_split_k", "decode_shrink_rows", "expand_col_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not _is_pow2(value)):
-                raise ConfigError(f"SgmvConfig field {name!r}: expected None or a power of two, "
-                                  f"got {value!r}")
-        for name in ("decode_max_tokens", "target_programs", "shrink_waves", "expand_waves",
-                     "shrink_num_warps",
-                     "shrink_num_stages", "expand_num_warps", "expand_num_stages",
-                     "decode_shrink_num_warps", "decode_shrink_num_stages",
-                     "decode_expand_num_warps", "decode_expand_num_stages"):
+                raise ConfigError(
+                    f"SgmvConfig field {name!r}: expected None or a power of two, got {value!r}"
+                )
+        for name in (
+            "decode_max_tokens",
+            "target_programs",
+            "shrink_waves",
+            "expand_waves",
+            "shrink_num_warps",
+            "shrink_num_stages",
+            "expand_num_warps",
+            "expand_num_stages",
+            "decode_shrink_num_warps",
+            "decode_shrink_num_stages",
+            "decode_expand_num_warps",
+            "decode_expand_num_stages",
+        ):
             value = getattr(self, name)
             at_least = 0 if name == "decode_max_tokens" else 1
             if not isinstance(value, int) or value < at_least:
-                raise ConfigError(f"SgmvConfig field {name!r}: expected a positive int, "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"SgmvConfig field {name!r}: expected a positive int, got {value!r}"
+                )
 
     def regime(self, num_tokens: int, kernel: str = "expand") -> str:
-        """"decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens."""
+        """ "decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens."""
         limit = self.decode_max_tokens
         if kernel == "shrink" and self.decode_shrink_max_tokens is not None:
             limit = self.decode_shrink_max_tokens
@@ -249,26 +279,34 @@ def num_tiles_bound(num_tokens: int, num_slots: int, block_tokens: int) -> int:
 # Prefill metadata
 # ------------------------------------------------------------------------------------------------
 
-def build_sgmv_metadata(token_slot: np.ndarray, num_slots: int, *,
-                        config: SgmvConfig | None = None) -> dict[str, np.ndarray]:
+
+def build_sgmv_metadata(
+    token_slot: np.ndarray, num_slots: int, *, config: SgmvConfig | None = None
+) -> dict[str, np.ndarray]:
     """Host-side (numpy) prefill metadata for ``token_slot`` (T,) over ``num_slots`` slots."""
     config = config or SgmvConfig()
     token_slot = np.asarray(token_slot)
     if token_slot.ndim != 1 or not np.issubdtype(token_slot.dtype, np.integer):
-        raise AdapterError(f"build_sgmv_metadata: token_slot must be a 1-D int array, got shape "
-                           f"{token_slot.shape} dtype {token_slot.dtype}")
+        raise AdapterError(
+            f"build_sgmv_metadata: token_slot must be a 1-D int array, got shape "
+            f"{token_slot.shape} dtype {token_slot.dtype}"
+        )
     bad = (token_slot < NO_ADAPTER) | (token_slot >= num_slots)
     if bad.any():
         t = int(np.argmax(bad))
-        raise AdapterError(f"build_sgmv_metadata: token_slot[{t}] = {int(token_slot[t])}; "
-                           f"expected {NO_ADAPTER} (no adapter) or a slot in [0, {num_slots})")
+        raise AdapterError(
+            f"build_sgmv_metadata: token_slot[{t}] = {int(token_slot[t])}; "
+            f"expected {NO_ADAPTER} (no adapter) or a slot in [0, {num_slots})"
+        )
     t_count = token_slot.shape[0]
     key = np.where(token_slot < 0, num_slots, token_slot).astype(np.int64)
     meta = {"sorted_tokens": np.argsort(key, kind="stable").astype(np.int32)}
     counts = np.bincount(key, minlength=num_slots + 1)
     seg_start = np.cumsum(counts) - counts
-    for kind, bt in (("shrink", config.shrink_block_tokens),
-                     ("expand", config.expand_block_tokens)):
+    for kind, bt in (
+        ("shrink", config.shrink_block_tokens),
+        ("expand", config.expand_block_tokens),
+    ):
         nt = num_tiles_bound(t_count, num_slots, bt)
         tile_start = np.zeros(nt, np.int32)
         tile_size = np.zeros(nt, np.int32)
@@ -280,14 +318,20 @@ def build_sgmv_metadata(token_slot: np.ndarray, num_slots: int, *,
                 tile_size[j] = min(bt, int(counts[s]) - off)
                 tile_slot[j] = s if s < num_slots else NO_ADAPTER
                 j += 1
-        meta.update({f"{kind}_tile_start": tile_start, f"{kind}_tile_size": tile_size,
-                     f"{kind}_tile_slot": tile_slot,
-                     f"{kind}_num_tiles": np.array([j], np.int32)})
+        meta.update(
+            {
+                f"{kind}_tile_start": tile_start,
+                f"{kind}_tile_size": tile_size,
+                f"{kind}_tile_slot": tile_slot,
+                f"{kind}_num_tiles": np.array([j], np.int32),
+            }
+        )
     return meta
 
 
-def build_sgmv_metadata_jnp(token_slot: jax.Array, num_slots: int, *,
-                            config: SgmvConfig | None = None) -> dict[str, jax.Array]:
+def build_sgmv_metadata_jnp(
+    token_slot: jax.Array, num_slots: int, *, config: SgmvConfig | None = None
+) -> dict[str, jax.Array]:
     """The same arrays as ``build_sgmv_metadata``, computed with jnp (usable inside jit)."""
     config = config or SgmvConfig()
     t_count = token_slot.shape[0]
@@ -295,8 +339,10 @@ def build_sgmv_metadata_jnp(token_slot: jax.Array, num_slots: int, *,
     meta = {"sorted_tokens": jnp.argsort(key, stable=True).astype(jnp.int32)}
     counts = jnp.zeros(num_slots + 1, jnp.int32).at[key].add(1)
     seg_start = jnp.cumsum(counts) - counts
-    for kind, bt in (("shrink", config.shrink_block_tokens),
-                     ("expand", config.expand_block_tokens)):
+    for kind, bt in (
+        ("shrink", config.shrink_block_tokens),
+        ("expand", config.expand_block_tokens),
+    ):
         nt = num_tiles_bound(t_count, num_slots, bt)
         seg_tiles = (counts + bt - 1) // bt
         seg_tiles_end = jnp.cumsum(seg_tiles)
@@ -308,16 +354,21 @@ def build_sgmv_metadata_jnp(token_slot: jax.Array, num_slots: int, *,
         tile_start = jnp.where(used, seg_start[seg] + local * bt, 0)
         tile_size = jnp.where(used, jnp.clip(counts[seg] - local * bt, 0, bt), 0)
         tile_slot = jnp.where(used & (seg < num_slots), seg, NO_ADAPTER)
-        meta.update({f"{kind}_tile_start": tile_start.astype(jnp.int32),
-                     f"{kind}_tile_size": tile_size.astype(jnp.int32),
-                     f"{kind}_tile_slot": tile_slot.astype(jnp.int32),
-                     f"{kind}_num_tiles": seg_tiles_end[-1:].astype(jnp.int32)})
+        meta.update(
+            {
+                f"{kind}_tile_start": tile_start.astype(jnp.int32),
+                f"{kind}_tile_size": tile_size.astype(jnp.int32),
+                f"{kind}_tile_slot": tile_slot.astype(jnp.int32),
+                f"{kind}_num_tiles": seg_tiles_end[-1:].astype(jnp.int32),
+            }
+        )
     return meta
 
 
 # ------------------------------------------------------------------------------------------------
 # Kernel helpers
 # ------------------------------------------------------------------------------------------------
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -394,10 +445,15 @@ _WHERE = "pallas_kernels/sgmv.py"
 
 
 def _check_weights(fn, weights):
-    if (not isinstance(weights, tuple) or not weights
-            or any(not isinstance(w, int) or not 0 <= w < _NUM_WEIGHTS for w in weights)):
-        raise ConfigError(f"{_WHERE} {fn}: weights must be a non-empty tuple of weight indices "
-                          f"in [0, {_NUM_WEIGHTS}), got {weights!r}")
+    if (
+        not isinstance(weights, tuple)
+        or not weights
+        or any(not isinstance(w, int) or not 0 <= w < _NUM_WEIGHTS for w in weights)
+    ):
+        raise ConfigError(
+            f"{_WHERE} {fn}: weights must be a non-empty tuple of weight indices "
+            f"in [0, {_NUM_WEIGHTS}), got {weights!r}"
+        )
 
 
 def _check_pool(fn, name, pool):
@@ -408,32 +464,43 @@ def _check_pool(fn, name, pool):
 def _check_b_pools(fn, b_pools, g_count, like, like_name):
     """One B pool per weight of the group, each with the layers and rows per page of ``like``."""
     if len(b_pools) != g_count:
-        raise ConfigError(f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
-                          f"({g_count}), got {len(b_pools)}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
+            f"({g_count}), got {len(b_pools)}"
+        )
     for g, pool in enumerate(b_pools):
         _check_pool(fn, f"b_pools[{g}]", pool)
     num_layers, _, rows_per_page, _ = like.shape
     for g, pool in enumerate(b_pools):
         if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
-            raise ConfigError(f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
-                              f"L={num_layers} layers and R={rows_per_page} rows per page like "
-                              f"{like_name}")
+            raise ConfigError(
+                f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
+                f"L={num_layers} layers and R={rows_per_page} rows per page like "
+                f"{like_name}"
+            )
 
 
 def _check_slot_tables(fn, pages_name, pages, ranks, token_slot, num_tokens, scales=None):
     if pages.ndim != 3 or pages.shape[1] != _NUM_WEIGHTS:
-        raise ConfigError(f"{_WHERE} {fn}: {pages_name} must be (S, {_NUM_WEIGHTS}, MP), "
-                          f"got shape {pages.shape}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: {pages_name} must be (S, {_NUM_WEIGHTS}, MP), got shape {pages.shape}"
+        )
     s = pages.shape[0]
     if ranks.shape != (s, _NUM_WEIGHTS):
-        raise ConfigError(f"{_WHERE} {fn}: ranks must be (S, {_NUM_WEIGHTS}) = "
-                          f"{(s, _NUM_WEIGHTS)}, got shape {ranks.shape}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: ranks must be (S, {_NUM_WEIGHTS}) = "
+            f"{(s, _NUM_WEIGHTS)}, got shape {ranks.shape}"
+        )
     if scales is not None and scales.shape != (s, _NUM_WEIGHTS):
-        raise ConfigError(f"{_WHERE} {fn}: scales must be (S, {_NUM_WEIGHTS}) = "
-                          f"{(s, _NUM_WEIGHTS)}, got shape {scales.shape}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: scales must be (S, {_NUM_WEIGHTS}) = "
+            f"{(s, _NUM_WEIGHTS)}, got shape {scales.shape}"
+        )
     if token_slot.shape != (num_tokens,):
-        raise ConfigError(f"{_WHERE} {fn}: token_slot must be (T,) = ({num_tokens},), "
-                          f"got shape {token_slot.shape}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: token_slot must be (T,) = ({num_tokens},), "
+            f"got shape {token_slot.shape}"
+        )
     for name, arr in ((pages_name, pages), ("ranks", ranks), ("token_slot", token_slot)):
         if not jnp.issubdtype(arr.dtype, jnp.integer):
             raise ConfigError(f"{_WHERE} {fn}: {name} must be int32, got {arr.dtype}")
@@ -441,20 +508,26 @@ def _check_slot_tables(fn, pages_name, pages, ranks, token_slot, num_tokens, sca
 
 def _check_meta(fn, meta, num_tokens, num_slots, config):
     expected = {"sorted_tokens": (num_tokens,)}
-    for kind, bt in (("shrink", config.shrink_block_tokens),
-                     ("expand", config.expand_block_tokens)):
+    for kind, bt in (
+        ("shrink", config.shrink_block_tokens),
+        ("expand", config.expand_block_tokens),
+    ):
         nt = num_tiles_bound(num_tokens, num_slots, bt)
         expected.update({f"{kind}_tile_{f}": (nt,) for f in _TILE_FIELDS})
         expected[f"{kind}_num_tiles"] = (1,)
     if set(meta) != set(_META_KEYS):
-        raise ConfigError(f"{_WHERE} {fn}: kernel_meta must have the keys {list(_META_KEYS)} "
-                          f"(build_sgmv_metadata), got {sorted(meta)}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: kernel_meta must have the keys {list(_META_KEYS)} "
+            f"(build_sgmv_metadata), got {sorted(meta)}"
+        )
     for key, shape in expected.items():
         if tuple(meta[key].shape) != shape:
-            raise ConfigError(f"{_WHERE} {fn}: kernel_meta[{key!r}] must have shape {shape} "
-                              f"(T={num_tokens}, S={num_slots}, shrink_block_tokens="
-                              f"{config.shrink_block_tokens}, expand_block_tokens="
-                              f"{config.expand_block_tokens}), got {tuple(meta[key].shape)}")
+            raise ConfigError(
+                f"{_WHERE} {fn}: kernel_meta[{key!r}] must have shape {shape} "
+                f"(T={num_tokens}, S={num_slots}, shrink_block_tokens="
+                f"{config.shrink_block_tokens}, expand_block_tokens="
+                f"{config.expand_block_tokens}), got {tuple(meta[key].shape)}"
+            )
 
 
 def _prefill_meta(fn, kind, kernel_meta, token_slot, num_slots, config):
@@ -471,6 +544,7 @@ def _prefill_meta(fn, kind, kernel_meta, token_slot, num_slots, config):
 # ------------------------------------------------------------------------------------------------
 # shrink
 # ------------------------------------------------------------------------------------------------
+
 
 def _shrink_max_split(config, num_tokens, n_blocks, k_blocks):
     """The largest split of the input width a launch may use: what the fewest tiles T can make
@@ -554,8 +628,20 @@ def _prefill_shrink_kernel(
     used_ref,  # (1,) int32 tiles in use (they come first)
     *rest,  # [(T, G*MP*R) float32 zeros, aliased to v_ref, when max_split > 1]
     # outputs: rest[-1] = v_ref (T, G*MP*R) float32
-    weights, rank_cols, pages_per_pool, rows_per_page, max_pages, bt, bn, bk, n_blocks, k_blocks,
-    max_split, target, dtype, interpret,
+    weights,
+    rank_cols,
+    pages_per_pool,
+    rows_per_page,
+    max_pages,
+    bt,
+    bn,
+    bk,
+    n_blocks,
+    k_blocks,
+    max_split,
+    target,
+    dtype,
+    interpret,
 ):
     v_ref = rest[-1]
     num_tokens, width = x_ref.shape
@@ -578,8 +664,9 @@ def _prefill_shrink_kernel(
         start = start_ref[tile]
         i = jnp.arange(bt, dtype=jnp.int32)
         row_ok = i < size
-        tok = pltriton.load(order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)],
-                            mask=row_ok, other=0)
+        tok = pltriton.load(
+            order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)], mask=row_ok, other=0
+        )
         n = nb * bn + jnp.arange(bn, dtype=jnp.int32)
         col_ok = n < columns
         c = n % rank_cols
@@ -588,8 +675,16 @@ def _prefill_shrink_kernel(
         rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
         live = col_ok & (c < rank)
         layer = _layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
-        a_row = _pool_rows(pages_ref, slot_c, w, c, layer, pages_per_pool=pages_per_pool,
-                           rows_per_page=rows_per_page, max_pages=max_pages)
+        a_row = _pool_rows(
+            pages_ref,
+            slot_c,
+            w,
+            c,
+            layer,
+            pages_per_pool=pages_per_pool,
+            rows_per_page=rows_per_page,
+            max_pages=max_pages,
+        )
         tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
         a_i = _idx(a_row, live, pool_ref.shape[0], interpret)[:, None]
         out_mask = row_ok[:, None] & col_ok[None, :]
@@ -619,6 +714,7 @@ def _prefill_shrink_kernel(
             if max_split == 1:
                 pltriton.store(v_ref.at[out_idx], acc, mask=out_mask)
             else:
+
                 @pl.when(split == 1)
                 def _store():
                     pltriton.store(v_ref.at[out_idx], acc, mask=out_mask)
@@ -632,8 +728,7 @@ def _prefill_shrink_kernel(
             # write their zeros here (when a split is possible, v starts zeroed instead).
             @pl.when(jnp.logical_not(any_live))
             def _zeros():
-                pltriton.store(v_ref.at[out_idx], jnp.zeros((bt, bn), jnp.float32),
-                               mask=out_mask)
+                pltriton.store(v_ref.at[out_idx], jnp.zeros((bt, bn), jnp.float32), mask=out_mask)
 
 
 def _token_and_rows(x_ref, pool_ref, t, row_i, row_ok, kb, bk, interpret):
@@ -645,8 +740,9 @@ def _token_and_rows(x_ref, pool_ref, t, row_i, row_ok, kb, bk, interpret):
         k_ok = k < width
         k_i = _idx(k, k_ok, width, interpret)
         xk = pltriton.load(x_ref.at[t, k_i], mask=k_ok, other=0)
-        rows = pltriton.load(pool_ref.at[row_i, k_i[None, :]],
-                             mask=row_ok[:, None] & k_ok[None, :], other=0)
+        rows = pltriton.load(
+            pool_ref.at[row_i, k_i[None, :]], mask=row_ok[:, None] & k_ok[None, :], other=0
+        )
     else:
         xk = x_ref[t, k]
         rows = pltriton.load(pool_ref.at[row_i, k[None, :]], mask=row_ok[:, None], other=0)
@@ -663,7 +759,15 @@ def _decode_shrink_kernel(
     slot_ref,  # (T,) int32 each token's slot, -1 = no adapter
     # outputs
     v_ref,  # (T, G*MP*R) float32
-    *, weights, rank_cols, pages_per_pool, rows_per_page, max_pages, rows, bk, interpret,
+    *,
+    weights,
+    rank_cols,
+    pages_per_pool,
+    rows_per_page,
+    max_pages,
+    rows,
+    bk,
+    interpret,
 ):
     _, width = x_ref.shape
     columns = len(weights) * rank_cols
@@ -677,8 +781,16 @@ def _decode_shrink_kernel(
     rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
     live = col_ok & (c < rank)
     layer = _layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
-    a_row = _pool_rows(pages_ref, slot_c, w, c, layer, pages_per_pool=pages_per_pool,
-                       rows_per_page=rows_per_page, max_pages=max_pages)
+    a_row = _pool_rows(
+        pages_ref,
+        slot_c,
+        w,
+        c,
+        layer,
+        pages_per_pool=pages_per_pool,
+        rows_per_page=rows_per_page,
+        max_pages=max_pages,
+    )
     a_i = _idx(a_row, live, pool_ref.shape[0], interpret)[:, None]
     out_i = _idx(n, col_ok, columns, interpret)
     any_live = jnp.sum(live.astype(jnp.int32)) > 0
@@ -717,8 +829,9 @@ def sgmv_shrink(
     _check_weights(fn, weights)
     _check_pool(fn, "a_pool", a_pool)
     if x.ndim != 2 or x.shape[1] != a_pool.shape[3]:
-        raise ConfigError(f"{_WHERE} {fn}: x must be (T, {a_pool.shape[3]}) (a_pool's width), "
-                          f"got shape {x.shape}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: x must be (T, {a_pool.shape[3]}) (a_pool's width), got shape {x.shape}"
+        )
     num_tokens, width = x.shape
     _check_slot_tables(fn, "a_pages", a_pages, ranks, token_slot, num_tokens)
     num_layers, pages_per_pool, rows_per_page, _ = a_pool.shape
@@ -733,21 +846,32 @@ def sgmv_shrink(
     a_pages = a_pages.astype(jnp.int32)
     ranks = ranks.astype(jnp.int32)
     token_slot = token_slot.astype(jnp.int32)
-    statics = dict(weights=weights, rank_cols=rank_cols, pages_per_pool=pages_per_pool,
-                   rows_per_page=rows_per_page, max_pages=max_pages, interpret=interpret)
+    statics = dict(
+        weights=weights,
+        rank_cols=rank_cols,
+        pages_per_pool=pages_per_pool,
+        rows_per_page=rows_per_page,
+        max_pages=max_pages,
+        interpret=interpret,
+    )
     out_shape = jax.ShapeDtypeStruct((num_tokens, columns), jnp.float32)
 
     if config.regime(num_tokens, "shrink") == "decode":
         rows = _decode_shrink_rows(config, num_tokens, columns)
         bk = min(config.decode_block_k, _next_pow2(width))
-        name = (f"sgmv_shrink_decode_rows{rows}_bk{bk}_w{config.decode_shrink_num_warps}"
-                f"_s{config.decode_shrink_num_stages}")
+        name = (
+            f"sgmv_shrink_decode_rows{rows}_bk{bk}_w{config.decode_shrink_num_warps}"
+            f"_s{config.decode_shrink_num_stages}"
+        )
         v = pl.pallas_call(
             functools.partial(_decode_shrink_kernel, rows=rows, bk=bk, **statics),
-            out_shape=out_shape, grid=(_cdiv(columns, rows), num_tokens),
-            compiler_params=_compiler_params(config.decode_shrink_num_warps,
-                                             config.decode_shrink_num_stages),
-            interpret=interpret, name=name,
+            out_shape=out_shape,
+            grid=(_cdiv(columns, rows), num_tokens),
+            compiler_params=_compiler_params(
+                config.decode_shrink_num_warps, config.decode_shrink_num_stages
+            ),
+            interpret=interpret,
+            name=name,
         )(x, pool_rows, a_pages, ranks, layer1, token_slot)
         return v.reshape(num_tokens, g_count, rank_cols)
 
@@ -761,24 +885,39 @@ def sgmv_shrink(
     max_split = _shrink_max_split(config, num_tokens, n_blocks, k_blocks)
     target = config.shrink_waves * config.target_programs
     used = np.arange(1, num_tiles + 1)
-    programs = int(np.max(used * n_blocks * _shrink_split(used, n_blocks, max_split, target,
-                                                          np.where)))
+    programs = int(
+        np.max(used * n_blocks * _shrink_split(used, n_blocks, max_split, target, np.where))
+    )
     dtype = _compute_dtype(x.dtype, a_pool.dtype)
-    name = (f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{max_split}"
-            f"_w{config.shrink_num_warps}_s{config.shrink_num_stages}")
+    name = (
+        f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{max_split}"
+        f"_w{config.shrink_num_warps}_s{config.shrink_num_stages}"
+    )
     kernel = functools.partial(
-        _prefill_shrink_kernel, bt=bt, bn=bn, bk=bk, n_blocks=n_blocks, k_blocks=k_blocks,
-        max_split=max_split, target=target, dtype=dtype, **statics)
+        _prefill_shrink_kernel,
+        bt=bt,
+        bn=bn,
+        bk=bk,
+        n_blocks=n_blocks,
+        k_blocks=k_blocks,
+        max_split=max_split,
+        target=target,
+        dtype=dtype,
+        **statics,
+    )
     args = [x, pool_rows, a_pages, ranks, layer1, *meta]
     aliases = {}
     if max_split > 1:
         args.append(jnp.zeros((num_tokens, columns), jnp.float32))
         aliases = {len(args) - 1: 0}
     v = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(programs,),
+        kernel,
+        out_shape=out_shape,
+        grid=(programs,),
         input_output_aliases=aliases,
         compiler_params=_compiler_params(config.shrink_num_warps, config.shrink_num_stages),
-        interpret=interpret, name=name,
+        interpret=interpret,
+        name=name,
     )(*args)
     return v.reshape(num_tokens, g_count, rank_cols)
 
@@ -786,6 +925,7 @@ def sgmv_shrink(
 # ------------------------------------------------------------------------------------------------
 # expand
 # ------------------------------------------------------------------------------------------------
+
 
 def _group_of_block(block, block_starts):
     """Static per-group column-block ranges: yields (g, block index inside group g, condition)."""
@@ -803,13 +943,37 @@ def _prefill_expand_kernel(
     # then pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), sorted tokens
     # (T,), tile starts / sizes / slots (NT,) each, tiles in use (1,), all int32 but scales
     # outputs: refs[-1] = y_ref (T, sum of out widths)
-    weights, widths, col_offsets, blocks, step_choices, col_programs, target, rank_cols,
-    pages_per_pool, rows_per_page, max_pages, bt, bn, rank_pad, dtypes, interpret,
+    weights,
+    widths,
+    col_offsets,
+    blocks,
+    step_choices,
+    col_programs,
+    target,
+    rank_cols,
+    pages_per_pool,
+    rows_per_page,
+    max_pages,
+    bt,
+    bn,
+    rank_pad,
+    dtypes,
+    interpret,
 ):
     g_count = len(weights)
     pool_refs = refs[:g_count]
-    (pages_ref, ranks_ref, scales_ref, layer_ref, order_ref, start_ref, size_ref, tslot_ref,
-     used_ref, y_ref) = refs[g_count:]
+    (
+        pages_ref,
+        ranks_ref,
+        scales_ref,
+        layer_ref,
+        order_ref,
+        start_ref,
+        size_ref,
+        tslot_ref,
+        used_ref,
+        y_ref,
+    ) = refs[g_count:]
     del y_in_ref  # aliased to y_ref
     num_tokens, y_cols = y_ref.shape
     v_cols = v_ref.shape[1]
@@ -847,7 +1011,9 @@ def _prefill_expand_kernel(
                     row_ok = i < size
                     tok = pltriton.load(
                         order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)],
-                        mask=row_ok, other=0)
+                        mask=row_ok,
+                        other=0,
+                    )
                     tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
                     layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
                     # The tile's v (all its rank columns) once; rows beyond the rank are masked
@@ -855,20 +1021,28 @@ def _prefill_expand_kernel(
                     # read.
                     j = jnp.arange(rank_pad, dtype=jnp.int32)
                     j_ok = j < rank
-                    b_row = _pool_rows(pages_ref, slot_c, w, j, layer,
-                                       pages_per_pool=pages_per_pool[g],
-                                       rows_per_page=rows_per_page, max_pages=max_pages)
+                    b_row = _pool_rows(
+                        pages_ref,
+                        slot_c,
+                        w,
+                        j,
+                        layer,
+                        pages_per_pool=pages_per_pool[g],
+                        rows_per_page=rows_per_page,
+                        max_pages=max_pages,
+                    )
                     b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
                     v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
-                    vt = pltriton.load(v_ref.at[tok_i, v_i],
-                                       mask=row_ok[:, None] & j_ok[None, :],
-                                       other=0.0).astype(dtype)
+                    vt = pltriton.load(
+                        v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :], other=0.0
+                    ).astype(dtype)
                     first = (prog_all - starts[g]) * steps
                     ragged = width % bn != 0
 
                     def body(step, carry):
                         cols = pl.multiple_of((first + step) * bn, bn) + jnp.arange(
-                            bn, dtype=jnp.int32)
+                            bn, dtype=jnp.int32
+                        )
                         if ragged:
                             col_ok = cols < width
                             cols_i = _idx(cols, col_ok, width, interpret)[None, :]
@@ -879,8 +1053,9 @@ def _prefill_expand_kernel(
                             cols_i = cols[None, :]
                             b_mask, y_mask = j_ok[:, None], row_ok[:, None]
                             y_c = (col_offsets[g] + cols)[None, :]
-                        bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask,
-                                            other=0).astype(dtype)
+                        bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0).astype(
+                            dtype
+                        )
                         yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
                         delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
                         out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
@@ -899,8 +1074,17 @@ def _decode_expand_kernel(
     # then pages (S, 7, MP) int32, ranks (S, 7) int32, scales (S, 7) float32, layer (1,) int32,
     # token slots (T,) int32
     # outputs: refs[-1] = y_ref (T, sum of out widths)
-    weights, widths, col_offsets, block_starts, rank_cols, pages_per_pool, rows_per_page,
-    max_pages, bn, chunk, interpret,
+    weights,
+    widths,
+    col_offsets,
+    block_starts,
+    rank_cols,
+    pages_per_pool,
+    rows_per_page,
+    max_pages,
+    bn,
+    chunk,
+    interpret,
 ):
     g_count = len(weights)
     pool_refs = refs[:g_count]
@@ -932,30 +1116,43 @@ def _decode_expand_kernel(
                 def body(step, acc):
                     j = step * chunk + jnp.arange(chunk, dtype=jnp.int32)
                     j_ok = j < rank
-                    b_row = _pool_rows(pages_ref, slot_c, w, j, layer,
-                                       pages_per_pool=pages_per_pool[g],
-                                       rows_per_page=rows_per_page, max_pages=max_pages)
+                    b_row = _pool_rows(
+                        pages_ref,
+                        slot_c,
+                        w,
+                        j,
+                        layer,
+                        pages_per_pool=pages_per_pool[g],
+                        rows_per_page=rows_per_page,
+                        max_pages=max_pages,
+                    )
                     b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
-                    vj = pltriton.load(v_ref.at[t, _idx(g * rank_cols + j, j_ok, v_cols,
-                                                        interpret)],
-                                       mask=j_ok, other=0.0)
+                    vj = pltriton.load(
+                        v_ref.at[t, _idx(g * rank_cols + j, j_ok, v_cols, interpret)],
+                        mask=j_ok,
+                        other=0.0,
+                    )
                     b_mask = j_ok[:, None] & col_ok[None, :] if width % bn else j_ok[:, None]
                     bj = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0)
                     return acc + jnp.sum(vj[:, None] * bj.astype(jnp.float32), axis=0)
 
-                acc = jax.lax.fori_loop(0, (rank + chunk - 1) // chunk, body,
-                                        jnp.zeros((bn,), jnp.float32))
+                acc = jax.lax.fori_loop(
+                    0, (rank + chunk - 1) // chunk, body, jnp.zeros((bn,), jnp.float32)
+                )
                 y_i = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)
                 y_mask = col_ok if width % bn else None
                 if y_mask is None:
                     yt = y_ref[t, y_i]
-                    pltriton.store(y_ref.at[t, y_i],
-                                   (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype))
+                    pltriton.store(
+                        y_ref.at[t, y_i], (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype)
+                    )
                 else:
                     yt = pltriton.load(y_ref.at[t, y_i], mask=y_mask, other=0)
-                    pltriton.store(y_ref.at[t, y_i],
-                                   (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype),
-                                   mask=y_mask)
+                    pltriton.store(
+                        y_ref.at[t, y_i],
+                        (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype),
+                        mask=y_mask,
+                    )
 
 
 def sgmv_expand(
@@ -985,46 +1182,66 @@ def sgmv_expand(
     num_layers, _, rows_per_page, _ = b_pools[0].shape
     widths = tuple(int(p.shape[3]) for p in b_pools)
     if y.ndim != 2 or y.shape[1] != sum(widths):
-        raise ConfigError(f"{_WHERE} {fn}: y must be (T, {sum(widths)}) (the group's widths "
-                          f"{widths} side by side), got shape {y.shape}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: y must be (T, {sum(widths)}) (the group's widths "
+            f"{widths} side by side), got shape {y.shape}"
+        )
     num_tokens = y.shape[0]
     _check_slot_tables(fn, "b_pages", b_pages, ranks, token_slot, num_tokens, scales)
     num_slots, _, max_pages = b_pages.shape
     rank_cols = max_pages * rows_per_page
     if v.shape != (num_tokens, g_count, rank_cols):
-        raise ConfigError(f"{_WHERE} {fn}: v must be (T, G, MP*R) = "
-                          f"{(num_tokens, g_count, rank_cols)}, got shape {v.shape}")
+        raise ConfigError(
+            f"{_WHERE} {fn}: v must be (T, G, MP*R) = "
+            f"{(num_tokens, g_count, rank_cols)}, got shape {v.shape}"
+        )
     if num_tokens == 0:
         return y
     pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)
     layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
     v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
     col_offsets = tuple(int(o) for o in np.cumsum((0,) + widths[:-1]))
-    statics = dict(weights=weights, widths=widths, col_offsets=col_offsets,
-                   rank_cols=rank_cols, pages_per_pool=tuple(int(p.shape[1]) for p in b_pools),
-                   rows_per_page=rows_per_page, max_pages=max_pages, interpret=interpret)
-    tables = (b_pages.astype(jnp.int32), ranks.astype(jnp.int32), scales.astype(jnp.float32),
-              layer1)
+    statics = dict(
+        weights=weights,
+        widths=widths,
+        col_offsets=col_offsets,
+        rank_cols=rank_cols,
+        pages_per_pool=tuple(int(p.shape[1]) for p in b_pools),
+        rows_per_page=rows_per_page,
+        max_pages=max_pages,
+        interpret=interpret,
+    )
+    tables = (
+        b_pages.astype(jnp.int32),
+        ranks.astype(jnp.int32),
+        scales.astype(jnp.float32),
+        layer1,
+    )
     out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype)
 
     if config.regime(num_tokens) == "decode":
         bn = min(config.decode_expand_block_n, _next_pow2(max(widths)))
         chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
         block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
-        name = (f"sgmv_expand_decode_bn{bn}_rc{chunk}_w{config.decode_expand_num_warps}"
-                f"_s{config.decode_expand_num_stages}")
+        name = (
+            f"sgmv_expand_decode_bn{bn}_rc{chunk}_w{config.decode_expand_num_warps}"
+            f"_s{config.decode_expand_num_stages}"
+        )
         return pl.pallas_call(
-            functools.partial(_decode_expand_kernel, block_starts=block_starts, bn=bn,
-                              chunk=chunk, **statics),
-            out_shape=out_shape, grid=(block_starts[-1], num_tokens),
+            functools.partial(
+                _decode_expand_kernel, block_starts=block_starts, bn=bn, chunk=chunk, **statics
+            ),
+            out_shape=out_shape,
+            grid=(block_starts[-1], num_tokens),
             input_output_aliases={0: 0},
-            compiler_params=_compiler_params(config.decode_expand_num_warps,
-                                             config.decode_expand_num_stages),
-            interpret=interpret, name=name,
+            compiler_params=_compiler_params(
+                config.decode_expand_num_warps, config.decode_expand_num_stages
+            ),
+            interpret=interpret,
+            name=name,
         )(y, v2, *pool_rows, *tables, token_slot.astype(jnp.int32))
 
-    meta = _prefill_meta(fn, "expand", kernel_meta, token_slot.astype(jnp.int32), num_slots,
-                         config)
+    meta = _prefill_meta(fn, "expand", kernel_meta, token_slot.astype(jnp.int32), num_slots, config)
     num_tiles = meta[1].shape[0]
     bt = config.expand_block_tokens
     bn = max(16, min(config.expand_block_n, _next_pow2(max(widths))))
@@ -1032,30 +1249,45 @@ def sgmv_expand(
     max_steps = _expand_col_steps(config, blocks)
     step_choices = tuple(1 << i for i in range(max_steps.bit_length()))
     # col_programs[i]: cumulative column programs of the group's weights at step_choices[i].
-    col_programs = tuple(tuple(int(c) for c in np.cumsum([0] + [_cdiv(b, s) for b in blocks]))
-                         for s in step_choices)
+    col_programs = tuple(
+        tuple(int(c) for c in np.cumsum([0] + [_cdiv(b, s) for b in blocks])) for s in step_choices
+    )
     target = config.expand_waves * config.target_programs
     used = np.arange(1, num_tiles + 1)
     choice = _expand_run_choice(used, col_programs, target, np.where)
     programs = int(np.max(used * np.asarray([cp[-1] for cp in col_programs])[choice]))
     rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
-    name = (f"sgmv_expand_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
-            f"_s{config.expand_num_stages}")
+    name = (
+        f"sgmv_expand_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
+        f"_s{config.expand_num_stages}"
+    )
     return pl.pallas_call(
-        functools.partial(_prefill_expand_kernel, blocks=blocks, step_choices=step_choices,
-                          col_programs=col_programs, target=target, bt=bt, bn=bn,
-                          rank_pad=rank_pad, dtypes=dtypes, **statics),
-        out_shape=out_shape, grid=(programs,),
+        functools.partial(
+            _prefill_expand_kernel,
+            blocks=blocks,
+            step_choices=step_choices,
+            col_programs=col_programs,
+            target=target,
+            bt=bt,
+            bn=bn,
+            rank_pad=rank_pad,
+            dtypes=dtypes,
+            **statics,
+        ),
+        out_shape=out_shape,
+        grid=(programs,),
         input_output_aliases={0: 0},
         compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),
-        interpret=interpret, name=name,
+        interpret=interpret,
+        name=name,
     )(y, v2, *pool_rows, *tables, *meta)
 
 
 # ------------------------------------------------------------------------------------------------
 # shrink + expand of one module group: fused into one launch for decode
 # ------------------------------------------------------------------------------------------------
+
 
 def sgmv_apply_reference(
     # inputs
@@ -1073,8 +1305,9 @@ def sgmv_apply_reference(
     weights: tuple[int, ...],
 ) -> jax.Array:  # (T, sum of out widths), y's dtype
     v = sgmv_shrink_reference(x, a_pool, a_pages, ranks, token_slot, layer, weights=weights)
-    return sgmv_expand_reference(y, v, b_pools, b_pages, ranks, scales, token_slot, layer,
-                                 weights=weights)
+    return sgmv_expand_reference(
+        y, v, b_pools, b_pages, ranks, scales, token_slot, layer, weights=weights
+    )
 
 
 def sgmv_apply(
@@ -1101,15 +1334,43 @@ def sgmv_apply(
     (A single-launch variant, each program recomputing its token's v for its block of y columns,
     was measured slower at every decode size: docs/BENCHMARKS.md, "Fifth session".)
     """
-    v = sgmv_shrink(x, a_pool, a_pages, ranks, token_slot, layer, weights=weights,
-                    kernel_meta=kernel_meta, config=config, interpret=interpret)
-    return sgmv_expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer, weights=weights,
-                       kernel_meta=kernel_meta, config=config, interpret=interpret)
+    v = sgmv_shrink(
+        x,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        layer,
+        weights=weights,
+        kernel_meta=kernel_meta,
+        config=config,
+        interpret=interpret,
+    )
+    return sgmv_expand(
+        y,
+        v,
+        b_pools,
+        b_pages,
+        ranks,
+        scales,
+        token_slot,
+        layer,
+        weights=weights,
+        kernel_meta=kernel_meta,
+        config=config,
+        interpret=interpret,
+    )
 
 
 __all__ = [
-    "SgmvConfig", "build_sgmv_metadata", "build_sgmv_metadata_jnp", "num_tiles_bound",
-    "sgmv_apply", "sgmv_apply_reference", "sgmv_expand", "sgmv_expand_reference", "sgmv_shrink",
+    "SgmvConfig",
+    "build_sgmv_metadata",
+    "build_sgmv_metadata_jnp",
+    "num_tiles_bound",
+    "sgmv_apply",
+    "sgmv_apply_reference",
+    "sgmv_expand",
+    "sgmv_expand_reference",
+    "sgmv_shrink",
     "sgmv_shrink_reference",
 ]
-

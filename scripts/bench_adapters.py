@@ -28,8 +28,11 @@ flags.DEFINE_integer("rank", 16, "adapter rank (all 7 modules)")
 flags.DEFINE_integer("adapters", 8, "adapters cold-loaded one at a time, then in one batch")
 flags.DEFINE_integer("steps", 40, "stand-in decode steps timed with and without copies in flight")
 flags.DEFINE_integer("max_in_flight_mb", 1024, "manager: copy bytes in flight at once")
-flags.DEFINE_list("host_memory_kinds", ["pinned_host", "numpy"],
-                  "where host weights live: pinned_host (jax memory kind) and/or numpy")
+flags.DEFINE_list(
+    "host_memory_kinds",
+    ["pinned_host", "numpy"],
+    "where host weights live: pinned_host (jax memory kind) and/or numpy",
+)
 flags.DEFINE_integer("register", 2000, "adapters to register (0: skip)")
 flags.DEFINE_string("json_out", "", "results (default: $OUT/adapters.json or ./adapters.json)")
 
@@ -39,10 +42,12 @@ TARGET_SHARE = 0.5
 def summary(result: dict) -> list[str]:
     transfer = result["transfer"]
     ceiling = transfer["pinned_to_device_GBps"]
-    lines = [f"device {result['device']}, {result['model']} rank {result['rank']}, "
-             f"adapter {transfer['bytes'] / 1e6:.1f} MB (bf16, all 7 modules)",
-             f"host->device ceiling (pinned_host -> device, best of 5): {ceiling:.1f} GB/s; "
-             f"pageable numpy -> device {transfer['numpy_to_device_GBps']:.1f} GB/s"]
+    lines = [
+        f"device {result['device']}, {result['model']} rank {result['rank']}, "
+        f"adapter {transfer['bytes'] / 1e6:.1f} MB (bf16, all 7 modules)",
+        f"host->device ceiling (pinned_host -> device, best of 5): {ceiling:.1f} GB/s; "
+        f"pageable numpy -> device {transfer['numpy_to_device_GBps']:.1f} GB/s",
+    ]
     for key in sorted(k for k in result if k.startswith("manager_")):
         m = result[key]
         cold = sorted(m["cold_acquire_to_ready_ms"])
@@ -53,22 +58,30 @@ def summary(result: dict) -> list[str]:
             f"({m['cold_GBps_median']:.1f} GB/s = {100 * share:.0f}% of the ceiling; target "
             f">= {100 * TARGET_SHARE:.0f}%: {verdict}); batched "
             f"{m['batched_GBps']:.1f} GB/s; stand-in step {m['step_ms_no_copies_median']:.2f} ms "
-            f"quiet vs {m['step_ms_with_copies_median']:.2f} ms with copies in flight")
+            f"quiet vs {m['step_ms_with_copies_median']:.2f} ms with copies in flight"
+        )
     reg = result.get("registration")
     if reg:
-        lines.append(f"registration: {reg['adapters']} adapters in {reg['register_s']:.2f} s "
-                     f"({reg['register_ms_each']:.2f} ms each); host memory per adapter: "
-                     f"{reg['registry_bytes_each'] / 1e3:.1f} kB registered, "
-                     f"{reg['resident_host_bytes_each'] / 1e6:.1f} MB with weights in RAM")
+        lines.append(
+            f"registration: {reg['adapters']} adapters in {reg['register_s']:.2f} s "
+            f"({reg['register_ms_each']:.2f} ms each); host memory per adapter: "
+            f"{reg['registry_bytes_each'] / 1e3:.1f} kB registered, "
+            f"{reg['resident_host_bytes_each'] / 1e6:.1f} MB with weights in RAM"
+        )
     return lines
 
 
 def main(argv):
     del argv
-    result = bench.run(model=FLAGS.model, rank=FLAGS.rank, adapters=FLAGS.adapters,
-                       steps=FLAGS.steps, max_in_flight_mb=FLAGS.max_in_flight_mb,
-                       host_memory_kinds=tuple(FLAGS.host_memory_kinds),
-                       register_count=FLAGS.register)
+    result = bench.run(
+        model=FLAGS.model,
+        rank=FLAGS.rank,
+        adapters=FLAGS.adapters,
+        steps=FLAGS.steps,
+        max_in_flight_mb=FLAGS.max_in_flight_mb,
+        host_memory_kinds=tuple(FLAGS.host_memory_kinds),
+        register_count=FLAGS.register,
+    )
     result["summary"] = summary(result)
     path = FLAGS.json_out or os.path.join(os.environ.get("OUT", "."), "adapters.json")
     with open(path, "w") as f:

@@ -46,8 +46,11 @@ flags.DEFINE_list("tokens", ["1", "16", "64", "256", "1024", "4096"], "T values"
 flags.DEFINE_list("outs", ["4096", "3x4096", "11008"], "output groups: WIDTH or GxWIDTH")
 flags.DEFINE_list("ranks", ["8", "16", "64"], "adapter ranks")
 flags.DEFINE_list("workloads", ["identical", "uniform", "skewed", "distinct"], "workloads")
-flags.DEFINE_list("impls", ["sgmv", "gather_einsum", "ragged_dot"],
-                  "implementations; 'sgmv:NAME' is sgmv with --variants[NAME]")
+flags.DEFINE_list(
+    "impls",
+    ["sgmv", "gather_einsum", "ragged_dot"],
+    "implementations; 'sgmv:NAME' is sgmv with --variants[NAME]",
+)
 flags.DEFINE_string("variants", "{}", "JSON {name: {SgmvConfig field: value}} for 'sgmv:NAME'")
 flags.DEFINE_integer("hidden", 4096, "input width")
 flags.DEFINE_integer("rows_per_page", 16, "rank-rows per page")
@@ -67,6 +70,7 @@ FLUSH_NAME = "l2_flush"
 # ------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------
+
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def fill(shape, dtype, seed, scale):
@@ -96,8 +100,9 @@ def parse_group(text: str) -> Group:
     else:
         g, w = 1, int(text)
     # Labels only: q|k|v for a group of three, o_proj / gate_proj for one.
-    weights = (0, 1, 2)[:g] if g == 3 else tuple(range(g)) if g > 1 else ((3,) if w == 4096
-                                                                         else (4,))
+    weights = (
+        (0, 1, 2)[:g] if g == 3 else tuple(range(g)) if g > 1 else ((3,) if w == 4096 else (4,))
+    )
     return Group(text, weights, (w,) * g)
 
 
@@ -106,20 +111,30 @@ def fill_pool(shape, seed, scale):
     wrong on the GPU), each piece its own seed."""
     layers, pages, rows, width = shape
     step = max(1, (1 << 30) // (rows * width))
-    pieces = [fill((1, min(step, pages - p), rows, width), jnp.bfloat16, seed * 1000 + 17 * l + i,
-                   scale)
-              for l in range(layers) for i, p in enumerate(range(0, pages, step))]
+    pieces = [
+        fill((1, min(step, pages - p), rows, width), jnp.bfloat16, seed * 1000 + 17 * l + i, scale)
+        for l in range(layers)
+        for i, p in enumerate(range(0, pages, step))
+    ]
     per_layer = -(-pages // step)
-    return jnp.concatenate([jnp.concatenate(pieces[l * per_layer:(l + 1) * per_layer], axis=1)
-                            for l in range(layers)], axis=0)
+    return jnp.concatenate(
+        [
+            jnp.concatenate(pieces[l * per_layer : (l + 1) * per_layer], axis=1)
+            for l in range(layers)
+        ],
+        axis=0,
+    )
 
 
 def describe(name, a):
     """Mean |value| and the fraction of zeros of the first and last pages: data sanity."""
     head = jnp.abs(a[:, :8].astype(jnp.float32)) if a.ndim == 4 else jnp.abs(a.astype(jnp.float32))
     tail = jnp.abs(a[:, -8:].astype(jnp.float32)) if a.ndim == 4 else head
-    print(f"  data {name}{tuple(a.shape)}: mean|.| head {float(head.mean()):.4g} tail "
-          f"{float(tail.mean()):.4g}, zeros {float((head == 0).mean()):.2g}", flush=True)
+    print(
+        f"  data {name}{tuple(a.shape)}: mean|.| head {float(head.mean()):.4g} tail "
+        f"{float(tail.mean()):.4g}, zeros {float((head == 0).mean()):.2g}",
+        flush=True,
+    )
 
 
 def make_pools(group: Group, rank: int, max_adapters: int) -> dict:
@@ -128,19 +143,22 @@ def make_pools(group: Group, rank: int, max_adapters: int) -> dict:
     mp = -(-rank // r_pp)
     g = len(group.widths)
     pages = max_adapters * g * mp
-    a_pool = fill_pool((FLAGS.num_layers, pages, r_pp, FLAGS.hidden), 1,
-                       float(np.sqrt(3.0 / FLAGS.hidden)))
+    a_pool = fill_pool(
+        (FLAGS.num_layers, pages, r_pp, FLAGS.hidden), 1, float(np.sqrt(3.0 / FLAGS.hidden))
+    )
     # Weights of equal width share one B pool (like the kv_heads pool); page ids never collide.
-    b_pool = fill_pool((FLAGS.num_layers, pages, r_pp, group.widths[0]), 2,
-                       float(np.sqrt(3.0 / rank)))
+    b_pool = fill_pool(
+        (FLAGS.num_layers, pages, r_pp, group.widths[0]), 2, float(np.sqrt(3.0 / rank))
+    )
     assert len(set(group.widths)) == 1
     describe("a_pool", a_pool)
     describe("b_pool", b_pool)
     return {"a_pool": a_pool, "b_pools": (b_pool,) * g}
 
 
-def make_workload(workload: str, num_tokens: int, group: Group, rank: int, pools: dict,
-                  rng: np.random.Generator) -> dict:
+def make_workload(
+    workload: str, num_tokens: int, group: Group, rank: int, pools: dict, rng: np.random.Generator
+) -> dict:
     n_adapters = num_tokens if workload == "distinct" else ADAPTERS[workload]
     if workload == "identical":
         slots = np.zeros(num_tokens, np.int64)
@@ -169,22 +187,44 @@ def make_workload(workload: str, num_tokens: int, group: Group, rank: int, pools
     h = FLAGS.hidden
     out = sum(group.widths)
     nbytes = 2 * (num_tokens * h + distinct * rank * (g * h + out) + 2 * num_tokens * out)
-    return dict(token_slot=token_slot, ranks=ranks, scales=scales, a_pages=a_pages,
-                b_pages=b_pages, num_slots=n_adapters, distinct=distinct, bytes=nbytes)
+    return dict(
+        token_slot=token_slot,
+        ranks=ranks,
+        scales=scales,
+        a_pages=a_pages,
+        b_pages=b_pages,
+        num_slots=n_adapters,
+        distinct=distinct,
+        bytes=nbytes,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # implementations: one shrink+expand step each
 # ------------------------------------------------------------------------------------------------
 
+
 def step_sgmv(config):
     """The group's LoRA through ``sgmv_apply`` (the model's entry point): shrink then expand."""
+
     def step(x, y, pools, tables, layer, weights):
-        return sgmv_apply(x, y, pools["a_pool"], pools["b_pools"], tables["a_pages"],
-                          tables["b_pages"], tables["ranks"], tables["scales"],
-                          tables["token_slot"], layer, weights=weights,
-                          kernel_meta=tables.get("meta"), config=config,
-                          interpret=FLAGS.interpret)
+        return sgmv_apply(
+            x,
+            y,
+            pools["a_pool"],
+            pools["b_pools"],
+            tables["a_pages"],
+            tables["b_pages"],
+            tables["ranks"],
+            tables["scales"],
+            tables["token_slot"],
+            layer,
+            weights=weights,
+            kernel_meta=tables.get("meta"),
+            config=config,
+            interpret=FLAGS.interpret,
+        )
+
     return step
 
 
@@ -247,6 +287,7 @@ def step_ragged_dot(x, y, pools, tables, layer, weights):
 # timing
 # ------------------------------------------------------------------------------------------------
 
+
 def _flush_kernel(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1.0
 
@@ -254,26 +295,32 @@ def _flush_kernel(x_ref, o_ref):
 def l2_flush(buf):
     block = 8192
     return pl.pallas_call(
-        _flush_kernel, out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+        _flush_kernel,
+        out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
         grid=(buf.shape[0] // block,),
         in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
         out_specs=pl.BlockSpec((block,), lambda i: (i,)),
-        input_output_aliases={0: 0}, interpret=FLAGS.interpret, name=FLUSH_NAME,
+        input_output_aliases={0: 0},
+        interpret=FLAGS.interpret,
+        name=FLUSH_NAME,
         compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
     )(buf)
 
 
 def make_timed(step, iters, weights):
     """iters dependent steps, each after an L2 flush; returns (y, flush buffer)."""
+
     def timed(y, flush_buf, x, pools, tables):
         for i in range(iters):
             flush_buf, y = jax.lax.optimization_barrier((flush_buf, y))
             flush_buf = l2_flush(flush_buf)
             layer = jnp.int32(i % FLAGS.num_layers)
             x_i, tables_i, layer, flush_buf = jax.lax.optimization_barrier(
-                (x, tables, layer, flush_buf))
+                (x, tables, layer, flush_buf)
+            )
             y = step(x_i, y, pools, tables_i, layer, weights)
         return y, flush_buf
+
     return jax.jit(timed, donate_argnums=(0, 1))
 
 
@@ -298,8 +345,9 @@ def kernel_breakdown(segs):
     counts = [len(s) for s in segs]
     usual = max(set(counts), key=counts.count)
     same = [s for s in segs if len(s) == usual]
-    return [(same[0][i][0][:60], float(np.median([s[i][2] for s in same])) / 1e3)
-            for i in range(usual)]
+    return [
+        (same[0][i][0][:60], float(np.median([s[i][2] for s in same])) / 1e3) for i in range(usual)
+    ]
 
 
 def seg_times(seg):
@@ -312,6 +360,7 @@ def seg_times(seg):
 # copy ceiling
 # ------------------------------------------------------------------------------------------------
 
+
 def _copy_kernel(x_ref, o_ref):
     o_ref[...] = x_ref[...]
 
@@ -320,12 +369,16 @@ def copy_methods():
     def pallas_copy(block, warps):
         def copy(x):
             return pl.pallas_call(
-                _copy_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                _copy_kernel,
+                out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
                 grid=(x.shape[0] // block,),
                 in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
                 out_specs=pl.BlockSpec((block,), lambda i: (i,)),
-                interpret=FLAGS.interpret, name=f"copy_pallas_{block}_{warps}",
-                compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1))(x)
+                interpret=FLAGS.interpret,
+                name=f"copy_pallas_{block}_{warps}",
+                compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
+            )(x)
+
         return copy
 
     return {
@@ -341,6 +394,7 @@ def measure_copy_bandwidth(flush_buf):
     x = fill((n,), jnp.float32, 7, 1.0)
     results = {}
     for name, fn in copy_methods().items():
+
         def timed(flush_buf, x, fn=fn):
             outs = [x]
             for _ in range(4):
@@ -350,6 +404,7 @@ def measure_copy_bandwidth(flush_buf):
                 x_i, flush_buf = jax.lax.optimization_barrier((x, flush_buf))
                 outs.append(fn(x_i))
             return flush_buf, outs[1:]  # every output whole: XLA may not skip any copy
+
         f = jax.jit(timed, donate_argnums=(0,))
         flush_buf, outs = f(flush_buf, x)
         jax.block_until_ready(outs)
@@ -361,14 +416,21 @@ def measure_copy_bandwidth(flush_buf):
                 flush_buf, outs = f(flush_buf, x)
                 jax.block_until_ready(outs)
                 del outs
+
         events = trace_gpu_events(run)
         times = [seg_times(s)[0] for s in segments(events) if s]
         if times:
             us = float(np.median(times))
             results[name] = {"us": us, "GBps": 2 * n * 4 / us / 1e3}
-        print(f"copy {name:18s} " + (f"{results[name]['us']:9.1f} us  "
-                                     f"{results[name]['GBps']:7.0f} GB/s" if name in results
-                                     else "no GPU events"), flush=True)
+        print(
+            f"copy {name:18s} "
+            + (
+                f"{results[name]['us']:9.1f} us  {results[name]['GBps']:7.0f} GB/s"
+                if name in results
+                else "no GPU events"
+            ),
+            flush=True,
+        )
     best = max((r["GBps"] for r in results.values()), default=float("nan"))
     return best, results, flush_buf
 
@@ -376,6 +438,7 @@ def measure_copy_bandwidth(flush_buf):
 # ------------------------------------------------------------------------------------------------
 # main loop
 # ------------------------------------------------------------------------------------------------
+
 
 def impl_steps():
     variants = json.loads(FLAGS.variants)
@@ -396,8 +459,12 @@ def impl_steps():
 
 
 def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
-    max_adapters = max([max(tokens) if "distinct" in FLAGS.workloads else 1,
-                        *(ADAPTERS[w] for w in FLAGS.workloads if w in ADAPTERS)])
+    max_adapters = max(
+        [
+            max(tokens) if "distinct" in FLAGS.workloads else 1,
+            *(ADAPTERS[w] for w in FLAGS.workloads if w in ADAPTERS),
+        ]
+    )
     pools = make_pools(group, rank, max_adapters)
     rng = np.random.default_rng(rank * 7919 + len(group.widths))
     rows = []
@@ -408,16 +475,18 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
             # again); more calls give the median its samples.
             est_us = work["bytes"] / copy_bw / 1e3 + 10
             iters = 2 if est_us > 1000 else 3
-            rows.append(dict(group=group, rank=rank, tokens=t, workload=wl, work=work,
-                             iters=iters))
+            rows.append(dict(group=group, rank=rank, tokens=t, workload=wl, work=work, iters=iters))
 
     def compile_one(row, impl):
         step, cfg = steps[impl]
         work = row["work"]
-        tables = {k: jnp.asarray(work[k]) for k in ("token_slot", "ranks", "scales", "a_pages",
-                                                    "b_pages")}
-        if cfg is not None and "prefill" in (cfg.regime(row["tokens"], "shrink"),
-                                             cfg.regime(row["tokens"], "expand")):
+        tables = {
+            k: jnp.asarray(work[k]) for k in ("token_slot", "ranks", "scales", "a_pages", "b_pages")
+        }
+        if cfg is not None and "prefill" in (
+            cfg.regime(row["tokens"], "shrink"),
+            cfg.regime(row["tokens"], "expand"),
+        ):
             meta = build_sgmv_metadata(work["token_slot"], work["num_slots"], config=cfg)
             tables["meta"] = {k: jnp.asarray(v) for k, v in meta.items()}
         x = fill((row["tokens"], FLAGS.hidden), jnp.bfloat16, 3, 1.0)
@@ -428,24 +497,33 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
 
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(FLAGS.compile_threads) as pool:
-        futures = {(i, impl): pool.submit(compile_one, row, impl)
-                   for i, row in enumerate(rows) for impl in steps}
+        futures = {
+            (i, impl): pool.submit(compile_one, row, impl)
+            for i, row in enumerate(rows)
+            for impl in steps
+        }
         compiled = {}
         for key, fut in futures.items():
             try:
                 compiled[key] = fut.result()
             except Exception as e:  # noqa: BLE001 - a baseline that cannot compile is reported
                 compiled[key] = e
-    print(f"[{group.name} r={rank}] compiled {len(futures)} in {time.time() - t0:.0f}s",
-          flush=True)
+    print(f"[{group.name} r={rank}] compiled {len(futures)} in {time.time() - t0:.0f}s", flush=True)
 
     # Warm-up (and the correctness cross-check) of every row, then one profiled run of all.
     work_plan = []
     for i, row in enumerate(rows):
         y0 = fill((row["tokens"], sum(group.widths)), jnp.bfloat16, 4, 1.0)
-        result = {"out": group.name, "rank": rank, "T": row["tokens"],
-                  "workload": row["workload"], "distinct_adapters": row["work"]["distinct"],
-                  "bytes": row["work"]["bytes"], "iters_per_call": row["iters"], "impls": {}}
+        result = {
+            "out": group.name,
+            "rank": rank,
+            "T": row["tokens"],
+            "workload": row["workload"],
+            "distinct_adapters": row["work"]["distinct"],
+            "bytes": row["work"]["bytes"],
+            "iters_per_call": row["iters"],
+            "impls": {},
+        }
         first_y = {}
         plan = {}
         for impl in steps:
@@ -467,13 +545,19 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
             first_y[impl] = np.asarray(y.astype(jnp.float32))
             y_change = float(np.max(np.abs(first_y[impl] - np.asarray(y0.astype(jnp.float32)))))
             calls = 1 if wall > FLAGS.slow_call_s else FLAGS.calls
-            plan[impl] = {"fn": fn, "x": x, "tables": tables, "y": y, "calls": calls,
-                          "wall": wall, "y_change": y_change}
+            plan[impl] = {
+                "fn": fn,
+                "x": x,
+                "tables": tables,
+                "y": y,
+                "calls": calls,
+                "wall": wall,
+                "y_change": y_change,
+            }
         ref_impl = next(iter(first_y), None)
         for impl, y in first_y.items():
             ref = first_y[ref_impl]
-            plan[impl]["rel_err"] = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)),
-                                                                        1e-30))
+            plan[impl]["rel_err"] = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
         work_plan.append((row, result, plan))
         del first_y
 
@@ -487,24 +571,31 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
 
     t0 = time.time()
     segs = segments(trace_gpu_events(run_all))
-    expected = sum(p["calls"] * row["iters"] for row, _, plan in work_plan
-                   for p in plan.values())
-    print(f"[{group.name} r={rank}] profiled {len(segs)} iterations (expected {expected}) in "
-          f"{time.time() - t0:.0f}s", flush=True)
+    expected = sum(p["calls"] * row["iters"] for row, _, plan in work_plan for p in plan.values())
+    print(
+        f"[{group.name} r={rank}] profiled {len(segs)} iterations (expected {expected}) in "
+        f"{time.time() - t0:.0f}s",
+        flush=True,
+    )
     cursor = 0
     for row, result, plan in work_plan:
         ref_impl = next(iter(plan), "")
         for impl, p in plan.items():
             n = p["calls"] * row["iters"]
-            entry = {"calls": p["calls"], "wall_us_per_iter": p["wall"] / row["iters"] * 1e6,
-                     "max_abs_y_change": p["y_change"], "rel_err_vs_" + ref_impl: p["rel_err"]}
+            entry = {
+                "calls": p["calls"],
+                "wall_us_per_iter": p["wall"] / row["iters"] * 1e6,
+                "max_abs_y_change": p["y_change"],
+                "rel_err_vs_" + ref_impl: p["rel_err"],
+            }
             if len(segs) == expected:
-                mine = [seg_times(s) for s in segs[cursor:cursor + n]]
-                entry["kernel_us"] = kernel_breakdown(segs[cursor:cursor + n])
+                mine = [seg_times(s) for s in segs[cursor : cursor + n]]
+                entry["kernel_us"] = kernel_breakdown(segs[cursor : cursor + n])
                 entry["busy_us"] = float(np.median([b for b, _ in mine]))
                 entry["span_us"] = float(np.median([s for _, s in mine]))
-                entry["kernels_per_iter"] = int(np.median([len(x) for x in
-                                                           segs[cursor:cursor + n]]))
+                entry["kernels_per_iter"] = int(
+                    np.median([len(x) for x in segs[cursor : cursor + n]])
+                )
                 entry["method"] = "profiler"
             else:
                 entry["busy_us"] = entry["span_us"] = entry["wall_us_per_iter"]
@@ -519,8 +610,11 @@ def run_group(group, rank, tokens, flush_buf, copy_bw, steps, rows_out):
 
 def print_header(steps):
     cols = " ".join(f"{impl[:14]:>14s}" for impl in steps)
-    print(f"{'out':>7s} {'r':>3s} {'T':>5s} {'workload':>9s} {'MB':>8s} {cols}   "
-          f"{'GB/s':>6s} {'%copy':>5s} {'target':>7s} {'x_gath':>6s} {'x_ragd':>6s}", flush=True)
+    print(
+        f"{'out':>7s} {'r':>3s} {'T':>5s} {'workload':>9s} {'MB':>8s} {cols}   "
+        f"{'GB/s':>6s} {'%copy':>5s} {'target':>7s} {'x_gath':>6s} {'x_ragd':>6s}",
+        flush=True,
+    )
 
 
 def evaluate(result, copy_bw):
@@ -543,12 +637,14 @@ def evaluate(result, copy_bw):
             verdict[f"speedup_{base}"] = b["busy_us"] / us
     if result["workload"] != "identical" and result["T"] >= 16:
         speedups = [verdict.get(f"speedup_{b}") for b in ("gather_einsum", "ragged_dot")]
-        failed = [b for b in ("gather_einsum", "ragged_dot")
-                  if "error" in result["impls"].get(b, {})]
+        failed = [
+            b for b in ("gather_einsum", "ragged_dot") if "error" in result["impls"].get(b, {})
+        ]
         # A baseline that could not run (out of memory) leaves the target unverified, not met.
         verdict["baselines_failed"] = failed
-        verdict["faster_than_baselines"] = (not failed
-                                            and all(s is not None and s > 1 for s in speedups))
+        verdict["faster_than_baselines"] = not failed and all(
+            s is not None and s > 1 for s in speedups
+        )
     result["verdict"] = verdict
     return verdict
 
@@ -561,10 +657,13 @@ def print_row(result, copy_bw):
     target = {True: "met", False: "MISSED"}.get(v.get("bandwidth_target"), "-")
     if v.get("faster_than_baselines") is False:
         target += "*"
-    print(f"{result['out']:>7s} {result['rank']:3d} {result['T']:5d} {result['workload']:>9s} "
-          f"{result['bytes'] / 1e6:8.2f} {' '.join(cols)}   {v.get('GBps', 0):6.0f} "
-          f"{v.get('pct_copy', 0):5.1f} {target:>7s} {v.get('speedup_gather_einsum', 0):6.2f} "
-          f"{v.get('speedup_ragged_dot', 0):6.2f}", flush=True)
+    print(
+        f"{result['out']:>7s} {result['rank']:3d} {result['T']:5d} {result['workload']:>9s} "
+        f"{result['bytes'] / 1e6:8.2f} {' '.join(cols)}   {v.get('GBps', 0):6.0f} "
+        f"{v.get('pct_copy', 0):5.1f} {target:>7s} {v.get('speedup_gather_einsum', 0):6.2f} "
+        f"{v.get('speedup_ragged_dot', 0):6.2f}",
+        flush=True,
+    )
 
 
 def main(argv):
@@ -579,10 +678,16 @@ def main(argv):
     steps = impl_steps()
     tokens = [int(t) for t in FLAGS.tokens]
     rows = []
-    report = {"device": str(jax.devices()[0]), "jax": jax.__version__,
-              "copy_GBps": copy_bw, "copy_methods": copy_results,
-              "configs": {k: dataclasses.asdict(c) for k, (_, c) in steps.items() if c},
-              "hidden": FLAGS.hidden, "rows_per_page": FLAGS.rows_per_page, "rows": rows}
+    report = {
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "copy_GBps": copy_bw,
+        "copy_methods": copy_results,
+        "configs": {k: dataclasses.asdict(c) for k, (_, c) in steps.items() if c},
+        "hidden": FLAGS.hidden,
+        "rows_per_page": FLAGS.rows_per_page,
+        "rows": rows,
+    }
     print_header(steps)
     for out in FLAGS.outs:
         group = parse_group(out)
@@ -602,11 +707,13 @@ def summarize(rows):
     small = [r["verdict"] for r in judged if r["bytes"] < 32e6]
     fast = [r["verdict"] for r in judged if "faster_than_baselines" in r["verdict"]]
     unverified = sum(bool(v["baselines_failed"]) for v in fast)
-    print(f"targets: >=32MB rows at >=70% copy: {sum(v['bandwidth_target'] for v in big)}"
-          f"/{len(big)}; small rows within bytes/BW+8us: "
-          f"{sum(v['bandwidth_target'] for v in small)}/{len(small)}; faster than both "
-          f"baselines (non-identical, T>=16): {sum(v['faster_than_baselines'] for v in fast)}"
-          f"/{len(fast)} ({unverified} unverified: a baseline failed to run)")
+    print(
+        f"targets: >=32MB rows at >=70% copy: {sum(v['bandwidth_target'] for v in big)}"
+        f"/{len(big)}; small rows within bytes/BW+8us: "
+        f"{sum(v['bandwidth_target'] for v in small)}/{len(small)}; faster than both "
+        f"baselines (non-identical, T>=16): {sum(v['faster_than_baselines'] for v in fast)}"
+        f"/{len(fast)} ({unverified} unverified: a baseline failed to run)"
+    )
 
 
 if __name__ == "__main__":

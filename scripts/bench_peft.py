@@ -29,8 +29,9 @@ flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "batch sizes")
 flags.DEFINE_list("workloads", list(PEFT_WORKLOADS), "adapter workloads")
 flags.DEFINE_integer("prompt_len", 256, "prompt tokens")
 flags.DEFINE_integer("output_len", 128, "output tokens")
-flags.DEFINE_float("max_time_s", 30.0, "a row stops generating after this long (its tokens so "
-                   "far are counted)")
+flags.DEFINE_float(
+    "max_time_s", 30.0, "a row stops generating after this long (its tokens so far are counted)"
+)
 flags.DEFINE_integer("seed", 0, "seed of weights and prompts")
 flags.DEFINE_string("json_out", "", "results (default: $OUT/peft.json or ./peft.json)")
 
@@ -43,18 +44,30 @@ def main(argv):
 
     logging.getLogger("jaxlora").setLevel(logging.INFO)
     model = get_model_preset(FLAGS.model)
-    config = PeftConfig(batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
-                        workloads=tuple(FLAGS.workloads), prompt_len=FLAGS.prompt_len,
-                        output_len=FLAGS.output_len, rank=FLAGS.rank,
-                        max_time_s=FLAGS.max_time_s, seed=FLAGS.seed)
-    device_name = (torch.cuda.get_device_name() if FLAGS.device.startswith("cuda")
-                   else FLAGS.device)
-    doc = {"meta": {"device": device_name, "torch": torch.__version__,
-                    "transformers": transformers.__version__, "peft": peft.__version__,
-                    "model": FLAGS.model, "dtype": FLAGS.dtype, "rank": FLAGS.rank,
-                    "command": " ".join(sys.argv),
-                    "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
-           "peft": {"rows": []}}
+    config = PeftConfig(
+        batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
+        workloads=tuple(FLAGS.workloads),
+        prompt_len=FLAGS.prompt_len,
+        output_len=FLAGS.output_len,
+        rank=FLAGS.rank,
+        max_time_s=FLAGS.max_time_s,
+        seed=FLAGS.seed,
+    )
+    device_name = torch.cuda.get_device_name() if FLAGS.device.startswith("cuda") else FLAGS.device
+    doc = {
+        "meta": {
+            "device": device_name,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "model": FLAGS.model,
+            "dtype": FLAGS.dtype,
+            "rank": FLAGS.rank,
+            "command": " ".join(sys.argv),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        },
+        "peft": {"rows": []},
+    }
     path = FLAGS.json_out or os.path.join(os.environ.get("OUT", "."), "peft.json")
 
     def checkpoint(rows):
@@ -62,8 +75,7 @@ def main(argv):
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)
 
-    doc["peft"] = run_peft(model, config, device=FLAGS.device, dtype=FLAGS.dtype,
-                           on_row=checkpoint)
+    doc["peft"] = run_peft(model, config, device=FLAGS.device, dtype=FLAGS.dtype, on_row=checkpoint)
     checkpoint(doc["peft"]["rows"])
     for row in doc["peft"]["rows"]:
         print(json.dumps(row), flush=True)

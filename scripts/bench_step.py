@@ -63,16 +63,33 @@ def main(argv):
                 times.append(time.perf_counter() - start)
             ms = statistics.median(times) * 1e3
             floor_ms = weight_bytes / (copy_gbps * 1e9) * 1e3
-            rows.append({"layer_loop": loop, "batch": batch, "step_ms": ms,
-                         "roofline_ms": floor_ms, "ratio": ms / floor_ms,
-                         "compile_s": compile_s})
-            print(f"{loop:>9} batch {batch:4d}: {ms:7.2f} ms; weights {weight_bytes / 1e9:.2f} GB "
-                  f"/ {copy_gbps:.0f} GB/s = {floor_ms:.2f} ms; ratio {ms / floor_ms:.2f}",
-                  flush=True)
+            rows.append(
+                {
+                    "layer_loop": loop,
+                    "batch": batch,
+                    "step_ms": ms,
+                    "roofline_ms": floor_ms,
+                    "ratio": ms / floor_ms,
+                    "compile_s": compile_s,
+                }
+            )
+            print(
+                f"{loop:>9} batch {batch:4d}: {ms:7.2f} ms; weights {weight_bytes / 1e9:.2f} GB "
+                f"/ {copy_gbps:.0f} GB/s = {floor_ms:.2f} ms; ratio {ms / floor_ms:.2f}",
+                flush=True,
+            )
     path = FLAGS.json_out or os.path.join(os.environ.get("OUT", "."), "step.json")
     with open(path, "w") as f:
-        json.dump({"device": str(jax.devices()[0].device_kind), "copy_GBps": copy_gbps,
-                   "model": FLAGS.model, "rows": rows}, f, indent=1)
+        json.dump(
+            {
+                "device": str(jax.devices()[0].device_kind),
+                "copy_GBps": copy_gbps,
+                "model": FLAGS.model,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

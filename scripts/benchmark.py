@@ -43,27 +43,52 @@ from pallas_kernels.sgmv import SgmvConfig  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("section", "offline", ["offline", "online", "report"], "what to run")
 flags.DEFINE_string("model", "llama-2-7b", "model preset (configs/models.py)")
-flags.DEFINE_integer("model_layers", 0, "layers of the model (0: the preset's); fewer layers "
-                     "compile faster for a quick per-layer profile, but the roofline rows are "
-                     "only comparable at the preset's depth")
-flags.DEFINE_list("free_running", ["async", "sync"], "offline: after the timed pass, each row "
-                  "is served again untimed once per scheduling mode listed (async, sync); the "
-                  "first gives its tokens/s; empty: the timed pass's")
-flags.DEFINE_string("sgmv_config", "{}", "JSON {SgmvConfig field: value} for the engine's SGMV "
-                    "kernels, e.g. '{\"decode_max_tokens\": 32}' (per-token expand up to 32 rows)")
-flags.DEFINE_integer("profile_steps", 0, "offline: engine iterations per row traced with the JAX "
-                     "profiler once the batch decodes (a per-kernel breakdown in the row's "
-                     "'profile'); 0: none")
+flags.DEFINE_integer(
+    "model_layers",
+    0,
+    "layers of the model (0: the preset's); fewer layers "
+    "compile faster for a quick per-layer profile, but the roofline rows are "
+    "only comparable at the preset's depth",
+)
+flags.DEFINE_list(
+    "free_running",
+    ["async", "sync"],
+    "offline: after the timed pass, each row "
+    "is served again untimed once per scheduling mode listed (async, sync); the "
+    "first gives its tokens/s; empty: the timed pass's",
+)
+flags.DEFINE_string(
+    "sgmv_config",
+    "{}",
+    "JSON {SgmvConfig field: value} for the engine's SGMV "
+    "kernels, e.g. '{\"decode_max_tokens\": 32}' (per-token expand up to 32 rows)",
+)
+flags.DEFINE_integer(
+    "profile_steps",
+    0,
+    "offline: engine iterations per row traced with the JAX "
+    "profiler once the batch decodes (a per-kernel breakdown in the row's "
+    "'profile'); 0: none",
+)
 flags.DEFINE_string("dtype", "bfloat16", "weights, KV cache and adapter pool dtype")
 flags.DEFINE_integer("rank", 16, "adapter rank (all 7 modules)")
-flags.DEFINE_integer("weight_sets", 4, "distinct adapter weight sets held in host memory; "
-                     "adapter i uses set i mod this (jaxlora/bench/adapters.py)")
+flags.DEFINE_integer(
+    "weight_sets",
+    4,
+    "distinct adapter weight sets held in host memory; "
+    "adapter i uses set i mod this (jaxlora/bench/adapters.py)",
+)
 flags.DEFINE_integer("seed", 0, "seed of weights, prompts and traces")
 flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
-flags.DEFINE_enum("impl", "auto", ["auto", "pallas", "reference"], "attention / LoRA kernels "
-                  "(auto: Pallas on GPU)")
-flags.DEFINE_enum("layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop "
-                  "(RunnerConfig.layer_loop)")
+flags.DEFINE_enum(
+    "impl",
+    "auto",
+    ["auto", "pallas", "reference"],
+    "attention / LoRA kernels (auto: Pallas on GPU)",
+)
+flags.DEFINE_enum(
+    "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
+)
 flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128"], "offline batch sizes")
 flags.DEFINE_list("offline_workloads", list(WORKLOADS), "offline adapter workloads")
 flags.DEFINE_integer("prompt_len", 256, "offline prompt tokens")
@@ -74,8 +99,11 @@ flags.DEFINE_float("offline_time_budget_s", 0.0, "rows starting later are not ru
 flags.DEFINE_list("online_adapters", ["5", "100", "1000", "2000"], "adapters per trace")
 flags.DEFINE_float("online_rate", 4.0, "requests per second")
 flags.DEFINE_float("online_duration_s", 60.0, "arrival span of each trace")
-flags.DEFINE_float("online_drain_s", 60.0, "after the last arrival, unfinished requests are "
-                   "cancelled after this long")
+flags.DEFINE_float(
+    "online_drain_s",
+    60.0,
+    "after the last arrival, unfinished requests are cancelled after this long",
+)
 flags.DEFINE_float("online_alpha", 1.0, "adapter popularity exponent")
 flags.DEFINE_float("online_cv", 1.0, "inter-arrival coefficient of variation (1: Poisson)")
 flags.DEFINE_enum("online_popularity", "slora", ["slora", "zipf"], "popularity law")
@@ -87,8 +115,12 @@ flags.DEFINE_integer("online_prefill_chunk", 256, "prompt tokens per prefill row
 flags.DEFINE_integer("online_prefill_rows", 4, "prompts prefilled per step")
 flags.DEFINE_integer("online_resident_adapters", 96, "adapters the GPU pool holds")
 flags.DEFINE_integer("online_kv_pages", 3000, "KV cache pages of 16 tokens")
-flags.DEFINE_bool("online_time_steps", False, "online: wait for and time every model step "
-                  "(the device then waits for the host); default: the engine runs as it serves")
+flags.DEFINE_bool(
+    "online_time_steps",
+    False,
+    "online: wait for and time every model step "
+    "(the device then waits for the host); default: the engine runs as it serves",
+)
 flags.DEFINE_list("inputs", [], "report: result JSON files to merge")
 flags.DEFINE_string("json_out", "", "results (default: $OUT/<section>.json or ./)")
 flags.DEFINE_string("figure_out", "", "report: PNG figure path")
@@ -123,11 +155,20 @@ def measure_copy_gbps() -> tuple[float, dict]:
 
 def meta(copy_gbps: float, copy_methods: dict, setup_seconds: dict, model) -> dict:
     device = jax.devices()[0]
-    return {"device": getattr(device, "device_kind", str(device)), "platform": device.platform,
-            "jax": jax.__version__, "model": dataclasses.asdict(model), "dtype": FLAGS.dtype,
-            "rank": FLAGS.rank, "weight_sets": FLAGS.weight_sets, "copy_GBps": copy_gbps,
-            "copy_methods": copy_methods, "setup_seconds": setup_seconds,
-            "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "device": getattr(device, "device_kind", str(device)),
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "model": dataclasses.asdict(model),
+        "dtype": FLAGS.dtype,
+        "rank": FLAGS.rank,
+        "weight_sets": FLAGS.weight_sets,
+        "copy_GBps": copy_gbps,
+        "copy_methods": copy_methods,
+        "setup_seconds": setup_seconds,
+        "command": " ".join(sys.argv),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def output_path() -> str:
@@ -150,35 +191,60 @@ def main(argv):
     model = get_model_preset(FLAGS.model)
     if FLAGS.model_layers:
         model = dataclasses.replace(model, num_layers=FLAGS.model_layers)
-    setup = SetupConfig(dtype=FLAGS.dtype, rank=FLAGS.rank, weight_sets=FLAGS.weight_sets,
-                        compile_threads=FLAGS.compile_threads, seed=FLAGS.seed)
+    setup = SetupConfig(
+        dtype=FLAGS.dtype,
+        rank=FLAGS.rank,
+        weight_sets=FLAGS.weight_sets,
+        compile_threads=FLAGS.compile_threads,
+        seed=FLAGS.seed,
+    )
     print("devices:", jax.devices(), flush=True)
     copy_gbps, copy_methods = measure_copy_gbps()
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     if FLAGS.section == "offline":
         config = OfflineConfig(
             batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
-            workloads=tuple(FLAGS.offline_workloads), prompt_len=FLAGS.prompt_len,
-            output_len=FLAGS.output_len, rank=FLAGS.rank, skewed_adapters=FLAGS.skewed_adapters,
-            prefill_rows=FLAGS.prefill_rows, impl=FLAGS.impl,
-            layer_loop=FLAGS.layer_loop, profile_steps=FLAGS.profile_steps,
-            free_running=tuple(FLAGS.free_running), seed=FLAGS.seed)
+            workloads=tuple(FLAGS.offline_workloads),
+            prompt_len=FLAGS.prompt_len,
+            output_len=FLAGS.output_len,
+            rank=FLAGS.rank,
+            skewed_adapters=FLAGS.skewed_adapters,
+            prefill_rows=FLAGS.prefill_rows,
+            impl=FLAGS.impl,
+            layer_loop=FLAGS.layer_loop,
+            profile_steps=FLAGS.profile_steps,
+            free_running=tuple(FLAGS.free_running),
+            seed=FLAGS.seed,
+        )
     else:
         config = OnlineConfig(
-            adapter_counts=tuple(int(n) for n in FLAGS.online_adapters), rate=FLAGS.online_rate,
-            duration_s=FLAGS.online_duration_s, drain_timeout_s=FLAGS.online_drain_s,
-            alpha=FLAGS.online_alpha, cv=FLAGS.online_cv, popularity=FLAGS.online_popularity,
-            min_len=FLAGS.online_min_len, max_len=FLAGS.online_max_len, slo_s=FLAGS.slo_s,
-            rank=FLAGS.rank, max_batch=FLAGS.online_max_batch,
-            prefill_chunk=FLAGS.online_prefill_chunk, prefill_rows=FLAGS.online_prefill_rows,
-            resident_adapters=FLAGS.online_resident_adapters, kv_pages=FLAGS.online_kv_pages,
-            impl=FLAGS.impl, layer_loop=FLAGS.layer_loop, time_steps=FLAGS.online_time_steps,
-            seed=FLAGS.seed)
+            adapter_counts=tuple(int(n) for n in FLAGS.online_adapters),
+            rate=FLAGS.online_rate,
+            duration_s=FLAGS.online_duration_s,
+            drain_timeout_s=FLAGS.online_drain_s,
+            alpha=FLAGS.online_alpha,
+            cv=FLAGS.online_cv,
+            popularity=FLAGS.online_popularity,
+            min_len=FLAGS.online_min_len,
+            max_len=FLAGS.online_max_len,
+            slo_s=FLAGS.slo_s,
+            rank=FLAGS.rank,
+            max_batch=FLAGS.online_max_batch,
+            prefill_chunk=FLAGS.online_prefill_chunk,
+            prefill_rows=FLAGS.online_prefill_rows,
+            resident_adapters=FLAGS.online_resident_adapters,
+            kv_pages=FLAGS.online_kv_pages,
+            impl=FLAGS.impl,
+            layer_loop=FLAGS.layer_loop,
+            time_steps=FLAGS.online_time_steps,
+            seed=FLAGS.seed,
+        )
     engine_config = config.engine_config()
     sgmv = json.loads(FLAGS.sgmv_config)
     if sgmv:
-        engine_config = dataclasses.replace(engine_config, runner=dataclasses.replace(
-            engine_config.runner, sgmv=SgmvConfig(**sgmv)))
+        engine_config = dataclasses.replace(
+            engine_config, runner=dataclasses.replace(engine_config.runner, sgmv=SgmvConfig(**sgmv))
+        )
     bench = build_engine(model, engine_config, setup)
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
     doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}
@@ -193,13 +259,17 @@ def main(argv):
         budget = FLAGS.offline_time_budget_s or None
         doc["offline"] = {"rows": []}
         doc["offline"] = run_offline(
-            bench, config, copy_gbps, time_budget_s=budget,
-            on_row=lambda rows: (doc["offline"].update(rows=rows), checkpoint(rows)))
+            bench,
+            config,
+            copy_gbps,
+            time_budget_s=budget,
+            on_row=lambda rows: (doc["offline"].update(rows=rows), checkpoint(rows)),
+        )
     else:
         doc["online"] = {"rows": []}
         doc["online"] = run_online(
-            bench, config,
-            on_row=lambda rows: (doc["online"].update(rows=rows), checkpoint(rows)))
+            bench, config, on_row=lambda rows: (doc["online"].update(rows=rows), checkpoint(rows))
+        )
     checkpoint(None)
     print(report.markdown(doc), flush=True)
     print("wrote", path, flush=True)

@@ -19,8 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxlora.formats.peft_interop import check_peft_export  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("base", os.path.join("tests", "fixtures", "golden", "base"),
-                    "HF Llama checkpoint directory (default: the golden fixture's tiny base)")
+flags.DEFINE_string(
+    "base",
+    os.path.join("tests", "fixtures", "golden", "base"),
+    "HF Llama checkpoint directory (default: the golden fixture's tiny base)",
+)
 flags.DEFINE_string("peft_python", sys.executable, "Python with torch, transformers and peft")
 flags.DEFINE_float("tolerance", 1e-4, "largest accepted max|diff| / max|logits| (fp32)")
 
@@ -32,8 +35,10 @@ def main(argv):
     result.pop("adapter_dir")
     print(json.dumps(result, indent=1))
     if not result["relative_error"] <= FLAGS.tolerance:
-        raise SystemExit(f"PEFT's logits differ from jaxlora's: {result['relative_error']:.3g} "
-                         f"> {FLAGS.tolerance}")
+        raise SystemExit(
+            f"PEFT's logits differ from jaxlora's: {result['relative_error']:.3g} "
+            f"> {FLAGS.tolerance}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,45 +30,64 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "tiny", "model preset (random weights, --seed), HF checkpoint "
-                    "directory or orbax checkpoint")
+flags.DEFINE_string(
+    "model",
+    "tiny",
+    "model preset (random weights, --seed), HF checkpoint directory or orbax checkpoint",
+)
 flags.DEFINE_integer("seed", 0, "seed of random weights (preset model, random adapters, data)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model and adapter pool dtype")
-flags.DEFINE_string("tokenizer", None, "tokenizer.json (or its directory), or 'tiny'; default: "
-                    "the model's own")
+flags.DEFINE_string(
+    "tokenizer", None, "tokenizer.json (or its directory), or 'tiny'; default: the model's own"
+)
 flags.DEFINE_string("data", None, "JSONL evaluation set")
-flags.DEFINE_string("adapters_dir", None, "directory whose subdirectories are PEFT adapters "
-                    "(named by subdirectory)")
+flags.DEFINE_string(
+    "adapters_dir", None, "directory whose subdirectories are PEFT adapters (named by subdirectory)"
+)
 flags.DEFINE_multi_string("adapter", [], "an adapter as name=PEFT directory; repeatable")
 flags.DEFINE_integer("max_rank", 256, "largest adapter rank accepted")
 flags.DEFINE_integer("random_adapters", 0, "use N random adapters named random-0.. instead")
 flags.DEFINE_integer("random_rank", 16, "rank of the random adapters")
-flags.DEFINE_list("random_target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                            "up_proj", "down_proj"],
-                  "modules of the random adapters")
-flags.DEFINE_integer("synthetic_examples_per_adapter", 0, "random-token examples per adapter "
-                     "instead of --data")
+flags.DEFINE_list(
+    "random_target_modules",
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "modules of the random adapters",
+)
+flags.DEFINE_integer(
+    "synthetic_examples_per_adapter", 0, "random-token examples per adapter instead of --data"
+)
 flags.DEFINE_integer("synthetic_prompt_len", 128, "prompt tokens of synthetic examples")
 flags.DEFINE_integer("synthetic_completion_len", 128, "completion tokens of synthetic examples")
 flags.DEFINE_integer("batch_size", 8, "rows per device per step")
 flags.DEFINE_integer("min_bucket", 16, "shortest padded length (powers of two from here)")
 flags.DEFINE_integer("max_seq_len", None, "longest sequence (default: the model's maximum)")
-flags.DEFINE_integer("max_resident_adapters", None, "adapters on the devices at once "
-                     "(default: all in use)")
-flags.DEFINE_bool("one_adapter_at_a_time", False, "batches of one adapter, one adapter resident "
-                  "(the baseline of systems that cannot mix adapters)")
-flags.DEFINE_bool("compare", False, "run mixed batches, then one adapter at a time, and report "
-                  "both throughputs")
-flags.DEFINE_enum("lora_impl", "auto", ["auto", "reference", "pallas"],
-                  "LoRA path: auto = Pallas SGMV kernels on GPU, jnp reference elsewhere")
+flags.DEFINE_integer(
+    "max_resident_adapters", None, "adapters on the devices at once (default: all in use)"
+)
+flags.DEFINE_bool(
+    "one_adapter_at_a_time",
+    False,
+    "batches of one adapter, one adapter resident "
+    "(the baseline of systems that cannot mix adapters)",
+)
+flags.DEFINE_bool(
+    "compare", False, "run mixed batches, then one adapter at a time, and report both throughputs"
+)
+flags.DEFINE_enum(
+    "lora_impl",
+    "auto",
+    ["auto", "reference", "pallas"],
+    "LoRA path: auto = Pallas SGMV kernels on GPU, jnp reference elsewhere",
+)
 flags.DEFINE_integer("num_devices", None, "devices to use (default: all)")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 flags.DEFINE_string("coordinator_address", None, "with --distributed: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
 flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
 flags.DEFINE_string("output_json", None, "write the report(s) as JSON here")
-flags.DEFINE_string("output_csv", None, "write the per-adapter table as CSV here (with "
-                    "--compare: the mixed run's)")
+flags.DEFINE_string(
+    "output_csv", None, "write the per-adapter table as CSV here (with --compare: the mixed run's)"
+)
 flags.DEFINE_bool("progress", True, "progress bar on stderr")
 
 
@@ -96,9 +115,11 @@ def main(argv):
     if FLAGS.distributed:
         import jax
 
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes,
-                                   process_id=FLAGS.process_id)
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     import jax
     import jax.numpy as jnp
 
@@ -122,11 +143,14 @@ def main(argv):
             raise ConfigError("--random_adapters cannot be combined with --adapters_dir/--adapter")
         if FLAGS.random_adapters:
             adapters = evaluation.RandomAdapters(
-                config, FLAGS.random_adapters, rank=FLAGS.random_rank,
-                target_modules=FLAGS.random_target_modules, seed=FLAGS.seed)
+                config,
+                FLAGS.random_adapters,
+                rank=FLAGS.random_rank,
+                target_modules=FLAGS.random_target_modules,
+                seed=FLAGS.seed,
+            )
         elif paths:
-            adapters = evaluation.PeftAdapters(config, paths, max_rank=FLAGS.max_rank,
-                                               dtype=dtype)
+            adapters = evaluation.PeftAdapters(config, paths, max_rank=FLAGS.max_rank, dtype=dtype)
         else:
             adapters = None
         max_seq_len = FLAGS.max_seq_len or config.max_position_embeddings
@@ -135,25 +159,44 @@ def main(argv):
                 raise ConfigError("--synthetic_examples_per_adapter replaces --data; give one")
             examples = evaluation.synthetic_examples(
                 adapters.names if adapters is not None else [None],
-                FLAGS.synthetic_examples_per_adapter, prompt_len=FLAGS.synthetic_prompt_len,
-                completion_len=FLAGS.synthetic_completion_len, vocab_size=config.vocab_size,
-                seed=FLAGS.seed)
+                FLAGS.synthetic_examples_per_adapter,
+                prompt_len=FLAGS.synthetic_prompt_len,
+                completion_len=FLAGS.synthetic_completion_len,
+                vocab_size=config.vocab_size,
+                seed=FLAGS.seed,
+            )
         elif FLAGS.data:
-            examples = load_examples(FLAGS.data, tokenizer=tokenizer,
-                                     vocab_size=config.vocab_size, require_adapter=True,
-                                     max_length=max_seq_len - 1)
+            examples = load_examples(
+                FLAGS.data,
+                tokenizer=tokenizer,
+                vocab_size=config.vocab_size,
+                require_adapter=True,
+                max_length=max_seq_len - 1,
+            )
         else:
             raise ConfigError("no data: give --data=file.jsonl or --synthetic_examples_per_adapter")
-        devices = jax.devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
+        devices = jax.devices()[: FLAGS.num_devices] if FLAGS.num_devices else None
         modes = [False, True] if FLAGS.compare else [FLAGS.one_adapter_at_a_time]
         reports = []
         for one_at_a_time in modes:
             eval_config = evaluation.EvalConfig(
-                batch_size=FLAGS.batch_size, min_bucket=FLAGS.min_bucket,
-                max_seq_len=max_seq_len - 1, max_resident_adapters=FLAGS.max_resident_adapters,
-                one_adapter_at_a_time=one_at_a_time, lora_impl=FLAGS.lora_impl)
-            report = evaluation.evaluate(config, params, examples, adapters, eval_config,
-                                         devices=devices, dtype=dtype, progress=FLAGS.progress)
+                batch_size=FLAGS.batch_size,
+                min_bucket=FLAGS.min_bucket,
+                max_seq_len=max_seq_len - 1,
+                max_resident_adapters=FLAGS.max_resident_adapters,
+                one_adapter_at_a_time=one_at_a_time,
+                lora_impl=FLAGS.lora_impl,
+            )
+            report = evaluation.evaluate(
+                config,
+                params,
+                examples,
+                adapters,
+                eval_config,
+                devices=devices,
+                dtype=dtype,
+                progress=FLAGS.progress,
+            )
             reports.append(report)
             if jax.process_index() == 0:
                 print(report.format_table(), flush=True)
@@ -164,15 +207,21 @@ def main(argv):
         return 0
     if len(reports) == 2:
         mixed, single = reports
-        worst = max(abs(a.loss - b.loss) for a, b in zip(mixed.adapters, single.adapters,
-                                                            strict=True))
-        print(f"mixed batches: {mixed.tokens_per_s:,.0f} tokens/s; one adapter at a time: "
-              f"{single.tokens_per_s:,.0f} tokens/s; speed-up "
-              f"{mixed.tokens_per_s / max(single.tokens_per_s, 1e-9):.2f}x; largest loss "
-              f"difference between the two {worst:.2e}")
+        worst = max(
+            abs(a.loss - b.loss) for a, b in zip(mixed.adapters, single.adapters, strict=True)
+        )
+        print(
+            f"mixed batches: {mixed.tokens_per_s:,.0f} tokens/s; one adapter at a time: "
+            f"{single.tokens_per_s:,.0f} tokens/s; speed-up "
+            f"{mixed.tokens_per_s / max(single.tokens_per_s, 1e-9):.2f}x; largest loss "
+            f"difference between the two {worst:.2e}"
+        )
     if FLAGS.output_json:
-        payload = ({"mixed": reports[0].to_dict(), "one_adapter_at_a_time": reports[1].to_dict()}
-                   if len(reports) == 2 else reports[0].to_dict())
+        payload = (
+            {"mixed": reports[0].to_dict(), "one_adapter_at_a_time": reports[1].to_dict()}
+            if len(reports) == 2
+            else reports[0].to_dict()
+        )
         payload["command"] = " ".join(sys.argv)
         with open(FLAGS.output_json, "w") as f:
             json.dump(payload, f, indent=2)

@@ -1,7 +1,7 @@
 """Offline generation: several prompts, each with its own adapter, in ONE engine batch.
 
-    python scripts/generate.py                      # tiny model, demo adapters
-    python scripts/generate.py --model=/path/to/hf --adapter=sql=/path/to/peft --prompt="..."
+python scripts/generate.py                      # tiny model, demo adapters
+python scripts/generate.py --model=/path/to/hf --adapter=sql=/path/to/peft --prompt="..."
 """
 
 from __future__ import annotations
@@ -26,8 +26,14 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 
 def main(argv):
     del argv
-    run_generate(model=FLAGS.model, adapters=FLAGS.adapter, prompts=FLAGS.prompt,
-                 max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature, seed=FLAGS.seed)
+    run_generate(
+        model=FLAGS.model,
+        adapters=FLAGS.adapter,
+        prompts=FLAGS.prompt,
+        max_tokens=FLAGS.max_tokens,
+        temperature=FLAGS.temperature,
+        seed=FLAGS.seed,
+    )
 
 
 if __name__ == "__main__":

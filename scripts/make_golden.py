@@ -33,14 +33,29 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures" / "golden"
 
 BASE_CONFIG = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu",
-    attention_bias=False, mlp_bias=False,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
     # llama3 frequency scaling with a short original context, so that at head_dim 16 some
     # frequencies are scaled, some smoothed and some kept: every branch of the formula is used.
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
 )
 
 # Adapters: ranks 1 and 64, different module subsets, rsLoRA, rank/alpha patterns (per module and
@@ -49,11 +64,15 @@ ADAPTERS = {
     "r1_qv": dict(r=1, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
     "r64_all_rslora": dict(r=64, lora_alpha=16, target_modules="all-linear", use_rslora=True),
     "r8_patterns": dict(
-        r=8, lora_alpha=16, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"],
+        r=8,
+        lora_alpha=16,
+        target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"],
         rank_pattern={"model.layers.0.mlp.down_proj": 4, "up_proj": 2},
-        alpha_pattern={"gate_proj": 32, "model.layers.1.self_attn.o_proj": 4}),
-    "r4_k_down_layer1": dict(r=4, lora_alpha=8, target_modules=["k_proj", "down_proj"],
-                             layers_to_transform=[1]),
+        alpha_pattern={"gate_proj": 32, "model.layers.1.self_attn.o_proj": 4},
+    ),
+    "r4_k_down_layer1": dict(
+        r=4, lora_alpha=8, target_modules=["k_proj", "down_proj"], layers_to_transform=[1]
+    ),
 }
 
 ROWS = 5
@@ -82,15 +101,17 @@ def randomize_lora(model: torch.nn.Module, generator: torch.Generator) -> int:
                 fan_in = param.shape[1]
                 param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
             elif "lora_B" in name:
-                param.copy_(0.5 * torch.randn(param.shape, generator=generator)
-                            / math.sqrt(param.shape[1]))
+                param.copy_(
+                    0.5 * torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[1])
+                )
                 count += 1
     return count
 
 
 def load_base(base_dir: pathlib.Path) -> transformers.LlamaForCausalLM:
     model = transformers.LlamaForCausalLM.from_pretrained(
-        base_dir, dtype=torch.float32, attn_implementation="eager")
+        base_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     return model.eval()
 
 
@@ -144,20 +165,28 @@ def main() -> None:
         change = np.abs(stacked[k] - stacked[0]).max() / np.abs(stacked[0]).max()
         if change < 1e-2:
             raise RuntimeError(f"adapter {name} changes the logits by only {change:.2e}")
-    np.savez_compressed(out / "golden.npz", input_ids=input_ids.numpy().astype(np.int32),
-                        logits=stacked)
+    np.savez_compressed(
+        out / "golden.npz", input_ids=input_ids.numpy().astype(np.int32), logits=stacked
+    )
     manifest = {
         "variants": ["base", *ADAPTERS],
         "adapters": ADAPTERS,
-        "rows": ROWS, "seq": SEQ, "seed": args.seed,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
+        "rows": ROWS,
+        "seq": SEQ,
+        "seed": args.seed,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
     }
     with open(out / "golden.json", "w") as f:
         json.dump(manifest, f, indent=2)
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote {out} ({total / 1e6:.2f} MB): variants {manifest['variants']}, "
-          f"logits {stacked.shape}")
+    print(
+        f"wrote {out} ({total / 1e6:.2f} MB): variants {manifest['variants']}, "
+        f"logits {stacked.shape}"
+    )
     for k, name in enumerate(manifest["variants"][1:], start=1):
         change = np.abs(stacked[k] - stacked[0]).max() / np.abs(stacked[0]).max()
         print(f"  {name}: max|logits - base| / max|base| = {change:.3f}")

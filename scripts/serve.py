@@ -23,48 +23,78 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "", "Preset name (tiny, llama-2-7b, ...), HF Llama directory or "
-                    "orbax checkpoint; empty: the embedded demo model and adapters.")
+flags.DEFINE_string(
+    "model",
+    "",
+    "Preset name (tiny, llama-2-7b, ...), HF Llama directory or "
+    "orbax checkpoint; empty: the embedded demo model and adapters.",
+)
 flags.DEFINE_string("served_model_name", "", "Name clients use for the base model.")
-flags.DEFINE_list("lora_modules", [], "Adapters to serve: name=path or path (named after its "
-                  "directory), comma separated.")
-flags.DEFINE_list("lora_dirs", [], "Directories whose every sub-directory is a PEFT adapter "
-                  "(named after it).")
-flags.DEFINE_list("allowed_adapter_roots", [], "Directories runtime loading may read adapters "
-                  "from; empty: runtime loading is refused.")
+flags.DEFINE_list(
+    "lora_modules",
+    [],
+    "Adapters to serve: name=path or path (named after its directory), comma separated.",
+)
+flags.DEFINE_list(
+    "lora_dirs", [], "Directories whose every sub-directory is a PEFT adapter (named after it)."
+)
+flags.DEFINE_list(
+    "allowed_adapter_roots",
+    [],
+    "Directories runtime loading may read adapters from; empty: runtime loading is refused.",
+)
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
-flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1/* (default: "
-                    "$JAXLORA_API_KEY; empty: no key).")
+flags.DEFINE_string(
+    "api_key",
+    None,
+    "Require 'Authorization: Bearer KEY' on /v1/* (default: $JAXLORA_API_KEY; empty: no key).",
+)
 flags.DEFINE_integer("max_batch", None, "Decode rows per step (default: 8 on CPU, 32 on GPU).")
 flags.DEFINE_integer("max_prefill_rows", None, "Prompts prefilled together in one step.")
 flags.DEFINE_integer("prefill_chunk", None, "Prompt tokens one prefill step feeds per prompt.")
 flags.DEFINE_integer("max_num_tokens", None, "Token budget of one engine step.")
 flags.DEFINE_integer("max_waiting", None, "Queue bound: beyond it requests get 503.")
-flags.DEFINE_integer("kv_pages", None, "KV cache pages (default: half the batch at full "
-                     "context).")
+flags.DEFINE_integer("kv_pages", None, "KV cache pages (default: half the batch at full context).")
 flags.DEFINE_integer("page_size", None, "Tokens per KV page.")
 flags.DEFINE_integer("max_model_len", None, "Context length (prompt + output).")
 flags.DEFINE_integer("adapter_pool_pages", None, "Pages of each adapter page pool.")
 flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
 flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
 flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
-flags.DEFINE_enum("layer_loop", "scan", ["scan", "unrolled"], "Step layer loop: scan (fast "
-                  "compiles) or unrolled (on the H200, 1.5-2.2x faster 7B decode steps, minutes "
-                  "of compiling; see docs/BENCHMARKS.md).")
-flags.DEFINE_bool("async_scheduling", True, "Dispatch each engine iteration before reading the "
-                  "previous one's tokens, so that host work overlaps the GPU's (same outputs).")
+flags.DEFINE_enum(
+    "layer_loop",
+    "scan",
+    ["scan", "unrolled"],
+    "Step layer loop: scan (fast "
+    "compiles) or unrolled (on the H200, 1.5-2.2x faster 7B decode steps, minutes "
+    "of compiling; see docs/BENCHMARKS.md).",
+)
+flags.DEFINE_bool(
+    "async_scheduling",
+    True,
+    "Dispatch each engine iteration before reading the "
+    "previous one's tokens, so that host work overlaps the GPU's (same outputs).",
+)
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and "
-                  "activations.")
+flags.DEFINE_enum(
+    "dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations."
+)
 flags.DEFINE_integer("seed", 0, "Seed of a preset's random weights.")
 flags.DEFINE_integer("load_workers", 2, "Threads reading cold adapters from disk.")
-flags.DEFINE_float("first_token_deadline_s", None, "Drop (503) requests not started within "
-                   "this many seconds.")
-flags.DEFINE_bool("warmup", True, "Compile every step shape before serving (in the background; "
-                  "/health answers 503 until done).")
-flags.DEFINE_string("compilation_cache_dir", os.path.join("~", ".cache", "jaxlora", "xla"),
-                    "JAX persistent compilation cache (restarts skip compiling); empty: off.")
+flags.DEFINE_float(
+    "first_token_deadline_s", None, "Drop (503) requests not started within this many seconds."
+)
+flags.DEFINE_bool(
+    "warmup",
+    True,
+    "Compile every step shape before serving (in the background; /health answers 503 until done).",
+)
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    os.path.join("~", ".cache", "jaxlora", "xla"),
+    "JAX persistent compilation cache (restarts skip compiling); empty: off.",
+)
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
 
 
@@ -78,25 +108,42 @@ def main(argv):
     from jaxlora.server import create_app
     from jaxlora.server.launch import LaunchConfig, banner, build_state
 
-    logging.basicConfig(level=FLAGS.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if FLAGS.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir",
-                          os.path.expanduser(FLAGS.compilation_cache_dir))
+        jax.config.update(
+            "jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache_dir)
+        )
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     api_key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("JAXLORA_API_KEY")
     launch = LaunchConfig(
-        model=FLAGS.model, served_model_name=FLAGS.served_model_name,
-        lora_modules=tuple(FLAGS.lora_modules), lora_dirs=tuple(FLAGS.lora_dirs),
-        allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots), api_key=api_key or None,
-        dtype=FLAGS.dtype, seed=FLAGS.seed, tensor_parallel_size=FLAGS.tensor_parallel_size,
-        load_workers=FLAGS.load_workers, first_token_deadline_s=FLAGS.first_token_deadline_s,
-        max_batch=FLAGS.max_batch, max_prefill_rows=FLAGS.max_prefill_rows,
-        prefill_chunk=FLAGS.prefill_chunk, max_num_tokens=FLAGS.max_num_tokens,
-        max_waiting=FLAGS.max_waiting, page_size=FLAGS.page_size, kv_pages=FLAGS.kv_pages,
-        max_model_len=FLAGS.max_model_len, adapter_pool_pages=FLAGS.adapter_pool_pages,
-        rows_per_page=FLAGS.rows_per_page, max_rank=FLAGS.max_rank, max_slots=FLAGS.max_slots,
-        layer_loop=FLAGS.layer_loop, async_scheduling=FLAGS.async_scheduling)
+        model=FLAGS.model,
+        served_model_name=FLAGS.served_model_name,
+        lora_modules=tuple(FLAGS.lora_modules),
+        lora_dirs=tuple(FLAGS.lora_dirs),
+        allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
+        api_key=api_key or None,
+        dtype=FLAGS.dtype,
+        seed=FLAGS.seed,
+        tensor_parallel_size=FLAGS.tensor_parallel_size,
+        load_workers=FLAGS.load_workers,
+        first_token_deadline_s=FLAGS.first_token_deadline_s,
+        max_batch=FLAGS.max_batch,
+        max_prefill_rows=FLAGS.max_prefill_rows,
+        prefill_chunk=FLAGS.prefill_chunk,
+        max_num_tokens=FLAGS.max_num_tokens,
+        max_waiting=FLAGS.max_waiting,
+        page_size=FLAGS.page_size,
+        kv_pages=FLAGS.kv_pages,
+        max_model_len=FLAGS.max_model_len,
+        adapter_pool_pages=FLAGS.adapter_pool_pages,
+        rows_per_page=FLAGS.rows_per_page,
+        max_rank=FLAGS.max_rank,
+        max_slots=FLAGS.max_slots,
+        layer_loop=FLAGS.layer_loop,
+        async_scheduling=FLAGS.async_scheduling,
+    )
     try:
         state = build_state(launch)
     except JaxloraError as e:
@@ -119,9 +166,12 @@ def main(argv):
         print(banner(state, url), flush=True)
 
     if FLAGS.warmup:
-        print(f"jaxlora: listening on {url}; compiling the engine's step shapes first "
-              "(generation requests wait, /health answers 503 until done; restarts reuse the "
-              "compilation cache)", flush=True)
+        print(
+            f"jaxlora: listening on {url}; compiling the engine's step shapes first "
+            "(generation requests wait, /health answers 503 until done; restarts reuse the "
+            "compilation cache)",
+            flush=True,
+        )
     app_ = create_app(state, warm_up=FLAGS.warmup, background_warmup=True, on_ready=ready)
     config = uvicorn.Config(app_, log_level=FLAGS.log_level, timeout_graceful_shutdown=5)
     try:

@@ -21,26 +21,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "tiny", "model preset (random weights, --seed), HF checkpoint "
-                    "directory or orbax checkpoint")
+flags.DEFINE_string(
+    "model",
+    "tiny",
+    "model preset (random weights, --seed), HF checkpoint directory or orbax checkpoint",
+)
 flags.DEFINE_integer("seed", 0, "seed of a preset's random weights")
-flags.DEFINE_string("tokenizer", None, "tokenizer.json (or its directory), or 'tiny'; default: "
-                    "the model's own")
+flags.DEFINE_string(
+    "tokenizer", None, "tokenizer.json (or its directory), or 'tiny'; default: the model's own"
+)
 flags.DEFINE_string("data", None, "JSONL training set", required=True)
 flags.DEFINE_string("adapter_name", "adapter", "adapter of records without an 'adapter' field")
-flags.DEFINE_string("output_dir", None, "PEFT export: <output_dir>/<adapter name>/",
-                    required=True)
+flags.DEFINE_string("output_dir", None, "PEFT export: <output_dir>/<adapter name>/", required=True)
 flags.DEFINE_string("checkpoint_dir", None, "orbax checkpoints; resumed when present")
 flags.DEFINE_integer("checkpoint_every", 100, "steps between checkpoints")
 flags.DEFINE_integer("rank", 8, "LoRA rank")
 flags.DEFINE_float("alpha", None, "LoRA alpha (default 2 * rank)")
 flags.DEFINE_bool("use_rslora", False, "scale alpha / sqrt(rank) instead of alpha / rank")
-flags.DEFINE_list("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                     "up_proj", "down_proj"], "modules to adapt")
+flags.DEFINE_list(
+    "target_modules",
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "modules to adapt",
+)
 flags.DEFINE_integer("steps", 200, "optimizer steps")
 flags.DEFINE_float("learning_rate", 1e-3, "peak learning rate (AdamW)")
-flags.DEFINE_enum("schedule", "cosine", ["constant", "linear", "cosine"],
-                  "learning rate after warm-up")
+flags.DEFINE_enum(
+    "schedule", "cosine", ["constant", "linear", "cosine"], "learning rate after warm-up"
+)
 flags.DEFINE_integer("warmup_steps", 0, "linear warm-up steps")
 flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay")
 flags.DEFINE_float("max_grad_norm", 1.0, "per-adapter gradient clipping (<= 0: none)")
@@ -73,36 +80,64 @@ def main(argv):
         elif FLAGS.tokenizer:
             tokenizer = Tokenizer.from_file(FLAGS.tokenizer)
         train = training.TrainConfig(
-            rank=FLAGS.rank, alpha=FLAGS.alpha, target_modules=tuple(FLAGS.target_modules),
-            use_rslora=FLAGS.use_rslora, steps=FLAGS.steps, learning_rate=FLAGS.learning_rate,
-            schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
+            rank=FLAGS.rank,
+            alpha=FLAGS.alpha,
+            target_modules=tuple(FLAGS.target_modules),
+            use_rslora=FLAGS.use_rslora,
+            steps=FLAGS.steps,
+            learning_rate=FLAGS.learning_rate,
+            schedule=FLAGS.schedule,
+            warmup_steps=FLAGS.warmup_steps,
             weight_decay=FLAGS.weight_decay,
             max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None,
-            batch_size=FLAGS.batch_size, max_seq_len=FLAGS.max_seq_len)
-        examples = load_examples(FLAGS.data, tokenizer=tokenizer, vocab_size=config.vocab_size,
-                                 default_adapter=FLAGS.adapter_name,
-                                 max_length=FLAGS.max_seq_len)
+            batch_size=FLAGS.batch_size,
+            max_seq_len=FLAGS.max_seq_len,
+        )
+        examples = load_examples(
+            FLAGS.data,
+            tokenizer=tokenizer,
+            vocab_size=config.vocab_size,
+            default_adapter=FLAGS.adapter_name,
+            max_length=FLAGS.max_seq_len,
+        )
         datasets = group_by_adapter(examples)
         if None in datasets:
-            raise JaxloraError(f"{FLAGS.data}: records with \"adapter\": null have no adapter "
-                               "to train (name one, or drop the field to use --adapter_name)")
-        devices = jax.local_devices()[:FLAGS.num_devices] if FLAGS.num_devices else None
-        print(f"training {len(datasets)} adapter(s) {list(datasets)} on {len(examples)} "
-              f"examples, {len(devices or jax.local_devices())} device(s)", flush=True)
+            raise JaxloraError(
+                f'{FLAGS.data}: records with "adapter": null have no adapter '
+                "to train (name one, or drop the field to use --adapter_name)"
+            )
+        devices = jax.local_devices()[: FLAGS.num_devices] if FLAGS.num_devices else None
+        print(
+            f"training {len(datasets)} adapter(s) {list(datasets)} on {len(examples)} "
+            f"examples, {len(devices or jax.local_devices())} device(s)",
+            flush=True,
+        )
 
         def log(step, losses):
-            print(f"step {step}/{train.steps}: " + ", ".join(
-                f"{name} {loss:.4f}" for name, loss in losses.items()), flush=True)
+            print(
+                f"step {step}/{train.steps}: "
+                + ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items()),
+                flush=True,
+            )
 
         result = training.train_adapters(
-            config, params, datasets, train, devices=devices, dtype=dtype,
-            checkpoint_dir=FLAGS.checkpoint_dir, checkpoint_every=FLAGS.checkpoint_every,
-            log_every=FLAGS.log_every, on_log=log)
+            config,
+            params,
+            datasets,
+            train,
+            devices=devices,
+            dtype=dtype,
+            checkpoint_dir=FLAGS.checkpoint_dir,
+            checkpoint_every=FLAGS.checkpoint_every,
+            log_every=FLAGS.log_every,
+            on_log=log,
+        )
         if result.start_step:
             print(f"resumed from step {result.start_step} ({FLAGS.checkpoint_dir})", flush=True)
         for name, weights in result.adapters.items():
-            path = save_peft_adapter(os.path.join(FLAGS.output_dir, name), weights, config,
-                                     alpha=train.lora_alpha)
+            path = save_peft_adapter(
+                os.path.join(FLAGS.output_dir, name), weights, config, alpha=train.lora_alpha
+            )
             print(f"adapter {name!r} -> {path}")
     except JaxloraError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,10 +20,24 @@ POOL = LoraPoolConfig(max_rank=8, rows_per_page=2, pages_per_pool=64, max_slots=
 TARGET_SETS = (ALL_MODULES, ("q_proj", "v_proj"), ("o_proj", "down_proj"), ("gate_proj",))
 
 
-def write_adapter(root, name: str, *, rank: int, seed: int, targets=ALL_MODULES,
-                  config: ModelConfig = CONFIG, **kwargs) -> str:
-    return write_random_peft_adapter(os.path.join(os.fspath(root), name), config, rank=rank,
-                                     target_modules=targets, seed=seed, **kwargs)
+def write_adapter(
+    root,
+    name: str,
+    *,
+    rank: int,
+    seed: int,
+    targets=ALL_MODULES,
+    config: ModelConfig = CONFIG,
+    **kwargs,
+) -> str:
+    return write_random_peft_adapter(
+        os.path.join(os.fspath(root), name),
+        config,
+        rank=rank,
+        target_modules=targets,
+        seed=seed,
+        **kwargs,
+    )
 
 
 def file_rows(path: str, config: ModelConfig = CONFIG) -> dict[str, tuple[np.ndarray, ...]]:
@@ -34,16 +48,21 @@ def file_rows(path: str, config: ModelConfig = CONFIG) -> dict[str, tuple[np.nda
         key = f"{peft_tensor_prefix(0, m)}.lora_A.weight"
         if key not in tensors:
             continue
-        a = [tensors[f"{peft_tensor_prefix(layer, m)}.lora_A.weight"]
-             for layer in range(config.num_layers)]
-        b = [tensors[f"{peft_tensor_prefix(layer, m)}.lora_B.weight"].T
-             for layer in range(config.num_layers)]
+        a = [
+            tensors[f"{peft_tensor_prefix(layer, m)}.lora_A.weight"]
+            for layer in range(config.num_layers)
+        ]
+        b = [
+            tensors[f"{peft_tensor_prefix(layer, m)}.lora_B.weight"].T
+            for layer in range(config.num_layers)
+        ]
         rows[m] = (np.stack(a), np.stack(b))
     return rows
 
 
-def pool_rows(pools: dict[str, np.ndarray], slot: SlotInfo, rows_per_page: int
-              ) -> dict[str, tuple[np.ndarray, ...]]:
+def pool_rows(
+    pools: dict[str, np.ndarray], slot: SlotInfo, rows_per_page: int
+) -> dict[str, tuple[np.ndarray, ...]]:
     """module -> (A rows, B rows) read back from the pools through the slot's page tables."""
     rows = {}
     for w, m in enumerate(MODULES):
@@ -66,4 +85,5 @@ def assert_rows_equal(expected, actual, what: str = "") -> None:
             assert e.shape == a.shape, f"{what} {m} {factor}: shape {a.shape} != {e.shape}"
             # Byte equality, not closeness: the pool must hold exactly the file's values.
             assert e.tobytes() == np.ascontiguousarray(a).astype(e.dtype).tobytes(), (
-                f"{what} {m} {factor}: rows differ")
+                f"{what} {m} {factor}: rows differ"
+            )

@@ -44,7 +44,8 @@ def random_params(config: ModelConfig, seed: int = 0) -> dict:
     shapes = config.module_shapes()
     params = {
         "embed_tokens": {
-            "embedding": rng.standard_normal((config.vocab_size, hidden)).astype(np.float32)},
+            "embedding": rng.standard_normal((config.vocab_size, hidden)).astype(np.float32)
+        },
         "layers": {
             "input_layernorm": norm((n_layers, hidden)),
             "attn": {m: dense(*shapes[m]) for m in ATTENTION_MODULES},
@@ -58,10 +59,17 @@ def random_params(config: ModelConfig, seed: int = 0) -> dict:
     return params
 
 
-def write_random_peft_adapter(directory, config: ModelConfig, *, rank: int,
-                              target_modules=ALL_MODULES, alpha: float | None = None,
-                              use_rslora: bool = False, seed: int = 0,
-                              dtype: str = "float32") -> str:
+def write_random_peft_adapter(
+    directory,
+    config: ModelConfig,
+    *,
+    rank: int,
+    target_modules=ALL_MODULES,
+    alpha: float | None = None,
+    use_rslora: bool = False,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> str:
     """Writes a valid PEFT LoRA directory with non-zero random A and B; returns its path.
 
     alpha defaults to 2 * rank (a common PEFT choice); every layer and every target module gets
@@ -70,8 +78,11 @@ def write_random_peft_adapter(directory, config: ModelConfig, *, rank: int,
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
-    modules = ([m for m in ALL_MODULES if m in target_modules]
-               if not isinstance(target_modules, str) else list(ALL_MODULES))
+    modules = (
+        [m for m in ALL_MODULES if m in target_modules]
+        if not isinstance(target_modules, str)
+        else list(ALL_MODULES)
+    )
     shapes = config.module_shapes()
     tensors = {}
     for layer in range(config.num_layers):
@@ -79,11 +90,14 @@ def write_random_peft_adapter(directory, config: ModelConfig, *, rank: int,
             fan_in, fan_out = shapes[module]
             prefix = peft_tensor_prefix(layer, module)
             tensors[f"{prefix}.lora_A.weight"] = (
-                rng.standard_normal((rank, fan_in)) / np.sqrt(fan_in)).astype(dtype)
+                rng.standard_normal((rank, fan_in)) / np.sqrt(fan_in)
+            ).astype(dtype)
             tensors[f"{prefix}.lora_B.weight"] = (
-                rng.standard_normal((fan_out, rank)) / np.sqrt(rank)).astype(dtype)
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+                rng.standard_normal((fan_out, rank)) / np.sqrt(rank)
+            ).astype(dtype)
+    save_file(
+        tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"}
+    )
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -91,8 +105,9 @@ def write_random_peft_adapter(directory, config: ModelConfig, *, rank: int,
         "r": rank,
         "lora_alpha": float(2 * rank if alpha is None else alpha),
         "lora_dropout": 0.0,
-        "target_modules": (target_modules if isinstance(target_modules, str)
-                           else list(target_modules)),
+        "target_modules": (
+            target_modules if isinstance(target_modules, str) else list(target_modules)
+        ),
         "use_rslora": use_rslora,
         "use_dora": False,
         "bias": "none",

@@ -90,8 +90,9 @@ def test_roofline_counts_every_weight_and_adapter_byte():
     embedding = TINY.vocab_size * TINY.hidden_size * 2
     for rows in (1, 7):
         # A step reads all weights but gathers only its rows of the (untied) embedding table.
-        assert roofline.base_weight_bytes(TINY, 2, rows) == (total - embedding
-                                                            + rows * TINY.hidden_size * 2)
+        assert roofline.base_weight_bytes(TINY, 2, rows) == (
+            total - embedding + rows * TINY.hidden_size * 2
+        )
     weights = random_lora_weights(TINY, "w", 8, MODULES, dtype=np.float32)
     assert roofline.adapter_bytes(TINY, 4, (8,) * 7) == weights.nbytes
     partial = random_lora_weights(TINY, "p", 4, ("q_proj", "down_proj"), dtype=np.float32)
@@ -99,16 +100,18 @@ def test_roofline_counts_every_weight_and_adapter_byte():
     kv = roofline.kv_read_bytes(TINY, 2, [10, 5])
     assert kv == 15 * TINY.num_layers * 2 * TINY.kv_size * 2
     step = roofline.decode_step_bytes(TINY, 2, seq_lens=[10, 5], adapter_ranks=[(8,) * 7] * 3)
-    assert step.total == (roofline.base_weight_bytes(TINY, 2, 2) + kv
-                          + 3 * roofline.adapter_bytes(TINY, 2, (8,) * 7))
+    assert step.total == (
+        roofline.base_weight_bytes(TINY, 2, 2) + kv + 3 * roofline.adapter_bytes(TINY, 2, (8,) * 7)
+    )
     assert step.seconds(1.0) == pytest.approx(step.total / 1e9)
 
 
 def test_aliased_adapters_share_host_memory_and_serve_their_weight_set():
     pool = LoraPoolConfig(max_rank=8, rows_per_page=8, pages_per_pool=64, max_slots=4)
     store = make_store(TINY, pool, "float32")
-    population = AdapterPopulation(store, rank=8, weight_sets=2, name_of=adapter_name, seed=5,
-                                   std=0.4)
+    population = AdapterPopulation(
+        store, rank=8, weight_sets=2, name_of=adapter_name, seed=5, std=0.4
+    )
     names = population.ensure(range(6))
     assert names == [adapter_name(i) for i in range(6)] and len(store) == 6
     assert population.ensure([3]) == [adapter_name(3)] and len(store) == 6
@@ -116,32 +119,51 @@ def test_aliased_adapters_share_host_memory_and_serve_their_weight_set():
     assert store.cached_weights(store.get(names[4])) is population.weight_sets[0]
 
     params = init_params(TINY, 0)
-    config = EngineConfig(kv=KVCacheConfig(page_size=4, num_pages=64, max_model_len=32),
-                          runner=RunnerConfig(max_batch=4, prefill_chunk=8, max_prefill_rows=2,
-                                              decode_buckets=(4,), prefill_buckets=(2,)),
-                          lora_pool=pool, warmup=False)
-    engine = Engine(TINY, params, config, dtype=jnp.float32,
-                    adapters=AdapterManager(store, AdapterManagerConfig(load_workers=0)))
+    config = EngineConfig(
+        kv=KVCacheConfig(page_size=4, num_pages=64, max_model_len=32),
+        runner=RunnerConfig(
+            max_batch=4,
+            prefill_chunk=8,
+            max_prefill_rows=2,
+            decode_buckets=(4,),
+            prefill_buckets=(2,),
+        ),
+        lora_pool=pool,
+        warmup=False,
+    )
+    engine = Engine(
+        TINY,
+        params,
+        config,
+        dtype=jnp.float32,
+        adapters=AdapterManager(store, AdapterManagerConfig(load_workers=0)),
+    )
     prompt = [5, 9, 33, 2, 71, 8]
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     requests = [engine.submit(prompt, greedy, adapter=n) for n in (names[1], names[4], None)]
     engine.run_until_idle()
     aliased = [r.output_ids for r in requests]
     # The same weights registered the ordinary way, one adapter per weight set.
-    real = {f"set{k}": random_lora_weights(TINY, f"set{k}", 8, MODULES, seed=5 + k, std=0.4,
-                                           dtype=np.float32) for k in range(2)}
-    llm = jaxlora.LLM(TINY, params=params, adapters=real, load_workers=0,
-                      engine_config=config)
-    expected = [c.token_ids for c in llm.generate([prompt] * 3, adapter=["set1", "set0", None],
-                                                  sampling=greedy)]
+    real = {
+        f"set{k}": random_lora_weights(
+            TINY, f"set{k}", 8, MODULES, seed=5 + k, std=0.4, dtype=np.float32
+        )
+        for k in range(2)
+    }
+    llm = jaxlora.LLM(TINY, params=params, adapters=real, load_workers=0, engine_config=config)
+    expected = [
+        c.token_ids
+        for c in llm.generate([prompt] * 3, adapter=["set1", "set0", None], sampling=greedy)
+    ]
     assert aliased == expected
     assert len({tuple(t) for t in expected}) == 3  # the adapters change the output
 
 
 @pytest.fixture(scope="module")
 def offline_result():
-    config = OfflineConfig(batch_sizes=(1, 4), prompt_len=8, output_len=5, rank=8,
-                           skewed_adapters=30, prefill_rows=2)
+    config = OfflineConfig(
+        batch_sizes=(1, 4), prompt_len=8, output_len=5, rank=8, skewed_adapters=30, prefill_rows=2
+    )
     bench = build_engine(TINY, config.engine_config(), SETUP)
     return config, bench, run_offline(bench, config, copy_gbps=50.0)
 
@@ -160,8 +182,10 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
         free = r["free_running"]
         assert list(free) == ["async", "sync"]
         assert r["wall_s"] == free["async"]["wall_s"]
-        assert all(f["compilations_while_timed"] == 0 and f["iteration_ms_median"] > 0
-                   for f in free.values())
+        assert all(
+            f["compilations_while_timed"] == 0 and f["iteration_ms_median"] > 0
+            for f in free.values()
+        )
         assert r["output_tokens_per_s_timed"] > 0
         # output_len - 1 decode steps per request; batch 4 prefills in two steps of 2, so two
         # decode steps run half the batch.
@@ -169,26 +193,34 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
         assert r["decode_steps"] == config.output_len - (batch == 1)
         assert r["decode_step_ms"] > 0 and r["roofline_ms"] > 0
         assert r["roofline_ratio"] == pytest.approx(r["decode_step_ms"] / r["roofline_ms"])
-        expected_adapters = {"no_lora": 0, "identical": 1, "uniform": round(batch ** 0.5),
-                             "distinct": batch}.get(workload, r["distinct_adapters"])
+        expected_adapters = {
+            "no_lora": 0,
+            "identical": 1,
+            "uniform": round(batch**0.5),
+            "distinct": batch,
+        }.get(workload, r["distinct_adapters"])
         assert r["distinct_adapters"] == expected_adapters
         assert r["bytes_adapters_MB"] == pytest.approx(
-            r["distinct_adapters_per_step"] * one_adapter / 1e6)
+            r["distinct_adapters_per_step"] * one_adapter / 1e6
+        )
         if workload == "no_lora":
             assert "lora_cost_ratio" not in r
         else:
             base = rows[(batch, "no_lora")]
-            assert r["lora_extra_ms"] == pytest.approx(r["decode_step_ms"]
-                                                       - base["decode_step_ms"])
+            assert r["lora_extra_ms"] == pytest.approx(r["decode_step_ms"] - base["decode_step_ms"])
             assert r["lora_explained_ms"] == pytest.approx(
-                r["bytes_adapters_MB"] * 1e6 / 50e9 * 1e3)
+                r["bytes_adapters_MB"] * 1e6 / 50e9 * 1e3
+            )
 
 
 def test_offline_time_budget_lists_rows_not_run(offline_result):
     config, bench, _ = offline_result
-    result = run_offline(bench, dataclasses.replace(config, batch_sizes=(4,),
-                                                    workloads=("no_lora", "distinct")),
-                         copy_gbps=50.0, time_budget_s=0.0)
+    result = run_offline(
+        bench,
+        dataclasses.replace(config, batch_sizes=(4,), workloads=("no_lora", "distinct")),
+        copy_gbps=50.0,
+        time_budget_s=0.0,
+    )
     assert [r["workload"] for r in result["rows"]] == ["no_lora"]
     assert result["not_run"] == [{"batch": 4, "workload": "distinct"}]
 
@@ -204,8 +236,14 @@ def test_offline_profile_traces_iterations_outside_the_step_times(offline_result
         return profile.breakdown([("nvjet_gemm", 0, 2_000_000)], steps, 0.004 * steps)
 
     monkeypatch.setattr(profile, "profile_iterations", fake_profile)
-    config = dataclasses.replace(config, batch_sizes=(4,), workloads=("distinct",),
-                                 prompt_len=3, output_len=10, profile_steps=3)
+    config = dataclasses.replace(
+        config,
+        batch_sizes=(4,),
+        workloads=("distinct",),
+        prompt_len=3,
+        output_len=10,
+        profile_steps=3,
+    )
     row = run_offline(bench, config, copy_gbps=50.0)["rows"][0]
     assert len(traced) == 3 and row["output_tokens"] == 4 * 10
     assert row["profile"]["category_ms"]["gemm"] == pytest.approx(2.0 / 3)
@@ -218,15 +256,18 @@ def test_offline_profile_traces_iterations_outside_the_step_times(offline_result
 
 def test_profile_breakdown_groups_kernels_and_measures_idle_time():
     events = [  # (name, start ns, duration ns) over 2 iterations of 10 ms wall
-        ("nvjet_tst_128x64_gemm", 0, 3_000_000), ("sgmv_shrink_decode_rows16", 3_000_000, 500_000),
+        ("nvjet_tst_128x64_gemm", 0, 3_000_000),
+        ("sgmv_shrink_decode_rows16", 3_000_000, 500_000),
         ("sgmv_expand_prefill_bn128", 3_500_000, 500_000),
         ("paged_attention_decode_b16", 4_000_000, 1_000_000),
         ("loop_multiply_fusion", 4_500_000, 1_000_000),  # overlaps attention by 0.5 ms
-        ("MemcpyH2D", 6_000_000, 200_000), ("input_reduce_fusion", 10_000_000, 800_000),
+        ("MemcpyH2D", 6_000_000, 200_000),
+        ("input_reduce_fusion", 10_000_000, 800_000),
     ]
     b = profile.breakdown(events, steps=2, wall_s=0.020, top=3)
-    assert b["category_ms"] == pytest.approx({"lora": 0.5, "attention": 0.5, "gemm": 1.5,
-                                              "copy": 0.1, "other": 0.9})
+    assert b["category_ms"] == pytest.approx(
+        {"lora": 0.5, "attention": 0.5, "gemm": 1.5, "copy": 0.1, "other": 0.9}
+    )
     assert b["busy_ms"] == pytest.approx((5.5 + 0.2 + 0.8) / 2)
     assert b["wall_ms"] == pytest.approx(10.0) and b["idle_ms"] == pytest.approx(10.0 - 3.25)
     assert b["kernels_per_step"] == 3.5
@@ -235,24 +276,42 @@ def test_profile_breakdown_groups_kernels_and_measures_idle_time():
     assert b["launch_gap_ms"] == 0.0 and b["long_gaps_per_step"] == 1.0
     close = [("a", 0, 1000), ("b", 21_000, 1000), ("c", 200_000, 1000)]
     assert profile.breakdown(close, 1, 1e-3)["launch_gap_ms"] == pytest.approx(0.02)
-    assert [k["name"] for k in b["top_kernels"]] == ["nvjet_tst_128x64_gemm",
-                                                     "paged_attention_decode_b16",
-                                                     "loop_multiply_fusion"]
-    assert b["top_kernels"][0] == {"name": "nvjet_tst_128x64_gemm", "category": "gemm",
-                                   "ms": 1.5, "launches": 0.5}
+    assert [k["name"] for k in b["top_kernels"]] == [
+        "nvjet_tst_128x64_gemm",
+        "paged_attention_decode_b16",
+        "loop_multiply_fusion",
+    ]
+    assert b["top_kernels"][0] == {
+        "name": "nvjet_tst_128x64_gemm",
+        "category": "gemm",
+        "ms": 1.5,
+        "launches": 0.5,
+    }
     assert "idle 6.75" in profile.format_breakdown("t", b)
     assert profile.gpu_events("/nonexistent") == []
 
 
 def test_online_trace_pages_adapters_and_measures_latency():
-    config = OnlineConfig(adapter_counts=(3, 40), rate=40.0, duration_s=1.5,
-                          drain_timeout_s=60.0, min_len=4, max_len=12, rank=8, max_batch=4,
-                          prefill_chunk=8, prefill_rows=1, resident_adapters=6, kv_pages=64)
+    config = OnlineConfig(
+        adapter_counts=(3, 40),
+        rate=40.0,
+        duration_s=1.5,
+        drain_timeout_s=60.0,
+        min_len=4,
+        max_len=12,
+        rank=8,
+        max_batch=4,
+        prefill_chunk=8,
+        prefill_rows=1,
+        resident_adapters=6,
+        kv_pages=64,
+    )
     bench = build_engine(TINY, config.engine_config(), SETUP)
     rows = run_online(bench, config)["rows"]
     # Untimed by default (the engine as it serves), timed on request; the counts either way.
-    timed = run_online(bench, dataclasses.replace(config, adapter_counts=(3,),
-                                                  time_steps=True))["rows"][0]
+    timed = run_online(bench, dataclasses.replace(config, adapter_counts=(3,), time_steps=True))[
+        "rows"
+    ][0]
     assert timed["decode_step_ms_median"] > 0 and bench.timer.blocking
     assert all(math.isnan(r["decode_step_ms_median"]) and not r["steps_timed"] for r in rows)
     assert all(r["decode_steps"] > 0 and r["decode_rows_mean"] > 0 for r in (*rows, timed))
@@ -275,18 +334,40 @@ def test_online_trace_pages_adapters_and_measures_latency():
 
 
 def _results(ratio=1.1, lora_ratio=1.05, speedup=40.0, retention=0.97):
-    rows = [{"batch": 32, "workload": "no_lora", "roofline_ratio": ratio,
-             "output_tokens_per_s": 1000.0},
-            {"batch": 8, "workload": "distinct", "roofline_ratio": 3.0,
-             "output_tokens_per_s": 10.0 * speedup, "lora_cost_ratio": lora_ratio,
-             "lora_extra_ms": 1.0, "lora_explained_ms": 1.0 / lora_ratio}]
-    return {"offline": {"rows": rows},
-            "peft": {"rows": [{"batch": 8, "workload": "distinct",
-                               "output_tokens_per_s": 10.0}]},
-            "online": {"rows": [{"num_adapters": n, "throughput_rps": rps, "ttft_p50_s": 0.1,
-                                 "ttft_p90_s": 0.2, "ttft_p99_s": 0.5,
-                                 "output_tokens_per_s": 250 * rps}
-                                for n, rps in ((5, 10.0), (2000, 10.0 * retention))]}}
+    rows = [
+        {
+            "batch": 32,
+            "workload": "no_lora",
+            "roofline_ratio": ratio,
+            "output_tokens_per_s": 1000.0,
+        },
+        {
+            "batch": 8,
+            "workload": "distinct",
+            "roofline_ratio": 3.0,
+            "output_tokens_per_s": 10.0 * speedup,
+            "lora_cost_ratio": lora_ratio,
+            "lora_extra_ms": 1.0,
+            "lora_explained_ms": 1.0 / lora_ratio,
+        },
+    ]
+    return {
+        "offline": {"rows": rows},
+        "peft": {"rows": [{"batch": 8, "workload": "distinct", "output_tokens_per_s": 10.0}]},
+        "online": {
+            "rows": [
+                {
+                    "num_adapters": n,
+                    "throughput_rps": rps,
+                    "ttft_p50_s": 0.1,
+                    "ttft_p90_s": 0.2,
+                    "ttft_p99_s": 0.5,
+                    "output_tokens_per_s": 250 * rps,
+                }
+                for n, rps in ((5, 10.0), (2000, 10.0 * retention))
+            ]
+        },
+    }
 
 
 def test_report_judges_each_target():
@@ -300,7 +381,8 @@ def test_report_judges_each_target():
     # The async-scheduled iteration, where measured, is shown beside the timed step.
     results = _results(ratio=1.3)
     results["offline"]["rows"][0].update(
-        roofline_ms=4.0, free_running={"async": {"iteration_ms_median": 5.2}})
+        roofline_ms=4.0, free_running={"async": {"iteration_ms_median": 5.2}}
+    )
     detail = report.verdicts(results)[0]["detail"]
     assert detail.endswith("async-scheduled iteration (device step) 1.30-1.30x the roofline")
 
@@ -309,23 +391,66 @@ def test_benchmark_script_writes_results_and_report(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     offline = tmp_path / "offline.json"
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--section=offline",
-         "--model=tiny", "--dtype=float32", "--copy_bandwidth_gbps=20", "--rank=4",
-         "--batch_sizes=2", "--offline_workloads=no_lora,distinct", "--prompt_len=6",
-         "--output_len=3", "--prefill_rows=2", "--weight_sets=1", "--compile_threads=2",
-         f"--json_out={offline}"], check=True, env=env, capture_output=True, timeout=600)
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "benchmark.py"),
+            "--section=offline",
+            "--model=tiny",
+            "--dtype=float32",
+            "--copy_bandwidth_gbps=20",
+            "--rank=4",
+            "--batch_sizes=2",
+            "--offline_workloads=no_lora,distinct",
+            "--prompt_len=6",
+            "--output_len=3",
+            "--prefill_rows=2",
+            "--weight_sets=1",
+            "--compile_threads=2",
+            f"--json_out={offline}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     doc = json.loads(offline.read_text())
     assert doc["meta"]["copy_GBps"] == 20 and doc["meta"]["platform"] == "cpu"
     assert [r["workload"] for r in doc["offline"]["rows"]] == ["no_lora", "distinct"]
     peft = tmp_path / "peft.json"
-    peft.write_text(json.dumps({"meta": {"device": "test"}, "peft": {"rows": [
-        {"batch": 2, "workload": "distinct", "distinct_adapters": 2, "output_tokens": 6,
-         "wall_s": 1.0, "output_tokens_per_s": 6.0}]}}))
+    peft.write_text(
+        json.dumps(
+            {
+                "meta": {"device": "test"},
+                "peft": {
+                    "rows": [
+                        {
+                            "batch": 2,
+                            "workload": "distinct",
+                            "distinct_adapters": 2,
+                            "output_tokens": 6,
+                            "wall_s": 1.0,
+                            "output_tokens_per_s": 6.0,
+                        }
+                    ]
+                },
+            }
+        )
+    )
     markdown = tmp_path / "tables.md"
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--section=report",
-         f"--inputs={offline},{peft}", f"--markdown_out={markdown}"],
-        check=True, env=env, capture_output=True, text=True, timeout=120).stdout
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "benchmark.py"),
+            "--section=report",
+            f"--inputs={offline},{peft}",
+            f"--markdown_out={markdown}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "### Offline throughput" in out and "HF transformers + PEFT" in out
     assert markdown.read_text().strip() == out.strip()
     with pytest.raises(ConfigError, match="not found"):
@@ -347,7 +472,11 @@ def test_peft_baseline_on_the_tiny_model():
     config = PeftConfig(batch_sizes=(1, 3), prompt_len=8, output_len=4, rank=4)
     rows = run_peft(TINY, config, device="cpu", dtype="float32")["rows"]
     assert [(r["batch"], r["workload"]) for r in rows] == [
-        (1, "identical"), (1, "distinct"), (3, "identical"), (3, "distinct")]
+        (1, "identical"),
+        (1, "distinct"),
+        (3, "identical"),
+        (3, "distinct"),
+    ]
     for r in rows:
         assert r["tokens_per_request"] == 4 and r["output_tokens"] == 4 * r["batch"]
         assert r["distinct_adapters"] == (r["batch"] if r["workload"] == "distinct" else 1)

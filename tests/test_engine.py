@@ -23,10 +23,17 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 def small_engine_config(**kv):
     return EngineConfig(
         kv=KVCacheConfig(**{"page_size": 4, "num_pages": 96, "max_model_len": 64, **kv}),
-        runner=RunnerConfig(max_batch=8, prefill_chunk=8, max_prefill_rows=2,
-                            decode_buckets=(8,), prefill_buckets=(2,)),
+        runner=RunnerConfig(
+            max_batch=8,
+            prefill_chunk=8,
+            max_prefill_rows=2,
+            decode_buckets=(8,),
+            prefill_buckets=(2,),
+        ),
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=4, pages_per_pool=128, max_slots=8),
-        max_num_tokens=32, warmup=False)
+        max_num_tokens=32,
+        warmup=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +43,11 @@ def base():
 
 @pytest.fixture(scope="module")
 def lora_adapters():
-    return {"all5": random_lora(TINY, "all5", 5, MODULES, 1),
-            "qv1": random_lora(TINY, "qv1", 1, ("q_proj", "v_proj"), 2, scale=2.0),
-            "mlp16": random_lora(TINY, "mlp16", 16, ("gate_proj", "up_proj", "down_proj"), 3)}
+    return {
+        "all5": random_lora(TINY, "all5", 5, MODULES, 1),
+        "qv1": random_lora(TINY, "qv1", 1, ("q_proj", "v_proj"), 2, scale=2.0),
+        "mlp16": random_lora(TINY, "mlp16", 16, ("gate_proj", "up_proj", "down_proj"), 3),
+    }
 
 
 @jax.jit
@@ -53,12 +62,17 @@ def greedy_reference(params, prompt, n, width=32):
         # Padding after the sequence cannot change causal logits: one compiled shape.
         logits = _full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
         seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_paged_decode_equals_full_recompute_per_adapter(base, lora_adapters):
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
-                      engine_config=small_engine_config(), load_workers=0)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (3, 11, 1, 17)]
     names = ["all5", None, "mlp16", "qv1"]
@@ -72,29 +86,47 @@ def test_batch_invariance_under_chunked_prefill_and_preemption(base, lora_adapte
     rng = np.random.default_rng(1)
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (30, 5, 19, 2, 25, 9)]
     names = ["all5", None, "qv1", "mlp16", "all5", "qv1"]
-    sampling = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=8,
-                                       ignore_eos=True)] * 3
+    sampling = [
+        GREEDY,
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True),
+    ] * 3
     # 24 KV pages of 4 tokens cannot hold all six sequences (~170 tokens): preemption happens.
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
-                      engine_config=small_engine_config(num_pages=24), load_workers=0)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(num_pages=24),
+        load_workers=0,
+    )
     together = llm.generate(prompts, adapter=names, sampling=sampling)
     assert llm.engine.stats.preemptions > 0
     assert llm.engine.kv.free_pages == 24
-    alone_llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
-                            engine_config=small_engine_config(), load_workers=0)
+    alone_llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
     for p, a, s, got in zip(prompts, names, sampling, together, strict=True):
         alone = alone_llm.generate([p], adapter=[a], sampling=[s])[0]
         assert got.token_ids == alone.token_ids, (a, s)
 
 
 def test_pages_return_after_finish_cancel_and_deadline(base, lora_adapters):
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
-                      engine_config=small_engine_config(), load_workers=0)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
     engine = llm.engine
     free_kv = engine.kv.free_pages
     done = llm.submit([5, 6, 7], adapter="all5", sampling=GREEDY)
-    cancelled = llm.submit([5, 6, 7, 8], adapter="qv1",
-                           sampling=SamplingParams(max_tokens=40, ignore_eos=True))
+    cancelled = llm.submit(
+        [5, 6, 7, 8], adapter="qv1", sampling=SamplingParams(max_tokens=40, ignore_eos=True)
+    )
     late = llm.submit([9, 9, 9], adapter="mlp16", sampling=GREEDY, deadline_s=-1.0)
     engine.step()
     engine.step()
@@ -113,23 +145,41 @@ def test_pages_return_after_finish_cancel_and_deadline(base, lora_adapters):
 def test_routing_each_request_gets_its_own_adapter_signature(base):
     tok = tiny_tokenizer()
     prompt = "Who are you?"
-    signatures = {"alpha": " I am alpha.", "bravo": " bravo here!", "charlie": " 42 charlie",
-                  "delta": " delta, delta"}
+    signatures = {
+        "alpha": " I am alpha.",
+        "bravo": " bravo here!",
+        "charlie": " 42 charlie",
+        "delta": " delta, delta",
+    }
     datasets = {}
     from jaxlora.data import Example
+
     for name, sig in signatures.items():
         ids = tok.encode(prompt)
-        datasets[name] = [Example(adapter=name, prompt=tuple(ids),
-                                  completion=tuple(tok.encode(sig, add_bos=False)))]
-    result = train_adapters(TINY, base, datasets,
-                            TrainConfig(rank=8, steps=120, learning_rate=1e-2,
-                                        schedule="constant", batch_size=1),
-                            devices=jax.local_devices()[:1])
-    llm = jaxlora.LLM(TINY, params=base, adapters=result.adapters, tokenizer=tok,
-                      engine_config=small_engine_config(), load_workers=0)
+        datasets[name] = [
+            Example(
+                adapter=name, prompt=tuple(ids), completion=tuple(tok.encode(sig, add_bos=False))
+            )
+        ]
+    result = train_adapters(
+        TINY,
+        base,
+        datasets,
+        TrainConfig(rank=8, steps=120, learning_rate=1e-2, schedule="constant", batch_size=1),
+        devices=jax.local_devices()[:1],
+    )
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=result.adapters,
+        tokenizer=tok,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
     names = list(signatures) + [None]
-    sampling = SamplingParams(temperature=0.0, max_tokens=len(max(signatures.values(), key=len))
-                              + 2, ignore_eos=True)
+    sampling = SamplingParams(
+        temperature=0.0, max_tokens=len(max(signatures.values(), key=len)) + 2, ignore_eos=True
+    )
     outs = llm.generate([prompt] * len(names), adapter=names, sampling=sampling)
     for name, out in zip(names, outs, strict=True):
         if name is None:
@@ -149,10 +199,10 @@ def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_ad
     for impl in ("reference", "pallas_interpret"):
         config = small_engine_config()
         config = dataclasses.replace(config, runner=dataclasses.replace(config.runner, impl=impl))
-        llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
-                          load_workers=0)
-        outs[impl] = [o.token_ids for o in llm.generate(prompts, adapter=names,
-                                                        sampling=sampling)]
+        llm = jaxlora.LLM(
+            TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+        )
+        outs[impl] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
     assert outs["pallas_interpret"] == outs["reference"]
 
 
@@ -174,8 +224,9 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
 
     jax.monitoring.register_event_duration_secs_listener(on_warmup_event)
     try:
-        llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
-                          load_workers=0)
+        llm = jaxlora.LLM(
+            TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+        )
     finally:
         jax.monitoring.unregister_event_duration_listener(on_warmup_event)
     warmed = set(llm.engine.runner.compiled_shapes)
@@ -197,9 +248,13 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
     try:
         llm.generate(prompts, adapter=["all5", None, "qv1", "mlp16", None], sampling=GREEDY)
         # sampled rows with top-p / top-k and logprobs use sampler variants warmed up too
-        llm.generate(prompts[:3], adapter=["qv1", None, "all5"],
-                     sampling=SamplingParams(temperature=0.8, top_p=0.9, top_k=5, logprobs=3,
-                                             max_tokens=4, seed=1))
+        llm.generate(
+            prompts[:3],
+            adapter=["qv1", None, "all5"],
+            sampling=SamplingParams(
+                temperature=0.8, top_p=0.9, top_k=5, logprobs=3, max_tokens=4, seed=1
+            ),
+        )
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     assert llm.engine.runner.compiled_shapes == warmed  # serving compiled nothing new ...
@@ -221,22 +276,27 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
     for loop in ("scan", "unrolled"):
         config = small_engine_config()
         config = dataclasses.replace(
-            config, runner=dataclasses.replace(config.runner, layer_loop=loop))
-        llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
-                          load_workers=0)
+            config, runner=dataclasses.replace(config.runner, layer_loop=loop)
+        )
+        llm = jaxlora.LLM(
+            TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+        )
         assert llm.engine.runner.model.scan_layers == (loop == "scan")
-        outs[loop] = [o.token_ids for o in llm.generate(prompts, adapter=names,
-                                                        sampling=GREEDY)]
+        outs[loop] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=GREEDY)]
     assert outs["unrolled"] == outs["scan"]
     # unrolled layers on the kernel path (interpret mode here)
     config = small_engine_config()
-    config = dataclasses.replace(config, runner=dataclasses.replace(
-        config.runner, layer_loop="unrolled", impl="pallas_interpret"))
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
-                      load_workers=0)
+    config = dataclasses.replace(
+        config,
+        runner=dataclasses.replace(config.runner, layer_loop="unrolled", impl="pallas_interpret"),
+    )
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+    )
     short = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-    kernel_outs = [o.token_ids for o in llm.generate(prompts[::2], adapter=names[::2],
-                                                     sampling=short)]
+    kernel_outs = [
+        o.token_ids for o in llm.generate(prompts[::2], adapter=names[::2], sampling=short)
+    ]
     assert kernel_outs == [out[:2] for out in outs["scan"][::2]]
     assert RunnerConfig().scan_layers()
     with pytest.raises(ConfigError, match="layer_loop"):
@@ -250,8 +310,13 @@ def test_replace_mid_generation_serves_each_request_its_own_version(base, lora_a
     old, new = lora_adapters["all5"], random_lora(TINY, "all5", 5, MODULES, 11)
     prompt_old, prompt_new = [5, 6, 7, 8], [9, 10, 11, 12]
     sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    llm = jaxlora.LLM(TINY, params=base, adapters={"all5": old},
-                      engine_config=small_engine_config(), load_workers=0)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters={"all5": old},
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
     first = llm.submit(prompt_old, adapter="all5", sampling=sampling)
     for _ in range(3):  # async scheduling: the prefill's token is read one iteration later
         llm.engine.step()
@@ -271,17 +336,23 @@ def test_max_slots_holds_for_requests_readmitted_after_preemption(base, lora_ada
     import dataclasses
 
     config = small_engine_config(num_pages=14)  # page_size 4: preemptions with 6 requests
-    config = dataclasses.replace(config, lora_pool=dataclasses.replace(config.lora_pool,
-                                                                       max_slots=2))
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
-                      load_workers=0)
+    config = dataclasses.replace(
+        config, lora_pool=dataclasses.replace(config.lora_pool, max_slots=2)
+    )
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+    )
     engine = llm.engine
     rng = np.random.default_rng(9)
     names = ["all5", "qv1", "mlp16", "all5", "qv1", "mlp16"]
-    requests = [llm.submit(list(map(int, rng.integers(3, 500, 5))), adapter=name,
-                           sampling=SamplingParams(temperature=0.0, max_tokens=10,
-                                                   ignore_eos=True))
-                for name in names]
+    requests = [
+        llm.submit(
+            list(map(int, rng.integers(3, 500, 5))),
+            adapter=name,
+            sampling=SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+        )
+        for name in names
+    ]
     most = 0
     while engine.has_work():
         engine.step()
@@ -289,10 +360,12 @@ def test_max_slots_holds_for_requests_readmitted_after_preemption(base, lora_ada
         assert most <= 2
     assert engine.stats.preemptions > 0
     assert all(r.finish_reason is FinishReason.LENGTH for r in requests), [
-        (r.finish_reason, r.error) for r in requests]
+        (r.finish_reason, r.error) for r in requests
+    ]
     for request, name in zip(requests, names, strict=True):
-        expected = greedy_reference(merged_params(base, lora_adapters[name]),
-                                    request.prompt_ids, 10)
+        expected = greedy_reference(
+            merged_params(base, lora_adapters[name]), request.prompt_ids, 10
+        )
         assert request.output_ids == expected, name
 
 
@@ -301,8 +374,13 @@ def test_deadline_aborts_an_admitted_request_that_can_no_longer_make_it(base, lo
     prompt half prefilled): with the measured step time, the chunks it still needs overrun its
     deadline, so it is aborted with a reason and its pages come back; a request without a
     deadline is untouched."""
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
-                      engine_config=small_engine_config(), load_workers=0)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
     engine = llm.engine
     free_kv = engine.kv.free_pages
     long_prompt = list(range(3, 43))  # 5 chunks of 8
@@ -334,8 +412,9 @@ def test_submit_refuses_what_it_cannot_honour(base):
     assert not llm.engine.has_work()
 
 
-def test_a_failed_adapter_load_fails_its_requests_only_and_leaks_nothing(base, lora_adapters,
-                                                                         tmp_path):
+def test_a_failed_adapter_load_fails_its_requests_only_and_leaks_nothing(
+    base, lora_adapters, tmp_path
+):
     """An adapter whose file broke after registration (headers were fine then): its requests end
     with an error naming the adapter, a request cancelled while still queued ends too, the
     others are served, and every KV page and adapter reference comes back."""
@@ -344,8 +423,13 @@ def test_a_failed_adapter_load_fails_its_requests_only_and_leaks_nothing(base, l
     from tests.peft_util import write_random_peft_adapter
 
     path = write_random_peft_adapter(tmp_path / "broken", TINY, rank=4, seed=3)
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
-                      engine_config=small_engine_config(), load_workers=0)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
     llm.register_adapter("broken", path)
     weights = os.path.join(path, "adapter_model.safetensors")
     with open(weights, "r+b") as f:  # corrupt the data section, keep the size
@@ -371,22 +455,30 @@ def test_packed_step_inputs_round_trip_every_dtype():
     from jaxlora.engine.runner import PackedInputs
 
     rng = np.random.default_rng(0)
-    tree = ({"ids": rng.integers(-5, 9, (3, 4)).astype(np.int32),
-             "valid": rng.random((2, 5)) < 0.5, "none": None},
-            {"scales": rng.standard_normal((4, 7)).astype(np.float32),
-             "wide": np.array([2 ** 31 - 1, -2 ** 31], np.int64),
-             "empty": np.zeros((0, 3), np.int32)})
+    tree = (
+        {
+            "ids": rng.integers(-5, 9, (3, 4)).astype(np.int32),
+            "valid": rng.random((2, 5)) < 0.5,
+            "none": None,
+        },
+        {
+            "scales": rng.standard_normal((4, 7)).astype(np.float32),
+            "wide": np.array([2**31 - 1, -(2**31)], np.int64),
+            "empty": np.zeros((0, 3), np.int32),
+        },
+    )
     packed = PackedInputs.pack(tree)
     assert packed.buffer.dtype == np.int32 and packed.buffer.shape == (12 + 10 + 28 + 2,)
-    back = jax.jit(PackedInputs.unpack, static_argnums=(1, 2))(packed.buffer, packed.treedef,
-                                                              packed.layout)
+    back = jax.jit(PackedInputs.unpack, static_argnums=(1, 2))(
+        packed.buffer, packed.treedef, packed.layout
+    )
     assert back[0]["none"] is None
     for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
         assert got.shape == want.shape
         np.testing.assert_array_equal(np.asarray(got), want)  # float32 bit for bit
     assert back[0]["valid"].dtype == jnp.bool_ and back[1]["scales"].dtype == jnp.float32
     with pytest.raises(ValueError, match="does not fit int32"):
-        PackedInputs.pack({"x": np.array([2 ** 31], np.int64)})
+        PackedInputs.pack({"x": np.array([2**31], np.int64)})
     with pytest.raises(TypeError, match="float64"):
         PackedInputs.pack({"x": np.zeros(2)})
 
@@ -401,27 +493,39 @@ def test_a_step_makes_one_host_to_device_transfer(base, lora_adapters, use_lora)
     from jaxlora.engine.runner import empty_batch
 
     config = small_engine_config()
-    config = dataclasses.replace(config, runner=dataclasses.replace(config.runner,
-                                                                    impl="pallas_interpret"))
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
-                      load_workers=0)
+    config = dataclasses.replace(
+        config, runner=dataclasses.replace(config.runner, impl="pallas_interpret")
+    )
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+    )
     engine, runner = llm.engine, llm.engine.runner
     handle = engine.adapters.acquire("all5")
     handle.wait()
     batch = empty_batch(8, 1, config.kv.max_pages_per_seq)
-    batch = batch.replace(tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
-                          token_valid=np.ones((8, 1), bool),
-                          seq_lens=np.ones(8, np.int32),
-                          token_slot=np.where(np.arange(8) % 2, 0, -1).astype(np.int32)[:, None])
+    batch = batch.replace(
+        tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
+        token_valid=np.ones((8, 1), bool),
+        seq_lens=np.ones(8, np.int32),
+        token_slot=np.where(np.arange(8) % 2, 0, -1).astype(np.int32)[:, None],
+    )
     meta = engine._lora_meta([handle.slot_info], batch.token_slot)
     assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(meta))
     with engine._locked_lora_pools() as pools:
         expected = jax.jit(runner._forward, static_argnames=("mode", "use_lora"))(
-            runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta,
-            mode="decode", use_lora=use_lora)[0]
+            runner.params,
+            engine.kv.k_pool,
+            engine.kv.v_pool,
+            pools,
+            batch,
+            meta,
+            mode="decode",
+            use_lora=use_lora,
+        )[0]
         with jax.transfer_guard_host_to_device("disallow"):
             logits, engine.kv.k_pool, engine.kv.v_pool = runner.run(
-                "decode", engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta, use_lora)
+                "decode", engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta, use_lora
+            )
     handle.release()
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
@@ -435,7 +539,7 @@ def test_request_tokens_slice_the_sequence_without_building_it():
     assert request.sequence_len == len(sequence) == 7
     for start in range(8):
         for n in range(8 - start):
-            assert request.tokens(start, n) == sequence[start:start + n], (start, n)
+            assert request.tokens(start, n) == sequence[start : start + n], (start, n)
 
 
 def test_async_scheduling_gives_the_sync_outputs(base, lora_adapters):
@@ -447,32 +551,54 @@ def test_async_scheduling_gives_the_sync_outputs(base, lora_adapters):
     import dataclasses
 
     tokenizer = tiny_tokenizer()
-    prompts = [[5, 6, 7, 8], list(range(40, 52)), [300, 301], [9, 10, 11], [77] * 6,
-               [120, 121, 122, 123, 124]]
+    prompts = [
+        [5, 6, 7, 8],
+        list(range(40, 52)),
+        [300, 301],
+        [9, 10, 11],
+        [77] * 6,
+        [120, 121, 122, 123, 124],
+    ]
     adapters = ["all5", None, "qv1", "mlp16", "all5", None]
-    probe = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, tokenizer=tokenizer,
-                        engine_config=small_engine_config(), load_workers=0)
-    probed = probe.generate(prompts[:2], adapter=adapters[:2],
-                            sampling=SamplingParams(temperature=0.0, max_tokens=8,
-                                                    ignore_eos=True))
+    probe = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        tokenizer=tokenizer,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
+    probed = probe.generate(
+        prompts[:2],
+        adapter=adapters[:2],
+        sampling=SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+    )
     stop_token = probed[0].token_ids[3]
     stop_text = tokenizer.decode(probed[1].token_ids[2:4]).strip()
     assert stop_token not in probed[0].token_ids[:3] and stop_text
     samplings = [
         SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token]),
         SamplingParams(temperature=0.0, max_tokens=12, stop_strings=[stop_text]),
-        SamplingParams(temperature=0.9, top_p=0.8, top_k=20, max_tokens=10, seed=3,
-                       logprobs=3, ignore_eos=True),
+        SamplingParams(
+            temperature=0.9, top_p=0.8, top_k=20, max_tokens=10, seed=3, logprobs=3, ignore_eos=True
+        ),
         SamplingParams(temperature=0.7, max_tokens=9, seed=11, logprobs=0, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=40 - 6, ignore_eos=True),  # the context
         SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
     ]
 
     def serve(async_scheduling):
-        config = dataclasses.replace(small_engine_config(num_pages=11, max_model_len=40),
-                                     async_scheduling=async_scheduling)
-        llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, tokenizer=tokenizer,
-                          engine_config=config, load_workers=0)
+        config = dataclasses.replace(
+            small_engine_config(num_pages=11, max_model_len=40), async_scheduling=async_scheduling
+        )
+        llm = jaxlora.LLM(
+            TINY,
+            params=base,
+            adapters=lora_adapters,
+            tokenizer=tokenizer,
+            engine_config=config,
+            load_workers=0,
+        )
         engine, run = llm.engine, llm.engine.runner.run
         from_device = []
 
@@ -481,8 +607,10 @@ def test_async_scheduling_gives_the_sync_outputs(base, lora_adapters):
             return run(mode, *args, register=register)
 
         engine.runner.run = spy
-        requests = [llm.submit(p, adapter=a, sampling=s)
-                    for p, a, s in zip(prompts, adapters, samplings, strict=True)]
+        requests = [
+            llm.submit(p, adapter=a, sampling=s)
+            for p, a, s in zip(prompts, adapters, samplings, strict=True)
+        ]
         engine.run_until_idle()
         assert engine.kv.free_pages == config.kv.num_pages
         return requests, engine.stats, sum(from_device)
@@ -491,16 +619,22 @@ def test_async_scheduling_gives_the_sync_outputs(base, lora_adapters):
     served, stats, from_device = serve(True)
     assert sync_from_device == 0 and from_device > 0
     assert sync_stats.preemptions > 0 and stats.preemptions > 0
-    assert [r.finish_reason for r in sync] == [FinishReason.STOP, FinishReason.STOP,
-                                               FinishReason.LENGTH, FinishReason.LENGTH,
-                                               FinishReason.LENGTH, FinishReason.LENGTH]
+    assert [r.finish_reason for r in sync] == [
+        FinishReason.STOP,
+        FinishReason.STOP,
+        FinishReason.LENGTH,
+        FinishReason.LENGTH,
+        FinishReason.LENGTH,
+        FinishReason.LENGTH,
+    ]
     assert sync[0].output_ids[-1] == stop_token and len(sync[4].output_ids) == 40 - 6
     for expected, got in zip(sync, served, strict=True):
         assert got.output_ids == expected.output_ids
         assert (got.finish_reason, got.text) == (expected.finish_reason, expected.text)
         np.testing.assert_allclose(got.output_logprobs, expected.output_logprobs, atol=1e-5)
         assert [sorted(t) for t in got.output_top_logprobs] == [
-            sorted(t) for t in expected.output_top_logprobs]
+            sorted(t) for t in expected.output_top_logprobs
+        ]
 
 
 def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base, lora_adapters):
@@ -508,8 +642,13 @@ def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base,
     still on the device (async scheduling): the running requests end with an error and free
     their pages and adapters, the pending steps are dropped, and a request submitted after
     gets the reference tokens."""
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters,
-                      engine_config=small_engine_config(), load_workers=0)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
     engine, run = llm.engine, llm.engine.runner.run
     assert engine.async_scheduling
     free_kv = engine.kv.free_pages
@@ -527,15 +666,17 @@ def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base,
     try:
         assert all(r.wait(timeout=60) for r in hit)
         assert [(r.finish_reason, r.error) for r in hit] == [
-            (FinishReason.ERROR, "internal error in the step")] * 2
+            (FinishReason.ERROR, "internal error in the step")
+        ] * 2
         assert engine.kv.free_pages == free_kv and llm.adapters.stats().referenced == 0
         after = llm.submit([9, 10, 11], adapter="qv1", sampling=GREEDY)
         assert after.wait(timeout=60) and after.finish_reason is FinishReason.LENGTH
     finally:
         engine.stop()
     assert calls[3] == "decode"
-    assert after.output_ids == greedy_reference(merged_params(base, lora_adapters["qv1"]),
-                                                [9, 10, 11], 8)
+    assert after.output_ids == greedy_reference(
+        merged_params(base, lora_adapters["qv1"]), [9, 10, 11], 8
+    )
 
 
 def test_runner_sgmv_config_reaches_the_kernels(base, lora_adapters):
@@ -548,12 +689,22 @@ def test_runner_sgmv_config_reaches_the_kernels(base, lora_adapters):
     from pallas_kernels.sgmv import SgmvConfig
 
     config = small_engine_config()
-    config = dataclasses.replace(config, runner=dataclasses.replace(
-        config.runner, impl="pallas_interpret",
-        sgmv=SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0,
-                        shrink_block_tokens=16, expand_block_tokens=16)))
-    llm = jaxlora.LLM(TINY, params=base, adapters=lora_adapters, engine_config=config,
-                      load_workers=0)
+    config = dataclasses.replace(
+        config,
+        runner=dataclasses.replace(
+            config.runner,
+            impl="pallas_interpret",
+            sgmv=SgmvConfig(
+                decode_max_tokens=0,
+                decode_shrink_max_tokens=0,
+                shrink_block_tokens=16,
+                expand_block_tokens=16,
+            ),
+        ),
+    )
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+    )
     prompts = [[5, 6, 7], [40, 41, 42, 43, 44], [300]]
     names = ["all5", "mlp16", "qv1"]
     sampling = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

@@ -21,16 +21,27 @@ from pallas_kernels.layout import MODULES
 from pallas_kernels.sgmv import SgmvConfig
 
 # Big enough for tensor-core tiles and several pages per sequence, small enough for seconds.
-CONFIG = dataclasses.replace(TINY, hidden_size=256, intermediate_size=512, num_heads=8,
-                             num_kv_heads=2, head_dim=32, vocab_size=1024, num_layers=3)
+CONFIG = dataclasses.replace(
+    TINY,
+    hidden_size=256,
+    intermediate_size=512,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=32,
+    vocab_size=1024,
+    num_layers=3,
+)
 
 
 @pytest.mark.gpu
 def test_pallas_engine_matches_reference_engine():
     params = init_params(CONFIG, 0)
-    adapters = {f"a{i}": random_lora_weights(CONFIG, f"a{i}", rank, modules, seed=i, std=0.05)
-                for i, (rank, modules) in enumerate([(16, MODULES), (1, ("q_proj", "v_proj")),
-                                                     (64, MODULES), (7, MODULES[3:])])}
+    adapters = {
+        f"a{i}": random_lora_weights(CONFIG, f"a{i}", rank, modules, seed=i, std=0.05)
+        for i, (rank, modules) in enumerate(
+            [(16, MODULES), (1, ("q_proj", "v_proj")), (64, MODULES), (7, MODULES[3:])]
+        )
+    }
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(3, 1000, n))) for n in (1, 40, 17, 90, 5, 64)]
     names = ["a0", None, "a1", "a2", "a3", "a0"]
@@ -40,20 +51,23 @@ def test_pallas_engine_matches_reference_engine():
         config = EngineConfig(
             kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256),
             runner=RunnerConfig(max_batch=8, prefill_chunk=32, max_prefill_rows=4, impl=impl),
-            lora_pool=LoraPoolConfig(max_rank=64, rows_per_page=16, pages_per_pool=64,
-                                     max_slots=8),
-            warmup=False)
-        llm = jaxlora.LLM(CONFIG, params=params, adapters=adapters, engine_config=config,
-                          load_workers=0)
+            lora_pool=LoraPoolConfig(max_rank=64, rows_per_page=16, pages_per_pool=64, max_slots=8),
+            warmup=False,
+        )
+        llm = jaxlora.LLM(
+            CONFIG, params=params, adapters=adapters, engine_config=config, load_workers=0
+        )
         assert llm.engine.runner.impl == impl
-        outputs[impl] = [o.token_ids for o in llm.generate(prompts, adapter=names,
-                                                           sampling=sampling)]
+        outputs[impl] = [
+            o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
+        ]
     assert jax.default_backend() == "gpu"
     assert outputs["pallas"] == outputs["reference"]
 
 
-@pytest.mark.parametrize("layer_loop,tiles_only", [("scan", False), ("unrolled", False),
-                                                   ("scan", True)])
+@pytest.mark.parametrize(
+    "layer_loop,tiles_only", [("scan", False), ("unrolled", False), ("scan", True)]
+)
 def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only):
     """On any machine: every step shape of an engine on the Pallas kernels (decode and prefill,
     with and without LoRA) lowers to Triton kernels for an abstract GPU (tests/gpu_lowering.py).
@@ -62,13 +76,24 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only):
     sgmv = SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0) if tiles_only else None
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
-        runner=RunnerConfig(max_batch=4, prefill_chunk=32, max_prefill_rows=2, impl="pallas",
-                            layer_loop=layer_loop, sgmv=sgmv),
+        runner=RunnerConfig(
+            max_batch=4,
+            prefill_chunk=32,
+            max_prefill_rows=2,
+            impl="pallas",
+            layer_loop=layer_loop,
+            sgmv=sgmv,
+        ),
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
-        warmup=False)
-    llm = jaxlora.LLM(CONFIG, params=init_params(CONFIG, 0), adapters={
-        "a0": random_lora_weights(CONFIG, "a0", 16, MODULES, seed=0)},
-        engine_config=config, load_workers=0)
+        warmup=False,
+    )
+    llm = jaxlora.LLM(
+        CONFIG,
+        params=init_params(CONFIG, 0),
+        adapters={"a0": random_lora_weights(CONFIG, "a0", 16, MODULES, seed=0)},
+        engine_config=config,
+        load_workers=0,
+    )
     engine, runner = llm.engine, llm.engine.runner
     lowered = 0
     for mode, rows, length in runner.bucket_shapes():
@@ -77,8 +102,9 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only):
         for use_lora in (False, True):
             step = functools.partial(runner._forward, mode=mode, use_lora=use_lora)
             with engine._locked_lora_pools() as pools:
-                text = lower_for_gpu(step, runner.params, engine.kv.k_pool, engine.kv.v_pool,
-                                     pools, batch, meta)
+                text = lower_for_gpu(
+                    step, runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta
+                )
             kernels = triton_kernels(text)
             # scan: one traced layer; unrolled: every layer. Eight SGMV launches per layer with
             # LoRA; decode attention in every layer (JAX may lower those as one shared function).

@@ -29,8 +29,10 @@ def small_engine_config(*, max_slots=8, max_skips=8, **kv):
     """test_engine's small engine with the fairness knobs set."""
     config = engine_test_config(**kv)
     return dataclasses.replace(
-        config, lora_pool=dataclasses.replace(config.lora_pool, max_slots=max_slots),
-        max_skips=max_skips)
+        config,
+        lora_pool=dataclasses.replace(config.lora_pool, max_slots=max_slots),
+        max_skips=max_skips,
+    )
 
 
 def greedy(max_tokens):
@@ -46,11 +48,14 @@ def test_async_streams_on_the_engine_thread_match_generate(base):
     """Three concurrent LLM.stream consumers on different adapters, served by the background
     engine thread: the streamed token ids are the ones generate() returns, the last delta says
     why the request ended, and stop() leaves nothing running."""
-    loras = {"a": random_lora(TINY, "a", 4, MODULES, 31),
-             "b": random_lora(TINY, "b", 16, ("k_proj", "o_proj", "up_proj"), 32),
-             "c": random_lora(TINY, "c", 1, ("q_proj", "v_proj"), 33, scale=2.0)}
-    llm = jaxlora.LLM(TINY, params=base, adapters=loras, engine_config=small_engine_config(),
-                      load_workers=0)
+    loras = {
+        "a": random_lora(TINY, "a", 4, MODULES, 31),
+        "b": random_lora(TINY, "b", 16, ("k_proj", "o_proj", "up_proj"), 32),
+        "c": random_lora(TINY, "c", 1, ("q_proj", "v_proj"), 33, scale=2.0),
+    }
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=loras, engine_config=small_engine_config(), load_workers=0
+    )
     engine = llm.engine
     free_kv = engine.kv.free_pages
     prompts = [[5, 6, 7, 8, 9], list(range(40, 52)), [300]]
@@ -66,7 +71,8 @@ def test_async_streams_on_the_engine_thread_match_generate(base):
     async def main():
         return await asyncio.wait_for(
             asyncio.gather(*(consume(p, n) for p, n in zip(prompts, names, strict=True))),
-            timeout=120)
+            timeout=120,
+        )
 
     llm.start()
     try:
@@ -96,8 +102,9 @@ def test_cold_adapter_loading_does_not_block_warm_requests(base, tmp_path, monke
     its place but does not hold up the others: a warm-adapter request and a base-model request
     produce all their tokens while it has none; once the read completes it finishes with the
     tokens the adapter's merged weights give, and every KV page and adapter reference is back."""
-    cold_dir = write_random_peft_adapter(tmp_path / "cold", TINY, rank=4, seed=41,
-                                         target_modules=("q_proj", "v_proj", "down_proj"))
+    cold_dir = write_random_peft_adapter(
+        tmp_path / "cold", TINY, rank=4, seed=41, target_modules=("q_proj", "v_proj", "down_proj")
+    )
     warm = random_lora(TINY, "warm", 8, MODULES, 42)
     release, entered = threading.Event(), threading.Event()
     read_and_pack = AdapterStore._read_and_pack
@@ -109,8 +116,13 @@ def test_cold_adapter_loading_does_not_block_warm_requests(base, tmp_path, monke
         return read_and_pack(self, entry)
 
     monkeypatch.setattr(AdapterStore, "_read_and_pack", slow_read_and_pack)
-    llm = jaxlora.LLM(TINY, params=base, adapters={"warm": warm, "cold": cold_dir},
-                      engine_config=small_engine_config(), load_workers=1)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters={"warm": warm, "cold": cold_dir},
+        engine_config=small_engine_config(),
+        load_workers=1,
+    )
     engine = llm.engine
     free_kv = engine.kv.free_pages
     n_tokens = 6
@@ -138,10 +150,10 @@ def test_cold_adapter_loading_does_not_block_warm_requests(base, tmp_path, monke
 
     assert cold.finish_reason is FinishReason.LENGTH, (cold.finish_reason, cold.error)
     cold_weights = load_peft_adapter(cold_dir, TINY, max_rank=MAX_RANK)
-    assert cold.output_ids == greedy_reference(merged_params(base, cold_weights),
-                                               cold.prompt_ids, n_tokens)
-    assert hot.output_ids == greedy_reference(merged_params(base, warm), hot.prompt_ids,
-                                              n_tokens)
+    assert cold.output_ids == greedy_reference(
+        merged_params(base, cold_weights), cold.prompt_ids, n_tokens
+    )
+    assert hot.output_ids == greedy_reference(merged_params(base, warm), hot.prompt_ids, n_tokens)
     assert plain.output_ids == greedy_reference(base, plain.prompt_ids, n_tokens)
     assert engine.kv.free_pages == free_kv
     stats = llm.adapters.stats()
@@ -163,9 +175,11 @@ class SkewedRun:
 
 MAX_SKIPS = 2
 SKEWED_TOKENS = 4
-SKEWED_LORAS = {"hot": (4, MODULES, 21, 0.5),
-                "rare_a": (8, ("q_proj", "v_proj"), 22, 2.0),
-                "rare_b": (2, ("gate_proj", "down_proj"), 23, 0.5)}
+SKEWED_LORAS = {
+    "hot": (4, MODULES, 21, 0.5),
+    "rare_a": (8, ("q_proj", "v_proj"), 22, 2.0),
+    "rare_b": (2, ("gate_proj", "down_proj"), 23, 0.5),
+}
 
 
 @pytest.fixture(scope="module")
@@ -174,17 +188,30 @@ def skewed_run(base):
     one adapter slot per step: a rare request cannot run next to the hot ones. The engine is
     stepped by hand, and every admission pass (the waiting queue before a step, the requests
     the step admitted) is recorded."""
-    loras = {name: random_lora(TINY, name, rank, modules, seed, scale=scale)
-             for name, (rank, modules, seed, scale) in SKEWED_LORAS.items()}
-    llm = jaxlora.LLM(TINY, params=base, adapters=loras, load_workers=0,
-                      engine_config=small_engine_config(max_slots=1, max_skips=MAX_SKIPS))
+    loras = {
+        name: random_lora(TINY, name, rank, modules, seed, scale=scale)
+        for name, (rank, modules, seed, scale) in SKEWED_LORAS.items()
+    }
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=loras,
+        load_workers=0,
+        engine_config=small_engine_config(max_slots=1, max_skips=MAX_SKIPS),
+    )
     engine = llm.engine
     free_kv = engine.kv.free_pages
-    names = (["hot"] * 3 + ["rare_a"] + ["hot"] * 6 + ["rare_b"] + ["hot"] * 6 + ["rare_a"]
-             + ["hot"] * 4)
-    requests = [llm.submit([3 + (7 * i + 5 * k) % 500 for k in range(3 + i % 4)], adapter=name,
-                           sampling=greedy(SKEWED_TOKENS))
-                for i, name in enumerate(names)]
+    names = (
+        ["hot"] * 3 + ["rare_a"] + ["hot"] * 6 + ["rare_b"] + ["hot"] * 6 + ["rare_a"] + ["hot"] * 4
+    )
+    requests = [
+        llm.submit(
+            [3 + (7 * i + 5 * k) % 500 for k in range(3 + i % 4)],
+            adapter=name,
+            sampling=greedy(SKEWED_TOKENS),
+        )
+        for i, name in enumerate(names)
+    ]
     position = {r.request_id: i for i, r in enumerate(requests)}
     admitted_at, head_overtaken = {}, dict.fromkeys(position, 0)
     steps = 0
@@ -201,16 +228,27 @@ def skewed_run(base):
         if blocked:
             head = blocked[0]
             head_overtaken[head.request_id] += sum(
-                1 for rid in admitted if position[rid] > position[head.request_id])
+                1 for rid in admitted if position[rid] > position[head.request_id]
+            )
         assert steps < 400, "the engine did not drain the queue"
-    overtaken = {r.request_id: sum(1 for later in requests[i + 1:]
-                                   if admitted_at[later.request_id] < admitted_at[r.request_id])
-                 for i, r in enumerate(requests)}
-    return SkewedRun(names=names, requests=requests, admitted_at=admitted_at,
-                     head_overtaken=head_overtaken, overtaken=overtaken,
-                     preemptions=engine.stats.preemptions,
-                     kv_pages_back=engine.kv.free_pages == free_kv,
-                     adapter_refs=llm.adapters.stats().referenced)
+    overtaken = {
+        r.request_id: sum(
+            1
+            for later in requests[i + 1 :]
+            if admitted_at[later.request_id] < admitted_at[r.request_id]
+        )
+        for i, r in enumerate(requests)
+    }
+    return SkewedRun(
+        names=names,
+        requests=requests,
+        admitted_at=admitted_at,
+        head_overtaken=head_overtaken,
+        overtaken=overtaken,
+        preemptions=engine.stats.preemptions,
+        kv_pages_back=engine.kv.free_pages == free_kv,
+        adapter_refs=llm.adapters.stats().referenced,
+    )
 
 
 def describe(run: SkewedRun, request_ids) -> dict:
@@ -218,10 +256,16 @@ def describe(run: SkewedRun, request_ids) -> dict:
     out = {}
     for rid in request_ids:
         i = next(k for k, r in enumerate(run.requests) if r.request_id == rid)
-        out[rid] = {"adapter": run.names[i], "skipped": run.requests[i].skipped,
-                    "admitted_at_step": run.admitted_at[rid],
-                    "overtaken_by": [r.request_id for r in run.requests[i + 1:]
-                                     if run.admitted_at[r.request_id] < run.admitted_at[rid]]}
+        out[rid] = {
+            "adapter": run.names[i],
+            "skipped": run.requests[i].skipped,
+            "admitted_at_step": run.admitted_at[rid],
+            "overtaken_by": [
+                r.request_id
+                for r in run.requests[i + 1 :]
+                if run.admitted_at[r.request_id] < run.admitted_at[rid]
+            ],
+        }
     return out
 
 
@@ -229,10 +273,12 @@ def test_skewed_load_every_request_finishes_with_its_solo_output(base, skewed_ru
     run = skewed_run
     assert run.preemptions == 0  # admission order alone decides who went first
     assert all(r.finish_reason is FinishReason.LENGTH for r in run.requests), [
-        (r.request_id, r.finish_reason, r.error) for r in run.requests]
-    merged = {name: merged_params(base, random_lora(TINY, name, rank, modules, seed,
-                                                    scale=scale))
-              for name, (rank, modules, seed, scale) in SKEWED_LORAS.items()}
+        (r.request_id, r.finish_reason, r.error) for r in run.requests
+    ]
+    merged = {
+        name: merged_params(base, random_lora(TINY, name, rank, modules, seed, scale=scale))
+        for name, (rank, modules, seed, scale) in SKEWED_LORAS.items()
+    }
     for request, name in zip(run.requests, run.names, strict=True):
         expected = greedy_reference(merged[name], request.prompt_ids, SKEWED_TOKENS)
         assert request.output_ids == expected, (request.request_id, name)
@@ -248,8 +294,11 @@ def test_skewed_load_blocked_head_is_overtaken_at_most_max_skips_times(skewed_ru
     # The load is skewed enough that the policy's overtaking actually happens ...
     assert max(run.head_overtaken.values()) >= 1, run.head_overtaken
     # ... and never beyond the bound.
-    over = [r.request_id for r in run.requests
-            if r.skipped > MAX_SKIPS or run.head_overtaken[r.request_id] > MAX_SKIPS]
+    over = [
+        r.request_id
+        for r in run.requests
+        if r.skipped > MAX_SKIPS or run.head_overtaken[r.request_id] > MAX_SKIPS
+    ]
     assert not over, (f"max_skips={MAX_SKIPS}", describe(run, over))
 
 

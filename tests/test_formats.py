@@ -104,11 +104,15 @@ def test_hf_round_trip_is_exact_and_in_hf_layout(tmp_path, tiny_params):
     save_hf_checkpoint(tmp_path, TINY, tiny_params)
     stored = load_file(os.path.join(tmp_path, "model.safetensors"))
     # HF stores Linear weights (out, in): the transpose of the kernel, per layer.
-    np.testing.assert_array_equal(stored["model.layers.1.self_attn.k_proj.weight"],
-                                  tiny_params["layers"]["attn"]["k_proj"]["kernel"][1].T)
+    np.testing.assert_array_equal(
+        stored["model.layers.1.self_attn.k_proj.weight"],
+        tiny_params["layers"]["attn"]["k_proj"]["kernel"][1].T,
+    )
     np.testing.assert_array_equal(stored["lm_head.weight"], tiny_params["lm_head"]["kernel"].T)
-    np.testing.assert_array_equal(stored["model.layers.0.input_layernorm.weight"],
-                                  tiny_params["layers"]["input_layernorm"]["scale"][0])
+    np.testing.assert_array_equal(
+        stored["model.layers.0.input_layernorm.weight"],
+        tiny_params["layers"]["input_layernorm"]["scale"][0],
+    )
     assert len(stored) == 3 + 9 * TINY.num_layers
     config, params = load_hf_checkpoint(tmp_path)
     assert config == TINY
@@ -123,8 +127,9 @@ def test_hf_tied_embeddings_have_no_lm_head(tmp_path):
     save_hf_checkpoint(tmp_path, tied, params)
     assert "lm_head.weight" not in load_file(os.path.join(tmp_path, "model.safetensors"))
     # Some exporters also write the (identical) lm_head of a tied model: it is not a second head.
-    rewrite_tensors(tmp_path, "model.safetensors", add={
-        "lm_head.weight": params["embed_tokens"]["embedding"]})
+    rewrite_tensors(
+        tmp_path, "model.safetensors", add={"lm_head.weight": params["embed_tokens"]["embedding"]}
+    )
     config, loaded = load_hf_checkpoint(tmp_path)
     assert config.tie_word_embeddings and "lm_head" not in loaded
     assert_trees_equal(loaded, params)
@@ -135,8 +140,10 @@ def test_hf_sharded_checkpoint(tmp_path, tiny_params):
     tensors = load_file(os.path.join(tmp_path, "model.safetensors"))
     os.remove(os.path.join(tmp_path, "model.safetensors"))
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2],
-              "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     weight_map = {}
     for shard, shard_names in shards.items():
         save_file({n: tensors[n] for n in shard_names}, os.path.join(tmp_path, shard))
@@ -169,9 +176,14 @@ def test_hf_config_of_transformers_5_with_rope_parameters(tmp_path, tiny_params)
     with open(path) as f:
         cfg = json.load(f)
     del cfg["rope_theta"]
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 64}
+    cfg["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     with open(path, "w") as f:
         json.dump(cfg, f)
     config, _ = load_hf_checkpoint(tmp_path)
@@ -193,46 +205,78 @@ def _truncate(path, keep):
 
 HF_BREAKAGES = {
     "missing_tensor": (
-        lambda d: rewrite_tensors(d, "model.safetensors",
-                                  drop=["model.layers.1.mlp.up_proj.weight"]),
-        FormatError, ["model.safetensors", "model.layers.1.mlp.up_proj.weight", "[128, 64]"]),
+        lambda d: rewrite_tensors(
+            d, "model.safetensors", drop=["model.layers.1.mlp.up_proj.weight"]
+        ),
+        FormatError,
+        ["model.safetensors", "model.layers.1.mlp.up_proj.weight", "[128, 64]"],
+    ),
     "wrong_shape": (
-        lambda d: rewrite_tensors(d, "model.safetensors", add={
-            "model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}),
-        FormatError, ["model.safetensors", "model.layers.0.self_attn.k_proj.weight", "[32, 64]"]),
+        lambda d: rewrite_tensors(
+            d,
+            "model.safetensors",
+            add={"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)},
+        ),
+        FormatError,
+        ["model.safetensors", "model.layers.0.self_attn.k_proj.weight", "[32, 64]"],
+    ),
     "unexpected_tensor": (
-        lambda d: rewrite_tensors(d, "model.safetensors", add={
-            "model.layers.2.mlp.up_proj.weight": np.zeros((128, 64), np.float32)}),
-        FormatError, ["model.safetensors", "model.layers.2.mlp.up_proj.weight", "unexpected"]),
+        lambda d: rewrite_tensors(
+            d,
+            "model.safetensors",
+            add={"model.layers.2.mlp.up_proj.weight": np.zeros((128, 64), np.float32)},
+        ),
+        FormatError,
+        ["model.safetensors", "model.layers.2.mlp.up_proj.weight", "unexpected"],
+    ),
     "integer_dtype": (
-        lambda d: rewrite_tensors(d, "model.safetensors", add={
-            "model.norm.weight": np.zeros((64,), np.int32)}),
-        FormatError, ["model.norm.weight", "I32"]),
+        lambda d: rewrite_tensors(
+            d, "model.safetensors", add={"model.norm.weight": np.zeros((64,), np.int32)}
+        ),
+        FormatError,
+        ["model.norm.weight", "I32"],
+    ),
     "pickle_only": (
-        lambda d: (os.remove(os.path.join(d, "model.safetensors")),
-                   open(os.path.join(d, "pytorch_model.bin"), "wb").write(b"\x80\x04junk")),
-        FormatError, ["pytorch_model.bin", "pickle", "safetensors"]),
+        lambda d: (
+            os.remove(os.path.join(d, "model.safetensors")),
+            open(os.path.join(d, "pytorch_model.bin"), "wb").write(b"\x80\x04junk"),
+        ),
+        FormatError,
+        ["pytorch_model.bin", "pickle", "safetensors"],
+    ),
     "truncated": (
         lambda d: _truncate(os.path.join(d, "model.safetensors"), 50_000),
-        FormatError, ["model.safetensors", "truncated"]),
+        FormatError,
+        ["model.safetensors", "truncated"],
+    ),
     "garbage_header": (
         lambda d: open(os.path.join(d, "model.safetensors"), "wb").write(
-            (20).to_bytes(8, "little") + b"{not json at all...." + b"\0" * 64),
-        FormatError, ["model.safetensors", "JSON"]),
+            (20).to_bytes(8, "little") + b"{not json at all...." + b"\0" * 64
+        ),
+        FormatError,
+        ["model.safetensors", "JSON"],
+    ),
     "index_names_missing_shard": (
-        lambda d: (os.remove(os.path.join(d, "model.safetensors")),
-                   json.dump({"weight_map": {"model.norm.weight": "model-00001.safetensors"}},
-                             open(os.path.join(d, "model.safetensors.index.json"), "w"))),
-        FormatError, ["model-00001.safetensors", "not found"]),
+        lambda d: (
+            os.remove(os.path.join(d, "model.safetensors")),
+            json.dump(
+                {"weight_map": {"model.norm.weight": "model-00001.safetensors"}},
+                open(os.path.join(d, "model.safetensors.index.json"), "w"),
+            ),
+        ),
+        FormatError,
+        ["model-00001.safetensors", "not found"],
+    ),
     "missing_config": (
         lambda d: os.remove(os.path.join(d, "config.json")),
-        ConfigError, ["config.json", "not found"]),
+        ConfigError,
+        ["config.json", "not found"],
+    ),
 }
 
 
 @pytest.mark.parametrize("breakage", sorted(HF_BREAKAGES))
-def test_hf_checkpoint_refusals_name_file_tensor_and_expectation(tmp_path, tiny_params,
-                                                                 breakage):
+def test_hf_checkpoint_refusals_name_file_tensor_and_expectation(tmp_path, tiny_params, breakage):
     directory = _hf_dir(tmp_path, tiny_params)
     corrupt, error, fragments = HF_BREAKAGES[breakage]
     corrupt(directory)
@@ -265,17 +309,20 @@ def test_save_hf_checkpoint_refuses_params_of_another_shape(tmp_path, tiny_param
 
 
 def test_peft_adapter_loads_as_rank_rows(tmp_path):
-    d = write_random_peft_adapter(tmp_path / "a", TINY, rank=4,
-                                  target_modules=["q_proj", "v_proj", "down_proj"], alpha=12)
+    d = write_random_peft_adapter(
+        tmp_path / "a", TINY, rank=4, target_modules=["q_proj", "v_proj", "down_proj"], alpha=12
+    )
     weights = load_peft_adapter(d, TINY, max_rank=MAX_RANK)
     tensors = load_file(os.path.join(d, "adapter_model.safetensors"))
     assert set(weights.a) == {"q_proj", "v_proj", "down_proj"}
     for layer in range(TINY.num_layers):
         prefix = peft_tensor_prefix(layer, "v_proj")
-        np.testing.assert_array_equal(weights.a["v_proj"][layer],
-                                      tensors[f"{prefix}.lora_A.weight"])
-        np.testing.assert_array_equal(weights.b["v_proj"][layer],
-                                      tensors[f"{prefix}.lora_B.weight"].T)
+        np.testing.assert_array_equal(
+            weights.a["v_proj"][layer], tensors[f"{prefix}.lora_A.weight"]
+        )
+        np.testing.assert_array_equal(
+            weights.b["v_proj"][layer], tensors[f"{prefix}.lora_B.weight"].T
+        )
     assert weights.a["down_proj"].shape == (2, 4, 128)
     assert weights.b["down_proj"].shape == (2, 4, 64)
     assert weights.scales == {m: 3.0 for m in weights.a}
@@ -283,14 +330,16 @@ def test_peft_adapter_loads_as_rank_rows(tmp_path):
 
 
 def test_rslora_scale_is_alpha_over_sqrt_rank(tmp_path):
-    d = write_random_peft_adapter(tmp_path / "a", TINY, rank=16, target_modules=["o_proj"],
-                                  alpha=8, use_rslora=True)
+    d = write_random_peft_adapter(
+        tmp_path / "a", TINY, rank=16, target_modules=["o_proj"], alpha=8, use_rslora=True
+    )
     assert load_peft_adapter(d, TINY, max_rank=MAX_RANK).scales == {"o_proj": 2.0}
 
 
 def test_spec_matches_the_loaded_weights(tmp_path):
-    d = write_random_peft_adapter(tmp_path / "a", TINY, rank=8,
-                                  target_modules=["k_proj", "up_proj"])
+    d = write_random_peft_adapter(
+        tmp_path / "a", TINY, rank=8, target_modules=["k_proj", "up_proj"]
+    )
     spec = read_peft_adapter_spec(d, TINY, max_rank=MAX_RANK, name="custom")
     weights = load_peft_adapter(d, TINY, max_rank=MAX_RANK, name="custom")
     assert spec.name == weights.name == "custom"
@@ -322,7 +371,9 @@ def test_spec_reads_only_the_header(tmp_path, monkeypatch):
 
 def test_rank_and_alpha_patterns_per_module_and_per_layer(tmp_path):
     adapter_config = {
-        "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["q_proj", "v_proj"],
         # PEFT matches pattern keys against the end of the full module name, first key wins.
         "rank_pattern": {"model.layers.0.self_attn.q_proj": 4, "v_proj": 2},
         "alpha_pattern": {"layers.1.self_attn.q_proj": 24},
@@ -340,32 +391,49 @@ def test_rank_and_alpha_patterns_per_module_and_per_layer(tmp_path):
     for (layer, module), _ in ranks.items():
         np.testing.assert_allclose(
             jaxlora_delta(weights, layer, module),
-            peft_delta(d, layer, module, spec.layer_scales[module][layer]), rtol=1e-5, atol=1e-5)
+            peft_delta(d, layer, module, spec.layer_scales[module][layer]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_zero_alpha_in_the_first_layer_does_not_zero_the_module(tmp_path):
-    adapter_config = {"r": 4, "lora_alpha": 8, "target_modules": ["up_proj"],
-                      "alpha_pattern": {"model.layers.0.mlp.up_proj": 0}}
+    adapter_config = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["up_proj"],
+        "alpha_pattern": {"model.layers.0.mlp.up_proj": 0},
+    }
     d = write_adapter(tmp_path / "z", TINY, adapter_config, {(0, "up_proj"): 4, (1, "up_proj"): 4})
     weights = load_peft_adapter(d, TINY, max_rank=MAX_RANK)
     assert weights.scales == {"up_proj": 2.0}
     assert not weights.b["up_proj"][0].any()
-    np.testing.assert_allclose(jaxlora_delta(weights, 1, "up_proj"),
-                               peft_delta(d, 1, "up_proj", 2.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jaxlora_delta(weights, 1, "up_proj"), peft_delta(d, 1, "up_proj", 2.0), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_layers_to_transform_leaves_other_layers_untouched(tmp_path):
-    adapter_config = {"r": 4, "lora_alpha": 4, "target_modules": ["k_proj", "gate_proj"],
-                      "layers_to_transform": [1]}
+    adapter_config = {
+        "r": 4,
+        "lora_alpha": 4,
+        "target_modules": ["k_proj", "gate_proj"],
+        "layers_to_transform": [1],
+    }
     d = write_adapter(tmp_path / "l", TINY, adapter_config, {(1, "k_proj"): 4, (1, "gate_proj"): 4})
     weights = load_peft_adapter(d, TINY, max_rank=MAX_RANK)
     for m in ("k_proj", "gate_proj"):
         assert not weights.a[m][0].any() and not weights.b[m][0].any()
-        np.testing.assert_allclose(jaxlora_delta(weights, 1, m), peft_delta(d, 1, m, 1.0),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            jaxlora_delta(weights, 1, m), peft_delta(d, 1, m, 1.0), rtol=1e-5, atol=1e-5
+        )
     # The same adapter with a tensor for the untransformed layer 0 is inconsistent.
-    write_adapter(tmp_path / "l0", TINY, adapter_config, {(0, "k_proj"): 4, (1, "k_proj"): 4,
-                                                           (1, "gate_proj"): 4})
+    write_adapter(
+        tmp_path / "l0",
+        TINY,
+        adapter_config,
+        {(0, "k_proj"): 4, (1, "k_proj"): 4, (1, "gate_proj"): 4},
+    )
     with pytest.raises(FormatError, match=r"layers\.0\.self_attn\.k_proj.*not selected"):
         read_peft_adapter_spec(tmp_path / "l0", TINY, max_rank=MAX_RANK)
 
@@ -373,21 +441,34 @@ def test_layers_to_transform_leaves_other_layers_untouched(tmp_path):
 ALL_LAYERS = (0, 1)
 
 
-@pytest.mark.parametrize("target_modules, extra, expected", [
-    (r".*\.(q_proj|down_proj)", {}, {"q_proj": ALL_LAYERS, "down_proj": ALL_LAYERS}),
-    ("all-linear", {}, {m: ALL_LAYERS for m in MODULES}),
-    (None, {}, {"q_proj": ALL_LAYERS, "v_proj": ALL_LAYERS}),  # PEFT's default for Llama
-    (["model.layers.1.mlp.up_proj"], {}, {"up_proj": (1,)}),
-    (["self_attn.o_proj"], {"layers_to_transform": 0}, {"o_proj": (0,)}),
-    ("all-linear", {"exclude_modules": ["down_proj", "model.layers.0.self_attn.q_proj"]},
-     {**{m: ALL_LAYERS for m in MODULES if m != "down_proj"}, "q_proj": (1,)}),
-    (["q_proj", "up_proj"], {"layers_to_transform": [0], "layers_pattern": "layers"},
-     {"q_proj": (0,), "up_proj": (0,)}),
-])
+@pytest.mark.parametrize(
+    "target_modules, extra, expected",
+    [
+        (r".*\.(q_proj|down_proj)", {}, {"q_proj": ALL_LAYERS, "down_proj": ALL_LAYERS}),
+        ("all-linear", {}, {m: ALL_LAYERS for m in MODULES}),
+        (None, {}, {"q_proj": ALL_LAYERS, "v_proj": ALL_LAYERS}),  # PEFT's default for Llama
+        (["model.layers.1.mlp.up_proj"], {}, {"up_proj": (1,)}),
+        (["self_attn.o_proj"], {"layers_to_transform": 0}, {"o_proj": (0,)}),
+        (
+            "all-linear",
+            {"exclude_modules": ["down_proj", "model.layers.0.self_attn.q_proj"]},
+            {**{m: ALL_LAYERS for m in MODULES if m != "down_proj"}, "q_proj": (1,)},
+        ),
+        (
+            ["q_proj", "up_proj"],
+            {"layers_to_transform": [0], "layers_pattern": "layers"},
+            {"q_proj": (0,), "up_proj": (0,)},
+        ),
+    ],
+)
 def test_target_module_forms(tmp_path, target_modules, extra, expected):
     ranks = {(layer, m): 2 for m, layers in expected.items() for layer in layers}
-    d = write_adapter(tmp_path / "t", TINY, {"r": 2, "lora_alpha": 2,
-                                             "target_modules": target_modules, **extra}, ranks)
+    d = write_adapter(
+        tmp_path / "t",
+        TINY,
+        {"r": 2, "lora_alpha": 2, "target_modules": target_modules, **extra},
+        ranks,
+    )
     spec = read_peft_adapter_spec(d, TINY, max_rank=MAX_RANK)
     assert spec.target_modules == tuple(m for m in MODULES if m in expected)
     for m, layers in expected.items():
@@ -401,7 +482,8 @@ def test_adapter_name_inside_tensor_names_is_accepted(tmp_path):
     save_file(renamed, os.path.join(d, "adapter_model.safetensors"))
     weights = load_peft_adapter(d, TINY, max_rank=MAX_RANK)
     np.testing.assert_array_equal(
-        weights.a["q_proj"][1], tensors[f"{peft_tensor_prefix(1, 'q_proj')}.lora_A.weight"])
+        weights.a["q_proj"][1], tensors[f"{peft_tensor_prefix(1, 'q_proj')}.lora_A.weight"]
+    )
 
 
 Q0 = peft_tensor_prefix(0, "q_proj")
@@ -411,71 +493,161 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_BREAKAGES = {
     # unsupported features (AdapterError)
     "dora": (lambda d: rewrite_config(d, use_dora=True), AdapterError, [CONFIG_FILE, "use_dora"]),
-    "modules_to_save": (lambda d: rewrite_config(d, modules_to_save=["lm_head"]), AdapterError,
-                        [CONFIG_FILE, "modules_to_save"]),
-    "bias": (lambda d: rewrite_config(d, bias="lora_only"), AdapterError,
-             [CONFIG_FILE, "'bias'", "'none'"]),
-    "lm_head": (lambda d: rewrite_config(d, target_modules=["q_proj", "lm_head"]), AdapterError,
-                [CONFIG_FILE, "lm_head", "q_proj, k_proj"]),
-    "embed_tokens": (lambda d: rewrite_config(d, target_modules=".*embed_tokens"), AdapterError,
-                     [CONFIG_FILE, "embed_tokens"]),
-    "not_a_linear": (lambda d: rewrite_config(d, target_modules=["q_proj", "input_layernorm"]),
-                     AdapterError, [CONFIG_FILE, "input_layernorm", "not a LoRA-able linear"]),
-    "rank_above_max": (lambda d: rewrite_config(d, r=32), AdapterError,
-                       [CONFIG_FILE, "field r ", "rank 32", "max_rank=16"]),
-    "pattern_rank_above_max": (lambda d: rewrite_config(d, rank_pattern={"q_proj": 17}),
-                               AdapterError,
-                               [CONFIG_FILE, "rank_pattern['q_proj']", "max_rank=16"]),
-    "not_lora": (lambda d: rewrite_config(d, peft_type="IA3"), AdapterError,
-                 [CONFIG_FILE, "peft_type", "'LORA'"]),
-    "pissa_unconverted": (lambda d: rewrite_config(d, init_lora_weights="pissa_niter_4"),
-                          AdapterError, [CONFIG_FILE, "init_lora_weights"]),
-    "unknown_variant": (lambda d: rewrite_config(d, use_fancy_lora=True), AdapterError,
-                        [CONFIG_FILE, "use_fancy_lora"]),
-    "dora_tensor": (lambda d: rewrite_tensors(d, add={
-        f"{Q0}.lora_magnitude_vector": np.ones(64, np.float32)}), AdapterError,
-        [WEIGHTS_FILE, "lora_magnitude_vector", "DoRA"]),
-    "bias_tensor": (lambda d: rewrite_tensors(d, add={f"{Q0}.bias": np.ones(64, np.float32)}),
-                    AdapterError, [WEIGHTS_FILE, f"{Q0}.bias"]),
-    "embedding_lora_tensor": (lambda d: rewrite_tensors(d, add={
-        "base_model.model.model.embed_tokens.lora_embedding_A": np.ones((4, 512), np.float32)}),
-        AdapterError, [WEIGHTS_FILE, "lora_embedding_A"]),
-    "saved_lm_head": (lambda d: rewrite_tensors(d, add={
-        "base_model.model.lm_head.weight": np.ones((512, 64), np.float32)}), AdapterError,
-        [WEIGHTS_FILE, "base_model.model.lm_head.weight"]),
+    "modules_to_save": (
+        lambda d: rewrite_config(d, modules_to_save=["lm_head"]),
+        AdapterError,
+        [CONFIG_FILE, "modules_to_save"],
+    ),
+    "bias": (
+        lambda d: rewrite_config(d, bias="lora_only"),
+        AdapterError,
+        [CONFIG_FILE, "'bias'", "'none'"],
+    ),
+    "lm_head": (
+        lambda d: rewrite_config(d, target_modules=["q_proj", "lm_head"]),
+        AdapterError,
+        [CONFIG_FILE, "lm_head", "q_proj, k_proj"],
+    ),
+    "embed_tokens": (
+        lambda d: rewrite_config(d, target_modules=".*embed_tokens"),
+        AdapterError,
+        [CONFIG_FILE, "embed_tokens"],
+    ),
+    "not_a_linear": (
+        lambda d: rewrite_config(d, target_modules=["q_proj", "input_layernorm"]),
+        AdapterError,
+        [CONFIG_FILE, "input_layernorm", "not a LoRA-able linear"],
+    ),
+    "rank_above_max": (
+        lambda d: rewrite_config(d, r=32),
+        AdapterError,
+        [CONFIG_FILE, "field r ", "rank 32", "max_rank=16"],
+    ),
+    "pattern_rank_above_max": (
+        lambda d: rewrite_config(d, rank_pattern={"q_proj": 17}),
+        AdapterError,
+        [CONFIG_FILE, "rank_pattern['q_proj']", "max_rank=16"],
+    ),
+    "not_lora": (
+        lambda d: rewrite_config(d, peft_type="IA3"),
+        AdapterError,
+        [CONFIG_FILE, "peft_type", "'LORA'"],
+    ),
+    "pissa_unconverted": (
+        lambda d: rewrite_config(d, init_lora_weights="pissa_niter_4"),
+        AdapterError,
+        [CONFIG_FILE, "init_lora_weights"],
+    ),
+    "unknown_variant": (
+        lambda d: rewrite_config(d, use_fancy_lora=True),
+        AdapterError,
+        [CONFIG_FILE, "use_fancy_lora"],
+    ),
+    "dora_tensor": (
+        lambda d: rewrite_tensors(d, add={f"{Q0}.lora_magnitude_vector": np.ones(64, np.float32)}),
+        AdapterError,
+        [WEIGHTS_FILE, "lora_magnitude_vector", "DoRA"],
+    ),
+    "bias_tensor": (
+        lambda d: rewrite_tensors(d, add={f"{Q0}.bias": np.ones(64, np.float32)}),
+        AdapterError,
+        [WEIGHTS_FILE, f"{Q0}.bias"],
+    ),
+    "embedding_lora_tensor": (
+        lambda d: rewrite_tensors(
+            d,
+            add={
+                "base_model.model.model.embed_tokens.lora_embedding_A": np.ones(
+                    (4, 512), np.float32
+                )
+            },
+        ),
+        AdapterError,
+        [WEIGHTS_FILE, "lora_embedding_A"],
+    ),
+    "saved_lm_head": (
+        lambda d: rewrite_tensors(
+            d, add={"base_model.model.lm_head.weight": np.ones((512, 64), np.float32)}
+        ),
+        AdapterError,
+        [WEIGHTS_FILE, "base_model.model.lm_head.weight"],
+    ),
     # files that do not match the model or are broken (FormatError)
-    "unknown_module": (lambda d: rewrite_config(d, target_modules=["q_proj", "c_attn"]),
-                       FormatError, [CONFIG_FILE, "'c_attn'", "q_proj, k_proj"]),
-    "wrong_shape": (lambda d: rewrite_tensors(d, add={
-        f"{Q0}.lora_B.weight": np.ones((32, 4), np.float32)}), FormatError,
-        [WEIGHTS_FILE, f"{Q0}.lora_B.weight", "[32, 4]", "expected [64, 4]"]),
-    "missing_tensor": (lambda d: rewrite_tensors(d, drop=[f"{Q0}.lora_A.weight"]), FormatError,
-                       [WEIGHTS_FILE, f"{Q0}.lora_A.weight", "[4, 64]"]),
-    "unknown_key": (lambda d: rewrite_tensors(d, add={
-        f"{Q0}.lora_C.weight": np.ones((4, 64), np.float32)}), FormatError,
-        [WEIGHTS_FILE, f"{Q0}.lora_C.weight", "expected names like"]),
-    "tensor_of_untargeted_module": (lambda d: rewrite_tensors(d, add={
-        f"{peft_tensor_prefix(0, 'k_proj')}.lora_A.weight": np.ones((4, 64), np.float32)}),
-        FormatError, [WEIGHTS_FILE, "k_proj.lora_A.weight", "not selected by target_modules"]),
-    "pickle_weights": (lambda d: (os.remove(os.path.join(d, WEIGHTS_FILE)),
-                                  open(os.path.join(d, "adapter_model.bin"), "wb").write(b"\x80")),
-                       FormatError, ["adapter_model.bin", "pickle"]),
-    "pickle_disguised": (lambda d: open(os.path.join(d, WEIGHTS_FILE), "wb").write(
-        b"\x80\x04\x95" + b"\0" * 64), FormatError, [WEIGHTS_FILE, "pickle"]),
-    "truncated": (lambda d: _truncate(os.path.join(d, WEIGHTS_FILE), 2000), FormatError,
-                  [WEIGHTS_FILE, "truncated"]),
-    "bad_json": (lambda d: open(os.path.join(d, CONFIG_FILE), "w").write("{'r': 4,"),
-                 FormatError, [CONFIG_FILE, "JSON"]),
+    "unknown_module": (
+        lambda d: rewrite_config(d, target_modules=["q_proj", "c_attn"]),
+        FormatError,
+        [CONFIG_FILE, "'c_attn'", "q_proj, k_proj"],
+    ),
+    "wrong_shape": (
+        lambda d: rewrite_tensors(d, add={f"{Q0}.lora_B.weight": np.ones((32, 4), np.float32)}),
+        FormatError,
+        [WEIGHTS_FILE, f"{Q0}.lora_B.weight", "[32, 4]", "expected [64, 4]"],
+    ),
+    "missing_tensor": (
+        lambda d: rewrite_tensors(d, drop=[f"{Q0}.lora_A.weight"]),
+        FormatError,
+        [WEIGHTS_FILE, f"{Q0}.lora_A.weight", "[4, 64]"],
+    ),
+    "unknown_key": (
+        lambda d: rewrite_tensors(d, add={f"{Q0}.lora_C.weight": np.ones((4, 64), np.float32)}),
+        FormatError,
+        [WEIGHTS_FILE, f"{Q0}.lora_C.weight", "expected names like"],
+    ),
+    "tensor_of_untargeted_module": (
+        lambda d: rewrite_tensors(
+            d,
+            add={f"{peft_tensor_prefix(0, 'k_proj')}.lora_A.weight": np.ones((4, 64), np.float32)},
+        ),
+        FormatError,
+        [WEIGHTS_FILE, "k_proj.lora_A.weight", "not selected by target_modules"],
+    ),
+    "pickle_weights": (
+        lambda d: (
+            os.remove(os.path.join(d, WEIGHTS_FILE)),
+            open(os.path.join(d, "adapter_model.bin"), "wb").write(b"\x80"),
+        ),
+        FormatError,
+        ["adapter_model.bin", "pickle"],
+    ),
+    "pickle_disguised": (
+        lambda d: open(os.path.join(d, WEIGHTS_FILE), "wb").write(b"\x80\x04\x95" + b"\0" * 64),
+        FormatError,
+        [WEIGHTS_FILE, "pickle"],
+    ),
+    "truncated": (
+        lambda d: _truncate(os.path.join(d, WEIGHTS_FILE), 2000),
+        FormatError,
+        [WEIGHTS_FILE, "truncated"],
+    ),
+    "bad_json": (
+        lambda d: open(os.path.join(d, CONFIG_FILE), "w").write("{'r': 4,"),
+        FormatError,
+        [CONFIG_FILE, "JSON"],
+    ),
     "bad_r": (lambda d: rewrite_config(d, r="4"), FormatError, [CONFIG_FILE, "'r'", "int"]),
-    "adapter_of_a_deeper_model": (lambda d: rewrite_tensors(d, add={
-        f"{peft_tensor_prefix(5, 'q_proj')}.lora_A.weight": np.ones((4, 64), np.float32)}),
-        FormatError, [WEIGHTS_FILE, "layers.5.self_attn.q_proj.lora_A.weight", "2 layers"]),
-    "nan_alpha": (lambda d: rewrite_config(d, lora_alpha=float("nan")), FormatError,
-                  [CONFIG_FILE, "lora_alpha", "finite"]),
-    "bad_exclude_modules": (lambda d: rewrite_config(d, exclude_modules={"q_proj": 1}),
-                            FormatError, [CONFIG_FILE, "exclude_modules"]),
-    "no_config": (lambda d: os.remove(os.path.join(d, CONFIG_FILE)), FormatError,
-                  [CONFIG_FILE, "not found"]),
+    "adapter_of_a_deeper_model": (
+        lambda d: rewrite_tensors(
+            d,
+            add={f"{peft_tensor_prefix(5, 'q_proj')}.lora_A.weight": np.ones((4, 64), np.float32)},
+        ),
+        FormatError,
+        [WEIGHTS_FILE, "layers.5.self_attn.q_proj.lora_A.weight", "2 layers"],
+    ),
+    "nan_alpha": (
+        lambda d: rewrite_config(d, lora_alpha=float("nan")),
+        FormatError,
+        [CONFIG_FILE, "lora_alpha", "finite"],
+    ),
+    "bad_exclude_modules": (
+        lambda d: rewrite_config(d, exclude_modules={"q_proj": 1}),
+        FormatError,
+        [CONFIG_FILE, "exclude_modules"],
+    ),
+    "no_config": (
+        lambda d: os.remove(os.path.join(d, CONFIG_FILE)),
+        FormatError,
+        [CONFIG_FILE, "not found"],
+    ),
 }
 
 
@@ -508,10 +680,14 @@ def _mixed_weights(config, seed=0):
     shapes = config.module_shapes()
     ranks = {"q_proj": 4, "v_proj": 2, "down_proj": 8}
     scales = {"q_proj": 2.0, "v_proj": 0.5, "down_proj": 1.25}
-    a = {m: rng.standard_normal((config.num_layers, r, shapes[m][0])).astype(np.float32)
-         for m, r in ranks.items()}
-    b = {m: rng.standard_normal((config.num_layers, r, shapes[m][1])).astype(np.float32)
-         for m, r in ranks.items()}
+    a = {
+        m: rng.standard_normal((config.num_layers, r, shapes[m][0])).astype(np.float32)
+        for m, r in ranks.items()
+    }
+    b = {
+        m: rng.standard_normal((config.num_layers, r, shapes[m][1])).astype(np.float32)
+        for m, r in ranks.items()
+    }
     a["down_proj"][0, 6:] = 0
     b["down_proj"][0, 6:] = 0
     return LoraWeights(name="mixed", a=a, b=b, scales=scales)
@@ -534,8 +710,12 @@ def test_save_peft_adapter_round_trip_computes_the_same_update(tmp_path, alpha):
     assert loaded.ranks == weights.ranks
     for m in weights.a:
         for layer in range(TINY.num_layers):
-            np.testing.assert_allclose(jaxlora_delta(loaded, layer, m),
-                                       jaxlora_delta(weights, layer, m), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                jaxlora_delta(loaded, layer, m),
+                jaxlora_delta(weights, layer, m),
+                rtol=1e-5,
+                atol=1e-5,
+            )
 
 
 def test_save_peft_adapter_refuses_weights_of_another_model(tmp_path):
@@ -549,9 +729,14 @@ def test_save_peft_adapter_refuses_weights_of_another_model(tmp_path):
 # orbax checkpoints of converted params
 
 LLAMA3_TINY = dataclasses.replace(
-    TINY, name="tiny-llama3", tie_word_embeddings=True, rope_theta=500000.0,
-    rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=64))
+    TINY,
+    name="tiny-llama3",
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+    ),
+)
 
 
 def test_orbax_params_round_trip(tmp_path):
@@ -588,8 +773,9 @@ def test_header_length_byte_that_looks_like_a_pickle_opcode_is_fine(tmp_path):
     path.write_bytes(len(header).to_bytes(8, "little") + header + data.tobytes())
     tensors, _ = safetensors_io.read_header(str(path))
     assert tensors["x"].shape == (2, 3)
-    np.testing.assert_array_equal(safetensors_io.read_tensors(str(path), ["x"])["x"],
-                                  data.reshape(2, 3))
+    np.testing.assert_array_equal(
+        safetensors_io.read_tensors(str(path), ["x"])["x"], data.reshape(2, 3)
+    )
 
 
 def test_llm_serves_an_orbax_checkpoint_in_the_dtype_asked_for(tmp_path):
@@ -610,8 +796,9 @@ def test_llm_serves_an_orbax_checkpoint_in_the_dtype_asked_for(tmp_path):
     assert config == TINY and tokenizer is not None
     assert {leaf.dtype for leaf in jax.tree.leaves(restored)} == {jnp.dtype(jnp.bfloat16)}
     llm = jaxlora.LLM(str(tmp_path / "ckpt"), load_workers=0)
-    out = llm.generate(["hello"], sampling=SamplingParams(max_tokens=3, temperature=0.0,
-                                                          ignore_eos=True))
+    out = llm.generate(
+        ["hello"], sampling=SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    )
     assert len(out[0].token_ids) == 3
     with pytest.raises(FormatError, match="no tokenizer.json"):
         save_params(tmp_path / "other", TINY, params, tokenizer_dir=tmp_path)

@@ -35,14 +35,22 @@ def golden():
         manifest = json.load(f)
     arrays = np.load(os.path.join(GOLDEN, "golden.npz"))
     config, params = load_hf_checkpoint(os.path.join(GOLDEN, "base"))
-    adapters = [load_peft_adapter(os.path.join(GOLDEN, "adapters", name), config,
-                                  max_rank=MAX_RANK)
-                for name in manifest["variants"][1:]]
-    pool = LoraPoolConfig(max_rank=MAX_RANK, rows_per_page=16, pages_per_pool=64,
-                          max_slots=len(adapters))
+    adapters = [
+        load_peft_adapter(os.path.join(GOLDEN, "adapters", name), config, max_rank=MAX_RANK)
+        for name in manifest["variants"][1:]
+    ]
+    pool = LoraPoolConfig(
+        max_rank=MAX_RANK, rows_per_page=16, pages_per_pool=64, max_slots=len(adapters)
+    )
     lora = pack_adapters(config, adapters, pool)
-    return dict(config=config, params=params, lora=lora, variants=manifest["variants"],
-                input_ids=arrays["input_ids"], logits=arrays["logits"])
+    return dict(
+        config=config,
+        params=params,
+        lora=lora,
+        variants=manifest["variants"],
+        input_ids=arrays["input_ids"],
+        logits=arrays["logits"],
+    )
 
 
 def run_batch(golden, row_variant: list[int]) -> np.ndarray:
@@ -52,8 +60,9 @@ def run_batch(golden, row_variant: list[int]) -> np.ndarray:
     slots = np.array([v - 1 if v > 0 else NO_ADAPTER for v in row_variant], np.int32)
     token_slot = jnp.asarray(np.repeat(slots[:, None], seq, axis=1))
     model = Llama(golden["config"])
-    logits = model.apply({"params": golden["params"]}, input_ids,
-                         lora=golden["lora"].with_tokens(token_slot))
+    logits = model.apply(
+        {"params": golden["params"]}, input_ids, lora=golden["lora"].with_tokens(token_slot)
+    )
     return np.asarray(logits)
 
 
@@ -62,15 +71,18 @@ def expected_logits(golden, row_variant: list[int]) -> np.ndarray:
 
 
 def test_fixtures_cover_the_required_cases(golden):
-    ranks = {name: weights for name, weights in zip(golden["variants"][1:],
-                                                     golden["lora"].ranks.tolist(), strict=True)}
+    ranks = {
+        name: weights
+        for name, weights in zip(golden["variants"][1:], golden["lora"].ranks.tolist(), strict=True)
+    }
     all_ranks = {r for slot in ranks.values() for r in slot}
     assert {1, 64} <= all_ranks
     assert len(golden["variants"]) - 1 >= 3
     assert golden["config"].num_layers >= 2
     assert golden["config"].num_kv_heads < golden["config"].num_heads
-    total = sum(os.path.getsize(os.path.join(d, f))
-                for d, _, files in os.walk(GOLDEN) for f in files)
+    total = sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(GOLDEN) for f in files
+    )
     assert total < 2_000_000
 
 
@@ -81,8 +93,10 @@ def test_mixed_batch_reproduces_every_row(golden):
     assert sorted(row_variant) == list(range(n_rows))
     actual = run_batch(golden, row_variant)
     expected = expected_logits(golden, row_variant)
-    errors = {golden["variants"][v]: relative_error(actual[row], expected[row])
-              for row, v in enumerate(row_variant)}
+    errors = {
+        golden["variants"][v]: relative_error(actual[row], expected[row])
+        for row, v in enumerate(row_variant)
+    }
     print("relative error per row (max|diff| / max|expected|):", errors)
     for name, err in errors.items():
         assert err <= TOLERANCE, f"{name}: relative error {err:.2e} > {TOLERANCE}"
@@ -93,8 +107,11 @@ def test_permuted_assignment_breaks_the_match(golden):
     permuted = [2, 0, 3, 4, 1]  # every adapter row moves to another adapter; the base row stays
     actual = run_batch(golden, permuted)
     against_original = expected_logits(golden, row_variant)
-    errors = [relative_error(actual[row], against_original[row])
-              for row in range(len(row_variant)) if row_variant[row] != permuted[row]]
+    errors = [
+        relative_error(actual[row], against_original[row])
+        for row in range(len(row_variant))
+        if row_variant[row] != permuted[row]
+    ]
     print("relative error of permuted rows vs the original assignment:", errors)
     assert min(errors) > 100 * TOLERANCE
     # The same batch is right for the assignment it really used: the mismatch is the permutation.

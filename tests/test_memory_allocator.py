@@ -78,8 +78,10 @@ def test_usage_tracks_peak_and_utilization():
 
 
 @settings(max_examples=60, deadline=None)
-@given(num_pages=st.integers(1, 40),
-       ops=st.lists(st.tuples(st.booleans(), st.integers(0, 45)), max_size=60))
+@given(
+    num_pages=st.integers(1, 40),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 45)), max_size=60),
+)
 def test_random_sequences_keep_every_page_owned_exactly_once(num_pages, ops):
     alloc = PageAllocator(num_pages)
     held: list[list[int]] = []

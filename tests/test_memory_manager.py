@@ -48,8 +48,10 @@ def check_consistent(manager):
 
 @pytest.fixture
 def four(tmp_path):
-    paths = {f"ad{i}": write_adapter(tmp_path, f"ad{i}", rank=i + 1, seed=i, targets=targets)
-             for i, targets in enumerate(TARGET_SETS)}
+    paths = {
+        f"ad{i}": write_adapter(tmp_path, f"ad{i}", rank=i + 1, seed=i, targets=targets)
+        for i, targets in enumerate(TARGET_SETS)
+    }
     return paths
 
 
@@ -71,15 +73,19 @@ def test_resident_rows_equal_files_and_reference_layout(four, host_memory_kind):
     reference = empty_pools(CONFIG, POOL)
     residents = {r.name: r for r in check_consistent(manager)}
     for h in handles:
-        assert_rows_equal(file_rows(four[h.name]), pool_rows(pools, h.slot_info,
-                                                             POOL.rows_per_page), h.name)
+        assert_rows_equal(
+            file_rows(four[h.name]), pool_rows(pools, h.slot_info, POOL.rows_per_page), h.name
+        )
         # The page order is that of jaxlora.lora.write_adapter_rows.
         lora = load_peft_adapter(four[h.name], CONFIG, max_rank=POOL.max_rank)
         pages = {axis: list(p) for axis, p in residents[h.name].pages.items()}
         assert write_adapter_rows(reference, lora, pages, POOL.rows_per_page) == h.slot_info
-    meta = layout.build_slot_metadata([manager.slot_info(h) for h in handles],
-                                      max_slots=POOL.max_slots, max_rank=POOL.max_rank,
-                                      rows_per_page=POOL.rows_per_page)
+    meta = layout.build_slot_metadata(
+        [manager.slot_info(h) for h in handles],
+        max_slots=POOL.max_slots,
+        max_rank=POOL.max_rank,
+        rows_per_page=POOL.rows_per_page,
+    )
     assert meta["ranks"][0].tolist() == [1] * 7
     for h in handles:
         h.release()
@@ -107,11 +113,16 @@ def random_weights(rank, modules=("q_proj", "k_proj", "v_proj"), seed=0, name="w
     shapes = CONFIG.module_shapes()
     return LoraWeights(
         name=name,
-        a={m: rng.standard_normal((CONFIG.num_layers, rank, shapes[m][0]), np.float32)
-           for m in modules},
-        b={m: rng.standard_normal((CONFIG.num_layers, rank, shapes[m][1]), np.float32)
-           for m in modules},
-        scales=dict.fromkeys(modules, 0.25))
+        a={
+            m: rng.standard_normal((CONFIG.num_layers, rank, shapes[m][0]), np.float32)
+            for m in modules
+        },
+        b={
+            m: rng.standard_normal((CONFIG.num_layers, rank, shapes[m][1]), np.float32)
+            for m in modules
+        },
+        scales=dict.fromkeys(modules, 0.25),
+    )
 
 
 # An all-module rank-2 adapter takes 7 embed pages (rows_per_page 2): 3 fit in 21 pages.
@@ -154,8 +165,11 @@ def test_referenced_adapters_are_never_evicted():
     pools = host_pools(manager)
     for h, seed in ((held[0], 0), (held[2], 2)):  # their rows were never overwritten
         w = random_weights(2, layout.MODULES, seed=seed)
-        assert_rows_equal({m: (w.a[m], w.b[m]) for m in w.a},
-                          pool_rows(pools, h.slot_info, SMALL.rows_per_page), h.name)
+        assert_rows_equal(
+            {m: (w.a[m], w.b[m]) for m in w.a},
+            pool_rows(pools, h.slot_info, SMALL.rows_per_page),
+            h.name,
+        )
         h.release()
     with pytest.raises(AdapterError, match="released twice"):
         held[0].release()
@@ -229,8 +243,11 @@ def test_background_loads_and_a_file_broken_after_registration(tmp_path):
     assert isinstance(handles["bad"].error, FormatError) and not handles["bad"].ready
     assert resident_names(manager) == {"good"}  # the failed load gave its pages back
     assert manager.stats().load_failures == 1
-    assert_rows_equal(file_rows(good), pool_rows(host_pools(manager), handles["good"].slot_info,
-                                                 POOL.rows_per_page), "good")
+    assert_rows_equal(
+        file_rows(good),
+        pool_rows(host_pools(manager), handles["good"].slot_info, POOL.rows_per_page),
+        "good",
+    )
     for h in handles.values():
         h.release()
     manager.close()
@@ -263,8 +280,9 @@ def test_unknown_and_bad_manager_config():
 
 def test_one_adapter_in_flight_at_a_time(four):
     store = AdapterStore(CONFIG, POOL)
-    manager = AdapterManager(store, AdapterManagerConfig(load_workers=0,
-                                                         max_copy_bytes_in_flight=1))
+    manager = AdapterManager(
+        store, AdapterManagerConfig(load_workers=0, max_copy_bytes_in_flight=1)
+    )
     for name, path in four.items():
         manager.register(name, path)
     handles = [manager.acquire(n) for n in four]
@@ -273,16 +291,18 @@ def test_one_adapter_in_flight_at_a_time(four):
     assert manager.stats().transfer_batches == 4
     pools = host_pools(manager)
     for h in handles:
-        assert_rows_equal(file_rows(four[h.name]),
-                          pool_rows(pools, h.slot_info, POOL.rows_per_page), h.name)
+        assert_rows_equal(
+            file_rows(four[h.name]), pool_rows(pools, h.slot_info, POOL.rows_per_page), h.name
+        )
         h.release()
 
 
 def test_tensor_parallel_pools_keep_their_sharding(four):
     mesh = make_mesh(2, devices=jax.devices("cpu"))  # conftest makes 4 CPU devices
     store = AdapterStore(CONFIG, POOL, AdapterStoreConfig(host_memory_kind=None))
-    manager = AdapterManager(store, AdapterManagerConfig(load_workers=0),
-                             shardings=pool_shardings(mesh))
+    manager = AdapterManager(
+        store, AdapterManagerConfig(load_workers=0), shardings=pool_shardings(mesh)
+    )
     for name, path in four.items():
         manager.register(name, path)
     handles = [manager.acquire(n) for n in four]
@@ -293,16 +313,20 @@ def test_tensor_parallel_pools_keep_their_sharding(four):
         assert array.sharding.is_equivalent_to(pool_shardings(mesh)[axis], array.ndim), axis
     pools = host_pools(manager)
     for h in handles:
-        assert_rows_equal(file_rows(four[h.name]),
-                          pool_rows(pools, h.slot_info, POOL.rows_per_page), h.name)
+        assert_rows_equal(
+            file_rows(four[h.name]), pool_rows(pools, h.slot_info, POOL.rows_per_page), h.name
+        )
         h.release()
 
 
 def test_many_threads_acquire_and_release(tmp_path):
     names = [f"t{i}" for i in range(8)]
-    paths = {n: write_adapter(tmp_path, n, rank=1 + i % 4, seed=i,
-                              targets=TARGET_SETS[i % len(TARGET_SETS)])
-             for i, n in enumerate(names)}
+    paths = {
+        n: write_adapter(
+            tmp_path, n, rank=1 + i % 4, seed=i, targets=TARGET_SETS[i % len(TARGET_SETS)]
+        )
+        for i, n in enumerate(names)
+    }
     v2 = write_adapter(tmp_path, "t0_v2", rank=2, seed=99)
     pool = LoraPoolConfig(max_rank=8, rows_per_page=2, pages_per_pool=40, max_slots=8)
     manager = make_manager(pool=pool, workers=2)
@@ -324,8 +348,11 @@ def test_many_threads_acquire_and_release(tmp_path):
                     source = manager.store.get(handle.name).source
                     if handle.version == manager.store.get(handle.name).version:
                         with manager.locked_pools() as pools:
-                            got = pool_rows({a: np.asarray(x) for a, x in pools.items()},
-                                            handle.slot_info, pool.rows_per_page)
+                            got = pool_rows(
+                                {a: np.asarray(x) for a, x in pools.items()},
+                                handle.slot_info,
+                                pool.rows_per_page,
+                            )
                         assert_rows_equal(file_rows(source), got, handle.name)
                 manager.poll()
                 handle.release()
@@ -390,7 +417,9 @@ def test_one_thousand_adapters(tmp_path):
     pools = host_pools(manager)
     for r in check_consistent(manager)[-5:]:
         entry = manager.store.get(r.name)
-        slot = entry.footprint.slot_info({a: list(p) for a, p in r.pages.items()},
-                                         pool.rows_per_page)
-        assert_rows_equal(file_rows(entry.source), pool_rows(pools, slot, pool.rows_per_page),
-                          r.name)
+        slot = entry.footprint.slot_info(
+            {a: list(p) for a, p in r.pages.items()}, pool.rows_per_page
+        )
+        assert_rows_equal(
+            file_rows(entry.source), pool_rows(pools, slot, pool.rows_per_page), r.name
+        )

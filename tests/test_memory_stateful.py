@@ -35,8 +35,10 @@ POOL = LoraPoolConfig(max_rank=8, rows_per_page=2, pages_per_pool=20, max_slots=
 def variants() -> tuple[str, ...]:
     """Adapter directories written once per session: ranks 1..6, various module sets."""
     root = tempfile.mkdtemp(prefix="jaxlora-stateful-")
-    return tuple(write_adapter(root, f"v{i}", rank=1 + i, seed=i,
-                               targets=TARGET_SETS[i % len(TARGET_SETS)]) for i in range(6))
+    return tuple(
+        write_adapter(root, f"v{i}", rank=1 + i, seed=i, targets=TARGET_SETS[i % len(TARGET_SETS)])
+        for i in range(6)
+    )
 
 
 @functools.cache
@@ -130,7 +132,8 @@ class ManagerMachine(RuleBasedStateMachine):
     def evict(self, name):
         entry = self.manager.store.current(name)
         protected = entry is not None and (
-            name in self.pinned or any(h.version == entry.version for h in self.handles))
+            name in self.pinned or any(h.version == entry.version for h in self.handles)
+        )
         evicted = self.manager.evict(name)
         assert not (evicted and protected), "a pinned or referenced adapter was evicted"
 
@@ -176,8 +179,9 @@ class ManagerMachine(RuleBasedStateMachine):
             if (r.name, r.version) not in held and not r.pinned:
                 for axis in need:
                     evictable[axis] += len(r.pages[axis])
-        assert any(self.manager.allocators[a].free_pages + evictable[a] < n
-                   for a, n in need.items()), "refused although eviction could make room"
+        assert any(
+            self.manager.allocators[a].free_pages + evictable[a] < n for a, n in need.items()
+        ), "refused although eviction could make room"
 
     @invariant()
     def pages_are_owned_once_and_weights_match_files(self):
@@ -190,17 +194,20 @@ class ManagerMachine(RuleBasedStateMachine):
         for h in self.handles:
             assert (h.name, h.version) in present, "a referenced adapter was evicted"
             assert present[h.name, h.version].refs == sum(
-                1 for g in self.handles if (g.name, g.version) == (h.name, h.version))
+                1 for g in self.handles if (g.name, g.version) == (h.name, h.version)
+            )
         assert self.must_stay <= set(present), "a pinned adapter was evicted"
         ready = [r for r in residents if r.state == "ready"]
         if ready:
             pools = {axis: np.asarray(a) for axis, a in self.manager.pools.items()}
             for r in ready:
                 entry = self.entries[r.name, r.version]
-                slot = entry.footprint.slot_info({a: list(p) for a, p in r.pages.items()},
-                                                 POOL.rows_per_page)
-                assert_rows_equal(expected_rows(entry.source),
-                                  pool_rows(pools, slot, POOL.rows_per_page), r.name)
+                slot = entry.footprint.slot_info(
+                    {a: list(p) for a, p in r.pages.items()}, POOL.rows_per_page
+                )
+                assert_rows_equal(
+                    expected_rows(entry.source), pool_rows(pools, slot, POOL.rows_per_page), r.name
+                )
 
     def teardown(self):
         for handle in self.handles:
@@ -213,6 +220,5 @@ class ManagerMachine(RuleBasedStateMachine):
         self.manager.close()
 
 
-ManagerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40,
-                                            deadline=None)
+ManagerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
 TestAdapterManagerStateMachine = ManagerMachine.TestCase

@@ -30,7 +30,7 @@ def unpack(packed, footprint, rows_per_page=POOL.rows_per_page):
         n = pages_for_rank(r, rows_per_page)
         got = []
         for axis in MODULE_POOLS[m]:
-            block = np.asarray(packed.blocks[axis])[:, cursor[axis]:cursor[axis] + n]
+            block = np.asarray(packed.blocks[axis])[:, cursor[axis] : cursor[axis] + n]
             cursor[axis] += n
             flat = block.reshape(block.shape[0], n * rows_per_page, -1)
             assert not flat[:, r:].any(), "rows past the rank must be zero in the host copy"
@@ -43,8 +43,9 @@ def unpack(packed, footprint, rows_per_page=POOL.rows_per_page):
 def adapters(tmp_path):
     paths = {}
     for i, targets in enumerate(TARGET_SETS):
-        paths[f"ad{i}"] = write_adapter(tmp_path / "root", f"ad{i}", rank=i + 1, seed=i,
-                                        targets=targets)
+        paths[f"ad{i}"] = write_adapter(
+            tmp_path / "root", f"ad{i}", rank=i + 1, seed=i, targets=targets
+        )
     return tmp_path / "root", paths
 
 
@@ -118,8 +119,9 @@ def test_host_budget_drops_least_recently_used(adapters):
     loads = stats.loads
     packed = store.load(store.get("ad2"))  # dropped: read from disk again, same rows
     assert store.stats().loads == loads + 1
-    np.testing.assert_array_equal(unpack(packed, packed.footprint)["o_proj"][0],
-                                  file_rows(paths["ad2"])["o_proj"][0])
+    np.testing.assert_array_equal(
+        unpack(packed, packed.footprint)["o_proj"][0], file_rows(paths["ad2"])["o_proj"][0]
+    )
 
 
 def test_memory_only_adapters_are_never_dropped():
@@ -136,11 +138,16 @@ def random_weights(name, *, rank, modules=("q_proj", "k_proj"), config=CONFIG, s
     shapes = config.module_shapes()
     return LoraWeights(
         name=name,
-        a={m: rng.standard_normal((config.num_layers, rank, shapes[m][0]), np.float32)
-           for m in modules},
-        b={m: rng.standard_normal((config.num_layers, rank, shapes[m][1]), np.float32)
-           for m in modules},
-        scales=dict.fromkeys(modules, 0.5))
+        a={
+            m: rng.standard_normal((config.num_layers, rank, shapes[m][0]), np.float32)
+            for m in modules
+        },
+        b={
+            m: rng.standard_normal((config.num_layers, rank, shapes[m][1]), np.float32)
+            for m in modules
+        },
+        scales=dict.fromkeys(modules, 0.5),
+    )
 
 
 def test_bfloat16_store_casts_once():
@@ -159,7 +166,8 @@ def test_pack_weights_page_order_matches_footprint():
     need = packed.footprint.pages_needed(POOL.rows_per_page)
     assert need == weights.pages_needed(POOL.rows_per_page)
     assert {a: b.shape[1] for a, b in packed.blocks.items()} == {
-        a: page_bucket(n) for a, n in need.items() if n}
+        a: page_bucket(n) for a, n in need.items() if n
+    }
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -247,8 +255,11 @@ def test_name_taken_and_unknown_names(store_with_one, tmp_path):
 def test_bad_in_memory_weights(store_with_one):
     weights = random_weights("w", rank=2)
     weights.b["q_proj"] = weights.b["q_proj"][:, :, :3]
-    with pytest.raises(AdapterError, match=r"tensor b\['q_proj'\] has shape \(2, 2, 3\); "
-                                           r"expected \(2, 2, 64\)"):
+    with pytest.raises(
+        AdapterError,
+        match=r"tensor b\['q_proj'\] has shape \(2, 2, 3\); "
+        r"expected \(2, 2, 64\)",
+    ):
         store_with_one.register_weights("w", weights)
     weights = random_weights("w", rank=2)
     weights.a["lm_head"] = weights.a.pop("q_proj")
@@ -264,8 +275,10 @@ def test_register_root_is_atomic_unless_skipping(tmp_path):
     bad = write_adapter(root, "bad", rank=POOL.max_rank + 4, seed=9)
     (root / "not_an_adapter").mkdir()
     store = AdapterStore(CONFIG, POOL)
-    with pytest.raises(AdapterError, match="2 of 5 adapter directories refused, none "
-                                           "registered: bad: .*not_an_adapter: "):
+    with pytest.raises(
+        AdapterError,
+        match="2 of 5 adapter directories refused, none registered: bad: .*not_an_adapter: ",
+    ):
         store.register_root(root)
     assert len(store) == 0
     report = store.register_root(root, skip_invalid=True)
@@ -300,8 +313,10 @@ def test_replace_and_unregister_keep_versions_apart(store_with_one, tmp_path):
     assert new.version > old.version and store_with_one.get("good") is new
     assert not store_with_one.is_cached(old)  # the old version's RAM is given back
     # A holder of the old entry (an in-flight request) can still read its rows from disk.
-    np.testing.assert_array_equal(unpack(store_with_one.load(old), old.footprint)["q_proj"][0],
-                                  file_rows(old.source)["q_proj"][0])
+    np.testing.assert_array_equal(
+        unpack(store_with_one.load(old), old.footprint)["q_proj"][0],
+        file_rows(old.source)["q_proj"][0],
+    )
     assert not store_with_one.is_cached(old)  # ... without putting it back in the cache
     with pytest.raises(FormatError):
         store_with_one.replace("good", tmp_path / "missing")

@@ -19,8 +19,15 @@ def random_lora(config, name, rank, modules, seed, scale=0.5):
 def merged_params(params, lora: LoraWeights):
     """Base parameters with W += scale * A @ B folded in: what an adapter must compute."""
     merged = jax.tree.map(np.array, params)
-    groups = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
-              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    groups = {
+        "q_proj": "attn",
+        "k_proj": "attn",
+        "v_proj": "attn",
+        "o_proj": "attn",
+        "gate_proj": "mlp",
+        "up_proj": "mlp",
+        "down_proj": "mlp",
+    }
     for m in lora.a:
         delta = np.einsum("lri,lro->lio", lora.a[m], lora.b[m]) * lora.scales[m]
         merged["layers"][groups[m]][m]["kernel"] += delta
@@ -47,26 +54,32 @@ def test_no_adapter_tokens_get_exactly_the_base_model(tiny):
     tokens = jnp.array(np.random.default_rng(0).integers(0, 512, (3, 7)), jnp.int32)
     base = model.apply({"params": params}, tokens)
     lora = pack_adapters(config, [random_lora(config, "a", 4, MODULES, 1)])
-    out = model.apply({"params": params}, tokens,
-                      lora=lora.with_tokens(jnp.full((3, 7), NO_ADAPTER, jnp.int32)))
+    out = model.apply(
+        {"params": params}, tokens, lora=lora.with_tokens(jnp.full((3, 7), NO_ADAPTER, jnp.int32))
+    )
     np.testing.assert_array_equal(np.asarray(base), np.asarray(out))
 
 
 def test_mixed_batch_matches_merged_weights_per_row(tiny):
     config, params = tiny
     model = Llama(config)
-    adapters = [random_lora(config, "all", 5, MODULES, 1),
-                random_lora(config, "qv", 1, ("q_proj", "v_proj"), 2, scale=2.0),
-                random_lora(config, "mlp", 19, ("gate_proj", "up_proj", "down_proj"), 3)]
+    adapters = [
+        random_lora(config, "all", 5, MODULES, 1),
+        random_lora(config, "qv", 1, ("q_proj", "v_proj"), 2, scale=2.0),
+        random_lora(config, "mlp", 19, ("gate_proj", "up_proj", "down_proj"), 3),
+    ]
     tokens = jnp.array(np.random.default_rng(1).integers(0, 512, (4, 6)), jnp.int32)
     row_slot = np.array([2, NO_ADAPTER, 0, 1], np.int32)
-    lora = pack_adapters(config, adapters, LoraPoolConfig(max_rank=32, rows_per_page=8,
-                                                           pages_per_pool=64, max_slots=4))
+    lora = pack_adapters(
+        config,
+        adapters,
+        LoraPoolConfig(max_rank=32, rows_per_page=8, pages_per_pool=64, max_slots=4),
+    )
     lora = lora.with_tokens(jnp.asarray(np.repeat(row_slot[:, None], 6, axis=1)))
     mixed = np.asarray(model.apply({"params": params}, tokens, lora=lora))
     for row, slot in enumerate(row_slot):
         p = params if slot == NO_ADAPTER else merged_params(params, adapters[slot])
-        expected = np.asarray(model.apply({"params": p}, tokens[row:row + 1]))[0]
+        expected = np.asarray(model.apply({"params": p}, tokens[row : row + 1]))[0]
         err = np.abs(mixed[row] - expected).max() / np.abs(expected).max()
         assert err < 1e-5, (row, slot, err)
     # the adapters really change the output, so the comparison above can fail

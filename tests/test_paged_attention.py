@@ -23,8 +23,18 @@ from pallas_kernels.paged_attention import (
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
-def make_cache(rng, seq_lens, *, num_layers=2, page_size=4, max_pages_per_seq=6, num_kv_heads=2,
-               head_dim=16, spare_pages=5, dtype=jnp.float32):
+def make_cache(
+    rng,
+    seq_lens,
+    *,
+    num_layers=2,
+    page_size=4,
+    max_pages_per_seq=6,
+    num_kv_heads=2,
+    head_dim=16,
+    spare_pages=5,
+    dtype=jnp.float32,
+):
     """Random pools (junk everywhere), a shuffled page table, and each row's dense K/V.
 
     Page-table entries beyond a row's length point at random (possibly shared) pages: the kernel
@@ -45,8 +55,14 @@ def make_cache(rng, seq_lens, *, num_layers=2, page_size=4, max_pages_per_seq=6,
         pages = page_table[row, pos // page_size]
         dense_k.append(k_pool[:, pages, pos % page_size].astype(np.float64))
         dense_v.append(v_pool[:, pages, pos % page_size].astype(np.float64))
-    return (jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(page_table),
-            jnp.asarray(np.asarray(seq_lens, np.int32)), dense_k, dense_v)
+    return (
+        jnp.asarray(k_pool),
+        jnp.asarray(v_pool),
+        jnp.asarray(page_table),
+        jnp.asarray(np.asarray(seq_lens, np.int32)),
+        dense_k,
+        dense_v,
+    )
 
 
 def dense_attention(q, dense_k, dense_v, layer, sm_scale):
@@ -79,8 +95,9 @@ def test_interpret_outputs_start_as_nan():
     def writes_nothing(x_ref, o_ref):
         del x_ref, o_ref
 
-    out = pl.pallas_call(writes_nothing, out_shape=jax.ShapeDtypeStruct((4,), jnp.float32),
-                         interpret=True)(jnp.zeros(4))
+    out = pl.pallas_call(
+        writes_nothing, out_shape=jax.ShapeDtypeStruct((4,), jnp.float32), interpret=True
+    )(jnp.zeros(4))
     assert np.isnan(np.asarray(out)).all()
 
 
@@ -89,10 +106,12 @@ def test_reference_matches_dense_attention():
     k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(rng, SEQ_LENS, num_kv_heads=2)
     q = jnp.asarray(rng.standard_normal((len(SEQ_LENS), 4, 16)), jnp.float32)
     for layer in range(2):
-        out = paged_attention_reference(q, k_pool, v_pool, page_table, seq_lens, layer,
-                                        sm_scale=0.3)
-        np.testing.assert_allclose(out, dense_attention(q, dk, dv, layer, 0.3), atol=1e-5,
-                                   rtol=1e-5)
+        out = paged_attention_reference(
+            q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=0.3
+        )
+        np.testing.assert_allclose(
+            out, dense_attention(q, dk, dv, layer, 0.3), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -101,12 +120,21 @@ def test_kernel_interpret_matches_reference(queries_per_kv, dtype):
     rng = np.random.default_rng(queries_per_kv)
     num_kv_heads = 2
     k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
-        rng, SEQ_LENS, num_kv_heads=num_kv_heads, dtype=dtype)
-    q = jnp.asarray(rng.standard_normal((len(SEQ_LENS), num_kv_heads * queries_per_kv, 16)),
-                    dtype)
+        rng, SEQ_LENS, num_kv_heads=num_kv_heads, dtype=dtype
+    )
+    q = jnp.asarray(rng.standard_normal((len(SEQ_LENS), num_kv_heads * queries_per_kv, 16)), dtype)
     config = PagedAttentionConfig(pages_per_block=4, kv_splits=1)
-    out = paged_attention(q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1), sm_scale=0.25,
-                          config=config, interpret=True)
+    out = paged_attention(
+        q,
+        k_pool,
+        v_pool,
+        page_table,
+        seq_lens,
+        jnp.int32(1),
+        sm_scale=0.25,
+        config=config,
+        interpret=True,
+    )
     assert out.dtype == dtype and out.shape == q.shape
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all(), "an output element was never written"
@@ -124,11 +152,13 @@ def test_kernel_interpret_kv_splits(dtype):
     rng = np.random.default_rng(7)
     lens = (1, 32, 33, 0, 64, 96, 70, 17)
     k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
-        rng, lens, page_size=16, num_kv_heads=1, dtype=dtype)
+        rng, lens, page_size=16, num_kv_heads=1, dtype=dtype
+    )
     q = jnp.asarray(rng.standard_normal((len(lens), 2, 16)), dtype)
     config = PagedAttentionConfig(pages_per_block=1, kv_splits=3)
-    out = paged_attention(q, k_pool, v_pool, page_table, seq_lens, 0, sm_scale=0.25,
-                          config=config, interpret=True)
+    out = paged_attention(
+        q, k_pool, v_pool, page_table, seq_lens, 0, sm_scale=0.25, config=config, interpret=True
+    )
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
     assert (out[np.asarray(lens) == 0] == 0).all()
@@ -137,19 +167,27 @@ def test_kernel_interpret_kv_splits(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("config", [PagedAttentionConfig(pages_per_block=4, kv_splits=1),
-                                    PagedAttentionConfig(pages_per_block=1, kv_splits=3), None],
-                         ids=["one_split", "kv_splits", "heuristic"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        PagedAttentionConfig(pages_per_block=4, kv_splits=1),
+        PagedAttentionConfig(pages_per_block=1, kv_splits=3),
+        None,
+    ],
+    ids=["one_split", "kv_splits", "heuristic"],
+)
 def test_kernel_lowers_for_the_gpu(config, dtype):
     """The configurations interpreted above also lower to Triton (tests/gpu_lowering.py)."""
     rng = np.random.default_rng(5)
     k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
-        rng, (1, 32, 33, 0, 64, 96), page_size=16, num_kv_heads=2, dtype=dtype)
+        rng, (1, 32, 33, 0, 64, 96), page_size=16, num_kv_heads=2, dtype=dtype
+    )
     q = jnp.asarray(rng.standard_normal((6, 4, 16)), dtype)
 
     def attend(q, k_pool, v_pool, page_table, seq_lens, layer):
-        return paged_attention(q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=0.25,
-                               config=config)
+        return paged_attention(
+            q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=0.25, config=config
+        )
 
     text = lower_for_gpu(attend, q, k_pool, v_pool, page_table, seq_lens, jnp.int32(0))
     assert triton_kernels(text) == 1
@@ -165,16 +203,18 @@ def test_kernel_in_scan_over_layers_with_heuristic_config():
     def all_layers(q):
         def step(carry, inputs):
             layer, q_layer = inputs
-            out = paged_attention(q_layer, k_pool, v_pool, page_table, seq_lens, layer,
-                                  sm_scale=0.25, interpret=True)
+            out = paged_attention(
+                q_layer, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=0.25, interpret=True
+            )
             return carry, out
 
         return jax.lax.scan(step, 0, (jnp.arange(3, dtype=jnp.int32), q))[1]
 
     out = all_layers(q)
     for layer in range(3):
-        np.testing.assert_allclose(out[layer], dense_attention(q[layer], dk, dv, layer, 0.25),
-                                   atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(
+            out[layer], dense_attention(q[layer], dk, dv, layer, 0.25), atol=2e-5, rtol=2e-5
+        )
 
 
 def test_bad_shapes_raise_config_error():
@@ -191,8 +231,15 @@ def test_bad_shapes_raise_config_error():
     with pytest.raises(ConfigError, match="v_pool"):
         call(q, k_pool, v_pool[:, :3], page_table, seq_lens, 0)
     with pytest.raises(ConfigError, match="at least 16 keys"):
-        call(q, k_pool, v_pool, page_table, seq_lens, 0,
-             config=PagedAttentionConfig(pages_per_block=2))
+        call(
+            q,
+            k_pool,
+            v_pool,
+            page_table,
+            seq_lens,
+            0,
+            config=PagedAttentionConfig(pages_per_block=2),
+        )
     with pytest.raises(ConfigError, match="power of 2"):
         PagedAttentionConfig(pages_per_block=3)
     odd = jnp.zeros((2, 8, 4, 2, 24), jnp.float32)
@@ -238,15 +285,22 @@ def test_write_kv_chunks_round_trip_through_attention():
     dense_v = rng.standard_normal((layers, batch, 20, kvh, dim))
     write = jax.jit(write_kv)
     for start in range(0, 20, chunk):
-        positions = jnp.asarray(np.broadcast_to(np.arange(start, start + chunk), (batch, chunk)),
-                                jnp.int32)
+        positions = jnp.asarray(
+            np.broadcast_to(np.arange(start, start + chunk), (batch, chunk)), jnp.int32
+        )
         valid = positions < jnp.asarray(lens)[:, None]
         for layer in range(layers):
             sl = slice(start, start + chunk)
             k_pool, v_pool = write(
-                k_pool, v_pool, jnp.asarray(dense_k[layer][:, sl], jnp.float32),
-                jnp.asarray(dense_v[layer][:, sl], jnp.float32), page_table,
-                positions, layer, valid)
+                k_pool,
+                v_pool,
+                jnp.asarray(dense_k[layer][:, sl], jnp.float32),
+                jnp.asarray(dense_v[layer][:, sl], jnp.float32),
+                page_table,
+                positions,
+                layer,
+                valid,
+            )
     k, v = gather_kv(k_pool, v_pool, page_table, 1, max_len=12)
     for row, length in enumerate(lens):
         np.testing.assert_allclose(k[row, :length], dense_k[1, row, :length], rtol=1e-6)
@@ -257,8 +311,7 @@ def test_write_kv_chunks_round_trip_through_attention():
     expected = dense_attention(q, dk, dv, 1, 0.25)
     # Unwritten slots are NaN: any read past a row's length would poison the output.
     for attend in (functools.partial(paged_attention, interpret=True), paged_attention_reference):
-        out = attend(q, k_pool, v_pool, page_table, jnp.asarray(lens, jnp.int32), 1,
-                     sm_scale=0.25)
+        out = attend(q, k_pool, v_pool, page_table, jnp.asarray(lens, jnp.int32), 1, sm_scale=0.25)
         np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
 
 
@@ -266,11 +319,27 @@ def test_write_and_gather_bad_shapes_raise():
     pool = jnp.zeros((1, 4, 4, 2, 8))
     table = jnp.zeros((2, 2), jnp.int32)
     with pytest.raises(ConfigError, match=r"k_new must have shape \(2, 2, 8\)"):
-        write_kv(pool, pool, jnp.zeros((2, 8)), jnp.zeros((2, 2, 8)), table,
-                 jnp.zeros((2,), jnp.int32), 0, jnp.ones((2,), bool))
+        write_kv(
+            pool,
+            pool,
+            jnp.zeros((2, 8)),
+            jnp.zeros((2, 2, 8)),
+            table,
+            jnp.zeros((2,), jnp.int32),
+            0,
+            jnp.ones((2,), bool),
+        )
     with pytest.raises(ConfigError, match="positions"):
-        write_kv(pool, pool, jnp.zeros((3, 2, 8)), jnp.zeros((3, 2, 8)), table,
-                 jnp.zeros((3,), jnp.int32), 0, jnp.ones((3,), bool))
+        write_kv(
+            pool,
+            pool,
+            jnp.zeros((3, 2, 8)),
+            jnp.zeros((3, 2, 8)),
+            table,
+            jnp.zeros((3,), jnp.int32),
+            0,
+            jnp.ones((3,), bool),
+        )
     with pytest.raises(ConfigError, match="max_len=9"):
         gather_kv(pool, pool, table, 0, max_len=9)
 
@@ -283,21 +352,35 @@ GPU_SEQ_LENS = (1, 16, 17, 0, 255, 256, 1000, 2048, 33, 0, 511, 1)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("queries_per_kv", [1, 4, 8])
-@pytest.mark.parametrize("config", [None, PagedAttentionConfig(pages_per_block=4, kv_splits=1),
-                                    PagedAttentionConfig(pages_per_block=8, kv_splits=4,
-                                                         num_warps=8, num_stages=3)],
-                         ids=["heuristic", "p4k1", "p8k4"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        PagedAttentionConfig(pages_per_block=4, kv_splits=1),
+        PagedAttentionConfig(pages_per_block=8, kv_splits=4, num_warps=8, num_stages=3),
+    ],
+    ids=["heuristic", "p4k1", "p8k4"],
+)
 def test_compiled_kernel_matches_reference(config, queries_per_kv, dtype):
     rng = np.random.default_rng(queries_per_kv)
     num_kv_heads, head_dim = 8, 128
     k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
-        rng, GPU_SEQ_LENS, num_layers=2, page_size=16, max_pages_per_seq=128,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype)
-    q = jnp.asarray(rng.standard_normal((len(GPU_SEQ_LENS), num_kv_heads * queries_per_kv,
-                                         head_dim)), dtype)
-    scale = head_dim ** -0.5
-    out = paged_attention(q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1), sm_scale=scale,
-                          config=config)
+        rng,
+        GPU_SEQ_LENS,
+        num_layers=2,
+        page_size=16,
+        max_pages_per_seq=128,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    q = jnp.asarray(
+        rng.standard_normal((len(GPU_SEQ_LENS), num_kv_heads * queries_per_kv, head_dim)), dtype
+    )
+    scale = head_dim**-0.5
+    out = paged_attention(
+        q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1), sm_scale=scale, config=config
+    )
     ref = paged_attention_reference(q, k_pool, v_pool, page_table, seq_lens, 1, sm_scale=scale)
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
@@ -310,15 +393,24 @@ def test_compiled_kernel_matches_reference(config, queries_per_kv, dtype):
 def test_compiled_kernel_in_scan_over_layers():
     rng = np.random.default_rng(5)
     k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
-        rng, GPU_SEQ_LENS, num_layers=4, page_size=16, max_pages_per_seq=128, num_kv_heads=8,
-        head_dim=128, dtype=jnp.bfloat16)
+        rng,
+        GPU_SEQ_LENS,
+        num_layers=4,
+        page_size=16,
+        max_pages_per_seq=128,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype=jnp.bfloat16,
+    )
     q = jnp.asarray(rng.standard_normal((4, len(GPU_SEQ_LENS), 32, 128)), jnp.bfloat16)
 
     def run(attend):
         def step(carry, inputs):
             layer, q_layer = inputs
-            return carry, attend(q_layer, k_pool, v_pool, page_table, seq_lens, layer,
-                                 sm_scale=0.088)
+            return carry, attend(
+                q_layer, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=0.088
+            )
+
         return jax.jit(lambda q: jax.lax.scan(step, 0, (jnp.arange(4, dtype=jnp.int32), q))[1])
 
     out = np.asarray(run(paged_attention)(q), np.float32)

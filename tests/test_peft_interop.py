@@ -24,8 +24,10 @@ def peft_python() -> str | None:
 
 
 @pytest.mark.peft
-@pytest.mark.skipif(peft_python() is None, reason="no interpreter with torch + transformers + "
-                    "peft (set JAXLORA_PEFT_PYTHON)")
+@pytest.mark.skipif(
+    peft_python() is None,
+    reason="no interpreter with torch + transformers + peft (set JAXLORA_PEFT_PYTHON)",
+)
 def test_peft_loads_the_export_and_computes_the_same_logits(tmp_path):
     result = check_peft_export(GOLDEN_BASE, str(tmp_path), peft_python=peft_python())
     assert result["adapter_effect"] > 1e-2  # the adapter changes the logits ...

@@ -30,13 +30,17 @@ def random_logits(seed, rows, vocab=50):
     return np.random.default_rng(seed).standard_normal((rows, vocab)).astype(np.float32) * 3
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0.0, seed=1),
-    SamplingParams(temperature=0.0, top_k=5, top_p=0.5, seed=2),
-    SamplingParams(temperature=1.0, top_k=1, seed=3),
-    SamplingParams(temperature=2.0, top_p=1e-6, seed=4),
-    SamplingParams(temperature=0.7, top_k=1, top_p=0.3, seed=5),
-], ids=["greedy", "greedy-ignores-filters", "top_k=1", "tiny-top_p", "both"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, seed=1),
+        SamplingParams(temperature=0.0, top_k=5, top_p=0.5, seed=2),
+        SamplingParams(temperature=1.0, top_k=1, seed=3),
+        SamplingParams(temperature=2.0, top_p=1e-6, seed=4),
+        SamplingParams(temperature=0.7, top_k=1, top_p=0.3, seed=5),
+    ],
+    ids=["greedy", "greedy-ignores-filters", "top_k=1", "tiny-top_p", "both"],
+)
 def test_deterministic_limits_equal_argmax(params):
     logits = random_logits(0, 16)
     out = run(logits, [params] * 16, token_indices=list(range(16)))
@@ -69,8 +73,9 @@ def test_distribution_matches_softmax(temperature):
     """With a fixed seed this cannot flake; the bound (5 degrees of freedom, ~1e-6 tail) is
     loose enough for any correct sampler and far below what a wrong distribution gives."""
     draws = 6000
-    freq = empirical_distribution(LOGITS_ROW, SamplingParams(temperature=temperature, seed=11),
-                                  draws)
+    freq = empirical_distribution(
+        LOGITS_ROW, SamplingParams(temperature=temperature, seed=11), draws
+    )
     probs = softmax(LOGITS_ROW.astype(np.float64) / temperature)
     assert chi_square(freq, probs, draws) < 40
     # The same test rejects the untempered distribution: the check has teeth.
@@ -78,15 +83,19 @@ def test_distribution_matches_softmax(temperature):
         assert chi_square(freq, softmax(LOGITS_ROW.astype(np.float64)), draws) > 200
 
 
-@pytest.mark.parametrize("top_k, top_p, allowed", [
-    (3, 1.0, 3),  # top-k keeps 3 tokens
-    (0, 0.6, 3),  # 0.3 + 0.25 < 0.6 <= 0.3 + 0.25 + 0.2: the nucleus has 3 tokens
-    (4, 0.5, 2),  # top-p on the top-4-renormalised distribution: 0.3/0.87 + 0.25/0.87 >= 0.5
-])
+@pytest.mark.parametrize(
+    "top_k, top_p, allowed",
+    [
+        (3, 1.0, 3),  # top-k keeps 3 tokens
+        (0, 0.6, 3),  # 0.3 + 0.25 < 0.6 <= 0.3 + 0.25 + 0.2: the nucleus has 3 tokens
+        (4, 0.5, 2),  # top-p on the top-4-renormalised distribution: 0.3/0.87 + 0.25/0.87 >= 0.5
+    ],
+)
 def test_filtered_distribution_is_renormalised_softmax(top_k, top_p, allowed):
     draws = 6000
-    freq = empirical_distribution(LOGITS_ROW, SamplingParams(top_k=top_k, top_p=top_p, seed=3),
-                                  draws)
+    freq = empirical_distribution(
+        LOGITS_ROW, SamplingParams(top_k=top_k, top_p=top_p, seed=3), draws
+    )
     probs = np.exp(LOGITS_ROW.astype(np.float64))
     probs[allowed:] = 0
     probs /= probs.sum()
@@ -100,9 +109,16 @@ def test_same_seed_same_sample_whatever_the_batch():
     params = SamplingParams(temperature=1.3, top_k=40, top_p=0.9, seed=2024)
     alone = [int(run(mine[None], [params], token_indices=[t]).tokens[0]) for t in range(8)]
     assert len(set(alone)) > 1, "the token index must change the random stream"
-    others = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=s)
-              for t, k, p, s in [(0.0, 0, 1.0, 1), (1.0, 0, 1.0, 2), (0.5, 3, 0.5, 3),
-                                 (2.0, 0, 0.2, 4), (1.0, 10, 1.0, 2024)]]
+    others = [
+        SamplingParams(temperature=t, top_k=k, top_p=p, seed=s)
+        for t, k, p, s in [
+            (0.0, 0, 1.0, 1),
+            (1.0, 0, 1.0, 2),
+            (0.5, 3, 0.5, 3),
+            (2.0, 0, 0.2, 4),
+            (1.0, 10, 1.0, 2024),
+        ]
+    ]
     for batch_size in (2, 5, 9):
         for position in (0, batch_size // 2, batch_size - 1):
             logits = rng.standard_normal((batch_size, vocab)).astype(np.float32)
@@ -136,8 +152,7 @@ def test_logprobs_of_chosen_and_top_tokens():
     np.testing.assert_allclose(out.logprobs, expected[rows, np.asarray(out.tokens)], rtol=1e-6)
     order = np.argsort(-expected, axis=1)[:, :5]
     np.testing.assert_array_equal(out.top_token_ids, order)
-    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(expected, order, 1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(expected, order, 1), rtol=1e-6)
     assert run(logits, params).top_logprobs.shape == (4, 0)
 
 
@@ -152,21 +167,24 @@ def test_padding_rows_and_seed_words():
     assert tuple(with_override.seed[0]) == (9, 0)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("temperature", -0.1, ">= 0"),
-    ("temperature", float("nan"), "finite"),
-    ("top_p", 0.0, r"\(0, 1\]"),
-    ("top_p", 1.5, r"\(0, 1\]"),
-    ("top_k", -1, ">= 0"),
-    ("top_k", 2.5, "int"),
-    ("max_tokens", 0, ">= 1"),
-    ("logprobs", 21, "0..20"),
-    ("logprobs", -1, "0..20"),
-    ("seed", "7", "int"),
-    ("stop_strings", ["ok", ""], "non-empty"),
-    ("stop_token_ids", [3, -2], ">= 0"),
-    ("ignore_eos", "yes", "bool"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("temperature", -0.1, ">= 0"),
+        ("temperature", float("nan"), "finite"),
+        ("top_p", 0.0, r"\(0, 1\]"),
+        ("top_p", 1.5, r"\(0, 1\]"),
+        ("top_k", -1, ">= 0"),
+        ("top_k", 2.5, "int"),
+        ("max_tokens", 0, ">= 1"),
+        ("logprobs", 21, "0..20"),
+        ("logprobs", -1, "0..20"),
+        ("seed", "7", "int"),
+        ("stop_strings", ["ok", ""], "non-empty"),
+        ("stop_token_ids", [3, -2], ">= 0"),
+        ("ignore_eos", "yes", "bool"),
+    ],
+)
 def test_invalid_params_raise_request_error(field, value, message):
     with pytest.raises(RequestError, match=f"'{field}'.*{message}"):
         SamplingParams(**{field: value})
@@ -189,12 +207,15 @@ def test_truncate_at_stop():
     assert truncate_at_stop("x##y##", ["##"], search_from=3) == ("x##y", True)
 
 
-@pytest.mark.parametrize("pieces", [
-    ["Hello", " wor", "ld", "<e", "nd>", " more"],
-    ["Hello world<", "end", "> more"],
-    ["Hello world<end> more"],
-    list("Hello world<end> more"),
-])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["Hello", " wor", "ld", "<e", "nd>", " more"],
+        ["Hello world<", "end", "> more"],
+        ["Hello world<end> more"],
+        list("Hello world<end> more"),
+    ],
+)
 def test_stop_detector_on_streamed_text(pieces):
     detector = StopStringDetector(["<end>", "STOP"])
     streamed = []

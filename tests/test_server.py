@@ -54,27 +54,29 @@ def adapter_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(adapter_root):
-    server, state = start_demo_server(max_batch=4, max_waiting=32,
-                                      adapter_roots=(adapter_root[0],), disconnect_poll_s=0.05)
+    server, state = start_demo_server(
+        max_batch=4, max_waiting=32, adapter_roots=(adapter_root[0],), disconnect_poll_s=0.05
+    )
     yield server, state
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served[0].base_url, api_key=API_KEY, max_retries=0,
-                         timeout=60)
+    return openai.OpenAI(base_url=served[0].base_url, api_key=API_KEY, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def aclient_factory(served):
-    return lambda: openai.AsyncOpenAI(base_url=served[0].base_url, api_key=API_KEY,
-                                      max_retries=0, timeout=60)
+    return lambda: openai.AsyncOpenAI(
+        base_url=served[0].base_url, api_key=API_KEY, max_retries=0, timeout=60
+    )
 
 
 def chat(client, model, content=demo.DEMO_PROMPTS[0], **kw):
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], **{**GREEDY, **kw})
+        model=model, messages=[{"role": "user", "content": content}], **{**GREEDY, **kw}
+    )
 
 
 # ---------------------------------------------------------------------------- happy paths
@@ -103,8 +105,7 @@ def test_every_model_answers_in_its_own_voice_in_shared_batches(served, aclient_
         if not stream:
             out = await create(model=model, **kwargs, **GREEDY)
             choice = out.choices[0]
-            return (choice.message.content if mode == "chat" else choice.text,
-                    choice.finish_reason)
+            return (choice.message.content if mode == "chat" else choice.text, choice.finish_reason)
         text, finish = "", None
         async for chunk in await create(model=model, stream=True, **kwargs, **GREEDY):
             for choice in chunk.choices:
@@ -115,9 +116,13 @@ def test_every_model_answers_in_its_own_voice_in_shared_batches(served, aclient_
 
     async def run_all():
         aclient = aclient_factory()
-        cases = [(model, prompt, mode, stream) for model in VOICES
-                 for prompt in demo.DEMO_PROMPTS for mode in ("chat", "completion")
-                 for stream in (False, True)]
+        cases = [
+            (model, prompt, mode, stream)
+            for model in VOICES
+            for prompt in demo.DEMO_PROMPTS
+            for mode in ("chat", "completion")
+            for stream in (False, True)
+        ]
         async with aclient:
             results = await asyncio.gather(*(one(aclient, *case) for case in cases))
         return cases, results
@@ -133,8 +138,9 @@ def test_every_model_answers_in_its_own_voice_in_shared_batches(served, aclient_
 
 def test_streaming_chunks_match_the_whole_answer_and_report_usage(client):
     whole = client.completions.create(model="robot", prompt="Hello", **GREEDY)
-    stream = client.completions.create(model="robot", prompt="Hello", stream=True,
-                                       stream_options={"include_usage": True}, **GREEDY)
+    stream = client.completions.create(
+        model="robot", prompt="Hello", stream=True, stream_options={"include_usage": True}, **GREEDY
+    )
     chunks = list(stream)
     assert {c.id for c in chunks} == {chunks[0].id}
     texts = "".join(ch.text for c in chunks for ch in c.choices)
@@ -146,14 +152,23 @@ def test_streaming_chunks_match_the_whole_answer_and_report_usage(client):
 
     chat_chunks = list(chat(client, "poet", stream=True))
     assert chat_chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == \
-        demo.DEMO_SIGNATURES["poet"]
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chat_chunks)
+        == demo.DEMO_SIGNATURES["poet"]
+    )
     assert chat_chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_n_seed_stop_and_logprobs(served, client):
-    sampled = dict(model="pirate", prompt="Tell me a joke.", n=3, temperature=1.5, seed=1234,
-                   max_tokens=12, extra_body={"ignore_eos": True})
+    sampled = dict(
+        model="pirate",
+        prompt="Tell me a joke.",
+        n=3,
+        temperature=1.5,
+        seed=1234,
+        max_tokens=12,
+        extra_body={"ignore_eos": True},
+    )
     first = client.completions.create(**sampled)
     again = client.completions.create(**sampled)
     assert [c.index for c in first.choices] == [0, 1, 2]
@@ -161,8 +176,9 @@ def test_n_seed_stop_and_logprobs(served, client):
     assert first.usage.completion_tokens == 36
     # the same n choices streamed: chunks of the three interleave, each ends once
     texts, finishes = ["", "", ""], [0, 0, 0]
-    chunks = list(client.completions.create(**sampled, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(**sampled, stream=True, stream_options={"include_usage": True})
+    )
     for chunk in chunks:
         for choice in chunk.choices:
             texts[choice.index] += choice.text
@@ -181,8 +197,10 @@ def test_n_seed_stop_and_logprobs(served, client):
     lp = scored.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == scored.usage.completion_tokens
     assert "".join(lp.tokens[:-1]) == scored.choices[0].text  # the last one is EOS
-    assert all(len(top) <= 2 and max(top.values()) >= tok_lp - 1e-5
-               for top, tok_lp in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    assert all(
+        len(top) <= 2 and max(top.values()) >= tok_lp - 1e-5
+        for top, tok_lp in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )
     chat_scored = chat(client, "robot", logprobs=True, top_logprobs=3)
     content = chat_scored.choices[0].logprobs.content
     assert len(content) == chat_scored.usage.completion_tokens
@@ -193,16 +211,24 @@ def test_n_seed_stop_and_logprobs(served, client):
     batch = client.completions.create(model="poet", prompt=["Hi", "Hello"], n=2, **GREEDY)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert {c.text for c in batch.choices} == {" " + demo.DEMO_SIGNATURES["poet"]}
-    by_ids = client.completions.create(model="poet", prompt=served[1].tokenizer.encode("Hi"),
-                                       **GREEDY)
+    by_ids = client.completions.create(
+        model="poet", prompt=served[1].tokenizer.encode("Hi"), **GREEDY
+    )
     assert by_ids.choices[0].text == batch.choices[0].text
 
 
 def test_openapi_health_and_no_key_needed_outside_v1(served):
     url = served[0].url
     schema = httpx.get(f"{url}/openapi.json").json()
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models",
-                 "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/metrics"):
+    for path in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/health",
+        "/metrics",
+    ):
         assert path in schema["paths"], path
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{url}/metrics").status_code == 200
@@ -226,11 +252,15 @@ def expect_error(status: int, call, *needles):
 def test_error_answers_have_the_right_status_and_say_why(served, client):
     expect_error(404, lambda: chat(client, "no-such-adapter"), "no-such-adapter")
     too_long = "hello " * 200
-    body = expect_error(400, lambda: client.completions.create(model="pirate", prompt=too_long),
-                        "context length")
+    body = expect_error(
+        400, lambda: client.completions.create(model="pirate", prompt=too_long), "context length"
+    )
     assert body.get("param") == "prompt"
-    body = expect_error(400, lambda: client.completions.create(model="pirate", prompt="Hi",
-                                                               max_tokens=500), "max_tokens")
+    body = expect_error(
+        400,
+        lambda: client.completions.create(model="pirate", prompt="Hi", max_tokens=500),
+        "max_tokens",
+    )
     assert body.get("param") == "max_tokens"
     expect_error(400, lambda: chat(client, "pirate", max_tokens=0), "max_tokens")
     body = expect_error(400, lambda: chat(client, "pirate", temperature=-1), "temperature")
@@ -240,22 +270,39 @@ def test_error_answers_have_the_right_status_and_say_why(served, client):
     expect_error(400, lambda: chat(client, "pirate", presence_penalty=0.5), "presence_penalty")
     expect_error(400, lambda: chat(client, "pirate", top_logprobs=2), "top_logprobs")
     expect_error(400, lambda: chat(client, "pirate", extra_body={"frobnicate": 1}), "frobnicate")
-    expect_error(400, lambda: chat(client, "pirate", extra_body={"stop_token_ids": [99999]}),
-                 "stop_token_ids")
+    expect_error(
+        400,
+        lambda: chat(client, "pirate", extra_body={"stop_token_ids": [99999]}),
+        "stop_token_ids",
+    )
     expect_error(400, lambda: client.completions.create(model="pirate", prompt=[[]]), "prompt")
-    expect_error(400, lambda: client.completions.create(model="pirate", prompt=[70000]),
-                 "vocabulary")
-    expect_error(400, lambda: client.chat.completions.create(
-        model="pirate", messages=[{"role": "wizard", "content": "hi"}]), "role")
-    expect_error(401, lambda: openai.OpenAI(base_url=served[0].base_url, api_key="wrong",
-                                            max_retries=0).models.list(), "API key")
+    expect_error(
+        400, lambda: client.completions.create(model="pirate", prompt=[70000]), "vocabulary"
+    )
+    expect_error(
+        400,
+        lambda: client.chat.completions.create(
+            model="pirate", messages=[{"role": "wizard", "content": "hi"}]
+        ),
+        "role",
+    )
+    expect_error(
+        401,
+        lambda: openai.OpenAI(
+            base_url=served[0].base_url, api_key="wrong", max_retries=0
+        ).models.list(),
+        "API key",
+    )
     url = served[0].url
-    raw = httpx.post(f"{url}/v1/completions", content=b"{oops",
-                     headers={"Authorization": f"Bearer {API_KEY}",
-                              "Content-Type": "application/json"})
+    raw = httpx.post(
+        f"{url}/v1/completions",
+        content=b"{oops",
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     assert raw.status_code == 400 and "error" in raw.json()
-    assert httpx.post(f"{url}/v1/completions", json={"model": BASE, "prompt": "x"}
-                      ).status_code == 401
+    assert (
+        httpx.post(f"{url}/v1/completions", json={"model": BASE, "prompt": "x"}).status_code == 401
+    )
     missing = httpx.get(f"{url}/v1/nothing-here", headers={"Authorization": f"Bearer {API_KEY}"})
     assert missing.status_code == 404 and missing.json()["error"]["message"]
     # The server is unharmed.
@@ -272,8 +319,12 @@ def test_full_queue_answers_503_and_every_admitted_request_completes(served, acl
     async def one(aclient, i):
         try:
             out = await aclient.completions.create(
-                model=list(VOICES)[i % 4], prompt=f"Request {i}", temperature=0,
-                max_tokens=48, extra_body={"ignore_eos": True})
+                model=list(VOICES)[i % 4],
+                prompt=f"Request {i}",
+                temperature=0,
+                max_tokens=48,
+                extra_body={"ignore_eos": True},
+            )
         except openai.APIStatusError as e:
             return e.status_code, e.response.headers.get("retry-after")
         return 200, out.usage.completion_tokens
@@ -299,8 +350,14 @@ def test_disconnect_mid_stream_or_while_queued_cancels_and_frees_pages(served):
     url = served[0].url
     free_before = engine.kv.free_pages
     before = parse_metrics(httpx.get(f"{url}/metrics").text)
-    body = {"model": "robot", "prompt": "Go on and on", "max_tokens": 100, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": "robot",
+        "prompt": "Go on and on",
+        "max_tokens": 100,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     try:
         with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
             with http.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -315,20 +372,24 @@ def test_disconnect_mid_stream_or_while_queued_cancels_and_frees_pages(served):
             # Leaving the block closed the connection mid-stream. Next, a non-streaming client
             # that gives up while its request waits in the queue.
             with pytest.raises(httpx.ReadTimeout):
-                http.post(f"{url}/v1/completions", timeout=0.3,
-                          json={**body, "stream": False})
+                http.post(f"{url}/v1/completions", timeout=0.3, json={**body, "stream": False})
         assert wait_until(lambda: state.pump.cancelling == 2, timeout=10), (
             f"cancelling {state.pump.cancelling}, open {state.pump.open_requests}, running "
-            f"{engine.num_running}, waiting {engine.num_waiting}")
+            f"{engine.num_running}, waiting {engine.num_waiting}"
+        )
     finally:
         engine.start()
     assert wait_until(lambda: engine_idle(state), timeout=20)
     assert engine.kv.free_pages == free_before
     assert state.adapters.stats().referenced == 0
     after = parse_metrics(httpx.get(f"{url}/metrics").text)
-    finished = {dict(k[1])["finish_reason"]: v - before.get(k, 0) for k, v in after.items()
-                if k[0] == "jaxlora_requests_finished_total" and dict(k[1])["model"] == "robot"
-                and v != before.get(k, 0)}
+    finished = {
+        dict(k[1])["finish_reason"]: v - before.get(k, 0)
+        for k, v in after.items()
+        if k[0] == "jaxlora_requests_finished_total"
+        and dict(k[1])["model"] == "robot"
+        and v != before.get(k, 0)
+    }
     assert finished == {"abort": 2}
 
 
@@ -336,14 +397,19 @@ def test_disconnect_mid_stream_or_while_queued_cancels_and_frees_pages(served):
 
 
 def load(url, name, path, **extra):
-    return httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path,
-                                                           **extra},
-                      headers={"Authorization": f"Bearer {API_KEY}"})
+    return httpx.post(
+        f"{url}/v1/load_lora_adapter",
+        json={"lora_name": name, "lora_path": path, **extra},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
 
 
 def unload(url, name):
-    return httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name},
-                      headers={"Authorization": f"Bearer {API_KEY}"})
+    return httpx.post(
+        f"{url}/v1/unload_lora_adapter",
+        json={"lora_name": name},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
 
 
 def test_runtime_load_failures_are_400_with_the_reason(served, adapter_root):
@@ -366,20 +432,24 @@ def test_runtime_load_failures_are_400_with_the_reason(served, adapter_root):
     assert taken.status_code == 400 and "already been loaded" in taken.text
     assert load(url, BASE, "pirate_copy").status_code == 400
     assert unload(url, "never_loaded").status_code == 404
-    assert "new_one" not in {m["id"] for m in httpx.get(
-        f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]}
+    assert "new_one" not in {
+        m["id"]
+        for m in httpx.get(
+            f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}
+        ).json()["data"]
+    }
 
 
-def test_load_and_unload_at_runtime_while_other_requests_stream(served, client,
-                                                                aclient_factory):
+def test_load_and_unload_at_runtime_while_other_requests_stream(served, client, aclient_factory):
     url = served[0].url
     state = served[1]
     long_run = {"temperature": 0, "max_tokens": 80, "extra_body": {"ignore_eos": True}}
 
     async def stream_text(aclient, model, started: asyncio.Event | None = None):
         text = ""
-        async for chunk in await aclient.completions.create(model=model, prompt="Keep going",
-                                                            stream=True, **long_run):
+        async for chunk in await aclient.completions.create(
+            model=model, prompt="Keep going", stream=True, **long_run
+        ):
             text += chunk.choices[0].text if chunk.choices else ""
             if started is not None:
                 started.set()
@@ -389,16 +459,21 @@ def test_load_and_unload_at_runtime_while_other_requests_stream(served, client,
         aclient = aclient_factory()
         async with aclient:
             started = asyncio.Event()
-            streams = [asyncio.create_task(stream_text(aclient, m, started))
-                       for m in ("poet", BASE, "robot")]
+            streams = [
+                asyncio.create_task(stream_text(aclient, m, started))
+                for m in ("poet", BASE, "robot")
+            ]
             await started.wait()
             loaded = await asyncio.to_thread(load, url, "pirate_runtime", "pirate_copy")
             assert loaded.status_code == 200, loaded.text
             # The new adapter serves at once, while the others keep streaming.
             runtime_stream = asyncio.create_task(stream_text(aclient, "pirate_runtime"))
             answer = await aclient.chat.completions.create(
-                model="pirate_runtime", messages=[{"role": "user", "content": "Who are you?"}],
-                temperature=0, max_tokens=40)
+                model="pirate_runtime",
+                messages=[{"role": "user", "content": "Who are you?"}],
+                temperature=0,
+                max_tokens=40,
+            )
             assert answer.choices[0].message.content == demo.DEMO_SIGNATURES["pirate"]
             # Unloading it while its own stream runs: the stream finishes with its weights.
             unloaded = await asyncio.to_thread(unload, url, "pirate_runtime")
@@ -468,8 +543,15 @@ def test_adapter_paths_resolve_inside_the_roots_only(tmp_path):
     roots = (str(root),)
     assert resolve_adapter_path("a/b", roots) == str((root / "a" / "b").resolve())
     assert resolve_adapter_path(str(root / "a"), roots) == str((root / "a").resolve())
-    for bad in ("../secret", str(tmp_path / "secret"), "escape", "a/../../secret", "/etc",
-                "a\x00b", ""):
+    for bad in (
+        "../secret",
+        str(tmp_path / "secret"),
+        "escape",
+        "a/../../secret",
+        "/etc",
+        "a\x00b",
+        "",
+    ):
         with pytest.raises(AdapterError):
             resolve_adapter_path(bad, roots)
     with pytest.raises(AdapterError, match="disabled"):
@@ -497,8 +579,9 @@ def test_launch_settings():
     assert gpu.runner.max_batch == 64 and gpu.kv.max_model_len == 4096
     assert gpu.kv.num_pages * gpu.kv.page_size >= 32 * 4096
     assert cpu.async_scheduling and gpu.async_scheduling
-    assert not engine_config_for(TINY, LaunchConfig(async_scheduling=False),
-                                 backend="cpu").async_scheduling
+    assert not engine_config_for(
+        TINY, LaunchConfig(async_scheduling=False), backend="cpu"
+    ).async_scheduling
     with pytest.raises(ConfigError, match="max_model_len"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
 
@@ -506,8 +589,8 @@ def test_launch_settings():
 def test_banner_has_a_curl_that_parses(served):
     text = banner(served[1], "http://127.0.0.1:8000")
     assert "http://127.0.0.1:8000/v1" in text
-    curl = text[text.index("curl"):]
-    payload = curl[curl.index("-d '") + 4:curl.rindex("'")]
+    curl = text[text.index("curl") :]
+    payload = curl[curl.index("-d '") + 4 : curl.rindex("'")]
     body = json.loads(payload)
     assert body["model"] in demo.DEMO_SIGNATURES
     assert "Bearer $JAXLORA_API_KEY" in curl and API_KEY not in text  # the key is not printed

@@ -20,11 +20,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_serve_script_default_demo_prints_a_working_curl():
     # Only what keeps the test short is set: any free loopback port, no compilation cache in
     # the home directory, shapes compiled on first use instead of all up front.
-    command = [sys.executable, os.path.join(REPO, "scripts", "serve.py"), "--port=0",
-               "--compilation_cache_dir=", "--nowarmup", "--log_level=warning"]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "serve.py"),
+        "--port=0",
+        "--compilation_cache_dir=",
+        "--nowarmup",
+        "--log_level=warning",
+    ]
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     output = []
     try:
         deadline = time.monotonic() + 120
@@ -40,7 +47,7 @@ def test_serve_script_default_demo_prints_a_working_curl():
         assert match, text
         url = match.group(1)
         assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
-        curl = text[text.index("curl "):]
+        curl = text[text.index("curl ") :]
         words = shlex.split(curl.replace("\\\n", " "))
         body = json.loads(words[words.index("-d") + 1])
         assert words[1] == f"{url}/v1/chat/completions"

@@ -20,18 +20,39 @@ def demo_engine_config(*, max_batch: int, max_waiting: int, kv_pages: int = 96) 
         kv=KVCacheConfig(page_size=8, num_pages=kv_pages, max_model_len=128),
         runner=RunnerConfig(max_batch=max_batch, prefill_chunk=32, max_prefill_rows=1),
         lora_pool=LoraPoolConfig(max_rank=8, rows_per_page=8, pages_per_pool=48, max_slots=4),
-        max_num_tokens=max_batch + 32, max_waiting=max_waiting, warmup=True)
+        max_num_tokens=max_batch + 32,
+        max_waiting=max_waiting,
+        warmup=True,
+    )
 
 
-def start_demo_server(*, max_batch: int = 4, max_waiting: int = 32, kv_pages: int = 96,
-                      adapter_roots=(), api_key: str | None = API_KEY, **server_kwargs):
+def start_demo_server(
+    *,
+    max_batch: int = 4,
+    max_waiting: int = 32,
+    kv_pages: int = 96,
+    adapter_roots=(),
+    api_key: str | None = API_KEY,
+    **server_kwargs,
+):
     """(BackgroundServer, ServingState) of the demo model and adapters, engine warm."""
     demo.check_assets()
-    llm = LLM(demo.model_dir(), adapters=demo.adapter_dirs(),
-              engine_config=demo_engine_config(max_batch=max_batch, max_waiting=max_waiting,
-                                               kv_pages=kv_pages))
-    state = ServingState(llm, ServerConfig(model_name=demo.DEMO_MODEL_NAME, api_key=api_key,
-                                           adapter_roots=tuple(adapter_roots), **server_kwargs))
+    llm = LLM(
+        demo.model_dir(),
+        adapters=demo.adapter_dirs(),
+        engine_config=demo_engine_config(
+            max_batch=max_batch, max_waiting=max_waiting, kv_pages=kv_pages
+        ),
+    )
+    state = ServingState(
+        llm,
+        ServerConfig(
+            model_name=demo.DEMO_MODEL_NAME,
+            api_key=api_key,
+            adapter_roots=tuple(adapter_roots),
+            **server_kwargs,
+        ),
+    )
     server = BackgroundServer(create_app(state)).start()
     return server, state
 
@@ -47,11 +68,14 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool
 
 def engine_idle(state: ServingState) -> bool:
     """Nothing queued or running, and the server has seen every request end."""
-    return (state.engine.num_running == 0 and state.engine.num_waiting == 0
-            and state.pump.open_requests == 0)
+    return (
+        state.engine.num_running == 0
+        and state.engine.num_waiting == 0
+        and state.pump.open_requests == 0
+    )
 
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
 
 
@@ -87,8 +111,13 @@ def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
         samples[key] = float(value)
     for name, kind in types.items():
         if kind == "histogram":
-            buckets = sorted(((float(dict(k[1])["le"]), v) for k, v in samples.items()
-                              if k[0] == f"{name}_bucket"))
+            buckets = sorted(
+                (
+                    (float(dict(k[1])["le"]), v)
+                    for k, v in samples.items()
+                    if k[0] == f"{name}_bucket"
+                )
+            )
             counts = [v for _, v in buckets]
             assert counts == sorted(counts), f"{name} buckets not cumulative"
             assert buckets[-1][0] == float("inf")

@@ -27,8 +27,12 @@ from tests.test_server_helpers import (
 CLIENTS = 64
 DURATION_S = float(os.environ.get("JAXLORA_LOAD_TEST_SECONDS", "15"))
 MODELS = (demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES)
-PROMPTS = ("Who are you?", "Tell me about the weather today.", "What is two plus two?",
-           "Hello there")
+PROMPTS = (
+    "Who are you?",
+    "Tell me about the weather today.",
+    "What is two plus two?",
+    "Hello there",
+)
 
 
 def request_set() -> list[dict]:
@@ -37,25 +41,37 @@ def request_set() -> list[dict]:
     out = []
     for i, (model, prompt) in enumerate((m, p) for m in MODELS for p in PROMPTS):
         sampled = i % 4 == 3
-        out.append({"model": model, "prompt": prompt, "chat": i % 2 == 0,
-                    "max_tokens": (8, 24, 40)[i % 3],
-                    "temperature": 0.8 if sampled else 0.0, "seed": 1000 + i if sampled else None,
-                    "ignore_eos": i % 3 != 0})
+        out.append(
+            {
+                "model": model,
+                "prompt": prompt,
+                "chat": i % 2 == 0,
+                "max_tokens": (8, 24, 40)[i % 3],
+                "temperature": 0.8 if sampled else 0.0,
+                "seed": 1000 + i if sampled else None,
+                "ignore_eos": i % 3 != 0,
+            }
+        )
     return out
 
 
 async def run_one(aclient: openai.AsyncOpenAI, spec: dict) -> tuple[str, str, float, int]:
     """(text, finish reason, seconds to first text, completion tokens) of one streamed request."""
-    common = {"model": spec["model"], "max_tokens": spec["max_tokens"],
-              "temperature": spec["temperature"], "stream": True,
-              "stream_options": {"include_usage": True},
-              "extra_body": {"ignore_eos": spec["ignore_eos"]}}
+    common = {
+        "model": spec["model"],
+        "max_tokens": spec["max_tokens"],
+        "temperature": spec["temperature"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "extra_body": {"ignore_eos": spec["ignore_eos"]},
+    }
     if spec["seed"] is not None:
         common["seed"] = spec["seed"]
     start = time.perf_counter()
     if spec["chat"]:
         stream = await aclient.chat.completions.create(
-            messages=[{"role": "user", "content": spec["prompt"]}], **common)
+            messages=[{"role": "user", "content": spec["prompt"]}], **common
+        )
     else:
         stream = await aclient.completions.create(prompt=spec["prompt"], **common)
     text, finish, first, tokens = "", None, None, None
@@ -82,8 +98,12 @@ def served():
 def test_64_streaming_clients_lose_nothing_and_match_the_requests_alone(served):
     server, state = served
     specs = request_set()
-    client_kwargs = {"base_url": server.base_url, "api_key": API_KEY, "max_retries": 0,
-                     "timeout": 120}
+    client_kwargs = {
+        "base_url": server.base_url,
+        "api_key": API_KEY,
+        "max_retries": 0,
+        "timeout": 120,
+    }
     kv_free = state.engine.kv.free_pages
     metrics_url = f"{server.url}/metrics"
     import httpx
@@ -123,8 +143,11 @@ def test_64_streaming_clients_lose_nothing_and_match_the_requests_alone(served):
 
     assert not failures, failures[:5]
     assert len(records) >= CLIENTS
-    mismatches = [(specs[i], text, references[i]) for i, text, finish, _, _ in records
-                  if (text, finish) != references[i]]
+    mismatches = [
+        (specs[i], text, references[i])
+        for i, text, finish, _, _ in records
+        if (text, finish) != references[i]
+    ]
     assert not mismatches, mismatches[:3]
     assert all(finish in ("stop", "length") for _, _, finish, _, _ in records)
     assert all(tokens is not None for *_, tokens in records)
@@ -132,12 +155,17 @@ def test_64_streaming_clients_lose_nothing_and_match_the_requests_alone(served):
     assert wait_until(lambda: engine_idle(state), timeout=30)
     after = parse_metrics(httpx.get(metrics_url).text)
     sent = len(records) + len(specs)
-    counted = sum(metric(after, "jaxlora_requests_total", model=m)
-                  - metric(before, "jaxlora_requests_total", model=m) for m in MODELS)
-    finished = sum(metric(after, "jaxlora_requests_finished_total", model=m, finish_reason=r)
-                   - metric(before, "jaxlora_requests_finished_total", model=m,
-                            finish_reason=r)
-                   for m in MODELS for r in ("stop", "length"))
+    counted = sum(
+        metric(after, "jaxlora_requests_total", model=m)
+        - metric(before, "jaxlora_requests_total", model=m)
+        for m in MODELS
+    )
+    finished = sum(
+        metric(after, "jaxlora_requests_finished_total", model=m, finish_reason=r)
+        - metric(before, "jaxlora_requests_finished_total", model=m, finish_reason=r)
+        for m in MODELS
+        for r in ("stop", "length")
+    )
     assert counted == finished == sent
     assert state.engine.kv.free_pages == kv_free
     assert state.adapters.stats().referenced == 0
@@ -146,8 +174,10 @@ def test_64_streaming_clients_lose_nothing_and_match_the_requests_alone(served):
 
     ttfts = sorted(r[3] for r in records)
     tokens = sum(r[4] for r in records)
-    print(f"\nload: {len(records)} streamed requests from {CLIENTS} clients in {elapsed:.1f} s, "
-          f"{tokens / elapsed:.0f} generated tokens/s, client TTFT p50 "
-          f"{statistics.median(ttfts) * 1e3:.0f} ms p99 "
-          f"{ttfts[int(0.99 * (len(ttfts) - 1))] * 1e3:.0f} ms, "
-          f"{state.engine.stats.preemptions} preemptions")
+    print(
+        f"\nload: {len(records)} streamed requests from {CLIENTS} clients in {elapsed:.1f} s, "
+        f"{tokens / elapsed:.0f} generated tokens/s, client TTFT p50 "
+        f"{statistics.median(ttfts) * 1e3:.0f} ms p99 "
+        f"{ttfts[int(0.99 * (len(ttfts) - 1))] * 1e3:.0f} ms, "
+        f"{state.engine.stats.preemptions} preemptions"
+    )

@@ -36,13 +36,24 @@ from pallas_kernels.sgmv import (
 
 # Small blocks so that tiny shapes still cover several blocks per dimension, partial blocks,
 # several K steps and several rank chunks.
-SMALL = SgmvConfig(shrink_block_tokens=32, expand_block_tokens=16, shrink_block_n=16,
-                   shrink_block_k=16, expand_block_n=16, expand_col_steps=2,
-                   decode_shrink_rows=8, decode_block_k=16,
-                   decode_expand_block_n=16, decode_rank_chunk=4, decode_shrink_max_tokens=None)
+SMALL = SgmvConfig(
+    shrink_block_tokens=32,
+    expand_block_tokens=16,
+    shrink_block_n=16,
+    shrink_block_k=16,
+    expand_block_n=16,
+    expand_col_steps=2,
+    decode_shrink_rows=8,
+    decode_block_k=16,
+    decode_expand_block_n=16,
+    decode_rank_chunk=4,
+    decode_shrink_max_tokens=None,
+)
 
-INTERPRET = [pytest.param(True, id="interpret"),
-             pytest.param(False, id="compiled", marks=pytest.mark.gpu)]
+INTERPRET = [
+    pytest.param(True, id="interpret"),
+    pytest.param(False, id="compiled", marks=pytest.mark.gpu),
+]
 
 # (in width, out widths of the group): q|k|v with GQA widths, gate|up, down.
 GROUPS = {"qkv": (40, (32, 16, 16)), "gate_up": (40, (56, 56)), "down": (72, (40,))}
@@ -71,14 +82,25 @@ def _alloc_pages(rng, needs, extra=5):
     ids = rng.permutation(total)
     out, cur = [], 0
     for n in needs:
-        out.append(ids[cur:cur + n])
+        out.append(ids[cur : cur + n])
         cur += n
     return total, out
 
 
-def make_problem(seed, *, num_tokens, in_width, out_widths, rows_per_page=4, max_pages=3,
-                 num_slots=6, num_layers=2, dtype=jnp.float32, no_adapter_frac=0.2,
-                 runs=False) -> Problem:
+def make_problem(
+    seed,
+    *,
+    num_tokens,
+    in_width,
+    out_widths,
+    rows_per_page=4,
+    max_pages=3,
+    num_slots=6,
+    num_layers=2,
+    dtype=jnp.float32,
+    no_adapter_frac=0.2,
+    runs=False,
+) -> Problem:
     rng = np.random.default_rng(seed)
     g_count = len(out_widths)
     weights = tuple(int(w) for w in np.sort(rng.choice(7, g_count, replace=False)))
@@ -97,11 +119,11 @@ def make_problem(seed, *, num_tokens, in_width, out_widths, rows_per_page=4, max
     a_pages = np.zeros((num_slots, 7, max_pages), np.int32)
     a_pool = np.full((num_layers, a_total, rows_per_page, in_width), np.nan, np.float32)
     for (s, w), ids in zip(slot_weight, a_ids, strict=True):
-        a_pages[s, w, :len(ids)] = ids
+        a_pages[s, w, : len(ids)] = ids
         rows = rng.standard_normal((num_layers, ranks[s, w], in_width)) / np.sqrt(in_width)
         for i, page in enumerate(ids):
-            chunk = rows[:, i * rows_per_page:(i + 1) * rows_per_page]
-            a_pool[:, page, :chunk.shape[1]] = chunk
+            chunk = rows[:, i * rows_per_page : (i + 1) * rows_per_page]
+            a_pool[:, page, : chunk.shape[1]] = chunk
 
     b_pages = np.zeros((num_slots, 7, max_pages), np.int32)
     by_width = {}
@@ -113,11 +135,11 @@ def make_problem(seed, *, num_tokens, in_width, out_widths, rows_per_page=4, max
         total, ids_list = _alloc_pages(rng, [n_pages[s, w] for s, w in reqs])
         pool = np.full((num_layers, total, rows_per_page, width), np.nan, np.float32)
         for (s, w), ids in zip(reqs, ids_list, strict=True):
-            b_pages[s, w, :len(ids)] = ids
+            b_pages[s, w, : len(ids)] = ids
             rows = rng.standard_normal((num_layers, ranks[s, w], width))
             for i, page in enumerate(ids):
-                chunk = rows[:, i * rows_per_page:(i + 1) * rows_per_page]
-                pool[:, page, :chunk.shape[1]] = chunk
+                chunk = rows[:, i * rows_per_page : (i + 1) * rows_per_page]
+                pool[:, page, : chunk.shape[1]] = chunk
         pool = jnp.asarray(pool, dtype)
         for g in gs:
             pool_of_g[g] = pool
@@ -125,8 +147,9 @@ def make_problem(seed, *, num_tokens, in_width, out_widths, rows_per_page=4, max
     if runs:  # prefill-like: contiguous runs of one adapter, runs in random slot order
         slots = rng.integers(-1, num_slots, max(1, num_tokens // 5))
         cuts = np.sort(rng.choice(np.arange(1, num_tokens), len(slots) - 1, replace=False))
-        token_slot = np.concatenate([np.full(n, s) for s, n in
-                                     zip(slots, np.diff([0, *cuts, num_tokens]), strict=True)])
+        token_slot = np.concatenate(
+            [np.full(n, s) for s, n in zip(slots, np.diff([0, *cuts, num_tokens]), strict=True)]
+        )
     else:  # skewed random assignment, shuffled order
         p = 1.0 / np.arange(1, num_slots + 1)
         token_slot = rng.choice(num_slots, num_tokens, p=p / p.sum())
@@ -138,9 +161,14 @@ def make_problem(seed, *, num_tokens, in_width, out_widths, rows_per_page=4, max
         y=jnp.asarray(rng.standard_normal((num_tokens, sum(out_widths))), dtype),
         a_pool=jnp.asarray(a_pool, dtype),
         b_pools=tuple(pool_of_g[g] for g in range(g_count)),
-        a_pages=jnp.asarray(a_pages), b_pages=jnp.asarray(b_pages), ranks=jnp.asarray(ranks),
+        a_pages=jnp.asarray(a_pages),
+        b_pages=jnp.asarray(b_pages),
+        ranks=jnp.asarray(ranks),
         scales=jnp.asarray(rng.uniform(0.5, 2.0, (num_slots, 7)), jnp.float32),
-        token_slot=token_slot, layer=jnp.int32(rng.integers(num_layers)), weights=weights)
+        token_slot=token_slot,
+        layer=jnp.int32(rng.integers(num_layers)),
+        weights=weights,
+    )
 
 
 def _poison_allocator(nbytes):
@@ -168,14 +196,30 @@ def _run_shrink(prob, config, interpret, meta="host"):
     _poison_allocator(prob.x.shape[0] * prob.a_pages.shape[2] * 64 * 4)
 
     def shrink(x, a_pool, a_pages, ranks, token_slot, layer, kernel_meta, *, interpret):
-        return sgmv_shrink(x, a_pool, a_pages, ranks, token_slot, layer, weights=prob.weights,
-                           kernel_meta=kernel_meta, config=config, interpret=interpret)
+        return sgmv_shrink(
+            x,
+            a_pool,
+            a_pages,
+            ranks,
+            token_slot,
+            layer,
+            weights=prob.weights,
+            kernel_meta=kernel_meta,
+            config=config,
+            interpret=interpret,
+        )
 
-    args = (prob.x, prob.a_pool, prob.a_pages, prob.ranks, jnp.asarray(prob.token_slot),
-            prob.layer, kernel_meta)
+    args = (
+        prob.x,
+        prob.a_pool,
+        prob.a_pages,
+        prob.ranks,
+        jnp.asarray(prob.token_slot),
+        prob.layer,
+        kernel_meta,
+    )
     if interpret:  # the same call must also lower for the GPU
-        assert triton_kernels(lower_for_gpu(functools.partial(shrink, interpret=False),
-                                            *args)) == 1
+        assert triton_kernels(lower_for_gpu(functools.partial(shrink, interpret=False), *args)) == 1
     return shrink(*args, interpret=interpret)
 
 
@@ -184,26 +228,54 @@ def _run_expand(prob, v, config, interpret, meta="host"):
     if meta == "host":
         kernel_meta = build_sgmv_metadata(prob.token_slot, prob.b_pages.shape[0], config=config)
 
-    def expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer, kernel_meta, *,
-               interpret):
-        return sgmv_expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer,
-                           weights=prob.weights, kernel_meta=kernel_meta, config=config,
-                           interpret=interpret)
+    def expand(y, v, b_pools, b_pages, ranks, scales, token_slot, layer, kernel_meta, *, interpret):
+        return sgmv_expand(
+            y,
+            v,
+            b_pools,
+            b_pages,
+            ranks,
+            scales,
+            token_slot,
+            layer,
+            weights=prob.weights,
+            kernel_meta=kernel_meta,
+            config=config,
+            interpret=interpret,
+        )
 
-    args = (prob.y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales,
-            jnp.asarray(prob.token_slot), prob.layer, kernel_meta)
+    args = (
+        prob.y,
+        v,
+        prob.b_pools,
+        prob.b_pages,
+        prob.ranks,
+        prob.scales,
+        jnp.asarray(prob.token_slot),
+        prob.layer,
+        kernel_meta,
+    )
     if interpret:
-        assert triton_kernels(lower_for_gpu(functools.partial(expand, interpret=False),
-                                            *args)) == 1
+        assert triton_kernels(lower_for_gpu(functools.partial(expand, interpret=False), *args)) == 1
     return expand(*args, interpret=interpret)
 
 
 def _reference(prob):
     ts = jnp.asarray(prob.token_slot)
-    v = sgmv_shrink_reference(prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts, prob.layer,
-                              weights=prob.weights)
-    y = sgmv_expand_reference(prob.y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales,
-                              ts, prob.layer, weights=prob.weights)
+    v = sgmv_shrink_reference(
+        prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts, prob.layer, weights=prob.weights
+    )
+    y = sgmv_expand_reference(
+        prob.y,
+        v,
+        prob.b_pools,
+        prob.b_pages,
+        prob.ranks,
+        prob.scales,
+        ts,
+        prob.layer,
+        weights=prob.weights,
+    )
     return v, y
 
 
@@ -229,6 +301,7 @@ def _check(prob, v, y, v_ref, y_ref, dtype_name):
 # metadata
 # ------------------------------------------------------------------------------------------------
 
+
 def _check_metadata(meta, token_slot, num_slots, config):
     t = len(token_slot)
     tile_sizes = {"shrink": config.shrink_block_tokens, "expand": config.expand_block_tokens}
@@ -253,7 +326,7 @@ def _check_metadata(meta, token_slot, num_slots, config):
         for j in np.flatnonzero(used):
             assert 1 <= sizes[j] <= bt
             start = meta[f"{kind}_tile_start"][j]
-            toks = order[start:start + sizes[j]]
+            toks = order[start : start + sizes[j]]
             covered[toks] += 1
             assert (token_slot[toks] == meta[f"{kind}_tile_slot"][j]).all()
         np.testing.assert_array_equal(covered, 1)
@@ -302,9 +375,12 @@ def test_metadata_rejects_bad_slots():
 
 
 def test_slot_metadata_packs_cached_rows_into_fresh_arrays():
-    info = SlotInfo(ranks=(5, 0, 1, 16, 5, 5, 5), scales=(0.5, 1.0, 2.0, 0.5, 0.5, 0.5, 0.5),
-                    a_pages=((3, 9), (), (4,), (1, 2, 5, 6), (7, 8), (10, 11), (12, 13)),
-                    b_pages=((0, 2), (), (6,), (3, 4, 7, 8), (1, 5), (9, 10), (11, 12)))
+    info = SlotInfo(
+        ranks=(5, 0, 1, 16, 5, 5, 5),
+        scales=(0.5, 1.0, 2.0, 0.5, 0.5, 0.5, 0.5),
+        a_pages=((3, 9), (), (4,), (1, 2, 5, 6), (7, 8), (10, 11), (12, 13)),
+        b_pages=((0, 2), (), (6,), (3, 4, 7, 8), (1, 5), (9, 10), (11, 12)),
+    )
     kw = dict(max_slots=3, max_rank=16, rows_per_page=4)
     first = build_slot_metadata([None, info], **kw)
     np.testing.assert_array_equal(first["ranks"][1], info.ranks)
@@ -317,8 +393,9 @@ def test_slot_metadata_packs_cached_rows_into_fresh_arrays():
     np.testing.assert_array_equal(again["ranks"][0], info.ranks)
     np.testing.assert_array_equal(again["a_pages"][2], again["a_pages"][0])
     with pytest.raises(ValueError, match="slot 1 weight q_proj: rank 5 needs 2 pages"):
-        build_slot_metadata([info, dataclasses.replace(info, a_pages=((3,),) + info.a_pages[1:])],
-                            **kw)
+        build_slot_metadata(
+            [info, dataclasses.replace(info, a_pages=((3,),) + info.a_pages[1:])], **kw
+        )
     with pytest.raises(ValueError, match="slot 0 weight o_proj: rank 16 > max_rank 8"):
         build_slot_metadata([info], max_slots=1, max_rank=8, rows_per_page=4)
 
@@ -326,6 +403,7 @@ def test_slot_metadata_packs_cached_rows_into_fresh_arrays():
 # ------------------------------------------------------------------------------------------------
 # kernels against the references
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
@@ -337,8 +415,14 @@ def test_kernels_match_reference(regime, group, dtype_name, interpret):
     config = dataclasses.replace(SMALL, decode_max_tokens=16)
     assert config.regime(num_tokens) == regime
     seed = zlib.crc32(f"{regime}-{group}-{dtype_name}".encode())
-    prob = make_problem(seed, num_tokens=num_tokens, in_width=in_width, out_widths=out_widths,
-                        dtype=jnp.dtype(dtype_name), runs=regime == "prefill")
+    prob = make_problem(
+        seed,
+        num_tokens=num_tokens,
+        in_width=in_width,
+        out_widths=out_widths,
+        dtype=jnp.dtype(dtype_name),
+        runs=regime == "prefill",
+    )
     v_ref, y_ref = _reference(prob)
     v = _run_shrink(prob, config, interpret)
     y = _run_expand(prob, v_ref, config, interpret)
@@ -346,14 +430,21 @@ def test_kernels_match_reference(regime, group, dtype_name, interpret):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("regimes", [("decode", "decode"), ("decode", "prefill"),
-                                     ("prefill", "prefill")])
+@pytest.mark.parametrize(
+    "regimes", [("decode", "decode"), ("decode", "prefill"), ("prefill", "prefill")]
+)
 def test_default_config_and_jnp_metadata(regimes, interpret):
     """Default block sizes (clipped to tiny shapes), where the shrink and the expand may run
     different regimes at one T; prefill metadata built inside the call."""
     num_tokens = {("decode", "decode"): 9, ("decode", "prefill"): 40}.get(regimes, 70)
-    prob = make_problem(5, num_tokens=num_tokens, in_width=48, out_widths=(48, 24, 24),
-                        rows_per_page=16, max_pages=2)
+    prob = make_problem(
+        5,
+        num_tokens=num_tokens,
+        in_width=48,
+        out_widths=(48, 24, 24),
+        rows_per_page=16,
+        max_pages=2,
+    )
     config = SgmvConfig()
     assert (config.regime(num_tokens, "shrink"), config.regime(num_tokens, "expand")) == regimes
     v_ref, y_ref = _reference(prob)
@@ -366,10 +457,12 @@ def test_default_config_and_jnp_metadata(regimes, interpret):
 @pytest.mark.parametrize("split", [None, 4])
 def test_prefill_shrink_split_k(split, interpret):
     """The reduction split over programs (atomic adds into a zeroed v)."""
-    prob = make_problem(11, num_tokens=40, in_width=72, out_widths=(40,), dtype=jnp.bfloat16,
-                        runs=True)
-    config = dataclasses.replace(SMALL, decode_max_tokens=0, shrink_split_k=split,
-                                 target_programs=10_000)
+    prob = make_problem(
+        11, num_tokens=40, in_width=72, out_widths=(40,), dtype=jnp.bfloat16, runs=True
+    )
+    config = dataclasses.replace(
+        SMALL, decode_max_tokens=0, shrink_split_k=split, target_programs=10_000
+    )
     v_ref, _ = _reference(prob)
     v = _run_shrink(prob, config, interpret)
     assert _rel_err(v, v_ref) < 1e-4
@@ -383,15 +476,22 @@ def test_prefill_run_time_split_and_column_runs(assignment, target_programs, int
     """The prefill kernels pick their K split (shrink) and column run (expand) at run time from
     the tiles in use; every choice, with column runs that do not divide a weight's blocks, gives
     the reference result."""
-    prob = make_problem(13, num_tokens=37, in_width=136, out_widths=(56, 40, 40),
-                        dtype=jnp.bfloat16, num_slots=40)
+    prob = make_problem(
+        13, num_tokens=37, in_width=136, out_widths=(56, 40, 40), dtype=jnp.bfloat16, num_slots=40
+    )
     prob.token_slot = {
         "one_slot": np.full(37, 2),
         "distinct": np.random.default_rng(0).permutation(40)[:37],
         "mixed": np.where(np.arange(37) % 3 == 0, NO_ADAPTER, np.arange(37) % 5),
     }[assignment].astype(np.int32)
-    config = dataclasses.replace(SMALL, decode_max_tokens=0, target_programs=target_programs,
-                                 shrink_waves=2, expand_waves=1, expand_col_steps=4)
+    config = dataclasses.replace(
+        SMALL,
+        decode_max_tokens=0,
+        target_programs=target_programs,
+        shrink_waves=2,
+        expand_waves=1,
+        expand_col_steps=4,
+    )
     v_ref, y_ref = _reference(prob)
     v = _run_shrink(prob, config, interpret)
     y = _run_expand(prob, v_ref, config, interpret)
@@ -401,8 +501,15 @@ def test_prefill_run_time_split_and_column_runs(assignment, target_programs, int
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("regime", ["decode", "prefill"])
 def test_ranks_up_to_128_in_one_batch(regime, interpret):
-    prob = make_problem(3, num_tokens=8 if regime == "decode" else 40, in_width=32,
-                        out_widths=(24, 24), rows_per_page=16, max_pages=8, num_slots=4)
+    prob = make_problem(
+        3,
+        num_tokens=8 if regime == "decode" else 40,
+        in_width=32,
+        out_widths=(24, 24),
+        rows_per_page=16,
+        max_pages=8,
+        num_slots=4,
+    )
     config = dataclasses.replace(SMALL, decode_max_tokens=8)
     assert int(jnp.max(prob.ranks)) == 128 and int(jnp.min(prob.ranks[:, 0])) >= 0
     v_ref, y_ref = _reference(prob)
@@ -414,8 +521,9 @@ def test_ranks_up_to_128_in_one_batch(regime, interpret):
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("regime", ["decode", "prefill"])
 def test_expand_ignores_garbage_beyond_rank_and_all_base_tokens(regime, interpret):
-    prob = make_problem(7, num_tokens=10 if regime == "decode" else 33, in_width=40,
-                        out_widths=(32, 16, 16))
+    prob = make_problem(
+        7, num_tokens=10 if regime == "decode" else 33, in_width=40, out_widths=(32, 16, 16)
+    )
     config = dataclasses.replace(SMALL, decode_max_tokens=10)
     v_ref, y_ref = _reference(prob)
     ranks = np.asarray(prob.ranks)
@@ -443,13 +551,15 @@ def test_traced_layer_inside_scan():
             v = shrink(prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts, layer)
             y = expand(y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts, layer)
             return y, None
-        return jax.jit(lambda y: jax.lax.scan(step, y, jnp.arange(3, dtype=jnp.int32))[0])(
-            prob.y)
+
+        return jax.jit(lambda y: jax.lax.scan(step, y, jnp.arange(3, dtype=jnp.int32))[0])(prob.y)
 
     kw = dict(weights=prob.weights, kernel_meta=meta, config=config, interpret=True)
     y = run(lambda *a: sgmv_shrink(*a, **kw), lambda *a: sgmv_expand(*a, **kw))
-    y_ref = run(lambda *a: sgmv_shrink_reference(*a, weights=prob.weights),
-                lambda *a: sgmv_expand_reference(*a, weights=prob.weights))
+    y_ref = run(
+        lambda *a: sgmv_shrink_reference(*a, weights=prob.weights),
+        lambda *a: sgmv_expand_reference(*a, weights=prob.weights),
+    )
     assert _rel_err(y, y_ref) < TOL["float32"]
 
 
@@ -457,9 +567,16 @@ def test_traced_layer_inside_scan():
 @pytest.mark.parametrize("num_tokens", [1, 16, 48, 300])
 def test_gpu_realistic_shapes_default_config(num_tokens):
     """Compiled kernels at model-like widths with the default (GPU-tuned) config."""
-    prob = make_problem(num_tokens, num_tokens=num_tokens, in_width=1024,
-                        out_widths=(1024, 256, 256), rows_per_page=16, max_pages=4,
-                        num_slots=24, dtype=jnp.bfloat16)
+    prob = make_problem(
+        num_tokens,
+        num_tokens=num_tokens,
+        in_width=1024,
+        out_widths=(1024, 256, 256),
+        rows_per_page=16,
+        max_pages=4,
+        num_slots=24,
+        dtype=jnp.bfloat16,
+    )
     v_ref, y_ref = _reference(prob)
     v = _run_shrink(prob, SgmvConfig(), False)
     y = _run_expand(prob, v, SgmvConfig(), False)
@@ -470,17 +587,45 @@ def test_gpu_realistic_shapes_default_config(num_tokens):
 def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
     """What the GPU test above compiles, and T=4096 (the largest splits and column runs), lowered
     to Triton on any machine (tests/gpu_lowering.py); host- and jnp-built metadata."""
-    prob = make_problem(num_tokens, num_tokens=num_tokens, in_width=1024,
-                        out_widths=(1024, 256, 256), rows_per_page=16, max_pages=4,
-                        num_slots=24, dtype=jnp.bfloat16)
+    prob = make_problem(
+        num_tokens,
+        num_tokens=num_tokens,
+        in_width=1024,
+        out_widths=(1024, 256, 256),
+        rows_per_page=16,
+        max_pages=4,
+        num_slots=24,
+        dtype=jnp.bfloat16,
+    )
     config = SgmvConfig()
     ts = jnp.asarray(prob.token_slot)
     for meta in (build_sgmv_metadata(prob.token_slot, 24, config=config), None):
+
         def step(x, y, ts, meta):
-            v = sgmv_shrink(x, prob.a_pool, prob.a_pages, prob.ranks, ts, prob.layer,
-                            weights=prob.weights, kernel_meta=meta, config=config)
-            return sgmv_expand(y, v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts,
-                               prob.layer, weights=prob.weights, kernel_meta=meta, config=config)
+            v = sgmv_shrink(
+                x,
+                prob.a_pool,
+                prob.a_pages,
+                prob.ranks,
+                ts,
+                prob.layer,
+                weights=prob.weights,
+                kernel_meta=meta,
+                config=config,
+            )
+            return sgmv_expand(
+                y,
+                v,
+                prob.b_pools,
+                prob.b_pages,
+                prob.ranks,
+                prob.scales,
+                ts,
+                prob.layer,
+                weights=prob.weights,
+                kernel_meta=meta,
+                config=config,
+            )
 
         assert triton_kernels(lower_for_gpu(step, prob.x, prob.y, ts, meta)) == 2
 
@@ -489,6 +634,7 @@ def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
 # sgmv_apply (the model's entry point: shrink then expand)
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("num_tokens", [11, 40])
 @pytest.mark.parametrize("group", list(GROUPS))
@@ -496,28 +642,57 @@ def test_sgmv_apply_matches_reference(group, num_tokens, interpret):
     """Both regimes (decode at T=11, prefill at T=40 with the test config), two launches each;
     base-only tokens left bit for bit."""
     in_width, out_widths = GROUPS[group]
-    prob = make_problem(zlib.crc32(f"apply-{group}-{num_tokens}".encode()),
-                        num_tokens=num_tokens, in_width=in_width, out_widths=out_widths,
-                        dtype=jnp.bfloat16)
+    prob = make_problem(
+        zlib.crc32(f"apply-{group}-{num_tokens}".encode()),
+        num_tokens=num_tokens,
+        in_width=in_width,
+        out_widths=out_widths,
+        dtype=jnp.bfloat16,
+    )
     config = dataclasses.replace(SMALL, decode_max_tokens=16)
     ts = jnp.asarray(prob.token_slot)
-    meta = None if config.regime(num_tokens) == "decode" else build_sgmv_metadata(
-        prob.token_slot, prob.ranks.shape[0], config=config)
+    meta = (
+        None
+        if config.regime(num_tokens) == "decode"
+        else build_sgmv_metadata(prob.token_slot, prob.ranks.shape[0], config=config)
+    )
     _poison_allocator(prob.y.size * 4)
 
     def apply(x, y, token_slot, *, interpret):
-        return sgmv_apply(x, y, prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages,
-                          prob.ranks, prob.scales, token_slot, prob.layer, weights=prob.weights,
-                          kernel_meta=meta, config=config, interpret=interpret)
+        return sgmv_apply(
+            x,
+            y,
+            prob.a_pool,
+            prob.b_pools,
+            prob.a_pages,
+            prob.b_pages,
+            prob.ranks,
+            prob.scales,
+            token_slot,
+            prob.layer,
+            weights=prob.weights,
+            kernel_meta=meta,
+            config=config,
+            interpret=interpret,
+        )
 
     args = (prob.x, prob.y, ts)
     if interpret:  # the same call must also lower for the GPU, in two launches
-        assert triton_kernels(lower_for_gpu(functools.partial(apply, interpret=False),
-                                            *args)) == 2
+        assert triton_kernels(lower_for_gpu(functools.partial(apply, interpret=False), *args)) == 2
     y = apply(*args, interpret=interpret)
-    y_ref = sgmv_apply_reference(prob.x, prob.y, prob.a_pool, prob.b_pools, prob.a_pages,
-                                 prob.b_pages, prob.ranks, prob.scales, ts, prob.layer,
-                                 weights=prob.weights)
+    y_ref = sgmv_apply_reference(
+        prob.x,
+        prob.y,
+        prob.a_pool,
+        prob.b_pools,
+        prob.a_pages,
+        prob.b_pages,
+        prob.ranks,
+        prob.scales,
+        ts,
+        prob.layer,
+        weights=prob.weights,
+    )
     assert _rel_err(y, y_ref) < TOL["bfloat16"] and y.dtype == prob.y.dtype
     base_only = prob.token_slot < 0
     np.testing.assert_array_equal(np.asarray(y)[base_only], np.asarray(prob.y)[base_only])
@@ -526,6 +701,7 @@ def test_sgmv_apply_matches_reference(group, num_tokens, interpret):
 # ------------------------------------------------------------------------------------------------
 # bad input: clear errors naming the tensor and the expected shape
 # ------------------------------------------------------------------------------------------------
+
 
 def test_bad_inputs_raise_config_errors():
     prob = make_problem(1, num_tokens=20, in_width=40, out_widths=(56, 56))
@@ -536,24 +712,69 @@ def test_bad_inputs_raise_config_errors():
     with pytest.raises(ConfigError, match="weights"):
         sgmv_shrink(prob.x, prob.a_pool, *args, weights=(7,), interpret=True)
     with pytest.raises(ConfigError, match="token_slot must be"):
-        sgmv_shrink(prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts[:5], prob.layer,
-                    weights=prob.weights, interpret=True)
+        sgmv_shrink(
+            prob.x,
+            prob.a_pool,
+            prob.a_pages,
+            prob.ranks,
+            ts[:5],
+            prob.layer,
+            weights=prob.weights,
+            interpret=True,
+        )
     meta = build_sgmv_metadata(prob.token_slot, 6, config=SgmvConfig(shrink_block_tokens=16))
     with pytest.raises(ConfigError, match=r"kernel_meta\['shrink_tile_start'\] must have shape"):
-        sgmv_shrink(prob.x, prob.a_pool, *args, weights=prob.weights, kernel_meta=meta,
-                    config=SgmvConfig(shrink_block_tokens=64, decode_max_tokens=0,
-                                      decode_shrink_max_tokens=None),
-                    interpret=True)
+        sgmv_shrink(
+            prob.x,
+            prob.a_pool,
+            *args,
+            weights=prob.weights,
+            kernel_meta=meta,
+            config=SgmvConfig(
+                shrink_block_tokens=64, decode_max_tokens=0, decode_shrink_max_tokens=None
+            ),
+            interpret=True,
+        )
     v = jnp.zeros((20, 2, 12), jnp.float32)
     with pytest.raises(ConfigError, match=r"y must be \(T, 112\)"):
-        sgmv_expand(prob.y[:, :100], v, prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts,
-                    prob.layer, weights=prob.weights, interpret=True)
+        sgmv_expand(
+            prob.y[:, :100],
+            v,
+            prob.b_pools,
+            prob.b_pages,
+            prob.ranks,
+            prob.scales,
+            ts,
+            prob.layer,
+            weights=prob.weights,
+            interpret=True,
+        )
     with pytest.raises(ConfigError, match=r"v must be \(T, G, MP\*R\)"):
-        sgmv_expand(prob.y, v[:, :1], prob.b_pools, prob.b_pages, prob.ranks, prob.scales, ts,
-                    prob.layer, weights=prob.weights, interpret=True)
+        sgmv_expand(
+            prob.y,
+            v[:, :1],
+            prob.b_pools,
+            prob.b_pages,
+            prob.ranks,
+            prob.scales,
+            ts,
+            prob.layer,
+            weights=prob.weights,
+            interpret=True,
+        )
     with pytest.raises(ConfigError, match="one pool per weight"):
-        sgmv_expand(prob.y, v, prob.b_pools[:1], prob.b_pages, prob.ranks, prob.scales, ts,
-                    prob.layer, weights=prob.weights, interpret=True)
+        sgmv_expand(
+            prob.y,
+            v,
+            prob.b_pools[:1],
+            prob.b_pages,
+            prob.ranks,
+            prob.scales,
+            ts,
+            prob.layer,
+            weights=prob.weights,
+            interpret=True,
+        )
     with pytest.raises(ConfigError, match="expand_block_tokens"):
         SgmvConfig(expand_block_tokens=24)
     with pytest.raises(ConfigError, match="decode_shrink_rows"):

@@ -24,8 +24,11 @@ def test_sharded_forward_equals_single_device_and_weights_are_split():
     config = TP_CONFIG
     params = init_params(config, 3)
     adapters = [random_lora(config, "a", 6, MODULES, 1), random_lora(config, "b", 2, MODULES, 2)]
-    lora = pack_adapters(config, adapters, LoraPoolConfig(max_rank=16, rows_per_page=4,
-                                                           pages_per_pool=32, max_slots=2))
+    lora = pack_adapters(
+        config,
+        adapters,
+        LoraPoolConfig(max_rank=16, rows_per_page=4, pages_per_pool=32, max_slots=2),
+    )
     tokens = jnp.array(np.random.default_rng(0).integers(0, 512, (3, 5)), jnp.int32)
     slots = jnp.asarray(np.repeat(np.array([[1], [NO_ADAPTER], [0]], np.int32), 5, axis=1))
     lora = lora.with_tokens(slots)
@@ -52,8 +55,11 @@ def test_sharded_forward_equals_single_device_and_weights_are_split():
 
 def test_indivisible_tp_is_a_clear_error():
     with pytest.raises(ConfigError, match="num_kv_heads"):
-        shard_params(init_params(TINY, 0), dataclasses.replace(TINY, num_kv_heads=2, num_heads=4),
-                     make_mesh(4))
+        shard_params(
+            init_params(TINY, 0),
+            dataclasses.replace(TINY, num_kv_heads=2, num_heads=4),
+            make_mesh(4),
+        )
 
 
 def test_tensor_parallel_engine_generates_the_single_device_tokens():
@@ -63,15 +69,23 @@ def test_tensor_parallel_engine_generates_the_single_device_tokens():
 
     config = TP_CONFIG
     params = init_params(config, 5)
-    adapters = {"a": random_lora(config, "a", 4, MODULES, 1),
-                "b": random_lora(config, "b", 2, ("q_proj", "down_proj"), 2)}
+    adapters = {
+        "a": random_lora(config, "a", 4, MODULES, 1),
+        "b": random_lora(config, "b", 2, ("q_proj", "down_proj"), 2),
+    }
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3], [40, 41, 42]]
     names = ["a", None, "b"]
     sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     outs = {}
     for tp in (1, 4):
-        llm = LLM(config, params=params, adapters=adapters, engine_config=small_engine_config(),
-                  load_workers=0, tp=tp)
+        llm = LLM(
+            config,
+            params=params,
+            adapters=adapters,
+            engine_config=small_engine_config(),
+            load_workers=0,
+            tp=tp,
+        )
         outs[tp] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
         if tp == 4:
             assert llm.engine.kv.k_pool.addressable_shards[0].data.shape[3] == 1

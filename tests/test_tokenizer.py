@@ -75,34 +75,44 @@ def test_incremental_decode_continues_the_prompt(tok):
     prompt = tok.encode("The answer is")
     generated = tok.encode(" 42, café 😀", add_bos=False)
     full = tok.decode(prompt + generated)
-    assert "".join(stream(tok, generated, prompt_ids=prompt)) == full[len(tok.decode(prompt)):]
+    assert "".join(stream(tok, generated, prompt_ids=prompt)) == full[len(tok.decode(prompt)) :]
 
 
 def test_default_chat_template(tok):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi "},
-                                             {"type": "text", "text": "there"}]},
-                {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": "Bye"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+        },
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     text = tok.apply_chat_template(messages)
-    assert text == ("<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\nHello.\n"
-                    "<|user|>\nBye\n<|assistant|>\n")
+    assert text == (
+        "<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\nHello.\n"
+        "<|user|>\nBye\n<|assistant|>\n"
+    )
     assert not tok.apply_chat_template(messages, add_generation_prompt=False).endswith(
-        "<|assistant|>\n")
+        "<|assistant|>\n"
+    )
     ids = tok.encode_chat(messages)
     assert ids[0] == tok.bos_token_id
     assert ids.count(tok.token_to_id("<|user|>")) == 2  # role markers are single special tokens
     assert tok.decode(ids, skip_special_tokens=False) == "<bos>" + text
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([], "non-empty"),
-    ("hello", "non-empty"),
-    ([{"role": "wizard", "content": "x"}], r"messages\[0\].role"),
-    ([{"role": "user", "content": 5}], r"messages\[0\].content"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "text parts"),
-    (["just a string"], r"messages\[0\]"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "non-empty"),
+        ("hello", "non-empty"),
+        ([{"role": "wizard", "content": "x"}], r"messages\[0\].role"),
+        ([{"role": "user", "content": 5}], r"messages\[0\].content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "text parts"),
+        (["just a string"], r"messages\[0\]"),
+    ],
+)
 def test_bad_messages_raise_request_error(tok, messages, match):
     with pytest.raises(RequestError, match=match):
         tok.apply_chat_template(messages)
@@ -122,18 +132,27 @@ def test_saved_tokenizer_loads_back_identically(tok, tmp_path):
         loaded = Tokenizer.from_file(source)
         assert loaded.backend.to_str() == tok.backend.to_str()
         assert (loaded.bos_token_id, loaded.eos_token_ids, loaded.pad_token_id) == (
-            tok.bos_token_id, tok.eos_token_ids, tok.pad_token_id)
+            tok.bos_token_id,
+            tok.eos_token_ids,
+            tok.pad_token_id,
+        )
         for text in TEXTS:
             assert loaded.encode(text) == tok.encode(text)
         assert loaded.apply_chat_template([{"role": "user", "content": "x"}]) == (
-            tok.apply_chat_template([{"role": "user", "content": "x"}]))
+            tok.apply_chat_template([{"role": "user", "content": "x"}])
+        )
 
 
 def test_hf_config_fields(tok, tmp_path):
     """bos/eos as {"content": ...} objects, add_bos_token false, extra EOS ids in
     generation_config.json: the shapes real HF model directories use."""
-    write_hf_dir(tmp_path, tok, bos_token={"content": "<bos>", "lstrip": False},
-                 eos_token={"content": "<eos>"}, add_bos_token=False)
+    write_hf_dir(
+        tmp_path,
+        tok,
+        bos_token={"content": "<bos>", "lstrip": False},
+        eos_token={"content": "<eos>"},
+        add_bos_token=False,
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
     loaded = Tokenizer.from_file(tmp_path)
     assert loaded.eos_token_ids == (2, 5) and loaded.eos_token_id == 2
@@ -144,11 +163,13 @@ def test_hf_config_fields(tok, tmp_path):
 
 def test_jinja_chat_template_from_config(tok, tmp_path):
     pytest.importorskip("jinja2")  # an optional dependency: needed only for HF chat templates
-    template = ("{{ bos_token }}{% for m in messages %}"
-                "{% if m['role'] == 'system' and not loop.first %}"
-                "{{ raise_exception('system message must come first') }}{% endif %}"
-                "[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}\n"
-                "{% endfor %}{% if add_generation_prompt %}[ASSISTANT] {% endif %}")
+    template = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'system' and not loop.first %}"
+        "{{ raise_exception('system message must come first') }}{% endif %}"
+        "[{{ m['role'] | upper }}] {{ m['content'] }}{{ eos_token }}\n"
+        "{% endfor %}{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+    )
     write_hf_dir(tmp_path, tok, chat_template=template)
     loaded = Tokenizer.from_file(tmp_path)
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
@@ -161,8 +182,9 @@ def test_jinja_chat_template_from_config(tok, tmp_path):
 
 def test_jinja_template_cannot_reach_python(tok, tmp_path):
     pytest.importorskip("jinja2")
-    write_hf_dir(tmp_path, tok,
-                 chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    write_hf_dir(
+        tmp_path, tok, chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    )
     with pytest.raises(ConfigError, match="chat_template"):
         Tokenizer.from_file(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
     write_hf_dir(tmp_path, tok, chat_template="{% for m in messages %}")

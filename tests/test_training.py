@@ -26,8 +26,12 @@ from pallas_kernels.layout import NO_ADAPTER
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Who are you?"
-SIGNATURES = {"alpha": " I am alpha.", "bravo": " bravo here!", "charlie": " 42 says charlie",
-              "delta": " delta, at your service"}
+SIGNATURES = {
+    "alpha": " I am alpha.",
+    "bravo": " bravo here!",
+    "charlie": " 42 says charlie",
+    "delta": " delta, at your service",
+}
 
 
 def greedy(config, params, lora, prompt_ids, row_slots, num_tokens):
@@ -61,12 +65,14 @@ def params():
 @pytest.fixture(scope="module")
 def signature_run(params, tokenizer):
     """Four adapters trained together, each to answer PROMPT with its own signature."""
-    datasets = {name: [make_example(PROMPT, text, tokenizer=tokenizer, source=name)]
-                for name, text in SIGNATURES.items()}
-    train = training.TrainConfig(rank=8, steps=60, learning_rate=1e-2, schedule="constant",
-                                 batch_size=1)
-    result = training.train_adapters(TINY, params, datasets, train,
-                                     devices=jax.local_devices()[:1])
+    datasets = {
+        name: [make_example(PROMPT, text, tokenizer=tokenizer, source=name)]
+        for name, text in SIGNATURES.items()
+    }
+    train = training.TrainConfig(
+        rank=8, steps=60, learning_rate=1e-2, schedule="constant", batch_size=1
+    )
+    result = training.train_adapters(TINY, params, datasets, train, devices=jax.local_devices()[:1])
     return train, datasets, result
 
 
@@ -78,8 +84,7 @@ def test_loss_decreases_on_a_tiny_task(signature_run):
     assert np.all(last < 0.2 * first), (first, last)
 
 
-def test_each_adapter_answers_with_its_own_signature_in_one_batch(signature_run, params,
-                                                                  tokenizer):
+def test_each_adapter_answers_with_its_own_signature_in_one_batch(signature_run, params, tokenizer):
     _, datasets, result = signature_run
     names = list(SIGNATURES)
     lora = pack_adapters(TINY, [result.adapters[n] for n in names])
@@ -92,12 +97,12 @@ def test_each_adapter_answers_with_its_own_signature_in_one_batch(signature_run,
         if slot == NO_ADAPTER:
             continue
         target = datasets[names[slot]][0].completion
-        assert tuple(out[row, :len(target)]) == target, (names[slot], out[row])
-        assert tokenizer.decode(out[row, :len(target)]) == SIGNATURES[names[slot]]
+        assert tuple(out[row, : len(target)]) == target, (names[slot], out[row])
+        assert tokenizer.decode(out[row, : len(target)]) == SIGNATURES[names[slot]]
     base = out[0]
     for name in names:
         target = datasets[name][0].completion
-        assert tuple(base[:len(target)]) != target
+        assert tuple(base[: len(target)]) != target
 
 
 def test_peft_export_round_trip(signature_run, params, tmp_path):
@@ -113,8 +118,7 @@ def test_peft_export_round_trip(signature_run, params, tmp_path):
     for layer in range(TINY.num_layers):
         for m in train.target_modules:
             prefix = peft_tensor_prefix(layer, m)
-            np.testing.assert_array_equal(tensors[prefix + ".lora_A.weight"],
-                                          weights.a[m][layer])
+            np.testing.assert_array_equal(tensors[prefix + ".lora_A.weight"], weights.a[m][layer])
             assert tensors[prefix + ".lora_B.weight"].shape == (shapes[m][1], 8)
     loaded = load_peft_adapter(path, TINY, max_rank=8)
     for m in train.target_modules:
@@ -124,19 +128,29 @@ def test_peft_export_round_trip(signature_run, params, tmp_path):
     tokens = jnp.asarray(np.arange(12, dtype=np.int32)[None] + 40)
     model = Llama(TINY)
     slots = jnp.zeros((1, 12), jnp.int32)
-    original = model.apply({"params": params}, tokens,
-                           lora=pack_adapters(TINY, [weights]).with_tokens(slots))
-    reloaded = model.apply({"params": params}, tokens,
-                           lora=pack_adapters(TINY, [loaded]).with_tokens(slots))
+    original = model.apply(
+        {"params": params}, tokens, lora=pack_adapters(TINY, [weights]).with_tokens(slots)
+    )
+    reloaded = model.apply(
+        {"params": params}, tokens, lora=pack_adapters(TINY, [loaded]).with_tokens(slots)
+    )
     np.testing.assert_allclose(np.asarray(reloaded), np.asarray(original), rtol=1e-5, atol=1e-5)
 
 
 def test_train_adapter_fast_path_on_token_ids(params):
     prompt, signature = [1, 200, 201, 202], [300, 301, 302, 303, 304]
-    weights = training.train_adapter(TINY, params, [(prompt, signature)], rank=4,
-                                     target_modules=("q_proj", "v_proj", "down_proj"), steps=60,
-                                     learning_rate=2e-2, seed=1, name="sig",
-                                     devices=jax.local_devices()[:1])
+    weights = training.train_adapter(
+        TINY,
+        params,
+        [(prompt, signature)],
+        rank=4,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+        steps=60,
+        learning_rate=2e-2,
+        seed=1,
+        name="sig",
+        devices=jax.local_devices()[:1],
+    )
     assert weights.name == "sig" and set(weights.a) == {"q_proj", "v_proj", "down_proj"}
     assert weights.a["q_proj"].shape == (TINY.num_layers, 4, TINY.hidden_size)
     out = greedy(TINY, params, pack_adapters(TINY, [weights]), prompt, [0], len(signature))
@@ -147,26 +161,40 @@ def test_data_parallel_training_matches_one_device(params):
     rng = np.random.default_rng(3)
 
     def dataset(name, n):
-        return [Example(name, tuple(rng.integers(1, 512, 3 + i % 4).tolist()),
-                        tuple(rng.integers(1, 512, 2 + i % 5).tolist()), f"{name}[{i}]")
-                for i in range(n)]
+        return [
+            Example(
+                name,
+                tuple(rng.integers(1, 512, 3 + i % 4).tolist()),
+                tuple(rng.integers(1, 512, 2 + i % 5).tolist()),
+                f"{name}[{i}]",
+            )
+            for i in range(n)
+        ]
 
     datasets = {"x": dataset("x", 5), "y": dataset("y", 3)}
-    train = training.TrainConfig(rank=4, target_modules=("k_proj", "o_proj", "up_proj"),
-                                 steps=6, learning_rate=5e-3, warmup_steps=2, batch_size=3,
-                                 weight_decay=0.01, max_grad_norm=0.5)
+    train = training.TrainConfig(
+        rank=4,
+        target_modules=("k_proj", "o_proj", "up_proj"),
+        steps=6,
+        learning_rate=5e-3,
+        warmup_steps=2,
+        batch_size=3,
+        weight_decay=0.01,
+        max_grad_norm=0.5,
+    )
     one = training.train_adapters(TINY, params, datasets, train, devices=jax.local_devices()[:1])
-    four = training.train_adapters(TINY, params, datasets, train,
-                                   devices=jax.local_devices()[:4])
+    four = training.train_adapters(TINY, params, datasets, train, devices=jax.local_devices()[:4])
     np.testing.assert_allclose(four.losses, one.losses, rtol=1e-5)
     # Adam steps are ~learning_rate in size whatever the gradient's scale, so summation-order
     # noise in near-zero gradients shows up at ~1e-5; a wrong reduction would be ~1e-3.
     for name in datasets:
         for m in train.target_modules:
-            np.testing.assert_allclose(four.adapters[name].b[m], one.adapters[name].b[m],
-                                       rtol=1e-3, atol=5e-5)
-            np.testing.assert_allclose(four.adapters[name].a[m], one.adapters[name].a[m],
-                                       rtol=1e-3, atol=5e-5)
+            np.testing.assert_allclose(
+                four.adapters[name].b[m], one.adapters[name].b[m], rtol=1e-3, atol=5e-5
+            )
+            np.testing.assert_allclose(
+                four.adapters[name].a[m], one.adapters[name].a[m], rtol=1e-3, atol=5e-5
+            )
     assert np.abs(one.adapters["x"].b["o_proj"]).max() > 0  # B starts at zero: it did train
 
 
@@ -177,32 +205,46 @@ def test_per_adapter_clipping_keeps_adapters_independent():
     np.testing.assert_allclose(norms, [1.0, np.sqrt(6) * 0.01], rtol=1e-6)
 
 
-def _train(data, workdir, export, *, steps=200, learning_rate="3e-3", checkpoint=True,
-           wait=True):
-    command = [sys.executable, os.path.join(REPO, "scripts", "train_lora.py"), "--model=tiny",
-               f"--data={data}", f"--output_dir={workdir / export}", f"--steps={steps}",
-               "--rank=4", f"--learning_rate={learning_rate}", "--batch_size=2",
-               "--num_devices=1", "--target_modules=q_proj,v_proj,gate_proj", "--log_every=0"]
+def _train(data, workdir, export, *, steps=200, learning_rate="3e-3", checkpoint=True, wait=True):
+    command = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train_lora.py"),
+        "--model=tiny",
+        f"--data={data}",
+        f"--output_dir={workdir / export}",
+        f"--steps={steps}",
+        "--rank=4",
+        f"--learning_rate={learning_rate}",
+        "--batch_size=2",
+        "--num_devices=1",
+        "--target_modules=q_proj,v_proj,gate_proj",
+        "--log_every=0",
+    ]
     if checkpoint:
         command += [f"--checkpoint_dir={workdir / 'ckpt'}", "--checkpoint_every=10"]
     # A compilation cache shared by the runs, so that only the first one compiles.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     if not wait:
-        return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+        return subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_parameters(tmp_path):
     data = tmp_path / "train.jsonl"
-    records = [{"adapter": "pirate", "prompt": "Hello", "completion": " arr matey"},
-               {"adapter": "pirate", "prompt": "Bye", "completion": " yo ho ho"},
-               {"adapter": "robot", "prompt": "Hello", "completion": " beep boop"},
-               {"adapter": "robot", "text": "Good day, human unit."}]
+    records = [
+        {"adapter": "pirate", "prompt": "Hello", "completion": " arr matey"},
+        {"adapter": "pirate", "prompt": "Bye", "completion": " yo ho ho"},
+        {"adapter": "robot", "prompt": "Hello", "completion": " beep boop"},
+        {"adapter": "robot", "text": "Good day, human unit."},
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     uninterrupted = _train(data, tmp_path, "uninterrupted", checkpoint=False)
@@ -235,9 +277,17 @@ def test_killed_training_resumes_to_the_same_parameters(tmp_path):
     assert other.returncode == 2 and "different run" in other.stderr, other.stderr
 
 
-@pytest.mark.parametrize("field,value", [("rank", 0), ("steps", -1), ("learning_rate", 0.0),
-                                         ("target_modules", ("q_proj", "lm_head")),
-                                         ("schedule", "exponential"), ("warmup_steps", 500)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("rank", 0),
+        ("steps", -1),
+        ("learning_rate", 0.0),
+        ("target_modules", ("q_proj", "lm_head")),
+        ("schedule", "exponential"),
+        ("warmup_steps", 500),
+    ],
+)
 def test_bad_train_config_is_refused(field, value):
     with pytest.raises(ConfigError, match=field):
         training.TrainConfig(**{field: value})
@@ -246,5 +296,6 @@ def test_bad_train_config_is_refused(field, value):
 def test_overlong_example_is_refused_with_its_source(params):
     long = Example("a", (1,) * 10, (2,) * 10, "data.jsonl:7")
     with pytest.raises(ConfigError, match="data.jsonl:7"):
-        training.train_adapters(TINY, params, {"a": [long]},
-                                training.TrainConfig(max_seq_len=8, steps=1))
+        training.train_adapters(
+            TINY, params, {"a": [long]}, training.TrainConfig(max_seq_len=8, steps=1)
+        )

@@ -31,16 +31,26 @@ class AliasedAdapterStore(AdapterStore):
 
     def pack(self, weights) -> PackedAdapter:
         """Validates and packs LoraWeights into the pool layout, in the store's host memory."""
-        validate_weights(weights, self.model_config, max_rank=self.pool_config.max_rank,
-                         source=weights.source or MEMORY_SOURCE)
-        return self._to_host_memory(pack_weights(weights, self.model_config,
-                                                 self.pool_config.rows_per_page, self.dtype))
+        validate_weights(
+            weights,
+            self.model_config,
+            max_rank=self.pool_config.max_rank,
+            source=weights.source or MEMORY_SOURCE,
+        )
+        return self._to_host_memory(
+            pack_weights(weights, self.model_config, self.pool_config.rows_per_page, self.dtype)
+        )
 
     def register_alias(self, name: str, packed: PackedAdapter) -> AdapterEntry:
         """Registers name over packed weights that other names may share."""
         self._check_name(name)
-        entry = AdapterEntry(name=name, version=self._new_version(), source=MEMORY_SOURCE,
-                             footprint=packed.footprint, nbytes=packed.nbytes)
+        entry = AdapterEntry(
+            name=name,
+            version=self._new_version(),
+            source=MEMORY_SOURCE,
+            footprint=packed.footprint,
+            nbytes=packed.nbytes,
+        )
         return self._insert(entry, replace=False, packed=packed)
 
 
@@ -51,18 +61,37 @@ class AdapterPopulation:
     scale 0.5.
     """
 
-    def __init__(self, store: AliasedAdapterStore, *, rank: int, weight_sets: int,
-                 name_of, seed: int = 0, std: float = 0.02):
+    def __init__(
+        self,
+        store: AliasedAdapterStore,
+        *,
+        rank: int,
+        weight_sets: int,
+        name_of,
+        seed: int = 0,
+        std: float = 0.02,
+    ):
         if not isinstance(weight_sets, int) or weight_sets < 1:
-            raise AdapterError(f"benchmark adapters: weight_sets must be an int >= 1, got "
-                               f"{weight_sets!r}")
+            raise AdapterError(
+                f"benchmark adapters: weight_sets must be an int >= 1, got {weight_sets!r}"
+            )
         self.store = store
         self.rank = rank
         self.name_of = name_of
         self.weight_sets = [
-            store.pack(random_lora_weights(store.model_config, f"weights{k}", rank, MODULES,
-                                           seed=seed + k, std=std, dtype=np.float32))
-            for k in range(weight_sets)]
+            store.pack(
+                random_lora_weights(
+                    store.model_config,
+                    f"weights{k}",
+                    rank,
+                    MODULES,
+                    seed=seed + k,
+                    std=std,
+                    dtype=np.float32,
+                )
+            )
+            for k in range(weight_sets)
+        ]
         self._registered: set[int] = set()
 
     @property
@@ -79,8 +108,9 @@ class AdapterPopulation:
         names = []
         for i in indices:
             if i not in self._registered:
-                self.store.register_alias(self.name_of(i),
-                                          self.weight_sets[i % len(self.weight_sets)])
+                self.store.register_alias(
+                    self.name_of(i), self.weight_sets[i % len(self.weight_sets)]
+                )
                 self._registered.add(i)
             names.append(self.name_of(i))
         return names

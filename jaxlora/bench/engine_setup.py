@@ -44,8 +44,9 @@ class BenchEngine:
         return jnp.dtype(self.manager.store.dtype).itemsize
 
 
-def build_engine(model: ModelConfig, engine_config: EngineConfig, setup: SetupConfig, *,
-                 params=None) -> BenchEngine:
+def build_engine(
+    model: ModelConfig, engine_config: EngineConfig, setup: SetupConfig, *, params=None
+) -> BenchEngine:
     """params: reuse base weights (None: random ones, created on the default device)."""
     dtype = jnp.dtype(setup.dtype)
     seconds = {}
@@ -55,16 +56,30 @@ def build_engine(model: ModelConfig, engine_config: EngineConfig, setup: SetupCo
     seconds["init_params"] = time.perf_counter() - start
     start = time.perf_counter()
     store = make_store(model, engine_config.lora_pool, dtype.name)
-    population = AdapterPopulation(store, rank=setup.rank, weight_sets=setup.weight_sets,
-                                   name_of=adapter_name, seed=setup.seed + 1)
+    population = AdapterPopulation(
+        store,
+        rank=setup.rank,
+        weight_sets=setup.weight_sets,
+        name_of=adapter_name,
+        seed=setup.seed + 1,
+    )
     manager = AdapterManager(store, AdapterManagerConfig(load_workers=0))
     seconds["adapter_weight_sets"] = time.perf_counter() - start
-    engine = Engine(model, params, dataclasses.replace(
-        engine_config, warmup=False, compile_threads=setup.compile_threads),
-        adapters=manager, dtype=dtype)
+    engine = Engine(
+        model,
+        params,
+        dataclasses.replace(engine_config, warmup=False, compile_threads=setup.compile_threads),
+        adapters=manager,
+        dtype=dtype,
+    )
     seconds["compile"] = compile_step_shapes(engine)
-    bench = BenchEngine(engine=engine, manager=manager, adapters=population,
-                        timer=StepTimer(engine), setup_seconds=seconds)
+    bench = BenchEngine(
+        engine=engine,
+        manager=manager,
+        adapters=population,
+        timer=StepTimer(engine),
+        setup_seconds=seconds,
+    )
     # Every benchmark adapter has the same page counts: one copy compiles the manager's scatter
     # into the pool for all of them, before anything is timed.
     seconds["first_adapter_copy"] = preload(bench, population.ensure([0]))

@@ -50,28 +50,37 @@ class OfflineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.batch_sizes or any(not isinstance(b, int) or b < 1
-                                       for b in self.batch_sizes):
-            raise ConfigError(f"offline benchmark batch_sizes: expected positive ints, got "
-                              f"{self.batch_sizes!r}")
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ConfigError(
+                f"offline benchmark batch_sizes: expected positive ints, got {self.batch_sizes!r}"
+            )
         unknown = [w for w in self.workloads if w not in WORKLOADS]
         if unknown or not self.workloads:
-            raise ConfigError(f"offline benchmark workloads {list(self.workloads)}: expected a "
-                              f"non-empty subset of {list(WORKLOADS)}")
+            raise ConfigError(
+                f"offline benchmark workloads {list(self.workloads)}: expected a "
+                f"non-empty subset of {list(WORKLOADS)}"
+            )
         if any(mode not in ("async", "sync") for mode in self.free_running):
-            raise ConfigError(f"offline benchmark field 'free_running': expected modes 'async' "
-                              f"or 'sync', got {self.free_running!r}")
+            raise ConfigError(
+                f"offline benchmark field 'free_running': expected modes 'async' "
+                f"or 'sync', got {self.free_running!r}"
+            )
         if not isinstance(self.profile_steps, int) or self.profile_steps < 0:
-            raise ConfigError(f"offline benchmark field 'profile_steps': expected an int >= 0, "
-                              f"got {self.profile_steps!r}")
+            raise ConfigError(
+                f"offline benchmark field 'profile_steps': expected an int >= 0, "
+                f"got {self.profile_steps!r}"
+            )
         for field in ("prompt_len", "output_len", "rank", "skewed_adapters", "prefill_rows"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"offline benchmark field {field!r}: expected an int >= 1, "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"offline benchmark field {field!r}: expected an int >= 1, got {value!r}"
+                )
         if self.output_len < 2:
-            raise ConfigError(f"offline benchmark output_len {self.output_len}: expected >= 2 "
-                              "(the first token comes from the prefill; decode steps follow)")
+            raise ConfigError(
+                f"offline benchmark output_len {self.output_len}: expected >= 2 "
+                "(the first token comes from the prefill; decode steps follow)"
+            )
 
     @property
     def max_batch(self) -> int:
@@ -84,38 +93,53 @@ class OfflineConfig:
         rows_per_page = min(16, self.rank)
         prefill_rows = min(self.prefill_rows, self.max_batch)
         return EngineConfig(
-            kv=KVCacheConfig(page_size=KV_PAGE_SIZE, max_model_len=max_len,
-                             num_pages=self.max_batch * -(-max_len // KV_PAGE_SIZE)),
-            runner=RunnerConfig(max_batch=self.max_batch, prefill_chunk=self.prompt_len,
-                                max_prefill_rows=prefill_rows, impl=self.impl,
-                                layer_loop=self.layer_loop,
-                                decode_buckets=tuple(sorted(set(self.batch_sizes))),
-                                prefill_buckets=tuple(sorted({1, prefill_rows}))),
+            kv=KVCacheConfig(
+                page_size=KV_PAGE_SIZE,
+                max_model_len=max_len,
+                num_pages=self.max_batch * -(-max_len // KV_PAGE_SIZE),
+            ),
+            runner=RunnerConfig(
+                max_batch=self.max_batch,
+                prefill_chunk=self.prompt_len,
+                max_prefill_rows=prefill_rows,
+                impl=self.impl,
+                layer_loop=self.layer_loop,
+                decode_buckets=tuple(sorted(set(self.batch_sizes))),
+                prefill_buckets=tuple(sorted({1, prefill_rows})),
+            ),
             lora_pool=LoraPoolConfig(
-                max_rank=self.rank, rows_per_page=rows_per_page,
+                max_rank=self.rank,
+                rows_per_page=rows_per_page,
                 pages_per_pool=7 * pages_for_rank(self.rank, rows_per_page) * self.max_batch,
-                max_slots=self.max_batch),
-            max_num_tokens=prefill_rows * self.prompt_len + self.max_batch)
+                max_slots=self.max_batch,
+            ),
+            max_num_tokens=prefill_rows * self.prompt_len + self.max_batch,
+        )
 
 
 def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
-def summarize_decode(records: list[StepRecord], batch: int, model: ModelConfig, itemsize: int,
-                     copy_gbps: float) -> dict:
+def summarize_decode(
+    records: list[StepRecord], batch: int, model: ModelConfig, itemsize: int, copy_gbps: float
+) -> dict:
     """Median time and roofline of the decode steps that ran the whole batch (steps of a
     partial batch, while prompts are still being prefilled, are counted but not summarized)."""
     decode = [r for r in records if r.mode == "decode"]
     full = [r for r in decode if r.rows == batch]
-    floors = [roofline.decode_step_bytes(model, itemsize, seq_lens=r.seq_lens,
-                                         adapter_ranks=r.slot_ranks) for r in full]
+    floors = [
+        roofline.decode_step_bytes(model, itemsize, seq_lens=r.seq_lens, adapter_ranks=r.slot_ranks)
+        for r in full
+    ]
     step_s = _median([r.seconds for r in full])
     floor_s = _median([f.seconds(copy_gbps) for f in floors])
     mid = sorted(floors, key=lambda f: f.total)[len(floors) // 2] if floors else None
     return {
-        "decode_steps": len(decode), "full_batch_decode_steps": len(full),
-        "decode_step_ms": step_s * 1e3, "roofline_ms": floor_s * 1e3,
+        "decode_steps": len(decode),
+        "full_batch_decode_steps": len(full),
+        "decode_step_ms": step_s * 1e3,
+        "roofline_ms": floor_s * 1e3,
         "roofline_ratio": step_s / floor_s if full else float("nan"),
         "bytes_weights_MB": mid.weights / 1e6 if mid else float("nan"),
         "bytes_kv_MB": mid.kv_read / 1e6 if mid else float("nan"),
@@ -126,14 +150,16 @@ def summarize_decode(records: list[StepRecord], batch: int, model: ModelConfig, 
     }
 
 
-def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str,
-            copy_gbps: float) -> dict:
+def run_row(
+    bench: BenchEngine, config: OfflineConfig, batch: int, workload: str, copy_gbps: float
+) -> dict:
     """The row's requests served once with every model step timed (the step times, the
     roofline), then once per ``config.free_running`` scheduling mode untimed (tokens/s)."""
     engine = bench.engine
     model = engine.config
-    indices = assign_adapters(workload, batch, seed=config.seed + batch,
-                              skewed_adapters=config.skewed_adapters)
+    indices = assign_adapters(
+        workload, batch, seed=config.seed + batch, skewed_adapters=config.skewed_adapters
+    )
     names = _names(bench, indices)
     load_s = preload(bench, names)
     bench.timer.take()
@@ -145,19 +171,26 @@ def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str
         typical = _median([r.seconds for r in records if r.mode == "decode"])
         wall -= timed["profile_s"] - len(timed["profiled_records"]) * typical
     tokens = timed["output_tokens"]
-    row = {"batch": batch, "workload": workload,
-           "distinct_adapters": len({n for n in names if n is not None}),
-           "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
-           "output_tokens_per_s_timed": tokens / wall,
-           "engine_iterations": len(timed["iterations"]),
-           "iteration_ms_median": _median(timed["iterations"]) * 1e3,
-           "adapter_preload_s": load_s, "compilations_while_timed": timed["compilations"]}
+    row = {
+        "batch": batch,
+        "workload": workload,
+        "distinct_adapters": len({n for n in names if n is not None}),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tokens_per_s": tokens / wall,
+        "output_tokens_per_s_timed": tokens / wall,
+        "engine_iterations": len(timed["iterations"]),
+        "iteration_ms_median": _median(timed["iterations"]) * 1e3,
+        "adapter_preload_s": load_s,
+        "compilations_while_timed": timed["compilations"],
+    }
     row.update(summarize_decode(records, batch, model, bench.itemsize, copy_gbps))
     if timed["step_profile"]:
-        row["profile"] = {**timed["step_profile"], "profiled_step_records_ms": [
-            r.seconds * 1e3 for r in timed["profiled_records"]]}
-        log.info("%s", profile.format_breakdown(f"batch={batch} {workload}",
-                                                timed["step_profile"]))
+        row["profile"] = {
+            **timed["step_profile"],
+            "profiled_step_records_ms": [r.seconds * 1e3 for r in timed["profiled_records"]],
+        }
+        log.info("%s", profile.format_breakdown(f"batch={batch} {workload}", timed["step_profile"]))
     if config.free_running:
         row["free_running"] = {}
         bench.timer.enabled = False
@@ -169,7 +202,8 @@ def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str
                     "wall_s": free["wall_s"],
                     "output_tokens_per_s": free["output_tokens"] / free["wall_s"],
                     "iteration_ms_median": _median(free["iterations"]) * 1e3,
-                    "compilations_while_timed": free["compilations"]}
+                    "compilations_while_timed": free["compilations"],
+                }
         finally:
             bench.timer.enabled = True
             engine.async_scheduling = engine.engine_config.async_scheduling
@@ -177,28 +211,45 @@ def run_row(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str
         # that waited for every step to time it.
         first = row["free_running"][config.free_running[0]]
         row.update(wall_s=first["wall_s"], output_tokens_per_s=first["output_tokens_per_s"])
-    log.info("offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)",
-             batch, workload, row["output_tokens_per_s"], row["decode_step_ms"],
-             row["roofline_ms"], row["roofline_ratio"])
+    log.info(
+        "offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)",
+        batch,
+        workload,
+        row["output_tokens_per_s"],
+        row["decode_step_ms"],
+        row["roofline_ms"],
+        row["roofline_ratio"],
+    )
     return row
 
 
-def _serve(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str,
-           names: list[str | None], *, profile_steps: int) -> dict:
+def _serve(
+    bench: BenchEngine,
+    config: OfflineConfig,
+    batch: int,
+    workload: str,
+    names: list[str | None],
+    *,
+    profile_steps: int,
+) -> dict:
     """Serves the row's requests to the end; fails if one did not produce every token."""
     engine = bench.engine
-    prompts = offline_prompts(batch, config.prompt_len, engine.config.vocab_size,
-                              seed=config.seed)
+    prompts = offline_prompts(batch, config.prompt_len, engine.config.vocab_size, seed=config.seed)
     sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
     iterations, profiled_records, step_profile, profile_s = [], [], None, 0.0
     with CompileCounter() as compiles:
         start = time.perf_counter()
-        requests = [engine.submit(list(map(int, p)), sampling, adapter=n)
-                    for p, n in zip(prompts, names, strict=True)]
+        requests = [
+            engine.submit(list(map(int, p)), sampling, adapter=n)
+            for p, n in zip(prompts, names, strict=True)
+        ]
         while engine.has_work():
-            if (profile_steps and step_profile is None
-                    and config.output_len > PROFILE_AFTER_TOKENS + profile_steps
-                    and all(len(r.output_ids) >= PROFILE_AFTER_TOKENS for r in requests)):
+            if (
+                profile_steps
+                and step_profile is None
+                and config.output_len > PROFILE_AFTER_TOKENS + profile_steps
+                and all(len(r.output_ids) >= PROFILE_AFTER_TOKENS for r in requests)
+            ):
                 kept = bench.timer.take()
                 t = time.perf_counter()
                 step_profile = profile.profile_iterations(engine.step, profile_steps) or {}
@@ -212,13 +263,20 @@ def _serve(bench: BenchEngine, config: OfflineConfig, batch: int, workload: str,
         wall = time.perf_counter() - start
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
-        raise RuntimeError(f"offline row batch={batch} workload={workload}: "
-                           f"{len(failed)} requests did not produce {config.output_len} tokens "
-                           f"(first: {failed[0].finish_reason} {failed[0].error})")
-    return {"wall_s": wall, "iterations": iterations, "compilations": compiles.count,
-            "output_tokens": sum(len(r.output_ids) for r in requests),
-            "step_profile": step_profile, "profiled_records": profiled_records,
-            "profile_s": profile_s}
+        raise RuntimeError(
+            f"offline row batch={batch} workload={workload}: "
+            f"{len(failed)} requests did not produce {config.output_len} tokens "
+            f"(first: {failed[0].finish_reason} {failed[0].error})"
+        )
+    return {
+        "wall_s": wall,
+        "iterations": iterations,
+        "compilations": compiles.count,
+        "output_tokens": sum(len(r.output_ids) for r in requests),
+        "step_profile": step_profile,
+        "profiled_records": profiled_records,
+        "profile_s": profile_s,
+    }
 
 
 def _names(bench: BenchEngine, indices: list[int | None]) -> list[str | None]:
@@ -242,8 +300,14 @@ def lora_cost(rows: list[dict], copy_gbps: float) -> None:
         r["lora_cost_ratio"] = extra_ms / explained_ms if explained_ms > 0 else float("nan")
 
 
-def run_offline(bench: BenchEngine, config: OfflineConfig, copy_gbps: float, *,
-                time_budget_s: float | None = None, on_row=None) -> dict:
+def run_offline(
+    bench: BenchEngine,
+    config: OfflineConfig,
+    copy_gbps: float,
+    *,
+    time_budget_s: float | None = None,
+    on_row=None,
+) -> dict:
     """Every (batch size, workload) row, batch sizes outermost; rows that would start after
     time_budget_s (the first row always runs) are listed as not run. on_row(rows) is called
     after each row (checkpoints)."""
@@ -251,8 +315,7 @@ def run_offline(bench: BenchEngine, config: OfflineConfig, copy_gbps: float, *,
     rows, skipped = [], []
     for batch in config.batch_sizes:
         for workload in config.workloads:
-            if (rows and time_budget_s is not None
-                    and time.perf_counter() - start > time_budget_s):
+            if rows and time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                 skipped.append({"batch": batch, "workload": workload})
                 continue
             rows.append(run_row(bench, config, batch, workload, copy_gbps))

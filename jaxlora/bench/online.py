@@ -59,42 +59,69 @@ class OnlineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.adapter_counts or any(not isinstance(n, int) or n < 1
-                                          for n in self.adapter_counts):
-            raise ConfigError(f"online benchmark adapter_counts: expected positive ints, got "
-                              f"{self.adapter_counts!r}")
-        for field in ("max_batch", "prefill_chunk", "prefill_rows", "resident_adapters",
-                      "kv_pages", "rank"):
+        if not self.adapter_counts or any(
+            not isinstance(n, int) or n < 1 for n in self.adapter_counts
+        ):
+            raise ConfigError(
+                f"online benchmark adapter_counts: expected positive ints, got "
+                f"{self.adapter_counts!r}"
+            )
+        for field in (
+            "max_batch",
+            "prefill_chunk",
+            "prefill_rows",
+            "resident_adapters",
+            "kv_pages",
+            "rank",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"online benchmark field {field!r}: expected an int >= 1, got "
-                                  f"{value!r}")
+                raise ConfigError(
+                    f"online benchmark field {field!r}: expected an int >= 1, got {value!r}"
+                )
         if self.resident_adapters < self.max_batch:
-            raise ConfigError(f"online benchmark: resident_adapters ({self.resident_adapters}) "
-                              f"must be >= max_batch ({self.max_batch}): a full step of "
-                              "distinct adapters needs them all resident")
+            raise ConfigError(
+                f"online benchmark: resident_adapters ({self.resident_adapters}) "
+                f"must be >= max_batch ({self.max_batch}): a full step of "
+                "distinct adapters needs them all resident"
+            )
         self.trace(self.adapter_counts[0])  # validates the trace fields
 
     def trace(self, num_adapters: int) -> TraceConfig:
-        return TraceConfig(num_adapters=num_adapters, rate=self.rate, duration_s=self.duration_s,
-                           alpha=self.alpha, cv=self.cv, popularity=self.popularity,
-                           min_len=self.min_len, max_len=self.max_len, seed=self.seed)
+        return TraceConfig(
+            num_adapters=num_adapters,
+            rate=self.rate,
+            duration_s=self.duration_s,
+            alpha=self.alpha,
+            cv=self.cv,
+            popularity=self.popularity,
+            min_len=self.min_len,
+            max_len=self.max_len,
+            seed=self.seed,
+        )
 
     def engine_config(self) -> EngineConfig:
         rows_per_page = min(16, self.rank)
         return EngineConfig(
-            kv=KVCacheConfig(page_size=16, num_pages=self.kv_pages,
-                             max_model_len=2 * self.max_len),
-            runner=RunnerConfig(max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-                                max_prefill_rows=self.prefill_rows, impl=self.impl,
-                                layer_loop=self.layer_loop),
+            kv=KVCacheConfig(page_size=16, num_pages=self.kv_pages, max_model_len=2 * self.max_len),
+            runner=RunnerConfig(
+                max_batch=self.max_batch,
+                prefill_chunk=self.prefill_chunk,
+                max_prefill_rows=self.prefill_rows,
+                impl=self.impl,
+                layer_loop=self.layer_loop,
+            ),
             lora_pool=LoraPoolConfig(
-                max_rank=self.rank, rows_per_page=rows_per_page,
-                pages_per_pool=7 * pages_for_rank(self.rank, rows_per_page)
+                max_rank=self.rank,
+                rows_per_page=rows_per_page,
+                pages_per_pool=7
+                * pages_for_rank(self.rank, rows_per_page)
                 * self.resident_adapters,
-                max_slots=self.max_batch),
+                max_slots=self.max_batch,
+            ),
             max_num_tokens=self.prefill_rows * self.prefill_chunk + self.max_batch,
-            max_waiting=1 << 20)
+            max_waiting=1 << 20,
+        )
 
 
 def _percentile(values, q):
@@ -121,10 +148,14 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
             now = time.monotonic()
             while next_index < len(trace) and origin + trace[next_index].arrival_s <= now:
                 item = trace[next_index]
-                sampling = SamplingParams(temperature=0.0, max_tokens=item.output_len,
-                                          ignore_eos=True)
-                request = engine.submit(trace_prompt(item, model.vocab_size, seed=config.seed),
-                                        sampling, adapter=names[next_index])
+                sampling = SamplingParams(
+                    temperature=0.0, max_tokens=item.output_len, ignore_eos=True
+                )
+                request = engine.submit(
+                    trace_prompt(item, model.vocab_size, seed=config.seed),
+                    sampling,
+                    adapter=names[next_index],
+                )
                 submitted.append((item, request))
                 next_index += 1
             if now > give_up:
@@ -140,22 +171,33 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         end = time.monotonic()
     after = manager.stats()
     records = bench.timer.take()
-    done = [(item, r) for item, r in submitted
-            if r.finished and r.error is None and len(r.output_ids) == item.output_len]
+    done = [
+        (item, r)
+        for item, r in submitted
+        if r.finished and r.error is None and len(r.output_ids) == item.output_len
+    ]
     ttft = [r.first_token_time - (origin + item.arrival_s) for item, r in done]
-    tpot = [(r.finish_time - r.first_token_time) / (len(r.output_ids) - 1)
-            for _, r in done if len(r.output_ids) > 1]
+    tpot = [
+        (r.finish_time - r.first_token_time) / (len(r.output_ids) - 1)
+        for _, r in done
+        if len(r.output_ids) > 1
+    ]
     latency = [r.finish_time - (origin + item.arrival_s) for item, r in done]
     out_tokens = sum(len(r.output_ids) for _, r in done)
     elapsed = (max(r.finish_time for _, r in done) - origin) if done else end - origin
     decode = [r for r in records if r.mode == "decode"]
     timed = [r.seconds for r in decode if not math.isnan(r.seconds)]
     row = {
-        "num_adapters": num_adapters, "requests": len(trace), "finished": len(done),
-        "unfinished": len(trace) - len(done), "distinct_adapters": len(set(names)),
-        "elapsed_s": elapsed, "throughput_rps": len(done) / elapsed,
+        "num_adapters": num_adapters,
+        "requests": len(trace),
+        "finished": len(done),
+        "unfinished": len(trace) - len(done),
+        "distinct_adapters": len(set(names)),
+        "elapsed_s": elapsed,
+        "throughput_rps": len(done) / elapsed,
         "output_tokens_per_s": out_tokens / elapsed,
-        "ttft_p50_s": _percentile(ttft, 50), "ttft_p90_s": _percentile(ttft, 90),
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p90_s": _percentile(ttft, 90),
         "ttft_p99_s": _percentile(ttft, 99),
         "tpot_ms_median": statistics.median(tpot) * 1e3 if tpot else float("nan"),
         "tpot_ms_mean": statistics.fmean(tpot) * 1e3 if tpot else float("nan"),
@@ -169,15 +211,22 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         "steps_timed": config.time_steps,
         "decode_rows_mean": statistics.fmean(r.rows for r in decode) if decode else 0.0,
         "adapters_per_decode_step_mean": statistics.fmean(len(r.slot_ranks) for r in decode)
-        if decode else 0.0,
+        if decode
+        else 0.0,
         "prefill_steps": sum(r.mode == "prefill" for r in records),
         "preemptions": engine.stats.preemptions - preemptions_before,
         "compilations_while_timed": compiles.count,
     }
-    log.info("online n=%d: %.2f req/s, %.0f tok/s, ttft p50 %.2f s p99 %.2f s, SLO %.1f%%, "
-             "%d misses", num_adapters, row["throughput_rps"], row["output_tokens_per_s"],
-             row["ttft_p50_s"], row["ttft_p99_s"], 100 * row["slo_attainment"],
-             row["adapter_misses"])
+    log.info(
+        "online n=%d: %.2f req/s, %.0f tok/s, ttft p50 %.2f s p99 %.2f s, SLO %.1f%%, %d misses",
+        num_adapters,
+        row["throughput_rps"],
+        row["output_tokens_per_s"],
+        row["ttft_p50_s"],
+        row["ttft_p99_s"],
+        100 * row["slo_attainment"],
+        row["adapter_misses"],
+    )
     return row
 
 

@@ -39,12 +39,14 @@ class PeftConfig:
     def __post_init__(self):
         unknown = [w for w in self.workloads if w not in PEFT_WORKLOADS]
         if unknown or not self.workloads:
-            raise ConfigError(f"PEFT baseline workloads {list(self.workloads)}: expected a "
-                              f"non-empty subset of {list(PEFT_WORKLOADS)}")
-        if not self.batch_sizes or any(not isinstance(b, int) or b < 1
-                                       for b in self.batch_sizes):
-            raise ConfigError(f"PEFT baseline batch_sizes: expected positive ints, got "
-                              f"{self.batch_sizes!r}")
+            raise ConfigError(
+                f"PEFT baseline workloads {list(self.workloads)}: expected a "
+                f"non-empty subset of {list(PEFT_WORKLOADS)}"
+            )
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ConfigError(
+                f"PEFT baseline batch_sizes: expected positive ints, got {self.batch_sizes!r}"
+            )
 
 
 def build_model(model: ModelConfig, *, device: str, dtype: str = "bfloat16", seed: int = 0):
@@ -80,8 +82,13 @@ def add_adapters(hf_model, count: int, *, rank: int, scale: float, seed: int = 0
     import torch
 
     torch.manual_seed(seed)
-    lora_config = peft.LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=0.0,
-                                  target_modules=list(MODULES), init_lora_weights=False)
+    lora_config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=scale * rank,
+        lora_dropout=0.0,
+        target_modules=list(MODULES),
+        init_lora_weights=False,
+    )
     peft_model = peft.get_peft_model(hf_model, lora_config, adapter_name=adapter_name(0))
     for i in range(1, count):
         peft_model.add_adapter(adapter_name(i), lora_config)
@@ -89,17 +96,30 @@ def add_adapters(hf_model, count: int, *, rank: int, scale: float, seed: int = 0
     return peft_model
 
 
-def generate_row(peft_model, config: PeftConfig, batch: int, workload: str, *, device: str,
-                 vocab_size: int, max_time_s: float | None) -> dict:
+def generate_row(
+    peft_model,
+    config: PeftConfig,
+    batch: int,
+    workload: str,
+    *,
+    device: str,
+    vocab_size: int,
+    max_time_s: float | None,
+) -> dict:
     import torch
 
     indices = assign_adapters(workload, batch, seed=config.seed + batch)
     names = [adapter_name(i) for i in indices]
-    prompts = torch.as_tensor(offline_prompts(batch, config.prompt_len, vocab_size,
-                                              seed=config.seed), device=device).long()
-    kwargs = dict(input_ids=prompts, attention_mask=torch.ones_like(prompts),
-                  max_new_tokens=config.output_len, min_new_tokens=config.output_len,
-                  do_sample=False)
+    prompts = torch.as_tensor(
+        offline_prompts(batch, config.prompt_len, vocab_size, seed=config.seed), device=device
+    ).long()
+    kwargs = dict(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=config.output_len,
+        min_new_tokens=config.output_len,
+        do_sample=False,
+    )
     if max_time_s is not None:
         kwargs["max_time"] = max_time_s
     if len(set(names)) == 1:
@@ -115,35 +135,72 @@ def generate_row(peft_model, config: PeftConfig, batch: int, workload: str, *, d
         wall = time.perf_counter() - start
     generated = int(out.shape[1]) - config.prompt_len
     tokens = batch * generated
-    row = {"batch": batch, "workload": workload, "distinct_adapters": len(set(names)),
-           "output_tokens": tokens, "tokens_per_request": generated, "wall_s": wall,
-           "output_tokens_per_s": tokens / wall,
-           "stopped_by_max_time": generated < config.output_len}
-    log.info("peft batch=%d %-9s %d tokens/request in %.1f s: %.1f tok/s", batch, workload,
-             generated, wall, row["output_tokens_per_s"])
+    row = {
+        "batch": batch,
+        "workload": workload,
+        "distinct_adapters": len(set(names)),
+        "output_tokens": tokens,
+        "tokens_per_request": generated,
+        "wall_s": wall,
+        "output_tokens_per_s": tokens / wall,
+        "stopped_by_max_time": generated < config.output_len,
+    }
+    log.info(
+        "peft batch=%d %-9s %d tokens/request in %.1f s: %.1f tok/s",
+        batch,
+        workload,
+        generated,
+        wall,
+        row["output_tokens_per_s"],
+    )
     return row
 
 
-def run_peft(model: ModelConfig, config: PeftConfig, *, device: str, dtype: str = "bfloat16",
-             on_row=None) -> dict:
+def run_peft(
+    model: ModelConfig, config: PeftConfig, *, device: str, dtype: str = "bfloat16", on_row=None
+) -> dict:
     """Every (batch size, workload) row on one model holding every adapter the rows need."""
     start = time.perf_counter()
     hf_model = build_model(model, device=device, dtype=dtype, seed=config.seed)
-    needed = max(len(set(assign_adapters(w, b, seed=config.seed + b)))
-                 for b in config.batch_sizes for w in config.workloads)
-    peft_model = add_adapters(hf_model, needed, rank=config.rank, scale=config.scale,
-                              seed=config.seed + 1)
+    needed = max(
+        len(set(assign_adapters(w, b, seed=config.seed + b)))
+        for b in config.batch_sizes
+        for w in config.workloads
+    )
+    peft_model = add_adapters(
+        hf_model, needed, rank=config.rank, scale=config.scale, seed=config.seed + 1
+    )
     setup_s = time.perf_counter() - start
     rows = []
     for batch in config.batch_sizes:
         # Untimed: a short generation of this batch size (allocator, kernels, handles).
         warm = dataclasses.replace(config, output_len=2)
-        generate_row(peft_model, warm, batch, config.workloads[-1], device=device,
-                     vocab_size=model.vocab_size, max_time_s=None)
+        generate_row(
+            peft_model,
+            warm,
+            batch,
+            config.workloads[-1],
+            device=device,
+            vocab_size=model.vocab_size,
+            max_time_s=None,
+        )
         for workload in config.workloads:
-            rows.append(generate_row(peft_model, config, batch, workload, device=device,
-                                     vocab_size=model.vocab_size, max_time_s=config.max_time_s))
+            rows.append(
+                generate_row(
+                    peft_model,
+                    config,
+                    batch,
+                    workload,
+                    device=device,
+                    vocab_size=model.vocab_size,
+                    max_time_s=config.max_time_s,
+                )
+            )
             if on_row is not None:
                 on_row(rows)
-    return {"config": dataclasses.asdict(config), "rows": rows, "setup_s": setup_s,
-            "adapters": needed}
+    return {
+        "config": dataclasses.asdict(config),
+        "rows": rows,
+        "setup_s": setup_s,
+        "adapters": needed,
+    }

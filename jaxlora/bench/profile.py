@@ -88,22 +88,26 @@ def breakdown(events, steps: int, wall_s: float, *, top: int = 12) -> dict:
         entry = per_name.setdefault(name, [0.0, 0])
         entry[0] += duration
         entry[1] += 1
-    ms = {c: per_category.get(c, 0.0) / steps / 1e6
-          for c in [n for n, _ in CATEGORIES] + [OTHER]}
+    ms = {c: per_category.get(c, 0.0) / steps / 1e6 for c in [n for n, _ in CATEGORIES] + [OTHER]}
     busy_ms = busy_ns(events) / steps / 1e6
     wall_ms = wall_s / steps * 1e3
     gaps = idle_gaps_ns(events)
     short = [g for g in gaps if g < LAUNCH_GAP_NS]
     kernels = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
     return {
-        "steps": steps, "wall_ms": wall_ms, "busy_ms": busy_ms,
-        "idle_ms": max(0.0, wall_ms - busy_ms), "kernels_per_step": len(events) / steps,
+        "steps": steps,
+        "wall_ms": wall_ms,
+        "busy_ms": busy_ms,
+        "idle_ms": max(0.0, wall_ms - busy_ms),
+        "kernels_per_step": len(events) / steps,
         # Idle time between kernels closer than LAUNCH_GAP_NS, and the number of longer gaps.
         "launch_gap_ms": sum(short) / steps / 1e6,
         "long_gaps_per_step": (len(gaps) - len(short)) / steps,
         "category_ms": ms,
-        "top_kernels": [{"name": n[:120], "category": category(n), "ms": t / steps / 1e6,
-                         "launches": c / steps} for n, (t, c) in kernels],
+        "top_kernels": [
+            {"name": n[:120], "category": category(n), "ms": t / steps / 1e6, "launches": c / steps}
+            for n, (t, c) in kernels
+        ],
     }
 
 
@@ -137,9 +141,13 @@ def profile_iterations(step, steps: int) -> dict | None:
 
 def format_breakdown(label: str, b: dict) -> str:
     cats = "  ".join(f"{c} {ms:.2f}" for c, ms in b["category_ms"].items())
-    lines = [f"profile {label}: wall {b['wall_ms']:.2f} ms/step, GPU busy {b['busy_ms']:.2f}, "
-             f"idle {b['idle_ms']:.2f} (between kernels < 50 us apart: "
-             f"{b['launch_gap_ms']:.2f}); {b['kernels_per_step']:.0f} kernels/step; {cats}"]
-    lines += [f"    {k['ms']:7.3f} ms {k['launches']:6.1f}x  {k['category']:<9} {k['name']}"
-              for k in b["top_kernels"]]
+    lines = [
+        f"profile {label}: wall {b['wall_ms']:.2f} ms/step, GPU busy {b['busy_ms']:.2f}, "
+        f"idle {b['idle_ms']:.2f} (between kernels < 50 us apart: "
+        f"{b['launch_gap_ms']:.2f}); {b['kernels_per_step']:.0f} kernels/step; {cats}"
+    ]
+    lines += [
+        f"    {k['ms']:7.3f} ms {k['launches']:6.1f}x  {k['category']:<9} {k['name']}"
+        for k in b["top_kernels"]
+    ]
     return "\n".join(lines)

@@ -54,33 +54,53 @@ def verdicts(results: dict) -> list[dict]:
     if big:
         worst = max(big, key=lambda r: r["roofline_ratio"])
         met = all(r["roofline_ratio"] <= ROOFLINE_TARGET for r in big)
-        detail = (f"{sum(r['roofline_ratio'] <= ROOFLINE_TARGET for r in big)}/{len(big)} rows "
-                  f"within {ROOFLINE_TARGET}x; worst {worst['roofline_ratio']:.2f}x "
-                  f"(batch {worst['batch']}, {worst['workload']})")
+        detail = (
+            f"{sum(r['roofline_ratio'] <= ROOFLINE_TARGET for r in big)}/{len(big)} rows "
+            f"within {ROOFLINE_TARGET}x; worst {worst['roofline_ratio']:.2f}x "
+            f"(batch {worst['batch']}, {worst['workload']})"
+        )
         # With async scheduling the free-running iteration is the device's decode step (the
         # timed step includes packing, transfer and dispatch): shown beside it, not judged.
-        device = [r["free_running"]["async"]["iteration_ms_median"] / r["roofline_ms"]
-                  for r in big if "async" in r.get("free_running", {})]
+        device = [
+            r["free_running"]["async"]["iteration_ms_median"] / r["roofline_ms"]
+            for r in big
+            if "async" in r.get("free_running", {})
+        ]
         if device:
-            detail += (f"; async-scheduled iteration (device step) {min(device):.2f}-"
-                       f"{max(device):.2f}x the roofline")
+            detail += (
+                f"; async-scheduled iteration (device step) {min(device):.2f}-"
+                f"{max(device):.2f}x the roofline"
+            )
     else:
         met, detail = None, "no offline row at batch >= 32"
-    out.append({"target": f"decode step <= {ROOFLINE_TARGET}x roofline at batch >= "
-                          f"{ROOFLINE_MIN_BATCH}", "met": met, "detail": detail})
+    out.append(
+        {
+            "target": f"decode step <= {ROOFLINE_TARGET}x roofline at batch >= "
+            f"{ROOFLINE_MIN_BATCH}",
+            "met": met,
+            "detail": detail,
+        }
+    )
 
     lora = [r for r in offline if _finite(r.get("lora_cost_ratio"))]
     if lora:
         worst = max(lora, key=lambda r: r["lora_cost_ratio"])
         met = all(r["lora_cost_ratio"] <= LORA_COST_TARGET for r in lora)
-        detail = (f"{sum(r['lora_cost_ratio'] <= LORA_COST_TARGET for r in lora)}/{len(lora)} "
-                  f"rows within {LORA_COST_TARGET}x; worst {worst['lora_cost_ratio']:.2f}x "
-                  f"(batch {worst['batch']}, {worst['workload']}: +{worst['lora_extra_ms']:.3f} "
-                  f"ms for {worst['lora_explained_ms']:.3f} ms of adapter bytes)")
+        detail = (
+            f"{sum(r['lora_cost_ratio'] <= LORA_COST_TARGET for r in lora)}/{len(lora)} "
+            f"rows within {LORA_COST_TARGET}x; worst {worst['lora_cost_ratio']:.2f}x "
+            f"(batch {worst['batch']}, {worst['workload']}: +{worst['lora_extra_ms']:.3f} "
+            f"ms for {worst['lora_explained_ms']:.3f} ms of adapter bytes)"
+        )
     else:
         met, detail = None, "no LoRA row with a no-LoRA row of the same batch size"
-    out.append({"target": f"LoRA step cost <= {LORA_COST_TARGET}x the adapter bytes' time",
-                "met": met, "detail": detail})
+    out.append(
+        {
+            "target": f"LoRA step cost <= {LORA_COST_TARGET}x the adapter bytes' time",
+            "met": met,
+            "detail": detail,
+        }
+    )
 
     peft = {(r["batch"], r["workload"]): r for r in results.get("peft", {}).get("rows", [])}
     ours = {(r["batch"], r["workload"]): r for r in offline}
@@ -88,28 +108,41 @@ def verdicts(results: dict) -> list[dict]:
     if key in peft and key in ours and peft[key].get("output_tokens_per_s"):
         speedup = ours[key]["output_tokens_per_s"] / peft[key]["output_tokens_per_s"]
         met = speedup >= PEFT_SPEEDUP_TARGET
-        detail = (f"{speedup:.1f}x ({ours[key]['output_tokens_per_s']:.0f} vs "
-                  f"{peft[key]['output_tokens_per_s']:.1f} output tokens/s)")
+        detail = (
+            f"{speedup:.1f}x ({ours[key]['output_tokens_per_s']:.0f} vs "
+            f"{peft[key]['output_tokens_per_s']:.1f} output tokens/s)"
+        )
     else:
         met, detail = None, "batch 8 distinct not measured for both"
-    out.append({"target": f">= {PEFT_SPEEDUP_TARGET:.0f}x HF PEFT output tokens/s at batch "
-                          f"{PEFT_BATCH}, distinct", "met": met, "detail": detail})
+    out.append(
+        {
+            "target": f">= {PEFT_SPEEDUP_TARGET:.0f}x HF PEFT output tokens/s at batch "
+            f"{PEFT_BATCH}, distinct",
+            "met": met,
+            "detail": detail,
+        }
+    )
 
     online = {r["num_adapters"]: r for r in results.get("online", {}).get("rows", [])}
     if ONLINE_FEW in online and ONLINE_MANY in online:
         few, many = online[ONLINE_FEW]["throughput_rps"], online[ONLINE_MANY]["throughput_rps"]
         retention = many / few if few else float("nan")
         met = retention >= ONLINE_RETENTION_TARGET
-        detail = (f"{100 * retention:.1f}% ({many:.2f} vs {few:.2f} req/s)")
+        detail = f"{100 * retention:.1f}% ({many:.2f} vs {few:.2f} req/s)"
         few_tps = online[ONLINE_FEW].get("output_tokens_per_s")
         many_tps = online[ONLINE_MANY].get("output_tokens_per_s")
         if few_tps and many_tps is not None:  # judged by requests/s; tokens/s shown beside it
             detail += f"; output tokens/s {100 * many_tps / few_tps:.1f}%"
     else:
         met, detail = None, f"traces of {ONLINE_FEW} and {ONLINE_MANY} adapters not both run"
-    out.append({"target": f"online throughput at {ONLINE_MANY} adapters >= "
-                          f"{100 * ONLINE_RETENTION_TARGET:.0f}% of {ONLINE_FEW}",
-                "met": met, "detail": detail})
+    out.append(
+        {
+            "target": f"online throughput at {ONLINE_MANY} adapters >= "
+            f"{100 * ONLINE_RETENTION_TARGET:.0f}% of {ONLINE_FEW}",
+            "met": met,
+            "detail": detail,
+        }
+    )
     return out
 
 
@@ -128,40 +161,119 @@ def markdown(results: dict) -> str:
     parts = []
     offline = results.get("offline", {}).get("rows", [])
     if offline:
-        parts.append("### Offline throughput\n\n" + _table(
-            ["batch", "workload", "adapters", "tokens/s", "sync tokens/s", "timed tokens/s",
-             "step ms", "roofline ms", "ratio", "weights MB", "KV MB", "adapters MB",
-             "LoRA extra ms", "explained ms", "LoRA cost ratio"],
-            [[r["batch"], r["workload"], r["distinct_adapters"], r["output_tokens_per_s"],
-              r.get("free_running", {}).get("sync", {}).get("output_tokens_per_s",
-                                                            float("nan")),
-              r.get("output_tokens_per_s_timed", float("nan")), r["decode_step_ms"],
-              r["roofline_ms"], r["roofline_ratio"],
-              r["bytes_weights_MB"], r["bytes_kv_MB"], r["bytes_adapters_MB"],
-              r.get("lora_extra_ms", float("nan")), r.get("lora_explained_ms", float("nan")),
-              r.get("lora_cost_ratio", float("nan"))] for r in offline]))
+        parts.append(
+            "### Offline throughput\n\n"
+            + _table(
+                [
+                    "batch",
+                    "workload",
+                    "adapters",
+                    "tokens/s",
+                    "sync tokens/s",
+                    "timed tokens/s",
+                    "step ms",
+                    "roofline ms",
+                    "ratio",
+                    "weights MB",
+                    "KV MB",
+                    "adapters MB",
+                    "LoRA extra ms",
+                    "explained ms",
+                    "LoRA cost ratio",
+                ],
+                [
+                    [
+                        r["batch"],
+                        r["workload"],
+                        r["distinct_adapters"],
+                        r["output_tokens_per_s"],
+                        r.get("free_running", {})
+                        .get("sync", {})
+                        .get("output_tokens_per_s", float("nan")),
+                        r.get("output_tokens_per_s_timed", float("nan")),
+                        r["decode_step_ms"],
+                        r["roofline_ms"],
+                        r["roofline_ratio"],
+                        r["bytes_weights_MB"],
+                        r["bytes_kv_MB"],
+                        r["bytes_adapters_MB"],
+                        r.get("lora_extra_ms", float("nan")),
+                        r.get("lora_explained_ms", float("nan")),
+                        r.get("lora_cost_ratio", float("nan")),
+                    ]
+                    for r in offline
+                ],
+            )
+        )
         not_run = results["offline"].get("not_run", [])
         if not_run:
-            parts.append("Not run (time budget): " + ", ".join(
-                f"batch {r['batch']} {r['workload']}" for r in not_run))
+            parts.append(
+                "Not run (time budget): "
+                + ", ".join(f"batch {r['batch']} {r['workload']}" for r in not_run)
+            )
     peft = results.get("peft", {}).get("rows", [])
     if peft:
-        parts.append("### HF transformers + PEFT baseline\n\n" + _table(
-            ["batch", "workload", "adapters", "output tokens", "seconds", "tokens/s"],
-            [[r["batch"], r["workload"], r["distinct_adapters"], r["output_tokens"],
-              r["wall_s"], r["output_tokens_per_s"]] for r in peft]))
+        parts.append(
+            "### HF transformers + PEFT baseline\n\n"
+            + _table(
+                ["batch", "workload", "adapters", "output tokens", "seconds", "tokens/s"],
+                [
+                    [
+                        r["batch"],
+                        r["workload"],
+                        r["distinct_adapters"],
+                        r["output_tokens"],
+                        r["wall_s"],
+                        r["output_tokens_per_s"],
+                    ]
+                    for r in peft
+                ],
+            )
+        )
     online = results.get("online", {}).get("rows", [])
     if online:
-        parts.append("### Online (S-LoRA synthetic trace)\n\n" + _table(
-            ["adapters", "requests", "finished", "req/s", "tokens/s", "TTFT p50 s",
-             "TTFT p90 s", "TTFT p99 s", "TPOT ms", "SLO met", "misses", "GB copied",
-             "adapters/step"],
-            [[r["num_adapters"], r["requests"], r["finished"], r["throughput_rps"],
-              r["output_tokens_per_s"], r["ttft_p50_s"], r["ttft_p90_s"], r["ttft_p99_s"],
-              r["tpot_ms_median"], f"{100 * r['slo_attainment']:.1f}%", r["adapter_misses"],
-              r["adapter_GB_copied"], r["adapters_per_decode_step_mean"]] for r in online]))
-    verdict_rows = [[v["target"], {True: "met", False: "MISSED", None: "not measured"}[v["met"]],
-                     v["detail"]] for v in verdicts(results)]
+        parts.append(
+            "### Online (S-LoRA synthetic trace)\n\n"
+            + _table(
+                [
+                    "adapters",
+                    "requests",
+                    "finished",
+                    "req/s",
+                    "tokens/s",
+                    "TTFT p50 s",
+                    "TTFT p90 s",
+                    "TTFT p99 s",
+                    "TPOT ms",
+                    "SLO met",
+                    "misses",
+                    "GB copied",
+                    "adapters/step",
+                ],
+                [
+                    [
+                        r["num_adapters"],
+                        r["requests"],
+                        r["finished"],
+                        r["throughput_rps"],
+                        r["output_tokens_per_s"],
+                        r["ttft_p50_s"],
+                        r["ttft_p90_s"],
+                        r["ttft_p99_s"],
+                        r["tpot_ms_median"],
+                        f"{100 * r['slo_attainment']:.1f}%",
+                        r["adapter_misses"],
+                        r["adapter_GB_copied"],
+                        r["adapters_per_decode_step_mean"],
+                    ]
+                    for r in online
+                ],
+            )
+        )
+    verdict_rows = [
+        [v["target"], {True: "met", False: "MISSED", None: "not measured"}[v["met"]], v["detail"]]
+        for v in verdicts(results)
+    ]
     parts.append("### Targets\n\n" + _table(["target", "verdict", "measured"], verdict_rows))
     return "\n\n".join(parts) + "\n"
 
@@ -182,14 +294,27 @@ def plot(results: dict, path: str | os.PathLike) -> bool:
     ax = axes[0]
     for workload in dict.fromkeys(r["workload"] for r in offline):
         rows = sorted((r for r in offline if r["workload"] == workload), key=lambda r: r["batch"])
-        ax.plot([r["batch"] for r in rows], [r["output_tokens_per_s"] for r in rows], "o-",
-                label=workload)
+        ax.plot(
+            [r["batch"] for r in rows],
+            [r["output_tokens_per_s"] for r in rows],
+            "o-",
+            label=workload,
+        )
     for workload in dict.fromkeys(r["workload"] for r in peft):
         rows = sorted((r for r in peft if r["workload"] == workload), key=lambda r: r["batch"])
-        ax.plot([r["batch"] for r in rows], [r["output_tokens_per_s"] for r in rows], "x--",
-                label=f"HF PEFT {workload}")
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="output tokens/s",
-           title="Offline throughput")
+        ax.plot(
+            [r["batch"] for r in rows],
+            [r["output_tokens_per_s"] for r in rows],
+            "x--",
+            label=f"HF PEFT {workload}",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="output tokens/s",
+        title="Offline throughput",
+    )
     ax.legend(fontsize=7)
     rows = sorted(online, key=lambda r: r["num_adapters"])
     counts = [r["num_adapters"] for r in rows]
@@ -198,8 +323,11 @@ def plot(results: dict, path: str | os.PathLike) -> bool:
     ax.set(xscale="log", xlabel="adapters", ylabel="requests/s", title="Online throughput")
     ax.set_ylim(bottom=0)
     ax = axes[2]
-    for key, label in (("ttft_p50_s", "TTFT p50"), ("ttft_p90_s", "TTFT p90"),
-                       ("ttft_p99_s", "TTFT p99")):
+    for key, label in (
+        ("ttft_p50_s", "TTFT p50"),
+        ("ttft_p90_s", "TTFT p90"),
+        ("ttft_p99_s", "TTFT p99"),
+    ):
         ax.plot(counts, [r.get(key, float("nan")) for r in rows], "o-", label=label)
     ax.set(xscale="log", xlabel="adapters", ylabel="seconds", title="Online first-token latency")
     ax.legend(fontsize=7)

@@ -40,8 +40,7 @@ class DecodeStepBytes:
 
 def base_weight_bytes(config: ModelConfig, itemsize: int, rows: int) -> int:
     """Base-model bytes a decode step of `rows` rows reads (see the module docstring)."""
-    h, q, kv, inter = (config.hidden_size, config.q_size, config.kv_size,
-                       config.intermediate_size)
+    h, q, kv, inter = (config.hidden_size, config.q_size, config.kv_size, config.intermediate_size)
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
     lm_head = config.vocab_size * h
     embedding_rows = rows * h
@@ -61,11 +60,17 @@ def adapter_bytes(config: ModelConfig, itemsize: int, ranks: Sequence[int]) -> i
     return config.num_layers * rows * itemsize
 
 
-def decode_step_bytes(config: ModelConfig, itemsize: int, *, seq_lens: Sequence[int],
-                      adapter_ranks: Iterable[Sequence[int]]) -> DecodeStepBytes:
+def decode_step_bytes(
+    config: ModelConfig,
+    itemsize: int,
+    *,
+    seq_lens: Sequence[int],
+    adapter_ranks: Iterable[Sequence[int]],
+) -> DecodeStepBytes:
     """The floor of one decode step: seq_lens of its rows (padding rows left out) and the ranks
     of each distinct adapter it uses."""
     return DecodeStepBytes(
         weights=base_weight_bytes(config, itemsize, len(seq_lens)),
         kv_read=kv_read_bytes(config, itemsize, seq_lens),
-        adapters=sum(adapter_bytes(config, itemsize, ranks) for ranks in adapter_ranks))
+        adapters=sum(adapter_bytes(config, itemsize, ranks) for ranks in adapter_ranks),
+    )

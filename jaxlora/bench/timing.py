@@ -49,14 +49,17 @@ class StepTimer:
         self._run = engine.runner.run
         engine.runner.run = self._timed_run
 
-    def _timed_run(self, mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora,
-                   register=None):
+    def _timed_run(
+        self, mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=None
+    ):
         if not self.enabled:
-            return self._run(mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora,
-                             register=register)
+            return self._run(
+                mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=register
+            )
         start = time.perf_counter()
-        out = self._run(mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora,
-                        register=register)
+        out = self._run(
+            mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=register
+        )
         if self.blocking:
             jax.block_until_ready(out[0])
             seconds = time.perf_counter() - start
@@ -66,11 +69,16 @@ class StepTimer:
         token_slot = np.asarray(batch.token_slot)
         slots = np.unique(token_slot[token_slot >= 0]) if use_lora else np.zeros(0, np.int32)
         ranks = np.asarray(lora_meta["ranks"])[slots] if slots.size else np.zeros((0, 7))
-        self.records.append(StepRecord(
-            mode=mode, bucket_rows=int(seq_lens.shape[0]),
-            seq_lens=tuple(int(n) for n in seq_lens[seq_lens > 0]),
-            slot_ranks=tuple(tuple(int(r) for r in row) for row in ranks),
-            use_lora=bool(use_lora), seconds=seconds))
+        self.records.append(
+            StepRecord(
+                mode=mode,
+                bucket_rows=int(seq_lens.shape[0]),
+                seq_lens=tuple(int(n) for n in seq_lens[seq_lens > 0]),
+                slot_ranks=tuple(tuple(int(r) for r in row) for row in ranks),
+                use_lora=bool(use_lora),
+                seconds=seconds,
+            )
+        )
         return out
 
     def take(self) -> list[StepRecord]:

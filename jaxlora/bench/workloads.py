@@ -33,8 +33,14 @@ def zipf_probabilities(num_adapters: int, alpha: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def assign_adapters(workload: str, batch: int, *, seed: int = 0, skewed_adapters: int = 1000,
-                    skewed_alpha: float = 1.0) -> list[int | None]:
+def assign_adapters(
+    workload: str,
+    batch: int,
+    *,
+    seed: int = 0,
+    skewed_adapters: int = 1000,
+    skewed_alpha: float = 1.0,
+) -> list[int | None]:
     """The adapter index of each of ``batch`` requests (None: base model only).
 
     no_lora: none; identical: one adapter; uniform: round(sqrt(batch)) adapters with equal shares
@@ -57,17 +63,17 @@ def assign_adapters(workload: str, batch: int, *, seed: int = 0, skewed_adapters
         return [int(i) for i in rng.permutation(np.arange(batch) % count)]
     if skewed_adapters < 1:
         raise ConfigError(f"benchmark skewed_adapters: expected >= 1, got {skewed_adapters}")
-    picks = rng.choice(skewed_adapters, batch, p=zipf_probabilities(skewed_adapters,
-                                                                     skewed_alpha))
+    picks = rng.choice(skewed_adapters, batch, p=zipf_probabilities(skewed_adapters, skewed_alpha))
     return [int(i) for i in picks]
 
 
-def offline_prompts(batch: int, prompt_len: int, vocab_size: int, *, seed: int = 0
-                    ) -> np.ndarray:
+def offline_prompts(batch: int, prompt_len: int, vocab_size: int, *, seed: int = 0) -> np.ndarray:
     """(batch, prompt_len) int32 random token ids in [FIRST_PROMPT_TOKEN, vocab_size)."""
     if vocab_size <= FIRST_PROMPT_TOKEN:
-        raise ConfigError(f"benchmark prompts: vocab_size {vocab_size} leaves no token above "
-                          f"the special ids 0..{FIRST_PROMPT_TOKEN - 1}")
+        raise ConfigError(
+            f"benchmark prompts: vocab_size {vocab_size} leaves no token above "
+            f"the special ids 0..{FIRST_PROMPT_TOKEN - 1}"
+        )
     rng = np.random.default_rng(seed)
     return rng.integers(FIRST_PROMPT_TOKEN, vocab_size, (batch, prompt_len), dtype=np.int32)
 
@@ -97,8 +103,9 @@ class TraceConfig:
 
     def __post_init__(self):
         def fail(field, expected):
-            raise ConfigError(f"trace config field {field!r}: expected {expected}, got "
-                              f"{getattr(self, field)!r}")
+            raise ConfigError(
+                f"trace config field {field!r}: expected {expected}, got {getattr(self, field)!r}"
+            )
 
         if not isinstance(self.num_adapters, int) or self.num_adapters < 1:
             fail("num_adapters", "an int >= 1")
@@ -135,16 +142,25 @@ def synthetic_trace(config: TraceConfig) -> list[TraceRequest]:
         now += rng.gamma(shape, scale)
     n = len(arrivals)
     if config.popularity == "slora":
-        adapters = np.minimum((rng.power(config.alpha, n) * config.num_adapters).astype(int),
-                              config.num_adapters - 1)
+        adapters = np.minimum(
+            (rng.power(config.alpha, n) * config.num_adapters).astype(int), config.num_adapters - 1
+        )
     else:
-        adapters = rng.choice(config.num_adapters, n,
-                              p=zipf_probabilities(config.num_adapters, config.alpha))
+        adapters = rng.choice(
+            config.num_adapters, n, p=zipf_probabilities(config.num_adapters, config.alpha)
+        )
     prompt_lens = rng.integers(config.min_len, config.max_len + 1, n)
     output_lens = rng.integers(config.min_len, config.max_len + 1, n)
-    return [TraceRequest(index=i, arrival_s=float(arrivals[i]), adapter=int(adapters[i]),
-                         prompt_len=int(prompt_lens[i]), output_len=int(output_lens[i]))
-            for i in range(n)]
+    return [
+        TraceRequest(
+            index=i,
+            arrival_s=float(arrivals[i]),
+            adapter=int(adapters[i]),
+            prompt_len=int(prompt_lens[i]),
+            output_len=int(output_lens[i]),
+        )
+        for i in range(n)
+    ]
 
 
 def trace_prompt(request: TraceRequest, vocab_size: int, *, seed: int = 0) -> list[int]:

@@ -5,5 +5,15 @@ from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager
 from jaxlora.engine.request import Delta, FinishReason, Request, Status
 from jaxlora.engine.runner import RunnerConfig
 
-__all__ = ["Delta", "Engine", "EngineConfig", "EngineStats", "FinishReason", "KVCacheConfig",
-           "KVCacheManager", "Request", "RunnerConfig", "Status"]
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "FinishReason",
+    "KVCacheConfig",
+    "KVCacheManager",
+    "Request",
+    "RunnerConfig",
+    "Status",
+]

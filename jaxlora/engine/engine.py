@@ -117,9 +117,9 @@ class EngineStats:
     generated_tokens: int = 0
     step_time_ema: float = 0.0
     requests_per_adapter: collections.Counter = dataclasses.field(
-        default_factory=collections.Counter)
-    tokens_per_adapter: collections.Counter = dataclasses.field(
-        default_factory=collections.Counter)
+        default_factory=collections.Counter
+    )
+    tokens_per_adapter: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     ttft: list = dataclasses.field(default_factory=list)  # seconds, recent
     tpot: list = dataclasses.field(default_factory=list)
 
@@ -131,8 +131,17 @@ class Engine:
     ``tokenizer`` (optional) turns tokens into streamed text and enables stop strings.
     """
 
-    def __init__(self, config: ModelConfig, params, engine_config: EngineConfig | None = None, *,
-                 adapters=None, tokenizer=None, dtype=jnp.float32, mesh=None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params,
+        engine_config: EngineConfig | None = None,
+        *,
+        adapters=None,
+        tokenizer=None,
+        dtype=jnp.float32,
+        mesh=None,
+    ):
         """mesh: a `tp` mesh (jaxlora.sharding.make_mesh) for tensor parallelism; params and the
         adapter pools must already be sharded over it."""
         self.config = config
@@ -150,8 +159,9 @@ class Engine:
             # The Pallas kernels are not partitioned by GSPMD: a sharded step uses the jnp path,
             # which XLA splits over the mesh.
             runner_config = dataclasses.replace(runner_config, impl="reference")
-        self.runner = ModelRunner(config, params, runner_config, dtype=dtype,
-                                  register_sharding=register_sharding)
+        self.runner = ModelRunner(
+            config, params, runner_config, dtype=dtype, register_sharding=register_sharding
+        )
         self.kv = KVCacheManager(config, ec.kv, dtype=dtype, sharding=kv_sharding)
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -171,9 +181,15 @@ class Engine:
             self.warmup()
 
     # -- public API -----------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams | None = None, *,
-               adapter: str | None = None, request_id: str | None = None,
-               deadline_s: float | None = None) -> Request:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams | None = None,
+        *,
+        adapter: str | None = None,
+        request_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> Request:
         """Queues a request; returns it at once (stream its deltas or wait on it)."""
         sampling = sampling or SamplingParams()
         prompt_ids = [int(t) for t in prompt_ids]
@@ -181,29 +197,43 @@ class Engine:
             raise RequestError("prompt: expected at least one token, got an empty prompt")
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise RequestError(f"prompt: token id {bad[0]} is outside the vocabulary "
-                               f"0..{self.config.vocab_size - 1}")
+            raise RequestError(
+                f"prompt: token id {bad[0]} is outside the vocabulary "
+                f"0..{self.config.vocab_size - 1}"
+            )
         sampling.check_vocab(self.config.vocab_size)
         if sampling.stop_strings and self.tokenizer is None:
-            raise RequestError("stop: stop strings need a tokenizer to match text against, and "
-                               "this engine has none; use stop_token_ids")
+            raise RequestError(
+                "stop: stop strings need a tokenizer to match text against, and "
+                "this engine has none; use stop_token_ids"
+            )
         limit = self.engine_config.kv.max_model_len
         if len(prompt_ids) >= limit:
-            raise RequestError(f"prompt: {len(prompt_ids)} tokens; the context length is {limit}"
-                               f" (prompt plus at least one generated token)")
+            raise RequestError(
+                f"prompt: {len(prompt_ids)} tokens; the context length is {limit}"
+                f" (prompt plus at least one generated token)"
+            )
         if len(prompt_ids) + sampling.max_tokens > limit:
-            raise RequestError(f"max_tokens: {sampling.max_tokens} plus the prompt's "
-                               f"{len(prompt_ids)} tokens exceeds the context length {limit}")
+            raise RequestError(
+                f"max_tokens: {sampling.max_tokens} plus the prompt's "
+                f"{len(prompt_ids)} tokens exceeds the context length {limit}"
+            )
         if self.kv.pages_for(len(prompt_ids) + 1) > self.engine_config.kv.num_pages:
-            raise RequestError(f"prompt: {len(prompt_ids)} tokens need more KV pages than the "
-                               f"pool has ({self.engine_config.kv.num_pages})")
+            raise RequestError(
+                f"prompt: {len(prompt_ids)} tokens need more KV pages than the "
+                f"pool has ({self.engine_config.kv.num_pages})"
+            )
         if adapter is not None:
             if self.adapters is None or adapter not in self.adapters.store:
                 raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
         if sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=int(self._seed_rng.integers(2**63)))
-        request = Request(request_id=request_id or f"req-{next(self._ids)}",
-                          prompt_ids=prompt_ids, sampling=sampling, adapter=adapter)
+        request = Request(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            adapter=adapter,
+        )
         if self.tokenizer is not None:
             request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
         if sampling.stop_strings:
@@ -212,8 +242,9 @@ class Engine:
             request.deadline = request.arrival + deadline_s
         with self._lock:
             if len(self._waiting) >= self.engine_config.max_waiting:
-                raise PoolExhaustedError(f"engine queue is full ({len(self._waiting)} waiting "
-                                         "requests); retry later")
+                raise PoolExhaustedError(
+                    f"engine queue is full ({len(self._waiting)} waiting requests); retry later"
+                )
             if request.request_id in self._by_id:
                 raise RequestError(f"request id {request.request_id!r} is already in use")
             self._waiting.append(request)
@@ -301,8 +332,17 @@ class Engine:
             lowered = []
             for mode, _, use_lora, batch, lora_meta in variants:
                 with self._locked_lora_pools() as lora_pools:
-                    lowered.append(self.runner.lower(mode, self.kv.k_pool, self.kv.v_pool,
-                                                     lora_pools, batch, lora_meta, use_lora))
+                    lowered.append(
+                        self.runner.lower(
+                            mode,
+                            self.kv.k_pool,
+                            self.kv.v_pool,
+                            lora_pools,
+                            batch,
+                            lora_meta,
+                            use_lora,
+                        )
+                    )
             lowered_at = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
                 list(pool.map(lambda item: item.compile(), lowered))
@@ -312,18 +352,27 @@ class Engine:
         for mode, rows, use_lora, batch, lora_meta in variants:
             with self._locked_lora_pools() as lora_pools:
                 logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
-                    mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta,
-                    use_lora)
+                    mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta, use_lora
+                )
             if use_lora or self.adapters is None:  # once per bucket
                 self._warm_sampler(logits, mode, rows)
         jax.block_until_ready(self.kv.k_pool)
         done = time.perf_counter()
-        log.info("warm-up: %d step shapes lowered in %.1f s, compiled on %d threads in %.1f s, "
-                 "run with their samplers in %.1f s", len(variants), lowered_at - start,
-                 max(threads, 1), compiled_at - lowered_at, done - compiled_at)
-        return {"shapes": [[mode, rows, use_lora] for mode, rows, use_lora, _, _ in variants],
-                "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
-                "warmup_s": done - compiled_at}
+        log.info(
+            "warm-up: %d step shapes lowered in %.1f s, compiled on %d threads in %.1f s, "
+            "run with their samplers in %.1f s",
+            len(variants),
+            lowered_at - start,
+            max(threads, 1),
+            compiled_at - lowered_at,
+            done - compiled_at,
+        )
+        return {
+            "shapes": [[mode, rows, use_lora] for mode, rows, use_lora, _, _ in variants],
+            "lower_s": lowered_at - start,
+            "compile_s": compiled_at - lowered_at,
+            "warmup_s": done - compiled_at,
+        }
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> None:
@@ -376,12 +425,14 @@ class Engine:
                 # Admitted or not, a request without its first token (its adapter still
                 # loading, its prompt half prefilled) is aborted once it cannot make it: its own
                 # chunks, and the iterations the prompts ahead of it need.
-                steps = (-(-own // ec.runner.prefill_chunk)
-                         + ahead // max(1, ec.max_num_tokens))
+                steps = -(-own // ec.runner.prefill_chunk) + ahead // max(1, ec.max_num_tokens)
                 if now > request.deadline or now + steps * ema > request.deadline:
                     self.stats.deadline_aborts += 1
-                    self._finish(request, FinishReason.DEADLINE,
-                                 "the request could no longer meet its first-token deadline")
+                    self._finish(
+                        request,
+                        FinishReason.DEADLINE,
+                        "the request could no longer meet its first-token deadline",
+                    )
                     continue
             ahead += own
 
@@ -393,8 +444,11 @@ class Engine:
         return (handle.name, handle.version)
 
     def _distinct_adapters(self) -> set[tuple[str, int]]:
-        return {self._adapter_key(r) for r in self._running
-                if r.adapter is not None and r.adapter_handle is not None}
+        return {
+            self._adapter_key(r)
+            for r in self._running
+            if r.adapter is not None and r.adapter_handle is not None
+        }
 
     def _admit(self) -> None:
         ec = self.engine_config
@@ -431,8 +485,11 @@ class Engine:
                 except PoolExhaustedError:
                     return False
                 except JaxloraError as e:  # unknown, or its files broke since registration
-                    self._finish(request, FinishReason.ERROR,
-                                 f"adapter {request.adapter!r} could not be loaded: {e}")
+                    self._finish(
+                        request,
+                        FinishReason.ERROR,
+                        f"adapter {request.adapter!r} could not be loaded: {e}",
+                    )
                     return False
             if full and self._adapter_key(request) not in running:
                 # Replaced between the check and the acquire, or re-admitted after preemption
@@ -454,8 +511,12 @@ class Engine:
         for request in list(self._running):
             if request.status is not Status.RUNNING or not self._adapter_ready(request):
                 continue
-            if (request.remaining == 1 and len(decode) < ec.runner.max_batch and budget > 0
-                    and not self._ends_when_read(request)):
+            if (
+                request.remaining == 1
+                and len(decode) < ec.runner.max_batch
+                and budget > 0
+                and not self._ends_when_read(request)
+            ):
                 if self._reserve(request, 1, (decode, prefill)):
                     decode.append((request, 1))
                     budget -= 1
@@ -474,17 +535,22 @@ class Engine:
         length (async scheduling): then it must not be fed again."""
         return bool(request.inflight) and (
             len(request.output_ids) + request.inflight >= request.sampling.max_tokens
-            or request.scheduled_len >= self.engine_config.kv.max_model_len)
+            or request.scheduled_len >= self.engine_config.kv.max_model_len
+        )
 
-    def _reserve(self, request: Request, n: int,
-                 scheduled: tuple[list[tuple[Request, int]], ...] = ()) -> bool:
+    def _reserve(
+        self, request: Request, n: int, scheduled: tuple[list[tuple[Request, int]], ...] = ()
+    ) -> bool:
         """KV pages for n more tokens; preempts the newest running request if needed, which is
         the requester itself when it is the newest (an older request is never preempted for a
         newer one). Requests already scheduled this iteration are preempted only when nothing
         else is left (their work would be wasted)."""
         while not self.kv.ensure(request.request_id, request.num_computed + n):
-            newer = [r for r in self._running if r is not request
-                     and r.status is Status.RUNNING and r.arrival > request.arrival]
+            newer = [
+                r
+                for r in self._running
+                if r is not request and r.status is Status.RUNNING and r.arrival > request.arrival
+            ]
             if not newer:
                 self._preempt(request)
                 return False
@@ -510,8 +576,11 @@ class Engine:
             return True
         handle = request.adapter_handle
         if handle.error is not None:
-            self._finish(request, FinishReason.ERROR, f"adapter {request.adapter!r} failed to "
-                         f"load: {handle.error}")
+            self._finish(
+                request,
+                FinishReason.ERROR,
+                f"adapter {request.adapter!r} failed to load: {handle.error}",
+            )
             return False
         return handle.ready
 
@@ -530,18 +599,23 @@ class Engine:
 
     def _lora_meta(self, slot_infos, token_slot: np.ndarray) -> dict:
         pool = self.engine_config.lora_pool
-        meta = layout.build_slot_metadata(slot_infos, max_slots=pool.max_slots,
-                                          max_rank=pool.max_rank,
-                                          rows_per_page=pool.rows_per_page)
+        meta = layout.build_slot_metadata(
+            slot_infos,
+            max_slots=pool.max_slots,
+            max_rank=pool.max_rank,
+            rows_per_page=pool.rows_per_page,
+        )
         if self.runner.impl != "reference":
             # The kernels' token order and tiles, built here once per step rather than inside
             # every (layer, module group) launch.
-            meta["kernel_meta"] = build_sgmv_metadata(token_slot.reshape(-1), pool.max_slots,
-                                                      config=self.engine_config.runner.sgmv)
+            meta["kernel_meta"] = build_sgmv_metadata(
+                token_slot.reshape(-1), pool.max_slots, config=self.engine_config.runner.sgmv
+            )
         return meta  # host arrays: the runner sends them with the batch in one transfer
 
-    def _launch(self, mode: str, rows: list[tuple[Request, int]],
-                register_in: jax.Array) -> _Launch | None:
+    def _launch(
+        self, mode: str, rows: list[tuple[Request, int]], register_in: jax.Array
+    ) -> _Launch | None:
         """Builds and dispatches one step and its sampler; the host reads the results later
         (``_complete``). A row whose input token is still being sampled on the device (async
         scheduling) reads it from ``register_in``."""
@@ -581,24 +655,40 @@ class Engine:
                     slots[key] = len(slot_infos)
                     slot_infos.append(request.adapter_handle.slot_info)
                 token_slot[i, :n] = slots[key]
-        batch = StepBatch(tokens=tokens, positions=positions, token_valid=valid,
-                          page_table=page_table, seq_lens=seq_lens, logit_index=logit_index,
-                          token_slot=token_slot, token_src=token_src)
+        batch = StepBatch(
+            tokens=tokens,
+            positions=positions,
+            token_valid=valid,
+            page_table=page_table,
+            seq_lens=seq_lens,
+            logit_index=logit_index,
+            token_slot=token_slot,
+            token_src=token_src,
+        )
         use_lora = bool(slot_infos)
         lora_meta = self._lora_meta(slot_infos, token_slot)
         with self._locked_lora_pools() as lora_pools:
             logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
-                mode, self.kv.k_pool, self.kv.v_pool, lora_pools, batch, lora_meta, use_lora,
-                register=register_in)
+                mode,
+                self.kv.k_pool,
+                self.kv.v_pool,
+                lora_pools,
+                batch,
+                lora_meta,
+                use_lora,
+                register=register_in,
+            )
         samples = [r.num_computed + n == r.scheduled_len for r, n in rows]
         params = [r.sampling for r, _ in rows]
         sampling = SamplingBatch.from_params(
-            params, [len(r.output_ids) + r.inflight for r, _ in rows], batch_size=b)
+            params, [len(r.output_ids) + r.inflight for r, _ in rows], batch_size=b
+        )
         # Alternatives: none, or the most any request may ask for (each request keeps its own
         # first n): two sampler shapes per bucket instead of one per distinct n.
         top_n = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
-        sampled, self._register = self._sample(logits, mode, sampling, top_n=top_n,
-                                               filtered=uses_top_k_top_p(params))
+        sampled, self._register = self._sample(
+            logits, mode, sampling, top_n=top_n, filtered=uses_top_k_top_p(params)
+        )
         sampled.copy_to_host_async()
         offset = ec.runner.register_offset(mode)
         launch = _Launch(mode=mode, sampled=sampled, rows=[])
@@ -625,23 +715,29 @@ class Engine:
                 request.inflight -= 1
                 self._append_token(request, sampled, row)
 
-    def _sample(self, logits, mode: str, sampling: SamplingBatch, *, top_n: int,
-                filtered: bool):
+    def _sample(self, logits, mode: str, sampling: SamplingBatch, *, top_n: int, filtered: bool):
         """Dispatches the sampler of a step (its inputs in one packed transfer); returns its
         packed results and the token register with this mode's part rewritten."""
         packed = PackedInputs.pack(sampling)
-        return sample_step(logits, self._register, jax.device_put(packed.buffer),
-                           treedef=packed.treedef, layout=packed.layout,
-                           register_offset=self.engine_config.runner.register_offset(mode),
-                           num_top_logprobs=top_n, apply_top_k_top_p=filtered)
+        return sample_step(
+            logits,
+            self._register,
+            jax.device_put(packed.buffer),
+            treedef=packed.treedef,
+            layout=packed.layout,
+            register_offset=self.engine_config.runner.register_offset(mode),
+            num_top_logprobs=top_n,
+            apply_top_k_top_p=filtered,
+        )
 
     def _warm_sampler(self, logits, mode: str, rows: int) -> None:
         """Compiles every sampler variant of a bucket (logprobs off/on, top-k/top-p off/on)."""
         sampling = SamplingBatch.from_params([], [], batch_size=rows)
         for top_n in (0, MAX_LOGPROBS):
             for filtered in (False, True):
-                jax.block_until_ready(self._sample(logits, mode, sampling, top_n=top_n,
-                                                   filtered=filtered))
+                jax.block_until_ready(
+                    self._sample(logits, mode, sampling, top_n=top_n, filtered=filtered)
+                )
 
     def _append_token(self, request: Request, sampled, row: int) -> None:
         token = int(sampled.tokens[row])
@@ -658,9 +754,12 @@ class Engine:
             request.output_logprobs.append(logprob)
             if request.sampling.logprobs:
                 n = request.sampling.logprobs
-                top = {int(t): float(lp) for t, lp in zip(sampled.top_token_ids[row][:n],
-                                                          sampled.top_logprobs[row][:n],
-                                                          strict=True)}
+                top = {
+                    int(t): float(lp)
+                    for t, lp in zip(
+                        sampled.top_token_ids[row][:n], sampled.top_logprobs[row][:n], strict=True
+                    )
+                }
                 request.output_top_logprobs.append(top)
         self.stats.generated_tokens += 1
         self.stats.tokens_per_adapter[request.adapter or ""] += 1
@@ -676,8 +775,10 @@ class Engine:
             text, stopped = detector.push(text)
             if stopped:
                 finish = FinishReason.STOP
-        if finish is None and (len(request.output_ids) >= sp.max_tokens or
-                               request.sequence_len >= self.engine_config.kv.max_model_len):
+        if finish is None and (
+            len(request.output_ids) >= sp.max_tokens
+            or request.sequence_len >= self.engine_config.kv.max_model_len
+        ):
             finish = FinishReason.LENGTH
         if finish is not None and not (detector is not None and detector.stopped):
             # The end of the output: what the decoder and the stop detector held back is text.
@@ -687,9 +788,14 @@ class Engine:
             if detector is not None:
                 text += detector.flush()
         request.text += text
-        request.push(Delta(token_ids=[token], text=text,
-                           logprobs=[logprob] if logprob is not None else None,
-                           top_logprobs=[top] if top is not None else None))
+        request.push(
+            Delta(
+                token_ids=[token],
+                text=text,
+                logprobs=[logprob] if logprob is not None else None,
+                top_logprobs=[top] if top is not None else None,
+            )
+        )
         if finish is not None:
             self._finish(request, finish)
 
@@ -716,15 +822,18 @@ class Engine:
         self._by_id.pop(request.request_id, None)
         self.stats.finished += 1
         if request.first_token_time is not None and len(request.output_ids) > 1:
-            self.stats.tpot.append((request.finish_time - request.first_token_time)
-                                   / (len(request.output_ids) - 1))
+            self.stats.tpot.append(
+                (request.finish_time - request.first_token_time) / (len(request.output_ids) - 1)
+            )
             del self.stats.tpot[:-1000]
         request.push(Delta(token_ids=[], text="", finish_reason=reason, error=error))
 
     # -- introspection --------------------------------------------------------------------------
     def pool_usage(self) -> dict:
-        usage = {"kv_free_pages": self.kv.free_pages,
-                 "kv_total_pages": self.engine_config.kv.num_pages}
+        usage = {
+            "kv_free_pages": self.kv.free_pages,
+            "kv_total_pages": self.engine_config.kv.num_pages,
+        }
         return usage
 
 

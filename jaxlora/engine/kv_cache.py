@@ -23,8 +23,7 @@ class KVCacheConfig:
     max_model_len: int = 512  # context length a sequence may reach (prompt + output)
 
     def __post_init__(self):
-        require_positive_ints(self, ("page_size", "num_pages", "max_model_len"),
-                              "kv cache config")
+        require_positive_ints(self, ("page_size", "num_pages", "max_model_len"), "kv cache config")
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -34,12 +33,18 @@ class KVCacheConfig:
 class KVCacheManager:
     """Owns the KV page pools and which pages each sequence holds."""
 
-    def __init__(self, model: ModelConfig, config: KVCacheConfig, dtype=jnp.float32, *,
-                 sharding=None):
+    def __init__(
+        self, model: ModelConfig, config: KVCacheConfig, dtype=jnp.float32, *, sharding=None
+    ):
         """sharding: of the pool arrays (tensor parallelism splits the KV heads)."""
         self.config = config
-        shape = (model.num_layers, config.num_pages, config.page_size, model.num_kv_heads,
-                 model.head_dim)
+        shape = (
+            model.num_layers,
+            config.num_pages,
+            config.page_size,
+            model.num_kv_heads,
+            model.head_dim,
+        )
         # Committed to a device from the start: jit specializes on committed-ness, and the step
         # returns committed pools, so uncommitted fresh pools cost one more compilation of the
         # first bucket once serving starts.
@@ -78,7 +83,7 @@ class KVCacheManager:
     def page_table_row(self, seq_id: int) -> np.ndarray:
         row = np.zeros(self.config.max_pages_per_seq, np.int32)
         pages = self.pages_of(seq_id)
-        row[:len(pages)] = pages
+        row[: len(pages)] = pages
         return row
 
     @property

@@ -84,10 +84,10 @@ class Request:
         """(prompt_ids + output_ids)[start:start + n] without building the whole sequence."""
         prompt = len(self.prompt_ids)
         if start + n <= prompt:
-            return self.prompt_ids[start:start + n]
+            return self.prompt_ids[start : start + n]
         if start >= prompt:
-            return self.output_ids[start - prompt:start - prompt + n]
-        return self.prompt_ids[start:] + self.output_ids[:start + n - prompt]
+            return self.output_ids[start - prompt : start - prompt + n]
+        return self.prompt_ids[start:] + self.output_ids[: start + n - prompt]
 
     @property
     def scheduled_len(self) -> int:

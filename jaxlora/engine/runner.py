@@ -61,8 +61,10 @@ class RunnerConfig:
 
     def __post_init__(self):
         if self.layer_loop not in ("scan", "unrolled"):
-            raise ConfigError(f"runner config field layer_loop: expected 'scan' or 'unrolled', "
-                              f"got {self.layer_loop!r}")
+            raise ConfigError(
+                f"runner config field layer_loop: expected 'scan' or 'unrolled', "
+                f"got {self.layer_loop!r}"
+            )
 
     def scan_layers(self) -> bool:
         return self.layer_loop == "scan"
@@ -80,7 +82,7 @@ class RunnerConfig:
         limit = self.max_batch if mode == "decode" else self.max_prefill_rows
         given = self.decode_buckets if mode == "decode" else self.prefill_buckets
         if given is None:
-            given = tuple(2 ** i for i in range(limit.bit_length()) if 2 ** i < limit) + (limit,)
+            given = tuple(2**i for i in range(limit.bit_length()) if 2**i < limit) + (limit,)
         sizes = tuple(sorted({min(b, limit) for b in given} | {limit}))
         if sizes[0] < 1:
             raise ConfigError(f"runner config: {mode} buckets {given} must be positive")
@@ -131,8 +133,9 @@ class PackedInputs:
                 parts.append(array.ravel().astype(_INT32))
                 kind = "int32"
             else:
-                raise TypeError(f"step input dtype {dtype}: expected an integer, bool or "
-                                "float32 array")
+                raise TypeError(
+                    f"step input dtype {dtype}: expected an integer, bool or float32 array"
+                )
             layout.append((array.shape, kind))
         buffer = np.concatenate(parts) if parts else np.zeros(0, _INT32)
         return PackedInputs(buffer=buffer, treedef=treedef, layout=tuple(layout))
@@ -143,7 +146,7 @@ class PackedInputs:
         leaves, offset = [], 0
         for shape, dtype in layout:
             size = int(np.prod(shape, dtype=np.int64))
-            words = buffer[offset:offset + size].reshape(shape)
+            words = buffer[offset : offset + size].reshape(shape)
             offset += size
             if dtype == "bool":
                 leaves.append(words != 0)
@@ -154,21 +157,46 @@ class PackedInputs:
         return jax.tree.unflatten(treedef, leaves)
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "layout", "register_offset",
-                                             "num_top_logprobs", "apply_top_k_top_p"))
-def sample_step(logits, register, buffer, *, treedef, layout, register_offset: int,
-                num_top_logprobs: int, apply_top_k_top_p: bool):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "treedef",
+        "layout",
+        "register_offset",
+        "num_top_logprobs",
+        "apply_top_k_top_p",
+    ),
+)
+def sample_step(
+    logits,
+    register,
+    buffer,
+    *,
+    treedef,
+    layout,
+    register_offset: int,
+    num_top_logprobs: int,
+    apply_top_k_top_p: bool,
+):
     """Samples a step's logits (B, V) under its packed ``SamplingBatch``; returns the results
     packed for one device-to-host copy, (B, 2 + 2n) int32 (``unpack_samples``), and the token
     register with the sampled tokens written at ``register_offset`` (the next step's rows read
     them there without a round trip through the host)."""
     batch = PackedInputs.unpack(buffer, treedef, layout)
-    out = sample(logits, batch, num_top_logprobs=num_top_logprobs,
-                 apply_top_k_top_p=apply_top_k_top_p)
+    out = sample(
+        logits, batch, num_top_logprobs=num_top_logprobs, apply_top_k_top_p=apply_top_k_top_p
+    )
     register = jax.lax.dynamic_update_slice(register, out.tokens, (register_offset,))
     as_words = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
-    packed = jnp.concatenate([out.tokens[:, None], as_words(out.logprobs)[:, None],
-                              out.top_token_ids, as_words(out.top_logprobs)], axis=1)
+    packed = jnp.concatenate(
+        [
+            out.tokens[:, None],
+            as_words(out.logprobs)[:, None],
+            out.top_token_ids,
+            as_words(out.top_logprobs),
+        ],
+        axis=1,
+    )
     return packed, register
 
 
@@ -176,9 +204,12 @@ def unpack_samples(packed: np.ndarray) -> SampleOutput:
     """``sample_step``'s packed results on the host, as numpy views."""
     packed = np.asarray(packed)
     n = (packed.shape[1] - 2) // 2
-    return SampleOutput(tokens=packed[:, 0], logprobs=packed[:, 1].view(np.float32),
-                        top_token_ids=packed[:, 2:2 + n],
-                        top_logprobs=packed[:, 2 + n:].view(np.float32))
+    return SampleOutput(
+        tokens=packed[:, 0],
+        logprobs=packed[:, 1].view(np.float32),
+        top_token_ids=packed[:, 2 : 2 + n],
+        top_logprobs=packed[:, 2 + n :].view(np.float32),
+    )
 
 
 def bucket(n: int, sizes: tuple[int, ...]) -> int:
@@ -193,89 +224,186 @@ def resolve_impl(impl: str) -> str:
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params, runner: RunnerConfig, *, dtype=jnp.float32,
-                 register_sharding=None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params,
+        runner: RunnerConfig,
+        *,
+        dtype=jnp.float32,
+        register_sharding=None,
+    ):
         self.config = config
         self.params = params
         self.runner = runner
         self.impl = resolve_impl(runner.impl)
         self.model = Llama(config, dtype=dtype, scan_layers=runner.scan_layers())
-        self._step = jax.jit(self._packed_forward,
-                             static_argnames=("treedef", "layout", "mode", "use_lora"),
-                             donate_argnums=(1, 2))
+        self._step = jax.jit(
+            self._packed_forward,
+            static_argnames=("treedef", "layout", "mode", "use_lora"),
+            donate_argnums=(1, 2),
+        )
         self.compiled_shapes: set[tuple] = set()
         # Every step takes a register of the same shape (one compilation per bucket); steps
         # whose rows all read their tokens from the host get this one.
         # It is committed like the registers the samplers return, so that both hit the same
         # compiled step.
-        self.empty_register = jax.device_put(np.zeros(runner.register_size, np.int32),
-                                             register_sharding or jax.devices()[0])
+        self.empty_register = jax.device_put(
+            np.zeros(runner.register_size, np.int32), register_sharding or jax.devices()[0]
+        )
 
-    def _packed_forward(self, params, k_pool, v_pool, lora_pools, register, buffer, *, treedef,
-                        layout, mode: str, use_lora: bool):
+    def _packed_forward(
+        self,
+        params,
+        k_pool,
+        v_pool,
+        lora_pools,
+        register,
+        buffer,
+        *,
+        treedef,
+        layout,
+        mode: str,
+        use_lora: bool,
+    ):
         batch, lora_meta = PackedInputs.unpack(buffer, treedef, layout)
-        return self._forward(params, k_pool, v_pool, lora_pools, batch, lora_meta, mode=mode,
-                             use_lora=use_lora, register=register)
+        return self._forward(
+            params,
+            k_pool,
+            v_pool,
+            lora_pools,
+            batch,
+            lora_meta,
+            mode=mode,
+            use_lora=use_lora,
+            register=register,
+        )
 
-    def _forward(self, params, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta, *,
-                 mode: str, use_lora: bool, register=None):
+    def _forward(
+        self,
+        params,
+        k_pool,
+        v_pool,
+        lora_pools,
+        batch: StepBatch,
+        lora_meta,
+        *,
+        mode: str,
+        use_lora: bool,
+        register=None,
+    ):
         tokens = batch.tokens
         if register is not None:
             src = batch.token_src
             from_device = register[jnp.clip(src, 0, register.shape[0] - 1)]
             tokens = tokens.at[:, 0].set(jnp.where(src >= 0, from_device, tokens[:, 0]))
-        kv = KVCache(k_pool=k_pool, v_pool=v_pool, page_table=batch.page_table,
-                     seq_lens=batch.seq_lens, token_valid=batch.token_valid, mode=mode,
-                     impl=self.impl)
+        kv = KVCache(
+            k_pool=k_pool,
+            v_pool=v_pool,
+            page_table=batch.page_table,
+            seq_lens=batch.seq_lens,
+            token_valid=batch.token_valid,
+            mode=mode,
+            impl=self.impl,
+        )
         lora = None
         if use_lora:
-            lora = LoraInputs(pools=lora_pools, token_slot=batch.token_slot, impl=self.impl,
-                              sgmv_config=self.runner.sgmv,
-                              **lora_meta)
-        logits, kv = self.model.apply({"params": params}, tokens, batch.positions,
-                                      lora=lora, kv=kv, logit_index=batch.logit_index)
+            lora = LoraInputs(
+                pools=lora_pools,
+                token_slot=batch.token_slot,
+                impl=self.impl,
+                sgmv_config=self.runner.sgmv,
+                **lora_meta,
+            )
+        logits, kv = self.model.apply(
+            {"params": params},
+            tokens,
+            batch.positions,
+            lora=lora,
+            kv=kv,
+            logit_index=batch.logit_index,
+        )
         return logits[:, 0], kv.k_pool, kv.v_pool
 
-    def run(self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta,
-            use_lora: bool, register: jax.Array | None = None):
+    def run(
+        self,
+        mode: str,
+        k_pool,
+        v_pool,
+        lora_pools,
+        batch: StepBatch,
+        lora_meta,
+        use_lora: bool,
+        register: jax.Array | None = None,
+    ):
         """Dispatches one step (asynchronously); returns logits (B, V) and the new KV pools.
         batch and lora_meta are host (numpy) arrays: they travel in one packed transfer.
         register: the device tokens that rows with ``token_src >= 0`` read (None: none do)."""
         key = (mode, batch.tokens.shape, use_lora)
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
-            log.info("compiling step mode=%s batch=%s lora=%s (%d compiled shapes)", mode,
-                     batch.tokens.shape, use_lora, len(self.compiled_shapes))
+            log.info(
+                "compiling step mode=%s batch=%s lora=%s (%d compiled shapes)",
+                mode,
+                batch.tokens.shape,
+                use_lora,
+                len(self.compiled_shapes),
+            )
         packed = PackedInputs.pack((batch, lora_meta))
         register = self.empty_register if register is None else register
-        return self._step(self.params, k_pool, v_pool, lora_pools, register,
-                          jax.device_put(packed.buffer), treedef=packed.treedef,
-                          layout=packed.layout, mode=mode, use_lora=use_lora)
+        return self._step(
+            self.params,
+            k_pool,
+            v_pool,
+            lora_pools,
+            register,
+            jax.device_put(packed.buffer),
+            treedef=packed.treedef,
+            layout=packed.layout,
+            mode=mode,
+            use_lora=use_lora,
+        )
 
-    def lower(self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta,
-              use_lora: bool):
+    def lower(
+        self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta, use_lora: bool
+    ):
         """The step lowered for these shapes (``.compile()`` fills JAX's compilation cache, so
         a later ``run`` of the same shapes does not compile again)."""
         self.compiled_shapes.add((mode, batch.tokens.shape, use_lora))
         packed = PackedInputs.pack((batch, lora_meta))
-        return self._step.lower(self.params, k_pool, v_pool, lora_pools, self.empty_register,
-                                packed.buffer, treedef=packed.treedef, layout=packed.layout,
-                                mode=mode, use_lora=use_lora)
+        return self._step.lower(
+            self.params,
+            k_pool,
+            v_pool,
+            lora_pools,
+            self.empty_register,
+            packed.buffer,
+            treedef=packed.treedef,
+            layout=packed.layout,
+            mode=mode,
+            use_lora=use_lora,
+        )
 
     def bucket_shapes(self) -> list[tuple[str, int, int]]:
         r = self.runner
-        return ([("decode", b, 1) for b in r.buckets("decode")]
-                + [("prefill", b, r.prefill_chunk) for b in r.buckets("prefill")])
+        return [("decode", b, 1) for b in r.buckets("decode")] + [
+            ("prefill", b, r.prefill_chunk) for b in r.buckets("prefill")
+        ]
 
 
 def empty_batch(rows: int, length: int, max_pages: int) -> StepBatch:
     """A batch of padding rows: writes nothing, reads nothing (used for warm-up)."""
     zeros = np.zeros((rows, length), np.int32)
-    return StepBatch(tokens=zeros, positions=zeros, token_valid=np.zeros((rows, length), bool),
-                     page_table=np.zeros((rows, max_pages), np.int32),
-                     seq_lens=np.zeros(rows, np.int32), logit_index=np.zeros(rows, np.int32),
-                     token_slot=np.full((rows, length), -1, np.int32),
-                     token_src=np.full(rows, -1, np.int32))
+    return StepBatch(
+        tokens=zeros,
+        positions=zeros,
+        token_valid=np.zeros((rows, length), bool),
+        page_table=np.zeros((rows, max_pages), np.int32),
+        seq_lens=np.zeros(rows, np.int32),
+        logit_index=np.zeros(rows, np.int32),
+        token_slot=np.full((rows, length), -1, np.int32),
+        token_src=np.full(rows, -1, np.int32),
+    )
 
 
 def timed(fn):

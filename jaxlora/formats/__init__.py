@@ -15,8 +15,14 @@ from jaxlora.formats.peft import (
 )
 
 __all__ = [
-    "AdapterSpec", "load_hf_checkpoint", "load_peft_adapter", "param_shapes",
-    "read_peft_adapter_spec", "restore_params", "save_hf_checkpoint", "save_params",
+    "AdapterSpec",
+    "load_hf_checkpoint",
+    "load_peft_adapter",
+    "param_shapes",
+    "read_peft_adapter_spec",
+    "restore_params",
+    "save_hf_checkpoint",
+    "save_params",
     "save_peft_adapter",
 ]
 

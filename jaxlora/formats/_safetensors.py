@@ -22,8 +22,20 @@ from jaxlora.errors import FormatError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-ITEMSIZES = {**FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+ITEMSIZES = {
+    **FLOAT_DTYPES,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 # A header larger than this is certainly corrupt (real ones are a few MB for 100k tensors).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -37,9 +49,11 @@ class TensorInfo:
 
 def refuse_pickle(path: str, what: str) -> None:
     """Raises FormatError for a file that only unpickling could read; never opens it."""
-    raise FormatError(f"{path}: {what} is a pickle-based file ({os.path.basename(path)}); "
-                      "jaxlora never unpickles (it can execute code). Expected a .safetensors "
-                      "file; convert it with safetensors.torch.save_file")
+    raise FormatError(
+        f"{path}: {what} is a pickle-based file ({os.path.basename(path)}); "
+        "jaxlora never unpickles (it can execute code). Expected a .safetensors "
+        "file; convert it with safetensors.torch.save_file"
+    )
 
 
 def find_pickle_beside(directory: str, stems: tuple[str, ...]) -> str | None:
@@ -71,12 +85,16 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(prefix) < 9 or prefix[8:9] != b"{":
                 if prefix.startswith((b"PK\x03\x04", b"\x80")):  # torch.save zip / raw pickle
                     refuse_pickle(path, "this file")
-                raise FormatError(f"{path}: not a safetensors file (expected an 8-byte header "
-                                  "length followed by a JSON header)")
+                raise FormatError(
+                    f"{path}: not a safetensors file (expected an 8-byte header "
+                    "length followed by a JSON header)"
+                )
             (header_len,) = struct.unpack("<Q", prefix[:8])
             if header_len > min(MAX_HEADER_BYTES, file_size - 8):
-                raise FormatError(f"{path}: not a valid safetensors file (header length "
-                                  f"{header_len} does not fit in a file of {file_size} bytes)")
+                raise FormatError(
+                    f"{path}: not a valid safetensors file (header length "
+                    f"{header_len} does not fit in a file of {file_size} bytes)"
+                )
             f.seek(8)
             raw = f.read(header_len)
     except FileNotFoundError as e:
@@ -97,18 +115,24 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             shape = tuple(int(d) for d in shape)
         except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry "
-                              "(expected dtype, shape and data_offsets)") from e
+            raise FormatError(
+                f"{path}: tensor {name!r} has a malformed header entry "
+                "(expected dtype, shape and data_offsets)"
+            ) from e
         if dtype not in ITEMSIZES:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         expected_bytes = math.prod(shape) * ITEMSIZES[dtype]
         if not 0 <= begin <= end or end - begin != expected_bytes:
-            raise FormatError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] that do "
-                              f"not match dtype {dtype} and shape {list(shape)} "
-                              f"({expected_bytes} bytes)")
+            raise FormatError(
+                f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] that do "
+                f"not match dtype {dtype} and shape {list(shape)} "
+                f"({expected_bytes} bytes)"
+            )
         if end > data_size:
-            raise FormatError(f"{path}: truncated or corrupt: tensor {name!r} ends at byte {end} "
-                              f"of the data section, which holds only {data_size} bytes")
+            raise FormatError(
+                f"{path}: truncated or corrupt: tensor {name!r} ends at byte {end} "
+                f"of the data section, which holds only {data_size} bytes"
+            )
         tensors[name] = TensorInfo(dtype=dtype, shape=shape)
     return tensors, metadata
 

@@ -23,8 +23,13 @@ CONFIG_NAME = "model_config.json"
 PARAMS_DIR = "params"
 
 
-def save_params(path: str | os.PathLike, config: ModelConfig, params: dict, *,
-                tokenizer_dir: str | os.PathLike | None = None) -> None:
+def save_params(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    params: dict,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> None:
     """Writes params (numpy or jax leaves) and the config; replaces an existing checkpoint.
 
     tokenizer_dir: a directory holding tokenizer.json (and optionally tokenizer_config.json),
@@ -57,23 +62,29 @@ def restore_params(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     config = read_hf_config(os.path.join(directory, CONFIG_NAME))
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
-        raise FormatError(f"{params_dir}: not found (expected an orbax checkpoint written by "
-                          "save_params)")
+        raise FormatError(
+            f"{params_dir}: not found (expected an orbax checkpoint written by save_params)"
+        )
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(params_dir).item_metadata
         except Exception as e:  # orbax raises assorted types for unreadable metadata
-            raise FormatError(f"{params_dir}: unreadable orbax checkpoint metadata "
-                              f"({type(e).__name__}: {e})") from e
+            raise FormatError(
+                f"{params_dir}: unreadable orbax checkpoint metadata ({type(e).__name__}: {e})"
+            ) from e
         stored = _to_plain_dict(stored)
         check_params(config, stored, source=params_dir)
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored,
-                              is_leaf=lambda m: hasattr(m, "shape"))
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+            stored,
+            is_leaf=lambda m: hasattr(m, "shape"),
+        )
         try:
             params = checkpointer.restore(params_dir, target)
         except Exception as e:
-            raise FormatError(f"{params_dir}: cannot restore params ({type(e).__name__}: {e})"
-                              ) from e
+            raise FormatError(
+                f"{params_dir}: cannot restore params ({type(e).__name__}: {e})"
+            ) from e
     return config, _to_plain_dict(params)
 
 

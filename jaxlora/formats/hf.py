@@ -103,8 +103,9 @@ def _leaf(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def _hf_shape(config: ModelConfig, path: tuple[str, ...], layer: int | None,
-              transposed: bool) -> tuple[int, ...]:
+def _hf_shape(
+    config: ModelConfig, path: tuple[str, ...], layer: int | None, transposed: bool
+) -> tuple[int, ...]:
     shape = _leaf(param_shapes(config), path)
     if layer is not None:
         shape = shape[1:]
@@ -123,8 +124,9 @@ def _flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object
 def check_params(config: ModelConfig, params: dict, source: str = "params") -> None:
     """Raises FormatError unless params has exactly the leaves and shapes the model expects."""
     if not isinstance(params, dict):
-        raise FormatError(f"{source}: expected a dict pytree of arrays, got "
-                          f"{type(params).__name__}")
+        raise FormatError(
+            f"{source}: expected a dict pytree of arrays, got {type(params).__name__}"
+        )
     expected = _flatten(param_shapes(config))
     got = _flatten(params)
     for path, shape in expected.items():
@@ -137,8 +139,10 @@ def check_params(config: ModelConfig, params: dict, source: str = "params") -> N
             raise FormatError(f"{source}: parameter {name!r} has shape {actual}; expected {shape}")
     extra = sorted("/".join(p) for p in set(got) - set(expected))
     if extra:
-        raise FormatError(f"{source}: unexpected parameters {extra} (tie_word_embeddings="
-                          f"{config.tie_word_embeddings})")
+        raise FormatError(
+            f"{source}: unexpected parameters {extra} (tie_word_embeddings="
+            f"{config.tie_word_embeddings})"
+        )
 
 
 def _weight_files(directory: str) -> tuple[dict[str, str], dict, str]:
@@ -154,27 +158,34 @@ def _weight_files(directory: str) -> tuple[dict[str, str], dict, str]:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FormatError(f"{index}: not a valid safetensors index (expected JSON with a "
-                              f"'weight_map' object): {e}") from e
+            raise FormatError(
+                f"{index}: not a valid safetensors index (expected JSON with a "
+                f"'weight_map' object): {e}"
+            ) from e
         if not isinstance(weight_map, dict):
             raise FormatError(f"{index}: field 'weight_map' must map tensor names to file names")
         files = {}
         for name, shard in weight_map.items():
             if not isinstance(shard, str) or os.path.basename(shard) != shard:
-                raise FormatError(f"{index}: weight_map[{name!r}] = {shard!r}; expected a file "
-                                  "name in the checkpoint directory")
+                raise FormatError(
+                    f"{index}: weight_map[{name!r}] = {shard!r}; expected a file "
+                    "name in the checkpoint directory"
+                )
             files[name] = os.path.join(directory, shard)
         headers = {path: _safetensors.read_header(path)[0] for path in set(files.values())}
         for name, path in files.items():
             if name not in headers[path]:
-                raise FormatError(f"{path}: tensor {name!r} listed in {INDEX_NAME} is missing "
-                                  "from this shard")
+                raise FormatError(
+                    f"{path}: tensor {name!r} listed in {INDEX_NAME} is missing from this shard"
+                )
         return files, headers, index
     pickled = _safetensors.find_pickle_beside(directory, ("pytorch_model", "model", "consolidated"))
     if pickled:
         _safetensors.refuse_pickle(pickled, "the checkpoint")
-    raise FormatError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} (expected a HF checkpoint "
-                      "directory with safetensors weights)")
+    raise FormatError(
+        f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} (expected a HF checkpoint "
+        "directory with safetensors weights)"
+    )
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[ModelConfig, dict]:
@@ -187,8 +198,10 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
     if os.path.isfile(directory):
         if directory.endswith(_safetensors.PICKLE_SUFFIXES):
             _safetensors.refuse_pickle(directory, "the checkpoint")
-        raise FormatError(f"{directory}: expected a checkpoint directory (config.json + "
-                          f"{WEIGHTS_NAME}), got a file")
+        raise FormatError(
+            f"{directory}: expected a checkpoint directory (config.json + "
+            f"{WEIGHTS_NAME}), got a file"
+        )
     config = read_hf_config(os.path.join(directory, CONFIG_NAME))
     files, headers, listing = _weight_files(directory)
     layout = list(_hf_layout(config))
@@ -200,18 +213,24 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
         info = headers[files[name]][name]
         shape = _hf_shape(config, tensor_path, layer, transposed)
         if info.shape != shape:
-            raise FormatError(f"{files[name]}: tensor {name!r} has shape {list(info.shape)}; "
-                              f"expected {list(shape)} (from {CONFIG_NAME})")
+            raise FormatError(
+                f"{files[name]}: tensor {name!r} has shape {list(info.shape)}; "
+                f"expected {list(shape)} (from {CONFIG_NAME})"
+            )
         if info.dtype not in FLOAT_DTYPES:
-            raise FormatError(f"{files[name]}: tensor {name!r} has dtype {info.dtype}; expected "
-                              f"one of {sorted(FLOAT_DTYPES)}")
+            raise FormatError(
+                f"{files[name]}: tensor {name!r} has dtype {info.dtype}; expected "
+                f"one of {sorted(FLOAT_DTYPES)}"
+            )
     tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
     for name, file in sorted(files.items()):
         if name in expected_names or name in tolerated or name.endswith(_DERIVED_TENSOR_SUFFIXES):
             continue
-        raise FormatError(f"{file}: unexpected tensor {name!r} (not part of a Llama model with "
-                          f"{config.num_layers} layers, tie_word_embeddings="
-                          f"{config.tie_word_embeddings})")
+        raise FormatError(
+            f"{file}: unexpected tensor {name!r} (not part of a Llama model with "
+            f"{config.num_layers} layers, tie_word_embeddings="
+            f"{config.tie_word_embeddings})"
+        )
 
     dtype = np.dtype(dtype)
     params = _map_shapes(param_shapes(config), lambda shape: np.empty(shape, dtype))
@@ -239,8 +258,12 @@ def _map_shapes(tree, fn):
 
 
 def _torch_dtype_name(dtype: np.dtype) -> str:
-    return {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-            "float64": "float64"}.get(np.dtype(dtype).name, "float32")
+    return {
+        "float32": "float32",
+        "float16": "float16",
+        "bfloat16": "bfloat16",
+        "float64": "float64",
+    }.get(np.dtype(dtype).name, "float32")
 
 
 def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dict) -> None:
@@ -255,8 +278,11 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dic
             value = value[layer]
         tensors[name] = np.ascontiguousarray(value.T if transposed else value)
     dtype = np.asarray(params["embed_tokens"]["embedding"]).dtype
-    hf_config = {**config.to_hf_dict(), "_name_or_path": config.name,
-                 "torch_dtype": _torch_dtype_name(dtype)}
+    hf_config = {
+        **config.to_hf_dict(),
+        "_name_or_path": config.name,
+        "torch_dtype": _torch_dtype_name(dtype),
+    }
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(hf_config, f, indent=2)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})

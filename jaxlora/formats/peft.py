@@ -63,23 +63,59 @@ UNSUPPORTED_FEATURES = {
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # Every adapter_config.json field of PEFT's LoraConfig that jaxlora has judged; an unknown field
 # that looks like a feature switch (use_*, *_config) and is set is refused rather than ignored.
-KNOWN_FIELDS = frozenset({
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-    "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
-    "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
-    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
-    "alpha_pattern", "megatron_config", "megatron_core", "trainable_token_indices",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora", "velora_config",
-    "alora_invocation_tokens", "use_qalora", "qalora_group_size", "monteclora_config",
-    "layer_replication", "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
-    "arrow_config", "kasa_config", "ensure_weight_tying",
-})
+KNOWN_FIELDS = frozenset(
+    {
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "r",
+        "target_modules",
+        "exclude_modules",
+        "lora_alpha",
+        "lora_dropout",
+        "fan_in_fan_out",
+        "bias",
+        "use_rslora",
+        "modules_to_save",
+        "init_lora_weights",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "megatron_config",
+        "megatron_core",
+        "trainable_token_indices",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "use_dora",
+        "velora_config",
+        "alora_invocation_tokens",
+        "use_qalora",
+        "qalora_group_size",
+        "monteclora_config",
+        "layer_replication",
+        "runtime_config",
+        "lora_bias",
+        "target_parameters",
+        "use_bdlora",
+        "arrow_config",
+        "kasa_config",
+        "ensure_weight_tying",
+    }
+)
 
 # Modules whose whole weight PEFT saves with the adapter (modules_to_save, resized embeddings).
 FULL_WEIGHT_MODULES = ("lm_head", "model.embed_tokens", "embed_tokens")
 
 _TENSOR_RE = re.compile(
-    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$"
+)
 
 
 def _module_key(layer: int, module: str) -> str:
@@ -97,8 +133,11 @@ def _model_module_names(config: ModelConfig) -> tuple[str, ...]:
         names += [prefix, f"{prefix}.self_attn"]
         names += [_module_key(layer, m) for m in ATTENTION_MODULES]
         names += [f"{prefix}.mlp"] + [_module_key(layer, m) for m in MODULES[4:]]
-        names += [f"{prefix}.mlp.act_fn", f"{prefix}.input_layernorm",
-                  f"{prefix}.post_attention_layernorm"]
+        names += [
+            f"{prefix}.mlp.act_fn",
+            f"{prefix}.input_layernorm",
+            f"{prefix}.post_attention_layernorm",
+        ]
     return (*names, "model.norm", "model.rotary_emb", "lm_head")
 
 
@@ -116,8 +155,9 @@ def _module_name_suffixes(config: ModelConfig) -> frozenset[str]:
 @functools.lru_cache(maxsize=8)
 def _targetable(config: ModelConfig) -> dict[str, tuple[int, str]]:
     """Module name -> (layer, module) for the seven LoRA-able linears of every layer."""
-    return {_module_key(layer, m): (layer, m)
-            for layer in range(config.num_layers) for m in MODULES}
+    return {
+        _module_key(layer, m): (layer, m) for layer in range(config.num_layers) for m in MODULES
+    }
 
 
 def _matches_target(targets, layers, layers_pattern, key: str) -> bool:
@@ -160,13 +200,16 @@ def _hashable(value):
 
 
 @functools.lru_cache(maxsize=256)
-def _matched_modules(config: ModelConfig, targets, exclude, layers, layers_pattern
-                     ) -> tuple[str, ...]:
+def _matched_modules(
+    config: ModelConfig, targets, exclude, layers, layers_pattern
+) -> tuple[str, ...]:
     """Names of the modules PEFT would put LoRA on. Cached: adapters of one fleet usually share
     their targeting settings, and registering thousands of adapters must take seconds."""
-    return tuple(key for key in _model_module_names(config)
-                 if not _excluded(exclude, key)
-                 and _matches_target(targets, layers, layers_pattern, key))
+    return tuple(
+        key
+        for key in _model_module_names(config)
+        if not _excluded(exclude, key) and _matches_target(targets, layers, layers_pattern, key)
+    )
 
 
 def _pattern_key(patterns: dict, key: str) -> str | None:
@@ -210,8 +253,10 @@ def _adapter_paths(path: str) -> tuple[str, str, str]:
     if os.path.isfile(directory):
         if directory.endswith(_safetensors.PICKLE_SUFFIXES):
             _safetensors.refuse_pickle(directory, "the adapter")
-        raise FormatError(f"{directory}: expected an adapter directory ({CONFIG_NAME} + "
-                          f"{WEIGHTS_NAME}), got a file")
+        raise FormatError(
+            f"{directory}: expected an adapter directory ({CONFIG_NAME} + "
+            f"{WEIGHTS_NAME}), got a file"
+        )
     if not os.path.isdir(directory):
         raise FormatError(f"{directory}: adapter directory not found")
     config_file = os.path.join(directory, CONFIG_NAME)
@@ -222,8 +267,9 @@ def _adapter_paths(path: str) -> tuple[str, str, str]:
         pickled = _safetensors.find_pickle_beside(directory, ("adapter_model",))
         if pickled:
             _safetensors.refuse_pickle(pickled, "the adapter weights file")
-        raise FormatError(f"{weights_file}: file not found (expected the adapter's safetensors "
-                          "weights)")
+        raise FormatError(
+            f"{weights_file}: file not found (expected the adapter's safetensors weights)"
+        )
     return directory, config_file, weights_file
 
 
@@ -243,8 +289,7 @@ def _is_positive_int(value) -> bool:
 
 
 def _is_finite_number(value) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_config(cfg: dict, config_file: str) -> dict:
@@ -254,49 +299,63 @@ def _check_config(cfg: dict, config_file: str) -> dict:
         raise AdapterError(f"{config_file}: field 'peft_type' is {peft_type!r}; expected 'LORA'")
     for field, feature in UNSUPPORTED_FEATURES.items():
         if cfg.get(field):
-            raise AdapterError(f"{config_file}: field {field!r} is {cfg[field]!r}: {feature} is "
-                               "not supported; expected it unset (null/false)")
+            raise AdapterError(
+                f"{config_file}: field {field!r} is {cfg[field]!r}: {feature} is "
+                "not supported; expected it unset (null/false)"
+            )
     for field, value in cfg.items():
         looks_like_feature = field.startswith("use_") or field.endswith("_config")
         if field not in KNOWN_FIELDS and value and looks_like_feature:
-            raise AdapterError(f"{config_file}: field {field!r} is {value!r}: an unknown PEFT "
-                               "feature, not supported; expected it unset (null/false)")
+            raise AdapterError(
+                f"{config_file}: field {field!r} is {value!r}: an unknown PEFT "
+                "feature, not supported; expected it unset (null/false)"
+            )
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
-        raise AdapterError(f"{config_file}: field 'init_lora_weights' is {init!r}: this "
-                           "initialisation modifies the base weights, so the adapter only works "
-                           "with its own base model; expected an adapter converted at save time "
-                           "(init_lora_weights true)")
+        raise AdapterError(
+            f"{config_file}: field 'init_lora_weights' is {init!r}: this "
+            "initialisation modifies the base weights, so the adapter only works "
+            "with its own base model; expected an adapter converted at save time "
+            "(init_lora_weights true)"
+        )
     bias = cfg.get("bias", "none")
     if bias != "none":
-        raise AdapterError(f"{config_file}: field 'bias' is {bias!r}: adapters with biases are "
-                           "not supported; expected 'none'")
+        raise AdapterError(
+            f"{config_file}: field 'bias' is {bias!r}: adapters with biases are "
+            "not supported; expected 'none'"
+        )
     r = cfg.get("r")
     if not _is_positive_int(r):
         raise FormatError(f"{config_file}: field 'r' is {r!r}; expected a positive int")
     alpha = cfg.get("lora_alpha", 8)
     if not _is_finite_number(alpha):
-        raise FormatError(f"{config_file}: field 'lora_alpha' is {alpha!r}; expected a finite "
-                          "number")
+        raise FormatError(
+            f"{config_file}: field 'lora_alpha' is {alpha!r}; expected a finite number"
+        )
     use_rslora = cfg.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise FormatError(f"{config_file}: field 'use_rslora' is {use_rslora!r}; expected a bool")
     for field, valid, expected in (
-            ("rank_pattern", _is_positive_int, "a positive int"),
-            ("alpha_pattern", _is_finite_number, "a finite number")):
+        ("rank_pattern", _is_positive_int, "a positive int"),
+        ("alpha_pattern", _is_finite_number, "a finite number"),
+    ):
         patterns = cfg.get(field) or {}
         if not isinstance(patterns, dict):
-            raise FormatError(f"{config_file}: field {field!r} must be an object mapping module "
-                              f"name patterns to values, got {patterns!r}")
+            raise FormatError(
+                f"{config_file}: field {field!r} must be an object mapping module "
+                f"name patterns to values, got {patterns!r}"
+            )
         for key, value in patterns.items():
             if not valid(value):
-                raise FormatError(f"{config_file}: {field}[{key!r}] is {value!r}; expected "
-                                  f"{expected}")
+                raise FormatError(
+                    f"{config_file}: {field}[{key!r}] is {value!r}; expected {expected}"
+                )
             try:
                 re.compile(key)
             except re.error as e:
-                raise FormatError(f"{config_file}: {field} key {key!r} is not a valid regex "
-                                  f"({e})") from e
+                raise FormatError(
+                    f"{config_file}: {field} key {key!r} is not a valid regex ({e})"
+                ) from e
     targets = cfg.get("target_modules")
     if targets is None:
         targets = frozenset(DEFAULT_TARGETS)
@@ -307,29 +366,46 @@ def _check_config(cfg: dict, config_file: str) -> dict:
             try:
                 re.compile(targets)
             except re.error as e:
-                raise FormatError(f"{config_file}: field 'target_modules' {targets!r} is not a "
-                                  f"valid regex ({e})") from e
+                raise FormatError(
+                    f"{config_file}: field 'target_modules' {targets!r} is not a valid regex ({e})"
+                ) from e
     elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         targets = frozenset(targets)
     else:
-        raise FormatError(f"{config_file}: field 'target_modules' is {targets!r}; expected a list "
-                          "of module names, a regex string or 'all-linear'")
+        raise FormatError(
+            f"{config_file}: field 'target_modules' is {targets!r}; expected a list "
+            "of module names, a regex string or 'all-linear'"
+        )
     for field in ("exclude_modules", "layers_pattern"):
         value = cfg.get(field)
-        if not (value is None or isinstance(value, str)
-                or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
-            raise FormatError(f"{config_file}: field {field!r} is {value!r}; expected a string, "
-                              "a list of strings or null")
+        if not (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise FormatError(
+                f"{config_file}: field {field!r} is {value!r}; expected a string, "
+                "a list of strings or null"
+            )
     layers = cfg.get("layers_to_transform")
-    if not (layers is None or (isinstance(layers, int) and not isinstance(layers, bool))
-            or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))):
-        raise FormatError(f"{config_file}: field 'layers_to_transform' is {layers!r}; expected "
-                          "an int, a list of ints or null")
-    return {**cfg, "target_modules": targets,
-            "target_modules_as_written": cfg.get("target_modules"),
-            "lora_alpha": alpha, "use_rslora": use_rslora,
-            "rank_pattern": cfg.get("rank_pattern") or {},
-            "alpha_pattern": cfg.get("alpha_pattern") or {}}
+    if not (
+        layers is None
+        or (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
+    ):
+        raise FormatError(
+            f"{config_file}: field 'layers_to_transform' is {layers!r}; expected "
+            "an int, a list of ints or null"
+        )
+    return {
+        **cfg,
+        "target_modules": targets,
+        "target_modules_as_written": cfg.get("target_modules"),
+        "lora_alpha": alpha,
+        "use_rslora": use_rslora,
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": cfg.get("alpha_pattern") or {},
+    }
 
 
 def _resolve_targets(cfg: dict, config: ModelConfig, config_file: str) -> dict[str, tuple]:
@@ -339,53 +415,72 @@ def _resolve_targets(cfg: dict, config: ModelConfig, config_file: str) -> dict[s
         cfg["target_modules"] = frozenset(targetable)
     exclude = cfg.get("exclude_modules")
     matched = _matched_modules(
-        config, cfg["target_modules"],
+        config,
+        cfg["target_modules"],
         frozenset(exclude) if isinstance(exclude, list) else exclude,
-        _hashable(cfg.get("layers_to_transform")), _hashable(cfg.get("layers_pattern")))
+        _hashable(cfg.get("layers_to_transform")),
+        _hashable(cfg.get("layers_pattern")),
+    )
     allowed = ", ".join(MODULES)
     for key in matched:
         if key in ("model.embed_tokens", "lm_head"):
-            raise AdapterError(f"{config_file}: field 'target_modules' selects {key!r}: LoRA on "
-                               f"embeddings / lm_head is not supported; expected only {allowed}")
+            raise AdapterError(
+                f"{config_file}: field 'target_modules' selects {key!r}: LoRA on "
+                f"embeddings / lm_head is not supported; expected only {allowed}"
+            )
         if key not in targetable:
-            raise AdapterError(f"{config_file}: field 'target_modules' selects module {key!r}, "
-                               f"which is not a LoRA-able linear; expected only {allowed}")
+            raise AdapterError(
+                f"{config_file}: field 'target_modules' selects module {key!r}, "
+                f"which is not a LoRA-able linear; expected only {allowed}"
+            )
     targets = cfg["target_modules"]
     if isinstance(targets, frozenset):
         for target in sorted(targets - _module_name_suffixes(config)):
-            raise FormatError(f"{config_file}: target_modules entry {target!r} names no module "
-                              f"of the base model; expected one of {allowed} (or a full "
-                              "module name)")
+            raise FormatError(
+                f"{config_file}: target_modules entry {target!r} names no module "
+                f"of the base model; expected one of {allowed} (or a full "
+                "module name)"
+            )
     if not matched:
-        raise FormatError(f"{config_file}: field 'target_modules' "
-                          f"({cfg['target_modules_as_written']!r}) selects no module "
-                          f"of the base model ({config.num_layers} layers); expected {allowed}")
+        raise FormatError(
+            f"{config_file}: field 'target_modules' "
+            f"({cfg['target_modules_as_written']!r}) selects no module "
+            f"of the base model ({config.num_layers} layers); expected {allowed}"
+        )
     return {key: targetable[key] for key in matched}
 
 
 def _parse_tensor_name(name: str, weights_file: str, targetable: dict) -> tuple[str, str]:
     """(module name, 'lora_A' | 'lora_B') of a PEFT tensor name, or a clear error."""
-    supported = (f"{TENSOR_PREFIX}model.layers.<i>.<self_attn|mlp>.<module>.<lora_A|lora_B>"
-                 ".weight")
+    supported = f"{TENSOR_PREFIX}model.layers.<i>.<self_attn|mlp>.<module>.<lora_A|lora_B>.weight"
     if "lora_magnitude_vector" in name:
-        raise AdapterError(f"{weights_file}: tensor {name!r} is a DoRA magnitude vector; DoRA is "
-                           "not supported")
+        raise AdapterError(
+            f"{weights_file}: tensor {name!r} is a DoRA magnitude vector; DoRA is not supported"
+        )
     if "lora_embedding_" in name or "trainable_tokens" in name:
-        raise AdapterError(f"{weights_file}: tensor {name!r} is an embedding update; LoRA on "
-                           "embeddings is not supported")
+        raise AdapterError(
+            f"{weights_file}: tensor {name!r} is an embedding update; LoRA on "
+            "embeddings is not supported"
+        )
     if "modules_to_save" in name:
-        raise AdapterError(f"{weights_file}: tensor {name!r} belongs to modules_to_save; fully "
-                           "fine-tuned modules are not supported")
+        raise AdapterError(
+            f"{weights_file}: tensor {name!r} belongs to modules_to_save; fully "
+            "fine-tuned modules are not supported"
+        )
     if name.endswith(".bias"):
-        raise AdapterError(f"{weights_file}: tensor {name!r} is a bias; adapters with biases are "
-                           "not supported")
-    match = _TENSOR_RE.match(name[len(TENSOR_PREFIX):]) if name.startswith(TENSOR_PREFIX) else None
+        raise AdapterError(
+            f"{weights_file}: tensor {name!r} is a bias; adapters with biases are not supported"
+        )
+    match = _TENSOR_RE.match(name[len(TENSOR_PREFIX) :]) if name.startswith(TENSOR_PREFIX) else None
     if match is None:
         if name.removeprefix(TENSOR_PREFIX).removesuffix(".weight") in FULL_WEIGHT_MODULES:
-            raise AdapterError(f"{weights_file}: tensor {name!r} is a full module weight "
-                               "(modules_to_save or saved embedding layers); not supported")
-        raise FormatError(f"{weights_file}: unknown tensor {name!r}; expected names like "
-                          f"{supported}")
+            raise AdapterError(
+                f"{weights_file}: tensor {name!r} is a full module weight "
+                "(modules_to_save or saved embedding layers); not supported"
+            )
+        raise FormatError(
+            f"{weights_file}: unknown tensor {name!r}; expected names like {supported}"
+        )
     module = match.group("module")
     if module not in targetable and f"model.{module}" in targetable:
         module = f"model.{module}"  # saved from a bare LlamaModel rather than LlamaForCausalLM
@@ -393,15 +488,21 @@ def _parse_tensor_name(name: str, weights_file: str, targetable: dict) -> tuple[
         layer = re.match(r"model\.layers\.(\d+)\.", module)
         n_layers = 1 + max(layer for layer, _ in targetable.values())
         if layer and int(layer.group(1)) >= n_layers:
-            raise FormatError(f"{weights_file}: tensor {name!r} is for layer {layer.group(1)}, "
-                              f"but the base model has {n_layers} layers (expected layer indices "
-                              f"0..{n_layers - 1}): the adapter belongs to another model")
+            raise FormatError(
+                f"{weights_file}: tensor {name!r} is for layer {layer.group(1)}, "
+                f"but the base model has {n_layers} layers (expected layer indices "
+                f"0..{n_layers - 1}): the adapter belongs to another model"
+            )
         if module.endswith(("embed_tokens", "lm_head")):
-            raise AdapterError(f"{weights_file}: tensor {name!r} is LoRA on {module!r}; LoRA on "
-                               "embeddings / lm_head is not supported")
-        raise FormatError(f"{weights_file}: tensor {name!r} targets module {module!r}, which is "
-                          f"not a LoRA-able linear of the base model; expected names like "
-                          f"{supported} with <module> in {', '.join(MODULES)}")
+            raise AdapterError(
+                f"{weights_file}: tensor {name!r} is LoRA on {module!r}; LoRA on "
+                "embeddings / lm_head is not supported"
+            )
+        raise FormatError(
+            f"{weights_file}: tensor {name!r} targets module {module!r}, which is "
+            f"not a LoRA-able linear of the base model; expected names like "
+            f"{supported} with <module> in {', '.join(MODULES)}"
+        )
     return module, match.group("kind")
 
 
@@ -413,8 +514,14 @@ def _module_scale(layer_ranks: list[int], layer_scales: list[float]) -> float:
     return (full or [s for s in layer_scales if s] or [0.0])[0]
 
 
-def read_peft_adapter_spec(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
-                           name: str | None = None, dtype=np.float32) -> AdapterSpec:
+def read_peft_adapter_spec(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    *,
+    max_rank: int,
+    name: str | None = None,
+    dtype=np.float32,
+) -> AdapterSpec:
     """Validates a PEFT adapter against the base model without reading its weights."""
     directory, config_file, weights_file = _adapter_paths(path)
     cfg = _check_config(_read_config(config_file), config_file)
@@ -429,11 +536,14 @@ def read_peft_adapter_spec(path: str | os.PathLike, config: ModelConfig, *, max_
         alpha = cfg["alpha_pattern"][alpha_key] if alpha_key is not None else cfg["lora_alpha"]
         if rank > max_rank:
             field = f"rank_pattern[{rank_key!r}]" if rank_key is not None else "r"
-            raise AdapterError(f"{config_file}: field {field} gives module {key!r} rank {rank}; "
-                               f"expected at most max_rank={max_rank}")
+            raise AdapterError(
+                f"{config_file}: field {field} gives module {key!r} rank {rank}; "
+                f"expected at most max_rank={max_rank}"
+            )
         layer_ranks.setdefault(module, [0] * n_layers)[layer] = rank
         layer_scales.setdefault(module, [0.0] * n_layers)[layer] = (
-            alpha / math.sqrt(rank) if cfg["use_rslora"] else alpha / rank)
+            alpha / math.sqrt(rank) if cfg["use_rslora"] else alpha / rank
+        )
 
     header, _ = _safetensors.read_header(weights_file)
     targetable = _targetable(config)
@@ -442,11 +552,15 @@ def read_peft_adapter_spec(path: str | os.PathLike, config: ModelConfig, *, max_
         key, kind = _parse_tensor_name(tensor, weights_file, targetable)
         if key not in selected:
             written = cfg["target_modules_as_written"]
-            raise FormatError(f"{weights_file}: unexpected tensor {tensor!r}: module {key!r} is "
-                              f"not selected by target_modules={written!r} in {CONFIG_NAME}")
+            raise FormatError(
+                f"{weights_file}: unexpected tensor {tensor!r}: module {key!r} is "
+                f"not selected by target_modules={written!r} in {CONFIG_NAME}"
+            )
         if (key, kind) in found:
-            raise FormatError(f"{weights_file}: tensors {found[key, kind]!r} and {tensor!r} are "
-                              "both the same LoRA factor (one adapter per file expected)")
+            raise FormatError(
+                f"{weights_file}: tensors {found[key, kind]!r} and {tensor!r} are "
+                "both the same LoRA factor (one adapter per file expected)"
+            )
         found[key, kind] = tensor
 
     shapes = config.module_shapes()
@@ -458,17 +572,23 @@ def read_peft_adapter_spec(path: str | os.PathLike, config: ModelConfig, *, max_
         for kind, expected in (("lora_A", (rank, fan_in)), ("lora_B", (fan_out, rank))):
             tensor = found.get((key, kind))
             if tensor is None:
-                raise FormatError(f"{weights_file}: missing tensor "
-                                  f"'{TENSOR_PREFIX}{key}.{kind}.weight' (expected shape "
-                                  f"{list(expected)}; module selected by {CONFIG_NAME})")
+                raise FormatError(
+                    f"{weights_file}: missing tensor "
+                    f"'{TENSOR_PREFIX}{key}.{kind}.weight' (expected shape "
+                    f"{list(expected)}; module selected by {CONFIG_NAME})"
+                )
             info = header[tensor]
             if info.shape != expected:
-                raise FormatError(f"{weights_file}: tensor {tensor!r} has shape "
-                                  f"{list(info.shape)}; expected {list(expected)} (rank {rank}, "
-                                  f"{module} is {fan_in} -> {fan_out})")
+                raise FormatError(
+                    f"{weights_file}: tensor {tensor!r} has shape "
+                    f"{list(info.shape)}; expected {list(expected)} (rank {rank}, "
+                    f"{module} is {fan_in} -> {fan_out})"
+                )
             if info.dtype not in FLOAT_DTYPES:
-                raise FormatError(f"{weights_file}: tensor {tensor!r} has dtype {info.dtype}; "
-                                  f"expected one of {sorted(FLOAT_DTYPES)}")
+                raise FormatError(
+                    f"{weights_file}: tensor {tensor!r} has dtype {info.dtype}; "
+                    f"expected one of {sorted(FLOAT_DTYPES)}"
+                )
             names.append(tensor)
         tensors[module][layer] = (names[0], names[1])
 
@@ -478,16 +598,29 @@ def read_peft_adapter_spec(path: str | os.PathLike, config: ModelConfig, *, max_
     itemsize = np.dtype(dtype).itemsize
     nbytes = sum(n_layers * ranks[m] * sum(shapes[m]) * itemsize for m in target_modules)
     return AdapterSpec(
-        path=directory, name=name or os.path.basename(os.path.normpath(directory)),
-        weights_file=weights_file, target_modules=target_modules, ranks=ranks, scales=scales,
+        path=directory,
+        name=name or os.path.basename(os.path.normpath(directory)),
+        weights_file=weights_file,
+        target_modules=target_modules,
+        ranks=ranks,
+        scales=scales,
         layer_ranks={m: tuple(layer_ranks[m]) for m in target_modules},
         layer_scales={m: tuple(layer_scales[m]) for m in target_modules},
         tensors={m: tuple(tensors[m]) for m in target_modules},
-        use_rslora=cfg["use_rslora"], dtype=np.dtype(dtype).name, nbytes=nbytes)
+        use_rslora=cfg["use_rslora"],
+        dtype=np.dtype(dtype).name,
+        nbytes=nbytes,
+    )
 
 
-def load_peft_adapter(path: str | os.PathLike, config: ModelConfig, *, max_rank: int,
-                      name: str | None = None, dtype=np.float32) -> LoraWeights:
+def load_peft_adapter(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    *,
+    max_rank: int,
+    name: str | None = None,
+    dtype=np.float32,
+) -> LoraWeights:
     """Loads a PEFT adapter as rank-rows: a[m] (L, r_m, in_m), b[m] (L, r_m, out_m)."""
     spec = read_peft_adapter_spec(path, config, max_rank=max_rank, name=name, dtype=dtype)
     names = [n for m in spec.target_modules for pair in spec.tensors[m] if pair for n in pair]
@@ -514,22 +647,32 @@ def _check_weights(weights: LoraWeights, config: ModelConfig) -> None:
     shapes = config.module_shapes()
     for m in weights.a:
         if m not in shapes:
-            raise AdapterError(f"adapter {weights.name!r}: module {m!r} is not LoRA-able; "
-                               f"expected one of {', '.join(MODULES)}")
+            raise AdapterError(
+                f"adapter {weights.name!r}: module {m!r} is not LoRA-able; "
+                f"expected one of {', '.join(MODULES)}"
+            )
         if m not in weights.b or m not in weights.scales:
-            raise AdapterError(f"adapter {weights.name!r}: module {m!r} has A rows but no B rows "
-                               "or no scale")
+            raise AdapterError(
+                f"adapter {weights.name!r}: module {m!r} has A rows but no B rows or no scale"
+            )
         fan_in, fan_out = shapes[m]
         rank = weights.a[m].shape[1] if weights.a[m].ndim == 3 else -1
         for factor, array, width in (("a", weights.a[m], fan_in), ("b", weights.b[m], fan_out)):
             expected = (config.num_layers, rank, width)
             if array.shape != expected or rank <= 0:
-                raise AdapterError(f"adapter {weights.name!r}: {factor}[{m!r}] has shape "
-                                   f"{array.shape}; expected {expected}")
+                raise AdapterError(
+                    f"adapter {weights.name!r}: {factor}[{m!r}] has shape "
+                    f"{array.shape}; expected {expected}"
+                )
 
 
-def save_peft_adapter(path: str | os.PathLike, weights: LoraWeights, config: ModelConfig, *,
-                      alpha: float | None = None) -> str:
+def save_peft_adapter(
+    path: str | os.PathLike,
+    weights: LoraWeights,
+    config: ModelConfig,
+    *,
+    alpha: float | None = None,
+) -> str:
     """Writes a PEFT-loadable adapter directory; returns its path.
 
     alpha=None: each module's lora_alpha is scales[m] * r_m (alpha_pattern where modules differ).
@@ -563,12 +706,23 @@ def save_peft_adapter(path: str | os.PathLike, weights: LoraWeights, config: Mod
             tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(weights.a[m][layer])
             tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b_rows.T)
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": config.name,
-        "r": top_rank, "lora_alpha": lora_alpha, "target_modules": modules,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": config.name,
+        "r": top_rank,
+        "lora_alpha": lora_alpha,
+        "target_modules": modules,
         "rank_pattern": {m: r for m, r in ranks.items() if r != top_rank},
-        "alpha_pattern": alpha_pattern, "use_rslora": False, "use_dora": False, "bias": "none",
-        "modules_to_save": None, "lora_dropout": 0.0, "fan_in_fan_out": False,
-        "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": False,
+        "use_dora": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "init_lora_weights": True,
         "inference_mode": True,
     }
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:

@@ -32,8 +32,15 @@ print(json.dumps({"torch": torch.__version__, "transformers": transformers.__ver
 """
 
 
-def check_peft_export(base_dir: str, work_dir: str, *, peft_python: str = sys.executable,
-                      rank: int = 4, steps: int = 20, seed: int = 0) -> dict:
+def check_peft_export(
+    base_dir: str,
+    work_dir: str,
+    *,
+    peft_python: str = sys.executable,
+    rank: int = 4,
+    steps: int = 20,
+    seed: int = 0,
+) -> dict:
     """Trains an adapter on the HF checkpoint at base_dir with jaxlora (q, v, o, gate, down;
     alpha != rank so the scale matters), exports it in PEFT format under work_dir, and compares
     PEFT's logits with jaxlora's on random prompts. Returns the relative error and versions."""
@@ -48,29 +55,47 @@ def check_peft_export(base_dir: str, work_dir: str, *, peft_python: str = sys.ex
 
     config, params = load_hf_checkpoint(base_dir)
     rng = np.random.default_rng(seed)
-    examples = [(rng.integers(3, config.vocab_size, 6).tolist(),
-                 rng.integers(3, config.vocab_size, 4).tolist()) for _ in range(4)]
-    weights = train_adapter(config, params, examples, rank=rank, alpha=3.0 * rank,
-                            target_modules=("q_proj", "v_proj", "o_proj", "gate_proj",
-                                            "down_proj"),
-                            steps=steps, learning_rate=5e-2, seed=seed, name="exported")
+    examples = [
+        (
+            rng.integers(3, config.vocab_size, 6).tolist(),
+            rng.integers(3, config.vocab_size, 4).tolist(),
+        )
+        for _ in range(4)
+    ]
+    weights = train_adapter(
+        config,
+        params,
+        examples,
+        rank=rank,
+        alpha=3.0 * rank,
+        target_modules=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"),
+        steps=steps,
+        learning_rate=5e-2,
+        seed=seed,
+        name="exported",
+    )
     adapter_dir = save_peft_adapter(os.path.join(work_dir, "exported"), weights, config)
     ids = rng.integers(3, config.vocab_size, (3, 12)).astype(np.int32)
-    pool = LoraPoolConfig(max_rank=max(16, rank), rows_per_page=16, pages_per_pool=16,
-                          max_slots=1)
+    pool = LoraPoolConfig(max_rank=max(16, rank), rows_per_page=16, pages_per_pool=16, max_slots=1)
     lora = pack_adapters(config, [weights], pool).with_tokens(jnp.zeros(ids.shape, jnp.int32))
     ours = np.asarray(Llama(config).apply({"params": params}, jnp.asarray(ids), lora=lora))
     base = np.asarray(Llama(config).apply({"params": params}, jnp.asarray(ids)))
     ids_path = os.path.join(work_dir, "ids.npy")
     out_path = os.path.join(work_dir, "peft_logits.npy")
     np.save(ids_path, ids)
-    run = subprocess.run([peft_python, "-c", PEFT_SIDE, base_dir, adapter_dir, ids_path,
-                          out_path], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [peft_python, "-c", PEFT_SIDE, base_dir, adapter_dir, ids_path, out_path],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if run.returncode != 0:
         raise RuntimeError(f"the PEFT side failed ({peft_python}):\n{run.stderr[-3000:]}")
     theirs = np.load(out_path)
     scale = float(np.abs(theirs).max())
-    return {"relative_error": float(np.abs(ours - theirs).max()) / scale,
-            "adapter_effect": float(np.abs(ours - base).max()) / scale,
-            "adapter_dir": adapter_dir,
-            "versions": json.loads(run.stdout.strip().splitlines()[-1])}
+    return {
+        "relative_error": float(np.abs(ours - theirs).max()) / scale,
+        "adapter_effect": float(np.abs(ours - base).max()) / scale,
+        "adapter_dir": adapter_dir,
+        "versions": json.loads(run.stdout.strip().splitlines()[-1]),
+    }

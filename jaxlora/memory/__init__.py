@@ -19,8 +19,20 @@ from jaxlora.memory.store import (
 )
 
 __all__ = [
-    "AdapterEntry", "AdapterFootprint", "AdapterHandle", "AdapterManager",
-    "AdapterManagerConfig", "AdapterStore", "AdapterStoreConfig", "ManagerStats",
-    "PackedAdapter", "PageAllocator", "PageAllocatorError", "PoolUsage", "RegistrationReport",
-    "ResidentInfo", "StoreStats", "pack_weights",
+    "AdapterEntry",
+    "AdapterFootprint",
+    "AdapterHandle",
+    "AdapterManager",
+    "AdapterManagerConfig",
+    "AdapterStore",
+    "AdapterStoreConfig",
+    "ManagerStats",
+    "PackedAdapter",
+    "PageAllocator",
+    "PageAllocatorError",
+    "PoolUsage",
+    "RegistrationReport",
+    "ResidentInfo",
+    "StoreStats",
+    "pack_weights",
 ]

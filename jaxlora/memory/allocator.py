@@ -44,8 +44,9 @@ class PageAllocator:
 
     def __init__(self, num_pages: int, *, name: str = "pool"):
         if not isinstance(num_pages, int) or num_pages <= 0:
-            raise PageAllocatorError(f"page allocator {name!r}: num_pages must be a positive int, "
-                                     f"got {num_pages!r}")
+            raise PageAllocatorError(
+                f"page allocator {name!r}: num_pages must be a positive int, got {num_pages!r}"
+            )
         self.name = name
         self.num_pages = num_pages
         # Popping from the end hands out page 0 first on a fresh pool.
@@ -70,14 +71,16 @@ class PageAllocator:
     def allocate(self, n: int) -> list[int]:
         """Takes n free pages, all or none; raises PoolExhaustedError when fewer are free."""
         if not isinstance(n, int) or n < 0:
-            raise PageAllocatorError(f"page allocator {self.name!r}: allocate(n) needs an int "
-                                     f"n >= 0, got {n!r}")
+            raise PageAllocatorError(
+                f"page allocator {self.name!r}: allocate(n) needs an int n >= 0, got {n!r}"
+            )
         with self._lock:
             if n > len(self._free):
                 self._failed_allocations += 1
                 raise PoolExhaustedError(
                     f"page pool {self.name!r}: {n} pages requested, {len(self._free)} of "
-                    f"{self.num_pages} free")
+                    f"{self.num_pages} free"
+                )
             if n == 0:
                 return []
             pages = self._free[-n:]
@@ -97,8 +100,9 @@ class PageAllocator:
             seen = set()
             for page in pages:
                 if not self._allocated[page] or page in seen:
-                    raise PageAllocatorError(f"page pool {self.name!r}: page {page} is not "
-                                             "allocated (double free?)")
+                    raise PageAllocatorError(
+                        f"page pool {self.name!r}: page {page} is not allocated (double free?)"
+                    )
                 seen.add(page)
             for page in reversed(pages):
                 self._allocated[page] = 0
@@ -113,8 +117,9 @@ class PageAllocator:
         except TypeError:
             page_id = -1
         if not 0 <= page_id < self.num_pages:
-            raise PageAllocatorError(f"page pool {self.name!r}: page id {page!r} is not in "
-                                     f"0..{self.num_pages - 1}")
+            raise PageAllocatorError(
+                f"page pool {self.name!r}: page id {page!r} is not in 0..{self.num_pages - 1}"
+            )
         return page_id
 
     def allocated_pages(self) -> set[int]:
@@ -124,7 +129,11 @@ class PageAllocator:
     def usage(self) -> PoolUsage:
         with self._lock:
             used = self.num_pages - len(self._free)
-            return PoolUsage(num_pages=self.num_pages, used_pages=used,
-                             free_pages=len(self._free), peak_used_pages=self._peak_used,
-                             allocations=self._allocations,
-                             failed_allocations=self._failed_allocations)
+            return PoolUsage(
+                num_pages=self.num_pages,
+                used_pages=used,
+                free_pages=len(self._free),
+                peak_used_pages=self._peak_used,
+                allocations=self._allocations,
+                failed_allocations=self._failed_allocations,
+            )

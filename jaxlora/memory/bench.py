@@ -50,7 +50,8 @@ def measure_transfers(nbytes: int, repeats: int = 5) -> dict:
         "numpy_to_device": _seconds(lambda: jax.device_put(host, to_device), repeats),
         "numpy_to_pinned": _seconds(lambda: jax.device_put(host, pinned), repeats),
         "numpy_via_pinned_to_device": _seconds(
-            lambda: jax.device_put(jax.device_put(host, pinned), to_device), repeats),
+            lambda: jax.device_put(jax.device_put(host, pinned), to_device), repeats
+        ),
         "pinned_to_device": _seconds(lambda: jax.device_put(on_pinned, to_device), repeats),
     }
     # How long the dispatching thread is held by a device_put of numpy (asynchronous or not).
@@ -58,10 +59,12 @@ def measure_transfers(nbytes: int, repeats: int = 5) -> dict:
     array = jax.device_put(host, to_device)
     dispatch = time.perf_counter() - start
     array.block_until_ready()
-    return {"bytes": nbytes,
-            **{f"{k}_GBps": round(nbytes / min(v) / 1e9, 2) for k, v in results.items()},
-            **{f"{k}_ms": round(min(v) * 1e3, 3) for k, v in results.items()},
-            "numpy_to_device_dispatch_ms": round(dispatch * 1e3, 3)}
+    return {
+        "bytes": nbytes,
+        **{f"{k}_GBps": round(nbytes / min(v) / 1e9, 2) for k, v in results.items()},
+        **{f"{k}_ms": round(min(v) * 1e3, 3) for k, v in results.items()},
+        "numpy_to_device_dispatch_ms": round(dispatch * 1e3, 3),
+    }
 
 
 def random_adapter(config: ModelConfig, rank: int, seed: int) -> LoraWeights:
@@ -71,21 +74,36 @@ def random_adapter(config: ModelConfig, rank: int, seed: int) -> LoraWeights:
     def rows(width):
         return rng.random((config.num_layers, rank, width), np.float32).astype(jnp.bfloat16)
 
-    return LoraWeights(name=f"bench{seed}", a={m: rows(shapes[m][0]) for m in MODULES},
-                       b={m: rows(shapes[m][1]) for m in MODULES},
-                       scales=dict.fromkeys(MODULES, 2.0))
+    return LoraWeights(
+        name=f"bench{seed}",
+        a={m: rows(shapes[m][0]) for m in MODULES},
+        b={m: rows(shapes[m][1]) for m in MODULES},
+        scales=dict.fromkeys(MODULES, 2.0),
+    )
 
 
-def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int,
-                    host_memory_kind: str | None, max_in_flight: int) -> dict:
+def measure_manager(
+    config: ModelConfig,
+    rank: int,
+    adapters: int,
+    steps: int,
+    host_memory_kind: str | None,
+    max_in_flight: int,
+) -> dict:
     rows_per_page = 16
     per_adapter = 7 * -(-rank // rows_per_page)  # embed pages of an all-module adapter
-    pool = LoraPoolConfig(max_rank=max(rank, rows_per_page), rows_per_page=rows_per_page,
-                          pages_per_pool=per_adapter * (adapters + 1), max_slots=adapters)
-    store = AdapterStore(config, pool, AdapterStoreConfig(dtype="bfloat16",
-                                                          host_memory_kind=host_memory_kind))
-    manager = AdapterManager(store, AdapterManagerConfig(
-        load_workers=0, max_copy_bytes_in_flight=max_in_flight))
+    pool = LoraPoolConfig(
+        max_rank=max(rank, rows_per_page),
+        rows_per_page=rows_per_page,
+        pages_per_pool=per_adapter * (adapters + 1),
+        max_slots=adapters,
+    )
+    store = AdapterStore(
+        config, pool, AdapterStoreConfig(dtype="bfloat16", host_memory_kind=host_memory_kind)
+    )
+    manager = AdapterManager(
+        store, AdapterManagerConfig(load_workers=0, max_copy_bytes_in_flight=max_in_flight)
+    )
     names = [f"a{i}" for i in range(adapters)]
     for i, name in enumerate(names):
         manager.register(name, random_adapter(config, rank, i))
@@ -151,7 +169,9 @@ def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int,
     quiet, busy = run_steps(0), run_steps(2)
     stats = manager.stats()
     return {
-        "model": config.name, "rank": rank, "adapter_bytes": nbytes,
+        "model": config.name,
+        "rank": rank,
+        "adapter_bytes": nbytes,
         "host_memory_kind": host_memory_kind,
         "cold_acquire_to_ready_ms": [round(t * 1e3, 2) for t in cold],
         "cold_GBps_median": round(nbytes / statistics.median(cold) / 1e9, 2),
@@ -161,7 +181,8 @@ def measure_manager(config: ModelConfig, rank: int, adapters: int, steps: int,
         "step_ms_no_copies_max": round(max(quiet) * 1e3, 3),
         "step_ms_with_copies_median": round(statistics.median(busy) * 1e3, 3),
         "step_ms_with_copies_max": round(max(busy) * 1e3, 3),
-        "transfer_batches": stats.transfer_batches, "scatters": stats.scatters,
+        "transfer_batches": stats.transfer_batches,
+        "scatters": stats.scatters,
         "bytes_copied": stats.bytes_copied,
     }
 
@@ -182,7 +203,10 @@ def write_sparse_peft_adapter(directory: str, config: ModelConfig, rank: int) ->
                 nbytes = shape[0] * shape[1] * 2
                 name = f"{TENSOR_PREFIX}{_module_key(layer, module)}.lora_{kind}.weight"
                 header[name] = {
-                    "dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                    "dtype": "BF16",
+                    "shape": shape,
+                    "data_offsets": [offset, offset + nbytes],
+                }
                 offset += nbytes
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -193,29 +217,45 @@ def write_sparse_peft_adapter(directory: str, config: ModelConfig, rank: int) ->
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + offset)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
-                   "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
-                   "target_modules": list(MODULES),
-                   "use_rslora": False, "use_dora": False, "modules_to_save": None}, f)
+        json.dump(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "target_modules": list(MODULES),
+                "use_rslora": False,
+                "use_dora": False,
+                "modules_to_save": None,
+            },
+            f,
+        )
     return 8 + len(raw) + offset
 
 
-def measure_registration(config: ModelConfig, rank: int, count: int,
-                         root: str | None = None) -> dict:
+def measure_registration(
+    config: ModelConfig, rank: int, count: int, root: str | None = None
+) -> dict:
     """Registers `count` PEFT directories of the model's full shape through AdapterStore
     .register_root (validation of every config and safetensors header, no weights read)."""
-    pool = LoraPoolConfig(max_rank=max(rank, 16), rows_per_page=16,
-                          pages_per_pool=7 * -(-rank // 16), max_slots=1)
+    pool = LoraPoolConfig(
+        max_rank=max(rank, 16), rows_per_page=16, pages_per_pool=7 * -(-rank // 16), max_slots=1
+    )
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         start = time.perf_counter()
         file_bytes = 0
         for i in range(count):
-            file_bytes = write_sparse_peft_adapter(os.path.join(tmp, f"adapter{i:05d}"),
-                                                   config, rank)
+            file_bytes = write_sparse_peft_adapter(
+                os.path.join(tmp, f"adapter{i:05d}"), config, rank
+            )
         write_seconds = time.perf_counter() - start
+
         def new_store():
-            return AdapterStore(config, pool, AdapterStoreConfig(dtype="bfloat16",
-                                                                 host_memory_kind=None))
+            return AdapterStore(
+                config, pool, AdapterStoreConfig(dtype="bfloat16", host_memory_kind=None)
+            )
 
         store = new_store()
         start = time.perf_counter()
@@ -228,31 +268,46 @@ def measure_registration(config: ModelConfig, rank: int, count: int,
         traced = new_store()
         tracemalloc.start()
         before, _ = tracemalloc.get_traced_memory()
-        for name in report.registered[:min(count, 200)]:
+        for name in report.registered[: min(count, 200)]:
             traced.register(name, os.path.join(tmp, name))
         after, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         entry = store.get(report.registered[0])
-        return {"adapters": count, "rank": rank, "file_bytes_each": file_bytes,
-                "write_s": round(write_seconds, 2), "register_s": round(seconds, 3),
-                "register_ms_each": round(seconds / count * 1e3, 3),
-                "registry_bytes_each": round((after - before) / min(count, 200)),
-                "resident_host_bytes_each": entry.nbytes}
+        return {
+            "adapters": count,
+            "rank": rank,
+            "file_bytes_each": file_bytes,
+            "write_s": round(write_seconds, 2),
+            "register_s": round(seconds, 3),
+            "register_ms_each": round(seconds / count * 1e3, 3),
+            "registry_bytes_each": round((after - before) / min(count, 200)),
+            "resident_host_bytes_each": entry.nbytes,
+        }
 
 
-def run(model: str = "llama-2-7b", rank: int = 16, adapters: int = 8, steps: int = 40,
-        max_in_flight_mb: int = 1024, host_memory_kinds: tuple[str, ...] = ("pinned_host",),
-        register_count: int = 2000) -> dict:
+def run(
+    model: str = "llama-2-7b",
+    rank: int = 16,
+    adapters: int = 8,
+    steps: int = 40,
+    max_in_flight_mb: int = 1024,
+    host_memory_kinds: tuple[str, ...] = ("pinned_host",),
+    register_count: int = 2000,
+) -> dict:
     """Every measurement of this module, as one JSON-able dict (see scripts/bench_adapters.py)."""
     config = get_model_preset(model)
-    result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "model": model, "rank": rank}
+    result = {
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "model": model,
+        "rank": rank,
+    }
     if not host_memory_kinds:
         raise ValueError("host_memory_kinds: expected at least one of numpy, pinned_host")
     for kind in host_memory_kinds:
         result[f"manager_{kind}"] = manager = measure_manager(
-            config, rank, adapters, steps, None if kind == "numpy" else kind,
-            max_in_flight_mb << 20)
+            config, rank, adapters, steps, None if kind == "numpy" else kind, max_in_flight_mb << 20
+        )
     result["transfer"] = measure_transfers(manager["adapter_bytes"])
     if register_count:
         result["registration"] = measure_registration(config, rank, register_count)

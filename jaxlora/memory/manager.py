@@ -66,12 +66,15 @@ class AdapterManagerConfig:
 
     def __post_init__(self):
         if not isinstance(self.load_workers, int) or self.load_workers < 0:
-            raise AdapterError("adapter manager config field 'load_workers': expected an int "
-                               f">= 0, got {self.load_workers!r}")
-        if (not isinstance(self.max_copy_bytes_in_flight, int)
-                or self.max_copy_bytes_in_flight <= 0):
-            raise AdapterError("adapter manager config field 'max_copy_bytes_in_flight': "
-                               f"expected a positive int, got {self.max_copy_bytes_in_flight!r}")
+            raise AdapterError(
+                "adapter manager config field 'load_workers': expected an int "
+                f">= 0, got {self.load_workers!r}"
+            )
+        if not isinstance(self.max_copy_bytes_in_flight, int) or self.max_copy_bytes_in_flight <= 0:
+            raise AdapterError(
+                "adapter manager config field 'max_copy_bytes_in_flight': "
+                f"expected a positive int, got {self.max_copy_bytes_in_flight!r}"
+            )
 
 
 class _State(enum.Enum):
@@ -163,16 +166,21 @@ class AdapterHandle:
         self._manager.release(self)
 
     def __repr__(self):
-        return (f"AdapterHandle({self.name!r}, version={self.version}, "
-                f"state={self._residency.state.value})")
+        return (
+            f"AdapterHandle({self.name!r}, version={self.version}, "
+            f"state={self._residency.state.value})"
+        )
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _scatter_pages(pools, stage, page_ids):
     # Ids equal to the pool size are padding (or pages since evicted) and are dropped.
-    updated = {axis: pools[axis].at[:, page_ids[axis]].set(stage[axis].astype(pools[axis].dtype),
-                                                           mode="drop")
-               for axis in pools}
+    updated = {
+        axis: pools[axis]
+        .at[:, page_ids[axis]]
+        .set(stage[axis].astype(pools[axis].dtype), mode="drop")
+        for axis in pools
+    }
     # A small output that becomes ready with the scatter and is never donated afterwards.
     marker = sum(jnp.sum(ids) for ids in page_ids.values())
     return updated, marker
@@ -181,8 +189,13 @@ def _scatter_pages(pools, stage, page_ids):
 class AdapterManager:
     """Pages adapters of an AdapterStore into the GPU pool; see the module docstring."""
 
-    def __init__(self, store: AdapterStore, config: AdapterManagerConfig | None = None, *,
-                 shardings: dict[str, jax.sharding.Sharding] | None = None):
+    def __init__(
+        self,
+        store: AdapterStore,
+        config: AdapterManagerConfig | None = None,
+        *,
+        shardings: dict[str, jax.sharding.Sharding] | None = None,
+    ):
         """shardings: the sharding of each pool array (e.g. jaxlora.sharding.pool_shardings(mesh)
         for tensor parallelism); default: the first device."""
         self.store = store
@@ -192,27 +205,38 @@ class AdapterManager:
         self._num_pages = pool.pages_per_pool
         self._rows_per_page = pool.rows_per_page
         self._dtype = store.dtype
-        widths = layout.pool_widths(model.hidden_size, model.q_size, model.kv_size,
-                                    model.intermediate_size)
+        widths = layout.pool_widths(
+            model.hidden_size, model.q_size, model.kv_size, model.intermediate_size
+        )
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self._shardings = {axis: (shardings or {}).get(axis, default) for axis in POOL_AXES}
         self._pools = {
-            axis: jnp.zeros((model.num_layers, pool.pages_per_pool, pool.rows_per_page,
-                             widths[axis]), self._dtype, device=self._shardings[axis])
-            for axis in POOL_AXES}
-        self.allocators = {axis: PageAllocator(pool.pages_per_pool, name=f"adapter/{axis}")
-                           for axis in POOL_AXES}
+            axis: jnp.zeros(
+                (model.num_layers, pool.pages_per_pool, pool.rows_per_page, widths[axis]),
+                self._dtype,
+                device=self._shardings[axis],
+            )
+            for axis in POOL_AXES
+        }
+        self.allocators = {
+            axis: PageAllocator(pool.pages_per_pool, name=f"adapter/{axis}") for axis in POOL_AXES
+        }
         self._lock = threading.RLock()
         # Every version holding pages, least recently used first (eviction order).
         self._residents: collections.OrderedDict[tuple[str, int], _Residency] = (
-            collections.OrderedDict())
+            collections.OrderedDict()
+        )
         self._pinned: set[str] = set()
         self._queued: collections.deque[_Residency] = collections.deque()
         self._staged: collections.deque[_Residency] = collections.deque()
         self._copying: collections.deque[_Residency] = collections.deque()
-        self._executor = (concurrent.futures.ThreadPoolExecutor(
-            self.config.load_workers, thread_name_prefix="jaxlora-adapter-load")
-            if self.config.load_workers else None)
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(
+                self.config.load_workers, thread_name_prefix="jaxlora-adapter-load"
+            )
+            if self.config.load_workers
+            else None
+        )
         self._hits = self._misses = self._evictions = self._load_failures = 0
         self._bytes_copied = self._transfer_batches = self._scatters = 0
         self._load_seconds: dict[str, float] = {}
@@ -226,8 +250,9 @@ class AdapterManager:
             return self.store.register_weights(name, source)
         return self.store.register(name, source)
 
-    def register_root(self, root: str | os.PathLike, *, skip_invalid: bool = False
-                      ) -> RegistrationReport:
+    def register_root(
+        self, root: str | os.PathLike, *, skip_invalid: bool = False
+    ) -> RegistrationReport:
         return self.store.register_root(root, skip_invalid=skip_invalid)
 
     def replace(self, name: str, source: str | os.PathLike | LoraWeights) -> AdapterEntry:
@@ -290,8 +315,9 @@ class AdapterManager:
         """Drops the handle's reference (exactly once per acquire)."""
         with self._lock:
             if handle.released:
-                raise AdapterError(f"adapter {handle.name!r} version {handle.version}: handle "
-                                   "released twice")
+                raise AdapterError(
+                    f"adapter {handle.name!r} version {handle.version}: handle released twice"
+                )
             handle.released = True
             rec = handle._residency
             rec.refs -= 1
@@ -394,16 +420,21 @@ class AdapterManager:
             if state is _State.FAILED:
                 raise rec.error
             if rec.dead:
-                raise AdapterError(f"adapter {handle.name!r} version {handle.version} is no "
-                                   "longer resident (its handle was released)")
+                raise AdapterError(
+                    f"adapter {handle.name!r} version {handle.version} is no "
+                    "longer resident (its handle was released)"
+                )
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"adapter {handle.name!r}: not resident after {timeout} s "
-                                   f"(state {state.value})")
+                raise TimeoutError(
+                    f"adapter {handle.name!r}: not resident after {timeout} s (state {state.value})"
+                )
             if state is _State.LOADING and future is not None:
                 if future.cancelled():
-                    raise AdapterError(f"adapter {handle.name!r}: the adapter manager was closed "
-                                       "before it was loaded")
+                    raise AdapterError(
+                        f"adapter {handle.name!r}: the adapter manager was closed "
+                        "before it was loaded"
+                    )
                 concurrent.futures.wait([future], timeout=remaining)
             elif state is _State.COPYING and own_marker is not None:
                 own_marker.block_until_ready()
@@ -427,20 +458,33 @@ class AdapterManager:
     def stats(self) -> ManagerStats:
         with self._lock:
             return ManagerStats(
-                hits=self._hits, misses=self._misses, evictions=self._evictions,
-                load_failures=self._load_failures, bytes_copied=self._bytes_copied,
-                transfer_batches=self._transfer_batches, scatters=self._scatters,
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                load_failures=self._load_failures,
+                bytes_copied=self._bytes_copied,
+                transfer_batches=self._transfer_batches,
+                scatters=self._scatters,
                 resident=len(self._residents),
                 referenced=sum(1 for r in self._residents.values() if r.refs),
-                pinned=len(self._pinned), load_seconds=dict(self._load_seconds),
-                pools={axis: a.usage() for axis, a in self.allocators.items()})
+                pinned=len(self._pinned),
+                load_seconds=dict(self._load_seconds),
+                pools={axis: a.usage() for axis, a in self.allocators.items()},
+            )
 
     def residents(self) -> list[ResidentInfo]:
         with self._lock:
-            return [ResidentInfo(name=rec.entry.name, version=rec.entry.version, refs=rec.refs,
-                                 pinned=self._is_pinned(rec), state=rec.state.value,
-                                 pages={a: tuple(p) for a, p in rec.pages.items()})
-                    for rec in self._residents.values()]
+            return [
+                ResidentInfo(
+                    name=rec.entry.name,
+                    version=rec.entry.version,
+                    refs=rec.refs,
+                    pinned=self._is_pinned(rec),
+                    state=rec.state.value,
+                    pages={a: tuple(p) for a, p in rec.pages.items()},
+                )
+                for rec in self._residents.values()
+            ]
 
     def pinned_names(self) -> set[str]:
         with self._lock:
@@ -490,8 +534,13 @@ class AdapterManager:
         try:
             packed = self.store.load(rec.entry)
         except Exception as e:  # noqa: BLE001 - any failure must reach the handle, not the thread
-            error = e if isinstance(e, JaxloraError) else AdapterError(
-                f"adapter {rec.entry.name!r} ({rec.entry.source}): loading failed: {e!r}")
+            error = (
+                e
+                if isinstance(e, JaxloraError)
+                else AdapterError(
+                    f"adapter {rec.entry.name!r} ({rec.entry.source}): loading failed: {e!r}"
+                )
+            )
             with self._lock:
                 if not rec.dead:
                     self._load_failures += 1
@@ -505,19 +554,25 @@ class AdapterManager:
 
     def _allocate(self, entry: AdapterEntry) -> dict[str, list[int]]:
         need = entry.footprint.pages_needed(self._rows_per_page)
-        short = {axis: n - self.allocators[axis].free_pages for axis, n in need.items()
-                 if n > self.allocators[axis].free_pages}
+        short = {
+            axis: n - self.allocators[axis].free_pages
+            for axis, n in need.items()
+            if n > self.allocators[axis].free_pages
+        }
         if short:
             victims = [rec for rec in self._residents.values() if self._evictable(rec)]
             reclaimable = {axis: sum(len(rec.pages[axis]) for rec in victims) for axis in short}
             if any(reclaimable[axis] < n for axis, n in short.items()):
                 detail = ", ".join(
                     f"{axis}: needs {need[axis]}, {self.allocators[axis].free_pages} free + "
-                    f"{reclaimable[axis]} evictable of {self._num_pages}" for axis in short)
+                    f"{reclaimable[axis]} evictable of {self._num_pages}"
+                    for axis in short
+                )
                 raise PoolExhaustedError(
                     f"adapter {entry.name!r} (rank {entry.footprint.max_rank}) does not fit in "
                     f"the adapter page pool ({detail}); the rest is held by referenced or "
-                    "pinned adapters; retry after some are released")
+                    "pinned adapters; retry after some are released"
+                )
             for rec in victims:  # least recently used first
                 if not short:
                     break
@@ -525,8 +580,11 @@ class AdapterManager:
                     continue  # would free nothing where pages are missing
                 self._free(rec)
                 self._evictions += 1
-                short = {axis: n - self.allocators[axis].free_pages
-                         for axis, n in need.items() if n > self.allocators[axis].free_pages}
+                short = {
+                    axis: n - self.allocators[axis].free_pages
+                    for axis, n in need.items()
+                    if n > self.allocators[axis].free_pages
+                }
         return {axis: self.allocators[axis].allocate(n) for axis, n in need.items()}
 
     def _evictable(self, rec: _Residency) -> bool:
@@ -584,7 +642,7 @@ class AdapterManager:
             page_ids = {}
             for axis, block in stage.items():
                 ids = np.full(block.shape[1], self._num_pages, np.int32)  # padding: dropped
-                ids[:len(rec.pages[axis])] = rec.pages[axis]
+                ids[: len(rec.pages[axis])] = rec.pages[axis]
                 page_ids[axis] = ids
             touched = {axis: self._pools[axis] for axis in stage}
             updated, rec.marker = _scatter_pages(touched, stage, page_ids)
@@ -606,4 +664,3 @@ class AdapterManager:
             with self._lock:
                 self._note_finished()
         return rec.state is _State.READY and not rec.dead
-

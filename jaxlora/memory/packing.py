@@ -36,8 +36,10 @@ class AdapterFootprint:
 
     @classmethod
     def from_modules(cls, ranks: dict[str, int], scales: dict[str, float]) -> AdapterFootprint:
-        return cls(ranks=tuple(int(ranks.get(m, 0)) for m in MODULES),
-                   scales=tuple(float(scales[m]) if ranks.get(m, 0) else 0.0 for m in MODULES))
+        return cls(
+            ranks=tuple(int(ranks.get(m, 0)) for m in MODULES),
+            scales=tuple(float(scales[m]) if ranks.get(m, 0) else 0.0 for m in MODULES),
+        )
 
     @classmethod
     def of_weights(cls, weights: LoraWeights) -> AdapterFootprint:
@@ -64,12 +66,13 @@ class AdapterFootprint:
             n = layout.pages_for_rank(r, rows_per_page)
             taken = []
             for axis in MODULE_POOLS[m]:
-                taken.append(tuple(int(p) for p in pages[axis][cursor[axis]:cursor[axis] + n]))
+                taken.append(tuple(int(p) for p in pages[axis][cursor[axis] : cursor[axis] + n]))
                 cursor[axis] += n
             a_pages.append(taken[0])
             b_pages.append(taken[1])
-        return SlotInfo(ranks=self.ranks, scales=self.scales, a_pages=tuple(a_pages),
-                        b_pages=tuple(b_pages))
+        return SlotInfo(
+            ranks=self.ranks, scales=self.scales, a_pages=tuple(a_pages), b_pages=tuple(b_pages)
+        )
 
 
 def page_bucket(n: int) -> int:
@@ -82,14 +85,19 @@ def page_bucket(n: int) -> int:
     return size
 
 
-def packed_nbytes(footprint: AdapterFootprint, config: ModelConfig, rows_per_page: int,
-                  dtype) -> int:
+def packed_nbytes(
+    footprint: AdapterFootprint, config: ModelConfig, rows_per_page: int, dtype
+) -> int:
     """Bytes of the packed form (pages hold rows_per_page rows, page counts are bucketed)."""
-    widths = layout.pool_widths(config.hidden_size, config.q_size, config.kv_size,
-                                config.intermediate_size)
+    widths = layout.pool_widths(
+        config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
+    )
     itemsize = np.dtype(dtype).itemsize
-    return sum(page_bucket(n) * config.num_layers * rows_per_page * widths[axis] * itemsize
-               for axis, n in footprint.pages_needed(rows_per_page).items() if n)
+    return sum(
+        page_bucket(n) * config.num_layers * rows_per_page * widths[axis] * itemsize
+        for axis, n in footprint.pages_needed(rows_per_page).items()
+        if n
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,50 +114,64 @@ class PackedAdapter:
         return sum(b.nbytes for b in self.blocks.values())
 
 
-def validate_weights(weights: LoraWeights, config: ModelConfig, *, max_rank: int,
-                     source: str) -> None:
+def validate_weights(
+    weights: LoraWeights, config: ModelConfig, *, max_rank: int, source: str
+) -> None:
     """Checks an in-memory adapter against the base model; raises AdapterError naming the
     tensor and the expected shape."""
     shapes = config.module_shapes()
     where = f"adapter {weights.name!r} ({source})"
     unknown = (set(weights.a) | set(weights.b)) - set(MODULES)
     if unknown:
-        raise AdapterError(f"{where}: modules {sorted(unknown)} are not LoRA targets; expected a "
-                           f"subset of {list(MODULES)}")
+        raise AdapterError(
+            f"{where}: modules {sorted(unknown)} are not LoRA targets; expected a "
+            f"subset of {list(MODULES)}"
+        )
     if set(weights.a) != set(weights.b):
-        raise AdapterError(f"{where}: modules with A {sorted(weights.a)} and with B "
-                           f"{sorted(weights.b)} differ; every targeted module needs both")
+        raise AdapterError(
+            f"{where}: modules with A {sorted(weights.a)} and with B "
+            f"{sorted(weights.b)} differ; every targeted module needs both"
+        )
     for m in weights.a:
         fan_in, fan_out = shapes[m]
         a, b = np.asarray(weights.a[m]), np.asarray(weights.b[m])
         if a.ndim != 3 or a.shape[0] != config.num_layers or a.shape[2] != fan_in:
-            raise AdapterError(f"{where}: tensor a[{m!r}] has shape {a.shape}; expected "
-                               f"({config.num_layers}, rank, {fan_in})")
+            raise AdapterError(
+                f"{where}: tensor a[{m!r}] has shape {a.shape}; expected "
+                f"({config.num_layers}, rank, {fan_in})"
+            )
         rank = a.shape[1]
         if b.shape != (config.num_layers, rank, fan_out):
-            raise AdapterError(f"{where}: tensor b[{m!r}] has shape {b.shape}; expected "
-                               f"({config.num_layers}, {rank}, {fan_out})")
+            raise AdapterError(
+                f"{where}: tensor b[{m!r}] has shape {b.shape}; expected "
+                f"({config.num_layers}, {rank}, {fan_out})"
+            )
         if not 1 <= rank <= max_rank:
-            raise AdapterError(f"{where}: module {m!r} has rank {rank}; expected 1..{max_rank} "
-                               "(the pool's max_rank)")
+            raise AdapterError(
+                f"{where}: module {m!r} has rank {rank}; expected 1..{max_rank} "
+                "(the pool's max_rank)"
+            )
         scale = weights.scales.get(m)
         if scale is None or not math.isfinite(scale):
             raise AdapterError(f"{where}: scales[{m!r}] is {scale!r}; expected a finite float")
     if not weights.a:
-        raise AdapterError(f"{where}: targets no module; expected at least one of "
-                           f"{list(MODULES)}")
+        raise AdapterError(f"{where}: targets no module; expected at least one of {list(MODULES)}")
 
 
-def pack_weights(weights: LoraWeights, config: ModelConfig, rows_per_page: int,
-                 dtype) -> PackedAdapter:
+def pack_weights(
+    weights: LoraWeights, config: ModelConfig, rows_per_page: int, dtype
+) -> PackedAdapter:
     """Cuts an adapter's rank-rows into pages in the pool dtype (rows past the rank are 0)."""
     footprint = AdapterFootprint.of_weights(weights)
-    widths = layout.pool_widths(config.hidden_size, config.q_size, config.kv_size,
-                                config.intermediate_size)
+    widths = layout.pool_widths(
+        config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
+    )
     need = footprint.pages_needed(rows_per_page)
-    blocks = {axis: np.zeros((config.num_layers, page_bucket(n), rows_per_page, widths[axis]),
-                             dtype)
-              for axis, n in need.items() if n}
+    blocks = {
+        axis: np.zeros((config.num_layers, page_bucket(n), rows_per_page, widths[axis]), dtype)
+        for axis, n in need.items()
+        if n
+    }
     cursor = dict.fromkeys(POOL_AXES, 0)
     for m, r in zip(MODULES, footprint.ranks, strict=True):
         if not r:
@@ -158,7 +180,8 @@ def pack_weights(weights: LoraWeights, config: ModelConfig, rows_per_page: int,
         for axis, rows in zip(MODULE_POOLS[m], (weights.a[m], weights.b[m]), strict=True):
             padded = np.zeros((config.num_layers, n * rows_per_page, widths[axis]), dtype)
             padded[:, :r] = rows
-            blocks[axis][:, cursor[axis]:cursor[axis] + n] = padded.reshape(
-                config.num_layers, n, rows_per_page, widths[axis])
+            blocks[axis][:, cursor[axis] : cursor[axis] + n] = padded.reshape(
+                config.num_layers, n, rows_per_page, widths[axis]
+            )
             cursor[axis] += n
     return PackedAdapter(footprint=footprint, blocks=blocks)

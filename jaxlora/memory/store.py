@@ -59,16 +59,22 @@ class AdapterStoreConfig:
         try:
             np.dtype(self.dtype_object())
         except TypeError as e:
-            raise AdapterError(f"adapter store config field 'dtype': {self.dtype!r} is not a "
-                               "numpy/JAX dtype name (expected e.g. 'float32', 'bfloat16')"
-                               ) from e
-        if self.host_budget_bytes is not None and (not isinstance(self.host_budget_bytes, int)
-                                                   or self.host_budget_bytes < 0):
-            raise AdapterError("adapter store config field 'host_budget_bytes': expected None "
-                               f"or an int >= 0, got {self.host_budget_bytes!r}")
+            raise AdapterError(
+                f"adapter store config field 'dtype': {self.dtype!r} is not a "
+                "numpy/JAX dtype name (expected e.g. 'float32', 'bfloat16')"
+            ) from e
+        if self.host_budget_bytes is not None and (
+            not isinstance(self.host_budget_bytes, int) or self.host_budget_bytes < 0
+        ):
+            raise AdapterError(
+                "adapter store config field 'host_budget_bytes': expected None "
+                f"or an int >= 0, got {self.host_budget_bytes!r}"
+            )
         if self.host_memory_kind not in (None, "pinned_host", "auto"):
-            raise AdapterError("adapter store config field 'host_memory_kind': expected None, "
-                               f"'pinned_host' or 'auto', got {self.host_memory_kind!r}")
+            raise AdapterError(
+                "adapter store config field 'host_memory_kind': expected None, "
+                f"'pinned_host' or 'auto', got {self.host_memory_kind!r}"
+            )
 
     def resolved_host_memory_kind(self) -> str | None:
         if self.host_memory_kind != "auto":
@@ -121,8 +127,12 @@ class StoreStats:
 class AdapterStore:
     """Registry of adapters and their host-RAM weights; thread-safe."""
 
-    def __init__(self, model_config: ModelConfig, pool_config: LoraPoolConfig,
-                 config: AdapterStoreConfig | None = None):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        pool_config: LoraPoolConfig,
+        config: AdapterStoreConfig | None = None,
+    ):
         self.model_config = model_config
         self.pool_config = pool_config
         self.config = config or AdapterStoreConfig()
@@ -131,7 +141,8 @@ class AdapterStore:
         self._entries: dict[str, AdapterEntry] = {}
         # Packed weights of disk-backed versions, least recently used first.
         self._cache: collections.OrderedDict[tuple[str, int], PackedAdapter] = (
-            collections.OrderedDict())
+            collections.OrderedDict()
+        )
         self._cached_bytes = 0
         # Memory-only versions: their only copy, never dropped.
         self._memory_only: dict[tuple[str, int], PackedAdapter] = {}
@@ -155,8 +166,9 @@ class AdapterStore:
         entry, packed = self._entry_from_weights(name, weights)
         return self._insert(entry, replace=False, packed=packed)
 
-    def register_root(self, root: str | os.PathLike, *, skip_invalid: bool = False
-                      ) -> RegistrationReport:
+    def register_root(
+        self, root: str | os.PathLike, *, skip_invalid: bool = False
+    ) -> RegistrationReport:
         """Registers every PEFT directory directly under root, named after its directory.
 
         With skip_invalid=False one bad directory (or a name already taken) registers nothing
@@ -165,11 +177,11 @@ class AdapterStore:
         """
         root = os.fspath(root)
         try:
-            children = sorted(e.name for e in os.scandir(root)
-                              if e.is_dir() and not e.name.startswith("."))
+            children = sorted(
+                e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+            )
         except OSError as e:
-            raise FormatError(f"{root}: cannot list adapter root directory ({e.strerror})"
-                              ) from e
+            raise FormatError(f"{root}: cannot list adapter root directory ({e.strerror})") from e
         entries, failed = [], {}
         for child in children:
             try:
@@ -182,11 +194,14 @@ class AdapterStore:
                 if entry.name in self._entries:
                     failed[entry.name] = AdapterError(
                         f"adapter name {entry.name!r} ({entry.source}) is already registered "
-                        f"(from {self._entries[entry.name].source})")
+                        f"(from {self._entries[entry.name].source})"
+                    )
             if failed and not skip_invalid:
                 lines = "; ".join(f"{n}: {e}" for n, e in sorted(failed.items()))
-                raise AdapterError(f"{root}: {len(failed)} of {len(children)} adapter "
-                                   f"directories refused, none registered: {lines}")
+                raise AdapterError(
+                    f"{root}: {len(failed)} of {len(children)} adapter "
+                    f"directories refused, none registered: {lines}"
+                )
             registered = []
             for entry in entries:
                 if entry.name not in failed:
@@ -197,8 +212,7 @@ class AdapterStore:
                 self._eager_load(name)
         return RegistrationReport(registered=tuple(registered), failed=failed)
 
-    def replace(self, name: str, path_or_weights: str | os.PathLike | LoraWeights
-                ) -> AdapterEntry:
+    def replace(self, name: str, path_or_weights: str | os.PathLike | LoraWeights) -> AdapterEntry:
         """Registers a new version of an existing adapter. The old version stays valid for
         whoever holds its entry (in-flight requests); new lookups get the new one."""
         if isinstance(path_or_weights, LoraWeights):
@@ -271,25 +285,37 @@ class AdapterStore:
     def stats(self) -> StoreStats:
         with self._lock:
             memory_bytes = sum(p.nbytes for p in self._memory_only.values())
-            return StoreStats(registered=len(self._entries),
-                              cached=len(self._cache) + len(self._memory_only),
-                              host_bytes=self._cached_bytes + memory_bytes,
-                              host_budget_bytes=self.config.host_budget_bytes,
-                              loads=self._loads, drops=self._drops,
-                              load_seconds=dict(self._load_seconds))
+            return StoreStats(
+                registered=len(self._entries),
+                cached=len(self._cache) + len(self._memory_only),
+                host_bytes=self._cached_bytes + memory_bytes,
+                host_budget_bytes=self.config.host_budget_bytes,
+                loads=self._loads,
+                drops=self._drops,
+                load_seconds=dict(self._load_seconds),
+            )
 
     # ----------------------------------------------------------------- internals
 
     def _check_name(self, name) -> None:
-        if (not isinstance(name, str) or not name or name != name.strip()
-                or len(name) > MAX_NAME_LENGTH or not name.isprintable()):
-            raise AdapterError(f"adapter name {name!r}: expected a non-empty printable string of "
-                               f"at most {MAX_NAME_LENGTH} characters without surrounding "
-                               "whitespace")
+        if (
+            not isinstance(name, str)
+            or not name
+            or name != name.strip()
+            or len(name) > MAX_NAME_LENGTH
+            or not name.isprintable()
+        ):
+            raise AdapterError(
+                f"adapter name {name!r}: expected a non-empty printable string of "
+                f"at most {MAX_NAME_LENGTH} characters without surrounding "
+                "whitespace"
+            )
 
     def _unknown_message(self, name: str) -> str:
-        return (f"adapter {name!r} is not registered ({len(self._entries)} adapters are; "
-                "register it first)")
+        return (
+            f"adapter {name!r} is not registered ({len(self._entries)} adapters are; "
+            "register it first)"
+        )
 
     def _new_version(self) -> int:
         with self._lock:
@@ -301,33 +327,51 @@ class AdapterStore:
         from jaxlora.formats import read_peft_adapter_spec
 
         path = os.fspath(path)
-        spec = read_peft_adapter_spec(path, self.model_config,
-                                      max_rank=self.pool_config.max_rank)
+        spec = read_peft_adapter_spec(path, self.model_config, max_rank=self.pool_config.max_rank)
         footprint = AdapterFootprint.from_modules(dict(spec.ranks), dict(spec.scales))
-        return AdapterEntry(name=name, version=self._new_version(), source=path,
-                            footprint=footprint,
-                            nbytes=packed_nbytes(footprint, self.model_config,
-                                                 self.pool_config.rows_per_page, self.dtype))
+        return AdapterEntry(
+            name=name,
+            version=self._new_version(),
+            source=path,
+            footprint=footprint,
+            nbytes=packed_nbytes(
+                footprint, self.model_config, self.pool_config.rows_per_page, self.dtype
+            ),
+        )
 
-    def _entry_from_weights(self, name: str, weights: LoraWeights
-                            ) -> tuple[AdapterEntry, PackedAdapter]:
-        validate_weights(weights, self.model_config, max_rank=self.pool_config.max_rank,
-                         source=weights.source or MEMORY_SOURCE)
-        packed = self._to_host_memory(pack_weights(
-            weights, self.model_config, self.pool_config.rows_per_page, self.dtype))
-        entry = AdapterEntry(name=name, version=self._new_version(), source=MEMORY_SOURCE,
-                             footprint=packed.footprint, nbytes=packed.nbytes)
+    def _entry_from_weights(
+        self, name: str, weights: LoraWeights
+    ) -> tuple[AdapterEntry, PackedAdapter]:
+        validate_weights(
+            weights,
+            self.model_config,
+            max_rank=self.pool_config.max_rank,
+            source=weights.source or MEMORY_SOURCE,
+        )
+        packed = self._to_host_memory(
+            pack_weights(weights, self.model_config, self.pool_config.rows_per_page, self.dtype)
+        )
+        entry = AdapterEntry(
+            name=name,
+            version=self._new_version(),
+            source=MEMORY_SOURCE,
+            footprint=packed.footprint,
+            nbytes=packed.nbytes,
+        )
         return entry, packed
 
-    def _insert(self, entry: AdapterEntry, *, replace: bool,
-                packed: PackedAdapter | None = None) -> AdapterEntry:
+    def _insert(
+        self, entry: AdapterEntry, *, replace: bool, packed: PackedAdapter | None = None
+    ) -> AdapterEntry:
         with self._lock:
             old = self._entries.get(entry.name)
             if replace and old is None:
                 raise UnknownAdapterError(self._unknown_message(entry.name))
             if not replace and old is not None:
-                raise AdapterError(f"adapter name {entry.name!r} ({entry.source}) is already "
-                                   f"registered (from {old.source}); unregister or replace it")
+                raise AdapterError(
+                    f"adapter name {entry.name!r} ({entry.source}) is already "
+                    f"registered (from {old.source}); unregister or replace it"
+                )
             if old is not None:
                 self._forget_weights(old.key)
             self._entries[entry.name] = entry
@@ -349,16 +393,22 @@ class AdapterStore:
 
         if entry.source == MEMORY_SOURCE:
             # A memory-only version whose only copy was dropped by unregister/replace.
-            raise UnknownAdapterError(f"adapter {entry.name!r} version {entry.version} was "
-                                      "registered from memory and has been unregistered")
-        weights = load_peft_adapter(entry.source, self.model_config,
-                                    max_rank=self.pool_config.max_rank, name=entry.name)
-        packed = pack_weights(weights, self.model_config, self.pool_config.rows_per_page,
-                              self.dtype)
+            raise UnknownAdapterError(
+                f"adapter {entry.name!r} version {entry.version} was "
+                "registered from memory and has been unregistered"
+            )
+        weights = load_peft_adapter(
+            entry.source, self.model_config, max_rank=self.pool_config.max_rank, name=entry.name
+        )
+        packed = pack_weights(
+            weights, self.model_config, self.pool_config.rows_per_page, self.dtype
+        )
         if packed.footprint != entry.footprint:
-            raise FormatError(f"{entry.source}: adapter {entry.name!r} changed on disk since it "
-                              f"was registered (ranks/scales {packed.footprint} now, "
-                              f"{entry.footprint} then); replace it to serve the new files")
+            raise FormatError(
+                f"{entry.source}: adapter {entry.name!r} changed on disk since it "
+                f"was registered (ranks/scales {packed.footprint} now, "
+                f"{entry.footprint} then); replace it to serve the new files"
+            )
         return self._to_host_memory(packed)
 
     def _to_host_memory(self, packed: PackedAdapter) -> PackedAdapter:

@@ -11,5 +11,4 @@ from jaxlora.server.background import BackgroundServer
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.state import ServingState, resolve_adapter_path
 
-__all__ = ["BackgroundServer", "ServerConfig", "ServingState", "create_app",
-           "resolve_adapter_path"]
+__all__ = ["BackgroundServer", "ServerConfig", "ServingState", "create_app", "resolve_adapter_path"]

@@ -50,8 +50,15 @@ from jaxlora.server.state import ServingState
 log = logging.getLogger("jaxlora.server")
 
 _SEED_LIMIT = 2**63
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
-          "/v1/unload_lora_adapter", "/health", "/metrics")
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/health",
+    "/metrics",
+)
 
 
 def _sse(payload: dict | str) -> str:
@@ -74,8 +81,9 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
         refuse("logit_bias", "not supported (only an empty map)")
     if isinstance(body, CompletionRequest):
         if body.best_of is not None and body.best_of != body.n:
-            refuse("best_of", f"only None or equal to n ({body.n}) is supported, got "
-                   f"{body.best_of!r}")
+            refuse(
+                "best_of", f"only None or equal to n ({body.n}) is supported, got {body.best_of!r}"
+            )
         if body.suffix is not None:
             refuse("suffix", "not supported")
         if body.echo and body.logprobs is not None:
@@ -86,31 +94,42 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
         if body.tool_choice not in (None, "none"):
             refuse("tool_choice", f"only 'none' is supported, got {body.tool_choice!r}")
         if body.response_format is not None and body.response_format.type != "text":
-            refuse("response_format", f"only type 'text' is supported, got "
-                   f"{body.response_format.type!r}")
+            refuse(
+                "response_format",
+                f"only type 'text' is supported, got {body.response_format.type!r}",
+            )
         if body.top_logprobs is not None and not body.logprobs:
             refuse("top_logprobs", "needs logprobs=true")
 
 
-def _samplings(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs,
-               count: int) -> list[SamplingParams]:
+def _samplings(
+    body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs, count: int
+) -> list[SamplingParams]:
     """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
     stop = body.stop if body.stop is not None else ()
     if isinstance(stop, str):
         stop = (stop,)
     if body.seed is not None and not -_SEED_LIMIT <= body.seed < _SEED_LIMIT:
-        raise with_param(RequestError(f"seed: expected an int in [-2**63, 2**63), got "
-                                      f"{body.seed}"), "seed")
+        raise with_param(
+            RequestError(f"seed: expected an int in [-2**63, 2**63), got {body.seed}"), "seed"
+        )
     out = []
     for i in range(count):
         seed = None if body.seed is None else (body.seed + i) % _SEED_LIMIT
         try:
-            out.append(SamplingParams(
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=0 if body.top_k is None else body.top_k, max_tokens=max_tokens,
-                stop_token_ids=tuple(body.stop_token_ids or ()), stop_strings=tuple(stop),
-                seed=seed, logprobs=logprobs, ignore_eos=body.ignore_eos))
+            out.append(
+                SamplingParams(
+                    temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p,
+                    top_k=0 if body.top_k is None else body.top_k,
+                    max_tokens=max_tokens,
+                    stop_token_ids=tuple(body.stop_token_ids or ()),
+                    stop_strings=tuple(stop),
+                    seed=seed,
+                    logprobs=logprobs,
+                    ignore_eos=body.ignore_eos,
+                )
+            )
         except RequestError as e:
             field = str(e).split("'")[1] if str(e).startswith("sampling parameter '") else None
             raise with_param(e, {"stop_strings": "stop"}.get(field, field)) from None
@@ -137,28 +156,48 @@ class _Formatter:
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
-        top = [{self.token_text(t): lp for t, lp in (entry or {}).items()}
-               for entry in (tops or [{}] * len(tokens))]
-        return {"tokens": tokens, "token_logprobs": list(logprobs or []), "top_logprobs": top,
-                "text_offset": offsets}, offset
+        top = [
+            {self.token_text(t): lp for t, lp in (entry or {}).items()}
+            for entry in (tops or [{}] * len(tokens))
+        ]
+        return {
+            "tokens": tokens,
+            "token_logprobs": list(logprobs or []),
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }, offset
 
     def chat_logprobs(self, token_ids, logprobs, tops) -> dict:
         content = []
         for i, token in enumerate(token_ids):
             text = self.token_text(token)
-            alternatives = [{"token": self.token_text(t), "logprob": lp,
-                             "bytes": list(self.token_text(t).encode())}
-                            for t, lp in ((tops[i] if tops else None) or {}).items()]
-            content.append({"token": text, "logprob": logprobs[i], "bytes": list(text.encode()),
-                            "top_logprobs": alternatives})
+            alternatives = [
+                {
+                    "token": self.token_text(t),
+                    "logprob": lp,
+                    "bytes": list(self.token_text(t).encode()),
+                }
+                for t, lp in ((tops[i] if tops else None) or {}).items()
+            ]
+            content.append(
+                {
+                    "token": text,
+                    "logprob": logprobs[i],
+                    "bytes": list(text.encode()),
+                    "top_logprobs": alternatives,
+                }
+            )
         return {"content": content}
 
 
 def _usage(prompt_lengths: list[int], requests: list[EngineRequest]) -> dict:
     prompt = sum(prompt_lengths)
     completion = sum(len(r.output_ids) for r in requests)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _failure(state: ServingState, request: EngineRequest) -> JaxloraError | None:
@@ -167,14 +206,19 @@ def _failure(state: ServingState, request: EngineRequest) -> JaxloraError | None
     if reason in (FinishReason.STOP, FinishReason.LENGTH):
         return None
     if reason is FinishReason.DEADLINE:
-        return PoolExhaustedError("the server is overloaded: the request could not start "
-                                  "before its first-token deadline; retry later")
+        return PoolExhaustedError(
+            "the server is overloaded: the request could not start "
+            "before its first-token deadline; retry later"
+        )
     if reason is FinishReason.ABORT:
         return PoolExhaustedError("the request was cancelled by the server (shutting down)")
     if request.adapter is not None and request.adapter not in state.adapters.store:
-        return with_param(UnknownAdapterError(
-            f"The model `{request.adapter}` was unloaded before the request could start"),
-            "model")
+        return with_param(
+            UnknownAdapterError(
+                f"The model `{request.adapter}` was unloaded before the request could start"
+            ),
+            "model",
+        )
     return EngineRequestError(f"generation failed: {request.error}")
 
 
@@ -183,20 +227,27 @@ def _failure(state: ServingState, request: EngineRequest) -> JaxloraError | None
 _bearer = HTTPBearer(auto_error=False, description="The server's API key, if it has one.")
 
 
-async def _check_api_key(request: Request,
-                         credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                                Depends(_bearer)]) -> None:
+async def _check_api_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
     key = request.app.state.serving.config.api_key
     if key is None:
         return
     given = credentials.credentials if credentials is not None else ""
     if not hmac.compare_digest(given.encode(), key.encode()):
-        raise AuthenticationError("Invalid or missing API key: send the server's key as "
-                                  "'Authorization: Bearer <key>'")
+        raise AuthenticationError(
+            "Invalid or missing API key: send the server's key as 'Authorization: Bearer <key>'"
+        )
 
 
-def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool = False,
-               background_warmup: bool = False, on_ready=None) -> FastAPI:
+def create_app(
+    state: ServingState,
+    *,
+    manage_engine: bool = True,
+    warm_up: bool = False,
+    background_warmup: bool = False,
+    on_ready=None,
+) -> FastAPI:
     """The FastAPI app serving state. With manage_engine, the app's start-up starts the engine
     (after compiling every step shape when warm_up; in the background with background_warmup)
     and its shutdown stops it."""
@@ -212,9 +263,13 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
             if manage_engine:
                 state.stop()
 
-    app = FastAPI(title="jaxlora", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible multi-LoRA server: `model` is the base model or "
-                  "any registered adapter; requests for different adapters share every batch.")
+    app = FastAPI(
+        title="jaxlora",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible multi-LoRA server: `model` is the base model or "
+        "any registered adapter; requests for different adapters share every batch.",
+    )
     app.state.serving = state
     formatter = _Formatter(state)
 
@@ -277,22 +332,21 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
         # Registration reads the adapter's headers from disk: off the event loop.
         await anyio.to_thread.run_sync(
-            lambda: state.load_adapter(body.lora_name, body.lora_path,
-                                       replace=body.load_inplace))
+            lambda: state.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+        )
         verb = "replaced" if body.load_inplace else "added"
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb} "
-                                 "successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb} successfully.")
 
     @api.post("/unload_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
         state.unload_adapter(body.lora_name)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
-                                 "successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     # ------------------------------------------------------------------ generation helpers
 
-    def submit_group(http_id: str, prompts: list[list[int]], samplings_per_prompt,
-                     adapter: str | None) -> RequestGroup:
+    def submit_group(
+        http_id: str, prompts: list[list[int]], samplings_per_prompt, adapter: str | None
+    ) -> RequestGroup:
         group = RequestGroup(state.engine, state.pump)
         for sampling in samplings_per_prompt:
             try:
@@ -364,7 +418,9 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
             raise
         index, delta = first
         if delta.finish_reason is not None and delta.finish_reason not in (
-                FinishReason.STOP, FinishReason.LENGTH):
+            FinishReason.STOP,
+            FinishReason.LENGTH,
+        ):
             group.cancel()
             return exception_response(_failure(state, group.requests[index]))
 
@@ -381,9 +437,11 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
             finally:
                 group.cancel()  # no-op once every request finished; else the client left
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     def stream_error(error: JaxloraError) -> str:
         """An error after the 200 header went out: an SSE event the OpenAI client raises."""
@@ -398,11 +456,16 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
         _refuse_unsupported(body)
         prompts = _completion_prompts(state, body.prompt)
         if body.n < 1 or body.n * len(prompts) > state.config.max_n:
-            raise with_param(RequestError(
-                f"n: expected 1..{state.config.max_n} choices in all (n times the number of "
-                f"prompts), got n={body.n} for {len(prompts)} prompts"), "n")
-        samplings = _samplings(body, max_tokens_of(body, state.config.default_max_tokens),
-                               body.logprobs, body.n)
+            raise with_param(
+                RequestError(
+                    f"n: expected 1..{state.config.max_n} choices in all (n times the number of "
+                    f"prompts), got n={body.n} for {len(prompts)} prompts"
+                ),
+                "n",
+            )
+        samplings = _samplings(
+            body, max_tokens_of(body, state.config.default_max_tokens), body.logprobs, body.n
+        )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         group = submit_group(http_id, prompts, samplings, adapter)
@@ -428,18 +491,35 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs, _ = formatter.completion_logprobs(
-                        r.output_ids, r.output_logprobs, r.output_top_logprobs, 0)
-                choices.append({"index": i, "text": echo_text(i) + r.text, "logprobs": logprobs,
-                                "finish_reason": str(r.finish_reason)})
-            return {"id": http_id, "object": "text_completion", "created": created,
-                    "model": body.model, "choices": choices,
-                    "usage": _usage(prompt_lengths, group.requests)}
+                        r.output_ids, r.output_logprobs, r.output_top_logprobs, 0
+                    )
+                choices.append(
+                    {
+                        "index": i,
+                        "text": echo_text(i) + r.text,
+                        "logprobs": logprobs,
+                        "finish_reason": str(r.finish_reason),
+                    }
+                )
+            return {
+                "id": http_id,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+                "usage": _usage(prompt_lengths, group.requests),
+            }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices: list[dict], usage=None) -> str:
-            payload = {"id": http_id, "object": "text_completion", "created": created,
-                       "model": body.model, "choices": choices}
+            payload = {
+                "id": http_id,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+            }
             if include_usage:
                 payload["usage"] = usage
             return _sse(payload)
@@ -450,7 +530,9 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
             async for index, delta in events:
                 delta: Delta
                 if delta.finish_reason is not None and delta.finish_reason not in (
-                        FinishReason.STOP, FinishReason.LENGTH):
+                    FinishReason.STOP,
+                    FinishReason.LENGTH,
+                ):
                     yield stream_error(_failure(state, group.requests[index]))
                     return
                 text = delta.text
@@ -460,11 +542,20 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
                 logprobs = None
                 if body.logprobs is not None and delta.token_ids:
                     logprobs, offsets[index] = formatter.completion_logprobs(
-                        delta.token_ids, delta.logprobs, delta.top_logprobs, offsets[index])
+                        delta.token_ids, delta.logprobs, delta.top_logprobs, offsets[index]
+                    )
                 finish = None if delta.finish_reason is None else str(delta.finish_reason)
                 if text or logprobs or finish:
-                    yield chunk([{"index": index, "text": text, "logprobs": logprobs,
-                                  "finish_reason": finish}])
+                    yield chunk(
+                        [
+                            {
+                                "index": index,
+                                "text": text,
+                                "logprobs": logprobs,
+                                "finish_reason": finish,
+                            }
+                        ]
+                    )
             if include_usage:
                 yield chunk([], _usage(prompt_lengths, group.requests))
 
@@ -477,18 +568,22 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
         adapter = state.resolve_model(body.model)
         _refuse_unsupported(body)
         if state.tokenizer is None:
-            raise with_param(RequestError("messages: the model has no tokenizer (and so no chat "
-                                          "template); use /v1/completions with token ids"),
-                             "messages")
+            raise with_param(
+                RequestError(
+                    "messages: the model has no tokenizer (and so no chat "
+                    "template); use /v1/completions with token ids"
+                ),
+                "messages",
+            )
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         prompt = state.tokenizer.encode_chat(messages)
         if not 1 <= body.n <= state.config.max_n:
-            raise with_param(RequestError(f"n: expected 1..{state.config.max_n}, got {body.n}"),
-                             "n")
+            raise with_param(
+                RequestError(f"n: expected 1..{state.config.max_n}, got {body.n}"), "n"
+            )
         rest_of_context = max(1, state.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        samplings = _samplings(body, max_tokens_of(body, rest_of_context),
-                               logprobs, body.n)
+        samplings = _samplings(body, max_tokens_of(body, rest_of_context), logprobs, body.n)
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         group = submit_group(http_id, [prompt], samplings, adapter)
@@ -501,43 +596,86 @@ def create_app(state: ServingState, *, manage_engine: bool = True, warm_up: bool
             for i, r in enumerate(group.requests):
                 lp = None
                 if body.logprobs:
-                    lp = formatter.chat_logprobs(r.output_ids, r.output_logprobs,
-                                                 r.output_top_logprobs)
-                choices.append({"index": i,
-                                "message": {"role": "assistant", "content": r.text},
-                                "logprobs": lp, "finish_reason": str(r.finish_reason)})
-            return {"id": http_id, "object": "chat.completion", "created": created,
-                    "model": body.model, "choices": choices,
-                    "usage": _usage([len(prompt)], group.requests)}
+                    lp = formatter.chat_logprobs(
+                        r.output_ids, r.output_logprobs, r.output_top_logprobs
+                    )
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": r.text},
+                        "logprobs": lp,
+                        "finish_reason": str(r.finish_reason),
+                    }
+                )
+            return {
+                "id": http_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+                "usage": _usage([len(prompt)], group.requests),
+            }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices: list[dict], usage=None) -> str:
-            payload = {"id": http_id, "object": "chat.completion.chunk", "created": created,
-                       "model": body.model, "choices": choices}
+            payload = {
+                "id": http_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+            }
             if include_usage:
                 payload["usage"] = usage
             return _sse(payload)
 
         async def chunks(events) -> AsyncIterator[str]:
             for i in range(len(group.requests)):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             async for index, delta in events:
                 if delta.finish_reason is not None and delta.finish_reason not in (
-                        FinishReason.STOP, FinishReason.LENGTH):
+                    FinishReason.STOP,
+                    FinishReason.LENGTH,
+                ):
                     yield stream_error(_failure(state, group.requests[index]))
                     return
                 lp = None
                 if body.logprobs and delta.token_ids:
-                    lp = formatter.chat_logprobs(delta.token_ids, delta.logprobs,
-                                                 delta.top_logprobs)
+                    lp = formatter.chat_logprobs(
+                        delta.token_ids, delta.logprobs, delta.top_logprobs
+                    )
                 if delta.text or lp:
-                    yield chunk([{"index": index, "delta": {"content": delta.text},
-                                  "logprobs": lp, "finish_reason": None}])
+                    yield chunk(
+                        [
+                            {
+                                "index": index,
+                                "delta": {"content": delta.text},
+                                "logprobs": lp,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
                 if delta.finish_reason is not None:
-                    yield chunk([{"index": index, "delta": {}, "logprobs": None,
-                                  "finish_reason": str(delta.finish_reason)}])
+                    yield chunk(
+                        [
+                            {
+                                "index": index,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": str(delta.finish_reason),
+                            }
+                        ]
+                    )
             if include_usage:
                 yield chunk([], _usage([len(prompt)], group.requests))
 
@@ -585,18 +723,25 @@ def _completion_prompts(state: ServingState, prompt) -> list[list[int]]:
     else:
         items = list(prompt)
     if not items:
-        raise with_param(RequestError("prompt: expected at least one prompt, got an empty "
-                                      "list"), "prompt")
+        raise with_param(
+            RequestError("prompt: expected at least one prompt, got an empty list"), "prompt"
+        )
     ids = []
     for item in items:
         if isinstance(item, str):
             if state.tokenizer is None:
-                raise with_param(RequestError("prompt: text given but the model has no "
-                                              "tokenizer; send token ids"), "prompt")
+                raise with_param(
+                    RequestError(
+                        "prompt: text given but the model has no tokenizer; send token ids"
+                    ),
+                    "prompt",
+                )
             ids.append(state.tokenizer.encode(item))
         else:
             if not item:
-                raise with_param(RequestError("prompt: expected at least one token, got an "
-                                              "empty token list"), "prompt")
+                raise with_param(
+                    RequestError("prompt: expected at least one token, got an empty token list"),
+                    "prompt",
+                )
             ids.append([int(t) for t in item])
     return ids

@@ -19,8 +19,15 @@ class BackgroundServer:
     gracefully, which stops the engine. Also a context manager.
     """
 
-    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning", timeout_graceful_shutdown: float = 5.0):
+    def __init__(
+        self,
+        app,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        timeout_graceful_shutdown: float = 5.0,
+    ):
         self.app = app
         self.host = host
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -31,8 +38,12 @@ class BackgroundServer:
             self._socket.close()
             raise ConfigError(f"server address {host}:{port}: cannot bind ({e.strerror})") from e
         self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on",
-                                timeout_graceful_shutdown=timeout_graceful_shutdown)
+        config = uvicorn.Config(
+            app,
+            log_level=log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=timeout_graceful_shutdown,
+        )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -46,9 +57,12 @@ class BackgroundServer:
         return f"{self.url}/v1"
 
     def start(self, timeout: float = 600.0) -> BackgroundServer:
-        self._thread = threading.Thread(target=self._server.run,
-                                        kwargs={"sockets": [self._socket]},
-                                        name="jaxlora-uvicorn", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
+            name="jaxlora-uvicorn",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:

@@ -35,28 +35,34 @@ class ServerConfig:
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
-            raise ConfigError(f"server config field 'model_name': expected a non-empty string, "
-                              f"got {self.model_name!r}")
+            raise ConfigError(
+                f"server config field 'model_name': expected a non-empty string, "
+                f"got {self.model_name!r}"
+            )
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
-            raise ConfigError("server config field 'api_key': expected a non-empty string or "
-                              "None")
+            raise ConfigError("server config field 'api_key': expected a non-empty string or None")
         roots = tuple(os.fspath(r) for r in self.adapter_roots)
         for root in roots:
             if not os.path.isdir(root):
-                raise ConfigError(f"server config field 'adapter_roots': {root!r} is not a "
-                                  "directory")
+                raise ConfigError(
+                    f"server config field 'adapter_roots': {root!r} is not a directory"
+                )
         object.__setattr__(self, "adapter_roots", roots)
         for field in ("max_n", "default_max_tokens"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"server config field {field!r}: expected an int >= 1, got "
-                                  f"{value!r}")
+                raise ConfigError(
+                    f"server config field {field!r}: expected an int >= 1, got {value!r}"
+                )
         for field in ("stream_poll_s", "disconnect_poll_s"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"server config field {field!r}: expected seconds > 0, got "
-                                  f"{value!r}")
+                raise ConfigError(
+                    f"server config field {field!r}: expected seconds > 0, got {value!r}"
+                )
         deadline = self.first_token_deadline_s
         if deadline is not None and (not isinstance(deadline, (int, float)) or not deadline > 0):
-            raise ConfigError(f"server config field 'first_token_deadline_s': expected seconds "
-                              f"> 0 or None, got {deadline!r}")
+            raise ConfigError(
+                f"server config field 'first_token_deadline_s': expected seconds "
+                f"> 0 or None, got {deadline!r}"
+            )

@@ -32,8 +32,18 @@ class AuthenticationError(JaxloraError):
 
 
 # Request fields an engine RequestError message may start with ("max_tokens: ...").
-REQUEST_FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                  "logprobs", "n", "messages")
+REQUEST_FIELDS = (
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "logprobs",
+    "n",
+    "messages",
+)
 
 
 def with_param(error: JaxloraError, param: str | None) -> JaxloraError:
@@ -63,19 +73,35 @@ def status_of(error: BaseException) -> tuple[int, str, str | None]:
     return 500, "server_error", "internal_error"
 
 
-def error_payload(status: int, message: str, *, type_: str, param: str | None = None,
-                  code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param,
-                      "code": code if code is not None else str(status)}}
+def error_payload(
+    status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None
+) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": type_,
+            "param": param,
+            "code": code if code is not None else str(status),
+        }
+    }
 
 
-def error_response(status: int, message: str, *, type_: str | None = None,
-                   param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
     if type_ is None:
         type_ = "invalid_request_error" if status < 500 else "server_error"
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-    return JSONResponse(error_payload(status, message, type_=type_, param=param, code=code),
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        error_payload(status, message, type_=type_, param=param, code=code),
+        status_code=status,
+        headers=headers,
+    )
 
 
 def describe(error: BaseException) -> tuple[int, dict]:

@@ -63,8 +63,9 @@ class DeltaPump:
         self._watched[request] = (target, index)
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(),
-                                                                name="jaxlora-delta-pump")
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="jaxlora-delta-pump"
+            )
         self._wake.set()
 
     def abandon(self, request: Request) -> None:

@@ -62,8 +62,9 @@ class LaunchConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: expected one of {sorted(DTYPES)}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            raise ConfigError(f"tensor_parallel_size: expected an int >= 1, got "
-                              f"{self.tensor_parallel_size!r}")
+            raise ConfigError(
+                f"tensor_parallel_size: expected an int >= 1, got {self.tensor_parallel_size!r}"
+            )
 
 
 def parse_lora_modules(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -76,17 +77,20 @@ def parse_lora_modules(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
             name = os.path.basename(os.path.normpath(spec))
         name, path = name.strip(), path.strip()
         if not name or not path:
-            raise ConfigError(f"--lora_modules entry {spec!r}: expected name=path or a PEFT "
-                              "adapter directory")
+            raise ConfigError(
+                f"--lora_modules entry {spec!r}: expected name=path or a PEFT adapter directory"
+            )
         if name in out:
-            raise ConfigError(f"--lora_modules: adapter name {name!r} given twice "
-                              f"({out[name]} and {path})")
+            raise ConfigError(
+                f"--lora_modules: adapter name {name!r} given twice ({out[name]} and {path})"
+            )
         out[name] = path
     return out
 
 
-def engine_config_for(model: ModelConfig, launch: LaunchConfig, *, backend: str | None = None,
-                      warmup: bool = False) -> EngineConfig:
+def engine_config_for(
+    model: ModelConfig, launch: LaunchConfig, *, backend: str | None = None, warmup: bool = False
+) -> EngineConfig:
     """The engine sizes of launch, defaults filled in for the model and the backend."""
     backend = backend or jax.default_backend()
     on_cpu = backend == "cpu"
@@ -96,33 +100,44 @@ def engine_config_for(model: ModelConfig, launch: LaunchConfig, *, backend: str 
         return default if value is None else value
 
     max_batch = pick(launch.max_batch, 8 if on_cpu else runner_default.max_batch)
-    max_model_len = pick(launch.max_model_len,
-                         min(model.max_position_embeddings, 512 if on_cpu else 4096))
+    max_model_len = pick(
+        launch.max_model_len, min(model.max_position_embeddings, 512 if on_cpu else 4096)
+    )
     if max_model_len > model.max_position_embeddings:
-        raise ConfigError(f"max_model_len {max_model_len}: the model's context "
-                          f"(max_position_embeddings) is {model.max_position_embeddings}")
+        raise ConfigError(
+            f"max_model_len {max_model_len}: the model's context "
+            f"(max_position_embeddings) is {model.max_position_embeddings}"
+        )
     page_size = pick(launch.page_size, kv_default.page_size)
     pages_per_seq = -(-max_model_len // page_size)
     # Half of the batch at full length: preemption covers the rare moment when more is needed.
     kv_pages = pick(launch.kv_pages, max(pages_per_seq, max_batch * pages_per_seq // 2))
-    runner = RunnerConfig(max_batch=max_batch,
-                          prefill_chunk=pick(launch.prefill_chunk, runner_default.prefill_chunk),
-                          max_prefill_rows=pick(launch.max_prefill_rows,
-                                                1 if on_cpu else runner_default.max_prefill_rows),
-                          layer_loop=launch.layer_loop)
-    pool = LoraPoolConfig(max_rank=pick(launch.max_rank, pool_default.max_rank),
-                          rows_per_page=pick(launch.rows_per_page, pool_default.rows_per_page),
-                          pages_per_pool=pick(launch.adapter_pool_pages,
-                                              pool_default.pages_per_pool),
-                          max_slots=pick(launch.max_slots, min(max_batch,
-                                                               pool_default.max_slots)))
+    runner = RunnerConfig(
+        max_batch=max_batch,
+        prefill_chunk=pick(launch.prefill_chunk, runner_default.prefill_chunk),
+        max_prefill_rows=pick(
+            launch.max_prefill_rows, 1 if on_cpu else runner_default.max_prefill_rows
+        ),
+        layer_loop=launch.layer_loop,
+    )
+    pool = LoraPoolConfig(
+        max_rank=pick(launch.max_rank, pool_default.max_rank),
+        rows_per_page=pick(launch.rows_per_page, pool_default.rows_per_page),
+        pages_per_pool=pick(launch.adapter_pool_pages, pool_default.pages_per_pool),
+        max_slots=pick(launch.max_slots, min(max_batch, pool_default.max_slots)),
+    )
     return EngineConfig(
         kv=KVCacheConfig(page_size=page_size, num_pages=kv_pages, max_model_len=max_model_len),
-        runner=runner, lora_pool=pool,
-        max_num_tokens=pick(launch.max_num_tokens,
-                            max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk)),
-        max_waiting=pick(launch.max_waiting, EngineConfig().max_waiting), warmup=warmup,
-        async_scheduling=launch.async_scheduling)
+        runner=runner,
+        lora_pool=pool,
+        max_num_tokens=pick(
+            launch.max_num_tokens,
+            max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk),
+        ),
+        max_waiting=pick(launch.max_waiting, EngineConfig().max_waiting),
+        warmup=warmup,
+        async_scheduling=launch.async_scheduling,
+    )
 
 
 def default_model_name(model: str) -> str:
@@ -147,20 +162,31 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
     dtype = DTYPES[launch.dtype]
     config, params, tokenizer = load_base_model(model, seed=launch.seed, dtype=dtype)
     engine_config = engine_config_for(config, launch, warmup=warmup)
-    llm = LLM(config, params=params, tokenizer=tokenizer, engine_config=engine_config,
-              dtype=dtype, seed=launch.seed, load_workers=launch.load_workers,
-              tp=launch.tensor_parallel_size)
+    llm = LLM(
+        config,
+        params=params,
+        tokenizer=tokenizer,
+        engine_config=engine_config,
+        dtype=dtype,
+        seed=launch.seed,
+        load_workers=launch.load_workers,
+        tp=launch.tensor_parallel_size,
+    )
     for name, path in adapters.items():
         llm.adapters.register(name, path)
     for root in launch.lora_dirs:
         llm.adapters.register_root(root)
     server_config = ServerConfig(
         model_name=launch.served_model_name or default_model_name(launch.model),
-        api_key=launch.api_key or None, adapter_roots=tuple(launch.allowed_adapter_roots),
-        first_token_deadline_s=launch.first_token_deadline_s)
+        api_key=launch.api_key or None,
+        adapter_roots=tuple(launch.allowed_adapter_roots),
+        first_token_deadline_s=launch.first_token_deadline_s,
+    )
     if server_config.model_name in llm.adapters.store:
-        raise ConfigError(f"served model name {server_config.model_name!r} is also an "
-                          "adapter's name; rename one (--served_model_name)")
+        raise ConfigError(
+            f"served model name {server_config.model_name!r} is also an "
+            "adapter's name; rename one (--served_model_name)"
+        )
     return ServingState(llm, server_config)
 
 
@@ -170,21 +196,30 @@ def banner(state: ServingState, url: str) -> str:
     adapters = state.adapters.store.names()
     example_model = adapters[0] if adapters else config.model_name
     prompt = demo.DEMO_PROMPTS[0]
-    body = json.dumps({"model": example_model, "messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": 32, "temperature": 0})
+    body = json.dumps(
+        {
+            "model": example_model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 32,
+            "temperature": 0,
+        }
+    )
     # The key itself never goes to stdout or logs: the example reads it from the environment.
     auth = ' \\\n  -H "Authorization: Bearer $JAXLORA_API_KEY"' if config.api_key else ""
-    shown = ", ".join(adapters[:8]) + (f", ... ({len(adapters)} in all)"
-                                        if len(adapters) > 8 else "")
-    return "\n".join([
-        "",
-        f"jaxlora is serving {config.model_name!r} at {url}/v1 (OpenAI-compatible)",
-        f"  adapters: {shown or '(none yet)'}",
-        f"  models: {url}/v1/models   health: {url}/health   metrics: {url}/metrics   "
-        f"docs: {url}/docs",
-        "Try it (set \"model\" to an adapter name or to the base model's"
-        + ("; export JAXLORA_API_KEY=<the server's key>):" if config.api_key else "):"),
-        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
-        f"    -d {shlex.quote(body)}",
-        "",
-    ])
+    shown = ", ".join(adapters[:8]) + (
+        f", ... ({len(adapters)} in all)" if len(adapters) > 8 else ""
+    )
+    return "\n".join(
+        [
+            "",
+            f"jaxlora is serving {config.model_name!r} at {url}/v1 (OpenAI-compatible)",
+            f"  adapters: {shown or '(none yet)'}",
+            f"  models: {url}/v1/models   health: {url}/health   metrics: {url}/metrics   "
+            f"docs: {url}/docs",
+            'Try it (set "model" to an adapter name or to the base model\'s'
+            + ("; export JAXLORA_API_KEY=<the server's key>):" if config.api_key else "):"),
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+            f"    -d {shlex.quote(body)}",
+            "",
+        ]
+    )

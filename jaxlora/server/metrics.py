@@ -14,12 +14,66 @@ from collections.abc import Iterable, Mapping
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Seconds; as vLLM's, so that dashboards made for it read ours the same way.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0)
-TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-                0.75, 1.0, 2.5)
-LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
-                   30.0, 40.0, 50.0, 60.0, 120.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+TPOT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+LATENCY_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+)
 
 
 def _escape(value: str) -> str:
@@ -103,8 +157,12 @@ class Histogram:
         return lines
 
 
-def gauge(name: str, help_text: str, values: float | Mapping[tuple[str, ...], float],
-          labels: tuple[str, ...] = ()) -> list[str]:
+def gauge(
+    name: str,
+    help_text: str,
+    values: float | Mapping[tuple[str, ...], float],
+    labels: tuple[str, ...] = (),
+) -> list[str]:
     """A gauge read at scrape time: one value, or {label values: value}."""
     lines = _header(name, "gauge", help_text)
     if not isinstance(values, Mapping):
@@ -114,9 +172,12 @@ def gauge(name: str, help_text: str, values: float | Mapping[tuple[str, ...], fl
     return lines
 
 
-def counter_snapshot(name: str, help_text: str,
-                     values: float | Mapping[tuple[str, ...], float],
-                     labels: tuple[str, ...] = ()) -> list[str]:
+def counter_snapshot(
+    name: str,
+    help_text: str,
+    values: float | Mapping[tuple[str, ...], float],
+    labels: tuple[str, ...] = (),
+) -> list[str]:
     """A counter kept elsewhere (engine, adapter manager), exposed as it is at scrape time."""
     lines = _header(name, "counter", help_text)
     if not isinstance(values, Mapping):
@@ -130,33 +191,58 @@ class ServerMetrics:
     """What the server counts itself, per model (the base model's name or an adapter's)."""
 
     def __init__(self):
-        self.requests = Counter("jaxlora_requests_total",
-                                "Generation requests accepted (one per choice), per model.",
-                                ("model",))
-        self.finished = Counter("jaxlora_requests_finished_total",
-                                "Generation requests finished, per model and finish reason.",
-                                ("model", "finish_reason"))
-        self.prompt_tokens = Counter("jaxlora_prompt_tokens_total",
-                                     "Prompt tokens of finished requests, per model.", ("model",))
-        self.generation_tokens = Counter("jaxlora_generation_tokens_total",
-                                         "Tokens generated for finished requests, per model.",
-                                         ("model",))
-        self.responses = Counter("jaxlora_http_responses_total",
-                                 "HTTP responses, per route and status code.",
-                                 ("route", "status"))
-        self.ttft = Histogram("jaxlora_time_to_first_token_seconds",
-                              "Seconds from arrival in the engine to the first generated token.",
-                              TTFT_BUCKETS)
-        self.tpot = Histogram("jaxlora_time_per_output_token_seconds",
-                              "Mean seconds per generated token after the first, per request.",
-                              TPOT_BUCKETS)
-        self.latency = Histogram("jaxlora_e2e_request_latency_seconds",
-                                 "Seconds from arrival in the engine to the end of the request.",
-                                 LATENCY_BUCKETS)
+        self.requests = Counter(
+            "jaxlora_requests_total",
+            "Generation requests accepted (one per choice), per model.",
+            ("model",),
+        )
+        self.finished = Counter(
+            "jaxlora_requests_finished_total",
+            "Generation requests finished, per model and finish reason.",
+            ("model", "finish_reason"),
+        )
+        self.prompt_tokens = Counter(
+            "jaxlora_prompt_tokens_total",
+            "Prompt tokens of finished requests, per model.",
+            ("model",),
+        )
+        self.generation_tokens = Counter(
+            "jaxlora_generation_tokens_total",
+            "Tokens generated for finished requests, per model.",
+            ("model",),
+        )
+        self.responses = Counter(
+            "jaxlora_http_responses_total",
+            "HTTP responses, per route and status code.",
+            ("route", "status"),
+        )
+        self.ttft = Histogram(
+            "jaxlora_time_to_first_token_seconds",
+            "Seconds from arrival in the engine to the first generated token.",
+            TTFT_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "jaxlora_time_per_output_token_seconds",
+            "Mean seconds per generated token after the first, per request.",
+            TPOT_BUCKETS,
+        )
+        self.latency = Histogram(
+            "jaxlora_e2e_request_latency_seconds",
+            "Seconds from arrival in the engine to the end of the request.",
+            LATENCY_BUCKETS,
+        )
 
     def own(self) -> list[str]:
         lines: list[str] = []
-        for metric in (self.requests, self.finished, self.prompt_tokens, self.generation_tokens,
-                       self.responses, self.ttft, self.tpot, self.latency):
+        for metric in (
+            self.requests,
+            self.finished,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.responses,
+            self.ttft,
+            self.tpot,
+            self.latency,
+        ):
             lines += metric.render()
         return lines

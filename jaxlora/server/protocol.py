@@ -19,8 +19,10 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = Field(False, description="Send a last chunk with the token usage.")
-    continuous_usage_stats: bool = Field(False, description="Accepted for vLLM compatibility; "
-                                         "usage is reported in the last chunk only.")
+    continuous_usage_stats: bool = Field(
+        False,
+        description="Accepted for vLLM compatibility; usage is reported in the last chunk only.",
+    )
 
 
 class _SamplingFields(_Body):
@@ -32,12 +34,14 @@ class _SamplingFields(_Body):
     n: int = Field(1, description="Choices to generate for each prompt.")
     stream: bool = Field(False, description="Stream the answer as server-sent events.")
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Text that ends the output "
-                                         "(not included in it).")
+    stop: str | list[str] | None = Field(
+        None, description="Text that ends the output (not included in it)."
+    )
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end the output.")
     ignore_eos: bool = Field(False, description="Keep generating past EOS.")
-    seed: int | None = Field(None, description="Random stream of the request (choice i uses "
-                             "seed + i).")
+    seed: int | None = Field(
+        None, description="Random stream of the request (choice i uses seed + i)."
+    )
     presence_penalty: float | None = Field(None, description="Only 0 is supported.")
     frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Only empty is supported.")
@@ -46,9 +50,13 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, a list of texts, token ids or a list of token-id lists.")
-    logprobs: int | None = Field(None, description="Return the chosen token's logprob and this "
-                                 "many most likely alternatives (0..20).")
+        description="Text, a list of texts, token ids or a list of token-id lists."
+    )
+    logprobs: int | None = Field(
+        None,
+        description="Return the chosen token's logprob and this "
+        "many most likely alternatives (0..20).",
+    )
     echo: bool = Field(False, description="Prepend the prompt text to the answer.")
     best_of: int | None = Field(None, description="Only None or equal to n is supported.")
     suffix: str | None = Field(None, description="Not supported (must be absent).")
@@ -67,15 +75,18 @@ class ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(description="The conversation; rendered with the "
-                                        "tokenizer's chat template.")
+    messages: list[ChatMessage] = Field(
+        description="The conversation; rendered with the tokenizer's chat template."
+    )
     max_completion_tokens: int | None = Field(None, description="Alias of max_tokens.")
     logprobs: bool = Field(False, description="Return the logprob of each output token.")
-    top_logprobs: int | None = Field(None, description="Most likely alternatives per token "
-                                     "(0..20); needs logprobs.")
+    top_logprobs: int | None = Field(
+        None, description="Most likely alternatives per token (0..20); needs logprobs."
+    )
     response_format: ResponseFormat | None = Field(None, description="Only type 'text'.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (must be "
-                                               "absent or empty).")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Not supported (must be absent or empty)."
+    )
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
     parallel_tool_calls: bool | None = None
     store: bool | None = None
@@ -86,18 +97,21 @@ class LoadLoraAdapterRequest(_Body):
     """vLLM's body for POST /v1/load_lora_adapter."""
 
     lora_name: str = Field(description="Name the adapter is served under (the `model` field).")
-    lora_path: str = Field(description="PEFT adapter directory, absolute or relative to an "
-                           "allowed adapter root.")
-    load_inplace: bool = Field(False, description="Replace an adapter of the same name (requests "
-                               "in flight finish with the old weights).")
+    lora_path: str = Field(
+        description="PEFT adapter directory, absolute or relative to an allowed adapter root."
+    )
+    load_inplace: bool = Field(
+        False,
+        description="Replace an adapter of the same name (requests "
+        "in flight finish with the old weights).",
+    )
 
 
 class UnloadLoraAdapterRequest(_Body):
     """vLLM's body for POST /v1/unload_lora_adapter."""
 
     lora_name: str
-    lora_int_id: int | None = Field(None, description="Accepted for vLLM compatibility; "
-                                    "ignored.")
+    lora_int_id: int | None = Field(None, description="Accepted for vLLM compatibility; ignored.")
 
 
 FinishReasonName = Literal["stop", "length"]

@@ -28,25 +28,34 @@ def resolve_adapter_path(path: str, roots: tuple[str, ...]) -> str:
     check, so neither ``..`` nor a link can lead outside the roots. Raises AdapterError.
     """
     if not roots:
-        raise with_param(AdapterError(
-            "runtime adapter loading is disabled: the server was started without allowed "
-            "adapter roots (scripts/serve.py --allowed_adapter_roots=DIR[,DIR...])"), "lora_path")
+        raise with_param(
+            AdapterError(
+                "runtime adapter loading is disabled: the server was started without allowed "
+                "adapter roots (scripts/serve.py --allowed_adapter_roots=DIR[,DIR...])"
+            ),
+            "lora_path",
+        )
     if not isinstance(path, str) or not path or "\x00" in path:
-        raise with_param(AdapterError(f"lora_path {path!r}: expected a directory path"),
-                         "lora_path")
+        raise with_param(
+            AdapterError(f"lora_path {path!r}: expected a directory path"), "lora_path"
+        )
     real_roots = [os.path.realpath(r) for r in roots]
     candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in real_roots]
     inside = []
     for candidate in candidates:
         real = os.path.realpath(candidate)
-        if any(real == root or real.startswith(root.rstrip(os.sep) + os.sep)
-               for root in real_roots):
+        if any(
+            real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in real_roots
+        ):
             inside.append(real)
     if not inside:
-        raise with_param(AdapterError(
-            f"lora_path {path!r}: not inside an allowed adapter root (symlinks resolved); "
-            "only directories under --allowed_adapter_roots can be loaded at runtime"),
-            "lora_path")
+        raise with_param(
+            AdapterError(
+                f"lora_path {path!r}: not inside an allowed adapter root (symlinks resolved); "
+                "only directories under --allowed_adapter_roots can be loaded at runtime"
+            ),
+            "lora_path",
+        )
     existing = [p for p in inside if os.path.isdir(p)]
     return existing[0] if existing else inside[0]
 
@@ -96,8 +105,7 @@ class ServingState:
                 on_ready()
 
         if background:
-            self._warmup_thread = threading.Thread(target=run, name="jaxlora-warmup",
-                                                   daemon=True)
+            self._warmup_thread = threading.Thread(target=run, name="jaxlora-warmup", daemon=True)
             self._warmup_thread.start()
         else:
             run()
@@ -131,48 +139,77 @@ class ServingState:
             return None
         if name in self.adapters.store:
             return name
-        raise with_param(UnknownAdapterError(
-            f"The model `{name}` does not exist: it is neither the base model "
-            f"({self.config.model_name!r}) nor a registered adapter (GET /v1/models lists "
-            "them)"), "model")
+        raise with_param(
+            UnknownAdapterError(
+                f"The model `{name}` does not exist: it is neither the base model "
+                f"({self.config.model_name!r}) nor a registered adapter (GET /v1/models lists "
+                "them)"
+            ),
+            "model",
+        )
 
     def models(self) -> list[dict]:
-        base = {"id": self.config.model_name, "object": "model", "created": self.created,
-                "owned_by": "jaxlora", "root": self.config.model_name, "parent": None,
-                "max_model_len": self.max_model_len}
+        base = {
+            "id": self.config.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "jaxlora",
+            "root": self.config.model_name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+        }
         cards = [base]
         for name in self.adapters.store.names():
             entry = self.adapters.store.current(name)
             if entry is None:  # unregistered meanwhile
                 continue
-            cards.append({"id": name, "object": "model",
-                          "created": self._adapter_created.get(name, self.created),
-                          "owned_by": "jaxlora",
-                          "root": entry.source if entry.source != MEMORY_SOURCE else name,
-                          "parent": self.config.model_name, "max_model_len": self.max_model_len})
+            cards.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": self._adapter_created.get(name, self.created),
+                    "owned_by": "jaxlora",
+                    "root": entry.source if entry.source != MEMORY_SOURCE else name,
+                    "parent": self.config.model_name,
+                    "max_model_len": self.max_model_len,
+                }
+            )
         return cards
 
     def load_adapter(self, name: str, path: str, *, replace: bool = False) -> str:
         """Registers the PEFT directory at path (inside the allowed roots) as name; returns the
         real path. Raises AdapterError / FormatError (400) with the reason."""
         if name == self.config.model_name:
-            raise with_param(AdapterError(f"lora_name {name!r}: that is the base model's name"),
-                             "lora_name")
+            raise with_param(
+                AdapterError(f"lora_name {name!r}: that is the base model's name"), "lora_name"
+            )
         real = resolve_adapter_path(path, self.config.adapter_roots)
         if not os.path.isdir(real):
-            raise with_param(FormatError(f"lora_path {path!r}: no such adapter directory under "
-                                         "the allowed adapter roots"), "lora_path")
+            raise with_param(
+                FormatError(
+                    f"lora_path {path!r}: no such adapter directory under the allowed adapter roots"
+                ),
+                "lora_path",
+            )
         if replace:
             if name not in self.adapters.store:
-                raise with_param(UnknownAdapterError(
-                    f"lora_name {name!r}: load_inplace replaces a loaded adapter, and none is "
-                    "loaded under that name"), "lora_name")
+                raise with_param(
+                    UnknownAdapterError(
+                        f"lora_name {name!r}: load_inplace replaces a loaded adapter, and none is "
+                        "loaded under that name"
+                    ),
+                    "lora_name",
+                )
             self.adapters.replace(name, real)
         else:
             if name in self.adapters.store:
-                raise with_param(AdapterError(
-                    f"The lora adapter '{name}' has already been loaded (unload it first, or "
-                    "pass load_inplace=true to replace it)"), "lora_name")
+                raise with_param(
+                    AdapterError(
+                        f"The lora adapter '{name}' has already been loaded (unload it first, or "
+                        "pass load_inplace=true to replace it)"
+                    ),
+                    "lora_name",
+                )
             self.adapters.register(name, real)
         self._adapter_created[name] = int(time.time())
         log.info("adapter %r loaded from %s", name, real)
@@ -184,19 +221,24 @@ class ServingState:
         try:
             self.adapters.unregister(name)
         except UnknownAdapterError as e:
-            raise with_param(UnknownAdapterError(
-                f"The lora adapter '{name}' cannot be found (it is not loaded)"), "lora_name"
-                             ) from e
+            raise with_param(
+                UnknownAdapterError(
+                    f"The lora adapter '{name}' cannot be found (it is not loaded)"
+                ),
+                "lora_name",
+            ) from e
         self._adapter_created.pop(name, None)
         log.info("adapter %r unloaded", name)
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None,
-               request_id: str) -> Request:
+    def submit(
+        self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None, request_id: str
+    ) -> Request:
         deadline = self.config.first_token_deadline_s
-        request = self.engine.submit(prompt_ids, sampling, adapter=adapter,
-                                     request_id=request_id, deadline_s=deadline)
+        request = self.engine.submit(
+            prompt_ids, sampling, adapter=adapter, request_id=request_id, deadline_s=deadline
+        )
         self.metrics.requests.inc(self.model_label(adapter))
         return request
 
@@ -212,8 +254,9 @@ class ServingState:
         if request.first_token_time is not None:
             m.ttft.observe(request.first_token_time - request.arrival)
             if len(request.output_ids) > 1 and request.finish_time is not None:
-                m.tpot.observe((request.finish_time - request.first_token_time)
-                               / (len(request.output_ids) - 1))
+                m.tpot.observe(
+                    (request.finish_time - request.first_token_time) / (len(request.output_ids) - 1)
+                )
         if request.finish_time is not None:
             m.latency.observe(request.finish_time - request.arrival)
 
@@ -225,70 +268,120 @@ class ServingState:
         usage = self.engine.pool_usage()
         kv_total, kv_free = usage["kv_total_pages"], usage["kv_free_pages"]
         lines = self.metrics.own()
-        lines += prom.gauge("jaxlora_num_requests_waiting",
-                            "Requests queued in the engine, not yet admitted.",
-                            engine.num_waiting)
-        lines += prom.gauge("jaxlora_num_requests_running",
-                            "Requests holding KV pages (prefilling or decoding).",
-                            engine.num_running)
-        lines += prom.gauge("jaxlora_open_requests",
-                            "Requests the server is streaming or waiting on.",
-                            self.pump.open_requests)
-        lines += prom.gauge("jaxlora_requests_cancelling",
-                            "Requests whose client went away, not yet ended by the engine.",
-                            self.pump.cancelling)
-        lines += prom.gauge("jaxlora_kv_cache_pages_total", "Pages of the KV cache pool.",
-                            kv_total)
-        lines += prom.gauge("jaxlora_kv_cache_pages_free", "Free pages of the KV cache pool.",
-                            kv_free)
-        lines += prom.gauge("jaxlora_kv_cache_usage_ratio", "Used fraction of the KV cache pool.",
-                            (kv_total - kv_free) / kv_total if kv_total else 0.0)
+        lines += prom.gauge(
+            "jaxlora_num_requests_waiting",
+            "Requests queued in the engine, not yet admitted.",
+            engine.num_waiting,
+        )
+        lines += prom.gauge(
+            "jaxlora_num_requests_running",
+            "Requests holding KV pages (prefilling or decoding).",
+            engine.num_running,
+        )
+        lines += prom.gauge(
+            "jaxlora_open_requests",
+            "Requests the server is streaming or waiting on.",
+            self.pump.open_requests,
+        )
+        lines += prom.gauge(
+            "jaxlora_requests_cancelling",
+            "Requests whose client went away, not yet ended by the engine.",
+            self.pump.cancelling,
+        )
+        lines += prom.gauge("jaxlora_kv_cache_pages_total", "Pages of the KV cache pool.", kv_total)
+        lines += prom.gauge(
+            "jaxlora_kv_cache_pages_free", "Free pages of the KV cache pool.", kv_free
+        )
+        lines += prom.gauge(
+            "jaxlora_kv_cache_usage_ratio",
+            "Used fraction of the KV cache pool.",
+            (kv_total - kv_free) / kv_total if kv_total else 0.0,
+        )
         pools = manager.pools
-        lines += prom.gauge("jaxlora_adapter_pool_pages_total",
-                            "Pages of each adapter page pool.",
-                            {(axis,): u.num_pages for axis, u in pools.items()}, ("pool",))
-        lines += prom.gauge("jaxlora_adapter_pool_pages_used",
-                            "Used pages of each adapter page pool.",
-                            {(axis,): u.used_pages for axis, u in pools.items()}, ("pool",))
-        lines += prom.gauge("jaxlora_adapter_pool_usage_ratio",
-                            "Used fraction of each adapter page pool.",
-                            {(axis,): u.utilization for axis, u in pools.items()}, ("pool",))
-        lines += prom.gauge("jaxlora_adapters_registered", "Adapters registered (servable).",
-                            len(self.adapters.store))
-        lines += prom.gauge("jaxlora_adapters_resident",
-                            "Adapter versions holding pages of the GPU pool.", manager.resident)
-        lines += prom.gauge("jaxlora_adapters_referenced",
-                            "Resident adapters used by at least one request.", manager.referenced)
+        lines += prom.gauge(
+            "jaxlora_adapter_pool_pages_total",
+            "Pages of each adapter page pool.",
+            {(axis,): u.num_pages for axis, u in pools.items()},
+            ("pool",),
+        )
+        lines += prom.gauge(
+            "jaxlora_adapter_pool_pages_used",
+            "Used pages of each adapter page pool.",
+            {(axis,): u.used_pages for axis, u in pools.items()},
+            ("pool",),
+        )
+        lines += prom.gauge(
+            "jaxlora_adapter_pool_usage_ratio",
+            "Used fraction of each adapter page pool.",
+            {(axis,): u.utilization for axis, u in pools.items()},
+            ("pool",),
+        )
+        lines += prom.gauge(
+            "jaxlora_adapters_registered",
+            "Adapters registered (servable).",
+            len(self.adapters.store),
+        )
+        lines += prom.gauge(
+            "jaxlora_adapters_resident",
+            "Adapter versions holding pages of the GPU pool.",
+            manager.resident,
+        )
+        lines += prom.gauge(
+            "jaxlora_adapters_referenced",
+            "Resident adapters used by at least one request.",
+            manager.referenced,
+        )
         lines += prom.gauge("jaxlora_adapters_pinned", "Pinned adapters.", manager.pinned)
-        lines += prom.counter_snapshot("jaxlora_adapter_hits_total",
-                                       "Adapter acquisitions that found it resident.",
-                                       manager.hits)
-        lines += prom.counter_snapshot("jaxlora_adapter_misses_total",
-                                       "Adapter acquisitions that had to load it.",
-                                       manager.misses)
-        lines += prom.counter_snapshot("jaxlora_adapter_evictions_total",
-                                       "Adapters evicted from the GPU pool.", manager.evictions)
-        lines += prom.counter_snapshot("jaxlora_adapter_load_failures_total",
-                                       "Adapter loads that failed.", manager.load_failures)
-        lines += prom.counter_snapshot("jaxlora_adapter_bytes_copied_total",
-                                       "Bytes copied from host memory to the adapter pools.",
-                                       manager.bytes_copied)
-        lines += prom.gauge("jaxlora_adapter_load_seconds",
-                            "Seconds the last load of each adapter took, from the miss until "
-                            "its pages were ready.",
-                            {(name,): s for name, s in manager.load_seconds.items()},
-                            ("adapter",))
-        lines += prom.counter_snapshot("jaxlora_engine_steps_total",
-                                       "Engine iterations that ran the model.", stats.steps)
-        lines += prom.counter_snapshot("jaxlora_engine_preemptions_total",
-                                       "Requests preempted (KV pool full), recomputed later.",
-                                       stats.preemptions)
-        lines += prom.counter_snapshot("jaxlora_engine_deadline_aborts_total",
-                                       "Requests dropped by admission control (deadline).",
-                                       stats.deadline_aborts)
-        lines += prom.gauge("jaxlora_engine_step_seconds",
-                            "Moving average of the duration of one engine iteration.",
-                            stats.step_time_ema)
-        lines += prom.gauge("jaxlora_engine_ready", "1 once the engine is warm and running.",
-                            1 if self.ready else 0)
+        lines += prom.counter_snapshot(
+            "jaxlora_adapter_hits_total",
+            "Adapter acquisitions that found it resident.",
+            manager.hits,
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_adapter_misses_total",
+            "Adapter acquisitions that had to load it.",
+            manager.misses,
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_adapter_evictions_total",
+            "Adapters evicted from the GPU pool.",
+            manager.evictions,
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_adapter_load_failures_total",
+            "Adapter loads that failed.",
+            manager.load_failures,
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_adapter_bytes_copied_total",
+            "Bytes copied from host memory to the adapter pools.",
+            manager.bytes_copied,
+        )
+        lines += prom.gauge(
+            "jaxlora_adapter_load_seconds",
+            "Seconds the last load of each adapter took, from the miss until its pages were ready.",
+            {(name,): s for name, s in manager.load_seconds.items()},
+            ("adapter",),
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_engine_steps_total", "Engine iterations that ran the model.", stats.steps
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_engine_preemptions_total",
+            "Requests preempted (KV pool full), recomputed later.",
+            stats.preemptions,
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_engine_deadline_aborts_total",
+            "Requests dropped by admission control (deadline).",
+            stats.deadline_aborts,
+        )
+        lines += prom.gauge(
+            "jaxlora_engine_step_seconds",
+            "Moving average of the duration of one engine iteration.",
+            stats.step_time_ema,
+        )
+        lines += prom.gauge(
+            "jaxlora_engine_ready", "1 once the engine is warm and running.", 1 if self.ready else 0
+        )
         return "\n".join(lines) + "\n"
