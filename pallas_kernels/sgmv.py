@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -256,8 +257,34 @@ class SgmvConfig:
             at_least = 0 if name == "decode_max_tokens" else 1
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(
-                    f"SgmvConfig field {name!r}: expected a positive int, got {value!r}"
+                    f"SgmvConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
                 )
+
+    @classmethod
+    def from_dict(cls, fields, *, where: str) -> SgmvConfig:
+        """A config from ``{field: value}`` (e.g. a JSON flag); ``where`` names the source."""
+        if not isinstance(fields, dict):
+            raise ConfigError(
+                f"{where}: expected an object of SgmvConfig fields, got {type(fields).__name__}"
+            )
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown SgmvConfig field {unknown[0]!r}; expected one of {known}"
+            )
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> SgmvConfig:
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not valid JSON ({e})") from e
+        return cls.from_dict(fields, where=where)
 
     def regime(self, num_tokens: int, kernel: str = "expand") -> str:
         """ "decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens."""

@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as pltriton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxlora.bench.profile import trace_gpu_events  # noqa: E402
+from jaxlora.errors import ConfigError  # noqa: E402
 from pallas_kernels.sgmv import (  # noqa: E402
     SgmvConfig,
     build_sgmv_metadata,
@@ -441,13 +442,24 @@ def measure_copy_bandwidth(flush_buf):
 
 
 def impl_steps():
-    variants = json.loads(FLAGS.variants)
+    try:
+        variants = json.loads(FLAGS.variants)
+    except json.JSONDecodeError as e:
+        raise app.UsageError(f"--variants: not valid JSON ({e})") from e
+    if not isinstance(variants, dict):
+        raise app.UsageError("--variants: expected a JSON object {name: {SgmvConfig field: ...}}")
     steps = {}
     for impl in FLAGS.impls:
         if impl == "sgmv":
             steps[impl] = (step_sgmv(SgmvConfig()), SgmvConfig())
         elif impl.startswith("sgmv:"):
-            cfg = SgmvConfig(**variants[impl.split(":", 1)[1]])
+            name = impl.split(":", 1)[1]
+            if name not in variants:
+                raise app.UsageError(f"--impls: {impl!r} names no variant in --variants")
+            try:
+                cfg = SgmvConfig.from_dict(variants[name], where=f"--variants[{name!r}]")
+            except ConfigError as e:
+                raise app.UsageError(str(e)) from e
             steps[impl] = (step_sgmv(cfg), cfg)
         elif impl == "gather_einsum":
             steps[impl] = (step_gather_einsum, None)
@@ -669,13 +681,13 @@ def print_row(result, copy_bw):
 def main(argv):
     del argv
     out_json = FLAGS.out_json or os.path.join(os.environ.get("OUT", "."), "bench_kernels.json")
+    steps = impl_steps()  # bad flags fail before the copy-bandwidth measurement
     print("devices:", jax.devices(), flush=True)
     flush_buf = fill(((FLAGS.flush_mib << 20) // 4,), jnp.float32, 5, 1.0)
     copy_bw, copy_results, flush_buf = measure_copy_bandwidth(flush_buf)
     if not np.isfinite(copy_bw):  # no device trace (a CPU smoke run): rows are judged vs 1 TB/s
         copy_bw = 1000.0
     print(f"copy ceiling: {copy_bw:.0f} GB/s (best of {len(copy_results)})", flush=True)
-    steps = impl_steps()
     tokens = [int(t) for t in FLAGS.tokens]
     rows = []
     report = {

@@ -38,6 +38,7 @@ from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
+from jaxlora.errors import JaxloraError  # noqa: E402
 from pallas_kernels.sgmv import SgmvConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -179,7 +180,10 @@ def main(argv):
     del argv
     logging.getLogger("jaxlora").setLevel(logging.INFO)
     if FLAGS.section == "report":
-        results = report.load(FLAGS.inputs)
+        try:
+            results = report.load(FLAGS.inputs)
+        except JaxloraError as e:
+            sys.exit(f"error: {e}")
         text = report.markdown(results)
         print(text)
         if FLAGS.markdown_out:
@@ -188,6 +192,10 @@ def main(argv):
         if FLAGS.figure_out and not report.plot(results, FLAGS.figure_out):
             print("matplotlib is not installed (pip install -e .[bench]): no figure")
         return
+    try:  # a bad flag fails before the copy-bandwidth measurement, not after
+        sgmv = SgmvConfig.from_json(FLAGS.sgmv_config or "{}", where="--sgmv_config")
+    except JaxloraError as e:
+        sys.exit(f"error: {e}")
     model = get_model_preset(FLAGS.model)
     if FLAGS.model_layers:
         model = dataclasses.replace(model, num_layers=FLAGS.model_layers)
@@ -240,11 +248,9 @@ def main(argv):
             seed=FLAGS.seed,
         )
     engine_config = config.engine_config()
-    sgmv = json.loads(FLAGS.sgmv_config)
-    if sgmv:
-        engine_config = dataclasses.replace(
-            engine_config, runner=dataclasses.replace(engine_config.runner, sgmv=SgmvConfig(**sgmv))
-        )
+    engine_config = dataclasses.replace(
+        engine_config, runner=dataclasses.replace(engine_config.runner, sgmv=sgmv)
+    )
     bench = build_engine(model, engine_config, setup)
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
     doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}

@@ -387,6 +387,60 @@ def test_report_judges_each_target():
     assert detail.endswith("async-scheduled iteration (device step) 1.30-1.30x the roofline")
 
 
+def test_report_merges_rows_of_one_setup_from_several_files(tmp_path):
+    """Rows of one set-up measured in separate runs (batch 8/32, then 128) make one report;
+    a later file's row replaces an earlier one with the same key; different set-ups are
+    refused with a message naming both files and the field."""
+    meta = {"device": "H200", "model": {"name": "llama-2-7b", "num_layers": 32}, "rank": 16}
+    config = {"batch_sizes": [8, 32], "prompt_len": 256, "free_running": ["async", "sync"]}
+
+    def write(name, rows, meta=meta, config=config):
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": meta, "offline": {"config": config, "rows": rows}}))
+        return str(path)
+
+    def row(batch, workload, tokens_per_s):
+        return {"batch": batch, "workload": workload, "output_tokens_per_s": tokens_per_s}
+
+    first = write("a.json", [row(8, "no_lora", 1.0), row(32, "no_lora", 2.0)])
+    second = write(
+        "b.json",
+        [row(128, "no_lora", 3.0), row(32, "no_lora", 4.0)],
+        config={**config, "batch_sizes": [128, 32], "free_running": ["async"]},
+    )
+    merged = report.load([first, second])
+    rows = merged["offline"]["rows"]
+    assert [(r["batch"], r["output_tokens_per_s"]) for r in rows] == [
+        (8, 1.0),
+        (32, 4.0),
+        (128, 3.0),
+    ]
+    assert merged["offline"]["config"]["batch_sizes"] == [8, 32, 128]
+    assert merged["meta"]["offline"]["sources"] == [first, second]
+    other_model = {**meta, "model": {"name": "llama-2-7b", "num_layers": 8}}
+    with pytest.raises(ConfigError, match=r"c\.json: .*'model\.num_layers' = 8, .*a\.json with 32"):
+        report.load([first, write("c.json", [row(8, "no_lora", 5.0)], meta=other_model)])
+    with pytest.raises(ConfigError, match=r"d\.json: .*config field 'prompt_len' is 512"):
+        report.load(
+            [first, write("d.json", [row(8, "no_lora", 5.0)], config={**config, "prompt_len": 512})]
+        )
+    # The script prints our error, not a traceback.
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "benchmark.py"),
+            "--section=report",
+            f"--inputs={first},{tmp_path / 'c.json'}",
+        ],
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and out.stderr.strip().startswith("error: ")
+    assert "Traceback" not in out.stderr
+
+
 def test_benchmark_script_writes_results_and_report(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     offline = tmp_path / "offline.json"

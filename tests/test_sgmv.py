@@ -703,6 +703,22 @@ def test_sgmv_apply_matches_reference(group, num_tokens, interpret):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_config_from_json_names_the_source_and_the_field():
+    config = SgmvConfig.from_json('{"decode_max_tokens": 32}', where="--sgmv_config")
+    assert config == SgmvConfig(decode_max_tokens=32)
+    assert SgmvConfig.from_json("{}", where="--sgmv_config") == SgmvConfig()
+    cases = [
+        ("{bad", r"--sgmv_config: not valid JSON"),
+        ("[1]", r"--sgmv_config: expected an object of SgmvConfig fields, got list"),
+        ('{"decode_fused_max_tokens": 8}', r"unknown SgmvConfig field 'decode_fused_max_tokens'"),
+        ('{"decode_block_k": 3}', r"--sgmv_config: .*'decode_block_k': expected a power of two"),
+        ('{"decode_max_tokens": -1}', r"'decode_max_tokens': expected an int >= 0, got -1"),
+    ]
+    for text, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            SgmvConfig.from_json(text, where="--sgmv_config")
+
+
 def test_bad_inputs_raise_config_errors():
     prob = make_problem(1, num_tokens=20, in_width=40, out_widths=(56, 56))
     ts = jnp.asarray(prob.token_slot)

@@ -2,7 +2,7 @@
 
 Results are the JSON documents scripts/benchmark.py and scripts/bench_peft.py write: each has a
 "meta" dict and any of "offline" ({"rows": [...]}), "online" ({"rows": [...]}) and "peft"
-({"rows": [...]}); ``merge`` combines several.
+({"rows": [...]}); ``load`` merges several (rows of one set-up measured in separate runs).
 """
 
 from __future__ import annotations
@@ -22,10 +22,29 @@ ONLINE_RETENTION_TARGET = 0.95  # throughput at 2,000 adapters >= 95% of that at
 ONLINE_FEW, ONLINE_MANY = 5, 2000
 
 
+# How a section's rows are told apart, and the config fields that only choose which rows ran:
+# files that agree on everything else (and on the meta's set-up) have their rows merged.
+_ROW_KEYS = {
+    "offline": ("batch", "workload"),
+    "online": ("num_adapters",),
+    "peft": ("batch", "workload"),
+}
+_ROW_SELECTORS = {
+    "offline": ("batch_sizes", "workloads", "free_running", "profile_steps"),
+    "online": ("adapter_counts", "time_steps"),
+    "peft": ("batch_sizes", "workloads", "max_time_s"),
+}
+_SETUP = ("device", "model", "dtype", "rank")
+
+
 def load(paths) -> dict:
-    """Merges result files: sections are taken from the file that has them, metas are kept."""
+    """Merges result files. A section found in one file is taken whole; a section found in
+    several has its rows merged (a later file's row replaces an earlier one with the same key)
+    when the files measured the same set-up: meta fields ``_SETUP`` and the section's config
+    apart from the fields that only choose rows. Otherwise ``ConfigError`` names both files."""
     merged = {"meta": {}}
     for path in paths:
+        path = str(path)
         try:
             with open(path) as f:
                 doc = json.load(f)
@@ -35,11 +54,55 @@ def load(paths) -> dict:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(doc, dict) or "meta" not in doc:
             raise ConfigError(f"{path}: expected a benchmark result object with a 'meta' field")
-        for section in ("offline", "online", "peft"):
+        for section in _ROW_KEYS:
             if section in doc:
-                merged[section] = doc[section]
-                merged["meta"][section] = doc["meta"]
+                _merge_section(merged, section, doc, path)
     return merged
+
+
+def _merge_section(merged: dict, section: str, doc: dict, path: str) -> None:
+    part = doc[section]
+    if section not in merged:
+        merged[section] = {
+            **part,
+            "rows": list(part.get("rows", [])),
+            "config": dict(part.get("config", {})),
+        }
+        merged["meta"][section] = {**doc["meta"], "sources": [path]}
+        return
+    meta = merged["meta"][section]
+    first = meta["sources"][0]
+    for field in _SETUP:
+        ours, theirs = doc["meta"].get(field), meta.get(field)
+        if ours != theirs:
+            if isinstance(ours, dict) and isinstance(theirs, dict):
+                field, ours, theirs = next(
+                    (f"{field}.{k}", ours.get(k), theirs.get(k))
+                    for k in sorted(set(ours) | set(theirs))
+                    if ours.get(k) != theirs.get(k)
+                )
+            raise ConfigError(
+                f"{path}: its {section} results were measured with meta field {field!r} = "
+                f"{ours!r}, those of {first} with {theirs!r}; results of different set-ups "
+                "are not merged"
+            )
+    config, new_config = merged[section].get("config", {}), part.get("config", {})
+    selectors = _ROW_SELECTORS[section]
+    for field in sorted((set(config) | set(new_config)) - set(selectors)):
+        if config.get(field) != new_config.get(field):
+            raise ConfigError(
+                f"{path}: its {section} config field {field!r} is {new_config.get(field)!r}, "
+                f"{first} has {config.get(field)!r}; results of different set-ups are not merged"
+            )
+    key_fields = _ROW_KEYS[section]
+    rows = {tuple(r.get(k) for k in key_fields): r for r in merged[section]["rows"]}
+    for row in part.get("rows", []):
+        rows[tuple(row.get(k) for k in key_fields)] = row
+    merged[section]["rows"] = list(rows.values())
+    for field in selectors:
+        if isinstance(config.get(field), list) and isinstance(new_config.get(field), list):
+            config[field] = config[field] + [v for v in new_config[field] if v not in config[field]]
+    meta["sources"].append(path)
 
 
 def _finite(x) -> bool:
