@@ -38,6 +38,7 @@ from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
+from jaxlora.engine.runner import xla_options_from_json  # noqa: E402
 from jaxlora.errors import JaxloraError  # noqa: E402
 from pallas_kernels.sgmv import SgmvConfig  # noqa: E402
 
@@ -57,6 +58,11 @@ flags.DEFINE_list(
     "offline: after the timed pass, each row "
     "is served again untimed once per scheduling mode listed (async, sync); the "
     "first gives its tokens/s; empty: the timed pass's",
+)
+flags.DEFINE_string(
+    "xla_options",
+    "{}",
+    "JSON {XLA compiler option: value} for the engine's model step (RunnerConfig.xla_options)",
 )
 flags.DEFINE_string(
     "sgmv_config",
@@ -194,6 +200,7 @@ def main(argv):
         return
     try:  # a bad flag fails before the copy-bandwidth measurement, not after
         sgmv = SgmvConfig.from_json(FLAGS.sgmv_config or "{}", where="--sgmv_config")
+        xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
     except JaxloraError as e:
         sys.exit(f"error: {e}")
     model = get_model_preset(FLAGS.model)
@@ -249,7 +256,8 @@ def main(argv):
         )
     engine_config = config.engine_config()
     engine_config = dataclasses.replace(
-        engine_config, runner=dataclasses.replace(engine_config.runner, sgmv=sgmv)
+        engine_config,
+        runner=dataclasses.replace(engine_config.runner, sgmv=sgmv, xla_options=xla_options),
     )
     bench = build_engine(model, engine_config, setup)
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)

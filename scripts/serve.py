@@ -70,6 +70,12 @@ flags.DEFINE_enum(
     "compiles) or unrolled (on the H200, 1.5-2.2x faster 7B decode steps, minutes "
     "of compiling; see docs/BENCHMARKS.md).",
 )
+flags.DEFINE_string(
+    "xla_options",
+    "{}",
+    "JSON {XLA compiler option: value} for the model step (RunnerConfig.xla_options), e.g. "
+    "'{\"xla_gpu_enable_triton_gemm\": false}' (cuBLAS GEMMs: much faster compiles).",
+)
 flags.DEFINE_bool(
     "async_scheduling",
     True,
@@ -104,6 +110,7 @@ def main(argv):
     import jax
     import uvicorn
 
+    from jaxlora.engine.runner import xla_options_from_json
     from jaxlora.errors import JaxloraError
     from jaxlora.server import create_app
     from jaxlora.server.launch import LaunchConfig, banner, build_state
@@ -117,6 +124,10 @@ def main(argv):
         )
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     api_key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("JAXLORA_API_KEY")
+    try:
+        xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
+    except JaxloraError as e:
+        sys.exit(f"error: {e}")
     launch = LaunchConfig(
         model=FLAGS.model,
         served_model_name=FLAGS.served_model_name,
@@ -142,6 +153,7 @@ def main(argv):
         max_rank=FLAGS.max_rank,
         max_slots=FLAGS.max_slots,
         layer_loop=FLAGS.layer_loop,
+        xla_options=xla_options,
         async_scheduling=FLAGS.async_scheduling,
     )
     try:

@@ -712,3 +712,59 @@ def test_runner_sgmv_config_reaches_the_kernels(base, lora_adapters):
     for prompt, name, out in zip(prompts, names, outs, strict=True):
         expected = greedy_reference(merged_params(base, lora_adapters[name]), prompt, 4)
         assert out.token_ids == expected, name
+
+
+def test_runner_xla_options_reach_the_step_and_bad_ones_fail_at_build(
+    base, lora_adapters, monkeypatch
+):
+    """RunnerConfig.xla_options are the model step's compiler options (one engine's, not the
+    process's XLA_FLAGS); the engine still gives the reference tokens; an unknown option or a
+    bad value fails when the engine is built, naming the field."""
+    import dataclasses
+
+    from jaxlora.engine.runner import xla_options_from_json
+    from jaxlora.errors import ConfigError
+
+    seen = []
+    real_jit = jax.jit
+
+    def recording_jit(fn, **kwargs):
+        seen.append((getattr(fn, "__name__", None), kwargs.get("compiler_options")))
+        return real_jit(fn, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
+    options = xla_options_from_json('{"xla_gpu_enable_triton_gemm": false}', where="test")
+    assert options == (("xla_gpu_enable_triton_gemm", False),)
+    config = small_engine_config()
+    config = dataclasses.replace(
+        config, runner=dataclasses.replace(config.runner, xla_options=options)
+    )
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+    )
+    assert ("_packed_forward", {"xla_gpu_enable_triton_gemm": False}) in seen
+    sampling = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    out = llm.generate([[5, 6, 7]], adapter=["mlp16"], sampling=sampling)[0]
+    assert out.token_ids == greedy_reference(
+        merged_params(base, lora_adapters["mlp16"]), [5, 6, 7], 4
+    )
+    for bad, message in (
+        ({"xla_no_such_option": 1}, "No such compile option"),
+        ({"xla_gpu_enable_triton_gemm": "maybe"}, "not a valid bool"),
+    ):
+        runner = dataclasses.replace(config.runner, xla_options=bad)
+        with pytest.raises(ConfigError, match=f"runner config field xla_options .*{message}"):
+            jaxlora.LLM(
+                TINY,
+                params=base,
+                adapters=lora_adapters,
+                engine_config=dataclasses.replace(config, runner=runner),
+                load_workers=0,
+            )
+    for text, message in (
+        ("{bad", "not valid JSON"),
+        ("[1]", "expected a JSON object"),
+        ('{"gpu_x": 1}', "'xla_...' option name"),
+    ):
+        with pytest.raises(ConfigError, match=f"--xla_options: .*{message}"):
+            xla_options_from_json(text, where="--xla_options")

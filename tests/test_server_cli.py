@@ -64,3 +64,28 @@ def test_serve_script_default_demo_prints_a_working_curl():
             rest, _ = process.communicate()
     assert process.returncode == 0, "".join(output) + rest
     assert "Traceback" not in rest and "jaxlora: stopped" in rest, rest
+
+
+def test_serve_script_names_a_bad_xla_option_and_exits():
+    """A bad --xla_options is our one-line error, not a traceback: bad JSON before anything is
+    built, an option XLA does not know when the engine is built."""
+    env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
+    for flag, message in (
+        ("--xla_options={bad", "error: --xla_options: not valid JSON"),
+        ('--xla_options={"xla_no_such_option": 1}', "No such compile option: 'xla_no_such_option'"),
+    ):
+        command = [
+            sys.executable,
+            os.path.join(REPO, "scripts", "serve.py"),
+            "--port=0",
+            "--compilation_cache_dir=",
+            "--nowarmup",
+            "--log_level=warning",
+            flag,
+        ]
+        out = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, timeout=180, env=env
+        )
+        assert out.returncode != 0 and message in out.stderr, out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert "Traceback" not in out.stderr, out.stderr

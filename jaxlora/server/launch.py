@@ -56,6 +56,7 @@ class LaunchConfig:
     max_rank: int | None = None
     max_slots: int | None = None
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
+    xla_options: tuple[tuple[str, object], ...] = ()  # RunnerConfig.xla_options
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
@@ -119,6 +120,7 @@ def engine_config_for(
             launch.max_prefill_rows, 1 if on_cpu else runner_default.max_prefill_rows
         ),
         layer_loop=launch.layer_loop,
+        xla_options=launch.xla_options,
     )
     pool = LoraPoolConfig(
         max_rank=pick(launch.max_rank, pool_default.max_rank),
