@@ -785,6 +785,7 @@ def test_llm_serves_an_orbax_checkpoint_in_the_dtype_asked_for(tmp_path):
     import jax.numpy as jnp
 
     import jaxlora
+    from jaxlora.engine import EngineConfig
     from jaxlora.llm import load_base_model
     from jaxlora.sampling import SamplingParams
     from jaxlora.tokenizer import tiny_tokenizer
@@ -795,7 +796,9 @@ def test_llm_serves_an_orbax_checkpoint_in_the_dtype_asked_for(tmp_path):
     config, restored, tokenizer = load_base_model(tmp_path / "ckpt", dtype=jnp.bfloat16)
     assert config == TINY and tokenizer is not None
     assert {leaf.dtype for leaf in jax.tree.leaves(restored)} == {jnp.dtype(jnp.bfloat16)}
-    llm = jaxlora.LLM(str(tmp_path / "ckpt"), load_workers=0)
+    # Shapes compiled on first use: warming up every default bucket would only cost CI time.
+    engine_config = dataclasses.replace(EngineConfig(), warmup=False)
+    llm = jaxlora.LLM(str(tmp_path / "ckpt"), engine_config=engine_config, load_workers=0)
     out = llm.generate(
         ["hello"], sampling=SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     )
