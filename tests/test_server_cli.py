@@ -17,17 +17,22 @@ from jaxlora import demo
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_serve_script_default_demo_prints_a_working_curl():
-    # Only what keeps the test short is set: any free loopback port, no compilation cache in
+def serve_command(*flags: str) -> list[str]:
+    # Only what keeps the tests short is set: any free loopback port, no compilation cache in
     # the home directory, shapes compiled on first use instead of all up front.
-    command = [
+    return [
         sys.executable,
         os.path.join(REPO, "scripts", "serve.py"),
         "--port=0",
         "--compilation_cache_dir=",
         "--nowarmup",
         "--log_level=warning",
+        *flags,
     ]
+
+
+def test_serve_script_default_demo_prints_a_working_curl():
+    command = serve_command()
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -74,17 +79,8 @@ def test_serve_script_names_a_bad_xla_option_and_exits():
         ("--xla_options={bad", "error: --xla_options: not valid JSON"),
         ('--xla_options={"xla_no_such_option": 1}', "No such compile option: 'xla_no_such_option'"),
     ):
-        command = [
-            sys.executable,
-            os.path.join(REPO, "scripts", "serve.py"),
-            "--port=0",
-            "--compilation_cache_dir=",
-            "--nowarmup",
-            "--log_level=warning",
-            flag,
-        ]
         out = subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, timeout=180, env=env
+            serve_command(flag), cwd=REPO, capture_output=True, text=True, timeout=180, env=env
         )
         assert out.returncode != 0 and message in out.stderr, out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith("error: ")
