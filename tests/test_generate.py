@@ -19,4 +19,4 @@ def test_demo_generation_routes_every_prompt_to_its_adapter():
     assert by_adapter["pirate"].startswith(" Arr")
     assert by_adapter["robot"].startswith(" BEEP")
     assert len(set(by_adapter.values())) == 4
-    assert "in one batch" in lines[-1]
+    assert "in one batch" in lines[-1] and "step shapes included" in lines[-1]
