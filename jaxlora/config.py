@@ -18,6 +18,14 @@ def require_positive_ints(obj, fields: tuple[str, ...], what: str) -> None:
             raise ConfigError(f"{what} field {field!r}: expected a positive int, got {value!r}")
 
 
+def parse_json(text: str, *, where: str) -> Any:
+    """A JSON flag's value; ConfigError naming ``where`` if it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e})") from e
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style frequency-dependent RoPE scaling (HF `rope_scaling` with rope_type llama3)."""

@@ -113,23 +113,11 @@ def apply_lora_group(
     a_pool = lora.pools[layout.MODULE_POOLS[modules[0]][0]]
     b_pools = tuple(lora.pools[layout.MODULE_POOLS[m][1]] for m in modules)
     token_slot = lora.token_slot.reshape(-1)
+    args = (x, y, a_pool, b_pools, lora.a_pages, lora.b_pages, lora.ranks, lora.scales, token_slot)
     if lora.impl == "reference":
-        v = sgmv_ops.sgmv_shrink_reference(
-            x, a_pool, lora.a_pages, lora.ranks, token_slot, layer, weights=weights
-        )
-        return sgmv_ops.sgmv_expand_reference(
-            y, v, b_pools, lora.b_pages, lora.ranks, lora.scales, token_slot, layer, weights=weights
-        )
+        return sgmv_ops.sgmv_apply_reference(*args, layer, weights=weights)
     return sgmv_ops.sgmv_apply(
-        x,
-        y,
-        a_pool,
-        b_pools,
-        lora.a_pages,
-        lora.b_pages,
-        lora.ranks,
-        lora.scales,
-        token_slot,
+        *args,
         layer,
         weights=weights,
         kernel_meta=lora.kernel_meta,

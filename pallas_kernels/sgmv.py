@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +72,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxlora.config import parse_json
 from jaxlora.errors import AdapterError, ConfigError
 from pallas_kernels.layout import MODULES, NO_ADAPTER
 
@@ -280,11 +280,7 @@ class SgmvConfig:
 
     @classmethod
     def from_json(cls, text: str, *, where: str) -> SgmvConfig:
-        try:
-            fields = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not valid JSON ({e})") from e
-        return cls.from_dict(fields, where=where)
+        return cls.from_dict(parse_json(text, where=where), where=where)
 
     def regime(self, num_tokens: int, kernel: str = "expand") -> str:
         """ "decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens."""
@@ -486,25 +482,6 @@ def _check_weights(fn, weights):
 def _check_pool(fn, name, pool):
     if pool.ndim != 4:
         raise ConfigError(f"{_WHERE} {fn}: {name} must be (L, P, R, W), got shape {pool.shape}")
-
-
-def _check_b_pools(fn, b_pools, g_count, like, like_name):
-    """One B pool per weight of the group, each with the layers and rows per page of ``like``."""
-    if len(b_pools) != g_count:
-        raise ConfigError(
-            f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
-            f"({g_count}), got {len(b_pools)}"
-        )
-    for g, pool in enumerate(b_pools):
-        _check_pool(fn, f"b_pools[{g}]", pool)
-    num_layers, _, rows_per_page, _ = like.shape
-    for g, pool in enumerate(b_pools):
-        if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
-            raise ConfigError(
-                f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
-                f"L={num_layers} layers and R={rows_per_page} rows per page like "
-                f"{like_name}"
-            )
 
 
 def _check_slot_tables(fn, pages_name, pages, ranks, token_slot, num_tokens, scales=None):
@@ -758,24 +735,6 @@ def _prefill_shrink_kernel(
                 pltriton.store(v_ref.at[out_idx], jnp.zeros((bt, bn), jnp.float32), mask=out_mask)
 
 
-def _token_and_rows(x_ref, pool_ref, t, row_i, row_ok, kb, bk, interpret):
-    """Input columns [kb*bk, kb*bk + bk) of token t, and of the pool rows row_i (masked by
-    row_ok, and past the input width): (bk,), (rows, bk)."""
-    width = x_ref.shape[1]
-    k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
-    if width % bk:
-        k_ok = k < width
-        k_i = _idx(k, k_ok, width, interpret)
-        xk = pltriton.load(x_ref.at[t, k_i], mask=k_ok, other=0)
-        rows = pltriton.load(
-            pool_ref.at[row_i, k_i[None, :]], mask=row_ok[:, None] & k_ok[None, :], other=0
-        )
-    else:
-        xk = x_ref[t, k]
-        rows = pltriton.load(pool_ref.at[row_i, k[None, :]], mask=row_ok[:, None], other=0)
-    return xk, rows
-
-
 def _decode_shrink_kernel(
     # inputs
     x_ref,  # (T, in) activations
@@ -825,7 +784,17 @@ def _decode_shrink_kernel(
     @pl.when(any_live)
     def _compute():
         def body(kb, acc):
-            xk, at = _token_and_rows(x_ref, pool_ref, t, a_i, live, kb, bk, interpret)
+            k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
+            if width % bk:
+                k_ok = k < width
+                k_i = _idx(k, k_ok, width, interpret)
+                xk = pltriton.load(x_ref.at[t, k_i], mask=k_ok, other=0)
+                at = pltriton.load(
+                    pool_ref.at[a_i, k_i[None, :]], mask=live[:, None] & k_ok[None, :], other=0
+                )
+            else:
+                xk = x_ref[t, k]
+                at = pltriton.load(pool_ref.at[a_i, k[None, :]], mask=live[:, None], other=0)
             return acc + at.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
 
         acc = jax.lax.fori_loop(0, _cdiv(width, bk), body, jnp.zeros((rows, bk), jnp.float32))
@@ -1205,8 +1174,21 @@ def sgmv_expand(
     _check_weights(fn, weights)
     b_pools = tuple(b_pools)
     g_count = len(weights)
-    _check_b_pools(fn, b_pools, g_count, b_pools[0] if b_pools else None, "b_pools[0]")
+    if len(b_pools) != g_count:
+        raise ConfigError(
+            f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
+            f"({g_count}), got {len(b_pools)}"
+        )
+    for g, pool in enumerate(b_pools):
+        _check_pool(fn, f"b_pools[{g}]", pool)
     num_layers, _, rows_per_page, _ = b_pools[0].shape
+    for g, pool in enumerate(b_pools):
+        if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
+            raise ConfigError(
+                f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
+                f"L={num_layers} layers and R={rows_per_page} rows per page like "
+                f"b_pools[0]"
+            )
     widths = tuple(int(p.shape[3]) for p in b_pools)
     if y.ndim != 2 or y.shape[1] != sum(widths):
         raise ConfigError(
@@ -1312,7 +1294,7 @@ def sgmv_expand(
 
 
 # ------------------------------------------------------------------------------------------------
-# shrink + expand of one module group: fused into one launch for decode
+# shrink + expand of one module group (the model's entry point)
 # ------------------------------------------------------------------------------------------------
 
 

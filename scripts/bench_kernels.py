@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as pltriton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxlora.bench.profile import trace_gpu_events  # noqa: E402
+from jaxlora.config import parse_json  # noqa: E402
 from jaxlora.errors import ConfigError  # noqa: E402
 from pallas_kernels.sgmv import (  # noqa: E402
     SgmvConfig,
@@ -443,9 +444,9 @@ def measure_copy_bandwidth(flush_buf):
 
 def impl_steps():
     try:
-        variants = json.loads(FLAGS.variants)
-    except json.JSONDecodeError as e:
-        raise app.UsageError(f"--variants: not valid JSON ({e})") from e
+        variants = parse_json(FLAGS.variants, where="--variants")
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from e
     if not isinstance(variants, dict):
         raise app.UsageError("--variants: expected a JSON object {name: {SgmvConfig field: ...}}")
     steps = {}

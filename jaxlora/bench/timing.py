@@ -52,14 +52,12 @@ class StepTimer:
     def _timed_run(
         self, mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=None
     ):
-        if not self.enabled:
-            return self._run(
-                mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=register
-            )
         start = time.perf_counter()
         out = self._run(
             mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=register
         )
+        if not self.enabled:
+            return out
         if self.blocking:
             jax.block_until_ready(out[0])
             seconds = time.perf_counter() - start

@@ -92,7 +92,7 @@ class Request:
     @property
     def scheduled_len(self) -> int:
         """The sequence once the tokens being sampled on the device are in."""
-        return len(self.prompt_ids) + len(self.output_ids) + self.inflight
+        return self.sequence_len + self.inflight
 
     @property
     def remaining(self) -> int:

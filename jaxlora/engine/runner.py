@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 
@@ -13,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.config import ModelConfig
+from jaxlora.config import ModelConfig, parse_json
 from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from jaxlora.model import KVCache, Llama
@@ -252,10 +251,7 @@ def resolve_impl(impl: str) -> str:
 
 def xla_options_from_json(text: str, *, where: str) -> tuple[tuple[str, object], ...]:
     """``RunnerConfig.xla_options`` from a JSON object (a flag); ``where`` names the source."""
-    try:
-        options = json.loads(text or "{}")
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e})") from e
+    options = parse_json(text or "{}", where=where)
     if not isinstance(options, dict):
         raise ConfigError(
             f"{where}: expected a JSON object {{option name: value}}, got {type(options).__name__}"
