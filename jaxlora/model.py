@@ -104,22 +104,23 @@ def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) 
     )
 
 
-def apply_lora_group(
-    group: str, x: jax.Array, y: jax.Array, layer: jax.Array, lora: LoraInputs
+def lora_group_delta(
+    group: str, x: jax.Array, out_dtype, layer: jax.Array, lora: LoraInputs
 ) -> jax.Array:
-    """y (T, sum of the group's out widths) += the LoRA delta of each token's adapter."""
+    """The LoRA delta (T, sum of the group's out widths), float32, of each token's adapter."""
     modules = layout.MODULE_GROUPS[group]
     weights = tuple(layout.MODULE_INDEX[m] for m in modules)
     a_pool = lora.pools[layout.MODULE_POOLS[modules[0]][0]]
     b_pools = tuple(lora.pools[layout.MODULE_POOLS[m][1]] for m in modules)
     token_slot = lora.token_slot.reshape(-1)
-    args = (x, y, a_pool, b_pools, lora.a_pages, lora.b_pages, lora.ranks, lora.scales, token_slot)
+    args = (x, a_pool, b_pools, lora.a_pages, lora.b_pages, lora.ranks, lora.scales, token_slot)
     if lora.impl == "reference":
-        return sgmv_ops.sgmv_apply_reference(*args, layer, weights=weights)
-    return sgmv_ops.sgmv_apply(
+        return sgmv_ops.sgmv_delta_reference(*args, layer, weights=weights)
+    return sgmv_ops.sgmv_delta(
         *args,
         layer,
         weights=weights,
+        out_dtype=out_dtype,
         kernel_meta=lora.kernel_meta,
         config=lora.sgmv_config,
         interpret=lora.impl == "pallas_interpret",
@@ -127,15 +128,22 @@ def apply_lora_group(
 
 
 def _with_lora(group: str, x: jax.Array, outputs: list[jax.Array], layer, lora):
-    """Adds the group's LoRA delta to its base outputs (each (B, S, out_m))."""
+    """Adds the group's LoRA delta to its base outputs (each (B, S, out_m)).
+
+    Each output gets its own slice of the delta, in float32 and rounded once (as an in-place
+    update would): XLA fuses these adds into the outputs' consumers, so LoRA adds no
+    concatenate of the group's outputs and no separate sum of a split GEMM's partials."""
     if lora is None:
         return outputs
     b, s, _ = x.shape
-    widths = [o.shape[-1] for o in outputs]
-    fused = jnp.concatenate(outputs, axis=-1).reshape(b * s, sum(widths))
-    fused = apply_lora_group(group, x.reshape(b * s, -1), fused, layer, lora)
-    split_at = [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
-    return [part.reshape(b, s, -1) for part in jnp.split(fused, split_at, axis=-1)]
+    delta = lora_group_delta(group, x.reshape(b * s, -1), outputs[0].dtype, layer, lora)
+    results, lo = [], 0
+    for out in outputs:
+        hi = lo + out.shape[-1]
+        part = delta[:, lo:hi].reshape(out.shape)
+        results.append((out.astype(jnp.float32) + part).astype(out.dtype))
+        lo = hi
+    return results
 
 
 def _dense_attention(q, k, v, mask, sm_scale):

@@ -9,7 +9,8 @@ Tokens whose slot is NO_ADAPTER get v = 0 and leave y untouched.
 
 Beside the plain-jnp references sit the Pallas Triton kernels ``sgmv_shrink`` / ``sgmv_expand``:
 one ``pallas_call`` per (layer, group, shrink|expand) whatever the number of distinct adapters.
-``sgmv_apply`` (the model's entry point) runs both for a group.
+``sgmv_apply`` runs both for a group and updates y; ``sgmv_delta`` (the model's entry point)
+returns the float32 delta instead, for XLA to add where the base outputs are consumed.
 
 Page pool as the kernels read it
 --------------------------------
@@ -932,13 +933,15 @@ def _group_of_block(block, block_starts):
 
 def _prefill_expand_kernel(
     # inputs
-    y_in_ref,  # (T, sum of out widths) base output, aliased to y_ref
-    v_ref,  # (T, G*MP*R) float32 from shrink
     *refs,
-    # refs[:G]: B pools, (L*P_g*R, out_g) each
-    # then pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), sorted tokens
-    # (T,), tile starts / sizes / slots (NT,) each, tiles in use (1,), all int32 but scales
-    # outputs: refs[-1] = y_ref (T, sum of out widths)
+    # [y_in (T, sum of out widths), the base output aliased to y_ref: only when accumulate]
+    # v (T, G*MP*R) float32 from shrink
+    # G B pools, (L*P_g*R, out_g) each
+    # pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), sorted tokens (T,),
+    # tile starts / sizes / slots (NT,) each, tiles in use (1,), all int32 but scales
+    # outputs: refs[-1] = y_ref (T, sum of out widths): y += delta when accumulate, else the
+    # float32 delta itself, written for every token (zeros where there is no adapter)
+    accumulate,
     weights,
     widths,
     col_offsets,
@@ -957,7 +960,10 @@ def _prefill_expand_kernel(
     interpret,
 ):
     g_count = len(weights)
-    pool_refs = refs[:g_count]
+    if accumulate:
+        refs = refs[1:]  # y_in is aliased to y_ref
+    v_ref = refs[0]
+    pool_refs = refs[1 : 1 + g_count]
     (
         pages_ref,
         ranks_ref,
@@ -969,8 +975,7 @@ def _prefill_expand_kernel(
         tslot_ref,
         used_ref,
         y_ref,
-    ) = refs[g_count:]
-    del y_in_ref  # aliased to y_ref
+    ) = refs[1 + g_count :]
     num_tokens, y_cols = y_ref.shape
     v_cols = v_ref.shape[1]
     used = used_ref[0]
@@ -995,11 +1000,13 @@ def _prefill_expand_kernel(
             dtype = dtypes[g]
             in_group = (prog_all >= starts[g]) & (prog_all < starts[g + 1])
 
-            @pl.when(in_group & (slot >= 0))
+            # Accumulating, base-only tiles and rank-0 weights leave y alone; writing the delta,
+            # they run the same loop with every adapter load masked off and store zeros.
+            @pl.when(in_group & (slot >= 0) if accumulate else in_group)
             def _group(g=g, w=w, pool_ref=pool_ref, width=width, dtype=dtype):
-                rank = ranks_ref[slot_c, w]
+                rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
 
-                @pl.when(rank > 0)
+                @pl.when((rank > 0) if accumulate else True)
                 def _compute():
                     start = start_ref[tile]
                     scale = scales_ref[slot_c, w]
@@ -1052,9 +1059,12 @@ def _prefill_expand_kernel(
                         bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0).astype(
                             dtype
                         )
-                        yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
                         delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
-                        out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
+                        if accumulate:
+                            yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
+                            out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
+                        else:
+                            out = jnp.where(rank > 0, delta * scale, 0.0)
                         pltriton.store(y_ref.at[tok_i, y_c], out, mask=y_mask)
                         return carry
 
@@ -1063,13 +1073,15 @@ def _prefill_expand_kernel(
 
 def _decode_expand_kernel(
     # inputs
-    y_in_ref,  # (T, sum of out widths) base output, aliased to y_ref
-    v_ref,  # (T, G*MP*R) float32 from shrink
     *refs,
-    # refs[:G]: B pools, (L*P_g*R, out_g) each
-    # then pages (S, 7, MP) int32, ranks (S, 7) int32, scales (S, 7) float32, layer (1,) int32,
+    # [y_in (T, sum of out widths), the base output aliased to y_ref: only when accumulate]
+    # v (T, G*MP*R) float32 from shrink
+    # G B pools, (L*P_g*R, out_g) each
+    # pages (S, 7, MP) int32, ranks (S, 7) int32, scales (S, 7) float32, layer (1,) int32,
     # token slots (T,) int32
-    # outputs: refs[-1] = y_ref (T, sum of out widths)
+    # outputs: refs[-1] = y_ref (T, sum of out widths): y += delta when accumulate, else the
+    # float32 delta itself, written for every token (zeros where there is no adapter)
+    accumulate,
     weights,
     widths,
     col_offsets,
@@ -1083,9 +1095,11 @@ def _decode_expand_kernel(
     interpret,
 ):
     g_count = len(weights)
-    pool_refs = refs[:g_count]
-    pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = refs[g_count:]
-    del y_in_ref  # aliased to y_ref
+    if accumulate:
+        refs = refs[1:]  # y_in is aliased to y_ref
+    v_ref = refs[0]
+    pool_refs = refs[1 : 1 + g_count]
+    pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = refs[1 + g_count :]
     _, y_cols = y_ref.shape
     v_cols = v_ref.shape[1]
     t = pl.program_id(1)
@@ -1096,12 +1110,14 @@ def _decode_expand_kernel(
         pool_ref = pool_refs[g]
         width = widths[g]
 
-        @pl.when(in_group & (slot >= 0))
+        # Accumulating, no-adapter tokens and rank-0 weights leave y alone; writing the delta,
+        # their loop runs no steps and they store zeros.
+        @pl.when(in_group & (slot >= 0) if accumulate else in_group)
         def _group(g=g, cb=cb, w=w, pool_ref=pool_ref, width=width):
             slot_c = jnp.maximum(slot, 0)
-            rank = ranks_ref[slot_c, w]
+            rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
 
-            @pl.when(rank > 0)
+            @pl.when((rank > 0) if accumulate else True)
             def _compute():
                 scale = scales_ref[slot_c, w]
                 cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
@@ -1137,7 +1153,10 @@ def _decode_expand_kernel(
                 )
                 y_i = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)
                 y_mask = col_ok if width % bn else None
-                if y_mask is None:
+                if not accumulate:
+                    out = jnp.where(rank > 0, acc * scale, 0.0)
+                    pltriton.store(y_ref.at[t, y_i], out, mask=y_mask)
+                elif y_mask is None:
                     yt = y_ref[t, y_i]
                     pltriton.store(
                         y_ref.at[t, y_i], (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype)
@@ -1153,7 +1172,7 @@ def _decode_expand_kernel(
 
 def sgmv_expand(
     # inputs
-    y: jax.Array,  # (T, sum of out widths), updated
+    y: jax.Array | jax.ShapeDtypeStruct,  # (T, sum of out widths), updated (or see below)
     v: jax.Array,  # (T, G, MP*R) float32
     b_pools: tuple[jax.Array, ...],  # G pools (L, P, R, out_g)
     b_pages: jax.Array,  # (S, 7, MP) int32
@@ -1168,7 +1187,15 @@ def sgmv_expand(
     interpret: bool = False,
 ) -> jax.Array:  # (T, sum of out widths), y's dtype
     """Pallas Triton expand; same contract as ``sgmv_expand_reference`` (y is updated in place
-    when the caller donates it or it is an intermediate inside jit)."""
+    when the caller donates it or it is an intermediate inside jit).
+
+    When ``y`` is a ``jax.ShapeDtypeStruct`` (the base output's shape and dtype, no data), it
+    returns the float32 delta ``(T, sum of out widths)`` instead, written for every token (zeros
+    for NO_ADAPTER tokens and rank-0 weights) without reading a base output; y's dtype still
+    picks the dots' operand dtype, as when accumulating. The model uses this form (through
+    ``sgmv_delta``): XLA then fuses ``y + delta`` into the ops that consume the base outputs,
+    where an in-place update needs the group's outputs concatenated (and any split GEMM's partial
+    sums reduced) into one buffer first (docs/BENCHMARKS.md, fifth-session HLO)."""
     config = config or SgmvConfig()
     fn = "sgmv_expand"
     _check_weights(fn, weights)
@@ -1190,7 +1217,8 @@ def sgmv_expand(
                 f"b_pools[0]"
             )
     widths = tuple(int(p.shape[3]) for p in b_pools)
-    if y.ndim != 2 or y.shape[1] != sum(widths):
+    accumulate = not isinstance(y, jax.ShapeDtypeStruct)
+    if len(y.shape) != 2 or y.shape[1] != sum(widths):
         raise ConfigError(
             f"{_WHERE} {fn}: y must be (T, {sum(widths)}) (the group's widths "
             f"{widths} side by side), got shape {y.shape}"
@@ -1205,12 +1233,13 @@ def sgmv_expand(
             f"{(num_tokens, g_count, rank_cols)}, got shape {v.shape}"
         )
     if num_tokens == 0:
-        return y
+        return y if accumulate else jnp.zeros((0, sum(widths)), jnp.float32)
     pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)
     layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
     v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
     col_offsets = tuple(int(o) for o in np.cumsum((0,) + widths[:-1]))
     statics = dict(
+        accumulate=accumulate,
         weights=weights,
         widths=widths,
         col_offsets=col_offsets,
@@ -1226,14 +1255,19 @@ def sgmv_expand(
         scales.astype(jnp.float32),
         layer1,
     )
-    out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype)
+    if accumulate:
+        out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype)
+        base, aliases, mode = (y,), {0: 0}, ""
+    else:
+        out_shape = jax.ShapeDtypeStruct((num_tokens, sum(widths)), jnp.float32)
+        base, aliases, mode = (), {}, "_delta"
 
     if config.regime(num_tokens) == "decode":
         bn = min(config.decode_expand_block_n, _next_pow2(max(widths)))
         chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
         block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
         name = (
-            f"sgmv_expand_decode_bn{bn}_rc{chunk}_w{config.decode_expand_num_warps}"
+            f"sgmv_expand{mode}_decode_bn{bn}_rc{chunk}_w{config.decode_expand_num_warps}"
             f"_s{config.decode_expand_num_stages}"
         )
         return pl.pallas_call(
@@ -1242,13 +1276,13 @@ def sgmv_expand(
             ),
             out_shape=out_shape,
             grid=(block_starts[-1], num_tokens),
-            input_output_aliases={0: 0},
+            input_output_aliases=aliases,
             compiler_params=_compiler_params(
                 config.decode_expand_num_warps, config.decode_expand_num_stages
             ),
             interpret=interpret,
             name=name,
-        )(y, v2, *pool_rows, *tables, token_slot.astype(jnp.int32))
+        )(*base, v2, *pool_rows, *tables, token_slot.astype(jnp.int32))
 
     meta = _prefill_meta(fn, "expand", kernel_meta, token_slot.astype(jnp.int32), num_slots, config)
     num_tiles = meta[1].shape[0]
@@ -1268,7 +1302,7 @@ def sgmv_expand(
     rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
     name = (
-        f"sgmv_expand_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
+        f"sgmv_expand{mode}_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
         f"_s{config.expand_num_stages}"
     )
     return pl.pallas_call(
@@ -1286,11 +1320,11 @@ def sgmv_expand(
         ),
         out_shape=out_shape,
         grid=(programs,),
-        input_output_aliases={0: 0},
+        input_output_aliases=aliases,
         compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),
         interpret=interpret,
         name=name,
-    )(y, v2, *pool_rows, *tables, *meta)
+    )(*base, v2, *pool_rows, *tables, *meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1371,6 +1405,81 @@ def sgmv_apply(
     )
 
 
+def sgmv_delta_reference(
+    # inputs
+    x: jax.Array,  # (T, in)
+    a_pool: jax.Array,  # (L, P, R, in)
+    b_pools: tuple[jax.Array, ...],  # G pools (L, P, R, out_g)
+    a_pages: jax.Array,  # (S, 7, MP) int32
+    b_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    scales: jax.Array,  # (S, 7) float32
+    token_slot: jax.Array,  # (T,) int32
+    layer: jax.Array | int,  # () int32
+    *,
+    weights: tuple[int, ...],
+) -> jax.Array:  # (T, sum of out widths) float32, zero for NO_ADAPTER tokens
+    v = sgmv_shrink_reference(x, a_pool, a_pages, ranks, token_slot, layer, weights=weights)
+    zeros = jnp.zeros((x.shape[0], sum(p.shape[3] for p in b_pools)), jnp.float32)
+    return sgmv_expand_reference(
+        zeros, v, b_pools, b_pages, ranks, scales, token_slot, layer, weights=weights
+    )
+
+
+def sgmv_delta(
+    # inputs
+    x: jax.Array,  # (T, in)
+    a_pool: jax.Array,  # (L, P, R, in)
+    b_pools: tuple[jax.Array, ...],  # G pools (L, P, R, out_g)
+    a_pages: jax.Array,  # (S, 7, MP) int32
+    b_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    scales: jax.Array,  # (S, 7) float32
+    token_slot: jax.Array,  # (T,) int32
+    layer: jax.Array | int,  # () int32
+    *,
+    weights: tuple[int, ...],
+    out_dtype=None,
+    kernel_meta: dict | None = None,
+    config: SgmvConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (T, sum of out widths) float32
+    """Each token's LoRA delta for a module group (``sgmv_delta_reference``): ``sgmv_shrink`` then
+    ``sgmv_expand`` in its delta form, two launches. ``out_dtype`` is the dtype of the base output
+    the delta will be added to (x's by default); it picks the expand's dot operand dtype.
+
+    The model adds the delta to each base output itself, so that XLA fuses the adds into their
+    consumers (RoPE, the KV-cache write, the residual add, SwiGLU)."""
+    v = sgmv_shrink(
+        x,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        layer,
+        weights=weights,
+        kernel_meta=kernel_meta,
+        config=config,
+        interpret=interpret,
+    )
+    width = sum(int(p.shape[3]) for p in b_pools)
+    base = jax.ShapeDtypeStruct((x.shape[0], width), out_dtype or x.dtype)
+    return sgmv_expand(
+        base,
+        v,
+        b_pools,
+        b_pages,
+        ranks,
+        scales,
+        token_slot,
+        layer,
+        weights=weights,
+        kernel_meta=kernel_meta,
+        config=config,
+        interpret=interpret,
+    )
+
+
 __all__ = [
     "SgmvConfig",
     "build_sgmv_metadata",
@@ -1378,6 +1487,8 @@ __all__ = [
     "num_tiles_bound",
     "sgmv_apply",
     "sgmv_apply_reference",
+    "sgmv_delta",
+    "sgmv_delta_reference",
     "sgmv_expand",
     "sgmv_expand_reference",
     "sgmv_shrink",

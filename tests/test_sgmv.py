@@ -28,6 +28,8 @@ from pallas_kernels.sgmv import (
     num_tiles_bound,
     sgmv_apply,
     sgmv_apply_reference,
+    sgmv_delta,
+    sgmv_delta_reference,
     sgmv_expand,
     sgmv_expand_reference,
     sgmv_shrink,
@@ -696,6 +698,84 @@ def test_sgmv_apply_matches_reference(group, num_tokens, interpret):
     assert _rel_err(y, y_ref) < TOL["bfloat16"] and y.dtype == prob.y.dtype
     base_only = prob.token_slot < 0
     np.testing.assert_array_equal(np.asarray(y)[base_only], np.asarray(prob.y)[base_only])
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("num_tokens", [11, 40])
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_sgmv_delta_matches_reference(group, num_tokens, dtype_name, interpret):
+    """The delta form the model uses (both regimes): float32, every element written (the
+    interpreter starts outputs as NaN, the GPU allocator is poisoned), exact zeros for base-only
+    tokens and for weights an adapter does not target, and the same y as the in-place form once
+    the model adds it."""
+    in_width, out_widths = GROUPS[group]
+    dtype = jnp.dtype(dtype_name)
+    prob = make_problem(
+        zlib.crc32(f"delta-{group}-{num_tokens}-{dtype_name}".encode()),
+        num_tokens=num_tokens,
+        in_width=in_width,
+        out_widths=out_widths,
+        dtype=dtype,
+    )
+    config = dataclasses.replace(SMALL, decode_max_tokens=16)
+    ts = jnp.asarray(prob.token_slot)
+    meta = (
+        None
+        if config.regime(num_tokens) == "decode"
+        else build_sgmv_metadata(prob.token_slot, prob.ranks.shape[0], config=config)
+    )
+    tables = (prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
+    _poison_allocator(num_tokens * sum(out_widths) * 4)
+
+    def delta_fn(x, token_slot, *, interpret):
+        return sgmv_delta(
+            x,
+            prob.a_pool,
+            prob.b_pools,
+            *tables,
+            token_slot,
+            prob.layer,
+            weights=prob.weights,
+            kernel_meta=meta,
+            config=config,
+            interpret=interpret,
+        )
+
+    if interpret:  # the same call must also lower for the GPU, in two launches
+        lowered = lower_for_gpu(functools.partial(delta_fn, interpret=False), prob.x, ts)
+        assert triton_kernels(lowered) == 2
+    delta = delta_fn(prob.x, ts, interpret=interpret)
+    delta_ref = sgmv_delta_reference(
+        prob.x, prob.a_pool, prob.b_pools, *tables, ts, prob.layer, weights=prob.weights
+    )
+    assert delta.dtype == jnp.float32 and delta.shape == (num_tokens, sum(out_widths))
+    assert _rel_err(delta, delta_ref) < TOL[dtype_name]
+    got = np.asarray(delta)
+    np.testing.assert_array_equal(got[prob.token_slot < 0], 0.0)
+    ranks = np.asarray(prob.ranks)
+    lo = 0
+    for g, width in enumerate(out_widths):
+        untargeted = (prob.token_slot >= 0) & (
+            ranks[np.maximum(prob.token_slot, 0), prob.weights[g]] == 0
+        )
+        np.testing.assert_array_equal(got[untargeted, lo : lo + width], 0.0)
+        lo += width
+    y_from_delta = (prob.y.astype(jnp.float32) + delta).astype(prob.y.dtype)
+    y_in_place = sgmv_apply(
+        prob.x,
+        prob.y,
+        prob.a_pool,
+        prob.b_pools,
+        *tables,
+        ts,
+        prob.layer,
+        weights=prob.weights,
+        kernel_meta=meta,
+        config=config,
+        interpret=interpret,
+    )
+    assert _rel_err(y_from_delta, y_in_place) < TOL[dtype_name]
 
 
 # ------------------------------------------------------------------------------------------------
