@@ -188,7 +188,10 @@ class SgmvConfig:
     # prefill
     shrink_block_tokens: int = 16  # tokens of one slot per shrink tile (the M of its dots)
     shrink_block_n: int = 64  # v columns per shrink program
-    shrink_block_k: int = 256  # input-width step of the shrink loop
+    # Input-width step of the shrink loop; None: 64 up to ``shrink_small_tokens`` tokens (more,
+    # shorter K splits for the few tiles of a decode batch), 256 above (fewer, longer steps).
+    shrink_block_k: int | None = None
+    shrink_small_tokens: int = 128
     shrink_split_k: int | None = None  # most programs splitting the input width (atomic adds)
     shrink_num_warps: int = 4
     shrink_num_stages: int = 3
@@ -211,7 +214,6 @@ class SgmvConfig:
         for name in (
             "shrink_block_tokens",
             "shrink_block_n",
-            "shrink_block_k",
             "expand_block_tokens",
             "expand_block_n",
         ):
@@ -234,6 +236,15 @@ class SgmvConfig:
                 "SgmvConfig field 'decode_shrink_max_tokens': expected None or an "
                 f"int >= 0, got {self.decode_shrink_max_tokens!r}"
             )
+        if self.shrink_block_k is not None and (
+            not isinstance(self.shrink_block_k, int)
+            or not _is_pow2(self.shrink_block_k)
+            or self.shrink_block_k < 16
+        ):
+            raise ConfigError(
+                "SgmvConfig field 'shrink_block_k': expected None or a power of two >= 16 "
+                f"(a tensor-core dot dimension), got {self.shrink_block_k!r}"
+            )
         for name in ("shrink_split_k", "decode_shrink_rows", "expand_col_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not _is_pow2(value)):
@@ -242,6 +253,7 @@ class SgmvConfig:
                 )
         for name in (
             "decode_max_tokens",
+            "shrink_small_tokens",
             "target_programs",
             "shrink_waves",
             "expand_waves",
@@ -255,7 +267,7 @@ class SgmvConfig:
             "decode_expand_num_stages",
         ):
             value = getattr(self, name)
-            at_least = 0 if name == "decode_max_tokens" else 1
+            at_least = 0 if name in ("decode_max_tokens", "shrink_small_tokens") else 1
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(
                     f"SgmvConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
@@ -282,6 +294,12 @@ class SgmvConfig:
     @classmethod
     def from_json(cls, text: str, *, where: str) -> SgmvConfig:
         return cls.from_dict(parse_json(text, where=where), where=where)
+
+    def shrink_k_step(self, num_tokens: int) -> int:
+        """The prefill shrink's input-width step at T tokens (before clipping to the width)."""
+        if self.shrink_block_k is not None:
+            return self.shrink_block_k
+        return 64 if num_tokens <= self.shrink_small_tokens else 256
 
     def regime(self, num_tokens: int, kernel: str = "expand") -> str:
         """ "decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens."""
@@ -876,7 +894,7 @@ def sgmv_shrink(
     num_tiles = meta[1].shape[0]
     bt = config.shrink_block_tokens
     bn = max(16, min(config.shrink_block_n, _next_pow2(columns)))
-    bk = max(16, min(config.shrink_block_k, _next_pow2(width)))
+    bk = max(16, min(config.shrink_k_step(num_tokens), _next_pow2(width)))
     n_blocks = _cdiv(columns, bn)
     k_blocks = _cdiv(width, bk)
     max_split = _shrink_max_split(config, num_tokens, n_blocks, k_blocks)

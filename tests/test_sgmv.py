@@ -566,7 +566,7 @@ def test_traced_layer_inside_scan():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 16, 48, 300])
+@pytest.mark.parametrize("num_tokens", [1, 16, 48, 128, 300])
 def test_gpu_realistic_shapes_default_config(num_tokens):
     """Compiled kernels at model-like widths with the default (GPU-tuned) config."""
     prob = make_problem(
@@ -585,7 +585,7 @@ def test_gpu_realistic_shapes_default_config(num_tokens):
     _check(prob, v, y, v_ref, y_ref, "bfloat16")
 
 
-@pytest.mark.parametrize("num_tokens", [1, 16, 48, 300, 4096])
+@pytest.mark.parametrize("num_tokens", [1, 16, 48, 128, 300, 4096])
 def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
     """What the GPU test above compiles, and T=4096 (the largest splits and column runs), lowered
     to Triton on any machine (tests/gpu_lowering.py); host- and jnp-built metadata."""
@@ -629,7 +629,12 @@ def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
                 config=config,
             )
 
-        assert triton_kernels(lower_for_gpu(step, prob.x, prob.y, ts, meta)) == 2
+        text = lower_for_gpu(step, prob.x, prob.y, ts, meta)
+        assert triton_kernels(text) == 2
+        if config.regime(num_tokens, "shrink") == "prefill":
+            # The K step by T: 64 for the few tiles of a decode batch, 256 for a prefill.
+            bk = 64 if num_tokens <= config.shrink_small_tokens else 256
+            assert f"sgmv_shrink_prefill_bt16_bn64_bk{bk}_" in text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -701,9 +706,16 @@ def test_sgmv_apply_matches_reference(group, num_tokens, interpret):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-@pytest.mark.parametrize("num_tokens", [11, 40])
-@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize(
+    "group, num_tokens, dtype_name",
+    # every group, both regimes (decode at T=11, prefill at T=40) and both dtypes, in 4 runs
+    [
+        ("qkv", 11, "bfloat16"),
+        ("gate_up", 40, "bfloat16"),
+        ("down", 11, "float32"),
+        ("qkv", 40, "float32"),
+    ],
+)
 def test_sgmv_delta_matches_reference(group, num_tokens, dtype_name, interpret):
     """The delta form the model uses (both regimes): float32, every element written (the
     interpreter starts outputs as NaN, the GPU allocator is poisoned), exact zeros for base-only
@@ -875,3 +887,9 @@ def test_bad_inputs_raise_config_errors():
         SgmvConfig(expand_block_tokens=24)
     with pytest.raises(ConfigError, match="decode_shrink_rows"):
         SgmvConfig(decode_shrink_rows=3)
+    with pytest.raises(ConfigError, match="shrink_block_k"):
+        SgmvConfig(shrink_block_k=8)
+    with pytest.raises(ConfigError, match="shrink_small_tokens"):
+        SgmvConfig(shrink_small_tokens=-1)
+    assert [SgmvConfig().shrink_k_step(t) for t in (65, 128, 129)] == [64, 64, 256]
+    assert SgmvConfig(shrink_block_k=128).shrink_k_step(65) == 128
