@@ -1022,7 +1022,10 @@ def _prefill_expand_kernel(
             # they run the same loop with every adapter load masked off and store zeros.
             @pl.when(in_group & (slot >= 0) if accumulate else in_group)
             def _group(g=g, w=w, pool_ref=pool_ref, width=width, dtype=dtype):
-                rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+                if accumulate:
+                    rank = ranks_ref[slot_c, w]
+                else:
+                    rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
 
                 @pl.when((rank > 0) if accumulate else True)
                 def _compute():
@@ -1077,9 +1080,10 @@ def _prefill_expand_kernel(
                         bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0).astype(
                             dtype
                         )
+                        if accumulate:  # y's load issued before the dot, as before the delta form
+                            yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
                         delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
                         if accumulate:
-                            yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
                             out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
                         else:
                             out = jnp.where(rank > 0, delta * scale, 0.0)
@@ -1133,7 +1137,10 @@ def _decode_expand_kernel(
         @pl.when(in_group & (slot >= 0) if accumulate else in_group)
         def _group(g=g, cb=cb, w=w, pool_ref=pool_ref, width=width):
             slot_c = jnp.maximum(slot, 0)
-            rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+            if accumulate:
+                rank = ranks_ref[slot_c, w]
+            else:
+                rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
 
             @pl.when((rank > 0) if accumulate else True)
             def _compute():
