@@ -1381,7 +1381,7 @@ def sgmv_apply_reference(
 def sgmv_apply(
     # inputs
     x: jax.Array,  # (T, in)
-    y: jax.Array,  # (T, sum of out widths), updated
+    y: jax.Array | jax.ShapeDtypeStruct,  # (T, sum of out widths), updated
     a_pool: jax.Array,  # (L, P, R, in)
     b_pools: tuple[jax.Array, ...],  # G pools (L, P, R, out_g)
     a_pages: jax.Array,  # (S, 7, MP) int32
@@ -1397,7 +1397,8 @@ def sgmv_apply(
     interpret: bool = False,
 ) -> jax.Array:  # (T, sum of out widths), y's dtype
     """y += each token's LoRA delta for a module group (``sgmv_apply_reference``): ``sgmv_shrink``
-    then ``sgmv_expand``, two launches.
+    then ``sgmv_expand``, two launches. Given a ``jax.ShapeDtypeStruct`` for y, it returns the
+    float32 delta instead (``sgmv_expand``'s delta form; ``sgmv_delta``).
 
     (A single-launch variant, each program recomputing its token's v for its block of y columns,
     was measured slower at every decode size: docs/BENCHMARKS.md, "Fifth session".)
@@ -1444,11 +1445,11 @@ def sgmv_delta_reference(
     *,
     weights: tuple[int, ...],
 ) -> jax.Array:  # (T, sum of out widths) float32, zero for NO_ADAPTER tokens
-    v = sgmv_shrink_reference(x, a_pool, a_pages, ranks, token_slot, layer, weights=weights)
     zeros = jnp.zeros((x.shape[0], sum(p.shape[3] for p in b_pools)), jnp.float32)
-    return sgmv_expand_reference(
-        zeros, v, b_pools, b_pages, ranks, scales, token_slot, layer, weights=weights
-    )
+    return sgmv_apply_reference(
+        x, zeros, a_pool, b_pools, a_pages, b_pages, ranks, scales, token_slot, layer,
+        weights=weights,
+    )  # fmt: skip
 
 
 def sgmv_delta(
@@ -1475,34 +1476,12 @@ def sgmv_delta(
 
     The model adds the delta to each base output itself, so that XLA fuses the adds into their
     consumers (RoPE, the KV-cache write, the residual add, SwiGLU)."""
-    v = sgmv_shrink(
-        x,
-        a_pool,
-        a_pages,
-        ranks,
-        token_slot,
-        layer,
-        weights=weights,
-        kernel_meta=kernel_meta,
-        config=config,
-        interpret=interpret,
-    )
     width = sum(int(p.shape[3]) for p in b_pools)
     base = jax.ShapeDtypeStruct((x.shape[0], width), out_dtype or x.dtype)
-    return sgmv_expand(
-        base,
-        v,
-        b_pools,
-        b_pages,
-        ranks,
-        scales,
-        token_slot,
-        layer,
-        weights=weights,
-        kernel_meta=kernel_meta,
-        config=config,
-        interpret=interpret,
-    )
+    return sgmv_apply(
+        x, base, a_pool, b_pools, a_pages, b_pages, ranks, scales, token_slot, layer,
+        weights=weights, kernel_meta=kernel_meta, config=config, interpret=interpret,
+    )  # fmt: skip
 
 
 __all__ = [

@@ -642,64 +642,46 @@ def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
 # ------------------------------------------------------------------------------------------------
 
 
+def _group_case(tag, group, num_tokens, dtype):
+    """A module group's problem, the test config (decode kernels up to T=16, prefill above), the
+    host metadata its regime needs, and the arguments after x (and y) that sgmv_apply and
+    sgmv_delta (and their references) share up to the token slots."""
+    in_width, out_widths = GROUPS[group]
+    prob = make_problem(
+        zlib.crc32(f"{tag}-{group}-{num_tokens}-{jnp.dtype(dtype).name}".encode()),
+        num_tokens=num_tokens,
+        in_width=in_width,
+        out_widths=out_widths,
+        dtype=dtype,
+    )
+    config = dataclasses.replace(SMALL, decode_max_tokens=16)
+    meta = (
+        None
+        if config.regime(num_tokens) == "decode"
+        else build_sgmv_metadata(prob.token_slot, prob.ranks.shape[0], config=config)
+    )
+    pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
+    _poison_allocator(num_tokens * sum(out_widths) * 4)
+    return prob, dict(weights=prob.weights, kernel_meta=meta, config=config), pools
+
+
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("num_tokens", [11, 40])
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_sgmv_apply_matches_reference(group, num_tokens, interpret):
     """Both regimes (decode at T=11, prefill at T=40 with the test config), two launches each;
     base-only tokens left bit for bit."""
-    in_width, out_widths = GROUPS[group]
-    prob = make_problem(
-        zlib.crc32(f"apply-{group}-{num_tokens}".encode()),
-        num_tokens=num_tokens,
-        in_width=in_width,
-        out_widths=out_widths,
-        dtype=jnp.bfloat16,
-    )
-    config = dataclasses.replace(SMALL, decode_max_tokens=16)
+    prob, kw, pools = _group_case("apply", group, num_tokens, jnp.bfloat16)
     ts = jnp.asarray(prob.token_slot)
-    meta = (
-        None
-        if config.regime(num_tokens) == "decode"
-        else build_sgmv_metadata(prob.token_slot, prob.ranks.shape[0], config=config)
-    )
-    _poison_allocator(prob.y.size * 4)
 
     def apply(x, y, token_slot, *, interpret):
-        return sgmv_apply(
-            x,
-            y,
-            prob.a_pool,
-            prob.b_pools,
-            prob.a_pages,
-            prob.b_pages,
-            prob.ranks,
-            prob.scales,
-            token_slot,
-            prob.layer,
-            weights=prob.weights,
-            kernel_meta=meta,
-            config=config,
-            interpret=interpret,
-        )
+        return sgmv_apply(x, y, *pools, token_slot, prob.layer, **kw, interpret=interpret)
 
     args = (prob.x, prob.y, ts)
     if interpret:  # the same call must also lower for the GPU, in two launches
         assert triton_kernels(lower_for_gpu(functools.partial(apply, interpret=False), *args)) == 2
     y = apply(*args, interpret=interpret)
-    y_ref = sgmv_apply_reference(
-        prob.x,
-        prob.y,
-        prob.a_pool,
-        prob.b_pools,
-        prob.a_pages,
-        prob.b_pages,
-        prob.ranks,
-        prob.scales,
-        ts,
-        prob.layer,
-        weights=prob.weights,
-    )
+    y_ref = sgmv_apply_reference(prob.x, prob.y, *pools, ts, prob.layer, weights=prob.weights)
     assert _rel_err(y, y_ref) < TOL["bfloat16"] and y.dtype == prob.y.dtype
     base_only = prob.token_slot < 0
     np.testing.assert_array_equal(np.asarray(y)[base_only], np.asarray(prob.y)[base_only])
@@ -721,46 +703,18 @@ def test_sgmv_delta_matches_reference(group, num_tokens, dtype_name, interpret):
     interpreter starts outputs as NaN, the GPU allocator is poisoned), exact zeros for base-only
     tokens and for weights an adapter does not target, and the same y as the in-place form once
     the model adds it."""
-    in_width, out_widths = GROUPS[group]
-    dtype = jnp.dtype(dtype_name)
-    prob = make_problem(
-        zlib.crc32(f"delta-{group}-{num_tokens}-{dtype_name}".encode()),
-        num_tokens=num_tokens,
-        in_width=in_width,
-        out_widths=out_widths,
-        dtype=dtype,
-    )
-    config = dataclasses.replace(SMALL, decode_max_tokens=16)
+    prob, kw, pools = _group_case("delta", group, num_tokens, jnp.dtype(dtype_name))
     ts = jnp.asarray(prob.token_slot)
-    meta = (
-        None
-        if config.regime(num_tokens) == "decode"
-        else build_sgmv_metadata(prob.token_slot, prob.ranks.shape[0], config=config)
-    )
-    tables = (prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
-    _poison_allocator(num_tokens * sum(out_widths) * 4)
 
     def delta_fn(x, token_slot, *, interpret):
-        return sgmv_delta(
-            x,
-            prob.a_pool,
-            prob.b_pools,
-            *tables,
-            token_slot,
-            prob.layer,
-            weights=prob.weights,
-            kernel_meta=meta,
-            config=config,
-            interpret=interpret,
-        )
+        return sgmv_delta(x, *pools, token_slot, prob.layer, **kw, interpret=interpret)
 
     if interpret:  # the same call must also lower for the GPU, in two launches
         lowered = lower_for_gpu(functools.partial(delta_fn, interpret=False), prob.x, ts)
         assert triton_kernels(lowered) == 2
     delta = delta_fn(prob.x, ts, interpret=interpret)
-    delta_ref = sgmv_delta_reference(
-        prob.x, prob.a_pool, prob.b_pools, *tables, ts, prob.layer, weights=prob.weights
-    )
+    delta_ref = sgmv_delta_reference(prob.x, *pools, ts, prob.layer, weights=prob.weights)
+    out_widths = GROUPS[group][1]
     assert delta.dtype == jnp.float32 and delta.shape == (num_tokens, sum(out_widths))
     assert _rel_err(delta, delta_ref) < TOL[dtype_name]
     got = np.asarray(delta)
@@ -774,19 +728,7 @@ def test_sgmv_delta_matches_reference(group, num_tokens, dtype_name, interpret):
         np.testing.assert_array_equal(got[untargeted, lo : lo + width], 0.0)
         lo += width
     y_from_delta = (prob.y.astype(jnp.float32) + delta).astype(prob.y.dtype)
-    y_in_place = sgmv_apply(
-        prob.x,
-        prob.y,
-        prob.a_pool,
-        prob.b_pools,
-        *tables,
-        ts,
-        prob.layer,
-        weights=prob.weights,
-        kernel_meta=meta,
-        config=config,
-        interpret=interpret,
-    )
+    y_in_place = sgmv_apply(prob.x, prob.y, *pools, ts, prob.layer, **kw, interpret=interpret)
     assert _rel_err(y_from_delta, y_in_place) < TOL[dtype_name]
 
 
