@@ -949,6 +949,22 @@ def _group_of_block(block, block_starts):
         yield g, block - lo, (block >= lo) & (block < hi)
 
 
+def _expand_operands(refs, accumulate, g_count):
+    """(v_ref, the G B-pool refs, the refs after them) of an expand kernel's refs; when
+    accumulating, the leading y input is dropped (it is aliased to the output)."""
+    if accumulate:
+        refs = refs[1:]
+    return refs[0], refs[1 : 1 + g_count], refs[1 + g_count :]
+
+
+def _weight_rank(ranks_ref, slot, slot_c, w, accumulate):
+    """The rank of weight w for a program's slot. Accumulating programs run only for slot >= 0;
+    delta programs also run for NO_ADAPTER tokens, which see rank 0 (and store zeros)."""
+    if accumulate:
+        return ranks_ref[slot_c, w]
+    return jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+
+
 def _prefill_expand_kernel(
     # inputs
     *refs,
@@ -978,10 +994,7 @@ def _prefill_expand_kernel(
     interpret,
 ):
     g_count = len(weights)
-    if accumulate:
-        refs = refs[1:]  # y_in is aliased to y_ref
-    v_ref = refs[0]
-    pool_refs = refs[1 : 1 + g_count]
+    v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
     (
         pages_ref,
         ranks_ref,
@@ -993,7 +1006,7 @@ def _prefill_expand_kernel(
         tslot_ref,
         used_ref,
         y_ref,
-    ) = refs[1 + g_count :]
+    ) = rest
     num_tokens, y_cols = y_ref.shape
     v_cols = v_ref.shape[1]
     used = used_ref[0]
@@ -1022,10 +1035,7 @@ def _prefill_expand_kernel(
             # they run the same loop with every adapter load masked off and store zeros.
             @pl.when(in_group & (slot >= 0) if accumulate else in_group)
             def _group(g=g, w=w, pool_ref=pool_ref, width=width, dtype=dtype):
-                if accumulate:
-                    rank = ranks_ref[slot_c, w]
-                else:
-                    rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+                rank = _weight_rank(ranks_ref, slot, slot_c, w, accumulate)
 
                 @pl.when((rank > 0) if accumulate else True)
                 def _compute():
@@ -1117,11 +1127,8 @@ def _decode_expand_kernel(
     interpret,
 ):
     g_count = len(weights)
-    if accumulate:
-        refs = refs[1:]  # y_in is aliased to y_ref
-    v_ref = refs[0]
-    pool_refs = refs[1 : 1 + g_count]
-    pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = refs[1 + g_count :]
+    v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
+    pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = rest
     _, y_cols = y_ref.shape
     v_cols = v_ref.shape[1]
     t = pl.program_id(1)
@@ -1137,10 +1144,7 @@ def _decode_expand_kernel(
         @pl.when(in_group & (slot >= 0) if accumulate else in_group)
         def _group(g=g, cb=cb, w=w, pool_ref=pool_ref, width=width):
             slot_c = jnp.maximum(slot, 0)
-            if accumulate:
-                rank = ranks_ref[slot_c, w]
-            else:
-                rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+            rank = _weight_rank(ranks_ref, slot, slot_c, w, accumulate)
 
             @pl.when((rank > 0) if accumulate else True)
             def _compute():
@@ -1280,12 +1284,8 @@ def sgmv_expand(
         scales.astype(jnp.float32),
         layer1,
     )
-    if accumulate:
-        out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        base, aliases, mode = (y,), {0: 0}, ""
-    else:
-        out_shape = jax.ShapeDtypeStruct((num_tokens, sum(widths)), jnp.float32)
-        base, aliases, mode = (), {}, "_delta"
+    out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype if accumulate else jnp.float32)
+    base, aliases, mode = ((y,), {0: 0}, "") if accumulate else ((), {}, "_delta")
 
     if config.regime(num_tokens) == "decode":
         bn = min(config.decode_expand_block_n, _next_pow2(max(widths)))
