@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora.config import ModelConfig
+from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from pallas_kernels import layout
 from pallas_kernels import sgmv as sgmv_ops
@@ -104,6 +105,106 @@ def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) 
     )
 
 
+# The step's parameter form: each column-parallel group (q|k|v, gate|up) stored as one kernel, so
+# that a decode step runs one GEMM per group instead of two or three. The kernel is
+# (E, groups, n) with n the concatenation of each member's 1/groups share of columns: with
+# groups = the tensor-parallel size (the groups axis on the mesh), each device holds exactly the
+# q, k, v (gate, up) columns of its own shard and splits its output locally.
+FUSED_PROJECTIONS = {
+    "attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "mlp": ("gate_up_proj", ("gate_proj", "up_proj")),
+}
+
+
+def _fused_projection(module: nn.Module, name: str, x: jax.Array, widths, dtype):
+    """``x @ kernel`` of the fused kernel ``name`` split into the members' outputs (each
+    (..., width)), or None when the module's parameters are the separate (canonical) ones."""
+    if not module.has_variable("params", name):
+        return None
+    kernel = module.get_variable("params", name)["kernel"]  # (E, groups, n)
+    groups = kernel.shape[1]
+    y = jax.lax.dot_general(
+        x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))
+    )  # (..., groups, n)
+    outputs, lo = [], 0
+    for width in widths:
+        share = width // groups
+        outputs.append(y[..., lo : lo + share].reshape(*x.shape[:-1], width))
+        lo += share
+    return outputs
+
+
+def projections_fused(params) -> bool:
+    """Whether ``params`` (a model's parameter tree) holds the fused projection form."""
+    return FUSED_PROJECTIONS["attn"][0] in params["layers"]["attn"]
+
+
+def fuse_projections(params, *, groups: int = 1, sharding=None):
+    """The parameters with q|k|v and gate|up each stored as one kernel (see FUSED_PROJECTIONS).
+
+    ``params``: the canonical tree (``init_params``, the HF loaders), stacked layers;
+    ``groups``: the tensor-parallel size the kernels will be split over; ``sharding``: where the
+    fused kernels go (e.g. ``jaxlora.sharding.fused_projection_sharding(mesh)``), None for the
+    default device. Already fused parameters are returned as they are. The other leaves are
+    shared with ``params``, not copied; the caller drops ``params`` to free the separate
+    kernels. ``Llama.apply`` accepts either form and computes the same function.
+    """
+    if projections_fused(params):
+        return params
+    layers = dict(params["layers"])
+    for module_name, (fused_name, members) in FUSED_PROJECTIONS.items():
+        module = dict(layers[module_name])
+        kernels = [module.pop(m)["kernel"] for m in members]
+        for m, k in zip(members, kernels, strict=True):
+            if k.shape[-1] % groups:
+                raise ConfigError(
+                    f"fuse_projections: {module_name}.{m} has {k.shape[-1]} output columns, "
+                    f"expected a multiple of groups={groups}"
+                )
+        module[fused_name] = {"kernel": _concat_groups(kernels, groups, sharding)}
+        layers[module_name] = module
+    return {**params, "layers": layers}
+
+
+def unfuse_projections(params):
+    """The canonical (separate q, k, v, gate, up) tree of fused parameters (a copy of those
+    kernels); canonical parameters are returned as they are."""
+    if not projections_fused(params):
+        return params
+    layers = dict(params["layers"])
+    for module_name, (fused_name, members) in FUSED_PROJECTIONS.items():
+        module = dict(layers[module_name])
+        kernel = module.pop(fused_name)["kernel"]  # (L, E, groups, n)
+        members_n = _member_widths(params, module_name, kernel)
+        lo = 0
+        for m, share in zip(members, members_n, strict=True):
+            part = kernel[..., lo : lo + share]
+            module[m] = {"kernel": part.reshape(*part.shape[:-2], -1)}
+            lo += share
+        layers[module_name] = module
+    return {**params, "layers": layers}
+
+
+def _member_widths(params, module_name, kernel):
+    """Per-group column shares of a fused kernel's members, from the o / down kernels."""
+    groups, n = kernel.shape[-2:]
+    if module_name == "mlp":
+        return (n // 2, n // 2)
+    q_width = params["layers"]["attn"]["o_proj"]["kernel"].shape[-2]  # (L, q_size, E)
+    kv_share = (n - q_width // groups) // 2
+    return (q_width // groups, kv_share, kv_share)
+
+
+def _concat_groups(kernels, groups, sharding):
+    def concat(kernels):
+        lead = kernels[0].shape[:-1]
+        return jnp.concatenate(
+            [k.reshape(*lead, groups, k.shape[-1] // groups) for k in kernels], axis=-1
+        )
+
+    return jax.jit(concat, out_shardings=sharding)(kernels)
+
+
 def lora_group_delta(
     group: str, x: jax.Array, out_dtype, layer: jax.Array, lora: LoraInputs
 ) -> jax.Array:
@@ -170,10 +271,15 @@ class Attention(nn.Module):
         cfg = self.config
         b, s, _ = x.shape
         dense = lambda f, axes, name: _dense(f, axes, name, self.dtype, self.param_dtype)  # noqa: E731
-        q = dense(cfg.q_size, ("embed", "heads"), "q_proj")(x)
-        k = dense(cfg.kv_size, ("embed", "kv_heads"), "k_proj")(x)
-        v = dense(cfg.kv_size, ("embed", "kv_heads"), "v_proj")(x)
-        q, k, v = _with_lora("qkv", x, [q, k, v], layer, lora)
+        widths = (cfg.q_size, cfg.kv_size, cfg.kv_size)
+        qkv = _fused_projection(self, "qkv_proj", x, widths, self.dtype)
+        if qkv is None:
+            qkv = [
+                dense(cfg.q_size, ("embed", "heads"), "q_proj")(x),
+                dense(cfg.kv_size, ("embed", "kv_heads"), "k_proj")(x),
+                dense(cfg.kv_size, ("embed", "kv_heads"), "v_proj")(x),
+            ]
+        q, k, v = _with_lora("qkv", x, qkv, layer, lora)
         q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
@@ -242,13 +348,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, layer, lora):
         cfg = self.config
-        gate = _dense(
-            cfg.intermediate_size, ("embed", "mlp"), "gate_proj", self.dtype, self.param_dtype
-        )(x)
-        up = _dense(
-            cfg.intermediate_size, ("embed", "mlp"), "up_proj", self.dtype, self.param_dtype
-        )(x)
-        gate, up = _with_lora("gate_up", x, [gate, up], layer, lora)
+        widths = (cfg.intermediate_size, cfg.intermediate_size)
+        gate_up = _fused_projection(self, "gate_up_proj", x, widths, self.dtype)
+        if gate_up is None:
+            gate_up = [
+                _dense(w, ("embed", "mlp"), name, self.dtype, self.param_dtype)(x)
+                for w, name in zip(widths, ("gate_proj", "up_proj"), strict=True)
+            ]
+        gate, up = _with_lora("gate_up", x, gate_up, layer, lora)
         hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
         down = _dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", self.dtype, self.param_dtype)(
             hidden

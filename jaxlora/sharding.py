@@ -85,5 +85,11 @@ def kv_pool_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, None, None, TP_AXIS, None))
 
 
+def fused_projection_sharding(mesh: Mesh) -> NamedSharding:
+    """Fused q|k|v and gate|up kernels (L, E, groups, n) with groups = the tp size
+    (jaxlora.model.fuse_projections): each device holds its own group's columns."""
+    return NamedSharding(mesh, PartitionSpec(None, None, TP_AXIS, None))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

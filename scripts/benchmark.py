@@ -96,6 +96,11 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
     "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
 )
+flags.DEFINE_bool(
+    "fuse_projections",
+    True,
+    "one GEMM for q|k|v and one for gate|up (RunnerConfig.fuse_projections)",
+)
 flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128"], "offline batch sizes")
 flags.DEFINE_list("offline_workloads", list(WORKLOADS), "offline adapter workloads")
 flags.DEFINE_integer("prompt_len", 256, "offline prompt tokens")
@@ -227,6 +232,7 @@ def main(argv):
             prefill_rows=FLAGS.prefill_rows,
             impl=FLAGS.impl,
             layer_loop=FLAGS.layer_loop,
+            fuse_projections=FLAGS.fuse_projections,
             profile_steps=FLAGS.profile_steps,
             free_running=tuple(FLAGS.free_running),
             seed=FLAGS.seed,
@@ -251,6 +257,7 @@ def main(argv):
             kv_pages=FLAGS.online_kv_pages,
             impl=FLAGS.impl,
             layer_loop=FLAGS.layer_loop,
+            fuse_projections=FLAGS.fuse_projections,
             time_steps=FLAGS.online_time_steps,
             seed=FLAGS.seed,
         )

@@ -77,6 +77,11 @@ flags.DEFINE_string(
     "'{\"xla_gpu_enable_triton_gemm\": false}' (cuBLAS GEMMs: much faster compiles).",
 )
 flags.DEFINE_bool(
+    "fuse_projections",
+    True,
+    "Run q|k|v and gate|up as one GEMM each (fused kernels built at start-up; same outputs).",
+)
+flags.DEFINE_bool(
     "async_scheduling",
     True,
     "Dispatch each engine iteration before reading the "
@@ -154,6 +159,7 @@ def main(argv):
         max_slots=FLAGS.max_slots,
         layer_loop=FLAGS.layer_loop,
         xla_options=xla_options,
+        fuse_projections=FLAGS.fuse_projections,
         async_scheduling=FLAGS.async_scheduling,
     )
     try:

@@ -7,8 +7,15 @@ import pytest
 
 from configs.models import TINY
 from jaxlora.config import LoraPoolConfig
+from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraWeights, pack_adapters, random_lora_weights
-from jaxlora.model import Llama, init_params
+from jaxlora.model import (
+    Llama,
+    fuse_projections,
+    init_params,
+    projections_fused,
+    unfuse_projections,
+)
 from pallas_kernels.layout import MODULES, NO_ADAPTER
 
 
@@ -98,3 +105,51 @@ def test_padding_mask_leaves_real_tokens_unchanged(tiny):
     a = model.apply({"params": params}, tokens)
     b = model.apply({"params": params}, padded, attn_mask=mask)[:, :5]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_projections_compute_the_same_model(tiny, groups):
+    config, params = tiny
+    fused = fuse_projections(params, groups=groups)
+    assert projections_fused(fused) and not projections_fused(params)
+    attn, mlp = fused["layers"]["attn"], fused["layers"]["mlp"]
+    assert set(attn) == {"qkv_proj", "o_proj"} and set(mlp) == {"gate_up_proj", "down_proj"}
+    assert attn["qkv_proj"]["kernel"].shape == (2, 64, groups, (64 + 2 * 32) // groups)
+    assert mlp["gate_up_proj"]["kernel"].shape == (2, 64, groups, 2 * 128 // groups)
+    # group g holds the q, k, v columns of shard g, in that order
+    q = np.asarray(params["layers"]["attn"]["q_proj"]["kernel"])
+    k = np.asarray(params["layers"]["attn"]["k_proj"]["kernel"])
+    np.testing.assert_array_equal(
+        np.asarray(attn["qkv_proj"]["kernel"][:, :, groups - 1, : 64 // groups]),
+        q[:, :, 64 - 64 // groups :],
+    )
+    np.testing.assert_array_equal(
+        np.asarray(attn["qkv_proj"]["kernel"][:, :, 0, 64 // groups : (64 + 32) // groups]),
+        k[:, :, : 32 // groups],
+    )
+    model = Llama(config)
+    tokens = jnp.array(np.random.default_rng(3).integers(0, 512, (3, 5)), jnp.int32)
+    lora = pack_adapters(
+        config, [random_lora(config, "a", 4, MODULES, 1), random_lora(config, "b", 2, MODULES, 2)]
+    ).with_tokens(jnp.array([[0] * 5, [NO_ADAPTER] * 5, [1, 1, 0, 0, NO_ADAPTER]], jnp.int32))
+    for scan_layers in (True, False):
+        model = Llama(config, scan_layers=scan_layers)
+        for kwargs in ({}, {"lora": lora}):
+            expected = np.asarray(model.apply({"params": params}, tokens, **kwargs))
+            got = np.asarray(model.apply({"params": fused}, tokens, **kwargs))
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    base = np.asarray(model.apply({"params": fused}, tokens))
+    assert np.abs(np.asarray(model.apply({"params": fused}, tokens, lora=lora)) - base).max() > 1e-3
+
+
+def test_fuse_projections_round_trips_and_checks_groups(tiny):
+    config, params = tiny
+    fused = fuse_projections(params, groups=2)
+    assert fuse_projections(fused) is fused
+    back = unfuse_projections(fused)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert unfuse_projections(params) is params
+    with pytest.raises(ConfigError, match=r"attn.q_proj has 64 output columns.*groups=3"):
+        fuse_projections(params, groups=3)

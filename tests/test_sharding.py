@@ -89,6 +89,11 @@ def test_tensor_parallel_engine_generates_the_single_device_tokens():
         outs[tp] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
         if tp == 4:
             assert llm.engine.kv.k_pool.addressable_shards[0].data.shape[3] == 1
-            q = llm.params["layers"]["attn"]["q_proj"]["kernel"]
-            assert q.addressable_shards[0].data.shape[-1] == config.q_size // 4
+            # the engine runs fused projections, one group of q|k|v columns per device
+            qkv = llm.params["layers"]["attn"]["qkv_proj"]["kernel"]
+            assert qkv.shape[-2] == 4
+            assert qkv.addressable_shards[0].data.shape[-2:] == (
+                1,
+                (config.q_size + 2 * config.kv_size) // 4,
+            )
     assert outs[4] == outs[1]

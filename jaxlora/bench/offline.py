@@ -40,6 +40,7 @@ class OfflineConfig:
     prefill_rows: int = 8
     impl: str = "auto"  # RunnerConfig.impl
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
+    fuse_projections: bool = True  # RunnerConfig.fuse_projections
     # Engine iterations of every row traced with the JAX profiler once the whole batch decodes
     # (jaxlora/bench/profile.py); 0: none. Traced iterations are left out of the step times.
     profile_steps: int = 0
@@ -104,6 +105,7 @@ class OfflineConfig:
                 max_prefill_rows=prefill_rows,
                 impl=self.impl,
                 layer_loop=self.layer_loop,
+                fuse_projections=self.fuse_projections,
                 decode_buckets=tuple(sorted(set(self.batch_sizes))),
                 prefill_buckets=tuple(sorted({1, prefill_rows})),
             ),

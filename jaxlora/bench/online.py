@@ -52,6 +52,7 @@ class OnlineConfig:
     kv_pages: int = 3000
     impl: str = "auto"  # RunnerConfig.impl
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
+    fuse_projections: bool = True  # RunnerConfig.fuse_projections
     # True: every model step is waited for and timed (decode_step_ms_median), which makes the
     # device wait for the host as synchronous scheduling would; False: the engine runs as it
     # serves (async scheduling) and the steps are only counted.
@@ -110,6 +111,7 @@ class OnlineConfig:
                 max_prefill_rows=self.prefill_rows,
                 impl=self.impl,
                 layer_loop=self.layer_loop,
+                fuse_projections=self.fuse_projections,
             ),
             lora_pool=LoraPoolConfig(
                 max_rank=self.rank,

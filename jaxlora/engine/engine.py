@@ -124,6 +124,19 @@ class EngineStats:
     tpot: list = dataclasses.field(default_factory=list)
 
 
+def _fused_params(params, mesh):
+    """The step's fused projections, split over the mesh's tensor-parallel shards if any."""
+    from jaxlora.model import fuse_projections
+
+    if mesh is None or mesh.size == 1:
+        return fuse_projections(params)
+    from jaxlora.sharding import TP_AXIS, fused_projection_sharding
+
+    return fuse_projections(
+        params, groups=mesh.shape[TP_AXIS], sharding=fused_projection_sharding(mesh)
+    )
+
+
 class Engine:
     """Owns the model runner, the KV cache and the scheduler; the adapter manager is shared.
 
@@ -159,6 +172,8 @@ class Engine:
             # The Pallas kernels are not partitioned by GSPMD: a sharded step uses the jnp path,
             # which XLA splits over the mesh.
             runner_config = dataclasses.replace(runner_config, impl="reference")
+        if runner_config.fuse_projections:
+            params = _fused_params(params, mesh)
         self.runner = ModelRunner(
             config, params, runner_config, dtype=dtype, register_sharding=register_sharding
         )

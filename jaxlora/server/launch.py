@@ -57,6 +57,7 @@ class LaunchConfig:
     max_slots: int | None = None
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
     xla_options: tuple[tuple[str, object], ...] = ()  # RunnerConfig.xla_options
+    fuse_projections: bool = True  # RunnerConfig.fuse_projections
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
@@ -121,6 +122,7 @@ def engine_config_for(
         ),
         layer_loop=launch.layer_loop,
         xla_options=launch.xla_options,
+        fuse_projections=launch.fuse_projections,
     )
     pool = LoraPoolConfig(
         max_rank=pick(launch.max_rank, pool_default.max_rank),
