@@ -582,6 +582,10 @@ def test_launch_settings():
     assert not engine_config_for(
         TINY, LaunchConfig(async_scheduling=False), backend="cpu"
     ).async_scheduling
+    assert cpu.runner.fuse_projections and gpu.runner.fuse_projections
+    assert not engine_config_for(
+        TINY, LaunchConfig(fuse_projections=False), backend="cpu"
+    ).runner.fuse_projections
     with pytest.raises(ConfigError, match="max_model_len"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
 
