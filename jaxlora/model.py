@@ -136,7 +136,8 @@ def _fused_projection(module: nn.Module, name: str, x: jax.Array, widths, dtype)
 
 def projections_fused(params) -> bool:
     """Whether ``params`` (a model's parameter tree) holds the fused projection form."""
-    return FUSED_PROJECTIONS["attn"][0] in params["layers"]["attn"]
+    attn = params.get("layers", {}).get("attn", {}) if isinstance(params, dict) else {}
+    return isinstance(attn, dict) and FUSED_PROJECTIONS["attn"][0] in attn
 
 
 def fuse_projections(params, *, groups: int = 1, sharding=None):
@@ -193,6 +194,20 @@ def _member_widths(params, module_name, kernel):
     q_width = params["layers"]["attn"]["o_proj"]["kernel"].shape[-2]  # (L, q_size, E)
     kv_share = (n - q_width // groups) // 2
     return (q_width // groups, kv_share, kv_share)
+
+
+def fused_logical_axes(axes):
+    """The logical axes of ``fuse_projections``' tree from the canonical tree's axes: each fused
+    kernel is (layers, embed, groups, n) with the groups on its members' output axis name."""
+    layers = dict(axes["layers"])
+    for module_name, (fused_name, members) in FUSED_PROJECTIONS.items():
+        module = dict(layers[module_name])
+        spec = module[members[0]]["kernel"]  # (layers, embed, heads | mlp)
+        for m in members:
+            module.pop(m)
+        module[fused_name] = {"kernel": type(spec)(*spec, None)}
+        layers[module_name] = module
+    return {**axes, "layers": layers}
 
 
 def _concat_groups(kernels, groups, sharding):

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
-from jaxlora.model import logical_axes
+from jaxlora.model import FUSED_PROJECTIONS, fused_logical_axes, logical_axes, projections_fused
 from pallas_kernels.layout import POOL_AXES
 
 TP_AXIS = "tp"
@@ -64,8 +64,20 @@ def param_shardings(config: ModelConfig, mesh: Mesh):
 
 
 def shard_params(params, config: ModelConfig, mesh: Mesh):
-    check_divisible(config, mesh.shape[TP_AXIS])
-    return jax.device_put(params, param_shardings(config, mesh))
+    """params: the canonical tree or fused projections (``fuse_projections(groups=tp)``)."""
+    tp = mesh.shape[TP_AXIS]
+    check_divisible(config, tp)
+    if not projections_fused(params):
+        return jax.device_put(params, param_shardings(config, mesh))
+    fused_name = FUSED_PROJECTIONS["attn"][0]
+    groups = params["layers"]["attn"][fused_name]["kernel"].shape[-2]
+    if groups != tp:
+        raise ConfigError(
+            f"shard_params: params['layers']['attn']['{fused_name}'] is fused for {groups} "
+            f"tensor-parallel groups; expected groups={tp} (the mesh's tp size)"
+        )
+    axes = fused_logical_axes(logical_axes(config))
+    return jax.device_put(params, nn.logical_to_mesh_sharding(axes, mesh, LOGICAL_RULES))
 
 
 def pool_logical_axes(axis: str) -> tuple[str | None, ...]:

@@ -101,8 +101,16 @@ def tiny_params():
 
 
 def test_hf_round_trip_is_exact_and_in_hf_layout(tmp_path, tiny_params):
+    from jaxlora.model import fuse_projections
+
+    # the engine's fused projections (LLM.params) are written in the HF layout too
+    save_hf_checkpoint(tmp_path / "fused", TINY, fuse_projections(tiny_params))
     save_hf_checkpoint(tmp_path, TINY, tiny_params)
     stored = load_file(os.path.join(tmp_path, "model.safetensors"))
+    fused_stored = load_file(os.path.join(tmp_path, "fused", "model.safetensors"))
+    assert fused_stored.keys() == stored.keys()
+    for name, tensor in stored.items():
+        np.testing.assert_array_equal(fused_stored[name], tensor, err_msg=name)
     # HF stores Linear weights (out, in): the transpose of the kernel, per layer.
     np.testing.assert_array_equal(
         stored["model.layers.1.self_attn.k_proj.weight"],
@@ -748,6 +756,11 @@ def test_orbax_params_round_trip(tmp_path):
     config, restored = restore_params(tmp_path / "ckpt")
     assert config == LLAMA3_TINY
     assert_trees_equal(restored, params)
+    # the engine's fused projections (LLM.params) are stored as the canonical tree
+    from jaxlora.model import fuse_projections
+
+    save_params(tmp_path / "fused", LLAMA3_TINY, fuse_projections(params, groups=2))
+    assert_trees_equal(restore_params(tmp_path / "fused")[1], params)
 
 
 def test_orbax_checkpoint_that_contradicts_its_config_is_refused(tmp_path, tiny_params):

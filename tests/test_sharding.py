@@ -53,6 +53,27 @@ def test_sharded_forward_equals_single_device_and_weights_are_split():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_projections_shard_one_group_per_device():
+    from jaxlora.model import fuse_projections
+
+    config = TP_CONFIG
+    params = init_params(config, 3)
+    tokens = jnp.array(np.random.default_rng(1).integers(0, 512, (2, 4)), jnp.int32)
+    model = Llama(config)
+    expected = np.asarray(model.apply({"params": params}, tokens))
+    mesh = make_mesh(4)
+    sharded = shard_params(fuse_projections(params, groups=4), config, mesh)
+    qkv = sharded["layers"]["attn"]["qkv_proj"]["kernel"]
+    gate_up = sharded["layers"]["mlp"]["gate_up_proj"]["kernel"]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, None, TP_AXIS, None)
+    assert qkv.addressable_shards[0].data.shape == (2, 64, 1, (64 + 2 * 32) // 4)
+    assert gate_up.addressable_shards[0].data.shape == (2, 64, 1, 2 * 128 // 4)
+    got = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(sharded, tokens))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"fused for 2 tensor-parallel groups; expected groups=4"):
+        shard_params(fuse_projections(params, groups=2), config, mesh)
+
+
 def test_indivisible_tp_is_a_clear_error():
     with pytest.raises(ConfigError, match="num_kv_heads"):
         shard_params(

@@ -31,11 +31,15 @@ def save_params(
     tokenizer_dir: str | os.PathLike | None = None,
 ) -> None:
     """Writes params (numpy or jax leaves) and the config; replaces an existing checkpoint.
+    Fused projections (the engine's ``LLM.params``) are stored as the canonical tree.
 
     tokenizer_dir: a directory holding tokenizer.json (and optionally tokenizer_config.json),
     copied beside the params so that `jaxlora.LLM(path)` and the server can encode text.
     """
+    from jaxlora.model import unfuse_projections
+
     directory = os.path.abspath(os.fspath(path))
+    params = unfuse_projections(params) if isinstance(params, dict) else params
     check_params(config, params, source="save_params: params")
     os.makedirs(directory, exist_ok=True)
     if tokenizer_dir is not None:

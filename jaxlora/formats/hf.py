@@ -267,8 +267,13 @@ def _torch_dtype_name(dtype: np.dtype) -> str:
 
 
 def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dict) -> None:
-    """Writes config.json and model.safetensors that transformers' LlamaForCausalLM loads."""
+    """Writes config.json and model.safetensors that transformers' LlamaForCausalLM loads.
+
+    params: the canonical tree, or the engine's fused projections (split back here)."""
+    from jaxlora.model import unfuse_projections
+
     directory = os.fspath(path)
+    params = unfuse_projections(params) if isinstance(params, dict) else params
     check_params(config, params)
     os.makedirs(directory, exist_ok=True)
     tensors = {}
