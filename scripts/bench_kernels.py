@@ -209,20 +209,20 @@ def make_workload(
 # ------------------------------------------------------------------------------------------------
 
 
+def _adapter_args(pools, tables):
+    """The pool and slot-table arguments shared by ``sgmv_apply`` and ``sgmv_delta``."""
+    names = ("a_pages", "b_pages", "ranks", "scales", "token_slot")
+    return (pools["a_pool"], pools["b_pools"], *(tables[n] for n in names))
+
+
 def step_sgmv(config):
-    """The group's LoRA through ``sgmv_apply`` (the model's entry point): shrink then expand."""
+    """The group's LoRA through ``sgmv_apply`` (in place on the fused y): shrink then expand."""
 
     def step(x, y, pools, tables, layer, weights):
         return sgmv_apply(
             x,
             y,
-            pools["a_pool"],
-            pools["b_pools"],
-            tables["a_pages"],
-            tables["b_pages"],
-            tables["ranks"],
-            tables["scales"],
-            tables["token_slot"],
+            *_adapter_args(pools, tables),
             layer,
             weights=weights,
             kernel_meta=tables.get("meta"),
@@ -241,13 +241,7 @@ def step_sgmv_delta(config):
     def step(x, y, pools, tables, layer, weights):
         delta = sgmv_delta(
             x,
-            pools["a_pool"],
-            pools["b_pools"],
-            tables["a_pages"],
-            tables["b_pages"],
-            tables["ranks"],
-            tables["scales"],
-            tables["token_slot"],
+            *_adapter_args(pools, tables),
             layer,
             weights=weights,
             out_dtype=y.dtype,
