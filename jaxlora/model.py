@@ -16,6 +16,7 @@ Three ways to run attention, chosen by the ``kv`` argument:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -136,8 +137,9 @@ def _fused_projection(module: nn.Module, name: str, x: jax.Array, widths, dtype)
 
 def projections_fused(params) -> bool:
     """Whether ``params`` (a model's parameter tree) holds the fused projection form."""
-    attn = params.get("layers", {}).get("attn", {}) if isinstance(params, dict) else {}
-    return isinstance(attn, dict) and FUSED_PROJECTIONS["attn"][0] in attn
+    layers = params.get("layers") if isinstance(params, Mapping) else None
+    attn = layers.get("attn") if isinstance(layers, Mapping) else None
+    return isinstance(attn, Mapping) and FUSED_PROJECTIONS["attn"][0] in attn
 
 
 def fuse_projections(params, *, groups: int = 1, sharding=None):

@@ -151,5 +151,10 @@ def test_fuse_projections_round_trips_and_checks_groups(tiny):
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert unfuse_projections(params) is params
+    # flax FrozenDict trees are recognised too; malformed trees are simply "not fused"
+    from flax.core import FrozenDict
+
+    assert projections_fused(FrozenDict(fused)) and not projections_fused(FrozenDict(params))
+    assert not projections_fused({"layers": []}) and not projections_fused(None)
     with pytest.raises(ConfigError, match=r"attn.q_proj has 64 output columns.*groups=3"):
         fuse_projections(params, groups=3)
