@@ -15,6 +15,7 @@ Three ways to run attention, chosen by the ``kv`` argument:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -22,6 +23,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
@@ -213,13 +215,17 @@ def fused_logical_axes(axes):
 
 
 def _concat_groups(kernels, groups, sharding):
-    def concat(kernels):
+    def concat(kernels, xp):
         lead = kernels[0].shape[:-1]
-        return jnp.concatenate(
+        return xp.concatenate(
             [k.reshape(*lead, groups, k.shape[-1] // groups) for k in kernels], axis=-1
         )
 
-    return jax.jit(concat, out_shardings=sharding)(kernels)
+    if sharding is None and all(isinstance(k, np.ndarray) for k in kernels):
+        # Host weights (a loaded checkpoint) are fused on the host: no device memory for both
+        # forms at once.
+        return concat(kernels, np)
+    return jax.jit(functools.partial(concat, xp=jnp), out_shardings=sharding)(kernels)
 
 
 def lora_group_delta(

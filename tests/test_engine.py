@@ -330,6 +330,29 @@ def test_fused_projections_generate_the_separate_weights_tokens(base, lora_adapt
     )
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_loaded_checkpoint_runs_from_device_memory(tmp_path, base, fuse):
+    """A HF checkpoint loads as numpy arrays; the engine puts every leaf on the device once (a
+    host leaf would be copied to the device by every step) and fuses on the host."""
+    import dataclasses
+
+    from jaxlora.formats.hf import save_hf_checkpoint
+    from jaxlora.model import projections_fused
+
+    save_hf_checkpoint(tmp_path, TINY, jax.tree.map(np.asarray, base))
+    config = small_engine_config()
+    config = dataclasses.replace(
+        config, runner=dataclasses.replace(config.runner, fuse_projections=fuse)
+    )
+    llm = jaxlora.LLM(str(tmp_path), engine_config=config, load_workers=0)
+    leaves = jax.tree.leaves(llm.params)
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves), {type(x) for x in leaves}
+    assert projections_fused(llm.params) == fuse
+    prompt = [5, 9, 2, 7]
+    out = llm.generate([prompt], sampling=SamplingParams(temperature=0.0, max_tokens=4))[0]
+    assert out.token_ids == greedy_reference(base, prompt, 4)
+
+
 def test_replace_mid_generation_serves_each_request_its_own_version(base, lora_adapters):
     """A request admitted before `replace` keeps the old weights to its last token while a
     request admitted after it, in the same steps, gets the new ones: two versions of one name

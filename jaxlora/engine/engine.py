@@ -137,6 +137,16 @@ def _fused_params(params, mesh):
     )
 
 
+def _on_device(params, config, mesh):
+    """Host (numpy) leaves, e.g. a loaded checkpoint, go to the device once: left on the host,
+    jit would copy them to the device at every step."""
+    if mesh is not None and mesh.size > 1:
+        from jaxlora.sharding import shard_params
+
+        return shard_params(params, config, mesh)
+    return jax.tree.map(lambda p: p if isinstance(p, jax.Array) else jax.device_put(p), params)
+
+
 class Engine:
     """Owns the model runner, the KV cache and the scheduler; the adapter manager is shared.
 
@@ -174,6 +184,7 @@ class Engine:
             runner_config = dataclasses.replace(runner_config, impl="reference")
         if runner_config.fuse_projections:
             params = _fused_params(params, mesh)
+        params = _on_device(params, config, mesh)
         self.runner = ModelRunner(
             config, params, runner_config, dtype=dtype, register_sharding=register_sharding
         )
