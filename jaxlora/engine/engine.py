@@ -124,26 +124,24 @@ class EngineStats:
     tpot: list = dataclasses.field(default_factory=list)
 
 
-def _fused_params(params, mesh):
-    """The step's fused projections, split over the mesh's tensor-parallel shards if any."""
+def _step_params(params, config, mesh, fuse: bool):
+    """The runner's parameters: on the device once (a loaded checkpoint arrives as numpy; left
+    on the host, jit would copy it to the device at every step), with q|k|v and gate|up fused if
+    asked. One device: host weights are fused on the host, so the device never holds both forms.
+    A mesh: the weights are sharded first, then fused one tensor-parallel group per device."""
     from jaxlora.model import fuse_projections
 
-    if mesh is None or mesh.size == 1:
-        return fuse_projections(params)
-    from jaxlora.sharding import TP_AXIS, fused_projection_sharding
-
-    return fuse_projections(
-        params, groups=mesh.shape[TP_AXIS], sharding=fused_projection_sharding(mesh)
-    )
-
-
-def _on_device(params, config, mesh):
-    """Host (numpy) leaves, e.g. a loaded checkpoint, go to the device once: left on the host,
-    jit would copy them to the device at every step."""
     if mesh is not None and mesh.size > 1:
-        from jaxlora.sharding import shard_params
+        from jaxlora.sharding import TP_AXIS, fused_projection_sharding, shard_params
 
-        return shard_params(params, config, mesh)
+        params = shard_params(params, config, mesh)
+        if not fuse:
+            return params
+        return fuse_projections(
+            params, groups=mesh.shape[TP_AXIS], sharding=fused_projection_sharding(mesh)
+        )
+    if fuse:
+        params = fuse_projections(params)
     return jax.tree.map(lambda p: p if isinstance(p, jax.Array) else jax.device_put(p), params)
 
 
@@ -182,9 +180,7 @@ class Engine:
             # The Pallas kernels are not partitioned by GSPMD: a sharded step uses the jnp path,
             # which XLA splits over the mesh.
             runner_config = dataclasses.replace(runner_config, impl="reference")
-        if runner_config.fuse_projections:
-            params = _fused_params(params, mesh)
-        params = _on_device(params, config, mesh)
+        params = _step_params(params, config, mesh, runner_config.fuse_projections)
         self.runner = ModelRunner(
             config, params, runner_config, dtype=dtype, register_sharding=register_sharding
         )

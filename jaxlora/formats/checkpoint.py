@@ -39,7 +39,7 @@ def save_params(
     from jaxlora.model import unfuse_projections
 
     directory = os.path.abspath(os.fspath(path))
-    params = unfuse_projections(params) if isinstance(params, dict) else params
+    params = unfuse_projections(params)
     check_params(config, params, source="save_params: params")
     os.makedirs(directory, exist_ok=True)
     if tokenizer_dir is not None:

@@ -273,7 +273,7 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dic
     from jaxlora.model import unfuse_projections
 
     directory = os.fspath(path)
-    params = unfuse_projections(params) if isinstance(params, dict) else params
+    params = unfuse_projections(params)
     check_params(config, params)
     os.makedirs(directory, exist_ok=True)
     tensors = {}
