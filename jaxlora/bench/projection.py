@@ -1,0 +1,304 @@
+"""Decode-step projections: XLA's GEMM (+ the SGMV delta) against ``lora_matmul`` (GPU).
+
+A row is one projection shape of a decode step (T tokens, K inputs, the group's output widths) and
+one workload (no LoRA, one adapter, every token its own adapter). Each implementation runs
+``layers`` stacked weights (distinct, so that every projection reads its weights from device
+memory) ``passes`` times inside one jit, each projection's input computed from the previous
+output (nothing can be hoisted or overlapped across projections); the time of a projection is the
+median wall time of a call over the number of projections in it, so one call's dispatch is spread
+over many projections. Bytes of a projection: the weights, x read, y written, and each distinct
+adapter's A and B rows. The copy ceiling is measured in the same run.
+
+Implementations:
+- ``xla``: ``x @ W[l]`` by XLA (static layer slices, as the unrolled model step); with LoRA the
+  model's SGMV delta (shrink + expand launches) added by XLA;
+- ``fused:NAME``: ``sgmv_shrink`` (with LoRA) then ``lora_matmul`` with config NAME, the base GEMM
+  and the expand in one launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.lora_matmul import LoraExpand, MatmulConfig, lora_matmul
+from pallas_kernels.sgmv import sgmv_delta, sgmv_shrink
+
+# The q|k|v (q, k, v widths), o, gate|up and down projections of llama-2-7b.
+LLAMA2_7B_GROUPS = {
+    "qkv": (4096, (4096, 4096, 4096), (0, 1, 2)),
+    "o": (4096, (4096,), (3,)),
+    "gate_up": (4096, (11008, 11008), (4, 5)),
+    "down": (11008, (4096,), (6,)),
+}
+
+
+def copy_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best read+write rate of a device copy of ``nbytes`` (bf16), GB/s."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (nbytes // 2,), jnp.bfloat16)
+    step = jax.jit(lambda a: a * jnp.bfloat16(1.0009765625))
+    step(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a = step(a)
+        a.block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best / 1e9
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["a_pool", "b_pools", "a_pages", "b_pages", "ranks", "scales", "token_slot"],
+    meta_fields=["weights", "adapter_bytes"],
+)
+@dataclasses.dataclass(frozen=True)
+class LoraCase:
+    """Pools and slot tables of ``num_adapters`` rank-``rank`` adapters for one group."""
+
+    a_pool: jax.Array
+    b_pools: tuple[jax.Array, ...]
+    a_pages: jax.Array
+    b_pages: jax.Array
+    ranks: jax.Array
+    scales: jax.Array
+    token_slot: jax.Array
+    weights: tuple[int, ...]
+    adapter_bytes: int
+
+
+def lora_case(key, *, layers, in_width, widths, weights, rank, num_adapters, num_tokens, dtype):
+    g_count = len(widths)
+    rows_per_page = 16
+    pages = -(-rank // rows_per_page)
+    keys = jax.random.split(key, 2 + g_count)
+    a_pool = (
+        jax.random.normal(
+            keys[0], (layers, num_adapters * g_count * pages, rows_per_page, in_width)
+        )
+        * 0.02
+    ).astype(dtype)
+    a_pages = np.zeros((num_adapters, 7, pages), np.int32)
+    b_pages = np.zeros((num_adapters, 7, pages), np.int32)
+    ranks = np.zeros((num_adapters, 7), np.int32)
+    perm = np.random.default_rng(0).permutation(num_adapters * g_count * pages)
+    for s in range(num_adapters):
+        for g, w in enumerate(weights):
+            ids = perm[(s * g_count + g) * pages : (s * g_count + g + 1) * pages]
+            a_pages[s, w] = ids
+            b_pages[s, w] = np.arange(s * pages, (s + 1) * pages)
+            ranks[s, w] = rank
+    b_pools = tuple(
+        (
+            jax.random.normal(keys[2 + g], (layers, num_adapters * pages, rows_per_page, width))
+            * 0.02
+        ).astype(dtype)
+        for g, width in enumerate(widths)
+    )
+    token_slot = np.arange(num_tokens) % num_adapters
+    itemsize = jnp.dtype(dtype).itemsize
+    adapter_bytes = num_adapters * rank * (g_count * in_width + sum(widths)) * itemsize
+    return LoraCase(
+        a_pool=a_pool,
+        b_pools=b_pools,
+        a_pages=jnp.asarray(a_pages),
+        b_pages=jnp.asarray(b_pages),
+        ranks=jnp.asarray(ranks),
+        scales=jnp.full((num_adapters, 7), 0.5, jnp.float32),
+        token_slot=jnp.asarray(token_slot, jnp.int32),
+        weights=tuple(weights),
+        adapter_bytes=adapter_bytes,
+    )
+
+
+def _projection(impl, config, x, w, layer, lora):
+    """One projection of the chain: (T, N) in x's dtype."""
+    if impl == "xla":
+        y = jnp.dot(x, w[layer])
+        if lora is None:
+            return y
+        delta = sgmv_delta(
+            x,
+            lora.a_pool,
+            lora.b_pools,
+            lora.a_pages,
+            lora.b_pages,
+            lora.ranks,
+            lora.scales,
+            lora.token_slot,
+            layer,
+            weights=lora.weights,
+        )
+        return (y.astype(jnp.float32) + delta).astype(y.dtype)
+    expand = None
+    if lora is not None:
+        v = sgmv_shrink(
+            x, lora.a_pool, lora.a_pages, lora.ranks, lora.token_slot, layer, weights=lora.weights
+        )
+        expand = LoraExpand(
+            v=v,
+            b_pools=lora.b_pools,
+            b_pages=lora.b_pages,
+            ranks=lora.ranks,
+            scales=lora.scales,
+            token_slot=lora.token_slot,
+            weights=lora.weights,
+        )
+    return lora_matmul(x, w, layer, lora=expand, config=config)
+
+
+def chain(impl, config, *, layers, passes):
+    """A jitted function running ``layers * passes`` dependent projections."""
+
+    def run(x, w, lora):
+        in_width = x.shape[1]
+
+        def one_pass(_, x):
+            for layer in range(layers):
+                y = _projection(impl, config, x, w, layer, lora)
+                reps = -(-in_width // y.shape[1])
+                nxt = jnp.tile(y, (1, reps))[:, :in_width] if reps > 1 else y[:, :in_width]
+                x = (0.5 * x.astype(jnp.float32) + 0.5 * nxt.astype(jnp.float32)).astype(x.dtype)
+            return x
+
+        return jax.lax.fori_loop(0, passes, one_pass, x)
+
+    return jax.jit(run)
+
+
+def time_chain(fn, args, *, calls: int, repeats: int) -> float:
+    """Median seconds of one call over ``repeats`` timings of ``calls`` back-to-back calls."""
+    out = fn(*args)
+    out.block_until_ready()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        out.block_until_ready()
+        samples.append((time.perf_counter() - start) / calls)
+    return float(np.median(samples))
+
+
+def run_rows(
+    *,
+    tokens,
+    groups,
+    workloads,
+    impls: dict[str, MatmulConfig | None],
+    rank=16,
+    layers=8,
+    passes=4,
+    calls=5,
+    repeats=5,
+    dtype=jnp.bfloat16,
+    copy=None,
+    on_row=None,
+):
+    """The table's rows (dicts); ``impls`` maps a name to its MatmulConfig (None for ``xla``)."""
+    copy = copy or copy_gbps()
+    rows = []
+    key = jax.random.PRNGKey(0)
+    for group in groups:
+        in_width, widths, weights = LLAMA2_7B_GROUPS[group]
+        n_cols = sum(widths)
+        key, wkey = jax.random.split(key)
+        w = (jax.random.normal(wkey, (layers, in_width, n_cols)) * 0.02).astype(dtype)
+        itemsize = jnp.dtype(dtype).itemsize
+        for num_tokens in tokens:
+            key, xkey = jax.random.split(key)
+            x = jax.random.normal(xkey, (num_tokens, in_width)).astype(dtype)
+            for workload in workloads:
+                lora = None
+                adapter_bytes = 0
+                if workload != "no_lora":
+                    num_adapters = 1 if workload == "identical" else num_tokens
+                    lora = lora_case(
+                        jax.random.PRNGKey(num_tokens),
+                        layers=layers,
+                        in_width=in_width,
+                        widths=widths,
+                        weights=weights,
+                        rank=rank,
+                        num_adapters=num_adapters,
+                        num_tokens=num_tokens,
+                        dtype=dtype,
+                    )
+                    adapter_bytes = lora.adapter_bytes
+                nbytes = (in_width * n_cols + num_tokens * (in_width + n_cols)) * itemsize
+                nbytes += adapter_bytes
+                limit_us = nbytes / (copy * 1e9) * 1e6
+                row = dict(
+                    group=group,
+                    tokens=num_tokens,
+                    workload=workload,
+                    bytes=nbytes,
+                    copy_gbps=copy,
+                    roofline_us=limit_us,
+                    us={},
+                    errors={},
+                )
+                for name, config in impls.items():
+                    impl = "xla" if config is None else "fused"
+                    try:
+                        fn = chain(impl, config, layers=layers, passes=passes)
+                        seconds = time_chain(fn, (x, w, lora), calls=calls, repeats=repeats)
+                        row["us"][name] = seconds / (layers * passes) * 1e6
+                    except Exception as e:  # a config that does not compile is recorded
+                        row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+    return rows
+
+
+def format_row(row) -> str:
+    us = row["us"]
+    base = us.get("xla")
+    parts = [
+        f"{row['group']:>7} T={row['tokens']:<4} {row['workload']:<9} "
+        f"{row['bytes'] / 1e6:7.1f} MB  limit {row['roofline_us']:7.1f} us"
+    ]
+    for name, t in sorted(us.items(), key=lambda kv: kv[1]):
+        ratio = f" x{base / t:.2f}" if base else ""
+        parts.append(f"{name} {t:.1f} ({row['roofline_us'] / t * 100:.0f}%{ratio})")
+    if row["errors"]:
+        parts.append(f"[{len(row['errors'])} failed: {', '.join(sorted(row['errors']))}]")
+    return "  ".join(parts)
+
+
+def config_grid(spec: str) -> dict[str, MatmulConfig]:
+    """Configs from 'bnXbkYwZsW,...' names (e.g. 'bn64bk128w4s4')."""
+    out = {}
+    for name in filter(None, (s.strip() for s in spec.split(","))):
+        fields = {}
+        rest = name
+        for tag, field in (
+            ("bn", "block_n"),
+            ("bk", "block_k"),
+            ("w", "num_warps"),
+            ("s", "num_stages"),
+        ):
+            if not rest.startswith(tag):
+                raise ValueError(f"config name {name!r}: expected bn..bk..w..s.., at {rest!r}")
+            rest = rest[len(tag) :]
+            digits = len(rest) - len(rest.lstrip("0123456789"))
+            fields[field] = int(rest[:digits])
+            rest = rest[digits:]
+        out[name] = MatmulConfig(**fields)
+    return out
+
+
+def best_configs(rows, configs: dict[str, MatmulConfig]) -> dict[tuple[str, int], str]:
+    """The fastest fused config of each (group, tokens) among ``rows``."""
+    best = {}
+    for row in rows:
+        timed = {n: t for n, t in row["us"].items() if n in configs}
+        if timed:
+            best[(row["group"], row["tokens"])] = min(timed, key=timed.get)
+    return best

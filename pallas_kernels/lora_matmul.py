@@ -1,0 +1,381 @@
+"""A decode-step projection with the LoRA expand in its epilogue: one launch for ``x @ W`` and
+every token's ``scale * v @ B``.
+
+    y[t, :] = x[t] @ W[layer] + sum_g scale[slot_t, w_g] * v[t, g, :r] @ B_{w_g}[slot_t]
+
+``W`` is a layer-stacked base kernel ``(L, K, N)`` read in place at a traced ``layer`` (the
+kernel computes the layer's offset, so neither ``lax.scan`` nor the unrolled loop has to slice,
+and XLA cannot materialize a per-layer copy before the call). ``N`` is the fused group's
+output: for q|k|v it is the q, k and v columns side by side (``jaxlora.model.FUSED_PROJECTIONS``,
+one group), for o and down the single weight's. ``v`` is the shrink output
+(``pallas_kernels.sgmv.sgmv_shrink``) and the B pools, pages, ranks, scales and token slots are
+those of the paged adapter pool (``pallas_kernels/layout.py``); rows beyond a weight's rank are
+never loaded, tokens whose slot is NO_ADAPTER get the base output alone.
+
+Why: in a decode step XLA runs each projection as a Triton GEMM split along K, whose float32
+partials a later fusion sums (docs/BENCHMARKS.md, fifth-session HLO), and with LoRA the expand is
+a second launch per group. Here each program owns a block of output columns for a block of
+tokens, walks the whole K (no partials) on the tensor cores, then adds the LoRA delta of each of
+its tokens (a per-token gather of B rows, on the CUDA cores) before the single rounding to the
+output dtype. One launch per (layer, group) for base + expand; the shrink stays its own launch.
+
+Grid: (N / block_n, ceil(T / block_m)). Every width of the group must be a multiple of block_n so
+that a column block belongs to one weight (``lora_matmul`` checks, ``MatmulConfig.block_n_for``
+picks one). The kernel is meant for decode-sized T (``MatmulConfig.max_tokens``); prefill keeps
+XLA's GEMM and the SGMV kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxlora.errors import ConfigError
+from pallas_kernels.sgmv import (
+    _check_pool,
+    _check_slot_tables,
+    _check_weights,
+    _dot_precision,
+    _group_of_block,
+    _idx,
+    _layer,
+    _next_pow2,
+    _pool_rows,
+    sgmv_expand_reference,
+)
+
+_WHERE = "pallas_kernels/lora_matmul.py"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MatmulConfig:
+    """Tuning knobs of ``lora_matmul`` (powers of two; blocks shrink to tiny test shapes)."""
+
+    block_m: int = 128  # most tokens per program (the M of its dots; at least 16)
+    block_n: int = 64  # output columns per program (largest that divides every group width)
+    block_k: int = 128  # input-width step
+    num_warps: int = 4
+    num_stages: int = 4
+    # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
+    # keeps XLA's GEMM and the SGMV delta.
+    max_tokens: int = 128
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ConfigError(
+                    f"MatmulConfig field {name!r}: expected a power of two >= 16 (a "
+                    f"tensor-core dot dimension), got {value!r}"
+                )
+        for name in ("num_warps", "num_stages", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"MatmulConfig field {name!r}: expected an int >= 1, got {value!r}"
+                )
+
+    def block_n_for(self, widths) -> int:
+        """The largest block of output columns up to ``block_n`` (>= 16) dividing every width,
+        or 0 when there is none."""
+        bn = self.block_n
+        while bn >= 16:
+            if all(w % bn == 0 for w in widths):
+                return bn
+            bn //= 2
+        return 0
+
+    def block_m_for(self, num_tokens: int) -> int:
+        return max(16, min(self.block_m, _next_pow2(num_tokens)))
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["v", "b_pools", "b_pages", "ranks", "scales", "token_slot"],
+    meta_fields=["weights"],
+)
+@dataclasses.dataclass(frozen=True)
+class LoraExpand:
+    """The LoRA operands of ``lora_matmul`` (one module group); a pytree, weights static."""
+
+    v: jax.Array  # (T, G, MP*R) float32, the shrink output
+    b_pools: tuple[jax.Array, ...]  # G pools (L, P, R, out_g)
+    b_pages: jax.Array  # (S, 7, MP) int32
+    ranks: jax.Array  # (S, 7) int32
+    scales: jax.Array  # (S, 7) float32
+    token_slot: jax.Array  # (T,) int32, NO_ADAPTER = -1
+    weights: tuple[int, ...]  # weight indices of the group, e.g. (0, 1, 2) for q|k|v
+
+
+def lora_matmul_reference(
+    # inputs
+    x: jax.Array,  # (T, K) activations
+    w: jax.Array,  # (L, K, N) layer-stacked base kernels
+    layer: jax.Array | int,  # () int32
+    *,
+    lora: LoraExpand | None = None,
+    out_dtype=None,
+) -> jax.Array:  # (T, N) out_dtype (x's by default)
+    out_dtype = out_dtype or x.dtype
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, w.shape[0] - 1)
+    y = jnp.dot(
+        x.astype(jnp.float32),
+        w[layer].astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    if lora is not None:
+        y = sgmv_expand_reference(
+            y,
+            lora.v,
+            lora.b_pools,
+            lora.b_pages,
+            lora.ranks,
+            lora.scales,
+            lora.token_slot,
+            layer,
+            weights=lora.weights,
+        )
+    return y.astype(out_dtype)
+
+
+def _matmul_kernel(
+    # inputs
+    x_ref,  # (T, K) activations
+    w_ref,  # (L, K, N) base kernels of every layer
+    layer_ref,  # (1,) int32
+    # with LoRA, then: v (T, G*MP*R) float32; G B pools (L*P_g*R, out_g) each;
+    # pages (S, 7, MP) int32; ranks (S, 7) int32; scales (S, 7) float32; token slots (T,) int32
+    *refs,
+    # outputs: refs[-1] = y_ref (T, N)
+    bm,
+    bn,
+    bk,
+    dtype,
+    expand,
+    interpret,
+):
+    y_ref = refs[-1]
+    num_tokens, width = x_ref.shape
+    num_layers = w_ref.shape[0]
+    j = pl.program_id(0)
+    rows = pl.program_id(1) * bm + jnp.arange(bm, dtype=jnp.int32)
+    row_ok = rows < num_tokens
+    rows_i = _idx(rows, row_ok, num_tokens, interpret)
+    # Index arrays rather than pl.ds slices: the interpreter cannot mix slices with them, and
+    # Triton sees the same contiguity from an aligned start plus a range.
+    cols = pl.multiple_of(j * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+    layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+
+    def body(kb, acc):
+        k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
+        if width % bk:
+            k_ok = k < width
+            k_i = _idx(k, k_ok, width, interpret)
+            x_mask = row_ok[:, None] & k_ok[None, :]
+            wk = pltriton.load(
+                w_ref.at[layer, k_i[:, None], cols[None, :]], mask=k_ok[:, None], other=0
+            )
+        else:
+            k_i, x_mask = k, row_ok[:, None]
+            wk = w_ref[layer, k[:, None], cols[None, :]]
+        xk = pltriton.load(x_ref.at[rows_i[:, None], k_i[None, :]], mask=x_mask, other=0)
+        return acc + pltriton.dot(
+            xk.astype(dtype), wk.astype(dtype), precision=_dot_precision(dtype)
+        )
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(width, bk), body, jnp.zeros((bm, bn), jnp.float32))
+    if expand is not None:
+        acc = _expand_epilogue(
+            acc, refs[:-1], layer_ref, j, rows_i, row_ok, bn=bn, interpret=interpret, **expand
+        )
+    pltriton.store(
+        y_ref.at[rows_i[:, None], cols[None, :]], acc.astype(y_ref.dtype), mask=row_ok[:, None]
+    )
+
+
+def _expand_epilogue(
+    acc,
+    refs,
+    layer_ref,
+    block,
+    rows_i,
+    row_ok,
+    *,
+    weights,
+    block_starts,
+    rank_cols,
+    pages_per_pool,
+    rows_per_page,
+    max_pages,
+    bn,
+    interpret,
+):
+    """acc (bm, bn) + each token's scaled ``v @ B`` over the program's columns (one weight)."""
+    g_count = len(weights)
+    v_ref = refs[0]
+    pool_refs = refs[1 : 1 + g_count]
+    pages_ref, ranks_ref, scales_ref, slot_ref = refs[1 + g_count :]
+    v_cols = v_ref.shape[1]
+    slot = pltriton.load(slot_ref.at[rows_i], mask=row_ok, other=-1)
+    has_adapter = row_ok & (slot >= 0)
+    slot_c = jnp.maximum(slot, 0)
+    for g, cb, in_group in _group_of_block(block, block_starts):
+        w = weights[g]
+        pool_ref = pool_refs[g]
+        rank = jnp.where(has_adapter, ranks_ref[slot_c, w], 0)
+        scale = jnp.where(has_adapter, scales_ref[slot_c, w], 0.0)
+        # Only the program's own group runs any rank row: the others see no rows at all.
+        steps = jnp.where(in_group, jnp.max(rank), 0)
+        cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+        cols_i = _idx(cols, in_group & (cols >= 0), pool_ref.shape[1], interpret)[None, :]
+        layer_g = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
+
+        def body(i, acc, g=g, w=w, pool_ref=pool_ref, rank=rank, scale=scale, cols_i=cols_i,
+                 layer_g=layer_g):  # fmt: skip
+            # The rank row as a vector: scalar index arithmetic on the loop counter mistypes in
+            # the Triton lowering (i32 % i1).
+            row = jnp.full(rank.shape, i, jnp.int32)
+            live = row < rank
+            b_row = _pool_rows(
+                pages_ref,
+                slot_c,
+                w,
+                row,
+                layer_g,
+                pages_per_pool=pages_per_pool[g],
+                rows_per_page=rows_per_page,
+                max_pages=max_pages,
+            )
+            b_i = _idx(b_row, live, pool_ref.shape[0], interpret)[:, None]
+            b = pltriton.load(pool_ref.at[b_i, cols_i], mask=live[:, None], other=0)
+            vi = pltriton.load(
+                v_ref.at[rows_i, _idx(g * rank_cols + row, live, v_cols, interpret)],
+                mask=live,
+                other=0.0,
+            )
+            return acc + (vi * scale)[:, None] * b.astype(jnp.float32)
+
+        acc = jax.lax.fori_loop(0, steps, body, acc)
+    return acc
+
+
+def lora_matmul(
+    # inputs
+    x: jax.Array,  # (T, K) activations
+    w: jax.Array,  # (L, K, N) layer-stacked base kernels
+    layer: jax.Array | int,  # () int32
+    *,
+    lora: LoraExpand | None = None,
+    out_dtype=None,
+    config: MatmulConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (T, N) out_dtype (x's by default)
+    """Pallas Triton ``x @ W[layer]`` with the LoRA expand fused; same contract as
+    ``lora_matmul_reference``."""
+    config = config or MatmulConfig()
+    fn = "lora_matmul"
+    if w.ndim != 3:
+        raise ConfigError(
+            f"{_WHERE} {fn}: w must be (L, K, N) stacked kernels, got shape {w.shape}"
+        )
+    num_layers, width, n_cols = w.shape
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ConfigError(f"{_WHERE} {fn}: x must be (T, {width}) (w's K), got shape {x.shape}")
+    num_tokens = x.shape[0]
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if num_tokens == 0:
+        return jnp.zeros((0, n_cols), out_dtype)
+    widths = (n_cols,)
+    args = [x, w, jnp.asarray(layer, jnp.int32).reshape(1)]
+    expand = None
+    if lora is not None:
+        widths, expand, lora_args = _expand_operands(fn, lora, num_tokens, n_cols)
+        args += lora_args
+    bn = config.block_n_for(widths)
+    if not bn:
+        raise ConfigError(
+            f"{_WHERE} {fn}: every output width {widths} must be a multiple of 16 "
+            f"(a column block belongs to one weight)"
+        )
+    if expand is not None:
+        expand["block_starts"] = tuple(int(b) for b in np.cumsum([0] + [c // bn for c in widths]))
+    bm = config.block_m_for(num_tokens)
+    bk = max(16, min(config.block_k, _next_pow2(width)))
+    dtype = x.dtype if x.dtype == w.dtype and x.dtype.itemsize == 2 else jnp.dtype(jnp.float32)
+    name = (
+        f"lora_matmul{'_expand' if expand is not None else ''}_bm{bm}_bn{bn}_bk{bk}"
+        f"_w{config.num_warps}_s{config.num_stages}"
+    )
+    return pl.pallas_call(
+        functools.partial(
+            _matmul_kernel, bm=bm, bn=bn, bk=bk, dtype=dtype, expand=expand, interpret=interpret
+        ),
+        out_shape=jax.ShapeDtypeStruct((num_tokens, n_cols), out_dtype),
+        grid=(n_cols // bn, pl.cdiv(num_tokens, bm)),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name=name,
+    )(*args)
+
+
+def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int):
+    """(the group's widths, the epilogue's statics, its operands) after checking them."""
+    _check_weights(fn, lora.weights)
+    b_pools = tuple(lora.b_pools)
+    g_count = len(lora.weights)
+    if len(b_pools) != g_count:
+        raise ConfigError(
+            f"{_WHERE} {fn}: lora.b_pools must hold one pool per weight of the group "
+            f"({g_count}), got {len(b_pools)}"
+        )
+    for g, pool in enumerate(b_pools):
+        _check_pool(fn, f"lora.b_pools[{g}]", pool)
+        if pool.shape[2] != b_pools[0].shape[2]:
+            raise ConfigError(
+                f"{_WHERE} {fn}: lora.b_pools[{g}] has {pool.shape[2]} rows per page, "
+                f"expected {b_pools[0].shape[2]} like lora.b_pools[0]"
+            )
+    widths = tuple(int(p.shape[3]) for p in b_pools)
+    if sum(widths) != n_cols:
+        raise ConfigError(
+            f"{_WHERE} {fn}: the group's widths {widths} add up to {sum(widths)}, "
+            f"w has N = {n_cols} output columns"
+        )
+    _check_slot_tables(
+        fn, "lora.b_pages", lora.b_pages, lora.ranks, lora.token_slot, num_tokens, lora.scales
+    )
+    rows_per_page = int(b_pools[0].shape[2])
+    max_pages = int(lora.b_pages.shape[2])
+    rank_cols = max_pages * rows_per_page
+    if lora.v.shape != (num_tokens, g_count, rank_cols):
+        raise ConfigError(
+            f"{_WHERE} {fn}: lora.v must be (T, G, MP*R) = {(num_tokens, g_count, rank_cols)}, "
+            f"got shape {lora.v.shape}"
+        )
+    statics = dict(
+        weights=lora.weights,
+        rank_cols=rank_cols,
+        pages_per_pool=tuple(int(p.shape[1]) for p in b_pools),
+        rows_per_page=rows_per_page,
+        max_pages=max_pages,
+    )
+    operands = [
+        lora.v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols),
+        *(p.reshape(-1, p.shape[3]) for p in b_pools),
+        lora.b_pages.astype(jnp.int32),
+        lora.ranks.astype(jnp.int32),
+        lora.scales.astype(jnp.float32),
+        lora.token_slot.astype(jnp.int32),
+    ]
+    return widths, statics, operands
+
+
+__all__ = ["LoraExpand", "MatmulConfig", "lora_matmul", "lora_matmul_reference"]

@@ -1,0 +1,174 @@
+"""The fused decode projection (base GEMM + LoRA expand epilogue) against its jnp reference.
+
+CPU: interpret mode, and the Triton lowering for an abstract H100 (tests/gpu_lowering.py). The
+same cases run compiled on a GPU (marked ``gpu``). The LoRA operands come from the SGMV tests'
+problem builder: NaN wherever no adapter's rank-row lives, shuffled page ids, ranks that are not
+multiples of any block, shuffled tokens with base-only tokens; v carries NaN beyond each rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gpu_lowering import lower_for_gpu, triton_kernels
+from test_sgmv import INTERPRET, TOL, _rel_err, make_problem
+
+from jaxlora.errors import ConfigError
+from pallas_kernels.lora_matmul import LoraExpand, MatmulConfig, lora_matmul, lora_matmul_reference
+from pallas_kernels.sgmv import sgmv_shrink_reference
+
+# Small blocks: several column blocks per weight, several token blocks, partial K steps.
+SMALL = MatmulConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
+
+# (in width, out widths of the group): q|k|v with GQA widths, gate|up, down (K not a multiple
+# of the K step).
+GROUPS = {"qkv": (40, (32, 16, 16)), "gate_up": (48, (48, 48)), "down": (72, (32,))}
+
+
+def _case(group, num_tokens, dtype, *, num_layers=3):
+    in_width, out_widths = GROUPS[group]
+    tag = f"{group}-{num_tokens}-{jnp.dtype(dtype).name}"
+    prob = make_problem(
+        zlib.crc32(tag.encode()),
+        num_tokens=num_tokens,
+        in_width=in_width,
+        out_widths=out_widths,
+        num_layers=num_layers,
+        dtype=dtype,
+    )
+    rng = np.random.default_rng(zlib.crc32(tag.encode()) + 1)
+    w = jnp.asarray(
+        rng.standard_normal((num_layers, in_width, sum(out_widths))) / np.sqrt(in_width), dtype
+    )
+    token_slot = jnp.asarray(prob.token_slot)
+    v = sgmv_shrink_reference(
+        prob.x, prob.a_pool, prob.a_pages, prob.ranks, token_slot, prob.layer, weights=prob.weights
+    )
+    # Entries of v beyond each weight's rank are never read: make them NaN.
+    slot = np.maximum(prob.token_slot, 0)
+    ranks = np.asarray(prob.ranks)[slot][:, list(prob.weights)]  # (T, G)
+    ranks[prob.token_slot < 0] = 0
+    beyond = np.arange(v.shape[2])[None, None, :] >= ranks[:, :, None]
+    v = jnp.where(jnp.asarray(beyond), jnp.nan, v)
+    lora = LoraExpand(
+        v=v,
+        b_pools=prob.b_pools,
+        b_pages=prob.b_pages,
+        ranks=prob.ranks,
+        scales=prob.scales,
+        token_slot=token_slot,
+        weights=prob.weights,
+    )
+    return prob, w, lora
+
+
+def _reference_with_finite_v(prob, w, lora):
+    v = jnp.nan_to_num(lora.v, nan=0.0)
+    finite = dataclasses.replace(lora, v=v)
+    return lora_matmul_reference(prob.x, w, prob.layer, lora=finite)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("group", list(GROUPS))
+@pytest.mark.parametrize("num_tokens", [1, 13, 40])
+def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, interpret):
+    dtype = jnp.dtype(dtype_name)
+    prob, w, lora = _case(group, num_tokens, dtype)
+    y_ref = _reference_with_finite_v(prob, w, lora)
+    run = jax.jit(
+        lambda x, w, layer, lora: lora_matmul(
+            x, w, layer, lora=lora, config=SMALL, interpret=interpret
+        )
+    )
+    y = run(prob.x, w, prob.layer, lora)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert _rel_err(y, y_ref) < TOL[dtype_name]
+    # Base only: the same kernel without the epilogue.
+    base = lora_matmul(prob.x, w, prob.layer, config=SMALL, interpret=interpret)
+    assert _rel_err(base, lora_matmul_reference(prob.x, w, prob.layer)) < TOL[dtype_name]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_every_layer_and_base_only_tokens(interpret):
+    """The layer is read in place from the stacked kernels (and the pools) at a traced index;
+    tokens without an adapter get exactly the base output."""
+    prob, w, lora = _case("qkv", 24, jnp.float32, num_layers=4)
+    run = jax.jit(
+        lambda x, layer, lora: lora_matmul(
+            x, w, layer, lora=lora, config=SMALL, interpret=interpret
+        )
+    )
+    for layer in range(4):
+        y = run(prob.x, jnp.int32(layer), lora)
+        ref = lora_matmul_reference(
+            prob.x, w, layer, lora=dataclasses.replace(lora, v=jnp.nan_to_num(lora.v))
+        )
+        assert _rel_err(y, ref) < TOL["float32"]
+        base = lora_matmul_reference(prob.x, w, layer)
+        none = prob.token_slot < 0
+        assert none.any()
+        np.testing.assert_allclose(
+            np.asarray(y)[none], np.asarray(base)[none], rtol=2e-5, atol=1e-5
+        )
+
+
+def test_default_config_lowers_for_the_gpu_at_model_widths():
+    """The 7B decode shapes (q|k|v 4096 + 1024 + 1024 columns here, bf16, T=8 and 128) lowered to
+    Triton on any machine: one kernel per call, named after its blocks."""
+    in_width, widths = 512, (512, 128, 128)
+    for num_tokens in (8, 128):
+        prob = make_problem(
+            num_tokens,
+            num_tokens=num_tokens,
+            in_width=in_width,
+            out_widths=widths,
+            rows_per_page=16,
+            max_pages=4,
+            num_slots=24,
+            dtype=jnp.bfloat16,
+        )
+        w = jnp.zeros((2, in_width, sum(widths)), jnp.bfloat16)
+        v = jnp.zeros((num_tokens, 3, 64), jnp.float32)
+        lora = LoraExpand(
+            v=v,
+            b_pools=prob.b_pools,
+            b_pages=prob.b_pages,
+            ranks=prob.ranks,
+            scales=prob.scales,
+            token_slot=jnp.asarray(prob.token_slot),
+            weights=prob.weights,
+        )
+        text = lower_for_gpu(
+            lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora),
+            prob.x,
+            w,
+            lora,
+            prob.layer,
+        )
+        assert triton_kernels(text) == 1
+        bm = max(16, min(128, num_tokens))
+        assert f"lora_matmul_expand_bm{bm}_bn64_bk128_w4_s4" in text
+        text = lower_for_gpu(lambda x, w: lora_matmul(x, w, 1), prob.x, w)
+        assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn64" in text
+
+
+def test_bad_inputs_raise_config_errors():
+    prob, w, lora = _case("qkv", 8, jnp.float32)
+    with pytest.raises(ConfigError, match="w must be"):
+        lora_matmul(prob.x, w[0], 0)
+    with pytest.raises(ConfigError, match="x must be"):
+        lora_matmul(prob.x[:, :-1], w, 0)
+    with pytest.raises(ConfigError, match="add up to"):
+        lora_matmul(prob.x, w[..., :-16], 0, lora=lora)
+    with pytest.raises(ConfigError, match="lora.v must be"):
+        lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=lora.v[:, :, :-1]))
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        lora_matmul(prob.x, w[..., :40], 0)
+    with pytest.raises(ConfigError, match="block_n"):
+        MatmulConfig(block_n=48)
