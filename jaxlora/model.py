@@ -29,6 +29,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from pallas_kernels import layout
+from pallas_kernels import lora_matmul as matmul_ops
 from pallas_kernels import sgmv as sgmv_ops
 
 Dtype = jnp.dtype
@@ -270,6 +271,90 @@ def _with_lora(group: str, x: jax.Array, outputs: list[jax.Array], layer, lora):
     return results
 
 
+@flax.struct.dataclass
+class ProjectionKernels:
+    """The layer-stacked projection kernels a decode step runs through ``lora_matmul``.
+
+    kernels: group ("qkv", "o", "gate_up", "down") -> (L, K, N), the fused q|k|v and gate|up
+    kernels of one tensor-parallel group (a free reshape of the parameters) and o, down as
+    they are. The kernel reads a layer in place at the traced layer index."""
+
+    kernels: dict[str, jax.Array]
+    impl: str = flax.struct.field(pytree_node=False, default="pallas")  # or "pallas_interpret"
+    config: object = flax.struct.field(pytree_node=False, default=None)  # MatmulConfig
+
+    def applies(self, group: str, num_tokens: int, widths) -> bool:
+        config = self.config or matmul_ops.MatmulConfig()
+        return (
+            group in self.kernels
+            and num_tokens <= config.max_tokens
+            and config.block_n_for(widths) > 0
+        )
+
+
+def projection_kernels(params, *, impl="pallas", config=None) -> ProjectionKernels | None:
+    """``ProjectionKernels`` of a fused parameter tree with one group (None otherwise: the
+    canonical tree, or fused for tensor parallelism, keeps XLA's GEMMs)."""
+    if not projections_fused(params):
+        return None
+    layers = params["layers"]
+    qkv = layers["attn"]["qkv_proj"]["kernel"]  # (L, E, groups, n)
+    gate_up = layers["mlp"]["gate_up_proj"]["kernel"]
+    if qkv.shape[2] != 1 or gate_up.shape[2] != 1:
+        return None
+    kernels = {
+        "qkv": qkv.reshape(*qkv.shape[:2], -1),
+        "o": layers["attn"]["o_proj"]["kernel"],
+        "gate_up": gate_up.reshape(*gate_up.shape[:2], -1),
+        "down": layers["mlp"]["down_proj"]["kernel"],
+    }
+    return ProjectionKernels(kernels=kernels, impl=impl, config=config)
+
+
+def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels):
+    """The group's outputs (each (B, S, width)), LoRA included, from one ``lora_matmul`` launch
+    (after the LoRA shrink); None where the kernel does not apply (then XLA's GEMM runs)."""
+    b, s, _ = x.shape
+    if kernels is None or not kernels.applies(group, b * s, widths):
+        return None
+    x2 = x.reshape(b * s, -1)
+    interpret = kernels.impl == "pallas_interpret"
+    expand = None
+    if lora is not None:
+        modules = layout.MODULE_GROUPS[group]
+        weights = tuple(layout.MODULE_INDEX[m] for m in modules)
+        token_slot = lora.token_slot.reshape(-1)
+        v = sgmv_ops.sgmv_shrink(
+            x2,
+            lora.pools[layout.MODULE_POOLS[modules[0]][0]],
+            lora.a_pages,
+            lora.ranks,
+            token_slot,
+            layer,
+            weights=weights,
+            kernel_meta=lora.kernel_meta,
+            config=lora.sgmv_config,
+            interpret=interpret,
+        )
+        expand = matmul_ops.LoraExpand(
+            v=v,
+            b_pools=tuple(lora.pools[layout.MODULE_POOLS[m][1]] for m in modules),
+            b_pages=lora.b_pages,
+            ranks=lora.ranks,
+            scales=lora.scales,
+            token_slot=token_slot,
+            weights=weights,
+        )
+    y = matmul_ops.lora_matmul(
+        x2, kernels.kernels[group], layer, lora=expand, config=kernels.config, interpret=interpret
+    )
+    outputs, lo = [], 0
+    for width in widths:
+        outputs.append(y[:, lo : lo + width].reshape(b, s, width))
+        lo += width
+    return outputs
+
+
 def _dense_attention(q, k, v, mask, sm_scale):
     """q: (B, S, NH, D); k, v: (B, K, KVH, D); mask: (B, S, K) bool."""
     b, s, nh, d = q.shape
@@ -290,19 +375,22 @@ class Attention(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, layer, positions, attn_mask, lora, kv, k_pool, v_pool):
+    def __call__(self, x, layer, positions, attn_mask, lora, kv, k_pool, v_pool, kernels=None):
         cfg = self.config
         b, s, _ = x.shape
         dense = lambda f, axes, name: _dense(f, axes, name, self.dtype, self.param_dtype)  # noqa: E731
         widths = (cfg.q_size, cfg.kv_size, cfg.kv_size)
-        qkv = _fused_projection(self, "qkv_proj", x, widths, self.dtype)
+        qkv = _kernel_projection("qkv", x.astype(self.dtype), widths, layer, lora, kernels)
         if qkv is None:
-            qkv = [
-                dense(cfg.q_size, ("embed", "heads"), "q_proj")(x),
-                dense(cfg.kv_size, ("embed", "kv_heads"), "k_proj")(x),
-                dense(cfg.kv_size, ("embed", "kv_heads"), "v_proj")(x),
-            ]
-        q, k, v = _with_lora("qkv", x, qkv, layer, lora)
+            qkv = _fused_projection(self, "qkv_proj", x, widths, self.dtype)
+            if qkv is None:
+                qkv = [
+                    dense(cfg.q_size, ("embed", "heads"), "q_proj")(x),
+                    dense(cfg.kv_size, ("embed", "kv_heads"), "k_proj")(x),
+                    dense(cfg.kv_size, ("embed", "kv_heads"), "v_proj")(x),
+                ]
+            qkv = _with_lora("qkv", x, qkv, layer, lora)
+        q, k, v = qkv
         q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
@@ -320,9 +408,12 @@ class Attention(nn.Module):
                 q, k, v, positions, layer, kv, k_pool, v_pool, sm_scale
             )
         out = out.reshape(b, s, cfg.q_size)
-        o = dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out)
-        (o,) = _with_lora("o", out, [o], layer, lora)
-        return o, k_pool, v_pool
+        o = _kernel_projection("o", out, (cfg.hidden_size,), layer, lora, kernels)
+        if o is None:
+            o = _with_lora(
+                "o", out, [dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out)], layer, lora
+            )
+        return o[0], k_pool, v_pool
 
 
 def _cached_attention(q, k, v, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale):
@@ -369,22 +460,27 @@ class MLP(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, layer, lora):
+    def __call__(self, x, layer, lora, kernels=None):
         cfg = self.config
         widths = (cfg.intermediate_size, cfg.intermediate_size)
-        gate_up = _fused_projection(self, "gate_up_proj", x, widths, self.dtype)
+        gate_up = _kernel_projection("gate_up", x.astype(self.dtype), widths, layer, lora, kernels)
         if gate_up is None:
-            gate_up = [
-                _dense(w, ("embed", "mlp"), name, self.dtype, self.param_dtype)(x)
-                for w, name in zip(widths, ("gate_proj", "up_proj"), strict=True)
-            ]
-        gate, up = _with_lora("gate_up", x, gate_up, layer, lora)
+            gate_up = _fused_projection(self, "gate_up_proj", x, widths, self.dtype)
+            if gate_up is None:
+                gate_up = [
+                    _dense(w, ("embed", "mlp"), name, self.dtype, self.param_dtype)(x)
+                    for w, name in zip(widths, ("gate_proj", "up_proj"), strict=True)
+                ]
+            gate_up = _with_lora("gate_up", x, gate_up, layer, lora)
+        gate, up = gate_up
         hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
-        down = _dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", self.dtype, self.param_dtype)(
-            hidden
-        )
-        (down,) = _with_lora("down", hidden, [down], layer, lora)
-        return down
+        down = _kernel_projection("down", hidden, (cfg.hidden_size,), layer, lora, kernels)
+        if down is None:
+            dense = _dense(
+                cfg.hidden_size, ("mlp", "embed"), "down_proj", self.dtype, self.param_dtype
+            )
+            down = _with_lora("down", hidden, [dense(hidden)], layer, lora)
+        return down[0]
 
 
 class DecoderLayer(nn.Module):
@@ -393,16 +489,24 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, carry, layer, positions, attn_mask, lora, kv):
+    def __call__(self, carry, layer, positions, attn_mask, lora, kv, kernels=None):
         h, k_pool, v_pool = carry
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
         attn_out, k_pool, v_pool = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
-            norm("input_layernorm")(h), layer, positions, attn_mask, lora, kv, k_pool, v_pool
+            norm("input_layernorm")(h),
+            layer,
+            positions,
+            attn_mask,
+            lora,
+            kv,
+            k_pool,
+            v_pool,
+            kernels,
         )
         h = h + attn_out
         h = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
-            norm("post_attention_layernorm")(h), layer, lora
+            norm("post_attention_layernorm")(h), layer, lora, kernels
         )
         return (h, k_pool, v_pool), None
 
@@ -419,6 +523,12 @@ class Llama(nn.Module):
     # False: a Python loop over layers with static slices of the stacked weights instead of
     # lax.scan (whose per-layer dynamic slices XLA may materialize as copies before each GEMM).
     scan_layers: bool = True
+    # "pallas" / "pallas_interpret": decode steps (T <= the config's max_tokens) run each
+    # projection group through pallas_kernels.lora_matmul (base GEMM + LoRA expand in one launch)
+    # reading the stacked fused kernels in place; needs the fused one-group parameter form
+    # (fuse_projections), else, and with "xla", XLA's GEMMs run.
+    projection_kernel: str = "xla"
+    projection_config: object = None  # pallas_kernels.lora_matmul.MatmulConfig
 
     @nn.compact
     def __call__(
@@ -467,15 +577,29 @@ class Llama(nn.Module):
             # A plain lax.scan when running: nn.scan traces its body once more to find broadcast
             # values and refuses bodies with effects, which Pallas calls may carry.
             layer = DecoderLayer(cfg, self.dtype, param_dtype)
+            stacked = self.variables["params"]["layers"]
+            kernels = None
+            if self.projection_kernel != "xla" and kv is not None and kv.mode == "decode":
+                kernels = projection_kernels(
+                    self.variables["params"],
+                    impl=self.projection_kernel,
+                    config=self.projection_config,
+                )
 
             def body(carry, xs):
                 layer_params, layer_id = xs
                 carry, _ = layer.apply(
-                    {"params": layer_params}, carry, layer_id, positions, attn_mask, lora, kv
+                    {"params": layer_params},
+                    carry,
+                    layer_id,
+                    positions,
+                    attn_mask,
+                    lora,
+                    kv,
+                    kernels,
                 )
                 return carry, None
 
-            stacked = self.variables["params"]["layers"]
             if self.scan_layers:
                 (h, k_pool, v_pool), _ = jax.lax.scan(body, (h, *pools), (stacked, layer_ids))
             else:

@@ -19,7 +19,7 @@ tokens, walks the whole K (no partials) on the tensor cores, then adds the LoRA 
 its tokens (a per-token gather of B rows, on the CUDA cores) before the single rounding to the
 output dtype. One launch per (layer, group) for base + expand; the shrink stays its own launch.
 
-Grid: (N / block_n, ceil(T / block_m)). Every width of the group must be a multiple of block_n so
+Grid: (ceil(T / block_m), N / block_n). Every width of the group must be a multiple of block_n so
 that a column block belongs to one weight (``lora_matmul`` checks, ``MatmulConfig.block_n_for``
 picks one). The kernel is meant for decode-sized T (``MatmulConfig.max_tokens``); prefill keeps
 XLA's GEMM and the SGMV kernels.
@@ -163,8 +163,10 @@ def _matmul_kernel(
     y_ref = refs[-1]
     num_tokens, width = x_ref.shape
     num_layers = w_ref.shape[0]
-    j = pl.program_id(0)
-    rows = pl.program_id(1) * bm + jnp.arange(bm, dtype=jnp.int32)
+    # Row blocks vary fastest: the programs of one column block run side by side, so a second
+    # row block reads its weights from L2.
+    j = pl.program_id(1)
+    rows = pl.program_id(0) * bm + jnp.arange(bm, dtype=jnp.int32)
     row_ok = rows < num_tokens
     rows_i = _idx(rows, row_ok, num_tokens, interpret)
     # Index arrays rather than pl.ds slices: the interpreter cannot mix slices with them, and
@@ -317,7 +319,7 @@ def lora_matmul(
             _matmul_kernel, bm=bm, bn=bn, bk=bk, dtype=dtype, expand=expand, interpret=interpret
         ),
         out_shape=jax.ShapeDtypeStruct((num_tokens, n_cols), out_dtype),
-        grid=(n_cols // bn, pl.cdiv(num_tokens, bm)),
+        grid=(pl.cdiv(num_tokens, bm), n_cols // bn),
         compiler_params=pltriton.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),

@@ -101,6 +101,13 @@ flags.DEFINE_bool(
     True,
     "one GEMM for q|k|v and one for gate|up (RunnerConfig.fuse_projections)",
 )
+flags.DEFINE_enum(
+    "projection_kernel",
+    "xla",
+    ["xla", "pallas"],
+    "decode projections: XLA's GEMMs + SGMV delta, or pallas_kernels.lora_matmul (base GEMM and "
+    "LoRA expand in one launch; RunnerConfig.projection_kernel)",
+)
 flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128"], "offline batch sizes")
 flags.DEFINE_list("offline_workloads", list(WORKLOADS), "offline adapter workloads")
 flags.DEFINE_integer("prompt_len", 256, "offline prompt tokens")
@@ -233,6 +240,7 @@ def main(argv):
             impl=FLAGS.impl,
             layer_loop=FLAGS.layer_loop,
             fuse_projections=FLAGS.fuse_projections,
+            projection_kernel=FLAGS.projection_kernel,
             profile_steps=FLAGS.profile_steps,
             free_running=tuple(FLAGS.free_running),
             seed=FLAGS.seed,
@@ -258,6 +266,7 @@ def main(argv):
             impl=FLAGS.impl,
             layer_loop=FLAGS.layer_loop,
             fuse_projections=FLAGS.fuse_projections,
+            projection_kernel=FLAGS.projection_kernel,
             time_steps=FLAGS.online_time_steps,
             seed=FLAGS.seed,
         )

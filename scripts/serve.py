@@ -81,6 +81,13 @@ flags.DEFINE_bool(
     True,
     "Run q|k|v and gate|up as one GEMM each (fused kernels built at start-up; same outputs).",
 )
+flags.DEFINE_enum(
+    "projection_kernel",
+    "xla",
+    ["xla", "pallas"],
+    "Decode projections: XLA's GEMMs, or pallas_kernels.lora_matmul (base GEMM and LoRA expand "
+    "in one launch; needs --fuse_projections, one GPU).",
+)
 flags.DEFINE_bool(
     "async_scheduling",
     True,
@@ -160,6 +167,7 @@ def main(argv):
         layer_loop=FLAGS.layer_loop,
         xla_options=xla_options,
         fuse_projections=FLAGS.fuse_projections,
+        projection_kernel=FLAGS.projection_kernel,
         async_scheduling=FLAGS.async_scheduling,
     )
     try:

@@ -1,6 +1,8 @@
 """The engine: routing, batch invariance (chunked prefill, preemption), paged decode = recompute,
 no page leaks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,14 +198,29 @@ def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_ad
     names = ["all5", "qv1"]
     sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     outs = {}
-    for impl in ("reference", "pallas_interpret"):
+    # The last also runs the decode projections through lora_matmul (base GEMM + LoRA expand).
+    for impl, projection in (
+        ("reference", "xla"),
+        ("pallas_interpret", "xla"),
+        ("pallas_interpret", "pallas"),
+    ):
         config = small_engine_config()
-        config = dataclasses.replace(config, runner=dataclasses.replace(config.runner, impl=impl))
+        runner = dataclasses.replace(config.runner, impl=impl, projection_kernel=projection)
         llm = jaxlora.LLM(
-            TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+            TINY,
+            params=base,
+            adapters=lora_adapters,
+            engine_config=dataclasses.replace(config, runner=runner),
+            load_workers=0,
         )
-        outs[impl] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
-    assert outs["pallas_interpret"] == outs["reference"]
+        assert llm.engine.runner.model.projection_kernel == (
+            "pallas_interpret" if projection == "pallas" else "xla"
+        )
+        outs[impl, projection] = [
+            o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
+        ]
+    assert outs["pallas_interpret", "xla"] == outs["reference", "xla"]
+    assert outs["pallas_interpret", "pallas"] == outs["reference", "xla"]
 
 
 def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
@@ -818,3 +835,60 @@ def test_runner_xla_options_reach_the_step_and_bad_ones_fail_at_build(
     ):
         with pytest.raises(ConfigError, match=f"--xla_options: .*{message}"):
             xla_options_from_json(text, where="--xla_options")
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_decode_projections_through_lora_matmul_give_the_xla_logits(base, lora_adapters, use_lora):
+    """RunnerConfig.projection_kernel="pallas": a decode step runs every projection group through
+    lora_matmul (one launch per group for the base GEMM and the LoRA expand, the weights read in
+    place from the stacked kernels) and gives the logits of XLA's GEMMs + SGMV delta; prefill
+    steps keep XLA's GEMMs."""
+    import dataclasses
+
+    from jaxlora.engine.runner import empty_batch
+
+    logits, texts = {}, {}
+    for projection in ("xla", "pallas"):
+        config = small_engine_config()
+        runner_config = dataclasses.replace(
+            config.runner,
+            impl="pallas_interpret",
+            projection_kernel=projection,
+            layer_loop="unrolled" if use_lora else "scan",
+        )
+        llm = jaxlora.LLM(
+            TINY,
+            params=base,
+            adapters=lora_adapters,
+            engine_config=dataclasses.replace(config, runner=runner_config),
+            load_workers=0,
+        )
+        engine, runner = llm.engine, llm.engine.runner
+        handles = [engine.adapters.acquire(n) for n in ("all5", "qv1")]
+        for h in handles:
+            h.wait()
+        batch = empty_batch(8, 1, config.kv.max_pages_per_seq)
+        batch = batch.replace(
+            tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
+            token_valid=np.ones((8, 1), bool),
+            seq_lens=np.ones(8, np.int32),
+            token_slot=(np.arange(8) % 3 - 1).astype(np.int32)[:, None],
+        )
+        meta = engine._lora_meta([h.slot_info for h in handles], batch.token_slot)
+        forward = jax.jit(runner._forward, static_argnames=("mode", "use_lora"))
+        with engine._locked_lora_pools() as pools:
+            args = (runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta)
+            for mode in ("decode", "prefill"):
+                texts[projection, mode] = str(
+                    jax.make_jaxpr(
+                        functools.partial(runner._forward, mode=mode, use_lora=use_lora)
+                    )(*args)
+                )
+            logits[projection] = np.asarray(forward(*args, mode="decode", use_lora=use_lora)[0])
+        for h in handles:
+            h.release()
+    assert "lora_matmul" in texts["pallas", "decode"]
+    assert "lora_matmul_expand" in texts["pallas", "decode"] or not use_lora
+    assert "lora_matmul" not in texts["pallas", "prefill"]
+    assert "lora_matmul" not in texts["xla", "decode"]
+    np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=2e-5, atol=2e-5)

@@ -17,6 +17,7 @@ from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from jaxlora.model import KVCache, Llama
 from jaxlora.sampling import SampleOutput, sample
+from pallas_kernels.lora_matmul import MatmulConfig
 from pallas_kernels.sgmv import SgmvConfig
 
 log = logging.getLogger("jaxlora.engine")
@@ -67,8 +68,20 @@ class RunnerConfig:
     # starts: one GEMM per group instead of 3 and 2. Same function; on the H200 the projections
     # of an unrolled 7B decode step took 5-16% less time (docs/BENCHMARKS.md, seventh session).
     fuse_projections: bool = True
+    # "pallas": decode steps run each projection group (fused q|k|v, o, gate|up, down) through
+    # pallas_kernels.lora_matmul, the base GEMM with the LoRA expand in its epilogue, one launch
+    # per group (with the Pallas impl, one device and fused projections; elsewhere XLA's GEMMs
+    # run). "xla": XLA's GEMMs and the SGMV delta. docs/BENCHMARKS.md, eighth session.
+    projection_kernel: str = "xla"
+    # lora_matmul's tuning (None: MatmulConfig's defaults), e.g. up to which T it runs.
+    matmul: MatmulConfig | None = None
 
     def __post_init__(self):
+        if self.projection_kernel not in ("xla", "pallas"):
+            raise ConfigError(
+                f"runner config field projection_kernel: expected 'xla' or 'pallas', "
+                f"got {self.projection_kernel!r}"
+            )
         if self.layer_loop not in ("scan", "unrolled"):
             raise ConfigError(
                 f"runner config field layer_loop: expected 'scan' or 'unrolled', "
@@ -288,7 +301,16 @@ class ModelRunner:
         self.params = params
         self.runner = runner
         self.impl = resolve_impl(runner.impl)
-        self.model = Llama(config, dtype=dtype, scan_layers=runner.scan_layers())
+        projection_kernel = "xla"
+        if runner.projection_kernel == "pallas" and self.impl != "reference":
+            projection_kernel = self.impl
+        self.model = Llama(
+            config,
+            dtype=dtype,
+            scan_layers=runner.scan_layers(),
+            projection_kernel=projection_kernel,
+            projection_config=runner.matmul,
+        )
         compiler_options = dict(runner.xla_options) or None
         if compiler_options:
             _check_xla_options(compiler_options)

@@ -58,6 +58,7 @@ class LaunchConfig:
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
     xla_options: tuple[tuple[str, object], ...] = ()  # RunnerConfig.xla_options
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
+    projection_kernel: str = "xla"  # RunnerConfig.projection_kernel
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
@@ -123,6 +124,7 @@ def engine_config_for(
         layer_loop=launch.layer_loop,
         xla_options=launch.xla_options,
         fuse_projections=launch.fuse_projections,
+        projection_kernel=launch.projection_kernel,
     )
     pool = LoraPoolConfig(
         max_rank=pick(launch.max_rank, pool_default.max_rank),
