@@ -3,11 +3,12 @@
 A row is one projection shape of a decode step (T tokens, K inputs, the group's output widths) and
 one workload (no LoRA, one adapter, every token its own adapter). Each implementation runs
 ``layers`` stacked weights (distinct, so that every projection reads its weights from device
-memory) ``passes`` times inside one jit, each projection's input computed from the previous
-output (nothing can be hoisted or overlapped across projections); the time of a projection is the
-median wall time of a call over the number of projections in it, so one call's dispatch is spread
-over many projections. Bytes of a projection: the weights, x read, y written, and each distinct
-adapter's A and B rows. The copy ceiling is measured in the same run.
+memory) ``passes`` times inside one jit (unrolled, as the model's step), each projection's
+input computed from the previous output (nothing can be hoisted or overlapped across
+projections); the time of a projection is the median wall time of a call over the number of
+projections in it, so one call's dispatch is spread over many projections. Bytes of a
+projection: the weights, x read, y written, and each distinct adapter's A and B rows. The copy
+ceiling is measured in the same run.
 
 Implementations:
 - ``xla``: ``x @ W[l]`` by XLA (static layer slices, as the unrolled model step); with LoRA the
@@ -38,10 +39,13 @@ LLAMA2_7B_GROUPS = {
 }
 
 
-def copy_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best read+write rate of a device copy of ``nbytes`` (bf16), GB/s."""
+def copy_gbps(nbytes: int = 1 << 30, copies: int = 8, repeats: int = 5) -> float:
+    """Best read+write rate of ``copies`` dependent device copies of ``nbytes`` (bf16) in one
+    jit (one dispatch spread over them), GB/s."""
     a = jax.random.normal(jax.random.PRNGKey(0), (nbytes // 2,), jnp.bfloat16)
-    step = jax.jit(lambda a: a * jnp.bfloat16(1.0009765625))
+    step = jax.jit(
+        lambda a: jax.lax.fori_loop(0, copies, lambda _, a: a * jnp.bfloat16(1.0009765625), a)
+    )
     step(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -49,7 +53,7 @@ def copy_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         a = step(a)
         a.block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best / 1e9
+    return 2 * nbytes * copies / best / 1e9
 
 
 @functools.partial(
@@ -156,17 +160,15 @@ def chain(impl, config, *, layers, passes):
     """A jitted function running ``layers * passes`` dependent projections."""
 
     def run(x, w, lora):
+        # Unrolled like the model's step (static layer slices for XLA), no loop around them.
         in_width = x.shape[1]
-
-        def one_pass(_, x):
+        for _ in range(passes):
             for layer in range(layers):
                 y = _projection(impl, config, x, w, layer, lora)
                 reps = -(-in_width // y.shape[1])
                 nxt = jnp.tile(y, (1, reps))[:, :in_width] if reps > 1 else y[:, :in_width]
                 x = (0.5 * x.astype(jnp.float32) + 0.5 * nxt.astype(jnp.float32)).astype(x.dtype)
-            return x
-
-        return jax.lax.fori_loop(0, passes, one_pass, x)
+        return x
 
     return jax.jit(run)
 
@@ -273,19 +275,19 @@ def format_row(row) -> str:
 
 
 def config_grid(spec: str) -> dict[str, MatmulConfig]:
-    """Configs from 'bnXbkYwZsW,...' names (e.g. 'bn64bk128w4s4')."""
+    """Configs from '[bmV]bnXbkYwZsW,...' names (e.g. 'bn64bk128w4s4', 'bm64bn32bk128w4s4')."""
     out = {}
     for name in filter(None, (s.strip() for s in spec.split(","))):
         fields = {}
         rest = name
-        for tag, field in (
-            ("bn", "block_n"),
-            ("bk", "block_k"),
-            ("w", "num_warps"),
-            ("s", "num_stages"),
-        ):
+        tags = (("bm", "block_m"), ("bn", "block_n"), ("bk", "block_k"), ("w", "num_warps"))
+        for tag, field in (*tags, ("s", "num_stages")):
+            if tag == "bm" and not rest.startswith(tag):
+                continue
             if not rest.startswith(tag):
-                raise ValueError(f"config name {name!r}: expected bn..bk..w..s.., at {rest!r}")
+                raise ValueError(
+                    f"config name {name!r}: expected [bm..]bn..bk..w..s.., at {rest!r}"
+                )
             rest = rest[len(tag) :]
             digits = len(rest) - len(rest.lstrip("0123456789"))
             fields[field] = int(rest[:digits])
