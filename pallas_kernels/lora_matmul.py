@@ -55,13 +55,20 @@ _WHERE = "pallas_kernels/lora_matmul.py"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MatmulConfig:
-    """Tuning knobs of ``lora_matmul`` (powers of two; blocks shrink to tiny test shapes)."""
+    """Tuning knobs of ``lora_matmul`` (powers of two; blocks shrink to tiny test shapes).
+
+    ``None`` block sizes follow the H200 sweep (docs/BENCHMARKS.md, eighth session): 64 output
+    columns per program for wide groups (N >= ``wide_n``: q|k|v, gate|up) and 32 for narrow ones
+    (o, down: N / 64 programs would leave SMs idle); the K step then keeps a program's weight tile
+    at 8192 elements up to ``small_tokens`` tokens and 4096 above (the x tile grows with T)."""
 
     block_m: int = 128  # most tokens per program (the M of its dots; at least 16)
-    block_n: int = 64  # output columns per program (largest that divides every group width)
-    block_k: int = 128  # input-width step
+    block_n: int | None = None  # output columns per program
+    block_k: int | None = None  # input-width step
     num_warps: int = 4
     num_stages: int = 4
+    wide_n: int = 8192
+    small_tokens: int = 32
     # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
     # keeps XLA's GEMM and the SGMV delta.
     max_tokens: int = 128
@@ -69,12 +76,15 @@ class MatmulConfig:
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
+            if name != "block_m" and value is None:
+                continue
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ConfigError(
                     f"MatmulConfig field {name!r}: expected a power of two >= 16 (a "
-                    f"tensor-core dot dimension), got {value!r}"
+                    f"tensor-core dot dimension){' or None' if name != 'block_m' else ''}, "
+                    f"got {value!r}"
                 )
-        for name in ("num_warps", "num_stages", "max_tokens"):
+        for name in ("num_warps", "num_stages", "max_tokens", "wide_n", "small_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(
@@ -82,14 +92,19 @@ class MatmulConfig:
                 )
 
     def block_n_for(self, widths) -> int:
-        """The largest block of output columns up to ``block_n`` (>= 16) dividing every width,
-        or 0 when there is none."""
-        bn = self.block_n
+        """The largest block of output columns up to the preferred one (>= 16) dividing every
+        width, or 0 when there is none."""
+        bn = self.block_n or (64 if sum(widths) >= self.wide_n else 32)
         while bn >= 16:
             if all(w % bn == 0 for w in widths):
                 return bn
             bn //= 2
         return 0
+
+    def block_k_for(self, num_tokens: int, bn: int) -> int:
+        if self.block_k is not None:
+            return self.block_k
+        return max(16, (8192 if num_tokens <= self.small_tokens else 4096) // bn)
 
     def block_m_for(self, num_tokens: int) -> int:
         return max(16, min(self.block_m, _next_pow2(num_tokens)))
@@ -308,7 +323,7 @@ def lora_matmul(
     if expand is not None:
         expand["block_starts"] = tuple(int(b) for b in np.cumsum([0] + [c // bn for c in widths]))
     bm = config.block_m_for(num_tokens)
-    bk = max(16, min(config.block_k, _next_pow2(width)))
+    bk = max(16, min(config.block_k_for(num_tokens, bn), _next_pow2(width)))
     dtype = x.dtype if x.dtype == w.dtype and x.dtype.itemsize == 2 else jnp.dtype(jnp.float32)
     name = (
         f"lora_matmul{'_expand' if expand is not None else ''}_bm{bm}_bn{bn}_bk{bk}"

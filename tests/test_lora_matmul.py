@@ -153,9 +153,30 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         )
         assert triton_kernels(text) == 1
         bm = max(16, min(128, num_tokens))
-        assert f"lora_matmul_expand_bm{bm}_bn64_bk128_w4_s4" in text
+        bn = 32  # N = 768: a narrow group
+        bk = 256 if num_tokens <= 32 else 128
+        assert f"lora_matmul_expand_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
         text = lower_for_gpu(lambda x, w: lora_matmul(x, w, 1), prob.x, w)
-        assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn64" in text
+        assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn{bn}_bk{bk}" in text
+
+
+def test_default_blocks_follow_the_sweep():
+    """64 columns for q|k|v and gate|up, 32 for o and down (llama-2-7b); the K step keeps the
+    weight tile at 8192 elements up to 32 tokens, 4096 above; widths force smaller blocks."""
+    config = MatmulConfig()
+    for widths, bn in (
+        ((4096,) * 3, 64),
+        ((11008, 11008), 64),
+        ((4096,), 32),
+        ((4096, 1024, 1024), 32),
+    ):
+        assert config.block_n_for(widths) == bn
+    assert [config.block_k_for(t, 64) for t in (1, 32, 33, 128)] == [128, 128, 64, 64]
+    assert [config.block_k_for(t, 32) for t in (8, 128)] == [256, 128]
+    assert config.block_n_for((8192, 8208)) == 16  # 8208 = 16 x 513
+    assert config.block_n_for((8192, 8196)) == 0
+    assert MatmulConfig(block_n=128, block_k=32).block_n_for((4096,)) == 128
+    assert MatmulConfig(block_n=128, block_k=32).block_k_for(8, 128) == 32
 
 
 def test_bad_inputs_raise_config_errors():
