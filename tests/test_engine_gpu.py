@@ -47,10 +47,17 @@ def test_pallas_engine_matches_reference_engine():
     names = ["a0", None, "a1", "a2", "a3", "a0"]
     sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = {}
-    for impl in ("reference", "pallas"):
+    # The last runs each decode projection group through lora_matmul (base GEMM + LoRA expand).
+    for impl, projection in (("reference", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
         config = EngineConfig(
             kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256),
-            runner=RunnerConfig(max_batch=8, prefill_chunk=32, max_prefill_rows=4, impl=impl),
+            runner=RunnerConfig(
+                max_batch=8,
+                prefill_chunk=32,
+                max_prefill_rows=4,
+                impl=impl,
+                projection_kernel=projection,
+            ),
             lora_pool=LoraPoolConfig(max_rank=64, rows_per_page=16, pages_per_pool=64, max_slots=8),
             warmup=False,
         )
@@ -58,11 +65,12 @@ def test_pallas_engine_matches_reference_engine():
             CONFIG, params=params, adapters=adapters, engine_config=config, load_workers=0
         )
         assert llm.engine.runner.impl == impl
-        outputs[impl] = [
+        outputs[impl, projection] = [
             o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
         ]
     assert jax.default_backend() == "gpu"
-    assert outputs["pallas"] == outputs["reference"]
+    assert outputs["pallas", "xla"] == outputs["reference", "xla"]
+    assert outputs["pallas", "pallas"] == outputs["reference", "xla"]
 
 
 @pytest.mark.parametrize(

@@ -43,9 +43,14 @@ def copy_gbps(nbytes: int = 1 << 30, copies: int = 8, repeats: int = 5) -> float
     """Best read+write rate of ``copies`` dependent device copies of ``nbytes`` (bf16) in one
     jit (one dispatch spread over them), GB/s."""
     a = jax.random.normal(jax.random.PRNGKey(0), (nbytes // 2,), jnp.bfloat16)
-    step = jax.jit(
-        lambda a: jax.lax.fori_loop(0, copies, lambda _, a: a * jnp.bfloat16(1.0009765625), a)
-    )
+
+    def copy_chain(a):
+        for _ in range(copies):
+            # The barrier keeps XLA from fusing the copies into one pass.
+            a = jax.lax.optimization_barrier(a * jnp.bfloat16(1.0009765625))
+        return a
+
+    step = jax.jit(copy_chain)
     step(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -275,9 +280,13 @@ def format_row(row) -> str:
 
 
 def config_grid(spec: str) -> dict[str, MatmulConfig]:
-    """Configs from '[bmV]bnXbkYwZsW,...' names (e.g. 'bn64bk128w4s4', 'bm64bn32bk128w4s4')."""
+    """Configs from '[bmV]bnXbkYwZsW,...' names (e.g. 'bn64bk128w4s4', 'bm64bn32bk128w4s4');
+    'default' is ``MatmulConfig()`` (blocks by shape)."""
     out = {}
     for name in filter(None, (s.strip() for s in spec.split(","))):
+        if name == "default":
+            out[name] = MatmulConfig()
+            continue
         fields = {}
         rest = name
         tags = (("bm", "block_m"), ("bn", "block_n"), ("bk", "block_k"), ("w", "num_warps"))
