@@ -295,6 +295,10 @@ class ProjectionKernels:
 def projection_kernels(params, *, impl="pallas", config=None) -> ProjectionKernels | None:
     """``ProjectionKernels`` of a fused parameter tree with one group (None otherwise: the
     canonical tree, or fused for tensor parallelism, keeps XLA's GEMMs)."""
+    if impl not in ("pallas", "pallas_interpret"):
+        raise ConfigError(
+            f"Llama.projection_kernel: expected 'xla', 'pallas' or 'pallas_interpret', got {impl!r}"
+        )
     if not projections_fused(params):
         return None
     layers = params["layers"]

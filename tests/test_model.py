@@ -158,3 +158,25 @@ def test_fuse_projections_round_trips_and_checks_groups(tiny):
     assert not projections_fused({"layers": []}) and not projections_fused(None)
     with pytest.raises(ConfigError, match=r"attn.q_proj has 64 output columns.*groups=3"):
         fuse_projections(params, groups=3)
+
+
+def test_projection_kernels_need_the_one_group_fused_form(tiny):
+    """lora_matmul serves the fused one-group tree (q|k|v and gate|up each one (L, K, N) kernel,
+    a free reshape); the canonical tree and fused trees for tensor parallelism keep XLA's GEMMs."""
+    from jaxlora.errors import ConfigError
+    from jaxlora.model import projection_kernels
+
+    config, params = tiny
+    assert projection_kernels(params) is None
+    assert projection_kernels(fuse_projections(params, groups=2)) is None
+    kernels = projection_kernels(fuse_projections(params), impl="pallas_interpret")
+    shapes = {g: k.shape for g, k in kernels.kernels.items()}
+    assert shapes == {
+        "qkv": (2, 64, 128),
+        "o": (2, 64, 64),
+        "gate_up": (2, 64, 256),
+        "down": (2, 128, 64),
+    }
+    assert kernels.applies("qkv", 8, (64, 32, 32)) and not kernels.applies("qkv", 129, (64,))
+    with pytest.raises(ConfigError, match="projection_kernel"):
+        projection_kernels(fuse_projections(params), impl="triton")

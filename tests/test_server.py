@@ -586,6 +586,15 @@ def test_launch_settings():
     assert not engine_config_for(
         TINY, LaunchConfig(fuse_projections=False), backend="cpu"
     ).runner.fuse_projections
+    assert cpu.runner.projection_kernel == "xla"
+    assert (
+        engine_config_for(
+            TINY, LaunchConfig(projection_kernel="pallas"), backend="gpu"
+        ).runner.projection_kernel
+        == "pallas"
+    )
+    with pytest.raises(ConfigError, match="projection_kernel"):
+        engine_config_for(TINY, LaunchConfig(projection_kernel="cublas"), backend="cpu")
     with pytest.raises(ConfigError, match="max_model_len"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
 
