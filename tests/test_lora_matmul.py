@@ -55,16 +55,20 @@ def _case(group, num_tokens, dtype, *, num_layers=3):
     ranks[prob.token_slot < 0] = 0
     beyond = np.arange(v.shape[2])[None, None, :] >= ranks[:, :, None]
     v = jnp.where(jnp.asarray(beyond), jnp.nan, v)
-    lora = LoraExpand(
+    return prob, w, _expand(prob, v)
+
+
+def _expand(prob, v):
+    """The LoRA operands of the SGMV tests' problem, with shrink output v."""
+    return LoraExpand(
         v=v,
         b_pools=prob.b_pools,
         b_pages=prob.b_pages,
         ranks=prob.ranks,
         scales=prob.scales,
-        token_slot=token_slot,
+        token_slot=jnp.asarray(prob.token_slot),
         weights=prob.weights,
     )
-    return prob, w, lora
 
 
 def _reference_with_finite_v(prob, w, lora):
@@ -76,7 +80,7 @@ def _reference_with_finite_v(prob, w, lora):
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("group", list(GROUPS))
-@pytest.mark.parametrize("num_tokens", [1, 13, 40])
+@pytest.mark.parametrize("num_tokens", [1, 40])
 def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, interpret):
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, num_tokens, dtype)
@@ -134,16 +138,7 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
             dtype=jnp.bfloat16,
         )
         w = jnp.zeros((2, in_width, sum(widths)), jnp.bfloat16)
-        v = jnp.zeros((num_tokens, 3, 64), jnp.float32)
-        lora = LoraExpand(
-            v=v,
-            b_pools=prob.b_pools,
-            b_pages=prob.b_pages,
-            ranks=prob.ranks,
-            scales=prob.scales,
-            token_slot=jnp.asarray(prob.token_slot),
-            weights=prob.weights,
-        )
+        lora = _expand(prob, jnp.zeros((num_tokens, 3, 64), jnp.float32))
         text = lower_for_gpu(
             lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora),
             prob.x,
