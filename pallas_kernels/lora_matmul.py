@@ -19,6 +19,12 @@ tokens, walks the whole K (no partials) on the tensor cores, then adds the LoRA 
 its tokens (a per-token gather of B rows, on the CUDA cores) before the single rounding to the
 output dtype. One launch per (layer, group) for base + expand; the shrink stays its own launch.
 
+Measured on the H200 (docs/BENCHMARKS.md, "Decode projections in our own kernel"): in an
+unrolled step it matches XLA's GEMMs on q|k|v (0.93-1.03x) and is slower on o, down and with
+LoRA (the epilogue's per-rank-row gathers sit on each program's critical path), so the model
+uses it only when asked (``RunnerConfig.projection_kernel``). Inside a loop over layers it keeps
+its speed where XLA's GEMMs took 2.1-2.8x longer (they copy the layer's slice first).
+
 Grid: (ceil(T / block_m), N / block_n). Every width of the group must be a multiple of block_n so
 that a column block belongs to one weight (``lora_matmul`` checks, ``MatmulConfig.block_n_for``
 picks one). The kernel is meant for decode-sized T (``MatmulConfig.max_tokens``); prefill keeps
