@@ -74,13 +74,20 @@ def test_pallas_engine_matches_reference_engine():
 
 
 @pytest.mark.parametrize(
-    "layer_loop,tiles_only", [("scan", False), ("unrolled", False), ("scan", True)]
+    "layer_loop,tiles_only,projection",
+    [
+        ("scan", False, "xla"),
+        ("unrolled", False, "xla"),
+        ("scan", True, "xla"),
+        ("scan", False, "pallas"),
+    ],
 )
-def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only):
+def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projection):
     """On any machine: every step shape of an engine on the Pallas kernels (decode and prefill,
     with and without LoRA) lowers to Triton kernels for an abstract GPU (tests/gpu_lowering.py).
     RunnerConfig.sgmv picks the kernels: with the decode regime off, decode steps run the
-    tensor-core tile kernels."""
+    tensor-core tile kernels. With projection_kernel="pallas" a decode step runs lora_matmul for
+    each projection group and only the shrink of the SGMV pair."""
     sgmv = SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0) if tiles_only else None
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
@@ -91,6 +98,7 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only):
             impl="pallas",
             layer_loop=layer_loop,
             sgmv=sgmv,
+            projection_kernel=projection,
         ),
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
         warmup=False,
@@ -118,6 +126,10 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only):
             # LoRA; decode attention in every layer (JAX may lower those as one shared function).
             layers = 1 if layer_loop == "scan" else CONFIG.num_layers
             sgmv, attention = 8 * layers * use_lora, mode == "decode"
+            if projection == "pallas" and mode == "decode":
+                # shrink + lora_matmul (base GEMM and expand) per group instead of shrink + expand
+                sgmv = 4 * layers * (1 + use_lora)
+                assert text.count("lora_matmul_expand" if use_lora else "lora_matmul_bm") >= 4
             assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
             if use_lora:
                 per_token = "sgmv_shrink_decode" in text or "sgmv_expand_decode" in text
