@@ -44,9 +44,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxlora.errors import ConfigError
 from pallas_kernels.sgmv import (
-    _check_pool,
-    _check_slot_tables,
-    _check_weights,
+    _check_b_pools,
+    _check_expand_tables,
     _dot_precision,
     _group_of_block,
     _idx,
@@ -351,38 +350,27 @@ def lora_matmul(
 
 def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int):
     """(the group's widths, the epilogue's statics, its operands) after checking them."""
-    _check_weights(fn, lora.weights)
-    b_pools = tuple(lora.b_pools)
-    g_count = len(lora.weights)
-    if len(b_pools) != g_count:
-        raise ConfigError(
-            f"{_WHERE} {fn}: lora.b_pools must hold one pool per weight of the group "
-            f"({g_count}), got {len(b_pools)}"
-        )
-    for g, pool in enumerate(b_pools):
-        _check_pool(fn, f"lora.b_pools[{g}]", pool)
-        if pool.shape[2] != b_pools[0].shape[2]:
-            raise ConfigError(
-                f"{_WHERE} {fn}: lora.b_pools[{g}] has {pool.shape[2]} rows per page, "
-                f"expected {b_pools[0].shape[2]} like lora.b_pools[0]"
-            )
-    widths = tuple(int(p.shape[3]) for p in b_pools)
+    b_pools, widths = _check_b_pools(fn, lora.weights, lora.b_pools, prefix="lora.", where=_WHERE)
     if sum(widths) != n_cols:
         raise ConfigError(
             f"{_WHERE} {fn}: the group's widths {widths} add up to {sum(widths)}, "
             f"w has N = {n_cols} output columns"
         )
-    _check_slot_tables(
-        fn, "lora.b_pages", lora.b_pages, lora.ranks, lora.token_slot, num_tokens, lora.scales
+    rank_cols = _check_expand_tables(
+        fn,
+        lora.v,
+        b_pools,
+        lora.b_pages,
+        lora.ranks,
+        lora.scales,
+        lora.token_slot,
+        num_tokens,
+        prefix="lora.",
+        where=_WHERE,
     )
+    g_count = len(b_pools)
     rows_per_page = int(b_pools[0].shape[2])
     max_pages = int(lora.b_pages.shape[2])
-    rank_cols = max_pages * rows_per_page
-    if lora.v.shape != (num_tokens, g_count, rank_cols):
-        raise ConfigError(
-            f"{_WHERE} {fn}: lora.v must be (T, G, MP*R) = {(num_tokens, g_count, rank_cols)}, "
-            f"got shape {lora.v.shape}"
-        )
     statics = dict(
         weights=lora.weights,
         rank_cols=rank_cols,

@@ -486,47 +486,88 @@ def _compiler_params(num_warps, num_stages):
 _WHERE = "pallas_kernels/sgmv.py"
 
 
-def _check_weights(fn, weights):
+def _check_weights(fn, weights, where=_WHERE):
     if (
         not isinstance(weights, tuple)
         or not weights
         or any(not isinstance(w, int) or not 0 <= w < _NUM_WEIGHTS for w in weights)
     ):
         raise ConfigError(
-            f"{_WHERE} {fn}: weights must be a non-empty tuple of weight indices "
+            f"{where} {fn}: weights must be a non-empty tuple of weight indices "
             f"in [0, {_NUM_WEIGHTS}), got {weights!r}"
         )
 
 
-def _check_pool(fn, name, pool):
+def _check_pool(fn, name, pool, where=_WHERE):
     if pool.ndim != 4:
-        raise ConfigError(f"{_WHERE} {fn}: {name} must be (L, P, R, W), got shape {pool.shape}")
+        raise ConfigError(f"{where} {fn}: {name} must be (L, P, R, W), got shape {pool.shape}")
 
 
-def _check_slot_tables(fn, pages_name, pages, ranks, token_slot, num_tokens, scales=None):
+def _check_slot_tables(
+    fn, pages_name, pages, ranks, token_slot, num_tokens, scales=None, where=_WHERE
+):
     if pages.ndim != 3 or pages.shape[1] != _NUM_WEIGHTS:
         raise ConfigError(
-            f"{_WHERE} {fn}: {pages_name} must be (S, {_NUM_WEIGHTS}, MP), got shape {pages.shape}"
+            f"{where} {fn}: {pages_name} must be (S, {_NUM_WEIGHTS}, MP), got shape {pages.shape}"
         )
     s = pages.shape[0]
     if ranks.shape != (s, _NUM_WEIGHTS):
         raise ConfigError(
-            f"{_WHERE} {fn}: ranks must be (S, {_NUM_WEIGHTS}) = "
+            f"{where} {fn}: ranks must be (S, {_NUM_WEIGHTS}) = "
             f"{(s, _NUM_WEIGHTS)}, got shape {ranks.shape}"
         )
     if scales is not None and scales.shape != (s, _NUM_WEIGHTS):
         raise ConfigError(
-            f"{_WHERE} {fn}: scales must be (S, {_NUM_WEIGHTS}) = "
+            f"{where} {fn}: scales must be (S, {_NUM_WEIGHTS}) = "
             f"{(s, _NUM_WEIGHTS)}, got shape {scales.shape}"
         )
     if token_slot.shape != (num_tokens,):
         raise ConfigError(
-            f"{_WHERE} {fn}: token_slot must be (T,) = ({num_tokens},), "
-            f"got shape {token_slot.shape}"
+            f"{where} {fn}: token_slot must be (T,) = ({num_tokens},), got shape {token_slot.shape}"
         )
     for name, arr in ((pages_name, pages), ("ranks", ranks), ("token_slot", token_slot)):
         if not jnp.issubdtype(arr.dtype, jnp.integer):
-            raise ConfigError(f"{_WHERE} {fn}: {name} must be int32, got {arr.dtype}")
+            raise ConfigError(f"{where} {fn}: {name} must be int32, got {arr.dtype}")
+
+
+def _check_b_pools(fn, weights, b_pools, *, prefix="", where=_WHERE):
+    """The group's B pools as a tuple (one per weight, (L, P, R, out_g), equal L and R) and
+    their widths."""
+    _check_weights(fn, weights, where)
+    b_pools = tuple(b_pools)
+    g_count = len(weights)
+    if len(b_pools) != g_count:
+        raise ConfigError(
+            f"{where} {fn}: {prefix}b_pools must hold one pool per weight of the group "
+            f"({g_count}), got {len(b_pools)}"
+        )
+    for g, pool in enumerate(b_pools):
+        _check_pool(fn, f"{prefix}b_pools[{g}]", pool, where)
+    num_layers, _, rows_per_page, _ = b_pools[0].shape
+    for g, pool in enumerate(b_pools):
+        if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
+            raise ConfigError(
+                f"{where} {fn}: {prefix}b_pools[{g}] has shape {pool.shape}; expected "
+                f"L={num_layers} layers and R={rows_per_page} rows per page like "
+                f"{prefix}b_pools[0]"
+            )
+    return b_pools, tuple(int(p.shape[3]) for p in b_pools)
+
+
+def _check_expand_tables(
+    fn, v, b_pools, b_pages, ranks, scales, token_slot, num_tokens, *, prefix="", where=_WHERE
+):
+    """The slot tables and v (T, G, MP*R) of an expand; returns MP*R (v's columns per weight)."""
+    _check_slot_tables(
+        fn, f"{prefix}b_pages", b_pages, ranks, token_slot, num_tokens, scales, where
+    )
+    rank_cols = b_pages.shape[2] * b_pools[0].shape[2]
+    expected = (num_tokens, len(b_pools), rank_cols)
+    if v.shape != expected:
+        raise ConfigError(
+            f"{where} {fn}: {prefix}v must be (T, G, MP*R) = {expected}, got shape {v.shape}"
+        )
+    return rank_cols
 
 
 def _check_meta(fn, meta, num_tokens, num_slots, config):
@@ -1227,25 +1268,8 @@ def sgmv_expand(
     sums reduced) into one buffer first (docs/BENCHMARKS.md, fifth-session HLO)."""
     config = config or SgmvConfig()
     fn = "sgmv_expand"
-    _check_weights(fn, weights)
-    b_pools = tuple(b_pools)
+    b_pools, widths = _check_b_pools(fn, weights, b_pools)
     g_count = len(weights)
-    if len(b_pools) != g_count:
-        raise ConfigError(
-            f"{_WHERE} {fn}: b_pools must hold one pool per weight of the group "
-            f"({g_count}), got {len(b_pools)}"
-        )
-    for g, pool in enumerate(b_pools):
-        _check_pool(fn, f"b_pools[{g}]", pool)
-    num_layers, _, rows_per_page, _ = b_pools[0].shape
-    for g, pool in enumerate(b_pools):
-        if pool.shape[0] != num_layers or pool.shape[2] != rows_per_page:
-            raise ConfigError(
-                f"{_WHERE} {fn}: b_pools[{g}] has shape {pool.shape}; expected "
-                f"L={num_layers} layers and R={rows_per_page} rows per page like "
-                f"b_pools[0]"
-            )
-    widths = tuple(int(p.shape[3]) for p in b_pools)
     accumulate = not isinstance(y, jax.ShapeDtypeStruct)
     if len(y.shape) != 2 or y.shape[1] != sum(widths):
         raise ConfigError(
@@ -1253,14 +1277,9 @@ def sgmv_expand(
             f"{widths} side by side), got shape {y.shape}"
         )
     num_tokens = y.shape[0]
-    _check_slot_tables(fn, "b_pages", b_pages, ranks, token_slot, num_tokens, scales)
+    rank_cols = _check_expand_tables(fn, v, b_pools, b_pages, ranks, scales, token_slot, num_tokens)
     num_slots, _, max_pages = b_pages.shape
-    rank_cols = max_pages * rows_per_page
-    if v.shape != (num_tokens, g_count, rank_cols):
-        raise ConfigError(
-            f"{_WHERE} {fn}: v must be (T, G, MP*R) = "
-            f"{(num_tokens, g_count, rank_cols)}, got shape {v.shape}"
-        )
+    rows_per_page = b_pools[0].shape[2]
     if num_tokens == 0:
         return y if accumulate else jnp.zeros((0, sum(widths)), jnp.float32)
     pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)

@@ -182,7 +182,9 @@ def test_bad_inputs_raise_config_errors():
         lora_matmul(prob.x[:, :-1], w, 0)
     with pytest.raises(ConfigError, match="add up to"):
         lora_matmul(prob.x, w[..., :-16], 0, lora=lora)
-    with pytest.raises(ConfigError, match="lora.v must be"):
+    with pytest.raises(
+        ConfigError, match=r"pallas_kernels/lora_matmul.py lora_matmul: lora\.v must"
+    ):
         lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=lora.v[:, :, :-1]))
     with pytest.raises(ConfigError, match="multiple of 16"):
         lora_matmul(prob.x, w[..., :40], 0)
