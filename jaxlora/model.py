@@ -229,20 +229,28 @@ def _concat_groups(kernels, groups, sharding):
     return jax.jit(functools.partial(concat, xp=jnp), out_shardings=sharding)(kernels)
 
 
-def lora_group_delta(
-    group: str, x: jax.Array, out_dtype, layer: jax.Array, lora: LoraInputs
-) -> jax.Array:
-    """The LoRA delta (T, sum of the group's out widths), float32, of each token's adapter."""
+def _group_operands(group: str, lora: LoraInputs):
+    """The SGMV operands of a module group after x: (A pool, B pools, A pages, B pages, ranks,
+    scales, each token's slot), and the group's weight indices."""
     modules = layout.MODULE_GROUPS[group]
     weights = tuple(layout.MODULE_INDEX[m] for m in modules)
     a_pool = lora.pools[layout.MODULE_POOLS[modules[0]][0]]
     b_pools = tuple(lora.pools[layout.MODULE_POOLS[m][1]] for m in modules)
     token_slot = lora.token_slot.reshape(-1)
-    args = (x, a_pool, b_pools, lora.a_pages, lora.b_pages, lora.ranks, lora.scales, token_slot)
+    operands = (a_pool, b_pools, lora.a_pages, lora.b_pages, lora.ranks, lora.scales, token_slot)
+    return operands, weights
+
+
+def lora_group_delta(
+    group: str, x: jax.Array, out_dtype, layer: jax.Array, lora: LoraInputs
+) -> jax.Array:
+    """The LoRA delta (T, sum of the group's out widths), float32, of each token's adapter."""
+    operands, weights = _group_operands(group, lora)
     if lora.impl == "reference":
-        return sgmv_ops.sgmv_delta_reference(*args, layer, weights=weights)
+        return sgmv_ops.sgmv_delta_reference(x, *operands, layer, weights=weights)
     return sgmv_ops.sgmv_delta(
-        *args,
+        x,
+        *operands,
         layer,
         weights=weights,
         out_dtype=out_dtype,
@@ -323,35 +331,22 @@ def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels):
         return None
     x2 = x.reshape(b * s, -1)
     interpret = kernels.impl == "pallas_interpret"
-    expand = None
-    if lora is not None:
-        modules = layout.MODULE_GROUPS[group]
-        weights = tuple(layout.MODULE_INDEX[m] for m in modules)
-        token_slot = lora.token_slot.reshape(-1)
-        v = sgmv_ops.sgmv_shrink(
+    w = kernels.kernels[group]
+    if lora is None:
+        y = matmul_ops.lora_matmul(x2, w, layer, config=kernels.config, interpret=interpret)
+    else:
+        operands, weights = _group_operands(group, lora)
+        y = matmul_ops.lora_projection(
             x2,
-            lora.pools[layout.MODULE_POOLS[modules[0]][0]],
-            lora.a_pages,
-            lora.ranks,
-            token_slot,
+            w,
+            *operands,
             layer,
             weights=weights,
             kernel_meta=lora.kernel_meta,
-            config=lora.sgmv_config,
+            sgmv_config=lora.sgmv_config,
+            config=kernels.config,
             interpret=interpret,
         )
-        expand = matmul_ops.LoraExpand(
-            v=v,
-            b_pools=tuple(lora.pools[layout.MODULE_POOLS[m][1]] for m in modules),
-            b_pages=lora.b_pages,
-            ranks=lora.ranks,
-            scales=lora.scales,
-            token_slot=token_slot,
-            weights=weights,
-        )
-    y = matmul_ops.lora_matmul(
-        x2, kernels.kernels[group], layer, lora=expand, config=kernels.config, interpret=interpret
-    )
     outputs, lo = [], 0
     for width in widths:
         outputs.append(y[:, lo : lo + width].reshape(b, s, width))

@@ -44,6 +44,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxlora.errors import ConfigError
 from pallas_kernels.sgmv import (
+    SgmvConfig,
     _check_b_pools,
     _check_expand_tables,
     _dot_precision,
@@ -53,6 +54,7 @@ from pallas_kernels.sgmv import (
     _next_pow2,
     _pool_rows,
     sgmv_expand_reference,
+    sgmv_shrink,
 )
 
 _WHERE = "pallas_kernels/lora_matmul.py"
@@ -348,6 +350,52 @@ def lora_matmul(
     )(*args)
 
 
+def lora_projection(
+    # inputs
+    x: jax.Array,  # (T, K) activations
+    w: jax.Array,  # (L, K, N) layer-stacked base kernels of the group
+    a_pool: jax.Array,  # (L, P, R, K)
+    b_pools: tuple[jax.Array, ...],  # G pools (L, P, R, out_g), sum of out_g = N
+    a_pages: jax.Array,  # (S, 7, MP) int32
+    b_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    scales: jax.Array,  # (S, 7) float32
+    token_slot: jax.Array,  # (T,) int32
+    layer: jax.Array | int,  # () int32
+    *,
+    weights: tuple[int, ...],
+    kernel_meta: dict | None = None,
+    sgmv_config: SgmvConfig | None = None,
+    config: MatmulConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # (T, N) x's dtype
+    """A projection group with LoRA in two launches (the model's entry point, as ``sgmv_delta``
+    is for XLA's GEMMs): ``sgmv_shrink`` (with ``kernel_meta`` / ``sgmv_config``), then
+    ``lora_matmul`` with the expand in its epilogue."""
+    v = sgmv_shrink(
+        x,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        layer,
+        weights=weights,
+        kernel_meta=kernel_meta,
+        config=sgmv_config,
+        interpret=interpret,
+    )
+    expand = LoraExpand(
+        v=v,
+        b_pools=tuple(b_pools),
+        b_pages=b_pages,
+        ranks=ranks,
+        scales=scales,
+        token_slot=token_slot,
+        weights=weights,
+    )
+    return lora_matmul(x, w, layer, lora=expand, config=config, interpret=interpret)
+
+
 def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int):
     """(the group's widths, the epilogue's statics, its operands) after checking them."""
     b_pools, widths = _check_b_pools(fn, lora.weights, lora.b_pools, prefix="lora.", where=_WHERE)
@@ -389,4 +437,10 @@ def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int):
     return widths, statics, operands
 
 
-__all__ = ["LoraExpand", "MatmulConfig", "lora_matmul", "lora_matmul_reference"]
+__all__ = [
+    "LoraExpand",
+    "MatmulConfig",
+    "lora_matmul",
+    "lora_matmul_reference",
+    "lora_projection",
+]

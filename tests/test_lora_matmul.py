@@ -19,8 +19,14 @@ from gpu_lowering import lower_for_gpu, triton_kernels
 from test_sgmv import INTERPRET, TOL, _rel_err, make_problem
 
 from jaxlora.errors import ConfigError
-from pallas_kernels.lora_matmul import LoraExpand, MatmulConfig, lora_matmul, lora_matmul_reference
-from pallas_kernels.sgmv import sgmv_shrink_reference
+from pallas_kernels.lora_matmul import (
+    LoraExpand,
+    MatmulConfig,
+    lora_matmul,
+    lora_matmul_reference,
+    lora_projection,
+)
+from pallas_kernels.sgmv import SgmvConfig, sgmv_shrink_reference
 
 # Small blocks: several column blocks per weight, several token blocks, partial K steps.
 SMALL = MatmulConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
@@ -190,3 +196,26 @@ def test_bad_inputs_raise_config_errors():
         lora_matmul(prob.x, w[..., :40], 0)
     with pytest.raises(ConfigError, match="block_n"):
         MatmulConfig(block_n=48)
+
+
+def test_lora_projection_is_the_shrink_then_the_fused_expand():
+    """lora_projection (the model's entry point) = sgmv_shrink + lora_matmul: the reference with
+    the shrink reference's v."""
+    prob, w, lora = _case("gate_up", 13, jnp.float32)
+    y = lora_projection(
+        prob.x,
+        w,
+        prob.a_pool,
+        prob.b_pools,
+        prob.a_pages,
+        prob.b_pages,
+        prob.ranks,
+        prob.scales,
+        jnp.asarray(prob.token_slot),
+        prob.layer,
+        weights=prob.weights,
+        sgmv_config=SgmvConfig(decode_block_k=16, decode_shrink_rows=8),
+        config=SMALL,
+        interpret=True,
+    )
+    assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL["float32"]

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.bench.profile import trace_gpu_events
-from pallas_kernels.lora_matmul import LoraExpand, MatmulConfig, lora_matmul
-from pallas_kernels.sgmv import sgmv_delta, sgmv_shrink
+from pallas_kernels.lora_matmul import MatmulConfig, lora_matmul, lora_projection
+from pallas_kernels.sgmv import sgmv_delta
 
 # The q|k|v (q, k, v widths), o, gate|up and down projections of llama-2-7b.
 LLAMA2_7B_GROUPS = {
@@ -134,34 +134,24 @@ def _projection(impl, config, x, w, layer, lora):
         y = jnp.dot(x, w[layer])
         if lora is None:
             return y
-        delta = sgmv_delta(
-            x,
-            lora.a_pool,
-            lora.b_pools,
-            lora.a_pages,
-            lora.b_pages,
-            lora.ranks,
-            lora.scales,
-            lora.token_slot,
-            layer,
-            weights=lora.weights,
-        )
+        delta = sgmv_delta(x, *_operands(lora), layer, weights=lora.weights)
         return (y.astype(jnp.float32) + delta).astype(y.dtype)
-    expand = None
-    if lora is not None:
-        v = sgmv_shrink(
-            x, lora.a_pool, lora.a_pages, lora.ranks, lora.token_slot, layer, weights=lora.weights
-        )
-        expand = LoraExpand(
-            v=v,
-            b_pools=lora.b_pools,
-            b_pages=lora.b_pages,
-            ranks=lora.ranks,
-            scales=lora.scales,
-            token_slot=lora.token_slot,
-            weights=lora.weights,
-        )
-    return lora_matmul(x, w, layer, lora=expand, config=config)
+    if lora is None:
+        return lora_matmul(x, w, layer, config=config)
+    return lora_projection(x, w, *_operands(lora), layer, weights=lora.weights, config=config)
+
+
+def _operands(lora: LoraCase):
+    """The SGMV operands after x, as ``sgmv_delta`` and ``lora_projection`` take them."""
+    return (
+        lora.a_pool,
+        lora.b_pools,
+        lora.a_pages,
+        lora.b_pages,
+        lora.ranks,
+        lora.scales,
+        lora.token_slot,
+    )
 
 
 def chain(impl, config, *, layers, passes):
