@@ -76,6 +76,14 @@ class MatmulConfig:
     num_stages: int = 4
     wide_n: int = 8192
     small_tokens: int = 32
+    # How the epilogue adds the LoRA delta. "dot": each step gathers the B rows of a few tokens'
+    # rank chunks, ``(epilogue_block_k, block_n)``, and multiplies them on the tensor cores by a
+    # block-diagonal tile of the tokens' scaled v (a dot operand, so Triton pipelines the
+    # gathers). "rows" (the eighth session's): one rank row of every token per step, on the CUDA
+    # cores, each step's gather waiting on the previous one.
+    epilogue: str = "dot"
+    epilogue_rank_rows: int = 16  # rank rows of a token per dot step (power of two)
+    epilogue_block_k: int | None = None  # K of each epilogue dot (tokens x rank rows)
     # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
     # keeps XLA's GEMM and the SGMV delta.
     max_tokens: int = 128
@@ -91,6 +99,22 @@ class MatmulConfig:
                     f"tensor-core dot dimension){' or None' if name != 'block_m' else ''}, "
                     f"got {value!r}"
                 )
+        if self.epilogue not in ("dot", "rows"):
+            raise ConfigError(
+                f"MatmulConfig field 'epilogue': expected 'dot' or 'rows', got {self.epilogue!r}"
+            )
+        rank_rows = self.epilogue_rank_rows
+        if not isinstance(rank_rows, int) or rank_rows < 1 or rank_rows & (rank_rows - 1):
+            raise ConfigError(
+                f"MatmulConfig field 'epilogue_rank_rows': expected a power of two >= 1, "
+                f"got {rank_rows!r}"
+            )
+        ek = self.epilogue_block_k
+        if ek is not None and (not isinstance(ek, int) or ek < 16 or ek & (ek - 1)):
+            raise ConfigError(
+                f"MatmulConfig field 'epilogue_block_k': expected a power of two >= 16 (a "
+                f"tensor-core dot dimension) or None, got {ek!r}"
+            )
         for name in ("num_warps", "num_stages", "max_tokens", "wide_n", "small_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -115,6 +139,13 @@ class MatmulConfig:
 
     def block_m_for(self, num_tokens: int) -> int:
         return max(16, min(self.block_m, _next_pow2(num_tokens)))
+
+    def epilogue_blocks(self, bm: int, rank_cols: int) -> tuple[int, int]:
+        """(rank rows per token, K) of each epilogue dot step: the K step shrinks as the token
+        block grows, so the block-diagonal v tile (bm, K) stays the size of the x tile."""
+        rank_rows = min(self.epilogue_rank_rows, _next_pow2(rank_cols))
+        ek = self.epilogue_block_k or (128 if bm <= 32 else 64)
+        return rank_rows, max(ek, rank_rows)
 
 
 @functools.partial(
@@ -215,7 +246,8 @@ def _matmul_kernel(
 
     acc = jax.lax.fori_loop(0, pl.cdiv(width, bk), body, jnp.zeros((bm, bn), jnp.float32))
     if expand is not None:
-        acc = _expand_epilogue(
+        epilogue = _expand_epilogue_dot if "epilogue_k" in expand else _expand_epilogue
+        acc = epilogue(
             acc, refs[:-1], layer_ref, j, rows_i, row_ok, bn=bn, interpret=interpret, **expand
         )
     pltriton.store(
@@ -289,6 +321,98 @@ def _expand_epilogue(
     return acc
 
 
+def _expand_epilogue_dot(
+    acc,
+    refs,
+    layer_ref,
+    block,
+    rows_i,
+    row_ok,
+    *,
+    weights,
+    block_starts,
+    rank_cols,
+    pages_per_pool,
+    rows_per_page,
+    max_pages,
+    bn,
+    dtype,
+    epilogue_rank_rows,
+    epilogue_k,
+    interpret,
+):
+    """acc (bm, bn) + each token's scaled ``v @ B``, as tensor-core dots over chunks of
+    (tokens x rank rows): step i covers ``ct = epilogue_k / rank_rows`` tokens of the block and
+    ``rank_rows`` rank rows of each. Its B operand stacks those tokens' B rows, gathered through
+    the page table, ``(epilogue_k, bn)``; its v operand is block-diagonal, ``(bm, epilogue_k)``,
+    row t holding token t's scaled v in its own tokens' columns and zeros elsewhere. Rows beyond
+    a token's rank are masked in both (never loaded), so pools may hold anything there."""
+    g_count = len(weights)
+    v_ref = refs[0]
+    pool_refs = refs[1 : 1 + g_count]
+    pages_ref, ranks_ref, scales_ref, slot_ref = refs[1 + g_count :]
+    v_cols = v_ref.shape[1]
+    num_tokens = slot_ref.shape[0]
+    bm = acc.shape[0]
+    rr, ek = epilogue_rank_rows, epilogue_k
+    ct = ek // rr
+    row0 = pl.program_id(0) * bm
+    slot = pltriton.load(slot_ref.at[rows_i], mask=row_ok, other=-1)
+    has_adapter = row_ok & (slot >= 0)
+    slot_c = jnp.maximum(slot, 0)
+    # Token and rank row of each of the dot's K positions, within a step.
+    kk = jnp.arange(ek, dtype=jnp.int32)
+    k_token, k_row = kk // rr, kk % rr
+    block_rows = jnp.arange(bm, dtype=jnp.int32)
+    token_chunks = pl.cdiv(jnp.minimum(bm, num_tokens - row0), ct)
+    for g, cb, in_group in _group_of_block(block, block_starts):
+        w = weights[g]
+        pool_ref = pool_refs[g]
+        rank = jnp.where(has_adapter, ranks_ref[slot_c, w], 0)
+        scale = jnp.where(has_adapter, scales_ref[slot_c, w], 0.0)
+        rank_chunks = pl.cdiv(jnp.max(rank), rr)
+        # Only the program's own group runs any step: the others see none.
+        steps = jnp.where(in_group, token_chunks * rank_chunks, 0)
+        rank_chunks = jnp.maximum(rank_chunks, 1)
+        cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+        cols_i = _idx(cols, in_group & (cols >= 0), pool_ref.shape[1], interpret)[None, :]
+        layer_g = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
+
+        def body(i, acc, g=g, w=w, pool_ref=pool_ref, rank=rank, scale=scale, cols_i=cols_i,
+                 layer_g=layer_g, rank_chunks=rank_chunks):  # fmt: skip
+            # Vectors, not scalars, from the loop counter: scalar index arithmetic on it
+            # mistypes in the Triton lowering (i32 % i1).
+            step = jnp.full((ek,), i, jnp.int32)
+            token = (step // rank_chunks) * ct + k_token  # in the block
+            row = (step % rank_chunks) * rr + k_row  # rank row
+            token_ok = (token < bm) & (row0 + token < num_tokens)
+            t_i = _idx(row0 + token, token_ok, num_tokens, interpret)
+            k_slot = pltriton.load(slot_ref.at[t_i], mask=token_ok, other=-1)
+            k_slot_c = jnp.maximum(k_slot, 0)
+            k_rank = jnp.where(k_slot >= 0, ranks_ref[k_slot_c, w], 0)
+            live = token_ok & (row < k_rank)
+            b_row = _pool_rows(
+                pages_ref,
+                k_slot_c,
+                w,
+                row,
+                layer_g,
+                pages_per_pool=pages_per_pool[g],
+                rows_per_page=rows_per_page,
+                max_pages=max_pages,
+            )
+            b_i = _idx(b_row, live, pool_ref.shape[0], interpret)[:, None]
+            b = pltriton.load(pool_ref.at[b_i, cols_i], mask=live[:, None], other=0)
+            own = (block_rows[:, None] == token[None, :]) & live[None, :]
+            v_i = _idx(g * rank_cols + row, live, v_cols, interpret)[None, :]
+            vt = pltriton.load(v_ref.at[rows_i[:, None], v_i], mask=own, other=0.0)
+            vt = (vt * scale[:, None]).astype(dtype)
+            return acc + pltriton.dot(vt, b.astype(dtype), precision=_dot_precision(dtype))
+
+        acc = jax.lax.fori_loop(0, steps, body, acc)
+    return acc
+
+
 def lora_matmul(
     # inputs
     x: jax.Array,  # (T, K) activations
@@ -332,10 +456,14 @@ def lora_matmul(
     bm = config.block_m_for(num_tokens)
     bk = max(16, min(config.block_k_for(num_tokens, bn), _next_pow2(width)))
     dtype = x.dtype if x.dtype == w.dtype and x.dtype.itemsize == 2 else jnp.dtype(jnp.float32)
-    name = (
-        f"lora_matmul{'_expand' if expand is not None else ''}_bm{bm}_bn{bn}_bk{bk}"
-        f"_w{config.num_warps}_s{config.num_stages}"
-    )
+    tag = ""
+    if expand is not None:
+        tag = "_expand"
+        if config.epilogue == "dot":
+            rank_rows, epilogue_k = config.epilogue_blocks(bm, expand["rank_cols"])
+            expand.update(dtype=dtype, epilogue_rank_rows=rank_rows, epilogue_k=epilogue_k)
+            tag = f"_expand_r{rank_rows}k{epilogue_k}"
+    name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{config.num_warps}_s{config.num_stages}"
     return pl.pallas_call(
         functools.partial(
             _matmul_kernel, bm=bm, bn=bn, bk=bk, dtype=dtype, expand=expand, interpret=interpret

@@ -1,9 +1,10 @@
 """Decode-step projections on the GPU: XLA's GEMM (+ the SGMV delta) against ``lora_matmul``.
 
 First every config of ``--configs`` runs the no-LoRA rows beside XLA; then the LoRA workloads run
-with the fastest config of each (projection, T). Per row: the median microseconds of one
-projection, its bytes, the time those bytes take at the copy rate measured in the same run, and
-each implementation's share of that limit and speedup over XLA (jaxlora/bench/projection.py).
+with the fastest config of each (projection, T), or with every config of ``--lora_configs``.
+Per row: the median microseconds of one projection, its bytes, the time those bytes take at the
+copy rate measured in the same run, and each implementation's share of that limit and speedup
+over XLA (jaxlora/bench/projection.py).
 
     PYTHONPATH=. python scripts/bench_projection.py --json_out=$OUT/projection.json
 """
@@ -30,6 +31,18 @@ flags.DEFINE_string(
     "bn64bk256w4s3,bn64bk256w8s3,bn128bk64w4s4,bn128bk128w4s3,bn128bk128w8s4,bn16bk256w4s4",
     "lora_matmul configs, bnXbkYwZsW",
 )
+flags.DEFINE_string(
+    "variants",
+    "",
+    "JSON {NAME: {MatmulConfig fields}} for names in --configs / --lora_configs, e.g. "
+    '\'{"rows": {"epilogue": "rows"}, "n16": {"block_n": 16}}\'',
+)
+flags.DEFINE_list(
+    "lora_configs",
+    [],
+    "configs for the LoRA rows, each run on every (projection, T); empty: the fastest no-LoRA "
+    "config of each (projection, T)",
+)
 flags.DEFINE_integer("rank", 16, "adapter rank")
 flags.DEFINE_integer("layers", 8, "distinct stacked weights per chain")
 flags.DEFINE_integer("passes", 4, "passes over the layers per call")
@@ -38,7 +51,9 @@ flags.DEFINE_string("json_out", "", "where to write the rows")
 
 def main(argv):
     del argv
-    configs = projection.config_grid(FLAGS.configs)
+    variants = json.loads(FLAGS.variants) if FLAGS.variants else {}
+    configs = projection.config_grid(FLAGS.configs, variants)
+    lora_configs = projection.config_grid(",".join(FLAGS.lora_configs), variants)
     copy = projection.copy_gbps()
     print(f"copy ceiling {copy:.0f} GB/s", flush=True)
     common = dict(
@@ -54,7 +69,15 @@ def main(argv):
         rows += projection.run_rows(
             groups=[group], workloads=["no_lora"], impls={"xla": None, **configs}, **common
         )
-    best = projection.best_configs(rows, configs)
+    if lora_configs:
+        for group in FLAGS.groups:
+            rows += projection.run_rows(
+                groups=[group],
+                workloads=FLAGS.lora_workloads,
+                impls={"xla": None, **lora_configs},
+                **common,
+            )
+    best = {} if lora_configs else projection.best_configs(rows, configs)
     for (group, tokens), name in best.items():
         rows += projection.run_rows(
             groups=[group],

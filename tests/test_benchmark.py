@@ -534,3 +534,26 @@ def test_peft_baseline_on_the_tiny_model():
     for r in rows:
         assert r["tokens_per_request"] == 4 and r["output_tokens"] == 4 * r["batch"]
         assert r["distinct_adapters"] == (r["batch"] if r["workload"] == "distinct" else 1)
+
+
+def test_projection_bench_config_names_and_variants():
+    """scripts/bench_projection.py's --configs / --variants / --lora_configs name MatmulConfigs."""
+    from jaxlora.bench.projection import best_configs, config_grid
+    from pallas_kernels.lora_matmul import MatmulConfig
+
+    variants = {"rows": {"epilogue": "rows"}, "n16k256": {"block_n": 16, "epilogue_block_k": 256}}
+    grid = config_grid("default,bm64bn32bk128w4s4,rows,n16k256", variants)
+    assert grid == {
+        "default": MatmulConfig(),
+        "bm64bn32bk128w4s4": MatmulConfig(block_m=64, block_n=32, block_k=128, num_warps=4),
+        "rows": MatmulConfig(epilogue="rows"),
+        "n16k256": MatmulConfig(block_n=16, epilogue_block_k=256),
+    }
+    assert config_grid("") == {}
+    with pytest.raises(ValueError, match="expected"):
+        config_grid("n16")  # not a block name and not a variant
+    rows = [
+        {"group": "o", "tokens": 8, "us": {"xla": 1.0, "default": 3.0, "rows": 2.0}},
+        {"group": "o", "tokens": 32, "us": {"xla": 1.0, "default": 2.0, "rows": 4.0}},
+    ]
+    assert best_configs(rows, grid) == {("o", 8): "rows", ("o", 32): "default"}

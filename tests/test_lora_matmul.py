@@ -31,6 +31,9 @@ from pallas_kernels.sgmv import SgmvConfig, sgmv_shrink_reference
 # Small blocks: several column blocks per weight, several token blocks, partial K steps.
 SMALL = MatmulConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
 
+# The eighth session's epilogue (one rank row of every token per step, on the CUDA cores).
+ROWS = MatmulConfig(epilogue="rows")
+
 # (in width, out widths of the group): q|k|v with GQA widths, gate|up, down (K not a multiple
 # of the K step).
 GROUPS = {"qkv": (40, (32, 16, 16)), "gate_up": (48, (48, 48)), "down": (72, (32,))}
@@ -84,16 +87,22 @@ def _reference_with_finite_v(prob, w, lora):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("epilogue", ["dot", "rows"])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 @pytest.mark.parametrize("group", list(GROUPS))
 @pytest.mark.parametrize("num_tokens", [1, 40])
-def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, interpret):
+def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, epilogue, interpret):
+    """Both epilogues. The dot epilogue's steps here cover 2 tokens x 8 rank rows (ranks up to
+    12: two rank chunks for some tokens) and T=40 gives row blocks of 16, 16 and 8 tokens."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, num_tokens, dtype)
     y_ref = _reference_with_finite_v(prob, w, lora)
+    config = dataclasses.replace(
+        SMALL, epilogue=epilogue, epilogue_rank_rows=8, epilogue_block_k=16
+    )
     run = jax.jit(
         lambda x, w, layer, lora: lora_matmul(
-            x, w, layer, lora=lora, config=SMALL, interpret=interpret
+            x, w, layer, lora=lora, config=config, interpret=interpret
         )
     )
     y = run(prob.x, w, prob.layer, lora)
@@ -156,6 +165,16 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         bm = max(16, min(128, num_tokens))
         bn = 32  # N = 768: a narrow group
         bk = 256 if num_tokens <= 32 else 128
+        epilogue_k = 128 if num_tokens <= 32 else 64  # rank rows 16: 8 or 4 tokens a step
+        assert f"lora_matmul_expand_r16k{epilogue_k}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
+        text = lower_for_gpu(
+            lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora, config=ROWS),
+            prob.x,
+            w,
+            lora,
+            prob.layer,
+        )
+        assert triton_kernels(text) == 1
         assert f"lora_matmul_expand_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
         text = lower_for_gpu(lambda x, w: lora_matmul(x, w, 1), prob.x, w)
         assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn{bn}_bk{bk}" in text
@@ -196,6 +215,12 @@ def test_bad_inputs_raise_config_errors():
         lora_matmul(prob.x, w[..., :40], 0)
     with pytest.raises(ConfigError, match="block_n"):
         MatmulConfig(block_n=48)
+    with pytest.raises(ConfigError, match="'epilogue': expected 'dot' or 'rows'"):
+        MatmulConfig(epilogue="fused")
+    with pytest.raises(ConfigError, match="epilogue_rank_rows"):
+        MatmulConfig(epilogue_rank_rows=12)
+    with pytest.raises(ConfigError, match="epilogue_block_k"):
+        MatmulConfig(epilogue_block_k=8)
 
 
 def test_lora_projection_is_the_shrink_then_the_fused_expand():

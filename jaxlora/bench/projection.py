@@ -272,13 +272,18 @@ def format_row(row) -> str:
     return "  ".join(parts)
 
 
-def config_grid(spec: str) -> dict[str, MatmulConfig]:
+def config_grid(spec: str, variants: dict[str, dict] | None = None) -> dict[str, MatmulConfig]:
     """Configs from '[bmV]bnXbkYwZsW,...' names (e.g. 'bn64bk128w4s4', 'bm64bn32bk128w4s4');
-    'default' is ``MatmulConfig()`` (blocks by shape)."""
+    'default' is ``MatmulConfig()`` (blocks by shape); a name in ``variants`` is
+    ``MatmulConfig(**variants[name])`` (e.g. ``{"rows": {"epilogue": "rows"}}``)."""
     out = {}
+    variants = variants or {}
     for name in filter(None, (s.strip() for s in spec.split(","))):
         if name == "default":
             out[name] = MatmulConfig()
+            continue
+        if name in variants:
+            out[name] = MatmulConfig(**variants[name])
             continue
         fields = {}
         rest = name
