@@ -76,14 +76,17 @@ class MatmulConfig:
     num_stages: int = 4
     wide_n: int = 8192
     small_tokens: int = 32
-    # How the epilogue adds the LoRA delta. "dot": each step gathers the B rows of a few tokens'
-    # rank chunks, ``(epilogue_block_k, block_n)``, and multiplies them on the tensor cores by a
-    # block-diagonal tile of the tokens' scaled v (a dot operand, so Triton pipelines the
-    # gathers). "rows" (the eighth session's): one rank row of every token per step, on the CUDA
-    # cores, each step's gather waiting on the previous one.
-    epilogue: str = "dot"
+    # How the epilogue adds the LoRA delta. "dot": static steps, each gathering the B rows of
+    # some tokens' rank chunk, ``(epilogue_block_k, block_n)``, and multiplying them on the
+    # tensor cores by a block-diagonal tile of those tokens' scaled v; the page-table gathers go
+    # out before the K loop. Its steps grow with block_m times the pool's rank capacity. "rows"
+    # (the eighth session's): a loop over rank rows, each step gathering one row of every
+    # token's B and adding it on the CUDA cores. None: "dot" up to ``dot_epilogue_max_tokens``
+    # tokens per program, "rows" above.
+    epilogue: str | None = None
+    dot_epilogue_max_tokens: int = 32
     epilogue_rank_rows: int = 16  # rank rows of a token per dot step (power of two)
-    epilogue_block_k: int | None = None  # K of each epilogue dot (tokens x rank rows)
+    epilogue_block_k: int = 256  # K of each epilogue dot (tokens x rank rows)
     # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
     # keeps XLA's GEMM and the SGMV delta.
     max_tokens: int = 128
@@ -99,9 +102,10 @@ class MatmulConfig:
                     f"tensor-core dot dimension){' or None' if name != 'block_m' else ''}, "
                     f"got {value!r}"
                 )
-        if self.epilogue not in ("dot", "rows"):
+        if self.epilogue not in (None, "dot", "rows"):
             raise ConfigError(
-                f"MatmulConfig field 'epilogue': expected 'dot' or 'rows', got {self.epilogue!r}"
+                f"MatmulConfig field 'epilogue': expected 'dot', 'rows' or None, "
+                f"got {self.epilogue!r}"
             )
         rank_rows = self.epilogue_rank_rows
         if not isinstance(rank_rows, int) or rank_rows < 1 or rank_rows & (rank_rows - 1):
@@ -110,12 +114,19 @@ class MatmulConfig:
                 f"got {rank_rows!r}"
             )
         ek = self.epilogue_block_k
-        if ek is not None and (not isinstance(ek, int) or ek < 16 or ek & (ek - 1)):
+        if not isinstance(ek, int) or ek < 16 or ek & (ek - 1):
             raise ConfigError(
                 f"MatmulConfig field 'epilogue_block_k': expected a power of two >= 16 (a "
-                f"tensor-core dot dimension) or None, got {ek!r}"
+                f"tensor-core dot dimension), got {ek!r}"
             )
-        for name in ("num_warps", "num_stages", "max_tokens", "wide_n", "small_tokens"):
+        for name in (
+            "num_warps",
+            "num_stages",
+            "max_tokens",
+            "wide_n",
+            "small_tokens",
+            "dot_epilogue_max_tokens",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(
@@ -140,12 +151,15 @@ class MatmulConfig:
     def block_m_for(self, num_tokens: int) -> int:
         return max(16, min(self.block_m, _next_pow2(num_tokens)))
 
+    def epilogue_for(self, bm: int) -> str:
+        return self.epilogue or ("dot" if bm <= self.dot_epilogue_max_tokens else "rows")
+
     def epilogue_blocks(self, bm: int, rank_cols: int) -> tuple[int, int]:
-        """(rank rows per token, K) of each epilogue dot step: the K step shrinks as the token
-        block grows, so the block-diagonal v tile (bm, K) stays the size of the x tile."""
+        """(rank rows per token, K) of each epilogue dot step; K is at most the block's tokens
+        times its rank rows."""
         rank_rows = min(self.epilogue_rank_rows, _next_pow2(rank_cols))
-        ek = self.epilogue_block_k or (128 if bm <= 32 else 64)
-        return rank_rows, max(ek, rank_rows)
+        ek = min(self.epilogue_block_k, _next_pow2(bm) * rank_rows)
+        return rank_rows, max(16, ek)
 
 
 @functools.partial(
@@ -244,10 +258,18 @@ def _matmul_kernel(
             xk.astype(dtype), wk.astype(dtype), precision=_dot_precision(dtype)
         )
 
+    prepared = None
+    if expand is not None and "epilogue_k" in expand:
+        # The epilogue's page-table gathers go out before the K loop: their latency hides
+        # behind the weight stream, and after it only the B and v loads remain.
+        prepared = _dot_epilogue_indices(
+            refs[:-1], layer_ref, j, row_ok, bm=bm, bn=bn, interpret=interpret, **expand
+        )
     acc = jax.lax.fori_loop(0, pl.cdiv(width, bk), body, jnp.zeros((bm, bn), jnp.float32))
-    if expand is not None:
-        epilogue = _expand_epilogue_dot if "epilogue_k" in expand else _expand_epilogue
-        acc = epilogue(
+    if prepared is not None:
+        acc = _dot_epilogue(acc, refs[:-1], rows_i, prepared, interpret=interpret, **expand)
+    elif expand is not None:
+        acc = _expand_epilogue(
             acc, refs[:-1], layer_ref, j, rows_i, row_ok, bn=bn, interpret=interpret, **expand
         )
     pltriton.store(
@@ -321,12 +343,10 @@ def _expand_epilogue(
     return acc
 
 
-def _expand_epilogue_dot(
-    acc,
+def _dot_epilogue_indices(
     refs,
     layer_ref,
     block,
-    rows_i,
     row_ok,
     *,
     weights,
@@ -335,81 +355,129 @@ def _expand_epilogue_dot(
     pages_per_pool,
     rows_per_page,
     max_pages,
+    bm,
     bn,
     dtype,
     epilogue_rank_rows,
     epilogue_k,
     interpret,
 ):
-    """acc (bm, bn) + each token's scaled ``v @ B``, as tensor-core dots over chunks of
-    (tokens x rank rows): step i covers ``ct = epilogue_k / rank_rows`` tokens of the block and
-    ``rank_rows`` rank rows of each. Its B operand stacks those tokens' B rows, gathered through
-    the page table, ``(epilogue_k, bn)``; its v operand is block-diagonal, ``(bm, epilogue_k)``,
-    row t holding token t's scaled v in its own tokens' columns and zeros elsewhere. Rows beyond
-    a token's rank are masked in both (never loaded), so pools may hold anything there."""
+    """The dot epilogue's steps (static: every rank chunk of every token chunk of the block).
+    Step s covers ``ct = epilogue_k / rank_rows`` tokens and ``rank_rows`` rank rows of each;
+    per K position it holds the B row in the pool and whether it is live (the token has an
+    adapter with that many rows of the program's weight). Returns (the program's group index,
+    its column block in the group, its tokens' scales, the steps: (any row live, B rows, live))."""
+    del dtype, bn
     g_count = len(weights)
-    v_ref = refs[0]
     pool_refs = refs[1 : 1 + g_count]
     pages_ref, ranks_ref, scales_ref, slot_ref = refs[1 + g_count :]
-    v_cols = v_ref.shape[1]
     num_tokens = slot_ref.shape[0]
-    bm = acc.shape[0]
     rr, ek = epilogue_rank_rows, epilogue_k
     ct = ek // rr
     row0 = pl.program_id(0) * bm
+    rows = row0 + jnp.arange(bm, dtype=jnp.int32)
+    rows_i = _idx(rows, row_ok, num_tokens, interpret)
     slot = pltriton.load(slot_ref.at[rows_i], mask=row_ok, other=-1)
     has_adapter = row_ok & (slot >= 0)
     slot_c = jnp.maximum(slot, 0)
-    # Token and rank row of each of the dot's K positions, within a step.
+    # The program's weight of the group and its pool's geometry, as scalars: one set of indices
+    # whatever the group's size. Sums of steps rather than selects (a select of scalars
+    # mistypes in the Triton lowering). Every pool has the same layer count (checked).
+    layer = _layer(layer_ref, pool_refs[0], pages_per_pool[0], rows_per_page)
+    group, col_block, w, pages = 0, block, weights[0], pages_per_pool[0]
+    for g in range(1, g_count):
+        past = (block >= block_starts[g]).astype(jnp.int32)
+        group = group + past
+        col_block = col_block - past * (block_starts[g] - block_starts[g - 1])
+        w = w + past * (weights[g] - weights[g - 1])
+        pages = pages + past * (pages_per_pool[g] - pages_per_pool[g - 1])
+    rank = jnp.where(has_adapter, ranks_ref[slot_c, w], 0)
+    scale = jnp.where(has_adapter, scales_ref[slot_c, w], 0.0)
+    max_rank = jnp.max(rank)
     kk = jnp.arange(ek, dtype=jnp.int32)
-    k_token, k_row = kk // rr, kk % rr
-    block_rows = jnp.arange(bm, dtype=jnp.int32)
-    token_chunks = pl.cdiv(jnp.minimum(bm, num_tokens - row0), ct)
-    for g, cb, in_group in _group_of_block(block, block_starts):
-        w = weights[g]
-        pool_ref = pool_refs[g]
-        rank = jnp.where(has_adapter, ranks_ref[slot_c, w], 0)
-        scale = jnp.where(has_adapter, scales_ref[slot_c, w], 0.0)
-        rank_chunks = pl.cdiv(jnp.max(rank), rr)
-        # Only the program's own group runs any step: the others see none.
-        steps = jnp.where(in_group, token_chunks * rank_chunks, 0)
-        rank_chunks = jnp.maximum(rank_chunks, 1)
-        cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
-        cols_i = _idx(cols, in_group & (cols >= 0), pool_ref.shape[1], interpret)[None, :]
-        layer_g = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
-
-        def body(i, acc, g=g, w=w, pool_ref=pool_ref, rank=rank, scale=scale, cols_i=cols_i,
-                 layer_g=layer_g, rank_chunks=rank_chunks):  # fmt: skip
-            # Vectors, not scalars, from the loop counter: scalar index arithmetic on it
-            # mistypes in the Triton lowering (i32 % i1).
-            step = jnp.full((ek,), i, jnp.int32)
-            token = (step // rank_chunks) * ct + k_token  # in the block
-            row = (step % rank_chunks) * rr + k_row  # rank row
-            token_ok = (token < bm) & (row0 + token < num_tokens)
-            t_i = _idx(row0 + token, token_ok, num_tokens, interpret)
-            k_slot = pltriton.load(slot_ref.at[t_i], mask=token_ok, other=-1)
-            k_slot_c = jnp.maximum(k_slot, 0)
-            k_rank = jnp.where(k_slot >= 0, ranks_ref[k_slot_c, w], 0)
+    steps = []
+    for tc in range(pl.cdiv(bm, ct)):
+        token = tc * ct + kk // rr  # in the block
+        token_ok = (token < bm) & (row0 + token < num_tokens)
+        t_i = _idx(row0 + token, token_ok, num_tokens, interpret)
+        k_slot = pltriton.load(slot_ref.at[t_i], mask=token_ok, other=-1)
+        k_slot_c = jnp.maximum(k_slot, 0)
+        k_rank = jnp.where(k_slot >= 0, ranks_ref[k_slot_c, w], 0)
+        for rc in range(pl.cdiv(rank_cols, rr)):
+            row = rc * rr + kk % rr
             live = token_ok & (row < k_rank)
             b_row = _pool_rows(
                 pages_ref,
                 k_slot_c,
                 w,
                 row,
-                layer_g,
-                pages_per_pool=pages_per_pool[g],
+                layer,
+                pages_per_pool=pages,
                 rows_per_page=rows_per_page,
                 max_pages=max_pages,
             )
-            b_i = _idx(b_row, live, pool_ref.shape[0], interpret)[:, None]
-            b = pltriton.load(pool_ref.at[b_i, cols_i], mask=live[:, None], other=0)
-            own = (block_rows[:, None] == token[None, :]) & live[None, :]
-            v_i = _idx(g * rank_cols + row, live, v_cols, interpret)[None, :]
-            vt = pltriton.load(v_ref.at[rows_i[:, None], v_i], mask=own, other=0.0)
-            vt = (vt * scale[:, None]).astype(dtype)
-            return acc + pltriton.dot(vt, b.astype(dtype), precision=_dot_precision(dtype))
+            steps.append((rc * rr < max_rank, b_row, live))
+    return group, col_block, scale, steps
 
-        acc = jax.lax.fori_loop(0, steps, body, acc)
+
+def _dot_epilogue(
+    acc,
+    refs,
+    rows_i,
+    prepared,
+    *,
+    weights,
+    rank_cols,
+    dtype,
+    epilogue_rank_rows,
+    epilogue_k,
+    interpret,
+    **_,
+):
+    """acc (bm, bn) + each token's scaled ``v @ B``, one tensor-core dot per prepared step: its
+    B operand stacks the step's B rows, ``(epilogue_k, bn)``; its v operand is block-diagonal,
+    ``(bm, epilogue_k)``, row t holding token t's scaled v in its own K positions and zeros
+    elsewhere. Rows beyond a token's rank are masked in both (never loaded), so the pools may
+    hold anything there; steps beyond every token's rank are skipped."""
+    group, col_block, scale, steps = prepared
+    g_count = len(weights)
+    v_ref = refs[0]
+    pool_refs = refs[1 : 1 + g_count]
+    v_cols = v_ref.shape[1]
+    bm, bn = acc.shape
+    rr, ek = epilogue_rank_rows, epilogue_k
+    ct = ek // rr
+    kk = jnp.arange(ek, dtype=jnp.int32)
+    block_rows = jnp.arange(bm, dtype=jnp.int32)
+    n_rank_chunks = pl.cdiv(rank_cols, rr)
+    for g in range(g_count):
+        pool_ref = pool_refs[g]
+
+        def run_group(acc, g=g, pool_ref=pool_ref):
+            cols = pl.multiple_of(col_block * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+            cols_i = _idx(cols, cols >= 0, pool_ref.shape[1], interpret)[None, :]
+            for s, (any_live, b_row, live) in enumerate(steps):
+                tc, rc = divmod(s, n_rank_chunks)
+                token = tc * ct + kk // rr
+                row = rc * rr + kk % rr
+
+                def step(acc, b_row=b_row, live=live, token=token, row=row):
+                    b_i = _idx(b_row, live, pool_ref.shape[0], interpret)[:, None]
+                    b = pltriton.load(pool_ref.at[b_i, cols_i], mask=live[:, None], other=0)
+                    own = (block_rows[:, None] == token[None, :]) & live[None, :]
+                    v_i = _idx(g * rank_cols + row, live, v_cols, interpret)[None, :]
+                    vt = pltriton.load(v_ref.at[rows_i[:, None], v_i], mask=own, other=0.0)
+                    vt = (vt * scale[:, None]).astype(dtype)
+                    return acc + pltriton.dot(vt, b.astype(dtype), precision=_dot_precision(dtype))
+
+                acc = jax.lax.cond(any_live, step, lambda acc: acc, acc)
+            return acc
+
+        acc = (
+            jax.lax.cond(group == g, run_group, lambda acc: acc, acc)
+            if g_count > 1
+            else (run_group(acc))
+        )
     return acc
 
 
@@ -459,7 +527,7 @@ def lora_matmul(
     tag = ""
     if expand is not None:
         tag = "_expand"
-        if config.epilogue == "dot":
+        if config.epilogue_for(bm) == "dot":
             rank_rows, epilogue_k = config.epilogue_blocks(bm, expand["rank_cols"])
             expand.update(dtype=dtype, epilogue_rank_rows=rank_rows, epilogue_k=epilogue_k)
             tag = f"_expand_r{rank_rows}k{epilogue_k}"

@@ -93,7 +93,8 @@ def _reference_with_finite_v(prob, w, lora):
 @pytest.mark.parametrize("num_tokens", [1, 40])
 def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, epilogue, interpret):
     """Both epilogues. The dot epilogue's steps here cover 2 tokens x 8 rank rows (ranks up to
-    12: two rank chunks for some tokens) and T=40 gives row blocks of 16, 16 and 8 tokens."""
+    12: two rank chunks, the second skipped where no token of the block has that rank) and T=40
+    gives row blocks of 16, 16 and 8 tokens."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, num_tokens, dtype)
     y_ref = _reference_with_finite_v(prob, w, lora)
@@ -165,17 +166,22 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         bm = max(16, min(128, num_tokens))
         bn = 32  # N = 768: a narrow group
         bk = 256 if num_tokens <= 32 else 128
-        epilogue_k = 128 if num_tokens <= 32 else 64  # rank rows 16: 8 or 4 tokens a step
-        assert f"lora_matmul_expand_r16k{epilogue_k}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
+        # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), rows above.
+        tag = "_r16k256" if num_tokens <= 32 else ""
+        assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
+        other = ROWS if tag else dataclasses.replace(ROWS, epilogue="dot")
         text = lower_for_gpu(
-            lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora, config=ROWS),
+            lambda x, w, lora, layer, other=other: lora_matmul(
+                x, w, layer, lora=lora, config=other
+            ),
             prob.x,
             w,
             lora,
             prob.layer,
         )
         assert triton_kernels(text) == 1
-        assert f"lora_matmul_expand_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
+        tag = "" if tag else "_r16k256"
+        assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
         text = lower_for_gpu(lambda x, w: lora_matmul(x, w, 1), prob.x, w)
         assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn{bn}_bk{bk}" in text
 
@@ -215,7 +221,7 @@ def test_bad_inputs_raise_config_errors():
         lora_matmul(prob.x, w[..., :40], 0)
     with pytest.raises(ConfigError, match="block_n"):
         MatmulConfig(block_n=48)
-    with pytest.raises(ConfigError, match="'epilogue': expected 'dot' or 'rows'"):
+    with pytest.raises(ConfigError, match="'epilogue': expected 'dot', 'rows' or None"):
         MatmulConfig(epilogue="fused")
     with pytest.raises(ConfigError, match="epilogue_rank_rows"):
         MatmulConfig(epilogue_rank_rows=12)
