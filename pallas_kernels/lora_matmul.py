@@ -16,14 +16,21 @@ Why: in a decode step XLA runs each projection as a Triton GEMM split along K, w
 partials a later fusion sums (docs/BENCHMARKS.md, fifth-session HLO), and with LoRA the expand is
 a second launch per group. Here each program owns a block of output columns for a block of
 tokens, walks the whole K (no partials) on the tensor cores, then adds the LoRA delta of each of
-its tokens (a per-token gather of B rows, on the CUDA cores) before the single rounding to the
-output dtype. One launch per (layer, group) for base + expand; the shrink stays its own launch.
+its tokens before the single rounding to the output dtype. One launch per (layer, group) for
+base + expand; the shrink stays its own launch.
 
-Measured on the H200 (docs/BENCHMARKS.md, "Decode projections in our own kernel"): in an
-unrolled step it matches XLA's GEMMs on q|k|v (0.93-1.03x) and is slower on o, down and with
-LoRA (the epilogue's per-rank-row gathers sit on each program's critical path), so the model
-uses it only when asked (``RunnerConfig.projection_kernel``). Inside a loop over layers it keeps
-its speed where XLA's GEMMs took 2.1-2.8x longer (they copy the layer's slice first).
+The epilogue (``MatmulConfig.epilogue``). Up to 32 tokens per program ("dot"): static steps,
+each a tensor-core dot of a block-diagonal tile of some tokens' scaled v, ``(bm, K)``, with
+those tokens' B rank rows stacked, ``(K, bn)``; the page-table gathers that locate the B rows go
+out before the K loop, so after it only the B and v loads remain. Above ("rows"): a loop over
+rank rows, each step gathering one B row of every token and adding it on the CUDA cores.
+
+Measured on the H200 (docs/BENCHMARKS.md, "Decode projections in our own kernel"). Per
+projection, unrolled: 0.85-1.05x XLA's GEMMs without LoRA; with LoRA the dot epilogue beats XLA's
+GEMM + SGMV expand on 8 of 16 rows at T = 8 and 32 (up to 1.27x), the rows epilogue lost 21 of
+24. Inside a loop over layers it keeps its speed where XLA's GEMMs take 2.1-2.8x longer (they
+copy the layer's slice first): in the engine's scan loop (32-layer 7B) it gave 1.18-2.19x XLA's
+tokens/s, hence ``RunnerConfig.projection_kernel="auto"`` uses it there.
 
 Grid: (ceil(T / block_m), N / block_n). Every width of the group must be a multiple of block_n so
 that a column block belongs to one weight (``lora_matmul`` checks, ``MatmulConfig.block_n_for``

@@ -103,10 +103,11 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_enum(
     "projection_kernel",
-    "xla",
-    ["xla", "pallas"],
+    "auto",
+    ["auto", "xla", "pallas"],
     "decode projections: XLA's GEMMs + SGMV delta, or pallas_kernels.lora_matmul (base GEMM and "
-    "LoRA expand in one launch; RunnerConfig.projection_kernel)",
+    "LoRA expand in one launch); auto: lora_matmul with the scan layer loop on a GPU "
+    "(RunnerConfig.projection_kernel)",
 )
 flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128"], "offline batch sizes")
 flags.DEFINE_list("offline_workloads", list(WORKLOADS), "offline adapter workloads")

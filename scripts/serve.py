@@ -83,10 +83,11 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_enum(
     "projection_kernel",
-    "xla",
-    ["xla", "pallas"],
+    "auto",
+    ["auto", "xla", "pallas"],
     "Decode projections: XLA's GEMMs, or pallas_kernels.lora_matmul (base GEMM and LoRA expand "
-    "in one launch; needs --fuse_projections, one GPU).",
+    "in one launch; needs --fuse_projections, one GPU); auto: lora_matmul on a GPU with the scan "
+    "layer loop, XLA's GEMMs otherwise (RunnerConfig.projection_kernel).",
 )
 flags.DEFINE_bool(
     "async_scheduling",

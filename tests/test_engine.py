@@ -306,6 +306,23 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
         RunnerConfig(layer_loop="sideways")
 
 
+def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
+    """Decode projections run through lora_matmul by default only where it was measured faster
+    (the compiled kernels in the scan loop); asked for, it runs with any Pallas impl."""
+    from jaxlora.errors import ConfigError
+
+    assert RunnerConfig().projection_kernel_for("pallas") == "pallas"
+    assert RunnerConfig().projection_kernel_for("pallas_interpret") == "xla"
+    assert RunnerConfig().projection_kernel_for("reference") == "xla"
+    assert RunnerConfig(layer_loop="unrolled").projection_kernel_for("pallas") == "xla"
+    assert RunnerConfig(projection_kernel="xla").projection_kernel_for("pallas") == "xla"
+    pallas = RunnerConfig(projection_kernel="pallas", layer_loop="unrolled")
+    assert pallas.projection_kernel_for("pallas_interpret") == "pallas_interpret"
+    assert pallas.projection_kernel_for("reference") == "xla"
+    with pytest.raises(ConfigError, match="projection_kernel: expected 'auto', 'xla' or 'pallas'"):
+        RunnerConfig(projection_kernel="cublas")
+
+
 def test_fused_projections_generate_the_separate_weights_tokens(base, lora_adapters):
     """The engine fuses q|k|v and gate|up by default (one GEMM per group); with the option off it
     runs the separate weights. Same greedy tokens through prefill, paged decode, mixed adapters."""

@@ -586,7 +586,7 @@ def test_launch_settings():
     assert not engine_config_for(
         TINY, LaunchConfig(fuse_projections=False), backend="cpu"
     ).runner.fuse_projections
-    assert cpu.runner.projection_kernel == "xla"
+    assert cpu.runner.projection_kernel == "auto"
     assert (
         engine_config_for(
             TINY, LaunchConfig(projection_kernel="pallas"), backend="gpu"

@@ -41,7 +41,7 @@ class OfflineConfig:
     impl: str = "auto"  # RunnerConfig.impl
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
-    projection_kernel: str = "xla"  # RunnerConfig.projection_kernel
+    projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
     # Engine iterations of every row traced with the JAX profiler once the whole batch decodes
     # (jaxlora/bench/profile.py); 0: none. Traced iterations are left out of the step times.
     profile_steps: int = 0

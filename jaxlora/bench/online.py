@@ -53,7 +53,7 @@ class OnlineConfig:
     impl: str = "auto"  # RunnerConfig.impl
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
-    projection_kernel: str = "xla"  # RunnerConfig.projection_kernel
+    projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
     # True: every model step is waited for and timed (decode_step_ms_median), which makes the
     # device wait for the host as synchronous scheduling would; False: the engine runs as it
     # serves (async scheduling) and the steps are only counted.

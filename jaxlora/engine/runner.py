@@ -70,16 +70,20 @@ class RunnerConfig:
     fuse_projections: bool = True
     # "pallas": decode steps run each projection group (fused q|k|v, o, gate|up, down) through
     # pallas_kernels.lora_matmul, the base GEMM with the LoRA expand in its epilogue, one launch
-    # per group (with the Pallas impl, one device and fused projections; elsewhere XLA's GEMMs
-    # run). "xla": XLA's GEMMs and the SGMV delta. docs/BENCHMARKS.md, eighth session.
-    projection_kernel: str = "xla"
+    # per group (with a Pallas impl, one device and fused projections; elsewhere XLA's GEMMs
+    # run). "xla": XLA's GEMMs and the SGMV delta. "auto": "pallas" with the compiled Pallas
+    # impl and the scan layer loop, where lora_matmul reads each layer's weights in place and
+    # XLA's GEMMs copy the layer's slice first (32-layer 7B on the H200: 1.18-2.19x the tokens/s
+    # of XLA's GEMMs in the scan; docs/BENCHMARKS.md, ninth session); "xla" otherwise (the
+    # unrolled loop, where the two were within 3%, and interpret mode).
+    projection_kernel: str = "auto"
     # lora_matmul's tuning (None: MatmulConfig's defaults), e.g. up to which T it runs.
     matmul: MatmulConfig | None = None
 
     def __post_init__(self):
-        if self.projection_kernel not in ("xla", "pallas"):
+        if self.projection_kernel not in ("auto", "xla", "pallas"):
             raise ConfigError(
-                f"runner config field projection_kernel: expected 'xla' or 'pallas', "
+                f"runner config field projection_kernel: expected 'auto', 'xla' or 'pallas', "
                 f"got {self.projection_kernel!r}"
             )
         if self.layer_loop not in ("scan", "unrolled"):
@@ -108,6 +112,14 @@ class RunnerConfig:
                     f"'xla_...' option name and a bool, number or string value, got {pair!r}"
                 )
         object.__setattr__(self, "xla_options", tuple(tuple(p) for p in options))
+
+    def projection_kernel_for(self, impl: str) -> str:
+        """``Llama.projection_kernel`` for a resolved impl: "xla", or the impl whose
+        ``lora_matmul`` runs the decode projections."""
+        choice = self.projection_kernel
+        if choice == "auto":
+            choice = "pallas" if impl == "pallas" and self.layer_loop == "scan" else "xla"
+        return impl if choice == "pallas" and impl != "reference" else "xla"
 
     def scan_layers(self) -> bool:
         return self.layer_loop == "scan"
@@ -301,9 +313,7 @@ class ModelRunner:
         self.params = params
         self.runner = runner
         self.impl = resolve_impl(runner.impl)
-        projection_kernel = "xla"
-        if runner.projection_kernel == "pallas" and self.impl != "reference":
-            projection_kernel = self.impl
+        projection_kernel = runner.projection_kernel_for(self.impl)
         self.model = Llama(
             config,
             dtype=dtype,

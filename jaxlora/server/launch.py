@@ -58,7 +58,7 @@ class LaunchConfig:
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
     xla_options: tuple[tuple[str, object], ...] = ()  # RunnerConfig.xla_options
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
-    projection_kernel: str = "xla"  # RunnerConfig.projection_kernel
+    projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
