@@ -480,11 +480,10 @@ def _dot_epilogue(
                 acc = jax.lax.cond(any_live, step, lambda acc: acc, acc)
             return acc
 
-        acc = (
-            jax.lax.cond(group == g, run_group, lambda acc: acc, acc)
-            if g_count > 1
-            else (run_group(acc))
-        )
+        if g_count > 1:
+            acc = jax.lax.cond(group == g, run_group, lambda acc: acc, acc)
+        else:
+            acc = run_group(acc)
     return acc
 
 

@@ -173,6 +173,8 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
     rows = {(r["batch"], r["workload"]): r for r in result["rows"]}
     assert set(rows) == {(b, w) for b in (1, 4) for w in config.workloads}
     assert result["not_run"] == []
+    # "auto" on the CPU's reference impl: XLA's GEMMs, recorded beside the rows.
+    assert config.projection_kernel == "auto" and result["projection_kernel_used"] == "xla"
     one_adapter = roofline.adapter_bytes(TINY, 4, (8,) * 7)
     for (batch, workload), r in rows.items():
         assert r["output_tokens"] == batch * config.output_len
@@ -307,7 +309,9 @@ def test_online_trace_pages_adapters_and_measures_latency():
         kv_pages=64,
     )
     bench = build_engine(TINY, config.engine_config(), SETUP)
-    rows = run_online(bench, config)["rows"]
+    online = run_online(bench, config)
+    assert online["projection_kernel_used"] == "xla"
+    rows = online["rows"]
     # Untimed by default (the engine as it serves), timed on request; the counts either way.
     timed = run_online(bench, dataclasses.replace(config, adapter_counts=(3,), time_steps=True))[
         "rows"

@@ -326,4 +326,10 @@ def run_offline(
             lora_cost(rows, copy_gbps)
             if on_row is not None:
                 on_row(rows)
-    return {"config": dataclasses.asdict(config), "rows": rows, "not_run": skipped}
+    return {
+        "config": dataclasses.asdict(config),
+        # What "auto" resolved to: the Llama.projection_kernel of the engine's steps.
+        "projection_kernel_used": bench.engine.runner.model.projection_kernel,
+        "rows": rows,
+        "not_run": skipped,
+    }

@@ -240,4 +240,9 @@ def run_online(bench: BenchEngine, config: OnlineConfig, *, on_row=None) -> dict
         rows.append(run_trace(bench, config, count))
         if on_row is not None:
             on_row(rows)
-    return {"config": dataclasses.asdict(config), "rows": rows}
+    return {
+        "config": dataclasses.asdict(config),
+        # What "auto" resolved to: the Llama.projection_kernel of the engine's steps.
+        "projection_kernel_used": bench.engine.runner.model.projection_kernel,
+        "rows": rows,
+    }
