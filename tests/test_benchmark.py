@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from jaxlora.bench.engine_setup import SetupConfig, build_engine
 from jaxlora.bench.offline import OfflineConfig, run_offline
 from jaxlora.bench.online import OnlineConfig, run_online
 from jaxlora.bench.workloads import (
+    WORKLOADS,
     TraceConfig,
     adapter_name,
     assign_adapters,
@@ -213,6 +215,15 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
             assert r["lora_explained_ms"] == pytest.approx(
                 r["bytes_adapters_MB"] * 1e6 / 50e9 * 1e3
             )
+
+
+def test_report_lists_offline_rows_by_batch_then_workload(offline_result):
+    """Merged files keep their own row order; the report's table does not."""
+    _, _, result = offline_result
+    shuffled = {"offline": {**result, "rows": result["rows"][::-1]}}
+    table = report.markdown(shuffled).split("### Offline throughput")[1]
+    listed = re.findall(r"^\| (\d+) \| (\w+) \|", table, flags=re.M)
+    assert listed == [(str(b), w) for b in (1, 4) for w in WORKLOADS]
 
 
 def test_offline_time_budget_lists_rows_not_run(offline_result):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 
+from jaxlora.bench.workloads import WORKLOADS
 from jaxlora.errors import ConfigError
 
 ROOFLINE_TARGET = 1.25  # decode step <= 1.25x its roofline, batch >= 32, every workload
@@ -103,6 +104,12 @@ def _merge_section(merged: dict, section: str, doc: dict, path: str) -> None:
         if isinstance(config.get(field), list) and isinstance(new_config.get(field), list):
             config[field] = config[field] + [v for v in new_config[field] if v not in config[field]]
     meta["sources"].append(path)
+
+
+def _offline_order(row) -> tuple:
+    workload = row["workload"]
+    rank = WORKLOADS.index(workload) if workload in WORKLOADS else len(WORKLOADS)
+    return (row["batch"], rank, workload)
 
 
 def _finite(x) -> bool:
@@ -224,6 +231,8 @@ def markdown(results: dict) -> str:
     parts = []
     offline = results.get("offline", {}).get("rows", [])
     if offline:
+        # Merged files keep their own order: show batch sizes ascending, workloads as listed.
+        offline = sorted(offline, key=_offline_order)
         parts.append(
             "### Offline throughput\n\n"
             + _table(
