@@ -187,6 +187,21 @@ class LoraExpand:
     weights: tuple[int, ...]  # weight indices of the group, e.g. (0, 1, 2) for q|k|v
 
 
+@dataclasses.dataclass(frozen=True)
+class _Epilogue:
+    """The expand epilogue's static layout (hashable: the kernel closes over it)."""
+
+    weights: tuple[int, ...]  # weight indices of the group
+    block_starts: tuple[int, ...]  # first column block of each weight, then the block count
+    rank_cols: int  # MP * R: v's columns per weight
+    pages_per_pool: tuple[int, ...]  # P of each weight's B pool
+    rows_per_page: int
+    max_pages: int
+    # The dot epilogue (0: the rows epilogue): rank rows per token and K of each dot step.
+    rank_rows: int = 0
+    epilogue_k: int = 0
+
+
 def lora_matmul_reference(
     # inputs
     x: jax.Array,  # (T, K) activations
@@ -231,7 +246,7 @@ def _matmul_kernel(
     bn,
     bk,
     dtype,
-    expand,
+    expand: _Epilogue | None,
     interpret,
 ):
     y_ref = refs[-1]
@@ -266,42 +281,30 @@ def _matmul_kernel(
         )
 
     prepared = None
-    if expand is not None and "epilogue_k" in expand:
+    if expand is not None and expand.epilogue_k:
         # The epilogue's page-table gathers go out before the K loop: their latency hides
         # behind the weight stream, and after it only the B and v loads remain.
         prepared = _dot_epilogue_indices(
-            refs[:-1], layer_ref, j, row_ok, bm=bm, bn=bn, interpret=interpret, **expand
+            refs[:-1], layer_ref, j, row_ok, expand, bm=bm, interpret=interpret
         )
     acc = jax.lax.fori_loop(0, pl.cdiv(width, bk), body, jnp.zeros((bm, bn), jnp.float32))
     if prepared is not None:
-        acc = _dot_epilogue(acc, refs[:-1], rows_i, prepared, interpret=interpret, **expand)
+        acc = _dot_epilogue(
+            acc, refs[:-1], rows_i, prepared, expand, dtype=dtype, interpret=interpret
+        )
     elif expand is not None:
         acc = _expand_epilogue(
-            acc, refs[:-1], layer_ref, j, rows_i, row_ok, bn=bn, interpret=interpret, **expand
+            acc, refs[:-1], layer_ref, j, rows_i, row_ok, expand, bn=bn, interpret=interpret
         )
     pltriton.store(
         y_ref.at[rows_i[:, None], cols[None, :]], acc.astype(y_ref.dtype), mask=row_ok[:, None]
     )
 
 
-def _expand_epilogue(
-    acc,
-    refs,
-    layer_ref,
-    block,
-    rows_i,
-    row_ok,
-    *,
-    weights,
-    block_starts,
-    rank_cols,
-    pages_per_pool,
-    rows_per_page,
-    max_pages,
-    bn,
-    interpret,
-):
+def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue, *, bn, interpret):
     """acc (bm, bn) + each token's scaled ``v @ B`` over the program's columns (one weight)."""
+    weights, block_starts, rank_cols = ep.weights, ep.block_starts, ep.rank_cols
+    pages_per_pool, rows_per_page, max_pages = ep.pages_per_pool, ep.rows_per_page, ep.max_pages
     g_count = len(weights)
     v_ref = refs[0]
     pool_refs = refs[1 : 1 + g_count]
@@ -350,36 +353,19 @@ def _expand_epilogue(
     return acc
 
 
-def _dot_epilogue_indices(
-    refs,
-    layer_ref,
-    block,
-    row_ok,
-    *,
-    weights,
-    block_starts,
-    rank_cols,
-    pages_per_pool,
-    rows_per_page,
-    max_pages,
-    bm,
-    bn,
-    dtype,
-    epilogue_rank_rows,
-    epilogue_k,
-    interpret,
-):
+def _dot_epilogue_indices(refs, layer_ref, block, row_ok, ep: _Epilogue, *, bm, interpret):
     """The dot epilogue's steps (static: every rank chunk of every token chunk of the block).
     Step s covers ``ct = epilogue_k / rank_rows`` tokens and ``rank_rows`` rank rows of each;
     per K position it holds the B row in the pool and whether it is live (the token has an
     adapter with that many rows of the program's weight). Returns (the program's group index,
     its column block in the group, its tokens' scales, the steps: (any row live, B rows, live))."""
-    del dtype, bn
+    weights, block_starts, rank_cols = ep.weights, ep.block_starts, ep.rank_cols
+    pages_per_pool, rows_per_page, max_pages = ep.pages_per_pool, ep.rows_per_page, ep.max_pages
     g_count = len(weights)
     pool_refs = refs[1 : 1 + g_count]
     pages_ref, ranks_ref, scales_ref, slot_ref = refs[1 + g_count :]
     num_tokens = slot_ref.shape[0]
-    rr, ek = epilogue_rank_rows, epilogue_k
+    rr, ek = ep.rank_rows, ep.epilogue_k
     ct = ek // rr
     row0 = pl.program_id(0) * bm
     rows = row0 + jnp.arange(bm, dtype=jnp.int32)
@@ -427,32 +413,20 @@ def _dot_epilogue_indices(
     return group, col_block, scale, steps
 
 
-def _dot_epilogue(
-    acc,
-    refs,
-    rows_i,
-    prepared,
-    *,
-    weights,
-    rank_cols,
-    dtype,
-    epilogue_rank_rows,
-    epilogue_k,
-    interpret,
-    **_,
-):
+def _dot_epilogue(acc, refs, rows_i, prepared, ep: _Epilogue, *, dtype, interpret):
     """acc (bm, bn) + each token's scaled ``v @ B``, one tensor-core dot per prepared step: its
     B operand stacks the step's B rows, ``(epilogue_k, bn)``; its v operand is block-diagonal,
     ``(bm, epilogue_k)``, row t holding token t's scaled v in its own K positions and zeros
     elsewhere. Rows beyond a token's rank are masked in both (never loaded), so the pools may
     hold anything there; steps beyond every token's rank are skipped."""
     group, col_block, scale, steps = prepared
+    weights, rank_cols = ep.weights, ep.rank_cols
     g_count = len(weights)
     v_ref = refs[0]
     pool_refs = refs[1 : 1 + g_count]
     v_cols = v_ref.shape[1]
     bm, bn = acc.shape
-    rr, ek = epilogue_rank_rows, epilogue_k
+    rr, ek = ep.rank_rows, ep.epilogue_k
     ct = ek // rr
     kk = jnp.arange(ek, dtype=jnp.int32)
     block_rows = jnp.arange(bm, dtype=jnp.int32)
@@ -526,7 +500,8 @@ def lora_matmul(
             f"(a column block belongs to one weight)"
         )
     if expand is not None:
-        expand["block_starts"] = tuple(int(b) for b in np.cumsum([0] + [c // bn for c in widths]))
+        block_starts = tuple(int(b) for b in np.cumsum([0] + [c // bn for c in widths]))
+        expand = dataclasses.replace(expand, block_starts=block_starts)
     bm = config.block_m_for(num_tokens)
     bk = max(16, min(config.block_k_for(num_tokens, bn), _next_pow2(width)))
     dtype = x.dtype if x.dtype == w.dtype and x.dtype.itemsize == 2 else jnp.dtype(jnp.float32)
@@ -534,8 +509,8 @@ def lora_matmul(
     if expand is not None:
         tag = "_expand"
         if config.epilogue_for(bm) == "dot":
-            rank_rows, epilogue_k = config.epilogue_blocks(bm, expand["rank_cols"])
-            expand.update(dtype=dtype, epilogue_rank_rows=rank_rows, epilogue_k=epilogue_k)
+            rank_rows, epilogue_k = config.epilogue_blocks(bm, expand.rank_cols)
+            expand = dataclasses.replace(expand, rank_rows=rank_rows, epilogue_k=epilogue_k)
             tag = f"_expand_r{rank_rows}k{epilogue_k}"
     name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{config.num_warps}_s{config.num_stages}"
     return pl.pallas_call(
@@ -621,8 +596,9 @@ def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int):
     g_count = len(b_pools)
     rows_per_page = int(b_pools[0].shape[2])
     max_pages = int(lora.b_pages.shape[2])
-    statics = dict(
+    statics = _Epilogue(
         weights=lora.weights,
+        block_starts=(),  # set once the column block is known
         rank_cols=rank_cols,
         pages_per_pool=tuple(int(p.shape[1]) for p in b_pools),
         rows_per_page=rows_per_page,
