@@ -60,6 +60,7 @@ from pallas_kernels.sgmv import (
     _layer,
     _next_pow2,
     _pool_rows,
+    config_from_dict,
     sgmv_expand_reference,
     sgmv_shrink,
 )
@@ -139,6 +140,11 @@ class MatmulConfig:
                 raise ConfigError(
                     f"MatmulConfig field {name!r}: expected an int >= 1, got {value!r}"
                 )
+
+    @classmethod
+    def from_dict(cls, fields, *, where: str) -> MatmulConfig:
+        """A config from ``{field: value}`` (e.g. a JSON flag); ``where`` names the source."""
+        return config_from_dict(cls, fields, where=where)
 
     def block_n_for(self, widths) -> int:
         """The largest block of output columns up to the preferred one (>= 16) dividing every

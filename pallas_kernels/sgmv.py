@@ -162,6 +162,24 @@ def sgmv_expand_reference(
 # ------------------------------------------------------------------------------------------------
 
 
+def config_from_dict(cls, fields, *, where: str):
+    """A kernel config dataclass (``SgmvConfig``, ``MatmulConfig``) from ``{field: value}``;
+    a non-object, an unknown field or a refused value raises ``ConfigError`` naming ``where``."""
+    name = cls.__name__
+    if not isinstance(fields, dict):
+        raise ConfigError(
+            f"{where}: expected an object of {name} fields, got {type(fields).__name__}"
+        )
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown {name} field {unknown[0]!r}; expected one of {known}")
+    try:
+        return cls(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -276,20 +294,7 @@ class SgmvConfig:
     @classmethod
     def from_dict(cls, fields, *, where: str) -> SgmvConfig:
         """A config from ``{field: value}`` (e.g. a JSON flag); ``where`` names the source."""
-        if not isinstance(fields, dict):
-            raise ConfigError(
-                f"{where}: expected an object of SgmvConfig fields, got {type(fields).__name__}"
-            )
-        known = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(fields) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown SgmvConfig field {unknown[0]!r}; expected one of {known}"
-            )
-        try:
-            return cls(**fields)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from e
+        return config_from_dict(cls, fields, where=where)
 
     @classmethod
     def from_json(cls, text: str, *, where: str) -> SgmvConfig:

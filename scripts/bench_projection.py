@@ -20,6 +20,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxlora.bench import projection  # noqa: E402
+from jaxlora.config import parse_json  # noqa: E402
+from jaxlora.errors import ConfigError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tokens", ["8", "32", "128"], "decode batch sizes")
@@ -51,9 +53,16 @@ flags.DEFINE_string("json_out", "", "where to write the rows")
 
 def main(argv):
     del argv
-    variants = json.loads(FLAGS.variants) if FLAGS.variants else {}
-    configs = projection.config_grid(FLAGS.configs, variants)
-    lora_configs = projection.config_grid(",".join(FLAGS.lora_configs), variants)
+    try:
+        variants = parse_json(FLAGS.variants or "{}", where="--variants")
+        if not isinstance(variants, dict):
+            raise ConfigError(
+                "--variants: expected a JSON object {name: {MatmulConfig field: ...}}"
+            )
+        configs = projection.config_grid(FLAGS.configs, variants)
+        lora_configs = projection.config_grid(",".join(FLAGS.lora_configs), variants)
+    except (ConfigError, ValueError) as e:
+        raise app.UsageError(str(e)) from e
     copy = projection.copy_gbps()
     print(f"copy ceiling {copy:.0f} GB/s", flush=True)
     common = dict(

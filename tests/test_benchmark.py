@@ -567,6 +567,27 @@ def test_projection_bench_config_names_and_variants():
     assert config_grid("") == {}
     with pytest.raises(ValueError, match="expected"):
         config_grid("n16")  # not a block name and not a variant
+    with pytest.raises(
+        ConfigError, match=r"--variants\['bad'\]: unknown MatmulConfig field 'epilog'"
+    ):
+        config_grid("bad", {"bad": {"epilog": "dot"}})
+    with pytest.raises(ConfigError, match=r"--variants\['bad'\]: .*'epilogue'"):
+        config_grid("bad", {"bad": {"epilogue": "fused"}})
+    # The script refuses them before touching a GPU, with our message and no traceback.
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "bench_projection.py"),
+            "--configs=bad",
+            '--variants={"bad": {"epilog": "dot"}}',
+        ],
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "unknown MatmulConfig field 'epilog'" in out.stderr
+    assert "Traceback" not in out.stderr
     rows = [
         {"group": "o", "tokens": 8, "us": {"xla": 1.0, "default": 3.0, "rows": 2.0}},
         {"group": "o", "tokens": 32, "us": {"xla": 1.0, "default": 2.0, "rows": 4.0}},

@@ -275,7 +275,8 @@ def format_row(row) -> str:
 def config_grid(spec: str, variants: dict[str, dict] | None = None) -> dict[str, MatmulConfig]:
     """Configs from '[bmV]bnXbkYwZsW,...' names (e.g. 'bn64bk128w4s4', 'bm64bn32bk128w4s4');
     'default' is ``MatmulConfig()`` (blocks by shape); a name in ``variants`` is
-    ``MatmulConfig(**variants[name])`` (e.g. ``{"rows": {"epilogue": "rows"}}``)."""
+    ``MatmulConfig.from_dict(variants[name])`` (e.g. ``{"rows": {"epilogue": "rows"}}``); a bad
+    name or variant raises ``ValueError`` / ``ConfigError`` naming it."""
     out = {}
     variants = variants or {}
     for name in filter(None, (s.strip() for s in spec.split(","))):
@@ -283,7 +284,7 @@ def config_grid(spec: str, variants: dict[str, dict] | None = None) -> dict[str,
             out[name] = MatmulConfig()
             continue
         if name in variants:
-            out[name] = MatmulConfig(**variants[name])
+            out[name] = MatmulConfig.from_dict(variants[name], where=f"--variants[{name!r}]")
             continue
         fields = {}
         rest = name
