@@ -43,6 +43,12 @@ class BenchEngine:
     def itemsize(self) -> int:
         return jnp.dtype(self.manager.store.dtype).itemsize
 
+    @property
+    def projection_kernel_used(self) -> str:
+        """What ``RunnerConfig.projection_kernel`` ("auto" included) resolved to: the
+        ``Llama.projection_kernel`` of the engine's steps."""
+        return self.engine.runner.model.projection_kernel
+
 
 def build_engine(
     model: ModelConfig, engine_config: EngineConfig, setup: SetupConfig, *, params=None

@@ -328,8 +328,7 @@ def run_offline(
                 on_row(rows)
     return {
         "config": dataclasses.asdict(config),
-        # What "auto" resolved to: the Llama.projection_kernel of the engine's steps.
-        "projection_kernel_used": bench.engine.runner.model.projection_kernel,
+        "projection_kernel_used": bench.projection_kernel_used,
         "rows": rows,
         "not_run": skipped,
     }

@@ -242,7 +242,6 @@ def run_online(bench: BenchEngine, config: OnlineConfig, *, on_row=None) -> dict
             on_row(rows)
     return {
         "config": dataclasses.asdict(config),
-        # What "auto" resolved to: the Llama.projection_kernel of the engine's steps.
-        "projection_kernel_used": bench.engine.runner.model.projection_kernel,
+        "projection_kernel_used": bench.projection_kernel_used,
         "rows": rows,
     }
