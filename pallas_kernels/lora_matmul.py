@@ -95,12 +95,20 @@ class MatmulConfig:
     dot_epilogue_max_tokens: int = 32
     epilogue_rank_rows: int = 16  # rank rows of a token per dot step (power of two)
     epilogue_block_k: int = 256  # K of each epilogue dot (tokens x rank rows)
+    # Rank rows per token whose B-row indices the dot epilogue computes before the K loop. Rank
+    # chunks beyond compute theirs inside their own step, which runs only when a token of the
+    # block has that many rows: a pool sized for rank 64 serving rank-16 adapters then holds no
+    # registers, and issues no page-table loads, for the three chunks no token reaches.
+    epilogue_prepared_rank_rows: int = 16
+    # Most tokens per program when the epilogue runs (None: block_m); the dot epilogue's steps
+    # grow with the tokens of a program.
+    expand_block_m: int | None = None
     # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
     # keeps XLA's GEMM and the SGMV delta.
     max_tokens: int = 128
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
+        for name in ("block_m", "expand_block_m", "block_n", "block_k"):
             value = getattr(self, name)
             if name != "block_m" and value is None:
                 continue
@@ -134,11 +142,13 @@ class MatmulConfig:
             "wide_n",
             "small_tokens",
             "dot_epilogue_max_tokens",
+            "epilogue_prepared_rank_rows",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            at_least = 0 if name == "epilogue_prepared_rank_rows" else 1
+            if not isinstance(value, int) or value < at_least:
                 raise ConfigError(
-                    f"MatmulConfig field {name!r}: expected an int >= 1, got {value!r}"
+                    f"MatmulConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
                 )
 
     @classmethod
@@ -161,18 +171,22 @@ class MatmulConfig:
             return self.block_k
         return max(16, (8192 if num_tokens <= self.small_tokens else 4096) // bn)
 
-    def block_m_for(self, num_tokens: int) -> int:
-        return max(16, min(self.block_m, _next_pow2(num_tokens)))
+    def block_m_for(self, num_tokens: int, *, expand: bool = False) -> int:
+        bm = self.expand_block_m if expand and self.expand_block_m else self.block_m
+        return max(16, min(bm, _next_pow2(num_tokens)))
 
     def epilogue_for(self, bm: int) -> str:
         return self.epilogue or ("dot" if bm <= self.dot_epilogue_max_tokens else "rows")
 
-    def epilogue_blocks(self, bm: int, rank_cols: int) -> tuple[int, int]:
-        """(rank rows per token, K) of each epilogue dot step; K is at most the block's tokens
-        times its rank rows."""
+    def epilogue_blocks(self, bm: int, rank_cols: int) -> tuple[int, int, int]:
+        """(rank rows per token, K, prepared rank rows) of the epilogue's dot steps; K is at most
+        the block's tokens times its rank rows; the prepared rows are whole rank chunks, at most
+        the pool's."""
         rank_rows = min(self.epilogue_rank_rows, _next_pow2(rank_cols))
         ek = min(self.epilogue_block_k, _next_pow2(bm) * rank_rows)
-        return rank_rows, max(16, ek)
+        chunks = -(-rank_cols // rank_rows)
+        prepared = min(chunks, -(-self.epilogue_prepared_rank_rows // rank_rows)) * rank_rows
+        return rank_rows, max(16, ek), prepared
 
 
 @functools.partial(
@@ -203,9 +217,11 @@ class _Epilogue:
     pages_per_pool: tuple[int, ...]  # P of each weight's B pool
     rows_per_page: int
     max_pages: int
-    # The dot epilogue (0: the rows epilogue): rank rows per token and K of each dot step.
+    # The dot epilogue (0: the rows epilogue): rank rows per token and K of each dot step, and
+    # the rank rows whose indices are computed before the K loop.
     rank_rows: int = 0
     epilogue_k: int = 0
+    prepared_rank_rows: int = 0
 
 
 def lora_matmul_reference(
@@ -362,9 +378,12 @@ def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue,
 def _dot_epilogue_indices(refs, layer_ref, block, row_ok, ep: _Epilogue, *, bm, interpret):
     """The dot epilogue's steps (static: every rank chunk of every token chunk of the block).
     Step s covers ``ct = epilogue_k / rank_rows`` tokens and ``rank_rows`` rank rows of each;
-    per K position it holds the B row in the pool and whether it is live (the token has an
-    adapter with that many rows of the program's weight). Returns (the program's group index,
-    its column block in the group, its tokens' scales, the steps: (any row live, B rows, live))."""
+    per K position it needs the B row in the pool and whether it is live (the token has an
+    adapter with that many rows of the program's weight). Those of the first
+    ``prepared_rank_rows`` are computed here, before the K loop; the others by
+    ``step_indices(tc, rc)`` inside their step. Returns (the program's group index, its column
+    block in the group, its tokens' scales, the steps: (any row live, (B rows, live) or None),
+    step_indices)."""
     weights, block_starts, rank_cols = ep.weights, ep.block_starts, ep.rank_cols
     pages_per_pool, rows_per_page, max_pages = ep.pages_per_pool, ep.rows_per_page, ep.max_pages
     g_count = len(weights)
@@ -394,29 +413,40 @@ def _dot_epilogue_indices(refs, layer_ref, block, row_ok, ep: _Epilogue, *, bm, 
     scale = jnp.where(has_adapter, scales_ref[slot_c, w], 0.0)
     max_rank = jnp.max(rank)
     kk = jnp.arange(ek, dtype=jnp.int32)
-    steps = []
-    for tc in range(pl.cdiv(bm, ct)):
+
+    def token_chunk(tc):
         token = tc * ct + kk // rr  # in the block
         token_ok = (token < bm) & (row0 + token < num_tokens)
         t_i = _idx(row0 + token, token_ok, num_tokens, interpret)
         k_slot = pltriton.load(slot_ref.at[t_i], mask=token_ok, other=-1)
         k_slot_c = jnp.maximum(k_slot, 0)
         k_rank = jnp.where(k_slot >= 0, ranks_ref[k_slot_c, w], 0)
+        return token_ok, k_slot_c, k_rank
+
+    def step_indices(tc, rc, chunk=None):
+        token_ok, k_slot_c, k_rank = chunk if chunk is not None else token_chunk(tc)
+        row = rc * rr + kk % rr
+        live = token_ok & (row < k_rank)
+        b_row = _pool_rows(
+            pages_ref,
+            k_slot_c,
+            w,
+            row,
+            layer,
+            pages_per_pool=pages,
+            rows_per_page=rows_per_page,
+            max_pages=max_pages,
+        )
+        return b_row, live
+
+    prepared_chunks = ep.prepared_rank_rows // rr
+    steps = []
+    for tc in range(pl.cdiv(bm, ct)):
+        chunk = token_chunk(tc) if prepared_chunks else None
         for rc in range(pl.cdiv(rank_cols, rr)):
-            row = rc * rr + kk % rr
-            live = token_ok & (row < k_rank)
-            b_row = _pool_rows(
-                pages_ref,
-                k_slot_c,
-                w,
-                row,
-                layer,
-                pages_per_pool=pages,
-                rows_per_page=rows_per_page,
-                max_pages=max_pages,
-            )
-            steps.append((rc * rr < max_rank, b_row, live))
-    return group, col_block, scale, steps
+            indices = step_indices(tc, rc, chunk) if rc < prepared_chunks else None
+            steps.append((rc * rr < max_rank, indices))
+    return group, col_block, scale, steps, step_indices
 
 
 def _dot_epilogue(acc, refs, rows_i, prepared, ep: _Epilogue, *, dtype, interpret):
@@ -425,7 +455,7 @@ def _dot_epilogue(acc, refs, rows_i, prepared, ep: _Epilogue, *, dtype, interpre
     ``(bm, epilogue_k)``, row t holding token t's scaled v in its own K positions and zeros
     elsewhere. Rows beyond a token's rank are masked in both (never loaded), so the pools may
     hold anything there; steps beyond every token's rank are skipped."""
-    group, col_block, scale, steps = prepared
+    group, col_block, scale, steps, step_indices = prepared
     weights, rank_cols = ep.weights, ep.rank_cols
     g_count = len(weights)
     v_ref = refs[0]
@@ -443,12 +473,13 @@ def _dot_epilogue(acc, refs, rows_i, prepared, ep: _Epilogue, *, dtype, interpre
         def run_group(acc, g=g, pool_ref=pool_ref):
             cols = pl.multiple_of(col_block * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
             cols_i = _idx(cols, cols >= 0, pool_ref.shape[1], interpret)[None, :]
-            for s, (any_live, b_row, live) in enumerate(steps):
+            for s, (any_live, indices) in enumerate(steps):
                 tc, rc = divmod(s, n_rank_chunks)
                 token = tc * ct + kk // rr
                 row = rc * rr + kk % rr
 
-                def step(acc, b_row=b_row, live=live, token=token, row=row):
+                def step(acc, indices=indices, tc=tc, rc=rc, token=token, row=row):
+                    b_row, live = indices if indices is not None else step_indices(tc, rc)
                     b_i = _idx(b_row, live, pool_ref.shape[0], interpret)[:, None]
                     b = pltriton.load(pool_ref.at[b_i, cols_i], mask=live[:, None], other=0)
                     own = (block_rows[:, None] == token[None, :]) & live[None, :]
@@ -508,16 +539,18 @@ def lora_matmul(
     if expand is not None:
         block_starts = tuple(int(b) for b in np.cumsum([0] + [c // bn for c in widths]))
         expand = dataclasses.replace(expand, block_starts=block_starts)
-    bm = config.block_m_for(num_tokens)
+    bm = config.block_m_for(num_tokens, expand=expand is not None)
     bk = max(16, min(config.block_k_for(num_tokens, bn), _next_pow2(width)))
     dtype = x.dtype if x.dtype == w.dtype and x.dtype.itemsize == 2 else jnp.dtype(jnp.float32)
     tag = ""
     if expand is not None:
         tag = "_expand"
         if config.epilogue_for(bm) == "dot":
-            rank_rows, epilogue_k = config.epilogue_blocks(bm, expand.rank_cols)
-            expand = dataclasses.replace(expand, rank_rows=rank_rows, epilogue_k=epilogue_k)
-            tag = f"_expand_r{rank_rows}k{epilogue_k}"
+            rank_rows, epilogue_k, prepared = config.epilogue_blocks(bm, expand.rank_cols)
+            expand = dataclasses.replace(
+                expand, rank_rows=rank_rows, epilogue_k=epilogue_k, prepared_rank_rows=prepared
+            )
+            tag = f"_expand_r{rank_rows}k{epilogue_k}p{prepared}"
     name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{config.num_warps}_s{config.num_stages}"
     return pl.pallas_call(
         functools.partial(

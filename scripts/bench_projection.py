@@ -46,6 +46,12 @@ flags.DEFINE_list(
     "config of each (projection, T)",
 )
 flags.DEFINE_integer("rank", 16, "adapter rank")
+flags.DEFINE_integer(
+    "pool_rank",
+    64,
+    "rank capacity of the adapter pool's slot tables (the engine's LoraPoolConfig.max_rank); "
+    "0: the adapters' rank",
+)
 flags.DEFINE_integer("layers", 8, "distinct stacked weights per chain")
 flags.DEFINE_integer("passes", 4, "passes over the layers per call")
 flags.DEFINE_string("json_out", "", "where to write the rows")
@@ -68,6 +74,7 @@ def main(argv):
     common = dict(
         tokens=[int(t) for t in FLAGS.tokens],
         rank=FLAGS.rank,
+        pool_rank=FLAGS.pool_rank or None,
         layers=FLAGS.layers,
         passes=FLAGS.passes,
         copy=copy,

@@ -593,3 +593,48 @@ def test_projection_bench_config_names_and_variants():
         {"group": "o", "tokens": 32, "us": {"xla": 1.0, "default": 2.0, "rows": 4.0}},
     ]
     assert best_configs(rows, grid) == {("o", 8): "rows", ("o", 32): "default"}
+
+
+def test_projection_bench_pool_rank_sizes_the_tables_like_the_engine():
+    """--pool_rank gives the slot tables the engine pool's pages per weight (rank capacity 64:
+    4 pages for rank-16 adapters, the last 3 never read): the same delta as tables sized to the
+    rank, with the kernels' v widened to the capacity."""
+    from jaxlora.bench.projection import lora_case
+    from pallas_kernels.sgmv import sgmv_delta_reference, sgmv_shrink_reference
+
+    common = dict(
+        layers=2,
+        in_width=32,
+        widths=(32, 16, 16),
+        weights=(0, 1, 2),
+        rank=16,
+        num_adapters=3,
+        num_tokens=5,
+        dtype=jnp.float32,
+    )
+    tight = lora_case(jax.random.PRNGKey(0), **common)
+    wide = lora_case(jax.random.PRNGKey(0), pool_rank=64, **common)
+    assert tight.a_pages.shape == (3, 7, 1) and wide.a_pages.shape == (3, 7, 4)
+    assert wide.adapter_bytes == tight.adapter_bytes
+    np.testing.assert_array_equal(wide.b_pages[:, :, :1], tight.b_pages)
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 32))
+
+    def delta(case):
+        return sgmv_delta_reference(
+            x,
+            case.a_pool,
+            case.b_pools,
+            case.a_pages,
+            case.b_pages,
+            case.ranks,
+            case.scales,
+            case.token_slot,
+            1,
+            weights=case.weights,
+        )
+
+    np.testing.assert_allclose(delta(wide), delta(tight), rtol=1e-6, atol=1e-6)
+    v = sgmv_shrink_reference(
+        x, wide.a_pool, wide.a_pages, wide.ranks, wide.token_slot, 1, weights=wide.weights
+    )
+    assert v.shape == (5, 3, 64)

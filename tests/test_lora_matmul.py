@@ -102,12 +102,17 @@ CASES = [
 def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, epilogue, interpret):
     """The dot epilogue's steps here cover 4 tokens x 8 rank rows (ranks up to 12: two rank
     chunks, the second skipped where no token of the block has that rank; 4 token chunks per
-    block of 16) and T=40 gives row blocks of 16, 16 and 8 tokens."""
+    block of 16) and T=40 gives row blocks of 16, 16 and 8 tokens. At T=1 both rank chunks'
+    indices are computed before the K loop; at T=40 the second chunk's inside its step."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, num_tokens, dtype)
     y_ref = _reference_with_finite_v(prob, w, lora)
     config = dataclasses.replace(
-        SMALL, epilogue=epilogue, epilogue_rank_rows=8, epilogue_block_k=32
+        SMALL,
+        epilogue=epilogue,
+        epilogue_rank_rows=8,
+        epilogue_block_k=32,
+        epilogue_prepared_rank_rows=16 if num_tokens == 1 else 8,
     )
     run = jax.jit(
         lambda x, w, layer, lora: lora_matmul(
@@ -125,11 +130,13 @@ def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, epilogue, 
 @pytest.mark.parametrize("interpret", INTERPRET)
 def test_every_layer_and_base_only_tokens(interpret):
     """The layer is read in place from the stacked kernels (and the pools) at a traced index;
-    tokens without an adapter get exactly the base output."""
+    tokens without an adapter get exactly the base output. Every dot-epilogue step computes its
+    indices after the K loop here (none prepared)."""
     prob, w, lora = _case("qkv", 24, jnp.float32, num_layers=4)
+    config = dataclasses.replace(SMALL, epilogue_prepared_rank_rows=0)
     run = jax.jit(
         lambda x, layer, lora: lora_matmul(
-            x, w, layer, lora=lora, config=SMALL, interpret=interpret
+            x, w, layer, lora=lora, config=config, interpret=interpret
         )
     )
     for layer in range(4):
@@ -175,7 +182,7 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         bn = 32  # N = 768: a narrow group
         bk = 256 if num_tokens <= 32 else 128
         # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), rows above.
-        tag = "_r16k256" if num_tokens <= 32 else ""
+        tag = "_r16k256p16" if num_tokens <= 32 else ""
         assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
         other = ROWS if tag else dataclasses.replace(ROWS, epilogue="dot")
         text = lower_for_gpu(
@@ -188,7 +195,7 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
             prob.layer,
         )
         assert triton_kernels(text) == 1
-        tag = "" if tag else "_r16k256"
+        tag = "" if tag else "_r16k256p16"
         assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
         text = lower_for_gpu(lambda x, w: lora_matmul(x, w, 1), prob.x, w)
         assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn{bn}_bk{bk}" in text
@@ -211,6 +218,18 @@ def test_default_blocks_follow_the_sweep():
     assert config.block_n_for((8192, 8196)) == 0
     assert MatmulConfig(block_n=128, block_k=32).block_n_for((4096,)) == 128
     assert MatmulConfig(block_n=128, block_k=32).block_k_for(8, 128) == 32
+    # Row blocks: the expand's own size where set, never above the (power-of-two) tokens.
+    assert [config.block_m_for(t) for t in (1, 20, 128)] == [16, 32, 128]
+    split = MatmulConfig(expand_block_m=32)
+    assert [split.block_m_for(128), split.block_m_for(128, expand=True)] == [128, 32]
+    assert split.block_m_for(20, expand=True) == 32 and split.block_m_for(8, expand=True) == 16
+    # The epilogue's dot steps: (rank rows, K, prepared rank rows) for a block of tokens and a
+    # pool of rank capacity 64 (whole chunks, at most the pool's).
+    assert config.epilogue_blocks(32, 64) == (16, 256, 16)
+    assert config.epilogue_blocks(16, 8) == (8, 128, 8)
+    assert MatmulConfig(epilogue_prepared_rank_rows=20).epilogue_blocks(32, 64) == (16, 256, 32)
+    assert MatmulConfig(epilogue_prepared_rank_rows=999).epilogue_blocks(32, 64) == (16, 256, 64)
+    assert MatmulConfig(epilogue_prepared_rank_rows=0).epilogue_blocks(32, 64) == (16, 256, 0)
 
 
 def test_bad_inputs_raise_config_errors():
@@ -235,6 +254,10 @@ def test_bad_inputs_raise_config_errors():
         MatmulConfig(epilogue_rank_rows=12)
     with pytest.raises(ConfigError, match="epilogue_block_k"):
         MatmulConfig(epilogue_block_k=8)
+    with pytest.raises(ConfigError, match="'expand_block_m': expected a power of two >= 16"):
+        MatmulConfig(expand_block_m=24)
+    with pytest.raises(ConfigError, match="'epilogue_prepared_rank_rows': expected an int >= 0"):
+        MatmulConfig(epilogue_prepared_rank_rows=-1)
 
 
 def test_lora_projection_is_the_shrink_then_the_fused_expand():

@@ -84,10 +84,26 @@ class LoraCase:
     adapter_bytes: int
 
 
-def lora_case(key, *, layers, in_width, widths, weights, rank, num_adapters, num_tokens, dtype):
+def lora_case(
+    key,
+    *,
+    layers,
+    in_width,
+    widths,
+    weights,
+    rank,
+    num_adapters,
+    num_tokens,
+    dtype,
+    pool_rank=None,
+):
+    """``pool_rank``: the rank capacity of the slot tables (pages per weight, as the engine's
+    ``LoraPoolConfig.max_rank``); None: the adapters' rank. The kernels' v columns and dot
+    epilogue steps follow it; pages beyond an adapter's rank are never read."""
     g_count = len(widths)
     rows_per_page = 16
     pages = -(-rank // rows_per_page)
+    table_pages = max(pages, -(-(pool_rank or rank) // rows_per_page))
     keys = jax.random.split(key, 2 + g_count)
     a_pool = (
         jax.random.normal(
@@ -95,15 +111,15 @@ def lora_case(key, *, layers, in_width, widths, weights, rank, num_adapters, num
         )
         * 0.02
     ).astype(dtype)
-    a_pages = np.zeros((num_adapters, 7, pages), np.int32)
-    b_pages = np.zeros((num_adapters, 7, pages), np.int32)
+    a_pages = np.zeros((num_adapters, 7, table_pages), np.int32)
+    b_pages = np.zeros((num_adapters, 7, table_pages), np.int32)
     ranks = np.zeros((num_adapters, 7), np.int32)
     perm = np.random.default_rng(0).permutation(num_adapters * g_count * pages)
     for s in range(num_adapters):
         for g, w in enumerate(weights):
             ids = perm[(s * g_count + g) * pages : (s * g_count + g + 1) * pages]
-            a_pages[s, w] = ids
-            b_pages[s, w] = np.arange(s * pages, (s + 1) * pages)
+            a_pages[s, w, :pages] = ids
+            b_pages[s, w, :pages] = np.arange(s * pages, (s + 1) * pages)
             ranks[s, w] = rank
     b_pools = tuple(
         (
@@ -192,6 +208,7 @@ def run_rows(
     workloads,
     impls: dict[str, MatmulConfig | None],
     rank=16,
+    pool_rank=None,
     layers=8,
     passes=4,
     calls=5,
@@ -228,6 +245,7 @@ def run_rows(
                         num_adapters=num_adapters,
                         num_tokens=num_tokens,
                         dtype=dtype,
+                        pool_rank=pool_rank,
                     )
                     adapter_bytes = lora.adapter_bytes
                 nbytes = (in_width * n_cols + num_tokens * (in_width + n_cols)) * itemsize
