@@ -49,6 +49,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxlora.config import parse_json
 from jaxlora.errors import ConfigError
 from pallas_kernels.sgmv import (
     SgmvConfig,
@@ -155,6 +156,10 @@ class MatmulConfig:
     def from_dict(cls, fields, *, where: str) -> MatmulConfig:
         """A config from ``{field: value}`` (e.g. a JSON flag); ``where`` names the source."""
         return config_from_dict(cls, fields, where=where)
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> MatmulConfig:
+        return cls.from_dict(parse_json(text, where=where), where=where)
 
     def block_n_for(self, widths) -> int:
         """The largest block of output columns up to the preferred one (>= 16) dividing every

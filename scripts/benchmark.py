@@ -40,6 +40,7 @@ from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
 from jaxlora.engine.runner import xla_options_from_json  # noqa: E402
 from jaxlora.errors import JaxloraError  # noqa: E402
+from pallas_kernels.lora_matmul import MatmulConfig  # noqa: E402
 from pallas_kernels.sgmv import SgmvConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -69,6 +70,12 @@ flags.DEFINE_string(
     "{}",
     "JSON {SgmvConfig field: value} for the engine's SGMV "
     "kernels, e.g. '{\"decode_max_tokens\": 32}' (per-token expand up to 32 rows)",
+)
+flags.DEFINE_string(
+    "matmul_config",
+    "{}",
+    "JSON {MatmulConfig field: value} for the engine's lora_matmul decode projections, e.g. "
+    "'{\"expand_block_m\": 32}' (row blocks of 32 tokens with the LoRA epilogue)",
 )
 flags.DEFINE_integer(
     "profile_steps",
@@ -213,6 +220,7 @@ def main(argv):
         return
     try:  # a bad flag fails before the copy-bandwidth measurement, not after
         sgmv = SgmvConfig.from_json(FLAGS.sgmv_config or "{}", where="--sgmv_config")
+        matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
         xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
     except JaxloraError as e:
         sys.exit(f"error: {e}")
@@ -274,7 +282,9 @@ def main(argv):
     engine_config = config.engine_config()
     engine_config = dataclasses.replace(
         engine_config,
-        runner=dataclasses.replace(engine_config.runner, sgmv=sgmv, xla_options=xla_options),
+        runner=dataclasses.replace(
+            engine_config.runner, sgmv=sgmv, matmul=matmul, xla_options=xla_options
+        ),
     )
     bench = build_engine(model, engine_config, setup)
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)

@@ -281,3 +281,17 @@ def test_lora_projection_is_the_shrink_then_the_fused_expand():
         interpret=True,
     )
     assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL["float32"]
+
+
+def test_config_from_json_names_the_flag_and_the_field():
+    """benchmark.py --matmul_config: the engine's lora_matmul config from JSON, bad input named."""
+    config = MatmulConfig.from_json('{"expand_block_m": 32}', where="--matmul_config")
+    assert config == MatmulConfig(expand_block_m=32)
+    assert MatmulConfig.from_json("{}", where="--matmul_config") == MatmulConfig()
+    for text, message in (
+        ("{bad", r"--matmul_config: not valid JSON"),
+        ('{"expand_block": 32}', r"--matmul_config: unknown MatmulConfig field 'expand_block'"),
+        ('{"expand_block_m": 48}', r"--matmul_config: .*'expand_block_m': expected a power"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            MatmulConfig.from_json(text, where="--matmul_config")
