@@ -96,11 +96,11 @@ class MatmulConfig:
     dot_epilogue_max_tokens: int = 32
     epilogue_rank_rows: int = 16  # rank rows of a token per dot step (power of two)
     epilogue_block_k: int = 256  # K of each epilogue dot (tokens x rank rows)
-    # Rank rows per token whose B-row indices the dot epilogue computes before the K loop. Rank
-    # chunks beyond compute theirs inside their own step, which runs only when a token of the
-    # block has that many rows: a pool sized for rank 64 serving rank-16 adapters then holds no
-    # registers, and issues no page-table loads, for the three chunks no token reaches.
-    epilogue_prepared_rank_rows: int = 16
+    # Rank rows per token whose B-row indices the dot epilogue computes before the K loop (None:
+    # all of the pool's). Rank chunks beyond compute theirs inside their own step, which runs
+    # only when a token of the block has that many rows. 16 (rank-16 adapters in a pool of rank
+    # 64) measured no faster on the H200 (docs/BENCHMARKS.md, tenth session), so all by default.
+    epilogue_prepared_rank_rows: int | None = None
     # Most tokens per program when the epilogue runs (None: block_m); the dot epilogue's steps
     # grow with the tokens of a program.
     expand_block_m: int | None = None
@@ -147,6 +147,8 @@ class MatmulConfig:
         ):
             value = getattr(self, name)
             at_least = 0 if name == "epilogue_prepared_rank_rows" else 1
+            if name == "epilogue_prepared_rank_rows" and value is None:
+                continue
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(
                     f"MatmulConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
@@ -190,7 +192,9 @@ class MatmulConfig:
         rank_rows = min(self.epilogue_rank_rows, _next_pow2(rank_cols))
         ek = min(self.epilogue_block_k, _next_pow2(bm) * rank_rows)
         chunks = -(-rank_cols // rank_rows)
-        prepared = min(chunks, -(-self.epilogue_prepared_rank_rows // rank_rows)) * rank_rows
+        if self.epilogue_prepared_rank_rows is not None:
+            chunks = min(chunks, -(-self.epilogue_prepared_rank_rows // rank_rows))
+        prepared = chunks * rank_rows
         return rank_rows, max(16, ek), prepared
 
 

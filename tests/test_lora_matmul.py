@@ -182,7 +182,7 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         bn = 32  # N = 768: a narrow group
         bk = 256 if num_tokens <= 32 else 128
         # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), rows above.
-        tag = "_r16k256p16" if num_tokens <= 32 else ""
+        tag = "_r16k256p64" if num_tokens <= 32 else ""
         assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
         other = ROWS if tag else dataclasses.replace(ROWS, epilogue="dot")
         text = lower_for_gpu(
@@ -195,7 +195,7 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
             prob.layer,
         )
         assert triton_kernels(text) == 1
-        tag = "" if tag else "_r16k256p16"
+        tag = "" if tag else "_r16k256p64"
         assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
         text = lower_for_gpu(lambda x, w: lora_matmul(x, w, 1), prob.x, w)
         assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn{bn}_bk{bk}" in text
@@ -224,8 +224,9 @@ def test_default_blocks_follow_the_sweep():
     assert [split.block_m_for(128), split.block_m_for(128, expand=True)] == [128, 32]
     assert split.block_m_for(20, expand=True) == 32 and split.block_m_for(8, expand=True) == 16
     # The epilogue's dot steps: (rank rows, K, prepared rank rows) for a block of tokens and a
-    # pool of rank capacity 64 (whole chunks, at most the pool's).
-    assert config.epilogue_blocks(32, 64) == (16, 256, 16)
+    # pool of rank capacity 64 (whole chunks, at most the pool's; by default all).
+    assert config.epilogue_blocks(32, 64) == (16, 256, 64)
+    assert MatmulConfig(epilogue_prepared_rank_rows=16).epilogue_blocks(32, 64) == (16, 256, 16)
     assert config.epilogue_blocks(16, 8) == (8, 128, 8)
     assert MatmulConfig(epilogue_prepared_rank_rows=20).epilogue_blocks(32, 64) == (16, 256, 32)
     assert MatmulConfig(epilogue_prepared_rank_rows=999).epilogue_blocks(32, 64) == (16, 256, 64)
