@@ -341,6 +341,9 @@ def test_online_trace_pages_adapters_and_measures_latency():
         assert 0 < r["ttft_p50_s"] <= r["ttft_p90_s"] <= r["ttft_p99_s"]
         assert 0 <= r["slo_attainment"] <= 1 and r["tpot_ms_median"] > 0
         assert r["throughput_rps"] == pytest.approx(r["finished"] / r["elapsed_s"])
+        assert r["offered_rps"] == pytest.approx(len(trace) / trace[-1].arrival_s)
+        assert 0 <= r["queued_step_share"] <= 1 and r["waiting_mean"] >= 0
+        assert (r["waiting_mean"] > 0) == (r["queued_step_share"] > 0)
     # 40 adapters do not fit in 6 resident slots: some were evicted and copied again.
     assert rows[1]["adapter_evictions"] > 0
     assert rows[1]["adapter_misses"] > rows[1]["distinct_adapters"]
@@ -385,6 +388,18 @@ def _results(ratio=1.1, lora_ratio=1.05, speedup=40.0, retention=0.97):
     }
 
 
+# The online table's other fields.
+FULL_ONLINE_ROW = dict(
+    requests=3,
+    finished=3,
+    tpot_ms_median=10.0,
+    slo_attainment=1.0,
+    adapter_misses=1,
+    adapter_GB_copied=0.1,
+    adapters_per_decode_step_mean=1.0,
+)
+
+
 def test_report_judges_each_target():
     met = [v["met"] for v in report.verdicts(_results())]
     assert met == [True, True, True, True]  # batch 8's 3.0x is below the roofline target's 32
@@ -393,6 +408,23 @@ def test_report_judges_each_target():
     assert "1.30x" in missed[0]["detail"] and "20.0x" in missed[2]["detail"]
     assert missed[3]["detail"] == "90.0% (9.00 vs 10.00 req/s); output tokens/s 90.0%"
     assert [v["met"] for v in report.verdicts({})] == [None] * 4
+    # Online traces are judged at capacity: one that left no request waiting after most steps
+    # is not a measurement of the target, whatever its ratio.
+    for share, met in ((0.9, True), (0.2, None)):
+        results = _results()
+        for r in results["online"]["rows"]:
+            r.update(queued_step_share=share, offered_rps=12.5)
+        online = report.verdicts(results)[3]
+        assert online["met"] is met
+        assert ("below capacity" in online["detail"]) == (met is None)
+    assert online["detail"].endswith(
+        "requests waited after 20% / 20% of the steps (5 / 2000 adapters), the served rates "
+        "follow the offered 12.50 req/s: raise --online_rate"
+    )
+    online_rows = {
+        "online": {"rows": [{**r, **FULL_ONLINE_ROW} for r in results["online"]["rows"]]}
+    }
+    assert "| 5 | 3 | 3 | 12.5 | 10.0 | 2500.0 | 20% |" in report.markdown(online_rows)
     # The async-scheduled iteration, where measured, is shown beside the timed step.
     results = _results(ratio=1.3)
     results["offline"]["rows"][0].update(

@@ -143,6 +143,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
     bench.timer.take()
     bench.timer.blocking = config.time_steps
     submitted = []
+    steps = queued_steps = waiting_total = 0
     with CompileCounter() as compiles, contextlib.ExitStack() as restore:
         restore.callback(setattr, bench.timer, "blocking", True)
         origin = time.monotonic()
@@ -170,6 +171,13 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
                 break
             if engine.has_work():
                 engine.step()
+                # Requests still waiting after a step: the load is at the engine's capacity
+                # (rows, KV pages or adapter slots all taken); with none, the served rate just
+                # follows the offered one.
+                steps += 1
+                waiting = engine.num_waiting
+                queued_steps += waiting > 0
+                waiting_total += waiting
             elif next_index < len(trace):
                 time.sleep(max(0.0, min(0.005, origin + trace[next_index].arrival_s - now)))
         end = time.monotonic()
@@ -191,6 +199,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
     elapsed = (max(r.finish_time for _, r in done) - origin) if done else end - origin
     decode = [r for r in records if r.mode == "decode"]
     timed = [r.seconds for r in decode if not math.isnan(r.seconds)]
+    last_arrival = trace[-1].arrival_s if trace else 0.0
     row = {
         "num_adapters": num_adapters,
         "requests": len(trace),
@@ -200,6 +209,11 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         "elapsed_s": elapsed,
         "throughput_rps": len(done) / elapsed,
         "output_tokens_per_s": out_tokens / elapsed,
+        "offered_rps": len(trace) / last_arrival if last_arrival > 0 else float("nan"),
+        # Share of engine steps after which requests were still waiting, and their mean number:
+        # near 0, the trace ran below capacity.
+        "queued_step_share": queued_steps / steps if steps else 0.0,
+        "waiting_mean": waiting_total / steps if steps else 0.0,
         "ttft_p50_s": _percentile(ttft, 50),
         "ttft_p90_s": _percentile(ttft, 90),
         "ttft_p99_s": _percentile(ttft, 99),

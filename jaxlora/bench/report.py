@@ -21,6 +21,9 @@ PEFT_SPEEDUP_TARGET = 30.0  # output tokens/s >= 30x HF PEFT at batch 8, distinc
 PEFT_BATCH = 8
 ONLINE_RETENTION_TARGET = 0.95  # throughput at 2,000 adapters >= 95% of that at 5
 ONLINE_FEW, ONLINE_MANY = 5, 2000
+# The online traces are judged at capacity: requests still waiting after at least this share of
+# the engine's steps.
+ONLINE_SATURATED_SHARE = 0.5
 
 
 # How a section's rows are told apart, and the config fields that only choose which rows ran:
@@ -203,6 +206,17 @@ def verdicts(results: dict) -> list[dict]:
         many_tps = online[ONLINE_MANY].get("output_tokens_per_s")
         if few_tps and many_tps is not None:  # judged by requests/s; tokens/s shown beside it
             detail += f"; output tokens/s {100 * many_tps / few_tps:.1f}%"
+        shares = [online[n].get("queued_step_share") for n in (ONLINE_FEW, ONLINE_MANY)]
+        if None not in shares and min(shares) < ONLINE_SATURATED_SHARE:
+            # Below capacity both rates follow the offered one: the ratio says nothing about
+            # the cost of many adapters (older results without the field are judged as before).
+            met = None
+            offered = online[ONLINE_FEW].get("offered_rps", float("nan"))
+            detail += (
+                f"; below capacity: requests waited after {100 * shares[0]:.0f}% / "
+                f"{100 * shares[1]:.0f}% of the steps ({ONLINE_FEW} / {ONLINE_MANY} adapters), "
+                f"the served rates follow the offered {offered:.2f} req/s: raise --online_rate"
+            )
     else:
         met, detail = None, f"traces of {ONLINE_FEW} and {ONLINE_MANY} adapters not both run"
     out.append(
@@ -311,8 +325,10 @@ def markdown(results: dict) -> str:
                     "adapters",
                     "requests",
                     "finished",
+                    "offered req/s",
                     "req/s",
                     "tokens/s",
+                    "queued steps",
                     "TTFT p50 s",
                     "TTFT p90 s",
                     "TTFT p99 s",
@@ -327,8 +343,10 @@ def markdown(results: dict) -> str:
                         r["num_adapters"],
                         r["requests"],
                         r["finished"],
+                        r.get("offered_rps", float("nan")),
                         r["throughput_rps"],
                         r["output_tokens_per_s"],
+                        f"{100 * r['queued_step_share']:.0f}%" if "queued_step_share" in r else "-",
                         r["ttft_p50_s"],
                         r["ttft_p90_s"],
                         r["ttft_p99_s"],
