@@ -104,12 +104,19 @@ class MatmulConfig:
     # Most tokens per program when the epilogue runs (None: block_m); the dot epilogue's steps
     # grow with the tokens of a program.
     expand_block_m: int | None = None
+    # Tokens of each tensor-core dot (None: the program's row block). A program of bm tokens
+    # then runs bm / dot_block_m dots per K step on one weight tile, and its epilogue per such
+    # sub-block: the dot epilogue's v tile is (dot_block_m, epilogue_block_k), not (bm, ...),
+    # and the dot / rows choice follows dot_block_m. At T = 128 a (128, 256) v tile made the
+    # dot epilogue 2.2x slower than the rows one (tenth session), row blocks of 32 read the
+    # weights 4 times (1.3x slower); sub-blocks keep one weight read and small v tiles.
+    dot_block_m: int | None = None
     # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
     # keeps XLA's GEMM and the SGMV delta.
     max_tokens: int = 128
 
     def __post_init__(self):
-        for name in ("block_m", "expand_block_m", "block_n", "block_k"):
+        for name in ("block_m", "expand_block_m", "dot_block_m", "block_n", "block_k"):
             value = getattr(self, name)
             if name != "block_m" and value is None:
                 continue
@@ -181,6 +188,10 @@ class MatmulConfig:
     def block_m_for(self, num_tokens: int, *, expand: bool = False) -> int:
         bm = self.expand_block_m if expand and self.expand_block_m else self.block_m
         return max(16, min(bm, _next_pow2(num_tokens)))
+
+    def dot_block_m_for(self, bm: int) -> int:
+        """Tokens of each dot (a sub-block) in a program of ``bm`` tokens."""
+        return min(self.dot_block_m or bm, bm)
 
     def epilogue_for(self, bm: int) -> str:
         return self.epilogue or ("dot" if bm <= self.dot_epilogue_max_tokens else "rows")
@@ -274,62 +285,86 @@ def _matmul_kernel(
     *refs,
     # outputs: refs[-1] = y_ref (T, N)
     bm,
+    sub,
     bn,
     bk,
     dtype,
     expand: _Epilogue | None,
     interpret,
 ):
+    """A program owns ``bm`` tokens x ``bn`` columns, as ``bm / sub`` sub-blocks of ``sub``
+    tokens: each K step loads the weight tile once and runs one tensor-core dot per sub-block,
+    and the epilogue runs per sub-block (its dot epilogue's v tile is ``(sub, K)``)."""
     y_ref = refs[-1]
     num_tokens, width = x_ref.shape
     num_layers = w_ref.shape[0]
     # Row blocks vary fastest: the programs of one column block run side by side, so a second
     # row block reads its weights from L2.
     j = pl.program_id(1)
-    rows = pl.program_id(0) * bm + jnp.arange(bm, dtype=jnp.int32)
-    row_ok = rows < num_tokens
-    rows_i = _idx(rows, row_ok, num_tokens, interpret)
+    subs = []
+    for s in range(bm // sub):
+        start = pl.program_id(0) * bm if s == 0 else pl.program_id(0) * bm + s * sub
+        rows = start + jnp.arange(sub, dtype=jnp.int32)
+        row_ok = rows < num_tokens
+        # The dot epilogue's indices recompute an only sub-block's start themselves.
+        start = None if sub == bm else start
+        subs.append((start, row_ok, _idx(rows, row_ok, num_tokens, interpret)))
     # Index arrays rather than pl.ds slices: the interpreter cannot mix slices with them, and
     # Triton sees the same contiguity from an aligned start plus a range.
     cols = pl.multiple_of(j * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
 
-    def body(kb, acc):
+    def body(kb, accs):
         k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
         if width % bk:
             k_ok = k < width
             k_i = _idx(k, k_ok, width, interpret)
-            x_mask = row_ok[:, None] & k_ok[None, :]
+            x_masks = [row_ok[:, None] & k_ok[None, :] for _, row_ok, _ in subs]
             wk = pltriton.load(
                 w_ref.at[layer, k_i[:, None], cols[None, :]], mask=k_ok[:, None], other=0
             )
         else:
-            k_i, x_mask = k, row_ok[:, None]
+            k_i, x_masks = k, [row_ok[:, None] for _, row_ok, _ in subs]
             wk = w_ref[layer, k[:, None], cols[None, :]]
-        xk = pltriton.load(x_ref.at[rows_i[:, None], k_i[None, :]], mask=x_mask, other=0)
-        return acc + pltriton.dot(
-            xk.astype(dtype), wk.astype(dtype), precision=_dot_precision(dtype)
-        )
+        out = []
+        for (_, _, rows_i), x_mask, acc in zip(subs, x_masks, accs, strict=True):
+            xk = pltriton.load(x_ref.at[rows_i[:, None], k_i[None, :]], mask=x_mask, other=0)
+            out.append(
+                acc
+                + pltriton.dot(xk.astype(dtype), wk.astype(dtype), precision=_dot_precision(dtype))
+            )
+        return tuple(out)
 
-    prepared = None
+    prepared = [None] * len(subs)
     if expand is not None and expand.epilogue_k:
         # The epilogue's page-table gathers go out before the K loop: their latency hides
         # behind the weight stream, and after it only the B and v loads remain.
-        prepared = _dot_epilogue_indices(
-            refs[:-1], layer_ref, j, row_ok, expand, bm=bm, interpret=interpret
-        )
-    acc = jax.lax.fori_loop(0, pl.cdiv(width, bk), body, jnp.zeros((bm, bn), jnp.float32))
-    if prepared is not None:
-        acc = _dot_epilogue(
-            acc, refs[:-1], rows_i, prepared, expand, dtype=dtype, interpret=interpret
-        )
-    elif expand is not None:
-        acc = _expand_epilogue(
-            acc, refs[:-1], layer_ref, j, rows_i, row_ok, expand, bn=bn, interpret=interpret
-        )
-    pltriton.store(
-        y_ref.at[rows_i[:, None], cols[None, :]], acc.astype(y_ref.dtype), mask=row_ok[:, None]
+        prepared = [
+            _dot_epilogue_indices(
+                refs[:-1], layer_ref, j, row_ok, expand, bm=sub, row0=start, interpret=interpret
+            )
+            for start, row_ok, _ in subs
+        ]
+    accs = jax.lax.fori_loop(
+        0,
+        pl.cdiv(width, bk),
+        body,
+        tuple(jnp.zeros((sub, bn), jnp.float32) for _ in subs),
     )
+    for (_, row_ok, rows_i), ready, acc in zip(subs, prepared, accs, strict=True):
+        if ready is not None:
+            acc = _dot_epilogue(
+                acc, refs[:-1], rows_i, ready, expand, dtype=dtype, interpret=interpret
+            )
+        elif expand is not None:
+            acc = _expand_epilogue(
+                acc, refs[:-1], layer_ref, j, rows_i, row_ok, expand, bn=bn, interpret=interpret
+            )
+        pltriton.store(
+            y_ref.at[rows_i[:, None], cols[None, :]],
+            acc.astype(y_ref.dtype),
+            mask=row_ok[:, None],
+        )
 
 
 def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue, *, bn, interpret):
@@ -384,7 +419,9 @@ def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue,
     return acc
 
 
-def _dot_epilogue_indices(refs, layer_ref, block, row_ok, ep: _Epilogue, *, bm, interpret):
+def _dot_epilogue_indices(
+    refs, layer_ref, block, row_ok, ep: _Epilogue, *, bm, row0=None, interpret
+):
     """The dot epilogue's steps (static: every rank chunk of every token chunk of the block).
     Step s covers ``ct = epilogue_k / rank_rows`` tokens and ``rank_rows`` rank rows of each;
     per K position it needs the B row in the pool and whether it is live (the token has an
@@ -401,7 +438,8 @@ def _dot_epilogue_indices(refs, layer_ref, block, row_ok, ep: _Epilogue, *, bm, 
     num_tokens = slot_ref.shape[0]
     rr, ek = ep.rank_rows, ep.epilogue_k
     ct = ek // rr
-    row0 = pl.program_id(0) * bm
+    if row0 is None:  # the program's first (or only) sub-block
+        row0 = pl.program_id(0) * bm
     rows = row0 + jnp.arange(bm, dtype=jnp.int32)
     rows_i = _idx(rows, row_ok, num_tokens, interpret)
     slot = pltriton.load(slot_ref.at[rows_i], mask=row_ok, other=-1)
@@ -549,21 +587,31 @@ def lora_matmul(
         block_starts = tuple(int(b) for b in np.cumsum([0] + [c // bn for c in widths]))
         expand = dataclasses.replace(expand, block_starts=block_starts)
     bm = config.block_m_for(num_tokens, expand=expand is not None)
+    sub = config.dot_block_m_for(bm)
     bk = max(16, min(config.block_k_for(num_tokens, bn), _next_pow2(width)))
     dtype = x.dtype if x.dtype == w.dtype and x.dtype.itemsize == 2 else jnp.dtype(jnp.float32)
     tag = ""
     if expand is not None:
         tag = "_expand"
-        if config.epilogue_for(bm) == "dot":
-            rank_rows, epilogue_k, prepared = config.epilogue_blocks(bm, expand.rank_cols)
+        if config.epilogue_for(sub) == "dot":
+            rank_rows, epilogue_k, prepared = config.epilogue_blocks(sub, expand.rank_cols)
             expand = dataclasses.replace(
                 expand, rank_rows=rank_rows, epilogue_k=epilogue_k, prepared_rank_rows=prepared
             )
             tag = f"_expand_r{rank_rows}k{epilogue_k}p{prepared}"
+    if sub < bm:
+        tag += f"_d{sub}"
     name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{config.num_warps}_s{config.num_stages}"
     return pl.pallas_call(
         functools.partial(
-            _matmul_kernel, bm=bm, bn=bn, bk=bk, dtype=dtype, expand=expand, interpret=interpret
+            _matmul_kernel,
+            bm=bm,
+            sub=sub,
+            bn=bn,
+            bk=bk,
+            dtype=dtype,
+            expand=expand,
+            interpret=interpret,
         ),
         out_shape=jax.ShapeDtypeStruct((num_tokens, n_cols), out_dtype),
         grid=(pl.cdiv(num_tokens, bm), n_cols // bn),

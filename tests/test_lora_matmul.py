@@ -128,6 +128,32 @@ def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, epilogue, 
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    ("group", "dtype_name", "epilogue"),
+    [("qkv", "bfloat16", "dot"), ("gate_up", "float32", "dot"), ("down", "float32", "rows")],
+)
+def test_sub_blocks_share_the_weight_tile(group, dtype_name, epilogue, interpret):
+    """Row blocks of 32 tokens as two dots of 16 per K step (dot_block_m), each sub-block with
+    its own epilogue: at T=40 the second program's second sub-block has no token at all. Same
+    results as the reference, with LoRA and without."""
+    dtype = jnp.dtype(dtype_name)
+    prob, w, lora = _case(group, 40, dtype)
+    config = dataclasses.replace(
+        SMALL,
+        block_m=32,
+        dot_block_m=16,
+        epilogue=epilogue,
+        epilogue_rank_rows=8,
+        epilogue_block_k=32,
+        epilogue_prepared_rank_rows=8,
+    )
+    y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
+    assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL[dtype_name]
+    base = lora_matmul(prob.x, w, prob.layer, config=config, interpret=interpret)
+    assert _rel_err(base, lora_matmul_reference(prob.x, w, prob.layer)) < TOL[dtype_name]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
 def test_every_layer_and_base_only_tokens(interpret):
     """The layer is read in place from the stacked kernels (and the pools) at a traced index;
     tokens without an adapter get exactly the base output. Every dot-epilogue step computes its
@@ -199,6 +225,17 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
         text = lower_for_gpu(lambda x, w: lora_matmul(x, w, 1), prob.x, w)
         assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn{bn}_bk{bk}" in text
+    # T=128 as 8 sub-blocks of 16 tokens, each with the dot epilogue.
+    subs = MatmulConfig(dot_block_m=16)
+    text = lower_for_gpu(
+        lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora, config=subs),
+        prob.x,
+        w,
+        lora,
+        prob.layer,
+    )
+    assert triton_kernels(text) == 1
+    assert "lora_matmul_expand_r16k256p64_d16_bm128_bn32_bk128_w4_s4" in text
 
 
 def test_default_blocks_follow_the_sweep():
@@ -231,6 +268,9 @@ def test_default_blocks_follow_the_sweep():
     assert MatmulConfig(epilogue_prepared_rank_rows=20).epilogue_blocks(32, 64) == (16, 256, 32)
     assert MatmulConfig(epilogue_prepared_rank_rows=999).epilogue_blocks(32, 64) == (16, 256, 64)
     assert MatmulConfig(epilogue_prepared_rank_rows=0).epilogue_blocks(32, 64) == (16, 256, 0)
+    # Sub-blocks: the program's rows by default, never more.
+    assert [config.dot_block_m_for(bm) for bm in (16, 128)] == [16, 128]
+    assert [MatmulConfig(dot_block_m=32).dot_block_m_for(bm) for bm in (16, 128)] == [16, 32]
 
 
 def test_bad_inputs_raise_config_errors():
@@ -257,6 +297,8 @@ def test_bad_inputs_raise_config_errors():
         MatmulConfig(epilogue_block_k=8)
     with pytest.raises(ConfigError, match="'expand_block_m': expected a power of two >= 16"):
         MatmulConfig(expand_block_m=24)
+    with pytest.raises(ConfigError, match="'dot_block_m': expected a power of two >= 16"):
+        MatmulConfig(dot_block_m=8)
     with pytest.raises(ConfigError, match="'epilogue_prepared_rank_rows': expected an int >= 0"):
         MatmulConfig(epilogue_prepared_rank_rows=-1)
 
