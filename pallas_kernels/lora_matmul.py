@@ -104,12 +104,14 @@ class MatmulConfig:
     # Most tokens per program when the epilogue runs (None: block_m); the dot epilogue's steps
     # grow with the tokens of a program.
     expand_block_m: int | None = None
-    # Tokens of each tensor-core dot (None: the program's row block). A program of bm tokens
-    # then runs bm / dot_block_m dots per K step on one weight tile, and its epilogue per such
+    # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
+    # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
+    # bm / dot_block_m dots per K step on one weight tile, and its epilogue per such
     # sub-block: the dot epilogue's v tile is (dot_block_m, epilogue_block_k), not (bm, ...),
-    # and the dot / rows choice follows dot_block_m. At T = 128 a (128, 256) v tile made the
-    # dot epilogue 2.2x slower than the rows one (tenth session), row blocks of 32 read the
-    # weights 4 times (1.3x slower); sub-blocks keep one weight read and small v tiles.
+    # and the dot / rows choice follows dot_block_m. At T = 128 (tenth session, H200) the dot
+    # epilogue over whole blocks of 128 took 1.8-2.4x the rows epilogue's time (its (128, 256)
+    # v tile is 8x the useful work and likely spills), row blocks of 32 1.3-1.5x (the weights
+    # read 4 times); sub-blocks keep one weight read and small v tiles. Not yet timed.
     dot_block_m: int | None = None
     # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
     # keeps XLA's GEMM and the SGMV delta.
@@ -189,9 +191,9 @@ class MatmulConfig:
         bm = self.expand_block_m if expand and self.expand_block_m else self.block_m
         return max(16, min(bm, _next_pow2(num_tokens)))
 
-    def dot_block_m_for(self, bm: int) -> int:
+    def dot_block_m_for(self, bm: int, *, expand: bool = True) -> int:
         """Tokens of each dot (a sub-block) in a program of ``bm`` tokens."""
-        return min(self.dot_block_m or bm, bm)
+        return min(self.dot_block_m or bm, bm) if expand else bm
 
     def epilogue_for(self, bm: int) -> str:
         return self.epilogue or ("dot" if bm <= self.dot_epilogue_max_tokens else "rows")
@@ -587,7 +589,7 @@ def lora_matmul(
         block_starts = tuple(int(b) for b in np.cumsum([0] + [c // bn for c in widths]))
         expand = dataclasses.replace(expand, block_starts=block_starts)
     bm = config.block_m_for(num_tokens, expand=expand is not None)
-    sub = config.dot_block_m_for(bm)
+    sub = config.dot_block_m_for(bm, expand=expand is not None)
     bk = max(16, min(config.block_k_for(num_tokens, bn), _next_pow2(width)))
     dtype = x.dtype if x.dtype == w.dtype and x.dtype.itemsize == 2 else jnp.dtype(jnp.float32)
     tag = ""

@@ -135,7 +135,7 @@ def test_lora_matmul_matches_reference(num_tokens, group, dtype_name, epilogue, 
 def test_sub_blocks_share_the_weight_tile(group, dtype_name, epilogue, interpret):
     """Row blocks of 32 tokens as two dots of 16 per K step (dot_block_m), each sub-block with
     its own epilogue: at T=40 the second program's second sub-block has no token at all. Same
-    results as the reference, with LoRA and without."""
+    results as the reference; without LoRA the kernel keeps whole-block dots."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, 40, dtype)
     config = dataclasses.replace(
@@ -271,6 +271,7 @@ def test_default_blocks_follow_the_sweep():
     # Sub-blocks: the program's rows by default, never more.
     assert [config.dot_block_m_for(bm) for bm in (16, 128)] == [16, 128]
     assert [MatmulConfig(dot_block_m=32).dot_block_m_for(bm) for bm in (16, 128)] == [16, 32]
+    assert MatmulConfig(dot_block_m=32).dot_block_m_for(128, expand=False) == 128
 
 
 def test_bad_inputs_raise_config_errors():
