@@ -24,13 +24,19 @@ each a tensor-core dot of a block-diagonal tile of some tokens' scaled v, ``(bm,
 those tokens' B rank rows stacked, ``(K, bn)``; the page-table gathers that locate the B rows go
 out before the K loop, so after it only the B and v loads remain. Above ("rows"): a loop over
 rank rows, each step gathering one B row of every token and adding it on the CUDA cores.
+``MatmulConfig.dot_block_m`` (off by default, not yet timed) splits a program's tokens into
+sub-blocks, one dot each per K step on the same weight tile, each with its own epilogue: the
+dot epilogue for 128 tokens without a (128, K) v tile.
 
 Measured on the H200 (docs/BENCHMARKS.md, "Decode projections in our own kernel"). Per
 projection, unrolled: 0.85-1.05x XLA's GEMMs without LoRA; with LoRA the dot epilogue beats XLA's
 GEMM + SGMV expand on 8 of 16 rows at T = 8 and 32 (up to 1.27x), the rows epilogue lost 21 of
 24. Inside a loop over layers it keeps its speed where XLA's GEMMs take 2.1-2.8x longer (they
 copy the layer's slice first): in the engine's scan loop (32-layer 7B) it gave 1.18-2.19x XLA's
-tokens/s, hence ``RunnerConfig.projection_kernel="auto"`` uses it there.
+tokens/s, hence ``RunnerConfig.projection_kernel="auto"`` uses it there. At T = 128 with
+LoRA (tenth session) the rows epilogue is the fastest of those timed: XLA + SGMV took 1.07x /
+0.99x its time (q|k|v / o, distinct adapters); the dot epilogue over the whole block 1.8-2.4x,
+row blocks of 32 with the dot epilogue 1.3-1.5x.
 
 Grid: (ceil(T / block_m), N / block_n). Every width of the group must be a multiple of block_n so
 that a column block belongs to one weight (``lora_matmul`` checks, ``MatmulConfig.block_n_for``
