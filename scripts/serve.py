@@ -76,6 +76,18 @@ flags.DEFINE_string(
     "JSON {XLA compiler option: value} for the model step (RunnerConfig.xla_options), e.g. "
     "'{\"xla_gpu_enable_triton_gemm\": false}' (cuBLAS GEMMs: much faster compiles).",
 )
+flags.DEFINE_string(
+    "sgmv_config",
+    "{}",
+    "JSON {SgmvConfig field: value}: the SGMV LoRA kernels' tuning (RunnerConfig.sgmv), e.g. "
+    "'{\"decode_max_tokens\": 32}'.",
+)
+flags.DEFINE_string(
+    "matmul_config",
+    "{}",
+    "JSON {MatmulConfig field: value}: the lora_matmul decode projections' tuning "
+    "(RunnerConfig.matmul), e.g. '{\"max_tokens\": 64}'.",
+)
 flags.DEFINE_bool(
     "fuse_projections",
     True,
@@ -127,6 +139,8 @@ def main(argv):
     from jaxlora.errors import JaxloraError
     from jaxlora.server import create_app
     from jaxlora.server.launch import LaunchConfig, banner, build_state
+    from pallas_kernels.lora_matmul import MatmulConfig
+    from pallas_kernels.sgmv import SgmvConfig
 
     logging.basicConfig(
         level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -139,6 +153,8 @@ def main(argv):
     api_key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("JAXLORA_API_KEY")
     try:
         xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
+        sgmv = SgmvConfig.from_json(FLAGS.sgmv_config or "{}", where="--sgmv_config")
+        matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
     except JaxloraError as e:
         sys.exit(f"error: {e}")
     launch = LaunchConfig(
@@ -169,6 +185,8 @@ def main(argv):
         xla_options=xla_options,
         fuse_projections=FLAGS.fuse_projections,
         projection_kernel=FLAGS.projection_kernel,
+        sgmv=sgmv,
+        matmul=matmul,
         async_scheduling=FLAGS.async_scheduling,
     )
     try:

@@ -595,6 +595,17 @@ def test_launch_settings():
     )
     with pytest.raises(ConfigError, match="projection_kernel"):
         engine_config_for(TINY, LaunchConfig(projection_kernel="cublas"), backend="cpu")
+    # The kernels' tuning (serve.py --sgmv_config / --matmul_config) reaches the runner.
+    from pallas_kernels.lora_matmul import MatmulConfig
+    from pallas_kernels.sgmv import SgmvConfig
+
+    assert cpu.runner.sgmv is None and cpu.runner.matmul is None
+    tuned = engine_config_for(
+        TINY,
+        LaunchConfig(sgmv=SgmvConfig(decode_max_tokens=32), matmul=MatmulConfig(max_tokens=64)),
+        backend="gpu",
+    ).runner
+    assert tuned.sgmv.decode_max_tokens == 32 and tuned.matmul.max_tokens == 64
     with pytest.raises(ConfigError, match="max_model_len"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
 

@@ -71,13 +71,19 @@ def test_serve_script_default_demo_prints_a_working_curl():
     assert "Traceback" not in rest and "jaxlora: stopped" in rest, rest
 
 
-def test_serve_script_names_a_bad_xla_option_and_exits():
-    """A bad --xla_options is our one-line error, not a traceback: bad JSON before anything is
-    built, an option XLA does not know when the engine is built."""
+def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
+    """A bad --xla_options, --sgmv_config or --matmul_config is our one-line error, not a
+    traceback: bad JSON or a refused kernel field before anything is built, an option XLA does
+    not know when the engine is built."""
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     for flag, message in (
         ("--xla_options={bad", "error: --xla_options: not valid JSON"),
         ('--xla_options={"xla_no_such_option": 1}', "No such compile option: 'xla_no_such_option'"),
+        (
+            '--sgmv_config={"decode_block_k": 3}',
+            "error: --sgmv_config: SgmvConfig field 'decode_block_k': expected a power of two",
+        ),
+        ('--matmul_config={"dot_block": 16}', "unknown MatmulConfig field 'dot_block'"),
     ):
         out = subprocess.run(
             serve_command(flag), cwd=REPO, capture_output=True, text=True, timeout=180, env=env

@@ -21,6 +21,8 @@ from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.state import ServingState
+from pallas_kernels.lora_matmul import MatmulConfig
+from pallas_kernels.sgmv import SgmvConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,6 +61,8 @@ class LaunchConfig:
     xla_options: tuple[tuple[str, object], ...] = ()  # RunnerConfig.xla_options
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
     projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
+    sgmv: SgmvConfig | None = None  # RunnerConfig.sgmv: the SGMV kernels' tuning
+    matmul: MatmulConfig | None = None  # RunnerConfig.matmul: lora_matmul's tuning
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
@@ -125,6 +129,8 @@ def engine_config_for(
         xla_options=launch.xla_options,
         fuse_projections=launch.fuse_projections,
         projection_kernel=launch.projection_kernel,
+        sgmv=launch.sgmv,
+        matmul=launch.matmul,
     )
     pool = LoraPoolConfig(
         max_rank=pick(launch.max_rank, pool_default.max_rank),
