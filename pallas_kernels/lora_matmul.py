@@ -96,7 +96,10 @@ class MatmulConfig:
     # tensor cores by a block-diagonal tile of those tokens' scaled v; the page-table gathers go
     # out before the K loop. Its steps grow with block_m times the pool's rank capacity. "rows"
     # (the eighth session's): a loop over rank rows, each step gathering one row of every
-    # token's B and adding it on the CUDA cores. None: "dot" up to ``dot_epilogue_max_tokens``
+    # token's B and adding it on the CUDA cores. "rows_prefetch": the same steps software-
+    # pipelined by hand: step i adds the B rows and v loaded during step i - 1, issues the loads
+    # of step i + 1 and the page-table loads of step i + 2, so a step waits for about one load
+    # instead of a chain of two (not yet timed). None: "dot" up to ``dot_epilogue_max_tokens``
     # tokens per program, "rows" above.
     epilogue: str | None = None
     dot_epilogue_max_tokens: int = 32
@@ -134,9 +137,9 @@ class MatmulConfig:
                     f"tensor-core dot dimension){' or None' if name != 'block_m' else ''}, "
                     f"got {value!r}"
                 )
-        if self.epilogue not in (None, "dot", "rows"):
+        if self.epilogue not in (None, "dot", "rows", "rows_prefetch"):
             raise ConfigError(
-                f"MatmulConfig field 'epilogue': expected 'dot', 'rows' or None, "
+                f"MatmulConfig field 'epilogue': expected 'dot', 'rows', 'rows_prefetch' or None, "
                 f"got {self.epilogue!r}"
             )
         rank_rows = self.epilogue_rank_rows
@@ -245,6 +248,8 @@ class _Epilogue:
     pages_per_pool: tuple[int, ...]  # P of each weight's B pool
     rows_per_page: int
     max_pages: int
+    # The rows epilogue: whether its steps are software-pipelined ("rows_prefetch").
+    prefetch_rows: bool = False
     # The dot epilogue (0: the rows epilogue): rank rows per token and K of each dot step, and
     # the rank rows whose indices are computed before the K loop.
     rank_rows: int = 0
@@ -398,12 +403,12 @@ def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue,
         cols_i = _idx(cols, in_group & (cols >= 0), pool_ref.shape[1], interpret)[None, :]
         layer_g = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
 
-        def body(i, acc, g=g, w=w, pool_ref=pool_ref, rank=rank, scale=scale, cols_i=cols_i,
-                 layer_g=layer_g):  # fmt: skip
-            # The rank row as a vector: scalar index arithmetic on the loop counter mistypes in
-            # the Triton lowering (i32 % i1).
-            row = jnp.full(rank.shape, i, jnp.int32)
+        def indices(row, pipelined, g=g, w=w, rank=rank, in_group=in_group, layer_g=layer_g):
             live = row < rank
+            if pipelined:
+                # Its loads go out whether or not the loop reaches the step: masked off beyond
+                # each token's rank and outside the program's group.
+                live = live & in_group
             b_row = _pool_rows(
                 pages_ref,
                 slot_c,
@@ -414,6 +419,9 @@ def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue,
                 rows_per_page=rows_per_page,
                 max_pages=max_pages,
             )
+            return row, live, b_row
+
+        def fetch(row, live, b_row, g=g, pool_ref=pool_ref, cols_i=cols_i):
             b_i = _idx(b_row, live, pool_ref.shape[0], interpret)[:, None]
             b = pltriton.load(pool_ref.at[b_i, cols_i], mask=live[:, None], other=0)
             vi = pltriton.load(
@@ -421,9 +429,26 @@ def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue,
                 mask=live,
                 other=0.0,
             )
+            return b, vi
+
+        # The rank row as a vector: scalar index arithmetic on the loop counter mistypes in the
+        # Triton lowering (i32 % i1).
+        def body(i, acc, rank=rank, scale=scale, indices=indices, fetch=fetch):
+            b, vi = fetch(*indices(jnp.full(rank.shape, i, jnp.int32), False))
             return acc + (vi * scale)[:, None] * b.astype(jnp.float32)
 
-        acc = jax.lax.fori_loop(0, steps, body, acc)
+        def pipelined(i, carry, rank=rank, scale=scale, indices=indices, fetch=fetch):
+            acc, ahead, (b, vi) = carry
+            after_next = indices(jnp.full(rank.shape, i, jnp.int32) + 2, True)
+            loaded = fetch(*ahead)
+            return acc + (vi * scale)[:, None] * b.astype(jnp.float32), after_next, loaded
+
+        if not ep.prefetch_rows:
+            acc = jax.lax.fori_loop(0, steps, body, acc)
+            continue
+        first = jnp.zeros(rank.shape, jnp.int32)
+        carry = (acc, indices(first + 1, True), fetch(*indices(first, True)))
+        acc = jax.lax.fori_loop(0, steps, pipelined, carry)[0]
     return acc
 
 
@@ -607,6 +632,9 @@ def lora_matmul(
                 expand, rank_rows=rank_rows, epilogue_k=epilogue_k, prepared_rank_rows=prepared
             )
             tag = f"_expand_r{rank_rows}k{epilogue_k}p{prepared}"
+        elif config.epilogue_for(sub) == "rows_prefetch":
+            expand = dataclasses.replace(expand, prefetch_rows=True)
+            tag = "_expand_prefetch"
     if sub < bm:
         tag += f"_d{sub}"
     name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{config.num_warps}_s{config.num_stages}"

@@ -86,10 +86,11 @@ def _reference_with_finite_v(prob, w, lora):
     return lora_matmul_reference(prob.x, w, prob.layer, lora=finite)
 
 
-# Both epilogues; the rows epilogue (the eighth session's, unchanged) at T=40 only.
+# Every epilogue; the rows epilogues (the eighth session's, and the same software-pipelined) at
+# T=40 only.
 CASES = [
     (num_tokens, group, dtype_name, epilogue)
-    for epilogue in ("dot", "rows")
+    for epilogue in ("dot", "rows", "rows_prefetch")
     for num_tokens in (1, 40)
     for group in GROUPS
     for dtype_name in ("float32", "bfloat16")
@@ -236,6 +237,17 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
     )
     assert triton_kernels(text) == 1
     assert "lora_matmul_expand_r16k256p64_d16_bm128_bn32_bk128_w4_s4" in text
+    # T=128 with the software-pipelined rows epilogue.
+    prefetch = MatmulConfig(epilogue="rows_prefetch")
+    text = lower_for_gpu(
+        lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora, config=prefetch),
+        prob.x,
+        w,
+        lora,
+        prob.layer,
+    )
+    assert triton_kernels(text) == 1
+    assert "lora_matmul_expand_prefetch_bm128_bn32_bk128_w4_s4" in text
 
 
 def test_default_blocks_follow_the_sweep():
@@ -290,7 +302,7 @@ def test_bad_inputs_raise_config_errors():
         lora_matmul(prob.x, w[..., :40], 0)
     with pytest.raises(ConfigError, match="block_n"):
         MatmulConfig(block_n=48)
-    with pytest.raises(ConfigError, match="'epilogue': expected 'dot', 'rows' or None"):
+    with pytest.raises(ConfigError, match="'epilogue': expected 'dot', 'rows', 'rows_prefetch'"):
         MatmulConfig(epilogue="fused")
     with pytest.raises(ConfigError, match="epilogue_rank_rows"):
         MatmulConfig(epilogue_rank_rows=12)
