@@ -26,7 +26,9 @@ out before the K loop, so after it only the B and v loads remain. Above ("rows")
 rank rows, each step gathering one B row of every token and adding it on the CUDA cores.
 ``MatmulConfig.dot_block_m`` (off by default, not yet timed) splits a program's tokens into
 sub-blocks, one dot each per K step on the same weight tile, each with its own epilogue: the
-dot epilogue for 128 tokens without a (128, K) v tile.
+dot epilogue for 128 tokens without a (128, K) v tile. ``epilogue="rows_prefetch"`` (not yet
+timed either) is the rows loop software-pipelined by hand: each step's B rows and v are loaded
+one step ahead, their page-table entries two.
 
 Measured on the H200 (docs/BENCHMARKS.md, "Decode projections in our own kernel"). Per
 projection, unrolled: 0.85-1.05x XLA's GEMMs without LoRA; with LoRA the dot epilogue beats XLA's
