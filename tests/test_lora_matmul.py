@@ -184,6 +184,19 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
     """The 7B decode shapes (q|k|v 4096 + 1024 + 1024 columns here, bf16, T=8 and 128) lowered to
     Triton on any machine: one kernel per call, named after its blocks."""
     in_width, widths = 512, (512, 128, 128)
+
+    def lower(config, *, with_lora=True):
+        """The Triton IR of one lora_matmul call on this T's problem."""
+        if not with_lora:
+            return lower_for_gpu(lambda x, w: lora_matmul(x, w, 1, config=config), prob.x, w)
+        return lower_for_gpu(
+            lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora, config=config),
+            prob.x,
+            w,
+            lora,
+            prob.layer,
+        )
+
     for num_tokens in (8, 128):
         prob = make_problem(
             num_tokens,
@@ -197,57 +210,33 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         )
         w = jnp.zeros((2, in_width, sum(widths)), jnp.bfloat16)
         lora = _expand(prob, jnp.zeros((num_tokens, 3, 64), jnp.float32))
-        text = lower_for_gpu(
-            lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora),
-            prob.x,
-            w,
-            lora,
-            prob.layer,
-        )
-        assert triton_kernels(text) == 1
         bm = max(16, min(128, num_tokens))
         bn = 32  # N = 768: a narrow group
         bk = 256 if num_tokens <= 32 else 128
-        # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), rows above.
-        tag = "_r16k256p64" if num_tokens <= 32 else ""
-        assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
-        other = ROWS if tag else dataclasses.replace(ROWS, epilogue="dot")
-        text = lower_for_gpu(
-            lambda x, w, lora, layer, other=other: lora_matmul(
-                x, w, layer, lora=lora, config=other
+        blocks = f"bm{bm}_bn{bn}_bk{bk}_w4_s4"
+        # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), rows above; each
+        # forced the other way; base only.
+        dot = num_tokens <= 32
+        cases = [
+            (None, "lora_matmul_expand_r16k256p64_" if dot else "lora_matmul_expand_"),
+            (
+                ROWS if dot else dataclasses.replace(ROWS, epilogue="dot"),
+                "lora_matmul_expand_" if dot else "lora_matmul_expand_r16k256p64_",
             ),
-            prob.x,
-            w,
-            lora,
-            prob.layer,
-        )
-        assert triton_kernels(text) == 1
-        tag = "" if tag else "_r16k256p64"
-        assert f"lora_matmul_expand{tag}_bm{bm}_bn{bn}_bk{bk}_w4_s4" in text
-        text = lower_for_gpu(lambda x, w: lora_matmul(x, w, 1), prob.x, w)
-        assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn{bn}_bk{bk}" in text
-    # T=128 as 8 sub-blocks of 16 tokens, each with the dot epilogue.
-    subs = MatmulConfig(dot_block_m=16)
-    text = lower_for_gpu(
-        lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora, config=subs),
-        prob.x,
-        w,
-        lora,
-        prob.layer,
-    )
-    assert triton_kernels(text) == 1
-    assert "lora_matmul_expand_r16k256p64_d16_bm128_bn32_bk128_w4_s4" in text
-    # T=128 with the software-pipelined rows epilogue.
-    prefetch = MatmulConfig(epilogue="rows_prefetch")
-    text = lower_for_gpu(
-        lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora, config=prefetch),
-        prob.x,
-        w,
-        lora,
-        prob.layer,
-    )
-    assert triton_kernels(text) == 1
-    assert "lora_matmul_expand_prefetch_bm128_bn32_bk128_w4_s4" in text
+        ]
+        for config, name in cases:
+            text = lower(config)
+            assert triton_kernels(text) == 1 and f"{name}{blocks}" in text
+        text = lower(None, with_lora=False)
+        assert triton_kernels(text) == 1 and f"lora_matmul_{blocks}" in text
+    # T=128 as 8 sub-blocks of 16 tokens, each with the dot epilogue; and with the
+    # software-pipelined rows epilogue.
+    for config, name in (
+        (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_d16_"),
+        (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_"),
+    ):
+        text = lower(config)
+        assert triton_kernels(text) == 1 and f"{name}{blocks}" in text
 
 
 def test_default_blocks_follow_the_sweep():
