@@ -57,9 +57,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxlora.config import parse_json
 from jaxlora.errors import ConfigError
 from pallas_kernels.sgmv import (
+    KernelConfig,
     SgmvConfig,
     _check_b_pools,
     _check_expand_tables,
@@ -69,7 +69,6 @@ from pallas_kernels.sgmv import (
     _layer,
     _next_pow2,
     _pool_rows,
-    config_from_dict,
     sgmv_expand_reference,
     sgmv_shrink,
 )
@@ -78,7 +77,7 @@ _WHERE = "pallas_kernels/lora_matmul.py"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MatmulConfig:
+class MatmulConfig(KernelConfig):
     """Tuning knobs of ``lora_matmul`` (powers of two; blocks shrink to tiny test shapes).
 
     ``None`` block sizes follow the H200 sweep (docs/BENCHMARKS.md, eighth session): 64 output
@@ -173,15 +172,6 @@ class MatmulConfig:
                 raise ConfigError(
                     f"MatmulConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
                 )
-
-    @classmethod
-    def from_dict(cls, fields, *, where: str) -> MatmulConfig:
-        """A config from ``{field: value}`` (e.g. a JSON flag); ``where`` names the source."""
-        return config_from_dict(cls, fields, where=where)
-
-    @classmethod
-    def from_json(cls, text: str, *, where: str) -> MatmulConfig:
-        return cls.from_dict(parse_json(text, where=where), where=where)
 
     def block_n_for(self, widths) -> int:
         """The largest block of output columns up to the preferred one (>= 16) dividing every

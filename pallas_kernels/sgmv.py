@@ -162,22 +162,33 @@ def sgmv_expand_reference(
 # ------------------------------------------------------------------------------------------------
 
 
-def config_from_dict(cls, fields, *, where: str):
-    """A kernel config dataclass (``SgmvConfig``, ``MatmulConfig``) from ``{field: value}``;
-    a non-object, an unknown field or a refused value raises ``ConfigError`` naming ``where``."""
-    name = cls.__name__
-    if not isinstance(fields, dict):
-        raise ConfigError(
-            f"{where}: expected an object of {name} fields, got {type(fields).__name__}"
-        )
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(fields) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown {name} field {unknown[0]!r}; expected one of {known}")
-    try:
-        return cls(**fields)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from e
+class KernelConfig:
+    """Base of the kernels' frozen config dataclasses (``SgmvConfig``, ``MatmulConfig``): built
+    from ``{field: value}`` or its JSON (a flag), bad input named by ``where``."""
+
+    @classmethod
+    def from_dict(cls, fields, *, where: str):
+        """A non-object, an unknown field or a refused value raises ``ConfigError`` naming
+        ``where``."""
+        name = cls.__name__
+        if not isinstance(fields, dict):
+            raise ConfigError(
+                f"{where}: expected an object of {name} fields, got {type(fields).__name__}"
+            )
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown {name} field {unknown[0]!r}; expected one of {known}"
+            )
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str):
+        return cls.from_dict(parse_json(text, where=where), where=where)
 
 
 def _is_pow2(n: int) -> bool:
@@ -185,7 +196,7 @@ def _is_pow2(n: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SgmvConfig:
+class SgmvConfig(KernelConfig):
     """Tuning knobs of the SGMV kernels (defaults from a sweep on an H200, bf16, hidden 4096:
     docs/BENCHMARKS.md, "the sweep").
 
@@ -290,15 +301,6 @@ class SgmvConfig:
                 raise ConfigError(
                     f"SgmvConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
                 )
-
-    @classmethod
-    def from_dict(cls, fields, *, where: str) -> SgmvConfig:
-        """A config from ``{field: value}`` (e.g. a JSON flag); ``where`` names the source."""
-        return config_from_dict(cls, fields, where=where)
-
-    @classmethod
-    def from_json(cls, text: str, *, where: str) -> SgmvConfig:
-        return cls.from_dict(parse_json(text, where=where), where=where)
 
     def shrink_k_step(self, num_tokens: int) -> int:
         """The prefill shrink's input-width step at T tokens (before clipping to the width)."""
