@@ -91,7 +91,20 @@ class MatmulConfig(KernelConfig):
     num_warps: int = 4
     num_stages: int = 4
     wide_n: int = 8192
+    wide_block_n: int = 64  # block_n None: output columns per program for N >= wide_n
+    narrow_block_n: int = 32  # and below
     small_tokens: int = 32
+    # Split along K: each of ``split`` programs per output block walks 1/split of K and writes
+    # float32 partials (split, T, N), which the wrapper sums (XLA fuses the sum into the
+    # consumer: the residual add, RoPE). The LoRA epilogue's work is shared out too: rank rows
+    # (rows epilogue) or steps (dot epilogue) i go to the program i % split. Why: at N = 4096
+    # with 32 columns per program there are only 128 programs, each re-reading x per column
+    # block; wider blocks need a split to keep every SM busy. None: the smallest power of two
+    # that gives at least ``min_programs`` programs (0: no split), at most ``max_split_k`` and
+    # at most the K steps.
+    split_k: int | None = None
+    min_programs: int = 0
+    max_split_k: int = 8
     # How the epilogue adds the LoRA delta. "dot": static steps, each gathering the B rows of
     # some tokens' rank chunk, ``(epilogue_block_k, block_n)``, and multiplying them on the
     # tensor cores by a block-diagonal tile of those tokens' scaled v; the page-table gathers go
@@ -128,14 +141,24 @@ class MatmulConfig(KernelConfig):
     max_tokens: int = 128
 
     def __post_init__(self):
-        for name in ("block_m", "expand_block_m", "dot_block_m", "block_n", "block_k"):
+        for name in (
+            "block_m",
+            "expand_block_m",
+            "dot_block_m",
+            "block_n",
+            "block_k",
+            "wide_block_n",
+            "narrow_block_n",
+        ):
             value = getattr(self, name)
-            if name != "block_m" and value is None:
+            optional = name not in ("block_m", "wide_block_n", "narrow_block_n")
+            if optional and value is None:
                 continue
             if not isinstance(value, int) or value < 16 or value & (value - 1):
                 raise ConfigError(
                     f"MatmulConfig field {name!r}: expected a power of two >= 16 (a "
-                    f"tensor-core dot dimension){' or None' if name != 'block_m' else ''}, "
+                    f"tensor-core dot dimension)"
+                    f"{' or None' if optional else ''}, "
                     f"got {value!r}"
                 )
         if self.epilogue not in (None, "dot", "rows", "rows_prefetch"):
@@ -163,10 +186,13 @@ class MatmulConfig(KernelConfig):
             "small_tokens",
             "dot_epilogue_max_tokens",
             "epilogue_prepared_rank_rows",
+            "split_k",
+            "min_programs",
+            "max_split_k",
         ):
             value = getattr(self, name)
-            at_least = 0 if name == "epilogue_prepared_rank_rows" else 1
-            if name == "epilogue_prepared_rank_rows" and value is None:
+            at_least = 0 if name in ("epilogue_prepared_rank_rows", "min_programs") else 1
+            if name in ("epilogue_prepared_rank_rows", "split_k") and value is None:
                 continue
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(
@@ -176,7 +202,8 @@ class MatmulConfig(KernelConfig):
     def block_n_for(self, widths) -> int:
         """The largest block of output columns up to the preferred one (>= 16) dividing every
         width, or 0 when there is none."""
-        bn = self.block_n or (64 if sum(widths) >= self.wide_n else 32)
+        preferred = self.wide_block_n if sum(widths) >= self.wide_n else self.narrow_block_n
+        bn = self.block_n or preferred
         while bn >= 16:
             if all(w % bn == 0 for w in widths):
                 return bn
@@ -187,6 +214,16 @@ class MatmulConfig(KernelConfig):
         if self.block_k is not None:
             return self.block_k
         return max(16, (8192 if num_tokens <= self.small_tokens else 4096) // bn)
+
+    def split_k_for(self, programs: int, k_blocks: int) -> int:
+        """Programs per output block along K, for ``programs`` output blocks and ``k_blocks``
+        K steps in all (every split gets at least one step)."""
+        if self.split_k is not None:
+            return max(1, min(self.split_k, k_blocks))
+        split = 1
+        while programs * split < self.min_programs and 2 * split <= min(self.max_split_k, k_blocks):
+            split *= 2
+        return split
 
     def block_m_for(self, num_tokens: int, *, expand: bool = False) -> int:
         bm = self.expand_block_m if expand and self.expand_block_m else self.block_m
@@ -288,21 +325,28 @@ def _matmul_kernel(
     # with LoRA, then: v (T, G*MP*R) float32; G B pools (L*P_g*R, out_g) each;
     # pages (S, 7, MP) int32; ranks (S, 7) int32; scales (S, 7) float32; token slots (T,) int32
     *refs,
-    # outputs: refs[-1] = y_ref (T, N)
+    # outputs: refs[-1] = y_ref (T, N), or (split, T, N) float32 partials when split > 1
     bm,
     sub,
     bn,
     bk,
+    split,
+    k_steps,
     dtype,
     expand: _Epilogue | None,
     interpret,
 ):
     """A program owns ``bm`` tokens x ``bn`` columns, as ``bm / sub`` sub-blocks of ``sub``
     tokens: each K step loads the weight tile once and runs one tensor-core dot per sub-block,
-    and the epilogue runs per sub-block (its dot epilogue's v tile is ``(sub, K)``)."""
+    and the epilogue runs per sub-block (its dot epilogue's v tile is ``(sub, K)``). With
+    ``split`` > 1 it walks ``k_steps`` K steps from ``part * k_steps`` (part = program id 2) and
+    writes its float32 partial; its epilogue adds the LoRA terms of its share."""
     y_ref = refs[-1]
     num_tokens, width = x_ref.shape
     num_layers = w_ref.shape[0]
+    part = pl.program_id(2) if split > 1 else None
+    # Masks along K where the steps overrun it (the last step, or whole steps of the last part).
+    mask_k = split * k_steps * bk != width if split > 1 else width % bk
     # Row blocks vary fastest: the programs of one column block run side by side, so a second
     # row block reads its weights from L2.
     j = pl.program_id(1)
@@ -320,8 +364,10 @@ def _matmul_kernel(
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
 
     def body(kb, accs):
+        if part is not None:
+            kb = kb + part * k_steps
         k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
-        if width % bk:
+        if mask_k:
             k_ok = k < width
             k_i = _idx(k, k_ok, width, interpret)
             x_masks = [row_ok[:, None] & k_ok[None, :] for _, row_ok, _ in subs]
@@ -352,28 +398,45 @@ def _matmul_kernel(
         ]
     accs = jax.lax.fori_loop(
         0,
-        pl.cdiv(width, bk),
+        k_steps,
         body,
         tuple(jnp.zeros((sub, bn), jnp.float32) for _ in subs),
     )
+    share = None if part is None else (part, split)
     for (_, row_ok, rows_i), ready, acc in zip(subs, prepared, accs, strict=True):
         if ready is not None:
             acc = _dot_epilogue(
-                acc, refs[:-1], rows_i, ready, expand, dtype=dtype, interpret=interpret
+                acc, refs[:-1], rows_i, ready, expand, dtype=dtype, share=share, interpret=interpret
             )
         elif expand is not None:
             acc = _expand_epilogue(
-                acc, refs[:-1], layer_ref, j, rows_i, row_ok, expand, bn=bn, interpret=interpret
+                acc,
+                refs[:-1],
+                layer_ref,
+                j,
+                rows_i,
+                row_ok,
+                expand,
+                bn=bn,
+                share=share,
+                interpret=interpret,
             )
+        out_idx = (rows_i[:, None], cols[None, :])
+        if part is not None:
+            out_idx = (part, *out_idx)
         pltriton.store(
-            y_ref.at[rows_i[:, None], cols[None, :]],
+            y_ref.at[out_idx],
             acc.astype(y_ref.dtype),
             mask=row_ok[:, None],
         )
 
 
-def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue, *, bn, interpret):
-    """acc (bm, bn) + each token's scaled ``v @ B`` over the program's columns (one weight)."""
+def _expand_epilogue(
+    acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue, *, bn, share=None, interpret
+):
+    """acc (bm, bn) + each token's scaled ``v @ B`` over the program's columns (one weight);
+    with ``share`` = (part, split), the rank rows part, part + split, ... only."""
+    part, split = share or (0, 1)
     weights, block_starts, rank_cols = ep.weights, ep.block_starts, ep.rank_cols
     pages_per_pool, rows_per_page, max_pages = ep.pages_per_pool, ep.rows_per_page, ep.max_pages
     g_count = len(weights)
@@ -391,6 +454,9 @@ def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue,
         scale = jnp.where(has_adapter, scales_ref[slot_c, w], 0.0)
         # Only the program's own group runs any rank row: the others see no rows at all.
         steps = jnp.where(in_group, jnp.max(rank), 0)
+        if share is not None:
+            # Rows part + split * i below the block's largest rank (a non-negative quotient).
+            steps = jax.lax.div(steps + (split - 1 - part), jnp.int32(split))
         cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
         cols_i = _idx(cols, in_group & (cols >= 0), pool_ref.shape[1], interpret)[None, :]
         layer_g = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
@@ -425,21 +491,26 @@ def _expand_epilogue(acc, refs, layer_ref, block, rows_i, row_ok, ep: _Epilogue,
 
         # The rank row as a vector: scalar index arithmetic on the loop counter mistypes in the
         # Triton lowering (i32 % i1).
-        def body(i, acc, rank=rank, scale=scale, indices=indices, fetch=fetch):
-            b, vi = fetch(*indices(jnp.full(rank.shape, i, jnp.int32), False))
+        def row_of(i, ahead=0, rank=rank):
+            # Vector arithmetic: scalar arithmetic on the loop counter mistypes (above).
+            row = jnp.full(rank.shape, i, jnp.int32)
+            row = row + ahead if ahead else row
+            return row if share is None else row * split + part
+
+        def body(i, acc, rank=rank, scale=scale, indices=indices, fetch=fetch, row_of=row_of):
+            b, vi = fetch(*indices(row_of(i), False))
             return acc + (vi * scale)[:, None] * b.astype(jnp.float32)
 
-        def pipelined(i, carry, rank=rank, scale=scale, indices=indices, fetch=fetch):
+        def pipelined(i, carry, scale=scale, indices=indices, fetch=fetch, row_of=row_of):
             acc, ahead, (b, vi) = carry
-            after_next = indices(jnp.full(rank.shape, i, jnp.int32) + 2, True)
+            after_next = indices(row_of(i, 2), True)
             loaded = fetch(*ahead)
             return acc + (vi * scale)[:, None] * b.astype(jnp.float32), after_next, loaded
 
         if not ep.prefetch_rows:
             acc = jax.lax.fori_loop(0, steps, body, acc)
             continue
-        first = jnp.zeros(rank.shape, jnp.int32)
-        carry = (acc, indices(first + 1, True), fetch(*indices(first, True)))
+        carry = (acc, indices(row_of(0, 1), True), fetch(*indices(row_of(0), True)))
         acc = jax.lax.fori_loop(0, steps, pipelined, carry)[0]
     return acc
 
@@ -521,12 +592,13 @@ def _dot_epilogue_indices(
     return group, col_block, scale, steps, step_indices
 
 
-def _dot_epilogue(acc, refs, rows_i, prepared, ep: _Epilogue, *, dtype, interpret):
+def _dot_epilogue(acc, refs, rows_i, prepared, ep: _Epilogue, *, dtype, share=None, interpret):
     """acc (bm, bn) + each token's scaled ``v @ B``, one tensor-core dot per prepared step: its
     B operand stacks the step's B rows, ``(epilogue_k, bn)``; its v operand is block-diagonal,
     ``(bm, epilogue_k)``, row t holding token t's scaled v in its own K positions and zeros
     elsewhere. Rows beyond a token's rank are masked in both (never loaded), so the pools may
-    hold anything there; steps beyond every token's rank are skipped."""
+    hold anything there; steps beyond every token's rank are skipped. With ``share`` = (part,
+    split), the steps part, part + split, ... only."""
     group, col_block, scale, steps, step_indices = prepared
     weights, rank_cols = ep.weights, ep.rank_cols
     g_count = len(weights)
@@ -560,6 +632,8 @@ def _dot_epilogue(acc, refs, rows_i, prepared, ep: _Epilogue, *, dtype, interpre
                     vt = (vt * scale[:, None]).astype(dtype)
                     return acc + pltriton.dot(vt, b.astype(dtype), precision=_dot_precision(dtype))
 
+                if share is not None:
+                    any_live = any_live & (share[0] == s % share[1])
                 acc = jax.lax.cond(any_live, step, lambda acc: acc, acc)
             return acc
 
@@ -629,26 +703,38 @@ def lora_matmul(
             tag = "_expand_prefetch"
     if sub < bm:
         tag += f"_d{sub}"
+    grid = (pl.cdiv(num_tokens, bm), n_cols // bn)
+    k_blocks = pl.cdiv(width, bk)
+    split = config.split_k_for(grid[0] * grid[1], k_blocks)
+    out_shape = jax.ShapeDtypeStruct((num_tokens, n_cols), out_dtype)
+    if split > 1:
+        tag += f"_sk{split}"
+        grid += (split,)
+        out_shape = jax.ShapeDtypeStruct((split, num_tokens, n_cols), jnp.float32)
     name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{config.num_warps}_s{config.num_stages}"
-    return pl.pallas_call(
+    y = pl.pallas_call(
         functools.partial(
             _matmul_kernel,
             bm=bm,
             sub=sub,
             bn=bn,
             bk=bk,
+            split=split,
+            k_steps=pl.cdiv(k_blocks, split),
             dtype=dtype,
             expand=expand,
             interpret=interpret,
         ),
-        out_shape=jax.ShapeDtypeStruct((num_tokens, n_cols), out_dtype),
-        grid=(pl.cdiv(num_tokens, bm), n_cols // bn),
+        out_shape=out_shape,
+        grid=grid,
         compiler_params=pltriton.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
         name=name,
     )(*args)
+    # One rounding of the summed partials, as the unsplit kernel rounds its accumulator.
+    return y.sum(axis=0).astype(out_dtype) if split > 1 else y
 
 
 def lora_projection(

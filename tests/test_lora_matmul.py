@@ -155,6 +155,39 @@ def test_sub_blocks_share_the_weight_tile(group, dtype_name, epilogue, interpret
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    ("group", "dtype_name", "epilogue", "split_k"),
+    [
+        ("qkv", "bfloat16", "dot", 2),
+        ("gate_up", "float32", "dot", 4),
+        ("down", "float32", "rows", 4),
+        ("down", "bfloat16", "rows_prefetch", 2),
+        ("qkv", "float32", "rows", 3),
+    ],
+)
+def test_split_k_partials_sum_to_the_reference(group, dtype_name, epilogue, split_k, interpret):
+    """K split over programs (float32 partials the wrapper sums), the LoRA terms shared out:
+    rank rows (rows epilogues) or steps (dot) i go to part i % split. K = 40 / 48 / 72 in steps
+    of 16 (3, 3 and 5 steps): split 2 of q|k|v overruns K in its last step; split 4 of gate|up
+    is capped at its 3 steps; split 4 of down leaves the last part past K (masked, zeros)."""
+    dtype = jnp.dtype(dtype_name)
+    prob, w, lora = _case(group, 40, dtype)
+    config = dataclasses.replace(
+        SMALL,
+        split_k=split_k,
+        epilogue=epilogue,
+        epilogue_rank_rows=8,
+        epilogue_block_k=32,
+        epilogue_prepared_rank_rows=8,
+    )
+    y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
+    assert y.shape == (40, w.shape[2]) and y.dtype == dtype
+    assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL[dtype_name]
+    base = lora_matmul(prob.x, w, prob.layer, config=config, interpret=interpret)
+    assert _rel_err(base, lora_matmul_reference(prob.x, w, prob.layer)) < TOL[dtype_name]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
 def test_every_layer_and_base_only_tokens(interpret):
     """The layer is read in place from the stacked kernels (and the pools) at a traced index;
     tokens without an adapter get exactly the base output. Every dot-epilogue step computes its
@@ -234,9 +267,15 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
     for config, name in (
         (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_d16_"),
         (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_"),
+        (MatmulConfig(split_k=2), "lora_matmul_expand_sk2_"),
+        (MatmulConfig(split_k=2, epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_sk2_"),
+        (MatmulConfig(split_k=2, epilogue="dot"), "lora_matmul_expand_r16k256p64_sk2_"),
     ):
         text = lower(config)
         assert triton_kernels(text) == 1 and f"{name}{blocks}" in text
+    # K split by the programs' count: 6 x 3 K steps of 128 at N = 768 over 32 columns.
+    text = lower(MatmulConfig(min_programs=64), with_lora=False)
+    assert triton_kernels(text) == 1 and f"lora_matmul_sk4_{blocks}" in text
 
 
 def test_default_blocks_follow_the_sweep():
@@ -269,6 +308,15 @@ def test_default_blocks_follow_the_sweep():
     assert MatmulConfig(epilogue_prepared_rank_rows=20).epilogue_blocks(32, 64) == (16, 256, 32)
     assert MatmulConfig(epilogue_prepared_rank_rows=999).epilogue_blocks(32, 64) == (16, 256, 64)
     assert MatmulConfig(epilogue_prepared_rank_rows=0).epilogue_blocks(32, 64) == (16, 256, 0)
+    # Columns per program from the width classes; the K split: none by default, else the
+    # smallest power of two reaching min_programs, capped by max_split_k and the K steps.
+    wide128 = MatmulConfig(wide_block_n=128, narrow_block_n=64)
+    assert [wide128.block_n_for(w) for w in ((4096,) * 3, (4096,))] == [128, 64]
+    assert config.split_k_for(128, 43) == 1
+    fill = MatmulConfig(min_programs=256)
+    assert [fill.split_k_for(p, 43) for p in (32, 128, 192, 344)] == [8, 2, 2, 1]
+    assert fill.split_k_for(32, 3) == 2 and MatmulConfig(split_k=4).split_k_for(999, 3) == 3
+    assert MatmulConfig(min_programs=256, max_split_k=4).split_k_for(32, 43) == 4
     # Sub-blocks: the program's rows by default, never more.
     assert [config.dot_block_m_for(bm) for bm in (16, 128)] == [16, 128]
     assert [MatmulConfig(dot_block_m=32).dot_block_m_for(bm) for bm in (16, 128)] == [16, 32]
@@ -303,6 +351,10 @@ def test_bad_inputs_raise_config_errors():
         MatmulConfig(dot_block_m=8)
     with pytest.raises(ConfigError, match="'epilogue_prepared_rank_rows': expected an int >= 0"):
         MatmulConfig(epilogue_prepared_rank_rows=-1)
+    with pytest.raises(ConfigError, match="'split_k': expected an int >= 1"):
+        MatmulConfig(split_k=0)
+    with pytest.raises(ConfigError, match=r"'narrow_block_n': .* dimension\), got None"):
+        MatmulConfig(narrow_block_n=None)
 
 
 def test_lora_projection_is_the_shrink_then_the_fused_expand():

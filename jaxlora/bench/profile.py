@@ -76,7 +76,7 @@ def idle_gaps_ns(events) -> list[int]:
     return [b[0] - a[1] for a, b in itertools.pairwise(spans)]
 
 
-def breakdown(events, steps: int, wall_s: float, *, top: int = 12) -> dict:
+def breakdown(events, steps: int, wall_s: float, *, top: int = 40) -> dict:
     """Per-iteration milliseconds of each category, the busy union and the wall time, the kernel
     count, and the costliest kernel names (total ms per iteration and launches per iteration)."""
     steps = max(1, steps)
