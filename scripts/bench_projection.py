@@ -53,6 +53,14 @@ flags.DEFINE_integer(
     "0: the adapters' rank",
 )
 flags.DEFINE_integer("layers", 8, "distinct stacked weights per chain")
+flags.DEFINE_enum(
+    "layer_loop",
+    "unrolled",
+    list(projection.LAYER_LOOPS),
+    "unrolled: a kernel compiled per call site, as the unrolled model; scan: a loop over a traced "
+    "layer, as the model's scan (one compilation per chain: fast sweeps)",
+)
+flags.DEFINE_bool("xla", True, "time XLA's GEMM (+ SGMV) beside the configs")
 flags.DEFINE_integer("passes", 4, "passes over the layers per call")
 flags.DEFINE_string("json_out", "", "where to write the rows")
 
@@ -77,20 +85,22 @@ def main(argv):
         pool_rank=FLAGS.pool_rank or None,
         layers=FLAGS.layers,
         passes=FLAGS.passes,
+        layer_loop=FLAGS.layer_loop,
         copy=copy,
         on_row=lambda row: print(projection.format_row(row), flush=True),
     )
+    xla = {"xla": None} if FLAGS.xla else {}
     rows = []
     for group in FLAGS.groups:
         rows += projection.run_rows(
-            groups=[group], workloads=["no_lora"], impls={"xla": None, **configs}, **common
+            groups=[group], workloads=["no_lora"], impls={**xla, **configs}, **common
         )
     if lora_configs:
         for group in FLAGS.groups:
             rows += projection.run_rows(
                 groups=[group],
                 workloads=FLAGS.lora_workloads,
-                impls={"xla": None, **lora_configs},
+                impls={**xla, **lora_configs},
                 **common,
             )
     best = {} if lora_configs else projection.best_configs(rows, configs)
@@ -98,7 +108,7 @@ def main(argv):
         rows += projection.run_rows(
             groups=[group],
             workloads=FLAGS.lora_workloads,
-            impls={"xla": None, name: configs[name]},
+            impls={**xla, name: configs[name]},
             **{**common, "tokens": [tokens]},
         )
     if FLAGS.json_out:

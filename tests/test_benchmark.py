@@ -670,3 +670,18 @@ def test_projection_bench_pool_rank_sizes_the_tables_like_the_engine():
         x, wide.a_pool, wide.a_pages, wide.ranks, wide.token_slot, 1, weights=wide.weights
     )
     assert v.shape == (5, 3, 64)
+
+
+def test_projection_chain_scan_matches_unrolled():
+    """bench_projection's chains: the scan loop (traced layer) computes what the unrolled one
+    does; an unknown loop is our error."""
+    from jaxlora.bench.projection import chain
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 32))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 64)) * 0.1
+    unrolled = chain("xla", None, layers=3, passes=2)(x, w, None)
+    scan = chain("xla", None, layers=3, passes=2, layer_loop="scan")(x, w, None)
+    np.testing.assert_allclose(np.asarray(scan), np.asarray(unrolled), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(scan), np.asarray(x))
+    with pytest.raises(ConfigError, match="layer_loop must be one of"):
+        chain("xla", None, layers=3, passes=2, layer_loop="while")

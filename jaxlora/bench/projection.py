@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.bench.profile import trace_gpu_events
+from jaxlora.errors import ConfigError
 from pallas_kernels.lora_matmul import MatmulConfig, lora_matmul, lora_projection
 from pallas_kernels.sgmv import sgmv_delta
 
@@ -170,20 +171,38 @@ def _operands(lora: LoraCase):
     )
 
 
-def chain(impl, config, *, layers, passes):
-    """A jitted function running ``layers * passes`` dependent projections."""
+LAYER_LOOPS = ("unrolled", "scan")
+
+
+def chain(impl, config, *, layers, passes, layer_loop="unrolled"):
+    """A jitted function running ``layers * passes`` dependent projections. ``layer_loop``:
+    "unrolled" like the model's unrolled step (static layer slices for XLA, one kernel
+    compilation per call site), "scan" like its scan (a loop with a traced layer: one
+    compilation; XLA's GEMM then copies the layer's slice of the stacked weights first)."""
+
+    def mix(x, y):
+        in_width = x.shape[1]
+        reps = -(-in_width // y.shape[1])
+        nxt = jnp.tile(y, (1, reps))[:, :in_width] if reps > 1 else y[:, :in_width]
+        return (0.5 * x.astype(jnp.float32) + 0.5 * nxt.astype(jnp.float32)).astype(x.dtype)
 
     def run(x, w, lora):
-        # Unrolled like the model's step (static layer slices for XLA), no loop around them.
-        in_width = x.shape[1]
+        if layer_loop == "scan":
+
+            def step(i, x):
+                return mix(x, _projection(impl, config, x, w, i % layers, lora))
+
+            return jax.lax.fori_loop(0, layers * passes, step, x)
         for _ in range(passes):
             for layer in range(layers):
-                y = _projection(impl, config, x, w, layer, lora)
-                reps = -(-in_width // y.shape[1])
-                nxt = jnp.tile(y, (1, reps))[:, :in_width] if reps > 1 else y[:, :in_width]
-                x = (0.5 * x.astype(jnp.float32) + 0.5 * nxt.astype(jnp.float32)).astype(x.dtype)
+                x = mix(x, _projection(impl, config, x, w, layer, lora))
         return x
 
+    if layer_loop not in LAYER_LOOPS:
+        raise ConfigError(
+            f"jaxlora/bench/projection.py chain: layer_loop must be one of {LAYER_LOOPS}, "
+            f"got {layer_loop!r}"
+        )
     return jax.jit(run)
 
 
@@ -211,6 +230,7 @@ def run_rows(
     pool_rank=None,
     layers=8,
     passes=4,
+    layer_loop="unrolled",
     calls=5,
     repeats=5,
     dtype=jnp.bfloat16,
@@ -264,7 +284,9 @@ def run_rows(
                 for name, config in impls.items():
                     impl = "xla" if config is None else "fused"
                     try:
-                        fn = chain(impl, config, layers=layers, passes=passes)
+                        fn = chain(
+                            impl, config, layers=layers, passes=passes, layer_loop=layer_loop
+                        )
                         seconds = time_chain(fn, (x, w, lora), calls=calls, repeats=repeats)
                         row["us"][name] = seconds / (layers * passes) * 1e6
                     except Exception as e:  # a config that does not compile is recorded
