@@ -80,30 +80,33 @@ _WHERE = "pallas_kernels/lora_matmul.py"
 class MatmulConfig(KernelConfig):
     """Tuning knobs of ``lora_matmul`` (powers of two; blocks shrink to tiny test shapes).
 
-    ``None`` block sizes follow the H200 sweep (docs/BENCHMARKS.md, eighth session): 64 output
-    columns per program for wide groups (N >= ``wide_n``: q|k|v, gate|up) and 32 for narrow ones
-    (o, down: N / 64 programs would leave SMs idle); the K step then keeps a program's weight tile
-    at 8192 elements up to ``small_tokens`` tokens and 4096 above (the x tile grows with T)."""
+    ``None`` block sizes follow the H200 sweeps (docs/BENCHMARKS.md, eighth and eleventh
+    sessions). Columns per program: the widest block up to ``max_block_n`` that still gives at
+    least ``column_programs`` column blocks (q|k|v: 64, gate|up: 128 at llama-2-7b widths), else
+    ``narrow_block_n`` (o, down), whose few programs the K split then multiplies up to
+    ``min_programs``. The K step keeps a program's weight tile at 8192 elements up to
+    ``small_tokens`` tokens and 4096 above (the x tile grows with T)."""
 
     block_m: int = 128  # most tokens per program (the M of its dots; at least 16)
     block_n: int | None = None  # output columns per program
     block_k: int | None = None  # input-width step
     num_warps: int = 4
     num_stages: int = 4
-    wide_n: int = 8192
-    wide_block_n: int = 64  # block_n None: output columns per program for N >= wide_n
-    narrow_block_n: int = 32  # and below
+    max_block_n: int = 128
+    column_programs: int = 160
+    narrow_block_n: int = 64
     small_tokens: int = 32
     # Split along K: each of ``split`` programs per output block walks 1/split of K and writes
     # float32 partials (split, T, N), which the wrapper sums (XLA fuses the sum into the
     # consumer: the residual add, RoPE). The LoRA epilogue's work is shared out too: rank rows
-    # (rows epilogue) or steps (dot epilogue) i go to the program i % split. Why: at N = 4096
-    # with 32 columns per program there are only 128 programs, each re-reading x per column
-    # block; wider blocks need a split to keep every SM busy. None: the smallest power of two
-    # that gives at least ``min_programs`` programs (0: no split), at most ``max_split_k`` and
-    # at most the K steps.
+    # (rows epilogue) or steps (dot epilogue) i go to the program i % split. Why: o and down
+    # (N = 4096) have few column blocks, and narrow blocks re-read x once per block; the rows
+    # epilogue is a chain of dependent gathers that a split shortens. None: the smallest power
+    # of two that gives at least ``min_programs`` programs (``rows_epilogue_min_programs`` when
+    # the rows epilogue runs; 0: no split), at most ``max_split_k`` and at most the K steps.
     split_k: int | None = None
-    min_programs: int = 0
+    min_programs: int = 160
+    rows_epilogue_min_programs: int | None = None
     max_split_k: int = 8
     # How the epilogue adds the LoRA delta. "dot": static steps, each gathering the B rows of
     # some tokens' rank chunk, ``(epilogue_block_k, block_n)``, and multiplying them on the
@@ -147,11 +150,11 @@ class MatmulConfig(KernelConfig):
             "dot_block_m",
             "block_n",
             "block_k",
-            "wide_block_n",
+            "max_block_n",
             "narrow_block_n",
         ):
             value = getattr(self, name)
-            optional = name not in ("block_m", "wide_block_n", "narrow_block_n")
+            optional = name not in ("block_m", "max_block_n", "narrow_block_n")
             if optional and value is None:
                 continue
             if not isinstance(value, int) or value < 16 or value & (value - 1):
@@ -182,17 +185,24 @@ class MatmulConfig(KernelConfig):
             "num_warps",
             "num_stages",
             "max_tokens",
-            "wide_n",
+            "column_programs",
             "small_tokens",
             "dot_epilogue_max_tokens",
             "epilogue_prepared_rank_rows",
             "split_k",
             "min_programs",
+            "rows_epilogue_min_programs",
             "max_split_k",
         ):
             value = getattr(self, name)
-            at_least = 0 if name in ("epilogue_prepared_rank_rows", "min_programs") else 1
-            if name in ("epilogue_prepared_rank_rows", "split_k") and value is None:
+            at_least = 0 if name in ("epilogue_prepared_rank_rows", "column_programs") else 1
+            if "min_programs" in name:
+                at_least = 0
+            if value is None and name in (
+                "epilogue_prepared_rank_rows",
+                "split_k",
+                "rows_epilogue_min_programs",
+            ):
                 continue
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(
@@ -202,8 +212,13 @@ class MatmulConfig(KernelConfig):
     def block_n_for(self, widths) -> int:
         """The largest block of output columns up to the preferred one (>= 16) dividing every
         width, or 0 when there is none."""
-        preferred = self.wide_block_n if sum(widths) >= self.wide_n else self.narrow_block_n
-        bn = self.block_n or preferred
+        bn = self.block_n
+        if bn is None:
+            bn = self.max_block_n
+            while bn > self.narrow_block_n and sum(widths) // bn < self.column_programs:
+                bn //= 2
+            if sum(widths) // bn < self.column_programs:
+                bn = self.narrow_block_n
         while bn >= 16:
             if all(w % bn == 0 for w in widths):
                 return bn
@@ -215,13 +230,16 @@ class MatmulConfig(KernelConfig):
             return self.block_k
         return max(16, (8192 if num_tokens <= self.small_tokens else 4096) // bn)
 
-    def split_k_for(self, programs: int, k_blocks: int) -> int:
+    def split_k_for(self, programs: int, k_blocks: int, *, rows_epilogue: bool = False) -> int:
         """Programs per output block along K, for ``programs`` output blocks and ``k_blocks``
         K steps in all (every split gets at least one step)."""
         if self.split_k is not None:
             return max(1, min(self.split_k, k_blocks))
+        target = self.min_programs
+        if rows_epilogue and self.rows_epilogue_min_programs is not None:
+            target = self.rows_epilogue_min_programs
         split = 1
-        while programs * split < self.min_programs and 2 * split <= min(self.max_split_k, k_blocks):
+        while programs * split < target and 2 * split <= min(self.max_split_k, k_blocks):
             split *= 2
         return split
 
@@ -705,7 +723,8 @@ def lora_matmul(
         tag += f"_d{sub}"
     grid = (pl.cdiv(num_tokens, bm), n_cols // bn)
     k_blocks = pl.cdiv(width, bk)
-    split = config.split_k_for(grid[0] * grid[1], k_blocks)
+    rows_epilogue = expand is not None and not expand.epilogue_k
+    split = config.split_k_for(grid[0] * grid[1], k_blocks, rows_epilogue=rows_epilogue)
     out_shape = jax.ShapeDtypeStruct((num_tokens, n_cols), out_dtype)
     if split > 1:
         tag += f"_sk{split}"

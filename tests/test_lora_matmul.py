@@ -244,51 +244,68 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         w = jnp.zeros((2, in_width, sum(widths)), jnp.bfloat16)
         lora = _expand(prob, jnp.zeros((num_tokens, 3, 64), jnp.float32))
         bm = max(16, min(128, num_tokens))
-        bn = 32  # N = 768: a narrow group
-        bk = 256 if num_tokens <= 32 else 128
+        # N = 768: too few columns for 160 blocks, so 64 a block and a K split: 4 K steps of
+        # 128 up to 32 tokens, 8 of 64 above, all split (12 column blocks, under 160 programs).
+        bn = 64
+        bk = 128 if num_tokens <= 32 else 64
+        split = f"_sk{512 // bk}"
         blocks = f"bm{bm}_bn{bn}_bk{bk}_w4_s4"
         # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), rows above; each
         # forced the other way; base only.
         dot = num_tokens <= 32
         cases = [
-            (None, "lora_matmul_expand_r16k256p64_" if dot else "lora_matmul_expand_"),
+            (None, "lora_matmul_expand_r16k256p64" if dot else "lora_matmul_expand"),
             (
                 ROWS if dot else dataclasses.replace(ROWS, epilogue="dot"),
-                "lora_matmul_expand_" if dot else "lora_matmul_expand_r16k256p64_",
+                "lora_matmul_expand" if dot else "lora_matmul_expand_r16k256p64",
             ),
         ]
         for config, name in cases:
             text = lower(config)
-            assert triton_kernels(text) == 1 and f"{name}{blocks}" in text
+            assert triton_kernels(text) == 1 and f"{name}{split}_{blocks}" in text
         text = lower(None, with_lora=False)
-        assert triton_kernels(text) == 1 and f"lora_matmul_{blocks}" in text
-    # T=128 as 8 sub-blocks of 16 tokens, each with the dot epilogue; and with the
-    # software-pipelined rows epilogue.
+        assert triton_kernels(text) == 1 and f"lora_matmul{split}_{blocks}" in text
+        # Without the split, and the earlier column rule (32 columns below 128 blocks of 64).
+        unsplit = MatmulConfig(min_programs=0, max_block_n=64, narrow_block_n=32)
+        text = lower(unsplit, with_lora=False)
+        assert triton_kernels(text) == 1 and f"lora_matmul_bm{bm}_bn32_bk{2 * bk}_" in text
+    # T=128 as 8 sub-blocks of 16 tokens, each with the dot epilogue; the software-pipelined
+    # rows epilogue; explicit splits.
     for config, name in (
-        (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_d16_"),
-        (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_"),
+        (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_d16_sk8_"),
+        (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_sk8_"),
         (MatmulConfig(split_k=2), "lora_matmul_expand_sk2_"),
         (MatmulConfig(split_k=2, epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_sk2_"),
         (MatmulConfig(split_k=2, epilogue="dot"), "lora_matmul_expand_r16k256p64_sk2_"),
     ):
         text = lower(config)
         assert triton_kernels(text) == 1 and f"{name}{blocks}" in text
-    # K split by the programs' count: 6 x 3 K steps of 128 at N = 768 over 32 columns.
-    text = lower(MatmulConfig(min_programs=64), with_lora=False)
-    assert triton_kernels(text) == 1 and f"lora_matmul_sk4_{blocks}" in text
 
 
 def test_default_blocks_follow_the_sweep():
-    """64 columns for q|k|v and gate|up, 32 for o and down (llama-2-7b); the K step keeps the
+    """The widest column block up to 128 with at least 160 blocks, else 64: q|k|v 64, gate|up
+    128, o and down 64 (llama-2-7b), split along K up to 160 programs; the K step keeps the
     weight tile at 8192 elements up to 32 tokens, 4096 above; widths force smaller blocks."""
     config = MatmulConfig()
     for widths, bn in (
         ((4096,) * 3, 64),
-        ((11008, 11008), 64),
-        ((4096,), 32),
-        ((4096, 1024, 1024), 32),
+        ((11008, 11008), 128),
+        ((14336, 14336), 128),
+        ((4096,), 64),
+        ((11008,), 64),
+        ((4096, 1024, 1024), 64),
     ):
         assert config.block_n_for(widths) == bn
+    # o and down: 64 column blocks, split 4 (256 programs); q|k|v (192) and gate|up (172)
+    # unsplit; the rows epilogue may ask for more programs.
+    assert [config.split_k_for(p, 64) for p in (64, 192, 172)] == [4, 1, 1]
+    rows = MatmulConfig(rows_epilogue_min_programs=384)
+    assert rows.split_k_for(192, 64) == 1 and rows.split_k_for(192, 64, rows_epilogue=True) == 2
+    # The earlier rule: 64 columns from 8192 on, 32 below, no split.
+    earlier = MatmulConfig(max_block_n=64, narrow_block_n=32, column_programs=128, min_programs=0)
+    for widths, bn in (((4096,) * 3, 64), ((11008, 11008), 64), ((4096,), 32), ((768,), 32)):
+        assert earlier.block_n_for(widths) == bn
+    assert earlier.split_k_for(128, 43) == 1
     assert [config.block_k_for(t, 64) for t in (1, 32, 33, 128)] == [128, 128, 64, 64]
     assert [config.block_k_for(t, 32) for t in (8, 128)] == [256, 128]
     assert config.block_n_for((8192, 8208)) == 16  # 8208 = 16 x 513
@@ -308,11 +325,8 @@ def test_default_blocks_follow_the_sweep():
     assert MatmulConfig(epilogue_prepared_rank_rows=20).epilogue_blocks(32, 64) == (16, 256, 32)
     assert MatmulConfig(epilogue_prepared_rank_rows=999).epilogue_blocks(32, 64) == (16, 256, 64)
     assert MatmulConfig(epilogue_prepared_rank_rows=0).epilogue_blocks(32, 64) == (16, 256, 0)
-    # Columns per program from the width classes; the K split: none by default, else the
-    # smallest power of two reaching min_programs, capped by max_split_k and the K steps.
-    wide128 = MatmulConfig(wide_block_n=128, narrow_block_n=64)
-    assert [wide128.block_n_for(w) for w in ((4096,) * 3, (4096,))] == [128, 64]
-    assert config.split_k_for(128, 43) == 1
+    # The K split: the smallest power of two reaching min_programs, capped by max_split_k and
+    # the K steps.
     fill = MatmulConfig(min_programs=256)
     assert [fill.split_k_for(p, 43) for p in (32, 128, 192, 344)] == [8, 2, 2, 1]
     assert fill.split_k_for(32, 3) == 2 and MatmulConfig(split_k=4).split_k_for(999, 3) == 3
