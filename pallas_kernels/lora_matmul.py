@@ -24,11 +24,19 @@ each a tensor-core dot of a block-diagonal tile of some tokens' scaled v, ``(bm,
 those tokens' B rank rows stacked, ``(K, bn)``; the page-table gathers that locate the B rows go
 out before the K loop, so after it only the B and v loads remain. Above ("rows"): a loop over
 rank rows, each step gathering one B row of every token and adding it on the CUDA cores.
-``MatmulConfig.dot_block_m`` (off by default, not yet timed) splits a program's tokens into
-sub-blocks, one dot each per K step on the same weight tile, each with its own epilogue: the
-dot epilogue for 128 tokens without a (128, K) v tile. ``epilogue="rows_prefetch"`` (not yet
-timed either) is the rows loop software-pipelined by hand: each step's B rows and v are loaded
-one step ahead, their page-table entries two.
+``MatmulConfig.dot_block_m`` (off by default) splits a program's tokens into sub-blocks, one
+dot each per K step on the same weight tile, each with its own epilogue: the dot epilogue for
+128 tokens without a (128, K) v tile; it lost at T = 128 (1.4-1.5x the rows epilogue's time,
+eleventh session). ``epilogue="rows_prefetch"`` is the rows loop software-pipelined by hand:
+each step's B rows and v are loaded one step ahead, their page-table entries two; it measured
+2% faster than "rows" on q|k|v at T = 128, within the noise, so it stays opt-in.
+
+The K split (``MatmulConfig.split_k`` / ``min_programs``, on by default for few column
+blocks): o and down (N = 4096) run 64 columns per program and 4 programs along K, each writing
+a float32 partial that the wrapper sums (XLA fuses the sum into the residual add); the LoRA
+epilogue's rank rows (or dot steps) are shared out among the parts. In the 32-layer scan
+engine (H200, eleventh session) this took the decode step from 1.42x to 1.37x its roofline at
+batch 32 without LoRA and from 1.62x to 1.46x at batch 128 with 128 distinct adapters.
 
 Measured on the H200 (docs/BENCHMARKS.md, "Decode projections in our own kernel"). Per
 projection, unrolled: 0.85-1.05x XLA's GEMMs without LoRA; with LoRA the dot epilogue beats XLA's
@@ -40,10 +48,10 @@ LoRA (tenth session) the rows epilogue is the fastest of those timed: XLA + SGMV
 0.99x its time (q|k|v / o, distinct adapters); the dot epilogue over the whole block 1.8-2.4x,
 row blocks of 32 with the dot epilogue 1.3-1.5x.
 
-Grid: (ceil(T / block_m), N / block_n). Every width of the group must be a multiple of block_n so
-that a column block belongs to one weight (``lora_matmul`` checks, ``MatmulConfig.block_n_for``
-picks one). The kernel is meant for decode-sized T (``MatmulConfig.max_tokens``); prefill keeps
-XLA's GEMM and the SGMV kernels.
+Grid: (ceil(T / block_m), N / block_n[, split]). Every width of the group must be a multiple
+of block_n so that a column block belongs to one weight (``lora_matmul`` checks,
+``MatmulConfig.block_n_for`` picks one). The kernel is meant for decode-sized T
+(``MatmulConfig.max_tokens``); prefill keeps XLA's GEMM and the SGMV kernels.
 """
 
 from __future__ import annotations
@@ -116,8 +124,8 @@ class MatmulConfig(KernelConfig):
     # token's B and adding it on the CUDA cores. "rows_prefetch": the same steps software-
     # pipelined by hand: step i adds the B rows and v loaded during step i - 1, issues the loads
     # of step i + 1 and the page-table loads of step i + 2, so a step waits for about one load
-    # instead of a chain of two (not yet timed). None: "dot" up to ``dot_epilogue_max_tokens``
-    # tokens per program, "rows" above.
+    # instead of a chain of two (2% faster on q|k|v at T = 128, within the noise). None: "dot"
+    # up to ``dot_epilogue_max_tokens`` tokens per program, "rows" above.
     epilogue: str | None = None
     dot_epilogue_max_tokens: int = 32
     epilogue_rank_rows: int = 16  # rank rows of a token per dot step (power of two)
@@ -137,7 +145,8 @@ class MatmulConfig(KernelConfig):
     # and the dot / rows choice follows dot_block_m. At T = 128 (tenth session, H200) the dot
     # epilogue over whole blocks of 128 took 1.8-2.4x the rows epilogue's time (its (128, 256)
     # v tile is 8x the useful work and likely spills), row blocks of 32 1.3-1.5x (the weights
-    # read 4 times); sub-blocks keep one weight read and small v tiles. Not yet timed.
+    # read 4 times); sub-blocks keep one weight read and small v tiles, but took 1.4x (16) and
+    # 1.5x (32) the rows epilogue's time on q|k|v at T = 128 (eleventh session).
     dot_block_m: int | None = None
     # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
     # keeps XLA's GEMM and the SGMV delta.
