@@ -69,11 +69,24 @@ def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """x: (B, S, N, D); positions: (B, S). HF's rotate-half convention."""
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, S, D/2)
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each (B, S, D/2) float32, of positions (B, S): the same for every layer, so
+    the model computes them once per step, outside its layer loop (XLA does not hoist them out
+    of a scan: a cos/sin kernel per layer otherwise)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    inv_freq: jax.Array,
+    tables: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """x: (B, S, N, D); positions: (B, S). HF's rotate-half convention. ``tables``: the
+    positions' ``rope_tables``, when already computed."""
+    cos, sin = tables if tables is not None else rope_tables(positions, inv_freq)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -374,7 +387,9 @@ class Attention(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, layer, positions, attn_mask, lora, kv, k_pool, v_pool, kernels=None):
+    def __call__(
+        self, x, layer, positions, attn_mask, lora, kv, k_pool, v_pool, kernels=None, rope=None
+    ):
         cfg = self.config
         b, s, _ = x.shape
         dense = lambda f, axes, name: _dense(f, axes, name, self.dtype, self.param_dtype)  # noqa: E731
@@ -394,8 +409,8 @@ class Attention(nn.Module):
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         inv_freq = rope_inverse_frequencies(cfg)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, positions, inv_freq, rope)
+        k = apply_rope(k, positions, inv_freq, rope)
         sm_scale = 1.0 / math.sqrt(cfg.head_dim)
 
         if kv is None:
@@ -488,7 +503,7 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, carry, layer, positions, attn_mask, lora, kv, kernels=None):
+    def __call__(self, carry, layer, positions, attn_mask, lora, kv, kernels=None, rope=None):
         h, k_pool, v_pool = carry
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
@@ -502,6 +517,7 @@ class DecoderLayer(nn.Module):
             k_pool,
             v_pool,
             kernels,
+            rope,
         )
         h = h + attn_out
         h = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
@@ -584,6 +600,7 @@ class Llama(nn.Module):
                     impl=self.projection_kernel,
                     config=self.projection_config,
                 )
+            rope = rope_tables(positions, rope_inverse_frequencies(cfg))
 
             def body(carry, xs):
                 layer_params, layer_id = xs
@@ -596,6 +613,7 @@ class Llama(nn.Module):
                     lora,
                     kv,
                     kernels,
+                    rope,
                 )
                 return carry, None
 

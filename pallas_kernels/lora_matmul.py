@@ -204,9 +204,13 @@ class MatmulConfig(KernelConfig):
             "max_split_k",
         ):
             value = getattr(self, name)
-            at_least = 0 if name in ("epilogue_prepared_rank_rows", "column_programs") else 1
-            if "min_programs" in name:
-                at_least = 0
+            zero_ok = (
+                "epilogue_prepared_rank_rows",
+                "column_programs",
+                "min_programs",
+                "rows_epilogue_min_programs",
+            )
+            at_least = 0 if name in zero_ok else 1
             if value is None and name in (
                 "epilogue_prepared_rank_rows",
                 "split_k",

@@ -840,15 +840,19 @@ def test_runner_xla_options_reach_the_step_and_bad_ones_fail_at_build(
             xla_options_from_json(text, where="--xla_options")
 
 
-@pytest.mark.parametrize("use_lora", [False, True])
-def test_decode_projections_through_lora_matmul_give_the_xla_logits(base, lora_adapters, use_lora):
+@pytest.mark.parametrize(("use_lora", "split"), [(False, False), (True, False), (True, True)])
+def test_decode_projections_through_lora_matmul_give_the_xla_logits(
+    base, lora_adapters, use_lora, split
+):
     """RunnerConfig.projection_kernel="pallas": a decode step runs every projection group through
     lora_matmul (one launch per group for the base GEMM and the LoRA expand, the weights read in
     place from the stacked kernels) and gives the logits of XLA's GEMMs + SGMV delta; prefill
-    steps keep XLA's GEMMs."""
+    steps keep XLA's GEMMs. ``split``: K steps of 16, so every group splits K over 4 programs
+    (8 for down's K = 128; the default min_programs) whose float32 partials the model sums."""
     import dataclasses
 
     from jaxlora.engine.runner import empty_batch
+    from pallas_kernels.lora_matmul import MatmulConfig
 
     logits, texts = {}, {}
     for projection in ("xla", "pallas"):
@@ -858,6 +862,7 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(base, lora_a
             impl="pallas_interpret",
             projection_kernel=projection,
             layer_loop="unrolled" if use_lora else "scan",
+            matmul=MatmulConfig(block_k=16) if split else None,
         )
         llm = jaxlora.LLM(
             TINY,
@@ -901,6 +906,7 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(base, lora_a
     layers = TINY.num_layers if use_lora else 1  # unrolled with LoRA, scan without
     assert len(matmuls) == 4 * layers
     assert all(("_expand_" in n) == use_lora for n, _ in matmuls)
+    assert all(bool(re.search(r"_sk[48]_", n)) == split for n, _ in matmuls)
     assert all(shapes[1][0] == TINY.num_layers and len(shapes[1]) == 3 for _, shapes in matmuls)
     for key in (("pallas", "prefill"), ("xla", "decode")):
         assert not any("lora_matmul" in n for n, _ in texts[key])

@@ -11,9 +11,12 @@ from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraWeights, pack_adapters, random_lora_weights
 from jaxlora.model import (
     Llama,
+    apply_rope,
     fuse_projections,
     init_params,
     projections_fused,
+    rope_inverse_frequencies,
+    rope_tables,
     unfuse_projections,
 )
 from pallas_kernels.layout import MODULES, NO_ADAPTER
@@ -105,6 +108,41 @@ def test_padding_mask_leaves_real_tokens_unchanged(tiny):
     a = model.apply({"params": params}, tokens)
     b = model.apply({"params": params}, padded, attn_mask=mask)[:, :5]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def _primitives(jaxpr, inside_scan=False):
+    """(primitive name, whether inside a scan body) of every equation, sub-jaxprs included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out.append((eqn.primitive.name, inside_scan))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _primitives(inner, inside_scan or eqn.primitive.name == "scan")
+    return out
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_rope_tables_are_computed_once_outside_the_layer_loop(tiny, scan_layers):
+    """The rotary cos / sin tables depend only on the positions: one cos and one sin per step,
+    none inside the layer scan (XLA would run them once per layer). Rotating with the tables
+    is rotating with the positions (tests/test_golden.py checks the model against HF's)."""
+    config, params = tiny
+    tokens = jnp.array(np.random.default_rng(3).integers(0, 512, (2, 6)), jnp.int32)
+    positions = jnp.array([[0, 1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12]], jnp.int32)
+    model = Llama(config, scan_layers=scan_layers)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens, positions))(params)
+    prims = _primitives(jaxpr.jaxpr)
+    assert [inside for name, inside in prims if name in ("cos", "sin")] == [False, False]
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 4, config.head_dim))
+    inv_freq = rope_inverse_frequencies(config)
+    tables = rope_tables(positions, inv_freq)
+    np.testing.assert_array_equal(
+        np.asarray(apply_rope(x, positions, inv_freq, tables)),
+        np.asarray(apply_rope(x, positions, inv_freq)),
+    )
+    assert not np.allclose(np.asarray(apply_rope(x, positions, inv_freq)), np.asarray(x))
 
 
 @pytest.mark.parametrize("groups", [1, 2])
