@@ -47,6 +47,9 @@ class KVCache:
     mode: str = flax.struct.field(pytree_node=False, default="decode")
     # "reference" (jnp, CPU) | "pallas" | "pallas_interpret"
     impl: str = flax.struct.field(pytree_node=False, default="reference")
+    # "xla": the K/V writes are XLA scatters (pallas_kernels.paged_attention.write_kv); "pallas":
+    # one Pallas launch for both (write_kv_kernel) where impl is a Pallas one.
+    write_impl: str = flax.struct.field(pytree_node=False, default="xla")
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
@@ -434,9 +437,10 @@ def _cached_attention(q, k, v, positions, layer, kv: KVCache, k_pool, v_pool, sm
     from pallas_kernels import paged_attention as pa
 
     b, s = positions.shape
-    k_pool, v_pool = pa.write_kv(
-        k_pool, v_pool, k, v, kv.page_table, positions, layer, kv.token_valid
-    )
+    write = pa.write_kv
+    if kv.write_impl == "pallas" and kv.impl != "reference":
+        write = functools.partial(pa.write_kv_kernel, interpret=kv.impl == "pallas_interpret")
+    k_pool, v_pool = write(k_pool, v_pool, k, v, kv.page_table, positions, layer, kv.token_valid)
     if kv.mode == "decode":
         assert s == 1, "decode mode takes one token per row"
         if kv.impl == "reference":

@@ -27,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -366,6 +367,26 @@ def gather_kv(
     return take(k_pool), take(v_pool)
 
 
+def _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where):
+    _check_cache_shapes(k_pool, v_pool, page_table, where=where)
+    _, _, _, num_kv_heads, head_dim = k_pool.shape
+    batch = page_table.shape[0]
+    token_shape = positions.shape
+    if positions.ndim not in (1, 2) or token_shape[0] != batch:
+        raise ConfigError(
+            f"{where}: positions must be ({batch},) or ({batch}, S) to match the "
+            f"page_table rows, got shape {token_shape}"
+        )
+    expected = (*token_shape, num_kv_heads, head_dim)
+    for tensor_name, tensor in (("k_new", k_new), ("v_new", v_new)):
+        if tensor.shape != expected:
+            raise ConfigError(
+                f"{where}: {tensor_name} must have shape {expected}, got {tensor.shape}"
+            )
+    if valid.shape != token_shape:
+        raise ConfigError(f"{where}: valid must have shape {token_shape}, got {valid.shape}")
+
+
 def write_kv(
     k_pool: jax.Array,  # (L, P, page_size, KVH, D)
     v_pool: jax.Array,  # (L, P, page_size, KVH, D)
@@ -384,24 +405,9 @@ def write_kv(
     positions beyond the page table write nothing. Two valid tokens with the same (row, position)
     is a caller bug (one of them wins).
     """
-    where = "write_kv"
-    _check_cache_shapes(k_pool, v_pool, page_table, where=where)
+    _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, "write_kv")
     num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
-    batch, max_pages_per_seq = page_table.shape
-    token_shape = positions.shape
-    if positions.ndim not in (1, 2) or token_shape[0] != batch:
-        raise ConfigError(
-            f"{where}: positions must be ({batch},) or ({batch}, S) to match the "
-            f"page_table rows, got shape {token_shape}"
-        )
-    expected = (*token_shape, num_kv_heads, head_dim)
-    for tensor_name, tensor in (("k_new", k_new), ("v_new", v_new)):
-        if tensor.shape != expected:
-            raise ConfigError(
-                f"{where}: {tensor_name} must have shape {expected}, got {tensor.shape}"
-            )
-    if valid.shape != token_shape:
-        raise ConfigError(f"{where}: valid must have shape {token_shape}, got {valid.shape}")
+    max_pages_per_seq = page_table.shape[1]
 
     positions = positions.astype(jnp.int32)
     page_slot = positions // page_size
@@ -424,6 +430,106 @@ def write_kv(
         return pool.at[layer, pages, offsets].set(rows, mode="drop")
 
     return scatter(k_pool, k_new), scatter(v_pool, v_new)
+
+
+def _write_kv_kernel(
+    # inputs
+    layer_ref,  # (1,) int32
+    positions_ref,  # (T,) int32
+    valid_ref,  # (T,) int32, 0 = write nothing
+    page_table_ref,  # (B, max_pages_per_seq) int32
+    k_new_ref,  # (T, W) W = KVH * D
+    v_new_ref,  # (T, W)
+    k_pool_in_ref,  # (L, P, page_size, W), the same buffer as k_pool_ref
+    v_pool_in_ref,  # (L, P, page_size, W), the same buffer as v_pool_ref
+    # outputs
+    k_pool_ref,  # (L, P, page_size, W)
+    v_pool_ref,  # (L, P, page_size, W)
+    *,
+    tokens_per_row: int,
+    lanes: int,
+):
+    """Program t writes token t's K and V rows (W values each) into its page slot, or nothing."""
+    del k_pool_in_ref, v_pool_in_ref
+    _, num_pages, page_size, width = k_pool_ref.shape
+    max_pages_per_seq = page_table_ref.shape[1]
+    # The token's metadata as one-element vectors: scalar index arithmetic and selects mistype
+    # in the Triton lowering (pallas_kernels/sgmv.py).
+    token = jnp.full((1,), pl.program_id(0), jnp.int32)
+    position = pltriton.load(positions_ref.at[token])
+    ok = (pltriton.load(valid_ref.at[token]) != 0) & (position >= 0)
+    position = jnp.maximum(position, 0)
+    row = jax.lax.div(token, jnp.int32(tokens_per_row))
+    page_slot = jax.lax.div(position, jnp.int32(page_size))
+    ok = ok & (page_slot < max_pages_per_seq)
+    page = pltriton.load(page_table_ref.at[row, jnp.minimum(page_slot, max_pages_per_seq - 1)])
+    ok = ok & (page >= 0) & (page < num_pages)
+    page = jnp.clip(page, 0, num_pages - 1)
+    offset = position - page_slot * page_size
+    lane = jnp.arange(lanes, dtype=jnp.int32)
+    lane_ok = lane < width
+    # Padding lanes point past the row: masked on the GPU, dropped by interpret-mode stores
+    # (which would write a masked lane's old value back over a real lane's new one).
+    lane = jnp.where(lane_ok, lane, width)
+    mask = ok & lane_ok
+    layer = layer_ref[0]
+    for new_ref, pool_ref in ((k_new_ref, k_pool_ref), (v_new_ref, v_pool_ref)):
+        values = pltriton.load(new_ref.at[token, lane], mask=lane_ok, other=0)
+        pltriton.store(
+            pool_ref.at[layer, page, offset, lane], values.astype(pool_ref.dtype), mask=mask
+        )
+
+
+def write_kv_kernel(
+    k_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    k_new: jax.Array,  # (*token_shape, KVH, D)
+    v_new: jax.Array,  # (*token_shape, KVH, D)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    positions: jax.Array,  # token_shape int32: (B,) one token per row, or (B, S)
+    layer: jax.Array | int,  # () int32
+    valid: jax.Array,  # token_shape bool: False = write nothing for this token
+    *,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """``write_kv`` as one Pallas Triton launch for K and V (XLA runs one scatter each): program
+    t writes token t's rows in place (the pools are aliased to the outputs), every check and
+    dropped write as ``write_kv``. Opt-in (``RunnerConfig.kv_write="pallas"``), not yet timed:
+    the 32-layer scan profile (docs/BENCHMARKS.md, eleventh session) shows XLA's two scatters at
+    3-4 us each per layer."""
+    where = "write_kv_kernel"
+    _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
+    num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
+    width = num_kv_heads * head_dim
+    num_tokens = int(np.prod(positions.shape))
+    tokens_per_row = 1 if positions.ndim == 1 else positions.shape[1]
+    if num_tokens == 0:
+        return k_pool, v_pool
+    pool_shape = (num_layers, num_pages, page_size, width)
+    lanes = _next_power_of_2(width)
+    k_out, v_out = pl.pallas_call(
+        functools.partial(_write_kv_kernel, tokens_per_row=tokens_per_row, lanes=lanes),
+        grid=(num_tokens,),
+        out_shape=(
+            jax.ShapeDtypeStruct(pool_shape, k_pool.dtype),
+            jax.ShapeDtypeStruct(pool_shape, v_pool.dtype),
+        ),
+        input_output_aliases={6: 0, 7: 1},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"write_kv_w{lanes}_warps{num_warps}",
+    )(
+        _layer_scalar(layer, num_layers).reshape(1),
+        positions.astype(jnp.int32).reshape(-1),
+        valid.astype(jnp.int32).reshape(-1),
+        page_table.astype(jnp.int32),
+        k_new.reshape(num_tokens, width),
+        v_new.reshape(num_tokens, width),
+        k_pool.reshape(pool_shape),
+        v_pool.reshape(pool_shape),
+    )
+    return k_out.reshape(k_pool.shape), v_out.reshape(v_pool.shape)
 
 
 def paged_attention_reference(

@@ -101,6 +101,13 @@ flags.DEFINE_enum(
     "attention / LoRA kernels (auto: Pallas on GPU)",
 )
 flags.DEFINE_enum(
+    "kv_write",
+    "xla",
+    ["xla", "pallas"],
+    "who writes K/V into the paged cache: XLA's scatters or one Pallas launch "
+    "(RunnerConfig.kv_write)",
+)
+flags.DEFINE_enum(
     "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
 )
 flags.DEFINE_bool(
@@ -283,7 +290,11 @@ def main(argv):
     engine_config = dataclasses.replace(
         engine_config,
         runner=dataclasses.replace(
-            engine_config.runner, sgmv=sgmv, matmul=matmul, xla_options=xla_options
+            engine_config.runner,
+            sgmv=sgmv,
+            matmul=matmul,
+            xla_options=xla_options,
+            kv_write=FLAGS.kv_write,
         ),
     )
     bench = build_engine(model, engine_config, setup)

@@ -63,6 +63,13 @@ flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
 flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
 flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
 flags.DEFINE_enum(
+    "kv_write",
+    "xla",
+    ["xla", "pallas"],
+    "Who writes each step's K/V into the paged cache: XLA's scatters, or one Pallas launch "
+    "(RunnerConfig.kv_write; opt-in, not yet timed).",
+)
+flags.DEFINE_enum(
     "layer_loop",
     "scan",
     ["scan", "unrolled"],
@@ -187,6 +194,7 @@ def main(argv):
         projection_kernel=FLAGS.projection_kernel,
         sgmv=sgmv,
         matmul=matmul,
+        kv_write=FLAGS.kv_write,
         async_scheduling=FLAGS.async_scheduling,
     )
     try:

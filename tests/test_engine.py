@@ -13,6 +13,7 @@ import jaxlora
 from configs.models import TINY
 from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import EngineConfig, FinishReason, KVCacheConfig, RunnerConfig
+from jaxlora.engine.runner import empty_batch
 from jaxlora.model import Llama, init_params
 from jaxlora.sampling import SamplingParams
 from jaxlora.tokenizer import tiny_tokenizer
@@ -192,21 +193,39 @@ def test_routing_each_request_gets_its_own_adapter_signature(base):
 
 
 def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_adapters):
-    """The kernel path's plumbing (host-built tile metadata, paged attention) on CPU."""
+    """The kernel path's plumbing (host-built tile metadata, paged attention) on CPU; also with
+    the K/V writes in the Pallas write kernel (RunnerConfig.kv_write="pallas"), prefill chunks
+    and decode tokens both."""
     import dataclasses
 
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
     names = ["all5", "qv1"]
     sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     outs = {}
-    for impl in ("reference", "pallas_interpret"):
+    for impl, kv_write in (
+        ("reference", "xla"),
+        ("pallas_interpret", "xla"),
+        ("pallas_interpret", "pallas"),
+    ):
         config = small_engine_config()
-        config = dataclasses.replace(config, runner=dataclasses.replace(config.runner, impl=impl))
+        runner = dataclasses.replace(config.runner, impl=impl, kv_write=kv_write)
+        config = dataclasses.replace(config, runner=runner)
         llm = jaxlora.LLM(
             TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
         )
-        outs[impl] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
-    assert outs["pallas_interpret"] == outs["reference"]
+        if kv_write == "pallas":
+            step = functools.partial(llm.engine.runner._forward, mode="decode", use_lora=True)
+            batch = empty_batch(8, 1, config.kv.max_pages_per_seq)
+            meta = llm.engine._lora_meta([], np.asarray(batch.token_slot))
+            with llm.engine._locked_lora_pools() as pools:
+                args = (llm.engine.kv.k_pool, llm.engine.kv.v_pool, pools, batch, meta)
+                jaxpr = jax.make_jaxpr(step)(llm.engine.runner.params, *args)
+            assert "write_kv_w" in str(jaxpr) and "scatter" not in str(jaxpr)
+        outs[impl, kv_write] = [
+            o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
+        ]
+    assert outs["pallas_interpret", "xla"] == outs["reference", "xla"]
+    assert outs["pallas_interpret", "pallas"] == outs["reference", "xla"]
 
 
 def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
@@ -321,6 +340,8 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
     assert pallas.projection_kernel_for("reference") == "xla"
     with pytest.raises(ConfigError, match="projection_kernel: expected 'auto', 'xla' or 'pallas'"):
         RunnerConfig(projection_kernel="cublas")
+    with pytest.raises(ConfigError, match="kv_write: expected 'xla' or 'pallas', got 'triton'"):
+        RunnerConfig(kv_write="triton")
 
 
 def test_fused_projections_generate_the_separate_weights_tokens(base, lora_adapters):

@@ -48,8 +48,15 @@ def test_pallas_engine_matches_reference_engine():
     names = ["a0", None, "a1", "a2", "a3", "a0"]
     sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = {}
-    # The last runs each decode projection group through lora_matmul (base GEMM + LoRA expand).
-    for impl, projection in (("reference", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
+    # The third runs each decode projection group through lora_matmul (base GEMM + LoRA
+    # expand); the fourth also writes K/V with the Pallas write kernel (kv_write="pallas").
+    runs = (
+        ("reference", "xla", "xla"),
+        ("pallas", "xla", "xla"),
+        ("pallas", "pallas", "xla"),
+        ("pallas", "pallas", "pallas"),
+    )
+    for impl, projection, kv_write in runs:
         config = EngineConfig(
             kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256),
             runner=RunnerConfig(
@@ -58,6 +65,7 @@ def test_pallas_engine_matches_reference_engine():
                 max_prefill_rows=4,
                 impl=impl,
                 projection_kernel=projection,
+                kv_write=kv_write,
             ),
             lora_pool=LoraPoolConfig(max_rank=64, rows_per_page=16, pages_per_pool=64, max_slots=8),
             warmup=False,
@@ -66,12 +74,12 @@ def test_pallas_engine_matches_reference_engine():
             CONFIG, params=params, adapters=adapters, engine_config=config, load_workers=0
         )
         assert llm.engine.runner.impl == impl
-        outputs[impl, projection] = [
+        outputs[impl, projection, kv_write] = [
             o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
         ]
     assert jax.default_backend() == "gpu"
-    assert outputs["pallas", "xla"] == outputs["reference", "xla"]
-    assert outputs["pallas", "pallas"] == outputs["reference", "xla"]
+    for run in runs[1:]:
+        assert outputs[run] == outputs[runs[0]], run
 
 
 @pytest.mark.parametrize(

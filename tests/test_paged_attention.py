@@ -18,9 +18,15 @@ from pallas_kernels.paged_attention import (
     paged_attention,
     paged_attention_reference,
     write_kv,
+    write_kv_kernel,
 )
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+INTERPRET = [
+    pytest.param(True, id="interpret"),
+    pytest.param(False, id="compiled", marks=pytest.mark.gpu),
+]
 
 
 def make_cache(
@@ -315,6 +321,101 @@ def test_write_kv_chunks_round_trip_through_attention():
         np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
 
 
+def _write_problem(seed, token_shape, num_kv_heads, head_dim, dtype):
+    """NaN-filled pools (any stray or missing write shows), a shuffled page table, and one token
+    for each reason to write nothing: invalid, a negative position, a position past the table,
+    a page id of -1 and one of P (the pool's size); every other token writes. Tokens of a row
+    never share a position. Needs at least 3 rows, and 3 tokens a row for (B, S)."""
+    rng = np.random.default_rng(seed)
+    layers, page_size, max_pages = 3, 4, 3
+    batch = token_shape[0]
+    per_row = 1 if len(token_shape) == 1 else token_shape[1]
+    num_pages = batch * max_pages + 2
+    shape = (layers, num_pages, page_size, num_kv_heads, head_dim)
+    table = rng.permutation(num_pages)[: batch * max_pages].reshape(batch, max_pages)
+    limit = max_pages * page_size
+    rows = np.repeat(np.arange(batch), per_row)
+    positions = np.concatenate([rng.permutation(limit)[:per_row] for _ in range(batch)])
+    valid = np.ones(rows.size, bool)
+
+    def place(token, position):
+        same = np.flatnonzero((rows == rows[token]) & (positions == position))
+        if same.size:
+            positions[same[0]] = positions[token]
+        positions[token] = position
+
+    # Decode (B,): tokens 0, 1, 2 are rows 0, 1, 2; chunks (B, S): row 0's first three.
+    valid[0] = False
+    place(1, -1)
+    place(2, limit + 1)
+    no_page, past_pool = (batch - 2) * per_row, (batch - 1) * per_row  # their rows' first tokens
+    table[batch - 2, -1], table[batch - 1, 0] = -1, num_pages
+    place(no_page, limit - 1)
+    place(past_pool, 0)
+    k_new = jnp.asarray(rng.standard_normal((*token_shape, num_kv_heads, head_dim)), jnp.float32)
+    return (
+        jnp.full(shape, jnp.nan, dtype),
+        jnp.full(shape, jnp.nan, dtype),
+        k_new,
+        k_new * 2 + 1,
+        jnp.asarray(table, jnp.int32),
+        jnp.asarray(positions.reshape(token_shape), jnp.int32),
+        jnp.int32(1),
+        jnp.asarray(valid.reshape(token_shape)),
+    )
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    ("token_shape", "num_kv_heads", "head_dim", "dtype"),
+    [
+        ((6,), 2, 16, jnp.float32),
+        ((6,), 3, 16, jnp.bfloat16),  # 48 values a row: padding lanes
+        ((3, 5), 2, 16, jnp.bfloat16),
+        ((4, 3), 4, 8, jnp.float32),
+    ],
+)
+def test_write_kv_kernel_writes_what_the_scatter_writes(
+    token_shape, num_kv_heads, head_dim, dtype, interpret
+):
+    """The one-launch Pallas write against XLA's scatter (write_kv): decode tokens (B,) and
+    chunks (B, S), float32 values into float32 and bfloat16 pools; every slot of both pools is
+    compared, NaN for the untouched ones."""
+    args = _write_problem(
+        sum(token_shape) + num_kv_heads, token_shape, num_kv_heads, head_dim, dtype
+    )
+    want_k, want_v = write_kv(*args)
+    run = jax.jit(functools.partial(write_kv_kernel, interpret=interpret))
+    got_k, got_v = run(*args)
+    written = ~np.isnan(np.asarray(want_k, np.float32)).all(axis=(3, 4))
+    table, positions, valid = (np.asarray(a) for a in (args[4], args[5], args[7]))
+    rows = np.broadcast_to(np.arange(table.shape[0])[:, None], table.shape[:1] + (1,))
+    pos = positions.reshape(table.shape[0], -1)
+    in_table = (pos >= 0) & (pos < table.shape[1] * 4)
+    pages = table[rows, np.clip(pos // 4, 0, table.shape[1] - 1)]
+    writes = valid.reshape(pos.shape) & in_table & (pages >= 0) & (pages < written.shape[1])
+    # The five tokens that must not write do not (others may land on the two bad pages).
+    assert written.sum() == writes.sum() <= np.prod(token_shape) - 5
+    np.testing.assert_array_equal(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(want_v, np.float32))
+
+
+def test_write_kv_kernel_lowers_in_place_for_the_gpu():
+    """One Triton launch for K and V whose outputs alias the pools (no pool-sized copy is
+    asked for), inside a scan over layers as the model runs it."""
+    args = _write_problem(0, (8,), 32, 128, jnp.bfloat16)
+
+    def layers(k_pool, v_pool, k_new, v_new, table, positions, layer, valid):
+        def step(pools, layer):
+            return write_kv_kernel(*pools, k_new, v_new, table, positions, layer, valid), None
+
+        return jax.lax.scan(step, (k_pool, v_pool), jnp.arange(3, dtype=jnp.int32))[0]
+
+    text = lower_for_gpu(layers, *args)
+    assert triton_kernels(text) == 1 and "write_kv_w4096_warps4" in text
+    assert "output_operand_aliases" in text
+
+
 def test_write_and_gather_bad_shapes_raise():
     pool = jnp.zeros((1, 4, 4, 2, 8))
     table = jnp.zeros((2, 2), jnp.int32)
@@ -342,6 +443,17 @@ def test_write_and_gather_bad_shapes_raise():
         )
     with pytest.raises(ConfigError, match="max_len=9"):
         gather_kv(pool, pool, table, 0, max_len=9)
+    with pytest.raises(ConfigError, match=r"write_kv_kernel: valid must have shape \(2,\)"):
+        write_kv_kernel(
+            pool,
+            pool,
+            jnp.zeros((2, 2, 8)),
+            jnp.zeros((2, 2, 8)),
+            table,
+            jnp.zeros((2,), jnp.int32),
+            0,
+            jnp.ones((3,), bool),
+        )
 
 
 # ----------------------------------------------------------------------------- compiled (GPU)

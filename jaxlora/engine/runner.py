@@ -79,12 +79,21 @@ class RunnerConfig:
     projection_kernel: str = "auto"
     # lora_matmul's tuning (None: MatmulConfig's defaults), e.g. up to which T it runs.
     matmul: MatmulConfig | None = None
+    # Who writes each step's K/V into the paged cache: "xla" (two scatters a layer) or "pallas"
+    # (pallas_kernels.paged_attention.write_kv_kernel, one launch for K and V, with a Pallas
+    # impl; the reference impl keeps XLA's). Opt-in, not yet timed: XLA's scatters took 7 us a
+    # layer at batch 32 in the 32-layer scan profile (docs/BENCHMARKS.md, eleventh session).
+    kv_write: str = "xla"
 
     def __post_init__(self):
         if self.projection_kernel not in ("auto", "xla", "pallas"):
             raise ConfigError(
                 f"runner config field projection_kernel: expected 'auto', 'xla' or 'pallas', "
                 f"got {self.projection_kernel!r}"
+            )
+        if self.kv_write not in ("xla", "pallas"):
+            raise ConfigError(
+                f"runner config field kv_write: expected 'xla' or 'pallas', got {self.kv_write!r}"
             )
         if self.layer_loop not in ("scan", "unrolled"):
             raise ConfigError(
@@ -392,6 +401,7 @@ class ModelRunner:
             token_valid=batch.token_valid,
             mode=mode,
             impl=self.impl,
+            write_impl=self.runner.kv_write,
         )
         lora = None
         if use_lora:

@@ -63,6 +63,7 @@ class LaunchConfig:
     projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
     sgmv: SgmvConfig | None = None  # RunnerConfig.sgmv: the SGMV kernels' tuning
     matmul: MatmulConfig | None = None  # RunnerConfig.matmul: lora_matmul's tuning
+    kv_write: str = "xla"  # RunnerConfig.kv_write: who writes K/V into the paged cache
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
@@ -131,6 +132,7 @@ def engine_config_for(
         projection_kernel=launch.projection_kernel,
         sgmv=launch.sgmv,
         matmul=launch.matmul,
+        kv_write=launch.kv_write,
     )
     pool = LoraPoolConfig(
         max_rank=pick(launch.max_rank, pool_default.max_rank),
