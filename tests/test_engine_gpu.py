@@ -83,20 +83,22 @@ def test_pallas_engine_matches_reference_engine():
 
 
 @pytest.mark.parametrize(
-    "layer_loop,tiles_only,projection",
+    "layer_loop,tiles_only,projection,kv_write",
     [
-        ("scan", False, "xla"),
-        ("unrolled", False, "xla"),
-        ("scan", True, "xla"),
-        ("scan", False, "pallas"),
+        ("scan", False, "xla", "xla"),
+        ("unrolled", False, "xla", "xla"),
+        ("scan", True, "xla", "xla"),
+        ("scan", False, "pallas", "xla"),
+        ("unrolled", False, "pallas", "pallas"),
     ],
 )
-def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projection):
+def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projection, kv_write):
     """On any machine: every step shape of an engine on the Pallas kernels (decode and prefill,
     with and without LoRA) lowers to Triton kernels for an abstract GPU (tests/gpu_lowering.py).
     RunnerConfig.sgmv picks the kernels: with the decode regime off, decode steps run the
     tensor-core tile kernels. With projection_kernel="pallas" a decode step runs lora_matmul for
-    each projection group and only the shrink of the SGMV pair."""
+    each projection group and only the shrink of the SGMV pair; with kv_write="pallas" every
+    layer of every step writes K/V with one more launch."""
     sgmv = SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0) if tiles_only else None
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
@@ -108,6 +110,7 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
             layer_loop=layer_loop,
             sgmv=sgmv,
             projection_kernel=projection,
+            kv_write=kv_write,
         ),
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
         warmup=False,
@@ -141,6 +144,9 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
                 # Base only: lora_matmul[_skN]_bm..., N parts along K where the split runs.
                 base_only = re.findall(r"lora_matmul(?:_sk\d+)?_bm", text)
                 assert (text.count("lora_matmul_expand") if use_lora else len(base_only)) >= 4
+            if kv_write == "pallas":
+                sgmv += layers  # not SGMV: the K/V write of each layer
+                assert text.count("write_kv_w") >= layers
             assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
             if use_lora:
                 per_token = "sgmv_shrink_decode" in text or "sgmv_expand_decode" in text
