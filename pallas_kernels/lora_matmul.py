@@ -116,6 +116,12 @@ class MatmulConfig(KernelConfig):
     min_programs: int = 160
     rows_epilogue_min_programs: int | None = None
     max_split_k: int = 8
+    # At most this share of the weights' bytes in partials' traffic (float32, written and read)
+    # when the split is chosen by min_programs (None: no cap). The partials grow with T: at
+    # T = 128, o's 4 parts move 16.8 MB beside its 33.5 MB of weights, and the per-projection
+    # sweep (eleventh session) had o fastest with 2 parts there and down with 4; a share of 0.3
+    # picks exactly that. Not yet timed in the engine.
+    max_partial_share: float | None = None
     # How the epilogue adds the LoRA delta. "dot": static steps, each gathering the B rows of
     # some tokens' rank chunk, ``(epilogue_block_k, block_n)``, and multiplying them on the
     # tensor cores by a block-diagonal tile of those tokens' scaled v; the page-table gathers go
@@ -153,6 +159,7 @@ class MatmulConfig(KernelConfig):
     max_tokens: int = 128
 
     def __post_init__(self):
+        self._check_partial_share()
         for name in (
             "block_m",
             "expand_block_m",
@@ -222,6 +229,16 @@ class MatmulConfig(KernelConfig):
                     f"MatmulConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
                 )
 
+    def _check_partial_share(self):
+        share = self.max_partial_share
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or share <= 0
+        ):
+            raise ConfigError(
+                f"MatmulConfig field 'max_partial_share': expected a number > 0 or None, "
+                f"got {share!r}"
+            )
+
     def block_n_for(self, widths) -> int:
         """The largest block of output columns up to the preferred one (>= 16) dividing every
         width, or 0 when there is none."""
@@ -243,16 +260,28 @@ class MatmulConfig(KernelConfig):
             return self.block_k
         return max(16, (8192 if num_tokens <= self.small_tokens else 4096) // bn)
 
-    def split_k_for(self, programs: int, k_blocks: int, *, rows_epilogue: bool = False) -> int:
+    def split_k_for(
+        self,
+        programs: int,
+        k_blocks: int,
+        *,
+        rows_epilogue: bool = False,
+        partial_bytes: int = 0,
+        weight_bytes: int = 0,
+    ) -> int:
         """Programs per output block along K, for ``programs`` output blocks and ``k_blocks``
-        K steps in all (every split gets at least one step)."""
+        K steps in all (every split gets at least one step); ``partial_bytes``: one part's
+        partials written and read, against ``weight_bytes`` for ``max_partial_share``."""
         if self.split_k is not None:
             return max(1, min(self.split_k, k_blocks))
         target = self.min_programs
         if rows_epilogue and self.rows_epilogue_min_programs is not None:
             target = self.rows_epilogue_min_programs
+        share = self.max_partial_share
         split = 1
         while programs * split < target and 2 * split <= min(self.max_split_k, k_blocks):
+            if share is not None and 2 * split * partial_bytes > share * weight_bytes:
+                break
             split *= 2
         return split
 
@@ -737,7 +766,13 @@ def lora_matmul(
     grid = (pl.cdiv(num_tokens, bm), n_cols // bn)
     k_blocks = pl.cdiv(width, bk)
     rows_epilogue = expand is not None and not expand.epilogue_k
-    split = config.split_k_for(grid[0] * grid[1], k_blocks, rows_epilogue=rows_epilogue)
+    split = config.split_k_for(
+        grid[0] * grid[1],
+        k_blocks,
+        rows_epilogue=rows_epilogue,
+        partial_bytes=2 * 4 * num_tokens * n_cols,
+        weight_bytes=width * n_cols * w.dtype.itemsize,
+    )
     out_shape = jax.ShapeDtypeStruct((num_tokens, n_cols), out_dtype)
     if split > 1:
         tag += f"_sk{split}"

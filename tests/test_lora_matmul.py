@@ -301,6 +301,15 @@ def test_default_blocks_follow_the_sweep():
     assert [config.split_k_for(p, 64) for p in (64, 192, 172)] == [4, 1, 1]
     rows = MatmulConfig(rows_epilogue_min_programs=384)
     assert rows.split_k_for(192, 64) == 1 and rows.split_k_for(192, 64, rows_epilogue=True) == 2
+    # Partials' traffic capped at 0.3 of the weight bytes: o (33.5 MB) at T = 128 gets 2 parts
+    # (8.4 MB of partials), at T = 32 still 4; down (90 MB) 4 at T = 128.
+    capped = MatmulConfig(max_partial_share=0.3)
+    for tokens, weights, parts in ((128, 4096, 2), (32, 4096, 4), (128, 11008, 4)):
+        split = capped.split_k_for(
+            64, 64, partial_bytes=8 * tokens * 4096, weight_bytes=weights * 4096 * 2
+        )
+        assert split == parts, (tokens, weights)
+    assert MatmulConfig.from_json('{"max_partial_share": 0.3}', where="test") == capped
     # The earlier rule: 64 columns from 8192 on, 32 below, no split.
     earlier = MatmulConfig(max_block_n=64, narrow_block_n=32, column_programs=128, min_programs=0)
     for widths, bn in (((4096,) * 3, 64), ((11008, 11008), 64), ((4096,), 32), ((768,), 32)):
@@ -367,6 +376,8 @@ def test_bad_inputs_raise_config_errors():
         MatmulConfig(epilogue_prepared_rank_rows=-1)
     with pytest.raises(ConfigError, match="'split_k': expected an int >= 1"):
         MatmulConfig(split_k=0)
+    with pytest.raises(ConfigError, match="'max_partial_share': expected a number > 0 or None"):
+        MatmulConfig(max_partial_share=0)
     with pytest.raises(ConfigError, match=r"'narrow_block_n': .* dimension\), got None"):
         MatmulConfig(narrow_block_n=None)
 
