@@ -197,32 +197,22 @@ class MatmulConfig(KernelConfig):
                 f"MatmulConfig field 'epilogue_block_k': expected a power of two >= 16 (a "
                 f"tensor-core dot dimension), got {ek!r}"
             )
-        for name in (
-            "num_warps",
-            "num_stages",
-            "max_tokens",
-            "column_programs",
-            "small_tokens",
-            "dot_epilogue_max_tokens",
-            "epilogue_prepared_rank_rows",
-            "split_k",
-            "min_programs",
-            "rows_epilogue_min_programs",
-            "max_split_k",
+        # (field, least value, None allowed)
+        for name, at_least, optional in (
+            ("num_warps", 1, False),
+            ("num_stages", 1, False),
+            ("max_tokens", 1, False),
+            ("column_programs", 0, False),
+            ("small_tokens", 1, False),
+            ("dot_epilogue_max_tokens", 1, False),
+            ("epilogue_prepared_rank_rows", 0, True),
+            ("split_k", 1, True),
+            ("min_programs", 0, False),
+            ("rows_epilogue_min_programs", 0, True),
+            ("max_split_k", 1, False),
         ):
             value = getattr(self, name)
-            zero_ok = (
-                "epilogue_prepared_rank_rows",
-                "column_programs",
-                "min_programs",
-                "rows_epilogue_min_programs",
-            )
-            at_least = 0 if name in zero_ok else 1
-            if value is None and name in (
-                "epilogue_prepared_rank_rows",
-                "split_k",
-                "rows_epilogue_min_programs",
-            ):
+            if optional and value is None:
                 continue
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(

@@ -27,7 +27,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -502,7 +501,7 @@ def write_kv_kernel(
     _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
     num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
     width = num_kv_heads * head_dim
-    num_tokens = int(np.prod(positions.shape))
+    num_tokens = positions.size
     tokens_per_row = 1 if positions.ndim == 1 else positions.shape[1]
     if num_tokens == 0:
         return k_pool, v_pool

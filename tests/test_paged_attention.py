@@ -419,41 +419,44 @@ def test_write_kv_kernel_lowers_in_place_for_the_gpu():
 def test_write_and_gather_bad_shapes_raise():
     pool = jnp.zeros((1, 4, 4, 2, 8))
     table = jnp.zeros((2, 2), jnp.int32)
-    with pytest.raises(ConfigError, match=r"k_new must have shape \(2, 2, 8\)"):
-        write_kv(
-            pool,
-            pool,
-            jnp.zeros((2, 8)),
-            jnp.zeros((2, 2, 8)),
-            table,
-            jnp.zeros((2,), jnp.int32),
-            0,
-            jnp.ones((2,), bool),
-        )
-    with pytest.raises(ConfigError, match="positions"):
-        write_kv(
-            pool,
-            pool,
-            jnp.zeros((3, 2, 8)),
-            jnp.zeros((3, 2, 8)),
-            table,
-            jnp.zeros((3,), jnp.int32),
-            0,
-            jnp.ones((3,), bool),
-        )
+    # XLA's scatter and the Pallas write share their checks; each names itself.
+    for write in (write_kv, write_kv_kernel):
+        where = write.__name__
+        with pytest.raises(ConfigError, match=rf"{where}: k_new must have shape \(2, 2, 8\)"):
+            write(
+                pool,
+                pool,
+                jnp.zeros((2, 8)),
+                jnp.zeros((2, 2, 8)),
+                table,
+                jnp.zeros((2,), jnp.int32),
+                0,
+                jnp.ones((2,), bool),
+            )
+        with pytest.raises(ConfigError, match=f"{where}: positions"):
+            write(
+                pool,
+                pool,
+                jnp.zeros((3, 2, 8)),
+                jnp.zeros((3, 2, 8)),
+                table,
+                jnp.zeros((3,), jnp.int32),
+                0,
+                jnp.ones((3,), bool),
+            )
+        with pytest.raises(ConfigError, match=rf"{where}: valid must have shape \(2,\)"):
+            write(
+                pool,
+                pool,
+                jnp.zeros((2, 2, 8)),
+                jnp.zeros((2, 2, 8)),
+                table,
+                jnp.zeros((2,), jnp.int32),
+                0,
+                jnp.ones((3,), bool),
+            )
     with pytest.raises(ConfigError, match="max_len=9"):
         gather_kv(pool, pool, table, 0, max_len=9)
-    with pytest.raises(ConfigError, match=r"write_kv_kernel: valid must have shape \(2,\)"):
-        write_kv_kernel(
-            pool,
-            pool,
-            jnp.zeros((2, 2, 8)),
-            jnp.zeros((2, 2, 8)),
-            table,
-            jnp.zeros((2,), jnp.int32),
-            0,
-            jnp.ones((3,), bool),
-        )
 
 
 # ----------------------------------------------------------------------------- compiled (GPU)

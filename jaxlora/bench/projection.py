@@ -179,6 +179,11 @@ def chain(impl, config, *, layers, passes, layer_loop="unrolled"):
     "unrolled" like the model's unrolled step (static layer slices for XLA, one kernel
     compilation per call site), "scan" like its scan (a loop with a traced layer: one
     compilation; XLA's GEMM then copies the layer's slice of the stacked weights first)."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ConfigError(
+            f"jaxlora/bench/projection.py chain: layer_loop must be one of {LAYER_LOOPS}, "
+            f"got {layer_loop!r}"
+        )
 
     def mix(x, y):
         in_width = x.shape[1]
@@ -198,11 +203,6 @@ def chain(impl, config, *, layers, passes, layer_loop="unrolled"):
                 x = mix(x, _projection(impl, config, x, w, layer, lora))
         return x
 
-    if layer_loop not in LAYER_LOOPS:
-        raise ConfigError(
-            f"jaxlora/bench/projection.py chain: layer_loop must be one of {LAYER_LOOPS}, "
-            f"got {layer_loop!r}"
-        )
     return jax.jit(run)
 
 
