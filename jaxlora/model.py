@@ -47,8 +47,9 @@ class KVCache:
     mode: str = flax.struct.field(pytree_node=False, default="decode")
     # "reference" (jnp, CPU) | "pallas" | "pallas_interpret"
     impl: str = flax.struct.field(pytree_node=False, default="reference")
-    # "xla": the K/V writes are XLA scatters (pallas_kernels.paged_attention.write_kv); "pallas":
-    # one Pallas launch for both (write_kv_kernel) where impl is a Pallas one.
+    # "xla": RoPE and the K/V writes are XLA fusions and scatters (apply_rope, write_kv);
+    # "pallas": one Pallas launch rotates q and k and writes k and v (rope_write_kv_kernel)
+    # where impl is a Pallas one.
     write_impl: str = flax.struct.field(pytree_node=False, default="xla")
 
 
@@ -88,12 +89,10 @@ def apply_rope(
 ) -> jax.Array:
     """x: (B, S, N, D); positions: (B, S). HF's rotate-half convention. ``tables``: the
     positions' ``rope_tables``, when already computed."""
+    from pallas_kernels.paged_attention import rotate_half_reference
+
     cos, sin = tables if tables is not None else rope_tables(positions, inv_freq)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    return rotate_half_reference(x, cos, sin)
 
 
 class RMSNorm(nn.Module):
@@ -412,18 +411,41 @@ class Attention(nn.Module):
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         inv_freq = rope_inverse_frequencies(cfg)
-        q = apply_rope(q, positions, inv_freq, rope)
-        k = apply_rope(k, positions, inv_freq, rope)
         sm_scale = 1.0 / math.sqrt(cfg.head_dim)
+        if kv is not None and kv.write_impl == "pallas" and kv.impl != "reference":
+            from pallas_kernels import paged_attention as pa
+
+            cos, sin = rope if rope is not None else rope_tables(positions, inv_freq)
+            q, k_pool, v_pool = pa.rope_write_kv_kernel(
+                q,
+                k,
+                v,
+                cos,
+                sin,
+                k_pool,
+                v_pool,
+                kv.page_table,
+                positions,
+                layer,
+                kv.token_valid,
+                interpret=kv.impl == "pallas_interpret",
+            )
+        else:
+            q = apply_rope(q, positions, inv_freq, rope)
+            k = apply_rope(k, positions, inv_freq, rope)
+            if kv is not None:
+                from pallas_kernels import paged_attention as pa
+
+                k_pool, v_pool = pa.write_kv(
+                    k_pool, v_pool, k, v, kv.page_table, positions, layer, kv.token_valid
+                )
 
         if kv is None:
             causal = positions[:, :, None] >= positions[:, None, :]
             mask = causal if attn_mask is None else causal & attn_mask[:, None, :]
             out = _dense_attention(q, k, v, mask, sm_scale)
         else:
-            out, k_pool, v_pool = _cached_attention(
-                q, k, v, positions, layer, kv, k_pool, v_pool, sm_scale
-            )
+            out = _cached_attention(q, positions, layer, kv, k_pool, v_pool, sm_scale)
         out = out.reshape(b, s, cfg.q_size)
         o = _kernel_projection("o", out, (cfg.hidden_size,), layer, lora, kernels)
         if o is None:
@@ -433,14 +455,11 @@ class Attention(nn.Module):
         return o[0], k_pool, v_pool
 
 
-def _cached_attention(q, k, v, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale):
+def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale):
+    """Attention of q over the pools, which already hold this step's K/V."""
     from pallas_kernels import paged_attention as pa
 
     b, s = positions.shape
-    write = pa.write_kv
-    if kv.write_impl == "pallas" and kv.impl != "reference":
-        write = functools.partial(pa.write_kv_kernel, interpret=kv.impl == "pallas_interpret")
-    k_pool, v_pool = write(k_pool, v_pool, k, v, kv.page_table, positions, layer, kv.token_valid)
     if kv.mode == "decode":
         assert s == 1, "decode mode takes one token per row"
         if kv.impl == "reference":
@@ -458,7 +477,7 @@ def _cached_attention(q, k, v, positions, layer, kv: KVCache, k_pool, v_pool, sm
                 sm_scale=sm_scale,
                 interpret=kv.impl == "pallas_interpret",
             )
-        return out[:, None], k_pool, v_pool
+        return out[:, None]
     max_len = kv.page_table.shape[1] * k_pool.shape[2]
     ck, cv = pa.gather_kv(k_pool, v_pool, kv.page_table, layer, max_len)
     key_pos = jnp.arange(max_len)[None, None, :]
@@ -469,7 +488,7 @@ def _cached_attention(q, k, v, positions, layer, kv: KVCache, k_pool, v_pool, sm
     else:
         out = jax.nn.dot_product_attention(q, ck, cv, mask=mask[:, None], scale=sm_scale)
         out = jnp.where(kv.token_valid[:, :, None, None], out, 0)
-    return out, k_pool, v_pool
+    return out
 
 
 class MLP(nn.Module):
@@ -542,6 +561,9 @@ class Llama(nn.Module):
     # False: a Python loop over layers with static slices of the stacked weights instead of
     # lax.scan (whose per-layer dynamic slices XLA may materialize as copies before each GEMM).
     scan_layers: bool = True
+    # Layers per scan iteration (lax.scan's ``unroll``): fewer loop iterations, and their
+    # per-iteration copies and index fusions, for a longer compile.
+    scan_unroll: int = 1
     # "pallas" / "pallas_interpret": decode steps (T <= the config's max_tokens) run each
     # projection group through pallas_kernels.lora_matmul (base GEMM + LoRA expand in one launch)
     # reading the stacked fused kernels in place; needs the fused one-group parameter form
@@ -622,7 +644,9 @@ class Llama(nn.Module):
                 return carry, None
 
             if self.scan_layers:
-                (h, k_pool, v_pool), _ = jax.lax.scan(body, (h, *pools), (stacked, layer_ids))
+                (h, k_pool, v_pool), _ = jax.lax.scan(
+                    body, (h, *pools), (stacked, layer_ids), unroll=self.scan_unroll
+                )
             else:
                 carry = (h, *pools)
                 for i in range(cfg.num_layers):

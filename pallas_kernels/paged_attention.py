@@ -431,6 +431,32 @@ def write_kv(
     return scatter(k_pool, k_new), scatter(v_pool, v_new)
 
 
+def _token_slot(positions_ref, valid_ref, page_table_ref, num_pages, page_size, tokens_per_row):
+    """Program t's token as one-element vectors (scalar index arithmetic and selects mistype in
+    the Triton lowering, see pallas_kernels/sgmv.py): (token, writes, page, offset)."""
+    max_pages_per_seq = page_table_ref.shape[1]
+    token = jnp.full((1,), pl.program_id(0), jnp.int32)
+    position = pltriton.load(positions_ref.at[token])
+    ok = (pltriton.load(valid_ref.at[token]) != 0) & (position >= 0)
+    position = jnp.maximum(position, 0)
+    row = jax.lax.div(token, jnp.int32(tokens_per_row))
+    page_slot = jax.lax.div(position, jnp.int32(page_size))
+    ok = ok & (page_slot < max_pages_per_seq)
+    page = pltriton.load(page_table_ref.at[row, jnp.minimum(page_slot, max_pages_per_seq - 1)])
+    ok = ok & (page >= 0) & (page < num_pages)
+    page = jnp.clip(page, 0, num_pages - 1)
+    return token, ok, page, position - page_slot * page_size
+
+
+def _row_lanes(lanes: int, width: int):
+    """Lane indices of a row of ``width`` values in ``lanes`` (a power of 2) and their mask.
+    Padding lanes point past the row: masked on the GPU, dropped by interpret-mode stores (which
+    would write a masked lane's old value back over a real lane's new one)."""
+    lane = jnp.arange(lanes, dtype=jnp.int32)
+    lane_ok = lane < width
+    return jnp.where(lane_ok, lane, width), lane_ok
+
+
 def _write_kv_kernel(
     # inputs
     layer_ref,  # (1,) int32
@@ -451,32 +477,92 @@ def _write_kv_kernel(
     """Program t writes token t's K and V rows (W values each) into its page slot, or nothing."""
     del k_pool_in_ref, v_pool_in_ref
     _, num_pages, page_size, width = k_pool_ref.shape
-    max_pages_per_seq = page_table_ref.shape[1]
-    # The token's metadata as one-element vectors: scalar index arithmetic and selects mistype
-    # in the Triton lowering (pallas_kernels/sgmv.py).
-    token = jnp.full((1,), pl.program_id(0), jnp.int32)
-    position = pltriton.load(positions_ref.at[token])
-    ok = (pltriton.load(valid_ref.at[token]) != 0) & (position >= 0)
-    position = jnp.maximum(position, 0)
-    row = jax.lax.div(token, jnp.int32(tokens_per_row))
-    page_slot = jax.lax.div(position, jnp.int32(page_size))
-    ok = ok & (page_slot < max_pages_per_seq)
-    page = pltriton.load(page_table_ref.at[row, jnp.minimum(page_slot, max_pages_per_seq - 1)])
-    ok = ok & (page >= 0) & (page < num_pages)
-    page = jnp.clip(page, 0, num_pages - 1)
-    offset = position - page_slot * page_size
-    lane = jnp.arange(lanes, dtype=jnp.int32)
-    lane_ok = lane < width
-    # Padding lanes point past the row: masked on the GPU, dropped by interpret-mode stores
-    # (which would write a masked lane's old value back over a real lane's new one).
-    lane = jnp.where(lane_ok, lane, width)
-    mask = ok & lane_ok
+    token, ok, page, offset = _token_slot(
+        positions_ref, valid_ref, page_table_ref, num_pages, page_size, tokens_per_row
+    )
+    lane, lane_ok = _row_lanes(lanes, width)
     layer = layer_ref[0]
     for new_ref, pool_ref in ((k_new_ref, k_pool_ref), (v_new_ref, v_pool_ref)):
         values = pltriton.load(new_ref.at[token, lane], mask=lane_ok, other=0)
         pltriton.store(
-            pool_ref.at[layer, page, offset, lane], values.astype(pool_ref.dtype), mask=mask
+            pool_ref.at[layer, page, offset, lane], values.astype(pool_ref.dtype), mask=ok & lane_ok
         )
+
+
+def _rotate_half_lanes(x_ref, token, cos, sin, lane, lane_ok, half, head_dim):
+    """Token's row of ``x_ref`` (heads of ``head_dim``) rotated as HF's rotate-half RoPE: lane j
+    owns the pair (first, first + half) of head j // half; float32 math, x's dtype out, as
+    ``rotate_half_reference``. Returns (first, second, rotated first, rotated second)."""
+    head = jax.lax.div(lane, jnp.int32(half))
+    first = head * head_dim + (lane - head * half)
+    width = x_ref.shape[1]
+    first = jnp.where(lane_ok, first, width)
+    second = jnp.where(lane_ok, first + half, width)
+    x1 = pltriton.load(x_ref.at[token, first], mask=lane_ok, other=0).astype(jnp.float32)
+    x2 = pltriton.load(x_ref.at[token, second], mask=lane_ok, other=0).astype(jnp.float32)
+    out1 = (x1 * cos - x2 * sin).astype(x_ref.dtype)
+    out2 = (x2 * cos + x1 * sin).astype(x_ref.dtype)
+    return first, second, out1, out2
+
+
+def _rope_write_kv_kernel(
+    # inputs
+    layer_ref,  # (1,) int32
+    positions_ref,  # (T,) int32
+    valid_ref,  # (T,) int32, 0 = write nothing (the query is rotated all the same)
+    page_table_ref,  # (B, max_pages_per_seq) int32
+    cos_ref,  # (T, D/2) float32
+    sin_ref,  # (T, D/2) float32
+    q_ref,  # (T, Wq) Wq = H * D
+    k_new_ref,  # (T, W) W = KVH * D, before its rotation
+    v_new_ref,  # (T, W)
+    k_pool_in_ref,  # (L, P, page_size, W), the same buffer as k_pool_ref
+    v_pool_in_ref,  # (L, P, page_size, W), the same buffer as v_pool_ref
+    # outputs
+    q_out_ref,  # (T, Wq) the rotated query
+    k_pool_ref,  # (L, P, page_size, W)
+    v_pool_ref,  # (L, P, page_size, W)
+    *,
+    tokens_per_row: int,
+    head_dim: int,
+    q_half_lanes: int,
+    kv_half_lanes: int,
+    lanes: int,
+):
+    """Program t rotates token t's query and key (RoPE) and writes the rotated key and its value
+    into the token's page slot (or nothing), in one launch for what XLA runs as a rotation
+    fusion and two scatters."""
+    del k_pool_in_ref, v_pool_in_ref
+    _, num_pages, page_size, width = k_pool_ref.shape
+    half = head_dim // 2
+    token, ok, page, offset = _token_slot(
+        positions_ref, valid_ref, page_table_ref, num_pages, page_size, tokens_per_row
+    )
+    layer = layer_ref[0]
+    for x_ref, half_lanes in ((q_ref, q_half_lanes), (k_new_ref, kv_half_lanes)):
+        lane, lane_ok = _row_lanes(half_lanes, x_ref.shape[1] // 2)
+        angle = jnp.where(lane_ok, lane - jax.lax.div(lane, jnp.int32(half)) * half, 0)
+        cos = pltriton.load(cos_ref.at[token, angle], mask=lane_ok, other=0)
+        sin = pltriton.load(sin_ref.at[token, angle], mask=lane_ok, other=0)
+        first, second, out1, out2 = _rotate_half_lanes(
+            x_ref, token, cos, sin, lane, lane_ok, half, head_dim
+        )
+        if x_ref is q_ref:
+            pltriton.store(q_out_ref.at[token, first], out1, mask=lane_ok)
+            pltriton.store(q_out_ref.at[token, second], out2, mask=lane_ok)
+        else:
+            mask = ok & lane_ok
+            for index, values in ((first, out1), (second, out2)):
+                pltriton.store(
+                    k_pool_ref.at[layer, page, offset, index],
+                    values.astype(k_pool_ref.dtype),
+                    mask=mask,
+                )
+    lane, lane_ok = _row_lanes(lanes, width)
+    values = pltriton.load(v_new_ref.at[token, lane], mask=lane_ok, other=0)
+    pltriton.store(
+        v_pool_ref.at[layer, page, offset, lane], values.astype(v_pool_ref.dtype), mask=ok & lane_ok
+    )
 
 
 def write_kv_kernel(
@@ -494,9 +580,8 @@ def write_kv_kernel(
 ) -> tuple[jax.Array, jax.Array]:
     """``write_kv`` as one Pallas Triton launch for K and V (XLA runs one scatter each): program
     t writes token t's rows in place (the pools are aliased to the outputs), every check and
-    dropped write as ``write_kv``. Opt-in (``RunnerConfig.kv_write="pallas"``), not yet timed:
-    the 32-layer scan profile (docs/BENCHMARKS.md, eleventh session) shows XLA's two scatters at
-    3-4 us each per layer."""
+    dropped write as ``write_kv``. The model uses ``rope_write_kv_kernel``, which also rotates
+    the query and key."""
     where = "write_kv_kernel"
     _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
     num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
@@ -529,6 +614,121 @@ def write_kv_kernel(
         v_pool.reshape(pool_shape),
     )
     return k_out.reshape(k_pool.shape), v_out.reshape(v_pool.shape)
+
+
+def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF's rotate-half RoPE. x: (*token_shape, N, D); cos, sin: (*token_shape, D/2) float32.
+    float32 math, x's dtype out."""
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _check_rope_inputs(q, k_new, cos, sin, positions, where):
+    token_shape = positions.shape
+    head_dim = k_new.shape[-1]
+    if q.ndim != len(token_shape) + 2 or q.shape[:-2] != token_shape or q.shape[-1] != head_dim:
+        raise ConfigError(
+            f"{where}: q must have shape {(*token_shape, 'num_heads', head_dim)}, got {q.shape}"
+        )
+    if head_dim % 2:
+        raise ConfigError(f"{where}: head_dim must be even for RoPE, got {head_dim}")
+    expected = (*token_shape, head_dim // 2)
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.shape != expected:
+            raise ConfigError(f"{where}: {name} must have shape {expected}, got {table.shape}")
+
+
+def rope_write_kv_reference(
+    q: jax.Array,  # (*token_shape, H, D)
+    k_new: jax.Array,  # (*token_shape, KVH, D), before its rotation
+    v_new: jax.Array,  # (*token_shape, KVH, D)
+    cos: jax.Array,  # (*token_shape, D/2) float32
+    sin: jax.Array,  # (*token_shape, D/2) float32
+    k_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    positions: jax.Array,  # token_shape int32
+    layer: jax.Array | int,  # () int32
+    valid: jax.Array,  # token_shape bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(rotated q, k_pool, v_pool): ``rotate_half_reference`` of q and k, then ``write_kv``."""
+    where = "rope_write_kv_reference"
+    _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
+    _check_rope_inputs(q, k_new, cos, sin, positions, where)
+    k_rot = rotate_half_reference(k_new, cos, sin)
+    pools = write_kv(k_pool, v_pool, k_rot, v_new, page_table, positions, layer, valid)
+    return (rotate_half_reference(q, cos, sin), *pools)
+
+
+def rope_write_kv_kernel(
+    q: jax.Array,  # (*token_shape, H, D)
+    k_new: jax.Array,  # (*token_shape, KVH, D), before its rotation
+    v_new: jax.Array,  # (*token_shape, KVH, D)
+    cos: jax.Array,  # (*token_shape, D/2) float32
+    sin: jax.Array,  # (*token_shape, D/2) float32
+    k_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, D)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    positions: jax.Array,  # token_shape int32: (B,) one token per row, or (B, S)
+    layer: jax.Array | int,  # () int32
+    valid: jax.Array,  # token_shape bool: False = write nothing for this token
+    *,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``rope_write_kv_reference`` as one Pallas Triton launch: program t rotates token t's q
+    and k and writes k and v in place (the pools are aliased to the outputs), with every check
+    and dropped write of ``write_kv``. XLA runs the rotation and each scatter as separate
+    kernels, 3-4 us each per layer at batch 32 (docs/BENCHMARKS.md, eleventh session)."""
+    where = "rope_write_kv_kernel"
+    _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
+    _check_rope_inputs(q, k_new, cos, sin, positions, where)
+    num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
+    width = num_kv_heads * head_dim
+    q_width = q.shape[-2] * head_dim
+    num_tokens = positions.size
+    tokens_per_row = 1 if positions.ndim == 1 else positions.shape[1]
+    if num_tokens == 0:
+        return q, k_pool, v_pool
+    pool_shape = (num_layers, num_pages, page_size, width)
+    lanes = _next_power_of_2(width)
+    kernel = functools.partial(
+        _rope_write_kv_kernel,
+        tokens_per_row=tokens_per_row,
+        head_dim=head_dim,
+        q_half_lanes=_next_power_of_2(q_width // 2),
+        kv_half_lanes=_next_power_of_2(width // 2),
+        lanes=lanes,
+    )
+    q_out, k_out, v_out = pl.pallas_call(
+        kernel,
+        grid=(num_tokens,),
+        out_shape=(
+            jax.ShapeDtypeStruct((num_tokens, q_width), q.dtype),
+            jax.ShapeDtypeStruct(pool_shape, k_pool.dtype),
+            jax.ShapeDtypeStruct(pool_shape, v_pool.dtype),
+        ),
+        input_output_aliases={9: 1, 10: 2},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"rope_write_kv_q{q_width}_w{lanes}_warps{num_warps}",
+    )(
+        _layer_scalar(layer, num_layers).reshape(1),
+        positions.astype(jnp.int32).reshape(-1),
+        valid.astype(jnp.int32).reshape(-1),
+        page_table.astype(jnp.int32),
+        cos.astype(jnp.float32).reshape(num_tokens, head_dim // 2),
+        sin.astype(jnp.float32).reshape(num_tokens, head_dim // 2),
+        q.reshape(num_tokens, q_width),
+        k_new.reshape(num_tokens, width),
+        v_new.reshape(num_tokens, width),
+        k_pool.reshape(pool_shape),
+        v_pool.reshape(pool_shape),
+    )
+    return q_out.reshape(q.shape), k_out.reshape(k_pool.shape), v_out.reshape(v_pool.shape)
 
 
 def paged_attention_reference(

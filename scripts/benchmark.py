@@ -110,6 +110,9 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
     "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
 )
+flags.DEFINE_integer(
+    "scan_unroll", 1, "layers per iteration of the scan layer loop (RunnerConfig.scan_unroll)"
+)
 flags.DEFINE_bool(
     "fuse_projections",
     True,
@@ -295,6 +298,7 @@ def main(argv):
             matmul=matmul,
             xla_options=xla_options,
             kv_write=FLAGS.kv_write,
+            scan_unroll=FLAGS.scan_unroll,
         ),
     )
     bench = build_engine(model, engine_config, setup)

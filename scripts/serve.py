@@ -77,6 +77,9 @@ flags.DEFINE_enum(
     "compiles) or unrolled (on the H200, 1.5-2.2x faster 7B decode steps, minutes "
     "of compiling; see docs/BENCHMARKS.md).",
 )
+flags.DEFINE_integer(
+    "scan_unroll", 1, "Layers per iteration of the scan layer loop (RunnerConfig.scan_unroll)."
+)
 flags.DEFINE_string(
     "xla_options",
     "{}",
@@ -189,6 +192,7 @@ def main(argv):
         max_rank=FLAGS.max_rank,
         max_slots=FLAGS.max_slots,
         layer_loop=FLAGS.layer_loop,
+        scan_unroll=FLAGS.scan_unroll,
         xla_options=xla_options,
         fuse_projections=FLAGS.fuse_projections,
         projection_kernel=FLAGS.projection_kernel,

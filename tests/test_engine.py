@@ -194,7 +194,7 @@ def test_routing_each_request_gets_its_own_adapter_signature(base):
 
 def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_adapters):
     """The kernel path's plumbing (host-built tile metadata, paged attention) on CPU; also with
-    the K/V writes in the Pallas write kernel (RunnerConfig.kv_write="pallas"), prefill chunks
+    RoPE and the K/V writes in one Pallas launch (RunnerConfig.kv_write="pallas"), prefill chunks
     and decode tokens both."""
     import dataclasses
 
@@ -220,7 +220,8 @@ def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_ad
             with llm.engine._locked_lora_pools() as pools:
                 args = (llm.engine.kv.k_pool, llm.engine.kv.v_pool, pools, batch, meta)
                 jaxpr = str(jax.make_jaxpr(step)(llm.engine.runner.params, *args))
-            assert "write_kv_w" in jaxpr and "scatter" not in jaxpr
+            # One launch rotates q, k and writes k, v: no XLA scatter.
+            assert "rope_write_kv_q" in jaxpr and "scatter" not in jaxpr
         outs[impl, kv_write] = [
             o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
         ]
@@ -295,17 +296,20 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (6, 13, 2)]
     names = ["all5", None, "qv1"]
     outs = {}
-    for loop in ("scan", "unrolled"):
+    # scan_unroll=3 over 2 layers: lax.scan's remainder path too.
+    for loop, unroll in (("scan", 1), ("unrolled", 1), ("scan", 3)):
         config = small_engine_config()
-        config = dataclasses.replace(
-            config, runner=dataclasses.replace(config.runner, layer_loop=loop)
-        )
+        runner = dataclasses.replace(config.runner, layer_loop=loop, scan_unroll=unroll)
+        config = dataclasses.replace(config, runner=runner)
         llm = jaxlora.LLM(
             TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
         )
-        assert llm.engine.runner.model.scan_layers == (loop == "scan")
-        outs[loop] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=GREEDY)]
-    assert outs["unrolled"] == outs["scan"]
+        model = llm.engine.runner.model
+        assert model.scan_layers == (loop == "scan") and model.scan_unroll == unroll
+        outs[loop, unroll] = [
+            o.token_ids for o in llm.generate(prompts, adapter=names, sampling=GREEDY)
+        ]
+    assert outs["unrolled", 1] == outs["scan", 1] == outs["scan", 3]
     # unrolled layers on the kernel path (interpret mode here)
     config = small_engine_config()
     config = dataclasses.replace(
@@ -319,10 +323,12 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
     kernel_outs = [
         o.token_ids for o in llm.generate(prompts[::2], adapter=names[::2], sampling=short)
     ]
-    assert kernel_outs == [out[:2] for out in outs["scan"][::2]]
+    assert kernel_outs == [out[:2] for out in outs["scan", 1][::2]]
     assert RunnerConfig().scan_layers()
     with pytest.raises(ConfigError, match="layer_loop"):
         RunnerConfig(layer_loop="sideways")
+    with pytest.raises(ConfigError, match="scan_unroll: expected an int >= 1, got 0"):
+        RunnerConfig(scan_unroll=0)
 
 
 def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():

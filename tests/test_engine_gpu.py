@@ -98,7 +98,7 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
     RunnerConfig.sgmv picks the kernels: with the decode regime off, decode steps run the
     tensor-core tile kernels. With projection_kernel="pallas" a decode step runs lora_matmul for
     each projection group and only the shrink of the SGMV pair; with kv_write="pallas" every
-    layer of every step writes K/V with one more launch."""
+    layer of every step rotates q, k and writes K/V with one more launch."""
     sgmv = SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0) if tiles_only else None
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
@@ -145,8 +145,8 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
                 base_only = re.findall(r"lora_matmul(?:_sk\d+)?_bm", text)
                 assert (text.count("lora_matmul_expand") if use_lora else len(base_only)) >= 4
             if kv_write == "pallas":
-                sgmv += layers  # not SGMV: the K/V write of each layer
-                assert text.count("write_kv_w") >= layers
+                sgmv += layers  # not SGMV: RoPE and the K/V write of each layer
+                assert text.count("rope_write_kv_q") >= layers
             assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
             if use_lora:
                 per_token = "sgmv_shrink_decode" in text or "sgmv_expand_decode" in text

@@ -57,6 +57,10 @@ class RunnerConfig:
     # it shortened 7B decode steps 1.5-2.2x, but its warm-up compiled 10 step shapes in 340 s
     # against 57 s for 14 with the scan (16 threads, H200 machine).
     layer_loop: str = "scan"
+    # Layers per iteration of the scan loop (lax.scan's ``unroll``; 1 = one layer traced once).
+    # Each iteration also runs loop bookkeeping (carry copies, index fusions), which unrolling
+    # shares out among the layers it holds.
+    scan_unroll: int = 1
     # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
     sgmv: SgmvConfig | None = None
     # XLA compiler options of the model step (jax.jit's ``compiler_options``) as (name, value)
@@ -94,6 +98,10 @@ class RunnerConfig:
         if self.kv_write not in ("xla", "pallas"):
             raise ConfigError(
                 f"runner config field kv_write: expected 'xla' or 'pallas', got {self.kv_write!r}"
+            )
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ConfigError(
+                f"runner config field scan_unroll: expected an int >= 1, got {self.scan_unroll!r}"
             )
         if self.layer_loop not in ("scan", "unrolled"):
             raise ConfigError(
@@ -327,6 +335,7 @@ class ModelRunner:
             config,
             dtype=dtype,
             scan_layers=runner.scan_layers(),
+            scan_unroll=runner.scan_unroll,
             projection_kernel=projection_kernel,
             projection_config=runner.matmul,
         )

@@ -58,6 +58,7 @@ class LaunchConfig:
     max_rank: int | None = None
     max_slots: int | None = None
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
+    scan_unroll: int = 1  # RunnerConfig.scan_unroll: layers per scan iteration
     xla_options: tuple[tuple[str, object], ...] = ()  # RunnerConfig.xla_options
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
     projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
@@ -127,6 +128,7 @@ def engine_config_for(
             launch.max_prefill_rows, 1 if on_cpu else runner_default.max_prefill_rows
         ),
         layer_loop=launch.layer_loop,
+        scan_unroll=launch.scan_unroll,
         xla_options=launch.xla_options,
         fuse_projections=launch.fuse_projections,
         projection_kernel=launch.projection_kernel,
