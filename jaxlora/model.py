@@ -51,6 +51,9 @@ class KVCache:
     # "pallas": one Pallas launch rotates q and k and writes k and v (rope_write_kv_kernel)
     # where impl is a Pallas one.
     write_impl: str = flax.struct.field(pytree_node=False, default="xla")
+    # token_valid as int32 for the Pallas write, converted once per step outside the layer loop
+    # (XLA leaves the conversion inside the scan, one more kernel per layer); None: convert there.
+    write_valid: jax.Array | None = None
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
@@ -338,9 +341,10 @@ def projection_kernels(params, *, impl="pallas", config=None) -> ProjectionKerne
     return ProjectionKernels(kernels=kernels, impl=impl, config=config)
 
 
-def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels):
+def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *, split=True):
     """The group's outputs (each (B, S, width)), LoRA included, from one ``lora_matmul`` launch
-    (after the LoRA shrink); None where the kernel does not apply (then XLA's GEMM runs)."""
+    (after the LoRA shrink), or with ``split=False`` the launch's output (B, S, sum(widths));
+    None where the kernel does not apply (then XLA's GEMM runs)."""
     b, s, _ = x.shape
     if kernels is None or not kernels.applies(group, b * s, widths):
         return None
@@ -362,6 +366,8 @@ def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels):
             config=kernels.config,
             interpret=interpret,
         )
+    if not split:
+        return y.reshape(b, s, -1)
     outputs, lo = [], 0
     for width in widths:
         outputs.append(y[:, lo : lo + width].reshape(b, s, width))
@@ -396,8 +402,12 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         dense = lambda f, axes, name: _dense(f, axes, name, self.dtype, self.param_dtype)  # noqa: E731
         widths = (cfg.q_size, cfg.kv_size, cfg.kv_size)
-        qkv = _kernel_projection("qkv", x.astype(self.dtype), widths, layer, lora, kernels)
-        if qkv is None:
+        fused = _kernel_projection(
+            "qkv", x.astype(self.dtype), widths, layer, lora, kernels, split=False
+        )
+        if fused is not None:
+            qkv = jnp.split(fused, np.cumsum(widths)[:-1], axis=-1)
+        else:
             qkv = _fused_projection(self, "qkv_proj", x, widths, self.dtype)
             if qkv is None:
                 qkv = [
@@ -415,11 +425,13 @@ class Attention(nn.Module):
         if kv is not None and kv.write_impl == "pallas" and kv.impl != "reference":
             from pallas_kernels import paged_attention as pa
 
+            if fused is None:
+                fused = jnp.concatenate(qkv, axis=-1)
+            heads = cfg.num_heads + 2 * cfg.num_kv_heads
             cos, sin = rope if rope is not None else rope_tables(positions, inv_freq)
+            # The kernel reads the projection's output in place (the slices above go unused).
             q, k_pool, v_pool = pa.rope_write_kv_kernel(
-                q,
-                k,
-                v,
+                fused.reshape(b, s, heads, cfg.head_dim),
                 cos,
                 sin,
                 k_pool,
@@ -427,7 +439,7 @@ class Attention(nn.Module):
                 kv.page_table,
                 positions,
                 layer,
-                kv.token_valid,
+                kv.token_valid if kv.write_valid is None else kv.write_valid,
                 interpret=kv.impl == "pallas_interpret",
             )
         else:
@@ -627,6 +639,8 @@ class Llama(nn.Module):
                     config=self.projection_config,
                 )
             rope = rope_tables(positions, rope_inverse_frequencies(cfg))
+            if kv is not None and kv.write_impl == "pallas" and kv.write_valid is None:
+                kv = kv.replace(write_valid=kv.token_valid.astype(jnp.int32))
 
             def body(carry, xs):
                 layer_params, layer_id = xs
@@ -668,7 +682,7 @@ class Llama(nn.Module):
         out = (logits, h) if return_hidden else logits
         if kv is None:
             return out
-        return out, kv.replace(k_pool=k_pool, v_pool=v_pool)
+        return out, kv.replace(k_pool=k_pool, v_pool=v_pool, write_valid=None)
 
 
 def init_params(config: ModelConfig, rng: jax.Array | int = 0, dtype=jnp.float32):

@@ -489,22 +489,6 @@ def _write_kv_kernel(
         )
 
 
-def _rotate_half_lanes(x_ref, token, cos, sin, lane, lane_ok, half, head_dim):
-    """Token's row of ``x_ref`` (heads of ``head_dim``) rotated as HF's rotate-half RoPE: lane j
-    owns the pair (first, first + half) of head j // half; float32 math, x's dtype out, as
-    ``rotate_half_reference``. Returns (first, second, rotated first, rotated second)."""
-    head = jax.lax.div(lane, jnp.int32(half))
-    first = head * head_dim + (lane - head * half)
-    width = x_ref.shape[1]
-    first = jnp.where(lane_ok, first, width)
-    second = jnp.where(lane_ok, first + half, width)
-    x1 = pltriton.load(x_ref.at[token, first], mask=lane_ok, other=0).astype(jnp.float32)
-    x2 = pltriton.load(x_ref.at[token, second], mask=lane_ok, other=0).astype(jnp.float32)
-    out1 = (x1 * cos - x2 * sin).astype(x_ref.dtype)
-    out2 = (x2 * cos + x1 * sin).astype(x_ref.dtype)
-    return first, second, out1, out2
-
-
 def _rope_write_kv_kernel(
     # inputs
     layer_ref,  # (1,) int32
@@ -513,9 +497,7 @@ def _rope_write_kv_kernel(
     page_table_ref,  # (B, max_pages_per_seq) int32
     cos_ref,  # (T, D/2) float32
     sin_ref,  # (T, D/2) float32
-    q_ref,  # (T, Wq) Wq = H * D
-    k_new_ref,  # (T, W) W = KVH * D, before its rotation
-    v_new_ref,  # (T, W)
+    qkv_ref,  # (T, Wq + 2 W) Wq = H * D, W = KVH * D: q | k (before rotation) | v
     k_pool_in_ref,  # (L, P, page_size, W), the same buffer as k_pool_ref
     v_pool_in_ref,  # (L, P, page_size, W), the same buffer as v_pool_ref
     # outputs
@@ -531,35 +513,53 @@ def _rope_write_kv_kernel(
 ):
     """Program t rotates token t's query and key (RoPE) and writes the rotated key and its value
     into the token's page slot (or nothing), in one launch for what XLA runs as a rotation
-    fusion and two scatters."""
+    fusion and two scatters (and the slices of q, k, v out of the fused projection)."""
     del k_pool_in_ref, v_pool_in_ref
     _, num_pages, page_size, width = k_pool_ref.shape
+    q_width, total = q_out_ref.shape[1], qkv_ref.shape[1]
     half = head_dim // 2
     token, ok, page, offset = _token_slot(
         positions_ref, valid_ref, page_table_ref, num_pages, page_size, tokens_per_row
     )
     layer = layer_ref[0]
-    for x_ref, half_lanes in ((q_ref, q_half_lanes), (k_new_ref, kv_half_lanes)):
-        lane, lane_ok = _row_lanes(half_lanes, x_ref.shape[1] // 2)
-        angle = jnp.where(lane_ok, lane - jax.lax.div(lane, jnp.int32(half)) * half, 0)
+    # (part's first column in qkv, its width, lanes per half, where it goes)
+    for start, part_width, half_lanes, out_ref in (
+        (0, q_width, q_half_lanes, q_out_ref),
+        (q_width, width, kv_half_lanes, k_pool_ref),
+    ):
+        # Lane j owns the pair (first, first + half) of head j // half; padding lanes point past
+        # the rows (see _row_lanes).
+        lane, lane_ok = _row_lanes(half_lanes, part_width // 2)
+        head = jax.lax.div(lane, jnp.int32(half))
+        angle = lane - head * half
+        first = head * head_dim + angle
         cos = pltriton.load(cos_ref.at[token, angle], mask=lane_ok, other=0)
         sin = pltriton.load(sin_ref.at[token, angle], mask=lane_ok, other=0)
-        first, second, out1, out2 = _rotate_half_lanes(
-            x_ref, token, cos, sin, lane, lane_ok, half, head_dim
+        x1, x2 = (
+            pltriton.load(
+                qkv_ref.at[token, jnp.where(lane_ok, start + column, total)], mask=lane_ok, other=0
+            ).astype(jnp.float32)
+            for column in (first, first + half)
         )
-        if x_ref is q_ref:
-            pltriton.store(q_out_ref.at[token, first], out1, mask=lane_ok)
-            pltriton.store(q_out_ref.at[token, second], out2, mask=lane_ok)
-        else:
-            mask = ok & lane_ok
-            for index, values in ((first, out1), (second, out2)):
+        # rotate_half_reference: float32 math, rounded to the input's dtype.
+        rotated = (
+            (x1 * cos - x2 * sin).astype(qkv_ref.dtype),
+            (x2 * cos + x1 * sin).astype(qkv_ref.dtype),
+        )
+        for column, values in zip((first, first + half), rotated, strict=True):
+            column = jnp.where(lane_ok, column, part_width)
+            if out_ref is q_out_ref:
+                pltriton.store(q_out_ref.at[token, column], values, mask=lane_ok)
+            else:
                 pltriton.store(
-                    k_pool_ref.at[layer, page, offset, index],
+                    k_pool_ref.at[layer, page, offset, column],
                     values.astype(k_pool_ref.dtype),
-                    mask=mask,
+                    mask=ok & lane_ok,
                 )
     lane, lane_ok = _row_lanes(lanes, width)
-    values = pltriton.load(v_new_ref.at[token, lane], mask=lane_ok, other=0)
+    values = pltriton.load(
+        qkv_ref.at[token, jnp.where(lane_ok, q_width + width + lane, total)], mask=lane_ok, other=0
+    )
     pltriton.store(
         v_pool_ref.at[layer, page, offset, lane], values.astype(v_pool_ref.dtype), mask=ok & lane_ok
     )
@@ -626,12 +626,16 @@ def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
-def _check_rope_inputs(q, k_new, cos, sin, positions, where):
+def _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, where) -> int:
+    """The number of query heads in ``qkv``."""
+    _check_cache_shapes(k_pool, v_pool, page_table, where=where)
     token_shape = positions.shape
-    head_dim = k_new.shape[-1]
-    if q.ndim != len(token_shape) + 2 or q.shape[:-2] != token_shape or q.shape[-1] != head_dim:
+    num_kv_heads, head_dim = k_pool.shape[3:]
+    heads = qkv.shape[-2] - 2 * num_kv_heads if qkv.ndim == len(token_shape) + 2 else 0
+    if qkv.shape[:-2] != token_shape or qkv.shape[-1] != head_dim or heads < 1:
+        expected = ", ".join([*map(str, token_shape), f"H + {2 * num_kv_heads}", str(head_dim)])
         raise ConfigError(
-            f"{where}: q must have shape {(*token_shape, 'num_heads', head_dim)}, got {q.shape}"
+            f"{where}: qkv must have shape ({expected}) (q | k | v heads), got {qkv.shape}"
         )
     if head_dim % 2:
         raise ConfigError(f"{where}: head_dim must be even for RoPE, got {head_dim}")
@@ -639,12 +643,11 @@ def _check_rope_inputs(q, k_new, cos, sin, positions, where):
     for name, table in (("cos", cos), ("sin", sin)):
         if table.shape != expected:
             raise ConfigError(f"{where}: {name} must have shape {expected}, got {table.shape}")
+    return heads
 
 
 def rope_write_kv_reference(
-    q: jax.Array,  # (*token_shape, H, D)
-    k_new: jax.Array,  # (*token_shape, KVH, D), before its rotation
-    v_new: jax.Array,  # (*token_shape, KVH, D)
+    qkv: jax.Array,  # (*token_shape, H + 2 KVH, D): q | k (before its rotation) | v heads
     cos: jax.Array,  # (*token_shape, D/2) float32
     sin: jax.Array,  # (*token_shape, D/2) float32
     k_pool: jax.Array,  # (L, P, page_size, KVH, D)
@@ -652,21 +655,20 @@ def rope_write_kv_reference(
     page_table: jax.Array,  # (B, max_pages_per_seq) int32
     positions: jax.Array,  # token_shape int32
     layer: jax.Array | int,  # () int32
-    valid: jax.Array,  # token_shape bool
+    valid: jax.Array,  # token_shape bool (or int, 0 = False)
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(rotated q, k_pool, v_pool): ``rotate_half_reference`` of q and k, then ``write_kv``."""
     where = "rope_write_kv_reference"
+    heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, where)
+    q, k_new, v_new = jnp.split(qkv, (heads, qkv.shape[-2] - k_pool.shape[3]), axis=-2)
     _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
-    _check_rope_inputs(q, k_new, cos, sin, positions, where)
     k_rot = rotate_half_reference(k_new, cos, sin)
-    pools = write_kv(k_pool, v_pool, k_rot, v_new, page_table, positions, layer, valid)
+    pools = write_kv(k_pool, v_pool, k_rot, v_new, page_table, positions, layer, valid != 0)
     return (rotate_half_reference(q, cos, sin), *pools)
 
 
 def rope_write_kv_kernel(
-    q: jax.Array,  # (*token_shape, H, D)
-    k_new: jax.Array,  # (*token_shape, KVH, D), before its rotation
-    v_new: jax.Array,  # (*token_shape, KVH, D)
+    qkv: jax.Array,  # (*token_shape, H + 2 KVH, D): q | k (before its rotation) | v heads
     cos: jax.Array,  # (*token_shape, D/2) float32
     sin: jax.Array,  # (*token_shape, D/2) float32
     k_pool: jax.Array,  # (L, P, page_size, KVH, D)
@@ -674,25 +676,30 @@ def rope_write_kv_kernel(
     page_table: jax.Array,  # (B, max_pages_per_seq) int32
     positions: jax.Array,  # token_shape int32: (B,) one token per row, or (B, S)
     layer: jax.Array | int,  # () int32
-    valid: jax.Array,  # token_shape bool: False = write nothing for this token
+    valid: jax.Array,  # token_shape bool or int32 (0 = write nothing for this token)
     *,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``rope_write_kv_reference`` as one Pallas Triton launch: program t rotates token t's q
     and k and writes k and v in place (the pools are aliased to the outputs), with every check
-    and dropped write of ``write_kv``. XLA runs the rotation and each scatter as separate
-    kernels, 3-4 us each per layer at batch 32 (docs/BENCHMARKS.md, eleventh session)."""
+    and dropped write of ``write_kv``. It reads the fused q|k|v projection's output as it is:
+    XLA would copy out each slice for a custom call. XLA runs the rotation and each scatter as
+    separate kernels, 3-4 us each per layer at batch 32 (docs/BENCHMARKS.md, eleventh
+    session). An int32 ``valid`` skips a conversion per call (the model converts once a step)."""
     where = "rope_write_kv_kernel"
-    _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
-    _check_rope_inputs(q, k_new, cos, sin, positions, where)
+    heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, where)
     num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
+    kv_shape = (*positions.shape, num_kv_heads, head_dim)
+    kv_spec = jax.ShapeDtypeStruct(kv_shape, qkv.dtype)
+    _check_write_inputs(k_pool, v_pool, kv_spec, kv_spec, page_table, positions, valid, where)
     width = num_kv_heads * head_dim
-    q_width = q.shape[-2] * head_dim
+    q_width = heads * head_dim
     num_tokens = positions.size
     tokens_per_row = 1 if positions.ndim == 1 else positions.shape[1]
+    q_shape = (*positions.shape, heads, head_dim)
     if num_tokens == 0:
-        return q, k_pool, v_pool
+        return jnp.zeros(q_shape, qkv.dtype), k_pool, v_pool
     pool_shape = (num_layers, num_pages, page_size, width)
     lanes = _next_power_of_2(width)
     kernel = functools.partial(
@@ -707,11 +714,11 @@ def rope_write_kv_kernel(
         kernel,
         grid=(num_tokens,),
         out_shape=(
-            jax.ShapeDtypeStruct((num_tokens, q_width), q.dtype),
+            jax.ShapeDtypeStruct((num_tokens, q_width), qkv.dtype),
             jax.ShapeDtypeStruct(pool_shape, k_pool.dtype),
             jax.ShapeDtypeStruct(pool_shape, v_pool.dtype),
         ),
-        input_output_aliases={9: 1, 10: 2},
+        input_output_aliases={7: 1, 8: 2},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"rope_write_kv_q{q_width}_w{lanes}_warps{num_warps}",
@@ -722,13 +729,11 @@ def rope_write_kv_kernel(
         page_table.astype(jnp.int32),
         cos.astype(jnp.float32).reshape(num_tokens, head_dim // 2),
         sin.astype(jnp.float32).reshape(num_tokens, head_dim // 2),
-        q.reshape(num_tokens, q_width),
-        k_new.reshape(num_tokens, width),
-        v_new.reshape(num_tokens, width),
+        qkv.reshape(num_tokens, q_width + 2 * width),
         k_pool.reshape(pool_shape),
         v_pool.reshape(pool_shape),
     )
-    return q_out.reshape(q.shape), k_out.reshape(k_pool.shape), v_out.reshape(v_pool.shape)
+    return q_out.reshape(q_shape), k_out.reshape(k_pool.shape), v_out.reshape(v_pool.shape)
 
 
 def paged_attention_reference(

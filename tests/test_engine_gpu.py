@@ -90,6 +90,7 @@ def test_pallas_engine_matches_reference_engine():
         ("scan", True, "xla", "xla"),
         ("scan", False, "pallas", "xla"),
         ("unrolled", False, "pallas", "pallas"),
+        ("scan", False, "pallas", "pallas"),
     ],
 )
 def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projection, kv_write):

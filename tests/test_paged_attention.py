@@ -419,29 +419,18 @@ def test_write_kv_kernel_lowers_in_place_for_the_gpu():
 
 
 def _rope_problem(token_shape, num_heads, num_kv_heads, head_dim, dtype):
-    """_write_problem's pools and tokens with a query and rotary tables: (q, k_new, v_new, cos,
-    sin, k_pool, v_pool, page_table, positions, layer, valid), q and k in the pools' dtype as
-    the model gives them."""
+    """_write_problem's pools and tokens with a fused q|k|v and rotary tables: (qkv, cos, sin,
+    k_pool, v_pool, page_table, positions, layer, valid), qkv in the pools' dtype as the model
+    gives it."""
     k_pool, v_pool, k_new, v_new, table, positions, layer, valid = _write_problem(
         sum(token_shape) + num_heads, token_shape, num_kv_heads, head_dim, dtype
     )
     rng = np.random.default_rng(num_heads)
-    q = jnp.asarray(rng.standard_normal((*token_shape, num_heads, head_dim)), dtype)
+    q = jnp.asarray(rng.standard_normal((*token_shape, num_heads, head_dim)), jnp.float32)
+    qkv = jnp.concatenate([q, k_new, v_new], axis=-2).astype(dtype)
     angles = rng.uniform(-np.pi, np.pi, (*token_shape, head_dim // 2))
     cos, sin = (jnp.asarray(f(angles), jnp.float32) for f in (np.cos, np.sin))
-    return (
-        q,
-        k_new.astype(dtype),
-        v_new.astype(dtype),
-        cos,
-        sin,
-        k_pool,
-        v_pool,
-        table,
-        positions,
-        layer,
-        valid,
-    )
+    return qkv, cos, sin, k_pool, v_pool, table, positions, layer, valid
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
@@ -460,24 +449,28 @@ def test_rope_write_kv_kernel_matches_rotation_then_scatter(
 ):
     """The fused rotation + write against rotate_half_reference then XLA's scatter: the rotated
     query of every token (invalid ones too), and every slot of both pools (NaN where unwritten;
-    the five tokens of _write_problem that must not write do not)."""
+    the five tokens of _write_problem that must not write do not). ``valid`` as bool and as
+    int32 (the model's form)."""
     args = _rope_problem(token_shape, num_heads, num_kv_heads, head_dim, dtype)
     want = rope_write_kv_reference(*args)
     run = jax.jit(functools.partial(rope_write_kv_kernel, interpret=interpret))
-    got = run(*args)
     tolerance = 1e-6 if dtype == jnp.float32 else 8e-3
-    for name, g, w in zip(("q", "k_pool", "v_pool"), got, want, strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype, name
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=name)
-        np.testing.assert_allclose(g, w, rtol=tolerance, atol=tolerance, err_msg=name)
+    for valid in (args[-1], args[-1].astype(jnp.int32)):
+        got = run(*args[:-1], valid)
+        for name, g, w in zip(("q", "k_pool", "v_pool"), got, want, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=name)
+            np.testing.assert_allclose(g, w, rtol=tolerance, atol=tolerance, err_msg=name)
+    assert want[0].shape == (*token_shape, num_heads, head_dim)
     written = ~np.isnan(np.asarray(want[1], np.float32)).all(axis=(3, 4))
     assert 0 < written.sum() <= np.prod(token_shape) - 5
-    # The rotation moved the keys: the pools do not hold the unrotated k.
-    unrotated, _ = write_kv(*args[5:7], args[1], args[2], *args[7:])
-    assert not np.allclose(
-        np.asarray(unrotated, np.float32)[written], np.asarray(got[1], np.float32)[written]
-    )
+    # The rotation moved the keys, and v is the last heads of qkv, unrotated.
+    k_new, v_new = np.split(np.asarray(args[0], np.float32)[..., num_heads:, :], 2, axis=-2)
+    unrotated, plain_v = write_kv(*args[3:5], k_new, v_new, *args[5:])
+    got_k = np.asarray(got[1], np.float32)[written]
+    assert not np.allclose(np.asarray(unrotated, np.float32)[written], got_k)
+    np.testing.assert_array_equal(np.asarray(got[2], np.float32), np.asarray(plain_v, np.float32))
 
 
 def test_rope_write_kv_kernel_lowers_in_place_for_the_gpu():
@@ -485,15 +478,12 @@ def test_rope_write_kv_kernel_lowers_in_place_for_the_gpu():
     a scan over layers as the model runs it."""
     args = _rope_problem((8,), 32, 8, 128, jnp.bfloat16)
 
-    def layers(q, k_new, v_new, cos, sin, k_pool, v_pool, table, positions, layer, valid):
-        def step(carry, layer):
-            q, pools = carry
-            q, *pools = rope_write_kv_kernel(
-                q, k_new, v_new, cos, sin, *pools, table, positions, layer, valid
-            )
-            return (q, tuple(pools)), None
+    def layers(qkv, cos, sin, k_pool, v_pool, table, positions, layer, valid):
+        def step(pools, layer):
+            q, *pools = rope_write_kv_kernel(qkv, cos, sin, *pools, table, positions, layer, valid)
+            return tuple(pools), q
 
-        return jax.lax.scan(step, (q, (k_pool, v_pool)), jnp.arange(3, dtype=jnp.int32))[0]
+        return jax.lax.scan(step, (k_pool, v_pool), jnp.arange(3, dtype=jnp.int32))
 
     text = lower_for_gpu(layers, *args)
     assert triton_kernels(text) == 1 and "rope_write_kv_q4096_w1024_warps4" in text
@@ -501,18 +491,17 @@ def test_rope_write_kv_kernel_lowers_in_place_for_the_gpu():
 
 
 def test_rope_write_kv_bad_shapes_raise():
-    args = _rope_problem((3,), 4, 2, 8, jnp.float32)
-    q, k_new, v_new, cos, sin, *rest = args
+    qkv, cos, sin, *rest = _rope_problem((3,), 4, 2, 8, jnp.float32)
     for fn in (rope_write_kv_kernel, rope_write_kv_reference):
         where = fn.__name__
-        with pytest.raises(ConfigError, match=rf"{where}: q must have shape \(3, 'num_heads', 8\)"):
-            fn(q[..., :4], k_new, v_new, cos, sin, *rest)
-        with pytest.raises(
-            ConfigError, match=rf"{where}: sin must have shape \(3, 4\), got \(3, 8\)"
-        ):
-            fn(q, k_new, v_new, cos, jnp.zeros((3, 8)), *rest)
-        with pytest.raises(ConfigError, match=rf"{where}: k_new must have shape"):
-            fn(q, k_new[:, :1], v_new, cos, sin, *rest)
+        with pytest.raises(ConfigError, match=rf"{where}: qkv must have shape \(3, H \+ 4, 8\)"):
+            fn(qkv[:, :4], cos, sin, *rest)
+        with pytest.raises(ConfigError, match=rf"{where}: qkv must have shape"):
+            fn(qkv[..., :4], cos, sin, *rest)
+        with pytest.raises(ConfigError, match=rf"{where}: sin must have shape \(3, 4\), got"):
+            fn(qkv, cos, jnp.zeros((3, 8)), *rest)
+        with pytest.raises(ConfigError, match=rf"{where}: valid must have shape \(3,\)"):
+            fn(qkv, cos, sin, *rest[:-1], rest[-1][:2])
 
 
 def test_write_and_gather_bad_shapes_raise():
