@@ -511,28 +511,33 @@ def _rope_write_kv_kernel(
     kv_half_lanes: int,
     lanes: int,
 ):
-    """Program t rotates token t's query and key (RoPE) and writes the rotated key and its value
-    into the token's page slot (or nothing), in one launch for what XLA runs as a rotation
-    fusion and two scatters (and the slices of q, k, v out of the fused projection)."""
+    """Program (t, g) rotates head group g of token t's query and key (RoPE) and writes the
+    group's rotated key and value heads into the token's page slot (or nothing): one launch for
+    what XLA runs as a rotation fusion and two scatters (and the slices of q, k, v out of the
+    fused projection). Groups split every part alike: the query's H / G heads, the key's and
+    value's KVH / G."""
     del k_pool_in_ref, v_pool_in_ref
     _, num_pages, page_size, width = k_pool_ref.shape
+    groups = pl.num_programs(1)
     q_width, total = q_out_ref.shape[1], qkv_ref.shape[1]
     half = head_dim // 2
     token, ok, page, offset = _token_slot(
         positions_ref, valid_ref, page_table_ref, num_pages, page_size, tokens_per_row
     )
+    group = pl.program_id(1)
     layer = layer_ref[0]
-    # (part's first column in qkv, its width, lanes per half, where it goes)
+    # (part's first column in qkv, its width, lanes per half of a group, where it goes)
     for start, part_width, half_lanes, out_ref in (
         (0, q_width, q_half_lanes, q_out_ref),
         (q_width, width, kv_half_lanes, k_pool_ref),
     ):
-        # Lane j owns the pair (first, first + half) of head j // half; padding lanes point past
-        # the rows (see _row_lanes).
-        lane, lane_ok = _row_lanes(half_lanes, part_width // 2)
+        group_width = part_width // groups
+        # Lane j owns the pair (first, first + half) of the group's head j // half; padding
+        # lanes point past the rows (see _row_lanes).
+        lane, lane_ok = _row_lanes(half_lanes, group_width // 2)
         head = jax.lax.div(lane, jnp.int32(half))
         angle = lane - head * half
-        first = head * head_dim + angle
+        first = group * group_width + head * head_dim + angle
         cos = pltriton.load(cos_ref.at[token, angle], mask=lane_ok, other=0)
         sin = pltriton.load(sin_ref.at[token, angle], mask=lane_ok, other=0)
         x1, x2 = (
@@ -556,12 +561,18 @@ def _rope_write_kv_kernel(
                     values.astype(k_pool_ref.dtype),
                     mask=ok & lane_ok,
                 )
-    lane, lane_ok = _row_lanes(lanes, width)
+    group_width = width // groups
+    lane, lane_ok = _row_lanes(lanes, group_width)
+    column = jnp.where(lane_ok, group * group_width + lane, width)
     values = pltriton.load(
-        qkv_ref.at[token, jnp.where(lane_ok, q_width + width + lane, total)], mask=lane_ok, other=0
+        qkv_ref.at[token, jnp.where(lane_ok, q_width + width + column, total)],
+        mask=lane_ok,
+        other=0,
     )
     pltriton.store(
-        v_pool_ref.at[layer, page, offset, lane], values.astype(v_pool_ref.dtype), mask=ok & lane_ok
+        v_pool_ref.at[layer, page, offset, column],
+        values.astype(v_pool_ref.dtype),
+        mask=ok & lane_ok,
     )
 
 
@@ -678,15 +689,21 @@ def rope_write_kv_kernel(
     layer: jax.Array | int,  # () int32
     valid: jax.Array,  # token_shape bool or int32 (0 = write nothing for this token)
     *,
+    max_head_groups: int = 8,
     num_warps: int = 4,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``rope_write_kv_reference`` as one Pallas Triton launch: program t rotates token t's q
-    and k and writes k and v in place (the pools are aliased to the outputs), with every check
-    and dropped write of ``write_kv``. It reads the fused q|k|v projection's output as it is:
-    XLA would copy out each slice for a custom call. XLA runs the rotation and each scatter as
-    separate kernels, 3-4 us each per layer at batch 32 (docs/BENCHMARKS.md, eleventh
-    session). An int32 ``valid`` skips a conversion per call (the model converts once a step)."""
+    """``rope_write_kv_reference`` as one Pallas Triton launch: program (t, g) rotates head group
+    g of token t's q and k and writes the group's k and v heads in place (the pools are aliased
+    to the outputs), with every check and dropped write of ``write_kv``.
+
+    - Groups: the largest power of two up to ``max_head_groups`` dividing both head counts.
+      One program per token (5 us a layer at batch 32 on the H200) leaves most SMs idle.
+    - It reads the fused q|k|v projection's output as it is: XLA would copy out each slice
+      before a custom call.
+    - XLA runs the rotation and each scatter as separate kernels, 3-4 us each per layer at
+      batch 32 (docs/BENCHMARKS.md, eleventh session).
+    - An int32 ``valid`` skips a conversion per call (the model converts once a step)."""
     where = "rope_write_kv_kernel"
     heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, where)
     num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
@@ -701,18 +718,25 @@ def rope_write_kv_kernel(
     if num_tokens == 0:
         return jnp.zeros(q_shape, qkv.dtype), k_pool, v_pool
     pool_shape = (num_layers, num_pages, page_size, width)
-    lanes = _next_power_of_2(width)
+    groups = 1
+    while (
+        2 * groups <= max_head_groups
+        and heads % (2 * groups) == 0
+        and num_kv_heads % (2 * groups) == 0
+    ):
+        groups *= 2
+    lanes = _next_power_of_2(width // groups)
     kernel = functools.partial(
         _rope_write_kv_kernel,
         tokens_per_row=tokens_per_row,
         head_dim=head_dim,
-        q_half_lanes=_next_power_of_2(q_width // 2),
-        kv_half_lanes=_next_power_of_2(width // 2),
+        q_half_lanes=_next_power_of_2(q_width // groups // 2),
+        kv_half_lanes=_next_power_of_2(width // groups // 2),
         lanes=lanes,
     )
     q_out, k_out, v_out = pl.pallas_call(
         kernel,
-        grid=(num_tokens,),
+        grid=(num_tokens, groups),
         out_shape=(
             jax.ShapeDtypeStruct((num_tokens, q_width), qkv.dtype),
             jax.ShapeDtypeStruct(pool_shape, k_pool.dtype),
@@ -721,7 +745,7 @@ def rope_write_kv_kernel(
         input_output_aliases={7: 1, 8: 2},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rope_write_kv_q{q_width}_w{lanes}_warps{num_warps}",
+        name=f"rope_write_kv_q{q_width}_g{groups}_w{lanes}_warps{num_warps}",
     )(
         _layer_scalar(layer, num_layers).reshape(1),
         positions.astype(jnp.int32).reshape(-1),

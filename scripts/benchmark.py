@@ -102,16 +102,19 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "kv_write",
-    "xla",
+    "pallas",
     ["xla", "pallas"],
-    "who writes K/V into the paged cache: XLA's scatters or one Pallas launch "
-    "(RunnerConfig.kv_write)",
+    "who rotates q, k and writes K/V into the paged cache: one Pallas launch a layer or XLA's "
+    "fusions and scatters (RunnerConfig.kv_write)",
 )
 flags.DEFINE_enum(
     "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
 )
 flags.DEFINE_integer(
-    "scan_unroll", 1, "layers per iteration of the scan layer loop (RunnerConfig.scan_unroll)"
+    "scan_unroll",
+    None,
+    "layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: 2 on the "
+    "compiled Pallas kernels, 1 elsewhere)",
 )
 flags.DEFINE_bool(
     "fuse_projections",

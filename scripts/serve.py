@@ -64,10 +64,10 @@ flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
 flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
 flags.DEFINE_enum(
     "kv_write",
-    "xla",
+    "pallas",
     ["xla", "pallas"],
-    "Who writes each step's K/V into the paged cache: XLA's scatters, or one Pallas launch "
-    "(RunnerConfig.kv_write; opt-in, not yet timed).",
+    "Who rotates q, k (RoPE) and writes each step's K/V into the paged cache: one Pallas launch "
+    "a layer, or XLA's fusions and scatters (RunnerConfig.kv_write).",
 )
 flags.DEFINE_enum(
     "layer_loop",
@@ -78,7 +78,10 @@ flags.DEFINE_enum(
     "of compiling; see docs/BENCHMARKS.md).",
 )
 flags.DEFINE_integer(
-    "scan_unroll", 1, "Layers per iteration of the scan layer loop (RunnerConfig.scan_unroll)."
+    "scan_unroll",
+    None,
+    "Layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: 2 on the "
+    "compiled Pallas kernels, 1 elsewhere).",
 )
 flags.DEFINE_string(
     "xla_options",

@@ -327,8 +327,11 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
     assert RunnerConfig().scan_layers()
     with pytest.raises(ConfigError, match="layer_loop"):
         RunnerConfig(layer_loop="sideways")
-    with pytest.raises(ConfigError, match="scan_unroll: expected an int >= 1, got 0"):
+    with pytest.raises(ConfigError, match="scan_unroll: expected an int >= 1 or None, got 0"):
         RunnerConfig(scan_unroll=0)
+    # Unset: two layers an iteration on the compiled kernels only (CPU compiles stay short).
+    assert [RunnerConfig().scan_unroll_for(i) for i in ("pallas", "pallas_interpret")] == [2, 1]
+    assert RunnerConfig(scan_unroll=4).scan_unroll_for("reference") == 4
 
 
 def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():

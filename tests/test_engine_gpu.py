@@ -49,7 +49,8 @@ def test_pallas_engine_matches_reference_engine():
     sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = {}
     # The third runs each decode projection group through lora_matmul (base GEMM + LoRA
-    # expand); the fourth also writes K/V with the Pallas write kernel (kv_write="pallas").
+    # expand); the fourth also rotates q, k and writes K/V in one Pallas launch a layer
+    # (kv_write="pallas"): with two layers a scan iteration, the default on this impl.
     runs = (
         ("reference", "xla", "xla"),
         ("pallas", "xla", "xla"),
@@ -74,6 +75,7 @@ def test_pallas_engine_matches_reference_engine():
             CONFIG, params=params, adapters=adapters, engine_config=config, load_workers=0
         )
         assert llm.engine.runner.impl == impl
+        assert llm.engine.runner.model.scan_unroll == (2 if impl == "pallas" else 1)
         outputs[impl, projection, kv_write] = [
             o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
         ]
@@ -135,9 +137,13 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
                     step, runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta
                 )
             kernels = triton_kernels(text)
-            # scan: one traced layer; unrolled: every layer. Eight SGMV launches per layer with
-            # LoRA; decode attention in every layer (JAX may lower those as one shared function).
-            layers = 1 if layer_loop == "scan" else CONFIG.num_layers
+            # scan: scan_unroll traced layers (2 by default on this impl) and, where they do not
+            # divide the layers, the remainder's; unrolled: every layer. Eight SGMV launches
+            # per layer with LoRA; decode attention in every layer (JAX may lower those as one
+            # shared function).
+            layers, unroll = CONFIG.num_layers, runner.model.scan_unroll
+            if layer_loop == "scan" and unroll < layers:
+                layers = unroll + layers % unroll
             sgmv, attention = 8 * layers * use_lora, mode == "decode"
             if projection == "pallas" and mode == "decode":
                 # shrink + lora_matmul (base GEMM and expand) per group instead of shrink + expand

@@ -486,7 +486,7 @@ def test_rope_write_kv_kernel_lowers_in_place_for_the_gpu():
         return jax.lax.scan(step, (k_pool, v_pool), jnp.arange(3, dtype=jnp.int32))
 
     text = lower_for_gpu(layers, *args)
-    assert triton_kernels(text) == 1 and "rope_write_kv_q4096_w1024_warps4" in text
+    assert triton_kernels(text) == 1 and "rope_write_kv_q4096_g8_w128_warps4" in text
     assert "output_operand_aliases" in text
 
 

@@ -58,9 +58,11 @@ class RunnerConfig:
     # against 57 s for 14 with the scan (16 threads, H200 machine).
     layer_loop: str = "scan"
     # Layers per iteration of the scan loop (lax.scan's ``unroll``; 1 = one layer traced once).
-    # Each iteration also runs loop bookkeeping (carry copies, index fusions), which unrolling
-    # shares out among the layers it holds.
-    scan_unroll: int = 1
+    # Each iteration also runs loop bookkeeping (the layer index, the norm scales' slices, the
+    # counter), which unrolling shares out among the layers it holds. None: 2 with the compiled
+    # Pallas impl (32-layer 7B decode on the H200: 2-3% shorter steps, twelfth session,
+    # docs/BENCHMARKS.md), 1 elsewhere (CPU compiles stay short).
+    scan_unroll: int | None = None
     # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
     sgmv: SgmvConfig | None = None
     # XLA compiler options of the model step (jax.jit's ``compiler_options``) as (name, value)
@@ -83,11 +85,12 @@ class RunnerConfig:
     projection_kernel: str = "auto"
     # lora_matmul's tuning (None: MatmulConfig's defaults), e.g. up to which T it runs.
     matmul: MatmulConfig | None = None
-    # Who writes each step's K/V into the paged cache: "xla" (two scatters a layer) or "pallas"
-    # (pallas_kernels.paged_attention.write_kv_kernel, one launch for K and V, with a Pallas
-    # impl; the reference impl keeps XLA's). Opt-in, not yet timed: XLA's scatters took 7 us a
-    # layer at batch 32 in the 32-layer scan profile (docs/BENCHMARKS.md, eleventh session).
-    kv_write: str = "xla"
+    # Who rotates q, k (RoPE) and writes each step's K/V into the paged cache: "pallas"
+    # (pallas_kernels.paged_attention.rope_write_kv_kernel, one launch a layer, with a Pallas
+    # impl; the reference impl keeps XLA's) or "xla" (a rotation fusion, two scatters and,
+    # beside lora_matmul, the slices of q, k, v). 32-layer 7B decode on the H200: 1.6-4.5%
+    # shorter steps with "pallas" (docs/BENCHMARKS.md, twelfth session).
+    kv_write: str = "pallas"
 
     def __post_init__(self):
         if self.projection_kernel not in ("auto", "xla", "pallas"):
@@ -99,9 +102,10 @@ class RunnerConfig:
             raise ConfigError(
                 f"runner config field kv_write: expected 'xla' or 'pallas', got {self.kv_write!r}"
             )
-        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+        unroll = self.scan_unroll
+        if unroll is not None and (not isinstance(unroll, int) or unroll < 1):
             raise ConfigError(
-                f"runner config field scan_unroll: expected an int >= 1, got {self.scan_unroll!r}"
+                f"runner config field scan_unroll: expected an int >= 1 or None, got {unroll!r}"
             )
         if self.layer_loop not in ("scan", "unrolled"):
             raise ConfigError(
@@ -137,6 +141,13 @@ class RunnerConfig:
         if choice == "auto":
             choice = "pallas" if impl == "pallas" and self.layer_loop == "scan" else "xla"
         return impl if choice == "pallas" and impl != "reference" else "xla"
+
+    def scan_unroll_for(self, impl: str) -> int:
+        """Layers per scan iteration for a resolved impl (``scan_unroll``'s None: 2 with the
+        compiled Pallas impl, 1 elsewhere)."""
+        if self.scan_unroll is not None:
+            return self.scan_unroll
+        return 2 if impl == "pallas" else 1
 
     def scan_layers(self) -> bool:
         return self.layer_loop == "scan"
@@ -335,7 +346,7 @@ class ModelRunner:
             config,
             dtype=dtype,
             scan_layers=runner.scan_layers(),
-            scan_unroll=runner.scan_unroll,
+            scan_unroll=runner.scan_unroll_for(self.impl),
             projection_kernel=projection_kernel,
             projection_config=runner.matmul,
         )

@@ -58,13 +58,13 @@ class LaunchConfig:
     max_rank: int | None = None
     max_slots: int | None = None
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
-    scan_unroll: int = 1  # RunnerConfig.scan_unroll: layers per scan iteration
+    scan_unroll: int | None = None  # RunnerConfig.scan_unroll: layers per scan iteration
     xla_options: tuple[tuple[str, object], ...] = ()  # RunnerConfig.xla_options
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
     projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
     sgmv: SgmvConfig | None = None  # RunnerConfig.sgmv: the SGMV kernels' tuning
     matmul: MatmulConfig | None = None  # RunnerConfig.matmul: lora_matmul's tuning
-    kv_write: str = "xla"  # RunnerConfig.kv_write: who writes K/V into the paged cache
+    kv_write: str = "pallas"  # RunnerConfig.kv_write: who rotates q, k and writes K/V
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
