@@ -606,11 +606,9 @@ def test_launch_settings():
         backend="gpu",
     ).runner
     assert tuned.sgmv.decode_max_tokens == 32 and tuned.matmul.max_tokens == 64
-    assert cpu.runner.kv_write == "xla"
-    assert (
-        engine_config_for(TINY, LaunchConfig(kv_write="pallas"), backend="gpu").runner.kv_write
-        == "pallas"
-    )
+    assert cpu.runner.kv_write == "pallas" and cpu.runner.scan_unroll is None
+    forced = engine_config_for(TINY, LaunchConfig(kv_write="xla", scan_unroll=3), backend="gpu")
+    assert forced.runner.kv_write == "xla" and forced.runner.scan_unroll == 3
     with pytest.raises(ConfigError, match="max_model_len"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
 
