@@ -190,6 +190,10 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
             f["compilations_while_timed"] == 0 and f["iteration_ms_median"] > 0
             for f in free.values()
         )
+        # Greedy tokens: the same in the timed, async and sync passes; a digest to compare runs.
+        assert all(f["same_tokens_as_timed"] for f in free.values())
+        assert len(r["output_digest"]) == 16 and len(r["output_head"]) == min(batch, 4)
+        assert all(len(ids) == config.output_len for ids in r["output_head"])
         assert r["output_tokens_per_s_timed"] > 0
         # output_len - 1 decode steps per request; batch 4 prefills in two steps of 2, so two
         # decode steps run half the batch.
@@ -215,6 +219,18 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
             assert r["lora_explained_ms"] == pytest.approx(
                 r["bytes_adapters_MB"] * 1e6 / 50e9 * 1e3
             )
+
+
+def test_offline_digest_tells_outputs_apart(offline_result):
+    from jaxlora.bench.offline import output_digest
+
+    _, _, result = offline_result
+    rows = {(r["batch"], r["workload"]): r for r in result["rows"]}
+    # The same prompts: the adapters change the tokens, so the digests differ.
+    assert rows[4, "no_lora"]["output_digest"] != rows[4, "distinct"]["output_digest"]
+    assert rows[4, "no_lora"]["output_head"][0] == rows[1, "no_lora"]["output_head"][0]
+    assert output_digest([[1, 2], [3]]) != output_digest([[3], [1, 2]])
+    assert output_digest([[1, 2], [3]]) != output_digest([[1], [2, 3]])
 
 
 def test_report_lists_offline_rows_by_batch_then_workload(offline_result):

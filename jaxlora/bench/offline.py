@@ -5,6 +5,7 @@ with its roofline (jaxlora/bench/roofline.py) at the copy bandwidth measured in 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import statistics
 import time
@@ -187,6 +188,11 @@ def run_row(
         "iteration_ms_median": _median(timed["iterations"]) * 1e3,
         "adapter_preload_s": load_s,
         "compilations_while_timed": timed["compilations"],
+        # Greedy tokens of the row's requests: the same seed and prompts give the same digest
+        # under any kernel configuration that computes the same function, so two runs' rows
+        # (an A/B of kernels, on the GPU) can be compared for tokens as well as for speed.
+        "output_digest": output_digest(timed["output_ids"]),
+        "output_head": [ids[:OUTPUT_HEAD_TOKENS] for ids in timed["output_ids"][:4]],
     }
     row.update(summarize_decode(records, batch, model, bench.itemsize, copy_gbps))
     if timed["step_profile"]:
@@ -207,6 +213,8 @@ def run_row(
                     "output_tokens_per_s": free["output_tokens"] / free["wall_s"],
                     "iteration_ms_median": _median(free["iterations"]) * 1e3,
                     "compilations_while_timed": free["compilations"],
+                    # Scheduling must not change greedy tokens.
+                    "same_tokens_as_timed": free["output_ids"] == timed["output_ids"],
                 }
         finally:
             bench.timer.enabled = True
@@ -277,10 +285,20 @@ def _serve(
         "iterations": iterations,
         "compilations": compiles.count,
         "output_tokens": sum(len(r.output_ids) for r in requests),
+        "output_ids": [list(map(int, r.output_ids)) for r in requests],
         "step_profile": step_profile,
         "profiled_records": profiled_records,
         "profile_s": profile_s,
     }
+
+
+OUTPUT_HEAD_TOKENS = 16  # tokens of the first requests kept in a row, beside the digest
+
+
+def output_digest(output_ids: list[list[int]]) -> str:
+    """A short hash of every request's tokens, in request order."""
+    text = ";".join(",".join(map(str, ids)) for ids in output_ids)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _names(bench: BenchEngine, indices: list[int | None]) -> list[str | None]:
