@@ -18,6 +18,11 @@ Query heads are grouped as in HF ``repeat_kv``: query head ``i`` attends with kv
 ``paged_attention`` is a Pallas Triton kernel (flash-decoding: each program owns one (row, kv head,
 kv split) and walks that split's pages in blocks with an online softmax; with several splits the
 partial results are merged in jnp). ``paged_attention_reference`` computes the same in plain jnp.
+
+Writes: ``write_kv`` scatters a step's K/V with XLA; ``write_kv_kernel`` does it in one Pallas
+launch; ``rope_write_kv_kernel`` (the model's default with a Pallas impl) also applies RoPE to q
+and k, reading the fused q|k|v projection output, against ``rope_write_kv_reference``. Each
+updates the pools in place (aliased outputs) and drops the writes ``write_kv`` documents.
 """
 
 from __future__ import annotations
