@@ -19,10 +19,10 @@ Query heads are grouped as in HF ``repeat_kv``: query head ``i`` attends with kv
 kv split) and walks that split's pages in blocks with an online softmax; with several splits the
 partial results are merged in jnp). ``paged_attention_reference`` computes the same in plain jnp.
 
-Writes: ``write_kv`` scatters a step's K/V with XLA; ``write_kv_kernel`` does it in one Pallas
-launch; ``rope_write_kv_kernel`` (the model's default with a Pallas impl) also applies RoPE to q
-and k, reading the fused q|k|v projection output, against ``rope_write_kv_reference``. Each
-updates the pools in place (aliased outputs) and drops the writes ``write_kv`` documents.
+Writes: ``write_kv`` scatters a step's K/V with XLA. ``rope_write_kv_kernel`` (the model's
+default with a Pallas impl) applies RoPE to q and k and writes k and v in one Pallas launch,
+reading the fused q|k|v projection output, against ``rope_write_kv_reference``; it updates the
+pools in place (aliased outputs) and drops the writes ``write_kv`` documents.
 """
 
 from __future__ import annotations
@@ -462,38 +462,6 @@ def _row_lanes(lanes: int, width: int):
     return jnp.where(lane_ok, lane, width), lane_ok
 
 
-def _write_kv_kernel(
-    # inputs
-    layer_ref,  # (1,) int32
-    positions_ref,  # (T,) int32
-    valid_ref,  # (T,) int32, 0 = write nothing
-    page_table_ref,  # (B, max_pages_per_seq) int32
-    k_new_ref,  # (T, W) W = KVH * D
-    v_new_ref,  # (T, W)
-    k_pool_in_ref,  # (L, P, page_size, W), the same buffer as k_pool_ref
-    v_pool_in_ref,  # (L, P, page_size, W), the same buffer as v_pool_ref
-    # outputs
-    k_pool_ref,  # (L, P, page_size, W)
-    v_pool_ref,  # (L, P, page_size, W)
-    *,
-    tokens_per_row: int,
-    lanes: int,
-):
-    """Program t writes token t's K and V rows (W values each) into its page slot, or nothing."""
-    del k_pool_in_ref, v_pool_in_ref
-    _, num_pages, page_size, width = k_pool_ref.shape
-    token, ok, page, offset = _token_slot(
-        positions_ref, valid_ref, page_table_ref, num_pages, page_size, tokens_per_row
-    )
-    lane, lane_ok = _row_lanes(lanes, width)
-    layer = layer_ref[0]
-    for new_ref, pool_ref in ((k_new_ref, k_pool_ref), (v_new_ref, v_pool_ref)):
-        values = pltriton.load(new_ref.at[token, lane], mask=lane_ok, other=0)
-        pltriton.store(
-            pool_ref.at[layer, page, offset, lane], values.astype(pool_ref.dtype), mask=ok & lane_ok
-        )
-
-
 def _rope_write_kv_kernel(
     # inputs
     layer_ref,  # (1,) int32
@@ -579,57 +547,6 @@ def _rope_write_kv_kernel(
         values.astype(v_pool_ref.dtype),
         mask=ok & lane_ok,
     )
-
-
-def write_kv_kernel(
-    k_pool: jax.Array,  # (L, P, page_size, KVH, D)
-    v_pool: jax.Array,  # (L, P, page_size, KVH, D)
-    k_new: jax.Array,  # (*token_shape, KVH, D)
-    v_new: jax.Array,  # (*token_shape, KVH, D)
-    page_table: jax.Array,  # (B, max_pages_per_seq) int32
-    positions: jax.Array,  # token_shape int32: (B,) one token per row, or (B, S)
-    layer: jax.Array | int,  # () int32
-    valid: jax.Array,  # token_shape bool: False = write nothing for this token
-    *,
-    num_warps: int = 4,
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """``write_kv`` as one Pallas Triton launch for K and V (XLA runs one scatter each): program
-    t writes token t's rows in place (the pools are aliased to the outputs), every check and
-    dropped write as ``write_kv``. The model uses ``rope_write_kv_kernel``, which also rotates
-    the query and key."""
-    where = "write_kv_kernel"
-    _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
-    num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
-    width = num_kv_heads * head_dim
-    num_tokens = positions.size
-    tokens_per_row = 1 if positions.ndim == 1 else positions.shape[1]
-    if num_tokens == 0:
-        return k_pool, v_pool
-    pool_shape = (num_layers, num_pages, page_size, width)
-    lanes = _next_power_of_2(width)
-    k_out, v_out = pl.pallas_call(
-        functools.partial(_write_kv_kernel, tokens_per_row=tokens_per_row, lanes=lanes),
-        grid=(num_tokens,),
-        out_shape=(
-            jax.ShapeDtypeStruct(pool_shape, k_pool.dtype),
-            jax.ShapeDtypeStruct(pool_shape, v_pool.dtype),
-        ),
-        input_output_aliases={6: 0, 7: 1},
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name=f"write_kv_w{lanes}_warps{num_warps}",
-    )(
-        _layer_scalar(layer, num_layers).reshape(1),
-        positions.astype(jnp.int32).reshape(-1),
-        valid.astype(jnp.int32).reshape(-1),
-        page_table.astype(jnp.int32),
-        k_new.reshape(num_tokens, width),
-        v_new.reshape(num_tokens, width),
-        k_pool.reshape(pool_shape),
-        v_pool.reshape(pool_shape),
-    )
-    return k_out.reshape(k_pool.shape), v_out.reshape(v_pool.shape)
 
 
 def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

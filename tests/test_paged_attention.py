@@ -20,7 +20,6 @@ from pallas_kernels.paged_attention import (
     rope_write_kv_kernel,
     rope_write_kv_reference,
     write_kv,
-    write_kv_kernel,
 )
 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -367,57 +366,6 @@ def _write_problem(seed, token_shape, num_kv_heads, head_dim, dtype):
     )
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize(
-    ("token_shape", "num_kv_heads", "head_dim", "dtype"),
-    [
-        ((6,), 2, 16, jnp.float32),
-        ((6,), 3, 16, jnp.bfloat16),  # 48 values a row: padding lanes
-        ((3, 5), 2, 16, jnp.bfloat16),
-        ((4, 3), 4, 8, jnp.float32),
-    ],
-)
-def test_write_kv_kernel_writes_what_the_scatter_writes(
-    token_shape, num_kv_heads, head_dim, dtype, interpret
-):
-    """The one-launch Pallas write against XLA's scatter (write_kv): decode tokens (B,) and
-    chunks (B, S), float32 values into float32 and bfloat16 pools; every slot of both pools is
-    compared, NaN for the untouched ones."""
-    args = _write_problem(
-        sum(token_shape) + num_kv_heads, token_shape, num_kv_heads, head_dim, dtype
-    )
-    want_k, want_v = write_kv(*args)
-    run = jax.jit(functools.partial(write_kv_kernel, interpret=interpret))
-    got_k, got_v = run(*args)
-    written = ~np.isnan(np.asarray(want_k, np.float32)).all(axis=(3, 4))
-    table, positions, valid = (np.asarray(a) for a in (args[4], args[5], args[7]))
-    rows = np.broadcast_to(np.arange(table.shape[0])[:, None], table.shape[:1] + (1,))
-    pos = positions.reshape(table.shape[0], -1)
-    in_table = (pos >= 0) & (pos < table.shape[1] * 4)
-    pages = table[rows, np.clip(pos // 4, 0, table.shape[1] - 1)]
-    writes = valid.reshape(pos.shape) & in_table & (pages >= 0) & (pages < written.shape[1])
-    # The five tokens that must not write do not (others may land on the two bad pages).
-    assert written.sum() == writes.sum() <= np.prod(token_shape) - 5
-    np.testing.assert_array_equal(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32))
-    np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(want_v, np.float32))
-
-
-def test_write_kv_kernel_lowers_in_place_for_the_gpu():
-    """One Triton launch for K and V whose outputs alias the pools (no pool-sized copy is
-    asked for), inside a scan over layers as the model runs it."""
-    args = _write_problem(0, (8,), 32, 128, jnp.bfloat16)
-
-    def layers(k_pool, v_pool, k_new, v_new, table, positions, layer, valid):
-        def step(pools, layer):
-            return write_kv_kernel(*pools, k_new, v_new, table, positions, layer, valid), None
-
-        return jax.lax.scan(step, (k_pool, v_pool), jnp.arange(3, dtype=jnp.int32))[0]
-
-    text = lower_for_gpu(layers, *args)
-    assert triton_kernels(text) == 1 and "write_kv_w4096_warps4" in text
-    assert "output_operand_aliases" in text
-
-
 def _rope_problem(token_shape, num_heads, num_kv_heads, head_dim, dtype):
     """_write_problem's pools and tokens with a fused q|k|v and rotary tables: (qkv, cos, sin,
     k_pool, v_pool, page_table, positions, layer, valid), qkv in the pools' dtype as the model
@@ -507,42 +455,41 @@ def test_rope_write_kv_bad_shapes_raise():
 def test_write_and_gather_bad_shapes_raise():
     pool = jnp.zeros((1, 4, 4, 2, 8))
     table = jnp.zeros((2, 2), jnp.int32)
-    # XLA's scatter and the Pallas write share their checks; each names itself.
-    for write in (write_kv, write_kv_kernel):
-        where = write.__name__
-        with pytest.raises(ConfigError, match=rf"{where}: k_new must have shape \(2, 2, 8\)"):
-            write(
-                pool,
-                pool,
-                jnp.zeros((2, 8)),
-                jnp.zeros((2, 2, 8)),
-                table,
-                jnp.zeros((2,), jnp.int32),
-                0,
-                jnp.ones((2,), bool),
-            )
-        with pytest.raises(ConfigError, match=f"{where}: positions"):
-            write(
-                pool,
-                pool,
-                jnp.zeros((3, 2, 8)),
-                jnp.zeros((3, 2, 8)),
-                table,
-                jnp.zeros((3,), jnp.int32),
-                0,
-                jnp.ones((3,), bool),
-            )
-        with pytest.raises(ConfigError, match=rf"{where}: valid must have shape \(2,\)"):
-            write(
-                pool,
-                pool,
-                jnp.zeros((2, 2, 8)),
-                jnp.zeros((2, 2, 8)),
-                table,
-                jnp.zeros((2,), jnp.int32),
-                0,
-                jnp.ones((3,), bool),
-            )
+    # rope_write_kv_kernel shares these checks (test_rope_write_kv_bad_shapes_raise).
+    write, where = write_kv, "write_kv"
+    with pytest.raises(ConfigError, match=rf"{where}: k_new must have shape \(2, 2, 8\)"):
+        write(
+            pool,
+            pool,
+            jnp.zeros((2, 8)),
+            jnp.zeros((2, 2, 8)),
+            table,
+            jnp.zeros((2,), jnp.int32),
+            0,
+            jnp.ones((2,), bool),
+        )
+    with pytest.raises(ConfigError, match=f"{where}: positions"):
+        write(
+            pool,
+            pool,
+            jnp.zeros((3, 2, 8)),
+            jnp.zeros((3, 2, 8)),
+            table,
+            jnp.zeros((3,), jnp.int32),
+            0,
+            jnp.ones((3,), bool),
+        )
+    with pytest.raises(ConfigError, match=rf"{where}: valid must have shape \(2,\)"):
+        write(
+            pool,
+            pool,
+            jnp.zeros((2, 2, 8)),
+            jnp.zeros((2, 2, 8)),
+            table,
+            jnp.zeros((2,), jnp.int32),
+            0,
+            jnp.ones((3,), bool),
+        )
     with pytest.raises(ConfigError, match="max_len=9"):
         gather_kv(pool, pool, table, 0, max_len=9)
 
