@@ -120,7 +120,8 @@ class MatmulConfig(KernelConfig):
     # when the split is chosen by min_programs (None: no cap). The partials grow with T: at
     # T = 128, o's 4 parts move 16.8 MB beside its 33.5 MB of weights, and the per-projection
     # sweep (eleventh session) had o fastest with 2 parts there and down with 4; a share of 0.3
-    # picks exactly that. Not yet timed in the engine.
+    # picks exactly that. In the engine (twelfth session) 0.3 was within the noise (-0.8% to
+    # +0.9% step time), so it stays off.
     max_partial_share: float | None = None
     # How the epilogue adds the LoRA delta. "dot": static steps, each gathering the B rows of
     # some tokens' rank chunk, ``(epilogue_block_k, block_n)``, and multiplying them on the

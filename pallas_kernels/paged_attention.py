@@ -559,8 +559,9 @@ def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
-def _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, where) -> int:
-    """The number of query heads in ``qkv``."""
+def _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, valid, where) -> int:
+    """Every check of ``write_kv`` for qkv's k and v heads, and qkv's and the tables' shapes;
+    returns the number of query heads in ``qkv``."""
     _check_cache_shapes(k_pool, v_pool, page_table, where=where)
     token_shape = positions.shape
     num_kv_heads, head_dim = k_pool.shape[3:]
@@ -576,6 +577,8 @@ def _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, whe
     for name, table in (("cos", cos), ("sin", sin)):
         if table.shape != expected:
             raise ConfigError(f"{where}: {name} must have shape {expected}, got {table.shape}")
+    kv_spec = jax.ShapeDtypeStruct((*token_shape, num_kv_heads, head_dim), qkv.dtype)
+    _check_write_inputs(k_pool, v_pool, kv_spec, kv_spec, page_table, positions, valid, where)
     return heads
 
 
@@ -592,9 +595,8 @@ def rope_write_kv_reference(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(rotated q, k_pool, v_pool): ``rotate_half_reference`` of q and k, then ``write_kv``."""
     where = "rope_write_kv_reference"
-    heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, where)
+    heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, valid, where)
     q, k_new, v_new = jnp.split(qkv, (heads, qkv.shape[-2] - k_pool.shape[3]), axis=-2)
-    _check_write_inputs(k_pool, v_pool, k_new, v_new, page_table, positions, valid, where)
     k_rot = rotate_half_reference(k_new, cos, sin)
     pools = write_kv(k_pool, v_pool, k_rot, v_new, page_table, positions, layer, valid != 0)
     return (rotate_half_reference(q, cos, sin), *pools)
@@ -627,11 +629,8 @@ def rope_write_kv_kernel(
       batch 32 (docs/BENCHMARKS.md, eleventh session).
     - An int32 ``valid`` skips a conversion per call (the model converts once a step)."""
     where = "rope_write_kv_kernel"
-    heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, where)
+    heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, valid, where)
     num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
-    kv_shape = (*positions.shape, num_kv_heads, head_dim)
-    kv_spec = jax.ShapeDtypeStruct(kv_shape, qkv.dtype)
-    _check_write_inputs(k_pool, v_pool, kv_spec, kv_spec, page_table, positions, valid, where)
     width = num_kv_heads * head_dim
     q_width = heads * head_dim
     num_tokens = positions.size

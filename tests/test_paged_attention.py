@@ -456,40 +456,23 @@ def test_write_and_gather_bad_shapes_raise():
     pool = jnp.zeros((1, 4, 4, 2, 8))
     table = jnp.zeros((2, 2), jnp.int32)
     # rope_write_kv_kernel shares these checks (test_rope_write_kv_bad_shapes_raise).
-    write, where = write_kv, "write_kv"
-    with pytest.raises(ConfigError, match=rf"{where}: k_new must have shape \(2, 2, 8\)"):
-        write(
-            pool,
-            pool,
-            jnp.zeros((2, 8)),
-            jnp.zeros((2, 2, 8)),
-            table,
-            jnp.zeros((2,), jnp.int32),
-            0,
-            jnp.ones((2,), bool),
-        )
-    with pytest.raises(ConfigError, match=f"{where}: positions"):
-        write(
-            pool,
-            pool,
-            jnp.zeros((3, 2, 8)),
-            jnp.zeros((3, 2, 8)),
-            table,
-            jnp.zeros((3,), jnp.int32),
-            0,
-            jnp.ones((3,), bool),
-        )
-    with pytest.raises(ConfigError, match=rf"{where}: valid must have shape \(2,\)"):
-        write(
-            pool,
-            pool,
-            jnp.zeros((2, 2, 8)),
-            jnp.zeros((2, 2, 8)),
-            table,
-            jnp.zeros((2,), jnp.int32),
-            0,
-            jnp.ones((3,), bool),
-        )
+    # (k_new shape, v_new shape, tokens, valid tokens, message)
+    for k_shape, v_shape, tokens, valid_tokens, message in (
+        ((2, 8), (2, 2, 8), 2, 2, r"write_kv: k_new must have shape \(2, 2, 8\)"),
+        ((3, 2, 8), (3, 2, 8), 3, 3, "write_kv: positions"),
+        ((2, 2, 8), (2, 2, 8), 2, 3, r"write_kv: valid must have shape \(2,\)"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            write_kv(
+                pool,
+                pool,
+                jnp.zeros(k_shape),
+                jnp.zeros(v_shape),
+                table,
+                jnp.zeros((tokens,), jnp.int32),
+                0,
+                jnp.ones((valid_tokens,), bool),
+            )
     with pytest.raises(ConfigError, match="max_len=9"):
         gather_kv(pool, pool, table, 0, max_len=9)
 

@@ -60,8 +60,9 @@ class RunnerConfig:
     # Layers per iteration of the scan loop (lax.scan's ``unroll``; 1 = one layer traced once).
     # Each iteration also runs loop bookkeeping (the layer index, the norm scales' slices, the
     # counter), which unrolling shares out among the layers it holds. None: 2 with the compiled
-    # Pallas impl (32-layer 7B decode on the H200: 2-3% shorter steps, twelfth session,
-    # docs/BENCHMARKS.md), 1 elsewhere (CPU compiles stay short).
+    # Pallas impl (32-layer 7B decode on the H200: 0.3-3.7% shorter steps than 1 beside the
+    # Pallas K/V write, twelfth session, docs/BENCHMARKS.md), 1 elsewhere (CPU compiles stay
+    # short).
     scan_unroll: int | None = None
     # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
     sgmv: SgmvConfig | None = None
@@ -88,8 +89,9 @@ class RunnerConfig:
     # Who rotates q, k (RoPE) and writes each step's K/V into the paged cache: "pallas"
     # (pallas_kernels.paged_attention.rope_write_kv_kernel, one launch a layer, with a Pallas
     # impl; the reference impl keeps XLA's) or "xla" (a rotation fusion, two scatters and,
-    # beside lora_matmul, the slices of q, k, v). 32-layer 7B decode on the H200: 1.6-4.5%
-    # shorter steps with "pallas" (docs/BENCHMARKS.md, twelfth session).
+    # beside lora_matmul, the slices of q, k, v). 32-layer 7B decode on the H200: 0.9-4.5%
+    # shorter steps with "pallas", one layer a scan iteration (docs/BENCHMARKS.md, twelfth
+    # session).
     kv_write: str = "pallas"
 
     def __post_init__(self):
