@@ -190,6 +190,12 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
             f["compilations_while_timed"] == 0 and f["iteration_ms_median"] > 0
             for f in free.values()
         )
+        # The host's time by phase is a part of each pass's wall time.
+        for f in free.values():
+            host = f["host_ms_per_iteration"]
+            assert set(host) == {"schedule", "build", "dispatch", "wait", "append"}
+            assert all(v >= 0 for v in host.values())
+            assert 0 < sum(host.values()) * f["engine_iterations"] <= f["wall_s"] * 1e3
         # Greedy tokens: the same in the timed, async and sync passes; a digest to compare runs.
         assert all(f["same_tokens_as_timed"] for f in free.values())
         assert len(r["output_digest"]) == 16 and len(r["output_head"]) == min(batch, 4)

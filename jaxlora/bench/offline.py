@@ -4,6 +4,7 @@ with its roofline (jaxlora/bench/roofline.py) at the copy bandwidth measured in 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -212,10 +213,20 @@ def run_row(
                     "wall_s": free["wall_s"],
                     "output_tokens_per_s": free["output_tokens"] / free["wall_s"],
                     "iteration_ms_median": _median(free["iterations"]) * 1e3,
+                    "engine_iterations": len(free["iterations"]),
                     "compilations_while_timed": free["compilations"],
+                    "host_ms_per_iteration": free["host_ms_per_iteration"],
                     # Scheduling must not change greedy tokens.
                     "same_tokens_as_timed": free["output_ids"] == timed["output_ids"],
                 }
+                log.info(
+                    "offline batch=%d %-9s %s: iteration %.2f ms; host ms/iteration %s",
+                    batch,
+                    workload,
+                    mode,
+                    row["free_running"][mode]["iteration_ms_median"],
+                    " ".join(f"{k}={v:.2f}" for k, v in free["host_ms_per_iteration"].items()),
+                )
         finally:
             bench.timer.enabled = True
             engine.async_scheduling = engine.engine_config.async_scheduling
@@ -249,6 +260,7 @@ def _serve(
     prompts = offline_prompts(batch, config.prompt_len, engine.config.vocab_size, seed=config.seed)
     sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
     iterations, profiled_records, step_profile, profile_s = [], [], None, 0.0
+    host_before = collections.Counter(engine.stats.host_seconds)
     with CompileCounter() as compiles:
         start = time.perf_counter()
         requests = [
@@ -273,6 +285,7 @@ def _serve(
             engine.step()
             iterations.append(time.perf_counter() - t)
         wall = time.perf_counter() - start
+    host = engine.stats.host_seconds - host_before
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
         raise RuntimeError(
@@ -289,6 +302,11 @@ def _serve(
         "step_profile": step_profile,
         "profiled_records": profiled_records,
         "profile_s": profile_s,
+        # Host ms per iteration by phase (EngineStats.host_seconds); with the profiler's
+        # iterations included, so read them in a pass without --profile_steps.
+        "host_ms_per_iteration": {
+            phase: seconds * 1e3 / max(1, len(iterations)) for phase, seconds in host.items()
+        },
     }
 
 

@@ -122,6 +122,12 @@ class EngineStats:
     tokens_per_adapter: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     ttft: list = dataclasses.field(default_factory=list)  # seconds, recent
     tpot: list = dataclasses.field(default_factory=list)
+    # Host seconds of the iterations so far, by phase: "schedule" (poll, reap, admit,
+    # schedule), "build" (a step's host arrays and adapter metadata), "dispatch" (handing the
+    # step and its sampler to the device), "wait" (blocked on a step's sampled tokens) and
+    # "append" (the tokens appended, streamed, stops checked). With async scheduling, an
+    # iteration that waits ~0 means the device ran out of queued work: the host is the bound.
+    host_seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 def _step_params(params, config, mesh, fuse: bool):
@@ -405,6 +411,7 @@ class Engine:
             self._reap()
             self._admit()
             decode, prefill = self._schedule()
+        self.stats.host_seconds["schedule"] += time.perf_counter() - start
         # Every step of this iteration reads the tokens the previous iteration sampled from the
         # register as it was; the samplers chain their writes into the next one.
         register_in, launched = self._register, []
@@ -641,6 +648,7 @@ class Engine:
         """Builds and dispatches one step and its sampler; the host reads the results later
         (``_complete``). A row whose input token is still being sampled on the device (async
         scheduling) reads it from ``register_in``."""
+        build_start = time.perf_counter()
         # A row scheduled earlier in this iteration may have been preempted since.
         rows = [(r, n) for r, n in rows if r.status is Status.RUNNING]
         if not rows:
@@ -689,6 +697,7 @@ class Engine:
         )
         use_lora = bool(slot_infos)
         lora_meta = self._lora_meta(slot_infos, token_slot)
+        built = time.perf_counter()
         with self._locked_lora_pools() as lora_pools:
             logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
                 mode,
@@ -712,6 +721,9 @@ class Engine:
             logits, mode, sampling, top_n=top_n, filtered=uses_top_k_top_p(params)
         )
         sampled.copy_to_host_async()
+        dispatched = time.perf_counter()
+        self.stats.host_seconds["build"] += built - build_start
+        self.stats.host_seconds["dispatch"] += dispatched - built
         offset = ec.runner.register_offset(mode)
         launch = _Launch(mode=mode, sampled=sampled, rows=[])
         with self._lock:
@@ -727,7 +739,10 @@ class Engine:
 
     def _complete(self, launch: _Launch) -> None:
         """Reads a dispatched step's sampled tokens (waits for them) and appends them."""
-        sampled = unpack_samples(np.asarray(launch.sampled))
+        start = time.perf_counter()
+        host = np.asarray(launch.sampled)
+        read = time.perf_counter()
+        sampled = unpack_samples(host)
         with self._lock:
             for request, epoch, row in launch.rows:
                 # Preempted since (its token is sampled again after the recompute) or finished
@@ -736,6 +751,8 @@ class Engine:
                     continue
                 request.inflight -= 1
                 self._append_token(request, sampled, row)
+        self.stats.host_seconds["wait"] += read - start
+        self.stats.host_seconds["append"] += time.perf_counter() - read
 
     def _sample(self, logits, mode: str, sampling: SamplingBatch, *, top_n: int, filtered: bool):
         """Dispatches the sampler of a step (its inputs in one packed transfer); returns its
