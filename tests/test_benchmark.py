@@ -196,6 +196,10 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
             assert set(host) == {"schedule", "build", "dispatch", "wait", "append"}
             assert all(v >= 0 for v in host.values())
             assert 0 < sum(host.values()) * f["engine_iterations"] <= f["wall_s"] * 1e3
+            # Decode-only iterations (every one after the prompts): the same phases, each
+            # no longer than the whole iteration.
+            decode = f["host_ms_decode_median"]
+            assert set(decode) == set(host) and 0 < sum(decode.values())
         # Greedy tokens: the same in the timed, async and sync passes; a digest to compare runs.
         assert all(f["same_tokens_as_timed"] for f in free.values())
         assert len(r["output_digest"]) == 16 and len(r["output_head"]) == min(batch, 4)
@@ -280,8 +284,11 @@ def test_offline_profile_traces_iterations_outside_the_step_times(offline_result
         profile_steps=3,
     )
     row = run_offline(bench, config, copy_gbps=50.0)["rows"][0]
-    assert len(traced) == 3 and row["output_tokens"] == 4 * 10
+    # 3 iterations traced in the timed pass, 3 more in an extra async pass (steps not waited
+    # for: the device's idle time as the engine serves).
+    assert len(traced) == 6 and row["output_tokens"] == 4 * 10
     assert row["profile"]["category_ms"]["gemm"] == pytest.approx(2.0 / 3)
+    assert row["profile_async"]["steps"] == 3
     assert len(row["profile"]["profiled_step_records_ms"]) == 3
     # 9 decode steps per request, two of them on half the batch; 3 traced ones are left out.
     assert row["full_batch_decode_steps"] == 10 - 1 - 1 - 3
@@ -309,6 +316,7 @@ def test_profile_breakdown_groups_kernels_and_measures_idle_time():
     # Idle: 0.5 ms before the MemcpyH2D, 3.8 ms before the last kernel (both long).
     assert profile.idle_gaps_ns(events) == [500_000, 3_800_000]
     assert b["launch_gap_ms"] == 0.0 and b["long_gaps_per_step"] == 1.0
+    assert b["long_gap_ms"] == pytest.approx((0.5 + 3.8) / 2)
     close = [("a", 0, 1000), ("b", 21_000, 1000), ("c", 200_000, 1000)]
     assert profile.breakdown(close, 1, 1e-3)["launch_gap_ms"] == pytest.approx(0.02)
     assert [k["name"] for k in b["top_kernels"]] == [

@@ -216,17 +216,33 @@ def run_row(
                     "engine_iterations": len(free["iterations"]),
                     "compilations_while_timed": free["compilations"],
                     "host_ms_per_iteration": free["host_ms_per_iteration"],
+                    "host_ms_decode_median": free["host_ms_decode_median"],
                     # Scheduling must not change greedy tokens.
                     "same_tokens_as_timed": free["output_ids"] == timed["output_ids"],
                 }
                 log.info(
-                    "offline batch=%d %-9s %s: iteration %.2f ms; host ms/iteration %s",
+                    "offline batch=%d %-9s %s: iteration %.2f ms; decode iterations' host ms %s",
                     batch,
                     workload,
                     mode,
                     row["free_running"][mode]["iteration_ms_median"],
-                    " ".join(f"{k}={v:.2f}" for k, v in free["host_ms_per_iteration"].items()),
+                    " ".join(f"{k}={v:.2f}" for k, v in free["host_ms_decode_median"].items()),
                 )
+            if config.profile_steps and "async" in config.free_running:
+                # The same requests once more with async scheduling and a few iterations traced
+                # (steps not waited for): the device's busy and idle time as the engine serves.
+                engine.async_scheduling = True
+                free = _serve(
+                    bench, config, batch, workload, names, profile_steps=config.profile_steps
+                )
+                if free["step_profile"]:
+                    row["profile_async"] = free["step_profile"]
+                    log.info(
+                        "%s",
+                        profile.format_breakdown(
+                            f"batch={batch} {workload} async", free["step_profile"]
+                        ),
+                    )
         finally:
             bench.timer.enabled = True
             engine.async_scheduling = engine.engine_config.async_scheduling
@@ -260,7 +276,9 @@ def _serve(
     prompts = offline_prompts(batch, config.prompt_len, engine.config.vocab_size, seed=config.seed)
     sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
     iterations, profiled_records, step_profile, profile_s = [], [], None, 0.0
-    host_before = collections.Counter(engine.stats.host_seconds)
+    stats = engine.stats
+    host_before = collections.Counter(stats.host_seconds)
+    decode_host = []  # each decode-only iteration's host seconds by phase
     with CompileCounter() as compiles:
         start = time.perf_counter()
         requests = [
@@ -281,11 +299,16 @@ def _serve(
                 profiled_records = bench.timer.take()
                 bench.timer.records = kept
                 continue
+            before, prefills = dict(stats.host_seconds), stats.prefill_steps
             t = time.perf_counter()
             engine.step()
             iterations.append(time.perf_counter() - t)
+            if stats.prefill_steps == prefills:
+                decode_host.append(
+                    {k: v - before.get(k, 0.0) for k, v in stats.host_seconds.items()}
+                )
         wall = time.perf_counter() - start
-    host = engine.stats.host_seconds - host_before
+    host = stats.host_seconds - host_before
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
         raise RuntimeError(
@@ -306,6 +329,11 @@ def _serve(
         # iterations included, so read them in a pass without --profile_steps.
         "host_ms_per_iteration": {
             phase: seconds * 1e3 / max(1, len(iterations)) for phase, seconds in host.items()
+        },
+        # The median of each phase over the iterations that ran decode steps only: with async
+        # scheduling, "wait" near 0 there means the GPU had run out of queued work.
+        "host_ms_decode_median": {
+            phase: _median([h.get(phase, 0.0) for h in decode_host]) * 1e3 for phase in host
         },
     }
 

@@ -103,6 +103,7 @@ def breakdown(events, steps: int, wall_s: float, *, top: int = 40) -> dict:
         # Idle time between kernels closer than LAUNCH_GAP_NS, and the number of longer gaps.
         "launch_gap_ms": sum(short) / steps / 1e6,
         "long_gaps_per_step": (len(gaps) - len(short)) / steps,
+        "long_gap_ms": (sum(gaps) - sum(short)) / steps / 1e6,
         "category_ms": ms,
         "top_kernels": [
             {"name": n[:120], "category": category(n), "ms": t / steps / 1e6, "launches": c / steps}
@@ -144,7 +145,8 @@ def format_breakdown(label: str, b: dict) -> str:
     lines = [
         f"profile {label}: wall {b['wall_ms']:.2f} ms/step, GPU busy {b['busy_ms']:.2f}, "
         f"idle {b['idle_ms']:.2f} (between kernels < 50 us apart: "
-        f"{b['launch_gap_ms']:.2f}); {b['kernels_per_step']:.0f} kernels/step; {cats}"
+        f"{b['launch_gap_ms']:.2f}, longer gaps {b.get('long_gap_ms', 0.0):.2f} in "
+        f"{b['long_gaps_per_step']:.1f}); {b['kernels_per_step']:.0f} kernels/step; {cats}"
     ]
     lines += [
         f"    {k['ms']:7.3f} ms {k['launches']:6.1f}x  {k['category']:<9} {k['name']}"
