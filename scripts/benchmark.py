@@ -100,6 +100,12 @@ flags.DEFINE_enum(
     ["auto", "pallas", "reference"],
     "attention / LoRA kernels (auto: Pallas on GPU)",
 )
+flags.DEFINE_bool(
+    "deterministic",
+    True,
+    "the same bits on every run: the LoRA shrink never splits its reduction with atomic adds "
+    "(RunnerConfig.deterministic). --nodeterministic allows the split.",
+)
 flags.DEFINE_enum(
     "kv_write",
     "pallas",
@@ -302,6 +308,7 @@ def main(argv):
             xla_options=xla_options,
             kv_write=FLAGS.kv_write,
             scan_unroll=FLAGS.scan_unroll,
+            deterministic=FLAGS.deterministic,
         ),
     )
     bench = build_engine(model, engine_config, setup)

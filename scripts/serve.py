@@ -62,6 +62,12 @@ flags.DEFINE_integer("adapter_pool_pages", None, "Pages of each adapter page poo
 flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
 flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
 flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
+flags.DEFINE_bool(
+    "deterministic",
+    True,
+    "The same bits on every run: the LoRA shrink never splits its reduction with atomic adds "
+    "(RunnerConfig.deterministic). --nodeterministic allows the split.",
+)
 flags.DEFINE_enum(
     "kv_write",
     "pallas",
@@ -202,6 +208,7 @@ def main(argv):
         sgmv=sgmv,
         matmul=matmul,
         kv_write=FLAGS.kv_write,
+        deterministic=FLAGS.deterministic,
         async_scheduling=FLAGS.async_scheduling,
     )
     try:

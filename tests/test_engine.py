@@ -353,6 +353,26 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
         RunnerConfig(kv_write="triton")
 
 
+def test_deterministic_runner_never_splits_the_shrink():
+    """RunnerConfig.deterministic (the default) runs the SGMV shrink without its K split (no
+    atomic adds); a config that asks for a split conflicts with it and fails, naming both."""
+    from jaxlora.errors import ConfigError
+    from pallas_kernels.sgmv import SgmvConfig
+
+    assert RunnerConfig().sgmv_config() == SgmvConfig(shrink_split_k=1)
+    tuned = SgmvConfig(decode_max_tokens=32)
+    assert RunnerConfig(sgmv=tuned).sgmv_config() == SgmvConfig(
+        decode_max_tokens=32, shrink_split_k=1
+    )
+    assert RunnerConfig(deterministic=False).sgmv_config() == SgmvConfig()
+    split = SgmvConfig(shrink_split_k=4)
+    assert RunnerConfig(sgmv=split, deterministic=False).sgmv_config() == split
+    with pytest.raises(ConfigError, match="shrink_split_k=4 .*deterministic=True rules out"):
+        RunnerConfig(sgmv=split)
+    with pytest.raises(ConfigError, match="deterministic: expected a bool, got 'yes'"):
+        RunnerConfig(deterministic="yes")
+
+
 def test_fused_projections_generate_the_separate_weights_tokens(base, lora_adapters):
     """The engine fuses q|k|v and gate|up by default (one GEMM per group); with the option off it
     runs the separate weights. Same greedy tokens through prefill, paged decode, mixed adapters."""

@@ -167,3 +167,51 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
                     assert per_token
             lowered += 1
     assert lowered == 2 * len(runner.bucket_shapes())
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_steps_add_nothing_atomically(deterministic):
+    """On any machine: with RunnerConfig.deterministic (the default) no kernel of a step adds
+    into its output with atomics, so the order in which the GPU runs its programs cannot change
+    a bit of the result. Without it, a prefill step's tiled shrink (T = 128 tokens of one
+    adapter: few tiles) splits its reduction with atomic adds."""
+    config = EngineConfig(
+        kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
+        runner=RunnerConfig(
+            max_batch=4,
+            prefill_chunk=64,
+            max_prefill_rows=2,
+            impl="pallas",
+            decode_buckets=(4,),
+            prefill_buckets=(2,),
+            deterministic=deterministic,
+        ),
+        lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
+        warmup=False,
+    )
+    llm = jaxlora.LLM(
+        CONFIG,
+        params=init_params(CONFIG, 0),
+        adapters={"a0": random_lora_weights(CONFIG, "a0", 16, MODULES, seed=0)},
+        engine_config=config,
+        load_workers=0,
+    )
+    engine, runner = llm.engine, llm.engine.runner
+    atomics = {}
+    for mode, rows, length in runner.bucket_shapes():
+        batch = empty_batch(rows, length, config.kv.max_pages_per_seq)
+        meta = engine._lora_meta([], np.asarray(batch.token_slot))
+        step = functools.partial(runner._forward, mode=mode, use_lora=True)
+        with engine._locked_lora_pools() as pools:
+            text = lower_for_gpu(
+                step, runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta
+            )
+        shrinks = set(re.findall(r'name = "(sgmv_shrink_prefill[^"]*)"', text))
+        atomics[mode] = (text.count("atomic_rmw"), shrinks)
+    assert atomics["decode"] == (0, set())  # 4 tokens: the per-token shrink, never split
+    count, shrinks = atomics["prefill"]
+    assert shrinks  # 128 tokens: the tiled shrink
+    if deterministic:
+        assert count == 0 and all("_ks1_" in name for name in shrinks)
+    else:
+        assert count > 0 and any("_ks1_" not in name for name in shrinks)

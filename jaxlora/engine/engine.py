@@ -638,7 +638,7 @@ class Engine:
             # The kernels' token order and tiles, built here once per step rather than inside
             # every (layer, module group) launch.
             meta["kernel_meta"] = build_sgmv_metadata(
-                token_slot.reshape(-1), pool.max_slots, config=self.engine_config.runner.sgmv
+                token_slot.reshape(-1), pool.max_slots, config=self.runner.sgmv_config
             )
         return meta  # host arrays: the runner sends them with the batch in one transfer
 

@@ -93,8 +93,20 @@ class RunnerConfig:
     # shorter steps with "pallas", one layer a scan iteration (docs/BENCHMARKS.md, twelfth
     # session).
     kv_write: str = "pallas"
+    # True: the same step gives the same bits on every run. No kernel of the step adds into its
+    # output with atomics: the SGMV shrink does not split its reduction among programs
+    # (SgmvConfig.shrink_split_k = 1). With the split, the order of the float additions follows
+    # the GPU's scheduling, and greedy tokens with LoRA differed between two passes over the same
+    # requests on the H200 (docs/BENCHMARKS.md, thirteenth session). False: the shrink may split
+    # (faster where few adapters' long runs of tokens leave SMs idle).
+    deterministic: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(
+                f"runner config field deterministic: expected a bool, got {self.deterministic!r}"
+            )
+        self.sgmv_config()  # a split asked for by the sgmv config conflicts with deterministic
         if self.projection_kernel not in ("auto", "xla", "pallas"):
             raise ConfigError(
                 f"runner config field projection_kernel: expected 'auto', 'xla' or 'pallas', "
@@ -135,6 +147,20 @@ class RunnerConfig:
                     f"'xla_...' option name and a bool, number or string value, got {pair!r}"
                 )
         object.__setattr__(self, "xla_options", tuple(tuple(p) for p in options))
+
+    def sgmv_config(self) -> SgmvConfig:
+        """The SGMV kernels' config as the step runs them: ``sgmv`` (or the defaults), without
+        the shrink's K split when ``deterministic``."""
+        config = self.sgmv or SgmvConfig()
+        if not self.deterministic:
+            return config
+        if config.shrink_split_k not in (None, 1):
+            raise ConfigError(
+                "runner config field sgmv: shrink_split_k="
+                f"{config.shrink_split_k} splits the shrink with atomic adds, which deterministic="
+                "True rules out; expected shrink_split_k None or 1, or deterministic=False"
+            )
+        return dataclasses.replace(config, shrink_split_k=1)
 
     def projection_kernel_for(self, impl: str) -> str:
         """``Llama.projection_kernel`` for a resolved impl: "xla", or the impl whose
@@ -343,6 +369,7 @@ class ModelRunner:
         self.params = params
         self.runner = runner
         self.impl = resolve_impl(runner.impl)
+        self.sgmv_config = runner.sgmv_config()  # what the kernels and their metadata use
         projection_kernel = runner.projection_kernel_for(self.impl)
         self.model = Llama(
             config,
@@ -431,7 +458,7 @@ class ModelRunner:
                 pools=lora_pools,
                 token_slot=batch.token_slot,
                 impl=self.impl,
-                sgmv_config=self.runner.sgmv,
+                sgmv_config=self.sgmv_config,
                 **lora_meta,
             )
         logits, kv = self.model.apply(

@@ -65,6 +65,7 @@ class LaunchConfig:
     sgmv: SgmvConfig | None = None  # RunnerConfig.sgmv: the SGMV kernels' tuning
     matmul: MatmulConfig | None = None  # RunnerConfig.matmul: lora_matmul's tuning
     kv_write: str = "pallas"  # RunnerConfig.kv_write: who rotates q, k and writes K/V
+    deterministic: bool = True  # RunnerConfig.deterministic: no atomic adds in the step
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
@@ -135,6 +136,7 @@ def engine_config_for(
         sgmv=launch.sgmv,
         matmul=launch.matmul,
         kv_write=launch.kv_write,
+        deterministic=launch.deterministic,
     )
     pool = LoraPoolConfig(
         max_rank=pick(launch.max_rank, pool_default.max_rank),
