@@ -222,6 +222,10 @@ class SgmvConfig(KernelConfig):
     shrink_block_k: int | None = None
     shrink_small_tokens: int = 128
     shrink_split_k: int | None = None  # most programs splitting the input width (atomic adds)
+    # The split's programs write float32 partials (split, T, columns) that the wrapper sums in a
+    # fixed order, instead of adding into v with atomics: the same bits on every run (the order
+    # of atomic float adds follows the GPU's scheduling), for one more small XLA sum per launch.
+    deterministic: bool = False
     shrink_num_warps: int = 4
     shrink_num_stages: int = 3
     expand_block_tokens: int = 16  # tokens of one slot per expand tile
@@ -240,6 +244,10 @@ class SgmvConfig(KernelConfig):
     decode_expand_num_stages: int = 3
 
     def __post_init__(self):
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(
+                f"SgmvConfig field 'deterministic': expected a bool, got {self.deterministic!r}"
+            )
         for name in (
             "shrink_block_tokens",
             "shrink_block_n",
@@ -697,8 +705,9 @@ def _prefill_shrink_kernel(
     size_ref,  # (NT,) int32 tokens in each tile (0: unused tile)
     tslot_ref,  # (NT,) int32 slot of each tile
     used_ref,  # (1,) int32 tiles in use (they come first)
-    *rest,  # [(T, G*MP*R) float32 zeros, aliased to v_ref, when max_split > 1]
-    # outputs: rest[-1] = v_ref (T, G*MP*R) float32
+    *rest,  # [float32 zeros shaped like v_ref, aliased to it, when max_split > 1]
+    # outputs: rest[-1] = v_ref (T, G*MP*R) float32; with partials, (max_split*T, G*MP*R):
+    # rows [k*T, (k+1)*T) are split k's partial sums
     weights,
     rank_cols,
     pages_per_pool,
@@ -711,6 +720,7 @@ def _prefill_shrink_kernel(
     k_blocks,
     max_split,
     target,
+    partials,
     dtype,
     interpret,
 ):
@@ -784,6 +794,9 @@ def _prefill_shrink_kernel(
             acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bt, bn), jnp.float32))
             if max_split == 1:
                 pltriton.store(v_ref.at[out_idx], acc, mask=out_mask)
+            elif partials:
+                part_row = _idx(ks * num_tokens + tok, row_ok, v_ref.shape[0], interpret)
+                pltriton.store(v_ref.at[part_row[:, None], out_idx[1]], acc, mask=out_mask)
             else:
 
                 @pl.when(split == 1)
@@ -952,8 +965,9 @@ def sgmv_shrink(
         np.max(used * n_blocks * _shrink_split(used, n_blocks, max_split, target, np.where))
     )
     dtype = _compute_dtype(x.dtype, a_pool.dtype)
+    partials = max_split > 1 and config.deterministic
     name = (
-        f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{max_split}"
+        f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{max_split}{'p' if partials else ''}"
         f"_w{config.shrink_num_warps}_s{config.shrink_num_stages}"
     )
     kernel = functools.partial(
@@ -965,13 +979,16 @@ def sgmv_shrink(
         k_blocks=k_blocks,
         max_split=max_split,
         target=target,
+        partials=partials,
         dtype=dtype,
         **statics,
     )
     args = [x, pool_rows, a_pages, ranks, layer1, *meta]
     aliases = {}
-    if max_split > 1:
-        args.append(jnp.zeros((num_tokens, columns), jnp.float32))
+    if partials:
+        out_shape = jax.ShapeDtypeStruct((max_split * num_tokens, columns), jnp.float32)
+    if max_split > 1:  # splits beyond the one chosen at run time leave their zeros
+        args.append(jnp.zeros(out_shape.shape, jnp.float32))
         aliases = {len(args) - 1: 0}
     v = pl.pallas_call(
         kernel,
@@ -982,6 +999,11 @@ def sgmv_shrink(
         interpret=interpret,
         name=name,
     )(*args)
+    if partials:
+        parts = v.reshape(max_split, num_tokens, columns)
+        v = parts[0]
+        for k in range(1, max_split):  # one fixed order of float additions
+            v = v + parts[k]
     return v.reshape(num_tokens, g_count, rank_cols)
 
 

@@ -38,7 +38,7 @@ from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
-from jaxlora.engine.runner import RunnerConfig, xla_options_from_json  # noqa: E402
+from jaxlora.engine.runner import xla_options_from_json  # noqa: E402
 from jaxlora.errors import JaxloraError  # noqa: E402
 from pallas_kernels.lora_matmul import MatmulConfig  # noqa: E402
 from pallas_kernels.sgmv import SgmvConfig  # noqa: E402
@@ -103,8 +103,8 @@ flags.DEFINE_enum(
 flags.DEFINE_bool(
     "deterministic",
     True,
-    "the same bits on every run: the LoRA shrink never splits its reduction with atomic adds "
-    "(RunnerConfig.deterministic). --nodeterministic allows the split.",
+    "the same bits on every run: no atomic adds in a step; the LoRA shrink's split reduction "
+    "is summed in one fixed order (RunnerConfig.deterministic). --nodeterministic: atomic adds.",
 )
 flags.DEFINE_enum(
     "kv_write",
@@ -241,7 +241,6 @@ def main(argv):
         sgmv = SgmvConfig.from_json(FLAGS.sgmv_config or "{}", where="--sgmv_config")
         matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
         xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
-        RunnerConfig(sgmv=sgmv, deterministic=FLAGS.deterministic)  # a split conflicts with it
     except JaxloraError as e:
         sys.exit(f"error: {e}")
     model = get_model_preset(FLAGS.model)

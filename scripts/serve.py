@@ -65,8 +65,8 @@ flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
 flags.DEFINE_bool(
     "deterministic",
     True,
-    "The same bits on every run: the LoRA shrink never splits its reduction with atomic adds "
-    "(RunnerConfig.deterministic). --nodeterministic allows the split.",
+    "The same bits on every run: no atomic adds in a step; the LoRA shrink's split reduction "
+    "is summed in one fixed order (RunnerConfig.deterministic). --nodeterministic: atomic adds.",
 )
 flags.DEFINE_enum(
     "kv_write",

@@ -353,24 +353,24 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
         RunnerConfig(kv_write="triton")
 
 
-def test_deterministic_runner_never_splits_the_shrink():
-    """RunnerConfig.deterministic (the default) runs the SGMV shrink without its K split (no
-    atomic adds); a config that asks for a split conflicts with it and fails, naming both."""
+def test_deterministic_runner_sums_the_shrink_split_in_one_order():
+    """RunnerConfig.deterministic (the default) runs the SGMV kernels with
+    SgmvConfig.deterministic: a split shrink writes partials summed in one fixed order instead
+    of adding with atomics. Any other tuning of the sgmv config is kept."""
     from jaxlora.errors import ConfigError
     from pallas_kernels.sgmv import SgmvConfig
 
-    assert RunnerConfig().sgmv_config() == SgmvConfig(shrink_split_k=1)
-    tuned = SgmvConfig(decode_max_tokens=32)
+    assert RunnerConfig().sgmv_config() == SgmvConfig(deterministic=True)
+    tuned = SgmvConfig(decode_max_tokens=32, shrink_split_k=4)
     assert RunnerConfig(sgmv=tuned).sgmv_config() == SgmvConfig(
-        decode_max_tokens=32, shrink_split_k=1
+        decode_max_tokens=32, shrink_split_k=4, deterministic=True
     )
     assert RunnerConfig(deterministic=False).sgmv_config() == SgmvConfig()
-    split = SgmvConfig(shrink_split_k=4)
-    assert RunnerConfig(sgmv=split, deterministic=False).sgmv_config() == split
-    with pytest.raises(ConfigError, match="shrink_split_k=4 .*deterministic=True rules out"):
-        RunnerConfig(sgmv=split)
+    assert RunnerConfig(sgmv=tuned, deterministic=False).sgmv_config() == tuned
     with pytest.raises(ConfigError, match="deterministic: expected a bool, got 'yes'"):
         RunnerConfig(deterministic="yes")
+    with pytest.raises(ConfigError, match="'deterministic': expected a bool, got 1"):
+        SgmvConfig(deterministic=1)
 
 
 def test_fused_projections_generate_the_separate_weights_tokens(base, lora_adapters):

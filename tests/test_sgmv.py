@@ -456,25 +456,42 @@ def test_default_config_and_jnp_metadata(regimes, interpret):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("split", [None, 4])
-def test_prefill_shrink_split_k(split, interpret):
-    """The reduction split over programs (atomic adds into a zeroed v)."""
+def test_prefill_shrink_split_k(split, deterministic, interpret):
+    """The reduction split over programs: atomic adds into a zeroed v, or (deterministic) float32
+    partials summed in one fixed order afterwards."""
     prob = make_problem(
         11, num_tokens=40, in_width=72, out_widths=(40,), dtype=jnp.bfloat16, runs=True
     )
     config = dataclasses.replace(
-        SMALL, decode_max_tokens=0, shrink_split_k=split, target_programs=10_000
+        SMALL,
+        decode_max_tokens=0,
+        shrink_split_k=split,
+        target_programs=10_000,
+        deterministic=deterministic,
     )
     v_ref, _ = _reference(prob)
     v = _run_shrink(prob, config, interpret)
     assert _rel_err(v, v_ref) < 1e-4
     np.testing.assert_array_equal(np.asarray(v)[prob.token_slot < 0], 0.0)
+    if deterministic:
+        # The same partials in the same order as the atomic adds of programs run one after
+        # another (the interpreter; on a GPU their order varies): the same bits.
+        atomic = _run_shrink(prob, dataclasses.replace(config, deterministic=False), interpret)
+        if interpret:
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(atomic))
+        else:
+            assert _rel_err(v, atomic) < 1e-5
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("assignment", ["one_slot", "distinct", "mixed"])
 @pytest.mark.parametrize("target_programs", [1, 6, 40])
-def test_prefill_run_time_split_and_column_runs(assignment, target_programs, interpret):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_prefill_run_time_split_and_column_runs(
+    assignment, target_programs, deterministic, interpret
+):
     """The prefill kernels pick their K split (shrink) and column run (expand) at run time from
     the tiles in use; every choice, with column runs that do not divide a weight's blocks, gives
     the reference result."""
@@ -493,6 +510,7 @@ def test_prefill_run_time_split_and_column_runs(assignment, target_programs, int
         shrink_waves=2,
         expand_waves=1,
         expand_col_steps=4,
+        deterministic=deterministic,
     )
     v_ref, y_ref = _reference(prob)
     v = _run_shrink(prob, config, interpret)

@@ -94,11 +94,11 @@ class RunnerConfig:
     # session).
     kv_write: str = "pallas"
     # True: the same step gives the same bits on every run. No kernel of the step adds into its
-    # output with atomics: the SGMV shrink does not split its reduction among programs
-    # (SgmvConfig.shrink_split_k = 1). With the split, the order of the float additions follows
-    # the GPU's scheduling, and greedy tokens with LoRA differed between two passes over the same
-    # requests on the H200 (docs/BENCHMARKS.md, thirteenth session). False: the shrink may split
-    # (faster where few adapters' long runs of tokens leave SMs idle).
+    # output with atomics: where the SGMV shrink splits its reduction among programs, they write
+    # float32 partials that are summed in one fixed order (SgmvConfig.deterministic). With
+    # atomic adds the order of the float additions follows the GPU's scheduling, and greedy
+    # tokens with LoRA differed between two passes over the same requests on the H200
+    # (docs/BENCHMARKS.md, thirteenth session). False: atomic adds (no partials to sum).
     deterministic: bool = True
 
     def __post_init__(self):
@@ -106,7 +106,6 @@ class RunnerConfig:
             raise ConfigError(
                 f"runner config field deterministic: expected a bool, got {self.deterministic!r}"
             )
-        self.sgmv_config()  # a split asked for by the sgmv config conflicts with deterministic
         if self.projection_kernel not in ("auto", "xla", "pallas"):
             raise ConfigError(
                 f"runner config field projection_kernel: expected 'auto', 'xla' or 'pallas', "
@@ -149,18 +148,12 @@ class RunnerConfig:
         object.__setattr__(self, "xla_options", tuple(tuple(p) for p in options))
 
     def sgmv_config(self) -> SgmvConfig:
-        """The SGMV kernels' config as the step runs them: ``sgmv`` (or the defaults), without
-        the shrink's K split when ``deterministic``."""
+        """The SGMV kernels' config as the step runs them: ``sgmv`` (or the defaults), with
+        ``deterministic`` set when the runner is."""
         config = self.sgmv or SgmvConfig()
-        if not self.deterministic:
-            return config
-        if config.shrink_split_k not in (None, 1):
-            raise ConfigError(
-                "runner config field sgmv: shrink_split_k="
-                f"{config.shrink_split_k} splits the shrink with atomic adds, which deterministic="
-                "True rules out; expected shrink_split_k None or 1, or deterministic=False"
-            )
-        return dataclasses.replace(config, shrink_split_k=1)
+        if self.deterministic and not config.deterministic:
+            config = dataclasses.replace(config, deterministic=True)
+        return config
 
     def projection_kernel_for(self, impl: str) -> str:
         """``Llama.projection_kernel`` for a resolved impl: "xla", or the impl whose
