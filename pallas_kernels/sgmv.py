@@ -38,7 +38,8 @@ prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one sl
         program maps its id to a work item from the number of tiles in use, read at run time:
         shrink items are (tile, block of v columns, K split), expand items are (tile, run of y
         column blocks). When few tiles are in use (one adapter) the shrink splits the reduction
-        over the input width (atomic adds into a zeroed v) and the expand gives each program one
+        over the input width (atomic adds into a zeroed v, or with ``deterministic`` float32
+        partials that the wrapper sums in one fixed order) and the expand gives each program one
         column block; when many are (many adapters) the shrink does not split and the expand
         walks up to ``expand_col_steps`` column blocks per program (software-pipelined loads of
         B and y). Programs beyond the work exit at once.
@@ -224,7 +225,8 @@ class SgmvConfig(KernelConfig):
     shrink_split_k: int | None = None  # most programs splitting the input width (atomic adds)
     # The split's programs write float32 partials (split, T, columns) that the wrapper sums in a
     # fixed order, instead of adding into v with atomics: the same bits on every run (the order
-    # of atomic float adds follows the GPU's scheduling), for one more small XLA sum per launch.
+    # of atomic float adds follows the GPU's scheduling). Either way one small XLA kernel runs
+    # beside the shrink: the sum of the partials, or the zeros the atomic adds start from.
     deterministic: bool = False
     shrink_num_warps: int = 4
     shrink_num_stages: int = 3
@@ -705,7 +707,7 @@ def _prefill_shrink_kernel(
     size_ref,  # (NT,) int32 tokens in each tile (0: unused tile)
     tslot_ref,  # (NT,) int32 slot of each tile
     used_ref,  # (1,) int32 tiles in use (they come first)
-    *rest,  # [float32 zeros shaped like v_ref, aliased to it, when max_split > 1]
+    *rest,  # [(T, G*MP*R) float32 zeros aliased to v_ref: atomic adds, max_split > 1]
     # outputs: rest[-1] = v_ref (T, G*MP*R) float32; with partials, (max_split*T, G*MP*R):
     # rows [k*T, (k+1)*T) are split k's partial sums
     weights,
@@ -771,6 +773,8 @@ def _prefill_shrink_kernel(
         out_mask = row_ok[:, None] & col_ok[None, :]
         out_idx = (tok_i, _idx(n, col_ok, columns, interpret)[None, :])
         any_live = jnp.sum(live.astype(jnp.int32)) > 0
+        if partials:
+            part_row = _idx(ks * num_tokens + tok, row_ok, v_ref.shape[0], interpret)
 
         @pl.when(any_live)
         def _compute():
@@ -795,7 +799,6 @@ def _prefill_shrink_kernel(
             if max_split == 1:
                 pltriton.store(v_ref.at[out_idx], acc, mask=out_mask)
             elif partials:
-                part_row = _idx(ks * num_tokens + tok, row_ok, v_ref.shape[0], interpret)
                 pltriton.store(v_ref.at[part_row[:, None], out_idx[1]], acc, mask=out_mask)
             else:
 
@@ -809,10 +812,21 @@ def _prefill_shrink_kernel(
 
         if max_split == 1:
             # Every v entry is written by exactly one program: dead columns and base-only tiles
-            # write their zeros here (when a split is possible, v starts zeroed instead).
+            # write their zeros here (with atomic adds, v starts zeroed instead).
             @pl.when(jnp.logical_not(any_live))
             def _zeros():
                 pltriton.store(v_ref.at[out_idx], jnp.zeros((bt, bn), jnp.float32), mask=out_mask)
+
+        elif partials:
+            # Each split in use is summed whole: dead columns and base-only tiles write zeros
+            # into their part.
+            @pl.when(jnp.logical_not(any_live))
+            def _zeros():
+                pltriton.store(
+                    v_ref.at[part_row[:, None], out_idx[1]],
+                    jnp.zeros((bt, bn), jnp.float32),
+                    mask=out_mask,
+                )
 
 
 def _decode_shrink_kernel(
@@ -985,10 +999,10 @@ def sgmv_shrink(
     )
     args = [x, pool_rows, a_pages, ranks, layer1, *meta]
     aliases = {}
-    if partials:
+    if partials:  # rows [k*T, (k+1)*T): split k's sums; those of unused splits never written
         out_shape = jax.ShapeDtypeStruct((max_split * num_tokens, columns), jnp.float32)
-    if max_split > 1:  # splits beyond the one chosen at run time leave their zeros
-        args.append(jnp.zeros(out_shape.shape, jnp.float32))
+    elif max_split > 1:  # atomic adds into zeros
+        args.append(jnp.zeros((num_tokens, columns), jnp.float32))
         aliases = {len(args) - 1: 0}
     v = pl.pallas_call(
         kernel,
@@ -1001,9 +1015,10 @@ def sgmv_shrink(
     )(*args)
     if partials:
         parts = v.reshape(max_split, num_tokens, columns)
+        split = _shrink_split(meta[-1][0], n_blocks, max_split, target, jnp.where)
         v = parts[0]
         for k in range(1, max_split):  # one fixed order of float additions
-            v = v + parts[k]
+            v = v + jnp.where(k < split, parts[k], 0.0)  # splits the kernel did not use
     return v.reshape(num_tokens, g_count, rank_cols)
 
 

@@ -354,19 +354,19 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
 
 
 def test_deterministic_runner_sums_the_shrink_split_in_one_order():
-    """RunnerConfig.deterministic (the default) runs the SGMV kernels with
-    SgmvConfig.deterministic: a split shrink writes partials summed in one fixed order instead
-    of adding with atomics. Any other tuning of the sgmv config is kept."""
+    """RunnerConfig.deterministic runs the SGMV kernels with SgmvConfig.deterministic: a split
+    shrink writes partials summed in one fixed order instead of adding with atomics. Any other
+    tuning of the sgmv config is kept. Off by default."""
     from jaxlora.errors import ConfigError
     from pallas_kernels.sgmv import SgmvConfig
 
-    assert RunnerConfig().sgmv_config() == SgmvConfig(deterministic=True)
+    assert RunnerConfig(deterministic=True).sgmv_config() == SgmvConfig(deterministic=True)
     tuned = SgmvConfig(decode_max_tokens=32, shrink_split_k=4)
-    assert RunnerConfig(sgmv=tuned).sgmv_config() == SgmvConfig(
+    assert RunnerConfig(sgmv=tuned, deterministic=True).sgmv_config() == SgmvConfig(
         decode_max_tokens=32, shrink_split_k=4, deterministic=True
     )
-    assert RunnerConfig(deterministic=False).sgmv_config() == SgmvConfig()
-    assert RunnerConfig(sgmv=tuned, deterministic=False).sgmv_config() == tuned
+    assert RunnerConfig().sgmv_config() == SgmvConfig()
+    assert RunnerConfig(sgmv=tuned).sgmv_config() == tuned
     with pytest.raises(ConfigError, match="deterministic: expected a bool, got 'yes'"):
         RunnerConfig(deterministic="yes")
     with pytest.raises(ConfigError, match="'deterministic': expected a bool, got 1"):
@@ -799,11 +799,13 @@ def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base,
     )
 
 
-def test_runner_sgmv_config_reaches_the_kernels(base, lora_adapters):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_runner_sgmv_config_reaches_the_kernels(base, lora_adapters, deterministic):
     """RunnerConfig.sgmv reaches the kernels and the metadata: with every LoRA launch in the
-    prefill (tensor-core tile) regime, decode steps included, the Pallas engine (interpret mode)
-    gives each adapter's greedy reference tokens. (tests/test_engine_gpu.py counts the regimes'
-    kernels in the steps lowered for the GPU.)"""
+    prefill (tensor-core tile) regime, decode steps included, and every shrink split 2 ways
+    along its input width (atomic adds, or with RunnerConfig.deterministic partials summed in one
+    order), the Pallas engine (interpret mode) gives each adapter's greedy reference tokens.
+    (tests/test_engine_gpu.py counts the regimes' kernels in the steps lowered for the GPU.)"""
     import dataclasses
 
     from pallas_kernels.sgmv import SgmvConfig
@@ -819,7 +821,11 @@ def test_runner_sgmv_config_reaches_the_kernels(base, lora_adapters):
                 decode_shrink_max_tokens=0,
                 shrink_block_tokens=16,
                 expand_block_tokens=16,
+                shrink_block_k=16,  # K steps of 16: every group's shrink can split
+                shrink_split_k=2,
+                target_programs=10_000,
             ),
+            deterministic=deterministic,
         ),
     )
     llm = jaxlora.LLM(

@@ -171,7 +171,7 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
 
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_deterministic_steps_add_nothing_atomically(deterministic):
-    """On any machine: with RunnerConfig.deterministic (the default) no kernel of a step adds
+    """On any machine: with RunnerConfig.deterministic no kernel of a step adds
     into its output with atomics, so the order in which the GPU runs its programs cannot change
     a bit of the result. A prefill step's tiled shrink (T = 128 tokens: few tiles) splits its
     reduction either way: into partials (kernel names ``..._ks{N}p_...``), or with atomic adds."""
