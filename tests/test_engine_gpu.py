@@ -88,6 +88,37 @@ def test_pallas_engine_matches_reference_engine():
         assert outputs[run] == outputs[runs[0]], run
 
 
+def _lowered_steps(runner_config: RunnerConfig, use_lora=(False, True)):
+    """Every step shape of a small Pallas engine lowered for an abstract GPU: (runner, a list of
+    (mode, use_lora, StableHLO text))."""
+    config = EngineConfig(
+        kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
+        runner=runner_config,
+        lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
+        warmup=False,
+    )
+    llm = jaxlora.LLM(
+        CONFIG,
+        params=init_params(CONFIG, 0),
+        adapters={"a0": random_lora_weights(CONFIG, "a0", 16, MODULES, seed=0)},
+        engine_config=config,
+        load_workers=0,
+    )
+    engine, runner = llm.engine, llm.engine.runner
+    steps = []
+    for mode, rows, length in runner.bucket_shapes():
+        batch = empty_batch(rows, length, config.kv.max_pages_per_seq)
+        meta = engine._lora_meta([], np.asarray(batch.token_slot))
+        for lora in use_lora:
+            step = functools.partial(runner._forward, mode=mode, use_lora=lora)
+            with engine._locked_lora_pools() as pools:
+                text = lower_for_gpu(
+                    step, runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta
+                )
+            steps.append((mode, lora, text))
+    return runner, steps
+
+
 @pytest.mark.parametrize(
     "layer_loop,tiles_only,projection,kv_write",
     [
@@ -107,9 +138,8 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
     each projection group and only the shrink of the SGMV pair; with kv_write="pallas" every
     layer of every step rotates q, k and writes K/V with one more launch."""
     sgmv = SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0) if tiles_only else None
-    config = EngineConfig(
-        kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
-        runner=RunnerConfig(
+    runner, steps = _lowered_steps(
+        RunnerConfig(
             max_batch=4,
             prefill_chunk=32,
             max_prefill_rows=2,
@@ -118,54 +148,36 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
             sgmv=sgmv,
             projection_kernel=projection,
             kv_write=kv_write,
-        ),
-        lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
-        warmup=False,
+        )
     )
-    llm = jaxlora.LLM(
-        CONFIG,
-        params=init_params(CONFIG, 0),
-        adapters={"a0": random_lora_weights(CONFIG, "a0", 16, MODULES, seed=0)},
-        engine_config=config,
-        load_workers=0,
-    )
-    engine, runner = llm.engine, llm.engine.runner
     lowered = 0
-    for mode, rows, length in runner.bucket_shapes():
-        batch = empty_batch(rows, length, config.kv.max_pages_per_seq)
-        meta = engine._lora_meta([], np.asarray(batch.token_slot))
-        for use_lora in (False, True):
-            step = functools.partial(runner._forward, mode=mode, use_lora=use_lora)
-            with engine._locked_lora_pools() as pools:
-                text = lower_for_gpu(
-                    step, runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta
-                )
-            kernels = triton_kernels(text)
-            # scan: scan_unroll traced layers (2 by default on this impl) and, where they do not
-            # divide the layers, the remainder's; unrolled: every layer. Eight SGMV launches
-            # per layer with LoRA; decode attention in every layer (JAX may lower those as one
-            # shared function).
-            layers, unroll = CONFIG.num_layers, runner.model.scan_unroll
-            if layer_loop == "scan" and unroll < layers:
-                layers = unroll + layers % unroll
-            sgmv, attention = 8 * layers * use_lora, mode == "decode"
-            if projection == "pallas" and mode == "decode":
-                # shrink + lora_matmul (base GEMM and expand) per group instead of shrink + expand
-                sgmv = 4 * layers * (1 + use_lora)
-                # Base only: lora_matmul[_skN]_bm..., N parts along K where the split runs.
-                base_only = re.findall(r"lora_matmul(?:_sk\d+)?_bm", text)
-                assert (text.count("lora_matmul_expand") if use_lora else len(base_only)) >= 4
-            if kv_write == "pallas":
-                sgmv += layers  # not SGMV: RoPE and the K/V write of each layer
-                assert text.count("rope_write_kv_q") >= layers
-            assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
-            if use_lora:
-                per_token = "sgmv_shrink_decode" in text or "sgmv_expand_decode" in text
-                if tiles_only:
-                    assert not per_token, mode
-                elif mode == "decode":
-                    assert per_token
-            lowered += 1
+    for mode, use_lora, text in steps:
+        kernels = triton_kernels(text)
+        # scan: scan_unroll traced layers (2 by default on this impl) and, where they do not
+        # divide the layers, the remainder's; unrolled: every layer. Eight SGMV launches
+        # per layer with LoRA; decode attention in every layer (JAX may lower those as one
+        # shared function).
+        layers, unroll = CONFIG.num_layers, runner.model.scan_unroll
+        if layer_loop == "scan" and unroll < layers:
+            layers = unroll + layers % unroll
+        sgmv, attention = 8 * layers * use_lora, mode == "decode"
+        if projection == "pallas" and mode == "decode":
+            # shrink + lora_matmul (base GEMM and expand) per group instead of shrink + expand
+            sgmv = 4 * layers * (1 + use_lora)
+            # Base only: lora_matmul[_skN]_bm..., N parts along K where the split runs.
+            base_only = re.findall(r"lora_matmul(?:_sk\d+)?_bm", text)
+            assert (text.count("lora_matmul_expand") if use_lora else len(base_only)) >= 4
+        if kv_write == "pallas":
+            sgmv += layers  # not SGMV: RoPE and the K/V write of each layer
+            assert text.count("rope_write_kv_q") >= layers
+        assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
+        if use_lora:
+            per_token = "sgmv_shrink_decode" in text or "sgmv_expand_decode" in text
+            if tiles_only:
+                assert not per_token, mode
+            elif mode == "decode":
+                assert per_token
+        lowered += 1
     assert lowered == 2 * len(runner.bucket_shapes())
 
 
@@ -175,9 +187,8 @@ def test_deterministic_steps_add_nothing_atomically(deterministic):
     into its output with atomics, so the order in which the GPU runs its programs cannot change
     a bit of the result. A prefill step's tiled shrink (T = 128 tokens: few tiles) splits its
     reduction either way: into partials (kernel names ``..._ks{N}p_...``), or with atomic adds."""
-    config = EngineConfig(
-        kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
-        runner=RunnerConfig(
+    _, steps = _lowered_steps(
+        RunnerConfig(
             max_batch=4,
             prefill_chunk=64,
             max_prefill_rows=2,
@@ -186,26 +197,10 @@ def test_deterministic_steps_add_nothing_atomically(deterministic):
             prefill_buckets=(2,),
             deterministic=deterministic,
         ),
-        lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
-        warmup=False,
+        use_lora=(True,),
     )
-    llm = jaxlora.LLM(
-        CONFIG,
-        params=init_params(CONFIG, 0),
-        adapters={"a0": random_lora_weights(CONFIG, "a0", 16, MODULES, seed=0)},
-        engine_config=config,
-        load_workers=0,
-    )
-    engine, runner = llm.engine, llm.engine.runner
     atomics = {}
-    for mode, rows, length in runner.bucket_shapes():
-        batch = empty_batch(rows, length, config.kv.max_pages_per_seq)
-        meta = engine._lora_meta([], np.asarray(batch.token_slot))
-        step = functools.partial(runner._forward, mode=mode, use_lora=True)
-        with engine._locked_lora_pools() as pools:
-            text = lower_for_gpu(
-                step, runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta
-            )
+    for mode, _, text in steps:
         shrinks = set(re.findall(r'name = "(sgmv_shrink_prefill[^"]*)"', text))
         atomics[mode] = (text.count("atomic_rmw"), shrinks)
     assert atomics["decode"] == (0, set())  # 4 tokens: the per-token shrink, never split
