@@ -773,8 +773,12 @@ def _prefill_shrink_kernel(
         out_mask = row_ok[:, None] & col_ok[None, :]
         out_idx = (tok_i, _idx(n, col_ok, columns, interpret)[None, :])
         any_live = jnp.sum(live.astype(jnp.int32)) > 0
+        # Where a program stores its sums whole: v itself (no split), or its split's rows of the
+        # partials; None with atomic adds into v.
+        store_idx = out_idx if max_split == 1 else None
         if partials:
             part_row = _idx(ks * num_tokens + tok, row_ok, v_ref.shape[0], interpret)
+            store_idx = (part_row[:, None], out_idx[1])
 
         @pl.when(any_live)
         def _compute():
@@ -796,10 +800,8 @@ def _prefill_shrink_kernel(
             lo = ks * k_per_split
             hi = jnp.minimum(lo + k_per_split, k_blocks)
             acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bt, bn), jnp.float32))
-            if max_split == 1:
-                pltriton.store(v_ref.at[out_idx], acc, mask=out_mask)
-            elif partials:
-                pltriton.store(v_ref.at[part_row[:, None], out_idx[1]], acc, mask=out_mask)
+            if store_idx is not None:
+                pltriton.store(v_ref.at[store_idx], acc, mask=out_mask)
             else:
 
                 @pl.when(split == 1)
@@ -810,23 +812,13 @@ def _prefill_shrink_kernel(
                 def _add():
                     _accumulate(v_ref, out_idx, acc, out_mask, interpret)
 
-        if max_split == 1:
-            # Every v entry is written by exactly one program: dead columns and base-only tiles
-            # write their zeros here (with atomic adds, v starts zeroed instead).
+        if store_idx is not None:
+            # Every entry of v (or of each split's partials, all summed) is written by exactly
+            # one program: dead columns and base-only tiles write their zeros here (with atomic
+            # adds, v starts zeroed instead).
             @pl.when(jnp.logical_not(any_live))
             def _zeros():
-                pltriton.store(v_ref.at[out_idx], jnp.zeros((bt, bn), jnp.float32), mask=out_mask)
-
-        elif partials:
-            # Each split in use is summed whole: dead columns and base-only tiles write zeros
-            # into their part.
-            @pl.when(jnp.logical_not(any_live))
-            def _zeros():
-                pltriton.store(
-                    v_ref.at[part_row[:, None], out_idx[1]],
-                    jnp.zeros((bt, bn), jnp.float32),
-                    mask=out_mask,
-                )
+                pltriton.store(v_ref.at[store_idx], jnp.zeros((bt, bn), jnp.float32), mask=out_mask)
 
 
 def _decode_shrink_kernel(
