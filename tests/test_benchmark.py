@@ -250,6 +250,11 @@ def test_report_lists_offline_rows_by_batch_then_workload(offline_result):
     table = report.markdown(shuffled).split("### Offline throughput")[1]
     listed = re.findall(r"^\| (\d+) \| (\w+) \|", table, flags=re.M)
     assert listed == [(str(b), w) for b in (1, 4) for w in WORKLOADS]
+    # Beside the timed step: the async pass's iteration and how long the host waited in it.
+    header = table.strip().splitlines()[0].split(" | ")
+    assert header[6:8] == ["async iteration ms", "host wait ms"]
+    row = table.strip().splitlines()[2].split(" | ")
+    assert row[6] != "nan" and row[7] != "nan"
 
 
 def test_offline_time_budget_lists_rows_not_run(offline_result):
@@ -374,6 +379,8 @@ def test_online_trace_pages_adapters_and_measures_latency():
         assert r["offered_rps"] == pytest.approx(len(trace) / trace[-1].arrival_s)
         assert 0 <= r["queued_step_share"] <= 1 and r["waiting_mean"] >= 0
         assert (r["waiting_mean"] > 0) == (r["queued_step_share"] > 0)
+        assert set(r["host_ms_per_step"]) == {"schedule", "build", "dispatch", "wait", "append"}
+        assert 0 < sum(r["host_ms_per_step"].values()) <= r["elapsed_s"] * 1e3
     # 40 adapters do not fit in 6 resident slots: some were evicted and copied again.
     assert rows[1]["adapter_evictions"] > 0
     assert rows[1]["adapter_misses"] > rows[1]["distinct_adapters"]

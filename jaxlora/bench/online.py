@@ -4,6 +4,7 @@ in host memory (the pool is emptied before each trace) and are paged in on deman
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -140,6 +141,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
     manager.evict_all_unused()
     before = manager.stats()
     preemptions_before = engine.stats.preemptions
+    host_before = collections.Counter(engine.stats.host_seconds)
     bench.timer.take()
     bench.timer.blocking = config.time_steps
     submitted = []
@@ -181,6 +183,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
             elif next_index < len(trace):
                 time.sleep(max(0.0, min(0.005, origin + trace[next_index].arrival_s - now)))
         end = time.monotonic()
+    host = engine.stats.host_seconds - host_before
     after = manager.stats()
     records = bench.timer.take()
     done = [
@@ -234,6 +237,10 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         "prefill_steps": sum(r.mode == "prefill" for r in records),
         "preemptions": engine.stats.preemptions - preemptions_before,
         "compilations_while_timed": compiles.count,
+        # Host ms per engine iteration by phase (EngineStats.host_seconds): "wait" is the time
+        # blocked on the device, the rest the host's own work ("schedule" includes polling the
+        # adapter pool and starting adapter loads at admission).
+        "host_ms_per_step": {phase: t * 1e3 / max(1, steps) for phase, t in host.items()},
     }
     log.info(
         "online n=%d: %.2f req/s, %.0f tok/s, ttft p50 %.2f s p99 %.2f s, SLO %.1f%%, %d misses",

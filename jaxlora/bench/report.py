@@ -241,6 +241,11 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _async(row) -> dict:
+    """The async free-running pass of an offline row (empty where it did not run)."""
+    return row.get("free_running", {}).get("async", {})
+
+
 def markdown(results: dict) -> str:
     parts = []
     offline = results.get("offline", {}).get("rows", [])
@@ -257,6 +262,8 @@ def markdown(results: dict) -> str:
                     "tokens/s",
                     "sync tokens/s",
                     "timed tokens/s",
+                    "async iteration ms",
+                    "host wait ms",
                     "step ms",
                     "roofline ms",
                     "ratio",
@@ -277,6 +284,8 @@ def markdown(results: dict) -> str:
                         .get("sync", {})
                         .get("output_tokens_per_s", float("nan")),
                         r.get("output_tokens_per_s_timed", float("nan")),
+                        _async(r).get("iteration_ms_median", float("nan")),
+                        _async(r).get("host_ms_decode_median", {}).get("wait", float("nan")),
                         r["decode_step_ms"],
                         r["roofline_ms"],
                         r["roofline_ratio"],
