@@ -525,10 +525,13 @@ def test_metrics_are_valid_prometheus_text_and_move(served, client):
     assert metric(after, "jaxlora_kv_cache_pages_total") == 96
     assert metric(after, "jaxlora_kv_cache_pages_free") <= 96
     assert metric(after, "jaxlora_adapters_registered") >= 3
-    assert metric(after, "jaxlora_adapter_misses_total") >= 3
+    # The poet adapter was loaded at least once (more with the module's other tests first).
+    assert metric(after, "jaxlora_adapter_misses_total") >= 1
     assert metric(after, "jaxlora_adapter_load_seconds", adapter="poet") > 0
     assert metric(after, "jaxlora_adapter_pool_pages_total", pool="embed") == 48
     assert metric(after, "jaxlora_engine_ready") == 1
+    for phase in ("schedule", "build", "dispatch", "wait", "append"):
+        assert moved("jaxlora_engine_host_seconds_total", phase=phase) > 0, phase
     assert ("jaxlora_num_requests_waiting", frozenset()) in after
 
 

@@ -376,6 +376,14 @@ class ServingState:
             "Requests dropped by admission control (deadline).",
             stats.deadline_aborts,
         )
+        host = dict(stats.host_seconds)  # one copy (the engine thread adds to it)
+        lines += prom.counter_snapshot(
+            "jaxlora_engine_host_seconds_total",
+            "Host seconds of engine iterations, per phase: schedule, build, dispatch, append "
+            "(the host's own work) and wait (blocked on the device's tokens).",
+            {(phase,): seconds for phase, seconds in host.items()},
+            ("phase",),
+        )
         lines += prom.gauge(
             "jaxlora_engine_step_seconds",
             "Moving average of the duration of one engine iteration.",
