@@ -603,6 +603,30 @@ def test_gpu_realistic_shapes_default_config(num_tokens):
     _check(prob, v, y, v_ref, y_ref, "bfloat16")
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_deterministic_split_repeats_its_bits(interpret):
+    """One adapter's 128 tokens at a 2048-wide input: the fewest tiles, so the shrink splits its
+    reduction the most (16 ways). With SgmvConfig.deterministic every run gives the same bits,
+    and the reference result. Compiled, the runs are what this tests (the order of atomic adds
+    follows the GPU's scheduling); interpreted, programs run in order and it checks the path."""
+    prob = make_problem(
+        7,
+        num_tokens=128,
+        in_width=2048,
+        out_widths=(256, 64, 64),
+        rows_per_page=16,
+        max_pages=1,
+        num_slots=4,
+        dtype=jnp.bfloat16,
+    )
+    prob.token_slot = np.zeros(128, np.int32)
+    config = SgmvConfig(deterministic=True)
+    v_ref, _ = _reference(prob)
+    runs = [np.asarray(_run_shrink(prob, config, interpret)) for _ in range(2 if interpret else 8)]
+    assert _rel_err(runs[0], v_ref) < 1e-4
+    assert all(np.array_equal(runs[0], v) for v in runs[1:])
+
+
 @pytest.mark.parametrize("num_tokens", [1, 16, 48, 128, 300, 4096])
 def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
     """What the GPU test above compiles, and T=4096 (the largest splits and column runs), lowered
