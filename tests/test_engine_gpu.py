@@ -88,12 +88,13 @@ def test_pallas_engine_matches_reference_engine():
         assert outputs[run] == outputs[runs[0]], run
 
 
-def _lowered_steps(runner_config: RunnerConfig, use_lora=(False, True)):
-    """Every step shape of a small Pallas engine lowered for an abstract GPU: (runner, a list of
-    (mode, use_lora, StableHLO text))."""
+def _lowered_steps(*, use_lora=(False, True), **runner_fields):
+    """Every step shape of a small Pallas engine (4 decode rows, 2 prefill rows; the other
+    RunnerConfig fields given) lowered for an abstract GPU: (runner, a list of (mode, use_lora,
+    StableHLO text))."""
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
-        runner=runner_config,
+        runner=RunnerConfig(max_batch=4, max_prefill_rows=2, impl="pallas", **runner_fields),
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
         warmup=False,
     )
@@ -139,16 +140,11 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
     layer of every step rotates q, k and writes K/V with one more launch."""
     sgmv = SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0) if tiles_only else None
     runner, steps = _lowered_steps(
-        RunnerConfig(
-            max_batch=4,
-            prefill_chunk=32,
-            max_prefill_rows=2,
-            impl="pallas",
-            layer_loop=layer_loop,
-            sgmv=sgmv,
-            projection_kernel=projection,
-            kv_write=kv_write,
-        )
+        prefill_chunk=32,
+        layer_loop=layer_loop,
+        sgmv=sgmv,
+        projection_kernel=projection,
+        kv_write=kv_write,
     )
     lowered = 0
     for mode, use_lora, text in steps:
@@ -188,16 +184,11 @@ def test_deterministic_steps_add_nothing_atomically(deterministic):
     a bit of the result. A prefill step's tiled shrink (T = 128 tokens: few tiles) splits its
     reduction either way: into partials (kernel names ``..._ks{N}p_...``), or with atomic adds."""
     _, steps = _lowered_steps(
-        RunnerConfig(
-            max_batch=4,
-            prefill_chunk=64,
-            max_prefill_rows=2,
-            impl="pallas",
-            decode_buckets=(4,),
-            prefill_buckets=(2,),
-            deterministic=deterministic,
-        ),
         use_lora=(True,),
+        prefill_chunk=64,
+        decode_buckets=(4,),
+        prefill_buckets=(2,),
+        deterministic=deterministic,
     )
     atomics = {}
     for mode, _, text in steps:

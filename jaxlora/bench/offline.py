@@ -4,7 +4,6 @@ with its roofline (jaxlora/bench/roofline.py) at the copy bandwidth measured in 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import logging
@@ -19,7 +18,7 @@ from pallas_kernels.layout import pages_for_rank
 
 from . import profile, roofline
 from .engine_setup import BenchEngine, preload
-from .timing import CompileCounter, StepRecord
+from .timing import CompileCounter, StepRecord, host_ms_since
 from .workloads import WORKLOADS, assign_adapters, offline_prompts
 
 log = logging.getLogger("jaxlora.bench")
@@ -277,8 +276,8 @@ def _serve(
     sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
     iterations, profiled_records, step_profile, profile_s = [], [], None, 0.0
     stats = engine.stats
-    host_before = collections.Counter(stats.host_seconds)
-    decode_host = []  # each decode-only iteration's host seconds by phase
+    host_before = dict(stats.host_seconds)
+    decode_host = []  # each decode-only iteration's host ms by phase
     with CompileCounter() as compiles:
         start = time.perf_counter()
         requests = [
@@ -304,11 +303,9 @@ def _serve(
             engine.step()
             iterations.append(time.perf_counter() - t)
             if stats.prefill_steps == prefills:
-                decode_host.append(
-                    {k: v - before.get(k, 0.0) for k, v in stats.host_seconds.items()}
-                )
+                decode_host.append(host_ms_since(stats, before, 1))
         wall = time.perf_counter() - start
-    host = stats.host_seconds - host_before
+    host = host_ms_since(stats, host_before, len(iterations))
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
         raise RuntimeError(
@@ -327,13 +324,11 @@ def _serve(
         "profile_s": profile_s,
         # Host ms per iteration by phase (EngineStats.host_seconds); with the profiler's
         # iterations included, so read them in a pass without --profile_steps.
-        "host_ms_per_iteration": {
-            phase: seconds * 1e3 / max(1, len(iterations)) for phase, seconds in host.items()
-        },
+        "host_ms_per_iteration": host,
         # The median of each phase over the iterations that ran decode steps only: with async
         # scheduling, "wait" near 0 there means the GPU had run out of queued work.
         "host_ms_decode_median": {
-            phase: _median([h.get(phase, 0.0) for h in decode_host]) * 1e3 for phase in host
+            phase: _median([h.get(phase, 0.0) for h in decode_host]) for phase in host
         },
     }
 

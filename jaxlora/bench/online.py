@@ -4,7 +4,6 @@ in host memory (the pool is emptied before each trace) and are paged in on deman
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -21,7 +20,7 @@ from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import pages_for_rank
 
 from .engine_setup import BenchEngine
-from .timing import CompileCounter
+from .timing import CompileCounter, host_ms_since
 from .workloads import TraceConfig, synthetic_trace, trace_prompt
 
 log = logging.getLogger("jaxlora.bench")
@@ -141,7 +140,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
     manager.evict_all_unused()
     before = manager.stats()
     preemptions_before = engine.stats.preemptions
-    host_before = collections.Counter(engine.stats.host_seconds)
+    host_before = dict(engine.stats.host_seconds)
     bench.timer.take()
     bench.timer.blocking = config.time_steps
     submitted = []
@@ -183,7 +182,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
             elif next_index < len(trace):
                 time.sleep(max(0.0, min(0.005, origin + trace[next_index].arrival_s - now)))
         end = time.monotonic()
-    host = engine.stats.host_seconds - host_before
+    host = host_ms_since(engine.stats, host_before, steps)
     after = manager.stats()
     records = bench.timer.take()
     done = [
@@ -240,7 +239,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         # Host ms per engine iteration by phase (EngineStats.host_seconds): "wait" is the time
         # blocked on the device, the rest the host's own work ("schedule" includes polling the
         # adapter pool and starting adapter loads at admission).
-        "host_ms_per_step": {phase: t * 1e3 / max(1, steps) for phase, t in host.items()},
+        "host_ms_per_step": host,
     }
     log.info(
         "online n=%d: %.2f req/s, %.0f tok/s, ttft p50 %.2f s p99 %.2f s, SLO %.1f%%, %d misses",

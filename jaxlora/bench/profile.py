@@ -145,7 +145,7 @@ def format_breakdown(label: str, b: dict) -> str:
     lines = [
         f"profile {label}: wall {b['wall_ms']:.2f} ms/step, GPU busy {b['busy_ms']:.2f}, "
         f"idle {b['idle_ms']:.2f} (between kernels < 50 us apart: "
-        f"{b['launch_gap_ms']:.2f}, longer gaps {b.get('long_gap_ms', 0.0):.2f} in "
+        f"{b['launch_gap_ms']:.2f}, longer gaps {b['long_gap_ms']:.2f} in "
         f"{b['long_gaps_per_step']:.1f}); {b['kernels_per_step']:.0f} kernels/step; {cats}"
     ]
     lines += [

@@ -36,6 +36,15 @@ class StepRecord:
         return len(self.seq_lens)
 
 
+def host_ms_since(stats, before: dict, iterations: int) -> dict[str, float]:
+    """Host milliseconds per iteration by phase (``EngineStats.host_seconds``) since the
+    snapshot ``before`` (a ``dict`` of it) over ``iterations`` engine iterations."""
+    return {
+        phase: (seconds - before.get(phase, 0.0)) * 1e3 / max(1, iterations)
+        for phase, seconds in stats.host_seconds.items()
+    }
+
+
 class StepTimer:
     """Records every model step the engine runs (see the module docstring)."""
 
