@@ -102,9 +102,9 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool(
     "deterministic",
-    False,
+    True,
     "the same bits on every run: no atomic adds in a step; the LoRA shrink's split reduction "
-    "is summed in one fixed order (RunnerConfig.deterministic). Off: atomic adds.",
+    "is summed in one fixed order (RunnerConfig.deterministic). --nodeterministic: atomic adds.",
 )
 flags.DEFINE_enum(
     "kv_write",

@@ -64,9 +64,9 @@ flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
 flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
 flags.DEFINE_bool(
     "deterministic",
-    False,
+    True,
     "The same bits on every run: no atomic adds in a step; the LoRA shrink's split reduction "
-    "is summed in one fixed order (RunnerConfig.deterministic). Off: atomic adds.",
+    "is summed in one fixed order (RunnerConfig.deterministic). --nodeterministic: atomic adds.",
 )
 flags.DEFINE_enum(
     "kv_write",

@@ -612,10 +612,11 @@ def test_launch_settings():
     assert cpu.runner.kv_write == "pallas" and cpu.runner.scan_unroll is None
     forced = engine_config_for(TINY, LaunchConfig(kv_write="xla", scan_unroll=3), backend="gpu")
     assert forced.runner.kv_write == "xla" and forced.runner.scan_unroll == 3
-    # serve.py --deterministic: the shrink's split summed in one order (off by default).
-    assert not cpu.runner.deterministic and not cpu.runner.sgmv_config().deterministic
-    exact = engine_config_for(TINY, LaunchConfig(deterministic=True), backend="gpu").runner
-    assert exact.deterministic and exact.sgmv_config().deterministic
+    # serve.py --deterministic (the default): the shrink's split summed in one order;
+    # --nodeterministic: atomic adds.
+    assert cpu.runner.deterministic and cpu.runner.sgmv_config().deterministic
+    atomic = engine_config_for(TINY, LaunchConfig(deterministic=False), backend="gpu").runner
+    assert not atomic.deterministic and not atomic.sgmv_config().deterministic
     with pytest.raises(ConfigError, match="max_model_len"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
 

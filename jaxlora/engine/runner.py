@@ -93,15 +93,14 @@ class RunnerConfig:
     # shorter steps with "pallas", one layer a scan iteration (docs/BENCHMARKS.md, twelfth
     # session).
     kv_write: str = "pallas"
-    # True: the same step gives the same bits on every run. No kernel of the step adds into its
-    # output with atomics: where the SGMV shrink splits its reduction among programs, they write
-    # float32 partials that are summed in one fixed order (SgmvConfig.deterministic). With
-    # atomic adds the order of the float additions follows the GPU's scheduling, and greedy
-    # tokens with LoRA differed between two passes over the same requests on the H200
-    # (docs/BENCHMARKS.md, thirteenth session). False: atomic adds (no partials to sum). Off
-    # by default until the partials are compiled and timed on a GPU (tested in interpret mode
-    # and lowered for an abstract H100 only).
-    deterministic: bool = False
+    # True (default): the same step gives the same bits on every run. No kernel of the step adds
+    # into its output with atomics: where the SGMV shrink splits its reduction among programs,
+    # they write float32 partials that are summed in one fixed order (SgmvConfig.deterministic).
+    # With atomic adds the order of the float additions follows the GPU's scheduling, and greedy
+    # tokens with LoRA differed between two passes over the same requests on the H200; with the
+    # partials they did not, at a decode-step cost within 1% (docs/BENCHMARKS.md, fourteenth
+    # session). False: atomic adds (no partials to sum).
+    deterministic: bool = True
 
     def __post_init__(self):
         if not isinstance(self.deterministic, bool):

@@ -65,7 +65,7 @@ class LaunchConfig:
     sgmv: SgmvConfig | None = None  # RunnerConfig.sgmv: the SGMV kernels' tuning
     matmul: MatmulConfig | None = None  # RunnerConfig.matmul: lora_matmul's tuning
     kv_write: str = "pallas"  # RunnerConfig.kv_write: who rotates q, k and writes K/V
-    deterministic: bool = False  # RunnerConfig.deterministic: no atomic adds in a step
+    deterministic: bool = True  # RunnerConfig.deterministic: no atomic adds in a step
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
