@@ -222,12 +222,13 @@ class SgmvConfig(KernelConfig):
     # shorter K splits for the few tiles of a decode batch), 256 above (fewer, longer steps).
     shrink_block_k: int | None = None
     shrink_small_tokens: int = 128
-    shrink_split_k: int | None = None  # most programs splitting the input width (atomic adds)
-    # The split's programs write float32 partials (split, T, columns) that the wrapper sums in a
-    # fixed order, instead of adding into v with atomics: the same bits on every run (the order
-    # of atomic float adds follows the GPU's scheduling). Either way one small XLA kernel runs
-    # beside the shrink: the sum of the partials, or the zeros the atomic adds start from.
-    deterministic: bool = False
+    shrink_split_k: int | None = None  # most programs splitting the input width
+    # True (default): the split's programs write float32 partials (split, T, columns) that the
+    # wrapper sums in a fixed order: the same bits on every run. False: they add into v with
+    # atomics, whose order of float adds follows the GPU's scheduling. Either way one small XLA
+    # kernel runs beside the shrink: the sum of the partials, or the zeros the atomic adds start
+    # from. On the H200 the partials were no slower (docs/BENCHMARKS.md, fourteenth session).
+    deterministic: bool = True
     shrink_num_warps: int = 4
     shrink_num_stages: int = 3
     expand_block_tokens: int = 16  # tokens of one slot per expand tile

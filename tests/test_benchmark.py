@@ -381,6 +381,12 @@ def test_online_trace_pages_adapters_and_measures_latency():
         assert (r["waiting_mean"] > 0) == (r["queued_step_share"] > 0)
         assert set(r["host_ms_per_step"]) == {"schedule", "build", "dispatch", "wait", "append"}
         assert 0 < sum(r["host_ms_per_step"].values()) <= r["elapsed_s"] * 1e3
+        # Each step reads each distinct adapter it uses once: at least every adapter of the
+        # trace once, at most one adapter per row of every step.
+        one_adapter_gb = roofline.adapter_bytes(TINY, bench.itemsize, [config.rank] * 7) / 1e9
+        assert r["adapter_GB_read"] >= r["distinct_adapters"] * one_adapter_gb * (1 - 1e-9)
+        rows_read = r["decode_steps"] * config.max_batch + r["prefill_steps"] * 1
+        assert r["adapter_GB_read"] <= rows_read * one_adapter_gb * (1 + 1e-9)
     # 40 adapters do not fit in 6 resident slots: some were evicted and copied again.
     assert rows[1]["adapter_evictions"] > 0
     assert rows[1]["adapter_misses"] > rows[1]["distinct_adapters"]
@@ -462,6 +468,23 @@ def test_report_judges_each_target():
         "online": {"rows": [{**r, **FULL_ONLINE_ROW} for r in results["online"]["rows"]]}
     }
     assert "| 5 | 3 | 3 | 12.5 | 10.0 | 2500.0 | 20% |" in report.markdown(online_rows)
+    # The bound the extra adapter bytes set, at the copy rate of the online run: 20 s and 400 GB
+    # more at 4,000 GB/s, at most 20 / 20.1 of the throughput.
+    results = _results(retention=0.9)
+    for r, gb in zip(results["online"]["rows"], (4.0, 404.0), strict=True):
+        r.update(adapter_GB_read=gb, elapsed_s=20.0)
+    results["meta"] = {"online": {"copy_GBps": 4000.0}}
+    assert report.adapter_bytes_retention_bound(*results["online"]["rows"], 4000.0) == (
+        pytest.approx(20 / 20.1)
+    )
+    assert report.verdicts(results)[3]["detail"] == (
+        "90.0% (9.00 vs 10.00 req/s); output tokens/s 90.0%; at most 99.5% if the extra adapter "
+        "bytes cost their copy time"
+    )
+    results["meta"] = {"copy_GBps": 4000.0}  # one run's file, as scripts/benchmark.py reports it
+    assert "at most 99.5% if" in report.verdicts(results)[3]["detail"]
+    del results["meta"]
+    assert "at most" not in report.verdicts(results)[3]["detail"]  # no copy rate, no bound
     # The async-scheduled iteration, where measured, is shown beside the timed step.
     results = _results(ratio=1.3)
     results["offline"]["rows"][0].update(

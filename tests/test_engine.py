@@ -356,7 +356,10 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
 def test_deterministic_runner_sums_the_shrink_split_in_one_order():
     """RunnerConfig.deterministic runs the SGMV kernels with SgmvConfig.deterministic: a split
     shrink writes partials summed in one fixed order instead of adding with atomics. Any other
-    tuning of the sgmv config is kept. On by default; with it off, the sgmv config decides."""
+    tuning of the sgmv config is kept. On by default (in both configs); the runner's field
+    decides the kernels' whatever the sgmv config says."""
+    import dataclasses
+
     from jaxlora.errors import ConfigError
     from pallas_kernels.sgmv import SgmvConfig
 
@@ -365,10 +368,15 @@ def test_deterministic_runner_sums_the_shrink_split_in_one_order():
     assert RunnerConfig(sgmv=tuned, deterministic=True).sgmv_config() == SgmvConfig(
         decode_max_tokens=32, shrink_split_k=4, deterministic=True
     )
-    assert RunnerConfig().deterministic
-    assert RunnerConfig().sgmv_config() == SgmvConfig(deterministic=True)
-    assert RunnerConfig(deterministic=False).sgmv_config() == SgmvConfig()
-    assert RunnerConfig(sgmv=tuned, deterministic=False).sgmv_config() == tuned
+    assert RunnerConfig().deterministic and SgmvConfig().deterministic
+    assert RunnerConfig().sgmv_config() == SgmvConfig()
+    assert RunnerConfig(sgmv=tuned).sgmv_config() == tuned
+    atomic = SgmvConfig(deterministic=False)
+    assert RunnerConfig(deterministic=False).sgmv_config() == atomic
+    assert RunnerConfig(sgmv=tuned, deterministic=False).sgmv_config() == dataclasses.replace(
+        tuned, deterministic=False
+    )
+    assert RunnerConfig(sgmv=atomic).sgmv_config() == SgmvConfig()
     with pytest.raises(ConfigError, match="deterministic: expected a bool, got 'yes'"):
         RunnerConfig(deterministic="yes")
     with pytest.raises(ConfigError, match="'deterministic': expected a bool, got 1"):

@@ -19,6 +19,7 @@ from jaxlora.errors import ConfigError
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import pages_for_rank
 
+from . import roofline
 from .engine_setup import BenchEngine
 from .timing import CompileCounter, host_ms_since
 from .workloads import TraceConfig, synthetic_trace, trace_prompt
@@ -201,6 +202,13 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
     elapsed = (max(r.finish_time for _, r in done) - origin) if done else end - origin
     decode = [r for r in records if r.mode == "decode"]
     timed = [r.seconds for r in decode if not math.isnan(r.seconds)]
+    # Every step reads each distinct adapter it uses once (the roofline's count): the adapter
+    # bytes the trace must move through device memory, whatever the kernels.
+    adapter_bytes_read = sum(
+        roofline.adapter_bytes(model, bench.itemsize, ranks)
+        for r in records
+        for ranks in r.slot_ranks
+    )
     last_arrival = trace[-1].arrival_s if trace else 0.0
     row = {
         "num_adapters": num_adapters,
@@ -226,6 +234,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         "adapter_misses": after.misses - before.misses,
         "adapter_evictions": after.evictions - before.evictions,
         "adapter_GB_copied": (after.bytes_copied - before.bytes_copied) / 1e9,
+        "adapter_GB_read": adapter_bytes_read / 1e9,
         "decode_steps": len(decode),
         "decode_step_ms_median": statistics.median(timed) * 1e3 if timed else float("nan"),
         "steps_timed": config.time_steps,

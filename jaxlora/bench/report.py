@@ -119,6 +119,30 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _copy_gbps(results: dict, section: str):
+    """The copy rate measured with a section's rows: ``load`` keeps each section's meta apart;
+    the one file scripts/benchmark.py reports on has one meta for all."""
+    meta = results.get("meta") or {}
+    section_meta = meta.get(section)
+    return (section_meta if isinstance(section_meta, dict) else meta).get("copy_GBps")
+
+
+def adapter_bytes_retention_bound(few: dict, many: dict, copy_gbps) -> float | None:
+    """The most throughput the many-adapter trace can keep of the few-adapter one, at capacity.
+
+    Both traces serve the same requests (same prompts, lengths and arrivals; only the adapters
+    differ), and every step reads each distinct adapter it uses once (``adapter_GB_read``).
+    The many-adapter trace must move the extra adapter bytes through the same device memory,
+    so, the rest of its work being the few-adapter trace's, it takes at least that many bytes
+    at the copy rate longer. None when a row predates ``adapter_GB_read`` or the copy rate is
+    unknown."""
+    extra_gb = many.get("adapter_GB_read", math.nan) - few.get("adapter_GB_read", math.nan)
+    elapsed = few.get("elapsed_s", math.nan)
+    if not (copy_gbps and _finite(extra_gb) and _finite(elapsed)) or elapsed <= 0:
+        return None
+    return elapsed / (elapsed + max(0.0, extra_gb) / copy_gbps)
+
+
 def verdicts(results: dict) -> list[dict]:
     """One entry per target: name, met (True / False / None when not measured), detail."""
     out = []
@@ -206,6 +230,13 @@ def verdicts(results: dict) -> list[dict]:
         many_tps = online[ONLINE_MANY].get("output_tokens_per_s")
         if few_tps and many_tps is not None:  # judged by requests/s; tokens/s shown beside it
             detail += f"; output tokens/s {100 * many_tps / few_tps:.1f}%"
+        bound = adapter_bytes_retention_bound(
+            online[ONLINE_FEW], online[ONLINE_MANY], _copy_gbps(results, "online")
+        )
+        if bound is not None:
+            detail += (
+                f"; at most {100 * bound:.1f}% if the extra adapter bytes cost their copy time"
+            )
         shares = [online[n].get("queued_step_share") for n in (ONLINE_FEW, ONLINE_MANY)]
         if None not in shares and min(shares) < ONLINE_SATURATED_SHARE:
             # Below capacity both rates follow the offered one: the ratio says nothing about
@@ -345,6 +376,7 @@ def markdown(results: dict) -> str:
                     "SLO met",
                     "misses",
                     "GB copied",
+                    "adapter GB read",
                     "adapters/step",
                 ],
                 [
@@ -363,6 +395,7 @@ def markdown(results: dict) -> str:
                         f"{100 * r['slo_attainment']:.1f}%",
                         r["adapter_misses"],
                         r["adapter_GB_copied"],
+                        r.get("adapter_GB_read", float("nan")),
                         r["adapters_per_decode_step_mean"],
                     ]
                     for r in online

@@ -65,6 +65,7 @@ class RunnerConfig:
     # short).
     scan_unroll: int | None = None
     # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
+    # Its ``deterministic`` field is the runner's (``deterministic`` below): one switch.
     sgmv: SgmvConfig | None = None
     # XLA compiler options of the model step (jax.jit's ``compiler_options``) as (name, value)
     # pairs, per engine rather than process-wide XLA_FLAGS. E.g. (("xla_gpu_enable_triton_gemm",
@@ -150,10 +151,10 @@ class RunnerConfig:
 
     def sgmv_config(self) -> SgmvConfig:
         """The SGMV kernels' config as the step runs them: ``sgmv`` (or the defaults), with
-        ``deterministic`` set when the runner is."""
+        the runner's ``deterministic``."""
         config = self.sgmv or SgmvConfig()
-        if self.deterministic and not config.deterministic:
-            config = dataclasses.replace(config, deterministic=True)
+        if config.deterministic != self.deterministic:
+            config = dataclasses.replace(config, deterministic=self.deterministic)
         return config
 
     def projection_kernel_for(self, impl: str) -> str:
