@@ -168,14 +168,18 @@ class KernelConfig:
     from ``{field: value}`` or its JSON (a flag), bad input named by ``where``."""
 
     @classmethod
-    def from_dict(cls, fields, *, where: str):
+    def from_dict(cls, fields, *, where: str, set_elsewhere=None):
         """A non-object, an unknown field or a refused value raises ``ConfigError`` naming
-        ``where``."""
+        ``where``. ``set_elsewhere``: {field: the option that sets it}, fields the caller sets
+        from its own option (a field given here would be overridden without a word)."""
         name = cls.__name__
         if not isinstance(fields, dict):
             raise ConfigError(
                 f"{where}: expected an object of {name} fields, got {type(fields).__name__}"
             )
+        for field, option in (set_elsewhere or {}).items():
+            if field in fields:
+                raise ConfigError(f"{where}: {name} field {field!r} is set by {option}, not here")
         known = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(fields) - set(known))
         if unknown:
@@ -188,8 +192,10 @@ class KernelConfig:
             raise ConfigError(f"{where}: {e}") from e
 
     @classmethod
-    def from_json(cls, text: str, *, where: str):
-        return cls.from_dict(parse_json(text, where=where), where=where)
+    def from_json(cls, text: str, *, where: str, set_elsewhere=None):
+        return cls.from_dict(
+            parse_json(text, where=where), where=where, set_elsewhere=set_elsewhere
+        )
 
 
 def _is_pow2(n: int) -> bool:

@@ -238,7 +238,11 @@ def main(argv):
             print("matplotlib is not installed (pip install -e .[bench]): no figure")
         return
     try:  # a bad flag fails before the copy-bandwidth measurement, not after
-        sgmv = SgmvConfig.from_json(FLAGS.sgmv_config or "{}", where="--sgmv_config")
+        sgmv = SgmvConfig.from_json(
+            FLAGS.sgmv_config or "{}",
+            where="--sgmv_config",
+            set_elsewhere={"deterministic": "--[no]deterministic"},
+        )
         matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
         xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
     except JaxloraError as e:

@@ -172,7 +172,11 @@ def main(argv):
     api_key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("JAXLORA_API_KEY")
     try:
         xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
-        sgmv = SgmvConfig.from_json(FLAGS.sgmv_config or "{}", where="--sgmv_config")
+        sgmv = SgmvConfig.from_json(
+            FLAGS.sgmv_config or "{}",
+            where="--sgmv_config",
+            set_elsewhere={"deterministic": "--[no]deterministic"},
+        )
         matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
     except JaxloraError as e:
         sys.exit(f"error: {e}")

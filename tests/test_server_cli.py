@@ -84,6 +84,11 @@ def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
             "error: --sgmv_config: SgmvConfig field 'decode_block_k': expected a power of two",
         ),
         ('--matmul_config={"dot_block": 16}', "unknown MatmulConfig field 'dot_block'"),
+        (
+            '--sgmv_config={"deterministic": false}',
+            "error: --sgmv_config: SgmvConfig field 'deterministic' is set by "
+            "--[no]deterministic, not here",
+        ),
     ):
         out = subprocess.run(
             serve_command(flag), cwd=REPO, capture_output=True, text=True, timeout=180, env=env

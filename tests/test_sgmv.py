@@ -793,6 +793,19 @@ def test_config_from_json_names_the_source_and_the_field():
     for text, message in cases:
         with pytest.raises(ConfigError, match=message):
             SgmvConfig.from_json(text, where="--sgmv_config")
+    # serve.py / benchmark.py set `deterministic` from their own flag (RunnerConfig's): given in
+    # the JSON too it would be overridden without a word, so it is refused there.
+    elsewhere = {"deterministic": "--[no]deterministic"}
+    with pytest.raises(
+        ConfigError,
+        match=r"--sgmv_config: SgmvConfig field 'deterministic' is set by --\[no\]deterministic",
+    ):
+        SgmvConfig.from_json(
+            '{"deterministic": false}', where="--sgmv_config", set_elsewhere=elsewhere
+        )
+    assert SgmvConfig.from_json(
+        '{"shrink_split_k": 2}', where="--sgmv_config", set_elsewhere=elsewhere
+    ) == SgmvConfig(shrink_split_k=2)
 
 
 def test_bad_inputs_raise_config_errors():
