@@ -38,11 +38,11 @@ prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one sl
         program maps its id to a work item from the number of tiles in use, read at run time:
         shrink items are (tile, block of v columns, K split), expand items are (tile, run of y
         column blocks). When few tiles are in use (one adapter) the shrink splits the reduction
-        over the input width (atomic adds into a zeroed v, or with ``deterministic`` float32
-        partials that the wrapper sums in one fixed order) and the expand gives each program one
-        column block; when many are (many adapters) the shrink does not split and the expand
-        walks up to ``expand_col_steps`` column blocks per program (software-pipelined loads of
-        B and y). Programs beyond the work exit at once.
+        over the input width (with ``deterministic``, the default, float32 partials that the
+        wrapper sums in one fixed order; without, atomic adds into a zeroed v) and the expand
+        gives each program one column block; when many are (many adapters) the shrink does not
+        split and the expand walks up to ``expand_col_steps`` column blocks per program
+        (software-pipelined loads of B and y). Programs beyond the work exit at once.
 
 Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
 -----------------------------------------------------------------
