@@ -23,9 +23,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bench_kernels  # noqa: E402  (scripts/ is on sys.path when this file runs)
-
 from configs.models import get_model_preset  # noqa: E402
+from jaxlora.bench import kernels  # noqa: E402
 from jaxlora.model import Llama, init_params  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -41,8 +40,8 @@ def main(argv):
     config = get_model_preset(FLAGS.model)
     copy_gbps = float("nan")  # no copy kernels off the GPU: no roofline in CPU smoke runs
     if jax.default_backend() == "gpu":
-        flush = bench_kernels.fill(((256 << 20) // 4,), jnp.float32, 5, 1.0)
-        copy_gbps, _, flush = bench_kernels.measure_copy_bandwidth(flush)
+        flush = kernels.fill(((256 << 20) // 4,), jnp.float32, 5, 1.0)
+        copy_gbps, _, flush = kernels.measure_copy_bandwidth(flush)
     params = init_params(config, 0, dtype=jnp.bfloat16)
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))

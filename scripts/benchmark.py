@@ -8,9 +8,8 @@ roofline, and S-LoRA's synthetic online trace. See docs/BENCHMARKS.md for the re
     PYTHONPATH=. python scripts/benchmark.py --section=report \\
         --inputs=$OUT/offline.json,$OUT/online.json,$OUT/peft.json --figure_out=$OUT/bench.png
 
-The copy bandwidth of the roofline is measured in the same process by scripts/bench_kernels.py's
-copy-ceiling measurement (its flags --copy_gib, --flush_mib, --interpret and --compile_threads
-apply here too).
+The copy bandwidth of the roofline is measured in the same process by the kernel benchmark's
+copy-ceiling measurement (jaxlora.bench.kernels.copy_ceiling).
 """
 
 from __future__ import annotations
@@ -27,13 +26,11 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.93")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bench_kernels  # noqa: E402  (scripts/ is on sys.path when this file runs)
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs.models import get_model_preset  # noqa: E402
-from jaxlora.bench import report  # noqa: E402
+from jaxlora.bench import kernels, report  # noqa: E402
 from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
@@ -94,6 +91,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("seed", 0, "seed of weights, prompts and traces")
 flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
+flags.DEFINE_float("copy_gib", 1.0, "size of the copy-bandwidth buffers")
+flags.DEFINE_integer("flush_mib", 256, "size of the L2-flush buffer of the copy measurement")
+flags.DEFINE_integer("compile_threads", 16, "parallel compilations of the engine's step shapes")
 flags.DEFINE_enum(
     "impl",
     "auto",
@@ -174,29 +174,10 @@ flags.DEFINE_string("markdown_out", "", "report: markdown tables path (also prin
 
 
 def measure_copy_gbps() -> tuple[float, dict]:
-    """The best device-to-device copy rate (bytes read + written), from the profiler's kernel
-    times (bench_kernels); where the profiler gives no device trace, from wall-clock times of
-    the same copies (which include a launch, so a slightly lower rate)."""
+    """The copy ceiling of the roofline (jaxlora.bench.kernels.copy_ceiling), or the one given."""
     if FLAGS.copy_bandwidth_gbps > 0:
         return FLAGS.copy_bandwidth_gbps, {"given": FLAGS.copy_bandwidth_gbps}
-    flush_buf = bench_kernels.fill(((FLAGS.flush_mib << 20) // 4,), jnp.float32, 5, 1.0)
-    best, methods, flush_buf = bench_kernels.measure_copy_bandwidth(flush_buf)
-    del flush_buf
-    if best > 0:
-        return best, {**methods, "timing": "profiler"}
-    n = int(FLAGS.copy_gib * (1 << 30)) // 4
-    x = bench_kernels.fill((n,), jnp.float32, 7, 1.0)
-    methods = {}
-    for name, fn in bench_kernels.copy_methods().items():
-        copy = jax.jit(fn)
-        jax.block_until_ready(copy(x))
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            jax.block_until_ready(copy(x))
-            times.append(time.perf_counter() - start)
-        methods[name] = {"us": min(times) * 1e6, "GBps": 2 * n * 4 / min(times) / 1e9}
-    return max(m["GBps"] for m in methods.values()), {**methods, "timing": "wall clock"}
+    return kernels.copy_ceiling(copy_gib=FLAGS.copy_gib, flush_mib=FLAGS.flush_mib)
 
 
 def meta(copy_gbps: float, copy_methods: dict, setup_seconds: dict, model) -> dict:

@@ -745,3 +745,72 @@ def test_projection_chain_scan_matches_unrolled():
     assert not np.allclose(np.asarray(scan), np.asarray(x))
     with pytest.raises(ConfigError, match="layer_loop must be one of"):
         chain("xla", None, layers=3, passes=2, layer_loop="while")
+
+
+def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
+    """jaxlora.bench.kernels (scripts/bench_kernels.py), interpreted on small shapes: every
+    implementation of every row changes y (the LoRA is applied) and gives the first one's y to
+    bf16 rounding: the kernels in both regimes, the prefill split with partials or atomic adds,
+    and the two plain-JAX baselines. The report written is the one returned, with a verdict per
+    row."""
+    from jaxlora.bench import kernels
+
+    prefill = {"decode_max_tokens": 0, "decode_shrink_max_tokens": 0, "shrink_block_k": 16}
+    config = kernels.KernelBenchConfig(
+        tokens=(4, 24),
+        outs=("2x32",),
+        ranks=(8,),
+        workloads=("identical", "distinct"),
+        impls=("sgmv", "sgmv:prefill", "sgmv:atomic", "gather_einsum", "ragged_dot"),
+        variants={"prefill": prefill, "atomic": {**prefill, "deterministic": False}},
+        hidden=64,
+        calls=1,
+        copy_gib=1 / 1024,
+        flush_mib=1,
+        compile_threads=2,
+        interpret=True,
+    )
+    out_json = tmp_path / "kernels.json"
+    report = kernels.run(config, str(out_json))
+    assert json.loads(out_json.read_text()) == json.loads(json.dumps(report))
+    assert report["configs"]["sgmv:atomic"]["deterministic"] is False
+    rows = report["rows"]
+    assert [(r["T"], r["workload"]) for r in rows] == [
+        (4, "identical"),
+        (4, "distinct"),
+        (24, "identical"),
+        (24, "distinct"),
+    ]
+    for row in rows:
+        assert set(row["impls"]) == set(config.impls)
+        for impl, entry in row["impls"].items():
+            assert "error" not in entry, (impl, entry)
+            assert entry["max_abs_y_change"] > 0.01, (row["T"], row["workload"], impl)
+            assert entry["rel_err_vs_sgmv"] < 2e-2, (row["T"], row["workload"], impl)
+            assert entry["busy_us"] > 0
+        assert {"GBps", "pct_copy", "bandwidth_target"} <= set(row["verdict"])
+    assert rows[3]["distinct_adapters"] == 24 and rows[2]["distinct_adapters"] == 1
+    with pytest.raises(ConfigError, match="names no variant"):
+        kernels.impl_steps(dataclasses.replace(config, impls=("sgmv:nope",)))
+
+
+def test_kernel_bench_script_names_a_bad_flag():
+    """scripts/bench_kernels.py refuses bad flags with our one-line error before measuring."""
+    for flag, message in (
+        ("--outs=3x", "error: --outs: expected WIDTH or GxWIDTH, got '3x'"),
+        ("--tokens=1,a", "error: --tokens: expected integers"),
+        ("--workloads=zipf", "error: --workloads: expected some of"),
+        ("--impls=sgmv:fast", "error: --impls: 'sgmv:fast' names no variant in --variants"),
+        ('--variants={"fast": {"warps": 4}}', "unknown SgmvConfig field 'warps'"),
+        ("--impls=cublas", "error: --impls: unknown implementation 'cublas'"),
+    ):
+        args = [flag] if not flag.startswith("--variants") else [flag, "--impls=sgmv:fast"]
+        out = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "scripts", "bench_kernels.py"), *args],
+            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode != 0 and message in out.stderr, (flag, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
