@@ -16,8 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxlora.bench import kernels  # noqa: E402
 from jaxlora.config import parse_json  # noqa: E402
-from jaxlora.errors import ConfigError as JaxloraConfigError  # noqa: E402
-from jaxlora.errors import JaxloraError  # noqa: E402
+from jaxlora.errors import ConfigError, JaxloraError  # noqa: E402
 
 DEFAULTS = kernels.KernelBenchConfig()
 FLAGS = flags.FLAGS
@@ -49,9 +48,7 @@ def _ints(name: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in getattr(FLAGS, name))
     except ValueError:
-        raise JaxloraConfigError(
-            f"--{name}: expected integers, got {getattr(FLAGS, name)}"
-        ) from None
+        raise ConfigError(f"--{name}: expected integers, got {getattr(FLAGS, name)}") from None
 
 
 def main(argv):

@@ -39,6 +39,20 @@ from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import MODULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_script(script: str, *args: str, timeout: int = 120, check: bool = False):
+    """scripts/<script> with ``args`` in a subprocess on the CPU, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", script), *args],
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
 SETUP = SetupConfig(dtype="float32", rank=8, weight_sets=2, compile_threads=2)
 
 
@@ -532,46 +546,29 @@ def test_report_merges_rows_of_one_setup_from_several_files(tmp_path):
             [first, write("d.json", [row(8, "no_lora", 5.0)], config={**config, "prompt_len": 512})]
         )
     # The script prints our error, not a traceback.
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "benchmark.py"),
-            "--section=report",
-            f"--inputs={first},{tmp_path / 'c.json'}",
-        ],
-        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _run_script("benchmark.py", "--section=report", f"--inputs={first},{tmp_path / 'c.json'}")
     assert out.returncode != 0 and out.stderr.strip().startswith("error: ")
     assert "Traceback" not in out.stderr
 
 
 def test_benchmark_script_writes_results_and_report(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     offline = tmp_path / "offline.json"
-    subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "benchmark.py"),
-            "--section=offline",
-            "--model=tiny",
-            "--dtype=float32",
-            "--copy_bandwidth_gbps=20",
-            "--rank=4",
-            "--batch_sizes=2",
-            "--offline_workloads=no_lora,distinct",
-            "--prompt_len=6",
-            "--output_len=3",
-            "--prefill_rows=2",
-            "--weight_sets=1",
-            "--compile_threads=2",
-            f"--json_out={offline}",
-        ],
+    _run_script(
+        "benchmark.py",
+        "--section=offline",
+        "--model=tiny",
+        "--dtype=float32",
+        "--copy_bandwidth_gbps=20",
+        "--rank=4",
+        "--batch_sizes=2",
+        "--offline_workloads=no_lora,distinct",
+        "--prompt_len=6",
+        "--output_len=3",
+        "--prefill_rows=2",
+        "--weight_sets=1",
+        "--compile_threads=2",
+        f"--json_out={offline}",
         check=True,
-        env=env,
-        capture_output=True,
         timeout=600,
     )
     doc = json.loads(offline.read_text())
@@ -598,19 +595,12 @@ def test_benchmark_script_writes_results_and_report(tmp_path):
         )
     )
     markdown = tmp_path / "tables.md"
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "benchmark.py"),
-            "--section=report",
-            f"--inputs={offline},{peft}",
-            f"--markdown_out={markdown}",
-        ],
+    out = _run_script(
+        "benchmark.py",
+        "--section=report",
+        f"--inputs={offline},{peft}",
+        f"--markdown_out={markdown}",
         check=True,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
     ).stdout
     assert "### Offline throughput" in out and "HF transformers + PEFT" in out
     assert markdown.read_text().strip() == out.strip()
@@ -666,17 +656,8 @@ def test_projection_bench_config_names_and_variants():
     with pytest.raises(ConfigError, match=r"--variants\['bad'\]: .*'epilogue'"):
         config_grid("bad", {"bad": {"epilogue": "fused"}})
     # The script refuses them before touching a GPU, with our message and no traceback.
-    out = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "bench_projection.py"),
-            "--configs=bad",
-            '--variants={"bad": {"epilog": "dot"}}',
-        ],
-        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = _run_script(
+        "bench_projection.py", "--configs=bad", '--variants={"bad": {"epilog": "dot"}}'
     )
     assert out.returncode != 0 and "unknown MatmulConfig field 'epilog'" in out.stderr
     assert "Traceback" not in out.stderr
@@ -805,12 +786,6 @@ def test_kernel_bench_script_names_a_bad_flag():
         ("--impls=cublas", "error: --impls: unknown implementation 'cublas'"),
     ):
         args = [flag] if not flag.startswith("--variants") else [flag, "--impls=sgmv:fast"]
-        out = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "scripts", "bench_kernels.py"), *args],
-            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = _run_script("bench_kernels.py", *args)
         assert out.returncode != 0 and message in out.stderr, (flag, out.stderr)
         assert "Traceback" not in out.stderr, out.stderr
