@@ -145,6 +145,14 @@ class MatmulConfig(KernelConfig):
     # Most tokens per program when the epilogue runs (None: block_m); the dot epilogue's steps
     # grow with the tokens of a program.
     expand_block_m: int | None = None
+    # A block whose tokens use at most this many distinct adapters (decided at run time from
+    # its token slots) adds their deltas by adapter instead: per adapter and rank chunk of
+    # ``adapter_rank_rows``, one tensor-core dot of its tokens' scaled v (the other tokens'
+    # rows zero) by its B rows, read once. The dot and rows epilogues read one B row block per
+    # token, which with one adapter re-reads the same rows 32 or 128 times (+26 us a gate|up
+    # launch at T = 128, fifteenth-session profile). 0: off.
+    epilogue_adapters: int = 4
+    adapter_rank_rows: int = 16  # power of two >= 16
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
     # bm / dot_block_m dots per K step on one weight tile, and its epilogue per such
@@ -192,12 +200,13 @@ class MatmulConfig(KernelConfig):
                 f"MatmulConfig field 'epilogue_rank_rows': expected a power of two >= 1, "
                 f"got {rank_rows!r}"
             )
-        ek = self.epilogue_block_k
-        if not isinstance(ek, int) or ek < 16 or ek & (ek - 1):
-            raise ConfigError(
-                f"MatmulConfig field 'epilogue_block_k': expected a power of two >= 16 (a "
-                f"tensor-core dot dimension), got {ek!r}"
-            )
+        for name in ("epilogue_block_k", "adapter_rank_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ConfigError(
+                    f"MatmulConfig field {name!r}: expected a power of two >= 16 (a "
+                    f"tensor-core dot dimension), got {value!r}"
+                )
         # (field, least value, None allowed)
         for name, at_least, optional in (
             ("num_warps", 1, False),
@@ -207,6 +216,7 @@ class MatmulConfig(KernelConfig):
             ("small_tokens", 1, False),
             ("dot_epilogue_max_tokens", 1, False),
             ("epilogue_prepared_rank_rows", 0, True),
+            ("epilogue_adapters", 0, False),
             ("split_k", 1, True),
             ("min_programs", 0, False),
             ("rows_epilogue_min_programs", 0, True),
@@ -335,6 +345,14 @@ class _Epilogue:
     rank_rows: int = 0
     epilogue_k: int = 0
     prepared_rank_rows: int = 0
+    # The few-adapters epilogue (0: off): most adapters a block may have to take it, and the
+    # rank rows of each of its dots.
+    adapters: int = 0
+    adapter_rank_rows: int = 0
+
+
+# Past a block's last adapter slot in ``_block_adapters`` (above any slot index).
+_NO_MORE = 2**30
 
 
 def lora_matmul_reference(
@@ -447,6 +465,12 @@ def _matmul_kernel(
             )
             for start, row_ok, _ in subs
         ]
+    found = [None] * len(subs)
+    if expand is not None and expand.adapters:
+        # Which adapters each sub-block's tokens use, from its slots (loaded before the K loop).
+        found = [
+            _block_adapters(refs[-2], rows_i, row_ok, expand.adapters) for _, row_ok, rows_i in subs
+        ]
     accs = jax.lax.fori_loop(
         0,
         k_steps,
@@ -454,13 +478,21 @@ def _matmul_kernel(
         tuple(jnp.zeros((sub, bn), jnp.float32) for _ in subs),
     )
     share = None if part is None else (part, split)
-    for (_, row_ok, rows_i), ready, acc in zip(subs, prepared, accs, strict=True):
-        if ready is not None:
-            acc = _dot_epilogue(
-                acc, refs[:-1], rows_i, ready, expand, dtype=dtype, share=share, interpret=interpret
-            )
-        elif expand is not None:
-            acc = _expand_epilogue(
+    for (_, row_ok, rows_i), ready, few, acc in zip(subs, prepared, found, accs, strict=True):
+
+        def general(acc, row_ok=row_ok, rows_i=rows_i, ready=ready):
+            if ready is not None:
+                return _dot_epilogue(
+                    acc,
+                    refs[:-1],
+                    rows_i,
+                    ready,
+                    expand,
+                    dtype=dtype,
+                    share=share,
+                    interpret=interpret,
+                )
+            return _expand_epilogue(
                 acc,
                 refs[:-1],
                 layer_ref,
@@ -472,6 +504,25 @@ def _matmul_kernel(
                 share=share,
                 interpret=interpret,
             )
+
+        def by_adapter(acc, rows_i=rows_i, few=few):
+            return _adapters_epilogue(
+                acc,
+                refs[:-1],
+                layer_ref,
+                j,
+                rows_i,
+                few,
+                expand,
+                dtype=dtype,
+                share=share,
+                interpret=interpret,
+            )
+
+        if few is not None:
+            acc = jax.lax.cond(few[3], by_adapter, general, acc)
+        elif expand is not None:
+            acc = general(acc)
         out_idx = (rows_i[:, None], cols[None, :])
         if part is not None:
             out_idx = (part, *out_idx)
@@ -566,6 +617,113 @@ def _expand_epilogue(
     return acc
 
 
+def _program_weight(block, ep: _Epilogue):
+    """(group index, column block inside the group, weight index, pages of its B pool) of the
+    program's column block, as scalars: one set of indices whatever the group's size. Sums of
+    steps rather than selects (a select of scalars mistypes in the Triton lowering)."""
+    weights, block_starts, pages_per_pool = ep.weights, ep.block_starts, ep.pages_per_pool
+    group, col_block, w, pages = 0, block, weights[0], pages_per_pool[0]
+    for g in range(1, len(weights)):
+        past = (block >= block_starts[g]).astype(jnp.int32)
+        group = group + past
+        col_block = col_block - past * (block_starts[g] - block_starts[g - 1])
+        w = w + past * (weights[g] - weights[g - 1])
+        pages = pages + past * (pages_per_pool[g] - pages_per_pool[g - 1])
+    return group, col_block, w, pages
+
+
+def _block_adapters(slot_ref, rows_i, row_ok, count):
+    """The sub-block's first ``count`` adapter slots in ascending order (``_NO_MORE`` past its
+    last) and whether they are all of its adapters; ``count`` reductions of the slot vector."""
+    slot = pltriton.load(slot_ref.at[rows_i], mask=row_ok, other=-1)
+    has_adapter = row_ok & (slot >= 0)
+    adapters, below = [], -1
+    for _ in range(count):
+        below = jnp.min(jnp.where(has_adapter & (slot > below), slot, _NO_MORE))
+        adapters.append(below)
+    every = jnp.max(jnp.where(has_adapter, slot, -1)) <= below
+    return slot, has_adapter, tuple(adapters), every
+
+
+def _adapters_epilogue(
+    acc, refs, layer_ref, block, rows_i, found, ep: _Epilogue, *, dtype, share=None, interpret
+):
+    """acc (bm, bn) + each token's scaled ``v @ B`` for a block with few adapters (``found``
+    from ``_block_adapters``): per adapter and rank chunk of ``adapter_rank_rows``, one
+    tensor-core dot of its tokens' scaled v, ``(bm, chunk)`` with every other token's row zero,
+    by its B rows, ``(chunk, bn)``, read once. Chunks beyond the adapter's rank are skipped and
+    rows beyond it masked (never loaded). With ``share`` = (part, split), the adapters part,
+    part + split, ... only."""
+    slot, has_adapter, adapters, _ = found
+    weights, rank_cols = ep.weights, ep.rank_cols
+    pages_per_pool, rows_per_page, max_pages = ep.pages_per_pool, ep.rows_per_page, ep.max_pages
+    g_count = len(weights)
+    v_ref = refs[0]
+    pool_refs = refs[1 : 1 + g_count]
+    pages_ref, ranks_ref, scales_ref, _ = refs[1 + g_count :]
+    v_cols = v_ref.shape[1]
+    bn = acc.shape[1]
+    ur = ep.adapter_rank_rows
+    group, col_block, w, pages = _program_weight(block, ep)
+    layer = _layer(layer_ref, pool_refs[0], pages_per_pool[0], rows_per_page)
+    slot_c = jnp.maximum(slot, 0)
+    scale = jnp.where(has_adapter, scales_ref[slot_c, w], 0.0)
+    chunk_rows = jnp.arange(ur, dtype=jnp.int32)
+    for g in range(g_count):
+        pool_ref = pool_refs[g]
+
+        def run_group(acc, g=g, pool_ref=pool_ref):
+            cols = pl.multiple_of(col_block * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+            cols_i = _idx(cols, cols >= 0, pool_ref.shape[1], interpret)[None, :]
+            for i, adapter in enumerate(adapters):
+                # The adapter's slot and rank as vectors over the chunk's rows: scalar selects
+                # mistype in the Triton lowering.
+                u = jnp.full((ur,), adapter, jnp.int32)
+                present = u < _NO_MORE
+                u = jnp.where(present, u, 0)
+                rank = jnp.where(present, ranks_ref[u, w], 0)
+                mine = has_adapter & (slot == adapter)
+                for rc in range(pl.cdiv(rank_cols, ur)):
+                    row = rc * ur + chunk_rows
+
+                    def step(acc, u=u, rank=rank, mine=mine, row=row):
+                        live = row < rank
+                        b_row = _pool_rows(
+                            pages_ref,
+                            u,
+                            w,
+                            row,
+                            layer,
+                            pages_per_pool=pages,
+                            rows_per_page=rows_per_page,
+                            max_pages=max_pages,
+                        )
+                        b_i = _idx(b_row, live, pool_ref.shape[0], interpret)[:, None]
+                        b = pltriton.load(pool_ref.at[b_i, cols_i], mask=live[:, None], other=0)
+                        v_i = _idx(g * rank_cols + row, live, v_cols, interpret)[None, :]
+                        vt = pltriton.load(
+                            v_ref.at[rows_i[:, None], v_i],
+                            mask=mine[:, None] & live[None, :],
+                            other=0.0,
+                        )
+                        vt = (vt * scale[:, None]).astype(dtype)
+                        return acc + pltriton.dot(
+                            vt, b.astype(dtype), precision=_dot_precision(dtype)
+                        )
+
+                    run = rc * ur < jnp.max(rank)
+                    if share is not None:
+                        run = run & (share[0] == i % share[1])
+                    acc = jax.lax.cond(run, step, lambda acc: acc, acc)
+            return acc
+
+        if g_count > 1:
+            acc = jax.lax.cond(group == g, run_group, lambda acc: acc, acc)
+        else:
+            acc = run_group(acc)
+    return acc
+
+
 def _dot_epilogue_indices(
     refs, layer_ref, block, row_ok, ep: _Epilogue, *, bm, row0=None, interpret
 ):
@@ -577,7 +735,7 @@ def _dot_epilogue_indices(
     ``step_indices(tc, rc)`` inside their step. Returns (the program's group index, its column
     block in the group, its tokens' scales, the steps: (any row live, (B rows, live) or None),
     step_indices)."""
-    weights, block_starts, rank_cols = ep.weights, ep.block_starts, ep.rank_cols
+    weights, rank_cols = ep.weights, ep.rank_cols
     pages_per_pool, rows_per_page, max_pages = ep.pages_per_pool, ep.rows_per_page, ep.max_pages
     g_count = len(weights)
     pool_refs = refs[1 : 1 + g_count]
@@ -596,13 +754,7 @@ def _dot_epilogue_indices(
     # whatever the group's size. Sums of steps rather than selects (a select of scalars
     # mistypes in the Triton lowering). Every pool has the same layer count (checked).
     layer = _layer(layer_ref, pool_refs[0], pages_per_pool[0], rows_per_page)
-    group, col_block, w, pages = 0, block, weights[0], pages_per_pool[0]
-    for g in range(1, g_count):
-        past = (block >= block_starts[g]).astype(jnp.int32)
-        group = group + past
-        col_block = col_block - past * (block_starts[g] - block_starts[g - 1])
-        w = w + past * (weights[g] - weights[g - 1])
-        pages = pages + past * (pages_per_pool[g] - pages_per_pool[g - 1])
+    group, col_block, w, pages = _program_weight(block, ep)
     rank = jnp.where(has_adapter, ranks_ref[slot_c, w], 0)
     scale = jnp.where(has_adapter, scales_ref[slot_c, w], 0.0)
     max_rank = jnp.max(rank)
@@ -752,6 +904,12 @@ def lora_matmul(
         elif config.epilogue_for(sub) == "rows_prefetch":
             expand = dataclasses.replace(expand, prefetch_rows=True)
             tag = "_expand_prefetch"
+    if expand is not None and config.epilogue_adapters:
+        adapter_rank_rows = max(16, min(config.adapter_rank_rows, _next_pow2(expand.rank_cols)))
+        expand = dataclasses.replace(
+            expand, adapters=config.epilogue_adapters, adapter_rank_rows=adapter_rank_rows
+        )
+        tag += f"_a{config.epilogue_adapters}"
     if sub < bm:
         tag += f"_d{sub}"
     grid = (pl.cdiv(num_tokens, bm), n_cols // bn)

@@ -26,7 +26,11 @@ from jaxlora.errors import ConfigError  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tokens", ["8", "32", "128"], "decode batch sizes")
 flags.DEFINE_list("groups", list(projection.LLAMA2_7B_GROUPS), "llama-2-7b projections")
-flags.DEFINE_list("lora_workloads", ["identical", "distinct"], "LoRA workloads (after the sweep)")
+flags.DEFINE_list(
+    "lora_workloads",
+    ["identical", "distinct"],
+    "LoRA workloads (after the sweep): identical (1 adapter), uniform (round(sqrt(T))), distinct",
+)
 flags.DEFINE_string(
     "configs",
     "bn32bk128w4s4,bn32bk256w4s4,bn64bk64w4s4,bn64bk128w4s3,bn64bk128w4s4,bn64bk128w4s5,"
@@ -75,6 +79,8 @@ def main(argv):
             )
         configs = projection.config_grid(FLAGS.configs, variants)
         lora_configs = projection.config_grid(",".join(FLAGS.lora_configs), variants)
+        for workload in FLAGS.lora_workloads:
+            projection.adapters_for(workload, 1)
     except (ConfigError, ValueError) as e:
         raise app.UsageError(str(e)) from e
     copy = projection.copy_gbps()

@@ -635,7 +635,7 @@ def test_peft_baseline_on_the_tiny_model():
 
 def test_projection_bench_config_names_and_variants():
     """scripts/bench_projection.py's --configs / --variants / --lora_configs name MatmulConfigs."""
-    from jaxlora.bench.projection import best_configs, config_grid
+    from jaxlora.bench.projection import adapters_for, best_configs, config_grid
     from pallas_kernels.lora_matmul import MatmulConfig
 
     variants = {"rows": {"epilogue": "rows"}, "n16k256": {"block_n": 16, "epilogue_block_k": 256}}
@@ -661,6 +661,10 @@ def test_projection_bench_config_names_and_variants():
     )
     assert out.returncode != 0 and "unknown MatmulConfig field 'epilog'" in out.stderr
     assert "Traceback" not in out.stderr
+    out = _run_script("bench_projection.py", "--lora_workloads=identical,skewed")
+    assert out.returncode != 0 and "unknown workload 'skewed'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert [adapters_for(w, 128) for w in ("identical", "uniform", "distinct")] == [1, 11, 128]
     rows = [
         {"group": "o", "tokens": 8, "us": {"xla": 1.0, "default": 3.0, "rows": 2.0}},
         {"group": "o", "tokens": 32, "us": {"xla": 1.0, "default": 2.0, "rows": 4.0}},

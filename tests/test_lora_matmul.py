@@ -16,12 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gpu_lowering import lower_for_gpu, triton_kernels
+from jax.experimental import pallas as pl
 from test_sgmv import INTERPRET, TOL, _rel_err, make_problem
 
 from jaxlora.errors import ConfigError
 from pallas_kernels.lora_matmul import (
+    _NO_MORE,
     LoraExpand,
     MatmulConfig,
+    _block_adapters,
     lora_matmul,
     lora_matmul_reference,
     lora_projection,
@@ -39,7 +42,9 @@ ROWS = MatmulConfig(epilogue="rows")
 GROUPS = {"qkv": (40, (32, 16, 16)), "gate_up": (48, (48, 48)), "down": (72, (32,))}
 
 
-def _case(group, num_tokens, dtype, *, num_layers=3):
+def _case(group, num_tokens, dtype, *, num_layers=3, adapters=None):
+    """The problem, its stacked base kernels and LoRA operands; ``adapters``: the slots the
+    tokens with an adapter draw from (default: all of the problem's)."""
     in_width, out_widths = GROUPS[group]
     tag = f"{group}-{num_tokens}-{jnp.dtype(dtype).name}"
     prob = make_problem(
@@ -51,6 +56,10 @@ def _case(group, num_tokens, dtype, *, num_layers=3):
         dtype=dtype,
     )
     rng = np.random.default_rng(zlib.crc32(tag.encode()) + 1)
+    if adapters is not None:
+        drawn = rng.choice(np.asarray(adapters, np.int32), num_tokens)
+        token_slot = np.where(prob.token_slot >= 0, drawn, -1).astype(np.int32)
+        prob = dataclasses.replace(prob, token_slot=token_slot)
     w = jnp.asarray(
         rng.standard_normal((num_layers, in_width, sum(out_widths))) / np.sqrt(in_width), dtype
     )
@@ -188,6 +197,78 @@ def test_split_k_partials_sum_to_the_reference(group, dtype_name, epilogue, spli
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    ("group", "dtype_name", "epilogue", "split_k", "adapters"),
+    [
+        ("qkv", "bfloat16", "dot", None, (0,)),
+        ("gate_up", "float32", "rows", None, (0, 5)),
+        ("down", "float32", "dot", 4, (5, 2, 0)),
+        ("qkv", "float32", "rows", 2, (1, 2, 3, 4, 5)),
+        ("gate_up", "bfloat16", "dot", None, (3, 4, 1, 2)),
+    ],
+)
+def test_blocks_with_few_adapters(group, dtype_name, epilogue, split_k, adapters, interpret):
+    """Blocks whose tokens use at most 3 adapters (epilogue_adapters=3) add each adapter's delta
+    as whole-block dots of 8 rank rows (two chunks for ranks up to 12, the second skipped below
+    rank 9); blocks with more keep the dot or rows epilogue. One adapter, two, three (shared out
+    among 4 K parts), five (blocks of 16 with more than 3, the last block of 8 maybe not) and
+    four. Same result as the reference and as the general epilogue alone."""
+    dtype = jnp.dtype(dtype_name)
+    prob, w, lora = _case(group, 40, dtype, adapters=adapters)
+    config = dataclasses.replace(
+        SMALL,
+        split_k=split_k,
+        epilogue=epilogue,
+        epilogue_rank_rows=8,
+        epilogue_block_k=32,
+        epilogue_prepared_rank_rows=8,
+        epilogue_adapters=3,
+    )
+    y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
+    assert y.shape == (40, w.shape[2]) and y.dtype == dtype
+    assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL[dtype_name]
+    general = dataclasses.replace(config, epilogue_adapters=0)
+    y_general = lora_matmul(prob.x, w, prob.layer, lora=lora, config=general, interpret=interpret)
+    assert _rel_err(y, y_general) < TOL[dtype_name]
+
+
+@pytest.mark.parametrize(
+    ("slots", "count", "expected", "every"),
+    [
+        ([3, -1, 3, 3], 2, [3, _NO_MORE], True),
+        ([5, 1, -1, 5, 1, 9], 3, [1, 5, 9], True),
+        ([5, 1, -1, 5, 1, 9, 0], 3, [0, 1, 5], False),
+        ([-1, -1, -1], 2, [_NO_MORE, _NO_MORE], True),
+        ([7, 2, 7, 2, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 2, 7], 1, [2], False),
+    ],
+)
+def test_block_adapters_lists_a_blocks_slots_in_order(slots, count, expected, every):
+    """The few-adapters test of a block (its first ``count`` slots ascending, ``_NO_MORE`` past
+    the last, and whether that was all of them), in a kernel of one block of 32 token slots;
+    the rows past the slots' end are masked (their loads give -1)."""
+    num_tokens = len(slots)
+
+    def kernel(slot_ref, out_ref, every_ref):
+        rows = jnp.arange(32, dtype=jnp.int32)
+        row_ok = rows < num_tokens
+        rows_i = jnp.where(row_ok, rows, num_tokens)
+        _, _, found, all_found = _block_adapters(slot_ref, rows_i, row_ok, count)
+        out_ref[...] = jnp.stack(found)
+        every_ref[...] = jnp.full((1,), all_found, jnp.int32)
+
+    found, all_found = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((count,), jnp.int32),
+            jax.ShapeDtypeStruct((1,), jnp.int32),
+        ),
+        interpret=True,
+    )(jnp.asarray(slots, jnp.int32))
+    assert found.tolist() == expected
+    assert bool(all_found[0]) is every
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
 def test_every_layer_and_base_only_tokens(interpret):
     """The layer is read in place from the stacked kernels (and the pools) at a traced index;
     tokens without an adapter get exactly the base output. Every dot-epilogue step computes its
@@ -251,13 +332,18 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         split = f"_sk{512 // bk}"
         blocks = f"bm{bm}_bn{bn}_bk{bk}_w4_s4"
         # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), rows above; each
-        # forced the other way; base only.
+        # forced the other way; both beside the few-adapters epilogue (a4) and without it;
+        # base only.
         dot = num_tokens <= 32
         cases = [
-            (None, "lora_matmul_expand_r16k256p64" if dot else "lora_matmul_expand"),
+            (None, "lora_matmul_expand_r16k256p64_a4" if dot else "lora_matmul_expand_a4"),
             (
                 ROWS if dot else dataclasses.replace(ROWS, epilogue="dot"),
-                "lora_matmul_expand" if dot else "lora_matmul_expand_r16k256p64",
+                "lora_matmul_expand_a4" if dot else "lora_matmul_expand_r16k256p64_a4",
+            ),
+            (
+                MatmulConfig(epilogue_adapters=0),
+                "lora_matmul_expand_r16k256p64" if dot else "lora_matmul_expand",
             ),
         ]
         for config, name in cases:
@@ -272,11 +358,14 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
     # T=128 as 8 sub-blocks of 16 tokens, each with the dot epilogue; the software-pipelined
     # rows epilogue; explicit splits.
     for config, name in (
-        (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_d16_sk8_"),
-        (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_sk8_"),
-        (MatmulConfig(split_k=2), "lora_matmul_expand_sk2_"),
-        (MatmulConfig(split_k=2, epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_sk2_"),
-        (MatmulConfig(split_k=2, epilogue="dot"), "lora_matmul_expand_r16k256p64_sk2_"),
+        (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_a4_d16_sk8_"),
+        (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_a4_sk8_"),
+        (MatmulConfig(split_k=2), "lora_matmul_expand_a4_sk2_"),
+        (
+            MatmulConfig(split_k=2, epilogue="rows_prefetch", epilogue_adapters=2),
+            "lora_matmul_expand_prefetch_a2_sk2_",
+        ),
+        (MatmulConfig(split_k=2, epilogue="dot"), "lora_matmul_expand_r16k256p64_a4_sk2_"),
     ):
         text = lower(config)
         assert triton_kernels(text) == 1 and f"{name}{blocks}" in text

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 
 import jax
@@ -254,7 +255,7 @@ def run_rows(
                 lora = None
                 adapter_bytes = 0
                 if workload != "no_lora":
-                    num_adapters = 1 if workload == "identical" else num_tokens
+                    num_adapters = adapters_for(workload, num_tokens)
                     lora = lora_case(
                         jax.random.PRNGKey(num_tokens),
                         layers=layers,
@@ -310,6 +311,21 @@ def format_row(row) -> str:
     if row["errors"]:
         parts.append(f"[{len(row['errors'])} failed: {', '.join(sorted(row['errors']))}]")
     return "  ".join(parts)
+
+
+def adapters_for(workload: str, num_tokens: int) -> int:
+    """Distinct adapters of a LoRA workload's ``num_tokens`` tokens (each token i uses adapter
+    i % count): identical 1, uniform round(sqrt(T)) as the engine benchmark's
+    (jaxlora/bench/workloads.py), distinct T."""
+    if workload == "identical":
+        return 1
+    if workload == "uniform":
+        return max(1, round(math.sqrt(num_tokens)))
+    if workload == "distinct":
+        return num_tokens
+    raise ConfigError(
+        f"--lora_workloads: unknown workload {workload!r}; expected identical, uniform or distinct"
+    )
 
 
 def config_grid(spec: str, variants: dict[str, dict] | None = None) -> dict[str, MatmulConfig]:
