@@ -152,7 +152,10 @@ class MatmulConfig(KernelConfig):
     # token, which with one adapter re-reads the same rows 32 or 128 times (+26 us a gate|up
     # launch at T = 128, fifteenth-session profile). 0: off.
     epilogue_adapters: int = 4
-    adapter_rank_rows: int = 16  # power of two >= 16
+    # Rank rows of each of those dots (a power of two >= 16; at most the pool's rank rounded
+    # up): rows beyond an adapter's rank are masked, never loaded, so wide chunks cost little,
+    # and each chunk is a branch of its own in the kernel's code.
+    adapter_rank_rows: int = 64
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
     # bm / dot_block_m dots per K step on one weight tile, and its epilogue per such

@@ -42,9 +42,9 @@ ROWS = MatmulConfig(epilogue="rows")
 GROUPS = {"qkv": (40, (32, 16, 16)), "gate_up": (48, (48, 48)), "down": (72, (32,))}
 
 
-def _case(group, num_tokens, dtype, *, num_layers=3, adapters=None):
+def _case(group, num_tokens, dtype, *, num_layers=3, adapters=None, rows_per_page=4):
     """The problem, its stacked base kernels and LoRA operands; ``adapters``: the slots the
-    tokens with an adapter draw from (default: all of the problem's)."""
+    tokens with an adapter draw from (default: all of the problem's); ranks up to 3 pages."""
     in_width, out_widths = GROUPS[group]
     tag = f"{group}-{num_tokens}-{jnp.dtype(dtype).name}"
     prob = make_problem(
@@ -54,6 +54,7 @@ def _case(group, num_tokens, dtype, *, num_layers=3, adapters=None):
         out_widths=out_widths,
         num_layers=num_layers,
         dtype=dtype,
+        rows_per_page=rows_per_page,
     )
     rng = np.random.default_rng(zlib.crc32(tag.encode()) + 1)
     if adapters is not None:
@@ -209,12 +210,12 @@ def test_split_k_partials_sum_to_the_reference(group, dtype_name, epilogue, spli
 )
 def test_blocks_with_few_adapters(group, dtype_name, epilogue, split_k, adapters, interpret):
     """Blocks whose tokens use at most 3 adapters (epilogue_adapters=3) add each adapter's delta
-    as whole-block dots of 8 rank rows (two chunks for ranks up to 12, the second skipped below
-    rank 9); blocks with more keep the dot or rows epilogue. One adapter, two, three (shared out
-    among 4 K parts), five (blocks of 16 with more than 3, the last block of 8 maybe not) and
-    four. Same result as the reference and as the general epilogue alone."""
+    as whole-block dots of 16 rank rows (two chunks for ranks up to 24, the second skipped up to
+    rank 16); blocks with more keep the dot or rows epilogue. One adapter, two, three (shared
+    out among 4 K parts), five (blocks of 16 with more than 3, the last block of 8 maybe not)
+    and four. Same result as the reference and as the general epilogue alone."""
     dtype = jnp.dtype(dtype_name)
-    prob, w, lora = _case(group, 40, dtype, adapters=adapters)
+    prob, w, lora = _case(group, 40, dtype, adapters=adapters, rows_per_page=8)
     config = dataclasses.replace(
         SMALL,
         split_k=split_k,
@@ -223,6 +224,7 @@ def test_blocks_with_few_adapters(group, dtype_name, epilogue, split_k, adapters
         epilogue_block_k=32,
         epilogue_prepared_rank_rows=8,
         epilogue_adapters=3,
+        adapter_rank_rows=16,
     )
     y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
     assert y.shape == (40, w.shape[2]) and y.dtype == dtype
