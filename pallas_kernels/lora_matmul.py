@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -367,6 +368,15 @@ class _Epilogue:
 _NO_MORE = 2**30
 
 
+class _BlockAdapters(NamedTuple):
+    """A (sub-)block's tokens by adapter, from ``_block_adapters`` (traced values)."""
+
+    slot: jax.Array  # (bm,) int32 each token's slot, -1 without an adapter
+    has_adapter: jax.Array  # (bm,) bool
+    adapters: tuple  # its first distinct slots, ascending, _NO_MORE past the last (scalars)
+    every: jax.Array  # () bool: those are all of its adapters
+
+
 def lora_matmul_reference(
     # inputs
     x: jax.Array,  # (T, K) activations
@@ -532,7 +542,7 @@ def _matmul_kernel(
             )
 
         if few is not None:
-            acc = jax.lax.cond(few[3], by_adapter, general, acc)
+            acc = jax.lax.cond(few.every, by_adapter, general, acc)
         elif expand is not None:
             acc = general(acc)
         out_idx = (rows_i[:, None], cols[None, :])
@@ -654,7 +664,7 @@ def _block_adapters(slot_ref, rows_i, row_ok, count):
         below = jnp.min(jnp.where(has_adapter & (slot > below), slot, _NO_MORE))
         adapters.append(below)
     every = jnp.max(jnp.where(has_adapter, slot, -1)) <= below
-    return slot, has_adapter, tuple(adapters), every
+    return _BlockAdapters(slot, has_adapter, tuple(adapters), every)
 
 
 def _adapters_epilogue(
@@ -666,7 +676,7 @@ def _adapters_epilogue(
     by its B rows, ``(chunk, bn)``, read once. Chunks beyond the adapter's rank are skipped and
     rows beyond it masked (never loaded). With ``share`` = (part, split), the adapters part,
     part + split, ... only."""
-    slot, has_adapter, adapters, _ = found
+    slot, has_adapter, adapters = found.slot, found.has_adapter, found.adapters
     weights, rank_cols = ep.weights, ep.rank_cols
     pages_per_pool, rows_per_page, max_pages = ep.pages_per_pool, ep.rows_per_page, ep.max_pages
     g_count = len(weights)

@@ -254,9 +254,9 @@ def test_block_adapters_lists_a_blocks_slots_in_order(slots, count, expected, ev
         rows = jnp.arange(32, dtype=jnp.int32)
         row_ok = rows < num_tokens
         rows_i = jnp.where(row_ok, rows, num_tokens)
-        _, _, found, all_found = _block_adapters(slot_ref, rows_i, row_ok, count)
-        out_ref[...] = jnp.stack(found)
-        every_ref[...] = jnp.full((1,), all_found, jnp.int32)
+        found = _block_adapters(slot_ref, rows_i, row_ok, count)
+        out_ref[...] = jnp.stack(found.adapters)
+        every_ref[...] = jnp.full((1,), found.every, jnp.int32)
 
     found, all_found = pl.pallas_call(
         kernel,
