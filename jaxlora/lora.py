@@ -95,6 +95,9 @@ class LoraInputs:
     # Extra int32 arrays the Pallas kernels derive from token_slot on the host
     # (pallas_kernels.sgmv.build_sgmv_metadata); None on the reference path.
     kernel_meta: dict[str, jax.Array] | None = None
+    # (2, J) int32 (pallas_kernels.lora_matmul.build_shrink_rows): a step with few adapters
+    # runs the shrink of these rank rows inside lora_matmul (None: the SGMV shrink).
+    shrink_rows: jax.Array | None = None
     # "reference": gather + einsum in jnp; "pallas": the SGMV kernels; "pallas_interpret": the
     # kernels in interpret mode (CPU tests).
     impl: str = flax.struct.field(pytree_node=False, default="reference")

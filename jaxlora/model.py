@@ -365,6 +365,7 @@ def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *
             sgmv_config=lora.sgmv_config,
             config=kernels.config,
             interpret=interpret,
+            shrink_rows=lora.shrink_rows,
         )
     if not split:
         return y.reshape(b, s, -1)

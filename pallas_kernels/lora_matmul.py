@@ -81,6 +81,7 @@ from pallas_kernels.sgmv import (
     SgmvConfig,
     _check_b_pools,
     _check_expand_tables,
+    _check_pool,
     _dot_precision,
     _group_of_block,
     _idx,
@@ -89,6 +90,7 @@ from pallas_kernels.sgmv import (
     _pool_rows,
     sgmv_expand_reference,
     sgmv_shrink,
+    sgmv_shrink_reference,
 )
 
 _WHERE = "pallas_kernels/lora_matmul.py"
@@ -166,6 +168,14 @@ class MatmulConfig(KernelConfig):
     # up): rows beyond an adapter's rank are masked, never loaded, so wide chunks cost little,
     # and each chunk is a branch of its own in the kernel's code.
     adapter_rank_rows: int = 64
+    # A step (T <= max_tokens) whose adapters' rank rows (each adapter's largest rank) add up
+    # to at most this runs its shrink inside lora_matmul's K loop (``LoraShrink``; the engine
+    # lists the rows per step, ``build_shrink_rows``): one more dot a K step by those A rows,
+    # redundant in each column block but read from L2, and one epilogue dot by their B rows,
+    # instead of a shrink launch per group, which with one adapter costs ~4 us a launch for
+    # ~0.1 us of bytes (fifteenth-session profile). A power of two >= 16 (the dots' N and K);
+    # 0: off, every step runs the SGMV shrink.
+    shrink_rows: int = 32
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
     # bm / dot_block_m dots per K step on one weight tile, and its epilogue per such
@@ -202,6 +212,14 @@ class MatmulConfig(KernelConfig):
                     f"{' or None' if optional else ''}, "
                     f"got {value!r}"
                 )
+        shrink_rows = self.shrink_rows
+        if shrink_rows != 0 and (
+            not isinstance(shrink_rows, int) or shrink_rows < 16 or shrink_rows & (shrink_rows - 1)
+        ):
+            raise ConfigError(
+                f"MatmulConfig field 'shrink_rows': expected 0 (off) or a power of two >= 16 (a "
+                f"tensor-core dot dimension), got {shrink_rows!r}"
+            )
         if self.epilogue not in (None, "dot", "rows", "rows_prefetch"):
             raise ConfigError(
                 f"MatmulConfig field 'epilogue': expected 'dot', 'rows', 'rows_prefetch' or None, "
@@ -324,21 +342,37 @@ class MatmulConfig(KernelConfig):
 
 
 @functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["a_pool", "a_pages", "rows"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True)
+class LoraShrink:
+    """The shrink's operands when ``lora_matmul`` runs it in its own K loop (``LoraExpand.shrink``,
+    for a step with few adapters): ``rows`` lists the rank rows to compute, each a slot and a rank
+    row of it (``build_shrink_rows``); a token gets the delta of its slot's listed rows only."""
+
+    a_pool: jax.Array  # (L, P, R, K) A rank-rows
+    a_pages: jax.Array  # (S, 7, MP) int32
+    rows: jax.Array  # (2, J) int32: slot (-1: unused row) and rank row of each shrink row
+
+
+@functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["v", "b_pools", "b_pages", "ranks", "scales", "token_slot"],
+    data_fields=["v", "b_pools", "b_pages", "ranks", "scales", "token_slot", "shrink"],
     meta_fields=["weights"],
 )
 @dataclasses.dataclass(frozen=True)
 class LoraExpand:
-    """The LoRA operands of ``lora_matmul`` (one module group); a pytree, weights static."""
+    """The LoRA operands of ``lora_matmul`` (one module group); a pytree, weights static.
+    ``v`` is the shrink's output, or None with ``shrink``: then the kernel computes v itself."""
 
-    v: jax.Array  # (T, G, MP*R) float32, the shrink output
+    v: jax.Array | None  # (T, G, MP*R) float32, the shrink output
     b_pools: tuple[jax.Array, ...]  # G pools (L, P, R, out_g)
     b_pages: jax.Array  # (S, 7, MP) int32
     ranks: jax.Array  # (S, 7) int32
     scales: jax.Array  # (S, 7) float32
     token_slot: jax.Array  # (T,) int32, NO_ADAPTER = -1
     weights: tuple[int, ...]  # weight indices of the group, e.g. (0, 1, 2) for q|k|v
+    shrink: LoraShrink | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +396,9 @@ class _Epilogue:
     # rank rows of each of its dots.
     adapters: int = 0
     adapter_rank_rows: int = 0
+    # The shrink in the K loop (0: v is an input): its rank rows J and the A pool's pages.
+    shrink_rows: int = 0
+    a_pages_per_pool: int = 0
 
 
 # Past a block's last adapter slot in ``_block_adapters`` (above any slot index).
@@ -394,9 +431,10 @@ def lora_matmul_reference(
         precision=jax.lax.Precision.HIGHEST,
     )
     if lora is not None:
+        v = lora.v if lora.shrink is None else _listed_shrink_reference(x, lora, layer)
         y = sgmv_expand_reference(
             y,
-            lora.v,
+            v,
             lora.b_pools,
             lora.b_pages,
             lora.ranks,
@@ -408,13 +446,134 @@ def lora_matmul_reference(
     return y.astype(out_dtype)
 
 
+def _listed_shrink_reference(x, lora: LoraExpand, layer):
+    """v of ``lora.shrink``'s listed rank rows: each token's shrink output with the columns of
+    rows not listed for its slot zeroed."""
+    shrink = lora.shrink
+    v = sgmv_shrink_reference(
+        x, shrink.a_pool, shrink.a_pages, lora.ranks, lora.token_slot, layer, weights=lora.weights
+    )
+    num_slots, rank_cols = lora.ranks.shape[0], v.shape[2]
+    slot, row = shrink.rows[0], shrink.rows[1]
+    ok = (slot >= 0) & (slot < num_slots) & (row >= 0) & (row < rank_cols)
+    listed = (
+        jnp.zeros((num_slots, rank_cols), bool)
+        .at[jnp.where(ok, slot, num_slots), jnp.where(ok, row, 0)]
+        .set(True, mode="drop")
+    )
+    token_slot = lora.token_slot
+    keep = (token_slot >= 0)[:, None] & listed[jnp.clip(token_slot, 0, num_slots - 1)]
+    return jnp.where(keep[:, None, :], v, 0.0)
+
+
+def build_shrink_rows(ranks, slots, num_rows: int) -> np.ndarray | None:
+    """``LoraShrink.rows`` (2, num_rows) int32 on the host: every rank row of each slot in
+    ``slots`` (as many as its largest rank over the 7 weights), in order, then unused rows (slot
+    -1); None when they need more than ``num_rows`` rows."""
+    ranks = np.asarray(ranks)
+    rows = np.zeros((2, num_rows), np.int32)
+    rows[0] = -1
+    used = 0
+    for slot in slots:
+        rank = int(ranks[slot].max(initial=0))
+        if used + rank > num_rows:
+            return None
+        rows[0, used : used + rank] = slot
+        rows[1, used : used + rank] = np.arange(rank)
+        used += rank
+    return rows
+
+
+class _ShrinkRows(NamedTuple):
+    """The program's shrink rows (``_shrink_rows``; traced, (J,) each)."""
+
+    slot: jax.Array  # the row's slot, clamped to >= 0
+    rank_row: jax.Array
+    live: jax.Array  # a listed row below its slot's rank for the program's weight
+    a_rows: jax.Array  # its row in the A pool view, (J,) index of the loads
+
+
+def _shrink_rows(shrink_refs, ranks_ref, layer_ref, w, ep: _Epilogue, *, interpret):
+    """Where the program's shrink rows live in the A pool, computed once before the K loop."""
+    a_ref, a_pages_ref, rows_ref = shrink_refs
+    rows = jnp.arange(ep.shrink_rows, dtype=jnp.int32)
+    slot = rows_ref[0, rows]
+    rank_row = rows_ref[1, rows]
+    listed = slot >= 0
+    slot = jnp.maximum(slot, 0)
+    live = listed & (rank_row >= 0) & (rank_row < jnp.where(listed, ranks_ref[slot, w], 0))
+    rank_row = jnp.maximum(rank_row, 0)
+    layer = _layer(layer_ref, a_ref, ep.a_pages_per_pool, ep.rows_per_page)
+    a_row = _pool_rows(
+        a_pages_ref,
+        slot,
+        w,
+        rank_row,
+        layer,
+        pages_per_pool=ep.a_pages_per_pool,
+        rows_per_page=ep.rows_per_page,
+        max_pages=ep.max_pages,
+    )
+    return _ShrinkRows(slot, rank_row, live, _idx(a_row, live, a_ref.shape[0], interpret))
+
+
+def _shrink_epilogue(
+    acc,
+    v,
+    refs,
+    layer_ref,
+    block,
+    rows_i,
+    row_ok,
+    found: _ShrinkRows,
+    ep: _Epilogue,
+    *,
+    dtype,
+    interpret,
+):
+    """acc (bm, bn) + each token's scaled ``v @ B`` from the K loop's own shrink ``v`` (bm, J):
+    one tensor-core dot of v, each token's row kept only in its own slot's columns and scaled,
+    by the J rows' B rows (J, bn), each read once."""
+    g_count = len(ep.weights)
+    pool_refs = refs[:g_count]
+    pages_ref, _, scales_ref, slot_ref = refs[g_count:]
+    bn = acc.shape[1]
+    group, col_block, w, pages = _program_weight(block, ep)
+    slot = pltriton.load(slot_ref.at[rows_i], mask=row_ok, other=-1)
+    scale = jnp.where(slot >= 0, scales_ref[jnp.maximum(slot, 0), w], 0.0)
+    mine = (slot[:, None] == found.slot[None, :]) & found.live[None, :]
+    vt = jnp.where(mine, v * scale[:, None], 0.0).astype(dtype)
+    layer = _layer(layer_ref, pool_refs[0], ep.pages_per_pool[0], ep.rows_per_page)
+    b_row = _pool_rows(
+        pages_ref,
+        found.slot,
+        w,
+        found.rank_row,
+        layer,
+        pages_per_pool=pages,
+        rows_per_page=ep.rows_per_page,
+        max_pages=ep.max_pages,
+    )
+
+    def run_group(acc, g):
+        pool_ref = pool_refs[g]
+        cols = pl.multiple_of(col_block * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+        cols_i = _idx(cols, cols >= 0, pool_ref.shape[1], interpret)[None, :]
+        b_i = _idx(b_row, found.live, pool_ref.shape[0], interpret)[:, None]
+        return _epilogue_dot(acc, pool_ref.at[b_i, cols_i], found.live, vt, dtype=dtype)
+
+    return _in_program_group(acc, group, g_count, run_group)
+
+
 def _matmul_kernel(
     # inputs
     x_ref,  # (T, K) activations
     w_ref,  # (L, K, N) base kernels of every layer
     layer_ref,  # (1,) int32
-    # with LoRA, then: v (T, G*MP*R) float32; G B pools (L*P_g*R, out_g) each;
-    # pages (S, 7, MP) int32; ranks (S, 7) int32; scales (S, 7) float32; token slots (T,) int32
+    # with LoRA, then: v (T, G*MP*R) float32, or with the shrink in the K loop the A pool
+    # (L*P*R, K), its pages (S, 7, MP) int32 and the shrink rows (2, J) int32; G B pools
+    # (L*P_g*R, out_g) each; pages (S, 7, MP) int32; ranks (S, 7) int32; scales (S, 7) float32;
+    # token slots (T,) int32
     *refs,
     # outputs: refs[-1] = y_ref (T, N), or (split, T, N) float32 partials when split > 1
     bm,
@@ -431,8 +590,13 @@ def _matmul_kernel(
     tokens: each K step loads the weight tile once and runs one tensor-core dot per sub-block,
     and the epilogue runs per sub-block (its dot epilogue's v tile is ``(sub, K)``). With
     ``split`` > 1 it walks ``k_steps`` K steps from ``part * k_steps`` (part = program id 2) and
-    writes its float32 partial; its epilogue adds the LoRA terms of its share."""
+    writes its float32 partial; its epilogue adds the LoRA terms of its share. With
+    ``expand.shrink_rows`` it also computes its tokens' v over its K steps (one more dot a step,
+    by the listed A rank rows) and adds ``v @ B`` from that (a K part adds its partial v's)."""
     y_ref = refs[-1]
+    shrink_refs = None
+    if expand is not None and expand.shrink_rows:
+        shrink_refs, refs = refs[:3], refs[3:]
     num_tokens, width = x_ref.shape
     num_layers = w_ref.shape[0]
     part = pl.program_id(2) if split > 1 else None
@@ -453,8 +617,15 @@ def _matmul_kernel(
     # Triton sees the same contiguity from an aligned start plus a range.
     cols = pl.multiple_of(j * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
+    shrink = None
+    if shrink_refs is not None:
+        w_index = _program_weight(j, expand)[2]
+        shrink = _shrink_rows(
+            shrink_refs, refs[-4], layer_ref, w_index, expand, interpret=interpret
+        )
 
-    def body(kb, accs):
+    def body(kb, carry):
+        accs, v_accs = carry
         if part is not None:
             kb = kb + part * k_steps
         k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
@@ -468,17 +639,25 @@ def _matmul_kernel(
         else:
             k_i, x_masks = k, [row_ok[:, None] for _, row_ok, _ in subs]
             wk = w_ref[layer, k[:, None], cols[None, :]]
-        out = []
-        for (_, _, rows_i), x_mask, acc in zip(subs, x_masks, accs, strict=True):
+        if shrink is not None:
+            a_mask = shrink.live[:, None] & k_ok[None, :] if mask_k else shrink.live[:, None]
+            ak = pltriton.load(
+                shrink_refs[0].at[shrink.a_rows[:, None], k_i[None, :]], mask=a_mask, other=0
+            ).astype(dtype)
+        out, v_out = [], []
+        v_accs = v_accs or (None,) * len(subs)
+        for (_, _, rows_i), x_mask, acc, v_acc in zip(subs, x_masks, accs, v_accs, strict=True):
             xk = pltriton.load(x_ref.at[rows_i[:, None], k_i[None, :]], mask=x_mask, other=0)
-            out.append(
-                acc
-                + pltriton.dot(xk.astype(dtype), wk.astype(dtype), precision=_dot_precision(dtype))
-            )
-        return tuple(out)
+            xk = xk.astype(dtype)
+            out.append(acc + pltriton.dot(xk, wk.astype(dtype), precision=_dot_precision(dtype)))
+            if shrink is not None:
+                v_out.append(
+                    v_acc + pltriton.dot(xk, ak, trans_b=True, precision=_dot_precision(dtype))
+                )
+        return tuple(out), tuple(v_out)
 
     prepared = [None] * len(subs)
-    if expand is not None and expand.epilogue_k:
+    if shrink is None and expand is not None and expand.epilogue_k:
         # The epilogue's page-table gathers go out before the K loop: their latency hides
         # behind the weight stream, and after it only the B and v loads remain.
         prepared = [
@@ -488,19 +667,27 @@ def _matmul_kernel(
             for start, row_ok, _ in subs
         ]
     found = [None] * len(subs)
-    if expand is not None and expand.adapters:
+    if shrink is None and expand is not None and expand.adapters:
         # Which adapters each sub-block's tokens use, from its slots (loaded before the K loop).
         found = [
             _block_adapters(refs[-2], rows_i, row_ok, expand.adapters) for _, row_ok, rows_i in subs
         ]
-    accs = jax.lax.fori_loop(
+    j_rows = shrink_refs[2].shape[1] if shrink is not None else 0
+    accs, v_accs = jax.lax.fori_loop(
         0,
         k_steps,
         body,
-        tuple(jnp.zeros((sub, bn), jnp.float32) for _ in subs),
+        (
+            tuple(jnp.zeros((sub, bn), jnp.float32) for _ in subs),
+            tuple(jnp.zeros((sub, j_rows), jnp.float32) for _ in subs if shrink is not None),
+        ),
     )
+    if shrink is None:
+        v_accs = (None,) * len(subs)
     share = None if part is None else (part, split)
-    for (_, row_ok, rows_i), ready, few, acc in zip(subs, prepared, found, accs, strict=True):
+    for (_, row_ok, rows_i), ready, few, acc, v_acc in zip(
+        subs, prepared, found, accs, v_accs, strict=True
+    ):
 
         def general(acc, row_ok=row_ok, rows_i=rows_i, ready=ready):
             if ready is not None:
@@ -541,7 +728,21 @@ def _matmul_kernel(
                 interpret=interpret,
             )
 
-        if few is not None:
+        if shrink is not None:
+            acc = _shrink_epilogue(
+                acc,
+                v_acc,
+                refs[:-1],
+                layer_ref,
+                j,
+                rows_i,
+                row_ok,
+                shrink,
+                expand,
+                dtype=dtype,
+                interpret=interpret,
+            )
+        elif few is not None:
             acc = jax.lax.cond(few.every, by_adapter, general, acc)
         elif expand is not None:
             acc = general(acc)
@@ -745,9 +946,14 @@ def _add_epilogue_dot(acc, b_at, live, v_at, v_mask, scale, *, dtype):
     """``acc + (scale * v) @ B``, one tensor-core dot of an epilogue: ``b_at`` the B rows
     (K, bn) in their pool, masked off (never loaded) where not ``live``; ``v_at`` the v tile
     (bm, K) under ``v_mask``; ``scale`` per token (bm,)."""
-    b = pltriton.load(b_at, mask=live[:, None], other=0)
     vt = pltriton.load(v_at, mask=v_mask, other=0.0)
-    vt = (vt * scale[:, None]).astype(dtype)
+    return _epilogue_dot(acc, b_at, live, (vt * scale[:, None]).astype(dtype), dtype=dtype)
+
+
+def _epilogue_dot(acc, b_at, live, vt, *, dtype):
+    """``acc + vt @ B`` for the scaled v tile ``vt`` (bm, K) in ``dtype`` and the B rows at
+    ``b_at`` (K, bn), masked off (never loaded) where not ``live``."""
+    b = pltriton.load(b_at, mask=live[:, None], other=0)
     return acc + pltriton.dot(vt, b.astype(dtype), precision=_dot_precision(dtype))
 
 
@@ -913,7 +1119,7 @@ def lora_matmul(
     args = [x, w, jnp.asarray(layer, jnp.int32).reshape(1)]
     expand = None
     if lora is not None:
-        widths, expand, lora_args = _expand_operands(fn, lora, num_tokens, n_cols)
+        widths, expand, lora_args = _expand_operands(fn, lora, num_tokens, n_cols, width)
         args += lora_args
     bn = config.block_n_for(widths)
     if not bn:
@@ -929,7 +1135,9 @@ def lora_matmul(
     bk = max(16, min(config.block_k_for(num_tokens, bn), _next_pow2(width)))
     dtype = x.dtype if x.dtype == w.dtype and x.dtype.itemsize == 2 else jnp.dtype(jnp.float32)
     tag = ""
-    if expand is not None:
+    if expand is not None and expand.shrink_rows:
+        tag = f"_shrink{expand.shrink_rows}"
+    elif expand is not None:
         tag = "_expand"
         if config.epilogue_for(sub) == "dot":
             rank_rows, epilogue_k, prepared = config.epilogue_blocks(sub, expand.rank_cols)
@@ -940,7 +1148,7 @@ def lora_matmul(
         elif config.epilogue_for(sub) == "rows_prefetch":
             expand = dataclasses.replace(expand, prefetch_rows=True)
             tag = "_expand_prefetch"
-    if expand is not None and config.epilogue_adapters:
+    if expand is not None and not expand.shrink_rows and config.epilogue_adapters:
         adapter_rank_rows = max(16, min(config.adapter_rank_rows, _next_pow2(expand.rank_cols)))
         expand = dataclasses.replace(
             expand, adapters=config.epilogue_adapters, adapter_rank_rows=adapter_rank_rows
@@ -950,7 +1158,7 @@ def lora_matmul(
         tag += f"_d{sub}"
     grid = (pl.cdiv(num_tokens, bm), n_cols // bn)
     k_blocks = pl.cdiv(width, bk)
-    rows_epilogue = expand is not None and not expand.epilogue_k
+    rows_epilogue = expand is not None and not expand.epilogue_k and not expand.shrink_rows
     split = config.split_k_for(
         grid[0] * grid[1],
         k_blocks,
@@ -1007,10 +1215,24 @@ def lora_projection(
     sgmv_config: SgmvConfig | None = None,
     config: MatmulConfig | None = None,
     interpret: bool = False,
+    shrink_rows: jax.Array | None = None,  # (2, J) int32 (build_shrink_rows)
 ) -> jax.Array:  # (T, N) x's dtype
     """A projection group with LoRA in two launches (the model's entry point, as ``sgmv_delta``
     is for XLA's GEMMs): ``sgmv_shrink`` (with ``kernel_meta`` / ``sgmv_config``), then
-    ``lora_matmul`` with the expand in its epilogue."""
+    ``lora_matmul`` with the expand in its epilogue. With ``shrink_rows`` (a step with few
+    adapters) one launch: ``lora_matmul`` runs the shrink of those rank rows in its K loop."""
+    if shrink_rows is not None:
+        expand = LoraExpand(
+            v=None,
+            b_pools=tuple(b_pools),
+            b_pages=b_pages,
+            ranks=ranks,
+            scales=scales,
+            token_slot=token_slot,
+            weights=weights,
+            shrink=LoraShrink(a_pool=a_pool, a_pages=a_pages, rows=shrink_rows),
+        )
+        return lora_matmul(x, w, layer, lora=expand, config=config, interpret=interpret)
     v = sgmv_shrink(
         x,
         a_pool,
@@ -1035,13 +1257,20 @@ def lora_projection(
     return lora_matmul(x, w, layer, lora=expand, config=config, interpret=interpret)
 
 
-def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int):
+def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int, width: int):
     """(the group's widths, the epilogue's statics, its operands) after checking them."""
     b_pools, widths = _check_b_pools(fn, lora.weights, lora.b_pools, prefix="lora.", where=_WHERE)
     if sum(widths) != n_cols:
         raise ConfigError(
             f"{_WHERE} {fn}: the group's widths {widths} add up to {sum(widths)}, "
             f"w has N = {n_cols} output columns"
+        )
+    shrink = lora.shrink
+    if (lora.v is None) == (shrink is None):
+        raise ConfigError(
+            f"{_WHERE} {fn}: expected exactly one of lora.v (the shrink's output) and "
+            f"lora.shrink (the shrink in the kernel), got "
+            f"{'both' if shrink is not None else 'neither'}"
         )
     rank_cols = _check_expand_tables(
         fn,
@@ -1066,8 +1295,20 @@ def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int):
         rows_per_page=rows_per_page,
         max_pages=max_pages,
     )
-    operands = [
-        lora.v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols),
+    if shrink is None:
+        operands = [lora.v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)]
+    else:
+        statics = dataclasses.replace(
+            statics,
+            shrink_rows=_check_shrink(fn, shrink, lora.b_pages, b_pools, width),
+            a_pages_per_pool=int(shrink.a_pool.shape[1]),
+        )
+        operands = [
+            shrink.a_pool.reshape(-1, width),
+            shrink.a_pages.astype(jnp.int32),
+            shrink.rows.astype(jnp.int32),
+        ]
+    operands += [
         *(p.reshape(-1, p.shape[3]) for p in b_pools),
         lora.b_pages.astype(jnp.int32),
         lora.ranks.astype(jnp.int32),
@@ -1077,8 +1318,37 @@ def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int):
     return widths, statics, operands
 
 
+def _check_shrink(fn, shrink: LoraShrink, b_pages, b_pools, width: int) -> int:
+    """The shrink rows J after checking ``lora.shrink`` against the B side and x's width."""
+    _check_pool(fn, "lora.shrink.a_pool", shrink.a_pool, where=_WHERE)
+    num_layers, _, rows_per_page, _ = b_pools[0].shape
+    expected = (num_layers, shrink.a_pool.shape[1], rows_per_page, width)
+    if shrink.a_pool.shape != expected:
+        raise ConfigError(
+            f"{_WHERE} {fn}: lora.shrink.a_pool must be (L, P, R, K) = {expected} (the B pools' "
+            f"L and R, x's width), got shape {shrink.a_pool.shape}"
+        )
+    if shrink.a_pages.shape != b_pages.shape:
+        raise ConfigError(
+            f"{_WHERE} {fn}: lora.shrink.a_pages must be (S, 7, MP) = {b_pages.shape} like "
+            f"lora.b_pages, got shape {shrink.a_pages.shape}"
+        )
+    rows = shrink.rows
+    if rows.ndim != 2 or rows.shape[0] != 2 or rows.shape[1] < 16:
+        raise ConfigError(
+            f"{_WHERE} {fn}: lora.shrink.rows must be (2, J) int32 with J >= 16 (a tensor-core "
+            f"dot dimension), got shape {rows.shape}"
+        )
+    for name, arr in (("a_pages", shrink.a_pages), ("rows", rows)):
+        if not jnp.issubdtype(arr.dtype, jnp.integer):
+            raise ConfigError(f"{_WHERE} {fn}: lora.shrink.{name} must be int32, got {arr.dtype}")
+    return int(rows.shape[1])
+
+
 __all__ = [
     "LoraExpand",
+    "LoraShrink",
+    "build_shrink_rows",
     "MatmulConfig",
     "lora_matmul",
     "lora_matmul_reference",

@@ -581,13 +581,14 @@ def _check_b_pools(fn, weights, b_pools, *, prefix="", where=_WHERE):
 def _check_expand_tables(
     fn, v, b_pools, b_pages, ranks, scales, token_slot, num_tokens, *, prefix="", where=_WHERE
 ):
-    """The slot tables and v (T, G, MP*R) of an expand; returns MP*R (v's columns per weight)."""
+    """The slot tables and v (T, G, MP*R) of an expand (None: not given); returns MP*R (v's
+    columns per weight)."""
     _check_slot_tables(
         fn, f"{prefix}b_pages", b_pages, ranks, token_slot, num_tokens, scales, where
     )
     rank_cols = b_pages.shape[2] * b_pools[0].shape[2]
     expected = (num_tokens, len(b_pools), rank_cols)
-    if v.shape != expected:
+    if v is not None and v.shape != expected:
         raise ConfigError(
             f"{where} {fn}: {prefix}v must be (T, G, MP*R) = {expected}, got shape {v.shape}"
         )

@@ -906,15 +906,20 @@ def test_runner_xla_options_reach_the_step_and_bad_ones_fail_at_build(
             xla_options_from_json(text, where="--xla_options")
 
 
-@pytest.mark.parametrize(("use_lora", "split"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    ("use_lora", "split", "shrink"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+)
 def test_decode_projections_through_lora_matmul_give_the_xla_logits(
-    base, lora_adapters, use_lora, split
+    base, lora_adapters, use_lora, split, shrink
 ):
     """RunnerConfig.projection_kernel="pallas": a decode step runs every projection group through
     lora_matmul (one launch per group for the base GEMM and the LoRA expand, the weights read in
     place from the stacked kernels) and gives the logits of XLA's GEMMs + SGMV delta; prefill
     steps keep XLA's GEMMs. ``split``: K steps of 16, so every group splits K over 4 programs
-    (8 for down's K = 128; the default min_programs) whose float32 partials the model sums."""
+    (8 for down's K = 128; the default min_programs) whose float32 partials the model sums.
+    ``shrink``: the decode step's metadata lists its two adapters' rank rows, so lora_matmul
+    runs the shrink too: one launch per group and layer, no SGMV launch."""
     import dataclasses
 
     from jaxlora.engine.runner import empty_batch
@@ -948,7 +953,10 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
             seq_lens=np.ones(8, np.int32),
             token_slot=(np.arange(8) % 3 - 1).astype(np.int32)[:, None],
         )
-        meta = engine._lora_meta([h.slot_info for h in handles], batch.token_slot)
+        meta = engine._lora_meta(
+            [h.slot_info for h in handles], batch.token_slot, mode="decode" if shrink else None
+        )
+        assert ("shrink_rows" in meta) == (shrink and projection == "pallas")
         forward = jax.jit(runner._forward, static_argnames=("mode", "use_lora"))
         with engine._locked_lora_pools() as pools:
             args = (runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta)
@@ -971,7 +979,10 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     # every launch reads the whole layer-stacked kernel (no per-layer slice or copy before it).
     layers = TINY.num_layers if use_lora else 1  # unrolled with LoRA, scan without
     assert len(matmuls) == 4 * layers
-    assert all(("_expand_" in n) == use_lora for n, _ in matmuls)
+    assert all(("_expand_" in n) == (use_lora and not shrink) for n, _ in matmuls)
+    assert all(("_shrink32_" in n) == shrink for n, _ in matmuls)
+    sgmv = [n for n, _ in texts["pallas", "decode"] if n.startswith("sgmv_")]
+    assert len(sgmv) == (4 * layers if use_lora and not shrink else 0)
     assert all(bool(re.search(r"_sk[48]_", n)) == split for n, _ in matmuls)
     assert all(shapes[1][0] == TINY.num_layers and len(shapes[1]) == 3 for _, shapes in matmuls)
     for key in (("pallas", "prefill"), ("xla", "decode")):

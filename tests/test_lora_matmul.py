@@ -23,8 +23,10 @@ from jaxlora.errors import ConfigError
 from pallas_kernels.lora_matmul import (
     _NO_MORE,
     LoraExpand,
+    LoraShrink,
     MatmulConfig,
     _block_adapters,
+    build_shrink_rows,
     lora_matmul,
     lora_matmul_reference,
     lora_projection,
@@ -234,6 +236,65 @@ def test_blocks_with_few_adapters(group, dtype_name, epilogue, split_k, adapters
     assert _rel_err(y, y_general) < TOL[dtype_name]
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    ("group", "dtype_name", "split_k", "adapters", "listed", "num_rows"),
+    [
+        ("qkv", "bfloat16", None, (0,), (0,), 16),
+        ("gate_up", "float32", None, (0, 5), (5, 0), 32),
+        ("down", "float32", 4, (5, 2), (2, 5), 32),
+        ("qkv", "float32", 2, (1, 2, 3), (1, 2), 32),
+    ],
+)
+def test_shrink_in_the_k_loop(group, dtype_name, split_k, adapters, listed, num_rows, interpret):
+    """A step with few adapters runs the shrink in lora_matmul's own K loop: one more dot a K
+    step by the listed A rank rows (build_shrink_rows: every rank row of each listed slot, then
+    unused rows), and one epilogue dot by their B rows. Ranks up to 12 over pages of 4 rows
+    (shuffled); with a K split each part adds its partial v's delta. Tokens of a slot that is
+    not listed (slot 3 in the last case) get the base output alone. Same result as the
+    reference and, where every slot is listed, as the shrink kernel then the expand epilogue."""
+    dtype = jnp.dtype(dtype_name)
+    prob, w, lora = _case(group, 40, dtype, adapters=adapters)
+    rows = build_shrink_rows(np.asarray(prob.ranks), listed, num_rows)
+    assert rows is not None and (rows[0] == -1).any()
+    fused = dataclasses.replace(
+        lora,
+        v=None,
+        shrink=LoraShrink(a_pool=prob.a_pool, a_pages=prob.a_pages, rows=jnp.asarray(rows)),
+    )
+    config = dataclasses.replace(SMALL, split_k=split_k)
+    y = lora_matmul(prob.x, w, prob.layer, lora=fused, config=config, interpret=interpret)
+    assert y.shape == (40, w.shape[2]) and y.dtype == dtype
+    y_ref = lora_matmul_reference(prob.x, w, prob.layer, lora=fused)
+    assert _rel_err(y, y_ref) < TOL[dtype_name]
+    token_slot = np.asarray(prob.token_slot)
+    unlisted = (token_slot >= 0) & ~np.isin(token_slot, listed)
+    if unlisted.any():
+        base = lora_matmul_reference(prob.x, w, prob.layer)
+        np.testing.assert_allclose(
+            np.asarray(y)[unlisted], np.asarray(base)[unlisted], rtol=2e-5, atol=1e-5
+        )
+    else:
+        y_two_launches = _reference_with_finite_v(prob, w, lora)
+        assert _rel_err(y, y_two_launches) < TOL[dtype_name]
+
+
+def test_build_shrink_rows_lists_every_rank_row_of_each_slot():
+    """Each slot's largest rank over the 7 weights, in the order given, then unused rows; None
+    when they do not fit."""
+    ranks = np.zeros((4, 7), np.int32)
+    ranks[0, :] = 3
+    ranks[2, :4] = 2
+    ranks[2, 6] = 5
+    rows = build_shrink_rows(ranks, [2, 0], 16)
+    assert rows.dtype == np.int32 and rows.shape == (2, 16)
+    assert rows[0].tolist() == [2] * 5 + [0] * 3 + [-1] * 8
+    assert rows[1, :8].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert build_shrink_rows(ranks, [2, 0, 0, 0], 16) is not None  # 14 rows
+    assert build_shrink_rows(ranks, [2, 0, 0, 0, 0], 16) is None  # 17 rows
+    assert (build_shrink_rows(ranks, [], 16)[0] == -1).all()
+
+
 @pytest.mark.parametrize(
     ("slots", "count", "expected", "every"),
     [
@@ -353,6 +414,18 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
             assert triton_kernels(text) == 1 and f"{name}{split}_{blocks}" in text
         text = lower(None, with_lora=False)
         assert triton_kernels(text) == 1 and f"lora_matmul{split}_{blocks}" in text
+        # The shrink in the K loop (a step with few adapters: 64 rank rows).
+        rows = jnp.asarray(build_shrink_rows(np.asarray(prob.ranks), [0], 64))
+        shrink = LoraShrink(a_pool=prob.a_pool, a_pages=prob.a_pages, rows=rows)
+        fused = dataclasses.replace(lora, v=None, shrink=shrink)
+        text = lower_for_gpu(
+            lambda x, w, lora, layer: lora_matmul(x, w, layer, lora=lora),
+            prob.x,
+            w,
+            fused,
+            prob.layer,
+        )
+        assert triton_kernels(text) == 1 and f"lora_matmul_shrink64{split}_{blocks}" in text
         # Without the split, and the earlier column rule (32 columns below 128 blocks of 64).
         unsplit = MatmulConfig(min_programs=0, max_block_n=64, narrow_block_n=32)
         text = lower(unsplit, with_lora=False)
@@ -451,6 +524,20 @@ def test_bad_inputs_raise_config_errors():
         lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=lora.v[:, :, :-1]))
     with pytest.raises(ConfigError, match="multiple of 16"):
         lora_matmul(prob.x, w[..., :40], 0)
+    shrink = LoraShrink(
+        a_pool=prob.a_pool, a_pages=prob.a_pages, rows=jnp.full((2, 16), -1, jnp.int32)
+    )
+    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got both"):
+        lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, shrink=shrink))
+    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got neither"):
+        lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=None))
+    for bad, message in (
+        (dataclasses.replace(shrink, rows=shrink.rows[:, :8]), r"lora\.shrink\.rows must be"),
+        (dataclasses.replace(shrink, a_pool=prob.a_pool[..., :-1]), r"lora\.shrink\.a_pool must"),
+        (dataclasses.replace(shrink, a_pages=prob.a_pages[:1]), r"lora\.shrink\.a_pages must"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=None, shrink=bad))
     with pytest.raises(ConfigError, match="block_n"):
         MatmulConfig(block_n=48)
     with pytest.raises(ConfigError, match="'epilogue': expected 'dot', 'rows', 'rows_prefetch'"):

@@ -353,8 +353,13 @@ class Engine:
         for mode, rows, length in self.runner.bucket_shapes():
             batch = empty_batch(rows, length, max_pages)
             lora_meta = self._lora_meta([], batch.token_slot)
-            for use_lora in (False, True) if self.adapters is not None else (False,):
-                variants.append((mode, rows, use_lora, batch, lora_meta))
+            variants.append((mode, rows, False, batch, lora_meta))
+            if self.adapters is not None:
+                variants.append((mode, rows, True, batch, lora_meta))
+                # A step with few adapters, whose shrink runs inside lora_matmul.
+                few = self._lora_meta([], batch.token_slot, mode=mode)
+                if "shrink_rows" in few:
+                    variants.append((mode, rows, True, batch, few))
         threads = min(self.engine_config.compile_threads, len(variants))
         if threads > 1:
             lowered = []
@@ -396,7 +401,10 @@ class Engine:
             done - compiled_at,
         )
         return {
-            "shapes": [[mode, rows, use_lora] for mode, rows, use_lora, _, _ in variants],
+            "shapes": [
+                [mode, rows, use_lora, "shrink_rows" in meta]
+                for mode, rows, use_lora, _, meta in variants
+            ],
             "lower_s": lowered_at - start,
             "compile_s": compiled_at - lowered_at,
             "warmup_s": done - compiled_at,
@@ -626,7 +634,9 @@ class Engine:
         with self.adapters.locked_pools() as pools:
             yield pools
 
-    def _lora_meta(self, slot_infos, token_slot: np.ndarray) -> dict:
+    def _lora_meta(self, slot_infos, token_slot: np.ndarray, mode: str | None = None) -> dict:
+        """The step's LoRA metadata (slot i = slot_infos[i]); with the step's ``mode``, also
+        the shrink rows when ``lora_matmul`` runs its shrink (few adapters, decode)."""
         pool = self.engine_config.lora_pool
         meta = layout.build_slot_metadata(
             slot_infos,
@@ -634,6 +644,10 @@ class Engine:
             max_rank=pool.max_rank,
             rows_per_page=pool.rows_per_page,
         )
+        if mode is not None:
+            rows = self.runner.shrink_rows(mode, token_slot.size, meta["ranks"], len(slot_infos))
+            if rows is not None:
+                meta["shrink_rows"] = rows
         if self.runner.impl != "reference":
             # The kernels' token order and tiles, built here once per step rather than inside
             # every (layer, module group) launch.
@@ -696,7 +710,7 @@ class Engine:
             token_src=token_src,
         )
         use_lora = bool(slot_infos)
-        lora_meta = self._lora_meta(slot_infos, token_slot)
+        lora_meta = self._lora_meta(slot_infos, token_slot, mode=mode if use_lora else None)
         built = time.perf_counter()
         with self._locked_lora_pools() as lora_pools:
             logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(

@@ -17,7 +17,7 @@ from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from jaxlora.model import KVCache, Llama
 from jaxlora.sampling import SampleOutput, sample
-from pallas_kernels.lora_matmul import MatmulConfig
+from pallas_kernels.lora_matmul import MatmulConfig, build_shrink_rows
 from pallas_kernels.sgmv import SgmvConfig
 
 log = logging.getLogger("jaxlora.engine")
@@ -366,6 +366,7 @@ class ModelRunner:
         self.impl = resolve_impl(runner.impl)
         self.sgmv_config = runner.sgmv_config()  # what the kernels and their metadata use
         projection_kernel = runner.projection_kernel_for(self.impl)
+        self.projection_kernel = projection_kernel
         self.model = Llama(
             config,
             dtype=dtype,
@@ -391,6 +392,20 @@ class ModelRunner:
         self.empty_register = jax.device_put(
             np.zeros(runner.register_size, np.int32), register_sharding or jax.devices()[0]
         )
+
+    def shrink_rows(self, mode: str, num_tokens: int, ranks, num_slots: int) -> np.ndarray | None:
+        """``LoraInputs.shrink_rows`` for a step whose adapters are slots 0..num_slots - 1: a
+        decode step that ``lora_matmul`` runs, with few enough rank rows, runs the shrink in
+        the kernel's K loop (``MatmulConfig.shrink_rows``); None otherwise."""
+        config = self.runner.matmul or MatmulConfig()
+        if (
+            self.projection_kernel == "xla"
+            or mode != "decode"
+            or not config.shrink_rows
+            or num_tokens > config.max_tokens
+        ):
+            return None
+        return build_shrink_rows(ranks, range(num_slots), config.shrink_rows)
 
     def _packed_forward(
         self,
@@ -480,14 +495,13 @@ class ModelRunner:
         """Dispatches one step (asynchronously); returns logits (B, V) and the new KV pools.
         batch and lora_meta are host (numpy) arrays: they travel in one packed transfer.
         register: the device tokens that rows with ``token_src >= 0`` read (None: none do)."""
-        key = (mode, batch.tokens.shape, use_lora)
+        key = _shape_key(mode, batch, lora_meta, use_lora)
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
             log.info(
-                "compiling step mode=%s batch=%s lora=%s (%d compiled shapes)",
-                mode,
-                batch.tokens.shape,
-                use_lora,
+                "compiling step mode=%s batch=%s lora=%s shrink in the kernel=%s "
+                "(%d compiled shapes)",
+                *key,
                 len(self.compiled_shapes),
             )
         packed = PackedInputs.pack((batch, lora_meta))
@@ -510,7 +524,7 @@ class ModelRunner:
     ):
         """The step lowered for these shapes (``.compile()`` fills JAX's compilation cache, so
         a later ``run`` of the same shapes does not compile again)."""
-        self.compiled_shapes.add((mode, batch.tokens.shape, use_lora))
+        self.compiled_shapes.add(_shape_key(mode, batch, lora_meta, use_lora))
         packed = PackedInputs.pack((batch, lora_meta))
         return self._step.lower(
             self.params,
@@ -530,6 +544,12 @@ class ModelRunner:
         return [("decode", b, 1) for b in r.buckets("decode")] + [
             ("prefill", b, r.prefill_chunk) for b in r.buckets("prefill")
         ]
+
+
+def _shape_key(mode: str, batch: StepBatch, lora_meta, use_lora: bool) -> tuple:
+    """What a step compiles for: its mode, token shape, LoRA or not and, with LoRA, whether
+    lora_matmul runs the shrink (``shrink_rows`` in the metadata)."""
+    return (mode, batch.tokens.shape, use_lora, use_lora and "shrink_rows" in lora_meta)
 
 
 def empty_batch(rows: int, length: int, max_pages: int) -> StepBatch:
