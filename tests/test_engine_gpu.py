@@ -46,6 +46,9 @@ def test_pallas_engine_matches_reference_engine():
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(3, 1000, n))) for n in (1, 40, 17, 90, 5, 64)]
     names = ["a0", None, "a1", "a2", "a3", "a0"]
+    # Ranks 16 and 7 (a3: MLP only): 23 rank rows, so lora_matmul runs their decode steps'
+    # shrink in its K loop (MatmulConfig.shrink_rows = 32).
+    few = ["a0", None, "a3", "a0", None, "a3"]
     sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = {}
     # The third runs each decode projection group through lora_matmul (base GEMM + LoRA
@@ -81,17 +84,20 @@ def test_pallas_engine_matches_reference_engine():
         assert llm.engine.runner.impl == impl
         assert llm.engine.runner.model.scan_unroll == (2 if impl == "pallas" else 1)
         outputs[impl, projection, kv_write] = [
-            o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
+            o.token_ids
+            for adapters_of in (names, few)
+            for o in llm.generate(prompts, adapter=adapters_of, sampling=sampling)
         ]
     assert jax.default_backend() == "gpu"
     for run in runs[1:]:
         assert outputs[run] == outputs[runs[0]], run
 
 
-def _lowered_steps(*, use_lora=(False, True), **runner_fields):
+def _lowered_steps(*, use_lora=(False, True), few_adapters=False, **runner_fields):
     """Every step shape of a small Pallas engine (4 decode rows, 2 prefill rows; the other
     RunnerConfig fields given) lowered for an abstract GPU: (runner, a list of (mode, use_lora,
-    StableHLO text))."""
+    StableHLO text)). ``few_adapters``: the LoRA metadata of a step with few adapters (the
+    shrink rows where lora_matmul runs the shrink)."""
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
         runner=RunnerConfig(max_batch=4, max_prefill_rows=2, impl="pallas", **runner_fields),
@@ -109,7 +115,9 @@ def _lowered_steps(*, use_lora=(False, True), **runner_fields):
     steps = []
     for mode, rows, length in runner.bucket_shapes():
         batch = empty_batch(rows, length, config.kv.max_pages_per_seq)
-        meta = engine._lora_meta([], np.asarray(batch.token_slot))
+        meta = engine._lora_meta(
+            [], np.asarray(batch.token_slot), mode=mode if few_adapters else None
+        )
         for lora in use_lora:
             step = functools.partial(runner._forward, mode=mode, use_lora=lora)
             with engine._locked_lora_pools() as pools:
@@ -175,6 +183,26 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
                 assert per_token
         lowered += 1
     assert lowered == 2 * len(runner.bucket_shapes())
+
+
+def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
+    """On any machine: with lora_matmul on the decode projections, a decode step whose adapters
+    fit in MatmulConfig.shrink_rows (32) runs each group's shrink inside lora_matmul: no SGMV
+    launch at all, one ``lora_matmul_shrink32`` launch per group and layer. Prefill steps keep
+    the SGMV pair."""
+    runner, steps = _lowered_steps(
+        use_lora=(True,), few_adapters=True, prefill_chunk=32, projection_kernel="pallas"
+    )
+    layers, unroll = CONFIG.num_layers, runner.model.scan_unroll
+    if unroll < layers:
+        layers = unroll + layers % unroll
+    for mode, _, text in steps:
+        sgmv = len(re.findall(r'name = "sgmv_', text))
+        if mode == "decode":
+            assert sgmv == 0 and "lora_matmul_expand" not in text
+            assert text.count('name = "lora_matmul_shrink32') >= 4 * layers
+        else:
+            assert sgmv >= 8 * layers and "lora_matmul" not in text
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
