@@ -174,8 +174,11 @@ class MatmulConfig(KernelConfig):
     # redundant in each column block but read from L2, and one epilogue dot by their B rows,
     # instead of a shrink launch per group, which with one adapter costs ~4 us a launch for
     # ~0.1 us of bytes (fifteenth-session profile). A power of two >= 16 (the dots' N and K);
-    # 0: off, every step runs the SGMV shrink.
-    shrink_rows: int = 32
+    # 0: off, every step runs the SGMV shrink. Off by default: in the 32-layer engine (H200,
+    # sixteenth session, 32 rows, one adapter) the four GEMMs took 6.17 ms a step against
+    # 3.89 ms + 0.55 ms of shrink launches at batch 32 (+20% step time) and 5.71 against
+    # 4.65 + 0.56 at batch 128 (+3%); loading A untransposed gave 5.89 / 5.79 ms.
+    shrink_rows: int = 0
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
     # bm / dot_block_m dots per K step on one weight tile, and its epilogue per such

@@ -933,7 +933,7 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
             impl="pallas_interpret",
             projection_kernel=projection,
             layer_loop="unrolled" if use_lora else "scan",
-            matmul=MatmulConfig(block_k=16) if split else None,
+            matmul=MatmulConfig(block_k=16 if split else None, shrink_rows=32 if shrink else 0),
         )
         llm = jaxlora.LLM(
             TINY,

@@ -19,6 +19,7 @@ from jaxlora.lora import random_lora_weights
 from jaxlora.model import init_params
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import MODULES
+from pallas_kernels.lora_matmul import MatmulConfig
 from pallas_kernels.sgmv import SgmvConfig
 
 # Big enough for tensor-core tiles and several pages per sequence, small enough for seconds.
@@ -46,21 +47,23 @@ def test_pallas_engine_matches_reference_engine():
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(3, 1000, n))) for n in (1, 40, 17, 90, 5, 64)]
     names = ["a0", None, "a1", "a2", "a3", "a0"]
-    # Ranks 16 and 7 (a3: MLP only): 23 rank rows, so lora_matmul runs their decode steps'
-    # shrink in its K loop (MatmulConfig.shrink_rows = 32).
+    # Ranks 16 and 7 (a3: MLP only): 23 rank rows, so with MatmulConfig.shrink_rows = 32 (the
+    # last run) lora_matmul runs their decode steps' shrink in its K loop.
     few = ["a0", None, "a3", "a0", None, "a3"]
     sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = {}
     # The third runs each decode projection group through lora_matmul (base GEMM + LoRA
     # expand); the fourth also rotates q, k and writes K/V in one Pallas launch a layer
-    # (kv_write="pallas"): with two layers a scan iteration, the default on this impl.
+    # (kv_write="pallas"): with two layers a scan iteration, the default on this impl; the
+    # fifth runs the shrink of steps with few adapters inside lora_matmul.
     runs = (
-        ("reference", "xla", "xla"),
-        ("pallas", "xla", "xla"),
-        ("pallas", "pallas", "xla"),
-        ("pallas", "pallas", "pallas"),
+        ("reference", "xla", "xla", 0),
+        ("pallas", "xla", "xla", 0),
+        ("pallas", "pallas", "xla", 0),
+        ("pallas", "pallas", "pallas", 0),
+        ("pallas", "pallas", "pallas", 32),
     )
-    for impl, projection, kv_write in runs:
+    for impl, projection, kv_write, shrink_rows in runs:
         config = EngineConfig(
             kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256),
             runner=RunnerConfig(
@@ -70,6 +73,7 @@ def test_pallas_engine_matches_reference_engine():
                 impl=impl,
                 projection_kernel=projection,
                 kv_write=kv_write,
+                matmul=MatmulConfig(shrink_rows=shrink_rows),
                 # One step shape per mode (padded rows): 4 compilations per engine instead of
                 # 14; with the default buckets the test outran a 170 s limit on the H200.
                 decode_buckets=(8,),
@@ -83,7 +87,7 @@ def test_pallas_engine_matches_reference_engine():
         )
         assert llm.engine.runner.impl == impl
         assert llm.engine.runner.model.scan_unroll == (2 if impl == "pallas" else 1)
-        outputs[impl, projection, kv_write] = [
+        outputs[impl, projection, kv_write, shrink_rows] = [
             o.token_ids
             for adapters_of in (names, few)
             for o in llm.generate(prompts, adapter=adapters_of, sampling=sampling)
@@ -187,11 +191,15 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
 
 def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
     """On any machine: with lora_matmul on the decode projections, a decode step whose adapters
-    fit in MatmulConfig.shrink_rows (32) runs each group's shrink inside lora_matmul: no SGMV
-    launch at all, one ``lora_matmul_shrink32`` launch per group and layer. Prefill steps keep
-    the SGMV pair."""
+    fit in MatmulConfig.shrink_rows (32 here; off by default) runs each group's shrink inside
+    lora_matmul: no SGMV launch at all, one ``lora_matmul_shrink32`` launch per group and layer.
+    Prefill steps keep the SGMV pair."""
     runner, steps = _lowered_steps(
-        use_lora=(True,), few_adapters=True, prefill_chunk=32, projection_kernel="pallas"
+        use_lora=(True,),
+        few_adapters=True,
+        prefill_chunk=32,
+        projection_kernel="pallas",
+        matmul=MatmulConfig(shrink_rows=32),
     )
     layers, unroll = CONFIG.num_layers, runner.model.scan_unroll
     if unroll < layers:
