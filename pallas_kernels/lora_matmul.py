@@ -652,11 +652,16 @@ def _matmul_kernel(
         for (_, _, rows_i), x_mask, acc, v_acc in zip(subs, x_masks, accs, v_accs, strict=True):
             xk = pltriton.load(x_ref.at[rows_i[:, None], k_i[None, :]], mask=x_mask, other=0)
             xk = xk.astype(dtype)
-            out.append(acc + pltriton.dot(xk, wk.astype(dtype), precision=_dot_precision(dtype)))
             if shrink is not None:
+                # The shrink dot before the base dot: Triton gives two dots of one loop body one
+                # MMA layout, from the first it meets. From the square (32, 32) dot it split the
+                # 4 warps along M over 2 row tiles of 16, so every tile's base dot ran twice: 96
+                # HMMA a K step and warp at T = 32 instead of 48 (Triton 3.6 for sm_90,
+                # scripts/kernel_report.py).
                 v_out.append(
                     v_acc + pltriton.dot(xk, ak, trans_b=True, precision=_dot_precision(dtype))
                 )
+            out.append(acc + pltriton.dot(xk, wk.astype(dtype), precision=_dot_precision(dtype)))
         return tuple(out), tuple(v_out)
 
     prepared = [None] * len(subs)

@@ -1,0 +1,66 @@
+"""The compiler report (jaxlora/bench/compiler_report.py): our kernels' Triton IR compiled by the
+``triton`` package for sm_90 on this machine, read back from the SASS. It pins down what the
+Triton compiler makes of lora_matmul's K loop, which a CPU timing cannot show."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxlora.bench.compiler_report import k_loop, projection_report
+from jaxlora.errors import ConfigError
+
+
+def _one(reports, prefix):
+    [kernel] = [r for r in reports if r.name.startswith(prefix)]
+    return kernel
+
+
+def test_in_loop_shrink_keeps_the_base_dot_split_along_n():
+    """At T = 32 the base dot is a warp MMA (HMMA) with the 4 warps side by side along N, 32
+    HMMA a K step and warp; the in-loop shrink (32 rank rows) adds its 16 and keeps that split
+    (with the shrink dot second, Triton split the warps along M and ran every row tile's base
+    dot twice: 96). Every load of the K loop is an asynchronous copy: 12 (x and W tiles) and 4
+    more for the A tile."""
+    base = _one(projection_report("qkv", 32, lora="none"), "lora_matmul_bm32")
+    shrink = _one(projection_report("qkv", 32, lora="shrink"), "lora_matmul_shrink32_bm32")
+    assert base.mma == ("v2 warps [1, 4]",)
+    assert set(shrink.mma) == {"v2 warps [1, 4]"}
+    assert base.loop_counts["HMMA"] == 32 and shrink.loop_counts["HMMA"] == 48
+    assert base.loop_counts["LDGSTS"] == 12 and shrink.loop_counts["LDGSTS"] == 16
+    assert base.loop_counts["LDG"] == shrink.loop_counts["LDG"] == 0
+    assert shrink.shared_bytes > base.shared_bytes
+
+
+def test_a_128_token_block_runs_hopper_warpgroup_mmas():
+    """From 64 tokens a block the base dot is Hopper's warpgroup MMA (HGMMA), below it the warp
+    MMA: the expand kernel at T = 128 against T = 32."""
+    wide = _one(projection_report("o", 128, lora="expand"), "lora_matmul_expand")
+    narrow = _one(projection_report("o", 32, lora="expand"), "lora_matmul_expand")
+    assert wide.kernel_counts["HGMMA"] > 0 and wide.kernel_counts["HMMA"] == 0
+    assert narrow.kernel_counts["HMMA"] > 0 and narrow.kernel_counts["HGMMA"] == 0
+    assert all(m.startswith("v3") for m in wide.mma)
+
+
+def test_k_loop_reads_the_loop_with_the_most_mmas():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/              @!P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R6.64] ;
+        /*0040*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0050*/                   HMMA.16816.F32.BF16 R4, R8, R14, R4 ;
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+"""
+    instructions, counts = k_loop(sass)
+    assert instructions == 4 and counts["HMMA"] == 2 and counts["LDGSTS"] == 1
+    assert k_loop("        /*0000*/                   EXIT ;") == (0, {})
+
+
+def test_bad_report_arguments_raise_config_errors():
+    with pytest.raises(ConfigError, match="group 'qk'"):
+        projection_report("qk", 32)
+    with pytest.raises(ConfigError, match="lora 'sgmv'"):
+        projection_report("o", 32, lora="sgmv")
