@@ -40,6 +40,18 @@ adapter's rows 32 or 128 times). In the 32-layer scan engine (H200, fifteenth se
 adapter's decode step fell 4.8% at batch 32 and 10.6% at batch 128; blocks with more adapters
 pay 0.4-0.9% for the listing.
 
+The shrink in the K loop (``LoraExpand.shrink`` / ``MatmulConfig.shrink_rows``, off by
+default). A step whose adapters need few rank rows in all lists them (``build_shrink_rows``:
+slot and rank row each); every program then runs one more dot a K step, its tokens' x tile by
+those A rows, ``(bm, J)`` float32 at the end of its K steps (a K part's share), and its epilogue
+one dot of that v, each token's row kept in its own slot's columns and scaled, by the rows' B
+rows: one launch per group instead of the SGMV shrink and this kernel. Every column block
+redoes the shrink (A from L2). In the 32-layer engine (H200, sixteenth session, one adapter,
+J = 32) the step took 20% longer at batch 32 and 4% at batch 128 than with the shrink launches;
+the kernel then ran its two dots with the warps split along M (96 warp MMAs a K step at T = 32,
+the base kernel 32); the shrink dot now comes first, which keeps the split along N (48), not
+yet timed on the GPU.
+
 The K split (``MatmulConfig.split_k`` / ``min_programs``, on by default for few column
 blocks): o and down (N = 4096) run 64 columns per program and 4 programs along K, each writing
 a float32 partial that the wrapper sums (XLA fuses the sum into the residual add); the LoRA
@@ -177,7 +189,8 @@ class MatmulConfig(KernelConfig):
     # 0: off, every step runs the SGMV shrink. Off by default: in the 32-layer engine (H200,
     # sixteenth session, 32 rows, one adapter) the four GEMMs took 6.17 ms a step against
     # 3.89 ms + 0.55 ms of shrink launches at batch 32 (+20% step time) and 5.71 against
-    # 4.65 + 0.56 at batch 128 (+3%); loading A untransposed gave 5.89 / 5.79 ms.
+    # 4.65 + 0.56 at batch 128 (+4%); loading A untransposed gave 5.89 / 5.79 ms. With the
+    # shrink dot first the K loop runs half the warp MMAs (sixteenth session, not yet timed).
     shrink_rows: int = 0
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
