@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxlora.bench.compiler_report import k_loop, projection_report
+from jaxlora.bench.compiler_report import k_loop, projection_report, sgmv_report
 from jaxlora.errors import ConfigError
 
 
@@ -41,6 +41,25 @@ def test_a_128_token_block_runs_hopper_warpgroup_mmas():
     assert all(m.startswith("v3") for m in wide.mma)
 
 
+def test_sgmv_report_reads_both_regimes():
+    """Issue 3's kernels: at T = 16 the decode shrink and expand run on the CUDA cores (fused
+    adds, 16-byte loads, no MMA); at T = 256 the prefill shrink's K loop runs warp MMAs on
+    asynchronous copies, and the expand's column steps read y with plain loads (Triton
+    pipelines only the loads that feed a dot)."""
+    decode = {r.name.split("_bn")[0].split("_rows")[0]: r for r in sgmv_report(16, out="4096")}
+    assert set(decode) == {"sgmv_shrink_decode", "sgmv_expand_decode"}
+    for kernel in decode.values():
+        assert kernel.mma == () and kernel.kernel_counts["FFMA"] > 0
+        assert kernel.kernel_counts["LDG.128"] > 0
+    shrink, expand = sgmv_report(256, out="4096")
+    assert shrink.name.startswith("sgmv_shrink_prefill") and expand.name.startswith(
+        "sgmv_expand_prefill"
+    )
+    assert shrink.loop_counts["HMMA"] > 0 and shrink.loop_counts["LDGSTS"] > 0
+    assert shrink.loop_counts["LDG"] == 0
+    assert expand.loop_counts["HMMA"] > 0 and expand.loop_counts["LDG.128"] > 0
+
+
 def test_k_loop_reads_the_loop_with_the_most_mmas():
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -49,13 +68,15 @@ def test_k_loop_reads_the_loop_with_the_most_mmas():
         /*0020*/              @!P0 BRA `(.L_x_0) ;
 .L_x_1:
         /*0030*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R6.64] ;
+        /*0038*/               @P2 LDG.E.128.CONSTANT R16, desc[UR4][R6.64] ;
         /*0040*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
         /*0050*/                   HMMA.16816.F32.BF16 R4, R8, R14, R4 ;
         /*0060*/               @P1 BRA `(.L_x_1) ;
         /*0070*/                   EXIT ;
 """
     instructions, counts = k_loop(sass)
-    assert instructions == 4 and counts["HMMA"] == 2 and counts["LDGSTS"] == 1
+    assert instructions == 5 and counts["HMMA"] == 2 and counts["LDGSTS"] == 1
+    assert counts["LDG"] == counts["LDG.128"] == 1
     assert k_loop("        /*0000*/                   EXIT ;") == (0, {})
 
 
