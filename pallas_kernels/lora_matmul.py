@@ -120,6 +120,12 @@ class MatmulConfig(KernelConfig):
     ``small_tokens`` tokens and 4096 above (the x tile grows with T)."""
 
     block_m: int = 128  # most tokens per program (the M of its dots; at least 16)
+    # Fewest tokens per program, however few the step has (rows past T are masked, never
+    # loaded). Below 64 rows a block Triton runs the dots as warp MMAs (mma.sync, HMMA: 32 a
+    # K step and warp at T = 32); from 64 as Hopper's asynchronous warpgroup MMAs (HGMMA),
+    # sixteenth-session compiler report. 64 gives small decode steps the warpgroup MMAs for
+    # twice the (masked) rows; not timed on the GPU, so off (16).
+    min_block_m: int = 16
     block_n: int | None = None  # output columns per program
     block_k: int | None = None  # input-width step
     num_warps: int = 4
@@ -210,6 +216,7 @@ class MatmulConfig(KernelConfig):
         self._check_partial_share()
         for name in (
             "block_m",
+            "min_block_m",
             "expand_block_m",
             "dot_block_m",
             "block_n",
@@ -218,7 +225,7 @@ class MatmulConfig(KernelConfig):
             "narrow_block_n",
         ):
             value = getattr(self, name)
-            optional = name not in ("block_m", "max_block_n", "narrow_block_n")
+            optional = name not in ("block_m", "min_block_m", "max_block_n", "narrow_block_n")
             if optional and value is None:
                 continue
             if not isinstance(value, int) or value < 16 or value & (value - 1):
@@ -335,7 +342,7 @@ class MatmulConfig(KernelConfig):
 
     def block_m_for(self, num_tokens: int, *, expand: bool = False) -> int:
         bm = self.expand_block_m if expand and self.expand_block_m else self.block_m
-        return max(16, min(bm, _next_pow2(num_tokens)))
+        return max(self.min_block_m, min(bm, _next_pow2(num_tokens)))
 
     def dot_block_m_for(self, bm: int, *, expand: bool = True) -> int:
         """Tokens of each dot (a sub-block) in a program of ``bm`` tokens."""

@@ -41,6 +41,19 @@ def test_a_128_token_block_runs_hopper_warpgroup_mmas():
     assert all(m.startswith("v3") for m in wide.mma)
 
 
+def test_min_block_m_64_gives_a_small_step_warpgroup_mmas():
+    """MatmulConfig.min_block_m=64: the T = 32 base kernel in blocks of 64 rows runs Hopper's
+    warpgroup MMAs (8 HGMMA a K step) instead of 32 warp MMAs, for twice the x tile's shared
+    memory."""
+    from pallas_kernels.lora_matmul import MatmulConfig
+
+    wide = projection_report("qkv", 32, lora="none", config=MatmulConfig(min_block_m=64))
+    [kernel] = wide
+    assert kernel.name.startswith("lora_matmul_bm64_")
+    assert kernel.loop_counts["HGMMA"] == 8 and kernel.loop_counts["HMMA"] == 0
+    assert kernel.mma == ("v3 warps [4, 1]",)
+
+
 def test_sgmv_report_reads_both_regimes():
     """Issue 3's kernels: at T = 16 the decode shrink and expand run on the CUDA cores (fused
     adds, 16-byte loads, no MMA); at T = 256 the prefill shrink's K loop runs warp MMAs on

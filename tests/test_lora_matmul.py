@@ -237,6 +237,19 @@ def test_blocks_with_few_adapters(group, dtype_name, epilogue, split_k, adapters
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+def test_min_block_m_pads_a_small_step_with_masked_rows(interpret):
+    """MatmulConfig.min_block_m: 13 tokens in a block of 32 (19 masked rows, never loaded or
+    stored), base only and with the expand epilogue: the reference's result."""
+    prob, w, lora = _case("gate_up", 13, jnp.float32)
+    config = dataclasses.replace(SMALL, min_block_m=32)
+    assert config.block_m_for(13) == 32 and SMALL.block_m_for(13) == 16
+    y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
+    assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL["float32"]
+    base = lora_matmul(prob.x, w, prob.layer, config=config, interpret=interpret)
+    assert _rel_err(base, lora_matmul_reference(prob.x, w, prob.layer)) < TOL["float32"]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize(
     ("group", "dtype_name", "split_k", "adapters", "listed", "num_rows"),
     [
@@ -550,6 +563,10 @@ def test_bad_inputs_raise_config_errors():
         MatmulConfig(expand_block_m=24)
     with pytest.raises(ConfigError, match="'dot_block_m': expected a power of two >= 16"):
         MatmulConfig(dot_block_m=8)
+    with pytest.raises(ConfigError, match="'min_block_m': expected a power of two >= 16"):
+        MatmulConfig(min_block_m=48)
+    with pytest.raises(ConfigError, match="'shrink_rows': expected 0 .off. or a power of two"):
+        MatmulConfig(shrink_rows=24)
     with pytest.raises(ConfigError, match="'epilogue_prepared_rank_rows': expected an int >= 0"):
         MatmulConfig(epilogue_prepared_rank_rows=-1)
     with pytest.raises(ConfigError, match="'split_k': expected an int >= 1"):
