@@ -1249,30 +1249,22 @@ def lora_projection(
     is for XLA's GEMMs): ``sgmv_shrink`` (with ``kernel_meta`` / ``sgmv_config``), then
     ``lora_matmul`` with the expand in its epilogue. With ``shrink_rows`` (a step with few
     adapters) one launch: ``lora_matmul`` runs the shrink of those rank rows in its K loop."""
+    v, shrink = None, None
     if shrink_rows is not None:
-        expand = LoraExpand(
-            v=None,
-            b_pools=tuple(b_pools),
-            b_pages=b_pages,
-            ranks=ranks,
-            scales=scales,
-            token_slot=token_slot,
+        shrink = LoraShrink(a_pool=a_pool, a_pages=a_pages, rows=shrink_rows)
+    else:
+        v = sgmv_shrink(
+            x,
+            a_pool,
+            a_pages,
+            ranks,
+            token_slot,
+            layer,
             weights=weights,
-            shrink=LoraShrink(a_pool=a_pool, a_pages=a_pages, rows=shrink_rows),
+            kernel_meta=kernel_meta,
+            config=sgmv_config,
+            interpret=interpret,
         )
-        return lora_matmul(x, w, layer, lora=expand, config=config, interpret=interpret)
-    v = sgmv_shrink(
-        x,
-        a_pool,
-        a_pages,
-        ranks,
-        token_slot,
-        layer,
-        weights=weights,
-        kernel_meta=kernel_meta,
-        config=sgmv_config,
-        interpret=interpret,
-    )
     expand = LoraExpand(
         v=v,
         b_pools=tuple(b_pools),
@@ -1281,6 +1273,7 @@ def lora_projection(
         scales=scales,
         token_slot=token_slot,
         weights=weights,
+        shrink=shrink,
     )
     return lora_matmul(x, w, layer, lora=expand, config=config, interpret=interpret)
 
