@@ -522,8 +522,9 @@ def _shrink_rows(shrink_refs, ranks_ref, layer_ref, w, ep: _Epilogue, *, interpr
     rows = jnp.arange(ep.shrink_rows, dtype=jnp.int32)
     slot = rows_ref[0, rows]
     rank_row = rows_ref[1, rows]
-    listed = slot >= 0
-    slot = jnp.maximum(slot, 0)
+    # A slot outside the tables lists nothing (and is never used as an index).
+    listed = (slot >= 0) & (slot < ranks_ref.shape[0])
+    slot = jnp.where(listed, slot, 0)
     live = listed & (rank_row >= 0) & (rank_row < jnp.where(listed, ranks_ref[slot, w], 0))
     rank_row = jnp.maximum(rank_row, 0)
     layer = _layer(layer_ref, a_ref, ep.a_pages_per_pool, ep.rows_per_page)

@@ -264,12 +264,14 @@ def test_shrink_in_the_k_loop(group, dtype_name, split_k, adapters, listed, num_
     step by the listed A rank rows (build_shrink_rows: every rank row of each listed slot, then
     unused rows), and one epilogue dot by their B rows. Ranks up to 12 over pages of 4 rows
     (shuffled); with a K split each part adds its partial v's delta. Tokens of a slot that is
-    not listed (slot 3 in the last case) get the base output alone. Same result as the
+    not listed (slot 3 in the last case) get the base output alone; a row naming a slot past
+    the tables lists nothing. Same result as the
     reference and, where every slot is listed, as the shrink kernel then the expand epilogue."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, 40, dtype, adapters=adapters)
     rows = build_shrink_rows(np.asarray(prob.ranks), listed, num_rows)
-    assert rows is not None and (rows[0] == -1).any()
+    assert rows is not None and rows[0, -1] == -1
+    rows[:, -1] = (prob.ranks.shape[0], 0)  # a slot outside the tables: lists nothing
     fused = dataclasses.replace(
         lora,
         v=None,
