@@ -27,6 +27,7 @@ import tempfile
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jaxlora.errors import ConfigError
@@ -231,6 +232,22 @@ def report(fn, *args) -> list[KernelReport]:
 LORA_MODES = ("none", "expand", "shrink")
 
 
+def _struct(shape, dtype=jnp.bfloat16) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _slot_tables(slots: int, max_pages: int, num_tokens: int) -> tuple:
+    """Shapes of the SGMV operands after the pools: A pages, B pages, ranks, scales, token
+    slots (the order ``sgmv_apply`` and ``lora_projection`` take them in)."""
+    return (
+        _struct((slots, 7, max_pages), jnp.int32),
+        _struct((slots, 7, max_pages), jnp.int32),
+        _struct((slots, 7), jnp.int32),
+        _struct((slots, 7), jnp.float32),
+        _struct((num_tokens,), jnp.int32),
+    )
+
+
 def projection_report(
     group: str,
     num_tokens: int,
@@ -246,8 +263,6 @@ def projection_report(
     at ``num_tokens`` tokens, bf16: ``lora`` "none" (``lora_matmul``), "expand" (the SGMV shrink,
     then ``lora_matmul`` with the expand epilogue) or "shrink" (``lora_matmul`` running the
     shrink of ``shrink_rows`` rank rows itself). Shapes only: nothing is allocated."""
-    import jax.numpy as jnp
-
     from jaxlora.bench.projection import LLAMA2_7B_GROUPS
     from pallas_kernels.lora_matmul import lora_matmul, lora_projection
 
@@ -264,24 +279,17 @@ def projection_report(
     rows, pages = 16, 64
     table = -(-pool_rank // rows)
 
-    def struct(shape, dtype=jnp.bfloat16):
-        return jax.ShapeDtypeStruct(shape, dtype)
-
-    x = struct((num_tokens, in_width))
-    w = struct((layers, in_width, sum(widths)))
-    layer = struct((), jnp.int32)
+    x = _struct((num_tokens, in_width))
+    w = _struct((layers, in_width, sum(widths)))
+    layer = _struct((), jnp.int32)
     if lora == "none":
         return report(lambda x, w, layer: lora_matmul(x, w, layer, config=config), x, w, layer)
     operands = (
-        struct((layers, pages, rows, in_width)),
-        tuple(struct((layers, pages, rows, width)) for width in widths),
-        struct((slots, 7, table), jnp.int32),
-        struct((slots, 7, table), jnp.int32),
-        struct((slots, 7), jnp.int32),
-        struct((slots, 7), jnp.float32),
-        struct((num_tokens,), jnp.int32),
+        _struct((layers, pages, rows, in_width)),
+        tuple(_struct((layers, pages, rows, width)) for width in widths),
+        *_slot_tables(slots, table, num_tokens),
     )
-    extra = (struct((2, shrink_rows), jnp.int32),) if lora == "shrink" else ()
+    extra = (_struct((2, shrink_rows), jnp.int32),) if lora == "shrink" else ()
 
     def run(x, w, layer, operands, *extra):
         return lora_projection(
@@ -311,8 +319,6 @@ def sgmv_report(
     ``--outs`` groups: WIDTH or GxWIDTH) at ``num_tokens`` tokens and ``rank``, bf16, as
     ``sgmv_apply`` runs them (decode or prefill regime by T; the prefill metadata built in the
     step). Shapes only."""
-    import jax.numpy as jnp
-
     from jaxlora.bench.kernels import parse_group
     from pallas_kernels.sgmv import sgmv_apply
 
@@ -321,20 +327,13 @@ def sgmv_report(
     pages_per_adapter = -(-rank // rows)
     pages = slots * len(group.widths) * pages_per_adapter
 
-    def struct(shape, dtype=jnp.bfloat16):
-        return jax.ShapeDtypeStruct(shape, dtype)
-
     args = (
-        struct((num_tokens, hidden)),
-        struct((num_tokens, sum(group.widths))),
-        struct((layers, pages, rows, hidden)),
-        tuple(struct((layers, pages, rows, width)) for width in group.widths),
-        struct((slots, 7, pages_per_adapter), jnp.int32),
-        struct((slots, 7, pages_per_adapter), jnp.int32),
-        struct((slots, 7), jnp.int32),
-        struct((slots, 7), jnp.float32),
-        struct((num_tokens,), jnp.int32),
-        struct((), jnp.int32),
+        _struct((num_tokens, hidden)),
+        _struct((num_tokens, sum(group.widths))),
+        _struct((layers, pages, rows, hidden)),
+        tuple(_struct((layers, pages, rows, width)) for width in group.widths),
+        *_slot_tables(slots, pages_per_adapter, num_tokens),
+        _struct((), jnp.int32),
     )
 
     def run(x, y, a_pool, b_pools, a_pages, b_pages, ranks, scales, token_slot, layer):
