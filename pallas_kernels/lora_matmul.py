@@ -198,6 +198,10 @@ class MatmulConfig(KernelConfig):
     # 4.65 + 0.56 at batch 128 (+4%); loading A untransposed gave 5.89 / 5.79 ms. With the
     # shrink dot first the K loop runs half the warp MMAs (sixteenth session, not yet timed).
     shrink_rows: int = 0
+    # Steps of more tokens keep the SGMV shrink even when their rows fit in shrink_rows: in the
+    # 32-layer engine (H200, seventeenth session, one adapter, 32 rows) the shrink in the K
+    # loop took the step from 6.31 to 5.85 ms at batch 32 and from 11.37 to 11.95 ms at 128.
+    shrink_max_tokens: int = 32
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
     # bm / dot_block_m dots per K step on one weight tile, and its epilogue per such
@@ -266,6 +270,7 @@ class MatmulConfig(KernelConfig):
             ("num_warps", 1, False),
             ("num_stages", 1, False),
             ("max_tokens", 1, False),
+            ("shrink_max_tokens", 1, False),
             ("column_programs", 0, False),
             ("small_tokens", 1, False),
             ("dot_epilogue_max_tokens", 1, False),

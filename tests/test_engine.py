@@ -957,6 +957,11 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
             [h.slot_info for h in handles], batch.token_slot, mode="decode" if shrink else None
         )
         assert ("shrink_rows" in meta) == (shrink and projection == "pallas")
+        if shrink and projection == "pallas":
+            # The same rows in a step of more tokens than shrink_max_tokens: the SGMV shrink.
+            limit = runner_config.matmul.shrink_max_tokens
+            assert runner.shrink_rows("decode", limit, meta["ranks"], 2) is not None
+            assert runner.shrink_rows("decode", limit + 1, meta["ranks"], 2) is None
         forward = jax.jit(runner._forward, static_argnames=("mode", "use_lora"))
         with engine._locked_lora_pools() as pools:
             args = (runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta)

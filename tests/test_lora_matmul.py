@@ -569,6 +569,8 @@ def test_bad_inputs_raise_config_errors():
         MatmulConfig(min_block_m=48)
     with pytest.raises(ConfigError, match="'shrink_rows': expected 0 .off. or a power of two"):
         MatmulConfig(shrink_rows=24)
+    with pytest.raises(ConfigError, match="'shrink_max_tokens': expected an int >= 1"):
+        MatmulConfig(shrink_max_tokens=0)
     with pytest.raises(ConfigError, match="'epilogue_prepared_rank_rows': expected an int >= 0"):
         MatmulConfig(epilogue_prepared_rank_rows=-1)
     with pytest.raises(ConfigError, match="'split_k': expected an int >= 1"):

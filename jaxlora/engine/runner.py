@@ -395,14 +395,15 @@ class ModelRunner:
 
     def shrink_rows(self, mode: str, num_tokens: int, ranks, num_slots: int) -> np.ndarray | None:
         """``LoraInputs.shrink_rows`` for a step whose adapters are slots 0..num_slots - 1: a
-        decode step that ``lora_matmul`` runs, with few enough rank rows, runs the shrink in
-        the kernel's K loop (``MatmulConfig.shrink_rows``); None otherwise."""
+        decode step that ``lora_matmul`` runs, of at most ``MatmulConfig.shrink_max_tokens``
+        tokens and few enough rank rows, runs the shrink in the kernel's K loop
+        (``MatmulConfig.shrink_rows``); None otherwise."""
         config = self.runner.matmul or MatmulConfig()
         if (
             self.projection_kernel == "xla"
             or mode != "decode"
             or not config.shrink_rows
-            or num_tokens > config.max_tokens
+            or num_tokens > min(config.max_tokens, config.shrink_max_tokens)
         ):
             return None
         return build_shrink_rows(ranks, range(num_slots), config.shrink_rows)
