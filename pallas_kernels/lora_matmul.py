@@ -40,17 +40,18 @@ adapter's rows 32 or 128 times). In the 32-layer scan engine (H200, fifteenth se
 adapter's decode step fell 4.8% at batch 32 and 10.6% at batch 128; blocks with more adapters
 pay 0.4-0.9% for the listing.
 
-The shrink in the K loop (``LoraExpand.shrink`` / ``MatmulConfig.shrink_rows``, off by
-default). A step whose adapters need few rank rows in all lists them (``build_shrink_rows``:
-slot and rank row each); every program then runs one more dot a K step, its tokens' x tile by
-those A rows, ``(bm, J)`` float32 at the end of its K steps (a K part's share), and its epilogue
-one dot of that v, each token's row kept in its own slot's columns and scaled, by the rows' B
-rows: one launch per group instead of the SGMV shrink and this kernel. Every column block
-redoes the shrink (A from L2). In the 32-layer engine (H200, sixteenth session, one adapter,
-J = 32) the step took 20% longer at batch 32 and 4% at batch 128 than with the shrink launches;
-the kernel then ran its two dots with the warps split along M (96 warp MMAs a K step at T = 32,
-the base kernel 32); the shrink dot now comes first, which keeps the split along N (48), not
-yet timed on the GPU.
+The shrink in the K loop (``LoraExpand.shrink`` / ``MatmulConfig.shrink_rows``, on by
+default for steps of at most ``shrink_max_tokens`` = 32 tokens). A step whose adapters need few
+rank rows in all lists them (``build_shrink_rows``: slot and rank row each); every program then
+runs one more dot a K step, its tokens' x tile by those A rows, ``(bm, J)`` float32 at the end
+of its K steps (a K part's share), and its epilogue one dot of that v, each token's row kept in
+its own slot's columns and scaled, by the rows' B rows: one launch per group instead of the
+SGMV shrink and this kernel. Every column block redoes the shrink (A from L2). The shrink dot
+comes first in the K loop: second, Triton split the warps along M and ran 96 warp MMAs a K step
+at T = 32 (the base kernel 32), and the step took 20% longer (sixteenth session); first, the
+split stays along N (48 MMAs) and in the 32-layer engine (H200, one adapter, J = 32) the step
+fell 8% at batch 8 and 7% at batch 32, but rose 5% at batch 128 (seventeenth and eighteenth
+sessions), hence the token limit.
 
 The K split (``MatmulConfig.split_k`` / ``min_programs``, on by default for few column
 blocks): o and down (N = 4096) run 64 columns per program and 4 programs along K, each writing
@@ -186,21 +187,23 @@ class MatmulConfig(KernelConfig):
     # up): rows beyond an adapter's rank are masked, never loaded, so wide chunks cost little,
     # and each chunk is a branch of its own in the kernel's code.
     adapter_rank_rows: int = 64
-    # A step (T <= max_tokens) whose adapters' rank rows (each adapter's largest rank) add up
-    # to at most this runs its shrink inside lora_matmul's K loop (``LoraShrink``; the engine
-    # lists the rows per step, ``build_shrink_rows``): one more dot a K step by those A rows,
-    # redundant in each column block but read from L2, and one epilogue dot by their B rows,
-    # instead of a shrink launch per group, which with one adapter costs ~4 us a launch for
-    # ~0.1 us of bytes (fifteenth-session profile). A power of two >= 16 (the dots' N and K);
-    # 0: off, every step runs the SGMV shrink. Off by default: in the 32-layer engine (H200,
-    # sixteenth session, 32 rows, one adapter) the four GEMMs took 6.17 ms a step against
-    # 3.89 ms + 0.55 ms of shrink launches at batch 32 (+20% step time) and 5.71 against
-    # 4.65 + 0.56 at batch 128 (+4%); loading A untransposed gave 5.89 / 5.79 ms. With the
-    # shrink dot first the K loop runs half the warp MMAs (sixteenth session, not yet timed).
-    shrink_rows: int = 0
-    # Steps of more tokens keep the SGMV shrink even when their rows fit in shrink_rows: in the
-    # 32-layer engine (H200, seventeenth session, one adapter, 32 rows) the shrink in the K
-    # loop took the step from 6.31 to 5.85 ms at batch 32 and from 11.37 to 11.95 ms at 128.
+    # A step of at most shrink_max_tokens tokens whose adapters' rank rows (each adapter's
+    # largest rank) add up to at most this runs its shrink inside lora_matmul's K loop
+    # (``LoraShrink``; the engine lists the rows per step, ``build_shrink_rows``): one more dot
+    # a K step by those A rows, redundant in each column block but read from L2, and one
+    # epilogue dot by their B rows, instead of a shrink launch per group, which with one
+    # adapter costs ~4 us a launch for ~0.1 us of bytes (fifteenth-session profile). A power of
+    # two >= 16 (the dots' N and K); 0: off, every step runs the SGMV shrink. In the 32-layer
+    # engine (H200, one adapter, eighteenth session) it took the step from 4.94 to 4.53 ms at
+    # batch 8 and from 6.32 to 5.86 ms at batch 32. 64 rows cost more than they save at batch
+    # 32 (6.88 ms with one adapter) and won less at batch 8 (4.71 ms; 3 adapters, 48 rows:
+    # 4.78 against 5.06 ms).
+    shrink_rows: int = 32
+    # Steps of more tokens keep the SGMV shrink even when their rows fit in shrink_rows: at
+    # batch 128 (seventeenth session, one adapter) the shrink in the K loop took the step from
+    # 11.37 to 11.95 ms. The first form (sixteenth session: the shrink dot second, which split
+    # the warps along M and ran 96 warp MMAs a K step against the base kernel's 32) cost +20%
+    # at batch 32; with the shrink dot first it runs 48.
     shrink_max_tokens: int = 32
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs

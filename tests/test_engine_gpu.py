@@ -48,7 +48,8 @@ def test_pallas_engine_matches_reference_engine():
     prompts = [list(map(int, rng.integers(3, 1000, n))) for n in (1, 40, 17, 90, 5, 64)]
     names = ["a0", None, "a1", "a2", "a3", "a0"]
     # Ranks 16 and 7 (a3: MLP only): 23 rank rows, so with MatmulConfig.shrink_rows = 32 (the
-    # last run) lora_matmul runs their decode steps' shrink in its K loop.
+    # last run; the default, the others turn it off) lora_matmul runs their decode steps'
+    # shrink in its K loop.
     few = ["a0", None, "a3", "a0", None, "a3"]
     sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = {}
@@ -191,7 +192,7 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
 
 def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
     """On any machine: with lora_matmul on the decode projections, a decode step whose adapters
-    fit in MatmulConfig.shrink_rows (32 here; off by default) runs each group's shrink inside
+    fit in MatmulConfig.shrink_rows (32, the default) runs each group's shrink inside
     lora_matmul: no SGMV launch at all, one ``lora_matmul_shrink32`` launch per group and layer.
     Prefill steps keep the SGMV pair."""
     runner, steps = _lowered_steps(
