@@ -41,7 +41,7 @@ adapter's decode step fell 4.8% at batch 32 and 10.6% at batch 128; blocks with 
 pay 0.4-0.9% for the listing.
 
 The shrink in the K loop (``LoraExpand.shrink`` / ``MatmulConfig.shrink_rows``, on by
-default for steps of at most ``shrink_max_tokens`` = 32 tokens). A step whose adapters need few
+default for steps of at most ``shrink_max_tokens`` = 64 tokens). A step whose adapters need few
 rank rows in all lists them (``build_shrink_rows``: slot and rank row each); every program then
 runs one more dot a K step, its tokens' x tile by those A rows, ``(bm, J)`` float32 at the end
 of its K steps (a K part's share), and its epilogue one dot of that v, each token's row kept in
@@ -50,8 +50,8 @@ SGMV shrink and this kernel. Every column block redoes the shrink (A from L2). T
 comes first in the K loop: second, Triton split the warps along M and ran 96 warp MMAs a K step
 at T = 32 (the base kernel 32), and the step took 20% longer (sixteenth session); first, the
 split stays along N (48 MMAs) and in the 32-layer engine (H200, one adapter, J = 32) the step
-fell 8% at batch 8 and 7% at batch 32, but rose 5% at batch 128 (seventeenth and eighteenth
-sessions), hence the token limit.
+fell 8% at batch 8, 7% at batch 32 and 7% at batch 64, but rose 5% at batch 128 (seventeenth
+and eighteenth sessions), hence the token limit.
 
 The K split (``MatmulConfig.split_k`` / ``min_programs``, on by default for few column
 blocks): o and down (N = 4096) run 64 columns per program and 4 programs along K, each writing
@@ -201,10 +201,11 @@ class MatmulConfig(KernelConfig):
     shrink_rows: int = 32
     # Steps of more tokens keep the SGMV shrink even when their rows fit in shrink_rows: at
     # batch 128 (seventeenth session, one adapter) the shrink in the K loop took the step from
-    # 11.37 to 11.95 ms. The first form (sixteenth session: the shrink dot second, which split
-    # the warps along M and ran 96 warp MMAs a K step against the base kernel's 32) cost +20%
-    # at batch 32; with the shrink dot first it runs 48.
-    shrink_max_tokens: int = 32
+    # 11.37 to 11.95 ms; at batch 64 (eighteenth) from 8.22 to 7.67 ms. The first form
+    # (sixteenth session: the shrink dot second, which split the warps along M and ran 96 warp
+    # MMAs a K step against the base kernel's 32) cost +20% at batch 32; with the shrink dot
+    # first it runs 48.
+    shrink_max_tokens: int = 64
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
     # bm / dot_block_m dots per K step on one weight tile, and its epilogue per such
