@@ -201,10 +201,7 @@ class MatmulConfig(KernelConfig):
     shrink_rows: int = 32
     # Steps of more tokens keep the SGMV shrink even when their rows fit in shrink_rows: at
     # batch 128 (seventeenth session, one adapter) the shrink in the K loop took the step from
-    # 11.37 to 11.95 ms; at batch 64 (eighteenth) from 8.22 to 7.67 ms. The first form
-    # (sixteenth session: the shrink dot second, which split the warps along M and ran 96 warp
-    # MMAs a K step against the base kernel's 32) cost +20% at batch 32; with the shrink dot
-    # first it runs 48.
+    # 11.37 to 11.95 ms; at batch 64 (eighteenth) from 8.22 to 7.67 ms.
     shrink_max_tokens: int = 64
     # Tokens of each tensor-core dot when the LoRA epilogue runs (None: the program's row
     # block; the base-only kernel keeps whole-block dots). A program of bm tokens then runs
