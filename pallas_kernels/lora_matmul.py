@@ -28,8 +28,11 @@ rank rows, each step gathering one B row of every token and adding it on the CUD
 dot each per K step on the same weight tile, each with its own epilogue: the dot epilogue for
 128 tokens without a (128, K) v tile; it lost at T = 128 (1.4-1.5x the rows epilogue's time,
 eleventh session). ``epilogue="rows_prefetch"`` is the rows loop software-pipelined by hand:
-each step's B rows and v are loaded one step ahead, their page-table entries two; it measured
-2% faster than "rows" on q|k|v at T = 128, within the noise, so it stays opt-in.
+each step's B rows and v are loaded one step ahead, their page-table entries two. It measured
+2% faster than "rows" on q|k|v at T = 128 alone, within the noise; in the 32-layer engine it
+took batch 64's step (blocks of 64 tokens) 4% under "rows" but batch 128's 20% over (H200,
+nineteenth session), so it runs above 32 and up to ``prefetch_epilogue_max_tokens`` = 64 tokens
+a block.
 
 The few-adapters epilogue (``MatmulConfig.epilogue_adapters``, on by default). Before its K
 loop a program lists the distinct adapter slots of its tokens, up to ``epilogue_adapters`` of
@@ -38,7 +41,9 @@ adapter's tokens' scaled v (every other token's row zero) by its B rows, ``adapt
 at a time, read once, instead of the dot or rows epilogue's per-token B rows (which read one
 adapter's rows 32 or 128 times). In the 32-layer scan engine (H200, fifteenth session) one
 adapter's decode step fell 4.8% at batch 32 and 10.6% at batch 128; blocks with more adapters
-pay 0.4-0.9% for the listing.
+pay 0.4-0.9% for the listing. Blocks of at least ``wide_epilogue_min_tokens`` = 64 tokens list
+up to ``wide_epilogue_adapters`` = 8: batch 64 with 8 adapters fell 5.9%, while blocks of 16
+tokens with 8 adapters (batch 8, distinct) rose 6% (nineteenth session).
 
 The shrink in the K loop (``LoraExpand.shrink`` / ``MatmulConfig.shrink_rows``, on by
 default for steps of at most ``shrink_max_tokens`` = 64 tokens). A step whose adapters need few
@@ -163,9 +168,13 @@ class MatmulConfig(KernelConfig):
     # pipelined by hand: step i adds the B rows and v loaded during step i - 1, issues the loads
     # of step i + 1 and the page-table loads of step i + 2, so a step waits for about one load
     # instead of a chain of two (2% faster on q|k|v at T = 128, within the noise). None: "dot"
-    # up to ``dot_epilogue_max_tokens`` tokens per program, "rows" above.
+    # up to ``dot_epilogue_max_tokens`` tokens per program, "rows_prefetch" up to
+    # ``prefetch_epilogue_max_tokens``, "rows" above. In the 32-layer engine (H200, nineteenth
+    # session) "rows_prefetch" took batch 64's step from 10.26 to 9.83 ms (skewed) and from 10.43
+    # to 9.98 ms (distinct), but batch 128's from 14.35 to 17.35 ms and from 15.17 to 18.00 ms.
     epilogue: str | None = None
     dot_epilogue_max_tokens: int = 32
+    prefetch_epilogue_max_tokens: int = 64
     epilogue_rank_rows: int = 16  # rank rows of a token per dot step (power of two)
     epilogue_block_k: int = 256  # K of each epilogue dot (tokens x rank rows)
     # Rank rows per token whose B-row indices the dot epilogue computes before the K loop (None:
@@ -183,6 +192,13 @@ class MatmulConfig(KernelConfig):
     # token, which with one adapter re-reads the same rows 32 or 128 times (+26 us a gate|up
     # launch at T = 128, fifteenth-session profile). 0: off.
     epilogue_adapters: int = 4
+    # Blocks of at least wide_epilogue_min_tokens tokens take it with up to this many adapters
+    # (at least epilogue_adapters): the more tokens a block has, the more times the per-token
+    # epilogues re-read an adapter's rows. In the 32-layer engine (H200, nineteenth session) 8
+    # took batch 64's step with 8 adapters from 9.37 to 8.82 ms; at batch 8 (blocks of 16) it
+    # took 8 distinct adapters' step from 5.14 to 5.45 ms (one token each: nothing to share).
+    wide_epilogue_adapters: int = 8
+    wide_epilogue_min_tokens: int = 64
     # Rank rows of each of those dots (a power of two >= 16; at most the pool's rank rounded
     # up): rows beyond an adapter's rank are masked, never loaded, so wide chunks cost little,
     # and each chunk is a branch of its own in the kernel's code.
@@ -275,6 +291,9 @@ class MatmulConfig(KernelConfig):
             ("column_programs", 0, False),
             ("small_tokens", 1, False),
             ("dot_epilogue_max_tokens", 1, False),
+            ("prefetch_epilogue_max_tokens", 1, False),
+            ("wide_epilogue_adapters", 0, False),
+            ("wide_epilogue_min_tokens", 1, False),
             ("epilogue_prepared_rank_rows", 0, True),
             ("epilogue_adapters", 0, False),
             ("split_k", 1, True),
@@ -355,7 +374,18 @@ class MatmulConfig(KernelConfig):
         return min(self.dot_block_m or bm, bm) if expand else bm
 
     def epilogue_for(self, bm: int) -> str:
-        return self.epilogue or ("dot" if bm <= self.dot_epilogue_max_tokens else "rows")
+        if self.epilogue:
+            return self.epilogue
+        if bm <= self.dot_epilogue_max_tokens:
+            return "dot"
+        return "rows_prefetch" if bm <= self.prefetch_epilogue_max_tokens else "rows"
+
+    def epilogue_adapters_for(self, bm: int) -> int:
+        """Most adapters a block of ``bm`` tokens may have to take the few-adapters epilogue
+        (0: off)."""
+        if not self.epilogue_adapters or bm < self.wide_epilogue_min_tokens:
+            return self.epilogue_adapters
+        return max(self.epilogue_adapters, self.wide_epilogue_adapters)
 
     def epilogue_blocks(self, bm: int, rank_cols: int) -> tuple[int, int, int]:
         """(rank rows per token, K, prepared rank rows) of the epilogue's dot steps; K is at most
@@ -1183,12 +1213,13 @@ def lora_matmul(
         elif config.epilogue_for(sub) == "rows_prefetch":
             expand = dataclasses.replace(expand, prefetch_rows=True)
             tag = "_expand_prefetch"
-    if expand is not None and not expand.shrink_rows and config.epilogue_adapters:
+    block_adapters = config.epilogue_adapters_for(sub)
+    if expand is not None and not expand.shrink_rows and block_adapters:
         adapter_rank_rows = max(16, min(config.adapter_rank_rows, _next_pow2(expand.rank_cols)))
         expand = dataclasses.replace(
-            expand, adapters=config.epilogue_adapters, adapter_rank_rows=adapter_rank_rows
+            expand, adapters=block_adapters, adapter_rank_rows=adapter_rank_rows
         )
-        tag += f"_a{config.epilogue_adapters}"
+        tag += f"_a{block_adapters}"
     if sub < bm:
         tag += f"_d{sub}"
     grid = (pl.cdiv(num_tokens, bm), n_cols // bn)

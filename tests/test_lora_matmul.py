@@ -237,6 +237,41 @@ def test_blocks_with_few_adapters(group, dtype_name, epilogue, split_k, adapters
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(("group", "dtype_name"), [("gate_up", "float32"), ("qkv", "bfloat16")])
+def test_wide_blocks_list_more_adapters(group, dtype_name, interpret):
+    """Blocks of at least wide_epilogue_min_tokens tokens take the few-adapters epilogue with up
+    to wide_epilogue_adapters adapters: 70 tokens over 5 adapters in blocks of 64 (the default
+    epilogue there: the pipelined rows) and of 16 (the dot epilogue, 3 adapters at most). Every
+    variant gives the reference's result, and the general epilogues' alone."""
+    dtype = jnp.dtype(dtype_name)
+    prob, w, lora = _case(group, 70, dtype, adapters=(0, 1, 2, 3, 5), rows_per_page=8)
+    wide = MatmulConfig(
+        block_m=64,
+        block_n=16,
+        block_k=16,
+        num_stages=2,
+        epilogue_adapters=3,
+        wide_epilogue_adapters=6,
+        adapter_rank_rows=16,
+    )
+    assert wide.epilogue_for(64) == "rows_prefetch" and wide.epilogue_adapters_for(64) == 6
+    assert wide.epilogue_for(16) == "dot" and wide.epilogue_adapters_for(16) == 3
+    reference = _reference_with_finite_v(prob, w, lora)
+    results = {}
+    for name, config in (
+        ("wide", wide),
+        ("narrow", dataclasses.replace(wide, wide_epilogue_adapters=0)),
+        ("general", dataclasses.replace(wide, epilogue_adapters=0)),
+        ("blocks of 16", dataclasses.replace(wide, block_m=16, epilogue_rank_rows=8)),
+    ):
+        y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
+        assert y.shape == (70, w.shape[2]) and y.dtype == dtype
+        assert _rel_err(y, reference) < TOL[dtype_name], name
+        results[name] = y
+    assert _rel_err(results["wide"], results["general"]) < TOL[dtype_name]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
 def test_min_block_m_pads_a_small_step_with_masked_rows(interpret):
     """MatmulConfig.min_block_m: 13 tokens in a block of 32 (19 masked rows, never loaded or
     stored), base only and with the expand epilogue: the reference's result."""
@@ -373,8 +408,8 @@ def test_every_layer_and_base_only_tokens(interpret):
 
 
 def test_default_config_lowers_for_the_gpu_at_model_widths():
-    """The 7B decode shapes (q|k|v 4096 + 1024 + 1024 columns here, bf16, T=8 and 128) lowered to
-    Triton on any machine: one kernel per call, named after its blocks."""
+    """The 7B decode shapes (q|k|v 4096 + 1024 + 1024 columns here, bf16, T=8, 64 and 128)
+    lowered to Triton on any machine: one kernel per call, named after its blocks."""
     in_width, widths = 512, (512, 128, 128)
 
     def lower(config, *, with_lora=True):
@@ -389,7 +424,7 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
             prob.layer,
         )
 
-    for num_tokens in (8, 128):
+    for num_tokens in (8, 64, 128):
         prob = make_problem(
             num_tokens,
             num_tokens=num_tokens,
@@ -409,20 +444,23 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         bk = 128 if num_tokens <= 32 else 64
         split = f"_sk{512 // bk}"
         blocks = f"bm{bm}_bn{bn}_bk{bk}_w4_s4"
-        # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), rows above; each
-        # forced the other way; both beside the few-adapters epilogue (a4) and without it;
-        # base only.
+        # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), the pipelined
+        # rows epilogue up to 64, rows above; each forced the other way; beside the
+        # few-adapters epilogue (4 adapters a block, 8 from 64 tokens) and without it; base
+        # only.
         dot = num_tokens <= 32
+        adapters = "a4" if num_tokens < 64 else "a8"
+        default = {8: "expand_r16k256p64", 64: "expand_prefetch", 128: "expand"}[num_tokens]
         cases = [
-            (None, "lora_matmul_expand_r16k256p64_a4" if dot else "lora_matmul_expand_a4"),
+            (None, f"lora_matmul_{default}_{adapters}"),
             (
                 ROWS if dot else dataclasses.replace(ROWS, epilogue="dot"),
-                "lora_matmul_expand_a4" if dot else "lora_matmul_expand_r16k256p64_a4",
+                f"lora_matmul_expand_{adapters}"
+                if dot
+                else f"lora_matmul_expand_r16k256p64_{adapters}",
             ),
-            (
-                MatmulConfig(epilogue_adapters=0),
-                "lora_matmul_expand_r16k256p64" if dot else "lora_matmul_expand",
-            ),
+            (MatmulConfig(epilogue_adapters=0), f"lora_matmul_{default}"),
+            (MatmulConfig(wide_epilogue_adapters=0), f"lora_matmul_{default}_a4"),
         ]
         for config, name in cases:
             text = lower(config)
@@ -449,13 +487,16 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
     # rows epilogue; explicit splits.
     for config, name in (
         (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_a4_d16_sk8_"),
-        (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_a4_sk8_"),
-        (MatmulConfig(split_k=2), "lora_matmul_expand_a4_sk2_"),
+        (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_a8_sk8_"),
+        (MatmulConfig(prefetch_epilogue_max_tokens=128), "lora_matmul_expand_prefetch_a8_sk8_"),
+        (MatmulConfig(split_k=2), "lora_matmul_expand_a8_sk2_"),
         (
-            MatmulConfig(split_k=2, epilogue="rows_prefetch", epilogue_adapters=2),
+            MatmulConfig(
+                split_k=2, epilogue="rows_prefetch", epilogue_adapters=2, wide_epilogue_adapters=0
+            ),
             "lora_matmul_expand_prefetch_a2_sk2_",
         ),
-        (MatmulConfig(split_k=2, epilogue="dot"), "lora_matmul_expand_r16k256p64_a4_sk2_"),
+        (MatmulConfig(split_k=2, epilogue="dot"), "lora_matmul_expand_r16k256p64_a8_sk2_"),
     ):
         text = lower(config)
         assert triton_kernels(text) == 1 and f"{name}{blocks}" in text
@@ -571,6 +612,12 @@ def test_bad_inputs_raise_config_errors():
         MatmulConfig(shrink_rows=24)
     with pytest.raises(ConfigError, match="'shrink_max_tokens': expected an int >= 1"):
         MatmulConfig(shrink_max_tokens=0)
+    with pytest.raises(ConfigError, match="'prefetch_epilogue_max_tokens': expected an int >= 1"):
+        MatmulConfig(prefetch_epilogue_max_tokens=0)
+    with pytest.raises(ConfigError, match="'wide_epilogue_adapters': expected an int >= 0"):
+        MatmulConfig(wide_epilogue_adapters=-1)
+    with pytest.raises(ConfigError, match="'wide_epilogue_min_tokens': expected an int >= 1"):
+        MatmulConfig(wide_epilogue_min_tokens=0)
     with pytest.raises(ConfigError, match="'epilogue_prepared_rank_rows': expected an int >= 0"):
         MatmulConfig(epilogue_prepared_rank_rows=-1)
     with pytest.raises(ConfigError, match="'split_k': expected an int >= 1"):
