@@ -56,28 +56,31 @@ def test_pallas_engine_matches_reference_engine():
     # The third runs each decode projection group through lora_matmul (base GEMM + LoRA
     # expand); the fourth also rotates q, k and writes K/V in one Pallas launch a layer
     # (kv_write="pallas"): with two layers a scan iteration, the default on this impl; the
-    # fifth runs the shrink of steps with few adapters inside lora_matmul.
+    # fifth runs the shrink of steps with few adapters inside lora_matmul; the sixth pads
+    # decode steps to 64 rows, so that lora_matmul's blocks hold 64 tokens and (without the
+    # few-adapters epilogue) add the delta in the pipelined rows epilogue.
     runs = (
-        ("reference", "xla", "xla", 0),
-        ("pallas", "xla", "xla", 0),
-        ("pallas", "pallas", "xla", 0),
-        ("pallas", "pallas", "pallas", 0),
-        ("pallas", "pallas", "pallas", 32),
+        ("reference", "xla", "xla", 0, 8, 4),
+        ("pallas", "xla", "xla", 0, 8, 4),
+        ("pallas", "pallas", "xla", 0, 8, 4),
+        ("pallas", "pallas", "pallas", 0, 8, 4),
+        ("pallas", "pallas", "pallas", 32, 8, 4),
+        ("pallas", "pallas", "pallas", 0, 64, 0),
     )
-    for impl, projection, kv_write, shrink_rows in runs:
+    for impl, projection, kv_write, shrink_rows, decode_rows, epilogue_adapters in runs:
         config = EngineConfig(
             kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256),
             runner=RunnerConfig(
-                max_batch=8,
+                max_batch=decode_rows,
                 prefill_chunk=32,
                 max_prefill_rows=4,
                 impl=impl,
                 projection_kernel=projection,
                 kv_write=kv_write,
-                matmul=MatmulConfig(shrink_rows=shrink_rows),
+                matmul=MatmulConfig(shrink_rows=shrink_rows, epilogue_adapters=epilogue_adapters),
                 # One step shape per mode (padded rows): 4 compilations per engine instead of
                 # 14; with the default buckets the test outran a 170 s limit on the H200.
-                decode_buckets=(8,),
+                decode_buckets=(decode_rows,),
                 prefill_buckets=(4,),
             ),
             lora_pool=LoraPoolConfig(max_rank=64, rows_per_page=16, pages_per_pool=64, max_slots=8),
@@ -88,7 +91,9 @@ def test_pallas_engine_matches_reference_engine():
         )
         assert llm.engine.runner.impl == impl
         assert llm.engine.runner.model.scan_unroll == (2 if impl == "pallas" else 1)
-        outputs[impl, projection, kv_write, shrink_rows] = [
+        if decode_rows == 64:
+            assert config.runner.matmul.epilogue_for(64) == "rows_prefetch"
+        outputs[impl, projection, kv_write, shrink_rows, decode_rows, epilogue_adapters] = [
             o.token_ids
             for adapters_of in (names, few)
             for o in llm.generate(prompts, adapter=adapters_of, sampling=sampling)
