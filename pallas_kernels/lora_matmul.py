@@ -136,6 +136,15 @@ class MatmulConfig(KernelConfig):
     block_k: int | None = None  # input-width step
     num_warps: int = 4
     num_stages: int = 4
+    # Warps of programs whose output tile (block_m x block_n) has at least large_block_elements
+    # elements (None: num_warps). With 4 warps, gate|up's (128, 128) float32 accumulator at
+    # T = 128 is 128 registers a thread, and Triton spills: 39 local loads / 41 stores without
+    # LoRA, 1,150 / 1,150 with the expand epilogue listing 8 adapters (694 / 676 with 4), and
+    # its K loop runs 248 instructions; with 8 warps none, and 129 (compiler report,
+    # nineteenth session: ``kernel_report.py --tokens=128 --groups=gate_up``). Not timed on
+    # the GPU, so off.
+    large_block_num_warps: int | None = None
+    large_block_elements: int = 128 * 128
     max_block_n: int = 128
     column_programs: int = 160
     narrow_block_n: int = 64
@@ -285,6 +294,8 @@ class MatmulConfig(KernelConfig):
         # (field, least value, None allowed)
         for name, at_least, optional in (
             ("num_warps", 1, False),
+            ("large_block_num_warps", 1, True),
+            ("large_block_elements", 1, False),
             ("num_stages", 1, False),
             ("max_tokens", 1, False),
             ("shrink_max_tokens", 1, False),
@@ -318,6 +329,12 @@ class MatmulConfig(KernelConfig):
                 f"MatmulConfig field 'max_partial_share': expected a number > 0 or None, "
                 f"got {share!r}"
             )
+
+    def num_warps_for(self, bm: int, bn: int) -> int:
+        """Warps of a program with a (bm, bn) output tile."""
+        if self.large_block_num_warps is not None and bm * bn >= self.large_block_elements:
+            return self.large_block_num_warps
+        return self.num_warps
 
     def block_n_for(self, widths) -> int:
         """The largest block of output columns up to the preferred one (>= 16) dividing every
@@ -1237,7 +1254,8 @@ def lora_matmul(
         tag += f"_sk{split}"
         grid += (split,)
         out_shape = jax.ShapeDtypeStruct((split, num_tokens, n_cols), jnp.float32)
-    name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{config.num_warps}_s{config.num_stages}"
+    num_warps = config.num_warps_for(bm, bn)
+    name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{num_warps}_s{config.num_stages}"
     y = pl.pallas_call(
         functools.partial(
             _matmul_kernel,
@@ -1253,9 +1271,7 @@ def lora_matmul(
         ),
         out_shape=out_shape,
         grid=grid,
-        compiler_params=pltriton.CompilerParams(
-            num_warps=config.num_warps, num_stages=config.num_stages
-        ),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=name,
     )(*args)

@@ -54,6 +54,25 @@ def test_min_block_m_64_gives_a_small_step_warpgroup_mmas():
     assert kernel.mma == ("v3 warps [4, 1]",)
 
 
+def test_large_block_warps_remove_gate_up_spills():
+    """gate|up at T = 128 (blocks of 128 x 128, a float32 accumulator of 128 registers a
+    thread with 4 warps): Triton spills inside the K loop (local loads and stores, LDL / STL).
+    MatmulConfig.large_block_num_warps=8 runs such blocks with 8 warps, and nothing spills; a
+    smaller block (q|k|v, 128 x 64) keeps 4 warps."""
+    from pallas_kernels.lora_matmul import MatmulConfig
+
+    default = _one(projection_report("gate_up", 128, lora="none"), "lora_matmul_bm128")
+    assert default.num_warps == 4 and default.loop_counts["LDL"] > 0
+    assert default.loop_counts["STL"] > 0
+    wide = MatmulConfig(large_block_num_warps=8)
+    eight = _one(projection_report("gate_up", 128, lora="none", config=wide), "lora_matmul_bm128")
+    assert eight.num_warps == 8 and eight.name.endswith("_w8_s4")
+    assert eight.kernel_counts["LDL"] == eight.kernel_counts["STL"] == 0
+    assert eight.loop_instructions < default.loop_instructions
+    qkv = _one(projection_report("qkv", 128, lora="none", config=wide), "lora_matmul_bm128")
+    assert qkv.num_warps == 4 and qkv.name.endswith("_w4_s4")
+
+
 def test_sgmv_report_reads_both_regimes():
     """Issue 3's kernels: at T = 16 the decode shrink and expand run on the CUDA cores (fused
     adds, 16-byte loads, no MMA); at T = 256 the prefill shrink's K loop runs warp MMAs on

@@ -272,6 +272,26 @@ def test_wide_blocks_list_more_adapters(group, dtype_name, interpret):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+def test_large_blocks_run_their_own_warps(interpret):
+    """MatmulConfig.large_block_num_warps: programs of at least large_block_elements outputs
+    (here 64 x 32 of a 40-token step) run with 8 warps, base only and with the expand
+    epilogue: the reference's result, and the same as with 4 warps."""
+    prob, w, lora = _case("gate_up", 40, jnp.float32)
+    four = MatmulConfig(block_m=64, block_n=32, block_k=16, num_stages=2)
+    eight = dataclasses.replace(four, large_block_num_warps=8, large_block_elements=64 * 32)
+    assert eight.num_warps_for(64, 32) == 8 and eight.num_warps_for(64, 16) == 4
+    assert four.num_warps_for(64, 32) == 4
+    reference = _reference_with_finite_v(prob, w, lora)
+    for with_lora in (True, False):
+        kwargs = {"lora": lora} if with_lora else {}
+        want = reference if with_lora else lora_matmul_reference(prob.x, w, prob.layer)
+        y8 = lora_matmul(prob.x, w, prob.layer, config=eight, interpret=interpret, **kwargs)
+        y4 = lora_matmul(prob.x, w, prob.layer, config=four, interpret=interpret, **kwargs)
+        assert _rel_err(y8, want) < TOL["float32"]
+        assert _rel_err(y8, y4) < TOL["float32"]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
 def test_min_block_m_pads_a_small_step_with_masked_rows(interpret):
     """MatmulConfig.min_block_m: 13 tokens in a block of 32 (19 masked rows, never loaded or
     stored), base only and with the expand epilogue: the reference's result."""
@@ -612,6 +632,8 @@ def test_bad_inputs_raise_config_errors():
         MatmulConfig(shrink_rows=24)
     with pytest.raises(ConfigError, match="'shrink_max_tokens': expected an int >= 1"):
         MatmulConfig(shrink_max_tokens=0)
+    with pytest.raises(ConfigError, match="'large_block_num_warps': expected an int >= 1"):
+        MatmulConfig(large_block_num_warps=0)
     with pytest.raises(ConfigError, match="'prefetch_epilogue_max_tokens': expected an int >= 1"):
         MatmulConfig(prefetch_epilogue_max_tokens=0)
     with pytest.raises(ConfigError, match="'wide_epilogue_adapters': expected an int >= 0"):
