@@ -614,40 +614,34 @@ def test_bad_inputs_raise_config_errors():
     ):
         with pytest.raises(ConfigError, match=message):
             lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=None, shrink=bad))
-    with pytest.raises(ConfigError, match="block_n"):
-        MatmulConfig(block_n=48)
-    with pytest.raises(ConfigError, match="'epilogue': expected 'dot', 'rows', 'rows_prefetch'"):
-        MatmulConfig(epilogue="fused")
-    with pytest.raises(ConfigError, match="epilogue_rank_rows"):
-        MatmulConfig(epilogue_rank_rows=12)
-    with pytest.raises(ConfigError, match="epilogue_block_k"):
-        MatmulConfig(epilogue_block_k=8)
-    with pytest.raises(ConfigError, match="'expand_block_m': expected a power of two >= 16"):
-        MatmulConfig(expand_block_m=24)
-    with pytest.raises(ConfigError, match="'dot_block_m': expected a power of two >= 16"):
-        MatmulConfig(dot_block_m=8)
-    with pytest.raises(ConfigError, match="'min_block_m': expected a power of two >= 16"):
-        MatmulConfig(min_block_m=48)
-    with pytest.raises(ConfigError, match="'shrink_rows': expected 0 .off. or a power of two"):
-        MatmulConfig(shrink_rows=24)
-    with pytest.raises(ConfigError, match="'shrink_max_tokens': expected an int >= 1"):
-        MatmulConfig(shrink_max_tokens=0)
-    with pytest.raises(ConfigError, match="'large_block_num_warps': expected an int >= 1"):
-        MatmulConfig(large_block_num_warps=0)
-    with pytest.raises(ConfigError, match="'prefetch_epilogue_max_tokens': expected an int >= 1"):
-        MatmulConfig(prefetch_epilogue_max_tokens=0)
-    with pytest.raises(ConfigError, match="'wide_epilogue_adapters': expected an int >= 0"):
-        MatmulConfig(wide_epilogue_adapters=-1)
-    with pytest.raises(ConfigError, match="'wide_epilogue_min_tokens': expected an int >= 1"):
-        MatmulConfig(wide_epilogue_min_tokens=0)
-    with pytest.raises(ConfigError, match="'epilogue_prepared_rank_rows': expected an int >= 0"):
-        MatmulConfig(epilogue_prepared_rank_rows=-1)
-    with pytest.raises(ConfigError, match="'split_k': expected an int >= 1"):
-        MatmulConfig(split_k=0)
-    with pytest.raises(ConfigError, match="'max_partial_share': expected a number > 0 or None"):
-        MatmulConfig(max_partial_share=0)
-    with pytest.raises(ConfigError, match=r"'narrow_block_n': .* dimension\), got None"):
-        MatmulConfig(narrow_block_n=None)
+    # Each bad MatmulConfig field, and the message that must name it.
+    for fields, message in (
+        ({"block_n": 48}, "block_n"),
+        ({"epilogue": "fused"}, "'epilogue': expected 'dot', 'rows', 'rows_prefetch'"),
+        ({"epilogue_rank_rows": 12}, "epilogue_rank_rows"),
+        ({"epilogue_block_k": 8}, "epilogue_block_k"),
+        ({"expand_block_m": 24}, "'expand_block_m': expected a power of two >= 16"),
+        ({"dot_block_m": 8}, "'dot_block_m': expected a power of two >= 16"),
+        ({"min_block_m": 48}, "'min_block_m': expected a power of two >= 16"),
+        ({"shrink_rows": 24}, "'shrink_rows': expected 0 .off. or a power of two"),
+        ({"shrink_max_tokens": 0}, "'shrink_max_tokens': expected an int >= 1"),
+        ({"large_block_num_warps": 0}, "'large_block_num_warps': expected an int >= 1"),
+        (
+            {"prefetch_epilogue_max_tokens": 0},
+            "'prefetch_epilogue_max_tokens': expected an int >= 1",
+        ),
+        ({"wide_epilogue_adapters": -1}, "'wide_epilogue_adapters': expected an int >= 0"),
+        ({"wide_epilogue_min_tokens": 0}, "'wide_epilogue_min_tokens': expected an int >= 1"),
+        (
+            {"epilogue_prepared_rank_rows": -1},
+            "'epilogue_prepared_rank_rows': expected an int >= 0",
+        ),
+        ({"split_k": 0}, "'split_k': expected an int >= 1"),
+        ({"max_partial_share": 0}, "'max_partial_share': expected a number > 0 or None"),
+        ({"narrow_block_n": None}, r"'narrow_block_n': .* dimension\), got None"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            MatmulConfig(**fields)
 
 
 def test_lora_projection_is_the_shrink_then_the_fused_expand():
