@@ -242,6 +242,10 @@ class SgmvConfig(KernelConfig):
     expand_col_steps: int | None = None  # most column blocks per expand program (pipelined)
     expand_num_warps: int = 4
     expand_num_stages: int = 3
+    # True: the prefill expand loads the next column step's y tile before the current step's
+    # dot, carried through the loop. Triton pipelines only the loads that feed a dot (B's), so
+    # without it each step waits for its y read (docs/BENCHMARKS.md, sixteenth session).
+    expand_prefetch_y: bool = False
     # decode
     decode_shrink_rows: int | None = None  # v columns (rank rows) per decode shrink program
     decode_block_k: int = 2048  # input-width step of the decode shrink loop
@@ -253,10 +257,11 @@ class SgmvConfig(KernelConfig):
     decode_expand_num_stages: int = 3
 
     def __post_init__(self):
-        if not isinstance(self.deterministic, bool):
-            raise ConfigError(
-                f"SgmvConfig field 'deterministic': expected a bool, got {self.deterministic!r}"
-            )
+        for name in ("deterministic", "expand_prefetch_y"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"SgmvConfig field {name!r}: expected a bool, got {getattr(self, name)!r}"
+                )
         for name in (
             "shrink_block_tokens",
             "shrink_block_n",
@@ -1076,6 +1081,7 @@ def _prefill_expand_kernel(
     bn,
     rank_pad,
     dtypes,
+    prefetch_y,
     interpret,
 ):
     g_count = len(weights)
@@ -1156,12 +1162,50 @@ def _prefill_expand_kernel(
                         v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :], other=0.0
                     ).astype(dtype)
                     first = (prog_all - starts[g]) * steps
+                    num_steps = jnp.minimum(steps, blocks[g] - first)
                     ragged = width % bn != 0
 
-                    def body(step, carry):
-                        cols = pl.multiple_of((first + step) * bn, bn) + jnp.arange(
+                    def columns(step):
+                        return pl.multiple_of((first + step) * bn, bn) + jnp.arange(
                             bn, dtype=jnp.int32
                         )
+
+                    def y_tile(step):
+                        # The prefetch after a run's last step loads nothing: its columns lie
+                        # past the run (and may lie past y's last column).
+                        cols = columns(step)
+                        col_ok = cols < jnp.minimum((first + num_steps) * bn, width)
+                        y_c = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)[None, :]
+                        mask = row_ok[:, None] & col_ok[None, :]
+                        return pltriton.load(y_ref.at[tok_i, y_c], mask=mask, other=0)
+
+                    def prefetching(step, yt):
+                        cols = columns(step)
+                        if ragged:
+                            col_ok = cols < width
+                            cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+                            b_mask = j_ok[:, None] & col_ok[None, :]
+                            y_mask = row_ok[:, None] & col_ok[None, :]
+                            y_c = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)[None, :]
+                        else:
+                            cols_i = cols[None, :]
+                            b_mask, y_mask = j_ok[:, None], row_ok[:, None]
+                            y_c = (col_offsets[g] + cols)[None, :]
+                        bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0).astype(
+                            dtype
+                        )
+                        y_next = y_tile(step + 1)
+                        delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
+                        out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
+                        pltriton.store(y_ref.at[tok_i, y_c], out, mask=y_mask)
+                        return y_next
+
+                    if prefetch_y:
+                        jax.lax.fori_loop(0, num_steps, prefetching, y_tile(0))
+                        return
+
+                    def body(step, carry):
+                        cols = columns(step)
                         if ragged:
                             col_ok = cols < width
                             cols_i = _idx(cols, col_ok, width, interpret)[None, :]
@@ -1185,7 +1229,7 @@ def _prefill_expand_kernel(
                         pltriton.store(y_ref.at[tok_i, y_c], out, mask=y_mask)
                         return carry
 
-                    jax.lax.fori_loop(0, jnp.minimum(steps, blocks[g] - first), body, 0)
+                    jax.lax.fori_loop(0, num_steps, body, 0)
 
 
 def _decode_expand_kernel(
@@ -1389,9 +1433,10 @@ def sgmv_expand(
     programs = int(np.max(used * np.asarray([cp[-1] for cp in col_programs])[choice]))
     rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
+    prefetch_y = config.expand_prefetch_y and accumulate
     name = (
         f"sgmv_expand{mode}_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
-        f"_s{config.expand_num_stages}"
+        f"_s{config.expand_num_stages}{'_py' if prefetch_y else ''}"
     )
     return pl.pallas_call(
         functools.partial(
@@ -1404,6 +1449,7 @@ def sgmv_expand(
             bn=bn,
             rank_pad=rank_pad,
             dtypes=dtypes,
+            prefetch_y=prefetch_y,
             **statics,
         ),
         out_shape=out_shape,

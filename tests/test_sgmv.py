@@ -519,6 +519,33 @@ def test_prefill_run_time_split_and_column_runs(
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("assignment", ["one_slot", "distinct", "mixed"])
+@pytest.mark.parametrize("col_steps", [1, 4])
+def test_prefill_expand_prefetches_y(assignment, col_steps, interpret):
+    """``expand_prefetch_y``: each column step loads the next step's y tile before its dot. Runs
+    of 1 and up to 4 column steps over widths that are not a multiple of the block (56, 40: the
+    last block ragged, the last run short), tokens with and without adapters: the same y as the
+    reference and as the loop without the prefetch, bit for bit."""
+    prob = make_problem(
+        17, num_tokens=37, in_width=40, out_widths=(56, 40, 40), dtype=jnp.bfloat16, num_slots=40
+    )
+    prob.token_slot = {
+        "one_slot": np.full(37, 2),
+        "distinct": np.random.default_rng(1).permutation(40)[:37],
+        "mixed": np.where(np.arange(37) % 3 == 0, NO_ADAPTER, np.arange(37) % 5),
+    }[assignment].astype(np.int32)
+    config = dataclasses.replace(
+        SMALL, decode_max_tokens=0, expand_waves=1, target_programs=1, expand_col_steps=col_steps
+    )
+    prefetching = dataclasses.replace(config, expand_prefetch_y=True)
+    v_ref, y_ref = _reference(prob)
+    y = _run_expand(prob, v_ref, prefetching, interpret)
+    _check(prob, v_ref, y, v_ref, y_ref, "bfloat16")
+    plain = _run_expand(prob, v_ref, config, interpret)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("regime", ["decode", "prefill"])
 def test_ranks_up_to_128_in_one_batch(regime, interpret):
     prob = make_problem(
