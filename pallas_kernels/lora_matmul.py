@@ -141,8 +141,9 @@ class MatmulConfig(KernelConfig):
     # T = 128 is 128 registers a thread, and Triton spills: 39 local loads / 41 stores without
     # LoRA, 1,150 / 1,150 with the expand epilogue listing 8 adapters (694 / 676 with 4), and
     # its K loop runs 248 instructions; with 8 warps none, and 129 (compiler report,
-    # nineteenth session: ``kernel_report.py --tokens=128 --groups=gate_up``). Not timed on
-    # the GPU, so off.
+    # nineteenth session: ``kernel_report.py --tokens=128 --groups=gate_up``). Off: in the
+    # 32-layer engine at batch 128 (H200, twentieth session) 8 warps made the step slower,
+    # +1.3% without LoRA and +9.9% to +19.2% with it; from 64 x 128 tiles also at batch 64.
     large_block_num_warps: int | None = None
     large_block_elements: int = 128 * 128
     max_block_n: int = 128

@@ -244,7 +244,10 @@ class SgmvConfig(KernelConfig):
     expand_num_stages: int = 3
     # True: the prefill expand loads the next column step's y tile before the current step's
     # dot, carried through the loop. Triton pipelines only the loads that feed a dot (B's), so
-    # without it each step waits for its y read (docs/BENCHMARKS.md, sixteenth session).
+    # without it each step waits for its y read (docs/BENCHMARKS.md, sixteenth session). Off:
+    # over the 120 prefill rows of issue 3's grid (H200, twentieth session) it took 0.982x the
+    # expand's time (geometric mean; rows from 0.80x to 1.21x) and 0.991x the shrink + expand,
+    # and the rows at >= 70% of copy went from 22 to 20 of 91: within one run's noise.
     expand_prefetch_y: bool = False
     # decode
     decode_shrink_rows: int | None = None  # v columns (rank rows) per decode shrink program
