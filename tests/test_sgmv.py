@@ -915,5 +915,8 @@ def test_bad_inputs_raise_config_errors():
         SgmvConfig(shrink_block_k=8)
     with pytest.raises(ConfigError, match="shrink_small_tokens"):
         SgmvConfig(shrink_small_tokens=-1)
+    for name in ("deterministic", "expand_prefetch_y"):
+        with pytest.raises(ConfigError, match=f"'{name}': expected a bool, got 1"):
+            SgmvConfig(**{name: 1})
     assert [SgmvConfig().shrink_k_step(t) for t in (65, 128, 129)] == [64, 64, 256]
     assert SgmvConfig(shrink_block_k=128).shrink_k_step(65) == 128
