@@ -1182,7 +1182,8 @@ def _prefill_expand_kernel(
                         mask = row_ok[:, None] & col_ok[None, :]
                         return pltriton.load(y_ref.at[tok_i, y_c], mask=mask, other=0)
 
-                    def prefetching(step, yt):
+                    def step_operands(step):
+                        """(B tile, y's column index, y's mask) of a column step."""
                         cols = columns(step)
                         if ragged:
                             col_ok = cols < width
@@ -1197,6 +1198,10 @@ def _prefill_expand_kernel(
                         bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0).astype(
                             dtype
                         )
+                        return bt_, y_c, y_mask
+
+                    def prefetching(step, yt):
+                        bt_, y_c, y_mask = step_operands(step)
                         y_next = y_tile(step + 1)
                         delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))
                         out = (yt.astype(jnp.float32) + delta * scale).astype(y_ref.dtype)
@@ -1208,20 +1213,7 @@ def _prefill_expand_kernel(
                         return
 
                     def body(step, carry):
-                        cols = columns(step)
-                        if ragged:
-                            col_ok = cols < width
-                            cols_i = _idx(cols, col_ok, width, interpret)[None, :]
-                            b_mask = j_ok[:, None] & col_ok[None, :]
-                            y_mask = row_ok[:, None] & col_ok[None, :]
-                            y_c = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)[None, :]
-                        else:
-                            cols_i = cols[None, :]
-                            b_mask, y_mask = j_ok[:, None], row_ok[:, None]
-                            y_c = (col_offsets[g] + cols)[None, :]
-                        bt_ = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0).astype(
-                            dtype
-                        )
+                        bt_, y_c, y_mask = step_operands(step)
                         if accumulate:  # y's load issued before the dot, as before the delta form
                             yt = pltriton.load(y_ref.at[tok_i, y_c], mask=y_mask, other=0)
                         delta = pltriton.dot(vt, bt_, precision=_dot_precision(dtype))

@@ -485,6 +485,26 @@ def test_prefill_shrink_split_k(split, deterministic, interpret):
             assert _rel_err(v, atomic) < 1e-5
 
 
+def _ragged_problem(seed, assignment, *, in_width, permutation_seed):
+    """37 bf16 tokens over q|k|v widths (56, 40, 40) that no power-of-two block divides, their
+    slots by ``assignment``: all one slot, 37 distinct of 40 slots, or 5 slots with every third
+    token base-only."""
+    prob = make_problem(
+        seed,
+        num_tokens=37,
+        in_width=in_width,
+        out_widths=(56, 40, 40),
+        dtype=jnp.bfloat16,
+        num_slots=40,
+    )
+    prob.token_slot = {
+        "one_slot": np.full(37, 2),
+        "distinct": np.random.default_rng(permutation_seed).permutation(40)[:37],
+        "mixed": np.where(np.arange(37) % 3 == 0, NO_ADAPTER, np.arange(37) % 5),
+    }[assignment].astype(np.int32)
+    return prob
+
+
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("assignment", ["one_slot", "distinct", "mixed"])
 @pytest.mark.parametrize("target_programs", [1, 6, 40])
@@ -495,14 +515,7 @@ def test_prefill_run_time_split_and_column_runs(
     """The prefill kernels pick their K split (shrink) and column run (expand) at run time from
     the tiles in use; every choice, with column runs that do not divide a weight's blocks, gives
     the reference result."""
-    prob = make_problem(
-        13, num_tokens=37, in_width=136, out_widths=(56, 40, 40), dtype=jnp.bfloat16, num_slots=40
-    )
-    prob.token_slot = {
-        "one_slot": np.full(37, 2),
-        "distinct": np.random.default_rng(0).permutation(40)[:37],
-        "mixed": np.where(np.arange(37) % 3 == 0, NO_ADAPTER, np.arange(37) % 5),
-    }[assignment].astype(np.int32)
+    prob = _ragged_problem(13, assignment, in_width=136, permutation_seed=0)
     config = dataclasses.replace(
         SMALL,
         decode_max_tokens=0,
@@ -524,16 +537,9 @@ def test_prefill_run_time_split_and_column_runs(
 def test_prefill_expand_prefetches_y(assignment, col_steps, interpret):
     """``expand_prefetch_y``: each column step loads the next step's y tile before its dot. Runs
     of 1 and up to 4 column steps over widths that are not a multiple of the block (56, 40: the
-    last block ragged, the last run short), tokens with and without adapters: the same y as the
-    reference and as the loop without the prefetch, bit for bit."""
-    prob = make_problem(
-        17, num_tokens=37, in_width=40, out_widths=(56, 40, 40), dtype=jnp.bfloat16, num_slots=40
-    )
-    prob.token_slot = {
-        "one_slot": np.full(37, 2),
-        "distinct": np.random.default_rng(1).permutation(40)[:37],
-        "mixed": np.where(np.arange(37) % 3 == 0, NO_ADAPTER, np.arange(37) % 5),
-    }[assignment].astype(np.int32)
+    last block ragged, the last run short), tokens with and without adapters: the reference's y
+    within bf16's tolerance, and the y of the loop without the prefetch bit for bit."""
+    prob = _ragged_problem(17, assignment, in_width=40, permutation_seed=1)
     config = dataclasses.replace(
         SMALL, decode_max_tokens=0, expand_waves=1, target_programs=1, expand_col_steps=col_steps
     )
