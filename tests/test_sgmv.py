@@ -913,16 +913,16 @@ def test_bad_inputs_raise_config_errors():
             weights=prob.weights,
             interpret=True,
         )
-    with pytest.raises(ConfigError, match="expand_block_tokens"):
-        SgmvConfig(expand_block_tokens=24)
-    with pytest.raises(ConfigError, match="decode_shrink_rows"):
-        SgmvConfig(decode_shrink_rows=3)
-    with pytest.raises(ConfigError, match="shrink_block_k"):
-        SgmvConfig(shrink_block_k=8)
-    with pytest.raises(ConfigError, match="shrink_small_tokens"):
-        SgmvConfig(shrink_small_tokens=-1)
-    for name in ("deterministic", "expand_prefetch_y"):
-        with pytest.raises(ConfigError, match=f"'{name}': expected a bool, got 1"):
-            SgmvConfig(**{name: 1})
+    # Each bad SgmvConfig field, and the message that must name it (as in test_lora_matmul).
+    for fields, message in (
+        ({"expand_block_tokens": 24}, "expand_block_tokens"),
+        ({"decode_shrink_rows": 3}, "decode_shrink_rows"),
+        ({"shrink_block_k": 8}, "shrink_block_k"),
+        ({"shrink_small_tokens": -1}, "shrink_small_tokens"),
+        ({"deterministic": 1}, "'deterministic': expected a bool, got 1"),
+        ({"expand_prefetch_y": 1}, "'expand_prefetch_y': expected a bool, got 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            SgmvConfig(**fields)
     assert [SgmvConfig().shrink_k_step(t) for t in (65, 128, 129)] == [64, 64, 256]
     assert SgmvConfig(shrink_block_k=128).shrink_k_step(65) == 128
