@@ -28,8 +28,9 @@ weight g. Columns ``i >= rank`` are zero. In expand they are masked again, so v 
 
 Two regimes, chosen statically per kernel by ``SgmvConfig.regime(T, kernel)``
 ----------------------------------------------------------------------------
-decode  (shrink: T <= ``decode_shrink_max_tokens``, expand: T <= ``decode_max_tokens``): one
-        program per (token, block of rank rows) for shrink and per (token, block of y columns)
+decode  (shrink: T <= ``decode_shrink_max_tokens`` and T * G*MP*R <=
+        ``decode_shrink_max_token_rows``; expand: T <= ``decode_max_tokens``): one program per
+        (token, block of rank rows) for shrink and per (token, block of y columns)
         for expand; tokens in any order, no metadata beyond token_slot; arithmetic on the CUDA
         cores (a token's work is a matrix-vector product).
 prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one slot;
@@ -218,8 +219,17 @@ class SgmvConfig(KernelConfig):
     # T <= this: decode shrink; None: decode_max_tokens. The per-token shrink stays cheaper up to
     # larger T than the per-token expand, which re-reads an adapter's B for each of its tokens.
     decode_shrink_max_tokens: int | None = 64
+    # ... and T x (v columns) <= this; None: no such limit. The per-token shrink reads each
+    # token's A rows again (from L2), T x columns rows of the input width; past 2,048 the tiled
+    # shrink, which reads an adapter's rows once per tile, was faster (H200, twenty-first
+    # session: q|k|v at rank 16, T = 64, and every group at rank 64, T = 64).
+    decode_shrink_max_token_rows: int | None = 2048
     target_programs: int = 132  # streaming multiprocessors (an H100 SXM has 132)
     shrink_waves: int = 4  # the shrink splits K until the tiles in use give SMs this many programs
+    # ... and this many above ``shrink_large_tokens`` tokens, where fewer, longer K splits stream
+    # x better (H200, twenty-first session: T = 4,096, shrink 0.80x-0.99x its time with 4 waves).
+    shrink_large_waves: int = 1
+    shrink_large_tokens: int = 1024
     expand_waves: int = 4  # expand programs walk columns while SMs still get this many programs
     # prefill
     shrink_block_tokens: int = 16  # tokens of one slot per shrink tile (the M of its dots)
@@ -283,13 +293,12 @@ class SgmvConfig(KernelConfig):
                 raise ConfigError(
                     f"SgmvConfig field {name!r}: expected a power of two, got {value!r}"
                 )
-        if self.decode_shrink_max_tokens is not None and (
-            not isinstance(self.decode_shrink_max_tokens, int) or self.decode_shrink_max_tokens < 0
-        ):
-            raise ConfigError(
-                "SgmvConfig field 'decode_shrink_max_tokens': expected None or an "
-                f"int >= 0, got {self.decode_shrink_max_tokens!r}"
-            )
+        for name in ("decode_shrink_max_tokens", "decode_shrink_max_token_rows"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ConfigError(
+                    f"SgmvConfig field {name!r}: expected None or an int >= 0, got {value!r}"
+                )
         if self.shrink_block_k is not None and (
             not isinstance(self.shrink_block_k, int)
             or not _is_pow2(self.shrink_block_k)
@@ -310,6 +319,8 @@ class SgmvConfig(KernelConfig):
             "shrink_small_tokens",
             "target_programs",
             "shrink_waves",
+            "shrink_large_waves",
+            "shrink_large_tokens",
             "expand_waves",
             "shrink_num_warps",
             "shrink_num_stages",
@@ -321,7 +332,11 @@ class SgmvConfig(KernelConfig):
             "decode_expand_num_stages",
         ):
             value = getattr(self, name)
-            at_least = 0 if name in ("decode_max_tokens", "shrink_small_tokens") else 1
+            at_least = (
+                0
+                if name in ("decode_max_tokens", "shrink_small_tokens", "shrink_large_tokens")
+                else 1
+            )
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(
                     f"SgmvConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
@@ -333,12 +348,34 @@ class SgmvConfig(KernelConfig):
             return self.shrink_block_k
         return 64 if num_tokens <= self.shrink_small_tokens else 256
 
-    def regime(self, num_tokens: int, kernel: str = "expand") -> str:
-        """ "decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens."""
+    def shrink_target(self, num_tokens: int) -> int:
+        """The programs the prefill shrink's K split aims at for T tokens."""
+        waves = (
+            self.shrink_large_waves if num_tokens > self.shrink_large_tokens else self.shrink_waves
+        )
+        return waves * self.target_programs
+
+    def regime(self, num_tokens: int, kernel: str = "expand", *, columns: int | None = None) -> str:
+        """ "decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens;
+        the shrink's choice also depends on its ``columns`` (G * MP * R, the v columns)."""
+        if kernel == "expand":
+            return "decode" if num_tokens <= self.decode_max_tokens else "prefill"
+        if kernel != "shrink":
+            raise ConfigError(
+                f"SgmvConfig.regime: kernel must be 'shrink' or 'expand', got {kernel!r}"
+            )
+        if not isinstance(columns, int) or columns < 1:
+            raise ConfigError(
+                f"SgmvConfig.regime: the shrink's columns must be an int >= 1, got {columns!r}"
+            )
         limit = self.decode_max_tokens
-        if kernel == "shrink" and self.decode_shrink_max_tokens is not None:
+        if self.decode_shrink_max_tokens is not None:
             limit = self.decode_shrink_max_tokens
-        return "decode" if num_tokens <= limit else "prefill"
+        rows_limit = self.decode_shrink_max_token_rows
+        per_token = num_tokens <= limit and (
+            rows_limit is None or num_tokens * columns <= rows_limit
+        )
+        return "decode" if per_token else "prefill"
 
 
 def num_tiles_bound(num_tokens: int, num_slots: int, block_tokens: int) -> int:
@@ -651,7 +688,7 @@ def _shrink_max_split(config, num_tokens, n_blocks, k_blocks):
     tiny programs."""
     if config.shrink_split_k is not None:
         return min(config.shrink_split_k, _next_pow2(k_blocks))
-    target = config.shrink_waves * config.target_programs
+    target = config.shrink_target(num_tokens)
     programs = _cdiv(num_tokens, config.shrink_block_tokens) * n_blocks
     split = 1
     while programs * split < target and split * 4 <= k_blocks:
@@ -954,7 +991,7 @@ def sgmv_shrink(
     )
     out_shape = jax.ShapeDtypeStruct((num_tokens, columns), jnp.float32)
 
-    if config.regime(num_tokens, "shrink") == "decode":
+    if config.regime(num_tokens, "shrink", columns=columns) == "decode":
         rows = _decode_shrink_rows(config, num_tokens, columns)
         bk = min(config.decode_block_k, _next_pow2(width))
         name = (
@@ -981,7 +1018,7 @@ def sgmv_shrink(
     n_blocks = _cdiv(columns, bn)
     k_blocks = _cdiv(width, bk)
     max_split = _shrink_max_split(config, num_tokens, n_blocks, k_blocks)
-    target = config.shrink_waves * config.target_programs
+    target = config.shrink_target(num_tokens)
     used = np.arange(1, num_tiles + 1)
     programs = int(
         np.max(used * n_blocks * _shrink_split(used, n_blocks, max_split, target, np.where))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import zlib
 
 import jax
@@ -433,22 +434,32 @@ def test_kernels_match_reference(regime, group, dtype_name, interpret):
 
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize(
-    "regimes", [("decode", "decode"), ("decode", "prefill"), ("prefill", "prefill")]
+    "num_tokens, max_pages, regimes",
+    [
+        (9, 2, ("decode", "decode")),
+        (40, 1, ("decode", "prefill")),
+        # 40 tokens x 96 v columns: past the per-token shrink's token rows, tiles again
+        (40, 2, ("prefill", "prefill")),
+        (70, 2, ("prefill", "prefill")),
+    ],
 )
-def test_default_config_and_jnp_metadata(regimes, interpret):
+def test_default_config_and_jnp_metadata(num_tokens, max_pages, regimes, interpret):
     """Default block sizes (clipped to tiny shapes), where the shrink and the expand may run
     different regimes at one T; prefill metadata built inside the call."""
-    num_tokens = {("decode", "decode"): 9, ("decode", "prefill"): 40}.get(regimes, 70)
     prob = make_problem(
         5,
         num_tokens=num_tokens,
         in_width=48,
         out_widths=(48, 24, 24),
         rows_per_page=16,
-        max_pages=2,
+        max_pages=max_pages,
     )
     config = SgmvConfig()
-    assert (config.regime(num_tokens, "shrink"), config.regime(num_tokens, "expand")) == regimes
+    columns = 3 * 16 * max_pages
+    assert (
+        config.regime(num_tokens, "shrink", columns=columns),
+        config.regime(num_tokens, "expand"),
+    ) == regimes
     v_ref, y_ref = _reference(prob)
     v = _run_shrink(prob, config, interpret, meta=None)
     y = _run_expand(prob, v, config, interpret, meta=None)
@@ -483,6 +494,85 @@ def test_prefill_shrink_split_k(split, deterministic, interpret):
             np.testing.assert_array_equal(np.asarray(v), np.asarray(atomic))
         else:
             assert _rel_err(v, atomic) < 1e-5
+
+
+def test_shrink_regime_by_token_rows():
+    """The per-token shrink reads each token's A rows again: it runs up to
+    ``decode_shrink_max_tokens`` tokens and ``decode_shrink_max_token_rows`` token rows."""
+    config = SgmvConfig()
+    assert config.regime(64, "shrink", columns=32) == "decode"  # 2,048 token rows
+    assert config.regime(64, "shrink", columns=33) == "prefill"
+    assert config.regime(16, "shrink", columns=128) == "decode"
+    assert config.regime(16, "shrink", columns=192) == "prefill"  # rank 64 q|k|v
+    assert config.regime(65, "shrink", columns=1) == "prefill"  # past decode_shrink_max_tokens
+    unlimited = SgmvConfig(decode_shrink_max_token_rows=None)
+    assert unlimited.regime(64, "shrink", columns=192) == "decode"
+    assert unlimited.regime(65, "shrink", columns=1) == "prefill"
+    assert config.regime(16, "expand") == "decode"
+    assert config.regime(17, "expand") == "prefill"
+    with pytest.raises(ConfigError, match="the shrink's columns must be an int >= 1, got None"):
+        config.regime(16, "shrink")
+    with pytest.raises(ConfigError, match="kernel must be 'shrink' or 'expand', got 'gather'"):
+        config.regime(16, "gather")
+
+
+def test_shrink_waves_by_tokens():
+    """Above ``shrink_large_tokens`` the shrink aims at ``shrink_large_waves`` programs an SM:
+    fewer, longer K splits. One slot, one rank-16 weight, 64-wide K steps over 1024 (16 steps,
+    splits of up to 8): 2,048 tokens make 128 tiles, split 2 for one wave of 132 SMs, split 8
+    for four; 1,024 tokens (64 tiles) keep the four waves."""
+
+    def kernel_name(num_tokens, **fields):
+        prob = make_problem(
+            7,
+            num_tokens=num_tokens,
+            in_width=1024,
+            out_widths=(1024,),
+            rows_per_page=16,
+            max_pages=1,
+            num_slots=2,
+            dtype=jnp.bfloat16,
+        )
+        prob.token_slot = np.zeros(num_tokens, np.int32)
+        config = SgmvConfig(shrink_block_k=64, **fields)
+        shrink = functools.partial(
+            sgmv_shrink, weights=prob.weights, config=config, interpret=False
+        )
+        args = (
+            prob.x,
+            prob.a_pool,
+            prob.a_pages,
+            prob.ranks,
+            jnp.asarray(prob.token_slot),
+            prob.layer,
+        )
+        (name,) = set(re.findall(r"sgmv_shrink_prefill_\w+", lower_for_gpu(shrink, *args)))
+        return name
+
+    assert SgmvConfig().shrink_target(1024) == 4 * 132
+    assert SgmvConfig().shrink_target(1025) == 132
+    assert "_ks2p_" in kernel_name(2048)
+    assert "_ks8p_" in kernel_name(2048, shrink_large_waves=4)
+    assert "_ks8p_" in kernel_name(1024)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_large_token_waves_give_the_reference(interpret):
+    """Every T counted large (``shrink_large_tokens`` 0): the split follows
+    ``shrink_large_waves``, and v is the reference's."""
+    prob = _ragged_problem(19, "one_slot", in_width=136, permutation_seed=0)
+    config = dataclasses.replace(
+        SMALL,
+        decode_max_tokens=0,
+        target_programs=6,
+        shrink_waves=8,
+        shrink_large_waves=1,
+        shrink_large_tokens=0,
+    )
+    v_ref, _ = _reference(prob)
+    for fields in ({}, {"shrink_large_tokens": 1024}):
+        v = _run_shrink(prob, dataclasses.replace(config, **fields), interpret)
+        assert _rel_err(v, v_ref) < TOL["bfloat16"]
 
 
 def _ragged_problem(seed, assignment, *, in_width, permutation_seed):
@@ -706,7 +796,11 @@ def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
 
         text = lower_for_gpu(step, prob.x, prob.y, ts, meta)
         assert triton_kernels(text) == 2
-        if config.regime(num_tokens, "shrink") == "prefill":
+        # Per token up to 2,048 token rows (T x 3 x 64 v columns): T = 1 only.
+        regime = config.regime(num_tokens, "shrink", columns=3 * 64)
+        assert regime == ("decode" if num_tokens == 1 else "prefill")
+        assert f"sgmv_shrink_{regime}_" in text
+        if regime == "prefill":
             # The K step by T: 64 for the few tiles of a decode batch, 256 for a prefill.
             bk = 64 if num_tokens <= config.shrink_small_tokens else 256
             assert f"sgmv_shrink_prefill_bt16_bn64_bk{bk}_" in text
@@ -921,6 +1015,12 @@ def test_bad_inputs_raise_config_errors():
         ({"shrink_small_tokens": -1}, "shrink_small_tokens"),
         ({"deterministic": 1}, "'deterministic': expected a bool, got 1"),
         ({"expand_prefetch_y": 1}, "'expand_prefetch_y': expected a bool, got 1"),
+        (
+            {"decode_shrink_max_token_rows": -1},
+            "'decode_shrink_max_token_rows': expected None or an int >= 0, got -1",
+        ),
+        ({"shrink_large_waves": 0}, "'shrink_large_waves': expected an int >= 1, got 0"),
+        ({"shrink_large_tokens": 2.5}, "'shrink_large_tokens': expected an int >= 0, got 2.5"),
     ):
         with pytest.raises(ConfigError, match=message):
             SgmvConfig(**fields)
