@@ -222,12 +222,14 @@ class SgmvConfig(KernelConfig):
     # ... and T x (v columns) <= this; None: no such limit. The per-token shrink reads each
     # token's A rows again (from L2), T x columns rows of the input width; past 2,048 the tiled
     # shrink, which reads an adapter's rows once per tile, was faster (H200, twenty-first
-    # session: q|k|v at rank 16, T = 64, and every group at rank 64, T = 64).
+    # session: shrink + expand 0.47x-1.04x, 0.91x over the 24 rows it moves). The pool's
+    # columns count, not the ranks: q|k|v of rank 8 in pages of 16 lost 4-14% at T = 64.
     decode_shrink_max_token_rows: int | None = 2048
     target_programs: int = 132  # streaming multiprocessors (an H100 SXM has 132)
     shrink_waves: int = 4  # the shrink splits K until the tiles in use give SMs this many programs
     # ... and this many above ``shrink_large_tokens`` tokens, where fewer, longer K splits stream
-    # x better (H200, twenty-first session: T = 4,096, shrink 0.80x-0.99x its time with 4 waves).
+    # x better (H200, twenty-first session, T = 4,096: the shrink 0.67x-1.00x its time with 4
+    # waves, shrink + expand 0.88x-1.00x; at T = 128 one wave was 10% slower, at 1,024 even).
     shrink_large_waves: int = 1
     shrink_large_tokens: int = 1024
     expand_waves: int = 4  # expand programs walk columns while SMs still get this many programs
