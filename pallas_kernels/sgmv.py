@@ -222,7 +222,7 @@ class SgmvConfig(KernelConfig):
     # ... and T x (v columns) <= this; None: no such limit. The per-token shrink reads each
     # token's A rows again (from L2), T x columns rows of the input width; past 2,048 the tiled
     # shrink, which reads an adapter's rows once per tile, was faster (H200, twenty-first
-    # session: shrink + expand 0.47x-1.04x, 0.91x over the 24 rows it moves). The pool's
+    # session: shrink + expand 0.47x-1.14x, 0.91x over the 24 rows it moves). The pool's
     # columns count, not the ranks: q|k|v of rank 8 in pages of 16 lost 4-14% at T = 64.
     decode_shrink_max_token_rows: int | None = 2048
     target_programs: int = 132  # streaming multiprocessors (an H100 SXM has 132)
