@@ -192,6 +192,18 @@ def _rel_err(out, ref):
     return np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30)
 
 
+def _shrink_inputs(prob):
+    """sgmv_shrink's positional inputs for ``prob``: x, the A pool and tables, slots, layer."""
+    return (
+        prob.x,
+        prob.a_pool,
+        prob.a_pages,
+        prob.ranks,
+        jnp.asarray(prob.token_slot),
+        prob.layer,
+    )
+
+
 def _run_shrink(prob, config, interpret, meta="host"):
     kernel_meta = None
     if meta == "host":
@@ -212,15 +224,7 @@ def _run_shrink(prob, config, interpret, meta="host"):
             interpret=interpret,
         )
 
-    args = (
-        prob.x,
-        prob.a_pool,
-        prob.a_pages,
-        prob.ranks,
-        jnp.asarray(prob.token_slot),
-        prob.layer,
-        kernel_meta,
-    )
+    args = (*_shrink_inputs(prob), kernel_meta)
     if interpret:  # the same call must also lower for the GPU
         assert triton_kernels(lower_for_gpu(functools.partial(shrink, interpret=False), *args)) == 1
     return shrink(*args, interpret=interpret)
@@ -538,15 +542,8 @@ def test_shrink_waves_by_tokens():
         shrink = functools.partial(
             sgmv_shrink, weights=prob.weights, config=config, interpret=False
         )
-        args = (
-            prob.x,
-            prob.a_pool,
-            prob.a_pages,
-            prob.ranks,
-            jnp.asarray(prob.token_slot),
-            prob.layer,
-        )
-        (name,) = set(re.findall(r"sgmv_shrink_prefill_\w+", lower_for_gpu(shrink, *args)))
+        text = lower_for_gpu(shrink, *_shrink_inputs(prob))
+        (name,) = set(re.findall(r"sgmv_shrink_prefill_\w+", text))
         return name
 
     assert SgmvConfig().shrink_target(1024) == 4 * 132
