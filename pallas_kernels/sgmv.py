@@ -684,10 +684,11 @@ def _prefill_meta(fn, kind, kernel_meta, token_slot, num_slots, config):
 
 def _shrink_max_split(config, num_tokens, n_blocks, k_blocks):
     """The largest split of the input width a launch may use: what the fewest tiles T can make
-    (one slot) need to give every SM ``shrink_waves`` programs, each split keeping at least
-    four K blocks. The split actually used is chosen in the kernel from the number of tiles in
-    use (``_shrink_split``), so that a batch of many adapters (many tiles) is not cut into
-    tiny programs."""
+    (one slot) need for ``config.shrink_target(T)`` programs (``shrink_waves`` or, above
+    ``shrink_large_tokens``, ``shrink_large_waves`` an SM), each split keeping at least two K
+    blocks (it doubles while a split holds four or more). The split actually used is chosen in
+    the kernel from the number of tiles in use (``_shrink_split``), so that a batch of many
+    adapters (many tiles) is not cut into tiny programs."""
     if config.shrink_split_k is not None:
         return min(config.shrink_split_k, _next_pow2(k_blocks))
     target = config.shrink_target(num_tokens)
