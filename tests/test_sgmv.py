@@ -556,7 +556,8 @@ def test_shrink_waves_by_tokens():
 @pytest.mark.parametrize("interpret", INTERPRET)
 def test_large_token_waves_give_the_reference(interpret):
     """Every T counted large (``shrink_large_tokens`` 0): the split follows
-    ``shrink_large_waves``, and v is the reference's."""
+    ``shrink_large_waves`` (none for one wave of 6 programs, 4-way for 8 waves: 2 tiles x 3
+    column blocks, 9 K steps), and v is the reference's either way."""
     prob = _ragged_problem(19, "one_slot", in_width=136, permutation_seed=0)
     config = dataclasses.replace(
         SMALL,
