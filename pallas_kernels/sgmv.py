@@ -682,16 +682,15 @@ def _prefill_meta(fn, kind, kernel_meta, token_slot, num_slots, config):
 # ------------------------------------------------------------------------------------------------
 
 
-def _shrink_max_split(config, num_tokens, n_blocks, k_blocks):
+def _shrink_max_split(config, num_tokens, n_blocks, k_blocks, target):
     """The largest split of the input width a launch may use: what the fewest tiles T can make
-    (one slot) need for ``config.shrink_target(T)`` programs (``shrink_waves`` or, above
-    ``shrink_large_tokens``, ``shrink_large_waves`` an SM), each split keeping at least two K
-    blocks (it doubles while a split holds four or more). The split actually used is chosen in
-    the kernel from the number of tiles in use (``_shrink_split``), so that a batch of many
-    adapters (many tiles) is not cut into tiny programs."""
+    (one slot) need for ``target`` programs (``config.shrink_target(T)``, the same target the
+    kernel's run-time split aims at), each split keeping at least two K blocks (it doubles while
+    a split holds four or more). The split actually used is chosen in the kernel from the
+    number of tiles in use (``_shrink_split``), so that a batch of many adapters (many tiles) is
+    not cut into tiny programs."""
     if config.shrink_split_k is not None:
         return min(config.shrink_split_k, _next_pow2(k_blocks))
-    target = config.shrink_target(num_tokens)
     programs = _cdiv(num_tokens, config.shrink_block_tokens) * n_blocks
     split = 1
     while programs * split < target and split * 4 <= k_blocks:
@@ -1020,8 +1019,8 @@ def sgmv_shrink(
     bk = max(16, min(config.shrink_k_step(num_tokens), _next_pow2(width)))
     n_blocks = _cdiv(columns, bn)
     k_blocks = _cdiv(width, bk)
-    max_split = _shrink_max_split(config, num_tokens, n_blocks, k_blocks)
     target = config.shrink_target(num_tokens)
+    max_split = _shrink_max_split(config, num_tokens, n_blocks, k_blocks, target)
     used = np.arange(1, num_tiles + 1)
     programs = int(
         np.max(used * n_blocks * _shrink_split(used, n_blocks, max_split, target, np.where))
