@@ -261,17 +261,6 @@ class SgmvConfig(KernelConfig):
     # expand's time (geometric mean; rows from 0.80x to 1.21x) and 0.991x the shrink + expand,
     # and the rows at >= 70% of copy went from 22 to 20 of 91: within one run's noise.
     expand_prefetch_y: bool = False
-    # prefill, per token: when the tiles in use number at least this share of the tokens (most
-    # tiles hold one token: every token its own adapter), the prefill kernels run per-token work
-    # items instead, in the same launch (the choice is made at run time from the tile count).
-    # A one-token tile feeds a 16-row dot one live row; per token, the shrink streams A and the
-    # expand streams B on the CUDA cores (H200, twenty-second session, distinct rows at
-    # T = 256-4,096: ...). None: always tiles.
-    prefill_per_token_share: float | None = 0.9
-    prefill_token_shrink_rows: int = 4  # v columns per per-token shrink item
-    prefill_token_block_k: int = 512  # input-width step of the per-token shrink
-    prefill_token_expand_block_n: int = 1024  # y columns per per-token expand item
-    prefill_token_programs: int = 16  # programs an SM at most; beyond, each walks several items
     # decode
     decode_shrink_rows: int | None = None  # v columns (rank rows) per decode shrink program
     decode_block_k: int = 2048  # input-width step of the decode shrink loop
@@ -300,22 +289,7 @@ class SgmvConfig(KernelConfig):
                     f"SgmvConfig field {name!r}: expected a power of two >= 16 "
                     f"(a tensor-core dot dimension), got {value!r}"
                 )
-        share = self.prefill_per_token_share
-        if share is not None and (
-            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1
-        ):
-            raise ConfigError(
-                "SgmvConfig field 'prefill_per_token_share': expected None or a number in "
-                f"(0, 1] (tiles in use per token), got {share!r}"
-            )
-        for name in (
-            "decode_block_k",
-            "decode_expand_block_n",
-            "decode_rank_chunk",
-            "prefill_token_shrink_rows",
-            "prefill_token_block_k",
-            "prefill_token_expand_block_n",
-        ):
+        for name in ("decode_block_k", "decode_expand_block_n", "decode_rank_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value):
                 raise ConfigError(
@@ -358,7 +332,6 @@ class SgmvConfig(KernelConfig):
             "decode_shrink_num_stages",
             "decode_expand_num_warps",
             "decode_expand_num_stages",
-            "prefill_token_programs",
         ):
             value = getattr(self, name)
             at_least = (
@@ -767,65 +740,6 @@ def _expand_col_steps(config, blocks_per_weight):
     return steps
 
 
-@dataclasses.dataclass(frozen=True)
-class _PerToken:
-    """Static plan of a prefill kernel's per-token mode: ``items`` work items (token t's column
-    block b is item t * blocks + b), walked by ``grid`` programs ``grid`` items apart."""
-
-    share_q: int  # per token when tiles in use * 1024 >= share_q * T
-    items: int
-    blocks: int
-    grid: int
-
-    @property
-    def rounds(self) -> int:
-        return _cdiv(self.items, self.grid)
-
-
-def _per_token_mode(used, num_tokens, share_q):
-    """True when the tiles in use are at least the configured share of the tokens (most tiles
-    hold one token). One rule for the kernels and for the wrapper's sum of the partials."""
-    return used * 1024 >= share_q * num_tokens
-
-
-def _per_token_plan(config, num_tokens, blocks, tiled_programs):
-    """(plan or None, programs to launch): the launch covers the tiled work and, up to
-    ``prefill_token_programs`` programs an SM, the per-token items (beyond that each program
-    walks several)."""
-    if config.prefill_per_token_share is None:
-        return None, tiled_programs
-    items = num_tokens * blocks
-    grid = max(tiled_programs, min(items, config.prefill_token_programs * config.target_programs))
-    share_q = max(1, round(config.prefill_per_token_share * 1024))
-    return _PerToken(share_q=share_q, items=items, blocks=blocks, grid=grid), grid
-
-
-def _per_token_name(plan, *sizes):
-    """The kernel-name part of a per-token plan: ``_tokS_A_B`` (share in %, block sizes)."""
-    if plan is None:
-        return ""
-    return f"_tok{round(plan.share_q * 100 / 1024)}_" + "_".join(str(s) for s in sizes)
-
-
-def _walk_items(program, plan, run_item):
-    """Runs ``run_item(t, block)`` for each of ``plan``'s items this program owns."""
-
-    def one(r, carry):
-        it = program + r * plan.grid
-
-        @pl.when(it < plan.items)
-        def _item():
-            t = it // plan.blocks
-            run_item(t, it - t * plan.blocks)
-
-        return carry
-
-    if plan.rounds == 1:
-        one(0, 0)
-    else:
-        jax.lax.fori_loop(0, plan.rounds, one, 0)
-
-
 def _decode_shrink_rows(config, num_tokens, columns):
     """Rank rows per decode shrink program: the most that still gives every SM work."""
     if config.decode_shrink_rows is not None:
@@ -843,7 +757,6 @@ def _prefill_shrink_kernel(
     pages_ref,  # (S, 7, MP) int32 page ids of each slot's weights
     ranks_ref,  # (S, 7) int32
     layer_ref,  # (1,) int32
-    slot_ref,  # (T,) int32 each token's slot (the per-token mode's)
     order_ref,  # (T,) int32 tokens sorted by slot
     start_ref,  # (NT,) int32 first sorted position of each tile
     size_ref,  # (NT,) int32 tokens in each tile (0: unused tile)
@@ -866,9 +779,6 @@ def _prefill_shrink_kernel(
     target,
     partials,
     dtype,
-    per_token,
-    token_rows,
-    token_bk,
     interpret,
 ):
     v_ref = rest[-1]
@@ -884,40 +794,8 @@ def _prefill_shrink_kernel(
     rest_ = item - tile * per_tile
     nb = rest_ % n_blocks
     ks = rest_ // n_blocks
-    tiled = tile < used
-    if per_token is not None:
-        # Most tiles hold one token (distinct adapters): per-token work items on the CUDA
-        # cores instead, each storing its v columns whole (split 0's partials).
-        token_mode = _per_token_mode(used, num_tokens, per_token.share_q)
-        tiled = tiled & jnp.logical_not(token_mode)
 
-        @pl.when(token_mode)
-        def _per_token():
-            _walk_items(
-                item,
-                per_token,
-                lambda t, nb: _token_shrink(
-                    x_ref,
-                    pool_ref,
-                    pages_ref,
-                    ranks_ref,
-                    layer_ref,
-                    v_ref,
-                    t=t,
-                    slot=slot_ref[t],
-                    nb=nb,
-                    weights=weights,
-                    rank_cols=rank_cols,
-                    pages_per_pool=pages_per_pool,
-                    rows_per_page=rows_per_page,
-                    max_pages=max_pages,
-                    rows=token_rows,
-                    bk=token_bk,
-                    interpret=interpret,
-                ),
-            )
-
-    @pl.when(tiled)
+    @pl.when(tile < used)
     def _tile():
         size = size_ref[tile]
         slot = tslot_ref[tile]
@@ -998,19 +876,17 @@ def _prefill_shrink_kernel(
                 pltriton.store(v_ref.at[store_idx], jnp.zeros((bt, bn), jnp.float32), mask=out_mask)
 
 
-def _token_shrink(
+def _decode_shrink_kernel(
     # inputs
     x_ref,  # (T, in) activations
     pool_ref,  # (L*P*R, in) A rank-rows of every layer and page
     pages_ref,  # (S, 7, MP) int32
     ranks_ref,  # (S, 7) int32
     layer_ref,  # (1,) int32
+    slot_ref,  # (T,) int32 each token's slot, -1 = no adapter
     # outputs
-    v_ref,  # (>= T, G*MP*R) float32: row t is token t's
+    v_ref,  # (T, G*MP*R) float32
     *,
-    t,  # the token
-    slot,  # its slot, -1 = no adapter
-    nb,  # its block of ``rows`` v columns
     weights,
     rank_cols,
     pages_per_pool,
@@ -1020,11 +896,12 @@ def _token_shrink(
     bk,
     interpret,
 ):
-    """One per-token shrink work item: v[t, nb*rows : (nb+1)*rows] on the CUDA cores."""
     _, width = x_ref.shape
     columns = len(weights) * rank_cols
-    n = nb * rows + jnp.arange(rows, dtype=jnp.int32)
+    t = pl.program_id(1)
+    n = pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32)
     col_ok = n < columns
+    slot = slot_ref[t]
     c = n % rank_cols
     w = _weight_of_column(n // rank_cols, weights)
     slot_c = jnp.maximum(slot, 0)
@@ -1067,33 +944,6 @@ def _token_shrink(
     @pl.when(jnp.logical_not(any_live))
     def _zeros():
         pltriton.store(v_ref.at[t, out_i], jnp.zeros((rows,), jnp.float32), mask=col_ok)
-
-
-def _decode_shrink_kernel(
-    # inputs
-    x_ref,  # (T, in) activations
-    pool_ref,  # (L*P*R, in) A rank-rows of every layer and page
-    pages_ref,  # (S, 7, MP) int32
-    ranks_ref,  # (S, 7) int32
-    layer_ref,  # (1,) int32
-    slot_ref,  # (T,) int32 each token's slot, -1 = no adapter
-    # outputs
-    v_ref,  # (T, G*MP*R) float32
-    **statics,
-):
-    t = pl.program_id(1)
-    _token_shrink(
-        x_ref,
-        pool_ref,
-        pages_ref,
-        ranks_ref,
-        layer_ref,
-        v_ref,
-        t=t,
-        slot=slot_ref[t],
-        nb=pl.program_id(0),
-        **statics,
-    )
 
 
 def sgmv_shrink(
@@ -1177,12 +1027,8 @@ def sgmv_shrink(
     )
     dtype = _compute_dtype(x.dtype, a_pool.dtype)
     partials = max_split > 1 and config.deterministic
-    token_rows = min(config.prefill_token_shrink_rows, _next_pow2(columns))
-    token_bk = min(config.prefill_token_block_k, _next_pow2(width))
-    per_token, programs = _per_token_plan(config, num_tokens, _cdiv(columns, token_rows), programs)
     name = (
         f"sgmv_shrink_prefill_bt{bt}_bn{bn}_bk{bk}_ks{max_split}{'p' if partials else ''}"
-        f"{_per_token_name(per_token, token_rows, token_bk)}"
         f"_w{config.shrink_num_warps}_s{config.shrink_num_stages}"
     )
     kernel = functools.partial(
@@ -1196,12 +1042,9 @@ def sgmv_shrink(
         target=target,
         partials=partials,
         dtype=dtype,
-        per_token=per_token,
-        token_rows=token_rows,
-        token_bk=token_bk,
         **statics,
     )
-    args = [x, pool_rows, a_pages, ranks, layer1, token_slot, *meta]
+    args = [x, pool_rows, a_pages, ranks, layer1, *meta]
     aliases = {}
     if partials:  # rows [k*T, (k+1)*T): split k's sums; those of unused splits never written
         out_shape = jax.ShapeDtypeStruct((max_split * num_tokens, columns), jnp.float32)
@@ -1219,10 +1062,7 @@ def sgmv_shrink(
     )(*args)
     if partials:
         parts = v.reshape(max_split, num_tokens, columns)
-        used = meta[-1][0]
-        split = _shrink_split(used, n_blocks, max_split, target, jnp.where)
-        if per_token is not None:  # per-token items store whole sums in split 0's rows
-            split = jnp.where(_per_token_mode(used, num_tokens, per_token.share_q), 1, split)
+        split = _shrink_split(meta[-1][0], n_blocks, max_split, target, jnp.where)
         v = parts[0]
         for k in range(1, max_split):  # one fixed order of float additions
             v = v + jnp.where(k < split, parts[k], 0.0)  # splits the kernel did not use
@@ -1232,11 +1072,6 @@ def sgmv_shrink(
 # ------------------------------------------------------------------------------------------------
 # expand
 # ------------------------------------------------------------------------------------------------
-
-
-def _block_starts(widths, bn):
-    """Cumulative column blocks of ``bn`` over the group's weights."""
-    return tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
 
 
 def _group_of_block(block, block_starts):
@@ -1268,9 +1103,8 @@ def _prefill_expand_kernel(
     # [y_in (T, sum of out widths), the base output aliased to y_ref: only when accumulate]
     # v (T, G*MP*R) float32 from shrink
     # G B pools, (L*P_g*R, out_g) each
-    # pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), token slots (T,),
-    # sorted tokens (T,), tile starts / sizes / slots (NT,) each, tiles in use (1,), all int32
-    # but scales
+    # pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), sorted tokens (T,),
+    # tile starts / sizes / slots (NT,) each, tiles in use (1,), all int32 but scales
     # outputs: refs[-1] = y_ref (T, sum of out widths): y += delta when accumulate, else the
     # float32 delta itself, written for every token (zeros where there is no adapter)
     accumulate,
@@ -1290,10 +1124,6 @@ def _prefill_expand_kernel(
     rank_pad,
     dtypes,
     prefetch_y,
-    per_token,
-    token_bn,
-    token_chunk,
-    token_block_starts,
     interpret,
 ):
     g_count = len(weights)
@@ -1303,7 +1133,6 @@ def _prefill_expand_kernel(
         ranks_ref,
         scales_ref,
         layer_ref,
-        slot_ref,
         order_ref,
         start_ref,
         size_ref,
@@ -1322,44 +1151,8 @@ def _prefill_expand_kernel(
     item = pl.program_id(0)
     tile = item // starts[-1]
     prog_all = item - tile * starts[-1]
-    tiled = tile < used
-    if per_token is not None:
-        # Most tiles hold one token (distinct adapters): per-token work items instead.
-        token_mode = _per_token_mode(used, num_tokens, per_token.share_q)
-        tiled = tiled & jnp.logical_not(token_mode)
 
-        @pl.when(token_mode)
-        def _per_token():
-            _walk_items(
-                item,
-                per_token,
-                lambda t, block: _token_expand(
-                    v_ref,
-                    pool_refs,
-                    pages_ref,
-                    ranks_ref,
-                    scales_ref,
-                    layer_ref,
-                    y_ref,
-                    t=t,
-                    slot=slot_ref[t],
-                    block=block,
-                    accumulate=accumulate,
-                    weights=weights,
-                    widths=widths,
-                    col_offsets=col_offsets,
-                    block_starts=token_block_starts,
-                    rank_cols=rank_cols,
-                    pages_per_pool=pages_per_pool,
-                    rows_per_page=rows_per_page,
-                    max_pages=max_pages,
-                    bn=token_bn,
-                    chunk=token_chunk,
-                    interpret=interpret,
-                ),
-            )
-
-    @pl.when(tiled)
+    @pl.when(tile < used)
     def _tile():
         size = size_ref[tile]
         slot = tslot_ref[tile]
@@ -1473,20 +1266,16 @@ def _prefill_expand_kernel(
                     jax.lax.fori_loop(0, num_steps, body, 0)
 
 
-def _token_expand(
+def _decode_expand_kernel(
     # inputs
-    v_ref,  # (T, G*MP*R) float32 from shrink
-    pool_refs,  # G B pools, (L*P_g*R, out_g) each
-    pages_ref,  # (S, 7, MP) int32
-    ranks_ref,  # (S, 7) int32
-    scales_ref,  # (S, 7) float32
-    layer_ref,  # (1,) int32
-    # outputs
-    y_ref,  # (T, sum of out widths): y += delta when accumulate, else the float32 delta
-    *,
-    t,  # the token
-    slot,  # its slot, -1 = no adapter
-    block,  # its column block, numbered over the group's weights (block_starts)
+    *refs,
+    # [y_in (T, sum of out widths), the base output aliased to y_ref: only when accumulate]
+    # v (T, G*MP*R) float32 from shrink
+    # G B pools, (L*P_g*R, out_g) each
+    # pages (S, 7, MP) int32, ranks (S, 7) int32, scales (S, 7) float32, layer (1,) int32,
+    # token slots (T,) int32
+    # outputs: refs[-1] = y_ref (T, sum of out widths): y += delta when accumulate, else the
+    # float32 delta itself, written for every token (zeros where there is no adapter)
     accumulate,
     weights,
     widths,
@@ -1500,10 +1289,15 @@ def _token_expand(
     chunk,
     interpret,
 ):
-    """One per-token expand work item: y[t, cols] for one block of ``bn`` y columns."""
+    g_count = len(weights)
+    v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
+    pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = rest
     _, y_cols = y_ref.shape
     v_cols = v_ref.shape[1]
-    for g, cb, in_group in _group_of_block(block, block_starts):
+    t = pl.program_id(1)
+    slot = slot_ref[t]
+
+    for g, cb, in_group in _group_of_block(pl.program_id(0), block_starts):
         w = weights[g]
         pool_ref = pool_refs[g]
         width = widths[g]
@@ -1525,7 +1319,7 @@ def _token_expand(
                 y_i = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)
                 y_mask = col_ok if width % bn else None
                 if accumulate:
-                    # y's tile is loaded before B's rows, so the two reads overlap.
+                    # y's tile is loaded before B's rows, so that the two reads overlap.
                     if y_mask is None:
                         yt = y_ref[t, y_i]
                     else:
@@ -1562,40 +1356,6 @@ def _token_expand(
                 else:
                     out = (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype)
                 pltriton.store(y_ref.at[t, y_i], out, mask=y_mask)
-
-
-def _decode_expand_kernel(
-    # inputs
-    *refs,
-    # [y_in (T, sum of out widths), the base output aliased to y_ref: only when accumulate]
-    # v (T, G*MP*R) float32 from shrink
-    # G B pools, (L*P_g*R, out_g) each
-    # pages (S, 7, MP) int32, ranks (S, 7) int32, scales (S, 7) float32, layer (1,) int32,
-    # token slots (T,) int32
-    # outputs: refs[-1] = y_ref (T, sum of out widths): y += delta when accumulate, else the
-    # float32 delta itself, written for every token (zeros where there is no adapter)
-    accumulate,
-    weights,
-    **statics,
-):
-    v_ref, pool_refs, rest = _expand_operands(refs, accumulate, len(weights))
-    pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = rest
-    t = pl.program_id(1)
-    _token_expand(
-        v_ref,
-        pool_refs,
-        pages_ref,
-        ranks_ref,
-        scales_ref,
-        layer_ref,
-        y_ref,
-        t=t,
-        slot=slot_ref[t],
-        block=pl.program_id(0),
-        accumulate=accumulate,
-        weights=weights,
-        **statics,
-    )
 
 
 def sgmv_expand(
@@ -1664,10 +1424,10 @@ def sgmv_expand(
     out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype if accumulate else jnp.float32)
     base, aliases, mode = ((y,), {0: 0}, "") if accumulate else ((), {}, "_delta")
 
-    chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
     if config.regime(num_tokens) == "decode":
         bn = min(config.decode_expand_block_n, _next_pow2(max(widths)))
-        block_starts = _block_starts(widths, bn)
+        chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
+        block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
         name = (
             f"sgmv_expand{mode}_decode_bn{bn}_rc{chunk}_w{config.decode_expand_num_warps}"
             f"_s{config.decode_expand_num_stages}"
@@ -1704,12 +1464,8 @@ def sgmv_expand(
     rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
     prefetch_y = config.expand_prefetch_y and accumulate
-    token_bn = min(config.prefill_token_expand_block_n, _next_pow2(max(widths)))
-    token_block_starts = _block_starts(widths, token_bn)
-    per_token, programs = _per_token_plan(config, num_tokens, token_block_starts[-1], programs)
     name = (
-        f"sgmv_expand{mode}_prefill_bt{bt}_bn{bn}_st{max_steps}"
-        f"{_per_token_name(per_token, token_bn, chunk)}_w{config.expand_num_warps}"
+        f"sgmv_expand{mode}_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
         f"_s{config.expand_num_stages}{'_py' if prefetch_y else ''}"
     )
     return pl.pallas_call(
@@ -1724,10 +1480,6 @@ def sgmv_expand(
             rank_pad=rank_pad,
             dtypes=dtypes,
             prefetch_y=prefetch_y,
-            per_token=per_token,
-            token_bn=token_bn,
-            token_chunk=chunk,
-            token_block_starts=token_block_starts,
             **statics,
         ),
         out_shape=out_shape,
@@ -1736,7 +1488,7 @@ def sgmv_expand(
         compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),
         interpret=interpret,
         name=name,
-    )(*base, v2, *pool_rows, *tables, token_slot.astype(jnp.int32), *meta)
+    )(*base, v2, *pool_rows, *tables, *meta)
 
 
 # ------------------------------------------------------------------------------------------------
