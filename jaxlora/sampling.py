@@ -159,7 +159,8 @@ class SamplingBatch:
                 raise ValueError(f"SamplingBatch.from_params: row {row} has no seed")
             temperature[row] = p.temperature
             top_p[row] = p.top_p
-            top_k[row] = p.top_k
+            # Any k past the vocabulary keeps every token; one past int32 must not fail the step.
+            top_k[row] = min(p.top_k, np.iinfo(np.int32).max)
             seed_words[row] = split_seed(seed)
             token_index[row] = token_indices[row]
         return cls(

@@ -132,6 +132,20 @@ def test_same_seed_same_sample_whatever_the_batch():
                 assert int(out.tokens[position]) == alone[t], (batch_size, position, t)
 
 
+def test_top_k_past_int32_keeps_every_token():
+    """A top_k too large for the batch's int32 array samples as top_k = 0 (no filter) does,
+    instead of failing the whole step."""
+    logits = random_logits(7, 3)
+    huge = [SamplingParams(temperature=1.0, top_k=2**40, seed=s) for s in (1, 2, 3)]
+    off = [SamplingParams(temperature=1.0, top_k=0, seed=s) for s in (1, 2, 3)]
+    for t in range(4):
+        indices = [t] * 3
+        np.testing.assert_array_equal(
+            run(logits, huge, token_indices=indices).tokens,
+            run(logits, off, token_indices=indices).tokens,
+        )
+
+
 def test_skipping_the_filter_changes_nothing_for_unfiltered_rows():
     logits = random_logits(5, 12)
     params = [SamplingParams(temperature=0.8, seed=i) for i in range(12)]
