@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxlora.engine import Delta, FinishReason
@@ -73,6 +76,8 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
     def refuse(field: str, why: str):
         raise with_param(RequestError(f"{field}: {why}"), field)
 
+    if body.stream_options is not None and not body.stream:
+        refuse("stream_options", "only allowed with stream=true")
     for field in ("presence_penalty", "frequency_penalty"):
         value = getattr(body, field)
         if value not in (None, 0, 0.0):
@@ -103,7 +108,11 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
 
 
 def _samplings(
-    body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs, count: int
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    logprobs,
+    count: int,
+    vocab_size: int,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
     stop = body.stop if body.stop is not None else ()
@@ -121,7 +130,9 @@ def _samplings(
                 SamplingParams(
                     temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p,
-                    top_k=0 if body.top_k is None else body.top_k,
+                    # top_k past the vocabulary keeps every token, as top_k = vocab_size does
+                    # (and a huge one would not fit the engine's int32 batch arrays).
+                    top_k=0 if body.top_k is None else min(body.top_k, vocab_size),
                     max_tokens=max_tokens,
                     stop_token_ids=tuple(body.stop_token_ids or ()),
                     stop_strings=tuple(stop),
@@ -134,6 +145,40 @@ def _samplings(
             field = str(e).split("'")[1] if str(e).startswith("sampling parameter '") else None
             raise with_param(e, {"stop_strings": "stop"}.get(field, field)) from None
     return out
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_lone_surrogates(value, path: str, param: str) -> None:
+    """JSON can spell lone UTF-16 surrogates ("\\ud800"), which are no text: the tokenizer
+    cannot take them, nor can a UTF-8 answer that quotes them."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        if found:
+            raise with_param(
+                RequestError(
+                    f"{path}: expected valid Unicode text, got a lone surrogate "
+                    f"{found.group()!r} at index {found.start()}"
+                ),
+                param,
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, f"{path} (a key)", param)
+            _refuse_lone_surrogates(item, f"{path}.{key}", param)
+    elif isinstance(value, list) and not all(type(item) is int for item in value):
+        # (lists of token ids, maybe millions long, get one quick look)
+        for i, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{path}[{i}]", param)
+    elif isinstance(value, BaseModel):
+        _refuse_lone_surrogates(value.model_dump(exclude_none=True), path, param)
+
+
+def _check_text(body: BaseModel) -> None:
+    """Refuses a body whose strings are not all valid Unicode text (400 naming the field)."""
+    for field in type(body).model_fields:
+        _refuse_lone_surrogates(getattr(body, field), field, field)
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -283,9 +328,28 @@ def create_app(
     async def validation_error(request: Request, error: RequestValidationError):
         problems = error.errors()
         first = problems[0] if problems else {}
-        location = [str(p) for p in first.get("loc", ()) if p != "body"]
-        field = ".".join(location) or "body"
+        loc = _loc_in_body(first)
         message = first.get("msg", "invalid request")
+        # A field of several accepted types (prompt, stop, ...): pydantic reports one problem
+        # per type, under the type's name; one message at the field says it all.
+        union = next((i for i, part in enumerate(loc) if _is_union_member(part)), None)
+
+        def in_union(problem) -> bool:
+            at = _loc_in_body(problem)
+            return len(at) > union and at[:union] == loc[:union] and _is_union_member(at[union])
+
+        members = []
+        if union is not None:
+            members = list(dict.fromkeys(_loc_in_body(p)[union] for p in problems if in_union(p)))
+        if len(members) > 1:  # (one alone: a map's key that looks like a type's name)
+            accepted = [_UNION_MEMBER_WORDS.get(m, m) for m in members]
+            loc = loc[:union]
+            expected = ", ".join(accepted[:-1]) + " or " + accepted[-1]
+            message = f"expected {expected}, got {_shown(error.body, loc)}"
+            problems = [first, *(p for p in problems if not in_union(p))]
+        elif first.get("type", "").endswith("_type"):  # a value of the wrong JSON type
+            message = f"{message}, got {_shown(error.body, loc)}"
+        field = _field_name(loc)
         if first.get("type") == "extra_forbidden":
             message = "unknown field (not supported by this server)"
         elif first.get("type") == "json_invalid":
@@ -295,13 +359,22 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        return error_response(error.status_code, str(error.detail), code=None)
+        cause = error.__cause__
+        if error.status_code == 400 and cause is not None:
+            # FastAPI's "There was an error parsing the body": say why (nested too deeply,
+            # not UTF-8, ...).
+            return error_response(
+                400, f"body: not valid JSON ({type(cause).__name__}: {cause})", param="body"
+            )
+        param = "body" if error.status_code == 413 else None
+        return error_response(error.status_code, str(error.detail), param=param, code=None)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception):
         return exception_response(error)
 
-    app.add_middleware(_CountResponses, metrics=state.metrics)
+    app.add_middleware(_LimitBody, max_bytes=state.config.max_body_bytes)
+    app.add_middleware(_CountResponses, metrics=state.metrics)  # outermost: counts 413s too
 
     # ------------------------------------------------------------------ plain routes
 
@@ -330,6 +403,7 @@ def create_app(
 
     @api.post("/load_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        _check_text(body)
         # Registration reads the adapter's headers from disk: off the event loop.
         await anyio.to_thread.run_sync(
             lambda: state.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
@@ -339,6 +413,7 @@ def create_app(
 
     @api.post("/unload_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        _check_text(body)
         state.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
@@ -452,19 +527,16 @@ def create_app(
 
     @api.post("/completions", tags=["generation"])
     async def completions(body: CompletionRequest, raw: Request):
+        _check_text(body)
         adapter = state.resolve_model(body.model)
         _refuse_unsupported(body)
-        prompts = _completion_prompts(state, body.prompt)
-        if body.n < 1 or body.n * len(prompts) > state.config.max_n:
-            raise with_param(
-                RequestError(
-                    f"n: expected 1..{state.config.max_n} choices in all (n times the number of "
-                    f"prompts), got n={body.n} for {len(prompts)} prompts"
-                ),
-                "n",
-            )
+        prompts = _completion_prompts(state, body.prompt, body.n)
         samplings = _samplings(
-            body, max_tokens_of(body, state.config.default_max_tokens), body.logprobs, body.n
+            body,
+            max_tokens_of(body, state.config.default_max_tokens),
+            body.logprobs,
+            body.n,
+            state.llm.config.vocab_size,
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -565,6 +637,7 @@ def create_app(
 
     @api.post("/chat/completions", tags=["generation"])
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        _check_text(body)
         adapter = state.resolve_model(body.model)
         _refuse_unsupported(body)
         if state.tokenizer is None:
@@ -575,15 +648,20 @@ def create_app(
                 ),
                 "messages",
             )
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        prompt = state.tokenizer.encode_chat(messages)
         if not 1 <= body.n <= state.config.max_n:
             raise with_param(
                 RequestError(f"n: expected 1..{state.config.max_n}, got {body.n}"), "n"
             )
+        prompt = _chat_prompt(state, body)
         rest_of_context = max(1, state.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        samplings = _samplings(body, max_tokens_of(body, rest_of_context), logprobs, body.n)
+        samplings = _samplings(
+            body,
+            max_tokens_of(body, rest_of_context),
+            logprobs,
+            body.n,
+            state.llm.config.vocab_size,
+        )
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         group = submit_group(http_id, [prompt], samplings, adapter)
@@ -689,6 +767,42 @@ class _ClientGone(Exception):
     """The client of a request disconnected."""
 
 
+class _LimitBody:
+    """Refuses request bodies over max_bytes (413) before reading them: by their Content-Length,
+    or, sent in chunks, as soon as the bytes received pass the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def message(self, size: str) -> str:
+        return f"body: {size}; the server accepts at most {self.max_bytes} bytes"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = error_response(413, self.message(f"{length} bytes"), param="body")
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside FastAPI's reading of the body, which passes it on to
+                    # the app's handler of HTTP errors.
+                    raise StarletteHTTPException(413, self.message(f"over {received} bytes"))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 class _CountResponses:
     """Counts responses per route and status (plain ASGI: streaming passes through untouched)."""
 
@@ -714,8 +828,50 @@ class _CountResponses:
         await self.app(scope, receive, counting_send)
 
 
-def _completion_prompts(state: ServingState, prompt) -> list[list[int]]:
-    """Token ids of each prompt of a completion request."""
+# Names pydantic gives the members of a union type in an error's location, and how a message
+# says them.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|(list|dict|tuple)\[.*\])$")
+_UNION_MEMBER_WORDS = {
+    "str": "a string",
+    "list[str]": "a list of strings",
+    "list[int]": "a list of token ids",
+    "list[list[int]]": "a list of token-id lists",
+    "list[dict[str,any]]": "a list of content parts",
+    "dict[str,any]": "an object",
+}
+
+
+def _is_union_member(part) -> bool:
+    return isinstance(part, str) and bool(_UNION_MEMBER.match(part))
+
+
+def _field_name(loc: tuple) -> str:
+    """A location in a body as messages name it: messages[0].content."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+    return name or "body"
+
+
+def _loc_in_body(problem: dict) -> tuple:
+    loc = tuple(problem.get("loc", ()))
+    return loc[1:] if loc[:1] == ("body",) else loc
+
+
+def _shown(body, loc: tuple) -> str:
+    """The JSON value at loc of a request body, cut short."""
+    value = body
+    try:
+        for part in loc:
+            value = value[part]
+        text = json.dumps(value)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "something else"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _completion_prompts(state: ServingState, prompt, n: int) -> list[list[int]]:
+    """Token ids of each prompt of a completion request (of n choices each)."""
     if isinstance(prompt, str):
         items = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
@@ -725,6 +881,14 @@ def _completion_prompts(state: ServingState, prompt) -> list[list[int]]:
     if not items:
         raise with_param(
             RequestError("prompt: expected at least one prompt, got an empty list"), "prompt"
+        )
+    if n < 1 or n * len(items) > state.config.max_n:
+        raise with_param(
+            RequestError(
+                f"n: expected 1..{state.config.max_n} choices in all (n times the number of "
+                f"prompts), got n={n} for {len(items)} prompts"
+            ),
+            "n",
         )
     ids = []
     for item in items:
@@ -736,6 +900,15 @@ def _completion_prompts(state: ServingState, prompt) -> list[list[int]]:
                     ),
                     "prompt",
                 )
+            if state.text_cannot_fit(item):
+                raise with_param(
+                    RequestError(
+                        f"prompt: {len(item)} characters; the context length is "
+                        f"{state.max_model_len} tokens of at most "
+                        f"{state.longest_token_chars} characters"
+                    ),
+                    "prompt",
+                )
             ids.append(state.tokenizer.encode(item))
         else:
             if not item:
@@ -743,5 +916,48 @@ def _completion_prompts(state: ServingState, prompt) -> list[list[int]]:
                     RequestError("prompt: expected at least one token, got an empty token list"),
                     "prompt",
                 )
+            if len(item) >= state.max_model_len:  # the engine's check, before copying the ids
+                raise with_param(
+                    RequestError(
+                        f"prompt: {len(item)} tokens; the context length is "
+                        f"{state.max_model_len} (prompt plus at least one generated token)"
+                    ),
+                    "prompt",
+                )
             ids.append([int(t) for t in item])
     return ids
+
+
+def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
+    """Token ids of a chat request's messages, rendered with the chat template."""
+    texts = []
+    for i, message in enumerate(body.messages):
+        content = message.content
+        if content is None and message.role != "assistant":
+            raise with_param(
+                RequestError(
+                    f"messages[{i}].content: expected a string or a list of text parts, got "
+                    "none (only assistant messages may leave it out)"
+                ),
+                f"messages[{i}].content",
+            )
+        if isinstance(content, str):
+            texts.append(content)
+        elif content is not None:
+            texts.extend(p["text"] for p in content if isinstance(p.get("text"), str))
+    text = "".join(texts)
+    if state.text_cannot_fit(text):
+        raise with_param(
+            RequestError(
+                f"messages: {len(text)} characters of content; the context length is "
+                f"{state.max_model_len} tokens of at most {state.longest_token_chars} characters"
+            ),
+            "messages",
+        )
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    try:
+        return state.tokenizer.encode_chat(messages)
+    except RequestError as e:
+        if getattr(e, "param", None) is None and not str(e).startswith("messages"):
+            raise with_param(e, "messages") from None  # the chat template's own refusal
+        raise

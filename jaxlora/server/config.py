@@ -22,6 +22,8 @@ class ServerConfig:
     disconnect_poll_s: how often a non-streaming request checks that its client is still there.
     default_max_tokens: max_tokens of a completion that gives none (chat: the rest of the
     context).
+    max_body_bytes: request bodies larger than this are refused (413) before they are read;
+    the default holds 16 prompts of 128K token ids.
     """
 
     model_name: str
@@ -32,6 +34,7 @@ class ServerConfig:
     stream_poll_s: float = 0.002
     disconnect_poll_s: float = 0.25
     default_max_tokens: int = 16
+    max_body_bytes: int = 32 * 2**20
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -48,7 +51,7 @@ class ServerConfig:
                     f"server config field 'adapter_roots': {root!r} is not a directory"
                 )
         object.__setattr__(self, "adapter_roots", roots)
-        for field in ("max_n", "default_max_tokens"):
+        for field in ("max_n", "default_max_tokens", "max_body_bytes"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(

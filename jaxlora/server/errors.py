@@ -7,7 +7,9 @@ maps them to HTTP: unknown model or adapter 404, invalid request or adapter 400,
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 from fastapi.responses import JSONResponse
 
@@ -73,6 +75,14 @@ def status_of(error: BaseException) -> tuple[int, str, str | None]:
     return 500, "server_error", "internal_error"
 
 
+class ErrorJSONResponse(JSONResponse):
+    """An error answer in ASCII-only JSON: a message may quote client text that cannot be
+    encoded as UTF-8 (a lone surrogate such as "\\ud800"), which must not turn it into a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_payload(
     status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None
 ) -> dict:
@@ -97,7 +107,7 @@ def error_response(
     if type_ is None:
         type_ = "invalid_request_error" if status < 500 else "server_error"
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-    return JSONResponse(
+    return ErrorJSONResponse(
         error_payload(status, message, type_=type_, param=param, code=code),
         status_code=status,
         headers=headers,
@@ -114,16 +124,18 @@ def describe(error: BaseException) -> tuple[int, dict]:
         message = str(error)
     param = getattr(error, "param", None)
     if param is None and status == 400:
-        # The engine's validation messages start with the request field they are about.
+        # The engine's validation messages start with the request field they are about
+        # ("max_tokens: ...", "messages[0].content: ...").
         field = message.split(":", 1)[0]
-        param = field if field in REQUEST_FIELDS else None
+        root = re.split(r"[.\[]", field, maxsplit=1)[0]
+        param = field if root in REQUEST_FIELDS and " " not in field else None
     return status, error_payload(status, message, type_=type_, param=param, code=code)
 
 
 def exception_response(error: BaseException) -> JSONResponse:
     status, payload = describe(error)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-    return JSONResponse(payload, status_code=status, headers=headers)
+    return ErrorJSONResponse(payload, status_code=status, headers=headers)
 
 
 class EngineRequestError(JaxloraError):

@@ -45,6 +45,7 @@ class LaunchConfig:
     tensor_parallel_size: int = 1
     load_workers: int = 2
     first_token_deadline_s: float | None = None
+    max_body_mib: int = 32  # ServerConfig.max_body_bytes, in MiB: larger request bodies get 413
     max_batch: int | None = None
     max_prefill_rows: int | None = None
     prefill_chunk: int | None = None
@@ -69,6 +70,12 @@ class LaunchConfig:
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
     def __post_init__(self):
+        if (
+            not isinstance(self.max_body_mib, int)
+            or isinstance(self.max_body_mib, bool)
+            or self.max_body_mib < 1
+        ):
+            raise ConfigError(f"max_body_mib: expected an int >= 1, got {self.max_body_mib!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: expected one of {sorted(DTYPES)}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -199,6 +206,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         api_key=launch.api_key or None,
         adapter_roots=tuple(launch.allowed_adapter_roots),
         first_token_deadline_s=launch.first_token_deadline_s,
+        max_body_bytes=launch.max_body_mib * 2**20,
     )
     if server_config.model_name in llm.adapters.store:
         raise ConfigError(

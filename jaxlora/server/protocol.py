@@ -3,7 +3,8 @@
 Fields follow the OpenAI API; ``top_k``, ``stop_token_ids`` and ``ignore_eos`` are vLLM's
 extensions. Fields this server cannot honour (penalties, logit_bias, tools, ...) are accepted
 only at their neutral value, so that a client never silently gets something else than it asked
-for; unknown fields are refused (400), as OpenAI does.
+for; unknown fields are refused (400), as OpenAI does. Types are strict, as OpenAI's are:
+"5" or true is not taken for an int, nor 1 or "yes" for a bool (400).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -63,14 +64,14 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
 
 

@@ -21,6 +21,15 @@ from jaxlora.server.generation import DeltaPump
 log = logging.getLogger("jaxlora.server")
 
 
+def _encodable(path: str) -> bool:
+    """Whether path can name a file (not, e.g., with a lone surrogate "\\ud800" from JSON)."""
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def resolve_adapter_path(path: str, roots: tuple[str, ...]) -> str:
     """The real path of an adapter directory that lies inside one of roots.
 
@@ -35,7 +44,7 @@ def resolve_adapter_path(path: str, roots: tuple[str, ...]) -> str:
             ),
             "lora_path",
         )
-    if not isinstance(path, str) or not path or "\x00" in path:
+    if not isinstance(path, str) or not path or "\x00" in path or not _encodable(path):
         raise with_param(
             AdapterError(f"lora_path {path!r}: expected a directory path"), "lora_path"
         )
@@ -70,6 +79,13 @@ class ServingState:
         self.tokenizer = llm.tokenizer
         self.config = config
         self.max_model_len = llm.engine_config.kv.max_model_len
+        # No token stands for more characters than the vocabulary's longest entry, so a text
+        # longer than max_model_len such tokens cannot fit: refused before it is tokenized.
+        self.longest_token_chars = (
+            None
+            if self.tokenizer is None
+            else max(len(t) for t in self.tokenizer.backend.get_vocab(with_added_tokens=True))
+        )
         self.metrics = prom.ServerMetrics()
         self.pump = DeltaPump(config.stream_poll_s, self._on_finish)
         self.created = int(time.time())
@@ -200,7 +216,7 @@ class ServingState:
                     ),
                     "lora_name",
                 )
-            self.adapters.replace(name, real)
+            register = self.adapters.replace
         else:
             if name in self.adapters.store:
                 raise with_param(
@@ -210,7 +226,14 @@ class ServingState:
                     ),
                     "lora_name",
                 )
-            self.adapters.register(name, real)
+            register = self.adapters.register
+        try:
+            register(name, real)
+        except AdapterError as e:
+            if getattr(e, "param", None) is None and str(e).startswith("adapter name "):
+                # The store's name check: say which field of the request it is about.
+                raise with_param(AdapterError(f"lora_name: {e}"), "lora_name") from None
+            raise
         self._adapter_created[name] = int(time.time())
         log.info("adapter %r loaded from %s", name, real)
         return real
@@ -241,6 +264,20 @@ class ServingState:
         )
         self.metrics.requests.inc(self.model_label(adapter))
         return request
+
+    def text_cannot_fit(self, text: str) -> bool:
+        """Whether text has more characters than max_model_len of the longest tokens hold
+        (after the tokenizer's normalizer, which may merge characters): too long for sure,
+        without spending time on tokenizing it (seconds for megabytes)."""
+        if self.longest_token_chars is None:
+            return False
+        limit = self.max_model_len * self.longest_token_chars
+        if len(text) <= limit:
+            return False
+        normalizer = self.tokenizer.backend.normalizer
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        return len(text) > limit
 
     def model_label(self, adapter: str | None) -> str:
         return self.config.model_name if adapter is None else adapter
