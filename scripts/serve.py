@@ -145,6 +145,9 @@ flags.DEFINE_string(
     os.path.join("~", ".cache", "jaxlora", "xla"),
     "JAX persistent compilation cache (restarts skip compiling); empty: off.",
 )
+flags.DEFINE_integer(
+    "max_body_mib", 32, "Request bodies larger than this many MiB are refused (413)."
+)
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
 
 
@@ -192,6 +195,7 @@ def main(argv):
         tensor_parallel_size=FLAGS.tensor_parallel_size,
         load_workers=FLAGS.load_workers,
         first_token_deadline_s=FLAGS.first_token_deadline_s,
+        max_body_mib=FLAGS.max_body_mib,
         max_batch=FLAGS.max_batch,
         max_prefill_rows=FLAGS.max_prefill_rows,
         prefill_chunk=FLAGS.prefill_chunk,

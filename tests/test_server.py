@@ -619,6 +619,8 @@ def test_launch_settings():
     assert not atomic.deterministic and not atomic.sgmv_config().deterministic
     with pytest.raises(ConfigError, match="max_model_len"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
+    with pytest.raises(ConfigError, match="max_body_mib: expected an int >= 1, got 0"):
+        LaunchConfig(max_body_mib=0)
 
 
 def test_banner_has_a_curl_that_parses(served):

@@ -32,7 +32,7 @@ def serve_command(*flags: str) -> list[str]:
 
 
 def test_serve_script_default_demo_prints_a_working_curl():
-    command = serve_command()
+    command = serve_command("--max_body_mib=1")
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -60,6 +60,11 @@ def test_serve_script_default_demo_prints_a_working_curl():
         assert answer["choices"][0]["message"]["content"] == demo.DEMO_SIGNATURES[body["model"]]
         models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
         assert models == {demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES}
+        too_big = httpx.post(
+            words[1], json={**body, "user": "x" * (1 << 20)}, timeout=60
+        )  # --max_body_mib=1
+        assert too_big.status_code == 413, too_big.text
+        assert too_big.json()["error"]["param"] == "body"
     finally:
         process.send_signal(signal.SIGINT)
         try:
