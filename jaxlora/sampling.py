@@ -68,8 +68,9 @@ class SamplingParams:
                 and math.isfinite(value)
             )
 
-        if not is_number(self.temperature) or self.temperature < 0:
-            fail("temperature", "a finite number >= 0")
+        # (the step divides float32 logits by it: past float32's largest it would be infinity)
+        if not is_number(self.temperature) or not 0 <= self.temperature <= np.finfo(np.float32).max:
+            fail("temperature", "a finite number >= 0 (at most float32's 3.4e38)")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "a number in (0, 1]")
         if not is_int(self.top_k) or self.top_k < 0:

@@ -186,6 +186,7 @@ def test_padding_rows_and_seed_words():
     [
         ("temperature", -0.1, ">= 0"),
         ("temperature", float("nan"), "finite"),
+        ("temperature", 1e300, "3.4e38"),
         ("top_p", 0.0, r"\(0, 1\]"),
         ("top_p", 1.5, r"\(0, 1\]"),
         ("top_k", -1, ">= 0"),

@@ -7,6 +7,8 @@ Cases marked "was ..." misbehaved before the fixes they test."""
 import collections
 import json
 import shutil
+import threading
+import time
 
 import httpx
 import pytest
@@ -120,6 +122,7 @@ CASES = [
     bad(C, "temperature", NAN, "finite number"),
     bad(M, "temperature", INF, "finite number"),
     bad(M, "temperature", -INF, "finite number"),
+    bad(M, "temperature", 1e300, "3.4e38"),  # was 200: infinity in float32, uniform sampling
     bad(C, "top_p", NAN, "(0, 1]"),
     bad(C, "top_p", 0, "(0, 1]"),
     bad(M, "top_p", INF, "(0, 1]"),
@@ -140,6 +143,8 @@ CASES = [
     bad(C, "stop", ["", "a"], "non-empty"),
     bad(M, "stop", "", "non-empty"),
     bad(C, "stop", "\ud800", "lone surrogate"),  # was 200
+    # was accepted: each stop string is matched on the engine's thread, which all requests share
+    bad(C, "stop", [f"s{i}" for i in range(65)], "at most 64", "got 65"),
     bad(C, "stop_token_ids", [True], "valid integer", param="stop_token_ids[0]"),  # was 200
     bad(C, "stop_token_ids", [-1], ">= 0"),
     bad(M, "stop_token_ids", 5, "valid list"),
@@ -356,6 +361,41 @@ def test_top_k_past_the_vocabulary_keeps_every_token(http):
         assert response.status_code == 200, response.text
         texts.append(response.json()["choices"][0]["text"])
     assert texts[0] == texts[1]
+
+
+def test_tokenizing_leaves_the_event_loop_free(served, monkeypatch):
+    """A slow tokenization (a long prompt, a large vocabulary) runs off the event loop, which
+    serves every client: /health answers while it runs."""
+    server, state = served
+    real_encode = state.tokenizer.encode
+    started = threading.Event()
+
+    def slow_encode(text, *args, **kwargs):
+        started.set()
+        time.sleep(2.0)
+        return real_encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(state.tokenizer, "encode", slow_encode)
+    answers = []
+    worker = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(
+                f"{server.url}{COMPLETIONS}",
+                json=comp(max_tokens=40),
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=60,
+            )
+        )
+    )
+    worker.start()
+    assert started.wait(30)
+    begin = time.monotonic()
+    health = httpx.get(f"{server.url}/health", timeout=30)
+    waited = time.monotonic() - begin
+    worker.join(60)
+    assert health.status_code == 200 and waited < 1.0, waited
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["choices"][0]["text"] == PIRATE
 
 
 def test_the_server_is_unharmed(served, http):

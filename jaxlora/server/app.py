@@ -113,11 +113,19 @@ def _samplings(
     logprobs,
     count: int,
     vocab_size: int,
+    max_stop_strings: int,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
     stop = body.stop if body.stop is not None else ()
     if isinstance(stop, str):
         stop = (stop,)
+    if len(stop) > max_stop_strings:
+        raise with_param(
+            RequestError(
+                f"stop: expected at most {max_stop_strings} stop strings, got {len(stop)}"
+            ),
+            "stop",
+        )
     if body.seed is not None and not -_SEED_LIMIT <= body.seed < _SEED_LIMIT:
         raise with_param(
             RequestError(f"seed: expected an int in [-2**63, 2**63), got {body.seed}"), "seed"
@@ -530,13 +538,17 @@ def create_app(
         _check_text(body)
         adapter = state.resolve_model(body.model)
         _refuse_unsupported(body)
-        prompts = _completion_prompts(state, body.prompt, body.n)
+        # Tokenizing a long prompt takes a while: off the event loop, which serves everyone.
+        prompts = await anyio.to_thread.run_sync(
+            lambda: _completion_prompts(state, body.prompt, body.n)
+        )
         samplings = _samplings(
             body,
             max_tokens_of(body, state.config.default_max_tokens),
             body.logprobs,
             body.n,
             state.llm.config.vocab_size,
+            state.config.max_stop_strings,
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -652,7 +664,7 @@ def create_app(
             raise with_param(
                 RequestError(f"n: expected 1..{state.config.max_n}, got {body.n}"), "n"
             )
-        prompt = _chat_prompt(state, body)
+        prompt = await anyio.to_thread.run_sync(lambda: _chat_prompt(state, body))
         rest_of_context = max(1, state.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         samplings = _samplings(
@@ -661,6 +673,7 @@ def create_app(
             logprobs,
             body.n,
             state.llm.config.vocab_size,
+            state.config.max_stop_strings,
         )
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -24,6 +24,8 @@ class ServerConfig:
     context).
     max_body_bytes: request bodies larger than this are refused (413) before they are read;
     the default holds 16 prompts of 128K token ids.
+    max_stop_strings: most stop strings a request may give (each is matched against every
+    generated piece of text on the engine's thread, which every request shares).
     """
 
     model_name: str
@@ -35,6 +37,7 @@ class ServerConfig:
     disconnect_poll_s: float = 0.25
     default_max_tokens: int = 16
     max_body_bytes: int = 32 * 2**20
+    max_stop_strings: int = 64
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -51,7 +54,7 @@ class ServerConfig:
                     f"server config field 'adapter_roots': {root!r} is not a directory"
                 )
         object.__setattr__(self, "adapter_roots", roots)
-        for field in ("max_n", "default_max_tokens", "max_body_bytes"):
+        for field in ("max_n", "default_max_tokens", "max_body_bytes", "max_stop_strings"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(
