@@ -112,7 +112,6 @@ def _samplings(
     max_tokens: int,
     logprobs,
     count: int,
-    vocab_size: int,
     max_stop_strings: int,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
@@ -138,9 +137,7 @@ def _samplings(
                 SamplingParams(
                     temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p,
-                    # top_k past the vocabulary keeps every token, as top_k = vocab_size does
-                    # (and a huge one would not fit the engine's int32 batch arrays).
-                    top_k=0 if body.top_k is None else min(body.top_k, vocab_size),
+                    top_k=0 if body.top_k is None else body.top_k,
                     max_tokens=max_tokens,
                     stop_token_ids=tuple(body.stop_token_ids or ()),
                     stop_strings=tuple(stop),
@@ -547,7 +544,6 @@ def create_app(
             max_tokens_of(body, state.config.default_max_tokens),
             body.logprobs,
             body.n,
-            state.llm.config.vocab_size,
             state.config.max_stop_strings,
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
@@ -672,7 +668,6 @@ def create_app(
             max_tokens_of(body, rest_of_context),
             logprobs,
             body.n,
-            state.llm.config.vocab_size,
             state.config.max_stop_strings,
         )
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
