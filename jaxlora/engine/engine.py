@@ -78,6 +78,15 @@ from pallas_kernels.sgmv import build_sgmv_metadata
 log = logging.getLogger("jaxlora.engine")
 
 
+def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
+    """Raises RequestError when a prompt of num_tokens leaves no room for one generated token."""
+    if num_tokens >= max_model_len:
+        raise RequestError(
+            f"prompt: {num_tokens} tokens; the context length is {max_model_len}"
+            f" (prompt plus at least one generated token)"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     kv: KVCacheConfig = KVCacheConfig()
@@ -236,11 +245,7 @@ class Engine:
                 "this engine has none; use stop_token_ids"
             )
         limit = self.engine_config.kv.max_model_len
-        if len(prompt_ids) >= limit:
-            raise RequestError(
-                f"prompt: {len(prompt_ids)} tokens; the context length is {limit}"
-                f" (prompt plus at least one generated token)"
-            )
+        check_prompt_length(len(prompt_ids), limit)
         if len(prompt_ids) + sampling.max_tokens > limit:
             raise RequestError(
                 f"max_tokens: {sampling.max_tokens} plus the prompt's "

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxlora.engine import Delta, FinishReason
 from jaxlora.engine import Request as EngineRequest
+from jaxlora.engine.engine import check_prompt_length
 from jaxlora.errors import JaxloraError, PoolExhaustedError, RequestError, UnknownAdapterError
 from jaxlora.sampling import SamplingParams
 from jaxlora.server import metrics as prom
@@ -924,14 +925,10 @@ def _completion_prompts(state: ServingState, prompt, n: int) -> list[list[int]]:
                     RequestError("prompt: expected at least one token, got an empty token list"),
                     "prompt",
                 )
-            if len(item) >= state.max_model_len:  # the engine's check, before copying the ids
-                raise with_param(
-                    RequestError(
-                        f"prompt: {len(item)} tokens; the context length is "
-                        f"{state.max_model_len} (prompt plus at least one generated token)"
-                    ),
-                    "prompt",
-                )
+            try:  # the engine's check, before copying the ids
+                check_prompt_length(len(item), state.max_model_len)
+            except RequestError as e:
+                raise with_param(e, "prompt") from None
             ids.append([int(t) for t in item])
     return ids
 
