@@ -909,15 +909,7 @@ def _completion_prompts(state: ServingState, prompt, n: int) -> list[list[int]]:
                     ),
                     "prompt",
                 )
-            if state.text_cannot_fit(item):
-                raise with_param(
-                    RequestError(
-                        f"prompt: {len(item)} characters; the context length is "
-                        f"{state.max_model_len} tokens of at most "
-                        f"{state.longest_token_chars} characters"
-                    ),
-                    "prompt",
-                )
+            state.refuse_text_that_cannot_fit(item, "prompt", "characters")
             ids.append(state.tokenizer.encode(item))
         else:
             if not item:
@@ -951,14 +943,7 @@ def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
         elif content is not None:
             texts.extend(p["text"] for p in content if isinstance(p.get("text"), str))
     text = "".join(texts)
-    if state.text_cannot_fit(text):
-        raise with_param(
-            RequestError(
-                f"messages: {len(text)} characters of content; the context length is "
-                f"{state.max_model_len} tokens of at most {state.longest_token_chars} characters"
-            ),
-            "messages",
-        )
+    state.refuse_text_that_cannot_fit(text, "messages", "characters of content")
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     try:
         return state.tokenizer.encode_chat(messages)

@@ -9,7 +9,7 @@ import threading
 import time
 
 from jaxlora.engine import Request
-from jaxlora.errors import AdapterError, FormatError, UnknownAdapterError
+from jaxlora.errors import AdapterError, FormatError, RequestError, UnknownAdapterError
 from jaxlora.llm import LLM
 from jaxlora.memory.store import MEMORY_SOURCE
 from jaxlora.sampling import SamplingParams
@@ -265,19 +265,26 @@ class ServingState:
         self.metrics.requests.inc(self.model_label(adapter))
         return request
 
-    def text_cannot_fit(self, text: str) -> bool:
-        """Whether text has more characters than max_model_len of the longest tokens hold
-        (after the tokenizer's normalizer, which may merge characters): too long for sure,
-        without spending time on tokenizing it (seconds for megabytes)."""
+    def refuse_text_that_cannot_fit(self, text: str, field: str, what: str) -> None:
+        """Raises a RequestError about ``field`` (its ``what``: "characters", ...) when text has
+        more characters than max_model_len of the longest tokens hold (after the tokenizer's
+        normalizer, which may merge characters): too long for sure, found without spending time
+        on tokenizing it (seconds for megabytes)."""
         if self.longest_token_chars is None:
-            return False
+            return
         limit = self.max_model_len * self.longest_token_chars
         if len(text) <= limit:
-            return False
+            return
         normalizer = self.tokenizer.backend.normalizer
-        if normalizer is not None:
-            text = normalizer.normalize_str(text)
-        return len(text) > limit
+        if normalizer is not None and len(normalizer.normalize_str(text)) <= limit:
+            return
+        raise with_param(
+            RequestError(
+                f"{field}: {len(text)} {what}; the context length is {self.max_model_len} "
+                f"tokens of at most {self.longest_token_chars} characters"
+            ),
+            field,
+        )
 
     def model_label(self, adapter: str | None) -> str:
         return self.config.model_name if adapter is None else adapter
