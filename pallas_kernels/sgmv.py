@@ -45,6 +45,12 @@ prefill (larger T): tokens sorted by slot and cut into tiles of tokens of one sl
         split and the expand walks up to ``expand_col_steps`` column blocks per program
         (software-pipelined loads of B and y). Programs beyond the work exit at once.
 
+A third choice, made by the caller: ``per_token=True`` (a static argument) runs the decode
+kernels wherever T would take the prefill tiles, with their own knobs (``per_token_*``). A tile
+of one slot's tokens saves nothing when each adapter has one token, and the per-token kernels
+then read the same bytes with no tensor-core padding. Whether a batch is such is known on the
+host from its token slots: ``choose_per_token(token_slot)``.
+
 Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
 -----------------------------------------------------------------
     sorted_tokens       (T,)    token ids sorted by slot (stable); NO_ADAPTER tokens last
@@ -270,6 +276,20 @@ class SgmvConfig(KernelConfig):
     decode_rank_chunk: int = 64  # rank rows per step of the decode expand loop
     decode_expand_num_warps: int = 4
     decode_expand_num_stages: int = 3
+    # per token at any T: with ``per_token=True`` the decode kernels replace the prefill tiles
+    # wherever T would take them, with the knobs below (H200, twenty-second session, ``pC``:
+    # 0.83x-0.94x the tiles' time on the rank-16 distinct rows of issue 3's grid; 2-7x the
+    # tiles' time where adapters have many tokens, seventh session). The host picks it per
+    # batch with ``choose_per_token``: per token when the batch's distinct adapters are at
+    # least ``per_token_share`` of its tokens that have one; None: never.
+    per_token_share: float | None = 0.9
+    per_token_shrink_rows: int = 4  # v columns (rank rows) per per-token shrink program
+    per_token_block_k: int = 512  # input-width step of the per-token shrink loop
+    per_token_shrink_num_warps: int = 4
+    per_token_shrink_num_stages: int = 4
+    per_token_expand_block_n: int = 1024  # y columns per per-token expand program
+    per_token_expand_num_warps: int = 4
+    per_token_expand_num_stages: int = 3
 
     def __post_init__(self):
         for name in ("deterministic", "expand_prefetch_y"):
@@ -289,7 +309,22 @@ class SgmvConfig(KernelConfig):
                     f"SgmvConfig field {name!r}: expected a power of two >= 16 "
                     f"(a tensor-core dot dimension), got {value!r}"
                 )
-        for name in ("decode_block_k", "decode_expand_block_n", "decode_rank_chunk"):
+        share = self.per_token_share
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1
+        ):
+            raise ConfigError(
+                f"SgmvConfig field 'per_token_share': expected None or a number in [0, 1], "
+                f"got {share!r}"
+            )
+        for name in (
+            "decode_block_k",
+            "decode_expand_block_n",
+            "decode_rank_chunk",
+            "per_token_shrink_rows",
+            "per_token_block_k",
+            "per_token_expand_block_n",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value):
                 raise ConfigError(
@@ -332,6 +367,10 @@ class SgmvConfig(KernelConfig):
             "decode_shrink_num_stages",
             "decode_expand_num_warps",
             "decode_expand_num_stages",
+            "per_token_shrink_num_warps",
+            "per_token_shrink_num_stages",
+            "per_token_expand_num_warps",
+            "per_token_expand_num_stages",
         ):
             value = getattr(self, name)
             at_least = (
@@ -357,9 +396,22 @@ class SgmvConfig(KernelConfig):
         )
         return waves * self.target_programs
 
-    def regime(self, num_tokens: int, kernel: str = "expand", *, columns: int | None = None) -> str:
+    def regime(
+        self,
+        num_tokens: int,
+        kernel: str = "expand",
+        *,
+        columns: int | None = None,
+        per_token: bool = False,
+    ) -> str:
         """ "decode" or "prefill" kernels for ``kernel`` ("shrink" or "expand") at T tokens;
-        the shrink's choice also depends on its ``columns`` (G * MP * R, the v columns)."""
+        the shrink's choice also depends on its ``columns`` (G * MP * R, the v columns). With
+        ``per_token``, "per_token" (the decode kernels with the ``per_token_*`` knobs) where it
+        would be "prefill"."""
+        regime = self._regime_by_size(num_tokens, kernel, columns)
+        return "per_token" if per_token and regime == "prefill" else regime
+
+    def _regime_by_size(self, num_tokens, kernel, columns):
         if kernel == "expand":
             return "decode" if num_tokens <= self.decode_max_tokens else "prefill"
         if kernel != "shrink":
@@ -378,6 +430,26 @@ class SgmvConfig(KernelConfig):
             rows_limit is None or num_tokens * columns <= rows_limit
         )
         return "decode" if per_token else "prefill"
+
+
+def choose_per_token(token_slot: np.ndarray, *, config: SgmvConfig | None = None) -> bool:
+    """Host-side choice of the ``per_token`` argument for a batch's ``token_slot`` (T,): True
+    when its distinct adapters are at least ``config.per_token_share`` of its tokens that have
+    an adapter (about one token an adapter, where a tile of one slot would hold one token).
+    The engine's batches never are (a prompt is a run of one adapter); a caller of the kernels
+    with the token slots on the host can pass the result to ``sgmv_apply`` / ``sgmv_delta``, as
+    issue 3's benchmark does."""
+    config = config or SgmvConfig()
+    token_slot = np.asarray(token_slot)
+    if token_slot.ndim != 1 or not np.issubdtype(token_slot.dtype, np.integer):
+        raise AdapterError(
+            f"choose_per_token: token_slot must be a 1-D int array, got shape "
+            f"{token_slot.shape} dtype {token_slot.dtype}"
+        )
+    with_adapter = token_slot[token_slot >= 0]
+    if config.per_token_share is None or with_adapter.size == 0:
+        return False
+    return len(np.unique(with_adapter)) >= config.per_token_share * with_adapter.size
 
 
 def num_tiles_bound(num_tokens: int, num_slots: int, block_tokens: int) -> int:
@@ -958,9 +1030,12 @@ def sgmv_shrink(
     weights: tuple[int, ...],
     kernel_meta: dict | None = None,
     config: SgmvConfig | None = None,
+    per_token: bool = False,
     interpret: bool = False,
 ) -> jax.Array:  # (T, G, MP*R) float32
-    """Pallas Triton shrink; same contract as ``sgmv_shrink_reference``."""
+    """Pallas Triton shrink; same contract as ``sgmv_shrink_reference``. ``per_token`` (static;
+    ``choose_per_token`` decides it on the host) runs one program per (token, rank rows) at any
+    T instead of tiles of one slot's tokens."""
     config = config or SgmvConfig()
     fn = "sgmv_shrink"
     _check_weights(fn, weights)
@@ -993,22 +1068,23 @@ def sgmv_shrink(
     )
     out_shape = jax.ShapeDtypeStruct((num_tokens, columns), jnp.float32)
 
-    if config.regime(num_tokens, "shrink", columns=columns) == "decode":
-        rows = _decode_shrink_rows(config, num_tokens, columns)
-        bk = min(config.decode_block_k, _next_pow2(width))
-        name = (
-            f"sgmv_shrink_decode_rows{rows}_bk{bk}_w{config.decode_shrink_num_warps}"
-            f"_s{config.decode_shrink_num_stages}"
-        )
+    regime = config.regime(num_tokens, "shrink", columns=columns, per_token=per_token)
+    if regime != "prefill":
+        if regime == "decode":
+            rows = _decode_shrink_rows(config, num_tokens, columns)
+            bk = min(config.decode_block_k, _next_pow2(width))
+            warps, stages = config.decode_shrink_num_warps, config.decode_shrink_num_stages
+        else:
+            rows = min(config.per_token_shrink_rows, _next_pow2(columns))
+            bk = min(config.per_token_block_k, _next_pow2(width))
+            warps, stages = config.per_token_shrink_num_warps, config.per_token_shrink_num_stages
         v = pl.pallas_call(
             functools.partial(_decode_shrink_kernel, rows=rows, bk=bk, **statics),
             out_shape=out_shape,
             grid=(_cdiv(columns, rows), num_tokens),
-            compiler_params=_compiler_params(
-                config.decode_shrink_num_warps, config.decode_shrink_num_stages
-            ),
+            compiler_params=_compiler_params(warps, stages),
             interpret=interpret,
-            name=name,
+            name=f"sgmv_shrink_{regime}_rows{rows}_bk{bk}_w{warps}_s{stages}",
         )(x, pool_rows, a_pages, ranks, layer1, token_slot)
         return v.reshape(num_tokens, g_count, rank_cols)
 
@@ -1372,10 +1448,12 @@ def sgmv_expand(
     weights: tuple[int, ...],
     kernel_meta: dict | None = None,
     config: SgmvConfig | None = None,
+    per_token: bool = False,
     interpret: bool = False,
 ) -> jax.Array:  # (T, sum of out widths), y's dtype
     """Pallas Triton expand; same contract as ``sgmv_expand_reference`` (y is updated in place
-    when the caller donates it or it is an intermediate inside jit).
+    when the caller donates it or it is an intermediate inside jit). ``per_token`` as in
+    ``sgmv_shrink``: one program per (token, block of y columns) at any T.
 
     When ``y`` is a ``jax.ShapeDtypeStruct`` (the base output's shape and dtype, no data), it
     returns the float32 delta ``(T, sum of out widths)`` instead, written for every token (zeros
@@ -1424,14 +1502,18 @@ def sgmv_expand(
     out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype if accumulate else jnp.float32)
     base, aliases, mode = ((y,), {0: 0}, "") if accumulate else ((), {}, "_delta")
 
-    if config.regime(num_tokens) == "decode":
-        bn = min(config.decode_expand_block_n, _next_pow2(max(widths)))
+    regime = config.regime(num_tokens, per_token=per_token)
+    if regime != "prefill":
+        if regime == "decode":
+            block_n = config.decode_expand_block_n
+            warps, stages = config.decode_expand_num_warps, config.decode_expand_num_stages
+        else:
+            block_n = config.per_token_expand_block_n
+            warps, stages = config.per_token_expand_num_warps, config.per_token_expand_num_stages
+        bn = min(block_n, _next_pow2(max(widths)))
         chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
         block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
-        name = (
-            f"sgmv_expand{mode}_decode_bn{bn}_rc{chunk}_w{config.decode_expand_num_warps}"
-            f"_s{config.decode_expand_num_stages}"
-        )
+        name = f"sgmv_expand{mode}_{regime}_bn{bn}_rc{chunk}_w{warps}_s{stages}"
         return pl.pallas_call(
             functools.partial(
                 _decode_expand_kernel, block_starts=block_starts, bn=bn, chunk=chunk, **statics
@@ -1439,9 +1521,7 @@ def sgmv_expand(
             out_shape=out_shape,
             grid=(block_starts[-1], num_tokens),
             input_output_aliases=aliases,
-            compiler_params=_compiler_params(
-                config.decode_expand_num_warps, config.decode_expand_num_stages
-            ),
+            compiler_params=_compiler_params(warps, stages),
             interpret=interpret,
             name=name,
         )(*base, v2, *pool_rows, *tables, token_slot.astype(jnp.int32))
@@ -1533,11 +1613,13 @@ def sgmv_apply(
     weights: tuple[int, ...],
     kernel_meta: dict | None = None,
     config: SgmvConfig | None = None,
+    per_token: bool = False,
     interpret: bool = False,
 ) -> jax.Array:  # (T, sum of out widths), y's dtype
     """y += each token's LoRA delta for a module group (``sgmv_apply_reference``): ``sgmv_shrink``
     then ``sgmv_expand``, two launches. Given a ``jax.ShapeDtypeStruct`` for y, it returns the
-    float32 delta instead (``sgmv_expand``'s delta form; ``sgmv_delta``).
+    float32 delta instead (``sgmv_expand``'s delta form; ``sgmv_delta``). ``per_token``: both
+    kernels per token at any T (``choose_per_token``).
 
     (A single-launch variant, each program recomputing its token's v for its block of y columns,
     was measured slower at every decode size: docs/BENCHMARKS.md, "Fifth session".)
@@ -1552,6 +1634,7 @@ def sgmv_apply(
         weights=weights,
         kernel_meta=kernel_meta,
         config=config,
+        per_token=per_token,
         interpret=interpret,
     )
     return sgmv_expand(
@@ -1566,6 +1649,7 @@ def sgmv_apply(
         weights=weights,
         kernel_meta=kernel_meta,
         config=config,
+        per_token=per_token,
         interpret=interpret,
     )
 
@@ -1607,6 +1691,7 @@ def sgmv_delta(
     out_dtype=None,
     kernel_meta: dict | None = None,
     config: SgmvConfig | None = None,
+    per_token: bool = False,
     interpret: bool = False,
 ) -> jax.Array:  # (T, sum of out widths) float32
     """Each token's LoRA delta for a module group (``sgmv_delta_reference``): ``sgmv_shrink`` then
@@ -1619,7 +1704,8 @@ def sgmv_delta(
     base = jax.ShapeDtypeStruct((x.shape[0], width), out_dtype or x.dtype)
     return sgmv_apply(
         x, base, a_pool, b_pools, a_pages, b_pages, ranks, scales, token_slot, layer,
-        weights=weights, kernel_meta=kernel_meta, config=config, interpret=interpret,
+        weights=weights, kernel_meta=kernel_meta, config=config, per_token=per_token,
+        interpret=interpret,
     )  # fmt: skip
 
 
@@ -1627,6 +1713,7 @@ __all__ = [
     "SgmvConfig",
     "build_sgmv_metadata",
     "build_sgmv_metadata_jnp",
+    "choose_per_token",
     "num_tiles_bound",
     "sgmv_apply",
     "sgmv_apply_reference",

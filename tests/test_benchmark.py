@@ -736,18 +736,35 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
     """jaxlora.bench.kernels (scripts/bench_kernels.py), interpreted on small shapes: every
     implementation of every row changes y (the LoRA is applied) and gives the first one's y to
     bf16 rounding: the kernels in both regimes, the prefill split with partials or atomic adds,
-    and the two plain-JAX baselines. The report written is the one returned, with a verdict per
-    row."""
+    the per-token kernels (chosen per row on the host, or always), and the two plain-JAX
+    baselines. The report written is the one returned, with a verdict per row."""
     from jaxlora.bench import kernels
 
-    prefill = {"decode_max_tokens": 0, "decode_shrink_max_tokens": 0, "shrink_block_k": 16}
+    prefill = {
+        "decode_max_tokens": 0,
+        "decode_shrink_max_tokens": 0,
+        "shrink_block_k": 16,
+        "per_token_share": None,
+    }
+    per_token = {"decode_max_tokens": 0, "decode_shrink_max_tokens": 0, "per_token_share": 0}
     config = kernels.KernelBenchConfig(
         tokens=(4, 24),
         outs=("2x32",),
         ranks=(8,),
         workloads=("identical", "distinct"),
-        impls=("sgmv", "sgmv:prefill", "sgmv:atomic", "gather_einsum", "ragged_dot"),
-        variants={"prefill": prefill, "atomic": {**prefill, "deterministic": False}},
+        impls=(
+            "sgmv",
+            "sgmv:prefill",
+            "sgmv:atomic",
+            "sgmv:per_token",
+            "gather_einsum",
+            "ragged_dot",
+        ),
+        variants={
+            "prefill": prefill,
+            "atomic": {**prefill, "deterministic": False},
+            "per_token": per_token,
+        },
         hidden=64,
         calls=1,
         copy_gib=1 / 1024,
@@ -775,6 +792,17 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
             assert entry["busy_us"] > 0
         assert {"GBps", "pct_copy", "bandwidth_target"} <= set(row["verdict"])
     assert rows[3]["distinct_adapters"] == 24 and rows[2]["distinct_adapters"] == 1
+    # The default chooses per token for the distinct rows only; the variants force either way.
+    chosen = {
+        impl: [row["impls"][impl].get("per_token") for row in rows]
+        for impl in ("sgmv", "sgmv:prefill", "sgmv:per_token", "gather_einsum")
+    }
+    assert chosen == {
+        "sgmv": [False, True, False, True],
+        "sgmv:prefill": [False] * 4,
+        "sgmv:per_token": [True] * 4,
+        "gather_einsum": [None] * 4,
+    }
     with pytest.raises(ConfigError, match="names no variant"):
         kernels.impl_steps(dataclasses.replace(config, impls=("sgmv:nope",)))
 

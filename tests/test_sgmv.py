@@ -26,6 +26,7 @@ from pallas_kernels.sgmv import (
     SgmvConfig,
     build_sgmv_metadata,
     build_sgmv_metadata_jnp,
+    choose_per_token,
     num_tiles_bound,
     sgmv_apply,
     sgmv_apply_reference,
@@ -51,6 +52,9 @@ SMALL = SgmvConfig(
     decode_expand_block_n=16,
     decode_rank_chunk=4,
     decode_shrink_max_tokens=None,
+    per_token_shrink_rows=4,
+    per_token_block_k=16,
+    per_token_expand_block_n=32,
 )
 
 INTERPRET = [
@@ -204,7 +208,7 @@ def _shrink_inputs(prob):
     )
 
 
-def _run_shrink(prob, config, interpret, meta="host"):
+def _run_shrink(prob, config, interpret, meta="host", per_token=False):
     kernel_meta = None
     if meta == "host":
         kernel_meta = build_sgmv_metadata(prob.token_slot, prob.a_pages.shape[0], config=config)
@@ -221,6 +225,7 @@ def _run_shrink(prob, config, interpret, meta="host"):
             weights=prob.weights,
             kernel_meta=kernel_meta,
             config=config,
+            per_token=per_token,
             interpret=interpret,
         )
 
@@ -230,7 +235,7 @@ def _run_shrink(prob, config, interpret, meta="host"):
     return shrink(*args, interpret=interpret)
 
 
-def _run_expand(prob, v, config, interpret, meta="host"):
+def _run_expand(prob, v, config, interpret, meta="host", per_token=False):
     kernel_meta = None
     if meta == "host":
         kernel_meta = build_sgmv_metadata(prob.token_slot, prob.b_pages.shape[0], config=config)
@@ -248,6 +253,7 @@ def _run_expand(prob, v, config, interpret, meta="host"):
             weights=prob.weights,
             kernel_meta=kernel_meta,
             config=config,
+            per_token=per_token,
             interpret=interpret,
         )
 
@@ -680,6 +686,117 @@ def test_expand_ignores_garbage_beyond_rank_and_all_base_tokens(regime, interpre
     np.testing.assert_array_equal(np.asarray(_run_shrink(prob, config, interpret)), 0.0)
 
 
+# ------------------------------------------------------------------------------------------------
+# per token at any T (per_token=True, chosen on the host by choose_per_token)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    "group, dtype_name, knobs",
+    # every group and both dtypes; the test knobs (several K steps, rank rows and column blocks)
+    # and the defaults (clipped to the tiny widths)
+    [
+        ("qkv", "bfloat16", "small"),
+        ("gate_up", "float32", "small"),
+        ("down", "bfloat16", "small"),
+        ("qkv", "float32", "default"),
+    ],
+)
+def test_per_token_kernels_match_reference(group, dtype_name, knobs, interpret):
+    """``per_token=True`` where T takes the prefill tiles: the decode kernels with the
+    ``per_token_*`` knobs, tokens in any order (distinct slots, repeated slots, base-only
+    tokens), ranks not a multiple of the rank rows, no metadata; the tiles' result."""
+    in_width, out_widths = GROUPS[group]
+    num_tokens = 53
+    config = dataclasses.replace(SMALL, decode_max_tokens=16)
+    if knobs == "default":
+        config = SgmvConfig()
+    assert config.regime(num_tokens, "shrink", columns=1_000_000) == "prefill"
+    assert config.regime(num_tokens, "shrink", columns=1_000_000, per_token=True) == "per_token"
+    assert config.regime(num_tokens, per_token=True) == "per_token"
+    assert config.regime(1, per_token=True) == "decode"  # decode stays decode
+    prob = make_problem(
+        zlib.crc32(f"per-token-{group}-{dtype_name}-{knobs}".encode()),
+        num_tokens=num_tokens,
+        in_width=in_width,
+        out_widths=out_widths,
+        dtype=jnp.dtype(dtype_name),
+        num_slots=40,
+    )
+    v_ref, y_ref = _reference(prob)
+    v = _run_shrink(prob, config, interpret, meta=None, per_token=True)
+    y = _run_expand(prob, v_ref, config, interpret, meta=None, per_token=True)
+    _check(prob, v, y, v_ref, y_ref, dtype_name)
+    y_tiles = _run_expand(prob, v_ref, config, interpret)
+    assert _rel_err(y, y_tiles) < TOL[dtype_name]
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_per_token_delta_writes_every_element(interpret):
+    """The model's delta form per token: float32 zeros for base-only tokens and untargeted
+    weights, every other element the reference's."""
+    prob, kw, pools = _group_case("per-token-delta", "qkv", 40, jnp.bfloat16)
+    ts = jnp.asarray(prob.token_slot)
+    kw = dict(kw, kernel_meta=None, per_token=True)
+    lowered = lower_for_gpu(
+        lambda x, t: sgmv_delta(x, *pools, t, prob.layer, **kw, interpret=False), prob.x, ts
+    )
+    assert "sgmv_shrink_per_token_rows4_bk16_" in lowered
+    assert "sgmv_expand_delta_per_token_bn32_" in lowered
+    delta = sgmv_delta(prob.x, *pools, ts, prob.layer, **kw, interpret=interpret)
+    delta_ref = sgmv_delta_reference(prob.x, *pools, ts, prob.layer, weights=prob.weights)
+    assert _rel_err(delta, delta_ref) < TOL["bfloat16"]
+    np.testing.assert_array_equal(np.asarray(delta)[prob.token_slot < 0], 0.0)
+
+
+def test_choose_per_token_follows_the_batch():
+    config = SgmvConfig()
+    distinct = np.random.default_rng(0).permutation(300).astype(np.int32)
+    assert choose_per_token(distinct, config=config)
+    assert not choose_per_token(np.zeros(300, np.int32), config=config)  # one adapter
+    assert not choose_per_token(np.full(300, NO_ADAPTER, np.int32), config=config)
+    # Base-only tokens do not count: 100 distinct adapters among 300 tokens is per token.
+    mixed = np.full(300, NO_ADAPTER, np.int32)
+    mixed[::3] = np.arange(100)
+    assert choose_per_token(mixed, config=config)
+    # The share: 90 distinct among 100 adapter tokens is 0.9.
+    near = np.concatenate([np.arange(90), np.arange(10)]).astype(np.int32)
+    assert choose_per_token(near, config=config)
+    assert not choose_per_token(near, config=SgmvConfig(per_token_share=0.95))
+    assert choose_per_token(np.zeros(5, np.int32), config=SgmvConfig(per_token_share=0.0))
+    assert not choose_per_token(distinct, config=SgmvConfig(per_token_share=None))
+    with pytest.raises(AdapterError, match="1-D int array"):
+        choose_per_token(np.zeros((2, 3), np.int32))
+
+
+def test_per_token_lowers_for_the_gpu_at_model_widths():
+    """The per-token launches at T = 4,096 (the grid's distinct rows) with the default knobs:
+    two Triton kernels, named after them."""
+    prob = make_problem(
+        11,
+        num_tokens=4096,
+        in_width=1024,
+        out_widths=(1024, 256, 256),
+        rows_per_page=16,
+        max_pages=4,
+        num_slots=24,
+        dtype=jnp.bfloat16,
+    )
+    config = SgmvConfig()
+    kw = dict(weights=prob.weights, config=config, per_token=True)
+    pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
+    text = lower_for_gpu(
+        lambda x, y, t: sgmv_apply(x, y, *pools, t, prob.layer, **kw),
+        prob.x,
+        prob.y,
+        jnp.asarray(prob.token_slot),
+    )
+    assert triton_kernels(text) == 2
+    assert "sgmv_shrink_per_token_rows4_bk512_w4_s4" in text
+    assert "sgmv_expand_per_token_bn1024_rc64_w4_s3" in text
+
+
 def test_traced_layer_inside_scan():
     """The model's use: one shrink + expand per layer inside lax.scan, layer traced."""
     prob = make_problem(9, num_tokens=30, in_width=40, out_widths=(56, 56), num_layers=3)
@@ -1019,6 +1136,10 @@ def test_bad_inputs_raise_config_errors():
         ),
         ({"shrink_large_waves": 0}, "'shrink_large_waves': expected an int >= 1, got 0"),
         ({"shrink_large_tokens": 2.5}, "'shrink_large_tokens': expected an int >= 0, got 2.5"),
+        ({"per_token_share": 1.5}, "'per_token_share': expected None or a number in \\[0, 1\\]"),
+        ({"per_token_share": True}, "'per_token_share': expected None or a number"),
+        ({"per_token_block_k": 100}, "'per_token_block_k': expected a power of two"),
+        ({"per_token_expand_num_stages": 0}, "'per_token_expand_num_stages': expected an int"),
     ):
         with pytest.raises(ConfigError, match=message):
             SgmvConfig(**fields)

@@ -8,6 +8,9 @@ loop or merged across iterations). Device time comes from the JAX profiler: per 
 of the durations of the kernels between two flushes ("busy"; its first-start to last-end "span"
 is recorded too). Timings are the median over all iterations of K calls.
 
+The SGMV implementations run per token or in tiles as ``choose_per_token`` picks on the host
+from the row's token slots (the row's ``per_token``; a variant's ``per_token_share`` changes it).
+
 Bytes of a row: x read once, each distinct adapter's rank-rows read once (A and B of every weight
 of the group), y read and written. The copy ceiling is the best of several 1 GiB device copies
 measured in the same run (bytes read + written).
@@ -36,6 +39,7 @@ from jaxlora.errors import ConfigError
 from pallas_kernels.sgmv import (
     SgmvConfig,
     build_sgmv_metadata,
+    choose_per_token,
     sgmv_apply,
     sgmv_delta,
 )
@@ -243,7 +247,7 @@ def _adapter_args(pools, tables):
 def step_sgmv(config: SgmvConfig, *, interpret: bool = False):
     """The group's LoRA through ``sgmv_apply`` (in place on the fused y): shrink then expand."""
 
-    def step(x, y, pools, tables, layer, weights):
+    def step(x, y, pools, tables, layer, weights, *, per_token=False):
         return sgmv_apply(
             x,
             y,
@@ -252,6 +256,7 @@ def step_sgmv(config: SgmvConfig, *, interpret: bool = False):
             weights=weights,
             kernel_meta=tables.get("meta"),
             config=config,
+            per_token=per_token,
             interpret=interpret,
         )
 
@@ -263,7 +268,7 @@ def step_sgmv_delta(config: SgmvConfig, *, interpret: bool = False):
     without reading y; here one XLA fusion adds it to y (in the model the add fuses into y's
     consumer). Its row time therefore includes that add, which the model does not launch."""
 
-    def step(x, y, pools, tables, layer, weights):
+    def step(x, y, pools, tables, layer, weights, *, per_token=False):
         delta = sgmv_delta(
             x,
             *_adapter_args(pools, tables),
@@ -272,6 +277,7 @@ def step_sgmv_delta(config: SgmvConfig, *, interpret: bool = False):
             out_dtype=y.dtype,
             kernel_meta=tables.get("meta"),
             config=config,
+            per_token=per_token,
             interpret=interpret,
         )
         return (y.astype(jnp.float32) + delta).astype(y.dtype)
@@ -570,9 +576,13 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
         tables = {
             k: jnp.asarray(work[k]) for k in ("token_slot", "ranks", "scales", "a_pages", "b_pages")
         }
+        per_token = None
         if cfg is not None:  # the decode kernels ignore it; the prefill ones need it
             meta = build_sgmv_metadata(work["token_slot"], work["num_slots"], config=cfg)
             tables["meta"] = {k: jnp.asarray(v) for k, v in meta.items()}
+            # Chosen on the host from the batch's slots, as any caller holding them can.
+            per_token = choose_per_token(work["token_slot"], config=cfg)
+            step = functools.partial(step, per_token=per_token)
         x = fill((row["tokens"], config.hidden), jnp.bfloat16, 3, 1.0)
         y_shape = jax.ShapeDtypeStruct((row["tokens"], sum(group.widths)), jnp.bfloat16)
         f = make_timed(
@@ -583,7 +593,7 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
             interpret=config.interpret,
         )
         compiled = f.lower(y_shape, flush_buf, x, pools, tables).compile()
-        return compiled, x, tables
+        return compiled, x, tables, per_token
 
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(config.compile_threads) as pool:
@@ -621,7 +631,7 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
             if isinstance(c, Exception):
                 result["impls"][impl] = {"error": f"{type(c).__name__}: {str(c)[:300]}"}
                 continue
-            fn, x, tables = c
+            fn, x, tables, per_token = c
             try:
                 y = jnp.copy(y0)
                 jax.block_until_ready(y)
@@ -643,6 +653,7 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
                 "calls": calls,
                 "wall": wall,
                 "y_change": y_change,
+                "per_token": per_token,
             }
         ref_impl = next(iter(first_y), None)
         for impl, y in first_y.items():
@@ -678,6 +689,8 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
                 "max_abs_y_change": p["y_change"],
                 "rel_err_vs_" + ref_impl: p["rel_err"],
             }
+            if p["per_token"] is not None:  # the SGMV kernels: per token or tiles at this T
+                entry["per_token"] = p["per_token"]
             if len(segs) == expected:
                 mine = [seg_times(s) for s in segs[cursor : cursor + n]]
                 entry["kernel_us"] = kernel_breakdown(segs[cursor : cursor + n])
@@ -743,7 +756,9 @@ def print_row(result, copy_bw, steps):
     v = evaluate(result, copy_bw)
     cols = []
     for e in (result["impls"].get(k, {}) for k in steps):
-        cols.append(f"{e['busy_us']:14.1f}" if "busy_us" in e else f"{'error':>14s}")
+        # "p": the SGMV kernels ran per token at this row (choose_per_token, or the variant's)
+        mark = "p" if e.get("per_token") else " "
+        cols.append(f"{e['busy_us']:13.1f}{mark}" if "busy_us" in e else f"{'error':>14s}")
     target = {True: "met", False: "MISSED"}.get(v.get("bandwidth_target"), "-")
     if v.get("faster_than_baselines") is False:
         target += "*"
