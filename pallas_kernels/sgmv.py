@@ -49,7 +49,7 @@ A third choice, made by the caller: ``per_token=True`` (a static argument) runs 
 kernels wherever T would take the prefill tiles, with their own knobs (``per_token_*``). A tile
 of one slot's tokens saves nothing when each adapter has one token, and the per-token kernels
 then read the same bytes with no tensor-core padding. Whether a batch is such is known on the
-host from its token slots: ``choose_per_token(token_slot)``.
+host from its token slots and ranks: ``choose_per_token(token_slot, ranks)``.
 
 Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
 -----------------------------------------------------------------
@@ -277,12 +277,15 @@ class SgmvConfig(KernelConfig):
     decode_expand_num_warps: int = 4
     decode_expand_num_stages: int = 3
     # per token at any T: with ``per_token=True`` the decode kernels replace the prefill tiles
-    # wherever T would take them, with the knobs below (H200, twenty-second session, ``pC``:
-    # 0.83x-0.94x the tiles' time on the rank-16 distinct rows of issue 3's grid; 2-7x the
-    # tiles' time where adapters have many tokens, seventh session). The host picks it per
-    # batch with ``choose_per_token``: per token when the batch's distinct adapters are at
-    # least ``per_token_share`` of its tokens that have one; None: never.
-    per_token_share: float | None = 0.9
+    # wherever T would take them, with the knobs below (``pC`` of the twenty-second session).
+    # The host picks it per batch with ``choose_per_token``: per token when the batch's tokens
+    # per adapter times its mean rank is at most ``per_token_max_rows`` (None: never). Per token
+    # an adapter's rank rows are read once for each of its tokens, a tile reads them once; the
+    # H200 sweep of the twenty-third session (108 rows of issue 3's grid, T >= 64) had per token
+    # at 0.57x-1.03x the tiles' time wherever that product was <= 31 (rank 8 with up to 2.75
+    # tokens an adapter, rank 16 with up to 1.9), and slower at 1.12x-1.38x on rank 64's
+    # distinct rows (64) and 1.2x-19x on the rows with more tokens an adapter.
+    per_token_max_rows: int | None = 32
     per_token_shrink_rows: int = 4  # v columns (rank rows) per per-token shrink program
     per_token_block_k: int = 512  # input-width step of the per-token shrink loop
     per_token_shrink_num_warps: int = 4
@@ -309,14 +312,6 @@ class SgmvConfig(KernelConfig):
                     f"SgmvConfig field {name!r}: expected a power of two >= 16 "
                     f"(a tensor-core dot dimension), got {value!r}"
                 )
-        share = self.per_token_share
-        if share is not None and (
-            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1
-        ):
-            raise ConfigError(
-                f"SgmvConfig field 'per_token_share': expected None or a number in [0, 1], "
-                f"got {share!r}"
-            )
         for name in (
             "decode_block_k",
             "decode_expand_block_n",
@@ -330,7 +325,11 @@ class SgmvConfig(KernelConfig):
                 raise ConfigError(
                     f"SgmvConfig field {name!r}: expected a power of two, got {value!r}"
                 )
-        for name in ("decode_shrink_max_tokens", "decode_shrink_max_token_rows"):
+        for name in (
+            "decode_shrink_max_tokens",
+            "decode_shrink_max_token_rows",
+            "per_token_max_rows",
+        ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ConfigError(
@@ -432,24 +431,40 @@ class SgmvConfig(KernelConfig):
         return "decode" if per_token else "prefill"
 
 
-def choose_per_token(token_slot: np.ndarray, *, config: SgmvConfig | None = None) -> bool:
-    """Host-side choice of the ``per_token`` argument for a batch's ``token_slot`` (T,): True
-    when its distinct adapters are at least ``config.per_token_share`` of its tokens that have
-    an adapter (about one token an adapter, where a tile of one slot would hold one token).
-    The engine's batches never are (a prompt is a run of one adapter); a caller of the kernels
-    with the token slots on the host can pass the result to ``sgmv_apply`` / ``sgmv_delta``, as
-    issue 3's benchmark does."""
+def choose_per_token(
+    token_slot: np.ndarray, ranks: np.ndarray, *, config: SgmvConfig | None = None
+) -> bool:
+    """Host-side choice of the ``per_token`` argument for a batch: its ``token_slot`` (T,) and
+    the slots' ``ranks`` (S, 7) as numpy arrays. True when the tokens with an adapter per
+    distinct adapter, times their adapters' mean rank (the largest of an adapter's weights), is
+    at most ``config.per_token_max_rows``: adapters with about one token each, and small ranks.
+
+    The engine's batches are not such (a prompt is a run of one adapter); a caller of the
+    kernels holding the slots on the host passes the result to ``sgmv_apply`` / ``sgmv_delta``,
+    as issue 3's benchmark does."""
     config = config or SgmvConfig()
     token_slot = np.asarray(token_slot)
+    ranks = np.asarray(ranks)
     if token_slot.ndim != 1 or not np.issubdtype(token_slot.dtype, np.integer):
         raise AdapterError(
             f"choose_per_token: token_slot must be a 1-D int array, got shape "
             f"{token_slot.shape} dtype {token_slot.dtype}"
         )
+    if (
+        ranks.ndim != 2
+        or ranks.shape[1] != _NUM_WEIGHTS
+        or token_slot.max(initial=-1) >= len(ranks)
+    ):
+        raise AdapterError(
+            f"choose_per_token: ranks must be (S, {_NUM_WEIGHTS}) with a row for every slot in "
+            f"token_slot (largest {int(token_slot.max(initial=-1))}), got shape {ranks.shape}"
+        )
     with_adapter = token_slot[token_slot >= 0]
-    if config.per_token_share is None or with_adapter.size == 0:
+    if config.per_token_max_rows is None or with_adapter.size == 0:
         return False
-    return len(np.unique(with_adapter)) >= config.per_token_share * with_adapter.size
+    tokens_per_adapter = with_adapter.size / len(np.unique(with_adapter))
+    mean_rank = float(np.mean(ranks.max(axis=1)[with_adapter]))
+    return tokens_per_adapter * mean_rank <= config.per_token_max_rows
 
 
 def num_tiles_bound(num_tokens: int, num_slots: int, block_tokens: int) -> int:

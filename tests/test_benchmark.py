@@ -744,9 +744,9 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
         "decode_max_tokens": 0,
         "decode_shrink_max_tokens": 0,
         "shrink_block_k": 16,
-        "per_token_share": None,
+        "per_token_max_rows": None,
     }
-    per_token = {"decode_max_tokens": 0, "decode_shrink_max_tokens": 0, "per_token_share": 0}
+    per_token = {"decode_max_tokens": 0, "decode_shrink_max_tokens": 0, "per_token_max_rows": 10**9}
     config = kernels.KernelBenchConfig(
         tokens=(4, 24),
         outs=("2x32",),
@@ -792,13 +792,15 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
             assert entry["busy_us"] > 0
         assert {"GBps", "pct_copy", "bandwidth_target"} <= set(row["verdict"])
     assert rows[3]["distinct_adapters"] == 24 and rows[2]["distinct_adapters"] == 1
-    # The default chooses per token for the distinct rows only; the variants force either way.
+    # The default chooses per token where tokens per adapter x rank <= 32: the distinct rows,
+    # and 4 tokens of one rank-8 adapter (24 tokens of one are tiles); the variants force either
+    # way.
     chosen = {
         impl: [row["impls"][impl].get("per_token") for row in rows]
         for impl in ("sgmv", "sgmv:prefill", "sgmv:per_token", "gather_einsum")
     }
     assert chosen == {
-        "sgmv": [False, True, False, True],
+        "sgmv": [True, True, False, True],
         "sgmv:prefill": [False] * 4,
         "sgmv:per_token": [True] * 4,
         "gather_einsum": [None] * 4,

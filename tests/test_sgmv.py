@@ -751,23 +751,41 @@ def test_per_token_delta_writes_every_element(interpret):
 
 
 def test_choose_per_token_follows_the_batch():
+    """Per token while tokens per adapter x mean rank <= per_token_max_rows (32)."""
     config = SgmvConfig()
-    distinct = np.random.default_rng(0).permutation(300).astype(np.int32)
-    assert choose_per_token(distinct, config=config)
-    assert not choose_per_token(np.zeros(300, np.int32), config=config)  # one adapter
-    assert not choose_per_token(np.full(300, NO_ADAPTER, np.int32), config=config)
-    # Base-only tokens do not count: 100 distinct adapters among 300 tokens is per token.
+    rng = np.random.default_rng(0)
+
+    def ranks_of(num_slots, rank):
+        ranks = np.zeros((num_slots, 7), np.int32)
+        ranks[:, [0, 2, 5]] = rank  # an adapter's rank: its largest weight's
+        ranks[:, 1] = 1
+        return ranks
+
+    distinct = rng.permutation(300).astype(np.int32)
+    assert choose_per_token(distinct, ranks_of(300, 16), config=config)  # 1 x 16
+    assert choose_per_token(distinct, ranks_of(300, 32), config=config)  # 1 x 32
+    assert not choose_per_token(distinct, ranks_of(300, 64), config=config)  # 1 x 64
+    pairs = np.repeat(np.arange(150), 2).astype(np.int32)
+    assert choose_per_token(pairs, ranks_of(150, 16), config=config)  # 2 x 16
+    assert not choose_per_token(pairs, ranks_of(150, 17), config=config)  # 2 x 17
+    one = np.zeros(300, np.int32)
+    assert not choose_per_token(one, ranks_of(1, 8), config=config)  # 300 x 8
+    assert not choose_per_token(np.full(300, NO_ADAPTER, np.int32), ranks_of(1, 8))
+    # Base-only tokens do not count; the mean rank is over the tokens with an adapter.
     mixed = np.full(300, NO_ADAPTER, np.int32)
     mixed[::3] = np.arange(100)
-    assert choose_per_token(mixed, config=config)
-    # The share: 90 distinct among 100 adapter tokens is 0.9.
-    near = np.concatenate([np.arange(90), np.arange(10)]).astype(np.int32)
-    assert choose_per_token(near, config=config)
-    assert not choose_per_token(near, config=SgmvConfig(per_token_share=0.95))
-    assert choose_per_token(np.zeros(5, np.int32), config=SgmvConfig(per_token_share=0.0))
-    assert not choose_per_token(distinct, config=SgmvConfig(per_token_share=None))
+    ranks = ranks_of(100, 16)
+    ranks[:50, 0] = 64  # half the tokens' adapters at rank 64: mean 40
+    assert choose_per_token(mixed, ranks_of(100, 32), config=config)
+    assert not choose_per_token(mixed, ranks, config=config)
+    assert choose_per_token(mixed, ranks, config=SgmvConfig(per_token_max_rows=40))
+    assert not choose_per_token(
+        distinct, ranks_of(300, 8), config=SgmvConfig(per_token_max_rows=None)
+    )
     with pytest.raises(AdapterError, match="1-D int array"):
-        choose_per_token(np.zeros((2, 3), np.int32))
+        choose_per_token(np.zeros((2, 3), np.int32), ranks_of(1, 8))
+    with pytest.raises(AdapterError, match=r"ranks must be \(S, 7\) with a row for every slot"):
+        choose_per_token(distinct, ranks_of(10, 8))
 
 
 def test_per_token_lowers_for_the_gpu_at_model_widths():
@@ -1136,8 +1154,7 @@ def test_bad_inputs_raise_config_errors():
         ),
         ({"shrink_large_waves": 0}, "'shrink_large_waves': expected an int >= 1, got 0"),
         ({"shrink_large_tokens": 2.5}, "'shrink_large_tokens': expected an int >= 0, got 2.5"),
-        ({"per_token_share": 1.5}, "'per_token_share': expected None or a number in \\[0, 1\\]"),
-        ({"per_token_share": True}, "'per_token_share': expected None or a number"),
+        ({"per_token_max_rows": -1}, "'per_token_max_rows': expected None or an int >= 0"),
         ({"per_token_block_k": 100}, "'per_token_block_k': expected a power of two"),
         ({"per_token_expand_num_stages": 0}, "'per_token_expand_num_stages': expected an int"),
     ):

@@ -9,7 +9,8 @@ of the durations of the kernels between two flushes ("busy"; its first-start to 
 is recorded too). Timings are the median over all iterations of K calls.
 
 The SGMV implementations run per token or in tiles as ``choose_per_token`` picks on the host
-from the row's token slots (the row's ``per_token``; a variant's ``per_token_share`` changes it).
+from the row's token slots and ranks (the row's ``per_token``; a variant's
+``per_token_max_rows`` changes it: null for tiles always, a huge number for per token always).
 
 Bytes of a row: x read once, each distinct adapter's rank-rows read once (A and B of every weight
 of the group), y read and written. The copy ceiling is the best of several 1 GiB device copies
@@ -581,7 +582,7 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
             meta = build_sgmv_metadata(work["token_slot"], work["num_slots"], config=cfg)
             tables["meta"] = {k: jnp.asarray(v) for k, v in meta.items()}
             # Chosen on the host from the batch's slots, as any caller holding them can.
-            per_token = choose_per_token(work["token_slot"], config=cfg)
+            per_token = choose_per_token(work["token_slot"], work["ranks"], config=cfg)
             step = functools.partial(step, per_token=per_token)
         x = fill((row["tokens"], config.hidden), jnp.bfloat16, 3, 1.0)
         y_shape = jax.ShapeDtypeStruct((row["tokens"], sum(group.widths)), jnp.bfloat16)
