@@ -283,8 +283,8 @@ class SgmvConfig(KernelConfig):
     # an adapter's rank rows are read once for each of its tokens, a tile reads them once; the
     # H200 sweep of the twenty-third session (108 rows of issue 3's grid, T >= 64) had per token
     # at 0.57x-1.03x the tiles' time wherever that product was <= 31 (rank 8 with up to 2.75
-    # tokens an adapter, rank 16 with up to 1.9), and slower at 1.12x-1.38x on rank 64's
-    # distinct rows (64) and 1.2x-19x on the rows with more tokens an adapter.
+    # tokens an adapter, rank 16 with up to 1.9). Above, 0.81x-1.38x on rank 64's distinct rows
+    # (64; slower on 10 of 12) and 0.92x-19x on the rows with more tokens an adapter.
     per_token_max_rows: int | None = 32
     per_token_shrink_rows: int = 4  # v columns (rank rows) per per-token shrink program
     per_token_block_k: int = 512  # input-width step of the per-token shrink loop
