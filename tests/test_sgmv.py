@@ -178,6 +178,21 @@ def make_problem(
     )
 
 
+def _model_width_problem(seed, num_tokens):
+    """bf16 q|k|v at model-like widths (1,024 in; 1,024 / 256 / 256 out), pages of 16 rank rows,
+    up to rank 64, 24 slots."""
+    return make_problem(
+        seed,
+        num_tokens=num_tokens,
+        in_width=1024,
+        out_widths=(1024, 256, 256),
+        rows_per_page=16,
+        max_pages=4,
+        num_slots=24,
+        dtype=jnp.bfloat16,
+    )
+
+
 def _poison_allocator(nbytes):
     """Leaves NaN in freed device memory so that a fresh kernel output starts as garbage.
 
@@ -791,16 +806,7 @@ def test_choose_per_token_follows_the_batch():
 def test_per_token_lowers_for_the_gpu_at_model_widths():
     """The per-token launches at T = 4,096 (the grid's distinct rows) with the default knobs:
     two Triton kernels, named after them."""
-    prob = make_problem(
-        11,
-        num_tokens=4096,
-        in_width=1024,
-        out_widths=(1024, 256, 256),
-        rows_per_page=16,
-        max_pages=4,
-        num_slots=24,
-        dtype=jnp.bfloat16,
-    )
+    prob = _model_width_problem(11, 4096)
     config = SgmvConfig()
     kw = dict(weights=prob.weights, config=config, per_token=True)
     pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
@@ -843,16 +849,7 @@ def test_traced_layer_inside_scan():
 @pytest.mark.parametrize("num_tokens", [1, 16, 48, 128, 300])
 def test_gpu_realistic_shapes_default_config(num_tokens):
     """Compiled kernels at model-like widths with the default (GPU-tuned) config."""
-    prob = make_problem(
-        num_tokens,
-        num_tokens=num_tokens,
-        in_width=1024,
-        out_widths=(1024, 256, 256),
-        rows_per_page=16,
-        max_pages=4,
-        num_slots=24,
-        dtype=jnp.bfloat16,
-    )
+    prob = _model_width_problem(num_tokens, num_tokens)
     v_ref, y_ref = _reference(prob)
     v = _run_shrink(prob, SgmvConfig(), False)
     y = _run_expand(prob, v, SgmvConfig(), False)
@@ -887,16 +884,7 @@ def test_deterministic_split_repeats_its_bits(interpret):
 def test_default_config_lowers_for_the_gpu_at_model_widths(num_tokens):
     """What the GPU test above compiles, and T=4096 (the largest splits and column runs), lowered
     to Triton on any machine (tests/gpu_lowering.py); host- and jnp-built metadata."""
-    prob = make_problem(
-        num_tokens,
-        num_tokens=num_tokens,
-        in_width=1024,
-        out_widths=(1024, 256, 256),
-        rows_per_page=16,
-        max_pages=4,
-        num_slots=24,
-        dtype=jnp.bfloat16,
-    )
+    prob = _model_width_problem(num_tokens, num_tokens)
     config = SgmvConfig()
     ts = jnp.asarray(prob.token_slot)
     for meta in (build_sgmv_metadata(prob.token_slot, 24, config=config), None):
