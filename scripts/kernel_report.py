@@ -38,6 +38,7 @@ flags.DEFINE_string("matmul_config", "{}", "JSON MatmulConfig fields for lora_ma
 flags.DEFINE_list("outs", ["4096", "3x4096", "11008"], "--kernels=sgmv: WIDTH or GxWIDTH groups")
 flags.DEFINE_list("ranks", ["16"], "--kernels=sgmv: adapter ranks")
 flags.DEFINE_string("sgmv_config", "{}", "--kernels=sgmv: JSON SgmvConfig fields")
+flags.DEFINE_bool("per_token", False, "--kernels=sgmv: the per-token kernels at every T")
 flags.DEFINE_string("json_out", "", "write the reports here as JSON")
 
 
@@ -62,7 +63,7 @@ def _sgmv_rows() -> list[dict]:
         for out in FLAGS.outs:
             for rank in (int(r) for r in FLAGS.ranks):
                 for kernel in compiler_report.sgmv_report(
-                    tokens, out=out, rank=rank, config=config
+                    tokens, out=out, rank=rank, config=config, per_token=FLAGS.per_token
                 ):
                     print(f"T={tokens:<5d} {out:7s} r{rank:<3d} {kernel.row()}", flush=True)
                     rows.append({"tokens": tokens, "out": out, "rank": rank, **kernel.__dict__})

@@ -77,7 +77,7 @@ def test_sgmv_report_reads_both_regimes():
     """Issue 3's kernels: at T = 16 the decode shrink and expand run on the CUDA cores (fused
     adds, 16-byte loads, no MMA); at T = 256 the prefill shrink's K loop runs warp MMAs on
     asynchronous copies, and the expand's column steps read y with plain loads (Triton
-    pipelines only the loads that feed a dot)."""
+    pipelines only the loads that feed a dot). ``per_token`` runs the decode kernels at 256."""
     decode = {r.name.split("_bn")[0].split("_rows")[0]: r for r in sgmv_report(16, out="4096")}
     assert set(decode) == {"sgmv_shrink_decode", "sgmv_expand_decode"}
     for kernel in decode.values():
@@ -90,6 +90,13 @@ def test_sgmv_report_reads_both_regimes():
     assert shrink.loop_counts["HMMA"] > 0 and shrink.loop_counts["LDGSTS"] > 0
     assert shrink.loop_counts["LDG"] == 0
     assert expand.loop_counts["HMMA"] > 0 and expand.loop_counts["LDG.128"] > 0
+    # per_token: the decode kernels at T = 256 with the per-token knobs, on the CUDA cores.
+    per_token = sgmv_report(256, out="4096", per_token=True)
+    assert [r.name for r in per_token] == [
+        "sgmv_shrink_per_token_rows4_bk512_w4_s4",
+        "sgmv_expand_per_token_bn1024_rc16_w4_s3",
+    ]
+    assert all(r.mma == () and r.kernel_counts["LDG.128"] > 0 for r in per_token)
 
 
 def test_k_loop_reads_the_loop_with_the_most_mmas():

@@ -315,11 +315,12 @@ def sgmv_report(
     slots: int = 256,
     layers: int = 2,
     config=None,
+    per_token: bool = False,
 ) -> list[KernelReport]:
     """The SGMV shrink and expand of issue 3's kernel grid (``scripts/bench_kernels.py``'s
     ``--outs`` groups: WIDTH or GxWIDTH) at ``num_tokens`` tokens and ``rank``, bf16, as
-    ``sgmv_apply`` runs them (decode or prefill regime by T; the prefill metadata built in the
-    step). Shapes only."""
+    ``sgmv_apply`` runs them (decode or prefill regime by T, or per token with ``per_token``;
+    the prefill metadata built in the step). Shapes only."""
     from jaxlora.bench.kernels import parse_group
     from pallas_kernels.sgmv import sgmv_apply
 
@@ -351,6 +352,7 @@ def sgmv_report(
             layer,
             weights=group.weights,
             config=config,
+            per_token=per_token,
         )
 
     return report(run, *args)
