@@ -450,6 +450,11 @@ def choose_per_token(
             f"choose_per_token: token_slot must be a 1-D int array, got shape "
             f"{token_slot.shape} dtype {token_slot.dtype}"
         )
+    if token_slot.min(initial=0) < NO_ADAPTER:
+        raise AdapterError(
+            f"choose_per_token: token_slot[{int(np.argmin(token_slot))}] = "
+            f"{int(token_slot.min())}; expected {NO_ADAPTER} (no adapter) or a slot >= 0"
+        )
     if (
         ranks.ndim != 2
         or ranks.shape[1] != _NUM_WEIGHTS

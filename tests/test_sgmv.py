@@ -799,6 +799,8 @@ def test_choose_per_token_follows_the_batch():
     )
     with pytest.raises(AdapterError, match="1-D int array"):
         choose_per_token(np.zeros((2, 3), np.int32), ranks_of(1, 8))
+    with pytest.raises(AdapterError, match=r"token_slot\[1\] = -2; expected -1 \(no adapter\)"):
+        choose_per_token(np.array([0, -2, 1], np.int32), ranks_of(2, 8))
     with pytest.raises(AdapterError, match=r"ranks must be \(S, 7\) with a row for every slot"):
         choose_per_token(distinct, ranks_of(10, 8))
 
