@@ -431,6 +431,29 @@ class SgmvConfig(KernelConfig):
         return "decode" if per_token else "prefill"
 
 
+def _host_token_slot(fn: str, token_slot, num_slots: int | None = None) -> np.ndarray:
+    """token_slot as a numpy array, checked: 1-D int, each NO_ADAPTER or a slot >= 0 (and below
+    num_slots when given); AdapterError naming fn and the first bad entry otherwise."""
+    token_slot = np.asarray(token_slot)
+    if token_slot.ndim != 1 or not np.issubdtype(token_slot.dtype, np.integer):
+        raise AdapterError(
+            f"{fn}: token_slot must be a 1-D int array, got shape "
+            f"{token_slot.shape} dtype {token_slot.dtype}"
+        )
+    bad = token_slot < NO_ADAPTER
+    expected = "a slot >= 0"
+    if num_slots is not None:
+        bad |= token_slot >= num_slots
+        expected = f"a slot in [0, {num_slots})"
+    if bad.any():
+        t = int(np.argmax(bad))
+        raise AdapterError(
+            f"{fn}: token_slot[{t}] = {int(token_slot[t])}; "
+            f"expected {NO_ADAPTER} (no adapter) or {expected}"
+        )
+    return token_slot
+
+
 def choose_per_token(
     token_slot: np.ndarray, ranks: np.ndarray, *, config: SgmvConfig | None = None
 ) -> bool:
@@ -443,18 +466,8 @@ def choose_per_token(
     kernels holding the slots on the host passes the result to ``sgmv_apply`` / ``sgmv_delta``,
     as issue 3's benchmark does."""
     config = config or SgmvConfig()
-    token_slot = np.asarray(token_slot)
+    token_slot = _host_token_slot("choose_per_token", token_slot)
     ranks = np.asarray(ranks)
-    if token_slot.ndim != 1 or not np.issubdtype(token_slot.dtype, np.integer):
-        raise AdapterError(
-            f"choose_per_token: token_slot must be a 1-D int array, got shape "
-            f"{token_slot.shape} dtype {token_slot.dtype}"
-        )
-    if token_slot.min(initial=0) < NO_ADAPTER:
-        raise AdapterError(
-            f"choose_per_token: token_slot[{int(np.argmin(token_slot))}] = "
-            f"{int(token_slot.min())}; expected {NO_ADAPTER} (no adapter) or a slot >= 0"
-        )
     if (
         ranks.ndim != 2
         or ranks.shape[1] != _NUM_WEIGHTS
@@ -490,19 +503,7 @@ def build_sgmv_metadata(
 ) -> dict[str, np.ndarray]:
     """Host-side (numpy) prefill metadata for ``token_slot`` (T,) over ``num_slots`` slots."""
     config = config or SgmvConfig()
-    token_slot = np.asarray(token_slot)
-    if token_slot.ndim != 1 or not np.issubdtype(token_slot.dtype, np.integer):
-        raise AdapterError(
-            f"build_sgmv_metadata: token_slot must be a 1-D int array, got shape "
-            f"{token_slot.shape} dtype {token_slot.dtype}"
-        )
-    bad = (token_slot < NO_ADAPTER) | (token_slot >= num_slots)
-    if bad.any():
-        t = int(np.argmax(bad))
-        raise AdapterError(
-            f"build_sgmv_metadata: token_slot[{t}] = {int(token_slot[t])}; "
-            f"expected {NO_ADAPTER} (no adapter) or a slot in [0, {num_slots})"
-        )
+    token_slot = _host_token_slot("build_sgmv_metadata", token_slot, num_slots)
     t_count = token_slot.shape[0]
     key = np.where(token_slot < 0, num_slots, token_slot).astype(np.int64)
     meta = {"sorted_tokens": np.argsort(key, kind="stable").astype(np.int32)}
