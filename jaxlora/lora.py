@@ -104,6 +104,10 @@ class LoraInputs:
     # The kernels' tuning (pallas_kernels.sgmv.SgmvConfig; None: its defaults). kernel_meta
     # must be built with the same one.
     sgmv_config: object = flax.struct.field(pytree_node=False, default=None)
+    # The SGMV kernels' ``per_token`` argument (pallas_kernels.sgmv.choose_per_token decides it
+    # on the host from the step's adapters): one program per token wherever T would take the
+    # tiles.
+    per_token: bool = flax.struct.field(pytree_node=False, default=False)
 
     def with_tokens(self, token_slot: jax.Array) -> LoraInputs:
         return self.replace(token_slot=token_slot)

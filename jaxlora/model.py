@@ -274,6 +274,7 @@ def lora_group_delta(
         out_dtype=out_dtype,
         kernel_meta=lora.kernel_meta,
         config=lora.sgmv_config,
+        per_token=lora.per_token,
         interpret=lora.impl == "pallas_interpret",
     )
 
@@ -366,6 +367,7 @@ def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *
             config=kernels.config,
             interpret=interpret,
             shrink_rows=lora.shrink_rows,
+            per_token=lora.per_token,
         )
     if not split:
         return y.reshape(b, s, -1)

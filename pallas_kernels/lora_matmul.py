@@ -1299,11 +1299,13 @@ def lora_projection(
     config: MatmulConfig | None = None,
     interpret: bool = False,
     shrink_rows: jax.Array | None = None,  # (2, J) int32 (build_shrink_rows)
+    per_token: bool = False,
 ) -> jax.Array:  # (T, N) x's dtype
     """A projection group with LoRA in two launches (the model's entry point, as ``sgmv_delta``
-    is for XLA's GEMMs): ``sgmv_shrink`` (with ``kernel_meta`` / ``sgmv_config``), then
-    ``lora_matmul`` with the expand in its epilogue. With ``shrink_rows`` (a step with few
-    adapters) one launch: ``lora_matmul`` runs the shrink of those rank rows in its K loop."""
+    is for XLA's GEMMs): ``sgmv_shrink`` (with ``kernel_meta`` / ``sgmv_config``, and
+    ``per_token`` as ``sgmv_shrink`` takes it), then ``lora_matmul`` with the expand in its
+    epilogue. With ``shrink_rows`` (a step with few adapters) one launch: ``lora_matmul`` runs
+    the shrink of those rank rows in its K loop."""
     v, shrink = None, None
     if shrink_rows is not None:
         shrink = LoraShrink(a_pool=a_pool, a_pages=a_pages, rows=shrink_rows)
@@ -1318,6 +1320,7 @@ def lora_projection(
             weights=weights,
             kernel_meta=kernel_meta,
             config=sgmv_config,
+            per_token=per_token,
             interpret=interpret,
         )
     expand = LoraExpand(

@@ -462,9 +462,10 @@ def choose_per_token(
     distinct adapter, times their adapters' mean rank (the largest of an adapter's weights), is
     at most ``config.per_token_max_rows``: adapters with about one token each, and small ranks.
 
-    The engine's batches are not such (a prompt is a run of one adapter); a caller of the
-    kernels holding the slots on the host passes the result to ``sgmv_apply`` / ``sgmv_delta``,
-    as issue 3's benchmark does."""
+    A caller holding the slots on the host passes the result to ``sgmv_apply`` /
+    ``sgmv_delta`` (issue 3's benchmark) or ``sgmv_shrink`` (the engine's decode steps, whose
+    shrink would otherwise be the tiles: ``Engine._per_token_can_apply``). A prompt is a run of
+    one adapter's tokens, so prefill steps keep the tiles."""
     config = config or SgmvConfig()
     token_slot = _host_token_slot("choose_per_token", token_slot)
     ranks = np.asarray(ranks)

@@ -850,6 +850,75 @@ def test_runner_sgmv_config_reaches_the_kernels(base, lora_adapters, determinist
         assert out.token_ids == expected, name
 
 
+def test_decode_steps_of_distinct_adapters_run_per_token(base, lora_adapters):
+    """A decode step whose adapters have about one token each runs the SGMV kernels per token
+    (choose_per_token, on the host, per step; a static flag of the compiled step), and gives
+    each adapter's greedy reference tokens; steps above ``per_token_max_rows`` keep the tiles,
+    and per_token_max_rows=None never runs per token. Decode steps here would otherwise take the
+    prefill tiles (decode_max_tokens=0), so the choice changes the kernels."""
+    import dataclasses
+
+    from pallas_kernels.sgmv import SgmvConfig
+
+    def engine_with(warmup=False, **sgmv):
+        config = dataclasses.replace(small_engine_config(), warmup=warmup)
+        runner = dataclasses.replace(
+            config.runner,
+            impl="pallas_interpret",
+            sgmv=SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0, **sgmv),
+        )
+        config = dataclasses.replace(config, runner=runner)
+        return jaxlora.LLM(
+            TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+        )
+
+    def per_token_shapes(llm):
+        return {key for key in llm.engine.runner.compiled_shapes if key[-1]}
+
+    sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44], [300]]
+    llm = engine_with(warmup=True)
+    engine = llm.engine
+    warmed = set(engine.runner.compiled_shapes)  # warm-up compiles the per-token step too
+    assert ("decode", (8, 1), True, False, True) in warmed
+    # What the flag changes in the step: the launches' kernels.
+    batch = empty_batch(8, 1, engine.engine_config.kv.max_pages_per_seq)
+    meta = engine._lora_meta([], np.asarray(batch.token_slot), mode="decode")
+    assert "per_token" not in meta  # no token has an adapter
+    step = functools.partial(engine.runner._forward, mode="decode", use_lora=True)
+    jaxprs = {}
+    for per_token in (False, True):
+        with engine._locked_lora_pools() as pools:
+            args = (engine.kv.k_pool, engine.kv.v_pool, pools, batch)
+            flagged = {**meta, "per_token": True} if per_token else meta
+            traced = jax.make_jaxpr(functools.partial(step, lora_meta=flagged))
+            jaxprs[per_token] = str(traced(engine.runner.params, *args))
+    assert "sgmv_shrink_per_token" in jaxprs[True] and "sgmv_shrink_prefill" not in jaxprs[True]
+    assert "sgmv_shrink_prefill" in jaxprs[False] and "per_token" not in jaxprs[False]
+
+    # Three adapters, one token each a decode step (rank x 1 <= 32): per token.
+    names = ["all5", "mlp16", "qv1"]
+    outs = llm.generate(prompts, adapter=names, sampling=sampling)
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        expected = greedy_reference(merged_params(base, lora_adapters[name]), prompt, 3)
+        assert out.token_ids == expected, name
+    assert {key[0] for key in per_token_shapes(llm)} == {"decode"}
+    assert engine.runner.compiled_shapes == warmed
+
+    # A rank-16 adapter's steps are above a limit of 8 rank rows (16 for each of its tokens):
+    # the tiles.
+    llm = engine_with(per_token_max_rows=8)
+    outs = llm.generate(prompts, adapter="mlp16", sampling=sampling)
+    merged = merged_params(base, lora_adapters["mlp16"])
+    assert [o.token_ids for o in outs] == [greedy_reference(merged, p, 3) for p in prompts]
+    assert not per_token_shapes(llm)
+
+    llm = engine_with(per_token_max_rows=None)
+    llm.generate(prompts, adapter=names, sampling=sampling)
+    assert not per_token_shapes(llm)
+    assert not llm.engine._per_token_can_apply("decode", 8)
+
+
 def test_runner_xla_options_reach_the_step_and_bad_ones_fail_at_build(
     base, lora_adapters, monkeypatch
 ):

@@ -73,7 +73,7 @@ from jaxlora.sampling import (
     uses_top_k_top_p,
 )
 from pallas_kernels import layout
-from pallas_kernels.sgmv import build_sgmv_metadata
+from pallas_kernels.sgmv import build_sgmv_metadata, choose_per_token
 
 log = logging.getLogger("jaxlora.engine")
 
@@ -365,6 +365,9 @@ class Engine:
                 few = self._lora_meta([], batch.token_slot, mode=mode)
                 if "shrink_rows" in few:
                     variants.append((mode, rows, True, batch, few))
+                # A decode step of adapters with about one token each, run per token.
+                elif self._per_token_can_apply(mode, rows):
+                    variants.append((mode, rows, True, batch, {**few, "per_token": True}))
         threads = min(self.engine_config.compile_threads, len(variants))
         if threads > 1:
             lowered = []
@@ -407,7 +410,7 @@ class Engine:
         )
         return {
             "shapes": [
-                [mode, rows, use_lora, "shrink_rows" in meta]
+                [mode, rows, use_lora, "shrink_rows" in meta, "per_token" in meta]
                 for mode, rows, use_lora, _, meta in variants
             ],
             "lower_s": lowered_at - start,
@@ -659,7 +662,33 @@ class Engine:
             meta["kernel_meta"] = build_sgmv_metadata(
                 token_slot.reshape(-1), pool.max_slots, config=self.runner.sgmv_config
             )
+            if (
+                mode is not None
+                and "shrink_rows" not in meta
+                and self._per_token_can_apply(mode, token_slot.size)
+                and choose_per_token(
+                    token_slot.reshape(-1), meta["ranks"], config=self.runner.sgmv_config
+                )
+            ):
+                meta["per_token"] = True  # static: the runner compiles the step for it
         return meta  # host arrays: the runner sends them with the batch in one transfer
+
+    def _per_token_can_apply(self, mode: str, num_tokens: int) -> bool:
+        """Whether a step may run the SGMV kernels per token (``choose_per_token`` then decides
+        from its adapters): decode steps only, whose kernels would otherwise be the prefill
+        tiles in some projection group. Prefill rows are runs of one adapter's prompt, and
+        keeping them to the tiles bounds the compiled variants (warm-up compiles these)."""
+        if mode != "decode" or self.adapters is None:
+            return False
+        config = self.runner.sgmv_config
+        rank_cols = self.engine_config.lora_pool.max_pages_per_weight * (
+            self.engine_config.lora_pool.rows_per_page
+        )
+        widest = max(len(modules) for modules in layout.MODULE_GROUPS.values())
+        return config.per_token_max_rows is not None and (
+            config.regime(num_tokens, "shrink", columns=widest * rank_cols) == "prefill"
+            or config.regime(num_tokens) == "prefill"
+        )
 
     def _launch(
         self, mode: str, rows: list[tuple[Request, int]], register_in: jax.Array

@@ -380,7 +380,7 @@ class ModelRunner:
             _check_xla_options(compiler_options)
         self._step = jax.jit(
             self._packed_forward,
-            static_argnames=("treedef", "layout", "mode", "use_lora"),
+            static_argnames=("treedef", "layout", "mode", "use_lora", "per_token"),
             donate_argnums=(1, 2),
             compiler_options=compiler_options,
         )
@@ -421,8 +421,11 @@ class ModelRunner:
         layout,
         mode: str,
         use_lora: bool,
+        per_token: bool,
     ):
         batch, lora_meta = PackedInputs.unpack(buffer, treedef, layout)
+        if per_token:
+            lora_meta = {**lora_meta, "per_token": True}
         return self._forward(
             params,
             k_pool,
@@ -500,12 +503,13 @@ class ModelRunner:
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
             log.info(
-                "compiling step mode=%s batch=%s lora=%s shrink in the kernel=%s "
+                "compiling step mode=%s batch=%s lora=%s shrink in the kernel=%s per token=%s "
                 "(%d compiled shapes)",
                 *key,
                 len(self.compiled_shapes),
             )
-        packed = PackedInputs.pack((batch, lora_meta))
+        arrays, per_token = _split_per_token(lora_meta)
+        packed = PackedInputs.pack((batch, arrays))
         register = self.empty_register if register is None else register
         return self._step(
             self.params,
@@ -518,6 +522,7 @@ class ModelRunner:
             layout=packed.layout,
             mode=mode,
             use_lora=use_lora,
+            per_token=use_lora and per_token,
         )
 
     def lower(
@@ -526,7 +531,8 @@ class ModelRunner:
         """The step lowered for these shapes (``.compile()`` fills JAX's compilation cache, so
         a later ``run`` of the same shapes does not compile again)."""
         self.compiled_shapes.add(_shape_key(mode, batch, lora_meta, use_lora))
-        packed = PackedInputs.pack((batch, lora_meta))
+        arrays, per_token = _split_per_token(lora_meta)
+        packed = PackedInputs.pack((batch, arrays))
         return self._step.lower(
             self.params,
             k_pool,
@@ -538,6 +544,7 @@ class ModelRunner:
             layout=packed.layout,
             mode=mode,
             use_lora=use_lora,
+            per_token=use_lora and per_token,
         )
 
     def bucket_shapes(self) -> list[tuple[str, int, int]]:
@@ -549,8 +556,22 @@ class ModelRunner:
 
 def _shape_key(mode: str, batch: StepBatch, lora_meta, use_lora: bool) -> tuple:
     """What a step compiles for: its mode, token shape, LoRA or not and, with LoRA, whether
-    lora_matmul runs the shrink (``shrink_rows`` in the metadata)."""
-    return (mode, batch.tokens.shape, use_lora, use_lora and "shrink_rows" in lora_meta)
+    lora_matmul runs the shrink (``shrink_rows`` in the metadata) and whether the SGMV kernels
+    run per token (``per_token``)."""
+    return (
+        mode,
+        batch.tokens.shape,
+        use_lora,
+        use_lora and "shrink_rows" in lora_meta,
+        use_lora and bool(lora_meta.get("per_token", False)),
+    )
+
+
+def _split_per_token(lora_meta: dict) -> tuple[dict, bool]:
+    """The metadata's host arrays (one packed transfer) and its static ``per_token`` flag (a
+    Python bool: the step compiles once for each value)."""
+    arrays = {k: v for k, v in lora_meta.items() if k != "per_token"}
+    return arrays, bool(lora_meta.get("per_token", False))
 
 
 def empty_batch(rows: int, length: int, max_pages: int) -> StepBatch:
