@@ -293,6 +293,11 @@ class SgmvConfig(KernelConfig):
     per_token_expand_block_n: int = 1024  # y columns per per-token expand program
     per_token_expand_num_warps: int = 4
     per_token_expand_num_stages: int = 3
+    # Tokens one per-token expand program walks (1: one token a program). Walking, each token's
+    # slot, rank, scale and B page rows are looked up one token ahead, so that B's loads need
+    # not wait on that chain of dependent reads; used where one rank chunk holds a weight's
+    # rank rows (rank_cols <= decode_rank_chunk).
+    per_token_expand_tokens: int = 1
 
     def __post_init__(self):
         for name in ("deterministic", "expand_prefetch_y"):
@@ -370,6 +375,7 @@ class SgmvConfig(KernelConfig):
             "per_token_shrink_num_stages",
             "per_token_expand_num_warps",
             "per_token_expand_num_stages",
+            "per_token_expand_tokens",
         ):
             value = getattr(self, name)
             at_least = (
@@ -1456,6 +1462,100 @@ def _decode_expand_kernel(
                 pltriton.store(y_ref.at[t, y_i], out, mask=y_mask)
 
 
+def _per_token_walk_expand_kernel(
+    # inputs
+    *refs,
+    # [y_in (T, sum of out widths), the base output aliased to y_ref: only when accumulate]
+    # v (T, G*MP*R) float32 from shrink
+    # G B pools, (L*P_g*R, out_g) each
+    # pages (S, 7, MP) int32, ranks (S, 7) int32, scales (S, 7) float32, layer (1,) int32,
+    # token slots (T,) int32
+    # outputs: refs[-1] = y_ref (T, sum of out widths), as in _decode_expand_kernel
+    accumulate,
+    weights,
+    widths,
+    col_offsets,
+    block_starts,
+    rank_cols,
+    pages_per_pool,
+    rows_per_page,
+    max_pages,
+    bn,
+    chunk,
+    tokens,
+    interpret,
+):
+    """_decode_expand_kernel's contract, a program walking ``tokens`` tokens of one column
+    block; one rank chunk (``chunk >= rank_cols``) holds every weight's rank rows."""
+    g_count = len(weights)
+    v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
+    pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = rest
+    num_tokens, y_cols = y_ref.shape
+    v_cols = v_ref.shape[1]
+    first = pl.program_id(1) * tokens
+    j = jnp.arange(chunk, dtype=jnp.int32)
+
+    for g, cb, in_group in _group_of_block(pl.program_id(0), block_starts):
+        w = weights[g]
+        pool_ref = pool_refs[g]
+        width = widths[g]
+
+        @pl.when(in_group)
+        def _group(g=g, cb=cb, w=w, pool_ref=pool_ref, width=width):
+            cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+            col_ok = cols < width
+            cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+            layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
+            y_i = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)
+
+            def lookup(i):
+                """Token first + i's row (clamped), rank (0: nothing to add), scale, B rows."""
+                t = jnp.minimum(first + i, num_tokens - 1)
+                slot = slot_ref[t]
+                slot_c = jnp.maximum(slot, 0)
+                rank = jnp.where((first + i < num_tokens) & (slot >= 0), ranks_ref[slot_c, w], 0)
+                b_row = _pool_rows(
+                    pages_ref,
+                    slot_c,
+                    w,
+                    j,
+                    layer,
+                    pages_per_pool=pages_per_pool[g],
+                    rows_per_page=rows_per_page,
+                    max_pages=max_pages,
+                )
+                return t, rank, scales_ref[slot_c, w], b_row
+
+            def body(i, ahead):
+                t, rank, scale, b_row = ahead
+                nxt = lookup(jnp.minimum(i + 1, tokens - 1))
+                in_range = first + i < num_tokens
+                j_ok = j < rank
+                b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
+                b_mask = j_ok[:, None] & col_ok[None, :]
+                store_mask = col_ok & in_range
+                if accumulate:
+                    store_mask = store_mask & (rank > 0)
+                    yt = pltriton.load(y_ref.at[t, y_i], mask=store_mask, other=0)
+                vj = pltriton.load(
+                    v_ref.at[t, _idx(g * rank_cols + j, j_ok, v_cols, interpret)],
+                    mask=j_ok,
+                    other=0.0,
+                )
+                bj = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0)
+                acc = jnp.sum(vj[:, None] * bj.astype(jnp.float32), axis=0)
+                if accumulate:
+                    out = (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype)
+                else:
+                    out = jnp.where(rank > 0, acc * scale, 0.0)
+                pltriton.store(
+                    y_ref.at[t, _idx(y_i, store_mask, y_cols, interpret)], out, mask=store_mask
+                )
+                return nxt
+
+            jax.lax.fori_loop(0, tokens, body, lookup(0))
+
+
 def sgmv_expand(
     # inputs
     y: jax.Array | jax.ShapeDtypeStruct,  # (T, sum of out widths), updated (or see below)
@@ -1535,13 +1635,29 @@ def sgmv_expand(
         bn = min(block_n, _next_pow2(max(widths)))
         chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
         block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
-        name = f"sgmv_expand{mode}_{regime}_bn{bn}_rc{chunk}_w{warps}_s{stages}"
+        kernel = functools.partial(
+            _decode_expand_kernel, block_starts=block_starts, bn=bn, chunk=chunk, **statics
+        )
+        walk = ""
+        tokens = config.per_token_expand_tokens if regime == "per_token" else 1
+        tokens = min(tokens, num_tokens)
+        if tokens > 1 and chunk >= rank_cols:
+            kernel = functools.partial(
+                _per_token_walk_expand_kernel,
+                block_starts=block_starts,
+                bn=bn,
+                chunk=chunk,
+                tokens=tokens,
+                **statics,
+            )
+            walk = f"_t{tokens}"
+        else:
+            tokens = 1
+        name = f"sgmv_expand{mode}_{regime}_bn{bn}_rc{chunk}{walk}_w{warps}_s{stages}"
         return pl.pallas_call(
-            functools.partial(
-                _decode_expand_kernel, block_starts=block_starts, bn=bn, chunk=chunk, **statics
-            ),
+            kernel,
             out_shape=out_shape,
-            grid=(block_starts[-1], num_tokens),
+            grid=(block_starts[-1], _cdiv(num_tokens, tokens)),
             input_output_aliases=aliases,
             compiler_params=_compiler_params(warps, stages),
             interpret=interpret,

@@ -716,6 +716,9 @@ def test_expand_ignores_garbage_beyond_rank_and_all_base_tokens(regime, interpre
         ("gate_up", "float32", "small"),
         ("down", "bfloat16", "small"),
         ("qkv", "float32", "default"),
+        # expand programs walking 4 / 7 tokens (53 tokens: the last program's run is short)
+        ("qkv", "bfloat16", "walk4"),
+        ("gate_up", "float32", "walk7"),
     ],
 )
 def test_per_token_kernels_match_reference(group, dtype_name, knobs, interpret):
@@ -727,6 +730,10 @@ def test_per_token_kernels_match_reference(group, dtype_name, knobs, interpret):
     config = dataclasses.replace(SMALL, decode_max_tokens=16)
     if knobs == "default":
         config = SgmvConfig()
+    elif knobs.startswith("walk"):
+        # one rank chunk holds every rank row (the walking kernel's case)
+        tokens = int(knobs[4:])
+        config = dataclasses.replace(config, decode_rank_chunk=64, per_token_expand_tokens=tokens)
     assert config.regime(num_tokens, "shrink", columns=1_000_000) == "prefill"
     assert config.regime(num_tokens, "shrink", columns=1_000_000, per_token=True) == "per_token"
     assert config.regime(num_tokens, per_token=True) == "per_token"
@@ -748,17 +755,23 @@ def test_per_token_kernels_match_reference(group, dtype_name, knobs, interpret):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
-def test_per_token_delta_writes_every_element(interpret):
+@pytest.mark.parametrize("walk", [1, 3])
+def test_per_token_delta_writes_every_element(walk, interpret):
     """The model's delta form per token: float32 zeros for base-only tokens and untargeted
-    weights, every other element the reference's."""
+    weights, every other element the reference's; also with expand programs walking 3 tokens."""
     prob, kw, pools = _group_case("per-token-delta", "qkv", 40, jnp.bfloat16)
     ts = jnp.asarray(prob.token_slot)
     kw = dict(kw, kernel_meta=None, per_token=True)
+    if walk > 1:
+        kw["config"] = dataclasses.replace(
+            kw["config"], decode_rank_chunk=64, per_token_expand_tokens=walk
+        )
     lowered = lower_for_gpu(
         lambda x, t: sgmv_delta(x, *pools, t, prob.layer, **kw, interpret=False), prob.x, ts
     )
     assert "sgmv_shrink_per_token_rows4_bk16_" in lowered
     assert "sgmv_expand_delta_per_token_bn32_" in lowered
+    assert (f"_t{walk}_" in lowered) == (walk > 1)
     delta = sgmv_delta(prob.x, *pools, ts, prob.layer, **kw, interpret=interpret)
     delta_ref = sgmv_delta_reference(prob.x, *pools, ts, prob.layer, weights=prob.weights)
     assert _rel_err(delta, delta_ref) < TOL["bfloat16"]
@@ -821,6 +834,15 @@ def test_per_token_lowers_for_the_gpu_at_model_widths():
     assert triton_kernels(text) == 2
     assert "sgmv_shrink_per_token_rows4_bk512_w4_s4" in text
     assert "sgmv_expand_per_token_bn1024_rc64_w4_s3" in text
+    walking = dataclasses.replace(config, per_token_expand_tokens=8)
+    text = lower_for_gpu(
+        lambda x, y, t: sgmv_apply(x, y, *pools, t, prob.layer, **dict(kw, config=walking)),
+        prob.x,
+        prob.y,
+        jnp.asarray(prob.token_slot),
+    )
+    assert triton_kernels(text) == 2
+    assert "sgmv_expand_per_token_bn1024_rc64_t8_w4_s3" in text
 
 
 def test_traced_layer_inside_scan():
