@@ -296,8 +296,11 @@ class SgmvConfig(KernelConfig):
     # Tokens one per-token expand program walks (1: one token a program). Walking, each token's
     # slot, rank, scale and B page rows are looked up one token ahead, so that B's loads need
     # not wait on that chain of dependent reads; used where one rank chunk holds a weight's
-    # rank rows (rank_cols <= decode_rank_chunk).
-    per_token_expand_tokens: int = 1
+    # rank rows (rank_cols <= decode_rank_chunk). H200, twenty-fourth session (distinct rows
+    # of issue 3's grid, ranks 8 / 16 / 32, T = 256-4,096, out 4,096 and 3 x 4,096): 2 tokens
+    # took 0.89x-0.98x one token's time on all 18 rows (geometric mean 0.93x); 4 similar at
+    # T >= 1,024 but up to 1.02x at T = 256 (fewer programs), 8 and 16 up to 1.2x / 1.6x there.
+    per_token_expand_tokens: int = 2
 
     def __post_init__(self):
         for name in ("deterministic", "expand_prefetch_y"):

@@ -94,7 +94,7 @@ def test_sgmv_report_reads_both_regimes():
     per_token = sgmv_report(256, out="4096", per_token=True)
     assert [r.name for r in per_token] == [
         "sgmv_shrink_per_token_rows4_bk512_w4_s4",
-        "sgmv_expand_per_token_bn1024_rc16_w4_s3",
+        "sgmv_expand_per_token_bn1024_rc16_t2_w4_s3",
     ]
     assert all(r.mma == () and r.kernel_counts["LDG.128"] > 0 for r in per_token)
 

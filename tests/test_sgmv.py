@@ -762,10 +762,9 @@ def test_per_token_delta_writes_every_element(walk, interpret):
     prob, kw, pools = _group_case("per-token-delta", "qkv", 40, jnp.bfloat16)
     ts = jnp.asarray(prob.token_slot)
     kw = dict(kw, kernel_meta=None, per_token=True)
-    if walk > 1:
-        kw["config"] = dataclasses.replace(
-            kw["config"], decode_rank_chunk=64, per_token_expand_tokens=walk
-        )
+    kw["config"] = dataclasses.replace(kw["config"], per_token_expand_tokens=walk)
+    if walk > 1:  # one rank chunk for every rank row: the walking kernel's case
+        kw["config"] = dataclasses.replace(kw["config"], decode_rank_chunk=64)
     lowered = lower_for_gpu(
         lambda x, t: sgmv_delta(x, *pools, t, prob.layer, **kw, interpret=False), prob.x, ts
     )
@@ -833,7 +832,7 @@ def test_per_token_lowers_for_the_gpu_at_model_widths():
     )
     assert triton_kernels(text) == 2
     assert "sgmv_shrink_per_token_rows4_bk512_w4_s4" in text
-    assert "sgmv_expand_per_token_bn1024_rc64_w4_s3" in text
+    assert "sgmv_expand_per_token_bn1024_rc64_t2_w4_s3" in text  # two tokens a program
     walking = dataclasses.replace(config, per_token_expand_tokens=8)
     text = lower_for_gpu(
         lambda x, y, t: sgmv_apply(x, y, *pools, t, prob.layer, **dict(kw, config=walking)),

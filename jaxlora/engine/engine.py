@@ -365,9 +365,11 @@ class Engine:
                 few = self._lora_meta([], batch.token_slot, mode=mode)
                 if "shrink_rows" in few:
                     variants.append((mode, rows, True, batch, few))
-                # A decode step of adapters with about one token each, run per token.
-                elif self._per_token_can_apply(mode, rows):
-                    variants.append((mode, rows, True, batch, {**few, "per_token": True}))
+                # A decode step of adapters with about one token each, run per token (at a
+                # bucket with the in-loop shrink too: a step with many adapters' rank rows
+                # has no shrink rows).
+                if self._per_token_can_apply(mode, rows):
+                    variants.append((mode, rows, True, batch, {**lora_meta, "per_token": True}))
         threads = min(self.engine_config.compile_threads, len(variants))
         if threads > 1:
             lowered = []
