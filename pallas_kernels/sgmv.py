@@ -1373,6 +1373,15 @@ def _prefill_expand_kernel(
                     jax.lax.fori_loop(0, num_steps, body, 0)
 
 
+def _column_block(cb, bn, width, col_offset, y_cols, interpret):
+    """Column block cb (bn wide) of a weight ``width`` wide whose y columns start at
+    col_offset: which columns are inside it, their B-pool column index (1, bn) and y index."""
+    cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
+    col_ok = cols < width
+    cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+    return col_ok, cols_i, _idx(col_offset + cols, col_ok, y_cols, interpret)
+
+
 def _decode_expand_kernel(
     # inputs
     *refs,
@@ -1419,11 +1428,10 @@ def _decode_expand_kernel(
             @pl.when((rank > 0) if accumulate else True)
             def _compute():
                 scale = scales_ref[slot_c, w]
-                cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
-                col_ok = cols < width
-                cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+                col_ok, cols_i, y_i = _column_block(
+                    cb, bn, width, col_offsets[g], y_cols, interpret
+                )
                 layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
-                y_i = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)
                 y_mask = col_ok if width % bn else None
                 if accumulate:
                     # y's tile is loaded before B's rows, so that the two reads overlap.
@@ -1505,11 +1513,8 @@ def _per_token_walk_expand_kernel(
 
         @pl.when(in_group)
         def _group(g=g, cb=cb, w=w, pool_ref=pool_ref, width=width):
-            cols = pl.multiple_of(cb * bn, bn) + jnp.arange(bn, dtype=jnp.int32)
-            col_ok = cols < width
-            cols_i = _idx(cols, col_ok, width, interpret)[None, :]
+            col_ok, cols_i, y_i = _column_block(cb, bn, width, col_offsets[g], y_cols, interpret)
             layer = _layer(layer_ref, pool_ref, pages_per_pool[g], rows_per_page)
-            y_i = _idx(col_offsets[g] + cols, col_ok, y_cols, interpret)
 
             def lookup(i):
                 """Token first + i's row (clamped), rank (0: nothing to add), scale, B rows."""
