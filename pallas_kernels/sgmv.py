@@ -1643,24 +1643,15 @@ def sgmv_expand(
         bn = min(block_n, _next_pow2(max(widths)))
         chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
         block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
-        kernel = functools.partial(
-            _decode_expand_kernel, block_starts=block_starts, bn=bn, chunk=chunk, **statics
-        )
-        walk = ""
-        tokens = config.per_token_expand_tokens if regime == "per_token" else 1
-        tokens = min(tokens, num_tokens)
-        if tokens > 1 and chunk >= rank_cols:
-            kernel = functools.partial(
-                _per_token_walk_expand_kernel,
-                block_starts=block_starts,
-                bn=bn,
-                chunk=chunk,
-                tokens=tokens,
-                **statics,
-            )
-            walk = f"_t{tokens}"
+        # Programs walk tokens per token only, and where one rank chunk holds the rank rows.
+        walks = regime == "per_token" and chunk >= rank_cols
+        tokens = min(config.per_token_expand_tokens, num_tokens) if walks else 1
+        geometry = dict(block_starts=block_starts, bn=bn, chunk=chunk, **statics)
+        if tokens > 1:
+            kernel = functools.partial(_per_token_walk_expand_kernel, tokens=tokens, **geometry)
         else:
-            tokens = 1
+            kernel = functools.partial(_decode_expand_kernel, **geometry)
+        walk = f"_t{tokens}" if tokens > 1 else ""
         name = f"sgmv_expand{mode}_{regime}_bn{bn}_rc{chunk}{walk}_w{warps}_s{stages}"
         return pl.pallas_call(
             kernel,
