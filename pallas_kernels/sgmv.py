@@ -51,6 +51,11 @@ of one slot's tokens saves nothing when each adapter has one token, and the per-
 then read the same bytes with no tensor-core padding. Whether a batch is such is known on the
 host from its token slots and ranks: ``choose_per_token(token_slot, ranks)``.
 
+A fourth, also the caller's: the tile sizes. ``choose_tiles(token_slot, ranks)`` returns the
+config with larger tiles (``large_*``) for a batch of long runs of one adapter (a prompt),
+where 16-token tiles would read the adapter's rows once per 16 tokens; the caller builds the
+metadata and runs the kernels with the config it returns.
+
 Prefill metadata (``build_sgmv_metadata``, int32, static shapes)
 -----------------------------------------------------------------
     sorted_tokens       (T,)    token ids sorted by slot (stable); NO_ADAPTER tokens last
@@ -301,6 +306,22 @@ class SgmvConfig(KernelConfig):
     # took 0.89x-0.98x one token's time on all 18 rows (geometric mean 0.93x); 4 similar at
     # T >= 1,024 but up to 1.02x at T = 256 (fewer programs), 8 and 16 up to 1.2x / 1.6x there.
     per_token_expand_tokens: int = 2
+    # Larger tiles for batches of long runs of one adapter's tokens, picked on the host from the
+    # batch (``choose_tiles``, which returns this config with the tile knobs replaced): a tile
+    # reads its adapter's A (B) rows once, so 16-token tiles of a 4,096-token prompt read them
+    # 256 times from L2. H200, twenty-fifth session (issue 3's identical, uniform and skewed
+    # rows, T = 256-4,096, out 4,096 and 3 x 4,096, ranks 16 and 64): shrink tiles of 64 tokens
+    # with 128-wide K steps took 0.47x-1.10x the shrink's time on the 20 rows with >= 32 tokens
+    # an adapter (16 faster; the slowest had one rank-16 weight), 0.99x-1.37x on the 12 with
+    # fewer (3 x 4,096, rank 64, T = 4,096, one adapter: 58.6 -> 27.6 us). Expand tiles of 64 tokens
+    # took 0.75x-1.15x on the 8 rank-64 rows with >= 64 tokens an adapter (6 faster; 87.9 ->
+    # 66.2 us on that row) and 0.98x-1.32x on the rank-16 ones. None: never.
+    large_tiles_min_tokens: int | None = 32  # tokens an adapter from which the shrink's are large
+    large_shrink_block_tokens: int = 64
+    large_shrink_block_k: int = 128
+    large_expand_min_tokens: int | None = 64  # ... and the expand's, with mean rank >= below
+    large_expand_min_rank: int = 64
+    large_expand_block_tokens: int = 64
 
     def __post_init__(self):
         for name in ("deterministic", "expand_prefetch_y"):
@@ -313,6 +334,9 @@ class SgmvConfig(KernelConfig):
             "shrink_block_n",
             "expand_block_tokens",
             "expand_block_n",
+            "large_shrink_block_tokens",
+            "large_shrink_block_k",
+            "large_expand_block_tokens",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value) or value < 16:
@@ -337,6 +361,8 @@ class SgmvConfig(KernelConfig):
             "decode_shrink_max_tokens",
             "decode_shrink_max_token_rows",
             "per_token_max_rows",
+            "large_tiles_min_tokens",
+            "large_expand_min_tokens",
         ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -379,6 +405,7 @@ class SgmvConfig(KernelConfig):
             "per_token_expand_num_warps",
             "per_token_expand_num_stages",
             "per_token_expand_tokens",
+            "large_expand_min_rank",
         ):
             value = getattr(self, name)
             at_least = (
@@ -476,7 +503,17 @@ def choose_per_token(
     shrink would otherwise be the tiles: ``Engine._per_token_can_apply``). A prompt is a run of
     one adapter's tokens, so prefill steps keep the tiles."""
     config = config or SgmvConfig()
-    token_slot = _host_token_slot("choose_per_token", token_slot)
+    with_adapter, mean_rank = _tokens_and_mean_rank("choose_per_token", token_slot, ranks)
+    if config.per_token_max_rows is None or with_adapter.size == 0:
+        return False
+    tokens_per_adapter = with_adapter.size / len(np.unique(with_adapter))
+    return tokens_per_adapter * mean_rank <= config.per_token_max_rows
+
+
+def _tokens_and_mean_rank(fn: str, token_slot, ranks) -> tuple[np.ndarray, float]:
+    """The slots of the tokens with an adapter, and those tokens' mean rank (the largest of
+    an adapter's weights); AdapterError naming ``fn`` for a bad ``token_slot`` or ``ranks``."""
+    token_slot = _host_token_slot(fn, token_slot)
     ranks = np.asarray(ranks)
     if (
         ranks.ndim != 2
@@ -484,15 +521,47 @@ def choose_per_token(
         or token_slot.max(initial=-1) >= len(ranks)
     ):
         raise AdapterError(
-            f"choose_per_token: ranks must be (S, {_NUM_WEIGHTS}) with a row for every slot in "
+            f"{fn}: ranks must be (S, {_NUM_WEIGHTS}) with a row for every slot in "
             f"token_slot (largest {int(token_slot.max(initial=-1))}), got shape {ranks.shape}"
         )
     with_adapter = token_slot[token_slot >= 0]
-    if config.per_token_max_rows is None or with_adapter.size == 0:
-        return False
+    if with_adapter.size == 0:
+        return with_adapter, 0.0
+    return with_adapter, float(np.mean(ranks.max(axis=1)[with_adapter]))
+
+
+def choose_tiles(
+    token_slot: np.ndarray, ranks: np.ndarray, *, config: SgmvConfig | None = None
+) -> SgmvConfig:
+    """Host-side choice of the prefill tile sizes for a batch: ``config`` (default
+    ``SgmvConfig()``) with its shrink tiles set to ``large_shrink_block_tokens`` tokens (K
+    steps of ``large_shrink_block_k``) when the tokens with an adapter per distinct adapter
+    reach ``large_tiles_min_tokens``, and its expand tiles to ``large_expand_block_tokens`` when
+    they also reach ``large_expand_min_tokens`` and the adapters' mean rank (the largest of an
+    adapter's weights, per token) is at least ``large_expand_min_rank``; ``config`` unchanged
+    otherwise. ``token_slot`` (T,) and ``ranks`` (S, 7) as in ``choose_per_token``.
+
+    The caller builds the batch's metadata (``build_sgmv_metadata``) and runs the kernels with
+    the returned config: the tile sizes are static, so each choice compiles once. A batch run
+    per token (``choose_per_token``) has no tiles to choose."""
+    config = config or SgmvConfig()
+    with_adapter, mean_rank = _tokens_and_mean_rank("choose_tiles", token_slot, ranks)
+    if config.large_tiles_min_tokens is None or with_adapter.size == 0:
+        return config
     tokens_per_adapter = with_adapter.size / len(np.unique(with_adapter))
-    mean_rank = float(np.mean(ranks.max(axis=1)[with_adapter]))
-    return tokens_per_adapter * mean_rank <= config.per_token_max_rows
+    if tokens_per_adapter < config.large_tiles_min_tokens:
+        return config
+    changes = {
+        "shrink_block_tokens": config.large_shrink_block_tokens,
+        "shrink_block_k": config.large_shrink_block_k,
+    }
+    if (
+        config.large_expand_min_tokens is not None
+        and tokens_per_adapter >= config.large_expand_min_tokens
+        and mean_rank >= config.large_expand_min_rank
+    ):
+        changes["expand_block_tokens"] = config.large_expand_block_tokens
+    return dataclasses.replace(config, **changes)
 
 
 def num_tiles_bound(num_tokens: int, num_slots: int, block_tokens: int) -> int:

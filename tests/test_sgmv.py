@@ -27,6 +27,7 @@ from pallas_kernels.sgmv import (
     build_sgmv_metadata,
     build_sgmv_metadata_jnp,
     choose_per_token,
+    choose_tiles,
     num_tiles_bound,
     sgmv_apply,
     sgmv_apply_reference,
@@ -777,16 +778,17 @@ def test_per_token_delta_writes_every_element(walk, interpret):
     np.testing.assert_array_equal(np.asarray(delta)[prob.token_slot < 0], 0.0)
 
 
+def ranks_of(num_slots, rank):
+    ranks = np.zeros((num_slots, 7), np.int32)
+    ranks[:, [0, 2, 5]] = rank  # an adapter's rank: its largest weight's
+    ranks[:, 1] = 1
+    return ranks
+
+
 def test_choose_per_token_follows_the_batch():
     """Per token while tokens per adapter x mean rank <= per_token_max_rows (32)."""
     config = SgmvConfig()
     rng = np.random.default_rng(0)
-
-    def ranks_of(num_slots, rank):
-        ranks = np.zeros((num_slots, 7), np.int32)
-        ranks[:, [0, 2, 5]] = rank  # an adapter's rank: its largest weight's
-        ranks[:, 1] = 1
-        return ranks
 
     distinct = rng.permutation(300).astype(np.int32)
     assert choose_per_token(distinct, ranks_of(300, 16), config=config)  # 1 x 16
@@ -815,6 +817,90 @@ def test_choose_per_token_follows_the_batch():
         choose_per_token(np.array([0, -2, 1], np.int32), ranks_of(2, 8))
     with pytest.raises(AdapterError, match=r"ranks must be \(S, 7\) with a row for every slot"):
         choose_per_token(distinct, ranks_of(10, 8))
+
+
+def test_choose_tiles_follows_the_batch():
+    """Shrink tiles of 64 tokens (K steps of 128) from 32 tokens an adapter; expand tiles of 64
+    from 64 tokens an adapter of mean rank >= 64; otherwise the config itself."""
+    config = SgmvConfig()
+
+    def tiles(token_slot, ranks, config=config):
+        chosen = choose_tiles(np.asarray(token_slot, np.int32), ranks, config=config)
+        return chosen.shrink_block_tokens, chosen.shrink_block_k, chosen.expand_block_tokens
+
+    one = np.zeros(4096, np.int32)
+    assert tiles(one, ranks_of(1, 16)) == (64, 128, 16)  # a prompt of rank 16
+    assert tiles(one[:256], ranks_of(1, 64)) == (64, 128, 64)  # ... of rank 64
+    runs_of_32 = np.repeat(np.arange(32), 32)
+    assert tiles(runs_of_32, ranks_of(32, 64)) == (64, 128, 16)  # 32 an adapter
+    assert tiles(np.repeat(np.arange(16), 64), ranks_of(16, 64)) == (64, 128, 64)
+    runs_of_31 = np.repeat(np.arange(32), 31)
+    assert choose_tiles(runs_of_31, ranks_of(32, 64), config=config) is config
+    assert choose_tiles(np.arange(300, dtype=np.int32), ranks_of(300, 8)) == SgmvConfig()
+    assert choose_tiles(np.full(300, NO_ADAPTER, np.int32), ranks_of(1, 8)) == SgmvConfig()
+    # Base-only tokens do not count; the mean rank is over the tokens with an adapter.
+    prompt_and_base = np.concatenate([np.zeros(64), np.full(500, NO_ADAPTER)])
+    assert tiles(prompt_and_base, ranks_of(1, 64)) == (64, 128, 64)
+    mixed_ranks = ranks_of(2, 64)
+    mixed_ranks[1] = ranks_of(1, 16)[0]
+    half_and_half = np.repeat([0, 1], 64)
+    assert tiles(half_and_half, mixed_ranks) == (64, 128, 16)  # mean rank 40
+    never = SgmvConfig(large_tiles_min_tokens=None)
+    assert choose_tiles(one, ranks_of(1, 64), config=never) is never
+    no_expand = SgmvConfig(large_expand_min_tokens=None)
+    assert tiles(one, ranks_of(1, 64), config=no_expand) == (64, 128, 16)
+    custom = SgmvConfig(large_shrink_block_tokens=128, large_shrink_block_k=64)
+    assert tiles(one, ranks_of(1, 8), config=custom) == (128, 64, 16)
+    with pytest.raises(AdapterError, match=r"choose_tiles: token_slot\[1\] = -2"):
+        choose_tiles(np.array([0, -2, 1], np.int32), ranks_of(2, 8))
+    with pytest.raises(AdapterError, match=r"choose_tiles: ranks must be \(S, 7\)"):
+        choose_tiles(np.arange(20, dtype=np.int32), ranks_of(10, 8))
+    with pytest.raises(ConfigError, match="'large_shrink_block_tokens': expected a power of two"):
+        SgmvConfig(large_shrink_block_tokens=48)
+    with pytest.raises(ConfigError, match="'large_tiles_min_tokens': expected None or an int"):
+        SgmvConfig(large_tiles_min_tokens=-1)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+def test_large_tiles_match_reference(interpret):
+    """A batch of prompts (runs of one adapter, base-only runs between) in the larger tiles
+    that ``choose_tiles`` picks for it: the reference result, from launches named after the
+    chosen tile sizes."""
+    prob = make_problem(
+        zlib.crc32(b"large-tiles"),
+        num_tokens=150,
+        in_width=40,
+        out_widths=(32, 16, 16),
+        num_slots=3,
+        dtype=jnp.bfloat16,
+        runs=True,
+    )
+    base = dataclasses.replace(
+        SMALL,
+        large_tiles_min_tokens=16,
+        large_shrink_block_k=32,
+        large_expand_min_tokens=16,
+        large_expand_min_rank=1,
+        large_expand_block_tokens=32,
+    )
+    config = choose_tiles(prob.token_slot, np.asarray(prob.ranks), config=base)
+    assert (config.shrink_block_tokens, config.shrink_block_k) == (64, 32)
+    assert config.expand_block_tokens == 32
+    assert config.regime(150, "shrink", columns=1) == "prefill"
+    v_ref, y_ref = _reference(prob)
+    v = _run_shrink(prob, config, interpret)
+    y = _run_expand(prob, v_ref, config, interpret)
+    _check(prob, v, y, v_ref, y_ref, "bfloat16")
+    meta = build_sgmv_metadata(prob.token_slot, 3, config=config)
+    kw = dict(weights=prob.weights, kernel_meta=meta, config=config)
+    pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
+    text = lower_for_gpu(
+        lambda x, y, t: sgmv_apply(x, y, *pools, t, prob.layer, **kw),
+        prob.x,
+        prob.y,
+        jnp.asarray(prob.token_slot),
+    )
+    assert "sgmv_shrink_prefill_bt64_" in text and "sgmv_expand_prefill_bt32_" in text
 
 
 def test_per_token_lowers_for_the_gpu_at_model_widths():

@@ -10,7 +10,9 @@ is recorded too). Timings are the median over all iterations of K calls.
 
 The SGMV implementations run per token or in tiles as ``choose_per_token`` picks on the host
 from the row's token slots and ranks (the row's ``per_token``; a variant's
-``per_token_max_rows`` changes it: null for tiles always, a huge number for per token always).
+``per_token_max_rows`` changes it: null for tiles always, a huge number for per token always),
+and in tiles, of the sizes ``choose_tiles`` picks the same way (the row's ``tile_tokens``; a
+variant's ``large_tiles_min_tokens`` null keeps the small tiles).
 
 Bytes of a row: x read once, each distinct adapter's rank-rows read once (A and B of every weight
 of the group), y read and written. The copy ceiling is the best of several 1 GiB device copies
@@ -41,6 +43,7 @@ from pallas_kernels.sgmv import (
     SgmvConfig,
     build_sgmv_metadata,
     choose_per_token,
+    choose_tiles,
     sgmv_apply,
     sgmv_delta,
 )
@@ -248,7 +251,7 @@ def _adapter_args(pools, tables):
 def step_sgmv(config: SgmvConfig, *, interpret: bool = False):
     """The group's LoRA through ``sgmv_apply`` (in place on the fused y): shrink then expand."""
 
-    def step(x, y, pools, tables, layer, weights, *, per_token=False):
+    def step(x, y, pools, tables, layer, weights, *, per_token=False, config=config):
         return sgmv_apply(
             x,
             y,
@@ -269,7 +272,7 @@ def step_sgmv_delta(config: SgmvConfig, *, interpret: bool = False):
     without reading y; here one XLA fusion adds it to y (in the model the add fuses into y's
     consumer). Its row time therefore includes that add, which the model does not launch."""
 
-    def step(x, y, pools, tables, layer, weights, *, per_token=False):
+    def step(x, y, pools, tables, layer, weights, *, per_token=False, config=config):
         delta = sgmv_delta(
             x,
             *_adapter_args(pools, tables),
@@ -577,13 +580,21 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
         tables = {
             k: jnp.asarray(work[k]) for k in ("token_slot", "ranks", "scales", "a_pages", "b_pages")
         }
-        per_token = None
+        per_token = tiles = None
         if cfg is not None:  # the decode kernels ignore it; the prefill ones need it
-            meta = build_sgmv_metadata(work["token_slot"], work["num_slots"], config=cfg)
-            tables["meta"] = {k: jnp.asarray(v) for k, v in meta.items()}
             # Chosen on the host from the batch's slots, as any caller holding them can.
             per_token = choose_per_token(work["token_slot"], work["ranks"], config=cfg)
-            step = functools.partial(step, per_token=per_token)
+            if not per_token:
+                chosen = choose_tiles(work["token_slot"], work["ranks"], config=cfg)
+                tiles = {
+                    "shrink": chosen.shrink_block_tokens,
+                    "expand": chosen.expand_block_tokens,
+                    "large": chosen != cfg,
+                }
+                cfg = chosen
+            meta = build_sgmv_metadata(work["token_slot"], work["num_slots"], config=cfg)
+            tables["meta"] = {k: jnp.asarray(v) for k, v in meta.items()}
+            step = functools.partial(step, per_token=per_token, config=cfg)
         x = fill((row["tokens"], config.hidden), jnp.bfloat16, 3, 1.0)
         y_shape = jax.ShapeDtypeStruct((row["tokens"], sum(group.widths)), jnp.bfloat16)
         f = make_timed(
@@ -594,7 +605,7 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
             interpret=config.interpret,
         )
         compiled = f.lower(y_shape, flush_buf, x, pools, tables).compile()
-        return compiled, x, tables, per_token
+        return compiled, x, tables, per_token, tiles
 
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(config.compile_threads) as pool:
@@ -632,7 +643,7 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
             if isinstance(c, Exception):
                 result["impls"][impl] = {"error": f"{type(c).__name__}: {str(c)[:300]}"}
                 continue
-            fn, x, tables, per_token = c
+            fn, x, tables, per_token, tiles = c
             try:
                 y = jnp.copy(y0)
                 jax.block_until_ready(y)
@@ -655,6 +666,7 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
                 "wall": wall,
                 "y_change": y_change,
                 "per_token": per_token,
+                "tiles": tiles,
             }
         ref_impl = next(iter(first_y), None)
         for impl, y in first_y.items():
@@ -692,6 +704,8 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
             }
             if p["per_token"] is not None:  # the SGMV kernels: per token or tiles at this T
                 entry["per_token"] = p["per_token"]
+            if p["tiles"] is not None:  # tokens per tile (choose_tiles)
+                entry["tile_tokens"] = p["tiles"]
             if len(segs) == expected:
                 mine = [seg_times(s) for s in segs[cursor : cursor + n]]
                 entry["kernel_us"] = kernel_breakdown(segs[cursor : cursor + n])
@@ -757,8 +771,9 @@ def print_row(result, copy_bw, steps):
     v = evaluate(result, copy_bw)
     cols = []
     for e in (result["impls"].get(k, {}) for k in steps):
-        # "p": the SGMV kernels ran per token at this row (choose_per_token, or the variant's)
-        mark = "p" if e.get("per_token") else " "
+        # "p": the SGMV kernels ran per token at this row (choose_per_token, or the variant's);
+        # "L": in the larger tiles (choose_tiles)
+        mark = "p" if e.get("per_token") else "L" if e.get("tile_tokens", {}).get("large") else " "
         cols.append(f"{e['busy_us']:13.1f}{mark}" if "busy_us" in e else f"{'error':>14s}")
     target = {True: "met", False: "MISSED"}.get(v.get("bandwidth_target"), "-")
     if v.get("faster_than_baselines") is False:
