@@ -315,8 +315,12 @@ class SgmvConfig(KernelConfig):
     # an adapter (16 faster; the slowest had one rank-16 weight), 0.99x-1.37x on the 12 with
     # fewer (3 x 4,096, rank 64, T = 4,096, one adapter: 58.6 -> 27.6 us). Expand tiles of 64 tokens
     # took 0.75x-1.15x on the 8 rank-64 rows with >= 64 tokens an adapter (6 faster; 87.9 ->
-    # 66.2 us on that row) and 0.98x-1.32x on the rank-16 ones. None: never.
+    # 66.2 us on that row) and 0.98x-1.32x on the rank-16 ones. In the whole grid (call 2,
+    # against the twenty-fourth session's run) the 48 rows that took them ran 0.66x-1.16x
+    # (geometric mean 0.953x); the slowest were T = 64 (one 64-token tile: 1.11x and 1.16x at
+    # rank 64), hence ``large_tiles_min_batch``. None: never.
     large_tiles_min_tokens: int | None = 32  # tokens an adapter from which the shrink's are large
+    large_tiles_min_batch: int = 256  # ... in batches of at least this many tokens
     large_shrink_block_tokens: int = 64
     large_shrink_block_k: int = 128
     large_expand_min_tokens: int | None = 64  # ... and the expand's, with mean rank >= below
@@ -406,6 +410,7 @@ class SgmvConfig(KernelConfig):
             "per_token_expand_num_stages",
             "per_token_expand_tokens",
             "large_expand_min_rank",
+            "large_tiles_min_batch",
         ):
             value = getattr(self, name)
             at_least = (
@@ -539,14 +544,19 @@ def choose_tiles(
     reach ``large_tiles_min_tokens``, and its expand tiles to ``large_expand_block_tokens`` when
     they also reach ``large_expand_min_tokens`` and the adapters' mean rank (the largest of an
     adapter's weights, per token) is at least ``large_expand_min_rank``; ``config`` unchanged
-    otherwise. ``token_slot`` (T,) and ``ranks`` (S, 7) as in ``choose_per_token``.
+    otherwise, and for batches of fewer than ``large_tiles_min_batch`` tokens (a few large
+    tiles leave SMs idle). ``token_slot`` (T,) and ``ranks`` (S, 7) as in ``choose_per_token``.
 
     The caller builds the batch's metadata (``build_sgmv_metadata``) and runs the kernels with
     the returned config: the tile sizes are static, so each choice compiles once. A batch run
     per token (``choose_per_token``) has no tiles to choose."""
     config = config or SgmvConfig()
     with_adapter, mean_rank = _tokens_and_mean_rank("choose_tiles", token_slot, ranks)
-    if config.large_tiles_min_tokens is None or with_adapter.size == 0:
+    if (
+        config.large_tiles_min_tokens is None
+        or with_adapter.size == 0
+        or len(token_slot) < config.large_tiles_min_batch
+    ):
         return config
     tokens_per_adapter = with_adapter.size / len(np.unique(with_adapter))
     if tokens_per_adapter < config.large_tiles_min_tokens:

@@ -831,6 +831,7 @@ def test_choose_tiles_follows_the_batch():
     one = np.zeros(4096, np.int32)
     assert tiles(one, ranks_of(1, 16)) == (64, 128, 16)  # a prompt of rank 16
     assert tiles(one[:256], ranks_of(1, 64)) == (64, 128, 64)  # ... of rank 64
+    assert choose_tiles(one[:255], ranks_of(1, 64), config=config) is config  # < 256 tokens
     runs_of_32 = np.repeat(np.arange(32), 32)
     assert tiles(runs_of_32, ranks_of(32, 64)) == (64, 128, 16)  # 32 an adapter
     assert tiles(np.repeat(np.arange(16), 64), ranks_of(16, 64)) == (64, 128, 64)
@@ -839,11 +840,11 @@ def test_choose_tiles_follows_the_batch():
     assert choose_tiles(np.arange(300, dtype=np.int32), ranks_of(300, 8)) == SgmvConfig()
     assert choose_tiles(np.full(300, NO_ADAPTER, np.int32), ranks_of(1, 8)) == SgmvConfig()
     # Base-only tokens do not count; the mean rank is over the tokens with an adapter.
-    prompt_and_base = np.concatenate([np.zeros(64), np.full(500, NO_ADAPTER)])
+    prompt_and_base = np.concatenate([np.zeros(64), np.full(200, NO_ADAPTER)])
     assert tiles(prompt_and_base, ranks_of(1, 64)) == (64, 128, 64)
     mixed_ranks = ranks_of(2, 64)
     mixed_ranks[1] = ranks_of(1, 16)[0]
-    half_and_half = np.repeat([0, 1], 64)
+    half_and_half = np.repeat([0, 1], 128)
     assert tiles(half_and_half, mixed_ranks) == (64, 128, 16)  # mean rank 40
     never = SgmvConfig(large_tiles_min_tokens=None)
     assert choose_tiles(one, ranks_of(1, 64), config=never) is never
@@ -878,6 +879,7 @@ def test_large_tiles_match_reference(interpret):
     base = dataclasses.replace(
         SMALL,
         large_tiles_min_tokens=16,
+        large_tiles_min_batch=100,
         large_shrink_block_k=32,
         large_expand_min_tokens=16,
         large_expand_min_rank=1,
