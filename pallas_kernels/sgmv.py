@@ -305,6 +305,7 @@ class SgmvConfig(KernelConfig):
     # of issue 3's grid, ranks 8 / 16 / 32, T = 256-4,096, out 4,096 and 3 x 4,096): 2 tokens
     # took 0.89x-0.98x one token's time on all 18 rows (geometric mean 0.93x); 4 similar at
     # T >= 1,024 but up to 1.02x at T = 256 (fewer programs), 8 and 16 up to 1.2x / 1.6x there.
+    # One token a program wherever walking would leave fewer than ``target_programs`` programs.
     per_token_expand_tokens: int = 2
     # Larger tiles for batches of long runs of one adapter's tokens, picked on the host from the
     # batch (``choose_tiles``, which returns this config with the tile knobs replaced): a tile
@@ -1722,9 +1723,14 @@ def sgmv_expand(
         bn = min(block_n, _next_pow2(max(widths)))
         chunk = min(config.decode_rank_chunk, _next_pow2(rank_cols))
         block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
-        # Programs walk tokens per token only, and where one rank chunk holds the rank rows.
+        # Programs walk tokens per token only, where one rank chunk holds the rank rows, and
+        # while walking still leaves every SM a program: at T = 64 and out 4,096 (4 column
+        # blocks) two tokens a program left 128 programs and took 1.11x-1.15x one token's time
+        # (H200, twenty-fifth session's grid against the twenty-third's).
         walks = regime == "per_token" and chunk >= rank_cols
         tokens = min(config.per_token_expand_tokens, num_tokens) if walks else 1
+        if _cdiv(num_tokens, tokens) * block_starts[-1] < config.target_programs:
+            tokens = 1
         geometry = dict(block_starts=block_starts, bn=bn, chunk=chunk, **statics)
         if tokens > 1:
             kernel = functools.partial(_per_token_walk_expand_kernel, tokens=tokens, **geometry)

@@ -734,7 +734,9 @@ def test_per_token_kernels_match_reference(group, dtype_name, knobs, interpret):
     elif knobs.startswith("walk"):
         # one rank chunk holds every rank row (the walking kernel's case)
         tokens = int(knobs[4:])
-        config = dataclasses.replace(config, decode_rank_chunk=64, per_token_expand_tokens=tokens)
+        config = dataclasses.replace(
+            config, decode_rank_chunk=64, per_token_expand_tokens=tokens, target_programs=1
+        )
     assert config.regime(num_tokens, "shrink", columns=1_000_000) == "prefill"
     assert config.regime(num_tokens, "shrink", columns=1_000_000, per_token=True) == "per_token"
     assert config.regime(num_tokens, per_token=True) == "per_token"
@@ -763,7 +765,9 @@ def test_per_token_delta_writes_every_element(walk, interpret):
     prob, kw, pools = _group_case("per-token-delta", "qkv", 40, jnp.bfloat16)
     ts = jnp.asarray(prob.token_slot)
     kw = dict(kw, kernel_meta=None, per_token=True)
-    kw["config"] = dataclasses.replace(kw["config"], per_token_expand_tokens=walk)
+    kw["config"] = dataclasses.replace(
+        kw["config"], per_token_expand_tokens=walk, target_programs=1
+    )
     if walk > 1:  # one rank chunk for every rank row: the walking kernel's case
         kw["config"] = dataclasses.replace(kw["config"], decode_rank_chunk=64)
     lowered = lower_for_gpu(
@@ -930,6 +934,16 @@ def test_per_token_lowers_for_the_gpu_at_model_widths():
     )
     assert triton_kernels(text) == 2
     assert "sgmv_expand_per_token_bn1024_rc64_t8_w4_s3" in text
+    # T = 64: two tokens a program would leave 32 x 3 column blocks, fewer programs than SMs.
+    few = _model_width_problem(12, 64)
+    pools = (few.a_pool, few.b_pools, few.a_pages, few.b_pages, few.ranks, few.scales)
+    text = lower_for_gpu(
+        lambda x, y, t: sgmv_apply(x, y, *pools, t, few.layer, **dict(kw, weights=few.weights)),
+        few.x,
+        few.y,
+        jnp.asarray(few.token_slot),
+    )
+    assert "sgmv_expand_per_token_bn1024_rc64_w4_s3" in text
 
 
 def test_traced_layer_inside_scan():
