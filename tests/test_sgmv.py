@@ -823,6 +823,17 @@ def test_choose_per_token_follows_the_batch():
         choose_per_token(distinct, ranks_of(10, 8))
 
 
+def _lower_apply(prob, **kw):
+    """``sgmv_apply`` on ``prob`` lowered for the GPU (the kernels' names and count)."""
+    pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
+    return lower_for_gpu(
+        lambda x, y, t: sgmv_apply(x, y, *pools, t, prob.layer, weights=prob.weights, **kw),
+        prob.x,
+        prob.y,
+        jnp.asarray(prob.token_slot),
+    )
+
+
 def test_choose_tiles_follows_the_batch():
     """Shrink tiles of 64 tokens (K steps of 128) from 32 tokens an adapter; expand tiles of 64
     from 64 tokens an adapter of mean rank >= 64; otherwise the config itself."""
@@ -898,14 +909,7 @@ def test_large_tiles_match_reference(interpret):
     y = _run_expand(prob, v_ref, config, interpret)
     _check(prob, v, y, v_ref, y_ref, "bfloat16")
     meta = build_sgmv_metadata(prob.token_slot, 3, config=config)
-    kw = dict(weights=prob.weights, kernel_meta=meta, config=config)
-    pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
-    text = lower_for_gpu(
-        lambda x, y, t: sgmv_apply(x, y, *pools, t, prob.layer, **kw),
-        prob.x,
-        prob.y,
-        jnp.asarray(prob.token_slot),
-    )
+    text = _lower_apply(prob, kernel_meta=meta, config=config)
     assert "sgmv_shrink_prefill_bt64_" in text and "sgmv_expand_prefill_bt32_" in text
 
 
@@ -914,35 +918,16 @@ def test_per_token_lowers_for_the_gpu_at_model_widths():
     two Triton kernels, named after them."""
     prob = _model_width_problem(11, 4096)
     config = SgmvConfig()
-    kw = dict(weights=prob.weights, config=config, per_token=True)
-    pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
-    text = lower_for_gpu(
-        lambda x, y, t: sgmv_apply(x, y, *pools, t, prob.layer, **kw),
-        prob.x,
-        prob.y,
-        jnp.asarray(prob.token_slot),
-    )
+    text = _lower_apply(prob, config=config, per_token=True)
     assert triton_kernels(text) == 2
     assert "sgmv_shrink_per_token_rows4_bk512_w4_s4" in text
     assert "sgmv_expand_per_token_bn1024_rc64_t2_w4_s3" in text  # two tokens a program
     walking = dataclasses.replace(config, per_token_expand_tokens=8)
-    text = lower_for_gpu(
-        lambda x, y, t: sgmv_apply(x, y, *pools, t, prob.layer, **dict(kw, config=walking)),
-        prob.x,
-        prob.y,
-        jnp.asarray(prob.token_slot),
-    )
+    text = _lower_apply(prob, config=walking, per_token=True)
     assert triton_kernels(text) == 2
     assert "sgmv_expand_per_token_bn1024_rc64_t8_w4_s3" in text
     # T = 64: two tokens a program would leave 32 x 3 column blocks, fewer programs than SMs.
-    few = _model_width_problem(12, 64)
-    pools = (few.a_pool, few.b_pools, few.a_pages, few.b_pages, few.ranks, few.scales)
-    text = lower_for_gpu(
-        lambda x, y, t: sgmv_apply(x, y, *pools, t, few.layer, **dict(kw, weights=few.weights)),
-        few.x,
-        few.y,
-        jnp.asarray(few.token_slot),
-    )
+    text = _lower_apply(_model_width_problem(12, 64), config=config, per_token=True)
     assert "sgmv_expand_per_token_bn1024_rc64_w4_s3" in text
 
 
