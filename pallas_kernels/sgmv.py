@@ -313,10 +313,10 @@ class SgmvConfig(KernelConfig):
     # 256 times from L2. H200, twenty-fifth session (issue 3's identical, uniform and skewed
     # rows, T = 256-4,096, out 4,096 and 3 x 4,096, ranks 16 and 64): shrink tiles of 64 tokens
     # with 128-wide K steps took 0.47x-1.10x the shrink's time on the 20 rows with >= 32 tokens
-    # an adapter (16 faster; the slowest had one rank-16 weight), 0.99x-1.37x on the 12 with
-    # fewer (3 x 4,096, rank 64, T = 4,096, one adapter: 58.6 -> 27.6 us). Expand tiles of 64 tokens
-    # took 0.75x-1.15x on the 8 rank-64 rows with >= 64 tokens an adapter (6 faster; 87.9 ->
-    # 66.2 us on that row) and 0.98x-1.32x on the rank-16 ones. In the whole grid (call 2,
+    # an adapter (16 faster, the slowest with one rank-16 weight; 3 x 4,096, rank 64, T =
+    # 4,096, one adapter: 58.6 -> 27.6 us), 0.99x-1.37x on the 12 with fewer. Expand tiles of
+    # 64 tokens took 0.75x-1.15x on the 8 rank-64 rows with >= 64 tokens an adapter (6 faster;
+    # 87.9 -> 66.2 us on that row) and 0.98x-1.32x on the rank-16 ones. In the whole grid (call 2,
     # against the twenty-fourth session's run) the 48 rows that took them ran 0.66x-1.16x
     # (geometric mean 0.953x); the slowest were T = 64 (one 64-token tile: 1.11x and 1.16x at
     # rank 64), hence ``large_tiles_min_batch``. None: never.
@@ -1726,7 +1726,8 @@ def sgmv_expand(
         # Programs walk tokens per token only, where one rank chunk holds the rank rows, and
         # while walking still leaves every SM a program: at T = 64 and out 4,096 (4 column
         # blocks) two tokens a program left 128 programs and took 1.11x-1.15x one token's time
-        # (H200, twenty-fifth session's grid against the twenty-third's).
+        # (H200, twenty-fifth session's grid against the twenty-third's; in one process, one
+        # token 0.83x-0.93x of two on those rows).
         walks = regime == "per_token" and chunk >= rank_cols
         tokens = min(config.per_token_expand_tokens, num_tokens) if walks else 1
         if _cdiv(num_tokens, tokens) * block_starts[-1] < config.target_programs:
