@@ -745,6 +745,14 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
         "decode_shrink_max_tokens": 0,
         "shrink_block_k": 16,
         "per_token_max_rows": None,
+        # larger tiles (choose_tiles) for the 24 tokens of one adapter
+        "large_tiles_min_batch": 16,
+        "large_tiles_min_tokens": 16,
+        "large_shrink_block_tokens": 32,
+        "large_shrink_block_k": 16,
+        "large_expand_min_tokens": 16,
+        "large_expand_min_rank": 1,
+        "large_expand_block_tokens": 32,
     }
     per_token = {"decode_max_tokens": 0, "decode_shrink_max_tokens": 0, "per_token_max_rows": 10**9}
     config = kernels.KernelBenchConfig(
@@ -805,6 +813,16 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
         "sgmv:per_token": [True] * 4,
         "gather_einsum": [None] * 4,
     }
+    # Tiles as choose_tiles picks them: the default's are small below 256 tokens; the
+    # variants' are large for the 24 tokens of one adapter only.
+    small, large = (
+        {"shrink": 16, "expand": 16, "large": False},
+        {"shrink": 32, "expand": 32, "large": True},
+    )
+    assert [row["impls"]["sgmv"].get("tile_tokens") for row in rows] == [None, None, small, None]
+    for impl in ("sgmv:prefill", "sgmv:atomic"):
+        tiles = [row["impls"][impl]["tile_tokens"] for row in rows]
+        assert tiles == [small, small, large, small], impl
     with pytest.raises(ConfigError, match="names no variant"):
         kernels.impl_steps(dataclasses.replace(config, impls=("sgmv:nope",)))
 
