@@ -274,7 +274,7 @@ class SgmvConfig(KernelConfig):
     expand_prefetch_y: bool = False
     # True: ``sgmv_apply`` / ``sgmv_delta`` hand the shrink's K-split partials to the prefill
     # expand, which sums them (same order, same bits) as it loads v, instead of one XLA fusion
-    # summing them between the launches (1.2-1.6 us a call on the H200, and a second fusion of
+    # summing them between the launches (1.2-2.7 us a call on the H200, and a second fusion of
     # 1.3 us at splits of 16 and 32: twenty-fifth session's grid). Off: not yet timed.
     expand_sums_partials: bool = False
     # decode
