@@ -1792,7 +1792,7 @@ def sgmv_expand(
         block_starts = tuple(int(b) for b in np.cumsum([0] + [_cdiv(w, bn) for w in widths]))
         # Programs walk tokens per token only, where one rank chunk holds the rank rows, and
         # while walking still leaves every SM a program: at T = 64 and out 4,096 (4 column
-        # blocks) two tokens a program left 128 programs and took 1.11x-1.15x one token's time
+        # blocks) two tokens a program left 128 programs and took 1.11x-1.16x one token's time
         # (H200, twenty-fifth session's grid against the twenty-third's; in one process, one
         # token 0.83x-0.93x of two on those rows).
         walks = regime == "per_token" and chunk >= rank_cols
