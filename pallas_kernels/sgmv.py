@@ -1521,6 +1521,20 @@ def _column_block(cb, bn, width, col_offset, y_cols, interpret):
     return col_ok, cols_i, _idx(col_offset + cols, col_ok, y_cols, interpret)
 
 
+def _rank_chunk_sum(v_ref, pool_ref, t, g, j, j_ok, b_row, cols_i, col_ok, rank_cols, interpret):
+    """Token t's sum over the rank rows j (those with j_ok) of v[t, g, j] times B's rows b_row
+    at the columns cols_i (col_ok: those inside the weight; None: all): (bn,) float32."""
+    b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
+    vj = pltriton.load(
+        v_ref.at[t, _idx(g * rank_cols + j, j_ok, v_ref.shape[1], interpret)],
+        mask=j_ok,
+        other=0.0,
+    )
+    b_mask = j_ok[:, None] if col_ok is None else j_ok[:, None] & col_ok[None, :]
+    bj = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0)
+    return jnp.sum(vj[:, None] * bj.astype(jnp.float32), axis=0)
+
+
 def _decode_expand_kernel(
     # inputs
     *refs,
@@ -1548,7 +1562,6 @@ def _decode_expand_kernel(
     v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
     pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = rest
     _, y_cols = y_ref.shape
-    v_cols = v_ref.shape[1]
     t = pl.program_id(1)
     slot = slot_ref[t]
 
@@ -1592,15 +1605,19 @@ def _decode_expand_kernel(
                         rows_per_page=rows_per_page,
                         max_pages=max_pages,
                     )
-                    b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
-                    vj = pltriton.load(
-                        v_ref.at[t, _idx(g * rank_cols + j, j_ok, v_cols, interpret)],
-                        mask=j_ok,
-                        other=0.0,
+                    return acc + _rank_chunk_sum(
+                        v_ref,
+                        pool_ref,
+                        t,
+                        g,
+                        j,
+                        j_ok,
+                        b_row,
+                        cols_i,
+                        col_ok if width % bn else None,
+                        rank_cols,
+                        interpret,
                     )
-                    b_mask = j_ok[:, None] & col_ok[None, :] if width % bn else j_ok[:, None]
-                    bj = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0)
-                    return acc + jnp.sum(vj[:, None] * bj.astype(jnp.float32), axis=0)
 
                 acc = jax.lax.fori_loop(
                     0, (rank + chunk - 1) // chunk, body, jnp.zeros((bn,), jnp.float32)
@@ -1641,7 +1658,6 @@ def _per_token_walk_expand_kernel(
     v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
     pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = rest
     num_tokens, y_cols = y_ref.shape
-    v_cols = v_ref.shape[1]
     first = pl.program_id(1) * tokens
     j = jnp.arange(chunk, dtype=jnp.int32)
 
@@ -1678,19 +1694,13 @@ def _per_token_walk_expand_kernel(
                 nxt = lookup(jnp.minimum(i + 1, tokens - 1))
                 in_range = first + i < num_tokens
                 j_ok = j < rank
-                b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
-                b_mask = j_ok[:, None] & col_ok[None, :]
                 store_mask = col_ok & in_range
                 if accumulate:
                     store_mask = store_mask & (rank > 0)
                     yt = pltriton.load(y_ref.at[t, y_i], mask=store_mask, other=0)
-                vj = pltriton.load(
-                    v_ref.at[t, _idx(g * rank_cols + j, j_ok, v_cols, interpret)],
-                    mask=j_ok,
-                    other=0.0,
+                acc = _rank_chunk_sum(
+                    v_ref, pool_ref, t, g, j, j_ok, b_row, cols_i, col_ok, rank_cols, interpret
                 )
-                bj = pltriton.load(pool_ref.at[b_i, cols_i], mask=b_mask, other=0)
-                acc = jnp.sum(vj[:, None] * bj.astype(jnp.float32), axis=0)
                 if accumulate:
                     out = (yt.astype(jnp.float32) + acc * scale).astype(y_ref.dtype)
                 else:
