@@ -1194,7 +1194,8 @@ def _sgmv_shrink(
     x, a_pool, a_pages, ranks, token_slot, layer, *, weights, kernel_meta, config, per_token,
     interpret,
 ) -> jax.Array | _ShrinkPartials:  # fmt: skip
-    """``sgmv_shrink``, returning the K-split partials unsummed where the launch wrote them."""
+    """``sgmv_shrink``, returning the K-split partials unsummed where the launch wrote them
+    (``sgmv_expand`` takes either)."""
     config = config or SgmvConfig()
     fn = "sgmv_shrink"
     _check_weights(fn, weights)
@@ -1760,10 +1761,10 @@ def sgmv_expand(
     pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)
     layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
     regime = config.regime(num_tokens, per_token=per_token)
-    # The shrink's unsummed K-split partials (sgmv_apply with expand_sums_partials): the prefill
-    # kernel sums them as it loads v; the decode kernels read v itself.
+    # The shrink's unsummed K-split partials (from sgmv_apply): with expand_sums_partials the
+    # prefill kernel sums them as it loads v; otherwise, and for the decode kernels, XLA does.
     partials = v if isinstance(v, _ShrinkPartials) else None
-    if partials is not None and regime != "prefill":
+    if partials is not None and (regime != "prefill" or not config.expand_sums_partials):
         v, partials = partials.sum(), None
     if partials is None:
         v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
@@ -1928,9 +1929,7 @@ def sgmv_apply(
     (A single-launch variant, each program recomputing its token's v for its block of y columns,
     was measured slower at every decode size: docs/BENCHMARKS.md, "Fifth session".)
     """
-    config = config or SgmvConfig()
-    shrink = _sgmv_shrink if config.expand_sums_partials else sgmv_shrink
-    v = shrink(
+    v = _sgmv_shrink(  # its K-split partials unsummed: sgmv_expand sums them
         x,
         a_pool,
         a_pages,
