@@ -272,11 +272,6 @@ class SgmvConfig(KernelConfig):
     # expand's time (geometric mean; rows from 0.80x to 1.21x) and 0.991x the shrink + expand,
     # and the rows at >= 70% of copy went from 22 to 20 of 91: within one run's noise.
     expand_prefetch_y: bool = False
-    # True: ``sgmv_apply`` / ``sgmv_delta`` hand the shrink's K-split partials to the prefill
-    # expand, which sums them (same order, same bits) as it loads v, instead of one XLA fusion
-    # summing them between the launches (1.2-2.7 us a call on the H200, and a second fusion of
-    # 1.3 us at splits of 16 and 32: twenty-fifth session's grid). Off: not yet timed.
-    expand_sums_partials: bool = False
     # decode
     decode_shrink_rows: int | None = None  # v columns (rank rows) per decode shrink program
     decode_block_k: int = 2048  # input-width step of the decode shrink loop
@@ -334,7 +329,7 @@ class SgmvConfig(KernelConfig):
     large_expand_block_tokens: int = 64
 
     def __post_init__(self):
-        for name in ("deterministic", "expand_prefetch_y", "expand_sums_partials"):
+        for name in ("deterministic", "expand_prefetch_y"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"SgmvConfig field {name!r}: expected a bool, got {getattr(self, name)!r}"
@@ -1134,28 +1129,6 @@ def _decode_shrink_kernel(
         pltriton.store(v_ref.at[t, out_i], jnp.zeros((rows,), jnp.float32), mask=col_ok)
 
 
-@dataclasses.dataclass(frozen=True)
-class _ShrinkPartials:
-    """The prefill shrink's deterministic K-split partials, not yet summed: ``parts``
-    (max_split * T, columns) float32, split k's sums in rows [k*T, (k+1)*T) (those of splits
-    the launch did not use never written), and ``split`` (1,) int32, the splits it used.
-    ``sgmv_apply`` hands them to the prefill expand (``SgmvConfig.expand_sums_partials``)."""
-
-    parts: jax.Array
-    split: jax.Array
-    max_split: int
-    shape: tuple[int, int, int]  # (T, G, MP*R): the v they sum to
-
-    def sum(self) -> jax.Array:
-        """v (T, G, MP*R): split 0's sums plus each used split's, in one fixed order."""
-        num_tokens = self.shape[0]
-        parts = self.parts.reshape(self.max_split, num_tokens, -1)
-        v = parts[0]
-        for k in range(1, self.max_split):
-            v = v + jnp.where(k < self.split[0], parts[k], 0.0)
-        return v.reshape(self.shape)
-
-
 def sgmv_shrink(
     # inputs
     x: jax.Array,  # (T, in)
@@ -1174,28 +1147,6 @@ def sgmv_shrink(
     """Pallas Triton shrink; same contract as ``sgmv_shrink_reference``. ``per_token`` (static;
     ``choose_per_token`` decides it on the host) runs one program per (token, rank rows) at any
     T instead of tiles of one slot's tokens."""
-    v = _sgmv_shrink(
-        x,
-        a_pool,
-        a_pages,
-        ranks,
-        token_slot,
-        layer,
-        weights=weights,
-        kernel_meta=kernel_meta,
-        config=config,
-        per_token=per_token,
-        interpret=interpret,
-    )
-    return v.sum() if isinstance(v, _ShrinkPartials) else v
-
-
-def _sgmv_shrink(
-    x, a_pool, a_pages, ranks, token_slot, layer, *, weights, kernel_meta, config, per_token,
-    interpret,
-) -> jax.Array | _ShrinkPartials:  # fmt: skip
-    """``sgmv_shrink``, returning the K-split partials unsummed where the launch wrote them
-    (``sgmv_expand`` takes either)."""
     config = config or SgmvConfig()
     fn = "sgmv_shrink"
     _check_weights(fn, weights)
@@ -1297,9 +1248,11 @@ def _sgmv_shrink(
         name=name,
     )(*args)
     if partials:
+        parts = v.reshape(max_split, num_tokens, columns)
         split = _shrink_split(meta[-1][0], n_blocks, max_split, target, jnp.where)
-        shape = (num_tokens, g_count, rank_cols)
-        return _ShrinkPartials(v, jnp.reshape(split, (1,)).astype(jnp.int32), max_split, shape)
+        v = parts[0]
+        for k in range(1, max_split):  # one fixed order of float additions
+            v = v + jnp.where(k < split, parts[k], 0.0)  # splits the kernel did not use
     return v.reshape(num_tokens, g_count, rank_cols)
 
 
@@ -1335,11 +1288,10 @@ def _prefill_expand_kernel(
     # inputs
     *refs,
     # [y_in (T, sum of out widths), the base output aliased to y_ref: only when accumulate]
-    # v (T, G*MP*R) float32 from shrink, or its K-split partials (v_splits*T, G*MP*R)
+    # v (T, G*MP*R) float32 from shrink
     # G B pools, (L*P_g*R, out_g) each
     # pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), sorted tokens (T,),
     # tile starts / sizes / slots (NT,) each, tiles in use (1,), all int32 but scales
-    # [splits the shrink used (1,) int32: only when v_splits > 1]
     # outputs: refs[-1] = y_ref (T, sum of out widths): y += delta when accumulate, else the
     # float32 delta itself, written for every token (zeros where there is no adapter)
     accumulate,
@@ -1359,14 +1311,10 @@ def _prefill_expand_kernel(
     rank_pad,
     dtypes,
     prefetch_y,
-    v_splits,
     interpret,
 ):
     g_count = len(weights)
     v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
-    split_ref = None
-    if v_splits > 1:
-        split_ref, rest = rest[-2], (*rest[:-2], rest[-1])
     (
         pages_ref,
         ranks_ref,
@@ -1439,17 +1387,9 @@ def _prefill_expand_kernel(
                     )
                     b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
                     v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
-                    v_mask = row_ok[:, None] & j_ok[None, :]
-                    vt = pltriton.load(v_ref.at[tok_i, v_i], mask=v_mask, other=0.0)
-                    for k in range(1, v_splits):  # the wrapper's order of float additions
-                        used_k = row_ok & (k < split_ref[0])
-                        tok_k = _idx(tok + k * num_tokens, used_k, v_ref.shape[0], interpret)
-                        vt = vt + pltriton.load(
-                            v_ref.at[tok_k[:, None], v_i],
-                            mask=used_k[:, None] & j_ok[None, :],
-                            other=0.0,
-                        )
-                    vt = vt.astype(dtype)
+                    vt = pltriton.load(
+                        v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :], other=0.0
+                    ).astype(dtype)
                     first = (prog_all - starts[g]) * steps
                     num_steps = jnp.minimum(steps, blocks[g] - first)
                     ragged = width % bn != 0
@@ -1760,16 +1700,7 @@ def sgmv_expand(
         return y if accumulate else jnp.zeros((0, sum(widths)), jnp.float32)
     pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)
     layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
-    regime = config.regime(num_tokens, per_token=per_token)
-    # The shrink's unsummed K-split partials (from sgmv_apply): with expand_sums_partials the
-    # prefill kernel sums them as it loads v; otherwise, and for the decode kernels, XLA does.
-    partials = v if isinstance(v, _ShrinkPartials) else None
-    if partials is not None and (regime != "prefill" or not config.expand_sums_partials):
-        v, partials = partials.sum(), None
-    if partials is None:
-        v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
-    else:
-        v2 = partials.parts
+    v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
     col_offsets = tuple(int(o) for o in np.cumsum((0,) + widths[:-1]))
     statics = dict(
         accumulate=accumulate,
@@ -1791,6 +1722,7 @@ def sgmv_expand(
     out_shape = jax.ShapeDtypeStruct(y.shape, y.dtype if accumulate else jnp.float32)
     base, aliases, mode = ((y,), {0: 0}, "") if accumulate else ((), {}, "_delta")
 
+    regime = config.regime(num_tokens, per_token=per_token)
     if regime != "prefill":
         if regime == "decode":
             block_n = config.decode_expand_block_n
@@ -1845,13 +1777,10 @@ def sgmv_expand(
     rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
     prefetch_y = config.expand_prefetch_y and accumulate
-    v_splits = 1 if partials is None else partials.max_split
     name = (
         f"sgmv_expand{mode}_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
         f"_s{config.expand_num_stages}{'_py' if prefetch_y else ''}"
-        f"{f'_vp{v_splits}' if v_splits > 1 else ''}"
     )
-    split = () if partials is None else (partials.split,)
     return pl.pallas_call(
         functools.partial(
             _prefill_expand_kernel,
@@ -1864,7 +1793,6 @@ def sgmv_expand(
             rank_pad=rank_pad,
             dtypes=dtypes,
             prefetch_y=prefetch_y,
-            v_splits=v_splits,
             **statics,
         ),
         out_shape=out_shape,
@@ -1873,7 +1801,7 @@ def sgmv_expand(
         compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),
         interpret=interpret,
         name=name,
-    )(*base, v2, *pool_rows, *tables, *meta, *split)
+    )(*base, v2, *pool_rows, *tables, *meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1929,7 +1857,7 @@ def sgmv_apply(
     (A single-launch variant, each program recomputing its token's v for its block of y columns,
     was measured slower at every decode size: docs/BENCHMARKS.md, "Fifth session".)
     """
-    v = _sgmv_shrink(  # its K-split partials unsummed: sgmv_expand sums them
+    v = sgmv_shrink(
         x,
         a_pool,
         a_pages,

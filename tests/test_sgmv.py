@@ -522,54 +522,6 @@ def test_prefill_shrink_split_k(split, deterministic, interpret):
             assert _rel_err(v, atomic) < 1e-5
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize(
-    "dtype_name, num_tokens, target_programs",
-    [
-        ("float32", 40, 10_000),  # every one of the 4 splits used
-        ("bfloat16", 40, 2),  # 4 tiles in use, split 1: the other partials are never written
-        ("float32", 12, 10_000),  # a decode-regime expand: it gets the summed v
-    ],
-)
-def test_expand_sums_the_shrink_partials(dtype_name, num_tokens, target_programs, interpret):
-    """``expand_sums_partials``: ``sgmv_apply`` / ``sgmv_delta`` hand the shrink's K-split
-    partials to the prefill expand, which adds them in the wrapper's order as it loads v: the
-    same bits as the sum between the launches, from an expand named after its splits."""
-    prob = make_problem(
-        zlib.crc32(f"partials-{dtype_name}-{num_tokens}".encode()),
-        num_tokens=num_tokens,
-        in_width=72,
-        out_widths=(32, 16, 16),
-        num_slots=3,
-        dtype=jnp.dtype(dtype_name),
-        runs=True,
-    )
-    summed = dataclasses.replace(
-        SMALL,
-        decode_shrink_max_tokens=0,  # the tiled shrink (its K split) at every T
-        shrink_split_k=4,
-        target_programs=target_programs,
-    )
-    in_expand = dataclasses.replace(summed, expand_sums_partials=True)
-    meta = build_sgmv_metadata(prob.token_slot, 3, config=summed)
-    pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
-    ts = jnp.asarray(prob.token_slot)
-    kw = dict(weights=prob.weights, kernel_meta=meta, interpret=interpret)
-    outs = {}
-    for name, config in (("summed", summed), ("in_expand", in_expand)):
-        y = sgmv_apply(prob.x, prob.y, *pools, ts, prob.layer, config=config, **kw)
-        delta = sgmv_delta(prob.x, *pools, ts, prob.layer, config=config, **kw)
-        outs[name] = (np.asarray(y.astype(jnp.float32)), np.asarray(delta))
-    np.testing.assert_array_equal(outs["in_expand"][0], outs["summed"][0])
-    np.testing.assert_array_equal(outs["in_expand"][1], outs["summed"][1])
-    y_ref = sgmv_apply_reference(prob.x, prob.y, *pools, ts, prob.layer, weights=prob.weights)
-    assert _rel_err(outs["in_expand"][0], y_ref) < TOL[dtype_name]
-    text = _lower_apply(prob, kernel_meta=meta, config=in_expand)
-    prefill_expand = summed.regime(num_tokens) == "prefill"
-    assert ("_st2_w4_s3_vp4" in text) == prefill_expand
-    assert "sgmv_shrink_prefill_bt32_bn16_bk16_ks4p_" in text
-
-
 def test_shrink_regime_by_token_rows():
     """The per-token shrink reads each token's A rows again: it runs up to
     ``decode_shrink_max_tokens`` tokens and ``decode_shrink_max_token_rows`` token rows."""
