@@ -277,10 +277,6 @@ class SgmvConfig(KernelConfig):
     decode_block_k: int = 2048  # input-width step of the decode shrink loop
     decode_shrink_num_warps: int = 8
     decode_shrink_num_stages: int = 2
-    # K steps whose x and A rows the decode shrink loads ahead of its multiply-adds, carried
-    # through the loop (0: each step loads its own). Triton pipelines only loads that feed a
-    # dot, so otherwise each step waits for its own reads.
-    decode_shrink_ahead: int = 0
     decode_expand_block_n: int = 256  # y columns per decode expand program
     decode_rank_chunk: int = 64  # rank rows per step of the decode expand loop
     decode_expand_num_warps: int = 4
@@ -299,7 +295,6 @@ class SgmvConfig(KernelConfig):
     per_token_block_k: int = 512  # input-width step of the per-token shrink loop
     per_token_shrink_num_warps: int = 4
     per_token_shrink_num_stages: int = 4
-    per_token_shrink_ahead: int = 0  # as ``decode_shrink_ahead``, for the per-token shrink
     per_token_expand_block_n: int = 1024  # y columns per per-token expand program
     per_token_expand_num_warps: int = 4
     per_token_expand_num_stages: int = 3
@@ -394,18 +389,9 @@ class SgmvConfig(KernelConfig):
                 raise ConfigError(
                     f"SgmvConfig field {name!r}: expected None or a power of two, got {value!r}"
                 )
-        may_be_zero = (
-            "decode_max_tokens",
-            "shrink_small_tokens",
-            "shrink_large_tokens",
-            "decode_shrink_ahead",
-            "per_token_shrink_ahead",
-        )
         for name in (
             "decode_max_tokens",
             "shrink_small_tokens",
-            "decode_shrink_ahead",
-            "per_token_shrink_ahead",
             "target_programs",
             "shrink_waves",
             "shrink_large_waves",
@@ -428,7 +414,11 @@ class SgmvConfig(KernelConfig):
             "large_tiles_min_batch",
         ):
             value = getattr(self, name)
-            at_least = 0 if name in may_be_zero else 1
+            at_least = (
+                0
+                if name in ("decode_max_tokens", "shrink_small_tokens", "shrink_large_tokens")
+                else 1
+            )
             if not isinstance(value, int) or value < at_least:
                 raise ConfigError(
                     f"SgmvConfig field {name!r}: expected an int >= {at_least}, got {value!r}"
@@ -1087,7 +1077,6 @@ def _decode_shrink_kernel(
     max_pages,
     rows,
     bk,
-    ahead,
     interpret,
 ):
     _, width = x_ref.shape
@@ -1118,7 +1107,7 @@ def _decode_shrink_kernel(
 
     @pl.when(any_live)
     def _compute():
-        def load(kb):
+        def body(kb, acc):
             k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
             if width % bk:
                 k_ok = k < width
@@ -1130,28 +1119,9 @@ def _decode_shrink_kernel(
             else:
                 xk = x_ref[t, k]
                 at = pltriton.load(pool_ref.at[a_i, k[None, :]], mask=live[:, None], other=0)
-            return xk, at
-
-        def step(acc, loaded):
-            xk, at = loaded
             return acc + at.astype(jnp.float32) * xk.astype(jnp.float32)[None, :]
 
-        steps = _cdiv(width, bk)
-        zeros = jnp.zeros((rows, bk), jnp.float32)
-        depth = min(ahead, steps - 1)
-        if depth:
-            # Triton pipelines only the loads that feed a dot; here the loads of step kb + depth
-            # are issued before step kb's multiply-adds, so depth + 1 steps' reads are in flight.
-            def body(kb, carry):
-                acc, loaded = carry
-                return step(acc, loaded[0]), (*loaded[1:], load(kb + depth))
-
-            first = tuple(load(jnp.int32(kb)) for kb in range(depth))
-            acc, rest = jax.lax.fori_loop(0, steps - depth, body, (zeros, first))
-            for loaded in rest:
-                acc = step(acc, loaded)
-        else:
-            acc = jax.lax.fori_loop(0, steps, lambda kb, acc: step(acc, load(kb)), zeros)
+        acc = jax.lax.fori_loop(0, _cdiv(width, bk), body, jnp.zeros((rows, bk), jnp.float32))
         pltriton.store(v_ref.at[t, out_i], jnp.sum(acc, axis=1), mask=col_ok)
 
     @pl.when(jnp.logical_not(any_live))
@@ -1215,20 +1185,17 @@ def sgmv_shrink(
             rows = _decode_shrink_rows(config, num_tokens, columns)
             bk = min(config.decode_block_k, _next_pow2(width))
             warps, stages = config.decode_shrink_num_warps, config.decode_shrink_num_stages
-            ahead = config.decode_shrink_ahead
         else:
             rows = min(config.per_token_shrink_rows, _next_pow2(columns))
             bk = min(config.per_token_block_k, _next_pow2(width))
             warps, stages = config.per_token_shrink_num_warps, config.per_token_shrink_num_stages
-            ahead = config.per_token_shrink_ahead
         v = pl.pallas_call(
-            functools.partial(_decode_shrink_kernel, rows=rows, bk=bk, ahead=ahead, **statics),
+            functools.partial(_decode_shrink_kernel, rows=rows, bk=bk, **statics),
             out_shape=out_shape,
             grid=(_cdiv(columns, rows), num_tokens),
             compiler_params=_compiler_params(warps, stages),
             interpret=interpret,
-            name=f"sgmv_shrink_{regime}_rows{rows}_bk{bk}{f'_ahead{ahead}' if ahead else ''}"
-            f"_w{warps}_s{stages}",
+            name=f"sgmv_shrink_{regime}_rows{rows}_bk{bk}_w{warps}_s{stages}",
         )(x, pool_rows, a_pages, ranks, layer1, token_slot)
         return v.reshape(num_tokens, g_count, rank_cols)
 

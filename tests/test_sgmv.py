@@ -460,49 +460,6 @@ def test_kernels_match_reference(regime, group, dtype_name, interpret):
 
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize(
-    "group, dtype_name, num_tokens, per_token, block_k, depth",
-    [
-        ("down", "bfloat16", 11, False, 16, 1),  # decode; 72 wide: 5 K steps, the last partial
-        ("qkv", "float32", 53, True, 16, 2),  # per token; 40 wide: 3 K steps, the last partial
-        ("gate_up", "bfloat16", 53, True, 8, 3),  # per token; 40 wide: 5 whole K steps
-        ("down", "float32", 53, True, 16, 8),  # deeper than the 5 K steps: 4 ahead
-        ("qkv", "bfloat16", 11, False, 64, 1),  # decode; one K step (nothing to load ahead)
-    ],
-)
-def test_shrink_loading_ahead_matches_reference(
-    group, dtype_name, num_tokens, per_token, block_k, depth, interpret
-):
-    """``decode_shrink_ahead`` / ``per_token_shrink_ahead``: the decode and per-token shrink
-    loading each K step's x and A rows a step ahead give the reference's v, and that of the
-    loop that loads each step's own."""
-    in_width, out_widths = GROUPS[group]
-    config = dataclasses.replace(
-        SMALL, decode_max_tokens=16, decode_block_k=block_k, per_token_block_k=block_k
-    )
-    ahead = dataclasses.replace(config, decode_shrink_ahead=depth, per_token_shrink_ahead=depth)
-    prob = make_problem(
-        zlib.crc32(f"ahead-{group}-{dtype_name}-{num_tokens}-{block_k}-{depth}".encode()),
-        num_tokens=num_tokens,
-        in_width=in_width,
-        out_widths=out_widths,
-        dtype=jnp.dtype(dtype_name),
-        num_slots=40,
-    )
-    columns = len(prob.weights) * prob.a_pages.shape[2] * prob.a_pool.shape[2]
-    regime = ahead.regime(num_tokens, "shrink", columns=columns, per_token=per_token)
-    assert regime == ("per_token" if per_token else "decode")
-    v_ref, y_ref = _reference(prob)
-    v = _run_shrink(prob, ahead, interpret, meta=None, per_token=per_token)
-    y = _run_expand(prob, v, ahead, interpret, meta=None, per_token=per_token)
-    _check(prob, v, y, v_ref, y_ref, dtype_name)
-    # The same products summed in the same order (bits may differ where the compiler fuses a
-    # multiply-add in one loop and not in the other).
-    v_plain = _run_shrink(prob, config, interpret, meta=None, per_token=per_token)
-    assert _rel_err(v, v_plain) < 1e-6
-
-
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize(
     "num_tokens, max_pages, regimes",
     [
         (9, 2, ("decode", "decode")),
