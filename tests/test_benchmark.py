@@ -827,6 +827,35 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
         kernels.impl_steps(dataclasses.replace(config, impls=("sgmv:nope",)))
 
 
+def test_ragged_dot_baseline_in_chunks_matches_one_call():
+    """The ragged_dot baseline cut into chunks of its sorted tokens (where XLA's dense operand
+    would not fit) gives the one-call result and gather + einsum's: 27 tokens (chunks of 8 and
+    16, the last one padded), tokens without an adapter among them."""
+    from jaxlora.bench import kernels
+
+    config = kernels.KernelBenchConfig(hidden=64, flush_mib=1, copy_gib=1 / 1024)
+    group = kernels.parse_group("2x32")
+    pools = kernels.make_pools(group, 8, 256, config)  # skewed: 256 adapters
+    rng = np.random.default_rng(0)
+    for workload in ("skewed", "distinct"):
+        work = kernels.make_workload(workload, 27, group, 8, pools, rng, config)
+        tables = {k: jnp.asarray(work[k]) for k in ("ranks", "scales", "a_pages", "b_pages")}
+        tables["token_slot"] = jnp.asarray(work["token_slot"]).at[jnp.array([3, 11, 26])].set(-1)
+        x = jax.random.normal(jax.random.key(1), (27, 64), jnp.bfloat16)
+        y = jax.random.normal(jax.random.key(2), (27, 64), jnp.bfloat16)
+        args = (x, y, pools, tables, jnp.int32(1), group.weights)
+        whole = kernels.step_ragged_dot(*args).astype(jnp.float32)
+        einsum = kernels.step_gather_einsum(*args).astype(jnp.float32)
+        assert float(jnp.max(jnp.abs(whole - y.astype(jnp.float32)))) > 0.1
+        np.testing.assert_allclose(whole, einsum, rtol=2e-2, atol=2e-2)
+        # 16 KiB of dense operand: chunks of 8 tokens; 64 KiB: chunks of 16
+        for max_dense_bytes in (8 * 8 * 64 * 2 * 2, 16 * 16 * 64 * 2 * 2):
+            chunked = kernels.step_ragged_dot(*args, max_dense_bytes=max_dense_bytes)
+            np.testing.assert_allclose(chunked.astype(jnp.float32), whole, rtol=1e-2, atol=1e-2)
+        # untouched rows: no adapter
+        np.testing.assert_array_equal(whole[jnp.array([3, 11, 26])], y[jnp.array([3, 11, 26])])
+
+
 def test_kernel_bench_script_names_a_bad_flag():
     """scripts/bench_kernels.py refuses bad flags with our one-line error before measuring."""
     for flag, message in (

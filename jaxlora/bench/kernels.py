@@ -95,6 +95,10 @@ class KernelBenchConfig:
 
 ADAPTERS = {"identical": 1, "uniform": 32, "skewed": 256}
 FLUSH_NAME = "l2_flush"
+# Above this many bytes of XLA's dense ragged_dot operand (groups x tokens x K) the ragged_dot
+# baseline runs on chunks of its sorted tokens (``step_ragged_dot``): the H200's 141 GB hold
+# one 8.6 GB operand (distinct at T = 1,024) but not 128 GiB (T = 4,096).
+RAGGED_DENSE_BYTES = 16 << 30
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,30 +322,81 @@ def step_gather_einsum(x, y, pools, tables, layer, weights):
     return (y.astype(jnp.float32) + jnp.concatenate(deltas, axis=1)).astype(y.dtype)
 
 
-def step_ragged_dot(x, y, pools, tables, layer, weights):
-    """Sort tokens by slot, then jax.lax.ragged_dot over per-slot weight matrices."""
+def step_ragged_dot(x, y, pools, tables, layer, weights, *, max_dense_bytes=RAGGED_DENSE_BYTES):
+    """Sort tokens by slot, then jax.lax.ragged_dot over per-slot weight matrices.
+
+    XLA's GPU ragged_dot materialises a (groups, tokens, K) operand: with every slot a group,
+    distinct adapters at T = 4,096 need 128 GiB (the twenty-sixth session's grid). Where that
+    operand would pass ``max_dense_bytes`` the sorted tokens are cut into chunks, each one
+    ragged_dot over only its own slots (``_ragged_dot_chunked``), run one after another.
+    """
     ts = tables["token_slot"]
     num_slots = tables["ranks"].shape[0]
+    num_tokens, hidden = x.shape
     key = jnp.where(ts >= 0, ts, num_slots)
     order = jnp.argsort(key)
-    sizes = jnp.zeros(num_slots + 1, jnp.int32).at[key].add(1)
     xs = x[order]
     slot_sorted = key[order]
     all_slots = jnp.arange(num_slots)
-    deltas = []
+    a_rows, b_rows, scales = [], [], []
     for g, w in enumerate(weights):
         r = tables["ranks"][:, w]
         a = _gathered_rows(pools["a_pool"], layer, tables["a_pages"][:, w], r)  # (S, RP, H)
-        a = jnp.concatenate([a, jnp.zeros_like(a[:1])]).transpose(0, 2, 1)  # + no-adapter
-        v = jax.lax.ragged_dot(xs, a, sizes, preferred_element_type=jnp.float32)
+        a_rows.append(jnp.concatenate([a, jnp.zeros_like(a[:1])]).transpose(0, 2, 1))
         b = _gathered_rows(pools["b_pools"][g], layer, tables["b_pages"][all_slots, w], r)
-        b = jnp.concatenate([b, jnp.zeros_like(b[:1])])
-        d = jax.lax.ragged_dot(v.astype(b.dtype), b, sizes, preferred_element_type=jnp.float32)
-        scale = jnp.concatenate([tables["scales"][:, w], jnp.zeros((1,), jnp.float32)])
-        deltas.append(d * scale[slot_sorted][:, None])
-    delta_sorted = jnp.concatenate(deltas, axis=1)
+        b_rows.append(jnp.concatenate([b, jnp.zeros_like(b[:1])]))  # + no-adapter
+        scales.append(jnp.concatenate([tables["scales"][:, w], jnp.zeros((1,), jnp.float32)]))
+    if (num_slots + 1) * num_tokens * hidden * x.dtype.itemsize > max_dense_bytes:
+        delta_sorted = _ragged_dot_chunked(
+            xs, slot_sorted, a_rows, b_rows, scales, max_dense_bytes=max_dense_bytes
+        )
+    else:
+        sizes = jnp.zeros(num_slots + 1, jnp.int32).at[key].add(1)
+        deltas = []
+        for a, b, scale in zip(a_rows, b_rows, scales, strict=True):
+            v = jax.lax.ragged_dot(xs, a, sizes, preferred_element_type=jnp.float32)
+            d = jax.lax.ragged_dot(v.astype(b.dtype), b, sizes, preferred_element_type=jnp.float32)
+            deltas.append(d * scale[slot_sorted][:, None])
+        delta_sorted = jnp.concatenate(deltas, axis=1)
     delta = jnp.zeros_like(delta_sorted).at[order].set(delta_sorted)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
+
+
+def _ragged_dot_chunked(xs, slot_sorted, a_rows, b_rows, scales, *, max_dense_bytes):
+    """(T, sum of widths) float32 deltas of the sorted tokens ``xs`` (T, H) with slots
+    ``slot_sorted`` (T,), in chunks of C tokens (a power of two, C * C * H bytes within
+    ``max_dense_bytes``): each chunk's groups are its own slots (at most C), so its dense
+    operand is C x C x H. ``a_rows`` / ``b_rows`` / ``scales``: per weight, every slot's (S + 1,
+    H, RP) / (S + 1, RP, W) / (S + 1,), the last slot being "no adapter"."""
+    num_tokens, hidden = xs.shape
+    no_adapter = a_rows[0].shape[0] - 1
+    chunk = 1
+    while chunk < num_tokens and 4 * chunk * chunk * hidden * xs.dtype.itemsize <= max_dense_bytes:
+        chunk *= 2
+    chunks = -(-num_tokens // chunk)
+    pad = chunks * chunk - num_tokens
+    xs = jnp.pad(xs, ((0, pad), (0, 0)))
+    slot_sorted = jnp.pad(slot_sorted, (0, pad), constant_values=no_adapter)
+
+    def one_chunk(args):
+        xc, slots = args  # (C, H), (C,) sorted
+        starts = jnp.concatenate([jnp.ones((1,), bool), slots[1:] != slots[:-1]])
+        group = jnp.cumsum(starts.astype(jnp.int32)) - 1  # (C,) the chunk's own group ids
+        sizes = jnp.zeros(chunk, jnp.int32).at[group].add(1)
+        group_slot = jnp.full(chunk, no_adapter, jnp.int32).at[group].set(slots)
+        deltas = []
+        for a, b, scale in zip(a_rows, b_rows, scales, strict=True):
+            v = jax.lax.ragged_dot(xc, a[group_slot], sizes, preferred_element_type=jnp.float32)
+            d = jax.lax.ragged_dot(
+                v.astype(b.dtype), b[group_slot], sizes, preferred_element_type=jnp.float32
+            )
+            deltas.append(d * scale[slots][:, None])
+        return jnp.concatenate(deltas, axis=1)
+
+    out = jax.lax.map(
+        one_chunk, (xs.reshape(chunks, chunk, hidden), slot_sorted.reshape(chunks, chunk))
+    )
+    return out.reshape(chunks * chunk, -1)[:num_tokens]
 
 
 # ------------------------------------------------------------------------------------------------
