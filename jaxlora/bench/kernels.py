@@ -14,6 +14,11 @@ from the row's token slots and ranks (the row's ``per_token``; a variant's
 and in tiles, of the sizes ``choose_tiles`` picks the same way (the row's ``tile_tokens``; a
 variant's ``large_tiles_min_tokens`` null keeps the small tiles).
 
+The baselines: gather + einsum (each token's rank-rows gathered, two einsums) and sort +
+``jax.lax.ragged_dot`` (tokens sorted by slot, one group a slot); where XLA's dense form of the
+ragged dot would need more than ``RAGGED_DENSE_BYTES`` (distinct adapters at T = 4,096: 128 GiB)
+it runs on chunks of the sorted tokens, each with only its own slots as groups.
+
 Bytes of a row: x read once, each distinct adapter's rank-rows read once (A and B of every weight
 of the group), y read and written. The copy ceiling is the best of several 1 GiB device copies
 measured in the same run (bytes read + written).
