@@ -800,6 +800,15 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
             assert entry["busy_us"] > 0
         assert {"GBps", "pct_copy", "bandwidth_target"} <= set(row["verdict"])
     assert rows[3]["distinct_adapters"] == 24 and rows[2]["distinct_adapters"] == 1
+    # The summary judges the baselines on the one non-identical row with T >= 16 and names the
+    # thinnest margin of SGMV over a baseline there.
+    summary = report["summary"]
+    assert summary["faster_than_baselines"][1] == 1 and summary["baselines_unverified"] == 0
+    assert summary["bandwidth_big"][1] + summary["bandwidth_small"][1] == 4
+    margin, where = summary["thinnest_margin"]
+    verdict = rows[3]["verdict"]
+    assert margin == min(verdict["speedup_gather_einsum"], verdict["speedup_ragged_dot"])
+    assert where.startswith("2x32 r8 T=24 distinct vs ")
     # The default chooses per token where tokens per adapter x rank <= 32: the distinct rows,
     # and 4 tokens of one rank-8 adapter (24 tokens of one are tiles); the variants force either
     # way.
