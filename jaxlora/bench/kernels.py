@@ -357,14 +357,23 @@ def step_ragged_dot(x, y, pools, tables, layer, weights, *, max_dense_bytes=RAGG
         )
     else:
         sizes = jnp.zeros(num_slots + 1, jnp.int32).at[key].add(1)
-        deltas = []
-        for a, b, scale in zip(a_rows, b_rows, scales, strict=True):
-            v = jax.lax.ragged_dot(xs, a, sizes, preferred_element_type=jnp.float32)
-            d = jax.lax.ragged_dot(v.astype(b.dtype), b, sizes, preferred_element_type=jnp.float32)
-            deltas.append(d * scale[slot_sorted][:, None])
-        delta_sorted = jnp.concatenate(deltas, axis=1)
+        delta_sorted = _ragged_deltas(
+            xs, sizes, a_rows, b_rows, [scale[slot_sorted] for scale in scales]
+        )
     delta = jnp.zeros_like(delta_sorted).at[order].set(delta_sorted)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
+
+
+def _ragged_deltas(xs, sizes, a_groups, b_groups, token_scales):
+    """(T, sum of widths) float32: per weight, ragged_dot shrink and expand of the sorted tokens
+    ``xs`` (T, H) over groups of ``sizes`` (G,), scaled per token. Per weight: ``a_groups`` (G,
+    H, RP), ``b_groups`` (G, RP, W), ``token_scales`` (T,)."""
+    deltas = []
+    for a, b, scale in zip(a_groups, b_groups, token_scales, strict=True):
+        v = jax.lax.ragged_dot(xs, a, sizes, preferred_element_type=jnp.float32)
+        d = jax.lax.ragged_dot(v.astype(b.dtype), b, sizes, preferred_element_type=jnp.float32)
+        deltas.append(d * scale[:, None])
+    return jnp.concatenate(deltas, axis=1)
 
 
 def _ragged_dot_chunked(xs, slot_sorted, a_rows, b_rows, scales, *, max_dense_bytes):
@@ -389,14 +398,13 @@ def _ragged_dot_chunked(xs, slot_sorted, a_rows, b_rows, scales, *, max_dense_by
         group = jnp.cumsum(starts.astype(jnp.int32)) - 1  # (C,) the chunk's own group ids
         sizes = jnp.zeros(chunk, jnp.int32).at[group].add(1)
         group_slot = jnp.full(chunk, no_adapter, jnp.int32).at[group].set(slots)
-        deltas = []
-        for a, b, scale in zip(a_rows, b_rows, scales, strict=True):
-            v = jax.lax.ragged_dot(xc, a[group_slot], sizes, preferred_element_type=jnp.float32)
-            d = jax.lax.ragged_dot(
-                v.astype(b.dtype), b[group_slot], sizes, preferred_element_type=jnp.float32
-            )
-            deltas.append(d * scale[slots][:, None])
-        return jnp.concatenate(deltas, axis=1)
+        return _ragged_deltas(
+            xc,
+            sizes,
+            [a[group_slot] for a in a_rows],
+            [b[group_slot] for b in b_rows],
+            [scale[slots] for scale in scales],
+        )
 
     out = jax.lax.map(
         one_chunk, (xs.reshape(chunks, chunk, hidden), slot_sorted.reshape(chunks, chunk))
