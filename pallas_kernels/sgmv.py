@@ -327,18 +327,6 @@ class SgmvConfig(KernelConfig):
     large_expand_min_tokens: int | None = 64  # ... and the expand's, with mean rank >= below
     large_expand_min_rank: int = 64
     large_expand_block_tokens: int = 64
-    # One launch for shrink + expand (``sgmv_apply`` / ``sgmv_delta``) at T <= this without
-    # ``per_token`` (None: never): each expand program (a tile of one slot's tokens, a run of y
-    # column blocks) computes its tile's v itself, x[tile] @ A^T over the whole input width,
-    # instead of loading it from a shrink launch. No split-K, no partial sums, no v in memory;
-    # the price is x and A read again (from L2) by every column run of a tile, which
-    # ``fused_programs`` bounds: runs are as long as still give that many programs.
-    fused_max_tokens: int | None = None
-    fused_block_k: int = 128  # input-width step of the in-program shrink
-    fused_programs: int = 132
-    fused_col_steps: int = 32  # most column blocks per fused program
-    fused_num_warps: int = 4
-    fused_num_stages: int = 3
 
     def __post_init__(self):
         for name in ("deterministic", "expand_prefetch_y"):
@@ -354,7 +342,6 @@ class SgmvConfig(KernelConfig):
             "large_shrink_block_tokens",
             "large_shrink_block_k",
             "large_expand_block_tokens",
-            "fused_block_k",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value) or value < 16:
@@ -369,7 +356,6 @@ class SgmvConfig(KernelConfig):
             "per_token_shrink_rows",
             "per_token_block_k",
             "per_token_expand_block_n",
-            "fused_col_steps",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value):
@@ -382,7 +368,6 @@ class SgmvConfig(KernelConfig):
             "per_token_max_rows",
             "large_tiles_min_tokens",
             "large_expand_min_tokens",
-            "fused_max_tokens",
         ):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -427,9 +412,6 @@ class SgmvConfig(KernelConfig):
             "per_token_expand_tokens",
             "large_expand_min_rank",
             "large_tiles_min_batch",
-            "fused_programs",
-            "fused_num_warps",
-            "fused_num_stages",
         ):
             value = getattr(self, name)
             at_least = (
@@ -454,11 +436,6 @@ class SgmvConfig(KernelConfig):
             self.shrink_large_waves if num_tokens > self.shrink_large_tokens else self.shrink_waves
         )
         return waves * self.target_programs
-
-    def fused(self, num_tokens: int, *, per_token: bool = False) -> bool:
-        """Whether ``sgmv_apply`` / ``sgmv_delta`` run shrink + expand as one launch at T."""
-        limit = self.fused_max_tokens
-        return not per_token and limit is not None and num_tokens <= limit
 
     def regime(
         self,
@@ -807,16 +784,6 @@ def _check_slot_tables(
             raise ConfigError(f"{where} {fn}: {name} must be int32, got {arr.dtype}")
 
 
-def _check_shrink_inputs(fn, x, a_pool, a_pages, ranks, token_slot, weights):
-    _check_weights(fn, weights)
-    _check_pool(fn, "a_pool", a_pool)
-    if x.ndim != 2 or x.shape[1] != a_pool.shape[3]:
-        raise ConfigError(
-            f"{_WHERE} {fn}: x must be (T, {a_pool.shape[3]}) (a_pool's width), got shape {x.shape}"
-        )
-    _check_slot_tables(fn, "a_pages", a_pages, ranks, token_slot, x.shape[0])
-
-
 def _check_b_pools(fn, weights, b_pools, *, prefix="", where=_WHERE):
     """The group's B pools as a tuple (one per weight, (L, P, R, out_g), equal L and R) and
     their widths."""
@@ -966,30 +933,6 @@ def _decode_shrink_rows(config, num_tokens, columns):
     return rows
 
 
-def _shrink_tile(x_ref, a_ref, tok_i, row_ok, a_i, live, lo, hi, *, bt, bn, bk, dtype, interpret):
-    """sum over K blocks [lo, hi) of x[tokens, k] @ A[rows, k]^T: (bt, bn) float32.
-
-    tok_i (bt, 1) / row_ok (bt,): the tile's token rows; a_i (bn, 1) / live (bn,): the A pool rows
-    of its v columns (dead ones never loaded, their sums zero)."""
-    width = x_ref.shape[1]
-
-    def body(kb, acc):
-        k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
-        if width % bk:
-            k_ok = k < width
-            k_i = _idx(k, k_ok, width, interpret)[None, :]
-            x_mask = row_ok[:, None] & k_ok[None, :]
-            a_mask = live[:, None] & k_ok[None, :]
-        else:
-            k_i = k[None, :]
-            x_mask, a_mask = row_ok[:, None], live[:, None]
-        xt = pltriton.load(x_ref.at[tok_i, k_i], mask=x_mask, other=0).astype(dtype)
-        at = pltriton.load(a_ref.at[a_i, k_i], mask=a_mask, other=0).astype(dtype)
-        return acc + pltriton.dot(xt, at, trans_b=True, precision=_dot_precision(dtype))
-
-    return jax.lax.fori_loop(lo, hi, body, jnp.zeros((bt, bn), jnp.float32))
-
-
 def _prefill_shrink_kernel(
     # inputs
     x_ref,  # (T, in) activations
@@ -1077,13 +1020,24 @@ def _prefill_shrink_kernel(
 
         @pl.when(any_live)
         def _compute():
+            def body(kb, acc):
+                k = pl.multiple_of(kb * bk, bk) + jnp.arange(bk, dtype=jnp.int32)
+                if width % bk:
+                    k_ok = k < width
+                    k_i = _idx(k, k_ok, width, interpret)[None, :]
+                    x_mask = row_ok[:, None] & k_ok[None, :]
+                    a_mask = live[:, None] & k_ok[None, :]
+                else:
+                    k_i = k[None, :]
+                    x_mask, a_mask = row_ok[:, None], live[:, None]
+                xt = pltriton.load(x_ref.at[tok_i, k_i], mask=x_mask, other=0).astype(dtype)
+                at = pltriton.load(pool_ref.at[a_i, k_i], mask=a_mask, other=0).astype(dtype)
+                return acc + pltriton.dot(xt, at, trans_b=True, precision=_dot_precision(dtype))
+
             k_per_split = (k_blocks + split - 1) // split
             lo = ks * k_per_split
             hi = jnp.minimum(lo + k_per_split, k_blocks)
-            acc = _shrink_tile(
-                x_ref, pool_ref, tok_i, row_ok, a_i, live, lo, hi, bt=bt, bn=bn, bk=bk,
-                dtype=dtype, interpret=interpret,
-            )  # fmt: skip
+            acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bt, bn), jnp.float32))
             if store_idx is not None:
                 pltriton.store(v_ref.at[store_idx], acc, mask=out_mask)
             else:
@@ -1195,8 +1149,14 @@ def sgmv_shrink(
     T instead of tiles of one slot's tokens."""
     config = config or SgmvConfig()
     fn = "sgmv_shrink"
-    _check_shrink_inputs(fn, x, a_pool, a_pages, ranks, token_slot, weights)
+    _check_weights(fn, weights)
+    _check_pool(fn, "a_pool", a_pool)
+    if x.ndim != 2 or x.shape[1] != a_pool.shape[3]:
+        raise ConfigError(
+            f"{_WHERE} {fn}: x must be (T, {a_pool.shape[3]}) (a_pool's width), got shape {x.shape}"
+        )
     num_tokens, width = x.shape
+    _check_slot_tables(fn, "a_pages", a_pages, ranks, token_slot, num_tokens)
     num_layers, pages_per_pool, rows_per_page, _ = a_pool.shape
     num_slots, _, max_pages = a_pages.shape
     g_count = len(weights)
@@ -1308,14 +1268,12 @@ def _group_of_block(block, block_starts):
         yield g, block - lo, (block >= lo) & (block < hi)
 
 
-def _expand_operands(refs, accumulate, g_count, sources=1):
-    """(the refs v comes from, the G B-pool refs, the refs after them) of an expand kernel's
-    refs: v itself, or (x, the A pool, its pages) where the kernel computes v (``sgmv_apply``'s
-    fused launch). When accumulating, the leading y input is dropped (it is aliased to the
-    output)."""
+def _expand_operands(refs, accumulate, g_count):
+    """(v_ref, the G B-pool refs, the refs after them) of an expand kernel's refs; when
+    accumulating, the leading y input is dropped (it is aliased to the output)."""
     if accumulate:
         refs = refs[1:]
-    return refs[:sources], refs[sources : sources + g_count], refs[sources + g_count :]
+    return refs[0], refs[1 : 1 + g_count], refs[1 + g_count :]
 
 
 def _weight_rank(ranks_ref, slot, slot_c, w, accumulate):
@@ -1324,33 +1282,6 @@ def _weight_rank(ranks_ref, slot, slot_c, w, accumulate):
     if accumulate:
         return ranks_ref[slot_c, w]
     return jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
-
-
-def _fused_v_tile(
-    sources, layer_ref, tok_i, row_ok, slot_c, w, j, j_ok, rank, *, bt, rank_pad, bk, dtype,
-    pages_per_pool, rows_per_page, max_pages, interpret,
-):  # fmt: skip
-    """A fused program's v tile: x[tile tokens] @ A_w[slot]^T over the whole input width,
-    (bt, rank_pad) float32, columns >= rank zero (their A rows are never loaded)."""
-    x_ref, a_ref, a_pages_ref = sources
-    layer = _layer(layer_ref, a_ref, pages_per_pool, rows_per_page)
-    a_row = _pool_rows(
-        a_pages_ref,
-        slot_c,
-        w,
-        j,
-        layer,
-        pages_per_pool=pages_per_pool,
-        rows_per_page=rows_per_page,
-        max_pages=max_pages,
-    )
-    a_i = _idx(a_row, j_ok, a_ref.shape[0], interpret)[:, None]
-    # Typed int32 constants: the Triton lowering mistypes selects between weak-typed literals.
-    k_blocks = jnp.where(rank > 0, np.int32(_cdiv(x_ref.shape[1], bk)), np.int32(0))
-    return _shrink_tile(
-        x_ref, a_ref, tok_i, row_ok, a_i, j_ok, 0, k_blocks, bt=bt, bn=rank_pad, bk=bk,
-        dtype=dtype, interpret=interpret,
-    )  # fmt: skip
 
 
 def _prefill_expand_kernel(
@@ -1380,13 +1311,10 @@ def _prefill_expand_kernel(
     rank_pad,
     dtypes,
     prefetch_y,
-    shrink,
     interpret,
 ):
     g_count = len(weights)
-    sources, pool_refs, rest = _expand_operands(
-        refs, accumulate, g_count, 1 if shrink is None else 3
-    )
+    v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
     (
         pages_ref,
         ranks_ref,
@@ -1400,6 +1328,7 @@ def _prefill_expand_kernel(
         y_ref,
     ) = rest
     num_tokens, y_cols = y_ref.shape
+    v_cols = v_ref.shape[1]
     used = used_ref[0]
     # Column blocks walked per program: the longest runs that still give every SM programs,
     # from the tiles in use (few tiles: one block per program; many: long pipelined runs).
@@ -1457,17 +1386,10 @@ def _prefill_expand_kernel(
                         max_pages=max_pages,
                     )
                     b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
-                    if shrink is None:
-                        (v_ref,) = sources
-                        v_i = _idx(g * rank_cols + j, j_ok, v_ref.shape[1], interpret)[None, :]
-                        vt = pltriton.load(
-                            v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :], other=0.0
-                        ).astype(dtype)
-                    else:
-                        vt = _fused_v_tile(
-                            sources, layer_ref, tok_i, row_ok, slot_c, w, j, j_ok, rank,
-                            bt=bt, rank_pad=rank_pad, interpret=interpret, **shrink,
-                        ).astype(dtype)  # fmt: skip
+                    v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
+                    vt = pltriton.load(
+                        v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :], other=0.0
+                    ).astype(dtype)
                     first = (prog_all - starts[g]) * steps
                     num_steps = jnp.minimum(steps, blocks[g] - first)
                     ragged = width % bn != 0
@@ -1578,7 +1500,7 @@ def _decode_expand_kernel(
     interpret,
 ):
     g_count = len(weights)
-    (v_ref,), pool_refs, rest = _expand_operands(refs, accumulate, g_count)
+    v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
     pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = rest
     _, y_cols = y_ref.shape
     t = pl.program_id(1)
@@ -1674,7 +1596,7 @@ def _per_token_walk_expand_kernel(
     """_decode_expand_kernel's contract, a program walking ``tokens`` tokens of one column
     block; one rank chunk (``chunk >= rank_cols``) holds every weight's rank rows."""
     g_count = len(weights)
-    (v_ref,), pool_refs, rest = _expand_operands(refs, accumulate, g_count)
+    v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
     pages_ref, ranks_ref, scales_ref, layer_ref, slot_ref, y_ref = rest
     num_tokens, y_cols = y_ref.shape
     first = pl.program_id(1) * tokens
@@ -1760,19 +1682,8 @@ def sgmv_expand(
     ``sgmv_delta``): XLA then fuses ``y + delta`` into the ops that consume the base outputs,
     where an in-place update needs the group's outputs concatenated (and any split GEMM's partial
     sums reduced) into one buffer first (docs/BENCHMARKS.md, fifth-session HLO)."""
-    return _expand(
-        y, v, b_pools, b_pages, ranks, scales, token_slot, layer, weights=weights,
-        kernel_meta=kernel_meta, config=config or SgmvConfig(), per_token=per_token,
-        interpret=interpret, fn="sgmv_expand",
-    )  # fmt: skip
-
-
-def _expand(
-    y, v, b_pools, b_pages, ranks, scales, token_slot, layer, *, weights, kernel_meta, config,
-    per_token, interpret, fn, shrink_from=None,
-):  # fmt: skip
-    """``sgmv_expand``'s launch; with ``shrink_from`` = (x, a_pool, a_pages) (v None) the fused
-    launch of ``sgmv_apply``, whose prefill programs compute their tiles' v themselves."""
+    config = config or SgmvConfig()
+    fn = "sgmv_expand"
     b_pools, widths = _check_b_pools(fn, weights, b_pools)
     g_count = len(weights)
     accumulate = not isinstance(y, jax.ShapeDtypeStruct)
@@ -1789,11 +1700,7 @@ def _expand(
         return y if accumulate else jnp.zeros((0, sum(widths)), jnp.float32)
     pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)
     layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
-    if shrink_from is None:
-        v_args = (v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols),)
-    else:
-        x, a_pool, a_pages = shrink_from
-        v_args = (x, a_pool.reshape(-1, a_pool.shape[3]), a_pages.astype(jnp.int32))
+    v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
     col_offsets = tuple(int(o) for o in np.cumsum((0,) + widths[:-1]))
     statics = dict(
         accumulate=accumulate,
@@ -1816,7 +1723,7 @@ def _expand(
     base, aliases, mode = ((y,), {0: 0}, "") if accumulate else ((), {}, "_delta")
 
     regime = config.regime(num_tokens, per_token=per_token)
-    if regime != "prefill" and shrink_from is None:
+    if regime != "prefill":
         if regime == "decode":
             block_n = config.decode_expand_block_n
             warps, stages = config.decode_expand_num_warps, config.decode_expand_num_stages
@@ -1850,46 +1757,29 @@ def _expand(
             compiler_params=_compiler_params(warps, stages),
             interpret=interpret,
             name=name,
-        )(*base, *v_args, *pool_rows, *tables, token_slot.astype(jnp.int32))
+        )(*base, v2, *pool_rows, *tables, token_slot.astype(jnp.int32))
 
     meta = _prefill_meta(fn, "expand", kernel_meta, token_slot.astype(jnp.int32), num_slots, config)
     num_tiles = meta[1].shape[0]
     bt = config.expand_block_tokens
     bn = max(16, min(config.expand_block_n, _next_pow2(max(widths))))
     blocks = tuple(_cdiv(w, bn) for w in widths)
-    rank_pad = max(16, _next_pow2(rank_cols))
-    dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
-    prefetch_y = config.expand_prefetch_y and accumulate
-    if shrink_from is None:
-        max_steps = _expand_col_steps(config, blocks)
-        target = config.expand_waves * config.target_programs
-        warps, stages = config.expand_num_warps, config.expand_num_stages
-        shrink, kind = None, "expand"
-    else:
-        max_steps = min(config.fused_col_steps, _next_pow2(max(blocks)))
-        target = config.fused_programs
-        warps, stages = config.fused_num_warps, config.fused_num_stages
-        x, a_pool, a_pages = shrink_from
-        bk = max(16, min(config.fused_block_k, _next_pow2(x.shape[1])))
-        shrink = dict(
-            bk=bk,
-            dtype=_compute_dtype(x.dtype, a_pool.dtype),
-            pages_per_pool=int(a_pool.shape[1]),
-            rows_per_page=int(a_pool.shape[2]),
-            max_pages=int(a_pages.shape[2]),
-        )
-        kind = f"fused_bk{bk}"
+    max_steps = _expand_col_steps(config, blocks)
     step_choices = tuple(1 << i for i in range(max_steps.bit_length()))
     # col_programs[i]: cumulative column programs of the group's weights at step_choices[i].
     col_programs = tuple(
         tuple(int(c) for c in np.cumsum([0] + [_cdiv(b, s) for b in blocks])) for s in step_choices
     )
+    target = config.expand_waves * config.target_programs
     used = np.arange(1, num_tiles + 1)
     choice = _expand_run_choice(used, col_programs, target, np.where)
     programs = int(np.max(used * np.asarray([cp[-1] for cp in col_programs])[choice]))
+    rank_pad = max(16, _next_pow2(rank_cols))
+    dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
+    prefetch_y = config.expand_prefetch_y and accumulate
     name = (
-        f"sgmv_{kind}{mode}_prefill_bt{bt}_bn{bn}_st{max_steps}_w{warps}_s{stages}"
-        f"{'_py' if prefetch_y else ''}"
+        f"sgmv_expand{mode}_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
+        f"_s{config.expand_num_stages}{'_py' if prefetch_y else ''}"
     )
     return pl.pallas_call(
         functools.partial(
@@ -1903,16 +1793,15 @@ def _expand(
             rank_pad=rank_pad,
             dtypes=dtypes,
             prefetch_y=prefetch_y,
-            shrink=shrink,
             **statics,
         ),
         out_shape=out_shape,
         grid=(programs,),
         input_output_aliases=aliases,
-        compiler_params=_compiler_params(warps, stages),
+        compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),
         interpret=interpret,
         name=name,
-    )(*base, *v_args, *pool_rows, *tables, *meta)
+    )(*base, v2, *pool_rows, *tables, *meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1965,29 +1854,9 @@ def sgmv_apply(
     float32 delta instead (``sgmv_expand``'s delta form; ``sgmv_delta``). ``per_token``: both
     kernels per token at any T (``choose_per_token``).
 
-    Where ``config.fused(T, per_token=per_token)``, one launch instead: prefill tiles whose
-    programs compute their tile's v themselves (``SgmvConfig.fused_max_tokens``). (Per token,
-    such a launch re-reads a token's A rows for every block of y columns; it was measured slower
-    at every decode size: docs/BENCHMARKS.md, "Fifth session".)
+    (A single-launch variant, each program recomputing its token's v for its block of y columns,
+    was measured slower at every decode size: docs/BENCHMARKS.md, "Fifth session".)
     """
-    config = config or SgmvConfig()
-    if config.fused(x.shape[0], per_token=per_token):
-        fn = "sgmv_apply"
-        _check_shrink_inputs(fn, x, a_pool, a_pages, ranks, token_slot, weights)
-        if (
-            a_pages.shape != b_pages.shape
-            or len(b_pools)
-            and (a_pool.shape[2] != b_pools[0].shape[2])
-        ):
-            raise ConfigError(
-                f"{_WHERE} {fn}: a_pages {a_pages.shape} and b_pages {b_pages.shape} must have "
-                f"one shape, a_pool and b_pools one R (rows per page); got a_pool {a_pool.shape}"
-            )
-        return _expand(
-            y, None, b_pools, b_pages, ranks, scales, token_slot, layer, weights=weights,
-            kernel_meta=kernel_meta, config=config, per_token=False, interpret=interpret,
-            fn=fn, shrink_from=(x, a_pool, a_pages),
-        )  # fmt: skip
     v = sgmv_shrink(
         x,
         a_pool,
