@@ -41,6 +41,12 @@ flags.DEFINE_float("copy_gib", DEFAULTS.copy_gib, "size of the copy-bandwidth bu
 flags.DEFINE_integer("flush_mib", DEFAULTS.flush_mib, "size of the L2-flush buffer")
 flags.DEFINE_integer("compile_threads", DEFAULTS.compile_threads, "parallel compilations")
 flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke runs)")
+flags.DEFINE_enum(
+    "page_order",
+    DEFAULTS.page_order,
+    list(kernels.PAGE_ORDERS),
+    "adapters' pages: shuffled, or in the order of each adapter's first token",
+)
 flags.DEFINE_string("out_json", "", "JSON output (default: $OUT/bench_kernels.json or ./)")
 
 
@@ -71,6 +77,7 @@ def main(argv):
             flush_mib=FLAGS.flush_mib,
             compile_threads=FLAGS.compile_threads,
             interpret=FLAGS.interpret,
+            page_order=FLAGS.page_order,
         )
         kernels.impl_steps(config)  # a bad impl or variant fails before anything is measured
     except JaxloraError as e:

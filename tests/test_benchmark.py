@@ -865,6 +865,34 @@ def test_ragged_dot_baseline_in_chunks_matches_one_call():
         np.testing.assert_array_equal(whole[jnp.array([3, 11, 26])], y[jnp.array([3, 11, 26])])
 
 
+def test_kernel_bench_pages_in_token_order():
+    """--page_order=token_order gives out the shuffled run's pages again, ascending adapter by
+    adapter in the order of each adapter's first token; the slots and ranks are unchanged."""
+    from jaxlora.bench import kernels
+
+    shuffled = kernels.KernelBenchConfig(hidden=64, flush_mib=1, copy_gib=1 / 1024)
+    ordered = dataclasses.replace(shuffled, page_order="token_order")
+    group = kernels.parse_group("2x32")
+    pools = kernels.make_pools(group, 24, 256, shuffled)  # 2 pages an adapter's weight
+    for workload in ("skewed", "distinct"):
+        works = [
+            kernels.make_workload(workload, 40, group, 24, pools, np.random.default_rng(3), c)
+            for c in (shuffled, ordered)
+        ]
+        np.testing.assert_array_equal(works[0]["token_slot"], works[1]["token_slot"])
+        np.testing.assert_array_equal(works[0]["ranks"], works[1]["ranks"])
+        slots = list(dict.fromkeys(works[0]["token_slot"].tolist()))  # first-token order
+        for name in ("a_pages", "b_pages"):
+            given = works[0][name][:, list(group.weights)]
+            pages = works[1][name][:, list(group.weights)]
+            assert sorted(pages.ravel()) == sorted(given.ravel())
+            in_order = pages[slots].ravel()
+            assert (np.diff(in_order) > 0).all(), (workload, name)
+            assert not (np.diff(given[slots].ravel()) > 0).all()
+    with pytest.raises(ConfigError, match="--page_order: expected one of"):
+        kernels.KernelBenchConfig(page_order="sorted")
+
+
 def test_kernel_bench_script_names_a_bad_flag():
     """scripts/bench_kernels.py refuses bad flags with our one-line error before measuring."""
     for flag, message in (

@@ -54,6 +54,7 @@ from pallas_kernels.sgmv import (
 )
 
 WORKLOADS = ("identical", "uniform", "skewed", "distinct")
+PAGE_ORDERS = ("shuffled", "token_order")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,11 @@ class KernelBenchConfig:
     flush_mib: int = 256  # size of the L2-flush buffer
     compile_threads: int = 16
     interpret: bool = False  # Pallas interpret mode (CPU smoke runs)
+    # Where the adapters' pages lie in the pools: "shuffled" (random pages, issue 3's grid) or
+    # "token_order" (the same pages, given to the adapters in the order of their first token, so
+    # that neighbouring programs read neighbouring pages): how much the kernels' reads depend on
+    # the pool's layout.
+    page_order: str = "shuffled"
 
     def __post_init__(self):
         for name in ("tokens", "ranks"):
@@ -91,6 +97,10 @@ class KernelBenchConfig:
             )
         for out in self.outs:
             parse_group(out)
+        if self.page_order not in PAGE_ORDERS:
+            raise ConfigError(
+                f"--page_order: expected one of {list(PAGE_ORDERS)}, got {self.page_order!r}"
+            )
         if not isinstance(self.variants, Mapping):
             raise ConfigError(
                 "--variants: expected a JSON object {name: {SgmvConfig field: value}}, got "
@@ -197,6 +207,15 @@ def make_pools(group: Group, rank: int, max_adapters: int, config: KernelBenchCo
     return {"a_pool": a_pool, "b_pools": (b_pool,) * g}
 
 
+def in_token_order(ids: np.ndarray, token_slot: np.ndarray) -> np.ndarray:
+    """The page ids ``ids`` (adapters, ...) given out again in ascending order, adapter after
+    adapter in the order of each one's first token (adapters without a token last)."""
+    first = np.full(ids.shape[0], len(token_slot))
+    np.minimum.at(first, token_slot, np.arange(len(token_slot)))
+    position = np.argsort(np.argsort(first, kind="stable"), kind="stable")
+    return np.sort(ids, axis=None).reshape(ids.shape)[position]
+
+
 def make_workload(
     workload: str,
     num_tokens: int,
@@ -227,6 +246,8 @@ def make_workload(
     a_total, b_total = pools["a_pool"].shape[1], pools["b_pools"][0].shape[1]
     a_ids = rng.choice(a_total, n_adapters * g * mp, replace=False).reshape(n_adapters, g, mp)
     b_ids = rng.choice(b_total, n_adapters * g * mp, replace=False).reshape(n_adapters, g, mp)
+    if config.page_order == "token_order":
+        a_ids, b_ids = (in_token_order(ids, token_slot) for ids in (a_ids, b_ids))
     for gi, w in enumerate(group.weights):
         a_pages[:, w] = a_ids[:, gi]
         b_pages[:, w] = b_ids[:, gi]
@@ -912,6 +933,7 @@ def run(config: KernelBenchConfig, out_json: str) -> dict:
         "configs": {k: dataclasses.asdict(c) for k, (_, c) in steps.items() if c},
         "hidden": config.hidden,
         "rows_per_page": config.rows_per_page,
+        "page_order": config.page_order,
         "rows": rows,
     }
     print_header(steps)
