@@ -42,6 +42,12 @@ flags.DEFINE_integer("flush_mib", DEFAULTS.flush_mib, "size of the L2-flush buff
 flags.DEFINE_integer("compile_threads", DEFAULTS.compile_threads, "parallel compilations")
 flags.DEFINE_bool("interpret", False, "Pallas interpret mode (CPU smoke runs)")
 flags.DEFINE_enum(
+    "flush",
+    DEFAULTS.flush,
+    list(kernels.FLUSH_MODES),
+    "L2 flush before each iteration: write (dirty lines left in L2) or read (clean ones)",
+)
+flags.DEFINE_enum(
     "page_order",
     DEFAULTS.page_order,
     list(kernels.PAGE_ORDERS),
@@ -78,6 +84,7 @@ def main(argv):
             compile_threads=FLAGS.compile_threads,
             interpret=FLAGS.interpret,
             page_order=FLAGS.page_order,
+            flush=FLAGS.flush,
         )
         kernels.impl_steps(config)  # a bad impl or variant fails before anything is measured
     except JaxloraError as e:

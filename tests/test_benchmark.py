@@ -865,6 +865,34 @@ def test_ragged_dot_baseline_in_chunks_matches_one_call():
         np.testing.assert_array_equal(whole[jnp.array([3, 11, 26])], y[jnp.array([3, 11, 26])])
 
 
+def test_kernel_bench_flushes_by_writing_or_by_reading():
+    """l2_flush: "write" adds 1 to the buffer in place, "read" leaves it as it was; timed steps
+    give the same y with either flush between them."""
+    from jaxlora.bench import kernels
+
+    buf = jnp.arange(2 * 8192, dtype=jnp.float32)
+    np.testing.assert_array_equal(kernels.l2_flush(buf, mode="write", interpret=True), buf + 1)
+    np.testing.assert_array_equal(kernels.l2_flush(buf, mode="read", interpret=True), buf)
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        kernels.l2_flush(buf, mode="none")
+
+    def step(x, y, pools, tables, layer, weights):
+        return y * pools + x + layer
+
+    x, pools = jnp.ones((4,), jnp.float32), jnp.float32(2.0)
+    ys = []
+    for flush in kernels.FLUSH_MODES:
+        timed = kernels.make_timed(step, 3, (0,), num_layers=2, flush=flush, interpret=True)
+        y, _ = timed(jnp.zeros((4,), jnp.float32), jnp.copy(buf), x, pools, {})
+        ys.append(np.asarray(y))
+    np.testing.assert_array_equal(ys[0], ys[1])
+    np.testing.assert_array_equal(
+        ys[0], np.full(4, 9.0)
+    )  # ((0 * 2 + 1 + 0) * 2 + 1 + 1) * 2 + 1 + 0
+    with pytest.raises(ConfigError, match="--flush: expected one of"):
+        kernels.KernelBenchConfig(flush="none")
+
+
 def test_kernel_bench_pages_in_token_order():
     """--page_order=token_order gives out the shuffled run's pages again, ascending adapter by
     adapter in the order of each adapter's first token; the slots and ranks are unchanged."""
@@ -902,6 +930,8 @@ def test_kernel_bench_script_names_a_bad_flag():
         ("--impls=sgmv:fast", "error: --impls: 'sgmv:fast' names no variant in --variants"),
         ('--variants={"fast": {"warps": 4}}', "unknown SgmvConfig field 'warps'"),
         ("--impls=cublas", "error: --impls: unknown implementation 'cublas'"),
+        ("--flush=none", "value should be one of <write|read>"),
+        ("--page_order=sorted", "value should be one of <shuffled|token_order>"),
     ):
         args = [flag] if not flag.startswith("--variants") else [flag, "--impls=sgmv:fast"]
         out = _run_script("bench_kernels.py", *args)

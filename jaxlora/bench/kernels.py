@@ -84,6 +84,9 @@ class KernelBenchConfig:
     # that neighbouring programs read neighbouring pages): how much the kernels' reads depend on
     # the pool's layout.
     page_order: str = "shuffled"
+    # The L2 flush before each iteration (``l2_flush``): "write" (read-modify-write, dirty
+    # lines left behind) or "read" (clean lines left behind).
+    flush: str = "write"
 
     def __post_init__(self):
         for name in ("tokens", "ranks"):
@@ -97,6 +100,8 @@ class KernelBenchConfig:
             )
         for out in self.outs:
             parse_group(out)
+        if self.flush not in FLUSH_MODES:
+            raise ConfigError(f"--flush: expected one of {list(FLUSH_MODES)}, got {self.flush!r}")
         if self.page_order not in PAGE_ORDERS:
             raise ConfigError(
                 f"--page_order: expected one of {list(PAGE_ORDERS)}, got {self.page_order!r}"
@@ -110,6 +115,7 @@ class KernelBenchConfig:
 
 ADAPTERS = {"identical": 1, "uniform": 32, "skewed": 256}
 FLUSH_NAME = "l2_flush"
+FLUSH_MODES = ("write", "read")
 # Above this many bytes of XLA's dense ragged_dot operand (groups x tokens x K) the ragged_dot
 # baseline runs on chunks of its sorted tokens (``step_ragged_dot``): the H200's 141 GB hold
 # one 8.6 GB operand (distinct at T = 1,024) but not 128 GiB (T = 4,096).
@@ -442,28 +448,58 @@ def _flush_kernel(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1.0
 
 
-def l2_flush(buf, *, interpret: bool = False):
+def _flush_read_kernel(x_ref, o_ref):
+    o_ref[...] = jnp.full(o_ref.shape, jnp.sum(x_ref[...]), o_ref.dtype)
+
+
+def l2_flush(buf, *, mode: str = "write", interpret: bool = False):
+    """Evicts the L2 cache by streaming ``buf`` (several times its size) through it; returns the
+    buffer to pass on (the next flush's input), ordered after the flush.
+
+    "write" adds 1 to every element in place: it leaves the L2 full of dirty lines, which the
+    next kernel's reads must first write back to memory (up to the L2's size of extra traffic).
+    "read" only reads it (one sum a block): the L2 is left holding clean lines, which the next
+    kernel's reads replace without a write."""
     block = 8192
-    return pl.pallas_call(
-        _flush_kernel,
-        out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
-        grid=(buf.shape[0] // block,),
+    blocks = buf.shape[0] // block
+    params = pltriton.CompilerParams(num_warps=8, num_stages=1)
+    if mode == "write":
+        return pl.pallas_call(
+            _flush_kernel,
+            out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+            grid=(blocks,),
+            in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
+            out_specs=pl.BlockSpec((block,), lambda i: (i,)),
+            input_output_aliases={0: 0},
+            interpret=interpret,
+            name=FLUSH_NAME,
+            compiler_params=params,
+        )(buf)
+    if mode != "read":
+        raise ConfigError(f"l2_flush: mode must be one of {list(FLUSH_MODES)}, got {mode!r}")
+    sums = pl.pallas_call(
+        _flush_read_kernel,
+        out_shape=jax.ShapeDtypeStruct((blocks * 16,), buf.dtype),
+        grid=(blocks,),
         in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
-        out_specs=pl.BlockSpec((block,), lambda i: (i,)),
-        input_output_aliases={0: 0},
+        out_specs=pl.BlockSpec((16,), lambda i: (i,)),
         interpret=interpret,
-        name=FLUSH_NAME,
-        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
+        name=f"{FLUSH_NAME}_read",
+        compiler_params=params,
     )(buf)
+    buf, _ = jax.lax.optimization_barrier((buf, sums))
+    return buf
 
 
-def make_timed(step, iters, weights, *, num_layers: int, interpret: bool = False):
+def make_timed(
+    step, iters, weights, *, num_layers: int, flush: str = "write", interpret: bool = False
+):
     """iters dependent steps, each after an L2 flush; returns (y, flush buffer)."""
 
     def timed(y, flush_buf, x, pools, tables):
         for i in range(iters):
             flush_buf, y = jax.lax.optimization_barrier((flush_buf, y))
-            flush_buf = l2_flush(flush_buf, interpret=interpret)
+            flush_buf = l2_flush(flush_buf, mode=flush, interpret=interpret)
             layer = jnp.int32(i % num_layers)
             x_i, tables_i, layer, flush_buf = jax.lax.optimization_barrier(
                 (x, tables, layer, flush_buf)
@@ -539,7 +575,9 @@ def copy_methods(*, interpret: bool = False):
     }
 
 
-def measure_copy_bandwidth(flush_buf, *, copy_gib: float = 1.0, interpret: bool = False):
+def measure_copy_bandwidth(
+    flush_buf, *, copy_gib: float = 1.0, flush: str = "write", interpret: bool = False
+):
     """The best device-to-device copy rate in GB/s (bytes read + written) of ``copy_methods``
     over ``copy_gib`` GiB, from the profiler's kernel times (NaN without device events: a CPU
     run); returns (best, {method: {"us", "GBps"}}, the flush buffer)."""
@@ -553,7 +591,7 @@ def measure_copy_bandwidth(flush_buf, *, copy_gib: float = 1.0, interpret: bool 
             for _ in range(4):
                 # The flush waits for the previous copy, the copy for the flush.
                 flush_buf, _ = jax.lax.optimization_barrier((flush_buf, outs[-1]))
-                flush_buf = l2_flush(flush_buf, interpret=interpret)
+                flush_buf = l2_flush(flush_buf, mode=flush, interpret=interpret)
                 x_i, flush_buf = jax.lax.optimization_barrier((x, flush_buf))
                 outs.append(fn(x_i))
             return flush_buf, outs[1:]  # every output whole: XLA may not skip any copy
@@ -691,6 +729,7 @@ def run_group(group, rank, config: KernelBenchConfig, flush_buf, copy_bw, steps,
             row["iters"],
             group.weights,
             num_layers=config.num_layers,
+            flush=config.flush,
             interpret=config.interpret,
         )
         compiled = f.lower(y_shape, flush_buf, x, pools, tables).compile()
@@ -919,7 +958,7 @@ def run(config: KernelBenchConfig, out_json: str) -> dict:
     print("devices:", jax.devices(), flush=True)
     flush_buf = fill(((config.flush_mib << 20) // 4,), jnp.float32, 5, 1.0)
     copy_bw, copy_results, flush_buf = measure_copy_bandwidth(
-        flush_buf, copy_gib=config.copy_gib, interpret=config.interpret
+        flush_buf, copy_gib=config.copy_gib, flush=config.flush, interpret=config.interpret
     )
     if not np.isfinite(copy_bw):  # no device trace (a CPU smoke run): rows are judged vs 1 TB/s
         copy_bw = 1000.0
@@ -934,6 +973,7 @@ def run(config: KernelBenchConfig, out_json: str) -> dict:
         "hidden": config.hidden,
         "rows_per_page": config.rows_per_page,
         "page_order": config.page_order,
+        "flush": config.flush,
         "rows": rows,
     }
     print_header(steps)
