@@ -866,13 +866,18 @@ def test_ragged_dot_baseline_in_chunks_matches_one_call():
 
 
 def test_kernel_bench_flushes_by_writing_or_by_reading():
-    """l2_flush: "write" adds 1 to the buffer in place, "read" leaves it as it was; timed steps
-    give the same y with either flush between them."""
+    """l2_flush: "write" adds 1 to the buffer in place, "read" leaves it as it was but for the
+    last block (the sums); timed steps give the same y with either flush between them, and the
+    compiled steps keep every flush (XLA removes one whose result is not used)."""
     from jaxlora.bench import kernels
 
-    buf = jnp.arange(2 * 8192, dtype=jnp.float32)
+    buf = jnp.arange(4 * 8192, dtype=jnp.float32)
     np.testing.assert_array_equal(kernels.l2_flush(buf, mode="write", interpret=True), buf + 1)
-    np.testing.assert_array_equal(kernels.l2_flush(buf, mode="read", interpret=True), buf)
+    read = kernels.l2_flush(buf, mode="read", interpret=True)
+    np.testing.assert_array_equal(read[: 3 * 8192], buf[: 3 * 8192])  # the last block: sums
+    for i in range(3):
+        sums = read[3 * 8192 + 16 * i : 3 * 8192 + 16 * (i + 1)]
+        np.testing.assert_array_equal(sums, jnp.sum(buf[8192 * i : 8192 * (i + 1)]))
     with pytest.raises(ConfigError, match="mode must be one of"):
         kernels.l2_flush(buf, mode="none")
 
@@ -883,7 +888,12 @@ def test_kernel_bench_flushes_by_writing_or_by_reading():
     ys = []
     for flush in kernels.FLUSH_MODES:
         timed = kernels.make_timed(step, 3, (0,), num_layers=2, flush=flush, interpret=True)
-        y, _ = timed(jnp.zeros((4,), jnp.float32), jnp.copy(buf), x, pools, {})
+        args = (jnp.zeros((4,), jnp.float32), jnp.copy(buf), x, pools, {})
+        hlo = timed.lower(*args).compile().as_text()
+        # interpreted, each flush's grid is a loop over the buffer's blocks: one a flush
+        assert len(re.findall(r"\bwhile\(", hlo)) == 3, flush
+        assert len(re.findall(r" reduce\(", hlo)) == (3 if flush == "read" else 0)
+        y, _ = timed(*args)
         ys.append(np.asarray(y))
     np.testing.assert_array_equal(ys[0], ys[1])
     np.testing.assert_array_equal(
