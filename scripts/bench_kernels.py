@@ -45,7 +45,8 @@ flags.DEFINE_enum(
     "flush",
     DEFAULTS.flush,
     list(kernels.FLUSH_MODES),
-    "L2 flush before each iteration: write (dirty lines left in L2) or read (clean ones)",
+    "L2 flush before each iteration: read (clean lines left in the L2) or write (dirty ones, "
+    "as through the twenty-eighth session)",
 )
 flags.DEFINE_enum(
     "page_order",

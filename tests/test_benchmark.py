@@ -940,7 +940,7 @@ def test_kernel_bench_script_names_a_bad_flag():
         ("--impls=sgmv:fast", "error: --impls: 'sgmv:fast' names no variant in --variants"),
         ('--variants={"fast": {"warps": 4}}', "unknown SgmvConfig field 'warps'"),
         ("--impls=cublas", "error: --impls: unknown implementation 'cublas'"),
-        ("--flush=none", "value should be one of <write|read>"),
+        ("--flush=none", "value should be one of <read|write>"),
         ("--page_order=sorted", "value should be one of <shuffled|token_order>"),
     ):
         args = [flag] if not flag.startswith("--variants") else [flag, "--impls=sgmv:fast"]

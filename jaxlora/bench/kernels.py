@@ -1,12 +1,15 @@
 """Issue 3's kernel benchmark: the SGMV shrink+expand kernels against two plain-JAX baselines.
 
 Rows: T tokens x output group x rank x workload. Per row, every implementation runs N dependent
-shrink+expand iterations inside one jit; before each iteration a 256 MB read-modify-write kernel
+shrink+expand iterations inside one jit; before each iteration a kernel reading 256 MB
 ("l2_flush") evicts the L2 cache, so weights, x and y come from device memory as they would in a
-model step. Iterations are chained through optimization barriers (nothing is hoisted out of the
-loop or merged across iterations). Device time comes from the JAX profiler: per iteration, the sum
-of the durations of the kernels between two flushes ("busy"; its first-start to last-end "span"
-is recorded too). Timings are the median over all iterations of K calls.
+model step, and leaves clean lines behind (through the twenty-eighth session it added 1 to the
+buffer in place, ``--flush=write``, and the first kernel timed after it also paid for writing the
+L2's dirty lines back). Iterations are chained through optimization barriers (nothing is
+hoisted out of the loop or merged across iterations). Device time comes from the JAX profiler:
+per iteration, the sum of the durations of the kernels between two flushes ("busy"; its
+first-start to last-end "span" is recorded too). Timings are the median over all iterations of
+K calls.
 
 The SGMV implementations run per token or in tiles as ``choose_per_token`` picks on the host
 from the row's token slots and ranks (the row's ``per_token``; a variant's
@@ -84,9 +87,12 @@ class KernelBenchConfig:
     # that neighbouring programs read neighbouring pages): how much the kernels' reads depend on
     # the pool's layout.
     page_order: str = "shuffled"
-    # The L2 flush before each iteration (``l2_flush``): "write" (read-modify-write, dirty
-    # lines left behind) or "read" (clean lines left behind).
-    flush: str = "write"
+    # The L2 flush before each iteration (``l2_flush``): "read" (clean lines left behind) or
+    # "write" (read-modify-write, the default through the twenty-eighth session: the L2 left
+    # full of dirty lines, whose write-back the first timed kernel paid for). H200, twenty-ninth
+    # session, the same SGMV kernels in two processes: 0.904x the time with "read" (0.8-3.4 us
+    # less a row at T = 16-1,024); the copy ceiling 4,321 against 4,269-4,293 GB/s.
+    flush: str = "read"
 
     def __post_init__(self):
         for name in ("tokens", "ranks"):
@@ -115,7 +121,7 @@ class KernelBenchConfig:
 
 ADAPTERS = {"identical": 1, "uniform": 32, "skewed": 256}
 FLUSH_NAME = "l2_flush"
-FLUSH_MODES = ("write", "read")
+FLUSH_MODES = ("read", "write")
 # Above this many bytes of XLA's dense ragged_dot operand (groups x tokens x K) the ragged_dot
 # baseline runs on chunks of its sorted tokens (``step_ragged_dot``): the H200's 141 GB hold
 # one 8.6 GB operand (distinct at T = 1,024) but not 128 GiB (T = 4,096).
@@ -455,7 +461,7 @@ def _flush_read_kernel(x_ref, o_ref):
 _SINK = 16  # elements each read-flush program writes (its block's sum) into the last block
 
 
-def l2_flush(buf, *, mode: str = "write", interpret: bool = False):
+def l2_flush(buf, *, mode: str = "read", interpret: bool = False):
     """Evicts the L2 cache by streaming ``buf`` (several times its size) through it; returns the
     buffer to pass on (the next flush's input), ordered after the flush.
 
@@ -497,7 +503,7 @@ def l2_flush(buf, *, mode: str = "write", interpret: bool = False):
 
 
 def make_timed(
-    step, iters, weights, *, num_layers: int, flush: str = "write", interpret: bool = False
+    step, iters, weights, *, num_layers: int, flush: str = "read", interpret: bool = False
 ):
     """iters dependent steps, each after an L2 flush; returns (y, flush buffer)."""
 
@@ -581,7 +587,7 @@ def copy_methods(*, interpret: bool = False):
 
 
 def measure_copy_bandwidth(
-    flush_buf, *, copy_gib: float = 1.0, flush: str = "write", interpret: bool = False
+    flush_buf, *, copy_gib: float = 1.0, flush: str = "read", interpret: bool = False
 ):
     """The best device-to-device copy rate in GB/s (bytes read + written) of ``copy_methods``
     over ``copy_gib`` GiB, from the profiler's kernel times (NaN without device events: a CPU
