@@ -458,7 +458,9 @@ def _flush_read_kernel(x_ref, o_ref):
     o_ref[...] = jnp.full(o_ref.shape, jnp.sum(x_ref[...]), o_ref.dtype)
 
 
-_SINK = 16  # elements each read-flush program writes (its block's sum) into the last block
+# Elements each read-flush program writes (its block's sum) into the buffer's last block;
+# programs i and i + block / _SINK write the same ones (either sum will do).
+_SINK = 16
 
 
 def l2_flush(buf, *, mode: str = "read", interpret: bool = False):
