@@ -639,15 +639,18 @@ def measure_copy_bandwidth(
     return best, results, flush_buf
 
 
-def copy_ceiling(*, copy_gib: float = 1.0, flush_mib: int = 256) -> tuple[float, dict]:
+def copy_ceiling(
+    *, copy_gib: float = 1.0, flush_mib: int = 256, flush: str = "read"
+) -> tuple[float, dict]:
     """The best device-to-device copy rate in GB/s (bytes read + written) and each method's,
-    from the profiler's kernel times; where the profiler gives no device trace, from wall-clock
-    times of the same copies (which include a launch, so a slightly lower rate)."""
+    from the profiler's kernel times after an L2 flush (``l2_flush``'s mode, recorded as
+    "flush"); where the profiler gives no device trace, from wall-clock times of the same copies
+    (which include a launch, so a slightly lower rate)."""
     flush_buf = fill(((flush_mib << 20) // 4,), jnp.float32, 5, 1.0)
-    best, methods, flush_buf = measure_copy_bandwidth(flush_buf, copy_gib=copy_gib)
+    best, methods, flush_buf = measure_copy_bandwidth(flush_buf, copy_gib=copy_gib, flush=flush)
     del flush_buf
     if best > 0:
-        return best, {**methods, "timing": "profiler"}
+        return best, {**methods, "timing": "profiler", "flush": flush}
     n = int(copy_gib * (1 << 30)) // 4
     x = fill((n,), jnp.float32, 7, 1.0)
     methods = {}
