@@ -12,16 +12,9 @@ with the ``triton`` package for a report.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import re
-from unittest import mock
 
-from jax.experimental import pallas as pl
-
-from jaxlora.bench import compiler_report
-from jaxlora.bench.compiler_report import GPU_KIND
+from jaxlora.bench.compiler_report import GPU_KIND, lower_printing_modules
 
 __all__ = ["GPU_KIND", "lower_for_gpu", "triton_kernels"]
 
@@ -32,13 +25,8 @@ _UNVERIFIED = re.compile(r'"builtin\.module"\(\) <\{sym_name = "([^"]*)"')
 def lower_for_gpu(fn, *args) -> str:
     """StableHLO text of jit(fn)(*args) lowered for an abstract H100; fails when a Pallas
     kernel's Triton module does not verify (seen in the debug print of each module)."""
-    printed = io.StringIO()
-    with (
-        mock.patch.object(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True)),
-        contextlib.redirect_stdout(printed),
-    ):
-        text = compiler_report.lower_for_gpu(fn, *args)
-    unverified = _UNVERIFIED.findall(printed.getvalue())
+    text, printed = lower_printing_modules(fn, *args)
+    unverified = _UNVERIFIED.findall(printed)
     assert not unverified, f"Triton modules that do not verify: {unverified}"
     return text
 

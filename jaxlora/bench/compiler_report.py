@@ -76,15 +76,22 @@ def lower_for_gpu(fn, *args) -> str:
         return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def triton_modules(fn, *args) -> dict[str, tuple[str, int, int]]:
-    """name -> (Triton IR text without debug info, num_warps, num_stages) of every Pallas kernel
-    of jit(fn)(*args), lowered for an abstract H100."""
+def lower_printing_modules(fn, *args) -> tuple[str, str]:
+    """(``lower_for_gpu``'s StableHLO text, what ``pallas_call(debug=True)`` printed meanwhile:
+    each Pallas kernel's jaxpr and Triton module)."""
     printed = io.StringIO()
     with (
         mock.patch.object(pl, "pallas_call", functools.partial(pl.pallas_call, debug=True)),
         contextlib.redirect_stdout(printed),
     ):
         stablehlo = lower_for_gpu(fn, *args)
+    return stablehlo, printed.getvalue()
+
+
+def triton_modules(fn, *args) -> dict[str, tuple[str, int, int]]:
+    """name -> (Triton IR text without debug info, num_warps, num_stages) of every Pallas kernel
+    of jit(fn)(*args), lowered for an abstract H100."""
+    stablehlo, printed = lower_printing_modules(fn, *args)
     launch = {}
     for call in re.finditer(r"mhlo\.backend_config = \{([^\n]*)\}", stablehlo):
         fields = call.group(1)
@@ -94,7 +101,7 @@ def triton_modules(fn, *args) -> dict[str, tuple[str, int, int]]:
         if name and warps and stages:
             launch[name.group(1)] = (int(warps.group(1)), int(stages.group(1)))
     modules = {}
-    for text in _printed_modules(printed.getvalue()):
+    for text in _printed_modules(printed):
         name = re.match(r"module @(\S+)", text).group(1)
         warps, stages = launch.get(name, (4, 3))
         modules[name] = (text, warps, stages)
