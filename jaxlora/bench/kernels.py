@@ -475,32 +475,25 @@ def l2_flush(buf, *, mode: str = "read", interpret: bool = False):
     dead code: the profile then has no flushes)."""
     block = 8192
     blocks = buf.shape[0] // block
-    params = pltriton.CompilerParams(num_warps=8, num_stages=1)
     if mode == "write":
-        return pl.pallas_call(
-            _flush_kernel,
-            out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
-            grid=(blocks,),
-            in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
-            out_specs=pl.BlockSpec((block,), lambda i: (i,)),
-            input_output_aliases={0: 0},
-            interpret=interpret,
-            name=FLUSH_NAME,
-            compiler_params=params,
-        )(buf)
-    if mode != "read":
+        kernel, grid, name = _flush_kernel, blocks, FLUSH_NAME
+        out_spec = pl.BlockSpec((block,), lambda i: (i,))
+    elif mode == "read":
+        sink = (blocks - 1) * block // _SINK
+        kernel, grid, name = _flush_read_kernel, blocks - 1, f"{FLUSH_NAME}_read"
+        out_spec = pl.BlockSpec((_SINK,), lambda i: (sink + i % (block // _SINK),))
+    else:
         raise ConfigError(f"l2_flush: mode must be one of {list(FLUSH_MODES)}, got {mode!r}")
-    sink = (blocks - 1) * block // _SINK
     return pl.pallas_call(
-        _flush_read_kernel,
+        kernel,
         out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
-        grid=(blocks - 1,),
+        grid=(grid,),
         in_specs=[pl.BlockSpec((block,), lambda i: (i,))],
-        out_specs=pl.BlockSpec((_SINK,), lambda i: (sink + i % (block // _SINK),)),
+        out_specs=out_spec,
         input_output_aliases={0: 0},
         interpret=interpret,
-        name=f"{FLUSH_NAME}_read",
-        compiler_params=params,
+        name=name,
+        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
     )(buf)
 
 
