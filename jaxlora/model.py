@@ -144,10 +144,11 @@ def _fused_projection(module: nn.Module, name: str, x: jax.Array, widths, dtype)
     if not module.has_variable("params", name):
         return None
     kernel = module.get_variable("params", name)["kernel"]  # (E, groups, n)
-    groups = kernel.shape[1]
-    y = jax.lax.dot_general(
-        x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))
-    )  # (..., groups, n)
+    in_width, groups, n = kernel.shape
+    # One (E, groups * n) matrix (a free reshape: the groups are the major columns), the plain
+    # 2-D operand of the other projections' GEMMs.
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype).reshape(in_width, groups * n))
+    y = y.reshape(*y.shape[:-1], groups, n)  # (..., groups, n)
     outputs, lo = [], 0
     for width in widths:
         share = width // groups
@@ -661,6 +662,10 @@ class Llama(nn.Module):
                 return carry, None
 
             if self.scan_layers:
+                # One layer's weights an iteration by default (RunnerConfig.scan_unroll): with
+                # more, each iteration slices a block of layers, which XLA on the GPU copies
+                # before its own GEMMs; cuBLAS reads a one-layer slice in place
+                # (docs/BENCHMARKS.md, thirtieth session).
                 (h, k_pool, v_pool), _ = jax.lax.scan(
                     body, (h, *pools), (stacked, layer_ids), unroll=self.scan_unroll
                 )

@@ -239,9 +239,13 @@ class MatmulConfig(KernelConfig):
     # read 4 times); sub-blocks keep one weight read and small v tiles, but took 1.4x (16) and
     # 1.5x (32) the rows epilogue's time on q|k|v at T = 128 (eleventh session).
     dot_block_m: int | None = None
-    # T <= this: the model runs its decode projections through lora_matmul; larger T (prefill)
-    # keeps XLA's GEMM and the SGMV delta.
-    max_tokens: int = 128
+    # T <= this: the model runs its decode projections through lora_matmul; larger T keeps
+    # XLA's GEMM and the SGMV delta. In the 32-layer 7B engine (H200, scan loop, thirtieth
+    # session) XLA's cuBLAS GEMMs (RunnerConfig.xla_gemms), reading each layer's slice in
+    # place, made batch 128's async iteration 9.87 ms without LoRA and 13.94 ms with 128
+    # distinct adapters, against lora_matmul's 10.26 / 14.57 ms (one layer an iteration); at
+    # batch 32 lora_matmul was ahead (5.58 / 7.04 against 5.64 / 7.27 ms).
+    max_tokens: int = 64
 
     def __post_init__(self):
         self._check_partial_share()

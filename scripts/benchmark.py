@@ -62,6 +62,13 @@ flags.DEFINE_string(
     "{}",
     "JSON {XLA compiler option: value} for the engine's model step (RunnerConfig.xla_options)",
 )
+flags.DEFINE_enum(
+    "xla_gemms",
+    "auto",
+    ["auto", "cublas", "autotuned"],
+    "XLA's own GEMMs in the model step: cuBLAS, or XLA's autotuned choice (mostly Triton "
+    "fusions); auto: cuBLAS on the Pallas kernels (RunnerConfig.xla_gemms)",
+)
 flags.DEFINE_string(
     "sgmv_config",
     "{}",
@@ -119,8 +126,7 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
     "scan_unroll",
     None,
-    "layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: 2 on the "
-    "compiled Pallas kernels, 1 elsewhere)",
+    "layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: 1)",
 )
 flags.DEFINE_bool(
     "fuse_projections",
@@ -291,6 +297,7 @@ def main(argv):
             sgmv=sgmv,
             matmul=matmul,
             xla_options=xla_options,
+            xla_gemms=FLAGS.xla_gemms,
             kv_write=FLAGS.kv_write,
             scan_unroll=FLAGS.scan_unroll,
             deterministic=FLAGS.deterministic,
@@ -300,6 +307,7 @@ def main(argv):
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
     doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}
     doc["meta"]["adapter_host_bytes"] = bench.adapters.host_bytes
+    doc["meta"]["step_compiler_options"] = bench.engine.runner.compiler_options
     path = output_path()
 
     def checkpoint(rows):

@@ -86,8 +86,7 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
     "scan_unroll",
     None,
-    "Layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: 2 on the "
-    "compiled Pallas kernels, 1 elsewhere).",
+    "Layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: 1).",
 )
 flags.DEFINE_string(
     "xla_options",

@@ -329,8 +329,8 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
         RunnerConfig(layer_loop="sideways")
     with pytest.raises(ConfigError, match="scan_unroll: expected an int >= 1 or None, got 0"):
         RunnerConfig(scan_unroll=0)
-    # Unset: two layers an iteration on the compiled kernels only (CPU compiles stay short).
-    assert [RunnerConfig().scan_unroll_for(i) for i in ("pallas", "pallas_interpret")] == [2, 1]
+    # Unset: one layer an iteration on every impl (cuBLAS then reads each layer in place).
+    assert [RunnerConfig().scan_unroll_for(i) for i in ("pallas", "pallas_interpret")] == [1, 1]
     assert RunnerConfig(scan_unroll=4).scan_unroll_for("reference") == 4
 
 
@@ -973,6 +973,27 @@ def test_runner_xla_options_reach_the_step_and_bad_ones_fail_at_build(
     ):
         with pytest.raises(ConfigError, match=f"--xla_options: .*{message}"):
             xla_options_from_json(text, where="--xla_options")
+
+
+def test_runner_xla_gemms_picks_cublas_on_the_compiled_kernels_only():
+    """RunnerConfig.xla_gemms: "auto" turns XLA's Triton GEMM fusions off (cuBLAS, which reads a
+    layer's slice of the stacked weights in place) with the compiled Pallas impl only; an
+    explicit xla_options entry wins; a bad value names the field."""
+    from jaxlora.engine.runner import RunnerConfig
+    from jaxlora.errors import ConfigError
+
+    cublas = {"xla_gpu_enable_triton_gemm": False}
+    assert RunnerConfig().compiler_options_for("pallas") == cublas
+    assert RunnerConfig().compiler_options_for("pallas_interpret") == {}
+    assert RunnerConfig().compiler_options_for("reference") == {}
+    assert RunnerConfig(xla_gemms="cublas").compiler_options_for("reference") == cublas
+    assert RunnerConfig(xla_gemms="autotuned").compiler_options_for("pallas") == {}
+    explicit = RunnerConfig(xla_options=(("xla_gpu_enable_triton_gemm", True),))
+    assert explicit.compiler_options_for("pallas") == {"xla_gpu_enable_triton_gemm": True}
+    other = RunnerConfig(xla_options=(("xla_gpu_autotune_level", 0),))
+    assert other.compiler_options_for("pallas") == {**cublas, "xla_gpu_autotune_level": 0}
+    with pytest.raises(ConfigError, match="runner config field xla_gemms: expected 'auto', "):
+        RunnerConfig(xla_gemms="cutlass")
 
 
 @pytest.mark.parametrize(

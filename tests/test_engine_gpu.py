@@ -55,7 +55,8 @@ def test_pallas_engine_matches_reference_engine():
     outputs = {}
     # The third runs each decode projection group through lora_matmul (base GEMM + LoRA
     # expand); the fourth also rotates q, k and writes K/V in one Pallas launch a layer
-    # (kv_write="pallas"): with two layers a scan iteration, the default on this impl; the
+    # (kv_write="pallas"), one layer a scan iteration (the default since the thirtieth session,
+    # with XLA's cuBLAS GEMMs on this impl: RunnerConfig.xla_gemms); the
     # fifth runs the shrink of steps with few adapters inside lora_matmul; the sixth pads
     # decode steps to 64 rows, so that lora_matmul's blocks hold 64 tokens and (without the
     # few-adapters epilogue) add the delta in the pipelined rows epilogue.
@@ -90,7 +91,7 @@ def test_pallas_engine_matches_reference_engine():
             CONFIG, params=params, adapters=adapters, engine_config=config, load_workers=0
         )
         assert llm.engine.runner.impl == impl
-        assert llm.engine.runner.model.scan_unroll == (2 if impl == "pallas" else 1)
+        assert llm.engine.runner.model.scan_unroll == 1
         if decode_rows == 64:
             assert config.runner.matmul.epilogue_for(64) == "rows_prefetch"
         outputs[impl, projection, kv_write, shrink_rows, decode_rows, epilogue_adapters] = [

@@ -59,10 +59,11 @@ class RunnerConfig:
     layer_loop: str = "scan"
     # Layers per iteration of the scan loop (lax.scan's ``unroll``; 1 = one layer traced once).
     # Each iteration also runs loop bookkeeping (the layer index, the norm scales' slices, the
-    # counter), which unrolling shares out among the layers it holds. None: 2 with the compiled
-    # Pallas impl (32-layer 7B decode on the H200: 0.3-3.7% shorter steps than 1 beside the
-    # Pallas K/V write, twelfth session, docs/BENCHMARKS.md), 1 elsewhere (CPU compiles stay
-    # short).
+    # counter), which unrolling shares out among the layers it holds. None: 1. The twelfth
+    # session had 2 on the GPU (32-layer 7B decode on the H200: 0.3-3.7% shorter steps); with
+    # 2 layers an iteration XLA copies the weight slices its own GEMMs read (5.6-6.2 ms a step),
+    # with 1 cuBLAS reads them in place, and lora_matmul's steps were no slower (batch 128:
+    # 10.26 against 10.63 ms without LoRA; docs/BENCHMARKS.md, thirtieth session).
     scan_unroll: int | None = None
     # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
     # Its ``deterministic`` field is the runner's (``deterministic`` below): one switch.
@@ -72,6 +73,14 @@ class RunnerConfig:
     # False),): cuBLAS GEMMs; on the H200 an 8-layer 7B step compiled 11x faster with them, at
     # -10% to +5% of the tokens/s (docs/BENCHMARKS.md). Checked when the runner is built.
     xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
+    # XLA's own GEMMs in the model step (prefill, the LM head, decode projections past
+    # MatmulConfig.max_tokens): "cublas" (xla_gpu_enable_triton_gemm off) or "autotuned"
+    # (XLA's choice, mostly its Triton GEMM fusions). In the scan layer loop a Triton GEMM
+    # fusion copies each layer's weight slice first (5.6 ms a 7B decode step on the H200);
+    # cuBLAS reads a one-layer slice in place (docs/BENCHMARKS.md, thirtieth session). "auto":
+    # "cublas" with the compiled Pallas impl (a GPU), "autotuned" elsewhere. An
+    # xla_gpu_enable_triton_gemm entry in xla_options wins over this.
+    xla_gemms: str = "auto"
     # Store q|k|v and gate|up as one kernel each (jaxlora.model.fuse_projections) when the engine
     # starts: one GEMM per group instead of 3 and 2. Same function; on the H200 the projections
     # of an unrolled 7B decode step took 5-16% less time (docs/BENCHMARKS.md, seventh session).
@@ -127,6 +136,11 @@ class RunnerConfig:
                 f"runner config field layer_loop: expected 'scan' or 'unrolled', "
                 f"got {self.layer_loop!r}"
             )
+        if self.xla_gemms not in ("auto", "cublas", "autotuned"):
+            raise ConfigError(
+                f"runner config field xla_gemms: expected 'auto', 'cublas' or 'autotuned', "
+                f"got {self.xla_gemms!r}"
+            )
         options = self.xla_options
         if isinstance(options, dict):  # a mapping is accepted and kept as sorted pairs
             options = tuple(sorted(options.items()))
@@ -165,12 +179,19 @@ class RunnerConfig:
             choice = "pallas" if impl == "pallas" and self.layer_loop == "scan" else "xla"
         return impl if choice == "pallas" and impl != "reference" else "xla"
 
+    def compiler_options_for(self, impl: str) -> dict:
+        """The model step's XLA compiler options for a resolved impl: ``xla_gemms`` as an
+        option, then ``xla_options``."""
+        gemms = self.xla_gemms
+        if gemms == "auto":
+            gemms = "cublas" if impl == "pallas" else "autotuned"
+        options = {"xla_gpu_enable_triton_gemm": False} if gemms == "cublas" else {}
+        return {**options, **dict(self.xla_options)}
+
     def scan_unroll_for(self, impl: str) -> int:
-        """Layers per scan iteration for a resolved impl (``scan_unroll``'s None: 2 with the
-        compiled Pallas impl, 1 elsewhere)."""
-        if self.scan_unroll is not None:
-            return self.scan_unroll
-        return 2 if impl == "pallas" else 1
+        """Layers per scan iteration (``scan_unroll``'s None: 1, whatever the impl)."""
+        del impl  # one layer an iteration on every impl since the thirtieth session
+        return 1 if self.scan_unroll is None else self.scan_unroll
 
     def scan_layers(self) -> bool:
         return self.layer_loop == "scan"
@@ -375,9 +396,10 @@ class ModelRunner:
             projection_kernel=projection_kernel,
             projection_config=runner.matmul,
         )
-        compiler_options = dict(runner.xla_options) or None
+        compiler_options = runner.compiler_options_for(self.impl) or None
         if compiler_options:
             _check_xla_options(compiler_options)
+        self.compiler_options = dict(compiler_options or {})  # what the step compiles with
         self._step = jax.jit(
             self._packed_forward,
             static_argnames=("treedef", "layout", "mode", "use_lora", "per_token"),
