@@ -243,8 +243,10 @@ class MatmulConfig(KernelConfig):
     # XLA's GEMM and the SGMV delta. In the 32-layer 7B engine (H200, scan loop, thirtieth
     # session) XLA's cuBLAS GEMMs (RunnerConfig.xla_gemms), reading each layer's slice in
     # place, made batch 128's async iteration 9.87 ms without LoRA and 13.94 ms with 128
-    # distinct adapters, against lora_matmul's 10.26 / 14.57 ms (one layer an iteration); at
-    # batch 32 lora_matmul was ahead (5.58 / 7.04 against 5.64 / 7.27 ms).
+    # distinct adapters, against lora_matmul's 10.26 / 14.57 ms (one layer a scan iteration
+    # both); at batch 32 lora_matmul was ahead (5.58 / 7.04 ms with two layers an iteration
+    # against 5.64 / 7.27 ms). Batch 64 through XLA's GEMMs was not run with one layer an
+    # iteration.
     max_tokens: int = 64
 
     def __post_init__(self):

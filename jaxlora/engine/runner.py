@@ -62,8 +62,8 @@ class RunnerConfig:
     # counter), which unrolling shares out among the layers it holds. None: 1. The twelfth
     # session had 2 on the GPU (32-layer 7B decode on the H200: 0.3-3.7% shorter steps); with
     # 2 layers an iteration XLA copies the weight slices its own GEMMs read (5.6-6.2 ms a step),
-    # with 1 cuBLAS reads them in place, and lora_matmul's steps were no slower (batch 128:
-    # 10.26 against 10.63 ms without LoRA; docs/BENCHMARKS.md, thirtieth session).
+    # with 1 cuBLAS reads them in place. The price: lora_matmul's batch-32 and -64 steps took
+    # 1.4-2.9% longer with 1 (docs/BENCHMARKS.md, thirtieth session).
     scan_unroll: int | None = None
     # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
     # Its ``deterministic`` field is the runner's (``deterministic`` below): one switch.
