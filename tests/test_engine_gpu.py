@@ -139,6 +139,19 @@ def _lowered_steps(*, use_lora=(False, True), few_adapters=False, **runner_field
     return runner, steps
 
 
+def _stacked_weight_slices(text, params):
+    """The leading dimensions (the layers taken) of every dynamic slice in a lowered step whose
+    other dimensions are one layer of a layer-stacked weight."""
+    per_layer = {tuple(w.shape[1:]) for w in jax.tree.leaves(params["layers"])}
+    leading = []
+    for match in re.finditer(r"stablehlo\.dynamic_slice[^\n]*-> tensor<([0-9x]+)x[a-z]+\d+>", text):
+        dims = tuple(int(d) for d in match.group(1).split("x"))
+        taken = next((k for k in range(1, len(dims)) if dims[k:] in per_layer), None)
+        if taken is not None:
+            leading.append(dims[:taken])
+    return leading
+
+
 @pytest.mark.parametrize(
     "layer_loop,tiles_only,projection,kv_write",
     [
@@ -168,7 +181,12 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
     lowered = 0
     for mode, use_lora, text in steps:
         kernels = triton_kernels(text)
-        # scan: scan_unroll traced layers (2 by default on this impl) and, where they do not
+        if layer_loop == "scan":
+            # One layer of each stacked weight a slice: a block of several layers (lax.scan's
+            # unroll > 1) is what XLA on the GPU copies before its own GEMMs (thirtieth session).
+            assert set(_stacked_weight_slices(text, runner.params)) == {(1,)}, (mode, use_lora)
+        # scan: scan_unroll traced layers (1 by default since the thirtieth session) and, where
+        # they do not
         # divide the layers, the remainder's; unrolled: every layer. Eight SGMV launches
         # per layer with LoRA; decode attention in every layer (JAX may lower those as one
         # shared function).
