@@ -188,9 +188,8 @@ class RunnerConfig:
         options = {"xla_gpu_enable_triton_gemm": False} if gemms == "cublas" else {}
         return {**options, **dict(self.xla_options)}
 
-    def scan_unroll_for(self, impl: str) -> int:
-        """Layers per scan iteration (``scan_unroll``'s None: 1, whatever the impl)."""
-        del impl  # one layer an iteration on every impl since the thirtieth session
+    def layers_per_scan_iteration(self) -> int:
+        """``scan_unroll``, None meaning 1 (on every impl since the thirtieth session)."""
         return 1 if self.scan_unroll is None else self.scan_unroll
 
     def scan_layers(self) -> bool:
@@ -392,19 +391,18 @@ class ModelRunner:
             config,
             dtype=dtype,
             scan_layers=runner.scan_layers(),
-            scan_unroll=runner.scan_unroll_for(self.impl),
+            scan_unroll=runner.layers_per_scan_iteration(),
             projection_kernel=projection_kernel,
             projection_config=runner.matmul,
         )
-        compiler_options = runner.compiler_options_for(self.impl) or None
-        if compiler_options:
-            _check_xla_options(compiler_options)
-        self.compiler_options = dict(compiler_options or {})  # what the step compiles with
+        if runner.xla_options:  # the user's; the one xla_gemms adds is known to XLA
+            _check_xla_options(dict(runner.xla_options))
+        self.compiler_options = runner.compiler_options_for(self.impl)  # what the step gets
         self._step = jax.jit(
             self._packed_forward,
             static_argnames=("treedef", "layout", "mode", "use_lora", "per_token"),
             donate_argnums=(1, 2),
-            compiler_options=compiler_options,
+            compiler_options=self.compiler_options or None,
         )
         self.compiled_shapes: set[tuple] = set()
         # Every step takes a register of the same shape (one compilation per bucket); steps
