@@ -343,6 +343,26 @@ def projection_kernels(params, *, impl="pallas", config=None) -> ProjectionKerne
     return ProjectionKernels(kernels=kernels, impl=impl, config=config)
 
 
+def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int) -> int:
+    """Layers per scan iteration of a step by default: 2 where ``lora_matmul`` runs every
+    projection group (it reads the stacked weights in place at the layer index, so the scan
+    slices no weight), 1 where any of XLA's GEMMs runs. With 2, lax.scan slices a block of two
+    layers of each weight, which XLA on the GPU copies before its own GEMMs (5.6-6.2 ms a 7B
+    decode step on the H200); cuBLAS reads a one-layer slice in place. Where no GEMM needs the
+    slices, two layers an iteration share out the loop's bookkeeping: 1.4-2.9% shorter batch-32
+    and -64 steps (docs/BENCHMARKS.md, thirtieth session)."""
+    if kernels is None:
+        return 1
+    groups = {
+        "qkv": (config.q_size, config.kv_size, config.kv_size),
+        "o": (config.hidden_size,),
+        "gate_up": (config.intermediate_size, config.intermediate_size),
+        "down": (config.hidden_size,),
+    }
+    every = all(kernels.applies(g, num_tokens, widths) for g, widths in groups.items())
+    return 2 if every else 1
+
+
 def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *, split=True):
     """The group's outputs (each (B, S, width)), LoRA included, from one ``lora_matmul`` launch
     (after the LoRA shrink), or with ``split=False`` the launch's output (B, S, sum(widths));
@@ -578,8 +598,9 @@ class Llama(nn.Module):
     # lax.scan (whose per-layer dynamic slices XLA may materialize as copies before each GEMM).
     scan_layers: bool = True
     # Layers per scan iteration (lax.scan's ``unroll``): fewer loop iterations, and their
-    # per-iteration copies and index fusions, for a longer compile.
-    scan_unroll: int = 1
+    # per-iteration copies and index fusions, for a longer compile. None: per step,
+    # ``scan_unroll_for_step`` (2 where lora_matmul runs every projection, else 1).
+    scan_unroll: int | None = None
     # "pallas" / "pallas_interpret": decode steps (T <= the config's max_tokens) run each
     # projection group through pallas_kernels.lora_matmul (base GEMM + LoRA expand in one launch)
     # reading the stacked fused kernels in place; needs the fused one-group parameter form
@@ -662,12 +683,11 @@ class Llama(nn.Module):
                 return carry, None
 
             if self.scan_layers:
-                # One layer's weights an iteration by default (RunnerConfig.scan_unroll): with
-                # more, each iteration slices a block of layers, which XLA on the GPU copies
-                # before its own GEMMs; cuBLAS reads a one-layer slice in place
-                # (docs/BENCHMARKS.md, thirtieth session).
+                unroll = self.scan_unroll
+                if unroll is None:
+                    unroll = scan_unroll_for_step(cfg, kernels, b * s)
                 (h, k_pool, v_pool), _ = jax.lax.scan(
-                    body, (h, *pools), (stacked, layer_ids), unroll=self.scan_unroll
+                    body, (h, *pools), (stacked, layer_ids), unroll=unroll
                 )
             else:
                 carry = (h, *pools)

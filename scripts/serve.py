@@ -86,7 +86,8 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
     "scan_unroll",
     None,
-    "Layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: 1).",
+    "Layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: per step, "
+    "2 where lora_matmul runs every projection, else 1).",
 )
 flags.DEFINE_string(
     "xla_options",

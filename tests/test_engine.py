@@ -329,9 +329,7 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
         RunnerConfig(layer_loop="sideways")
     with pytest.raises(ConfigError, match="scan_unroll: expected an int >= 1 or None, got 0"):
         RunnerConfig(scan_unroll=0)
-    # Unset: one layer an iteration on every impl (cuBLAS then reads each layer in place).
-    assert RunnerConfig().layers_per_scan_iteration() == 1
-    assert RunnerConfig(scan_unroll=4).layers_per_scan_iteration() == 4
+    assert RunnerConfig().scan_unroll is None  # per step: jaxlora.model.scan_unroll_for_step
 
 
 def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():

@@ -91,7 +91,7 @@ def test_pallas_engine_matches_reference_engine():
             CONFIG, params=params, adapters=adapters, engine_config=config, load_workers=0
         )
         assert llm.engine.runner.impl == impl
-        assert llm.engine.runner.model.scan_unroll == 1
+        assert llm.engine.runner.model.scan_unroll is None  # per step: scan_unroll_for_step
         if decode_rows == 64:
             assert config.runner.matmul.epilogue_for(64) == "rows_prefetch"
         outputs[impl, projection, kv_write, shrink_rows, decode_rows, epilogue_adapters] = [
@@ -139,10 +139,15 @@ def _lowered_steps(*, use_lora=(False, True), few_adapters=False, **runner_field
     return runner, steps
 
 
-def _stacked_weight_slices(text, params):
+def _stacked_weight_slices(text, params, *, matrices=False):
     """The leading dimensions (the layers taken) of every dynamic slice in a lowered step whose
-    other dimensions are one layer of a layer-stacked weight."""
-    per_layer = {tuple(w.shape[1:]) for w in jax.tree.leaves(params["layers"])}
+    other dimensions are one layer of a layer-stacked weight (``matrices``: of a projection
+    kernel, not a norm's scale)."""
+    per_layer = {
+        tuple(w.shape[1:])
+        for w in jax.tree.leaves(params["layers"])
+        if not matrices or w.ndim > 2
+    }
     leading = []
     for match in re.finditer(r"stablehlo\.dynamic_slice[^\n]*-> tensor<([0-9x]+)x[a-z]+\d+>", text):
         dims = tuple(int(d) for d in match.group(1).split("x"))
@@ -181,16 +186,25 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
     lowered = 0
     for mode, use_lora, text in steps:
         kernels = triton_kernels(text)
+        # The scan's default unroll, per step: 2 where lora_matmul runs every projection (a
+        # decode step of these 4 rows with projection "pallas"), 1 where XLA's GEMMs run.
+        every_group_in_lora_matmul = projection == "pallas" and mode == "decode"
+        unroll = 2 if every_group_in_lora_matmul else 1
         if layer_loop == "scan":
-            # One layer of each stacked weight a slice: a block of several layers (lax.scan's
-            # unroll > 1) is what XLA on the GPU copies before its own GEMMs (thirtieth session).
-            assert set(_stacked_weight_slices(text, runner.params)) == {(1,)}, (mode, use_lora)
-        # scan: scan_unroll traced layers (1 by default since the thirtieth session) and, where
-        # they do not
-        # divide the layers, the remainder's; unrolled: every layer. Eight SGMV launches
-        # per layer with LoRA; decode attention in every layer (JAX may lower those as one
-        # shared function).
-        layers, unroll = CONFIG.num_layers, runner.model.scan_unroll
+            if every_group_in_lora_matmul:
+                # No projection kernel sliced (lora_matmul reads the stack in place); the
+                # norms' scales in blocks of two layers: the unroll took.
+                assert _stacked_weight_slices(text, runner.params, matrices=True) == []
+                assert (1, 2) in set(_stacked_weight_slices(text, runner.params)), mode
+            else:
+                # One layer of each stacked weight a slice: a block of several layers (unroll
+                # > 1) is what XLA on the GPU copies before its own GEMMs (thirtieth session).
+                slices = set(_stacked_weight_slices(text, runner.params))
+                assert slices == {(1,)}, (mode, use_lora)
+        # scan: unroll traced layers and, where they do not divide the layers, the remainder's;
+        # unrolled: every layer. Eight SGMV launches per layer with LoRA; decode attention in
+        # every layer (JAX may lower those as one shared function).
+        layers = CONFIG.num_layers
         if layer_loop == "scan" and unroll < layers:
             layers = unroll + layers % unroll
         sgmv, attention = 8 * layers * use_lora, mode == "decode"
@@ -226,10 +240,11 @@ def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
         projection_kernel="pallas",
         matmul=MatmulConfig(shrink_rows=32),
     )
-    layers, unroll = CONFIG.num_layers, runner.model.scan_unroll
-    if unroll < layers:
-        layers = unroll + layers % unroll
     for mode, _, text in steps:
+        # Per step: two layers a scan iteration where lora_matmul runs every projection.
+        layers, unroll = CONFIG.num_layers, 2 if mode == "decode" else 1
+        if unroll < layers:
+            layers = unroll + layers % unroll
         sgmv = len(re.findall(r'name = "sgmv_', text))
         if mode == "decode":
             assert sgmv == 0 and "lora_matmul_expand" not in text

@@ -218,3 +218,24 @@ def test_projection_kernels_need_the_one_group_fused_form(tiny):
     assert kernels.applies("qkv", 8, (64, 32, 32)) and not kernels.applies("qkv", 129, (64,))
     with pytest.raises(ConfigError, match="projection_kernel"):
         projection_kernels(fuse_projections(params), impl="triton")
+
+
+def test_the_scan_unrolls_two_layers_only_where_lora_matmul_runs_every_projection(tiny):
+    """scan_unroll_for_step: 2 layers a scan iteration where every projection group runs
+    lora_matmul (no GEMM of XLA's reads a slice of the stacked weights, which XLA would copy in
+    blocks of two layers), 1 where any of XLA's GEMMs runs: no kernels (prefill, the "xla"
+    choice), more tokens than MatmulConfig.max_tokens, or a group with no block of columns."""
+    from jaxlora.model import projection_kernels, scan_unroll_for_step
+    from pallas_kernels.lora_matmul import MatmulConfig
+
+    config, params = tiny
+    fused = fuse_projections(params)
+    kernels = projection_kernels(fused, impl="pallas_interpret")
+    limit = MatmulConfig().max_tokens
+    assert scan_unroll_for_step(config, kernels, 1) == 2
+    assert scan_unroll_for_step(config, kernels, limit) == 2
+    assert scan_unroll_for_step(config, kernels, limit + 1) == 1
+    assert scan_unroll_for_step(config, None, 1) == 1
+    # One group left to XLA's GEMM (here: down missing) is enough for one layer an iteration.
+    three = kernels.replace(kernels={g: k for g, k in kernels.kernels.items() if g != "down"})
+    assert scan_unroll_for_step(config, three, 1) == 1

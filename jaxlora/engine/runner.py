@@ -59,11 +59,12 @@ class RunnerConfig:
     layer_loop: str = "scan"
     # Layers per iteration of the scan loop (lax.scan's ``unroll``; 1 = one layer traced once).
     # Each iteration also runs loop bookkeeping (the layer index, the norm scales' slices, the
-    # counter), which unrolling shares out among the layers it holds. None: 1. The twelfth
-    # session had 2 on the GPU (32-layer 7B decode on the H200: 0.3-3.7% shorter steps); with
-    # 2 layers an iteration XLA copies the weight slices its own GEMMs read (5.6-6.2 ms a step),
-    # with 1 cuBLAS reads them in place. The price: lora_matmul's batch-32 and -64 steps took
-    # 1.4-2.9% longer with 1 (docs/BENCHMARKS.md, thirtieth session).
+    # counter), which unrolling shares out among the layers it holds. None: per step
+    # (jaxlora.model.scan_unroll_for_step): 2 where lora_matmul runs every projection (it reads
+    # the stacked weights in place; 7B decode on the H200: 0.3-3.7% shorter steps, twelfth
+    # session), 1 where XLA's GEMMs run: with 2 layers an iteration XLA copies the weight
+    # slices its own GEMMs read (5.6-6.2 ms a step), with 1 cuBLAS reads them in place
+    # (docs/BENCHMARKS.md, thirtieth session).
     scan_unroll: int | None = None
     # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
     # Its ``deterministic`` field is the runner's (``deterministic`` below): one switch.
@@ -187,10 +188,6 @@ class RunnerConfig:
             gemms = "cublas" if impl == "pallas" else "autotuned"
         options = {"xla_gpu_enable_triton_gemm": False} if gemms == "cublas" else {}
         return {**options, **dict(self.xla_options)}
-
-    def layers_per_scan_iteration(self) -> int:
-        """``scan_unroll``, None meaning 1 (on every impl since the thirtieth session)."""
-        return 1 if self.scan_unroll is None else self.scan_unroll
 
     def scan_layers(self) -> bool:
         return self.layer_loop == "scan"
@@ -391,7 +388,7 @@ class ModelRunner:
             config,
             dtype=dtype,
             scan_layers=runner.scan_layers(),
-            scan_unroll=runner.layers_per_scan_iteration(),
+            scan_unroll=runner.scan_unroll,
             projection_kernel=projection_kernel,
             projection_config=runner.matmul,
         )
