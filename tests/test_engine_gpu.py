@@ -144,9 +144,7 @@ def _stacked_weight_slices(text, params, *, matrices=False):
     other dimensions are one layer of a layer-stacked weight (``matrices``: of a projection
     kernel, not a norm's scale)."""
     per_layer = {
-        tuple(w.shape[1:])
-        for w in jax.tree.leaves(params["layers"])
-        if not matrices or w.ndim > 2
+        tuple(w.shape[1:]) for w in jax.tree.leaves(params["layers"]) if not matrices or w.ndim > 2
     }
     leading = []
     for match in re.finditer(r"stablehlo\.dynamic_slice[^\n]*-> tensor<([0-9x]+)x[a-z]+\d+>", text):
