@@ -138,16 +138,22 @@ FUSED_PROJECTIONS = {
 }
 
 
-def _fused_projection(module: nn.Module, name: str, x: jax.Array, widths, dtype):
+def _fused_projection(module: nn.Module, name: str, x: jax.Array, widths, dtype, *, whole=False):
     """``x @ kernel`` of the fused kernel ``name`` split into the members' outputs (each
-    (..., width)), or None when the module's parameters are the separate (canonical) ones."""
+    (..., width)), or None when the module's parameters are the separate (canonical) ones.
+    ``whole``: the output unsplit, (..., sum(widths)), where the kernel is one group (its
+    columns are then the members' in order); None otherwise."""
     if not module.has_variable("params", name):
         return None
     kernel = module.get_variable("params", name)["kernel"]  # (E, groups, n)
     in_width, groups, n = kernel.shape
+    if whole and groups != 1:
+        return None
     # One (E, groups * n) matrix (a free reshape: the groups are the major columns), the plain
     # 2-D operand of the other projections' GEMMs.
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype).reshape(in_width, groups * n))
+    if whole:
+        return y
     y = y.reshape(*y.shape[:-1], groups, n)  # (..., groups, n)
     outputs, lo = [], 0
     for width in widths:
@@ -311,13 +317,15 @@ class ProjectionKernels:
     impl: str = flax.struct.field(pytree_node=False, default="pallas")  # or "pallas_interpret"
     config: object = flax.struct.field(pytree_node=False, default=None)  # MatmulConfig
 
-    def applies(self, group: str, num_tokens: int, widths) -> bool:
+    def applies(self, group: str, num_tokens: int, widths, *, k_loop_shrink=False) -> bool:
+        """Whether lora_matmul runs the group in a step of ``num_tokens`` tokens;
+        ``k_loop_shrink``: the step's shrink runs in its K loop (``LoraInputs.shrink_rows``),
+        which lets it run steps of up to ``max_tokens`` tokens, not ``plain_max_tokens``."""
         config = self.config or matmul_ops.MatmulConfig()
-        return (
-            group in self.kernels
-            and num_tokens <= config.max_tokens
-            and config.block_n_for(widths) > 0
+        limit = (
+            config.max_tokens if k_loop_shrink else min(config.max_tokens, config.plain_max_tokens)
         )
+        return group in self.kernels and num_tokens <= limit and config.block_n_for(widths) > 0
 
 
 def projection_kernels(params, *, impl="pallas", config=None) -> ProjectionKernels | None:
@@ -343,7 +351,7 @@ def projection_kernels(params, *, impl="pallas", config=None) -> ProjectionKerne
     return ProjectionKernels(kernels=kernels, impl=impl, config=config)
 
 
-def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int) -> int:
+def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int, lora=None) -> int:
     """Layers per scan iteration of a step by default: 2 where ``lora_matmul`` runs every
     projection group (it reads the stacked weights in place at the layer index, so the scan
     slices no weight), 1 where any of XLA's GEMMs runs. With 2, lax.scan slices a block of two
@@ -359,8 +367,16 @@ def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int) -> int:
         "gate_up": (config.intermediate_size, config.intermediate_size),
         "down": (config.hidden_size,),
     }
-    every = all(kernels.applies(g, num_tokens, widths) for g, widths in groups.items())
+    shrink = _k_loop_shrink(lora)
+    every = all(
+        kernels.applies(g, num_tokens, widths, k_loop_shrink=shrink) for g, widths in groups.items()
+    )
     return 2 if every else 1
+
+
+def _k_loop_shrink(lora) -> bool:
+    """Whether lora_matmul runs the step's LoRA shrink in its K loop (few adapters)."""
+    return lora is not None and lora.shrink_rows is not None
 
 
 def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *, split=True):
@@ -368,7 +384,9 @@ def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *
     (after the LoRA shrink), or with ``split=False`` the launch's output (B, S, sum(widths));
     None where the kernel does not apply (then XLA's GEMM runs)."""
     b, s, _ = x.shape
-    if kernels is None or not kernels.applies(group, b * s, widths):
+    if kernels is None or not kernels.applies(
+        group, b * s, widths, k_loop_shrink=_k_loop_shrink(lora)
+    ):
         return None
     x2 = x.reshape(b * s, -1)
     interpret = kernels.impl == "pallas_interpret"
@@ -426,9 +444,16 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         dense = lambda f, axes, name: _dense(f, axes, name, self.dtype, self.param_dtype)  # noqa: E731
         widths = (cfg.q_size, cfg.kv_size, cfg.kv_size)
+        rope_kernel = kv is not None and kv.write_impl == "pallas" and kv.impl != "reference"
         fused = _kernel_projection(
             "qkv", x.astype(self.dtype), widths, layer, lora, kernels, split=False
         )
+        if fused is None and rope_kernel:
+            # The RoPE + K/V write kernel reads q|k|v in place: XLA's GEMM output unsplit, with
+            # its LoRA delta, not split and concatenated again (a copy a layer).
+            fused = _fused_projection(self, "qkv_proj", x, widths, self.dtype, whole=True)
+            if fused is not None:
+                fused = _with_lora("qkv", x, [fused], layer, lora)[0]
         if fused is not None:
             qkv = jnp.split(fused, np.cumsum(widths)[:-1], axis=-1)
         else:
@@ -446,7 +471,7 @@ class Attention(nn.Module):
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         inv_freq = rope_inverse_frequencies(cfg)
         sm_scale = 1.0 / math.sqrt(cfg.head_dim)
-        if kv is not None and kv.write_impl == "pallas" and kv.impl != "reference":
+        if rope_kernel:
             from pallas_kernels import paged_attention as pa
 
             if fused is None:
@@ -685,7 +710,7 @@ class Llama(nn.Module):
             if self.scan_layers:
                 unroll = self.scan_unroll
                 if unroll is None:
-                    unroll = scan_unroll_for_step(cfg, kernels, b * s)
+                    unroll = scan_unroll_for_step(cfg, kernels, b * s, lora)
                 (h, k_pool, v_pool), _ = jax.lax.scan(
                     body, (h, *pools), (stacked, layer_ids), unroll=unroll
                 )

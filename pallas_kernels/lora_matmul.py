@@ -78,7 +78,8 @@ row blocks of 32 with the dot epilogue 1.3-1.5x.
 Grid: (ceil(T / block_m), N / block_n[, split]). Every width of the group must be a multiple
 of block_n so that a column block belongs to one weight (``lora_matmul`` checks,
 ``MatmulConfig.block_n_for`` picks one). The kernel is meant for decode-sized T
-(``MatmulConfig.max_tokens``); prefill keeps XLA's GEMM and the SGMV kernels.
+(``MatmulConfig.max_tokens``; above ``plain_max_tokens`` only steps whose shrink runs in its K
+loop); prefill keeps XLA's GEMM and the SGMV kernels.
 """
 
 from __future__ import annotations
@@ -245,9 +246,15 @@ class MatmulConfig(KernelConfig):
     # place, made batch 128's async iteration 9.87 ms without LoRA and 13.94 ms with 128
     # distinct adapters, against lora_matmul's 10.26 / 14.57 ms (one layer a scan iteration
     # both); at batch 32 lora_matmul was ahead (5.58 / 7.04 ms with two layers an iteration
-    # against 5.64 / 7.27 ms). Batch 64 through XLA's GEMMs was not run with one layer an
-    # iteration.
+    # against 5.64 / 7.27 ms).
     max_tokens: int = 64
+    # T above this (up to max_tokens): lora_matmul runs the step only where its K loop runs the
+    # shrink (a step whose adapters fit in shrink_rows: one launch a group); other steps (no
+    # LoRA, many adapters) take XLA's cuBLAS GEMMs and the SGMV delta. Batch 64 in the 7B
+    # engine (H200, thirty-first session, one process): cuBLAS 6.95 / 9.33 ms without LoRA /
+    # with 64 distinct adapters against lora_matmul's 7.07 / 9.80 ms, but 8.32 against 7.52 ms
+    # with one adapter (the in-loop shrink).
+    plain_max_tokens: int = 32
 
     def __post_init__(self):
         self._check_partial_share()
@@ -305,6 +312,7 @@ class MatmulConfig(KernelConfig):
             ("large_block_elements", 1, False),
             ("num_stages", 1, False),
             ("max_tokens", 1, False),
+            ("plain_max_tokens", 1, False),
             ("shrink_max_tokens", 1, False),
             ("column_programs", 0, False),
             ("small_tokens", 1, False),

@@ -78,7 +78,13 @@ def test_pallas_engine_matches_reference_engine():
                 impl=impl,
                 projection_kernel=projection,
                 kv_write=kv_write,
-                matmul=MatmulConfig(shrink_rows=shrink_rows, epilogue_adapters=epilogue_adapters),
+                # plain_max_tokens=decode_rows: lora_matmul runs every decode step, also the 64-row
+                # ones with many adapters (by default XLA's cuBLAS GEMMs run those).
+                matmul=MatmulConfig(
+                    shrink_rows=shrink_rows,
+                    epilogue_adapters=epilogue_adapters,
+                    plain_max_tokens=decode_rows,
+                ),
                 # One step shape per mode (padded rows): 4 compilations per engine instead of
                 # 14; with the default buckets the test outran a 170 s limit on the H200.
                 decode_buckets=(decode_rows,),
@@ -104,14 +110,16 @@ def test_pallas_engine_matches_reference_engine():
         assert outputs[run] == outputs[runs[0]], run
 
 
-def _lowered_steps(*, use_lora=(False, True), few_adapters=False, **runner_fields):
+def _lowered_steps(*, use_lora=(False, True), few_adapters=False, max_batch=4, **runner_fields):
     """Every step shape of a small Pallas engine (4 decode rows, 2 prefill rows; the other
     RunnerConfig fields given) lowered for an abstract GPU: (runner, a list of (mode, use_lora,
     StableHLO text)). ``few_adapters``: the LoRA metadata of a step with few adapters (the
     shrink rows where lora_matmul runs the shrink)."""
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
-        runner=RunnerConfig(max_batch=4, max_prefill_rows=2, impl="pallas", **runner_fields),
+        runner=RunnerConfig(
+            max_batch=max_batch, max_prefill_rows=2, impl="pallas", **runner_fields
+        ),
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=32, max_slots=4),
         warmup=False,
     )
@@ -215,6 +223,10 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
         if kv_write == "pallas":
             sgmv += layers  # not SGMV: RoPE and the K/V write of each layer
             assert text.count("rope_write_kv_q") >= layers
+            # It reads the q|k|v projection's output as it is, XLA's GEMM included (no split
+            # and concatenate again: a copy a layer).
+            qkv_width = CONFIG.q_size + 2 * CONFIG.kv_size
+            assert not re.findall(rf"stablehlo\.concatenate[^\n]*x{qkv_width}x[a-z]+\d+>", text)
         assert sgmv + attention <= kernels <= sgmv + layers * attention, (mode, use_lora)
         if use_lora:
             per_token = "sgmv_shrink_decode" in text or "sgmv_expand_decode" in text
@@ -249,6 +261,31 @@ def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
             assert text.count('name = "lora_matmul_shrink32') >= 4 * layers
         else:
             assert sgmv >= 8 * layers and "lora_matmul" not in text
+
+
+@pytest.mark.parametrize("few_adapters", [False, True])
+def test_decode_steps_past_plain_max_tokens_run_lora_matmul_only_with_the_k_loop_shrink(
+    few_adapters,
+):
+    """On any machine: a 64-row decode step (above MatmulConfig.plain_max_tokens = 32) runs
+    lora_matmul only where its K loop runs the shrink (few adapters); without LoRA, or with
+    many adapters, XLA's GEMMs run it (and the SGMV pair adds LoRA), one layer a scan
+    iteration."""
+    _, steps = _lowered_steps(
+        few_adapters=few_adapters,
+        max_batch=64,
+        decode_buckets=(64,),
+        prefill_buckets=(1,),
+        prefill_chunk=32,
+        projection_kernel="pallas",
+    )
+    decode = {use_lora: text for mode, use_lora, text in steps if mode == "decode"}
+    assert "lora_matmul" not in decode[False]
+    if few_adapters:
+        assert "lora_matmul_shrink32" in decode[True] and 'name = "sgmv_' not in decode[True]
+    else:
+        assert "lora_matmul" not in decode[True]
+        assert 'name = "sgmv_shrink' in decode[True] and 'name = "sgmv_expand' in decode[True]
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

@@ -625,6 +625,7 @@ def test_bad_inputs_raise_config_errors():
         ({"min_block_m": 48}, "'min_block_m': expected a power of two >= 16"),
         ({"shrink_rows": 24}, "'shrink_rows': expected 0 .off. or a power of two"),
         ({"shrink_max_tokens": 0}, "'shrink_max_tokens': expected an int >= 1"),
+        ({"plain_max_tokens": 0}, "'plain_max_tokens': expected an int >= 1"),
         ({"large_block_num_warps": 0}, "'large_block_num_warps': expected an int >= 1"),
         (
             {"prefetch_epilogue_max_tokens": 0},

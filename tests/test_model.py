@@ -216,6 +216,10 @@ def test_projection_kernels_need_the_one_group_fused_form(tiny):
         "down": (2, 128, 64),
     }
     assert kernels.applies("qkv", 8, (64, 32, 32)) and not kernels.applies("qkv", 129, (64,))
+    # 33..64 tokens only where the shrink runs in lora_matmul's K loop (few adapters).
+    assert not kernels.applies("qkv", 64, (64, 32, 32))
+    assert kernels.applies("qkv", 64, (64, 32, 32), k_loop_shrink=True)
+    assert not kernels.applies("qkv", 65, (64, 32, 32), k_loop_shrink=True)
     with pytest.raises(ConfigError, match="projection_kernel"):
         projection_kernels(fuse_projections(params), impl="triton")
 
@@ -224,17 +228,33 @@ def test_the_scan_unrolls_two_layers_only_where_lora_matmul_runs_every_projectio
     """scan_unroll_for_step: 2 layers a scan iteration where every projection group runs
     lora_matmul (no GEMM of XLA's reads a slice of the stacked weights, which XLA would copy in
     blocks of two layers), 1 where any of XLA's GEMMs runs: no kernels (prefill, the "xla"
-    choice), more tokens than MatmulConfig.max_tokens, or a group with no block of columns."""
+    choice), more tokens than lora_matmul takes (MatmulConfig.plain_max_tokens; max_tokens
+    where the step's shrink runs in its K loop), or a group it does not run."""
+    from jaxlora.lora import LoraInputs
     from jaxlora.model import projection_kernels, scan_unroll_for_step
     from pallas_kernels.lora_matmul import MatmulConfig
 
     config, params = tiny
     fused = fuse_projections(params)
     kernels = projection_kernels(fused, impl="pallas_interpret")
-    limit = MatmulConfig().max_tokens
-    assert scan_unroll_for_step(config, kernels, 1) == 2
-    assert scan_unroll_for_step(config, kernels, limit) == 2
-    assert scan_unroll_for_step(config, kernels, limit + 1) == 1
+    plain, limit = MatmulConfig().plain_max_tokens, MatmulConfig().max_tokens
+    assert plain < limit
+    few = LoraInputs(
+        pools={},
+        a_pages=None,
+        b_pages=None,
+        ranks=None,
+        scales=None,
+        token_slot=None,
+        shrink_rows=np.zeros((2, 32), np.int32),
+    )
+    many = few.replace(shrink_rows=None)
+    for lora in (None, many):
+        assert scan_unroll_for_step(config, kernels, 1, lora) == 2
+        assert scan_unroll_for_step(config, kernels, plain, lora) == 2
+        assert scan_unroll_for_step(config, kernels, plain + 1, lora) == 1
+    assert scan_unroll_for_step(config, kernels, limit, few) == 2
+    assert scan_unroll_for_step(config, kernels, limit + 1, few) == 1
     assert scan_unroll_for_step(config, None, 1) == 1
     # One group left to XLA's GEMM (here: down missing) is enough for one layer an iteration.
     three = kernels.replace(kernels={g: k for g, k in kernels.kernels.items() if g != "down"})
