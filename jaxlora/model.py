@@ -357,8 +357,8 @@ def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int, lora=Non
     slices no weight), 1 where any of XLA's GEMMs runs. With 2, lax.scan slices a block of two
     layers of each weight, which XLA on the GPU copies before its own GEMMs (5.6-6.2 ms a 7B
     decode step on the H200); cuBLAS reads a one-layer slice in place. Where no GEMM needs the
-    slices, two layers an iteration share out the loop's bookkeeping: 1.4-2.9% shorter batch-32
-    and -64 steps (docs/BENCHMARKS.md, thirtieth session)."""
+    slices, two layers an iteration share out the loop's bookkeeping: 0.6-2.8% shorter batch-32
+    and -64 async iterations on the H200 (docs/BENCHMARKS.md, thirty-first session)."""
     if kernels is None:
         return 1
     groups = {

@@ -61,10 +61,10 @@ class RunnerConfig:
     # Each iteration also runs loop bookkeeping (the layer index, the norm scales' slices, the
     # counter), which unrolling shares out among the layers it holds. None: per step
     # (jaxlora.model.scan_unroll_for_step): 2 where lora_matmul runs every projection (it reads
-    # the stacked weights in place; 7B decode on the H200: 0.3-3.7% shorter steps, twelfth
-    # session), 1 where XLA's GEMMs run: with 2 layers an iteration XLA copies the weight
-    # slices its own GEMMs read (5.6-6.2 ms a step), with 1 cuBLAS reads them in place
-    # (docs/BENCHMARKS.md, thirtieth session).
+    # the stacked weights in place; 7B decode on the H200: 0.6-2.8% shorter batch-32 and -64
+    # iterations, thirty-first session), 1 where XLA's GEMMs run: with 2 layers an iteration
+    # XLA copies the weight slices its own GEMMs read (5.6-6.2 ms a step), with 1 cuBLAS reads
+    # them in place (docs/BENCHMARKS.md, thirtieth session).
     scan_unroll: int | None = None
     # Tuning of the SGMV kernels (None: SgmvConfig's defaults), e.g. where decode kernels stop.
     # Its ``deterministic`` field is the runner's (``deterministic`` below): one switch.
