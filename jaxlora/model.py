@@ -626,7 +626,8 @@ class Llama(nn.Module):
     # per-iteration copies and index fusions, for a longer compile. None: per step,
     # ``scan_unroll_for_step`` (2 where lora_matmul runs every projection, else 1).
     scan_unroll: int | None = None
-    # "pallas" / "pallas_interpret": decode steps (T <= the config's max_tokens) run each
+    # "pallas" / "pallas_interpret": decode steps (T <= the config's plain_max_tokens, or
+    # max_tokens where the step's LoRA shrink runs in the kernel's K loop) run each
     # projection group through pallas_kernels.lora_matmul (base GEMM + LoRA expand in one launch)
     # reading the stacked fused kernels in place; needs the fused one-group parameter form
     # (fuse_projections), else, and with "xla", XLA's GEMMs run.

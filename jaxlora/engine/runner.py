@@ -74,13 +74,14 @@ class RunnerConfig:
     # False),): cuBLAS GEMMs; on the H200 an 8-layer 7B step compiled 11x faster with them, at
     # -10% to +5% of the tokens/s (docs/BENCHMARKS.md). Checked when the runner is built.
     xla_options: tuple[tuple[str, bool | int | float | str], ...] = ()
-    # XLA's own GEMMs in the model step (prefill, the LM head, decode projections past
-    # MatmulConfig.max_tokens): "cublas" (xla_gpu_enable_triton_gemm off) or "autotuned"
-    # (XLA's choice, mostly its Triton GEMM fusions). In the scan layer loop a Triton GEMM
-    # fusion copies each layer's weight slice first (5.6 ms a 7B decode step on the H200);
-    # cuBLAS reads a one-layer slice in place (docs/BENCHMARKS.md, thirtieth session). "auto":
-    # "cublas" with the compiled Pallas impl (a GPU), "autotuned" elsewhere. An
-    # xla_gpu_enable_triton_gemm entry in xla_options wins over this.
+    # XLA's own GEMMs in the model step (prefill, the LM head, decode projections lora_matmul
+    # does not run: MatmulConfig.plain_max_tokens / max_tokens): "cublas"
+    # (xla_gpu_enable_triton_gemm off) or "autotuned" (XLA's choice, mostly its Triton GEMM
+    # fusions). In the scan layer loop a Triton GEMM fusion copies each layer's weight slice
+    # first (5.6 ms a 7B decode step on the H200); cuBLAS reads a one-layer slice in place
+    # (docs/BENCHMARKS.md, thirtieth session). "auto": "cublas" with the compiled Pallas impl
+    # (a GPU), "autotuned" elsewhere. An xla_gpu_enable_triton_gemm entry in xla_options wins
+    # over this.
     xla_gemms: str = "auto"
     # Store q|k|v and gate|up as one kernel each (jaxlora.model.fuse_projections) when the engine
     # starts: one GEMM per group instead of 3 and 2. Same function; on the H200 the projections
