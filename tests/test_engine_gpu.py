@@ -111,10 +111,10 @@ def test_pallas_engine_matches_reference_engine():
 
 
 def _lowered_steps(*, use_lora=(False, True), few_adapters=False, max_batch=4, **runner_fields):
-    """Every step shape of a small Pallas engine (4 decode rows, 2 prefill rows; the other
-    RunnerConfig fields given) lowered for an abstract GPU: (runner, a list of (mode, use_lora,
-    StableHLO text)). ``few_adapters``: the LoRA metadata of a step with few adapters (the
-    shrink rows where lora_matmul runs the shrink)."""
+    """Every step shape of a small Pallas engine (``max_batch`` decode rows, 2 prefill rows; the
+    other RunnerConfig fields given) lowered for an abstract GPU: (runner, a list of (mode,
+    use_lora, StableHLO text)). ``few_adapters``: the LoRA metadata of a step with few adapters
+    (the shrink rows where lora_matmul runs the shrink)."""
     config = EngineConfig(
         kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
         runner=RunnerConfig(
@@ -268,10 +268,10 @@ def test_decode_steps_past_plain_max_tokens_run_lora_matmul_only_with_the_k_loop
     few_adapters,
 ):
     """On any machine: a 64-row decode step (above MatmulConfig.plain_max_tokens = 32) runs
-    lora_matmul only where its K loop runs the shrink (few adapters); without LoRA, or with
-    many adapters, XLA's GEMMs run it (and the SGMV pair adds LoRA), one layer a scan
-    iteration."""
-    _, steps = _lowered_steps(
+    lora_matmul only where its K loop runs the shrink (few adapters; two layers a scan
+    iteration); without LoRA, or with many adapters, XLA's GEMMs run it (and the SGMV pair adds
+    LoRA), one layer a scan iteration."""
+    runner, steps = _lowered_steps(
         few_adapters=few_adapters,
         max_batch=64,
         decode_buckets=(64,),
@@ -281,11 +281,15 @@ def test_decode_steps_past_plain_max_tokens_run_lora_matmul_only_with_the_k_loop
     )
     decode = {use_lora: text for mode, use_lora, text in steps if mode == "decode"}
     assert "lora_matmul" not in decode[False]
+    assert set(_stacked_weight_slices(decode[False], runner.params)) == {(1,)}
     if few_adapters:
         assert "lora_matmul_shrink32" in decode[True] and 'name = "sgmv_' not in decode[True]
+        assert _stacked_weight_slices(decode[True], runner.params, matrices=True) == []
+        assert (1, 2) in set(_stacked_weight_slices(decode[True], runner.params))
     else:
         assert "lora_matmul" not in decode[True]
         assert 'name = "sgmv_shrink' in decode[True] and 'name = "sgmv_expand' in decode[True]
+        assert set(_stacked_weight_slices(decode[True], runner.params)) == {(1,)}
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
