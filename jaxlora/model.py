@@ -361,15 +361,13 @@ def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int, lora=Non
     and -64 async iterations on the H200 (docs/BENCHMARKS.md, thirty-first session)."""
     if kernels is None:
         return 1
-    groups = {
-        "qkv": (config.q_size, config.kv_size, config.kv_size),
-        "o": (config.hidden_size,),
-        "gate_up": (config.intermediate_size, config.intermediate_size),
-        "down": (config.hidden_size,),
-    }
+    out_width = {module: shape[1] for module, shape in config.module_shapes().items()}
     shrink = _k_loop_shrink(lora)
     every = all(
-        kernels.applies(g, num_tokens, widths, k_loop_shrink=shrink) for g, widths in groups.items()
+        kernels.applies(
+            group, num_tokens, tuple(out_width[m] for m in modules), k_loop_shrink=shrink
+        )
+        for group, modules in layout.MODULE_GROUPS.items()
     )
     return 2 if every else 1
 
