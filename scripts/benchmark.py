@@ -97,6 +97,12 @@ flags.DEFINE_integer(
     "adapter i uses set i mod this (jaxlora/bench/adapters.py)",
 )
 flags.DEFINE_integer("seed", 0, "seed of weights, prompts and traces")
+flags.DEFINE_bool(
+    "freeze_heap",
+    True,
+    "serve each offline row and online trace with the objects alive before it frozen out of "
+    "Python's garbage collector (gc.freeze), as serve.py serves once warm",
+)
 flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
 flags.DEFINE_float("copy_gib", 1.0, "size of the copy-bandwidth buffers")
 flags.DEFINE_integer("flush_mib", 256, "size of the L2-flush buffer of the copy measurement")
@@ -263,6 +269,7 @@ def main(argv):
             projection_kernel=FLAGS.projection_kernel,
             profile_steps=FLAGS.profile_steps,
             free_running=tuple(FLAGS.free_running),
+            freeze_heap=FLAGS.freeze_heap,
             seed=FLAGS.seed,
         )
     else:
@@ -288,6 +295,7 @@ def main(argv):
             fuse_projections=FLAGS.fuse_projections,
             projection_kernel=FLAGS.projection_kernel,
             time_steps=FLAGS.online_time_steps,
+            freeze_heap=FLAGS.freeze_heap,
             seed=FLAGS.seed,
         )
     engine_config = config.engine_config()

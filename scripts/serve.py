@@ -159,8 +159,9 @@ def main(argv):
 
     from jaxlora.engine.runner import xla_options_from_json
     from jaxlora.errors import JaxloraError
+    from jaxlora.heap import freeze_startup_objects
     from jaxlora.server import create_app
-    from jaxlora.server.launch import LaunchConfig, banner, build_state, freeze_startup_objects
+    from jaxlora.server.launch import LaunchConfig, banner, build_state
     from pallas_kernels.lora_matmul import MatmulConfig
     from pallas_kernels.sgmv import SgmvConfig
 

@@ -214,6 +214,13 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
             # no longer than the whole iteration.
             decode = f["host_ms_decode_median"]
             assert set(decode) == set(host) and 0 < sum(decode.values())
+        # Each pass records its longest iteration, the host's time between iterations and the
+        # garbage collections it paid for (a stall is told from a slow step).
+        for f in (r, *free.values()):
+            assert f["iteration_ms_max"] >= f["iteration_ms_median"] > 0
+            assert f["outside_iterations_ms"] >= 0
+            assert set(f["gc"]["collections"]) == {"0", "1", "2"}
+            assert f["gc"]["ms_total"] >= f["gc"]["ms_max"] >= f["gc"]["full_ms_max"] >= 0
         # Greedy tokens: the same in the timed, async and sync passes; a digest to compare runs.
         assert all(f["same_tokens_as_timed"] for f in free.values())
         assert len(r["output_digest"]) == 16 and len(r["output_head"]) == min(batch, 4)
@@ -243,6 +250,16 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
             assert r["lora_explained_ms"] == pytest.approx(
                 r["bytes_adapters_MB"] * 1e6 / 50e9 * 1e3
             )
+
+
+def test_offline_rows_leave_the_heap_unfrozen(offline_result):
+    """Each row runs with the objects before it frozen (config.freeze_heap, the default), and
+    unfreezes them after: the benchmark's dropped engines stay collectable (CPython starts
+    with some objects frozen; the unfreeze returns those too)."""
+    import gc
+
+    config, _, _ = offline_result
+    assert config.freeze_heap and gc.get_freeze_count() == 0
 
 
 def test_offline_digest_tells_outputs_apart(offline_result):
@@ -384,6 +401,7 @@ def test_online_trace_pages_adapters_and_measures_latency():
         assert r["num_adapters"] == count and r["requests"] == len(trace)
         assert r["finished"] == r["requests"] and r["unfinished"] == 0
         assert r["compilations_while_timed"] == 0
+        assert set(r["gc"]["collections"]) == {"0", "1", "2"} and r["gc"]["ms_total"] >= 0
         assert r["distinct_adapters"] == len({t.adapter for t in trace})
         # The pool starts empty: every adapter is copied in at least once.
         assert r["adapter_misses"] >= r["distinct_adapters"]

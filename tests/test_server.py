@@ -628,7 +628,7 @@ def test_freeze_startup_objects_leaves_collections_what_comes_later():
     generations then hold only what came after (a full collection scans those only)."""
     import gc
 
-    from jaxlora.server.launch import freeze_startup_objects
+    from jaxlora.heap import freeze_startup_objects
 
     tracked = len(gc.get_objects())
     frozen = gc.get_freeze_count()

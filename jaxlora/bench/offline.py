@@ -13,6 +13,7 @@ import time
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError
+from jaxlora.heap import GcRecorder, frozen_heap
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import pages_for_rank
 
@@ -50,6 +51,9 @@ class OfflineConfig:
     # mode here, untimed: "async" / "sync" scheduling (EngineConfig.async_scheduling). The first
     # gives the row's output tokens/s; () keeps the timed pass's.
     free_running: tuple[str, ...] = ("async", "sync")
+    # Each row is served with the objects alive before it frozen (jaxlora.heap.frozen_heap), as
+    # serve.py serves once warm: a full garbage collection then scans only what the row creates.
+    freeze_heap: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -160,13 +164,18 @@ def run_row(
 ) -> dict:
     """The row's requests served once with every model step timed (the step times, the
     roofline), then once per ``config.free_running`` scheduling mode untimed (tokens/s)."""
-    engine = bench.engine
-    model = engine.config
     indices = assign_adapters(
         workload, batch, seed=config.seed + batch, skewed_adapters=config.skewed_adapters
     )
     names = _names(bench, indices)
     load_s = preload(bench, names)
+    with frozen_heap(config.freeze_heap):
+        return _run_row(bench, config, batch, workload, names, load_s, copy_gbps)
+
+
+def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
+    engine = bench.engine
+    model = engine.config
     bench.timer.take()
     timed = _serve(bench, config, batch, workload, names, profile_steps=config.profile_steps)
     records = bench.timer.take()
@@ -186,6 +195,9 @@ def run_row(
         "output_tokens_per_s_timed": tokens / wall,
         "engine_iterations": len(timed["iterations"]),
         "iteration_ms_median": _median(timed["iterations"]) * 1e3,
+        "iteration_ms_max": timed["iteration_ms_max"],
+        "outside_iterations_ms": timed["outside_iterations_ms"],
+        "gc": timed["gc"],
         "adapter_preload_s": load_s,
         "compilations_while_timed": timed["compilations"],
         # Greedy tokens of the row's requests: the same seed and prompts give the same digest
@@ -212,6 +224,9 @@ def run_row(
                     "wall_s": free["wall_s"],
                     "output_tokens_per_s": free["output_tokens"] / free["wall_s"],
                     "iteration_ms_median": _median(free["iterations"]) * 1e3,
+                    "iteration_ms_max": free["iteration_ms_max"],
+                    "outside_iterations_ms": free["outside_iterations_ms"],
+                    "gc": free["gc"],
                     "engine_iterations": len(free["iterations"]),
                     "compilations_while_timed": free["compilations"],
                     "host_ms_per_iteration": free["host_ms_per_iteration"],
@@ -220,11 +235,16 @@ def run_row(
                     "same_tokens_as_timed": free["output_ids"] == timed["output_ids"],
                 }
                 log.info(
-                    "offline batch=%d %-9s %s: iteration %.2f ms; decode iterations' host ms %s",
+                    "offline batch=%d %-9s %s: iteration %.2f ms (longest %.1f, %.1f ms "
+                    "outside; gc %d full, longest %.1f ms); decode iterations' host ms %s",
                     batch,
                     workload,
                     mode,
                     row["free_running"][mode]["iteration_ms_median"],
+                    free["iteration_ms_max"],
+                    free["outside_iterations_ms"],
+                    free["gc"]["collections"]["2"],
+                    free["gc"]["ms_max"],
                     " ".join(f"{k}={v:.2f}" for k, v in free["host_ms_decode_median"].items()),
                 )
             if config.profile_steps and "async" in config.free_running:
@@ -278,7 +298,7 @@ def _serve(
     stats = engine.stats
     host_before = dict(stats.host_seconds)
     decode_host = []  # each decode-only iteration's host ms by phase
-    with CompileCounter() as compiles:
+    with CompileCounter() as compiles, GcRecorder() as collections:
         start = time.perf_counter()
         requests = [
             engine.submit(list(map(int, p)), sampling, adapter=n)
@@ -316,6 +336,12 @@ def _serve(
     return {
         "wall_s": wall,
         "iterations": iterations,
+        "iteration_ms_max": max(iterations, default=0.0) * 1e3,
+        # The host's time between iterations (submitting the requests, the loop itself; and
+        # the profiler's iterations where traced): a stall here delays every request too.
+        "outside_iterations_ms": (wall - sum(iterations)) * 1e3,
+        # The garbage collections the pass paid for (jaxlora.heap.GcRecorder.summary).
+        "gc": collections.summary(),
         "compilations": compiles.count,
         "output_tokens": sum(len(r.output_ids) for r in requests),
         "output_ids": [list(map(int, r.output_ids)) for r in requests],

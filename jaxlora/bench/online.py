@@ -16,6 +16,7 @@ import numpy as np
 from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError
+from jaxlora.heap import GcRecorder, frozen_heap
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import pages_for_rank
 
@@ -59,6 +60,9 @@ class OnlineConfig:
     # device wait for the host as synchronous scheduling would; False: the engine runs as it
     # serves (async scheduling) and the steps are only counted.
     time_steps: bool = False
+    # Each trace is served with the objects alive before it frozen (jaxlora.heap.frozen_heap),
+    # as serve.py serves once warm.
+    freeze_heap: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -146,7 +150,12 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
     bench.timer.blocking = config.time_steps
     submitted = []
     steps = queued_steps = waiting_total = 0
-    with CompileCounter() as compiles, contextlib.ExitStack() as restore:
+    with (
+        frozen_heap(config.freeze_heap),
+        CompileCounter() as compiles,
+        GcRecorder() as collections,
+        contextlib.ExitStack() as restore,
+    ):
         restore.callback(setattr, bench.timer, "blocking", True)
         origin = time.monotonic()
         next_index = 0
@@ -245,13 +254,16 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         "prefill_steps": sum(r.mode == "prefill" for r in records),
         "preemptions": engine.stats.preemptions - preemptions_before,
         "compilations_while_timed": compiles.count,
+        # The garbage collections the trace paid for (jaxlora.heap.GcRecorder.summary).
+        "gc": collections.summary(),
         # Host ms per engine iteration by phase (EngineStats.host_seconds): "wait" is the time
         # blocked on the device, the rest the host's own work ("schedule" includes polling the
         # adapter pool and starting adapter loads at admission).
         "host_ms_per_step": host,
     }
     log.info(
-        "online n=%d: %.2f req/s, %.0f tok/s, ttft p50 %.2f s p99 %.2f s, SLO %.1f%%, %d misses",
+        "online n=%d: %.2f req/s, %.0f tok/s, ttft p50 %.2f s p99 %.2f s, SLO %.1f%%, "
+        "%d misses; gc %d full, longest %.1f ms",
         num_adapters,
         row["throughput_rps"],
         row["output_tokens_per_s"],
@@ -259,6 +271,8 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         row["ttft_p99_s"],
         100 * row["slo_attainment"],
         row["adapter_misses"],
+        row["gc"]["collections"]["2"],
+        row["gc"]["ms_max"],
     )
     return row
 

@@ -8,11 +8,9 @@ few batch buckets (each compiles for seconds there), on GPU the engine's default
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import shlex
-import time
 
 import jax
 import jax.numpy as jnp
@@ -216,20 +214,6 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
             "adapter's name; rename one (--served_model_name)"
         )
     return ServingState(llm, server_config)
-
-
-def freeze_startup_objects() -> float:
-    """Moves every object alive once the server is up (JAX's, the modules', the engine's) into
-    Python's permanent generation, so that a full garbage collection while serving scans only
-    what requests create: every in-flight request waits for one. With the small test engine
-    loaded, a full collection took 74-82 ms on a CPU of this project's machines and 0.0 ms after
-    the freeze (vLLM freezes the same way once it has started). Returns the seconds of the
-    collection that precedes the freeze. For a process that serves one engine: objects frozen
-    here are never collected, should they later become unreachable cycles."""
-    start = time.perf_counter()
-    gc.collect()
-    gc.freeze()
-    return time.perf_counter() - start
 
 
 def banner(state: ServingState, url: str) -> str:
