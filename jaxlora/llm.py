@@ -147,9 +147,10 @@ class LLM:
         adapter: str | None = None,
         sampling: SamplingParams | None = None,
         deadline_s: float | None = None,
+        stream: bool = True,
     ) -> Request:
         return self.engine.submit(
-            self.encode(prompt), sampling, adapter=adapter, deadline_s=deadline_s
+            self.encode(prompt), sampling, adapter=adapter, deadline_s=deadline_s, stream=stream
         )
 
     def generate(
@@ -168,7 +169,7 @@ class LLM:
                 f"{len(samplings)} sampling parameters"
             )
         requests = [
-            self.submit(p, adapter=a, sampling=s)
+            self.submit(p, adapter=a, sampling=s, stream=False)
             for p, a, s in zip(prompts, adapters, samplings, strict=True)
         ]
         if self.engine._thread is None:

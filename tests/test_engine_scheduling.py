@@ -97,6 +97,32 @@ def test_async_streams_on_the_engine_thread_match_generate(base):
     assert len({tuple(c.token_ids) for c in generated}) == 3
 
 
+def test_a_request_not_streamed_queues_only_its_end(base, monkeypatch):
+    """submit(stream=False), which LLM.generate and the benchmarks use: the same tokens, but
+    only the closing delta is queued, so a waited-on request keeps no object a token alive for
+    the garbage collector to scan."""
+    llm = jaxlora.LLM(TINY, params=base, engine_config=small_engine_config(), load_workers=0)
+    engine = llm.engine
+    streamed = engine.submit([5, 6, 7], greedy(6))
+    waited = engine.submit([5, 6, 7], greedy(6), stream=False)
+    engine.run_until_idle()
+    assert waited.wait(timeout=0) and streamed.wait(timeout=0)
+    assert waited.output_ids == streamed.output_ids and len(waited.output_ids) == 6
+    assert waited._queue.qsize() == 2  # the closing delta and the end marker
+    deltas = list(waited.stream(timeout=0))
+    assert len(deltas) == 1 and deltas[0].token_ids == []
+    assert deltas[0].finish_reason is FinishReason.LENGTH
+    assert len(list(streamed.stream(timeout=0))) == 7
+    # LLM.generate only waits: its requests are not streamed.
+    seen = []
+    submit = engine.submit
+    monkeypatch.setattr(
+        engine, "submit", lambda *a, **k: seen.append(k.get("stream", True)) or submit(*a, **k)
+    )
+    completion = llm.generate([[5, 6, 7]], sampling=greedy(6))[0]
+    assert seen == [False] and completion.token_ids == waited.output_ids
+
+
 def test_cold_adapter_loading_does_not_block_warm_requests(base, tmp_path, monkeypatch):
     """A request whose adapter is still being read from disk (a background loader thread) holds
     its place but does not hold up the others: a warm-adapter request and a base-model request

@@ -301,7 +301,7 @@ def _serve(
     with CompileCounter() as compiles, GcRecorder() as collections:
         start = time.perf_counter()
         requests = [
-            engine.submit(list(map(int, p)), sampling, adapter=n)
+            engine.submit(list(map(int, p)), sampling, adapter=n, stream=False)
             for p, n in zip(prompts, names, strict=True)
         ]
         while engine.has_work():

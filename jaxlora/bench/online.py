@@ -171,6 +171,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
                     trace_prompt(item, model.vocab_size, seed=config.seed),
                     sampling,
                     adapter=names[next_index],
+                    stream=False,
                 )
                 submitted.append((item, request))
                 next_index += 1

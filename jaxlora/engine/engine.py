@@ -226,8 +226,10 @@ class Engine:
         adapter: str | None = None,
         request_id: str | None = None,
         deadline_s: float | None = None,
+        stream: bool = True,
     ) -> Request:
-        """Queues a request; returns it at once (stream its deltas or wait on it)."""
+        """Queues a request; returns it at once (stream its deltas or wait on it). stream=False:
+        only the final delta is queued (``Request.stream_deltas``), for callers that wait."""
         sampling = sampling or SamplingParams()
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
@@ -266,6 +268,7 @@ class Engine:
             prompt_ids=prompt_ids,
             sampling=sampling,
             adapter=adapter,
+            stream_deltas=stream,
         )
         if self.tokenizer is not None:
             request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
