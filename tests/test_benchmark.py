@@ -523,7 +523,12 @@ def test_report_judges_each_target():
         roofline_ms=4.0, free_running={"async": {"iteration_ms_median": 5.2}}
     )
     detail = report.verdicts(results)[0]["detail"]
-    assert detail.endswith("async-scheduled iteration (device step) 1.30-1.30x the roofline")
+    assert detail.endswith(
+        "async-scheduled iteration (device step) 1.30-1.30x the roofline, 0/1 within 1.25x"
+    )
+    results["offline"]["rows"][0]["free_running"]["async"]["iteration_ms_median"] = 4.9
+    detail = report.verdicts(results)[0]["detail"]
+    assert detail.endswith("1.23-1.23x the roofline, 1/1 within 1.25x")
 
 
 def test_report_merges_rows_of_one_setup_from_several_files(tmp_path):

@@ -166,7 +166,9 @@ def verdicts(results: dict) -> list[dict]:
         if device:
             detail += (
                 f"; async-scheduled iteration (device step) {min(device):.2f}-"
-                f"{max(device):.2f}x the roofline"
+                f"{max(device):.2f}x the roofline, "
+                f"{sum(d <= ROOFLINE_TARGET for d in device)}/{len(device)} within "
+                f"{ROOFLINE_TARGET}x"
             )
     else:
         met, detail = None, "no offline row at batch >= 32"
