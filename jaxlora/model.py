@@ -111,9 +111,14 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             self.param_dtype,
         )
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def rms_norm(x, scale, eps: float, dtype):
+    """RMSNorm's arithmetic: float32 normalization, rounded to dtype, times the rounded scale."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * x32.astype(dtype)
 
 
 def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
@@ -316,6 +321,10 @@ class ProjectionKernels:
     kernels: dict[str, jax.Array]
     impl: str = flax.struct.field(pytree_node=False, default="pallas")  # or "pallas_interpret"
     config: object = flax.struct.field(pytree_node=False, default=None)  # MatmulConfig
+    # The layer-stacked RMSNorm scales, "input" and "post" -> (L, D), where the residual adds
+    # and the norms after o and down run in pallas_kernels.residual_norm (Llama.residual_norm);
+    # None: XLA runs them.
+    norm_scales: dict[str, jax.Array] | None = None
 
     def applies(self, group: str, num_tokens: int, widths, *, k_loop_shrink=False) -> bool:
         """Whether lora_matmul runs the group in a step of ``num_tokens`` tokens;
@@ -328,9 +337,12 @@ class ProjectionKernels:
         return group in self.kernels and num_tokens <= limit and config.block_n_for(widths) > 0
 
 
-def projection_kernels(params, *, impl="pallas", config=None) -> ProjectionKernels | None:
+def projection_kernels(
+    params, *, impl="pallas", config=None, residual_norm=False
+) -> ProjectionKernels | None:
     """``ProjectionKernels`` of a fused parameter tree with one group (None otherwise: the
-    canonical tree, or fused for tensor parallelism, keeps XLA's GEMMs)."""
+    canonical tree, or fused for tensor parallelism, keeps XLA's GEMMs); ``residual_norm``:
+    with the stacked norm scales for ``pallas_kernels.residual_norm``."""
     if impl not in ("pallas", "pallas_interpret"):
         raise ConfigError(
             f"Llama.projection_kernel: expected 'xla', 'pallas' or 'pallas_interpret', got {impl!r}"
@@ -348,7 +360,13 @@ def projection_kernels(params, *, impl="pallas", config=None) -> ProjectionKerne
         "gate_up": gate_up.reshape(*gate_up.shape[:2], -1),
         "down": layers["mlp"]["down_proj"]["kernel"],
     }
-    return ProjectionKernels(kernels=kernels, impl=impl, config=config)
+    norm_scales = None
+    if residual_norm:
+        norm_scales = {
+            "input": layers["input_layernorm"]["scale"],
+            "post": layers["post_attention_layernorm"]["scale"],
+        }
+    return ProjectionKernels(kernels=kernels, impl=impl, config=config, norm_scales=norm_scales)
 
 
 def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int, lora=None) -> int:
@@ -359,17 +377,21 @@ def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int, lora=Non
     decode step on the H200); cuBLAS reads a one-layer slice in place. Where no GEMM needs the
     slices, two layers an iteration share out the loop's bookkeeping: 0.6-2.8% shorter batch-32
     and -64 async iterations on the H200 (docs/BENCHMARKS.md, thirty-first session)."""
+    return 2 if kernels_run_every_group(config, kernels, num_tokens, lora) else 1
+
+
+def kernels_run_every_group(config: ModelConfig, kernels, num_tokens: int, lora=None) -> bool:
+    """Whether ``lora_matmul`` runs every projection group of a step of ``num_tokens``."""
     if kernels is None:
-        return 1
+        return False
     out_width = {module: shape[1] for module, shape in config.module_shapes().items()}
     shrink = _k_loop_shrink(lora)
-    every = all(
+    return all(
         kernels.applies(
             group, num_tokens, tuple(out_width[m] for m in modules), k_loop_shrink=shrink
         )
         for group, modules in layout.MODULE_GROUPS.items()
     )
-    return 2 if every else 1
 
 
 def _k_loop_shrink(lora) -> bool:
@@ -377,10 +399,13 @@ def _k_loop_shrink(lora) -> bool:
     return lora is not None and lora.shrink_rows is not None
 
 
-def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *, split=True):
+def _kernel_projection(
+    group: str, x: jax.Array, widths, layer, lora, kernels, *, split=True, partials=False
+):
     """The group's outputs (each (B, S, width)), LoRA included, from one ``lora_matmul`` launch
-    (after the LoRA shrink), or with ``split=False`` the launch's output (B, S, sum(widths));
-    None where the kernel does not apply (then XLA's GEMM runs)."""
+    (after the LoRA shrink), or with ``split=False`` the launch's output (B, S, sum(widths)),
+    or with ``partials=True`` its K split's partials (P, B * S, sum(widths)) unsummed; None
+    where the kernel does not apply (then XLA's GEMM runs)."""
     b, s, _ = x.shape
     if kernels is None or not kernels.applies(
         group, b * s, widths, k_loop_shrink=_k_loop_shrink(lora)
@@ -390,7 +415,9 @@ def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *
     interpret = kernels.impl == "pallas_interpret"
     w = kernels.kernels[group]
     if lora is None:
-        y = matmul_ops.lora_matmul(x2, w, layer, config=kernels.config, interpret=interpret)
+        y = matmul_ops.lora_matmul(
+            x2, w, layer, config=kernels.config, interpret=interpret, partials=partials
+        )
     else:
         operands, weights = _group_operands(group, lora)
         y = matmul_ops.lora_projection(
@@ -405,7 +432,10 @@ def _kernel_projection(group: str, x: jax.Array, widths, layer, lora, kernels, *
             interpret=interpret,
             shrink_rows=lora.shrink_rows,
             per_token=lora.per_token,
+            partials=partials,
         )
+    if partials:
+        return y
     if not split:
         return y.reshape(b, s, -1)
     outputs, lo = [], 0
@@ -436,8 +466,21 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, layer, positions, attn_mask, lora, kv, k_pool, v_pool, kernels=None, rope=None
+        self,
+        x,
+        layer,
+        positions,
+        attn_mask,
+        lora,
+        kv,
+        k_pool,
+        v_pool,
+        kernels=None,
+        rope=None,
+        o_partials=False,
     ):
+        """(the o projection's output (B, S, hidden), k_pool, v_pool); with ``o_partials`` its
+        ``lora_matmul`` partials (P, B * S, hidden) unsummed instead (the kernel must run o)."""
         cfg = self.config
         b, s, _ = x.shape
         dense = lambda f, axes, name: _dense(f, axes, name, self.dtype, self.param_dtype)  # noqa: E731
@@ -506,6 +549,11 @@ class Attention(nn.Module):
         else:
             out = _cached_attention(q, positions, layer, kv, k_pool, v_pool, sm_scale)
         out = out.reshape(b, s, cfg.q_size)
+        if o_partials:
+            parts = _kernel_projection(
+                "o", out, (cfg.hidden_size,), layer, lora, kernels, partials=True
+            )
+            return _ran_in_kernel(parts, "o"), k_pool, v_pool
         o = _kernel_projection("o", out, (cfg.hidden_size,), layer, lora, kernels)
         if o is None:
             o = _with_lora(
@@ -556,7 +604,9 @@ class MLP(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, layer, lora, kernels=None):
+    def __call__(self, x, layer, lora, kernels=None, down_partials=False):
+        """The down projection's output (B, S, hidden); with ``down_partials`` its
+        ``lora_matmul`` partials (P, B * S, hidden) unsummed instead (the kernel must run down)."""
         cfg = self.config
         widths = (cfg.intermediate_size, cfg.intermediate_size)
         gate_up = _kernel_projection("gate_up", x.astype(self.dtype), widths, layer, lora, kernels)
@@ -570,6 +620,11 @@ class MLP(nn.Module):
             gate_up = _with_lora("gate_up", x, gate_up, layer, lora)
         gate, up = gate_up
         hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+        if down_partials:
+            parts = _kernel_projection(
+                "down", hidden, (cfg.hidden_size,), layer, lora, kernels, partials=True
+            )
+            return _ran_in_kernel(parts, "down")
         down = _kernel_projection("down", hidden, (cfg.hidden_size,), layer, lora, kernels)
         if down is None:
             dense = _dense(
@@ -579,6 +634,12 @@ class MLP(nn.Module):
         return down[0]
 
 
+def _ran_in_kernel(parts, group):
+    if parts is None:  # Llama takes the residual-norm path only where lora_matmul runs all
+        raise AssertionError(f"the {group} projection's partials need lora_matmul to run it")
+    return parts
+
+
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Dtype
@@ -586,6 +647,13 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer, positions, attn_mask, lora, kv, kernels=None, rope=None):
+        """carry: (h, k_pool, v_pool); or (h, x, k_pool, v_pool) where the residual adds and
+        the norms after o and down run in ``pallas_kernels.residual_norm`` (``x``: this
+        layer's input, normalized by the layer before, or before the loop for the first)."""
+        if len(carry) == 4:
+            return self._with_residual_norm_kernel(
+                carry, layer, positions, attn_mask, lora, kv, kernels, rope
+            )
         h, k_pool, v_pool = carry
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
@@ -606,6 +674,31 @@ class DecoderLayer(nn.Module):
             norm("post_attention_layernorm")(h), layer, lora, kernels
         )
         return (h, k_pool, v_pool), None
+
+    def _with_residual_norm_kernel(
+        self, carry, layer, positions, attn_mask, lora, kv, kernels, rope
+    ):
+        """One layer with o's and down's partials summed into the residual stream, and the
+        norm after each (the next layer's input norm after down) in one launch each. The norm
+        modules' parameters are read stacked from ``kernels.norm_scales`` at the layer index
+        (the scan slices none of them)."""
+        from pallas_kernels.residual_norm import residual_rms_norm
+
+        h, x, k_pool, v_pool = carry
+        cfg = self.config
+        shape = h.shape
+        interpret = kernels.impl == "pallas_interpret"
+        norm = functools.partial(residual_rms_norm, eps=cfg.rms_norm_eps, interpret=interpret)
+        parts, k_pool, v_pool = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
+            x, layer, positions, attn_mask, lora, kv, k_pool, v_pool, kernels, rope, o_partials=True
+        )
+        h, x = norm(h.reshape(-1, shape[-1]), parts, kernels.norm_scales["post"], layer)
+        parts = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
+            x.reshape(shape), layer, lora, kernels, down_partials=True
+        )
+        # The last layer's "next" norm reads its own scale (clamped); its x goes unused.
+        h, x = norm(h, parts, kernels.norm_scales["input"], layer + 1)
+        return (h.reshape(shape), x.reshape(shape), k_pool, v_pool), None
 
 
 class Llama(nn.Module):
@@ -631,6 +724,11 @@ class Llama(nn.Module):
     # (fuse_projections), else, and with "xla", XLA's GEMMs run.
     projection_kernel: str = "xla"
     projection_config: object = None  # pallas_kernels.lora_matmul.MatmulConfig
+    # True: in steps where lora_matmul runs every projection group, the residual adds after o
+    # and down and the RMSNorms after them run in pallas_kernels.residual_norm (two launches a
+    # layer, the norm scales read stacked at the layer index) instead of XLA's fusions and the
+    # scan's slices of the scales. Off by default: not yet timed on the GPU.
+    residual_norm: bool = False
 
     @nn.compact
     def __call__(
@@ -686,6 +784,7 @@ class Llama(nn.Module):
                     self.variables["params"],
                     impl=self.projection_kernel,
                     config=self.projection_config,
+                    residual_norm=self.residual_norm,
                 )
             rope = rope_tables(positions, rope_inverse_frequencies(cfg))
             if kv is not None and kv.write_impl == "pallas" and kv.write_valid is None:
@@ -706,20 +805,27 @@ class Llama(nn.Module):
                 )
                 return carry, None
 
+            carry = (h, *pools)
+            if (
+                kernels is not None
+                and kernels.norm_scales is not None
+                and kernels_run_every_group(cfg, kernels, b * s, lora)
+            ):
+                # The first layer's input norm here; each layer then normalizes the next one's
+                # input with its own residual add (DecoderLayer's four-part carry).
+                x = rms_norm(h, kernels.norm_scales["input"][0], cfg.rms_norm_eps, self.dtype)
+                carry = (h, x, *pools)
             if self.scan_layers:
                 unroll = self.scan_unroll
                 if unroll is None:
                     unroll = scan_unroll_for_step(cfg, kernels, b * s, lora)
-                (h, k_pool, v_pool), _ = jax.lax.scan(
-                    body, (h, *pools), (stacked, layer_ids), unroll=unroll
-                )
+                carry, _ = jax.lax.scan(body, carry, (stacked, layer_ids), unroll=unroll)
             else:
-                carry = (h, *pools)
                 for i in range(cfg.num_layers):
                     carry, _ = body(
                         carry, (jax.tree.map(lambda w, i=i: w[i], stacked), layer_ids[i])
                     )
-                h, k_pool, v_pool = carry
+            h, k_pool, v_pool = carry[0], carry[-2], carry[-1]
         if logit_index is not None:
             # Only these positions (B,) need logits: skip the LM head everywhere else.
             h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)

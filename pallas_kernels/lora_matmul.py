@@ -1196,9 +1196,13 @@ def lora_matmul(
     out_dtype=None,
     config: MatmulConfig | None = None,
     interpret: bool = False,
+    partials: bool = False,
 ) -> jax.Array:  # (T, N) out_dtype (x's by default)
     """Pallas Triton ``x @ W[layer]`` with the LoRA expand fused; same contract as
-    ``lora_matmul_reference``."""
+    ``lora_matmul_reference``. ``partials=True``: the K split's float32 partials unsummed,
+    (S, T, N), whose sum rounded to out_dtype is the output (S = 1 without a split: the output
+    itself), for a consumer that sums them with its own work
+    (``pallas_kernels.residual_norm``)."""
     config = config or MatmulConfig()
     fn = "lora_matmul"
     if w.ndim != 3:
@@ -1211,7 +1215,7 @@ def lora_matmul(
     num_tokens = x.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if num_tokens == 0:
-        return jnp.zeros((0, n_cols), out_dtype)
+        return jnp.zeros((1, 0, n_cols) if partials else (0, n_cols), out_dtype)
     widths = (n_cols,)
     args = [x, w, jnp.asarray(layer, jnp.int32).reshape(1)]
     expand = None
@@ -1290,6 +1294,8 @@ def lora_matmul(
         interpret=interpret,
         name=name,
     )(*args)
+    if partials:
+        return y if split > 1 else y[None]
     # One rounding of the summed partials, as the unsplit kernel rounds its accumulator.
     return y.sum(axis=0).astype(out_dtype) if split > 1 else y
 
@@ -1314,7 +1320,8 @@ def lora_projection(
     interpret: bool = False,
     shrink_rows: jax.Array | None = None,  # (2, J) int32 (build_shrink_rows)
     per_token: bool = False,
-) -> jax.Array:  # (T, N) x's dtype
+    partials: bool = False,
+) -> jax.Array:  # (T, N) x's dtype; (S, T, N) with partials (lora_matmul's)
     """A projection group with LoRA in two launches (the model's entry point, as ``sgmv_delta``
     is for XLA's GEMMs): ``sgmv_shrink`` (with ``kernel_meta`` / ``sgmv_config``, and
     ``per_token`` as ``sgmv_shrink`` takes it), then ``lora_matmul`` with the expand in its
@@ -1347,7 +1354,9 @@ def lora_projection(
         weights=weights,
         shrink=shrink,
     )
-    return lora_matmul(x, w, layer, lora=expand, config=config, interpret=interpret)
+    return lora_matmul(
+        x, w, layer, lora=expand, config=config, interpret=interpret, partials=partials
+    )
 
 
 def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int, width: int):

@@ -127,6 +127,14 @@ flags.DEFINE_enum(
     "fusions and scatters (RunnerConfig.kv_write)",
 )
 flags.DEFINE_enum(
+    "residual_norm",
+    "xla",
+    ["xla", "pallas"],
+    "who adds o's and down's outputs into the residual stream and runs the RMSNorms after "
+    "them in decode steps where lora_matmul runs every projection: XLA's fusions or two "
+    "Pallas launches a layer (RunnerConfig.residual_norm)",
+)
+flags.DEFINE_enum(
     "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
 )
 flags.DEFINE_integer(
@@ -308,6 +316,7 @@ def main(argv):
             xla_options=xla_options,
             xla_gemms=FLAGS.xla_gemms,
             kv_write=FLAGS.kv_write,
+            residual_norm=FLAGS.residual_norm,
             scan_unroll=FLAGS.scan_unroll,
             deterministic=FLAGS.deterministic,
         ),

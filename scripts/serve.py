@@ -76,6 +76,14 @@ flags.DEFINE_enum(
     "a layer, or XLA's fusions and scatters (RunnerConfig.kv_write).",
 )
 flags.DEFINE_enum(
+    "residual_norm",
+    "xla",
+    ["xla", "pallas"],
+    "Who adds o's and down's outputs into the residual stream and runs the RMSNorms after them "
+    "in decode steps where lora_matmul runs every projection: XLA's fusions, or two Pallas "
+    "launches a layer (RunnerConfig.residual_norm; not yet timed on the GPU).",
+)
+flags.DEFINE_enum(
     "layer_loop",
     "scan",
     ["scan", "unrolled"],
@@ -217,6 +225,7 @@ def main(argv):
         sgmv=sgmv,
         matmul=matmul,
         kv_write=FLAGS.kv_write,
+        residual_norm=FLAGS.residual_norm,
         deterministic=FLAGS.deterministic,
         async_scheduling=FLAGS.async_scheduling,
     )

@@ -349,6 +349,8 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
         RunnerConfig(projection_kernel="cublas")
     with pytest.raises(ConfigError, match="kv_write: expected 'xla' or 'pallas', got 'triton'"):
         RunnerConfig(kv_write="triton")
+    with pytest.raises(ConfigError, match="residual_norm: expected 'xla' or 'pallas', got 'on'"):
+        RunnerConfig(residual_norm="on")
 
 
 def test_deterministic_runner_sums_the_shrink_split_in_one_order():
@@ -995,11 +997,19 @@ def test_runner_xla_gemms_picks_cublas_on_the_compiled_kernels_only():
 
 
 @pytest.mark.parametrize(
-    ("use_lora", "split", "shrink"),
-    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+    ("use_lora", "split", "shrink", "residual_norm"),
+    [
+        (False, False, False, False),
+        (True, False, False, False),
+        (True, True, False, False),
+        (True, True, True, False),
+        (False, True, False, True),
+        (True, True, False, True),
+        (True, False, True, True),
+    ],
 )
 def test_decode_projections_through_lora_matmul_give_the_xla_logits(
-    base, lora_adapters, use_lora, split, shrink
+    base, lora_adapters, use_lora, split, shrink, residual_norm
 ):
     """RunnerConfig.projection_kernel="pallas": a decode step runs every projection group through
     lora_matmul (one launch per group for the base GEMM and the LoRA expand, the weights read in
@@ -1007,7 +1017,10 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     steps keep XLA's GEMMs. ``split``: K steps of 16, so every group splits K over 4 programs
     (8 for down's K = 128; the default min_programs) whose float32 partials the model sums.
     ``shrink``: the decode step's metadata lists its two adapters' rank rows, so lora_matmul
-    runs the shrink too: one launch per group and layer, no SGMV launch."""
+    runs the shrink too: one launch per group and layer, no SGMV launch. ``residual_norm``
+    (RunnerConfig.residual_norm="pallas"): o's and down's partials go unsummed into
+    pallas_kernels.residual_norm, which adds them to the residual stream and normalizes it
+    (two launches a layer), with the same logits."""
     import dataclasses
 
     from jaxlora.engine.runner import empty_batch
@@ -1022,6 +1035,7 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
             projection_kernel=projection,
             layer_loop="unrolled" if use_lora else "scan",
             matmul=MatmulConfig(block_k=16 if split else None, shrink_rows=32 if shrink else 0),
+            residual_norm="pallas" if residual_norm else "xla",
         )
         llm = jaxlora.LLM(
             TINY,
@@ -1080,6 +1094,14 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     assert all(shapes[1][0] == TINY.num_layers and len(shapes[1]) == 3 for _, shapes in matmuls)
     for key in (("pallas", "prefill"), ("xla", "decode")):
         assert not any("lora_matmul" in n for n, _ in texts[key])
+        assert not any("residual_rms_norm" in n for n, _ in texts[key])
+    norms = [(n, shapes) for n, shapes in texts["pallas", "decode"] if "residual_rms_norm" in n]
+    assert len(norms) == (2 * layers if residual_norm else 0)
+    # Each reads its projection's partials (4 or 8 parts with the split, 1 without) and the
+    # layer-stacked norm scales in place.
+    parts = {shapes[2][0] for _, shapes in norms}
+    assert parts <= ({4, 8} if split else {1})
+    assert all(shapes[3] == (TINY.num_layers, TINY.hidden_size) for _, shapes in norms)
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=2e-5, atol=2e-5)
 
 

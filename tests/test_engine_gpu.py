@@ -59,16 +59,20 @@ def test_pallas_engine_matches_reference_engine():
     # with XLA's cuBLAS GEMMs on this impl: RunnerConfig.xla_gemms); the
     # fifth runs the shrink of steps with few adapters inside lora_matmul; the sixth pads
     # decode steps to 64 rows, so that lora_matmul's blocks hold 64 tokens and (without the
-    # few-adapters epilogue) add the delta in the pipelined rows epilogue.
+    # few-adapters epilogue) add the delta in the pipelined rows epilogue; the seventh adds o's
+    # and down's partials into the residual stream and normalizes it in
+    # pallas_kernels.residual_norm (RunnerConfig.residual_norm="pallas").
     runs = (
-        ("reference", "xla", "xla", 0, 8, 4),
-        ("pallas", "xla", "xla", 0, 8, 4),
-        ("pallas", "pallas", "xla", 0, 8, 4),
-        ("pallas", "pallas", "pallas", 0, 8, 4),
-        ("pallas", "pallas", "pallas", 32, 8, 4),
-        ("pallas", "pallas", "pallas", 0, 64, 0),
+        ("reference", "xla", "xla", 0, 8, 4, "xla"),
+        ("pallas", "xla", "xla", 0, 8, 4, "xla"),
+        ("pallas", "pallas", "xla", 0, 8, 4, "xla"),
+        ("pallas", "pallas", "pallas", 0, 8, 4, "xla"),
+        ("pallas", "pallas", "pallas", 32, 8, 4, "xla"),
+        ("pallas", "pallas", "pallas", 0, 64, 0, "xla"),
+        ("pallas", "pallas", "pallas", 0, 8, 4, "pallas"),
     )
-    for impl, projection, kv_write, shrink_rows, decode_rows, epilogue_adapters in runs:
+    for run in runs:
+        impl, projection, kv_write, shrink_rows, decode_rows, epilogue_adapters, norm = run
         config = EngineConfig(
             kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256),
             runner=RunnerConfig(
@@ -78,6 +82,7 @@ def test_pallas_engine_matches_reference_engine():
                 impl=impl,
                 projection_kernel=projection,
                 kv_write=kv_write,
+                residual_norm=norm,
                 # plain_max_tokens=decode_rows: lora_matmul runs every decode step, also the 64-row
                 # ones with many adapters (by default XLA's cuBLAS GEMMs run those).
                 matmul=MatmulConfig(
@@ -100,7 +105,7 @@ def test_pallas_engine_matches_reference_engine():
         assert llm.engine.runner.model.scan_unroll is None  # per step: scan_unroll_for_step
         if decode_rows == 64:
             assert config.runner.matmul.epilogue_for(64) == "rows_prefetch"
-        outputs[impl, projection, kv_write, shrink_rows, decode_rows, epilogue_adapters] = [
+        outputs[run] = [
             o.token_ids
             for adapters_of in (names, few)
             for o in llm.generate(prompts, adapter=adapters_of, sampling=sampling)
@@ -261,6 +266,26 @@ def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
             assert text.count('name = "lora_matmul_shrink32') >= 4 * layers
         else:
             assert sgmv >= 8 * layers and "lora_matmul" not in text
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora):
+    """On any machine: with RunnerConfig.residual_norm="pallas" a decode step (every projection
+    in lora_matmul) adds o's and down's partials into the residual stream and normalizes it in
+    two residual_rms_norm launches a layer, reading the stacked norm scales in place: its scan
+    slices no layer weight at all, not even a norm's scale. Prefill steps are as before."""
+    runner, steps = _lowered_steps(
+        use_lora=(use_lora,), prefill_chunk=32, projection_kernel="pallas", residual_norm="pallas"
+    )
+    for mode, _, text in steps:
+        norms = len(re.findall(r'name = "residual_rms_norm', text))
+        if mode == "decode":
+            layers = 2 + CONFIG.num_layers % 2  # two layers an iteration, and the remainder
+            assert norms >= 2 * layers
+            assert _stacked_weight_slices(text, runner.params) == []
+        else:
+            assert norms == 0
+            assert set(_stacked_weight_slices(text, runner.params)) == {(1,)}
 
 
 @pytest.mark.parametrize("few_adapters", [False, True])

@@ -197,6 +197,21 @@ def test_split_k_partials_sum_to_the_reference(group, dtype_name, epilogue, spli
     assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL[dtype_name]
     base = lora_matmul(prob.x, w, prob.layer, config=config, interpret=interpret)
     assert _rel_err(base, lora_matmul_reference(prob.x, w, prob.layer)) < TOL[dtype_name]
+    # partials=True: the same partials unsummed (pallas_kernels.residual_norm sums them); their
+    # sum rounded once is the output, bit for bit. Without a split: the output as one part.
+    parts = lora_matmul(
+        prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret, partials=True
+    )
+    assert parts.shape == (min(split_k, 5 if group == "down" else 3), 40, w.shape[2])
+    assert parts.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(parts.sum(axis=0).astype(dtype)), np.asarray(y))
+    whole = dataclasses.replace(config, split_k=1)
+    one = lora_matmul(prob.x, w, prob.layer, config=whole, interpret=interpret, partials=True)
+    assert one.shape == (1, 40, w.shape[2]) and one.dtype == dtype
+    np.testing.assert_array_equal(
+        np.asarray(one[0]),
+        np.asarray(lora_matmul(prob.x, w, prob.layer, config=whole, interpret=interpret)),
+    )
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)

@@ -105,6 +105,14 @@ class RunnerConfig:
     # shorter steps with "pallas", one layer a scan iteration (docs/BENCHMARKS.md, twelfth
     # session).
     kv_write: str = "pallas"
+    # Who adds o's and down's outputs into the residual stream and runs the RMSNorm after each,
+    # in decode steps where lora_matmul runs every projection group: "pallas" (pallas_kernels.
+    # residual_norm, two launches a layer reading lora_matmul's split-K partials and the
+    # layer-stacked norm scales in place) or "xla" (XLA's fusions, and the scan's slices of the
+    # scales: ~0.5 ms of a 5.5 ms 7B batch-32 step on the H200, thirty-first-session profile).
+    # "xla" by default: "pallas" was built in the thirty-second session with no GPU time left
+    # to measure it.
+    residual_norm: str = "xla"
     # True (default): the same step gives the same bits on every run. No kernel of the step adds
     # into its output with atomics: where the SGMV shrink splits its reduction among programs,
     # they write float32 partials that are summed in one fixed order (SgmvConfig.deterministic).
@@ -123,6 +131,11 @@ class RunnerConfig:
             raise ConfigError(
                 f"runner config field projection_kernel: expected 'auto', 'xla' or 'pallas', "
                 f"got {self.projection_kernel!r}"
+            )
+        if self.residual_norm not in ("xla", "pallas"):
+            raise ConfigError(
+                f"runner config field residual_norm: expected 'xla' or 'pallas', "
+                f"got {self.residual_norm!r}"
             )
         if self.kv_write not in ("xla", "pallas"):
             raise ConfigError(
@@ -392,6 +405,7 @@ class ModelRunner:
             scan_unroll=runner.scan_unroll,
             projection_kernel=projection_kernel,
             projection_config=runner.matmul,
+            residual_norm=runner.residual_norm == "pallas" and projection_kernel != "xla",
         )
         if runner.xla_options:  # the user's; the one xla_gemms adds is known to XLA
             _check_xla_options(dict(runner.xla_options))
