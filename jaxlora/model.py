@@ -325,6 +325,7 @@ class ProjectionKernels:
     # and the norms after o and down run in pallas_kernels.residual_norm (Llama.residual_norm);
     # None: XLA runs them.
     norm_scales: dict[str, jax.Array] | None = None
+    norm_warps: int = flax.struct.field(pytree_node=False, default=8)  # its num_warps
 
     def applies(self, group: str, num_tokens: int, widths, *, k_loop_shrink=False) -> bool:
         """Whether lora_matmul runs the group in a step of ``num_tokens`` tokens;
@@ -338,7 +339,7 @@ class ProjectionKernels:
 
 
 def projection_kernels(
-    params, *, impl="pallas", config=None, residual_norm=False
+    params, *, impl="pallas", config=None, residual_norm=False, norm_warps=8
 ) -> ProjectionKernels | None:
     """``ProjectionKernels`` of a fused parameter tree with one group (None otherwise: the
     canonical tree, or fused for tensor parallelism, keeps XLA's GEMMs); ``residual_norm``:
@@ -366,7 +367,13 @@ def projection_kernels(
             "input": layers["input_layernorm"]["scale"],
             "post": layers["post_attention_layernorm"]["scale"],
         }
-    return ProjectionKernels(kernels=kernels, impl=impl, config=config, norm_scales=norm_scales)
+    return ProjectionKernels(
+        kernels=kernels,
+        impl=impl,
+        config=config,
+        norm_scales=norm_scales,
+        norm_warps=norm_warps,
+    )
 
 
 def scan_unroll_for_step(config: ModelConfig, kernels, num_tokens: int, lora=None) -> int:
@@ -688,7 +695,12 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         shape = h.shape
         interpret = kernels.impl == "pallas_interpret"
-        norm = functools.partial(residual_rms_norm, eps=cfg.rms_norm_eps, interpret=interpret)
+        norm = functools.partial(
+            residual_rms_norm,
+            eps=cfg.rms_norm_eps,
+            num_warps=kernels.norm_warps,
+            interpret=interpret,
+        )
         parts, k_pool, v_pool = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
             x, layer, positions, attn_mask, lora, kv, k_pool, v_pool, kernels, rope, o_partials=True
         )
@@ -729,6 +741,7 @@ class Llama(nn.Module):
     # layer, the norm scales read stacked at the layer index) instead of XLA's fusions and the
     # scan's slices of the scales. Off by default: not yet timed on the GPU.
     residual_norm: bool = False
+    residual_norm_warps: int = 8  # the residual_norm kernel's num_warps
 
     @nn.compact
     def __call__(
@@ -785,6 +798,7 @@ class Llama(nn.Module):
                     impl=self.projection_kernel,
                     config=self.projection_config,
                     residual_norm=self.residual_norm,
+                    norm_warps=self.residual_norm_warps,
                 )
             rope = rope_tables(positions, rope_inverse_frequencies(cfg))
             if kv is not None and kv.write_impl == "pallas" and kv.write_valid is None:

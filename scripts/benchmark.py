@@ -134,6 +134,9 @@ flags.DEFINE_enum(
     "them in decode steps where lora_matmul runs every projection: XLA's fusions or two "
     "Pallas launches a layer (RunnerConfig.residual_norm)",
 )
+flags.DEFINE_integer(
+    "residual_norm_warps", 8, "num_warps of the residual_norm kernel (RunnerConfig)"
+)
 flags.DEFINE_enum(
     "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
 )
@@ -317,6 +320,7 @@ def main(argv):
             xla_gemms=FLAGS.xla_gemms,
             kv_write=FLAGS.kv_write,
             residual_norm=FLAGS.residual_norm,
+            residual_norm_warps=FLAGS.residual_norm_warps,
             scan_unroll=FLAGS.scan_unroll,
             deterministic=FLAGS.deterministic,
         ),

@@ -124,3 +124,33 @@ def test_bad_report_arguments_raise_config_errors():
         projection_report("qk", 32)
     with pytest.raises(ConfigError, match="lora 'sgmv'"):
         projection_report("o", 32, lora="sgmv")
+
+
+def test_residual_norm_loads_its_rows_in_vectors():
+    """pallas_kernels/residual_norm.py at the model's width (4096, a power of two) loads each
+    row as one contiguous slice: 128-bit vector loads, 20 a thread with 8 warps (4 float32
+    parts, h and the scale row). Indexed by a gathered column vector, Triton could not prove the
+    columns contiguous and loaded every element on its own: 193 scalar loads a thread with 4
+    warps. A width that is no power of two keeps the masked gather."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlora.bench.compiler_report import report
+    from pallas_kernels.residual_norm import residual_rms_norm
+
+    def kernel(width, warps):
+        def fn(h, parts, scales, layer):
+            return residual_rms_norm(h, parts, scales, layer, eps=1e-5, num_warps=warps)
+
+        structs = (
+            jax.ShapeDtypeStruct((32, width), jnp.bfloat16),
+            jax.ShapeDtypeStruct((4, 32, width), jnp.float32),
+            jax.ShapeDtypeStruct((32, width), jnp.bfloat16),
+            jax.ShapeDtypeStruct((), jnp.int32),
+        )
+        return _one(report(fn, *structs), "residual_rms_norm")
+
+    vectors = kernel(4096, 8).kernel_counts
+    assert vectors["LDG.128"] == 20 and vectors["LDG"] <= 21
+    gathered = kernel(4000, 8).kernel_counts
+    assert gathered["LDG.128"] == 0 and gathered["LDG"] > 4 * vectors["LDG"]

@@ -351,6 +351,8 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
         RunnerConfig(kv_write="triton")
     with pytest.raises(ConfigError, match="residual_norm: expected 'xla' or 'pallas', got 'on'"):
         RunnerConfig(residual_norm="on")
+    with pytest.raises(ConfigError, match="residual_norm_warps: expected a power of two"):
+        RunnerConfig(residual_norm_warps=6)
 
 
 def test_deterministic_runner_sums_the_shrink_split_in_one_order():
@@ -1102,6 +1104,7 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     parts = {shapes[2][0] for _, shapes in norms}
     assert parts <= ({4, 8} if split else {1})
     assert all(shapes[3] == (TINY.num_layers, TINY.hidden_size) for _, shapes in norms)
+    assert all(n.endswith("_w8") for n, _ in norms)  # RunnerConfig.residual_norm_warps
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=2e-5, atol=2e-5)
 
 

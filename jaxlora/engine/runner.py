@@ -113,6 +113,7 @@ class RunnerConfig:
     # "xla" by default: "pallas" was built in the thirty-second session with no GPU time left
     # to measure it.
     residual_norm: str = "xla"
+    residual_norm_warps: int = 8  # num_warps of its launches (one program a token row)
     # True (default): the same step gives the same bits on every run. No kernel of the step adds
     # into its output with atomics: where the SGMV shrink splits its reduction among programs,
     # they write float32 partials that are summed in one fixed order (SgmvConfig.deterministic).
@@ -136,6 +137,17 @@ class RunnerConfig:
             raise ConfigError(
                 f"runner config field residual_norm: expected 'xla' or 'pallas', "
                 f"got {self.residual_norm!r}"
+            )
+        warps = self.residual_norm_warps
+        if (
+            not isinstance(warps, int)
+            or isinstance(warps, bool)
+            or warps < 1
+            or warps & (warps - 1)
+        ):
+            raise ConfigError(
+                f"runner config field residual_norm_warps: expected a power of two >= 1, "
+                f"got {warps!r}"
             )
         if self.kv_write not in ("xla", "pallas"):
             raise ConfigError(
@@ -406,6 +418,7 @@ class ModelRunner:
             projection_kernel=projection_kernel,
             projection_config=runner.matmul,
             residual_norm=runner.residual_norm == "pallas" and projection_kernel != "xla",
+            residual_norm_warps=runner.residual_norm_warps,
         )
         if runner.xla_options:  # the user's; the one xla_gemms adds is known to XLA
             _check_xla_options(dict(runner.xla_options))
