@@ -30,6 +30,7 @@ from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from pallas_kernels import layout
 from pallas_kernels import lora_matmul as matmul_ops
+from pallas_kernels import residual_norm as norm_ops
 from pallas_kernels import sgmv as sgmv_ops
 
 Dtype = jnp.dtype
@@ -111,14 +112,7 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             self.param_dtype,
         )
-        return rms_norm(x, scale, self.eps, self.dtype)
-
-
-def rms_norm(x, scale, eps: float, dtype):
-    """RMSNorm's arithmetic: float32 normalization, rounded to dtype, times the rounded scale."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(dtype) * x32.astype(dtype)
+        return norm_ops.rms_norm(x, scale, self.eps, self.dtype)
 
 
 def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
@@ -689,14 +683,12 @@ class DecoderLayer(nn.Module):
         norm after each (the next layer's input norm after down) in one launch each. The norm
         modules' parameters are read stacked from ``kernels.norm_scales`` at the layer index
         (the scan slices none of them)."""
-        from pallas_kernels.residual_norm import residual_rms_norm
-
         h, x, k_pool, v_pool = carry
         cfg = self.config
         shape = h.shape
         interpret = kernels.impl == "pallas_interpret"
         norm = functools.partial(
-            residual_rms_norm,
+            norm_ops.residual_rms_norm,
             eps=cfg.rms_norm_eps,
             num_warps=kernels.norm_warps,
             interpret=interpret,
@@ -827,7 +819,8 @@ class Llama(nn.Module):
             ):
                 # The first layer's input norm here; each layer then normalizes the next one's
                 # input with its own residual add (DecoderLayer's four-part carry).
-                x = rms_norm(h, kernels.norm_scales["input"][0], cfg.rms_norm_eps, self.dtype)
+                scale = kernels.norm_scales["input"][0]
+                x = norm_ops.rms_norm(h, scale, cfg.rms_norm_eps, self.dtype)
                 carry = (h, x, *pools)
             if self.scan_layers:
                 unroll = self.scan_unroll

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxlora.errors import ConfigError
+from pallas_kernels.paged_attention import _layer_scalar
 from pallas_kernels.sgmv import _next_pow2
 
 _WHERE = "pallas_kernels/residual_norm.py"
@@ -51,6 +52,14 @@ def _check_inputs(h, parts, scales, fn):
         )
 
 
+def rms_norm(x, scale, eps: float, dtype):
+    """RMSNorm's arithmetic: float32 normalization, rounded to dtype, times the rounded scale
+    (``jaxlora.model.RMSNorm`` runs it; so does this kernel's reference)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * x32.astype(dtype)
+
+
 def residual_rms_norm_reference(
     # inputs
     h: jax.Array,  # (T, D) the residual stream
@@ -63,12 +72,9 @@ def residual_rms_norm_reference(
     """What the model computes with XLA: ``h + sum(parts)`` and ``RMSNorm`` of it."""
     _check_inputs(h, parts, scales, "residual_rms_norm_reference")
     dtype = h.dtype
-    delta = parts.astype(jnp.float32).sum(axis=0).astype(dtype)
-    h_new = h + delta
-    x32 = h_new.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, scales.shape[0] - 1)
-    return h_new, scales[layer].astype(dtype) * x32.astype(dtype)
+    h_new = h + parts.astype(jnp.float32).sum(axis=0).astype(dtype)
+    scale = scales[_layer_scalar(layer, scales.shape[0])]
+    return h_new, rms_norm(h_new, scale, eps, dtype)
 
 
 def _residual_norm_kernel(
@@ -141,7 +147,7 @@ def residual_rms_norm(
         return h, h
     lanes = _next_pow2(width)
     shape = jax.ShapeDtypeStruct(h.shape, h.dtype)
-    layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, scales.shape[0] - 1).reshape(1)
+    layer = _layer_scalar(layer, scales.shape[0]).reshape(1)
     return pl.pallas_call(
         functools.partial(_residual_norm_kernel, lanes=lanes, eps=float(eps)),
         grid=(num_tokens,),
