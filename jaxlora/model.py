@@ -319,7 +319,23 @@ class ProjectionKernels:
     # and the norms after o and down run in pallas_kernels.residual_norm (Llama.residual_norm);
     # None: XLA runs them.
     norm_scales: dict[str, jax.Array] | None = None
-    norm_warps: int = flax.struct.field(pytree_node=False, default=8)  # its num_warps
+    norm_warps: int = flax.struct.field(pytree_node=False, default=16)  # its num_warps
+    # With norm_scales and a step whose LoRA shrink runs in SGMV (not in lora_matmul's K loop):
+    # the norms before q|k|v and gate|up also run those groups' shrinks
+    # (pallas_kernels.residual_norm.residual_rms_norm_shrink, ``norm_shrink_rows`` rank rows a
+    # program), so that they need no launch of their own.
+    norm_shrink: bool = flax.struct.field(pytree_node=False, default=False)
+    norm_shrink_rows: int = flax.struct.field(pytree_node=False, default=8)
+
+    def shrinks_in_norm(self, lora) -> bool:
+        """Whether this step's q|k|v and gate|up shrinks run in the residual-norm launches."""
+        return (
+            self.norm_shrink
+            and self.norm_scales is not None
+            and lora is not None
+            and lora.impl != "reference"
+            and lora.shrink_rows is None
+        )
 
     def applies(self, group: str, num_tokens: int, widths, *, k_loop_shrink=False) -> bool:
         """Whether lora_matmul runs the group in a step of ``num_tokens`` tokens;
@@ -333,11 +349,19 @@ class ProjectionKernels:
 
 
 def projection_kernels(
-    params, *, impl="pallas", config=None, residual_norm=False, norm_warps=8
+    params,
+    *,
+    impl="pallas",
+    config=None,
+    residual_norm=False,
+    norm_warps=16,
+    norm_shrink=False,
+    norm_shrink_rows=8,
 ) -> ProjectionKernels | None:
     """``ProjectionKernels`` of a fused parameter tree with one group (None otherwise: the
     canonical tree, or fused for tensor parallelism, keeps XLA's GEMMs); ``residual_norm``:
-    with the stacked norm scales for ``pallas_kernels.residual_norm``."""
+    with the stacked norm scales for ``pallas_kernels.residual_norm``; ``norm_shrink``: the
+    q|k|v and gate|up shrinks in those launches (``ProjectionKernels.norm_shrink``)."""
     if impl not in ("pallas", "pallas_interpret"):
         raise ConfigError(
             f"Llama.projection_kernel: expected 'xla', 'pallas' or 'pallas_interpret', got {impl!r}"
@@ -367,6 +391,8 @@ def projection_kernels(
         config=config,
         norm_scales=norm_scales,
         norm_warps=norm_warps,
+        norm_shrink=norm_shrink,
+        norm_shrink_rows=norm_shrink_rows,
     )
 
 
@@ -401,12 +427,13 @@ def _k_loop_shrink(lora) -> bool:
 
 
 def _kernel_projection(
-    group: str, x: jax.Array, widths, layer, lora, kernels, *, split=True, partials=False
+    group: str, x: jax.Array, widths, layer, lora, kernels, *, split=True, partials=False, v=None
 ):
     """The group's outputs (each (B, S, width)), LoRA included, from one ``lora_matmul`` launch
-    (after the LoRA shrink), or with ``split=False`` the launch's output (B, S, sum(widths)),
-    or with ``partials=True`` its K split's partials (P, B * S, sum(widths)) unsummed; None
-    where the kernel does not apply (then XLA's GEMM runs)."""
+    (after the LoRA shrink, or with ``v`` its output computed before), or with ``split=False``
+    the launch's output (B, S, sum(widths)), or with ``partials=True`` its K split's partials
+    (P, B * S, sum(widths)) unsummed; None where the kernel does not apply (then XLA's GEMM
+    runs)."""
     b, s, _ = x.shape
     if kernels is None or not kernels.applies(
         group, b * s, widths, k_loop_shrink=_k_loop_shrink(lora)
@@ -434,6 +461,7 @@ def _kernel_projection(
             shrink_rows=lora.shrink_rows,
             per_token=lora.per_token,
             partials=partials,
+            v=v,
         )
     if partials:
         return y
@@ -479,17 +507,21 @@ class Attention(nn.Module):
         kernels=None,
         rope=None,
         o_partials=False,
+        qkv_v=None,
     ):
         """(the o projection's output (B, S, hidden), k_pool, v_pool); with ``o_partials`` its
-        ``lora_matmul`` partials (P, B * S, hidden) unsummed instead (the kernel must run o)."""
+        ``lora_matmul`` partials (P, B * S, hidden) unsummed instead (the kernel must run o);
+        ``qkv_v``: the q|k|v group's LoRA shrink, already run (the kernel must run q|k|v)."""
         cfg = self.config
         b, s, _ = x.shape
         dense = lambda f, axes, name: _dense(f, axes, name, self.dtype, self.param_dtype)  # noqa: E731
         widths = (cfg.q_size, cfg.kv_size, cfg.kv_size)
         rope_kernel = kv is not None and kv.write_impl == "pallas" and kv.impl != "reference"
         fused = _kernel_projection(
-            "qkv", x.astype(self.dtype), widths, layer, lora, kernels, split=False
+            "qkv", x.astype(self.dtype), widths, layer, lora, kernels, split=False, v=qkv_v
         )
+        if qkv_v is not None:
+            _ran_in_kernel(fused, "qkv")
         if fused is None and rope_kernel:
             # The RoPE + K/V write kernel reads q|k|v in place: XLA's GEMM output unsplit, with
             # its LoRA delta, not split and concatenated again (a copy a layer).
@@ -605,12 +637,17 @@ class MLP(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x, layer, lora, kernels=None, down_partials=False):
+    def __call__(self, x, layer, lora, kernels=None, down_partials=False, gate_up_v=None):
         """The down projection's output (B, S, hidden); with ``down_partials`` its
-        ``lora_matmul`` partials (P, B * S, hidden) unsummed instead (the kernel must run down)."""
+        ``lora_matmul`` partials (P, B * S, hidden) unsummed instead (the kernel must run down);
+        ``gate_up_v``: the gate|up group's LoRA shrink, already run (the kernel must run it)."""
         cfg = self.config
         widths = (cfg.intermediate_size, cfg.intermediate_size)
-        gate_up = _kernel_projection("gate_up", x.astype(self.dtype), widths, layer, lora, kernels)
+        gate_up = _kernel_projection(
+            "gate_up", x.astype(self.dtype), widths, layer, lora, kernels, v=gate_up_v
+        )
+        if gate_up_v is not None:
+            _ran_in_kernel(gate_up, "gate_up")
         if gate_up is None:
             gate_up = _fused_projection(self, "gate_up_proj", x, widths, self.dtype)
             if gate_up is None:
@@ -637,8 +674,48 @@ class MLP(nn.Module):
 
 def _ran_in_kernel(parts, group):
     if parts is None:  # Llama takes the residual-norm path only where lora_matmul runs all
-        raise AssertionError(f"the {group} projection's partials need lora_matmul to run it")
+        raise AssertionError(f"the {group} projection's partials or v need lora_matmul to run it")
     return parts
+
+
+def _norm_and_shrink(h, parts, scales, layer, group, lora, kernels, cfg):
+    """``residual_rms_norm_shrink`` with the LoRA shrink of ``group``, the group that reads x:
+    (h', x, v)."""
+    (a_pool, _, a_pages, _, ranks, _, token_slot), weights = _group_operands(group, lora)
+    return norm_ops.residual_rms_norm_shrink(
+        h,
+        parts,
+        scales,
+        layer,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        eps=cfg.rms_norm_eps,
+        weights=weights,
+        rows=kernels.norm_shrink_rows,
+        num_warps=kernels.norm_warps,
+        interpret=kernels.impl == "pallas_interpret",
+    )
+
+
+def _group_shrink(group, x, layer, lora, kernels):
+    """The SGMV shrink of ``group`` (the first layer's q|k|v, before the loop, where the
+    residual-norm launches run the others): v (T, G, MP*R) float32."""
+    (a_pool, _, a_pages, _, ranks, _, token_slot), weights = _group_operands(group, lora)
+    return sgmv_ops.sgmv_shrink(
+        x.reshape(-1, x.shape[-1]),
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        layer,
+        weights=weights,
+        kernel_meta=lora.kernel_meta,
+        config=lora.sgmv_config,
+        per_token=lora.per_token,
+        interpret=kernels.impl == "pallas_interpret",
+    )
 
 
 class DecoderLayer(nn.Module):
@@ -650,8 +727,10 @@ class DecoderLayer(nn.Module):
     def __call__(self, carry, layer, positions, attn_mask, lora, kv, kernels=None, rope=None):
         """carry: (h, k_pool, v_pool); or (h, x, k_pool, v_pool) where the residual adds and
         the norms after o and down run in ``pallas_kernels.residual_norm`` (``x``: this
-        layer's input, normalized by the layer before, or before the loop for the first)."""
-        if len(carry) == 4:
+        layer's input, normalized by the layer before, or before the loop for the first); or
+        (h, x, qkv_v, k_pool, v_pool) where those launches also run the q|k|v and gate|up LoRA
+        shrinks (``qkv_v``: this layer's q|k|v shrink of x)."""
+        if len(carry) in (4, 5):
             return self._with_residual_norm_kernel(
                 carry, layer, positions, attn_mask, lora, kv, kernels, rope
             )
@@ -683,25 +762,54 @@ class DecoderLayer(nn.Module):
         norm after each (the next layer's input norm after down) in one launch each. The norm
         modules' parameters are read stacked from ``kernels.norm_scales`` at the layer index
         (the scan slices none of them)."""
-        h, x, k_pool, v_pool = carry
+        shrink = len(carry) == 5
+        if shrink:
+            h, x, qkv_v, k_pool, v_pool = carry
+        else:
+            (h, x, k_pool, v_pool), qkv_v = carry, None
         cfg = self.config
         shape = h.shape
         interpret = kernels.impl == "pallas_interpret"
-        norm = functools.partial(
-            norm_ops.residual_rms_norm,
-            eps=cfg.rms_norm_eps,
-            num_warps=kernels.norm_warps,
-            interpret=interpret,
-        )
+
+        def norm(h, parts, scales, layer, group):
+            if not shrink:
+                h, x = norm_ops.residual_rms_norm(
+                    h,
+                    parts,
+                    scales,
+                    layer,
+                    eps=cfg.rms_norm_eps,
+                    num_warps=kernels.norm_warps,
+                    interpret=interpret,
+                )
+                return h, x, None
+            return _norm_and_shrink(h, parts, scales, layer, group, lora, kernels, cfg)
+
         parts, k_pool, v_pool = Attention(cfg, self.dtype, self.param_dtype, name="attn")(
-            x, layer, positions, attn_mask, lora, kv, k_pool, v_pool, kernels, rope, o_partials=True
+            x,
+            layer,
+            positions,
+            attn_mask,
+            lora,
+            kv,
+            k_pool,
+            v_pool,
+            kernels,
+            rope,
+            o_partials=True,
+            qkv_v=qkv_v,
         )
-        h, x = norm(h.reshape(-1, shape[-1]), parts, kernels.norm_scales["post"], layer)
+        h, x, gate_up_v = norm(
+            h.reshape(-1, shape[-1]), parts, kernels.norm_scales["post"], layer, "gate_up"
+        )
         parts = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
-            x.reshape(shape), layer, lora, kernels, down_partials=True
+            x.reshape(shape), layer, lora, kernels, down_partials=True, gate_up_v=gate_up_v
         )
-        # The last layer's "next" norm reads its own scale (clamped); its x goes unused.
-        h, x = norm(h, parts, kernels.norm_scales["input"], layer + 1)
+        # The last layer's "next" norm reads its own scale (clamped), and its shrink the last
+        # layer's A rows; its x and v go unused.
+        h, x, qkv_v = norm(h, parts, kernels.norm_scales["input"], layer + 1, "qkv")
+        if shrink:
+            return (h.reshape(shape), x.reshape(shape), qkv_v, k_pool, v_pool), None
         return (h.reshape(shape), x.reshape(shape), k_pool, v_pool), None
 
 
@@ -731,9 +839,13 @@ class Llama(nn.Module):
     # True: in steps where lora_matmul runs every projection group, the residual adds after o
     # and down and the RMSNorms after them run in pallas_kernels.residual_norm (two launches a
     # layer, the norm scales read stacked at the layer index) instead of XLA's fusions and the
-    # scan's slices of the scales. Off by default: not yet timed on the GPU.
+    # scan's slices of the scales (RunnerConfig.residual_norm, "pallas" by default).
     residual_norm: bool = False
-    residual_norm_warps: int = 8  # the residual_norm kernel's num_warps
+    residual_norm_warps: int = 16  # the residual_norm kernel's num_warps
+    # True (with residual_norm): in those steps, where the LoRA shrink runs in SGMV, the
+    # residual-norm launches also run the q|k|v and gate|up shrinks (RunnerConfig.norm_shrink).
+    norm_shrink: bool = False
+    norm_shrink_rows: int = 8
 
     @nn.compact
     def __call__(
@@ -791,6 +903,8 @@ class Llama(nn.Module):
                     config=self.projection_config,
                     residual_norm=self.residual_norm,
                     norm_warps=self.residual_norm_warps,
+                    norm_shrink=self.norm_shrink,
+                    norm_shrink_rows=self.norm_shrink_rows,
                 )
             rope = rope_tables(positions, rope_inverse_frequencies(cfg))
             if kv is not None and kv.write_impl == "pallas" and kv.write_valid is None:
@@ -822,6 +936,8 @@ class Llama(nn.Module):
                 scale = kernels.norm_scales["input"][0]
                 x = norm_ops.rms_norm(h, scale, cfg.rms_norm_eps, self.dtype)
                 carry = (h, x, *pools)
+                if kernels.shrinks_in_norm(lora):
+                    carry = (h, x, _group_shrink("qkv", x, 0, lora, kernels), *pools)
             if self.scan_layers:
                 unroll = self.scan_unroll
                 if unroll is None:

@@ -1321,14 +1321,23 @@ def lora_projection(
     shrink_rows: jax.Array | None = None,  # (2, J) int32 (build_shrink_rows)
     per_token: bool = False,
     partials: bool = False,
+    v: jax.Array | None = None,  # (T, G, MP*R) float32: the shrink, already run
 ) -> jax.Array:  # (T, N) x's dtype; (S, T, N) with partials (lora_matmul's)
     """A projection group with LoRA in two launches (the model's entry point, as ``sgmv_delta``
     is for XLA's GEMMs): ``sgmv_shrink`` (with ``kernel_meta`` / ``sgmv_config``, and
     ``per_token`` as ``sgmv_shrink`` takes it), then ``lora_matmul`` with the expand in its
     epilogue. With ``shrink_rows`` (a step with few adapters) one launch: ``lora_matmul`` runs
-    the shrink of those rank rows in its K loop."""
-    v, shrink = None, None
-    if shrink_rows is not None:
+    the shrink of those rank rows in its K loop. With ``v`` (the shrink's output, run by the
+    launch before: ``pallas_kernels.residual_norm.residual_rms_norm_shrink``) one launch, the
+    base GEMM and the expand."""
+    shrink = None
+    if v is not None:
+        if shrink_rows is not None:
+            raise ConfigError(
+                f"{_WHERE} lora_projection: expected at most one of v (the shrink, already run) "
+                f"and shrink_rows (the shrink in the K loop), got both"
+            )
+    elif shrink_rows is not None:
         shrink = LoraShrink(a_pool=a_pool, a_pages=a_pages, rows=shrink_rows)
     else:
         v = sgmv_shrink(

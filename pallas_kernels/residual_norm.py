@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxlora.errors import ConfigError
+from pallas_kernels import sgmv as sgmv_ops
 from pallas_kernels.paged_attention import _layer_scalar
 from pallas_kernels.sgmv import _next_pow2
 
@@ -91,18 +92,28 @@ def _residual_norm_kernel(
     eps: float,
 ):
     row = pl.program_id(0)
-    width = h_ref.shape[1]
-    dtype = h_out_ref.dtype
+    h_new, x = _residual_norm_row(layer_ref, h_ref, parts_ref, scales_ref, row, lanes, eps)
+    _store_row(h_out_ref, row, h_new, lanes)
+    _store_row(x_out_ref, row, x, lanes)
+
+
+def _row_columns(lanes: int, width: int):
+    """A row's column index and its mask (None: every lane is a column)."""
     if lanes == width:
         # A power-of-two width: one contiguous slice, which Triton loads in vectors (a gather's
         # indices it cannot prove contiguous: 193 scalar loads a thread at 4096 x 4 parts).
-        column, ok = pl.ds(0, width), None
-    else:
-        column = jax.lax.broadcasted_iota(jnp.int32, (lanes,), 0)
-        ok = column < width
-        # Padding lanes point past the row (masked: never loaded, never stored).
-        column = jnp.where(ok, column, width)
-    masked = {} if ok is None else {"mask": ok}
+        return pl.ds(0, width), None
+    column = jax.lax.broadcasted_iota(jnp.int32, (lanes,), 0)
+    ok = column < width
+    # Padding lanes point past the row (masked: never loaded, never stored).
+    return jnp.where(ok, column, width), ok
+
+
+def _residual_norm_row(layer_ref, h_ref, parts_ref, scales_ref, row, lanes, eps):
+    """Row ``row``'s h' and x, (lanes,) each in h's dtype (padding lanes 0)."""
+    width = h_ref.shape[1]
+    dtype = h_ref.dtype
+    column, ok = _row_columns(lanes, width)
     delta = jnp.zeros((lanes,), jnp.float32)
     for part in range(parts_ref.shape[0]):
         at = parts_ref.at[jnp.int32(part), row, column]
@@ -114,8 +125,12 @@ def _residual_norm_kernel(
     normed = (x32 * jax.lax.rsqrt(mean_square + eps)).astype(dtype).astype(jnp.float32)
     scale = _load(scales_ref.at[layer_ref[0], column], ok)
     x = (scale.astype(dtype).astype(jnp.float32) * normed).astype(dtype)
-    pltriton.store(h_out_ref.at[row, column], h_new, **masked)
-    pltriton.store(x_out_ref.at[row, column], x, **masked)
+    return h_new, x
+
+
+def _store_row(ref, row, value, lanes):
+    column, ok = _row_columns(lanes, ref.shape[1])
+    pltriton.store(ref.at[row, column], value, **({} if ok is None else {"mask": ok}))
 
 
 def _load(at, ok):
@@ -132,15 +147,17 @@ def residual_rms_norm(
     layer: jax.Array | int,  # () int32 (clamped to the stack)
     *,
     eps: float,
-    num_warps: int = 8,
+    num_warps: int = 16,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # h' (T, D), x (T, D), both h's dtype
     """``residual_rms_norm_reference`` as one Pallas Triton launch (see the module docstring).
 
     One program a row moves S + 2 rows (about 80 KB at 4 float32 parts of 4096 columns) with
-    one SM: ``num_warps`` sets how many loads it has in flight. 8 by default (16 columns a
-    thread at 4096): a guess, not yet timed; the compiled SASS loads in 128-bit vectors either
-    way (20 a thread with 8 warps, 40 with 4)."""
+    one SM: ``num_warps`` sets how many loads it has in flight. 16 by default (8 columns a
+    thread at 4096): in the 7B batch-32 decode step on the H200 its 64 launches took 3.85 us
+    each with 8 warps, and the step was 0.4-0.9% shorter with 16 than with 8 (thirty-third
+    session). The compiled SASS loads in 128-bit vectors with any of them (20 a thread with 8
+    warps, 40 with 4)."""
     _check_inputs(h, parts, scales, "residual_rms_norm")
     num_tokens, width = h.shape
     if num_tokens == 0:
@@ -156,3 +173,212 @@ def residual_rms_norm(
         interpret=interpret,
         name=f"residual_rms_norm_s{parts.shape[0]}_d{width}_w{num_warps}",
     )(layer, h, parts, scales)
+
+
+# ------------------------------------------------------------------------------------------------
+# with the LoRA shrink of the projection group that reads x
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_shrink_inputs(
+    x_width, num_layers, a_pool, a_pages, ranks, token_slot, num_tokens, weights, fn
+):
+    sgmv_ops._check_weights(fn, weights, where=_WHERE)
+    sgmv_ops._check_pool(fn, "a_pool", a_pool, where=_WHERE)
+    if a_pool.shape[0] != num_layers or a_pool.shape[3] != x_width:
+        raise ConfigError(
+            f"{_WHERE} {fn}: a_pool must be ({num_layers}, P, R, {x_width}) (the scales' layers, "
+            f"h's width), got shape {a_pool.shape}"
+        )
+    sgmv_ops._check_slot_tables(fn, "a_pages", a_pages, ranks, token_slot, num_tokens, where=_WHERE)
+
+
+def residual_rms_norm_shrink_reference(
+    # inputs
+    h: jax.Array,  # (T, D) the residual stream
+    parts: jax.Array,  # (S, T, D) a projection's split-K partials
+    scales: jax.Array,  # (L, D) layer-stacked RMSNorm scales
+    layer: jax.Array | int,  # () int32: the norm's scale row and the A rows' layer
+    a_pool: jax.Array,  # (L, P, R, D) A rank-rows of the group that reads x
+    a_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    token_slot: jax.Array,  # (T,) int32, -1 = no adapter
+    *,
+    eps: float,
+    weights: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # h' (T, D), x (T, D), v (T, G, MP*R) float32
+    """``residual_rms_norm_reference``, then ``sgmv_shrink_reference`` of its x (both at
+    ``layer``, clamped into each stack): the model's norm and the group's LoRA shrink."""
+    fn = "residual_rms_norm_shrink_reference"
+    _check_inputs(h, parts, scales, fn)
+    _check_shrink_inputs(
+        h.shape[1], scales.shape[0], a_pool, a_pages, ranks, token_slot, h.shape[0], weights, fn
+    )
+    h_new, x = residual_rms_norm_reference(h, parts, scales, layer, eps=eps)
+    a_layer = _layer_scalar(layer, a_pool.shape[0])
+    v = sgmv_ops.sgmv_shrink_reference(
+        x, a_pool, a_pages, ranks, token_slot, a_layer, weights=weights
+    )
+    return h_new, x, v
+
+
+def _residual_norm_shrink_kernel(
+    # inputs
+    layer_ref,  # (1,) int32
+    h_ref,  # (T, D)
+    parts_ref,  # (S, T, D)
+    scales_ref,  # (L, D)
+    pool_ref,  # (L*P*R, D) A rank-rows of every layer and page
+    pages_ref,  # (S, 7, MP) int32
+    ranks_ref,  # (S, 7) int32
+    slot_ref,  # (T,) int32 each token's slot, -1 = no adapter
+    # outputs
+    h_out_ref,  # (T, D) h + the parts' rounded sum (written by chunk 0)
+    x_out_ref,  # (T, D) RMSNorm of it (written by chunk 0)
+    v_ref,  # (T, G*MP*R) float32 the shrink of x
+    *,
+    lanes: int,
+    eps: float,
+    weights: tuple[int, ...],
+    rank_cols: int,
+    rows: int,
+    pages_per_pool: int,
+    rows_per_page: int,
+    max_pages: int,
+    interpret: bool,
+):
+    row, chunk = pl.program_id(0), pl.program_id(1)
+    width = h_ref.shape[1]
+    columns = len(weights) * rank_cols
+    n = chunk * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    col_ok = n < columns
+    slot = slot_ref[row]
+    c = n % rank_cols
+    w = sgmv_ops._weight_of_column(n // rank_cols, weights)
+    slot_c = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+    live = col_ok & (c < rank)
+    out_i = sgmv_ops._idx(n, col_ok, columns, interpret)
+    any_live = jnp.sum(live.astype(jnp.int32)) > 0
+
+    # Chunk 0 of a row writes h' and x; every chunk with a live rank row normalizes the row
+    # itself (the norm needs the whole row, so a chunk cannot take another's x).
+    @pl.when((chunk == 0) | any_live)
+    def _compute():
+        h_new, x = _residual_norm_row(layer_ref, h_ref, parts_ref, scales_ref, row, lanes, eps)
+
+        @pl.when(chunk == 0)
+        def _store():
+            _store_row(h_out_ref, row, h_new, lanes)
+            _store_row(x_out_ref, row, x, lanes)
+
+        layer = sgmv_ops._layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
+        a_row = sgmv_ops._pool_rows(
+            pages_ref,
+            slot_c,
+            w,
+            c,
+            layer,
+            pages_per_pool=pages_per_pool,
+            rows_per_page=rows_per_page,
+            max_pages=max_pages,
+        )
+        a_i = sgmv_ops._idx(a_row, live, pool_ref.shape[0], interpret)[:, None]
+        k = jax.lax.broadcasted_iota(jnp.int32, (lanes,), 0)
+        mask = live[:, None]
+        if lanes != width:
+            k_ok = k < width
+            k = sgmv_ops._idx(k, k_ok, width, interpret)
+            mask = mask & k_ok[None, :]
+        a = pltriton.load(pool_ref.at[a_i, k[None, :]], mask=mask, other=0)
+        # x as the separate shrink reads it: rounded to h's dtype, products in float32.
+        v = jnp.sum(a.astype(jnp.float32) * x.astype(jnp.float32)[None, :], axis=1)
+        pltriton.store(v_ref.at[row, out_i], v, mask=col_ok)
+
+    @pl.when((chunk != 0) & jnp.logical_not(any_live))
+    def _zeros():
+        pltriton.store(v_ref.at[row, out_i], jnp.zeros((rows,), jnp.float32), mask=col_ok)
+
+
+def residual_rms_norm_shrink(
+    # inputs
+    h: jax.Array,  # (T, D) the residual stream
+    parts: jax.Array,  # (S, T, D) a projection's split-K partials (float32, or one rounded part)
+    scales: jax.Array,  # (L, D) layer-stacked RMSNorm scales
+    layer: jax.Array | int,  # () int32: the scale row's and the A rows' layer (clamped to each)
+    a_pool: jax.Array,  # (L, P, R, D) A rank-rows of the group that reads x
+    a_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    token_slot: jax.Array,  # (T,) int32, -1 = no adapter
+    *,
+    eps: float,
+    weights: tuple[int, ...],
+    rows: int = 8,
+    num_warps: int = 16,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # h' (T, D), x (T, D), v (T, G, MP*R) float32
+    """``residual_rms_norm_shrink_reference`` in one Pallas Triton launch: the residual add and
+    RMSNorm of ``residual_rms_norm`` and the LoRA shrink (``sgmv_shrink``'s decode regime: one
+    token's ``rows`` rank rows a program) of the projection group that reads x, so that the
+    group's shrink needs no launch of its own.
+
+    Grid (T, ceil(G * MP * R / rows)): program (t, c) normalizes row t and dots x with the
+    token's rank rows [c * rows, (c + 1) * rows) of the group (rows past a weight's rank, and
+    every row of a token without adapter, masked: never loaded, 0 in v). Chunk 0 writes h' and
+    x; the others re-read the row's parts (from L2) for the norm, which needs the whole row.
+    Where a token has no live row in a chunk, that program writes zeros and reads nothing.
+
+    Why (not yet timed on a GPU): in a batch-32 decode step on the H200 each group's shrink is a
+    launch of its own, 4.1-6.5 us for 1.0-2.9 us of A rows at the copy rate (thirty-third
+    session's profile): launch and ramp-up dominate. The norm kernel before q|k|v (the next
+    layer's input norm) and before gate|up (the post-attention norm) already holds x."""
+    fn = "residual_rms_norm_shrink"
+    _check_inputs(h, parts, scales, fn)
+    num_tokens, width = h.shape
+    _check_shrink_inputs(
+        width, scales.shape[0], a_pool, a_pages, ranks, token_slot, num_tokens, weights, fn
+    )
+    if rows < 1 or rows & (rows - 1):
+        raise ConfigError(f"{_WHERE} {fn}: rows must be a power of two >= 1, got {rows}")
+    num_layers, pages_per_pool, rows_per_page, _ = a_pool.shape
+    max_pages = a_pages.shape[2]
+    rank_cols = max_pages * rows_per_page
+    columns = len(weights) * rank_cols
+    if num_tokens == 0:
+        return h, h, jnp.zeros((0, len(weights), rank_cols), jnp.float32)
+    rows = min(rows, _next_pow2(columns))
+    lanes = _next_pow2(width)
+    shape = jax.ShapeDtypeStruct(h.shape, h.dtype)
+    v_shape = jax.ShapeDtypeStruct((num_tokens, columns), jnp.float32)
+    layer = _layer_scalar(layer, scales.shape[0]).reshape(1)
+    pool_rows = a_pool.reshape(num_layers * pages_per_pool * rows_per_page, width)
+    kernel = functools.partial(
+        _residual_norm_shrink_kernel,
+        lanes=lanes,
+        eps=float(eps),
+        weights=tuple(weights),
+        rank_cols=rank_cols,
+        rows=rows,
+        pages_per_pool=pages_per_pool,
+        rows_per_page=rows_per_page,
+        max_pages=max_pages,
+        interpret=interpret,
+    )
+    h_new, x, v = pl.pallas_call(
+        kernel,
+        grid=(num_tokens, -(-columns // rows)),
+        out_shape=(shape, shape, v_shape),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=f"residual_rms_norm_shrink_s{parts.shape[0]}_d{width}_rows{rows}_w{num_warps}",
+    )(
+        layer,
+        h,
+        parts,
+        scales,
+        pool_rows,
+        a_pages.astype(jnp.int32),
+        ranks.astype(jnp.int32),
+        token_slot.astype(jnp.int32),
+    )
+    return h_new, x, v.reshape(num_tokens, len(weights), rank_cols)

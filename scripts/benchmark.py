@@ -128,14 +128,23 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "residual_norm",
-    "xla",
+    "pallas",
     ["xla", "pallas"],
     "who adds o's and down's outputs into the residual stream and runs the RMSNorms after "
     "them in decode steps where lora_matmul runs every projection: XLA's fusions or two "
     "Pallas launches a layer (RunnerConfig.residual_norm)",
 )
 flags.DEFINE_integer(
-    "residual_norm_warps", 8, "num_warps of the residual_norm kernel (RunnerConfig)"
+    "residual_norm_warps", 16, "num_warps of the residual_norm kernel (RunnerConfig)"
+)
+flags.DEFINE_bool(
+    "norm_shrink",
+    False,
+    "run the q|k|v and gate|up LoRA shrinks of SGMV decode steps in the residual-norm "
+    "launches (RunnerConfig.norm_shrink; needs --residual_norm=pallas)",
+)
+flags.DEFINE_integer(
+    "norm_shrink_rows", 8, "rank rows a program of those launches (RunnerConfig.norm_shrink_rows)"
 )
 flags.DEFINE_enum(
     "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
@@ -321,6 +330,8 @@ def main(argv):
             kv_write=FLAGS.kv_write,
             residual_norm=FLAGS.residual_norm,
             residual_norm_warps=FLAGS.residual_norm_warps,
+            norm_shrink=FLAGS.norm_shrink,
+            norm_shrink_rows=FLAGS.norm_shrink_rows,
             scan_unroll=FLAGS.scan_unroll,
             deterministic=FLAGS.deterministic,
         ),

@@ -77,11 +77,11 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "residual_norm",
-    "xla",
+    "pallas",
     ["xla", "pallas"],
     "Who adds o's and down's outputs into the residual stream and runs the RMSNorms after them "
     "in decode steps where lora_matmul runs every projection: XLA's fusions, or two Pallas "
-    "launches a layer (RunnerConfig.residual_norm; not yet timed on the GPU).",
+    "launches a layer (RunnerConfig.residual_norm).",
 )
 flags.DEFINE_enum(
     "layer_loop",

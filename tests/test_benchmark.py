@@ -191,6 +191,11 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
     assert result["not_run"] == []
     # "auto" on the CPU's reference impl: XLA's GEMMs, recorded beside the rows.
     assert config.projection_kernel == "auto" and result["projection_kernel_used"] == "xla"
+    # The whole RunnerConfig beside them, defaults and nested configs included.
+    runner = result["runner"]
+    assert runner == json.loads(json.dumps(dataclasses.asdict(bench.engine.runner.runner)))
+    assert runner["residual_norm"] == "pallas" and runner["residual_norm_warps"] == 16
+    assert runner["max_batch"] == bench.engine.runner.runner.max_batch
     one_adapter = roofline.adapter_bytes(TINY, 4, (8,) * 7)
     for (batch, workload), r in rows.items():
         assert r["output_tokens"] == batch * config.output_len
@@ -388,6 +393,7 @@ def test_online_trace_pages_adapters_and_measures_latency():
     bench = build_engine(TINY, config.engine_config(), SETUP)
     online = run_online(bench, config)
     assert online["projection_kernel_used"] == "xla"
+    assert online["runner"]["max_batch"] == 4 and online["runner"]["residual_norm"] == "pallas"
     rows = online["rows"]
     # Untimed by default (the engine as it serves), timed on request; the counts either way.
     timed = run_online(bench, dataclasses.replace(config, adapter_counts=(3,), time_steps=True))[

@@ -154,3 +154,36 @@ def test_residual_norm_loads_its_rows_in_vectors():
     assert vectors["LDG.128"] == 20 and vectors["LDG"] <= 21
     gathered = kernel(4000, 8).kernel_counts
     assert gathered["LDG.128"] == 0 and gathered["LDG"] > 4 * vectors["LDG"]
+
+
+def test_residual_norm_shrink_loads_in_vectors_without_spills():
+    """The norm with the q|k|v shrink (pallas_kernels/residual_norm.py, the model's shapes:
+    4,096 wide, 4 float32 parts, rank 16 in pages of 16, bf16) compiled for sm_90: each thread
+    loads its share of the row (4 parts, h, the scale: 10) and of its 8 A rows (8) in 128-bit
+    vectors, 16 warps, and keeps everything in registers (no local-memory spill)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlora.bench.compiler_report import report
+    from pallas_kernels.residual_norm import residual_rms_norm_shrink
+
+    def fn(h, parts, scales, layer, a_pool, a_pages, ranks, slots):
+        return residual_rms_norm_shrink(
+            h, parts, scales, layer, a_pool, a_pages, ranks, slots, eps=1e-5, weights=(0, 1, 2)
+        )
+
+    structs = (
+        jax.ShapeDtypeStruct((32, 4096), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4, 32, 4096), jnp.float32),
+        jax.ShapeDtypeStruct((32, 4096), jnp.bfloat16),
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((32, 64, 16, 4096), jnp.bfloat16),
+        jax.ShapeDtypeStruct((8, 7, 1), jnp.int32),
+        jax.ShapeDtypeStruct((8, 7), jnp.int32),
+        jax.ShapeDtypeStruct((32,), jnp.int32),
+    )
+    kernel = _one(report(fn, *structs), "residual_rms_norm_shrink")
+    assert kernel.num_warps == 16
+    counts = kernel.kernel_counts
+    assert counts["LDG.128"] == 18
+    assert counts["LDL"] == 0 and counts["STL"] == 0

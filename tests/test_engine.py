@@ -353,6 +353,12 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
         RunnerConfig(residual_norm="on")
     with pytest.raises(ConfigError, match="residual_norm_warps: expected a power of two"):
         RunnerConfig(residual_norm_warps=6)
+    with pytest.raises(ConfigError, match="norm_shrink: needs residual_norm='pallas'.*'xla'"):
+        RunnerConfig(residual_norm="xla", norm_shrink=True)
+    with pytest.raises(ConfigError, match="norm_shrink: expected a bool, got 'yes'"):
+        RunnerConfig(norm_shrink="yes")
+    with pytest.raises(ConfigError, match="norm_shrink_rows: expected a power of two >= 1, got 12"):
+        RunnerConfig(norm_shrink=True, norm_shrink_rows=12)
 
 
 def test_deterministic_runner_sums_the_shrink_split_in_one_order():
@@ -999,19 +1005,21 @@ def test_runner_xla_gemms_picks_cublas_on_the_compiled_kernels_only():
 
 
 @pytest.mark.parametrize(
-    ("use_lora", "split", "shrink", "residual_norm"),
+    ("use_lora", "split", "shrink", "residual_norm", "norm_shrink"),
     [
-        (False, False, False, False),
-        (True, False, False, False),
-        (True, True, False, False),
-        (True, True, True, False),
-        (False, True, False, True),
-        (True, True, False, True),
-        (True, False, True, True),
+        (False, False, False, False, None),
+        (True, False, False, False, None),
+        (True, True, False, False, None),
+        (True, True, True, False, None),
+        (False, True, False, True, None),
+        (True, True, False, True, None),
+        (True, False, True, True, None),
+        (True, True, False, True, "unrolled"),
+        (True, False, False, True, "scan"),
     ],
 )
 def test_decode_projections_through_lora_matmul_give_the_xla_logits(
-    base, lora_adapters, use_lora, split, shrink, residual_norm
+    base, lora_adapters, use_lora, split, shrink, residual_norm, norm_shrink
 ):
     """RunnerConfig.projection_kernel="pallas": a decode step runs every projection group through
     lora_matmul (one launch per group for the base GEMM and the LoRA expand, the weights read in
@@ -1022,7 +1030,10 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     runs the shrink too: one launch per group and layer, no SGMV launch. ``residual_norm``
     (RunnerConfig.residual_norm="pallas"): o's and down's partials go unsummed into
     pallas_kernels.residual_norm, which adds them to the residual stream and normalizes it
-    (two launches a layer), with the same logits."""
+    (two launches a layer), with the same logits. ``norm_shrink`` (RunnerConfig.norm_shrink,
+    with the layer loop named): those launches also run the q|k|v and gate|up shrinks
+    (pallas_kernels.residual_norm.residual_rms_norm_shrink), the first layer's q|k|v shrink
+    runs before the loop, and only o's and down's shrinks keep an SGMV launch."""
     import dataclasses
 
     from jaxlora.engine.runner import empty_batch
@@ -1035,9 +1046,11 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
             config.runner,
             impl="pallas_interpret",
             projection_kernel=projection,
-            layer_loop="unrolled" if use_lora else "scan",
+            layer_loop=norm_shrink or ("unrolled" if use_lora else "scan"),
             matmul=MatmulConfig(block_k=16 if split else None, shrink_rows=32 if shrink else 0),
             residual_norm="pallas" if residual_norm else "xla",
+            norm_shrink=bool(norm_shrink),
+            norm_shrink_rows=4,
         )
         llm = jaxlora.LLM(
             TINY,
@@ -1086,12 +1099,15 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     matmuls = [(n, shapes) for n, shapes in texts["pallas", "decode"] if "lora_matmul" in n]
     # One launch per group and layer (scan: one traced layer), the LoRA expand fused with LoRA;
     # every launch reads the whole layer-stacked kernel (no per-layer slice or copy before it).
-    layers = TINY.num_layers if use_lora else 1  # unrolled with LoRA, scan without
+    layers = TINY.num_layers if runner_config.layer_loop == "unrolled" else 1  # traced layers
     assert len(matmuls) == 4 * layers
     assert all(("_expand_" in n) == (use_lora and not shrink) for n, _ in matmuls)
     assert all(("_shrink32_" in n) == shrink for n, _ in matmuls)
     sgmv = [n for n, _ in texts["pallas", "decode"] if n.startswith("sgmv_")]
-    assert len(sgmv) == (4 * layers if use_lora and not shrink else 0)
+    if norm_shrink:  # o's and down's shrinks a layer, and the first q|k|v shrink before
+        assert len(sgmv) == 2 * layers + 1
+    else:
+        assert len(sgmv) == (4 * layers if use_lora and not shrink else 0)
     assert all(bool(re.search(r"_sk[48]_", n)) == split for n, _ in matmuls)
     assert all(shapes[1][0] == TINY.num_layers and len(shapes[1]) == 3 for _, shapes in matmuls)
     for key in (("pallas", "prefill"), ("xla", "decode")):
@@ -1104,7 +1120,10 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     parts = {shapes[2][0] for _, shapes in norms}
     assert parts <= ({4, 8} if split else {1})
     assert all(shapes[3] == (TINY.num_layers, TINY.hidden_size) for _, shapes in norms)
-    assert all(n.endswith("_w8") for n, _ in norms)  # RunnerConfig.residual_norm_warps
+    assert all(n.endswith("_w16") for n, _ in norms)  # RunnerConfig.residual_norm_warps
+    fused = [n for n, _ in norms if n.startswith("residual_rms_norm_shrink_")]
+    assert len(fused) == (len(norms) if norm_shrink else 0)
+    assert all("_rows4_" in n for n in fused)  # RunnerConfig.norm_shrink_rows
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=2e-5, atol=2e-5)
 
 

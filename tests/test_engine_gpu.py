@@ -61,7 +61,9 @@ def test_pallas_engine_matches_reference_engine():
     # decode steps to 64 rows, so that lora_matmul's blocks hold 64 tokens and (without the
     # few-adapters epilogue) add the delta in the pipelined rows epilogue; the seventh adds o's
     # and down's partials into the residual stream and normalizes it in
-    # pallas_kernels.residual_norm (RunnerConfig.residual_norm="pallas").
+    # pallas_kernels.residual_norm (RunnerConfig.residual_norm="pallas", the default since the
+    # thirty-third session); the eighth also runs the q|k|v and gate|up shrinks of its SGMV
+    # decode steps in those launches (RunnerConfig.norm_shrink).
     runs = (
         ("reference", "xla", "xla", 0, 8, 4, "xla"),
         ("pallas", "xla", "xla", 0, 8, 4, "xla"),
@@ -70,6 +72,7 @@ def test_pallas_engine_matches_reference_engine():
         ("pallas", "pallas", "pallas", 32, 8, 4, "xla"),
         ("pallas", "pallas", "pallas", 0, 64, 0, "xla"),
         ("pallas", "pallas", "pallas", 0, 8, 4, "pallas"),
+        ("pallas", "pallas", "pallas", 0, 8, 4, "pallas+shrink"),
     )
     for run in runs:
         impl, projection, kv_write, shrink_rows, decode_rows, epilogue_adapters, norm = run
@@ -82,7 +85,8 @@ def test_pallas_engine_matches_reference_engine():
                 impl=impl,
                 projection_kernel=projection,
                 kv_write=kv_write,
-                residual_norm=norm,
+                residual_norm=norm.removesuffix("+shrink"),
+                norm_shrink=norm.endswith("+shrink"),
                 # plain_max_tokens=decode_rows: lora_matmul runs every decode step, also the 64-row
                 # ones with many adapters (by default XLA's cuBLAS GEMMs run those).
                 matmul=MatmulConfig(
@@ -169,23 +173,28 @@ def _stacked_weight_slices(text, params, *, matrices=False):
 
 
 @pytest.mark.parametrize(
-    "layer_loop,tiles_only,projection,kv_write",
+    "layer_loop,tiles_only,projection,kv_write,residual_norm",
     [
-        ("scan", False, "xla", "xla"),
-        ("unrolled", False, "xla", "xla"),
-        ("scan", True, "xla", "xla"),
-        ("scan", False, "pallas", "xla"),
-        ("unrolled", False, "pallas", "pallas"),
-        ("scan", False, "pallas", "pallas"),
+        ("scan", False, "xla", "xla", "pallas"),
+        ("unrolled", False, "xla", "xla", "pallas"),
+        ("scan", True, "xla", "xla", "pallas"),
+        ("scan", False, "pallas", "xla", "pallas"),
+        ("unrolled", False, "pallas", "pallas", "pallas"),
+        ("scan", False, "pallas", "pallas", "pallas"),
+        ("scan", False, "pallas", "pallas", "xla"),
     ],
 )
-def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projection, kv_write):
+def test_pallas_engine_steps_lower_for_the_gpu(
+    layer_loop, tiles_only, projection, kv_write, residual_norm
+):
     """On any machine: every step shape of an engine on the Pallas kernels (decode and prefill,
     with and without LoRA) lowers to Triton kernels for an abstract GPU (tests/gpu_lowering.py).
     RunnerConfig.sgmv picks the kernels: with the decode regime off, decode steps run the
     tensor-core tile kernels. With projection_kernel="pallas" a decode step runs lora_matmul for
     each projection group and only the shrink of the SGMV pair; with kv_write="pallas" every
-    layer of every step rotates q, k and writes K/V with one more launch."""
+    layer of every step rotates q, k and writes K/V with one more launch; with residual_norm
+    "pallas" (the default) such a decode step also adds o's and down's partials into the
+    residual stream and normalizes it in two more launches a layer, and slices no norm scale."""
     sgmv = SgmvConfig(decode_max_tokens=0, decode_shrink_max_tokens=0) if tiles_only else None
     runner, steps = _lowered_steps(
         prefill_chunk=32,
@@ -193,6 +202,7 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
         sgmv=sgmv,
         projection_kernel=projection,
         kv_write=kv_write,
+        residual_norm=residual_norm,
     )
     lowered = 0
     for mode, use_lora, text in steps:
@@ -202,7 +212,11 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
         every_group_in_lora_matmul = projection == "pallas" and mode == "decode"
         unroll = 2 if every_group_in_lora_matmul else 1
         if layer_loop == "scan":
-            if every_group_in_lora_matmul:
+            if every_group_in_lora_matmul and residual_norm == "pallas":
+                # No layer weight sliced at all: lora_matmul and residual_rms_norm read theirs
+                # stacked at the layer index.
+                assert _stacked_weight_slices(text, runner.params) == [], mode
+            elif every_group_in_lora_matmul:
                 # No projection kernel sliced (lora_matmul reads the stack in place); the
                 # norms' scales in blocks of two layers: the unroll took.
                 assert _stacked_weight_slices(text, runner.params, matrices=True) == []
@@ -225,6 +239,12 @@ def test_pallas_engine_steps_lower_for_the_gpu(layer_loop, tiles_only, projectio
             # Base only: lora_matmul[_skN]_bm..., N parts along K where the split runs.
             base_only = re.findall(r"lora_matmul(?:_sk\d+)?_bm", text)
             assert (text.count("lora_matmul_expand") if use_lora else len(base_only)) >= 4
+        norms = len(re.findall(r'name = "residual_rms_norm', text))
+        if projection == "pallas" and mode == "decode" and residual_norm == "pallas":
+            sgmv += 2 * layers  # not SGMV: the residual adds and norms after o and down
+            assert norms >= 2 * layers
+        else:
+            assert norms == 0
         if kv_write == "pallas":
             sgmv += layers  # not SGMV: RoPE and the K/V write of each layer
             assert text.count("rope_write_kv_q") >= layers
@@ -268,20 +288,31 @@ def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
             assert sgmv >= 8 * layers and "lora_matmul" not in text
 
 
-@pytest.mark.parametrize("use_lora", [False, True])
-def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora):
+@pytest.mark.parametrize(("use_lora", "norm_shrink"), [(False, False), (True, False), (True, True)])
+def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora, norm_shrink):
     """On any machine: with RunnerConfig.residual_norm="pallas" a decode step (every projection
     in lora_matmul) adds o's and down's partials into the residual stream and normalizes it in
     two residual_rms_norm launches a layer, reading the stacked norm scales in place: its scan
-    slices no layer weight at all, not even a norm's scale. Prefill steps are as before."""
+    slices no layer weight at all, not even a norm's scale. Prefill steps are as before. With
+    RunnerConfig.norm_shrink those launches also run the q|k|v and gate|up shrinks: two SGMV
+    shrinks a layer (o, down) and the first layer's q|k|v shrink before the loop."""
     runner, steps = _lowered_steps(
-        use_lora=(use_lora,), prefill_chunk=32, projection_kernel="pallas", residual_norm="pallas"
+        use_lora=(use_lora,),
+        prefill_chunk=32,
+        projection_kernel="pallas",
+        residual_norm="pallas",
+        norm_shrink=norm_shrink,
     )
     for mode, _, text in steps:
         norms = len(re.findall(r'name = "residual_rms_norm', text))
+        fused = len(re.findall(r'name = "residual_rms_norm_shrink', text))
+        shrinks = len(re.findall(r'name = "sgmv_shrink', text))
         if mode == "decode":
             layers = 2 + CONFIG.num_layers % 2  # two layers an iteration, and the remainder
             assert norms >= 2 * layers
+            assert fused == (norms if norm_shrink else 0)
+            if use_lora:
+                assert shrinks == (2 * layers + 1 if norm_shrink else 4 * layers)
             assert _stacked_weight_slices(text, runner.params) == []
         else:
             assert norms == 0
@@ -309,8 +340,12 @@ def test_decode_steps_past_plain_max_tokens_run_lora_matmul_only_with_the_k_loop
     assert set(_stacked_weight_slices(decode[False], runner.params)) == {(1,)}
     if few_adapters:
         assert "lora_matmul_shrink32" in decode[True] and 'name = "sgmv_' not in decode[True]
-        assert _stacked_weight_slices(decode[True], runner.params, matrices=True) == []
-        assert (1, 2) in set(_stacked_weight_slices(decode[True], runner.params))
+        # Nothing sliced: lora_matmul and (the default residual_norm="pallas") the
+        # residual_rms_norm launches, two a traced layer, read every weight stacked.
+        assert _stacked_weight_slices(decode[True], runner.params) == []
+        layers = 2 + CONFIG.num_layers % 2  # two layers a scan iteration, and the remainder
+        assert decode[True].count('name = "residual_rms_norm') >= 2 * layers
+        assert 'name = "residual_rms_norm' not in decode[False]
     else:
         assert "lora_matmul" not in decode[True]
         assert 'name = "sgmv_shrink' in decode[True] and 'name = "sgmv_expand' in decode[True]

@@ -1,6 +1,8 @@
 """pallas_kernels/residual_norm.py: the residual add after a split-K projection and the RMSNorm
 after it, in one launch, against its reference and against the model's own modules."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,15 @@ import pytest
 
 from jaxlora.errors import ConfigError
 from jaxlora.model import RMSNorm
-from pallas_kernels.residual_norm import residual_rms_norm, residual_rms_norm_reference
+from pallas_kernels.residual_norm import (
+    residual_rms_norm,
+    residual_rms_norm_reference,
+    residual_rms_norm_shrink,
+    residual_rms_norm_shrink_reference,
+)
+from pallas_kernels.sgmv import sgmv_shrink_reference
 from tests.gpu_lowering import lower_for_gpu, triton_kernels
+from tests.test_sgmv import make_problem
 
 INTERPRET = [
     pytest.param(True, id="interpret"),
@@ -103,3 +112,134 @@ def test_kernel_lowers_for_the_gpu(dtype):
 
     text = lower_for_gpu(layers, h, p, scales)
     assert triton_kernels(text) == 1
+
+
+# --- the residual add and norm with the LoRA shrink of the group that reads x ----------------
+
+
+def _shrink_problem(seed, tokens, width, out_widths, dtype, parts=4, rows_per_page=4, max_pages=3):
+    """A problem of tests/test_sgmv.py (A pool NaN beyond every rank and on free pages, shuffled
+    page ids, mixed ranks, tokens without adapter) with a residual stream of its width."""
+    problem = make_problem(
+        seed,
+        num_tokens=tokens,
+        in_width=width,
+        out_widths=out_widths,
+        rows_per_page=rows_per_page,
+        max_pages=max_pages,
+        num_layers=3,
+        dtype=dtype,
+    )
+    rng = np.random.default_rng(seed + 1)
+    h, p, scales = _inputs(rng, tokens, width, parts, 3, dtype)
+    tables = (problem.a_pool, problem.a_pages, problem.ranks, jnp.asarray(problem.token_slot))
+    return h, p, scales, tables, problem
+
+
+def _norm_shrink(h, p, scales, layer, tables, weights, **kw):
+    return jax.jit(
+        lambda h, p, scales, layer, *tables: residual_rms_norm_shrink(
+            h, p, scales, layer, *tables, eps=1e-5, weights=weights, **kw
+        )
+    )(h, p, scales, layer, *tables)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "tokens, width, out_widths, rows",
+    [
+        (1, 64, (32, 16, 16), 8),  # q|k|v: 3 weights
+        (7, 96, (56, 56), 4),  # gate|up, a width no power of two
+        (13, 128, (40,), 16),  # one weight, fewer rank rows than a program's
+        (32, 256, (32, 16, 16), 2),
+    ],
+)
+def test_norm_shrink_matches_reference(tokens, width, out_widths, rows, dtype, interpret):
+    dtype = jnp.dtype(dtype)
+    h, p, scales, tables, problem = _shrink_problem(
+        tokens + width, tokens, width, out_widths, dtype
+    )
+    layer = problem.layer
+    got = _norm_shrink(h, p, scales, layer, tables, problem.weights, rows=rows, interpret=interpret)
+    want = residual_rms_norm_shrink_reference(
+        h, p, scales, layer, *tables, eps=1e-5, weights=problem.weights
+    )
+    for g, w, name in zip(got, want, ("h", "x", "v"), strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+    tol = TOL[dtype.name]
+    for g, w in zip(got[:2], want[:2], strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol
+        )
+    # Every v element written (the interpreter starts outputs as NaN; the pool holds NaN beyond
+    # each rank, which no live row reads), tokens without adapter and rows past the rank 0.
+    v = np.asarray(got[2])
+    assert np.isfinite(v).all()
+    slot = problem.token_slot
+    assert (v[slot < 0] == 0).all()
+    # The shrink of the kernel's own x: float32 dots of bf16 or f32 operands.
+    of_its_x = sgmv_shrink_reference(got[1], *tables, layer, weights=problem.weights)
+    np.testing.assert_allclose(v, np.asarray(of_its_x), rtol=1e-5, atol=1e-4)
+    scale = np.abs(np.asarray(want[2])).max()
+    np.testing.assert_allclose(v, np.asarray(want[2]), rtol=tol, atol=tol * scale)
+
+
+def test_norm_shrink_clamps_the_layer_as_the_last_layer_calls_it():
+    """The model's last layer normalizes for a next layer that does not exist (layer + 1 = L):
+    the scale row and the A rows are both clamped to the last layer."""
+    h, p, scales, tables, problem = _shrink_problem(5, 6, 64, (56, 56), jnp.float32)
+    last = _norm_shrink(h, p, scales, jnp.int32(2), tables, problem.weights, interpret=True)
+    past = _norm_shrink(h, p, scales, jnp.int32(3), tables, problem.weights, interpret=True)
+    for a, b in zip(last, past, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    first = _norm_shrink(h, p, scales, jnp.int32(0), tables, problem.weights, interpret=True)
+    assert not np.allclose(np.asarray(first[2]), np.asarray(last[2]))  # the A rows follow it
+
+
+def test_norm_shrink_h_and_x_equal_the_plain_kernels():
+    """h' and x are the same bits as residual_rms_norm's: one arithmetic for both kernels."""
+    h, p, scales, tables, problem = _shrink_problem(9, 5, 96, (32, 16, 16), jnp.bfloat16)
+    fused = _norm_shrink(h, p, scales, jnp.int32(1), tables, problem.weights, interpret=True)
+    plain = residual_rms_norm(h, p, scales, jnp.int32(1), eps=1e-5, interpret=True)
+    for a, b in zip(fused[:2], plain, strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_norm_shrink_bad_inputs_name_the_field():
+    h, p, scales, tables, problem = _shrink_problem(3, 4, 64, (40,), jnp.float32)
+    a_pool, a_pages, ranks, slots = tables
+    fn = functools.partial(residual_rms_norm_shrink, eps=1e-5, weights=problem.weights)
+    with pytest.raises(ConfigError, match="residual_rms_norm_shrink: rows must be a power of two"):
+        fn(h, p, scales, 0, *tables, rows=6)
+    with pytest.raises(ConfigError, match=r"a_pool must be \(3, P, R, 64\)"):
+        fn(h, p, scales, 0, a_pool[..., :32], a_pages, ranks, slots)
+    with pytest.raises(ConfigError, match=r"a_pool must be \(3, P, R, 64\)"):
+        fn(h, p, scales, 0, a_pool[:2], a_pages, ranks, slots)
+    with pytest.raises(ConfigError, match=r"token_slot must be \(T,\) = \(4,\)"):
+        fn(h, p, scales, 0, a_pool, a_pages, ranks, slots[:3])
+    with pytest.raises(ConfigError, match="residual_rms_norm_shrink_reference: parts must be"):
+        residual_rms_norm_shrink_reference(
+            h, p[:, :2], scales, 0, *tables, eps=1e-5, weights=problem.weights
+        )
+
+
+def test_norm_shrink_lowers_for_the_gpu():
+    """Lowered for an H100 at the model's shapes (4,096 wide, q|k|v of rank 16 in pages of 16,
+    bf16), the layer the traced counter of a scan: one Triton kernel."""
+    h, p, scales, tables, problem = _shrink_problem(
+        4, 32, 4096, (4096, 4096, 4096), jnp.bfloat16, rows_per_page=16, max_pages=1
+    )
+
+    def layers(h, p, scales, *tables):
+        def body(h, layer):
+            h, x, v = residual_rms_norm_shrink(
+                h, p, scales, layer, *tables, eps=1e-5, weights=problem.weights
+            )
+            return h, (x, v)
+
+        return jax.lax.scan(body, h, jnp.arange(3, dtype=jnp.int32))
+
+    text = lower_for_gpu(layers, h, p, scales, *tables)
+    assert triton_kernels(text) == 1
+    assert "residual_rms_norm_shrink_s4_d4096_rows8_w16" in text

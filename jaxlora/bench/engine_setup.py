@@ -4,6 +4,7 @@ registered over a few shared host weight sets, every step shape compiled before 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import jax
@@ -48,6 +49,12 @@ class BenchEngine:
         """What ``RunnerConfig.projection_kernel`` ("auto" included) resolved to: the
         ``Llama.projection_kernel`` of the engine's steps."""
         return self.engine.runner.model.projection_kernel
+
+    @property
+    def runner_config(self) -> dict:
+        """The engine's ``RunnerConfig``, every field (nested configs and defaults included) as
+        JSON values: a result file says which step ran even after a flag's default changes."""
+        return json.loads(json.dumps(dataclasses.asdict(self.engine.runner.runner)))
 
 
 def build_engine(

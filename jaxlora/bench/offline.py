@@ -414,6 +414,7 @@ def run_offline(
     return {
         "config": dataclasses.asdict(config),
         "projection_kernel_used": bench.projection_kernel_used,
+        "runner": bench.runner_config,
         "rows": rows,
         "not_run": skipped,
     }

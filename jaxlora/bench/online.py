@@ -287,5 +287,6 @@ def run_online(bench: BenchEngine, config: OnlineConfig, *, on_row=None) -> dict
     return {
         "config": dataclasses.asdict(config),
         "projection_kernel_used": bench.projection_kernel_used,
+        "runner": bench.runner_config,
         "rows": rows,
     }

@@ -66,7 +66,7 @@ class LaunchConfig:
     sgmv: SgmvConfig | None = None  # RunnerConfig.sgmv: the SGMV kernels' tuning
     matmul: MatmulConfig | None = None  # RunnerConfig.matmul: lora_matmul's tuning
     kv_write: str = "pallas"  # RunnerConfig.kv_write: who rotates q, k and writes K/V
-    residual_norm: str = "xla"  # RunnerConfig.residual_norm: residual adds + norms in Pallas
+    residual_norm: str = "pallas"  # RunnerConfig.residual_norm: residual adds + norms in Pallas
     deterministic: bool = True  # RunnerConfig.deterministic: no atomic adds in a step
     async_scheduling: bool = True  # EngineConfig.async_scheduling
 
