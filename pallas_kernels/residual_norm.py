@@ -15,10 +15,17 @@ one for down's partial sums + residual (2.6 us) and one for the next layer's inp
 us), and per scan iteration a slice of each norm's scales (1.7 us each): about 0.5 ms of a
 5.5 ms step (docs/BENCHMARKS.md, "Where a decode step's time goes", thirty-first session).
 Two launches a layer of this kernel replace them (``RunnerConfig.residual_norm="pallas"``,
-off by default: built in the thirty-second session without GPU time left to measure it).
+the default since the thirty-third session: 1.1-1.8% shorter batch-32 and -64 steps on the
+H200; its 64 launches a batch-32 step took 3.85 us each with 8 warps).
 
 Grid: one program per token row; each reads its row's parts, h and the layer's scale row
 (lanes padded to a power of two and masked) and writes h' and x.
+
+``residual_rms_norm_shrink`` (``RunnerConfig.norm_shrink``, opt-in, not yet timed on a GPU)
+also runs the LoRA shrink of the projection group that reads x (q|k|v after the next layer's
+input norm, gate|up after the post-attention norm), ``sgmv_shrink``'s per-token decode regime
+with one token's ``rows`` rank rows a program: grid (T, rank-row chunks), every chunk
+normalizing its row again (parts from L2) and chunk 0 writing h' and x.
 """
 
 from __future__ import annotations
@@ -249,16 +256,20 @@ def _residual_norm_shrink_kernel(
 ):
     row, chunk = pl.program_id(0), pl.program_id(1)
     width = h_ref.shape[1]
-    columns = len(weights) * rank_cols
-    n = chunk * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
-    col_ok = n < columns
-    slot = slot_ref[row]
-    c = n % rank_cols
-    w = sgmv_ops._weight_of_column(n // rank_cols, weights)
-    slot_c = jnp.maximum(slot, 0)
-    rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
-    live = col_ok & (c < rank)
-    out_i = sgmv_ops._idx(n, col_ok, columns, interpret)
+    col_ok, live, a_i, out_i = sgmv_ops.token_rank_rows(
+        chunk * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0),
+        slot_ref[row],
+        layer_ref,
+        pool_ref,
+        pages_ref,
+        ranks_ref,
+        weights=weights,
+        rank_cols=rank_cols,
+        pages_per_pool=pages_per_pool,
+        rows_per_page=rows_per_page,
+        max_pages=max_pages,
+        interpret=interpret,
+    )
     any_live = jnp.sum(live.astype(jnp.int32)) > 0
 
     # Chunk 0 of a row writes h' and x; every chunk with a live rank row normalizes the row
@@ -272,25 +283,13 @@ def _residual_norm_shrink_kernel(
             _store_row(h_out_ref, row, h_new, lanes)
             _store_row(x_out_ref, row, x, lanes)
 
-        layer = sgmv_ops._layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
-        a_row = sgmv_ops._pool_rows(
-            pages_ref,
-            slot_c,
-            w,
-            c,
-            layer,
-            pages_per_pool=pages_per_pool,
-            rows_per_page=rows_per_page,
-            max_pages=max_pages,
-        )
-        a_i = sgmv_ops._idx(a_row, live, pool_ref.shape[0], interpret)[:, None]
         k = jax.lax.broadcasted_iota(jnp.int32, (lanes,), 0)
         mask = live[:, None]
         if lanes != width:
             k_ok = k < width
             k = sgmv_ops._idx(k, k_ok, width, interpret)
             mask = mask & k_ok[None, :]
-        a = pltriton.load(pool_ref.at[a_i, k[None, :]], mask=mask, other=0)
+        a = pltriton.load(pool_ref.at[a_i[:, None], k[None, :]], mask=mask, other=0)
         # x as the separate shrink reads it: rounded to h's dtype, products in float32.
         v = jnp.sum(a.astype(jnp.float32) * x.astype(jnp.float32)[None, :], axis=1)
         pltriton.store(v_ref.at[row, out_i], v, mask=col_ok)
