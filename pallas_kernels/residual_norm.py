@@ -12,11 +12,11 @@ and the product by the scale each round to h's dtype, as ``jaxlora.model.RMSNorm
 Why: in a decode step whose projections all run in ``lora_matmul`` XLA runs, per layer, one
 fusion for o's partial sums + residual + post-attention norm (3.6 us at batch 32 on the H200),
 one for down's partial sums + residual (2.6 us) and one for the next layer's input norm (1.8
-us), and per scan iteration a slice of each norm's scales (1.7 us each): about 0.5 ms of a
+us), and per scan iteration a slice of each norm's scales (1.7 us each): about 0.31 ms of a
 5.5 ms step (docs/BENCHMARKS.md, "Where a decode step's time goes", thirty-first session).
 Two launches a layer of this kernel replace them (``RunnerConfig.residual_norm="pallas"``,
-the default since the thirty-third session: 1.1-1.8% shorter batch-32 and -64 steps on the
-H200; its 64 launches a batch-32 step took 3.85 us each with 8 warps).
+the default since the thirty-third session): its 64 launches a batch-32 step took 0.25 ms
+(3.85 us each with 8 warps), and batch-32 and -64 steps ran 1.1-1.8% shorter on the H200.
 
 Grid: one program per token row; each reads its row's parts, h and the layer's scale row
 (lanes padded to a power of two and masked) and writes h' and x.
