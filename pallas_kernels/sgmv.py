@@ -933,6 +933,47 @@ def _decode_shrink_rows(config, num_tokens, columns):
     return rows
 
 
+def token_rank_rows(
+    n,
+    slot,
+    layer_ref,
+    pool_ref,
+    pages_ref,
+    ranks_ref,
+    *,
+    weights,
+    rank_cols,
+    pages_per_pool,
+    rows_per_page,
+    max_pages,
+    interpret,
+):
+    """Inside a kernel, rank rows ``n`` (a vector of the group's v columns) of one token's
+    slot: (in the group, live (a row of the adapter's rank), the A rows' index in the
+    (L*P*R, in) pool view, the v columns' index). The decode shrink and
+    ``pallas_kernels.residual_norm.residual_rms_norm_shrink`` read A through it."""
+    columns = len(weights) * rank_cols
+    col_ok = n < columns
+    c = n % rank_cols
+    w = _weight_of_column(n // rank_cols, weights)
+    slot_c = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
+    live = col_ok & (c < rank)
+    layer = _layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
+    a_row = _pool_rows(
+        pages_ref,
+        slot_c,
+        w,
+        c,
+        layer,
+        pages_per_pool=pages_per_pool,
+        rows_per_page=rows_per_page,
+        max_pages=max_pages,
+    )
+    a_i = _idx(a_row, live, pool_ref.shape[0], interpret)
+    return col_ok, live, a_i, _idx(n, col_ok, columns, interpret)
+
+
 def _prefill_shrink_kernel(
     # inputs
     x_ref,  # (T, in) activations
@@ -966,7 +1007,6 @@ def _prefill_shrink_kernel(
 ):
     v_ref = rest[-1]
     num_tokens, width = x_ref.shape
-    columns = len(weights) * rank_cols
     used = used_ref[0]
     # Work items (tile, column block, K split) are numbered flat over the programs; the split
     # grows only while the tiles in use leave SMs idle.
@@ -988,28 +1028,24 @@ def _prefill_shrink_kernel(
         tok = pltriton.load(
             order_ref.at[_idx(start + i, row_ok, num_tokens, interpret)], mask=row_ok, other=0
         )
-        n = nb * bn + jnp.arange(bn, dtype=jnp.int32)
-        col_ok = n < columns
-        c = n % rank_cols
-        w = _weight_of_column(n // rank_cols, weights)
-        slot_c = jnp.maximum(slot, 0)
-        rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
-        live = col_ok & (c < rank)
-        layer = _layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
-        a_row = _pool_rows(
+        col_ok, live, a_i, out_i = token_rank_rows(
+            nb * bn + jnp.arange(bn, dtype=jnp.int32),
+            slot,
+            layer_ref,
+            pool_ref,
             pages_ref,
-            slot_c,
-            w,
-            c,
-            layer,
+            ranks_ref,
+            weights=weights,
+            rank_cols=rank_cols,
             pages_per_pool=pages_per_pool,
             rows_per_page=rows_per_page,
             max_pages=max_pages,
+            interpret=interpret,
         )
         tok_i = _idx(tok, row_ok, num_tokens, interpret)[:, None]
-        a_i = _idx(a_row, live, pool_ref.shape[0], interpret)[:, None]
+        a_i = a_i[:, None]
         out_mask = row_ok[:, None] & col_ok[None, :]
-        out_idx = (tok_i, _idx(n, col_ok, columns, interpret)[None, :])
+        out_idx = (tok_i, out_i[None, :])
         any_live = jnp.sum(live.astype(jnp.int32)) > 0
         # Where a program stores its sums whole: v itself (no split), or its split's rows of the
         # partials; None with atomic adds into v.
@@ -1057,47 +1093,6 @@ def _prefill_shrink_kernel(
             @pl.when(jnp.logical_not(any_live))
             def _zeros():
                 pltriton.store(v_ref.at[store_idx], jnp.zeros((bt, bn), jnp.float32), mask=out_mask)
-
-
-def token_rank_rows(
-    n,
-    slot,
-    layer_ref,
-    pool_ref,
-    pages_ref,
-    ranks_ref,
-    *,
-    weights,
-    rank_cols,
-    pages_per_pool,
-    rows_per_page,
-    max_pages,
-    interpret,
-):
-    """Inside a kernel, rank rows ``n`` (a vector of the group's v columns) of one token's
-    slot: (in the group, live (a row of the adapter's rank), the A rows' index in the
-    (L*P*R, in) pool view, the v columns' index). The decode shrink and
-    ``pallas_kernels.residual_norm.residual_rms_norm_shrink`` read A through it."""
-    columns = len(weights) * rank_cols
-    col_ok = n < columns
-    c = n % rank_cols
-    w = _weight_of_column(n // rank_cols, weights)
-    slot_c = jnp.maximum(slot, 0)
-    rank = jnp.where(slot >= 0, ranks_ref[slot_c, w], 0)
-    live = col_ok & (c < rank)
-    layer = _layer(layer_ref, pool_ref, pages_per_pool, rows_per_page)
-    a_row = _pool_rows(
-        pages_ref,
-        slot_c,
-        w,
-        c,
-        layer,
-        pages_per_pool=pages_per_pool,
-        rows_per_page=rows_per_page,
-        max_pages=max_pages,
-    )
-    a_i = _idx(a_row, live, pool_ref.shape[0], interpret)
-    return col_ok, live, a_i, _idx(n, col_ok, columns, interpret)
 
 
 def _decode_shrink_kernel(
