@@ -32,6 +32,7 @@ from pallas_kernels import layout
 from pallas_kernels import lora_matmul as matmul_ops
 from pallas_kernels import residual_norm as norm_ops
 from pallas_kernels import sgmv as sgmv_ops
+from pallas_kernels import swiglu as swiglu_ops
 
 Dtype = jnp.dtype
 
@@ -322,20 +323,29 @@ class ProjectionKernels:
     norm_warps: int = flax.struct.field(pytree_node=False, default=16)  # its num_warps
     # With norm_scales and a step whose LoRA shrink runs in SGMV (not in lora_matmul's K loop):
     # the norms before q|k|v and gate|up also run those groups' shrinks
-    # (pallas_kernels.residual_norm.residual_rms_norm_shrink, ``norm_shrink_rows`` rank rows a
+    # (pallas_kernels.residual_norm.residual_rms_norm_shrink, ``fused_shrink_rows`` rank rows a
     # program), so that they need no launch of their own.
     norm_shrink: bool = flax.struct.field(pytree_node=False, default=False)
-    norm_shrink_rows: int = flax.struct.field(pytree_node=False, default=8)
+    # Likewise: SwiGLU and down's shrink in one launch (pallas_kernels.swiglu.swiglu_shrink).
+    swiglu_shrink: bool = flax.struct.field(pytree_node=False, default=False)
+    fused_shrink_rows: int = flax.struct.field(pytree_node=False, default=8)
 
-    def shrinks_in_norm(self, lora) -> bool:
-        """Whether this step's q|k|v and gate|up shrinks run in the residual-norm launches."""
+    def _sgmv_shrink_step(self, lora) -> bool:
+        """A residual-norm step (norm_scales) whose LoRA shrink would run in SGMV launches."""
         return (
-            self.norm_shrink
-            and self.norm_scales is not None
+            self.norm_scales is not None
             and lora is not None
             and lora.impl != "reference"
             and lora.shrink_rows is None
         )
+
+    def shrinks_in_norm(self, lora) -> bool:
+        """Whether this step's q|k|v and gate|up shrinks run in the residual-norm launches."""
+        return self.norm_shrink and self._sgmv_shrink_step(lora)
+
+    def shrinks_in_swiglu(self, lora) -> bool:
+        """Whether this step's down shrink runs in the SwiGLU launch."""
+        return self.swiglu_shrink and self._sgmv_shrink_step(lora)
 
     def applies(self, group: str, num_tokens: int, widths, *, k_loop_shrink=False) -> bool:
         """Whether lora_matmul runs the group in a step of ``num_tokens`` tokens;
@@ -356,12 +366,14 @@ def projection_kernels(
     residual_norm=False,
     norm_warps=16,
     norm_shrink=False,
-    norm_shrink_rows=8,
+    swiglu_shrink=False,
+    fused_shrink_rows=8,
 ) -> ProjectionKernels | None:
     """``ProjectionKernels`` of a fused parameter tree with one group (None otherwise: the
     canonical tree, or fused for tensor parallelism, keeps XLA's GEMMs); ``residual_norm``:
     with the stacked norm scales for ``pallas_kernels.residual_norm``; ``norm_shrink``: the
-    q|k|v and gate|up shrinks in those launches (``ProjectionKernels.norm_shrink``)."""
+    q|k|v and gate|up shrinks in those launches (``ProjectionKernels.norm_shrink``);
+    ``swiglu_shrink``: down's with SwiGLU (``ProjectionKernels.swiglu_shrink``)."""
     if impl not in ("pallas", "pallas_interpret"):
         raise ConfigError(
             f"Llama.projection_kernel: expected 'xla', 'pallas' or 'pallas_interpret', got {impl!r}"
@@ -392,7 +404,8 @@ def projection_kernels(
         norm_scales=norm_scales,
         norm_warps=norm_warps,
         norm_shrink=norm_shrink,
-        norm_shrink_rows=norm_shrink_rows,
+        swiglu_shrink=swiglu_shrink,
+        fused_shrink_rows=fused_shrink_rows,
     )
 
 
@@ -643,6 +656,33 @@ class MLP(nn.Module):
         ``gate_up_v``: the gate|up group's LoRA shrink, already run (the kernel must run it)."""
         cfg = self.config
         widths = (cfg.intermediate_size, cfg.intermediate_size)
+        if down_partials and kernels.shrinks_in_swiglu(lora):
+            # SwiGLU and down's LoRA shrink in one launch, on gate|up's output unsplit.
+            gate_up = _kernel_projection(
+                "gate_up",
+                x.astype(self.dtype),
+                widths,
+                layer,
+                lora,
+                kernels,
+                v=gate_up_v,
+                split=False,
+            )
+            b, s, _ = x.shape
+            hidden, down_v = _swiglu_and_shrink(
+                _ran_in_kernel(gate_up, "gate_up").reshape(b * s, -1), layer, lora, kernels
+            )
+            parts = _kernel_projection(
+                "down",
+                hidden.reshape(b, s, -1),
+                (cfg.hidden_size,),
+                layer,
+                lora,
+                kernels,
+                partials=True,
+                v=down_v,
+            )
+            return _ran_in_kernel(parts, "down")
         gate_up = _kernel_projection(
             "gate_up", x.astype(self.dtype), widths, layer, lora, kernels, v=gate_up_v
         )
@@ -657,7 +697,7 @@ class MLP(nn.Module):
                 ]
             gate_up = _with_lora("gate_up", x, gate_up, layer, lora)
         gate, up = gate_up
-        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+        hidden = swiglu_ops.silu_mul(gate, up, self.dtype)
         if down_partials:
             parts = _kernel_projection(
                 "down", hidden, (cfg.hidden_size,), layer, lora, kernels, partials=True
@@ -693,7 +733,24 @@ def _norm_and_shrink(h, parts, scales, layer, group, lora, kernels, cfg):
         token_slot,
         eps=cfg.rms_norm_eps,
         weights=weights,
-        rows=kernels.norm_shrink_rows,
+        rows=kernels.fused_shrink_rows,
+        num_warps=kernels.norm_warps,
+        interpret=kernels.impl == "pallas_interpret",
+    )
+
+
+def _swiglu_and_shrink(gate_up, layer, lora, kernels):
+    """``swiglu_shrink`` of gate|up's output (T, 2 I) with down's LoRA shrink: (hidden, v)."""
+    (a_pool, _, a_pages, _, ranks, _, token_slot), weights = _group_operands("down", lora)
+    return swiglu_ops.swiglu_shrink(
+        gate_up,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        layer,
+        weights=weights,
+        rows=kernels.fused_shrink_rows,
         num_warps=kernels.norm_warps,
         interpret=kernels.impl == "pallas_interpret",
     )
@@ -845,7 +902,10 @@ class Llama(nn.Module):
     # True (with residual_norm): in those steps, where the LoRA shrink runs in SGMV, the
     # residual-norm launches also run the q|k|v and gate|up shrinks (RunnerConfig.norm_shrink).
     norm_shrink: bool = False
-    norm_shrink_rows: int = 8
+    # True (with residual_norm): in those steps SwiGLU and down's shrink run in one launch
+    # (RunnerConfig.swiglu_shrink).
+    swiglu_shrink: bool = False
+    fused_shrink_rows: int = 8
 
     @nn.compact
     def __call__(
@@ -904,7 +964,8 @@ class Llama(nn.Module):
                     residual_norm=self.residual_norm,
                     norm_warps=self.residual_norm_warps,
                     norm_shrink=self.norm_shrink,
-                    norm_shrink_rows=self.norm_shrink_rows,
+                    swiglu_shrink=self.swiglu_shrink,
+                    fused_shrink_rows=self.fused_shrink_rows,
                 )
             rope = rope_tables(positions, rope_inverse_frequencies(cfg))
             if kv is not None and kv.write_impl == "pallas" and kv.write_valid is None:

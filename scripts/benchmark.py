@@ -143,8 +143,14 @@ flags.DEFINE_bool(
     "run the q|k|v and gate|up LoRA shrinks of SGMV decode steps in the residual-norm "
     "launches (RunnerConfig.norm_shrink; needs --residual_norm=pallas)",
 )
+flags.DEFINE_bool(
+    "swiglu_shrink",
+    False,
+    "run SwiGLU and down's LoRA shrink of those decode steps in one launch "
+    "(RunnerConfig.swiglu_shrink; needs --residual_norm=pallas)",
+)
 flags.DEFINE_integer(
-    "norm_shrink_rows", 8, "rank rows a program of those launches (RunnerConfig.norm_shrink_rows)"
+    "fused_shrink_rows", 8, "rank rows a program of those launches (RunnerConfig.fused_shrink_rows)"
 )
 flags.DEFINE_enum(
     "layer_loop", "scan", ["scan", "unrolled"], "the step's layer loop (RunnerConfig.layer_loop)"
@@ -331,7 +337,8 @@ def main(argv):
             residual_norm=FLAGS.residual_norm,
             residual_norm_warps=FLAGS.residual_norm_warps,
             norm_shrink=FLAGS.norm_shrink,
-            norm_shrink_rows=FLAGS.norm_shrink_rows,
+            swiglu_shrink=FLAGS.swiglu_shrink,
+            fused_shrink_rows=FLAGS.fused_shrink_rows,
             scan_unroll=FLAGS.scan_unroll,
             deterministic=FLAGS.deterministic,
         ),

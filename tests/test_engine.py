@@ -355,10 +355,16 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
         RunnerConfig(residual_norm_warps=6)
     with pytest.raises(ConfigError, match="norm_shrink: needs residual_norm='pallas'.*'xla'"):
         RunnerConfig(residual_norm="xla", norm_shrink=True)
+    with pytest.raises(ConfigError, match="swiglu_shrink: needs residual_norm='pallas'.*'xla'"):
+        RunnerConfig(residual_norm="xla", swiglu_shrink=True)
+    with pytest.raises(ConfigError, match="swiglu_shrink: expected a bool, got 1"):
+        RunnerConfig(swiglu_shrink=1)
     with pytest.raises(ConfigError, match="norm_shrink: expected a bool, got 'yes'"):
         RunnerConfig(norm_shrink="yes")
-    with pytest.raises(ConfigError, match="norm_shrink_rows: expected a power of two >= 1, got 12"):
-        RunnerConfig(norm_shrink=True, norm_shrink_rows=12)
+    with pytest.raises(
+        ConfigError, match="fused_shrink_rows: expected a power of two >= 1, got 12"
+    ):
+        RunnerConfig(norm_shrink=True, fused_shrink_rows=12)
 
 
 def test_deterministic_runner_sums_the_shrink_split_in_one_order():
@@ -1014,8 +1020,10 @@ def test_runner_xla_gemms_picks_cublas_on_the_compiled_kernels_only():
         (False, True, False, True, None),
         (True, True, False, True, None),
         (True, False, True, True, None),
-        (True, True, False, True, "unrolled"),
-        (True, False, False, True, "scan"),
+        (True, True, False, True, "unrolled:norm"),
+        (True, False, False, True, "scan:norm"),
+        (True, True, False, True, "unrolled:swiglu"),
+        (True, False, False, True, "scan:norm+swiglu"),
     ],
 )
 def test_decode_projections_through_lora_matmul_give_the_xla_logits(
@@ -1033,12 +1041,16 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     (two launches a layer), with the same logits. ``norm_shrink`` (RunnerConfig.norm_shrink,
     with the layer loop named): those launches also run the q|k|v and gate|up shrinks
     (pallas_kernels.residual_norm.residual_rms_norm_shrink), the first layer's q|k|v shrink
-    runs before the loop, and only o's and down's shrinks keep an SGMV launch."""
+    runs before the loop, and only o's and down's shrinks keep an SGMV launch; with "swiglu"
+    (RunnerConfig.swiglu_shrink) SwiGLU and down's shrink run in one launch
+    (pallas_kernels.swiglu.swiglu_shrink)."""
     import dataclasses
 
     from jaxlora.engine.runner import empty_batch
     from pallas_kernels.lora_matmul import MatmulConfig
 
+    loop, fused = norm_shrink.split(":") if norm_shrink else (None, "")
+    fused = set(fused.split("+")) - {""}
     logits, texts = {}, {}
     for projection in ("xla", "pallas"):
         config = small_engine_config()
@@ -1046,11 +1058,12 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
             config.runner,
             impl="pallas_interpret",
             projection_kernel=projection,
-            layer_loop=norm_shrink or ("unrolled" if use_lora else "scan"),
+            layer_loop=loop or ("unrolled" if use_lora else "scan"),
             matmul=MatmulConfig(block_k=16 if split else None, shrink_rows=32 if shrink else 0),
             residual_norm="pallas" if residual_norm else "xla",
-            norm_shrink=bool(norm_shrink),
-            norm_shrink_rows=4,
+            norm_shrink="norm" in fused,
+            swiglu_shrink="swiglu" in fused,
+            fused_shrink_rows=4,
         )
         llm = jaxlora.LLM(
             TINY,
@@ -1104,10 +1117,14 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     assert all(("_expand_" in n) == (use_lora and not shrink) for n, _ in matmuls)
     assert all(("_shrink32_" in n) == shrink for n, _ in matmuls)
     sgmv = [n for n, _ in texts["pallas", "decode"] if n.startswith("sgmv_")]
-    if norm_shrink:  # o's and down's shrinks a layer, and the first q|k|v shrink before
-        assert len(sgmv) == 2 * layers + 1
+    if fused:  # o's shrink a layer, and down's, q|k|v's and gate|up's where nothing fuses them
+        in_sgmv = 4 - 2 * ("norm" in fused) - ("swiglu" in fused)
+        assert len(sgmv) == in_sgmv * layers + ("norm" in fused)  # + the first q|k|v shrink
     else:
         assert len(sgmv) == (4 * layers if use_lora and not shrink else 0)
+    swiglus = [n for n, _ in texts["pallas", "decode"] if n.startswith("swiglu_shrink_")]
+    assert len(swiglus) == (layers if "swiglu" in fused else 0)
+    assert all("_rows4_" in n for n in swiglus)
     assert all(bool(re.search(r"_sk[48]_", n)) == split for n, _ in matmuls)
     assert all(shapes[1][0] == TINY.num_layers and len(shapes[1]) == 3 for _, shapes in matmuls)
     for key in (("pallas", "prefill"), ("xla", "decode")):
@@ -1121,9 +1138,9 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     assert parts <= ({4, 8} if split else {1})
     assert all(shapes[3] == (TINY.num_layers, TINY.hidden_size) for _, shapes in norms)
     assert all(n.endswith("_w16") for n, _ in norms)  # RunnerConfig.residual_norm_warps
-    fused = [n for n, _ in norms if n.startswith("residual_rms_norm_shrink_")]
-    assert len(fused) == (len(norms) if norm_shrink else 0)
-    assert all("_rows4_" in n for n in fused)  # RunnerConfig.norm_shrink_rows
+    fused_norms = [n for n, _ in norms if n.startswith("residual_rms_norm_shrink_")]
+    assert len(fused_norms) == (len(norms) if "norm" in fused else 0)
+    assert all("_rows4_" in n for n in fused_norms)  # RunnerConfig.fused_shrink_rows
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=2e-5, atol=2e-5)
 
 

@@ -63,7 +63,8 @@ def test_pallas_engine_matches_reference_engine():
     # and down's partials into the residual stream and normalizes it in
     # pallas_kernels.residual_norm (RunnerConfig.residual_norm="pallas", the default since the
     # thirty-third session); the eighth also runs the q|k|v and gate|up shrinks of its SGMV
-    # decode steps in those launches (RunnerConfig.norm_shrink).
+    # decode steps in those launches (RunnerConfig.norm_shrink) and down's with SwiGLU
+    # (RunnerConfig.swiglu_shrink).
     runs = (
         ("reference", "xla", "xla", 0, 8, 4, "xla"),
         ("pallas", "xla", "xla", 0, 8, 4, "xla"),
@@ -87,6 +88,7 @@ def test_pallas_engine_matches_reference_engine():
                 kv_write=kv_write,
                 residual_norm=norm.removesuffix("+shrink"),
                 norm_shrink=norm.endswith("+shrink"),
+                swiglu_shrink=norm.endswith("+shrink"),
                 # plain_max_tokens=decode_rows: lora_matmul runs every decode step, also the 64-row
                 # ones with many adapters (by default XLA's cuBLAS GEMMs run those).
                 matmul=MatmulConfig(
@@ -288,20 +290,25 @@ def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
             assert sgmv >= 8 * layers and "lora_matmul" not in text
 
 
-@pytest.mark.parametrize(("use_lora", "norm_shrink"), [(False, False), (True, False), (True, True)])
-def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora, norm_shrink):
+@pytest.mark.parametrize(
+    ("use_lora", "norm_shrink", "swiglu_shrink"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+)
+def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora, norm_shrink, swiglu_shrink):
     """On any machine: with RunnerConfig.residual_norm="pallas" a decode step (every projection
     in lora_matmul) adds o's and down's partials into the residual stream and normalizes it in
     two residual_rms_norm launches a layer, reading the stacked norm scales in place: its scan
     slices no layer weight at all, not even a norm's scale. Prefill steps are as before. With
     RunnerConfig.norm_shrink those launches also run the q|k|v and gate|up shrinks: two SGMV
-    shrinks a layer (o, down) and the first layer's q|k|v shrink before the loop."""
+    shrinks a layer (o, down) and the first layer's q|k|v shrink before the loop; with
+    RunnerConfig.swiglu_shrink as well, down's runs with SwiGLU: o's alone is left."""
     runner, steps = _lowered_steps(
         use_lora=(use_lora,),
         prefill_chunk=32,
         projection_kernel="pallas",
         residual_norm="pallas",
         norm_shrink=norm_shrink,
+        swiglu_shrink=swiglu_shrink,
     )
     for mode, _, text in steps:
         norms = len(re.findall(r'name = "residual_rms_norm', text))
@@ -311,8 +318,11 @@ def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora, norm_shri
             layers = 2 + CONFIG.num_layers % 2  # two layers an iteration, and the remainder
             assert norms >= 2 * layers
             assert fused == (norms if norm_shrink else 0)
+            swiglus = len(re.findall(r'name = "swiglu_shrink', text))
+            assert swiglus == (layers if swiglu_shrink else 0)
             if use_lora:
-                assert shrinks == (2 * layers + 1 if norm_shrink else 4 * layers)
+                in_sgmv = 4 - 2 * norm_shrink - swiglu_shrink
+                assert shrinks == in_sgmv * layers + norm_shrink
             assert _stacked_weight_slices(text, runner.params) == []
         else:
             assert norms == 0

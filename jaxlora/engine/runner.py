@@ -113,17 +113,22 @@ class RunnerConfig:
     # on the H200 1.1-1.8% shorter at batch 32 and 64 (the rows where lora_matmul runs every
     # group), 0.1-0.8% at batch 8, in 3-4 processes each (docs/BENCHMARKS.md).
     residual_norm: str = "pallas"
-    # num_warps of its launches (one program a token row): 16 beat 8 by 0.4-0.9% and 4 by
-    # 1.0-1.7% at batch 32 in the same measurement.
+    # num_warps of its launches (one program a token row), and of the fused shrinks' below: 16
+    # beat 8 by 0.4-0.9% and 4 by 1.0-1.7% at batch 32 in the same measurement.
     residual_norm_warps: int = 16
     # True (opt-in, thirty-third session, not yet timed on the GPU): with residual_norm
     # "pallas", decode steps whose LoRA shrink runs in SGMV (many adapters: not in lora_matmul's
     # K loop) run the q|k|v and gate|up shrinks in the residual-norm launches before them
-    # (pallas_kernels.residual_norm.residual_rms_norm_shrink, ``norm_shrink_rows`` rank rows a
+    # (pallas_kernels.residual_norm.residual_rms_norm_shrink, ``fused_shrink_rows`` rank rows a
     # program): 2 SGMV launches a layer instead of 4. On the H200 each of those shrinks took
     # 4.1-6.5 us of a batch-32 step for 1.0-2.9 us of A rows at the copy rate.
     norm_shrink: bool = False
-    norm_shrink_rows: int = 8
+    # True (opt-in, thirty-third session, not yet timed on the GPU): in those steps SwiGLU and
+    # down's LoRA shrink run in one launch (pallas_kernels.swiglu.swiglu_shrink) instead of an
+    # XLA fusion and an SGMV launch (down's shrink: 6.5 us of a batch-32 H200 step a layer for
+    # 2.6 us of A rows at the copy rate; SwiGLU 1.8 us).
+    swiglu_shrink: bool = False
+    fused_shrink_rows: int = 8  # rank rows a program of those fused shrinks
     # True (default): the same step gives the same bits on every run. No kernel of the step adds
     # into its output with atomics: where the SGMV shrink splits its reduction among programs,
     # they write float32 partials that are summed in one fixed order (SgmvConfig.deterministic).
@@ -159,19 +164,19 @@ class RunnerConfig:
                 f"runner config field residual_norm_warps: expected a power of two >= 1, "
                 f"got {warps!r}"
             )
-        if not isinstance(self.norm_shrink, bool):
-            raise ConfigError(
-                f"runner config field norm_shrink: expected a bool, got {self.norm_shrink!r}"
-            )
-        if self.norm_shrink and self.residual_norm != "pallas":
-            raise ConfigError(
-                "runner config field norm_shrink: needs residual_norm='pallas' (the shrinks run "
-                f"in its launches), got residual_norm={self.residual_norm!r}"
-            )
-        rows = self.norm_shrink_rows
+        for field in ("norm_shrink", "swiglu_shrink"):
+            value = getattr(self, field)
+            if not isinstance(value, bool):
+                raise ConfigError(f"runner config field {field}: expected a bool, got {value!r}")
+            if value and self.residual_norm != "pallas":
+                raise ConfigError(
+                    f"runner config field {field}: needs residual_norm='pallas' (the decode steps "
+                    f"it changes), got residual_norm={self.residual_norm!r}"
+                )
+        rows = self.fused_shrink_rows
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1 or rows & (rows - 1):
             raise ConfigError(
-                f"runner config field norm_shrink_rows: expected a power of two >= 1, got {rows!r}"
+                f"runner config field fused_shrink_rows: expected a power of two >= 1, got {rows!r}"
             )
         if self.kv_write not in ("xla", "pallas"):
             raise ConfigError(
@@ -444,7 +449,8 @@ class ModelRunner:
             residual_norm=runner.residual_norm == "pallas" and projection_kernel != "xla",
             residual_norm_warps=runner.residual_norm_warps,
             norm_shrink=runner.norm_shrink,
-            norm_shrink_rows=runner.norm_shrink_rows,
+            swiglu_shrink=runner.swiglu_shrink,
+            fused_shrink_rows=runner.fused_shrink_rows,
         )
         if runner.xla_options:  # the user's; the one xla_gemms adds is known to XLA
             _check_xla_options(dict(runner.xla_options))
