@@ -246,31 +246,14 @@ def _residual_norm_shrink_kernel(
     *,
     lanes: int,
     eps: float,
-    weights: tuple[int, ...],
-    rank_cols: int,
     rows: int,
-    pages_per_pool: int,
-    rows_per_page: int,
-    max_pages: int,
-    interpret: bool,
+    rank_rows: dict,
 ):
-    row, chunk = pl.program_id(0), pl.program_id(1)
     width = h_ref.shape[1]
-    col_ok, live, a_i, out_i = sgmv_ops.token_rank_rows(
-        chunk * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0),
-        slot_ref[row],
-        layer_ref,
-        pool_ref,
-        pages_ref,
-        ranks_ref,
-        weights=weights,
-        rank_cols=rank_cols,
-        pages_per_pool=pages_per_pool,
-        rows_per_page=rows_per_page,
-        max_pages=max_pages,
-        interpret=interpret,
+    row, chunk, col_ok, live, a_i, out_i, any_live = sgmv_ops.chunk_rank_rows(
+        rows, slot_ref, layer_ref, pool_ref, pages_ref, ranks_ref, rank_rows
     )
-    any_live = jnp.sum(live.astype(jnp.int32)) > 0
+    interpret = rank_rows["interpret"]
 
     # Chunk 0 of a row writes h' and x; every chunk with a live rank row normalizes the row
     # itself (the norm needs the whole row, so a chunk cannot take another's x).
@@ -340,8 +323,8 @@ def residual_rms_norm_shrink(
     if rows < 1 or rows & (rows - 1):
         raise ConfigError(f"{_WHERE} {fn}: rows must be a power of two >= 1, got {rows}")
     num_layers, pages_per_pool, rows_per_page, _ = a_pool.shape
-    max_pages = a_pages.shape[2]
-    rank_cols = max_pages * rows_per_page
+    rank_rows = sgmv_ops.rank_row_statics(a_pool, a_pages, weights, interpret)
+    rank_cols = rank_rows["rank_cols"]
     columns = len(weights) * rank_cols
     if num_tokens == 0:
         return h, h, jnp.zeros((0, len(weights), rank_cols), jnp.float32)
@@ -355,13 +338,8 @@ def residual_rms_norm_shrink(
         _residual_norm_shrink_kernel,
         lanes=lanes,
         eps=float(eps),
-        weights=tuple(weights),
-        rank_cols=rank_cols,
         rows=rows,
-        pages_per_pool=pages_per_pool,
-        rows_per_page=rows_per_page,
-        max_pages=max_pages,
-        interpret=interpret,
+        rank_rows=rank_rows,
     )
     h_new, x, v = pl.pallas_call(
         kernel,

@@ -974,6 +974,38 @@ def token_rank_rows(
     return col_ok, live, a_i, _idx(n, col_ok, columns, interpret)
 
 
+def rank_row_statics(a_pool, a_pages, weights, interpret) -> dict:
+    """``token_rank_rows``' static arguments for an A pool (L, P, R, in) and its page table."""
+    _, pages_per_pool, rows_per_page, _ = a_pool.shape
+    max_pages = int(a_pages.shape[2])
+    return dict(
+        weights=tuple(weights),
+        rank_cols=max_pages * rows_per_page,
+        pages_per_pool=int(pages_per_pool),
+        rows_per_page=int(rows_per_page),
+        max_pages=max_pages,
+        interpret=interpret,
+    )
+
+
+def chunk_rank_rows(rows, slot_ref, layer_ref, pool_ref, pages_ref, ranks_ref, rank_rows):
+    """In a kernel of grid (tokens, chunks of ``rows`` rank rows) that runs a group's shrink in
+    the launch computing its input (``pallas_kernels.residual_norm``, ``pallas_kernels.swiglu``):
+    (the token row, the chunk, then ``token_rank_rows`` of the chunk's rows (``rank_rows``: its
+    statics, ``rank_row_statics``), and whether any of them is live)."""
+    row, chunk = pl.program_id(0), pl.program_id(1)
+    col_ok, live, a_i, out_i = token_rank_rows(
+        chunk * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0),
+        slot_ref[row],
+        layer_ref,
+        pool_ref,
+        pages_ref,
+        ranks_ref,
+        **rank_rows,
+    )
+    return row, chunk, col_ok, live, a_i, out_i, jnp.sum(live.astype(jnp.int32)) > 0
+
+
 def _prefill_shrink_kernel(
     # inputs
     x_ref,  # (T, in) activations

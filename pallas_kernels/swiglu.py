@@ -118,32 +118,14 @@ def _swiglu_shrink_kernel(
     v_ref,  # (T, G*MP*R) float32 the shrink of hidden
     *,
     pieces: tuple[tuple[int, int], ...],
-    weights: tuple[int, ...],
-    rank_cols: int,
     rows: int,
-    pages_per_pool: int,
-    rows_per_page: int,
-    max_pages: int,
-    interpret: bool,
+    rank_rows: dict,
 ):
-    row, chunk = pl.program_id(0), pl.program_id(1)
     width = hidden_ref.shape[1]
     dtype = hidden_ref.dtype
-    col_ok, live, a_i, out_i = sgmv_ops.token_rank_rows(
-        chunk * rows + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0),
-        slot_ref[row],
-        layer_ref,
-        pool_ref,
-        pages_ref,
-        ranks_ref,
-        weights=weights,
-        rank_cols=rank_cols,
-        pages_per_pool=pages_per_pool,
-        rows_per_page=rows_per_page,
-        max_pages=max_pages,
-        interpret=interpret,
+    row, chunk, col_ok, live, a_i, out_i, any_live = sgmv_ops.chunk_rank_rows(
+        rows, slot_ref, layer_ref, pool_ref, pages_ref, ranks_ref, rank_rows
     )
-    any_live = jnp.sum(live.astype(jnp.int32)) > 0
 
     def hidden_piece(offset, size):
         gate = pltriton.load(gate_up_ref.at[row, pl.ds(offset, size)])
@@ -195,7 +177,8 @@ def swiglu_shrink(
             raise ConfigError(f"{_WHERE} {fn}: {name} must be a power of two >= 1, got {value}")
     num_tokens, width = gate_up.shape[0], gate_up.shape[1] // 2
     num_layers, pages_per_pool, rows_per_page, _ = a_pool.shape
-    rank_cols = a_pages.shape[2] * rows_per_page
+    rank_rows = sgmv_ops.rank_row_statics(a_pool, a_pages, weights, interpret)
+    rank_cols = rank_rows["rank_cols"]
     columns = len(weights) * rank_cols
     hidden_shape = jax.ShapeDtypeStruct((num_tokens, width), gate_up.dtype)
     if num_tokens == 0:
@@ -207,13 +190,8 @@ def swiglu_shrink(
     kernel = functools.partial(
         _swiglu_shrink_kernel,
         pieces=row_pieces(width, block),
-        weights=tuple(weights),
-        rank_cols=rank_cols,
         rows=rows,
-        pages_per_pool=pages_per_pool,
-        rows_per_page=rows_per_page,
-        max_pages=a_pages.shape[2],
-        interpret=interpret,
+        rank_rows=rank_rows,
     )
     hidden, v = pl.pallas_call(
         kernel,
