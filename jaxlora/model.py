@@ -653,7 +653,9 @@ class MLP(nn.Module):
     def __call__(self, x, layer, lora, kernels=None, down_partials=False, gate_up_v=None):
         """The down projection's output (B, S, hidden); with ``down_partials`` its
         ``lora_matmul`` partials (P, B * S, hidden) unsummed instead (the kernel must run down);
-        ``gate_up_v``: the gate|up group's LoRA shrink, already run (the kernel must run it)."""
+        ``gate_up_v``: the gate|up group's LoRA shrink, already run (the kernel must run it).
+        With ``down_partials`` in a step where ``kernels.shrinks_in_swiglu`` SwiGLU and down's
+        LoRA shrink run in one launch (``pallas_kernels.swiglu.swiglu_shrink``)."""
         cfg = self.config
         widths = (cfg.intermediate_size, cfg.intermediate_size)
         if down_partials and kernels.shrinks_in_swiglu(lora):
