@@ -320,7 +320,7 @@ def residual_rms_norm_shrink(
     _check_shrink_inputs(
         width, scales.shape[0], a_pool, a_pages, ranks, token_slot, num_tokens, weights, fn
     )
-    if rows < 1 or rows & (rows - 1):
+    if not sgmv_ops._is_pow2(rows):
         raise ConfigError(f"{_WHERE} {fn}: rows must be a power of two >= 1, got {rows}")
     num_layers, pages_per_pool, rows_per_page, _ = a_pool.shape
     rank_rows = sgmv_ops.rank_row_statics(a_pool, a_pages, weights, interpret)

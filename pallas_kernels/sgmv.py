@@ -1230,14 +1230,7 @@ def sgmv_shrink(
     a_pages = a_pages.astype(jnp.int32)
     ranks = ranks.astype(jnp.int32)
     token_slot = token_slot.astype(jnp.int32)
-    statics = dict(
-        weights=weights,
-        rank_cols=rank_cols,
-        pages_per_pool=pages_per_pool,
-        rows_per_page=rows_per_page,
-        max_pages=max_pages,
-        interpret=interpret,
-    )
+    statics = rank_row_statics(a_pool, a_pages, weights, interpret)
     out_shape = jax.ShapeDtypeStruct((num_tokens, columns), jnp.float32)
 
     regime = config.regime(num_tokens, "shrink", columns=columns, per_token=per_token)

@@ -153,17 +153,17 @@ class RunnerConfig:
                 f"runner config field residual_norm: expected 'xla' or 'pallas', "
                 f"got {self.residual_norm!r}"
             )
-        warps = self.residual_norm_warps
-        if (
-            not isinstance(warps, int)
-            or isinstance(warps, bool)
-            or warps < 1
-            or warps & (warps - 1)
-        ):
-            raise ConfigError(
-                f"runner config field residual_norm_warps: expected a power of two >= 1, "
-                f"got {warps!r}"
-            )
+        for field in ("residual_norm_warps", "fused_shrink_rows"):
+            value = getattr(self, field)
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < 1
+                or value & (value - 1)
+            ):
+                raise ConfigError(
+                    f"runner config field {field}: expected a power of two >= 1, got {value!r}"
+                )
         for field in ("norm_shrink", "swiglu_shrink"):
             value = getattr(self, field)
             if not isinstance(value, bool):
@@ -173,11 +173,6 @@ class RunnerConfig:
                     f"runner config field {field}: needs residual_norm='pallas' (the decode steps "
                     f"it changes), got residual_norm={self.residual_norm!r}"
                 )
-        rows = self.fused_shrink_rows
-        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1 or rows & (rows - 1):
-            raise ConfigError(
-                f"runner config field fused_shrink_rows: expected a power of two >= 1, got {rows!r}"
-            )
         if self.kv_write not in ("xla", "pallas"):
             raise ConfigError(
                 f"runner config field kv_write: expected 'xla' or 'pallas', got {self.kv_write!r}"
