@@ -330,6 +330,11 @@ class ProjectionKernels:
     swiglu_shrink: bool = flax.struct.field(pytree_node=False, default=False)
     fused_shrink_rows: int = flax.struct.field(pytree_node=False, default=8)
 
+    @property
+    def interpret(self) -> bool:
+        """Whether its Pallas kernels run in interpret mode (CPU tests)."""
+        return self.impl == "pallas_interpret"
+
     def _sgmv_shrink_step(self, lora) -> bool:
         """A residual-norm step (norm_scales) whose LoRA shrink would run in SGMV launches."""
         return (
@@ -453,7 +458,7 @@ def _kernel_projection(
     ):
         return None
     x2 = x.reshape(b * s, -1)
-    interpret = kernels.impl == "pallas_interpret"
+    interpret = kernels.interpret
     w = kernels.kernels[group]
     if lora is None:
         y = matmul_ops.lora_matmul(
@@ -720,60 +725,58 @@ def _ran_in_kernel(parts, group):
     return parts
 
 
+def _shrink_operands(group: str, lora: LoraInputs):
+    """The shrink's operands of a module group, in the order every shrink kernel takes them
+    (A pool, A pages, ranks, each token's slot), and the group's weight indices."""
+    (a_pool, _, a_pages, _, ranks, _, token_slot), weights = _group_operands(group, lora)
+    return (a_pool, a_pages, ranks, token_slot), weights
+
+
 def _norm_and_shrink(h, parts, scales, layer, group, lora, kernels, cfg):
     """``residual_rms_norm_shrink`` with the LoRA shrink of ``group``, the group that reads x:
     (h', x, v)."""
-    (a_pool, _, a_pages, _, ranks, _, token_slot), weights = _group_operands(group, lora)
+    operands, weights = _shrink_operands(group, lora)
     return norm_ops.residual_rms_norm_shrink(
         h,
         parts,
         scales,
         layer,
-        a_pool,
-        a_pages,
-        ranks,
-        token_slot,
+        *operands,
         eps=cfg.rms_norm_eps,
         weights=weights,
         rows=kernels.fused_shrink_rows,
         num_warps=kernels.norm_warps,
-        interpret=kernels.impl == "pallas_interpret",
+        interpret=kernels.interpret,
     )
 
 
 def _swiglu_and_shrink(gate_up, layer, lora, kernels):
     """``swiglu_shrink`` of gate|up's output (T, 2 I) with down's LoRA shrink: (hidden, v)."""
-    (a_pool, _, a_pages, _, ranks, _, token_slot), weights = _group_operands("down", lora)
+    operands, weights = _shrink_operands("down", lora)
     return swiglu_ops.swiglu_shrink(
         gate_up,
-        a_pool,
-        a_pages,
-        ranks,
-        token_slot,
+        *operands,
         layer,
         weights=weights,
         rows=kernels.fused_shrink_rows,
         num_warps=kernels.norm_warps,
-        interpret=kernels.impl == "pallas_interpret",
+        interpret=kernels.interpret,
     )
 
 
 def _group_shrink(group, x, layer, lora, kernels):
     """The SGMV shrink of ``group`` (the first layer's q|k|v, before the loop, where the
     residual-norm launches run the others): v (T, G, MP*R) float32."""
-    (a_pool, _, a_pages, _, ranks, _, token_slot), weights = _group_operands(group, lora)
+    operands, weights = _shrink_operands(group, lora)
     return sgmv_ops.sgmv_shrink(
         x.reshape(-1, x.shape[-1]),
-        a_pool,
-        a_pages,
-        ranks,
-        token_slot,
+        *operands,
         layer,
         weights=weights,
         kernel_meta=lora.kernel_meta,
         config=lora.sgmv_config,
         per_token=lora.per_token,
-        interpret=kernels.impl == "pallas_interpret",
+        interpret=kernels.interpret,
     )
 
 
@@ -828,7 +831,6 @@ class DecoderLayer(nn.Module):
             (h, x, k_pool, v_pool), qkv_v = carry, None
         cfg = self.config
         shape = h.shape
-        interpret = kernels.impl == "pallas_interpret"
 
         def norm(h, parts, scales, layer, group):
             if not shrink:
@@ -839,7 +841,7 @@ class DecoderLayer(nn.Module):
                     layer,
                     eps=cfg.rms_norm_eps,
                     num_warps=kernels.norm_warps,
-                    interpret=interpret,
+                    interpret=kernels.interpret,
                 )
                 return h, x, None
             return _norm_and_shrink(h, parts, scales, layer, group, lora, kernels, cfg)
