@@ -18,7 +18,8 @@ Grid (T, ceil(MP * R / rows)): program (t, c) computes row t's SwiGLU and dots i
 token's rank rows [c * rows, (c + 1) * rows) of down; chunk 0 also writes the row of hidden. The
 row is walked in power-of-two pieces (11,008 = 4,096 + 4,096 + 2,048 + 512 + 256), each a
 contiguous slice that Triton loads in vectors, so no lane is padded or masked. A chunk with no
-live rank row writes zeros to v and, unless it is chunk 0, reads nothing.
+live rank row writes zeros to v and, unless it is chunk 0, reads nothing; each piece of the
+row is loaded and computed once a program.
 """
 
 from __future__ import annotations
@@ -132,23 +133,26 @@ def _swiglu_shrink_kernel(
         up = pltriton.load(gate_up_ref.at[row, pl.ds(width + offset, size)])
         return silu_mul(gate, up, dtype)
 
-    @pl.when(chunk == 0)
-    def _store():
-        for offset, size in pieces:
-            pltriton.store(hidden_ref.at[row, pl.ds(offset, size)], hidden_piece(offset, size))
-
-    @pl.when(any_live)
+    # Each piece of the row is computed once: chunk 0 stores it, and every chunk with a live
+    # rank row dots it with its A rows (masked rows load nothing and add 0).
+    @pl.when((chunk == 0) | any_live)
     def _compute():
         v = jnp.zeros((rows,), jnp.float32)
         for offset, size in pieces:
+            columns = pl.ds(offset, size)
+            hidden = hidden_piece(offset, size)
+
+            @pl.when(chunk == 0)
+            def _store(columns=columns, hidden=hidden):
+                pltriton.store(hidden_ref.at[row, columns], hidden)
+
             # hidden as the separate shrink reads it: rounded to its dtype, products in float32.
-            x = hidden_piece(offset, size).astype(jnp.float32)
             k = offset + jax.lax.broadcasted_iota(jnp.int32, (size,), 0)
             a = pltriton.load(pool_ref.at[a_i[:, None], k[None, :]], mask=live[:, None], other=0)
-            v += jnp.sum(a.astype(jnp.float32) * x[None, :], axis=1)
+            v += jnp.sum(a.astype(jnp.float32) * hidden.astype(jnp.float32)[None, :], axis=1)
         pltriton.store(v_ref.at[row, out_i], v, mask=col_ok)
 
-    @pl.when(jnp.logical_not(any_live))
+    @pl.when((chunk != 0) & jnp.logical_not(any_live))
     def _zeros():
         pltriton.store(v_ref.at[row, out_i], jnp.zeros((rows,), jnp.float32), mask=col_ok)
 
@@ -173,7 +177,7 @@ def swiglu_shrink(
     fn = "swiglu_shrink"
     _check_inputs(gate_up, a_pool, a_pages, ranks, token_slot, weights, fn)
     for name, value in (("rows", rows), ("block", block)):
-        if value < 1 or value & (value - 1):
+        if not sgmv_ops._is_pow2(value):
             raise ConfigError(f"{_WHERE} {fn}: {name} must be a power of two >= 1, got {value}")
     num_tokens, width = gate_up.shape[0], gate_up.shape[1] // 2
     num_layers, pages_per_pool, rows_per_page, _ = a_pool.shape
