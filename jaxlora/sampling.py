@@ -3,7 +3,17 @@
 ``SamplingParams`` is what a request asks for (validated; a bad value raises RequestError naming
 the field and the allowed range). ``SamplingBatch`` packs the rows of one step on the host;
 ``sample`` turns a step's logits into tokens on the device, every row with its own temperature,
-top-k, top-p and random stream.
+top-k, top-p, min-p and random stream.
+
+Logit processing (OpenAI's ``logit_bias``, ``presence_penalty`` and ``frequency_penalty``;
+vLLM's ``repetition_penalty`` and ``min_tokens``) runs before temperature and the filters, in
+vLLM's order: the bias (and min_tokens' ban on EOS and stop tokens), then the repetition
+penalty (prompt and output tokens: a positive logit divided by it, a negative one multiplied),
+then ``logit - frequency * count - presence * (count > 0)`` over the output's tokens. Greedy
+rows take the argmax of the processed logits. The host sends what it knows as a few sparse
+entries a row (``LogitProcessing``); the one output token a row may still have on the device
+(async scheduling) is read from the engine's token register, so no step waits for the host.
+Steps without processing compile without it (the batch's structure is static).
 
 Batch invariance: a row's random numbers come from a key derived only from its request's seed and
 the index of the token being sampled, so a request's output does not depend on which other
@@ -26,6 +36,11 @@ import numpy as np
 from jaxlora.errors import RequestError
 
 MAX_LOGPROBS = 20
+# logit_bias entries a request may give (OpenAI allows 300; each is an entry of the step's
+# sparse processing arrays, whose width is bucketed to a power of two).
+MAX_LOGIT_BIAS = 1024
+# The smallest width of those arrays: bounded compilations for short histories.
+MIN_PROCESSING_ENTRIES = 64
 _SEED_MODULUS = 2**64
 
 
@@ -40,6 +55,14 @@ class SamplingParams:
     that ends the output (not included in it); seed: the request's random stream (None: the engine
     picks one); logprobs: None = no logprobs, n = the chosen token's logprob and the n most likely
     alternatives (0..20); ignore_eos: keep generating past EOS until max_tokens or a stop.
+
+    Logit processing (see the module docstring): logit_bias: {token id: bias in [-100, 100]}
+    added to the logits (a mapping, or (id, bias) pairs; kept sorted); presence_penalty /
+    frequency_penalty: in [-2, 2], per distinct output token / per occurrence;
+    repetition_penalty: > 0 (1 = off) over prompt and output tokens; min_tokens: EOS (unless
+    ignore_eos) and stop tokens are banned, and stop strings not looked for, until this many
+    tokens are out. min_p: after temperature, drop tokens less likely than min_p times the most
+    likely one (0 = off), before top-k / top-p.
     """
 
     temperature: float = 1.0
@@ -51,6 +74,12 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self):
         def fail(field, expected):
@@ -101,19 +130,217 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
+        for field in ("presence_penalty", "frequency_penalty"):
+            if not is_number(getattr(self, field)) or not -2 <= getattr(self, field) <= 2:
+                fail(field, "a number in [-2, 2]")
+            object.__setattr__(self, field, float(getattr(self, field)))
+        if (
+            not is_number(self.repetition_penalty)
+            or not 0 < self.repetition_penalty <= np.finfo(np.float32).max
+        ):
+            fail("repetition_penalty", "a finite number > 0 (1 = off)")
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            fail("min_p", "a number in [0, 1] (0 = off)")
+        object.__setattr__(self, "min_p", float(self.min_p))
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            fail("min_tokens", f"an int in 0..max_tokens ({self.max_tokens})")
+        object.__setattr__(self, "min_tokens", int(self.min_tokens))
+        object.__setattr__(self, "logit_bias", self._checked_logit_bias(fail, is_int, is_number))
+        # Asked of every row of every step: computed once.
+        object.__setattr__(
+            self,
+            "_processes_logits",
+            bool(
+                self.logit_bias
+                or self.presence_penalty
+                or self.frequency_penalty
+                or self.repetition_penalty != 1
+                or self.min_tokens
+            ),
+        )
+
+    def _checked_logit_bias(self, fail, is_int, is_number) -> tuple[tuple[int, float], ...]:
+        bias = self.logit_bias
+        expected = (
+            f"a mapping of token ids >= 0 to biases in [-100, 100], at most {MAX_LOGIT_BIAS} "
+            "entries"
+        )
+        if isinstance(bias, dict):
+            bias = tuple(bias.items())
+        if not isinstance(bias, (list, tuple)) or len(bias) > MAX_LOGIT_BIAS:
+            fail("logit_bias", expected)
+        pairs = {}
+        for pair in bias:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                fail("logit_bias", expected)
+            token, value = pair
+            if not is_int(token) or token < 0 or not is_number(value) or not -100 <= value <= 100:
+                fail("logit_bias", expected)
+            if int(token) in pairs:
+                fail("logit_bias", f"{expected}, each token once (token {token} twice)")
+            pairs[int(token)] = float(value)
+        return tuple(sorted(pairs.items()))
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the sampler must process this request's logits (bias, penalties,
+        min_tokens): steps where no row does compile without it."""
+        return self._processes_logits
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raises RequestError if a stop token id is outside the model's vocabulary."""
-        for token in self.stop_token_ids:
-            if token >= vocab_size:
-                raise RequestError(
-                    f"sampling parameter 'stop_token_ids': token id {token} is "
-                    f"outside the vocabulary (expected 0..{vocab_size - 1})"
-                )
+        """Raises RequestError if a stop token or a biased token is outside the model's
+        vocabulary."""
+        for field, tokens in (
+            ("stop_token_ids", self.stop_token_ids),
+            ("logit_bias", [t for t, _ in self.logit_bias]),
+        ):
+            for token in tokens:
+                if token >= vocab_size:
+                    raise RequestError(
+                        f"sampling parameter {field!r}: token id {token} is "
+                        f"outside the vocabulary (expected 0..{vocab_size - 1})"
+                    )
+
+
+@flax.struct.dataclass
+class LogitProcessing:
+    """A step's logit processing (see the module docstring), built on the host by
+    ``logit_processing``: per row, E sparse entries of what the host knows, and the register
+    index of the output token still on the device."""
+
+    token_ids: jax.Array  # (B, E) int32, -1 = unused entry
+    bias: jax.Array  # (B, E) float32 added to the logit (-inf: banned by min_tokens)
+    count: jax.Array  # (B, E) int32 occurrences among the output tokens the host has
+    seen: jax.Array  # (B, E) bool in the prompt or that output (repetition penalty)
+    presence: jax.Array  # (B,) float32
+    frequency: jax.Array  # (B,) float32
+    repetition: jax.Array  # (B,) float32, 1 = off
+    pending: jax.Array  # (B,) int32 register index of the row's output token not yet on the
+    # host (async scheduling), -1 = none
+
+
+@dataclasses.dataclass
+class RowHistory:
+    """What the host knows of a row's sequence, for ``logit_processing``."""
+
+    prompt_unique: np.ndarray  # the prompt's distinct token ids, sorted (int32)
+    output_ids: Sequence[int]  # output tokens the host has read
+    pending: int = -1  # register index of an output token still on the device, -1 = none
+
+
+def unique_tokens(token_ids: Sequence[int]) -> np.ndarray:
+    """Distinct token ids, sorted, as int32 (a ``RowHistory.prompt_unique``)."""
+    return np.unique(np.asarray(token_ids, np.int32))
+
+
+def logit_processing(
+    params: Sequence[SamplingParams],
+    histories: Sequence[RowHistory],
+    token_indices: Sequence[int],
+    *,
+    eos_ids: Sequence[int],
+    batch_size: int,
+) -> LogitProcessing:
+    """Packs the rows' logit processing on the host; rows past len(params) are left alone.
+
+    token_indices: each row's index of the token sampled (min_tokens bans EOS and the stop
+    tokens while it is below min_tokens). The entry width is a power of two >=
+    ``MIN_PROCESSING_ENTRIES`` (bounded compilations)."""
+    rows = len(params)
+    if len(histories) != rows or len(token_indices) != rows or batch_size < rows:
+        raise ValueError(
+            f"logit_processing: {rows} params, {len(histories)} histories, "
+            f"{len(token_indices)} token indices, batch_size={batch_size}"
+        )
+    row_entries = []
+    for p, history, index in zip(params, histories, token_indices, strict=True):
+        empty = np.zeros(0, np.int32)
+        bias_ids = np.asarray([t for t, _ in p.logit_bias], np.int32)
+        bias_values = np.asarray([b for _, b in p.logit_bias], np.float32)
+        banned = empty
+        if index < p.min_tokens:
+            banned = p.stop_token_ids if p.ignore_eos else (*p.stop_token_ids, *eos_ids)
+            banned = np.unique(np.asarray(banned, np.int32))
+        counted = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+        out_ids, out_counts = empty, empty
+        if counted and len(history.output_ids):
+            out_ids, out_counts = np.unique(
+                np.asarray(history.output_ids, np.int32), return_counts=True
+            )
+        prompt = history.prompt_unique if p.repetition_penalty != 1 else empty
+        ids = np.unique(np.concatenate([bias_ids, banned, out_ids, prompt]))
+        bias = np.zeros(ids.size, np.float32)
+        bias[np.searchsorted(ids, bias_ids)] += bias_values
+        bias[np.searchsorted(ids, banned)] = -np.inf
+        count = np.zeros(ids.size, np.int32)
+        count[np.searchsorted(ids, out_ids)] = out_counts
+        seen = np.zeros(ids.size, bool)
+        seen[np.searchsorted(ids, out_ids)] = True
+        seen[np.searchsorted(ids, prompt)] = True
+        row_entries.append((ids, bias, count, seen))
+    widest = max((ids.size for ids, *_ in row_entries), default=0)
+    width = max(MIN_PROCESSING_ENTRIES, 1 << max(0, (widest - 1).bit_length()))
+    token_ids = np.full((batch_size, width), -1, np.int32)
+    bias = np.zeros((batch_size, width), np.float32)
+    count = np.zeros((batch_size, width), np.int32)
+    seen = np.zeros((batch_size, width), bool)
+    presence = np.zeros(batch_size, np.float32)
+    frequency = np.zeros(batch_size, np.float32)
+    repetition = np.ones(batch_size, np.float32)
+    pending = np.full(batch_size, -1, np.int32)
+    for row, (p, history, entries) in enumerate(zip(params, histories, row_entries, strict=True)):
+        n = entries[0].size
+        token_ids[row, :n], bias[row, :n], count[row, :n], seen[row, :n] = entries
+        presence[row] = p.presence_penalty
+        frequency[row] = p.frequency_penalty
+        repetition[row] = p.repetition_penalty
+        pending[row] = history.pending
+    return LogitProcessing(
+        token_ids=token_ids,
+        bias=bias,
+        count=count,
+        seen=seen,
+        presence=presence,
+        frequency=frequency,
+        repetition=repetition,
+        pending=pending,
+    )
+
+
+def process_logits(
+    logits: jax.Array,  # (B, V) float32
+    processing: LogitProcessing,
+    register: jax.Array,  # (R,) int32 the engine's token register
+) -> jax.Array:  # (B, V) float32
+    """The processed logits (see the module docstring): bias, repetition penalty, presence and
+    frequency penalties, each row by its own entries and its pending token."""
+    batch, vocab = logits.shape
+    rows = jnp.arange(batch)[:, None]
+    # Unused entries, and pending tokens of rows without one, index past the vocabulary:
+    # dropped by the scatters.
+    ids = jnp.where(processing.token_ids >= 0, processing.token_ids, vocab)
+    bias = jnp.zeros((batch, vocab), jnp.float32).at[rows, ids].add(processing.bias, mode="drop")
+    count = jnp.zeros((batch, vocab), jnp.int32).at[rows, ids].add(processing.count, mode="drop")
+    seen = jnp.zeros((batch, vocab), bool).at[rows, ids].set(processing.seen, mode="drop")
+    pending = processing.pending
+    from_register = register[jnp.clip(pending, 0, register.shape[0] - 1)]
+    pending_token = jnp.where(pending >= 0, from_register, vocab)
+    count = count.at[rows[:, 0], pending_token].add(1, mode="drop")
+    seen = seen.at[rows[:, 0], pending_token].set(True, mode="drop")
+    processed = logits + bias
+    repetition = processing.repetition[:, None]
+    penalised = jnp.where(processed > 0, processed / repetition, processed * repetition)
+    processed = jnp.where(seen, penalised, processed)
+    return (
+        processed
+        - processing.frequency[:, None] * count.astype(jnp.float32)
+        - processing.presence[:, None] * (count > 0).astype(jnp.float32)
+    )
 
 
 @flax.struct.dataclass
@@ -125,6 +352,9 @@ class SamplingBatch:
     top_k: jax.Array  # (B,) int32, 0 = off
     seed: jax.Array  # (B, 2) uint32: low and high words of the request's 64-bit seed
     token_index: jax.Array  # (B,) int32: index of the sampled token within the request's output
+    min_p: jax.Array  # (B,) float32, 0 = off
+    # None: no row processes its logits (the sampler compiles without it).
+    processing: LogitProcessing | None = None
 
     @classmethod
     def from_params(
@@ -134,11 +364,13 @@ class SamplingBatch:
         *,
         seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
+        processing: LogitProcessing | None = None,
     ) -> SamplingBatch:
         """Packs rows on the host; rows past len(params) (up to batch_size) are greedy padding.
 
         seeds overrides params[i].seed (the engine passes the seed it resolved for requests that
-        gave none); a row must end up with a seed.
+        gave none); a row must end up with a seed. processing: the rows' ``logit_processing``
+        (needed where any row ``processes_logits``).
         """
         rows = len(params)
         batch_size = rows if batch_size is None else batch_size
@@ -154,6 +386,9 @@ class SamplingBatch:
         top_k = np.zeros(batch_size, np.int32)
         seed_words = np.zeros((batch_size, 2), np.uint32)
         token_index = np.zeros(batch_size, np.int32)
+        min_p = np.zeros(batch_size, np.float32)
+        if processing is None and any(p.processes_logits for p in params):
+            raise ValueError("SamplingBatch.from_params: a row processes its logits: pass them")
         for row, p in enumerate(params):
             seed = p.seed if seeds is None else seeds[row]
             if seed is None:
@@ -164,12 +399,15 @@ class SamplingBatch:
             top_k[row] = min(p.top_k, np.iinfo(np.int32).max)
             seed_words[row] = split_seed(seed)
             token_index[row] = token_indices[row]
+            min_p[row] = p.min_p
         return cls(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             seed=seed_words,
             token_index=token_index,
+            min_p=min_p,
+            processing=processing,
         )
 
 
@@ -193,13 +431,17 @@ def _row_key(seed_words: jax.Array, token_index: jax.Array) -> jax.Array:
     return jax.random.fold_in(key, token_index)
 
 
-def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """scaled logits (B, V) with tokens outside each row's top-k / top-p set at -inf.
+def _filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """scaled logits (B, V) with tokens outside each row's min-p, top-k and top-p sets at -inf.
 
-    top-p is applied to the top-k-renormalised distribution. Tokens tied with the last kept one
-    are kept too.
+    min-p first (tokens less likely than min_p times the most likely one), then top-k, then
+    top-p on the top-k-renormalised distribution (vLLM's order). Tokens tied with the last kept
+    one are kept too.
     """
     vocab = scaled.shape[-1]
+    # p >= min_p * p_max  <=>  logit >= max logit + log(min_p); min_p = 0 keeps everything.
+    floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
+    scaled = jnp.where(scaled >= floor, scaled, -jnp.inf)
     sorted_logits = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)  # descending
     rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
@@ -213,25 +455,28 @@ def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def uses_top_k_top_p(params: Sequence[SamplingParams]) -> bool:
-    """Whether any sampled (non-greedy) row filters with top-k or top-p (see ``sample``)."""
-    return any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params)
+def uses_filters(params: Sequence[SamplingParams]) -> bool:
+    """Whether any sampled (non-greedy) row filters with min-p, top-k or top-p (see
+    ``sample``)."""
+    return any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params)
 
 
-@functools.partial(jax.jit, static_argnames=("num_top_logprobs", "apply_top_k_top_p"))
+@functools.partial(jax.jit, static_argnames=("num_top_logprobs", "apply_filters"))
 def sample(
     logits: jax.Array,
     batch: SamplingBatch,
+    register: jax.Array | None = None,
     *,
     num_top_logprobs: int = 0,
-    apply_top_k_top_p: bool = True,
+    apply_filters: bool = True,
 ) -> SampleOutput:
     """Samples one token per row of logits (B, V) under the row's parameters.
 
-    num_top_logprobs: how many alternatives to return per row (the batch's largest request;
-    0..20, static). apply_top_k_top_p: False skips the sort behind top-k / top-p, which changes
-    nothing for rows that use neither: pass ``uses_top_k_top_p(params)`` (known on the host, so
-    the step never asks the device).
+    register: the engine's device token register, where a row's pending output token is read
+    (needed with ``batch.processing``). num_top_logprobs: how many alternatives to return per
+    row (the batch's largest request; 0..20, static). apply_filters: False skips the sort
+    behind top-k / top-p (and min-p), which changes nothing for rows that use none of them:
+    pass ``uses_filters(params)`` (known on the host, so the step never asks the device).
     """
     if logits.ndim != 2:
         raise RequestError(f"sample: logits must be (batch, vocab), got shape {logits.shape}")
@@ -240,18 +485,27 @@ def sample(
             f"sample: num_top_logprobs={num_top_logprobs}, expected 0..{MAX_LOGPROBS}"
         )
     logits = logits.astype(jnp.float32)
+    processed = logits
+    if batch.processing is not None:
+        if register is None:
+            raise ValueError("sample: logit processing reads pending tokens from a register")
+        processed = process_logits(logits, batch.processing, register)
     temperature = batch.temperature.astype(jnp.float32)
-    top_p = batch.top_p.astype(jnp.float32)
-    top_k = batch.top_k.astype(jnp.int32)
     greedy = temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-    if apply_top_k_top_p:
-        scaled = _filter_top_k_top_p(scaled, top_k, top_p)
+    scaled = processed / jnp.where(greedy, 1.0, temperature)[:, None]
+    if apply_filters:
+        scaled = _filter(
+            scaled,
+            batch.top_k.astype(jnp.int32),
+            batch.top_p.astype(jnp.float32),
+            batch.min_p.astype(jnp.float32),
+        )
     keys = jax.vmap(_row_key)(batch.seed.astype(jnp.uint32), batch.token_index.astype(jnp.uint32))
     gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
     sampled = jnp.argmax(scaled + gumbel, axis=-1)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    tokens = jnp.where(greedy, jnp.argmax(processed, axis=-1), sampled).astype(jnp.int32)
 
+    # The model's own distribution, as OpenAI reports it (before processing and filters).
     logprobs_all = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
     if num_top_logprobs:
@@ -304,14 +558,17 @@ class StopStringDetector:
         """All text so far (cut before the stop string once stopped)."""
         return self._text
 
-    def push(self, delta: str) -> tuple[str, bool]:
+    def push(self, delta: str, *, detect: bool = True) -> tuple[str, bool]:
+        """detect=False: the text counts, but no stop is looked for in it (min_tokens); later
+        pushes look only at text that could hold a new match."""
         if self.stopped:
             return "", True
         search_from = len(self._text) - self._longest + 1
         self._text += delta
-        self._text, self.stopped = truncate_at_stop(
-            self._text, self.stop_strings, search_from=search_from
-        )
+        if detect:
+            self._text, self.stopped = truncate_at_stop(
+                self._text, self.stop_strings, search_from=search_from
+            )
         end = len(self._text) if self.stopped else len(self._text) - self._partial_stop_suffix()
         end = max(end, self._emitted)
         out = self._text[self._emitted : end]

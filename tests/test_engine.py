@@ -20,6 +20,7 @@ from jaxlora.tokenizer import tiny_tokenizer
 from jaxlora.training import TrainConfig, train_adapters
 from pallas_kernels.layout import MODULES
 from tests.test_model import merged_params, random_lora
+from tests.test_sampling import reference_processing
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -779,6 +780,59 @@ def test_async_scheduling_gives_the_sync_outputs(base, lora_adapters):
         assert [sorted(t) for t in got.output_top_logprobs] == [
             sorted(t) for t in expected.output_top_logprobs
         ]
+
+
+def processed_greedy_reference(params, prompt, sampling, width=40):
+    """Greedy decoding with the request's logit processing (``reference_processing``: dense
+    numpy over the whole output so far) by recomputing the sequence for every token; stops at
+    a stop token once min_tokens are out (the engine has no EOS here)."""
+    out = []
+    for index in range(sampling.max_tokens):
+        seq = prompt + out
+        logits = _full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
+        row = np.asarray(logits[0, len(seq) - 1])[None]
+        processed = reference_processing(row, [sampling], [prompt], [out], [index], ())
+        out.append(int(processed[0].argmax()))
+        if index >= sampling.min_tokens and out[-1] in sampling.stop_token_ids:
+            break
+    return out
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_logit_processing_gives_the_recomputed_reference_tokens(base, async_scheduling):
+    """Greedy requests with logit bias, presence / frequency / repetition penalties and
+    min_tokens, sharing steps with a plain request, under async scheduling (a row's newest
+    output token is still on the device: read from the token register) and synchronous, with
+    preemptions: each gets the tokens of a full recompute with the same processing."""
+    import dataclasses
+
+    # Greedy, prompts 0 and 4 repeat themselves within 12 tokens (8 and 5 repeats).
+    prompts = [[5, 6] * 3, [316, 145, 489], [336, 403, 14], [77] * 6, [76, 499, 97, 327], [9, 8]]
+    plain = [greedy_reference(base, p, 12, width=40) for p in prompts]  # unprocessed
+    samplings = [
+        SamplingParams(temperature=0, max_tokens=12, frequency_penalty=2.0),
+        # Row 1's second token depends on its first, which is still on the device when the
+        # next iteration's prefill rows (2, 3) rewrite the register slot it was sampled into.
+        SamplingParams(temperature=0, max_tokens=12, frequency_penalty=-2, repetition_penalty=0.5),
+        SamplingParams(temperature=0, max_tokens=12, logit_bias={plain[2][1]: -100, 77: 4.0}),
+        SamplingParams(temperature=0, max_tokens=12, min_tokens=5, stop_token_ids=[plain[3][0]]),
+        SamplingParams(temperature=0, max_tokens=12, presence_penalty=2, repetition_penalty=1.8),
+        SamplingParams(temperature=0, max_tokens=12),
+    ]
+    config = dataclasses.replace(
+        small_engine_config(num_pages=11, max_model_len=40), async_scheduling=async_scheduling
+    )
+    llm = jaxlora.LLM(TINY, params=base, engine_config=config, load_workers=0)
+    outs = llm.generate(prompts, sampling=samplings)
+    assert llm.engine.stats.preemptions > 0
+    assert llm.engine.kv.free_pages == config.kv.num_pages
+    for prompt, sampling, out, unprocessed in zip(prompts, samplings, outs, plain, strict=True):
+        expected = processed_greedy_reference(base, prompt, sampling)
+        assert out.token_ids == expected, sampling
+        if sampling.processes_logits:
+            assert expected != unprocessed[: len(expected)], sampling  # the processing bites
+    # min_tokens held the stop token back for 5 tokens (unprocessed it came first).
+    assert plain[3][0] not in outs[3].token_ids[:5]
 
 
 def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base, lora_adapters):

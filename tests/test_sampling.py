@@ -10,13 +10,18 @@ import pytest
 
 from jaxlora.errors import RequestError
 from jaxlora.sampling import (
+    MIN_PROCESSING_ENTRIES,
+    RowHistory,
     SamplingBatch,
     SamplingParams,
     StopStringDetector,
+    logit_processing,
+    process_logits,
     sample,
     split_seed,
     truncate_at_stop,
-    uses_top_k_top_p,
+    unique_tokens,
+    uses_filters,
 )
 
 
@@ -149,11 +154,11 @@ def test_top_k_past_int32_keeps_every_token():
 def test_skipping_the_filter_changes_nothing_for_unfiltered_rows():
     logits = random_logits(5, 12)
     params = [SamplingParams(temperature=0.8, seed=i) for i in range(12)]
-    assert not uses_top_k_top_p(params)
-    assert uses_top_k_top_p(params + [SamplingParams(top_p=0.9)])
-    assert not uses_top_k_top_p([SamplingParams(temperature=0, top_k=3)])
-    full = run(logits, params, apply_top_k_top_p=True)
-    skipped = run(logits, params, apply_top_k_top_p=False)
+    assert not uses_filters(params)
+    assert uses_filters(params + [SamplingParams(top_p=0.9)])
+    assert not uses_filters([SamplingParams(temperature=0, top_k=3)])
+    full = run(logits, params, apply_filters=True)
+    skipped = run(logits, params, apply_filters=False)
     np.testing.assert_array_equal(full.tokens, skipped.tokens)
 
 
@@ -198,6 +203,18 @@ def test_padding_rows_and_seed_words():
         ("stop_strings", ["ok", ""], "non-empty"),
         ("stop_token_ids", [3, -2], ">= 0"),
         ("ignore_eos", "yes", "bool"),
+        ("presence_penalty", 2.5, r"\[-2, 2\]"),
+        ("frequency_penalty", float("inf"), r"\[-2, 2\]"),
+        ("repetition_penalty", 0.0, "> 0"),
+        ("min_p", 1.5, r"\[0, 1\]"),
+        ("min_tokens", 17, r"0..max_tokens \(16\)"),
+        ("min_tokens", -1, "0..max_tokens"),
+        ("logit_bias", {5: 101}, r"\[-100, 100\]"),
+        ("logit_bias", {-1: 1}, ">= 0"),
+        ("logit_bias", {"5": 1}, ">= 0"),
+        ("logit_bias", [(5, 1), (5, 2)], "token 5 twice"),
+        ("logit_bias", {i: 1 for i in range(1025)}, "at most 1024"),
+        ("logit_bias", 5, "mapping"),
     ],
 )
 def test_invalid_params_raise_request_error(field, value, message):
@@ -213,6 +230,155 @@ def test_params_normalise_lists_and_check_vocab():
     params.check_vocab(8)
     with pytest.raises(RequestError, match="'stop_token_ids'.*0..6"):
         params.check_vocab(7)
+    biased = SamplingParams(logit_bias={9: 1, 2: -3.5})
+    assert biased.logit_bias == ((2, -3.5), (9, 1.0)) and biased.processes_logits
+    hash(biased)
+    with pytest.raises(RequestError, match="'logit_bias'.*token id 9.*0..8"):
+        biased.check_vocab(9)
+    assert not SamplingParams(min_p=0.2, presence_penalty=0).processes_logits
+    for field, value in (
+        ("presence_penalty", -0.5),
+        ("frequency_penalty", 0.1),
+        ("repetition_penalty", 1.2),
+        ("min_tokens", 2),
+    ):
+        assert SamplingParams(**{field: value}).processes_logits, field
+
+
+def reference_processing(logits, params, prompts, outputs, token_indices, eos_ids):
+    """Dense numpy: each row's bias, min_tokens ban, repetition penalty over prompt and the
+    whole output, then frequency and presence over the whole output (vLLM's order)."""
+    out = np.array(logits, np.float64)
+    for row, p in enumerate(params):
+        x = out[row]
+        for token, bias in p.logit_bias:
+            x[token] += bias
+        if token_indices[row] < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+            x[banned] = -np.inf
+        seen = set(prompts[row]) | set(outputs[row])
+        for token in seen:
+            if p.repetition_penalty != 1:
+                x[token] = (
+                    x[token] / p.repetition_penalty
+                    if x[token] > 0
+                    else (x[token] * p.repetition_penalty)
+                )
+        counts = np.bincount(np.asarray(outputs[row], int), minlength=x.size)
+        x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return out
+
+
+def processed_run(logits, params, prompts, outputs, pending, token_indices, eos_ids=(1,)):
+    """``sample`` with logit processing; ``pending[row]``: the row's last output token is
+    still on the device (read from a register), not in the host's history."""
+    register = np.full(11, 7, np.int32)
+    histories = []
+    for row, tokens in enumerate(outputs):
+        src = -1
+        known = list(tokens)
+        if pending[row]:
+            src = 2 + row
+            register[src] = known.pop()
+        histories.append(RowHistory(unique_tokens(prompts[row]), known, src))
+    processing = logit_processing(
+        params, histories, token_indices, eos_ids=eos_ids, batch_size=len(params) + 1
+    )
+    batch = SamplingBatch.from_params(
+        params + [SamplingParams()],
+        list(token_indices) + [0],
+        seeds=[0] * (len(params) + 1),
+        processing=processing,
+    )
+    padded = np.concatenate([logits, np.zeros((1, logits.shape[1]), np.float32)])
+    processed = process_logits(jnp.asarray(padded), batch.processing, jnp.asarray(register))
+    out = sample(jnp.asarray(padded), batch, jnp.asarray(register), apply_filters=False)
+    return np.asarray(processed)[:-1], np.asarray(out.tokens)[:-1], out
+
+
+def test_logit_processing_matches_a_dense_reference():
+    """Bias, min_tokens, repetition, frequency and presence penalties, each row its own, with
+    the pending output token read from the register, against a dense numpy reference; greedy
+    rows take the processed argmax, logprobs stay the model's own."""
+    rng = np.random.default_rng(0)
+    vocab = 40
+    params = [
+        SamplingParams(temperature=0, logit_bias={3: 5.0, 17: -100}, frequency_penalty=0.7),
+        SamplingParams(temperature=0, presence_penalty=1.5, repetition_penalty=1.3),
+        SamplingParams(temperature=0, min_tokens=4, stop_token_ids=[5, 6], max_tokens=8),
+        SamplingParams(temperature=0, min_tokens=4, ignore_eos=True, repetition_penalty=0.8),
+        SamplingParams(temperature=0),  # processes nothing, shares the step
+        SamplingParams(temperature=0, frequency_penalty=-2, presence_penalty=2, min_tokens=1),
+    ]
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (5, 9, 3, 12, 4, 1)]
+    outputs = [rng.integers(0, vocab, n).tolist() for n in (6, 4, 3, 7, 2, 1)]
+    outputs[0] += [outputs[0][0]] * 3  # a token three more times
+    pending = [True, True, False, True, False, True]
+    token_indices = [len(o) for o in outputs]
+    token_indices[2] = 3  # still below min_tokens: 5, 6 and EOS banned
+    token_indices[3] = 2  # below min_tokens too, but ignore_eos: nothing banned
+    logits = rng.standard_normal((len(params), vocab)).astype(np.float32) * 4
+    logits[2, [1, 5, 6]] += 30  # the banned tokens would win
+    processed, tokens, out = processed_run(logits, params, prompts, outputs, pending, token_indices)
+    expected = reference_processing(logits, params, prompts, outputs, token_indices, (1,))
+    np.testing.assert_allclose(processed, expected, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(tokens, expected.argmax(axis=1))
+    assert tokens[2] not in (1, 5, 6)
+    assert np.isneginf(processed[2, [1, 5, 6]]).all() and np.isfinite(processed[3, 1])
+    np.testing.assert_array_equal(processed[4], logits[4])
+    model = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    np.testing.assert_allclose(
+        np.asarray(out.logprobs)[:-1], model[np.arange(len(params)), tokens], rtol=1e-5
+    )
+    # The pending token counts: without it in the register, row 0's count differs.
+    dropped = [o[:-1] if p else o for o, p in zip(outputs, pending, strict=True)]
+    no_pending = reference_processing(logits, params, prompts, dropped, token_indices, (1,))
+    assert not np.allclose(no_pending[0], expected[0])
+
+
+def test_a_row_that_processes_its_logits_needs_them_packed():
+    with pytest.raises(ValueError, match="processes its logits"):
+        SamplingBatch.from_params([SamplingParams(presence_penalty=1)], [0])
+    batch = SamplingBatch.from_params(
+        [SamplingParams(logit_bias={2: 100}, seed=0)],
+        [0],
+        processing=logit_processing(
+            [SamplingParams(logit_bias={2: 100})],
+            [RowHistory(unique_tokens([1]), [])],
+            [0],
+            eos_ids=(),
+            batch_size=1,
+        ),
+    )
+    with pytest.raises(ValueError, match="register"):
+        sample(jnp.zeros((1, 8)), batch)
+    assert batch.processing.token_ids.shape == (1, MIN_PROCESSING_ENTRIES)
+
+
+def test_logit_bias_steers_sampled_rows_too():
+    logits = np.zeros((1, 30), np.float32)
+    params = [SamplingParams(temperature=1.0, seed=4, logit_bias={11: 100})]
+    for index in range(5):
+        _, tokens, _ = processed_run(logits, params, [[0]], [[]], [False], [index])
+        assert tokens[0] == 11
+
+
+def test_min_p_keeps_the_tokens_near_the_most_likely():
+    """min_p 0.5 keeps the tokens at least half as likely as the best (0.3, 0.25, 0.2 of
+    LOGITS_ROW's 0.3 / 0.25 / 0.2 / 0.12 / ...), and runs before top-k and top-p."""
+    draws = 6000
+    freq = empirical_distribution(LOGITS_ROW, SamplingParams(min_p=0.5, seed=5), draws)
+    probs = np.exp(LOGITS_ROW.astype(np.float64))
+    probs[3:] = 0
+    probs /= probs.sum()
+    assert chi_square(freq, probs, draws) < 40
+    # top-p after min-p: 0.3 / 0.75 < 0.5 <= (0.3 + 0.25) / 0.75 keeps two.
+    freq = empirical_distribution(LOGITS_ROW, SamplingParams(min_p=0.5, top_p=0.5, seed=6), draws)
+    probs[2:] = 0
+    probs /= probs.sum()
+    assert chi_square(freq, probs, draws) < 40
+    assert uses_filters([SamplingParams(min_p=0.1)])
+    assert not uses_filters([SamplingParams(min_p=0.1, temperature=0)])
 
 
 def test_truncate_at_stop():
@@ -253,3 +419,13 @@ def test_stop_detector_holds_back_then_flushes():
     assert detector.flush() == "S"
     assert detector.text == "the STORY S"
     assert StopStringDetector([]).push("anything") == ("anything", False)
+
+
+def test_stop_detector_skips_detection_when_told():
+    """min_tokens: text pushed with detect=False is not searched for stops; text pushed after
+    it is (with the few characters before it that could start a match)."""
+    detector = StopStringDetector(["END"])
+    assert detector.push("an END", detect=False) == ("an END", False)
+    assert detector.push(" E", detect=False) == (" ", False)
+    assert detector.push("ND here") == ("", True)
+    assert detector.text == "an END "

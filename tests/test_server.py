@@ -14,6 +14,7 @@ import pytest
 
 from jaxlora import demo
 from jaxlora.errors import AdapterError
+from jaxlora.sampling import SamplingParams
 from jaxlora.server import resolve_adapter_path
 from jaxlora.server.launch import LaunchConfig, banner, engine_config_for, parse_lora_modules
 from tests.test_server_helpers import (
@@ -217,6 +218,70 @@ def test_n_seed_stop_and_logprobs(served, client):
     assert by_ids.choices[0].text == batch.choices[0].text
 
 
+def test_logit_bias_penalties_min_p_and_min_tokens_reach_the_sampler(served, client):
+    """OpenAI's logit_bias and penalties and vLLM's repetition_penalty, min_p and min_tokens
+    change the answer as they should; logprobs stay the model's own."""
+    tokenizer = served[1].tokenizer
+    plain = client.completions.create(model="pirate", prompt="Hi", **GREEDY)
+    # The same request made to the engine, for its token ids.
+    request = served[1].engine.submit(
+        tokenizer.encode("Hi"), SamplingParams(temperature=0, max_tokens=40), adapter="pirate"
+    )
+    assert request.wait(timeout=60)
+    ids = request.output_ids
+    assert tokenizer.decode(ids) == plain.choices[0].text and len(ids) > 3
+    # +100 on one token: every token is it.
+    forced = client.completions.create(
+        model="pirate", prompt="Hi", temperature=0, max_tokens=4, logit_bias={str(ids[2]): 100}
+    )
+    assert forced.choices[0].text == tokenizer.decode([ids[2]] * 4)
+    # -100 on the first token: the answer starts otherwise; sampled rows too.
+    plain_first = tokenizer.decode([ids[0]], skip_special_tokens=False)
+    for temperature in (0, 0.7):
+        banned = client.completions.create(
+            model="pirate",
+            prompt="Hi",
+            max_tokens=3,
+            temperature=temperature,
+            seed=3,
+            logit_bias={str(ids[0]): -100},
+            logprobs=0,
+        )
+        assert banned.choices[0].logprobs.tokens[0] != plain_first
+    # min_tokens: EOS (the plain answer's last token) cannot end it before then.
+    longer = client.completions.create(
+        model="pirate", prompt="Hi", temperature=0, max_tokens=40, extra_body={"min_tokens": 30}
+    )
+    assert longer.usage.completion_tokens >= 30
+    assert longer.choices[0].text.startswith(plain.choices[0].text)
+    # Penalties that punish repeats, and ones that reward them, both answer; rewarding them
+    # (frequency -2, repetition 0.2) repeats a token.
+    penalised = client.completions.create(
+        model="pirate",
+        prompt="Hi",
+        temperature=0,
+        max_tokens=12,
+        presence_penalty=2,
+        frequency_penalty=2,
+        extra_body={"repetition_penalty": 1.5, "min_p": 0.1},
+    )
+    assert penalised.choices[0].finish_reason in ("stop", "length")
+    looping = client.completions.create(
+        model="pirate",
+        prompt="Hi",
+        temperature=0,
+        max_tokens=12,
+        frequency_penalty=-2,
+        logprobs=0,
+        extra_body={"repetition_penalty": 0.2, "ignore_eos": True},
+    )
+    tokens = looping.choices[0].logprobs.tokens
+    assert len(set(tokens)) < len(tokens)
+    assert all(lp <= 0 for lp in looping.choices[0].logprobs.token_logprobs)
+    chat_biased = chat(client, "pirate", max_tokens=3, logit_bias={str(ids[1]): 100})
+    assert chat_biased.choices[0].message.content == tokenizer.decode([ids[1]] * 3)
+
+
 def test_openapi_health_and_no_key_needed_outside_v1(served):
     url = served[0].url
     schema = httpx.get(f"{url}/openapi.json").json()
@@ -267,7 +332,7 @@ def test_error_answers_have_the_right_status_and_say_why(served, client):
     assert body.get("param") == "temperature"
     expect_error(400, lambda: chat(client, "pirate", top_p=2), "top_p")
     expect_error(400, lambda: chat(client, "pirate", n=100), "n:")
-    expect_error(400, lambda: chat(client, "pirate", presence_penalty=0.5), "presence_penalty")
+    expect_error(400, lambda: chat(client, "pirate", presence_penalty=2.5), "presence_penalty")
     expect_error(400, lambda: chat(client, "pirate", top_logprobs=2), "top_logprobs")
     expect_error(400, lambda: chat(client, "pirate", extra_body={"frobnicate": 1}), "frobnicate")
     expect_error(

@@ -134,9 +134,25 @@ CASES = [
     bad(C, "seed", 2**70, "2**63"),
     bad(M, "seed", "x", "valid integer"),
     bad(M, "seed", True, "valid integer"),  # was 200
-    bad(C, "presence_penalty", NAN, "only 0"),
-    bad(M, "frequency_penalty", INF, "only 0"),
+    bad(C, "presence_penalty", NAN, "[-2, 2]"),
+    bad(M, "frequency_penalty", INF, "[-2, 2]"),
+    bad(M, "frequency_penalty", 2.5, "[-2, 2]"),
+    bad(C, "presence_penalty", "1", "valid number"),
+    bad(C, "repetition_penalty", 0, "> 0"),
+    bad(M, "repetition_penalty", -INF, "> 0"),
+    bad(C, "min_p", 1.5, "[0, 1]"),
+    bad(M, "min_p", NAN, "[0, 1]"),
+    bad(C, "min_tokens", 5, "0..max_tokens (4)"),
+    bad(M, "min_tokens", -1, "0..max_tokens"),
+    bad(M, "min_tokens", 1.5, "valid integer"),
     bad(C, "logit_bias", {"1": "x"}, "valid number", param="logit_bias.1"),
+    bad(C, "logit_bias", {"one": 1}, "token ids", "'one'"),
+    bad(M, "logit_bias", {"-3": 1}, "token ids"),
+    bad(C, "logit_bias", {"12345678901": 1}, "token ids"),
+    bad(C, "logit_bias", {"5": 101}, "[-100, 100]"),
+    bad(M, "logit_bias", {"5": NAN}, "[-100, 100]"),
+    bad(C, "logit_bias", {"70000": 1}, "token id 70000", "vocabulary"),
+    bad(M, "logit_bias", {str(i): 1 for i in range(1025)}, "at most 1024"),
     bad(C, "stop", 5, "a string or a list of strings", "got 5"),  # was "stop.str: ..."
     bad(C, "stop", [1, 2], "a string or a list of strings"),  # ditto
     bad(M, "stop", [None], "a string or a list of strings"),  # ditto

@@ -67,10 +67,13 @@ from jaxlora.errors import (
 )
 from jaxlora.sampling import (
     MAX_LOGPROBS,
+    RowHistory,
     SamplingBatch,
     SamplingParams,
     StopStringDetector,
-    uses_top_k_top_p,
+    logit_processing,
+    unique_tokens,
+    uses_filters,
 )
 from pallas_kernels import layout
 from pallas_kernels.sgmv import build_sgmv_metadata, choose_per_token
@@ -764,14 +767,29 @@ class Engine:
             )
         samples = [r.num_computed + n == r.scheduled_len for r, n in rows]
         params = [r.sampling for r, _ in rows]
+        token_indices = [len(r.output_ids) + r.inflight for r, _ in rows]
+        processing = None
+        if any(p.processes_logits for p in params):
+            processing = logit_processing(
+                params,
+                [self._history(r) for r, _ in rows],
+                token_indices,
+                eos_ids=sorted(self.eos_ids),
+                batch_size=b,
+            )
         sampling = SamplingBatch.from_params(
-            params, [len(r.output_ids) + r.inflight for r, _ in rows], batch_size=b
+            params, token_indices, batch_size=b, processing=processing
         )
         # Alternatives: none, or the most any request may ask for (each request keeps its own
         # first n): two sampler shapes per bucket instead of one per distinct n.
         top_n = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
         sampled, self._register = self._sample(
-            logits, mode, sampling, top_n=top_n, filtered=uses_top_k_top_p(params)
+            logits,
+            mode,
+            sampling,
+            top_n=top_n,
+            filtered=uses_filters(params),
+            pending_register=register_in if processing is not None else None,
         )
         sampled.copy_to_host_async()
         dispatched = time.perf_counter()
@@ -807,7 +825,16 @@ class Engine:
         self.stats.host_seconds["wait"] += read - start
         self.stats.host_seconds["append"] += time.perf_counter() - read
 
-    def _sample(self, logits, mode: str, sampling: SamplingBatch, *, top_n: int, filtered: bool):
+    def _sample(
+        self,
+        logits,
+        mode: str,
+        sampling: SamplingBatch,
+        *,
+        top_n: int,
+        filtered: bool,
+        pending_register=None,
+    ):
         """Dispatches the sampler of a step (its inputs in one packed transfer); returns its
         packed results and the token register with this mode's part rewritten."""
         packed = PackedInputs.pack(sampling)
@@ -815,21 +842,36 @@ class Engine:
             logits,
             self._register,
             jax.device_put(packed.buffer),
+            pending_register,
             treedef=packed.treedef,
             layout=packed.layout,
             register_offset=self.engine_config.runner.register_offset(mode),
             num_top_logprobs=top_n,
-            apply_top_k_top_p=filtered,
+            apply_filters=filtered,
         )
 
     def _warm_sampler(self, logits, mode: str, rows: int) -> None:
-        """Compiles every sampler variant of a bucket (logprobs off/on, top-k/top-p off/on)."""
+        """Compiles every sampler variant of a bucket (logprobs off/on, filters off/on).
+        Steps with logit processing (bias, penalties, min_tokens) compile theirs when first
+        run: one variant a power-of-two entry width (``sampling.logit_processing``)."""
         sampling = SamplingBatch.from_params([], [], batch_size=rows)
         for top_n in (0, MAX_LOGPROBS):
             for filtered in (False, True):
                 jax.block_until_ready(
                     self._sample(logits, mode, sampling, top_n=top_n, filtered=filtered)
                 )
+
+    @staticmethod
+    def _history(request: Request) -> RowHistory:
+        """What the host knows of a request's sequence for its logit processing; its output
+        token still being sampled (async scheduling) sits in the token register."""
+        if request._prompt_unique is None:
+            request._prompt_unique = unique_tokens(request.prompt_ids)
+        return RowHistory(
+            prompt_unique=request._prompt_unique,
+            output_ids=request.output_ids,
+            pending=request.inflight_src if request.inflight else -1,
+        )
 
     def _append_token(self, request: Request, sampled, row: int) -> None:
         token = int(sampled.tokens[row])
@@ -857,14 +899,16 @@ class Engine:
         self.stats.tokens_per_adapter[request.adapter or ""] += 1
         sp = request.sampling
         finish = None
-        if not sp.ignore_eos and token in self.eos_ids:
+        # min_tokens: the sampler banned EOS and the stop tokens, and no stop string counts yet.
+        may_stop = len(request.output_ids) > sp.min_tokens
+        if may_stop and not sp.ignore_eos and token in self.eos_ids:
             finish = FinishReason.STOP
-        elif token in sp.stop_token_ids:
+        elif may_stop and token in sp.stop_token_ids:
             finish = FinishReason.STOP
         text = self._detokenize(request, token)
         detector = request._stop_detector
         if detector is not None and finish is None:
-            text, stopped = detector.push(text)
+            text, stopped = detector.push(text, detect=may_stop)
             if stopped:
                 finish = FinishReason.STOP
         if finish is None and (

@@ -77,6 +77,7 @@ class Request:
     stream_deltas: bool = True
     _detok_state: object | None = None  # tokenizer.IncrementalDecoder
     _stop_detector: object | None = None  # sampling.StopStringDetector
+    _prompt_unique: object | None = None  # the prompt's distinct tokens (logit processing)
 
     def __post_init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

@@ -337,27 +337,34 @@ class PackedInputs:
         "layout",
         "register_offset",
         "num_top_logprobs",
-        "apply_top_k_top_p",
+        "apply_filters",
     ),
 )
 def sample_step(
     logits,
     register,
     buffer,
+    pending_register=None,
     *,
     treedef,
     layout,
     register_offset: int,
     num_top_logprobs: int,
-    apply_top_k_top_p: bool,
+    apply_filters: bool,
 ):
     """Samples a step's logits (B, V) under its packed ``SamplingBatch``; returns the results
     packed for one device-to-host copy, (B, 2 + 2n) int32 (``unpack_samples``), and the token
     register with the sampled tokens written at ``register_offset`` (the next step's rows read
-    them there without a round trip through the host)."""
+    them there without a round trip through the host). pending_register: the register the
+    step's model read its rows' tokens from (logit processing reads a row's pending output token
+    there; the iteration's earlier launches may have rewritten ``register`` since)."""
     batch = PackedInputs.unpack(buffer, treedef, layout)
     out = sample(
-        logits, batch, num_top_logprobs=num_top_logprobs, apply_top_k_top_p=apply_top_k_top_p
+        logits,
+        batch,
+        pending_register,
+        num_top_logprobs=num_top_logprobs,
+        apply_filters=apply_filters,
     )
     register = jax.lax.dynamic_update_slice(register, out.tokens, (register_offset,))
     as_words = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)

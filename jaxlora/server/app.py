@@ -79,12 +79,6 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
 
     if body.stream_options is not None and not body.stream:
         refuse("stream_options", "only allowed with stream=true")
-    for field in ("presence_penalty", "frequency_penalty"):
-        value = getattr(body, field)
-        if value not in (None, 0, 0.0):
-            refuse(field, f"only 0 is supported, got {value!r}")
-    if body.logit_bias:
-        refuse("logit_bias", "not supported (only an empty map)")
     if isinstance(body, CompletionRequest):
         if body.best_of is not None and body.best_of != body.n:
             refuse(
@@ -130,6 +124,17 @@ def _samplings(
         raise with_param(
             RequestError(f"seed: expected an int in [-2**63, 2**63), got {body.seed}"), "seed"
         )
+    logit_bias = {}
+    for key, bias in (body.logit_bias or {}).items():
+        # JSON object keys are strings: OpenAI's are token ids written in decimal.
+        if not re.fullmatch(r"[0-9]{1,10}", key):
+            raise with_param(
+                RequestError(
+                    f"logit_bias: expected token ids (decimal strings) as keys, got {key!r}"
+                ),
+                "logit_bias",
+            )
+        logit_bias[int(key)] = bias
     out = []
     for i in range(count):
         seed = None if body.seed is None else (body.seed + i) % _SEED_LIMIT
@@ -145,6 +150,14 @@ def _samplings(
                     seed=seed,
                     logprobs=logprobs,
                     ignore_eos=body.ignore_eos,
+                    presence_penalty=body.presence_penalty or 0.0,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    repetition_penalty=(
+                        1.0 if body.repetition_penalty is None else body.repetition_penalty
+                    ),
+                    logit_bias=logit_bias,
+                    min_p=body.min_p or 0.0,
+                    min_tokens=body.min_tokens or 0,
                 )
             )
         except RequestError as e:
@@ -433,7 +446,8 @@ def create_app(
             try:
                 sampling.check_vocab(state.llm.config.vocab_size)
             except RequestError as e:
-                raise with_param(e, "stop_token_ids") from None
+                # "sampling parameter 'stop_token_ids': ..." or "... 'logit_bias': ..."
+                raise with_param(e, str(e).split("'")[1]) from None
         try:
             for p, ids in enumerate(prompts):
                 for c, sampling in enumerate(samplings_per_prompt):

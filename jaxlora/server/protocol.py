@@ -1,10 +1,11 @@
 """Request bodies of the OpenAI-compatible API (pydantic: validation and the OpenAPI schema).
 
-Fields follow the OpenAI API; ``top_k``, ``stop_token_ids`` and ``ignore_eos`` are vLLM's
-extensions. Fields this server cannot honour (penalties, logit_bias, tools, ...) are accepted
-only at their neutral value, so that a client never silently gets something else than it asked
-for; unknown fields are refused (400), as OpenAI does. Types are strict, as OpenAI's are:
-"5" or true is not taken for an int, nor 1 or "yes" for a bool (400).
+Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
+``stop_token_ids`` and ``ignore_eos`` are vLLM's extensions. Fields this server cannot honour
+(tools, suffix, ...) are accepted only at their neutral value, so that a client never
+silently gets something else than it asked for; unknown fields are refused (400), as OpenAI
+does. Types are strict, as OpenAI's are: "5" or true is not taken for an int, nor 1 or "yes"
+for a bool (400).
 """
 
 from __future__ import annotations
@@ -43,9 +44,26 @@ class _SamplingFields(_Body):
     seed: int | None = Field(
         None, description="Random stream of the request (choice i uses seed + i)."
     )
-    presence_penalty: float | None = Field(None, description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Only empty is supported.")
+    presence_penalty: float | None = Field(
+        None, description="In [-2, 2]: subtracted once from every token already in the output."
+    )
+    frequency_penalty: float | None = Field(
+        None, description="In [-2, 2]: subtracted for each time a token is in the output."
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        description="> 0 (1 = off): logits of prompt and output tokens divided by it (if "
+        "positive) or multiplied by it.",
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (a string) to a bias in [-100, 100] added to its logit."
+    )
+    min_p: float | None = Field(
+        None, description="In [0, 1]: drop tokens less likely than min_p times the best one."
+    )
+    min_tokens: int | None = Field(
+        None, description="Tokens to generate before EOS, stop tokens or stop strings count."
+    )
     user: str | None = None
 
 
