@@ -33,6 +33,9 @@ class Completion:
     finish_reason: str
     logprobs: list[float] | None = None
     error: str | None = None
+    # SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 def load_base_model(model: str | os.PathLike | ModelConfig, *, seed: int = 0, dtype=jnp.float32):
@@ -186,6 +189,8 @@ class LLM:
                 finish_reason=str(r.finish_reason),
                 logprobs=list(r.output_logprobs) if r.output_logprobs else None,
                 error=r.error,
+                prompt_logprobs=r.prompt_logprobs,
+                prompt_top_logprobs=r.prompt_top_logprobs,
             )
             for r in requests
         ]

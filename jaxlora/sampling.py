@@ -62,7 +62,10 @@ class SamplingParams:
     repetition_penalty: > 0 (1 = off) over prompt and output tokens; min_tokens: EOS (unless
     ignore_eos) and stop tokens are banned, and stop strings not looked for, until this many
     tokens are out. min_p: after temperature, drop tokens less likely than min_p times the most
-    likely one (0 = off), before top-k / top-p.
+    likely one (0 = off), before top-k / top-p. prompt_logprobs: None = none, n = each prompt
+    token's logprob given the tokens before it (the model's own distribution; the first token
+    has none) and the n most likely alternatives there (0..20); the prefill steps that compute
+    them run the LM head on every position.
     """
 
     temperature: float = 1.0
@@ -80,6 +83,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     min_p: float = 0.0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def fail(field, expected):
@@ -112,6 +116,10 @@ class SamplingParams:
             not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             fail("logprobs", f"None or an int in 0..{MAX_LOGPROBS}")
+        if self.prompt_logprobs is not None and (
+            not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            fail("prompt_logprobs", f"None or an int in 0..{MAX_LOGPROBS}")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "a bool")
         # Lists (as JSON gives them) and a single stop string are accepted and frozen to tuples.

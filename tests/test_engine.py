@@ -835,6 +835,51 @@ def test_logit_processing_gives_the_recomputed_reference_tokens(base, async_sche
     assert plain[3][0] not in outs[3].token_ids[:5]
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_prompt_logprobs_are_the_full_forward_ones(base, lora_adapters, async_scheduling):
+    """Prompt logprobs (each prompt token's logprob given the tokens before it, and the n most
+    likely there) over prompts of several prefill chunks, with adapters, beside requests that
+    do not ask, with preemptions: those of a full forward of the prompt with the merged
+    adapter; the first token has none. The generated tokens are not changed."""
+    import dataclasses
+
+    rng = np.random.default_rng(8)
+    prompts = [list(map(int, rng.integers(3, 500, n))) for n in (19, 7, 2, 26, 1)]
+    names = ["all5", None, "qv1", "mlp16", None]
+    asked = [3, None, 0, 20, 2]
+    config = dataclasses.replace(
+        small_engine_config(num_pages=13, max_model_len=40), async_scheduling=async_scheduling
+    )
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+    )
+    samplings = [
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=n)
+        for n in asked
+    ]
+    outs = llm.generate(prompts, adapter=names, sampling=samplings)
+    assert llm.engine.stats.preemptions > 0
+    assert llm.engine.kv.free_pages == config.kv.num_pages
+    for prompt, name, n, out in zip(prompts, names, asked, outs, strict=True):
+        params = base if name is None else merged_params(base, lora_adapters[name])
+        assert out.token_ids == greedy_reference(params, prompt, 8, width=40)
+        if n is None:
+            assert out.prompt_logprobs is None and out.prompt_top_logprobs is None
+            continue
+        logits = _full_forward(params, jnp.array([prompt + [0] * (40 - len(prompt))]))[0]
+        expected = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        assert len(out.prompt_logprobs) == len(prompt) == len(out.prompt_top_logprobs)
+        assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] is None
+        for p in range(1, len(prompt)):
+            np.testing.assert_allclose(
+                out.prompt_logprobs[p], expected[p - 1, prompt[p]], rtol=1e-5, atol=1e-5
+            )
+            top = out.prompt_top_logprobs[p]
+            best = np.argsort(-expected[p - 1])[:n]
+            assert list(top) == [int(t) for t in best]
+            np.testing.assert_allclose(list(top.values()), expected[p - 1, best], atol=1e-5)
+
+
 def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base, lora_adapters):
     """The engine thread survives an exception in a step taken while earlier steps' tokens are
     still on the device (async scheduling): the running requests end with an error and free
@@ -941,14 +986,14 @@ def test_decode_steps_of_distinct_adapters_run_per_token(base, lora_adapters):
         )
 
     def per_token_shapes(llm):
-        return {key for key in llm.engine.runner.compiled_shapes if key[-1]}
+        return {key for key in llm.engine.runner.compiled_shapes if key[4]}  # per token
 
     sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     prompts = [[5, 6, 7], [40, 41, 42, 43, 44], [300]]
     llm = engine_with(warmup=True)
     engine = llm.engine
     warmed = set(engine.runner.compiled_shapes)  # warm-up compiles the per-token step too
-    assert ("decode", (8, 1), True, False, True) in warmed
+    assert ("decode", (8, 1), True, False, True, False) in warmed
     # What the flag changes in the step: the launches' kernels.
     batch = empty_batch(8, 1, engine.engine_config.kv.max_pages_per_seq)
     meta = engine._lora_meta([], np.asarray(batch.token_slot), mode="decode")

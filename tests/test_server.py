@@ -9,6 +9,7 @@ import os
 import shutil
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -280,6 +281,52 @@ def test_logit_bias_penalties_min_p_and_min_tokens_reach_the_sampler(served, cli
     assert all(lp <= 0 for lp in looping.choices[0].logprobs.token_logprobs)
     chat_biased = chat(client, "pirate", max_tokens=3, logit_bias={str(ids[1]): 100})
     assert chat_biased.choices[0].message.content == tokenizer.decode([ids[1]] * 3)
+
+
+def test_echo_with_logprobs_scores_the_prompt(served, client):
+    """lm-evaluation-harness's loglikelihood request (token ids, echo, logprobs=1, max_tokens=1,
+    greedy): every prompt token gets its logprob (the first none), equal to the engine's prompt
+    logprobs; streamed, the first chunk carries them; text prompts and logprobs=0 too."""
+    tokenizer = served[1].tokenizer
+    ids = tokenizer.encode("Tell me a joke, robot.")
+    asked = dict(model="robot", echo=True, logprobs=1, max_tokens=1, temperature=0)
+    whole = client.completions.create(prompt=ids, **asked)
+    lp = whole.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.tokens[: len(ids)] == [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert whole.choices[0].text.startswith(tokenizer.decode(ids))
+    request = served[1].engine.submit(
+        ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), adapter="robot"
+    )
+    assert request.wait(timeout=60)
+    np.testing.assert_allclose(
+        lp.token_logprobs[1 : len(ids)], request.prompt_logprobs[1:], rtol=1e-6, atol=1e-6
+    )
+    for top, token_lp in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True):
+        assert len(top) == 1 and max(top.values()) >= token_lp - 1e-6
+    plain = client.completions.create(model="robot", prompt=ids, logprobs=1, max_tokens=1)
+    assert plain.choices[0].logprobs.tokens == lp.tokens[-1:]
+    # Streamed: the same blocks, the prompt's in the first chunk.
+    tokens, logprobs = [], []
+    chunks = list(client.completions.create(prompt=ids, stream=True, **asked))
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                logprobs += choice.logprobs.token_logprobs
+    assert tokens == lp.tokens and logprobs[0] is None
+    np.testing.assert_allclose(logprobs[1:], lp.token_logprobs[1:], rtol=1e-6, atol=1e-6)
+    assert len(chunks[0].choices[0].logprobs.tokens) == len(ids) + 1
+    # A text prompt, logprobs=0: the prompt's tokens (BOS first) with no alternatives.
+    text = client.completions.create(
+        model="robot", prompt="Tell me a joke, robot.", echo=True, logprobs=0, max_tokens=2
+    )
+    block = text.choices[0].logprobs
+    assert len(block.tokens) == len(ids) + 2 and block.top_logprobs[1:] == [{}] * (len(ids) + 1)
+    np.testing.assert_allclose(
+        block.token_logprobs[1 : len(ids)], lp.token_logprobs[1 : len(ids)], atol=1e-6
+    )
 
 
 def test_openapi_health_and_no_key_needed_outside_v1(served):

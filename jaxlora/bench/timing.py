@@ -59,11 +59,19 @@ class StepTimer:
         engine.runner.run = self._timed_run
 
     def _timed_run(
-        self, mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=None
+        self, mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=None, **extra
     ):
         start = time.perf_counter()
         out = self._run(
-            mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=register
+            mode,
+            k_pool,
+            v_pool,
+            lora_pools,
+            batch,
+            lora_meta,
+            use_lora,
+            register=register,
+            **extra,
         )
         if not self.enabled:
             return out

@@ -57,6 +57,7 @@ from jaxlora.engine.runner import (
     bucket,
     empty_batch,
     sample_step,
+    unpack_prompt_logprobs,
     unpack_samples,
 )
 from jaxlora.errors import (
@@ -115,6 +116,10 @@ class _Launch:
     mode: str
     sampled: jax.Array  # (B, 2 + 2n) int32, runner.unpack_samples; its copy to host started
     rows: list  # (request, its epoch at dispatch, row) of the rows that sample a token
+    # (B, S, 1 + 2n) int32, runner.unpack_prompt_logprobs, or None: no row asked for them
+    prompt_logprobs: jax.Array | None = None
+    # (request, row, first position, end position) of the rows that asked for them
+    prompt_rows: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -277,6 +282,8 @@ class Engine:
             request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
         if sampling.stop_strings:
             request._stop_detector = StopStringDetector(sampling.stop_strings)
+        if sampling.prompt_logprobs is not None:
+            request.prompt_logprobs, request.prompt_top_logprobs = [None], [None]
         if deadline_s is not None:
             request.deadline = request.arrival + deadline_s
         with self._lock:
@@ -753,9 +760,11 @@ class Engine:
         )
         use_lora = bool(slot_infos)
         lora_meta = self._lora_meta(slot_infos, token_slot, mode=mode if use_lora else None)
+        prompt_targets, prompt_rows = self._prompt_targets(rows, b, length)
+        extra = {} if prompt_targets is None else {"prompt_targets": prompt_targets}
         built = time.perf_counter()
         with self._locked_lora_pools() as lora_pools:
-            logits, self.kv.k_pool, self.kv.v_pool = self.runner.run(
+            logits, self.kv.k_pool, self.kv.v_pool, *prompt_logprobs = self.runner.run(
                 mode,
                 self.kv.k_pool,
                 self.kv.v_pool,
@@ -764,6 +773,7 @@ class Engine:
                 lora_meta,
                 use_lora,
                 register=register_in,
+                **extra,
             )
         samples = [r.num_computed + n == r.scheduled_len for r, n in rows]
         params = [r.sampling for r, _ in rows]
@@ -797,6 +807,9 @@ class Engine:
         self.stats.host_seconds["dispatch"] += dispatched - built
         offset = ec.runner.register_offset(mode)
         launch = _Launch(mode=mode, sampled=sampled, rows=[])
+        if prompt_logprobs:
+            launch.prompt_logprobs, launch.prompt_rows = prompt_logprobs[0], prompt_rows
+            launch.prompt_logprobs.copy_to_host_async()
         with self._lock:
             for i, (request, n) in enumerate(rows):
                 request.num_computed += n
@@ -808,6 +821,53 @@ class Engine:
                     launch.rows.append((request, request.epoch, i))
         return launch
 
+    @staticmethod
+    def _prompt_targets(rows, batch_rows: int, length: int):
+        """(B, S) int32: for the rows whose requests ask for prompt logprobs, the prompt token
+        after each of the step's positions that is not the prompt's last, -1 elsewhere; and
+        those rows as (request, row, first position). (None, []) where no row asks."""
+        asking = [
+            (i, request, n)
+            for i, (request, n) in enumerate(rows)
+            if request.sampling.prompt_logprobs is not None
+            and request.num_computed + 1 < len(request.prompt_ids)
+        ]
+        if not asking:
+            return None, []
+        targets = np.full((batch_rows, length), -1, np.int32)
+        prompt_rows = []
+        for i, request, n in asking:
+            start = request.num_computed
+            # Position p's logprob is that of prompt token p + 1 (the first has none).
+            stop = min(start + n, len(request.prompt_ids) - 1)
+            if stop <= len(request.prompt_logprobs) - 1:
+                continue  # recorded before a preemption: this is its recompute
+            targets[i, : stop - start] = request.prompt_ids[start + 1 : stop + 1]
+            prompt_rows.append((request, i, start, stop))
+        if not prompt_rows:
+            return None, []
+        return targets, prompt_rows
+
+    def _record_prompt_logprobs(self, launch: _Launch) -> None:
+        """Appends each asking request's prompt logprobs in prompt order; positions it has
+        already (computed again after a preemption) are skipped."""
+        chosen, top_ids, top_logprobs = unpack_prompt_logprobs(launch.prompt_logprobs)
+        for request, row, start, stop in launch.prompt_rows:
+            if request.status is not Status.RUNNING:
+                continue
+            n = request.sampling.prompt_logprobs
+            position = len(request.prompt_logprobs) - 1  # the next position to record
+            while start <= position < stop:
+                j = position - start
+                request.prompt_logprobs.append(float(chosen[row, j]))
+                request.prompt_top_logprobs.append(
+                    {
+                        int(t): float(lp)
+                        for t, lp in zip(top_ids[row, j, :n], top_logprobs[row, j, :n], strict=True)
+                    }
+                )
+                position += 1
+
     def _complete(self, launch: _Launch) -> None:
         """Reads a dispatched step's sampled tokens (waits for them) and appends them."""
         start = time.perf_counter()
@@ -815,6 +875,8 @@ class Engine:
         read = time.perf_counter()
         sampled = unpack_samples(host)
         with self._lock:
+            if launch.prompt_logprobs is not None:
+                self._record_prompt_logprobs(launch)
             for request, epoch, row in launch.rows:
                 # Preempted since (its token is sampled again after the recompute) or finished
                 # while this step ran (a stop found in the previous token): dropped.
@@ -924,12 +986,16 @@ class Engine:
             if detector is not None:
                 text += detector.flush()
         request.text += text
+        first = len(request.output_ids) == 1
         request.push(
             Delta(
                 token_ids=[token],
                 text=text,
                 logprobs=[logprob] if logprob is not None else None,
                 top_logprobs=[top] if top is not None else None,
+                # With the first token, whose step's prompt logprobs were recorded before it.
+                prompt_logprobs=request.prompt_logprobs if first else None,
+                prompt_top_logprobs=request.prompt_top_logprobs if first else None,
             )
         )
         if finish is not None:

@@ -36,6 +36,10 @@ class Delta:
     top_logprobs: list[dict[int, float]] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # The first delta of a request that asked for prompt logprobs: one entry a prompt token
+    # (None for the first, which has no context).
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 _END = object()
@@ -54,6 +58,10 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    # SamplingParams.prompt_logprobs: each prompt token's logprob given the tokens before it
+    # (None for the first) and its alternatives; None when not asked for.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     text: str = ""
     num_computed: int = 0  # tokens whose K/V are in the cache (or being written by a step)
     # Tokens sampled by dispatched steps whose values the host has not read yet (async

@@ -16,7 +16,7 @@ from jaxlora.config import ModelConfig, parse_json
 from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
 from jaxlora.model import KVCache, Llama
-from jaxlora.sampling import SampleOutput, sample
+from jaxlora.sampling import MAX_LOGPROBS, SampleOutput, sample
 from pallas_kernels.lora_matmul import MatmulConfig, build_shrink_rows
 from pallas_kernels.sgmv import SgmvConfig
 
@@ -502,7 +502,7 @@ class ModelRunner:
         use_lora: bool,
         per_token: bool,
     ):
-        batch, lora_meta = PackedInputs.unpack(buffer, treedef, layout)
+        batch, lora_meta, prompt_targets = PackedInputs.unpack(buffer, treedef, layout)
         if per_token:
             lora_meta = {**lora_meta, "per_token": True}
         return self._forward(
@@ -515,6 +515,7 @@ class ModelRunner:
             mode=mode,
             use_lora=use_lora,
             register=register,
+            prompt_targets=prompt_targets,
         )
 
     def _forward(
@@ -529,6 +530,7 @@ class ModelRunner:
         mode: str,
         use_lora: bool,
         register=None,
+        prompt_targets=None,
     ):
         tokens = batch.tokens
         if register is not None:
@@ -560,9 +562,14 @@ class ModelRunner:
             batch.positions,
             lora=lora,
             kv=kv,
-            logit_index=batch.logit_index,
+            # Prompt logprobs need every position's logits; other steps only the sampled one.
+            logit_index=None if prompt_targets is not None else batch.logit_index,
         )
-        return logits[:, 0], kv.k_pool, kv.v_pool
+        if prompt_targets is None:
+            return logits[:, 0], kv.k_pool, kv.v_pool
+        index = batch.logit_index.astype(jnp.int32)[:, None, None]
+        sampled = jnp.take_along_axis(logits, index, axis=1)[:, 0]
+        return sampled, kv.k_pool, kv.v_pool, pack_prompt_logprobs(logits, prompt_targets)
 
     def run(
         self,
@@ -574,21 +581,25 @@ class ModelRunner:
         lora_meta,
         use_lora: bool,
         register: jax.Array | None = None,
+        prompt_targets: np.ndarray | None = None,
     ):
         """Dispatches one step (asynchronously); returns logits (B, V) and the new KV pools.
         batch and lora_meta are host (numpy) arrays: they travel in one packed transfer.
-        register: the device tokens that rows with ``token_src >= 0`` read (None: none do)."""
-        key = _shape_key(mode, batch, lora_meta, use_lora)
+        register: the device tokens that rows with ``token_src >= 0`` read (None: none do).
+        prompt_targets: (B, S) int32, the prompt token that follows each position whose
+        logprob a request asked for, -1 elsewhere (None: no row asks); the step then also
+        returns them, (B, S, 1 + 2 * MAX_LOGPROBS) int32 (``unpack_prompt_logprobs``)."""
+        key = _shape_key(mode, batch, lora_meta, use_lora, prompt_targets is not None)
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
             log.info(
                 "compiling step mode=%s batch=%s lora=%s shrink in the kernel=%s per token=%s "
-                "(%d compiled shapes)",
+                "prompt logprobs=%s (%d compiled shapes)",
                 *key,
                 len(self.compiled_shapes),
             )
         arrays, per_token = _split_per_token(lora_meta)
-        packed = PackedInputs.pack((batch, arrays))
+        packed = PackedInputs.pack((batch, arrays, prompt_targets))
         register = self.empty_register if register is None else register
         return self._step(
             self.params,
@@ -611,7 +622,7 @@ class ModelRunner:
         a later ``run`` of the same shapes does not compile again)."""
         self.compiled_shapes.add(_shape_key(mode, batch, lora_meta, use_lora))
         arrays, per_token = _split_per_token(lora_meta)
-        packed = PackedInputs.pack((batch, arrays))
+        packed = PackedInputs.pack((batch, arrays, None))
         return self._step.lower(
             self.params,
             k_pool,
@@ -633,16 +644,45 @@ class ModelRunner:
         ]
 
 
-def _shape_key(mode: str, batch: StepBatch, lora_meta, use_lora: bool) -> tuple:
+def _shape_key(
+    mode: str, batch: StepBatch, lora_meta, use_lora: bool, prompt_logprobs: bool = False
+) -> tuple:
     """What a step compiles for: its mode, token shape, LoRA or not and, with LoRA, whether
     lora_matmul runs the shrink (``shrink_rows`` in the metadata) and whether the SGMV kernels
-    run per token (``per_token``)."""
+    run per token (``per_token``); and whether it returns prompt logprobs."""
     return (
         mode,
         batch.tokens.shape,
         use_lora,
         use_lora and "shrink_rows" in lora_meta,
         use_lora and bool(lora_meta.get("per_token", False)),
+        prompt_logprobs,
+    )
+
+
+def pack_prompt_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Each position's logprob of its target token and the MAX_LOGPROBS most likely tokens,
+    from the model's own distribution: (B, S, 1 + 2n) int32 words for one device-to-host copy
+    (``unpack_prompt_logprobs``). Positions with target -1 carry the logprob of token 0."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target = jnp.maximum(targets.astype(jnp.int32), 0)[..., None]
+    chosen = jnp.take_along_axis(logprobs, target, axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    as_words = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    return jnp.concatenate(
+        [as_words(chosen), top_ids.astype(jnp.int32), as_words(top_logprobs)], axis=-1
+    )
+
+
+def unpack_prompt_logprobs(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``pack_prompt_logprobs``' words on the host: (logprob (B, S), top ids (B, S, n), top
+    logprobs (B, S, n)) as numpy views."""
+    packed = np.asarray(packed)
+    n = (packed.shape[-1] - 1) // 2
+    return (
+        packed[..., 0].view(np.float32),
+        packed[..., 1 : 1 + n],
+        packed[..., 1 + n :].view(np.float32),
     )
 
 

@@ -86,8 +86,6 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
             )
         if body.suffix is not None:
             refuse("suffix", "not supported")
-        if body.echo and body.logprobs is not None:
-            refuse("echo", "echo with logprobs (prompt logprobs) is not supported")
     else:
         if body.tools:
             refuse("tools", "tool calls are not supported")
@@ -108,6 +106,7 @@ def _samplings(
     logprobs,
     count: int,
     max_stop_strings: int,
+    prompt_logprobs: int | None = None,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
     stop = body.stop if body.stop is not None else ()
@@ -158,6 +157,7 @@ def _samplings(
                     logit_bias=logit_bias,
                     min_p=body.min_p or 0.0,
                     min_tokens=body.min_tokens or 0,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
         except RequestError as e:
@@ -220,8 +220,9 @@ class _Formatter:
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
+        # (None for a prompt's first token, which has no logprob)
         top = [
-            {self.token_text(t): lp for t, lp in (entry or {}).items()}
+            None if entry is None else {self.token_text(t): lp for t, lp in entry.items()}
             for entry in (tops or [{}] * len(tokens))
         ]
         return {
@@ -554,12 +555,15 @@ def create_app(
         prompts = await anyio.to_thread.run_sync(
             lambda: _completion_prompts(state, body.prompt, body.n)
         )
+        # echo with logprobs: the prompt's tokens get theirs too (as OpenAI's legacy API and
+        # vLLM answer; lm-evaluation-harness scores choices this way).
         samplings = _samplings(
             body,
             max_tokens_of(body, state.config.default_max_tokens),
             body.logprobs,
             body.n,
             state.config.max_stop_strings,
+            prompt_logprobs=body.logprobs if body.echo else None,
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -585,9 +589,13 @@ def create_app(
             for i, r in enumerate(group.requests):
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs, _ = formatter.completion_logprobs(
-                        r.output_ids, r.output_logprobs, r.output_top_logprobs, 0
-                    )
+                    tokens, lps = r.output_ids, r.output_logprobs
+                    tops = r.output_top_logprobs or [{}] * len(tokens)  # logprobs=0: none
+                    if body.echo:
+                        tokens = r.prompt_ids + tokens
+                        lps = r.prompt_logprobs + lps
+                        tops = r.prompt_top_logprobs + tops
+                    logprobs, _ = formatter.completion_logprobs(tokens, lps, tops, 0)
                 choices.append(
                     {
                         "index": i,
@@ -636,8 +644,14 @@ def create_app(
                     text = echo_text(index) + text
                 logprobs = None
                 if body.logprobs is not None and delta.token_ids:
+                    tokens, lps = delta.token_ids, delta.logprobs
+                    tops = delta.top_logprobs or [{}] * len(tokens)  # logprobs=0: none
+                    if delta.prompt_logprobs is not None:  # the first delta, echoed
+                        tokens = group.requests[index].prompt_ids + tokens
+                        lps = delta.prompt_logprobs + lps
+                        tops = delta.prompt_top_logprobs + tops
                     logprobs, offsets[index] = formatter.completion_logprobs(
-                        delta.token_ids, delta.logprobs, delta.top_logprobs, offsets[index]
+                        tokens, lps, tops, offsets[index]
                     )
                 finish = None if delta.finish_reason is None else str(delta.finish_reason)
                 if text or logprobs or finish:
