@@ -7,7 +7,9 @@
 
 `model` in a request is the served model name (--served_model_name; default: the preset name or
 the model directory's name) or an adapter's name. Adapters can be added and removed at runtime
-(POST /v1/load_lora_adapter, /v1/unload_lora_adapter) from inside --allowed_adapter_roots only.
+(POST /v1/load_lora_adapter, /v1/unload_lora_adapter) from inside --allowed_adapter_roots only;
+with --load_adapters_on_demand a request that names an adapter directory under those roots
+loads it first.
 Engine sizes left unset get defaults fitted to the backend (jaxlora.server.launch).
 """
 
@@ -42,6 +44,12 @@ flags.DEFINE_list(
     "allowed_adapter_roots",
     [],
     "Directories runtime loading may read adapters from; empty: runtime loading is refused.",
+)
+flags.DEFINE_bool(
+    "load_adapters_on_demand",
+    False,
+    "A request naming no registered adapter loads the adapter directory of that name under "
+    "--allowed_adapter_roots first (LoRAX-style; new adapters need no load call).",
 )
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
@@ -198,6 +206,7 @@ def main(argv):
         lora_modules=tuple(FLAGS.lora_modules),
         lora_dirs=tuple(FLAGS.lora_dirs),
         allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
+        load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         api_key=api_key or None,
         dtype=FLAGS.dtype,
         seed=FLAGS.seed,

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 
 import httpx
 import numpy as np
@@ -14,9 +15,10 @@ import openai
 import pytest
 
 from jaxlora import demo
-from jaxlora.errors import AdapterError
+from jaxlora.errors import AdapterError, ConfigError
 from jaxlora.sampling import SamplingParams
 from jaxlora.server import resolve_adapter_path
+from jaxlora.server.config import ServerConfig
 from jaxlora.server.launch import LaunchConfig, banner, engine_config_for, parse_lora_modules
 from tests.test_server_helpers import (
     API_KEY,
@@ -550,6 +552,80 @@ def test_runtime_load_failures_are_400_with_the_reason(served, adapter_root):
             f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}
         ).json()["data"]
     }
+
+
+def test_requests_load_adapters_on_demand_from_the_roots(adapter_root):
+    """load_adapters_on_demand: a request naming an adapter directory under the roots loads it
+    (once, for concurrent requests) and is served by it; what is outside the roots or no adapter
+    directory stays 404; a directory that does not load is a 400 naming `model`."""
+    root, outside = adapter_root
+    server, state = start_demo_server(adapter_roots=(root,), load_adapters_on_demand=True)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    register = state.adapters.register
+
+    def slow_register(*args, **kwargs):  # the four requests below all arrive while it loads
+        time.sleep(0.3)
+        return register(*args, **kwargs)
+
+    state.adapters.register = slow_register
+    try:
+        aclient = openai.AsyncOpenAI(
+            base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60
+        )
+
+        async def ask_all():
+            return await asyncio.gather(
+                *[
+                    aclient.chat.completions.create(
+                        model="pirate_copy",
+                        messages=[{"role": "user", "content": demo.DEMO_PROMPTS[i % 2]}],
+                        **GREEDY,
+                    )
+                    for i in range(4)
+                ]
+            )
+
+        answers = asyncio.run(ask_all())
+        assert {a.choices[0].message.content for a in answers} == {demo.DEMO_SIGNATURES["pirate"]}
+        samples = parse_metrics(httpx.get(f"{server.url}/metrics").text)
+        name = "jaxlora_adapters_loaded_on_demand_total"
+        assert metric(samples, name, outcome="loaded") == 1.0
+        card = httpx.get(f"{server.url}/v1/models/robot_copy", headers=headers).json()
+        assert card["parent"] == demo.DEMO_MODEL_NAME and card["id"] == "robot_copy"
+        for missing in ("../outside", "link_out", "does_not_exist", outside, "pirate_copy/.."):
+            response = httpx.post(
+                f"{server.url}/v1/completions",
+                json={"model": missing, "prompt": "Hi", "max_tokens": 2},
+                headers=headers,
+            )
+            assert response.status_code == 404, (missing, response.text)
+            assert response.json()["error"]["param"] == "model"
+        for broken, reason in (("pickled", "pickle"), ("broken_config", "adapter_config.json")):
+            response = httpx.post(
+                f"{server.url}/v1/completions",
+                json={"model": broken, "prompt": "Hi", "max_tokens": 2},
+                headers=headers,
+            )
+            assert response.status_code == 400, (broken, response.text)
+            error = response.json()["error"]
+            assert error["param"] == "model" and reason in error["message"], error
+        samples = parse_metrics(httpx.get(f"{server.url}/metrics").text)
+        assert metric(samples, name, outcome="loaded") == 2.0
+        assert metric(samples, name, outcome="failed") == 2.0
+        # Unloaded, it loads again on the next request.
+        assert unload(server.url, "pirate_copy").status_code == 200
+        again = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": "pirate_copy", "prompt": "Hi", **GREEDY},
+            headers=headers,
+        )
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == (
+            " " + demo.DEMO_SIGNATURES["pirate"]
+        )
+    finally:
+        server.stop()
+    with pytest.raises(ConfigError, match="load_adapters_on_demand.*adapter_roots"):
+        ServerConfig(model_name="m", load_adapters_on_demand=True)
 
 
 def test_load_and_unload_at_runtime_while_other_requests_stream(served, client, aclient_factory):

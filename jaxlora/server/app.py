@@ -409,16 +409,22 @@ def create_app(
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 
+    async def resolve_model(name: str) -> str | None:
+        """``state.resolve_model``; off the event loop where it may load an adapter."""
+        if state.knows_model(name):
+            return state.resolve_model(name)
+        return await anyio.to_thread.run_sync(lambda: state.resolve_model(name))
+
     @api.get("/models", tags=["models"])
     async def list_models():
         return {"object": "list", "data": state.models()}
 
     @api.get("/models/{model_id:path}", tags=["models"])
     async def get_model(model_id: str):
+        await resolve_model(model_id)  # raises the 404 (or loads the adapter on demand)
         for card in state.models():
             if card["id"] == model_id:
                 return card
-        state.resolve_model(model_id)  # raises the 404
         raise UnknownAdapterError(f"The model `{model_id}` does not exist")
 
     @api.post("/load_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
@@ -549,7 +555,7 @@ def create_app(
     @api.post("/completions", tags=["generation"])
     async def completions(body: CompletionRequest, raw: Request):
         _check_text(body)
-        adapter = state.resolve_model(body.model)
+        adapter = await resolve_model(body.model)
         _refuse_unsupported(body)
         # Tokenizing a long prompt takes a while: off the event loop, which serves everyone.
         prompts = await anyio.to_thread.run_sync(
@@ -675,7 +681,7 @@ def create_app(
     @api.post("/chat/completions", tags=["generation"])
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         _check_text(body)
-        adapter = state.resolve_model(body.model)
+        adapter = await resolve_model(body.model)
         _refuse_unsupported(body)
         if state.tokenizer is None:
             raise with_param(

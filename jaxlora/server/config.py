@@ -26,6 +26,10 @@ class ServerConfig:
     the default holds 16 prompts of 128K token ids.
     max_stop_strings: most stop strings a request may give (each is matched against every
     generated piece of text on the engine's thread, which every request shares).
+    load_adapters_on_demand: a request whose `model` names no registered adapter loads the
+    adapter directory of that relative path under the adapter roots first (LoRAX's dynamic
+    adapter loading, vLLM's LoRA resolver), so that adapters dropped into a root after start
+    need no load call. Needs adapter_roots.
     """
 
     model_name: str
@@ -38,6 +42,7 @@ class ServerConfig:
     default_max_tokens: int = 16
     max_body_bytes: int = 32 * 2**20
     max_stop_strings: int = 64
+    load_adapters_on_demand: bool = False
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -54,6 +59,11 @@ class ServerConfig:
                     f"server config field 'adapter_roots': {root!r} is not a directory"
                 )
         object.__setattr__(self, "adapter_roots", roots)
+        if self.load_adapters_on_demand and not roots:
+            raise ConfigError(
+                "server config field 'load_adapters_on_demand': needs adapter_roots (the "
+                "directories adapters are loaded from), got none"
+            )
         for field in ("max_n", "default_max_tokens", "max_body_bytes", "max_stop_strings"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

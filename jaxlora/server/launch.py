@@ -39,6 +39,7 @@ class LaunchConfig:
     lora_modules: tuple[str, ...] = ()
     lora_dirs: tuple[str, ...] = ()
     allowed_adapter_roots: tuple[str, ...] = ()
+    load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     api_key: str | None = None
     dtype: str = "float32"
     seed: int = 0
@@ -207,6 +208,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         model_name=launch.served_model_name or default_model_name(launch.model),
         api_key=launch.api_key or None,
         adapter_roots=tuple(launch.allowed_adapter_roots),
+        load_adapters_on_demand=launch.load_adapters_on_demand,
         first_token_deadline_s=launch.first_token_deadline_s,
         max_body_bytes=launch.max_body_mib * 2**20,
     )

@@ -211,6 +211,12 @@ class ServerMetrics:
             "Tokens generated for finished requests, per model.",
             ("model",),
         )
+        self.on_demand_loads = Counter(
+            "jaxlora_adapters_loaded_on_demand_total",
+            "Adapters registered because a request named them (load_adapters_on_demand), per "
+            "outcome.",
+            ("outcome",),
+        )
         self.responses = Counter(
             "jaxlora_http_responses_total",
             "HTTP responses, per route and status code.",
@@ -239,6 +245,7 @@ class ServerMetrics:
             self.finished,
             self.prompt_tokens,
             self.generation_tokens,
+            self.on_demand_loads,
             self.responses,
             self.ttft,
             self.tpot,

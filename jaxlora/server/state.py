@@ -9,7 +9,13 @@ import threading
 import time
 
 from jaxlora.engine import Request
-from jaxlora.errors import AdapterError, FormatError, RequestError, UnknownAdapterError
+from jaxlora.errors import (
+    AdapterError,
+    FormatError,
+    JaxloraError,
+    RequestError,
+    UnknownAdapterError,
+)
 from jaxlora.llm import LLM
 from jaxlora.memory.store import MEMORY_SOURCE
 from jaxlora.sampling import SamplingParams
@@ -90,6 +96,7 @@ class ServingState:
         self.pump = DeltaPump(config.stream_poll_s, self._on_finish)
         self.created = int(time.time())
         self._adapter_created: dict[str, int] = {}
+        self._on_demand_lock = threading.Lock()
         self._ready = threading.Event()
         self._started = False
         self._warmup_error: BaseException | None = None
@@ -149,11 +156,20 @@ class ServingState:
 
     # ------------------------------------------------------------------ models and adapters
 
+    def knows_model(self, name: str) -> bool:
+        """Whether ``resolve_model`` answers at once (no adapter to load from disk)."""
+        return name == self.config.model_name or name in self.adapters.store
+
     def resolve_model(self, name: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model)."""
+        """The adapter a request's `model` names (None: the base model). With
+        ``load_adapters_on_demand``, an unknown name that is an adapter directory under the
+        roots is registered first (call it off the event loop: it reads the adapter's headers
+        from disk)."""
         if name == self.config.model_name:
             return None
         if name in self.adapters.store:
+            return name
+        if self.config.load_adapters_on_demand and self._load_on_demand(name):
             return name
         raise with_param(
             UnknownAdapterError(
@@ -163,6 +179,32 @@ class ServingState:
             ),
             "model",
         )
+
+    def _load_on_demand(self, name: str) -> bool:
+        """Registers the adapter directory ``name`` (a relative path under the roots) if there
+        is one; False if there is none. A directory that is there but does not load raises
+        (400, naming `model`). Concurrent requests for the same new name load it once."""
+        if os.path.isabs(name) or not _encodable(name) or "\x00" in name:
+            return False
+        try:
+            real = resolve_adapter_path(name, self.config.adapter_roots)
+        except AdapterError:  # outside the roots (".." or a link): as if there were none
+            return False
+        if not os.path.isfile(os.path.join(real, "adapter_config.json")):
+            return False
+        with self._on_demand_lock:
+            if name in self.adapters.store:  # a concurrent request loaded it
+                return True
+            try:
+                self.load_adapter(name, name)
+            except JaxloraError as e:
+                self.metrics.on_demand_loads.inc("failed")
+                raise with_param(
+                    type(e)(f"model {name!r}: the adapter directory did not load: {e}"), "model"
+                ) from None
+        self.metrics.on_demand_loads.inc("loaded")
+        log.info("adapter %r loaded on demand", name)
+        return True
 
     def models(self) -> list[dict]:
         base = {
