@@ -331,6 +331,43 @@ def test_echo_with_logprobs_scores_the_prompt(served, client):
     )
 
 
+def test_tokenize_and_detokenize_as_vllm(served, client):
+    """POST /tokenize gives the ids a completion's prompt or a chat's messages feed the model
+    (the chat's prompt_tokens), /detokenize their text; bad bodies get 4xx naming the field."""
+    url, tokenizer = served[0].url, served[1].tokenizer
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(route, body, key=True):
+        return httpx.post(f"{url}{route}", json=body, headers=headers if key else {})
+
+    text = "Tell me a joke."
+    out = post("/tokenize", {"model": "pirate", "prompt": text}).json()
+    assert out["tokens"] == tokenizer.encode(text) and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == served[1].max_model_len
+    bare = post("/tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == tokenizer.encode(text, add_bos=False)
+    assert bare["count"] == out["count"] - 1
+    messages = [{"role": "user", "content": text}]
+    chatted = post("/tokenize", {"model": "robot", "messages": messages}).json()
+    answer = client.chat.completions.create(model="robot", messages=messages, max_tokens=1)
+    assert chatted["count"] == answer.usage.prompt_tokens
+    back = post("/detokenize", {"model": BASE, "tokens": out["tokens"]}).json()
+    assert back == {"prompt": tokenizer.decode(out["tokens"])} and text in back["prompt"]
+    for route, body, status, param in (
+        ("/tokenize", {"prompt": text, "messages": messages}, 400, "messages"),
+        ("/tokenize", {"model": "pirate"}, 400, "prompt"),
+        ("/tokenize", {"model": "nobody", "prompt": text}, 404, "model"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/detokenize", {"tokens": [1, 70000]}, 400, "tokens"),
+        ("/detokenize", {"tokens": "1 2"}, 400, "tokens"),
+        ("/detokenize", {"model": "nobody", "tokens": [1]}, 404, "model"),
+    ):
+        response = post(route, body)
+        assert response.status_code == status, (route, body, response.text)
+        assert response.json()["error"]["param"] == param, (route, body, response.text)
+    assert post("/tokenize", {"prompt": text}, key=False).status_code == 401
+
+
 def test_openapi_health_and_no_key_needed_outside_v1(served):
     url = served[0].url
     schema = httpx.get(f"{url}/openapi.json").json()

@@ -46,7 +46,9 @@ from jaxlora.server.generation import RequestGroup
 from jaxlora.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoraAdapterRequest,
+    TokenizeRequest,
     UnloadLoraAdapterRequest,
 )
 from jaxlora.server.state import ServingState
@@ -62,6 +64,8 @@ ROUTES = (
     "/v1/unload_lora_adapter",
     "/health",
     "/metrics",
+    "/tokenize",
+    "/detokenize",
 )
 
 
@@ -407,13 +411,63 @@ def create_app(
     async def metrics():
         return Response(state.metrics_text(), media_type=prom.CONTENT_TYPE)
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
-
     async def resolve_model(name: str) -> str | None:
         """``state.resolve_model``; off the event loop where it may load an adapter."""
         if state.knows_model(name):
             return state.resolve_model(name)
         return await anyio.to_thread.run_sync(lambda: state.resolve_model(name))
+
+    def need_tokenizer(field: str):
+        if state.tokenizer is None:
+            raise with_param(
+                RequestError(f"{field}: the model has no tokenizer; requests take token ids"),
+                field,
+            )
+        return state.tokenizer
+
+    @app.post("/tokenize", tags=["tokenizer"], dependencies=[Depends(_check_api_key)])
+    async def tokenize(body: TokenizeRequest):
+        """vLLM's /tokenize: the token ids a completion (prompt) or a chat (messages) would
+        feed the model."""
+        _check_text(body)
+        if body.model is not None:
+            await resolve_model(body.model)  # 404 for a model that is not served
+        if (body.prompt is None) == (body.messages is None):
+            raise with_param(
+                RequestError("prompt, messages: expected exactly one of them"),
+                "prompt" if body.prompt is None else "messages",
+            )
+        if body.prompt is not None:
+            tokenizer = need_tokenizer("prompt")
+            prompt = body.prompt
+            ids = await anyio.to_thread.run_sync(
+                lambda: tokenizer.encode(prompt, add_bos=body.add_special_tokens)
+            )
+        else:
+            need_tokenizer("messages")
+            chat = ChatCompletionRequest(model=body.model or "", messages=body.messages)
+            ids = await anyio.to_thread.run_sync(lambda: _chat_prompt(state, chat))
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize", tags=["tokenizer"], dependencies=[Depends(_check_api_key)])
+    async def detokenize(body: DetokenizeRequest):
+        """vLLM's /detokenize: the text of token ids (special tokens dropped)."""
+        if body.model is not None:
+            await resolve_model(body.model)
+        tokenizer = need_tokenizer("tokens")
+        vocab = state.llm.config.vocab_size
+        for i, token in enumerate(body.tokens):
+            if not 0 <= token < vocab:
+                raise with_param(
+                    RequestError(
+                        f"tokens[{i}]: token id {token} is outside the vocabulary "
+                        f"(expected 0..{vocab - 1})"
+                    ),
+                    "tokens",
+                )
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 
     @api.get("/models", tags=["models"])
     async def list_models():

@@ -134,3 +134,21 @@ class UnloadLoraAdapterRequest(_Body):
 
 
 FinishReasonName = Literal["stop", "length"]
+
+
+class TokenizeRequest(_Body):
+    """vLLM's body for POST /tokenize: a prompt, or chat messages rendered with the template."""
+
+    model: str | None = Field(None, description="A served model (all share one tokenizer).")
+    prompt: str | None = Field(None, description="Text to tokenize.")
+    messages: list[ChatMessage] | None = Field(
+        None, description="A conversation, rendered with the chat template (as a chat request)."
+    )
+    add_special_tokens: bool = Field(True, description="Prepend BOS to a prompt.")
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's body for POST /detokenize."""
+
+    model: str | None = Field(None, description="A served model (all share one tokenizer).")
+    tokens: list[int] = Field(description="Token ids to turn into text.")
