@@ -56,6 +56,9 @@ class KVCache:
     # token_valid as int32 for the Pallas write, converted once per step outside the layer loop
     # (XLA leaves the conversion inside the scan, one more kernel per layer); None: convert there.
     write_valid: jax.Array | None = None
+    # The decode attention launch's config (pallas_kernels.paged_attention.PagedAttentionConfig);
+    # None: its heuristic for the step's shapes.
+    attention_config: object = flax.struct.field(pytree_node=False, default=None)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
@@ -329,6 +332,9 @@ class ProjectionKernels:
     # Likewise: SwiGLU and down's shrink in one launch (pallas_kernels.swiglu.swiglu_shrink).
     swiglu_shrink: bool = flax.struct.field(pytree_node=False, default=False)
     fused_shrink_rows: int = flax.struct.field(pytree_node=False, default=8)
+    # In a step whose LoRA shrink runs in SGMV: o's shrink in the decode attention launch
+    # (pallas_kernels.paged_attention.paged_attention_shrink), where it has one kv split.
+    attention_shrink: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def interpret(self) -> bool:
@@ -352,6 +358,18 @@ class ProjectionKernels:
         """Whether this step's down shrink runs in the SwiGLU launch."""
         return self.swiglu_shrink and self._sgmv_shrink_step(lora)
 
+    def shrinks_in_attention(self, lora, num_tokens: int, width: int) -> bool:
+        """Whether this step's o shrink may run in the attention launch (the launch's config
+        must also have one kv split: ``_o_shrink_in_attention``): a step of SGMV shrinks whose
+        o runs in lora_matmul, which takes the shrink's output."""
+        return (
+            self.attention_shrink
+            and lora is not None
+            and lora.impl != "reference"
+            and lora.shrink_rows is None
+            and self.applies("o", num_tokens, (width,))
+        )
+
     def applies(self, group: str, num_tokens: int, widths, *, k_loop_shrink=False) -> bool:
         """Whether lora_matmul runs the group in a step of ``num_tokens`` tokens;
         ``k_loop_shrink``: the step's shrink runs in its K loop (``LoraInputs.shrink_rows``),
@@ -373,12 +391,14 @@ def projection_kernels(
     norm_shrink=False,
     swiglu_shrink=False,
     fused_shrink_rows=8,
+    attention_shrink=False,
 ) -> ProjectionKernels | None:
     """``ProjectionKernels`` of a fused parameter tree with one group (None otherwise: the
     canonical tree, or fused for tensor parallelism, keeps XLA's GEMMs); ``residual_norm``:
     with the stacked norm scales for ``pallas_kernels.residual_norm``; ``norm_shrink``: the
     q|k|v and gate|up shrinks in those launches (``ProjectionKernels.norm_shrink``);
-    ``swiglu_shrink``: down's with SwiGLU (``ProjectionKernels.swiglu_shrink``)."""
+    ``swiglu_shrink``: down's with SwiGLU (``ProjectionKernels.swiglu_shrink``);
+    ``attention_shrink``: o's in the attention launch (``ProjectionKernels.attention_shrink``)."""
     if impl not in ("pallas", "pallas_interpret"):
         raise ConfigError(
             f"Llama.projection_kernel: expected 'xla', 'pallas' or 'pallas_interpret', got {impl!r}"
@@ -411,6 +431,7 @@ def projection_kernels(
         norm_shrink=norm_shrink,
         swiglu_shrink=swiglu_shrink,
         fused_shrink_rows=fused_shrink_rows,
+        attention_shrink=attention_shrink,
     )
 
 
@@ -593,24 +614,71 @@ class Attention(nn.Module):
                     k_pool, v_pool, k, v, kv.page_table, positions, layer, kv.token_valid
                 )
 
+        o_v = None
         if kv is None:
             causal = positions[:, :, None] >= positions[:, None, :]
             mask = causal if attn_mask is None else causal & attn_mask[:, None, :]
             out = _dense_attention(q, k, v, mask, sm_scale)
+        elif _o_shrink_in_attention(q, kv, k_pool, lora, kernels, cfg):
+            out, o_v = _attention_and_o_shrink(
+                q, layer, kv, k_pool, v_pool, sm_scale, lora, kernels
+            )
         else:
             out = _cached_attention(q, positions, layer, kv, k_pool, v_pool, sm_scale)
         out = out.reshape(b, s, cfg.q_size)
         if o_partials:
             parts = _kernel_projection(
-                "o", out, (cfg.hidden_size,), layer, lora, kernels, partials=True
+                "o", out, (cfg.hidden_size,), layer, lora, kernels, partials=True, v=o_v
             )
             return _ran_in_kernel(parts, "o"), k_pool, v_pool
-        o = _kernel_projection("o", out, (cfg.hidden_size,), layer, lora, kernels)
+        o = _kernel_projection("o", out, (cfg.hidden_size,), layer, lora, kernels, v=o_v)
+        if o_v is not None:
+            _ran_in_kernel(o, "o")
         if o is None:
             o = _with_lora(
                 "o", out, [dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out)], layer, lora
             )
         return o[0], k_pool, v_pool
+
+
+def _o_shrink_in_attention(q, kv: KVCache, k_pool, lora, kernels, cfg) -> bool:
+    """Whether this decode step runs o's LoRA shrink in the attention launch
+    (``ProjectionKernels.shrinks_in_attention`` and a launch config of one kv split)."""
+    from pallas_kernels import paged_attention as pa
+
+    b, s = q.shape[:2]
+    if (
+        kernels is None
+        or kv.mode != "decode"
+        or kv.impl == "reference"
+        or not kernels.shrinks_in_attention(lora, b * s, cfg.hidden_size)
+    ):
+        return False
+    config = pa.attention_config(
+        q[:, 0], k_pool, kv.page_table, kv.attention_config, where="Attention"
+    )
+    return config.kv_splits == 1
+
+
+def _attention_and_o_shrink(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, lora, kernels):
+    """Decode attention with o's LoRA shrink in its launch: (out (B, 1, NH, D), v)."""
+    from pallas_kernels import paged_attention as pa
+
+    operands, weights = _shrink_operands("o", lora)
+    out, v = pa.paged_attention_shrink(
+        q[:, 0],
+        k_pool,
+        v_pool,
+        kv.page_table,
+        kv.seq_lens,
+        layer,
+        *operands,
+        sm_scale=sm_scale,
+        weights=weights,
+        config=kv.attention_config,
+        interpret=kv.impl == "pallas_interpret",
+    )
+    return out[:, None], v
 
 
 def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale):
@@ -633,6 +701,7 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale
                 kv.seq_lens,
                 layer,
                 sm_scale=sm_scale,
+                config=kv.attention_config,
                 interpret=kv.impl == "pallas_interpret",
             )
         return out[:, None]
@@ -910,6 +979,9 @@ class Llama(nn.Module):
     # (RunnerConfig.swiglu_shrink).
     swiglu_shrink: bool = False
     fused_shrink_rows: int = 8
+    # True: in those steps, o's shrink runs in the decode attention launch where it has one kv
+    # split (RunnerConfig.attention_shrink).
+    attention_shrink: bool = False
 
     @nn.compact
     def __call__(
@@ -970,6 +1042,7 @@ class Llama(nn.Module):
                     norm_shrink=self.norm_shrink,
                     swiglu_shrink=self.swiglu_shrink,
                     fused_shrink_rows=self.fused_shrink_rows,
+                    attention_shrink=self.attention_shrink,
                 )
             rope = rope_tables(positions, rope_inverse_frequencies(cfg))
             if kv is not None and kv.write_impl == "pallas" and kv.write_valid is None:

@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as pltriton
 from jaxlora.config import require_positive_ints
 from jaxlora.errors import ConfigError
 
+_WHERE = "pallas_kernels/paged_attention.py"
 # A finite "minus infinity": masked logits must not turn the running max into -inf, or
 # exp(-inf - -inf) would give NaN for rows whose block is fully masked.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -162,15 +163,21 @@ def _paged_attention_kernel(
     q_ref,  # (B, num_heads, head_dim)
     k_pool_ref,  # (L, P, page_size, KVH, D)
     v_pool_ref,  # (L, P, page_size, KVH, D)
+    # with ``shrink``: pool_ref (L*P*R, num_heads * D) A rank-rows of o, pages_ref (S, 7, MP),
+    # ranks_ref (S, 7), slot_ref (B,) int32 (each row's slot, -1 = no adapter)
     # outputs: (B, num_heads, D) in q's dtype with one split, else per-split unnormalised
-    # accumulators (splits, B, num_heads, D) f32 and softmax stats m, l (splits, B, num_heads) f32
-    *out_refs,
+    # accumulators (splits, B, num_heads, D) f32 and softmax stats m, l (splits, B, num_heads) f32;
+    # with ``shrink`` (one split), then v_parts (B, KVH, G*MP*R) f32: each kv head's share of
+    # the LoRA shrink of the output
+    *refs,
     sm_scale: float,
     queries_per_kv: int,
     pages_per_block: int,
     pages_per_split: int,
     split_output: bool,
+    shrink: dict | None = None,
 ):
+    shrink_refs, out_refs = (refs[:4], refs[4:]) if shrink is not None else ((), refs)
     row = pl.program_id(0)
     kv_head = pl.program_id(1)
     split = pl.program_id(2)
@@ -239,12 +246,62 @@ def _paged_attention_kernel(
         pltriton.store(max_ref.at[split, row, heads], running_max, mask=query_valid)
         pltriton.store(denom_ref.at[split, row, heads], denom, mask=query_valid)
     else:
-        (out_ref,) = out_refs
+        out_ref = out_refs[0]
         safe_denom = jnp.where(denom > 0, denom, 1.0)
         out = jnp.where(denom[:, None] > 0, acc / safe_denom[:, None], 0.0)
         pltriton.store(
             out_ref.at[row, heads[:, None], dims], out.astype(out_ref.dtype), mask=query_mask
         )
+        if shrink is not None:
+            _shrink_heads(
+                out.astype(out_ref.dtype).astype(jnp.float32),
+                layer_ref,
+                *shrink_refs,
+                out_refs[1],
+                row=row,
+                kv_head=kv_head,
+                query_index=query_index,
+                queries_per_kv=queries_per_kv,
+                dims=dims,
+                **shrink,
+            )
+
+
+def _shrink_heads(
+    out,  # (padded queries, D) float32: this program's heads' output, rounded as stored
+    layer_ref,
+    pool_ref,
+    pages_ref,
+    ranks_ref,
+    slot_ref,
+    v_parts_ref,
+    *,
+    row,
+    kv_head,
+    query_index,
+    queries_per_kv,
+    dims,
+    lanes,
+    rank_rows,
+):
+    """The LoRA shrink of o over this program's heads: v_parts[row, kv_head, n] = sum over
+    its heads h and dims d of out[h, d] * A[n, h * D + d], A the row's adapter's rank rows
+    (rows past a weight's rank, and every row of a row without adapter, masked: 0)."""
+    from pallas_kernels import sgmv as sgmv_ops
+
+    head_dim = out.shape[1]
+    n = jax.lax.broadcasted_iota(jnp.int32, (lanes,), 0)
+    col_ok, live, a_i, out_i = sgmv_ops.token_rank_rows(
+        n, slot_ref[row], layer_ref, pool_ref, pages_ref, ranks_ref, **rank_rows
+    )
+    v = jnp.zeros((lanes,), jnp.float32)
+    for query in range(queries_per_kv):
+        # This head's output row (a masked sum picks it: rows of a value are not indexable).
+        head_out = jnp.sum(jnp.where(query_index[:, None] == query, out, 0.0), axis=0)
+        columns = (kv_head * queries_per_kv + query) * head_dim + dims  # (1, D)
+        a = pltriton.load(pool_ref.at[a_i[:, None], columns], mask=live[:, None], other=0)
+        v += jnp.sum(a.astype(jnp.float32) * head_out[None, :], axis=1)
+    pltriton.store(v_parts_ref.at[row, kv_head, out_i], v, mask=col_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))
@@ -261,18 +318,27 @@ def paged_attention(
     interpret: bool = False,
 ) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
     """One decode step of attention for every row, reading K/V straight from the paged pools."""
-    where = "paged_attention"
-    _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens, where=where)
-    batch, num_heads, head_dim = q.shape
-    num_layers, _, page_size, num_kv_heads, _ = k_pool.shape
-    max_pages_per_seq = page_table.shape[1]
-    for field, value in (("head_dim", head_dim), ("page_size", page_size)):
-        if not _is_power_of_2(value) or value < (16 if field == "head_dim" else 1):
-            raise ConfigError(
-                f"{where}: {field}={value}; the Triton kernel needs a power of 2"
-                f"{' >= 16' if field == 'head_dim' else ''} (use "
-                "paged_attention_reference for other shapes)"
-            )
+    return _paged_attention(
+        q,
+        k_pool,
+        v_pool,
+        page_table,
+        seq_lens,
+        layer,
+        sm_scale=sm_scale,
+        config=config,
+        interpret=interpret,
+        where="paged_attention",
+    )
+
+
+def attention_config(
+    q: jax.Array, k_pool: jax.Array, page_table: jax.Array, config=None, *, where: str
+) -> PagedAttentionConfig:
+    """The config a decode launch over these shapes runs (``config`` or the heuristic's), its
+    kv splits capped by the page table's blocks (profiles name the splits that run)."""
+    _, _, page_size, num_kv_heads, _ = k_pool.shape
+    batch, max_pages_per_seq = page_table.shape
     if config is None:
         config = PagedAttentionConfig.heuristic(
             batch=batch,
@@ -287,9 +353,39 @@ def paged_attention(
             "needs at least 16 keys per block"
         )
     blocks_total = -(-max_pages_per_seq // config.pages_per_block)
-    kv_splits = min(config.kv_splits, blocks_total)
-    # Profiles show the splits that run, not the ones asked for.
-    config = dataclasses.replace(config, kv_splits=kv_splits)
+    return dataclasses.replace(config, kv_splits=min(config.kv_splits, blocks_total))
+
+
+def _paged_attention(
+    q,
+    k_pool,
+    v_pool,
+    page_table,
+    seq_lens,
+    layer,
+    *shrink_operands,
+    sm_scale: float,
+    config: PagedAttentionConfig | None,
+    interpret: bool,
+    where: str,
+    weights: tuple[int, ...] = (),
+):
+    """paged_attention's launch; with ``shrink_operands`` (A pool, A pages, ranks, each row's
+    slot: one split only) also the LoRA shrink of the output: (out, v_parts)."""
+    _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens, where=where)
+    batch, num_heads, head_dim = q.shape
+    num_layers, _, page_size, num_kv_heads, _ = k_pool.shape
+    max_pages_per_seq = page_table.shape[1]
+    for field, value in (("head_dim", head_dim), ("page_size", page_size)):
+        if not _is_power_of_2(value) or value < (16 if field == "head_dim" else 1):
+            raise ConfigError(
+                f"{where}: {field}={value}; the Triton kernel needs a power of 2"
+                f"{' >= 16' if field == 'head_dim' else ''} (use "
+                "paged_attention_reference for other shapes)"
+            )
+    config = attention_config(q, k_pool, page_table, config, where=where)
+    kv_splits = config.kv_splits
+    blocks_total = -(-max_pages_per_seq // config.pages_per_block)
     pages_per_split = -(-blocks_total // kv_splits) * config.pages_per_block
     split_output = kv_splits > 1
 
@@ -301,6 +397,22 @@ def paged_attention(
         )
     else:
         out_shape = (jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype),)
+    shrink, extra_inputs, name = None, [], config.name
+    if shrink_operands:
+        from pallas_kernels import sgmv as sgmv_ops
+
+        a_pool, a_pages, ranks, token_slot = shrink_operands
+        rank_rows = sgmv_ops.rank_row_statics(a_pool, a_pages, weights, interpret)
+        columns = len(weights) * rank_rows["rank_cols"]
+        shrink = dict(lanes=max(16, _next_power_of_2(columns)), rank_rows=rank_rows)
+        out_shape += (jax.ShapeDtypeStruct((batch, num_kv_heads, columns), jnp.float32),)
+        extra_inputs = [
+            a_pool.reshape(-1, a_pool.shape[-1]),
+            a_pages.astype(jnp.int32),
+            ranks.astype(jnp.int32),
+            token_slot.astype(jnp.int32),
+        ]
+        name = f"{name}_shrink"
     kernel = functools.partial(
         _paged_attention_kernel,
         sm_scale=float(sm_scale),
@@ -308,6 +420,7 @@ def paged_attention(
         pages_per_block=config.pages_per_block,
         pages_per_split=pages_per_split,
         split_output=split_output,
+        shrink=shrink,
     )
     outs = pl.pallas_call(
         kernel,
@@ -317,7 +430,7 @@ def paged_attention(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
-        name=config.name,
+        name=name,
     )(
         _layer_scalar(layer, num_layers).reshape(1),
         seq_lens.astype(jnp.int32),
@@ -325,7 +438,10 @@ def paged_attention(
         q,
         k_pool,
         v_pool,
+        *extra_inputs,
     )
+    if shrink is not None:
+        return outs
     if not split_output:
         return outs[0]
     acc, split_max, split_denom = outs
@@ -336,6 +452,109 @@ def paged_attention(
     numer = jnp.sum(acc * weight[..., None], axis=0)
     out = jnp.where(denom[..., None] > 0, numer / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
     return out.astype(q.dtype)
+
+
+def _check_shrink_operands(q, a_pool, a_pages, ranks, token_slot, weights, where):
+    from pallas_kernels import sgmv as sgmv_ops
+
+    batch, num_heads, head_dim = q.shape
+    sgmv_ops._check_weights(where, weights, where=_WHERE)
+    sgmv_ops._check_pool(where, "a_pool", a_pool, where=_WHERE)
+    if a_pool.shape[3] != num_heads * head_dim:
+        raise ConfigError(
+            f"{_WHERE} {where}: a_pool must be (L, P, R, {num_heads * head_dim}) (the A rows of "
+            f"the projection reading the attention output), got shape {a_pool.shape}"
+        )
+    sgmv_ops._check_slot_tables(where, "a_pages", a_pages, ranks, token_slot, batch, where=_WHERE)
+
+
+def paged_attention_shrink_reference(
+    # inputs
+    q: jax.Array,  # (B, num_heads, head_dim)
+    k_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    seq_lens: jax.Array,  # (B,) int32
+    layer: jax.Array | int,  # () int32: the cache's layer and the A rows'
+    a_pool: jax.Array,  # (L, P, R, num_heads * head_dim) A rank-rows of o
+    a_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    token_slot: jax.Array,  # (B,) int32, -1 = no adapter
+    *,
+    sm_scale: float,
+    weights: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:  # out (B, num_heads, head_dim), v (B, G, MP*R) float32
+    """``paged_attention_reference``, then ``sgmv_shrink_reference`` of its output (flattened
+    over the heads): attention and o's LoRA shrink, as the model runs them apart."""
+    from pallas_kernels import sgmv as sgmv_ops
+
+    where = "paged_attention_shrink_reference"
+    _check_shrink_operands(q, a_pool, a_pages, ranks, token_slot, weights, where)
+    out = paged_attention_reference(
+        q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=sm_scale
+    )
+    a_layer = _layer_scalar(layer, a_pool.shape[0])
+    v = sgmv_ops.sgmv_shrink_reference(
+        out.reshape(q.shape[0], -1), a_pool, a_pages, ranks, token_slot, a_layer, weights=weights
+    )
+    return out, v
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "weights", "config", "interpret"))
+def paged_attention_shrink(
+    # inputs
+    q: jax.Array,  # (B, num_heads, head_dim)
+    k_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
+    v_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
+    page_table: jax.Array,  # (B, max_pages_per_seq) int32
+    seq_lens: jax.Array,  # (B,) int32, 0 = inactive row
+    layer: jax.Array | int,  # () int32: the cache's layer and the A rows' (clamped to each)
+    a_pool: jax.Array,  # (L, P, R, num_heads * head_dim) A rank-rows of o
+    a_pages: jax.Array,  # (S, 7, MP) int32
+    ranks: jax.Array,  # (S, 7) int32
+    token_slot: jax.Array,  # (B,) int32, -1 = no adapter
+    *,
+    sm_scale: float,
+    weights: tuple[int, ...],
+    config: PagedAttentionConfig | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:  # out (B, num_heads, head_dim), v (B, G, MP*R) float32
+    """``paged_attention_shrink_reference`` with o's LoRA shrink in the attention launch
+    (``RunnerConfig.attention_shrink``, opt-in, not yet timed on a GPU): each program, one
+    (row, kv head), dots its heads' output (rounded to q's dtype, as stored) with the A
+    columns of those heads, and writes that share of v (B, KVH, G*MP*R) float32; XLA sums the
+    kv heads' shares in one small fusion. Needs one kv split (``attention_config``): with
+    several, the output exists only after the splits' merge.
+
+    Why: o's shrink is an SGMV launch of its own a layer (4-5 us of a batch-32 H200 step for
+    under 1 us of A rows at the copy rate, thirty-third session's profile); here each program
+    reads only its heads' A columns (D of them a rank row), a few KB."""
+    where = "paged_attention_shrink"
+    _check_shrink_operands(q, a_pool, a_pages, ranks, token_slot, weights, where)
+    if attention_config(q, k_pool, page_table, config, where=where).kv_splits != 1:
+        raise ConfigError(
+            f"{_WHERE} {where}: the shrink needs one kv split (the output is whole only after "
+            "the splits' merge); this launch's config has more (attention_config)"
+        )
+    out, v_parts = _paged_attention(
+        q,
+        k_pool,
+        v_pool,
+        page_table,
+        seq_lens,
+        layer,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        sm_scale=sm_scale,
+        config=config,
+        interpret=interpret,
+        where=where,
+        weights=tuple(weights),
+    )
+    v = v_parts.sum(axis=1)
+    return out, v.reshape(q.shape[0], len(weights), -1)
 
 
 def gather_kv(

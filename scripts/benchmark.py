@@ -149,6 +149,12 @@ flags.DEFINE_bool(
     "run SwiGLU and down's LoRA shrink of those decode steps in one launch "
     "(RunnerConfig.swiglu_shrink; needs --residual_norm=pallas)",
 )
+flags.DEFINE_bool(
+    "attention_shrink",
+    False,
+    "run o's LoRA shrink of those decode steps in the attention launch where it has one kv "
+    "split (RunnerConfig.attention_shrink)",
+)
 flags.DEFINE_integer(
     "fused_shrink_rows", 8, "rank rows a program of those launches (RunnerConfig.fused_shrink_rows)"
 )
@@ -339,6 +345,7 @@ def main(argv):
             norm_shrink=FLAGS.norm_shrink,
             swiglu_shrink=FLAGS.swiglu_shrink,
             fused_shrink_rows=FLAGS.fused_shrink_rows,
+            attention_shrink=FLAGS.attention_shrink,
             scan_unroll=FLAGS.scan_unroll,
             deterministic=FLAGS.deterministic,
         ),

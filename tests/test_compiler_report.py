@@ -218,3 +218,45 @@ def test_swiglu_shrink_loads_in_vectors_without_spills():
     assert kernel.num_warps == 16
     assert counts["LDG.128"] == 25 and counts["LDG"] == 38
     assert counts["LDL"] == 0 and counts["STL"] == 0
+
+
+def test_attention_shrink_reads_its_heads_a_columns_in_vectors():
+    """Paged attention with o's shrink (pallas_kernels/paged_attention.py, the 7B decode
+    shapes: 32 heads of 128, pages of 16 tokens, rank 16 in one page of 16, bf16, the heuristic
+    config: one split, 4 warps) compiled for sm_90: the A tile of a program's head (16 rank rows
+    x 128 columns) comes in 128-bit loads, and nothing spills to local memory; the plain
+    attention kernel's own loads are unchanged by it."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlora.bench.compiler_report import report
+    from pallas_kernels.paged_attention import paged_attention, paged_attention_shrink
+
+    cache = (
+        jax.ShapeDtypeStruct((32, 32, 128), jnp.bfloat16),
+        jax.ShapeDtypeStruct((32, 256, 16, 32, 128), jnp.bfloat16),
+        jax.ShapeDtypeStruct((32, 256, 16, 32, 128), jnp.bfloat16),
+        jax.ShapeDtypeStruct((32, 8), jnp.int32),
+        jax.ShapeDtypeStruct((32,), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    tables = (
+        jax.ShapeDtypeStruct((32, 64, 16, 4096), jnp.bfloat16),
+        jax.ShapeDtypeStruct((8, 7, 1), jnp.int32),
+        jax.ShapeDtypeStruct((8, 7), jnp.int32),
+        jax.ShapeDtypeStruct((32,), jnp.int32),
+    )
+
+    def fused(*args):
+        return paged_attention_shrink(*args, sm_scale=0.1, weights=(3,))
+
+    def plain(*args):
+        return paged_attention(*args, sm_scale=0.1)
+
+    kernel = _one(report(fused, *cache, *tables), "paged_attention")
+    alone = _one(report(plain, *cache), "paged_attention")
+    assert kernel.name.endswith("_shrink") and kernel.num_warps == 4
+    counts, plain_counts = kernel.kernel_counts, alone.kernel_counts
+    assert counts["LDL"] == 0 and counts["STL"] == 0
+    # 16 x 128 bf16 over 128 threads: 16 elements, two 128-bit loads a thread.
+    assert counts["LDG.128"] - plain_counts["LDG.128"] >= 2, (counts, plain_counts)

@@ -1123,6 +1123,8 @@ def test_runner_xla_gemms_picks_cublas_on_the_compiled_kernels_only():
         (True, False, False, True, "scan:norm"),
         (True, True, False, True, "unrolled:swiglu"),
         (True, False, False, True, "scan:norm+swiglu"),
+        (True, True, False, False, "unrolled:attention"),
+        (True, False, False, True, "scan:norm+swiglu+attention"),
     ],
 )
 def test_decode_projections_through_lora_matmul_give_the_xla_logits(
@@ -1142,7 +1144,9 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     (pallas_kernels.residual_norm.residual_rms_norm_shrink), the first layer's q|k|v shrink
     runs before the loop, and only o's and down's shrinks keep an SGMV launch; with "swiglu"
     (RunnerConfig.swiglu_shrink) SwiGLU and down's shrink run in one launch
-    (pallas_kernels.swiglu.swiglu_shrink)."""
+    (pallas_kernels.swiglu.swiglu_shrink); with "attention" (RunnerConfig.attention_shrink)
+    o's shrink runs in the decode attention launch (with all three, no layer runs an SGMV
+    launch)."""
     import dataclasses
 
     from jaxlora.engine.runner import empty_batch
@@ -1162,6 +1166,7 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
             residual_norm="pallas" if residual_norm else "xla",
             norm_shrink="norm" in fused,
             swiglu_shrink="swiglu" in fused,
+            attention_shrink="attention" in fused,
             fused_shrink_rows=4,
         )
         llm = jaxlora.LLM(
@@ -1216,11 +1221,14 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     assert all(("_expand_" in n) == (use_lora and not shrink) for n, _ in matmuls)
     assert all(("_shrink32_" in n) == shrink for n, _ in matmuls)
     sgmv = [n for n, _ in texts["pallas", "decode"] if n.startswith("sgmv_")]
-    if fused:  # o's shrink a layer, and down's, q|k|v's and gate|up's where nothing fuses them
-        in_sgmv = 4 - 2 * ("norm" in fused) - ("swiglu" in fused)
+    if fused:  # each group's shrink a layer where nothing fuses it
+        in_sgmv = 4 - 2 * ("norm" in fused) - ("swiglu" in fused) - ("attention" in fused)
         assert len(sgmv) == in_sgmv * layers + ("norm" in fused)  # + the first q|k|v shrink
     else:
         assert len(sgmv) == (4 * layers if use_lora and not shrink else 0)
+    attentions = [n for n, _ in texts["pallas", "decode"] if n.startswith("paged_attention_")]
+    assert len(attentions) == layers
+    assert all(n.endswith("_shrink") == ("attention" in fused) for n in attentions)
     swiglus = [n for n, _ in texts["pallas", "decode"] if n.startswith("swiglu_shrink_")]
     assert len(swiglus) == (layers if "swiglu" in fused else 0)
     assert all("_rows4_" in n for n in swiglus)

@@ -20,6 +20,7 @@ from jaxlora.model import init_params
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import MODULES
 from pallas_kernels.lora_matmul import MatmulConfig
+from pallas_kernels.paged_attention import PagedAttentionConfig
 from pallas_kernels.sgmv import SgmvConfig
 
 # Big enough for tensor-core tiles and several pages per sequence, small enough for seconds.
@@ -63,8 +64,8 @@ def test_pallas_engine_matches_reference_engine():
     # and down's partials into the residual stream and normalizes it in
     # pallas_kernels.residual_norm (RunnerConfig.residual_norm="pallas", the default since the
     # thirty-third session); the eighth also runs the q|k|v and gate|up shrinks of its SGMV
-    # decode steps in those launches (RunnerConfig.norm_shrink) and down's with SwiGLU
-    # (RunnerConfig.swiglu_shrink).
+    # decode steps in those launches (RunnerConfig.norm_shrink), down's with SwiGLU
+    # (RunnerConfig.swiglu_shrink) and o's in the attention launch (RunnerConfig.attention_shrink).
     runs = (
         ("reference", "xla", "xla", 0, 8, 4, "xla"),
         ("pallas", "xla", "xla", 0, 8, 4, "xla"),
@@ -89,6 +90,14 @@ def test_pallas_engine_matches_reference_engine():
                 residual_norm=norm.removesuffix("+shrink"),
                 norm_shrink=norm.endswith("+shrink"),
                 swiglu_shrink=norm.endswith("+shrink"),
+                # and o's in the attention launch, given one kv split (the heuristic splits
+                # this model's 2 kv heads x 8 rows 4 ways)
+                attention_shrink=norm.endswith("+shrink"),
+                paged_attention=(
+                    PagedAttentionConfig(pages_per_block=4, kv_splits=1)
+                    if norm.endswith("+shrink")
+                    else None
+                ),
                 # plain_max_tokens=decode_rows: lora_matmul runs every decode step, also the 64-row
                 # ones with many adapters (by default XLA's cuBLAS GEMMs run those).
                 matmul=MatmulConfig(
@@ -291,17 +300,26 @@ def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():
 
 
 @pytest.mark.parametrize(
-    ("use_lora", "norm_shrink", "swiglu_shrink"),
-    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+    ("use_lora", "norm_shrink", "swiglu_shrink", "attention_shrink"),
+    [
+        (False, False, False, False),
+        (True, False, False, False),
+        (True, True, False, False),
+        (True, True, True, False),
+        (True, True, True, True),
+    ],
 )
-def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora, norm_shrink, swiglu_shrink):
+def test_residual_norm_steps_lower_and_slice_no_layer_weight(
+    use_lora, norm_shrink, swiglu_shrink, attention_shrink
+):
     """On any machine: with RunnerConfig.residual_norm="pallas" a decode step (every projection
     in lora_matmul) adds o's and down's partials into the residual stream and normalizes it in
     two residual_rms_norm launches a layer, reading the stacked norm scales in place: its scan
     slices no layer weight at all, not even a norm's scale. Prefill steps are as before. With
     RunnerConfig.norm_shrink those launches also run the q|k|v and gate|up shrinks: two SGMV
     shrinks a layer (o, down) and the first layer's q|k|v shrink before the loop; with
-    RunnerConfig.swiglu_shrink as well, down's runs with SwiGLU: o's alone is left."""
+    RunnerConfig.swiglu_shrink as well, down's runs with SwiGLU: o's alone is left; with
+    RunnerConfig.attention_shrink (and one kv split) o's runs in the attention launch: none."""
     runner, steps = _lowered_steps(
         use_lora=(use_lora,),
         prefill_chunk=32,
@@ -309,6 +327,8 @@ def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora, norm_shri
         residual_norm="pallas",
         norm_shrink=norm_shrink,
         swiglu_shrink=swiglu_shrink,
+        attention_shrink=attention_shrink,
+        paged_attention=PagedAttentionConfig(pages_per_block=4, kv_splits=1),
     )
     for mode, _, text in steps:
         norms = len(re.findall(r'name = "residual_rms_norm', text))
@@ -320,8 +340,12 @@ def test_residual_norm_steps_lower_and_slice_no_layer_weight(use_lora, norm_shri
             assert fused == (norms if norm_shrink else 0)
             swiglus = len(re.findall(r'name = "swiglu_shrink', text))
             assert swiglus == (layers if swiglu_shrink else 0)
+            # (a jitted function: its kernel is lowered once, and called for each layer)
+            attentions = re.findall(r'name = "(paged_attention_[a-z0-9_]*)', text)
+            assert attentions
+            assert all(a.endswith("_shrink") == attention_shrink for a in attentions)
             if use_lora:
-                in_sgmv = 4 - 2 * norm_shrink - swiglu_shrink
+                in_sgmv = 4 - 2 * norm_shrink - swiglu_shrink - attention_shrink
                 assert shrinks == in_sgmv * layers + norm_shrink
             assert _stacked_weight_slices(text, runner.params) == []
         else:

@@ -549,3 +549,137 @@ def test_compiled_kernel_in_scan_over_layers():
     out = np.asarray(run(paged_attention)(q), np.float32)
     ref = np.asarray(run(paged_attention_reference)(q), np.float32)
     np.testing.assert_allclose(out, ref, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# o's LoRA shrink in the attention launch
+# ------------------------------------------------------------------------------------------------
+
+
+def _shrink_problem(seed, lens, num_kv_heads, queries_per_kv, dtype, head_dim=16):
+    """A cache of make_cache and an o-shaped LoRA problem of tests/test_sgmv.py over the
+    attention output's width (A NaN beyond every rank and on free pages, shuffled pages, mixed
+    ranks, rows without adapter)."""
+    from tests.test_sgmv import make_problem
+
+    rng = np.random.default_rng(seed)
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
+        rng, lens, num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype
+    )
+    num_heads = num_kv_heads * queries_per_kv
+    q = jnp.asarray(rng.standard_normal((len(lens), num_heads, head_dim)), dtype)
+    problem = make_problem(
+        seed + 1,
+        num_tokens=len(lens),
+        in_width=num_heads * head_dim,
+        out_widths=(num_heads * head_dim,),
+        num_layers=2,
+        dtype=dtype,
+    )
+    tables = (problem.a_pool, problem.a_pages, problem.ranks, jnp.asarray(problem.token_slot))
+    return (q, k_pool, v_pool, page_table, seq_lens), tables, problem
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("queries_per_kv", [1, 2, 4])
+def test_attention_shrink_matches_reference(queries_per_kv, dtype, interpret):
+    """Attention and o's LoRA shrink in one launch: the output is paged_attention's, bit for
+    bit; v is the shrink of that output (each kv head's share summed by XLA)."""
+    from pallas_kernels.paged_attention import (
+        paged_attention_shrink,
+        paged_attention_shrink_reference,
+    )
+    from pallas_kernels.sgmv import sgmv_shrink_reference
+
+    cache, tables, problem = _shrink_problem(queries_per_kv, SEQ_LENS, 2, queries_per_kv, dtype)
+    config = PagedAttentionConfig(pages_per_block=4, kv_splits=1)
+    out, v = paged_attention_shrink(
+        *cache,
+        jnp.int32(1),
+        *tables,
+        sm_scale=0.25,
+        weights=problem.weights,
+        config=config,
+        interpret=interpret,
+    )
+    plain = paged_attention(*cache, jnp.int32(1), sm_scale=0.25, config=config, interpret=interpret)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(plain, np.float32))
+    want_out, want_v = paged_attention_shrink_reference(
+        *cache, jnp.int32(1), *tables, sm_scale=0.25, weights=problem.weights
+    )
+    assert v.shape == want_v.shape and v.dtype == jnp.float32
+    v = np.asarray(v)
+    assert np.isfinite(v).all(), "a v element was never written (or read NaN past a rank)"
+    assert (v[problem.token_slot < 0] == 0).all() and (v[np.asarray(SEQ_LENS) == 0] == 0).all()
+    of_its_out = sgmv_shrink_reference(
+        out.reshape(len(SEQ_LENS), -1), *tables, jnp.int32(1), weights=problem.weights
+    )
+    np.testing.assert_allclose(v, np.asarray(of_its_out), rtol=1e-5, atol=1e-5)
+    tol = TOLERANCE[dtype]
+    scale = np.abs(np.asarray(want_v)).max()
+    np.testing.assert_allclose(v, np.asarray(want_v), rtol=tol, atol=tol * scale)
+
+
+def test_attention_shrink_needs_one_split_and_names_bad_fields():
+    from pallas_kernels.paged_attention import paged_attention_shrink
+
+    cache, tables, problem = _shrink_problem(3, (5, 9, 0), 2, 2, jnp.float32)
+    kwargs = dict(sm_scale=0.25, weights=problem.weights, interpret=True)
+    with pytest.raises(ConfigError, match="one kv split"):
+        paged_attention_shrink(
+            *cache,
+            0,
+            *tables,
+            config=PagedAttentionConfig(pages_per_block=4, kv_splits=3),
+            **kwargs,
+        )
+    a_pool, a_pages, ranks, slot = tables
+    with pytest.raises(ConfigError, match=r"a_pool must be \(L, P, R, 64\)"):
+        paged_attention_shrink(*cache, 0, a_pool[..., :32], a_pages, ranks, slot, **kwargs)
+    with pytest.raises(ConfigError, match="token_slot"):
+        paged_attention_shrink(*cache, 0, a_pool, a_pages, ranks, slot[:2], **kwargs)
+
+
+def test_attention_shrink_lowers_in_a_layer_scan():
+    """Lowered for an H100 at the 7B decode shapes (32 heads of 128, rank 16 in one page of 16,
+    bf16, 32 rows), the layer the scan's counter: one Triton kernel, named for the shrink."""
+    from pallas_kernels.paged_attention import paged_attention_shrink
+    from tests.test_sgmv import make_problem
+
+    rng = np.random.default_rng(2)
+    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
+        rng,
+        [40] * 32,
+        page_size=16,
+        num_layers=2,
+        num_kv_heads=32,
+        head_dim=128,
+        max_pages_per_seq=4,
+        dtype=jnp.bfloat16,
+    )
+    q = jnp.asarray(rng.standard_normal((32, 32, 128)), jnp.bfloat16)
+    problem = make_problem(
+        2,
+        num_tokens=32,
+        in_width=4096,
+        out_widths=(4096,),
+        rows_per_page=16,
+        max_pages=1,
+        num_layers=2,
+        dtype=jnp.bfloat16,
+    )
+    tables = (problem.a_pool, problem.a_pages, problem.ranks, jnp.asarray(problem.token_slot))
+
+    def layers(q, *operands):
+        def body(carry, layer):
+            out, v = paged_attention_shrink(
+                q, *operands[:4], layer, *operands[4:], sm_scale=0.1, weights=problem.weights
+            )
+            return carry, (out, v)
+
+        return jax.lax.scan(body, 0, jnp.arange(2, dtype=jnp.int32))
+
+    text = lower_for_gpu(layers, q, k_pool, v_pool, page_table, seq_lens, *tables)
+    assert triton_kernels(text) == 1
+    assert "_shrink" in text

@@ -18,6 +18,7 @@ from jaxlora.lora import LoraInputs
 from jaxlora.model import KVCache, Llama
 from jaxlora.sampling import MAX_LOGPROBS, SampleOutput, sample
 from pallas_kernels.lora_matmul import MatmulConfig, build_shrink_rows
+from pallas_kernels.paged_attention import PagedAttentionConfig
 from pallas_kernels.sgmv import SgmvConfig
 
 log = logging.getLogger("jaxlora.engine")
@@ -129,6 +130,17 @@ class RunnerConfig:
     # 2.6 us of A rows at the copy rate; SwiGLU 1.8 us).
     swiglu_shrink: bool = False
     fused_shrink_rows: int = 8  # rank rows a program of those fused shrinks
+    # True (opt-in, thirty-fourth session, not yet timed on the GPU): in decode steps whose LoRA
+    # shrink runs in SGMV and whose attention launch has one kv split (with the heuristic
+    # config, 7B's 32 kv heads: batch >= 9; llama-3-8b's 8: batch >= 33), o's
+    # shrink runs in that launch (pallas_kernels.paged_attention.paged_attention_shrink: each
+    # (row, kv head) program dots its heads' output with their A columns; XLA sums the heads'
+    # shares) instead of an SGMV launch of its own (4-5 us of a batch-32 H200 step a layer).
+    # With norm_shrink and swiglu_shrink, a layer then runs no SGMV shrink launch.
+    attention_shrink: bool = False
+    # The decode attention launch's config (PagedAttentionConfig: keys a block, kv splits,
+    # warps); None: its heuristic for each step's shapes (about two programs an SM).
+    paged_attention: PagedAttentionConfig | None = None
     # True (default): the same step gives the same bits on every run. No kernel of the step adds
     # into its output with atomics: where the SGMV shrink splits its reduction among programs,
     # they write float32 partials that are summed in one fixed order (SgmvConfig.deterministic).
@@ -164,6 +176,18 @@ class RunnerConfig:
                 raise ConfigError(
                     f"runner config field {field}: expected a power of two >= 1, got {value!r}"
                 )
+        if self.paged_attention is not None and not isinstance(
+            self.paged_attention, PagedAttentionConfig
+        ):
+            raise ConfigError(
+                f"runner config field paged_attention: expected a PagedAttentionConfig or None, "
+                f"got {self.paged_attention!r}"
+            )
+        if not isinstance(self.attention_shrink, bool):
+            raise ConfigError(
+                f"runner config field attention_shrink: expected a bool, got "
+                f"{self.attention_shrink!r}"
+            )
         for field in ("norm_shrink", "swiglu_shrink"):
             value = getattr(self, field)
             if not isinstance(value, bool):
@@ -453,6 +477,7 @@ class ModelRunner:
             norm_shrink=runner.norm_shrink,
             swiglu_shrink=runner.swiglu_shrink,
             fused_shrink_rows=runner.fused_shrink_rows,
+            attention_shrink=runner.attention_shrink,
         )
         if runner.xla_options:  # the user's; the one xla_gemms adds is known to XLA
             _check_xla_options(dict(runner.xla_options))
@@ -546,6 +571,7 @@ class ModelRunner:
             mode=mode,
             impl=self.impl,
             write_impl=self.runner.kv_write,
+            attention_config=self.runner.paged_attention,
         )
         lora = None
         if use_lora:
