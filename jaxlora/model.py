@@ -665,20 +665,19 @@ def _attention_and_o_shrink(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, lor
     from pallas_kernels import paged_attention as pa
 
     operands, weights = _shrink_operands("o", lora)
-    out, v = pa.paged_attention_shrink(
-        q[:, 0],
-        k_pool,
-        v_pool,
-        kv.page_table,
-        kv.seq_lens,
-        layer,
-        *operands,
-        sm_scale=sm_scale,
-        weights=weights,
-        config=kv.attention_config,
-        interpret=kv.impl == "pallas_interpret",
-    )
+    cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale)
+    out, v = pa.paged_attention_shrink(*cache, *operands, weights=weights, **launch)
     return out[:, None], v
+
+
+def _decode_attention_args(q, layer, kv: KVCache, k_pool, v_pool, sm_scale):
+    """The decode attention launch's operands (q, pools, page table, lengths, layer) and its
+    keyword arguments."""
+    cache = (q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer)
+    launch = dict(
+        sm_scale=sm_scale, config=kv.attention_config, interpret=kv.impl == "pallas_interpret"
+    )
+    return cache, launch
 
 
 def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale):
@@ -693,17 +692,8 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale
                 q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer, sm_scale=sm_scale
             )
         else:
-            out = pa.paged_attention(
-                q[:, 0],
-                k_pool,
-                v_pool,
-                kv.page_table,
-                kv.seq_lens,
-                layer,
-                sm_scale=sm_scale,
-                config=kv.attention_config,
-                interpret=kv.impl == "pallas_interpret",
-            )
+            cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale)
+            out = pa.paged_attention(*cache, **launch)
         return out[:, None]
     max_len = kv.page_table.shape[1] * k_pool.shape[2]
     ck, cv = pa.gather_kv(k_pool, v_pool, kv.page_table, layer, max_len)
