@@ -65,7 +65,8 @@ class SamplingParams:
     likely one (0 = off), before top-k / top-p. prompt_logprobs: None = none, n = each prompt
     token's logprob given the tokens before it (the model's own distribution; the first token
     has none) and the n most likely alternatives there (0..20); the prefill steps that compute
-    them run the LM head on every position.
+    them run the LM head on every position. include_stop_str_in_output: the stop string that
+    ended the output is part of its text (vLLM's).
     """
 
     temperature: float = 1.0
@@ -84,6 +85,7 @@ class SamplingParams:
     min_tokens: int = 0
     min_p: float = 0.0
     prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         def fail(field, expected):
@@ -120,8 +122,9 @@ class SamplingParams:
             not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
         ):
             fail("prompt_logprobs", f"None or an int in 0..{MAX_LOGPROBS}")
-        if not isinstance(self.ignore_eos, bool):
-            fail("ignore_eos", "a bool")
+        for field in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, "a bool")
         # Lists (as JSON gives them) and a single stop string are accepted and frozen to tuples.
         stop_strings = self.stop_strings
         if isinstance(stop_strings, str):
@@ -530,32 +533,37 @@ def sample(
 
 
 def truncate_at_stop(
-    text: str, stop_strings: Sequence[str], *, search_from: int = 0
+    text: str, stop_strings: Sequence[str], *, search_from: int = 0, include_stop: bool = False
 ) -> tuple[str, bool]:
     """(text before the earliest stop string found at or after search_from, True), or (text,
-    False). Incremental callers pass search_from = len(previous text) - longest stop + 1 so that
-    only text that could contain a new match is searched."""
+    False); ``include_stop``: the text up to the end of that stop string (of the longest one
+    found there). Incremental callers pass search_from = len(previous text) - longest stop + 1
+    so that only text that could contain a new match is searched."""
     start = max(0, search_from)
-    earliest = -1
+    earliest, end = -1, -1
     for stop in stop_strings:
         found = text.find(stop, start)
-        if found >= 0 and (earliest < 0 or found < earliest):
-            earliest = found
+        if found >= 0 and (
+            earliest < 0 or found < earliest or (found == earliest and found + len(stop) > end)
+        ):
+            earliest, end = found, found + len(stop)
     if earliest < 0:
         return text, False
-    return text[:earliest], True
+    return text[: end if include_stop else earliest], True
 
 
 class StopStringDetector:
     """Stop strings on streamed text: hands out only text that cannot be the start of a stop.
 
     ``push(delta)`` takes newly decoded text and returns (text safe to stream now, stopped).
-    Once stopped, the streamed text ends right before the stop string and the detector takes
-    nothing more. ``flush()`` returns the text held back when generation ends without a stop.
+    Once stopped, the streamed text ends right before the stop string (``include_stop``: right
+    after it) and the detector takes nothing more. ``flush()`` returns the text held back when
+    generation ends without a stop.
     """
 
-    def __init__(self, stop_strings: Sequence[str]):
+    def __init__(self, stop_strings: Sequence[str], *, include_stop: bool = False):
         self.stop_strings = tuple(stop_strings)
+        self.include_stop = include_stop
         self._longest = max((len(s) for s in self.stop_strings), default=0)
         self._text = ""
         self._emitted = 0
@@ -575,7 +583,10 @@ class StopStringDetector:
         self._text += delta
         if detect:
             self._text, self.stopped = truncate_at_stop(
-                self._text, self.stop_strings, search_from=search_from
+                self._text,
+                self.stop_strings,
+                search_from=search_from,
+                include_stop=self.include_stop,
             )
         end = len(self._text) if self.stopped else len(self._text) - self._partial_stop_suffix()
         end = max(end, self._emitted)

@@ -203,6 +203,7 @@ def test_padding_rows_and_seed_words():
         ("stop_strings", ["ok", ""], "non-empty"),
         ("stop_token_ids", [3, -2], ">= 0"),
         ("ignore_eos", "yes", "bool"),
+        ("include_stop_str_in_output", 1, "bool"),
         ("presence_penalty", 2.5, r"\[-2, 2\]"),
         ("frequency_penalty", float("inf"), r"\[-2, 2\]"),
         ("repetition_penalty", 0.0, "> 0"),
@@ -386,6 +387,10 @@ def test_truncate_at_stop():
     assert truncate_at_stop("a STOP b END", ["END", "STOP"]) == ("a ", True)
     assert truncate_at_stop("no stop here", ["###"]) == ("no stop here", False)
     assert truncate_at_stop("x##y##", ["##"], search_from=3) == ("x##y", True)
+    assert truncate_at_stop("a STOP b", ["STOP"], include_stop=True) == ("a STOP", True)
+    # Two stops found at the same place: the longer one ends the text.
+    assert truncate_at_stop("a <end> b", ["<e", "<end>"], include_stop=True) == ("a <end>", True)
+    assert truncate_at_stop("a <end> b", ["<end>", "<e"]) == ("a ", True)
 
 
 @pytest.mark.parametrize(
@@ -419,6 +424,20 @@ def test_stop_detector_holds_back_then_flushes():
     assert detector.flush() == "S"
     assert detector.text == "the STORY S"
     assert StopStringDetector([]).push("anything") == ("anything", False)
+
+
+@pytest.mark.parametrize(
+    "pieces", [["Hello", " wor", "ld", "<e", "nd>", " more"], list("Hello world<end> more")]
+)
+def test_stop_detector_keeps_the_stop_when_asked(pieces):
+    detector = StopStringDetector(["<end>", "STOP"], include_stop=True)
+    streamed = []
+    for piece in pieces:
+        out, stopped = detector.push(piece)
+        streamed.append(out)
+        if stopped:
+            break
+    assert stopped and "".join(streamed) == "Hello world<end>" == detector.text
 
 
 def test_stop_detector_skips_detection_when_told():

@@ -162,6 +162,35 @@ def test_streaming_chunks_match_the_whole_answer_and_report_usage(client):
     )
     assert chat_chunks[-1].choices[0].finish_reason == "stop"
 
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far.
+    for create, kwargs in (
+        (client.completions.create, {"prompt": "Hello"}),
+        (client.chat.completions.create, {"messages": [{"role": "user", "content": "Hello"}]}),
+    ):
+        counted = list(
+            create(
+                model="robot",
+                stream=True,
+                stream_options={"include_usage": True, "continuous_usage_stats": True},
+                **kwargs,
+                **GREEDY,
+            )
+        )
+        completions = [c.usage.completion_tokens for c in counted]
+        assert completions == sorted(completions) and completions[-1] > completions[0]
+        assert {c.usage.prompt_tokens for c in counted} == {counted[-1].usage.prompt_tokens}
+        assert counted[-1].choices == []
+    alone = list(
+        client.completions.create(
+            model="robot",
+            prompt="Hello",
+            stream=True,
+            stream_options={"continuous_usage_stats": True},
+            **GREEDY,
+        )
+    )
+    assert all(c.usage is None for c in alone)  # needs include_usage, as vLLM's does
+
 
 def test_n_seed_stop_and_logprobs(served, client):
     sampled = dict(
@@ -193,6 +222,11 @@ def test_n_seed_stop_and_logprobs(served, client):
     stopped = client.completions.create(model="pirate", prompt="Hi", stop=["!"], **GREEDY)
     assert stopped.choices[0].text == " Arr, matey"
     assert stopped.choices[0].finish_reason == "stop"
+    kept = dict(model="pirate", prompt="Hi", stop=["!"], **GREEDY)
+    kept["extra_body"] = {"include_stop_str_in_output": True}
+    assert client.completions.create(**kept).choices[0].text == " Arr, matey!"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kept, stream=True))
+    assert streamed == " Arr, matey!"
     short = client.completions.create(model="pirate", prompt="Hi", temperature=0, max_tokens=3)
     assert short.choices[0].finish_reason == "length"
     assert short.usage.completion_tokens == 3

@@ -173,6 +173,7 @@ CASES = [
     bad({**M, "logprobs": True}, "top_logprobs", True, "valid integer"),  # was 200
     bad(C, "echo", "yes", "valid boolean"),
     bad(C, "ignore_eos", "yes", "valid boolean"),  # was 200
+    bad(C, "include_stop_str_in_output", "yes", "valid boolean"),
     bad(C, "stream", "yes", "valid boolean"),  # was 200 (and streamed)
     bad(M, "stream", 1, "valid boolean"),  # was 200 (and streamed)
     bad({**C, "stream": True}, "top_p", 2, "(0, 1]"),

@@ -281,7 +281,9 @@ class Engine:
         if self.tokenizer is not None:
             request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
         if sampling.stop_strings:
-            request._stop_detector = StopStringDetector(sampling.stop_strings)
+            request._stop_detector = StopStringDetector(
+                sampling.stop_strings, include_stop=sampling.include_stop_str_in_output
+            )
         if sampling.prompt_logprobs is not None:
             request.prompt_logprobs, request.prompt_top_logprobs = [None], [None]
         if deadline_s is not None:
@@ -825,7 +827,8 @@ class Engine:
     def _prompt_targets(rows, batch_rows: int, length: int):
         """(B, S) int32: for the rows whose requests ask for prompt logprobs, the prompt token
         after each of the step's positions that is not the prompt's last, -1 elsewhere; and
-        those rows as (request, row, first position). (None, []) where no row asks."""
+        those rows as (request, row, first position, end position). (None, []) where no row
+        asks, or where every asking row's positions were recorded before a preemption."""
         asking = [
             (i, request, n)
             for i, (request, n) in enumerate(rows)

@@ -162,6 +162,7 @@ def _samplings(
                     min_p=body.min_p or 0.0,
                     min_tokens=body.min_tokens or 0,
                     prompt_logprobs=prompt_logprobs,
+                    include_stop_str_in_output=body.include_stop_str_in_output,
                 )
             )
         except RequestError as e:
@@ -267,6 +268,14 @@ def _usage(prompt_lengths: list[int], requests: list[EngineRequest]) -> dict:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def _usage_options(body) -> tuple[bool, bool]:
+    """(a last chunk with the usage, the usage so far in every chunk too: vLLM's
+    ``continuous_usage_stats``, which needs ``include_usage``)."""
+    options = body.stream_options
+    include = bool(options and options.include_usage)
+    return include, include and options.continuous_usage_stats
 
 
 def _failure(state: ServingState, request: EngineRequest) -> JaxloraError | None:
@@ -673,7 +682,7 @@ def create_app(
                 "usage": _usage(prompt_lengths, group.requests),
             }
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous_usage = _usage_options(body)
 
         def chunk(choices: list[dict], usage=None) -> str:
             payload = {
@@ -684,6 +693,8 @@ def create_app(
                 "choices": choices,
             }
             if include_usage:
+                if usage is None and continuous_usage:
+                    usage = _usage(prompt_lengths, group.requests)
                 payload["usage"] = usage
             return _sse(payload)
 
@@ -791,7 +802,7 @@ def create_app(
                 "usage": _usage([len(prompt)], group.requests),
             }
 
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous_usage = _usage_options(body)
 
         def chunk(choices: list[dict], usage=None) -> str:
             payload = {
@@ -802,6 +813,8 @@ def create_app(
                 "choices": choices,
             }
             if include_usage:
+                if usage is None and continuous_usage:
+                    usage = _usage([len(prompt)], group.requests)
                 payload["usage"] = usage
             return _sse(payload)
 

@@ -1,11 +1,11 @@
 """Request bodies of the OpenAI-compatible API (pydantic: validation and the OpenAPI schema).
 
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``stop_token_ids`` and ``ignore_eos`` are vLLM's extensions. Fields this server cannot honour
-(tools, suffix, ...) are accepted only at their neutral value, so that a client never
-silently gets something else than it asked for; unknown fields are refused (400), as OpenAI
-does. Types are strict, as OpenAI's are: "5" or true is not taken for an int, nor 1 or "yes"
-for a bool (400).
+``stop_token_ids``, ``include_stop_str_in_output`` and ``ignore_eos`` are vLLM's extensions.
+Fields this server cannot honour (tools, suffix, ...) are accepted only at their neutral value,
+so that a client never silently gets something else than it asked for; unknown fields are
+refused (400), as OpenAI does. Types are strict, as OpenAI's are: "5" or true is not taken for
+an int, nor 1 or "yes" for a bool (400).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class StreamOptions(_Body):
     include_usage: bool = Field(False, description="Send a last chunk with the token usage.")
     continuous_usage_stats: bool = Field(
         False,
-        description="Accepted for vLLM compatibility; usage is reported in the last chunk only.",
+        description="With include_usage: every chunk also carries the usage so far (vLLM's).",
     )
 
 
@@ -40,6 +40,9 @@ class _SamplingFields(_Body):
         None, description="Text that ends the output (not included in it)."
     )
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end the output.")
+    include_stop_str_in_output: bool = Field(
+        False, description="Keep the stop string that ended the output in its text."
+    )
     ignore_eos: bool = Field(False, description="Keep generating past EOS.")
     seed: int | None = Field(
         None, description="Random stream of the request (choice i uses seed + i)."
