@@ -46,6 +46,12 @@ flags.DEFINE_list(
     "Directories runtime loading may read adapters from; empty: runtime loading is refused.",
 )
 flags.DEFINE_bool(
+    "enable_prefix_caching",
+    False,
+    "Requests share the KV pages of a common prompt prefix of the same adapter (vLLM's "
+    "automatic prefix caching; KVCacheConfig.prefix_caching).",
+)
+flags.DEFINE_bool(
     "load_adapters_on_demand",
     False,
     "A request naming no registered adapter loads the adapter directory of that name under "
@@ -207,6 +213,7 @@ def main(argv):
         lora_dirs=tuple(FLAGS.lora_dirs),
         allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
+        enable_prefix_caching=FLAGS.enable_prefix_caching,
         api_key=api_key or None,
         dtype=FLAGS.dtype,
         seed=FLAGS.seed,

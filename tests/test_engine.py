@@ -880,6 +880,54 @@ def test_prompt_logprobs_are_the_full_forward_ones(base, lora_adapters, async_sc
             np.testing.assert_allclose(list(top.values()), expected[p - 1, best], atol=1e-5)
 
 
+def test_prefix_caching_reuses_pages_of_the_same_prefix_and_adapter(base, lora_adapters):
+    """KVCacheConfig.prefix_caching: a request whose prompt starts with full pages another
+    request of the same adapter version computed takes those pages instead of computing them
+    (another adapter, or the base model, does not: its K/V differ); every output is a full
+    recompute's; preempted requests come back through the cache; pages all return."""
+    import dataclasses
+
+    rng = np.random.default_rng(11)
+    shared = list(map(int, rng.integers(3, 500, 18)))  # 4 full pages of 4 tokens, and 2
+    config = small_engine_config(num_pages=40, prefix_caching=True)
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+    )
+    kv, stats = llm.engine.kv, llm.engine.stats
+
+    def expect(prompt, name, out):
+        params = base if name is None else merged_params(base, lora_adapters[name])
+        assert out.token_ids == greedy_reference(params, prompt, 8), (name, prompt)
+
+    first = shared + [7]
+    expect(first, "all5", llm.generate([first], adapter=["all5"], sampling=GREEDY)[0])
+    assert stats.prefix_cached_tokens == 0 and kv.cached_pages >= 4
+    # The same prefix: 16 tokens (4 pages) from the cache for the same adapter only.
+    prompts = [shared + [8, 9], shared[:17], shared + [1], shared[:10] + [4] * 9]
+    names = ["all5", "all5", None, "qv1"]
+    outs = llm.generate(prompts, adapter=names, sampling=GREEDY)
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        expect(prompt, name, out)
+    assert stats.prefix_cached_tokens == 16 + 16
+    assert kv.free_pages == config.kv.num_pages
+    # A prompt that is all cached pages still computes its last token (for its logits).
+    again = llm.generate([shared[:16]], adapter=["all5"], sampling=GREEDY)[0]
+    expect(shared[:16], "all5", again)
+    assert stats.prefix_cached_tokens == 32 + 12
+    # Under preemption (a pool of 13 pages), several requests of two adapters at once.
+    small = dataclasses.replace(config, kv=dataclasses.replace(config.kv, num_pages=13))
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=small, load_workers=0
+    )
+    prompts = [shared + [i] for i in range(5)]
+    names = ["mlp16", "mlp16", None, "mlp16", None]
+    outs = llm.generate(prompts, adapter=names, sampling=GREEDY)
+    assert llm.engine.stats.preemptions > 0 and llm.engine.stats.prefix_cached_tokens > 0
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        expect(prompt, name, out)
+    assert llm.engine.kv.free_pages == 13
+
+
 def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base, lora_adapters):
     """The engine thread survives an exception in a step taken while earlier steps' tokens are
     still on the device (async scheduling): the running requests end with an error and free

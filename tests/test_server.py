@@ -783,6 +783,10 @@ def test_metrics_are_valid_prometheus_text_and_move(served, client):
     assert moved("jaxlora_adapter_hits_total") >= 2
     assert metric(after, "jaxlora_kv_cache_pages_total") == 96
     assert metric(after, "jaxlora_kv_cache_pages_free") <= 96
+    # Prefix caching is off in this server: nothing registered, no prompt token from a cache.
+    assert metric(after, "jaxlora_kv_cache_pages_cached") == 0
+    assert ("jaxlora_prefix_cache_hit_tokens_total", frozenset()) in after
+    assert metric(after, "jaxlora_prefix_cache_hit_tokens_total") == 0
     assert metric(after, "jaxlora_adapters_registered") >= 3
     # The poet adapter was loaded at least once (more with the module's other tests first).
     assert metric(after, "jaxlora_adapter_misses_total") >= 1
@@ -841,6 +845,10 @@ def test_launch_settings():
     assert gpu.runner.max_batch == 64 and gpu.kv.max_model_len == 4096
     assert gpu.kv.num_pages * gpu.kv.page_size >= 32 * 4096
     assert cpu.async_scheduling and gpu.async_scheduling
+    assert not cpu.kv.prefix_caching
+    assert engine_config_for(
+        TINY, LaunchConfig(enable_prefix_caching=True), backend="cpu"
+    ).kv.prefix_caching
     assert not engine_config_for(
         TINY, LaunchConfig(async_scheduling=False), backend="cpu"
     ).async_scheduling

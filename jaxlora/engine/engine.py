@@ -132,6 +132,7 @@ class EngineStats:
     finished: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    prefix_cached_tokens: int = 0  # sequence tokens admitted with their K/V from the cache
     step_time_ema: float = 0.0
     requests_per_adapter: collections.Counter = dataclasses.field(
         default_factory=collections.Counter
@@ -505,6 +506,11 @@ class Engine:
         handle = request.adapter_handle
         return (handle.name, handle.version)
 
+    def _kv_key(self, request: Request):
+        """What a request's K/V depend on besides its tokens: its adapter version (None: the
+        base model's)."""
+        return None if request.adapter is None else self._adapter_key(request)
+
     def _distinct_adapters(self) -> set[tuple[str, int]]:
         return {
             self._adapter_key(r)
@@ -557,9 +563,23 @@ class Engine:
                 # Replaced between the check and the acquire, or re-admitted after preemption
                 # while other adapters took the slots: wait for a slot (keep the version held).
                 return False
+        cached = 0
+        if request.num_computed == 0 and request.sampling.prompt_logprobs is None:
+            # Prefix caching: pages of a common prefix another sequence computed (at least one
+            # token is left to compute, for the logits).
+            cached = self.kv.attach_prefix(
+                request.request_id,
+                request.tokens,
+                self._kv_key(request),
+                request.scheduled_len - 1,
+            )
+            request.num_computed = cached
         first = min(request.remaining, ec.runner.prefill_chunk)
         if not self.kv.ensure(request.request_id, request.num_computed + first):
+            self.kv.free(request.request_id)  # the cached pages it took, if any
+            request.num_computed = 0
             return False
+        self.stats.prefix_cached_tokens += cached
         self._waiting.remove(request)
         request.status = Status.RUNNING
         self._running.append(request)
@@ -815,6 +835,12 @@ class Engine:
         with self._lock:
             for i, (request, n) in enumerate(rows):
                 request.num_computed += n
+                self.kv.register_full_pages(
+                    request.request_id,
+                    request.tokens,
+                    self._kv_key(request),
+                    min(request.num_computed, request.sequence_len),
+                )
                 if mode == "prefill":
                     self.stats.prompt_tokens += n
                 if samples[i]:
@@ -1038,6 +1064,8 @@ class Engine:
         usage = {
             "kv_free_pages": self.kv.free_pages,
             "kv_total_pages": self.engine_config.kv.num_pages,
+            "kv_cached_pages": self.kv.cached_pages,
+            "prefix_cached_tokens": self.stats.prefix_cached_tokens,
         }
         return usage
 

@@ -2,17 +2,28 @@
 
 Pages come from the same generic ``PageAllocator`` as adapter pages, so the two could share one
 pool later (S-LoRA's unified paging). Layout: ``(num_layers, num_pages, page_size, KVH, D)``.
+
+Prefix caching (``KVCacheConfig.prefix_caching``, vLLM's automatic prefix caching): a
+full page whose tokens are known is registered under a key chained from the keys of the pages
+before it, its own tokens and the adapter version (K/V depend on the adapter's k and v
+projections). A new sequence whose first pages have those keys takes the same pages (counted
+references) instead of computing them again. A page no sequence holds stays cached, and is
+reused only when no free page is left (least recently released first). A shared page is never
+written: only full pages are shared, and a sequence writes past its last full page.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import ModelConfig, require_positive_ints
+from jaxlora.errors import ConfigError
 from jaxlora.memory.allocator import PageAllocator
 
 
@@ -21,9 +32,16 @@ class KVCacheConfig:
     page_size: int = 16
     num_pages: int = 512
     max_model_len: int = 512  # context length a sequence may reach (prompt + output)
+    # Sequences share the cached pages of a common prefix (see the module docstring).
+    prefix_caching: bool = False
 
     def __post_init__(self):
         require_positive_ints(self, ("page_size", "num_pages", "max_model_len"), "kv cache config")
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError(
+                "kv cache config field prefix_caching: expected a bool, got "
+                f"{self.prefix_caching!r}"
+            )
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -34,7 +52,12 @@ class KVCacheManager:
     """Owns the KV page pools and which pages each sequence holds."""
 
     def __init__(
-        self, model: ModelConfig, config: KVCacheConfig, dtype=jnp.float32, *, sharding=None
+        self,
+        model: ModelConfig,
+        config: KVCacheConfig,
+        dtype=jnp.float32,
+        *,
+        sharding=None,
     ):
         """sharding: of the pool arrays (tensor parallelism splits the KV heads)."""
         self.config = config
@@ -54,6 +77,14 @@ class KVCacheManager:
         self.v_pool = jax.device_put(jnp.zeros(shape, dtype), sharding)
         self.allocator = PageAllocator(config.num_pages, name="kv")
         self._pages: dict[int, list[int]] = {}
+        self.prefix_caching = config.prefix_caching
+        self._refs: dict[int, int] = {}  # page -> sequences holding it
+        self._keys: dict[int, list] = {}  # seq -> keys of its leading full pages
+        self._page_of_key: dict[object, int] = {}
+        self._key_of_page: dict[int, object] = {}
+        # Cached pages no sequence holds, least recently released first (still allocated in
+        # the allocator's view; counted free here).
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.bytes_per_page = 2 * int(np.prod(shape[:1] + shape[2:])) * jnp.dtype(dtype).itemsize
 
     def pages_for(self, num_tokens: int) -> int:
@@ -70,15 +101,88 @@ class KVCacheManager:
         need = self.extra_pages_needed(seq_id, num_tokens)
         if need == 0:
             return True
-        if not self.allocator.can_allocate(need):
+        if need > self.free_pages:
             return False
-        self._pages.setdefault(seq_id, []).extend(self.allocator.allocate(need))
+        fresh = self.allocator.allocate(min(need, self.allocator.free_pages))
+        while len(fresh) < need:  # the least recently released cached pages
+            page, _ = self._evictable.popitem(last=False)
+            del self._page_of_key[self._key_of_page.pop(page)]
+            fresh.append(page)
+        for page in fresh:
+            self._refs[page] = 1
+        self._pages.setdefault(seq_id, []).extend(fresh)
         return True
 
     def free(self, seq_id: int) -> None:
         pages = self._pages.pop(seq_id, None)
+        self._keys.pop(seq_id, None)
+        released = []
+        for page in pages or ():
+            self._refs[page] -= 1
+            if self._refs[page]:
+                continue
+            del self._refs[page]
+            if page in self._key_of_page:
+                self._evictable[page] = None  # cached for a later sequence
+            else:
+                released.append(page)
+        if released:
+            self.allocator.free(released)
+
+    # ------------------------------------------------------------------ prefix caching
+
+    @staticmethod
+    def _next_key(previous: bytes | None, tokens, adapter_key) -> bytes:
+        """A page's key: a 128-bit digest of the previous page's key, its tokens and the
+        adapter version (a collision would hand a sequence another prefix's K/V)."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(previous or b"")
+        digest.update(np.asarray(tokens, np.int32).tobytes())
+        digest.update(repr(adapter_key).encode())
+        return digest.digest()
+
+    def attach_prefix(self, seq_id: int, tokens_of, adapter_key, limit: int) -> int:
+        """Gives a sequence without pages the cached pages of its longest cached prefix of
+        full pages within its first ``limit`` tokens (one token at least must be left to
+        compute for its logits): the number of tokens they hold (0 when off).
+        ``tokens_of(start, n)``: the sequence's tokens."""
+        if not self.prefix_caching or self._pages.get(seq_id):
+            return 0
+        size = self.config.page_size
+        pages, keys, previous = [], [], None
+        for start in range(0, limit - size + 1, size):
+            key = self._next_key(previous, tokens_of(start, size), adapter_key)
+            page = self._page_of_key.get(key)
+            if page is None:
+                break
+            pages.append(page)
+            keys.append(key)
+            previous = key
+        for page in pages:
+            self._evictable.pop(page, None)
+            self._refs[page] = self._refs.get(page, 0) + 1
         if pages:
-            self.allocator.free(pages)
+            self._pages[seq_id] = pages
+            self._keys[seq_id] = keys
+        return len(pages) * size
+
+    def register_full_pages(self, seq_id: int, tokens_of, adapter_key, known: int) -> None:
+        """Registers the sequence's pages that its first ``known`` tokens fill (written, or
+        being written by dispatched steps) for later sequences; ``tokens_of(start, n)``: the
+        sequence's tokens."""
+        if not self.prefix_caching:
+            return
+        pages = self._pages.get(seq_id, [])
+        keys = self._keys.setdefault(seq_id, [])
+        size = self.config.page_size
+        while len(keys) < min(known // size, len(pages)):
+            i = len(keys)
+            key = self._next_key(keys[-1] if keys else None, tokens_of(i * size, size), adapter_key)
+            keys.append(key)
+            page = pages[i]
+            if key not in self._page_of_key and page not in self._key_of_page:
+                self._page_of_key[key] = page
+                self._key_of_page[page] = key
 
     def page_table_row(self, seq_id: int) -> np.ndarray:
         row = np.zeros(self.config.max_pages_per_seq, np.int32)
@@ -88,7 +192,13 @@ class KVCacheManager:
 
     @property
     def free_pages(self) -> int:
-        return self.allocator.free_pages
+        """Pages a sequence can take: free ones and cached ones no sequence holds."""
+        return self.allocator.free_pages + len(self._evictable)
+
+    @property
+    def cached_pages(self) -> int:
+        """Pages registered for prefix caching (held by sequences or not)."""
+        return len(self._key_of_page)
 
     @property
     def num_sequences(self) -> int:

@@ -40,6 +40,7 @@ class LaunchConfig:
     lora_dirs: tuple[str, ...] = ()
     allowed_adapter_roots: tuple[str, ...] = ()
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
+    enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     api_key: str | None = None
     dtype: str = "float32"
     seed: int = 0
@@ -155,7 +156,12 @@ def engine_config_for(
         max_slots=pick(launch.max_slots, min(max_batch, pool_default.max_slots)),
     )
     return EngineConfig(
-        kv=KVCacheConfig(page_size=page_size, num_pages=kv_pages, max_model_len=max_model_len),
+        kv=KVCacheConfig(
+            page_size=page_size,
+            num_pages=kv_pages,
+            max_model_len=max_model_len,
+            prefix_caching=launch.enable_prefix_caching,
+        ),
         runner=runner,
         lora_pool=pool,
         max_num_tokens=pick(

@@ -379,6 +379,16 @@ class ServingState:
             "jaxlora_kv_cache_pages_free", "Free pages of the KV cache pool.", kv_free
         )
         lines += prom.gauge(
+            "jaxlora_kv_cache_pages_cached",
+            "KV pages registered for prefix caching (held by requests or kept for later ones).",
+            usage["kv_cached_pages"],
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_prefix_cache_hit_tokens_total",
+            "Prompt tokens whose K/V came from the prefix cache instead of being computed.",
+            usage["prefix_cached_tokens"],
+        )
+        lines += prom.gauge(
             "jaxlora_kv_cache_usage_ratio",
             "Used fraction of the KV cache pool.",
             (kv_total - kv_free) / kv_total if kv_total else 0.0,
