@@ -564,7 +564,11 @@ class Engine:
                 # while other adapters took the slots: wait for a slot (keep the version held).
                 return False
         cached = 0
-        if request.num_computed == 0 and request.sampling.prompt_logprobs is None:
+        if (
+            self.kv.prefix_caching
+            and request.num_computed == 0
+            and request.sampling.prompt_logprobs is None
+        ):
             # Prefix caching: pages of a common prefix another sequence computed (at least one
             # token is left to compute, for the logits).
             cached = self.kv.attach_prefix(
@@ -833,14 +837,16 @@ class Engine:
             launch.prompt_logprobs, launch.prompt_rows = prompt_logprobs[0], prompt_rows
             launch.prompt_logprobs.copy_to_host_async()
         with self._lock:
+            caching = self.kv.prefix_caching  # (off: no per-row work on this hot path)
             for i, (request, n) in enumerate(rows):
                 request.num_computed += n
-                self.kv.register_full_pages(
-                    request.request_id,
-                    request.tokens,
-                    self._kv_key(request),
-                    min(request.num_computed, request.sequence_len),
-                )
+                if caching:
+                    self.kv.register_full_pages(
+                        request.request_id,
+                        request.tokens,
+                        self._kv_key(request),
+                        min(request.num_computed, request.sequence_len),
+                    )
                 if mode == "prefill":
                     self.stats.prompt_tokens += n
                 if samples[i]:
