@@ -124,6 +124,27 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
     return role, content
 
 
+def _template_extras(message: Mapping[str, Any]) -> dict:
+    """The tool-calling fields of a message, for templates that render them: an assistant's
+    tool_calls (arguments as JSON text, OpenAI's form, and parsed, the form HF templates
+    read), a tool result's tool_call_id and name."""
+    extras = {k: message[k] for k in ("tool_call_id", "name") if message.get(k) is not None}
+    calls = message.get("tool_calls")
+    if calls:
+        parsed = []
+        for call in calls:
+            function = dict(call.get("function") or {}) if isinstance(call, Mapping) else {}
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    function["arguments"] = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass
+            parsed.append({**call, "function": function} if isinstance(call, Mapping) else call)
+        extras["tool_calls"] = parsed
+    return extras
+
+
 class IncrementalDecoder:
     """Streams the text of generated tokens one token at a time.
 
@@ -312,12 +333,24 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """The prompt text of a chat (OpenAI-style messages: role and content)."""
+        """The prompt text of a chat (OpenAI-style messages: role and content; an assistant's
+        ``tool_calls`` and a tool result's ``tool_call_id`` and ``name`` reach the template
+        too). ``tools``: OpenAI function definitions for the template to render (only a model's
+        own chat template knows how to)."""
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise RequestError("messages: expected a non-empty list of {role, content} objects")
         normalised = [_message_text(m, i) for i, m in enumerate(messages)]
+        if tools and self.chat_template is None:
+            raise RequestError(
+                "tools: the default chat template cannot render tools; serve a model whose "
+                "tokenizer_config.json has a chat template that does"
+            )
         if self.chat_template is None:
             parts = []
             for index, (role, content) in enumerate(normalised):
@@ -333,7 +366,11 @@ class Tokenizer:
         template = _compile_template(self.chat_template, self.source)
         try:
             return template.render(
-                messages=[{"role": r, "content": c} for r, c in normalised],
+                messages=[
+                    {"role": r, "content": c, **_template_extras(m)}
+                    for (r, c), m in zip(normalised, messages, strict=True)
+                ],
+                tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
@@ -346,10 +383,16 @@ class Tokenizer:
             ) from e
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Prompt ids of a chat; BOS is added unless the template already wrote it."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools
+        )
         has_bos = self.bos_token is not None and text.startswith(self.bos_token)
         return self.encode(text, add_bos=not has_bos)
 

@@ -45,6 +45,14 @@ flags.DEFINE_list(
     [],
     "Directories runtime loading may read adapters from; empty: runtime loading is refused.",
 )
+flags.DEFINE_enum(
+    "tool_call_parser",
+    "",
+    ["", "hermes", "llama3_json"],
+    "How chat answers' tool calls are read back when a request offers tools (the model's "
+    "format: <tool_call>{...}</tool_call> blocks, or Llama 3's JSON); empty: requests with tools "
+    "are refused unless tool_choice is 'none'.",
+)
 flags.DEFINE_bool(
     "enable_prefix_caching",
     False,
@@ -214,6 +222,7 @@ def main(argv):
         allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
+        tool_call_parser=FLAGS.tool_call_parser,
         api_key=api_key or None,
         dtype=FLAGS.dtype,
         seed=FLAGS.seed,

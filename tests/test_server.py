@@ -402,6 +402,98 @@ def test_tokenize_and_detokenize_as_vllm(served, client):
     assert post("/tokenize", {"prompt": text}, key=False).status_code == 401
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def test_tools_without_a_parser_or_a_template_are_refused_naming_the_field(client):
+    """The demo server reads no tool calls back and its default chat template renders no
+    tools: 400s that say so; a forced call (constrained decoding) is refused too."""
+    body = expect_error(
+        400, lambda: chat(client, "pirate", tools=[WEATHER_TOOL]), "tool_call_parser"
+    )
+    assert body["param"] == "tools"
+    body = expect_error(
+        400,
+        lambda: chat(client, "pirate", tools=[WEATHER_TOOL], tool_choice="none"),
+        "default chat template cannot render tools",
+    )
+    assert body["param"] == "tools"
+    body = expect_error(
+        400, lambda: chat(client, "pirate", tools=[WEATHER_TOOL], tool_choice="required"), "auto"
+    )
+    assert body["param"] == "tool_choice"
+    body = expect_error(400, lambda: chat(client, "pirate", tools=[{"type": "x"}]), "tools[0]")
+    assert body["param"] == "tools[0]"
+
+
+def test_tool_calls_are_read_back_with_the_parser(monkeypatch):
+    """A server with --tool_call_parser=hermes and a chat template that renders tools: the
+    template gets the tools (more prompt tokens); an answer without a call is plain content,
+    whole and streamed; an answer the parser reads as calls (here the parser is told the
+    pirate's answer is one) comes back as tool_calls with finish reason "tool_calls", whole
+    and streamed (a tool_calls delta before the finish)."""
+    from jaxlora.server import app as app_module
+    from jaxlora.server.tool_calls import ToolCall, ToolCallStream
+
+    server, state = start_demo_server(tool_call_parser="hermes")
+    state.tokenizer.chat_template = (
+        "{% if tools %}Tools: {% for t in tools %}{{ t['function']['name'] }}{% endfor %}\n"
+        "{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+        plain = chat(client, "pirate")
+        offered = chat(client, "pirate", tools=[WEATHER_TOOL])
+        assert offered.usage.prompt_tokens > plain.usage.prompt_tokens  # the tools rendered
+        assert offered.choices[0].message.content == plain.choices[0].message.content
+        assert offered.choices[0].message.tool_calls is None
+        assert offered.choices[0].finish_reason == "stop"
+        streamed = list(chat(client, "pirate", tools=[WEATHER_TOOL], stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == plain.choices[0].message.content
+
+        answer = plain.choices[0].message.content
+
+        def as_call(text, parser):
+            return (
+                ("", [ToolCall("get_weather", '{"city": "Paris"}')])
+                if text == answer
+                else (
+                    text,
+                    [],
+                )
+            )
+
+        class AllACall(ToolCallStream):
+            def push(self, delta):
+                self._held += delta
+                return ""
+
+            def finish(self):
+                return "", as_call(self._held, "hermes")[1]
+
+        monkeypatch.setattr(app_module, "parse_tool_calls", as_call)
+        monkeypatch.setattr(app_module, "ToolCallStream", AllACall)
+        called = chat(client, "pirate", tools=[WEATHER_TOOL])
+        choice = called.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        [call] = choice.message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
+        chunks = list(chat(client, "pirate", tools=[WEATHER_TOOL], stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        [with_calls] = [d for d in deltas if d.tool_calls]
+        assert with_calls.tool_calls[0].function.name == "get_weather"
+        assert with_calls.tool_calls[0].index == 0 and with_calls.tool_calls[0].id
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    finally:
+        server.stop()
+
+
 def test_openapi_health_and_no_key_needed_outside_v1(served):
     url = served[0].url
     schema = httpx.get(f"{url}/openapi.json").json()

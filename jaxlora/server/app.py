@@ -52,6 +52,7 @@ from jaxlora.server.protocol import (
     UnloadLoraAdapterRequest,
 )
 from jaxlora.server.state import ServingState
+from jaxlora.server.tool_calls import ToolCallStream, parse_tool_calls
 
 log = logging.getLogger("jaxlora.server")
 
@@ -91,10 +92,24 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
         if body.suffix is not None:
             refuse("suffix", "not supported")
     else:
-        if body.tools:
-            refuse("tools", "tool calls are not supported")
-        if body.tool_choice not in (None, "none"):
-            refuse("tool_choice", f"only 'none' is supported, got {body.tool_choice!r}")
+        if body.tool_choice not in (None, "none", "auto"):
+            # (a forced call needs constrained decoding, which this server does not do)
+            refuse("tool_choice", f"only 'auto' or 'none' is supported, got {body.tool_choice!r}")
+        for i, tool in enumerate(body.tools or ()):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if (
+                tool.get("type") != "function"
+                or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str)
+                or not function["name"]
+            ):
+                raise with_param(
+                    RequestError(
+                        f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., "
+                        f"'parameters': ...}}}}, got {tool!r}"
+                    ),
+                    f"tools[{i}]",
+                )
         if body.response_format is not None and body.response_format.type != "text":
             refuse(
                 "response_format",
@@ -268,6 +283,20 @@ def _usage(prompt_lengths: list[int], requests: list[EngineRequest]) -> dict:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def chat_message(text: str, finish_reason: str, parser: str | None) -> tuple[dict, str]:
+    """A chat answer's message and finish reason: with a tool-call parser, the calls in the
+    text become ``tool_calls`` (finish reason "tool_calls") and the rest its content."""
+    message = {"role": "assistant", "content": text}
+    if parser is None:
+        return message, finish_reason
+    content, calls = parse_tool_calls(text, parser)
+    if not calls:
+        return message, finish_reason
+    message["content"] = content
+    message["tool_calls"] = [call.to_openai() for call in calls]
+    return message, "tool_calls"
 
 
 def _usage_options(body) -> tuple[bool, bool]:
@@ -760,6 +789,19 @@ def create_app(
             raise with_param(
                 RequestError(f"n: expected 1..{state.config.max_n}, got {body.n}"), "n"
             )
+        # Tool calls are read back from the answers where the request offers tools and lets
+        # the model call them (tool_choice "auto" or none given).
+        parser = None
+        if body.tools and body.tool_choice != "none":
+            parser = state.config.tool_call_parser
+            if parser is None:
+                raise with_param(
+                    RequestError(
+                        "tools: this server reads no tool calls back (start it with "
+                        "--tool_call_parser=hermes or llama3_json), or send tool_choice='none'"
+                    ),
+                    "tools",
+                )
         prompt = await anyio.to_thread.run_sync(lambda: _chat_prompt(state, body))
         rest_of_context = max(1, state.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -785,13 +827,9 @@ def create_app(
                     lp = formatter.chat_logprobs(
                         r.output_ids, r.output_logprobs, r.output_top_logprobs
                     )
+                message, finish = chat_message(r.text, str(r.finish_reason), parser)
                 choices.append(
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": r.text},
-                        "logprobs": lp,
-                        "finish_reason": str(r.finish_reason),
-                    }
+                    {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
                 )
             return {
                 "id": http_id,
@@ -819,6 +857,7 @@ def create_app(
             return _sse(payload)
 
         async def chunks(events) -> AsyncIterator[str]:
+            calls = [ToolCallStream(parser) if parser else None for _ in group.requests]
             for i in range(len(group.requests)):
                 yield chunk(
                     [
@@ -842,25 +881,55 @@ def create_app(
                     lp = formatter.chat_logprobs(
                         delta.token_ids, delta.logprobs, delta.top_logprobs
                     )
-                if delta.text or lp:
+                text, stream_calls = delta.text, calls[index]
+                if stream_calls is not None:
+                    text = stream_calls.push(text)
+                if text or lp:
                     yield chunk(
                         [
                             {
                                 "index": index,
-                                "delta": {"content": delta.text},
+                                "delta": {"content": text},
                                 "logprobs": lp,
                                 "finish_reason": None,
                             }
                         ]
                     )
                 if delta.finish_reason is not None:
+                    finish = str(delta.finish_reason)
+                    if stream_calls is not None:
+                        held, found = stream_calls.finish()
+                        if held:
+                            yield chunk(
+                                [
+                                    {
+                                        "index": index,
+                                        "delta": {"content": held},
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ]
+                            )
+                        if found:
+                            finish = "tool_calls"
+                            tool_deltas = [c.to_openai(k) for k, c in enumerate(found)]
+                            yield chunk(
+                                [
+                                    {
+                                        "index": index,
+                                        "delta": {"tool_calls": tool_deltas},
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ]
+                            )
                     yield chunk(
                         [
                             {
                                 "index": index,
                                 "delta": {},
                                 "logprobs": None,
-                                "finish_reason": str(delta.finish_reason),
+                                "finish_reason": finish,
                             }
                         ]
                     )
@@ -1046,9 +1115,12 @@ def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
     text = "".join(texts)
     state.refuse_text_that_cannot_fit(text, "messages", "characters of content")
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    tools = getattr(body, "tools", None) or None
     try:
-        return state.tokenizer.encode_chat(messages)
+        return state.tokenizer.encode_chat(messages, tools=tools)
     except RequestError as e:
+        if getattr(e, "param", None) is None and str(e).startswith("tools"):
+            raise with_param(e, "tools") from None
         if getattr(e, "param", None) is None and not str(e).startswith("messages"):
             raise with_param(e, "messages") from None  # the chat template's own refusal
         raise

@@ -30,6 +30,9 @@ class ServerConfig:
     adapter directory of that relative path under the adapter roots first (LoRAX's dynamic
     adapter loading, vLLM's LoRA resolver), so that adapters dropped into a root after start
     need no load call. Needs adapter_roots.
+    tool_call_parser: how chat answers' tool calls are read back when a request offers tools
+    ("hermes" or "llama3_json", jaxlora.server.tool_calls; None: requests with tools and
+    tool_choice other than "none" are refused).
     """
 
     model_name: str
@@ -43,6 +46,7 @@ class ServerConfig:
     max_body_bytes: int = 32 * 2**20
     max_stop_strings: int = 64
     load_adapters_on_demand: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -59,6 +63,11 @@ class ServerConfig:
                     f"server config field 'adapter_roots': {root!r} is not a directory"
                 )
         object.__setattr__(self, "adapter_roots", roots)
+        if self.tool_call_parser not in (None, "hermes", "llama3_json"):
+            raise ConfigError(
+                "server config field 'tool_call_parser': expected 'hermes', 'llama3_json' or "
+                f"None, got {self.tool_call_parser!r}"
+            )
         if self.load_adapters_on_demand and not roots:
             raise ConfigError(
                 "server config field 'load_adapters_on_demand': needs adapter_roots (the "

@@ -2,7 +2,8 @@
 
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``stop_token_ids``, ``include_stop_str_in_output`` and ``ignore_eos`` are vLLM's extensions.
-Fields this server cannot honour (tools, suffix, ...) are accepted only at their neutral value,
+Fields this server cannot honour (suffix, a forced tool_choice, ...) are accepted only at their
+neutral value,
 so that a client never silently gets something else than it asked for; unknown fields are
 refused (400), as OpenAI does. Types are strict, as OpenAI's are: "5" or true is not taken for
 an int, nor 1 or "yes" for a bool (400).
@@ -107,9 +108,11 @@ class ChatCompletionRequest(_SamplingFields):
     )
     response_format: ResponseFormat | None = Field(None, description="Only type 'text'.")
     tools: list[dict[str, Any]] | None = Field(
-        None, description="Not supported (must be absent or empty)."
+        None,
+        description="Functions the model may call (rendered by the model's chat template; "
+        "the server reads calls back with its --tool_call_parser).",
     )
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="'auto' or 'none'.")
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None

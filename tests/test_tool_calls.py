@@ -1,0 +1,137 @@
+"""Tool calls: the two formats read back from chat answers, whole and streamed; the chat
+template given the tools and the tool-calling turns; the chat message the server builds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxlora.errors import RequestError
+from jaxlora.server.app import chat_message
+from jaxlora.server.tool_calls import ToolCall, ToolCallStream, check_parser, parse_tool_calls
+from jaxlora.tokenizer import Tokenizer, tiny_tokenizer
+
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
+HERMES = (
+    f'Let me look. <tool_call>\n{WEATHER}\n</tool_call><tool_call>{{"name": "now"}}</tool_call>'
+)
+
+
+def test_hermes_blocks_become_calls_after_the_text():
+    content, calls = parse_tool_calls(HERMES, "hermes")
+    assert content == "Let me look."
+    assert calls == [
+        ToolCall("get_weather", json.dumps({"city": "Paris", "unit": "C"})),
+        ToolCall("now", "{}"),
+    ]
+    assert parse_tool_calls(f"<tool_call>{WEATHER}</tool_call>", "hermes")[0] is None
+    # Arguments given as JSON text are read too.
+    text = '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>'
+    assert parse_tool_calls(text, "hermes")[1] == [ToolCall("f", '{"x": 1}')]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no call at all",
+        "<tool_call>{not json}</tool_call>",
+        '<tool_call>{"arguments": {}}</tool_call>',  # no name
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',  # arguments not an object
+        "<tool_call>{}",  # never closed
+    ],
+)
+def test_what_does_not_parse_stays_text(text):
+    assert parse_tool_calls(text, "hermes") == (text, [])
+
+
+def test_llama3_json_calls():
+    one = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    assert parse_tool_calls(one, "llama3_json") == (
+        None,
+        [ToolCall("get_weather", '{"city": "Paris"}')],
+    )
+    two = f'<|python_tag|>{one}; {{"name": "now", "parameters": {{}}}}'
+    assert [c.name for c in parse_tool_calls(two, "llama3_json")[1]] == ["get_weather", "now"]
+    for text in ("The weather is fine.", '{"name": "f"} and more', '{"city": "Paris"}'):
+        assert parse_tool_calls(text, "llama3_json") == (text, [])
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000])
+def test_streamed_text_stops_before_a_call_and_the_call_comes_at_the_end(piece):
+    stream = ToolCallStream("hermes")
+    streamed = "".join(stream.push(HERMES[i : i + piece]) for i in range(0, len(HERMES), piece))
+    assert streamed == "Let me look. "
+    held, calls = stream.finish()
+    assert held == "" and [c.name for c in calls] == ["get_weather", "now"]
+    # A "<" that is no call is handed out once it is clear.
+    plain = ToolCallStream("hermes")
+    out = "".join(plain.push(c) for c in "a < b <tool")
+    assert out == "a < b " and plain.finish() == ("<tool", [])
+
+
+def test_streamed_llama3_answers_are_held_only_when_they_open_like_a_call():
+    stream = ToolCallStream("llama3_json")
+    assert stream.push("  ") == "" and stream.push("Hello {x}") == "  Hello {x}"
+    assert stream.push(" more") == " more" and stream.finish() == ("", [])
+    call = '{"name": "f", "parameters": {"a": 1}}'
+    stream = ToolCallStream("llama3_json")
+    assert "".join(stream.push(c) for c in call) == ""
+    assert stream.finish() == ("", [ToolCall("f", '{"a": 1}')])
+    broken = ToolCallStream("llama3_json")
+    assert broken.push("{not a call") == "" and broken.finish() == ("{not a call", [])
+
+
+def test_chat_message_carries_the_calls_and_their_finish_reason():
+    message, finish = chat_message(HERMES, "stop", "hermes")
+    assert finish == "tool_calls" and message["content"] == "Let me look."
+    [first, second] = message["tool_calls"]
+    assert first["type"] == "function" and first["id"].startswith("call_")
+    assert json.loads(first["function"]["arguments"]) == {"city": "Paris", "unit": "C"}
+    assert second["function"] == {"name": "now", "arguments": "{}"} and first["id"] != second["id"]
+    assert chat_message(HERMES, "stop", None) == ({"role": "assistant", "content": HERMES}, "stop")
+    assert chat_message("plain", "length", "hermes")[1] == "length"
+    assert check_parser("", where="x") is None
+    with pytest.raises(RequestError, match="hermes"):
+        check_parser("xml", where="x")
+
+
+TEMPLATE = (
+    "{% if tools %}[TOOLS] {% for t in tools %}{{ t['function']['name'] }} {% endfor %}\n"
+    "{% endif %}{% for m in messages %}[{{ m['role'] }}] "
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<call {{ c['function']['name'] }}"
+    " {{ c['function']['arguments']['city'] }}>{% endfor %}"
+    "{% elif m['role'] == 'tool' %}({{ m['tool_call_id'] }}) {{ m['content'] }}"
+    "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def test_chat_template_renders_tools_and_the_tool_calling_turns():
+    pytest.importorskip("jinja2")
+    base = tiny_tokenizer()
+    tok = Tokenizer(base.backend, bos_token="<bos>", eos_tokens=("<eos>",), chat_template=TEMPLATE)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+    ]
+    # (HF's renderer trims the newline after a block tag)
+    assert tok.apply_chat_template(messages, tools=tools) == (
+        "[TOOLS] get_weather [user] Weather?[assistant] <call get_weather Paris>"
+        "[tool] (call_1) 21 C[assistant] "
+    )
+    assert not tok.apply_chat_template(messages[:1]).startswith("[TOOLS]")
+    with pytest.raises(RequestError, match="default chat template cannot render tools"):
+        base.apply_chat_template(messages[:1], tools=tools)
