@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from jaxlora.errors import RequestError
+from jaxlora.errors import ConfigError, RequestError
 from jaxlora.server.app import chat_message
-from jaxlora.server.tool_calls import ToolCall, ToolCallStream, check_parser, parse_tool_calls
+from jaxlora.server.config import ServerConfig
+from jaxlora.server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 from jaxlora.tokenizer import Tokenizer, tiny_tokenizer
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
@@ -91,9 +92,8 @@ def test_chat_message_carries_the_calls_and_their_finish_reason():
     assert second["function"] == {"name": "now", "arguments": "{}"} and first["id"] != second["id"]
     assert chat_message(HERMES, "stop", None) == ({"role": "assistant", "content": HERMES}, "stop")
     assert chat_message("plain", "length", "hermes")[1] == "length"
-    assert check_parser("", where="x") is None
-    with pytest.raises(RequestError, match="hermes"):
-        check_parser("xml", where="x")
+    with pytest.raises(ConfigError, match="tool_call_parser.*'hermes', 'llama3_json'"):
+        ServerConfig(model_name="m", tool_call_parser="xml")
 
 
 TEMPLATE = (

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from jaxlora.errors import ConfigError
+from jaxlora.server.tool_calls import PARSERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +64,9 @@ class ServerConfig:
                     f"server config field 'adapter_roots': {root!r} is not a directory"
                 )
         object.__setattr__(self, "adapter_roots", roots)
-        if self.tool_call_parser not in (None, "hermes", "llama3_json"):
+        if self.tool_call_parser not in (None, *PARSERS):
             raise ConfigError(
-                "server config field 'tool_call_parser': expected 'hermes', 'llama3_json' or "
+                f"server config field 'tool_call_parser': expected one of {list(PARSERS)} or "
                 f"None, got {self.tool_call_parser!r}"
             )
         if self.load_adapters_on_demand and not roots:

@@ -17,8 +17,6 @@ import json
 import re
 import uuid
 
-from jaxlora.errors import RequestError
-
 PARSERS = ("hermes", "llama3_json")
 _HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -37,14 +35,6 @@ class ToolCall:
             "function": {"name": self.name, "arguments": self.arguments},
         }
         return call if index is None else {"index": index, **call}
-
-
-def check_parser(name: str | None, *, where: str) -> str | None:
-    if name in (None, ""):
-        return None
-    if name not in PARSERS:
-        raise RequestError(f"{where}: expected one of {list(PARSERS)} or none, got {name!r}")
-    return name
 
 
 def _call(obj, arguments_key: str) -> ToolCall | None:
