@@ -458,14 +458,18 @@ def _check_shrink_operands(q, a_pool, a_pages, ranks, token_slot, weights, where
     from pallas_kernels import sgmv as sgmv_ops
 
     batch, num_heads, head_dim = q.shape
-    sgmv_ops._check_weights(where, weights, where=_WHERE)
-    sgmv_ops._check_pool(where, "a_pool", a_pool, where=_WHERE)
-    if a_pool.shape[3] != num_heads * head_dim:
-        raise ConfigError(
-            f"{_WHERE} {where}: a_pool must be (L, P, R, {num_heads * head_dim}) (the A rows of "
-            f"the projection reading the attention output), got shape {a_pool.shape}"
-        )
-    sgmv_ops._check_slot_tables(where, "a_pages", a_pages, ranks, token_slot, batch, where=_WHERE)
+    sgmv_ops.check_fused_shrink_operands(
+        where,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        weights,
+        num_tokens=batch,
+        width=num_heads * head_dim,
+        expected="the A rows of the projection reading the attention output",
+        where=_WHERE,
+    )
 
 
 def paged_attention_shrink_reference(

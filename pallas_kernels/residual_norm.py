@@ -190,14 +190,19 @@ def residual_rms_norm(
 def _check_shrink_inputs(
     x_width, num_layers, a_pool, a_pages, ranks, token_slot, num_tokens, weights, fn
 ):
-    sgmv_ops._check_weights(fn, weights, where=_WHERE)
-    sgmv_ops._check_pool(fn, "a_pool", a_pool, where=_WHERE)
-    if a_pool.shape[0] != num_layers or a_pool.shape[3] != x_width:
-        raise ConfigError(
-            f"{_WHERE} {fn}: a_pool must be ({num_layers}, P, R, {x_width}) (the scales' layers, "
-            f"h's width), got shape {a_pool.shape}"
-        )
-    sgmv_ops._check_slot_tables(fn, "a_pages", a_pages, ranks, token_slot, num_tokens, where=_WHERE)
+    sgmv_ops.check_fused_shrink_operands(
+        fn,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        weights,
+        num_tokens=num_tokens,
+        width=x_width,
+        num_layers=num_layers,
+        expected="the scales' layers, h's width",
+        where=_WHERE,
+    )
 
 
 def residual_rms_norm_shrink_reference(

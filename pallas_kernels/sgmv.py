@@ -784,6 +784,35 @@ def _check_slot_tables(
             raise ConfigError(f"{where} {fn}: {name} must be int32, got {arr.dtype}")
 
 
+def check_fused_shrink_operands(
+    fn,
+    a_pool,
+    a_pages,
+    ranks,
+    token_slot,
+    weights,
+    *,
+    num_tokens,
+    width,
+    expected,
+    where,
+    num_layers=None,
+):
+    """The operands of a LoRA shrink that runs in the launch computing its input
+    (pallas_kernels.residual_norm, .swiglu, .paged_attention): the weights, an A pool of
+    ``width`` columns (and ``num_layers`` layers, where given; ``expected`` says why) and the
+    slot tables of ``num_tokens`` tokens. Raises ConfigError naming the field."""
+    _check_weights(fn, weights, where=where)
+    _check_pool(fn, "a_pool", a_pool, where=where)
+    layers = "L" if num_layers is None else num_layers
+    if a_pool.shape[3] != width or (num_layers is not None and a_pool.shape[0] != num_layers):
+        raise ConfigError(
+            f"{where} {fn}: a_pool must be ({layers}, P, R, {width}) ({expected}), got shape "
+            f"{a_pool.shape}"
+        )
+    _check_slot_tables(fn, "a_pages", a_pages, ranks, token_slot, num_tokens, where=where)
+
+
 def _check_b_pools(fn, weights, b_pools, *, prefix="", where=_WHERE):
     """The group's B pools as a tuple (one per weight, (L, P, R, out_g), equal L and R) and
     their widths."""

@@ -56,16 +56,17 @@ def _check_inputs(gate_up, a_pool, a_pages, ranks, token_slot, weights, fn):
         raise ConfigError(
             f"{_WHERE} {fn}: gate_up must be (T, 2 I) (gate, then up), got shape {gate_up.shape}"
         )
-    width = gate_up.shape[1] // 2
-    sgmv_ops._check_weights(fn, weights, where=_WHERE)
-    sgmv_ops._check_pool(fn, "a_pool", a_pool, where=_WHERE)
-    if a_pool.shape[3] != width:
-        raise ConfigError(
-            f"{_WHERE} {fn}: a_pool must be (L, P, R, {width}) (down's input width, half of "
-            f"gate_up's), got shape {a_pool.shape}"
-        )
-    sgmv_ops._check_slot_tables(
-        fn, "a_pages", a_pages, ranks, token_slot, gate_up.shape[0], where=_WHERE
+    sgmv_ops.check_fused_shrink_operands(
+        fn,
+        a_pool,
+        a_pages,
+        ranks,
+        token_slot,
+        weights,
+        num_tokens=gate_up.shape[0],
+        width=gate_up.shape[1] // 2,
+        expected="down's input width, half of gate_up's",
+        where=_WHERE,
     )
 
 
