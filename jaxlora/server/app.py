@@ -299,6 +299,29 @@ def chat_message(text: str, finish_reason: str, parser: str | None) -> tuple[dic
     return message, "tool_calls"
 
 
+def _chunk_writer(body, http_id: str, created: int, kind: str, usage_so_far):
+    """An SSE chunk of a streamed answer (``kind``: its object name) with given choices. With
+    ``stream_options.include_usage`` every chunk has a ``usage``: the one given (the last
+    chunk's), ``usage_so_far()`` with ``continuous_usage_stats``, else null."""
+    include_usage, continuous_usage = _usage_options(body)
+
+    def chunk(choices: list[dict], usage=None) -> str:
+        payload = {
+            "id": http_id,
+            "object": kind,
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+        }
+        if include_usage:
+            if usage is None and continuous_usage:
+                usage = usage_so_far()
+            payload["usage"] = usage
+        return _sse(payload)
+
+    return chunk
+
+
 def _usage_options(body) -> tuple[bool, bool]:
     """(a last chunk with the usage, the usage so far in every chunk too: vLLM's
     ``continuous_usage_stats``, which needs ``include_usage``)."""
@@ -711,21 +734,14 @@ def create_app(
                 "usage": _usage(prompt_lengths, group.requests),
             }
 
-        include_usage, continuous_usage = _usage_options(body)
-
-        def chunk(choices: list[dict], usage=None) -> str:
-            payload = {
-                "id": http_id,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": choices,
-            }
-            if include_usage:
-                if usage is None and continuous_usage:
-                    usage = _usage(prompt_lengths, group.requests)
-                payload["usage"] = usage
-            return _sse(payload)
+        include_usage = _usage_options(body)[0]
+        chunk = _chunk_writer(
+            body,
+            http_id,
+            created,
+            "text_completion",
+            lambda: _usage(prompt_lengths, group.requests),
+        )
 
         async def chunks(events) -> AsyncIterator[str]:
             offsets = [0] * len(group.requests)
@@ -840,35 +856,31 @@ def create_app(
                 "usage": _usage([len(prompt)], group.requests),
             }
 
-        include_usage, continuous_usage = _usage_options(body)
+        include_usage = _usage_options(body)[0]
+        chunk = _chunk_writer(
+            body,
+            http_id,
+            created,
+            "chat.completion.chunk",
+            lambda: _usage([len(prompt)], group.requests),
+        )
 
-        def chunk(choices: list[dict], usage=None) -> str:
-            payload = {
-                "id": http_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": choices,
-            }
-            if include_usage:
-                if usage is None and continuous_usage:
-                    usage = _usage([len(prompt)], group.requests)
-                payload["usage"] = usage
-            return _sse(payload)
+        def delta_chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+            return chunk(
+                [
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                    }
+                ]
+            )
 
         async def chunks(events) -> AsyncIterator[str]:
             calls = [ToolCallStream(parser) if parser else None for _ in group.requests]
             for i in range(len(group.requests)):
-                yield chunk(
-                    [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
+                yield delta_chunk(i, {"role": "assistant", "content": ""})
             async for index, delta in events:
                 if delta.finish_reason is not None and delta.finish_reason not in (
                     FinishReason.STOP,
@@ -885,54 +897,18 @@ def create_app(
                 if stream_calls is not None:
                     text = stream_calls.push(text)
                 if text or lp:
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "delta": {"content": text},
-                                "logprobs": lp,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
+                    yield delta_chunk(index, {"content": text}, lp)
                 if delta.finish_reason is not None:
                     finish = str(delta.finish_reason)
                     if stream_calls is not None:
                         held, found = stream_calls.finish()
                         if held:
-                            yield chunk(
-                                [
-                                    {
-                                        "index": index,
-                                        "delta": {"content": held},
-                                        "logprobs": None,
-                                        "finish_reason": None,
-                                    }
-                                ]
-                            )
+                            yield delta_chunk(index, {"content": held})
                         if found:
                             finish = "tool_calls"
                             tool_deltas = [c.to_openai(k) for k, c in enumerate(found)]
-                            yield chunk(
-                                [
-                                    {
-                                        "index": index,
-                                        "delta": {"tool_calls": tool_deltas},
-                                        "logprobs": None,
-                                        "finish_reason": None,
-                                    }
-                                ]
-                            )
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "delta": {},
-                                "logprobs": None,
-                                "finish_reason": finish,
-                            }
-                        ]
-                    )
+                            yield delta_chunk(index, {"tool_calls": tool_deltas})
+                    yield delta_chunk(index, {}, finish_reason=finish)
             if include_usage:
                 yield chunk([], _usage([len(prompt)], group.requests))
 
