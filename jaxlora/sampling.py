@@ -13,7 +13,9 @@ then ``logit - frequency * count - presence * (count > 0)`` over the output's to
 rows take the argmax of the processed logits. The host sends what it knows as a few sparse
 entries a row (``LogitProcessing``); the one output token a row may still have on the device
 (async scheduling) is read from the engine's token register, so no step waits for the host.
-Steps without processing compile without it (the batch's structure is static).
+Steps without processing compile without it (the batch's structure is static). Structured
+outputs come last: each constrained row's bitmask (``SamplingBatch.allowed``) sets the tokens its
+grammar forbids to -inf (``constrain``).
 
 Batch invariance: a row's random numbers come from a key derived only from its request's seed and
 the index of the token being sampled, so a request's output does not depend on which other
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.errors import RequestError
+from jaxlora.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
 # logit_bias entries a request may give (OpenAI allows 300; each is an entry of the step's
@@ -66,7 +69,9 @@ class SamplingParams:
     token's logprob given the tokens before it (the model's own distribution; the first token
     has none) and the n most likely alternatives there (0..20); the prefill steps that compute
     them run the LM head on every position. include_stop_str_in_output: the stop string that
-    ended the output is part of its text (vLLM's).
+    ended the output is part of its text (vLLM's). structured_output: a
+    ``jaxlora.structured_output.StructuredOutput`` the output must match (constrained decoding:
+    the sampler only sees the tokens its grammar allows next).
     """
 
     temperature: float = 1.0
@@ -86,6 +91,7 @@ class SamplingParams:
     min_p: float = 0.0
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self):
         def fail(field, expected):
@@ -158,6 +164,10 @@ class SamplingParams:
             fail("min_tokens", f"an int in 0..max_tokens ({self.max_tokens})")
         object.__setattr__(self, "min_tokens", int(self.min_tokens))
         object.__setattr__(self, "logit_bias", self._checked_logit_bias(fail, is_int, is_number))
+        if self.structured_output is not None and not isinstance(
+            self.structured_output, StructuredOutput
+        ):
+            fail("structured_output", "None or a jaxlora.structured_output.StructuredOutput")
         # Asked of every row of every step: computed once.
         object.__setattr__(
             self,
@@ -366,6 +376,9 @@ class SamplingBatch:
     min_p: jax.Array  # (B,) float32, 0 = off
     # None: no row processes its logits (the sampler compiles without it).
     processing: LogitProcessing | None = None
+    # (B, ceil(V / 32)) int32 bitmask of the tokens each row may sample (structured outputs);
+    # None: every token, in every row (the sampler compiles without it).
+    allowed: jax.Array | None = None
 
     @classmethod
     def from_params(
@@ -376,12 +389,14 @@ class SamplingBatch:
         seeds: Sequence[int] | None = None,
         batch_size: int | None = None,
         processing: LogitProcessing | None = None,
+        allowed: np.ndarray | None = None,
     ) -> SamplingBatch:
         """Packs rows on the host; rows past len(params) (up to batch_size) are greedy padding.
 
         seeds overrides params[i].seed (the engine passes the seed it resolved for requests that
         gave none); a row must end up with a seed. processing: the rows' ``logit_processing``
-        (needed where any row ``processes_logits``).
+        (needed where any row ``processes_logits``). allowed: the rows' token bitmasks
+        (``structured_output.TokenMasks.bitmask``; needed where any row has a structured output).
         """
         rows = len(params)
         batch_size = rows if batch_size is None else batch_size
@@ -400,6 +415,13 @@ class SamplingBatch:
         min_p = np.zeros(batch_size, np.float32)
         if processing is None and any(p.processes_logits for p in params):
             raise ValueError("SamplingBatch.from_params: a row processes its logits: pass them")
+        if allowed is None and any(p.structured_output is not None for p in params):
+            raise ValueError("SamplingBatch.from_params: a row has a structured output: pass masks")
+        if allowed is not None and allowed.shape[0] != batch_size:
+            raise ValueError(
+                f"SamplingBatch.from_params: masks for {allowed.shape[0]} rows, "
+                f"batch_size={batch_size}"
+            )
         for row, p in enumerate(params):
             seed = p.seed if seeds is None else seeds[row]
             if seed is None:
@@ -419,6 +441,7 @@ class SamplingBatch:
             token_index=token_index,
             min_p=min_p,
             processing=processing,
+            allowed=allowed,
         )
 
 
@@ -466,6 +489,23 @@ def _filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Ar
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+def unpack_token_mask(words: jax.Array, vocab_size: int) -> jax.Array:
+    """(B, V) bool from (B, ceil(V / 32)) int32 bitmasks: bit t % 32 of word t // 32."""
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    bits = (words[:, :, None] >> shifts) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab_size] != 0
+
+
+def constrain(logits: jax.Array, processed: jax.Array, words: jax.Array) -> jax.Array:
+    """processed logits (B, V) with the tokens each row's mask forbids at -inf. A row where
+    processing banned every allowed token (min_tokens against a grammar that can only end
+    there) keeps its allowed tokens' unprocessed logits: the grammar wins."""
+    allowed = unpack_token_mask(words, logits.shape[-1])
+    constrained = jnp.where(allowed, processed, -jnp.inf)
+    possible = jnp.any(constrained > -jnp.inf, axis=-1, keepdims=True)
+    return jnp.where(possible, constrained, jnp.where(allowed, logits, -jnp.inf))
+
+
 def uses_filters(params: Sequence[SamplingParams]) -> bool:
     """Whether any sampled (non-greedy) row filters with min-p, top-k or top-p (see
     ``sample``)."""
@@ -501,6 +541,8 @@ def sample(
         if register is None:
             raise ValueError("sample: logit processing reads pending tokens from a register")
         processed = process_logits(logits, batch.processing, register)
+    if batch.allowed is not None:
+        processed = constrain(logits, processed, batch.allowed)
     temperature = batch.temperature.astype(jnp.float32)
     greedy = temperature <= 0
     scaled = processed / jnp.where(greedy, 1.0, temperature)[:, None]

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 
@@ -410,7 +411,8 @@ WEATHER_TOOL = {
 
 def test_tools_without_a_parser_or_a_template_are_refused_naming_the_field(client):
     """The demo server reads no tool calls back and its default chat template renders no
-    tools: 400s that say so; a forced call (constrained decoding) is refused too."""
+    tools: 400s that say so, for a forced call (constrained decoding) too; a forced call of a
+    function that is not offered is refused naming tool_choice."""
     body = expect_error(
         400, lambda: chat(client, "pirate", tools=[WEATHER_TOOL]), "tool_call_parser"
     )
@@ -422,7 +424,16 @@ def test_tools_without_a_parser_or_a_template_are_refused_naming_the_field(clien
     )
     assert body["param"] == "tools"
     body = expect_error(
-        400, lambda: chat(client, "pirate", tools=[WEATHER_TOOL], tool_choice="required"), "auto"
+        400,
+        lambda: chat(client, "pirate", tools=[WEATHER_TOOL], tool_choice="required"),
+        "default chat template cannot render tools",
+    )
+    assert body["param"] == "tools"
+    named = {"type": "function", "function": {"name": "get_time"}}
+    body = expect_error(
+        400,
+        lambda: chat(client, "pirate", tools=[WEATHER_TOOL], tool_choice=named),
+        "'get_time' is not among the tools (['get_weather'])",
     )
     assert body["param"] == "tool_choice"
     body = expect_error(400, lambda: chat(client, "pirate", tools=[{"type": "x"}]), "tools[0]")
@@ -489,6 +500,136 @@ def test_tool_calls_are_read_back_with_the_parser(monkeypatch):
         [with_calls] = [d for d in deltas if d.tool_calls]
         assert with_calls.tool_calls[0].function.name == "get_weather"
         assert with_calls.tool_calls[0].index == 0 and with_calls.tool_calls[0].id
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    finally:
+        server.stop()
+
+
+SEA = {
+    "type": "object",
+    "properties": {
+        "mood": {"enum": ["calm", "stormy"]},
+        "waves": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["mood", "waves"],
+    "additionalProperties": False,
+    # (the demo model would pad free-whitespace JSON with blanks)
+    "x-guidance": {"whitespace_flexible": False},
+}
+
+
+def test_structured_outputs_constrain_the_answers(served, client):
+    """response_format json_schema and json_object (OpenAI's), structured_outputs and the
+    guided_* fields (vLLM's), on chats and completions, greedy and sampled, whole and streamed:
+    every answer is what its constraint admits, and the streamed text is the whole one."""
+    free = chat(client, "pirate").choices[0].message.content
+    sea = {"type": "json_schema", "json_schema": {"name": "sea", "schema": SEA}}
+    whole = chat(client, "pirate", response_format=sea).choices[0]
+    value = json.loads(whole.message.content)
+    assert whole.finish_reason == "stop" and value["mood"] in ("calm", "stormy")
+    assert 0 <= value["waves"] <= 9 and set(value) == {"mood", "waves"}
+    assert whole.message.content != free
+    streamed = list(chat(client, "pirate", response_format=sea, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == whole.message.content
+
+    compact_object = {"json_object": True, "disable_any_whitespace": True}
+    answer = chat(client, "pirate", extra_body={"structured_outputs": compact_object}).choices[0]
+    assert answer.finish_reason == "stop"
+    assert isinstance(json.loads(answer.message.content), dict)
+
+    choices = ["aye", "nay", "belay that"]
+    sampled = client.completions.create(
+        model="pirate",
+        prompt="Ahoy",
+        max_tokens=20,
+        temperature=1.5,
+        n=8,
+        seed=3,
+        extra_body={"structured_outputs": {"choice": choices}},
+    )
+    assert all(c.text in choices and c.finish_reason == "stop" for c in sampled.choices)
+    assert len({c.text for c in sampled.choices}) > 1
+    for field, spec, pattern in (
+        ("guided_regex", "[0-9]{2}-[a-z]{3}", r"[0-9]{2}-[a-z]{3}"),
+        ("guided_choice", ["left", "right"], r"left|right"),
+        ("guided_grammar", 'start: "(" D ("+" D)* ")"\nD: /[0-9]/', r"\([0-9](\+[0-9])*\)"),
+    ):
+        out = client.completions.create(
+            model="robot", prompt="Go", max_tokens=24, temperature=0, extra_body={field: spec}
+        )
+        assert re.fullmatch(pattern, out.choices[0].text), (field, out.choices[0].text)
+    body = expect_error(
+        400,
+        lambda: chat(client, "pirate", response_format=sea, extra_body={"guided_regex": "a"}),
+        "response_format, guided_regex: expected at most one constraint",
+    )
+    assert body["param"] == "guided_regex"
+
+
+def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
+    """tool_choice a named function: the answer is that function's arguments (its parameters'
+    schema), finish reason "stop" as OpenAI's; tool_choice "required": one or more calls of
+    offered tools, finish reason "tool_calls"; whole and streamed (one tool_calls delta)."""
+    server, state = start_demo_server()
+    state.tokenizer.chat_template = (
+        "{% if tools %}Tools: {% for t in tools %}{{ t['function']['name'] }}{% endfor %}\n"
+        "{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    clock = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    tools = [weather, clock]
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+        named = {"type": "function", "function": {"name": "get_time"}}
+        for model in ("pirate", "robot"):
+            choice = chat(client, model, tools=tools, tool_choice=named).choices[0]
+            assert choice.finish_reason == "stop" and choice.message.content is None
+            [call] = choice.message.tool_calls
+            assert call.function.name == "get_time"
+            assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+        whole = chat(client, "pirate", tools=tools, tool_choice="required", max_tokens=80)
+        choice = whole.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            arguments = json.loads(call.function.arguments)
+            if call.function.name == "get_time":
+                assert arguments["zone"] in ("UTC", "CET")
+            else:
+                assert call.function.name == "get_weather" and len(arguments["city"]) <= 8
+        chunks = list(
+            chat(client, "pirate", tools=tools, tool_choice="required", max_tokens=80, stream=True)
+        )
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        [with_calls] = [d for d in deltas if d.tool_calls]
+        assert [(c.function.name, c.function.arguments) for c in with_calls.tool_calls] == [
+            (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+        ]
+        assert not "".join(d.content or "" for d in deltas)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     finally:
         server.stop()

@@ -29,6 +29,11 @@ Scheduling policy (one iteration):
    known ahead (max_tokens, the context), so a request is never fed past them; a stop found in
    a token (EOS, a stop token or string) is seen one iteration late, and the row computed
    meanwhile is dropped. Outputs are the synchronous engine's.
+6. Structured outputs (``SamplingParams.structured_output``): a constrained row's step carries
+   the bitmask of the tokens its grammar allows next, which needs its previous token on the
+   host; so under async scheduling the row is not scheduled while a token of it is in flight
+   (it decodes every other iteration; the other rows keep the overlap). Its matcher consumes
+   each token appended; when the grammar can take nothing more the request stops.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ from jaxlora.sampling import (
     unique_tokens,
     uses_filters,
 )
+from jaxlora.structured_output import TokenMasks
 from pallas_kernels import layout
 from pallas_kernels.sgmv import build_sgmv_metadata, choose_per_token
 
@@ -223,6 +229,8 @@ class Engine:
         self._pending: list[_Launch] = []  # async scheduling: steps not read back yet
         self.async_scheduling = ec.async_scheduling  # may be switched between iterations
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self._token_masks: TokenMasks | None = None  # built for the first structured output
+        self._token_masks_lock = threading.Lock()
         if ec.warmup:
             self.warmup()
 
@@ -255,6 +263,11 @@ class Engine:
                 "stop: stop strings need a tokenizer to match text against, and "
                 "this engine has none; use stop_token_ids"
             )
+        matcher = None
+        if sampling.structured_output is not None:
+            matcher = self.token_masks(sampling.structured_output.field).matcher(
+                sampling.structured_output
+            )
         limit = self.engine_config.kv.max_model_len
         check_prompt_length(len(prompt_ids), limit)
         if len(prompt_ids) + sampling.max_tokens > limit:
@@ -279,6 +292,7 @@ class Engine:
             adapter=adapter,
             stream_deltas=stream,
         )
+        request._matcher = matcher
         if self.tokenizer is not None:
             request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
         if sampling.stop_strings:
@@ -301,6 +315,20 @@ class Engine:
             self.stats.requests_per_adapter[adapter or ""] += 1
         self._wakeup.set()
         return request
+
+    def token_masks(self, field: str = "structured_output") -> TokenMasks:
+        """The structured outputs' tokenizer and matchers (built when first asked for: some
+        hundreds of milliseconds for a large vocabulary)."""
+        if self.tokenizer is None:
+            raise RequestError(
+                f"{field}: structured outputs match text, and this engine has no tokenizer"
+            )
+        with self._token_masks_lock:
+            if self._token_masks is None:
+                self._token_masks = TokenMasks(
+                    self.tokenizer, self.config.vocab_size, sorted(self.eos_ids)
+                )
+        return self._token_masks
 
     def cancel(self, request_id: str) -> None:
         """Cancels a request (e.g. its client disconnected); its pages are freed next step."""
@@ -602,6 +630,8 @@ class Engine:
                 and len(decode) < ec.runner.max_batch
                 and budget > 0
                 and not self._ends_when_read(request)
+                # (a constrained row's mask needs its previous token on the host)
+                and not (request._matcher is not None and request.inflight)
             ):
                 if self._reserve(request, 1, (decode, prefill)):
                     decode.append((request, 1))
@@ -813,8 +843,14 @@ class Engine:
                 eos_ids=sorted(self.eos_ids),
                 batch_size=b,
             )
+        allowed = None
+        if any(p.structured_output is not None for p in params):
+            allowed = self._token_masks.bitmask(
+                [(r._matcher, i) for i, (r, _) in enumerate(rows) if r._matcher and samples[i]],
+                b,
+            )
         sampling = SamplingBatch.from_params(
-            params, token_indices, batch_size=b, processing=processing
+            params, token_indices, batch_size=b, processing=processing, allowed=allowed
         )
         # Alternatives: none, or the most any request may ask for (each request keeps its own
         # first n): two sampler shapes per bucket instead of one per distinct n.
@@ -1002,12 +1038,25 @@ class Engine:
             finish = FinishReason.STOP
         elif may_stop and token in sp.stop_token_ids:
             finish = FinishReason.STOP
+        matcher, grammar_done = request._matcher, False
+        if matcher is not None:
+            if not matcher.consume_token(token):
+                # (the mask allowed it: a matcher that refuses it is broken)
+                self._finish(
+                    request,
+                    FinishReason.ERROR,
+                    f"structured output: token {token} refused ({matcher.get_error()})",
+                )
+                return
+            grammar_done = matcher.is_stopped()  # the grammar can take nothing more
         text = self._detokenize(request, token)
         detector = request._stop_detector
         if detector is not None and finish is None:
             text, stopped = detector.push(text, detect=may_stop)
             if stopped:
                 finish = FinishReason.STOP
+        if finish is None and grammar_done:
+            finish = FinishReason.STOP
         if finish is None and (
             len(request.output_ids) >= sp.max_tokens
             or request.sequence_len >= self.engine_config.kv.max_model_len

@@ -86,6 +86,8 @@ class Request:
     _detok_state: object | None = None  # tokenizer.IncrementalDecoder
     _stop_detector: object | None = None  # sampling.StopStringDetector
     _prompt_unique: object | None = None  # the prompt's distinct tokens (logit processing)
+    # llguidance matcher of a structured output: has consumed exactly output_ids
+    _matcher: object | None = None
 
     def __post_init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

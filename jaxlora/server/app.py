@@ -52,7 +52,8 @@ from jaxlora.server.protocol import (
     UnloadLoraAdapterRequest,
 )
 from jaxlora.server.state import ServingState
-from jaxlora.server.tool_calls import ToolCallStream, parse_tool_calls
+from jaxlora.server.tool_calls import ForcedToolCalls, ToolCallStream, parse_tool_calls
+from jaxlora.structured_output import JSON_OBJECT_SCHEMA, StructuredOutput
 
 log = logging.getLogger("jaxlora.server")
 
@@ -92,9 +93,8 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
         if body.suffix is not None:
             refuse("suffix", "not supported")
     else:
-        if body.tool_choice not in (None, "none", "auto"):
-            # (a forced call needs constrained decoding, which this server does not do)
-            refuse("tool_choice", f"only 'auto' or 'none' is supported, got {body.tool_choice!r}")
+        if body.tool_choice not in (None, "none", "auto") and not body.tools:
+            refuse("tool_choice", f"{body.tool_choice!r} needs tools")
         for i, tool in enumerate(body.tools or ()):
             function = tool.get("function") if isinstance(tool, dict) else None
             if (
@@ -110,13 +110,89 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
                     ),
                     f"tools[{i}]",
                 )
-        if body.response_format is not None and body.response_format.type != "text":
-            refuse(
-                "response_format",
-                f"only type 'text' is supported, got {body.response_format.type!r}",
-            )
         if body.top_logprobs is not None and not body.logprobs:
             refuse("top_logprobs", "needs logprobs=true")
+
+
+def forced_tool_calls(body: ChatCompletionRequest) -> ForcedToolCalls | None:
+    """The call a chat request forces (tool_choice 'required' or a named function), if any."""
+    if not body.tools or body.tool_choice in (None, "none", "auto"):
+        return None
+    try:
+        return ForcedToolCalls(body.tools, body.tool_choice)
+    except ValueError as e:
+        raise with_param(RequestError(f"tool_choice: {e}"), "tool_choice") from None
+
+
+def _structured_output(
+    body: CompletionRequest | ChatCompletionRequest, forced: ForcedToolCalls | None = None
+) -> StructuredOutput | None:
+    """The constraint on a request's output: from response_format (OpenAI's), from
+    structured_outputs or a guided_* field (vLLM's), or from a forced tool call; at most one.
+    A spec that does not compile is a 400 naming its field."""
+    found: list[tuple[str, str, object]] = []  # (field, kind, spec)
+    compact = False
+    response_format = body.response_format
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_object":
+            found.append(("response_format", "json", JSON_OBJECT_SCHEMA))
+        elif response_format.type == "json_schema":
+            schema = (response_format.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise with_param(
+                    RequestError(
+                        "response_format.json_schema: expected {'name': ..., 'schema': {...}}, "
+                        f"got {response_format.json_schema!r}"
+                    ),
+                    "response_format",
+                )
+            found.append(("response_format", "json", schema))
+        else:
+            raise with_param(
+                RequestError(
+                    "response_format: expected type 'text', 'json_object' or 'json_schema', "
+                    f"got {response_format.type!r}"
+                ),
+                "response_format",
+            )
+    if body.structured_outputs is not None:
+        given = body.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        compact = given.pop("disable_any_whitespace")
+        if given.get("json_object") is False:
+            del given["json_object"]
+        if len(given) != 1:
+            raise with_param(
+                RequestError(
+                    "structured_outputs: expected exactly one of json, regex, choice, grammar "
+                    f"and json_object, got {sorted(given) or 'none'}"
+                ),
+                "structured_outputs",
+            )
+        ((kind, spec),) = given.items()
+        if kind == "json_object":
+            kind, spec = "json", JSON_OBJECT_SCHEMA
+        found.append((f"structured_outputs.{kind}", kind, spec))
+    for kind in ("json", "regex", "choice", "grammar"):
+        spec = getattr(body, f"guided_{kind}")
+        if spec is not None:
+            found.append((f"guided_{kind}", kind, spec))
+    if forced is not None:
+        # (compact: the arguments are read by a program, and re-serialized anyway)
+        found.append(("tool_choice", "json", forced.schema))
+        compact = True
+    if len(found) > 1:
+        fields = [field for field, _, _ in found]
+        raise with_param(
+            RequestError(f"{', '.join(fields)}: expected at most one constraint on the output"),
+            fields[1].split(".")[0],
+        )
+    if not found:
+        return None
+    field, kind, spec = found[0]
+    try:
+        return StructuredOutput(kind, spec, field=field, compact=compact and kind == "json")
+    except RequestError as e:
+        raise with_param(e, field.split(".")[0]) from None
 
 
 def _samplings(
@@ -126,6 +202,7 @@ def _samplings(
     count: int,
     max_stop_strings: int,
     prompt_logprobs: int | None = None,
+    structured_output: StructuredOutput | None = None,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
     stop = body.stop if body.stop is not None else ()
@@ -178,6 +255,7 @@ def _samplings(
                     min_tokens=body.min_tokens or 0,
                     prompt_logprobs=prompt_logprobs,
                     include_stop_str_in_output=body.include_stop_str_in_output,
+                    structured_output=structured_output,
                 )
             )
         except RequestError as e:
@@ -285,18 +363,25 @@ def _usage(prompt_lengths: list[int], requests: list[EngineRequest]) -> dict:
     }
 
 
-def chat_message(text: str, finish_reason: str, parser: str | None) -> tuple[dict, str]:
+def chat_message(
+    text: str, finish_reason: str, calls_reader: str | ForcedToolCalls | None
+) -> tuple[dict, str]:
     """A chat answer's message and finish reason: with a tool-call parser, the calls in the
-    text become ``tool_calls`` (finish reason "tool_calls") and the rest its content."""
+    text become ``tool_calls`` (finish reason "tool_calls") and the rest its content; a forced
+    call's answer (``ForcedToolCalls``) becomes its calls, unless cut short."""
     message = {"role": "assistant", "content": text}
-    if parser is None:
+    if calls_reader is None:
         return message, finish_reason
-    content, calls = parse_tool_calls(text, parser)
+    if isinstance(calls_reader, ForcedToolCalls):
+        content, calls = None, calls_reader.parse(text)
+        finish_reason = calls_reader.finish_reason if calls else finish_reason
+    else:
+        content, calls = parse_tool_calls(text, calls_reader)
     if not calls:
         return message, finish_reason
     message["content"] = content
     message["tool_calls"] = [call.to_openai() for call in calls]
-    return message, "tool_calls"
+    return message, finish_reason if isinstance(calls_reader, ForcedToolCalls) else "tool_calls"
 
 
 def _chunk_writer(body, http_id: str, created: int, kind: str, usage_so_far):
@@ -560,6 +645,17 @@ def create_app(
 
     # ------------------------------------------------------------------ generation helpers
 
+    async def structured_output_of(body, forced=None) -> StructuredOutput | None:
+        """The request's constraint, compiled off the event loop (a large schema takes a
+        while), with the engine's token masks built (the first time: the tokenizer's trie)."""
+        structured = await anyio.to_thread.run_sync(lambda: _structured_output(body, forced))
+        if structured is not None:
+            try:
+                await anyio.to_thread.run_sync(lambda: state.engine.token_masks(structured.field))
+            except RequestError as e:
+                raise with_param(e, structured.field.split(".")[0]) from None
+        return structured
+
     def submit_group(
         http_id: str, prompts: list[list[int]], samplings_per_prompt, adapter: str | None
     ) -> RequestGroup:
@@ -678,6 +774,7 @@ def create_app(
         )
         # echo with logprobs: the prompt's tokens get theirs too (as OpenAI's legacy API and
         # vLLM answer; lm-evaluation-harness scores choices this way).
+        structured = await structured_output_of(body)
         samplings = _samplings(
             body,
             max_tokens_of(body, state.config.default_max_tokens),
@@ -685,6 +782,7 @@ def create_app(
             body.n,
             state.config.max_stop_strings,
             prompt_logprobs=body.logprobs if body.echo else None,
+            structured_output=structured,
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -806,9 +904,11 @@ def create_app(
                 RequestError(f"n: expected 1..{state.config.max_n}, got {body.n}"), "n"
             )
         # Tool calls are read back from the answers where the request offers tools and lets
-        # the model call them (tool_choice "auto" or none given).
-        parser = None
-        if body.tools and body.tool_choice != "none":
+        # the model call them (tool_choice "auto" or none given); a forced call is decoded
+        # under its schema.
+        parser, forced = None, forced_tool_calls(body)
+        structured = await structured_output_of(body, forced)
+        if body.tools and body.tool_choice in (None, "auto"):
             parser = state.config.tool_call_parser
             if parser is None:
                 raise with_param(
@@ -827,7 +927,9 @@ def create_app(
             logprobs,
             body.n,
             state.config.max_stop_strings,
+            structured_output=structured,
         )
+        calls_reader = forced or parser
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         group = submit_group(http_id, [prompt], samplings, adapter)
@@ -843,7 +945,7 @@ def create_app(
                     lp = formatter.chat_logprobs(
                         r.output_ids, r.output_logprobs, r.output_top_logprobs
                     )
-                message, finish = chat_message(r.text, str(r.finish_reason), parser)
+                message, finish = chat_message(r.text, str(r.finish_reason), calls_reader)
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
                 )
@@ -878,7 +980,12 @@ def create_app(
             )
 
         async def chunks(events) -> AsyncIterator[str]:
-            calls = [ToolCallStream(parser) if parser else None for _ in group.requests]
+            calls = [
+                (forced_tool_calls(body) if forced else ToolCallStream(parser))
+                if calls_reader
+                else None
+                for _ in group.requests
+            ]
             for i in range(len(group.requests)):
                 yield delta_chunk(i, {"role": "assistant", "content": ""})
             async for index, delta in events:
@@ -905,7 +1012,7 @@ def create_app(
                         if held:
                             yield delta_chunk(index, {"content": held})
                         if found:
-                            finish = "tool_calls"
+                            finish = forced.finish_reason if forced else "tool_calls"
                             tool_deltas = [c.to_openai(k) for k, c in enumerate(found)]
                             yield delta_chunk(index, {"tool_calls": tool_deltas})
                     yield delta_chunk(index, {}, finish_reason=finish)

@@ -1,10 +1,11 @@
 """Request bodies of the OpenAI-compatible API (pydantic: validation and the OpenAPI schema).
 
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``stop_token_ids``, ``include_stop_str_in_output`` and ``ignore_eos`` are vLLM's extensions.
-Fields this server cannot honour (suffix, a forced tool_choice, ...) are accepted only at their
-neutral value,
-so that a client never silently gets something else than it asked for; unknown fields are
+``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``, ``structured_outputs`` and
+the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are
+vLLM's extensions. Fields this server cannot honour (suffix, ...) are accepted only at their
+neutral value, so that a client never silently gets something else than it asked for; unknown
+fields are
 refused (400), as OpenAI does. Types are strict, as OpenAI's are: "5" or true is not taken for
 an int, nor 1 or "yes" for a bool (400).
 """
@@ -25,6 +26,31 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = Field(
         False,
         description="With include_usage: every chunk also carries the usage so far (vLLM's).",
+    )
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str = Field(description="'text', 'json_object' or 'json_schema'.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="With type 'json_schema': {'name': ..., 'schema': {...}}."
+    )
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs: exactly one constraint on the output."""
+
+    json_: dict[str, Any] | str | None = Field(
+        None, alias="json", description="A JSON schema the output is an instance of."
+    )
+    regex: str | None = Field(None, description="A regular expression the output matches.")
+    choice: list[str] | None = Field(None, description="The output is one of these strings.")
+    grammar: str | None = Field(
+        None, description="A Lark (or GBNF) grammar the output is a sentence of."
+    )
+    json_object: bool | None = Field(None, description="The output is a JSON object.")
+    disable_any_whitespace: bool = Field(
+        False, description="JSON without whitespace between its tokens."
     )
 
 
@@ -68,6 +94,18 @@ class _SamplingFields(_Body):
     min_tokens: int | None = Field(
         None, description="Tokens to generate before EOS, stop tokens or stop strings count."
     )
+    response_format: ResponseFormat | None = Field(
+        None, description="'text', 'json_object' or 'json_schema' (constrained decoding)."
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's constraints: json, regex, choice, grammar or json_object."
+    )
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="Older vLLM spelling of structured_outputs.json."
+    )
+    guided_regex: str | None = Field(None, description="Older vLLM spelling of ....regex.")
+    guided_choice: list[str] | None = Field(None, description="Older vLLM spelling of ....choice.")
+    guided_grammar: str | None = Field(None, description="Older vLLM spelling of ....grammar.")
     user: str | None = None
 
 
@@ -92,11 +130,6 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(
         description="The conversation; rendered with the tokenizer's chat template."
@@ -106,13 +139,16 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(
         None, description="Most likely alternatives per token (0..20); needs logprobs."
     )
-    response_format: ResponseFormat | None = Field(None, description="Only type 'text'.")
     tools: list[dict[str, Any]] | None = Field(
         None,
         description="Functions the model may call (rendered by the model's chat template; "
         "the server reads calls back with its --tool_call_parser).",
     )
-    tool_choice: str | dict[str, Any] | None = Field(None, description="'auto' or 'none'.")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None,
+        description="'auto', 'none', 'required' or {'type': 'function', 'function': {'name': "
+        "...}} (the last two by constrained decoding).",
+    )
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None

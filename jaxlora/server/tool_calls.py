@@ -150,3 +150,76 @@ def _partial_suffix(text: str, marker: str) -> int:
         if marker.startswith(text[-length:]):
             return length
     return 0
+
+
+class ForcedToolCalls:
+    """A call the request forces (``tool_choice`` ``"required"`` or a named function), made by
+    constrained decoding rather than read back from free text: the answer is JSON that a schema
+    built from the tools admits. Named: the function's arguments (its ``parameters`` schema);
+    required: a non-empty array of ``{"name": ..., "parameters": {...}}`` of any offered tool.
+
+    It streams like ``ToolCallStream``: ``push`` holds everything, ``finish`` gives the calls
+    (or the text, if the answer was cut short by max_tokens and does not parse)."""
+
+    def __init__(self, tools: list[dict], tool_choice):
+        self._held = ""
+        functions = {tool["function"]["name"]: tool["function"] for tool in tools}
+        if tool_choice == "required":
+            self.name = None
+            choices = [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": name},
+                        "parameters": _parameters_schema(function),
+                    },
+                    "required": ["name", "parameters"],
+                    "additionalProperties": False,
+                }
+                for name, function in functions.items()
+            ]
+            self.schema = {"type": "array", "minItems": 1, "items": {"anyOf": choices}}
+            self.finish_reason = "tool_calls"
+            return
+        function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if tool_choice.get("type") != "function" or not isinstance(name, str):
+            raise ValueError(
+                "expected 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                f"{{'name': ...}}}}, got {tool_choice!r}"
+            )
+        if name not in functions:
+            raise ValueError(f"function {name!r} is not among the tools ({sorted(functions)})")
+        self.name = name
+        self.schema = _parameters_schema(functions[name])
+        # (OpenAI answers a forced named call with finish reason "stop")
+        self.finish_reason = "stop"
+
+    def parse(self, text: str) -> list[ToolCall]:
+        """The calls in a complete answer; [] if it does not parse (cut short)."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return []
+        if self.name is not None:
+            call = _call({"name": self.name, "arguments": value}, "arguments")
+            return [] if call is None else [call]
+        if not isinstance(value, list):
+            return []
+        calls = [_call(item, "parameters") for item in value]
+        return [] if None in calls else calls
+
+    def push(self, delta: str) -> str:
+        self._held += delta
+        return ""
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        held, self._held = self._held, ""
+        calls = self.parse(held)
+        return ("", calls) if calls else (held, [])
+
+
+def _parameters_schema(function: dict) -> dict:
+    parameters = function.get("parameters")
+    # (a function without parameters takes an empty object)
+    return parameters if isinstance(parameters, dict) else {"type": "object", "properties": {}}

@@ -1,0 +1,195 @@
+"""Structured outputs (constrained decoding): every token a request samples keeps its text a
+prefix of something a JSON schema, a regular expression, a list of choices or a grammar accepts.
+
+The matching is llguidance's (an Earley parser over a lexer, with the tokenizer's token trie:
+tens of microseconds a mask for JSON schemas). Per step the engine asks each constrained row's
+matcher for the set of tokens allowed next, as a bitmask of one bit a token (``TokenMasks``):
+(B, ceil(V / 32)) int32 words, bit ``t % 32`` of word ``t // 32`` set when token t is allowed.
+The sampler sets every other token's logit to -inf before temperature, filters and argmax;
+logprobs stay the model's own. The matcher then consumes the token the row got; once the
+grammar can take nothing more the request finishes (reason ``stop``).
+
+A mask needs the row's previous token on the host, so a constrained row is not scheduled while
+its previous token is still being sampled (async scheduling): such a row decodes every other
+iteration while unconstrained rows keep the overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxlora.errors import RequestError
+
+KINDS = ("json", "regex", "choice", "grammar")
+# A JSON schema accepting any JSON object (OpenAI's response_format {"type": "json_object"}).
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+MAX_CHOICES = 1024
+MAX_SPEC_CHARS = 1 << 20
+
+
+def _llguidance():
+    # (imported when first used: only constrained requests need it)
+    import llguidance
+
+    return llguidance
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must match.
+
+    kind "json": spec is a JSON schema (its JSON text, or a dict); "regex": a regular expression
+    (Rust regex syntax) the whole output matches; "choice": a list of strings, the output is one
+    of them; "grammar": a Lark grammar (or llama.cpp's GBNF), the output is a sentence of it.
+    ``field`` names the request field it came from, for error messages. compact (json only):
+    no whitespace between tokens (vLLM's disable_any_whitespace); otherwise any amount, which
+    a weak model may fill its output with.
+    """
+
+    kind: str
+    spec: str | tuple[str, ...]
+    field: str = "structured_output"
+    compact: bool = False
+
+    def __post_init__(self):
+        def fail(expected: str, got):
+            raise RequestError(f"{self.field}: expected {expected}, got {got!r}")
+
+        if self.kind not in KINDS:
+            fail(f"a kind among {list(KINDS)}", self.kind)
+        if not isinstance(self.compact, bool):
+            fail("compact to be a bool", self.compact)
+        spec = self.spec
+        if self.kind == "json" and isinstance(spec, dict):
+            spec = json.dumps(spec)
+        if self.kind == "choice":
+            if (
+                not isinstance(spec, (list, tuple))
+                or not 1 <= len(spec) <= MAX_CHOICES
+                or not all(isinstance(c, str) and c for c in spec)
+            ):
+                fail(f"a list of 1..{MAX_CHOICES} non-empty strings", spec)
+            spec = tuple(spec)
+        elif not isinstance(spec, str) or not spec.strip():
+            fail("a non-empty string" + (" or a JSON object" if self.kind == "json" else ""), spec)
+        elif len(spec) > MAX_SPEC_CHARS:
+            fail(f"at most {MAX_SPEC_CHARS} characters", f"{len(spec)} characters")
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "_grammar", self._compile())
+
+    def _compile(self) -> str:
+        llg = self._llguidance_or_fail()
+        if self.kind == "json":
+            try:
+                schema = json.loads(self.spec)
+            except json.JSONDecodeError as e:
+                raise RequestError(f"{self.field}: the schema is not valid JSON ({e})") from None
+            if not isinstance(schema, (dict, bool)):
+                raise RequestError(
+                    f"{self.field}: expected a JSON schema (an object), got {self.spec[:200]!r}"
+                )
+            try:
+                grammar = llg.LLMatcher.grammar_from_json_schema(
+                    self.spec, overrides={"whitespace_flexible": False} if self.compact else None
+                )
+            except ValueError as e:
+                raise RequestError(f"{self.field}: not a usable JSON schema ({e})") from None
+        elif self.kind == "regex":
+            grammar = llg.LLMatcher.grammar_from_regex(self.spec)
+        elif self.kind == "choice":
+            grammar = llg.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(choice) for choice in self.spec)
+            )
+        else:
+            try:
+                grammar = llg.grammar_from("grammar", self.spec)
+            except ValueError as e:
+                raise RequestError(f"{self.field}: not a Lark or GBNF grammar ({e})") from None
+        problem = llg.LLMatcher.validate_grammar(grammar)
+        if problem:
+            raise RequestError(f"{self.field}: the {self.kind} does not compile: {problem}")
+        return grammar
+
+    def _llguidance_or_fail(self):
+        try:
+            return _llguidance()
+        except ImportError:
+            raise RequestError(
+                f"{self.field}: structured outputs need the llguidance package "
+                "(pip install llguidance)"
+            ) from None
+
+    @property
+    def grammar(self) -> str:
+        """The llguidance grammar (compiled and checked at construction)."""
+        return self._grammar
+
+    @classmethod
+    def json_object(cls, field: str = "structured_output", compact: bool = False):
+        return cls("json", JSON_OBJECT_SCHEMA, field, compact)
+
+
+def mask_words(vocab_size: int) -> int:
+    """int32 words of one row's token bitmask."""
+    return (vocab_size + 31) // 32
+
+
+class TokenMasks:
+    """The engine's side of structured outputs: the tokenizer as llguidance sees it (built once,
+    over the model's whole vocabulary: ids past the tokenizer's are never allowed), a matcher
+    per constrained request, and the step's bitmask of the allowed tokens."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: Sequence[int]):
+        llg = _llguidance()
+        self.vocab_size = vocab_size
+        self._tokenizer = llg.LLTokenizer(
+            tokenizer.backend.to_str(),
+            n_vocab=vocab_size,
+            eos_token=sorted(eos_ids) or None,
+        )
+        self._executor = llg.LLExecutor()
+        self._lock = threading.Lock()
+
+    def matcher(self, structured: StructuredOutput):
+        """A fresh matcher for one request; RequestError (naming the request field) if the
+        grammar does not work with this tokenizer."""
+        llg = _llguidance()
+        matcher = llg.LLMatcher(self._tokenizer, structured.grammar, log_level=0)
+        if matcher.is_error():
+            raise RequestError(f"{structured.field}: {matcher.get_error()}")
+        return matcher
+
+    def bitmask(self, rows: Sequence[tuple[object, int]], batch_size: int) -> np.ndarray:
+        """(batch_size, words) int32: each (matcher, row)'s allowed tokens; other rows allow
+        every token."""
+        masks = np.full((batch_size, mask_words(self.vocab_size)), -1, np.int32)
+        if rows:
+            with self._lock:
+                self._executor.unsafe_compute_mask_ptr(
+                    [(matcher, row) for matcher, row in rows],
+                    masks.ctypes.data,
+                    masks.shape[1] * 4,
+                    batch_size,
+                )
+        return masks
+
+
+def allowed_tokens(masks: np.ndarray, vocab_size: int) -> np.ndarray:
+    """(B, V) bool from (B, words) bitmasks (the numpy twin of ``sampling.unpack_token_mask``)."""
+    bits = np.unpackbits(masks.view(np.uint8), axis=-1, bitorder="little")
+    return bits[:, :vocab_size].astype(bool)
+
+
+__all__ = [
+    "JSON_OBJECT_SCHEMA",
+    "KINDS",
+    "StructuredOutput",
+    "TokenMasks",
+    "allowed_tokens",
+    "mask_words",
+]

@@ -1,0 +1,257 @@
+"""Structured outputs: the specs' checks, the sampler's token masks, and the engine's
+constrained requests (async and synchronous, with preemptions) against a recompute that masks
+with its own matcher."""
+
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+from configs.models import TINY
+from jaxlora.errors import RequestError
+from jaxlora.sampling import (
+    SamplingBatch,
+    SamplingParams,
+    constrain,
+    sample,
+    unpack_token_mask,
+)
+from jaxlora.structured_output import StructuredOutput, TokenMasks, allowed_tokens, mask_words
+from jaxlora.tokenizer import tiny_tokenizer
+from tests.test_engine import _full_forward, small_engine_config
+
+# Compact JSON (no free whitespace): a random tiny model would otherwise pad with blanks
+# until max_tokens, and never close the object.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 5},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+    "x-guidance": {"whitespace_flexible": False},
+}
+DIGITS = r"[a-z]{2,5}-[0-9]{1,3}"
+CHOICES = ("yes", "no", "maybe not")
+ARITHMETIC = 'start: "(" expr ")"\nexpr: DIGIT ("+" DIGIT)*\n%import common.DIGIT'
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return jaxlora.model.init_params(TINY, 0)
+
+
+# ---------------------------------------------------------------------------- specs
+
+
+@pytest.mark.parametrize(
+    "kind, spec, message",
+    [
+        ("xml", "<a/>", "expected a kind among"),
+        ("json", "{not json", "the schema is not valid JSON"),
+        ("json", "[1, 2]", "expected a JSON schema"),
+        ("json", {"type": "nonsense"}, "does not compile"),
+        ("json", "  ", "a non-empty string"),
+        ("regex", "[a-", "does not compile"),
+        ("regex", 5, "a non-empty string"),
+        ("choice", [], "a list of 1..1024 non-empty strings"),
+        ("choice", ["a", ""], "a list of 1..1024 non-empty strings"),
+        ("choice", "yes", "a list of 1..1024 non-empty strings"),
+        ("grammar", "start: (", "not a Lark or GBNF grammar|does not compile"),
+    ],
+)
+def test_a_bad_spec_is_refused_naming_its_field(kind, spec, message):
+    with pytest.raises(RequestError, match=rf"^response_format: .*({message})"):
+        StructuredOutput(kind, spec, field="response_format")
+
+
+def test_specs_compile_once_and_sampling_params_check_the_type():
+    spec = StructuredOutput("json", PERSON)
+    assert json.loads(spec.spec) == PERSON
+    assert spec.grammar and spec == StructuredOutput("json", json.dumps(PERSON))
+    assert StructuredOutput("choice", ["a", "b"]).spec == ("a", "b")
+    with pytest.raises(RequestError, match="'structured_output'"):
+        SamplingParams(structured_output={"type": "json_object"})
+
+
+# ---------------------------------------------------------------------------- the sampler
+
+
+def test_token_masks_unpack_bit_t_of_word_t_over_32():
+    rng = np.random.default_rng(0)
+    for vocab in (1, 31, 32, 33, 100, 512):
+        words = rng.integers(-(2**31), 2**31, (3, mask_words(vocab)), dtype=np.int64)
+        words = words.astype(np.int32)
+        expected = np.array(
+            [[(int(words[r, t // 32]) >> (t % 32)) & 1 for t in range(vocab)] for r in range(3)],
+            bool,
+        )
+        np.testing.assert_array_equal(allowed_tokens(words, vocab), expected)
+        np.testing.assert_array_equal(
+            np.asarray(unpack_token_mask(jnp.asarray(words), vocab)), expected
+        )
+
+
+def _words(allowed: np.ndarray) -> np.ndarray:
+    padded = np.zeros((allowed.shape[0], mask_words(allowed.shape[1]) * 32), np.uint8)
+    padded[:, : allowed.shape[1]] = allowed
+    return np.packbits(padded, axis=-1, bitorder="little").view(np.int32)
+
+
+def test_the_sampler_only_samples_allowed_tokens():
+    rng = np.random.default_rng(1)
+    rows, vocab = 6, 300
+    logits = rng.normal(0, 3, (rows, vocab)).astype(np.float32)
+    allowed = rng.random((rows, vocab)) < 0.05
+    allowed[0] = True  # an unconstrained row
+    allowed[1] = False
+    allowed[1, 7] = True  # one choice: taken whatever its logit
+    logits[1, 7] = -50
+    params = [
+        SamplingParams(temperature=t, top_k=k, seed=s)
+        for t, k, s in [
+            (1.0, 0, 1),
+            (0.0, 0, 2),
+            (0.0, 0, 3),
+            (1.5, 5, 4),
+            (0.7, 0, 5),
+            (1.0, 0, 6),
+        ]
+    ]
+    for step in range(20):
+        batch = SamplingBatch.from_params(
+            params, [step] * rows, batch_size=rows, allowed=_words(allowed)
+        )
+        out = sample(jnp.asarray(logits), batch, num_top_logprobs=3)
+        tokens = np.asarray(out.tokens)
+        assert all(allowed[r, tokens[r]] for r in range(rows)), tokens
+        assert tokens[1] == 7
+        assert tokens[2] == np.flatnonzero(allowed[2])[np.argmax(logits[2, allowed[2]])]
+        # Logprobs stay the model's own distribution.
+        expected = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)[np.arange(rows), tokens]
+        np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected), rtol=1e-5)
+
+
+def test_a_row_whose_processing_bans_every_allowed_token_keeps_the_grammar():
+    logits = jnp.asarray([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]])
+    processed = logits.at[0, 1].set(-jnp.inf).at[1, 1].set(-jnp.inf)
+    allowed = np.array([[0, 1, 1, 0], [0, 1, 0, 0]], bool)
+    out = np.asarray(constrain(logits, processed, jnp.asarray(_words(allowed))))
+    np.testing.assert_array_equal(out[0], [-np.inf, -np.inf, 2.0, -np.inf])
+    np.testing.assert_array_equal(out[1], [-np.inf, 1.0, -np.inf, -np.inf])
+
+
+def test_a_batch_with_a_structured_row_needs_its_masks():
+    params = [SamplingParams(structured_output=StructuredOutput("choice", ["a"]), seed=0)]
+    with pytest.raises(ValueError, match="structured output"):
+        SamplingBatch.from_params(params, [0])
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+def constrained_greedy_reference(params, tokenizer, prompt, sampling, width=48):
+    """Greedy decoding by recomputing the whole sequence for every token, with a matcher of
+    its own masking the logits; ends on EOS or where the grammar can take nothing more."""
+    masks = TokenMasks(tokenizer, TINY.vocab_size, tokenizer.eos_token_ids)
+    matcher = masks.matcher(sampling.structured_output)
+    out = []
+    for _ in range(sampling.max_tokens):
+        seq = prompt + out
+        logits = _full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
+        row = np.asarray(logits[0, len(seq) - 1])
+        allowed = allowed_tokens(masks.bitmask([(matcher, 0)], 1), TINY.vocab_size)[0]
+        token = int(np.flatnonzero(allowed)[np.argmax(row[allowed])])
+        out.append(token)
+        assert matcher.consume_token(token)
+        if token in tokenizer.eos_token_ids or matcher.is_stopped():
+            break
+    return out
+
+
+def _valid(kind: str, text: str) -> bool:
+    if kind == "json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        return set(value) == {"name", "age"} and 0 <= value["age"] <= 99
+    if kind == "regex":
+        return re.fullmatch(DIGITS, text) is not None
+    if kind == "choice":
+        return text in CHOICES
+    return re.fullmatch(r"\(\d(\+\d)*\)", text) is not None
+
+
+SPECS = [
+    StructuredOutput("json", PERSON),
+    StructuredOutput("regex", DIGITS),
+    StructuredOutput("choice", CHOICES),
+    StructuredOutput("grammar", ARITHMETIC),
+    None,
+    StructuredOutput("json", PERSON),
+]
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_constrained_requests_give_the_masked_recompute_tokens(base, tokenizer, async_scheduling):
+    """Greedy constrained requests of four kinds beside an unconstrained one, async (a
+    constrained row waits for its previous token on the host) and synchronous, with
+    preemptions: each gets the tokens of a recompute masked by its own matcher, and its text
+    matches its spec (ended by EOS or by the grammar, within max_tokens)."""
+    prompts = [tokenizer.encode(t) for t in ("The cat", "Hi", "is it", "sum", "The dog", "x")]
+    samplings = [SamplingParams(temperature=0, max_tokens=24, structured_output=s) for s in SPECS]
+    config = dataclasses.replace(
+        small_engine_config(num_pages=14, max_model_len=48), async_scheduling=async_scheduling
+    )
+    llm = jaxlora.LLM(TINY, params=base, tokenizer=tokenizer, engine_config=config, load_workers=0)
+    outs = llm.generate(prompts, sampling=samplings)
+    assert llm.engine.stats.preemptions > 0
+    assert llm.engine.kv.free_pages == config.kv.num_pages
+    unconstrained = llm.generate(
+        prompts, sampling=[dataclasses.replace(s, structured_output=None) for s in samplings]
+    )
+    for prompt, sampling, out, free in zip(prompts, samplings, outs, unconstrained, strict=True):
+        spec = sampling.structured_output
+        if spec is None:
+            assert out.token_ids == free.token_ids
+            continue
+        assert out.token_ids == constrained_greedy_reference(base, tokenizer, prompt, sampling)
+        assert out.finish_reason == "stop", (spec.kind, out.text)
+        assert _valid(spec.kind, out.text), (spec.kind, out.text)
+        assert out.token_ids != free.token_ids  # the mask bites
+
+
+def test_sampled_constrained_requests_always_match(base, tokenizer):
+    """Sampling at temperature 1.5 (seeds 0..11; room for a name of 5 four-byte characters):
+    every output matches its spec, and the outputs are not all the same."""
+    config = small_engine_config(num_pages=96, max_model_len=48)
+    llm = jaxlora.LLM(TINY, params=base, tokenizer=tokenizer, engine_config=config, load_workers=0)
+    prompt = tokenizer.encode("pick")
+    for spec in SPECS[:4]:
+        samplings = [
+            SamplingParams(temperature=1.5, max_tokens=44, seed=seed, structured_output=spec)
+            for seed in range(12)
+        ]
+        outs = llm.generate([prompt] * 12, sampling=samplings)
+        for out in outs:
+            assert out.finish_reason == "stop" and _valid(spec.kind, out.text), out.text
+        assert len({out.text for out in outs}) > 1, spec.kind
+
+
+def test_structured_outputs_need_a_tokenizer(base):
+    llm = jaxlora.LLM(TINY, params=base, engine_config=small_engine_config(), load_workers=0)
+    sampling = SamplingParams(structured_output=StructuredOutput("choice", ["a"], field="guided"))
+    with pytest.raises(RequestError, match="^guided: .*no tokenizer"):
+        llm.engine.submit([1, 2], sampling)
