@@ -162,7 +162,9 @@ class LLM:
         adapter: str | None | Sequence[str | None] = None,
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
-        """Runs every prompt in shared batches (each with its own adapter) until all finish."""
+        """Runs every prompt in shared batches (each with its own adapter) until all finish.
+        Repeats of one prompt with one adapter (samples of a prompt: best-of-n, RL rollouts)
+        compute the prompt's full pages once (``Engine.submit(share_prompt_with=...)``)."""
         n = len(prompts)
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
@@ -171,10 +173,15 @@ class LLM:
                 f"generate: {n} prompts but {len(adapters)} adapters and "
                 f"{len(samplings)} sampling parameters"
             )
-        requests = [
-            self.submit(p, adapter=a, sampling=s, stream=False)
-            for p, a, s in zip(prompts, adapters, samplings, strict=True)
-        ]
+        requests, leaders = [], {}
+        for p, a, s in zip(prompts, adapters, samplings, strict=True):
+            ids = self.encode(p)
+            key = (tuple(ids), a)
+            request = self.engine.submit(
+                ids, s, adapter=a, stream=False, share_prompt_with=leaders.get(key)
+            )
+            leaders.setdefault(key, request)
+            requests.append(request)
         if self.engine._thread is None:
             self.engine.run_until_idle()
         for r in requests:

@@ -928,6 +928,54 @@ def test_prefix_caching_reuses_pages_of_the_same_prefix_and_adapter(base, lora_a
     assert llm.engine.kv.free_pages == 13
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("num_pages", [96, 20])
+def test_choices_of_one_prompt_compute_its_pages_once(
+    base, lora_adapters, async_scheduling, num_pages
+):
+    """Four sampled choices of each of two 14-token prompts (one with an adapter; prefill
+    chunks of 8): the first computes the prompt, the others wait for its 3 full pages and
+    compute only the last 2 tokens; each choice's tokens are those it gets alone, async and
+    synchronous, and with preemptions (a pool of 20 pages); pages all return."""
+    import dataclasses
+
+    rng = np.random.default_rng(5)
+    prompts = [list(map(int, rng.integers(3, 500, 14))) for _ in range(2)]
+    names = ["all5", None]
+    config = dataclasses.replace(
+        small_engine_config(num_pages=num_pages, max_model_len=32),
+        async_scheduling=async_scheduling,
+    )
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+    )
+
+    def sampling(seed):
+        return SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=seed)
+
+    alone = [
+        llm.generate([prompt], adapter=[name], sampling=[sampling(seed)])[0].token_ids
+        for prompt, name in zip(prompts, names, strict=True)
+        for seed in range(4)
+    ]
+    stats = llm.engine.stats
+    computed, shared = stats.prompt_tokens, stats.shared_prompt_tokens
+    assert shared == 0
+    outs = llm.generate(
+        [prompt for prompt in prompts for _ in range(4)],
+        adapter=[name for name in names for _ in range(4)],
+        sampling=[sampling(seed) for _ in prompts for seed in range(4)],
+    )
+    assert [out.token_ids for out in outs] == alone
+    if num_pages == 96:
+        assert stats.preemptions == 0
+        assert stats.shared_prompt_tokens == 2 * 3 * 12
+        assert stats.prompt_tokens - computed == 2 * (14 + 3 * 2)
+    else:
+        assert stats.preemptions > 0 and stats.shared_prompt_tokens > 0
+    assert llm.engine.kv.free_pages == num_pages
+
+
 def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base, lora_adapters):
     """The engine thread survives an exception in a step taken while earlier steps' tokens are
     still on the device (async scheduling): the running requests end with an error and free

@@ -1,4 +1,5 @@
-"""The KV cache manager's page bookkeeping with prefix caching, under random operations."""
+"""The KV cache manager's page bookkeeping with prefix caching and prompt sharing, under random
+operations."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
     """Sequences of a few shared prefixes and adapters come and go: a sequence is only ever
     given cached pages whose contents (tracked here as written) are its own tokens under its
     own adapter; every page is held, cached or free, never two of them; reference counts match
-    the holders; a pool of only free and cached pages reports every page free."""
+    the holders; a pool of only free and cached pages reports every page free. Some sequences
+    start from a live one's prompt (``share_prefix``: the n choices of a request)."""
     rng = np.random.default_rng(seed)
     size, num_pages = 4, 14
     kv = KVCacheManager(
@@ -25,23 +27,34 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
     prefixes = [list(rng.integers(0, 5, 12)) for _ in range(3)]
     written: dict[int, tuple] = {}  # page -> (adapter, tokens) its owner wrote there
     live: dict[int, tuple] = {}  # seq -> (adapter, tokens)
-    next_id, hits = 0, 0
+    next_id, hits, shares = 0, 0, 0
     for _ in range(400):
         if live and rng.random() < 0.4:
             seq = int(rng.choice(list(live)))
             kv.free(seq)
             del live[seq]
         else:
-            adapter = int(rng.integers(0, 2))
-            tokens = prefixes[rng.integers(0, 3)][: rng.integers(1, 13)] + list(
-                rng.integers(0, 5, rng.integers(1, 10))
-            )
+            source = None
+            if live and rng.random() < 0.3:
+                source = int(rng.choice(list(live)))
+                adapter, source_tokens = live[source]
+                common = int(rng.integers(1, len(source_tokens) + 1))
+                tokens = source_tokens[:common] + list(rng.integers(0, 5, rng.integers(1, 10)))
+            else:
+                adapter = int(rng.integers(0, 2))
+                tokens = prefixes[rng.integers(0, 3)][: rng.integers(1, 13)] + list(
+                    rng.integers(0, 5, rng.integers(1, 10))
+                )
             seq, next_id = next_id, next_id + 1
 
             def tokens_of(start, n, tokens=tokens):
                 return tokens[start : start + n]
 
-            cached = kv.attach_prefix(seq, tokens_of, adapter, len(tokens) - 1)
+            cached = 0
+            if source is not None:
+                cached = kv.share_prefix(source, seq, min(common, len(tokens) - 1))
+                shares += cached > 0
+            cached = cached or kv.attach_prefix(seq, tokens_of, adapter, len(tokens) - 1)
             assert cached % size == 0 and cached <= len(tokens) - 1
             for i, page in enumerate(kv.pages_of(seq)):
                 assert written[page] == (adapter, tuple(tokens[i * size : (i + 1) * size]))
@@ -63,7 +76,7 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
         assert kv.free_pages == num_pages - len(distinct)
         for key, page in kv._page_of_key.items():
             assert kv._key_of_page[page] == key
-    assert hits > 10
+    assert hits > 10 and shares > 10
     for seq in list(live):
         kv.free(seq)
     assert kv.free_pages == num_pages and not kv._refs
@@ -81,3 +94,19 @@ def test_without_prefix_caching_nothing_is_cached_and_pages_return():
     assert kv.attach_prefix(1, lambda s, n: tokens[s : s + n], None, 11) == 0
     with pytest.raises(ConfigError, match="prefix_caching: expected a bool"):
         KVCacheConfig(prefix_caching=1)
+
+
+def test_shared_prompt_pages_outlive_their_first_holder_without_prefix_caching():
+    """share_prefix gives only full pages, by reference: they return to the pool when the
+    last holder frees them."""
+    kv = KVCacheManager(TINY, KVCacheConfig(page_size=4, num_pages=8, max_model_len=16))
+    assert kv.ensure("a", 10)  # pages 0..2, the third half full
+    assert kv.share_prefix("a", "b", 9) == 8  # the two full pages
+    assert kv.share_prefix("a", "b", 9) == 0  # b has pages already
+    assert kv.share_prefix("missing", "c", 8) == 0 and kv.pages_of("c") == []
+    assert kv.pages_of("b") == kv.pages_of("a")[:2]
+    assert kv.ensure("b", 10) and kv.pages_of("b")[2] not in kv.pages_of("a")
+    kv.free("a")
+    assert kv.free_pages == 8 - 3  # b's three
+    kv.free("b")
+    assert kv.free_pages == 8 and not kv._refs

@@ -256,6 +256,25 @@ def test_n_seed_stop_and_logprobs(served, client):
     assert by_ids.choices[0].text == batch.choices[0].text
 
 
+def test_the_choices_of_a_request_compute_its_prompt_once(served, client):
+    """n = 3 sampled choices of a 5-page prompt: the second and third take the first's 4 full
+    pages (page size 8) instead of computing them; choice i is what n = 1 with seed + i
+    gives."""
+    stats = served[1].engine.stats
+    prompt = list(range(10, 47))  # 37 tokens: 4 full pages and 5 tokens
+    before = stats.shared_prompt_tokens
+    many = client.completions.create(
+        model="poet", prompt=prompt, n=3, seed=11, temperature=3.0, max_tokens=6
+    )
+    assert stats.shared_prompt_tokens - before == 2 * 32
+    for i, choice in enumerate(many.choices):
+        one = client.completions.create(
+            model="poet", prompt=prompt, seed=11 + i, temperature=3.0, max_tokens=6
+        )
+        assert choice.text == one.choices[0].text
+    assert len({c.text for c in many.choices}) > 1
+
+
 def test_logit_bias_penalties_min_p_and_min_tokens_reach_the_sampler(served, client):
     """OpenAI's logit_bias and penalties and vLLM's repetition_penalty, min_p and min_tokens
     change the answer as they should; logprobs stay the model's own."""

@@ -34,6 +34,11 @@ Scheduling policy (one iteration):
    host; so under async scheduling the row is not scheduled while a token of it is in flight
    (it decodes every other iteration; the other rows keep the overlap). Its matcher consumes
    each token appended; when the grammar can take nothing more the request stops.
+7. Shared prompts (``Engine.submit(share_prompt_with=...)``: the n choices of one call): a
+   request whose leader, a running request of the same prompt and adapter version, is still
+   computing the prompt's full pages waits for them (holding its place, blocking nobody), then
+   starts with those pages by reference and computes only the rest of its prompt (at least its
+   last token). A leader that is not running (finished, preempted) is not waited for.
 """
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefix_cached_tokens: int = 0  # sequence tokens admitted with their K/V from the cache
+    shared_prompt_tokens: int = 0  # prompt tokens admitted with a leader's K/V (n choices)
     step_time_ema: float = 0.0
     requests_per_adapter: collections.Counter = dataclasses.field(
         default_factory=collections.Counter
@@ -244,9 +250,12 @@ class Engine:
         request_id: str | None = None,
         deadline_s: float | None = None,
         stream: bool = True,
+        share_prompt_with: Request | None = None,
     ) -> Request:
         """Queues a request; returns it at once (stream its deltas or wait on it). stream=False:
-        only the final delta is queued (``Request.stream_deltas``), for callers that wait."""
+        only the final delta is queued (``Request.stream_deltas``), for callers that wait.
+        share_prompt_with: a request submitted before, of the same prompt and adapter, whose
+        prompt pages this one takes instead of computing them (policy 7)."""
         sampling = sampling or SamplingParams()
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
@@ -283,6 +292,13 @@ class Engine:
         if adapter is not None:
             if self.adapters is None or adapter not in self.adapters.store:
                 raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
+        if share_prompt_with is not None and (
+            share_prompt_with.prompt_ids != prompt_ids or share_prompt_with.adapter != adapter
+        ):
+            raise RequestError(
+                "share_prompt_with: expected a request of the same prompt and adapter, got "
+                f"{share_prompt_with.request_id!r} (adapter {share_prompt_with.adapter!r})"
+            )
         if sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=int(self._seed_rng.integers(2**63)))
         request = Request(
@@ -293,6 +309,7 @@ class Engine:
             stream_deltas=stream,
         )
         request._matcher = matcher
+        request.prompt_leader = share_prompt_with
         if self.tokenizer is not None:
             request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
         if sampling.stop_strings:
@@ -552,6 +569,8 @@ class Engine:
         for request in list(self._waiting):
             if len(self._running) >= ec.runner.max_batch:
                 break
+            if self._awaits_leader(request):
+                continue  # holds its place, blocks nobody: its leader's prefill is under way
             if self._try_admit(request):
                 # Every request passed over has been overtaken once more; once one of them has
                 # been overtaken max_skips times, nothing behind it is admitted before it.
@@ -591,6 +610,12 @@ class Engine:
                 # Replaced between the check and the acquire, or re-admitted after preemption
                 # while other adapters took the slots: wait for a slot (keep the version held).
                 return False
+        shared = self._shared_prompt_tokens(request)
+        if shared:
+            shared = self.kv.share_prefix(
+                request.prompt_leader.request_id, request.request_id, shared
+            )
+            request.num_computed = shared
         cached = 0
         if (
             self.kv.prefix_caching
@@ -612,10 +637,37 @@ class Engine:
             request.num_computed = 0
             return False
         self.stats.prefix_cached_tokens += cached
+        self.stats.shared_prompt_tokens += shared
+        request.prompt_leader = None  # (shared or not: a recompute after preemption is its own)
         self._waiting.remove(request)
         request.status = Status.RUNNING
         self._running.append(request)
         return True
+
+    def _shared_prompt_tokens(self, request: Request) -> int:
+        """How many prompt tokens a request may take from its leader's pages (full pages, one
+        token left to compute for the logits); 0 when it has no running leader of the same
+        adapter version, has computed tokens, or asks for prompt logprobs."""
+        leader = request.prompt_leader
+        if (
+            leader is None
+            or leader.status is not Status.RUNNING
+            or request.num_computed
+            or request.sampling.prompt_logprobs is not None
+            or (request.adapter is not None and self._kv_key(leader) != self._kv_key(request))
+        ):
+            return 0
+        size = self.engine_config.kv.page_size
+        return (len(request.prompt_ids) - 1) // size * size
+
+    def _awaits_leader(self, request: Request) -> bool:
+        """Whether a waiting request's running leader has not yet dispatched the prompt
+        pages it will share."""
+        leader = request.prompt_leader
+        if leader is None or leader.status is not Status.RUNNING or request.num_computed:
+            return False
+        size = self.engine_config.kv.page_size
+        return leader.num_computed < (len(request.prompt_ids) - 1) // size * size
 
     def _schedule(self) -> tuple[list[tuple[Request, int]], list[tuple[Request, int]]]:
         """Rows of this iteration: (request, tokens to feed)."""

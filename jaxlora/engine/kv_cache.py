@@ -10,6 +10,10 @@ projections). A new sequence whose first pages have those keys takes the same pa
 references) instead of computing them again. A page no sequence holds stays cached, and is
 reused only when no free page is left (least recently released first). A shared page is never
 written: only full pages are shared, and a sequence writes past its last full page.
+
+Prompt sharing (``share_prefix``), on whether prefix caching is or not: a sequence starts with
+the full pages another sequence of the same prompt and adapter computed (the n choices of one
+request), by counted reference.
 """
 
 from __future__ import annotations
@@ -165,6 +169,24 @@ class KVCacheManager:
             self._pages[seq_id] = pages
             self._keys[seq_id] = keys
         return len(pages) * size
+
+    def share_prefix(self, source_id: int, seq_id: int, num_tokens: int) -> int:
+        """Gives a sequence without pages the source sequence's pages that its first
+        num_tokens tokens fill (full pages only, which the source never writes again; counted
+        references): the number of tokens they hold. The caller vouches that the two sequences'
+        first num_tokens tokens and adapter version are the same."""
+        if self._pages.get(seq_id):
+            return 0
+        count = min(num_tokens // self.config.page_size, len(self._pages.get(source_id, ())))
+        if not count:
+            return 0
+        pages = self._pages[source_id][:count]
+        for page in pages:
+            self._refs[page] += 1
+        self._pages[seq_id] = list(pages)
+        if source_id in self._keys:
+            self._keys[seq_id] = self._keys[source_id][:count]
+        return count * self.config.page_size
 
     def register_full_pages(self, seq_id: int, tokens_of, adapter_key, known: int) -> None:
         """Registers the sequence's pages that its first ``known`` tokens fill (written, or

@@ -86,6 +86,9 @@ class Request:
     _detok_state: object | None = None  # tokenizer.IncrementalDecoder
     _stop_detector: object | None = None  # sampling.StopStringDetector
     _prompt_unique: object | None = None  # the prompt's distinct tokens (logit processing)
+    # Another request of the same prompt and adapter (an earlier choice of the same call)
+    # whose prompt pages this one takes instead of computing them (Engine.submit).
+    prompt_leader: Request | None = None
     # llguidance matcher of a structured output: has consumed exactly output_ids
     _matcher: object | None = None
 

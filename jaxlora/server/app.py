@@ -668,8 +668,10 @@ def create_app(
                 raise with_param(e, str(e).split("'")[1]) from None
         try:
             for p, ids in enumerate(prompts):
+                first = None  # the n choices of a prompt compute its pages once
                 for c, sampling in enumerate(samplings_per_prompt):
-                    request = state.submit(ids, sampling, adapter, f"{http_id}-{p}-{c}")
+                    request = state.submit(ids, sampling, adapter, f"{http_id}-{p}-{c}", first)
+                    first = first or request
                     group.add(request)
         except BaseException:
             group.cancel()

@@ -298,11 +298,23 @@ class ServingState:
     # ------------------------------------------------------------------ requests
 
     def submit(
-        self, prompt_ids: list[int], sampling: SamplingParams, adapter: str | None, request_id: str
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: str | None,
+        request_id: str,
+        share_prompt_with: Request | None = None,
     ) -> Request:
+        """share_prompt_with: an earlier choice of the same prompt (its prompt pages are
+        shared, not computed again)."""
         deadline = self.config.first_token_deadline_s
         request = self.engine.submit(
-            prompt_ids, sampling, adapter=adapter, request_id=request_id, deadline_s=deadline
+            prompt_ids,
+            sampling,
+            adapter=adapter,
+            request_id=request_id,
+            deadline_s=deadline,
+            share_prompt_with=share_prompt_with,
         )
         self.metrics.requests.inc(self.model_label(adapter))
         return request
