@@ -1039,6 +1039,9 @@ def test_metrics_are_valid_prometheus_text_and_move(served, client):
     assert metric(after, "jaxlora_kv_cache_pages_cached") == 0
     assert ("jaxlora_prefix_cache_hit_tokens_total", frozenset()) in after
     assert metric(after, "jaxlora_prefix_cache_hit_tokens_total") == 0
+    assert metric(after, "jaxlora_shared_prompt_tokens_total") == (
+        served[1].engine.stats.shared_prompt_tokens
+    )
     assert metric(after, "jaxlora_adapters_registered") >= 3
     # The poet adapter was loaded at least once (more with the module's other tests first).
     assert metric(after, "jaxlora_adapter_misses_total") >= 1

@@ -1173,6 +1173,7 @@ class Engine:
             "kv_total_pages": self.engine_config.kv.num_pages,
             "kv_cached_pages": self.kv.cached_pages,
             "prefix_cached_tokens": self.stats.prefix_cached_tokens,
+            "shared_prompt_tokens": self.stats.shared_prompt_tokens,
         }
         return usage
 

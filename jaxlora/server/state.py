@@ -400,6 +400,11 @@ class ServingState:
             "Prompt tokens whose K/V came from the prefix cache instead of being computed.",
             usage["prefix_cached_tokens"],
         )
+        lines += prom.counter_snapshot(
+            "jaxlora_shared_prompt_tokens_total",
+            "Prompt tokens of a request's later choices whose K/V the first choice computed.",
+            usage["shared_prompt_tokens"],
+        )
         lines += prom.gauge(
             "jaxlora_kv_cache_usage_ratio",
             "Used fraction of the KV cache pool.",
