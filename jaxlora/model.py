@@ -1094,6 +1094,21 @@ class Llama(nn.Module):
         return out, kv.replace(k_pool=k_pool, v_pool=v_pool, write_valid=None)
 
 
+def lm_head(params, config: ModelConfig, hidden: jax.Array, dtype) -> jax.Array:
+    """float32 logits of final (normed) hidden states, as ``Llama``'s head computes them (the
+    tied embedding's ``attend``, or the lm_head Dense), for callers that run the head on
+    slices of positions (prompt logprobs)."""
+    if config.tie_word_embeddings:
+        weight = params["embed_tokens"]["embedding"]
+        logits = jnp.dot(hidden.astype(dtype), weight.astype(dtype).T)
+    else:
+        weight = params["lm_head"]["kernel"]
+        logits = jax.lax.dot_general(
+            hidden.astype(dtype), weight.astype(dtype), (((hidden.ndim - 1,), (0,)), ((), ()))
+        )
+    return logits.astype(jnp.float32)
+
+
 def init_params(config: ModelConfig, rng: jax.Array | int = 0, dtype=jnp.float32):
     """Random parameters as a plain pytree (logical-axis boxes removed)."""
     if isinstance(rng, int):

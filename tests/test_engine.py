@@ -366,6 +366,10 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
         ConfigError, match="fused_shrink_rows: expected a power of two >= 1, got 12"
     ):
         RunnerConfig(norm_shrink=True, fused_shrink_rows=12)
+    with pytest.raises(
+        ConfigError, match="'prompt_logprobs_positions': expected a positive int, got 0"
+    ):
+        RunnerConfig(prompt_logprobs_positions=0)
 
 
 def test_deterministic_runner_sums_the_shrink_split_in_one_order():
@@ -849,6 +853,10 @@ def test_prompt_logprobs_are_the_full_forward_ones(base, lora_adapters, async_sc
     asked = [3, None, 0, 20, 2]
     config = dataclasses.replace(
         small_engine_config(num_pages=13, max_model_len=40), async_scheduling=async_scheduling
+    )
+    # The LM head over 3 positions at a time: chunks of 8 in 3 slices, the last one padded.
+    config = dataclasses.replace(
+        config, runner=dataclasses.replace(config.runner, prompt_logprobs_positions=3)
     )
     llm = jaxlora.LLM(
         TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
@@ -1374,3 +1382,38 @@ def _dynamic_slice_sizes(hlo: str) -> list[int]:
             dims = [int(d) for d in match.group(1).split(",") if d]
             sizes.append(int(np.prod(dims)) if dims else 1)
     return sizes
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lm_head_gives_the_models_logits(tied):
+    """model.lm_head (the head the prompt-logprob steps run a slice of positions at a time)
+    is the model's own, with tied embeddings or an lm_head kernel."""
+    import dataclasses
+
+    from jaxlora.model import lm_head
+
+    config = dataclasses.replace(TINY, tie_word_embeddings=tied)
+    params = init_params(config, 3)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)))
+    logits, hidden = Llama(config).apply({"params": params}, tokens, return_hidden=True)
+    np.testing.assert_allclose(
+        np.asarray(lm_head(params, config, hidden, jnp.float32)), np.asarray(logits), rtol=1e-6
+    )
+
+
+def test_prompt_logprobs_sliced_over_positions_are_the_whole_chunks():
+    """runner.sliced_prompt_logprobs over slices of 4 positions (13 positions: the last slice
+    padded) packs what pack_prompt_logprobs packs from the whole chunk's logits."""
+    from jaxlora.engine.runner import pack_prompt_logprobs, sliced_prompt_logprobs
+
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 13, 16)), jnp.float32)
+    weight = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
+    targets = jnp.asarray(rng.integers(-1, 40, (2, 13)), jnp.int32)
+    whole = pack_prompt_logprobs(hidden @ weight, targets)
+    sliced = sliced_prompt_logprobs(lambda h: h @ weight, hidden, targets, 4)
+    assert sliced.shape == whole.shape
+    np.testing.assert_array_equal(np.asarray(sliced)[..., 1:21], np.asarray(whole)[..., 1:21])
+    np.testing.assert_allclose(
+        np.asarray(sliced).view(np.float32), np.asarray(whole).view(np.float32), rtol=1e-6
+    )

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.config import ModelConfig, parse_json
+from jaxlora.config import ModelConfig, parse_json, require_positive_ints
 from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraInputs
-from jaxlora.model import KVCache, Llama
+from jaxlora.model import KVCache, Llama, lm_head
 from jaxlora.sampling import MAX_LOGPROBS, SampleOutput, sample
 from pallas_kernels.lora_matmul import MatmulConfig, build_shrink_rows
 from pallas_kernels.paged_attention import PagedAttentionConfig
@@ -149,6 +149,10 @@ class RunnerConfig:
     # partials they did not, at a decode-step cost within 1% (docs/BENCHMARKS.md, fourteenth
     # session). False: atomic adds (no partials to sum).
     deterministic: bool = True
+    # Positions whose logits a prefill step that computes prompt logprobs holds at once: the LM
+    # head runs over the chunk's positions in slices of this many (float32 (rows, slice, vocab):
+    # llama-3's 128k vocabulary at 64 positions, 33 MB a row instead of 131 MB for 256).
+    prompt_logprobs_positions: int = 64
 
     def __post_init__(self):
         if not isinstance(self.deterministic, bool):
@@ -165,6 +169,7 @@ class RunnerConfig:
                 f"runner config field residual_norm: expected 'xla' or 'pallas', "
                 f"got {self.residual_norm!r}"
             )
+        require_positive_ints(self, ("prompt_logprobs_positions",), "runner config")
         for field in ("residual_norm_warps", "fused_shrink_rows"):
             value = getattr(self, field)
             if (
@@ -582,20 +587,36 @@ class ModelRunner:
                 sgmv_config=self.sgmv_config,
                 **lora_meta,
             )
-        logits, kv = self.model.apply(
+        if prompt_targets is None:
+            logits, kv = self.model.apply(
+                {"params": params},
+                tokens,
+                batch.positions,
+                lora=lora,
+                kv=kv,
+                logit_index=batch.logit_index,  # (only the sampled position's logits)
+            )
+            return logits[:, 0], kv.k_pool, kv.v_pool
+        # Prompt logprobs need every position's logits: the final hidden states (the model's
+        # own logits go unused, and XLA drops them) through the LM head a slice at a time.
+        (_, hidden), kv = self.model.apply(
             {"params": params},
             tokens,
             batch.positions,
             lora=lora,
             kv=kv,
-            # Prompt logprobs need every position's logits; other steps only the sampled one.
-            logit_index=None if prompt_targets is not None else batch.logit_index,
+            return_hidden=True,
         )
-        if prompt_targets is None:
-            return logits[:, 0], kv.k_pool, kv.v_pool
+        dtype = self.model.dtype
         index = batch.logit_index.astype(jnp.int32)[:, None, None]
-        sampled = jnp.take_along_axis(logits, index, axis=1)[:, 0]
-        return sampled, kv.k_pool, kv.v_pool, pack_prompt_logprobs(logits, prompt_targets)
+        sampled = lm_head(params, self.config, jnp.take_along_axis(hidden, index, axis=1), dtype)
+        packed = sliced_prompt_logprobs(
+            lambda h: lm_head(params, self.config, h, dtype),
+            hidden,
+            prompt_targets,
+            self.runner.prompt_logprobs_positions,
+        )
+        return sampled[:, 0], kv.k_pool, kv.v_pool, packed
 
     def run(
         self,
@@ -698,6 +719,25 @@ def pack_prompt_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.concatenate(
         [as_words(chosen), top_ids.astype(jnp.int32), as_words(top_logprobs)], axis=-1
     )
+
+
+def sliced_prompt_logprobs(head, hidden: jax.Array, targets: jax.Array, positions: int):
+    """``pack_prompt_logprobs`` of ``head(hidden)`` (B, S, V) computed ``positions`` positions
+    at a time (lax.map over slices), so that only one slice's logits exist at once."""
+    b, s, h = hidden.shape
+    positions = min(positions, s)
+    slices = -(-s // positions)
+    pad = slices * positions - s
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
+    packed = jax.lax.map(
+        lambda part: pack_prompt_logprobs(head(part[0]), part[1]),
+        (
+            hidden.reshape(b, slices, positions, h).swapaxes(0, 1),
+            targets.reshape(b, slices, positions).swapaxes(0, 1),
+        ),
+    )
+    return packed.swapaxes(0, 1).reshape(b, slices * positions, -1)[:, :s]
 
 
 def unpack_prompt_logprobs(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
