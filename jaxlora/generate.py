@@ -10,6 +10,7 @@ from jaxlora.engine import EngineConfig
 from jaxlora.errors import ConfigError
 from jaxlora.llm import LLM
 from jaxlora.sampling import SamplingParams
+from jaxlora.structured_output import StructuredOutput
 
 
 def parse_adapter_flags(pairs) -> dict[str, str]:
@@ -27,9 +28,46 @@ def default_adapters(llm_model: str) -> dict:
     return demo.adapter_dirs() if llm_model == "tiny" else {}
 
 
+def structured_output_flags(
+    json_schema: str | None = None, regex: str | None = None, choices=()
+) -> StructuredOutput | None:
+    """The constraint of --json_schema (the schema's JSON, or @path of a file holding it),
+    --regex or --choice (repeatable); at most one of them."""
+    given = [
+        (flag, kind, spec)
+        for flag, kind, spec in (
+            ("--json_schema", "json", json_schema),
+            ("--regex", "regex", regex),
+            ("--choice", "choice", list(choices) or None),
+        )
+        if spec is not None
+    ]
+    if len(given) > 1:
+        raise ConfigError(f"{', '.join(f for f, _, _ in given)}: expected at most one of them")
+    if not given:
+        return None
+    flag, kind, spec = given[0]
+    if kind == "json" and spec.startswith("@"):
+        try:
+            with open(spec[1:], encoding="utf-8") as f:
+                spec = f.read()
+        except OSError as e:
+            raise ConfigError(f"{flag}: cannot read {spec[1:]!r} ({e.strerror})") from None
+    return StructuredOutput(kind, spec, field=flag)
+
+
 def run_generate(
-    *, model: str, adapters, prompts, max_tokens: int, temperature: float, seed: int, out=print
+    *,
+    model: str,
+    adapters,
+    prompts,
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    structured_output: StructuredOutput | None = None,
+    out=print,
 ) -> list:
+    """structured_output: every answer matches it (``structured_output_flags``)."""
     named = parse_adapter_flags(adapters) or default_adapters(model)
     llm_model = model
     if model == "tiny" and named and not adapters:
@@ -43,7 +81,12 @@ def run_generate(
     # Every prompt with every adapter and with none: all in one batch.
     names = [None, *named]
     jobs = list(itertools.product(prompts, names))
-    sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    sampling = SamplingParams(
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        structured_output=structured_output,
+    )
     start = time.perf_counter()
     results = llm.generate([p for p, _ in jobs], adapter=[a for _, a in jobs], sampling=sampling)
     elapsed = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 python scripts/generate.py                      # tiny model, demo adapters
 python scripts/generate.py --model=/path/to/hf --adapter=sql=/path/to/peft --prompt="..."
+python scripts/generate.py --choice=yes --choice=no   # or --regex=..., --json_schema=@file
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from jaxlora.generate import run_generate  # noqa: E402
+from jaxlora.generate import run_generate, structured_output_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "tiny", "model preset, HF checkpoint directory or orbax checkpoint")
@@ -22,6 +23,9 @@ flags.DEFINE_multi_string("prompt", [], "a prompt; repeatable (default: demo pro
 flags.DEFINE_integer("max_tokens", 24, "tokens to generate per request")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_string("json_schema", None, "answers are JSON of this schema (its JSON, or @path)")
+flags.DEFINE_string("regex", None, "answers match this regular expression")
+flags.DEFINE_multi_string("choice", [], "answers are one of these strings; repeatable")
 
 
 def main(argv):
@@ -33,6 +37,7 @@ def main(argv):
         max_tokens=FLAGS.max_tokens,
         temperature=FLAGS.temperature,
         seed=FLAGS.seed,
+        structured_output=structured_output_flags(FLAGS.json_schema, FLAGS.regex, FLAGS.choice),
     )
 
 
