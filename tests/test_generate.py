@@ -3,17 +3,15 @@
 from jaxlora.generate import run_generate
 
 
+def demo_run(**kwargs):
+    """run_generate on the tiny model and its demo adapters, greedy, 12 tokens."""
+    defaults = {"adapters": [], "prompts": ["Who are you?"], "max_tokens": 12, "seed": 0}
+    return run_generate(model="tiny", temperature=0.0, **{**defaults, **kwargs})
+
+
 def test_demo_generation_routes_every_prompt_to_its_adapter():
     lines = []
-    results = run_generate(
-        model="tiny",
-        adapters=[],
-        prompts=["Who are you?"],
-        max_tokens=12,
-        temperature=0.0,
-        seed=0,
-        out=lines.append,
-    )
+    results = demo_run(out=lines.append)
     by_adapter = {r.adapter: r.text for r in results}
     assert set(by_adapter) == {None, "pirate", "robot", "poet"}
     assert by_adapter["pirate"].startswith(" Arr")
@@ -46,16 +44,7 @@ def test_generation_under_a_constraint_flag(tmp_path):
             lambda t: json.loads(t) in ("red", "green", "blue"),
         ),
     ):
-        results = run_generate(
-            model="tiny",
-            adapters=[],
-            prompts=["Who are you?"],
-            max_tokens=12,
-            temperature=0.0,
-            seed=0,
-            structured_output=constraint,
-            out=lambda line: None,
-        )
+        results = demo_run(structured_output=constraint, out=lambda line: None)
         assert len(results) == 4
         for r in results:
             assert r.finish_reason == "stop" and valid(r.text), (constraint.kind, r.text)
