@@ -588,8 +588,9 @@ def test_structured_outputs_constrain_the_answers(served, client):
 
 def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
     """tool_choice a named function: the answer is that function's arguments (its parameters'
-    schema), finish reason "stop" as OpenAI's; tool_choice "required": one or more calls of
-    offered tools, finish reason "tool_calls"; whole and streamed (one tool_calls delta)."""
+    schema), finish reason "stop" as OpenAI's, streamed as they come (the first delta with the
+    call's id and name); tool_choice "required": one or more calls of offered tools, finish
+    reason "tool_calls", whole and streamed (one tool_calls delta)."""
     server, state = start_demo_server()
     state.tokenizer.chat_template = (
         "{% if tools %}Tools: {% for t in tools %}{{ t['function']['name'] }}{% endfor %}\n"
@@ -631,6 +632,13 @@ def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
             [call] = choice.message.tool_calls
             assert call.function.name == "get_time"
             assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+            chunks = list(chat(client, model, tools=tools, tool_choice=named, stream=True))
+            pieces = [c.choices[0].delta.tool_calls for c in chunks if c.choices]
+            pieces = [p[0] for p in pieces if p]
+            assert len(pieces) > 1 and pieces[0].id and pieces[0].function.name == "get_time"
+            assert all(p.index == 0 and not p.id for p in pieces[1:])
+            assert "".join(p.function.arguments for p in pieces) == call.function.arguments
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
         whole = chat(client, "pirate", tools=tools, tool_choice="required", max_tokens=80)
         choice = whole.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.tool_calls

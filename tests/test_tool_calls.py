@@ -1,5 +1,6 @@
-"""Tool calls: the two formats read back from chat answers, whole and streamed; the chat
-template given the tools and the tool-calling turns; the chat message the server builds."""
+"""Tool calls: the two formats read back from chat answers, whole and streamed; forced calls;
+the chat template given the tools and the tool-calling turns; the chat message the server
+builds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from jaxlora.errors import ConfigError, RequestError
 from jaxlora.server.app import chat_message
 from jaxlora.server.config import ServerConfig
-from jaxlora.server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
+from jaxlora.server.tool_calls import ForcedToolCalls, ToolCall, ToolCallStream, parse_tool_calls
 from jaxlora.tokenizer import Tokenizer, tiny_tokenizer
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
@@ -135,3 +136,55 @@ def test_chat_template_renders_tools_and_the_tool_calling_turns():
     assert not tok.apply_chat_template(messages[:1]).startswith("[TOOLS]")
     with pytest.raises(RequestError, match="default chat template cannot render tools"):
         base.apply_chat_template(messages[:1], tools=tools)
+
+
+def _tool(name, parameters=None):
+    function = {"name": name}
+    if parameters is not None:
+        function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+def test_forced_calls_schemas_parsing_and_stream():
+    """ForcedToolCalls: a named function's answer is its arguments (its parameters' schema; an
+    empty object's without one), streamed as they come; "required" is a non-empty array of
+    {name, parameters} of the offered tools, parsed whole at the end; an answer cut short stays
+    text; an unknown function or a malformed tool_choice is refused."""
+    city = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [_tool("weather", city), _tool("ping")]
+    named = ForcedToolCalls(tools, {"type": "function", "function": {"name": "weather"}})
+    assert named.schema == city and named.finish_reason == "stop"
+    assert named.push('{"city":') == "" and named.push(' "Oslo"}') == ""
+    first, second = named.call_deltas()
+    assert first["id"].startswith("call_") and first["function"] == {
+        "name": "weather",
+        "arguments": '{"city":',
+    }
+    assert second == {"index": 0, "function": {"arguments": ' "Oslo"}'}}
+    assert named.call_deltas() == [] and named.finish() == ("", [])
+    assert named.parse('{"city": "Oslo"}') == [ToolCall("weather", '{"city": "Oslo"}')]
+    assert named.parse('{"city": "Os') == [] and named.parse("[1]") == []
+    ping = ForcedToolCalls(tools, {"type": "function", "function": {"name": "ping"}})
+    assert ping.schema == {"type": "object", "properties": {}}
+
+    required = ForcedToolCalls(tools, "required")
+    assert required.finish_reason == "tool_calls" and required.schema["minItems"] == 1
+    names = [c["properties"]["name"]["const"] for c in required.schema["items"]["anyOf"]]
+    assert names == ["weather", "ping"]
+    answer = (
+        '[{"name": "ping", "parameters": {}}, {"name": "weather", "parameters": {"city": "x"}}]'
+    )
+    required.push(answer[:10])
+    required.push(answer[10:])
+    assert required.call_deltas() == []
+    assert required.finish() == (
+        "",
+        [ToolCall("ping", "{}"), ToolCall("weather", '{"city": "x"}')],
+    )
+    required.push(answer[:30])
+    assert required.finish() == (answer[:30], [])
+
+    with pytest.raises(ValueError, match="'clock' is not among the tools"):
+        ForcedToolCalls(tools, {"type": "function", "function": {"name": "clock"}})
+    with pytest.raises(ValueError, match="expected 'auto', 'none', 'required' or"):
+        ForcedToolCalls(tools, {"type": "function"})

@@ -1005,6 +1005,10 @@ def create_app(
                 text, stream_calls = delta.text, calls[index]
                 if stream_calls is not None:
                     text = stream_calls.push(text)
+                    streamed = stream_calls.call_deltas()
+                    if streamed:
+                        yield delta_chunk(index, {"tool_calls": streamed}, lp)
+                        lp = None
                 if text or lp:
                     yield delta_chunk(index, {"content": text}, lp)
                 if delta.finish_reason is not None:

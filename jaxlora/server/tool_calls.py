@@ -133,6 +133,10 @@ class ToolCallStream:
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
+    def call_deltas(self) -> list[dict]:
+        """Tool-call deltas to stream now: none (the calls come whole from ``finish``)."""
+        return []
+
     def finish(self) -> tuple[str, list[ToolCall]]:
         held, self._held = self._held, ""
         if not self._calling:
@@ -158,11 +162,15 @@ class ForcedToolCalls:
     built from the tools admits. Named: the function's arguments (its ``parameters`` schema);
     required: a non-empty array of ``{"name": ..., "parameters": {...}}`` of any offered tool.
 
-    It streams like ``ToolCallStream``: ``push`` holds everything, ``finish`` gives the calls
-    (or the text, if the answer was cut short by max_tokens and does not parse)."""
+    It streams like ``ToolCallStream``: ``push`` takes the text. A named call's arguments are
+    streamed as they come (``call_deltas``: the first delta carries the call's id and name, as
+    OpenAI's stream does); the calls of ``required`` come whole from ``finish`` (or the text,
+    if the answer was cut short by max_tokens and does not parse)."""
 
     def __init__(self, tools: list[dict], tool_choice):
         self._held = ""
+        self._pending: list[dict] = []  # a named call's argument deltas not streamed yet
+        self._call_id: str | None = None
         functions = {tool["function"]["name"]: tool["function"] for tool in tools}
         if tool_choice == "required":
             self.name = None
@@ -202,8 +210,8 @@ class ForcedToolCalls:
         except json.JSONDecodeError:
             return []
         if self.name is not None:
-            call = _call({"name": self.name, "arguments": value}, "arguments")
-            return [] if call is None else [call]
+            # The arguments as the model wrote them: what the stream sent, piece by piece.
+            return [ToolCall(self.name, text.strip())] if isinstance(value, dict) else []
         if not isinstance(value, list):
             return []
         calls = [_call(item, "parameters") for item in value]
@@ -211,10 +219,25 @@ class ForcedToolCalls:
 
     def push(self, delta: str) -> str:
         self._held += delta
+        if self.name is not None and delta:
+            if self._call_id is None:
+                self._call_id = f"call_{uuid.uuid4().hex[:24]}"
+                function = {"name": self.name, "arguments": delta}
+                self._pending.append(
+                    {"index": 0, "id": self._call_id, "type": "function", "function": function}
+                )
+            else:
+                self._pending.append({"index": 0, "function": {"arguments": delta}})
         return ""
+
+    def call_deltas(self) -> list[dict]:
+        pending, self._pending = self._pending, []
+        return pending
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         held, self._held = self._held, ""
+        if self.name is not None:
+            return "", []  # (its arguments went out as they came)
         calls = self.parse(held)
         return ("", calls) if calls else (held, [])
 
