@@ -255,3 +255,36 @@ def test_structured_outputs_need_a_tokenizer(base):
     sampling = SamplingParams(structured_output=StructuredOutput("choice", ["a"], field="guided"))
     with pytest.raises(RequestError, match="^guided: .*no tokenizer"):
         llm.engine.submit([1, 2], sampling)
+
+
+def test_a_constrained_row_decodes_every_async_iteration(base, tokenizer):
+    """Under async scheduling a constrained request (beside an unconstrained one for its first
+    tokens) takes a token every iteration (its sampler waits for the previous token, not its
+    whole step): one iteration a token, plus one to read the last, and the synchronous
+    engine's tokens."""
+    prompt = tokenizer.encode("The cat")
+    spec = StructuredOutput("regex", "[a-z]{30}")
+    samplings = [
+        SamplingParams(temperature=0, max_tokens=30, structured_output=spec),
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+    ]
+    outs = {}
+    for async_scheduling in (True, False):
+        config = dataclasses.replace(
+            small_engine_config(num_pages=96, max_model_len=48), async_scheduling=async_scheduling
+        )
+        llm = jaxlora.LLM(
+            TINY, params=base, tokenizer=tokenizer, engine_config=config, load_workers=0
+        )
+        requests = [llm.engine.submit(prompt, s, stream=False) for s in samplings]
+        iterations = 0
+        while llm.engine.has_work():
+            llm.engine.step()
+            iterations += 1
+        outs[async_scheduling] = [r.output_ids for r in requests]
+        assert re.fullmatch("[a-z]{30}", requests[0].text)
+        tokens = len(requests[0].output_ids)
+        assert tokens > 10 and len(requests[1].output_ids) == 5
+        # 1 prefill iteration, a decode one a further token, and (async) 1 to read the last.
+        assert iterations == tokens + async_scheduling, (iterations, tokens)
+    assert outs[True] == outs[False]

@@ -29,11 +29,13 @@ Scheduling policy (one iteration):
    known ahead (max_tokens, the context), so a request is never fed past them; a stop found in
    a token (EOS, a stop token or string) is seen one iteration late, and the row computed
    meanwhile is dropped. Outputs are the synchronous engine's.
-6. Structured outputs (``SamplingParams.structured_output``): a constrained row's step carries
+6. Structured outputs (``SamplingParams.structured_output``): a constrained row's sampler takes
    the bitmask of the tokens its grammar allows next, which needs its previous token on the
-   host; so under async scheduling the row is not scheduled while a token of it is in flight
-   (it decodes every other iteration; the other rows keep the overlap). Its matcher consumes
-   each token appended; when the grammar can take nothing more the request stops.
+   host. So an iteration with a constrained row dispatches its model steps first, then reads
+   the previous iteration's tokens (while the device runs those steps), then computes the
+   masks and dispatches the samplers: the row decodes every iteration and the device stays
+   fed. Its matcher consumes each token appended; when the grammar can take nothing more the
+   request stops.
 7. Shared prompts (``Engine.submit(share_prompt_with=...)``: the n choices of one call): a
    request whose leader, a running request of the same prompt and adapter version, is still
    computing the prompt's full pages waits for them (holding its place, blocking nobody), then
@@ -121,16 +123,31 @@ class EngineConfig:
 
 
 @dataclasses.dataclass
+class _SamplerInputs:
+    """What a launched step's sampler needs besides the structured outputs' masks."""
+
+    logits: jax.Array  # (B, V) float32, on the device
+    params: list  # SamplingParams of the step's rows
+    token_indices: list  # each row's index of the token it samples
+    processing: object  # sampling.LogitProcessing or None
+    batch_rows: int
+    pending_register: jax.Array | None
+
+
+@dataclasses.dataclass
 class _Launch:
     """A dispatched step whose sampled tokens the host has not read yet."""
 
     mode: str
-    sampled: jax.Array  # (B, 2 + 2n) int32, runner.unpack_samples; its copy to host started
+    # (B, 2 + 2n) int32, runner.unpack_samples; its copy to host started. None until the
+    # sampler is dispatched (``Engine._dispatch_sampler``, from sampler_inputs).
+    sampled: jax.Array | None
     rows: list  # (request, its epoch at dispatch, row) of the rows that sample a token
     # (B, S, 1 + 2n) int32, runner.unpack_prompt_logprobs, or None: no row asked for them
     prompt_logprobs: jax.Array | None = None
     # (request, row, first position, end position) of the rows that asked for them
     prompt_rows: list = dataclasses.field(default_factory=list)
+    sampler_inputs: _SamplerInputs | None = None  # until the sampler is dispatched
 
 
 @dataclasses.dataclass
@@ -494,17 +511,30 @@ class Engine:
         # Every step of this iteration reads the tokens the previous iteration sampled from the
         # register as it was; the samplers chain their writes into the next one.
         register_in, launched = self._register, []
-        if prefill:
-            launched.append(self._launch("prefill", prefill, register_in))
-        if decode:
-            launched.append(self._launch("decode", decode, register_in))
-        launched = [launch for launch in launched if launch is not None]
+        completing = self._pending if self.async_scheduling else []
+        # A structured output's mask needs the row's previous token (policy 6): then the
+        # samplers wait until the model steps are dispatched and those tokens are read.
+        defer_samplers = bool(completing) and any(
+            request._matcher is not None for request, _ in (*prefill, *decode)
+        )
+        for mode, rows in (("prefill", prefill), ("decode", decode)):
+            launch = self._launch(mode, rows, register_in) if rows else None
+            if launch is not None:
+                if not defer_samplers:
+                    self._dispatch_sampler(launch)
+                launched.append(launch)
+        if defer_samplers:
+            for launch in completing:
+                self._complete(launch)
+            completing = []
+            for launch in launched:
+                self._dispatch_sampler(launch)
         self.stats.prefill_steps += sum(launch.mode == "prefill" for launch in launched)
         self.stats.decode_steps += sum(launch.mode == "decode" for launch in launched)
         if self.async_scheduling:
             # The device now has this iteration's steps queued: reading the previous one's
             # tokens (and the host work on them) overlaps with them.
-            completing, self._pending = self._pending, launched
+            self._pending = launched
         else:
             completing = launched
         for launch in completing:
@@ -682,8 +712,6 @@ class Engine:
                 and len(decode) < ec.runner.max_batch
                 and budget > 0
                 and not self._ends_when_read(request)
-                # (a constrained row's mask needs its previous token on the host)
-                and not (request._matcher is not None and request.inflight)
             ):
                 if self._reserve(request, 1, (decode, prefill)):
                     decode.append((request, 1))
@@ -895,32 +923,18 @@ class Engine:
                 eos_ids=sorted(self.eos_ids),
                 batch_size=b,
             )
-        allowed = None
-        if any(p.structured_output is not None for p in params):
-            allowed = self._token_masks.bitmask(
-                [(r._matcher, i) for i, (r, _) in enumerate(rows) if r._matcher and samples[i]],
-                b,
-            )
-        sampling = SamplingBatch.from_params(
-            params, token_indices, batch_size=b, processing=processing, allowed=allowed
-        )
-        # Alternatives: none, or the most any request may ask for (each request keeps its own
-        # first n): two sampler shapes per bucket instead of one per distinct n.
-        top_n = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
-        sampled, self._register = self._sample(
-            logits,
-            mode,
-            sampling,
-            top_n=top_n,
-            filtered=uses_filters(params),
+        offset = ec.runner.register_offset(mode)
+        launch = _Launch(mode=mode, sampled=None, rows=[])
+        launch.sampler_inputs = _SamplerInputs(
+            logits=logits,
+            params=params,
+            token_indices=token_indices,
+            processing=processing,
+            batch_rows=b,
             pending_register=register_in if processing is not None else None,
         )
-        sampled.copy_to_host_async()
-        dispatched = time.perf_counter()
         self.stats.host_seconds["build"] += built - build_start
-        self.stats.host_seconds["dispatch"] += dispatched - built
-        offset = ec.runner.register_offset(mode)
-        launch = _Launch(mode=mode, sampled=sampled, rows=[])
+        self.stats.host_seconds["dispatch"] += time.perf_counter() - built
         if prompt_logprobs:
             launch.prompt_logprobs, launch.prompt_rows = prompt_logprobs[0], prompt_rows
             launch.prompt_logprobs.copy_to_host_async()
@@ -942,6 +956,46 @@ class Engine:
                     request.inflight_src = offset + i
                     launch.rows.append((request, request.epoch, i))
         return launch
+
+    def _dispatch_sampler(self, launch: _Launch) -> None:
+        """Dispatches a launched step's sampler (after its model step: a structured output's
+        mask is computed only now, once the host has read the row's previous token)."""
+        start = time.perf_counter()
+        inputs, launch.sampler_inputs = launch.sampler_inputs, None
+        params = inputs.params
+        allowed = None
+        if any(p.structured_output is not None for p in params):
+            allowed = self._token_masks.bitmask(
+                [
+                    (request._matcher, row)
+                    for request, epoch, row in launch.rows
+                    # (a request that ended meanwhile: its token is dropped, any mask does)
+                    if request._matcher is not None
+                    and request.epoch == epoch
+                    and request.status is Status.RUNNING
+                ],
+                inputs.batch_rows,
+            )
+        sampling = SamplingBatch.from_params(
+            params,
+            inputs.token_indices,
+            batch_size=inputs.batch_rows,
+            processing=inputs.processing,
+            allowed=allowed,
+        )
+        # Alternatives: none, or the most any request may ask for (each request keeps its own
+        # first n): two sampler shapes per bucket instead of one per distinct n.
+        top_n = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
+        launch.sampled, self._register = self._sample(
+            inputs.logits,
+            launch.mode,
+            sampling,
+            top_n=top_n,
+            filtered=uses_filters(params),
+            pending_register=inputs.pending_register,
+        )
+        launch.sampled.copy_to_host_async()
+        self.stats.host_seconds["dispatch"] += time.perf_counter() - start
 
     @staticmethod
     def _prompt_targets(rows, batch_rows: int, length: int):
