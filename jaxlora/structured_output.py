@@ -9,9 +9,11 @@ The sampler sets every other token's logit to -inf before temperature, filters a
 logprobs stay the model's own. The matcher then consumes the token the row got; once the
 grammar can take nothing more the request finishes (reason ``stop``).
 
-A mask needs the row's previous token on the host, so a constrained row is not scheduled while
-its previous token is still being sampled (async scheduling): such a row decodes every other
-iteration while unconstrained rows keep the overlap.
+A mask needs the row's previous token on the host. Under async scheduling that token is still
+being sampled when the next step is dispatched, so an iteration with a constrained row
+dispatches its model steps first, reads the previous tokens while the device runs them, and
+only then computes the masks and dispatches the samplers (``jaxlora.engine.engine``, policy
+6): the row decodes every iteration.
 """
 
 from __future__ import annotations
