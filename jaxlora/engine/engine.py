@@ -526,7 +526,7 @@ class Engine:
         if defer_samplers:
             for launch in completing:
                 self._complete(launch)
-            completing = []
+            completing = self._pending = []
             for launch in launched:
                 self._dispatch_sampler(launch)
         self.stats.prefill_steps += sum(launch.mode == "prefill" for launch in launched)
