@@ -774,9 +774,9 @@ def create_app(
         prompts = await anyio.to_thread.run_sync(
             lambda: _completion_prompts(state, body.prompt, body.n)
         )
+        structured = await structured_output_of(body)
         # echo with logprobs: the prompt's tokens get theirs too (as OpenAI's legacy API and
         # vLLM answer; lm-evaluation-harness scores choices this way).
-        structured = await structured_output_of(body)
         samplings = _samplings(
             body,
             max_tokens_of(body, state.config.default_max_tokens),
