@@ -36,6 +36,7 @@ class Completion:
     # SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None  # each prompt token's rank there
 
 
 def load_base_model(model: str | os.PathLike | ModelConfig, *, seed: int = 0, dtype=jnp.float32):
@@ -198,6 +199,7 @@ class LLM:
                 error=r.error,
                 prompt_logprobs=r.prompt_logprobs,
                 prompt_top_logprobs=r.prompt_top_logprobs,
+                prompt_logprob_ranks=r.prompt_logprob_ranks,
             )
             for r in requests
         ]

@@ -878,9 +878,13 @@ def test_prompt_logprobs_are_the_full_forward_ones(base, lora_adapters, async_sc
         expected = np.asarray(jax.nn.log_softmax(logits, axis=-1))
         assert len(out.prompt_logprobs) == len(prompt) == len(out.prompt_top_logprobs)
         assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] is None
+        assert out.prompt_logprob_ranks[0] is None and len(out.prompt_logprob_ranks) == len(prompt)
         for p in range(1, len(prompt)):
             np.testing.assert_allclose(
                 out.prompt_logprobs[p], expected[p - 1, prompt[p]], rtol=1e-5, atol=1e-5
+            )
+            assert out.prompt_logprob_ranks[p] == 1 + np.sum(
+                expected[p - 1] > expected[p - 1, prompt[p]]
             )
             top = out.prompt_top_logprobs[p]
             best = np.argsort(-expected[p - 1])[:n]
@@ -1413,7 +1417,8 @@ def test_prompt_logprobs_sliced_over_positions_are_the_whole_chunks():
     whole = pack_prompt_logprobs(hidden @ weight, targets)
     sliced = sliced_prompt_logprobs(lambda h: h @ weight, hidden, targets, 4)
     assert sliced.shape == whole.shape
-    np.testing.assert_array_equal(np.asarray(sliced)[..., 1:21], np.asarray(whole)[..., 1:21])
+    # (words 1..21: the target's rank and the top ids)
+    np.testing.assert_array_equal(np.asarray(sliced)[..., 1:22], np.asarray(whole)[..., 1:22])
     np.testing.assert_allclose(
         np.asarray(sliced).view(np.float32), np.asarray(whole).view(np.float32), rtol=1e-6
     )

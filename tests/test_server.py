@@ -385,6 +385,58 @@ def test_echo_with_logprobs_scores_the_prompt(served, client):
     )
 
 
+def test_prompt_logprobs_as_vllm(served, client):
+    """vLLM's prompt_logprobs on completions (whole and streamed: with the first chunk) and
+    chats: per prompt token (None for the first) its id to its logprob, rank and text, and the
+    n most likely there (ranks 1..n); the logprobs are the engine's, and echo with a smaller
+    logprobs keeps its own count of alternatives."""
+    tokenizer = served[1].tokenizer
+    ids = tokenizer.encode("Tell me a joke, robot.")
+    request = served[1].engine.submit(
+        ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3), adapter="robot"
+    )
+    assert request.wait(timeout=60)
+    asked = dict(model="robot", prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    whole = client.completions.create(**asked, extra_body={"prompt_logprobs": 3})
+    entries = whole.choices[0].model_extra["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    for position, (token, entry) in enumerate(zip(ids[1:], entries[1:], strict=True), 1):
+        chosen = entry[str(token)]
+        assert chosen["logprob"] == pytest.approx(request.prompt_logprobs[position], abs=1e-6)
+        assert chosen["rank"] == request.prompt_logprob_ranks[position] >= 1
+        assert chosen["decoded_token"] == tokenizer.decode([token], skip_special_tokens=False)
+        # The chosen token and the 3 most likely: ranks 1..3, and the chosen one's beyond.
+        extra = [chosen["rank"]] if chosen["rank"] > 3 else []
+        assert sorted(e["rank"] for e in entry.values()) == [1, 2, 3, *extra]
+    # echo's logprobs=1 still has one alternative a token.
+    assert all(len(t) == 1 for t in whole.choices[0].logprobs.top_logprobs[1 : len(ids)])
+    chunks = list(
+        client.completions.create(**asked, stream=True, extra_body={"prompt_logprobs": 3})
+    )
+    streamed = [c.choices[0].model_extra.get("prompt_logprobs") for c in chunks if c.choices]
+    assert streamed[0] == entries and not any(streamed[1:])
+    chat = client.chat.completions.create(
+        model="robot",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        extra_body={"prompt_logprobs": 0},
+    )
+    chat_entries = chat.model_extra["prompt_logprobs"]
+    assert chat_entries[0] is None and len(chat_entries) == chat.usage.prompt_tokens
+    assert all(len(entry) == 1 for entry in chat_entries[1:])
+    body = expect_error(
+        400,
+        lambda: client.chat.completions.create(
+            model="robot",
+            messages=[{"role": "user", "content": "Hi"}],
+            stream=True,
+            extra_body={"prompt_logprobs": 1},
+        ),
+        "only without stream",
+    )
+    assert body["param"] == "prompt_logprobs"
+
+
 def test_tokenize_and_detokenize_as_vllm(served, client):
     """POST /tokenize gives the ids a completion's prompt or a chat's messages feed the model
     (the chat's prompt_tokens), /detokenize their text; bad bodies get 4xx naming the field."""

@@ -335,6 +335,7 @@ class Engine:
             )
         if sampling.prompt_logprobs is not None:
             request.prompt_logprobs, request.prompt_top_logprobs = [None], [None]
+            request.prompt_logprob_ranks = [None]
         if deadline_s is not None:
             request.deadline = request.arrival + deadline_s
         with self._lock:
@@ -1028,7 +1029,7 @@ class Engine:
     def _record_prompt_logprobs(self, launch: _Launch) -> None:
         """Appends each asking request's prompt logprobs in prompt order; positions it has
         already (computed again after a preemption) are skipped."""
-        chosen, top_ids, top_logprobs = unpack_prompt_logprobs(launch.prompt_logprobs)
+        chosen, ranks, top_ids, top_logprobs = unpack_prompt_logprobs(launch.prompt_logprobs)
         for request, row, start, stop in launch.prompt_rows:
             if request.status is not Status.RUNNING:
                 continue
@@ -1037,6 +1038,7 @@ class Engine:
             while start <= position < stop:
                 j = position - start
                 request.prompt_logprobs.append(float(chosen[row, j]))
+                request.prompt_logprob_ranks.append(int(ranks[row, j]))
                 request.prompt_top_logprobs.append(
                     {
                         int(t): float(lp)

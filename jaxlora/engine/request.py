@@ -62,6 +62,7 @@ class Request:
     # (None for the first) and its alternatives; None when not asked for.
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None  # 1 + the tokens more likely
     text: str = ""
     num_computed: int = 0  # tokens whose K/V are in the cache (or being written by a step)
     # Tokens sampled by dispatched steps whose values the host has not read yet (async

@@ -635,7 +635,7 @@ class ModelRunner:
         register: the device tokens that rows with ``token_src >= 0`` read (None: none do).
         prompt_targets: (B, S) int32, the prompt token that follows each position whose
         logprob a request asked for, -1 elsewhere (None: no row asks); the step then also
-        returns them, (B, S, 1 + 2 * MAX_LOGPROBS) int32 (``unpack_prompt_logprobs``)."""
+        returns them, (B, S, 2 + 2 * MAX_LOGPROBS) int32 (``unpack_prompt_logprobs``)."""
         key = _shape_key(mode, batch, lora_meta, use_lora, prompt_targets is not None)
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
@@ -708,16 +708,18 @@ def _shape_key(
 
 
 def pack_prompt_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Each position's logprob of its target token and the MAX_LOGPROBS most likely tokens,
-    from the model's own distribution: (B, S, 1 + 2n) int32 words for one device-to-host copy
-    (``unpack_prompt_logprobs``). Positions with target -1 carry the logprob of token 0."""
+    """Each position's logprob of its target token, that token's rank (1 + the tokens more
+    likely) and the MAX_LOGPROBS most likely tokens, from the model's own distribution:
+    (B, S, 2 + 2n) int32 words for one device-to-host copy (``unpack_prompt_logprobs``).
+    Positions with target -1 carry those of token 0."""
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     target = jnp.maximum(targets.astype(jnp.int32), 0)[..., None]
     chosen = jnp.take_along_axis(logprobs, target, axis=-1)
+    rank = 1 + jnp.sum(logprobs > chosen, axis=-1, keepdims=True, dtype=jnp.int32)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     as_words = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
     return jnp.concatenate(
-        [as_words(chosen), top_ids.astype(jnp.int32), as_words(top_logprobs)], axis=-1
+        [as_words(chosen), rank, top_ids.astype(jnp.int32), as_words(top_logprobs)], axis=-1
     )
 
 
@@ -740,15 +742,16 @@ def sliced_prompt_logprobs(head, hidden: jax.Array, targets: jax.Array, position
     return packed.swapaxes(0, 1).reshape(b, slices * positions, -1)[:, :s]
 
 
-def unpack_prompt_logprobs(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``pack_prompt_logprobs``' words on the host: (logprob (B, S), top ids (B, S, n), top
-    logprobs (B, S, n)) as numpy views."""
+def unpack_prompt_logprobs(packed: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``pack_prompt_logprobs``' words on the host: (logprob (B, S), rank (B, S), top ids
+    (B, S, n), top logprobs (B, S, n)) as numpy views."""
     packed = np.asarray(packed)
-    n = (packed.shape[-1] - 1) // 2
+    n = (packed.shape[-1] - 2) // 2
     return (
         packed[..., 0].view(np.float32),
-        packed[..., 1 : 1 + n],
-        packed[..., 1 + n :].view(np.float32),
+        packed[..., 1],
+        packed[..., 2 : 2 + n],
+        packed[..., 2 + n :].view(np.float32),
     )
 
 

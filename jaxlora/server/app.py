@@ -112,6 +112,8 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
                 )
         if body.top_logprobs is not None and not body.logprobs:
             refuse("top_logprobs", "needs logprobs=true")
+        if body.prompt_logprobs is not None and body.stream:
+            refuse("prompt_logprobs", "only without stream on chat completions")
 
 
 def forced_tool_calls(body: ChatCompletionRequest) -> ForcedToolCalls | None:
@@ -193,6 +195,18 @@ def _structured_output(
         return StructuredOutput(kind, spec, field=field, compact=compact and kind == "json")
     except RequestError as e:
         raise with_param(e, field.split(".")[0]) from None
+
+
+def _most(*values: int | None) -> int | None:
+    """The largest of the values that are not None (None if all are)."""
+    given = [v for v in values if v is not None]
+    return max(given) if given else None
+
+
+def _first(tops: list[dict | None], n: int) -> list[dict | None]:
+    """Each position's n most likely entries (the engine recorded as many as the request's
+    largest ask)."""
+    return [None if top is None else dict(list(top.items())[:n]) for top in tops]
 
 
 def _samplings(
@@ -351,6 +365,29 @@ class _Formatter:
                 }
             )
         return {"content": content}
+
+    def prompt_logprobs(self, request: EngineRequest, n: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token (None for the first), its id (a string) and
+        the n most likely ids there, each to its logprob, rank and text."""
+        out = []
+        for i, token in enumerate(request.prompt_ids):
+            logprob = request.prompt_logprobs[i]
+            if logprob is None:
+                out.append(None)
+                continue
+            entry = {
+                str(token): {
+                    "logprob": logprob,
+                    "rank": request.prompt_logprob_ranks[i],
+                    "decoded_token": self.token_text(token),
+                }
+            }
+            for rank, (t, lp) in enumerate(list(request.prompt_top_logprobs[i].items())[:n], 1):
+                entry.setdefault(
+                    str(t), {"logprob": lp, "rank": rank, "decoded_token": self.token_text(t)}
+                )
+            out.append(entry)
+        return out
 
 
 def _usage(prompt_lengths: list[int], requests: list[EngineRequest]) -> dict:
@@ -777,13 +814,14 @@ def create_app(
         structured = await structured_output_of(body)
         # echo with logprobs: the prompt's tokens get theirs too (as OpenAI's legacy API and
         # vLLM answer; lm-evaluation-harness scores choices this way).
+        echoed_logprobs = body.logprobs if body.echo else None
         samplings = _samplings(
             body,
             max_tokens_of(body, state.config.default_max_tokens),
             body.logprobs,
             body.n,
             state.config.max_stop_strings,
-            prompt_logprobs=body.logprobs if body.echo else None,
+            prompt_logprobs=_most(echoed_logprobs, body.prompt_logprobs),
             structured_output=structured,
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
@@ -815,16 +853,17 @@ def create_app(
                     if body.echo:
                         tokens = r.prompt_ids + tokens
                         lps = r.prompt_logprobs + lps
-                        tops = r.prompt_top_logprobs + tops
+                        tops = _first(r.prompt_top_logprobs, body.logprobs) + tops
                     logprobs, _ = formatter.completion_logprobs(tokens, lps, tops, 0)
-                choices.append(
-                    {
-                        "index": i,
-                        "text": echo_text(i) + r.text,
-                        "logprobs": logprobs,
-                        "finish_reason": str(r.finish_reason),
-                    }
-                )
+                choice = {
+                    "index": i,
+                    "text": echo_text(i) + r.text,
+                    "logprobs": logprobs,
+                    "finish_reason": str(r.finish_reason),
+                }
+                if body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = formatter.prompt_logprobs(r, body.prompt_logprobs)
+                choices.append(choice)
             return {
                 "id": http_id,
                 "object": "text_completion",
@@ -862,25 +901,27 @@ def create_app(
                 if body.logprobs is not None and delta.token_ids:
                     tokens, lps = delta.token_ids, delta.logprobs
                     tops = delta.top_logprobs or [{}] * len(tokens)  # logprobs=0: none
-                    if delta.prompt_logprobs is not None:  # the first delta, echoed
+                    if body.echo and delta.prompt_logprobs is not None:  # the first delta
                         tokens = group.requests[index].prompt_ids + tokens
                         lps = delta.prompt_logprobs + lps
-                        tops = delta.prompt_top_logprobs + tops
+                        tops = _first(delta.prompt_top_logprobs, body.logprobs) + tops
                     logprobs, offsets[index] = formatter.completion_logprobs(
                         tokens, lps, tops, offsets[index]
                     )
                 finish = None if delta.finish_reason is None else str(delta.finish_reason)
                 if text or logprobs or finish:
-                    yield chunk(
-                        [
-                            {
-                                "index": index,
-                                "text": text,
-                                "logprobs": logprobs,
-                                "finish_reason": finish,
-                            }
-                        ]
-                    )
+                    choice = {
+                        "index": index,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }
+                    if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
+                        # (with the first delta, once every prompt token's are recorded)
+                        choice["prompt_logprobs"] = formatter.prompt_logprobs(
+                            group.requests[index], body.prompt_logprobs
+                        )
+                    yield chunk([choice])
             if include_usage:
                 yield chunk([], _usage(prompt_lengths, group.requests))
 
@@ -929,6 +970,7 @@ def create_app(
             logprobs,
             body.n,
             state.config.max_stop_strings,
+            prompt_logprobs=body.prompt_logprobs,
             structured_output=structured,
         )
         calls_reader = forced or parser
@@ -951,7 +993,7 @@ def create_app(
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
                 )
-            return {
+            answer = {
                 "id": http_id,
                 "object": "chat.completion",
                 "created": created,
@@ -959,6 +1001,11 @@ def create_app(
                 "choices": choices,
                 "usage": _usage([len(prompt)], group.requests),
             }
+            if body.prompt_logprobs is not None:  # (vLLM's: one list, the choices share it)
+                answer["prompt_logprobs"] = formatter.prompt_logprobs(
+                    group.requests[0], body.prompt_logprobs
+                )
+            return answer
 
         include_usage = _usage_options(body)[0]
         chunk = _chunk_writer(

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible API (pydantic: validation and the OpenAPI schema).
 
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``, ``structured_outputs`` and
+``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``, ``prompt_logprobs``,
+``structured_outputs`` and
 the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are
 vLLM's extensions. Fields this server cannot honour (suffix, ...) are accepted only at their
 neutral value, so that a client never silently gets something else than it asked for; unknown
@@ -106,6 +107,11 @@ class _SamplingFields(_Body):
     guided_regex: str | None = Field(None, description="Older vLLM spelling of ....regex.")
     guided_choice: list[str] | None = Field(None, description="Older vLLM spelling of ....choice.")
     guided_grammar: str | None = Field(None, description="Older vLLM spelling of ....grammar.")
+    prompt_logprobs: int | None = Field(
+        None,
+        description="vLLM's: each prompt token's logprob and rank, and this many most likely "
+        "tokens there (0..20).",
+    )
     user: str | None = None
 
 
