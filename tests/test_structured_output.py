@@ -288,3 +288,16 @@ def test_a_constrained_row_decodes_every_async_iteration(base, tokenizer):
         # 1 prefill iteration, a decode one a further token, and (async) 1 to read the last.
         assert iterations == tokens + async_scheduling, (iterations, tokens)
     assert outs[True] == outs[False]
+
+
+def test_the_mask_benchmark_walks_its_schema_at_a_small_vocabulary():
+    """scripts/bench_structured.py's library side: every step of its answer is allowed by the
+    schema (the matchers never refuse), and it reports each row count."""
+    from jaxlora.bench.structured import mask_times
+
+    result = mask_times(2000, (1, 3))
+    assert result["vocab_size"] == 2000 and result["build_ms"] > 0
+    for rows in (1, 3):
+        row = result[f"rows_{rows}"]
+        assert row["steps"] == 59 and 0 < row["median_us"] <= row["max_us"]
+        assert row["allowed_last_step"] >= 1  # the closing brace
