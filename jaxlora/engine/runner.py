@@ -117,20 +117,22 @@ class RunnerConfig:
     # num_warps of its launches (one program a token row), and of the fused shrinks' below: 16
     # beat 8 by 0.4-0.9% and 4 by 1.0-1.7% at batch 32 in the same measurement.
     residual_norm_warps: int = 16
-    # True (opt-in, thirty-third session, not yet timed on the GPU): with residual_norm
+    # True (opt-in, thirty-third session; 7B async iterations on the H200 1.2-3.7% longer with
+    # swiglu_shrink, thirty-fifth session, docs/BENCHMARKS.md): with residual_norm
     # "pallas", decode steps whose LoRA shrink runs in SGMV (many adapters: not in lora_matmul's
     # K loop) run the q|k|v and gate|up shrinks in the residual-norm launches before them
     # (pallas_kernels.residual_norm.residual_rms_norm_shrink, ``fused_shrink_rows`` rank rows a
     # program): 2 SGMV launches a layer instead of 4. On the H200 each of those shrinks took
     # 4.1-6.5 us of a batch-32 step for 1.0-2.9 us of A rows at the copy rate.
     norm_shrink: bool = False
-    # True (opt-in, thirty-third session, not yet timed on the GPU): in those steps SwiGLU and
+    # True (opt-in, thirty-third session; slower with norm_shrink, above): in those steps SwiGLU and
     # down's LoRA shrink run in one launch (pallas_kernels.swiglu.swiglu_shrink) instead of an
     # XLA fusion and an SGMV launch (down's shrink: 6.5 us of a batch-32 H200 step a layer for
     # 2.6 us of A rows at the copy rate; SwiGLU 1.8 us).
     swiglu_shrink: bool = False
     fused_shrink_rows: int = 8  # rank rows a program of those fused shrinks
-    # True (opt-in, thirty-fourth session, not yet timed on the GPU): in decode steps whose LoRA
+    # True (opt-in, thirty-fourth session; within 1% of the default on the H200 at batch 32,
+    # thirty-fifth session): in decode steps whose LoRA
     # shrink runs in SGMV and whose attention launch has one kv split (with the heuristic
     # config, 7B's 32 kv heads: batch >= 9; llama-3-8b's 8: batch >= 33), o's
     # shrink runs in that launch (pallas_kernels.paged_attention.paged_attention_shrink: each
