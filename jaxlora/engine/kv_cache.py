@@ -162,12 +162,8 @@ class KVCacheManager:
             pages.append(page)
             keys.append(key)
             previous = key
-        for page in pages:
-            self._evictable.pop(page, None)
-            self._refs[page] = self._refs.get(page, 0) + 1
         if pages:
-            self._pages[seq_id] = pages
-            self._keys[seq_id] = keys
+            self._hold(seq_id, pages, keys)
         return len(pages) * size
 
     def share_prefix(self, source_id: int, seq_id: int, num_tokens: int) -> int:
@@ -180,13 +176,19 @@ class KVCacheManager:
         count = min(num_tokens // self.config.page_size, len(self._pages.get(source_id, ())))
         if not count:
             return 0
-        pages = self._pages[source_id][:count]
-        for page in pages:
-            self._refs[page] += 1
-        self._pages[seq_id] = list(pages)
-        if source_id in self._keys:
-            self._keys[seq_id] = self._keys[source_id][:count]
+        self._hold(seq_id, self._pages[source_id][:count], self._keys.get(source_id, [])[:count])
         return count * self.config.page_size
+
+    def _hold(self, seq_id: int, pages: list[int], keys: list) -> None:
+        """A sequence without pages takes pages another sequence computed, by counted
+        reference (a cached page no sequence held leaves the evictable list); keys: those of
+        its leading pages, as far as they are registered (prefix caching)."""
+        for page in pages:
+            self._evictable.pop(page, None)
+            self._refs[page] = self._refs.get(page, 0) + 1
+        self._pages[seq_id] = list(pages)
+        if keys:
+            self._keys[seq_id] = list(keys)
 
     def register_full_pages(self, seq_id: int, tokens_of, adapter_key, known: int) -> None:
         """Registers the sequence's pages that its first ``known`` tokens fill (written, or

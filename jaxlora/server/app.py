@@ -411,14 +411,15 @@ def chat_message(
         return message, finish_reason
     if isinstance(calls_reader, ForcedToolCalls):
         content, calls = None, calls_reader.parse(text)
-        finish_reason = calls_reader.finish_reason if calls else finish_reason
+        called = calls_reader.finish_reason
     else:
         content, calls = parse_tool_calls(text, calls_reader)
+        called = "tool_calls"
     if not calls:
         return message, finish_reason
     message["content"] = content
     message["tool_calls"] = [call.to_openai() for call in calls]
-    return message, finish_reason if isinstance(calls_reader, ForcedToolCalls) else "tool_calls"
+    return message, called
 
 
 def _chunk_writer(body, http_id: str, created: int, kind: str, usage_so_far):
