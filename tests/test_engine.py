@@ -3,6 +3,7 @@ no page leaks."""
 
 import functools
 import re
+from dataclasses import replace as dataclasses_replace
 
 import jax
 import jax.numpy as jnp
@@ -986,6 +987,23 @@ def test_choices_of_one_prompt_compute_its_pages_once(
     else:
         assert stats.preemptions > 0 and stats.shared_prompt_tokens > 0
     assert llm.engine.kv.free_pages == num_pages
+
+
+def test_a_choice_asking_for_prompt_logprobs_computes_its_prompt_at_once(base):
+    """A later choice that asks for prompt logprobs shares no pages (it computes every prompt
+    position's logits), so it does not wait for its leader's prefill: both prefill in the
+    first iteration."""
+    llm = jaxlora.LLM(TINY, params=base, engine_config=small_engine_config(), load_workers=0)
+    prompt = list(range(3, 17))
+    leader = llm.engine.submit(prompt, GREEDY)
+    follower = llm.engine.submit(
+        prompt, dataclasses_replace(GREEDY, prompt_logprobs=0), share_prompt_with=leader
+    )
+    llm.engine.step()
+    assert leader.num_computed == follower.num_computed == 8  # (chunks of 8)
+    llm.engine.run_until_idle()
+    assert llm.engine.stats.shared_prompt_tokens == 0
+    assert follower.output_ids == leader.output_ids
 
 
 def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(base, lora_adapters):

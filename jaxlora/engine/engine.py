@@ -641,12 +641,15 @@ class Engine:
                 # Replaced between the check and the acquire, or re-admitted after preemption
                 # while other adapters took the slots: wait for a slot (keep the version held).
                 return False
-        shared = self._shared_prompt_tokens(request)
-        if shared:
+        shared = self._leader_pages_tokens(request)
+        # (an adapter replaced since the leader took its version: other K/V, nothing shared)
+        if shared and self._kv_key(request.prompt_leader) == self._kv_key(request):
             shared = self.kv.share_prefix(
                 request.prompt_leader.request_id, request.request_id, shared
             )
             request.num_computed = shared
+        else:
+            shared = 0
         cached = 0
         if (
             self.kv.prefix_caching
@@ -675,17 +678,16 @@ class Engine:
         self._running.append(request)
         return True
 
-    def _shared_prompt_tokens(self, request: Request) -> int:
-        """How many prompt tokens a request may take from its leader's pages (full pages, one
-        token left to compute for the logits); 0 when it has no running leader of the same
-        adapter version, has computed tokens, or asks for prompt logprobs."""
+    def _leader_pages_tokens(self, request: Request) -> int:
+        """The prompt tokens a request would take from its running leader's full pages (one
+        token left to compute for the logits); 0 when it has no running leader, has computed
+        tokens, or asks for prompt logprobs (it computes its whole prompt)."""
         leader = request.prompt_leader
         if (
             leader is None
             or leader.status is not Status.RUNNING
             or request.num_computed
             or request.sampling.prompt_logprobs is not None
-            or (request.adapter is not None and self._kv_key(leader) != self._kv_key(request))
         ):
             return 0
         size = self.engine_config.kv.page_size
@@ -694,11 +696,8 @@ class Engine:
     def _awaits_leader(self, request: Request) -> bool:
         """Whether a waiting request's running leader has not yet dispatched the prompt
         pages it will share."""
-        leader = request.prompt_leader
-        if leader is None or leader.status is not Status.RUNNING or request.num_computed:
-            return False
-        size = self.engine_config.kv.page_size
-        return leader.num_computed < (len(request.prompt_ids) - 1) // size * size
+        wanted = self._leader_pages_tokens(request)
+        return wanted > 0 and request.prompt_leader.num_computed < wanted
 
     def _schedule(self) -> tuple[list[tuple[Request, int]], list[tuple[Request, int]]]:
         """Rows of this iteration: (request, tokens to feed)."""
