@@ -104,9 +104,7 @@ class StructuredOutput:
         elif self.kind == "regex":
             grammar = llg.LLMatcher.grammar_from_regex(self.spec)
         elif self.kind == "choice":
-            grammar = llg.LLMatcher.grammar_from_lark(
-                "start: " + " | ".join(json.dumps(choice) for choice in self.spec)
-            )
+            grammar = llg.grammar_from("choice", list(self.spec))
         else:
             try:
                 grammar = llg.grammar_from("grammar", self.spec)
