@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +204,37 @@ class LLM:
             )
             for r in requests
         ]
+
+    def chat(
+        self,
+        conversations: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        adapter: str | None | Sequence[str | None] = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[Completion]:
+        """``generate`` over chats (vLLM's ``LLM.chat``): one conversation (a list of
+        ``{"role", "content"}`` messages) or a list of them, each rendered with the tokenizer's
+        chat template (``Tokenizer.encode_chat``: ``continue_final_message`` continues the
+        last message, ``chat_template_kwargs`` go to the template)."""
+        if self.tokenizer is None:
+            raise RequestError("messages: the model has no tokenizer (and so no chat template)")
+        if conversations and isinstance(conversations[0], Mapping):
+            conversations = [conversations]
+        prompts = [
+            self.tokenizer.encode_chat(
+                list(messages),
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                template_kwargs=chat_template_kwargs,
+            )
+            for messages in conversations
+        ]
+        return self.generate(prompts, adapter, sampling)
 
     async def stream(
         self,

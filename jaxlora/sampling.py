@@ -42,6 +42,7 @@ MAX_LOGPROBS = 20
 # logit_bias entries a request may give (OpenAI allows 300; each is an entry of the step's
 # sparse processing arrays, whose width is bucketed to a power of two).
 MAX_LOGIT_BIAS = 1024
+MAX_BAD_WORDS = 256  # (each is matched against the output on the host, every step)
 # The smallest width of those arrays: bounded compilations for short histories.
 MIN_PROCESSING_ENTRIES = 64
 _SEED_MODULUS = 2**64
@@ -71,7 +72,8 @@ class SamplingParams:
     them run the LM head on every position. include_stop_str_in_output: the stop string that
     ended the output is part of its text (vLLM's). structured_output: a
     ``jaxlora.structured_output.StructuredOutput`` the output must match (constrained decoding:
-    the sampler only sees the tokens its grammar allows next).
+    the sampler only sees the tokens its grammar allows next). bad_words: words the output never
+    contains (vLLM's; at most MAX_BAD_WORDS, tokenized by the engine, ``jaxlora.bad_words``).
     """
 
     temperature: float = 1.0
@@ -92,6 +94,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
+    bad_words: tuple[str, ...] = ()
 
     def __post_init__(self):
         def fail(field, expected):
@@ -144,6 +147,14 @@ class SamplingParams:
         ):
             fail("stop_token_ids", "a list of token ids >= 0")
         object.__setattr__(self, "stop_strings", tuple(stop_strings))
+        bad_words = self.bad_words
+        if (
+            not isinstance(bad_words, (list, tuple))
+            or len(bad_words) > MAX_BAD_WORDS
+            or not all(isinstance(w, str) and w.strip() for w in bad_words)
+        ):
+            fail("bad_words", f"a list of at most {MAX_BAD_WORDS} words (non-blank strings)")
+        object.__setattr__(self, "bad_words", tuple(bad_words))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))

@@ -336,16 +336,45 @@ class Tokenizer:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """The prompt text of a chat (OpenAI-style messages: role and content; an assistant's
         ``tool_calls`` and a tool result's ``tool_call_id`` and ``name`` reach the template
         too). ``tools``: OpenAI function definitions for the template to render (only a model's
-        own chat template knows how to)."""
+        own chat template knows how to).
+
+        ``continue_final_message`` (vLLM's and HF's): the text ends right after the last
+        message's content, with no end-of-turn after it and no generation prompt, so that the
+        model continues that message (a prefilled assistant answer); ``add_generation_prompt``
+        (None: unless continuing) must then not be true. ``template_kwargs``: more
+        variables for the model's own template (vLLM's ``chat_template_kwargs``, e.g.
+        ``enable_thinking``); the default template has none and ignores them."""
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise RequestError("messages: expected a non-empty list of {role, content} objects")
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        if add_generation_prompt and continue_final_message:
+            raise RequestError(
+                "continue_final_message: cannot continue the final message and add a "
+                "generation prompt after it; set add_generation_prompt to false"
+            )
+        extra = dict(template_kwargs or {})
+        taken = sorted(set(extra) & _TEMPLATE_VARIABLES)
+        if taken:
+            raise RequestError(
+                f"chat_template_kwargs.{taken[0]}: the server sets this template variable "
+                "itself; expected none of " + ", ".join(sorted(_TEMPLATE_VARIABLES))
+            )
         normalised = [_message_text(m, i) for i, m in enumerate(messages)]
+        text = self._render_chat(messages, normalised, add_generation_prompt, tools, extra)
+        if continue_final_message:
+            text = _cut_after_final_message(text, normalised[-1][1], len(messages) - 1)
+        return text
+
+    def _render_chat(self, messages, normalised, add_generation_prompt, tools, extra) -> str:
         if tools and self.chat_template is None:
             raise RequestError(
                 "tools: the default chat template cannot render tools; serve a model whose "
@@ -374,10 +403,16 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **extra,
             )
         except _TemplateRaised as e:
             raise RequestError(f"chat template of {self.source}: {e}") from e
         except Exception as e:  # a broken template fails at render time too
+            if extra:  # (or the request's own variables broke it)
+                raise RequestError(
+                    f"chat_template_kwargs: the chat template of {self.source} failed to "
+                    f"render with {sorted(extra)} ({type(e).__name__}: {e})"
+                ) from e
             raise ConfigError(
                 f"{self.source}: field 'chat_template' failed to render ({type(e).__name__}: {e})"
             ) from e
@@ -386,15 +421,49 @@ class Tokenizer:
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Prompt ids of a chat; BOS is added unless the template already wrote it."""
         text = self.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tools=tools
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            template_kwargs=template_kwargs,
         )
         has_bos = self.bos_token is not None and text.startswith(self.bos_token)
         return self.encode(text, add_bos=not has_bos)
+
+
+# The variables apply_chat_template gives a template itself.
+_TEMPLATE_VARIABLES = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+)
+
+
+def _cut_after_final_message(text: str, final: str, index: int) -> str:
+    """The rendered chat up to the end of the final message's content (HF's rule: templates
+    may strip the content, so its stripped form is looked for, and its leading text kept as
+    the template wrote it)."""
+    stripped = final.strip()
+    if not stripped:
+        raise RequestError(
+            f"messages[{index}].content: continue_final_message needs a final message with "
+            "text to continue, got an empty one"
+        )
+    at = text.rfind(stripped)
+    if at < 0:
+        raise RequestError(
+            f"messages[{index}].content: continue_final_message: the chat template does not "
+            "write the final message's text into the prompt"
+        )
+    kept = final.lstrip()
+    if text[at : at + len(kept)] == kept:  # the template kept its trailing whitespace
+        return text[: at + len(kept)]
+    return text[: at + len(stripped)]
 
 
 class _TemplateRaised(Exception):

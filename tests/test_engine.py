@@ -1443,3 +1443,23 @@ def test_prompt_logprobs_sliced_over_positions_are_the_whole_chunks():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_llm_chat_renders_each_conversation_then_generates(base):
+    """LLM.chat (vLLM's): one conversation or a list, rendered with the chat template (a
+    prefilled answer continued), gives generate's completions of those prompt ids."""
+    tokenizer = tiny_tokenizer()
+    llm = jaxlora.LLM(
+        TINY, params=base, tokenizer=tokenizer, engine_config=small_engine_config(), load_workers=0
+    )
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    question = [{"role": "user", "content": "The cat"}]
+    prefilled = [*question, {"role": "assistant", "content": "It is"}]
+    [one] = llm.chat(question, sampling=greedy)
+    assert one.prompt_ids == tokenizer.encode_chat(question)
+    assert one.token_ids == llm.generate([one.prompt_ids], sampling=greedy)[0].token_ids
+    both = llm.chat([question, prefilled], sampling=greedy, continue_final_message=True)
+    ids = [tokenizer.encode_chat(c, continue_final_message=True) for c in (question, prefilled)]
+    assert [c.prompt_ids for c in both] == ids
+    assert tokenizer.decode(ids[1]).endswith("It is")
+    assert [c.token_ids for c in both] == [c.token_ids for c in llm.generate(ids, sampling=greedy)]

@@ -437,6 +437,155 @@ def test_prompt_logprobs_as_vllm(served, client):
     assert body["param"] == "prompt_logprobs"
 
 
+def test_bad_words_and_truncated_prompts_as_vllm(served, client):
+    """vLLM's bad_words (the engine's answer to the same ban, whole and streamed) and
+    truncate_prompt_tokens (the answer to the prompt's last k tokens; echo shows them; -1 keeps
+    what the context holds); bad values are 400s naming the field."""
+    tokenizer, engine = served[1].tokenizer, served[1].engine
+    plain = client.completions.create(model="pirate", prompt="Hi", **GREEDY).choices[0].text
+    assert "matey" in plain
+    ids = tokenizer.encode("Hi")
+    request = engine.submit(
+        ids, SamplingParams(temperature=0, max_tokens=40, bad_words=("matey",)), adapter="pirate"
+    )
+    assert request.wait(timeout=60)
+    banned = dict(model="pirate", prompt="Hi", **GREEDY, extra_body={"bad_words": ["matey"]})
+    answer = client.completions.create(**banned).choices[0].text
+    assert answer == request.text != plain and "matey" not in answer
+    assert "".join(c.choices[0].text for c in client.completions.create(**banned, stream=True)) == (
+        answer
+    )
+    chatted = chat(client, "pirate", extra_body={"bad_words": ["matey", "Arr"]}).choices[0]
+    assert "matey" not in chatted.message.content and "Arr" not in chatted.message.content
+
+    long_ids = tokenizer.encode("Tell me a long story about the sea, old pirate.")
+    cut = dict(model="pirate", prompt="Tell me a long story about the sea, old pirate.")
+    truncated = client.completions.create(
+        **cut, **GREEDY, echo=True, extra_body={"truncate_prompt_tokens": 4}
+    )
+    assert truncated.usage.prompt_tokens == 4
+    same = client.completions.create(model="pirate", prompt=long_ids[-4:], **GREEDY)
+    echoed = tokenizer.decode(long_ids[-4:])
+    assert truncated.choices[0].text == echoed + same.choices[0].text
+    whole = client.completions.create(**cut, **GREEDY, extra_body={"truncate_prompt_tokens": -1})
+    assert whole.usage.prompt_tokens == len(long_ids)
+    chat_cut = chat(client, "pirate", extra_body={"truncate_prompt_tokens": 3})
+    assert chat_cut.usage.prompt_tokens == 3
+    for extra, param in (
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"bad_words": ["ok", "  "]}, "bad_words"),
+        ({"bad_words": "matey"}, "bad_words"),
+    ):
+        body = expect_error(
+            400, lambda e=extra: client.completions.create(**cut, extra_body=e), param
+        )
+        assert body["param"] == param, (extra, body)
+
+
+def test_chat_continues_a_prefilled_answer_as_vllm(served, client):
+    """vLLM's continue_final_message (the prompt ends inside the assistant's prefilled text:
+    the completion of those ids), echo (the answer starts with that text, whole and
+    streamed), add_generation_prompt=false, chat_template_kwargs (given to the template;
+    a variable the server sets is refused), and /tokenize with the same fields."""
+    url, tokenizer = served[0].url, served[1].tokenizer
+    prefilled = [
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "Arr, here be"},
+    ]
+    go_on = {"continue_final_message": True}
+    answer = client.chat.completions.create(
+        model="pirate", messages=prefilled, **GREEDY, extra_body=go_on
+    )
+    ids = tokenizer.encode_chat(prefilled, continue_final_message=True)
+    assert tokenizer.decode(ids).endswith("Arr, here be")
+    assert answer.usage.prompt_tokens == len(ids)
+    completion = client.completions.create(model="pirate", prompt=ids, **GREEDY)
+    assert answer.choices[0].message.content == completion.choices[0].text
+    echo = {**go_on, "echo": True}
+    echoed = client.chat.completions.create(
+        model="pirate", messages=prefilled, **GREEDY, extra_body=echo
+    )
+    assert echoed.choices[0].message.content == "Arr, here be" + completion.choices[0].text
+    chunks = client.chat.completions.create(
+        model="pirate", messages=prefilled, **GREEDY, stream=True, extra_body=echo
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == echoed.choices[0].message.content
+    # echo after a user message adds nothing.
+    assert (
+        chat(client, "pirate", extra_body={"echo": True}).choices[0].message.content
+        == chat(client, "pirate").choices[0].message.content
+    )
+    no_header = client.chat.completions.create(
+        model="pirate",
+        messages=prefilled[:1],
+        max_tokens=1,
+        extra_body={"add_generation_prompt": False},
+    )
+    assert no_header.usage.prompt_tokens == len(
+        tokenizer.encode_chat(prefilled[:1], add_generation_prompt=False)
+    )
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    tokenized = httpx.post(
+        f"{url}/tokenize", json={"messages": prefilled, **go_on}, headers=headers
+    ).json()
+    assert tokenized["tokens"] == ids
+    for extra, param in (
+        ({**go_on, "add_generation_prompt": True}, "continue_final_message"),
+        (
+            {"chat_template_kwargs": {"add_generation_prompt": True}},
+            "chat_template_kwargs.add_generation_prompt",
+        ),
+        ({"chat_template_kwargs": ["think"]}, "chat_template_kwargs"),
+    ):
+        body = expect_error(
+            400,
+            lambda e=extra: client.chat.completions.create(
+                model="pirate", messages=prefilled, max_tokens=2, extra_body=e
+            ),
+            param,
+        )
+        assert body["param"] == param, (extra, body)
+    empty_final = [prefilled[0], {"role": "assistant", "content": ""}]
+    body = expect_error(
+        400,
+        lambda: client.chat.completions.create(
+            model="pirate", messages=empty_final, max_tokens=2, extra_body=go_on
+        ),
+        "continue_final_message needs a final message with text",
+    )
+    assert body["param"] == "messages[1].content"
+    # A template that reads a request variable.
+    state = served[1]
+    old = state.tokenizer.chat_template
+    state.tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% if brief %}Briefly: {% endif %}"
+        "{% endif %}"
+    )
+    try:
+        plain = httpx.post(
+            f"{url}/tokenize", json={"messages": prefilled[:1]}, headers=headers
+        ).json()
+        brief = httpx.post(
+            f"{url}/tokenize",
+            json={"messages": prefilled[:1], "chat_template_kwargs": {"brief": True}},
+            headers=headers,
+        ).json()
+        assert brief["tokens"][: plain["count"]] == plain["tokens"]
+        assert tokenizer.decode(brief["tokens"][plain["count"] :]).strip() == "Briefly:"
+        briefly = client.chat.completions.create(
+            model="pirate",
+            messages=prefilled[:1],
+            max_tokens=2,
+            extra_body={"chat_template_kwargs": {"brief": True}},
+        )
+        assert briefly.usage.prompt_tokens == brief["count"]
+    finally:
+        state.tokenizer.chat_template = old
+
+
 def test_tokenize_and_detokenize_as_vllm(served, client):
     """POST /tokenize gives the ids a completion's prompt or a chat's messages feed the model
     (the chat's prompt_tokens), /detokenize their text; bad bodies get 4xx naming the field."""

@@ -221,3 +221,62 @@ def test_missing_or_corrupt_files_raise_format_error(tok, tmp_path):
     (good / "generation_config.json").write_text(json.dumps({"eos_token_id": 99999}))
     with pytest.raises(FormatError, match="generation_config.json.*eos_token_id"):
         Tokenizer.from_file(good)
+
+
+def test_continue_final_message_ends_the_prompt_inside_that_message(tok):
+    """continue_final_message: the prompt ends right after the last message's text (no
+    end-of-turn, no generation prompt), as HF's apply_chat_template cuts it; with
+    add_generation_prompt left out it is not added, given true it is refused."""
+    messages = [
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "The color is "},
+    ]
+    text = tok.apply_chat_template(messages, continue_final_message=True)
+    assert text == "<|user|>\nName a color.\n<|assistant|>\nThe color is "
+    assert text == tok.apply_chat_template(
+        messages, continue_final_message=True, add_generation_prompt=False
+    )
+    ids = tok.encode_chat(messages, continue_final_message=True)
+    assert tok.decode(ids, skip_special_tokens=False) == "<bos>" + text
+    with pytest.raises(RequestError, match="^continue_final_message: .*add_generation_prompt"):
+        tok.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(RequestError, match=r"^messages\[1\].content: .*empty"):
+        tok.apply_chat_template(
+            [*messages[:1], {"role": "assistant", "content": " "}], continue_final_message=True
+        )
+
+
+def test_continue_final_message_and_template_kwargs_with_a_jinja_template(tok, tmp_path):
+    """A template that strips contents and reads a variable of the request's
+    (chat_template_kwargs): the cut keeps the message's leading text as rendered; a variable
+    the server sets itself is refused; one that breaks the template is the request's fault."""
+    pytest.importorskip("jinja2")
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | trim }}<eos>\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% if think %} <think>{% endif %} "
+        "{% endif %}"
+    )
+    loaded = Tokenizer.from_file(write_hf_dir(tmp_path, tok, chat_template=template))
+    user = [{"role": "user", "content": "Hi"}]
+    assert loaded.apply_chat_template(user) == "[user] Hi<eos>\n[assistant] "
+    assert loaded.apply_chat_template(user, template_kwargs={"think": True}) == (
+        "[user] Hi<eos>\n[assistant] <think> "
+    )
+    prefilled = [*user, {"role": "assistant", "content": "  Well, "}]
+    assert loaded.apply_chat_template(prefilled, continue_final_message=True) == (
+        "[user] Hi<eos>\n[assistant] Well,"
+    )
+    with pytest.raises(RequestError, match=r"^chat_template_kwargs.messages: .*sets"):
+        loaded.apply_chat_template(user, template_kwargs={"messages": []})
+    broken = Tokenizer.from_file(
+        write_hf_dir(tmp_path / "b", tok, chat_template="{{ messages[0]['content'] ~ n.x.y }}")
+    )
+    with pytest.raises(RequestError, match=r"^chat_template_kwargs: .*failed to render"):
+        broken.apply_chat_template(user, template_kwargs={"n": 1})
+    with pytest.raises(ConfigError, match="chat_template"):  # (no request variable: its own)
+        broken.apply_chat_template(user)
+    missing = Tokenizer.from_file(
+        write_hf_dir(tmp_path / "m", tok, chat_template="{{ 'fixed prompt' }}")
+    )
+    with pytest.raises(RequestError, match=r"^messages\[0\].content: .*does not write"):
+        missing.apply_chat_template(user, continue_final_message=True)

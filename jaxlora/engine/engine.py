@@ -35,7 +35,8 @@ Scheduling policy (one iteration):
    the previous iteration's tokens (while the device runs those steps), then computes the
    masks and dispatches the samplers: the row decodes every iteration and the device stays
    fed. Its matcher consumes each token appended; when the grammar can take nothing more the
-   request stops.
+   request stops. Bad words (``SamplingParams.bad_words``, ``jaxlora.bad_words``) ban tokens
+   through the same bitmask, so their rows follow the same order.
 7. Shared prompts (``Engine.submit(share_prompt_with=...)``: the n choices of one call): a
    request whose leader, a running request of the same prompt and adapter version, is still
    computing the prompt's full pages waits for them (holding its place, blocking nobody), then
@@ -58,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.bad_words import BadWords, apply_bans, bad_word_token_ids
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager
 from jaxlora.engine.request import Delta, FinishReason, Request, Status
@@ -88,7 +90,7 @@ from jaxlora.sampling import (
     unique_tokens,
     uses_filters,
 )
-from jaxlora.structured_output import TokenMasks
+from jaxlora.structured_output import TokenMasks, mask_words
 from pallas_kernels import layout
 from pallas_kernels.sgmv import build_sgmv_metadata, choose_per_token
 
@@ -294,6 +296,15 @@ class Engine:
             matcher = self.token_masks(sampling.structured_output.field).matcher(
                 sampling.structured_output
             )
+        bad_words = None
+        if sampling.bad_words:
+            if self.tokenizer is None:
+                raise RequestError(
+                    "bad_words: bad words are tokenized, and this engine has no tokenizer"
+                )
+            bad_words = BadWords(
+                bad_word_token_ids(self.tokenizer, sampling.bad_words), self.config.vocab_size
+            )
         limit = self.engine_config.kv.max_model_len
         check_prompt_length(len(prompt_ids), limit)
         if len(prompt_ids) + sampling.max_tokens > limit:
@@ -326,6 +337,7 @@ class Engine:
             stream_deltas=stream,
         )
         request._matcher = matcher
+        request._bad_words = bad_words
         request.prompt_leader = share_prompt_with
         if self.tokenizer is not None:
             request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
@@ -516,7 +528,7 @@ class Engine:
         # A structured output's mask needs the row's previous token (policy 6): then the
         # samplers wait until the model steps are dispatched and those tokens are read.
         defer_samplers = bool(completing) and any(
-            request._matcher is not None for request, _ in (*prefill, *decode)
+            request.masks_tokens for request, _ in (*prefill, *decode)
         )
         for mode, rows in (("prefill", prefill), ("decode", decode)):
             launch = self._launch(mode, rows, register_in) if rows else None
@@ -957,6 +969,26 @@ class Engine:
                     launch.rows.append((request, request.epoch, i))
         return launch
 
+    def _token_masks_of(self, rows, batch_rows: int) -> np.ndarray:
+        """The sampler's (batch_rows, words) bitmask: each structured output's grammar, less
+        each request's bad words after its output so far; other rows allow every token."""
+        live = [
+            (request, row)
+            for request, epoch, row in rows
+            # (a request that ended meanwhile: its token is dropped, any mask does)
+            if request.epoch == epoch and request.status is Status.RUNNING
+        ]
+        matched = [(r._matcher, row) for r, row in live if r._matcher is not None]
+        if matched:
+            masks = self._token_masks.bitmask(matched, batch_rows)
+        else:
+            masks = np.full((batch_rows, mask_words(self.config.vocab_size)), -1, np.int32)
+        for request, row in live:
+            if request._bad_words is not None:
+                banned = request._bad_words.banned(request.output_ids)
+                apply_bans(masks[row], banned, self.config.vocab_size)
+        return masks
+
     def _dispatch_sampler(self, launch: _Launch) -> None:
         """Dispatches a launched step's sampler (after its model step: a structured output's
         mask is computed only now, once the host has read the row's previous token)."""
@@ -964,18 +996,8 @@ class Engine:
         inputs, launch.sampler_inputs = launch.sampler_inputs, None
         params = inputs.params
         allowed = None
-        if any(p.structured_output is not None for p in params):
-            allowed = self._token_masks.bitmask(
-                [
-                    (request._matcher, row)
-                    for request, epoch, row in launch.rows
-                    # (a request that ended meanwhile: its token is dropped, any mask does)
-                    if request._matcher is not None
-                    and request.epoch == epoch
-                    and request.status is Status.RUNNING
-                ],
-                inputs.batch_rows,
-            )
+        if any(p.structured_output is not None or p.bad_words for p in params):
+            allowed = self._token_masks_of(launch.rows, inputs.batch_rows)
         sampling = SamplingBatch.from_params(
             params,
             inputs.token_indices,

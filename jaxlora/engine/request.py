@@ -92,6 +92,13 @@ class Request:
     prompt_leader: Request | None = None
     # llguidance matcher of a structured output: has consumed exactly output_ids
     _matcher: object | None = None
+    _bad_words: object | None = None  # jaxlora.bad_words.BadWords
+
+    @property
+    def masks_tokens(self) -> bool:
+        """Whether the sampler takes a token bitmask for this request (a structured output or
+        bad words), computed on the host from its previous token (engine policy 6)."""
+        return self._matcher is not None or self._bad_words is not None
 
     def __post_init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

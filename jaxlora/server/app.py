@@ -85,6 +85,13 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
 
     if body.stream_options is not None and not body.stream:
         refuse("stream_options", "only allowed with stream=true")
+    if body.truncate_prompt_tokens is not None and not (
+        body.truncate_prompt_tokens >= 1 or body.truncate_prompt_tokens == -1
+    ):
+        refuse(
+            "truncate_prompt_tokens",
+            f"expected an int >= 1, or -1 (the context length), got {body.truncate_prompt_tokens}",
+        )
     if isinstance(body, CompletionRequest):
         if body.best_of is not None and body.best_of != body.n:
             refuse(
@@ -110,6 +117,16 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
                     ),
                     f"tools[{i}]",
                 )
+        if (
+            body.continue_final_message
+            and body.add_generation_prompt
+            and "add_generation_prompt" in body.model_fields_set
+        ):
+            refuse(
+                "continue_final_message",
+                "cannot continue the final message and add a generation prompt after it; set "
+                "add_generation_prompt to false",
+            )
         if body.top_logprobs is not None and not body.logprobs:
             refuse("top_logprobs", "needs logprobs=true")
         if body.prompt_logprobs is not None and body.stream:
@@ -270,6 +287,7 @@ def _samplings(
                     prompt_logprobs=prompt_logprobs,
                     include_stop_str_in_output=body.include_stop_str_in_output,
                     structured_output=structured_output,
+                    bad_words=tuple(body.bad_words or ()),
                 )
             )
         except RequestError as e:
@@ -398,6 +416,17 @@ def _usage(prompt_lengths: list[int], requests: list[EngineRequest]) -> dict:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def _chat_echo(body: ChatCompletionRequest) -> str:
+    """The text a chat answer starts with under vLLM's ``echo``: the last message's, when it is
+    the assistant's (the message the answer continues or follows), else none."""
+    last = body.messages[-1]
+    if not body.echo or last.role != "assistant":
+        return ""
+    if isinstance(last.content, str):
+        return last.content
+    return "".join(p["text"] for p in last.content or () if isinstance(p.get("text"), str))
 
 
 def chat_message(
@@ -629,7 +658,18 @@ def create_app(
             )
         else:
             need_tokenizer("messages")
-            chat = ChatCompletionRequest(model=body.model or "", messages=body.messages)
+            chat = ChatCompletionRequest(
+                model=body.model or "",
+                messages=body.messages,
+                continue_final_message=body.continue_final_message,
+                chat_template_kwargs=body.chat_template_kwargs,
+                **(
+                    {"add_generation_prompt": body.add_generation_prompt}
+                    if "add_generation_prompt" in body.model_fields_set
+                    else {}
+                ),
+            )
+            _refuse_unsupported(chat)
             ids = await anyio.to_thread.run_sync(lambda: _chat_prompt(state, chat))
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
@@ -810,7 +850,7 @@ def create_app(
         _refuse_unsupported(body)
         # Tokenizing a long prompt takes a while: off the event loop, which serves everyone.
         prompts = await anyio.to_thread.run_sync(
-            lambda: _completion_prompts(state, body.prompt, body.n)
+            lambda: _completion_prompts(state, body.prompt, body.n, body.truncate_prompt_tokens)
         )
         structured = await structured_output_of(body)
         # echo with logprobs: the prompt's tokens get theirs too (as OpenAI's legacy API and
@@ -833,6 +873,9 @@ def create_app(
         def echo_text(index: int) -> str:
             if not body.echo:
                 return ""
+            if body.truncate_prompt_tokens is not None:  # the prompt the model saw
+                tokenizer = state.tokenizer
+                return tokenizer.decode(prompts[index // body.n]) if tokenizer is not None else ""
             if isinstance(body.prompt, str):
                 return body.prompt
             if isinstance(body.prompt, list) and isinstance(body.prompt[index // body.n], str):
@@ -975,6 +1018,7 @@ def create_app(
             structured_output=structured,
         )
         calls_reader = forced or parser
+        echo = _chat_echo(body)
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         group = submit_group(http_id, [prompt], samplings, adapter)
@@ -991,6 +1035,8 @@ def create_app(
                         r.output_ids, r.output_logprobs, r.output_top_logprobs
                     )
                 message, finish = chat_message(r.text, str(r.finish_reason), calls_reader)
+                if echo:
+                    message["content"] = echo + (message.get("content") or "")
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
                 )
@@ -1038,6 +1084,8 @@ def create_app(
             ]
             for i in range(len(group.requests)):
                 yield delta_chunk(i, {"role": "assistant", "content": ""})
+                if echo:
+                    yield delta_chunk(i, {"content": echo})
             async for index, delta in events:
                 if delta.finish_reason is not None and delta.finish_reason not in (
                     FinishReason.STOP,
@@ -1186,8 +1234,19 @@ def _shown(body, loc: tuple) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _completion_prompts(state: ServingState, prompt, n: int) -> list[list[int]]:
-    """Token ids of each prompt of a completion request (of n choices each)."""
+def _kept_tokens(state: ServingState, truncate: int | None) -> int | None:
+    """How many of a prompt's last tokens ``truncate_prompt_tokens`` keeps (None: all)."""
+    if truncate is None:
+        return None
+    return state.max_model_len if truncate == -1 else truncate
+
+
+def _completion_prompts(
+    state: ServingState, prompt, n: int, truncate: int | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt of a completion request (of n choices each), each cut to its
+    last ``truncate`` tokens when given (vLLM's ``truncate_prompt_tokens``)."""
+    keep = _kept_tokens(state, truncate)
     if isinstance(prompt, str):
         items = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
@@ -1216,14 +1275,19 @@ def _completion_prompts(state: ServingState, prompt, n: int) -> list[list[int]]:
                     ),
                     "prompt",
                 )
-            state.refuse_text_that_cannot_fit(item, "prompt", "characters")
-            ids.append(state.tokenizer.encode(item))
+            if keep is None:
+                state.refuse_text_that_cannot_fit(item, "prompt", "characters")
+            ids.append(
+                state.tokenizer.encode(item)[-keep:] if keep else state.tokenizer.encode(item)
+            )
         else:
             if not item:
                 raise with_param(
                     RequestError("prompt: expected at least one token, got an empty token list"),
                     "prompt",
                 )
+            if keep is not None:
+                item = item[-keep:]
             try:  # the engine's check, before copying the ids
                 check_prompt_length(len(item), state.max_model_len)
             except RequestError as e:
@@ -1232,8 +1296,13 @@ def _completion_prompts(state: ServingState, prompt, n: int) -> list[list[int]]:
     return ids
 
 
+# The fields of a chat request that its rendering may refuse.
+_CHAT_FIELDS = ("tools", "messages", "continue_final_message", "chat_template_kwargs")
+
+
 def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
-    """Token ids of a chat request's messages, rendered with the chat template."""
+    """Token ids of a chat request's messages, rendered with the chat template (the last
+    ``truncate_prompt_tokens`` of them when given)."""
     texts = []
     for i, message in enumerate(body.messages):
         content = message.content
@@ -1250,14 +1319,28 @@ def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
         elif content is not None:
             texts.extend(p["text"] for p in content if isinstance(p.get("text"), str))
     text = "".join(texts)
-    state.refuse_text_that_cannot_fit(text, "messages", "characters of content")
+    keep = _kept_tokens(state, body.truncate_prompt_tokens)
+    if keep is None:
+        state.refuse_text_that_cannot_fit(text, "messages", "characters of content")
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     tools = getattr(body, "tools", None) or None
+    add_generation_prompt = body.add_generation_prompt
+    if body.continue_final_message and "add_generation_prompt" not in body.model_fields_set:
+        add_generation_prompt = None  # (the tokenizer's: not when continuing)
     try:
-        return state.tokenizer.encode_chat(messages, tools=tools)
+        ids = state.tokenizer.encode_chat(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            template_kwargs=body.chat_template_kwargs,
+        )
     except RequestError as e:
-        if getattr(e, "param", None) is None and str(e).startswith("tools"):
-            raise with_param(e, "tools") from None
-        if getattr(e, "param", None) is None and not str(e).startswith("messages"):
-            raise with_param(e, "messages") from None  # the chat template's own refusal
+        if getattr(e, "param", None) is None:
+            field = str(e).split(":", 1)[0]  # e.g. "messages[1].content"
+            root = re.split(r"[.\[]", field, maxsplit=1)[0]
+            if " " in field or root not in _CHAT_FIELDS:
+                field = "messages"  # the chat template's own refusal
+            raise with_param(e, field) from None
         raise
+    return ids[-keep:] if keep else ids

@@ -45,6 +45,9 @@ REQUEST_FIELDS = (
     "logprobs",
     "n",
     "messages",
+    "bad_words",
+    "continue_final_message",
+    "chat_template_kwargs",
 )
 
 

@@ -2,7 +2,8 @@
 
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``, ``prompt_logprobs``,
-``structured_outputs`` and
+``bad_words``, ``truncate_prompt_tokens``, ``structured_outputs``, the chat's
+``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs`` and ``echo``, and
 the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are
 vLLM's extensions. Fields this server cannot honour (suffix, ...) are accepted only at their
 neutral value, so that a client never silently gets something else than it asked for; unknown
@@ -112,6 +113,14 @@ class _SamplingFields(_Body):
         description="vLLM's: each prompt token's logprob and rank, and this many most likely "
         "tokens there (0..20).",
     )
+    bad_words: list[str] | None = Field(
+        None, description="vLLM's: words the output never contains (at most 256)."
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        description="vLLM's: keep only the prompt's last k tokens (k >= 1; -1: as many as the "
+        "context holds).",
+    )
     user: str | None = None
 
 
@@ -156,6 +165,22 @@ class ChatCompletionRequest(_SamplingFields):
         "...}} (the last two by constrained decoding).",
     )
     parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = Field(
+        True, description="End the prompt with the template's assistant header (vLLM's)."
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="Continue the last message (e.g. a prefilled assistant answer) instead of "
+        "starting a new one; needs add_generation_prompt false or left out (vLLM's).",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="More variables for the chat template, e.g. enable_thinking (vLLM's)."
+    )
+    echo: bool = Field(
+        False,
+        description="Prepend the last message's text to the answer when it is the assistant's "
+        "(vLLM's; with continue_final_message, the whole message).",
+    )
     store: bool | None = None
     metadata: dict[str, str] | None = None
 
@@ -193,6 +218,15 @@ class TokenizeRequest(_Body):
         None, description="A conversation, rendered with the chat template (as a chat request)."
     )
     add_special_tokens: bool = Field(True, description="Prepend BOS to a prompt.")
+    add_generation_prompt: bool = Field(
+        True, description="With messages: end with the template's assistant header."
+    )
+    continue_final_message: bool = Field(
+        False, description="With messages: continue the last message instead."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="With messages: more variables for the chat template."
+    )
 
 
 class DetokenizeRequest(_Body):
