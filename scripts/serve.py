@@ -156,6 +156,13 @@ flags.DEFINE_bool(
     "Dispatch each engine iteration before reading the "
     "previous one's tokens, so that host work overlaps the GPU's (same outputs).",
 )
+flags.DEFINE_enum(
+    "scheduling_policy",
+    "fcfs",
+    ["fcfs", "priority"],
+    "fcfs: first come, first served (a request's priority must be 0); priority: lower "
+    "`priority` first, preempting lower ones for rows and KV pages (vLLM's).",
+)
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
 flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations."
@@ -253,6 +260,7 @@ def main(argv):
         residual_norm=FLAGS.residual_norm,
         deterministic=FLAGS.deterministic,
         async_scheduling=FLAGS.async_scheduling,
+        scheduling_policy=FLAGS.scheduling_policy,
     )
     try:
         state = build_state(launch)

@@ -335,3 +335,100 @@ def test_skewed_load_no_request_is_overtaken_more_than_max_skips_times(skewed_ru
     run = skewed_run
     over = [rid for rid, n in run.overtaken.items() if n > MAX_SKIPS]
     assert not over, (f"max_skips={MAX_SKIPS}", describe(run, over))
+
+
+def priority_config(*, max_batch=8, **kv):
+    config = small_engine_config(**kv)
+    runner = dataclasses.replace(config.runner, max_batch=max_batch, decode_buckets=(max_batch,))
+    return dataclasses.replace(config, runner=runner, scheduling_policy="priority")
+
+
+def test_priorities_need_the_priority_policy(base):
+    from jaxlora.errors import ConfigError, RequestError
+
+    llm = jaxlora.LLM(TINY, params=base, engine_config=small_engine_config(), load_workers=0)
+    with pytest.raises(RequestError, match="^priority: 1 needs the 'priority' scheduling"):
+        llm.engine.submit([1, 2], greedy(2), priority=1)
+    llm.engine.submit([1, 2], greedy(2), priority=0)  # (the neutral value is fine)
+    with pytest.raises(ConfigError, match="'scheduling_policy' is 'lifo'"):
+        dataclasses.replace(small_engine_config(), scheduling_policy="lifo")
+    ranked = jaxlora.LLM(TINY, params=base, engine_config=priority_config(), load_workers=0)
+    with pytest.raises(RequestError, match="^priority: expected an int"):
+        ranked.engine.submit([1, 2], greedy(2), priority="1")
+
+
+def _run_recording_admissions(engine, requests):
+    """Steps the engine to the end; returns the requests in the order they left the queue
+    (those admitted in one iteration as a set)."""
+    order, seen = [], set()
+    while engine.has_work():
+        engine.step()
+        new = {r.request_id for r in requests if r.status is not Status.WAITING} - seen
+        if new:
+            order.append(new)
+            seen |= new
+    return order
+
+
+def test_waiting_requests_are_admitted_in_priority_order(base):
+    """Five requests queued at once for two rows: admitted by priority (lower first), by
+    arrival within a priority; each gets its solo tokens."""
+    llm = jaxlora.LLM(TINY, params=base, engine_config=priority_config(max_batch=2), load_workers=0)
+    prompts = [[3 + i, 40 + i, 7] for i in range(5)]
+    priorities = [3, 1, 2, 0, 1]
+    requests = [
+        llm.engine.submit(p, greedy(4), request_id=f"r{i}", priority=priority)
+        for i, (p, priority) in enumerate(zip(prompts, priorities, strict=True))
+    ]
+    order = _run_recording_admissions(llm.engine, requests)
+    assert order == [{"r3", "r1"}, {"r4", "r2"}, {"r0"}]
+    assert llm.engine.stats.preemptions == 0
+    for prompt, request in zip(prompts, requests, strict=True):
+        assert request.output_ids == greedy_reference(base, prompt, 4)
+
+
+def test_a_higher_priority_request_takes_a_row_from_the_lowest(base):
+    """Rows full of priority-5 requests: a priority-0 one preempts the newest of them at once
+    (under "fcfs" it would wait); the preempted one recomputes and every request gets its solo
+    tokens."""
+    llm = jaxlora.LLM(TINY, params=base, engine_config=priority_config(max_batch=2), load_workers=0)
+    engine = llm.engine
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+    low = [engine.submit(p, greedy(12), priority=5) for p in prompts[:2]]
+    for _ in range(3):
+        engine.step()
+    assert all(r.status is Status.RUNNING for r in low)
+    high = engine.submit(prompts[2], greedy(12), priority=0)
+    engine.step()
+    assert high.status is Status.RUNNING
+    assert low[0].status is Status.RUNNING and low[1].status is Status.WAITING
+    assert low[1].preemptions == 1 and low[0].preemptions == 0
+    engine.run_until_idle()
+    for prompt, request in zip(prompts, [*low, high], strict=True):
+        assert request.output_ids == greedy_reference(base, prompt, 12)
+    assert engine.kv.free_pages == engine.engine_config.kv.num_pages
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_kv_pressure_preempts_the_lowest_priority_first(base, policy):
+    """KV pages for two of three requests: "priority" preempts the priority-5 request although
+    a newer one (priority 1) runs; "fcfs" preempts the newest. The highest never is."""
+    config = dataclasses.replace(
+        priority_config(num_pages=18, max_model_len=48), scheduling_policy=policy
+    )
+    llm = jaxlora.LLM(TINY, params=base, engine_config=config, load_workers=0)
+    prompts = [[3 + i, 20 + i, 9, 4 + i, 30, 2, 8, 1 + i] for i in range(3)]
+    priorities = [0, 5, 1] if policy == "priority" else [0, 0, 0]
+    requests = [
+        llm.engine.submit(p, greedy(24), priority=priority)
+        for p, priority in zip(prompts, priorities, strict=True)
+    ]
+    llm.engine.run_until_idle()
+    oldest, middle, newest = requests
+    assert oldest.preemptions == 0
+    if policy == "priority":
+        assert middle.preemptions >= 1 and newest.preemptions == 0
+    else:
+        assert newest.preemptions >= 1 and middle.preemptions == 0
+    for prompt, request in zip(prompts, requests, strict=True):
+        assert request.output_ids == greedy_reference(base, prompt, 24, width=40)

@@ -483,6 +483,43 @@ def test_bad_words_and_truncated_prompts_as_vllm(served, client):
         assert body["param"] == param, (extra, body)
 
 
+def test_priorities_reach_the_engine_under_the_priority_policy(served, client, monkeypatch):
+    """vLLM's priority field: each choice of a request is submitted with it once the server
+    schedules by priority (the engine's own tests show the order); under "fcfs" a priority
+    other than 0 is a 400."""
+    engine = served[1].engine
+    body = expect_error(
+        400,
+        lambda: client.completions.create(
+            model="pirate", prompt="Hi", max_tokens=2, extra_body={"priority": -2}
+        ),
+        "needs the 'priority' scheduling policy",
+    )
+    assert body["param"] == "priority"
+    seen = []
+    submit = engine.submit
+
+    def recording_submit(*args, **kwargs):
+        request = submit(*args, **kwargs)
+        seen.append((request.request_id, request.priority))
+        return request
+
+    monkeypatch.setattr(engine, "submit", recording_submit)
+    monkeypatch.setattr(
+        engine,
+        "engine_config",
+        dataclasses.replace(engine.engine_config, scheduling_policy="priority"),
+    )
+    plain = client.completions.create(model="pirate", prompt="Hi", **GREEDY)
+    ranked = client.completions.create(
+        model="pirate", prompt="Hi", n=2, **GREEDY, extra_body={"priority": -2}
+    )
+    assert [c.text for c in ranked.choices] == [plain.choices[0].text] * 2
+    answer = chat(client, "robot", extra_body={"priority": 7})
+    assert answer.choices[0].finish_reason == "stop"
+    assert [p for _, p in seen] == [0, -2, -2, 7]
+
+
 def test_chat_continues_a_prefilled_answer_as_vllm(served, client):
     """vLLM's continue_final_message (the prompt ends inside the assistant's prefilled text:
     the completion of those ids), echo (the answer starts with that text, whole and
@@ -1316,6 +1353,13 @@ def test_launch_settings():
     assert not engine_config_for(
         TINY, LaunchConfig(async_scheduling=False), backend="cpu"
     ).async_scheduling
+    assert cpu.scheduling_policy == "fcfs"
+    assert (
+        engine_config_for(
+            TINY, LaunchConfig(scheduling_policy="priority"), backend="cpu"
+        ).scheduling_policy
+        == "priority"
+    )
     assert cpu.runner.fuse_projections and gpu.runner.fuse_projections
     assert not engine_config_for(
         TINY, LaunchConfig(fuse_projections=False), backend="cpu"

@@ -313,6 +313,8 @@ CASES = [
     bad(C, "prompt_logprobs", -1, "0..20"),
     bad(M, "prompt_logprobs", "2", "valid integer"),
     bad(C, "bad_words", "matey", "valid list"),
+    bad(C, "priority", 1, "needs the 'priority' scheduling policy", "expected 0"),
+    bad(M, "priority", "1", "valid integer"),
     bad(C, "bad_words", ["ok", 5], "valid string", param="bad_words[1]"),
     bad(M, "bad_words", ["ok", "  "], "at most 256 words (non-blank strings)"),
     bad(C, "bad_words", ["w"] * 257, "at most 256 words"),

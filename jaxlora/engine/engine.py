@@ -42,6 +42,13 @@ Scheduling policy (one iteration):
    computing the prompt's full pages waits for them (holding its place, blocking nobody), then
    starts with those pages by reference and computes only the rest of its prompt (at least its
    last token). A leader that is not running (finished, preempted) is not waited for.
+8. Priorities (``EngineConfig.scheduling_policy="priority"``, ``Engine.submit(priority=...)``,
+   vLLM's: lower is served first). Waiting requests are admitted in priority order (arrival
+   order within a priority; the fairness bound of 2 holds among them). Preemption (4) takes
+   the running request of the lowest priority, the newest among equals, and never one that
+   ranks before the requester. A waiting request that ranks before a running one of a lower
+   priority and finds no batch row or KV pages preempts it (lowest first) to be admitted.
+   Under "fcfs" (the default) every request has priority 0 and the order is 2 and 4's.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ from jaxlora.engine.runner import (
     unpack_samples,
 )
 from jaxlora.errors import (
+    ConfigError,
     JaxloraError,
     PoolExhaustedError,
     RequestError,
@@ -122,6 +130,18 @@ class EngineConfig:
     # request turns out to have stopped (EOS, a stop string) in the previous token is computed
     # once more and dropped. Outputs are identical either way.
     async_scheduling: bool = True
+    # vLLM's --scheduling-policy: "fcfs" (priorities refused), or "priority" (policy 8).
+    scheduling_policy: str = "fcfs"
+
+    def __post_init__(self):
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                f"EngineConfig: field 'scheduling_policy' is {self.scheduling_policy!r}; "
+                f"expected one of {list(SCHEDULING_POLICIES)}"
+            )
+
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclasses.dataclass
@@ -244,6 +264,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._waiting: collections.deque[Request] = collections.deque()
+        self._kv_short = False  # the last _try_admit lacked KV pages
         self._running: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self._wakeup = threading.Event()
@@ -270,12 +291,21 @@ class Engine:
         deadline_s: float | None = None,
         stream: bool = True,
         share_prompt_with: Request | None = None,
+        priority: int = 0,
     ) -> Request:
         """Queues a request; returns it at once (stream its deltas or wait on it). stream=False:
         only the final delta is queued (``Request.stream_deltas``), for callers that wait.
         share_prompt_with: a request submitted before, of the same prompt and adapter, whose
-        prompt pages this one takes instead of computing them (policy 7)."""
+        prompt pages this one takes instead of computing them (policy 7). priority: lower is
+        served first, under the "priority" scheduling policy only (policy 8)."""
         sampling = sampling or SamplingParams()
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise RequestError(f"priority: expected an int, got {priority!r}")
+        if priority and self.engine_config.scheduling_policy != "priority":
+            raise RequestError(
+                f"priority: {priority} needs the 'priority' scheduling policy; this engine "
+                "schedules first come, first served (expected 0)"
+            )
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("prompt: expected at least one token, got an empty prompt")
@@ -335,6 +365,7 @@ class Engine:
             sampling=sampling,
             adapter=adapter,
             stream_deltas=stream,
+            priority=priority,
         )
         request._matcher = matcher
         request._bad_words = bad_words
@@ -570,7 +601,7 @@ class Engine:
         # Prompt tokens still to prefill ahead of each request: running ones first (their chunks
         # come first), then the queue in order. Each iteration prefills at most max_num_tokens.
         ahead = 0
-        for request in list(self._running) + list(self._waiting):
+        for request in list(self._running) + self._queue_order():
             own = max(0, len(request.prompt_ids) - request.num_computed)
             if request.deadline is not None and not request.output_ids and not request.inflight:
                 # Admitted or not, a request without its first token (its adapter still
@@ -606,15 +637,47 @@ class Engine:
             if r.adapter is not None and r.adapter_handle is not None
         }
 
+    def _queue_order(self) -> list[Request]:
+        """The waiting requests in the order they are admitted: the queue's, by priority first
+        under the "priority" policy (a stable sort: arrival order within a priority, and a
+        preempted request at the front of its own)."""
+        if self.engine_config.scheduling_policy == "priority":
+            return sorted(self._waiting, key=lambda r: r.priority)
+        return list(self._waiting)
+
+    def _lowest_below(self, request: Request) -> Request | None:
+        """The running request a higher-priority one may preempt (policy 8): the one of the
+        lowest priority, newest among equals, of a strictly lower priority than request's."""
+        if self.engine_config.scheduling_policy != "priority":
+            return None
+        lower = [
+            r for r in self._running if r.status is Status.RUNNING and r.priority > request.priority
+        ]
+        return max(lower, key=lambda r: r.rank) if lower else None
+
     def _admit(self) -> None:
         ec = self.engine_config
         blocked: list[Request] = []  # passed over in this pass, in queue order
-        for request in list(self._waiting):
-            if len(self._running) >= ec.runner.max_batch:
-                break
+        for request in self._queue_order():
+            if request.status is not Status.WAITING:
+                continue  # (a victim preempted in this pass: it waits for the next)
             if self._awaits_leader(request):
                 continue  # holds its place, blocks nobody: its leader's prefill is under way
-            if self._try_admit(request):
+            if len(self._running) >= ec.runner.max_batch:
+                # Policy 8: a row from a lower priority, for a request whose adapter lets it in
+                # (no row is taken for a request that could not use it).
+                victim = self._lowest_below(request)
+                if victim is None or not self._adapter_admissible(request):
+                    break
+                self._preempt(victim)
+            admitted = self._try_admit(request)
+            while not admitted and self._kv_short and request.status is Status.WAITING:
+                victim = self._lowest_below(request)
+                if victim is None:
+                    break
+                self._preempt(victim)
+                admitted = self._try_admit(request)
+            if admitted:
                 # Every request passed over has been overtaken once more; once one of them has
                 # been overtaken max_skips times, nothing behind it is admitted before it.
                 for waiting in blocked:
@@ -628,31 +691,38 @@ class Engine:
                 break  # the fairness bound: nobody overtakes it any more
             blocked.append(request)
 
+    def _adapter_admissible(self, request: Request) -> bool:
+        """Whether the request's adapter (none, or held with a step slot for it) lets it in;
+        acquires the adapter (its copy to the device starts) when a slot allows."""
+        if request.adapter is None:
+            return True
+        # Every admission (a re-admission after preemption too) respects the step's slots.
+        running = self._distinct_adapters()
+        full = len(running) >= self.engine_config.lora_pool.max_slots
+        if request.adapter_handle is None:
+            current = self.adapters.store.current(request.adapter)
+            if full and current is not None and current.key not in running:
+                return False
+            try:
+                request.adapter_handle = self.adapters.acquire(request.adapter)
+            except PoolExhaustedError:
+                return False
+            except JaxloraError as e:  # unknown, or its files broke since registration
+                self._finish(
+                    request,
+                    FinishReason.ERROR,
+                    f"adapter {request.adapter!r} could not be loaded: {e}",
+                )
+                return False
+        # Replaced between the check and the acquire, or re-admitted after preemption while
+        # other adapters took the slots: wait for a slot (keep the version held).
+        return not (full and self._adapter_key(request) not in running)
+
     def _try_admit(self, request: Request) -> bool:
         ec = self.engine_config
-        if request.adapter is not None:
-            # Every admission (a re-admission after preemption too) respects the step's slots.
-            running = self._distinct_adapters()
-            full = len(running) >= ec.lora_pool.max_slots
-            if request.adapter_handle is None:
-                current = self.adapters.store.current(request.adapter)
-                if full and current is not None and current.key not in running:
-                    return False
-                try:
-                    request.adapter_handle = self.adapters.acquire(request.adapter)
-                except PoolExhaustedError:
-                    return False
-                except JaxloraError as e:  # unknown, or its files broke since registration
-                    self._finish(
-                        request,
-                        FinishReason.ERROR,
-                        f"adapter {request.adapter!r} could not be loaded: {e}",
-                    )
-                    return False
-            if full and self._adapter_key(request) not in running:
-                # Replaced between the check and the acquire, or re-admitted after preemption
-                # while other adapters took the slots: wait for a slot (keep the version held).
-                return False
+        self._kv_short = False  # set when KV pages are what it lacks
+        if not self._adapter_admissible(request):
+            return False
         shared = self._leader_pages_tokens(request)
         # (an adapter replaced since the leader took its version: other K/V, nothing shared)
         if shared and self._kv_key(request.prompt_leader) == self._kv_key(request):
@@ -681,6 +751,7 @@ class Engine:
         if not self.kv.ensure(request.request_id, request.num_computed + first):
             self.kv.free(request.request_id)  # the cached pages it took, if any
             request.num_computed = 0
+            self._kv_short = True
             return False
         self.stats.prefix_cached_tokens += cached
         self.stats.shared_prompt_tokens += shared
@@ -753,18 +824,20 @@ class Engine:
         the requester itself when it is the newest (an older request is never preempted for a
         newer one). Requests already scheduled this iteration are preempted only when nothing
         else is left (their work would be wasted)."""
+        ranked = self.engine_config.scheduling_policy == "priority"
+        order = (lambda r: r.rank) if ranked else (lambda r: r.arrival)
         while not self.kv.ensure(request.request_id, request.num_computed + n):
-            newer = [
+            after = [
                 r
                 for r in self._running
-                if r is not request and r.status is Status.RUNNING and r.arrival > request.arrival
+                if r is not request and r.status is Status.RUNNING and order(r) > order(request)
             ]
-            if not newer:
+            if not after:
                 self._preempt(request)
                 return False
             taken = {id(r) for rows in scheduled for r, _ in rows}
-            idle = [r for r in newer if id(r) not in taken]
-            self._preempt(max(idle or newer, key=lambda r: r.arrival))
+            idle = [r for r in after if id(r) not in taken]
+            self._preempt(max(idle or after, key=order))
         return request.status is Status.RUNNING
 
     def _preempt(self, request: Request) -> None:

@@ -53,6 +53,8 @@ class Request:
     adapter: str | None = None
     deadline: float | None = None  # monotonic time by which the first token must be out
     arrival: float = dataclasses.field(default_factory=time.monotonic)
+    # vLLM's: lower is served first (EngineConfig.scheduling_policy "priority"; 0 otherwise).
+    priority: int = 0
 
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)
@@ -103,6 +105,12 @@ class Request:
     def __post_init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
+
+    @property
+    def rank(self) -> tuple[int, float]:
+        """Scheduling order under priorities: the smaller is served first and preempted
+        last (its priority, then its arrival)."""
+        return (self.priority, self.arrival)
 
     @property
     def sequence_len(self) -> int:

@@ -735,7 +735,11 @@ def create_app(
         return structured
 
     def submit_group(
-        http_id: str, prompts: list[list[int]], samplings_per_prompt, adapter: str | None
+        http_id: str,
+        prompts: list[list[int]],
+        samplings_per_prompt,
+        adapter: str | None,
+        priority: int = 0,
     ) -> RequestGroup:
         group = RequestGroup(state.engine, state.pump)
         for sampling in samplings_per_prompt:
@@ -748,7 +752,9 @@ def create_app(
             for p, ids in enumerate(prompts):
                 first = None  # the n choices of a prompt compute its pages once
                 for c, sampling in enumerate(samplings_per_prompt):
-                    request = state.submit(ids, sampling, adapter, f"{http_id}-{p}-{c}", first)
+                    request = state.submit(
+                        ids, sampling, adapter, f"{http_id}-{p}-{c}", first, priority
+                    )
                     first = first or request
                     group.add(request)
         except BaseException:
@@ -867,7 +873,7 @@ def create_app(
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        group = submit_group(http_id, prompts, samplings, adapter)
+        group = submit_group(http_id, prompts, samplings, adapter, body.priority)
         prompt_lengths = [len(p) for p in prompts]
 
         def echo_text(index: int) -> str:
@@ -1021,7 +1027,7 @@ def create_app(
         echo = _chat_echo(body)
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        group = submit_group(http_id, [prompt], samplings, adapter)
+        group = submit_group(http_id, [prompt], samplings, adapter, body.priority)
 
         if not body.stream:
             if not await wait_all(group, raw):

@@ -46,6 +46,7 @@ REQUEST_FIELDS = (
     "n",
     "messages",
     "bad_words",
+    "priority",
     "continue_final_message",
     "chat_template_kwargs",
 )

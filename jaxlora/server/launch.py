@@ -72,6 +72,7 @@ class LaunchConfig:
     residual_norm: str = "pallas"  # RunnerConfig.residual_norm: residual adds + norms in Pallas
     deterministic: bool = True  # RunnerConfig.deterministic: no atomic adds in a step
     async_scheduling: bool = True  # EngineConfig.async_scheduling
+    scheduling_policy: str = "fcfs"  # EngineConfig.scheduling_policy: "fcfs" or "priority"
 
     def __post_init__(self):
         if (
@@ -172,6 +173,7 @@ def engine_config_for(
         max_waiting=pick(launch.max_waiting, EngineConfig().max_waiting),
         warmup=warmup,
         async_scheduling=launch.async_scheduling,
+        scheduling_policy=launch.scheduling_policy,
     )
 
 

@@ -2,7 +2,7 @@
 
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``, ``prompt_logprobs``,
-``bad_words``, ``truncate_prompt_tokens``, ``structured_outputs``, the chat's
+``bad_words``, ``truncate_prompt_tokens``, ``priority``, ``structured_outputs``, the chat's
 ``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs`` and ``echo``, and
 the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are
 vLLM's extensions. Fields this server cannot honour (suffix, ...) are accepted only at their
@@ -115,6 +115,11 @@ class _SamplingFields(_Body):
     )
     bad_words: list[str] | None = Field(
         None, description="vLLM's: words the output never contains (at most 256)."
+    )
+    priority: int = Field(
+        0,
+        description="vLLM's: lower is scheduled first (a server started with "
+        "--scheduling_policy=priority; 0 otherwise).",
     )
     truncate_prompt_tokens: int | None = Field(
         None,

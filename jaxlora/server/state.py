@@ -304,9 +304,11 @@ class ServingState:
         adapter: str | None,
         request_id: str,
         share_prompt_with: Request | None = None,
+        priority: int = 0,
     ) -> Request:
         """share_prompt_with: an earlier choice of the same prompt (its prompt pages are
-        shared, not computed again)."""
+        shared, not computed again); priority: vLLM's (lower first, under the "priority"
+        scheduling policy)."""
         deadline = self.config.first_token_deadline_s
         request = self.engine.submit(
             prompt_ids,
@@ -315,6 +317,7 @@ class ServingState:
             request_id=request_id,
             deadline_s=deadline,
             share_prompt_with=share_prompt_with,
+            priority=priority,
         )
         self.metrics.requests.inc(self.model_label(adapter))
         return request
