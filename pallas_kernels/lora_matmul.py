@@ -131,7 +131,9 @@ class MatmulConfig(KernelConfig):
     # loaded). Below 64 rows a block Triton runs the dots as warp MMAs (mma.sync, HMMA: 32 a
     # K step and warp at T = 32); from 64 as Hopper's asynchronous warpgroup MMAs (HGMMA),
     # sixteenth-session compiler report. 64 gives small decode steps the warpgroup MMAs for
-    # twice the (masked) rows; not timed on the GPU, so off (16).
+    # twice the (masked) rows: off (16), as the 32-layer engine's batch-32 steps took 3.6-7.8%
+    # longer with it (H200, eighteenth session; with num_stages 3, thirty-sixth session:
+    # -1.3% without LoRA, within the noise, +6.6% with 32 distinct adapters).
     min_block_m: int = 16
     block_n: int | None = None  # output columns per program
     block_k: int | None = None  # input-width step

@@ -44,7 +44,7 @@ Scheduling policy (one iteration):
    last token). A leader that is not running (finished, preempted) is not waited for.
 8. Priorities (``EngineConfig.scheduling_policy="priority"``, ``Engine.submit(priority=...)``,
    vLLM's: lower is served first). Waiting requests are admitted in priority order (arrival
-   order within a priority; the fairness bound of 2 holds among them). Preemption (4) takes
+   order within a priority; policy 2's fairness bound holds among them). Preemption (4) takes
    the running request of the lowest priority, the newest among equals, and never one that
    ranks before the requester. A waiting request that ranks before a running one of a lower
    priority and finds no batch row or KV pages preempts it (lowest first) to be admitted.
@@ -822,8 +822,9 @@ class Engine:
     ) -> bool:
         """KV pages for n more tokens; preempts the newest running request if needed, which is
         the requester itself when it is the newest (an older request is never preempted for a
-        newer one). Requests already scheduled this iteration are preempted only when nothing
-        else is left (their work would be wasted)."""
+        newer one; under priorities, the last by ``Request.rank``, policy 8). Requests already
+        scheduled this iteration are preempted only when nothing else is left (their work would
+        be wasted)."""
         ranked = self.engine_config.scheduling_policy == "priority"
         order = (lambda r: r.rank) if ranked else (lambda r: r.arrival)
         while not self.kv.ensure(request.request_id, request.num_computed + n):
