@@ -53,6 +53,14 @@ flags.DEFINE_enum(
     "format: <tool_call>{...}</tool_call> blocks, or Llama 3's JSON); empty: requests with tools "
     "are refused unless tool_choice is 'none'.",
 )
+flags.DEFINE_enum(
+    "reasoning_parser",
+    "",
+    ["", "deepseek_r1", "qwen3"],
+    "How chat answers' reasoning is read apart from their content (the message's "
+    "reasoning_content): up to </think> (deepseek_r1), or a <think>...</think> block opening the "
+    "answer (qwen3); empty: the answer is all content.",
+)
 flags.DEFINE_bool(
     "enable_prefix_caching",
     False,
@@ -230,6 +238,7 @@ def main(argv):
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         tool_call_parser=FLAGS.tool_call_parser,
+        reasoning_parser=FLAGS.reasoning_parser,
         api_key=api_key or None,
         dtype=FLAGS.dtype,
         seed=FLAGS.seed,

@@ -520,6 +520,43 @@ def test_priorities_reach_the_engine_under_the_priority_policy(served, client, m
     assert [p for _, p in seen] == [0, -2, -2, 7]
 
 
+def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
+    """--reasoning_parser: the message's reasoning_content and content, whole and streamed (the
+    streamed parts join into the whole ones), include_reasoning=false drops it, an answer
+    without the block is all content, and a constrained answer is refused. The parser's tags
+    are set to ones the pirate says ("Arr," opens, "!" ends), the way qwen3's <think> block
+    opens an answer."""
+    from jaxlora.server.config import ServerConfig
+    from jaxlora.server.reasoning import REASONING_PARSERS, ReasoningFormat
+
+    with pytest.raises(ConfigError, match="'reasoning_parser'"):
+        ServerConfig(model_name="m", reasoning_parser="o1")
+    plain = chat(client, "pirate").choices[0].message.content
+    assert plain.lstrip().startswith("Arr, matey!")
+    state = served[1]
+    monkeypatch.setattr(
+        state, "config", dataclasses.replace(state.config, reasoning_parser="qwen3")
+    )
+    monkeypatch.setitem(REASONING_PARSERS, "qwen3", ReasoningFormat("Arr,", "!", False))
+    answer = chat(client, "pirate").choices[0].message
+    assert answer.model_extra["reasoning_content"] == " matey"
+    assert answer.content == plain.split("!", 1)[1]
+    chunks = list(chat(client, "pirate", stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == " matey"
+    assert "".join(d.content or "" for d in deltas) == answer.content
+    dropped = chat(client, "pirate", extra_body={"include_reasoning": False}).choices[0].message
+    assert "reasoning_content" not in dropped.model_extra and dropped.content == answer.content
+    robot = chat(client, "robot").choices[0].message
+    assert robot.model_extra["reasoning_content"] is None and robot.content.startswith("BEEP")
+    body = expect_error(
+        400,
+        lambda: chat(client, "pirate", response_format={"type": "json_object"}),
+        "cannot be read apart from its reasoning",
+    )
+    assert body["param"] == "response_format"
+
+
 def test_chat_continues_a_prefilled_answer_as_vllm(served, client):
     """vLLM's continue_final_message (the prompt ends inside the assistant's prefilled text:
     the completion of those ids), echo (the answer starts with that text, whole and

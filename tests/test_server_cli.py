@@ -32,7 +32,11 @@ def serve_command(*flags: str) -> list[str]:
 
 
 def test_serve_script_default_demo_prints_a_working_curl():
-    command = serve_command("--max_body_mib=1")
+    # (the flags of the session's options: an answer without <think> is all content, and a
+    # priority is taken)
+    command = serve_command(
+        "--max_body_mib=1", "--reasoning_parser=qwen3", "--scheduling_policy=priority"
+    )
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -58,6 +62,9 @@ def test_serve_script_default_demo_prints_a_working_curl():
         assert words[1] == f"{url}/v1/chat/completions"
         answer = httpx.post(words[1], json=body, timeout=60).json()
         assert answer["choices"][0]["message"]["content"] == demo.DEMO_SIGNATURES[body["model"]]
+        assert answer["choices"][0]["message"]["reasoning_content"] is None
+        ranked = httpx.post(words[1], json={**body, "priority": -1}, timeout=60).json()
+        assert ranked["choices"][0]["message"] == answer["choices"][0]["message"]
         models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
         assert models == {demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES}
         too_big = httpx.post(

@@ -322,6 +322,7 @@ CASES = [
     bad(M, "truncate_prompt_tokens", -5, "an int >= 1, or -1"),
     bad(C, "truncate_prompt_tokens", "3", "valid integer"),
     bad(M, "add_generation_prompt", "no", "valid boolean"),
+    bad(M, "include_reasoning", 1, "valid boolean"),
     bad(M, "chat_template_kwargs", ["think"], "valid dictionary"),
     bad(
         M,

@@ -51,6 +51,7 @@ from jaxlora.server.protocol import (
     TokenizeRequest,
     UnloadLoraAdapterRequest,
 )
+from jaxlora.server.reasoning import REASONING_PARSERS, ReasoningStream, split_reasoning
 from jaxlora.server.state import ServingState
 from jaxlora.server.tool_calls import ForcedToolCalls, ToolCallStream, parse_tool_calls
 from jaxlora.structured_output import JSON_OBJECT_SCHEMA, StructuredOutput
@@ -1001,6 +1002,18 @@ def create_app(
         # under its schema.
         parser, forced = None, forced_tool_calls(body)
         structured = await structured_output_of(body, forced)
+        reasoning_format = REASONING_PARSERS.get(state.config.reasoning_parser or "")
+        if structured is not None and reasoning_format is not None:
+            # (the grammar would have to start where the reasoning ends: not built)
+            field = "tool_choice" if forced else structured.field.split(".")[0]
+            raise with_param(
+                RequestError(
+                    f"{field}: a constrained answer cannot be read apart from its reasoning "
+                    f"(this server reads reasoning with --reasoning_parser="
+                    f"{state.config.reasoning_parser}); not supported together"
+                ),
+                field,
+            )
         if body.tools and body.tool_choice in (None, "auto"):
             parser = state.config.tool_call_parser
             if parser is None:
@@ -1040,9 +1053,16 @@ def create_app(
                     lp = formatter.chat_logprobs(
                         r.output_ids, r.output_logprobs, r.output_top_logprobs
                     )
-                message, finish = chat_message(r.text, str(r.finish_reason), calls_reader)
+                text, reasoning = r.text, None
+                if reasoning_format is not None:
+                    reasoning, text = split_reasoning(r.text, reasoning_format)
+                message, finish = chat_message(text or "", str(r.finish_reason), calls_reader)
                 if echo:
                     message["content"] = echo + (message.get("content") or "")
+                elif text is None and message["content"] == "":
+                    message["content"] = None  # (all reasoning, as vLLM answers)
+                if reasoning_format is not None and body.include_reasoning:
+                    message["reasoning_content"] = reasoning
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
                 )
@@ -1088,6 +1108,10 @@ def create_app(
                 else None
                 for _ in group.requests
             ]
+            thinking = [
+                ReasoningStream(reasoning_format) if reasoning_format is not None else None
+                for _ in group.requests
+            ]
             for i in range(len(group.requests)):
                 yield delta_chunk(i, {"role": "assistant", "content": ""})
                 if echo:
@@ -1105,6 +1129,14 @@ def create_app(
                         delta.token_ids, delta.logprobs, delta.top_logprobs
                     )
                 text, stream_calls = delta.text, calls[index]
+                if thinking[index] is not None:
+                    reasoning, text = thinking[index].push(text)
+                    if delta.finish_reason is not None:
+                        tail = thinking[index].finish()
+                        reasoning, text = reasoning + tail[0], text + tail[1]
+                    if reasoning and body.include_reasoning:
+                        yield delta_chunk(index, {"reasoning_content": reasoning}, lp)
+                        lp = None
                 if stream_calls is not None:
                     text = stream_calls.push(text)
                     streamed = stream_calls.call_deltas()

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 from jaxlora.errors import ConfigError
+from jaxlora.server.reasoning import REASONING_PARSERS
 from jaxlora.server.tool_calls import PARSERS
 
 
@@ -34,6 +35,8 @@ class ServerConfig:
     tool_call_parser: how chat answers' tool calls are read back when a request offers tools
     ("hermes" or "llama3_json", jaxlora.server.tool_calls; None: requests with tools and
     tool_choice other than "none" are refused).
+    reasoning_parser: how chat answers' reasoning is read apart from their content
+    ("deepseek_r1" or "qwen3", jaxlora.server.reasoning; None: the answer is all content).
     """
 
     model_name: str
@@ -48,6 +51,7 @@ class ServerConfig:
     max_stop_strings: int = 64
     load_adapters_on_demand: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -68,6 +72,11 @@ class ServerConfig:
             raise ConfigError(
                 f"server config field 'tool_call_parser': expected one of {list(PARSERS)} or "
                 f"None, got {self.tool_call_parser!r}"
+            )
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ConfigError(
+                f"server config field 'reasoning_parser': expected one of "
+                f"{list(REASONING_PARSERS)} or None, got {self.reasoning_parser!r}"
             )
         if self.load_adapters_on_demand and not roots:
             raise ConfigError(

@@ -42,6 +42,7 @@ class LaunchConfig:
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
+    reasoning_parser: str = ""  # ServerConfig.reasoning_parser ("": none)
     api_key: str | None = None
     dtype: str = "float32"
     seed: int = 0
@@ -219,6 +220,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         adapter_roots=tuple(launch.allowed_adapter_roots),
         load_adapters_on_demand=launch.load_adapters_on_demand,
         tool_call_parser=launch.tool_call_parser or None,
+        reasoning_parser=launch.reasoning_parser or None,
         first_token_deadline_s=launch.first_token_deadline_s,
         max_body_bytes=launch.max_body_mib * 2**20,
     )

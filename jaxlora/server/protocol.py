@@ -181,6 +181,11 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="More variables for the chat template, e.g. enable_thinking (vLLM's)."
     )
+    include_reasoning: bool = Field(
+        True,
+        description="With the server's --reasoning_parser: return the reasoning as the "
+        "message's reasoning_content (false: drop it; vLLM's).",
+    )
     echo: bool = Field(
         False,
         description="Prepend the last message's text to the answer when it is the assistant's "

@@ -1,0 +1,103 @@
+"""Reasoning in a chat model's answer, read apart from its content (vLLM's
+``--reasoning-parser``): the message's ``reasoning_content`` and ``content``.
+
+``deepseek_r1``: the reasoning runs up to ``</think>`` (DeepSeek-R1 and its Llama / Qwen
+distills, whose chat template opens the ``<think>`` block in the prompt; one the answer opens
+itself is dropped too). An answer without ``</think>`` is all reasoning, as vLLM reads it.
+``qwen3``: the reasoning is a ``<think>...</think>`` block at the start of the answer (Qwen3's
+thinking mode); an answer that does not open with one, or never closes it, is all content.
+
+``ReasoningStream`` does the same on streamed text, handing out each piece as reasoning or
+content as soon as it is known: a piece that may be the start of a tag is held until the next.
+Streamed, a ``qwen3`` block that never closes has gone out as reasoning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningFormat:
+    start: str  # the tag that may open the answer's reasoning
+    end: str  # the tag that ends it
+    # The answer opens inside the reasoning (the prompt opened it): without ``end`` all of it
+    # is reasoning. Otherwise the answer must open with ``start``, or it is all content.
+    opened_by_prompt: bool
+
+
+REASONING_PARSERS = {
+    "deepseek_r1": ReasoningFormat("<think>", "</think>", opened_by_prompt=True),
+    "qwen3": ReasoningFormat("<think>", "</think>", opened_by_prompt=False),
+}
+
+
+def split_reasoning(text: str, fmt: ReasoningFormat) -> tuple[str | None, str | None]:
+    """(reasoning, content) of a whole answer; None for an empty part."""
+    stripped = text.lstrip()
+    if stripped.startswith(fmt.start):
+        body = stripped[len(fmt.start) :]
+    elif fmt.opened_by_prompt:
+        body = text
+    else:
+        return None, text or None
+    end = body.find(fmt.end)
+    if end < 0:
+        return (body or None, None) if fmt.opened_by_prompt else (None, text or None)
+    return body[:end] or None, body[end + len(fmt.end) :] or None
+
+
+class ReasoningStream:
+    """``split_reasoning`` on streamed text: ``push(delta)`` returns (reasoning, content) to
+    stream now; ``finish()`` what was held back once the answer is complete."""
+
+    def __init__(self, fmt: ReasoningFormat):
+        self.fmt = fmt
+        self._held = ""  # text that may be (the start of) a tag
+        self._opening = True  # the answer's start is still to be read
+        self._reasoning = fmt.opened_by_prompt  # inside the reasoning
+        self._done = False  # past the reasoning: everything is content
+
+    def push(self, delta: str) -> tuple[str, str]:
+        if self._done:
+            return "", delta
+        text = self._held + delta
+        self._held = ""
+        if self._opening:
+            stripped = text.lstrip()
+            if self.fmt.start.startswith(stripped):  # (or nothing but whitespace yet)
+                self._held = text
+                return "", ""
+            self._opening = False
+            if stripped.startswith(self.fmt.start):
+                self._reasoning = True
+                text = stripped[len(self.fmt.start) :]
+            elif not self._reasoning:
+                self._done = True
+                return "", text
+        end = text.find(self.fmt.end)
+        if end >= 0:
+            self._done = True
+            return text[:end], text[end + len(self.fmt.end) :]
+        keep = _partial_suffix(text, self.fmt.end)
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], ""
+
+    def finish(self) -> tuple[str, str]:
+        held, self._held = self._held, ""
+        if self._done:
+            return "", held
+        if self._opening:  # (whitespace, or part of the opening tag, and nothing more)
+            return (held, "") if self.fmt.opened_by_prompt else ("", held)
+        return held, ""
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of marker."""
+    for length in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-length:]):
+            return length
+    return 0
+
+
+__all__ = ["REASONING_PARSERS", "ReasoningFormat", "ReasoningStream", "split_reasoning"]
