@@ -49,3 +49,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny model's tokenizer (modules may define their own)."""
+    from jaxlora.tokenizer import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The tiny model's parameters, seed 0 (modules may define their own)."""
+    from configs.models import TINY
+    from jaxlora.model import init_params
+
+    return init_params(TINY, 0)

@@ -14,18 +14,7 @@ from jaxlora.bad_words import BadWords, apply_bans, bad_word_token_ids, clear_to
 from jaxlora.errors import RequestError
 from jaxlora.sampling import MAX_BAD_WORDS, SamplingParams
 from jaxlora.structured_output import StructuredOutput, TokenMasks, allowed_tokens, mask_words
-from jaxlora.tokenizer import tiny_tokenizer
 from tests.test_engine import _full_forward, small_engine_config
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def base():
-    return jaxlora.model.init_params(TINY, 0)
 
 
 def test_a_word_is_banned_as_written_and_after_a_space(tokenizer):

@@ -22,7 +22,6 @@ from jaxlora.sampling import (
     unpack_token_mask,
 )
 from jaxlora.structured_output import StructuredOutput, TokenMasks, allowed_tokens, mask_words
-from jaxlora.tokenizer import tiny_tokenizer
 from tests.test_engine import _full_forward, small_engine_config
 
 # Compact JSON (no free whitespace): a random tiny model would otherwise pad with blanks
@@ -40,16 +39,6 @@ PERSON = {
 DIGITS = r"[a-z]{2,5}-[0-9]{1,3}"
 CHOICES = ("yes", "no", "maybe not")
 ARITHMETIC = 'start: "(" expr ")"\nexpr: DIGIT ("+" DIGIT)*\n%import common.DIGIT'
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def base():
-    return jaxlora.model.init_params(TINY, 0)
 
 
 # ---------------------------------------------------------------------------- specs

@@ -21,7 +21,6 @@ from jaxlora.errors import ConfigError
 from jaxlora.formats import load_peft_adapter, save_peft_adapter
 from jaxlora.lora import pack_adapters
 from jaxlora.model import Llama
-from jaxlora.tokenizer import tiny_tokenizer
 from pallas_kernels.layout import NO_ADAPTER
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,11 +49,6 @@ def greedy(config, params, lora, prompt_ids, row_slots, num_tokens):
     for position in range(plen, plen + num_tokens):
         buffer[:, position] = np.asarray(next_token(buffer, position))
     return buffer[:, plen:]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
