@@ -1315,9 +1315,8 @@ def _completion_prompts(
                 )
             if keep is None:
                 state.refuse_text_that_cannot_fit(item, "prompt", "characters")
-            ids.append(
-                state.tokenizer.encode(item)[-keep:] if keep else state.tokenizer.encode(item)
-            )
+            encoded = state.tokenizer.encode(item)
+            ids.append(encoded[-keep:] if keep else encoded)
         else:
             if not item:
                 raise with_param(
