@@ -2,17 +2,21 @@
 
 A bad word is tokenized twice, as vLLM does: as written (with its leading whitespace stripped)
 and with one leading space, the form it takes inside a text for byte-level BPE and
-SentencePiece tokenizers; the second form is kept when it is a different token sequence (vLLM
-keeps it only when it has as many tokens as the first). Each step, a sequence of one token is
-banned outright, and a longer one bans its last token where the output so far ends with the
-rest of it. Only the output counts (the prompt may end with a bad word's first tokens), as in
-vLLM.
+SentencePiece tokenizers; the second form is kept unless it ends with the first (a space token
+before the word, which the first form's ban already catches: bans match the output's tail).
+vLLM keeps it only when it has as many tokens as the first, so a word that a space merges
+into fewer tokens (" the" one token, "the" two) is banned here and not there. Each step, a
+sequence of one token is banned outright, and a longer one bans its last token where the
+output so far ends with the rest of it. Only the output counts (the prompt may end with a bad
+word's first tokens), as in vLLM.
 
 The bans travel as the sampler's token bitmask (``sampling.unpack_token_mask``), the one
 structured outputs use: a row with bad words is masked in every step, and under async
-scheduling its step waits for its previous token, as a constrained row's does (engine policy
-6). A ban that would leave a structured output's grammar no token is not applied: the grammar
-decides (its output must match), and the bad word may then appear.
+scheduling, where a form of several tokens needs the row's previous token, its sampler waits
+for it, as a constrained row's does (engine policy 6); bans of one-token forms only are the
+same every step and wait for nothing. A ban that would leave a structured output's grammar no
+token is not applied: the grammar decides (its output must match), and the bad word may then
+appear.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def bad_word_token_ids(tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...]
             raise RequestError(f"bad_words[{index}]: expected a word, got {word!r}")
         plain = tuple(tokenizer.encode(bare, add_bos=False))
         spaced = tuple(tokenizer.encode(" " + bare, add_bos=False))
-        for form in (plain, spaced):
+        covered = len(spaced) >= len(plain) and spaced[len(spaced) - len(plain) :] == plain
+        for form in (plain,) if covered else (plain, spaced):
             if form and form not in sequences:
                 sequences.append(form)
     return tuple(sequences)
@@ -58,6 +63,12 @@ class BadWords:
                         f"bad_words: token id {token} is outside the vocabulary "
                         f"(expected 0..{vocab_size - 1})"
                     )
+
+    @property
+    def static(self) -> bool:
+        """Whether the bans are the same after any output (every form one token): then they
+        need no previous token, and an async row does not wait for it."""
+        return not self.after
 
     def banned(self, output_ids: Sequence[int]) -> list[int]:
         """The tokens banned after ``output_ids``."""

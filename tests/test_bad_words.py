@@ -18,12 +18,21 @@ from tests.test_engine import _full_forward, small_engine_config
 
 
 def test_a_word_is_banned_as_written_and_after_a_space(tokenizer):
-    plain = tuple(tokenizer.encode("cat", add_bos=False))
-    spaced = tuple(tokenizer.encode(" cat", add_bos=False))
-    assert plain != spaced  # (byte-level BPE: " cat" is other tokens)
-    assert bad_word_token_ids(tokenizer, ["cat"]) == (plain, spaced)
+    def encode(text):
+        return tuple(tokenizer.encode(text, add_bos=False))
+
+    # " the" is one token where "the" is two: both spellings are banned.
+    assert len(encode(" the")) == 1 and len(encode("the")) == 2
+    assert bad_word_token_ids(tokenizer, ["the"]) == (encode("the"), encode(" the"))
+    # " cat" is a space token before "cat"'s tokens, which the first form's ban catches.
+    assert encode(" cat")[1:] == encode("cat")
+    assert bad_word_token_ids(tokenizer, ["cat"]) == (encode("cat"),)
     # Leading whitespace is the spaced form's job; a repeat adds nothing.
-    assert bad_word_token_ids(tokenizer, ["  cat", "cat"]) == (plain, spaced)
+    assert bad_word_token_ids(tokenizer, ["  the", "the", "cat"]) == (
+        encode("the"),
+        encode(" the"),
+        encode("cat"),
+    )
     with pytest.raises(RequestError, match=r"^bad_words\[1\]: expected a word"):
         bad_word_token_ids(tokenizer, ["cat", "   "])
 
@@ -36,6 +45,7 @@ def test_bans_follow_the_tail_of_the_output():
     assert words.banned([2]) == [5]  # (only [1, 2] bans 3)
     assert words.banned([1, 2, 3]) == [5, 9]
     assert words.banned([7, 0]) == [5]
+    assert not words.static and BadWords([[5], [9]], vocab_size=16).static
     with pytest.raises(RequestError, match="^bad_words: token id 16 is outside"):
         BadWords([[3, 16]], vocab_size=16)
 
@@ -97,22 +107,27 @@ def _contains(ids, sequence) -> bool:
 
 def _word_in(tokenizer, ids, length):
     """A word of the text of ``ids`` whose token form (one of) is ``length`` tokens that the
-    ids contain: banning it must change them."""
+    ids contain: banning it must change them. A one-token word's every form is one token."""
     for start in range(len(ids) - length + 1):
         word = tokenizer.decode(ids[start : start + length]).strip()
-        if word and any(
-            len(s) == length and _contains(ids, s) for s in bad_word_token_ids(tokenizer, [word])
-        ):
+        forms = bad_word_token_ids(tokenizer, [word]) if word else ()
+        if length == 1 and any(len(s) > 1 for s in forms):
+            continue
+        if any(len(s) == length and _contains(ids, s) for s in forms):
             return word
     raise AssertionError(f"no {length}-token word in {tokenizer.decode(ids)!r}")
 
 
+@pytest.mark.parametrize("two_token_word", [True, False])
 @pytest.mark.parametrize("async_scheduling", [True, False])
-def test_bad_words_give_the_banned_recompute_tokens(base, tokenizer, async_scheduling):
+def test_bad_words_give_the_banned_recompute_tokens(
+    base, tokenizer, async_scheduling, two_token_word
+):
     """Greedy requests with bad words of one and of two tokens taken from their own free
-    outputs, beside free requests, async (a row with bad words waits for its previous token
-    on the host) and synchronous, with preemptions: each gets the tokens of a recompute that
-    bans the same tokens, none of its words' token forms, and not its free output."""
+    outputs, beside free requests, async (a row with a word of several tokens waits for its
+    previous token on the host; with one-token words only, nothing waits) and synchronous,
+    with preemptions: each gets the tokens of a recompute that bans the same tokens, none of
+    its words' token forms, and not its free output."""
     texts = ("The cat", "Hi", "is it", "The dog")
     prompts = [tokenizer.encode(t) for t in texts]
     config = dataclasses.replace(
@@ -124,20 +139,30 @@ def test_bad_words_give_the_banned_recompute_tokens(base, tokenizer, async_sched
     samplings = [
         dataclasses.replace(free, bad_words=(_word_in(tokenizer, frees[0].token_ids, 1),)),
         free,
-        dataclasses.replace(free, bad_words=(_word_in(tokenizer, frees[2].token_ids, 2),)),
-        dataclasses.replace(free, bad_words=("zzz", _word_in(tokenizer, frees[3].token_ids, 1))),
+        dataclasses.replace(
+            free, bad_words=(_word_in(tokenizer, frees[2].token_ids, 2 if two_token_word else 1),)
+        ),
+        dataclasses.replace(
+            free,
+            bad_words=("zzz",) * two_token_word + (_word_in(tokenizer, frees[3].token_ids, 1),),
+        ),
     ]
-    outs = llm.generate(prompts, sampling=samplings)
+    requests = [
+        llm.engine.submit(p, s, stream=False) for p, s in zip(prompts, samplings, strict=True)
+    ]
+    waits = [r.masks_after_previous_token for r in requests]
+    assert waits == [False, False, two_token_word, two_token_word]
+    llm.engine.run_until_idle()
     assert llm.engine.stats.preemptions > 0
     assert llm.engine.kv.free_pages == config.kv.num_pages
-    for prompt, sampling, out, unbanned in zip(prompts, samplings, outs, frees, strict=True):
+    for prompt, sampling, out, unbanned in zip(prompts, samplings, requests, frees, strict=True):
         if not sampling.bad_words:
-            assert out.token_ids == unbanned.token_ids
+            assert out.output_ids == unbanned.token_ids
             continue
-        assert out.token_ids == banned_greedy_reference(base, tokenizer, prompt, sampling)
+        assert out.output_ids == banned_greedy_reference(base, tokenizer, prompt, sampling)
         for sequence in bad_word_token_ids(tokenizer, sampling.bad_words):
-            assert not _contains(out.token_ids, sequence), (sampling.bad_words, out.text)
-        assert out.token_ids != unbanned.token_ids  # the ban bites
+            assert not _contains(out.output_ids, sequence), (sampling.bad_words, out.text)
+        assert out.output_ids != unbanned.token_ids  # the ban bites
 
 
 def grammar_and_bans_reference(params, tokenizer, prompt, sampling, width=48):

@@ -36,7 +36,8 @@ Scheduling policy (one iteration):
    masks and dispatches the samplers: the row decodes every iteration and the device stays
    fed. Its matcher consumes each token appended; when the grammar can take nothing more the
    request stops. Bad words (``SamplingParams.bad_words``, ``jaxlora.bad_words``) ban tokens
-   through the same bitmask, so their rows follow the same order.
+   through the same bitmask, so their rows follow the same order where a word has several
+   tokens (one-token bans are the same every step).
 7. Shared prompts (``Engine.submit(share_prompt_with=...)``: the n choices of one call): a
    request whose leader, a running request of the same prompt and adapter version, is still
    computing the prompt's full pages waits for them (holding its place, blocking nobody), then
@@ -559,7 +560,7 @@ class Engine:
         # A structured output's mask needs the row's previous token (policy 6): then the
         # samplers wait until the model steps are dispatched and those tokens are read.
         defer_samplers = bool(completing) and any(
-            request.masks_tokens for request, _ in (*prefill, *decode)
+            request.masks_after_previous_token for request, _ in (*prefill, *decode)
         )
         for mode, rows in (("prefill", prefill), ("decode", decode)):
             launch = self._launch(mode, rows, register_in) if rows else None

@@ -97,10 +97,13 @@ class Request:
     _bad_words: object | None = None  # jaxlora.bad_words.BadWords
 
     @property
-    def masks_tokens(self) -> bool:
-        """Whether the sampler takes a token bitmask for this request (a structured output or
-        bad words), computed on the host from its previous token (engine policy 6)."""
-        return self._matcher is not None or self._bad_words is not None
+    def masks_after_previous_token(self) -> bool:
+        """Whether the sampler's token bitmask for this request depends on its previous
+        token (a structured output, or bad words of several tokens), which the host must read
+        first (engine policy 6)."""
+        return self._matcher is not None or (
+            self._bad_words is not None and not self._bad_words.static
+        )
 
     def __post_init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
