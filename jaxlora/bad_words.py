@@ -80,28 +80,30 @@ class BadWords:
 
 
 def clear_tokens(mask: np.ndarray, tokens: Sequence[int]) -> None:
-    """Clears ``tokens``' bits in one row of a (words,) int32 bitmask, in place."""
+    """Clears ``tokens``' bits in one row of a (words,) int32 bitmask, in place (only the words
+    that hold them are touched)."""
     if not tokens:
         return
     tokens = np.asarray(tokens, np.int64)
     bits = mask.view(np.uint32)
-    keep = np.full(bits.shape, 0xFFFFFFFF, np.uint32)
-    np.bitwise_and.at(keep, tokens >> 5, ~(np.uint32(1) << (tokens & 31).astype(np.uint32)))
-    bits &= keep
+    np.bitwise_and.at(bits, tokens >> 5, ~(np.uint32(1) << (tokens & 31).astype(np.uint32)))
 
 
 def apply_bans(mask: np.ndarray, tokens: Sequence[int], vocab_size: int) -> bool:
     """Clears ``tokens`` from one row's bitmask unless that leaves no token of the vocabulary
-    allowed; returns whether it did."""
+    allowed; returns whether it did. (Per constrained row and step on the engine thread: the
+    words the bans touch are saved and put back, and the check reads words, not bits.)"""
     if not tokens:
         return True
-    cleared = mask.copy()
-    clear_tokens(cleared, tokens)
-    live = np.unpackbits(cleared.view(np.uint8), bitorder="little")[:vocab_size]
-    if not live.any():
-        return False
-    mask[:] = cleared
-    return True
+    touched = np.unique(np.asarray(tokens, np.int64) >> 5)
+    saved = mask[touched].copy()
+    clear_tokens(mask, tokens)
+    bits = mask.view(np.uint32)
+    whole, rest = divmod(vocab_size, 32)
+    live = bits[:whole].any() or (rest and bits[whole] & np.uint32((1 << rest) - 1))
+    if not live:
+        mask[touched] = saved
+    return bool(live)
 
 
 __all__ = ["BadWords", "apply_bans", "bad_word_token_ids", "clear_tokens"]
