@@ -143,6 +143,8 @@ class EngineConfig:
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# Engine._try_admit's outcomes.
+_ADMITTED, _NO_PAGES, _REFUSED = "admitted", "no pages", "refused"
 
 
 @dataclasses.dataclass
@@ -265,7 +267,6 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._waiting: collections.deque[Request] = collections.deque()
-        self._kv_short = False  # the last _try_admit lacked KV pages
         self._running: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self._wakeup = threading.Event()
@@ -671,14 +672,14 @@ class Engine:
                 if victim is None or not self._adapter_admissible(request):
                     break
                 self._preempt(victim)
-            admitted = self._try_admit(request)
-            while not admitted and self._kv_short and request.status is Status.WAITING:
+            outcome = self._try_admit(request)
+            while outcome == _NO_PAGES:
                 victim = self._lowest_below(request)
                 if victim is None:
                     break
                 self._preempt(victim)
-                admitted = self._try_admit(request)
-            if admitted:
+                outcome = self._try_admit(request)
+            if outcome == _ADMITTED:
                 # Every request passed over has been overtaken once more; once one of them has
                 # been overtaken max_skips times, nothing behind it is admitted before it.
                 for waiting in blocked:
@@ -719,11 +720,13 @@ class Engine:
         # other adapters took the slots: wait for a slot (keep the version held).
         return not (full and self._adapter_key(request) not in running)
 
-    def _try_admit(self, request: Request) -> bool:
+    def _try_admit(self, request: Request) -> str:
+        """Admits the request if it can; returns ``_ADMITTED``, ``_NO_PAGES`` (KV pages are
+        what it lacks: policy 8 may free some) or ``_REFUSED`` (its adapter's slot or pages;
+        or it finished, refused for good)."""
         ec = self.engine_config
-        self._kv_short = False  # set when KV pages are what it lacks
         if not self._adapter_admissible(request):
-            return False
+            return _REFUSED
         shared = self._leader_pages_tokens(request)
         # (an adapter replaced since the leader took its version: other K/V, nothing shared)
         if shared and self._kv_key(request.prompt_leader) == self._kv_key(request):
@@ -752,15 +755,14 @@ class Engine:
         if not self.kv.ensure(request.request_id, request.num_computed + first):
             self.kv.free(request.request_id)  # the cached pages it took, if any
             request.num_computed = 0
-            self._kv_short = True
-            return False
+            return _NO_PAGES
         self.stats.prefix_cached_tokens += cached
         self.stats.shared_prompt_tokens += shared
         request.prompt_leader = None  # (shared or not: a recompute after preemption is its own)
         self._waiting.remove(request)
         request.status = Status.RUNNING
         self._running.append(request)
-        return True
+        return _ADMITTED
 
     def _leader_pages_tokens(self, request: Request) -> int:
         """The prompt tokens a request would take from its running leader's full pages (one
