@@ -425,9 +425,14 @@ def _chat_echo(body: ChatCompletionRequest) -> str:
     last = body.messages[-1]
     if not body.echo or last.role != "assistant":
         return ""
-    if isinstance(last.content, str):
-        return last.content
-    return "".join(p["text"] for p in last.content or () if isinstance(p.get("text"), str))
+    return _content_text(last.content)
+
+
+def _content_text(content: str | list[dict] | None) -> str:
+    """A message's text: its content string, or its text parts joined (none: empty)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content or () if isinstance(p.get("text"), str))
 
 
 def chat_message(
@@ -1351,10 +1356,7 @@ def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
                 ),
                 f"messages[{i}].content",
             )
-        if isinstance(content, str):
-            texts.append(content)
-        elif content is not None:
-            texts.extend(p["text"] for p in content if isinstance(p.get("text"), str))
+        texts.append(_content_text(content))
     text = "".join(texts)
     keep = _kept_tokens(state, body.truncate_prompt_tokens)
     if keep is None:
