@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.errors import RequestError
-from jaxlora.structured_output import StructuredOutput
+from jaxlora.structured_output import ReasoningTokens, StructuredOutput
 
 MAX_LOGPROBS = 20
 # logit_bias entries a request may give (OpenAI allows 300; each is an entry of the step's
@@ -74,6 +74,8 @@ class SamplingParams:
     ``jaxlora.structured_output.StructuredOutput`` the output must match (constrained decoding:
     the sampler only sees the tokens its grammar allows next). bad_words: words the output never
     contains (vLLM's; at most MAX_BAD_WORDS, tokenized by the engine, ``jaxlora.bad_words``).
+    reasoning_tokens: a ``jaxlora.structured_output.ReasoningTokens``: the structured output
+    constrains only what follows the answer's reasoning (its tags' token ids; None: all of it).
     """
 
     temperature: float = 1.0
@@ -95,6 +97,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None
     bad_words: tuple[str, ...] = ()
+    reasoning_tokens: ReasoningTokens | None = None
 
     def __post_init__(self):
         def fail(field, expected):
@@ -179,6 +182,10 @@ class SamplingParams:
             self.structured_output, StructuredOutput
         ):
             fail("structured_output", "None or a jaxlora.structured_output.StructuredOutput")
+        if self.reasoning_tokens is not None and not isinstance(
+            self.reasoning_tokens, ReasoningTokens
+        ):
+            fail("reasoning_tokens", "None or a jaxlora.structured_output.ReasoningTokens")
         # Asked of every row of every step: computed once.
         object.__setattr__(
             self,

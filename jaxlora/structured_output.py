@@ -14,6 +14,16 @@ being sampled when the next step is dispatched, so an iteration with a constrain
 dispatches its model steps first, reads the previous tokens while the device runs them, and
 only then computes the masks and dispatches the samplers (``jaxlora.engine.engine``, policy
 6): the row decodes every iteration.
+
+After reasoning (``ReasoningTokens``, vLLM's structured outputs beside a reasoning parser): a
+reasoning model's answer thinks first, freely, and only what follows the tag that closes its
+reasoning is constrained. ``GrammarGate`` wraps a request's matcher: it lets every token through
+until the output's tail spells the closing tag's tokens, then hands the rest to the grammar.
+For a model whose answer may or may not open a reasoning block (qwen3), the answer's first
+tokens may spell the opening tag (then it reasons until the closing one) or start the
+grammar's output; both are allowed, token by token, until one of them is taken. The tags are
+matched as token ids (reasoning models have them as single special tokens); an answer that
+spells a tag with other tokens is not seen to open or close its reasoning.
 """
 
 from __future__ import annotations
@@ -134,6 +144,105 @@ class StructuredOutput:
         return cls("json", JSON_OBJECT_SCHEMA, field, compact)
 
 
+@dataclasses.dataclass(frozen=True)
+class ReasoningTokens:
+    """Where a structured output's grammar starts: after the answer's reasoning.
+
+    end: the token ids of the tag that closes the reasoning; the grammar constrains every token
+    after the output's first occurrence of them. start: those of the tag that opens it, for an
+    answer that may open a reasoning block or not (qwen3): one that opens with them reasons
+    until ``end``, one that does not follows the grammar from its first token. Empty: the answer
+    starts inside the reasoning (its prompt opened it, deepseek_r1).
+    """
+
+    end: tuple[int, ...]
+    start: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("end", "start"):
+            tokens = getattr(self, name)
+            if not isinstance(tokens, (list, tuple)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0
+                for t in tokens
+            ):
+                raise RequestError(
+                    f"reasoning_tokens.{name}: expected a list of token ids >= 0, got {tokens!r}"
+                )
+            object.__setattr__(self, name, tuple(int(t) for t in tokens))
+        if not self.end:
+            raise RequestError("reasoning_tokens.end: expected at least one token id, got none")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        for name in ("end", "start"):
+            for token in getattr(self, name):
+                if token >= vocab_size:
+                    raise RequestError(
+                        f"reasoning_tokens.{name}: token id {token} is outside the vocabulary "
+                        f"(expected 0..{vocab_size - 1})"
+                    )
+
+
+class GrammarGate:
+    """A request's matcher and where its grammar starts (``ReasoningTokens``; None: at the
+    first token). The engine asks ``mask_source`` for each step's mask and gives ``advance``
+    each token the request gets."""
+
+    OPENING, REASONING, GRAMMAR = "opening", "reasoning", "grammar"
+
+    def __init__(self, matcher, reasoning: ReasoningTokens | None = None):
+        self.matcher = matcher
+        self.reasoning = reasoning
+        if reasoning is None:
+            self.phase = self.GRAMMAR
+        else:
+            self.phase = self.OPENING if reasoning.start else self.REASONING
+        self._opened = 0  # tokens of the opening tag the answer opened with
+        self._grammar_took_opening = True  # the matcher consumed those tokens too
+        self._tail: list[int] = []  # the reasoning's last tokens (for the closing tag)
+
+    def mask_source(self):
+        """(matcher, extra token): the step's mask is the matcher's (every token where the
+        matcher is None; no token where it is False) with the extra token's bit set (the
+        opening tag's next token; None: no extra)."""
+        if self.phase == self.GRAMMAR:
+            return self.matcher, None
+        if self.phase == self.REASONING:
+            return None, None
+        matcher = self.matcher if self._grammar_took_opening else False
+        return matcher, self.reasoning.start[self._opened]
+
+    def advance(self, token: int) -> bool:
+        """Takes the request's next token; False if the grammar refuses it."""
+        if self.phase == self.GRAMMAR:
+            return self.matcher.consume_token(token)
+        if self.phase == self.REASONING:
+            end = self.reasoning.end
+            self._tail = (self._tail + [token])[-len(end) :]
+            if tuple(self._tail) == end:
+                self.phase = self.GRAMMAR
+            return True
+        start = self.reasoning.start
+        if token == start[self._opened]:
+            self._opened += 1
+            if self._grammar_took_opening:
+                self._grammar_took_opening = self.matcher.try_consume_tokens([token]) == 1
+            if self._opened == len(start):
+                self.matcher.reset()  # (the grammar starts after the reasoning)
+                self.phase = self.REASONING
+            return True
+        self.phase = self.GRAMMAR
+        return self._grammar_took_opening and self.matcher.consume_token(token)
+
+    def is_stopped(self) -> bool:
+        """Whether the grammar can take nothing more."""
+        return self.phase == self.GRAMMAR and self.matcher.is_stopped()
+
+    def get_error(self) -> str:
+        if self.phase == self.GRAMMAR and not self._grammar_took_opening:
+            return "the answer left the opening tag of its reasoning half spelt"
+        return self.matcher.get_error()
+
+
 def mask_words(vocab_size: int) -> int:
     """int32 words of one row's token bitmask."""
     return (vocab_size + 31) // 32
@@ -188,6 +297,8 @@ def allowed_tokens(masks: np.ndarray, vocab_size: int) -> np.ndarray:
 __all__ = [
     "JSON_OBJECT_SCHEMA",
     "KINDS",
+    "GrammarGate",
+    "ReasoningTokens",
     "StructuredOutput",
     "TokenMasks",
     "allowed_tokens",

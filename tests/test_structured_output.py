@@ -290,3 +290,128 @@ def test_the_mask_benchmark_walks_its_schema_at_a_small_vocabulary():
         row = result[f"rows_{rows}"]
         assert row["steps"] == 59 and 0 < row["median_us"] <= row["max_us"]
         assert row["allowed_last_step"] >= 1  # the closing brace
+
+
+# ---------------------------------------------------------------------------- after reasoning
+
+
+def reasoning_greedy_reference(params, tokenizer, prompt, sampling, width=48):
+    """Greedy decoding by recompute under ReasoningTokens' rules, written out here: while the
+    answer may still be opening its reasoning (start tags only), the grammar's tokens (after
+    the tag tokens so far, where it takes them) and the tag's next token; inside the
+    reasoning, any token until the tail spells the closing tag; then the grammar's."""
+    masks = TokenMasks(tokenizer, TINY.vocab_size, tokenizer.eos_token_ids)
+    spec, tags = sampling.structured_output, sampling.reasoning_tokens
+    matcher = masks.matcher(spec)
+    phase, reasoning_from, out, phases = ("opening" if tags.start else "reasoning"), 0, [], []
+    for _ in range(sampling.max_tokens):
+        seq = prompt + out
+        logits = _full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
+        row = np.asarray(logits[0, len(seq) - 1])
+        if phase == "reasoning":
+            allowed = np.ones(TINY.vocab_size, bool)
+        elif phase == "grammar":
+            allowed = allowed_tokens(masks.bitmask([(matcher, 0)], 1), TINY.vocab_size)[0]
+        else:
+            opening = masks.matcher(spec)
+            allowed = np.zeros(TINY.vocab_size, bool)
+            if opening.try_consume_tokens(out) == len(out):
+                allowed = allowed_tokens(masks.bitmask([(opening, 0)], 1), TINY.vocab_size)[0]
+            allowed[tags.start[len(out)]] = True
+        token = int(np.flatnonzero(allowed)[np.argmax(row[allowed])])
+        out.append(token)
+        phases.append(phase)
+        if phase == "opening":
+            if token != tags.start[len(out) - 1]:
+                phase = "grammar"
+                assert matcher.try_consume_tokens(out) == len(out)
+            elif len(out) == len(tags.start):
+                phase, reasoning_from = "reasoning", len(out)
+        elif phase == "reasoning":
+            thought = out[reasoning_from:]
+            if tuple(thought[-len(tags.end) :]) == tags.end:
+                phase = "grammar"
+        else:
+            assert matcher.consume_token(token)
+        if token in tokenizer.eos_token_ids or (phase == "grammar" and matcher.is_stopped()):
+            break
+    return out, phases
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_grammar_after_reasoning_constrains_only_the_answer(base, tokenizer, async_scheduling):
+    """ReasoningTokens (vLLM's structured outputs beside a reasoning parser), async and
+    synchronous, with preemptions. Tags are taken from each prompt's free greedy output, so
+    every path is taken: the answer starts inside the reasoning (deepseek_r1) and closes it;
+    it opens a block (qwen3) and closes it; it does not open one (an opening tag the model
+    never picks) and follows the grammar from its first token; it begins a tag that the
+    grammar refuses, so it must finish it. Each request gets the tokens of a recompute under
+    the rules, each path is seen, and the text after the closing tag matches the spec."""
+    from jaxlora.structured_output import ReasoningTokens
+
+    prompts = [tokenizer.encode(t) for t in ("The cat", "Hi", "is it", "sum", "x")]
+    config = dataclasses.replace(
+        small_engine_config(num_pages=8, max_model_len=48), async_scheduling=async_scheduling
+    )
+    llm = jaxlora.LLM(TINY, params=base, tokenizer=tokenizer, engine_config=config, load_workers=0)
+    free = [
+        out.token_ids
+        for out in llm.generate(prompts, sampling=SamplingParams(temperature=0, max_tokens=8))
+    ]
+    assert all(len(f) == 8 for f in free)
+    never = [t for t in range(TINY.vocab_size) if all(t not in f for f in free)][-1]
+    # The fourth answer opens with its first free token and is forced to finish the tag with
+    # `never`: its reasoning goes on as the prompt with those two tokens would.
+    forced = [free[3][0], never]
+    (after_forced,) = llm.generate(
+        [prompts[3] + forced], sampling=SamplingParams(temperature=0, max_tokens=4)
+    )
+    choices = StructuredOutput("choice", CHOICES)
+    refuses = TokenMasks(tokenizer, TINY.vocab_size, tokenizer.eos_token_ids).matcher(choices)
+    assert refuses.try_consume_tokens(forced[:1]) == 0  # (the grammar cannot take the tag)
+    cases = [  # (tags, grammar, the phases the answer goes through)
+        (ReasoningTokens(end=free[0][2:4]), StructuredOutput("regex", DIGITS), "rg"),
+        (ReasoningTokens(end=free[1][3:5], start=free[1][:2]), choices, "org"),
+        (ReasoningTokens(end=free[2][3:5], start=(never, never)), choices, "og"),
+        (ReasoningTokens(end=after_forced.token_ids[1:3], start=forced), choices, "org"),
+        (None, choices, "g"),
+    ]
+    samplings = [
+        SamplingParams(temperature=0, max_tokens=24, structured_output=spec, reasoning_tokens=t)
+        for t, spec, _ in cases
+    ]
+    outs = llm.generate(prompts, sampling=samplings)
+    assert llm.engine.stats.preemptions > 0
+    for prompt, sampling, out, (tags, spec, path) in zip(
+        prompts, samplings, outs, cases, strict=True
+    ):
+        if tags is None:
+            expected = constrained_greedy_reference(base, tokenizer, prompt, sampling)
+            phases = ["grammar"] * len(expected)
+        else:
+            expected, phases = reasoning_greedy_reference(base, tokenizer, prompt, sampling)
+        assert out.token_ids == expected, path
+        assert "".join(dict.fromkeys(p[0] for p in phases)) == path, phases
+        assert out.finish_reason == "stop", (path, out.text)
+        # (an answer that does not open a reasoning block is the grammar's from its start)
+        reasoned = [i for i, p in enumerate(phases) if p != "grammar"] if "r" in path else []
+        answer = out.token_ids[reasoned[-1] + 1 if reasoned else 0 :]
+        assert _valid(spec.kind, tokenizer.decode(answer)), (path, out.text)
+    # The grammar bites after the reasoning only.
+    assert outs[0].token_ids[:4] == free[0][:4] and outs[0].token_ids[4:8] != free[0][4:8]
+
+
+def test_reasoning_tokens_are_checked():
+    from jaxlora.structured_output import ReasoningTokens
+
+    for kwargs, message in (
+        ({"end": ()}, "reasoning_tokens.end: expected at least one"),
+        ({"end": (1, -2)}, "reasoning_tokens.end: expected a list of token ids"),
+        ({"end": (1,), "start": "x"}, "reasoning_tokens.start: expected a list"),
+    ):
+        with pytest.raises(RequestError, match=message):
+            ReasoningTokens(**kwargs)
+    with pytest.raises(RequestError, match="'reasoning_tokens'"):
+        SamplingParams(reasoning_tokens=(1, 2))
+    with pytest.raises(RequestError, match="reasoning_tokens.start: token id 9999"):
+        ReasoningTokens(end=(1,), start=(9999,)).check_vocab(512)

@@ -99,7 +99,7 @@ from jaxlora.sampling import (
     unique_tokens,
     uses_filters,
 )
-from jaxlora.structured_output import TokenMasks, mask_words
+from jaxlora.structured_output import GrammarGate, TokenMasks, mask_words
 from pallas_kernels import layout
 from pallas_kernels.sgmv import build_sgmv_metadata, choose_per_token
 
@@ -323,11 +323,14 @@ class Engine:
                 "stop: stop strings need a tokenizer to match text against, and "
                 "this engine has none; use stop_token_ids"
             )
-        matcher = None
+        grammar = None
         if sampling.structured_output is not None:
             matcher = self.token_masks(sampling.structured_output.field).matcher(
                 sampling.structured_output
             )
+            if sampling.reasoning_tokens is not None:
+                sampling.reasoning_tokens.check_vocab(self.config.vocab_size)
+            grammar = GrammarGate(matcher, sampling.reasoning_tokens)
         bad_words = None
         if sampling.bad_words:
             if self.tokenizer is None:
@@ -369,7 +372,7 @@ class Engine:
             stream_deltas=stream,
             priority=priority,
         )
-        request._matcher = matcher
+        request._grammar = grammar
         request._bad_words = bad_words
         request.prompt_leader = share_prompt_with
         if self.tokenizer is not None:
@@ -1055,11 +1058,18 @@ class Engine:
             # (a request that ended meanwhile: its token is dropped, any mask does)
             if request.epoch == epoch and request.status is Status.RUNNING
         ]
-        matched = [(r._matcher, row) for r, row in live if r._matcher is not None]
+        gated = [(r._grammar.mask_source(), row) for r, row in live if r._grammar is not None]
+        matched = [(m, row) for (m, _), row in gated if m is not None and m is not False]
         if matched:
             masks = self._token_masks.bitmask(matched, batch_rows)
         else:
             masks = np.full((batch_rows, mask_words(self.config.vocab_size)), -1, np.int32)
+        for (matcher, extra), row in gated:
+            # (a reasoning's opening tag, beside the grammar's first tokens or alone)
+            if matcher is False:
+                masks[row] = 0
+            if extra is not None:
+                masks[row, extra // 32] |= np.int32(np.uint32(1 << (extra % 32)).view(np.int32))
         for request, row in live:
             if request._bad_words is not None:
                 banned = request._bad_words.banned(request.output_ids)
@@ -1244,17 +1254,17 @@ class Engine:
             finish = FinishReason.STOP
         elif may_stop and token in sp.stop_token_ids:
             finish = FinishReason.STOP
-        matcher, grammar_done = request._matcher, False
-        if matcher is not None:
-            if not matcher.consume_token(token):
+        grammar, grammar_done = request._grammar, False
+        if grammar is not None:
+            if not grammar.advance(token):
                 # (the mask allowed it: a matcher that refuses it is broken)
                 self._finish(
                     request,
                     FinishReason.ERROR,
-                    f"structured output: token {token} refused ({matcher.get_error()})",
+                    f"structured output: token {token} refused ({grammar.get_error()})",
                 )
                 return
-            grammar_done = matcher.is_stopped()  # the grammar can take nothing more
+            grammar_done = grammar.is_stopped()  # the grammar can take nothing more
         text = self._detokenize(request, token)
         detector = request._stop_detector
         if detector is not None and finish is None:

@@ -92,8 +92,9 @@ class Request:
     # Another request of the same prompt and adapter (an earlier choice of the same call)
     # whose prompt pages this one takes instead of computing them (Engine.submit).
     prompt_leader: Request | None = None
-    # llguidance matcher of a structured output: has consumed exactly output_ids
-    _matcher: object | None = None
+    # A structured output's matcher and where its grammar starts (structured_output.GrammarGate):
+    # has taken exactly output_ids
+    _grammar: object | None = None
     _bad_words: object | None = None  # jaxlora.bad_words.BadWords
 
     @property
@@ -101,7 +102,7 @@ class Request:
         """Whether the sampler's token bitmask for this request depends on its previous
         token (a structured output, or bad words of several tokens), which the host must read
         first (engine policy 6)."""
-        return self._matcher is not None or (
+        return self._grammar is not None or (
             self._bad_words is not None and not self._bad_words.static
         )
 
