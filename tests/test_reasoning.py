@@ -68,3 +68,23 @@ def test_reasoning_is_handed_out_before_the_answer_ends():
     assert stream.push("think>Done") == ("", "Done")
     assert stream.push(" here") == ("", " here")
     assert stream.finish() == ("", "")
+
+
+def test_a_grammar_starts_after_the_tags_tokens_and_a_prompt_may_close_the_reasoning(tokenizer):
+    from jaxlora.server.reasoning import grammar_start, prompt_closes_reasoning
+
+    r1, qwen3 = REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["qwen3"]
+    end = tuple(tokenizer.encode("</think>", add_bos=False))
+    assert grammar_start(r1, tokenizer).end == end and grammar_start(r1, tokenizer).start == ()
+    assert grammar_start(qwen3, tokenizer).start == tuple(
+        tokenizer.encode("<think>", add_bos=False)
+    )
+    for text, closed in (
+        ("<|user|>\nHi\n<|assistant|>\n<think>\n\n</think>\n\n", True),
+        ("<|assistant|>\n</think>", True),
+        ("<|assistant|>\n<think>\n", False),
+        ("<think>a</think>b<|user|>\nHi\n<|assistant|>\n", False),
+        ("</think> x", False),
+    ):
+        ids = tokenizer.encode(text)
+        assert prompt_closes_reasoning(r1, tokenizer, ids) is closed, text

@@ -523,7 +523,8 @@ def test_priorities_reach_the_engine_under_the_priority_policy(served, client, m
 def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
     """--reasoning_parser: the message's reasoning_content and content, whole and streamed (the
     streamed parts join into the whole ones), include_reasoning=false drops it, an answer
-    without the block is all content, and a constrained answer is refused. The parser's tags
+    without the block is all content, a structured output constrains the content only (and
+    all of an answer whose prompt closed the reasoning). The parser's tags
     are set to ones the pirate says ("Arr," opens, "!" ends), the way qwen3's <think> block
     opens an answer."""
     from jaxlora.server.config import ServerConfig
@@ -549,12 +550,42 @@ def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
     assert "reasoning_content" not in dropped.model_extra and dropped.content == answer.content
     robot = chat(client, "robot").choices[0].message
     assert robot.model_extra["reasoning_content"] is None and robot.content.startswith("BEEP")
-    body = expect_error(
-        400,
-        lambda: chat(client, "pirate", response_format={"type": "json_object"}),
-        "cannot be read apart from its reasoning",
-    )
-    assert body["param"] == "response_format"
+    # A structured output constrains the content only: the grammar starts after the "!".
+    yes_no = {"structured_outputs": {"choice": ["yes", "no"]}}
+    constrained = chat(client, "pirate", extra_body=yes_no).choices[0].message
+    assert constrained.model_extra["reasoning_content"] == " matey"
+    assert constrained.content in ("yes", "no")
+    chunks = list(chat(client, "pirate", stream=True, extra_body=yes_no))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == " matey"
+    assert "".join(d.content or "" for d in deltas) == constrained.content
+    # deepseek_r1's reading: the answer starts inside the reasoning (its opening tag, which
+    # the pirate says anyway, is dropped).
+    monkeypatch.setitem(REASONING_PARSERS, "qwen3", ReasoningFormat("Arr,", "!", True))
+    opened = chat(client, "pirate", extra_body=yes_no).choices[0].message
+    assert opened.model_extra["reasoning_content"] == " matey" and opened.content in ("yes", "no")
+    # A prompt that closed the reasoning: the whole answer is content, constrained at once.
+    closed_prompt = [
+        {"role": "user", "content": demo.DEMO_PROMPTS[0]},
+        {"role": "assistant", "content": "Arr, matey!"},
+    ]
+    for extra in ({}, yes_no):
+        closed = (
+            client.chat.completions.create(
+                model="pirate",
+                messages=closed_prompt,
+                **GREEDY,
+                extra_body={
+                    "continue_final_message": True,
+                    "add_generation_prompt": False,
+                    **extra,
+                },
+            )
+            .choices[0]
+            .message
+        )
+        assert closed.model_extra["reasoning_content"] is None
+        assert closed.content and (not extra or closed.content in ("yes", "no")), closed
 
 
 def test_chat_continues_a_prefilled_answer_as_vllm(served, client):

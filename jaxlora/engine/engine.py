@@ -35,9 +35,11 @@ Scheduling policy (one iteration):
    the previous iteration's tokens (while the device runs those steps), then computes the
    masks and dispatches the samplers: the row decodes every iteration and the device stays
    fed. Its matcher consumes each token appended; when the grammar can take nothing more the
-   request stops. Bad words (``SamplingParams.bad_words``, ``jaxlora.bad_words``) ban tokens
-   through the same bitmask, so their rows follow the same order where a word has several
-   tokens (one-token bans are the same every step).
+   request stops. A grammar after reasoning (``SamplingParams.reasoning_tokens``) lets every
+   token through until the closing tag; its row waits all the same, since whether the tag has
+   closed depends on the previous token. Bad words (``SamplingParams.bad_words``,
+   ``jaxlora.bad_words``) ban tokens through the same bitmask, so their rows follow the same
+   order where a word has several tokens (one-token bans are the same every step).
 7. Shared prompts (``Engine.submit(share_prompt_with=...)``: the n choices of one call): a
    request whose leader, a running request of the same prompt and adapter version, is still
    computing the prompt's full pages waits for them (holding its place, blocking nobody), then

@@ -51,10 +51,16 @@ from jaxlora.server.protocol import (
     TokenizeRequest,
     UnloadLoraAdapterRequest,
 )
-from jaxlora.server.reasoning import REASONING_PARSERS, ReasoningStream, split_reasoning
+from jaxlora.server.reasoning import (
+    REASONING_PARSERS,
+    ReasoningStream,
+    grammar_start,
+    prompt_closes_reasoning,
+    split_reasoning,
+)
 from jaxlora.server.state import ServingState
 from jaxlora.server.tool_calls import ForcedToolCalls, ToolCallStream, parse_tool_calls
-from jaxlora.structured_output import JSON_OBJECT_SCHEMA, StructuredOutput
+from jaxlora.structured_output import JSON_OBJECT_SCHEMA, ReasoningTokens, StructuredOutput
 
 log = logging.getLogger("jaxlora.server")
 
@@ -235,6 +241,7 @@ def _samplings(
     max_stop_strings: int,
     prompt_logprobs: int | None = None,
     structured_output: StructuredOutput | None = None,
+    reasoning_tokens: ReasoningTokens | None = None,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
     stop = body.stop if body.stop is not None else ()
@@ -289,6 +296,7 @@ def _samplings(
                     include_stop_str_in_output=body.include_stop_str_in_output,
                     structured_output=structured_output,
                     bad_words=tuple(body.bad_words or ()),
+                    reasoning_tokens=reasoning_tokens,
                 )
             )
         except RequestError as e:
@@ -1007,18 +1015,6 @@ def create_app(
         # under its schema.
         parser, forced = None, forced_tool_calls(body)
         structured = await structured_output_of(body, forced)
-        reasoning_format = REASONING_PARSERS.get(state.config.reasoning_parser or "")
-        if structured is not None and reasoning_format is not None:
-            # (the grammar would have to start where the reasoning ends: not built)
-            field = "tool_choice" if forced else structured.field.split(".")[0]
-            raise with_param(
-                RequestError(
-                    f"{field}: a constrained answer cannot be read apart from its reasoning "
-                    f"(this server reads reasoning with --reasoning_parser="
-                    f"{state.config.reasoning_parser}); not supported together"
-                ),
-                field,
-            )
         if body.tools and body.tool_choice in (None, "auto"):
             parser = state.config.tool_call_parser
             if parser is None:
@@ -1030,6 +1026,15 @@ def create_app(
                     "tools",
                 )
         prompt = await anyio.to_thread.run_sync(lambda: _chat_prompt(state, body))
+        # The server's reasoning parser, and this answer's reading: none where the prompt has
+        # closed the reasoning (the whole answer is content).
+        parser_format = REASONING_PARSERS.get(state.config.reasoning_parser or "")
+        reasoning_format, reasoning_tokens = parser_format, None
+        if parser_format is not None:
+            if prompt_closes_reasoning(parser_format, state.tokenizer, prompt):
+                reasoning_format = None
+            elif structured is not None:
+                reasoning_tokens = grammar_start(parser_format, state.tokenizer)
         rest_of_context = max(1, state.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         samplings = _samplings(
@@ -1040,6 +1045,7 @@ def create_app(
             state.config.max_stop_strings,
             prompt_logprobs=body.prompt_logprobs,
             structured_output=structured,
+            reasoning_tokens=reasoning_tokens,
         )
         calls_reader = forced or parser
         echo = _chat_echo(body)
@@ -1066,7 +1072,7 @@ def create_app(
                     message["content"] = echo + (message.get("content") or "")
                 elif text is None and message["content"] == "":
                     message["content"] = None  # (all reasoning, as vLLM answers)
-                if reasoning_format is not None and body.include_reasoning:
+                if parser_format is not None and body.include_reasoning:
                     message["reasoning_content"] = reasoning
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}

@@ -10,11 +10,21 @@ thinking mode); an answer that does not open with one, or never closes it, is al
 ``ReasoningStream`` does the same on streamed text, handing out each piece as reasoning or
 content as soon as it is known: a piece that may be the start of a tag is held until the next.
 Streamed, a ``qwen3`` block that never closes has gone out as reasoning.
+
+A structured output (or a forced tool call) constrains the content only: ``grammar_start``
+gives the engine the tags' token ids (``jaxlora.structured_output.ReasoningTokens``), and the
+grammar starts after the closing tag (``qwen3``: or at the first token of an answer that does
+not open a block). A prompt that ends with the closing tag (Qwen3's template with
+``enable_thinking`` false, or a prefilled answer past its reasoning) has closed the reasoning
+itself: the whole answer is content, constrained from its first token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+
+from jaxlora.structured_output import ReasoningTokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +102,21 @@ class ReasoningStream:
         return held, ""
 
 
+def prompt_closes_reasoning(fmt: ReasoningFormat, tokenizer, prompt_ids: Sequence[int]) -> bool:
+    """Whether the prompt ends with the closing tag (and whitespace): the answer is then all
+    content."""
+    # (the tag's tokens and a few of whitespace after it are enough to read)
+    tail = prompt_ids[-(len(tokenizer.encode(fmt.end, add_bos=False)) + 8) :]
+    return tokenizer.decode(tail, skip_special_tokens=False).rstrip().endswith(fmt.end)
+
+
+def grammar_start(fmt: ReasoningFormat, tokenizer) -> ReasoningTokens:
+    """The tags' token ids, for a structured output that constrains the content only."""
+    end = tokenizer.encode(fmt.end, add_bos=False)
+    start = () if fmt.opened_by_prompt else tokenizer.encode(fmt.start, add_bos=False)
+    return ReasoningTokens(end=tuple(end), start=tuple(start))
+
+
 def _partial_suffix(text: str, marker: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of marker."""
     for length in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -100,4 +125,11 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-__all__ = ["REASONING_PARSERS", "ReasoningFormat", "ReasoningStream", "split_reasoning"]
+__all__ = [
+    "REASONING_PARSERS",
+    "ReasoningFormat",
+    "ReasoningStream",
+    "grammar_start",
+    "prompt_closes_reasoning",
+    "split_reasoning",
+]
