@@ -964,6 +964,22 @@ def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
         ]
         assert not "".join(d.content or "" for d in deltas)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        # Beside a reasoning parser the call is decoded after the reasoning (the pirate's
+        # "Arr, matey!" as a qwen3 block), whole and streamed.
+        from jaxlora.server.reasoning import REASONING_PARSERS, ReasoningFormat
+
+        state.config = dataclasses.replace(state.config, reasoning_parser="qwen3")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(REASONING_PARSERS, "qwen3", ReasoningFormat("Arr,", "!", False))
+            message = chat(client, "pirate", tools=tools, tool_choice=named).choices[0].message
+            assert message.model_extra["reasoning_content"] == " matey"
+            [call] = message.tool_calls
+            assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+            chunks = list(chat(client, "pirate", tools=tools, tool_choice=named, stream=True))
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            thought = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+            arguments = "".join(d.tool_calls[0].function.arguments for d in deltas if d.tool_calls)
+            assert thought == " matey" and arguments == call.function.arguments
     finally:
         server.stop()
 
