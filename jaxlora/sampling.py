@@ -76,6 +76,10 @@ class SamplingParams:
     contains (vLLM's; at most MAX_BAD_WORDS, tokenized by the engine, ``jaxlora.bad_words``).
     reasoning_tokens: a ``jaxlora.structured_output.ReasoningTokens``: the structured output
     constrains only what follows the answer's reasoning (its tags' token ids; None: all of it).
+    allowed_token_ids: None, or the only tokens the output may take (vLLM's; EOS too only if
+    listed), through the same token bitmask; where a grammar allows none of them, the grammar
+    decides. skip_special_tokens: the output's text leaves special tokens out (vLLM's; False:
+    they are written, e.g. an EOS that ``ignore_eos`` went past).
     """
 
     temperature: float = 1.0
@@ -98,6 +102,8 @@ class SamplingParams:
     structured_output: StructuredOutput | None = None
     bad_words: tuple[str, ...] = ()
     reasoning_tokens: ReasoningTokens | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         def fail(field, expected):
@@ -134,7 +140,7 @@ class SamplingParams:
             not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
         ):
             fail("prompt_logprobs", f"None or an int in 0..{MAX_LOGPROBS}")
-        for field in ("ignore_eos", "include_stop_str_in_output"):
+        for field in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "a bool")
         # Lists (as JSON gives them) and a single stop string are accepted and frozen to tuples.
@@ -158,6 +164,16 @@ class SamplingParams:
         ):
             fail("bad_words", f"a list of at most {MAX_BAD_WORDS} words (non-blank strings)")
         object.__setattr__(self, "bad_words", tuple(bad_words))
+        if self.allowed_token_ids is not None:
+            if (
+                not isinstance(self.allowed_token_ids, (list, tuple))
+                or not self.allowed_token_ids
+                or not all(is_int(t) and t >= 0 for t in self.allowed_token_ids)
+            ):
+                fail("allowed_token_ids", "None or a non-empty list of token ids >= 0")
+            object.__setattr__(
+                self, "allowed_token_ids", tuple(sorted({int(t) for t in self.allowed_token_ids}))
+            )
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
@@ -237,6 +253,7 @@ class SamplingParams:
         for field, tokens in (
             ("stop_token_ids", self.stop_token_ids),
             ("logit_bias", [t for t, _ in self.logit_bias]),
+            ("allowed_token_ids", self.allowed_token_ids or ()),
         ):
             for token in tokens:
                 if token >= vocab_size:
@@ -433,8 +450,11 @@ class SamplingBatch:
         min_p = np.zeros(batch_size, np.float32)
         if processing is None and any(p.processes_logits for p in params):
             raise ValueError("SamplingBatch.from_params: a row processes its logits: pass them")
-        if allowed is None and any(p.structured_output is not None for p in params):
-            raise ValueError("SamplingBatch.from_params: a row has a structured output: pass masks")
+        if allowed is None and any(
+            p.structured_output is not None or p.bad_words or p.allowed_token_ids is not None
+            for p in params
+        ):
+            raise ValueError("SamplingBatch.from_params: a row masks its tokens: pass the masks")
         if allowed is not None and allowed.shape[0] != batch_size:
             raise ValueError(
                 f"SamplingBatch.from_params: masks for {allowed.shape[0]} rows, "

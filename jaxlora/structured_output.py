@@ -248,6 +248,13 @@ def mask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def token_mask(tokens: Sequence[int], vocab_size: int) -> np.ndarray:
+    """(words,) int32: one row's bitmask with exactly ``tokens`` allowed."""
+    bits = np.zeros(mask_words(vocab_size) * 32, np.uint8)
+    bits[np.asarray(tokens, np.int64)] = 1
+    return np.packbits(bits, bitorder="little").view(np.int32)
+
+
 class TokenMasks:
     """The engine's side of structured outputs: the tokenizer as llguidance sees it (built once,
     over the model's whole vocabulary: ids past the tokenizer's are never allowed), a matcher
@@ -303,4 +310,5 @@ __all__ = [
     "TokenMasks",
     "allowed_tokens",
     "mask_words",
+    "token_mask",
 ]

@@ -13,8 +13,15 @@ from configs.models import TINY
 from jaxlora.bad_words import BadWords, apply_bans, bad_word_token_ids, clear_tokens
 from jaxlora.errors import RequestError
 from jaxlora.sampling import MAX_BAD_WORDS, SamplingParams
-from jaxlora.structured_output import StructuredOutput, TokenMasks, allowed_tokens, mask_words
+from jaxlora.structured_output import (
+    StructuredOutput,
+    TokenMasks,
+    allowed_tokens,
+    mask_words,
+    token_mask,
+)
 from tests.test_engine import _full_forward, small_engine_config
+from tests.test_structured_output import constrained_greedy_reference
 
 
 def test_a_word_is_banned_as_written_and_after_a_space(tokenizer):
@@ -232,3 +239,82 @@ def test_bad_words_need_a_tokenizer(base):
     llm = jaxlora.LLM(TINY, params=base, engine_config=small_engine_config(), load_workers=0)
     with pytest.raises(RequestError, match="^bad_words: .*no tokenizer"):
         llm.engine.submit([1, 2], SamplingParams(bad_words=["x"]))
+
+
+# ---------------------------------------------------------------------------- allowed tokens
+
+
+def test_sampling_params_check_their_allowed_tokens():
+    assert SamplingParams(allowed_token_ids=[5, 3, 5]).allowed_token_ids == (3, 5)
+    for bad in ([], [-1], ["a"], 3):
+        with pytest.raises(RequestError, match="'allowed_token_ids'"):
+            SamplingParams(allowed_token_ids=bad)
+    with pytest.raises(RequestError, match="'allowed_token_ids': token id 600"):
+        SamplingParams(allowed_token_ids=[1, 600]).check_vocab(512)
+    np.testing.assert_array_equal(
+        allowed_tokens(token_mask([0, 31, 32, 511], 512)[None], 512)[0],
+        np.isin(np.arange(512), [0, 31, 32, 511]),
+    )
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_allowed_tokens_give_the_restricted_recompute_tokens(base, tokenizer, async_scheduling):
+    """allowed_token_ids (vLLM's): greedy requests get the argmax over their allowed tokens at
+    every step of a recompute (none of the free output's tokens, nor EOS, is allowed, so they
+    run to max_tokens), beside a free request; under a grammar that allows none of them the
+    grammar decides, and beside one that allows some they narrow it. The rows wait for no
+    previous token (the masks are the same every step)."""
+    config = dataclasses.replace(
+        small_engine_config(num_pages=96, max_model_len=48), async_scheduling=async_scheduling
+    )
+    llm = jaxlora.LLM(TINY, params=base, tokenizer=tokenizer, engine_config=config, load_workers=0)
+    prompts = [tokenizer.encode(t) for t in ("The cat", "Hi", "pick", "pick")]
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    free = llm.generate(prompts[:2], sampling=greedy)
+    seen = {t for out in free for t in out.token_ids} | set(tokenizer.eos_token_ids)
+    allowed = [t for t in range(3, 300, 7) if t not in seen]
+    yes = tokenizer.encode("yes", add_bos=False)
+    choice = StructuredOutput("choice", ("yes", "no"))
+    samplings = [
+        dataclasses.replace(greedy, allowed_token_ids=allowed),
+        greedy,
+        dataclasses.replace(greedy, allowed_token_ids=allowed, structured_output=choice),
+        dataclasses.replace(greedy, allowed_token_ids=[yes[0], 5], structured_output=choice),
+    ]
+    requests = [
+        llm.engine.submit(p, s, stream=False) for p, s in zip(prompts, samplings, strict=True)
+    ]
+    assert not any(r.masks_after_previous_token for r in requests[:2])
+    while llm.engine.has_work():
+        llm.engine.step()
+    first, plain, grammar, narrowed = requests
+    assert plain.output_ids == free[1].token_ids
+    assert first.output_ids != free[0].token_ids and len(first.output_ids) == 10
+    out = []
+    for _ in range(10):
+        seq = prompts[0] + out
+        logits = _full_forward(base, jnp.array([seq + [0] * (48 - len(seq))], jnp.int32))
+        row = np.asarray(logits[0, len(seq) - 1])
+        out.append(allowed[int(np.argmax(row[allowed]))])
+    assert first.output_ids == out
+    assert grammar.text in ("yes", "no")
+    assert grammar.output_ids == constrained_greedy_reference(
+        base, tokenizer, prompts[2], dataclasses.replace(samplings[2], allowed_token_ids=None)
+    )
+    assert narrowed.text == "yes"
+
+
+def test_special_tokens_are_written_when_asked(base, tokenizer):
+    """skip_special_tokens=False (vLLM's): an EOS that ignore_eos went past is in the text."""
+    llm = jaxlora.LLM(
+        TINY, params=base, tokenizer=tokenizer, engine_config=small_engine_config(), load_workers=0
+    )
+    eos = tokenizer.eos_token_ids[0]
+    eos_text = tokenizer.decode([eos], skip_special_tokens=False)
+    sampling = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logit_bias={eos: 100.0})
+    skipped, written = llm.generate(
+        [[1, 5]] * 2,
+        sampling=[sampling, dataclasses.replace(sampling, skip_special_tokens=False)],
+    )
+    assert skipped.token_ids == written.token_ids == [eos] * 3
+    assert skipped.text == "" and written.text == eos_text * 3 and eos_text

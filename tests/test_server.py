@@ -440,7 +440,8 @@ def test_prompt_logprobs_as_vllm(served, client):
 def test_bad_words_and_truncated_prompts_as_vllm(served, client):
     """vLLM's bad_words (the engine's answer to the same ban, whole and streamed) and
     truncate_prompt_tokens (the answer to the prompt's last k tokens; echo shows them; -1 keeps
-    what the context holds); bad values are 400s naming the field."""
+    what the context holds), allowed_token_ids and skip_special_tokens; bad values are 400s
+    naming the field."""
     tokenizer, engine = served[1].tokenizer, served[1].engine
     plain = client.completions.create(model="pirate", prompt="Hi", **GREEDY).choices[0].text
     assert "matey" in plain
@@ -476,11 +477,41 @@ def test_bad_words_and_truncated_prompts_as_vllm(served, client):
         ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
         ({"bad_words": ["ok", "  "]}, "bad_words"),
         ({"bad_words": "matey"}, "bad_words"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [1, 10**6]}, "allowed_token_ids"),
+        ({"skip_special_tokens": "no"}, "skip_special_tokens"),
     ):
         body = expect_error(
             400, lambda e=extra: client.completions.create(**cut, extra_body=e), param
         )
         assert body["param"] == param, (extra, body)
+    # allowed_token_ids: the engine's answer to the same list; skip_special_tokens=false
+    # writes the EOS that ignore_eos went past.
+    allowed = sorted(set(tokenizer.encode("Arr, the sea be wide", add_bos=False)))
+    only = engine.submit(
+        ids,
+        SamplingParams(temperature=0, max_tokens=8, allowed_token_ids=allowed),
+        adapter="pirate",
+    )
+    assert only.wait(timeout=60)
+    listed = client.completions.create(
+        model="pirate",
+        prompt="Hi",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"allowed_token_ids": allowed},
+    )
+    assert listed.choices[0].text == only.text and set(only.output_ids) <= set(allowed)
+    eos = tokenizer.eos_token_ids[0]
+    written = client.completions.create(
+        model="pirate",
+        prompt="Hi",
+        max_tokens=2,
+        temperature=0,
+        logit_bias={str(eos): 100},
+        extra_body={"ignore_eos": True, "skip_special_tokens": False},
+    )
+    assert written.choices[0].text == 2 * tokenizer.decode([eos], skip_special_tokens=False)
 
 
 def test_priorities_reach_the_engine_under_the_priority_policy(served, client, monkeypatch):

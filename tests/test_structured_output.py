@@ -143,7 +143,7 @@ def test_a_row_whose_processing_bans_every_allowed_token_keeps_the_grammar():
 
 def test_a_batch_with_a_structured_row_needs_its_masks():
     params = [SamplingParams(structured_output=StructuredOutput("choice", ["a"]), seed=0)]
-    with pytest.raises(ValueError, match="structured output"):
+    with pytest.raises(ValueError, match="masks its tokens"):
         SamplingBatch.from_params(params, [0])
 
 

@@ -101,7 +101,7 @@ from jaxlora.sampling import (
     unique_tokens,
     uses_filters,
 )
-from jaxlora.structured_output import GrammarGate, TokenMasks, mask_words
+from jaxlora.structured_output import GrammarGate, TokenMasks, mask_words, token_mask
 from pallas_kernels import layout
 from pallas_kernels.sgmv import build_sgmv_metadata, choose_per_token
 
@@ -376,9 +376,13 @@ class Engine:
         )
         request._grammar = grammar
         request._bad_words = bad_words
+        if sampling.allowed_token_ids is not None:
+            request._allowed_tokens = token_mask(sampling.allowed_token_ids, self.config.vocab_size)
         request.prompt_leader = share_prompt_with
         if self.tokenizer is not None:
-            request._detok_state = self.tokenizer.incremental_decoder(prompt_ids)
+            request._detok_state = self.tokenizer.incremental_decoder(
+                prompt_ids, skip_special_tokens=sampling.skip_special_tokens
+            )
         if sampling.stop_strings:
             request._stop_detector = StopStringDetector(
                 sampling.stop_strings, include_stop=sampling.include_stop_str_in_output
@@ -1052,8 +1056,9 @@ class Engine:
         return launch
 
     def _token_masks_of(self, rows, batch_rows: int) -> np.ndarray:
-        """The sampler's (batch_rows, words) bitmask: each structured output's grammar, less
-        each request's bad words after its output so far; other rows allow every token."""
+        """The sampler's (batch_rows, words) bitmask: each structured output's grammar, within
+        each request's allowed tokens, less its bad words after its output so far; other rows
+        allow every token."""
         live = [
             (request, row)
             for request, epoch, row in rows
@@ -1073,6 +1078,10 @@ class Engine:
             if extra is not None:
                 masks[row, extra // 32] |= np.int32(np.uint32(1 << (extra % 32)).view(np.int32))
         for request, row in live:
+            if request._allowed_tokens is not None:
+                restricted = masks[row] & request._allowed_tokens
+                if restricted.any():  # (else the grammar decides)
+                    masks[row] = restricted
             if request._bad_words is not None:
                 banned = request._bad_words.banned(request.output_ids)
                 apply_bans(masks[row], banned, self.config.vocab_size)
@@ -1085,7 +1094,10 @@ class Engine:
         inputs, launch.sampler_inputs = launch.sampler_inputs, None
         params = inputs.params
         allowed = None
-        if any(p.structured_output is not None or p.bad_words for p in params):
+        if any(
+            p.structured_output is not None or p.bad_words or p.allowed_token_ids is not None
+            for p in params
+        ):
             allowed = self._token_masks_of(launch.rows, inputs.batch_rows)
         sampling = SamplingBatch.from_params(
             params,

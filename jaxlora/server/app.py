@@ -297,6 +297,8 @@ def _samplings(
                     structured_output=structured_output,
                     bad_words=tuple(body.bad_words or ()),
                     reasoning_tokens=reasoning_tokens,
+                    allowed_token_ids=body.allowed_token_ids,
+                    skip_special_tokens=body.skip_special_tokens,
                 )
             )
         except RequestError as e:

@@ -2,13 +2,13 @@
 
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``, ``prompt_logprobs``,
-``bad_words``, ``truncate_prompt_tokens``, ``priority``, ``structured_outputs``, the chat's
-``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs`` and ``echo``, and
-the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are
-vLLM's extensions. Fields this server cannot honour (suffix, ...) are accepted only at their
-neutral value, so that a client never silently gets something else than it asked for; unknown
-fields are
-refused (400), as OpenAI does. Types are strict, as OpenAI's are: "5" or true is not taken for
+``bad_words``, ``allowed_token_ids``, ``skip_special_tokens``, ``truncate_prompt_tokens``,
+``priority``, ``structured_outputs``, the chat's ``add_generation_prompt``,
+``continue_final_message``, ``chat_template_kwargs`` and ``echo``, and the older
+``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are vLLM's
+extensions. Fields this server cannot honour (suffix, ...) are accepted only at their neutral
+value, so that a client never silently gets something else than it asked for; unknown fields
+are refused (400), as OpenAI does. Types are strict, as OpenAI's are: "5" or true is not taken for
 an int, nor 1 or "yes" for a bool (400).
 """
 
@@ -120,6 +120,12 @@ class _SamplingFields(_Body):
         0,
         description="vLLM's: lower is scheduled first (a server started with "
         "--scheduling_policy=priority; 0 otherwise).",
+    )
+    allowed_token_ids: list[int] | None = Field(
+        None, description="vLLM's: the only tokens the output may take (EOS only if listed)."
+    )
+    skip_special_tokens: bool = Field(
+        True, description="vLLM's: leave special tokens out of the output's text."
     )
     truncate_prompt_tokens: int | None = Field(
         None,
