@@ -9,6 +9,7 @@ tests, offline generation and evaluation; the serving engine uses jaxlora.memory
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import LoraPoolConfig, ModelConfig
-from jaxlora.errors import PoolExhaustedError
+from jaxlora.errors import AdapterError, PoolExhaustedError
 from pallas_kernels import layout
 from pallas_kernels.layout import MODULE_POOLS, MODULES, NO_ADAPTER, SlotInfo
 
@@ -80,6 +81,56 @@ def random_lora_weights(
         a[m] = rng.normal(0, std, (config.num_layers, rank, fan_in)).astype(dtype)
         b[m] = rng.normal(0, std, (config.num_layers, rank, fan_out)).astype(dtype)
     return LoraWeights(name=name, a=a, b=b, scales={m: scale for m in modules})
+
+
+def merge_lora_weights(
+    parts: Sequence[tuple[LoraWeights, float]], name: str, *, max_rank: int | None = None
+) -> LoraWeights:
+    """The adapter whose update is the weighted sum of the parts' updates, exactly (PEFT's
+    ``add_weighted_adapter(combination_type="cat")``): each module's rank-rows are the parts'
+    rows side by side (its rank is the sum of theirs) and each part's B rows are multiplied by
+    weight * its scale / the module's scale (the first non-zero one of the parts'). float32;
+    raises AdapterError for no parts, a weight that is not a finite number, or (given max_rank)
+    a module whose summed rank would pass it."""
+    if not parts:
+        raise AdapterError(f"merge {name!r}: expected at least one (adapter, weight), got none")
+    for weights, weight in parts:
+        if (
+            not isinstance(weight, (int, float, np.integer, np.floating))
+            or isinstance(weight, bool)
+            or not np.isfinite(weight)
+        ):
+            raise AdapterError(
+                f"merge {name!r}: weight of adapter {weights.name!r} is {weight!r}; expected a "
+                "finite number"
+            )
+    a, b, scales = {}, {}, {}
+    for m in MODULES:
+        targeting = [(w, float(weight)) for w, weight in parts if m in w.a]
+        if not targeting:
+            continue
+        # (a part of scale 0 adds nothing, whatever the module's scale)
+        scales[m] = next((float(w.scales[m]) for w, _ in targeting if w.scales[m]), 0.0)
+        rank = sum(w.a[m].shape[1] for w, _ in targeting)
+        if max_rank is not None and rank > max_rank:
+            ranks = " + ".join(str(w.a[m].shape[1]) for w, _ in targeting)
+            raise AdapterError(
+                f"merge {name!r}: module {m!r} would have rank {rank} ({ranks}); expected at "
+                f"most {max_rank} (the pool's max_rank)"
+            )
+        a[m] = np.concatenate([np.asarray(w.a[m], np.float32) for w, _ in targeting], axis=1)
+        factors = [
+            weight * w.scales[m] / scales[m] if scales[m] else 0.0 for w, weight in targeting
+        ]
+        b[m] = np.concatenate(
+            [
+                np.asarray(w.b[m], np.float32) * np.float32(factor)
+                for (w, _), factor in zip(targeting, factors, strict=True)
+            ],
+            axis=1,
+        )
+    sources = ", ".join(f"{weight:g} x {w.name}" for w, weight in parts)
+    return LoraWeights(name=name, a=a, b=b, scales=scales, source=f"merge of {sources}")
 
 
 @flax.struct.dataclass

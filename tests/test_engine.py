@@ -15,6 +15,7 @@ from configs.models import TINY
 from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import EngineConfig, FinishReason, KVCacheConfig, RunnerConfig
 from jaxlora.engine.runner import empty_batch
+from jaxlora.errors import AdapterError
 from jaxlora.model import Llama, init_params
 from jaxlora.sampling import SamplingParams
 from jaxlora.tokenizer import tiny_tokenizer
@@ -477,6 +478,50 @@ def test_replace_mid_generation_serves_each_request_its_own_version(base, lora_a
     assert first.adapter_handle is None and second.finish_reason is FinishReason.LENGTH
     assert first.output_ids == greedy_reference(merged_params(base, old), prompt_old, 6)
     assert second.output_ids == greedy_reference(merged_params(base, new), prompt_new, 6)
+
+
+def test_a_merged_adapter_computes_the_weighted_sum_of_its_parts(base, lora_adapters):
+    """AdapterStore.merged_weights (PEFT's add_weighted_adapter "cat"): an adapter merged from
+    three registered ones of different ranks, scales and modules, one weight negative, gives
+    the greedy tokens of the base model with the three weighted updates folded in, beside one
+    of its parts in the same batch; a merge whose ranks pass the pool's max_rank is refused."""
+    parts = [("all5", 0.7), ("qv1", -0.4), ("mlp16", 0.25)]
+    sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    config = small_engine_config()
+    wide_pool = dataclasses_replace(config.lora_pool, max_rank=32)
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=dataclasses_replace(config, lora_pool=wide_pool),
+        load_workers=0,
+    )
+    merged = llm.adapters.store.merged_weights("mix", parts)
+    assert merged.ranks == {
+        "q_proj": 6,
+        "k_proj": 5,
+        "v_proj": 6,
+        "o_proj": 5,
+        "gate_proj": 21,
+        "up_proj": 21,
+        "down_proj": 21,
+    }
+    with pytest.raises(
+        AdapterError, match=r"'gate_proj' would have rank 37 \(5 \+ 16 \+ 16\); expected at most 32"
+    ):
+        llm.adapters.store.merged_weights("too_big", [("all5", 1), ("mlp16", 1), ("mlp16", 2)])
+    llm.adapters.register("mix", merged)
+    expected = base
+    for name, weight in parts:
+        part = lora_adapters[name]
+        scaled = dataclasses_replace(part, scales={m: s * weight for m, s in part.scales.items()})
+        expected = merged_params(expected, scaled)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    mix, alone = llm.generate(prompts, adapter=["mix", "all5"], sampling=sampling)
+    assert mix.token_ids == greedy_reference(expected, prompts[0], 6)
+    assert alone.token_ids == greedy_reference(
+        merged_params(base, lora_adapters["all5"]), prompts[1], 6
+    )
 
 
 def test_max_slots_holds_for_requests_readmitted_after_preemption(base, lora_adapters):

@@ -12,9 +12,9 @@ from configs.models import TINY
 from jaxlora import formats
 from jaxlora.config import ModelConfig
 from jaxlora.errors import AdapterError, FormatError, JaxloraError, UnknownAdapterError
-from jaxlora.lora import LoraWeights
+from jaxlora.lora import LoraWeights, merge_lora_weights
 from jaxlora.memory import AdapterFootprint, AdapterStore, AdapterStoreConfig, pack_weights
-from jaxlora.memory.packing import page_bucket
+from jaxlora.memory.packing import page_bucket, unpack_weights
 from pallas_kernels.layout import MODULES
 
 
@@ -168,6 +168,57 @@ def test_pack_weights_page_order_matches_footprint():
     assert {a: b.shape[1] for a, b in packed.blocks.items()} == {
         a: page_bucket(n) for a, n in need.items() if n
     }
+
+
+def test_unpacked_weights_are_the_packed_ones():
+    """unpack_weights is pack_weights' inverse: every module's rows at its own rank and width,
+    and its scale."""
+    parts = [
+        random_weights("a", rank=3, modules=MODULES, seed=1),
+        random_weights("b", rank=8, modules=("v_proj", "down_proj"), seed=2),
+    ]
+    for weights in parts:
+        weights.scales = {m: 0.25 * (i + 1) for i, m in enumerate(weights.a)}
+        packed = pack_weights(weights, CONFIG, POOL.rows_per_page, np.float32)
+        back = unpack_weights(packed, CONFIG, POOL.rows_per_page, weights.name)
+        assert back.scales == weights.scales and set(back.b) == set(weights.b)
+        for m in weights.a:
+            np.testing.assert_array_equal(back.a[m], weights.a[m])
+            np.testing.assert_array_equal(back.b[m], weights.b[m])
+
+
+def test_a_merge_sums_the_weighted_updates():
+    """merge_lora_weights: each module's update (x @ A^T @ B times the scale, every layer) is the
+    weighted sum of the parts' (modules one part lacks count as zero); the merge's bad inputs."""
+    rng = np.random.default_rng(3)
+    one = random_weights("one", rank=3, modules=MODULES, seed=1)
+    two = random_weights("two", rank=2, modules=("q_proj", "down_proj"), seed=2)
+    one.scales = dict.fromkeys(one.a, 0.5)
+    two.scales = {"q_proj": 2.0, "down_proj": 0.0}
+    merged = merge_lora_weights([(one, 0.3), (two, -1.5)], "m", max_rank=8)
+    xs = {
+        m: rng.standard_normal((4, fan_in), np.float32)
+        for m, (fan_in, _) in CONFIG.module_shapes().items()
+    }
+
+    def update(w, m):
+        if m not in w.a:
+            return 0.0
+        return w.scales[m] * np.einsum("ti,lri,lro->lto", xs[m], w.a[m], w.b[m])
+
+    for m in MODULES:
+        expected = 0.3 * update(one, m) - 1.5 * update(two, m)
+        np.testing.assert_allclose(update(merged, m), expected, rtol=1e-4, atol=1e-4)
+    assert merged.ranks["q_proj"] == 5 and merged.ranks["k_proj"] == 3
+    assert merged.scales["down_proj"] == 0.5  # (the first non-zero)
+    for parts, message in (
+        ([], "expected at least one"),
+        ([(one, float("nan"))], "weight of adapter 'one' is nan"),
+        ([(one, True)], "expected a finite number"),
+        ([(one, 1.0), (one, 1.0), (one, 1.0)], "'q_proj' would have rank 9 .3 . 3 . 3."),
+    ):
+        with pytest.raises(AdapterError, match=message):
+            merge_lora_weights(parts, "m", max_rank=8)
 
 
 # ---------------------------------------------------------------------------- bad input

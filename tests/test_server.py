@@ -1238,6 +1238,72 @@ def test_runtime_load_failures_are_400_with_the_reason(served, adapter_root):
     }
 
 
+def test_merged_adapters_load_at_runtime(served, client):
+    """load_lora_adapter with ``merge`` (jaxlora's): the weighted sum of loaded adapters'
+    updates. The pirate at weight 1 (the same rows) and beside the robot at weight 0 (rows that
+    add zero) answers as the pirate does; load_inplace replaces a merge; bad merges are 400 or
+    404 naming the field."""
+    url = served[0].url
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def merge(name, parts, **extra):
+        body = {"lora_name": name, "merge": [{"lora_name": n, "weight": w} for n, w in parts]}
+        return httpx.post(f"{url}/v1/load_lora_adapter", json={**body, **extra}, headers=headers)
+
+    def text(model):
+        return client.completions.create(model=model, prompt="Hi", **GREEDY).choices[0].text
+
+    pirate = text("pirate")
+    try:
+        assert merge("pirate_again", [("pirate", 1.0)]).status_code == 200
+        assert text("pirate_again") == pirate
+        replaced = merge("pirate_again", [("pirate", 1.0), ("robot", 0.0)], load_inplace=True)
+        assert replaced.status_code == 200, replaced.text
+        assert text("pirate_again") == pirate
+        assert merge("half_robot", [("robot", 0.5), ("pirate", 0.5)]).status_code == 200
+        assert text("half_robot") not in (pirate, text("robot"))
+        ids = {m.id for m in client.models.list().data}
+        assert {"pirate_again", "half_robot"} <= ids
+        for body, status, param in (
+            ({"lora_name": "x"}, 400, "lora_path"),
+            ({"lora_name": "x", "lora_path": "pirate_copy", "merge": []}, 400, "lora_path"),
+            ({"lora_name": "x", "merge": []}, 400, "merge"),
+            (
+                {"lora_name": "x", "merge": [{"lora_name": "pirate", "weight": "a"}]},
+                400,
+                "merge[0].weight",
+            ),
+            (
+                {
+                    "lora_name": "x",
+                    "merge": [
+                        {"lora_name": "pirate", "weight": 1},
+                        {"lora_name": "nobody", "weight": 1},
+                    ],
+                },
+                404,
+                "merge[1].lora_name",
+            ),
+            (
+                {"lora_name": "pirate", "merge": [{"lora_name": "robot", "weight": 1}]},
+                400,
+                "lora_name",
+            ),
+            (
+                {"lora_name": "x", "merge": [{"lora_name": "pirate", "weight": 1}] * 64},
+                400,
+                "merge",
+            ),
+        ):
+            response = httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=headers)
+            assert response.status_code == status, (body, response.text)
+            assert response.json()["error"]["param"] == param, (body, response.text)
+    finally:
+        for name in ("pirate_again", "half_robot"):
+            unload(url, name)
+    assert "x" not in {m.id for m in client.models.list().data}
+
+
 def test_requests_load_adapters_on_demand_from_the_roots(adapter_root):
     """load_adapters_on_demand: a request naming an adapter directory under the roots loads it
     (once, for concurrent requests) and is served by it; what is outside the roots or no adapter

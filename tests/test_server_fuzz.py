@@ -370,7 +370,17 @@ CASES = [
     # ---------------------------------------------------------------- runtime adapters
     raw(LOAD, {}, "load-empty", "lora_name", "Field required"),
     raw(LOAD, {"lora_path": "pirate_copy"}, "load-no-name", "lora_name", "Field required"),
-    raw(LOAD, {"lora_name": "x"}, "load-no-path", "lora_path", "Field required"),
+    raw(
+        LOAD, {"lora_name": "x"}, "load-no-path", "lora_path", "exactly one of lora_path and merge"
+    ),
+    raw(LOAD, {"lora_name": "x", "merge": {"a": 1}}, "load-merge-dict", "merge", "valid list"),
+    raw(
+        LOAD,
+        {"lora_name": "x", "merge": [{"lora_name": "pirate"}]},
+        "load-merge-no-weight",
+        "merge[0].weight",
+        "Field required",
+    ),
     raw(LOAD, {"lora_name": 5, "lora_path": "p"}, "load-name-int", "lora_name", "valid string"),
     raw(LOAD, {"lora_name": "x", "lora_path": 5}, "load-path-int", "lora_path", "valid string"),
     # param was null, and the message did not say lora_name

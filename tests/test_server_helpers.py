@@ -19,7 +19,8 @@ def demo_engine_config(*, max_batch: int, max_waiting: int, kv_pages: int = 96) 
     return EngineConfig(
         kv=KVCacheConfig(page_size=8, num_pages=kv_pages, max_model_len=128),
         runner=RunnerConfig(max_batch=max_batch, prefill_chunk=32, max_prefill_rows=1),
-        lora_pool=LoraPoolConfig(max_rank=8, rows_per_page=8, pages_per_pool=48, max_slots=4),
+        # (max_rank 16: two demo adapters merged)
+        lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=8, pages_per_pool=48, max_slots=4),
         max_num_tokens=max_batch + 32,
         max_waiting=max_waiting,
         warmup=True,

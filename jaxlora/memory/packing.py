@@ -185,3 +185,24 @@ def pack_weights(
             )
             cursor[axis] += n
     return PackedAdapter(footprint=footprint, blocks=blocks)
+
+
+def unpack_weights(
+    packed: PackedAdapter, config: ModelConfig, rows_per_page: int, name: str
+) -> LoraWeights:
+    """The rank-rows of a packed adapter (``pack_weights``' inverse, in the packed dtype)."""
+    shapes = config.module_shapes()
+    blocks = {axis: np.asarray(block) for axis, block in packed.blocks.items()}
+    cursor = dict.fromkeys(POOL_AXES, 0)
+    a, b, scales = {}, {}, {}
+    for m, r, scale in zip(MODULES, packed.footprint.ranks, packed.footprint.scales, strict=True):
+        if not r:
+            continue
+        n = layout.pages_for_rank(r, rows_per_page)
+        rows = []
+        for axis, width in zip(MODULE_POOLS[m], shapes[m], strict=True):
+            block = blocks[axis][:, cursor[axis] : cursor[axis] + n]
+            rows.append(block.reshape(config.num_layers, n * rows_per_page, -1)[:, :r, :width])
+            cursor[axis] += n
+        a[m], b[m], scales[m] = rows[0], rows[1], scale
+    return LoraWeights(name=name, a=a, b=b, scales=scales)

@@ -18,17 +18,19 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.errors import AdapterError, FormatError, JaxloraError, UnknownAdapterError
-from jaxlora.lora import LoraWeights
+from jaxlora.lora import LoraWeights, merge_lora_weights
 from jaxlora.memory.packing import (
     AdapterFootprint,
     PackedAdapter,
     pack_weights,
     packed_nbytes,
+    unpack_weights,
     validate_weights,
 )
 
@@ -229,6 +231,18 @@ class AdapterStore:
                 raise UnknownAdapterError(self._unknown_message(name))
             self._forget_weights(entry.key)
         return entry
+
+    def merged_weights(self, name: str, parts: Sequence[tuple[str, float]]) -> LoraWeights:
+        """The weighted sum of registered adapters' updates as one adapter named ``name``
+        (``jaxlora.lora.merge_lora_weights``, from their current versions' packed rows; register
+        it with ``register_weights`` or ``replace``). UnknownAdapterError for a part that is
+        not registered; AdapterError where the sum of ranks passes the pool's max_rank."""
+        weights = []
+        for part, weight in parts:
+            packed = self.load(self.get(part))
+            rows = unpack_weights(packed, self.model_config, self.pool_config.rows_per_page, part)
+            weights.append((rows, weight))
+        return merge_lora_weights(weights, name, max_rank=self.pool_config.max_rank)
 
     # ----------------------------------------------------------------- lookups
 

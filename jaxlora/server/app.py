@@ -725,9 +725,22 @@ def create_app(
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
         _check_text(body)
         # Registration reads the adapter's headers from disk: off the event loop.
-        await anyio.to_thread.run_sync(
-            lambda: state.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
-        )
+        if (body.lora_path is None) == (body.merge is None):
+            raise with_param(
+                RequestError("lora_path: expected exactly one of lora_path and merge"),
+                "lora_path",
+            )
+        if body.merge is not None:
+            merge = [(part.lora_name, part.weight) for part in body.merge]
+            await anyio.to_thread.run_sync(
+                lambda: state.merge_adapters(body.lora_name, merge, replace=body.load_inplace)
+            )
+        else:
+            await anyio.to_thread.run_sync(
+                lambda: state.load_adapter(
+                    body.lora_name, body.lora_path, replace=body.load_inplace
+                )
+            )
         verb = "replaced" if body.load_inplace else "added"
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb} successfully.")
 

@@ -201,12 +201,27 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[str, str] | None = None
 
 
+class MergePart(_Body):
+    """One adapter of a merge and its weight."""
+
+    lora_name: str = Field(description="A loaded adapter.")
+    weight: float = Field(description="Its update's factor in the sum (may be negative).")
+
+
 class LoadLoraAdapterRequest(_Body):
-    """vLLM's body for POST /v1/load_lora_adapter."""
+    """vLLM's body for POST /v1/load_lora_adapter; ``merge`` (instead of ``lora_path``) is
+    jaxlora's: the weighted sum of loaded adapters' updates, exactly (PEFT's
+    ``add_weighted_adapter(combination_type="cat")``: ranks add)."""
 
     lora_name: str = Field(description="Name the adapter is served under (the `model` field).")
-    lora_path: str = Field(
-        description="PEFT adapter directory, absolute or relative to an allowed adapter root."
+    lora_path: str | None = Field(
+        None,
+        description="PEFT adapter directory, absolute or relative to an allowed adapter root.",
+    )
+    merge: list[MergePart] | None = Field(
+        None,
+        description="Instead of lora_path: loaded adapters whose weighted updates this one sums "
+        "(its rank per module is the sum of theirs, at most the pool's max_rank).",
     )
     load_inplace: bool = Field(
         False,

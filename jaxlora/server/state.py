@@ -237,10 +237,7 @@ class ServingState:
     def load_adapter(self, name: str, path: str, *, replace: bool = False) -> str:
         """Registers the PEFT directory at path (inside the allowed roots) as name; returns the
         real path. Raises AdapterError / FormatError (400) with the reason."""
-        if name == self.config.model_name:
-            raise with_param(
-                AdapterError(f"lora_name {name!r}: that is the base model's name"), "lora_name"
-            )
+        self._check_new_name(name, replace)
         real = resolve_adapter_path(path, self.config.adapter_roots)
         if not os.path.isdir(real):
             raise with_param(
@@ -249,36 +246,65 @@ class ServingState:
                 ),
                 "lora_path",
             )
-        if replace:
-            if name not in self.adapters.store:
+        self._register(name, real, replace)
+        log.info("adapter %r loaded from %s", name, real)
+        return real
+
+    def merge_adapters(
+        self, name: str, parts: list[tuple[str, float]], *, replace: bool = False
+    ) -> None:
+        """Registers the weighted sum of loaded adapters' updates as name
+        (``AdapterStore.merged_weights``). UnknownAdapterError (404) naming the part that is
+        not loaded; AdapterError (400) for no parts or a rank past the pool's."""
+        self._check_new_name(name, replace)
+        store = self.adapters.store
+        for i, (part, _) in enumerate(parts):
+            if part not in store:
                 raise with_param(
                     UnknownAdapterError(
-                        f"lora_name {name!r}: load_inplace replaces a loaded adapter, and none is "
-                        "loaded under that name"
+                        f"merge[{i}].lora_name: the lora adapter '{part}' is not loaded"
                     ),
-                    "lora_name",
+                    f"merge[{i}].lora_name",
                 )
-            register = self.adapters.replace
-        else:
-            if name in self.adapters.store:
-                raise with_param(
-                    AdapterError(
-                        f"The lora adapter '{name}' has already been loaded (unload it first, or "
-                        "pass load_inplace=true to replace it)"
-                    ),
-                    "lora_name",
-                )
-            register = self.adapters.register
         try:
-            register(name, real)
+            weights = store.merged_weights(name, parts)
+        except AdapterError as e:
+            raise with_param(AdapterError(str(e)), "merge") from None
+        self._register(name, weights, replace)
+        log.info("adapter %r merged: %s", name, weights.source)
+
+    def _check_new_name(self, name: str, replace: bool) -> None:
+        if name == self.config.model_name:
+            raise with_param(
+                AdapterError(f"lora_name {name!r}: that is the base model's name"), "lora_name"
+            )
+        if replace and name not in self.adapters.store:
+            raise with_param(
+                UnknownAdapterError(
+                    f"lora_name {name!r}: load_inplace replaces a loaded adapter, and none is "
+                    "loaded under that name"
+                ),
+                "lora_name",
+            )
+        if not replace and name in self.adapters.store:
+            raise with_param(
+                AdapterError(
+                    f"The lora adapter '{name}' has already been loaded (unload it first, or "
+                    "pass load_inplace=true to replace it)"
+                ),
+                "lora_name",
+            )
+
+    def _register(self, name: str, source, replace: bool) -> None:
+        register = self.adapters.replace if replace else self.adapters.register
+        try:
+            register(name, source)
         except AdapterError as e:
             if getattr(e, "param", None) is None and str(e).startswith("adapter name "):
                 # The store's name check: say which field of the request it is about.
                 raise with_param(AdapterError(f"lora_name: {e}"), "lora_name") from None
             raise
         self._adapter_created[name] = int(time.time())
-        log.info("adapter %r loaded from %s", name, real)
-        return real
 
     def unload_adapter(self, name: str) -> None:
         """Forgets name; requests already running finish with its weights (their pages are
