@@ -573,6 +573,15 @@ def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
     answer = chat(client, "pirate").choices[0].message
     assert answer.model_extra["reasoning_content"] == " matey"
     assert answer.content == plain.split("!", 1)[1]
+    # The Responses API: a reasoning item, then the message, whole and streamed.
+    asked = {"model": "pirate", "input": demo.DEMO_PROMPTS[0], "temperature": 0}
+    reasoned = client.responses.create(**asked, max_output_tokens=40)
+    assert [item.type for item in reasoned.output] == ["reasoning", "message"]
+    assert reasoned.output[0].content[0].text == " matey"
+    assert reasoned.output_text == answer.content
+    events = list(client.responses.create(**asked, max_output_tokens=40, stream=True))
+    thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert thought == " matey" and events[-1].response.output_text == answer.content
     chunks = list(chat(client, "pirate", stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == " matey"
@@ -617,6 +626,109 @@ def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
         )
         assert closed.model_extra["reasoning_content"] is None
         assert closed.content and (not extra or closed.content in ("yes", "no")), closed
+
+
+def test_responses_answer_as_the_chat_does(served, client):
+    """POST /v1/responses (OpenAI's Responses API) over the chat: the answer (validated as the
+    SDK's own Response type) is the chat's with the instructions as a system message, whole
+    and streamed (the events' deltas add up to it); GET returns a stored response and DELETE
+    forgets it; previous_response_id continues its conversation (not its instructions);
+    max_output_tokens cuts it (incomplete); store=false keeps nothing; text.format constrains
+    it; bad fields are 400s naming the Responses field."""
+    from openai.types.responses import Response
+
+    url = served[0].url
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    prompt, follow_up = demo.DEMO_PROMPTS[0], demo.DEMO_PROMPTS[1]
+    asked = {"model": "pirate", "temperature": 0, "max_output_tokens": 40}
+    system = {"role": "system", "content": "Be brief."}
+    chat_answer = client.chat.completions.create(
+        model="pirate", messages=[system, {"role": "user", "content": prompt}], **GREEDY
+    )
+    text = chat_answer.choices[0].message.content
+    raw = httpx.post(
+        f"{url}/v1/responses",
+        json={**asked, "instructions": "Be brief.", "input": prompt},
+        headers=headers,
+    ).json()
+    response = Response.model_validate(raw)
+    assert response.output_text == text and response.status == "completed"
+    assert response.usage.input_tokens == chat_answer.usage.prompt_tokens
+    assert response.usage.output_tokens == chat_answer.usage.completion_tokens
+    assert client.responses.retrieve(response.id).output_text == text
+
+    events = list(
+        client.responses.create(**asked, instructions="Be brief.", input=prompt, stream=True)
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    streamed = events[-1].response
+    assert streamed.output_text == text and streamed.usage == response.usage
+    assert client.responses.retrieve(streamed.id).output_text == text
+
+    # The conversation goes on without the instructions, as OpenAI's.
+    follow = client.responses.create(**asked, previous_response_id=response.id, input=follow_up)
+    conversation = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": follow_up},
+    ]
+    again = client.chat.completions.create(model="pirate", messages=conversation, **GREEDY)
+    assert follow.output_text == again.choices[0].message.content
+    assert follow.usage.input_tokens == again.usage.prompt_tokens
+    assert follow.previous_response_id == response.id
+
+    short = client.responses.create(**{**asked, "max_output_tokens": 2}, input=prompt)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert short.usage.output_tokens == 2
+
+    unstored = client.responses.create(**asked, input=prompt, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    client.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+
+    schema = {
+        "type": "object",
+        "properties": {"mood": {"enum": ["jolly", "grim"]}},
+        "required": ["mood"],
+        "additionalProperties": False,
+    }
+    constrained = client.responses.create(
+        **asked,
+        input=prompt,
+        text={"format": {"type": "json_schema", "name": "mood", "schema": schema}},
+    )
+    assert json.loads(constrained.output_text)["mood"] in ("jolly", "grim")
+
+    for extra, status, param in (
+        ({"previous_response_id": response.id}, 404, "previous_response_id"),
+        ({"background": True}, 400, "background"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            400,
+            "input[0].content[0].type",
+        ),
+        ({"max_output_tokens": 10**6}, 400, "max_output_tokens"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": []}}},
+            400,
+            "text.format",
+        ),
+        ({"model": "nobody"}, 404, "model"),
+        ({"tools": [{"type": "function", "name": "f"}]}, 400, "tools"),
+        ({"seed": 3}, 400, "seed"),
+    ):
+        answer = httpx.post(
+            f"{url}/v1/responses", json={**asked, "input": prompt, **extra}, headers=headers
+        )
+        assert answer.status_code == status, (extra, answer.text)
+        assert answer.json()["error"]["param"] == param, (extra, answer.text)
+    gone = httpx.get(f"{url}/v1/responses/resp_nothing", headers=headers)
+    assert gone.status_code == 404 and "resp_nothing" in gone.json()["error"]["message"]
 
 
 def test_chat_continues_a_prefilled_answer_as_vllm(served, client):
@@ -995,6 +1107,42 @@ def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
         ]
         assert not "".join(d.content or "" for d in deltas)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        # The Responses API: a forced call is a function_call item (whole and streamed), and
+        # its output, sent back as a function_call_output item, continues the conversation.
+        flat = [{"type": "function", "name": t["function"]["name"], **t["function"]} for t in tools]
+        asked = {"model": "pirate", "input": demo.DEMO_PROMPTS[0], "temperature": 0}
+        forced = {"tools": flat, "tool_choice": {"type": "function", "name": "get_time"}}
+        called = client.responses.create(**asked, **forced, max_output_tokens=40)
+        [item] = called.output
+        assert item.type == "function_call" and item.name == "get_time"
+        assert json.loads(item.arguments)["zone"] in ("UTC", "CET")
+        events = list(client.responses.create(**asked, **forced, max_output_tokens=40, stream=True))
+        pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+        assert len(pieces) > 1 and "".join(pieces) == item.arguments
+        result = {"type": "function_call_output", "call_id": item.call_id, "output": "12:00"}
+        answered = client.responses.create(
+            model="pirate",
+            previous_response_id=called.id,
+            input=[result],
+            tools=flat,
+            tool_choice="none",  # (this server reads no calls back from free answers)
+            temperature=0,
+            max_output_tokens=8,
+        )
+        assert answered.output[0].type == "message"
+        call = {
+            "id": item.call_id,
+            "type": "function",
+            "function": {"name": "get_time", "arguments": item.arguments},
+        }
+        conversation = [
+            {"role": "user", "content": demo.DEMO_PROMPTS[0]},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": item.call_id, "content": "12:00"},
+        ]
+        assert answered.usage.input_tokens == len(
+            state.tokenizer.encode_chat(conversation, tools=tools)
+        )
         # Beside a reasoning parser the call is decoded after the reasoning (the pirate's
         # "Arr, matey!" as a qwen3 block), whole and streamed.
         from jaxlora.server.reasoning import REASONING_PARSERS, ReasoningFormat

@@ -76,6 +76,8 @@ def check_error(response, status, param, *needles):
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 LOAD = "/v1/load_lora_adapter"
+RESPONSES = "/v1/responses"
+R = {"model": "pirate", "input": "Hi", "max_output_tokens": 4, "temperature": 0}
 UNLOAD = "/v1/unload_lora_adapter"
 GONE = object()  # a field left out of the body
 PROMPT_TYPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
@@ -368,6 +370,29 @@ CASES = [
     # was read in full (50 MB: tokenized for ~100 s)
     raw(COMPLETIONS, b" " * (MAX_BODY + 1), "body-too-large", "body", "at most", status=413),
     # ---------------------------------------------------------------- runtime adapters
+    raw(RESPONSES, {"model": "pirate"}, "resp-no-input", "input", "Field required"),
+    raw(RESPONSES, {**R, "input": 5}, "resp-input-int", "input", "a string or a list"),
+    raw(RESPONSES, {**R, "input": []}, "resp-input-empty", "input", "at least one item"),
+    raw(
+        RESPONSES,
+        {**R, "input": [{"role": "user", "content": [{"type": "input_file"}]}]},
+        "resp-file-part",
+        "input[0].content[0].type",
+        "only text",
+    ),
+    raw(RESPONSES, {**R, "max_output_tokens": 0}, "resp-max-0", "max_output_tokens", ">= 1"),
+    raw(RESPONSES, {**R, "temperature": "hot"}, "resp-temp-str", "temperature", "valid number"),
+    raw(RESPONSES, {**R, "truncation": "some"}, "resp-truncation", "truncation", "'auto'"),
+    raw(RESPONSES, {**R, "store": "yes"}, "resp-store-str", "store", "valid boolean"),
+    raw(RESPONSES, {**R, "stream_options": {}}, "resp-unknown", "stream_options", "unknown field"),
+    raw(
+        RESPONSES,
+        {**R, "previous_response_id": "resp_0"},
+        "resp-no-previous",
+        "previous_response_id",
+        "no stored response",
+        status=404,
+    ),
     raw(LOAD, {}, "load-empty", "lora_name", "Field required"),
     raw(LOAD, {"lora_path": "pirate_copy"}, "load-no-name", "lora_name", "Field required"),
     raw(

@@ -10,6 +10,7 @@ their KV pages and adapter references at the engine's next step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -34,9 +35,11 @@ from jaxlora.engine.engine import check_prompt_length
 from jaxlora.errors import JaxloraError, PoolExhaustedError, RequestError, UnknownAdapterError
 from jaxlora.sampling import SamplingParams
 from jaxlora.server import metrics as prom
+from jaxlora.server import responses
 from jaxlora.server.errors import (
     AuthenticationError,
     EngineRequestError,
+    NotFoundError,
     describe,
     error_response,
     exception_response,
@@ -48,6 +51,7 @@ from jaxlora.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     LoadLoraAdapterRequest,
+    ResponsesRequest,
     TokenizeRequest,
     UnloadLoraAdapterRequest,
 )
@@ -68,6 +72,7 @@ _SEED_LIMIT = 2**63
 ROUTES = (
     "/v1/completions",
     "/v1/chat/completions",
+    "/v1/responses",
     "/v1/models",
     "/v1/load_lora_adapter",
     "/v1/unload_lora_adapter",
@@ -520,6 +525,24 @@ def _failure(state: ServingState, request: EngineRequest) -> JaxloraError | None
     return EngineRequestError(f"generation failed: {request.error}")
 
 
+@dataclasses.dataclass
+class _ChatRun:
+    """A chat request under way (``start_chat``): its choices and how their answers are read."""
+
+    body: ChatCompletionRequest
+    group: RequestGroup
+    prompt: list[int]
+    parser_format: object  # the server's reasoning format (None: no parser)
+    reasoning_format: object  # this answer's (None: no parser, or the prompt closed it)
+    forced: ForcedToolCalls | None
+    parser: str | None  # the tool-call parser where the model may call tools
+    echo: str
+
+    @property
+    def calls_reader(self):
+        return self.forced or self.parser
+
+
 # ---------------------------------------------------------------------------- the app
 
 _bearer = HTTPBearer(auto_error=False, description="The server's API key, if it has one.")
@@ -830,9 +853,10 @@ def create_app(
             value = body.max_completion_tokens
         return default if value is None else value
 
-    async def stream(group: RequestGroup, raw: Request, chunks) -> Response:
-        """A text/event-stream of chunks(events). The first event is awaited before answering,
-        so that a request refused before its first token still gets a proper error status."""
+    async def stream(group: RequestGroup, raw: Request, chunks, done: bool = True) -> Response:
+        """A text/event-stream of chunks(events) (and ``data: [DONE]`` last where ``done``).
+        The first event is awaited before answering, so that a request refused before its
+        first token still gets a proper error status."""
         clock = [time.monotonic()]
         try:
             first = None
@@ -861,7 +885,8 @@ def create_app(
             try:
                 async for piece in chunks(all_events()):
                     yield piece
-                yield _sse("[DONE]")
+                if done:
+                    yield _sse("[DONE]")
             finally:
                 group.cancel()  # no-op once every request finished; else the client left
 
@@ -1008,8 +1033,8 @@ def create_app(
 
     # ------------------------------------------------------------------ chat
 
-    @api.post("/chat/completions", tags=["generation"])
-    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+    async def start_chat(body: ChatCompletionRequest, http_id: str) -> _ChatRun:
+        """Checks a chat request, renders its prompt and submits its choices."""
         _check_text(body)
         adapter = await resolve_model(body.model)
         _refuse_unsupported(body)
@@ -1062,33 +1087,109 @@ def create_app(
             structured_output=structured,
             reasoning_tokens=reasoning_tokens,
         )
-        calls_reader = forced or parser
-        echo = _chat_echo(body)
+        group = submit_group(http_id, [prompt], samplings, adapter, body.priority)
+        return _ChatRun(
+            body=body,
+            group=group,
+            prompt=prompt,
+            parser_format=parser_format,
+            reasoning_format=reasoning_format,
+            forced=forced,
+            parser=parser,
+            echo=_chat_echo(body),
+        )
+
+    def chat_answers(run: _ChatRun) -> list[tuple[dict, str]]:
+        """Each choice's message and finish reason, once every choice finished."""
+        body, answers = run.body, []
+        for r in run.group.requests:
+            text, reasoning = r.text, None
+            if run.reasoning_format is not None:
+                reasoning, text = split_reasoning(r.text, run.reasoning_format)
+            message, finish = chat_message(text or "", str(r.finish_reason), run.calls_reader)
+            if run.echo:
+                message["content"] = run.echo + (message.get("content") or "")
+            elif text is None and message["content"] == "":
+                message["content"] = None  # (all reasoning, as vLLM answers)
+            if run.parser_format is not None and body.include_reasoning:
+                message["reasoning_content"] = reasoning
+            answers.append((message, finish))
+        return answers
+
+    async def chat_pieces(run: _ChatRun, events) -> AsyncIterator[tuple[str, int, object, object]]:
+        """A streamed chat's pieces as they come, (kind, choice, value, logprobs): "reasoning"
+        and "content" text, "call_deltas" (OpenAI tool-call deltas as they stream), "calls"
+        (calls read at the end), "finish" (the finish reason) and "error" (an exception, the
+        last piece)."""
+        body, requests = run.body, run.group.requests
+        calls = [
+            (forced_tool_calls(body) if run.forced else ToolCallStream(run.parser))
+            if run.calls_reader
+            else None
+            for _ in requests
+        ]
+        thinking = [
+            ReasoningStream(run.reasoning_format) if run.reasoning_format is not None else None
+            for _ in requests
+        ]
+        async for index, delta in events:
+            if delta.finish_reason is not None and delta.finish_reason not in (
+                FinishReason.STOP,
+                FinishReason.LENGTH,
+            ):
+                yield "error", index, _failure(state, requests[index]), None
+                return
+            lp = None
+            if body.logprobs and delta.token_ids:
+                lp = formatter.chat_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
+            text, stream_calls = delta.text, calls[index]
+            if thinking[index] is not None:
+                reasoning, text = thinking[index].push(text)
+                if delta.finish_reason is not None:
+                    tail = thinking[index].finish()
+                    reasoning, text = reasoning + tail[0], text + tail[1]
+                if reasoning and body.include_reasoning:
+                    yield "reasoning", index, reasoning, lp
+                    lp = None
+            if stream_calls is not None:
+                text = stream_calls.push(text)
+                streamed = stream_calls.call_deltas()
+                if streamed:
+                    yield "call_deltas", index, streamed, lp
+                    lp = None
+            if text or lp:
+                yield "content", index, text, lp
+            if delta.finish_reason is not None:
+                finish = str(delta.finish_reason)
+                if stream_calls is not None:
+                    held, found = stream_calls.finish()
+                    if held:
+                        yield "content", index, held, None
+                    if found:
+                        finish = run.forced.finish_reason if run.forced else "tool_calls"
+                        yield "calls", index, [c.to_openai(k) for k, c in enumerate(found)], None
+                yield "finish", index, finish, None
+
+    @api.post("/chat/completions", tags=["generation"])
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        group = submit_group(http_id, [prompt], samplings, adapter, body.priority)
+        run = await start_chat(body, http_id)
+        group, prompt = run.group, run.prompt
 
         if not body.stream:
             if not await wait_all(group, raw):
                 return Response(status_code=499)
             check_finished(group)
             choices = []
-            for i, r in enumerate(group.requests):
+            for i, ((message, finish), r) in enumerate(
+                zip(chat_answers(run), group.requests, strict=True)
+            ):
                 lp = None
                 if body.logprobs:
                     lp = formatter.chat_logprobs(
                         r.output_ids, r.output_logprobs, r.output_top_logprobs
                     )
-                text, reasoning = r.text, None
-                if reasoning_format is not None:
-                    reasoning, text = split_reasoning(r.text, reasoning_format)
-                message, finish = chat_message(text or "", str(r.finish_reason), calls_reader)
-                if echo:
-                    message["content"] = echo + (message.get("content") or "")
-                elif text is None and message["content"] == "":
-                    message["content"] = None  # (all reasoning, as vLLM answers)
-                if parser_format is not None and body.include_reasoning:
-                    message["reasoning_content"] = reasoning
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
                 )
@@ -1127,65 +1228,118 @@ def create_app(
                 ]
             )
 
+        delta_key = {
+            "reasoning": "reasoning_content",
+            "content": "content",
+            "call_deltas": "tool_calls",
+            "calls": "tool_calls",
+        }
+
         async def chunks(events) -> AsyncIterator[str]:
-            calls = [
-                (forced_tool_calls(body) if forced else ToolCallStream(parser))
-                if calls_reader
-                else None
-                for _ in group.requests
-            ]
-            thinking = [
-                ReasoningStream(reasoning_format) if reasoning_format is not None else None
-                for _ in group.requests
-            ]
             for i in range(len(group.requests)):
                 yield delta_chunk(i, {"role": "assistant", "content": ""})
-                if echo:
-                    yield delta_chunk(i, {"content": echo})
-            async for index, delta in events:
-                if delta.finish_reason is not None and delta.finish_reason not in (
-                    FinishReason.STOP,
-                    FinishReason.LENGTH,
-                ):
-                    yield stream_error(_failure(state, group.requests[index]))
+                if run.echo:
+                    yield delta_chunk(i, {"content": run.echo})
+            async for kind, index, value, lp in chat_pieces(run, events):
+                if kind == "error":
+                    yield stream_error(value)
                     return
-                lp = None
-                if body.logprobs and delta.token_ids:
-                    lp = formatter.chat_logprobs(
-                        delta.token_ids, delta.logprobs, delta.top_logprobs
-                    )
-                text, stream_calls = delta.text, calls[index]
-                if thinking[index] is not None:
-                    reasoning, text = thinking[index].push(text)
-                    if delta.finish_reason is not None:
-                        tail = thinking[index].finish()
-                        reasoning, text = reasoning + tail[0], text + tail[1]
-                    if reasoning and body.include_reasoning:
-                        yield delta_chunk(index, {"reasoning_content": reasoning}, lp)
-                        lp = None
-                if stream_calls is not None:
-                    text = stream_calls.push(text)
-                    streamed = stream_calls.call_deltas()
-                    if streamed:
-                        yield delta_chunk(index, {"tool_calls": streamed}, lp)
-                        lp = None
-                if text or lp:
-                    yield delta_chunk(index, {"content": text}, lp)
-                if delta.finish_reason is not None:
-                    finish = str(delta.finish_reason)
-                    if stream_calls is not None:
-                        held, found = stream_calls.finish()
-                        if held:
-                            yield delta_chunk(index, {"content": held})
-                        if found:
-                            finish = forced.finish_reason if forced else "tool_calls"
-                            tool_deltas = [c.to_openai(k) for k, c in enumerate(found)]
-                            yield delta_chunk(index, {"tool_calls": tool_deltas})
-                    yield delta_chunk(index, {}, finish_reason=finish)
+                if kind == "finish":
+                    yield delta_chunk(index, {}, finish_reason=value)
+                else:
+                    yield delta_chunk(index, {delta_key[kind]: value}, lp)
             if include_usage:
                 yield chunk([], _usage([len(prompt)], group.requests))
 
         return await stream(group, raw, chunks)
+
+    # ------------------------------------------------------------------ responses
+
+    @api.post("/responses", tags=["generation"])
+    async def create_response(body: ResponsesRequest, raw: Request):
+        _check_text(body)
+        history = []
+        if body.previous_response_id is not None:
+            stored = state.responses.get(body.previous_response_id)
+            if stored is None:
+                raise with_param(
+                    NotFoundError(
+                        f"previous_response_id: no stored response {body.previous_response_id!r}"
+                    ),
+                    "previous_response_id",
+                )
+            history = stored[1]
+        response_id = f"resp_{uuid.uuid4().hex}"
+        created = int(time.time())
+        try:
+            chat, conversation = responses.chat_body(body, history)
+            run = await start_chat(chat, response_id)
+        except JaxloraError as e:
+            raise responses.renamed(e) from None
+        request = run.group.requests[0]
+
+        def kept(response: dict) -> dict:
+            if body.store:
+                message = responses.assistant_message(response["output"])
+                state.responses.put(response, [*conversation, message])
+            return response
+
+        if not body.stream:
+            if not await wait_all(run.group, raw):
+                return Response(status_code=499)
+            check_finished(run.group)
+            [(message, finish)] = chat_answers(run)
+            return kept(
+                responses.response_object(
+                    body,
+                    response_id,
+                    created,
+                    responses.status_of(finish),
+                    responses.output_items(message, finish),
+                    responses.usage(len(run.prompt), len(request.output_ids)),
+                )
+            )
+
+        writer = responses.ResponseEvents(body, response_id, created)
+        handlers = {
+            "reasoning": writer.reasoning,
+            "content": writer.content,
+            "call_deltas": writer.call_deltas,
+            "calls": writer.call_deltas,
+        }
+
+        async def events_of(events) -> AsyncIterator[str]:
+            for event in writer.start():
+                yield event
+            async for kind, _, value, _ in chat_pieces(run, events):
+                if kind == "error":
+                    for event in writer.error(describe(value)[1]):
+                        yield event
+                    return
+                if kind == "finish":
+                    usage = responses.usage(len(run.prompt), len(request.output_ids))
+                    closing, response = writer.finish(value, usage)
+                    kept(response)
+                    for event in closing:
+                        yield event
+                else:
+                    for event in handlers[kind](value):
+                        yield event
+
+        return await stream(run.group, raw, events_of, done=False)
+
+    @api.get("/responses/{response_id}", tags=["generation"])
+    async def get_response(response_id: str):
+        stored = state.responses.get(response_id)
+        if stored is None:
+            raise NotFoundError(f"No response found with id '{response_id}'")
+        return stored[0]
+
+    @api.delete("/responses/{response_id}", tags=["generation"])
+    async def delete_response(response_id: str):
+        if not state.responses.delete(response_id):
+            raise NotFoundError(f"No response found with id '{response_id}'")
+        return {"id": response_id, "object": "response", "deleted": True}
 
     app.include_router(api)
     return app
@@ -1245,6 +1399,8 @@ class _CountResponses:
         path = scope.get("path", "")
         if path.startswith("/v1/models/"):
             route = "/v1/models/{model}"
+        elif path.startswith("/v1/responses/"):
+            route = "/v1/responses/{id}"
         else:
             route = path if path in ROUTES else "other"
 

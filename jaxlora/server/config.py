@@ -37,6 +37,8 @@ class ServerConfig:
     tool_choice other than "none" are refused).
     reasoning_parser: how chat answers' reasoning is read apart from their content
     ("deepseek_r1" or "qwen3", jaxlora.server.reasoning; None: the answer is all content).
+    max_stored_responses: the Responses API's responses kept in memory (the most recent ones),
+    for GET /v1/responses/{id} and previous_response_id.
     """
 
     model_name: str
@@ -52,6 +54,7 @@ class ServerConfig:
     load_adapters_on_demand: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    max_stored_responses: int = 1000
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -83,7 +86,13 @@ class ServerConfig:
                 "server config field 'load_adapters_on_demand': needs adapter_roots (the "
                 "directories adapters are loaded from), got none"
             )
-        for field in ("max_n", "default_max_tokens", "max_body_bytes", "max_stop_strings"):
+        for field in (
+            "max_n",
+            "default_max_tokens",
+            "max_body_bytes",
+            "max_stop_strings",
+            "max_stored_responses",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(

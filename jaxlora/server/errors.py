@@ -33,6 +33,10 @@ class AuthenticationError(JaxloraError):
     """The request has no API key or a wrong one."""
 
 
+class NotFoundError(JaxloraError):
+    """A stored object the request names (a response) does not exist (404)."""
+
+
 # Request fields an engine RequestError message may start with ("max_tokens: ...").
 REQUEST_FIELDS = (
     "prompt",
@@ -66,6 +70,8 @@ def status_of(error: BaseException) -> tuple[int, str, str | None]:
         return 500, "server_error", "engine_error"
     if isinstance(error, UnknownAdapterError):
         return 404, "invalid_request_error", "model_not_found"
+    if isinstance(error, NotFoundError):
+        return 404, "invalid_request_error", None
     if isinstance(error, PoolExhaustedError):
         return 503, "server_error", "overloaded"
     if isinstance(error, ConfigError):

@@ -208,6 +208,50 @@ class MergePart(_Body):
     weight: float = Field(description="Its update's factor in the sum (may be negative).")
 
 
+class ResponsesRequest(_Body):
+    """OpenAI's body for POST /v1/responses: what a self-hosted model can honour. Fields for
+    hosted features (background runs, encrypted reasoning, ...) are accepted at their neutral
+    value only; ``jaxlora.server.responses`` says how the rest maps onto a chat."""
+
+    model: str = Field(description="The base model's name or a registered adapter's name.")
+    input: str | list[dict[str, Any]] = Field(
+        description="A user message's text, or items: messages (role, content text or "
+        "input_text / output_text parts), function_call and function_call_output items."
+    )
+    instructions: str | None = Field(None, description="A system message before the input.")
+    max_output_tokens: int | None = Field(None, description="Tokens to generate at most.")
+    temperature: float | None = Field(None, description="0 = greedy; default 1.")
+    top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1].")
+    stream: bool = Field(False, description="Stream the response as server-sent events.")
+    text: dict[str, Any] | None = Field(
+        None, description="{'format': {'type': 'text' | 'json_object' | 'json_schema', ...}}."
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Function tools ({'type': 'function', 'name', 'parameters', ...})."
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="'auto', 'none', 'required' or {'type': 'function', 'name': ...}."
+    )
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = Field(
+        None, description="Continue the conversation of a stored response."
+    )
+    store: bool = Field(True, description="Keep the response for GET and previous_response_id.")
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    reasoning: dict[str, Any] | None = Field(
+        None, description="{'effort': ...} reaches the chat template as reasoning_effort."
+    )
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="'auto': keep the prompt's last tokens that fit the context."
+    )
+    background: bool | None = Field(None, description="Not supported (must be false).")
+    include: list[str] | None = Field(None, description="Not supported (must be empty).")
+    top_logprobs: int | None = Field(None, description="Not supported (must be 0).")
+    max_tool_calls: int | None = Field(None, description="Not supported (must be absent).")
+    service_tier: str | None = Field(None, description="'auto' or 'default' only.")
+
+
 class LoadLoraAdapterRequest(_Body):
     """vLLM's body for POST /v1/load_lora_adapter; ``merge`` (instead of ``lora_path``) is
     jaxlora's: the weighted sum of loaded adapters' updates, exactly (PEFT's

@@ -23,6 +23,7 @@ from jaxlora.server import metrics as prom
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.errors import with_param
 from jaxlora.server.generation import DeltaPump
+from jaxlora.server.responses import ResponseStore
 
 log = logging.getLogger("jaxlora.server")
 
@@ -96,6 +97,7 @@ class ServingState:
         self.pump = DeltaPump(config.stream_poll_s, self._on_finish)
         self.created = int(time.time())
         self._adapter_created: dict[str, int] = {}
+        self.responses = ResponseStore(config.max_stored_responses)
         self._on_demand_lock = threading.Lock()
         self._ready = threading.Event()
         self._started = False
