@@ -136,6 +136,12 @@ class LLM:
     def register_adapter(self, name: str, source: str | os.PathLike | LoraWeights):
         return self.adapters.register(name, source)
 
+    def merge_adapters(self, name: str, parts: Sequence[tuple[str, float]]):
+        """Registers as ``name`` the weighted sum of registered adapters' updates, exactly
+        (PEFT's ``add_weighted_adapter(combination_type="cat")``: its rank per module is the
+        sum of the parts'; ``AdapterStore.merged_weights``)."""
+        return self.adapters.register(name, self.adapters.store.merged_weights(name, parts))
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

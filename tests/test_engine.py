@@ -510,7 +510,8 @@ def test_a_merged_adapter_computes_the_weighted_sum_of_its_parts(base, lora_adap
         AdapterError, match=r"'gate_proj' would have rank 37 \(5 \+ 16 \+ 16\); expected at most 32"
     ):
         llm.adapters.store.merged_weights("too_big", [("all5", 1), ("mlp16", 1), ("mlp16", 2)])
-    llm.adapters.register("mix", merged)
+    llm.merge_adapters("mix", parts)
+    assert llm.adapters.store.get("mix").footprint.ranks == tuple(merged.ranks.values())
     expected = base
     for name, weight in parts:
         part = lora_adapters[name]
