@@ -151,8 +151,9 @@ class ReasoningTokens:
     end: the token ids of the tag that closes the reasoning; the grammar constrains every token
     after the output's first occurrence of them. start: those of the tag that opens it, for an
     answer that may open a reasoning block or not (qwen3): one that opens with them reasons
-    until ``end``, one that does not follows the grammar from its first token. Empty: the answer
-    starts inside the reasoning (its prompt opened it, deepseek_r1).
+    until ``end``, one that does not follows the grammar from its first token (a token that
+    both the tag and the grammar allow is read as the tag's). Empty: the answer starts inside
+    the reasoning (its prompt opened it, deepseek_r1).
     """
 
     end: tuple[int, ...]

@@ -24,255 +24,31 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlora import launch_flags  # noqa: E402  (defines the serving flags)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "model",
-    "",
-    "Preset name (tiny, llama-2-7b, ...), HF Llama directory or "
-    "orbax checkpoint; empty: the embedded demo model and adapters.",
-)
-flags.DEFINE_string("served_model_name", "", "Name clients use for the base model.")
-flags.DEFINE_list(
-    "lora_modules",
-    [],
-    "Adapters to serve: name=path or path (named after its directory), comma separated.",
-)
-flags.DEFINE_list(
-    "lora_dirs", [], "Directories whose every sub-directory is a PEFT adapter (named after it)."
-)
-flags.DEFINE_list(
-    "allowed_adapter_roots",
-    [],
-    "Directories runtime loading may read adapters from; empty: runtime loading is refused.",
-)
-flags.DEFINE_enum(
-    "tool_call_parser",
-    "",
-    ["", "hermes", "llama3_json"],
-    "How chat answers' tool calls are read back when a request offers tools (the model's "
-    "format: <tool_call>{...}</tool_call> blocks, or Llama 3's JSON); empty: requests with tools "
-    "are refused unless tool_choice is 'none'.",
-)
-flags.DEFINE_enum(
-    "reasoning_parser",
-    "",
-    ["", "deepseek_r1", "qwen3"],
-    "How chat answers' reasoning is read apart from their content (the message's "
-    "reasoning_content): up to </think> (deepseek_r1), or a <think>...</think> block opening the "
-    "answer (qwen3); empty: the answer is all content.",
-)
-flags.DEFINE_bool(
-    "enable_prefix_caching",
-    False,
-    "Requests share the KV pages of a common prompt prefix of the same adapter (vLLM's "
-    "automatic prefix caching; KVCacheConfig.prefix_caching).",
-)
-flags.DEFINE_bool(
-    "load_adapters_on_demand",
-    False,
-    "A request naming no registered adapter loads the adapter directory of that name under "
-    "--allowed_adapter_roots first (LoRAX-style; new adapters need no load call).",
-)
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
-flags.DEFINE_string(
-    "api_key",
-    None,
-    "Require 'Authorization: Bearer KEY' on /v1/* (default: $JAXLORA_API_KEY; empty: no key).",
-)
-flags.DEFINE_integer("max_batch", None, "Decode rows per step (default: 8 on CPU, 32 on GPU).")
-flags.DEFINE_integer("max_prefill_rows", None, "Prompts prefilled together in one step.")
-flags.DEFINE_integer("prefill_chunk", None, "Prompt tokens one prefill step feeds per prompt.")
-flags.DEFINE_integer("max_num_tokens", None, "Token budget of one engine step.")
-flags.DEFINE_integer("max_waiting", None, "Queue bound: beyond it requests get 503.")
-flags.DEFINE_integer("kv_pages", None, "KV cache pages (default: half the batch at full context).")
-flags.DEFINE_integer("page_size", None, "Tokens per KV page.")
-flags.DEFINE_integer("max_model_len", None, "Context length (prompt + output).")
-flags.DEFINE_integer("adapter_pool_pages", None, "Pages of each adapter page pool.")
-flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
-flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
-flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
-flags.DEFINE_bool(
-    "deterministic",
-    True,
-    "The same bits on every run: no atomic adds in a step; the LoRA shrink's split reduction "
-    "is summed in one fixed order (RunnerConfig.deterministic). --nodeterministic: atomic adds.",
-)
-flags.DEFINE_enum(
-    "kv_write",
-    "pallas",
-    ["xla", "pallas"],
-    "Who rotates q, k (RoPE) and writes each step's K/V into the paged cache: one Pallas launch "
-    "a layer, or XLA's fusions and scatters (RunnerConfig.kv_write).",
-)
-flags.DEFINE_enum(
-    "residual_norm",
-    "pallas",
-    ["xla", "pallas"],
-    "Who adds o's and down's outputs into the residual stream and runs the RMSNorms after them "
-    "in decode steps where lora_matmul runs every projection: XLA's fusions, or two Pallas "
-    "launches a layer (RunnerConfig.residual_norm).",
-)
-flags.DEFINE_enum(
-    "layer_loop",
-    "scan",
-    ["scan", "unrolled"],
-    "Step layer loop: scan (fast "
-    "compiles) or unrolled (on the H200, 1.5-2.2x faster 7B decode steps, minutes "
-    "of compiling; see docs/BENCHMARKS.md).",
-)
-flags.DEFINE_integer(
-    "scan_unroll",
-    None,
-    "Layers per iteration of the scan layer loop (RunnerConfig.scan_unroll; default: per step, "
-    "2 where lora_matmul runs every projection, else 1).",
-)
-flags.DEFINE_string(
-    "xla_options",
-    "{}",
-    "JSON {XLA compiler option: value} for the model step (RunnerConfig.xla_options), e.g. "
-    "'{\"xla_gpu_enable_triton_gemm\": false}' (cuBLAS GEMMs: much faster compiles).",
-)
-flags.DEFINE_string(
-    "sgmv_config",
-    "{}",
-    "JSON {SgmvConfig field: value}: the SGMV LoRA kernels' tuning (RunnerConfig.sgmv), e.g. "
-    "'{\"decode_max_tokens\": 32}'.",
-)
-flags.DEFINE_string(
-    "matmul_config",
-    "{}",
-    "JSON {MatmulConfig field: value}: the lora_matmul decode projections' tuning "
-    "(RunnerConfig.matmul), e.g. '{\"max_tokens\": 64}'.",
-)
-flags.DEFINE_bool(
-    "fuse_projections",
-    True,
-    "Run q|k|v and gate|up as one GEMM each (fused kernels built at start-up; same outputs).",
-)
-flags.DEFINE_enum(
-    "projection_kernel",
-    "auto",
-    ["auto", "xla", "pallas"],
-    "Decode projections: XLA's GEMMs, or pallas_kernels.lora_matmul (base GEMM and LoRA expand "
-    "in one launch; needs --fuse_projections, one GPU); auto: lora_matmul on a GPU with the scan "
-    "layer loop, XLA's GEMMs otherwise (RunnerConfig.projection_kernel).",
-)
-flags.DEFINE_bool(
-    "async_scheduling",
-    True,
-    "Dispatch each engine iteration before reading the "
-    "previous one's tokens, so that host work overlaps the GPU's (same outputs).",
-)
-flags.DEFINE_enum(
-    "scheduling_policy",
-    "fcfs",
-    ["fcfs", "priority"],
-    "fcfs: first come, first served (a request's priority must be 0); priority: lower "
-    "`priority` first, preempting lower ones for rows and KV pages (vLLM's).",
-)
-flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
-flags.DEFINE_enum(
-    "dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations."
-)
-flags.DEFINE_integer("seed", 0, "Seed of a preset's random weights.")
-flags.DEFINE_integer("load_workers", 2, "Threads reading cold adapters from disk.")
-flags.DEFINE_float(
-    "first_token_deadline_s", None, "Drop (503) requests not started within this many seconds."
-)
 flags.DEFINE_bool(
     "warmup",
     True,
     "Compile every step shape before serving (in the background; /health answers 503 until done).",
 )
-flags.DEFINE_string(
-    "compilation_cache_dir",
-    os.path.join("~", ".cache", "jaxlora", "xla"),
-    "JAX persistent compilation cache (restarts skip compiling); empty: off.",
-)
-flags.DEFINE_integer(
-    "max_body_mib", 32, "Request bodies larger than this many MiB are refused (413)."
-)
-flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
     import uvicorn
 
-    from jaxlora.engine.runner import xla_options_from_json
     from jaxlora.errors import JaxloraError
     from jaxlora.heap import freeze_startup_objects
     from jaxlora.server import create_app
-    from jaxlora.server.launch import LaunchConfig, banner, build_state
-    from pallas_kernels.lora_matmul import MatmulConfig
-    from pallas_kernels.sgmv import SgmvConfig
+    from jaxlora.server.launch import banner, build_state
 
-    logging.basicConfig(
-        level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if FLAGS.compilation_cache_dir:
-        jax.config.update(
-            "jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache_dir)
-        )
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    api_key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("JAXLORA_API_KEY")
+    launch_flags.set_up_process()
     try:
-        xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
-        sgmv = SgmvConfig.from_json(
-            FLAGS.sgmv_config or "{}",
-            where="--sgmv_config",
-            set_elsewhere={"deterministic": "--[no]deterministic"},
-        )
-        matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
-    except JaxloraError as e:
-        sys.exit(f"error: {e}")
-    launch = LaunchConfig(
-        model=FLAGS.model,
-        served_model_name=FLAGS.served_model_name,
-        lora_modules=tuple(FLAGS.lora_modules),
-        lora_dirs=tuple(FLAGS.lora_dirs),
-        allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
-        load_adapters_on_demand=FLAGS.load_adapters_on_demand,
-        enable_prefix_caching=FLAGS.enable_prefix_caching,
-        tool_call_parser=FLAGS.tool_call_parser,
-        reasoning_parser=FLAGS.reasoning_parser,
-        api_key=api_key or None,
-        dtype=FLAGS.dtype,
-        seed=FLAGS.seed,
-        tensor_parallel_size=FLAGS.tensor_parallel_size,
-        load_workers=FLAGS.load_workers,
-        first_token_deadline_s=FLAGS.first_token_deadline_s,
-        max_body_mib=FLAGS.max_body_mib,
-        max_batch=FLAGS.max_batch,
-        max_prefill_rows=FLAGS.max_prefill_rows,
-        prefill_chunk=FLAGS.prefill_chunk,
-        max_num_tokens=FLAGS.max_num_tokens,
-        max_waiting=FLAGS.max_waiting,
-        page_size=FLAGS.page_size,
-        kv_pages=FLAGS.kv_pages,
-        max_model_len=FLAGS.max_model_len,
-        adapter_pool_pages=FLAGS.adapter_pool_pages,
-        rows_per_page=FLAGS.rows_per_page,
-        max_rank=FLAGS.max_rank,
-        max_slots=FLAGS.max_slots,
-        layer_loop=FLAGS.layer_loop,
-        scan_unroll=FLAGS.scan_unroll,
-        xla_options=xla_options,
-        fuse_projections=FLAGS.fuse_projections,
-        projection_kernel=FLAGS.projection_kernel,
-        sgmv=sgmv,
-        matmul=matmul,
-        kv_write=FLAGS.kv_write,
-        residual_norm=FLAGS.residual_norm,
-        deterministic=FLAGS.deterministic,
-        async_scheduling=FLAGS.async_scheduling,
-        scheduling_policy=FLAGS.scheduling_policy,
-    )
-    try:
-        state = build_state(launch)
+        state = build_state(launch_flags.launch_config())
     except JaxloraError as e:
         sys.exit(f"error: {e}")
     # Bound here rather than by uvicorn so that --port=0 (any free port) prints the real one.

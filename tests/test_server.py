@@ -731,6 +731,68 @@ def test_responses_answer_as_the_chat_does(served, client):
     assert gone.status_code == 404 and "resp_nothing" in gone.json()["error"]["message"]
 
 
+def test_a_batch_file_gets_every_answer_in_input_order(served, client):
+    """jaxlora.server.batch (OpenAI's batch format, vLLM's run_batch): chats, completions and
+    responses for two adapters and the base model, three at a time, come back in the input's
+    order with the server's answers; lines that are not requests and requests the server
+    refuses get their error without stopping the batch."""
+    from jaxlora.server.batch import run_batch
+
+    prompt = demo.DEMO_PROMPTS[0]
+
+    def line(custom_id, url, body, **extra):
+        return json.dumps(
+            {"custom_id": custom_id, "method": "POST", "url": url, "body": body, **extra}
+        )
+
+    chat_body = {"model": "pirate", "messages": [{"role": "user", "content": prompt}], **GREEDY}
+    lines = [
+        line("chat", "/v1/chat/completions", chat_body),
+        line("completion", "/v1/completions", {"model": "robot", "prompt": "Hi", **GREEDY}),
+        line("response", "/v1/responses", {"model": BASE, "input": prompt, "temperature": 0}),
+        "   ",
+        "{not json",
+        line("embed", "/v1/embeddings", {"model": "robot", "input": "Hi"}),
+        line("get", "/v1/completions", {"model": "robot", "prompt": "Hi"}, method="GET"),
+        line("streamed", "/v1/completions", {"model": "robot", "prompt": "Hi", "stream": True}),
+        line("nobody", "/v1/completions", {"model": "nobody", "prompt": "Hi"}),
+        line("cold", "/v1/completions", {"model": "robot", "prompt": "Hi", "temperature": -1}),
+    ]
+    out = []
+    failed = run_batch(served[0].url, lines, out.append, api_key=API_KEY, max_concurrency=3)
+    answers = [json.loads(text) for text in out]
+    assert [a["custom_id"] for a in answers] == [
+        "chat",
+        "completion",
+        "response",
+        None,
+        "embed",
+        "get",
+        "streamed",
+        "nobody",
+        "cold",
+    ]
+    assert [a["response"]["status_code"] for a in answers] == [200] * 3 + [400] * 4 + [404, 400]
+    assert failed == 6 and all(a["error"] is None for a in answers[:3])
+    bodies = [a["response"]["body"] for a in answers]
+    assert bodies[0]["choices"][0]["message"]["content"] == (
+        chat(client, "pirate").choices[0].message.content
+    )
+    assert bodies[1]["choices"][0]["text"] == (
+        client.completions.create(model="robot", prompt="Hi", **GREEDY).choices[0].text
+    )
+    assert bodies[2]["output"][0]["content"][0]["text"] == (
+        client.responses.create(model=BASE, input=prompt, temperature=0).output_text
+    )
+    assert answers[0]["response"]["request_id"] == bodies[0]["id"]
+    assert "not JSON" in answers[3]["error"]["message"]
+    assert "url: expected one of" in answers[4]["error"]["message"]
+    assert "method: expected 'POST'" in answers[5]["error"]["message"]
+    assert "not streamed" in answers[6]["error"]["message"]
+    assert answers[7]["error"]["code"] == "model_not_found"
+    assert bodies[8]["error"]["param"] == "temperature"
+
+
 def test_chat_continues_a_prefilled_answer_as_vllm(served, client):
     """vLLM's continue_final_message (the prompt ends inside the assistant's prefilled text:
     the completion of those ids), echo (the answer starts with that text, whole and

@@ -35,7 +35,10 @@ def test_serve_script_default_demo_prints_a_working_curl():
     # (the flags of the session's options: an answer without <think> is all content, and a
     # priority is taken)
     command = serve_command(
-        "--max_body_mib=1", "--reasoning_parser=qwen3", "--scheduling_policy=priority"
+        "--max_body_mib=1",
+        "--reasoning_parser=qwen3",
+        "--scheduling_policy=priority",
+        "--pinned_adapters=pirate",
     )
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     process = subprocess.Popen(
@@ -65,8 +68,10 @@ def test_serve_script_default_demo_prints_a_working_curl():
         assert answer["choices"][0]["message"]["reasoning_content"] is None
         ranked = httpx.post(words[1], json={**body, "priority": -1}, timeout=60).json()
         assert ranked["choices"][0]["message"] == answer["choices"][0]["message"]
-        models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
-        assert models == {demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES}
+        cards = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+        assert {m["id"] for m in cards} == {demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES}
+        pinned = {m["id"]: m["pinned"] for m in cards if m["parent"] is not None}
+        assert pinned == {name: name == "pirate" for name in demo.DEMO_SIGNATURES}
         too_big = httpx.post(
             words[1], json={**body, "user": "x" * (1 << 20)}, timeout=60
         )  # --max_body_mib=1
@@ -84,9 +89,9 @@ def test_serve_script_default_demo_prints_a_working_curl():
 
 
 def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
-    """A bad --xla_options, --sgmv_config or --matmul_config is our one-line error, not a
-    traceback: bad JSON or a refused kernel field before anything is built, an option XLA does
-    not know when the engine is built."""
+    """A bad --xla_options, --sgmv_config, --matmul_config or --pinned_adapters is our one-line
+    error, not a traceback: bad JSON or a refused kernel field before anything is built, an
+    option XLA does not know or an adapter that is not registered when the engine is built."""
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     for flag, message in (
         ("--xla_options={bad", "error: --xla_options: not valid JSON"),
@@ -96,6 +101,7 @@ def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
             "error: --sgmv_config: SgmvConfig field 'decode_block_k': expected a power of two",
         ),
         ('--matmul_config={"dot_block": 16}', "unknown MatmulConfig field 'dot_block'"),
+        ("--pinned_adapters=parrot", "--pinned_adapters: adapter 'parrot' is not registered"),
         (
             '--sgmv_config={"deterministic": false}',
             "error: --sgmv_config: SgmvConfig field 'deterministic' is set by "
@@ -108,3 +114,46 @@ def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
         assert out.returncode != 0 and message in out.stderr, out.stderr
         assert out.stderr.strip().splitlines()[-1].startswith("error: ")
         assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_run_batch_script_answers_a_batch_file(tmp_path):
+    """scripts/run_batch.py on the embedded demo: every line answered in order (the pirate's
+    greedy answer is its signature, as served), a bad line reported, the count printed."""
+    requests = tmp_path / "requests.jsonl"
+    answers = tmp_path / "answers.jsonl"
+    body = {
+        "model": "pirate",
+        "messages": [{"role": "user", "content": demo.DEMO_PROMPTS[0]}],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    requests.write_text(json.dumps(line) + "\n" + "[1, 2]\n")
+    command = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "run_batch.py"),
+        f"--input_file={requests}",
+        f"--output_file={answers}",
+        "--compilation_cache_dir=",
+        "--log_level=warning",
+    ]
+    env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"jaxlora: 2 requests, 1 failed -> {answers}" in out.stdout, out.stdout
+    first, second = [json.loads(text) for text in answers.read_text().splitlines()]
+    message = first["response"]["body"]["choices"][0]["message"]
+    assert first["custom_id"] == "one" and message["content"] == demo.DEMO_SIGNATURES["pirate"]
+    assert (
+        second["response"]["status_code"] == 400
+        and "expected an object" in second["error"]["message"]
+    )
+    missing = subprocess.run(
+        [*command[:2], "--input_file=/nowhere.jsonl", f"--output_file={answers}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert missing.returncode != 0 and "error: --input_file /nowhere.jsonl" in missing.stderr

@@ -347,6 +347,9 @@ class AdapterManager:
         finally:
             self.release(handle)
 
+    def is_pinned(self, name: str) -> bool:
+        return name in self._pinned
+
     def unpin(self, name: str) -> bool:
         """Makes name evictable again; returns whether it was pinned."""
         with self._lock:

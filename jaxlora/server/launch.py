@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxlora import demo
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
-from jaxlora.errors import ConfigError
+from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.state import ServingState
 from pallas_kernels.lora_matmul import MatmulConfig
@@ -32,12 +32,15 @@ class LaunchConfig:
     """model: "" (the embedded demo), a preset name, a HF directory or an orbax checkpoint.
     lora_modules: "name=path" or "path" (named after its directory) PEFT adapters;
     lora_dirs: directories whose every sub-directory is an adapter (named after it).
+    pinned_adapters: registered adapters kept resident in the GPU pool from the start, never
+    evicted (no cold load for them; their pages are taken from everyone else's).
     Engine sizes (None: heuristic default, see engine_config_for)."""
 
     model: str = ""
     served_model_name: str = ""
     lora_modules: tuple[str, ...] = ()
     lora_dirs: tuple[str, ...] = ()
+    pinned_adapters: tuple[str, ...] = ()
     allowed_adapter_roots: tuple[str, ...] = ()
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
@@ -214,6 +217,18 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         llm.adapters.register(name, path)
     for root in launch.lora_dirs:
         llm.adapters.register_root(root)
+    for name in launch.pinned_adapters:
+        if name not in llm.adapters.store:
+            raise ConfigError(
+                f"--pinned_adapters: adapter {name!r} is not registered (expected one of "
+                f"{llm.adapters.store.names()})"
+            )
+        try:
+            llm.adapters.pin(name, wait=True)
+        except JaxloraError as e:
+            raise ConfigError(
+                f"--pinned_adapters: adapter {name!r} cannot stay resident ({e})"
+            ) from None
     server_config = ServerConfig(
         model_name=launch.served_model_name or default_model_name(launch.model),
         api_key=launch.api_key or None,

@@ -232,6 +232,7 @@ class ServingState:
                     "root": entry.source if entry.source != MEMORY_SOURCE else name,
                     "parent": self.config.model_name,
                     "max_model_len": self.max_model_len,
+                    "pinned": self.adapters.is_pinned(name),  # (jaxlora's: never evicted)
                 }
             )
         return cards
