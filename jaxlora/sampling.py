@@ -69,8 +69,9 @@ class SamplingParams:
     likely one (0 = off), before top-k / top-p. prompt_logprobs: None = none, n = each prompt
     token's logprob given the tokens before it (the model's own distribution; the first token
     has none) and the n most likely alternatives there (0..20); the prefill steps that compute
-    them run the LM head on every position. include_stop_str_in_output: the stop string that
-    ended the output is part of its text (vLLM's). structured_output: a
+    them run the LM head on every position. include_stop_str_in_output: the stop string or
+    stop token (EOS, stop_token_ids) that ended the output is part of its text (vLLM's; its
+    token id is in the output's ids either way). structured_output: a
     ``jaxlora.structured_output.StructuredOutput`` the output must match (constrained decoding:
     the sampler only sees the tokens its grammar allows next). bad_words: words the output never
     contains (vLLM's; at most MAX_BAD_WORDS, tokenized by the engine, ``jaxlora.bad_words``).

@@ -305,7 +305,8 @@ def test_allowed_tokens_give_the_restricted_recompute_tokens(base, tokenizer, as
 
 
 def test_special_tokens_are_written_when_asked(base, tokenizer):
-    """skip_special_tokens=False (vLLM's): an EOS that ignore_eos went past is in the text."""
+    """skip_special_tokens=False (vLLM's): an EOS that ignore_eos went past is in the text; a
+    stop token's text is not, unless include_stop_str_in_output."""
     llm = jaxlora.LLM(
         TINY, params=base, tokenizer=tokenizer, engine_config=small_engine_config(), load_workers=0
     )
@@ -318,3 +319,22 @@ def test_special_tokens_are_written_when_asked(base, tokenizer):
     )
     assert skipped.token_ids == written.token_ids == [eos] * 3
     assert skipped.text == "" and written.text == eos_text * 3 and eos_text
+    # A stop token's text is not the output's (vLLM's), unless include_stop_str_in_output;
+    # its id is in the output's ids either way.
+    free = llm.generate([[1, 5]], sampling=SamplingParams(temperature=0, max_tokens=6))[0]
+    at = next(i for i, t in enumerate(free.token_ids) if i and t not in free.token_ids[:i])
+    stop = free.token_ids[at]
+    stopped = SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop])
+    at_eos = dataclasses.replace(sampling, ignore_eos=False, skip_special_tokens=False)
+    cases = [
+        stopped,
+        dataclasses.replace(stopped, include_stop_str_in_output=True),
+        at_eos,
+        dataclasses.replace(at_eos, include_stop_str_in_output=True),
+    ]
+    without, with_stop, eos_only, eos_kept = llm.generate([[1, 5]] * 4, sampling=cases)
+    assert without.token_ids == with_stop.token_ids == free.token_ids[: at + 1]
+    assert without.text == tokenizer.decode(free.token_ids[:at])
+    assert with_stop.text == tokenizer.decode(free.token_ids[: at + 1])
+    assert eos_only.token_ids == eos_kept.token_ids == [eos]
+    assert eos_only.text == "" and eos_kept.text == eos_text

@@ -1279,7 +1279,12 @@ class Engine:
                 )
                 return
             grammar_done = grammar.is_stopped()  # the grammar can take nothing more
-        text = self._detokenize(request, token)
+        # A stop token's text (EOS, stop_token_ids) is not the output's, as in vLLM, unless
+        # include_stop_str_in_output.
+        if finish is FinishReason.STOP and not sp.include_stop_str_in_output:
+            text = ""
+        else:
+            text = self._detokenize(request, token)
         detector = request._stop_detector
         if detector is not None and finish is None:
             text, stopped = detector.push(text, detect=may_stop)
