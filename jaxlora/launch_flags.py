@@ -40,10 +40,11 @@ flags.DEFINE_list(
 flags.DEFINE_enum(
     "tool_call_parser",
     "",
-    ["", "hermes", "llama3_json"],
+    ["", "hermes", "llama3_json", "mistral", "pythonic"],
     "How chat answers' tool calls are read back when a request offers tools (the model's "
-    "format: <tool_call>{...}</tool_call> blocks, or Llama 3's JSON); empty: requests with tools "
-    "are refused unless tool_choice is 'none'.",
+    "format: <tool_call>{...}</tool_call> blocks, Llama 3's JSON, Mistral's [TOOL_CALLS], or "
+    "Llama 3.2/4's Python list of calls); empty: requests with tools are refused unless "
+    "tool_choice is 'none'.",
 )
 flags.DEFINE_enum(
     "reasoning_parser",

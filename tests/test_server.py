@@ -1205,6 +1205,24 @@ def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
         assert answered.usage.input_tokens == len(
             state.tokenizer.encode_chat(conversation, tools=tools)
         )
+        # The mistral parser keeps special tokens in the answer's text (its [TOOL_CALLS] is
+        # one); the EOS that ends it is still not text. An answer with no call is content.
+        state.config = dataclasses.replace(state.config, tool_call_parser="mistral")
+        kept, submit = [], state.engine.submit
+
+        def recording_submit(prompt_ids, sampling, *args, **kwargs):
+            kept.append(sampling.skip_special_tokens)
+            return submit(prompt_ids, sampling, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(state.engine, "submit", recording_submit)
+            auto = chat(client, "pirate", tools=tools).choices[0]
+            plain = chat(client, "pirate", tools=tools, tool_choice="none").choices[0]
+        assert kept == [False, True]
+        assert auto.finish_reason == "stop" and not auto.message.tool_calls
+        assert (
+            auto.message.content == plain.message.content and "<eos>" not in plain.message.content
+        )
         # Beside a reasoning parser the call is decoded after the reasoning (the pirate's
         # "Arr, matey!" as a qwen3 block), whole and streamed.
         from jaxlora.server.reasoning import REASONING_PARSERS, ReasoningFormat

@@ -84,6 +84,73 @@ def test_streamed_llama3_answers_are_held_only_when_they_open_like_a_call():
     assert broken.push("{not a call") == "" and broken.finish() == ("{not a call", [])
 
 
+def test_mistral_calls_in_both_formats():
+    listed = f'Checking. [TOOL_CALLS] [{WEATHER}, {{"name": "now", "arguments": {{}}}}]'
+    content, calls = parse_tool_calls(listed, "mistral")
+    assert content == "Checking."
+    assert calls == [
+        ToolCall("get_weather", json.dumps({"city": "Paris", "unit": "C"})),
+        ToolCall("now", "{}"),
+    ]
+    named = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]now[ARGS]{}'
+    assert parse_tool_calls(named, "mistral") == (
+        None,
+        [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("now", "{}")],
+    )
+    for text in (
+        "no call",
+        "[TOOL_CALLS] [not json]",
+        "[TOOL_CALLS] []",
+        '[TOOL_CALLS] [{"arguments": {}}]',
+        "[TOOL_CALLS]get_weather{}",
+        "[TOOL_CALLS]get_weather[ARGS]{broken",
+    ):
+        assert parse_tool_calls(text, "mistral") == (text, []), text
+
+
+def test_pythonic_calls():
+    text = '[get_weather(city="Paris", days=[1, 2], metric=True), tools.now(), f(x=None)]'
+    assert parse_tool_calls(text, "pythonic") == (
+        None,
+        [
+            ToolCall("get_weather", '{"city": "Paris", "days": [1, 2], "metric": true}'),
+            ToolCall("tools.now", "{}"),
+            ToolCall("f", '{"x": null}'),
+        ],
+    )
+    wrapped = '<|python_start|>[now(zone="UTC")]<|python_end|>'
+    assert parse_tool_calls(wrapped, "pythonic")[1] == [ToolCall("now", '{"zone": "UTC"}')]
+    for text in (
+        "[1] First point.",
+        "[]",
+        "[f(1)]",  # positional
+        "[f(x=y)]",  # not a literal
+        "[f(**kw)]",
+        "Sure: [f()]",
+        "[f(x=1)",
+    ):
+        assert parse_tool_calls(text, "pythonic") == (text, []), text
+
+
+@pytest.mark.parametrize(
+    "parser, answer, streamed, calls",
+    [
+        ("mistral", f"Checking. [TOOL_CALLS] [{WEATHER}]", "Checking. ", ["get_weather"]),
+        ("mistral", "A [TOOL plain answer", "A [TOOL plain answer", []),
+        ("pythonic", '[now(zone="UTC"), now()]', "", ["now", "now"]),
+        ("pythonic", "Plain [1] answer", "Plain [1] answer", []),
+    ],
+)
+@pytest.mark.parametrize("piece", [1, 4, 1000])
+def test_new_parsers_stream_as_the_whole_answer_parses(parser, answer, streamed, calls, piece):
+    stream = ToolCallStream(parser)
+    out = "".join(stream.push(answer[i : i + piece]) for i in range(0, len(answer), piece))
+    held, found = stream.finish()
+    assert out + held == (streamed if calls else answer)
+    assert [c.name for c in found] == calls
+    assert parse_tool_calls(answer, parser)[1] == found
+
+
 def test_chat_message_carries_the_calls_and_their_finish_reason():
     message, finish = chat_message(HERMES, "stop", "hermes")
     assert finish == "tool_calls" and message["content"] == "Let me look."

@@ -63,7 +63,12 @@ from jaxlora.server.reasoning import (
     split_reasoning,
 )
 from jaxlora.server.state import ServingState
-from jaxlora.server.tool_calls import ForcedToolCalls, ToolCallStream, parse_tool_calls
+from jaxlora.server.tool_calls import (
+    KEEPS_SPECIAL_TOKENS,
+    ForcedToolCalls,
+    ToolCallStream,
+    parse_tool_calls,
+)
 from jaxlora.structured_output import JSON_OBJECT_SCHEMA, ReasoningTokens, StructuredOutput
 
 log = logging.getLogger("jaxlora.server")
@@ -1061,10 +1066,14 @@ def create_app(
                 raise with_param(
                     RequestError(
                         "tools: this server reads no tool calls back (start it with "
-                        "--tool_call_parser=hermes or llama3_json), or send tool_choice='none'"
+                        "--tool_call_parser=hermes, llama3_json, mistral or pythonic), or send "
+                        "tool_choice='none'"
                     ),
                     "tools",
                 )
+        if parser in KEEPS_SPECIAL_TOKENS and body.skip_special_tokens:
+            # (the calls' marker is a special token)
+            body = body.model_copy(update={"skip_special_tokens": False})
         prompt = await anyio.to_thread.run_sync(lambda: _chat_prompt(state, body))
         # The server's reasoning parser, and this answer's reading: none where the prompt has
         # closed the reasoning (the whole answer is content).

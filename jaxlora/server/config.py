@@ -33,8 +33,8 @@ class ServerConfig:
     adapter loading, vLLM's LoRA resolver), so that adapters dropped into a root after start
     need no load call. Needs adapter_roots.
     tool_call_parser: how chat answers' tool calls are read back when a request offers tools
-    ("hermes" or "llama3_json", jaxlora.server.tool_calls; None: requests with tools and
-    tool_choice other than "none" are refused).
+    ("hermes", "llama3_json", "mistral" or "pythonic", jaxlora.server.tool_calls; None:
+    requests with tools and tool_choice other than "none" are refused).
     reasoning_parser: how chat answers' reasoning is read apart from their content
     ("deepseek_r1" or "qwen3", jaxlora.server.reasoning; None: the answer is all content).
     max_stored_responses: the Responses API's responses kept in memory (the most recent ones),

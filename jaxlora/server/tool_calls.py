@@ -1,10 +1,16 @@
-"""Tool calls in a chat model's text: the two formats instruct models use most, read back.
+"""Tool calls in a chat model's text: the formats instruct models use most, read back.
 
 ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (Hermes, Qwen
 and others), after optional text. ``llama3_json``: the whole answer is one or more JSON objects
 ``{"name": ..., "parameters": {...}}`` separated by ``;`` (Llama 3.1/3.2 instruct's JSON tool
-calling), optionally after ``<|python_tag|>``. An answer that looks like a call but does not
-parse stays text: a client never loses what the model said.
+calling), optionally after ``<|python_tag|>``. ``mistral``: after optional text,
+``[TOOL_CALLS]`` and a JSON list of ``{"name": ..., "arguments": {...}}`` (Mistral's v3 to v7
+tokenizers), or ``[TOOL_CALLS]name[ARGS]{...}`` once a call (v11 and later); ``[TOOL_CALLS]`` is
+a special token, so the server keeps special tokens in the text of requests this parser reads.
+``pythonic``: the whole answer is a Python list of calls with keyword arguments,
+``[get_weather(city="Paris"), now()]`` (Llama 3.2 and 4), optionally between
+``<|python_start|>`` and ``<|python_end|>``; the values are literals. An answer that looks like
+a call but does not parse stays text: a client never loses what the model said.
 
 ``ToolCallStream`` does the same on streamed text. It hands out text that cannot be the start
 of a call, and keeps the rest until the end, when it parses it.
@@ -12,15 +18,24 @@ of a call, and keeps the rest until the end, when it parses it.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
 import uuid
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 _HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
+_MISTRAL_START, _MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+_PYTHON_START, _PYTHON_END = "<|python_start|>", "<|python_end|>"
+# Parsers whose calls start at a marker after optional text (the text before it streams) and
+# parsers whose whole answer is the calls (held from its first character when it opens so).
+_MARKERS = {"hermes": _HERMES_START, "mistral": _MISTRAL_START}
+_OPENINGS = {"llama3_json": ("{", _PYTHON_TAG), "pythonic": ("[", _PYTHON_START)}
+# Parsers whose markers are special tokens, which the text keeps only if asked.
+KEEPS_SPECIAL_TOKENS = ("mistral",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +106,77 @@ def _llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
     return None, calls
 
 
+def _mistral(text: str) -> tuple[str | None, list[ToolCall]]:
+    start = text.find(_MISTRAL_START)
+    if start < 0:
+        return text, []
+    rest = text[start + len(_MISTRAL_START) :].strip()
+    calls = []
+    if rest.startswith("["):  # [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
+        try:
+            listed = json.loads(rest)
+        except json.JSONDecodeError:
+            return text, []
+        if not isinstance(listed, list) or not listed:
+            return text, []
+        calls = [_call(obj, "arguments") for obj in listed]
+    else:  # name[ARGS]{...} after each [TOOL_CALLS]
+        for piece in rest.split(_MISTRAL_START):
+            name, marker, arguments = piece.partition(_MISTRAL_ARGS)
+            if not marker:
+                return text, []
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError:
+                return text, []
+            calls.append(_call({"name": name.strip(), "arguments": parsed}, "arguments"))
+    if any(call is None for call in calls):
+        return text, []
+    return text[:start].strip() or None, calls
+
+
+def _pythonic(text: str) -> tuple[str | None, list[ToolCall]]:
+    body = text.strip()
+    if body.startswith(_PYTHON_START):
+        body = body[len(_PYTHON_START) :].removesuffix(_PYTHON_END).strip()
+    if not body.startswith("["):
+        return text, []
+    try:
+        tree = ast.parse(body, mode="eval").body
+    except (SyntaxError, ValueError):
+        return text, []
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return text, []
+    calls = []
+    for node in tree.elts:
+        if (
+            not isinstance(node, ast.Call)
+            or not isinstance(node.func, (ast.Name, ast.Attribute))
+            or node.args
+            or any(k.arg is None for k in node.keywords)
+        ):
+            return text, []
+        try:
+            arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            encoded = json.dumps(arguments, ensure_ascii=False)
+        except (ValueError, TypeError, SyntaxError):
+            return text, []
+        calls.append(ToolCall(ast.unparse(node.func), encoded))
+    return None, calls
+
+
+_PARSE = {
+    "hermes": _hermes,
+    "llama3_json": _llama3_json,
+    "mistral": _mistral,
+    "pythonic": _pythonic,
+}
+
+
 def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[ToolCall]]:
     """(the text that is not a call, None if none is left; the calls). No calls: the text as
     it is."""
-    return (_hermes if parser == "hermes" else _llama3_json)(text)
+    return _PARSE[parser](text)
 
 
 class ToolCallStream:
@@ -114,22 +196,24 @@ class ToolCallStream:
         if self._plain:
             return delta
         text = self._held + delta
-        if self.parser == "llama3_json":
+        openings = _OPENINGS.get(self.parser)
+        if openings is not None:
             # Only an answer that opens like a call is one: held whole from its first character.
             stripped = text.lstrip()
-            if stripped.startswith(("{", _PYTHON_TAG)):
+            if stripped.startswith(openings):
                 self._calling = True
-            if self._calling or _PYTHON_TAG.startswith(stripped):  # (or not decided yet)
+            if self._calling or any(o.startswith(stripped) for o in openings):  # (undecided)
                 self._held = text
                 return ""
             self._held, self._plain = "", True
             return text
-        start = text.find(_HERMES_START)
+        marker = _MARKERS[self.parser]
+        start = text.find(marker)
         if start >= 0:
             self._calling = True
             self._held = text[start:]
             return text[:start]
-        keep = _partial_suffix(text, _HERMES_START)
+        keep = _partial_suffix(text, marker)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
@@ -144,8 +228,8 @@ class ToolCallStream:
         content, calls = parse_tool_calls(held, self.parser)
         if not calls:
             return held, []
-        # (hermes: text between the answer's start and the first call was streamed already)
-        return (content or "") if self.parser == "llama3_json" else "", calls
+        # (a marker's parser: the text before the first call was streamed already)
+        return ("" if self.parser in _MARKERS else content or ""), calls
 
 
 def _partial_suffix(text: str, marker: str) -> int:
