@@ -37,6 +37,12 @@ flags.DEFINE_list(
     [],
     "Directories runtime loading may read adapters from; empty: runtime loading is refused.",
 )
+flags.DEFINE_list(
+    "allowed_origins",
+    [],
+    "Web origins (https://app.example.com, or *) whose pages may call the server from a "
+    "browser (CORS); empty: none.",
+)
 flags.DEFINE_enum(
     "tool_call_parser",
     "",
@@ -219,6 +225,7 @@ def launch_config():
         lora_dirs=tuple(FLAGS.lora_dirs),
         pinned_adapters=tuple(FLAGS.pinned_adapters),
         allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
+        allowed_origins=tuple(FLAGS.allowed_origins),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         tool_call_parser=FLAGS.tool_call_parser,

@@ -39,6 +39,7 @@ def test_serve_script_default_demo_prints_a_working_curl():
         "--reasoning_parser=qwen3",
         "--scheduling_policy=priority",
         "--pinned_adapters=pirate",
+        "--allowed_origins=https://app.example.com",
     )
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     process = subprocess.Popen(
@@ -72,6 +73,20 @@ def test_serve_script_default_demo_prints_a_working_curl():
         assert {m["id"] for m in cards} == {demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES}
         pinned = {m["id"]: m["pinned"] for m in cards if m["parent"] is not None}
         assert pinned == {name: name == "pirate" for name in demo.DEMO_SIGNATURES}
+        # CORS: a browser page of the allowed origin may call; another may not.
+        preflight = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
+        allowed = httpx.options(
+            words[1], headers={"Origin": "https://app.example.com", **preflight}, timeout=10
+        )
+        assert allowed.status_code == 200, allowed.text
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        elsewhere = httpx.options(
+            words[1], headers={"Origin": "https://evil.example.com", **preflight}, timeout=10
+        )
+        assert "access-control-allow-origin" not in elsewhere.headers
         too_big = httpx.post(
             words[1], json={**body, "user": "x" * (1 << 20)}, timeout=60
         )  # --max_body_mib=1
@@ -102,6 +117,7 @@ def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
         ),
         ('--matmul_config={"dot_block": 16}', "unknown MatmulConfig field 'dot_block'"),
         ("--pinned_adapters=parrot", "--pinned_adapters: adapter 'parrot' is not registered"),
+        ("--allowed_origins=app.example.com", "server config field 'allowed_origins'"),
         (
             '--sgmv_config={"deterministic": false}',
             "error: --sgmv_config: SgmvConfig field 'deterministic' is set by "

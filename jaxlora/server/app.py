@@ -23,6 +23,7 @@ from typing import Annotated
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
@@ -655,7 +656,15 @@ def create_app(
         return exception_response(error)
 
     app.add_middleware(_LimitBody, max_bytes=state.config.max_body_bytes)
-    app.add_middleware(_CountResponses, metrics=state.metrics)  # outermost: counts 413s too
+    app.add_middleware(_CountResponses, metrics=state.metrics)  # counts 413s too
+    if state.config.allowed_origins:
+        # (outermost: a browser's preflight is answered before anything else)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.config.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
 
     # ------------------------------------------------------------------ plain routes
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from jaxlora.errors import ConfigError
 from jaxlora.server.reasoning import REASONING_PARSERS
@@ -39,6 +40,8 @@ class ServerConfig:
     ("deepseek_r1" or "qwen3", jaxlora.server.reasoning; None: the answer is all content).
     max_stored_responses: the Responses API's responses kept in memory (the most recent ones),
     for GET /v1/responses/{id} and previous_response_id.
+    allowed_origins: web origins whose pages may call the server from a browser (CORS; "*":
+    any); empty: no CORS headers, browsers refuse cross-origin calls.
     """
 
     model_name: str
@@ -55,6 +58,7 @@ class ServerConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     max_stored_responses: int = 1000
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -80,6 +84,15 @@ class ServerConfig:
             raise ConfigError(
                 f"server config field 'reasoning_parser': expected one of "
                 f"{list(REASONING_PARSERS)} or None, got {self.reasoning_parser!r}"
+            )
+        origins = self.allowed_origins
+        if not isinstance(origins, tuple) or not all(
+            isinstance(o, str) and (o == "*" or re.fullmatch(r"https?://[^/\s]+", o))
+            for o in origins
+        ):
+            raise ConfigError(
+                "server config field 'allowed_origins': expected a tuple of origins "
+                f"(scheme://host[:port], or '*'), got {origins!r}"
             )
         if self.load_adapters_on_demand and not roots:
             raise ConfigError(

@@ -42,6 +42,7 @@ class LaunchConfig:
     lora_dirs: tuple[str, ...] = ()
     pinned_adapters: tuple[str, ...] = ()
     allowed_adapter_roots: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()  # ServerConfig.allowed_origins (CORS)
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
@@ -238,6 +239,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         reasoning_parser=launch.reasoning_parser or None,
         first_token_deadline_s=launch.first_token_deadline_s,
         max_body_bytes=launch.max_body_mib * 2**20,
+        allowed_origins=tuple(launch.allowed_origins),
     )
     if server_config.model_name in llm.adapters.store:
         raise ConfigError(
