@@ -238,6 +238,35 @@ def test_streamed_events_validate_and_add_up_to_the_response():
 def test_the_store_keeps_the_most_recent():
     store = responses.ResponseStore(2)
     for i in range(3):
-        store.put({"id": f"r{i}"}, [i])
-    assert store.get("r0") is None and store.get("r2") == ({"id": "r2"}, [2])
+        store.put(responses.StoredResponse({"id": f"r{i}"}, [i], []))
+    assert store.get("r0") is None and store.get("r2").conversation == [2]
     assert store.delete("r1") and not store.delete("r1")
+
+
+def test_input_items_are_listed_as_openai_items():
+    from openai.types.responses import ResponseItemList
+
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello."},
+        {"type": "function_call", "call_id": "c1", "name": "clock", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "12:00", "id": "fco_1"},
+    ]
+    listed = responses.input_items(items)
+    page = {
+        "object": "list",
+        "data": listed,
+        "first_id": listed[0]["id"],
+        "last_id": listed[-1]["id"],
+        "has_more": False,
+    }
+    parsed = ResponseItemList.model_validate(page)
+    assert [item.type for item in parsed.data] == ["message"] * 3 + [
+        "function_call",
+        "function_call_output",
+    ]
+    assert parsed.data[2].content[0].text == "Hello." and parsed.data[4].id == "fco_1"
+    assert len({item["id"] for item in listed}) == 5
+    [one] = responses.input_items("Hi")
+    assert one["role"] == "user" and one["content"] == [{"type": "input_text", "text": "Hi"}]

@@ -244,6 +244,36 @@ def test_n_seed_stop_and_logprobs(served, client):
     content = chat_scored.choices[0].logprobs.content
     assert len(content) == chat_scored.usage.completion_tokens
     assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
+    # vLLM's return_tokens_as_token_ids: the same logprobs, tokens named by their ids.
+    as_ids = {"return_tokens_as_token_ids": True}
+    ids = client.completions.create(
+        model="robot", prompt="Hi", logprobs=2, **GREEDY, extra_body=as_ids
+    ).choices[0]
+    token_ids = [int(t.removeprefix("token_id:")) for t in ids.logprobs.tokens]
+    assert served[1].tokenizer.decode(token_ids) == scored.choices[0].text
+    np.testing.assert_allclose(ids.logprobs.token_logprobs, lp.token_logprobs, atol=1e-5)
+    assert all(k.startswith("token_id:") for top in ids.logprobs.top_logprobs for k in top)
+    chat_ids = chat(client, "robot", logprobs=True, top_logprobs=3, extra_body=as_ids)
+    entries = chat_ids.choices[0].logprobs.content
+    np.testing.assert_allclose(
+        [e.logprob for e in entries], [c.logprob for c in content], atol=1e-5
+    )
+    assert all(e.token.startswith("token_id:") for e in entries)
+    streamed_ids = client.chat.completions.create(
+        model="robot",
+        messages=[{"role": "user", "content": demo.DEMO_PROMPTS[0]}],
+        logprobs=True,
+        stream=True,
+        **GREEDY,
+        extra_body=as_ids,
+    )
+    tokens = [
+        e.token
+        for c in streamed_ids
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert tokens == [e.token for e in entries]
 
     echoed = client.completions.create(model=BASE, prompt="Hi", echo=True, **GREEDY)
     assert echoed.choices[0].text == "Hi " + demo.BASE_SIGNATURE
@@ -656,6 +686,8 @@ def test_responses_answer_as_the_chat_does(served, client):
     assert response.usage.input_tokens == chat_answer.usage.prompt_tokens
     assert response.usage.output_tokens == chat_answer.usage.completion_tokens
     assert client.responses.retrieve(response.id).output_text == text
+    [item] = client.responses.input_items.list(response.id).data
+    assert item.role == "user" and item.content[0].text == prompt
 
     events = list(
         client.responses.create(**asked, instructions="Be brief.", input=prompt, stream=True)
@@ -670,6 +702,16 @@ def test_responses_answer_as_the_chat_does(served, client):
 
     # The conversation goes on without the instructions, as OpenAI's.
     follow = client.responses.create(**asked, previous_response_id=response.id, input=follow_up)
+    follow_items = [{"role": "user", "content": follow_up}, {"role": "developer", "content": "x"}]
+    third = client.responses.create(
+        **{**asked, "max_output_tokens": 2}, previous_response_id=follow.id, input=follow_items
+    )
+    newest = client.responses.input_items.list(third.id, limit=1)
+    assert newest.data[0].role == "developer" and newest.has_more
+    oldest = client.responses.input_items.list(third.id, order="asc", after=newest.data[0].id)
+    assert oldest.data == [] and not oldest.has_more
+    first = client.responses.input_items.list(third.id, order="asc")
+    assert [i.role for i in first.data] == ["user", "developer"]
     conversation = [
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": text},

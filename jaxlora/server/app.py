@@ -358,10 +358,20 @@ def _check_text(body: BaseModel) -> None:
 class _Formatter:
     """Token text and logprob blocks (OpenAI's completion and chat shapes)."""
 
-    def __init__(self, state: ServingState):
-        self.tokenizer = state.tokenizer
+    def __init__(self, tokenizer, *, token_ids: bool = False):
+        self.tokenizer = tokenizer
+        self.token_ids = token_ids  # tokens as "token_id:<id>" (vLLM's)
+
+    def of(self, body) -> _Formatter:
+        """This formatter, or one that writes tokens as their ids where the request asks
+        (vLLM's ``return_tokens_as_token_ids``)."""
+        if getattr(body, "return_tokens_as_token_ids", False):
+            return _Formatter(self.tokenizer, token_ids=True)
+        return self
 
     def token_text(self, token_id: int) -> str:
+        if self.token_ids:
+            return f"token_id:{token_id}"
         if self.tokenizer is None:
             return f"<{token_id}>"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -598,7 +608,7 @@ def create_app(
         "any registered adapter; requests for different adapters share every batch.",
     )
     app.state.serving = state
-    formatter = _Formatter(state)
+    formatter = _Formatter(state.tokenizer)
 
     # ------------------------------------------------------------------ errors
 
@@ -972,7 +982,7 @@ def create_app(
                         tokens = r.prompt_ids + tokens
                         lps = r.prompt_logprobs + lps
                         tops = _first(r.prompt_top_logprobs, body.logprobs) + tops
-                    logprobs, _ = formatter.completion_logprobs(tokens, lps, tops, 0)
+                    logprobs, _ = formatter.of(body).completion_logprobs(tokens, lps, tops, 0)
                 choice = {
                     "index": i,
                     "text": echo_text(i) + r.text,
@@ -1023,7 +1033,7 @@ def create_app(
                         tokens = group.requests[index].prompt_ids + tokens
                         lps = delta.prompt_logprobs + lps
                         tops = _first(delta.prompt_top_logprobs, body.logprobs) + tops
-                    logprobs, offsets[index] = formatter.completion_logprobs(
+                    logprobs, offsets[index] = formatter.of(body).completion_logprobs(
                         tokens, lps, tops, offsets[index]
                     )
                 finish = None if delta.finish_reason is None else str(delta.finish_reason)
@@ -1159,7 +1169,9 @@ def create_app(
                 return
             lp = None
             if body.logprobs and delta.token_ids:
-                lp = formatter.chat_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
+                lp = formatter.of(body).chat_logprobs(
+                    delta.token_ids, delta.logprobs, delta.top_logprobs
+                )
             text, stream_calls = delta.text, calls[index]
             if thinking[index] is not None:
                 reasoning, text = thinking[index].push(text)
@@ -1205,7 +1217,7 @@ def create_app(
             ):
                 lp = None
                 if body.logprobs:
-                    lp = formatter.chat_logprobs(
+                    lp = formatter.of(body).chat_logprobs(
                         r.output_ids, r.output_logprobs, r.output_top_logprobs
                     )
                 choices.append(
@@ -1286,7 +1298,7 @@ def create_app(
                     ),
                     "previous_response_id",
                 )
-            history = stored[1]
+            history = stored.conversation
         response_id = f"resp_{uuid.uuid4().hex}"
         created = int(time.time())
         try:
@@ -1299,7 +1311,11 @@ def create_app(
         def kept(response: dict) -> dict:
             if body.store:
                 message = responses.assistant_message(response["output"])
-                state.responses.put(response, [*conversation, message])
+                state.responses.put(
+                    responses.StoredResponse(
+                        response, [*conversation, message], responses.input_items(body.input)
+                    )
+                )
             return response
 
         if not body.stream:
@@ -1346,12 +1362,41 @@ def create_app(
 
         return await stream(run.group, raw, events_of, done=False)
 
-    @api.get("/responses/{response_id}", tags=["generation"])
-    async def get_response(response_id: str):
+    def stored_response(response_id: str) -> responses.StoredResponse:
         stored = state.responses.get(response_id)
         if stored is None:
             raise NotFoundError(f"No response found with id '{response_id}'")
-        return stored[0]
+        return stored
+
+    @api.get("/responses/{response_id}", tags=["generation"])
+    async def get_response(response_id: str):
+        return stored_response(response_id).response
+
+    @api.get("/responses/{response_id}/input_items", tags=["generation"])
+    async def list_input_items(
+        response_id: str, limit: int = 20, order: str = "desc", after: str | None = None
+    ):
+        items = stored_response(response_id).input_items
+        if not 1 <= limit <= 100:
+            raise with_param(RequestError(f"limit: expected 1..100, got {limit}"), "limit")
+        if order not in ("asc", "desc"):
+            raise with_param(
+                RequestError(f"order: expected 'asc' or 'desc', got {order!r}"), "order"
+            )
+        items = items if order == "asc" else items[::-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise with_param(RequestError(f"after: no input item {after!r}"), "after")
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
 
     @api.delete("/responses/{response_id}", tags=["generation"])
     async def delete_response(response_id: str):

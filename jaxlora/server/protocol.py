@@ -2,11 +2,11 @@
 
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``, ``prompt_logprobs``,
-``bad_words``, ``allowed_token_ids``, ``skip_special_tokens``, ``truncate_prompt_tokens``,
-``priority``, ``structured_outputs``, the chat's ``add_generation_prompt``,
-``continue_final_message``, ``chat_template_kwargs`` and ``echo``, and the older
-``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are vLLM's
-extensions. Fields this server cannot honour (suffix, ...) are accepted only at their neutral
+``bad_words``, ``allowed_token_ids``, ``skip_special_tokens``, ``return_tokens_as_token_ids``,
+``truncate_prompt_tokens``, ``priority``, ``structured_outputs``, the chat's
+``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs`` and ``echo``,
+and the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are
+vLLM's extensions. Fields this server cannot honour (suffix, ...) are accepted only at their neutral
 value, so that a client never silently gets something else than it asked for; unknown fields
 are refused (400), as OpenAI does. Types are strict, as OpenAI's are: "5" or true is not taken for
 an int, nor 1 or "yes" for a bool (400).
@@ -126,6 +126,9 @@ class _SamplingFields(_Body):
     )
     skip_special_tokens: bool = Field(
         True, description="vLLM's: leave special tokens out of the output's text."
+    )
+    return_tokens_as_token_ids: bool = Field(
+        False, description="vLLM's: logprobs name tokens as 'token_id:<id>' instead of text."
     )
     truncate_prompt_tokens: int | None = Field(
         None,

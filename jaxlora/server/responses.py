@@ -24,6 +24,7 @@ with the whole response; an error after the stream started is an ``error`` event
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import threading
 import uuid
@@ -367,22 +368,74 @@ def status_of(finish_reason: str) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
+def input_items(input_: str | list) -> list[dict]:
+    """A response's ``input`` as the items ``GET /v1/responses/{id}/input_items`` lists (each
+    with an id; a string is a user message). The input was checked by ``input_messages``."""
+    if isinstance(input_, str):
+        input_ = [{"role": "user", "content": input_}]
+    items = []
+    for item in input_:
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item["content"]
+            if item["role"] == "assistant":
+                item = _message_item(_text_of(content, "input"), "completed")
+            else:
+                parts = (
+                    [{"type": "input_text", "text": content}]
+                    if isinstance(content, str)
+                    else content
+                )
+                item = {
+                    "type": "message",
+                    "id": item.get("id") or _new_id("msg"),
+                    "role": item["role"],
+                    "status": "completed",
+                    "content": parts,
+                }
+        elif kind == "function_call":
+            item = {
+                **_call_item(item["call_id"], item["name"], item["arguments"]),
+                "id": item.get("id") or _new_id("fc"),
+            }
+        elif kind == "function_call_output":
+            item = {
+                "type": "function_call_output",
+                "id": item.get("id") or _new_id("fco"),
+                "call_id": item["call_id"],
+                "output": item["output"],
+                "status": "completed",
+            }
+        else:
+            item = {**item, "id": item.get("id") or _new_id("rs")}
+        items.append(item)
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredResponse:
+    response: dict
+    conversation: list  # the chat messages it ends (for previous_response_id)
+    input_items: list  # its input, as listed
+
+
 class ResponseStore:
-    """The most recent responses (id -> the response and the conversation it ends)."""
+    """The most recent responses, by id."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._items: collections.OrderedDict[str, tuple[dict, list]] = collections.OrderedDict()
+        self._items: collections.OrderedDict[str, StoredResponse] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, response: dict, conversation: list[dict]) -> None:
+    def put(self, stored: StoredResponse) -> None:
+        key = stored.response["id"]
         with self._lock:
-            self._items[response["id"]] = (response, conversation)
-            self._items.move_to_end(response["id"])
+            self._items[key] = stored
+            self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
-    def get(self, response_id: str) -> tuple[dict, list] | None:
+    def get(self, response_id: str) -> StoredResponse | None:
         with self._lock:
             return self._items.get(response_id)
 
@@ -566,6 +619,8 @@ class ResponseEvents:
 __all__ = [
     "ResponseEvents",
     "ResponseStore",
+    "StoredResponse",
+    "input_items",
     "assistant_message",
     "chat_body",
     "input_messages",
