@@ -1294,12 +1294,24 @@ def test_openapi_health_and_no_key_needed_outside_v1(served):
         "/v1/models",
         "/v1/load_lora_adapter",
         "/v1/unload_lora_adapter",
+        "/v1/responses",
+        "/v1/responses/{response_id}/input_items",
         "/health",
         "/metrics",
     ):
         assert path in schema["paths"], path
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{url}/metrics").status_code == 200
+    # X-Request-Id: the client's own (a gateway's) comes back; otherwise a new one, and one
+    # that could inject a header is replaced.
+    given = httpx.get(f"{url}/health", headers={"X-Request-Id": "gw-123.a:b@c"})
+    assert given.headers["x-request-id"] == "gw-123.a:b@c"
+    fresh = [httpx.get(f"{url}/health").headers["x-request-id"] for _ in range(2)]
+    assert len(set(fresh)) == 2 and all(re.fullmatch("[0-9a-f]{32}", f) for f in fresh)
+    odd = httpx.get(f"{url}/health", headers={"X-Request-Id": "a b"}).headers["x-request-id"]
+    assert re.fullmatch("[0-9a-f]{32}", odd)
+    unauthorized = httpx.get(f"{url}/v1/models", headers={"X-Request-Id": "r1"})
+    assert unauthorized.status_code == 401 and unauthorized.headers["x-request-id"] == "r1"
 
 
 # ---------------------------------------------------------------------------- errors

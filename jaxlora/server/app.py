@@ -667,6 +667,7 @@ def create_app(
 
     app.add_middleware(_LimitBody, max_bytes=state.config.max_body_bytes)
     app.add_middleware(_CountResponses, metrics=state.metrics)  # counts 413s too
+    app.add_middleware(_RequestIdHeader)
     if state.config.allowed_origins:
         # (outermost: a browser's preflight is answered before anything else)
         app.add_middleware(
@@ -1473,6 +1474,32 @@ class _CountResponses:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class _RequestIdHeader:
+    """Every answer carries ``X-Request-Id``: the client's own (as a gateway sends it), or a
+    new one, so that a request can be followed through proxies and logs (vLLM's
+    ``--enable-request-id-headers``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        # (echoed only when it is a plain token: no header injection through it)
+        request_id = given if re.fullmatch(r"[\w.:@-]{1,128}", given) else uuid.uuid4().hex
+
+        async def tagged_send(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, tagged_send)
 
 
 # Names pydantic gives the members of a union type in an error's location, and how a message
