@@ -233,6 +233,11 @@ def test_streamed_events_validate_and_add_up_to_the_response():
         adapter.validate_python(event)
     assert _events(closing)[-1]["type"] == "response.incomplete"
     assert Response.model_validate(response).output[0].status == "incomplete"
+    # An error after the stream started: an error event (the server's error body's fields).
+    payload = {"error": {"message": "generation failed", "type": "server_error", "code": "500"}}
+    [error] = _events(responses.ResponseEvents(body(), "resp_3", 1).error(payload))
+    adapter.validate_python(error)
+    assert (error["type"], error["message"], error["code"]) == ("error", "generation failed", "500")
 
 
 def test_the_store_keeps_the_most_recent():
