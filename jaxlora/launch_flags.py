@@ -164,9 +164,10 @@ flags.DEFINE_bool(
 flags.DEFINE_enum(
     "scheduling_policy",
     "fcfs",
-    ["fcfs", "priority"],
+    ["fcfs", "priority", "fair"],
     "fcfs: first come, first served (a request's priority must be 0); priority: lower "
-    "`priority` first, preempting lower ones for rows and KV pages (vLLM's).",
+    "`priority` first, preempting lower ones for rows and KV pages (vLLM's); fair: each "
+    "adapter's share of the service (VTC: the adapter served least goes first).",
 )
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
 flags.DEFINE_enum(

@@ -355,6 +355,10 @@ def test_priorities_need_the_priority_policy(base):
     ranked = jaxlora.LLM(TINY, params=base, engine_config=priority_config(), load_workers=0)
     with pytest.raises(RequestError, match="^priority: expected an int"):
         ranked.engine.submit([1, 2], greedy(2), priority="1")
+    fair = dataclasses.replace(small_engine_config(), scheduling_policy="fair")
+    shared = jaxlora.LLM(TINY, params=base, engine_config=fair, load_workers=0)
+    with pytest.raises(RequestError, match="schedules by 'fair' .expected 0."):
+        shared.engine.submit([1, 2], greedy(2), priority=2)
 
 
 def _run_recording_admissions(engine, requests):
@@ -432,3 +436,58 @@ def test_kv_pressure_preempts_the_lowest_priority_first(base, policy):
         assert newest.preemptions >= 1 and middle.preemptions == 0
     for prompt, request in zip(prompts, requests, strict=True):
         assert request.output_ids == greedy_reference(base, prompt, 24, width=40)
+
+
+# ---------------------------------------------------------------------------- fair shares
+
+
+def _tenants_llm(base, policy):
+    config = dataclasses.replace(priority_config(max_batch=2), scheduling_policy=policy)
+    adapters = {name: random_lora(TINY, name, 4, MODULES, seed) for seed, name in enumerate("ab")}
+    llm = jaxlora.LLM(TINY, params=base, adapters=adapters, engine_config=config, load_workers=0)
+    return llm, adapters
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "fair"])
+def test_fair_shares_interleave_a_flooding_tenant_with_a_small_one(base, policy):
+    """Policy 9 (VTC): six requests of adapter a queued before two of adapter b, two rows.
+    "fair" admits b's beside a's from the first pass on; "fcfs" makes b wait for all of a's.
+    Every request gets the tokens of the base model with its adapter folded in."""
+    llm, adapters = _tenants_llm(base, policy)
+    prompts = [[3 + i, 40 + i, 7] for i in range(8)]
+    tenants = ["a"] * 6 + ["b"] * 2
+    names = [f"a{i}" for i in range(6)] + ["b0", "b1"]
+    requests = [
+        llm.engine.submit(p, greedy(4), adapter=t, request_id=n)
+        for p, t, n in zip(prompts, tenants, names, strict=True)
+    ]
+    order = _run_recording_admissions(llm.engine, requests)
+    if policy == "fair":
+        assert order == [{"a0", "b0"}, {"a1", "b1"}, {"a2", "a3"}, {"a4", "a5"}]
+    else:
+        assert order == [{"a0", "a1"}, {"a2", "a3"}, {"a4", "a5"}, {"b0", "b1"}]
+    for prompt, tenant, request in zip(prompts, tenants, requests, strict=True):
+        expected = greedy_reference(merged_params(base, adapters[tenant]), prompt, 4)
+        assert request.output_ids == expected
+
+
+def test_a_tenant_back_from_idle_banks_no_credit(base):
+    """Adapter b arrives after a has been served for a while: it starts from a's counter (the
+    lowest of the busy tenants), not from zero. While b waits, a's running requests are served
+    on, so b's first two requests go first; then a's two are as far behind as b's third, and
+    go before it. Starting from zero, b would take all three rows first."""
+    llm, _ = _tenants_llm(base, "fair")
+    engine = llm.engine
+    early = [
+        engine.submit([3 + i, 40 + i, 7], greedy(4), adapter="a", request_id=f"a{i}")
+        for i in range(6)
+    ]
+    while early[2].status is Status.WAITING or early[3].status is Status.WAITING:
+        engine.step()  # (a0 and a1 served, a2 and a3 running)
+    late = [
+        engine.submit([9 + i, 50 + i, 7], greedy(4), adapter="b", request_id=f"b{i}")
+        for i in range(3)
+    ]
+    waiting = [r for r in early if r.status is Status.WAITING]
+    order = _run_recording_admissions(engine, waiting + late)
+    assert order == [{"b0", "b1"}, {"a4", "a5"}, {"b2"}], order

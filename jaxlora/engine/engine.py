@@ -52,6 +52,15 @@ Scheduling policy (one iteration):
    ranks before the requester. A waiting request that ranks before a running one of a lower
    priority and finds no batch row or KV pages preempts it (lowest first) to be admitted.
    Under "fcfs" (the default) every request has priority 0 and the order is 2 and 4's.
+9. Fair shares (``EngineConfig.scheduling_policy="fair"``: the Virtual Token Counter of
+   Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024). Each tenant (an
+   adapter; the base model is one too) has a counter of the service it got: its prompt tokens
+   when a request is first admitted, twice its output tokens as they come. Waiting requests
+   are admitted from the tenant of the lowest counter first (each admission counted at once,
+   so one pass interleaves tenants; arrival order within a tenant and among equal counters).
+   A tenant that had nothing waiting or running starts from the lowest counter among those
+   that have (no credit is banked while idle), so a customer who floods the queue cannot hold
+   back one who sends a few requests. Preemption (4) is unchanged.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import heapq
 import itertools
 import logging
 import threading
@@ -133,7 +143,8 @@ class EngineConfig:
     # request turns out to have stopped (EOS, a stop string) in the previous token is computed
     # once more and dropped. Outputs are identical either way.
     async_scheduling: bool = True
-    # vLLM's --scheduling-policy: "fcfs" (priorities refused), or "priority" (policy 8).
+    # vLLM's --scheduling-policy: "fcfs" (priorities refused), "priority" (policy 8), or
+    # "fair" (policy 9: each adapter's share of service).
     scheduling_policy: str = "fcfs"
 
     def __post_init__(self):
@@ -144,7 +155,9 @@ class EngineConfig:
             )
 
 
-SCHEDULING_POLICIES = ("fcfs", "priority")
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
+# Policy 9's weights of a prompt token and an output token (VTC's w_p and w_q).
+FAIR_PROMPT_WEIGHT, FAIR_OUTPUT_WEIGHT = 1, 2
 # Engine._try_admit's outcomes.
 _ADMITTED, _NO_PAGES, _REFUSED = "admitted", "no pages", "refused"
 
@@ -269,6 +282,9 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._waiting: collections.deque[Request] = collections.deque()
+        # Policy 9: each tenant's service counter, and its requests waiting or running.
+        self._service: collections.Counter = collections.Counter()
+        self._tenant_requests: collections.Counter = collections.Counter()
         self._running: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self._wakeup = threading.Event()
@@ -308,7 +324,7 @@ class Engine:
         if priority and self.engine_config.scheduling_policy != "priority":
             raise RequestError(
                 f"priority: {priority} needs the 'priority' scheduling policy; this engine "
-                "schedules first come, first served (expected 0)"
+                f"schedules by {self.engine_config.scheduling_policy!r} (expected 0)"
             )
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
@@ -399,9 +415,15 @@ class Engine:
                 )
             if request.request_id in self._by_id:
                 raise RequestError(f"request id {request.request_id!r} is already in use")
+            tenant = adapter or ""
+            if not self._tenant_requests[tenant] and self._tenant_requests.total():
+                # Policy 9: back from idle, from the lowest counter of the busy tenants.
+                busy = [self._service[t] for t, n in self._tenant_requests.items() if n]
+                self._service[tenant] = max(self._service[tenant], min(busy))
+            self._tenant_requests[tenant] += 1
             self._waiting.append(request)
             self._by_id[request.request_id] = request
-            self.stats.requests_per_adapter[adapter or ""] += 1
+            self.stats.requests_per_adapter[tenant] += 1
         self._wakeup.set()
         return request
 
@@ -652,9 +674,32 @@ class Engine:
         """The waiting requests in the order they are admitted: the queue's, by priority first
         under the "priority" policy (a stable sort: arrival order within a priority, and a
         preempted request at the front of its own)."""
-        if self.engine_config.scheduling_policy == "priority":
+        policy = self.engine_config.scheduling_policy
+        if policy == "priority":
             return sorted(self._waiting, key=lambda r: r.priority)
+        if policy == "fair":
+            return self._fair_order()
         return list(self._waiting)
+
+    def _fair_order(self) -> list[Request]:
+        """Policy 9's admission order: repeatedly the oldest waiting request of the tenant
+        with the lowest counter, its prompt counted at once (as its admission will)."""
+        queues: dict[str, collections.deque] = {}
+        for request in self._waiting:
+            queues.setdefault(request.adapter or "", collections.deque()).append(request)
+        # (a heap of tenants: thousands of them wait in a busy server's queue)
+        heap = [(self._service[t], q[0].arrival, t) for t, q in queues.items()]
+        heapq.heapify(heap)
+        order = []
+        while heap:
+            counter, _, tenant = heapq.heappop(heap)
+            request = queues[tenant].popleft()
+            if not request.fair_charged:
+                counter += FAIR_PROMPT_WEIGHT * len(request.prompt_ids)
+            order.append(request)
+            if queues[tenant]:
+                heapq.heappush(heap, (counter, queues[tenant][0].arrival, tenant))
+        return order
 
     def _lowest_below(self, request: Request) -> Request | None:
         """The running request a higher-priority one may preempt (policy 8): the one of the
@@ -771,6 +816,9 @@ class Engine:
         self._waiting.remove(request)
         request.status = Status.RUNNING
         self._running.append(request)
+        if not request.fair_charged:  # (policy 9: a prompt counts once, recomputed or not)
+            request.fair_charged = True
+            self._service[request.adapter or ""] += FAIR_PROMPT_WEIGHT * len(request.prompt_ids)
         return _ADMITTED
 
     def _leader_pages_tokens(self, request: Request) -> int:
@@ -1260,6 +1308,7 @@ class Engine:
                 request.output_top_logprobs.append(top)
         self.stats.generated_tokens += 1
         self.stats.tokens_per_adapter[request.adapter or ""] += 1
+        self._service[request.adapter or ""] += FAIR_OUTPUT_WEIGHT
         sp = request.sampling
         finish = None
         # min_tokens: the sampler banned EOS and the stop tokens, and no stop string counts yet.
@@ -1336,6 +1385,7 @@ class Engine:
         if request.adapter_handle is not None:
             self.adapters.release(request.adapter_handle)
             request.adapter_handle = None
+        self._tenant_requests[request.adapter or ""] -= 1
         request.status = Status.FINISHED
         request.finish_reason = reason
         request.error = error

@@ -96,6 +96,7 @@ class Request:
     # has taken exactly output_ids
     _grammar: object | None = None
     _bad_words: object | None = None  # jaxlora.bad_words.BadWords
+    fair_charged: bool = False  # its prompt counted in its tenant's service (engine policy 9)
     _allowed_tokens: object | None = None  # (words,) int32 bitmask of allowed_token_ids
 
     @property

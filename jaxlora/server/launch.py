@@ -77,7 +77,7 @@ class LaunchConfig:
     residual_norm: str = "pallas"  # RunnerConfig.residual_norm: residual adds + norms in Pallas
     deterministic: bool = True  # RunnerConfig.deterministic: no atomic adds in a step
     async_scheduling: bool = True  # EngineConfig.async_scheduling
-    scheduling_policy: str = "fcfs"  # EngineConfig.scheduling_policy: "fcfs" or "priority"
+    scheduling_policy: str = "fcfs"  # EngineConfig.scheduling_policy: fcfs, priority or fair
 
     def __post_init__(self):
         if (
