@@ -282,7 +282,8 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._waiting: collections.deque[Request] = collections.deque()
-        # Policy 9: each tenant's service counter, and its requests waiting or running.
+        # Policy 9: each tenant's service counter, and the requests waiting or running of each
+        # busy tenant (no entry for an idle one).
         self._service: collections.Counter = collections.Counter()
         self._tenant_requests: collections.Counter = collections.Counter()
         self._running: list[Request] = []
@@ -416,10 +417,10 @@ class Engine:
             if request.request_id in self._by_id:
                 raise RequestError(f"request id {request.request_id!r} is already in use")
             tenant = adapter or ""
-            if not self._tenant_requests[tenant] and self._tenant_requests.total():
+            if tenant not in self._tenant_requests and self._tenant_requests:
                 # Policy 9: back from idle, from the lowest counter of the busy tenants.
-                busy = [self._service[t] for t, n in self._tenant_requests.items() if n]
-                self._service[tenant] = max(self._service[tenant], min(busy))
+                lowest = min(self._service[t] for t in self._tenant_requests)
+                self._service[tenant] = max(self._service[tenant], lowest)
             self._tenant_requests[tenant] += 1
             self._waiting.append(request)
             self._by_id[request.request_id] = request
@@ -673,7 +674,7 @@ class Engine:
     def _queue_order(self) -> list[Request]:
         """The waiting requests in the order they are admitted: the queue's, by priority first
         under the "priority" policy (a stable sort: arrival order within a priority, and a
-        preempted request at the front of its own)."""
+        preempted request at the front of its own), by tenants' service under "fair"."""
         policy = self.engine_config.scheduling_policy
         if policy == "priority":
             return sorted(self._waiting, key=lambda r: r.priority)
@@ -1385,7 +1386,10 @@ class Engine:
         if request.adapter_handle is not None:
             self.adapters.release(request.adapter_handle)
             request.adapter_handle = None
-        self._tenant_requests[request.adapter or ""] -= 1
+        tenant = request.adapter or ""
+        self._tenant_requests[tenant] -= 1
+        if not self._tenant_requests[tenant]:
+            del self._tenant_requests[tenant]  # (only busy tenants stay: policy 9's lift)
         request.status = Status.FINISHED
         request.finish_reason = reason
         request.error = error
