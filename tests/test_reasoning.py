@@ -88,3 +88,22 @@ def test_a_grammar_starts_after_the_tags_tokens_and_a_prompt_may_close_the_reaso
     ):
         ids = tokenizer.encode(text)
         assert prompt_closes_reasoning(r1, tokenizer, ids) is closed, text
+
+
+def test_reasoning_tokens_are_counted_up_to_the_closing_tag(tokenizer):
+    from jaxlora.server.reasoning import reasoning_token_count
+
+    r1, qwen3 = REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["qwen3"]
+
+    def ids(text):
+        return tokenizer.encode(text, add_bos=False)
+
+    thought = ids("<think>a b</think>")
+    answer = thought + ids(" yes")
+    assert reasoning_token_count(qwen3, tokenizer, answer) == len(thought)
+    assert reasoning_token_count(qwen3, tokenizer, ids("  ") + answer) == len(ids("  ") + thought)
+    assert reasoning_token_count(qwen3, tokenizer, ids("yes </think>")) == 0
+    assert reasoning_token_count(qwen3, tokenizer, ids("<think>never closed")) == 0
+    closed = ids("a b</think>")
+    assert reasoning_token_count(r1, tokenizer, closed + ids(" yes")) == len(closed)
+    assert reasoning_token_count(r1, tokenizer, ids("never closed")) == len(ids("never closed"))

@@ -603,9 +603,15 @@ def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
     answer = chat(client, "pirate").choices[0].message
     assert answer.model_extra["reasoning_content"] == " matey"
     assert answer.content == plain.split("!", 1)[1]
+    # The reasoning's tokens (up to the closing tag's) in the usage.
+    scored = chat(client, "pirate", logprobs=True)
+    tokens = [entry.token for entry in scored.choices[0].logprobs.content]
+    thought = next(i + 1 for i in range(len(tokens)) if "!" in "".join(tokens[: i + 1]))
+    assert scored.usage.completion_tokens_details.reasoning_tokens == thought
     # The Responses API: a reasoning item, then the message, whole and streamed.
     asked = {"model": "pirate", "input": demo.DEMO_PROMPTS[0], "temperature": 0}
     reasoned = client.responses.create(**asked, max_output_tokens=40)
+    assert reasoned.usage.output_tokens_details.reasoning_tokens == thought
     assert [item.type for item in reasoned.output] == ["reasoning", "message"]
     assert reasoned.output[0].content[0].text == " matey"
     assert reasoned.output_text == answer.content

@@ -61,6 +61,7 @@ from jaxlora.server.reasoning import (
     ReasoningStream,
     grammar_start,
     prompt_closes_reasoning,
+    reasoning_token_count,
     split_reasoning,
 )
 from jaxlora.server.state import ServingState
@@ -440,14 +441,20 @@ class _Formatter:
         return out
 
 
-def _usage(prompt_lengths: list[int], requests: list[EngineRequest]) -> dict:
+def _usage(prompt_lengths: list[int], requests: list[EngineRequest], reasoning=None) -> dict:
+    """OpenAI's usage block; ``reasoning`` (a chat's answers read by a reasoning parser: a
+    function of output ids) adds ``completion_tokens_details.reasoning_tokens``."""
     prompt = sum(prompt_lengths)
     completion = sum(len(r.output_ids) for r in requests)
-    return {
+    usage = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if reasoning is not None:
+        thought = sum(reasoning(r.output_ids) for r in requests)
+        usage["completion_tokens_details"] = {"reasoning_tokens": thought}
+    return usage
 
 
 def _chat_echo(body: ChatCompletionRequest) -> str:
@@ -553,10 +560,23 @@ class _ChatRun:
     forced: ForcedToolCalls | None
     parser: str | None  # the tool-call parser where the model may call tools
     echo: str
+    tokenizer: object = None
 
     @property
     def calls_reader(self):
         return self.forced or self.parser
+
+    @property
+    def reasoning_counter(self):
+        """``reasoning_tokens`` where the server reads reasoning (None: no parser)."""
+        return self.reasoning_tokens if self.parser_format is not None else None
+
+    def reasoning_tokens(self, output_ids) -> int:
+        """How many of an answer's tokens are reasoning (0 without a parser, or where the
+        prompt closed the reasoning)."""
+        if self.reasoning_format is None:
+            return 0
+        return reasoning_token_count(self.reasoning_format, self.tokenizer, output_ids)
 
 
 # ---------------------------------------------------------------------------- the app
@@ -1126,6 +1146,7 @@ def create_app(
             forced=forced,
             parser=parser,
             echo=_chat_echo(body),
+            tokenizer=state.tokenizer,
         )
 
     def chat_answers(run: _ChatRun) -> list[tuple[dict, str]]:
@@ -1230,7 +1251,7 @@ def create_app(
                 "created": created,
                 "model": body.model,
                 "choices": choices,
-                "usage": _usage([len(prompt)], group.requests),
+                "usage": _usage([len(prompt)], group.requests, run.reasoning_counter),
             }
             if body.prompt_logprobs is not None:  # (vLLM's: one list, the choices share it)
                 answer["prompt_logprobs"] = formatter.prompt_logprobs(
@@ -1244,7 +1265,7 @@ def create_app(
             http_id,
             created,
             "chat.completion.chunk",
-            lambda: _usage([len(prompt)], group.requests),
+            lambda: _usage([len(prompt)], group.requests, run.reasoning_counter),
         )
 
         def delta_chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
@@ -1280,7 +1301,7 @@ def create_app(
                 else:
                     yield delta_chunk(index, {delta_key[kind]: value}, lp)
             if include_usage:
-                yield chunk([], _usage([len(prompt)], group.requests))
+                yield chunk([], _usage([len(prompt)], group.requests, run.reasoning_counter))
 
         return await stream(group, raw, chunks)
 
@@ -1331,7 +1352,11 @@ def create_app(
                     created,
                     responses.status_of(finish),
                     responses.output_items(message, finish),
-                    responses.usage(len(run.prompt), len(request.output_ids)),
+                    responses.usage(
+                        len(run.prompt),
+                        len(request.output_ids),
+                        run.reasoning_tokens(request.output_ids),
+                    ),
                 )
             )
 
@@ -1352,7 +1377,11 @@ def create_app(
                         yield event
                     return
                 if kind == "finish":
-                    usage = responses.usage(len(run.prompt), len(request.output_ids))
+                    usage = responses.usage(
+                        len(run.prompt),
+                        len(request.output_ids),
+                        run.reasoning_tokens(request.output_ids),
+                    )
                     closing, response = writer.finish(value, usage)
                     kept(response)
                     for event in closing:

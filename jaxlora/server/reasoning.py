@@ -117,6 +117,27 @@ def grammar_start(fmt: ReasoningFormat, tokenizer) -> ReasoningTokens:
     return ReasoningTokens(end=tuple(end), start=tuple(start))
 
 
+def reasoning_token_count(fmt: ReasoningFormat, tokenizer, output_ids: Sequence[int]) -> int:
+    """How many of an answer's tokens are its reasoning (the tags' included), by the tags'
+    token ids: up to the first closing tag; an answer that never closes it is all reasoning
+    where the prompt opened it (deepseek_r1), none where it had to open a block itself and did
+    not (qwen3: after any blank tokens, the opening tag's)."""
+    end = tuple(tokenizer.encode(fmt.end, add_bos=False))
+    ids = tuple(output_ids)
+    if not fmt.opened_by_prompt:
+        # (the text's reading: whitespace may come before the opening tag)
+        blank = 0
+        while blank < len(ids) and not tokenizer.decode(ids[: blank + 1]).strip():
+            blank += 1
+        start = tuple(tokenizer.encode(fmt.start, add_bos=False))
+        if ids[blank : blank + len(start)] != start:
+            return 0
+    for at in range(len(ids) - len(end) + 1):
+        if ids[at : at + len(end)] == end:
+            return at + len(end)
+    return len(ids) if fmt.opened_by_prompt else 0
+
+
 def _partial_suffix(text: str, marker: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of marker."""
     for length in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -131,5 +152,6 @@ __all__ = [
     "ReasoningStream",
     "grammar_start",
     "prompt_closes_reasoning",
+    "reasoning_token_count",
     "split_reasoning",
 ]
