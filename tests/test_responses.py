@@ -119,6 +119,7 @@ def test_a_response_becomes_a_chat():
         ({"tool_choice": {"type": "mcp"}}, "tool_choice"),
         ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
         ({"text": {"format": "json"}}, "text.format"),
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),
         ({"temperature": -1.0}, None),  # (the engine's check, at submit)
         ({"max_output_tokens": "5"}, "max_output_tokens"),
     ],

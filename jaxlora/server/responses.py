@@ -204,6 +204,8 @@ def chat_body(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompleti
     form = (body.text or {}).get("format")
     if body.text is not None and set(body.text) - {"format", "verbosity"}:
         raise _fail("text", "only format", sorted(body.text))
+    if (body.text or {}).get("verbosity") not in (None, "medium"):
+        raise _fail("text.verbosity", "'medium' or absent (not supported)", body.text["verbosity"])
     if form is not None:
         if not isinstance(form, dict):
             raise _fail("text.format", "an object", form)
