@@ -43,6 +43,12 @@ flags.DEFINE_list(
     "Web origins (https://app.example.com, or *) whose pages may call the server from a "
     "browser (CORS); empty: none.",
 )
+flags.DEFINE_bool(
+    "log_requests",
+    False,
+    "Log one line a finished request: id, model, token counts, finish reason, time to first "
+    "token, end to end, preemptions.",
+)
 flags.DEFINE_enum(
     "tool_call_parser",
     "",
@@ -227,6 +233,7 @@ def launch_config():
         pinned_adapters=tuple(FLAGS.pinned_adapters),
         allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
         allowed_origins=tuple(FLAGS.allowed_origins),
+        log_requests=FLAGS.log_requests,
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         tool_call_parser=FLAGS.tool_call_parser,

@@ -5,6 +5,7 @@ adapter loading while other requests stream, and /metrics."""
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -1289,6 +1290,36 @@ def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
             assert thought == " matey" and arguments == call.function.arguments
     finally:
         server.stop()
+
+
+def test_finished_requests_are_logged_when_asked(served, client, caplog, monkeypatch):
+    """log_requests (--log_requests): one INFO line a finished request, with its id, model,
+    token counts, finish reason and times; nothing without it."""
+    state = served[1]
+
+    def logged():
+        return [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("request cmpl-")
+        ]
+
+    with caplog.at_level(logging.INFO, logger="jaxlora.server"):
+        client.completions.create(model="robot", prompt="Hi", **GREEDY)
+        time.sleep(0.2)
+        assert logged() == []
+        monkeypatch.setattr(state, "config", dataclasses.replace(state.config, log_requests=True))
+        answer = client.completions.create(model="robot", prompt="Hi", n=2, **GREEDY)
+        deadline = time.monotonic() + 10
+        while len(logged()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = sorted(logged())
+    assert len(lines) == 2, lines
+    for choice, line in enumerate(lines):
+        assert re.fullmatch(
+            rf"request {answer.id}-0-{choice} model=robot prompt_tokens=\d+ "
+            rf"output_tokens={answer.usage.completion_tokens // 2} finish=stop "
+            r"ttft=\d+\.\d{3}s e2e=\d+\.\d{3}s preemptions=0",
+            line,
+        ), line
 
 
 def test_openapi_health_and_no_key_needed_outside_v1(served):

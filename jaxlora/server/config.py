@@ -42,6 +42,8 @@ class ServerConfig:
     for GET /v1/responses/{id} and previous_response_id.
     allowed_origins: web origins whose pages may call the server from a browser (CORS; "*":
     any); empty: no CORS headers, browsers refuse cross-origin calls.
+    log_requests: one log line (INFO, logger jaxlora.server) a finished request: its id,
+    model, token counts, finish reason, time to first token and end to end, preemptions.
     """
 
     model_name: str
@@ -59,6 +61,7 @@ class ServerConfig:
     reasoning_parser: str | None = None
     max_stored_responses: int = 1000
     allowed_origins: tuple[str, ...] = ()
+    log_requests: bool = False
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:

@@ -43,6 +43,7 @@ class LaunchConfig:
     pinned_adapters: tuple[str, ...] = ()
     allowed_adapter_roots: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()  # ServerConfig.allowed_origins (CORS)
+    log_requests: bool = False  # ServerConfig.log_requests
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
@@ -240,6 +241,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         first_token_deadline_s=launch.first_token_deadline_s,
         max_body_bytes=launch.max_body_mib * 2**20,
         allowed_origins=tuple(launch.allowed_origins),
+        log_requests=launch.log_requests,
     )
     if server_config.model_name in llm.adapters.store:
         raise ConfigError(

@@ -389,6 +389,22 @@ class ServingState:
                 )
         if request.finish_time is not None:
             m.latency.observe(request.finish_time - request.arrival)
+        if self.config.log_requests:
+            ttft = request.first_token_time
+            log.info(
+                "request %s model=%s prompt_tokens=%d output_tokens=%d finish=%s ttft=%s "
+                "e2e=%s preemptions=%d",
+                request.request_id,
+                label,
+                len(request.prompt_ids),
+                len(request.output_ids),
+                request.finish_reason,
+                "-" if ttft is None else f"{ttft - request.arrival:.3f}s",
+                "-"
+                if request.finish_time is None
+                else f"{request.finish_time - request.arrival:.3f}s",
+                request.preemptions,
+            )
 
     # ------------------------------------------------------------------ /metrics
 
