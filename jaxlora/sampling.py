@@ -245,6 +245,16 @@ class SamplingParams:
         return self._processes_logits
 
     @property
+    def masks_tokens(self) -> bool:
+        """Whether the sampler takes a token bitmask for this request (a structured output,
+        bad words, allowed tokens): steps where no row does sample without one."""
+        return (
+            self.structured_output is not None
+            or bool(self.bad_words)
+            or self.allowed_token_ids is not None
+        )
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
@@ -451,10 +461,7 @@ class SamplingBatch:
         min_p = np.zeros(batch_size, np.float32)
         if processing is None and any(p.processes_logits for p in params):
             raise ValueError("SamplingBatch.from_params: a row processes its logits: pass them")
-        if allowed is None and any(
-            p.structured_output is not None or p.bad_words or p.allowed_token_ids is not None
-            for p in params
-        ):
+        if allowed is None and any(p.masks_tokens for p in params):
             raise ValueError("SamplingBatch.from_params: a row masks its tokens: pass the masks")
         if allowed is not None and allowed.shape[0] != batch_size:
             raise ValueError(

@@ -1143,10 +1143,7 @@ class Engine:
         inputs, launch.sampler_inputs = launch.sampler_inputs, None
         params = inputs.params
         allowed = None
-        if any(
-            p.structured_output is not None or p.bad_words or p.allowed_token_ids is not None
-            for p in params
-        ):
+        if any(p.masks_tokens for p in params):
             allowed = self._token_masks_of(launch.rows, inputs.batch_rows)
         sampling = SamplingBatch.from_params(
             params,
