@@ -87,13 +87,15 @@ def test_a_grammar_starts_after_the_tags_tokens_and_a_prompt_may_close_the_reaso
         ("</think> x", False),
     ):
         ids = tokenizer.encode(text)
-        assert prompt_closes_reasoning(r1, tokenizer, ids) is closed, text
+        tags = grammar_start(r1, tokenizer)
+        assert prompt_closes_reasoning(r1, tags, tokenizer, ids) is closed, text
 
 
 def test_reasoning_tokens_are_counted_up_to_the_closing_tag(tokenizer):
-    from jaxlora.server.reasoning import reasoning_token_count
+    from jaxlora.server.reasoning import grammar_start, reasoning_token_count
 
-    r1, qwen3 = REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["qwen3"]
+    r1 = grammar_start(REASONING_PARSERS["deepseek_r1"], tokenizer)
+    qwen3 = grammar_start(REASONING_PARSERS["qwen3"], tokenizer)
 
     def ids(text):
         return tokenizer.encode(text, add_bos=False)

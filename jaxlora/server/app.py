@@ -560,6 +560,9 @@ class _ChatRun:
     forced: ForcedToolCalls | None
     parser: str | None  # the tool-call parser where the model may call tools
     echo: str
+    # The tags' token ids where the answer is read for reasoning (None: no parser, or the
+    # prompt closed it), and the tokenizer that reads blank tokens before them.
+    reasoning_tags: ReasoningTokens | None = None
     tokenizer: object = None
 
     @property
@@ -574,9 +577,9 @@ class _ChatRun:
     def reasoning_tokens(self, output_ids) -> int:
         """How many of an answer's tokens are reasoning (0 without a parser, or where the
         prompt closed the reasoning)."""
-        if self.reasoning_format is None:
+        if self.reasoning_tags is None:
             return 0
-        return reasoning_token_count(self.reasoning_format, self.tokenizer, output_ids)
+        return reasoning_token_count(self.reasoning_tags, self.tokenizer, output_ids)
 
 
 # ---------------------------------------------------------------------------- the app
@@ -953,6 +956,7 @@ def create_app(
         _check_text(body)
         adapter = await resolve_model(body.model)
         _refuse_unsupported(body)
+        fmt = formatter.of(body)
         # Tokenizing a long prompt takes a while: off the event loop, which serves everyone.
         prompts = await anyio.to_thread.run_sync(
             lambda: _completion_prompts(state, body.prompt, body.n, body.truncate_prompt_tokens)
@@ -1003,7 +1007,7 @@ def create_app(
                         tokens = r.prompt_ids + tokens
                         lps = r.prompt_logprobs + lps
                         tops = _first(r.prompt_top_logprobs, body.logprobs) + tops
-                    logprobs, _ = formatter.of(body).completion_logprobs(tokens, lps, tops, 0)
+                    logprobs, _ = fmt.completion_logprobs(tokens, lps, tops, 0)
                 choice = {
                     "index": i,
                     "text": echo_text(i) + r.text,
@@ -1054,7 +1058,7 @@ def create_app(
                         tokens = group.requests[index].prompt_ids + tokens
                         lps = delta.prompt_logprobs + lps
                         tops = _first(delta.prompt_top_logprobs, body.logprobs) + tops
-                    logprobs, offsets[index] = formatter.of(body).completion_logprobs(
+                    logprobs, offsets[index] = fmt.completion_logprobs(
                         tokens, lps, tops, offsets[index]
                     )
                 finish = None if delta.finish_reason is None else str(delta.finish_reason)
@@ -1118,12 +1122,11 @@ def create_app(
         # The server's reasoning parser, and this answer's reading: none where the prompt has
         # closed the reasoning (the whole answer is content).
         parser_format = REASONING_PARSERS.get(state.config.reasoning_parser or "")
-        reasoning_format, reasoning_tokens = parser_format, None
+        reasoning_format, tags = parser_format, None
         if parser_format is not None:
-            if prompt_closes_reasoning(parser_format, state.tokenizer, prompt):
-                reasoning_format = None
-            elif structured is not None:
-                reasoning_tokens = grammar_start(parser_format, state.tokenizer)
+            tags = grammar_start(parser_format, state.tokenizer)
+            if prompt_closes_reasoning(parser_format, tags, state.tokenizer, prompt):
+                reasoning_format, tags = None, None
         rest_of_context = max(1, state.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         samplings = _samplings(
@@ -1134,7 +1137,7 @@ def create_app(
             state.config.max_stop_strings,
             prompt_logprobs=body.prompt_logprobs,
             structured_output=structured,
-            reasoning_tokens=reasoning_tokens,
+            reasoning_tokens=tags if structured is not None else None,
         )
         group = submit_group(http_id, [prompt], samplings, adapter, body.priority)
         return _ChatRun(
@@ -1146,6 +1149,7 @@ def create_app(
             forced=forced,
             parser=parser,
             echo=_chat_echo(body),
+            reasoning_tags=tags,
             tokenizer=state.tokenizer,
         )
 
@@ -1168,10 +1172,11 @@ def create_app(
 
     async def chat_pieces(run: _ChatRun, events) -> AsyncIterator[tuple[str, int, object, object]]:
         """A streamed chat's pieces as they come, (kind, choice, value, logprobs): "reasoning"
-        and "content" text, "call_deltas" (OpenAI tool-call deltas as they stream), "calls"
-        (calls read at the end), "finish" (the finish reason) and "error" (an exception, the
-        last piece)."""
+        and "content" text, "tool_calls" (OpenAI tool-call deltas, as a forced call streams or
+        as the calls read at the end), "finish" (the finish reason) and "error" (an exception,
+        the last piece)."""
         body, requests = run.body, run.group.requests
+        fmt = formatter.of(body)
         calls = [
             (forced_tool_calls(body) if run.forced else ToolCallStream(run.parser))
             if run.calls_reader
@@ -1191,9 +1196,7 @@ def create_app(
                 return
             lp = None
             if body.logprobs and delta.token_ids:
-                lp = formatter.of(body).chat_logprobs(
-                    delta.token_ids, delta.logprobs, delta.top_logprobs
-                )
+                lp = fmt.chat_logprobs(delta.token_ids, delta.logprobs, delta.top_logprobs)
             text, stream_calls = delta.text, calls[index]
             if thinking[index] is not None:
                 reasoning, text = thinking[index].push(text)
@@ -1207,7 +1210,7 @@ def create_app(
                 text = stream_calls.push(text)
                 streamed = stream_calls.call_deltas()
                 if streamed:
-                    yield "call_deltas", index, streamed, lp
+                    yield "tool_calls", index, streamed, lp
                     lp = None
             if text or lp:
                 yield "content", index, text, lp
@@ -1219,7 +1222,8 @@ def create_app(
                         yield "content", index, held, None
                     if found:
                         finish = run.forced.finish_reason if run.forced else "tool_calls"
-                        yield "calls", index, [c.to_openai(k) for k, c in enumerate(found)], None
+                        found_deltas = [c.to_openai(k) for k, c in enumerate(found)]
+                        yield "tool_calls", index, found_deltas, None
                 yield "finish", index, finish, None
 
     @api.post("/chat/completions", tags=["generation"])
@@ -1227,7 +1231,7 @@ def create_app(
         http_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         run = await start_chat(body, http_id)
-        group, prompt = run.group, run.prompt
+        group, prompt, fmt = run.group, run.prompt, formatter.of(body)
 
         if not body.stream:
             if not await wait_all(group, raw):
@@ -1239,9 +1243,7 @@ def create_app(
             ):
                 lp = None
                 if body.logprobs:
-                    lp = formatter.of(body).chat_logprobs(
-                        r.output_ids, r.output_logprobs, r.output_top_logprobs
-                    )
+                    lp = fmt.chat_logprobs(r.output_ids, r.output_logprobs, r.output_top_logprobs)
                 choices.append(
                     {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
                 )
@@ -1283,8 +1285,7 @@ def create_app(
         delta_key = {
             "reasoning": "reasoning_content",
             "content": "content",
-            "call_deltas": "tool_calls",
-            "calls": "tool_calls",
+            "tool_calls": "tool_calls",
         }
 
         async def chunks(events) -> AsyncIterator[str]:
@@ -1364,8 +1365,7 @@ def create_app(
         handlers = {
             "reasoning": writer.reasoning,
             "content": writer.content,
-            "call_deltas": writer.call_deltas,
-            "calls": writer.call_deltas,
+            "tool_calls": writer.call_deltas,
         }
 
         async def events_of(events) -> AsyncIterator[str]:

@@ -102,40 +102,42 @@ class ReasoningStream:
         return held, ""
 
 
-def prompt_closes_reasoning(fmt: ReasoningFormat, tokenizer, prompt_ids: Sequence[int]) -> bool:
-    """Whether the prompt ends with the closing tag (and whitespace): the answer is then all
-    content."""
-    # (the tag's tokens and a few of whitespace after it are enough to read)
-    tail = prompt_ids[-(len(tokenizer.encode(fmt.end, add_bos=False)) + 8) :]
-    return tokenizer.decode(tail, skip_special_tokens=False).rstrip().endswith(fmt.end)
-
-
 def grammar_start(fmt: ReasoningFormat, tokenizer) -> ReasoningTokens:
-    """The tags' token ids, for a structured output that constrains the content only."""
+    """The tags' token ids (no opening tag where the prompt opens the reasoning): where a
+    structured output's grammar starts, and what ``reasoning_token_count`` reads."""
     end = tokenizer.encode(fmt.end, add_bos=False)
     start = () if fmt.opened_by_prompt else tokenizer.encode(fmt.start, add_bos=False)
     return ReasoningTokens(end=tuple(end), start=tuple(start))
 
 
-def reasoning_token_count(fmt: ReasoningFormat, tokenizer, output_ids: Sequence[int]) -> int:
+def prompt_closes_reasoning(
+    fmt: ReasoningFormat, tags: ReasoningTokens, tokenizer, prompt_ids: Sequence[int]
+) -> bool:
+    """Whether the prompt ends with the closing tag (and whitespace): the answer is then all
+    content."""
+    # (the tag's tokens and a few of whitespace after it are enough to read)
+    tail = prompt_ids[-(len(tags.end) + 8) :]
+    return tokenizer.decode(tail, skip_special_tokens=False).rstrip().endswith(fmt.end)
+
+
+def reasoning_token_count(tags: ReasoningTokens, tokenizer, output_ids: Sequence[int]) -> int:
     """How many of an answer's tokens are its reasoning (the tags' included), by the tags'
-    token ids: up to the first closing tag; an answer that never closes it is all reasoning
-    where the prompt opened it (deepseek_r1), none where it had to open a block itself and did
-    not (qwen3: after any blank tokens, the opening tag's)."""
-    end = tuple(tokenizer.encode(fmt.end, add_bos=False))
+    token ids (``grammar_start``): up to the first closing tag; an answer that never closes it
+    is all reasoning where the prompt opened it (deepseek_r1: no opening tag), none where it had
+    to open a block itself and did not (qwen3: after any blank tokens, the opening tag's)."""
     ids = tuple(output_ids)
-    if not fmt.opened_by_prompt:
+    if tags.start:
         # (the text's reading: whitespace may come before the opening tag)
         blank = 0
         while blank < len(ids) and not tokenizer.decode(ids[: blank + 1]).strip():
             blank += 1
-        start = tuple(tokenizer.encode(fmt.start, add_bos=False))
-        if ids[blank : blank + len(start)] != start:
+        if ids[blank : blank + len(tags.start)] != tags.start:
             return 0
+    end = tags.end
     for at in range(len(ids) - len(end) + 1):
         if ids[at : at + len(end)] == end:
             return at + len(end)
-    return len(ids) if fmt.opened_by_prompt else 0
+    return 0 if tags.start else len(ids)
 
 
 def _partial_suffix(text: str, marker: str) -> int:

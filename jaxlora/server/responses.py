@@ -257,8 +257,7 @@ def output_items(message: dict, finish_reason: str) -> list[dict]:
     calls = message.get("tool_calls") or []
     content = message.get("content")
     if content or not calls:
-        status = "incomplete" if finish_reason == "length" else "completed"
-        items.append(_message_item(content or "", status))
+        items.append(_message_item(content or "", status_of(finish_reason)))
     for call in calls:
         items.append(
             _call_item(call["id"], call["function"]["name"], call["function"]["arguments"])
@@ -594,12 +593,7 @@ class ResponseEvents:
         events = []
         if not any(item["type"] in ("message", "function_call") for item in self.output):
             events += self._open_message()  # (an empty answer: an empty message, as whole)
-        events += self._close(status)
-        # (calls still open: a call streamed before another item)
-        for item in self.output:
-            if item["status"] == "in_progress":
-                self._open = item
-                events += self._close()
+        events += self._close(status)  # (each item before it was closed when the next came)
         response = self._response(status, usage_)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
         events.append(self._event(kind, response=response))
