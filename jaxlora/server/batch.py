@@ -20,14 +20,13 @@ from collections.abc import Iterable
 import httpx
 
 from jaxlora.errors import ConfigError
+from jaxlora.server.errors import error_payload
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def _line_error(custom_id, message: str, status: int = 400, body: dict | None = None) -> dict:
-    body = body or {
-        "error": {"message": message, "type": "invalid_request_error", "code": str(status)}
-    }
+    body = body or error_payload(status, message, type_="invalid_request_error")
     error = body.get("error") if isinstance(body, dict) else None
     error = error if isinstance(error, dict) else {"message": message}
     return {
