@@ -488,6 +488,11 @@ def test_a_tenant_back_from_idle_banks_no_credit(base):
         engine.submit([9 + i, 50 + i, 7], greedy(4), adapter="b", request_id=f"b{i}")
         for i in range(3)
     ]
+    # (what /metrics shows: each tenant's queue and, lifted, b's counter at a's)
+    snapshot = engine.queue_snapshot()
+    assert snapshot.waiting == {"a": 2, "b": 3} and snapshot.running == {"a": 2}
+    assert snapshot.waiting_by_priority == {0: 5}
+    assert snapshot.fair_service["b"] == snapshot.fair_service["a"] > 0
     waiting = [r for r in early if r.status is Status.WAITING]
     order = _run_recording_admissions(engine, waiting + late)
     assert order == [{"b0", "b1"}, {"a4", "a5"}, {"b2"}], order

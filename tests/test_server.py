@@ -1797,6 +1797,64 @@ def test_metrics_are_valid_prometheus_text_and_move(served, client):
     for phase in ("schedule", "build", "dispatch", "wait", "append"):
         assert moved("jaxlora_engine_host_seconds_total", phase=phase) > 0, phase
     assert ("jaxlora_num_requests_waiting", frozenset()) in after
+    # Each finished request's phases and sizes (vLLM's histograms).
+    for phase in ("queue", "prefill", "decode"):
+        assert moved(f"jaxlora_request_{phase}_time_seconds_count") == 4, phase
+    assert moved("jaxlora_request_prompt_tokens_sum") == sum(
+        moved("jaxlora_prompt_tokens_total", model=m) for m in ("poet", BASE)
+    )
+    assert moved("jaxlora_request_generation_tokens_sum") == sum(
+        moved("jaxlora_generation_tokens_total", model=m) for m in ("poet", BASE)
+    )
+    # Token buckets run 1, 2, 5, 10, ... up to the first at or above the context length.
+    bounds = sorted(
+        float(dict(labels)["le"])
+        for name, labels in after
+        if name == "jaxlora_request_prompt_tokens_bucket"
+    )
+    context = served[1].max_model_len
+    assert bounds[:4] == [1, 2, 5, 10] and bounds[-1] == float("inf")
+    assert bounds[-3] < context <= bounds[-2]
+    assert re.fullmatch("[125]0*", str(int(bounds[-2])))
+    # Idle: no model has a waiting or running request; the policies' gauges only under them.
+    names = {name for name, _ in after}
+    assert not {"jaxlora_model_requests_waiting", "jaxlora_model_requests_running"} & names
+    assert not {"jaxlora_requests_waiting_by_priority", "jaxlora_fair_share_service"} & names
+
+
+def test_metrics_show_each_models_queue_and_its_fair_share(served, client, monkeypatch):
+    """Per-model waiting and running requests (read while the engine holds them), and under
+    --scheduling_policy=fair each model's service counter; under "priority" the queue per
+    priority."""
+    state = served[1]
+    engine = state.engine
+    url = served[0].url
+    monkeypatch.setattr(
+        engine, "engine_config", dataclasses.replace(engine.engine_config, scheduling_policy="fair")
+    )
+    chat(client, "poet")
+    fair = parse_metrics(httpx.get(f"{url}/metrics").text)
+    served_poet = engine.queue_snapshot().fair_service["poet"]
+    assert metric(fair, "jaxlora_fair_share_service", model="poet") == served_poet > 0
+    # A queue seen at scrape time: the engine's thread is held off while requests are queued.
+    with engine._lock:
+        queued = [
+            engine.submit([5, 6, 7], SamplingParams(max_tokens=2), adapter=a)
+            for a in ("poet", "poet", None)
+        ]
+        text = state.metrics_text()
+        monkeypatch.setattr(
+            engine,
+            "engine_config",
+            dataclasses.replace(engine.engine_config, scheduling_policy="priority"),
+        )
+        ranked = parse_metrics(state.metrics_text())
+    seen = parse_metrics(text)
+    assert metric(seen, "jaxlora_model_requests_waiting", model="poet") == 2
+    assert metric(seen, "jaxlora_model_requests_waiting", model=BASE) == 1
+    assert metric(ranked, "jaxlora_requests_waiting_by_priority", priority="0") == 3
+    assert "jaxlora_fair_share_service" not in {name for name, _ in ranked}
+    assert wait_until(lambda: all(r.finish_reason is not None for r in queued))
 
 
 # ---------------------------------------------------------------------------- pieces

@@ -190,6 +190,20 @@ class _Launch:
     sampler_inputs: _SamplerInputs | None = None  # until the sampler is dispatched
 
 
+@dataclasses.dataclass(frozen=True)
+class QueueSnapshot:
+    """One consistent reading of who is queued and served (``Engine.queue_snapshot``): for
+    gauges read while the engine's thread runs."""
+
+    # adapter name (None: the base model) -> requests, for adapters that have any
+    waiting: dict[str | None, int]
+    running: dict[str | None, int]
+    waiting_by_priority: dict[int, int]
+    # Policy 9: adapter name ("" for the base model, as the engine keys tenants) -> service
+    # counted so far (prompt tokens, FAIR_OUTPUT_WEIGHT per output token, the lift from idle).
+    fair_service: dict[str, float]
+
+
 @dataclasses.dataclass
 class EngineStats:
     steps: int = 0
@@ -461,6 +475,14 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    def queue_snapshot(self) -> QueueSnapshot:
+        with self._lock:
+            waiting = collections.Counter(r.adapter for r in self._waiting)
+            running = collections.Counter(r.adapter for r in self._running)
+            by_priority = collections.Counter(r.priority for r in self._waiting)
+            service = dict(self._service)
+        return QueueSnapshot(dict(waiting), dict(running), dict(by_priority), service)
 
     def run_until_idle(self, max_steps: int | None = None) -> None:
         steps = 0
@@ -816,6 +838,8 @@ class Engine:
         request.prompt_leader = None  # (shared or not: a recompute after preemption is its own)
         self._waiting.remove(request)
         request.status = Status.RUNNING
+        if request.admitted_time is None:
+            request.admitted_time = time.monotonic()
         self._running.append(request)
         if not request.fair_charged:  # (policy 9: a prompt counts once, recomputed or not)
             request.fair_charged = True

@@ -77,6 +77,7 @@ class Request:
     adapter_handle: object | None = None
     preemptions: int = 0
     skipped: int = 0  # times a later request was admitted first (fairness bound)
+    admitted_time: float | None = None  # first admission (a preempted request keeps it)
     first_token_time: float | None = None
     finish_time: float | None = None
     cancel_requested: bool = False

@@ -76,6 +76,18 @@ LATENCY_BUCKETS = (
 )
 
 
+def one_two_five_buckets(largest: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to the first bound at or above ``largest`` (vLLM's token
+    count buckets, up to the context length)."""
+    bounds, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            bounds.append(step * scale)
+            if step * scale >= largest:
+                return tuple(bounds)
+        scale *= 10
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -190,7 +202,7 @@ def counter_snapshot(
 class ServerMetrics:
     """What the server counts itself, per model (the base model's name or an adapter's)."""
 
-    def __init__(self):
+    def __init__(self, max_model_len: int = 1 << 20):
         self.requests = Counter(
             "jaxlora_requests_total",
             "Generation requests accepted (one per choice), per model.",
@@ -237,6 +249,32 @@ class ServerMetrics:
             "Seconds from arrival in the engine to the end of the request.",
             LATENCY_BUCKETS,
         )
+        self.queue_time = Histogram(
+            "jaxlora_request_queue_time_seconds",
+            "Seconds from arrival in the engine to first admission (KV pages and a batch row).",
+            LATENCY_BUCKETS,
+        )
+        self.prefill_time = Histogram(
+            "jaxlora_request_prefill_time_seconds",
+            "Seconds from first admission to the first generated token.",
+            LATENCY_BUCKETS,
+        )
+        self.decode_time = Histogram(
+            "jaxlora_request_decode_time_seconds",
+            "Seconds from the first generated token to the end of the request.",
+            LATENCY_BUCKETS,
+        )
+        token_buckets = one_two_five_buckets(max_model_len)
+        self.request_prompt_tokens = Histogram(
+            "jaxlora_request_prompt_tokens",
+            "Prompt tokens of each finished request.",
+            token_buckets,
+        )
+        self.request_generation_tokens = Histogram(
+            "jaxlora_request_generation_tokens",
+            "Tokens generated for each finished request.",
+            token_buckets,
+        )
 
     def own(self) -> list[str]:
         lines: list[str] = []
@@ -250,6 +288,11 @@ class ServerMetrics:
             self.ttft,
             self.tpot,
             self.latency,
+            self.queue_time,
+            self.prefill_time,
+            self.decode_time,
+            self.request_prompt_tokens,
+            self.request_generation_tokens,
         ):
             lines += metric.render()
         return lines

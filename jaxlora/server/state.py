@@ -93,7 +93,7 @@ class ServingState:
             if self.tokenizer is None
             else max(len(t) for t in self.tokenizer.backend.get_vocab(with_added_tokens=True))
         )
-        self.metrics = prom.ServerMetrics()
+        self.metrics = prom.ServerMetrics(self.max_model_len)
         self.pump = DeltaPump(config.stream_poll_s, self._on_finish)
         self.created = int(time.time())
         self._adapter_created: dict[str, int] = {}
@@ -389,6 +389,15 @@ class ServingState:
                 )
         if request.finish_time is not None:
             m.latency.observe(request.finish_time - request.arrival)
+        m.request_prompt_tokens.observe(len(request.prompt_ids))
+        m.request_generation_tokens.observe(len(request.output_ids))
+        admitted = request.admitted_time
+        if admitted is not None:
+            m.queue_time.observe(admitted - request.arrival)
+            if request.first_token_time is not None:
+                m.prefill_time.observe(request.first_token_time - admitted)
+                if request.finish_time is not None:
+                    m.decode_time.observe(request.finish_time - request.first_token_time)
         if self.config.log_requests:
             ttft = request.first_token_time
             log.info(
@@ -424,6 +433,36 @@ class ServingState:
             "Requests holding KV pages (prefilling or decoding).",
             engine.num_running,
         )
+        queues = engine.queue_snapshot()
+        lines += prom.gauge(
+            "jaxlora_model_requests_waiting",
+            "Requests queued in the engine, per model (adapters with none are not listed).",
+            {(self.model_label(a),): n for a, n in queues.waiting.items()},
+            ("model",),
+        )
+        lines += prom.gauge(
+            "jaxlora_model_requests_running",
+            "Requests holding KV pages, per model (adapters with none are not listed).",
+            {(self.model_label(a),): n for a, n in queues.running.items()},
+            ("model",),
+        )
+        policy = engine.engine_config.scheduling_policy
+        if policy == "priority":
+            lines += prom.gauge(
+                "jaxlora_requests_waiting_by_priority",
+                "Requests queued in the engine, per priority (lower is served first).",
+                {(str(p),): n for p, n in queues.waiting_by_priority.items()},
+                ("priority",),
+            )
+        if policy == "fair":
+            lines += prom.gauge(
+                "jaxlora_fair_share_service",
+                "Service each model has been counted under --scheduling_policy=fair (prompt "
+                "tokens plus twice the output tokens, lifted to the least busy one's on return "
+                "from idle); the least served waiting model is admitted first.",
+                {(self.model_label(t or None),): v for t, v in queues.fair_service.items()},
+                ("model",),
+            )
         lines += prom.gauge(
             "jaxlora_open_requests",
             "Requests the server is streaming or waiting on.",
