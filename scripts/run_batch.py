@@ -38,32 +38,34 @@ def main(argv):
 
     launch_flags.set_up_process()
     try:
-        with open(FLAGS.input_file, encoding="utf-8") as f:
-            lines = f.readlines()
+        source = open(FLAGS.input_file, "rb")  # (read as the batch goes; each line decoded)
     except OSError as e:
         sys.exit(f"error: --input_file {FLAGS.input_file}: {e.strerror}")
-    try:
-        state = build_state(launch_flags.launch_config())
-        server = BackgroundServer(create_app(state)).start()
-    except JaxloraError as e:
-        sys.exit(f"error: {e}")
-    try:
-        with open(FLAGS.output_file, "w", encoding="utf-8") as out:
-            failed = run_batch(
-                server.url,
-                lines,
-                lambda line: out.write(line + "\n"),
-                api_key=state.config.api_key,
-                max_concurrency=FLAGS.max_concurrency,
-            )
-    except OSError as e:
-        sys.exit(f"error: --output_file {FLAGS.output_file}: {e.strerror}")
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    finally:
-        server.stop()
-    answered = sum(1 for line in lines if line.strip())
-    print(f"jaxlora: {answered} requests, {failed} failed -> {FLAGS.output_file}", flush=True)
+    with source:
+        try:
+            state = build_state(launch_flags.launch_config())
+            server = BackgroundServer(create_app(state)).start()
+        except JaxloraError as e:
+            sys.exit(f"error: {e}")
+        try:
+            with open(FLAGS.output_file, "w", encoding="utf-8") as out:
+                counts = run_batch(
+                    server.url,
+                    source,
+                    lambda line: out.write(line + "\n"),
+                    api_key=state.config.api_key,
+                    max_concurrency=FLAGS.max_concurrency,
+                )
+        except OSError as e:
+            sys.exit(f"error: --output_file {FLAGS.output_file}: {e.strerror}")
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
+        finally:
+            server.stop()
+    print(
+        f"jaxlora: {counts.requests} requests, {counts.failed} failed -> {FLAGS.output_file}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

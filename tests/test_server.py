@@ -808,7 +808,7 @@ def test_a_batch_file_gets_every_answer_in_input_order(served, client):
         line("cold", "/v1/completions", {"model": "robot", "prompt": "Hi", "temperature": -1}),
     ]
     out = []
-    failed = run_batch(served[0].url, lines, out.append, api_key=API_KEY, max_concurrency=3)
+    counts = run_batch(served[0].url, lines, out.append, api_key=API_KEY, max_concurrency=3)
     answers = [json.loads(text) for text in out]
     assert [a["custom_id"] for a in answers] == [
         "chat",
@@ -822,7 +822,8 @@ def test_a_batch_file_gets_every_answer_in_input_order(served, client):
         "cold",
     ]
     assert [a["response"]["status_code"] for a in answers] == [200] * 3 + [400] * 4 + [404, 400]
-    assert failed == 6 and all(a["error"] is None for a in answers[:3])
+    assert counts.requests == 9 and counts.failed == 6
+    assert all(a["error"] is None for a in answers[:3])
     bodies = [a["response"]["body"] for a in answers]
     assert bodies[0]["choices"][0]["message"]["content"] == (
         chat(client, "pirate").choices[0].message.content
@@ -840,6 +841,45 @@ def test_a_batch_file_gets_every_answer_in_input_order(served, client):
     assert "not streamed" in answers[6]["error"]["message"]
     assert answers[7]["error"]["code"] == "model_not_found"
     assert bodies[8]["error"]["param"] == "temperature"
+    assert "line 5: not JSON" in answers[3]["error"]["message"]  # (the blank line 4 counts)
+
+    # The input streams: at most max_ahead lines are read beyond the last answer written, and a
+    # line that is not UTF-8 is an error of its own.
+    read = []
+
+    def source():
+        for i in range(12):
+            read.append(i)
+            if i == 5:
+                yield b"\xc3(\n"
+            else:
+                body = {"model": "robot", "prompt": f"Hi {i}", "max_tokens": 2 + i % 3}
+                yield line(f"r{i}", "/v1/completions", body).encode()
+
+    written = []
+
+    def write(text):
+        assert len(read) - len(written) <= 4, (len(read), len(written))
+        written.append(json.loads(text))
+
+    counts = run_batch(
+        served[0].url, source(), write, api_key=API_KEY, max_concurrency=2, max_ahead=4
+    )
+    assert (counts.requests, counts.failed) == (12, 1) and len(written) == 12
+    assert [a["custom_id"] for a in written] == [f"r{i}" if i != 5 else None for i in range(12)]
+    assert "line 6: not UTF-8 text" in written[5]["error"]["message"]
+    # A write that fails (a full disk) stops the batch with its error, nothing read after.
+    read.clear()
+
+    def full_disk(text):
+        if json.loads(text)["custom_id"] == "r2":
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        run_batch(served[0].url, source(), full_disk, api_key=API_KEY, max_ahead=2)
+    assert len(read) <= 4
+    with pytest.raises(ConfigError, match="max_ahead: expected an int >= 1"):
+        run_batch(served[0].url, [], write, max_ahead=0)
 
 
 def test_chat_continues_a_prefilled_answer_as_vllm(served, client):

@@ -144,7 +144,7 @@ def test_run_batch_script_answers_a_batch_file(tmp_path):
         "temperature": 0,
     }
     line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions", "body": body}
-    requests.write_text(json.dumps(line) + "\n" + "[1, 2]\n")
+    requests.write_bytes(json.dumps(line).encode() + b"\n[1, 2]\n\n" + b'{"custom_id": "\xff"}\n')
     command = [
         sys.executable,
         os.path.join(REPO, "scripts", "run_batch.py"),
@@ -156,8 +156,9 @@ def test_run_batch_script_answers_a_batch_file(tmp_path):
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
-    assert f"jaxlora: 2 requests, 1 failed -> {answers}" in out.stdout, out.stdout
-    first, second = [json.loads(text) for text in answers.read_text().splitlines()]
+    assert f"jaxlora: 3 requests, 2 failed -> {answers}" in out.stdout, out.stdout
+    first, second, third = [json.loads(text) for text in answers.read_text().splitlines()]
+    assert "line 4: not UTF-8 text" in third["error"]["message"]
     message = first["response"]["body"]["choices"][0]["message"]
     assert first["custom_id"] == "one" and message["content"] == demo.DEMO_SIGNATURES["pirate"]
     assert (

@@ -7,12 +7,14 @@ is ``{"id": "batch_req_...", "custom_id": ..., "response": {"status_code": ..., 
 ..., "body": {...}}, "error": null}``; a request the server refused carries its error answer as
 the body and ``error: {"code", "message"}``, and a line that is not a request (bad JSON, another
 method or URL, ``stream``) gets a 400 of its own. A bad line never stops the batch. Requests for
-different adapters run together, as many at once as ``max_concurrency``.
+different adapters run together, as many at once as ``max_concurrency``; the input is read as
+the answers go out, never whole.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterable
@@ -37,10 +39,15 @@ def _line_error(custom_id, message: str, status: int = 400, body: dict | None = 
     }
 
 
-def _request_of(index: int, line: str) -> tuple[object, str, dict] | dict:
-    """(custom_id, url, body) of an input line, or the output line of a line that is not a
-    request."""
-    where = f"line {index + 1}"
+def _request_of(number: int, line: str | bytes) -> tuple[object, str, dict] | dict:
+    """(custom_id, url, body) of input line ``number`` (from 1), or the output line of a line
+    that is not a request."""
+    where = f"line {number}"
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return _line_error(None, f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
     try:
         item = json.loads(line)
     except json.JSONDecodeError as e:
@@ -86,18 +93,29 @@ async def _answer(client: httpx.AsyncClient, custom_id, url: str, body: dict) ->
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchCounts:
+    requests: int  # input lines that were not blank, each answered by one output line
+    failed: int  # of which got an error
+
+
 async def _run(
     base_url: str,
     api_key: str | None,
-    lines: list[str],
+    lines: Iterable[str | bytes],
     write,
     max_concurrency: int,
+    max_ahead: int,
     timeout_s: float,
-) -> int:
+) -> BatchCounts:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limit = asyncio.Semaphore(max_concurrency)
+    in_flight = asyncio.Semaphore(max_concurrency)
+    # Lines read but not yet written out: bounds what a slow early answer makes the later ones
+    # wait in memory for, so a file of any size streams through.
+    ahead = asyncio.Semaphore(max_ahead)
     done: dict[int, dict] = {}
     written = failed = 0
+    errors: list[BaseException] = []
 
     def flush() -> None:  # (what is answered, in the input's order)
         nonlocal written, failed
@@ -106,39 +124,66 @@ async def _run(
             failed += answer["error"] is not None
             write(json.dumps(answer, ensure_ascii=False))
             written += 1
+            ahead.release()
 
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s) as client:
 
-        async def one(index: int, line: str) -> None:
-            parsed = _request_of(index, line)
+        async def one(index: int, number: int, line: str | bytes) -> None:
+            parsed = _request_of(number, line)
             if not isinstance(parsed, dict):
-                async with limit:
+                async with in_flight:
                     parsed = await _answer(client, *parsed)
             done[index] = parsed
             flush()
 
-        await asyncio.gather(*(one(i, line) for i, line in enumerate(lines)))
-    return failed
+        def finished(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                errors.append(task.exception())  # (write failed: the batch stops)
+                ahead.release()  # (the reading loop may wait for a line that is not written)
+
+        tasks: set[asyncio.Task] = set()
+        index = 0
+        requests = ((number, line) for number, line in enumerate(lines, 1) if line.strip())
+        while True:
+            await ahead.acquire()  # (before reading: the window counts the line being read)
+            numbered = None if errors else next(requests, None)
+            if numbered is None:
+                break
+            task = asyncio.create_task(one(index, *numbered))
+            tasks.add(task)
+            task.add_done_callback(finished)
+            index += 1
+        while tasks and not errors:
+            await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+        if errors:
+            raise errors[0]
+    return BatchCounts(requests=index, failed=failed)
 
 
 def run_batch(
     base_url: str,
-    lines: Iterable[str],
+    lines: Iterable[str | bytes],
     write,
     *,
     api_key: str | None = None,
     max_concurrency: int = 64,
+    max_ahead: int | None = None,
     timeout_s: float = 3600.0,
-) -> int:
+) -> BatchCounts:
     """Sends the batch's input lines (blank ones skipped) to the server at ``base_url`` and
     gives ``write`` each output line (JSON text) in the input's order as soon as it and those
-    before it are answered; returns how many requests failed."""
-    if not isinstance(max_concurrency, int) or max_concurrency < 1:
-        raise ConfigError(
-            f"run_batch: max_concurrency: expected an int >= 1, got {max_concurrency!r}"
-        )
-    requests = [line for line in lines if line.strip()]
-    return asyncio.run(_run(base_url, api_key, requests, write, max_concurrency, timeout_s))
+    before it are answered. ``lines`` (text, or bytes decoded as UTF-8: a line that is not gets
+    its error) is read as the batch goes (an open file streams): at most
+    ``max_ahead`` lines (default 16 x ``max_concurrency``) are read beyond the last one
+    written."""
+    for field, value in (("max_concurrency", max_concurrency), ("max_ahead", max_ahead)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"run_batch: {field}: expected an int >= 1, got {value!r}")
+    ahead = max_ahead if max_ahead is not None else 16 * max_concurrency
+    return asyncio.run(_run(base_url, api_key, lines, write, max_concurrency, ahead, timeout_s))
 
 
-__all__ = ["URLS", "run_batch"]
+__all__ = ["URLS", "BatchCounts", "run_batch"]
