@@ -1120,6 +1120,33 @@ def test_tool_calls_are_read_back_with_the_parser(monkeypatch):
         assert with_calls.tool_calls[0].function.name == "get_weather"
         assert with_calls.tool_calls[0].index == 0 and with_calls.tool_calls[0].id
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+        # parallel_tool_calls: false keeps the first call the parser reads (vLLM's reading).
+        def two_calls(text, parser):
+            content, calls = as_call(text, parser)
+            return content, calls + [ToolCall("get_time", '{"zone": "UTC"}')] if calls else []
+
+        class TwoCalls(AllACall):
+            def finish(self):
+                return "", two_calls(self._held, "hermes")[1]
+
+        monkeypatch.setattr(app_module, "parse_tool_calls", two_calls)
+        monkeypatch.setattr(app_module, "ToolCallStream", TwoCalls)
+        both = chat(client, "pirate", tools=[WEATHER_TOOL]).choices[0].message.tool_calls
+        assert [c.function.name for c in both] == ["get_weather", "get_time"]
+        for stream in (False, True):
+            reply = chat(
+                client, "pirate", tools=[WEATHER_TOOL], parallel_tool_calls=False, stream=stream
+            )
+            if stream:
+                [calls] = [
+                    c.choices[0].delta.tool_calls
+                    for c in reply
+                    if c.choices and c.choices[0].delta.tool_calls
+                ]
+            else:
+                calls = reply.choices[0].message.tool_calls
+            assert [c.function.name for c in calls] == ["get_weather"], stream
     finally:
         server.stop()
 
@@ -1258,6 +1285,20 @@ def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
         ]
         assert not "".join(d.content or "" for d in deltas)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+        # parallel_tool_calls: false: the schema admits one call (sampled answers too).
+        single = chat(
+            client,
+            "pirate",
+            tools=tools,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=80,
+            temperature=1.0,
+            n=4,
+            seed=3,
+        )
+        calls = [c.message.tool_calls for c in single.choices if c.finish_reason == "tool_calls"]
+        assert calls and all(len(c) == 1 for c in calls)
         # The Responses API: a forced call is a function_call item (whole and streamed), and
         # its output, sent back as a function_call_output item, continues the conversation.
         flat = [{"type": "function", "name": t["function"]["name"], **t["function"]} for t in tools]

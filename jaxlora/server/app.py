@@ -157,7 +157,9 @@ def forced_tool_calls(body: ChatCompletionRequest) -> ForcedToolCalls | None:
     if not body.tools or body.tool_choice in (None, "none", "auto"):
         return None
     try:
-        return ForcedToolCalls(body.tools, body.tool_choice)
+        return ForcedToolCalls(
+            body.tools, body.tool_choice, parallel=body.parallel_tool_calls is not False
+        )
     except ValueError as e:
         raise with_param(RequestError(f"tool_choice: {e}"), "tool_choice") from None
 
@@ -474,11 +476,15 @@ def _content_text(content: str | list[dict] | None) -> str:
 
 
 def chat_message(
-    text: str, finish_reason: str, calls_reader: str | ForcedToolCalls | None
+    text: str,
+    finish_reason: str,
+    calls_reader: str | ForcedToolCalls | None,
+    max_calls: int | None = None,
 ) -> tuple[dict, str]:
     """A chat answer's message and finish reason: with a tool-call parser, the calls in the
-    text become ``tool_calls`` (finish reason "tool_calls") and the rest its content; a forced
-    call's answer (``ForcedToolCalls``) becomes its calls, unless cut short."""
+    text (the first ``max_calls``: vLLM's reading of ``parallel_tool_calls: false``) become
+    ``tool_calls`` (finish reason "tool_calls") and the rest its content; a forced call's
+    answer (``ForcedToolCalls``) becomes its calls, unless cut short."""
     message = {"role": "assistant", "content": text}
     if calls_reader is None:
         return message, finish_reason
@@ -487,6 +493,7 @@ def chat_message(
         called = calls_reader.finish_reason
     else:
         content, calls = parse_tool_calls(text, calls_reader)
+        calls = calls[:max_calls]
         called = "tool_calls"
     if not calls:
         return message, finish_reason
@@ -568,6 +575,11 @@ class _ChatRun:
     @property
     def calls_reader(self):
         return self.forced or self.parser
+
+    @property
+    def max_calls(self) -> int | None:
+        """At most one call where the request sets ``parallel_tool_calls: false``."""
+        return 1 if self.body.parallel_tool_calls is False else None
 
     @property
     def reasoning_counter(self):
@@ -1160,7 +1172,9 @@ def create_app(
             text, reasoning = r.text, None
             if run.reasoning_format is not None:
                 reasoning, text = split_reasoning(r.text, run.reasoning_format)
-            message, finish = chat_message(text or "", str(r.finish_reason), run.calls_reader)
+            message, finish = chat_message(
+                text or "", str(r.finish_reason), run.calls_reader, run.max_calls
+            )
             if run.echo:
                 message["content"] = run.echo + (message.get("content") or "")
             elif text is None and message["content"] == "":
@@ -1218,6 +1232,7 @@ def create_app(
                 finish = str(delta.finish_reason)
                 if stream_calls is not None:
                     held, found = stream_calls.finish()
+                    found = found[: run.max_calls]
                     if held:
                         yield "content", index, held, None
                     if found:

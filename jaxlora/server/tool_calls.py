@@ -244,14 +244,15 @@ class ForcedToolCalls:
     """A call the request forces (``tool_choice`` ``"required"`` or a named function), made by
     constrained decoding rather than read back from free text: the answer is JSON that a schema
     built from the tools admits. Named: the function's arguments (its ``parameters`` schema);
-    required: a non-empty array of ``{"name": ..., "parameters": {...}}`` of any offered tool.
+    required: a non-empty array of ``{"name": ..., "parameters": {...}}`` of any offered tool
+    (of one, where ``parallel`` is false).
 
     It streams like ``ToolCallStream``: ``push`` takes the text. A named call's arguments are
     streamed as they come (``call_deltas``: the first delta carries the call's id and name, as
     OpenAI's stream does); the calls of ``required`` come whole from ``finish`` (or the text,
     if the answer was cut short by max_tokens and does not parse)."""
 
-    def __init__(self, tools: list[dict], tool_choice):
+    def __init__(self, tools: list[dict], tool_choice, *, parallel: bool = True):
         self._held = ""
         self._pending: list[dict] = []  # a named call's argument deltas not streamed yet
         self._call_id: str | None = None
@@ -271,6 +272,8 @@ class ForcedToolCalls:
                 for name, function in functions.items()
             ]
             self.schema = {"type": "array", "minItems": 1, "items": {"anyOf": choices}}
+            if not parallel:  # (parallel_tool_calls: false)
+                self.schema["maxItems"] = 1
             self.finish_reason = "tool_calls"
             return
         function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
