@@ -142,6 +142,11 @@ class LLM:
         sum of the parts'; ``AdapterStore.merged_weights``)."""
         return self.adapters.register(name, self.adapters.store.merged_weights(name, parts))
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets the cached prompt prefixes (vLLM's ``LLM.reset_prefix_cache``; e.g. between
+        benchmark passes); the number of KV pages that were registered."""
+        return self.engine.reset_prefix_cache()
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

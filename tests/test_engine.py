@@ -973,6 +973,12 @@ def test_prefix_caching_reuses_pages_of_the_same_prefix_and_adapter(base, lora_a
     again = llm.generate([shared[:16]], adapter=["all5"], sampling=GREEDY)[0]
     expect(shared[:16], "all5", again)
     assert stats.prefix_cached_tokens == 32 + 12
+    # Reset (vLLM's reset_prefix_cache): nothing cached, the same prompt computes it all.
+    registered = kv.cached_pages
+    assert registered >= 4 and llm.reset_prefix_cache() == registered
+    assert kv.cached_pages == 0 and kv.free_pages == config.kv.num_pages
+    expect(shared[:16], "all5", llm.generate([shared[:16]], adapter=["all5"], sampling=GREEDY)[0])
+    assert stats.prefix_cached_tokens == 32 + 12 and kv.cached_pages >= 4
     # Under preemption (a pool of 13 pages), several requests of two adapters at once.
     small = dataclasses.replace(config, kv=dataclasses.replace(config.kv, num_pages=13))
     llm = jaxlora.LLM(

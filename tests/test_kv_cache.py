@@ -28,8 +28,14 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
     written: dict[int, tuple] = {}  # page -> (adapter, tokens) its owner wrote there
     live: dict[int, tuple] = {}  # seq -> (adapter, tokens)
     next_id, hits, shares = 0, 0, 0
+    resets = 0
     for _ in range(400):
-        if live and rng.random() < 0.4:
+        if rng.random() < 0.03:  # (a reset: no page is cached, held ones stay held)
+            registered = kv.cached_pages
+            assert kv.reset_prefix_cache() == registered
+            assert kv.cached_pages == 0 and not kv._evictable
+            resets += 1
+        elif live and rng.random() < 0.4:
             seq = int(rng.choice(list(live)))
             kv.free(seq)
             del live[seq]
@@ -76,7 +82,7 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
         assert kv.free_pages == num_pages - len(distinct)
         for key, page in kv._page_of_key.items():
             assert kv._key_of_page[page] == key
-    assert hits > 10 and shares > 10
+    assert hits > 10 and shares > 10 and resets
     for seq in list(live):
         kv.free(seq)
     assert kv.free_pages == num_pages and not kv._refs

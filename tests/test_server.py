@@ -16,6 +16,7 @@ import numpy as np
 import openai
 import pytest
 
+import jaxlora
 from jaxlora import demo
 from jaxlora.errors import AdapterError, ConfigError
 from jaxlora.sampling import SamplingParams
@@ -1430,6 +1431,11 @@ def test_openapi_health_and_no_key_needed_outside_v1(served):
     assert re.fullmatch("[0-9a-f]{32}", odd)
     unauthorized = httpx.get(f"{url}/v1/models", headers={"X-Request-Id": "r1"})
     assert unauthorized.status_code == 401 and unauthorized.headers["x-request-id"] == "r1"
+    # vLLM's /version and /reset_prefix_cache (behind the key; prefix caching is off here).
+    assert httpx.get(f"{url}/version").json() == {"version": jaxlora.__version__}
+    assert httpx.post(f"{url}/reset_prefix_cache").status_code == 401
+    reset = httpx.post(f"{url}/reset_prefix_cache", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert reset.json() == {"reset": True, "pages_dropped": 0}
 
 
 # ---------------------------------------------------------------------------- errors

@@ -1424,6 +1424,15 @@ class Engine:
             del self.stats.tpot[:-1000]
         request.push(Delta(token_ids=[], text="", finish_reason=reason, error=error))
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prompt prefix (``KVCacheManager.reset_prefix_cache``): later
+        requests compute their prompts again, running ones keep their pages. The number of
+        pages that were registered (0 without prefix caching)."""
+        with self._lock:
+            dropped = self.kv.reset_prefix_cache()
+        log.info("prefix cache reset: %d pages forgotten", dropped)
+        return dropped
+
     # -- introspection --------------------------------------------------------------------------
     def pool_usage(self) -> dict:
         usage = {

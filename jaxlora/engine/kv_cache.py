@@ -208,6 +208,20 @@ class KVCacheManager:
                 self._page_of_key[key] = page
                 self._key_of_page[page] = key
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix: pages no sequence holds return to the pool, held ones
+        stay with their sequences (registered again as those sequences go on). The number of
+        pages that were registered."""
+        dropped = len(self._key_of_page)
+        released = list(self._evictable)
+        self._evictable.clear()
+        self._page_of_key.clear()
+        self._key_of_page.clear()
+        self._keys.clear()
+        if released:
+            self.allocator.free(released)
+        return dropped
+
     def page_table_row(self, seq_id: int) -> np.ndarray:
         row = np.zeros(self.config.max_pages_per_seq, np.int32)
         pages = self.pages_of(seq_id)

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxlora import __version__ as jaxlora_version
 from jaxlora.engine import Delta, FinishReason
 from jaxlora.engine import Request as EngineRequest
 from jaxlora.engine.engine import check_prompt_length
@@ -637,7 +638,7 @@ def create_app(
 
     app = FastAPI(
         title="jaxlora",
-        version="0.1.0",
+        version=jaxlora_version,
         lifespan=lifespan,
         description="OpenAI-compatible multi-LoRA server: `model` is the base model or "
         "any registered adapter; requests for different adapters share every batch.",
@@ -722,6 +723,17 @@ def create_app(
     @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
     async def metrics():
         return Response(state.metrics_text(), media_type=prom.CONTENT_TYPE)
+
+    @app.get("/version", tags=["server"])
+    async def version():
+        return {"version": jaxlora_version}
+
+    @app.post("/reset_prefix_cache", tags=["server"], dependencies=[Depends(_check_api_key)])
+    async def reset_prefix_cache():
+        """vLLM's: forgets the cached prompt prefixes (--enable_prefix_caching); requests in
+        flight keep their pages."""
+        dropped = await anyio.to_thread.run_sync(state.engine.reset_prefix_cache)
+        return {"reset": True, "pages_dropped": dropped}
 
     async def resolve_model(name: str) -> str | None:
         """``state.resolve_model``; off the event loop where it may load an adapter."""
