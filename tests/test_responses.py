@@ -102,14 +102,29 @@ def test_a_response_becomes_a_chat():
     assert chat.response_format.json_schema == {"name": "a", "schema": schema}
     assert chat.truncate_prompt_tokens == -1
     assert chat.chat_template_kwargs == {"reasoning_effort": "low"}
+    assert not chat.logprobs and chat.top_logprobs is None
+    # Logprobs: asked for by include, or by top_logprobs (alternatives imply them).
+    for fields, top in (
+        ({"include": ["message.output_text.logprobs"]}, 0),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 3}, 3),
+        ({"top_logprobs": 2}, 2),
+    ):
+        chat, _ = responses.chat_body(body(**fields), [])
+        assert chat.logprobs and chat.top_logprobs == top, fields
+    chat, _ = responses.chat_body(body(top_logprobs=0), [])
+    assert not chat.logprobs
 
 
 @pytest.mark.parametrize(
     "fields, param",
     [
         ({"background": True}, "background"),
-        ({"include": ["reasoning.encrypted_content"]}, "include"),
-        ({"top_logprobs": 2}, "top_logprobs"),
+        (
+            {"include": ["message.output_text.logprobs", "reasoning.encrypted_content"]},
+            "include[1]",
+        ),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": -1}, "top_logprobs"),
         ({"max_tool_calls": 3}, "max_tool_calls"),
         ({"service_tier": "flex"}, "service_tier"),
         ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),

@@ -617,6 +617,10 @@ def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
     assert [item.type for item in reasoned.output] == ["reasoning", "message"]
     assert reasoned.output[0].content[0].text == " matey"
     assert reasoned.output_text == answer.content
+    # Logprobs: the message's are those of the tokens after the reasoning's.
+    scored_response = client.responses.create(**asked, max_output_tokens=40, top_logprobs=1)
+    entries = scored_response.output[1].content[0].logprobs
+    assert [e.token for e in entries] == tokens[thought:]
     events = list(client.responses.create(**asked, max_output_tokens=40, stream=True))
     thought = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
     assert thought == " matey" and events[-1].response.output_text == answer.content
@@ -707,6 +711,30 @@ def test_responses_answer_as_the_chat_does(served, client):
     streamed = events[-1].response
     assert streamed.output_text == text and streamed.usage == response.usage
     assert client.responses.retrieve(streamed.id).output_text == text
+
+    # Logprobs (include, top_logprobs): the chat's entries of the text's tokens, whole and
+    # streamed (the deltas' add up to the done event's and the part's).
+    scored_chat = client.chat.completions.create(
+        model="pirate",
+        messages=[{"role": "user", "content": prompt}],
+        logprobs=True,
+        top_logprobs=2,
+        **GREEDY,
+    )
+    expected = [e.model_dump() for e in scored_chat.choices[0].logprobs.content]
+    scored = {**asked, "max_output_tokens": None, "input": prompt, "top_logprobs": 2}
+    scored["include"] = ["message.output_text.logprobs"]
+    whole = client.responses.create(**scored)
+    part = whole.output[0].content[0]
+    assert [e.model_dump() for e in part.logprobs] == expected
+    assert all(len(e.top_logprobs) == 2 for e in part.logprobs)
+    events = list(client.responses.create(**scored, stream=True))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert [x.model_dump() for e in deltas for x in e.logprobs] == expected
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert [x.model_dump() for x in done.logprobs] == expected
+    plain = client.responses.create(**asked, input=prompt)
+    assert plain.output[0].content[0].logprobs == []
 
     # The conversation goes on without the instructions, as OpenAI's.
     follow = client.responses.create(**asked, previous_response_id=response.id, input=follow_up)

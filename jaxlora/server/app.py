@@ -1373,13 +1373,19 @@ def create_app(
                 return Response(status_code=499)
             check_finished(run.group)
             [(message, finish)] = chat_answers(run)
+            logprobs = None
+            if responses.wants_logprobs(body):  # (the text's tokens: those after the reasoning)
+                entries = formatter.of(chat).chat_logprobs(
+                    request.output_ids, request.output_logprobs, request.output_top_logprobs
+                )["content"]
+                logprobs = entries[run.reasoning_tokens(request.output_ids) :]
             return kept(
                 responses.response_object(
                     body,
                     response_id,
                     created,
                     responses.status_of(finish),
-                    responses.output_items(message, finish),
+                    responses.output_items(message, finish, logprobs),
                     responses.usage(
                         len(run.prompt),
                         len(request.output_ids),
@@ -1389,20 +1395,20 @@ def create_app(
             )
 
         writer = responses.ResponseEvents(body, response_id, created)
-        handlers = {
-            "reasoning": writer.reasoning,
-            "content": writer.content,
-            "tool_calls": writer.call_deltas,
-        }
+        handlers = {"reasoning": writer.reasoning, "tool_calls": writer.call_deltas}
 
         async def events_of(events) -> AsyncIterator[str]:
             for event in writer.start():
                 yield event
-            async for kind, _, value, _ in chat_pieces(run, events):
+            async for kind, _, value, lp in chat_pieces(run, events):
                 if kind == "error":
                     for event in writer.error(describe(value)[1]):
                         yield event
                     return
+                if kind == "content":
+                    for event in writer.content(value, lp and lp["content"]):
+                        yield event
+                    continue
                 if kind == "finish":
                     usage = responses.usage(
                         len(run.prompt),

@@ -249,8 +249,14 @@ class ResponsesRequest(_Body):
         None, description="'auto': keep the prompt's last tokens that fit the context."
     )
     background: bool | None = Field(None, description="Not supported (must be false).")
-    include: list[str] | None = Field(None, description="Not supported (must be empty).")
-    top_logprobs: int | None = Field(None, description="Not supported (must be 0).")
+    include: list[str] | None = Field(
+        None,
+        description="['message.output_text.logprobs']: the text's token logprobs (the only "
+        "extra output).",
+    )
+    top_logprobs: int | None = Field(
+        None, description="0..20 most likely tokens with each token's logprob (implies them)."
+    )
     max_tool_calls: int | None = Field(None, description="Not supported (must be absent).")
     service_tier: str | None = Field(None, description="'auto' or 'default' only.")
 

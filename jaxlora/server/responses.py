@@ -152,13 +152,24 @@ def _chat_tool(tool: Any, i: int) -> dict:
     return {"type": "function", "function": function}
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+MAX_TOP_LOGPROBS = 20
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """The message's text parts carry each token's logprob: asked for by ``include``, or by
+    asking for alternatives (``top_logprobs``)."""
+    return LOGPROBS_INCLUDE in (body.include or ()) or bool(body.top_logprobs)
+
+
 def _refuse_hosted_features(body: ResponsesRequest) -> None:
     if body.background:
         raise _fail("background", "false (no background responses)", body.background)
-    if body.include:
-        raise _fail("include", "none (no extra output data)", body.include)
-    if body.top_logprobs:
-        raise _fail("top_logprobs", "0 or absent (not supported)", body.top_logprobs)
+    for i, extra in enumerate(body.include or ()):
+        if extra != LOGPROBS_INCLUDE:
+            raise _fail(f"include[{i}]", f"{LOGPROBS_INCLUDE!r} (the only extra output)", extra)
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise _fail("top_logprobs", f"0..{MAX_TOP_LOGPROBS}", body.top_logprobs)
     if body.max_tool_calls is not None:
         raise _fail("max_tool_calls", "absent (not supported)", body.max_tool_calls)
     if body.service_tier not in (None, "auto", "default"):
@@ -219,6 +230,8 @@ def chat_body(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompleti
             raise _fail("text.format.type", "'text', 'json_object' or 'json_schema'", kind)
     if body.truncation == "auto":
         fields["truncate_prompt_tokens"] = -1
+    if wants_logprobs(body):
+        fields["logprobs"], fields["top_logprobs"] = True, body.top_logprobs or 0
     effort = (body.reasoning or {}).get("effort")
     if effort is not None:
         fields["chat_template_kwargs"] = {"reasoning_effort": effort}
@@ -248,8 +261,11 @@ def renamed(error: JaxloraError) -> JaxloraError:
     return with_param(type(error)(message), _FIELDS[root])
 
 
-def output_items(message: dict, finish_reason: str) -> list[dict]:
-    """A chat answer's output items: its reasoning, its text, its tool calls."""
+def output_items(
+    message: dict, finish_reason: str, logprobs: list[dict] | None = None
+) -> list[dict]:
+    """A chat answer's output items: its reasoning, its text (with ``logprobs``, the chat's
+    entries of its tokens), its tool calls."""
     items = []
     reasoning = message.get("reasoning_content")
     if reasoning:
@@ -257,7 +273,7 @@ def output_items(message: dict, finish_reason: str) -> list[dict]:
     calls = message.get("tool_calls") or []
     content = message.get("content")
     if content or not calls:
-        items.append(_message_item(content or "", status_of(finish_reason)))
+        items.append(_message_item(content or "", status_of(finish_reason), logprobs))
     for call in calls:
         items.append(
             _call_item(call["id"], call["function"]["name"], call["function"]["arguments"])
@@ -276,8 +292,8 @@ def _reasoning_item(text: str, status: str = "completed") -> dict:
     }
 
 
-def _message_item(text: str | None, status: str) -> dict:
-    content = [] if text is None else [_text_part(text)]
+def _message_item(text: str | None, status: str, logprobs: list[dict] | None = None) -> dict:
+    content = [] if text is None else [_text_part(text, logprobs)]
     return {
         "type": "message",
         "id": _new_id("msg"),
@@ -287,8 +303,8 @@ def _message_item(text: str | None, status: str) -> dict:
     }
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def _call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
@@ -454,6 +470,7 @@ class ResponseEvents:
         self._sequence = 0
         self._open: dict | None = None  # the output item still streaming
         self._text = ""  # its text so far (reasoning or message)
+        self._logprobs: list[dict] = []  # a message's token logprobs so far
         self._calls: dict[int, dict] = {}  # the call items by their chat index
 
     def _event(self, kind: str, **fields) -> str:
@@ -476,7 +493,7 @@ class ResponseEvents:
     def _add(self, item: dict) -> list[str]:
         events = self._close()
         self.output.append(item)
-        self._open, self._text = item, ""
+        self._open, self._text, self._logprobs = item, "", []
         events.append(
             self._event("response.output_item.added", output_index=len(self.output) - 1, item=item)
         )
@@ -509,18 +526,20 @@ class ResponseEvents:
         )
         return events
 
-    def content(self, text: str) -> list[str]:
+    def content(self, text: str, logprobs: list[dict] | None = None) -> list[str]:
+        """Message text, with its tokens' logprobs (the chat's entries) where asked for."""
         events = []
         if self._open is None or self._open["type"] != "message":
             events += self._open_message()
         self._text += text
+        self._logprobs += logprobs or []
         events.append(
             self._event(
                 "response.output_text.delta",
                 **self._where(),
                 content_index=0,
                 delta=text,
-                logprobs=[],
+                logprobs=logprobs or [],
             )
         )
         return events
@@ -558,14 +577,14 @@ class ResponseEvents:
             )
             item["content"] = [{"type": "reasoning_text", "text": self._text}]
         elif item["type"] == "message":
-            part = _text_part(self._text)
+            part = _text_part(self._text, self._logprobs)
             events.append(
                 self._event(
                     "response.output_text.done",
                     **where,
                     content_index=0,
                     text=self._text,
-                    logprobs=[],
+                    logprobs=self._logprobs,
                 )
             )
             events.append(
