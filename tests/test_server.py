@@ -1466,6 +1466,52 @@ def test_openapi_health_and_no_key_needed_outside_v1(served):
     assert reset.json() == {"reset": True, "pages_dropped": 0}
 
 
+def test_sagemaker_ping_and_invocations_route_by_the_body(served, client):
+    """/ping answers as /health; /invocations answers a chat, a completion or a response (by
+    the body's messages, prompt or input) as its /v1 route does, streamed too; bodies of none
+    of these, bad JSON and bad fields are 400s naming the field; it takes the API key."""
+    url = served[0].url
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{url}/ping").json() == httpx.post(f"{url}/ping").json() == {"status": "ok"}
+
+    def invoke(body, **kw):
+        return httpx.post(f"{url}/invocations", json=body, headers=headers, timeout=60, **kw)
+
+    messages = [{"role": "user", "content": demo.DEMO_PROMPTS[0]}]
+    chat_answer = invoke({"model": "pirate", "messages": messages, **GREEDY}).json()
+    assert chat_answer["object"] == "chat.completion"
+    assert chat_answer["choices"][0]["message"]["content"] == (
+        chat(client, "pirate").choices[0].message.content
+    )
+    completion = invoke({"model": "robot", "prompt": "Hi", **GREEDY}).json()
+    assert completion["choices"][0]["text"] == (
+        client.completions.create(model="robot", prompt="Hi", **GREEDY).choices[0].text
+    )
+    response = invoke({"model": "poet", "input": "Hi", "temperature": 0}).json()
+    assert response["object"] == "response" and response["output"][0]["content"][0]["text"] == (
+        client.responses.create(model="poet", input="Hi", temperature=0).output_text
+    )
+    streamed = invoke({"model": "pirate", "messages": messages, "stream": True, **GREEDY})
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    pieces = [
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in streamed.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    assert "".join(pieces) == chat_answer["choices"][0]["message"]["content"]
+    for body, param in (
+        ({"model": "pirate", "question": "Hi"}, "body"),
+        ([1, 2], "body"),
+        ({"model": "robot", "prompt": 5}, "prompt"),
+        ({"model": "robot", "messages": [], "prompt": "Hi"}, "prompt"),  # (a chat: unknown)
+    ):
+        answer = invoke(body)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, body
+    bad_json = httpx.post(f"{url}/invocations", content=b"{oops", headers=headers)
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["param"] == "body"
+    assert httpx.post(f"{url}/invocations", json={"prompt": "Hi"}).status_code == 401
+
+
 # ---------------------------------------------------------------------------- errors
 
 

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -1468,6 +1468,47 @@ def create_app(
         return {"id": response_id, "object": "response", "deleted": True}
 
     app.include_router(api)
+
+    # SageMaker's container contract (as vLLM's): GET /ping answers as /health, and POST
+    # /invocations takes any generation body, routed by its shape.
+    @app.get("/ping", tags=["server"])
+    @app.post("/ping", tags=["server"])
+    async def ping():
+        return await health()
+
+    invocation_routes = (
+        ("messages", ChatCompletionRequest, chat_completions),
+        ("prompt", CompletionRequest, completions),
+        ("input", ResponsesRequest, create_response),
+    )
+
+    @app.post("/invocations", tags=["generation"], dependencies=[Depends(_check_api_key)])
+    async def invocations(raw: Request):
+        """A chat (a body with ``messages``), a completion (``prompt``) or a response
+        (``input``), answered as its /v1 route answers it."""
+        try:
+            body = json.loads(await raw.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            problem = {"type": "json_invalid", "loc": ("body",), "msg": "invalid JSON"}
+            raise RequestValidationError([{**problem, "ctx": {"error": str(e)}}]) from None
+        route = next(
+            (r for r in invocation_routes if isinstance(body, dict) and r[0] in body), None
+        )
+        if route is None:
+            raise with_param(
+                RequestError(
+                    "body: expected a chat (with messages), a completion (with prompt) or a "
+                    "response (with input)"
+                ),
+                "body",
+            )
+        _, model, handler = route
+        try:
+            parsed = model.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(), body=body) from None
+        return await handler(parsed, raw)
+
     return app
 
 
