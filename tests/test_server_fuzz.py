@@ -79,6 +79,7 @@ LOAD = "/v1/load_lora_adapter"
 RESPONSES = "/v1/responses"
 R = {"model": "pirate", "input": "Hi", "max_output_tokens": 4, "temperature": 0}
 UNLOAD = "/v1/unload_lora_adapter"
+INVOKE = "/invocations"  # (SageMaker's: routed by the body's messages / prompt / input)
 GONE = object()  # a field left out of the body
 PROMPT_TYPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
@@ -463,6 +464,23 @@ CASES = [
     # was 500
     raw(UNLOAD, {"lora_name": "\udfff"}, "unload-name-surrogate", "lora_name", "surrogate"),
     raw(UNLOAD, {"lora_name": "nobody"}, "unload-unknown", "lora_name", "not loaded", status=404),
+    raw(INVOKE, b"{oops", "invoke-bad-json", "body", "not valid JSON"),
+    raw(INVOKE, b'{"prompt": "\xff"}', "invoke-not-utf8", "body", "not valid JSON"),
+    raw(INVOKE, b"[1]", "invoke-list", "body", "expected a chat (with messages)"),
+    raw(INVOKE, b'"Hi"', "invoke-string", "body", "a completion (with prompt)"),
+    raw(INVOKE, {"model": "pirate"}, "invoke-no-kind", "body", "a response (with input)"),
+    raw(INVOKE, {**C, "prompt": 5}, "invoke-prompt-int", "prompt", PROMPT_TYPES),
+    raw(INVOKE, {**M, "temperature": NAN}, "invoke-chat-nan", "temperature", "finite number"),
+    raw(INVOKE, {**M, "messages": "Hi"}, "invoke-messages-str", "messages", "valid list"),
+    raw(INVOKE, {**R, "input": 5}, "invoke-input-int", "input"),
+    raw(INVOKE, {**C, "model": "nobody"}, "invoke-unknown-model", "model", status=404),
+    raw(
+        INVOKE,
+        {**M, "messages": [{"role": "user", "content": "\ud800"}]},
+        "invoke-surrogate",
+        "messages",
+        "messages[0].content: expected valid Unicode",
+    ),
 ]
 
 
