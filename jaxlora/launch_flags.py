@@ -175,6 +175,13 @@ flags.DEFINE_enum(
     "`priority` first, preempting lower ones for rows and KV pages (vLLM's); fair: each "
     "adapter's share of the service (VTC: the adapter served least goes first).",
 )
+flags.DEFINE_list(
+    "fair_share_weights",
+    [],
+    "With --scheduling_policy=fair: name=weight pairs (an adapter's or the base model's name); "
+    "a model of weight w gets w times the service of one of weight 1 (the default) while both "
+    "are busy, e.g. premium=4,bulk=0.5.",
+)
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
 flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations."
@@ -213,7 +220,7 @@ def launch_config():
     """The ``LaunchConfig`` the flags describe; JaxloraError (naming the flag) for a bad JSON
     option."""
     from jaxlora.engine.runner import xla_options_from_json
-    from jaxlora.server.launch import LaunchConfig
+    from jaxlora.server.launch import LaunchConfig, parse_fair_share_weights
     from pallas_kernels.lora_matmul import MatmulConfig
     from pallas_kernels.sgmv import SgmvConfig
 
@@ -269,4 +276,5 @@ def launch_config():
         deterministic=FLAGS.deterministic,
         async_scheduling=FLAGS.async_scheduling,
         scheduling_policy=FLAGS.scheduling_policy,
+        fair_share_weights=parse_fair_share_weights(FLAGS.fair_share_weights),
     )

@@ -471,6 +471,59 @@ def test_fair_shares_interleave_a_flooding_tenant_with_a_small_one(base, policy)
         assert request.output_ids == expected
 
 
+def test_weighted_fair_shares_serve_a_heavier_tenant_more(base):
+    """fair_share_weights: adapters a (weight 3) and b (weight 1) both flood the queue, one
+    row: a's counter grows a third as fast, so while both wait a is admitted about three times
+    as often as b (unweighted: alternately). Outputs stay each adapter's own."""
+    orders = {}
+    for weights in ((), (("a", 3.0),)):
+        llm, adapters = _tenants_llm(base, "fair")
+        config = dataclasses.replace(llm.engine.engine_config, fair_share_weights=weights)
+        runner = dataclasses.replace(config.runner, max_batch=1, decode_buckets=(1,))
+        config = dataclasses.replace(config, runner=runner)
+        llm = jaxlora.LLM(
+            TINY, params=base, adapters=adapters, engine_config=config, load_workers=0
+        )
+        prompts = [[3 + i, 40 + i, 7] for i in range(16)]
+        tenants = ["a", "b"] * 8
+        requests = [
+            llm.engine.submit(p, greedy(2), adapter=t, request_id=f"{t}{i}")
+            for i, (p, t) in enumerate(zip(prompts, tenants, strict=True))
+        ]
+        order = [
+            name
+            for admitted in _run_recording_admissions(llm.engine, requests)
+            for name in admitted
+        ]
+        orders[weights] = "".join(name[0] for name in order)
+        for prompt, tenant, request in zip(prompts, tenants, requests, strict=True):
+            expected = greedy_reference(merged_params(base, adapters[tenant]), prompt, 2)
+            assert request.output_ids == expected
+    assert orders[()] == "ab" * 8
+    # Weighted: up to a's last admission (while both wait), about three a's to a b (the
+    # counters lag the admissions by the tokens of the request still running).
+    weighted = orders[(("a", 3.0),)]
+    both_waiting = weighted[: weighted.rindex("a") + 1]
+    assert both_waiting.count("a") == 8 and both_waiting.count("b") <= 3, weighted
+
+
+def test_fair_share_weights_are_checked():
+    from jaxlora.errors import ConfigError
+
+    fair = dataclasses.replace(small_engine_config(), scheduling_policy="fair")
+    for weights, needle in (
+        ((("a", 0.0),), "finite number > 0"),
+        ((("a", float("inf")),), "finite number > 0"),
+        ((("a", "2"),), "not a number"),
+        ((("a", 1.0), ("a", 2.0)), "weighted twice"),
+        ((("a",),), "expected .adapter name, weight."),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            dataclasses.replace(fair, fair_share_weights=weights)
+    with pytest.raises(ConfigError, match="needs scheduling_policy 'fair'"):
+        dataclasses.replace(small_engine_config(), fair_share_weights=(("a", 2.0),))
+
+
 def test_a_tenant_back_from_idle_banks_no_credit(base):
     """Adapter b arrives after a has been served for a while: it starts from a's counter (the
     lowest of the busy tenants), not from zero. While b waits, a's running requests are served

@@ -22,7 +22,13 @@ from jaxlora.errors import AdapterError, ConfigError
 from jaxlora.sampling import SamplingParams
 from jaxlora.server import resolve_adapter_path
 from jaxlora.server.config import ServerConfig
-from jaxlora.server.launch import LaunchConfig, banner, engine_config_for, parse_lora_modules
+from jaxlora.server.launch import (
+    LaunchConfig,
+    banner,
+    engine_config_for,
+    parse_fair_share_weights,
+    parse_lora_modules,
+)
 from tests.test_server_helpers import (
     API_KEY,
     engine_idle,
@@ -2079,6 +2085,26 @@ def test_launch_settings():
         ).scheduling_policy
         == "priority"
     )
+    weights = parse_fair_share_weights(["pirate=4", " jaxlora-demo = 0.5"])
+    fair = LaunchConfig(scheduling_policy="fair", fair_share_weights=weights)
+    # (by served name: the base model's is the engine's tenant "")
+    assert engine_config_for(TINY, fair, backend="cpu").fair_share_weights == (
+        ("pirate", 4.0),
+        ("", 0.5),
+    )
+    for bad in (["pirate"], ["=2"], ["pirate=lots"]):
+        with pytest.raises(ConfigError, match="expected name=weight"):
+            parse_fair_share_weights(bad)
+    for bad_weights, needle in (
+        ((("pirate", -1.0),), "finite number > 0"),
+        ((("pirate", 2.0), ("pirate", 3.0)), "weighted twice"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            engine_config_for(
+                TINY, dataclasses.replace(fair, fair_share_weights=bad_weights), backend="cpu"
+            )
+    with pytest.raises(ConfigError, match="needs scheduling_policy 'fair'"):
+        engine_config_for(TINY, LaunchConfig(fair_share_weights=(("pirate", 2.0),)), backend="cpu")
     assert cpu.runner.fuse_projections and gpu.runner.fuse_projections
     assert not engine_config_for(
         TINY, LaunchConfig(fuse_projections=False), backend="cpu"

@@ -118,6 +118,7 @@ def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
         ('--matmul_config={"dot_block": 16}', "unknown MatmulConfig field 'dot_block'"),
         ("--pinned_adapters=parrot", "--pinned_adapters: adapter 'parrot' is not registered"),
         ("--allowed_origins=app.example.com", "server config field 'allowed_origins'"),
+        ("--fair_share_weights=pirate=x", "error: --fair_share_weights entry 'pirate=x'"),
         (
             '--sgmv_config={"deterministic": false}',
             "error: --sgmv_config: SgmvConfig field 'deterministic' is set by "

@@ -60,7 +60,9 @@ Scheduling policy (one iteration):
    so one pass interleaves tenants; arrival order within a tenant and among equal counters).
    A tenant that had nothing waiting or running starts from the lowest counter among those
    that have (no credit is banked while idle), so a customer who floods the queue cannot hold
-   back one who sends a few requests. Preemption (4) is unchanged.
+   back one who sends a few requests. A tenant of weight w (``EngineConfig.fair_share_weights``)
+   is counted 1/w of its tokens: among busy tenants it gets w times the service of one of
+   weight 1. Preemption (4) is unchanged.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 
@@ -146,12 +149,34 @@ class EngineConfig:
     # vLLM's --scheduling-policy: "fcfs" (priorities refused), "priority" (policy 8), or
     # "fair" (policy 9: each adapter's share of service).
     scheduling_policy: str = "fcfs"
+    # Policy 9's weighted shares: (adapter name, or "" for the base model; weight) pairs. A
+    # tenant of weight w is counted 1/w of its tokens, so among busy tenants it gets w times the
+    # service of a tenant of weight 1 (the default); e.g. (("premium", 4.0),).
+    fair_share_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ConfigError(
                 f"EngineConfig: field 'scheduling_policy' is {self.scheduling_policy!r}; "
                 f"expected one of {list(SCHEDULING_POLICIES)}"
+            )
+        seen = set()
+        for i, pair in enumerate(self.fair_share_weights):
+            where = f"EngineConfig: field 'fair_share_weights[{i}]'"
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise ConfigError(f"{where} is {pair!r}; expected (adapter name, weight)")
+            name, weight = pair
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                raise ConfigError(f"{where}: weight {weight!r} is not a number")
+            if not math.isfinite(weight) or weight <= 0:
+                raise ConfigError(f"{where}: weight {weight!r}; expected a finite number > 0")
+            if name in seen:
+                raise ConfigError(f"{where}: {name!r} is weighted twice")
+            seen.add(name)
+        if self.fair_share_weights and self.scheduling_policy != "fair":
+            raise ConfigError(
+                "EngineConfig: field 'fair_share_weights' needs scheduling_policy 'fair' "
+                f"(it is {self.scheduling_policy!r})"
             )
 
 
@@ -299,6 +324,7 @@ class Engine:
         # Policy 9: each tenant's service counter, and the requests waiting or running of each
         # busy tenant (no entry for an idle one).
         self._service: collections.Counter = collections.Counter()
+        self._fair_weight = dict(ec.fair_share_weights)  # tenant -> weight (absent: 1)
         self._tenant_requests: collections.Counter = collections.Counter()
         self._running: list[Request] = []
         self._by_id: dict[str, Request] = {}
@@ -718,11 +744,15 @@ class Engine:
             counter, _, tenant = heapq.heappop(heap)
             request = queues[tenant].popleft()
             if not request.fair_charged:
-                counter += FAIR_PROMPT_WEIGHT * len(request.prompt_ids)
+                counter += self._fair_cost(tenant, FAIR_PROMPT_WEIGHT * len(request.prompt_ids))
             order.append(request)
             if queues[tenant]:
                 heapq.heappush(heap, (counter, queues[tenant][0].arrival, tenant))
         return order
+
+    def _fair_cost(self, tenant: str, tokens: float) -> float:
+        """What ``tokens`` of weighted service add to a tenant's counter (policy 9)."""
+        return tokens / self._fair_weight.get(tenant, 1.0)
 
     def _lowest_below(self, request: Request) -> Request | None:
         """The running request a higher-priority one may preempt (policy 8): the one of the
@@ -843,7 +873,10 @@ class Engine:
         self._running.append(request)
         if not request.fair_charged:  # (policy 9: a prompt counts once, recomputed or not)
             request.fair_charged = True
-            self._service[request.adapter or ""] += FAIR_PROMPT_WEIGHT * len(request.prompt_ids)
+            tenant = request.adapter or ""
+            self._service[tenant] += self._fair_cost(
+                tenant, FAIR_PROMPT_WEIGHT * len(request.prompt_ids)
+            )
         return _ADMITTED
 
     def _leader_pages_tokens(self, request: Request) -> int:
@@ -1329,8 +1362,9 @@ class Engine:
                 }
                 request.output_top_logprobs.append(top)
         self.stats.generated_tokens += 1
-        self.stats.tokens_per_adapter[request.adapter or ""] += 1
-        self._service[request.adapter or ""] += FAIR_OUTPUT_WEIGHT
+        tenant = request.adapter or ""
+        self.stats.tokens_per_adapter[tenant] += 1
+        self._service[tenant] += self._fair_cost(tenant, FAIR_OUTPUT_WEIGHT)
         sp = request.sampling
         finish = None
         # min_tokens: the sampler banned EOS and the stop tokens, and no stop string counts yet.

@@ -79,6 +79,8 @@ class LaunchConfig:
     deterministic: bool = True  # RunnerConfig.deterministic: no atomic adds in a step
     async_scheduling: bool = True  # EngineConfig.async_scheduling
     scheduling_policy: str = "fcfs"  # EngineConfig.scheduling_policy: fcfs, priority or fair
+    # EngineConfig.fair_share_weights by served name (the base model's name or an adapter's)
+    fair_share_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if (
@@ -116,11 +118,30 @@ def parse_lora_modules(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
+def parse_fair_share_weights(specs: tuple[str, ...] | list[str]) -> tuple[tuple[str, float], ...]:
+    """((name, weight), ...) from "name=weight" entries (--fair_share_weights)."""
+    out = []
+    for spec in specs:
+        name, sep, weight = spec.partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        if not sep or not name.strip() or value is None:
+            raise ConfigError(
+                f"--fair_share_weights entry {spec!r}: expected name=weight (an adapter's or "
+                "the base model's name, a number > 0)"
+            )
+        out.append((name.strip(), value))
+    return tuple(out)
+
+
 def engine_config_for(
     model: ModelConfig, launch: LaunchConfig, *, backend: str | None = None, warmup: bool = False
 ) -> EngineConfig:
     """The engine sizes of launch, defaults filled in for the model and the backend."""
     backend = backend or jax.default_backend()
+    base_name = launch.served_model_name or default_model_name(launch.model)
     on_cpu = backend == "cpu"
     runner_default, kv_default, pool_default = RunnerConfig(), KVCacheConfig(), LoraPoolConfig()
 
@@ -180,6 +201,11 @@ def engine_config_for(
         warmup=warmup,
         async_scheduling=launch.async_scheduling,
         scheduling_policy=launch.scheduling_policy,
+        # (the engine's tenant of the base model is "")
+        fair_share_weights=tuple(
+            ("" if name == base_name else name, weight)
+            for name, weight in launch.fair_share_weights
+        ),
     )
 
 

@@ -458,8 +458,9 @@ class ServingState:
             lines += prom.gauge(
                 "jaxlora_fair_share_service",
                 "Service each model has been counted under --scheduling_policy=fair (prompt "
-                "tokens plus twice the output tokens, lifted to the least busy one's on return "
-                "from idle); the least served waiting model is admitted first.",
+                "tokens plus twice the output tokens, over its --fair_share_weights weight; "
+                "lifted to the lowest busy one's on return from idle); the least served "
+                "waiting model is admitted first.",
                 {(self.model_label(t or None),): v for t, v in queues.fair_service.items()},
                 ("model",),
             )
