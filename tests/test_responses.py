@@ -271,6 +271,7 @@ def test_input_items_are_listed_as_openai_items():
         {"role": "developer", "content": "Be brief."},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
         {"role": "assistant", "content": "Hello."},
+        {"type": "message", "role": "assistant", "content": "Again.", "id": "msg_given"},
         {"type": "function_call", "call_id": "c1", "name": "clock", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "c1", "output": "12:00", "id": "fco_1"},
     ]
@@ -283,11 +284,13 @@ def test_input_items_are_listed_as_openai_items():
         "has_more": False,
     }
     parsed = ResponseItemList.model_validate(page)
-    assert [item.type for item in parsed.data] == ["message"] * 3 + [
+    assert [item.type for item in parsed.data] == ["message"] * 4 + [
         "function_call",
         "function_call_output",
     ]
-    assert parsed.data[2].content[0].text == "Hello." and parsed.data[4].id == "fco_1"
-    assert len({item["id"] for item in listed}) == 5
+    assert parsed.data[2].content[0].text == "Hello." and parsed.data[5].id == "fco_1"
+    # (ids sent with the items are kept, an assistant message's too)
+    assert parsed.data[3].id == "msg_given" and parsed.data[3].content[0].text == "Again."
+    assert len({item["id"] for item in listed}) == 6
     [one] = responses.input_items("Hi")
     assert one["role"] == "user" and one["content"] == [{"type": "input_text", "text": "Hi"}]

@@ -396,7 +396,9 @@ def input_items(input_: str | list) -> list[dict]:
         if kind == "message":
             content = item["content"]
             if item["role"] == "assistant":
+                given = item.get("id")
                 item = _message_item(_text_of(content, "input"), "completed")
+                item["id"] = given or item["id"]  # (an earlier output's id, sent back)
             else:
                 parts = (
                     [{"type": "input_text", "text": content}]
