@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -29,6 +30,13 @@ from jaxlora import launch_flags  # noqa: E402  (defines the serving flags)
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
+flags.DEFINE_float(
+    "graceful_shutdown_s",
+    30.0,
+    "On SIGTERM or Ctrl-C: stop accepting connections and let the requests in flight finish "
+    "for up to this many seconds, then cancel the rest (a second signal stops at once).",
+    lower_bound=0.0,
+)
 flags.DEFINE_bool(
     "warmup",
     True,
@@ -78,11 +86,20 @@ def main(argv):
             flush=True,
         )
     app_ = create_app(state, warm_up=FLAGS.warmup, background_warmup=True, on_ready=ready)
-    config = uvicorn.Config(app_, log_level=FLAGS.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app_, log_level=FLAGS.log_level, timeout_graceful_shutdown=FLAGS.graceful_shutdown_s
+    )
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # uvicorn drains, then raises the signal it caught again with the handlers it found: SIGTERM
+    # (a container's stop) then ends the process as Ctrl-C does, cleanly, not killed by it.
+    signal.signal(signal.SIGTERM, stop)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
-        pass  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal it caught
+        pass  # uvicorn shut down gracefully, then re-raised the signal it caught
     print("jaxlora: stopped", flush=True)
 
 

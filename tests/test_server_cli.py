@@ -1,5 +1,5 @@
 """scripts/serve.py with no model flags: serves the embedded demo, prints the URL and a curl
-example that works as printed, and stops cleanly on SIGINT."""
+example that works as printed, and stops cleanly on SIGTERM, letting a request in flight finish."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -92,8 +93,32 @@ def test_serve_script_default_demo_prints_a_working_curl():
         )  # --max_body_mib=1
         assert too_big.status_code == 413, too_big.text
         assert too_big.json()["error"]["param"] == "body"
+        # SIGTERM (a container's stop) while a request streams: new connections are refused,
+        # the stream runs to its end, then the server stops cleanly.
+        lines, first = [], threading.Event()
+
+        def stream():
+            long_run = {**body, "max_tokens": 48, "ignore_eos": True, "stream": True}
+            long_run["stream_options"] = {"include_usage": True}
+            with httpx.stream("POST", words[1], json=long_run, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line[6:])
+                        first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(60)
+        process.send_signal(signal.SIGTERM)
+        reader.join(120)
+        assert lines[-1] == "[DONE]", lines[-3:]
+        chunks = [json.loads(x) for x in lines[:-1]]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == 48
+        process.wait(timeout=60)  # (its exit status and last words: below)
     finally:
-        process.send_signal(signal.SIGINT)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
         try:
             rest, _ = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
