@@ -182,6 +182,13 @@ flags.DEFINE_list(
     "a model of weight w gets w times the service of one of weight 1 (the default) while both "
     "are busy, e.g. premium=4,bulk=0.5.",
 )
+flags.DEFINE_string(
+    "api_keys_file",
+    "",
+    "JSON file of tenants' API keys, each for some models only: "
+    '{"keys": [{"name": "acme", "key": "...", "models": ["acme-*"], "admin": false}]} '
+    "(jaxlora.server.keys; beside --api_key, which reaches everything).",
+)
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
 flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations."
@@ -246,6 +253,7 @@ def launch_config():
         tool_call_parser=FLAGS.tool_call_parser,
         reasoning_parser=FLAGS.reasoning_parser,
         api_key=api_key or None,
+        api_keys_file=FLAGS.api_keys_file,
         dtype=FLAGS.dtype,
         seed=FLAGS.seed,
         tensor_parallel_size=FLAGS.tensor_parallel_size,

@@ -12,7 +12,9 @@ and engine flags are scripts/serve.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import secrets
 import sys
 
 from absl import app, flags
@@ -44,6 +46,11 @@ def main(argv):
     with source:
         try:
             state = build_state(launch_flags.launch_config())
+            # The batch's own loopback server takes one fresh key, known to this process only
+            # (the --api_key / --api_keys_file keys are for a served endpoint).
+            state.config = dataclasses.replace(
+                state.config, api_key=secrets.token_urlsafe(24), api_keys=()
+            )
             server = BackgroundServer(create_app(state)).start()
         except JaxloraError as e:
             sys.exit(f"error: {e}")

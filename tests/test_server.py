@@ -1790,6 +1790,129 @@ def test_merged_adapters_load_at_runtime(served, client):
     assert "x" not in {m.id for m in client.models.list().data}
 
 
+def test_tenant_keys_reach_their_own_models_only(tmp_path):
+    """--api_keys_file: a tenant's key uses the models its patterns name, and to it the others
+    do not exist (the unknown model's 404, not listed); admin routes take an admin key (403
+    otherwise); a stored response is its creator's key's only; --api_key stays an admin of
+    everything. A bad file is refused naming the entry and field."""
+    from jaxlora.server.keys import ApiKey, load_api_keys
+
+    acme_secret, ops_secret = "sk-acme-0123456789abcdef", "sk-ops-0123456789abcdef"
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {"name": "acme", "key": acme_secret, "models": ["pirate", "rob*"]},
+                    {"name": "ops", "key": ops_secret, "models": ["*"], "admin": True},
+                ]
+            }
+        )
+    )
+    keys = load_api_keys(str(keys_file))
+    assert [(k.name, k.models, k.admin) for k in keys] == [
+        ("acme", ("pirate", "rob*"), False),
+        ("ops", ("*",), True),
+    ]
+    assert acme_secret not in repr(keys)
+    server, state = start_demo_server(api_key=None, api_keys=keys)
+    try:
+        acme, ops, single = (
+            openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=0)
+            for secret in (acme_secret, ops_secret, API_KEY)
+        )
+        assert {m.id for m in acme.models.list().data} == {"pirate", "robot"}
+        assert {m.id for m in ops.models.list().data} == {BASE, *demo.DEMO_SIGNATURES}
+        assert chat(acme, "pirate").choices[0].message.content == demo.DEMO_SIGNATURES["pirate"]
+        hidden = expect_error(404, lambda: chat(acme, "poet"), "The model `poet` does not exist")
+        unknown = expect_error(404, lambda: chat(acme, "nobody"))
+        assert hidden["message"].replace("poet", "nobody") == unknown["message"]
+        expect_error(404, lambda: acme.completions.create(model=BASE, prompt="Hi", **GREEDY))
+        expect_error(404, lambda: acme.models.retrieve("poet"))
+        assert chat(ops, "poet").choices[0].message.content == demo.DEMO_SIGNATURES["poet"]
+        # (the one --api_key is not taken beside a keys file unless given: here it is not)
+        expect_error(401, lambda: single.models.list())
+        url = server.url
+        denied = httpx.post(
+            f"{url}/reset_prefix_cache", headers={"Authorization": f"Bearer {acme_secret}"}
+        )
+        assert denied.status_code == 403
+        assert denied.json()["error"]["type"] == "permission_error"
+        assert "'acme' may not reset the prefix cache" in denied.json()["error"]["message"]
+        unload = {"lora_name": "pirate"}
+        with pytest.raises(openai.PermissionDeniedError):
+            acme.post("/unload_lora_adapter", body=unload, cast_to=httpx.Response)
+        allowed = httpx.post(
+            f"{url}/reset_prefix_cache", headers={"Authorization": f"Bearer {ops_secret}"}
+        )
+        assert allowed.status_code == 200
+        # A stored response is acme's only: ops cannot read, continue or delete it.
+        stored = acme.responses.create(model="pirate", input="Hi", temperature=0)
+        assert acme.responses.retrieve(stored.id).id == stored.id
+        for call in (
+            lambda: ops.responses.retrieve(stored.id),
+            lambda: ops.responses.input_items.list(stored.id),
+            lambda: ops.responses.delete(stored.id),
+            lambda: ops.responses.create(
+                model="pirate", input="More", previous_response_id=stored.id
+            ),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        acme.responses.delete(stored.id)
+        # /invocations and /tokenize answer by the same rule.
+        invoked = httpx.post(
+            f"{url}/invocations",
+            json={"model": "poet", "prompt": "Hi"},
+            headers={"Authorization": f"Bearer {acme_secret}"},
+        )
+        assert invoked.status_code == 404
+        tokenized = httpx.post(
+            f"{url}/tokenize",
+            json={"model": "poet", "prompt": "Hi"},
+            headers={"Authorization": f"Bearer {acme_secret}"},
+        )
+        assert tokenized.status_code == 404
+    finally:
+        server.stop()
+    # --api_key beside the file: an admin of everything.
+    both = ServerConfig(model_name="m", api_key=API_KEY, api_keys=keys)
+    assert [k.name for k in both.keys] == ["acme", "ops", "api_key"] and both.keys[-1].admin
+    with pytest.raises(ConfigError, match="keys.1..key: .not shown. is used twice"):
+        ServerConfig(model_name="m", api_key=acme_secret, api_keys=keys[:1])
+    for document, needle in (
+        ({"keys": []}, "expected"),
+        ({"keys": [{"name": "a", "key": "short", "models": ["*"]}]}, r"keys\[0\]\.key: "),
+        ({"keys": [{"name": "a", "key": acme_secret}]}, r"keys\[0\]\.models: missing"),
+        ({"keys": [{"name": "a", "key": acme_secret, "models": "*"}]}, "non-empty list"),
+        ({"keys": [{"name": "a b", "key": acme_secret, "models": ["*"]}]}, "letters, digits"),
+        (
+            {"keys": [{"name": "a", "key": acme_secret, "models": ["*"], "admin": "yes"}]},
+            "admin: expected true or false",
+        ),
+        ({"keys": [{"name": "a", "key": acme_secret, "models": ["*"], "role": 1}]}, "role"),
+        (
+            {
+                "keys": [
+                    {"name": "a", "key": acme_secret, "models": ["*"]},
+                    {"name": "a", "key": ops_secret, "models": ["*"]},
+                ]
+            },
+            r"keys\[1\]\.name: 'a' is used twice",
+        ),
+    ):
+        keys_file.write_text(json.dumps(document))
+        with pytest.raises(ConfigError, match=needle):
+            load_api_keys(str(keys_file))
+    keys_file.write_text("{not json")
+    with pytest.raises(ConfigError, match="not a JSON file"):
+        load_api_keys(str(keys_file))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_api_keys(str(tmp_path / "none.json"))
+    assert ApiKey("x", "k", ("a?c", "[bd]*")).allows("abc")
+    assert not ApiKey("x", "k", ("a?c",)).allows("abbc")
+
+
 def test_requests_load_adapters_on_demand_from_the_roots(adapter_root):
     """load_adapters_on_demand: a request naming an adapter directory under the roots loads it
     (once, for concurrent requests) and is served by it; what is outside the roots or no adapter

@@ -10,8 +10,8 @@ their KV pages and adapter references at the engine's next step.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
-import hmac
 import json
 import logging
 import re
@@ -42,12 +42,14 @@ from jaxlora.server.errors import (
     AuthenticationError,
     EngineRequestError,
     NotFoundError,
+    PermissionDeniedError,
     describe,
     error_response,
     exception_response,
     with_param,
 )
 from jaxlora.server.generation import RequestGroup
+from jaxlora.server.keys import ApiKey, find_key
 from jaxlora.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -600,16 +602,43 @@ class _ChatRun:
 _bearer = HTTPBearer(auto_error=False, description="The server's API key, if it has one.")
 
 
+# The API key of the request being handled (None: the server takes no keys). Set by the
+# _check_api_key dependency, which runs in the endpoint's own task.
+_CALLER: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("caller", default=None)
+
+
 async def _check_api_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    key = request.app.state.serving.config.api_key
-    if key is None:
+    keys = request.app.state.serving.config.keys
+    if not keys:
+        _CALLER.set(None)
         return
     given = credentials.credentials if credentials is not None else ""
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    caller = find_key(keys, given)
+    if caller is None:
         raise AuthenticationError(
             "Invalid or missing API key: send the server's key as 'Authorization: Bearer <key>'"
+        )
+    _CALLER.set(caller)
+
+
+def _caller_may_use(model: str) -> bool:
+    caller = _CALLER.get()
+    return caller is None or caller.allows(model)
+
+
+def _caller_name() -> str | None:
+    caller = _CALLER.get()
+    return None if caller is None else caller.name
+
+
+def _require_admin(action: str) -> None:
+    caller = _CALLER.get()
+    if caller is not None and not caller.admin:
+        raise PermissionDeniedError(
+            f"API key {caller.name!r} may not {action}: it needs an admin key (--api_key, or "
+            '"admin": true in --api_keys_file)'
         )
 
 
@@ -732,11 +761,15 @@ def create_app(
     async def reset_prefix_cache():
         """vLLM's: forgets the cached prompt prefixes (--enable_prefix_caching); requests in
         flight keep their pages."""
+        _require_admin("reset the prefix cache")
         dropped = await anyio.to_thread.run_sync(state.engine.reset_prefix_cache)
         return {"reset": True, "pages_dropped": dropped}
 
     async def resolve_model(name: str) -> str | None:
-        """``state.resolve_model``; off the event loop where it may load an adapter."""
+        """``state.resolve_model`` for the request's API key; off the event loop where it may
+        load an adapter."""
+        if not _caller_may_use(name):
+            raise state.unknown_model(name)
         if state.knows_model(name):
             return state.resolve_model(name)
         return await anyio.to_thread.run_sync(lambda: state.resolve_model(name))
@@ -806,7 +839,8 @@ def create_app(
 
     @api.get("/models", tags=["models"])
     async def list_models():
-        return {"object": "list", "data": state.models()}
+        cards = [card for card in state.models() if _caller_may_use(card["id"])]
+        return {"object": "list", "data": cards}
 
     @api.get("/models/{model_id:path}", tags=["models"])
     async def get_model(model_id: str):
@@ -818,6 +852,7 @@ def create_app(
 
     @api.post("/load_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
     async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        _require_admin("load adapters")
         _check_text(body)
         # Registration reads the adapter's headers from disk: off the event loop.
         if (body.lora_path is None) == (body.merge is None):
@@ -841,6 +876,7 @@ def create_app(
 
     @api.post("/unload_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        _require_admin("unload adapters")
         _check_text(body)
         state.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
@@ -1339,9 +1375,10 @@ def create_app(
     async def create_response(body: ResponsesRequest, raw: Request):
         _check_text(body)
         history = []
+        owner = _caller_name()
         if body.previous_response_id is not None:
             stored = state.responses.get(body.previous_response_id)
-            if stored is None:
+            if stored is None or stored.owner != owner:
                 raise with_param(
                     NotFoundError(
                         f"previous_response_id: no stored response {body.previous_response_id!r}"
@@ -1363,7 +1400,10 @@ def create_app(
                 message = responses.assistant_message(response["output"])
                 state.responses.put(
                     responses.StoredResponse(
-                        response, [*conversation, message], responses.input_items(body.input)
+                        response,
+                        [*conversation, message],
+                        responses.input_items(body.input),
+                        owner,
                     )
                 )
             return response
@@ -1426,8 +1466,9 @@ def create_app(
         return await stream(run.group, raw, events_of, done=False)
 
     def stored_response(response_id: str) -> responses.StoredResponse:
+        """A stored response of the request's API key (another key's: as if there were none)."""
         stored = state.responses.get(response_id)
-        if stored is None:
+        if stored is None or stored.owner != _caller_name():
             raise NotFoundError(f"No response found with id '{response_id}'")
         return stored
 
@@ -1463,6 +1504,7 @@ def create_app(
 
     @api.delete("/responses/{response_id}", tags=["generation"])
     async def delete_response(response_id: str):
+        stored_response(response_id)  # (404 unless it is the caller's)
         if not state.responses.delete(response_id):
             raise NotFoundError(f"No response found with id '{response_id}'")
         return {"id": response_id, "object": "response", "deleted": True}

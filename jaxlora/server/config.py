@@ -7,6 +7,7 @@ import os
 import re
 
 from jaxlora.errors import ConfigError
+from jaxlora.server.keys import ApiKey, check_keys
 from jaxlora.server.reasoning import REASONING_PARSERS
 from jaxlora.server.tool_calls import PARSERS
 
@@ -44,6 +45,8 @@ class ServerConfig:
     any); empty: no CORS headers, browsers refuse cross-origin calls.
     log_requests: one log line (INFO, logger jaxlora.server) a finished request: its id,
     model, token counts, finish reason, time to first token and end to end, preemptions.
+    api_keys: tenants' keys, each for some models only (``jaxlora.server.keys``; beside
+    api_key, which reaches everything).
     """
 
     model_name: str
@@ -62,6 +65,14 @@ class ServerConfig:
     max_stored_responses: int = 1000
     allowed_origins: tuple[str, ...] = ()
     log_requests: bool = False
+    api_keys: tuple[ApiKey, ...] = ()
+
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        """Every key the server takes: the tenants' and ``api_key`` (an admin of every model,
+        named "api_key"); empty: no key is needed."""
+        single = () if self.api_key is None else (ApiKey("api_key", self.api_key, ("*",), True),)
+        return (*self.api_keys, *single)
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -71,6 +82,11 @@ class ServerConfig:
             )
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ConfigError("server config field 'api_key': expected a non-empty string or None")
+        if not isinstance(self.api_keys, tuple) or not all(
+            isinstance(k, ApiKey) for k in self.api_keys
+        ):
+            raise ConfigError("server config field 'api_keys': expected a tuple of ApiKey")
+        check_keys(self.keys, "server config field 'api_keys'")
         roots = tuple(os.fspath(r) for r in self.adapter_roots)
         for root in roots:
             if not os.path.isdir(root):

@@ -33,6 +33,10 @@ class AuthenticationError(JaxloraError):
     """The request has no API key or a wrong one."""
 
 
+class PermissionDeniedError(JaxloraError):
+    """The request's API key may not do what it asks (an admin route with a tenant's key)."""
+
+
 class NotFoundError(JaxloraError):
     """A stored object the request names (a response) does not exist (404)."""
 
@@ -66,6 +70,8 @@ def status_of(error: BaseException) -> tuple[int, str, str | None]:
     """(HTTP status, OpenAI error type, code) of an exception."""
     if isinstance(error, AuthenticationError):
         return 401, "authentication_error", "invalid_api_key"
+    if isinstance(error, PermissionDeniedError):
+        return 403, "permission_error", "permission_denied"
     if isinstance(error, EngineRequestError):
         return 500, "server_error", "engine_error"
     if isinstance(error, UnknownAdapterError):

@@ -20,6 +20,7 @@ from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.server.config import ServerConfig
+from jaxlora.server.keys import load_api_keys
 from jaxlora.server.state import ServingState
 from pallas_kernels.lora_matmul import MatmulConfig
 from pallas_kernels.sgmv import SgmvConfig
@@ -49,6 +50,7 @@ class LaunchConfig:
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
     reasoning_parser: str = ""  # ServerConfig.reasoning_parser ("": none)
     api_key: str | None = None
+    api_keys_file: str = ""  # ServerConfig.api_keys: tenants' keys (jaxlora.server.keys)
     dtype: str = "float32"
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -260,6 +262,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
     server_config = ServerConfig(
         model_name=launch.served_model_name or default_model_name(launch.model),
         api_key=launch.api_key or None,
+        api_keys=load_api_keys(launch.api_keys_file) if launch.api_keys_file else (),
         adapter_roots=tuple(launch.allowed_adapter_roots),
         load_adapters_on_demand=launch.load_adapters_on_demand,
         tool_call_parser=launch.tool_call_parser or None,
@@ -292,7 +295,7 @@ def banner(state: ServingState, url: str) -> str:
         }
     )
     # The key itself never goes to stdout or logs: the example reads it from the environment.
-    auth = ' \\\n  -H "Authorization: Bearer $JAXLORA_API_KEY"' if config.api_key else ""
+    auth = ' \\\n  -H "Authorization: Bearer $JAXLORA_API_KEY"' if config.keys else ""
     shown = ", ".join(adapters[:8]) + (
         f", ... ({len(adapters)} in all)" if len(adapters) > 8 else ""
     )
@@ -304,7 +307,7 @@ def banner(state: ServingState, url: str) -> str:
             f"  models: {url}/v1/models   health: {url}/health   metrics: {url}/metrics   "
             f"docs: {url}/docs",
             'Try it (set "model" to an adapter name or to the base model\'s'
-            + ("; export JAXLORA_API_KEY=<the server's key>):" if config.api_key else "):"),
+            + ("; export JAXLORA_API_KEY=<a key of the server's>):" if config.keys else "):"),
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
             f"    -d {shlex.quote(body)}",
             "",

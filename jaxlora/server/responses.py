@@ -436,6 +436,7 @@ class StoredResponse:
     response: dict
     conversation: list  # the chat messages it ends (for previous_response_id)
     input_items: list  # its input, as listed
+    owner: str | None = None  # the name of the API key that created it (None: no keys)
 
 
 class ResponseStore:

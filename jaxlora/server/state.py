@@ -173,11 +173,15 @@ class ServingState:
             return name
         if self.config.load_adapters_on_demand and self._load_on_demand(name):
             return name
-        raise with_param(
+        raise self.unknown_model(name)
+
+    def unknown_model(self, name: str) -> UnknownAdapterError:
+        """The 404 of a model that is not served (or that the caller's key may not use: the
+        same answer, so that a key learns nothing of the models it cannot reach)."""
+        return with_param(
             UnknownAdapterError(
-                f"The model `{name}` does not exist: it is neither the base model "
-                f"({self.config.model_name!r}) nor a registered adapter (GET /v1/models lists "
-                "them)"
+                f"The model `{name}` does not exist: it is neither the base model nor a "
+                "registered adapter (GET /v1/models lists them)"
             ),
             "model",
         )
