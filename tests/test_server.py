@@ -1431,7 +1431,7 @@ def test_finished_requests_are_logged_when_asked(served, client, caplog, monkeyp
     assert len(lines) == 2, lines
     for choice, line in enumerate(lines):
         assert re.fullmatch(
-            rf"request {answer.id}-0-{choice} model=robot prompt_tokens=\d+ "
+            rf"request {answer.id}-0-{choice} model=robot key=api_key prompt_tokens=\d+ "
             rf"output_tokens={answer.usage.completion_tokens // 2} finish=stop "
             r"ttft=\d+\.\d{3}s e2e=\d+\.\d{3}s preemptions=0",
             line,
@@ -1873,6 +1873,18 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
             headers={"Authorization": f"Bearer {acme_secret}"},
         )
         assert tokenized.status_code == 404
+        # Usage by key (billing per customer): acme's two generations, ops' one.
+        assert wait_until(lambda: engine_idle(state))
+        usage = parse_metrics(httpx.get(f"{url}/metrics").text)
+        assert metric(usage, "jaxlora_api_key_requests_total", key="acme") == 2
+        assert metric(usage, "jaxlora_api_key_requests_total", key="ops") == 1
+        generated = metric(usage, "jaxlora_api_key_tokens_total", key="acme", kind="generation")
+        assert (
+            generated
+            == stored.usage.output_tokens
+            + len(state.tokenizer.encode(demo.DEMO_SIGNATURES["pirate"], add_bos=False))
+            + 1
+        )
     finally:
         server.stop()
     # --api_key beside the file: an admin of everything.

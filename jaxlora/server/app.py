@@ -913,7 +913,13 @@ def create_app(
                 first = None  # the n choices of a prompt compute its pages once
                 for c, sampling in enumerate(samplings_per_prompt):
                     request = state.submit(
-                        ids, sampling, adapter, f"{http_id}-{p}-{c}", first, priority
+                        ids,
+                        sampling,
+                        adapter,
+                        f"{http_id}-{p}-{c}",
+                        first,
+                        priority,
+                        caller=_caller_name(),
                     )
                     first = first or request
                     group.add(request)

@@ -223,6 +223,16 @@ class ServerMetrics:
             "Tokens generated for finished requests, per model.",
             ("model",),
         )
+        self.key_requests = Counter(
+            "jaxlora_api_key_requests_total",
+            "Generation requests finished, per API key name (--api_keys_file, --api_key).",
+            ("key",),
+        )
+        self.key_tokens = Counter(
+            "jaxlora_api_key_tokens_total",
+            "Prompt and generated tokens of finished requests, per API key name.",
+            ("key", "kind"),
+        )
         self.on_demand_loads = Counter(
             "jaxlora_adapters_loaded_on_demand_total",
             "Adapters registered because a request named them (load_adapters_on_demand), per "
@@ -283,6 +293,8 @@ class ServerMetrics:
             self.finished,
             self.prompt_tokens,
             self.generation_tokens,
+            self.key_requests,
+            self.key_tokens,
             self.on_demand_loads,
             self.responses,
             self.ttft,

@@ -95,6 +95,7 @@ class ServingState:
         )
         self.metrics = prom.ServerMetrics(self.max_model_len)
         self.pump = DeltaPump(config.stream_poll_s, self._on_finish)
+        self._callers: dict[str, str] = {}  # request id -> its API key's name, until it ends
         self.created = int(time.time())
         self._adapter_created: dict[str, int] = {}
         self.responses = ResponseStore(config.max_stored_responses)
@@ -338,10 +339,12 @@ class ServingState:
         request_id: str,
         share_prompt_with: Request | None = None,
         priority: int = 0,
+        caller: str | None = None,
     ) -> Request:
         """share_prompt_with: an earlier choice of the same prompt (its prompt pages are
         shared, not computed again); priority: vLLM's (lower first, under the "priority"
-        scheduling policy)."""
+        scheduling policy); caller: the name of the request's API key (its usage is counted
+        by key)."""
         deadline = self.config.first_token_deadline_s
         request = self.engine.submit(
             prompt_ids,
@@ -353,6 +356,8 @@ class ServingState:
             priority=priority,
         )
         self.metrics.requests.inc(self.model_label(adapter))
+        if caller is not None:
+            self._callers[request_id] = caller
         return request
 
     def refuse_text_that_cannot_fit(self, text: str, field: str, what: str) -> None:
@@ -382,7 +387,12 @@ class ServingState:
     def _on_finish(self, request: Request) -> None:
         m = self.metrics
         label = self.model_label(request.adapter)
+        caller = self._callers.pop(request.request_id, None)
         m.finished.inc(label, str(request.finish_reason))
+        if caller is not None:
+            m.key_requests.inc(caller)
+            m.key_tokens.inc(caller, "prompt", amount=len(request.prompt_ids))
+            m.key_tokens.inc(caller, "generation", amount=len(request.output_ids))
         m.prompt_tokens.inc(label, amount=len(request.prompt_ids))
         m.generation_tokens.inc(label, amount=len(request.output_ids))
         if request.first_token_time is not None:
@@ -405,10 +415,11 @@ class ServingState:
         if self.config.log_requests:
             ttft = request.first_token_time
             log.info(
-                "request %s model=%s prompt_tokens=%d output_tokens=%d finish=%s ttft=%s "
-                "e2e=%s preemptions=%d",
+                "request %s model=%s key=%s prompt_tokens=%d output_tokens=%d finish=%s "
+                "ttft=%s e2e=%s preemptions=%d",
                 request.request_id,
                 label,
+                caller or "-",
                 len(request.prompt_ids),
                 len(request.output_ids),
                 request.finish_reason,
