@@ -1798,6 +1798,7 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
     from jaxlora.server.keys import ApiKey, load_api_keys
 
     acme_secret, ops_secret = "sk-acme-0123456789abcdef", "sk-ops-0123456789abcdef"
+    capped_secret = "sk-capped-0123456789abcdef"
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(
         json.dumps(
@@ -1805,14 +1806,16 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
                 "keys": [
                     {"name": "acme", "key": acme_secret, "models": ["pirate", "rob*"]},
                     {"name": "ops", "key": ops_secret, "models": ["*"], "admin": True},
+                    {"name": "capped", "key": capped_secret, "models": ["*"], "max_in_flight": 1},
                 ]
             }
         )
     )
     keys = load_api_keys(str(keys_file))
-    assert [(k.name, k.models, k.admin) for k in keys] == [
-        ("acme", ("pirate", "rob*"), False),
-        ("ops", ("*",), True),
+    assert [(k.name, k.models, k.admin, k.max_in_flight) for k in keys] == [
+        ("acme", ("pirate", "rob*"), False, None),
+        ("ops", ("*",), True, None),
+        ("capped", ("*",), False, 1),
     ]
     assert acme_secret not in repr(keys)
     server, state = start_demo_server(api_key=None, api_keys=keys)
@@ -1873,6 +1876,21 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
             headers={"Authorization": f"Bearer {acme_secret}"},
         )
         assert tokenized.status_code == 404
+        # max_in_flight 1: a second generation while one streams is a 429 (Retry-After), and so
+        # is a request of n=2 (refused whole); once the stream ends, the key may go on.
+        capped = openai.OpenAI(base_url=server.base_url, api_key=capped_secret, max_retries=0)
+        running = chat(capped, "robot", stream=True, max_tokens=40, extra_body={"ignore_eos": True})
+        next(iter(running))
+        with pytest.raises(openai.RateLimitError) as limited:
+            chat(capped, "poet")
+        assert limited.value.response.headers["retry-after"] == "1"
+        assert "'capped' has 1 generations in flight" in limited.value.body["message"]
+        assert len([c for c in running if c.choices and c.choices[0].delta.content]) > 0
+        assert wait_until(lambda: engine_idle(state))
+        with pytest.raises(openai.RateLimitError):
+            chat(capped, "poet", n=2)
+        assert wait_until(lambda: engine_idle(state)) and not state._in_flight
+        assert chat(capped, "poet").choices[0].message.content == demo.DEMO_SIGNATURES["poet"]
         # Usage by key (billing per customer): acme's two generations, ops' one.
         assert wait_until(lambda: engine_idle(state))
         usage = parse_metrics(httpx.get(f"{url}/metrics").text)
@@ -1889,7 +1907,8 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
         server.stop()
     # --api_key beside the file: an admin of everything.
     both = ServerConfig(model_name="m", api_key=API_KEY, api_keys=keys)
-    assert [k.name for k in both.keys] == ["acme", "ops", "api_key"] and both.keys[-1].admin
+    assert [k.name for k in both.keys] == ["acme", "ops", "capped", "api_key"]
+    assert both.keys[-1].admin
     with pytest.raises(ConfigError, match="keys.1..key: .not shown. is used twice"):
         ServerConfig(model_name="m", api_key=acme_secret, api_keys=keys[:1])
     for document, needle in (
@@ -1903,6 +1922,10 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
             "admin: expected true or false",
         ),
         ({"keys": [{"name": "a", "key": acme_secret, "models": ["*"], "role": 1}]}, "role"),
+        (
+            {"keys": [{"name": "a", "key": acme_secret, "models": ["*"], "max_in_flight": 0}]},
+            "max_in_flight: expected an int >= 1",
+        ),
         (
             {
                 "keys": [

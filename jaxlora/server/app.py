@@ -919,7 +919,7 @@ def create_app(
                         f"{http_id}-{p}-{c}",
                         first,
                         priority,
-                        caller=_caller_name(),
+                        caller=_CALLER.get(),
                     )
                     first = first or request
                     group.add(request)

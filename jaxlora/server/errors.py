@@ -37,6 +37,10 @@ class PermissionDeniedError(JaxloraError):
     """The request's API key may not do what it asks (an admin route with a tenant's key)."""
 
 
+class RateLimitError(JaxloraError):
+    """The request's API key has as many generations in flight as it may (429)."""
+
+
 class NotFoundError(JaxloraError):
     """A stored object the request names (a response) does not exist (404)."""
 
@@ -70,6 +74,8 @@ def status_of(error: BaseException) -> tuple[int, str, str | None]:
     """(HTTP status, OpenAI error type, code) of an exception."""
     if isinstance(error, AuthenticationError):
         return 401, "authentication_error", "invalid_api_key"
+    if isinstance(error, RateLimitError):
+        return 429, "rate_limit_error", "rate_limit_exceeded"
     if isinstance(error, PermissionDeniedError):
         return 403, "permission_error", "permission_denied"
     if isinstance(error, EngineRequestError):

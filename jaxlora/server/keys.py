@@ -12,8 +12,10 @@ own adapters and nothing else. The file is JSON::
 (``fnmatch``: ``*``, ``?``, ``[...]``). To a key, a model it may not use does not exist: a
 request for it is the unknown model's 404 and ``GET /v1/models`` does not list it. ``admin``
 keys may also load and unload adapters and reset the prefix cache (others get 403). Stored
-Responses belong to the key that created them. ``--api_key`` (one key for everything) is an
-admin key of every model. ``name`` is what logs show; a key itself is never logged.
+Responses belong to the key that created them. ``max_in_flight`` caps a key's generations
+(choices) in flight at once: more get 429 with Retry-After. ``--api_key`` (one key for
+everything) is an admin key of every model. ``name`` is what logs show; a key itself is never
+logged.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class ApiKey:
     key: str = dataclasses.field(repr=False)
     models: tuple[str, ...] = ("*",)
     admin: bool = False
+    # Most generations (choices) of this key in flight at once; more get 429 (None: no cap).
+    # The engine's queue is every key's: a cap keeps one customer's burst from filling it.
+    max_in_flight: int | None = None
 
     def __post_init__(self):
         where = f"API key {self.name!r}"
@@ -50,6 +55,9 @@ class ApiKey:
             raise ConfigError(f"{where}: models: expected model names or patterns")
         if not isinstance(self.admin, bool):
             raise ConfigError(f"{where}: admin: expected true or false, got {self.admin!r}")
+        cap = self.max_in_flight
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigError(f"{where}: max_in_flight: expected an int >= 1, got {cap!r}")
 
     def allows(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -93,9 +101,10 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
         where = f"{path}: keys[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected an object, got {entry!r}")
-        unknown = sorted(set(entry) - {"name", "key", "models", "admin"})
+        fields = ("name", "key", "models", "admin", "max_in_flight")
+        unknown = sorted(set(entry) - set(fields))
         if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: unknown field (name, key, models, admin)")
+            raise ConfigError(f"{where}.{unknown[0]}: unknown field (expected {', '.join(fields)})")
         for field in ("name", "key", "models"):
             if field not in entry:
                 raise ConfigError(f"{where}.{field}: missing")
@@ -106,7 +115,15 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
         if not isinstance(models, list) or not models:
             raise ConfigError(f"{where}.models: expected a non-empty list of names or patterns")
         try:
-            keys.append(ApiKey(entry["name"], secret, tuple(models), entry.get("admin", False)))
+            keys.append(
+                ApiKey(
+                    entry["name"],
+                    secret,
+                    tuple(models),
+                    entry.get("admin", False),
+                    entry.get("max_in_flight"),
+                )
+            )
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     keys = tuple(keys)

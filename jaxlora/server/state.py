@@ -3,6 +3,7 @@ loading inside the allowed roots, and the metrics."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -21,8 +22,9 @@ from jaxlora.memory.store import MEMORY_SOURCE
 from jaxlora.sampling import SamplingParams
 from jaxlora.server import metrics as prom
 from jaxlora.server.config import ServerConfig
-from jaxlora.server.errors import with_param
+from jaxlora.server.errors import RateLimitError, with_param
 from jaxlora.server.generation import DeltaPump
+from jaxlora.server.keys import ApiKey
 from jaxlora.server.responses import ResponseStore
 
 log = logging.getLogger("jaxlora.server")
@@ -95,7 +97,10 @@ class ServingState:
         )
         self.metrics = prom.ServerMetrics(self.max_model_len)
         self.pump = DeltaPump(config.stream_poll_s, self._on_finish)
-        self._callers: dict[str, str] = {}  # request id -> its API key's name, until it ends
+        # request id -> its API key's name, until it ends; each key's requests in flight (both
+        # touched on the event loop only: by the handlers and the delta pump)
+        self._callers: dict[str, str] = {}
+        self._in_flight: collections.Counter = collections.Counter()
         self.created = int(time.time())
         self._adapter_created: dict[str, int] = {}
         self.responses = ResponseStore(config.max_stored_responses)
@@ -339,12 +344,18 @@ class ServingState:
         request_id: str,
         share_prompt_with: Request | None = None,
         priority: int = 0,
-        caller: str | None = None,
+        caller: ApiKey | None = None,
     ) -> Request:
         """share_prompt_with: an earlier choice of the same prompt (its prompt pages are
         shared, not computed again); priority: vLLM's (lower first, under the "priority"
-        scheduling policy); caller: the name of the request's API key (its usage is counted
-        by key)."""
+        scheduling policy); caller: the request's API key (its usage is counted by key, and
+        its max_in_flight caps its generations at once: RateLimitError beyond)."""
+        if caller is not None and caller.max_in_flight is not None:
+            if self._in_flight[caller.name] >= caller.max_in_flight:
+                raise RateLimitError(
+                    f"API key {caller.name!r} has {self._in_flight[caller.name]} generations "
+                    "in flight, its most (max_in_flight); retry when one ends"
+                )
         deadline = self.config.first_token_deadline_s
         request = self.engine.submit(
             prompt_ids,
@@ -357,7 +368,8 @@ class ServingState:
         )
         self.metrics.requests.inc(self.model_label(adapter))
         if caller is not None:
-            self._callers[request_id] = caller
+            self._callers[request_id] = caller.name
+            self._in_flight[caller.name] += 1
         return request
 
     def refuse_text_that_cannot_fit(self, text: str, field: str, what: str) -> None:
@@ -390,6 +402,9 @@ class ServingState:
         caller = self._callers.pop(request.request_id, None)
         m.finished.inc(label, str(request.finish_reason))
         if caller is not None:
+            self._in_flight[caller] -= 1
+            if not self._in_flight[caller]:
+                del self._in_flight[caller]
             m.key_requests.inc(caller)
             m.key_tokens.inc(caller, "prompt", amount=len(request.prompt_ids))
             m.key_tokens.inc(caller, "generation", amount=len(request.output_ids))
