@@ -189,6 +189,13 @@ flags.DEFINE_string(
     '{"keys": [{"name": "acme", "key": "...", "models": ["acme-*"], "admin": false}]} '
     "(jaxlora.server.keys; beside --api_key, which reaches everything).",
 )
+flags.DEFINE_enum(
+    "fair_share_by",
+    "model",
+    ["model", "key"],
+    "With --scheduling_policy=fair, whose share it is: each model's (adapters and the base "
+    "model), or each API key's (a customer's requests to all its adapters together).",
+)
 flags.DEFINE_integer("tensor_parallel_size", 1, "Devices the model is split over (Megatron).")
 flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16", "float16"], "Weights and activations."
@@ -285,4 +292,5 @@ def launch_config():
         async_scheduling=FLAGS.async_scheduling,
         scheduling_policy=FLAGS.scheduling_policy,
         fair_share_weights=parse_fair_share_weights(FLAGS.fair_share_weights),
+        fair_share_by=FLAGS.fair_share_by,
     )

@@ -12,6 +12,7 @@ import pytest
 import jaxlora
 from configs.models import TINY
 from jaxlora.engine import FinishReason, Status
+from jaxlora.errors import RequestError
 from jaxlora.formats import load_peft_adapter
 from jaxlora.memory.store import AdapterStore
 from jaxlora.model import init_params
@@ -469,6 +470,30 @@ def test_fair_shares_interleave_a_flooding_tenant_with_a_small_one(base, policy)
     for prompt, tenant, request in zip(prompts, tenants, requests, strict=True):
         expected = greedy_reference(merged_params(base, adapters[tenant]), prompt, 4)
         assert request.output_ids == expected
+
+
+def test_fair_shares_by_a_tenant_the_caller_names(base):
+    """Engine.submit(tenant=...): customer acme floods the queue through adapters a and b,
+    customer beta sends two requests through a. The shares are acme's and beta's (not the
+    adapters'), so beta's go beside acme's first ones."""
+    llm, adapters = _tenants_llm(base, "fair")
+    prompts = [[3 + i, 40 + i, 7] for i in range(8)]
+    spec = [(f"acme{i}", "ab"[i % 2], "acme") for i in range(6)]
+    spec += [("beta0", "a", "beta"), ("beta1", "a", "beta")]
+    requests = [
+        llm.engine.submit(p, greedy(4), adapter=a, request_id=n, tenant=t)
+        for p, (n, a, t) in zip(prompts, spec, strict=True)
+    ]
+    assert set(llm.engine.queue_snapshot().waiting) == {"a", "b"}  # (still by adapter)
+    order = _run_recording_admissions(llm.engine, requests)
+    assert order[:2] == [{"acme0", "beta0"}, {"acme1", "beta1"}], order
+    assert set().union(*order[2:]) == {f"acme{i}" for i in range(2, 6)}
+    assert set(llm.engine.queue_snapshot().fair_service) == {"acme", "beta"}
+    for prompt, (_, adapter, _), request in zip(prompts, spec, requests, strict=True):
+        expected = greedy_reference(merged_params(base, adapters[adapter]), prompt, 4)
+        assert request.output_ids == expected
+    with pytest.raises(RequestError, match="tenant: expected a string"):
+        llm.engine.submit([3, 4], greedy(2), tenant=5)
 
 
 def test_weighted_fair_shares_serve_a_heavier_tenant_more(base):

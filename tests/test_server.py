@@ -1818,7 +1818,7 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
         ("capped", ("*",), False, 1),
     ]
     assert acme_secret not in repr(keys)
-    server, state = start_demo_server(api_key=None, api_keys=keys)
+    server, state = start_demo_server(api_key=None, api_keys=keys, fair_share_by="key")
     try:
         acme, ops, single = (
             openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=0)
@@ -1891,6 +1891,8 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
             chat(capped, "poet", n=2)
         assert wait_until(lambda: engine_idle(state)) and not state._in_flight
         assert chat(capped, "poet").choices[0].message.content == demo.DEMO_SIGNATURES["poet"]
+        # --fair_share_by=key: the engine's tenants are the keys (its fair-share counters).
+        assert {"acme", "ops", "capped"} <= set(state.engine.queue_snapshot().fair_service)
         # Usage by key (billing per customer): acme's two generations, ops' one.
         assert wait_until(lambda: engine_idle(state))
         usage = parse_metrics(httpx.get(f"{url}/metrics").text)
@@ -1906,6 +1908,10 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
     finally:
         server.stop()
     # --api_key beside the file: an admin of everything.
+    with pytest.raises(ConfigError, match="'fair_share_by': 'key' needs API keys"):
+        ServerConfig(model_name="m", fair_share_by="key")
+    with pytest.raises(ConfigError, match="expected 'model' or 'key'"):
+        ServerConfig(model_name="m", api_key=API_KEY, fair_share_by="adapter")
     both = ServerConfig(model_name="m", api_key=API_KEY, api_keys=keys)
     assert [k.name for k in both.keys] == ["acme", "ops", "capped", "api_key"]
     assert both.keys[-1].admin
@@ -2160,7 +2166,7 @@ def test_metrics_show_each_models_queue_and_its_fair_share(served, client, monke
     chat(client, "poet")
     fair = parse_metrics(httpx.get(f"{url}/metrics").text)
     served_poet = engine.queue_snapshot().fair_service["poet"]
-    assert metric(fair, "jaxlora_fair_share_service", model="poet") == served_poet > 0
+    assert metric(fair, "jaxlora_fair_share_service", tenant="poet") == served_poet > 0
     # A queue seen at scrape time: the engine's thread is held off while requests are queued.
     with engine._lock:
         queued = [
@@ -2261,6 +2267,8 @@ def test_launch_settings():
             engine_config_for(
                 TINY, dataclasses.replace(fair, fair_share_weights=bad_weights), backend="cpu"
             )
+    by_key = dataclasses.replace(fair, fair_share_by="key")  # (names are keys': kept)
+    assert engine_config_for(TINY, by_key, backend="cpu").fair_share_weights == weights
     with pytest.raises(ConfigError, match="needs scheduling_policy 'fair'"):
         engine_config_for(TINY, LaunchConfig(fair_share_weights=(("pirate", 2.0),)), backend="cpu")
     assert cpu.runner.fuse_projections and gpu.runner.fuse_projections

@@ -53,8 +53,9 @@ Scheduling policy (one iteration):
    priority and finds no batch row or KV pages preempts it (lowest first) to be admitted.
    Under "fcfs" (the default) every request has priority 0 and the order is 2 and 4's.
 9. Fair shares (``EngineConfig.scheduling_policy="fair"``: the Virtual Token Counter of
-   Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024). Each tenant (an
-   adapter; the base model is one too) has a counter of the service it got: its prompt tokens
+   Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024). Each tenant (by
+   default an adapter, the base model one too; or whatever ``Engine.submit(tenant=...)``
+   names, e.g. a customer's API key) has a counter of the service it got: its prompt tokens
    when a request is first admitted, twice its output tokens as they come. Waiting requests
    are admitted from the tenant of the lowest counter first (each admission counted at once,
    so one pass interleaves tenants; arrival order within a tenant and among equal counters).
@@ -149,7 +150,8 @@ class EngineConfig:
     # vLLM's --scheduling-policy: "fcfs" (priorities refused), "priority" (policy 8), or
     # "fair" (policy 9: each adapter's share of service).
     scheduling_policy: str = "fcfs"
-    # Policy 9's weighted shares: (adapter name, or "" for the base model; weight) pairs. A
+    # Policy 9's weighted shares: (tenant: an adapter name, "" for the base model, or the
+    # tenant requests are submitted with; weight) pairs. A
     # tenant of weight w is counted 1/w of its tokens, so among busy tenants it gets w times the
     # service of a tenant of weight 1 (the default); e.g. (("premium", 4.0),).
     fair_share_weights: tuple[tuple[str, float], ...] = ()
@@ -224,7 +226,7 @@ class QueueSnapshot:
     waiting: dict[str | None, int]
     running: dict[str | None, int]
     waiting_by_priority: dict[int, int]
-    # Policy 9: adapter name ("" for the base model, as the engine keys tenants) -> service
+    # Policy 9: tenant (by default the adapter's name, "" for the base model) -> service
     # counted so far (prompt tokens, FAIR_OUTPUT_WEIGHT per output token, the lift from idle).
     fair_service: dict[str, float]
 
@@ -353,13 +355,18 @@ class Engine:
         stream: bool = True,
         share_prompt_with: Request | None = None,
         priority: int = 0,
+        tenant: str | None = None,
     ) -> Request:
         """Queues a request; returns it at once (stream its deltas or wait on it). stream=False:
         only the final delta is queued (``Request.stream_deltas``), for callers that wait.
         share_prompt_with: a request submitted before, of the same prompt and adapter, whose
         prompt pages this one takes instead of computing them (policy 7). priority: lower is
-        served first, under the "priority" scheduling policy only (policy 8)."""
+        served first, under the "priority" scheduling policy only (policy 8). tenant: whose
+        share of service the request counts in under the "fair" policy (policy 9; default: its
+        adapter's, "" for the base model), e.g. a customer's API key name."""
         sampling = sampling or SamplingParams()
+        if tenant is not None and not isinstance(tenant, str):
+            raise RequestError(f"tenant: expected a string, got {tenant!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise RequestError(f"priority: expected an int, got {priority!r}")
         if priority and self.engine_config.scheduling_policy != "priority":
@@ -430,6 +437,7 @@ class Engine:
             adapter=adapter,
             stream_deltas=stream,
             priority=priority,
+            tenant=tenant if tenant is not None else (adapter or ""),
         )
         request._grammar = grammar
         request._bad_words = bad_words
@@ -456,7 +464,7 @@ class Engine:
                 )
             if request.request_id in self._by_id:
                 raise RequestError(f"request id {request.request_id!r} is already in use")
-            tenant = adapter or ""
+            tenant = request.tenant
             if tenant not in self._tenant_requests and self._tenant_requests:
                 # Policy 9: back from idle, from the lowest counter of the busy tenants.
                 lowest = min(self._service[t] for t in self._tenant_requests)
@@ -464,7 +472,7 @@ class Engine:
             self._tenant_requests[tenant] += 1
             self._waiting.append(request)
             self._by_id[request.request_id] = request
-            self.stats.requests_per_adapter[tenant] += 1
+            self.stats.requests_per_adapter[adapter or ""] += 1
         self._wakeup.set()
         return request
 
@@ -735,7 +743,7 @@ class Engine:
         with the lowest counter, its prompt counted at once (as its admission will)."""
         queues: dict[str, collections.deque] = {}
         for request in self._waiting:
-            queues.setdefault(request.adapter or "", collections.deque()).append(request)
+            queues.setdefault(request.tenant, collections.deque()).append(request)
         # (a heap of tenants: thousands of them wait in a busy server's queue)
         heap = [(self._service[t], q[0].arrival, t) for t, q in queues.items()]
         heapq.heapify(heap)
@@ -873,7 +881,7 @@ class Engine:
         self._running.append(request)
         if not request.fair_charged:  # (policy 9: a prompt counts once, recomputed or not)
             request.fair_charged = True
-            tenant = request.adapter or ""
+            tenant = request.tenant
             self._service[tenant] += self._fair_cost(
                 tenant, FAIR_PROMPT_WEIGHT * len(request.prompt_ids)
             )
@@ -1362,9 +1370,8 @@ class Engine:
                 }
                 request.output_top_logprobs.append(top)
         self.stats.generated_tokens += 1
-        tenant = request.adapter or ""
-        self.stats.tokens_per_adapter[tenant] += 1
-        self._service[tenant] += self._fair_cost(tenant, FAIR_OUTPUT_WEIGHT)
+        self.stats.tokens_per_adapter[request.adapter or ""] += 1
+        self._service[request.tenant] += self._fair_cost(request.tenant, FAIR_OUTPUT_WEIGHT)
         sp = request.sampling
         finish = None
         # min_tokens: the sampler banned EOS and the stop tokens, and no stop string counts yet.
@@ -1441,7 +1448,7 @@ class Engine:
         if request.adapter_handle is not None:
             self.adapters.release(request.adapter_handle)
             request.adapter_handle = None
-        tenant = request.adapter or ""
+        tenant = request.tenant
         self._tenant_requests[tenant] -= 1
         if not self._tenant_requests[tenant]:
             del self._tenant_requests[tenant]  # (only busy tenants stay: policy 9's lift)

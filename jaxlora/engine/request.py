@@ -98,6 +98,7 @@ class Request:
     _grammar: object | None = None
     _bad_words: object | None = None  # jaxlora.bad_words.BadWords
     fair_charged: bool = False  # its prompt counted in its tenant's service (engine policy 9)
+    tenant: str = ""  # whose share of service it counts in (policy 9; Engine.submit's tenant)
     _allowed_tokens: object | None = None  # (words,) int32 bitmask of allowed_token_ids
 
     @property

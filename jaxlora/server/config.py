@@ -47,6 +47,9 @@ class ServerConfig:
     model, token counts, finish reason, time to first token and end to end, preemptions.
     api_keys: tenants' keys, each for some models only (``jaxlora.server.keys``; beside
     api_key, which reaches everything).
+    fair_share_by: who a share of service is under the engine's "fair" scheduling policy:
+    "model" (each adapter, and the base model) or "key" (each API key's name: a customer's
+    requests to all its adapters count together). "key" needs keys.
     """
 
     model_name: str
@@ -66,6 +69,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     log_requests: bool = False
     api_keys: tuple[ApiKey, ...] = ()
+    fair_share_by: str = "model"
 
     @property
     def keys(self) -> tuple[ApiKey, ...]:
@@ -87,6 +91,16 @@ class ServerConfig:
         ):
             raise ConfigError("server config field 'api_keys': expected a tuple of ApiKey")
         check_keys(self.keys, "server config field 'api_keys'")
+        if self.fair_share_by not in ("model", "key"):
+            raise ConfigError(
+                "server config field 'fair_share_by': expected 'model' or 'key', got "
+                f"{self.fair_share_by!r}"
+            )
+        if self.fair_share_by == "key" and not self.keys:
+            raise ConfigError(
+                "server config field 'fair_share_by': 'key' needs API keys (--api_keys_file or "
+                "--api_key)"
+            )
         roots = tuple(os.fspath(r) for r in self.adapter_roots)
         for root in roots:
             if not os.path.isdir(root):

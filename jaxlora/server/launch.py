@@ -83,6 +83,7 @@ class LaunchConfig:
     scheduling_policy: str = "fcfs"  # EngineConfig.scheduling_policy: fcfs, priority or fair
     # EngineConfig.fair_share_weights by served name (the base model's name or an adapter's)
     fair_share_weights: tuple[tuple[str, float], ...] = ()
+    fair_share_by: str = "model"  # ServerConfig.fair_share_by: "model" or "key"
 
     def __post_init__(self):
         if (
@@ -205,7 +206,7 @@ def engine_config_for(
         scheduling_policy=launch.scheduling_policy,
         # (the engine's tenant of the base model is "")
         fair_share_weights=tuple(
-            ("" if name == base_name else name, weight)
+            ("" if name == base_name and launch.fair_share_by == "model" else name, weight)
             for name, weight in launch.fair_share_weights
         ),
     )
@@ -271,6 +272,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         max_body_bytes=launch.max_body_mib * 2**20,
         allowed_origins=tuple(launch.allowed_origins),
         log_requests=launch.log_requests,
+        fair_share_by=launch.fair_share_by,
     )
     if server_config.model_name in llm.adapters.store:
         raise ConfigError(

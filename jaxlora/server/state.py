@@ -357,6 +357,7 @@ class ServingState:
                     "in flight, its most (max_in_flight); retry when one ends"
                 )
         deadline = self.config.first_token_deadline_s
+        by_key = caller is not None and self.config.fair_share_by == "key"
         request = self.engine.submit(
             prompt_ids,
             sampling,
@@ -365,6 +366,7 @@ class ServingState:
             deadline_s=deadline,
             share_prompt_with=share_prompt_with,
             priority=priority,
+            tenant=caller.name if by_key else None,
         )
         self.metrics.requests.inc(self.model_label(adapter))
         if caller is not None:
@@ -392,6 +394,11 @@ class ServingState:
             ),
             field,
         )
+
+    def tenant_label(self, tenant: str) -> str:
+        """A fair-share tenant as /metrics names it: the API key's name under
+        ``fair_share_by="key"``, else the model's."""
+        return tenant if self.config.fair_share_by == "key" else self.model_label(tenant or None)
 
     def model_label(self, adapter: str | None) -> str:
         return self.config.model_name if adapter is None else adapter
@@ -487,12 +494,12 @@ class ServingState:
         if policy == "fair":
             lines += prom.gauge(
                 "jaxlora_fair_share_service",
-                "Service each model has been counted under --scheduling_policy=fair (prompt "
-                "tokens plus twice the output tokens, over its --fair_share_weights weight; "
-                "lifted to the lowest busy one's on return from idle); the least served "
-                "waiting model is admitted first.",
-                {(self.model_label(t or None),): v for t, v in queues.fair_service.items()},
-                ("model",),
+                "Service each tenant (a model, or an API key under --fair_share_by=key) has "
+                "been counted under --scheduling_policy=fair (prompt tokens plus twice the "
+                "output tokens, over its --fair_share_weights weight; lifted to the lowest busy "
+                "one's on return from idle); the least served waiting tenant goes first.",
+                {(self.tenant_label(t),): v for t, v in queues.fair_service.items()},
+                ("tenant",),
             )
         lines += prom.gauge(
             "jaxlora_open_requests",
