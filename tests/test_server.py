@@ -1795,7 +1795,7 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
     do not exist (the unknown model's 404, not listed); admin routes take an admin key (403
     otherwise); a stored response is its creator's key's only; --api_key stays an admin of
     everything. A bad file is refused naming the entry and field."""
-    from jaxlora.server.keys import ApiKey, load_api_keys
+    from jaxlora.server.keys import ApiKey, KeysFile, load_api_keys
 
     acme_secret, ops_secret = "sk-acme-0123456789abcdef", "sk-ops-0123456789abcdef"
     capped_secret = "sk-capped-0123456789abcdef"
@@ -1905,6 +1905,21 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
             + len(state.tokenizer.encode(demo.DEMO_SIGNATURES["pirate"], add_bos=False))
             + 1
         )
+        # The keys file read again when it changes: a new customer's key works and a removed
+        # one does not, without a restart; a file that breaks keeps the keys read before.
+        state.keys_file = KeysFile(str(keys_file), check_every_s=0)
+        newco_secret = "sk-newco-0123456789abcdef"
+        document = json.loads(keys_file.read_text())
+        document["keys"] = [k for k in document["keys"] if k["name"] != "acme"]
+        document["keys"].append({"name": "newco", "key": newco_secret, "models": ["poet"]})
+        keys_file.write_text(json.dumps(document))
+        newco = openai.OpenAI(base_url=server.base_url, api_key=newco_secret, max_retries=0)
+        assert {m.id for m in newco.models.list().data} == {"poet"}
+        expect_error(401, lambda: acme.models.list())
+        keys_file.write_text("{broken")
+        assert {m.id for m in newco.models.list().data} == {"poet"}
+        keys_file.unlink()
+        assert {m.id for m in newco.models.list().data} == {"poet"}
     finally:
         server.stop()
     # --api_key beside the file: an admin of everything.

@@ -144,6 +144,7 @@ def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
         ("--pinned_adapters=parrot", "--pinned_adapters: adapter 'parrot' is not registered"),
         ("--allowed_origins=app.example.com", "server config field 'allowed_origins'"),
         ("--fair_share_weights=pirate=x", "error: --fair_share_weights entry 'pirate=x'"),
+        ("--api_keys_file=/nowhere/keys.json", "error: /nowhere/keys.json: cannot read"),
         (
             '--sgmv_config={"deterministic": false}',
             "error: --sgmv_config: SgmvConfig field 'deterministic' is set by "

@@ -610,7 +610,7 @@ _CALLER: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("caller"
 async def _check_api_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    keys = request.app.state.serving.config.keys
+    keys = request.app.state.serving.api_keys()
     if not keys:
         _CALLER.set(None)
         return

@@ -24,10 +24,15 @@ import dataclasses
 import fnmatch
 import hmac
 import json
+import logging
+import os
 import re
+import threading
+import time
 
 from jaxlora.errors import ConfigError
 
+log = logging.getLogger("jaxlora.server")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -131,4 +136,53 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
     return keys
 
 
-__all__ = ["ApiKey", "check_keys", "find_key", "load_api_keys"]
+class KeysFile:
+    """An --api_keys_file read again when it changes (looked at no more than once every
+    ``check_every_s`` seconds, by the requests that need a key), so that customers are added
+    and removed without a restart. A file that no longer loads keeps the keys read last, and
+    says why in the log; requests in flight are never touched."""
+
+    def __init__(self, path: str, *, check_every_s: float = 1.0, check=None):
+        """check(keys): raises ConfigError for keys that cannot serve beside the others (the
+        server's own --api_key)."""
+        self.path = path
+        self.check_every_s = check_every_s
+        self._check = check or (lambda keys: None)
+        self._stamp = self._stamp_now()
+        self.keys = load_api_keys(path)
+        self._check(self.keys)
+        self._checked_at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _stamp_now(self):
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def current(self) -> tuple[ApiKey, ...]:
+        now = time.monotonic()
+        if now - self._checked_at < self.check_every_s or not self._lock.acquire(blocking=False):
+            return self.keys
+        try:
+            self._checked_at = now
+            stamp = self._stamp_now()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    keys = load_api_keys(self.path)
+                    self._check(keys)
+                except ConfigError as e:
+                    log.error(
+                        "API keys not reloaded, the %d read before stay: %s", len(self.keys), e
+                    )
+                else:
+                    self.keys = keys
+                    log.info("API keys reloaded from %s: %d keys", self.path, len(keys))
+        finally:
+            self._lock.release()
+        return self.keys
+
+
+__all__ = ["ApiKey", "KeysFile", "check_keys", "find_key", "load_api_keys"]

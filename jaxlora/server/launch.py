@@ -20,7 +20,7 @@ from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.server.config import ServerConfig
-from jaxlora.server.keys import load_api_keys
+from jaxlora.server.keys import KeysFile
 from jaxlora.server.state import ServingState
 from pallas_kernels.lora_matmul import MatmulConfig
 from pallas_kernels.sgmv import SgmvConfig
@@ -260,10 +260,18 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
             raise ConfigError(
                 f"--pinned_adapters: adapter {name!r} cannot stay resident ({e})"
             ) from None
+    keys_file = None
+    if launch.api_keys_file:
+
+        def beside_the_server_key(keys):
+            if launch.api_key and any(k.key == launch.api_key for k in keys):
+                raise ConfigError(f"{launch.api_keys_file}: a key is --api_key's too")
+
+        keys_file = KeysFile(launch.api_keys_file, check=beside_the_server_key)
     server_config = ServerConfig(
         model_name=launch.served_model_name or default_model_name(launch.model),
         api_key=launch.api_key or None,
-        api_keys=load_api_keys(launch.api_keys_file) if launch.api_keys_file else (),
+        api_keys=keys_file.keys if keys_file is not None else (),
         adapter_roots=tuple(launch.allowed_adapter_roots),
         load_adapters_on_demand=launch.load_adapters_on_demand,
         tool_call_parser=launch.tool_call_parser or None,
@@ -279,7 +287,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
             f"served model name {server_config.model_name!r} is also an "
             "adapter's name; rename one (--served_model_name)"
         )
-    return ServingState(llm, server_config)
+    return ServingState(llm, server_config, keys_file=keys_file)
 
 
 def banner(state: ServingState, url: str) -> str:

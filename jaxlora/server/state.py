@@ -24,7 +24,7 @@ from jaxlora.server import metrics as prom
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.errors import RateLimitError, with_param
 from jaxlora.server.generation import DeltaPump
-from jaxlora.server.keys import ApiKey
+from jaxlora.server.keys import ApiKey, KeysFile
 from jaxlora.server.responses import ResponseStore
 
 log = logging.getLogger("jaxlora.server")
@@ -81,8 +81,11 @@ def resolve_adapter_path(path: str, roots: tuple[str, ...]) -> str:
 class ServingState:
     """One served model: the LLM, its public name, and what the endpoints need around it."""
 
-    def __init__(self, llm: LLM, config: ServerConfig):
+    def __init__(self, llm: LLM, config: ServerConfig, *, keys_file: KeysFile | None = None):
+        """keys_file: the tenants' keys, read again when the file changes (instead of
+        config.api_keys)."""
         self.llm = llm
+        self.keys_file = keys_file
         self.engine = llm.engine
         self.adapters = llm.adapters
         self.tokenizer = llm.tokenizer
@@ -399,6 +402,14 @@ class ServingState:
         """A fair-share tenant as /metrics names it: the API key's name under
         ``fair_share_by="key"``, else the model's."""
         return tenant if self.config.fair_share_by == "key" else self.model_label(tenant or None)
+
+    def api_keys(self) -> tuple[ApiKey, ...]:
+        """The keys a request may send now (``ServerConfig.keys``, the tenants' as the keys
+        file holds them now)."""
+        if self.keys_file is None:
+            return self.config.keys
+        single = self.config.keys[len(self.config.api_keys) :]
+        return (*self.keys_file.current(), *single)
 
     def model_label(self, adapter: str | None) -> str:
         return self.config.model_name if adapter is None else adapter
