@@ -574,3 +574,27 @@ def test_a_tenant_back_from_idle_banks_no_credit(base):
     waiting = [r for r in early if r.status is Status.WAITING]
     order = _run_recording_admissions(engine, waiting + late)
     assert order == [{"b0", "b1"}, {"a4", "a5"}, {"b2"}], order
+
+
+def test_the_fairness_benchmark_shows_what_a_flood_does_to_the_others():
+    """jaxlora.bench.fairness (scripts/bench_fairness.py), a small scenario: under fcfs the
+    light tenants wait behind the whole flood; under fair shares they wait a fraction of that,
+    with the same tokens and the same number of steps in all; a weight of 4 shortens its
+    tenant's waits further."""
+    from jaxlora.bench.fairness import FairnessScenario, fairness, format_table
+
+    scenario = FairnessScenario(
+        flood_requests=12, light_tenants=2, light_requests=2, output_len=4, max_batch=2
+    )
+    result = fairness(scenario)
+    runs = {run["policy"]: run for run in result["runs"]}
+    assert all(run["same_tokens_as_first_policy"] for run in runs.values())
+    fcfs, fair, weighted = (runs[p]["tenants"] for p in ("fcfs", "fair", "fair, light x4"))
+    for light in ("light0", "light1"):
+        assert fair[light]["wait_steps_median"] < fcfs[light]["wait_steps_median"] / 2, light
+        assert fcfs[light]["wait_steps_median"] > fcfs["flood"]["wait_steps_max"] - 1
+    assert weighted["light0"]["wait_steps_max"] <= fair["light0"]["wait_steps_max"]
+    steps = [run["steps"] for run in runs.values()]
+    assert max(steps) - min(steps) <= 2, steps
+    table = format_table(result)
+    assert "fair, light x4   light0" in table and "OTHER TOKENS" not in table
