@@ -101,7 +101,7 @@ def test_a_response_becomes_a_chat():
     assert chat.tool_choice == {"type": "function", "function": {"name": "clock"}}
     assert chat.response_format.json_schema == {"name": "a", "schema": schema}
     assert chat.truncate_prompt_tokens == -1
-    assert chat.chat_template_kwargs == {"reasoning_effort": "low"}
+    assert chat.reasoning_effort == "low" and chat.chat_template_kwargs is None
     assert not chat.logprobs and chat.top_logprobs is None
     # Logprobs: asked for by include, or by top_logprobs (alternatives imply them).
     for fields, top in (
@@ -129,6 +129,7 @@ def test_a_response_becomes_a_chat():
         ({"service_tier": "flex"}, "service_tier"),
         ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
         ({"reasoning": {"budget": 3}}, "reasoning.budget"),
+        ({"reasoning": {"effort": "ultra"}}, "reasoning.effort"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tools": [{"type": "function"}]}, "tools[0].name"),
         ({"tool_choice": {"type": "mcp"}}, "tool_choice"),

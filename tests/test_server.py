@@ -996,7 +996,7 @@ def test_chat_continues_a_prefilled_answer_as_vllm(served, client):
     state.tokenizer.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% if brief %}Briefly: {% endif %}"
-        "{% endif %}"
+        "{% if reasoning_effort %}Effort {{ reasoning_effort }}: {% endif %}{% endif %}"
     )
     try:
         plain = httpx.post(
@@ -1016,6 +1016,40 @@ def test_chat_continues_a_prefilled_answer_as_vllm(served, client):
             extra_body={"chat_template_kwargs": {"brief": True}},
         )
         assert briefly.usage.prompt_tokens == brief["count"]
+        # OpenAI's reasoning_effort reaches the template as reasoning_effort; given twice or
+        # with a value OpenAI does not take, a 400 naming it.
+        effort = client.chat.completions.create(
+            model="pirate", messages=prefilled[:1], max_tokens=2, reasoning_effort="low"
+        )
+        expected = tokenizer.encode_chat(prefilled[:1], template_kwargs={"reasoning_effort": "low"})
+        assert effort.usage.prompt_tokens == len(expected) > plain["count"]
+        assert "Effort low:" in tokenizer.decode(expected)
+        for extra in (
+            {"reasoning_effort": "low", "chat_template_kwargs": {"reasoning_effort": "high"}},
+            {"reasoning_effort": "ultra"},
+        ):
+            body = expect_error(
+                400,
+                lambda e=extra: client.chat.completions.create(
+                    model="pirate", messages=prefilled[:1], max_tokens=2, extra_body=e
+                ),
+            )
+            assert body["param"] == "reasoning_effort", body
+        # (identifiers OpenAI's clients send are taken; service_tier only as a self-hosted
+        # server honours it)
+        client.chat.completions.create(
+            model="pirate",
+            messages=prefilled[:1],
+            max_tokens=1,
+            extra_body={"safety_identifier": "u1", "prompt_cache_key": "k", "service_tier": "auto"},
+        )
+        body = expect_error(
+            400,
+            lambda: client.completions.create(
+                model="pirate", prompt="Hi", max_tokens=1, extra_body={"service_tier": "flex"}
+            ),
+        )
+        assert body["param"] == "service_tier"
     finally:
         state.tokenizer.chat_template = old
 

@@ -107,6 +107,11 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
 
     if body.stream_options is not None and not body.stream:
         refuse("stream_options", "only allowed with stream=true")
+    if body.service_tier not in (None, "auto", "default"):
+        refuse("service_tier", f"expected 'auto' or 'default', got {body.service_tier!r}")
+    effort = getattr(body, "reasoning_effort", None)
+    if effort is not None and "reasoning_effort" in (body.chat_template_kwargs or {}):
+        refuse("reasoning_effort", "given twice (also in chat_template_kwargs); give it once")
     if body.truncate_prompt_tokens is not None and not (
         body.truncate_prompt_tokens >= 1 or body.truncate_prompt_tokens == -1
     ):
@@ -1760,6 +1765,14 @@ def _completion_prompts(
 _CHAT_FIELDS = ("tools", "messages", "continue_final_message", "chat_template_kwargs")
 
 
+def _template_kwargs(body) -> dict | None:
+    """The chat template's extra variables: chat_template_kwargs, and reasoning_effort."""
+    effort = getattr(body, "reasoning_effort", None)
+    if effort is None:
+        return body.chat_template_kwargs
+    return {**(body.chat_template_kwargs or {}), "reasoning_effort": effort}
+
+
 def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
     """Token ids of a chat request's messages, rendered with the chat template (the last
     ``truncate_prompt_tokens`` of them when given)."""
@@ -1790,7 +1803,7 @@ def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=body.continue_final_message,
-            template_kwargs=body.chat_template_kwargs,
+            template_kwargs=_template_kwargs(body),
         )
     except RequestError as e:
         if getattr(e, "param", None) is None:

@@ -136,6 +136,11 @@ class _SamplingFields(_Body):
         "context holds).",
     )
     user: str | None = None
+    # OpenAI's end-user and cache-routing identifiers: accepted, as ``user`` is; a self-hosted
+    # server has nothing to do with them.
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = Field(None, description="'auto' or 'default' only.")
 
 
 class CompletionRequest(_SamplingFields):
@@ -199,6 +204,11 @@ class ChatCompletionRequest(_SamplingFields):
         False,
         description="Prepend the last message's text to the answer when it is the assistant's "
         "(vLLM's; with continue_final_message, the whole message).",
+    )
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        None,
+        description="OpenAI's: reaches the chat template as reasoning_effort (templates that "
+        "read it, e.g. gpt-oss's).",
     )
     store: bool | None = None
     metadata: dict[str, str] | None = None

@@ -45,6 +45,7 @@ _FIELDS = {
     "response_format": "text.format",
     "truncate_prompt_tokens": "truncation",
     "chat_template_kwargs": "reasoning",
+    "reasoning_effort": "reasoning.effort",
 }
 
 
@@ -234,7 +235,7 @@ def chat_body(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompleti
         fields["logprobs"], fields["top_logprobs"] = True, body.top_logprobs or 0
     effort = (body.reasoning or {}).get("effort")
     if effort is not None:
-        fields["chat_template_kwargs"] = {"reasoning_effort": effort}
+        fields["reasoning_effort"] = effort
     try:
         chat = ChatCompletionRequest.model_validate(
             {k: v for k, v in fields.items() if v is not None}
