@@ -464,6 +464,10 @@ CASES = [
     # was 500
     raw(UNLOAD, {"lora_name": "\udfff"}, "unload-name-surrogate", "lora_name", "surrogate"),
     raw(UNLOAD, {"lora_name": "nobody"}, "unload-unknown", "lora_name", "not loaded", status=404),
+    bad(M, "reasoning_effort", "ultra", "'minimal', 'low', 'medium' or 'high'"),
+    bad(M, "reasoning_effort", 5, "'minimal', 'low', 'medium' or 'high'"),
+    bad(C, "service_tier", "flex", "'auto' or 'default'"),
+    bad(C, "safety_identifier", 5, "valid string"),
     raw(INVOKE, b"{oops", "invoke-bad-json", "body", "not valid JSON"),
     raw(INVOKE, b'{"prompt": "\xff"}', "invoke-not-utf8", "body", "not valid JSON"),
     raw(INVOKE, b"[1]", "invoke-list", "body", "expected a chat (with messages)"),
