@@ -541,7 +541,7 @@ def test_fair_share_weights_are_checked():
         ((("a", float("inf")),), "finite number > 0"),
         ((("a", "2"),), "not a number"),
         ((("a", 1.0), ("a", 2.0)), "weighted twice"),
-        ((("a",),), "expected .adapter name, weight."),
+        ((("a",),), "expected .tenant, weight."),
     ):
         with pytest.raises(ConfigError, match=needle):
             dataclasses.replace(fair, fair_share_weights=weights)

@@ -148,12 +148,12 @@ class EngineConfig:
     # once more and dropped. Outputs are identical either way.
     async_scheduling: bool = True
     # vLLM's --scheduling-policy: "fcfs" (priorities refused), "priority" (policy 8), or
-    # "fair" (policy 9: each adapter's share of service).
+    # "fair" (policy 9: each tenant's share of service).
     scheduling_policy: str = "fcfs"
-    # Policy 9's weighted shares: (tenant: an adapter name, "" for the base model, or the
-    # tenant requests are submitted with; weight) pairs. A
-    # tenant of weight w is counted 1/w of its tokens, so among busy tenants it gets w times the
-    # service of a tenant of weight 1 (the default); e.g. (("premium", 4.0),).
+    # Policy 9's weighted shares: (tenant, weight) pairs, a tenant being an adapter's name ("":
+    # the base model) or the tenant its requests are submitted with. A tenant of weight w is
+    # counted 1/w of its tokens, so among busy tenants it gets w times the service of a tenant
+    # of weight 1 (the default); e.g. (("premium", 4.0),).
     fair_share_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
@@ -166,7 +166,7 @@ class EngineConfig:
         for i, pair in enumerate(self.fair_share_weights):
             where = f"EngineConfig: field 'fair_share_weights[{i}]'"
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-                raise ConfigError(f"{where} is {pair!r}; expected (adapter name, weight)")
+                raise ConfigError(f"{where} is {pair!r}; expected (tenant, weight)")
             name, weight = pair
             if isinstance(weight, bool) or not isinstance(weight, int | float):
                 raise ConfigError(f"{where}: weight {weight!r} is not a number")
