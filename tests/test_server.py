@@ -2003,6 +2003,19 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
     assert not ApiKey("x", "k", ("a?c",)).allows("abbc")
 
 
+def test_the_readmes_keys_file_loads(tmp_path):
+    """The README's example keys file is one load_api_keys takes, as shown there."""
+    from jaxlora.server.keys import load_api_keys
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    example = readme.split("cat > keys.json <<'JSON'\n", 1)[1].split("    JSON\n", 1)[0]
+    path = tmp_path / "keys.json"
+    path.write_text(example)
+    keys = {k.name: k for k in load_api_keys(str(path))}
+    assert keys["acme"].allows("acme-support") and not keys["acme"].allows("globex-sql")
+    assert keys["acme"].max_in_flight == 16 and keys["ops"].admin and not keys["globex"].admin
+
+
 def test_requests_load_adapters_on_demand_from_the_roots(adapter_root):
     """load_adapters_on_demand: a request naming an adapter directory under the roots loads it
     (once, for concurrent requests) and is served by it; what is outside the roots or no adapter
