@@ -2003,6 +2003,30 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
     assert not ApiKey("x", "k", ("a?c",)).allows("abbc")
 
 
+def test_tenant_names_that_match_no_model_are_warned_about(served):
+    """At start-up, a key's models pattern or a fair-share weight that names no model served
+    (or no key, under --fair_share_by=key) is reported: most likely a typo."""
+    from jaxlora.server.keys import ApiKey
+    from jaxlora.server.launch import unmatched_names
+
+    state = served[1]
+    keys = (ApiKey("acme", "sk-acme-0123456789abcdef", ("pirate", "pirat*", "parrot*")),)
+    config = dataclasses.replace(state.config, api_keys=keys)
+    by_model = LaunchConfig(fair_share_weights=(("robot", 2.0), ("robut", 2.0)))
+    by_key = LaunchConfig(fair_share_by="key", fair_share_weights=(("acme", 2.0), ("acne", 1.0)))
+    try:
+        original, state.config = state.config, config
+        assert unmatched_names(state, by_model) == [
+            "--api_keys_file: key 'acme': models pattern 'parrot*' matches no model served now",
+            "--fair_share_weights: 'robut' names no model of this server",
+        ]
+        assert unmatched_names(state, by_key)[1:] == [
+            "--fair_share_weights: 'acne' names no API key of this server"
+        ]
+    finally:
+        state.config = original
+
+
 def test_the_readmes_keys_file_loads(tmp_path):
     """The README's example keys file is one load_api_keys takes, as shown there."""
     from jaxlora.server.keys import load_api_keys

@@ -8,7 +8,9 @@ few batch buckets (each compiles for seconds there), on GPU the engine's default
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
+import logging
 import os
 import shlex
 
@@ -24,6 +26,8 @@ from jaxlora.server.keys import KeysFile
 from jaxlora.server.state import ServingState
 from pallas_kernels.lora_matmul import MatmulConfig
 from pallas_kernels.sgmv import SgmvConfig
+
+log = logging.getLogger("jaxlora.server")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -287,7 +291,32 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
             f"served model name {server_config.model_name!r} is also an "
             "adapter's name; rename one (--served_model_name)"
         )
-    return ServingState(llm, server_config, keys_file=keys_file)
+    state = ServingState(llm, server_config, keys_file=keys_file)
+    for warning in unmatched_names(state, launch):
+        log.warning("%s", warning)
+    return state
+
+
+def unmatched_names(state: ServingState, launch: LaunchConfig) -> list[str]:
+    """Names in the tenant settings that match no model served at start-up: most likely typos
+    (adapters loaded later may still match them, so they are warned about, not refused)."""
+    models = [state.config.model_name, *state.adapters.store.names()]
+    warnings = []
+    for key in state.config.api_keys:
+        for pattern in key.models:
+            if not any(fnmatch.fnmatchcase(m, pattern) for m in models):
+                warnings.append(
+                    f"--api_keys_file: key {key.name!r}: models pattern {pattern!r} matches no "
+                    "model served now"
+                )
+    if launch.fair_share_by == "key":
+        names, what = {k.name for k in state.config.keys}, "API key"
+    else:
+        names, what = set(models), "model"
+    for name, _ in launch.fair_share_weights:
+        if name not in names:
+            warnings.append(f"--fair_share_weights: {name!r} names no {what} of this server")
+    return warnings
 
 
 def banner(state: ServingState, url: str) -> str:
