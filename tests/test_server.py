@@ -589,6 +589,42 @@ def test_priorities_reach_the_engine_under_the_priority_policy(served, client, m
     assert [p for _, p in seen] == [0, -2, -2, 7]
 
 
+def test_a_keys_priority_tier_bounds_its_requests(served, client, monkeypatch):
+    """An API key's "priority" (a tier) under the priority policy: its requests run at the
+    tier unless they ask for a less urgent priority; a more urgent one is raised to the tier.
+    Other keys' requests keep their own; under fcfs the tier is not applied."""
+    from jaxlora.server.keys import ApiKey
+
+    state, engine = served[1], served[1].engine
+    bulk_secret = "sk-bulk-0123456789abcdef"
+    bulk_key = ApiKey("bulk", bulk_secret, ("*",), priority=5)
+    monkeypatch.setattr(state, "config", dataclasses.replace(state.config, api_keys=(bulk_key,)))
+    seen = []
+    submit = engine.submit
+
+    def recording_submit(*args, **kwargs):
+        request = submit(*args, **kwargs)
+        seen.append(request.priority)
+        return request
+
+    monkeypatch.setattr(engine, "submit", recording_submit)
+    bulk = openai.OpenAI(base_url=served[0].base_url, api_key=bulk_secret, max_retries=0)
+    bulk.completions.create(model="robot", prompt="Hi", max_tokens=1)  # (fcfs: no tier)
+    assert seen == [0]
+    monkeypatch.setattr(
+        engine,
+        "engine_config",
+        dataclasses.replace(engine.engine_config, scheduling_policy="priority"),
+    )
+    for asked in (None, -3, 9):
+        extra = {} if asked is None else {"extra_body": {"priority": asked}}
+        bulk.completions.create(model="robot", prompt="Hi", max_tokens=1, **extra)
+    chat(client, "robot", max_tokens=1, extra_body={"priority": -3})
+    assert seen[1:] == [5, 5, 9, -3]
+    with pytest.raises(ConfigError, match="priority: expected an int"):
+        ApiKey("x", "k", priority="high")
+
+
 def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
     """--reasoning_parser: the message's reasoning_content and content, whole and streamed (the
     streamed parts join into the whole ones), include_reasoning=false drops it, an answer
@@ -2038,6 +2074,8 @@ def test_the_readmes_keys_file_loads(tmp_path):
     keys = {k.name: k for k in load_api_keys(str(path))}
     assert keys["acme"].allows("acme-support") and not keys["acme"].allows("globex-sql")
     assert keys["acme"].max_in_flight == 16 and keys["ops"].admin and not keys["globex"].admin
+    assert keys["globex"].priority == 10 and keys["globex"].priority_of(None) == 10
+    assert keys["globex"].priority_of(3) == 10 and keys["acme"].priority_of(3) == 3
 
 
 def test_requests_load_adapters_on_demand_from_the_roots(adapter_root):

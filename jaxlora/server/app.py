@@ -899,6 +899,14 @@ def create_app(
                 raise with_param(e, structured.field.split(".")[0]) from None
         return structured
 
+    def priority_of(body) -> int:
+        """The request's priority: its own, under the priority policy within its API key's
+        tier (``ApiKey.priority_of``)."""
+        caller = _CALLER.get()
+        if caller is None or state.engine.engine_config.scheduling_policy != "priority":
+            return body.priority
+        return caller.priority_of(body.priority if "priority" in body.model_fields_set else None)
+
     def submit_group(
         http_id: str,
         prompts: list[list[int]],
@@ -1047,7 +1055,7 @@ def create_app(
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        group = submit_group(http_id, prompts, samplings, adapter, body.priority)
+        group = submit_group(http_id, prompts, samplings, adapter, priority_of(body))
         prompt_lengths = [len(p) for p in prompts]
 
         def echo_text(index: int) -> str:
@@ -1210,7 +1218,7 @@ def create_app(
             structured_output=structured,
             reasoning_tokens=tags if structured is not None else None,
         )
-        group = submit_group(http_id, [prompt], samplings, adapter, body.priority)
+        group = submit_group(http_id, [prompt], samplings, adapter, priority_of(body))
         return _ChatRun(
             body=body,
             group=group,

@@ -13,7 +13,9 @@ own adapters and nothing else. The file is JSON::
 request for it is the unknown model's 404 and ``GET /v1/models`` does not list it. ``admin``
 keys may also load and unload adapters and reset the prefix cache (others get 403). Stored
 Responses belong to the key that created them. ``max_in_flight`` caps a key's generations
-(choices) in flight at once: more get 429 with Retry-After. ``--api_key`` (one key for
+(choices) in flight at once: more get 429 with Retry-After. ``priority`` is a key's tier under
+--scheduling_policy=priority: its requests run at that priority or a less urgent one they ask
+for. ``--api_key`` (one key for
 everything) is an admin key of every model. ``name`` is what logs show; a key itself is never
 logged.
 """
@@ -45,6 +47,9 @@ class ApiKey:
     # Most generations (choices) of this key in flight at once; more get 429 (None: no cap).
     # The engine's queue is every key's: a cap keeps one customer's burst from filling it.
     max_in_flight: int | None = None
+    # Under --scheduling_policy=priority: the key's requests run at this priority (lower is
+    # served first), and one that asks for a lower (more urgent) one gets this instead: a tier.
+    priority: int | None = None
 
     def __post_init__(self):
         where = f"API key {self.name!r}"
@@ -63,6 +68,16 @@ class ApiKey:
         cap = self.max_in_flight
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ConfigError(f"{where}: max_in_flight: expected an int >= 1, got {cap!r}")
+        tier = self.priority
+        if tier is not None and (isinstance(tier, bool) or not isinstance(tier, int)):
+            raise ConfigError(f"{where}: priority: expected an int, got {tier!r}")
+
+    def priority_of(self, asked: int | None) -> int:
+        """A request's priority under the priority policy: what it asked for (None: not
+        given), never more urgent than the key's tier."""
+        if self.priority is None:
+            return asked or 0
+        return self.priority if asked is None else max(asked, self.priority)
 
     def allows(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -106,7 +121,7 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
         where = f"{path}: keys[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected an object, got {entry!r}")
-        fields = ("name", "key", "models", "admin", "max_in_flight")
+        fields = ("name", "key", "models", "admin", "max_in_flight", "priority")
         unknown = sorted(set(entry) - set(fields))
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown field (expected {', '.join(fields)})")
@@ -127,6 +142,7 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
                     tuple(models),
                     entry.get("admin", False),
                     entry.get("max_in_flight"),
+                    entry.get("priority"),
                 )
             )
         except ConfigError as e:
