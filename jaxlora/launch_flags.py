@@ -189,6 +189,11 @@ flags.DEFINE_string(
     '{"keys": [{"name": "acme", "key": "...", "models": ["acme-*"], "admin": false}]} '
     "(jaxlora.server.keys; beside --api_key, which reaches everything).",
 )
+flags.DEFINE_bool(
+    "metrics_need_key",
+    False,
+    "GET /metrics takes an admin API key (it shows every key's usage); off: open, as vLLM's.",
+)
 flags.DEFINE_enum(
     "fair_share_by",
     "model",
@@ -293,4 +298,5 @@ def launch_config():
         scheduling_policy=FLAGS.scheduling_policy,
         fair_share_weights=parse_fair_share_weights(FLAGS.fair_share_weights),
         fair_share_by=FLAGS.fair_share_by,
+        metrics_need_key=FLAGS.metrics_need_key,
     )

@@ -625,6 +625,28 @@ def test_a_keys_priority_tier_bounds_its_requests(served, client, monkeypatch):
         ApiKey("x", "k", priority="high")
 
 
+def test_metrics_can_need_an_admin_key(served, monkeypatch):
+    """metrics_need_key (--metrics_need_key): /metrics takes an admin key (401 without one,
+    403 with a tenant's); off by default; it needs keys."""
+    from jaxlora.server.keys import ApiKey
+
+    state, url = served[1], served[0].url
+    assert httpx.get(f"{url}/metrics").status_code == 200
+    tenant = ApiKey("acme", "sk-acme-0123456789abcdef", ("pirate",))
+    monkeypatch.setattr(
+        state,
+        "config",
+        dataclasses.replace(state.config, api_keys=(tenant,), metrics_need_key=True),
+    )
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    denied = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {tenant.key}"})
+    assert denied.status_code == 403 and "may not read the metrics" in denied.text
+    allowed = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert allowed.status_code == 200 and "jaxlora_requests_total" in allowed.text
+    with pytest.raises(ConfigError, match="'metrics_need_key': needs API keys"):
+        ServerConfig(model_name="m", metrics_need_key=True)
+
+
 def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
     """--reasoning_parser: the message's reasoning_content and content, whole and streamed (the
     streamed parts join into the whole ones), include_reasoning=false drops it, an answer

@@ -628,6 +628,15 @@ async def _check_api_key(
     _CALLER.set(caller)
 
 
+async def _check_metrics_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """GET /metrics: an admin key where the server asks for one (metrics_need_key)."""
+    if request.app.state.serving.config.metrics_need_key:
+        await _check_api_key(request, credentials)
+        _require_admin("read the metrics")
+
+
 def _caller_may_use(model: str) -> bool:
     caller = _CALLER.get()
     return caller is None or caller.allows(model)
@@ -754,7 +763,12 @@ def create_app(
         ok, status = state.health()
         return JSONResponse({"status": status}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["server"], response_class=PlainTextResponse)
+    @app.get(
+        "/metrics",
+        tags=["server"],
+        response_class=PlainTextResponse,
+        dependencies=[Depends(_check_metrics_key)],
+    )
     async def metrics():
         return Response(state.metrics_text(), media_type=prom.CONTENT_TYPE)
 

@@ -50,6 +50,8 @@ class ServerConfig:
     fair_share_by: who a share of service is under the engine's "fair" scheduling policy:
     "model" (each adapter, and the base model) or "key" (each API key's name: a customer's
     requests to all its adapters count together). "key" needs keys.
+    metrics_need_key: GET /metrics takes an admin key (it shows every key's usage); off by
+    default, as vLLM's, for scrapers inside the deployment. Needs keys.
     """
 
     model_name: str
@@ -70,6 +72,7 @@ class ServerConfig:
     log_requests: bool = False
     api_keys: tuple[ApiKey, ...] = ()
     fair_share_by: str = "model"
+    metrics_need_key: bool = False
 
     @property
     def keys(self) -> tuple[ApiKey, ...]:
@@ -95,6 +98,11 @@ class ServerConfig:
             raise ConfigError(
                 "server config field 'fair_share_by': expected 'model' or 'key', got "
                 f"{self.fair_share_by!r}"
+            )
+        if self.metrics_need_key and not self.keys:
+            raise ConfigError(
+                "server config field 'metrics_need_key': needs API keys (--api_keys_file or "
+                "--api_key)"
             )
         if self.fair_share_by == "key" and not self.keys:
             raise ConfigError(

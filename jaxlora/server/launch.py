@@ -88,6 +88,7 @@ class LaunchConfig:
     # EngineConfig.fair_share_weights by served name (the base model's name or an adapter's)
     fair_share_weights: tuple[tuple[str, float], ...] = ()
     fair_share_by: str = "model"  # ServerConfig.fair_share_by: "model" or "key"
+    metrics_need_key: bool = False  # ServerConfig.metrics_need_key
 
     def __post_init__(self):
         if (
@@ -285,6 +286,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         allowed_origins=tuple(launch.allowed_origins),
         log_requests=launch.log_requests,
         fair_share_by=launch.fair_share_by,
+        metrics_need_key=launch.metrics_need_key,
     )
     if server_config.model_name in llm.adapters.store:
         raise ConfigError(
