@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -623,6 +624,41 @@ def test_a_keys_priority_tier_bounds_its_requests(served, client, monkeypatch):
     assert seen[1:] == [5, 5, 9, -3]
     with pytest.raises(ConfigError, match="priority: expected an int"):
         ApiKey("x", "k", priority="high")
+
+
+def test_a_keys_tokens_a_minute(served, monkeypatch):
+    """max_tokens_per_minute: each generation takes its prompt and max_tokens from the key's
+    bucket (the unused max_tokens come back at its end); past it, 429 with the wait in
+    Retry-After; the bucket refills at the per-minute rate; a request larger than a minute's
+    tokens is a 400 naming max_tokens."""
+    from jaxlora.server.keys import ApiKey
+
+    state = served[1]
+    now = [1000.0]
+    monkeypatch.setattr(state, "clock", lambda: now[0])
+    monkeypatch.setattr(state, "_buckets", {})
+    metered = ApiKey("metered", "sk-metered-0123456789abcdef", ("*",), max_tokens_per_minute=100)
+    monkeypatch.setattr(state, "config", dataclasses.replace(state.config, api_keys=(metered,)))
+    client = openai.OpenAI(base_url=served[0].base_url, api_key=metered.key, max_retries=0)
+    prompt_tokens = len(state.tokenizer.encode("Hi"))
+    full = {"model": "robot", "prompt": "Hi", "max_tokens": 40, "extra_body": {"ignore_eos": True}}
+    for _ in range(2):
+        assert client.completions.create(**full).usage.completion_tokens == 40
+    assert wait_until(lambda: engine_idle(state))
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.completions.create(**full)
+    needed = 2 * (prompt_tokens + 40) + prompt_tokens + 40 - 100  # (tokens short)
+    assert int(limited.value.response.headers["retry-after"]) == math.ceil(needed * 60 / 100)
+    assert "used its 100 tokens a minute" in limited.value.body["message"]
+    # A generation that stops early gives its unused max_tokens back.
+    now[0] += 60.0
+    short = client.completions.create(model="robot", prompt="Hi", max_tokens=90, temperature=0)
+    assert short.usage.completion_tokens < 90
+    assert wait_until(lambda: engine_idle(state))
+    assert client.completions.create(**full).usage.completion_tokens == 40
+    with pytest.raises(openai.BadRequestError) as too_big:
+        client.completions.create(model="robot", prompt="Hi", max_tokens=200)
+    assert too_big.value.body["param"] == "max_tokens"
 
 
 def test_metrics_can_need_an_admin_key(served, monkeypatch):
@@ -2042,6 +2078,14 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
         (
             {
                 "keys": [
+                    {"name": "a", "key": acme_secret, "models": ["*"], "max_tokens_per_minute": 1.5}
+                ]
+            },
+            "max_tokens_per_minute: expected an int >= 1",
+        ),
+        (
+            {
+                "keys": [
                     {"name": "a", "key": acme_secret, "models": ["*"]},
                     {"name": "a", "key": ops_secret, "models": ["*"]},
                 ]
@@ -2096,6 +2140,7 @@ def test_the_readmes_keys_file_loads(tmp_path):
     keys = {k.name: k for k in load_api_keys(str(path))}
     assert keys["acme"].allows("acme-support") and not keys["acme"].allows("globex-sql")
     assert keys["acme"].max_in_flight == 16 and keys["ops"].admin and not keys["globex"].admin
+    assert keys["acme"].max_tokens_per_minute == 200000
     assert keys["globex"].priority == 10 and keys["globex"].priority_of(None) == 10
     assert keys["globex"].priority_of(3) == 10 and keys["acme"].priority_of(3) == 3
 

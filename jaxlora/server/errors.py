@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 
 from fastapi.responses import JSONResponse
@@ -38,7 +39,12 @@ class PermissionDeniedError(JaxloraError):
 
 
 class RateLimitError(JaxloraError):
-    """The request's API key has as many generations in flight as it may (429)."""
+    """The request's API key has as many generations in flight, or has used as many tokens
+    this minute, as it may (429, Retry-After: ``retry_after`` seconds)."""
+
+    def __init__(self, message: str, retry_after: float = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NotFoundError(JaxloraError):
@@ -156,7 +162,8 @@ def describe(error: BaseException) -> tuple[int, dict]:
 
 def exception_response(error: BaseException) -> JSONResponse:
     status, payload = describe(error)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    wait = math.ceil(getattr(error, "retry_after", RETRY_AFTER_S))
+    headers = {"Retry-After": str(max(1, wait))} if status in (429, 503) else None
     return ErrorJSONResponse(payload, status_code=status, headers=headers)
 
 

@@ -13,7 +13,9 @@ own adapters and nothing else. The file is JSON::
 request for it is the unknown model's 404 and ``GET /v1/models`` does not list it. ``admin``
 keys may also load and unload adapters and reset the prefix cache (others get 403). Stored
 Responses belong to the key that created them. ``max_in_flight`` caps a key's generations
-(choices) in flight at once: more get 429 with Retry-After. ``priority`` is a key's tier under
+(choices) in flight at once: more get 429 with Retry-After; ``max_tokens_per_minute`` its
+tokens a minute (prompt and max_tokens of each generation, the unused max_tokens given back at
+its end). ``priority`` is a key's tier under
 --scheduling_policy=priority: its requests run at that priority or a less urgent one they ask
 for. ``--api_key`` (one key for
 everything) is an admin key of every model. ``name`` is what logs show; a key itself is never
@@ -50,6 +52,9 @@ class ApiKey:
     # Under --scheduling_policy=priority: the key's requests run at this priority (lower is
     # served first), and one that asks for a lower (more urgent) one gets this instead: a tier.
     priority: int | None = None
+    # Tokens a minute (each generation's prompt and max_tokens taken when it is submitted, the
+    # max_tokens it did not use given back when it ends); more get 429 (None: no limit).
+    max_tokens_per_minute: int | None = None
 
     def __post_init__(self):
         where = f"API key {self.name!r}"
@@ -68,6 +73,13 @@ class ApiKey:
         cap = self.max_in_flight
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ConfigError(f"{where}: max_in_flight: expected an int >= 1, got {cap!r}")
+        budget = self.max_tokens_per_minute
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+        ):
+            raise ConfigError(
+                f"{where}: max_tokens_per_minute: expected an int >= 1, got {budget!r}"
+            )
         tier = self.priority
         if tier is not None and (isinstance(tier, bool) or not isinstance(tier, int)):
             raise ConfigError(f"{where}: priority: expected an int, got {tier!r}")
@@ -121,7 +133,15 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
         where = f"{path}: keys[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected an object, got {entry!r}")
-        fields = ("name", "key", "models", "admin", "max_in_flight", "priority")
+        fields = (
+            "name",
+            "key",
+            "models",
+            "admin",
+            "max_in_flight",
+            "priority",
+            "max_tokens_per_minute",
+        )
         unknown = sorted(set(entry) - set(fields))
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}: unknown field (expected {', '.join(fields)})")
@@ -143,6 +163,7 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
                     entry.get("admin", False),
                     entry.get("max_in_flight"),
                     entry.get("priority"),
+                    entry.get("max_tokens_per_minute"),
                 )
             )
         except ConfigError as e:
@@ -150,6 +171,35 @@ def load_api_keys(path: str) -> tuple[ApiKey, ...]:
     keys = tuple(keys)
     check_keys(keys, path)
     return keys
+
+
+class TokenBucket:
+    """A key's tokens a minute: full at first, refilled at the per-minute rate; ``take``
+    empties it by a request's tokens or says how long until they are there."""
+
+    def __init__(self, per_minute: int, clock=time.monotonic):
+        self.capacity = per_minute
+        self._rate = per_minute / 60.0
+        self._clock = clock
+        self._level = float(per_minute)
+        self._at = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(self.capacity, self._level + (now - self._at) * self._rate)
+        self._at = now
+
+    def take(self, tokens: int) -> float | None:
+        """None: taken. Otherwise the seconds until ``tokens`` are there (nothing taken)."""
+        self._refill()
+        if tokens > self._level:
+            return (tokens - self._level) / self._rate
+        self._level -= tokens
+        return None
+
+    def give_back(self, tokens: int) -> None:
+        self._refill()
+        self._level = min(self.capacity, self._level + tokens)
 
 
 class KeysFile:
@@ -201,4 +251,4 @@ class KeysFile:
         return self.keys
 
 
-__all__ = ["ApiKey", "KeysFile", "check_keys", "find_key", "load_api_keys"]
+__all__ = ["ApiKey", "KeysFile", "TokenBucket", "check_keys", "find_key", "load_api_keys"]

@@ -24,7 +24,7 @@ from jaxlora.server import metrics as prom
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.errors import RateLimitError, with_param
 from jaxlora.server.generation import DeltaPump
-from jaxlora.server.keys import ApiKey, KeysFile
+from jaxlora.server.keys import ApiKey, KeysFile, TokenBucket
 from jaxlora.server.responses import ResponseStore
 
 log = logging.getLogger("jaxlora.server")
@@ -104,6 +104,8 @@ class ServingState:
         # touched on the event loop only: by the handlers and the delta pump)
         self._callers: dict[str, str] = {}
         self._in_flight: collections.Counter = collections.Counter()
+        self._buckets: dict[str, TokenBucket] = {}  # key name -> its tokens a minute
+        self.clock = time.monotonic  # (the buckets' clock)
         self.created = int(time.time())
         self._adapter_created: dict[str, int] = {}
         self.responses = ResponseStore(config.max_stored_responses)
@@ -339,6 +341,34 @@ class ServingState:
 
     # ------------------------------------------------------------------ requests
 
+    def reserve_tokens(self, caller: ApiKey | None, tokens: int) -> None:
+        """Takes a generation's tokens (its prompt and max_tokens) from its key's
+        tokens a minute; RateLimitError (with the wait) when they are not there, RequestError
+        when the key could never afford them."""
+        budget = None if caller is None else caller.max_tokens_per_minute
+        if budget is None:
+            return
+        if tokens > budget:
+            raise with_param(
+                RequestError(
+                    f"max_tokens: the request's prompt and max_tokens come to {tokens} tokens, "
+                    f"more than API key {caller.name!r} may use in a minute ({budget}); ask for "
+                    "fewer"
+                ),
+                "max_tokens",
+            )
+        bucket = self._buckets.get(caller.name)
+        if bucket is None or bucket.capacity != budget:  # (new, or the keys file changed it)
+            bucket = self._buckets[caller.name] = TokenBucket(budget, clock=self.clock)
+        wait = bucket.take(tokens)
+        if wait is not None:
+            raise RateLimitError(
+                f"API key {caller.name!r} has used its {budget} tokens a minute "
+                f"(max_tokens_per_minute; this request needs {tokens}); retry in "
+                f"{wait:.1f} s",
+                retry_after=wait,
+            )
+
     def submit(
         self,
         prompt_ids: list[int],
@@ -359,18 +389,25 @@ class ServingState:
                     f"API key {caller.name!r} has {self._in_flight[caller.name]} generations "
                     "in flight, its most (max_in_flight); retry when one ends"
                 )
+        cost = len(prompt_ids) + sampling.max_tokens
+        self.reserve_tokens(caller, cost)
         deadline = self.config.first_token_deadline_s
         by_key = caller is not None and self.config.fair_share_by == "key"
-        request = self.engine.submit(
-            prompt_ids,
-            sampling,
-            adapter=adapter,
-            request_id=request_id,
-            deadline_s=deadline,
-            share_prompt_with=share_prompt_with,
-            priority=priority,
-            tenant=caller.name if by_key else None,
-        )
+        try:
+            request = self.engine.submit(
+                prompt_ids,
+                sampling,
+                adapter=adapter,
+                request_id=request_id,
+                deadline_s=deadline,
+                share_prompt_with=share_prompt_with,
+                priority=priority,
+                tenant=caller.name if by_key else None,
+            )
+        except BaseException:
+            if caller is not None and caller.name in self._buckets:
+                self._buckets[caller.name].give_back(cost)  # (refused: nothing was used)
+            raise
         self.metrics.requests.inc(self.model_label(adapter))
         if caller is not None:
             self._callers[request_id] = caller.name
@@ -420,6 +457,9 @@ class ServingState:
         caller = self._callers.pop(request.request_id, None)
         m.finished.inc(label, str(request.finish_reason))
         if caller is not None:
+            bucket = self._buckets.get(caller)
+            if bucket is not None:  # (the max_tokens it did not use)
+                bucket.give_back(max(0, request.sampling.max_tokens - len(request.output_ids)))
             self._in_flight[caller] -= 1
             if not self._in_flight[caller]:
                 del self._in_flight[caller]
