@@ -7,7 +7,7 @@ import os
 import re
 
 from jaxlora.errors import ConfigError
-from jaxlora.server.keys import ApiKey, check_keys
+from jaxlora.server.keys import ApiKey, check_keys, with_server_key
 from jaxlora.server.reasoning import REASONING_PARSERS
 from jaxlora.server.tool_calls import PARSERS
 
@@ -78,8 +78,7 @@ class ServerConfig:
     def keys(self) -> tuple[ApiKey, ...]:
         """Every key the server takes: the tenants' and ``api_key`` (an admin of every model,
         named "api_key"); empty: no key is needed."""
-        single = () if self.api_key is None else (ApiKey("api_key", self.api_key, ("*",), True),)
-        return (*self.api_keys, *single)
+        return with_server_key(self.api_keys, self.api_key)
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not self.model_name:

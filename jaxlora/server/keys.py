@@ -95,6 +95,13 @@ class ApiKey:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
 
+def with_server_key(tenants: tuple[ApiKey, ...], api_key: str | None) -> tuple[ApiKey, ...]:
+    """Every key a server takes: the tenants' and its own ``--api_key`` (an admin of every
+    model, named "api_key"; none when None)."""
+    own = () if api_key is None else (ApiKey("api_key", api_key, ("*",), True),)
+    return (*tenants, *own)
+
+
 def find_key(keys: tuple[ApiKey, ...], given: str) -> ApiKey | None:
     """The key whose secret is ``given`` (every key compared, in constant time each)."""
     found = None
@@ -251,4 +258,12 @@ class KeysFile:
         return self.keys
 
 
-__all__ = ["ApiKey", "KeysFile", "TokenBucket", "check_keys", "find_key", "load_api_keys"]
+__all__ = [
+    "ApiKey",
+    "KeysFile",
+    "TokenBucket",
+    "check_keys",
+    "find_key",
+    "load_api_keys",
+    "with_server_key",
+]

@@ -22,7 +22,7 @@ from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.server.config import ServerConfig
-from jaxlora.server.keys import KeysFile
+from jaxlora.server.keys import KeysFile, check_keys, with_server_key
 from jaxlora.server.state import ServingState
 from pallas_kernels.lora_matmul import MatmulConfig
 from pallas_kernels.sgmv import SgmvConfig
@@ -267,12 +267,13 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
             ) from None
     keys_file = None
     if launch.api_keys_file:
-
-        def beside_the_server_key(keys):
-            if launch.api_key and any(k.key == launch.api_key for k in keys):
-                raise ConfigError(f"{launch.api_keys_file}: a key is --api_key's too")
-
-        keys_file = KeysFile(launch.api_keys_file, check=beside_the_server_key)
+        # (a reloaded file is checked beside --api_key as ServerConfig checks the first one)
+        keys_file = KeysFile(
+            launch.api_keys_file,
+            check=lambda keys: check_keys(
+                with_server_key(keys, launch.api_key or None), launch.api_keys_file
+            ),
+        )
     server_config = ServerConfig(
         model_name=launch.served_model_name or default_model_name(launch.model),
         api_key=launch.api_key or None,

@@ -24,7 +24,7 @@ from jaxlora.server import metrics as prom
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.errors import RateLimitError, with_param
 from jaxlora.server.generation import DeltaPump
-from jaxlora.server.keys import ApiKey, KeysFile, TokenBucket
+from jaxlora.server.keys import ApiKey, KeysFile, TokenBucket, with_server_key
 from jaxlora.server.responses import ResponseStore
 
 log = logging.getLogger("jaxlora.server")
@@ -445,8 +445,7 @@ class ServingState:
         file holds them now)."""
         if self.keys_file is None:
             return self.config.keys
-        single = self.config.keys[len(self.config.api_keys) :]
-        return (*self.keys_file.current(), *single)
+        return with_server_key(self.keys_file.current(), self.config.api_key)
 
     def model_label(self, adapter: str | None) -> str:
         return self.config.model_name if adapter is None else adapter
