@@ -1410,8 +1410,8 @@ def create_app(
         history = []
         owner = _caller_name()
         if body.previous_response_id is not None:
-            stored = state.responses.get(body.previous_response_id)
-            if stored is None or stored.owner != owner:
+            stored = callers_response(body.previous_response_id)
+            if stored is None:
                 raise with_param(
                     NotFoundError(
                         f"previous_response_id: no stored response {body.previous_response_id!r}"
@@ -1427,6 +1427,9 @@ def create_app(
         except JaxloraError as e:
             raise responses.renamed(e) from None
         request = run.group.requests[0]
+
+        def usage(thought: int) -> dict:
+            return responses.usage(len(run.prompt), len(request.output_ids), thought)
 
         def kept(response: dict) -> dict:
             if body.store:
@@ -1446,12 +1449,13 @@ def create_app(
                 return Response(status_code=499)
             check_finished(run.group)
             [(message, finish)] = chat_answers(run)
+            thought = run.reasoning_tokens(request.output_ids)
             logprobs = None
             if responses.wants_logprobs(body):  # (the text's tokens: those after the reasoning)
                 entries = formatter.of(chat).chat_logprobs(
                     request.output_ids, request.output_logprobs, request.output_top_logprobs
                 )["content"]
-                logprobs = entries[run.reasoning_tokens(request.output_ids) :]
+                logprobs = entries[thought:]
             return kept(
                 responses.response_object(
                     body,
@@ -1459,11 +1463,7 @@ def create_app(
                     created,
                     responses.status_of(finish),
                     responses.output_items(message, finish, logprobs),
-                    responses.usage(
-                        len(run.prompt),
-                        len(request.output_ids),
-                        run.reasoning_tokens(request.output_ids),
-                    ),
+                    usage(thought),
                 )
             )
 
@@ -1483,12 +1483,8 @@ def create_app(
                         yield event
                     continue
                 if kind == "finish":
-                    usage = responses.usage(
-                        len(run.prompt),
-                        len(request.output_ids),
-                        run.reasoning_tokens(request.output_ids),
-                    )
-                    closing, response = writer.finish(value, usage)
+                    thought = run.reasoning_tokens(request.output_ids)
+                    closing, response = writer.finish(value, usage(thought))
                     kept(response)
                     for event in closing:
                         yield event
@@ -1498,10 +1494,14 @@ def create_app(
 
         return await stream(run.group, raw, events_of, done=False)
 
-    def stored_response(response_id: str) -> responses.StoredResponse:
+    def callers_response(response_id: str) -> responses.StoredResponse | None:
         """A stored response of the request's API key (another key's: as if there were none)."""
         stored = state.responses.get(response_id)
-        if stored is None or stored.owner != _caller_name():
+        return stored if stored is not None and stored.owner == _caller_name() else None
+
+    def stored_response(response_id: str) -> responses.StoredResponse:
+        stored = callers_response(response_id)
+        if stored is None:
             raise NotFoundError(f"No response found with id '{response_id}'")
         return stored
 
