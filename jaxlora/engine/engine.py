@@ -752,7 +752,7 @@ class Engine:
             counter, _, tenant = heapq.heappop(heap)
             request = queues[tenant].popleft()
             if not request.fair_charged:
-                counter += self._fair_cost(tenant, FAIR_PROMPT_WEIGHT * len(request.prompt_ids))
+                counter += self._prompt_service(request)
             order.append(request)
             if queues[tenant]:
                 heapq.heappush(heap, (counter, queues[tenant][0].arrival, tenant))
@@ -761,6 +761,11 @@ class Engine:
     def _fair_cost(self, tenant: str, tokens: float) -> float:
         """What ``tokens`` of weighted service add to a tenant's counter (policy 9)."""
         return tokens / self._fair_weight.get(tenant, 1.0)
+
+    def _prompt_service(self, request: Request) -> float:
+        """What a request's prompt adds to its tenant's counter when it is first admitted
+        (policy 9; ``_fair_order`` counts it ahead of the admission)."""
+        return self._fair_cost(request.tenant, FAIR_PROMPT_WEIGHT * len(request.prompt_ids))
 
     def _lowest_below(self, request: Request) -> Request | None:
         """The running request a higher-priority one may preempt (policy 8): the one of the
@@ -881,10 +886,7 @@ class Engine:
         self._running.append(request)
         if not request.fair_charged:  # (policy 9: a prompt counts once, recomputed or not)
             request.fair_charged = True
-            tenant = request.tenant
-            self._service[tenant] += self._fair_cost(
-                tenant, FAIR_PROMPT_WEIGHT * len(request.prompt_ids)
-            )
+            self._service[request.tenant] += self._prompt_service(request)
         return _ADMITTED
 
     def _leader_pages_tokens(self, request: Request) -> int:

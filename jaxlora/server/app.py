@@ -51,6 +51,7 @@ from jaxlora.server.errors import (
 from jaxlora.server.generation import RequestGroup
 from jaxlora.server.keys import ApiKey, find_key
 from jaxlora.server.protocol import (
+    SERVICE_TIERS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -107,7 +108,7 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
 
     if body.stream_options is not None and not body.stream:
         refuse("stream_options", "only allowed with stream=true")
-    if body.service_tier not in (None, "auto", "default"):
+    if body.service_tier not in SERVICE_TIERS:
         refuse("service_tier", f"expected 'auto' or 'default', got {body.service_tier!r}")
     effort = getattr(body, "reasoning_effort", None)
     if effort is not None and "reasoning_effort" in (body.chat_template_kwargs or {}):

@@ -143,6 +143,10 @@ class _SamplingFields(_Body):
     service_tier: str | None = Field(None, description="'auto' or 'default' only.")
 
 
+# The service tiers a self-hosted server honours (OpenAI's flex, priority, scale: none).
+SERVICE_TIERS = (None, "auto", "default")
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text, a list of texts, token ids or a list of token-id lists."

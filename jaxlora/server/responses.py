@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from jaxlora.errors import JaxloraError, RequestError
 from jaxlora.server.errors import with_param
-from jaxlora.server.protocol import ChatCompletionRequest, ResponsesRequest
+from jaxlora.server.protocol import SERVICE_TIERS, ChatCompletionRequest, ResponsesRequest
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -173,7 +173,7 @@ def _refuse_hosted_features(body: ResponsesRequest) -> None:
         raise _fail("top_logprobs", f"0..{MAX_TOP_LOGPROBS}", body.top_logprobs)
     if body.max_tool_calls is not None:
         raise _fail("max_tool_calls", "absent (not supported)", body.max_tool_calls)
-    if body.service_tier not in (None, "auto", "default"):
+    if body.service_tier not in SERVICE_TIERS:
         raise _fail("service_tier", "'auto' or 'default'", body.service_tier)
     extra = sorted(set(body.reasoning or {}) - {"effort", "summary"})
     if extra:
