@@ -124,6 +124,14 @@ def error_payload(
     }
 
 
+def _retry_after(status: int, wait_s: float = RETRY_AFTER_S) -> dict | None:
+    """The Retry-After header of an overloaded (503) or rate-limited (429) answer: whole
+    seconds, at least one."""
+    if status not in (429, 503):
+        return None
+    return {"Retry-After": str(max(1, math.ceil(wait_s)))}
+
+
 def error_response(
     status: int,
     message: str,
@@ -134,7 +142,7 @@ def error_response(
 ) -> JSONResponse:
     if type_ is None:
         type_ = "invalid_request_error" if status < 500 else "server_error"
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    headers = _retry_after(status)
     return ErrorJSONResponse(
         error_payload(status, message, type_=type_, param=param, code=code),
         status_code=status,
@@ -162,8 +170,7 @@ def describe(error: BaseException) -> tuple[int, dict]:
 
 def exception_response(error: BaseException) -> JSONResponse:
     status, payload = describe(error)
-    wait = math.ceil(getattr(error, "retry_after", RETRY_AFTER_S))
-    headers = {"Retry-After": str(max(1, wait))} if status in (429, 503) else None
+    headers = _retry_after(status, getattr(error, "retry_after", RETRY_AFTER_S))
     return ErrorJSONResponse(payload, status_code=status, headers=headers)
 
 
