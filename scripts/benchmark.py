@@ -35,6 +35,7 @@ from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
+from jaxlora.engine import EngineConfig  # noqa: E402
 from jaxlora.engine.runner import xla_options_from_json  # noqa: E402
 from jaxlora.errors import JaxloraError  # noqa: E402
 from pallas_kernels.lora_matmul import MatmulConfig  # noqa: E402
@@ -202,6 +203,16 @@ flags.DEFINE_integer("online_min_len", 8, "shortest prompt / output")
 flags.DEFINE_integer("online_max_len", 512, "longest prompt / output")
 flags.DEFINE_float("slo_s", 6.0, "first-token objective")
 flags.DEFINE_integer("online_max_batch", 64, "decode rows per step")
+flags.DEFINE_integer(
+    "online_max_slots",
+    0,
+    "distinct adapters one step may use (vLLM's --max-loras); 0: online_max_batch",
+)
+flags.DEFINE_integer(
+    "online_max_skips",
+    EngineConfig.max_skips,
+    "how often a waiting request may be overtaken (EngineConfig.max_skips)",
+)
 flags.DEFINE_integer("online_prefill_chunk", 256, "prompt tokens per prefill row")
 flags.DEFINE_integer("online_prefill_rows", 4, "prompts prefilled per step")
 flags.DEFINE_integer("online_resident_adapters", 96, "adapters the GPU pool holds")
@@ -318,6 +329,8 @@ def main(argv):
             slo_s=FLAGS.slo_s,
             rank=FLAGS.rank,
             max_batch=FLAGS.online_max_batch,
+            max_slots=FLAGS.online_max_slots or None,
+            max_skips=FLAGS.online_max_skips,
             prefill_chunk=FLAGS.online_prefill_chunk,
             prefill_rows=FLAGS.online_prefill_rows,
             resident_adapters=FLAGS.online_resident_adapters,

@@ -432,6 +432,36 @@ def test_online_trace_pages_adapters_and_measures_latency():
         OnlineConfig(max_batch=8, resident_adapters=4)
 
 
+def test_online_trace_caps_the_adapters_of_a_step():
+    config = OnlineConfig(
+        adapter_counts=(40,),
+        rate=40.0,
+        duration_s=1.0,
+        drain_timeout_s=60.0,
+        min_len=4,
+        max_len=12,
+        rank=8,
+        max_batch=4,
+        max_slots=2,
+        max_skips=3,
+        prefill_chunk=8,
+        prefill_rows=1,
+        resident_adapters=6,
+        kv_pages=64,
+    )
+    engine_config = config.engine_config()
+    assert engine_config.lora_pool.max_slots == 2 and engine_config.max_skips == 3
+    bench = build_engine(TINY, engine_config, SETUP)
+    (row,) = run_online(bench, config)["rows"]
+    assert row["finished"] == row["requests"] > 8
+    assert row["adapters_per_step_max"] == 2 < row["distinct_adapters"]
+    assert row["adapters_per_decode_step_mean"] <= 2
+    assert OnlineConfig().engine_config().lora_pool.max_slots == OnlineConfig().max_batch
+    for bad in (0, 65, 2.0):
+        with pytest.raises(ConfigError, match="max_slots"):
+            OnlineConfig(max_batch=64, max_slots=bad)
+
+
 def _results(ratio=1.1, lora_ratio=1.05, speedup=40.0, retention=0.97):
     rows = [
         {

@@ -33,8 +33,11 @@ class OnlineConfig:
     """adapter_counts: one trace per count; rate: requests per second; duration_s: arrivals
     span; drain_timeout_s: how long after the last arrival unfinished requests may run before
     they are cancelled (and count as missing the SLO); slo_s: the first-token objective;
-    max_batch: decode rows (and adapters) per step; resident_adapters: adapters the GPU pool
-    holds at once; kv_pages: KV cache pages of 16 tokens."""
+    max_batch: decode rows per step; max_slots: distinct adapters one step may use (vLLM's
+    --max-loras; None: max_batch, every row its own adapter); max_skips: how often a waiting
+    request may be overtaken (EngineConfig.max_skips), e.g. by requests for adapters already in
+    the step while it waits for a slot; resident_adapters: adapters the GPU pool holds at once;
+    kv_pages: KV cache pages of 16 tokens."""
 
     adapter_counts: tuple[int, ...] = (5, 100, 1000, 2000)
     rate: float = 4.0
@@ -48,6 +51,8 @@ class OnlineConfig:
     slo_s: float = 6.0
     rank: int = 16
     max_batch: int = 64
+    max_slots: int | None = None
+    max_skips: int = EngineConfig.max_skips
     prefill_chunk: int = 256
     prefill_rows: int = 4
     resident_adapters: int = 96
@@ -80,12 +85,20 @@ class OnlineConfig:
             "resident_adapters",
             "kv_pages",
             "rank",
+            "max_skips",
         ):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(
                     f"online benchmark field {field!r}: expected an int >= 1, got {value!r}"
                 )
+        if self.max_slots is not None and not (
+            isinstance(self.max_slots, int) and 1 <= self.max_slots <= self.max_batch
+        ):
+            raise ConfigError(
+                f"online benchmark field 'max_slots': expected an int in [1, max_batch = "
+                f"{self.max_batch}] or None, got {self.max_slots!r}"
+            )
         if self.resident_adapters < self.max_batch:
             raise ConfigError(
                 f"online benchmark: resident_adapters ({self.resident_adapters}) "
@@ -107,6 +120,10 @@ class OnlineConfig:
             seed=self.seed,
         )
 
+    @property
+    def step_slots(self) -> int:
+        return self.max_batch if self.max_slots is None else self.max_slots
+
     def engine_config(self) -> EngineConfig:
         rows_per_page = min(16, self.rank)
         return EngineConfig(
@@ -126,10 +143,11 @@ class OnlineConfig:
                 pages_per_pool=7
                 * pages_for_rank(self.rank, rows_per_page)
                 * self.resident_adapters,
-                max_slots=self.max_batch,
+                max_slots=self.step_slots,
             ),
             max_num_tokens=self.prefill_rows * self.prefill_chunk + self.max_batch,
             max_waiting=1 << 20,
+            max_skips=self.max_skips,
         )
 
 
@@ -252,6 +270,7 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         "adapters_per_decode_step_mean": statistics.fmean(len(r.slot_ranks) for r in decode)
         if decode
         else 0.0,
+        "adapters_per_step_max": max((len(r.slot_ranks) for r in records), default=0),
         "prefill_steps": sum(r.mode == "prefill" for r in records),
         "preemptions": engine.stats.preemptions - preemptions_before,
         "compilations_while_timed": compiles.count,
