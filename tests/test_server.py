@@ -1953,6 +1953,12 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
             for secret in (acme_secret, ops_secret, API_KEY)
         )
         assert {m.id for m in acme.models.list().data} == {"pirate", "robot"}
+        # Where an adapter lies on the server's disk is shown to admins only.
+        roots = {card["id"]: card["root"] for card in state.models()}
+        assert all(m.root == m.id for m in acme.models.list().data)
+        assert acme.models.retrieve("pirate").root == "pirate"
+        assert {m.id: m.root for m in ops.models.list().data} == roots
+        assert ops.models.retrieve("pirate").root == roots["pirate"] != "pirate"
         assert {m.id for m in ops.models.list().data} == {BASE, *demo.DEMO_SIGNATURES}
         assert chat(acme, "pirate").choices[0].message.content == demo.DEMO_SIGNATURES["pirate"]
         hidden = expect_error(404, lambda: chat(acme, "poet"), "The model `poet` does not exist")

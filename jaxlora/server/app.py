@@ -857,9 +857,17 @@ def create_app(
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 
+    def _card_for_caller(card: dict) -> dict:
+        # An adapter's root is where it lies on the server's disk: an admin's business, not a
+        # tenant's (a tenant key sees the model's name there).
+        caller = _CALLER.get()
+        if caller is None or caller.admin:
+            return card
+        return {**card, "root": card["id"]}
+
     @api.get("/models", tags=["models"])
     async def list_models():
-        cards = [card for card in state.models() if _caller_may_use(card["id"])]
+        cards = [_card_for_caller(card) for card in state.models() if _caller_may_use(card["id"])]
         return {"object": "list", "data": cards}
 
     @api.get("/models/{model_id:path}", tags=["models"])
@@ -867,7 +875,7 @@ def create_app(
         await resolve_model(model_id)  # raises the 404 (or loads the adapter on demand)
         for card in state.models():
             if card["id"] == model_id:
-                return card
+                return _card_for_caller(card)
         raise UnknownAdapterError(f"The model `{model_id}` does not exist")
 
     @api.post("/load_lora_adapter", tags=["adapters"], response_class=PlainTextResponse)
