@@ -23,6 +23,10 @@ Writes: ``write_kv`` scatters a step's K/V with XLA. ``rope_write_kv_kernel`` (t
 default with a Pallas impl) applies RoPE to q and k and writes k and v in one Pallas launch,
 reading the fused q|k|v projection output, against ``rope_write_kv_reference``; it updates the
 pools in place (aliased outputs) and drops the writes ``write_kv`` documents.
+
+fp8 pools (``KVCacheConfig.cache_dtype``): every write goes through ``to_cache_dtype``
+(saturating, scale 1.0) and every read is upcast to the query's dtype before the dots, so the
+kernels compute as with a pool of the query's dtype holding the rounded values.
 """
 
 from __future__ import annotations
@@ -150,6 +154,18 @@ def _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens, *, where: s
         )
 
 
+def to_cache_dtype(x: jax.Array, dtype) -> jax.Array:
+    """x as a K/V pool of ``dtype`` stores it. fp8 saturates at the format's largest finite
+    value (+-448 e4m3, +-57344 e5m2; a per-tensor scale of 1.0, as vLLM's without calibrated
+    scales): a plain cast to float8_e4m3fn turns an out-of-range value into NaN, which would
+    poison every later query of its row. Other dtypes: a plain cast."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -limit, limit)
+    return x.astype(dtype)
+
+
 def _layer_scalar(layer, num_layers: int) -> jax.Array:
     # Clamped so that a wrong layer index reads a wrong layer rather than out of bounds memory.
     return jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1)
@@ -212,11 +228,13 @@ def _paged_attention_kernel(
         pages = jnp.clip(pages, 0, num_pages - 1)
         offsets = key_pos % page_size
         key_mask = jnp.broadcast_to(key_valid[:, None], (block_keys, head_dim))
+        # fp8 pools are read in q's dtype (no-op casts when the pools are in it); a float
+        # ``other``: the Triton lowering casts no integer to fp8.
         k = pltriton.load(
             k_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
             mask=key_mask,
-            other=0,
-        )
+            other=0.0,
+        ).astype(q.dtype)
         logits = pltriton.dot(q, k, trans_b=True, precision=precision) * sm_scale
         logits = jnp.where(key_valid[None, :], logits, _MASK_VALUE)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=1))
@@ -226,10 +244,10 @@ def _paged_attention_kernel(
         v = pltriton.load(
             v_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
             mask=key_mask,
-            other=0,
-        )
+            other=0.0,
+        ).astype(q.dtype)
         acc = acc * correction[:, None] + pltriton.dot(
-            probs.astype(v.dtype), v, precision=precision
+            probs.astype(q.dtype), v, precision=precision
         )
         return acc, new_max, denom
 
@@ -624,7 +642,8 @@ def write_kv(
     layer: jax.Array | int,  # () int32
     valid: jax.Array,  # token_shape bool: False = write nothing for this token
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatters new tokens' K/V into the pools at their positions; returns the updated pools.
+    """Scatters new tokens' K/V into the pools at their positions (``to_cache_dtype``: fp8
+    pools saturate); returns the updated pools.
 
     Token shapes: ``(B,)`` (decode: token b belongs to page_table row b) or ``(B, S)`` (S tokens
     of row b). A packed prefill batch whose tokens come from several rows passes
@@ -653,7 +672,7 @@ def write_kv(
     layer = _layer_scalar(layer, num_layers)
 
     def scatter(pool, new):
-        rows = new.reshape(-1, num_kv_heads, head_dim).astype(pool.dtype)
+        rows = to_cache_dtype(new.reshape(-1, num_kv_heads, head_dim), pool.dtype)
         return pool.at[layer, pages, offsets].set(rows, mode="drop")
 
     return scatter(k_pool, k_new), scatter(v_pool, v_new)
@@ -754,7 +773,7 @@ def _rope_write_kv_kernel(
             else:
                 pltriton.store(
                     k_pool_ref.at[layer, page, offset, column],
-                    values.astype(k_pool_ref.dtype),
+                    to_cache_dtype(values, k_pool_ref.dtype),
                     mask=ok & lane_ok,
                 )
     group_width = width // groups
@@ -767,7 +786,7 @@ def _rope_write_kv_kernel(
     )
     pltriton.store(
         v_pool_ref.at[layer, page, offset, column],
-        values.astype(v_pool_ref.dtype),
+        to_cache_dtype(values, v_pool_ref.dtype),
         mask=ok & lane_ok,
     )
 

@@ -19,6 +19,7 @@ from pallas_kernels.paged_attention import (
     paged_attention_reference,
     rope_write_kv_kernel,
     rope_write_kv_reference,
+    to_cache_dtype,
     write_kv,
 )
 
@@ -477,6 +478,165 @@ def test_write_and_gather_bad_shapes_raise():
         gather_kv(pool, pool, table, 0, max_len=9)
 
 
+# ------------------------------------------------------------------ fp8 pools (cache_dtype)
+
+FP8 = [
+    pytest.param(jnp.float8_e4m3fn, id="e4m3"),
+    pytest.param(jnp.float8_e5m2, id="e5m2"),
+]
+
+# 1000 in each fp8 pool: saturated in e4m3 (+-448), rounded in e5m2 (2 mantissa bits).
+_THOUSAND = {jnp.float8_e4m3fn: 448.0, jnp.float8_e5m2: 1024.0}
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_kernel_interpret_reads_fp8_pools_in_the_query_dtype(cache_dtype, q_dtype):
+    """fp8 pools are read in q's dtype: the kernel's output is, bit for bit, its output over
+    the same values in pools of q's dtype, and matches the reference on the fp8 pools and
+    float64 attention over their values. Every element written (outputs start as NaN)."""
+    rng = np.random.default_rng(11)
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
+        rng, SEQ_LENS, num_kv_heads=2, dtype=cache_dtype
+    )
+    assert k_pool.dtype == cache_dtype
+    q = jnp.asarray(rng.standard_normal((len(SEQ_LENS), 4, 16)), q_dtype)
+    attend = functools.partial(
+        paged_attention,
+        sm_scale=0.25,
+        config=PagedAttentionConfig(pages_per_block=4, kv_splits=1),
+        interpret=True,
+    )
+    out = attend(q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1))
+    assert out.dtype == q_dtype and out.shape == q.shape
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all(), "an output element was never written"
+    assert (out[np.asarray(SEQ_LENS) == 0] == 0).all()
+    upcast = attend(
+        q, k_pool.astype(q_dtype), v_pool.astype(q_dtype), page_table, seq_lens, jnp.int32(1)
+    )
+    np.testing.assert_array_equal(out, np.asarray(upcast, np.float32))
+    ref = paged_attention_reference(q, k_pool, v_pool, page_table, seq_lens, 1, sm_scale=0.25)
+    tol = TOLERANCE[q_dtype]
+    np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=tol, rtol=tol)
+    np.testing.assert_allclose(out, dense_attention(q, dk, dv, 1, 0.25), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_to_cache_dtype_saturates_fp8_and_only_casts_otherwise(cache_dtype):
+    x = jnp.asarray([1000.0, -1e5, 1.0, -0.5, np.inf, np.nan], jnp.float32)
+    largest = float(jnp.finfo(cache_dtype).max)
+    assert largest == {jnp.float8_e4m3fn: 448.0, jnp.float8_e5m2: 57344.0}[cache_dtype]
+    got = np.asarray(to_cache_dtype(x, cache_dtype).astype(jnp.float32))
+    np.testing.assert_array_equal(
+        got, [_THOUSAND[cache_dtype], -largest, 1.0, -0.5, largest, np.nan]
+    )
+    # (a plain cast, the failure saturation avoids: e4m3 has no infinity)
+    if cache_dtype == jnp.float8_e4m3fn:
+        assert np.isnan(np.asarray(x[:2].astype(cache_dtype).astype(jnp.float32))).all()
+    assert to_cache_dtype(x, jnp.bfloat16).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(to_cache_dtype(x, jnp.bfloat16), np.float32),
+        np.asarray(x.astype(jnp.bfloat16), np.float32),
+    )
+
+
+def _written_slots(pool) -> np.ndarray:
+    """(P, page_size, KVH) of layer 1 (the write problems' layer): the slots a write filled."""
+    return ~np.isnan(np.asarray(pool.astype(jnp.float32))[1, ..., 0])
+
+
+def _saturated(pool, dtype) -> np.ndarray:
+    """A float32 pool as an fp8 pool of ``dtype`` would hold it (numpy: clip, then cast)."""
+    limit = float(jnp.finfo(dtype).max)
+    return np.clip(np.asarray(pool, np.float32), -limit, limit).astype(dtype).astype(np.float32)
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_write_kv_into_fp8_pools_saturates(cache_dtype):
+    """The XLA scatter into fp8 pools: each written slot holds the saturated value (1000 as 448
+    in e4m3, not NaN), unwritten slots stay NaN, as numpy's clip-and-cast of a float32 write."""
+    k_pool, v_pool, k_new, v_new, *rest = _write_problem(4, (6,), 2, 8, jnp.float32)
+    k_new = k_new.at[:, :, 0].set(1000.0).at[:, :, 1].set(-1e5)
+    want_k, want_v = write_kv(k_pool, v_pool, k_new, v_new * 300, *rest)
+    fp8_pools = (k_pool.astype(cache_dtype), v_pool.astype(cache_dtype))
+    got_k, got_v = write_kv(*fp8_pools, k_new, v_new * 300, *rest)
+    assert got_k.dtype == got_v.dtype == cache_dtype
+    for got, want in ((got_k, want_k), (got_v, want_v)):
+        np.testing.assert_array_equal(
+            np.asarray(got.astype(jnp.float32)), _saturated(want, cache_dtype)
+        )
+    # Every written key's first element was 1000.
+    first = np.asarray(got_k.astype(jnp.float32))[1, ..., 0][_written_slots(want_k)]
+    assert first.size and (first == _THOUSAND[cache_dtype]).all()
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+@pytest.mark.parametrize("qkv_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_rope_write_kv_kernel_into_fp8_pools_saturates_as_the_reference(qkv_dtype, cache_dtype):
+    """The fused RoPE + write (interpret) into fp8 pools: the reference's pools (the rotation,
+    then write_kv's saturating cast), with large keys and values that saturate; the rotated
+    query is unchanged by the pools' dtype."""
+    qkv, cos, sin, k_pool, v_pool, *rest = _rope_problem((3, 5), 4, 2, 16, jnp.float32)
+    heads, largest = 4, float(jnp.finfo(cache_dtype).max)
+    # Keys and values of the format's range, many beyond it.
+    qkv = qkv.at[..., heads:, :].multiply(largest).at[..., heads + 2 :, 0].set(1000.0)
+    qkv = qkv.astype(qkv_dtype)
+    fp8_pools = (k_pool.astype(cache_dtype), v_pool.astype(cache_dtype))
+    want = rope_write_kv_reference(qkv, cos, sin, *fp8_pools, *rest)
+    got = jax.jit(functools.partial(rope_write_kv_kernel, interpret=True))(
+        qkv, cos, sin, *fp8_pools, *rest
+    )
+    # The kernel's float32 rotation may differ from XLA's by an ulp (as in
+    # test_rope_write_kv_kernel_matches_rotation_then_scatter), which may round a key to the
+    # next fp8 value: one step of the format.
+    q_tolerance = 1e-6 if qkv_dtype == jnp.float32 else 8e-3
+    for name, g, w in zip(("q", "k_pool", "v_pool"), got, want, strict=True):
+        assert g.dtype == w.dtype, name
+        g, w = np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32))
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=name)
+        tolerance = q_tolerance if name == "q" else float(jnp.finfo(cache_dtype).eps)
+        np.testing.assert_allclose(g, w, rtol=tolerance, atol=tolerance, err_msg=name)
+        if name != "q":
+            assert np.nanmax(np.abs(g)) == largest, name  # some values saturated
+    assert got[1].dtype == cache_dtype
+    plain_q = rope_write_kv_reference(qkv, cos, sin, k_pool, v_pool, *rest)[0]
+    np.testing.assert_array_equal(np.asarray(want[0], np.float32), np.asarray(plain_q, np.float32))
+    # v is written unrotated: its 1000s land as _THOUSAND (e4m3: 448), never NaN.
+    v = np.asarray(got[2].astype(jnp.float32))[1, ..., 0][_written_slots(want[2])]
+    assert v.size and (v == _THOUSAND[cache_dtype]).all()
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_fp8_kernels_lower_for_the_gpu(cache_dtype):
+    """Decode attention over fp8 pools (bf16 query; one split, and the heuristic's kv splits)
+    and the fused RoPE + write into them lower to Triton (tests/gpu_lowering.py), the kernels
+    taking the pools in fp8 (no conversion of the pools before the launch)."""
+    pool_type = {jnp.float8_e4m3fn: "xf8E4M3FN>", jnp.float8_e5m2: "xf8E5M2>"}[cache_dtype]
+    rng = np.random.default_rng(5)
+    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
+        rng, (1, 32, 33, 0, 64, 96), page_size=16, num_kv_heads=2, dtype=cache_dtype
+    )
+    q = jnp.asarray(rng.standard_normal((6, 4, 16)), jnp.bfloat16)
+    for config in (PagedAttentionConfig(pages_per_block=4, kv_splits=1), None):
+
+        def attend(q, k_pool, v_pool, page_table, seq_lens, layer, config=config):
+            return paged_attention(
+                q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=0.25, config=config
+            )
+
+        text = lower_for_gpu(attend, q, k_pool, v_pool, page_table, seq_lens, jnp.int32(0))
+        assert triton_kernels(text) == 1 and pool_type in text
+    qkv, cos, sin, k_pool, v_pool, *rest = _rope_problem((8,), 8, 4, 16, jnp.bfloat16)
+
+    def write(qkv, cos, sin, k_pool, v_pool, *rest):
+        return rope_write_kv_kernel(qkv, cos, sin, k_pool, v_pool, *rest)
+
+    pools = (k_pool.astype(cache_dtype), v_pool.astype(cache_dtype))
+    text = lower_for_gpu(write, qkv, cos, sin, *pools, *rest)
+    assert triton_kernels(text) == 1 and "output_operand_aliases" in text and pool_type in text
+
+
 # ----------------------------------------------------------------------------- compiled (GPU)
 
 GPU_SEQ_LENS = (1, 16, 17, 0, 255, 256, 1000, 2048, 33, 0, 511, 1)
@@ -619,6 +779,30 @@ def test_attention_shrink_matches_reference(queries_per_kv, dtype, interpret):
     tol = TOLERANCE[dtype]
     scale = np.abs(np.asarray(want_v)).max()
     np.testing.assert_allclose(v, np.asarray(want_v), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_attention_shrink_reads_fp8_pools_as_the_plain_kernel(cache_dtype):
+    """The fused o shrink's launch loads K/V as paged_attention does: over fp8 pools (bf16
+    query and A rows) its output is paged_attention's bit for bit, v the shrink of it."""
+    from pallas_kernels.paged_attention import paged_attention_shrink
+    from pallas_kernels.sgmv import sgmv_shrink_reference
+
+    (q, k_pool, v_pool, *table), tables, problem = _shrink_problem(5, SEQ_LENS, 2, 2, jnp.bfloat16)
+    cache = (q, k_pool.astype(cache_dtype), v_pool.astype(cache_dtype), *table)
+    launch = dict(
+        sm_scale=0.25, config=PagedAttentionConfig(pages_per_block=4, kv_splits=1), interpret=True
+    )
+    out, v = paged_attention_shrink(
+        *cache, jnp.int32(1), *tables, weights=problem.weights, **launch
+    )
+    plain = paged_attention(*cache, jnp.int32(1), **launch)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(plain, np.float32))
+    assert np.isfinite(np.asarray(v)).all()
+    of_its_out = sgmv_shrink_reference(
+        out.reshape(len(SEQ_LENS), -1), *tables, jnp.int32(1), weights=problem.weights
+    )
+    np.testing.assert_allclose(np.asarray(v), np.asarray(of_its_out), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_shrink_needs_one_split_and_names_bad_fields():
