@@ -697,6 +697,8 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale
         return out[:, None]
     max_len = kv.page_table.shape[1] * k_pool.shape[2]
     ck, cv = pa.gather_kv(k_pool, v_pool, kv.page_table, layer, max_len)
+    # fp8 pools (KVCacheConfig.cache_dtype) are read in q's dtype; a no-op for pools in it.
+    ck, cv = ck.astype(q.dtype), cv.astype(q.dtype)
     key_pos = jnp.arange(max_len)[None, None, :]
     mask = (key_pos <= positions[:, :, None]) & (key_pos < kv.seq_lens[:, None, None])
     mask = mask & kv.token_valid[:, :, None]

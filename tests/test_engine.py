@@ -993,6 +993,68 @@ def test_prefix_caching_reuses_pages_of_the_same_prefix_and_adapter(base, lora_a
     assert llm.engine.kv.free_pages == 13
 
 
+def test_fp8_kv_cache_stays_close_to_the_auto_engine(base, lora_adapters):
+    """KVCacheConfig.cache_dtype: pools of the fp8 format named, a quarter of float32's bytes a
+    page. Outputs are no longer the auto engine's bit for bit, but close. Over the prompts and
+    the fp8 engine's greedy tokens, both engines' prompt logprobs (each chunk reads its K/V
+    back from the cache) agree within a tolerance, and so do the fp8 engine's logprobs of its
+    tokens (decode steps) and the auto engine's of the same tokens; each token is within twice
+    the tolerance of the auto engine's best there (greedy over logits moved by less than it).
+    The kernels (interpret mode, RoPE and the writes in one launch) give the reference path's
+    tokens."""
+    import dataclasses
+
+    def engine(cache_dtype, impl="reference", kv_write="xla"):
+        config = small_engine_config(cache_dtype=cache_dtype)
+        runner = dataclasses.replace(config.runner, impl=impl, kv_write=kv_write)
+        return jaxlora.LLM(
+            TINY,
+            params=base,
+            adapters=lora_adapters,
+            engine_config=dataclasses.replace(config, runner=runner),
+            load_workers=0,
+        )
+
+    auto = engine("auto")
+    for cache_dtype, fp8 in (
+        ("fp8", jnp.float8_e4m3fn),
+        ("fp8_e4m3", jnp.float8_e4m3fn),
+        ("fp8_e5m2", jnp.float8_e5m2),
+    ):
+        kv = engine(cache_dtype).engine.kv
+        assert kv.k_pool.dtype == kv.v_pool.dtype == fp8, cache_dtype
+        assert 4 * kv.bytes_per_page == auto.engine.kv.bytes_per_page
+    assert auto.engine.kv.k_pool.dtype == jnp.float32
+    rng = np.random.default_rng(12)
+    prompts = [list(map(int, rng.integers(3, 500, n))) for n in (19, 5, 1, 12)]
+    names = [None, "all5", None, "qv1"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    tolerance = 0.05  # e4m3's 3 mantissa bits moved these logprobs by about 0.01
+    llm = engine("fp8")
+    outs = llm.generate(prompts, adapter=names, sampling=greedy)
+    sequences = [p + o.token_ids for p, o in zip(prompts, outs, strict=True)]
+    want = auto.generate(sequences, adapter=names, sampling=score)
+    got = llm.generate(sequences, adapter=names, sampling=score)
+    largest_difference = 0.0
+    for prompt, out, w, g in zip(prompts, outs, want, got, strict=True):
+        np.testing.assert_allclose(g.prompt_logprobs[1:], w.prompt_logprobs[1:], atol=tolerance)
+        generated = w.prompt_logprobs[len(prompt) :]
+        np.testing.assert_allclose(out.logprobs, generated, atol=tolerance)
+        best = [max(top.values()) for top in w.prompt_top_logprobs[len(prompt) :]]
+        assert (np.asarray(generated) >= np.asarray(best) - 2 * tolerance).all()
+        largest_difference = max(
+            largest_difference,
+            np.abs(np.subtract(g.prompt_logprobs[1:], w.prompt_logprobs[1:])).max(),
+        )
+    assert largest_difference > 0, "the fp8 cache changed no logprob: is it in use?"
+    # (the requests without adapter: the kernels' LoRA paths are slow in interpret mode)
+    kernels = engine("fp8", impl="pallas_interpret", kv_write="pallas")
+    base_only = [0, 2]
+    on_kernels = kernels.generate([prompts[i] for i in base_only], sampling=greedy)
+    assert [o.token_ids for o in on_kernels] == [outs[i].token_ids for i in base_only]
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False])
 @pytest.mark.parametrize("num_pages", [96, 20])
 def test_choices_of_one_prompt_compute_its_pages_once(

@@ -1,13 +1,17 @@
 """The KV cache manager's page bookkeeping with prefix caching and prompt sharing, under random
-operations."""
+operations; its pools' dtype (KVCacheConfig.cache_dtype)."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs.models import TINY
-from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager
+from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager, kv_pool_dtype
 from jaxlora.errors import ConfigError
 
 
@@ -116,3 +120,39 @@ def test_shared_prompt_pages_outlive_their_first_holder_without_prefix_caching()
     assert kv.free_pages == 8 - 3  # b's three
     kv.free("b")
     assert kv.free_pages == 8 and not kv._refs
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "shrink"), [(jnp.bfloat16, 2), (jnp.float32, 4)], ids=["bf16", "f32"]
+)
+def test_cache_dtype_picks_the_pools_dtype_and_their_bytes(model_dtype, shrink):
+    """cache_dtype "auto": the model's dtype; the fp8 names: their format, a page taking a half
+    (bf16) or a quarter (float32) of the bytes."""
+    config = KVCacheConfig(page_size=4, num_pages=6, max_model_len=16)
+    auto = KVCacheManager(TINY, config, dtype=model_dtype)
+    assert auto.k_pool.dtype == auto.v_pool.dtype == model_dtype
+    assert (
+        auto.bytes_per_page
+        == 2 * TINY.num_layers * 4 * TINY.kv_size * jnp.dtype(model_dtype).itemsize
+    )
+    for name, fp8 in (
+        ("fp8", jnp.float8_e4m3fn),
+        ("fp8_e4m3", jnp.float8_e4m3fn),
+        ("fp8_e5m2", jnp.float8_e5m2),
+    ):
+        assert kv_pool_dtype(name, model_dtype) == fp8
+        kv = KVCacheManager(TINY, dataclasses.replace(config, cache_dtype=name), model_dtype)
+        assert kv.k_pool.dtype == kv.v_pool.dtype == fp8, name
+        assert kv.bytes_per_page * shrink == auto.bytes_per_page
+    assert kv_pool_dtype("auto", model_dtype) == model_dtype
+
+
+def test_a_bad_cache_dtype_names_the_field_and_the_accepted_values():
+    accepted = r"\['auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2'\]"
+    for bad in ("fp16", "FP8", jnp.float8_e4m3fn, None):
+        with pytest.raises(
+            ConfigError,
+            match=rf"kv cache config field cache_dtype: expected one of {accepted}, "
+            rf"got {re.escape(repr(bad))}",
+        ):
+            KVCacheConfig(cache_dtype=bad)

@@ -14,6 +14,12 @@ written: only full pages are shared, and a sequence writes past its last full pa
 Prompt sharing (``share_prefix``), on whether prefix caching is or not: a sequence starts with
 the full pages another sequence of the same prompt and adapter computed (the n choices of one
 request), by counted reference.
+
+Cache dtype (``KVCacheConfig.cache_dtype``, vLLM's ``--kv-cache-dtype``): "auto" keeps K/V in
+the model's dtype; the fp8 formats store them in 8 bits with a per-tensor scale of 1.0 (values
+saturate at the format's largest finite value, ``paged_attention.to_cache_dtype``) and are read
+back in the compute dtype: twice the pages of bf16 in the same memory, half the K/V bytes a
+decode step reads.
 """
 
 from __future__ import annotations
@@ -30,6 +36,20 @@ from jaxlora.config import ModelConfig, require_positive_ints
 from jaxlora.errors import ConfigError
 from jaxlora.memory.allocator import PageAllocator
 
+# vLLM's --kv-cache-dtype values and the pool dtype each names (None: the model's dtype).
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "fp8": jnp.float8_e4m3fn,
+    "fp8_e4m3": jnp.float8_e4m3fn,
+    "fp8_e5m2": jnp.float8_e5m2,
+}
+
+
+def kv_pool_dtype(cache_dtype: str, model_dtype) -> jnp.dtype:
+    """The dtype of the K/V pools for a ``KVCacheConfig.cache_dtype`` and the model's dtype."""
+    named = KV_CACHE_DTYPES[cache_dtype]
+    return jnp.dtype(model_dtype if named is None else named)
+
 
 @dataclasses.dataclass(frozen=True)
 class KVCacheConfig:
@@ -38,6 +58,8 @@ class KVCacheConfig:
     max_model_len: int = 512  # context length a sequence may reach (prompt + output)
     # Sequences share the cached pages of a common prefix (see the module docstring).
     prefix_caching: bool = False
+    # The pools' dtype: "auto" (the model's) or an fp8 format (see the module docstring).
+    cache_dtype: str = "auto"
 
     def __post_init__(self):
         require_positive_ints(self, ("page_size", "num_pages", "max_model_len"), "kv cache config")
@@ -45,6 +67,11 @@ class KVCacheConfig:
             raise ConfigError(
                 "kv cache config field prefix_caching: expected a bool, got "
                 f"{self.prefix_caching!r}"
+            )
+        if not isinstance(self.cache_dtype, str) or self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"kv cache config field cache_dtype: expected one of {list(KV_CACHE_DTYPES)}, "
+                f"got {self.cache_dtype!r}"
             )
 
     @property
@@ -63,8 +90,10 @@ class KVCacheManager:
         *,
         sharding=None,
     ):
-        """sharding: of the pool arrays (tensor parallelism splits the KV heads)."""
+        """dtype: the model's (the pools' unless ``config.cache_dtype`` names an fp8 format);
+        sharding: of the pool arrays (tensor parallelism splits the KV heads)."""
         self.config = config
+        dtype = kv_pool_dtype(config.cache_dtype, dtype)
         shape = (
             model.num_layers,
             config.num_pages,
@@ -89,7 +118,7 @@ class KVCacheManager:
         # Cached pages no sequence holds, least recently released first (still allocated in
         # the allocator's view; counted free here).
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.bytes_per_page = 2 * int(np.prod(shape[:1] + shape[2:])) * jnp.dtype(dtype).itemsize
+        self.bytes_per_page = 2 * int(np.prod(shape[:1] + shape[2:])) * dtype.itemsize
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.page_size)
