@@ -90,6 +90,14 @@ flags.DEFINE_integer("max_num_tokens", None, "Token budget of one engine step.")
 flags.DEFINE_integer("max_waiting", None, "Queue bound: beyond it requests get 503.")
 flags.DEFINE_integer("kv_pages", None, "KV cache pages (default: half the batch at full context).")
 flags.DEFINE_integer("page_size", None, "Tokens per KV page.")
+flags.DEFINE_enum(
+    "kv_cache_dtype",
+    "auto",
+    ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+    "The KV cache's dtype (vLLM's --kv-cache-dtype): auto = the model's (--dtype); fp8 (= "
+    "fp8_e4m3) or fp8_e5m2 store K/V in 8 bits, scale 1.0, saturating at +-448 / +-57344: half "
+    "the memory of bf16 K/V a page, outputs no longer bit-identical (KVCacheConfig.cache_dtype).",
+)
 flags.DEFINE_integer("max_model_len", None, "Context length (prompt + output).")
 flags.DEFINE_integer("adapter_pool_pages", None, "Pages of each adapter page pool.")
 flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
@@ -279,6 +287,7 @@ def launch_config():
         max_waiting=FLAGS.max_waiting,
         page_size=FLAGS.page_size,
         kv_pages=FLAGS.kv_pages,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
         max_model_len=FLAGS.max_model_len,
         adapter_pool_pages=FLAGS.adapter_pool_pages,
         rows_per_page=FLAGS.rows_per_page,

@@ -2433,6 +2433,13 @@ def test_launch_settings():
     assert gpu.kv.num_pages * gpu.kv.page_size >= 32 * 4096
     assert cpu.async_scheduling and gpu.async_scheduling
     assert not cpu.kv.prefix_caching
+    assert cpu.kv.cache_dtype == gpu.kv.cache_dtype == "auto"
+    fp8 = engine_config_for(LLAMA3_8B, LaunchConfig(kv_cache_dtype="fp8"), backend="gpu").kv
+    # (the default page count comes from the batch and context, not from bytes: unchanged)
+    auto = engine_config_for(LLAMA3_8B, LaunchConfig(), backend="gpu").kv
+    assert fp8 == dataclasses.replace(auto, cache_dtype="fp8")
+    with pytest.raises(ConfigError, match="kv cache config field cache_dtype: expected one of"):
+        engine_config_for(TINY, LaunchConfig(kv_cache_dtype="int8"), backend="cpu")
     assert engine_config_for(
         TINY, LaunchConfig(enable_prefix_caching=True), backend="cpu"
     ).kv.prefix_caching
@@ -2504,6 +2511,28 @@ def test_launch_settings():
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
     with pytest.raises(ConfigError, match="max_body_mib: expected an int >= 1, got 0"):
         LaunchConfig(max_body_mib=0)
+
+
+def test_kv_cache_dtype_flag_reaches_the_engine_config():
+    """--kv_cache_dtype (scripts/serve.py and scripts/run_batch.py, jaxlora.launch_flags):
+    LaunchConfig's, then the engine's KVCacheConfig's; only vLLM's names parse."""
+    from absl import flags
+
+    from configs.models import TINY
+    from jaxlora import launch_flags
+
+    try:
+        flags.FLAGS(["serve.py", "--kv_cache_dtype=fp8_e5m2"])
+        launch = launch_flags.launch_config()
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["serve.py"])
+        default = launch_flags.launch_config()
+        with pytest.raises(flags.IllegalFlagValueError, match="kv_cache_dtype"):
+            flags.FLAGS(["serve.py", "--kv_cache_dtype=int8"])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert launch.kv_cache_dtype == "fp8_e5m2" and default.kv_cache_dtype == "auto"
+    assert engine_config_for(TINY, launch, backend="cpu").kv.cache_dtype == "fp8_e5m2"
 
 
 def test_freeze_startup_objects_leaves_collections_what_comes_later():

@@ -51,6 +51,7 @@ class LaunchConfig:
     log_requests: bool = False  # ServerConfig.log_requests
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
+    kv_cache_dtype: str = "auto"  # KVCacheConfig.cache_dtype: "auto" or an fp8 format
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
     reasoning_parser: str = ""  # ServerConfig.reasoning_parser ("": none)
     api_key: str | None = None
@@ -198,6 +199,7 @@ def engine_config_for(
             num_pages=kv_pages,
             max_model_len=max_model_len,
             prefix_caching=launch.enable_prefix_caching,
+            cache_dtype=launch.kv_cache_dtype,
         ),
         runner=runner,
         lora_pool=pool,
