@@ -89,7 +89,16 @@ flags.DEFINE_integer(
     "profiler once the batch decodes (a per-kernel breakdown in the row's "
     "'profile'); 0: none",
 )
-flags.DEFINE_string("dtype", "bfloat16", "weights, KV cache and adapter pool dtype")
+flags.DEFINE_string(
+    "dtype", "bfloat16", "weights, adapter pool and KV cache (see --kv_cache_dtype) dtype"
+)
+flags.DEFINE_enum(
+    "kv_cache_dtype",
+    "auto",
+    ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+    "the KV cache's dtype (KVCacheConfig.cache_dtype, vLLM's --kv-cache-dtype): auto = --dtype; "
+    "an fp8 format halves bf16's KV bytes (the roofline counts them at 1 byte)",
+)
 flags.DEFINE_integer("rank", 16, "adapter rank (all 7 modules)")
 flags.DEFINE_integer(
     "weight_sets",
@@ -310,6 +319,7 @@ def main(argv):
             layer_loop=FLAGS.layer_loop,
             fuse_projections=FLAGS.fuse_projections,
             projection_kernel=FLAGS.projection_kernel,
+            kv_cache_dtype=FLAGS.kv_cache_dtype,
             profile_steps=FLAGS.profile_steps,
             free_running=tuple(FLAGS.free_running),
             freeze_heap=FLAGS.freeze_heap,
@@ -339,6 +349,7 @@ def main(argv):
             layer_loop=FLAGS.layer_loop,
             fuse_projections=FLAGS.fuse_projections,
             projection_kernel=FLAGS.projection_kernel,
+            kv_cache_dtype=FLAGS.kv_cache_dtype,
             time_steps=FLAGS.online_time_steps,
             freeze_heap=FLAGS.freeze_heap,
             seed=FLAGS.seed,

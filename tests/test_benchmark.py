@@ -120,6 +120,33 @@ def test_roofline_counts_every_weight_and_adapter_byte():
         roofline.base_weight_bytes(TINY, 2, 2) + kv + 3 * roofline.adapter_bytes(TINY, 2, (8,) * 7)
     )
     assert step.seconds(1.0) == pytest.approx(step.total / 1e9)
+    # An fp8 KV cache (KVCacheConfig.cache_dtype): K/V at 1 byte, the rest at the weights'.
+    fp8 = roofline.decode_step_bytes(
+        TINY, 2, seq_lens=[10, 5], adapter_ranks=[(8,) * 7] * 3, kv_itemsize=1
+    )
+    assert fp8.kv_read == kv // 2 and fp8.total == step.total - kv // 2
+
+
+def test_an_fp8_kv_cache_reaches_the_benchmark_engines_and_roofline():
+    """--kv_cache_dtype (OfflineConfig / OnlineConfig.kv_cache_dtype): the engines' KV cache
+    config, and the decode summary's K/V bytes at the cache's itemsize (weights and adapters
+    at theirs)."""
+    from jaxlora.bench.offline import summarize_decode
+    from jaxlora.bench.timing import StepRecord
+
+    assert OfflineConfig().engine_config().kv.cache_dtype == "auto"
+    offline = OfflineConfig(batch_sizes=(2,), kv_cache_dtype="fp8")
+    assert offline.engine_config().kv.cache_dtype == "fp8"
+    assert OnlineConfig(kv_cache_dtype="fp8_e5m2").engine_config().kv.cache_dtype == "fp8_e5m2"
+    with pytest.raises(ConfigError, match="cache_dtype"):
+        OfflineConfig(kv_cache_dtype="int8").engine_config()
+    records = [StepRecord("decode", 2, (10, 5 + i), ((8,) * 7,), True, 1e-3) for i in range(3)]
+    auto = summarize_decode(records, 2, TINY, 2, 50.0)
+    fp8 = summarize_decode(records, 2, TINY, 2, 50.0, kv_itemsize=1)
+    assert fp8["bytes_kv_MB"] == pytest.approx(auto["bytes_kv_MB"] / 2)
+    assert fp8["bytes_weights_MB"] == auto["bytes_weights_MB"]
+    assert fp8["bytes_adapters_MB"] == auto["bytes_adapters_MB"]
+    assert fp8["roofline_ms"] < auto["roofline_ms"]
 
 
 def test_aliased_adapters_share_host_memory_and_serve_their_weight_set():
@@ -188,6 +215,7 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
     config, bench, result = offline_result
     rows = {(r["batch"], r["workload"]): r for r in result["rows"]}
     assert set(rows) == {(b, w) for b in (1, 4) for w in config.workloads}
+    assert bench.kv_itemsize == bench.itemsize == 4  # "auto": the float32 model's
     assert result["not_run"] == []
     # "auto" on the CPU's reference impl: XLA's GEMMs, recorded beside the rows.
     assert config.projection_kernel == "auto" and result["projection_kernel_used"] == "xla"
@@ -626,12 +654,14 @@ def test_benchmark_script_writes_results_and_report(tmp_path):
         "--prefill_rows=2",
         "--weight_sets=1",
         "--compile_threads=2",
+        "--kv_cache_dtype=fp8",
         f"--json_out={offline}",
         check=True,
         timeout=600,
     )
     doc = json.loads(offline.read_text())
     assert doc["meta"]["copy_GBps"] == 20 and doc["meta"]["platform"] == "cpu"
+    assert doc["offline"]["config"]["kv_cache_dtype"] == "fp8"
     assert [r["workload"] for r in doc["offline"]["rows"]] == ["no_lora", "distinct"]
     peft = tmp_path / "peft.json"
     peft.write_text(

@@ -22,8 +22,9 @@ from .workloads import adapter_name
 
 @dataclasses.dataclass(frozen=True)
 class SetupConfig:
-    """dtype: of weights, KV cache and adapter pool; weight_sets: distinct adapter weight sets in
-    host memory (see jaxlora/bench/adapters.py); compile_threads: parallel XLA compilations."""
+    """dtype: of weights, adapter pool and KV cache (unless KVCacheConfig.cache_dtype names an
+    fp8 format); weight_sets: distinct adapter weight sets in host memory (see
+    jaxlora/bench/adapters.py); compile_threads: parallel XLA compilations."""
 
     dtype: str = "bfloat16"
     rank: int = 16
@@ -43,6 +44,11 @@ class BenchEngine:
     @property
     def itemsize(self) -> int:
         return jnp.dtype(self.manager.store.dtype).itemsize
+
+    @property
+    def kv_itemsize(self) -> int:
+        """Bytes of a K/V element in the engine's pools (1 with an fp8 cache)."""
+        return self.engine.kv.k_pool.dtype.itemsize
 
     @property
     def projection_kernel_used(self) -> str:

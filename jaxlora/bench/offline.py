@@ -44,6 +44,7 @@ class OfflineConfig:
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
     projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
+    kv_cache_dtype: str = "auto"  # KVCacheConfig.cache_dtype
     # Engine iterations of every row traced with the JAX profiler once the whole batch decodes
     # (jaxlora/bench/profile.py); 0: none. Traced iterations are left out of the step times.
     profile_steps: int = 0
@@ -104,6 +105,7 @@ class OfflineConfig:
                 page_size=KV_PAGE_SIZE,
                 max_model_len=max_len,
                 num_pages=self.max_batch * -(-max_len // KV_PAGE_SIZE),
+                cache_dtype=self.kv_cache_dtype,
             ),
             runner=RunnerConfig(
                 max_batch=self.max_batch,
@@ -131,14 +133,27 @@ def _median(values):
 
 
 def summarize_decode(
-    records: list[StepRecord], batch: int, model: ModelConfig, itemsize: int, copy_gbps: float
+    records: list[StepRecord],
+    batch: int,
+    model: ModelConfig,
+    itemsize: int,
+    copy_gbps: float,
+    *,
+    kv_itemsize: int | None = None,
 ) -> dict:
     """Median time and roofline of the decode steps that ran the whole batch (steps of a
-    partial batch, while prompts are still being prefilled, are counted but not summarized)."""
+    partial batch, while prompts are still being prefilled, are counted but not summarized);
+    itemsize: of the weights and adapters, kv_itemsize: of the KV cache (None: itemsize)."""
     decode = [r for r in records if r.mode == "decode"]
     full = [r for r in decode if r.rows == batch]
     floors = [
-        roofline.decode_step_bytes(model, itemsize, seq_lens=r.seq_lens, adapter_ranks=r.slot_ranks)
+        roofline.decode_step_bytes(
+            model,
+            itemsize,
+            seq_lens=r.seq_lens,
+            adapter_ranks=r.slot_ranks,
+            kv_itemsize=kv_itemsize,
+        )
         for r in full
     ]
     step_s = _median([r.seconds for r in full])
@@ -206,7 +221,11 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
         "output_digest": output_digest(timed["output_ids"]),
         "output_head": [ids[:OUTPUT_HEAD_TOKENS] for ids in timed["output_ids"][:4]],
     }
-    row.update(summarize_decode(records, batch, model, bench.itemsize, copy_gbps))
+    row.update(
+        summarize_decode(
+            records, batch, model, bench.itemsize, copy_gbps, kv_itemsize=bench.kv_itemsize
+        )
+    )
     if timed["step_profile"]:
         row["profile"] = {
             **timed["step_profile"],

@@ -61,6 +61,7 @@ class OnlineConfig:
     layer_loop: str = "scan"  # RunnerConfig.layer_loop
     fuse_projections: bool = True  # RunnerConfig.fuse_projections
     projection_kernel: str = "auto"  # RunnerConfig.projection_kernel
+    kv_cache_dtype: str = "auto"  # KVCacheConfig.cache_dtype
     # True: every model step is waited for and timed (decode_step_ms_median), which makes the
     # device wait for the host as synchronous scheduling would; False: the engine runs as it
     # serves (async scheduling) and the steps are only counted.
@@ -127,7 +128,12 @@ class OnlineConfig:
     def engine_config(self) -> EngineConfig:
         rows_per_page = min(16, self.rank)
         return EngineConfig(
-            kv=KVCacheConfig(page_size=16, num_pages=self.kv_pages, max_model_len=2 * self.max_len),
+            kv=KVCacheConfig(
+                page_size=16,
+                num_pages=self.kv_pages,
+                max_model_len=2 * self.max_len,
+                cache_dtype=self.kv_cache_dtype,
+            ),
             runner=RunnerConfig(
                 max_batch=self.max_batch,
                 prefill_chunk=self.prefill_chunk,

@@ -7,7 +7,8 @@ A decode step of B rows reads, at the least:
 - every base weight once: per layer q, k, v, o, gate, up, down and two RMSNorm scales; the final
   norm and the LM head; and the B embedding rows of its tokens (a gather: the embedding table is
   not read whole, unless it is tied to the LM head, which reads it whole anyway);
-- the K and V of every cached token of every row (seq_len tokens, the new one included);
+- the K and V of every cached token of every row (seq_len tokens, the new one included), at the
+  KV cache's itemsize (1 byte with an fp8 cache, ``KVCacheConfig.cache_dtype``);
 - each distinct adapter of the step once: A and B rank-rows of every targeted weight, every layer.
 
 Activations, the KV written for the new tokens, logits and metadata are a few MB at most and are
@@ -66,11 +67,13 @@ def decode_step_bytes(
     *,
     seq_lens: Sequence[int],
     adapter_ranks: Iterable[Sequence[int]],
+    kv_itemsize: int | None = None,
 ) -> DecodeStepBytes:
     """The floor of one decode step: seq_lens of its rows (padding rows left out) and the ranks
-    of each distinct adapter it uses."""
+    of each distinct adapter it uses; itemsize: of the weights and adapters, kv_itemsize: of the
+    KV cache (None: itemsize)."""
     return DecodeStepBytes(
         weights=base_weight_bytes(config, itemsize, len(seq_lens)),
-        kv_read=kv_read_bytes(config, itemsize, seq_lens),
+        kv_read=kv_read_bytes(config, itemsize if kv_itemsize is None else kv_itemsize, seq_lens),
         adapters=sum(adapter_bytes(config, itemsize, ranks) for ranks in adapter_ranks),
     )
