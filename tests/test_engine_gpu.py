@@ -130,6 +130,46 @@ def test_pallas_engine_matches_reference_engine():
         assert outputs[run] == outputs[runs[0]], run
 
 
+@pytest.mark.gpu
+def test_pallas_engine_with_an_fp8_kv_cache_matches_its_reference_engine():
+    """KVCacheConfig.cache_dtype="fp8": the compiled engine at its default kernels (RoPE and
+    the K/V writes in one Pallas launch, paged attention reading the e4m3 pools, lora_matmul)
+    generates the reference path's tokens over the same kind of cache."""
+    params = init_params(CONFIG, 0)
+    adapters = {
+        f"a{i}": random_lora_weights(CONFIG, f"a{i}", rank, MODULES, seed=i, std=0.05)
+        for i, rank in enumerate((16, 8))
+    }
+    rng = np.random.default_rng(1)
+    prompts = [list(map(int, rng.integers(3, 1000, n))) for n in (1, 40, 17, 90)]
+    names = ["a0", None, "a1", "a0"]
+    sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = {}
+    for impl in ("reference", "pallas"):
+        config = EngineConfig(
+            kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256, cache_dtype="fp8"),
+            runner=RunnerConfig(
+                max_batch=8,
+                prefill_chunk=32,
+                max_prefill_rows=4,
+                impl=impl,
+                decode_buckets=(8,),
+                prefill_buckets=(4,),
+            ),
+            lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=64, max_slots=8),
+            warmup=False,
+        )
+        llm = jaxlora.LLM(
+            CONFIG, params=params, adapters=adapters, engine_config=config, load_workers=0
+        )
+        assert llm.engine.kv.k_pool.dtype == jax.numpy.float8_e4m3fn
+        outputs[impl] = [
+            o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
+        ]
+    assert jax.default_backend() == "gpu"
+    assert outputs["pallas"] == outputs["reference"]
+
+
 def _lowered_steps(*, use_lora=(False, True), few_adapters=False, max_batch=4, **runner_fields):
     """Every step shape of a small Pallas engine (``max_batch`` decode rows, 2 prefill rows; the
     other RunnerConfig fields given) lowered for an abstract GPU: (runner, a list of (mode,

@@ -489,9 +489,10 @@ FP8 = [
 _THOUSAND = {jnp.float8_e4m3fn: 448.0, jnp.float8_e5m2: 1024.0}
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("cache_dtype", FP8)
-def test_kernel_interpret_reads_fp8_pools_in_the_query_dtype(cache_dtype, q_dtype):
+def test_kernel_reads_fp8_pools_in_the_query_dtype(cache_dtype, q_dtype, interpret):
     """fp8 pools are read in q's dtype: the kernel's output is, bit for bit, its output over
     the same values in pools of q's dtype, and matches the reference on the fp8 pools and
     float64 attention over their values. Every element written (outputs start as NaN)."""
@@ -505,7 +506,7 @@ def test_kernel_interpret_reads_fp8_pools_in_the_query_dtype(cache_dtype, q_dtyp
         paged_attention,
         sm_scale=0.25,
         config=PagedAttentionConfig(pages_per_block=4, kv_splits=1),
-        interpret=True,
+        interpret=interpret,
     )
     out = attend(q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1))
     assert out.dtype == q_dtype and out.shape == q.shape
