@@ -1,8 +1,9 @@
-# Thirty-ninth session, call 3 (H100): the other kernels' GPU tests on an H100 (earlier: H200):
-# lora_matmul's reference cases, paged attention, residual norm and SwiGLU.
+# Thirty-ninth session, call 3 (H100): the fp8 K/V cache compiled (attention kernel, engine
+# against its reference engine), then batch 128 without LoRA with an auto and an fp8 cache.
 R=$OUT/r; mkdir -p $R; export PYTHONPATH=.
 S=$R/summary.txt; date > $R/times.txt; nvidia-smi -L >> $R/times.txt 2>&1
-timeout 200 python3 -m pytest -m gpu tests/test_lora_matmul.py -k "matches_reference or default_config or few_adapters or split_k" -q -p no:cacheprovider > $R/lora_matmul.log 2>&1; echo "lora_matmul rc=$?" >> $S; tail -2 $R/lora_matmul.log >> $S; date >> $R/times.txt
-timeout 60 python3 -m pytest -m gpu tests/test_residual_norm.py tests/test_swiglu.py -q -p no:cacheprovider > $R/norm_swiglu.log 2>&1; echo "norm_swiglu rc=$?" >> $S; tail -2 $R/norm_swiglu.log >> $S; date >> $R/times.txt
-timeout 150 python3 -m pytest -m gpu tests/test_paged_attention.py -q -p no:cacheprovider > $R/attention.log 2>&1; echo "attention rc=$?" >> $S; tail -2 $R/attention.log >> $S; date >> $R/times.txt
+timeout 100 python3 -m pytest -m gpu tests/test_paged_attention.py tests/test_engine_gpu.py -k fp8 -q -p no:cacheprovider > $R/fp8_tests.log 2>&1; echo "fp8_tests rc=$?" >> $S; tail -2 $R/fp8_tests.log >> $S; date >> $R/times.txt
+for D in fp8 auto; do
+timeout ${LIMIT:-120} python3 scripts/benchmark.py --section=offline --layer_loop=scan --free_running=async --batch_sizes=128 --offline_workloads=no_lora --kv_cache_dtype=$D --json_out=$R/b128_$D.json > $R/b128_$D.log 2>&1; echo "b128 $D rc=$?" >> $S; grep "tok/s\|iteration" $R/b128_$D.log | cut -c40- >> $S; date >> $R/times.txt
+done
 cat $S $R/times.txt
