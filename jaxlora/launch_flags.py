@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from absl import flags
 
@@ -89,6 +90,13 @@ flags.DEFINE_integer("prefill_chunk", None, "Prompt tokens one prefill step feed
 flags.DEFINE_integer("max_num_tokens", None, "Token budget of one engine step.")
 flags.DEFINE_integer("max_waiting", None, "Queue bound: beyond it requests get 503.")
 flags.DEFINE_integer("kv_pages", None, "KV cache pages (default: half the batch at full context).")
+flags.DEFINE_string(
+    "kv_cache_memory",
+    None,
+    "The KV cache's memory on each device, instead of --kv_pages (vLLM's "
+    "--kv-cache-memory-bytes): bytes, or a number with a unit, e.g. 20GiB, 16GB, 512MiB; the "
+    "page count is what fits at --kv_cache_dtype's bytes.",
+)
 flags.DEFINE_integer("page_size", None, "Tokens per KV page.")
 flags.DEFINE_enum(
     "kv_cache_dtype",
@@ -243,6 +251,38 @@ def set_up_process() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str, *, flag: str) -> int:
+    """Bytes from "20GiB", "16 GB", "512MiB", "1.5GiB" or a plain count; ConfigError naming
+    the flag otherwise."""
+    from jaxlora.errors import ConfigError
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text or "")
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ConfigError(
+            f"{flag}={text!r}: expected bytes, or a number with a unit "
+            f"({', '.join(u for u in _BYTE_UNITS if u)} in any case), e.g. 20GiB"
+        )
+    count = int(float(match.group(1)) * _BYTE_UNITS[unit])
+    if count < 1:
+        raise ConfigError(f"{flag}={text!r}: expected at least one byte")
+    return count
+
+
 def launch_config():
     """The ``LaunchConfig`` the flags describe; JaxloraError (naming the flag) for a bad JSON
     option."""
@@ -287,6 +327,11 @@ def launch_config():
         max_waiting=FLAGS.max_waiting,
         page_size=FLAGS.page_size,
         kv_pages=FLAGS.kv_pages,
+        kv_cache_memory_bytes=(
+            None
+            if FLAGS.kv_cache_memory is None
+            else parse_bytes(FLAGS.kv_cache_memory, flag="--kv_cache_memory")
+        ),
         kv_cache_dtype=FLAGS.kv_cache_dtype,
         max_model_len=FLAGS.max_model_len,
         adapter_pool_pages=FLAGS.adapter_pool_pages,

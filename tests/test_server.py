@@ -4,6 +4,7 @@ adapter loading while other requests stream, and /metrics."""
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -2533,6 +2534,49 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config():
         flags.FLAGS.unparse_flags()
     assert launch.kv_cache_dtype == "fp8_e5m2" and default.kv_cache_dtype == "auto"
     assert engine_config_for(TINY, launch, backend="cpu").kv.cache_dtype == "fp8_e5m2"
+
+
+def test_kv_cache_memory_sizes_the_pages_by_the_cache_dtype():
+    """--kv_cache_memory (LaunchConfig.kv_cache_memory_bytes, vLLM's --kv-cache-memory-bytes):
+    the KV pages that fit in that many bytes on each device, at the cache dtype's bytes a page
+    (an fp8 cache holds twice bf16's pages, tensor parallelism splits the heads); refused beside
+    --kv_pages, below one sequence's pages, or unparsable, naming the flag."""
+    from absl import flags
+
+    from configs.models import LLAMA3_8B
+    from jaxlora import launch_flags
+    from jaxlora.errors import ConfigError
+    from jaxlora.server.launch import kv_page_bytes
+
+    gib = 2**30
+    # llama-3-8b, bf16: 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes = 128 KiB a token.
+    bf16 = LaunchConfig(dtype="bfloat16", kv_cache_memory_bytes=20 * gib)
+    assert kv_page_bytes(LLAMA3_8B, bf16, 16) == 16 * 128 * 2**10
+    assert engine_config_for(LLAMA3_8B, bf16, backend="gpu").kv.num_pages == 10240
+    fp8 = dataclasses.replace(bf16, kv_cache_dtype="fp8")
+    assert engine_config_for(LLAMA3_8B, fp8, backend="gpu").kv.num_pages == 20480
+    tp2 = dataclasses.replace(bf16, tensor_parallel_size=2)
+    assert kv_page_bytes(LLAMA3_8B, tp2, 16) == 8 * 128 * 2**10
+    with pytest.raises(ConfigError, match="one sequence of max_model_len 4096 needs 256"):
+        engine_config_for(
+            LLAMA3_8B, dataclasses.replace(bf16, kv_cache_memory_bytes=gib // 4), backend="gpu"
+        )
+    with pytest.raises(ConfigError, match="both size the KV cache: give one"):
+        LaunchConfig(kv_pages=100, kv_cache_memory_bytes=gib)
+    with pytest.raises(ConfigError, match="kv_cache_memory_bytes: expected an int >= 1"):
+        LaunchConfig(kv_cache_memory_bytes=0)
+    parse = functools.partial(launch_flags.parse_bytes, flag="--kv_cache_memory")
+    assert parse("20GiB") == 20 * gib and parse("16 gb") == 16 * 10**9
+    assert parse("1.5GiB") == 3 * gib // 2 and parse("4096") == 4096
+    for bad in ("", "lots", "20 GiBs", "-1GiB", "0"):
+        with pytest.raises(ConfigError, match="--kv_cache_memory="):
+            parse(bad)
+    try:
+        flags.FLAGS(["serve.py", "--kv_cache_memory=8GiB"])
+        launch = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert launch.kv_cache_memory_bytes == 8 * gib and launch.kv_pages is None
 
 
 def test_freeze_startup_objects_leaves_collections_what_comes_later():

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxlora import demo
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+from jaxlora.engine.kv_cache import kv_pool_dtype
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.keys import KeysFile, check_keys, with_server_key
@@ -69,6 +70,9 @@ class LaunchConfig:
     max_waiting: int | None = None
     page_size: int | None = None
     kv_pages: int | None = None
+    # The KV cache's bytes on each device (vLLM's --kv-cache-memory-bytes): the page count is
+    # what fits, at the cache dtype's bytes a page; instead of kv_pages.
+    kv_cache_memory_bytes: int | None = None
     max_model_len: int | None = None
     adapter_pool_pages: int | None = None
     rows_per_page: int | None = None
@@ -100,6 +104,21 @@ class LaunchConfig:
             raise ConfigError(f"max_body_mib: expected an int >= 1, got {self.max_body_mib!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: expected one of {sorted(DTYPES)}")
+        if self.kv_cache_memory_bytes is not None:
+            if (
+                isinstance(self.kv_cache_memory_bytes, bool)
+                or not isinstance(self.kv_cache_memory_bytes, int)
+                or self.kv_cache_memory_bytes < 1
+            ):
+                raise ConfigError(
+                    "kv_cache_memory_bytes: expected an int >= 1 (bytes), got "
+                    f"{self.kv_cache_memory_bytes!r}"
+                )
+            if self.kv_pages is not None:
+                raise ConfigError(
+                    f"kv_pages ({self.kv_pages}) and kv_cache_memory_bytes "
+                    f"({self.kv_cache_memory_bytes}) both size the KV cache: give one"
+                )
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ConfigError(
                 f"tensor_parallel_size: expected an int >= 1, got {self.tensor_parallel_size!r}"
@@ -145,6 +164,15 @@ def parse_fair_share_weights(specs: tuple[str, ...] | list[str]) -> tuple[tuple[
     return tuple(out)
 
 
+def kv_page_bytes(model: ModelConfig, launch: LaunchConfig, page_size: int) -> int:
+    """Bytes of one KV page (K and V, every layer) on each device: tensor parallelism splits
+    the KV heads, and the cache dtype (``launch.kv_cache_dtype``) sets the bytes an element."""
+    KVCacheConfig(cache_dtype=launch.kv_cache_dtype)  # (a bad name: its ConfigError)
+    dtype = kv_pool_dtype(launch.kv_cache_dtype, DTYPES[launch.dtype])
+    heads = model.num_kv_heads // launch.tensor_parallel_size
+    return 2 * model.num_layers * page_size * heads * model.head_dim * dtype.itemsize
+
+
 def engine_config_for(
     model: ModelConfig, launch: LaunchConfig, *, backend: str | None = None, warmup: bool = False
 ) -> EngineConfig:
@@ -168,8 +196,18 @@ def engine_config_for(
         )
     page_size = pick(launch.page_size, kv_default.page_size)
     pages_per_seq = -(-max_model_len // page_size)
-    # Half of the batch at full length: preemption covers the rare moment when more is needed.
-    kv_pages = pick(launch.kv_pages, max(pages_per_seq, max_batch * pages_per_seq // 2))
+    if launch.kv_cache_memory_bytes is not None:
+        kv_pages = launch.kv_cache_memory_bytes // kv_page_bytes(model, launch, page_size)
+        if kv_pages < pages_per_seq:
+            raise ConfigError(
+                f"kv_cache_memory_bytes {launch.kv_cache_memory_bytes}: holds {kv_pages} KV "
+                f"pages of {kv_page_bytes(model, launch, page_size)} bytes on each device; one "
+                f"sequence of max_model_len {max_model_len} needs {pages_per_seq}"
+            )
+    else:
+        # Half of the batch at full length: preemption covers the rare moment when more is
+        # needed.
+        kv_pages = pick(launch.kv_pages, max(pages_per_seq, max_batch * pages_per_seq // 2))
     runner = RunnerConfig(
         max_batch=max_batch,
         prefill_chunk=pick(launch.prefill_chunk, runner_default.prefill_chunk),
