@@ -220,6 +220,8 @@ def _paged_attention_kernel(
     split_end = jnp.minimum(seq_len, split_start + pages_per_split * page_size)
     num_blocks = jnp.maximum(split_end - split_start + block_keys - 1, 0) // block_keys
 
+    masked_zero = 0.0 if k_pool_ref.dtype.itemsize == 1 else 0
+
     def body(block, carry):
         acc, running_max, denom = carry
         key_pos = split_start + block * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
@@ -228,12 +230,13 @@ def _paged_attention_kernel(
         pages = jnp.clip(pages, 0, num_pages - 1)
         offsets = key_pos % page_size
         key_mask = jnp.broadcast_to(key_valid[:, None], (block_keys, head_dim))
-        # fp8 pools are read in q's dtype (no-op casts when the pools are in it); a float
-        # ``other``: the Triton lowering casts no integer to fp8.
+        # fp8 pools are read in q's dtype (no-op casts when the pools are in it); their masked
+        # lanes take a float 0 (the Triton lowering casts no integer to fp8), the other pools'
+        # the integer 0 they always took.
         k = pltriton.load(
             k_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
             mask=key_mask,
-            other=0.0,
+            other=masked_zero,
         ).astype(q.dtype)
         logits = pltriton.dot(q, k, trans_b=True, precision=precision) * sm_scale
         logits = jnp.where(key_valid[None, :], logits, _MASK_VALUE)
@@ -244,7 +247,7 @@ def _paged_attention_kernel(
         v = pltriton.load(
             v_pool_ref.at[layer, pages[:, None], offsets[:, None], kv_head, dims],
             mask=key_mask,
-            other=0.0,
+            other=masked_zero,
         ).astype(q.dtype)
         acc = acc * correction[:, None] + pltriton.dot(
             probs.astype(q.dtype), v, precision=precision
