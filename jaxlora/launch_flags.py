@@ -101,6 +101,7 @@ flags.DEFINE_integer("page_size", None, "Tokens per KV page.")
 flags.DEFINE_enum(
     "kv_cache_dtype",
     "auto",
+    # (jaxlora.engine.kv_cache.KV_CACHE_DTYPES' names, spelled out: flags load before jax)
     ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
     "The KV cache's dtype (vLLM's --kv-cache-dtype): auto = the model's (--dtype); fp8 (= "
     "fp8_e4m3) or fp8_e5m2 store K/V in 8 bits, scale 1.0, saturating at +-448 / +-57344: half "

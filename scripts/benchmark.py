@@ -36,6 +36,7 @@ from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
 from jaxlora.engine import EngineConfig  # noqa: E402
+from jaxlora.engine.kv_cache import KV_CACHE_DTYPES  # noqa: E402
 from jaxlora.engine.runner import xla_options_from_json  # noqa: E402
 from jaxlora.errors import JaxloraError  # noqa: E402
 from pallas_kernels.lora_matmul import MatmulConfig  # noqa: E402
@@ -95,7 +96,7 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "kv_cache_dtype",
     "auto",
-    ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+    list(KV_CACHE_DTYPES),
     "the KV cache's dtype (KVCacheConfig.cache_dtype, vLLM's --kv-cache-dtype): auto = --dtype; "
     "an fp8 format halves bf16's KV bytes (the roofline counts them at 1 byte)",
 )

@@ -2533,6 +2533,9 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config():
     finally:
         flags.FLAGS.unparse_flags()
     assert launch.kv_cache_dtype == "fp8_e5m2" and default.kv_cache_dtype == "auto"
+    from jaxlora.engine.kv_cache import KV_CACHE_DTYPES
+
+    assert flags.FLAGS["kv_cache_dtype"].parser.enum_values == list(KV_CACHE_DTYPES)
     assert engine_config_for(TINY, launch, backend="cpu").kv.cache_dtype == "fp8_e5m2"
 
 
