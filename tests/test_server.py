@@ -662,6 +662,38 @@ def test_a_keys_tokens_a_minute(served, monkeypatch):
     assert too_big.value.body["param"] == "max_tokens"
 
 
+def test_a_request_never_admitted_gives_back_its_prompt_tokens_too(served, monkeypatch):
+    """max_tokens_per_minute: a generation that ends before it was admitted (cancelled while
+    waiting, or an earlier choice of an n-choice request refused part-way) gives back its whole
+    reservation; one that ran keeps its prompt and its output charged."""
+    from jaxlora.engine.request import FinishReason, Request, Status
+    from jaxlora.server.keys import ApiKey
+
+    state = served[1]
+    now = [1000.0]
+    monkeypatch.setattr(state, "clock", lambda: now[0])
+    monkeypatch.setattr(state, "_buckets", {})
+    metered = ApiKey("metered", "sk-metered-0123456789abcdef", ("*",), max_tokens_per_minute=100)
+
+    def finished(request_id, *, admitted, output):
+        state.reserve_tokens(metered, 20 + 40)  # its prompt and max_tokens
+        request = Request(request_id, [5] * 20, SamplingParams(max_tokens=40))
+        request.status, request.finish_reason = Status.FINISHED, FinishReason.ABORT
+        request.admitted_time = now[0] if admitted else None
+        request.output_ids = [7] * output
+        state._callers[request_id] = metered.name
+        state._in_flight[metered.name] += 1
+        state._on_finish(request)
+        return state._buckets[metered.name]
+
+    bucket = finished("never-admitted", admitted=False, output=0)
+    assert bucket.take(100) is None  # the whole minute is there again
+    bucket.give_back(100)
+    bucket = finished("ran", admitted=True, output=10)
+    assert bucket.take(71) is not None and bucket.take(70) is None  # 20 + 10 stay charged
+    assert metered.name not in state._in_flight
+
+
 def test_metrics_can_need_an_admin_key(served, monkeypatch):
     """metrics_need_key (--metrics_need_key): /metrics takes an admin key (401 without one,
     403 with a tenant's); off by default; it needs keys."""

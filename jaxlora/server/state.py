@@ -458,7 +458,12 @@ class ServingState:
         if caller is not None:
             bucket = self._buckets.get(caller)
             if bucket is not None:  # (the max_tokens it did not use)
-                bucket.give_back(max(0, request.sampling.max_tokens - len(request.output_ids)))
+                unused = max(0, request.sampling.max_tokens - len(request.output_ids))
+                if request.admitted_time is None:
+                    # Cancelled or refused while waiting (e.g. the earlier choices of an n-choice
+                    # request refused part-way): its prompt was never computed either.
+                    unused += len(request.prompt_ids)
+                bucket.give_back(unused)
             self._in_flight[caller] -= 1
             if not self._in_flight[caller]:
                 del self._in_flight[caller]
