@@ -45,10 +45,27 @@ KV_CACHE_DTYPES = {
 }
 
 
+def check_cache_dtype(cache_dtype) -> None:
+    """ConfigError unless cache_dtype is one of KV_CACHE_DTYPES' names."""
+    if not isinstance(cache_dtype, str) or cache_dtype not in KV_CACHE_DTYPES:
+        raise ConfigError(
+            f"kv cache config field cache_dtype: expected one of {list(KV_CACHE_DTYPES)}, "
+            f"got {cache_dtype!r}"
+        )
+
+
 def kv_pool_dtype(cache_dtype: str, model_dtype) -> jnp.dtype:
     """The dtype of the K/V pools for a ``KVCacheConfig.cache_dtype`` and the model's dtype."""
+    check_cache_dtype(cache_dtype)
     named = KV_CACHE_DTYPES[cache_dtype]
     return jnp.dtype(model_dtype if named is None else named)
+
+
+def kv_page_bytes(model: ModelConfig, page_size: int, dtype, *, shards: int = 1) -> int:
+    """Bytes of one KV page (K and V of page_size tokens, every layer) on each of ``shards``
+    devices that split the KV heads (tensor parallelism)."""
+    heads = model.num_kv_heads // shards
+    return 2 * model.num_layers * page_size * heads * model.head_dim * jnp.dtype(dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +85,7 @@ class KVCacheConfig:
                 "kv cache config field prefix_caching: expected a bool, got "
                 f"{self.prefix_caching!r}"
             )
-        if not isinstance(self.cache_dtype, str) or self.cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(
-                f"kv cache config field cache_dtype: expected one of {list(KV_CACHE_DTYPES)}, "
-                f"got {self.cache_dtype!r}"
-            )
+        check_cache_dtype(self.cache_dtype)
 
     @property
     def max_pages_per_seq(self) -> int:
@@ -118,7 +131,7 @@ class KVCacheManager:
         # Cached pages no sequence holds, least recently released first (still allocated in
         # the allocator's view; counted free here).
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.bytes_per_page = 2 * int(np.prod(shape[:1] + shape[2:])) * dtype.itemsize
+        self.bytes_per_page = kv_page_bytes(model, config.page_size, dtype)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.page_size)

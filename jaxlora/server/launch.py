@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxlora import demo
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+from jaxlora.engine.kv_cache import kv_page_bytes as page_bytes
 from jaxlora.engine.kv_cache import kv_pool_dtype
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.server.config import ServerConfig
@@ -167,10 +168,8 @@ def parse_fair_share_weights(specs: tuple[str, ...] | list[str]) -> tuple[tuple[
 def kv_page_bytes(model: ModelConfig, launch: LaunchConfig, page_size: int) -> int:
     """Bytes of one KV page (K and V, every layer) on each device: tensor parallelism splits
     the KV heads, and the cache dtype (``launch.kv_cache_dtype``) sets the bytes an element."""
-    KVCacheConfig(cache_dtype=launch.kv_cache_dtype)  # (a bad name: its ConfigError)
     dtype = kv_pool_dtype(launch.kv_cache_dtype, DTYPES[launch.dtype])
-    heads = model.num_kv_heads // launch.tensor_parallel_size
-    return 2 * model.num_layers * page_size * heads * model.head_dim * dtype.itemsize
+    return page_bytes(model, page_size, dtype, shards=launch.tensor_parallel_size)
 
 
 def engine_config_for(
@@ -197,11 +196,12 @@ def engine_config_for(
     page_size = pick(launch.page_size, kv_default.page_size)
     pages_per_seq = -(-max_model_len // page_size)
     if launch.kv_cache_memory_bytes is not None:
-        kv_pages = launch.kv_cache_memory_bytes // kv_page_bytes(model, launch, page_size)
+        bytes_per_page = kv_page_bytes(model, launch, page_size)
+        kv_pages = launch.kv_cache_memory_bytes // bytes_per_page
         if kv_pages < pages_per_seq:
             raise ConfigError(
                 f"kv_cache_memory_bytes {launch.kv_cache_memory_bytes}: holds {kv_pages} KV "
-                f"pages of {kv_page_bytes(model, launch, page_size)} bytes on each device; one "
+                f"pages of {bytes_per_page} bytes on each device; one "
                 f"sequence of max_model_len {max_model_len} needs {pages_per_seq}"
             )
     else:
