@@ -97,6 +97,14 @@ flags.DEFINE_string(
     "--kv-cache-memory-bytes): bytes, or a number with a unit, e.g. 20GiB, 16GB, 512MiB; the "
     "page count is what fits at --kv_cache_dtype's bytes.",
 )
+flags.DEFINE_float(
+    "gpu_memory_utilization",
+    None,
+    "The share of each GPU's memory the server may fill (vLLM's --gpu-memory-utilization, "
+    "e.g. 0.9): weights, adapter pools and a step's working memory first, then as many KV "
+    "pages as fit; instead of --kv_pages and --kv_cache_memory. Sets "
+    "XLA_PYTHON_CLIENT_MEM_FRACTION to it unless that is set.",
+)
 flags.DEFINE_integer("page_size", None, "Tokens per KV page.")
 flags.DEFINE_enum(
     "kv_cache_dtype",
@@ -333,6 +341,7 @@ def launch_config():
             if FLAGS.kv_cache_memory is None
             else parse_bytes(FLAGS.kv_cache_memory, flag="--kv_cache_memory")
         ),
+        gpu_memory_utilization=FLAGS.gpu_memory_utilization,
         kv_cache_dtype=FLAGS.kv_cache_dtype,
         max_model_len=FLAGS.max_model_len,
         adapter_pool_pages=FLAGS.adapter_pool_pages,

@@ -24,6 +24,17 @@ from jaxlora.engine.kv_cache import kv_page_bytes as page_bytes
 from jaxlora.engine.kv_cache import kv_pool_dtype
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.server.config import ServerConfig
+from jaxlora.server.device_memory import (
+    DeviceMemory,
+    KVBudget,
+    adapter_pool_bytes,
+    check_utilization,
+    device_memory,
+    host_bytes_per_device,
+    kv_budget,
+    reserve_device_memory,
+    step_working_bytes,
+)
 from jaxlora.server.keys import KeysFile, check_keys, with_server_key
 from jaxlora.server.state import ServingState
 from pallas_kernels.lora_matmul import MatmulConfig
@@ -74,6 +85,10 @@ class LaunchConfig:
     # The KV cache's bytes on each device (vLLM's --kv-cache-memory-bytes): the page count is
     # what fits, at the cache dtype's bytes a page; instead of kv_pages.
     kv_cache_memory_bytes: int | None = None
+    # The share of each device's memory the server may fill (vLLM's --gpu-memory-utilization):
+    # the KV cache gets what the weights, adapter pools and a step's working memory leave
+    # (jaxlora.server.device_memory); instead of kv_pages and kv_cache_memory_bytes.
+    gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     adapter_pool_pages: int | None = None
     rows_per_page: int | None = None
@@ -120,6 +135,14 @@ class LaunchConfig:
                     f"kv_pages ({self.kv_pages}) and kv_cache_memory_bytes "
                     f"({self.kv_cache_memory_bytes}) both size the KV cache: give one"
                 )
+        if self.gpu_memory_utilization is not None:
+            check_utilization(self.gpu_memory_utilization)
+            for name in ("kv_pages", "kv_cache_memory_bytes"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{name} ({getattr(self, name)}) and gpu_memory_utilization "
+                        f"({self.gpu_memory_utilization}) both size the KV cache: give one"
+                    )
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ConfigError(
                 f"tensor_parallel_size: expected an int >= 1, got {self.tensor_parallel_size!r}"
@@ -172,10 +195,48 @@ def kv_page_bytes(model: ModelConfig, launch: LaunchConfig, page_size: int) -> i
     return page_bytes(model, page_size, dtype, shards=launch.tensor_parallel_size)
 
 
+def kv_budget_for(
+    model: ModelConfig,
+    launch: LaunchConfig,
+    pool: LoraPoolConfig,
+    *,
+    max_num_tokens: int,
+    max_batch: int,
+    memory: list[DeviceMemory] | None = None,
+    pending_bytes: int = 0,
+) -> KVBudget:
+    """The KV cache's bytes a device under launch.gpu_memory_utilization (see
+    jaxlora.server.device_memory), on the tensor-parallel devices."""
+    shards = launch.tensor_parallel_size
+    if memory is None:
+        memory = device_memory(jax.devices()[:shards])
+    budget = kv_budget(
+        launch.gpu_memory_utilization,
+        memory,
+        pending=pending_bytes,
+        adapter_pools=adapter_pool_bytes(model, pool, DTYPES[launch.dtype], shards=shards),
+        working=step_working_bytes(
+            model, max_num_tokens=max_num_tokens, max_batch=max_batch, shards=shards
+        ),
+    )
+    log.info("gpu_memory_utilization %s: %s", launch.gpu_memory_utilization, budget.describe())
+    return budget
+
+
 def engine_config_for(
-    model: ModelConfig, launch: LaunchConfig, *, backend: str | None = None, warmup: bool = False
+    model: ModelConfig,
+    launch: LaunchConfig,
+    *,
+    backend: str | None = None,
+    warmup: bool = False,
+    memory: list[DeviceMemory] | None = None,
+    pending_bytes: int = 0,
 ) -> EngineConfig:
-    """The engine sizes of launch, defaults filled in for the model and the backend."""
+    """The engine sizes of launch, defaults filled in for the model and the backend.
+
+    With launch.gpu_memory_utilization the KV pages are what the devices' memory leaves
+    (``memory``: the tensor-parallel devices' reports, read from JAX when None; pending_bytes:
+    weights still on the host, per device)."""
     backend = backend or jax.default_backend()
     base_name = launch.served_model_name or default_model_name(launch.model)
     on_cpu = backend == "cpu"
@@ -195,19 +256,6 @@ def engine_config_for(
         )
     page_size = pick(launch.page_size, kv_default.page_size)
     pages_per_seq = -(-max_model_len // page_size)
-    if launch.kv_cache_memory_bytes is not None:
-        bytes_per_page = kv_page_bytes(model, launch, page_size)
-        kv_pages = launch.kv_cache_memory_bytes // bytes_per_page
-        if kv_pages < pages_per_seq:
-            raise ConfigError(
-                f"kv_cache_memory_bytes {launch.kv_cache_memory_bytes}: holds {kv_pages} KV "
-                f"pages of {bytes_per_page} bytes on each device; one "
-                f"sequence of max_model_len {max_model_len} needs {pages_per_seq}"
-            )
-    else:
-        # Half of the batch at full length: preemption covers the rare moment when more is
-        # needed.
-        kv_pages = pick(launch.kv_pages, max(pages_per_seq, max_batch * pages_per_seq // 2))
     runner = RunnerConfig(
         max_batch=max_batch,
         prefill_chunk=pick(launch.prefill_chunk, runner_default.prefill_chunk),
@@ -231,6 +279,38 @@ def engine_config_for(
         pages_per_pool=pick(launch.adapter_pool_pages, pool_default.pages_per_pool),
         max_slots=pick(launch.max_slots, min(max_batch, pool_default.max_slots)),
     )
+    max_num_tokens = pick(
+        launch.max_num_tokens, max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk)
+    )
+    kv_cache_memory_bytes = launch.kv_cache_memory_bytes
+    if launch.gpu_memory_utilization is not None:
+        kv_cache_memory_bytes = kv_budget_for(
+            model,
+            launch,
+            pool,
+            max_num_tokens=max_num_tokens,
+            max_batch=max_batch,
+            memory=memory,
+            pending_bytes=pending_bytes,
+        ).kv_cache
+    if kv_cache_memory_bytes is not None:
+        kv_source = (
+            "kv_cache_memory_bytes"
+            if launch.gpu_memory_utilization is None
+            else f"gpu_memory_utilization {launch.gpu_memory_utilization} leaves"
+        )
+        bytes_per_page = kv_page_bytes(model, launch, page_size)
+        kv_pages = kv_cache_memory_bytes // bytes_per_page
+        if kv_pages < pages_per_seq:
+            raise ConfigError(
+                f"{kv_source} {kv_cache_memory_bytes}: holds {kv_pages} KV "
+                f"pages of {bytes_per_page} bytes on each device; one "
+                f"sequence of max_model_len {max_model_len} needs {pages_per_seq}"
+            )
+    else:
+        # Half of the batch at full length: preemption covers the rare moment when more is
+        # needed.
+        kv_pages = pick(launch.kv_pages, max(pages_per_seq, max_batch * pages_per_seq // 2))
     return EngineConfig(
         kv=KVCacheConfig(
             page_size=page_size,
@@ -241,10 +321,7 @@ def engine_config_for(
         ),
         runner=runner,
         lora_pool=pool,
-        max_num_tokens=pick(
-            launch.max_num_tokens,
-            max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk),
-        ),
+        max_num_tokens=max_num_tokens,
         max_waiting=pick(launch.max_waiting, EngineConfig().max_waiting),
         warmup=warmup,
         async_scheduling=launch.async_scheduling,
@@ -270,6 +347,8 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
     not started: create_app's start-up does it)."""
     from jaxlora.llm import LLM, load_base_model
 
+    if launch.gpu_memory_utilization is not None:
+        reserve_device_memory(launch.gpu_memory_utilization)
     adapters = parse_lora_modules(launch.lora_modules)
     model = launch.model
     if not model:
@@ -278,7 +357,19 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         adapters = {**demo.adapter_dirs(), **adapters}
     dtype = DTYPES[launch.dtype]
     config, params, tokenizer = load_base_model(model, seed=launch.seed, dtype=dtype)
-    engine_config = engine_config_for(config, launch, warmup=warmup)
+    pending_bytes = 0
+    if launch.gpu_memory_utilization is not None:
+        pending_bytes = host_bytes_per_device(params, launch.tensor_parallel_size)
+    engine_config = engine_config_for(config, launch, warmup=warmup, pending_bytes=pending_bytes)
+    if launch.gpu_memory_utilization is not None:
+        kv = engine_config.kv
+        log.info(
+            "gpu_memory_utilization %s: %d KV pages of %d tokens (%.2f GiB a device)",
+            launch.gpu_memory_utilization,
+            kv.num_pages,
+            kv.page_size,
+            kv.num_pages * kv_page_bytes(config, launch, kv.page_size) / 2**30,
+        )
     llm = LLM(
         config,
         params=params,

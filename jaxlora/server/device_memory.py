@@ -1,0 +1,217 @@
+"""Sizing the KV cache from the device's memory (vLLM's ``--gpu-memory-utilization``).
+
+The server may fill ``utilization`` of each device's memory: the weights, the adapter page
+pools, the working memory of a step and the KV cache. The KV cache gets what the other three
+leave, in whole pages.
+
+The device's memory is JAX's view of it (``Device.memory_stats()``): ``bytes_limit`` is what
+JAX's allocator may hold, which is ``XLA_PYTHON_CLIENT_MEM_FRACTION`` (0.75 unless set) of the
+GPU's memory, and ``bytes_in_use`` what it holds now. ``build_state`` sets that variable to
+the utilization before JAX starts its GPU backend (``reserve_device_memory``), so the
+allocator may hold exactly the share asked for. Where the variable was set already, or the
+backend had started, the GPU's memory is inferred from the limit and the fraction in effect,
+and the share is capped at the limit.
+
+The working memory of a step is an estimate, not a measurement: the largest activations of a
+step of ``max_num_tokens`` tokens (f32, four live at once), the logits and the sampler's sorted
+copies of them, and a fixed 1 GiB for what XLA and the kernels keep beside them (cuBLAS
+workspaces, adapter uploads in flight, allocator fragmentation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.config import LoraPoolConfig, ModelConfig
+from jaxlora.errors import ConfigError
+from pallas_kernels import layout
+
+log = logging.getLogger("jaxlora.server")
+
+MEMORY_FRACTION_VARIABLE = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+# JAX's allocator limit when the variable is unset (its documented default).
+DEFAULT_MEMORY_FRACTION = 0.75
+# What XLA and the kernels keep beside a step's own buffers (see the module docstring).
+FIXED_WORKING_BYTES = 2**30
+# Live f32 activations of a step's widest layer part, and sorted copies of the logits.
+LIVE_ACTIVATIONS = 4
+LOGIT_COPIES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """One device's memory as JAX reports it: limit is what its allocator may hold
+    (memory_stats' bytes_limit), in_use what it holds now."""
+
+    device: str
+    limit: int
+    in_use: int
+
+
+def check_utilization(value, where: str = "gpu_memory_utilization") -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.0 < float(value) <= 1.0
+    ):
+        raise ConfigError(f"{where}: expected a fraction in (0, 1], got {value!r}")
+
+
+def memory_fraction_in_effect() -> float:
+    """The share of a GPU JAX's allocator may hold (XLA_PYTHON_CLIENT_MEM_FRACTION)."""
+    text = os.environ.get(MEMORY_FRACTION_VARIABLE)
+    if not text:
+        return DEFAULT_MEMORY_FRACTION
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(
+            f"environment variable {MEMORY_FRACTION_VARIABLE}={text!r}: expected a fraction "
+            "in (0, 1]"
+        )
+    return fraction
+
+
+def reserve_device_memory(utilization: float) -> None:
+    """Lets JAX's allocator hold ``utilization`` of each GPU (vLLM's share) by setting
+    XLA_PYTHON_CLIENT_MEM_FRACTION before the GPU backend starts. A variable set already is
+    kept (a smaller share there caps the sizing at it, with a warning); once the backend has
+    started its limit is fixed and the same cap applies."""
+    check_utilization(utilization)
+    from jax._src import xla_bridge
+
+    if os.environ.get(MEMORY_FRACTION_VARIABLE) or xla_bridge.backends_are_initialized():
+        fraction = memory_fraction_in_effect()
+        if fraction < utilization:
+            log.warning(
+                "gpu_memory_utilization %s: JAX's allocator may hold only %s of the GPU (%s); "
+                "the server stays within that",
+                utilization,
+                fraction,
+                f"{MEMORY_FRACTION_VARIABLE} is set"
+                if os.environ.get(MEMORY_FRACTION_VARIABLE)
+                else "its backend started before the share could be set",
+            )
+        return
+    os.environ[MEMORY_FRACTION_VARIABLE] = str(float(utilization))
+
+
+def device_memory(devices) -> list[DeviceMemory]:
+    """Each device's limit and bytes in use; ConfigError for a device that reports none
+    (JAX's CPU backend, or the platform allocator)."""
+    out = []
+    for device in devices:
+        stats = device.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            raise ConfigError(
+                f"gpu_memory_utilization: device {device} reports no memory limit "
+                f"(memory_stats: {stats!r}; JAX's CPU backend reports none); size the KV "
+                "cache with --kv_cache_memory or --kv_pages instead"
+            )
+        out.append(
+            DeviceMemory(
+                device=str(device),
+                limit=int(stats["bytes_limit"]),
+                in_use=int(stats.get("bytes_in_use", 0)),
+            )
+        )
+    return out
+
+
+def host_bytes_per_device(params, shards: int) -> int:
+    """Bytes of the leaves of params not on a device yet (host arrays), on each of shards
+    devices: they are not in bytes_in_use but will be once the engine places them."""
+    total = sum(
+        int(np.asarray(leaf).nbytes)
+        for leaf in jax.tree.leaves(params)
+        if not isinstance(leaf, jax.Array)
+    )
+    return -(-total // shards)
+
+
+def adapter_pool_bytes(model: ModelConfig, pool: LoraPoolConfig, dtype, *, shards: int = 1) -> int:
+    """Bytes of the adapter page pools on each device: every pool is (layers, pages, rows,
+    width); tensor parallelism splits every width but the hidden size (jaxlora.sharding)."""
+    widths = layout.pool_widths(
+        model.hidden_size, model.q_size, model.kv_size, model.intermediate_size
+    )
+    itemsize = jnp.dtype(dtype).itemsize
+    total = 0
+    for axis, width in widths.items():
+        per_device = width if axis == "embed" else -(-width // shards)
+        total += model.num_layers * pool.pages_per_pool * pool.rows_per_page * per_device
+    return total * itemsize
+
+
+def step_working_bytes(
+    model: ModelConfig, *, max_num_tokens: int, max_batch: int, shards: int = 1
+) -> int:
+    """The estimate of a step's working memory on each device (see the module docstring)."""
+    widest = (
+        4 * model.hidden_size
+        + (model.q_size + 2 * model.kv_size) // shards
+        + 2 * model.intermediate_size // shards
+    )
+    activations = LIVE_ACTIVATIONS * max_num_tokens * widest * 4
+    logits = (LOGIT_COPIES * max_batch + max_num_tokens) * model.vocab_size * 4
+    return activations + logits + FIXED_WORKING_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class KVBudget:
+    """How a device's share was spent: every figure in bytes, on the tightest device."""
+
+    device: str
+    share: int  # utilization of the device's memory, capped at JAX's limit
+    in_use: int  # held before the engine was built (the weights, when already placed)
+    pending: int  # weights still on the host, to be placed
+    adapter_pools: int
+    working: int
+    kv_cache: int  # what is left: the KV cache's bytes
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (
+            f"{self.device}: share {self.share / gib:.2f} GiB = in use {self.in_use / gib:.2f} "
+            f"+ weights to place {self.pending / gib:.2f} + adapter pools "
+            f"{self.adapter_pools / gib:.2f} + step working memory (estimate) "
+            f"{self.working / gib:.2f} + KV cache {self.kv_cache / gib:.2f} GiB"
+        )
+
+
+def kv_budget(
+    utilization: float,
+    memory: list[DeviceMemory],
+    *,
+    pending: int,
+    adapter_pools: int,
+    working: int,
+    fraction: float | None = None,
+) -> KVBudget:
+    """The KV cache's bytes on each device: utilization of the device's memory (inferred from
+    the allocator's limit and fraction, the share it may hold) less what is in use, the
+    weights still to place, the adapter pools and the working memory; the tightest device
+    decides. ConfigError when nothing is left."""
+    check_utilization(utilization)
+    fraction = memory_fraction_in_effect() if fraction is None else fraction
+    budgets = []
+    for m in memory:
+        share = min(int(utilization * m.limit / fraction), m.limit)
+        left = share - m.in_use - pending - adapter_pools - working
+        budgets.append(KVBudget(m.device, share, m.in_use, pending, adapter_pools, working, left))
+    tightest = min(budgets, key=lambda b: b.kv_cache)
+    if tightest.kv_cache <= 0:
+        raise ConfigError(
+            f"gpu_memory_utilization {utilization}: leaves no memory for the KV cache "
+            f"({tightest.describe()}); raise it, or lower --adapter_pool_pages, "
+            "--max_num_tokens or --max_batch"
+        )
+    return tightest

@@ -1,0 +1,242 @@
+"""--gpu_memory_utilization: the KV cache sized from the device's memory
+(jaxlora.server.device_memory; the GPU run is docs/results/s40/memory_check.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.models import LLAMA2_7B, LLAMA3_8B, TINY
+from jaxlora.config import LoraPoolConfig
+from jaxlora.errors import ConfigError
+from jaxlora.lora import empty_pools
+from jaxlora.server import device_memory as dm
+from jaxlora.server.launch import LaunchConfig, engine_config_for, kv_page_bytes
+
+GIB = 2**30
+H100_LIMIT = int(0.9 * 79.6 * GIB)  # the allocator's limit at a fraction of 0.9
+
+
+@pytest.fixture
+def fraction(monkeypatch):
+    """XLA_PYTHON_CLIENT_MEM_FRACTION as the test sets it (unset by default); whatever the
+    code under test writes there is undone too (setenv first records the value to restore)."""
+    monkeypatch.setenv(dm.MEMORY_FRACTION_VARIABLE, "0.75")
+    monkeypatch.delenv(dm.MEMORY_FRACTION_VARIABLE)
+
+    def set_fraction(value: str | None):
+        if value is None:
+            monkeypatch.delenv(dm.MEMORY_FRACTION_VARIABLE, raising=False)
+        else:
+            monkeypatch.setenv(dm.MEMORY_FRACTION_VARIABLE, value)
+
+    return set_fraction
+
+
+def test_the_kv_cache_gets_what_weights_pools_and_working_memory_leave(fraction):
+    """llama-2-7b on an H100 whose allocator holds 90%: the pages are the share less the
+    weights in use, the weights still on the host, the adapter pools and the working
+    estimate, divided by the page's bytes, exactly; the fp8 cache holds twice the pages."""
+    fraction("0.9")
+    weights = 13_476_839_424  # llama-2-7b in bf16
+    memory = [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=weights)]
+    launch = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.9, max_batch=64)
+    config = engine_config_for(LLAMA2_7B, launch, backend="gpu", memory=memory)
+    pools = dm.adapter_pool_bytes(LLAMA2_7B, config.lora_pool, jnp.bfloat16)
+    working = dm.step_working_bytes(LLAMA2_7B, max_num_tokens=config.max_num_tokens, max_batch=64)
+    page = kv_page_bytes(LLAMA2_7B, launch, 16)
+    assert page == 2 * 32 * 16 * 32 * 128 * 2
+    expected = (H100_LIMIT - weights - pools - working) // page
+    assert config.kv.num_pages == expected
+    assert 6_000 < expected < 7_000  # about 52 GiB of K/V: ~107k tokens of 512 KiB
+    fp8 = dataclasses.replace(launch, kv_cache_dtype="fp8")
+    assert engine_config_for(LLAMA2_7B, fp8, backend="gpu", memory=memory).kv.num_pages == (
+        (H100_LIMIT - weights - pools - working) // (page // 2)
+    )
+    # Weights not yet placed count as if they were.
+    host = [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=0)]
+    pending = engine_config_for(
+        LLAMA2_7B, launch, backend="gpu", memory=host, pending_bytes=weights
+    )
+    assert pending.kv.num_pages == expected
+
+
+def test_the_share_is_of_the_gpu_and_capped_at_the_allocators_limit(fraction):
+    """JAX's allocator holds XLA_PYTHON_CLIENT_MEM_FRACTION of the GPU (0.75 unset): a smaller
+    utilization is that share of the GPU, a larger one stops at the limit."""
+    memory = [dm.DeviceMemory("cuda:0", limit=60 * GIB, in_use=0)]
+    args = dict(pending=0, adapter_pools=0, working=0)
+    assert dm.kv_budget(0.6, memory, **args).share == 48 * GIB  # 0.6 of an 80 GiB GPU
+    assert dm.kv_budget(0.9, memory, **args).share == 60 * GIB  # capped
+    fraction("0.5")
+    assert dm.kv_budget(0.25, memory, **args).share == 30 * GIB  # a 120 GiB GPU
+    fraction("2")
+    with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION='2': expected"):
+        dm.kv_budget(0.5, memory, **args)
+
+
+def test_the_tightest_device_decides_and_tensor_parallelism_splits_the_pools(fraction):
+    memory = [
+        dm.DeviceMemory("cuda:0", limit=60 * GIB, in_use=4 * GIB),
+        dm.DeviceMemory("cuda:1", limit=60 * GIB, in_use=6 * GIB),
+    ]
+    budget = dm.kv_budget(0.75, memory, pending=GIB, adapter_pools=2 * GIB, working=GIB)
+    assert budget.device == "cuda:1" and budget.kv_cache == 50 * GIB
+    assert "cuda:1: share 60.00 GiB = in use 6.00" in budget.describe()
+    pool = LoraPoolConfig(max_rank=64, rows_per_page=16, pages_per_pool=256)
+    one = dm.adapter_pool_bytes(LLAMA3_8B, pool, jnp.bfloat16)
+    two = dm.adapter_pool_bytes(LLAMA3_8B, pool, jnp.bfloat16, shards=2)
+    embed = 32 * 256 * 16 * 4096 * 2
+    assert two == embed + (one - embed) // 2
+    tp2 = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.75, tensor_parallel_size=2)
+    config = engine_config_for(LLAMA3_8B, tp2, backend="gpu", memory=memory)
+    working = dm.step_working_bytes(
+        LLAMA3_8B, max_num_tokens=config.max_num_tokens, max_batch=32, shards=2
+    )
+    assert config.kv.num_pages == (54 * GIB - two - working) // kv_page_bytes(LLAMA3_8B, tp2, 16)
+
+
+def test_the_pool_bytes_are_the_pools_the_engine_allocates():
+    pool = LoraPoolConfig(max_rank=16, rows_per_page=8, pages_per_pool=5)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        arrays = empty_pools(TINY, pool, dtype)
+        assert dm.adapter_pool_bytes(TINY, pool, dtype) == sum(a.nbytes for a in arrays.values())
+
+
+def test_nothing_left_or_less_than_a_sequence_is_refused(fraction):
+    full = [dm.DeviceMemory("cuda:0", limit=20 * GIB, in_use=15 * GIB)]
+    launch = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.75)
+    with pytest.raises(ConfigError, match=r"gpu_memory_utilization 0.75: leaves no memory .*"):
+        engine_config_for(LLAMA2_7B, launch, backend="gpu", memory=full)
+    # 3 GiB less the pools and working memory: 178 pages of 8 MiB, not the 256 of one
+    # 4,096-token sequence.
+    small = [dm.DeviceMemory("cuda:0", limit=20 * GIB, in_use=17 * GIB)]
+    tiny_pool = dataclasses.replace(launch, adapter_pool_pages=16)
+    with pytest.raises(
+        ConfigError,
+        match="gpu_memory_utilization 0.75 leaves .* one sequence of max_model_len 4096 needs 256",
+    ):
+        engine_config_for(LLAMA2_7B, tiny_pool, backend="gpu", memory=small)
+
+
+def test_launch_config_checks_the_share_and_its_rivals():
+    for bad in (0, 0.0, 1.5, -0.1, True, "0.9"):
+        with pytest.raises(ConfigError, match="gpu_memory_utilization: expected a fraction"):
+            LaunchConfig(gpu_memory_utilization=bad)
+    assert LaunchConfig(gpu_memory_utilization=1).gpu_memory_utilization == 1
+    with pytest.raises(ConfigError, match=r"kv_pages \(100\) and gpu_memory_utilization"):
+        LaunchConfig(gpu_memory_utilization=0.9, kv_pages=100)
+    with pytest.raises(ConfigError, match="kv_cache_memory_bytes .* both size the KV cache"):
+        LaunchConfig(gpu_memory_utilization=0.9, kv_cache_memory_bytes=GIB)
+
+
+def test_a_device_without_a_memory_report_is_refused_by_name():
+    """JAX's CPU backend reports no memory: the share cannot be sized there."""
+    with pytest.raises(ConfigError, match="reports no memory limit .* --kv_cache_memory"):
+        dm.device_memory(jax.devices()[:1])
+    with pytest.raises(ConfigError, match="reports no memory limit"):
+        engine_config_for(TINY, LaunchConfig(gpu_memory_utilization=0.5), backend="cpu")
+
+    class FakeGpu:
+        def memory_stats(self):
+            return {"bytes_limit": 100, "bytes_in_use": 40, "peak_bytes_in_use": 50}
+
+        def __str__(self):
+            return "cuda:0"
+
+    assert dm.device_memory([FakeGpu()]) == [dm.DeviceMemory("cuda:0", 100, 40)]
+
+
+def test_the_share_sets_the_allocators_fraction_before_the_backend_starts(
+    fraction, monkeypatch, caplog
+):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    dm.reserve_device_memory(0.9)
+    import os
+
+    assert os.environ[dm.MEMORY_FRACTION_VARIABLE] == "0.9"
+    # Set already (by the user): kept; a smaller one caps the share, with a warning.
+    fraction("0.5")
+    with caplog.at_level(logging.WARNING, logger="jaxlora.server"):
+        dm.reserve_device_memory(0.9)
+    assert os.environ[dm.MEMORY_FRACTION_VARIABLE] == "0.5"
+    assert "may hold only 0.5 of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION is set)" in caplog.text
+    # Too late: the backend started with the default fraction.
+    fraction(None)
+    caplog.clear()
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="jaxlora.server"):
+        dm.reserve_device_memory(0.9)
+        dm.reserve_device_memory(0.7)  # within the default 0.75: nothing to say
+    assert dm.MEMORY_FRACTION_VARIABLE not in os.environ
+    assert caplog.text.count("its backend started before the share could be set") == 1
+
+
+def test_weights_on_the_host_are_counted_per_device():
+    params = {
+        "host": np.zeros((1000,), np.float32),
+        "nested": {"host": np.zeros((10, 10), np.float16), "device": jnp.zeros((5000,))},
+    }
+    assert dm.host_bytes_per_device(params, 1) == 4000 + 200
+    assert dm.host_bytes_per_device(params, 3) == 1400
+
+
+def test_the_working_estimate_grows_with_the_step():
+    small = dm.step_working_bytes(LLAMA2_7B, max_num_tokens=256, max_batch=32)
+    assert small > dm.FIXED_WORKING_BYTES
+    assert dm.step_working_bytes(LLAMA2_7B, max_num_tokens=512, max_batch=32) > small
+    assert dm.step_working_bytes(LLAMA2_7B, max_num_tokens=256, max_batch=64) > small
+    assert dm.step_working_bytes(LLAMA2_7B, max_num_tokens=256, max_batch=32, shards=2) < small
+
+
+def test_the_serving_flag_and_build_state(fraction, monkeypatch):
+    """--gpu_memory_utilization reaches LaunchConfig; build_state sizes the engine from the
+    devices' reports (faked here: the CPU reports none) and keeps the weights counted."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+    from jaxlora.server import launch as launch_module
+
+    try:
+        flags.FLAGS(["serve.py", "--gpu_memory_utilization=0.85"])
+        launch = launch_flags.launch_config()
+        flags.FLAGS(["serve.py", "--gpu_memory_utilization=0.85", "--kv_pages=10"])
+        with pytest.raises(ConfigError, match="both size the KV cache"):
+            launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert launch.gpu_memory_utilization == 0.85 and launch.kv_pages is None
+
+    fraction("0.85")
+    seen = []
+
+    def fake_memory(devices):
+        seen.append(len(devices))
+        return [dm.DeviceMemory("fake:0", limit=GIB + 64 * 2**20, in_use=0)]
+
+    monkeypatch.setattr(launch_module, "device_memory", fake_memory)
+    small = LaunchConfig(
+        model="tiny",
+        gpu_memory_utilization=0.85,
+        max_batch=2,
+        max_num_tokens=64,
+        adapter_pool_pages=4,
+        max_model_len=64,
+    )
+    state = launch_module.build_state(small)
+    try:
+        kv = state.llm.engine.engine_config.kv
+        working = dm.step_working_bytes(TINY, max_num_tokens=64, max_batch=2)
+        pools = dm.adapter_pool_bytes(TINY, state.llm.engine.engine_config.lora_pool, jnp.float32)
+        left = GIB + 64 * 2**20 - working - pools
+        assert seen == [1]
+        assert kv.num_pages == left // kv_page_bytes(TINY, small, kv.page_size)
+    finally:
+        state.llm.stop()
