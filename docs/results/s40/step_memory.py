@@ -1,0 +1,61 @@
+"""Fortieth session: each compiled step's memory (XLA's memory analysis) beside its K/V pools.
+
+On the H100 a prefill step with LoRA asked for a second copy of a K/V pool (25.87 GiB at
+--gpu_memory_utilization=0.9 on llama-2-7b). This builds the tiny model with a large KV cache,
+runs prefill and decode steps with and without an adapter, and prints each step's argument,
+temporary and aliased bytes; a temporary near a pool's size is a copy of it. The compiled
+HLO of every step goes to $OUT (argv[2]) for reading.
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from configs.models import TINY
+from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+from jaxlora.llm import LLM
+from jaxlora.lora import random_lora_weights
+from jaxlora.sampling import SamplingParams
+
+num_pages = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+out_dir = sys.argv[2] if len(sys.argv) > 2 else None
+dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+config = EngineConfig(
+    kv=KVCacheConfig(num_pages=num_pages, page_size=16, max_model_len=256),
+    runner=RunnerConfig(max_batch=4),
+    max_num_tokens=128,
+)
+llm = LLM(TINY, engine_config=config, dtype=dtype)
+llm.register_adapter("a", random_lora_weights(TINY, "a", 8))
+runner = llm.engine.runner
+step = runner._step
+seen = set()
+
+
+def probe(*args, **kwargs):
+    key = (kwargs.get("mode"), kwargs.get("use_lora"), kwargs.get("per_token"))
+    if key not in seen:
+        seen.add(key)
+        compiled = step.lower(*args, **kwargs).compile()
+        m = compiled.memory_analysis()
+        pools = sum(x.nbytes for x in jax.tree.leaves(args[1:3]))
+        print(
+            f"{key}: arguments {m.argument_size_in_bytes:,} temporaries "
+            f"{m.temp_size_in_bytes:,} aliased {m.alias_size_in_bytes:,} "
+            f"(K/V pools {pools:,}; temporaries / pools {m.temp_size_in_bytes / pools:.3f})",
+            flush=True,
+        )
+        if out_dir:
+            name = "_".join(str(k) for k in key)
+            with open(os.path.join(out_dir, f"step_{name}.hlo"), "w") as f:
+                f.write(compiled.as_text())
+    return step(*args, **kwargs)
+
+
+runner._step = probe
+sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+llm.generate([[1, 2, 3, 4, 5] * 20, [3, 4, 5] * 7], adapter=["a", None], sampling=sampling)
+llm.generate([[1, 2, 3, 4, 5] * 20], adapter=[None], sampling=sampling)
+llm.stop()
