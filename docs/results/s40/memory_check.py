@@ -38,6 +38,35 @@ for i in range(16):
     llm.register_adapter(
         f"a{i}", random_lora_weights(llm.config, f"a{i}", 16, seed=i, std=0.01, dtype=np.float32)
     )
+runner = llm.engine.runner
+step = runner._step
+probed = []
+
+
+def probe(*args, **kwargs):
+    """The first steps run one at a time: were the K/V pools donated, and how far did the
+    allocator's peak move (a copy of a pool shows as a pool's bytes)?"""
+    if len(probed) >= 6:
+        return step(*args, **kwargs)
+    before = device.memory_stats() or {}
+    result = step(*args, **kwargs)
+    jax.block_until_ready(result)
+    after = device.memory_stats() or {}
+    donated = [x.is_deleted() for x in jax.tree.leaves(args[1:3])]
+    key = (kwargs.get("mode"), kwargs.get("use_lora"), kwargs.get("per_token"))
+    probed.append(key)
+    print(
+        f"step {key}: pools donated {donated}; peak {before.get('peak_bytes_in_use', 0):,} -> "
+        f"{after.get('peak_bytes_in_use', 0):,}; in use {before.get('bytes_in_use', 0):,} -> "
+        f"{after.get('bytes_in_use', 0):,}",
+        flush=True,
+    )
+    return result
+
+
+if len(sys.argv) > 4:
+    runner._step = probe
+    jax.config.update("jax_transfer_guard_device_to_device", "log")
 rng = np.random.default_rng(0)
 prompts = [rng.integers(3, llm.config.vocab_size, 256).tolist() for _ in range(batch)]
 sampling = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)

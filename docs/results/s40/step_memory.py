@@ -51,10 +51,24 @@ def probe(*args, **kwargs):
             name = "_".join(str(k) for k in key)
             with open(os.path.join(out_dir, f"step_{name}.hlo"), "w") as f:
                 f.write(compiled.as_text())
-    return step(*args, **kwargs)
+    device = jax.devices()[0]
+    before = (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
+    result = step(*args, **kwargs)
+    jax.block_until_ready(result)
+    after = device.memory_stats() or {}
+    donated = [x.is_deleted() for x in jax.tree.leaves(args[1:3])]
+    key = (kwargs.get("mode"), kwargs.get("use_lora"), kwargs.get("per_token"))
+    print(
+        f"  ran {key}: pools donated {donated}; peak {before:,} -> "
+        f"{after.get('peak_bytes_in_use', 0):,}, in use {after.get('bytes_in_use', 0):,}",
+        flush=True,
+    )
+    return result
 
 
 runner._step = probe
+jax.config.update("jax_transfer_guard_device_to_device", "log")
+print("built:", jax.devices()[0].memory_stats(), flush=True)
 sampling = SamplingParams(max_tokens=4, ignore_eos=True)
 llm.generate([[1, 2, 3, 4, 5] * 20, [3, 4, 5] * 7], adapter=["a", None], sampling=sampling)
 llm.generate([[1, 2, 3, 4, 5] * 20], adapter=[None], sampling=sampling)
