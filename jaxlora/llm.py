@@ -93,8 +93,16 @@ class LLM:
         load_workers: int = 2,
         tp: int = 1,
     ):
+        self.engine_config = engine_config or EngineConfig()
         if params is None:
             self.config, params, default_tokenizer = load_base_model(model, seed=seed, dtype=dtype)
+            if tp == 1 and self.engine_config.runner.fuse_projections:
+                from jaxlora.model import fuse_projections
+
+                # Fused now, before the adapter pools and the KV cache: this frame would hold
+                # the separate kernels of device-resident (preset) weights while the engine
+                # allocated them (jaxlora.server.launch.build_state fuses its own likewise).
+                params = fuse_projections(params)
         else:
             if not isinstance(model, ModelConfig):
                 raise ConfigError(
@@ -102,7 +110,6 @@ class LLM:
                 )
             self.config, default_tokenizer = model, None
         self.tokenizer = tokenizer or default_tokenizer
-        self.engine_config = engine_config or EngineConfig()
         pool: LoraPoolConfig = self.engine_config.lora_pool
         mesh, pool_shardings = None, None
         if tp > 1:

@@ -150,6 +150,20 @@ def test_a_device_without_a_memory_report_is_refused_by_name():
             return "cuda:0"
 
     assert dm.device_memory([FakeGpu()]) == [dm.DeviceMemory("cuda:0", 100, 40)]
+    # The log line once warm: each device's use, peak and limit; nothing for the CPU.
+    assert dm.describe_device_memory(jax.devices()[:1]) == ""
+
+    class BigGpu(FakeGpu):
+        def memory_stats(self):
+            return {
+                "bytes_limit": 60 * GIB,
+                "bytes_in_use": 40 * GIB,
+                "peak_bytes_in_use": 41 * GIB,
+            }
+
+    assert dm.describe_device_memory([BigGpu(), BigGpu()]) == "; ".join(
+        ["cuda:0: in use 40.00 GiB, peak 41.00 GiB of 60.00 GiB"] * 2
+    )
 
 
 def test_the_share_sets_the_allocators_fraction_before_the_backend_starts(
@@ -219,7 +233,7 @@ def test_the_serving_flag_and_build_state(fraction, monkeypatch):
 
     def fake_memory(devices):
         seen.append(len(devices))
-        return [dm.DeviceMemory("fake:0", limit=GIB + 64 * 2**20, in_use=0)]
+        return [dm.DeviceMemory("fake:0", limit=2 * GIB + 64 * 2**20, in_use=0)]
 
     monkeypatch.setattr(launch_module, "device_memory", fake_memory)
     small = LaunchConfig(
@@ -235,8 +249,89 @@ def test_the_serving_flag_and_build_state(fraction, monkeypatch):
         kv = state.llm.engine.engine_config.kv
         working = dm.step_working_bytes(TINY, max_num_tokens=64, max_batch=2)
         pools = dm.adapter_pool_bytes(TINY, state.llm.engine.engine_config.lora_pool, jnp.float32)
-        left = GIB + 64 * 2**20 - working - pools
+        left = 2 * GIB + 64 * 2**20 - working - pools
         assert seen == [1]
         assert kv.num_pages == left // kv_page_bytes(TINY, small, kv.page_size)
     finally:
         state.llm.stop()
+
+
+def test_a_kv_cache_the_device_cannot_hold_is_refused_at_build(monkeypatch):
+    """JAX reports a failed allocation where the buffer is first used: without the check the
+    first step failed (on the H100, 'allocate 25.87GiB' in jit__packed_forward). The pools are
+    now waited for at build, and an allocation the device refuses is a ConfigError naming the
+    cache's size and the flags that set it; other runtime errors pass through."""
+    from jaxlora.engine import kv_cache
+
+    def refuse(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.87GiB\nsummary"
+        )
+
+    config = kv_cache.KVCacheConfig(num_pages=64, page_size=16, max_model_len=256)
+    monkeypatch.setattr(kv_cache.jax, "device_put", refuse)
+    with pytest.raises(
+        ConfigError,
+        match=r"KV cache: 64 pages of 16 tokens \(0.00 GiB in all, K and V, cache dtype "
+        r"float32\) do not fit .* --gpu_memory_utilization\) \(RESOURCE_EXHAUSTED: Out of "
+        r"memory while trying to allocate 25.87GiB\)$",
+    ):
+        kv_cache.KVCacheManager(TINY, config)
+
+    def broken(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(kv_cache.jax, "device_put", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        kv_cache.KVCacheManager(TINY, config)
+
+
+def test_build_state_fuses_the_weights_before_the_engine_allocates(monkeypatch):
+    """The server fuses q|k|v and gate|up before the LLM (and its KV cache) is built, so the
+    device never holds both forms beside the cache; unfused with --nofuse_projections."""
+    from jaxlora import llm as llm_module
+    from jaxlora.model import projections_fused
+    from jaxlora.server import launch as launch_module
+
+    seen = []
+    original = llm_module.LLM.__init__
+
+    def record(self, *args, params=None, **kwargs):
+        seen.append(projections_fused(params))
+        original(self, *args, params=params, **kwargs)
+
+    monkeypatch.setattr(llm_module.LLM, "__init__", record)
+    for fuse in (True, False):
+        launch = LaunchConfig(model="tiny", max_batch=2, kv_pages=32, fuse_projections=fuse)
+        state = launch_module.build_state(launch)
+        try:
+            assert projections_fused(state.llm.engine.runner.params) == fuse
+        finally:
+            state.llm.stop()
+    assert seen == [True, False]
+
+
+def test_an_llm_fuses_the_weights_it_loads_before_allocating(monkeypatch):
+    """LLM("preset") fuses what it loaded before the engine allocates (no second copy of
+    q|k|v and gate|up beside the KV cache); weights the caller passes are theirs to drop."""
+    from jaxlora import llm as llm_module
+    from jaxlora.engine import engine as engine_module
+    from jaxlora.model import projections_fused
+
+    seen = []
+    original = engine_module.Engine.__init__
+
+    def record(self, config, params, *args, **kwargs):
+        seen.append(projections_fused(params))
+        original(self, config, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", record)
+    from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+
+    small = EngineConfig(
+        kv=KVCacheConfig(num_pages=32), runner=RunnerConfig(max_batch=2), warmup=False
+    )
+    llm_module.LLM("tiny", engine_config=small).stop()
+    unfused = dataclasses.replace(small, runner=RunnerConfig(max_batch=2, fuse_projections=False))
+    llm_module.LLM("tiny", engine_config=unfused).stop()
+    assert seen == [True, False]

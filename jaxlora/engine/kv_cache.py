@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,26 @@ def kv_page_bytes(model: ModelConfig, page_size: int, dtype, *, shards: int = 1)
     devices that split the KV heads (tensor parallelism)."""
     heads = model.num_kv_heads // shards
     return 2 * model.num_layers * page_size * heads * model.head_dim * jnp.dtype(dtype).itemsize
+
+
+def allocate_pools(shape, dtype, sharding, config: KVCacheConfig):
+    """The K and V pools, zeroed, on the device now: an allocation the device cannot hold is a
+    ConfigError here, naming the cache's size, rather than an error of the first step that
+    reads the pools (JAX reports a failed allocation where its buffer is first used)."""
+    try:
+        pools = tuple(jax.device_put(jnp.zeros(shape, dtype), sharding) for _ in range(2))
+        jax.block_until_ready(pools)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        gib = 2 * math.prod(shape) * jnp.dtype(dtype).itemsize / 2**30
+        raise ConfigError(
+            f"KV cache: {config.num_pages} pages of {config.page_size} tokens ({gib:.2f} GiB "
+            f"in all, K and V, cache dtype {jnp.dtype(dtype).name}) do not fit in the device's "
+            "memory; lower the page count (--kv_pages, --kv_cache_memory or "
+            f"--gpu_memory_utilization) ({str(e).splitlines()[0]})"
+        ) from None
+    return pools
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +140,7 @@ class KVCacheManager:
         # first bucket once serving starts.
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        self.k_pool = jax.device_put(jnp.zeros(shape, dtype), sharding)
-        self.v_pool = jax.device_put(jnp.zeros(shape, dtype), sharding)
+        self.k_pool, self.v_pool = allocate_pools(shape, dtype, sharding, config)
         self.allocator = PageAllocator(config.num_pages, name="kv")
         self._pages: dict[int, list[int]] = {}
         self.prefix_caching = config.prefix_caching

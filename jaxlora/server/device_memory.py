@@ -14,8 +14,10 @@ and the share is capped at the limit.
 
 The working memory of a step is an estimate, not a measurement: the largest activations of a
 step of ``max_num_tokens`` tokens (f32, four live at once), the logits and the sampler's sorted
-copies of them, and a fixed 1 GiB for what XLA and the kernels keep beside them (cuBLAS
-workspaces, adapter uploads in flight, allocator fragmentation).
+copies of them, and a fixed 2 GiB for what XLA and the kernels keep beside them (the GEMM
+autotuner's buffers while a step compiles, cuBLAS workspaces, adapter uploads in flight,
+allocator fragmentation). The server logs each device's peak once it is warm
+(``describe_device_memory``): the measure to set the share by.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ MEMORY_FRACTION_VARIABLE = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 # JAX's allocator limit when the variable is unset (its documented default).
 DEFAULT_MEMORY_FRACTION = 0.75
 # What XLA and the kernels keep beside a step's own buffers (see the module docstring).
-FIXED_WORKING_BYTES = 2**30
+FIXED_WORKING_BYTES = 2 * 2**30
 # Live f32 activations of a step's widest layer part, and sorted copies of the logits.
 LIVE_ACTIVATIONS = 4
 LOGIT_COPIES = 8
@@ -215,3 +217,18 @@ def kv_budget(
             "--max_num_tokens or --max_batch"
         )
     return tightest
+
+
+def describe_device_memory(devices) -> str:
+    """Each device's bytes in use, peak and limit, for the log ("" where none reports)."""
+    gib = 2**30
+    parts = []
+    for device in devices:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            parts.append(
+                f"{device}: in use {stats.get('bytes_in_use', 0) / gib:.2f} GiB, peak "
+                f"{stats.get('peak_bytes_in_use', 0) / gib:.2f} GiB of "
+                f"{stats['bytes_limit'] / gib:.2f} GiB"
+            )
+    return "; ".join(parts)

@@ -9,6 +9,8 @@ import os
 import threading
 import time
 
+import jax
+
 from jaxlora.engine import Request
 from jaxlora.errors import (
     AdapterError,
@@ -22,6 +24,7 @@ from jaxlora.memory.store import MEMORY_SOURCE
 from jaxlora.sampling import SamplingParams
 from jaxlora.server import metrics as prom
 from jaxlora.server.config import ServerConfig
+from jaxlora.server.device_memory import describe_device_memory
 from jaxlora.server.errors import RateLimitError, with_param
 from jaxlora.server.generation import DeltaPump
 from jaxlora.server.keys import ApiKey, KeysFile, TokenBucket, with_server_key
@@ -130,7 +133,12 @@ class ServingState:
                 if warm_up:
                     start = time.perf_counter()
                     self.engine.warmup()
-                    log.info("engine warm in %.1f s", time.perf_counter() - start)
+                    memory = describe_device_memory(jax.local_devices())
+                    log.info(
+                        "engine warm in %.1f s%s",
+                        time.perf_counter() - start,
+                        f"; device memory: {memory}" if memory else "",
+                    )
                 self.llm.start()
             except BaseException as e:  # reported by /health; the server stays up to say so
                 self._warmup_error = e

@@ -27,8 +27,16 @@ config = EngineConfig(
     runner=RunnerConfig(max_batch=4),
     max_num_tokens=128,
 )
-llm = LLM(TINY, engine_config=config, dtype=dtype)
-llm.register_adapter("a", random_lora_weights(TINY, "a", 8))
+if len(sys.argv) > 3:  # a preset through the server's launch path: model, max_batch
+    from jaxlora.server.launch import LaunchConfig, build_state
+
+    launch = LaunchConfig(
+        model=sys.argv[3], dtype="bfloat16", max_batch=int(sys.argv[4]), kv_pages=num_pages
+    )
+    llm = build_state(launch).llm
+else:
+    llm = LLM(TINY, engine_config=config, dtype=dtype)
+llm.register_adapter("a", random_lora_weights(llm.config, "a", 8, std=0.01))
 runner = llm.engine.runner
 step = runner._step
 seen = set()
@@ -70,6 +78,9 @@ runner._step = probe
 jax.config.update("jax_transfer_guard_device_to_device", "log")
 print("built:", jax.devices()[0].memory_stats(), flush=True)
 sampling = SamplingParams(max_tokens=4, ignore_eos=True)
-llm.generate([[1, 2, 3, 4, 5] * 20, [3, 4, 5] * 7], adapter=["a", None], sampling=sampling)
+prompts = [[1, 2, 3, 4, 5] * 20, [3, 4, 5] * 7]
+if len(sys.argv) > 3:
+    prompts = [[(7 * i + j) % 1000 + 3 for j in range(256)] for i in range(4)]
+llm.generate(prompts, adapter=["a", None] * (len(prompts) // 2), sampling=sampling)
 llm.generate([[1, 2, 3, 4, 5] * 20], adapter=[None], sampling=sampling)
 llm.stop()
