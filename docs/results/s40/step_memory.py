@@ -1,10 +1,12 @@
 """Fortieth session: each compiled step's memory (XLA's memory analysis) beside its K/V pools.
 
-On the H100 a prefill step with LoRA asked for a second copy of a K/V pool (25.87 GiB at
---gpu_memory_utilization=0.9 on llama-2-7b). This builds the tiny model with a large KV cache,
-runs prefill and decode steps with and without an adapter, and prints each step's argument,
-temporary and aliased bytes; a temporary near a pool's size is a copy of it. The compiled
-HLO of every step goes to $OUT (argv[2]) for reading.
+On the H100 the first step at --gpu_memory_utilization=0.9 on llama-2-7b failed to allocate
+25.87 GiB, one K/V pool's size. This runs prefill and decode steps with and without an adapter
+(the tiny model with argv[1] KV pages; or argv[3], a preset through the server's launch path,
+at batch argv[4]) and prints each step's argument, temporary and aliased bytes (a temporary
+near a pool's size would be a copy of it), whether the pools were donated, and the allocator's
+peak. The compiled HLO of every step goes to argv[2] when given. The answer (BENCHMARKS,
+"Device memory at start-up"): no step copies a pool; the pools' own allocation had failed.
 """
 
 import os
