@@ -196,14 +196,13 @@ def kv_budget(
     pending: int,
     adapter_pools: int,
     working: int,
-    fraction: float | None = None,
 ) -> KVBudget:
     """The KV cache's bytes on each device: utilization of the device's memory (inferred from
     the allocator's limit and fraction, the share it may hold) less what is in use, the
     weights still to place, the adapter pools and the working memory; the tightest device
     decides. ConfigError when nothing is left."""
     check_utilization(utilization)
-    fraction = memory_fraction_in_effect() if fraction is None else fraction
+    fraction = memory_fraction_in_effect()
     budgets = []
     for m in memory:
         share = min(int(utilization * m.limit / fraction), m.limit)

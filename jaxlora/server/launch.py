@@ -205,8 +205,8 @@ def kv_budget_for(
     memory: list[DeviceMemory] | None = None,
     pending_bytes: int = 0,
 ) -> KVBudget:
-    """The KV cache's bytes a device under launch.gpu_memory_utilization (see
-    jaxlora.server.device_memory), on the tensor-parallel devices."""
+    """How launch.gpu_memory_utilization's share of each tensor-parallel device is spent,
+    the KV cache's bytes last (jaxlora.server.device_memory); logged."""
     shards = launch.tensor_parallel_size
     if memory is None:
         memory = device_memory(jax.devices()[:shards])
