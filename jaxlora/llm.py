@@ -96,13 +96,14 @@ class LLM:
         self.engine_config = engine_config or EngineConfig()
         if params is None:
             self.config, params, default_tokenizer = load_base_model(model, seed=seed, dtype=dtype)
-            if tp == 1 and self.engine_config.runner.fuse_projections:
+            if self.engine_config.runner.fuse_projections:
                 from jaxlora.model import fuse_projections
 
-                # Fused now, before the adapter pools and the KV cache: this frame would hold
-                # the separate kernels of device-resident (preset) weights while the engine
-                # allocated them (jaxlora.server.launch.build_state fuses its own likewise).
-                params = fuse_projections(params)
+                # Fused now (one group a tensor-parallel device), before the adapter pools and
+                # the KV cache: this frame would hold the separate kernels of device-resident
+                # (preset) weights while the engine allocated them
+                # (jaxlora.server.launch.build_state fuses its own likewise).
+                params = fuse_projections(params, groups=tp)
         else:
             if not isinstance(model, ModelConfig):
                 raise ConfigError(

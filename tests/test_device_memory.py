@@ -288,7 +288,8 @@ def test_a_kv_cache_the_device_cannot_hold_is_refused_at_build(monkeypatch):
 
 def test_build_state_fuses_the_weights_before_the_engine_allocates(monkeypatch):
     """The server fuses q|k|v and gate|up before the LLM (and its KV cache) is built, so the
-    device never holds both forms beside the cache; unfused with --nofuse_projections."""
+    device never holds both forms beside the cache (one group a device with tensor
+    parallelism); unfused with --nofuse_projections."""
     from jaxlora import llm as llm_module
     from jaxlora.model import projections_fused
     from jaxlora.server import launch as launch_module
@@ -301,19 +302,25 @@ def test_build_state_fuses_the_weights_before_the_engine_allocates(monkeypatch):
         original(self, *args, params=params, **kwargs)
 
     monkeypatch.setattr(llm_module.LLM, "__init__", record)
-    for fuse in (True, False):
-        launch = LaunchConfig(model="tiny", max_batch=2, kv_pages=32, fuse_projections=fuse)
+    for fuse, tp in ((True, 1), (False, 1), (True, 2)):
+        launch = LaunchConfig(
+            model="tiny", max_batch=2, kv_pages=32, fuse_projections=fuse, tensor_parallel_size=tp
+        )
         state = launch_module.build_state(launch)
         try:
-            assert projections_fused(state.llm.engine.runner.params) == fuse
+            params = state.llm.engine.runner.params
+            assert projections_fused(params) == fuse
+            if tp == 2:  # one group of q|k|v columns a device
+                assert params["layers"]["attn"]["qkv_proj"]["kernel"].shape[-2] == 2
         finally:
             state.llm.stop()
-    assert seen == [True, False]
+    assert seen == [True, False, True]
 
 
 def test_an_llm_fuses_the_weights_it_loads_before_allocating(monkeypatch):
     """LLM("preset") fuses what it loaded before the engine allocates (no second copy of
-    q|k|v and gate|up beside the KV cache); weights the caller passes are theirs to drop."""
+    q|k|v and gate|up beside the KV cache; one group a device with tensor parallelism) and
+    generates the same tokens; weights the caller passes are theirs to drop."""
     from jaxlora import llm as llm_module
     from jaxlora.engine import engine as engine_module
     from jaxlora.model import projections_fused
@@ -327,11 +334,19 @@ def test_an_llm_fuses_the_weights_it_loads_before_allocating(monkeypatch):
 
     monkeypatch.setattr(engine_module.Engine, "__init__", record)
     from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+    from jaxlora.sampling import SamplingParams
 
     small = EngineConfig(
         kv=KVCacheConfig(num_pages=32), runner=RunnerConfig(max_batch=2), warmup=False
     )
-    llm_module.LLM("tiny", engine_config=small).stop()
     unfused = dataclasses.replace(small, runner=RunnerConfig(max_batch=2, fuse_projections=False))
-    llm_module.LLM("tiny", engine_config=unfused).stop()
-    assert seen == [True, False]
+    sampling = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    tokens = []
+    for engine_config, tp in ((small, 1), (unfused, 1), (small, 2)):
+        llm = llm_module.LLM("tiny", engine_config=engine_config, tp=tp)
+        try:
+            tokens.append(llm.generate([[5, 6, 7, 8]], sampling=sampling)[0].token_ids)
+        finally:
+            llm.stop()
+    assert seen == [True, False, True]
+    assert tokens[1] == tokens[0] and tokens[2] == tokens[0]

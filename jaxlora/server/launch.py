@@ -358,12 +358,13 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         adapters = {**demo.adapter_dirs(), **adapters}
     dtype = DTYPES[launch.dtype]
     config, params, tokenizer = load_base_model(model, seed=launch.seed, dtype=dtype)
-    if launch.fuse_projections and launch.tensor_parallel_size == 1:
-        # Fused here, while nothing else is on the device: the engine would fuse them too, but
-        # with this frame still holding the separate kernels, so that q|k|v and gate|up of a
-        # preset's device-resident weights sat on the device twice while the KV cache was
-        # allocated (llama-2-7b: 8.4 GiB; an H100 run at --gpu_memory_utilization=0.9 ran out).
-        params = fuse_projections(params)
+    if launch.fuse_projections:
+        # Fused here (one group a tensor-parallel device), while nothing else is on the device:
+        # the engine would fuse them too, but with this frame still holding the separate
+        # kernels, so that q|k|v and gate|up of a preset's device-resident weights sat on the
+        # device twice while the KV cache was allocated (llama-2-7b: 8.4 GiB; an H100 run at
+        # --gpu_memory_utilization=0.9 ran out).
+        params = fuse_projections(params, groups=launch.tensor_parallel_size)
     pending_bytes = 0
     if launch.gpu_memory_utilization is not None:
         pending_bytes = host_bytes_per_device(params, launch.tensor_parallel_size)
