@@ -84,6 +84,12 @@ flags.DEFINE_string(
     None,
     "Require 'Authorization: Bearer KEY' on /v1/* (default: $JAXLORA_API_KEY; empty: no key).",
 )
+flags.DEFINE_string(
+    "chat_template",
+    "",
+    "A jinja2 chat template for the base model, or a file holding one, in place of its "
+    "tokenizer's (vLLM's --chat-template); checked at start-up.",
+)
 flags.DEFINE_integer("max_batch", None, "Decode rows per step (default: 8 on CPU, 32 on GPU).")
 flags.DEFINE_integer("max_prefill_rows", None, "Prompts prefilled together in one step.")
 flags.DEFINE_integer("prefill_chunk", None, "Prompt tokens one prefill step feeds per prompt.")
@@ -319,6 +325,7 @@ def launch_config():
         log_requests=FLAGS.log_requests,
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
+        chat_template=FLAGS.chat_template,
         tool_call_parser=FLAGS.tool_call_parser,
         reasoning_parser=FLAGS.reasoning_parser,
         api_key=api_key or None,

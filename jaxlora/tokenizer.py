@@ -31,6 +31,10 @@ from jaxlora.errors import ConfigError, FormatError, RequestError
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+# Where recent transformers save a chat template beside tokenizer_config.json (it wins over the
+# config's field, as in transformers), and the processors' older file.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
 
 CHAT_ROLES = ("system", "user", "assistant")
 TINY_VOCAB_SIZE = 512
@@ -64,6 +68,15 @@ def _load_json(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file (a chat template); FormatError naming it if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: cannot read the file ({e})") from e
 
 
 def _token_content(value: Any, field: str, source: str) -> str | None:
@@ -202,9 +215,13 @@ class Tokenizer:
         pad_token: str | None = None,
         chat_template: str | None = None,
         source: str = "<memory>",
+        chat_template_source: str | None = None,
     ):
+        """chat_template_source: where the template came from, for its errors (default:
+        source, whose field 'chat_template' held it)."""
         self.backend = backend
         self.source = source
+        self.chat_template_source = chat_template_source or f"{source}: field 'chat_template'"
         self.bos_token = bos_token
         self.pad_token = pad_token
         self.chat_template = chat_template
@@ -216,6 +233,12 @@ class Tokenizer:
         self.eos_token_id = (
             eos_ids[0] if eos_ids else (self.eos_token_ids[0] if self.eos_token_ids else None)
         )
+
+    def set_chat_template(self, template: str, source: str) -> None:
+        """Replaces the chat template (vLLM's --chat-template); compiled now, so that a template
+        jinja2 cannot parse is a ConfigError naming ``source`` before any request."""
+        _compile_template(template, source)
+        self.chat_template, self.chat_template_source = template, source
 
     def _special_id(self, token: str | None, field: str) -> int | None:
         if token is None:
@@ -252,6 +275,15 @@ class Tokenizer:
         eos = _token_content(config.get("eos_token"), "eos_token", config_path)
         pad = _token_content(config.get("pad_token"), "pad_token", config_path)
         template = _chat_template(config.get("chat_template"), config_path)
+        template_source = None
+        template_file, template_json = (
+            os.path.join(directory, name) for name in (CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_JSON_FILE)
+        )
+        if os.path.isfile(template_file):
+            template, template_source = read_text(template_file), template_file
+        elif os.path.isfile(template_json):
+            template = _chat_template(_load_json(template_json).get("chat_template"), template_json)
+            template_source = f"{template_json}: field 'chat_template'"
 
         extra_eos: list[int] = []
         generation_path = os.path.join(directory, GENERATION_CONFIG_FILE)
@@ -279,6 +311,7 @@ class Tokenizer:
             pad_token=pad,
             chat_template=template,
             source=source,
+            chat_template_source=template_source,
         )
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -392,7 +425,7 @@ class Tokenizer:
             if add_generation_prompt:
                 parts.append("<|assistant|>\n")
             return "".join(parts)
-        template = _compile_template(self.chat_template, self.source)
+        template = _compile_template(self.chat_template, self.chat_template_source)
         try:
             return template.render(
                 messages=[
@@ -406,15 +439,16 @@ class Tokenizer:
                 **extra,
             )
         except _TemplateRaised as e:
-            raise RequestError(f"chat template of {self.source}: {e}") from e
+            raise RequestError(f"chat template ({self.chat_template_source}): {e}") from e
         except Exception as e:  # a broken template fails at render time too
             if extra:  # (or the request's own variables broke it)
                 raise RequestError(
-                    f"chat_template_kwargs: the chat template of {self.source} failed to "
-                    f"render with {sorted(extra)} ({type(e).__name__}: {e})"
+                    f"chat_template_kwargs: the chat template ({self.chat_template_source}) "
+                    f"failed to render with {sorted(extra)} ({type(e).__name__}: {e})"
                 ) from e
             raise ConfigError(
-                f"{self.source}: field 'chat_template' failed to render ({type(e).__name__}: {e})"
+                f"{self.chat_template_source}: the chat template failed to render "
+                f"({type(e).__name__}: {e})"
             ) from e
 
     def encode_chat(
@@ -480,7 +514,7 @@ def _compile_template(source_text: str, source: str):
         import jinja2.sandbox
     except ImportError as e:
         raise ConfigError(
-            f"{source}: has a 'chat_template', which needs the jinja2 package (pip install jinja2)"
+            f"{source}: a chat template, which needs the jinja2 package (pip install jinja2)"
         ) from e
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     # The helpers HF's own renderer offers templates.
@@ -492,9 +526,7 @@ def _compile_template(source_text: str, source: str):
     try:
         return env.from_string(source_text)
     except jinja2.TemplateError as e:
-        raise ConfigError(
-            f"{source}: field 'chat_template' is not a valid jinja2 template ({e})"
-        ) from e
+        raise ConfigError(f"{source}: not a valid jinja2 template ({e})") from e
 
 
 @functools.lru_cache(maxsize=1)

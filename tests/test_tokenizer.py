@@ -192,6 +192,50 @@ def test_jinja_template_cannot_reach_python(tok, tmp_path):
         Tokenizer.from_file(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
 
 
+def test_chat_template_files_beside_the_config_win_as_in_transformers(tok, tmp_path):
+    """Recent transformers save the template as chat_template.jinja (processors as
+    chat_template.json) rather than in tokenizer_config.json: the file wins over the field, the
+    .jinja over the .json, and a broken template names the file it came from."""
+    pytest.importorskip("jinja2")
+    write_hf_dir(tmp_path, tok, chat_template="CONFIG {{ messages[0]['content'] }}")
+    user = [{"role": "user", "content": "x"}]
+    assert Tokenizer.from_file(tmp_path).apply_chat_template(user) == "CONFIG x"
+    (tmp_path / "chat_template.json").write_text(
+        json.dumps({"chat_template": "JSON {{ messages[0]['content'] }}"})
+    )
+    assert Tokenizer.from_file(tmp_path).apply_chat_template(user) == "JSON x"
+    jinja = tmp_path / "chat_template.jinja"
+    jinja.write_text("JINJA {{ messages[0]['content'] }}{{ eos_token }}")
+    loaded = Tokenizer.from_file(tmp_path)
+    assert loaded.apply_chat_template(user) == "JINJA x<eos>"
+    # Saved back, the template travels in tokenizer_config.json.
+    loaded.save(tmp_path / "again")
+    assert Tokenizer.from_file(tmp_path / "again").apply_chat_template(user) == "JINJA x<eos>"
+    jinja.write_text("{% for m in messages %}")
+    with pytest.raises(ConfigError, match=r"chat_template\.jinja: not a valid jinja2 template"):
+        Tokenizer.from_file(tmp_path).apply_chat_template(user)
+    jinja.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(FormatError, match=r"chat_template\.jinja: cannot read the file"):
+        Tokenizer.from_file(tmp_path)
+    jinja.unlink()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(FormatError, match=r"chat_template\.json: field 'chat_template' must be"):
+        Tokenizer.from_file(tmp_path)
+
+
+def test_set_chat_template_checks_it_at_once(tok):
+    pytest.importorskip("jinja2")
+    own = Tokenizer(tok.backend, bos_token="<bos>", eos_tokens=("<eos>",), source="mine")
+    own.set_chat_template("<<{{ messages[-1]['content'] }}>>", "--chat_template")
+    assert own.apply_chat_template([{"role": "user", "content": "hi"}]) == "<<hi>>"
+    with pytest.raises(ConfigError, match="^--chat_template: not a valid jinja2 template"):
+        own.set_chat_template("{% if %}", "--chat_template")
+    assert own.chat_template == "<<{{ messages[-1]['content'] }}>>"  # unchanged
+    own.set_chat_template("{{ raise_exception('no') }}", "--chat_template=t.jinja")
+    with pytest.raises(RequestError, match=r"^chat template \(--chat_template=t.jinja\): no"):
+        own.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 def test_missing_or_corrupt_files_raise_format_error(tok, tmp_path):
     with pytest.raises(FormatError, match="nowhere.*file not found"):
         Tokenizer.from_file(tmp_path / "nowhere")
@@ -280,3 +324,41 @@ def test_continue_final_message_and_template_kwargs_with_a_jinja_template(tok, t
     )
     with pytest.raises(RequestError, match=r"^messages\[0\].content: .*does not write"):
         missing.apply_chat_template(user, continue_final_message=True)
+
+
+def test_the_chat_template_flag(tmp_path):
+    """--chat_template (LaunchConfig.chat_template, vLLM's --chat-template): a file holding a
+    template or the template itself replaces the base model's; anything else, a model without a
+    tokenizer, or a template jinja2 cannot parse is a ConfigError naming the flag."""
+    pytest.importorskip("jinja2")
+    from absl import flags
+
+    from jaxlora import launch_flags
+    from jaxlora.server.launch import LaunchConfig, apply_chat_template_flag, build_state
+
+    user = [{"role": "user", "content": "hi"}]
+    path = tmp_path / "t.jinja"
+    path.write_text("FILE {{ messages[0]['content'] }}")
+    own = tiny_tokenizer()
+    apply_chat_template_flag(own, str(path))
+    assert own.apply_chat_template(user) == "FILE hi"
+    assert own.chat_template_source == f"--chat_template={path}"
+    apply_chat_template_flag(own, "INLINE {{ messages[0]['content'] }}")
+    assert own.apply_chat_template(user) == "INLINE hi"
+    with pytest.raises(ConfigError, match=r"--chat_template='nope.jinja': neither a file nor"):
+        apply_chat_template_flag(own, "nope.jinja")
+    with pytest.raises(ConfigError, match="^--chat_template: not a valid jinja2 template"):
+        apply_chat_template_flag(own, "{% for m in messages %}")
+    with pytest.raises(ConfigError, match="--chat_template: the model has no tokenizer"):
+        apply_chat_template_flag(None, str(path))
+    try:
+        flags.FLAGS(["serve.py", f"--chat_template={path}"])
+        launch = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert launch.chat_template == str(path)
+    state = build_state(LaunchConfig(chat_template=str(path), max_batch=2, kv_pages=64))
+    try:  # the embedded demo model, its own template replaced
+        assert state.llm.tokenizer.apply_chat_template(user) == "FILE hi"
+    finally:
+        state.llm.stop()

@@ -65,6 +65,9 @@ class LaunchConfig:
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     kv_cache_dtype: str = "auto"  # KVCacheConfig.cache_dtype: "auto" or an fp8 format
+    # A jinja2 chat template for the base model, or a file holding one, in place of its
+    # tokenizer's ("": the tokenizer's own; vLLM's --chat-template).
+    chat_template: str = ""
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
     reasoning_parser: str = ""  # ServerConfig.reasoning_parser ("": none)
     api_key: str | None = None
@@ -334,6 +337,28 @@ def engine_config_for(
     )
 
 
+def apply_chat_template_flag(tokenizer, value: str) -> None:
+    """--chat_template: a file holding a jinja2 template, or the template itself, replaces the
+    tokenizer's; ConfigError naming the flag for a model without a tokenizer, a value that is
+    neither, or a template jinja2 cannot parse."""
+    if tokenizer is None:
+        raise ConfigError(
+            "--chat_template: the model has no tokenizer to give it to (expected a model "
+            "directory with a tokenizer.json)"
+        )
+    if os.path.isfile(value):
+        from jaxlora.tokenizer import read_text
+
+        tokenizer.set_chat_template(read_text(value), f"--chat_template={value}")
+    elif "{{" in value or "{%" in value:
+        tokenizer.set_chat_template(value, "--chat_template")
+    else:
+        raise ConfigError(
+            f"--chat_template={value!r}: neither a file nor a jinja2 template (expected a path "
+            "to a template file, or a template with {{ ... }} or {% ... %})"
+        )
+
+
 def default_model_name(model: str) -> str:
     if not model:
         return demo.DEMO_MODEL_NAME
@@ -358,6 +383,8 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         adapters = {**demo.adapter_dirs(), **adapters}
     dtype = DTYPES[launch.dtype]
     config, params, tokenizer = load_base_model(model, seed=launch.seed, dtype=dtype)
+    if launch.chat_template:
+        apply_chat_template_flag(tokenizer, launch.chat_template)
     if launch.fuse_projections:
         # Fused here (one group a tensor-parallel device), while nothing else is on the device:
         # the engine would fuse them too, but with this frame still holding the separate
