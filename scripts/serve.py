@@ -30,6 +30,12 @@ from jaxlora import launch_flags  # noqa: E402  (defines the serving flags)
 FLAGS = flags.FLAGS
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port).")
+flags.DEFINE_string(
+    "ssl_certfile",
+    "",
+    "Serve HTTPS with this PEM certificate chain (with --ssl_keyfile; vLLM's --ssl-certfile).",
+)
+flags.DEFINE_string("ssl_keyfile", "", "The private key of --ssl_certfile (PEM).")
 flags.DEFINE_float(
     "graceful_shutdown_s",
     30.0,
@@ -52,10 +58,11 @@ def main(argv):
     from jaxlora.errors import JaxloraError
     from jaxlora.heap import freeze_startup_objects
     from jaxlora.server import create_app
-    from jaxlora.server.launch import banner, build_state
+    from jaxlora.server.launch import banner, build_state, tls_options
 
     launch_flags.set_up_process()
     try:
+        tls = tls_options(FLAGS.ssl_certfile, FLAGS.ssl_keyfile)
         state = build_state(launch_flags.launch_config())
     except JaxloraError as e:
         sys.exit(f"error: {e}")
@@ -71,7 +78,7 @@ def main(argv):
     shown_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(FLAGS.host, FLAGS.host)
     if ":" in shown_host and not shown_host.startswith("["):
         shown_host = f"[{shown_host}]"
-    url = f"http://{shown_host}:{port}"
+    url = f"{'https' if tls else 'http'}://{shown_host}:{port}"
 
     def ready():
         # Warmed up: the start-up's objects no longer lengthen the garbage collections.
@@ -87,7 +94,10 @@ def main(argv):
         )
     app_ = create_app(state, warm_up=FLAGS.warmup, background_warmup=True, on_ready=ready)
     config = uvicorn.Config(
-        app_, log_level=FLAGS.log_level, timeout_graceful_shutdown=FLAGS.graceful_shutdown_s
+        app_,
+        log_level=FLAGS.log_level,
+        timeout_graceful_shutdown=FLAGS.graceful_shutdown_s,
+        **tls,
     )
 
     def stop(signum, frame):

@@ -159,6 +159,72 @@ def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
         assert "Traceback" not in out.stderr, out.stderr
 
 
+TLS = os.path.join(REPO, "tests", "fixtures", "tls")
+
+
+def test_serve_script_serves_https_with_a_certificate():
+    """--ssl_certfile / --ssl_keyfile (vLLM's): the banner's URL is https and a client that
+    trusts the certificate gets answers; plain HTTP to the port gets none."""
+    cert = os.path.join(TLS, "cert.pem")
+    command = serve_command(
+        f"--ssl_certfile={cert}", f"--ssl_keyfile={os.path.join(TLS, 'key.pem')}"
+    )
+    env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    output = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "/v1 (OpenAI-compatible)" in line:
+                break
+        text = "".join(output)
+        match = re.search(r"at (https://127\.0\.0\.1:(\d+))/v1", text)
+        assert match, text
+        url, port = match.group(1), match.group(2)
+        assert httpx.get(f"{url}/health", verify=cert, timeout=10).json() == {"status": "ok"}
+        models = httpx.get(f"{url}/v1/models", verify=cert, timeout=10).json()["data"]
+        assert demo.DEMO_MODEL_NAME in {m["id"] for m in models}
+        try:
+            plain = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+        except httpx.HTTPError:
+            plain = None
+        assert plain is None or plain.status_code != 200
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        rest, _ = process.communicate()
+    assert process.returncode == 0, text + rest
+
+
+def test_tls_options_name_the_flags():
+    from jaxlora.errors import ConfigError
+    from jaxlora.server.launch import tls_options
+
+    cert, key = os.path.join(TLS, "cert.pem"), os.path.join(TLS, "key.pem")
+    assert tls_options("", "") == {}
+    assert tls_options(cert, key) == {"ssl_certfile": cert, "ssl_keyfile": key}
+    for certfile, keyfile, message in (
+        (cert, "", "--ssl_certfile and --ssl_keyfile: give both"),
+        ("", key, "--ssl_certfile and --ssl_keyfile: give both"),
+        (cert, os.path.join(TLS, "other_key.pem"), "cannot load the certificate and its key"),
+        ("/nowhere/cert.pem", key, "--ssl_certfile=/nowhere/cert.pem --ssl_keyfile="),
+    ):
+        try:
+            tls_options(certfile, keyfile)
+        except ConfigError as e:
+            assert message in str(e), str(e)
+        else:
+            raise AssertionError(f"{certfile!r}, {keyfile!r} accepted")
+
+
 def test_run_batch_script_answers_a_batch_file(tmp_path):
     """scripts/run_batch.py on the embedded demo: every line answered in order (the pirate's
     greedy answer is its signature, as served), a bad line reported, the count printed."""

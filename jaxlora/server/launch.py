@@ -488,6 +488,29 @@ def unmatched_names(state: ServingState, launch: LaunchConfig) -> list[str]:
     return warnings
 
 
+def tls_options(certfile: str, keyfile: str) -> dict[str, str]:
+    """uvicorn's TLS settings for --ssl_certfile / --ssl_keyfile ({}: plain HTTP). Both or
+    neither; the pair is loaded here, before the model, so that a missing file or a key that
+    does not belong to the certificate is a ConfigError naming the flags."""
+    if not certfile and not keyfile:
+        return {}
+    if not (certfile and keyfile):
+        raise ConfigError(
+            "--ssl_certfile and --ssl_keyfile: give both (a PEM certificate chain and its "
+            "private key) or neither"
+        )
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(
+            f"--ssl_certfile={certfile} --ssl_keyfile={keyfile}: cannot load the certificate "
+            f"and its key ({e})"
+        ) from None
+    return {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+
+
 def banner(state: ServingState, url: str) -> str:
     """What the server prints once it is ready: where it is and a request to paste."""
     config = state.config
