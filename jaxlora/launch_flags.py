@@ -123,6 +123,13 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer("max_model_len", None, "Context length (prompt + output).")
 flags.DEFINE_integer("adapter_pool_pages", None, "Pages of each adapter page pool.")
+flags.DEFINE_string(
+    "adapter_host_memory",
+    None,
+    "The most host RAM the weights of adapters read from disk may hold, e.g. 64GiB (vLLM's "
+    "--max-cpu-loras, in bytes): past it the least recently used are dropped and read again "
+    "from disk when next needed (default: no limit).",
+)
 flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
 flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
 flags.DEFINE_integer("max_slots", None, "Distinct adapters one step may use.")
@@ -352,6 +359,11 @@ def launch_config():
         kv_cache_dtype=FLAGS.kv_cache_dtype,
         max_model_len=FLAGS.max_model_len,
         adapter_pool_pages=FLAGS.adapter_pool_pages,
+        adapter_host_memory_bytes=(
+            None
+            if FLAGS.adapter_host_memory is None
+            else parse_bytes(FLAGS.adapter_host_memory, flag="--adapter_host_memory")
+        ),
         rows_per_page=FLAGS.rows_per_page,
         max_rank=FLAGS.max_rank,
         max_slots=FLAGS.max_slots,

@@ -78,6 +78,8 @@ class LLM:
 
     adapters: name -> PEFT directory or LoraWeights (registered at once; more later with
     ``register_adapter``). tp: tensor-parallel size (Megatron split over the first tp devices).
+    adapter_host_budget_bytes: the most bytes of disk-backed adapters' weights kept in host RAM
+    (least recently used dropped back to disk; None: no limit; ``AdapterStoreConfig``).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class LLM:
         seed: int = 0,
         load_workers: int = 2,
         tp: int = 1,
+        adapter_host_budget_bytes: int | None = None,
     ):
         self.engine_config = engine_config or EngineConfig()
         if params is None:
@@ -120,7 +123,11 @@ class LLM:
             params = sharding.shard_params(params, self.config, mesh)
             pool_shardings = sharding.pool_shardings(mesh)
         self.store = AdapterStore(
-            self.config, pool, AdapterStoreConfig(dtype=jnp.dtype(dtype).name)
+            self.config,
+            pool,
+            AdapterStoreConfig(
+                dtype=jnp.dtype(dtype).name, host_budget_bytes=adapter_host_budget_bytes
+            ),
         )
         self.adapters = AdapterManager(
             self.store, AdapterManagerConfig(load_workers=load_workers), shardings=pool_shardings

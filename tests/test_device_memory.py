@@ -350,3 +350,52 @@ def test_an_llm_fuses_the_weights_it_loads_before_allocating(monkeypatch):
             llm.stop()
     assert seen == [True, False, True]
     assert tokens[1] == tokens[0] and tokens[2] == tokens[0]
+
+
+def test_adapter_host_memory_bounds_the_disk_adapters_kept_in_ram():
+    """--adapter_host_memory (LaunchConfig.adapter_host_memory_bytes; vLLM's --max-cpu-loras in
+    bytes): the demo's three disk adapters all stay in RAM without it; with one adapter's bytes
+    at most one does, the others dropped back to disk and read again when next used."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+    from jaxlora.sampling import SamplingParams
+    from jaxlora.server import launch as launch_module
+
+    try:
+        flags.FLAGS(["serve.py", "--adapter_host_memory=1MiB"])
+        assert launch_flags.launch_config().adapter_host_memory_bytes == 2**20
+        flags.FLAGS(["serve.py", "--adapter_host_memory=lots"])
+        with pytest.raises(ConfigError, match="--adapter_host_memory='lots'"):
+            launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="adapter_host_memory_bytes: expected None or an int"):
+            LaunchConfig(adapter_host_memory_bytes=bad)
+
+    sampling = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+    def serve_each(budget, rounds=2):
+        state = launch_module.build_state(
+            LaunchConfig(max_batch=2, kv_pages=64, adapter_host_memory_bytes=budget)
+        )
+        try:
+            names = state.llm.adapters.store.names()
+            for _ in range(rounds):
+                for name in names:
+                    # (evicted from the GPU pool between uses, so each use reads the host copy)
+                    state.llm.generate([[5, 6, 7]], adapter=name, sampling=sampling)
+                    state.llm.adapters.evict(name)
+            return names, state.llm.adapters.store.stats()
+        finally:
+            state.llm.stop()
+
+    names, unbounded = serve_each(None)
+    assert len(names) == 3 and unbounded.cached == 3 and unbounded.drops == 0
+    assert unbounded.loads == 3  # each read from disk once
+    one = unbounded.host_bytes // 3
+    names, bounded = serve_each(one + one // 2)
+    assert bounded.host_budget_bytes == one + one // 2
+    assert bounded.cached == 1 and bounded.host_bytes <= one + one // 2
+    assert bounded.drops >= 5 and bounded.loads == 6  # every use read from disk again

@@ -94,6 +94,9 @@ class LaunchConfig:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     adapter_pool_pages: int | None = None
+    # The most bytes of disk-backed adapters' weights kept in host RAM (LoRAX's and vLLM's
+    # --max-cpu-loras, in bytes; None: no limit; AdapterStoreConfig.host_budget_bytes).
+    adapter_host_memory_bytes: int | None = None
     rows_per_page: int | None = None
     max_rank: int | None = None
     max_slots: int | None = None
@@ -138,6 +141,15 @@ class LaunchConfig:
                     f"kv_pages ({self.kv_pages}) and kv_cache_memory_bytes "
                     f"({self.kv_cache_memory_bytes}) both size the KV cache: give one"
                 )
+        if self.adapter_host_memory_bytes is not None and (
+            isinstance(self.adapter_host_memory_bytes, bool)
+            or not isinstance(self.adapter_host_memory_bytes, int)
+            or self.adapter_host_memory_bytes < 0
+        ):
+            raise ConfigError(
+                "adapter_host_memory_bytes: expected None or an int >= 0 (bytes), got "
+                f"{self.adapter_host_memory_bytes!r}"
+            )
         if self.gpu_memory_utilization is not None:
             check_utilization(self.gpu_memory_utilization)
             for name in ("kv_pages", "kv_cache_memory_bytes"):
@@ -414,6 +426,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         seed=launch.seed,
         load_workers=launch.load_workers,
         tp=launch.tensor_parallel_size,
+        adapter_host_budget_bytes=launch.adapter_host_memory_bytes,
     )
     for name, path in adapters.items():
         llm.adapters.register(name, path)
