@@ -154,6 +154,9 @@ def test_a_device_without_a_memory_report_is_refused_by_name():
     assert dm.describe_device_memory(jax.devices()[:1]) == ""
 
     class BigGpu(FakeGpu):
+        def __init__(self, index):
+            self.index = index
+
         def memory_stats(self):
             return {
                 "bytes_limit": 60 * GIB,
@@ -161,9 +164,20 @@ def test_a_device_without_a_memory_report_is_refused_by_name():
                 "peak_bytes_in_use": 41 * GIB,
             }
 
-    assert dm.describe_device_memory([BigGpu(), BigGpu()]) == "; ".join(
-        ["cuda:0: in use 40.00 GiB, peak 41.00 GiB of 60.00 GiB"] * 2
+        def __str__(self):
+            return f"cuda:{self.index}"
+
+    gpus = [BigGpu(0), BigGpu(1)]
+    assert dm.describe_device_memory(gpus) == (
+        "cuda:0: in use 40.00 GiB, peak 41.00 GiB of 60.00 GiB; "
+        "cuda:1: in use 40.00 GiB, peak 41.00 GiB of 60.00 GiB"
     )
+    # /metrics' jaxlora_device_memory_bytes{device, kind}
+    assert dm.memory_report(gpus + jax.devices()[:1]) == {
+        (f"cuda:{i}", kind): value
+        for i in (0, 1)
+        for kind, value in (("in_use", 40 * GIB), ("peak", 41 * GIB), ("limit", 60 * GIB))
+    }
 
 
 def test_the_share_sets_the_allocators_fraction_before_the_backend_starts(
@@ -387,15 +401,27 @@ def test_adapter_host_memory_bounds_the_disk_adapters_kept_in_ram():
                     # (evicted from the GPU pool between uses, so each use reads the host copy)
                     state.llm.generate([[5, 6, 7]], adapter=name, sampling=sampling)
                     state.llm.adapters.evict(name)
-            return names, state.llm.adapters.store.stats()
+            metrics = dict(
+                line.rsplit(" ", 1)
+                for line in state.metrics_text().splitlines()
+                if line.startswith("jaxlora_adapter")
+            )
+            return names, state.llm.adapters.store.stats(), metrics
         finally:
             state.llm.stop()
 
-    names, unbounded = serve_each(None)
+    names, unbounded, metrics = serve_each(None)
     assert len(names) == 3 and unbounded.cached == 3 and unbounded.drops == 0
     assert unbounded.loads == 3  # each read from disk once
+    assert "jaxlora_adapter_host_budget_bytes" not in metrics
     one = unbounded.host_bytes // 3
-    names, bounded = serve_each(one + one // 2)
+    names, bounded, metrics = serve_each(one + one // 2)
     assert bounded.host_budget_bytes == one + one // 2
     assert bounded.cached == 1 and bounded.host_bytes <= one + one // 2
     assert bounded.drops >= 5 and bounded.loads == 6  # every use read from disk again
+    # /metrics says so
+    assert float(metrics["jaxlora_adapter_host_budget_bytes"]) == one + one // 2
+    assert float(metrics["jaxlora_adapter_host_bytes"]) == bounded.host_bytes
+    assert float(metrics["jaxlora_adapter_host_drops_total"]) == bounded.drops
+    assert float(metrics["jaxlora_adapter_disk_reads_total"]) == 6
+    assert float(metrics["jaxlora_adapters_in_host_memory"]) == 1

@@ -218,16 +218,35 @@ def kv_budget(
     return tightest
 
 
+MEMORY_REPORT_KINDS = (
+    ("in_use", "bytes_in_use"),
+    ("peak", "peak_bytes_in_use"),
+    ("limit", "bytes_limit"),
+)
+
+
+def memory_report(devices) -> dict[tuple[str, str], int]:
+    """{(device, kind): bytes} for kind in in_use, peak, limit, of the devices that report
+    their memory (JAX's CPU backend does not): /metrics' jaxlora_device_memory_bytes."""
+    report = {}
+    for device in devices:
+        stats = device.memory_stats() or {}
+        for kind, key in MEMORY_REPORT_KINDS:
+            if key in stats:
+                report[(str(device), kind)] = int(stats[key])
+    return report
+
+
 def describe_device_memory(devices) -> str:
     """Each device's bytes in use, peak and limit, for the log ("" where none reports)."""
     gib = 2**30
+    report = memory_report(devices)
     parts = []
-    for device in devices:
-        stats = device.memory_stats() or {}
-        if "bytes_limit" in stats:
+    for device in dict.fromkeys(device for device, _ in report):
+        if (device, "limit") in report:
             parts.append(
-                f"{device}: in use {stats.get('bytes_in_use', 0) / gib:.2f} GiB, peak "
-                f"{stats.get('peak_bytes_in_use', 0) / gib:.2f} GiB of "
-                f"{stats['bytes_limit'] / gib:.2f} GiB"
+                f"{device}: in use {report.get((device, 'in_use'), 0) / gib:.2f} GiB, peak "
+                f"{report.get((device, 'peak'), 0) / gib:.2f} GiB of "
+                f"{report[(device, 'limit')] / gib:.2f} GiB"
             )
     return "; ".join(parts)

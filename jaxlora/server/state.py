@@ -24,7 +24,7 @@ from jaxlora.memory.store import MEMORY_SOURCE
 from jaxlora.sampling import SamplingParams
 from jaxlora.server import metrics as prom
 from jaxlora.server.config import ServerConfig
-from jaxlora.server.device_memory import describe_device_memory
+from jaxlora.server.device_memory import describe_device_memory, memory_report
 from jaxlora.server.errors import RateLimitError, with_param
 from jaxlora.server.generation import DeltaPump
 from jaxlora.server.keys import ApiKey, KeysFile, TokenBucket, with_server_key
@@ -664,6 +664,39 @@ class ServingState:
             {(name,): s for name, s in manager.load_seconds.items()},
             ("adapter",),
         )
+        store = self.adapters.store.stats()
+        lines += prom.gauge(
+            "jaxlora_adapter_host_bytes",
+            "Host RAM held by adapters' packed weights (disk-backed and in-memory ones).",
+            store.host_bytes,
+        )
+        if store.host_budget_bytes is not None:
+            lines += prom.gauge(
+                "jaxlora_adapter_host_budget_bytes",
+                "The most host RAM disk-backed adapters may hold (--adapter_host_memory).",
+                store.host_budget_bytes,
+            )
+        lines += prom.gauge(
+            "jaxlora_adapters_in_host_memory",
+            "Adapters whose packed weights are in host RAM.",
+            store.cached,
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_adapter_disk_reads_total", "Adapter weights read from disk.", store.loads
+        )
+        lines += prom.counter_snapshot(
+            "jaxlora_adapter_host_drops_total",
+            "Adapters dropped from host RAM back to disk under --adapter_host_memory.",
+            store.drops,
+        )
+        memory = memory_report(jax.local_devices())
+        if memory:  # (JAX's CPU backend reports none)
+            lines += prom.gauge(
+                "jaxlora_device_memory_bytes",
+                "Each device's memory as JAX reports it: in use, peak, and the allocator's limit.",
+                memory,
+                ("device", "kind"),
+            )
         lines += prom.counter_snapshot(
             "jaxlora_engine_steps_total", "Engine iterations that ran the model.", stats.steps
         )
