@@ -90,6 +90,14 @@ flags.DEFINE_string(
     "A jinja2 chat template for the base model, or a file holding one, in place of its "
     "tokenizer's (vLLM's --chat-template); checked at start-up.",
 )
+flags.DEFINE_string(
+    "generation_config",
+    "auto",
+    "Sampling defaults for requests that leave a field unset (vLLM's --generation-config): "
+    "auto = the model directory's generation_config.json (temperature, top_p, top_k, min_p, "
+    "repetition_penalty, max_new_tokens), none = OpenAI's defaults, or a directory or file "
+    "holding one.",
+)
 flags.DEFINE_integer("max_batch", None, "Decode rows per step (default: 8 on CPU, 32 on GPU).")
 flags.DEFINE_integer("max_prefill_rows", None, "Prompts prefilled together in one step.")
 flags.DEFINE_integer("prefill_chunk", None, "Prompt tokens one prefill step feeds per prompt.")
@@ -333,6 +341,7 @@ def launch_config():
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         chat_template=FLAGS.chat_template,
+        generation_config=FLAGS.generation_config,
         tool_call_parser=FLAGS.tool_call_parser,
         reasoning_parser=FLAGS.reasoning_parser,
         api_key=api_key or None,

@@ -803,6 +803,116 @@ def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
         assert closed.content and (not extra or closed.content in ("yes", "no")), closed
 
 
+def test_the_models_sampling_defaults_fill_what_a_request_leaves_unset(served, client):
+    """ServerConfig.sampling_defaults (the model's generation_config.json; vLLM's
+    --generation-config auto): an unset temperature, max_tokens (max_new_tokens), top_p ...
+    takes the model's value, a request's own value wins; the Responses object reports the
+    temperature it used."""
+    state = served[1]
+    url = served[0].url
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    prompt = demo.DEMO_PROMPTS[0]
+    greedy = client.completions.create(model="robot", prompt=prompt, max_tokens=5, temperature=0)
+    sampled = {
+        client.completions.create(
+            model="robot", prompt=prompt, max_tokens=5, temperature=2.0, seed=seed
+        )
+        .choices[0]
+        .text
+        for seed in range(4)
+    }
+    assert sampled != {greedy.choices[0].text}  # (temperature 2 strays from the greedy answer)
+    original = state.config
+    state.config = dataclasses.replace(
+        original, sampling_defaults=(("temperature", 0.0), ("top_p", 0.5), ("max_tokens", 5))
+    )
+    try:
+        unset = client.completions.create(model="robot", prompt=prompt)
+        assert unset.choices[0].text == greedy.choices[0].text  # greedy, 5 tokens
+        assert unset.usage.completion_tokens == 5
+        answer = client.chat.completions.create(
+            model="robot", messages=[{"role": "user", "content": prompt}]
+        )
+        assert answer.usage.completion_tokens == 5
+        own = {
+            client.completions.create(
+                model="robot", prompt=prompt, max_tokens=5, temperature=2.0, top_p=1.0, seed=seed
+            )
+            .choices[0]
+            .text
+            for seed in range(4)
+        }
+        assert own == sampled  # the request's own temperature and top_p win
+        raw = httpx.post(
+            f"{url}/v1/responses", json={"model": "robot", "input": prompt}, headers=headers
+        ).json()
+        assert raw["temperature"] == 0.0 and raw["top_p"] == 0.5
+        assert raw["usage"]["output_tokens"] == 5
+    finally:
+        state.config = original
+
+
+def test_generation_config_files_give_the_sampling_defaults(tmp_path):
+    """jaxlora.formats.hf.read_generation_defaults and --generation_config (auto, none, a
+    path): the fields vLLM reads, checked, naming the file and the field."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+    from jaxlora.errors import FormatError
+    from jaxlora.formats.hf import read_generation_defaults
+    from jaxlora.server.launch import generation_defaults_for
+
+    model = tmp_path / "model"
+    model.mkdir()
+    assert read_generation_defaults(model) == {}
+    assert generation_defaults_for("auto", str(model)) == {}
+    (model / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "do_sample": True,
+                "temperature": 0.6,
+                "top_p": 0.9,
+                "top_k": 20,
+                "repetition_penalty": 1.05,
+                "max_new_tokens": 256,
+                "eos_token_id": [1, 2],
+            }
+        )
+    )
+    expected = {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "repetition_penalty": 1.05,
+        "max_tokens": 256,
+    }
+    assert read_generation_defaults(model) == expected
+    assert read_generation_defaults(model / "generation_config.json") == expected
+    assert generation_defaults_for("auto", str(model)) == expected
+    assert generation_defaults_for("none", str(model)) == {}
+    assert generation_defaults_for(str(model), "llama-2-7b") == expected  # a preset's defaults
+    assert generation_defaults_for("auto", "llama-2-7b") == {}
+    with pytest.raises(ConfigError, match="--generation_config='vllm': expected auto, none"):
+        generation_defaults_for("vllm", str(model))
+    for field, bad in (("top_p", 0), ("temperature", -1), ("top_k", 2.5), ("max_new_tokens", 0)):
+        (tmp_path / "bad.json").write_text(json.dumps({field: bad}))
+        with pytest.raises(FormatError, match=rf"bad.json: field '{field}': expected"):
+            read_generation_defaults(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(FormatError, match="expected a JSON object"):
+        read_generation_defaults(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="'sampling_defaults': expected"):
+        ServerConfig(model_name="m", sampling_defaults=(("seed", 1),))
+    try:
+        flags.FLAGS(["serve.py"])
+        assert launch_flags.launch_config().generation_config == "auto"
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["serve.py", "--generation_config=none"])
+        assert launch_flags.launch_config().generation_config == "none"
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
 def test_responses_answer_as_the_chat_does(served, client):
     """POST /v1/responses (OpenAI's Responses API) over the chat: the answer (validated as the
     SDK's own Response type) is the chat's with the instructions as a system message, whole

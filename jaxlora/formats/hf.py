@@ -30,6 +30,64 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 _DERIVED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# generation_config.json field -> (the sampling default it sets, its check, what it expects).
+GENERATION_DEFAULT_FIELDS = {
+    "temperature": ("temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "top_p": ("top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (
+        "top_k",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "an int >= 0",
+    ),
+    "min_p": ("min_p", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "repetition_penalty": (
+        "repetition_penalty",
+        lambda v: _is_number(v) and v > 0,
+        "a number > 0",
+    ),
+    "max_new_tokens": (
+        "max_tokens",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "an int >= 1",
+    ),
+}
+
+
+def read_generation_defaults(path: str | os.PathLike) -> dict[str, float | int]:
+    """The sampling defaults a HF model's generation_config.json sets (vLLM's
+    ``--generation-config auto``): temperature, top_p, top_k, min_p, repetition_penalty and
+    max_new_tokens (as max_tokens), those it holds; {} when there is no such file. ``path``: the
+    model directory or the file itself. A field of the wrong type or range is a FormatError
+    naming the file and the field."""
+    path = os.fspath(path)
+    file = os.path.join(path, GENERATION_CONFIG_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{file}: cannot read JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise FormatError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    defaults = {}
+    for field, (name, check, expected) in GENERATION_DEFAULT_FIELDS.items():
+        value = config.get(field)
+        if value is None:
+            continue
+        if not check(value):
+            raise FormatError(f"{file}: field {field!r}: expected {expected}, got {value!r}")
+        defaults[name] = value
+    return defaults
+
+
 def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     """ModelConfig of a HF config.json, in the format of transformers 4 or 5.
 

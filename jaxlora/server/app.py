@@ -17,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated
 
 import anyio.to_thread
@@ -265,8 +265,17 @@ def _samplings(
     prompt_logprobs: int | None = None,
     structured_output: StructuredOutput | None = None,
     reasoning_tokens: ReasoningTokens | None = None,
+    defaults: Mapping[str, float | int] | None = None,
 ) -> list[SamplingParams]:
-    """One SamplingParams per choice (choice i of a seeded request uses seed + i)."""
+    """One SamplingParams per choice (choice i of a seeded request uses seed + i). defaults:
+    what an unset temperature, top_p, top_k, min_p or repetition_penalty takes instead of
+    OpenAI's (ServerConfig.sampling_defaults)."""
+    defaults = defaults or {}
+
+    def given_or_default(name: str, openai_default):
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, openai_default)
+
     stop = body.stop if body.stop is not None else ()
     if isinstance(stop, str):
         stop = (stop,)
@@ -298,9 +307,9 @@ def _samplings(
         try:
             out.append(
                 SamplingParams(
-                    temperature=1.0 if body.temperature is None else body.temperature,
-                    top_p=1.0 if body.top_p is None else body.top_p,
-                    top_k=0 if body.top_k is None else body.top_k,
+                    temperature=given_or_default("temperature", 1.0),
+                    top_p=given_or_default("top_p", 1.0),
+                    top_k=given_or_default("top_k", 0),
                     max_tokens=max_tokens,
                     stop_token_ids=tuple(body.stop_token_ids or ()),
                     stop_strings=tuple(stop),
@@ -309,11 +318,9 @@ def _samplings(
                     ignore_eos=body.ignore_eos,
                     presence_penalty=body.presence_penalty or 0.0,
                     frequency_penalty=body.frequency_penalty or 0.0,
-                    repetition_penalty=(
-                        1.0 if body.repetition_penalty is None else body.repetition_penalty
-                    ),
+                    repetition_penalty=given_or_default("repetition_penalty", 1.0),
                     logit_bias=logit_bias,
-                    min_p=body.min_p or 0.0,
+                    min_p=given_or_default("min_p", 0.0),
                     min_tokens=body.min_tokens or 0,
                     prompt_logprobs=prompt_logprobs,
                     include_stop_str_in_output=body.include_stop_str_in_output,
@@ -1067,14 +1074,16 @@ def create_app(
         # echo with logprobs: the prompt's tokens get theirs too (as OpenAI's legacy API and
         # vLLM answer; lm-evaluation-harness scores choices this way).
         echoed_logprobs = body.logprobs if body.echo else None
+        defaults = dict(state.config.sampling_defaults)
         samplings = _samplings(
             body,
-            max_tokens_of(body, state.config.default_max_tokens),
+            max_tokens_of(body, defaults.get("max_tokens", state.config.default_max_tokens)),
             body.logprobs,
             body.n,
             state.config.max_stop_strings,
             prompt_logprobs=_most(echoed_logprobs, body.prompt_logprobs),
             structured_output=structured,
+            defaults=defaults,
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -1231,15 +1240,17 @@ def create_app(
                 reasoning_format, tags = None, None
         rest_of_context = max(1, state.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        defaults = dict(state.config.sampling_defaults)
         samplings = _samplings(
             body,
-            max_tokens_of(body, rest_of_context),
+            max_tokens_of(body, min(rest_of_context, defaults.get("max_tokens", rest_of_context))),
             logprobs,
             body.n,
             state.config.max_stop_strings,
             prompt_logprobs=body.prompt_logprobs,
             structured_output=structured,
             reasoning_tokens=tags if structured is not None else None,
+            defaults=defaults,
         )
         group = submit_group(http_id, [prompt], samplings, adapter, priority_of(body))
         return _ChatRun(
@@ -1416,6 +1427,13 @@ def create_app(
     @api.post("/responses", tags=["generation"])
     async def create_response(body: ResponsesRequest, raw: Request):
         _check_text(body)
+        # The model's sampling defaults fill what the request leaves unset, here already, so
+        # that the response object reports the temperature and top_p its answer used.
+        defaults = dict(state.config.sampling_defaults)
+        unset = {k: defaults[k] for k in ("temperature", "top_p") if k in defaults}
+        unset = {k: v for k, v in unset.items() if getattr(body, k) is None}
+        if unset:
+            body = body.model_copy(update=unset)
         history = []
         owner = _caller_name()
         if body.previous_response_id is not None:

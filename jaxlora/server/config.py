@@ -7,6 +7,7 @@ import os
 import re
 
 from jaxlora.errors import ConfigError
+from jaxlora.formats.hf import GENERATION_DEFAULT_FIELDS
 from jaxlora.server.keys import ApiKey, check_keys, with_server_key
 from jaxlora.server.reasoning import REASONING_PARSERS
 from jaxlora.server.tool_calls import PARSERS
@@ -52,6 +53,10 @@ class ServerConfig:
     requests to all its adapters count together). "key" needs keys.
     metrics_need_key: GET /metrics takes an admin key (it shows every key's usage); off by
     default, as vLLM's, for scrapers inside the deployment. Needs keys.
+    sampling_defaults: (name, value) pairs a request that leaves the field unset gets instead of
+    OpenAI's default: temperature, top_p, top_k, min_p, repetition_penalty, max_tokens (the
+    model's generation_config.json, vLLM's --generation-config auto;
+    jaxlora.formats.hf.read_generation_defaults).
     """
 
     model_name: str
@@ -73,6 +78,7 @@ class ServerConfig:
     api_keys: tuple[ApiKey, ...] = ()
     fair_share_by: str = "model"
     metrics_need_key: bool = False
+    sampling_defaults: tuple[tuple[str, float | int], ...] = ()
 
     @property
     def keys(self) -> tuple[ApiKey, ...]:
@@ -156,6 +162,19 @@ class ServerConfig:
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(
                     f"server config field {field!r}: expected seconds > 0, got {value!r}"
+                )
+        names = {name for name, _, _ in GENERATION_DEFAULT_FIELDS.values()}
+        for pair in self.sampling_defaults:
+            if not (
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and pair[0] in names
+                and isinstance(pair[1], (int, float))
+                and not isinstance(pair[1], bool)
+            ):
+                raise ConfigError(
+                    "server config field 'sampling_defaults': expected (name, number) pairs "
+                    f"with names in {sorted(names)}, got {pair!r}"
                 )
         deadline = self.first_token_deadline_s
         if deadline is not None and (not isinstance(deadline, (int, float)) or not deadline > 0):

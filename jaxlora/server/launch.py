@@ -68,6 +68,10 @@ class LaunchConfig:
     # A jinja2 chat template for the base model, or a file holding one, in place of its
     # tokenizer's ("": the tokenizer's own; vLLM's --chat-template).
     chat_template: str = ""
+    # Where requests' sampling defaults come from (vLLM's --generation-config): "auto" the
+    # model directory's generation_config.json, "none" OpenAI's defaults, or a directory or
+    # file holding one (ServerConfig.sampling_defaults).
+    generation_config: str = "auto"
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
     reasoning_parser: str = ""  # ServerConfig.reasoning_parser ("": none)
     api_key: str | None = None
@@ -349,6 +353,37 @@ def engine_config_for(
     )
 
 
+def generation_defaults_for(setting: str, model: str) -> dict[str, float | int]:
+    """--generation_config: "auto" reads the model directory's generation_config.json (none:
+    no defaults), "none" keeps OpenAI's, anything else is a directory or file holding one. The
+    defaults found are logged."""
+    from jaxlora.formats.hf import GENERATION_CONFIG_FILE, read_generation_defaults
+
+    if setting == "none":
+        return {}
+    if setting == "auto":
+        if not os.path.isdir(model):
+            return {}
+        source = model
+    elif os.path.exists(setting):
+        source = setting
+    else:
+        raise ConfigError(
+            f"--generation_config={setting!r}: expected auto, none, or a directory or file "
+            f"holding a {GENERATION_CONFIG_FILE}"
+        )
+    defaults = read_generation_defaults(source)
+    if defaults:
+        log.info(
+            "sampling defaults from %s's %s: %s (a request's own values win; "
+            "--generation_config=none for OpenAI's)",
+            source,
+            GENERATION_CONFIG_FILE,
+            ", ".join(f"{k}={v}" for k, v in defaults.items()),
+        )
+    return defaults
+
+
 def apply_chat_template_flag(tokenizer, value: str) -> None:
     """--chat_template: a file holding a jinja2 template, or the template itself, replaces the
     tokenizer's; ConfigError naming the flag for a model without a tokenizer, a value that is
@@ -394,6 +429,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         model = demo.model_dir()
         adapters = {**demo.adapter_dirs(), **adapters}
     dtype = DTYPES[launch.dtype]
+    sampling_defaults = generation_defaults_for(launch.generation_config, model)
     config, params, tokenizer = load_base_model(model, seed=launch.seed, dtype=dtype)
     if launch.chat_template:
         apply_chat_template_flag(tokenizer, launch.chat_template)
@@ -467,6 +503,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         log_requests=launch.log_requests,
         fair_share_by=launch.fair_share_by,
         metrics_need_key=launch.metrics_need_key,
+        sampling_defaults=tuple(sampling_defaults.items()),
     )
     if server_config.model_name in llm.adapters.store:
         raise ConfigError(
