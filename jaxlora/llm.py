@@ -97,8 +97,14 @@ class LLM:
         adapter_host_budget_bytes: int | None = None,
     ):
         self.engine_config = engine_config or EngineConfig()
+        # The model's generation_config.json sampling defaults (vLLM's LLM reads them too).
+        self.generation_defaults: dict[str, float | int] = {}
         if params is None:
             self.config, params, default_tokenizer = load_base_model(model, seed=seed, dtype=dtype)
+            if not isinstance(model, ModelConfig) and os.path.isdir(model):
+                from jaxlora.formats.hf import read_generation_defaults
+
+                self.generation_defaults = read_generation_defaults(model)
             if self.engine_config.runner.fuse_projections:
                 from jaxlora.model import fuse_projections
 
@@ -181,8 +187,18 @@ class LLM:
         stream: bool = True,
     ) -> Request:
         return self.engine.submit(
-            self.encode(prompt), sampling, adapter=adapter, deadline_s=deadline_s, stream=stream
+            self.encode(prompt),
+            sampling if sampling is not None else self.get_default_sampling_params(),
+            adapter=adapter,
+            deadline_s=deadline_s,
+            stream=stream,
         )
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request without sampling parameters gets (vLLM's): SamplingParams' defaults
+        with the model's generation_config.json values (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens as max_tokens) over them."""
+        return SamplingParams(**self.generation_defaults)
 
     def generate(
         self,
@@ -196,6 +212,7 @@ class LLM:
         n = len(prompts)
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
+        samplings = [s if s is not None else self.get_default_sampling_params() for s in samplings]
         if len(adapters) != n or len(samplings) != n:
             raise RequestError(
                 f"generate: {n} prompts but {len(adapters)} adapters and "

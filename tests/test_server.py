@@ -903,6 +903,34 @@ def test_generation_config_files_give_the_sampling_defaults(tmp_path):
         read_generation_defaults(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="'sampling_defaults': expected"):
         ServerConfig(model_name="m", sampling_defaults=(("seed", 1),))
+    # jaxlora.LLM (as vLLM's): a model directory's defaults where no sampling is given.
+    from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
+    from jaxlora.llm import LLM
+    from jaxlora.sampling import SamplingParams
+
+    copy = tmp_path / "demo"
+    shutil.copytree(demo.model_dir(), copy)
+    (copy / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.0, "max_new_tokens": 3})
+    )
+    small = EngineConfig(
+        kv=KVCacheConfig(num_pages=32, page_size=8, max_model_len=128),
+        runner=RunnerConfig(max_batch=2, max_prefill_rows=1),
+        warmup=False,
+    )
+    llm = LLM(str(copy), engine_config=small)
+    try:
+        assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, max_tokens=3)
+        [unset] = llm.generate([demo.DEMO_PROMPTS[0]])
+        [greedy] = llm.generate(
+            [demo.DEMO_PROMPTS[0]], sampling=SamplingParams(temperature=0.0, max_tokens=3)
+        )
+        assert unset.token_ids == greedy.token_ids and len(unset.token_ids) == 3
+    finally:
+        llm.stop()
+    plain = LLM(demo.model_dir(), engine_config=small)
+    assert plain.get_default_sampling_params() == SamplingParams()
+    plain.stop()
     try:
         flags.FLAGS(["serve.py"])
         assert launch_flags.launch_config().generation_config == "auto"
