@@ -266,6 +266,46 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "Log level.")
 
+# vLLM's names for the same sizes, so that a vLLM command line carries over (each sets the
+# flag it names; `--help` lists them as aliases).
+VLLM_FLAG_ALIASES = {
+    "max_num_seqs": "max_batch",
+    "max_num_batched_tokens": "max_num_tokens",
+    "max_loras": "max_slots",
+    "max_lora_rank": "max_rank",
+    "block_size": "page_size",
+}
+for _alias, _name in VLLM_FLAG_ALIASES.items():
+    flags.DEFINE_alias(_alias, _name)
+
+
+def vllm_spelling(argv: list[str]) -> list[str]:
+    """argv with vLLM's dashed long options in absl's spelling: ``--max-num-seqs=8`` as
+    ``--max_num_seqs=8``, ``--no-enable-prefix-caching`` as ``--noenable_prefix_caching``,
+    where the underscored name is a defined flag (anything else is left for absl to judge);
+    nothing after a lone ``--`` is touched."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if i > 0 and arg.startswith("--") and "-" in arg[2:].split("=", 1)[0]:
+            name, sep, value = arg[2:].partition("=")
+            underscored = name.replace("-", "_")
+            if underscored in FLAGS:
+                arg = f"--{underscored}{sep}{value}"
+            elif underscored.startswith("no_") and underscored[3:] in FLAGS and not sep:
+                arg = f"--no{underscored[3:]}"
+        out.append(arg)
+    return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parse of argv (a bad flag: its one-line error, exit 1) after ``vllm_spelling``
+    (``app.run(main, flags_parser=...)``)."""
+    from absl import app
+
+    return app.parse_flags_with_usage(vllm_spelling(argv))
+
 
 def set_up_process() -> None:
     """Logging at --log_level and JAX's compilation cache at --compilation_cache_dir."""

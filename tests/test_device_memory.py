@@ -425,3 +425,59 @@ def test_adapter_host_memory_bounds_the_disk_adapters_kept_in_ram():
     assert float(metrics["jaxlora_adapter_host_drops_total"]) == bounded.drops
     assert float(metrics["jaxlora_adapter_disk_reads_total"]) == 6
     assert float(metrics["jaxlora_adapters_in_host_memory"]) == 1
+
+
+def test_vllm_command_lines_carry_over():
+    """serve.py and run_batch.py take vLLM's dashed options (--max-num-seqs=8,
+    --no-enable-prefix-caching) and its names for the same sizes (max_num_seqs, max_loras,
+    max_lora_rank, max_num_batched_tokens, block_size); anything else is left to absl."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+
+    spelled = launch_flags.vllm_spelling(
+        [
+            "serve.py",
+            "--max-num-seqs=8",
+            "--gpu-memory-utilization",
+            "0.5",
+            "--no-enable-prefix-caching",
+            "--no-such-option=1",
+            "--",
+            "--max-num-seqs=1",
+        ]
+    )
+    assert spelled == [
+        "serve.py",
+        "--max_num_seqs=8",
+        "--gpu_memory_utilization",
+        "0.5",
+        "--noenable_prefix_caching",
+        "--no-such-option=1",
+        "--",
+        "--max-num-seqs=1",
+    ]
+    try:
+        launch_flags.parse_flags(
+            [
+                "serve.py",
+                "--max-num-seqs=8",
+                "--max_loras=3",
+                "--max-lora-rank=32",
+                "--max_num_batched_tokens=300",
+                "--block-size=32",
+                "--enable-prefix-caching",
+            ]
+        )
+        launch = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert (launch.max_batch, launch.max_slots, launch.max_rank) == (8, 3, 32)
+    assert (launch.max_num_tokens, launch.page_size, launch.enable_prefix_caching) == (
+        300,
+        32,
+        True,
+    )
+    with pytest.raises(SystemExit):
+        launch_flags.parse_flags(["serve.py", "--max-num-seqs=many"])
+    flags.FLAGS.unparse_flags()

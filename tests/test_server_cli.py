@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -164,10 +165,13 @@ TLS = os.path.join(REPO, "tests", "fixtures", "tls")
 
 def test_serve_script_serves_https_with_a_certificate():
     """--ssl_certfile / --ssl_keyfile (vLLM's): the banner's URL is https and a client that
-    trusts the certificate gets answers; plain HTTP to the port gets none."""
+    trusts the certificate gets answers; plain HTTP to the port gets none. (Spelled as vLLM's
+    dashed options, with vLLM's --max-num-seqs: serve.py takes those too.)"""
     cert = os.path.join(TLS, "cert.pem")
     command = serve_command(
-        f"--ssl_certfile={cert}", f"--ssl_keyfile={os.path.join(TLS, 'key.pem')}"
+        f"--ssl-certfile={cert}",
+        f"--ssl-keyfile={os.path.join(TLS, 'key.pem')}",
+        "--max-num-seqs=2",
     )
     env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
     process = subprocess.Popen(
@@ -187,8 +191,9 @@ def test_serve_script_serves_https_with_a_certificate():
         match = re.search(r"at (https://127\.0\.0\.1:(\d+))/v1", text)
         assert match, text
         url, port = match.group(1), match.group(2)
-        assert httpx.get(f"{url}/health", verify=cert, timeout=10).json() == {"status": "ok"}
-        models = httpx.get(f"{url}/v1/models", verify=cert, timeout=10).json()["data"]
+        trust = ssl.create_default_context(cafile=cert)
+        assert httpx.get(f"{url}/health", verify=trust, timeout=10).json() == {"status": "ok"}
+        models = httpx.get(f"{url}/v1/models", verify=trust, timeout=10).json()["data"]
         assert demo.DEMO_MODEL_NAME in {m["id"] for m in models}
         try:
             plain = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
