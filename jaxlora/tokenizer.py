@@ -59,7 +59,8 @@ system: you are a helpful assistant. user: please write a short story. assistant
 """
 
 
-def _load_json(path: str) -> dict[str, Any]:
+def load_json_object(path: str) -> dict[str, Any]:
+    """A JSON file holding an object; FormatError naming the file otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -268,7 +269,7 @@ class Tokenizer:
             raise FormatError(f"{file}: not a valid HF {TOKENIZER_FILE} ({e})") from e
 
         config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
-        config = _load_json(config_path) if os.path.isfile(config_path) else {}
+        config = load_json_object(config_path) if os.path.isfile(config_path) else {}
         bos = _token_content(config.get("bos_token"), "bos_token", config_path)
         if config.get("add_bos_token") is False:
             bos = None
@@ -282,13 +283,15 @@ class Tokenizer:
         if os.path.isfile(template_file):
             template, template_source = read_text(template_file), template_file
         elif os.path.isfile(template_json):
-            template = _chat_template(_load_json(template_json).get("chat_template"), template_json)
+            template = _chat_template(
+                load_json_object(template_json).get("chat_template"), template_json
+            )
             template_source = f"{template_json}: field 'chat_template'"
 
         extra_eos: list[int] = []
         generation_path = os.path.join(directory, GENERATION_CONFIG_FILE)
         if os.path.isfile(generation_path):
-            value = _load_json(generation_path).get("eos_token_id")
+            value = load_json_object(generation_path).get("eos_token_id")
             ids = value if isinstance(value, list) else [] if value is None else [value]
             if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
                 raise FormatError(

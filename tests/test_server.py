@@ -2736,7 +2736,7 @@ def test_kv_cache_memory_sizes_the_pages_by_the_cache_dtype():
         )
     with pytest.raises(ConfigError, match="both size the KV cache: give one"):
         LaunchConfig(kv_pages=100, kv_cache_memory_bytes=gib)
-    with pytest.raises(ConfigError, match="kv_cache_memory_bytes: expected an int >= 1"):
+    with pytest.raises(ConfigError, match="kv_cache_memory_bytes: expected None or an int >= 1"):
         LaunchConfig(kv_cache_memory_bytes=0)
     parse = functools.partial(launch_flags.parse_bytes, flag="--kv_cache_memory")
     assert parse("20GiB") == 20 * gib and parse("16 gb") == 16 * 10**9

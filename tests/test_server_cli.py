@@ -33,6 +33,25 @@ def serve_command(*flags: str) -> list[str]:
     ]
 
 
+def start_serving(command: list[str], until) -> tuple[subprocess.Popen, list[str]]:
+    """serve.py started with command; its output lines read until one satisfies until (or it
+    ends, or 120 s pass)."""
+    env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    output = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if until(line):
+            break
+    return process, output
+
+
 def test_serve_script_default_demo_prints_a_working_curl():
     # (the flags of the session's options: an answer without <think> is all content, and a
     # priority is taken)
@@ -43,20 +62,8 @@ def test_serve_script_default_demo_prints_a_working_curl():
         "--pinned_adapters=pirate",
         "--allowed_origins=https://app.example.com",
     )
-    env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    output = []
+    process, output = start_serving(command, lambda line: line.strip().startswith("-d "))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if line.strip().startswith("-d "):
-                break
         text = "".join(output)
         match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", text)
         assert match, text
@@ -173,20 +180,8 @@ def test_serve_script_serves_https_with_a_certificate():
         f"--ssl-keyfile={os.path.join(TLS, 'key.pem')}",
         "--max-num-seqs=2",
     )
-    env = {**os.environ, "JAXLORA_API_KEY": "", "XLA_FLAGS": ""}
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    output = []
+    process, output = start_serving(command, lambda line: "/v1 (OpenAI-compatible)" in line)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if "/v1 (OpenAI-compatible)" in line:
-                break
         text = "".join(output)
         match = re.search(r"at (https://127\.0\.0\.1:(\d+))/v1", text)
         assert match, text

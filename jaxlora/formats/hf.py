@@ -70,13 +70,9 @@ def read_generation_defaults(path: str | os.PathLike) -> dict[str, float | int]:
     file = os.path.join(path, GENERATION_CONFIG_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{file}: cannot read JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise FormatError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    from jaxlora.tokenizer import load_json_object
+
+    config = load_json_object(file)
     defaults = {}
     for field, (name, check, expected) in GENERATION_DEFAULT_FIELDS.items():
         value = config.get(field)

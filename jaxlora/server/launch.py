@@ -130,29 +130,18 @@ class LaunchConfig:
             raise ConfigError(f"max_body_mib: expected an int >= 1, got {self.max_body_mib!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: expected one of {sorted(DTYPES)}")
-        if self.kv_cache_memory_bytes is not None:
-            if (
-                isinstance(self.kv_cache_memory_bytes, bool)
-                or not isinstance(self.kv_cache_memory_bytes, int)
-                or self.kv_cache_memory_bytes < 1
+        for field, least in (("kv_cache_memory_bytes", 1), ("adapter_host_memory_bytes", 0)):
+            value = getattr(self, field)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < least
             ):
                 raise ConfigError(
-                    "kv_cache_memory_bytes: expected an int >= 1 (bytes), got "
-                    f"{self.kv_cache_memory_bytes!r}"
+                    f"{field}: expected None or an int >= {least} (bytes), got {value!r}"
                 )
-            if self.kv_pages is not None:
-                raise ConfigError(
-                    f"kv_pages ({self.kv_pages}) and kv_cache_memory_bytes "
-                    f"({self.kv_cache_memory_bytes}) both size the KV cache: give one"
-                )
-        if self.adapter_host_memory_bytes is not None and (
-            isinstance(self.adapter_host_memory_bytes, bool)
-            or not isinstance(self.adapter_host_memory_bytes, int)
-            or self.adapter_host_memory_bytes < 0
-        ):
+        if self.kv_cache_memory_bytes is not None and self.kv_pages is not None:
             raise ConfigError(
-                "adapter_host_memory_bytes: expected None or an int >= 0 (bytes), got "
-                f"{self.adapter_host_memory_bytes!r}"
+                f"kv_pages ({self.kv_pages}) and kv_cache_memory_bytes "
+                f"({self.kv_cache_memory_bytes}) both size the KV cache: give one"
             )
         if self.gpu_memory_utilization is not None:
             check_utilization(self.gpu_memory_utilization)
