@@ -90,6 +90,12 @@ flags.DEFINE_string(
     "A jinja2 chat template for the base model, or a file holding one, in place of its "
     "tokenizer's (vLLM's --chat-template); checked at start-up.",
 )
+flags.DEFINE_bool(
+    "trust_request_chat_template",
+    False,
+    "Render a chat request's own chat_template (vLLM's --trust-request-chat-template; jinja2 "
+    "in a sandbox, but it may loop as long as it likes): only for trusted clients.",
+)
 flags.DEFINE_string(
     "generation_config",
     "auto",
@@ -382,6 +388,7 @@ def launch_config():
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         chat_template=FLAGS.chat_template,
         generation_config=FLAGS.generation_config,
+        trust_request_chat_template=FLAGS.trust_request_chat_template,
         tool_call_parser=FLAGS.tool_call_parser,
         reasoning_parser=FLAGS.reasoning_parser,
         api_key=api_key or None,

@@ -376,6 +376,7 @@ class Tokenizer:
         continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
+        template: str | None = None,
     ) -> str:
         """The prompt text of a chat (OpenAI-style messages: role and content; an assistant's
         ``tool_calls`` and a tool result's ``tool_call_id`` and ``name`` reach the template
@@ -387,7 +388,9 @@ class Tokenizer:
         model continues that message (a prefilled assistant answer); ``add_generation_prompt``
         (None: unless continuing) must then not be true. ``template_kwargs``: more
         variables for the model's own template (vLLM's ``chat_template_kwargs``, e.g.
-        ``enable_thinking``); the default template has none and ignores them."""
+        ``enable_thinking``); the default template has none and ignores them. ``template``: a
+        request's own jinja2 chat template in place of the tokenizer's (vLLM's request field;
+        its faults are the request's: RequestError naming ``chat_template``)."""
         if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
             raise RequestError("messages: expected a non-empty list of {role, content} objects")
         if add_generation_prompt is None:
@@ -405,12 +408,31 @@ class Tokenizer:
                 "itself; expected none of " + ", ".join(sorted(_TEMPLATE_VARIABLES))
             )
         normalised = [_message_text(m, i) for i, m in enumerate(messages)]
-        text = self._render_chat(messages, normalised, add_generation_prompt, tools, extra)
+        text = self._render_chat(
+            messages, normalised, add_generation_prompt, tools, extra, template
+        )
         if continue_final_message:
             text = _cut_after_final_message(text, normalised[-1][1], len(messages) - 1)
         return text
 
-    def _render_chat(self, messages, normalised, add_generation_prompt, tools, extra) -> str:
+    def _render_chat(
+        self, messages, normalised, add_generation_prompt, tools, extra, request_template=None
+    ) -> str:
+        if request_template is not None:
+            try:
+                compiled = _compile_template(request_template, "chat_template")
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
+            return self._render_with(
+                compiled,
+                "chat_template",
+                True,
+                messages,
+                normalised,
+                add_generation_prompt,
+                tools,
+                extra,
+            )
         if tools and self.chat_template is None:
             raise RequestError(
                 "tools: the default chat template cannot render tools; serve a model whose "
@@ -429,6 +451,28 @@ class Tokenizer:
                 parts.append("<|assistant|>\n")
             return "".join(parts)
         template = _compile_template(self.chat_template, self.chat_template_source)
+        return self._render_with(
+            template,
+            self.chat_template_source,
+            False,
+            messages,
+            normalised,
+            add_generation_prompt,
+            tools,
+            extra,
+        )
+
+    def _render_with(
+        self,
+        template,
+        source,
+        from_request,
+        messages,
+        normalised,
+        add_generation_prompt,
+        tools,
+        extra,
+    ) -> str:
         try:
             return template.render(
                 messages=[
@@ -442,16 +486,21 @@ class Tokenizer:
                 **extra,
             )
         except _TemplateRaised as e:
-            raise RequestError(f"chat template ({self.chat_template_source}): {e}") from e
+            if from_request:
+                raise RequestError(f"chat_template: {e}") from e
+            raise RequestError(f"chat template ({source}): {e}") from e
         except Exception as e:  # a broken template fails at render time too
+            if from_request:
+                raise RequestError(
+                    f"chat_template: failed to render ({type(e).__name__}: {e})"
+                ) from e
             if extra:  # (or the request's own variables broke it)
                 raise RequestError(
-                    f"chat_template_kwargs: the chat template ({self.chat_template_source}) "
+                    f"chat_template_kwargs: the chat template ({source}) "
                     f"failed to render with {sorted(extra)} ({type(e).__name__}: {e})"
                 ) from e
             raise ConfigError(
-                f"{self.chat_template_source}: the chat template failed to render "
-                f"({type(e).__name__}: {e})"
+                f"{source}: the chat template failed to render ({type(e).__name__}: {e})"
             ) from e
 
     def encode_chat(
@@ -462,6 +511,7 @@ class Tokenizer:
         continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
+        template: str | None = None,
     ) -> list[int]:
         """Prompt ids of a chat; BOS is added unless the template already wrote it."""
         text = self.apply_chat_template(
@@ -470,6 +520,7 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             tools=tools,
             template_kwargs=template_kwargs,
+            template=template,
         )
         has_bos = self.bos_token is not None and text.startswith(self.bos_token)
         return self.encode(text, add_bos=not has_bos)

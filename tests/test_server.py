@@ -852,6 +852,51 @@ def test_the_models_sampling_defaults_fill_what_a_request_leaves_unset(served, c
         state.config = original
 
 
+def test_a_requests_own_chat_template_only_where_the_server_trusts_it(served, client):
+    """chat_template in a chat or /tokenize request (vLLM's): refused (400, param chat_template)
+    unless the server runs with --trust_request_chat_template; then rendered in place of the
+    model's; a template jinja2 cannot parse, or that raises, is the request's 400."""
+    state = served[1]
+    url = served[0].url
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    template = "{{ messages[-1]['content'] }} =>"
+    body = {
+        "model": "robot",
+        "messages": [{"role": "user", "content": "hello"}],
+        "chat_template": template,
+        "max_tokens": 3,
+        "temperature": 0,
+    }
+    refused = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "chat_template"
+    assert "--trust_request_chat_template" in refused.json()["error"]["message"]
+    original = state.config
+    state.config = dataclasses.replace(original, trust_request_chat_template=True)
+    try:
+        tokens = httpx.post(
+            f"{url}/tokenize",
+            json={"messages": body["messages"], "chat_template": template},
+            headers=headers,
+        ).json()["tokens"]
+        assert tokens == state.tokenizer.encode("hello =>")
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["prompt_tokens"] == len(tokens)
+        for bad, message in (
+            ("{% for m in messages %}", "chat_template: not a valid jinja2 template"),
+            ("{{ raise_exception('no system') }}", "chat_template: no system"),
+        ):
+            wrong = httpx.post(
+                f"{url}/v1/chat/completions", json={**body, "chat_template": bad}, headers=headers
+            )
+            assert wrong.status_code == 400, wrong.text
+            error = wrong.json()["error"]
+            assert error["param"] == "chat_template" and error["message"].startswith(message)
+    finally:
+        state.config = original
+
+
 def test_generation_config_files_give_the_sampling_defaults(tmp_path):
     """jaxlora.formats.hf.read_generation_defaults and --generation_config (auto, none, a
     path): the fields vLLM reads, checked, naming the file and the field."""

@@ -352,13 +352,18 @@ def test_the_chat_template_flag(tmp_path):
     with pytest.raises(ConfigError, match="--chat_template: the model has no tokenizer"):
         apply_chat_template_flag(None, str(path))
     try:
-        flags.FLAGS(["serve.py", f"--chat_template={path}"])
+        flags.FLAGS(["serve.py", f"--chat_template={path}", "--trust_request_chat_template"])
         launch = launch_flags.launch_config()
     finally:
         flags.FLAGS.unparse_flags()
-    assert launch.chat_template == str(path)
-    state = build_state(LaunchConfig(chat_template=str(path), max_batch=2, kv_pages=64))
+    assert launch.chat_template == str(path) and launch.trust_request_chat_template
+    state = build_state(
+        LaunchConfig(
+            chat_template=str(path), trust_request_chat_template=True, max_batch=2, kv_pages=64
+        )
+    )
     try:  # the embedded demo model, its own template replaced
         assert state.llm.tokenizer.apply_chat_template(user) == "FILE hi"
+        assert state.config.trust_request_chat_template
     finally:
         state.llm.stop()

@@ -834,6 +834,7 @@ def create_app(
                 messages=body.messages,
                 continue_final_message=body.continue_final_message,
                 chat_template_kwargs=body.chat_template_kwargs,
+                chat_template=body.chat_template,
                 **(
                     {"add_generation_prompt": body.add_generation_prompt}
                     if "add_generation_prompt" in body.model_fields_set
@@ -1811,7 +1812,13 @@ def _completion_prompts(
 
 
 # The fields of a chat request that its rendering may refuse.
-_CHAT_FIELDS = ("tools", "messages", "continue_final_message", "chat_template_kwargs")
+_CHAT_FIELDS = (
+    "tools",
+    "messages",
+    "continue_final_message",
+    "chat_template_kwargs",
+    "chat_template",
+)
 
 
 def _template_kwargs(body) -> dict | None:
@@ -1846,6 +1853,15 @@ def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
     add_generation_prompt = body.add_generation_prompt
     if body.continue_final_message and "add_generation_prompt" not in body.model_fields_set:
         add_generation_prompt = None  # (the tokenizer's: not when continuing)
+    if body.chat_template is not None and not state.config.trust_request_chat_template:
+        raise with_param(
+            RequestError(
+                "chat_template: this server does not take a request's chat template (it would "
+                "run the request's jinja2 here); its operator can allow it with "
+                "--trust_request_chat_template"
+            ),
+            "chat_template",
+        )
     try:
         ids = state.tokenizer.encode_chat(
             messages,
@@ -1853,6 +1869,7 @@ def _chat_prompt(state: ServingState, body: ChatCompletionRequest) -> list[int]:
             add_generation_prompt=add_generation_prompt,
             continue_final_message=body.continue_final_message,
             template_kwargs=_template_kwargs(body),
+            template=body.chat_template,
         )
     except RequestError as e:
         if getattr(e, "param", None) is None:

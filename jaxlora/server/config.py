@@ -57,6 +57,9 @@ class ServerConfig:
     OpenAI's default: temperature, top_p, top_k, min_p, repetition_penalty, max_tokens (the
     model's generation_config.json, vLLM's --generation-config auto;
     jaxlora.formats.hf.read_generation_defaults).
+    trust_request_chat_template: a chat request's own ``chat_template`` (jinja2, sandboxed) is
+    rendered; off by default, as vLLM's --trust-request-chat-template, since a template can
+    loop for as long as it likes on the server.
     """
 
     model_name: str
@@ -79,6 +82,7 @@ class ServerConfig:
     fair_share_by: str = "model"
     metrics_need_key: bool = False
     sampling_defaults: tuple[tuple[str, float | int], ...] = ()
+    trust_request_chat_template: bool = False
 
     @property
     def keys(self) -> tuple[ApiKey, ...]:

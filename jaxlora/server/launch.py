@@ -72,6 +72,7 @@ class LaunchConfig:
     # model directory's generation_config.json, "none" OpenAI's defaults, or a directory or
     # file holding one (ServerConfig.sampling_defaults).
     generation_config: str = "auto"
+    trust_request_chat_template: bool = False  # ServerConfig.trust_request_chat_template
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
     reasoning_parser: str = ""  # ServerConfig.reasoning_parser ("": none)
     api_key: str | None = None
@@ -493,6 +494,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         fair_share_by=launch.fair_share_by,
         metrics_need_key=launch.metrics_need_key,
         sampling_defaults=tuple(sampling_defaults.items()),
+        trust_request_chat_template=launch.trust_request_chat_template,
     )
     if server_config.model_name in llm.adapters.store:
         raise ConfigError(

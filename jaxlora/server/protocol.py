@@ -199,6 +199,11 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="More variables for the chat template, e.g. enable_thinking (vLLM's)."
     )
+    chat_template: str | None = Field(
+        None,
+        description="A jinja2 chat template for this request in place of the model's (vLLM's); "
+        "only where the server runs with --trust_request_chat_template.",
+    )
     include_reasoning: bool = Field(
         True,
         description="With the server's --reasoning_parser: return the reasoning as the "
@@ -324,6 +329,11 @@ class TokenizeRequest(_Body):
     )
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="With messages: more variables for the chat template."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="With messages: a jinja2 chat template in place of the model's "
+        "(--trust_request_chat_template only).",
     )
 
 
