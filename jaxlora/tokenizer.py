@@ -418,27 +418,13 @@ class Tokenizer:
     def _render_chat(
         self, messages, normalised, add_generation_prompt, tools, extra, request_template=None
     ) -> str:
-        if request_template is not None:
-            try:
-                compiled = _compile_template(request_template, "chat_template")
-            except ConfigError as e:
-                raise RequestError(str(e)) from None
-            return self._render_with(
-                compiled,
-                "chat_template",
-                True,
-                messages,
-                normalised,
-                add_generation_prompt,
-                tools,
-                extra,
-            )
-        if tools and self.chat_template is None:
-            raise RequestError(
-                "tools: the default chat template cannot render tools; serve a model whose "
-                "tokenizer_config.json has a chat template that does"
-            )
-        if self.chat_template is None:
+        from_request = request_template is not None
+        if not from_request and self.chat_template is None:
+            if tools:
+                raise RequestError(
+                    "tools: the default chat template cannot render tools; serve a model whose "
+                    "tokenizer_config.json has a chat template that does"
+                )
             parts = []
             for index, (role, content) in enumerate(normalised):
                 if role not in CHAT_ROLES:
@@ -450,29 +436,15 @@ class Tokenizer:
             if add_generation_prompt:
                 parts.append("<|assistant|>\n")
             return "".join(parts)
-        template = _compile_template(self.chat_template, self.chat_template_source)
-        return self._render_with(
-            template,
-            self.chat_template_source,
-            False,
-            messages,
-            normalised,
-            add_generation_prompt,
-            tools,
-            extra,
-        )
-
-    def _render_with(
-        self,
-        template,
-        source,
-        from_request,
-        messages,
-        normalised,
-        add_generation_prompt,
-        tools,
-        extra,
-    ) -> str:
+        if from_request:  # (its faults are the request's)
+            source = "chat_template"
+            try:
+                template = _compile_template(request_template, source)
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
+        else:
+            source = self.chat_template_source
+            template = _compile_template(self.chat_template, source)
         try:
             return template.render(
                 messages=[

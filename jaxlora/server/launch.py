@@ -139,19 +139,16 @@ class LaunchConfig:
                 raise ConfigError(
                     f"{field}: expected None or an int >= {least} (bytes), got {value!r}"
                 )
-        if self.kv_cache_memory_bytes is not None and self.kv_pages is not None:
-            raise ConfigError(
-                f"kv_pages ({self.kv_pages}) and kv_cache_memory_bytes "
-                f"({self.kv_cache_memory_bytes}) both size the KV cache: give one"
-            )
         if self.gpu_memory_utilization is not None:
             check_utilization(self.gpu_memory_utilization)
-            for name in ("kv_pages", "kv_cache_memory_bytes"):
-                if getattr(self, name) is not None:
-                    raise ConfigError(
-                        f"{name} ({getattr(self, name)}) and gpu_memory_utilization "
-                        f"({self.gpu_memory_utilization}) both size the KV cache: give one"
-                    )
+        sizers = [
+            (name, getattr(self, name))
+            for name in ("kv_pages", "kv_cache_memory_bytes", "gpu_memory_utilization")
+            if getattr(self, name) is not None
+        ]
+        if len(sizers) > 1:
+            (first, a), (second, b) = sizers[:2]
+            raise ConfigError(f"{first} ({a}) and {second} ({b}) both size the KV cache: give one")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ConfigError(
                 f"tensor_parallel_size: expected an int >= 1, got {self.tensor_parallel_size!r}"
@@ -215,7 +212,7 @@ def kv_budget_for(
     pending_bytes: int = 0,
 ) -> KVBudget:
     """How launch.gpu_memory_utilization's share of each tensor-parallel device is spent,
-    the KV cache's bytes last (jaxlora.server.device_memory); logged."""
+    the KV cache's bytes last (jaxlora.server.device_memory)."""
     shards = launch.tensor_parallel_size
     if memory is None:
         memory = device_memory(jax.devices()[:shards])
@@ -228,7 +225,6 @@ def kv_budget_for(
             model, max_num_tokens=max_num_tokens, max_batch=max_batch, shards=shards
         ),
     )
-    log.info("gpu_memory_utilization %s: %s", launch.gpu_memory_utilization, budget.describe())
     return budget
 
 
@@ -291,9 +287,9 @@ def engine_config_for(
     max_num_tokens = pick(
         launch.max_num_tokens, max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk)
     )
-    kv_cache_memory_bytes = launch.kv_cache_memory_bytes
+    kv_cache_memory_bytes, budget = launch.kv_cache_memory_bytes, None
     if launch.gpu_memory_utilization is not None:
-        kv_cache_memory_bytes = kv_budget_for(
+        budget = kv_budget_for(
             model,
             launch,
             pool,
@@ -301,7 +297,8 @@ def engine_config_for(
             max_batch=max_batch,
             memory=memory,
             pending_bytes=pending_bytes,
-        ).kv_cache
+        )
+        kv_cache_memory_bytes = budget.kv_cache
     if kv_cache_memory_bytes is not None:
         kv_source = (
             "kv_cache_memory_bytes"
@@ -315,6 +312,14 @@ def engine_config_for(
                 f"{kv_source} {kv_cache_memory_bytes}: holds {kv_pages} KV "
                 f"pages of {bytes_per_page} bytes on each device; one "
                 f"sequence of max_model_len {max_model_len} needs {pages_per_seq}"
+            )
+        if budget is not None:
+            log.info(
+                "gpu_memory_utilization %s: %s: %d KV pages of %d tokens",
+                launch.gpu_memory_utilization,
+                budget.describe(),
+                kv_pages,
+                page_size,
             )
     else:
         # Half of the batch at full length: preemption covers the rare moment when more is
@@ -434,15 +439,6 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
     if launch.gpu_memory_utilization is not None:
         pending_bytes = host_bytes_per_device(params, launch.tensor_parallel_size)
     engine_config = engine_config_for(config, launch, warmup=warmup, pending_bytes=pending_bytes)
-    if launch.gpu_memory_utilization is not None:
-        kv = engine_config.kv
-        log.info(
-            "gpu_memory_utilization %s: %d KV pages of %d tokens (%.2f GiB a device)",
-            launch.gpu_memory_utilization,
-            kv.num_pages,
-            kv.page_size,
-            kv.num_pages * kv_page_bytes(config, launch, kv.page_size) / 2**30,
-        )
     llm = LLM(
         config,
         params=params,
