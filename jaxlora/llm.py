@@ -40,18 +40,29 @@ class Completion:
     prompt_logprob_ranks: list[int | None] | None = None  # each prompt token's rank there
 
 
-def load_base_model(model: str | os.PathLike | ModelConfig, *, seed: int = 0, dtype=jnp.float32):
-    """(config, params, tokenizer or None) from a preset name, a HF dir or an orbax checkpoint."""
+def load_base_model(
+    model: str | os.PathLike | ModelConfig,
+    *,
+    seed: int = 0,
+    dtype=jnp.float32,
+    fuse_groups: int = 0,
+):
+    """(config, params, tokenizer or None) from a preset name, a HF dir or an orbax checkpoint.
+
+    fuse_groups > 0: a preset's random weights (created on the device) come fused, in that
+    many groups (``init_params``); a checkpoint's are host arrays, fused on the host by
+    ``fuse_projections``."""
     from configs.models import MODEL_PRESETS
     from jaxlora.model import init_params
 
     if isinstance(model, ModelConfig):
-        return model, init_params(model, seed, dtype=dtype), None
+        return model, init_params(model, seed, dtype=dtype, fuse_groups=fuse_groups), None
     model = os.fspath(model)
     if model in MODEL_PRESETS:
         config = MODEL_PRESETS[model]
         tokenizer = tiny_tokenizer() if model == "tiny" else None
-        return config, init_params(config, seed, dtype=dtype), tokenizer
+        params = init_params(config, seed, dtype=dtype, fuse_groups=fuse_groups)
+        return config, params, tokenizer
     if not os.path.isdir(model):
         raise ConfigError(
             f"model {model!r}: not a preset ({sorted(MODEL_PRESETS)}) and not a "
@@ -100,19 +111,23 @@ class LLM:
         # The model's generation_config.json sampling defaults (vLLM's LLM reads them too).
         self.generation_defaults: dict[str, float | int] = {}
         if params is None:
-            self.config, params, default_tokenizer = load_base_model(model, seed=seed, dtype=dtype)
+            # Fused as they are made or loaded (one group a tensor-parallel device), before the
+            # adapter pools and the KV cache: the engine would fuse them too, but with this
+            # frame holding the separate kernels of a preset's device-resident weights, and
+            # device-side fusion leaves a hole below the fused kernels that the KV pools
+            # cannot use (jaxlora.server.launch.build_state loads its own likewise).
+            groups = tp if self.engine_config.runner.fuse_projections else 0
+            self.config, params, default_tokenizer = load_base_model(
+                model, seed=seed, dtype=dtype, fuse_groups=groups
+            )
             if not isinstance(model, ModelConfig) and os.path.isdir(model):
                 from jaxlora.formats.hf import read_generation_defaults
 
                 self.generation_defaults = read_generation_defaults(model)
-            if self.engine_config.runner.fuse_projections:
+            if groups:
                 from jaxlora.model import fuse_projections
 
-                # Fused now (one group a tensor-parallel device), before the adapter pools and
-                # the KV cache: this frame would hold the separate kernels of device-resident
-                # (preset) weights while the engine allocated them
-                # (jaxlora.server.launch.build_state fuses its own likewise).
-                params = fuse_projections(params, groups=tp)
+                params = fuse_projections(params, groups=groups)  # a checkpoint's, on the host
         else:
             if not isinstance(model, ModelConfig):
                 raise ConfigError(

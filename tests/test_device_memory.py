@@ -66,6 +66,50 @@ def test_the_kv_cache_gets_what_weights_pools_and_working_memory_leave(fraction)
     assert pending.kv.num_pages == expected
 
 
+def test_a_fragmented_region_sizes_the_cache_by_its_largest_free_block(fraction):
+    """The H100 case of the forty-first session: the weights left a hole of a few GiB below
+    the free tail, so the K and V pools and the adapter pools must fit in the tail. The cache
+    is what the tail holds beside the adapter pools (less the rounding slack), the log names
+    the block; a hole smaller than the working reserve leaves the share's rule in force."""
+    fraction("0.9")
+    weights, hole = 13_476_839_424, 3 * GIB
+    launch = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.9, max_batch=64)
+    whole = [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=weights)]
+    unfragmented = engine_config_for(LLAMA2_7B, launch, backend="gpu", memory=whole)
+    tail = H100_LIMIT - weights - hole
+    holed = [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=weights, largest_free=tail)]
+    config = engine_config_for(LLAMA2_7B, launch, backend="gpu", memory=holed)
+    pools = dm.adapter_pool_bytes(LLAMA2_7B, config.lora_pool, jnp.bfloat16)
+    page = kv_page_bytes(LLAMA2_7B, launch, 16)
+    assert config.kv.num_pages == (tail - pools - dm.CONTIGUOUS_SLACK_BYTES) // page
+    assert config.kv.num_pages * page + pools <= tail  # K, V and the pools fit in the tail
+    working = dm.step_working_bytes(LLAMA2_7B, max_num_tokens=config.max_num_tokens, max_batch=64)
+    assert working < hole  # the share alone would not have seen the hole
+    assert unfragmented.kv.num_pages - config.kv.num_pages == 99  # the hole less the reserve
+    budget = dm.kv_budget(0.9, holed, pending=0, adapter_pools=pools, working=GIB)
+    assert budget.bound_by_block and budget.largest_free == tail
+    assert "bound by the largest free block, 56.09 GiB of the 59.09 free" in budget.describe()
+    # Weights still to place go in the block too.
+    pending = dm.kv_budget(0.9, holed, pending=GIB, adapter_pools=pools, working=GIB)
+    assert pending.kv_cache == budget.kv_cache - GIB
+    # A block that holds the whole free share binds nothing.
+    small_hole = H100_LIMIT - weights - working // 2
+    free = [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=weights, largest_free=small_hole)]
+    assert engine_config_for(LLAMA2_7B, launch, backend="gpu", memory=free).kv == unfragmented.kv
+    unbound = dm.kv_budget(0.9, free, pending=0, adapter_pools=pools, working=working)
+    assert not unbound.bound_by_block
+    assert unbound.describe().endswith(f"(largest free block {small_hole / GIB:.2f} GiB)")
+    # A hole so large nothing fits beside the pools is refused like a full device.
+    with pytest.raises(ConfigError, match="leaves no memory for the KV cache .* largest free"):
+        dm.kv_budget(
+            0.9,
+            [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=weights, largest_free=pools)],
+            pending=0,
+            adapter_pools=pools,
+            working=GIB,
+        )
+
+
 def test_the_share_is_of_the_gpu_and_capped_at_the_allocators_limit(fraction):
     """JAX's allocator holds XLA_PYTHON_CLIENT_MEM_FRACTION of the GPU (0.75 unset): a smaller
     utilization is that share of the GPU, a larger one stops at the limit."""
@@ -150,6 +194,22 @@ def test_a_device_without_a_memory_report_is_refused_by_name():
             return "cuda:0"
 
     assert dm.device_memory([FakeGpu()]) == [dm.DeviceMemory("cuda:0", 100, 40)]
+
+    class RegionGpu(FakeGpu):
+        def __init__(self, region):
+            self.region = region
+
+        def memory_stats(self):
+            # JAX's keys on an H100 (docs/results/s40/call1/memory_stats.txt)
+            return {
+                **super().memory_stats(),
+                "largest_free_block_bytes": 35 if self.region else 0,
+                "pool_bytes": self.region,
+            }
+
+    assert dm.device_memory([RegionGpu(100)]) == [dm.DeviceMemory("cuda:0", 100, 40, 35)]
+    # Before the first allocation there is no region and the report's 0 means nothing.
+    assert dm.device_memory([RegionGpu(0)]) == [dm.DeviceMemory("cuda:0", 100, 40, None)]
     # The log line once warm: each device's use, peak and limit; nothing for the CPU.
     assert dm.describe_device_memory(jax.devices()[:1]) == ""
 
@@ -364,6 +424,26 @@ def test_an_llm_fuses_the_weights_it_loads_before_allocating(monkeypatch):
             llm.stop()
     assert seen == [True, False, True]
     assert tokens[1] == tokens[0] and tokens[2] == tokens[0]
+
+
+def test_a_presets_weights_come_fused_from_one_executable():
+    """init_params(fuse_groups=g) is fuse_projections(init_params(...), groups=g) bit for bit,
+    made in one executable (fusing device-resident kernels afterwards leaves their hole below
+    the fused ones); load_base_model passes it to presets; 0 keeps the canonical form."""
+    from jaxlora.llm import load_base_model
+    from jaxlora.model import fuse_projections, init_params, projections_fused
+
+    for groups in (1, 2):
+        made = init_params(TINY, 3, jnp.bfloat16, fuse_groups=groups)
+        after = fuse_projections(init_params(TINY, 3, jnp.bfloat16), groups=groups)
+        assert projections_fused(made)
+        assert jax.tree.structure(made) == jax.tree.structure(after)
+        for a, b in zip(jax.tree.leaves(made), jax.tree.leaves(after), strict=True):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not projections_fused(init_params(TINY, 3))
+    config, params, _ = load_base_model("tiny", seed=3, fuse_groups=2)
+    assert config == TINY and params["layers"]["mlp"]["gate_up_proj"]["kernel"].shape[-2] == 2
+    assert not projections_fused(load_base_model("tiny", seed=3)[1])
 
 
 def test_adapter_host_memory_bounds_the_disk_adapters_kept_in_ram():

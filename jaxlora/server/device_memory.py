@@ -18,6 +18,14 @@ copies of them, and a fixed 2 GiB for what XLA and the kernels keep beside them 
 autotuner's buffers while a step compiles, cuBLAS workspaces, adapter uploads in flight,
 allocator fragmentation). The server logs each device's peak once it is warm
 (``describe_device_memory``): the measure to set the share by.
+
+JAX's GPU allocator hands out each array as one contiguous block of its region, and loading the
+weights leaves holes where their transients were freed: on an H100 at a share of 0.9 the
+llama-2-7b weights left a hole of about 2 GiB below the free tail, and the V pool (25.4 GiB,
+half the cache) no longer fitted although the free bytes summed to more (forty-first session,
+docs/results/s41). So the K and V pools, with the adapter pools and the weights still to place,
+must also fit in the largest free block the allocator reports (``largest_free_block_bytes``);
+the smaller of the two rules sizes the cache, and the log says which one did.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ MEMORY_FRACTION_VARIABLE = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 DEFAULT_MEMORY_FRACTION = 0.75
 # What XLA and the kernels keep beside a step's own buffers (see the module docstring).
 FIXED_WORKING_BYTES = 2 * 2**30
+# Slack in the largest free block for the allocator's rounding of the arrays placed in it.
+CONTIGUOUS_SLACK_BYTES = 64 * 2**20
 # Live f32 activations of a step's widest layer part, and sorted copies of the logits.
 LIVE_ACTIVATIONS = 4
 LOGIT_COPIES = 8
@@ -49,11 +59,14 @@ LOGIT_COPIES = 8
 @dataclasses.dataclass(frozen=True)
 class DeviceMemory:
     """One device's memory as JAX reports it: limit is what its allocator may hold
-    (memory_stats' bytes_limit), in_use what it holds now."""
+    (memory_stats' bytes_limit), in_use what it holds now, largest_free the largest
+    contiguous block free in its region (None before the region exists: then everything not
+    in use is one block)."""
 
     device: str
     limit: int
     in_use: int
+    largest_free: int | None = None
 
 
 def check_utilization(value, where: str = "gpu_memory_utilization") -> None:
@@ -118,11 +131,16 @@ def device_memory(devices) -> list[DeviceMemory]:
                 f"(memory_stats: {stats!r}; JAX's CPU backend reports none); size the KV "
                 "cache with --kv_cache_memory or --kv_pages instead"
             )
+        # The allocator reserves its region at the first allocation; until then it reports
+        # a largest free block of 0.
+        region = int(stats.get("pool_bytes", 0))
+        largest = stats.get("largest_free_block_bytes")
         out.append(
             DeviceMemory(
                 device=str(device),
                 limit=int(stats["bytes_limit"]),
                 in_use=int(stats.get("bytes_in_use", 0)),
+                largest_free=int(largest) if region and largest is not None else None,
             )
         )
     return out
@@ -178,15 +196,29 @@ class KVBudget:
     adapter_pools: int
     working: int
     kv_cache: int  # what is left: the KV cache's bytes
+    # The largest free block (None where unknown): the K and V pools, the adapter pools and
+    # the weights to place must fit in it; bound_by_block where that, not the share, sized
+    # the cache.
+    largest_free: int | None = None
+    bound_by_block: bool = False
 
     def describe(self) -> str:
         gib = 2**30
-        return (
+        text = (
             f"{self.device}: share {self.share / gib:.2f} GiB = in use {self.in_use / gib:.2f} "
             f"+ weights to place {self.pending / gib:.2f} + adapter pools "
             f"{self.adapter_pools / gib:.2f} + step working memory (estimate) "
             f"{self.working / gib:.2f} + KV cache {self.kv_cache / gib:.2f} GiB"
         )
+        if self.bound_by_block:
+            text += (
+                f" (bound by the largest free block, {self.largest_free / gib:.2f} GiB of the "
+                f"{(self.share - self.in_use) / gib:.2f} free: the K/V pools, adapter pools and "
+                "weights to place must fit in one block; the rest is left to the steps)"
+            )
+        elif self.largest_free is not None:
+            text += f" (largest free block {self.largest_free / gib:.2f} GiB)"
+        return text
 
 
 def kv_budget(
@@ -199,15 +231,33 @@ def kv_budget(
 ) -> KVBudget:
     """The KV cache's bytes on each device: utilization of the device's memory (inferred from
     the allocator's limit and fraction, the share it may hold) less what is in use, the
-    weights still to place, the adapter pools and the working memory; the tightest device
-    decides. ConfigError when nothing is left."""
+    weights still to place, the adapter pools and the working memory, and no more than the
+    largest free block holds beside the weights to place and the adapter pools (see the
+    module docstring); the tightest device decides. ConfigError when nothing is left."""
     check_utilization(utilization)
     fraction = memory_fraction_in_effect()
     budgets = []
     for m in memory:
         share = min(int(utilization * m.limit / fraction), m.limit)
         left = share - m.in_use - pending - adapter_pools - working
-        budgets.append(KVBudget(m.device, share, m.in_use, pending, adapter_pools, working, left))
+        bound_by_block = False
+        if m.largest_free is not None:
+            contiguous = m.largest_free - pending - adapter_pools - CONTIGUOUS_SLACK_BYTES
+            if contiguous < left:
+                left, bound_by_block = contiguous, True
+        budgets.append(
+            KVBudget(
+                m.device,
+                share,
+                m.in_use,
+                pending,
+                adapter_pools,
+                working,
+                left,
+                m.largest_free,
+                bound_by_block,
+            )
+        )
     tightest = min(budgets, key=lambda b: b.kv_cache)
     if tightest.kv_cache <= 0:
         raise ConfigError(

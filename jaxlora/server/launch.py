@@ -425,16 +425,21 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         adapters = {**demo.adapter_dirs(), **adapters}
     dtype = DTYPES[launch.dtype]
     sampling_defaults = generation_defaults_for(launch.generation_config, model)
-    config, params, tokenizer = load_base_model(model, seed=launch.seed, dtype=dtype)
+    # Fused as they are made (a preset's, on the device) or loaded (a checkpoint's, on the
+    # host), one group a tensor-parallel device, while nothing else is on the device: the
+    # engine would fuse them too, but with this frame still holding the separate kernels, so
+    # that q|k|v and gate|up of a preset's weights sat on the device twice while the KV cache
+    # was allocated (llama-2-7b: 8.4 GiB; an H100 run at --gpu_memory_utilization=0.9 ran
+    # out); and fusing on the device after the fact leaves those 8.4 GiB as a hole below the
+    # fused kernels, which the K and V pools cannot use (jaxlora.server.device_memory).
+    groups = launch.tensor_parallel_size if launch.fuse_projections else 0
+    config, params, tokenizer = load_base_model(
+        model, seed=launch.seed, dtype=dtype, fuse_groups=groups
+    )
     if launch.chat_template:
         apply_chat_template_flag(tokenizer, launch.chat_template)
-    if launch.fuse_projections:
-        # Fused here (one group a tensor-parallel device), while nothing else is on the device:
-        # the engine would fuse them too, but with this frame still holding the separate
-        # kernels, so that q|k|v and gate|up of a preset's device-resident weights sat on the
-        # device twice while the KV cache was allocated (llama-2-7b: 8.4 GiB; an H100 run at
-        # --gpu_memory_utilization=0.9 ran out).
-        params = fuse_projections(params, groups=launch.tensor_parallel_size)
+    if groups:
+        params = fuse_projections(params, groups=groups)  # a checkpoint's, on the host
     pending_bytes = 0
     if launch.gpu_memory_utilization is not None:
         pending_bytes = host_bytes_per_device(params, launch.tensor_parallel_size)
