@@ -65,11 +65,45 @@ MISTRAL_7B = ModelConfig(
     max_position_embeddings=32768,
 )
 
+# Qwen2.5-7B: q/k/v biases, 7 query heads per KV head (Qwen2ForCausalLM).
+QWEN2_5_7B = ModelConfig(
+    name="qwen2.5-7b",
+    model_type="qwen2",
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    head_dim=128,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+)
+
+# Qwen3-8B: per-head q/k RMSNorm, no biases (Qwen3ForCausalLM).
+QWEN3_8B = ModelConfig(
+    name="qwen3-8b",
+    model_type="qwen3",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_layers=36,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=40960,
+)
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": TINY,
     "llama-2-7b": LLAMA2_7B,
     "llama-3-8b": LLAMA3_8B,
     "mistral-7b": MISTRAL_7B,
+    "qwen2.5-7b": QWEN2_5_7B,
+    "qwen3-8b": QWEN3_8B,
 }
 
 

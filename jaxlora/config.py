@@ -26,6 +26,15 @@ def parse_json(text: str, *, where: str) -> Any:
         raise ConfigError(f"{where}: not valid JSON ({e})") from e
 
 
+# config.json's model_type -> the transformers class of that family's causal LM.
+HF_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style frequency-dependent RoPE scaling (HF `rope_scaling` with rope_type llama3)."""
@@ -53,6 +62,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     name: str = "llama"
+    # The HF family (config.json's model_type, HF_MODEL_TYPES): Llama and Mistral are one
+    # architecture; Qwen2 adds q/k/v biases (qkv_bias), Qwen3 per-head q/k norms (qk_norm).
+    model_type: str = "llama"
+    # Mistral's sliding attention window, where the checkpoint sets one: the context
+    # (max_position_embeddings) is capped at it, within which attention is the full one.
+    sliding_window: int | None = None
 
     def __post_init__(self):
         require_positive_ints(
@@ -69,11 +84,27 @@ class ModelConfig:
             ),
             "model config",
         )
+        if self.model_type not in HF_MODEL_TYPES:
+            raise ConfigError(
+                f"model config field 'model_type': expected one of {sorted(HF_MODEL_TYPES)}, "
+                f"got {self.model_type!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model config: num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
             )
+
+    @property
+    def qkv_bias(self) -> bool:
+        """q, k and v projections carry a bias (Qwen2; o and the MLP do not)."""
+        return self.model_type == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Each q and k head is RMS-normalized over head_dim (a scale of its own per layer,
+        shared by the heads) before RoPE (Qwen3)."""
+        return self.model_type == "qwen3"
 
     @property
     def q_size(self) -> int:
@@ -98,7 +129,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Reads a HF Llama/Mistral `config.json` dictionary."""
+        """Reads a HF Llama / Mistral / Qwen2 / Qwen3 `config.json` dictionary."""
 
         def need(key):
             if key not in cfg:
@@ -106,14 +137,39 @@ class ModelConfig:
             return cfg[key]
 
         model_type = cfg.get("model_type", "llama")
-        if model_type not in ("llama", "mistral"):
+        if model_type not in HF_MODEL_TYPES:
             raise ConfigError(
-                f"{source}: field 'model_type' is {model_type!r}; expected 'llama' or 'mistral'"
+                f"{source}: field 'model_type' is {model_type!r}; expected one of "
+                f"{sorted(HF_MODEL_TYPES)}"
             )
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        for field in ("attention_bias", "mlp_bias"):
+            # Qwen2's q/k/v biases are its architecture's, not this field's.
+            if cfg.get(field):
+                raise ConfigError(
+                    f"{source}: field {field!r} is {cfg[field]!r}; expected false (biased "
+                    "o / MLP projections are not supported)"
+                )
+        sliding_window = None
+        if model_type == "mistral":
+            sliding_window = cfg.get("sliding_window")
+            if sliding_window is not None and (
+                not isinstance(sliding_window, int) or sliding_window <= 0
+            ):
+                raise ConfigError(
+                    f"{source}: field 'sliding_window' is {sliding_window!r}; expected a "
+                    "positive int or null"
+                )
+        elif cfg.get("use_sliding_window"):
             raise ConfigError(
-                f"{source}: fields 'attention_bias'/'mlp_bias' must be false "
-                "(biased Llama variants are not supported)"
+                f"{source}: field 'use_sliding_window' is true; expected false (sliding-window "
+                f"layers of {model_type} are not supported)"
+            )
+        if model_type != "mistral" and any(
+            kind != "full_attention" for kind in cfg.get("layer_types") or ()
+        ):
+            raise ConfigError(
+                f"{source}: field 'layer_types' is {cfg['layer_types']!r}; expected "
+                "'full_attention' for every layer (sliding-window layers are not supported)"
             )
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
@@ -151,8 +207,12 @@ class ModelConfig:
             rope_scaling=scaling,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=min(
+                int(cfg.get("max_position_embeddings", 4096)), sliding_window or 2**62
+            ),
             name=str(cfg.get("_name_or_path") or model_type),
+            model_type=model_type,
+            sliding_window=sliding_window,
         )
 
     @classmethod
@@ -171,8 +231,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
+            "model_type": self.model_type,
+            "architectures": [HF_MODEL_TYPES[self.model_type]],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -190,6 +250,10 @@ class ModelConfig:
         }
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        if self.model_type in ("qwen2", "qwen3"):
+            d["use_sliding_window"] = False
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
         return d
 
 

@@ -107,26 +107,32 @@ class RMSNorm(nn.Module):
     eps: float
     dtype: Dtype
     param_dtype: Dtype
+    axis_name: str = "embed"  # the scale's logical axis ("head_dim" for Qwen3's q/k norms)
 
     @nn.compact
     def __call__(self, x):
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
             (x.shape[-1],),
             self.param_dtype,
         )
         return norm_ops.rms_norm(x, scale, self.eps, self.dtype)
 
 
-def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype) -> nn.Dense:
+def _dense(
+    features: int, axes: tuple[str, str], name: str, dtype, param_dtype, *, bias: bool = False
+) -> nn.Dense:
+    # A bias (Qwen2's q, k, v) starts random, not zero as HF's does, so that random models
+    # exercise it.
     return nn.Dense(
         features,
-        use_bias=False,
+        use_bias=bias,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), axes[1:]),
     )
 
 
@@ -148,13 +154,16 @@ def _fused_projection(module: nn.Module, name: str, x: jax.Array, widths, dtype,
     columns are then the members' in order); None otherwise."""
     if not module.has_variable("params", name):
         return None
-    kernel = module.get_variable("params", name)["kernel"]  # (E, groups, n)
+    fused = module.get_variable("params", name)
+    kernel = fused["kernel"]  # (E, groups, n)
     in_width, groups, n = kernel.shape
     if whole and groups != 1:
         return None
     # One (E, groups * n) matrix (a free reshape: the groups are the major columns), the plain
     # 2-D operand of the other projections' GEMMs.
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype).reshape(in_width, groups * n))
+    if "bias" in fused:  # (groups, n), as nn.Dense adds it: in the compute dtype
+        y = y + fused["bias"].astype(dtype).reshape(groups * n)
     if whole:
         return y
     y = y.reshape(*y.shape[:-1], groups, n)  # (..., groups, n)
@@ -188,14 +197,18 @@ def fuse_projections(params, *, groups: int = 1, sharding=None):
     layers = dict(params["layers"])
     for module_name, (fused_name, members) in FUSED_PROJECTIONS.items():
         module = dict(layers[module_name])
-        kernels = [module.pop(m)["kernel"] for m in members]
+        parts = [module.pop(m) for m in members]
+        kernels = [part["kernel"] for part in parts]
         for m, k in zip(members, kernels, strict=True):
             if k.shape[-1] % groups:
                 raise ConfigError(
                     f"fuse_projections: {module_name}.{m} has {k.shape[-1]} output columns, "
                     f"expected a multiple of groups={groups}"
                 )
-        module[fused_name] = {"kernel": _concat_groups(kernels, groups, sharding)}
+        fused = {"kernel": _concat_groups(kernels, groups, sharding)}
+        if "bias" in parts[0]:  # (L, width) each -> (L, groups, n), the kernel's columns
+            fused["bias"] = _concat_groups([part["bias"] for part in parts], groups, None)
+        module[fused_name] = fused
         layers[module_name] = module
     return {**params, "layers": layers}
 
@@ -208,12 +221,16 @@ def unfuse_projections(params):
     layers = dict(params["layers"])
     for module_name, (fused_name, members) in FUSED_PROJECTIONS.items():
         module = dict(layers[module_name])
-        kernel = module.pop(fused_name)["kernel"]  # (L, E, groups, n)
+        fused = module.pop(fused_name)
+        kernel = fused["kernel"]  # (L, E, groups, n)
         members_n = _member_widths(params, module_name, kernel)
         lo = 0
         for m, share in zip(members, members_n, strict=True):
             part = kernel[..., lo : lo + share]
             module[m] = {"kernel": part.reshape(*part.shape[:-2], -1)}
+            if "bias" in fused:  # (L, groups, n)
+                bias = fused["bias"][..., lo : lo + share]
+                module[m]["bias"] = bias.reshape(*bias.shape[:-2], -1)
             lo += share
         layers[module_name] = module
     return {**params, "layers": layers}
@@ -236,9 +253,12 @@ def fused_logical_axes(axes):
     for module_name, (fused_name, members) in FUSED_PROJECTIONS.items():
         module = dict(layers[module_name])
         spec = module[members[0]]["kernel"]  # (layers, embed, heads | mlp)
+        bias = module[members[0]].get("bias")  # (layers, heads)
         for m in members:
             module.pop(m)
         module[fused_name] = {"kernel": type(spec)(*spec, None)}
+        if bias is not None:
+            module[fused_name]["bias"] = type(bias)(*bias, None)
         layers[module_name] = module
     return {**axes, "layers": layers}
 
@@ -561,6 +581,11 @@ class Attention(nn.Module):
         )
         if qkv_v is not None:
             _ran_in_kernel(fused, "qkv")
+        if fused is not None and cfg.qkv_bias:
+            # lora_matmul has no bias: added here (one group: the columns are q|k|v in order).
+            fused = fused + self.get_variable("params", "qkv_proj")["bias"].astype(
+                fused.dtype
+            ).reshape(-1)
         if fused is None and rope_kernel:
             # The RoPE + K/V write kernel reads q|k|v in place: XLA's GEMM output unsplit, with
             # its LoRA delta, not split and concatenated again (a copy a layer).
@@ -572,16 +597,26 @@ class Attention(nn.Module):
         else:
             qkv = _fused_projection(self, "qkv_proj", x, widths, self.dtype)
             if qkv is None:
+                biased = lambda f, axes, name: _dense(  # noqa: E731
+                    f, axes, name, self.dtype, self.param_dtype, bias=cfg.qkv_bias
+                )
                 qkv = [
-                    dense(cfg.q_size, ("embed", "heads"), "q_proj")(x),
-                    dense(cfg.kv_size, ("embed", "kv_heads"), "k_proj")(x),
-                    dense(cfg.kv_size, ("embed", "kv_heads"), "v_proj")(x),
+                    biased(cfg.q_size, ("embed", "heads"), "q_proj")(x),
+                    biased(cfg.kv_size, ("embed", "kv_heads"), "k_proj")(x),
+                    biased(cfg.kv_size, ("embed", "kv_heads"), "v_proj")(x),
                 ]
             qkv = _with_lora("qkv", x, qkv, layer, lora)
         q, k, v = qkv
         q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            head_norm = lambda name: RMSNorm(  # noqa: E731
+                cfg.rms_norm_eps, self.dtype, self.param_dtype, "head_dim", name=name
+            )
+            q, k = head_norm("q_norm")(q), head_norm("k_norm")(k)
+            # The RoPE kernel below reads q|k|v whole: the normed heads, concatenated again.
+            fused, qkv = None, (q.reshape(b, s, -1), k.reshape(b, s, -1), v.reshape(b, s, -1))
         inv_freq = rope_inverse_frequencies(cfg)
         sm_scale = 1.0 / math.sqrt(cfg.head_dim)
         if rope_kernel:

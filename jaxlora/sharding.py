@@ -25,6 +25,7 @@ TP_AXIS = "tp"
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("layers", None),
     ("embed", None),
+    ("head_dim", None),
     ("heads", TP_AXIS),
     ("kv_heads", TP_AXIS),
     ("mlp", TP_AXIS),

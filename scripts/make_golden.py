@@ -1,9 +1,11 @@
 """Writes the golden fixtures that tests/test_golden.py checks jaxlora against.
 
-A tiny random HF Llama (GQA, 2 layers, llama3 RoPE scaling) and four PEFT LoRA adapters are built
-with transformers + peft, saved in their native formats, and the reference fp32 logits of the base
-model and of every adapter on every input row are computed by transformers + peft (CPU, fp32,
-eager attention). Output, under --out (default tests/fixtures/golden/):
+A tiny random HF model of --family (llama: GQA, 2 layers, llama3 RoPE scaling; qwen2: q/k/v
+biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidden / heads) and
+four PEFT LoRA adapters are built with transformers + peft, saved in their native formats, and
+the reference fp32 logits of the base model and of every adapter on every input row are computed
+by transformers + peft (CPU, fp32, eager attention). Output, under --out (default
+tests/fixtures/golden/ for llama, tests/fixtures/golden_<family>/ for the others):
 
     base/              config.json + model.safetensors (transformers save_pretrained)
     adapters/<name>/   adapter_config.json + adapter_model.safetensors (peft save_pretrained)
@@ -12,7 +14,7 @@ eager attention). Output, under --out (default tests/fixtures/golden/):
     golden.json        variant names, adapter settings, library versions
 
 Needs torch, transformers and peft; deliberately does not import jaxlora (an independent
-reference). Not part of CI:  python scripts/make_golden.py [--out DIR] [--seed N]
+reference). Not part of CI:  python scripts/make_golden.py [--family F] [--out DIR] [--seed N]
 """
 
 from __future__ import annotations
@@ -58,6 +60,21 @@ BASE_CONFIG = dict(
     },
 )
 
+# The other families: the same sizes without llama3 RoPE scaling (Qwen's long-context scaling
+# is another rope_type), Qwen's rope_theta and eps.
+_QWEN = {k: v for k, v in BASE_CONFIG.items() if k not in ("rope_scaling", "mlp_bias", "head_dim")}
+_QWEN.update(rope_theta=1000000.0, rms_norm_eps=1e-6, use_sliding_window=False)
+FAMILIES = {
+    "llama": ("LlamaConfig", BASE_CONFIG),
+    # Qwen2's q/k/v biases are its architecture's (no attention_bias field); the small Qwen2
+    # models tie their embeddings.
+    "qwen2": (
+        "Qwen2Config",
+        {k: v for k, v in _QWEN.items() if k != "attention_bias"} | {"tie_word_embeddings": True},
+    ),
+    "qwen3": ("Qwen3Config", _QWEN | {"head_dim": 32}),
+}
+
 # Adapters: ranks 1 and 64, different module subsets, rsLoRA, rank/alpha patterns (per module and
 # per layer) and layers_to_transform. lora_B is overwritten with random values in every case.
 ADAPTERS = {
@@ -85,6 +102,8 @@ def randomize_base(model: torch.nn.Module, generator: torch.Generator) -> None:
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(".bias"):  # Qwen2's q/k/v
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
             elif "embed_tokens" in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
             else:  # Linear weight (out, in)
@@ -108,8 +127,8 @@ def randomize_lora(model: torch.nn.Module, generator: torch.Generator) -> int:
     return count
 
 
-def load_base(base_dir: pathlib.Path) -> transformers.LlamaForCausalLM:
-    model = transformers.LlamaForCausalLM.from_pretrained(
+def load_base(base_dir: pathlib.Path) -> transformers.PreTrainedModel:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         base_dir, dtype=torch.float32, attn_implementation="eager"
     )
     return model.eval()
@@ -122,9 +141,14 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.out is None:
+        name = "golden" if args.family == "llama" else f"golden_{args.family}"
+        args.out = DEFAULT_OUT.parent / name
+    config_class, config_fields = FAMILIES[args.family]
     torch.manual_seed(args.seed)
     torch.set_float32_matmul_precision("highest")
     generator = torch.Generator().manual_seed(args.seed)
@@ -133,8 +157,8 @@ def main() -> None:
         shutil.rmtree(out)
     base_dir = out / "base"
 
-    config = transformers.LlamaConfig(**BASE_CONFIG)
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    config = getattr(transformers, config_class)(**config_fields)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32)
     randomize_base(model, generator)
     model.save_pretrained(base_dir)
     for extra in base_dir.iterdir():
@@ -148,7 +172,7 @@ def main() -> None:
         lora_config = peft.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **settings)
         base = load_base(base_dir)
         # Recorded as base_model_name_or_path; the default would be this machine's absolute path.
-        base.name_or_path = "jaxlora-golden/tiny-llama"
+        base.name_or_path = f"jaxlora-golden/tiny-{args.family}"
         peft_model = peft.get_peft_model(base, lora_config)
         if randomize_lora(peft_model, generator) == 0:
             raise RuntimeError(f"adapter {name}: no lora_B parameters were created")
@@ -169,6 +193,7 @@ def main() -> None:
         out / "golden.npz", input_ids=input_ids.numpy().astype(np.int32), logits=stacked
     )
     manifest = {
+        "family": args.family,
         "variants": ["base", *ADAPTERS],
         "adapters": ADAPTERS,
         "rows": ROWS,

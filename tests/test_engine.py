@@ -62,12 +62,13 @@ def _full_forward(params, tokens):
     return Llama(TINY).apply({"params": params}, tokens)
 
 
-def greedy_reference(params, prompt, n, width=32):
-    """Greedy decoding by recomputing the whole sequence for every token (no KV cache)."""
+def greedy_reference(params, prompt, n, width=32, forward=_full_forward):
+    """Greedy decoding by recomputing the whole sequence for every token (no KV cache);
+    ``forward(params, tokens)``: the model's logits (TINY's by default)."""
     seq = list(prompt)
     for _ in range(n):
         # Padding after the sequence cannot change causal logits: one compiled shape.
-        logits = _full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
+        logits = forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32))
         seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt) :]
 

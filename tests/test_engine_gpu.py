@@ -170,6 +170,51 @@ def test_pallas_engine_with_an_fp8_kv_cache_matches_its_reference_engine():
     assert outputs["pallas"] == outputs["reference"]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
+    """Qwen2 (q/k/v biases added to lora_matmul's and XLA's q|k|v) and Qwen3 (per-head q/k
+    norms before the RoPE + K/V write kernel, head_dim 64 apart from hidden / heads): the
+    compiled engine at its default kernels generates the reference path's tokens."""
+    from tests.test_model_families import random_family_params
+
+    config_of = dataclasses.replace(
+        CONFIG, model_type=model_type, head_dim=64 if model_type == "qwen3" else CONFIG.head_dim
+    )
+    params = random_family_params(config_of, 0)
+    adapters = {
+        f"a{i}": random_lora_weights(config_of, f"a{i}", rank, MODULES, seed=i, std=0.05)
+        for i, rank in enumerate((16, 8))
+    }
+    rng = np.random.default_rng(2)
+    prompts = [list(map(int, rng.integers(3, 1000, n))) for n in (1, 40, 17, 90)]
+    names = ["a0", None, "a1", "a0"]
+    sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = {}
+    for impl in ("reference", "pallas"):
+        config = EngineConfig(
+            kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256),
+            runner=RunnerConfig(
+                max_batch=8,
+                prefill_chunk=32,
+                max_prefill_rows=4,
+                impl=impl,
+                decode_buckets=(8,),
+                prefill_buckets=(4,),
+            ),
+            lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=64, max_slots=8),
+            warmup=False,
+        )
+        llm = jaxlora.LLM(
+            config_of, params=params, adapters=adapters, engine_config=config, load_workers=0
+        )
+        outputs[impl] = [
+            o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
+        ]
+    assert jax.default_backend() == "gpu"
+    assert outputs["pallas"] == outputs["reference"]
+
+
 def _lowered_steps(*, use_lora=(False, True), few_adapters=False, max_batch=4, **runner_fields):
     """Every step shape of a small Pallas engine (``max_batch`` decode rows, 2 prefill rows; the
     other RunnerConfig fields given) lowered for an abstract GPU: (runner, a list of (mode,

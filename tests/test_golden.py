@@ -1,8 +1,10 @@
 """Fidelity against transformers + peft: golden logits from scripts/make_golden.py.
 
-The fixtures hold a tiny HF Llama and PEFT adapters in their native formats, plus the fp32 logits
-transformers + peft compute for every (variant, row): variant 0 is the base model, variant k the
-k-th adapter. jaxlora loads the files with its own loaders and runs ONE batch in which the rows use
+The fixtures hold a tiny HF model of each family (Llama: tests/fixtures/golden; Qwen2 with q/k/v
+biases and tied embeddings: golden_qwen2; Qwen3 with per-head q/k norms and a head_dim of its
+own: golden_qwen3) and PEFT adapters in their native formats, plus the fp32 logits transformers
++ peft compute for every (variant, row): variant 0 is the base model, variant k the k-th
+adapter. jaxlora loads the files with its own loaders and runs ONE batch in which the rows use
 different adapters and one row uses none; every row must reproduce its reference logits.
 """
 
@@ -19,7 +21,8 @@ from jaxlora.lora import pack_adapters
 from jaxlora.model import Llama
 from pallas_kernels.layout import NO_ADAPTER
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "golden")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FAMILIES = {"llama": "golden", "qwen2": "golden_qwen2", "qwen3": "golden_qwen3"}
 MAX_RANK = 64
 TOLERANCE = 1e-4
 
@@ -29,14 +32,16 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-@pytest.fixture(scope="module")
-def golden():
-    with open(os.path.join(GOLDEN, "golden.json")) as f:
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def golden(request):
+    directory = os.path.join(FIXTURES, FAMILIES[request.param])
+    with open(os.path.join(directory, "golden.json")) as f:
         manifest = json.load(f)
-    arrays = np.load(os.path.join(GOLDEN, "golden.npz"))
-    config, params = load_hf_checkpoint(os.path.join(GOLDEN, "base"))
+    arrays = np.load(os.path.join(directory, "golden.npz"))
+    config, params = load_hf_checkpoint(os.path.join(directory, "base"))
+    assert config.model_type == request.param
     adapters = [
-        load_peft_adapter(os.path.join(GOLDEN, "adapters", name), config, max_rank=MAX_RANK)
+        load_peft_adapter(os.path.join(directory, "adapters", name), config, max_rank=MAX_RANK)
         for name in manifest["variants"][1:]
     ]
     pool = LoraPoolConfig(
@@ -48,6 +53,7 @@ def golden():
         params=params,
         lora=lora,
         variants=manifest["variants"],
+        directory=directory,
         input_ids=arrays["input_ids"],
         logits=arrays["logits"],
     )
@@ -81,7 +87,9 @@ def test_fixtures_cover_the_required_cases(golden):
     assert golden["config"].num_layers >= 2
     assert golden["config"].num_kv_heads < golden["config"].num_heads
     total = sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(GOLDEN) for f in files
+        os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(golden["directory"])
+        for f in files
     )
     assert total < 2_000_000
 

@@ -43,6 +43,10 @@ def base_weight_bytes(config: ModelConfig, itemsize: int, rows: int) -> int:
     """Base-model bytes a decode step of `rows` rows reads (see the module docstring)."""
     h, q, kv, inter = (config.hidden_size, config.q_size, config.kv_size, config.intermediate_size)
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    if config.qkv_bias:
+        per_layer += q + 2 * kv
+    if config.qk_norm:
+        per_layer += 2 * config.head_dim
     lm_head = config.vocab_size * h
     embedding_rows = rows * h
     return itemsize * (config.num_layers * per_layer + h + lm_head + embedding_rows)

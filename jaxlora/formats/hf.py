@@ -25,6 +25,8 @@ CONFIG_NAME = "config.json"
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+BIASED_MODULES = ("q_proj", "k_proj", "v_proj")  # Qwen2's (ModelConfig.qkv_bias)
+QK_NORMS = ("q_norm", "k_norm")  # Qwen3's (ModelConfig.qk_norm)
 
 # Buffers that some transformers versions saved although they are derived from the config.
 _DERIVED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -120,11 +122,18 @@ def param_shapes(config: ModelConfig) -> dict:
     """The params pytree of the model with shape tuples as leaves."""
     n, h, v = config.num_layers, config.hidden_size, config.vocab_size
     modules = config.module_shapes()
+    attn = {m: {"kernel": (n, *modules[m])} for m in ATTENTION_MODULES}
+    if config.qkv_bias:
+        for m in BIASED_MODULES:
+            attn[m]["bias"] = (n, modules[m][1])
+    if config.qk_norm:
+        for norm in QK_NORMS:
+            attn[norm] = {"scale": (n, config.head_dim)}
     shapes = {
         "embed_tokens": {"embedding": (v, h)},
         "layers": {
             "input_layernorm": {"scale": (n, h)},
-            "attn": {m: {"kernel": (n, *modules[m])} for m in ATTENTION_MODULES},
+            "attn": attn,
             "post_attention_layernorm": {"scale": (n, h)},
             "mlp": {m: {"kernel": (n, *modules[m])} for m in MLP_MODULES},
         },
@@ -147,6 +156,17 @@ def _hf_layout(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int 
             yield f"{prefix}.{norm}.weight", ("layers", norm, "scale"), layer, False
         for m in ATTENTION_MODULES:
             yield f"{prefix}.self_attn.{m}.weight", ("layers", "attn", m, "kernel"), layer, True
+        if config.qkv_bias:
+            for m in BIASED_MODULES:
+                yield f"{prefix}.self_attn.{m}.bias", ("layers", "attn", m, "bias"), layer, False
+        if config.qk_norm:
+            for norm in QK_NORMS:
+                yield (
+                    f"{prefix}.self_attn.{norm}.weight",
+                    ("layers", "attn", norm, "scale"),
+                    layer,
+                    False,
+                )
         for m in MLP_MODULES:
             yield f"{prefix}.mlp.{m}.weight", ("layers", "mlp", m, "kernel"), layer, True
 
@@ -281,7 +301,7 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
         if name in expected_names or name in tolerated or name.endswith(_DERIVED_TENSOR_SUFFIXES):
             continue
         raise FormatError(
-            f"{file}: unexpected tensor {name!r} (not part of a Llama model with "
+            f"{file}: unexpected tensor {name!r} (not part of a {config.model_type} model with "
             f"{config.num_layers} layers, tie_word_embeddings="
             f"{config.tie_word_embeddings})"
         )

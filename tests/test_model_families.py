@@ -1,0 +1,287 @@
+"""Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm, head_dim of its own) beside Llama:
+config.json parsing, HF checkpoints both ways, the fused projections, the engine's paged and
+kernel paths, tensor parallelism, and Mistral's sliding window. transformers' own logits for
+these families are the golden fixtures (tests/test_golden.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlora
+from configs.models import MODEL_PRESETS, TINY
+from jaxlora.config import ModelConfig
+from jaxlora.errors import ConfigError
+from jaxlora.formats.hf import load_hf_checkpoint, save_hf_checkpoint
+from jaxlora.model import Llama, fuse_projections, init_params, unfuse_projections
+from jaxlora.sampling import SamplingParams
+from pallas_kernels.layout import MODULES
+from tests.test_engine import greedy_reference, small_engine_config
+from tests.test_model import merged_params, random_lora
+
+# head_dim 32 with 4 heads of a 64-wide model: Qwen3 sets head_dim apart from hidden / heads.
+QWEN2 = dataclasses.replace(TINY, name="tiny-qwen2", model_type="qwen2", rope_theta=1e6)
+QWEN3 = dataclasses.replace(TINY, name="tiny-qwen3", model_type="qwen3", head_dim=32)
+FAMILIES = {"qwen2": QWEN2, "qwen3": QWEN3}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def hf_config(model_type: str, **fields) -> dict:
+    base = {
+        "model_type": model_type,
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+    }
+    return {**base, **fields}
+
+
+def test_config_json_of_each_family():
+    qwen2 = ModelConfig.from_hf_dict(hf_config("qwen2", use_sliding_window=False))
+    assert qwen2.qkv_bias and not qwen2.qk_norm and qwen2.head_dim == 16
+    qwen3 = ModelConfig.from_hf_dict(hf_config("qwen3", head_dim=32, attention_bias=False))
+    assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.head_dim == 32
+    llama = ModelConfig.from_hf_dict(hf_config("llama"))
+    assert not llama.qkv_bias and not llama.qk_norm
+    for config in (qwen2, qwen3, llama):
+        assert ModelConfig.from_hf_dict(config.to_hf_dict()) == dataclasses.replace(
+            config, name=config.model_type
+        )
+    assert qwen3.to_hf_dict()["architectures"] == ["Qwen3ForCausalLM"]
+    # A context past Mistral's window would need sliding attention: capped at the window,
+    # within which attention is the full one.
+    mistral = ModelConfig.from_hf_dict(
+        hf_config("mistral", max_position_embeddings=32768, sliding_window=4096)
+    )
+    assert mistral.max_position_embeddings == 4096 and mistral.sliding_window == 4096
+    assert (
+        ModelConfig.from_hf_dict(hf_config("mistral", sliding_window=None)).sliding_window is None
+    )
+    refused = {
+        "use_sliding_window": (
+            hf_config("qwen2", use_sliding_window=True),
+            "'use_sliding_window' is true; expected false",
+        ),
+        "attention_bias": (
+            hf_config("qwen3", attention_bias=True),
+            "field 'attention_bias' is True; expected false",
+        ),
+        "model_type": (hf_config("gemma"), "'model_type' is 'gemma'; expected one of"),
+        "layer_types": (
+            hf_config("qwen3", layer_types=["full_attention", "sliding_attention"]),
+            "'layer_types' is .* expected 'full_attention' for every layer",
+        ),
+        "sliding_window": (
+            hf_config("mistral", sliding_window=0),
+            "'sliding_window' is 0; expected a positive int",
+        ),
+    }
+    for cfg, message in refused.values():
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig.from_hf_dict(cfg, source="config.json")
+    with pytest.raises(ConfigError, match="'model_type': expected one of"):
+        dataclasses.replace(TINY, model_type="qwen")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hf_checkpoint_round_trip_and_fused_form(tmp_path, family):
+    """The family's tensors under HF's names (q/k/v biases, q/k norms), read back to the same
+    parameters; the fused projections (one group and two) compute the same logits and split
+    back to the same tree."""
+    config = FAMILIES[family]
+    params = random_family_params(config, 1)
+    save_hf_checkpoint(tmp_path, config, params)
+    with open(tmp_path / "config.json") as f:
+        written = json.load(f)
+    assert written["model_type"] == family
+    from jaxlora.formats import _safetensors
+
+    names, _ = _safetensors.read_header(str(tmp_path / "model.safetensors"))
+    if config.qkv_bias:
+        assert "model.layers.1.self_attn.k_proj.bias" in names
+    if config.qk_norm:
+        assert names["model.layers.0.self_attn.q_norm.weight"].shape == (32,)
+    loaded_config, loaded = load_hf_checkpoint(tmp_path)
+    assert loaded_config == config
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, loaded)
+    tokens = jnp.array([[3, 9, 27, 81, 243]])
+    logits = Llama(config).apply({"params": params}, tokens)
+    assert (
+        float(jnp.abs(logits - Llama(TINY).apply({"params": init_params(TINY, 1)}, tokens)).max())
+        > 0.01
+    )
+    for groups in (1, 2):
+        fused = fuse_projections(params, groups=groups)
+        np.testing.assert_allclose(
+            Llama(config).apply({"params": fused}, tokens), logits, rtol=1e-5, atol=1e-5
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+            unfuse_projections(fused),
+            params,
+        )
+
+
+def random_family_params(config, seed):
+    """init_params with biases and q/k norm scales large enough to change greedy tokens
+    (init: biases of std 0.02, scales of 1)."""
+    params = init_params(config, seed)
+    attn = params["layers"]["attn"]
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 8))
+    for m in ("q_proj", "k_proj", "v_proj"):
+        if "bias" in attn[m]:
+            attn[m]["bias"] = jax.random.normal(next(keys), attn[m]["bias"].shape)
+    for norm in ("q_norm", "k_norm"):
+        if norm in attn:
+            shape = attn[norm]["scale"].shape
+            attn[norm]["scale"] = 1.0 + 0.5 * jax.random.normal(next(keys), shape)
+    return params
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request):
+    config = FAMILIES[request.param]
+    params = random_family_params(config, 0)
+    adapters = {
+        "all5": random_lora(config, "all5", 5, MODULES, 1),
+        "qv1": random_lora(config, "qv1", 1, ("q_proj", "v_proj"), 2, scale=2.0),
+    }
+    return config, params, adapters
+
+
+def test_paged_engine_generates_the_full_recompute_tokens(family_model):
+    """The engine (fused projections, paged K/V, per-token adapters) against greedy decoding
+    by recomputing the whole sequence with the adapter merged, per request."""
+    config, params, adapters = family_model
+    llm = jaxlora.LLM(
+        config,
+        params=params,
+        adapters=adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
+    try:
+        prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400, 12]]
+        names = ["all5", None, "qv1"]
+        outs = llm.generate(prompts, adapter=names, sampling=GREEDY)
+    finally:
+        llm.stop()
+    forward = jax.jit(lambda p, t: Llama(config).apply({"params": p}, t))
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        merged = params if name is None else merged_params(params, adapters[name])
+        expected = greedy_reference(merged, prompt, 6, forward=forward)
+        assert out.token_ids == expected, (config.model_type, name)
+
+
+def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_model, monkeypatch):
+    """Pallas in interpret mode: paged attention, the RoPE + K/V write kernel reading q|k|v
+    (the bias added to lora_matmul's output, the normed heads concatenated again) and the
+    decode projections in lora_matmul, against the reference engine's tokens."""
+    config, params, adapters = family_model
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
+    names = ["all5", "qv1"]
+    sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    from jaxlora import model as model_module
+
+    launches = []
+    projection_op = model_module.matmul_ops.lora_projection
+
+    def counted(*args, **kwargs):
+        launches.append(args[0].shape)
+        return projection_op(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.matmul_ops, "lora_projection", counted)
+    outs = {}
+    for impl, kv_write, projection in (
+        ("reference", "xla", "xla"),
+        ("pallas_interpret", "pallas", "pallas"),
+    ):
+        engine_config = small_engine_config()
+        runner = dataclasses.replace(
+            engine_config.runner, impl=impl, kv_write=kv_write, projection_kernel=projection
+        )
+        llm = jaxlora.LLM(
+            config,
+            params=params,
+            adapters=adapters,
+            engine_config=dataclasses.replace(engine_config, runner=runner),
+            load_workers=0,
+        )
+        try:
+            outs[impl] = [
+                o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
+            ]
+        finally:
+            llm.stop()
+    assert launches  # the decode steps' projections ran in lora_matmul
+    assert outs["pallas_interpret"] == outs["reference"]
+
+
+def test_tensor_parallel_engine_generates_the_single_device_tokens(family_model):
+    """tp = 2: the q/k/v biases split with their heads, the q/k norms replicated."""
+    config, params, adapters = family_model
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py fakes 4 CPU devices)")
+    prompts = [[5, 6, 7, 8, 9], [3, 4, 11]]
+    names = ["all5", None]
+    tokens = []
+    for tp in (1, 2):
+        llm = jaxlora.LLM(
+            config,
+            params=params,
+            adapters=adapters,
+            engine_config=small_engine_config(),
+            load_workers=0,
+            tp=tp,
+        )
+        try:
+            if tp == 2:
+                fused = llm.engine.runner.params["layers"]["attn"]["qkv_proj"]
+                assert fused["kernel"].shape[-2] == 2
+                if config.qkv_bias:
+                    assert fused["bias"].sharding.spec[1] == "tp"
+            tokens.append(
+                [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=GREEDY)]
+            )
+        finally:
+            llm.stop()
+    assert tokens[1] == tokens[0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_rooflines_weight_bytes_count_biases_and_norms(family):
+    """The benchmark's roofline reads every weight once: the parameters less the embedding
+    table (a decode step reads one row of it per token)."""
+    from jaxlora.bench.roofline import base_weight_bytes
+
+    config = FAMILIES[family]
+    params = init_params(config, 0)
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    table = params["embed_tokens"]["embedding"].nbytes
+    assert base_weight_bytes(config, 4, rows=0) == total - table
+
+
+def test_family_presets_build():
+    """The Qwen presets' shapes (random weights, as the benchmark's llama presets)."""
+    for name, heads, kv_heads, head_dim in (("qwen2.5-7b", 28, 4, 128), ("qwen3-8b", 32, 8, 128)):
+        config = MODEL_PRESETS[name]
+        assert (config.num_heads, config.num_kv_heads, config.head_dim) == (
+            heads,
+            kv_heads,
+            head_dim,
+        )
+        shapes = jax.eval_shape(lambda c=config: init_params(c, 0, jnp.bfloat16))
+        attn = shapes["layers"]["attn"]
+        assert ("bias" in attn["q_proj"]) == config.qkv_bias
+        assert ("q_norm" in attn) == config.qk_norm
