@@ -16,14 +16,17 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "model",
     "",
-    "Preset name (tiny, llama-2-7b, ...), HF Llama directory or "
-    "orbax checkpoint; empty: the embedded demo model and adapters.",
+    "Preset name (tiny, llama-2-7b, qwen3-8b, ...), HF checkpoint directory (Llama, Mistral, "
+    "Qwen2, Qwen3) or orbax checkpoint; empty: the embedded demo model and adapters. Also "
+    "taken as the first positional argument (vLLM's `vllm serve MODEL`).",
 )
 flags.DEFINE_string("served_model_name", "", "Name clients use for the base model.")
 flags.DEFINE_list(
     "lora_modules",
     [],
-    "Adapters to serve: name=path or path (named after its directory), comma separated.",
+    "Adapters to serve: name=path or path (named after its directory), comma separated; "
+    "vLLM's form is taken too: space-separated items after --lora-modules, each name=path "
+    'or a JSON object {"name": ..., "path": ...}.',
 )
 flags.DEFINE_list(
     "lora_dirs", [], "Directories whose every sub-directory is a PEFT adapter (named after it)."
@@ -305,12 +308,85 @@ def vllm_spelling(argv: list[str]) -> list[str]:
     return out
 
 
+def _lora_module_item(item: str) -> str:
+    """One item of vLLM's --lora-modules as ``name=path``: a JSON object's name and path
+    (its base_model_name is the one base model served here), anything else as it is."""
+    import json
+
+    if not item.lstrip().startswith("{"):
+        return item
+    try:
+        spec = json.loads(item)
+    except json.JSONDecodeError as e:
+        spec = f"not valid JSON ({e})"
+    if not (
+        isinstance(spec, dict)
+        and isinstance(spec.get("name"), str)
+        and isinstance(spec.get("path"), str)
+    ):
+        raise flags.IllegalFlagValueError(
+            f"--lora-modules item {item!r}: expected name=path or a JSON object with string "
+            f'"name" and "path" (vLLM\'s form), got {spec!r}'
+        )
+    if "," in spec["name"] + spec["path"]:
+        raise flags.IllegalFlagValueError(
+            f"--lora-modules item {item!r}: a name or path with a comma cannot be listed"
+        )
+    return f"{spec['name']}={spec['path']}"
+
+
+def vllm_values(argv: list[str]) -> list[str]:
+    """argv (absl's spelling) with vLLM's argument forms made absl's: the items after
+    ``--lora_modules`` up to the next option (vLLM's nargs="+": ``--lora-modules a=/x b=/y``,
+    JSON objects included) joined into ``--lora_modules=a=/x,b=/y``, and the first positional
+    argument taken as ``--model`` (``vllm serve MODEL``) unless --model is given. A value that
+    follows a non-boolean flag (``--port 8000``) stays that flag's; nothing after a lone
+    ``--`` is touched. flags.Error for a JSON item without a name and a path."""
+    options = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    model_given = any(a == "--model" or a.startswith("--model=") for a in options)
+    out, i = argv[:1], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return out + argv[i:]
+        if arg == "--lora_modules":
+            items = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                items.append(_lora_module_item(argv[i + 1]))
+                i += 1
+            out.append(f"--lora_modules={','.join(items)}" if items else arg)
+        elif arg.startswith("--lora_modules={"):
+            out.append(f"--lora_modules={_lora_module_item(arg.partition('=')[2])}")
+        elif arg.startswith("-"):
+            out.append(arg)
+            name = arg.lstrip("-")
+            flag = FLAGS[name] if "=" not in name and name in FLAGS else None
+            if flag is not None and not flag.boolean and i + 1 < len(argv):
+                i += 1
+                out.append(argv[i])  # the flag's value
+        elif not model_given:
+            out.append(f"--model={arg}")
+            model_given = True
+        else:
+            out.append(arg)  # main's "unexpected arguments"
+        i += 1
+    return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parse of argv (a bad flag: its one-line error, exit 1) after ``vllm_spelling``
-    (``app.run(main, flags_parser=...)``)."""
+    and ``vllm_values`` (``app.run(main, flags_parser=...)``)."""
+    import sys
+
     from absl import app
 
-    return app.parse_flags_with_usage(vllm_spelling(argv))
+    try:
+        argv = vllm_values(vllm_spelling(argv))
+    except flags.Error as error:  # as absl reports its own
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
+        sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+    return app.parse_flags_with_usage(argv)
 
 
 def set_up_process() -> None:

@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from jaxlora import demo
 
@@ -134,6 +135,80 @@ def test_serve_script_default_demo_prints_a_working_curl():
             rest, _ = process.communicate()
     assert process.returncode == 0, "".join(output) + rest
     assert "Traceback" not in rest and "jaxlora: stopped" in rest, rest
+
+
+def test_vllm_argument_forms_become_absls():
+    """vLLM's positional model and space-separated --lora-modules items (name=path or JSON
+    objects) become --model= and one comma list; a flag's own value stays its own; a JSON item
+    without a name and a path is a one-line flags error."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+
+    def converted(*args):
+        return launch_flags.vllm_values(launch_flags.vllm_spelling(["serve.py", *args]))
+
+    chat = json.dumps({"name": "chat", "path": "/a/chat", "base_model_name": "qwen"})
+    assert converted(
+        "/models/qwen3", "--port", "8000", "--lora-modules", "sql=/a/sql", chat, "/a/poet", "--x"
+    ) == [
+        "serve.py",
+        "--model=/models/qwen3",
+        "--port",
+        "8000",
+        "--lora_modules=sql=/a/sql,chat=/a/chat,/a/poet",
+        "--x",
+    ]
+    assert converted(f"--lora-modules={chat}") == ["serve.py", "--lora_modules=chat=/a/chat"]
+    # --model given: a positional word is left for main's "unexpected arguments"; so is
+    # anything after a lone --.
+    assert converted("--model=tiny", "extra") == ["serve.py", "--model=tiny", "extra"]
+    assert converted("--", "tiny") == ["serve.py", "--", "tiny"]
+    assert converted("--noenable_prefix_caching", "tiny") == [
+        "serve.py",
+        "--noenable_prefix_caching",
+        "--model=tiny",
+    ]
+    for bad in ('{"name": "x"}', "{not json", '{"name": "a,b", "path": "/p"}'):
+        with pytest.raises(flags.Error, match="--lora-modules item"):
+            converted("--lora-modules", bad)
+    result = subprocess.run(
+        [*serve_command("--lora-modules", '{"path": "/p"}')],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "FATAL Flags parsing error: --lora-modules item" in result.stderr
+
+
+def test_serve_script_takes_a_vllm_command_line():
+    """`serve.py MODEL --lora-modules a=/x {"name": ..., "path": ...}` as vLLM's
+    `vllm serve` takes it: the demo model by position, two of its adapters by both forms."""
+    adapters = demo.adapter_dirs()
+    robot = json.dumps({"name": "robot", "path": adapters["robot"], "base_model_name": "demo"})
+    command = [
+        *serve_command(),
+        demo.model_dir(),
+        "--lora-modules",
+        f"pirate={adapters['pirate']}",
+        robot,
+        "--served-model-name",
+        "demo",
+    ]
+    process, output = start_serving(command, lambda line: "/v1" in line)
+    try:
+        match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", "".join(output))
+        assert match, "".join(output)
+        cards = httpx.get(f"{match.group(1)}/v1/models", timeout=10).json()["data"]
+        assert {m["id"] for m in cards} == {"demo", "pirate", "robot"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
