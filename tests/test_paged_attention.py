@@ -123,7 +123,7 @@ def test_reference_matches_dense_attention():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("queries_per_kv", [1, 2, 4])
+@pytest.mark.parametrize("queries_per_kv", [1, 2, 4, 7])  # 7: Qwen2.5-7B's 28 / 4 heads
 def test_kernel_interpret_matches_reference(queries_per_kv, dtype):
     rng = np.random.default_rng(queries_per_kv)
     num_kv_heads = 2
@@ -391,6 +391,7 @@ def _rope_problem(token_shape, num_heads, num_kv_heads, head_dim, dtype):
         ((3, 5), 4, 2, 16, jnp.bfloat16),
         ((4, 3), 8, 4, 8, jnp.float32),
         ((8,), 32, 8, 128, jnp.bfloat16),  # llama-3's heads
+        ((8,), 28, 4, 128, jnp.bfloat16),  # Qwen2.5-7B's: groups of 7 query heads
     ],
 )
 def test_rope_write_kv_kernel_matches_rotation_then_scatter(
@@ -645,7 +646,7 @@ GPU_SEQ_LENS = (1, 16, 17, 0, 255, 256, 1000, 2048, 33, 0, 511, 1)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("queries_per_kv", [1, 4, 8])
+@pytest.mark.parametrize("queries_per_kv", [1, 4, 7, 8])
 @pytest.mark.parametrize(
     "config",
     [
