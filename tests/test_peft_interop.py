@@ -11,7 +11,16 @@ import pytest
 
 from jaxlora.formats.peft_interop import check_peft_export
 
-GOLDEN_BASE = os.path.join(os.path.dirname(__file__), "fixtures", "golden", "base")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+# A tiny model of each family, as transformers saved it (tests/test_golden.py's fixtures).
+GOLDEN_BASES = {
+    family: os.path.join(FIXTURES, directory, "base")
+    for family, directory in (
+        ("llama", "golden"),
+        ("qwen2", "golden_qwen2"),
+        ("qwen3", "golden_qwen3"),
+    )
+}
 
 
 def peft_python() -> str | None:
@@ -28,7 +37,8 @@ def peft_python() -> str | None:
     peft_python() is None,
     reason="no interpreter with torch + transformers + peft (set JAXLORA_PEFT_PYTHON)",
 )
-def test_peft_loads_the_export_and_computes_the_same_logits(tmp_path):
-    result = check_peft_export(GOLDEN_BASE, str(tmp_path), peft_python=peft_python())
+@pytest.mark.parametrize("family", sorted(GOLDEN_BASES))
+def test_peft_loads_the_export_and_computes_the_same_logits(tmp_path, family):
+    result = check_peft_export(GOLDEN_BASES[family], str(tmp_path), peft_python=peft_python())
     assert result["adapter_effect"] > 1e-2  # the adapter changes the logits ...
     assert result["relative_error"] < 1e-4, result  # ... exactly as PEFT applies it
