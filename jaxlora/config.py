@@ -32,7 +32,14 @@ HF_MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
+# Families whose checkpoints store q|k|v and gate|up as one tensor each (qkv_proj,
+# gate_up_proj), and whose PEFT adapters target those.
+FUSED_CHECKPOINT_TYPES = ("phi3",)
+# Families whose config.json may set a sliding attention window for every layer: the context is
+# capped at it (ModelConfig.sliding_window).
+SLIDING_WINDOW_TYPES = ("mistral", "phi3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +69,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     name: str = "llama"
-    # The HF family (config.json's model_type, HF_MODEL_TYPES): Llama and Mistral are one
-    # architecture; Qwen2 adds q/k/v biases (qkv_bias), Qwen3 per-head q/k norms (qk_norm).
+    # The HF family (config.json's model_type, HF_MODEL_TYPES): Llama, Mistral and Phi-3 are
+    # one architecture (Phi-3's checkpoints fuse q|k|v and gate|up); Qwen2 adds q/k/v biases
+    # (qkv_bias), Qwen3 per-head q/k norms (qk_norm).
     model_type: str = "llama"
-    # Mistral's sliding attention window, where the checkpoint sets one: the context
+    # Mistral's / Phi-3's sliding attention window, where the checkpoint sets one: the context
     # (max_position_embeddings) is capped at it, within which attention is the full one.
     sliding_window: int | None = None
 
@@ -99,6 +107,11 @@ class ModelConfig:
     def qkv_bias(self) -> bool:
         """q, k and v projections carry a bias (Qwen2; o and the MLP do not)."""
         return self.model_type == "qwen2"
+
+    @property
+    def fused_checkpoint(self) -> bool:
+        """The HF checkpoint and PEFT adapters hold qkv_proj and gate_up_proj (Phi-3)."""
+        return self.model_type in FUSED_CHECKPOINT_TYPES
 
     @property
     def qk_norm(self) -> bool:
@@ -150,7 +163,13 @@ class ModelConfig:
                     "o / MLP projections are not supported)"
                 )
         sliding_window = None
-        if model_type == "mistral":
+        rotary = cfg.get("partial_rotary_factor", 1.0)
+        if rotary != 1.0:
+            raise ConfigError(
+                f"{source}: field 'partial_rotary_factor' is {rotary!r}; expected 1.0 (RoPE on "
+                "part of each head is not supported)"
+            )
+        if model_type in SLIDING_WINDOW_TYPES:
             sliding_window = cfg.get("sliding_window")
             if sliding_window is not None and (
                 not isinstance(sliding_window, int) or sliding_window <= 0
@@ -164,7 +183,7 @@ class ModelConfig:
                 f"{source}: field 'use_sliding_window' is true; expected false (sliding-window "
                 f"layers of {model_type} are not supported)"
             )
-        if model_type != "mistral" and any(
+        if model_type not in SLIDING_WINDOW_TYPES and any(
             kind != "full_attention" for kind in cfg.get("layer_types") or ()
         ):
             raise ConfigError(
@@ -252,7 +271,7 @@ class ModelConfig:
             d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         if self.model_type in ("qwen2", "qwen3"):
             d["use_sliding_window"] = False
-        if self.model_type == "mistral":
+        if self.model_type in SLIDING_WINDOW_TYPES:
             d["sliding_window"] = self.sliding_window
         return d
 

@@ -1,7 +1,8 @@
 """Writes the golden fixtures that tests/test_golden.py checks jaxlora against.
 
 A tiny random HF model of --family (llama: GQA, 2 layers, llama3 RoPE scaling; qwen2: q/k/v
-biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidden / heads) and
+biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidden / heads;
+phi3: fused qkv_proj and gate_up_proj, which its adapters target) and
 four PEFT LoRA adapters are built with transformers + peft, saved in their native formats, and
 the reference fp32 logits of the base model and of every adapter on every input row are computed
 by transformers + peft (CPU, fp32, eager attention). Output, under --out (default
@@ -73,6 +74,17 @@ FAMILIES = {
         {k: v for k, v in _QWEN.items() if k != "attention_bias"} | {"tie_word_embeddings": True},
     ),
     "qwen3": ("Qwen3Config", _QWEN | {"head_dim": 32}),
+    # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target
+    # them; special token ids inside the tiny vocabulary.
+    "phi3": (
+        "Phi3Config",
+        {
+            k: v
+            for k, v in BASE_CONFIG.items()
+            if k not in ("rope_scaling", "attention_bias", "mlp_bias", "head_dim")
+        }
+        | {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "sliding_window": None},
+    ),
 }
 
 # Adapters: ranks 1 and 64, different module subsets, rsLoRA, rank/alpha patterns (per module and
@@ -89,6 +101,22 @@ ADAPTERS = {
     ),
     "r4_k_down_layer1": dict(
         r=4, lora_alpha=8, target_modules=["k_proj", "down_proj"], layers_to_transform=[1]
+    ),
+}
+
+# Phi-3's adapters name its fused modules; the same four cases.
+PHI3_ADAPTERS = {
+    "r1_qkv": dict(r=1, lora_alpha=2, target_modules=["qkv_proj"]),
+    "r64_all_rslora": ADAPTERS["r64_all_rslora"],
+    "r8_patterns": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["o_proj", "gate_up_proj", "down_proj"],
+        rank_pattern={"model.layers.0.mlp.down_proj": 4, "gate_up_proj": 2},
+        alpha_pattern={"gate_up_proj": 32, "model.layers.1.self_attn.o_proj": 4},
+    ),
+    "r4_qkv_down_layer1": dict(
+        r=4, lora_alpha=8, target_modules=["qkv_proj", "down_proj"], layers_to_transform=[1]
     ),
 }
 
@@ -149,6 +177,7 @@ def main() -> None:
         name = "golden" if args.family == "llama" else f"golden_{args.family}"
         args.out = DEFAULT_OUT.parent / name
     config_class, config_fields = FAMILIES[args.family]
+    adapters = PHI3_ADAPTERS if args.family == "phi3" else ADAPTERS
     torch.manual_seed(args.seed)
     torch.set_float32_matmul_precision("highest")
     generator = torch.Generator().manual_seed(args.seed)
@@ -167,7 +196,7 @@ def main() -> None:
 
     input_ids = torch.randint(0, config.vocab_size, (ROWS, SEQ), generator=generator)
     logits = [logits_of(load_base(base_dir), input_ids)]
-    for name, settings in ADAPTERS.items():
+    for name, settings in adapters.items():
         adapter_dir = out / "adapters" / name
         lora_config = peft.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **settings)
         base = load_base(base_dir)
@@ -185,7 +214,7 @@ def main() -> None:
         logits.append(logits_of(reloaded, input_ids))
 
     stacked = np.stack(logits).astype(np.float32)
-    for k, name in enumerate(ADAPTERS, start=1):
+    for k, name in enumerate(adapters, start=1):
         change = np.abs(stacked[k] - stacked[0]).max() / np.abs(stacked[0]).max()
         if change < 1e-2:
             raise RuntimeError(f"adapter {name} changes the logits by only {change:.2e}")
@@ -194,8 +223,8 @@ def main() -> None:
     )
     manifest = {
         "family": args.family,
-        "variants": ["base", *ADAPTERS],
-        "adapters": ADAPTERS,
+        "variants": ["base", *adapters],
+        "adapters": adapters,
         "rows": ROWS,
         "seq": SEQ,
         "seed": args.seed,

@@ -2,7 +2,8 @@
 
 The fixtures hold a tiny HF model of each family (Llama: tests/fixtures/golden; Qwen2 with q/k/v
 biases and tied embeddings: golden_qwen2; Qwen3 with per-head q/k norms and a head_dim of its
-own: golden_qwen3) and PEFT adapters in their native formats, plus the fp32 logits transformers
+own: golden_qwen3; Phi-3 with fused qkv_proj / gate_up_proj, which its adapters target:
+golden_phi3) and PEFT adapters in their native formats, plus the fp32 logits transformers
 + peft compute for every (variant, row): variant 0 is the base model, variant k the k-th
 adapter. jaxlora loads the files with its own loaders and runs ONE batch in which the rows use
 different adapters and one row uses none; every row must reproduce its reference logits.
@@ -22,7 +23,12 @@ from jaxlora.model import Llama
 from pallas_kernels.layout import NO_ADAPTER
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-FAMILIES = {"llama": "golden", "qwen2": "golden_qwen2", "qwen3": "golden_qwen3"}
+FAMILIES = {
+    "llama": "golden",
+    "qwen2": "golden_qwen2",
+    "qwen3": "golden_qwen3",
+    "phi3": "golden_phi3",
+}
 MAX_RANK = 64
 TOLERANCE = 1e-4
 

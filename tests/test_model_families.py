@@ -68,6 +68,17 @@ def test_config_json_of_each_family():
     assert (
         ModelConfig.from_hf_dict(hf_config("mistral", sliding_window=None)).sliding_window is None
     )
+    # Phi-3: Llama's computation, q|k|v and gate|up fused in its files; mini-4k's window.
+    phi3 = ModelConfig.from_hf_dict(
+        hf_config(
+            "phi3",
+            sliding_window=2047,
+            rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+        )
+    )
+    assert phi3.fused_checkpoint and not (phi3.qkv_bias or phi3.qk_norm)
+    assert phi3.max_position_embeddings == 2047
+    assert phi3.to_hf_dict()["architectures"] == ["Phi3ForCausalLM"]
     refused = {
         "use_sliding_window": (
             hf_config("qwen2", use_sliding_window=True),
@@ -85,6 +96,14 @@ def test_config_json_of_each_family():
         "sliding_window": (
             hf_config("mistral", sliding_window=0),
             "'sliding_window' is 0; expected a positive int",
+        ),
+        "partial_rotary_factor": (
+            hf_config("phi3", partial_rotary_factor=0.75),
+            "'partial_rotary_factor' is 0.75; expected 1.0",
+        ),
+        "rope_scaling": (
+            hf_config("phi3", rope_scaling={"type": "longrope", "short_factor": [1.0]}),
+            "'rope_scaling.rope_type' is 'longrope'",
         ),
     }
     for cfg, message in refused.values():
@@ -147,6 +166,76 @@ def random_family_params(config, seed):
             shape = attn[norm]["scale"].shape
             attn[norm]["scale"] = 1.0 + 0.5 * jax.random.normal(next(keys), shape)
     return params
+
+
+def test_phi3_checkpoints_and_adapters_fuse_q_k_v_and_gate_up(tmp_path):
+    """Phi-3 stores qkv_proj and gate_up_proj (q, k, v rows in order; gate before up), read
+    into the separate kernels and written back; its PEFT adapters target those modules (one A
+    for q, k and v, B's rows split), an adapter naming q_proj is refused by name, and the
+    export to PEFT is refused (jaxlora's adapters hold each module's own A)."""
+    from jaxlora.errors import AdapterError, FormatError
+    from jaxlora.formats import _safetensors
+    from jaxlora.formats.peft import load_peft_adapter, save_peft_adapter
+
+    config = dataclasses.replace(TINY, model_type="phi3")
+    params = init_params(config, 2)
+    save_hf_checkpoint(tmp_path / "base", config, params)
+    names, _ = _safetensors.read_header(str(tmp_path / "base" / "model.safetensors"))
+    assert names["model.layers.1.self_attn.qkv_proj.weight"].shape == (64 + 2 * 32, 64)
+    assert names["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 128, 64)
+    assert not any("q_proj" in n or "gate_proj" in n for n in names)
+    loaded_config, loaded = load_hf_checkpoint(tmp_path / "base")
+    assert loaded_config == config
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, loaded)
+    attn = loaded["layers"]["attn"]
+    checkpoint = str(tmp_path / "base" / "model.safetensors")
+    qkv_name = "model.layers.0.self_attn.qkv_proj.weight"
+    fused = _safetensors.read_tensors(checkpoint, [qkv_name])[qkv_name]
+    np.testing.assert_array_equal(fused[64:96].T, attn["k_proj"]["kernel"][0])
+
+    # A PEFT adapter on qkv_proj of layer 0 (rank 2), written as PEFT writes it.
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 64)).astype(np.float32)
+    b = rng.standard_normal((128, 2)).astype(np.float32)
+    prefix = "base_model.model.model.layers.0.self_attn.qkv_proj"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    peft_config = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["qkv_proj"],
+        "layers_to_transform": [0],
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(peft_config))
+    save_file(
+        {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
+        str(adapter / "adapter_model.safetensors"),
+    )
+    weights = load_peft_adapter(adapter, config, max_rank=8)
+    assert sorted(weights.a) == ["k_proj", "q_proj", "v_proj"]
+    for module, rows in (
+        ("q_proj", slice(0, 64)),
+        ("k_proj", slice(64, 96)),
+        ("v_proj", slice(96, 128)),
+    ):
+        np.testing.assert_array_equal(weights.a[module][0], a)
+        np.testing.assert_array_equal(weights.b[module][0], b[rows].T)
+        assert not weights.b[module][1].any() and weights.scales[module] == 2.0
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**peft_config, "target_modules": ["q_proj"]})
+    )
+    with pytest.raises(FormatError, match="'q_proj' names no module .* qkv_proj, o_proj"):
+        load_peft_adapter(adapter, config, max_rank=8)
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({k: v for k, v in peft_config.items() if k != "target_modules"})
+    )
+    with pytest.raises(FormatError, match="'target_modules' is missing; PEFT has no default"):
+        load_peft_adapter(adapter, config, max_rank=8)
+    with pytest.raises(AdapterError, match="export to PEFT is not supported for this model"):
+        save_peft_adapter(tmp_path / "out", weights, config)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -108,9 +108,12 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     rope = raw.get("rope_parameters")
     if isinstance(rope, dict):
         raw = dict(raw)
-        if "rope_theta" in rope and "rope_theta" not in raw:
-            raw["rope_theta"] = rope["rope_theta"]
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        for field in ("rope_theta", "partial_rotary_factor"):  # (Phi-3 keeps the factor here)
+            if field in rope and field not in raw:
+                raw[field] = rope[field]
+        scaling = {
+            k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
+        }
         if scaling.get("rope_type", "default") != "default" and not raw.get("rope_scaling"):
             raw["rope_scaling"] = scaling
     elif rope is not None:
@@ -144,17 +147,41 @@ def param_shapes(config: ModelConfig) -> dict:
     return shapes
 
 
+# Phi-3's checkpoint tensors that hold several modules' weights, their rows in this order.
+FUSED_CHECKPOINT_TENSORS = {
+    "self_attn.qkv_proj": ("attn", ("q_proj", "k_proj", "v_proj")),
+    "mlp.gate_up_proj": ("mlp", ("gate_proj", "up_proj")),
+}
+
+
+def _hf_fused_layout(config: ModelConfig) -> Iterator[tuple[str, tuple, int]]:
+    """(HF tensor name, ((params path, rows), ...), layer) of every tensor that holds several
+    modules (ModelConfig.fused_checkpoint: Phi-3's qkv_proj, gate_up_proj), stored (out, in)
+    with the modules' output rows one after another."""
+    if not config.fused_checkpoint:
+        return
+    modules = config.module_shapes()
+    for layer in range(config.num_layers):
+        for tensor, (block, members) in FUSED_CHECKPOINT_TENSORS.items():
+            parts = tuple((("layers", block, m, "kernel"), modules[m][1]) for m in members)
+            yield f"model.layers.{layer}.{tensor}.weight", parts, layer
+
+
 def _hf_layout(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int | None, bool]]:
-    """(HF tensor name, params path, layer index or None, stored transposed) for every tensor."""
+    """(HF tensor name, params path, layer index or None, stored transposed) for every tensor
+    that holds one parameter (the fused ones: ``_hf_fused_layout``)."""
     yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False
     yield "model.norm.weight", ("norm", "scale"), None, False
     if not config.tie_word_embeddings:
         yield "lm_head.weight", ("lm_head", "kernel"), None, True
+    fused = {m for _, members in FUSED_CHECKPOINT_TENSORS.values() for m in members}
     for layer in range(config.num_layers):
         prefix = f"model.layers.{layer}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
             yield f"{prefix}.{norm}.weight", ("layers", norm, "scale"), layer, False
         for m in ATTENTION_MODULES:
+            if config.fused_checkpoint and m in fused:
+                continue
             yield f"{prefix}.self_attn.{m}.weight", ("layers", "attn", m, "kernel"), layer, True
         if config.qkv_bias:
             for m in BIASED_MODULES:
@@ -168,6 +195,8 @@ def _hf_layout(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int 
                     False,
                 )
         for m in MLP_MODULES:
+            if config.fused_checkpoint and m in fused:
+                continue
             yield f"{prefix}.mlp.{m}.weight", ("layers", "mlp", m, "kernel"), layer, True
 
 
@@ -278,14 +307,12 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
         )
     config = read_hf_config(os.path.join(directory, CONFIG_NAME))
     files, headers, listing = _weight_files(directory)
-    layout = list(_hf_layout(config))
+    layout = _checkpoint_entries(config)
     expected_names = {name for name, *_ in layout}
-    for name, tensor_path, layer, transposed in layout:
+    for name, shape, *_ in layout:
         if name not in files:
-            shape = _hf_shape(config, tensor_path, layer, transposed)
             raise FormatError(f"{listing}: missing tensor {name!r} (expected shape {list(shape)})")
         info = headers[files[name]][name]
-        shape = _hf_shape(config, tensor_path, layer, transposed)
         if info.shape != shape:
             raise FormatError(
                 f"{files[name]}: tensor {name!r} has shape {list(info.shape)}; "
@@ -313,16 +340,34 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
         by_file.setdefault(files[entry[0]], []).append(entry)
     for file, entries in by_file.items():
         # One tensor at a time, so peak host memory stays near the size of the converted params.
-        for name, tensor_path, layer, transposed in entries:
+        for name, _, layer, transposed, parts in entries:
             value = _safetensors.read_tensors(file, [name])[name]
             if transposed:
                 value = value.T
-            target = _leaf(params, tensor_path)
-            if layer is None:
-                target[...] = value
-            else:
-                target[layer] = value
+            lo = 0
+            for tensor_path, columns in parts:  # a fused tensor's modules, column by column
+                part = value if columns is None else value[:, lo : lo + columns]
+                lo += columns or 0
+                target = _leaf(params, tensor_path)
+                if layer is None:
+                    target[...] = part
+                else:
+                    target[layer] = part
     return config, params
+
+
+def _checkpoint_entries(config: ModelConfig) -> list[tuple]:
+    """(HF tensor name, its shape, layer or None, stored transposed, ((params path, columns or
+    None), ...)) of every tensor of the checkpoint: a fused one (Phi-3's) names each module's
+    kernel with its output columns, in order."""
+    entries = [
+        (name, _hf_shape(config, path, layer, transposed), layer, transposed, ((path, None),))
+        for name, path, layer, transposed in _hf_layout(config)
+    ]
+    for name, parts, layer in _hf_fused_layout(config):
+        shape = (sum(columns for _, columns in parts), config.hidden_size)
+        entries.append((name, shape, layer, True, parts))
+    return entries
 
 
 def _map_shapes(tree, fn):
@@ -341,7 +386,8 @@ def _torch_dtype_name(dtype: np.dtype) -> str:
 
 
 def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dict) -> None:
-    """Writes config.json and model.safetensors that transformers' LlamaForCausalLM loads.
+    """Writes config.json and model.safetensors that transformers loads (the model type's
+    class: LlamaForCausalLM, Qwen2ForCausalLM, ...).
 
     params: the canonical tree, or the engine's fused projections (split back here)."""
     from jaxlora.model import unfuse_projections
@@ -351,10 +397,12 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dic
     check_params(config, params)
     os.makedirs(directory, exist_ok=True)
     tensors = {}
-    for name, tensor_path, layer, transposed in _hf_layout(config):
-        value = np.asarray(_leaf(params, tensor_path))
-        if layer is not None:
-            value = value[layer]
+    for name, _, layer, transposed, parts in _checkpoint_entries(config):
+        values = []
+        for tensor_path, _ in parts:
+            value = np.asarray(_leaf(params, tensor_path))
+            values.append(value if layer is None else value[layer])
+        value = values[0] if len(values) == 1 else np.concatenate(values, axis=-1)
         tensors[name] = np.ascontiguousarray(value.T if transposed else value)
     dtype = np.asarray(params["embed_tokens"]["embedding"]).dtype
     hf_config = {

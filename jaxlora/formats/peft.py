@@ -118,26 +118,60 @@ _TENSOR_RE = re.compile(
 )
 
 
+# Phi-3's fused linears (ModelConfig.fused_checkpoint), which its adapters target: each holds
+# its members' output rows in order, and a LoRA on it is one on each member with the same A and
+# that member's rows of B.
+FUSED_PEFT_MODULES = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def peft_modules(config: ModelConfig) -> tuple[str, ...]:
+    """The LoRA-able linears of the base model as PEFT sees them: the seven of MODULES, or
+    Phi-3's qkv_proj, o_proj, gate_up_proj and down_proj."""
+    if config.fused_checkpoint:
+        return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    return MODULES
+
+
+def _peft_module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every module of peft_modules(config)."""
+    shapes = config.module_shapes()
+    out = {}
+    for module in peft_modules(config):
+        members = FUSED_PEFT_MODULES.get(module, (module,))
+        out[module] = (shapes[members[0]][0], sum(shapes[m][1] for m in members))
+    return out
+
+
 def _module_key(layer: int, module: str) -> str:
-    """The module's name in transformers' LlamaForCausalLM (what PEFT matches patterns against)."""
-    block = "self_attn" if module in ATTENTION_MODULES else "mlp"
+    """The module's name in transformers' *ForCausalLM (what PEFT matches patterns against)."""
+    block = "self_attn" if module in ATTENTION_MODULES or module == "qkv_proj" else "mlp"
     return f"model.layers.{layer}.{block}.{module}"
 
 
 @functools.lru_cache(maxsize=8)
 def _model_module_names(config: ModelConfig) -> tuple[str, ...]:
-    """Every named module of transformers' LlamaForCausalLM except the root, in its order."""
+    """Every named module of transformers' *ForCausalLM except the root, in its order."""
+    modules = peft_modules(config)
+    attention = [m for m in modules if _module_key(0, m).split(".")[3] == "self_attn"]
+    mlp = [m for m in modules if m not in attention]
+    if config.fused_checkpoint:  # Phi3Attention defines o_proj before qkv_proj
+        attention = sorted(attention, key=lambda m: m != "o_proj")
     names = ["model", "model.embed_tokens", "model.layers"]
     for layer in range(config.num_layers):
         prefix = f"model.layers.{layer}"
         names += [prefix, f"{prefix}.self_attn"]
-        names += [_module_key(layer, m) for m in ATTENTION_MODULES]
-        names += [f"{prefix}.mlp"] + [_module_key(layer, m) for m in MODULES[4:]]
+        names += [_module_key(layer, m) for m in attention]
+        names += [f"{prefix}.mlp"] + [_module_key(layer, m) for m in mlp]
         names += [
-            f"{prefix}.mlp.act_fn",
+            f"{prefix}.mlp.activation_fn" if config.fused_checkpoint else f"{prefix}.mlp.act_fn",
             f"{prefix}.input_layernorm",
             f"{prefix}.post_attention_layernorm",
         ]
+        if config.fused_checkpoint:
+            names += [f"{prefix}.resid_attn_dropout", f"{prefix}.resid_mlp_dropout"]
     return (*names, "model.norm", "model.rotary_emb", "lm_head")
 
 
@@ -154,9 +188,12 @@ def _module_name_suffixes(config: ModelConfig) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=8)
 def _targetable(config: ModelConfig) -> dict[str, tuple[int, str]]:
-    """Module name -> (layer, module) for the seven LoRA-able linears of every layer."""
+    """Module name -> (layer, module) for the LoRA-able linears of every layer
+    (peft_modules)."""
     return {
-        _module_key(layer, m): (layer, m) for layer in range(config.num_layers) for m in MODULES
+        _module_key(layer, m): (layer, m)
+        for layer in range(config.num_layers)
+        for m in peft_modules(config)
     }
 
 
@@ -226,7 +263,9 @@ class AdapterSpec:
 
     ranks / scales: per targeted module, the rank-rows the adapter takes (max over layers) and the
     scale the kernels apply; layer_ranks / layer_scales: per layer (0 where a layer is untouched);
-    tensors: per module and layer, the (lora_A, lora_B) tensor names (None where untouched);
+    tensors: per module and layer, the (lora_A, lora_B) tensor names (None where untouched),
+    with (first, end) of the module's rows in lora_B where the tensors are a fused module's
+    (Phi-3's qkv_proj, gate_up_proj);
     nbytes: bytes of the converted weights (A and B rank-rows, all layers) in `dtype`.
     """
 
@@ -238,7 +277,7 @@ class AdapterSpec:
     scales: dict[str, float]
     layer_ranks: dict[str, tuple[int, ...]]
     layer_scales: dict[str, tuple[float, ...]]
-    tensors: dict[str, tuple[tuple[str, str] | None, ...]]
+    tensors: dict[str, tuple[tuple | None, ...]]
     use_rslora: bool
     dtype: str
     nbytes: int
@@ -421,7 +460,7 @@ def _resolve_targets(cfg: dict, config: ModelConfig, config_file: str) -> dict[s
         _hashable(cfg.get("layers_to_transform")),
         _hashable(cfg.get("layers_pattern")),
     )
-    allowed = ", ".join(MODULES)
+    allowed = ", ".join(peft_modules(config))
     for key in matched:
         if key in ("model.embed_tokens", "lm_head"):
             raise AdapterError(
@@ -450,7 +489,9 @@ def _resolve_targets(cfg: dict, config: ModelConfig, config_file: str) -> dict[s
     return {key: targetable[key] for key in matched}
 
 
-def _parse_tensor_name(name: str, weights_file: str, targetable: dict) -> tuple[str, str]:
+def _parse_tensor_name(
+    name: str, weights_file: str, targetable: dict, allowed: tuple[str, ...] = MODULES
+) -> tuple[str, str]:
     """(module name, 'lora_A' | 'lora_B') of a PEFT tensor name, or a clear error."""
     supported = f"{TENSOR_PREFIX}model.layers.<i>.<self_attn|mlp>.<module>.<lora_A|lora_B>.weight"
     if "lora_magnitude_vector" in name:
@@ -501,7 +542,7 @@ def _parse_tensor_name(name: str, weights_file: str, targetable: dict) -> tuple[
         raise FormatError(
             f"{weights_file}: tensor {name!r} targets module {module!r}, which is "
             f"not a LoRA-able linear of the base model; expected names like "
-            f"{supported} with <module> in {', '.join(MODULES)}"
+            f"{supported} with <module> in {', '.join(allowed)}"
         )
     return module, match.group("kind")
 
@@ -524,7 +565,13 @@ def read_peft_adapter_spec(
 ) -> AdapterSpec:
     """Validates a PEFT adapter against the base model without reading its weights."""
     directory, config_file, weights_file = _adapter_paths(path)
-    cfg = _check_config(_read_config(config_file), config_file)
+    raw_config = _read_config(config_file)
+    cfg = _check_config(raw_config, config_file)
+    if config.fused_checkpoint and raw_config.get("target_modules") is None:
+        raise FormatError(
+            f"{config_file}: field 'target_modules' is missing; PEFT has no default for "
+            f"{config.model_type} models: expected a list of {', '.join(peft_modules(config))}"
+        )
     selected = _resolve_targets(cfg, config, config_file)
     n_layers = config.num_layers
     layer_ranks = {}
@@ -549,7 +596,7 @@ def read_peft_adapter_spec(
     targetable = _targetable(config)
     found: dict[tuple[str, str], str] = {}
     for tensor in header:
-        key, kind = _parse_tensor_name(tensor, weights_file, targetable)
+        key, kind = _parse_tensor_name(tensor, weights_file, targetable, peft_modules(config))
         if key not in selected:
             written = cfg["target_modules_as_written"]
             raise FormatError(
@@ -563,7 +610,7 @@ def read_peft_adapter_spec(
             )
         found[key, kind] = tensor
 
-    shapes = config.module_shapes()
+    shapes = _peft_module_shapes(config)
     tensors = {m: [None] * n_layers for m in layer_ranks}
     for key, (layer, module) in selected.items():
         rank = layer_ranks[module][layer]
@@ -592,6 +639,24 @@ def read_peft_adapter_spec(
             names.append(tensor)
         tensors[module][layer] = (names[0], names[1])
 
+    # A fused module (Phi-3's) is a LoRA on each member: its rank and scale, its A, and the
+    # member's rows of its B (the last two entries of the member's tensors).
+    model_shapes = config.module_shapes()
+    for fused, members in FUSED_PEFT_MODULES.items():
+        if fused not in layer_ranks:
+            continue
+        ranks_of, scales_of, pairs = (
+            layer_ranks.pop(fused),
+            layer_scales.pop(fused),
+            tensors.pop(fused),
+        )
+        lo = 0
+        for m in members:
+            width = model_shapes[m][1]
+            layer_ranks[m], layer_scales[m] = list(ranks_of), list(scales_of)
+            tensors[m] = [None if p is None else (*p, lo, lo + width) for p in pairs]
+            lo += width
+    shapes = model_shapes
     target_modules = tuple(m for m in MODULES if m in layer_ranks)
     ranks = {m: max(layer_ranks[m]) for m in target_modules}
     scales = {m: _module_scale(layer_ranks[m], layer_scales[m]) for m in target_modules}
@@ -623,8 +688,8 @@ def load_peft_adapter(
 ) -> LoraWeights:
     """Loads a PEFT adapter as rank-rows: a[m] (L, r_m, in_m), b[m] (L, r_m, out_m)."""
     spec = read_peft_adapter_spec(path, config, max_rank=max_rank, name=name, dtype=dtype)
-    names = [n for m in spec.target_modules for pair in spec.tensors[m] if pair for n in pair]
-    raw = _safetensors.read_tensors(spec.weights_file, names)
+    names = {n for m in spec.target_modules for pair in spec.tensors[m] if pair for n in pair[:2]}
+    raw = _safetensors.read_tensors(spec.weights_file, sorted(names))
     shapes = config.module_shapes()
     dtype = np.dtype(dtype)
     a, b = {}, {}
@@ -639,6 +704,8 @@ def load_peft_adapter(
             ratio = spec.layer_scales[m][layer] / spec.scales[m] if spec.scales[m] else 0.0
             a[m][layer, :rank] = raw[pair[0]]
             b_rows = raw[pair[1]].T
+            if len(pair) == 4:  # a member of a fused module: its columns of B's rows
+                b_rows = b_rows[:, pair[2] : pair[3]]
             b[m][layer, :rank] = b_rows if ratio == 1.0 else b_rows.astype(np.float32) * ratio
     return LoraWeights(name=spec.name, a=a, b=b, scales=dict(spec.scales), source=spec.path)
 
@@ -682,6 +749,12 @@ def save_peft_adapter(
     _check_weights(weights, config)
     if not weights.a:
         raise AdapterError(f"adapter {weights.name!r}: targets no module; nothing to save")
+    if config.fused_checkpoint:
+        raise AdapterError(
+            f"adapter {weights.name!r}: a PEFT adapter of a {config.model_type} model targets "
+            "its fused qkv_proj / gate_up_proj (one A for q, k and v); jaxlora's adapters hold "
+            "each module's own, so the export to PEFT is not supported for this model type"
+        )
     directory = os.fspath(path)
     os.makedirs(directory, exist_ok=True)
     modules = [m for m in MODULES if m in weights.a]
