@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,30 @@ def test_phi3_checkpoints_and_adapters_fuse_q_k_v_and_gate_up(tmp_path):
         load_peft_adapter(adapter, config, max_rank=8)
     with pytest.raises(AdapterError, match="export to PEFT is not supported for this model"):
         save_peft_adapter(tmp_path / "out", weights, config)
+    # Training, which writes PEFT adapters, refuses the model before it trains.
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": [5, 6], "completion": [7, 8]}) + "\n")
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "train_lora.py")
+    result = subprocess.run(
+        [
+            sys.executable,
+            script,
+            f"--model={tmp_path / 'base'}",
+            f"--data={data}",
+            f"--output_dir={tmp_path / 'trained'}",
+            "--steps=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "export to PEFT is not supported" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "trained").exists()
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -733,6 +733,18 @@ def _check_weights(weights: LoraWeights, config: ModelConfig) -> None:
                 )
 
 
+def check_peft_exportable(config: ModelConfig, what: str) -> None:
+    """AdapterError naming ``what`` where save_peft_adapter cannot write the model's adapters:
+    a PEFT adapter of Phi-3 targets its fused qkv_proj / gate_up_proj (one A for q, k and v),
+    and jaxlora's adapters hold each module's own."""
+    if config.fused_checkpoint:
+        raise AdapterError(
+            f"{what}: a PEFT adapter of a {config.model_type} model targets its fused "
+            "qkv_proj / gate_up_proj (one A for q, k and v); jaxlora's adapters hold each "
+            "module's own, so the export to PEFT is not supported for this model type"
+        )
+
+
 def save_peft_adapter(
     path: str | os.PathLike,
     weights: LoraWeights,
@@ -749,12 +761,7 @@ def save_peft_adapter(
     _check_weights(weights, config)
     if not weights.a:
         raise AdapterError(f"adapter {weights.name!r}: targets no module; nothing to save")
-    if config.fused_checkpoint:
-        raise AdapterError(
-            f"adapter {weights.name!r}: a PEFT adapter of a {config.model_type} model targets "
-            "its fused qkv_proj / gate_up_proj (one A for q, k and v); jaxlora's adapters hold "
-            "each module's own, so the export to PEFT is not supported for this model type"
-        )
+    check_peft_exportable(config, f"adapter {weights.name!r}")
     directory = os.fspath(path)
     os.makedirs(directory, exist_ok=True)
     modules = [m for m in MODULES if m in weights.a]
