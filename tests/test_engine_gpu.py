@@ -130,6 +130,24 @@ def test_pallas_engine_matches_reference_engine():
         assert outputs[run] == outputs[runs[0]], run
 
 
+def default_kernels_config(impl: str, *, cache_dtype: str = "auto") -> EngineConfig:
+    """An engine of ``impl`` at its default kernels, one step shape per mode (8 decode rows,
+    4 prefill rows of 32 tokens), rank up to 16."""
+    return EngineConfig(
+        kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256, cache_dtype=cache_dtype),
+        runner=RunnerConfig(
+            max_batch=8,
+            prefill_chunk=32,
+            max_prefill_rows=4,
+            impl=impl,
+            decode_buckets=(8,),
+            prefill_buckets=(4,),
+        ),
+        lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=64, max_slots=8),
+        warmup=False,
+    )
+
+
 @pytest.mark.gpu
 def test_pallas_engine_with_an_fp8_kv_cache_matches_its_reference_engine():
     """KVCacheConfig.cache_dtype="fp8": the compiled engine at its default kernels (RoPE and
@@ -146,19 +164,7 @@ def test_pallas_engine_with_an_fp8_kv_cache_matches_its_reference_engine():
     sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = {}
     for impl in ("reference", "pallas"):
-        config = EngineConfig(
-            kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256, cache_dtype="fp8"),
-            runner=RunnerConfig(
-                max_batch=8,
-                prefill_chunk=32,
-                max_prefill_rows=4,
-                impl=impl,
-                decode_buckets=(8,),
-                prefill_buckets=(4,),
-            ),
-            lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=64, max_slots=8),
-            warmup=False,
-        )
+        config = default_kernels_config(impl, cache_dtype="fp8")
         llm = jaxlora.LLM(
             CONFIG, params=params, adapters=adapters, engine_config=config, load_workers=0
         )
@@ -203,19 +209,7 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     sampling = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = {}
     for impl in ("reference", "pallas"):
-        config = EngineConfig(
-            kv=KVCacheConfig(page_size=16, num_pages=128, max_model_len=256),
-            runner=RunnerConfig(
-                max_batch=8,
-                prefill_chunk=32,
-                max_prefill_rows=4,
-                impl=impl,
-                decode_buckets=(8,),
-                prefill_buckets=(4,),
-            ),
-            lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=16, pages_per_pool=64, max_slots=8),
-            warmup=False,
-        )
+        config = default_kernels_config(impl)
         llm = jaxlora.LLM(
             config_of, params=params, adapters=adapters, engine_config=config, load_workers=0
         )

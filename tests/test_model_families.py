@@ -274,35 +274,43 @@ def family_model(request):
     return config, params, adapters
 
 
-def test_paged_engine_generates_the_full_recompute_tokens(family_model):
-    """The engine (fused projections, paged K/V, per-token adapters) against greedy decoding
-    by recomputing the whole sequence with the adapter merged, per request."""
+def generate(family_model, prompts, names, sampling, *, engine_config=None, tp=1, inspect=None):
+    """The token ids an LLM of family_model generates (``inspect(llm)`` first, if given)."""
     config, params, adapters = family_model
     llm = jaxlora.LLM(
         config,
         params=params,
         adapters=adapters,
-        engine_config=small_engine_config(),
+        engine_config=engine_config or small_engine_config(),
         load_workers=0,
+        tp=tp,
     )
     try:
-        prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400, 12]]
-        names = ["all5", None, "qv1"]
-        outs = llm.generate(prompts, adapter=names, sampling=GREEDY)
+        if inspect is not None:
+            inspect(llm)
+        return [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
     finally:
         llm.stop()
+
+
+def test_paged_engine_generates_the_full_recompute_tokens(family_model):
+    """The engine (fused projections, paged K/V, per-token adapters) against greedy decoding
+    by recomputing the whole sequence with the adapter merged, per request."""
+    config, params, adapters = family_model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400, 12]]
+    names = ["all5", None, "qv1"]
+    outs = generate(family_model, prompts, names, GREEDY)
     forward = jax.jit(lambda p, t: Llama(config).apply({"params": p}, t))
     for prompt, name, out in zip(prompts, names, outs, strict=True):
         merged = params if name is None else merged_params(params, adapters[name])
         expected = greedy_reference(merged, prompt, 6, forward=forward)
-        assert out.token_ids == expected, (config.model_type, name)
+        assert out == expected, (config.model_type, name)
 
 
 def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_model, monkeypatch):
     """Pallas in interpret mode: paged attention, the RoPE + K/V write kernel reading q|k|v
     (the bias added to lora_matmul's output, the normed heads concatenated again) and the
     decode projections in lora_matmul, against the reference engine's tokens."""
-    config, params, adapters = family_model
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
     names = ["all5", "qv1"]
     sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
@@ -325,52 +333,28 @@ def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_mod
         runner = dataclasses.replace(
             engine_config.runner, impl=impl, kv_write=kv_write, projection_kernel=projection
         )
-        llm = jaxlora.LLM(
-            config,
-            params=params,
-            adapters=adapters,
-            engine_config=dataclasses.replace(engine_config, runner=runner),
-            load_workers=0,
-        )
-        try:
-            outs[impl] = [
-                o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)
-            ]
-        finally:
-            llm.stop()
+        engine_config = dataclasses.replace(engine_config, runner=runner)
+        outs[impl] = generate(family_model, prompts, names, sampling, engine_config=engine_config)
     assert launches  # the decode steps' projections ran in lora_matmul
     assert outs["pallas_interpret"] == outs["reference"]
 
 
 def test_tensor_parallel_engine_generates_the_single_device_tokens(family_model):
     """tp = 2: the q/k/v biases split with their heads, the q/k norms replicated."""
-    config, params, adapters = family_model
+    config = family_model[0]
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices (tests/conftest.py fakes 4 CPU devices)")
     prompts = [[5, 6, 7, 8, 9], [3, 4, 11]]
     names = ["all5", None]
-    tokens = []
-    for tp in (1, 2):
-        llm = jaxlora.LLM(
-            config,
-            params=params,
-            adapters=adapters,
-            engine_config=small_engine_config(),
-            load_workers=0,
-            tp=tp,
-        )
-        try:
-            if tp == 2:
-                fused = llm.engine.runner.params["layers"]["attn"]["qkv_proj"]
-                assert fused["kernel"].shape[-2] == 2
-                if config.qkv_bias:
-                    assert fused["bias"].sharding.spec[1] == "tp"
-            tokens.append(
-                [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=GREEDY)]
-            )
-        finally:
-            llm.stop()
-    assert tokens[1] == tokens[0]
+
+    def split_in_two(llm):
+        fused = llm.engine.runner.params["layers"]["attn"]["qkv_proj"]
+        assert fused["kernel"].shape[-2] == 2
+        if config.qkv_bias:
+            assert fused["bias"].sharding.spec[1] == "tp"
+
+    one = generate(family_model, prompts, names, GREEDY)
+    assert generate(family_model, prompts, names, GREEDY, tp=2, inspect=split_in_two) == one
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
