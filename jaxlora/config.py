@@ -142,7 +142,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Reads a HF Llama / Mistral / Qwen2 / Qwen3 `config.json` dictionary."""
+        """Reads a HF Llama / Mistral / Qwen2 / Qwen3 / Phi-3 `config.json` dictionary."""
 
         def need(key):
             if key not in cfg:

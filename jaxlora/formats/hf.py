@@ -1,4 +1,6 @@
-"""HF Llama checkpoints (config.json + model.safetensors or a sharded index) <-> jaxlora params.
+"""HF checkpoints (config.json + model.safetensors or a sharded index) <-> jaxlora params, for
+the families ModelConfig reads (Llama, Mistral, Qwen2, Qwen3, Phi-3: Phi-3's fused qkv_proj and
+gate_up_proj tensors are split into the modules' kernels here and fused again on export).
 
 The params pytree is the one jaxlora.model.Llama takes under {"params": ...}: every linear is a
 `kernel` (HF `weight` transposed, so activations multiply it from the left) and every per-layer
@@ -155,9 +157,9 @@ FUSED_CHECKPOINT_TENSORS = {
 
 
 def _hf_fused_layout(config: ModelConfig) -> Iterator[tuple[str, tuple, int]]:
-    """(HF tensor name, ((params path, rows), ...), layer) of every tensor that holds several
-    modules (ModelConfig.fused_checkpoint: Phi-3's qkv_proj, gate_up_proj), stored (out, in)
-    with the modules' output rows one after another."""
+    """(HF tensor name, ((params path, output columns), ...), layer) of every tensor that holds
+    several modules (ModelConfig.fused_checkpoint: Phi-3's qkv_proj, gate_up_proj), stored
+    (out, in) with the modules' output rows one after another."""
     if not config.fused_checkpoint:
         return
     modules = config.module_shapes()

@@ -145,9 +145,13 @@ def _peft_module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _in_attention(module: str) -> bool:
+    return module in ATTENTION_MODULES or module == "qkv_proj"
+
+
 def _module_key(layer: int, module: str) -> str:
     """The module's name in transformers' *ForCausalLM (what PEFT matches patterns against)."""
-    block = "self_attn" if module in ATTENTION_MODULES or module == "qkv_proj" else "mlp"
+    block = "self_attn" if _in_attention(module) else "mlp"
     return f"model.layers.{layer}.{block}.{module}"
 
 
@@ -155,8 +159,8 @@ def _module_key(layer: int, module: str) -> str:
 def _model_module_names(config: ModelConfig) -> tuple[str, ...]:
     """Every named module of transformers' *ForCausalLM except the root, in its order."""
     modules = peft_modules(config)
-    attention = [m for m in modules if _module_key(0, m).split(".")[3] == "self_attn"]
-    mlp = [m for m in modules if m not in attention]
+    attention = [m for m in modules if _in_attention(m)]
+    mlp = [m for m in modules if not _in_attention(m)]
     if config.fused_checkpoint:  # Phi3Attention defines o_proj before qkv_proj
         attention = sorted(attention, key=lambda m: m != "o_proj")
     names = ["model", "model.embed_tokens", "model.layers"]
