@@ -67,7 +67,6 @@ def main(argv):
     from jaxlora.data import group_by_adapter, load_examples
     from jaxlora.errors import JaxloraError
     from jaxlora.formats import save_peft_adapter
-    from jaxlora.formats.peft import check_peft_exportable
     from jaxlora.llm import load_base_model
     from jaxlora.tokenizer import Tokenizer, tiny_tokenizer
 
@@ -76,8 +75,6 @@ def main(argv):
     try:
         dtype = jnp.dtype(FLAGS.dtype)
         config, params, tokenizer = load_base_model(FLAGS.model, seed=FLAGS.seed, dtype=dtype)
-        # (before any training: the adapters are written in PEFT's format at the end)
-        check_peft_exportable(config, f"--model={FLAGS.model}")
         if FLAGS.tokenizer == "tiny":
             tokenizer = tiny_tokenizer()
         elif FLAGS.tokenizer:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +172,7 @@ def test_phi3_checkpoints_and_adapters_fuse_q_k_v_and_gate_up(tmp_path):
     """Phi-3 stores qkv_proj and gate_up_proj (q, k, v rows in order; gate before up), read
     into the separate kernels and written back; its PEFT adapters target those modules (one A
     for q, k and v, B's rows split), an adapter naming q_proj is refused by name, and the
-    export to PEFT is refused (jaxlora's adapters hold each module's own A)."""
+    export writes the fused modules (exactly: tests/test_peft_interop.py has PEFT load one)."""
     from jaxlora.errors import AdapterError, FormatError
     from jaxlora.formats import _safetensors
     from jaxlora.formats.peft import load_peft_adapter, save_peft_adapter
@@ -235,32 +234,29 @@ def test_phi3_checkpoints_and_adapters_fuse_q_k_v_and_gate_up(tmp_path):
     )
     with pytest.raises(FormatError, match="'target_modules' is missing; PEFT has no default"):
         load_peft_adapter(adapter, config, max_rank=8)
-    with pytest.raises(AdapterError, match="export to PEFT is not supported for this model"):
-        save_peft_adapter(tmp_path / "out", weights, config)
-    # Training, which writes PEFT adapters, refuses the model before it trains.
-    import subprocess
-    import sys
+    # The export writes PEFT's fused modules: q and v (ranks 2 and 3, their own scales) as one
+    # rank-5 LoRA on qkv_proj with k's rows zero; read back, every member computes what it did.
+    from jaxlora.lora import LoraWeights
 
-    data = tmp_path / "train.jsonl"
-    data.write_text(json.dumps({"prompt": [5, 6], "completion": [7, 8]}) + "\n")
-    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "train_lora.py")
-    result = subprocess.run(
-        [
-            sys.executable,
-            script,
-            f"--model={tmp_path / 'base'}",
-            f"--data={data}",
-            f"--output_dir={tmp_path / 'trained'}",
-            "--steps=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    two = LoraWeights(
+        name="qv",
+        a={"q_proj": rng.standard_normal((2, 2, 64)), "v_proj": rng.standard_normal((2, 3, 64))},
+        b={"q_proj": rng.standard_normal((2, 2, 64)), "v_proj": rng.standard_normal((2, 3, 32))},
+        scales={"q_proj": 2.0, "v_proj": 0.5},
     )
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "export to PEFT is not supported" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "trained").exists()
+    save_peft_adapter(tmp_path / "out", two, config)
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["qkv_proj"] and written["r"] == 5
+    back = load_peft_adapter(tmp_path / "out", config, max_rank=8)
+
+    def delta(w, m):
+        return np.einsum("lri,lro->lio", w.a[m], w.b[m]) * w.scales[m]
+
+    for m in ("q_proj", "v_proj"):
+        np.testing.assert_allclose(delta(back, m), delta(two, m), rtol=1e-5, atol=1e-6)
+    assert not delta(back, "k_proj").any()
+    with pytest.raises(AdapterError, match="targets no module"):
+        save_peft_adapter(tmp_path / "none", LoraWeights("e", {}, {}, {}), config)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

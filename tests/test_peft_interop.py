@@ -19,6 +19,7 @@ GOLDEN_BASES = {
         ("llama", "golden"),
         ("qwen2", "golden_qwen2"),
         ("qwen3", "golden_qwen3"),
+        ("phi3", "golden_phi3"),
     )
 }
 

@@ -737,16 +737,43 @@ def _check_weights(weights: LoraWeights, config: ModelConfig) -> None:
                 )
 
 
-def check_peft_exportable(config: ModelConfig, what: str) -> None:
-    """AdapterError naming ``what`` where save_peft_adapter cannot write the model's adapters:
-    a PEFT adapter of Phi-3 targets its fused qkv_proj / gate_up_proj (one A for q, k and v),
-    and jaxlora's adapters hold each module's own."""
-    if config.fused_checkpoint:
-        raise AdapterError(
-            f"{what}: a PEFT adapter of a {config.model_type} model targets its fused "
-            "qkv_proj / gate_up_proj (one A for q, k and v); jaxlora's adapters hold each "
-            "module's own, so the export to PEFT is not supported for this model type"
-        )
+def _peft_view(weights: LoraWeights, config: ModelConfig):
+    """The adapter as PEFT's modules hold it: (modules, a, b, scales, ranks) keyed by
+    peft_modules(config). A fused module (Phi-3's qkv_proj, gate_up_proj) is one LoRA of rank
+    the sum of its members' ranks: their A rows stacked, and B block-diagonal (each member's B
+    in its own output rows and rank columns, its scale's ratio to the first member's folded
+    in; a member the adapter leaves out keeps zero rows). Exactly what the members compute."""
+    shapes = config.module_shapes()
+    modules, a, b, scales = [], {}, {}, {}
+    for module in peft_modules(config):
+        members = FUSED_PEFT_MODULES.get(module, (module,))
+        present = [m for m in members if m in weights.a]
+        if not present:
+            continue
+        modules.append(module)
+        if members == (module,):
+            a[module], b[module] = weights.a[module], weights.b[module]
+            scales[module] = float(weights.scales[module])
+            continue
+        scale = float(weights.scales[present[0]])
+        a[module] = np.concatenate([weights.a[m] for m in present], axis=1)  # (L, R, in)
+        dtype = weights.b[present[0]].dtype
+        out = sum(shapes[m][1] for m in members)
+        fused_b = np.zeros((config.num_layers, a[module].shape[1], out), dtype)
+        row, column = 0, 0
+        for m in members:
+            if m in present:
+                rank = weights.a[m].shape[1]
+                ratio = float(weights.scales[m]) / scale if scale else 0.0
+                block = weights.b[m]
+                if ratio != 1.0:
+                    block = (block.astype(np.float32) * ratio).astype(dtype)
+                fused_b[:, row : row + rank, column : column + shapes[m][1]] = block
+                row += rank
+            column += shapes[m][1]
+        b[module], scales[module] = fused_b, scale
+    ranks = {m: a[m].shape[1] for m in modules}
+    return modules, a, b, scales, ranks
 
 
 def save_peft_adapter(
@@ -761,17 +788,17 @@ def save_peft_adapter(
     alpha=None: each module's lora_alpha is scales[m] * r_m (alpha_pattern where modules differ).
     alpha given: lora_alpha = alpha for every module and each module's B is multiplied by
     scales[m] / (alpha / r_m), so the adapter computes exactly what `weights` computes.
+    For Phi-3 the modules are its fused ones (``_peft_view``: q, k, v as one LoRA on qkv_proj
+    of the summed rank, B block-diagonal; gate, up on gate_up_proj).
     """
     _check_weights(weights, config)
     if not weights.a:
         raise AdapterError(f"adapter {weights.name!r}: targets no module; nothing to save")
-    check_peft_exportable(config, f"adapter {weights.name!r}")
     directory = os.fspath(path)
     os.makedirs(directory, exist_ok=True)
-    modules = [m for m in MODULES if m in weights.a]
-    ranks = weights.ranks
+    modules, a, b, scales, ranks = _peft_view(weights, config)
     top_rank = max(ranks.values())
-    wanted_alpha = {m: float(weights.scales[m]) * ranks[m] for m in modules}
+    wanted_alpha = {m: scales[m] * ranks[m] for m in modules}
     if alpha is None:
         lora_alpha = wanted_alpha[next(m for m in modules if ranks[m] == top_rank)]
         alpha_pattern = {m: a for m, a in wanted_alpha.items() if a != lora_alpha}
@@ -784,10 +811,10 @@ def save_peft_adapter(
     for m in modules:
         for layer in range(config.num_layers):
             key = f"{TENSOR_PREFIX}{_module_key(layer, m)}"
-            b_rows = weights.b[m][layer]
+            b_rows = b[m][layer]
             if b_factor[m] != 1.0:
                 b_rows = (b_rows.astype(np.float32) * b_factor[m]).astype(b_rows.dtype)
-            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(weights.a[m][layer])
+            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[m][layer])
             tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b_rows.T)
     adapter_config = {
         "peft_type": "LORA",
