@@ -97,6 +97,22 @@ QWEN3_8B = ModelConfig(
     max_position_embeddings=40960,
 )
 
+# Phi-4 (14B): Phi-3's architecture, q|k|v and gate|up fused in its checkpoint and adapters.
+PHI_4 = ModelConfig(
+    name="phi-4",
+    model_type="phi3",
+    vocab_size=100352,
+    hidden_size=5120,
+    intermediate_size=17920,
+    num_layers=40,
+    num_heads=40,
+    num_kv_heads=10,
+    head_dim=128,
+    rope_theta=250000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=16384,
+)
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": TINY,
     "llama-2-7b": LLAMA2_7B,
@@ -104,6 +120,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "mistral-7b": MISTRAL_7B,
     "qwen2.5-7b": QWEN2_5_7B,
     "qwen3-8b": QWEN3_8B,
+    "phi-4": PHI_4,
 }
 
 

@@ -2,7 +2,8 @@
 
 A tiny random HF model of --family (llama: GQA, 2 layers, llama3 RoPE scaling; qwen2: q/k/v
 biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidden / heads;
-phi3: fused qkv_proj and gate_up_proj, which its adapters target) and
+phi3: fused qkv_proj and gate_up_proj, which its adapters target; mistral: a sliding window
+as long as the rows) and
 four PEFT LoRA adapters are built with transformers + peft, saved in their native formats, and
 the reference fp32 logits of the base model and of every adapter on every input row are computed
 by transformers + peft (CPU, fp32, eager attention). Output, under --out (default
@@ -74,6 +75,17 @@ FAMILIES = {
         {k: v for k, v in _QWEN.items() if k != "attention_bias"} | {"tie_word_embeddings": True},
     ),
     "qwen3": ("Qwen3Config", _QWEN | {"head_dim": 32}),
+    # Mistral with a sliding window as long as the rows (SEQ): every query sees every key of
+    # its row, as jaxlora's cap of the context at the window assumes.
+    "mistral": (
+        "MistralConfig",
+        {
+            k: v
+            for k, v in BASE_CONFIG.items()
+            if k not in ("rope_scaling", "attention_bias", "mlp_bias")
+        }
+        | {"sliding_window": 8},
+    ),
     # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target
     # them; special token ids inside the tiny vocabulary.
     "phi3": (

@@ -367,8 +367,12 @@ def test_the_rooflines_weight_bytes_count_biases_and_norms(family):
 
 
 def test_family_presets_build():
-    """The Qwen presets' shapes (random weights, as the benchmark's llama presets)."""
-    for name, heads, kv_heads, head_dim in (("qwen2.5-7b", 28, 4, 128), ("qwen3-8b", 32, 8, 128)):
+    """The Qwen and Phi-4 presets' shapes (random weights, as the benchmark's llama presets)."""
+    for name, heads, kv_heads, head_dim in (
+        ("qwen2.5-7b", 28, 4, 128),
+        ("qwen3-8b", 32, 8, 128),
+        ("phi-4", 40, 10, 128),
+    ):
         config = MODEL_PRESETS[name]
         assert (config.num_heads, config.num_kv_heads, config.head_dim) == (
             heads,
