@@ -65,6 +65,10 @@ def test_config_json_of_each_family():
         hf_config("mistral", max_position_embeddings=32768, sliding_window=4096)
     )
     assert mistral.max_position_embeddings == 4096 and mistral.sliding_window == 4096
+    from jaxlora.server.launch import LaunchConfig, engine_config_for
+
+    with pytest.raises(ConfigError, match="is 4096, capped at its sliding_window 4096"):
+        engine_config_for(mistral, LaunchConfig(max_model_len=8192, kv_pages=64), backend="gpu")
     assert (
         ModelConfig.from_hf_dict(hf_config("mistral", sliding_window=None)).sliding_window is None
     )
