@@ -18,6 +18,7 @@ import numpy as np
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import Engine, EngineConfig, Request
 from jaxlora.errors import ConfigError, RequestError
+from jaxlora.formats.hub_cache import is_repo_id, not_cached, resolve_local
 from jaxlora.lora import LoraWeights
 from jaxlora.memory import AdapterManager, AdapterManagerConfig, AdapterStore, AdapterStoreConfig
 from jaxlora.sampling import SamplingParams
@@ -63,10 +64,12 @@ def load_base_model(
         tokenizer = tiny_tokenizer() if model == "tiny" else None
         params = init_params(config, seed, dtype=dtype, fuse_groups=fuse_groups)
         return config, params, tokenizer
+    given, model = model, resolve_local(model)
     if not os.path.isdir(model):
+        hub = f"; as a Hugging Face id, {not_cached(given)}" if is_repo_id(given) else ""
         raise ConfigError(
-            f"model {model!r}: not a preset ({sorted(MODEL_PRESETS)}) and not a "
-            "directory (expected a HF checkpoint or an orbax checkpoint)"
+            f"model {given!r}: not a preset ({sorted(MODEL_PRESETS)}) and not a "
+            f"directory (expected a HF checkpoint or an orbax checkpoint){hub}"
         )
     tokenizer = None
     if os.path.exists(os.path.join(model, "tokenizer.json")):
@@ -117,6 +120,8 @@ class LLM:
             # device-side fusion leaves a hole below the fused kernels that the KV pools
             # cannot use (jaxlora.server.launch.build_state loads its own likewise).
             groups = tp if self.engine_config.runner.fuse_projections else 0
+            if not isinstance(model, ModelConfig):
+                model = resolve_local(model)  # a Hub id: its snapshot in the local cache
             self.config, params, default_tokenizer = load_base_model(
                 model, seed=seed, dtype=dtype, fuse_groups=groups
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -387,3 +388,54 @@ def test_family_presets_build():
         attn = shapes["layers"]["attn"]
         assert ("bias" in attn["q_proj"]) == config.qkv_bias
         assert ("q_norm" in attn) == config.qk_norm
+
+
+def test_hugging_face_ids_resolve_to_the_local_cache(tmp_path, monkeypatch):
+    """--model=owner/name and adapters by Hub id load from huggingface_hub's cache layout
+    (refs/main -> snapshots/<commit>/, files linked to blobs; a copied cache without refs: its
+    one snapshot); an id the cache lacks is an error naming the cache and the download
+    command; nothing is downloaded."""
+    import shutil
+
+    from jaxlora.errors import FormatError
+    from jaxlora.formats.peft import load_peft_adapter
+    from jaxlora.llm import load_base_model
+    from jaxlora.server.launch import LaunchConfig, build_state
+
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "golden_qwen2")
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    base = cache / "models--acme--tiny-qwen2"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("c0ffee\n")
+    (base / "blobs").mkdir()
+    snapshot = base / "snapshots" / "c0ffee"
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(os.path.join(fixtures, "base")):
+        blob = base / "blobs" / f"blob-{name}"
+        shutil.copy(os.path.join(fixtures, "base", name), blob)
+        os.symlink(blob, snapshot / name)
+    adapter = cache / "models--acme--r1-lora" / "snapshots" / "beef"
+    shutil.copytree(os.path.join(fixtures, "adapters", "r1_qv"), adapter)
+
+    config, params, _ = load_base_model("acme/tiny-qwen2")
+    assert config.model_type == "qwen2" and config.qkv_bias
+    weights = load_peft_adapter("acme/r1-lora", config, max_rank=8)
+    assert sorted(weights.a) == ["q_proj", "v_proj"]
+    with pytest.raises(
+        ConfigError, match="'acme/missing'.*`huggingface-cli download acme/missing`"
+    ):
+        load_base_model("acme/missing")
+    with pytest.raises(FormatError, match="not found; as a Hugging Face id, not in the Hugging"):
+        load_peft_adapter("acme/missing-lora", config, max_rank=8)
+    state = build_state(
+        LaunchConfig(
+            model="acme/tiny-qwen2", lora_modules=("sql=acme/r1-lora",), max_batch=2, kv_pages=16
+        )
+    )
+    try:
+        assert state.llm.config.model_type == "qwen2"
+        assert state.config.model_name == "acme/tiny-qwen2"
+        assert "sql" in state.llm.adapters.store.names()
+    finally:
+        state.llm.stop()

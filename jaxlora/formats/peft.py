@@ -28,6 +28,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.errors import AdapterError, FormatError
 from jaxlora.formats import _safetensors
 from jaxlora.formats._safetensors import FLOAT_DTYPES
+from jaxlora.formats.hub_cache import is_repo_id, not_cached, resolve_local
 from jaxlora.lora import LoraWeights
 from pallas_kernels.layout import MODULES
 
@@ -292,7 +293,8 @@ class AdapterSpec:
 
 
 def _adapter_paths(path: str) -> tuple[str, str, str]:
-    directory = os.fspath(path)
+    given = os.fspath(path)
+    directory = resolve_local(given)  # a Hub id: its snapshot in the local cache
     if os.path.isfile(directory):
         if directory.endswith(_safetensors.PICKLE_SUFFIXES):
             _safetensors.refuse_pickle(directory, "the adapter")
@@ -301,7 +303,8 @@ def _adapter_paths(path: str) -> tuple[str, str, str]:
             f"{WEIGHTS_NAME}), got a file"
         )
     if not os.path.isdir(directory):
-        raise FormatError(f"{directory}: adapter directory not found")
+        hub = f"; as a Hugging Face id, {not_cached(given)}" if is_repo_id(given) else ""
+        raise FormatError(f"{directory}: adapter directory not found{hub}")
     config_file = os.path.join(directory, CONFIG_NAME)
     weights_file = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(config_file):

@@ -23,6 +23,7 @@ from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.engine.kv_cache import kv_page_bytes as page_bytes
 from jaxlora.engine.kv_cache import kv_pool_dtype
 from jaxlora.errors import ConfigError, JaxloraError
+from jaxlora.formats.hub_cache import resolve_local
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.device_memory import (
     DeviceMemory,
@@ -424,7 +425,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
     if launch.gpu_memory_utilization is not None:
         reserve_device_memory(launch.gpu_memory_utilization)
     adapters = parse_lora_modules(launch.lora_modules)
-    model = launch.model
+    model = resolve_local(launch.model) if launch.model else launch.model  # (a Hub id)
     if not model:
         demo.check_assets()
         model = demo.model_dir()
