@@ -56,6 +56,18 @@ def structured_output_flags(
     return StructuredOutput(kind, spec, field=flag)
 
 
+def token_ids_prompt(text: str, model: str) -> list[int]:
+    """A prompt of a model without a tokenizer: token ids separated by spaces or commas
+    ("1 450 4996", "[1, 450, 4996]"); ConfigError naming the prompt otherwise."""
+    words = text.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()
+    if not words or not all(w.isdigit() for w in words):
+        raise ConfigError(
+            f"--prompt {text!r}: model {model!r} has no tokenizer.json, so prompts are token "
+            'ids separated by spaces or commas (e.g. --prompt="1 450 4996")'
+        )
+    return [int(w) for w in words]
+
+
 def run_generate(
     *,
     model: str,
@@ -75,8 +87,13 @@ def run_generate(
     # One batch: compile the step shapes it uses on first use rather than warm up every bucket
     # (on a CPU the demo takes 14 s instead of 77 s).
     llm = LLM(llm_model, adapters=named, engine_config=EngineConfig(warmup=False))
-    if llm.tokenizer is None and not all(p.strip().isdigit() for p in prompts or ["x"]):
-        raise ConfigError(f"model {model!r} has no tokenizer.json: pass prompts as token ids")
+    if llm.tokenizer is None:
+        if not prompts:
+            raise ConfigError(
+                f"model {model!r} has no tokenizer.json: give --prompt as token ids "
+                '(e.g. --prompt="1 450 4996")'
+            )
+        prompts = [token_ids_prompt(p, model) for p in prompts]
     prompts = list(prompts) or list(demo.DEMO_PROMPTS)
     # Every prompt with every adapter and with none: all in one batch.
     names = [None, *named]
@@ -91,7 +108,9 @@ def run_generate(
     results = llm.generate([p for p, _ in jobs], adapter=[a for _, a in jobs], sampling=sampling)
     elapsed = time.perf_counter() - start
     for (prompt, name), result in zip(jobs, results, strict=True):
-        out(f"[{name or 'base'}] {prompt!r} -> {result.text!r} ({result.finish_reason})")
+        # (without a tokenizer the answer is its token ids)
+        answer = repr(result.text) if llm.tokenizer is not None else result.token_ids
+        out(f"[{name or 'base'}] {prompt!r} -> {answer} ({result.finish_reason})")
     tokens = sum(len(r.token_ids) for r in results)
     out(
         f"{len(jobs)} requests, {len(names)} adapters (incl. base) in one batch: {tokens} tokens "

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from jaxlora.errors import JaxloraError  # noqa: E402
 from jaxlora.generate import run_generate, structured_output_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -30,15 +31,20 @@ flags.DEFINE_multi_string("choice", [], "answers are one of these strings; repea
 
 def main(argv):
     del argv
-    run_generate(
-        model=FLAGS.model,
-        adapters=FLAGS.adapter,
-        prompts=FLAGS.prompt,
-        max_tokens=FLAGS.max_tokens,
-        temperature=FLAGS.temperature,
-        seed=FLAGS.seed,
-        structured_output=structured_output_flags(FLAGS.json_schema, FLAGS.regex, FLAGS.choice),
-    )
+    try:
+        run_generate(
+            model=FLAGS.model,
+            adapters=FLAGS.adapter,
+            prompts=FLAGS.prompt,
+            max_tokens=FLAGS.max_tokens,
+            temperature=FLAGS.temperature,
+            seed=FLAGS.seed,
+            structured_output=structured_output_flags(FLAGS.json_schema, FLAGS.regex, FLAGS.choice),
+        )
+    except JaxloraError as e:  # a bad model, adapter, prompt or flag: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

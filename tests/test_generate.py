@@ -52,3 +52,46 @@ def test_generation_under_a_constraint_flag(tmp_path):
         structured_output_flags(regex="a", choices=["a"])
     with pytest.raises(ConfigError, match="--json_schema: cannot read"):
         structured_output_flags(json_schema=f"@{tmp_path / 'missing.json'}")
+
+
+def test_a_model_without_a_tokenizer_takes_token_id_prompts():
+    """A checkpoint with no tokenizer.json (the golden fixture's): prompts are token ids
+    ("1 2 3" or "[1, 2, 3]"), answers are printed as token ids; text, or no prompt, is a
+    one-line error from the script (exit status 2), not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from jaxlora.errors import ConfigError
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = os.path.join(repo, "tests", "fixtures", "golden_phi3", "base")
+    adapter = os.path.join(repo, "tests", "fixtures", "golden_phi3", "adapters", "r1_qkv")
+    lines = []
+    results = run_generate(
+        model=base,
+        adapters=[f"qkv={adapter}"],
+        prompts=["1 2 3", "[4, 5]"],
+        max_tokens=3,
+        temperature=0.0,
+        seed=0,
+        out=lines.append,
+    )
+    assert [r.prompt_ids for r in results[::2]] == [[1, 2, 3], [4, 5]]
+    assert all(len(r.token_ids) == 3 for r in results)
+    assert lines[0].startswith("[base] [1, 2, 3] -> [") and lines[1].startswith("[qkv] [1, 2, 3]")
+    with pytest.raises(ConfigError, match="'hello': model .* has no tokenizer.json"):
+        run_generate(
+            model=base, adapters=[], prompts=["hello"], max_tokens=1, temperature=0.0, seed=0
+        )
+    run = subprocess.run(
+        [sys.executable, os.path.join(repo, "scripts", "generate.py"), f"--model={base}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "error: model " in run.stderr and "give --prompt as token ids" in run.stderr
