@@ -88,6 +88,12 @@ flags.DEFINE_string(
     "Require 'Authorization: Bearer KEY' on /v1/* (default: $JAXLORA_API_KEY; empty: no key).",
 )
 flags.DEFINE_string(
+    "tokenizer",
+    "",
+    "The tokenizer's directory (tokenizer.json) or a Hub id in the local cache, in place of "
+    "the model's own (vLLM's --tokenizer); empty: the model's.",
+)
+flags.DEFINE_string(
     "chat_template",
     "",
     "A jinja2 chat template for the base model, or a file holding one, in place of its "
@@ -462,6 +468,7 @@ def launch_config():
         log_requests=FLAGS.log_requests,
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
+        tokenizer=FLAGS.tokenizer,
         chat_template=FLAGS.chat_template,
         generation_config=FLAGS.generation_config,
         trust_request_chat_template=FLAGS.trust_request_chat_template,

@@ -439,3 +439,27 @@ def test_hugging_face_ids_resolve_to_the_local_cache(tmp_path, monkeypatch):
         assert "sql" in state.llm.adapters.store.names()
     finally:
         state.llm.stop()
+
+
+def test_a_tokenizer_flag_replaces_the_models_own(tmp_path):
+    """--tokenizer (vLLM's): a random-weight preset served with the demo's tokenizer (its chat
+    template, its EOS); a tokenizer larger than the model's vocabulary, or none at the path, is
+    refused naming the flag."""
+    from jaxlora import demo
+    from jaxlora.launch_flags import FLAGS
+    from jaxlora.server.launch import LaunchConfig, build_state
+
+    assert "tokenizer" in FLAGS
+    state = build_state(
+        LaunchConfig(model="tiny", tokenizer=demo.model_dir(), max_batch=2, kv_pages=16)
+    )
+    try:
+        assert state.tokenizer.vocab_size == 374
+        assert state.tokenizer.chat_template_source  # the demo's template
+    finally:
+        state.llm.stop()
+    small = os.path.join(os.path.dirname(__file__), "fixtures", "golden_qwen2", "base")
+    with pytest.raises(ConfigError, match="--tokenizer=.*374 tokens, more than the model's"):
+        build_state(LaunchConfig(model=small, tokenizer=demo.model_dir(), kv_pages=16))
+    with pytest.raises(ConfigError, match="--tokenizer=.*tokenizer.json: file not found"):
+        build_state(LaunchConfig(model="tiny", tokenizer=str(tmp_path), kv_pages=16))

@@ -66,6 +66,9 @@ class LaunchConfig:
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     kv_cache_dtype: str = "auto"  # KVCacheConfig.cache_dtype: "auto" or an fp8 format
+    # The tokenizer's directory or a Hub id in the local cache, in place of the model's own
+    # ("": the model's; vLLM's --tokenizer).
+    tokenizer: str = ""
     # A jinja2 chat template for the base model, or a file holding one, in place of its
     # tokenizer's ("": the tokenizer's own; vLLM's --chat-template).
     chat_template: str = ""
@@ -416,6 +419,25 @@ def default_model_name(model: str) -> str:
     return model
 
 
+def tokenizer_for(source: str, model: ModelConfig):
+    """--tokenizer: the tokenizer at source (a directory holding tokenizer.json, the file, or a
+    Hub id in the local cache); ConfigError naming the flag when it cannot be read or has
+    tokens the model's embedding does not."""
+    from jaxlora.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(resolve_local(source))
+    except JaxloraError as e:
+        raise ConfigError(f"--tokenizer={source!r}: {e}") from None
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(
+            f"--tokenizer={source!r}: {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocabulary ({model.vocab_size}): expected the model's own tokenizer or one of "
+            "its family"
+        )
+    return tokenizer
+
+
 def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
     """Loads the model and the adapters of launch and wraps them for serving (the engine is
     not started: create_app's start-up does it)."""
@@ -443,6 +465,8 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
     config, params, tokenizer = load_base_model(
         model, seed=launch.seed, dtype=dtype, fuse_groups=groups
     )
+    if launch.tokenizer:
+        tokenizer = tokenizer_for(launch.tokenizer, config)
     if launch.chat_template:
         apply_chat_template_flag(tokenizer, launch.chat_template)
     if groups:
