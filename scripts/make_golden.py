@@ -62,39 +62,32 @@ BASE_CONFIG = dict(
     },
 )
 
+
 # The other families: the same sizes without llama3 RoPE scaling (Qwen's long-context scaling
 # is another rope_type), Qwen's rope_theta and eps.
-_QWEN = {k: v for k, v in BASE_CONFIG.items() if k not in ("rope_scaling", "mlp_bias", "head_dim")}
+def _without(config: dict, *keys: str) -> dict:
+    return {k: v for k, v in config.items() if k not in keys}
+
+
+_QWEN = _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "head_dim")
 _QWEN.update(rope_theta=1000000.0, rms_norm_eps=1e-6, use_sliding_window=False)
 FAMILIES = {
     "llama": ("LlamaConfig", BASE_CONFIG),
     # Qwen2's q/k/v biases are its architecture's (no attention_bias field); the small Qwen2
     # models tie their embeddings.
-    "qwen2": (
-        "Qwen2Config",
-        {k: v for k, v in _QWEN.items() if k != "attention_bias"} | {"tie_word_embeddings": True},
-    ),
+    "qwen2": ("Qwen2Config", _without(_QWEN, "attention_bias") | {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", _QWEN | {"head_dim": 32}),
     # Mistral with a sliding window as long as the rows (SEQ): every query sees every key of
     # its row, as jaxlora's cap of the context at the window assumes.
     "mistral": (
         "MistralConfig",
-        {
-            k: v
-            for k, v in BASE_CONFIG.items()
-            if k not in ("rope_scaling", "attention_bias", "mlp_bias")
-        }
-        | {"sliding_window": 8},
+        _without(BASE_CONFIG, "rope_scaling", "attention_bias", "mlp_bias") | {"sliding_window": 8},
     ),
     # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target
     # them; special token ids inside the tiny vocabulary.
     "phi3": (
         "Phi3Config",
-        {
-            k: v
-            for k, v in BASE_CONFIG.items()
-            if k not in ("rope_scaling", "attention_bias", "mlp_bias", "head_dim")
-        }
+        _without(BASE_CONFIG, "rope_scaling", "attention_bias", "mlp_bias", "head_dim")
         | {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "sliding_window": None},
     ),
 }

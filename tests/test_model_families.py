@@ -422,6 +422,7 @@ def test_hugging_face_ids_resolve_to_the_local_cache(tmp_path, monkeypatch):
     assert config.model_type == "qwen2" and config.qkv_bias
     weights = load_peft_adapter("acme/r1-lora", config, max_rank=8)
     assert sorted(weights.a) == ["q_proj", "v_proj"]
+    assert weights.name == "r1-lora"  # after the id, not the snapshot's commit
     with pytest.raises(
         ConfigError, match="'acme/missing'.*`huggingface-cli download acme/missing`"
     ):

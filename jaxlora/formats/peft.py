@@ -663,15 +663,15 @@ def read_peft_adapter_spec(
             layer_ranks[m], layer_scales[m] = list(ranks_of), list(scales_of)
             tensors[m] = [None if p is None else (*p, lo, lo + width) for p in pairs]
             lo += width
-    shapes = model_shapes
     target_modules = tuple(m for m in MODULES if m in layer_ranks)
     ranks = {m: max(layer_ranks[m]) for m in target_modules}
     scales = {m: _module_scale(layer_ranks[m], layer_scales[m]) for m in target_modules}
     itemsize = np.dtype(dtype).itemsize
-    nbytes = sum(n_layers * ranks[m] * sum(shapes[m]) * itemsize for m in target_modules)
+    nbytes = sum(n_layers * ranks[m] * sum(model_shapes[m]) * itemsize for m in target_modules)
     return AdapterSpec(
         path=directory,
-        name=name or os.path.basename(os.path.normpath(directory)),
+        # (named after the path given: a Hub id's snapshot directory is a commit hash)
+        name=name or os.path.basename(os.path.normpath(os.fspath(path))),
         weights_file=weights_file,
         target_modules=target_modules,
         ranks=ranks,

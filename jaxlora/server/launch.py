@@ -447,7 +447,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
     if launch.gpu_memory_utilization is not None:
         reserve_device_memory(launch.gpu_memory_utilization)
     adapters = parse_lora_modules(launch.lora_modules)
-    model = resolve_local(launch.model) if launch.model else launch.model  # (a Hub id)
+    model = resolve_local(launch.model)  # a Hub id: its snapshot in the local cache
     if not model:
         demo.check_assets()
         model = demo.model_dir()
