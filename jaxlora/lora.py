@@ -133,6 +133,9 @@ def merge_lora_weights(
     return LoraWeights(name=name, a=a, b=b, scales=scales, source=f"merge of {sources}")
 
 
+LORA_UPDATES = ("in_place", "delta")
+
+
 @flax.struct.dataclass
 class LoraInputs:
     """Device-side inputs of the LoRA hook for one forward pass."""
@@ -159,6 +162,9 @@ class LoraInputs:
     # on the host from the step's adapters): one program per token wherever T would take the
     # tiles.
     per_token: bool = flax.struct.field(pytree_node=False, default=False)
+    # How the kernels update an output computed by XLA's GEMM (LORA_UPDATES; RunnerConfig.
+    # lora_update): "in_place" (sgmv_apply) or "delta" (sgmv_delta, added by XLA).
+    update: str = flax.struct.field(pytree_node=False, default="in_place")
 
     def with_tokens(self, token_slot: jax.Array) -> LoraInputs:
         return self.replace(token_slot=token_slot)

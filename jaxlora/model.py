@@ -312,12 +312,29 @@ def lora_group_delta(
 def _with_lora(group: str, x: jax.Array, outputs: list[jax.Array], layer, lora):
     """Adds the group's LoRA delta to its base outputs (each (B, S, out_m)).
 
-    Each output gets its own slice of the delta, in float32 and rounded once (as an in-place
-    update would): XLA fuses these adds into the outputs' consumers, so LoRA adds no
+    One output holding the whole group (a fused GEMM's, or a single module's) is updated in
+    place by the kernels (``LoraInputs.update`` "in_place": ``sgmv_apply``). Otherwise each
+    output gets its own slice of the float32 delta, added and rounded once (the in-place
+    update's arithmetic): XLA fuses these adds into the outputs' consumers, so LoRA adds no
     concatenate of the group's outputs and no separate sum of a split GEMM's partials."""
     if lora is None:
         return outputs
     b, s, _ = x.shape
+    if len(outputs) == 1 and lora.impl != "reference" and lora.update == "in_place":
+        (out,) = outputs
+        operands, weights = _group_operands(group, lora)
+        y = sgmv_ops.sgmv_apply(
+            x.reshape(b * s, -1),
+            out.reshape(b * s, -1),
+            *operands,
+            layer,
+            weights=weights,
+            kernel_meta=lora.kernel_meta,
+            config=lora.sgmv_config,
+            per_token=lora.per_token,
+            interpret=lora.impl == "pallas_interpret",
+        )
+        return [y.reshape(out.shape)]
     delta = lora_group_delta(group, x.reshape(b * s, -1), outputs[0].dtype, layer, lora)
     results, lo = [], 0
     for out in outputs:
@@ -791,6 +808,12 @@ class MLP(nn.Module):
         )
         if gate_up_v is not None:
             _ran_in_kernel(gate_up, "gate_up")
+        if gate_up is None and lora is not None and lora.update == "in_place":
+            # The fused GEMM's output whole, for the kernels to update in place; split after.
+            whole = _fused_projection(self, "gate_up_proj", x, widths, self.dtype, whole=True)
+            if whole is not None:
+                whole = _with_lora("gate_up", x, [whole], layer, lora)[0]
+                gate_up = jnp.split(whole, [widths[0]], axis=-1)
         if gate_up is None:
             gate_up = _fused_projection(self, "gate_up_proj", x, widths, self.dtype)
             if gate_up is None:

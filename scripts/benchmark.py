@@ -138,6 +138,13 @@ flags.DEFINE_enum(
     "fusions and scatters (RunnerConfig.kv_write)",
 )
 flags.DEFINE_enum(
+    "lora_update",
+    "in_place",
+    ["in_place", "delta"],
+    "how the SGMV expand updates the outputs of XLA's GEMMs (prefill, decode steps past "
+    "lora_matmul's rows): in place, or a float32 delta XLA adds (RunnerConfig.lora_update)",
+)
+flags.DEFINE_enum(
     "residual_norm",
     "pallas",
     ["xla", "pallas"],
@@ -365,6 +372,7 @@ def main(argv):
             xla_options=xla_options,
             xla_gemms=FLAGS.xla_gemms,
             kv_write=FLAGS.kv_write,
+            lora_update=FLAGS.lora_update,
             residual_norm=FLAGS.residual_norm,
             residual_norm_warps=FLAGS.residual_norm_warps,
             norm_shrink=FLAGS.norm_shrink,

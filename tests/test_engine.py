@@ -1510,6 +1510,82 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("kv_write", ["pallas", "xla"])
+def test_lora_update_in_place_gives_the_delta_forms_logits(base, lora_adapters, kv_write):
+    """RunnerConfig.lora_update: where XLA's GEMMs compute a step's projections (prefill; here
+    decode too, projection_kernel="xla"), "in_place" has the SGMV expand update each group's
+    one output (the fused q|k|v with the RoPE kernel, gate|up, o, down) in place, "delta" has
+    it write a float32 delta that XLA adds. The same arithmetic: the same logits, bit for bit,
+    in both modes, three adapters' tokens and base tokens in one batch. With the XLA K/V write
+    q|k|v stays split into three outputs, which take the delta."""
+    import dataclasses
+
+    from jaxlora.engine.runner import empty_batch
+
+    logits, expands = {}, {}
+    for update in ("in_place", "delta"):
+        config = small_engine_config()
+        runner_config = dataclasses.replace(
+            config.runner,
+            impl="pallas_interpret",
+            projection_kernel="xla",
+            kv_write=kv_write,
+            lora_update=update,
+        )
+        llm = jaxlora.LLM(
+            TINY,
+            params=base,
+            adapters=lora_adapters,
+            engine_config=dataclasses.replace(config, runner=runner_config),
+            load_workers=0,
+        )
+        engine, runner = llm.engine, llm.engine.runner
+        handles = [engine.adapters.acquire(n) for n in ("all5", "qv1", "mlp16")]
+        for h in handles:
+            h.wait()
+        batch = empty_batch(8, 1, config.kv.max_pages_per_seq)
+        batch = batch.replace(
+            tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
+            token_valid=np.ones((8, 1), bool),
+            seq_lens=np.ones(8, np.int32),
+            token_slot=(np.arange(8) % 4 - 1).astype(np.int32)[:, None],
+        )
+        meta = engine._lora_meta([h.slot_info for h in handles], batch.token_slot)
+        with engine._locked_lora_pools() as pools:
+            args = (runner.params, engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta)
+            step = functools.partial(runner._forward, mode="decode", use_lora=True)
+            expands[update] = [
+                aliased
+                for name, aliased in _pallas_aliases(jax.make_jaxpr(step)(*args).jaxpr)
+                if name.startswith("sgmv_expand")
+            ]
+            logits[update] = np.asarray(jax.jit(step)(*args)[0])
+        for h in handles:
+            h.release()
+    layers = TINY.num_layers if runner_config.layer_loop == "unrolled" else 1  # traced layers
+    assert len(expands["delta"]) == 4 * layers and not any(expands["delta"])
+    # Each group's expand writes into its output; q|k|v split in three keeps the delta.
+    assert len(expands["in_place"]) == 4 * layers
+    assert sum(expands["in_place"]) == (4 if kv_write == "pallas" else 3) * layers
+    assert np.abs(logits["delta"]).max() > 0
+    np.testing.assert_array_equal(logits["in_place"], logits["delta"])
+
+
+def _pallas_aliases(jaxpr) -> list[tuple[str, bool]]:
+    """(name, whether it updates an input in place) of every pallas_call in a jaxpr."""
+    calls = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            calls.append((str(eqn.params.get("name")), bool(eqn.params["input_output_aliases"])))
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    calls.extend(_pallas_aliases(inner))
+    return calls
+
+
 def _pallas_calls(jaxpr) -> list[tuple[str, list[tuple[int, ...]]]]:
     """(name, operand shapes) of every pallas_call in a jaxpr, sub-jaxprs (scan, jit) included."""
     calls = []

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxlora.config import ModelConfig, parse_json, require_positive_ints
 from jaxlora.errors import ConfigError
-from jaxlora.lora import LoraInputs
+from jaxlora.lora import LORA_UPDATES, LoraInputs
 from jaxlora.model import KVCache, Llama, lm_head
 from jaxlora.sampling import MAX_LOGPROBS, SampleOutput, sample
 from pallas_kernels.lora_matmul import MatmulConfig, build_shrink_rows
@@ -151,6 +151,15 @@ class RunnerConfig:
     # partials they did not, at a decode-step cost within 1% (docs/BENCHMARKS.md, fourteenth
     # session). False: atomic adds (no partials to sum).
     deterministic: bool = True
+    # How the SGMV expand of a step whose projections run on XLA's GEMMs (prefill, decode steps
+    # past lora_matmul's rows) updates a group's output: "in_place" (sgmv_apply: the expand
+    # reads the GEMM's output and writes it back, 4 bytes an element in bf16) or "delta"
+    # (sgmv_delta, the sixth session's form: the expand writes a float32 delta that an XLA
+    # fusion adds to the output, 12 bytes an element for q|k|v, whose consumer is the RoPE
+    # kernel, 8 more than in place for the others). Both round each output once: the same
+    # values. Since the seventh session q|k|v and gate|up are one GEMM each, so the in-place
+    # update needs no concatenate of the members' outputs (what the delta form was for).
+    lora_update: str = "in_place"
     # Positions whose logits a prefill step that computes prompt logprobs holds at once: the LM
     # head runs over the chunk's positions in slices of this many (float32 (rows, slice, vocab):
     # llama-3's 128k vocabulary at 64 positions, 33 MB a row instead of 131 MB for 256).
@@ -165,6 +174,11 @@ class RunnerConfig:
             raise ConfigError(
                 f"runner config field projection_kernel: expected 'auto', 'xla' or 'pallas', "
                 f"got {self.projection_kernel!r}"
+            )
+        if self.lora_update not in LORA_UPDATES:
+            raise ConfigError(
+                f"runner config field lora_update: expected one of {list(LORA_UPDATES)}, "
+                f"got {self.lora_update!r}"
             )
         if self.residual_norm not in ("xla", "pallas"):
             raise ConfigError(
@@ -587,6 +601,7 @@ class ModelRunner:
                 token_slot=batch.token_slot,
                 impl=self.impl,
                 sgmv_config=self.sgmv_config,
+                update=self.runner.lora_update,
                 **lora_meta,
             )
         if prompt_targets is None:
