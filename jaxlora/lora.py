@@ -164,7 +164,7 @@ class LoraInputs:
     per_token: bool = flax.struct.field(pytree_node=False, default=False)
     # How the kernels update an output computed by XLA's GEMM (LORA_UPDATES; RunnerConfig.
     # lora_update): "in_place" (sgmv_apply) or "delta" (sgmv_delta, added by XLA).
-    update: str = flax.struct.field(pytree_node=False, default="in_place")
+    update: str = flax.struct.field(pytree_node=False, default="delta")
 
     def with_tokens(self, token_slot: jax.Array) -> LoraInputs:
         return self.replace(token_slot=token_slot)

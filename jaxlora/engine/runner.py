@@ -152,14 +152,16 @@ class RunnerConfig:
     # session). False: atomic adds (no partials to sum).
     deterministic: bool = True
     # How the SGMV expand of a step whose projections run on XLA's GEMMs (prefill, decode steps
-    # past lora_matmul's rows) updates a group's output: "in_place" (sgmv_apply: the expand
-    # reads the GEMM's output and writes it back, 4 bytes an element in bf16) or "delta"
-    # (sgmv_delta, the sixth session's form: the expand writes a float32 delta that an XLA
-    # fusion adds to the output, 12 bytes an element for q|k|v, whose consumer is the RoPE
-    # kernel, 8 more than in place for the others). Both round each output once: the same
-    # values. Since the seventh session q|k|v and gate|up are one GEMM each, so the in-place
-    # update needs no concatenate of the members' outputs (what the delta form was for).
-    lora_update: str = "in_place"
+    # past lora_matmul's rows) updates a group's output: "delta" (sgmv_delta, the sixth
+    # session's form: the expand writes a float32 delta that an XLA fusion adds to the output,
+    # 12 bytes an element for q|k|v, whose consumer is the RoPE kernel, 4 more than in place
+    # for the others) or "in_place" (opt-in, forty-second session, not yet timed on a GPU:
+    # sgmv_apply, the expand reads the GEMM's output and writes it back, 4 bytes an element in
+    # bf16). Both round each output once: the same values. Since the seventh session q|k|v and
+    # gate|up are one GEMM each, so the in-place update needs no concatenate of the members'
+    # outputs (what the delta form was made to avoid); whether XLA then copies a GEMM's output
+    # before the aliased expand is what the GPU has to show (docs/results/s42/call2.sh).
+    lora_update: str = "delta"
     # Positions whose logits a prefill step that computes prompt logprobs holds at once: the LM
     # head runs over the chunk's positions in slices of this many (float32 (rows, slice, vocab):
     # llama-3's 128k vocabulary at 64 positions, 33 MB a row instead of 131 MB for 256).

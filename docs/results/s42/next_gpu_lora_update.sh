@@ -1,7 +1,8 @@
-# Forty-second session, call 2: RunnerConfig.lora_update, in place (new) against the float32
-# delta (the sixth session's form), llama-2-7b bf16 rank 16, batch 32 (prefill steps on XLA's
-# GEMMs + SGMV; decode in lora_matmul, unchanged) and 128 (decode on cuBLAS + SGMV too), one
-# process each, in_place first, delta second, then in_place again (order effects).
+# Prepared in the forty-second session, NOT run (no machine was lent after call 1): the A/B of
+# RunnerConfig.lora_update, "in_place" (opt-in, new) against "delta" (the default, the sixth
+# session's float32 delta), llama-2-7b bf16 rank 16, batch 32 (prefill steps on XLA's GEMMs + SGMV;
+# decode in lora_matmul, unchanged) and 128 (decode on cuBLAS + SGMV too): prefill_s and the
+# decode iterations of the LoRA rows; one process each, in_place, delta, in_place (order effects).
 R=$OUT/r; mkdir -p $R; export PYTHONPATH=.
 S=$R/summary.txt; date > $R/times.txt; nvidia-smi -L >> $R/times.txt 2>&1
 for U in in_place delta in_place; do
