@@ -160,7 +160,8 @@ class RunnerConfig:
     # bf16). Both round each output once: the same values. Since the seventh session q|k|v and
     # gate|up are one GEMM each, so the in-place update needs no concatenate of the members'
     # outputs (what the delta form was made to avoid); whether XLA then copies a GEMM's output
-    # before the aliased expand is what the GPU has to show (docs/results/s42/call2.sh).
+    # before the aliased expand is what the GPU has to show (docs/results/s42/
+    # next_gpu_lora_update.sh).
     lora_update: str = "delta"
     # Positions whose logits a prefill step that computes prompt logprobs holds at once: the LM
     # head runs over the chunk's positions in slices of this many (float32 (rows, slice, vocab):
