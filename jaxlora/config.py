@@ -37,8 +37,8 @@ HF_MODEL_TYPES = {
 # Families whose checkpoints store q|k|v and gate|up as one tensor each (qkv_proj,
 # gate_up_proj), and whose PEFT adapters target those.
 FUSED_CHECKPOINT_TYPES = ("phi3",)
-# Families whose config.json may set a sliding attention window for every layer: the context is
-# capped at it (ModelConfig.sliding_window).
+# Families whose config.json may set a sliding attention window for every layer
+# (ModelConfig.sliding_window): every query attends to the last `sliding_window` keys only.
 SLIDING_WINDOW_TYPES = ("mistral", "phi3")
 
 
@@ -73,8 +73,8 @@ class ModelConfig:
     # one architecture (Phi-3's checkpoints fuse q|k|v and gate|up); Qwen2 adds q/k/v biases
     # (qkv_bias), Qwen3 per-head q/k norms (qk_norm).
     model_type: str = "llama"
-    # Mistral's / Phi-3's sliding attention window, where the checkpoint sets one: the context
-    # (max_position_embeddings) is capped at it, within which attention is the full one.
+    # Mistral's / Phi-3's sliding attention window, where the checkpoint sets one: each query
+    # attends to the last ``sliding_window`` keys (itself included), as HF's mask does.
     sliding_window: int | None = None
 
     def __post_init__(self):
@@ -97,6 +97,17 @@ class ModelConfig:
                 f"model config field 'model_type': expected one of {sorted(HF_MODEL_TYPES)}, "
                 f"got {self.model_type!r}"
             )
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int)
+            or isinstance(self.sliding_window, bool)
+            or self.sliding_window < 1
+            or self.model_type not in SLIDING_WINDOW_TYPES
+        ):
+            raise ConfigError(
+                f"model config field 'sliding_window': expected None, or an int >= 1 for "
+                f"{list(SLIDING_WINDOW_TYPES)}; got {self.sliding_window!r} for "
+                f"{self.model_type!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model config: num_heads ({self.num_heads}) must be a multiple of "
@@ -118,6 +129,13 @@ class ModelConfig:
         """Each q and k head is RMS-normalized over head_dim (a scale of its own per layer,
         shared by the heads) before RoPE (Qwen3)."""
         return self.model_type == "qwen3"
+
+    @property
+    def attention_window(self) -> int | None:
+        """The sliding window the attention masks with, None where it never binds (no window,
+        or one as long as the context)."""
+        window = self.sliding_window
+        return window if window is not None and window < self.max_position_embeddings else None
 
     @property
     def q_size(self) -> int:
@@ -226,9 +244,7 @@ class ModelConfig:
             rope_scaling=scaling,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=min(
-                int(cfg.get("max_position_embeddings", 4096)), sliding_window or 2**62
-            ),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             name=str(cfg.get("_name_or_path") or model_type),
             model_type=model_type,
             sliding_window=sliding_window,

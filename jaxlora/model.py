@@ -667,16 +667,17 @@ class Attention(nn.Module):
                 )
 
         o_v = None
+        window = cfg.attention_window
         if kv is None:
-            causal = positions[:, :, None] >= positions[:, None, :]
-            mask = causal if attn_mask is None else causal & attn_mask[:, None, :]
+            mask = _causal_mask(positions[:, :, None], positions[:, None, :], window)
+            mask = mask if attn_mask is None else mask & attn_mask[:, None, :]
             out = _dense_attention(q, k, v, mask, sm_scale)
         elif _o_shrink_in_attention(q, kv, k_pool, lora, kernels, cfg):
             out, o_v = _attention_and_o_shrink(
-                q, layer, kv, k_pool, v_pool, sm_scale, lora, kernels
+                q, layer, kv, k_pool, v_pool, sm_scale, lora, kernels, window
             )
         else:
-            out = _cached_attention(q, positions, layer, kv, k_pool, v_pool, sm_scale)
+            out = _cached_attention(q, positions, layer, kv, k_pool, v_pool, sm_scale, window)
         out = out.reshape(b, s, cfg.q_size)
         if o_partials:
             parts = _kernel_projection(
@@ -712,27 +713,37 @@ def _o_shrink_in_attention(q, kv: KVCache, k_pool, lora, kernels, cfg) -> bool:
     return config.kv_splits == 1
 
 
-def _attention_and_o_shrink(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, lora, kernels):
+def _attention_and_o_shrink(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, lora, kernels, window):
     """Decode attention with o's LoRA shrink in its launch: (out (B, 1, NH, D), v)."""
     from pallas_kernels import paged_attention as pa
 
     operands, weights = _shrink_operands("o", lora)
-    cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale)
+    cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale, window)
     out, v = pa.paged_attention_shrink(*cache, *operands, weights=weights, **launch)
     return out[:, None], v
 
 
-def _decode_attention_args(q, layer, kv: KVCache, k_pool, v_pool, sm_scale):
+def _decode_attention_args(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, window):
     """The decode attention launch's operands (q, pools, page table, lengths, layer) and its
     keyword arguments."""
     cache = (q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer)
     launch = dict(
-        sm_scale=sm_scale, config=kv.attention_config, interpret=kv.impl == "pallas_interpret"
+        sm_scale=sm_scale,
+        window=window,
+        config=kv.attention_config,
+        interpret=kv.impl == "pallas_interpret",
     )
     return cache, launch
 
 
-def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale):
+def _causal_mask(query_pos, key_pos, window):
+    """Which keys each query attends to: the earlier ones and itself, and with a sliding
+    window (ModelConfig.attention_window) only the last ``window`` of them (HF's mask)."""
+    mask = key_pos <= query_pos
+    return mask if window is None else mask & (key_pos > query_pos - window)
+
+
+def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale, window):
     """Attention of q over the pools, which already hold this step's K/V."""
     from pallas_kernels import paged_attention as pa
 
@@ -741,10 +752,17 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale
         assert s == 1, "decode mode takes one token per row"
         if kv.impl == "reference":
             out = pa.paged_attention_reference(
-                q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer, sm_scale=sm_scale
+                q[:, 0],
+                k_pool,
+                v_pool,
+                kv.page_table,
+                kv.seq_lens,
+                layer,
+                sm_scale=sm_scale,
+                window=window,
             )
         else:
-            cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale)
+            cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale, window)
             out = pa.paged_attention(*cache, **launch)
         return out[:, None]
     max_len = kv.page_table.shape[1] * k_pool.shape[2]
@@ -752,7 +770,8 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale
     # fp8 pools (KVCacheConfig.cache_dtype) are read in q's dtype; a no-op for pools in it.
     ck, cv = ck.astype(q.dtype), cv.astype(q.dtype)
     key_pos = jnp.arange(max_len)[None, None, :]
-    mask = (key_pos <= positions[:, :, None]) & (key_pos < kv.seq_lens[:, None, None])
+    mask = _causal_mask(positions[:, :, None], key_pos, window)
+    mask = mask & (key_pos < kv.seq_lens[:, None, None])
     mask = mask & kv.token_valid[:, :, None]
     if kv.impl == "reference":
         out = _dense_attention(q, ck, cv, mask, sm_scale)

@@ -18,6 +18,10 @@ Query heads are grouped as in HF ``repeat_kv``: query head ``i`` attends with kv
 ``paged_attention`` is a Pallas Triton kernel (flash-decoding: each program owns one (row, kv head,
 kv split) and walks that split's pages in blocks with an online softmax; with several splits the
 partial results are merged in jnp). ``paged_attention_reference`` computes the same in plain jnp.
+With a sliding ``window`` (Mistral's and Phi-3's ``sliding_window``, HF's semantics: a query at
+position p sees the keys at positions p - window + 1 .. p) each program skips the blocks wholly
+before its row's window and masks the rest key by key; the pages before it stay in the cache
+(unread).
 
 Writes: ``write_kv`` scatters a step's K/V with XLA. ``rope_write_kv_kernel`` (the model's
 default with a Pallas impl) applies RoPE to q and k and writes k and v in one Pallas launch,
@@ -154,6 +158,13 @@ def _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens, *, where: s
         )
 
 
+def _check_window(window, where: str) -> None:
+    if window is not None and (
+        not isinstance(window, int) or isinstance(window, bool) or window < 1
+    ):
+        raise ConfigError(f"{_WHERE} {where}: window={window!r}; expected None or an int >= 1")
+
+
 def to_cache_dtype(x: jax.Array, dtype) -> jax.Array:
     """x as a K/V pool of ``dtype`` stores it. fp8 saturates at the format's largest finite
     value (+-448 e4m3, +-57344 e5m2; a per-tensor scale of 1.0, as vLLM's without calibrated
@@ -191,6 +202,7 @@ def _paged_attention_kernel(
     pages_per_block: int,
     pages_per_split: int,
     split_output: bool,
+    window: int | None = None,
     shrink: dict | None = None,
 ):
     shrink_refs, out_refs = (refs[:4], refs[4:]) if shrink is not None else ((), refs)
@@ -219,6 +231,10 @@ def _paged_attention_kernel(
     split_start = split * pages_per_split * page_size
     split_end = jnp.minimum(seq_len, split_start + pages_per_split * page_size)
     num_blocks = jnp.maximum(split_end - split_start + block_keys - 1, 0) // block_keys
+    # A sliding window: the query (position seq_len - 1) sees the last ``window`` keys only;
+    # the blocks wholly before them are skipped, the rest masked key by key.
+    first_key = jnp.maximum(seq_len - window, 0) if window is not None else 0
+    first_block = jnp.maximum(first_key - split_start, 0) // block_keys
 
     masked_zero = 0.0 if k_pool_ref.dtype.itemsize == 1 else 0
 
@@ -226,6 +242,8 @@ def _paged_attention_kernel(
         acc, running_max, denom = carry
         key_pos = split_start + block * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
         key_valid = key_pos < split_end
+        if window is not None:
+            key_valid = key_valid & (key_pos >= first_key)
         pages = pltriton.load(page_table_ref.at[row, key_pos // page_size], mask=key_valid, other=0)
         pages = jnp.clip(pages, 0, num_pages - 1)
         offsets = key_pos % page_size
@@ -259,7 +277,7 @@ def _paged_attention_kernel(
         jnp.full((padded_queries,), _MASK_VALUE, jnp.float32),
         jnp.zeros((padded_queries,), jnp.float32),
     )
-    acc, running_max, denom = jax.lax.fori_loop(0, num_blocks, body, init)
+    acc, running_max, denom = jax.lax.fori_loop(first_block, num_blocks, body, init)
 
     if split_output:
         acc_ref, max_ref, denom_ref = out_refs
@@ -325,7 +343,7 @@ def _shrink_heads(
     pltriton.store(v_parts_ref.at[row, kv_head, out_i], v, mask=col_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "config", "interpret"))
 def paged_attention(
     q: jax.Array,  # (B, num_heads, head_dim)
     k_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
@@ -335,10 +353,13 @@ def paged_attention(
     layer: jax.Array | int,  # () int32
     *,
     sm_scale: float,
+    window: int | None = None,
     config: PagedAttentionConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
-    """One decode step of attention for every row, reading K/V straight from the paged pools."""
+    """One decode step of attention for every row, reading K/V straight from the paged pools.
+    ``window``: a sliding window (Mistral's, Phi-3's ``sliding_window``): each row's query, at
+    position seq_len - 1, attends to the keys at positions > seq_len - 1 - window only."""
     return _paged_attention(
         q,
         k_pool,
@@ -347,6 +368,7 @@ def paged_attention(
         seq_lens,
         layer,
         sm_scale=sm_scale,
+        window=window,
         config=config,
         interpret=interpret,
         where="paged_attention",
@@ -389,6 +411,7 @@ def _paged_attention(
     config: PagedAttentionConfig | None,
     interpret: bool,
     where: str,
+    window: int | None = None,
     weights: tuple[int, ...] = (),
 ):
     """paged_attention's launch; with ``shrink_operands`` (A pool, A pages, ranks, each row's
@@ -404,6 +427,7 @@ def _paged_attention(
                 f"{' >= 16' if field == 'head_dim' else ''} (use "
                 "paged_attention_reference for other shapes)"
             )
+    _check_window(window, where)
     config = attention_config(q, k_pool, page_table, config, where=where)
     kv_splits = config.kv_splits
     blocks_total = -(-max_pages_per_seq // config.pages_per_block)
@@ -418,7 +442,8 @@ def _paged_attention(
         )
     else:
         out_shape = (jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype),)
-    shrink, extra_inputs, name = None, [], config.name
+    shrink, extra_inputs = None, []
+    name = config.name if window is None else f"{config.name}_window{window}"
     if shrink_operands:
         from pallas_kernels import sgmv as sgmv_ops
 
@@ -441,6 +466,7 @@ def _paged_attention(
         pages_per_block=config.pages_per_block,
         pages_per_split=pages_per_split,
         split_output=split_output,
+        window=window,
         shrink=shrink,
     )
     outs = pl.pallas_call(
@@ -508,6 +534,7 @@ def paged_attention_shrink_reference(
     *,
     sm_scale: float,
     weights: tuple[int, ...],
+    window: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # out (B, num_heads, head_dim), v (B, G, MP*R) float32
     """``paged_attention_reference``, then ``sgmv_shrink_reference`` of its output (flattened
     over the heads): attention and o's LoRA shrink, as the model runs them apart."""
@@ -516,7 +543,7 @@ def paged_attention_shrink_reference(
     where = "paged_attention_shrink_reference"
     _check_shrink_operands(q, a_pool, a_pages, ranks, token_slot, weights, where)
     out = paged_attention_reference(
-        q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=sm_scale
+        q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=sm_scale, window=window
     )
     a_layer = _layer_scalar(layer, a_pool.shape[0])
     v = sgmv_ops.sgmv_shrink_reference(
@@ -525,7 +552,9 @@ def paged_attention_shrink_reference(
     return out, v
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "weights", "config", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "weights", "window", "config", "interpret")
+)
 def paged_attention_shrink(
     # inputs
     q: jax.Array,  # (B, num_heads, head_dim)
@@ -541,6 +570,7 @@ def paged_attention_shrink(
     *,
     sm_scale: float,
     weights: tuple[int, ...],
+    window: int | None = None,
     config: PagedAttentionConfig | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # out (B, num_heads, head_dim), v (B, G, MP*R) float32
@@ -576,6 +606,7 @@ def paged_attention_shrink(
         config=config,
         interpret=interpret,
         where=where,
+        window=window,
         weights=tuple(weights),
     )
     v = v_parts.sum(axis=1)
@@ -935,11 +966,13 @@ def paged_attention_reference(
     layer: jax.Array | int,  # () int32
     *,
     sm_scale: float,
+    window: int | None = None,
 ) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
     """paged_attention in plain jnp: gather every row's pages, fp32 masked softmax."""
     _check_attention_inputs(
         q, k_pool, v_pool, page_table, seq_lens, where="paged_attention_reference"
     )
+    _check_window(window, "paged_attention_reference")
     batch, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_pool.shape
     max_len = page_table.shape[1] * page_size
@@ -952,7 +985,10 @@ def paged_attention_reference(
         )
         * sm_scale
     )
-    key_valid = jnp.arange(max_len)[None, :] < seq_lens[:, None]  # (B, max_len)
+    key_pos = jnp.arange(max_len)[None, :]
+    key_valid = key_pos < seq_lens[:, None]  # (B, max_len)
+    if window is not None:
+        key_valid = key_valid & (key_pos >= seq_lens[:, None] - window)
     logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
     row_active = seq_lens > 0
     # Inactive rows would softmax over all -inf; give them finite logits and zero them after.

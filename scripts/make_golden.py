@@ -3,7 +3,7 @@
 A tiny random HF model of --family (llama: GQA, 2 layers, llama3 RoPE scaling; qwen2: q/k/v
 biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidden / heads;
 phi3: fused qkv_proj and gate_up_proj, which its adapters target; mistral: a sliding window
-as long as the rows) and
+of 3 keys, shorter than the rows) and
 four PEFT LoRA adapters are built with transformers + peft, saved in their native formats, and
 the reference fp32 logits of the base model and of every adapter on every input row are computed
 by transformers + peft (CPU, fp32, eager attention). Output, under --out (default
@@ -77,11 +77,11 @@ FAMILIES = {
     # models tie their embeddings.
     "qwen2": ("Qwen2Config", _without(_QWEN, "attention_bias") | {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", _QWEN | {"head_dim": 32}),
-    # Mistral with a sliding window as long as the rows (SEQ): every query sees every key of
-    # its row, as jaxlora's cap of the context at the window assumes.
+    # Mistral with a sliding window of 3 keys, shorter than the rows (SEQ = 8): from the
+    # fourth position on, each query sees its last 3 keys only (transformers' sliding mask).
     "mistral": (
         "MistralConfig",
-        _without(BASE_CONFIG, "rope_scaling", "attention_bias", "mlp_bias") | {"sliding_window": 8},
+        _without(BASE_CONFIG, "rope_scaling", "attention_bias", "mlp_bias") | {"sliding_window": 3},
     ),
     # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target
     # them; special token ids inside the tiny vocabulary.

@@ -3,8 +3,8 @@
 The fixtures hold a tiny HF model of each family (Llama: tests/fixtures/golden; Qwen2 with q/k/v
 biases and tied embeddings: golden_qwen2; Qwen3 with per-head q/k norms and a head_dim of its
 own: golden_qwen3; Phi-3 with fused qkv_proj / gate_up_proj, which its adapters target:
-golden_phi3; Mistral with a sliding window as long as the rows, which jaxlora serves by
-capping the context at it: golden_mistral) and PEFT adapters in their native formats, plus
+golden_phi3; Mistral with a sliding window of 3 keys, shorter than the rows: golden_mistral)
+and PEFT adapters in their native formats, plus
 the fp32 logits transformers + peft compute for every (variant, row): variant 0 is the base
 model, variant k the k-th adapter. jaxlora loads the files with its own loaders and runs ONE
 batch in which the rows use different adapters and one row uses none; every row must reproduce

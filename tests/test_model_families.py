@@ -28,7 +28,9 @@ from tests.test_model import merged_params, random_lora
 # head_dim 32 with 4 heads of a 64-wide model: Qwen3 sets head_dim apart from hidden / heads.
 QWEN2 = dataclasses.replace(TINY, name="tiny-qwen2", model_type="qwen2", rope_theta=1e6)
 QWEN3 = dataclasses.replace(TINY, name="tiny-qwen3", model_type="qwen3", head_dim=32)
-FAMILIES = {"qwen2": QWEN2, "qwen3": QWEN3}
+# A sliding window of 4 keys: shorter than the tests' prompts and answers, so it binds.
+MISTRAL = dataclasses.replace(TINY, name="tiny-mistral", model_type="mistral", sliding_window=4)
+FAMILIES = {"qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
@@ -60,19 +62,31 @@ def test_config_json_of_each_family():
             config, name=config.model_type
         )
     assert qwen3.to_hf_dict()["architectures"] == ["Qwen3ForCausalLM"]
-    # A context past Mistral's window would need sliding attention: capped at the window,
-    # within which attention is the full one.
+    # Mistral 7B v0.1: a 4,096-key window over a 32k context, served whole.
     mistral = ModelConfig.from_hf_dict(
         hf_config("mistral", max_position_embeddings=32768, sliding_window=4096)
     )
-    assert mistral.max_position_embeddings == 4096 and mistral.sliding_window == 4096
+    assert mistral.max_position_embeddings == 32768 and mistral.attention_window == 4096
     from jaxlora.server.launch import LaunchConfig, engine_config_for
 
-    with pytest.raises(ConfigError, match="is 4096, capped at its sliding_window 4096"):
-        engine_config_for(mistral, LaunchConfig(max_model_len=8192, kv_pages=64), backend="gpu")
-    assert (
-        ModelConfig.from_hf_dict(hf_config("mistral", sliding_window=None)).sliding_window is None
+    engine = engine_config_for(
+        mistral, LaunchConfig(max_model_len=8192, kv_pages=64), backend="gpu"
     )
+    assert engine.kv.max_model_len == 8192
+    assert mistral.to_hf_dict()["sliding_window"] == 4096
+    assert ModelConfig.from_hf_dict(mistral.to_hf_dict()) == dataclasses.replace(
+        mistral, name="mistral"
+    )
+    unwindowed = ModelConfig.from_hf_dict(hf_config("mistral", sliding_window=None))
+    assert unwindowed.sliding_window is None and unwindowed.attention_window is None
+    # A window as long as the context never binds.
+    assert (
+        ModelConfig.from_hf_dict(hf_config("mistral", sliding_window=4096)).attention_window is None
+    )
+    with pytest.raises(ConfigError, match="'sliding_window': expected None, or an int >= 1"):
+        dataclasses.replace(TINY, sliding_window=8)  # Llama has no window
+    with pytest.raises(ConfigError, match="'sliding_window': expected None, or an int >= 1"):
+        dataclasses.replace(MISTRAL, sliding_window=0)
     # Phi-3: Llama's computation, q|k|v and gate|up fused in its files; mini-4k's window.
     phi3 = ModelConfig.from_hf_dict(
         hf_config(
@@ -82,7 +96,7 @@ def test_config_json_of_each_family():
         )
     )
     assert phi3.fused_checkpoint and not (phi3.qkv_bias or phi3.qk_norm)
-    assert phi3.max_position_embeddings == 2047
+    assert phi3.max_position_embeddings == 4096 and phi3.attention_window == 2047
     assert phi3.to_hf_dict()["architectures"] == ["Phi3ForCausalLM"]
     refused = {
         "use_sliding_window": (
@@ -306,6 +320,28 @@ def test_paged_engine_generates_the_full_recompute_tokens(family_model):
         merged = params if name is None else merged_params(params, adapters[name])
         expected = greedy_reference(merged, prompt, 6, forward=forward)
         assert out == expected, (config.model_type, name)
+
+
+def test_a_sliding_window_masks_the_keys_before_it():
+    """Mistral's window (ModelConfig.sliding_window, HF's mask: a query at position p sees
+    positions p - window + 1 .. p): the first window positions' logits are the unwindowed
+    model's, every later one differs. With the window, the family tests above check the paged
+    engine (prefill masks, the decode kernel) against this full recompute."""
+    params = random_family_params(MISTRAL, 0)
+    tokens = jnp.asarray([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]], jnp.int32)
+    windowed = Llama(MISTRAL).apply({"params": params}, tokens)
+    whole = Llama(dataclasses.replace(MISTRAL, sliding_window=None)).apply(
+        {"params": params}, tokens
+    )
+    window = MISTRAL.sliding_window
+    np.testing.assert_array_equal(np.asarray(windowed[0, :window]), np.asarray(whole[0, :window]))
+    for position in range(window, tokens.shape[1]):
+        assert not np.allclose(windowed[0, position], whole[0, position], atol=1e-4), position
+    # The roofline counts the K/V a decode step reads: a row's last `window` tokens.
+    from jaxlora.bench.roofline import kv_read_bytes
+
+    per_token = MISTRAL.num_layers * 2 * MISTRAL.kv_size * 2
+    assert kv_read_bytes(MISTRAL, 2, [10, 3]) == per_token * (window + 3)
 
 
 def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_model, monkeypatch):

@@ -174,6 +174,85 @@ def test_kernel_interpret_kv_splits(dtype):
     np.testing.assert_allclose(out, dense_attention(q, dk, dv, 0, 0.25), atol=tol, rtol=tol)
 
 
+WINDOW_LENS = (1, 32, 33, 0, 64, 96, 70, 17)
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        PagedAttentionConfig(pages_per_block=2, kv_splits=1),
+        PagedAttentionConfig(pages_per_block=1, kv_splits=3),
+    ],
+    ids=["one_split", "kv_splits"],
+)
+@pytest.mark.parametrize("window", [1, 16, 20, 33, 200])
+def test_sliding_window_attends_to_the_last_keys_only(window, config, dtype, interpret):
+    """window: each row's query (position seq_len - 1) sees the keys at positions >= seq_len -
+    window only: against float64 attention over those keys, for windows of one key, of a
+    block, across a block's middle and split boundaries, and longer than every row (the full
+    attention, bit for bit). Pages before a row's window hold NaN: never read."""
+    rng = np.random.default_rng(window)
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
+        rng, WINDOW_LENS, page_size=16, num_kv_heads=2, dtype=dtype
+    )
+    page_size = 16
+    k_pool, v_pool = np.asarray(k_pool).copy(), np.asarray(v_pool).copy()
+    for row, length in enumerate(WINDOW_LENS):
+        for pos in range(max(length - window, 0) // page_size * page_size):
+            page = page_table[row, pos // page_size]
+            k_pool[:, page, pos % page_size] = np.nan
+            v_pool[:, page, pos % page_size] = np.nan
+    k_pool, v_pool = jnp.asarray(k_pool), jnp.asarray(v_pool)
+    q = jnp.asarray(rng.standard_normal((len(WINDOW_LENS), 4, 16)), dtype)
+    args = (q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1))
+    out = paged_attention(*args, sm_scale=0.25, window=window, config=config, interpret=interpret)
+    assert "window" in str(
+        jax.make_jaxpr(
+            functools.partial(paged_attention, sm_scale=0.25, window=window, config=config)
+        )(*args)
+    )
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    assert (out[np.asarray(WINDOW_LENS) == 0] == 0).all()
+    last_k = [k[:, -window:] for k in dk]
+    last_v = [v[:, -window:] for v in dv]
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(out, dense_attention(q, last_k, last_v, 1, 0.25), atol=tol, rtol=tol)
+    ref = paged_attention_reference(*args, sm_scale=0.25, window=window)
+    np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=tol, rtol=tol)
+    if window >= max(WINDOW_LENS):
+        whole = paged_attention(*args, sm_scale=0.25, config=config, interpret=interpret)
+        np.testing.assert_array_equal(out, np.asarray(whole, np.float32))
+
+
+def test_a_windowed_kernel_lowers_for_the_gpu():
+    """The window's skipped blocks and key mask lower to Triton (tests/gpu_lowering.py)."""
+    rng = np.random.default_rng(5)
+    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
+        rng, WINDOW_LENS, page_size=16, num_kv_heads=2, dtype=jnp.bfloat16
+    )
+    q = jnp.asarray(rng.standard_normal((len(WINDOW_LENS), 4, 16)), jnp.bfloat16)
+    config = PagedAttentionConfig(pages_per_block=1, kv_splits=3)
+
+    def attend(*args):
+        return paged_attention(*args, sm_scale=0.25, window=20, config=config)
+
+    text = lower_for_gpu(attend, q, k_pool, v_pool, page_table, seq_lens, jnp.int32(0))
+    assert triton_kernels(text) == 1
+
+
+def test_a_bad_window_is_refused():
+    rng = np.random.default_rng(0)
+    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(rng, (3, 5))
+    q = jnp.zeros((2, 2, 16), jnp.float32)
+    for bad in (0, -3, 2.5, True):
+        for fn in (paged_attention, paged_attention_reference):
+            with pytest.raises(ConfigError, match=r"paged_attention.py .*window=.*expected None"):
+                fn(q, k_pool, v_pool, page_table, seq_lens, 0, sm_scale=0.25, window=bad)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
     "config",
@@ -781,6 +860,31 @@ def test_attention_shrink_matches_reference(queries_per_kv, dtype, interpret):
     tol = TOLERANCE[dtype]
     scale = np.abs(np.asarray(want_v)).max()
     np.testing.assert_allclose(v, np.asarray(want_v), rtol=tol, atol=tol * scale)
+
+
+def test_attention_shrink_with_a_window_is_the_windowed_kernel():
+    """The fused o shrink's launch (RunnerConfig.attention_shrink) honours a sliding window:
+    its output is windowed paged_attention's bit for bit, and v the reference's shrink of it."""
+    from pallas_kernels.paged_attention import (
+        paged_attention_shrink,
+        paged_attention_shrink_reference,
+    )
+
+    cache, tables, problem = _shrink_problem(3, SEQ_LENS, 2, 2, jnp.float32)
+    config = PagedAttentionConfig(pages_per_block=4, kv_splits=1)
+    launch = dict(sm_scale=0.25, window=3, config=config, interpret=True)
+    out, v = paged_attention_shrink(
+        *cache, jnp.int32(1), *tables, weights=problem.weights, **launch
+    )
+    plain = paged_attention(*cache, jnp.int32(1), **launch)
+    whole = paged_attention(*cache, jnp.int32(1), sm_scale=0.25, config=config, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    assert not np.allclose(np.asarray(out), np.asarray(whole))  # rows longer than the window
+    want_out, want_v = paged_attention_shrink_reference(
+        *cache, jnp.int32(1), *tables, sm_scale=0.25, weights=problem.weights, window=3
+    )
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(v), np.asarray(want_v), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cache_dtype", FP8)

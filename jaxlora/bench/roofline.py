@@ -53,9 +53,11 @@ def base_weight_bytes(config: ModelConfig, itemsize: int, rows: int) -> int:
 
 
 def kv_read_bytes(config: ModelConfig, itemsize: int, seq_lens: Iterable[int]) -> int:
-    """K and V of seq_len tokens of each row, every layer."""
+    """K and V of seq_len tokens of each row, every layer (of the last ``attention_window``
+    tokens where a sliding window binds: the decode kernel reads no others)."""
     per_token = config.num_layers * 2 * config.kv_size * itemsize
-    return per_token * sum(int(n) for n in seq_lens)
+    window = config.attention_window
+    return per_token * sum(int(n) if window is None else min(int(n), window) for n in seq_lens)
 
 
 def adapter_bytes(config: ModelConfig, itemsize: int, ranks: Sequence[int]) -> int:

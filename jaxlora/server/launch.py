@@ -259,15 +259,9 @@ def engine_config_for(
         launch.max_model_len, min(model.max_position_embeddings, 512 if on_cpu else 4096)
     )
     if max_model_len > model.max_position_embeddings:
-        window = (
-            f", capped at its sliding_window {model.sliding_window} (attention past the window "
-            "is not implemented)"
-            if model.sliding_window == model.max_position_embeddings
-            else ""
-        )
         raise ConfigError(
             f"max_model_len {max_model_len}: the model's context "
-            f"(max_position_embeddings) is {model.max_position_embeddings}{window}"
+            f"(max_position_embeddings) is {model.max_position_embeddings}"
         )
     page_size = pick(launch.page_size, kv_default.page_size)
     pages_per_seq = -(-max_model_len // page_size)
