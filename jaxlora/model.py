@@ -627,7 +627,13 @@ class Attention(nn.Module):
         q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
+        head_norms = None
+        if cfg.qk_norm and _head_norms_in_rope_kernel(self, rope_kernel, fused, cfg):
+            # The RoPE kernel below normalizes the heads it reads from q|k|v whole.
+            head_norms = tuple(
+                self.get_variable("params", name)["scale"] for name in ("q_norm", "k_norm")
+            )
+        elif cfg.qk_norm:
             head_norm = lambda name: RMSNorm(  # noqa: E731
                 cfg.rms_norm_eps, self.dtype, self.param_dtype, "head_dim", name=name
             )
@@ -654,6 +660,8 @@ class Attention(nn.Module):
                 positions,
                 layer,
                 kv.token_valid if kv.write_valid is None else kv.write_valid,
+                head_norms=head_norms,
+                head_norm_eps=cfg.rms_norm_eps,
                 interpret=kv.impl == "pallas_interpret",
             )
         else:
@@ -692,6 +700,20 @@ class Attention(nn.Module):
                 "o", out, [dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out)], layer, lora
             )
         return o[0], k_pool, v_pool
+
+
+def _head_norms_in_rope_kernel(module: nn.Module, rope_kernel: bool, fused, cfg) -> bool:
+    """Whether the RoPE + K/V write kernel runs Qwen3's q / k head norms: it reads q|k|v whole
+    (one fused output), head_dim is a power of two, and the norms' scales exist (a model
+    initialized through XLA's path made them)."""
+    head_dim = cfg.head_dim
+    return (
+        rope_kernel
+        and fused is not None
+        and head_dim & (head_dim - 1) == 0
+        and module.has_variable("params", "q_norm")
+        and module.has_variable("params", "k_norm")
+    )
 
 
 def _o_shrink_in_attention(q, kv: KVCache, k_pool, lora, kernels, cfg) -> bool:

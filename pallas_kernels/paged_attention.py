@@ -749,23 +749,27 @@ def _rope_write_kv_kernel(
     qkv_ref,  # (T, Wq + 2 W) Wq = H * D, W = KVH * D: q | k (before rotation) | v
     k_pool_in_ref,  # (L, P, page_size, W), the same buffer as k_pool_ref
     v_pool_in_ref,  # (L, P, page_size, W), the same buffer as v_pool_ref
-    # outputs
-    q_out_ref,  # (T, Wq) the rotated query
-    k_pool_ref,  # (L, P, page_size, W)
-    v_pool_ref,  # (L, P, page_size, W)
-    *,
+    *refs,
+    # with ``head_norm_eps``: q_scale_ref, k_scale_ref (D,) each, the q / k head norms' scales
+    # outputs: q_out_ref (T, Wq) the rotated query, k_pool_ref and v_pool_ref (L, P, page_size, W)
     tokens_per_row: int,
     head_dim: int,
     q_half_lanes: int,
     kv_half_lanes: int,
     lanes: int,
+    head_norm_eps: float | None = None,
 ):
     """Program (t, g) rotates head group g of token t's query and key (RoPE) and writes the
     group's rotated key and value heads into the token's page slot (or nothing): one launch for
     what XLA runs as a rotation fusion and two scatters (and the slices of q, k, v out of the
     fused projection). Groups split every part alike: the query's H / G heads, the key's and
-    value's KVH / G."""
+    value's KVH / G. With ``head_norm_eps`` (Qwen3) each q and k head is RMS-normalized over
+    head_dim first (``_head_rms_norm``)."""
     del k_pool_in_ref, v_pool_in_ref
+    q_scale_ref = k_scale_ref = None
+    if head_norm_eps is not None:
+        q_scale_ref, k_scale_ref, *refs = refs
+    q_out_ref, k_pool_ref, v_pool_ref = refs
     _, num_pages, page_size, width = k_pool_ref.shape
     groups = pl.num_programs(1)
     q_width, total = q_out_ref.shape[1], qkv_ref.shape[1]
@@ -776,9 +780,9 @@ def _rope_write_kv_kernel(
     group = pl.program_id(1)
     layer = layer_ref[0]
     # (part's first column in qkv, its width, lanes per half of a group, where it goes)
-    for start, part_width, half_lanes, out_ref in (
-        (0, q_width, q_half_lanes, q_out_ref),
-        (q_width, width, kv_half_lanes, k_pool_ref),
+    for start, part_width, half_lanes, out_ref, scale_ref in (
+        (0, q_width, q_half_lanes, q_out_ref, q_scale_ref),
+        (q_width, width, kv_half_lanes, k_pool_ref, k_scale_ref),
     ):
         group_width = part_width // groups
         # Lane j owns the pair (first, first + half) of the group's head j // half; padding
@@ -795,6 +799,10 @@ def _rope_write_kv_kernel(
             ).astype(jnp.float32)
             for column in (first, first + half)
         )
+        if scale_ref is not None:
+            x1, x2 = _head_rms_norm(
+                x1, x2, scale_ref, angle, lane_ok, half, head_norm_eps, qkv_ref.dtype
+            )
         # rotate_half_reference: float32 math, rounded to the input's dtype.
         rotated = (
             (x1 * cos - x2 * sin).astype(qkv_ref.dtype),
@@ -825,6 +833,23 @@ def _rope_write_kv_kernel(
     )
 
 
+def _head_rms_norm(x1, x2, scale_ref, angle, lane_ok, half, eps, dtype):
+    """RMSNorm over each head of a part's lanes (pallas_kernels.residual_norm.rms_norm's
+    arithmetic: float32 normalization, rounded to the input's dtype, times the rounded scale),
+    as float32 values. Lane j holds the pair (angle, angle + half) of head j // half, so a
+    head's sum of squares is a row sum of the lanes reshaped to (heads, half); padding lanes
+    hold zeros, in rows of their own."""
+    lanes = x1.shape[0]
+    squares = (x1 * x1 + x2 * x2).reshape(lanes // half, half)
+    mean = jnp.sum(squares, axis=1, keepdims=True) / (2 * half)
+    inv = jnp.broadcast_to(jax.lax.rsqrt(mean + eps), (lanes // half, half)).reshape(lanes)
+    normed = []
+    for x, column in ((x1, angle), (x2, angle + half)):
+        scale = pltriton.load(scale_ref.at[column], mask=lane_ok, other=0).astype(dtype)
+        normed.append((scale * (x * inv).astype(dtype)).astype(jnp.float32))
+    return tuple(normed)
+
+
 def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """HF's rotate-half RoPE. x: (*token_shape, N, D); cos, sin: (*token_shape, D/2) float32.
     float32 math, x's dtype out."""
@@ -833,6 +858,16 @@ def rotate_half_reference(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.A
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def _check_head_norms(head_norms, head_dim: int, where: str) -> None:
+    if head_norms is None:
+        return
+    if len(head_norms) != 2 or any(tuple(s.shape) != (head_dim,) for s in head_norms):
+        raise ConfigError(
+            f"{_WHERE} {where}: head_norms must be (q's scale, k's scale) of shape "
+            f"({head_dim},) each, got {[tuple(s.shape) for s in head_norms]}"
+        )
 
 
 def _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, valid, where) -> int:
@@ -868,11 +903,22 @@ def rope_write_kv_reference(
     positions: jax.Array,  # token_shape int32
     layer: jax.Array | int,  # () int32
     valid: jax.Array,  # token_shape bool (or int, 0 = False)
+    *,
+    head_norms: tuple[jax.Array, jax.Array] | None = None,  # q's, k's scales (D,) each
+    head_norm_eps: float = 1e-6,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(rotated q, k_pool, v_pool): ``rotate_half_reference`` of q and k, then ``write_kv``."""
+    """(rotated q, k_pool, v_pool): ``rotate_half_reference`` of q and k, then ``write_kv``.
+    ``head_norms`` (Qwen3): each q and k head RMS-normalized over head_dim first, with those
+    scales (``residual_norm.rms_norm``)."""
+    from pallas_kernels.residual_norm import rms_norm
+
     where = "rope_write_kv_reference"
     heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, valid, where)
+    _check_head_norms(head_norms, qkv.shape[-1], where)
     q, k_new, v_new = jnp.split(qkv, (heads, qkv.shape[-2] - k_pool.shape[3]), axis=-2)
+    if head_norms is not None:
+        q = rms_norm(q, head_norms[0], head_norm_eps, qkv.dtype)
+        k_new = rms_norm(k_new, head_norms[1], head_norm_eps, qkv.dtype)
     k_rot = rotate_half_reference(k_new, cos, sin)
     pools = write_kv(k_pool, v_pool, k_rot, v_new, page_table, positions, layer, valid != 0)
     return (rotate_half_reference(q, cos, sin), *pools)
@@ -889,6 +935,8 @@ def rope_write_kv_kernel(
     layer: jax.Array | int,  # () int32
     valid: jax.Array,  # token_shape bool or int32 (0 = write nothing for this token)
     *,
+    head_norms: tuple[jax.Array, jax.Array] | None = None,  # q's, k's scales (D,) each
+    head_norm_eps: float = 1e-6,
     max_head_groups: int = 8,
     num_warps: int = 4,
     interpret: bool = False,
@@ -903,9 +951,18 @@ def rope_write_kv_kernel(
       before a custom call.
     - XLA runs the rotation and each scatter as separate kernels, 3-4 us each per layer at
       batch 32 (docs/BENCHMARKS.md, eleventh session).
-    - An int32 ``valid`` skips a conversion per call (the model converts once a step)."""
+    - An int32 ``valid`` skips a conversion per call (the model converts once a step).
+    - ``head_norms`` (Qwen3's q / k norms): each program normalizes its heads before rotating
+      them, where XLA would run the norms and a concatenation of q|k|v back (head_dim a power
+      of two)."""
     where = "rope_write_kv_kernel"
     heads = _check_rope_inputs(qkv, cos, sin, positions, k_pool, v_pool, page_table, valid, where)
+    _check_head_norms(head_norms, qkv.shape[-1], where)
+    if head_norms is not None and not _is_power_of_2(qkv.shape[-1]):
+        raise ConfigError(
+            f"{_WHERE} {where}: head_norms need a power-of-two head_dim (a head's lanes are "
+            f"one row of a power-of-two tile), got {qkv.shape[-1]}; use rope_write_kv_reference"
+        )
     num_layers, num_pages, page_size, num_kv_heads, head_dim = k_pool.shape
     width = num_kv_heads * head_dim
     q_width = heads * head_dim
@@ -930,7 +987,9 @@ def rope_write_kv_kernel(
         q_half_lanes=_next_power_of_2(q_width // groups // 2),
         kv_half_lanes=_next_power_of_2(width // groups // 2),
         lanes=lanes,
+        head_norm_eps=None if head_norms is None else float(head_norm_eps),
     )
+    norm_inputs = () if head_norms is None else tuple(s.reshape(head_dim) for s in head_norms)
     q_out, k_out, v_out = pl.pallas_call(
         kernel,
         grid=(num_tokens, groups),
@@ -942,7 +1001,8 @@ def rope_write_kv_kernel(
         input_output_aliases={7: 1, 8: 2},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"rope_write_kv_q{q_width}_g{groups}_w{lanes}_warps{num_warps}",
+        name=f"rope_write_kv_q{q_width}_g{groups}_w{lanes}_warps{num_warps}"
+        + ("_headnorm" if head_norms is not None else ""),
     )(
         _layer_scalar(layer, num_layers).reshape(1),
         positions.astype(jnp.int32).reshape(-1),
@@ -953,6 +1013,7 @@ def rope_write_kv_kernel(
         qkv.reshape(num_tokens, q_width + 2 * width),
         k_pool.reshape(pool_shape),
         v_pool.reshape(pool_shape),
+        *norm_inputs,
     )
     return q_out.reshape(q_shape), k_out.reshape(k_pool.shape), v_out.reshape(v_pool.shape)
 

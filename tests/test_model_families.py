@@ -346,7 +346,7 @@ def test_a_sliding_window_masks_the_keys_before_it():
 
 def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_model, monkeypatch):
     """Pallas in interpret mode: paged attention, the RoPE + K/V write kernel reading q|k|v
-    (the bias added to lora_matmul's output, the normed heads concatenated again) and the
+    (the bias added to lora_matmul's output; Qwen3's head norms run in the kernel) and the
     decode projections in lora_matmul, against the reference engine's tokens."""
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
     names = ["all5", "qv1"]
@@ -361,6 +361,16 @@ def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_mod
         return projection_op(*args, **kwargs)
 
     monkeypatch.setattr(model_module.matmul_ops, "lora_projection", counted)
+    from pallas_kernels import paged_attention as pa
+
+    normed = []  # per RoPE-kernel call: whether it normalized Qwen3's q / k heads
+    rope_op = pa.rope_write_kv_kernel
+
+    def rope_spy(*args, **kwargs):
+        normed.append(kwargs.get("head_norms") is not None)
+        return rope_op(*args, **kwargs)
+
+    monkeypatch.setattr(pa, "rope_write_kv_kernel", rope_spy)
     outs = {}
     for impl, kv_write, projection in (
         ("reference", "xla", "xla"),
@@ -373,6 +383,8 @@ def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_mod
         engine_config = dataclasses.replace(engine_config, runner=runner)
         outs[impl] = generate(family_model, prompts, names, sampling, engine_config=engine_config)
     assert launches  # the decode steps' projections ran in lora_matmul
+    # Qwen3's head norms run in the RoPE kernel (prefill and decode), no other family's.
+    assert normed and set(normed) == {family_model[0].qk_norm}
     assert outs["pallas_interpret"] == outs["reference"]
 
 

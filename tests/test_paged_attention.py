@@ -502,6 +502,62 @@ def test_rope_write_kv_kernel_matches_rotation_then_scatter(
     np.testing.assert_array_equal(np.asarray(got[2], np.float32), np.asarray(plain_v, np.float32))
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    ("token_shape", "num_heads", "num_kv_heads", "head_dim", "dtype"),
+    [
+        ((6,), 4, 2, 16, jnp.float32),
+        ((3, 5), 6, 2, 16, jnp.bfloat16),  # 3 query heads a group: padding lanes, rows of them
+        ((8,), 32, 8, 128, jnp.bfloat16),  # Qwen3-8B's heads
+        ((8,), 40, 8, 128, jnp.bfloat16),  # Qwen3-14B's: 5 query heads a group
+    ],
+)
+def test_rope_write_kv_kernel_normalizes_heads_as_the_reference(
+    token_shape, num_heads, num_kv_heads, head_dim, dtype, interpret
+):
+    """head_norms (Qwen3's q_norm / k_norm): every q and k head RMS-normalized over head_dim
+    (scales of their own, not ones) before the rotation, in the kernel's lanes, against
+    residual_norm.rms_norm then the rotation and scatter; v untouched. The norms change q and
+    the written keys (scaled inputs: a norm without effect would not pass)."""
+    qkv, *rest = _rope_problem(token_shape, num_heads, num_kv_heads, head_dim, dtype)
+    qkv = (qkv.astype(jnp.float32) * 3.0 + 0.5).astype(dtype)
+    rng = np.random.default_rng(head_dim + num_heads)
+    norms = tuple(
+        jnp.asarray(1.0 + 0.5 * rng.standard_normal(head_dim), jnp.float32).astype(dtype)
+        for _ in range(2)
+    )
+    want = rope_write_kv_reference(qkv, *rest, head_norms=norms, head_norm_eps=1e-6)
+    kernel = functools.partial(rope_write_kv_kernel, head_norm_eps=1e-6, interpret=interpret)
+    got = jax.jit(kernel)(qkv, *rest, head_norms=norms)
+    plain = rope_write_kv_reference(qkv, *rest)
+    # bf16: one rounding of the normalized value may differ (the sum of squares' order).
+    tolerance = 2e-6 if dtype == jnp.float32 else 2e-2
+    for name, g, w, p in zip(("q", "k_pool", "v_pool"), got, want, plain, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        g, w, p = (np.asarray(a, np.float32) for a in (g, w, p))
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w), err_msg=name)
+        np.testing.assert_allclose(g, w, rtol=tolerance, atol=tolerance, err_msg=name)
+        written = ~np.isnan(w)
+        if name == "v_pool":
+            np.testing.assert_array_equal(g, p)
+        else:
+            assert not np.allclose(w[written], p[written], atol=0.1), name
+    with pytest.raises(ConfigError, match=r"head_norms must be \(q's scale, k's scale\)"):
+        rope_write_kv_kernel(qkv, *rest, head_norms=(norms[0],))
+
+
+def test_rope_write_kv_kernel_with_head_norms_lowers_for_the_gpu():
+    """The head norms' reshape and row sums lower to Triton (Qwen3-8B's heads, bf16)."""
+    qkv, *rest = _rope_problem((8,), 32, 8, 128, jnp.bfloat16)
+    norms = (jnp.ones(128, jnp.bfloat16), jnp.ones(128, jnp.bfloat16))
+
+    def run(qkv, *rest):
+        return rope_write_kv_kernel(qkv, *rest, head_norms=norms, head_norm_eps=1e-6)
+
+    text = lower_for_gpu(run, qkv, *rest)
+    assert triton_kernels(text) == 1 and "_headnorm" in text
+
+
 def test_rope_write_kv_kernel_lowers_in_place_for_the_gpu():
     """One Triton launch for the rotation and both writes, pools aliased to its outputs, inside
     a scan over layers as the model runs it."""
