@@ -687,25 +687,11 @@ def test_a_step_makes_one_host_to_device_transfer(base, lora_adapters, use_lora)
     unpacked inputs."""
     import dataclasses
 
-    from jaxlora.engine.runner import empty_batch
-
     config = small_engine_config()
     config = dataclasses.replace(
         config, runner=dataclasses.replace(config.runner, impl="pallas_interpret")
     )
-    llm = jaxlora.LLM(
-        TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
-    )
-    engine, runner = llm.engine, llm.engine.runner
-    handle = engine.adapters.acquire("all5")
-    handle.wait()
-    batch = empty_batch(8, 1, config.kv.max_pages_per_seq)
-    batch = batch.replace(
-        tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
-        token_valid=np.ones((8, 1), bool),
-        seq_lens=np.ones(8, np.int32),
-        token_slot=np.where(np.arange(8) % 2, 0, -1).astype(np.int32)[:, None],
-    )
+    engine, runner, (handle,), batch = _decode_step_of_tiny(base, lora_adapters, ("all5",), config)
     meta = engine._lora_meta([handle.slot_info], batch.token_slot)
     assert all(isinstance(a, np.ndarray) for a in jax.tree.leaves(meta))
     with engine._locked_lora_pools() as pools:
@@ -1350,6 +1336,28 @@ def test_runner_xla_gemms_picks_cublas_on_the_compiled_kernels_only():
         RunnerConfig(xla_gemms="cutlass")
 
 
+def _decode_step_of_tiny(base, adapters, names, engine_config):
+    """A TINY engine's decode step of 8 tokens, one per row, cycling over no adapter and the
+    named adapters (acquired: their slots): (engine, runner, handles, batch)."""
+    from jaxlora.engine.runner import empty_batch
+
+    llm = jaxlora.LLM(
+        TINY, params=base, adapters=adapters, engine_config=engine_config, load_workers=0
+    )
+    engine = llm.engine
+    handles = [engine.adapters.acquire(n) for n in names]
+    for h in handles:
+        h.wait()
+    batch = empty_batch(8, 1, engine_config.kv.max_pages_per_seq)
+    batch = batch.replace(
+        tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
+        token_valid=np.ones((8, 1), bool),
+        seq_lens=np.ones(8, np.int32),
+        token_slot=(np.arange(8) % (len(names) + 1) - 1).astype(np.int32)[:, None],
+    )
+    return engine, engine.runner, handles, batch
+
+
 @pytest.fixture(scope="module")
 def xla_decode_runs():
     """(use_lora, layer loop) -> (logits, pallas calls) of the XLA projections' decode step,
@@ -1397,7 +1405,6 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
     launch)."""
     import dataclasses
 
-    from jaxlora.engine.runner import empty_batch
     from pallas_kernels.lora_matmul import MatmulConfig
 
     loop, fused = norm_shrink.split(":") if norm_shrink else (None, "")
@@ -1426,23 +1433,8 @@ def test_decode_projections_through_lora_matmul_give_the_xla_logits(
             layer_loop=layer_loop,
             **(knobs if projection == "pallas" else {}),
         )
-        llm = jaxlora.LLM(
-            TINY,
-            params=base,
-            adapters=lora_adapters,
-            engine_config=dataclasses.replace(config, runner=runner_config),
-            load_workers=0,
-        )
-        engine, runner = llm.engine, llm.engine.runner
-        handles = [engine.adapters.acquire(n) for n in ("all5", "qv1")]
-        for h in handles:
-            h.wait()
-        batch = empty_batch(8, 1, config.kv.max_pages_per_seq)
-        batch = batch.replace(
-            tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
-            token_valid=np.ones((8, 1), bool),
-            seq_lens=np.ones(8, np.int32),
-            token_slot=(np.arange(8) % 3 - 1).astype(np.int32)[:, None],
+        engine, runner, handles, batch = _decode_step_of_tiny(
+            base, lora_adapters, ("all5", "qv1"), dataclasses.replace(config, runner=runner_config)
         )
         meta = engine._lora_meta(
             [h.slot_info for h in handles], batch.token_slot, mode="decode" if shrink else None
@@ -1520,8 +1512,6 @@ def test_lora_update_in_place_gives_the_delta_forms_logits(base, lora_adapters, 
     q|k|v stays split into three outputs, which take the delta."""
     import dataclasses
 
-    from jaxlora.engine.runner import empty_batch
-
     logits, expands = {}, {}
     for update in ("in_place", "delta"):
         config = small_engine_config()
@@ -1532,23 +1522,11 @@ def test_lora_update_in_place_gives_the_delta_forms_logits(base, lora_adapters, 
             kv_write=kv_write,
             lora_update=update,
         )
-        llm = jaxlora.LLM(
-            TINY,
-            params=base,
-            adapters=lora_adapters,
-            engine_config=dataclasses.replace(config, runner=runner_config),
-            load_workers=0,
-        )
-        engine, runner = llm.engine, llm.engine.runner
-        handles = [engine.adapters.acquire(n) for n in ("all5", "qv1", "mlp16")]
-        for h in handles:
-            h.wait()
-        batch = empty_batch(8, 1, config.kv.max_pages_per_seq)
-        batch = batch.replace(
-            tokens=np.arange(8, dtype=np.int32).reshape(8, 1) + 3,
-            token_valid=np.ones((8, 1), bool),
-            seq_lens=np.ones(8, np.int32),
-            token_slot=(np.arange(8) % 4 - 1).astype(np.int32)[:, None],
+        engine, runner, handles, batch = _decode_step_of_tiny(
+            base,
+            lora_adapters,
+            ("all5", "qv1", "mlp16"),
+            dataclasses.replace(config, runner=runner_config),
         )
         meta = engine._lora_meta([h.slot_info for h in handles], batch.token_slot)
         with engine._locked_lora_pools() as pools:
@@ -1571,34 +1549,33 @@ def test_lora_update_in_place_gives_the_delta_forms_logits(base, lora_adapters, 
     np.testing.assert_array_equal(logits["in_place"], logits["delta"])
 
 
-def _pallas_aliases(jaxpr) -> list[tuple[str, bool]]:
-    """(name, whether it updates an input in place) of every pallas_call in a jaxpr."""
-    calls = []
+def _pallas_call_eqns(jaxpr):
+    """Every pallas_call equation of a jaxpr, sub-jaxprs (scan, jit) included."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            calls.append((str(eqn.params.get("name")), bool(eqn.params["input_output_aliases"])))
+            yield eqn
             continue
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    calls.extend(_pallas_aliases(inner))
-    return calls
+                    yield from _pallas_call_eqns(inner)
+
+
+def _pallas_aliases(jaxpr) -> list[tuple[str, bool]]:
+    """(name, whether it updates an input in place) of every pallas_call in a jaxpr."""
+    return [
+        (str(eqn.params.get("name")), bool(eqn.params["input_output_aliases"]))
+        for eqn in _pallas_call_eqns(jaxpr)
+    ]
 
 
 def _pallas_calls(jaxpr) -> list[tuple[str, list[tuple[int, ...]]]]:
     """(name, operand shapes) of every pallas_call in a jaxpr, sub-jaxprs (scan, jit) included."""
-    calls = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            calls.append((str(eqn.params.get("name")), [v.aval.shape for v in eqn.invars]))
-            continue
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    calls.extend(_pallas_calls(inner))
-    return calls
+    return [
+        (str(eqn.params.get("name")), [v.aval.shape for v in eqn.invars])
+        for eqn in _pallas_call_eqns(jaxpr)
+    ]
 
 
 def _dynamic_slice_sizes(hlo: str) -> list[int]:
