@@ -355,6 +355,8 @@ class ProjectionKernels:
 
     kernels: dict[str, jax.Array]
     impl: str = flax.struct.field(pytree_node=False, default="pallas")  # or "pallas_interpret"
+    # group -> (L, N) layer-stacked bias (Qwen2's "qkv"), added in lora_matmul's epilogue.
+    biases: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
     config: object = flax.struct.field(pytree_node=False, default=None)  # MatmulConfig
     # The layer-stacked RMSNorm scales, "input" and "post" -> (L, D), where the residual adds
     # and the norms after o and down run in pallas_kernels.residual_norm (Llama.residual_norm);
@@ -453,6 +455,10 @@ def projection_kernels(
         "gate_up": gate_up.reshape(*gate_up.shape[:2], -1),
         "down": layers["mlp"]["down_proj"]["kernel"],
     }
+    biases = {}
+    if "bias" in layers["attn"]["qkv_proj"]:  # (L, groups, n)
+        bias = layers["attn"]["qkv_proj"]["bias"]
+        biases["qkv"] = bias.reshape(bias.shape[0], -1)
     norm_scales = None
     if residual_norm:
         norm_scales = {
@@ -461,6 +467,7 @@ def projection_kernels(
         }
     return ProjectionKernels(
         kernels=kernels,
+        biases=biases,
         impl=impl,
         config=config,
         norm_scales=norm_scales,
@@ -518,9 +525,16 @@ def _kernel_projection(
     x2 = x.reshape(b * s, -1)
     interpret = kernels.interpret
     w = kernels.kernels[group]
+    bias = kernels.biases.get(group)
     if lora is None:
         y = matmul_ops.lora_matmul(
-            x2, w, layer, config=kernels.config, interpret=interpret, partials=partials
+            x2,
+            w,
+            layer,
+            bias=bias,
+            config=kernels.config,
+            interpret=interpret,
+            partials=partials,
         )
     else:
         operands, weights = _group_operands(group, lora)
@@ -538,6 +552,7 @@ def _kernel_projection(
             per_token=lora.per_token,
             partials=partials,
             v=v,
+            bias=bias,
         )
     if partials:
         return y
@@ -598,11 +613,6 @@ class Attention(nn.Module):
         )
         if qkv_v is not None:
             _ran_in_kernel(fused, "qkv")
-        if fused is not None and cfg.qkv_bias:
-            # lora_matmul has no bias: added here (one group: the columns are q|k|v in order).
-            fused = fused + self.get_variable("params", "qkv_proj")["bias"].astype(
-                fused.dtype
-            ).reshape(-1)
         if fused is None and rope_kernel:
             # The RoPE + K/V write kernel reads q|k|v in place: XLA's GEMM output unsplit, with
             # its LoRA delta, not split and concatenated again (a copy a layer).

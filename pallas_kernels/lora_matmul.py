@@ -514,6 +514,7 @@ def lora_matmul_reference(
     layer: jax.Array | int,  # () int32
     *,
     lora: LoraExpand | None = None,
+    bias: jax.Array | None = None,  # (L, N) layer-stacked
     out_dtype=None,
 ) -> jax.Array:  # (T, N) out_dtype (x's by default)
     out_dtype = out_dtype or x.dtype
@@ -523,6 +524,8 @@ def lora_matmul_reference(
         w[layer].astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
+    if bias is not None:
+        y = y + bias[layer].astype(jnp.float32)
     if lora is not None:
         v = lora.v if lora.shrink is None else _listed_shrink_reference(x, lora, layer)
         y = sgmv_expand_reference(
@@ -664,6 +667,7 @@ def _matmul_kernel(
     x_ref,  # (T, K) activations
     w_ref,  # (L, K, N) base kernels of every layer
     layer_ref,  # (1,) int32
+    # with ``bias``, then: the layer-stacked bias (L, N) (Qwen2's q|k|v)
     # with LoRA, then: v (T, G*MP*R) float32, or with the shrink in the K loop the A pool
     # (L*P*R, K), its pages (S, 7, MP) int32 and the shrink rows (2, J) int32; G B pools
     # (L*P_g*R, out_g) each; pages (S, 7, MP) int32; ranks (S, 7) int32; scales (S, 7) float32;
@@ -679,6 +683,7 @@ def _matmul_kernel(
     dtype,
     expand: _Epilogue | None,
     interpret,
+    bias: bool = False,
 ):
     """A program owns ``bm`` tokens x ``bn`` columns, as ``bm / sub`` sub-blocks of ``sub``
     tokens: each K step loads the weight tile once and runs one tensor-core dot per sub-block,
@@ -686,7 +691,11 @@ def _matmul_kernel(
     ``split`` > 1 it walks ``k_steps`` K steps from ``part * k_steps`` (part = program id 2) and
     writes its float32 partial; its epilogue adds the LoRA terms of its share. With
     ``expand.shrink_rows`` it also computes its tokens' v over its K steps (one more dot a step,
-    by the listed A rank rows) and adds ``v @ B`` from that (a K part adds its partial v's)."""
+    by the listed A rank rows) and adds ``v @ B`` from that (a K part adds its partial v's).
+    With ``bias`` (no split) it adds the layer's bias to its columns before the one rounding."""
+    bias_ref = None
+    if bias:
+        bias_ref, *refs = refs
     y_ref = refs[-1]
     shrink_refs = None
     if expand is not None and expand.shrink_rows:
@@ -845,6 +854,8 @@ def _matmul_kernel(
             acc = jax.lax.cond(few.every, by_adapter, general, acc)
         elif expand is not None:
             acc = general(acc)
+        if bias_ref is not None:
+            acc = acc + bias_ref[layer, cols].astype(jnp.float32)[None, :]
         out_idx = (rows_i[:, None], cols[None, :])
         if part is not None:
             out_idx = (part, *out_idx)
@@ -1195,6 +1206,7 @@ def lora_matmul(
     layer: jax.Array | int,  # () int32
     *,
     lora: LoraExpand | None = None,
+    bias: jax.Array | None = None,  # (L, N) layer-stacked
     out_dtype=None,
     config: MatmulConfig | None = None,
     interpret: bool = False,
@@ -1204,7 +1216,9 @@ def lora_matmul(
     ``lora_matmul_reference``. ``partials=True``: the K split's float32 partials unsummed,
     (S, T, N), whose sum rounded to out_dtype is the output (S = 1 without a split: the output
     itself), for a consumer that sums them with its own work
-    (``pallas_kernels.residual_norm``)."""
+    (``pallas_kernels.residual_norm``). ``bias`` (Qwen2's q|k|v): added to every token's row
+    before the output's one rounding (in the epilogue; with a K split, to the partials' sum);
+    not with ``partials``."""
     config = config or MatmulConfig()
     fn = "lora_matmul"
     if w.ndim != 3:
@@ -1216,6 +1230,11 @@ def lora_matmul(
         raise ConfigError(f"{_WHERE} {fn}: x must be (T, {width}) (w's K), got shape {x.shape}")
     num_tokens = x.shape[0]
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if bias is not None and (bias.shape != (num_layers, n_cols) or partials):
+        raise ConfigError(
+            f"{_WHERE} {fn}: bias must be (L, N) = ({num_layers}, {n_cols}) and come without "
+            f"partials, got shape {bias.shape}, partials={partials}"
+        )
     if num_tokens == 0:
         return jnp.zeros((1, 0, n_cols) if partials else (0, n_cols), out_dtype)
     widths = (n_cols,)
@@ -1275,6 +1294,10 @@ def lora_matmul(
         tag += f"_sk{split}"
         grid += (split,)
         out_shape = jax.ShapeDtypeStruct((split, num_tokens, n_cols), jnp.float32)
+    in_kernel_bias = bias is not None and split == 1
+    if in_kernel_bias:
+        args.insert(3, bias)
+        tag += "_bias"
     num_warps = config.num_warps_for(bm, bn)
     name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{num_warps}_s{config.num_stages}"
     y = pl.pallas_call(
@@ -1289,6 +1312,7 @@ def lora_matmul(
             dtype=dtype,
             expand=expand,
             interpret=interpret,
+            bias=in_kernel_bias,
         ),
         out_shape=out_shape,
         grid=grid,
@@ -1298,8 +1322,14 @@ def lora_matmul(
     )(*args)
     if partials:
         return y if split > 1 else y[None]
+    if split == 1:
+        return y
     # One rounding of the summed partials, as the unsplit kernel rounds its accumulator.
-    return y.sum(axis=0).astype(out_dtype) if split > 1 else y
+    total = y.sum(axis=0)
+    if bias is not None:
+        layer_index = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1)
+        total = total + bias[layer_index].astype(jnp.float32)
+    return total.astype(out_dtype)
 
 
 def lora_projection(
@@ -1324,6 +1354,7 @@ def lora_projection(
     per_token: bool = False,
     partials: bool = False,
     v: jax.Array | None = None,  # (T, G, MP*R) float32: the shrink, already run
+    bias: jax.Array | None = None,  # (L, N) layer-stacked (lora_matmul's)
 ) -> jax.Array:  # (T, N) x's dtype; (S, T, N) with partials (lora_matmul's)
     """A projection group with LoRA in two launches (the model's entry point, as ``sgmv_delta``
     is for XLA's GEMMs): ``sgmv_shrink`` (with ``kernel_meta`` / ``sgmv_config``, and
@@ -1366,7 +1397,14 @@ def lora_projection(
         shrink=shrink,
     )
     return lora_matmul(
-        x, w, layer, lora=expand, config=config, interpret=interpret, partials=partials
+        x,
+        w,
+        layer,
+        lora=expand,
+        bias=bias,
+        config=config,
+        interpret=interpret,
+        partials=partials,
     )
 
 

@@ -9,6 +9,7 @@ multiples of any block, shuffled tokens with base-only tokens; v carries NaN bey
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 
 import jax
@@ -212,6 +213,55 @@ def test_split_k_partials_sum_to_the_reference(group, dtype_name, epilogue, spli
         np.asarray(one[0]),
         np.asarray(lora_matmul(prob.x, w, prob.layer, config=whole, interpret=interpret)),
     )
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    ("dtype_name", "epilogue", "split_k", "num_tokens"),
+    [
+        ("float32", "dot", 1, 40),
+        ("bfloat16", "dot", 1, 1),
+        ("bfloat16", "rows", 1, 40),
+        ("float32", "dot", 2, 40),  # the split's partials: the bias goes to their sum
+    ],
+)
+def test_bias_is_added_before_the_one_rounding(
+    dtype_name, epilogue, split_k, num_tokens, interpret
+):
+    """bias (Qwen2's q|k|v): the layer's bias row added to every token's output, LoRA tokens
+    and base-only ones, in the epilogue before the one rounding (in the partials' sum with a K
+    split); a different bias per layer, so that the layer index is read."""
+    dtype = jnp.dtype(dtype_name)
+    prob, w, lora = _case("qkv", num_tokens, dtype)
+    rng = np.random.default_rng(7)
+    bias = jnp.asarray(rng.standard_normal((w.shape[0], w.shape[2])), dtype)
+    config = dataclasses.replace(SMALL, split_k=split_k, epilogue=epilogue)
+    for with_lora in (lora, None):
+        y = lora_matmul(
+            prob.x, w, prob.layer, lora=with_lora, bias=bias, config=config, interpret=interpret
+        )
+        plain = lora_matmul(
+            prob.x, w, prob.layer, lora=with_lora, config=config, interpret=interpret
+        )
+        finite = (
+            None
+            if with_lora is None
+            else dataclasses.replace(lora, v=jnp.nan_to_num(lora.v, nan=0.0))
+        )
+        want = lora_matmul_reference(prob.x, w, prob.layer, lora=finite, bias=bias)
+        assert y.dtype == dtype and _rel_err(y, want) < TOL[dtype_name]
+        moved = np.abs(np.asarray(y, np.float32) - np.asarray(plain, np.float32)).max()
+        assert moved > 0.1
+    name = str(
+        jax.make_jaxpr(
+            lambda *a: lora_matmul(*a, lora=lora, bias=bias, config=config, interpret=interpret)
+        )(prob.x, w, prob.layer)
+    )
+    assert ("_bias_" in name) == (split_k == 1)
+    with pytest.raises(ConfigError, match=r"bias must be \(L, N\)"):
+        lora_matmul(prob.x, w, prob.layer, bias=bias[0], config=config, interpret=interpret)
+    with pytest.raises(ConfigError, match="come without partials"):
+        lora_matmul(prob.x, w, prob.layer, bias=bias, partials=True, interpret=interpret)
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
@@ -440,6 +490,24 @@ def test_every_layer_and_base_only_tokens(interpret):
         np.testing.assert_allclose(
             np.asarray(y)[none], np.asarray(base)[none], rtol=2e-5, atol=1e-5
         )
+
+
+def test_a_biased_projection_lowers_for_the_gpu():
+    """The bias epilogue (its layer-stacked operand read at the traced layer) lowers to Triton:
+    one launch, Qwen2.5-7B's q|k|v widths (3,584 -> 3,584 + 2 x 512), batch 32, unsplit. (The
+    default config splits this K; the bias then goes to the partials' sum.)"""
+    x = jnp.zeros((32, 3584), jnp.bfloat16)
+    w = jnp.zeros((2, 3584, 4608), jnp.bfloat16)
+    bias = jnp.zeros((2, 4608), jnp.bfloat16)
+
+    def project(x, w, bias, layer, split_k):
+        config = MatmulConfig(split_k=split_k)
+        return lora_matmul(x, w, layer, bias=bias, config=config)
+
+    for split_k, tag in ((1, "_bias_"), (None, "_sk")):
+        fn = functools.partial(project, split_k=split_k)
+        text = lower_for_gpu(fn, x, w, bias, jnp.int32(1))
+        assert triton_kernels(text) == 1 and tag in text
 
 
 def test_default_config_lowers_for_the_gpu_at_model_widths():

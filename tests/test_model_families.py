@@ -346,7 +346,7 @@ def test_a_sliding_window_masks_the_keys_before_it():
 
 def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_model, monkeypatch):
     """Pallas in interpret mode: paged attention, the RoPE + K/V write kernel reading q|k|v
-    (the bias added to lora_matmul's output; Qwen3's head norms run in the kernel) and the
+    (Qwen2's bias added in lora_matmul's epilogue; Qwen3's head norms in the RoPE kernel) and the
     decode projections in lora_matmul, against the reference engine's tokens."""
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
     names = ["all5", "qv1"]
@@ -357,7 +357,7 @@ def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_mod
     projection_op = model_module.matmul_ops.lora_projection
 
     def counted(*args, **kwargs):
-        launches.append(args[0].shape)
+        launches.append((args[0].shape, kwargs.get("bias") is not None))
         return projection_op(*args, **kwargs)
 
     monkeypatch.setattr(model_module.matmul_ops, "lora_projection", counted)
@@ -383,6 +383,9 @@ def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_mod
         engine_config = dataclasses.replace(engine_config, runner=runner)
         outs[impl] = generate(family_model, prompts, names, sampling, engine_config=engine_config)
     assert launches  # the decode steps' projections ran in lora_matmul
+    # Qwen2's q|k|v bias is added in lora_matmul's epilogue (one launch a layer of its four).
+    biased = sum(with_bias for _, with_bias in launches)
+    assert biased == (len(launches) // 4 if family_model[0].qkv_bias else 0)
     # Qwen3's head norms run in the RoPE kernel (prefill and decode), no other family's.
     assert normed and set(normed) == {family_model[0].qk_norm}
     assert outs["pallas_interpret"] == outs["reference"]
