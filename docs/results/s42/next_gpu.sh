@@ -8,12 +8,13 @@ S=$R/summary.txt; date > $R/times.txt; nvidia-smi -L >> $R/times.txt 2>&1
 # 1. Sliding-window attention compiled: the kernel against float64 / the reference (20 cases),
 #    then the Mistral engine (window 24) against its reference engine.
 timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_paged_attention.py -k "window" > $R/window_tests.log 2>&1; echo "window kernel tests rc=$?" >> $S; tail -2 $R/window_tests.log >> $S
-#    Qwen3's head norms in the RoPE kernel compiled (4 cases), and the Qwen3 / Mistral engines.
-timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_paged_attention.py -k "normalizes_heads" > $R/headnorm_tests.log 2>&1; echo "head-norm kernel tests rc=$?" >> $S; tail -2 $R/headnorm_tests.log >> $S
-timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py -k "each_family and (mistral or qwen3)" > $R/family_engines.log 2>&1; echo "qwen3 / mistral engines rc=$?" >> $S; tail -2 $R/family_engines.log >> $S; date >> $R/times.txt
+#    Qwen3's head norms in the RoPE kernel (4 cases) and Qwen2's bias in lora_matmul (4)
+#    compiled, then the Qwen2 / Qwen3 / Mistral engines against their reference engines.
+timeout 80 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_paged_attention.py tests/test_lora_matmul.py -k "normalizes_heads or bias" > $R/headnorm_bias_tests.log 2>&1; echo "head-norm / bias kernel tests rc=$?" >> $S; tail -2 $R/headnorm_bias_tests.log >> $S
+timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py -k "each_family" > $R/family_engines.log 2>&1; echo "qwen2 / qwen3 / mistral engines rc=$?" >> $S; tail -2 $R/family_engines.log >> $S; date >> $R/times.txt
 # 2. RunnerConfig.lora_update: in_place (opt-in) against delta (default), llama-2-7b bf16 rank
 #    16, batch 32 (prefill on XLA's GEMMs + SGMV) and 128 (decode on cuBLAS + SGMV too).
 for U in in_place delta; do
-timeout 170 python3 scripts/benchmark.py --section=offline --layer_loop=scan --free_running=async --batch_sizes=32,128 --offline_workloads=no_lora,identical,distinct --lora_update=$U --json_out=$R/ab_$U.json > $R/ab_$U.log 2>&1; echo "ab $U rc=$?" >> $S; grep "tok/s" $R/ab_$U.log | cut -c1-250 >> $S; date >> $R/times.txt
+timeout 150 python3 scripts/benchmark.py --section=offline --layer_loop=scan --free_running=async --batch_sizes=32,128 --offline_workloads=no_lora,identical,distinct --lora_update=$U --json_out=$R/ab_$U.json > $R/ab_$U.log 2>&1; echo "ab $U rc=$?" >> $S; grep "tok/s" $R/ab_$U.log | cut -c1-250 >> $S; date >> $R/times.txt
 done
 cat $S $R/times.txt
