@@ -38,8 +38,23 @@ CAPABILITY = 90  # sm_90
 # Instructions of a K loop worth counting: the MMAs, asynchronous global-to-shared copies,
 # shared-memory matrix loads, plain global loads and barriers.
 # LDG.128: the global loads of 16 bytes a thread (vectorized), FFMA the CUDA cores' fused adds,
-# LDL / STL local-memory loads and stores: register spills.
-COUNTED = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDG", "LDG.128", "FFMA", "BAR", "LDL", "STL")
+# LDL / STL local-memory loads and stores: register spills; STS / LDS shared-memory stores and
+# loads (besides LDGSTS and LDSM: layout conversions go through them), STG global stores.
+COUNTED = (
+    "HMMA",
+    "HGMMA",
+    "LDGSTS",
+    "LDSM",
+    "LDG",
+    "LDG.128",
+    "FFMA",
+    "BAR",
+    "STS",
+    "LDS",
+    "STG",
+    "LDL",
+    "STL",
+)
 
 
 @dataclasses.dataclass(frozen=True)
