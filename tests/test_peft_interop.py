@@ -4,7 +4,9 @@ peft: this one, or the one named by $JAXLORA_PEFT_PYTHON; CI has neither, the GP
 both (`python3 -m pytest -m peft tests/test_peft_interop.py`)."""
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -43,3 +45,42 @@ def test_peft_loads_the_export_and_computes_the_same_logits(tmp_path, family):
     result = check_peft_export(GOLDEN_BASES[family], str(tmp_path), peft_python=peft_python())
     assert result["adapter_effect"] > 1e-2  # the adapter changes the logits ...
     assert result["relative_error"] < 1e-4, result  # ... exactly as PEFT applies it
+
+
+@pytest.mark.peft
+@pytest.mark.skipif(
+    peft_python() is None,
+    reason="no interpreter with torch + transformers + peft (set JAXLORA_PEFT_PYTHON)",
+)
+def test_the_windowed_engine_generates_the_tokens_of_transformers():
+    """Mistral with a 3-key sliding window (tests/fixtures/golden_mistral): the paged engine (a
+    12-token prefill, then decode steps past the window, fp32) generates transformers'
+    greedy tokens."""
+    import jaxlora
+    from jaxlora.sampling import SamplingParams
+
+    base = os.path.join(FIXTURES, "golden_mistral", "base")
+    prompt = list(range(1, 13))
+    script = (
+        "import json, sys, torch, transformers\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32,"
+        " attn_implementation='eager')\n"
+        "ids = torch.tensor([json.loads(sys.argv[2])])\n"
+        "out = m.generate(ids, max_new_tokens=10, do_sample=False)\n"
+        "print(json.dumps(out[0, ids.shape[1]:].tolist()))\n"
+    )
+    run = subprocess.run(
+        [peft_python(), "-c", script, base, json.dumps(prompt)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    expected = json.loads(run.stdout.strip().splitlines()[-1])
+    llm = jaxlora.LLM(base, dtype="float32")
+    try:
+        assert llm.engine.runner.config.attention_window == 3
+        sampling = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        (out,) = llm.generate([prompt], sampling=sampling)
+    finally:
+        llm.stop()
+    assert out.token_ids == expected
