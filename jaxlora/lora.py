@@ -166,6 +166,16 @@ class LoraInputs:
     # lora_update): "in_place" (sgmv_apply) or "delta" (sgmv_delta, added by XLA).
     update: str = flax.struct.field(pytree_node=False, default="delta")
 
+    def sgmv_kwargs(self) -> dict:
+        """The SGMV kernels' keyword arguments of this pass (metadata, config, per token,
+        interpret mode): ``sgmv_apply`` / ``sgmv_delta`` take them as they are."""
+        return dict(
+            kernel_meta=self.kernel_meta,
+            config=self.sgmv_config,
+            per_token=self.per_token,
+            interpret=self.impl == "pallas_interpret",
+        )
+
     def with_tokens(self, token_slot: jax.Array) -> LoraInputs:
         return self.replace(token_slot=token_slot)
 

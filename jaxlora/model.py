@@ -297,15 +297,7 @@ def lora_group_delta(
     if lora.impl == "reference":
         return sgmv_ops.sgmv_delta_reference(x, *operands, layer, weights=weights)
     return sgmv_ops.sgmv_delta(
-        x,
-        *operands,
-        layer,
-        weights=weights,
-        out_dtype=out_dtype,
-        kernel_meta=lora.kernel_meta,
-        config=lora.sgmv_config,
-        per_token=lora.per_token,
-        interpret=lora.impl == "pallas_interpret",
+        x, *operands, layer, weights=weights, out_dtype=out_dtype, **lora.sgmv_kwargs()
     )
 
 
@@ -329,10 +321,7 @@ def _with_lora(group: str, x: jax.Array, outputs: list[jax.Array], layer, lora):
             *operands,
             layer,
             weights=weights,
-            kernel_meta=lora.kernel_meta,
-            config=lora.sgmv_config,
-            per_token=lora.per_token,
-            interpret=lora.impl == "pallas_interpret",
+            **lora.sgmv_kwargs(),
         )
         return [y.reshape(out.shape)]
     delta = lora_group_delta(group, x.reshape(b * s, -1), outputs[0].dtype, layer, lora)

@@ -227,22 +227,6 @@ def test_sliding_window_attends_to_the_last_keys_only(window, config, dtype, int
         np.testing.assert_array_equal(out, np.asarray(whole, np.float32))
 
 
-def test_a_windowed_kernel_lowers_for_the_gpu():
-    """The window's skipped blocks and key mask lower to Triton (tests/gpu_lowering.py)."""
-    rng = np.random.default_rng(5)
-    k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
-        rng, WINDOW_LENS, page_size=16, num_kv_heads=2, dtype=jnp.bfloat16
-    )
-    q = jnp.asarray(rng.standard_normal((len(WINDOW_LENS), 4, 16)), jnp.bfloat16)
-    config = PagedAttentionConfig(pages_per_block=1, kv_splits=3)
-
-    def attend(*args):
-        return paged_attention(*args, sm_scale=0.25, window=20, config=config)
-
-    text = lower_for_gpu(attend, q, k_pool, v_pool, page_table, seq_lens, jnp.int32(0))
-    assert triton_kernels(text) == 1
-
-
 def test_a_bad_window_is_refused():
     rng = np.random.default_rng(0)
     k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(rng, (3, 5))
@@ -263,8 +247,10 @@ def test_a_bad_window_is_refused():
     ],
     ids=["one_split", "kv_splits", "heuristic"],
 )
-def test_kernel_lowers_for_the_gpu(config, dtype):
-    """The configurations interpreted above also lower to Triton (tests/gpu_lowering.py)."""
+@pytest.mark.parametrize("window", [None, 20])
+def test_kernel_lowers_for_the_gpu(config, dtype, window):
+    """The configurations interpreted above also lower to Triton (tests/gpu_lowering.py), and
+    so do a sliding window's skipped blocks and key mask."""
     rng = np.random.default_rng(5)
     k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(
         rng, (1, 32, 33, 0, 64, 96), page_size=16, num_kv_heads=2, dtype=dtype
@@ -273,11 +259,19 @@ def test_kernel_lowers_for_the_gpu(config, dtype):
 
     def attend(q, k_pool, v_pool, page_table, seq_lens, layer):
         return paged_attention(
-            q, k_pool, v_pool, page_table, seq_lens, layer, sm_scale=0.25, config=config
+            q,
+            k_pool,
+            v_pool,
+            page_table,
+            seq_lens,
+            layer,
+            sm_scale=0.25,
+            window=window,
+            config=config,
         )
 
     text = lower_for_gpu(attend, q, k_pool, v_pool, page_table, seq_lens, jnp.int32(0))
-    assert triton_kernels(text) == 1
+    assert triton_kernels(text) == 1 and ("_window20" in text) == (window is not None)
 
 
 def test_kernel_in_scan_over_layers_with_heuristic_config():
@@ -546,32 +540,26 @@ def test_rope_write_kv_kernel_normalizes_heads_as_the_reference(
         rope_write_kv_kernel(qkv, *rest, head_norms=(norms[0],))
 
 
-def test_rope_write_kv_kernel_with_head_norms_lowers_for_the_gpu():
-    """The head norms' reshape and row sums lower to Triton (Qwen3-8B's heads, bf16)."""
-    qkv, *rest = _rope_problem((8,), 32, 8, 128, jnp.bfloat16)
-    norms = (jnp.ones(128, jnp.bfloat16), jnp.ones(128, jnp.bfloat16))
-
-    def run(qkv, *rest):
-        return rope_write_kv_kernel(qkv, *rest, head_norms=norms, head_norm_eps=1e-6)
-
-    text = lower_for_gpu(run, qkv, *rest)
-    assert triton_kernels(text) == 1 and "_headnorm" in text
-
-
-def test_rope_write_kv_kernel_lowers_in_place_for_the_gpu():
+@pytest.mark.parametrize("head_norms", [False, True])
+def test_rope_write_kv_kernel_lowers_in_place_for_the_gpu(head_norms):
     """One Triton launch for the rotation and both writes, pools aliased to its outputs, inside
-    a scan over layers as the model runs it."""
+    a scan over layers as the model runs it; with Qwen3's head norms (their reshape and row
+    sums) too."""
     args = _rope_problem((8,), 32, 8, 128, jnp.bfloat16)
+    norms = (jnp.ones(128, jnp.bfloat16), jnp.ones(128, jnp.bfloat16)) if head_norms else None
 
     def layers(qkv, cos, sin, k_pool, v_pool, table, positions, layer, valid):
         def step(pools, layer):
-            q, *pools = rope_write_kv_kernel(qkv, cos, sin, *pools, table, positions, layer, valid)
+            q, *pools = rope_write_kv_kernel(
+                qkv, cos, sin, *pools, table, positions, layer, valid, head_norms=norms
+            )
             return tuple(pools), q
 
         return jax.lax.scan(step, (k_pool, v_pool), jnp.arange(3, dtype=jnp.int32))
 
     text = lower_for_gpu(layers, *args)
     assert triton_kernels(text) == 1 and "rope_write_kv_q4096_g8_w128_warps4" in text
+    assert ("_headnorm" in text) == head_norms
     assert "output_operand_aliases" in text
 
 
