@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxlora.config import ModelConfig, RopeScaling
 from jaxlora.errors import ConfigError
 
@@ -65,6 +67,12 @@ MISTRAL_7B = ModelConfig(
     max_position_embeddings=32768,
 )
 
+# Mistral 7B v0.1: v0.2's shapes with v0.1's sliding window of 4,096 keys over its 32k context
+# (its KV pages before a sequence's window are released; jaxlora.engine.kv_cache).
+MISTRAL_7B_V01 = dataclasses.replace(
+    MISTRAL_7B, name="mistral-7b-v0.1", model_type="mistral", sliding_window=4096
+)
+
 # Qwen2.5-7B: q/k/v biases, 7 query heads per KV head (Qwen2ForCausalLM).
 QWEN2_5_7B = ModelConfig(
     name="qwen2.5-7b",
@@ -118,6 +126,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama-2-7b": LLAMA2_7B,
     "llama-3-8b": LLAMA3_8B,
     "mistral-7b": MISTRAL_7B,
+    "mistral-7b-v0.1": MISTRAL_7B_V01,
     "qwen2.5-7b": QWEN2_5_7B,
     "qwen3-8b": QWEN3_8B,
     "phi-4": PHI_4,

@@ -95,6 +95,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxlora.errors import ConfigError
+from pallas_kernels.paged_attention import _layer_scalar
 from pallas_kernels.sgmv import (
     KernelConfig,
     SgmvConfig,
@@ -518,7 +519,7 @@ def lora_matmul_reference(
     out_dtype=None,
 ) -> jax.Array:  # (T, N) out_dtype (x's by default)
     out_dtype = out_dtype or x.dtype
-    layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, w.shape[0] - 1)
+    layer = _layer_scalar(layer, w.shape[0])
     y = jnp.dot(
         x.astype(jnp.float32),
         w[layer].astype(jnp.float32),
@@ -1327,8 +1328,7 @@ def lora_matmul(
     # One rounding of the summed partials, as the unsplit kernel rounds its accumulator.
     total = y.sum(axis=0)
     if bias is not None:
-        layer_index = jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1)
-        total = total + bias[layer_index].astype(jnp.float32)
+        total = total + bias[_layer_scalar(layer, num_layers)].astype(jnp.float32)
     return total.astype(out_dtype)
 
 

@@ -20,8 +20,9 @@ kv split) and walks that split's pages in blocks with an online softmax; with se
 partial results are merged in jnp). ``paged_attention_reference`` computes the same in plain jnp.
 With a sliding ``window`` (Mistral's and Phi-3's ``sliding_window``, HF's semantics: a query at
 position p sees the keys at positions p - window + 1 .. p) each program skips the blocks wholly
-before its row's window and masks the rest key by key; the pages before it stay in the cache
-(unread).
+before its row's window and masks the rest key by key; the engine releases a sequence's pages
+wholly before its window (``jaxlora.engine.kv_cache``), and ``window_pages`` bounds the pages a
+chunk of queries reads.
 
 Writes: ``write_kv`` scatters a step's K/V with XLA. ``rope_write_kv_kernel`` (the model's
 default with a Pallas impl) applies RoPE to q and k and writes k and v in one Pallas launch,
@@ -156,6 +157,13 @@ def _check_attention_inputs(q, k_pool, v_pool, page_table, seq_lens, *, where: s
             f"{where}: seq_lens must be ({batch},) int32, got "
             f"{seq_lens.dtype}{list(seq_lens.shape)}"
         )
+
+
+def window_pages(window: int, tokens: int, page_size: int) -> int:
+    """The most pages holding the keys that ``tokens`` consecutive queries read under a sliding
+    ``window``: from the first query's window start (window - 1 keys before it) to the last
+    query, ceil((window - 1 + tokens) / page_size) + 1 (the span need not start on a page)."""
+    return -(-(window - 1 + tokens) // page_size) + 1
 
 
 def _check_window(window, where: str) -> None:
@@ -619,10 +627,14 @@ def gather_kv(
     page_table: jax.Array,  # (B, max_pages_per_seq) int32
     layer: jax.Array | int,  # () int32
     max_len: int,
+    first_page: jax.Array | None = None,  # (B,) int32
 ) -> tuple[jax.Array, jax.Array]:  # k, v: (B, max_len, KVH, D) in the pool's dtype
-    """Each row's first max_len cached positions, in order (chunked prefill attention).
+    """Each row's first max_len cached positions, in order (chunked prefill attention); with
+    ``first_page``, each row's max_len positions from the start of its page ``first_page[b]``
+    (a sliding window's keys: position ``first_page[b] * page_size + j`` at j).
 
-    Positions at or beyond a row's length hold whatever the pages hold: mask them.
+    Positions at or beyond a row's length hold whatever the pages hold (page-table indices past
+    the table read its last entry): mask them.
     """
     _check_cache_shapes(k_pool, v_pool, page_table, where="gather_kv")
     num_layers, _, page_size, num_kv_heads, head_dim = k_pool.shape
@@ -635,7 +647,17 @@ def gather_kv(
             f" pages of {page_size} per row)"
         )
     layer = _layer_scalar(layer, num_layers)
-    pages = page_table[:, :pages_needed].astype(jnp.int32)
+    if first_page is None:
+        pages = page_table[:, :pages_needed].astype(jnp.int32)
+    else:
+        if first_page.shape != (batch,):
+            raise ConfigError(
+                f"gather_kv: first_page must have shape ({batch},) (a page-table index per "
+                f"row), got {first_page.shape}"
+            )
+        index = first_page.astype(jnp.int32)[:, None] + jnp.arange(pages_needed)[None, :]
+        index = jnp.clip(index, 0, max_pages_per_seq - 1)
+        pages = jnp.take_along_axis(page_table, index, axis=1).astype(jnp.int32)
 
     def take(pool):
         # One gather indexed by (layer, page): never materialises pool[layer].

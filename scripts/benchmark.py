@@ -139,7 +139,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "lora_update",
-    "delta",
+    "in_place",
     ["in_place", "delta"],
     "how the SGMV expand updates the outputs of XLA's GEMMs (prefill, decode steps past "
     "lora_matmul's rows): in place, or a float32 delta XLA adds (RunnerConfig.lora_update)",

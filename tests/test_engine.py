@@ -199,7 +199,8 @@ def test_routing_each_request_gets_its_own_adapter_signature(base):
 def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_adapters):
     """The kernel path's plumbing (host-built tile metadata, paged attention) on CPU; also with
     RoPE and the K/V writes in one Pallas launch (RunnerConfig.kv_write="pallas"), prefill chunks
-    and decode tokens both."""
+    and decode tokens both, and there the prefill attention block by block over blocks of 8
+    keys (RunnerConfig.prefill_key_block; the second chunk of the 10-token prompt reads two)."""
     import dataclasses
 
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
@@ -212,7 +213,10 @@ def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_ad
         ("pallas_interpret", "pallas"),
     ):
         config = small_engine_config()
-        runner = dataclasses.replace(config.runner, impl=impl, kv_write=kv_write)
+        block = 8 if kv_write == "pallas" else None
+        runner = dataclasses.replace(
+            config.runner, impl=impl, kv_write=kv_write, prefill_key_block=block
+        )
         config = dataclasses.replace(config, runner=runner)
         llm = jaxlora.LLM(
             TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
@@ -373,6 +377,9 @@ def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
         ConfigError, match="'prompt_logprobs_positions': expected a positive int, got 0"
     ):
         RunnerConfig(prompt_logprobs_positions=0)
+    with pytest.raises(ConfigError, match="'prefill_key_block': expected a positive int, got 0"):
+        RunnerConfig(prefill_key_block=0)
+    assert RunnerConfig(prefill_key_block=None).prefill_key_block is None
 
 
 def test_deterministic_runner_sums_the_shrink_split_in_one_order():

@@ -182,10 +182,10 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     """Qwen2 (q/k/v biases added to lora_matmul's and XLA's q|k|v), Qwen3 (per-head q/k
     norms before the RoPE + K/V write kernel, head_dim 64 apart from hidden / heads) and
     Mistral with a sliding window of 24 keys (the decode kernel skipping the blocks before
-    it, the prefill mask): the compiled engine at its default kernels generates the reference
-    path's tokens. The Qwen2 model has Qwen2.5-7B's proportions: 7 query heads a KV head, a
-    hidden width of 3.5 x 128 and an intermediate of 18944 / 16 (ragged tiles in every
-    kernel)."""
+    it, the prefill mask; both engines release the KV pages before it): the compiled engine at
+    its default kernels generates the reference path's tokens. The Qwen2 model has
+    Qwen2.5-7B's proportions: 7 query heads a KV head, a hidden width of 3.5 x 128 and an
+    intermediate of 18944 / 16 (ragged tiles in every kernel)."""
     from tests.test_model_families import random_family_params
 
     if model_type == "qwen2":

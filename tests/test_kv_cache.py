@@ -21,7 +21,9 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
     given cached pages whose contents (tracked here as written) are its own tokens under its
     own adapter; every page is held, cached or free, never two of them; reference counts match
     the holders; a pool of only free and cached pages reports every page free. Some sequences
-    start from a live one's prompt (``share_prefix``: the n choices of a request)."""
+    start from a live one's prompt (``share_prefix``: the n choices of a request); some
+    release their first pages (``release_before``: a sliding window), which a later sharer
+    takes as released positions."""
     rng = np.random.default_rng(seed)
     size, num_pages = 4, 14
     kv = KVCacheManager(
@@ -32,9 +34,19 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
     written: dict[int, tuple] = {}  # page -> (adapter, tokens) its owner wrote there
     live: dict[int, tuple] = {}  # seq -> (adapter, tokens)
     next_id, hits, shares = 0, 0, 0
-    resets = 0
+    resets = releases = 0
     for _ in range(400):
-        if rng.random() < 0.03:  # (a reset: no page is cached, held ones stay held)
+        if live and rng.random() < 0.1:
+            seq = int(rng.choice(list(live)))
+            before = kv.pages_of(seq)[:]
+            position = int(rng.integers(0, len(live[seq][1]) + 1))
+            released = kv.release_before(seq, position)
+            count = min(position // size, len(before))
+            assert released == sum(page is not None for page in before[:count])
+            assert kv.pages_of(seq) == [None] * count + before[count:]
+            assert kv.page_table_row(seq)[:count].tolist() == [0] * count
+            releases += released > 0
+        elif rng.random() < 0.03:  # (a reset: no page is cached, held ones stay held)
             registered = kv.cached_pages
             assert kv.reset_prefix_cache() == registered
             assert kv.cached_pages == 0 and not kv._evictable
@@ -67,7 +79,8 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
             cached = cached or kv.attach_prefix(seq, tokens_of, adapter, len(tokens) - 1)
             assert cached % size == 0 and cached <= len(tokens) - 1
             for i, page in enumerate(kv.pages_of(seq)):
-                assert written[page] == (adapter, tuple(tokens[i * size : (i + 1) * size]))
+                if page is not None:
+                    assert written[page] == (adapter, tuple(tokens[i * size : (i + 1) * size]))
             hits += cached > 0
             if not kv.ensure(seq, len(tokens)):
                 kv.free(seq)
@@ -76,7 +89,7 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
                 written[page] = (adapter, tuple(tokens[i * size : (i + 1) * size]))
             kv.register_full_pages(seq, tokens_of, adapter, len(tokens))
             live[seq] = (adapter, tokens)
-        held = [p for s in live for p in kv.pages_of(s)]
+        held = [p for s in live for p in kv.pages_of(s) if p is not None]
         distinct = set(held)
         for page in distinct:
             assert kv._refs[page] == held.count(page)
@@ -86,7 +99,7 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
         assert kv.free_pages == num_pages - len(distinct)
         for key, page in kv._page_of_key.items():
             assert kv._key_of_page[page] == key
-    assert hits > 10 and shares > 10 and resets
+    assert hits > 10 and shares > 10 and resets and releases > 5
     for seq in list(live):
         kv.free(seq)
     assert kv.free_pages == num_pages and not kv._refs
@@ -119,6 +132,52 @@ def test_shared_prompt_pages_outlive_their_first_holder_without_prefix_caching()
     kv.free("a")
     assert kv.free_pages == 8 - 3  # b's three
     kv.free("b")
+    assert kv.free_pages == 8 and not kv._refs
+
+
+def test_pages_before_a_window_are_released_and_their_places_kept():
+    """``release_before``: the pages holding only positions before the given one go back
+    (cached when registered), their places stay (later pages keep their positions in the page
+    table), and a sequence past its window holds a bounded number of pages."""
+    size = 4
+    kv = KVCacheManager(
+        TINY, KVCacheConfig(page_size=size, num_pages=8, max_model_len=64, prefix_caching=True)
+    )
+    tokens = list(range(40))
+
+    def tokens_of(start, n):
+        return tokens[start : start + n]
+
+    assert kv.ensure("a", 10)  # three pages
+    first = kv.pages_of("a")[:]
+    kv.register_full_pages("a", tokens_of, None, 8)  # the two full ones
+    assert kv.release_before("a", 3) == 0  # page 0 still holds position 3
+    assert kv.release_before("a", 4) == 1 and kv.pages_of("a") == [None, *first[1:]]
+    assert kv.held_pages("a") == 2 and kv.free_pages == 8 - 2
+    assert kv.release_before("a", 4) == 0  # nothing left before it
+    row = kv.page_table_row("a")
+    assert row[:3].tolist() == [0, *first[1:]] and not row[3:].any()
+    # The released page was registered: cached (another sequence of this prefix takes it).
+    assert kv.cached_pages == 2 and first[0] in kv._evictable
+    assert kv.attach_prefix("b", tokens_of, None, 20) == 8 and kv.pages_of("b") == first[:2]
+    kv.free("b")
+    # Sharing a sequence's prompt gives its released places as released.
+    assert kv.share_prefix("a", "c", 8) == 8 and kv.pages_of("c") == [None, first[1]]
+    assert kv._refs[first[1]] == 2
+    kv.free("c")
+    # A window of 6 keys, steps of 2 tokens: the sequence walks 40 tokens in 8 pages' room.
+    window, chunk = 6, 2
+    bound = kv.pages_held_at_most(40, window, chunk)
+    assert bound == -(-(window - 1 + chunk) // size) + 1 == 3
+    assert kv.pages_held_at_most(40, None, chunk) == 10 == kv.pages_for(40)
+    assert kv.pages_held_at_most(5, window, chunk) == 2  # the sequence's own pages
+    most = 0
+    for done in range(10, 40, chunk):
+        kv.release_before("a", done - window + 1)
+        assert kv.ensure("a", done + chunk)
+        most = max(most, kv.held_pages("a"))
+    assert most == bound and len(kv.pages_of("a")) == 10
+    kv.free("a")
     assert kv.free_pages == 8 and not kv._refs
 
 

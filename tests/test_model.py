@@ -259,3 +259,67 @@ def test_the_scan_unrolls_two_layers_only_where_lora_matmul_runs_every_projectio
     # One group left to XLA's GEMM (here: down missing) is enough for one layer an iteration.
     three = kernels.replace(kernels={g: k for g, k in kernels.kernels.items() if g != "down"})
     assert scan_unroll_for_step(config, three, 1) == 1
+
+
+@pytest.mark.parametrize("window", [None, 60], ids=["causal", "window60"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype):
+    """RunnerConfig.prefill_key_block: a prefill chunk's attention over a long page table,
+    block by block (online softmax, as far as the longest row), gives the one-pass attention
+    over the whole table: rows starting at 0 and mid-table, a ragged chunk, a padding row;
+    causal and with a sliding window whose span is the table's (so the windowed gather does
+    not take it). The blocks visited follow the rows' lengths, not the table."""
+    import dataclasses
+
+    from jaxlora.model import KVCache, _cached_attention
+
+    rng = np.random.default_rng(3)
+    layers, pages, page_size, kvh, group, d, chunk = 2, 40, 4, 2, 2, 16, 8
+    k_pool, v_pool = (
+        jnp.asarray(rng.standard_normal((layers, pages, page_size, kvh, d)), dtype)
+        for _ in range(2)
+    )
+    table = jnp.asarray(rng.permutation(pages)[:32].reshape(2, 16).repeat(2, axis=0), jnp.int32)
+    starts, counts = np.asarray([0, 20, 28, 0]), np.asarray([8, 5, 8, 0])
+    positions = jnp.asarray(starts[:, None] + np.arange(chunk), jnp.int32)
+    valid = jnp.asarray(np.arange(chunk)[None, :] < counts[:, None])
+    q = jnp.asarray(rng.standard_normal((4, chunk, kvh * group, d)), dtype)
+    kv = KVCache(
+        k_pool=k_pool,
+        v_pool=v_pool,
+        page_table=table,
+        seq_lens=jnp.asarray(starts + counts, jnp.int32),
+        token_valid=valid,
+        mode="prefill",
+        impl="pallas_interpret",
+    )
+    one_pass = _cached_attention(q, positions, 1, kv, k_pool, v_pool, 0.25, window)
+    visited = []
+    fori_loop = jax.lax.fori_loop
+
+    def counting(lower, upper, body, carry):
+        visited.append((int(lower), int(upper)))
+        return fori_loop(lower, upper, body, carry)
+
+    jax.lax.fori_loop = counting
+    try:
+        blocked = _cached_attention(
+            q,
+            positions,
+            1,
+            dataclasses.replace(kv, prefill_key_block=8),
+            k_pool,
+            v_pool,
+            0.25,
+            window,
+        )
+    finally:
+        jax.lax.fori_loop = fori_loop
+    # Blocks of 8 keys up to the longest row (36 keys: 5 of the table's 8 blocks), from the
+    # first one a row's window reads (block 0: the row at 0).
+    assert visited == [(0, 5)]
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(blocked, np.float32), np.asarray(one_pass, np.float32), atol=tolerance, rtol=0
+    )
+    assert not np.asarray(blocked[3]).any() and not np.asarray(blocked[1, 5:]).any()

@@ -17,7 +17,7 @@ import pytest
 import jaxlora
 from configs.models import MODEL_PRESETS, TINY
 from jaxlora.config import ModelConfig
-from jaxlora.errors import ConfigError
+from jaxlora.errors import ConfigError, RequestError
 from jaxlora.formats.hf import load_hf_checkpoint, save_hf_checkpoint
 from jaxlora.model import Llama, fuse_projections, init_params, unfuse_projections
 from jaxlora.sampling import SamplingParams
@@ -334,7 +334,8 @@ def test_a_sliding_window_masks_the_keys_before_it():
         {"params": params}, tokens
     )
     window = MISTRAL.sliding_window
-    np.testing.assert_array_equal(np.asarray(windowed[0, :window]), np.asarray(whole[0, :window]))
+    # (within float rounding: on a GPU the two masks take different reductions)
+    np.testing.assert_allclose(windowed[0, :window], whole[0, :window], rtol=1e-5, atol=1e-6)
     for position in range(window, tokens.shape[1]):
         assert not np.allclose(windowed[0, position], whole[0, position], atol=1e-4), position
     # The roofline counts the K/V a decode step reads: a row's last `window` tokens.
@@ -342,6 +343,82 @@ def test_a_sliding_window_masks_the_keys_before_it():
 
     per_token = MISTRAL.num_layers * 2 * MISTRAL.kv_size * 2
     assert kv_read_bytes(MISTRAL, 2, [10, 3]) == per_token * (window + 3)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix_caching"])
+def test_a_windowed_sequence_releases_the_pages_before_its_window(prefix_caching):
+    """Mistral's window of 4 keys, pages of 4 tokens, 8-token prefill chunks: a sequence holds
+    at most ceil((4 - 1 + 8) / 4) + 1 = 4 pages whatever its length (3 with chunks starting on
+    a page), so two 42-token sequences (11 pages each) run side by side in a pool of 6 pages,
+    with no preemption, and generate the full recompute's tokens and prompt logprobs (a page
+    released early would be reused at once in so small a pool). A prompt longer than the pool
+    is admitted (a model without a window refuses it). With prefix caching (and room to keep
+    the released pages cached: least recently released goes first, which is a prefix's first
+    page) the second pair takes the first pair's released prompt pages and releases those
+    before its window."""
+    config = MISTRAL
+    params = random_family_params(config, 0)
+    adapters = {"all5": random_lora(config, "all5", 5, MODULES, 1)}
+    num_pages = 40 if prefix_caching else 6
+    engine_config = small_engine_config(num_pages=num_pages, prefix_caching=prefix_caching)
+    rng = np.random.default_rng(1)
+    prompts = [list(map(int, rng.integers(3, 500, 30))) for _ in range(2)]
+    names = ["all5", None]
+    # The second asks for its prompt logprobs: every prefill position's attention, not only
+    # the argmax a window of 4 keys over 2 layers lets through.
+    sampling = [
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, prompt_logprobs=p)
+        for p in (None, 0)
+    ]
+    llm = jaxlora.LLM(
+        config, params=params, adapters=adapters, engine_config=engine_config, load_workers=0
+    )
+    try:
+        engine = llm.engine
+        held = []
+        reserve = engine._reserve
+
+        def spy(request, n, *args):
+            granted = reserve(request, n, *args)
+            held.append(engine.kv.held_pages(request.request_id))
+            return granted
+
+        engine._reserve = spy
+        outs = [
+            llm.generate(prompts, adapter=names, sampling=sampling)
+            for _ in range(2 if prefix_caching else 1)
+        ]
+        assert 3 <= max(held) <= engine.kv.pages_held_at_most(42, 4, 8) == 4
+        assert engine.stats.preemptions == 0
+        assert engine.kv.free_pages == num_pages
+        if prefix_caching:
+            # 7 full pages of the first prompt (one asking for prompt logprobs computes all).
+            assert engine.stats.prefix_cached_tokens == 28
+        long_prompt = list(map(int, rng.integers(3, 500, 40)))  # 11 pages with its answer
+        (long_out,) = llm.generate([long_prompt], sampling=GREEDY)
+    finally:
+        llm.stop()
+    forward = jax.jit(lambda p, t: Llama(config).apply({"params": p}, t))
+    for prompt, name, out in zip(prompts, names, outs[0], strict=True):
+        merged = params if name is None else merged_params(params, adapters[name])
+        assert out.token_ids == greedy_reference(merged, prompt, 12, width=48, forward=forward)
+    assert all([o.token_ids for o in run] == [o.token_ids for o in outs[0]] for run in outs)
+    logits = forward(params, jnp.asarray([prompts[1]], jnp.int32))[0]
+    expected = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    for run in outs:
+        asked = run[1].prompt_logprobs
+        np.testing.assert_allclose(
+            asked[1:], expected[np.arange(29), prompts[1][1:]], rtol=1e-5, atol=1e-5
+        )
+    assert long_out.token_ids == greedy_reference(params, long_prompt, 6, width=48, forward=forward)
+    unwindowed = dataclasses.replace(config, sliding_window=None)
+    engine_config = small_engine_config(num_pages=8)
+    llm = jaxlora.LLM(unwindowed, params=params, engine_config=engine_config, load_workers=0)
+    try:
+        with pytest.raises(RequestError, match="need more KV pages than the pool has"):
+            llm.generate([long_prompt], sampling=GREEDY)
+    finally:
+        llm.stop()
 
 
 def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_model, monkeypatch):
@@ -423,7 +500,11 @@ def test_the_rooflines_weight_bytes_count_biases_and_norms(family):
 
 
 def test_family_presets_build():
-    """The Qwen and Phi-4 presets' shapes (random weights, as the benchmark's llama presets)."""
+    """The Qwen, Phi-4 and Mistral v0.1 presets' shapes (random weights, as the benchmark's
+    llama presets); v0.1's window binds over its 32k context."""
+    v01 = MODEL_PRESETS["mistral-7b-v0.1"]
+    assert v01.attention_window == 4096 and v01.max_position_embeddings == 32768
+    assert MODEL_PRESETS["mistral-7b"].attention_window is None
     for name, heads, kv_heads, head_dim in (
         ("qwen2.5-7b", 28, 4, 128),
         ("qwen3-8b", 32, 8, 128),

@@ -386,6 +386,20 @@ def test_write_kv_chunks_round_trip_through_attention():
     for row, length in enumerate(lens):
         np.testing.assert_allclose(k[row, :length], dense_k[1, row, :length], rtol=1e-6)
         np.testing.assert_allclose(v[row, :length], dense_v[1, row, :length], rtol=1e-6)
+    # From a page of each row's own (a sliding window's keys): position first * page_size + j
+    # at j; indices past the table read its last page (masked by the caller).
+    size = k_pool.shape[2]
+    first_page = np.asarray([1, 2, 0])
+    k, v = gather_kv(k_pool, v_pool, page_table, 1, 2 * size, jnp.asarray(first_page, jnp.int32))
+    assert k.shape[1] == 2 * size
+    for row, length in enumerate(lens):
+        start = first_page[row] * size
+        stop = min(length, start + 2 * size)
+        if stop > start:
+            np.testing.assert_allclose(k[row, : stop - start], dense_k[1, row, start:stop], 1e-6)
+            np.testing.assert_allclose(v[row, : stop - start], dense_v[1, row, start:stop], 1e-6)
+    with pytest.raises(ConfigError, match=r"first_page must have shape \(3,\)"):
+        gather_kv(k_pool, v_pool, page_table, 1, size, jnp.zeros((2,), jnp.int32))
     q = jnp.asarray(rng.standard_normal((batch, 4, dim)), jnp.float32)
     dk = [[dense_k[la, r, :n] for la in range(layers)] for r, n in enumerate(lens)]
     dv = [[dense_v[la, r, :n] for la in range(layers)] for r, n in enumerate(lens)]

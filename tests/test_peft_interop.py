@@ -35,11 +35,15 @@ def peft_python() -> str | None:
     return None
 
 
-@pytest.mark.peft
-@pytest.mark.skipif(
+# The peft-marked tests need an interpreter with torch + transformers + peft (CI has none).
+needs_peft = pytest.mark.skipif(
     peft_python() is None,
     reason="no interpreter with torch + transformers + peft (set JAXLORA_PEFT_PYTHON)",
 )
+
+
+@pytest.mark.peft
+@needs_peft
 @pytest.mark.parametrize("family", sorted(GOLDEN_BASES))
 def test_peft_loads_the_export_and_computes_the_same_logits(tmp_path, family):
     result = check_peft_export(GOLDEN_BASES[family], str(tmp_path), peft_python=peft_python())
@@ -48,10 +52,7 @@ def test_peft_loads_the_export_and_computes_the_same_logits(tmp_path, family):
 
 
 @pytest.mark.peft
-@pytest.mark.skipif(
-    peft_python() is None,
-    reason="no interpreter with torch + transformers + peft (set JAXLORA_PEFT_PYTHON)",
-)
+@needs_peft
 def test_the_windowed_engine_generates_the_tokens_of_transformers():
     """Mistral with a 3-key sliding window (tests/fixtures/golden_mistral): the paged engine (a
     12-token prefill, then decode steps past the window, fp32) generates transformers'

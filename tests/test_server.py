@@ -2779,6 +2779,21 @@ def test_kv_cache_memory_sizes_the_pages_by_the_cache_dtype():
         engine_config_for(
             LLAMA3_8B, dataclasses.replace(bf16, kv_cache_memory_bytes=gib // 4), backend="gpu"
         )
+    # A sliding window: a sequence holds its window's pages and one prefill chunk's, not its
+    # whole context's (Mistral 7B v0.1 at 32k: 2 MiB a page, 1,024 pages in 2 GiB).
+    from configs.models import MISTRAL_7B, MISTRAL_7B_V01
+
+    long = dataclasses.replace(bf16, kv_cache_memory_bytes=2 * gib, max_model_len=32768)
+    windowed = engine_config_for(MISTRAL_7B_V01, long, backend="gpu")
+    chunk = windowed.runner.prefill_chunk
+    assert windowed.kv.num_pages == 1024 and windowed.kv.max_model_len == 32768
+    with pytest.raises(ConfigError, match="one sequence of max_model_len 32768 needs 2048"):
+        engine_config_for(MISTRAL_7B, long, backend="gpu")
+    sized = engine_config_for(
+        MISTRAL_7B_V01, dataclasses.replace(long, kv_cache_memory_bytes=None), backend="gpu"
+    )
+    held = -(-(4096 - 1 + chunk) // 16) + 1
+    assert sized.kv.num_pages == max(held, sized.runner.max_batch * held // 2)
     with pytest.raises(ConfigError, match="both size the KV cache: give one"):
         LaunchConfig(kv_pages=100, kv_cache_memory_bytes=gib)
     with pytest.raises(ConfigError, match="kv_cache_memory_bytes: expected None or an int >= 1"):

@@ -413,7 +413,12 @@ class Engine:
                 f"max_tokens: {sampling.max_tokens} plus the prompt's "
                 f"{len(prompt_ids)} tokens exceeds the context length {limit}"
             )
-        if self.kv.pages_for(len(prompt_ids) + 1) > self.engine_config.kv.num_pages:
+        held = self.kv.pages_held_at_most(
+            len(prompt_ids) + 1,
+            self.config.attention_window,
+            self.engine_config.runner.prefill_chunk,
+        )
+        if held > self.engine_config.kv.num_pages:
             raise RequestError(
                 f"prompt: {len(prompt_ids)} tokens need more KV pages than the "
                 f"pool has ({self.engine_config.kv.num_pages})"
@@ -872,6 +877,7 @@ class Engine:
             )
             request.num_computed = cached
         first = min(request.remaining, ec.runner.prefill_chunk)
+        self._release_before_window(request)
         if not self.kv.ensure(request.request_id, request.num_computed + first):
             self.kv.free(request.request_id)  # the cached pages it took, if any
             request.num_computed = 0
@@ -955,6 +961,7 @@ class Engine:
         be wasted)."""
         ranked = self.engine_config.scheduling_policy == "priority"
         order = (lambda r: r.rank) if ranked else (lambda r: r.arrival)
+        self._release_before_window(request)
         while not self.kv.ensure(request.request_id, request.num_computed + n):
             after = [
                 r
@@ -968,6 +975,14 @@ class Engine:
             idle = [r for r in after if id(r) not in taken]
             self._preempt(max(idle or after, key=order))
         return request.status is Status.RUNNING
+
+    def _release_before_window(self, request: Request) -> None:
+        """With a sliding window, releases the request's KV pages wholly before the first key
+        its next step's first query reads (the pages of its earlier steps stay readable: steps
+        run in dispatch order; ``jaxlora.engine.kv_cache``)."""
+        window = self.config.attention_window
+        if window is not None:
+            self.kv.release_before(request.request_id, request.num_computed - window + 1)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)

@@ -15,6 +15,18 @@ Prompt sharing (``share_prefix``), on whether prefix caching is or not: a sequen
 the full pages another sequence of the same prompt and adapter computed (the n choices of one
 request), by counted reference.
 
+Sliding windows (``ModelConfig.attention_window``, Mistral 7B v0.1, Phi-3-mini-4k): a
+sequence's next queries never read the keys before their window, so the engine releases the
+pages wholly before it (``release_before``) as the sequence goes on, as vLLM does: a 32k-token
+Mistral v0.1 sequence holds the pages of its last 4,096 tokens and the chunk being computed,
+not all 2,048 of its 16-token pages. A released position keeps its place in the sequence's
+page list (None: page ids are still found by position) and reads as page 0 in the page table:
+the attention kernels skip or mask every key before a query's window, so whatever page 0 holds
+there is never used.
+Steps run in dispatch order on the device (each takes the pools the previous one returned), so a
+released page that a later step gives to another sequence is written only after every earlier
+step that read it.
+
 Cache dtype (``KVCacheConfig.cache_dtype``, vLLM's ``--kv-cache-dtype``): "auto" keeps K/V in
 the model's dtype; the fp8 formats store them in 8 bits with a per-tensor scale of 1.0 (values
 saturate at the format's largest finite value, ``paged_attention.to_cache_dtype``) and are read
@@ -36,6 +48,7 @@ import numpy as np
 from jaxlora.config import ModelConfig, require_positive_ints
 from jaxlora.errors import ConfigError
 from jaxlora.memory.allocator import PageAllocator
+from pallas_kernels.paged_attention import window_pages
 
 # vLLM's --kv-cache-dtype values and the pool dtype each names (None: the model's dtype).
 KV_CACHE_DTYPES = {
@@ -67,6 +80,16 @@ def kv_page_bytes(model: ModelConfig, page_size: int, dtype, *, shards: int = 1)
     devices that split the KV heads (tensor parallelism)."""
     heads = model.num_kv_heads // shards
     return 2 * model.num_layers * page_size * heads * model.head_dim * jnp.dtype(dtype).itemsize
+
+
+def pages_held_at_most(num_tokens: int, page_size: int, window: int | None, chunk: int) -> int:
+    """The most pages a sequence of ``num_tokens`` tokens holds at once when its steps feed at
+    most ``chunk`` tokens each and it releases the pages before a sliding ``window`` (None: it
+    holds them all): those its steps' keys span (``paged_attention.window_pages``)."""
+    every = -(-num_tokens // page_size)
+    if window is None:
+        return every
+    return min(every, window_pages(window, chunk, page_size))
 
 
 def allocate_pools(shape, dtype, sharding, config: KVCacheConfig):
@@ -142,10 +165,14 @@ class KVCacheManager:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self.k_pool, self.v_pool = allocate_pools(shape, dtype, sharding, config)
         self.allocator = PageAllocator(config.num_pages, name="kv")
-        self._pages: dict[int, list[int]] = {}
+        # seq -> its pages by position; None: released (before a sliding window)
+        self._pages: dict[int, list[int | None]] = {}
         self.prefix_caching = config.prefix_caching
         self._refs: dict[int, int] = {}  # page -> sequences holding it
         self._keys: dict[int, list] = {}  # seq -> keys of its leading full pages
+        # seq -> its leading positions already released (release_before walks only past them:
+        # each step of a long windowed sequence touches the pages it releases, not its history)
+        self._released_until: dict[int, int] = {}
         self._page_of_key: dict[object, int] = {}
         self._key_of_page: dict[int, object] = {}
         # Cached pages no sequence holds, least recently released first (still allocated in
@@ -156,8 +183,17 @@ class KVCacheManager:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.page_size)
 
-    def pages_of(self, seq_id: int) -> list[int]:
+    def pages_of(self, seq_id: int) -> list[int | None]:
+        """The sequence's pages by position; None where ``release_before`` released one."""
         return self._pages.get(seq_id, [])
+
+    def held_pages(self, seq_id: int) -> int:
+        """Pages the sequence holds (its released positions not counted)."""
+        return sum(page is not None for page in self.pages_of(seq_id))
+
+    def pages_held_at_most(self, num_tokens: int, window: int | None, chunk: int) -> int:
+        """``pages_held_at_most`` with this cache's page size."""
+        return pages_held_at_most(num_tokens, self.config.page_size, window, chunk)
 
     def extra_pages_needed(self, seq_id: int, num_tokens: int) -> int:
         return max(0, self.pages_for(num_tokens) - len(self.pages_of(seq_id)))
@@ -182,8 +218,33 @@ class KVCacheManager:
     def free(self, seq_id: int) -> None:
         pages = self._pages.pop(seq_id, None)
         self._keys.pop(seq_id, None)
+        self._released_until.pop(seq_id, None)
+        self._release(pages or ())
+
+    def release_before(self, seq_id: int, position: int) -> int:
+        """Releases the sequence's pages that hold only positions before ``position`` (the
+        first key its next queries read, with a sliding window); their places stay in its page
+        list as None. Returns the number of pages released."""
+        pages = self._pages.get(seq_id)
+        if not pages or position < self.config.page_size:
+            return 0
+        done = self._released_until.get(seq_id, 0)
+        count = min(position // self.config.page_size, len(pages))
+        if count <= done:
+            return 0
+        released = [page for page in pages[done:count] if page is not None]
+        pages[done:count] = [None] * (count - done)
+        self._released_until[seq_id] = count
+        self._release(released)
+        return len(released)
+
+    def _release(self, pages) -> None:
+        """Drops one reference to each page (None: a released position, skipped); a page no
+        sequence holds any more is cached for a later sequence when registered, else freed."""
         released = []
-        for page in pages or ():
+        for page in pages:
+            if page is None:
+                continue
             self._refs[page] -= 1
             if self._refs[page]:
                 continue
@@ -246,6 +307,8 @@ class KVCacheManager:
         reference (a cached page no sequence held leaves the evictable list); keys: those of
         its leading pages, as far as they are registered (prefix caching)."""
         for page in pages:
+            if page is None:  # released by the source: before this sequence's window too
+                continue
             self._evictable.pop(page, None)
             self._refs[page] = self._refs.get(page, 0) + 1
         self._pages[seq_id] = list(pages)
@@ -266,6 +329,8 @@ class KVCacheManager:
             key = self._next_key(keys[-1] if keys else None, tokens_of(i * size, size), adapter_key)
             keys.append(key)
             page = pages[i]
+            if page is None:  # released before its tokens were known: nothing to cache
+                continue
             if key not in self._page_of_key and page not in self._key_of_page:
                 self._page_of_key[key] = page
                 self._key_of_page[page] = key
@@ -285,9 +350,11 @@ class KVCacheManager:
         return dropped
 
     def page_table_row(self, seq_id: int) -> np.ndarray:
+        """The sequence's page ids by position, 0 past its last page and where a page was
+        released (never read: see the module docstring)."""
         row = np.zeros(self.config.max_pages_per_seq, np.int32)
         pages = self.pages_of(seq_id)
-        row[: len(pages)] = pages
+        row[: len(pages)] = [0 if page is None else page for page in pages]
         return row
 
     @property

@@ -152,21 +152,28 @@ class RunnerConfig:
     # session). False: atomic adds (no partials to sum).
     deterministic: bool = True
     # How the SGMV expand of a step whose projections run on XLA's GEMMs (prefill, decode steps
-    # past lora_matmul's rows) updates a group's output: "delta" (sgmv_delta, the sixth
-    # session's form: the expand writes a float32 delta that an XLA fusion adds to the output,
-    # 12 bytes an element for q|k|v, whose consumer is the RoPE kernel, 4 more than in place
-    # for the others) or "in_place" (opt-in, forty-second session, not yet timed on a GPU:
-    # sgmv_apply, the expand reads the GEMM's output and writes it back, 4 bytes an element in
-    # bf16). Both round each output once: the same values. Since the seventh session q|k|v and
-    # gate|up are one GEMM each, so the in-place update needs no concatenate of the members'
-    # outputs (what the delta form was made to avoid); whether XLA then copies a GEMM's output
-    # before the aliased expand is what the GPU has to show (docs/results/s42/
-    # next_gpu_lora_update.sh).
-    lora_update: str = "delta"
+    # past lora_matmul's rows) updates a group's output: "in_place" (the default since the
+    # forty-third session: sgmv_apply, the expand reads the GEMM's output and writes it back, 4
+    # bytes an element in bf16) or "delta" (sgmv_delta, the sixth session's form: the expand
+    # writes a float32 delta that an XLA fusion adds to the output, 12 bytes an element for
+    # q|k|v, whose consumer is the RoPE kernel, 4 more than in place for the others). Both round
+    # each output once: the same values. H100, llama-2-7b, two processes each way in two
+    # orders: in place gave 1.1-1.8% more tokens/s at batch 32 with one or 32 adapters (the
+    # prefill's) and 3.6-4.4% at batch 128 (decode steps 2.0-2.7% shorter), none without LoRA
+    # (docs/BENCHMARKS.md, forty-third session).
+    lora_update: str = "in_place"
     # Positions whose logits a prefill step that computes prompt logprobs holds at once: the LM
     # head runs over the chunk's positions in slices of this many (float32 (rows, slice, vocab):
     # llama-3's 128k vocabulary at 64 positions, 33 MB a row instead of 131 MB for 256).
     prompt_logprobs_positions: int = 64
+    # Prefill steps whose page table holds more key positions than this (max_model_len) attend
+    # block by block over blocks of this many, only as far as the batch's longest row (an
+    # online softmax in a loop of run-time length): a chunk's attention then costs what its
+    # rows' contexts hold, not max_model_len (at --max_model_len=32768 a 256-token chunk of a
+    # short prompt would otherwise gather and score 32,768 keys a layer). Tables of at most
+    # this many positions (every configuration timed so far) keep the one-pass attention.
+    # None: always one pass.
+    prefill_key_block: int | None = 4096
 
     def __post_init__(self):
         if not isinstance(self.deterministic, bool):
@@ -189,6 +196,8 @@ class RunnerConfig:
                 f"got {self.residual_norm!r}"
             )
         require_positive_ints(self, ("prompt_logprobs_positions",), "runner config")
+        if self.prefill_key_block is not None:
+            require_positive_ints(self, ("prefill_key_block",), "runner config")
         for field in ("residual_norm_warps", "fused_shrink_rows"):
             value = getattr(self, field)
             if (
@@ -596,6 +605,7 @@ class ModelRunner:
             impl=self.impl,
             write_impl=self.runner.kv_write,
             attention_config=self.runner.paged_attention,
+            prefill_key_block=self.runner.prefill_key_block,
         )
         lora = None
         if use_lora:

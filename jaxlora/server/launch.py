@@ -21,7 +21,7 @@ from jaxlora import demo
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.engine.kv_cache import kv_page_bytes as page_bytes
-from jaxlora.engine.kv_cache import kv_pool_dtype
+from jaxlora.engine.kv_cache import kv_pool_dtype, pages_held_at_most
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.formats.hub_cache import resolve_local
 from jaxlora.server.config import ServerConfig
@@ -264,7 +264,6 @@ def engine_config_for(
             f"(max_position_embeddings) is {model.max_position_embeddings}"
         )
     page_size = pick(launch.page_size, kv_default.page_size)
-    pages_per_seq = -(-max_model_len // page_size)
     runner = RunnerConfig(
         max_batch=max_batch,
         prefill_chunk=pick(launch.prefill_chunk, runner_default.prefill_chunk),
@@ -281,6 +280,11 @@ def engine_config_for(
         kv_write=launch.kv_write,
         residual_norm=launch.residual_norm,
         deterministic=launch.deterministic,
+    )
+    # The pages one sequence of max_model_len holds at once (with a sliding window, those of
+    # its window and one prefill chunk: the engine releases the pages before it).
+    pages_per_seq = pages_held_at_most(
+        max_model_len, page_size, model.attention_window, runner.prefill_chunk
     )
     pool = LoraPoolConfig(
         max_rank=pick(launch.max_rank, pool_default.max_rank),
