@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -42,14 +43,155 @@ FUSED_CHECKPOINT_TYPES = ("phi3",)
 SLIDING_WINDOW_TYPES = ("mistral", "phi3")
 
 
+# HF rope_scaling types whose frequencies are fixed (not a function of the sequence length).
+ROPE_SCALING_TYPES = ("llama3", "linear", "yarn")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency-dependent RoPE scaling (HF `rope_scaling` with rope_type llama3)."""
+    """RoPE scaling of HF's `rope_scaling` / `rope_parameters`, as transformers computes it
+    (modeling_rope_utils): "llama3" (Llama 3.1's frequency-dependent scaling: factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings), "linear" (every
+    frequency divided by factor: position interpolation) or "yarn" (YaRN, as Qwen2.5 / Qwen3
+    enable it for long contexts: frequencies interpolated below the beta_slow / beta_fast
+    correction range, kept above it, ramped between; cos and sin multiplied by
+    `attention_scaling`). The "dynamic" and "longrope" types change the frequencies with the
+    sequence's length, which keys already in a KV cache cannot follow: refused."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+    # YaRN's: the correction range's rotation counts; attention_factor overrides the cos / sin
+    # scale that factor (with mscale / mscale_all_dim, DeepSeek's form) implies; truncate
+    # rounds the correction range to whole dimensions.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ConfigError(
+                f"rope scaling field 'rope_type': expected one of {list(ROPE_SCALING_TYPES)}, "
+                f"got {self.rope_type!r}"
+            )
+        for field in ("factor", "beta_fast", "beta_slow"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(
+                    f"rope scaling field {field!r}: expected a positive number, got {value!r}"
+                )
+        if self.rope_type == "yarn" and self.factor < 1:
+            raise ConfigError(
+                f"rope scaling field 'factor': expected >= 1 for yarn, got {self.factor!r}"
+            )
+        require_positive_ints(self, ("original_max_position_embeddings",), "rope scaling")
+        for field in ("attention_factor", "mscale", "mscale_all_dim"):
+            value = getattr(self, field)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or value < 0
+                or (field == "attention_factor" and value == 0)
+            ):
+                raise ConfigError(
+                    f"rope scaling field {field!r}: expected None or a positive number, "
+                    f"got {value!r}"
+                )
+        if not isinstance(self.truncate, bool):
+            raise ConfigError(
+                f"rope scaling field 'truncate': expected a bool, got {self.truncate!r}"
+            )
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor on cos and sin (YaRN's; 1 for the other types), as transformers'."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def magnitude(scale: float, mscale: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return magnitude(self.factor, self.mscale) / magnitude(self.factor, self.mscale_all_dim)
+        return magnitude(self.factor)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The fields transformers reads for this type."""
+        d: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            d.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        elif self.rope_type == "yarn":
+            d.update(
+                original_max_position_embeddings=self.original_max_position_embeddings,
+                beta_fast=self.beta_fast,
+                beta_slow=self.beta_slow,
+            )
+            for field in ("attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(self, field) is not None:
+                    d[field] = getattr(self, field)
+            if not self.truncate:
+                d["truncate"] = False
+        return d
+
+
+def rope_scaling_from_hf(cfg: dict[str, Any], source: str) -> RopeScaling | None:
+    """config.json's rope_scaling, read as transformers 5 reads it: original_max_position_
+    embeddings from the top level where a checkpoint keeps it there (Phi-3), else the scaling's
+    own, else max_position_embeddings."""
+    raw = cfg.get("rope_scaling")
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: field 'rope_scaling' is {raw!r}; expected an object")
+    rope_type = raw.get("rope_type", raw.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in ROPE_SCALING_TYPES:
+        why = (
+            " (its frequencies change with the sequence's length, which the keys already in "
+            "the KV cache cannot follow)"
+            if rope_type in ("dynamic", "longrope", "su")
+            else ""
+        )
+        raise ConfigError(
+            f"{source}: field 'rope_scaling.rope_type' is {rope_type!r}; expected one of "
+            f"{['default', *ROPE_SCALING_TYPES]}{why}"
+        )
+    max_positions = cfg.get("max_position_embeddings", 4096)
+    original = cfg.get("original_max_position_embeddings") or raw.get(
+        "original_max_position_embeddings", max_positions
+    )
+    factor = raw.get("factor")
+    if factor is None:
+        raise ConfigError(f"{source}: field 'rope_scaling.factor' is missing ({rope_type})")
+    fields: dict[str, Any] = dict(
+        rope_type=rope_type, factor=factor, original_max_position_embeddings=original
+    )
+    names = {
+        "llama3": ("low_freq_factor", "high_freq_factor"),
+        "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"),
+        "linear": (),
+    }[rope_type]
+    for name in names:
+        if raw.get(name) is not None:
+            fields[name] = raw[name]
+    if rope_type == "yarn" and "truncate" in raw:
+        fields["truncate"] = raw["truncate"]
+    try:
+        return RopeScaling(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: field 'rope_scaling': {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +255,22 @@ class ModelConfig:
                 f"model config: num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
             )
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model is made for: max_position_embeddings, or where a
+        linear / yarn RoPE scaling stretches a shorter original context (Qwen2.5's and Qwen3's
+        YaRN leave max_position_embeddings at the original) that stretch, as vLLM derives its
+        max_model_len: yarn's original x factor, linear's max_position_embeddings x factor."""
+        scaling = self.rope_scaling
+        if scaling is None or scaling.rope_type == "llama3":
+            return self.max_position_embeddings
+        base = (
+            scaling.original_max_position_embeddings
+            if scaling.rope_type == "yarn"
+            else self.max_position_embeddings
+        )
+        return max(self.max_position_embeddings, int(base * scaling.factor))
 
     @property
     def qkv_bias(self) -> bool:
@@ -214,24 +372,7 @@ class ModelConfig:
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
         head_dim = cfg.get("head_dim") or hidden // heads
-        scaling = None
-        raw = cfg.get("rope_scaling")
-        if raw:
-            rope_type = raw.get("rope_type", raw.get("type"))
-            if rope_type == "llama3":
-                scaling = RopeScaling(
-                    factor=float(raw["factor"]),
-                    low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
-                    high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
-                    original_max_position_embeddings=int(
-                        raw.get("original_max_position_embeddings", 8192)
-                    ),
-                )
-            elif rope_type not in (None, "default"):
-                raise ConfigError(
-                    f"{source}: field 'rope_scaling.rope_type' is {rope_type!r}; "
-                    "expected 'llama3' or 'default'"
-                )
+        scaling = rope_scaling_from_hf(cfg, source)
         return cls(
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
@@ -284,7 +425,7 @@ class ModelConfig:
             "mlp_bias": False,
         }
         if self.rope_scaling is not None:
-            d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+            d["rope_scaling"] = self.rope_scaling.to_hf_dict()
         if self.model_type in ("qwen2", "qwen3"):
             d["use_sliding_window"] = False
         if self.model_type in SLIDING_WINDOW_TYPES:

@@ -65,11 +65,17 @@ class KVCache:
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+    """(head_dim / 2,) float32: RoPE's frequencies after config.rope_scaling, as transformers'
+    ROPE_INIT_FUNCTIONS compute them."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_inverse_frequencies(config.rope_theta, dim, scaling)
     # Llama 3.1 frequency-dependent scaling, as transformers' _compute_llama3_parameters.
     old_len = scaling.original_max_position_embeddings
     low_freq_wavelen = old_len / scaling.low_freq_factor
@@ -84,18 +90,52 @@ def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin), each (B, S, D/2) float32, of positions (B, S): the same for every layer, so
-    the model computes them once per step, outside its layer loop (XLA does not hoist them out
-    of a scan: a cos/sin kernel per layer otherwise)."""
+def _yarn_inverse_frequencies(theta: float, dim: int, scaling) -> jax.Array:
+    """YaRN (transformers' _compute_yarn_parameters): dimensions that turn fewer than
+    beta_slow times over the original context are interpolated (divided by factor), those that
+    turn more than beta_fast times kept, a linear ramp between."""
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    extrapolated = 1.0 / (theta**exponents)
+    interpolated = 1.0 / (scaling.factor * theta**exponents)
+
+    def correction_dim(rotations: float) -> float:
+        turns = scaling.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return dim * math.log(turns) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    kept = 1 - ramp
+    return interpolated * (1 - kept) + extrapolated * kept
+
+
+def rope_tables(
+    positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin), each (B, S, D/2) float32, of positions (B, S), times ``scale`` (YaRN's
+    attention scaling): the same for every layer, so the model computes them once per step,
+    outside its layer loop (XLA does not hoist them out of a scan: a cos/sin kernel per layer
+    otherwise)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(freqs), jnp.sin(freqs)
+    if scale == 1.0:
+        return jnp.cos(freqs), jnp.sin(freqs)
+    return scale * jnp.cos(freqs), scale * jnp.sin(freqs)
+
+
+def model_rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``rope_tables`` of the model's RoPE: its scaled frequencies and cos / sin scale."""
+    scale = 1.0 if config.rope_scaling is None else config.rope_scaling.attention_scaling
+    return rope_tables(positions, rope_inverse_frequencies(config), scale)
 
 
 def apply_rope(
     x: jax.Array,
     positions: jax.Array,
-    inv_freq: jax.Array,
+    inv_freq: jax.Array | None = None,
     tables: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """x: (B, S, N, D); positions: (B, S). HF's rotate-half convention. ``tables``: the
@@ -642,7 +682,7 @@ class Attention(nn.Module):
             q, k = head_norm("q_norm")(q), head_norm("k_norm")(k)
             # The RoPE kernel below reads q|k|v whole: the normed heads, concatenated again.
             fused, qkv = None, (q.reshape(b, s, -1), k.reshape(b, s, -1), v.reshape(b, s, -1))
-        inv_freq = rope_inverse_frequencies(cfg)
+        rope = rope if rope is not None else model_rope_tables(cfg, positions)
         sm_scale = 1.0 / math.sqrt(cfg.head_dim)
         if rope_kernel:
             from pallas_kernels import paged_attention as pa
@@ -650,7 +690,7 @@ class Attention(nn.Module):
             if fused is None:
                 fused = jnp.concatenate(qkv, axis=-1)
             heads = cfg.num_heads + 2 * cfg.num_kv_heads
-            cos, sin = rope if rope is not None else rope_tables(positions, inv_freq)
+            cos, sin = rope
             # The kernel reads the projection's output in place (the slices above go unused).
             q, k_pool, v_pool = pa.rope_write_kv_kernel(
                 fused.reshape(b, s, heads, cfg.head_dim),
@@ -667,8 +707,8 @@ class Attention(nn.Module):
                 interpret=kv.impl == "pallas_interpret",
             )
         else:
-            q = apply_rope(q, positions, inv_freq, rope)
-            k = apply_rope(k, positions, inv_freq, rope)
+            q = apply_rope(q, positions, tables=rope)
+            k = apply_rope(k, positions, tables=rope)
             if kv is not None:
                 from pallas_kernels import paged_attention as pa
 
@@ -1220,7 +1260,7 @@ class Llama(nn.Module):
                     fused_shrink_rows=self.fused_shrink_rows,
                     attention_shrink=self.attention_shrink,
                 )
-            rope = rope_tables(positions, rope_inverse_frequencies(cfg))
+            rope = model_rope_tables(cfg, positions)
             if kv is not None and kv.write_impl == "pallas" and kv.write_valid is None:
                 kv = kv.replace(write_valid=kv.token_valid.astype(jnp.int32))
 

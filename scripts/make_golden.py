@@ -3,10 +3,10 @@
 A tiny random HF model of --family (llama: GQA, 2 layers, llama3 RoPE scaling; qwen2: q/k/v
 biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidden / heads;
 phi3: fused qkv_proj and gate_up_proj, which its adapters target; mistral: a sliding window
-of 3 keys, shorter than the rows) and
-four PEFT LoRA adapters are built with transformers + peft, saved in their native formats, and
-the reference fp32 logits of the base model and of every adapter on every input row are computed
-by transformers + peft (CPU, fp32, eager attention). Output, under --out (default
+of 3 keys, shorter than the rows; qwen2_yarn: qwen2 with YaRN RoPE scaling) and four PEFT LoRA
+adapters are built with transformers + peft, saved in their native formats, and the reference
+fp32 logits of the base model and of every adapter on every input row are computed by
+transformers + peft (CPU, fp32, eager attention). Output, under --out (default
 tests/fixtures/golden/ for llama, tests/fixtures/golden_<family>/ for the others):
 
     base/              config.json + model.safetensors (transformers save_pretrained)
@@ -14,6 +14,10 @@ tests/fixtures/golden/ for llama, tests/fixtures/golden_<family>/ for the others
     golden.npz         input_ids (rows, seq) int32; logits (variants, rows, seq, vocab) float32,
                        where variant 0 is the base model and variant k the k-th adapter
     golden.json        variant names, adapter settings, library versions
+
+With --rope_table it writes tests/fixtures/rope_hf.json instead: transformers' inverse
+frequencies and cos / sin scale for each of ROPE_CASES (llama3, linear, yarn variants), with the
+config.json save_pretrained writes for it.
 
 Needs torch, transformers and peft; deliberately does not import jaxlora (an independent
 reference). Not part of CI:  python scripts/make_golden.py [--family F] [--out DIR] [--seed N]
@@ -82,6 +86,23 @@ FAMILIES = {
     "mistral": (
         "MistralConfig",
         _without(BASE_CONFIG, "rope_scaling", "attention_bias", "mlp_bias") | {"sliding_window": 3},
+    ),
+    # Qwen2 with YaRN (Qwen2.5's long-context setting, factor 4): with rope_theta 10000 and an
+    # original context of 4096 the correction range is dimensions 2..6 of 8, so frequencies are
+    # kept, ramped and interpolated, and cos / sin carry YaRN's attention scaling (1.139).
+    "qwen2_yarn": (
+        "Qwen2Config",
+        _without(_QWEN, "attention_bias")
+        | {
+            "tie_word_embeddings": True,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 16384,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 4096,
+            },
+        },
     ),
     # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target
     # them; special token ids inside the tiny vocabulary.
@@ -172,12 +193,144 @@ def logits_of(model: torch.nn.Module, input_ids: torch.Tensor) -> np.ndarray:
         return model(input_ids=input_ids).logits.to(torch.float32).numpy()
 
 
+# RoPE scalings whose frequencies and cos / sin scale tests/test_model.py compares with
+# transformers' (tests/fixtures/rope_hf.json): (model_type, config.json fields).
+_ROPE_SHAPE = dict(
+    vocab_size=32,
+    hidden_size=256,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+)
+ROPE_CASES = {
+    "llama3_8b": (
+        "llama",
+        dict(head_dim=128, rope_theta=500000.0, max_position_embeddings=131072)
+        | {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+        },
+    ),
+    "linear_x2": (
+        "llama",
+        dict(head_dim=64, rope_theta=10000.0, max_position_embeddings=4096)
+        | {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    ),
+    "qwen2.5_yarn_x4": (
+        "qwen2",
+        dict(head_dim=128, rope_theta=1000000.0, max_position_embeddings=32768)
+        | {
+            "rope_scaling": {
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32768,
+            }
+        },
+    ),
+    "qwen3_yarn_x4": (
+        "qwen3",
+        dict(head_dim=128, rope_theta=1000000.0, max_position_embeddings=40960)
+        | {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32768,
+            }
+        },
+    ),
+    "yarn_mscale": (
+        "llama",
+        dict(head_dim=64, rope_theta=10000.0, max_position_embeddings=163840)
+        | {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 40.0,
+                "original_max_position_embeddings": 4096,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 0.707,
+                "mscale_all_dim": 1.0,
+            }
+        },
+    ),
+    "yarn_untruncated_own_attention_factor": (
+        "mistral",
+        dict(head_dim=32, rope_theta=1000000.0, max_position_embeddings=65536)
+        | {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 8192,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+                "attention_factor": 1.2,
+                "truncate": False,
+            }
+        },
+    ),
+    "yarn_top_level_original": (
+        "llama",
+        dict(
+            head_dim=64,
+            rope_theta=10000.0,
+            max_position_embeddings=32768,
+            original_max_position_embeddings=4096,
+        )
+        | {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 2048,
+            }
+        },
+    ),
+}
+
+
+def write_rope_table(path: pathlib.Path) -> None:
+    """transformers' inverse frequencies and cos / sin scale of every ROPE_CASES entry, with
+    the config.json save_pretrained writes for it (transformers 5's rope_parameters form)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    table = {"versions": {"transformers": transformers.__version__}, "cases": {}}
+    for name, (model_type, fields) in ROPE_CASES.items():
+        config_json = {"model_type": model_type, **_ROPE_SHAPE, **fields}
+        config = transformers.AutoConfig.for_model(
+            model_type, **{k: v for k, v in config_json.items() if k != "model_type"}
+        )
+        rope_type = config.rope_parameters["rope_type"]
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        table["cases"][name] = {
+            "config": config_json,
+            # What save_pretrained writes as config.json.
+            "saved_config": json.loads(config.to_json_string(use_diff=True)),
+            "inv_freq": [float(x) for x in inv_freq.to(torch.float64)],
+            "attention_scaling": float(attention_scaling),
+        }
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {path}: {', '.join(table['cases'])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rope_table",
+        action="store_true",
+        help="write tests/fixtures/rope_hf.json (or --out) instead of a golden model",
+    )
     args = parser.parse_args()
+    if args.rope_table:
+        write_rope_table(args.out or DEFAULT_OUT.parent / "rope_hf.json")
+        return
     if args.out is None:
         name = "golden" if args.family == "llama" else f"golden_{args.family}"
         args.out = DEFAULT_OUT.parent / name

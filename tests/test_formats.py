@@ -199,6 +199,80 @@ def test_hf_config_of_transformers_5_with_rope_parameters(tmp_path, tiny_params)
     assert config.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 64)
 
 
+ROPE_TABLE = os.path.join(os.path.dirname(__file__), "fixtures", "rope_hf.json")
+with open(ROPE_TABLE) as _f:
+    ROPE_CASES = json.load(_f)["cases"]
+# Each case's longest context (ModelConfig.context_length): yarn's original x factor, linear's
+# max_position_embeddings x factor, llama3's max_position_embeddings (vLLM's max_model_len rule).
+ROPE_CONTEXTS = {
+    "llama3_8b": 131072,
+    "linear_x2": 8192,
+    "qwen2.5_yarn_x4": 131072,
+    "qwen3_yarn_x4": 131072,
+    "yarn_mscale": 163840,
+    "yarn_untruncated_own_attention_factor": 65536,
+    "yarn_top_level_original": 32768,
+}
+
+
+@pytest.mark.parametrize("form", ["config", "saved_config"])
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_rope_scaling_is_transformers_own(tmp_path, case, form):
+    """llama3, linear and yarn (with DeepSeek's mscale pair, its own attention factor, an
+    untruncated correction range, Phi-3's top-level original length) read from the config.json
+    a user writes (transformers 4's rope_scaling, the legacy "type" key once) and from the one
+    save_pretrained writes (transformers 5's rope_parameters): the inverse frequencies and the
+    cos / sin scale transformers 5.17 computes (tests/fixtures/rope_hf.json, written by
+    scripts/make_golden.py --rope_table)."""
+    from jaxlora.formats.hf import read_hf_config
+    from jaxlora.model import rope_inverse_frequencies
+
+    entry = ROPE_CASES[case]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(entry[form]))
+    config = read_hf_config(path)
+    assert config.model_type == entry["config"]["model_type"]
+    np.testing.assert_allclose(
+        np.asarray(rope_inverse_frequencies(config), np.float64), entry["inv_freq"], rtol=2e-6
+    )
+    assert config.rope_scaling.attention_scaling == pytest.approx(
+        entry["attention_scaling"], rel=1e-12
+    )
+    assert config.context_length == ROPE_CONTEXTS[case]
+    # What jaxlora writes back reads as the same model.
+    written = dataclasses.replace(config, name=config.model_type)
+    assert type(config).from_hf_dict(config.to_hf_dict()) == written
+
+
+def test_rope_scaling_refusals_name_the_field():
+    from jaxlora.config import ModelConfig
+
+    base = ROPE_CASES["qwen3_yarn_x4"]["config"]
+
+    def read(**scaling):
+        return ModelConfig.from_hf_dict({**base, "rope_scaling": scaling}, source="c.json")
+
+    for rope_type in ("dynamic", "longrope"):
+        with pytest.raises(ConfigError, match=rf"c\.json: .*'{rope_type}'.*cannot follow"):
+            read(rope_type=rope_type, factor=2.0)
+    with pytest.raises(ConfigError, match=r"c\.json: .*'mrope'; expected one of"):
+        read(rope_type="mrope", factor=2.0)
+    with pytest.raises(ConfigError, match=r"c\.json: field 'rope_scaling.factor' is missing"):
+        read(rope_type="yarn", original_max_position_embeddings=4096)
+    with pytest.raises(ConfigError, match=r"c\.json: .*'factor': expected a positive number"):
+        read(rope_type="linear", factor="2")
+    with pytest.raises(ConfigError, match=r"c\.json: .*'factor': expected >= 1 for yarn"):
+        read(rope_type="yarn", factor=0.5)
+    with pytest.raises(ConfigError, match=r"c\.json: .*'attention_factor': expected None or"):
+        read(rope_type="yarn", factor=4.0, attention_factor=0)
+    with pytest.raises(ConfigError, match=r"c\.json: .*'original_max_position_embeddings'"):
+        read(rope_type="yarn", factor=4.0, original_max_position_embeddings=-1)
+    with pytest.raises(ConfigError, match=r"c\.json: field 'rope_scaling' is 'yarn'"):
+        ModelConfig.from_hf_dict({**base, "rope_scaling": "yarn"}, source="c.json")
+    # "default" is no scaling.
+    assert read(rope_type="default").rope_scaling is None
+
+
 def _hf_dir(tmp_path, params):
     save_hf_checkpoint(tmp_path, TINY, params)
     return str(tmp_path)

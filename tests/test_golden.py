@@ -3,8 +3,8 @@
 The fixtures hold a tiny HF model of each family (Llama: tests/fixtures/golden; Qwen2 with q/k/v
 biases and tied embeddings: golden_qwen2; Qwen3 with per-head q/k norms and a head_dim of its
 own: golden_qwen3; Phi-3 with fused qkv_proj / gate_up_proj, which its adapters target:
-golden_phi3; Mistral with a sliding window of 3 keys, shorter than the rows: golden_mistral)
-and PEFT adapters in their native formats, plus
+golden_phi3; Mistral with a sliding window of 3 keys, shorter than the rows: golden_mistral;
+Qwen2 with YaRN RoPE scaling: golden_qwen2_yarn) and PEFT adapters in their native formats, plus
 the fp32 logits transformers + peft compute for every (variant, row): variant 0 is the base
 model, variant k the k-th adapter. jaxlora loads the files with its own loaders and runs ONE
 batch in which the rows use different adapters and one row uses none; every row must reproduce
@@ -25,12 +25,16 @@ from jaxlora.model import Llama
 from pallas_kernels.layout import NO_ADAPTER
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+# scripts/make_golden.py's --family -> (fixture directory, model_type).
 FAMILIES = {
-    "llama": "golden",
-    "qwen2": "golden_qwen2",
-    "qwen3": "golden_qwen3",
-    "phi3": "golden_phi3",
-    "mistral": "golden_mistral",
+    "llama": ("golden", "llama"),
+    "qwen2": ("golden_qwen2", "qwen2"),
+    "qwen3": ("golden_qwen3", "qwen3"),
+    "phi3": ("golden_phi3", "phi3"),
+    "mistral": ("golden_mistral", "mistral"),
+    # Qwen2 with YaRN RoPE scaling (factor 4; frequencies kept, ramped and interpolated, cos /
+    # sin scaled by 1.139).
+    "qwen2_yarn": ("golden_qwen2_yarn", "qwen2"),
 }
 MAX_RANK = 64
 TOLERANCE = 1e-4
@@ -43,12 +47,13 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def golden(request):
-    directory = os.path.join(FIXTURES, FAMILIES[request.param])
+    directory_name, model_type = FAMILIES[request.param]
+    directory = os.path.join(FIXTURES, directory_name)
     with open(os.path.join(directory, "golden.json")) as f:
         manifest = json.load(f)
     arrays = np.load(os.path.join(directory, "golden.npz"))
     config, params = load_hf_checkpoint(os.path.join(directory, "base"))
-    assert config.model_type == request.param
+    assert config.model_type == model_type
     adapters = [
         load_peft_adapter(os.path.join(directory, "adapters", name), config, max_rank=MAX_RANK)
         for name in manifest["variants"][1:]
@@ -133,3 +138,27 @@ def test_permuted_assignment_breaks_the_match(golden):
     assert min(errors) > 100 * TOLERANCE
     # The same batch is right for the assignment it really used: the mismatch is the permutation.
     assert relative_error(actual, expected_logits(golden, permuted)) <= TOLERANCE
+
+
+def test_the_yarn_fixture_needs_its_scaling():
+    """Read without its YaRN scaling, the golden_qwen2_yarn base model misses transformers'
+    logits by far more than the tolerance: the fixture shows the scaling, not only the rest."""
+    import dataclasses
+
+    directory = os.path.join(FIXTURES, "golden_qwen2_yarn")
+    config, params = load_hf_checkpoint(os.path.join(directory, "base"))
+    assert config.rope_scaling.rope_type == "yarn" and config.rope_scaling.factor == 4.0
+    arrays = np.load(os.path.join(directory, "golden.npz"))
+    input_ids = jnp.asarray(arrays["input_ids"])
+    expected = arrays["logits"][0]
+    scaled = np.asarray(Llama(config).apply({"params": params}, input_ids))
+    assert relative_error(scaled, expected) <= TOLERANCE
+    # The frequencies alone (cos / sin unscaled) and no scaling at all both miss.
+    frequencies_only = dataclasses.replace(
+        config,
+        rope_scaling=dataclasses.replace(config.rope_scaling, attention_factor=1.0),
+    )
+    unscaled = dataclasses.replace(config, rope_scaling=None)
+    for other in (frequencies_only, unscaled):
+        logits = np.asarray(Llama(other).apply({"params": params}, input_ids))
+        assert relative_error(logits, expected) > 100 * TOLERANCE

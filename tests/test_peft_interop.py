@@ -51,37 +51,71 @@ def test_peft_loads_the_export_and_computes_the_same_logits(tmp_path, family):
     assert result["relative_error"] < 1e-4, result  # ... exactly as PEFT applies it
 
 
-@pytest.mark.peft
-@needs_peft
-def test_the_windowed_engine_generates_the_tokens_of_transformers():
-    """Mistral with a 3-key sliding window (tests/fixtures/golden_mistral): the paged engine (a
-    12-token prefill, then decode steps past the window, fp32) generates transformers'
-    greedy tokens."""
-    import jaxlora
-    from jaxlora.sampling import SamplingParams
-
-    base = os.path.join(FIXTURES, "golden_mistral", "base")
-    prompt = list(range(1, 13))
+def transformers_greedy(base: str, prompt: list[int], tokens: int) -> list[int]:
+    """transformers' greedy continuation of ``prompt`` (fp32, eager attention), in the peft
+    interpreter."""
     script = (
         "import json, sys, torch, transformers\n"
         "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32,"
         " attn_implementation='eager')\n"
         "ids = torch.tensor([json.loads(sys.argv[2])])\n"
-        "out = m.generate(ids, max_new_tokens=10, do_sample=False)\n"
+        "out = m.generate(ids, max_new_tokens=int(sys.argv[3]), do_sample=False)\n"
         "print(json.dumps(out[0, ids.shape[1]:].tolist()))\n"
     )
     run = subprocess.run(
-        [peft_python(), "-c", script, base, json.dumps(prompt)],
+        [peft_python(), "-c", script, base, json.dumps(prompt), str(tokens)],
         capture_output=True,
         text=True,
         check=True,
     )
-    expected = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.peft
+@needs_peft
+@pytest.mark.parametrize("fixture", ["golden_mistral", "golden_qwen2_yarn"])
+def test_the_paged_engine_generates_the_tokens_of_transformers(fixture):
+    """Mistral with a 3-key sliding window (golden_mistral) and Qwen2 with YaRN RoPE scaling
+    (golden_qwen2_yarn): the paged engine (a 12-token prefill, then decode steps past the
+    window, fp32) generates transformers' greedy tokens."""
+    import jaxlora
+    from jaxlora.sampling import SamplingParams
+
+    base = os.path.join(FIXTURES, fixture, "base")
+    prompt = list(range(1, 13))
+    expected = transformers_greedy(base, prompt, 10)
     llm = jaxlora.LLM(base, dtype="float32")
     try:
-        assert llm.engine.runner.config.attention_window == 3
+        config = llm.engine.runner.config
+        if fixture == "golden_mistral":
+            assert config.attention_window == 3
+        else:
+            assert config.rope_scaling.rope_type == "yarn"
         sampling = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
         (out,) = llm.generate([prompt], sampling=sampling)
     finally:
         llm.stop()
     assert out.token_ids == expected
+
+
+@pytest.mark.peft
+@needs_peft
+def test_the_rope_table_is_what_transformers_computes_now(tmp_path):
+    """tests/fixtures/rope_hf.json (what tests/test_formats.py checks the RoPE scalings
+    against) is what this interpreter's transformers writes."""
+    import numpy as np
+
+    out = tmp_path / "rope.json"
+    script = os.path.join(os.path.dirname(FIXTURES), "..", "scripts", "make_golden.py")
+    subprocess.run([peft_python(), script, "--rope_table", "--out", str(out)], check=True)
+    with open(os.path.join(FIXTURES, "rope_hf.json")) as f:
+        committed = json.load(f)["cases"]
+    fresh = json.loads(out.read_text())["cases"]
+    assert sorted(fresh) == sorted(committed)
+    for name, entry in fresh.items():
+        np.testing.assert_allclose(entry["inv_freq"], committed[name]["inv_freq"], rtol=1e-7)
+        assert entry["attention_scaling"] == committed[name]["attention_scaling"]
+        assert (
+            entry["saved_config"]["rope_parameters"]
+            == (committed[name]["saved_config"]["rope_parameters"])
+        )

@@ -20,6 +20,7 @@ import pytest
 
 import jaxlora
 from jaxlora import demo
+from jaxlora.config import RopeScaling
 from jaxlora.errors import AdapterError, ConfigError
 from jaxlora.sampling import SamplingParams
 from jaxlora.server import resolve_adapter_path
@@ -2723,8 +2724,26 @@ def test_launch_settings():
     assert cpu.runner.deterministic and cpu.runner.sgmv_config().deterministic
     atomic = engine_config_for(TINY, LaunchConfig(deterministic=False), backend="gpu").runner
     assert not atomic.deterministic and not atomic.sgmv_config().deterministic
-    with pytest.raises(ConfigError, match="max_model_len"):
+    with pytest.raises(ConfigError, match="max_model_len 4096: the model's context is 512"):
         engine_config_for(TINY, LaunchConfig(max_model_len=4096), backend="cpu")
+    # YaRN stretches the context past max_position_embeddings (Qwen3's x4: 32768 -> 131072,
+    # config.json keeping 40960), as vLLM derives it; a linear x2 doubles it.
+    yarn = dataclasses.replace(
+        TINY,
+        max_position_embeddings=640,
+        rope_scaling=RopeScaling(4.0, original_max_position_embeddings=512, rope_type="yarn"),
+    )
+    assert yarn.context_length == 2048
+    stretched = engine_config_for(yarn, LaunchConfig(max_model_len=2048), backend="cpu")
+    assert stretched.kv.max_model_len == 2048
+    with pytest.raises(
+        ConfigError,
+        match=r"max_model_len 4096: the model's context is 2048 \(max_position_embeddings 640, "
+        r"yarn RoPE scaling x4\)",
+    ):
+        engine_config_for(yarn, LaunchConfig(max_model_len=4096), backend="cpu")
+    linear = dataclasses.replace(TINY, rope_scaling=RopeScaling(2.0, rope_type="linear"))
+    assert linear.context_length == 1024
     with pytest.raises(ConfigError, match="max_body_mib: expected an int >= 1, got 0"):
         LaunchConfig(max_body_mib=0)
 

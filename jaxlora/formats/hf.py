@@ -111,12 +111,13 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     if isinstance(rope, dict):
         raw = dict(raw)
         for field in ("rope_theta", "partial_rotary_factor"):  # (Phi-3 keeps the factor here)
-            if field in rope and field not in raw:
+            if field in rope and raw.get(field) is None:
                 raw[field] = rope[field]
         scaling = {
             k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
         }
-        if scaling.get("rope_type", "default") != "default" and not raw.get("rope_scaling"):
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type != "default" and not raw.get("rope_scaling"):
             raw["rope_scaling"] = scaling
     elif rope is not None:
         raise ConfigError(f"{path}: field 'rope_parameters' is {rope!r}; expected an object")

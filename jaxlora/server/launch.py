@@ -255,13 +255,16 @@ def engine_config_for(
         return default if value is None else value
 
     max_batch = pick(launch.max_batch, 8 if on_cpu else runner_default.max_batch)
-    max_model_len = pick(
-        launch.max_model_len, min(model.max_position_embeddings, 512 if on_cpu else 4096)
-    )
-    if max_model_len > model.max_position_embeddings:
+    max_model_len = pick(launch.max_model_len, min(model.context_length, 512 if on_cpu else 4096))
+    if max_model_len > model.context_length:
+        stretched = (
+            f", {model.rope_scaling.rope_type} RoPE scaling x{model.rope_scaling.factor:g}"
+            if model.context_length > model.max_position_embeddings
+            else ""
+        )
         raise ConfigError(
-            f"max_model_len {max_model_len}: the model's context "
-            f"(max_position_embeddings) is {model.max_position_embeddings}"
+            f"max_model_len {max_model_len}: the model's context is {model.context_length} "
+            f"(max_position_embeddings {model.max_position_embeddings}{stretched})"
         )
     page_size = pick(launch.page_size, kv_default.page_size)
     runner = RunnerConfig(
