@@ -116,6 +116,13 @@ flags.DEFINE_string(
 flags.DEFINE_integer("max_batch", None, "Decode rows per step (default: 8 on CPU, 32 on GPU).")
 flags.DEFINE_integer("max_prefill_rows", None, "Prompts prefilled together in one step.")
 flags.DEFINE_integer("prefill_chunk", None, "Prompt tokens one prefill step feeds per prompt.")
+flags.DEFINE_integer(
+    "prefill_key_block",
+    None,
+    "Prefill steps whose page tables hold more key positions than this (max_model_len) attend "
+    "block by block over blocks of this many, only as far as the batch's longest prompt "
+    "(default 4096; 0: always one pass over the whole table).",
+)
 flags.DEFINE_integer("max_num_tokens", None, "Token budget of one engine step.")
 flags.DEFINE_integer("max_waiting", None, "Queue bound: beyond it requests get 503.")
 flags.DEFINE_integer("kv_pages", None, "KV cache pages (default: half the batch at full context).")
@@ -485,6 +492,7 @@ def launch_config():
         max_batch=FLAGS.max_batch,
         max_prefill_rows=FLAGS.max_prefill_rows,
         prefill_chunk=FLAGS.prefill_chunk,
+        prefill_key_block=FLAGS.prefill_key_block,
         max_num_tokens=FLAGS.max_num_tokens,
         max_waiting=FLAGS.max_waiting,
         page_size=FLAGS.page_size,

@@ -2748,6 +2748,31 @@ def test_launch_settings():
         LaunchConfig(max_body_mib=0)
 
 
+def test_prefill_key_block_flag_reaches_the_runner():
+    """--prefill_key_block (RunnerConfig.prefill_key_block): unset keeps the runner's 4096,
+    0 is one pass over the page table, else the block; a negative one names the field."""
+    from absl import flags
+
+    from configs.models import TINY
+    from jaxlora import launch_flags
+
+    launches = {}
+    try:
+        for value in (None, "0", "256"):
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["serve.py"] + ([] if value is None else [f"--prefill_key_block={value}"]))
+            launches[value] = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    blocks = {
+        value: engine_config_for(TINY, launch, backend="cpu").runner.prefill_key_block
+        for value, launch in launches.items()
+    }
+    assert blocks == {None: 4096, "0": None, "256": 256}
+    with pytest.raises(ConfigError, match="'prefill_key_block': expected a positive int, got -1"):
+        engine_config_for(TINY, LaunchConfig(prefill_key_block=-1), backend="cpu")
+
+
 def test_kv_cache_dtype_flag_reaches_the_engine_config():
     """--kv_cache_dtype (scripts/serve.py and scripts/run_batch.py, jaxlora.launch_flags):
     LaunchConfig's, then the engine's KVCacheConfig's; only vLLM's names parse."""

@@ -90,6 +90,9 @@ class LaunchConfig:
     max_batch: int | None = None
     max_prefill_rows: int | None = None
     prefill_chunk: int | None = None
+    # RunnerConfig.prefill_key_block: prefill attention over longer page tables runs block by
+    # block up to the batch's longest row (None: RunnerConfig's default; 0: always one pass).
+    prefill_key_block: int | None = None
     max_num_tokens: int | None = None
     max_waiting: int | None = None
     page_size: int | None = None
@@ -283,6 +286,11 @@ def engine_config_for(
         kv_write=launch.kv_write,
         residual_norm=launch.residual_norm,
         deterministic=launch.deterministic,
+        prefill_key_block=(
+            runner_default.prefill_key_block
+            if launch.prefill_key_block is None
+            else launch.prefill_key_block or None
+        ),
     )
     # The pages one sequence of max_model_len holds at once (with a sliding window, those of
     # its window and one prefill chunk: the engine releases the pages before it).
