@@ -121,6 +121,36 @@ PHI_4 = ModelConfig(
     max_position_embeddings=16384,
 )
 
+# Gemma 7B (GemmaForCausalLM): embeddings x sqrt(hidden), tied to the LM head; GELU (tanh)
+# gating; 16 heads of 256 over a hidden of 3,072.
+GEMMA_7B = ModelConfig(
+    name="gemma-7b",
+    model_type="gemma",
+    hidden_act="gelu_pytorch_tanh",
+    vocab_size=256000,
+    hidden_size=3072,
+    intermediate_size=24576,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=16,
+    head_dim=256,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+
+# Gemma 2B: one KV head (multi-query attention).
+GEMMA_2B = dataclasses.replace(
+    GEMMA_7B,
+    name="gemma-2b",
+    hidden_size=2048,
+    intermediate_size=16384,
+    num_layers=18,
+    num_heads=8,
+    num_kv_heads=1,
+)
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": TINY,
     "llama-2-7b": LLAMA2_7B,
@@ -130,6 +160,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "qwen2.5-7b": QWEN2_5_7B,
     "qwen3-8b": QWEN3_8B,
     "phi-4": PHI_4,
+    "gemma-7b": GEMMA_7B,
+    "gemma-2b": GEMMA_2B,
 }
 
 

@@ -34,6 +34,14 @@ HF_MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+}
+# The MLP's gate activations (config.json's hidden_act; Gemma's hidden_activation):
+# transformers' names -> what they compute.
+HIDDEN_ACTIVATIONS = {
+    "silu": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",  # GELU's tanh approximation (Gemma's)
+    "gelu": "gelu",  # GELU exactly (erf)
 }
 # Families whose checkpoints store q|k|v and gate|up as one tensor each (qkv_proj,
 # gate_up_proj), and whose PEFT adapters target those.
@@ -213,11 +221,15 @@ class ModelConfig:
     name: str = "llama"
     # The HF family (config.json's model_type, HF_MODEL_TYPES): Llama, Mistral and Phi-3 are
     # one architecture (Phi-3's checkpoints fuse q|k|v and gate|up); Qwen2 adds q/k/v biases
-    # (qkv_bias), Qwen3 per-head q/k norms (qk_norm).
+    # (qkv_bias), Qwen3 per-head q/k norms (qk_norm), Gemma (1) scaled embeddings
+    # (embedding_multiplier), RMSNorm weights stored minus 1 (hf_norm_offset) and GELU.
     model_type: str = "llama"
     # Mistral's / Phi-3's sliding attention window, where the checkpoint sets one: each query
     # attends to the last ``sliding_window`` keys (itself included), as HF's mask does.
     sliding_window: int | None = None
+    # The gate's activation in the MLP (gate_act(x W_gate) * x W_up), by transformers' name
+    # (HIDDEN_ACTIVATIONS): SiLU for every family but Gemma's GELU (tanh approximation).
+    hidden_act: str = "silu"
 
     def __post_init__(self):
         require_positive_ints(
@@ -250,6 +262,11 @@ class ModelConfig:
                 f"{list(SLIDING_WINDOW_TYPES)}; got {self.sliding_window!r} for "
                 f"{self.model_type!r}"
             )
+        if self.hidden_act not in HIDDEN_ACTIVATIONS:
+            raise ConfigError(
+                f"model config field 'hidden_act': expected one of {sorted(HIDDEN_ACTIVATIONS)}, "
+                f"got {self.hidden_act!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model config: num_heads ({self.num_heads}) must be a multiple of "
@@ -271,6 +288,24 @@ class ModelConfig:
             else self.max_position_embeddings
         )
         return max(self.max_position_embeddings, int(base * scaling.factor))
+
+    @property
+    def embedding_multiplier(self) -> float | None:
+        """Gemma multiplies the token embeddings by sqrt(hidden_size), rounded to the
+        activations' dtype (its tied LM head reads the table unscaled); None elsewhere."""
+        return math.sqrt(self.hidden_size) if self.model_type == "gemma" else None
+
+    @property
+    def hf_norm_offset(self) -> float:
+        """What HF's RMSNorm adds to its stored weight: Gemma's computes x * (1 + w), so its
+        checkpoints hold the scale minus 1; jaxlora's params hold the scale itself (the HF
+        loader adds this, the writer subtracts it). 0 elsewhere."""
+        return 1.0 if self.model_type == "gemma" else 0.0
+
+    @property
+    def activation(self) -> str:
+        """The gate activation's arithmetic: "silu", "gelu_tanh" or "gelu"."""
+        return HIDDEN_ACTIVATIONS[self.hidden_act]
 
     @property
     def qkv_bias(self) -> bool:
@@ -318,7 +353,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Reads a HF Llama / Mistral / Qwen2 / Qwen3 / Phi-3 `config.json` dictionary."""
+        """Reads a HF Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma `config.json` dictionary."""
 
         def need(key):
             if key not in cfg:
@@ -338,6 +373,12 @@ class ModelConfig:
                     f"{source}: field {field!r} is {cfg[field]!r}; expected false (biased "
                     "o / MLP projections are not supported)"
                 )
+        if cfg.get("use_bidirectional_attention"):
+            raise ConfigError(
+                f"{source}: field 'use_bidirectional_attention' is "
+                f"{cfg['use_bidirectional_attention']!r}; expected false (an embedding model, "
+                "not a causal LM)"
+            )
         sliding_window = None
         rotary = cfg.get("partial_rotary_factor", 1.0)
         if rotary != 1.0:
@@ -366,9 +407,20 @@ class ModelConfig:
                 f"{source}: field 'layer_types' is {cfg['layer_types']!r}; expected "
                 "'full_attention' for every layer (sliding-window layers are not supported)"
             )
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: field 'hidden_act' is {act!r}; expected 'silu'")
+        act_field, act = "hidden_act", cfg.get("hidden_act", "silu")
+        if model_type == "gemma":
+            # transformers 4 reads Gemma's hidden_activation and, where it is unset, uses the
+            # tanh approximation the models were trained with whatever hidden_act says (the
+            # first checkpoints say "gelu"); vLLM does the same.
+            if cfg.get("hidden_activation") is not None:
+                act_field, act = "hidden_activation", cfg["hidden_activation"]
+            elif act in ("gelu", "gelu_pytorch_tanh"):
+                act = "gelu_pytorch_tanh"
+        if act not in HIDDEN_ACTIVATIONS:
+            raise ConfigError(
+                f"{source}: field {act_field!r} is {act!r}; expected one of "
+                f"{sorted(HIDDEN_ACTIVATIONS)}"
+            )
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
         head_dim = cfg.get("head_dim") or hidden // heads
@@ -389,6 +441,7 @@ class ModelConfig:
             name=str(cfg.get("_name_or_path") or model_type),
             model_type=model_type,
             sliding_window=sliding_window,
+            hidden_act=act,
         )
 
     @classmethod
@@ -420,12 +473,14 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "attention_bias": False,
             "mlp_bias": False,
         }
         if self.rope_scaling is not None:
             d["rope_scaling"] = self.rope_scaling.to_hf_dict()
+        if self.model_type == "gemma":
+            d["hidden_activation"] = self.hidden_act  # (what transformers 4 reads)
         if self.model_type in ("qwen2", "qwen3"):
             d["use_sliding_window"] = False
         if self.model_type in SLIDING_WINDOW_TYPES:

@@ -1,5 +1,7 @@
-"""A functional Flax Llama (GQA, RoPE with llama3 scaling, RMSNorm, SwiGLU) with a LoRA hook on
-every one of q, k, v, o, gate, up, down, driven by a per-token adapter slot.
+"""A functional Flax Llama (GQA, RoPE with llama3 / linear / YaRN scaling, RMSNorm, SwiGLU; the
+other families' variations: Qwen2's q/k/v biases, Qwen3's q/k head norms, Mistral's window,
+Gemma's scaled embeddings and GELU gating) with a LoRA hook on every one of q, k, v, o, gate,
+up, down, driven by a per-token adapter slot.
 
 Parameters are a plain pytree (``model.apply({"params": params}, ...)``) whose leaves carry logical
 axis names (``jaxlora.sharding`` maps them to a mesh); layers are stacked on a leading ``layers``
@@ -942,7 +944,8 @@ class MLP(nn.Module):
         LoRA shrink run in one launch (``pallas_kernels.swiglu.swiglu_shrink``)."""
         cfg = self.config
         widths = (cfg.intermediate_size, cfg.intermediate_size)
-        if down_partials and kernels.shrinks_in_swiglu(lora):
+        # (The fused launch computes SiLU: a GELU model's steps keep the two launches.)
+        if down_partials and kernels.shrinks_in_swiglu(lora) and cfg.activation == "silu":
             # SwiGLU and down's LoRA shrink in one launch, on gate|up's output unsplit.
             gate_up = _kernel_projection(
                 "gate_up",
@@ -989,7 +992,7 @@ class MLP(nn.Module):
                 ]
             gate_up = _with_lora("gate_up", x, gate_up, layer, lora)
         gate, up = gate_up
-        hidden = swiglu_ops.silu_mul(gate, up, self.dtype)
+        hidden = swiglu_ops.gated_activation(gate, up, self.dtype, cfg.activation)
         if down_partials:
             parts = _kernel_projection(
                 "down", hidden, (cfg.hidden_size,), layer, lora, kernels, partials=True
@@ -1227,6 +1230,8 @@ class Llama(nn.Module):
             ),
         )
         h = embed(tokens)
+        if cfg.embedding_multiplier is not None:
+            h = h * jnp.asarray(cfg.embedding_multiplier, h.dtype)
         pools = (kv.k_pool, kv.v_pool) if kv is not None else (None, None)
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if self.is_initializing():

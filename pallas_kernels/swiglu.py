@@ -39,10 +39,29 @@ from pallas_kernels.sgmv import _next_pow2
 _WHERE = "pallas_kernels/swiglu.py"
 
 
+# ModelConfig.activation -> the gate's activation, in float32.
+GATE_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def gated_activation(gate: jax.Array, up: jax.Array, dtype, activation: str = "silu") -> jax.Array:
+    """A gated MLP's arithmetic: act(gate) * up in float32, rounded once to dtype
+    (``jaxlora.model.MLP`` runs it; SwiGLU's act is SiLU, Gemma's GeGLU the tanh GELU)."""
+    if activation not in GATE_ACTIVATIONS:
+        raise ConfigError(
+            f"{_WHERE}: activation {activation!r}: expected one of {sorted(GATE_ACTIVATIONS)}"
+        )
+    act = GATE_ACTIVATIONS[activation]
+    return (act(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+
+
 def silu_mul(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
-    """SwiGLU's arithmetic: silu(gate) * up in float32, rounded once to dtype
-    (``jaxlora.model.MLP`` runs it; so do this kernel and its reference)."""
-    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+    """SwiGLU's arithmetic (``gated_activation`` with SiLU): this kernel and its reference
+    compute it; so does ``jaxlora.model.MLP`` for every SiLU model."""
+    return gated_activation(gate, up, dtype, "silu")
 
 
 def swiglu(gate_up: jax.Array) -> jax.Array:

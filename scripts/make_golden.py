@@ -3,7 +3,8 @@
 A tiny random HF model of --family (llama: GQA, 2 layers, llama3 RoPE scaling; qwen2: q/k/v
 biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidden / heads;
 phi3: fused qkv_proj and gate_up_proj, which its adapters target; mistral: a sliding window
-of 3 keys, shorter than the rows; qwen2_yarn: qwen2 with YaRN RoPE scaling) and four PEFT LoRA
+of 3 keys, shorter than the rows; qwen2_yarn: qwen2 with YaRN RoPE scaling; gemma: scaled
+embeddings, norm weights stored minus 1, GELU, multi-query attention) and four PEFT LoRA
 adapters are built with transformers + peft, saved in their native formats, and the reference
 fp32 logits of the base model and of every adapter on every input row are computed by
 transformers + peft (CPU, fp32, eager attention). Output, under --out (default
@@ -102,6 +103,20 @@ FAMILIES = {
                 "factor": 4.0,
                 "original_max_position_embeddings": 4096,
             },
+        },
+    ),
+    # Gemma (1): embeddings scaled by sqrt(hidden), RMSNorm weights stored minus 1, GELU (tanh)
+    # gating, tied embeddings; one KV head (Gemma-2B's multi-query attention) and a head_dim
+    # of 32 apart from hidden / heads (Gemma-7B's 16 x 256 over 3,072).
+    "gemma": (
+        "GemmaConfig",
+        _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "hidden_act")
+        | {
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "rms_norm_eps": 1e-6,
+            "hidden_act": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
         },
     ),
     # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target

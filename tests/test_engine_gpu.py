@@ -34,6 +34,18 @@ CONFIG = dataclasses.replace(
     vocab_size=1024,
     num_layers=3,
 )
+# Gemma's head_dim (256) and Gemma-2B's one KV head, GELU (tanh) gating, embeddings scaled
+# by sqrt(hidden) and tied to the LM head.
+GEMMA = dataclasses.replace(
+    CONFIG,
+    model_type="gemma",
+    hidden_act="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=256,
+    rms_norm_eps=1e-6,
+)
 
 
 @pytest.mark.gpu
@@ -177,7 +189,7 @@ def test_pallas_engine_with_an_fp8_kv_cache_matches_its_reference_engine():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "gemma"])
 def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     """Qwen2 (q/k/v biases added to lora_matmul's and XLA's q|k|v), Qwen3 (per-head q/k
     norms before the RoPE + K/V write kernel, head_dim 64 apart from hidden / heads) and
@@ -185,7 +197,8 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     it, the prefill mask; both engines release the KV pages before it): the compiled engine at
     its default kernels generates the reference path's tokens. The Qwen2 model has
     Qwen2.5-7B's proportions: 7 query heads a KV head, a hidden width of 3.5 x 128 and an
-    intermediate of 18944 / 16 (ragged tiles in every kernel)."""
+    intermediate of 18944 / 16 (ragged tiles in every kernel). Gemma: Gemma's head_dim of 256
+    with one KV head (Gemma-2B's), GELU gating, scaled and tied embeddings."""
     from tests.test_model_families import random_family_params
 
     if model_type == "qwen2":
@@ -200,6 +213,8 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
         )
     elif model_type == "mistral":
         config_of = dataclasses.replace(CONFIG, model_type=model_type, sliding_window=24)
+    elif model_type == "gemma":
+        config_of = GEMMA
     else:
         config_of = dataclasses.replace(CONFIG, model_type=model_type, head_dim=64)
     params = random_family_params(config_of, 0)
@@ -224,7 +239,9 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     assert outputs["pallas"] == outputs["reference"]
 
 
-def _lowered_steps(*, use_lora=(False, True), few_adapters=False, max_batch=4, **runner_fields):
+def _lowered_steps(
+    *, use_lora=(False, True), few_adapters=False, max_batch=4, model=CONFIG, **runner_fields
+):
     """Every step shape of a small Pallas engine (``max_batch`` decode rows, 2 prefill rows; the
     other RunnerConfig fields given) lowered for an abstract GPU: (runner, a list of (mode,
     use_lora, StableHLO text)). ``few_adapters``: the LoRA metadata of a step with few adapters
@@ -238,9 +255,9 @@ def _lowered_steps(*, use_lora=(False, True), few_adapters=False, max_batch=4, *
         warmup=False,
     )
     llm = jaxlora.LLM(
-        CONFIG,
-        params=init_params(CONFIG, 0),
-        adapters={"a0": random_lora_weights(CONFIG, "a0", 16, MODULES, seed=0)},
+        model,
+        params=init_params(model, 0),
+        adapters={"a0": random_lora_weights(model, "a0", 16, MODULES, seed=0)},
         engine_config=config,
         load_workers=0,
     )
@@ -366,6 +383,24 @@ def test_pallas_engine_steps_lower_for_the_gpu(
                 assert per_token
         lowered += 1
     assert lowered == 2 * len(runner.bucket_shapes())
+
+
+def test_gemma_steps_lower_for_the_gpu():
+    """On any machine: every step shape of an engine of Gemma's head_dim (256, one KV head) on
+    the default Pallas kernels lowers to Triton kernels for an abstract GPU: the RoPE + K/V
+    write and the decode attention at 256 lanes a head, lora_matmul on the decode projections
+    (q|k|v 4 x 256 + 2 x 256 wide over a hidden of 256), with and without LoRA."""
+    runner, steps = _lowered_steps(
+        model=GEMMA, prefill_chunk=32, projection_kernel="pallas", kv_write="pallas"
+    )
+    assert runner.config.head_dim == 256
+    for mode, use_lora, text in steps:
+        assert triton_kernels(text) > 0, (mode, use_lora)
+        assert text.count("rope_write_kv_q") >= 1, mode
+        if mode == "decode":
+            assert "paged_attention" in text
+            assert re.findall(r"lora_matmul", text), (mode, use_lora)
+    assert len(steps) == 2 * len(runner.bucket_shapes())
 
 
 def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():

@@ -4,11 +4,12 @@ The fixtures hold a tiny HF model of each family (Llama: tests/fixtures/golden; 
 biases and tied embeddings: golden_qwen2; Qwen3 with per-head q/k norms and a head_dim of its
 own: golden_qwen3; Phi-3 with fused qkv_proj / gate_up_proj, which its adapters target:
 golden_phi3; Mistral with a sliding window of 3 keys, shorter than the rows: golden_mistral;
-Qwen2 with YaRN RoPE scaling: golden_qwen2_yarn) and PEFT adapters in their native formats, plus
-the fp32 logits transformers + peft compute for every (variant, row): variant 0 is the base
-model, variant k the k-th adapter. jaxlora loads the files with its own loaders and runs ONE
-batch in which the rows use different adapters and one row uses none; every row must reproduce
-its reference logits.
+Qwen2 with YaRN RoPE scaling: golden_qwen2_yarn; Gemma with scaled embeddings, norm weights
+stored minus 1, GELU gating and one KV head: golden_gemma) and PEFT adapters in their native
+formats, plus the fp32 logits transformers + peft compute for every (variant, row): variant 0
+is the base model, variant k the k-th adapter. jaxlora loads the files with its own loaders and
+runs ONE batch in which the rows use different adapters and one row uses none; every row must
+reproduce its reference logits.
 """
 
 import json
@@ -35,6 +36,8 @@ FAMILIES = {
     # Qwen2 with YaRN RoPE scaling (factor 4; frequencies kept, ramped and interpolated, cos /
     # sin scaled by 1.139).
     "qwen2_yarn": ("golden_qwen2_yarn", "qwen2"),
+    # Gemma (1): scaled embeddings, norm weights stored minus 1, GELU gating, one KV head.
+    "gemma": ("golden_gemma", "gemma"),
 }
 MAX_RANK = 64
 TOLERANCE = 1e-4

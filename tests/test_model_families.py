@@ -30,7 +30,18 @@ QWEN2 = dataclasses.replace(TINY, name="tiny-qwen2", model_type="qwen2", rope_th
 QWEN3 = dataclasses.replace(TINY, name="tiny-qwen3", model_type="qwen3", head_dim=32)
 # A sliding window of 4 keys: shorter than the tests' prompts and answers, so it binds.
 MISTRAL = dataclasses.replace(TINY, name="tiny-mistral", model_type="mistral", sliding_window=4)
-FAMILIES = {"qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL}
+# Gemma (1): embeddings x sqrt(hidden), GELU (tanh) gating, tied embeddings, a head_dim apart
+# from hidden / heads (Gemma-7B's 16 x 256 over 3,072).
+GEMMA = dataclasses.replace(
+    TINY,
+    name="tiny-gemma",
+    model_type="gemma",
+    hidden_act="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
+    head_dim=32,
+    rms_norm_eps=1e-6,
+)
+FAMILIES = {"qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL, "gemma": GEMMA}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
@@ -107,7 +118,16 @@ def test_config_json_of_each_family():
             hf_config("qwen3", attention_bias=True),
             "field 'attention_bias' is True; expected false",
         ),
-        "model_type": (hf_config("gemma"), "'model_type' is 'gemma'; expected one of"),
+        "model_type": (hf_config("gemma2"), "'model_type' is 'gemma2'; expected one of"),
+        "hidden_act": (hf_config("llama", hidden_act="relu"), "'hidden_act' is 'relu'; expected"),
+        "hidden_activation": (
+            hf_config("gemma", hidden_act="gelu", hidden_activation="gelu_new"),
+            "'hidden_activation' is 'gelu_new'; expected one of",
+        ),
+        "use_bidirectional_attention": (
+            hf_config("gemma", use_bidirectional_attention=True),
+            "'use_bidirectional_attention' is True; expected false",
+        ),
         "layer_types": (
             hf_config("qwen3", layer_types=["full_attention", "sliding_attention"]),
             "'layer_types' is .* expected 'full_attention' for every layer",
@@ -130,6 +150,25 @@ def test_config_json_of_each_family():
             ModelConfig.from_hf_dict(cfg, source="config.json")
     with pytest.raises(ConfigError, match="'model_type': expected one of"):
         dataclasses.replace(TINY, model_type="qwen")
+    # Gemma: the first checkpoints say hidden_act "gelu" and were trained with GELU's tanh
+    # approximation, which transformers 4 and vLLM use unless hidden_activation says otherwise.
+    for fields, act in (
+        ({"hidden_act": "gelu"}, "gelu_pytorch_tanh"),
+        ({"hidden_act": "gelu", "hidden_activation": None}, "gelu_pytorch_tanh"),
+        ({"hidden_act": "gelu_pytorch_tanh"}, "gelu_pytorch_tanh"),
+        ({"hidden_act": "gelu", "hidden_activation": "gelu"}, "gelu"),
+    ):
+        gemma = ModelConfig.from_hf_dict(hf_config("gemma", head_dim=256, **fields))
+        assert gemma.hidden_act == act and gemma.hf_norm_offset == 1.0
+        assert gemma.embedding_multiplier == 8.0 and gemma.q_size == 4 * 256
+        written = gemma.to_hf_dict()
+        assert written["architectures"] == ["GemmaForCausalLM"]
+        assert written["hidden_act"] == written["hidden_activation"] == act
+        assert ModelConfig.from_hf_dict(written) == dataclasses.replace(gemma, name="gemma")
+    assert llama.embedding_multiplier is None and llama.hf_norm_offset == 0.0
+    assert llama.activation == "silu"
+    with pytest.raises(ConfigError, match="'hidden_act': expected one of"):
+        dataclasses.replace(TINY, hidden_act="relu")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -150,6 +189,14 @@ def test_hf_checkpoint_round_trip_and_fused_form(tmp_path, family):
         assert "model.layers.1.self_attn.k_proj.bias" in names
     if config.qk_norm:
         assert names["model.layers.0.self_attn.q_norm.weight"].shape == (32,)
+    if config.hf_norm_offset:
+        # Gemma's files hold each RMSNorm's scale minus 1 (its norm computes x * (1 + w)).
+        stored = _safetensors.read_tensors(
+            str(tmp_path / "model.safetensors"), ["model.layers.1.input_layernorm.weight"]
+        )["model.layers.1.input_layernorm.weight"]
+        np.testing.assert_array_equal(
+            stored, np.asarray(params["layers"]["input_layernorm"]["scale"][1]) - 1.0
+        )
     loaded_config, loaded = load_hf_checkpoint(tmp_path)
     assert loaded_config == config
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, loaded)
@@ -184,6 +231,12 @@ def random_family_params(config, seed):
         if norm in attn:
             shape = attn[norm]["scale"].shape
             attn[norm]["scale"] = 1.0 + 0.5 * jax.random.normal(next(keys), shape)
+    if config.hf_norm_offset:
+        # Gemma's files store scale - 1: scales in [0.5, 1.9] make that and the way back exact.
+        layers = params["layers"]
+        for tree in (layers["input_layernorm"], layers["post_attention_layernorm"], params["norm"]):
+            noise = 0.2 * jax.random.normal(next(keys), tree["scale"].shape)
+            tree["scale"] = jnp.clip(1.0 + noise, 0.5, 1.9)
     return params
 
 
@@ -489,18 +542,20 @@ def test_tensor_parallel_engine_generates_the_single_device_tokens(family_model)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_rooflines_weight_bytes_count_biases_and_norms(family):
     """The benchmark's roofline reads every weight once: the parameters less the embedding
-    table (a decode step reads one row of it per token)."""
+    table (a decode step reads one row of it per token), unless the LM head is that table."""
     from jaxlora.bench.roofline import base_weight_bytes
 
     config = FAMILIES[family]
     params = init_params(config, 0)
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
     table = params["embed_tokens"]["embedding"].nbytes
-    assert base_weight_bytes(config, 4, rows=0) == total - table
+    # A tied table is the LM head too, which a step reads whole.
+    read = total if config.tie_word_embeddings else total - table
+    assert base_weight_bytes(config, 4, rows=0) == read
 
 
 def test_family_presets_build():
-    """The Qwen, Phi-4 and Mistral v0.1 presets' shapes (random weights, as the benchmark's
+    """The Qwen, Phi-4, Gemma and Mistral v0.1 presets' shapes (random weights, as the benchmark's
     llama presets); v0.1's window binds over its 32k context."""
     v01 = MODEL_PRESETS["mistral-7b-v0.1"]
     assert v01.attention_window == 4096 and v01.max_position_embeddings == 32768
@@ -509,6 +564,8 @@ def test_family_presets_build():
         ("qwen2.5-7b", 28, 4, 128),
         ("qwen3-8b", 32, 8, 128),
         ("phi-4", 40, 10, 128),
+        ("gemma-7b", 16, 16, 256),
+        ("gemma-2b", 8, 1, 256),
     ):
         config = MODEL_PRESETS[name]
         assert (config.num_heads, config.num_kv_heads, config.head_dim) == (
@@ -520,6 +577,10 @@ def test_family_presets_build():
         attn = shapes["layers"]["attn"]
         assert ("bias" in attn["q_proj"]) == config.qkv_bias
         assert ("q_norm" in attn) == config.qk_norm
+        assert ("lm_head" in shapes) != config.tie_word_embeddings
+    # Gemma-7B: 8.54 B parameters (its model card's count), the 256k-token table tied.
+    gemma = jax.eval_shape(lambda: init_params(MODEL_PRESETS["gemma-7b"], 0, jnp.bfloat16))
+    assert sum(leaf.size for leaf in jax.tree.leaves(gemma)) == 8_537_680_896
 
 
 def test_hugging_face_ids_resolve_to_the_local_cache(tmp_path, monkeypatch):

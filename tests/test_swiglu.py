@@ -147,3 +147,35 @@ def test_kernel_lowers_for_the_gpu():
     text = lower_for_gpu(layers, gate_up, *tables)
     assert triton_kernels(text) == 1
     assert "swiglu_shrink_i11008_rows8_b4096_w16" in text
+
+
+def test_gated_activations_are_transformers_formulas():
+    """gated_activation's GELUs (ModelConfig.activation, from config.json's hidden_act): Gemma's
+    gelu_pytorch_tanh is 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), gelu the erf form;
+    the two differ (by up to ~5e-4 here), and an unknown name is refused."""
+    import math
+
+    from jaxlora.errors import ConfigError
+    from pallas_kernels.swiglu import gated_activation
+
+    x = np.linspace(-6.0, 6.0, 2001, dtype=np.float64)
+    up = np.full_like(x, 1.5)
+    tanh_form = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    erf_form = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    silu_form = x / (1 + np.exp(-x))
+
+    def run(activation):
+        out = gated_activation(
+            jnp.asarray(x, jnp.float32), jnp.asarray(up, jnp.float32), jnp.float32, activation
+        )
+        return np.asarray(out, np.float64)
+
+    for activation, expected in (
+        ("gelu_tanh", tanh_form),
+        ("gelu", erf_form),
+        ("silu", silu_form),
+    ):
+        np.testing.assert_allclose(run(activation), 1.5 * expected, rtol=2e-6, atol=2e-6)
+    assert np.abs(run("gelu_tanh") - run("gelu")).max() > 1e-4
+    with pytest.raises(ConfigError, match="activation 'relu': expected one of"):
+        gated_activation(jnp.ones(2), jnp.ones(2), jnp.float32, "relu")

@@ -347,6 +347,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
             value = _safetensors.read_tensors(file, [name])[name]
             if transposed:
                 value = value.T
+            if config.hf_norm_offset and _is_norm(parts):
+                value = value.astype(np.float32) + config.hf_norm_offset
             lo = 0
             for tensor_path, columns in parts:  # a fused tensor's modules, column by column
                 part = value if columns is None else value[:, lo : lo + columns]
@@ -357,6 +359,11 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
                 else:
                     target[layer] = part
     return config, params
+
+
+def _is_norm(parts) -> bool:
+    """A checkpoint tensor holding an RMSNorm's weight (its params leaf is a "scale")."""
+    return parts[0][0][-1] == "scale"
 
 
 def _checkpoint_entries(config: ModelConfig) -> list[tuple]:
@@ -406,6 +413,8 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dic
             value = np.asarray(_leaf(params, tensor_path))
             values.append(value if layer is None else value[layer])
         value = values[0] if len(values) == 1 else np.concatenate(values, axis=-1)
+        if config.hf_norm_offset and _is_norm(parts):
+            value = (value.astype(np.float32) - config.hf_norm_offset).astype(value.dtype)
         tensors[name] = np.ascontiguousarray(value.T if transposed else value)
     dtype = np.asarray(params["embed_tokens"]["embedding"]).dtype
     hf_config = {
