@@ -22,6 +22,7 @@ GOLDEN_BASES = {
         ("qwen2", "golden_qwen2"),
         ("qwen3", "golden_qwen3"),
         ("phi3", "golden_phi3"),
+        ("gemma", "golden_gemma"),
     )
 }
 
@@ -73,11 +74,11 @@ def transformers_greedy(base: str, prompt: list[int], tokens: int) -> list[int]:
 
 @pytest.mark.peft
 @needs_peft
-@pytest.mark.parametrize("fixture", ["golden_mistral", "golden_qwen2_yarn"])
+@pytest.mark.parametrize("fixture", ["golden_mistral", "golden_qwen2_yarn", "golden_gemma"])
 def test_the_paged_engine_generates_the_tokens_of_transformers(fixture):
-    """Mistral with a 3-key sliding window (golden_mistral) and Qwen2 with YaRN RoPE scaling
-    (golden_qwen2_yarn): the paged engine (a 12-token prefill, then decode steps past the
-    window, fp32) generates transformers' greedy tokens."""
+    """Mistral with a 3-key sliding window (golden_mistral), Qwen2 with YaRN RoPE scaling
+    (golden_qwen2_yarn) and Gemma (golden_gemma): the paged engine (a 12-token prefill, then
+    decode steps past the window, fp32) generates transformers' greedy tokens."""
     import jaxlora
     from jaxlora.sampling import SamplingParams
 
@@ -89,8 +90,10 @@ def test_the_paged_engine_generates_the_tokens_of_transformers(fixture):
         config = llm.engine.runner.config
         if fixture == "golden_mistral":
             assert config.attention_window == 3
-        else:
+        elif fixture == "golden_qwen2_yarn":
             assert config.rope_scaling.rope_type == "yarn"
+        else:
+            assert config.model_type == "gemma"
         sampling = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
         (out,) = llm.generate([prompt], sampling=sampling)
     finally:
