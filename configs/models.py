@@ -151,6 +151,35 @@ GEMMA_2B = dataclasses.replace(
     num_kv_heads=1,
 )
 
+# Gemma 2 9B (Gemma2ForCausalLM): Gemma's plus norms after attention and the MLP, soft-capped
+# attention scores (50) and logits (30), queries scaled by 256 ** -0.5; every other layer's
+# 4,096-key window bounds the context jaxlora serves (ModelConfig.local_window).
+GEMMA2_9B = dataclasses.replace(
+    GEMMA_7B,
+    name="gemma-2-9b",
+    model_type="gemma2",
+    hidden_size=3584,
+    intermediate_size=14336,
+    num_layers=42,
+    num_heads=16,
+    num_kv_heads=8,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    query_pre_attn_scalar=256,
+    local_window=4096,
+)
+
+# Gemma 2 2B.
+GEMMA2_2B = dataclasses.replace(
+    GEMMA2_9B,
+    name="gemma-2-2b",
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_layers=26,
+    num_heads=8,
+    num_kv_heads=4,
+)
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": TINY,
     "llama-2-7b": LLAMA2_7B,
@@ -162,6 +191,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "phi-4": PHI_4,
     "gemma-7b": GEMMA_7B,
     "gemma-2b": GEMMA_2B,
+    "gemma-2-9b": GEMMA2_9B,
+    "gemma-2-2b": GEMMA2_2B,
 }
 
 

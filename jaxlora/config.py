@@ -35,7 +35,11 @@ HF_MODEL_TYPES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
 }
+# Families whose RMSNorm computes x * (1 + w) (ModelConfig.hf_norm_offset) and whose embeddings
+# are scaled by sqrt(hidden) (ModelConfig.embedding_multiplier).
+GEMMA_TYPES = ("gemma", "gemma2")
 # The MLP's gate activations (config.json's hidden_act; Gemma's hidden_activation):
 # transformers' names -> what they compute.
 HIDDEN_ACTIVATIONS = {
@@ -153,6 +157,28 @@ class RopeScaling:
         return d
 
 
+def _gemma2_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Gemma 2's config.json fields (transformers' defaults where absent); its layer_types,
+    where given, may only alternate sliding and full layers."""
+    kinds = set(cfg.get("layer_types") or ())
+    if kinds - {"sliding_attention", "full_attention"}:
+        raise ConfigError(
+            f"{source}: field 'layer_types' is {cfg['layer_types']!r}; expected "
+            "'sliding_attention' / 'full_attention' entries"
+        )
+    window = cfg.get("sliding_window", 4096)
+    if window is not None and (not isinstance(window, int) or window <= 0):
+        raise ConfigError(
+            f"{source}: field 'sliding_window' is {window!r}; expected a positive int or null"
+        )
+    return dict(
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0),
+        final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0),
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
+        local_window=window if kinds != {"full_attention"} else None,
+    )
+
+
 def rope_scaling_from_hf(cfg: dict[str, Any], source: str) -> RopeScaling | None:
     """config.json's rope_scaling, read as transformers 5 reads it: original_max_position_
     embeddings from the top level where a checkpoint keeps it there (Phi-3), else the scaling's
@@ -221,8 +247,9 @@ class ModelConfig:
     name: str = "llama"
     # The HF family (config.json's model_type, HF_MODEL_TYPES): Llama, Mistral and Phi-3 are
     # one architecture (Phi-3's checkpoints fuse q|k|v and gate|up); Qwen2 adds q/k/v biases
-    # (qkv_bias), Qwen3 per-head q/k norms (qk_norm), Gemma (1) scaled embeddings
-    # (embedding_multiplier), RMSNorm weights stored minus 1 (hf_norm_offset) and GELU.
+    # (qkv_bias), Qwen3 per-head q/k norms (qk_norm), Gemma scaled embeddings
+    # (embedding_multiplier), RMSNorm weights stored minus 1 (hf_norm_offset) and GELU; Gemma 2
+    # also norms after attention and the MLP (sandwich_norms) and soft-capped logits.
     model_type: str = "llama"
     # Mistral's / Phi-3's sliding attention window, where the checkpoint sets one: each query
     # attends to the last ``sliding_window`` keys (itself included), as HF's mask does.
@@ -230,6 +257,15 @@ class ModelConfig:
     # The gate's activation in the MLP (gate_act(x W_gate) * x W_up), by transformers' name
     # (HIDDEN_ACTIVATIONS): SiLU for every family but Gemma's GELU (tanh approximation).
     hidden_act: str = "silu"
+    # Gemma 2: attention scores and final logits soft-capped (cap * tanh(x / cap)); queries
+    # scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5.
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None
+    # Gemma 2's sliding window of every other layer. jaxlora serves such a model only up to
+    # this many positions (context_length), where the window never binds and every layer
+    # attends to its whole context, as transformers' does there.
+    local_window: int | None = None
 
     def __post_init__(self):
         require_positive_ints(
@@ -262,6 +298,20 @@ class ModelConfig:
                 f"{list(SLIDING_WINDOW_TYPES)}; got {self.sliding_window!r} for "
                 f"{self.model_type!r}"
             )
+        for field in (
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "query_pre_attn_scalar",
+            "local_window",
+        ):
+            value = getattr(self, field)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+            ):
+                raise ConfigError(
+                    f"model config field {field!r}: expected None or a positive number, "
+                    f"got {value!r}"
+                )
         if self.hidden_act not in HIDDEN_ACTIVATIONS:
             raise ConfigError(
                 f"model config field 'hidden_act': expected one of {sorted(HIDDEN_ACTIVATIONS)}, "
@@ -278,29 +328,43 @@ class ModelConfig:
         """The longest sequence the model is made for: max_position_embeddings, or where a
         linear / yarn RoPE scaling stretches a shorter original context (Qwen2.5's and Qwen3's
         YaRN leave max_position_embeddings at the original) that stretch, as vLLM derives its
-        max_model_len: yarn's original x factor, linear's max_position_embeddings x factor."""
+        max_model_len: yarn's original x factor, linear's max_position_embeddings x factor;
+        at most Gemma 2's local_window (beyond it every other layer would need its window)."""
         scaling = self.rope_scaling
-        if scaling is None or scaling.rope_type == "llama3":
-            return self.max_position_embeddings
-        base = (
-            scaling.original_max_position_embeddings
-            if scaling.rope_type == "yarn"
-            else self.max_position_embeddings
-        )
-        return max(self.max_position_embeddings, int(base * scaling.factor))
+        length = self.max_position_embeddings
+        if scaling is not None and scaling.rope_type != "llama3":
+            base = (
+                scaling.original_max_position_embeddings
+                if scaling.rope_type == "yarn"
+                else self.max_position_embeddings
+            )
+            length = max(length, int(base * scaling.factor))
+        return length if self.local_window is None else min(length, self.local_window)
 
     @property
     def embedding_multiplier(self) -> float | None:
         """Gemma multiplies the token embeddings by sqrt(hidden_size), rounded to the
         activations' dtype (its tied LM head reads the table unscaled); None elsewhere."""
-        return math.sqrt(self.hidden_size) if self.model_type == "gemma" else None
+        return math.sqrt(self.hidden_size) if self.model_type in GEMMA_TYPES else None
 
     @property
     def hf_norm_offset(self) -> float:
         """What HF's RMSNorm adds to its stored weight: Gemma's computes x * (1 + w), so its
         checkpoints hold the scale minus 1; jaxlora's params hold the scale itself (the HF
         loader adds this, the writer subtracts it). 0 elsewhere."""
-        return 1.0 if self.model_type == "gemma" else 0.0
+        return 1.0 if self.model_type in GEMMA_TYPES else 0.0
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Gemma 2 normalizes the attention's and the MLP's outputs before each residual add
+        (its post_attention_layernorm and post_feedforward_layernorm; the MLP's input norm is
+        its pre_feedforward_layernorm)."""
+        return self.model_type == "gemma2"
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q . k: query_pre_attn_scalar ** -0.5 (Gemma 2), else head_dim ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def activation(self) -> str:
@@ -400,7 +464,7 @@ class ModelConfig:
                 f"{source}: field 'use_sliding_window' is true; expected false (sliding-window "
                 f"layers of {model_type} are not supported)"
             )
-        if model_type not in SLIDING_WINDOW_TYPES and any(
+        if model_type not in (*SLIDING_WINDOW_TYPES, "gemma2") and any(
             kind != "full_attention" for kind in cfg.get("layer_types") or ()
         ):
             raise ConfigError(
@@ -408,7 +472,7 @@ class ModelConfig:
                 "'full_attention' for every layer (sliding-window layers are not supported)"
             )
         act_field, act = "hidden_act", cfg.get("hidden_act", "silu")
-        if model_type == "gemma":
+        if model_type in GEMMA_TYPES:
             # transformers 4 reads Gemma's hidden_activation and, where it is unset, uses the
             # tanh approximation the models were trained with whatever hidden_act says (the
             # first checkpoints say "gelu"); vLLM does the same.
@@ -442,6 +506,7 @@ class ModelConfig:
             model_type=model_type,
             sliding_window=sliding_window,
             hidden_act=act,
+            **_gemma2_fields(cfg, source) if model_type == "gemma2" else {},
         )
 
     @classmethod
@@ -479,8 +544,15 @@ class ModelConfig:
         }
         if self.rope_scaling is not None:
             d["rope_scaling"] = self.rope_scaling.to_hf_dict()
-        if self.model_type == "gemma":
+        if self.model_type in GEMMA_TYPES:
             d["hidden_activation"] = self.hidden_act  # (what transformers 4 reads)
+        if self.model_type == "gemma2":
+            d.update(
+                attn_logit_softcapping=self.attn_logit_softcapping,
+                final_logit_softcapping=self.final_logit_softcapping,
+                query_pre_attn_scalar=self.query_pre_attn_scalar,
+                sliding_window=self.local_window,
+            )
         if self.model_type in ("qwen2", "qwen3"):
             d["use_sliding_window"] = False
         if self.model_type in SLIDING_WINDOW_TYPES:

@@ -494,7 +494,8 @@ def projection_kernels(
         bias = layers["attn"]["qkv_proj"]["bias"]
         biases["qkv"] = bias.reshape(bias.shape[0], -1)
     norm_scales = None
-    if residual_norm:
+    # (Its launches add o's and down's outputs unnormalized: not Gemma 2's sandwich norms.)
+    if residual_norm and "attn_output_norm" not in layers:
         norm_scales = {
             "input": layers["input_layernorm"]["scale"],
             "post": layers["post_attention_layernorm"]["scale"],
@@ -599,13 +600,20 @@ def _kernel_projection(
     return outputs
 
 
-def _dense_attention(q, k, v, mask, sm_scale):
-    """q: (B, S, NH, D); k, v: (B, K, KVH, D); mask: (B, S, K) bool."""
+def _soft_cap(x, cap):
+    """Gemma 2's soft cap: cap * tanh(x / cap) (no-op for cap None)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _dense_attention(q, k, v, mask, sm_scale, softcap=None):
+    """q: (B, S, NH, D); k, v: (B, K, KVH, D); mask: (B, S, K) bool; ``softcap``: the scores'
+    soft cap (ModelConfig.attn_logit_softcapping)."""
     b, s, nh, d = q.shape
     kvh = k.shape[2]
     group = nh // kvh
     qg = q.reshape(b, s, kvh, group, d).astype(jnp.float32)
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * sm_scale
+    scores = _soft_cap(scores, softcap)
     scores = jnp.where(mask[:, None, None], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(mask[:, None, None], probs, 0.0)
@@ -685,7 +693,7 @@ class Attention(nn.Module):
             # The RoPE kernel below reads q|k|v whole: the normed heads, concatenated again.
             fused, qkv = None, (q.reshape(b, s, -1), k.reshape(b, s, -1), v.reshape(b, s, -1))
         rope = rope if rope is not None else model_rope_tables(cfg, positions)
-        sm_scale = 1.0 / math.sqrt(cfg.head_dim)
+        sm_scale = cfg.attention_scale
         if rope_kernel:
             from pallas_kernels import paged_attention as pa
 
@@ -723,13 +731,23 @@ class Attention(nn.Module):
         if kv is None:
             mask = _causal_mask(positions[:, :, None], positions[:, None, :], window)
             mask = mask if attn_mask is None else mask & attn_mask[:, None, :]
-            out = _dense_attention(q, k, v, mask, sm_scale)
+            out = _dense_attention(q, k, v, mask, sm_scale, cfg.attn_logit_softcapping)
         elif _o_shrink_in_attention(q, kv, k_pool, lora, kernels, cfg):
             out, o_v = _attention_and_o_shrink(
                 q, layer, kv, k_pool, v_pool, sm_scale, lora, kernels, window
             )
         else:
-            out = _cached_attention(q, positions, layer, kv, k_pool, v_pool, sm_scale, window)
+            out = _cached_attention(
+                q,
+                positions,
+                layer,
+                kv,
+                k_pool,
+                v_pool,
+                sm_scale,
+                window,
+                cfg.attn_logit_softcapping,
+            )
         out = out.reshape(b, s, cfg.q_size)
         if o_partials:
             parts = _kernel_projection(
@@ -768,6 +786,7 @@ def _o_shrink_in_attention(q, kv: KVCache, k_pool, lora, kernels, cfg) -> bool:
     b, s = q.shape[:2]
     if (
         kernels is None
+        or cfg.attn_logit_softcapping is not None  # (the fused launch caps no score)
         or kv.mode != "decode"
         or kv.impl == "reference"
         or not kernels.shrinks_in_attention(lora, b * s, cfg.hidden_size)
@@ -789,11 +808,12 @@ def _attention_and_o_shrink(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, lor
     return out[:, None], v
 
 
-def _decode_attention_args(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, window):
+def _decode_attention_args(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, window, **extra):
     """The decode attention launch's operands (q, pools, page table, lengths, layer) and its
-    keyword arguments."""
+    keyword arguments (``extra``: more of them, e.g. logit_softcap)."""
     cache = (q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer)
     launch = dict(
+        **extra,
         sm_scale=sm_scale,
         window=window,
         config=kv.attention_config,
@@ -822,8 +842,11 @@ def _key_mask(positions, key_pos, kv: KVCache, window):
     return mask & (key_pos < kv.seq_lens[:, None, None]) & kv.token_valid[:, :, None]
 
 
-def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale, window):
-    """Attention of q over the pools, which already hold this step's K/V."""
+def _cached_attention(
+    q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale, window, softcap=None
+):
+    """Attention of q over the pools, which already hold this step's K/V (``softcap``: the
+    scores' soft cap, ModelConfig.attn_logit_softcapping)."""
     from pallas_kernels import paged_attention as pa
 
     b, s = positions.shape
@@ -839,9 +862,13 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale
                 layer,
                 sm_scale=sm_scale,
                 window=window,
+                logit_softcap=softcap,
             )
         else:
-            cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale, window)
+            extra = {} if softcap is None else {"logit_softcap": softcap}
+            cache, launch = _decode_attention_args(
+                q, layer, kv, k_pool, v_pool, sm_scale, window, **extra
+            )
             out = pa.paged_attention(*cache, **launch)
         return out[:, None]
     page_size, max_pages = k_pool.shape[2], kv.page_table.shape[1]
@@ -857,7 +884,16 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale
         key_pos = first_page[:, None, None] * page_size + jnp.arange(max_len)[None, None, :]
     elif kv.impl != "reference" and block is not None and max_pages * page_size > block:
         return _blocked_cached_attention(
-            q, positions, layer, kv, k_pool, v_pool, sm_scale, window, max(1, block // page_size)
+            q,
+            positions,
+            layer,
+            kv,
+            k_pool,
+            v_pool,
+            sm_scale,
+            window,
+            max(1, block // page_size),
+            softcap,
         )
     else:
         max_len = max_pages * page_size
@@ -866,15 +902,20 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale
     # fp8 pools (KVCacheConfig.cache_dtype) are read in q's dtype; a no-op for pools in it.
     ck, cv = ck.astype(q.dtype), cv.astype(q.dtype)
     mask = _key_mask(positions, key_pos, kv, window)
-    if kv.impl == "reference":
-        out = _dense_attention(q, ck, cv, mask, sm_scale)
+    if kv.impl == "reference" or softcap is not None:
+        # (XLA's dot_product_attention has no soft cap.)
+        out = _dense_attention(q, ck, cv, mask, sm_scale, softcap)
+        if kv.impl != "reference":
+            out = jnp.where(kv.token_valid[:, :, None, None], out, 0)
     else:
         out = jax.nn.dot_product_attention(q, ck, cv, mask=mask[:, None], scale=sm_scale)
         out = jnp.where(kv.token_valid[:, :, None, None], out, 0)
     return out
 
 
-def _blocked_cached_attention(q, positions, layer, kv, k_pool, v_pool, sm_scale, window, pages):
+def _blocked_cached_attention(
+    q, positions, layer, kv, k_pool, v_pool, sm_scale, window, pages, softcap=None
+):
     """Prefill attention over the pools block by block (``pages`` pages a block), from the
     block of the earliest key any row's window reads to the block of the longest row's last
     key: a loop of run-time length with an online softmax in float32, so that a chunk's cost
@@ -904,7 +945,7 @@ def _blocked_cached_attention(q, positions, layer, kv, k_pool, v_pool, sm_scale,
         scores = jnp.einsum(
             "bskgd,btkd->bkgst", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32
         )
-        scores = jnp.where(mask, scores * sm_scale, -jnp.inf)
+        scores = jnp.where(mask, _soft_cap(scores * sm_scale, softcap), -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
         # Rows with no key yet keep exponent 0 (their weights are masked to 0 below).
         shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
@@ -1099,10 +1140,15 @@ class DecoderLayer(nn.Module):
             kernels,
             rope,
         )
+        if cfg.sandwich_norms:
+            attn_out = norm("attn_output_norm")(attn_out)
         h = h + attn_out
-        h = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
+        mlp_out = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
             norm("post_attention_layernorm")(h), layer, lora, kernels
         )
+        if cfg.sandwich_norms:
+            mlp_out = norm("mlp_output_norm")(mlp_out)
+        h = h + mlp_out
         return (h, k_pool, v_pool), None
 
     def _with_residual_norm_kernel(
@@ -1217,6 +1263,11 @@ class Llama(nn.Module):
         cfg = self.config
         param_dtype = self.param_dtype or self.dtype
         b, s = tokens.shape
+        if kv is None and cfg.local_window is not None and s > cfg.local_window:
+            raise ConfigError(
+                f"Llama: {s} positions; {cfg.model_type} runs up to its sliding window's "
+                f"{cfg.local_window} (ModelConfig.local_window: longer needs the window)"
+            )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         embed = nn.Embed(
@@ -1318,7 +1369,7 @@ class Llama(nn.Module):
             logits = _dense(cfg.vocab_size, ("embed", "vocab"), "lm_head", self.dtype, param_dtype)(
                 h
             )
-        logits = logits.astype(jnp.float32)
+        logits = _soft_cap(logits.astype(jnp.float32), cfg.final_logit_softcapping)
         out = (logits, h) if return_hidden else logits
         if kv is None:
             return out
@@ -1337,7 +1388,7 @@ def lm_head(params, config: ModelConfig, hidden: jax.Array, dtype) -> jax.Array:
         logits = jax.lax.dot_general(
             hidden.astype(dtype), weight.astype(dtype), (((hidden.ndim - 1,), (0,)), ((), ()))
         )
-    return logits.astype(jnp.float32)
+    return _soft_cap(logits.astype(jnp.float32), config.final_logit_softcapping)
 
 
 def init_params(

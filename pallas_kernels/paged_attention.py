@@ -166,6 +166,17 @@ def window_pages(window: int, tokens: int, page_size: int) -> int:
     return -(-(window - 1 + tokens) // page_size) + 1
 
 
+def _check_softcap(logit_softcap, where: str) -> None:
+    if logit_softcap is not None and (
+        isinstance(logit_softcap, bool)
+        or not isinstance(logit_softcap, int | float)
+        or not logit_softcap > 0
+    ):
+        raise ConfigError(
+            f"{_WHERE} {where}: logit_softcap={logit_softcap!r}; expected None or a number > 0"
+        )
+
+
 def _check_window(window, where: str) -> None:
     if window is not None and (
         not isinstance(window, int) or isinstance(window, bool) or window < 1
@@ -212,6 +223,7 @@ def _paged_attention_kernel(
     split_output: bool,
     window: int | None = None,
     shrink: dict | None = None,
+    logit_softcap: float | None = None,
 ):
     shrink_refs, out_refs = (refs[:4], refs[4:]) if shrink is not None else ((), refs)
     row = pl.program_id(0)
@@ -265,6 +277,8 @@ def _paged_attention_kernel(
             other=masked_zero,
         ).astype(q.dtype)
         logits = pltriton.dot(q, k, trans_b=True, precision=precision) * sm_scale
+        if logit_softcap is not None:
+            logits = logit_softcap * jnp.tanh(logits / logit_softcap)
         logits = jnp.where(key_valid[None, :], logits, _MASK_VALUE)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=1))
         correction = jnp.exp(running_max - new_max)
@@ -351,7 +365,9 @@ def _shrink_heads(
     pltriton.store(v_parts_ref.at[row, kv_head, out_i], v, mask=col_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "window", "config", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "window", "logit_softcap", "config", "interpret")
+)
 def paged_attention(
     q: jax.Array,  # (B, num_heads, head_dim)
     k_pool: jax.Array,  # (L, P, page_size, KVH, head_dim)
@@ -362,12 +378,15 @@ def paged_attention(
     *,
     sm_scale: float,
     window: int | None = None,
+    logit_softcap: float | None = None,
     config: PagedAttentionConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
     """One decode step of attention for every row, reading K/V straight from the paged pools.
     ``window``: a sliding window (Mistral's, Phi-3's ``sliding_window``): each row's query, at
-    position seq_len - 1, attends to the keys at positions > seq_len - 1 - window only."""
+    position seq_len - 1, attends to the keys at positions > seq_len - 1 - window only.
+    ``logit_softcap``: scores capped as cap * tanh(score / cap) before the softmax (Gemma 2's
+    attn_logit_softcapping)."""
     return _paged_attention(
         q,
         k_pool,
@@ -377,6 +396,7 @@ def paged_attention(
         layer,
         sm_scale=sm_scale,
         window=window,
+        logit_softcap=logit_softcap,
         config=config,
         interpret=interpret,
         where="paged_attention",
@@ -421,6 +441,7 @@ def _paged_attention(
     where: str,
     window: int | None = None,
     weights: tuple[int, ...] = (),
+    logit_softcap: float | None = None,
 ):
     """paged_attention's launch; with ``shrink_operands`` (A pool, A pages, ranks, each row's
     slot: one split only) also the LoRA shrink of the output: (out, v_parts)."""
@@ -436,6 +457,7 @@ def _paged_attention(
                 "paged_attention_reference for other shapes)"
             )
     _check_window(window, where)
+    _check_softcap(logit_softcap, where)
     config = attention_config(q, k_pool, page_table, config, where=where)
     kv_splits = config.kv_splits
     blocks_total = -(-max_pages_per_seq // config.pages_per_block)
@@ -452,6 +474,8 @@ def _paged_attention(
         out_shape = (jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype),)
     shrink, extra_inputs = None, []
     name = config.name if window is None else f"{config.name}_window{window}"
+    if logit_softcap is not None:
+        name = f"{name}_softcap{logit_softcap:g}".replace(".", "p")
     if shrink_operands:
         from pallas_kernels import sgmv as sgmv_ops
 
@@ -476,6 +500,7 @@ def _paged_attention(
         split_output=split_output,
         window=window,
         shrink=shrink,
+        logit_softcap=None if logit_softcap is None else float(logit_softcap),
     )
     outs = pl.pallas_call(
         kernel,
@@ -1050,12 +1075,14 @@ def paged_attention_reference(
     *,
     sm_scale: float,
     window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
     """paged_attention in plain jnp: gather every row's pages, fp32 masked softmax."""
     _check_attention_inputs(
         q, k_pool, v_pool, page_table, seq_lens, where="paged_attention_reference"
     )
     _check_window(window, "paged_attention_reference")
+    _check_softcap(logit_softcap, "paged_attention_reference")
     batch, num_heads, head_dim = q.shape
     _, _, page_size, num_kv_heads, _ = k_pool.shape
     max_len = page_table.shape[1] * page_size
@@ -1068,6 +1095,8 @@ def paged_attention_reference(
         )
         * sm_scale
     )
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     key_pos = jnp.arange(max_len)[None, :]
     key_valid = key_pos < seq_lens[:, None]  # (B, max_len)
     if window is not None:

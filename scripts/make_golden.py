@@ -4,7 +4,8 @@ A tiny random HF model of --family (llama: GQA, 2 layers, llama3 RoPE scaling; q
 biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidden / heads;
 phi3: fused qkv_proj and gate_up_proj, which its adapters target; mistral: a sliding window
 of 3 keys, shorter than the rows; qwen2_yarn: qwen2 with YaRN RoPE scaling; gemma: scaled
-embeddings, norm weights stored minus 1, GELU, multi-query attention) and four PEFT LoRA
+embeddings, norm weights stored minus 1, GELU, multi-query attention; gemma2: Gemma's with
+sandwich norms and soft caps) and four PEFT LoRA
 adapters are built with transformers + peft, saved in their native formats, and the reference
 fp32 logits of the base model and of every adapter on every input row are computed by
 transformers + peft (CPU, fp32, eager attention). Output, under --out (default
@@ -117,6 +118,24 @@ FAMILIES = {
             "rms_norm_eps": 1e-6,
             "hidden_act": "gelu_pytorch_tanh",
             "tie_word_embeddings": True,
+        },
+    ),
+    # Gemma 2: Gemma's plus norms after attention and the MLP, soft-capped attention scores
+    # and logits (caps small enough that tanh bends them), queries scaled by
+    # query_pre_attn_scalar ** -0.5 (24, not head_dim 32), sliding layers whose window (16)
+    # the rows (SEQ = 8) stay inside.
+    "gemma2": (
+        "Gemma2Config",
+        _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "hidden_act")
+        | {
+            "head_dim": 32,
+            "rms_norm_eps": 1e-6,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 16,
         },
     ),
     # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target

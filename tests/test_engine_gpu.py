@@ -46,6 +46,17 @@ GEMMA = dataclasses.replace(
     head_dim=256,
     rms_norm_eps=1e-6,
 )
+# Gemma 2: caps small enough to bend the scores and logits, query_pre_attn_scalar apart from
+# head_dim, two KV heads; the window (256) bounds max_model_len.
+GEMMA2 = dataclasses.replace(
+    GEMMA,
+    model_type="gemma2",
+    num_kv_heads=2,
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=10.0,
+    query_pre_attn_scalar=144,
+    local_window=256,
+)
 
 
 @pytest.mark.gpu
@@ -189,7 +200,7 @@ def test_pallas_engine_with_an_fp8_kv_cache_matches_its_reference_engine():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "gemma"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "gemma", "gemma2"])
 def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     """Qwen2 (q/k/v biases added to lora_matmul's and XLA's q|k|v), Qwen3 (per-head q/k
     norms before the RoPE + K/V write kernel, head_dim 64 apart from hidden / heads) and
@@ -198,7 +209,8 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     its default kernels generates the reference path's tokens. The Qwen2 model has
     Qwen2.5-7B's proportions: 7 query heads a KV head, a hidden width of 3.5 x 128 and an
     intermediate of 18944 / 16 (ragged tiles in every kernel). Gemma: Gemma's head_dim of 256
-    with one KV head (Gemma-2B's), GELU gating, scaled and tied embeddings."""
+    with one KV head (Gemma-2B's), GELU gating, scaled and tied embeddings; Gemma 2: its norms
+    after attention and the MLP, soft-capped scores (in the decode kernel) and logits."""
     from tests.test_model_families import random_family_params
 
     if model_type == "qwen2":
@@ -215,6 +227,8 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
         config_of = dataclasses.replace(CONFIG, model_type=model_type, sliding_window=24)
     elif model_type == "gemma":
         config_of = GEMMA
+    elif model_type == "gemma2":
+        config_of = GEMMA2
     else:
         config_of = dataclasses.replace(CONFIG, model_type=model_type, head_dim=64)
     params = random_family_params(config_of, 0)
@@ -385,13 +399,17 @@ def test_pallas_engine_steps_lower_for_the_gpu(
     assert lowered == 2 * len(runner.bucket_shapes())
 
 
-def test_gemma_steps_lower_for_the_gpu():
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_gemma_steps_lower_for_the_gpu(family):
     """On any machine: every step shape of an engine of Gemma's head_dim (256, one KV head) on
     the default Pallas kernels lowers to Triton kernels for an abstract GPU: the RoPE + K/V
     write and the decode attention at 256 lanes a head, lora_matmul on the decode projections
-    (q|k|v 4 x 256 + 2 x 256 wide over a hidden of 256), with and without LoRA."""
+    (q|k|v 4 x 256 + 2 x 256 wide over a hidden of 256), with and without LoRA. Gemma 2's
+    decode attention caps its scores (the launch's name says so), and its decode steps keep
+    XLA's norms (the residual-norm launches add o's and down's outputs unnormalized)."""
+    model = GEMMA if family == "gemma" else GEMMA2
     runner, steps = _lowered_steps(
-        model=GEMMA, prefill_chunk=32, projection_kernel="pallas", kv_write="pallas"
+        model=model, prefill_chunk=32, projection_kernel="pallas", kv_write="pallas"
     )
     assert runner.config.head_dim == 256
     for mode, use_lora, text in steps:
@@ -400,6 +418,8 @@ def test_gemma_steps_lower_for_the_gpu():
         if mode == "decode":
             assert "paged_attention" in text
             assert re.findall(r"lora_matmul", text), (mode, use_lora)
+            assert ("_softcap5" in text) == (family == "gemma2")
+            assert ('name = "residual_rms_norm' in text) == (family == "gemma")
     assert len(steps) == 2 * len(runner.bucket_shapes())
 
 

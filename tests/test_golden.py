@@ -38,6 +38,8 @@ FAMILIES = {
     "qwen2_yarn": ("golden_qwen2_yarn", "qwen2"),
     # Gemma (1): scaled embeddings, norm weights stored minus 1, GELU gating, one KV head.
     "gemma": ("golden_gemma", "gemma"),
+    # Gemma 2: sandwich norms, soft-capped scores and logits, query_pre_attn_scalar.
+    "gemma2": ("golden_gemma2", "gemma2"),
 }
 MAX_RANK = 64
 TOLERANCE = 1e-4

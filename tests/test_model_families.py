@@ -41,7 +41,19 @@ GEMMA = dataclasses.replace(
     head_dim=32,
     rms_norm_eps=1e-6,
 )
-FAMILIES = {"qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL, "gemma": GEMMA}
+# Gemma 2: Gemma's plus norms after attention and the MLP, soft caps small enough to bend the
+# scores and logits, queries scaled by query_pre_attn_scalar ** -0.5 (24, not head_dim 32), and
+# sliding layers whose window (64) the engine's contexts (max_model_len 64) stay inside.
+GEMMA2 = dataclasses.replace(
+    GEMMA,
+    name="tiny-gemma2",
+    model_type="gemma2",
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=10.0,
+    query_pre_attn_scalar=24,
+    local_window=64,
+)
+FAMILIES = {"qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL, "gemma": GEMMA, "gemma2": GEMMA2}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
@@ -118,7 +130,11 @@ def test_config_json_of_each_family():
             hf_config("qwen3", attention_bias=True),
             "field 'attention_bias' is True; expected false",
         ),
-        "model_type": (hf_config("gemma2"), "'model_type' is 'gemma2'; expected one of"),
+        "model_type": (hf_config("gemma3"), "'model_type' is 'gemma3'; expected one of"),
+        "gemma2_layer_types": (
+            hf_config("gemma2", layer_types=["sliding_attention", "chunked_attention"]),
+            "'layer_types' is .* expected 'sliding_attention' / 'full_attention' entries",
+        ),
         "hidden_act": (hf_config("llama", hidden_act="relu"), "'hidden_act' is 'relu'; expected"),
         "hidden_activation": (
             hf_config("gemma", hidden_act="gelu", hidden_activation="gelu_new"),
@@ -165,6 +181,35 @@ def test_config_json_of_each_family():
         assert written["architectures"] == ["GemmaForCausalLM"]
         assert written["hidden_act"] == written["hidden_activation"] == act
         assert ModelConfig.from_hf_dict(written) == dataclasses.replace(gemma, name="gemma")
+    # Gemma 2 (Gemma-2-9B's fields; transformers' defaults where absent): soft caps, the query
+    # scale, sandwich norms; served up to its 4,096-key window.
+    gemma2 = ModelConfig.from_hf_dict(
+        hf_config(
+            "gemma2",
+            head_dim=256,
+            hidden_activation="gelu_pytorch_tanh",
+            max_position_embeddings=8192,
+            sliding_window=4096,
+            layer_types=["sliding_attention", "full_attention"],
+        )
+    )
+    assert gemma2.attn_logit_softcapping == 50.0 and gemma2.final_logit_softcapping == 30.0
+    assert gemma2.attention_scale == 256**-0.5 and gemma2.sandwich_norms
+    assert gemma2.local_window == 4096 and gemma2.context_length == 4096
+    assert gemma2.attention_window is None  # (no layer masks: the window never binds)
+    assert ModelConfig.from_hf_dict(gemma2.to_hf_dict()) == dataclasses.replace(
+        gemma2, name="gemma2"
+    )
+    from jaxlora.server.launch import LaunchConfig, engine_config_for
+
+    with pytest.raises(ConfigError, match="the model's context is 4096"):
+        engine_config_for(gemma2, LaunchConfig(max_model_len=8192, kv_pages=64), backend="gpu")
+    # Gemma-2-27B scales queries by hidden / heads (144), not head_dim; all-full layers: no cap.
+    unwindowed = ModelConfig.from_hf_dict(
+        hf_config("gemma2", query_pre_attn_scalar=144, layer_types=["full_attention"] * 2)
+    )
+    assert unwindowed.attention_scale == 144**-0.5 and unwindowed.local_window is None
+    assert gemma.attention_scale == 256**-0.5 and not gemma.sandwich_norms
     assert llama.embedding_multiplier is None and llama.hf_norm_offset == 0.0
     assert llama.activation == "silu"
     with pytest.raises(ConfigError, match="'hidden_act': expected one of"):
@@ -234,7 +279,8 @@ def random_family_params(config, seed):
     if config.hf_norm_offset:
         # Gemma's files store scale - 1: scales in [0.5, 1.9] make that and the way back exact.
         layers = params["layers"]
-        for tree in (layers["input_layernorm"], layers["post_attention_layernorm"], params["norm"]):
+        norms = [layers[name] for name in layers if name.endswith(("layernorm", "_norm"))]
+        for tree in (*norms, params["norm"]):
             noise = 0.2 * jax.random.normal(next(keys), tree["scale"].shape)
             tree["scale"] = jnp.clip(1.0 + noise, 0.5, 1.9)
     return params
@@ -566,6 +612,8 @@ def test_family_presets_build():
         ("phi-4", 40, 10, 128),
         ("gemma-7b", 16, 16, 256),
         ("gemma-2b", 8, 1, 256),
+        ("gemma-2-9b", 16, 8, 256),
+        ("gemma-2-2b", 8, 4, 256),
     ):
         config = MODEL_PRESETS[name]
         assert (config.num_heads, config.num_kv_heads, config.head_dim) == (
@@ -581,6 +629,12 @@ def test_family_presets_build():
     # Gemma-7B: 8.54 B parameters (its model card's count), the 256k-token table tied.
     gemma = jax.eval_shape(lambda: init_params(MODEL_PRESETS["gemma-7b"], 0, jnp.bfloat16))
     assert sum(leaf.size for leaf in jax.tree.leaves(gemma)) == 8_537_680_896
+    # Gemma-2-9B and 2B: 9.24 B and 2.61 B parameters (four norms a layer), served to 4,096.
+    for name, count in (("gemma-2-9b", 9_241_705_984), ("gemma-2-2b", 2_614_341_888)):
+        config = MODEL_PRESETS[name]
+        shapes = jax.eval_shape(lambda c=config: init_params(c, 0, jnp.bfloat16))
+        assert sum(leaf.size for leaf in jax.tree.leaves(shapes)) == count
+        assert config.context_length == 4096 and config.attention_scale == 1 / 16
 
 
 def test_hugging_face_ids_resolve_to_the_local_cache(tmp_path, monkeypatch):

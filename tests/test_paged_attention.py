@@ -73,8 +73,9 @@ def make_cache(
     )
 
 
-def dense_attention(q, dense_k, dense_v, layer, sm_scale):
-    """float64 numpy attention of each row's query over its dense K/V (rows of length 0: zeros)."""
+def dense_attention(q, dense_k, dense_v, layer, sm_scale, softcap=None):
+    """float64 numpy attention of each row's query over its dense K/V (rows of length 0: zeros);
+    ``softcap``: scores capped as softcap * tanh(score / softcap) (Gemma 2's)."""
     q = np.asarray(q, np.float64)
     batch, num_heads, head_dim = q.shape
     out = np.zeros_like(q)
@@ -86,6 +87,8 @@ def dense_attention(q, dense_k, dense_v, layer, sm_scale):
         k = np.repeat(k, group, axis=1)
         v = np.repeat(v, group, axis=1)
         logits = np.einsum("hd,shd->hs", q[row], k) * sm_scale
+        if softcap is not None:
+            logits = softcap * np.tanh(logits / softcap)
         weights = np.exp(logits - logits.max(axis=1, keepdims=True))
         weights /= weights.sum(axis=1, keepdims=True)
         out[row] = np.einsum("hs,shd->hd", weights, v)
@@ -225,6 +228,49 @@ def test_sliding_window_attends_to_the_last_keys_only(window, config, dtype, int
     if window >= max(WINDOW_LENS):
         whole = paged_attention(*args, sm_scale=0.25, config=config, interpret=interpret)
         np.testing.assert_array_equal(out, np.asarray(whole, np.float32))
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        PagedAttentionConfig(pages_per_block=2, kv_splits=1),
+        PagedAttentionConfig(pages_per_block=1, kv_splits=3),
+    ],
+    ids=["one_split", "kv_splits"],
+)
+def test_soft_capped_scores_match_float64(config, dtype, interpret):
+    """logit_softcap (Gemma 2's attn_logit_softcapping): scores become cap * tanh(score / cap)
+    before the softmax, in one split and across splits; queries large enough that most scores
+    pass the cap of 2, so the capped attention differs from the plain one. The reference
+    agrees, and the launch is named after its cap (profiles show it); a bad cap is refused."""
+    rng = np.random.default_rng(11)
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
+        rng, WINDOW_LENS, page_size=16, num_kv_heads=2, dtype=dtype
+    )
+    q = jnp.asarray(4.0 * rng.standard_normal((len(WINDOW_LENS), 4, 16)), dtype)
+    args = (q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1))
+    out = paged_attention(
+        *args, sm_scale=0.25, logit_softcap=2.0, config=config, interpret=interpret
+    )
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all() and (out[np.asarray(WINDOW_LENS) == 0] == 0).all()
+    tol = TOLERANCE[dtype]
+    want = dense_attention(q, dk, dv, 1, 0.25, softcap=2.0)
+    np.testing.assert_allclose(out, want, atol=tol, rtol=tol)
+    assert np.abs(want - dense_attention(q, dk, dv, 1, 0.25)).max() > 0.1
+    ref = paged_attention_reference(*args, sm_scale=0.25, logit_softcap=2.0)
+    np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+    def attend(*args):
+        return paged_attention(*args, sm_scale=0.25, logit_softcap=2.5, config=config)
+
+    text = lower_for_gpu(attend, *args)
+    assert triton_kernels(text) == 1 and "_softcap2p5" in text
+    for bad in (0, -1.0, True):
+        with pytest.raises(ConfigError, match=r"logit_softcap=.*expected None or a number > 0"):
+            paged_attention(*args, sm_scale=0.25, logit_softcap=bad, interpret=True)
 
 
 def test_a_bad_window_is_refused():

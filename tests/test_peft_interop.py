@@ -23,6 +23,7 @@ GOLDEN_BASES = {
         ("qwen3", "golden_qwen3"),
         ("phi3", "golden_phi3"),
         ("gemma", "golden_gemma"),
+        ("gemma2", "golden_gemma2"),
     )
 }
 
@@ -74,17 +75,23 @@ def transformers_greedy(base: str, prompt: list[int], tokens: int) -> list[int]:
 
 @pytest.mark.peft
 @needs_peft
-@pytest.mark.parametrize("fixture", ["golden_mistral", "golden_qwen2_yarn", "golden_gemma"])
+@pytest.mark.parametrize(
+    "fixture", ["golden_mistral", "golden_qwen2_yarn", "golden_gemma", "golden_gemma2"]
+)
 def test_the_paged_engine_generates_the_tokens_of_transformers(fixture):
     """Mistral with a 3-key sliding window (golden_mistral), Qwen2 with YaRN RoPE scaling
-    (golden_qwen2_yarn) and Gemma (golden_gemma): the paged engine (a 12-token prefill, then
-    decode steps past the window, fp32) generates transformers' greedy tokens."""
+    (golden_qwen2_yarn), Gemma (golden_gemma) and Gemma 2 (golden_gemma2: sandwich norms, soft
+    caps; served inside its window of 16, an 8-token prefill and 6 decode steps): the paged
+    engine (a 12-token prefill, then decode steps past Mistral's window, fp32) generates
+    transformers' greedy tokens."""
     import jaxlora
     from jaxlora.sampling import SamplingParams
 
     base = os.path.join(FIXTURES, fixture, "base")
-    prompt = list(range(1, 13))
-    expected = transformers_greedy(base, prompt, 10)
+    # Gemma 2 is served inside its window (16): 8 + 6 positions; the others 12 + 10.
+    prompt_len, new_tokens = (8, 6) if fixture == "golden_gemma2" else (12, 10)
+    prompt = list(range(1, prompt_len + 1))
+    expected = transformers_greedy(base, prompt, new_tokens)
     llm = jaxlora.LLM(base, dtype="float32")
     try:
         config = llm.engine.runner.config
@@ -93,8 +100,8 @@ def test_the_paged_engine_generates_the_tokens_of_transformers(fixture):
         elif fixture == "golden_qwen2_yarn":
             assert config.rope_scaling.rope_type == "yarn"
         else:
-            assert config.model_type == "gemma"
-        sampling = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+            assert config.model_type in ("gemma", "gemma2")
+        sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         (out,) = llm.generate([prompt], sampling=sampling)
     finally:
         llm.stop()

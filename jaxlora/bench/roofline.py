@@ -42,7 +42,8 @@ class DecodeStepBytes:
 def base_weight_bytes(config: ModelConfig, itemsize: int, rows: int) -> int:
     """Base-model bytes a decode step of `rows` rows reads (see the module docstring)."""
     h, q, kv, inter = (config.hidden_size, config.q_size, config.kv_size, config.intermediate_size)
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    norms = 4 if config.sandwich_norms else 2
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter + norms * h
     if config.qkv_bias:
         per_layer += q + 2 * kv
     if config.qk_norm:

@@ -145,9 +145,29 @@ def param_shapes(config: ModelConfig) -> dict:
         },
         "norm": {"scale": (h,)},
     }
+    if config.sandwich_norms:
+        for norm in ("attn_output_norm", "mlp_output_norm"):
+            shapes["layers"][norm] = {"scale": (n, h)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = {"kernel": (h, v)}
     return shapes
+
+
+def _hf_norms(config: ModelConfig) -> tuple[tuple[str, str], ...]:
+    """(HF name, params name) of each layer's RMSNorms. Gemma 2's post_attention_layernorm
+    normalizes the attention's output; its pre_feedforward_layernorm is the MLP's input norm,
+    which the params (Llama's naming) call post_attention_layernorm."""
+    if config.sandwich_norms:
+        return (
+            ("input_layernorm", "input_layernorm"),
+            ("post_attention_layernorm", "attn_output_norm"),
+            ("pre_feedforward_layernorm", "post_attention_layernorm"),
+            ("post_feedforward_layernorm", "mlp_output_norm"),
+        )
+    return (
+        ("input_layernorm", "input_layernorm"),
+        ("post_attention_layernorm", "post_attention_layernorm"),
+    )
 
 
 # Phi-3's checkpoint tensors that hold several modules' weights, their rows in this order.
@@ -180,8 +200,8 @@ def _hf_layout(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], int 
     fused = {m for _, members in FUSED_CHECKPOINT_TENSORS.values() for m in members}
     for layer in range(config.num_layers):
         prefix = f"model.layers.{layer}"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            yield f"{prefix}.{norm}.weight", ("layers", norm, "scale"), layer, False
+        for hf_norm, norm in _hf_norms(config):
+            yield f"{prefix}.{hf_norm}.weight", ("layers", norm, "scale"), layer, False
         for m in ATTENTION_MODULES:
             if config.fused_checkpoint and m in fused:
                 continue

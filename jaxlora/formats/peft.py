@@ -175,6 +175,8 @@ def _model_module_names(config: ModelConfig) -> tuple[str, ...]:
             f"{prefix}.input_layernorm",
             f"{prefix}.post_attention_layernorm",
         ]
+        if config.sandwich_norms:
+            names += [f"{prefix}.pre_feedforward_layernorm", f"{prefix}.post_feedforward_layernorm"]
         if config.fused_checkpoint:
             names += [f"{prefix}.resid_attn_dropout", f"{prefix}.resid_mlp_dropout"]
     return (*names, "model.norm", "model.rotary_emb", "lm_head")
