@@ -159,7 +159,8 @@ class RopeScaling:
 
 def _gemma2_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     """Gemma 2's config.json fields (transformers' defaults where absent); its layer_types,
-    where given, may only alternate sliding and full layers."""
+    where given, may name sliding and full layers only (the sliding ones' window bounds the
+    context served: ModelConfig.local_window)."""
     kinds = set(cfg.get("layer_types") or ())
     if kinds - {"sliding_attention", "full_attention"}:
         raise ConfigError(
@@ -305,8 +306,9 @@ class ModelConfig:
             "local_window",
         ):
             value = getattr(self, field)
+            kinds = int if field == "local_window" else int | float
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+                isinstance(value, bool) or not isinstance(value, kinds) or not value > 0
             ):
                 raise ConfigError(
                     f"model config field {field!r}: expected None or a positive number, "

@@ -1,7 +1,7 @@
 """A functional Flax Llama (GQA, RoPE with llama3 / linear / YaRN scaling, RMSNorm, SwiGLU; the
 other families' variations: Qwen2's q/k/v biases, Qwen3's q/k head norms, Mistral's window,
-Gemma's scaled embeddings and GELU gating) with a LoRA hook on every one of q, k, v, o, gate,
-up, down, driven by a per-token adapter slot.
+Gemma's scaled embeddings and GELU gating, Gemma 2's sandwich norms and soft caps) with a LoRA
+hook on every one of q, k, v, o, gate, up, down, driven by a per-token adapter slot.
 
 Parameters are a plain pytree (``model.apply({"params": params}, ...)``) whose leaves carry logical
 axis names (``jaxlora.sharding`` maps them to a mesh); layers are stacked on a leading ``layers``
@@ -808,12 +808,11 @@ def _attention_and_o_shrink(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, lor
     return out[:, None], v
 
 
-def _decode_attention_args(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, window, **extra):
+def _decode_attention_args(q, layer, kv: KVCache, k_pool, v_pool, sm_scale, window):
     """The decode attention launch's operands (q, pools, page table, lengths, layer) and its
-    keyword arguments (``extra``: more of them, e.g. logit_softcap)."""
+    keyword arguments."""
     cache = (q[:, 0], k_pool, v_pool, kv.page_table, kv.seq_lens, layer)
     launch = dict(
-        **extra,
         sm_scale=sm_scale,
         window=window,
         config=kv.attention_config,
@@ -865,11 +864,8 @@ def _cached_attention(
                 logit_softcap=softcap,
             )
         else:
-            extra = {} if softcap is None else {"logit_softcap": softcap}
-            cache, launch = _decode_attention_args(
-                q, layer, kv, k_pool, v_pool, sm_scale, window, **extra
-            )
-            out = pa.paged_attention(*cache, **launch)
+            cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale, window)
+            out = pa.paged_attention(*cache, **launch, logit_softcap=softcap)
         return out[:, None]
     page_size, max_pages = k_pool.shape[2], kv.page_table.shape[1]
     # With a sliding window a row's queries read the keys from its window start on: the pages
