@@ -159,14 +159,18 @@ class RopeScaling:
 
 def _gemma2_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     """Gemma 2's config.json fields (transformers' defaults where absent); its layer_types,
-    where given, may name sliding and full layers only (the sliding ones' window bounds the
-    context served: ModelConfig.local_window)."""
-    kinds = set(cfg.get("layer_types") or ())
-    if kinds - {"sliding_attention", "full_attention"}:
+    where given, must be Gemma 2's own: sliding on the even layers, full on the odd ones
+    (ModelConfig.local_window), or full everywhere (no window)."""
+    kinds = cfg.get("layer_types")
+    layers = cfg.get("num_hidden_layers", 0)
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if kinds is not None and list(kinds) not in (alternating, ["full_attention"] * layers):
         raise ConfigError(
-            f"{source}: field 'layer_types' is {cfg['layer_types']!r}; expected "
-            "'sliding_attention' / 'full_attention' entries"
+            f"{source}: field 'layer_types' is {kinds!r}; expected Gemma 2's pattern "
+            "(sliding_attention on the even layers, full_attention on the odd ones) or "
+            "full_attention everywhere"
         )
+    kinds = set(kinds or ())
     window = cfg.get("sliding_window", 4096)
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise ConfigError(
@@ -263,9 +267,9 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     query_pre_attn_scalar: float | None = None
-    # Gemma 2's sliding window of every other layer. jaxlora serves such a model only up to
-    # this many positions (context_length), where the window never binds and every layer
-    # attends to its whole context, as transformers' does there.
+    # Gemma 2's sliding window of its even layers (transformers' layer_types: sliding, full,
+    # sliding, ...): each of their queries attends to the last local_window keys, the odd
+    # layers' to every key. The KV cache keeps every page (the full layers read them).
     local_window: int | None = None
 
     def __post_init__(self):
@@ -330,8 +334,7 @@ class ModelConfig:
         """The longest sequence the model is made for: max_position_embeddings, or where a
         linear / yarn RoPE scaling stretches a shorter original context (Qwen2.5's and Qwen3's
         YaRN leave max_position_embeddings at the original) that stretch, as vLLM derives its
-        max_model_len: yarn's original x factor, linear's max_position_embeddings x factor;
-        at most Gemma 2's local_window (beyond it every other layer would need its window)."""
+        max_model_len: yarn's original x factor, linear's max_position_embeddings x factor."""
         scaling = self.rope_scaling
         length = self.max_position_embeddings
         if scaling is not None and scaling.rope_type != "llama3":
@@ -341,7 +344,7 @@ class ModelConfig:
                 else self.max_position_embeddings
             )
             length = max(length, int(base * scaling.factor))
-        return length if self.local_window is None else min(length, self.local_window)
+        return length
 
     @property
     def embedding_multiplier(self) -> float | None:

@@ -728,8 +728,10 @@ class Attention(nn.Module):
 
         o_v = None
         window = cfg.attention_window
+        layer_window = _layer_window(cfg, layer)
         if kv is None:
-            mask = _causal_mask(positions[:, :, None], positions[:, None, :], window)
+            mask_window = window if layer_window is None else layer_window
+            mask = _causal_mask(positions[:, :, None], positions[:, None, :], mask_window)
             mask = mask if attn_mask is None else mask & attn_mask[:, None, :]
             out = _dense_attention(q, k, v, mask, sm_scale, cfg.attn_logit_softcapping)
         elif _o_shrink_in_attention(q, kv, k_pool, lora, kernels, cfg):
@@ -747,6 +749,7 @@ class Attention(nn.Module):
                 sm_scale,
                 window,
                 cfg.attn_logit_softcapping,
+                layer_window,
             )
         out = out.reshape(b, s, cfg.q_size)
         if o_partials:
@@ -762,6 +765,20 @@ class Attention(nn.Module):
                 "o", out, [dense(cfg.hidden_size, ("heads", "embed"), "o_proj")(out)], layer, lora
             )
         return o[0], k_pool, v_pool
+
+
+# A window no position reaches: Gemma 2's full layers, beside its sliding ones, in one scan body.
+_UNBOUNDED_WINDOW = 1 << 30
+
+
+def _layer_window(cfg: ModelConfig, layer) -> jax.Array | None:
+    """() int32, traced: the sliding window of this layer where it depends on the layer
+    (Gemma 2: ModelConfig.local_window on the even layers, none on the odd ones); None for
+    every other model (Mistral's window is static: ModelConfig.attention_window)."""
+    if cfg.local_window is None:
+        return None
+    sliding = jnp.asarray(layer, jnp.int32) % 2 == 0
+    return jnp.where(sliding, cfg.local_window, _UNBOUNDED_WINDOW).astype(jnp.int32)
 
 
 def _head_norms_in_rope_kernel(module: nn.Module, rope_kernel: bool, fused, cfg) -> bool:
@@ -842,10 +859,20 @@ def _key_mask(positions, key_pos, kv: KVCache, window):
 
 
 def _cached_attention(
-    q, positions, layer, kv: KVCache, k_pool, v_pool, sm_scale, window, softcap=None
+    q,
+    positions,
+    layer,
+    kv: KVCache,
+    k_pool,
+    v_pool,
+    sm_scale,
+    window,
+    softcap=None,
+    layer_window=None,
 ):
     """Attention of q over the pools, which already hold this step's K/V (``softcap``: the
-    scores' soft cap, ModelConfig.attn_logit_softcapping)."""
+    scores' soft cap, ModelConfig.attn_logit_softcapping; ``layer_window``: the layer's
+    traced window, ``_layer_window``, read over the whole table)."""
     from pallas_kernels import paged_attention as pa
 
     b, s = positions.shape
@@ -862,11 +889,15 @@ def _cached_attention(
                 sm_scale=sm_scale,
                 window=window,
                 logit_softcap=softcap,
+                layer_window=layer_window,
             )
         else:
             cache, launch = _decode_attention_args(q, layer, kv, k_pool, v_pool, sm_scale, window)
-            out = pa.paged_attention(*cache, **launch, logit_softcap=softcap)
+            out = pa.paged_attention(
+                *cache, **launch, logit_softcap=softcap, layer_window=layer_window
+            )
         return out[:, None]
+    mask_window = window if layer_window is None else layer_window
     page_size, max_pages = k_pool.shape[2], kv.page_table.shape[1]
     # With a sliding window a row's queries read the keys from its window start on: the pages
     # from that one's (pa.window_pages) rather than the whole table (a 32k context's prefill
@@ -887,7 +918,7 @@ def _cached_attention(
             k_pool,
             v_pool,
             sm_scale,
-            window,
+            mask_window,
             max(1, block // page_size),
             softcap,
         )
@@ -897,7 +928,7 @@ def _cached_attention(
         key_pos = jnp.arange(max_len)[None, None, :]
     # fp8 pools (KVCacheConfig.cache_dtype) are read in q's dtype; a no-op for pools in it.
     ck, cv = ck.astype(q.dtype), cv.astype(q.dtype)
-    mask = _key_mask(positions, key_pos, kv, window)
+    mask = _key_mask(positions, key_pos, kv, mask_window)
     if kv.impl == "reference" or softcap is not None:
         # (XLA's dot_product_attention has no soft cap.)
         out = _dense_attention(q, ck, cv, mask, sm_scale, softcap)
@@ -1259,11 +1290,6 @@ class Llama(nn.Module):
         cfg = self.config
         param_dtype = self.param_dtype or self.dtype
         b, s = tokens.shape
-        if kv is None and cfg.local_window is not None and s > cfg.local_window:
-            raise ConfigError(
-                f"Llama: {s} positions; {cfg.model_type} runs up to its sliding window's "
-                f"{cfg.local_window} (ModelConfig.local_window: longer needs the window)"
-            )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         embed = nn.Embed(

@@ -224,7 +224,11 @@ def _paged_attention_kernel(
     window: int | None = None,
     shrink: dict | None = None,
     logit_softcap: float | None = None,
+    layer_window: bool = False,
 ):
+    # With ``layer_window`` the first of refs is the window of this launch's layer, (1,) int32
+    # (Gemma 2's sliding layers: one scan body, a window that depends on the traced layer).
+    window_ref, refs = (refs[0], refs[1:]) if layer_window else (None, refs)
     shrink_refs, out_refs = (refs[:4], refs[4:]) if shrink is not None else ((), refs)
     row = pl.program_id(0)
     kv_head = pl.program_id(1)
@@ -253,7 +257,12 @@ def _paged_attention_kernel(
     num_blocks = jnp.maximum(split_end - split_start + block_keys - 1, 0) // block_keys
     # A sliding window: the query (position seq_len - 1) sees the last ``window`` keys only;
     # the blocks wholly before them are skipped, the rest masked key by key.
-    first_key = jnp.maximum(seq_len - window, 0) if window is not None else 0
+    if layer_window:
+        window_keys = window_ref[0]
+    else:
+        window_keys = window
+    windowed = window_keys is not None
+    first_key = jnp.maximum(seq_len - window_keys, 0) if windowed else 0
     first_block = jnp.maximum(first_key - split_start, 0) // block_keys
 
     masked_zero = 0.0 if k_pool_ref.dtype.itemsize == 1 else 0
@@ -262,7 +271,7 @@ def _paged_attention_kernel(
         acc, running_max, denom = carry
         key_pos = split_start + block * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
         key_valid = key_pos < split_end
-        if window is not None:
+        if windowed:
             key_valid = key_valid & (key_pos >= first_key)
         pages = pltriton.load(page_table_ref.at[row, key_pos // page_size], mask=key_valid, other=0)
         pages = jnp.clip(pages, 0, num_pages - 1)
@@ -379,6 +388,7 @@ def paged_attention(
     sm_scale: float,
     window: int | None = None,
     logit_softcap: float | None = None,
+    layer_window: jax.Array | None = None,  # () int32, traced: instead of window
     config: PagedAttentionConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
@@ -386,7 +396,9 @@ def paged_attention(
     ``window``: a sliding window (Mistral's, Phi-3's ``sliding_window``): each row's query, at
     position seq_len - 1, attends to the keys at positions > seq_len - 1 - window only.
     ``logit_softcap``: scores capped as cap * tanh(score / cap) before the softmax (Gemma 2's
-    attn_logit_softcapping)."""
+    attn_logit_softcapping). ``layer_window``: a window given as a traced value (Gemma 2's,
+    whose sliding layers alternate with full ones inside one scan body: a window longer than
+    every row for a full layer)."""
     return _paged_attention(
         q,
         k_pool,
@@ -397,6 +409,7 @@ def paged_attention(
         sm_scale=sm_scale,
         window=window,
         logit_softcap=logit_softcap,
+        layer_window=layer_window,
         config=config,
         interpret=interpret,
         where="paged_attention",
@@ -442,6 +455,7 @@ def _paged_attention(
     window: int | None = None,
     weights: tuple[int, ...] = (),
     logit_softcap: float | None = None,
+    layer_window: jax.Array | None = None,
 ):
     """paged_attention's launch; with ``shrink_operands`` (A pool, A pages, ranks, each row's
     slot: one split only) also the LoRA shrink of the output: (out, v_parts)."""
@@ -458,6 +472,11 @@ def _paged_attention(
             )
     _check_window(window, where)
     _check_softcap(logit_softcap, where)
+    if layer_window is not None and (window is not None or shrink_operands):
+        raise ConfigError(
+            f"{_WHERE} {where}: layer_window takes the place of window, and the fused shrink "
+            "takes neither"
+        )
     config = attention_config(q, k_pool, page_table, config, where=where)
     kv_splits = config.kv_splits
     blocks_total = -(-max_pages_per_seq // config.pages_per_block)
@@ -476,6 +495,9 @@ def _paged_attention(
     name = config.name if window is None else f"{config.name}_window{window}"
     if logit_softcap is not None:
         name = f"{name}_softcap{logit_softcap:g}".replace(".", "p")
+    if layer_window is not None:
+        name = f"{name}_layer_window"
+        extra_inputs = [jnp.asarray(layer_window, jnp.int32).reshape(1)]
     if shrink_operands:
         from pallas_kernels import sgmv as sgmv_ops
 
@@ -484,7 +506,7 @@ def _paged_attention(
         columns = len(weights) * rank_rows["rank_cols"]
         shrink = dict(lanes=max(16, _next_power_of_2(columns)), rank_rows=rank_rows)
         out_shape += (jax.ShapeDtypeStruct((batch, num_kv_heads, columns), jnp.float32),)
-        extra_inputs = [
+        extra_inputs = extra_inputs + [
             a_pool.reshape(-1, a_pool.shape[-1]),
             a_pages.astype(jnp.int32),
             ranks.astype(jnp.int32),
@@ -501,6 +523,7 @@ def _paged_attention(
         window=window,
         shrink=shrink,
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
+        layer_window=layer_window is not None,
     )
     outs = pl.pallas_call(
         kernel,
@@ -1076,6 +1099,7 @@ def paged_attention_reference(
     sm_scale: float,
     window: int | None = None,
     logit_softcap: float | None = None,
+    layer_window: jax.Array | None = None,
 ) -> jax.Array:  # (B, num_heads, head_dim), q's dtype
     """paged_attention in plain jnp: gather every row's pages, fp32 masked softmax."""
     _check_attention_inputs(
@@ -1099,6 +1123,7 @@ def paged_attention_reference(
         logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     key_pos = jnp.arange(max_len)[None, :]
     key_valid = key_pos < seq_lens[:, None]  # (B, max_len)
+    window = window if layer_window is None else layer_window
     if window is not None:
         key_valid = key_valid & (key_pos >= seq_lens[:, None] - window)
     logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)

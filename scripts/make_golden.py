@@ -122,8 +122,8 @@ FAMILIES = {
     ),
     # Gemma 2: Gemma's plus norms after attention and the MLP, soft-capped attention scores
     # and logits (caps small enough that tanh bends them), queries scaled by
-    # query_pre_attn_scalar ** -0.5 (24, not head_dim 32), sliding layers whose window (16)
-    # the rows (SEQ = 8) stay inside.
+    # query_pre_attn_scalar ** -0.5 (24, not head_dim 32), and its even layers' sliding window
+    # of 3 keys, shorter than the rows (SEQ = 8).
     "gemma2": (
         "Gemma2Config",
         _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "hidden_act")
@@ -135,7 +135,7 @@ FAMILIES = {
             "attn_logit_softcapping": 5.0,
             "final_logit_softcapping": 30.0,
             "query_pre_attn_scalar": 24,
-            "sliding_window": 16,
+            "sliding_window": 3,
         },
     ),
     # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target

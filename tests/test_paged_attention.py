@@ -273,6 +273,55 @@ def test_soft_capped_scores_match_float64(config, dtype, interpret):
             paged_attention(*args, sm_scale=0.25, logit_softcap=bad, interpret=True)
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        PagedAttentionConfig(pages_per_block=2, kv_splits=1),
+        PagedAttentionConfig(pages_per_block=1, kv_splits=3),
+    ],
+    ids=["one_split", "kv_splits"],
+)
+def test_a_traced_layer_window_is_the_static_window(config, dtype, interpret):
+    """layer_window (Gemma 2: the window of the scan's traced layer, 1 << 30 on its full
+    layers) given as a traced int32 computes what the static window does, bit for bit, for
+    windows of 1, 20 and 33 keys, and the whole attention for an unbounded one; the reference
+    takes it likewise; the launch is named for it and lowers for the GPU; it replaces window,
+    never joins it."""
+    rng = np.random.default_rng(13)
+    k_pool, v_pool, page_table, seq_lens, dk, dv = make_cache(
+        rng, WINDOW_LENS, page_size=16, num_kv_heads=2, dtype=dtype
+    )
+    q = jnp.asarray(rng.standard_normal((len(WINDOW_LENS), 4, 16)), dtype)
+    args = (q, k_pool, v_pool, page_table, seq_lens, jnp.int32(1))
+
+    @jax.jit
+    def traced(window):
+        return paged_attention(
+            *args, sm_scale=0.25, layer_window=window, config=config, interpret=interpret
+        )
+
+    for window in (1, 20, 33, 1 << 30):
+        out = np.asarray(traced(jnp.int32(window)), np.float32)
+        static = None if window == 1 << 30 else window
+        want = paged_attention(
+            *args, sm_scale=0.25, window=static, config=config, interpret=interpret
+        )
+        np.testing.assert_array_equal(out, np.asarray(want, np.float32))
+        ref = paged_attention_reference(*args, sm_scale=0.25, layer_window=jnp.int32(window))
+        tol = TOLERANCE[dtype]
+        np.testing.assert_allclose(out, np.asarray(ref, np.float32), atol=tol, rtol=tol)
+
+    def attend(*args):
+        return paged_attention(*args, sm_scale=0.25, layer_window=jnp.int32(20), config=config)
+
+    text = lower_for_gpu(attend, *args)
+    assert triton_kernels(text) == 1 and "_layer_window" in text
+    with pytest.raises(ConfigError, match="layer_window takes the place of window"):
+        paged_attention(*args, sm_scale=0.25, window=4, layer_window=jnp.int32(4), interpret=True)
+
+
 def test_a_bad_window_is_refused():
     rng = np.random.default_rng(0)
     k_pool, v_pool, page_table, seq_lens, _, _ = make_cache(rng, (3, 5))

@@ -81,16 +81,14 @@ def transformers_greedy(base: str, prompt: list[int], tokens: int) -> list[int]:
 def test_the_paged_engine_generates_the_tokens_of_transformers(fixture):
     """Mistral with a 3-key sliding window (golden_mistral), Qwen2 with YaRN RoPE scaling
     (golden_qwen2_yarn), Gemma (golden_gemma) and Gemma 2 (golden_gemma2: sandwich norms, soft
-    caps; served inside its window of 16, an 8-token prefill and 6 decode steps): the paged
-    engine (a 12-token prefill, then decode steps past Mistral's window, fp32) generates
-    transformers' greedy tokens."""
+    caps, a 3-key window on its even layers): the paged engine (a 12-token prefill, then decode
+    steps past the windows, fp32) generates transformers' greedy tokens."""
     import jaxlora
     from jaxlora.sampling import SamplingParams
 
     base = os.path.join(FIXTURES, fixture, "base")
-    # Gemma 2 is served inside its window (16): 8 + 6 positions; the others 12 + 10.
-    prompt_len, new_tokens = (8, 6) if fixture == "golden_gemma2" else (12, 10)
-    prompt = list(range(1, prompt_len + 1))
+    prompt = list(range(1, 13))
+    new_tokens = 10
     expected = transformers_greedy(base, prompt, new_tokens)
     llm = jaxlora.LLM(base, dtype="float32")
     try:

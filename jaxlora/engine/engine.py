@@ -301,12 +301,6 @@ class Engine:
         adapter pools must already be sharded over it."""
         self.config = config
         self.engine_config = ec = engine_config or EngineConfig()
-        if config.local_window is not None and ec.kv.max_model_len > config.context_length:
-            # Past it, Gemma 2's sliding layers would need their window (not implemented).
-            raise ConfigError(
-                f"kv config field 'max_model_len': {ec.kv.max_model_len}; {config.model_type} "
-                f"is served up to its sliding window's {config.local_window} positions"
-            )
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.mesh = mesh
