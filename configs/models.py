@@ -152,8 +152,8 @@ GEMMA_2B = dataclasses.replace(
 )
 
 # Gemma 2 9B (Gemma2ForCausalLM): Gemma's plus norms after attention and the MLP, soft-capped
-# attention scores (50) and logits (30), queries scaled by 256 ** -0.5; every other layer's
-# 4,096-key window bounds the context jaxlora serves (ModelConfig.local_window).
+# attention scores (50) and logits (30), queries scaled by 256 ** -0.5; a 4,096-key sliding
+# window on the even layers (ModelConfig.local_window) of its 8,192-position context.
 GEMMA2_9B = dataclasses.replace(
     GEMMA_7B,
     name="gemma-2-9b",
