@@ -803,7 +803,9 @@ def _o_shrink_in_attention(q, kv: KVCache, k_pool, lora, kernels, cfg) -> bool:
     b, s = q.shape[:2]
     if (
         kernels is None
-        or cfg.attn_logit_softcapping is not None  # (the fused launch caps no score)
+        # (The fused launch caps no score and takes no per-layer window.)
+        or cfg.attn_logit_softcapping is not None
+        or cfg.local_window is not None
         or kv.mode != "decode"
         or kv.impl == "reference"
         or not kernels.shrinks_in_attention(lora, b * s, cfg.hidden_size)
