@@ -180,6 +180,30 @@ GEMMA2_2B = dataclasses.replace(
     num_kv_heads=4,
 )
 
+# Gemma 3 1B (Gemma3ForCausalLM, model_type gemma3_text): Gemma 2's layer plus per-head q / k
+# norms, no soft caps; five sliding layers (512 keys, RoPE base 10,000) to every full one
+# (RoPE base 1,000,000) over a 32,768-position context.
+GEMMA3_1B = ModelConfig(
+    name="gemma-3-1b",
+    model_type="gemma3_text",
+    hidden_act="gelu_pytorch_tanh",
+    vocab_size=262144,
+    hidden_size=1152,
+    intermediate_size=6912,
+    num_layers=26,
+    num_heads=4,
+    num_kv_heads=1,
+    head_dim=256,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+    query_pre_attn_scalar=256,
+    local_window=512,
+    sliding_period=6,
+    local_rope_theta=10000.0,
+)
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": TINY,
     "llama-2-7b": LLAMA2_7B,
@@ -193,6 +217,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "gemma-2b": GEMMA_2B,
     "gemma-2-9b": GEMMA2_9B,
     "gemma-2-2b": GEMMA2_2B,
+    "gemma-3-1b": GEMMA3_1B,
 }
 
 

@@ -36,10 +36,11 @@ HF_MODEL_TYPES = {
     "phi3": "Phi3ForCausalLM",
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 # Families whose RMSNorm computes x * (1 + w) (ModelConfig.hf_norm_offset) and whose embeddings
 # are scaled by sqrt(hidden) (ModelConfig.embedding_multiplier).
-GEMMA_TYPES = ("gemma", "gemma2")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 # The MLP's gate activations (config.json's hidden_act; Gemma's hidden_activation):
 # transformers' names -> what they compute.
 HIDDEN_ACTIVATIONS = {
@@ -157,31 +158,52 @@ class RopeScaling:
         return d
 
 
-def _gemma2_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
-    """Gemma 2's config.json fields (transformers' defaults where absent); its layer_types,
-    where given, must be Gemma 2's own: sliding on the even layers, full on the odd ones
-    (ModelConfig.local_window), or full everywhere (no window)."""
-    kinds = cfg.get("layer_types")
+def _sliding_layer_types(layers: int, period: int) -> list[str]:
+    """transformers' layer_types of a Gemma whose layer i is full every period-th layer
+    ((i + 1) % period == 0) and sliding otherwise."""
+    return [
+        "full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)
+    ]
+
+
+def _gemma_window_fields(cfg: dict[str, Any], source: str, model_type: str) -> dict[str, Any]:
+    """Gemma 2's and Gemma 3's config.json fields (transformers' defaults where absent). Their
+    layer_types, where given, must be their pattern: every period-th layer full, the others
+    sliding (Gemma 2: period 2, sliding first; Gemma 3: sliding_window_pattern, 6), or full
+    everywhere (no window)."""
+    gemma2 = model_type == "gemma2"
     layers = cfg.get("num_hidden_layers", 0)
-    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
-    if kinds is not None and list(kinds) not in (alternating, ["full_attention"] * layers):
+    kinds = cfg.get("layer_types")
+    period = 2 if gemma2 else cfg.get("sliding_window_pattern", 6)
+    if kinds is not None and "full_attention" in kinds and "sliding_attention" in kinds:
+        period = list(kinds).index("full_attention") + 1
+    patterns = (_sliding_layer_types(layers, period), ["full_attention"] * layers)
+    if (
+        not isinstance(period, int)
+        or period < 1
+        or (kinds is not None and list(kinds) not in patterns)
+    ):
         raise ConfigError(
-            f"{source}: field 'layer_types' is {kinds!r}; expected Gemma 2's pattern "
-            "(sliding_attention on the even layers, full_attention on the odd ones) or "
+            f"{source}: field 'layer_types' is {kinds!r}; expected {model_type}'s pattern "
+            "(every n-th layer full_attention, the others sliding_attention) or "
             "full_attention everywhere"
         )
-    kinds = set(kinds or ())
     window = cfg.get("sliding_window", 4096)
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise ConfigError(
             f"{source}: field 'sliding_window' is {window!r}; expected a positive int or null"
         )
-    return dict(
-        attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0),
-        final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0),
+    all_full = kinds is not None and set(kinds) == {"full_attention"}
+    fields = dict(
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0 if gemma2 else None),
+        final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0 if gemma2 else None),
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
-        local_window=window if kinds != {"full_attention"} else None,
+        local_window=None if all_full else window,
+        sliding_period=period,
     )
+    if not gemma2:
+        fields["local_rope_theta"] = float(cfg.get("rope_local_base_freq", 10000.0))
+    return fields
 
 
 def rope_scaling_from_hf(cfg: dict[str, Any], source: str) -> RopeScaling | None:
@@ -214,9 +236,9 @@ def rope_scaling_from_hf(cfg: dict[str, Any], source: str) -> RopeScaling | None
     factor = raw.get("factor")
     if factor is None:
         raise ConfigError(f"{source}: field 'rope_scaling.factor' is missing ({rope_type})")
-    fields: dict[str, Any] = dict(
-        rope_type=rope_type, factor=factor, original_max_position_embeddings=original
-    )
+    fields: dict[str, Any] = dict(rope_type=rope_type, factor=factor)
+    if rope_type != "linear":  # (linear's frequencies do not depend on it)
+        fields["original_max_position_embeddings"] = original
     names = {
         "llama3": ("low_freq_factor", "high_freq_factor"),
         "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"),
@@ -267,10 +289,15 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     query_pre_attn_scalar: float | None = None
-    # Gemma 2's sliding window of its even layers (transformers' layer_types: sliding, full,
-    # sliding, ...): each of their queries attends to the last local_window keys, the odd
-    # layers' to every key. The KV cache keeps every page (the full layers read them).
+    # Gemma 2's and 3's sliding window of their sliding layers (transformers' layer_types):
+    # layer i is full when (i + 1) % sliding_period == 0 (Gemma 2: 2, every other layer from
+    # the second; Gemma 3: 6), sliding otherwise, where each query attends to the last
+    # local_window keys. The KV cache keeps every page (the full layers read them).
     local_window: int | None = None
+    sliding_period: int = 2
+    # Gemma 3: the sliding layers' RoPE base, unscaled; rope_theta and rope_scaling are the
+    # full layers'.
+    local_rope_theta: float | None = None
 
     def __post_init__(self):
         require_positive_ints(
@@ -308,9 +335,11 @@ class ModelConfig:
             "final_logit_softcapping",
             "query_pre_attn_scalar",
             "local_window",
+            "sliding_period",
+            "local_rope_theta",
         ):
             value = getattr(self, field)
-            kinds = int if field == "local_window" else int | float
+            kinds = int if field in ("local_window", "sliding_period") else int | float
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, kinds) or not value > 0
             ):
@@ -334,10 +363,14 @@ class ModelConfig:
         """The longest sequence the model is made for: max_position_embeddings, or where a
         linear / yarn RoPE scaling stretches a shorter original context (Qwen2.5's and Qwen3's
         YaRN leave max_position_embeddings at the original) that stretch, as vLLM derives its
-        max_model_len: yarn's original x factor, linear's max_position_embeddings x factor."""
+        max_model_len: yarn's original x factor, linear's max_position_embeddings x factor.
+        Gemma 3's config.json states its scaled context itself (131,072 with linear x8)."""
         scaling = self.rope_scaling
         length = self.max_position_embeddings
-        if scaling is not None and scaling.rope_type != "llama3":
+        stated = (
+            scaling is None or scaling.rope_type == "llama3" or self.model_type == "gemma3_text"
+        )
+        if not stated:
             base = (
                 scaling.original_max_position_embeddings
                 if scaling.rope_type == "yarn"
@@ -364,7 +397,7 @@ class ModelConfig:
         """Gemma 2 normalizes the attention's and the MLP's outputs before each residual add
         (its post_attention_layernorm and post_feedforward_layernorm; the MLP's input norm is
         its pre_feedforward_layernorm)."""
-        return self.model_type == "gemma2"
+        return self.model_type in ("gemma2", "gemma3_text")
 
     @property
     def attention_scale(self) -> float:
@@ -389,8 +422,8 @@ class ModelConfig:
     @property
     def qk_norm(self) -> bool:
         """Each q and k head is RMS-normalized over head_dim (a scale of its own per layer,
-        shared by the heads) before RoPE (Qwen3)."""
-        return self.model_type == "qwen3"
+        shared by the heads) before RoPE (Qwen3, Gemma 3)."""
+        return self.model_type in ("qwen3", "gemma3_text")
 
     @property
     def attention_window(self) -> int | None:
@@ -469,7 +502,7 @@ class ModelConfig:
                 f"{source}: field 'use_sliding_window' is true; expected false (sliding-window "
                 f"layers of {model_type} are not supported)"
             )
-        if model_type not in (*SLIDING_WINDOW_TYPES, "gemma2") and any(
+        if model_type not in (*SLIDING_WINDOW_TYPES, "gemma2", "gemma3_text") and any(
             kind != "full_attention" for kind in cfg.get("layer_types") or ()
         ):
             raise ConfigError(
@@ -511,7 +544,11 @@ class ModelConfig:
             model_type=model_type,
             sliding_window=sliding_window,
             hidden_act=act,
-            **_gemma2_fields(cfg, source) if model_type == "gemma2" else {},
+            **(
+                _gemma_window_fields(cfg, source, model_type)
+                if model_type in ("gemma2", "gemma3_text")
+                else {}
+            ),
         )
 
     @classmethod
@@ -551,13 +588,18 @@ class ModelConfig:
             d["rope_scaling"] = self.rope_scaling.to_hf_dict()
         if self.model_type in GEMMA_TYPES:
             d["hidden_activation"] = self.hidden_act  # (what transformers 4 reads)
-        if self.model_type == "gemma2":
+        if self.model_type in ("gemma2", "gemma3_text"):
             d.update(
                 attn_logit_softcapping=self.attn_logit_softcapping,
                 final_logit_softcapping=self.final_logit_softcapping,
                 query_pre_attn_scalar=self.query_pre_attn_scalar,
                 sliding_window=self.local_window,
+                layer_types=_sliding_layer_types(
+                    self.num_layers, self.sliding_period if self.local_window else 1
+                ),
             )
+        if self.local_rope_theta is not None:
+            d["rope_local_base_freq"] = self.local_rope_theta
         if self.model_type in ("qwen2", "qwen3"):
             d["use_sliding_window"] = False
         if self.model_type in SLIDING_WINDOW_TYPES:

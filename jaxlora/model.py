@@ -17,6 +17,7 @@ Three ways to run attention, chosen by the ``kv`` argument:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -128,10 +129,25 @@ def rope_tables(
     return scale * jnp.cos(freqs), scale * jnp.sin(freqs)
 
 
-def model_rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``rope_tables`` of the model's RoPE: its scaled frequencies and cos / sin scale."""
+def model_rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, ...]:
+    """``rope_tables`` of the model's RoPE: its scaled frequencies and cos / sin scale; for a
+    model whose sliding layers have a RoPE of their own (Gemma 3's local base, unscaled) those
+    layers' (cos, sin) follow: (cos, sin, local cos, local sin), ``layer_rope`` picks."""
     scale = 1.0 if config.rope_scaling is None else config.rope_scaling.attention_scaling
-    return rope_tables(positions, rope_inverse_frequencies(config), scale)
+    tables = rope_tables(positions, rope_inverse_frequencies(config), scale)
+    if config.local_rope_theta is None:
+        return tables
+    local = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
+    return tables + rope_tables(positions, rope_inverse_frequencies(local))
+
+
+def layer_rope(config: ModelConfig, layer, tables: tuple[jax.Array, ...]):
+    """The (cos, sin) of ``layer`` (traced) out of ``model_rope_tables``."""
+    if len(tables) == 2:
+        return tables
+    sliding = _layer_sliding(config, layer)
+    full, local = tables[:2], tables[2:]
+    return tuple(jnp.where(sliding, lo, fu) for fu, lo in zip(full, local, strict=True))
 
 
 def apply_rope(
@@ -692,7 +708,9 @@ class Attention(nn.Module):
             q, k = head_norm("q_norm")(q), head_norm("k_norm")(k)
             # The RoPE kernel below reads q|k|v whole: the normed heads, concatenated again.
             fused, qkv = None, (q.reshape(b, s, -1), k.reshape(b, s, -1), v.reshape(b, s, -1))
-        rope = rope if rope is not None else model_rope_tables(cfg, positions)
+        rope = layer_rope(
+            cfg, layer, rope if rope is not None else model_rope_tables(cfg, positions)
+        )
         sm_scale = cfg.attention_scale
         if rope_kernel:
             from pallas_kernels import paged_attention as pa
@@ -771,13 +789,19 @@ class Attention(nn.Module):
 _UNBOUNDED_WINDOW = 1 << 30
 
 
+def _layer_sliding(cfg: ModelConfig, layer) -> jax.Array:
+    """() bool, traced: whether ``layer`` is one of the sliding layers (Gemma 2 / 3: all but
+    every ModelConfig.sliding_period-th)."""
+    return (jnp.asarray(layer, jnp.int32) + 1) % cfg.sliding_period != 0
+
+
 def _layer_window(cfg: ModelConfig, layer) -> jax.Array | None:
     """() int32, traced: the sliding window of this layer where it depends on the layer
-    (Gemma 2: ModelConfig.local_window on the even layers, none on the odd ones); None for
-    every other model (Mistral's window is static: ModelConfig.attention_window)."""
+    (Gemma 2 / 3: ModelConfig.local_window on the sliding layers, none on the full ones); None
+    for every other model (Mistral's window is static: ModelConfig.attention_window)."""
     if cfg.local_window is None:
         return None
-    sliding = jnp.asarray(layer, jnp.int32) % 2 == 0
+    sliding = _layer_sliding(cfg, layer)
     return jnp.where(sliding, cfg.local_window, _UNBOUNDED_WINDOW).astype(jnp.int32)
 
 

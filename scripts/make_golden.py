@@ -5,7 +5,8 @@ biases, tied embeddings; qwen3: per-head q/k norms, head_dim 32 apart from hidde
 phi3: fused qkv_proj and gate_up_proj, which its adapters target; mistral: a sliding window
 of 3 keys, shorter than the rows; qwen2_yarn: qwen2 with YaRN RoPE scaling; gemma: scaled
 embeddings, norm weights stored minus 1, GELU, multi-query attention; gemma2: Gemma's with
-sandwich norms and soft caps) and four PEFT LoRA
+sandwich norms and soft caps; gemma3: gemma3_text, q / k norms, a RoPE base of its
+sliding layers' own) and four PEFT LoRA
 adapters are built with transformers + peft, saved in their native formats, and the reference
 fp32 logits of the base model and of every adapter on every input row are computed by
 transformers + peft (CPU, fp32, eager attention). Output, under --out (default
@@ -136,6 +137,26 @@ FAMILIES = {
             "final_logit_softcapping": 30.0,
             "query_pre_attn_scalar": 24,
             "sliding_window": 3,
+        },
+    ),
+    # Gemma 3 (text): Gemma 2's layer plus per-head q / k norms (1 + w), no soft caps; a 3-key
+    # window on its sliding layers, every second layer full here (layer_types; 6th in the
+    # models), whose RoPE has its own base (rope_local_base_freq) while the full layers' is
+    # rope_theta with linear scaling x8.
+    "gemma3": (
+        "Gemma3TextConfig",
+        _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "hidden_act")
+        | {
+            "head_dim": 32,
+            "rms_norm_eps": 1e-6,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 3,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
         },
     ),
     # Phi-3: q|k|v and gate|up stored fused (qkv_proj, gate_up_proj), as its adapters target

@@ -59,6 +59,17 @@ GEMMA2 = dataclasses.replace(
 )
 
 
+# Gemma 3 (text): Gemma 2's layer without the caps, q / k norms, the sliding layers' RoPE base.
+GEMMA3 = dataclasses.replace(
+    GEMMA2,
+    model_type="gemma3_text",
+    attn_logit_softcapping=None,
+    final_logit_softcapping=None,
+    rope_theta=1e6,
+    local_rope_theta=1e4,
+)
+
+
 @pytest.mark.gpu
 def test_pallas_engine_matches_reference_engine():
     params = init_params(CONFIG, 0)
@@ -200,7 +211,9 @@ def test_pallas_engine_with_an_fp8_kv_cache_matches_its_reference_engine():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral", "gemma", "gemma2"])
+@pytest.mark.parametrize(
+    "model_type", ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text"]
+)
 def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     """Qwen2 (q/k/v biases added to lora_matmul's and XLA's q|k|v), Qwen3 (per-head q/k
     norms before the RoPE + K/V write kernel, head_dim 64 apart from hidden / heads) and
@@ -210,7 +223,8 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     Qwen2.5-7B's proportions: 7 query heads a KV head, a hidden width of 3.5 x 128 and an
     intermediate of 18944 / 16 (ragged tiles in every kernel). Gemma: Gemma's head_dim of 256
     with one KV head (Gemma-2B's), GELU gating, scaled and tied embeddings; Gemma 2: its norms
-    after attention and the MLP, soft-capped scores (in the decode kernel) and logits."""
+    after attention and the MLP, soft-capped scores (in the decode kernel) and logits, a
+    window on its even layers; Gemma 3: q / k norms, the sliding layers' own RoPE base."""
     from tests.test_model_families import random_family_params
 
     if model_type == "qwen2":
@@ -229,6 +243,8 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
         config_of = GEMMA
     elif model_type == "gemma2":
         config_of = GEMMA2
+    elif model_type == "gemma3_text":
+        config_of = GEMMA3
     else:
         config_of = dataclasses.replace(CONFIG, model_type=model_type, head_dim=64)
     params = random_family_params(config_of, 0)

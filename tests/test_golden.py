@@ -40,6 +40,8 @@ FAMILIES = {
     "gemma": ("golden_gemma", "gemma"),
     # Gemma 2: sandwich norms, soft-capped scores and logits, query_pre_attn_scalar.
     "gemma2": ("golden_gemma2", "gemma2"),
+    # Gemma 3 (text): q / k norms, sliding layers with a RoPE base of their own.
+    "gemma3": ("golden_gemma3", "gemma3_text"),
 }
 MAX_RANK = 64
 TOLERANCE = 1e-4

@@ -16,7 +16,7 @@ import pytest
 
 import jaxlora
 from configs.models import MODEL_PRESETS, TINY
-from jaxlora.config import ModelConfig
+from jaxlora.config import ModelConfig, RopeScaling
 from jaxlora.errors import ConfigError, RequestError
 from jaxlora.formats.hf import load_hf_checkpoint, save_hf_checkpoint
 from jaxlora.model import Llama, fuse_projections, init_params, unfuse_projections
@@ -53,7 +53,25 @@ GEMMA2 = dataclasses.replace(
     query_pre_attn_scalar=24,
     local_window=4,
 )
-FAMILIES = {"qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL, "gemma": GEMMA, "gemma2": GEMMA2}
+# Gemma 3 (text): Gemma 2's layer with per-head q / k norms, its sliding layers (every layer
+# but each second here) with a RoPE base of their own and the full ones' scaled linearly; and,
+# though Gemma 3 sets none, Gemma 2's soft caps, so that one engine family runs them all.
+GEMMA3 = dataclasses.replace(
+    GEMMA2,
+    name="tiny-gemma3",
+    model_type="gemma3_text",
+    rope_theta=1e6,
+    rope_scaling=RopeScaling(8.0, rope_type="linear"),
+    local_rope_theta=1e4,
+)
+FAMILIES = {
+    "qwen2": QWEN2,
+    "qwen3": QWEN3,
+    "mistral": MISTRAL,
+    "gemma": GEMMA,
+    "gemma2": GEMMA2,
+    "gemma3_text": GEMMA3,
+}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
@@ -133,7 +151,7 @@ def test_config_json_of_each_family():
         "model_type": (hf_config("gemma3"), "'model_type' is 'gemma3'; expected one of"),
         "gemma2_layer_types": (
             hf_config("gemma2", layer_types=["full_attention", "sliding_attention"]),
-            "'layer_types' is .* expected Gemma 2's pattern",
+            "'layer_types' is .* expected gemma2's pattern",
         ),
         "hidden_act": (hf_config("llama", hidden_act="relu"), "'hidden_act' is 'relu'; expected"),
         "hidden_activation": (
@@ -210,6 +228,36 @@ def test_config_json_of_each_family():
     )
     assert unwindowed.attention_scale == 144**-0.5 and unwindowed.local_window is None
     assert gemma.attention_scale == 256**-0.5 and not gemma.sandwich_norms
+    # Gemma 3 (text; Gemma-3-1B's fields, transformers 4's form): five sliding layers to a
+    # full one, the sliding layers' RoPE base, q / k norms, no caps; the context its
+    # config.json states (4B and up: 131,072 with linear x8, not x8 again).
+    gemma3 = ModelConfig.from_hf_dict(
+        hf_config(
+            "gemma3_text",
+            num_hidden_layers=26,
+            head_dim=256,
+            hidden_activation="gelu_pytorch_tanh",
+            max_position_embeddings=131072,
+            sliding_window=512,
+            sliding_window_pattern=6,
+            rope_local_base_freq=10000.0,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+        )
+    )
+    assert gemma3.qk_norm and gemma3.sandwich_norms and gemma3.attn_logit_softcapping is None
+    assert (gemma3.local_window, gemma3.sliding_period, gemma3.local_rope_theta) == (
+        512,
+        6,
+        10000.0,
+    )
+    assert gemma3.context_length == 131072 and gemma3.to_hf_dict()["layer_types"][4:7] == [
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+    ]
+    assert ModelConfig.from_hf_dict(gemma3.to_hf_dict()) == dataclasses.replace(
+        gemma3, name="gemma3_text"
+    )
     assert llama.embedding_multiplier is None and llama.hf_norm_offset == 0.0
     assert llama.activation == "silu"
     with pytest.raises(ConfigError, match="'hidden_act': expected one of"):
@@ -377,9 +425,10 @@ def test_phi3_checkpoints_and_adapters_fuse_q_k_v_and_gate_up(tmp_path):
         save_peft_adapter(tmp_path / "none", LoraWeights("e", {}, {}, {}), config)
 
 
-# The engine tests' families: Gemma 2 runs all of Gemma's computation and its own, so Gemma
-# itself is left to its golden fixture, its round trip and the peft-marked engine test.
-ENGINE_FAMILIES = sorted(set(FAMILIES) - {"gemma"})
+# The engine tests' families: the Gemma 3 model above runs all of Gemma's and Gemma 2's
+# computation and its own, so those two are left to their golden fixtures, round trips and
+# peft-marked engine tests.
+ENGINE_FAMILIES = sorted(set(FAMILIES) - {"gemma", "gemma2"})
 
 
 @pytest.fixture(scope="module", params=ENGINE_FAMILIES)
@@ -619,6 +668,7 @@ def test_family_presets_build():
         ("gemma-2b", 8, 1, 256),
         ("gemma-2-9b", 16, 8, 256),
         ("gemma-2-2b", 8, 4, 256),
+        ("gemma-3-1b", 4, 1, 256),
     ):
         config = MODEL_PRESETS[name]
         assert (config.num_heads, config.num_kv_heads, config.head_dim) == (
@@ -640,6 +690,9 @@ def test_family_presets_build():
         shapes = jax.eval_shape(lambda c=config: init_params(c, 0, jnp.bfloat16))
         assert sum(leaf.size for leaf in jax.tree.leaves(shapes)) == count
         assert config.context_length == 8192 and config.attention_scale == 1 / 16
+    # Gemma-3-1B: 999,885,952 parameters (q / k norms, four norms a layer, a 262k table).
+    gemma3 = jax.eval_shape(lambda: init_params(MODEL_PRESETS["gemma-3-1b"], 0, jnp.bfloat16))
+    assert sum(leaf.size for leaf in jax.tree.leaves(gemma3)) == 999_885_952
 
 
 def test_hugging_face_ids_resolve_to_the_local_cache(tmp_path, monkeypatch):

@@ -108,6 +108,19 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     rope = raw.get("rope_parameters")
+    if isinstance(rope, dict) and {"full_attention", "sliding_attention"} & set(rope):
+        # Gemma 3's: one set a layer type. The full layers' is the model's RoPE (scaled or
+        # not); the sliding layers' may only set their own base.
+        raw, rope = dict(raw), dict(rope)
+        local = rope.pop("sliding_attention", None) or {}
+        if local.get("rope_type", "default") != "default":
+            raise ConfigError(
+                f"{path}: field 'rope_parameters.sliding_attention' is {local!r}; expected "
+                "rope_type 'default' (the sliding layers' scaling is not supported)"
+            )
+        if "rope_theta" in local and raw.get("rope_local_base_freq") is None:
+            raw["rope_local_base_freq"] = local["rope_theta"]
+        rope = rope.pop("full_attention", None) or {}
     if isinstance(rope, dict):
         raw = dict(raw)
         for field in ("rope_theta", "partial_rotary_factor"):  # (Phi-3 keeps the factor here)

@@ -6,6 +6,6 @@
 R=$OUT/s44; mkdir -p $R; export PYTHONPATH=.
 timeout 150 python3 -m pytest -m gpu -q tests/test_paged_attention.py -k "soft_capped or traced_layer_window" > $R/softcap.log 2>&1
 echo "softcap rc=$?" >> $R/summary.txt; tail -1 $R/softcap.log >> $R/summary.txt
-timeout 240 python3 -m pytest -m gpu -q tests/test_engine_gpu.py -k "each_family and gemma" > $R/gemma_engines.log 2>&1
+timeout 300 python3 -m pytest -m gpu -q tests/test_engine_gpu.py -k "each_family and gemma" > $R/gemma_engines.log 2>&1
 echo "gemma engines rc=$?" >> $R/summary.txt; tail -1 $R/gemma_engines.log >> $R/summary.txt
 cat $R/summary.txt
