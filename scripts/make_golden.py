@@ -78,6 +78,19 @@ def _without(config: dict, *keys: str) -> dict:
 
 _QWEN = _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "head_dim")
 _QWEN.update(rope_theta=1000000.0, rms_norm_eps=1e-6, use_sliding_window=False)
+# The Gemma families' common fields (head_dim 32 apart from hidden / heads, Gemma's eps, tied
+# embeddings), and Gemma 2's and 3's: GELU named by hidden_activation, query_pre_attn_scalar
+# 24, a 3-key sliding window.
+_GEMMA = _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "hidden_act") | {
+    "head_dim": 32,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+_GEMMA_WINDOWED = _GEMMA | {
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 24,
+    "sliding_window": 3,
+}
 FAMILIES = {
     "llama": ("LlamaConfig", BASE_CONFIG),
     # Qwen2's q/k/v biases are its architecture's (no attention_bias field); the small Qwen2
@@ -112,14 +125,7 @@ FAMILIES = {
     # of 32 apart from hidden / heads (Gemma-7B's 16 x 256 over 3,072).
     "gemma": (
         "GemmaConfig",
-        _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "hidden_act")
-        | {
-            "num_key_value_heads": 1,
-            "head_dim": 32,
-            "rms_norm_eps": 1e-6,
-            "hidden_act": "gelu_pytorch_tanh",
-            "tie_word_embeddings": True,
-        },
+        _GEMMA | {"num_key_value_heads": 1, "hidden_act": "gelu_pytorch_tanh"},
     ),
     # Gemma 2: Gemma's plus norms after attention and the MLP, soft-capped attention scores
     # and logits (caps small enough that tanh bends them), queries scaled by
@@ -127,17 +133,7 @@ FAMILIES = {
     # of 3 keys, shorter than the rows (SEQ = 8).
     "gemma2": (
         "Gemma2Config",
-        _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "hidden_act")
-        | {
-            "head_dim": 32,
-            "rms_norm_eps": 1e-6,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "tie_word_embeddings": True,
-            "attn_logit_softcapping": 5.0,
-            "final_logit_softcapping": 30.0,
-            "query_pre_attn_scalar": 24,
-            "sliding_window": 3,
-        },
+        _GEMMA_WINDOWED | {"attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0},
     ),
     # Gemma 3 (text): Gemma 2's layer plus per-head q / k norms (1 + w), no soft caps; a 3-key
     # window on its sliding layers, every second layer full here (layer_types; 6th in the
@@ -145,14 +141,8 @@ FAMILIES = {
     # rope_theta with linear scaling x8.
     "gemma3": (
         "Gemma3TextConfig",
-        _without(BASE_CONFIG, "rope_scaling", "mlp_bias", "hidden_act")
+        _GEMMA_WINDOWED
         | {
-            "head_dim": 32,
-            "rms_norm_eps": 1e-6,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "tie_word_embeddings": True,
-            "query_pre_attn_scalar": 24,
-            "sliding_window": 3,
             "layer_types": ["sliding_attention", "full_attention"],
             "rope_theta": 1000000.0,
             "rope_local_base_freq": 10000.0,

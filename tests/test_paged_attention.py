@@ -178,11 +178,8 @@ def test_kernel_interpret_kv_splits(dtype):
 
 
 WINDOW_LENS = (1, 32, 33, 0, 64, 96, 70, 17)
-
-
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize(
+# One kv split of 2-page blocks, and three of 1-page blocks (rows ending in each split).
+ONE_AND_THREE_SPLITS = pytest.mark.parametrize(
     "config",
     [
         PagedAttentionConfig(pages_per_block=2, kv_splits=1),
@@ -190,6 +187,11 @@ WINDOW_LENS = (1, 32, 33, 0, 64, 96, 70, 17)
     ],
     ids=["one_split", "kv_splits"],
 )
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@ONE_AND_THREE_SPLITS
 @pytest.mark.parametrize("window", [1, 16, 20, 33, 200])
 def test_sliding_window_attends_to_the_last_keys_only(window, config, dtype, interpret):
     """window: each row's query (position seq_len - 1) sees the keys at positions >= seq_len -
@@ -232,14 +234,7 @@ def test_sliding_window_attends_to_the_last_keys_only(window, config, dtype, int
 
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize(
-    "config",
-    [
-        PagedAttentionConfig(pages_per_block=2, kv_splits=1),
-        PagedAttentionConfig(pages_per_block=1, kv_splits=3),
-    ],
-    ids=["one_split", "kv_splits"],
-)
+@ONE_AND_THREE_SPLITS
 def test_soft_capped_scores_match_float64(config, dtype, interpret):
     """logit_softcap (Gemma 2's attn_logit_softcapping): scores become cap * tanh(score / cap)
     before the softmax, in one split and across splits; queries large enough that most scores
@@ -275,14 +270,7 @@ def test_soft_capped_scores_match_float64(config, dtype, interpret):
 
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize(
-    "config",
-    [
-        PagedAttentionConfig(pages_per_block=2, kv_splits=1),
-        PagedAttentionConfig(pages_per_block=1, kv_splits=3),
-    ],
-    ids=["one_split", "kv_splits"],
-)
+@ONE_AND_THREE_SPLITS
 def test_a_traced_layer_window_is_the_static_window(config, dtype, interpret):
     """layer_window (Gemma 2: the window of the scan's traced layer, 1 << 30 on its full
     layers) given as a traced int32 computes what the static window does, bit for bit, for
