@@ -17,8 +17,9 @@ flags.DEFINE_string(
     "model",
     "",
     "Preset name (tiny, llama-2-7b, qwen3-8b, ...), HF checkpoint directory (Llama, Mistral, "
-    "Qwen2, Qwen3, Phi-3, Gemma) or orbax checkpoint; empty: the embedded demo model and "
-    "adapters. Also taken as the first positional argument (vLLM's `vllm serve MODEL`).",
+    "Qwen2, Qwen3, Phi-3, Gemma 1 / 2 / 3 text) or orbax checkpoint; empty: the embedded demo "
+    "model and adapters. Also taken as the first positional argument (vLLM's `vllm serve "
+    "MODEL`).",
 )
 flags.DEFINE_string("served_model_name", "", "Name clients use for the base model.")
 flags.DEFINE_list(

@@ -142,7 +142,8 @@ class LLM:
         self.tokenizer = tokenizer or default_tokenizer
         kv = self.engine_config.kv
         if engine_config is None and kv.max_model_len > self.config.context_length:
-            # The default context, cut to what the model is made for (Gemma 2's window).
+            # The default context, cut to what the model is made for (a checkpoint of fewer
+            # positions, e.g. the test fixtures' 128).
             kv = dataclasses.replace(kv, max_model_len=self.config.context_length)
             self.engine_config = dataclasses.replace(self.engine_config, kv=kv)
         pool: LoraPoolConfig = self.engine_config.lora_pool
