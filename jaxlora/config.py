@@ -38,9 +38,12 @@ HF_MODEL_TYPES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
+# Gemma 2 and 3: norms after attention and the MLP (ModelConfig.sandwich_norms), sliding
+# layers among full ones (ModelConfig.local_window, sliding_period).
+LAYERED_GEMMA_TYPES = ("gemma2", "gemma3_text")
 # Families whose RMSNorm computes x * (1 + w) (ModelConfig.hf_norm_offset) and whose embeddings
 # are scaled by sqrt(hidden) (ModelConfig.embedding_multiplier).
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma", *LAYERED_GEMMA_TYPES)
 # The MLP's gate activations (config.json's hidden_act; Gemma's hidden_activation):
 # transformers' names -> what they compute.
 HIDDEN_ACTIVATIONS = {
@@ -166,6 +169,16 @@ def _sliding_layer_types(layers: int, period: int) -> list[str]:
     ]
 
 
+def _sliding_window_field(cfg: dict[str, Any], source: str, default: int | None) -> int | None:
+    """config.json's sliding_window (``default`` where absent): a positive int or null."""
+    window = cfg.get("sliding_window", default)
+    if window is not None and (not isinstance(window, int) or window <= 0):
+        raise ConfigError(
+            f"{source}: field 'sliding_window' is {window!r}; expected a positive int or null"
+        )
+    return window
+
+
 def _gemma_window_fields(cfg: dict[str, Any], source: str, model_type: str) -> dict[str, Any]:
     """Gemma 2's and Gemma 3's config.json fields (transformers' defaults where absent). Their
     layer_types, where given, must be their pattern: every period-th layer full, the others
@@ -177,22 +190,18 @@ def _gemma_window_fields(cfg: dict[str, Any], source: str, model_type: str) -> d
     period = 2 if gemma2 else cfg.get("sliding_window_pattern", 6)
     if kinds is not None and "full_attention" in kinds and "sliding_attention" in kinds:
         period = list(kinds).index("full_attention") + 1
+    if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+        raise ConfigError(
+            f"{source}: field 'sliding_window_pattern' is {period!r}; expected a positive int"
+        )
     patterns = (_sliding_layer_types(layers, period), ["full_attention"] * layers)
-    if (
-        not isinstance(period, int)
-        or period < 1
-        or (kinds is not None and list(kinds) not in patterns)
-    ):
+    if kinds is not None and list(kinds) not in patterns:
         raise ConfigError(
             f"{source}: field 'layer_types' is {kinds!r}; expected {model_type}'s pattern "
             "(every n-th layer full_attention, the others sliding_attention) or "
             "full_attention everywhere"
         )
-    window = cfg.get("sliding_window", 4096)
-    if window is not None and (not isinstance(window, int) or window <= 0):
-        raise ConfigError(
-            f"{source}: field 'sliding_window' is {window!r}; expected a positive int or null"
-        )
+    window = _sliding_window_field(cfg, source, 4096)
     all_full = kinds is not None and set(kinds) == {"full_attention"}
     fields = dict(
         attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0 if gemma2 else None),
@@ -397,7 +406,7 @@ class ModelConfig:
         """Gemma 2 normalizes the attention's and the MLP's outputs before each residual add
         (its post_attention_layernorm and post_feedforward_layernorm; the MLP's input norm is
         its pre_feedforward_layernorm)."""
-        return self.model_type in ("gemma2", "gemma3_text")
+        return self.model_type in LAYERED_GEMMA_TYPES
 
     @property
     def attention_scale(self) -> float:
@@ -489,20 +498,13 @@ class ModelConfig:
                 "part of each head is not supported)"
             )
         if model_type in SLIDING_WINDOW_TYPES:
-            sliding_window = cfg.get("sliding_window")
-            if sliding_window is not None and (
-                not isinstance(sliding_window, int) or sliding_window <= 0
-            ):
-                raise ConfigError(
-                    f"{source}: field 'sliding_window' is {sliding_window!r}; expected a "
-                    "positive int or null"
-                )
+            sliding_window = _sliding_window_field(cfg, source, None)
         elif cfg.get("use_sliding_window"):
             raise ConfigError(
                 f"{source}: field 'use_sliding_window' is true; expected false (sliding-window "
                 f"layers of {model_type} are not supported)"
             )
-        if model_type not in (*SLIDING_WINDOW_TYPES, "gemma2", "gemma3_text") and any(
+        if model_type not in (*SLIDING_WINDOW_TYPES, *LAYERED_GEMMA_TYPES) and any(
             kind != "full_attention" for kind in cfg.get("layer_types") or ()
         ):
             raise ConfigError(
@@ -546,7 +548,7 @@ class ModelConfig:
             hidden_act=act,
             **(
                 _gemma_window_fields(cfg, source, model_type)
-                if model_type in ("gemma2", "gemma3_text")
+                if model_type in LAYERED_GEMMA_TYPES
                 else {}
             ),
         )
@@ -588,7 +590,7 @@ class ModelConfig:
             d["rope_scaling"] = self.rope_scaling.to_hf_dict()
         if self.model_type in GEMMA_TYPES:
             d["hidden_activation"] = self.hidden_act  # (what transformers 4 reads)
-        if self.model_type in ("gemma2", "gemma3_text"):
+        if self.model_type in LAYERED_GEMMA_TYPES:
             d.update(
                 attn_logit_softcapping=self.attn_logit_softcapping,
                 final_logit_softcapping=self.final_logit_softcapping,

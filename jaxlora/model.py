@@ -17,7 +17,6 @@ Three ways to run attention, chosen by the ``kv`` argument:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -67,11 +66,16 @@ class KVCache:
     prefill_key_block: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
+def _unscaled_inverse_frequencies(theta: float, dim: int) -> jax.Array:
+    """(dim / 2,) float32: RoPE's frequencies of base ``theta``, before any scaling."""
+    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
 def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
     """(head_dim / 2,) float32: RoPE's frequencies after config.rope_scaling, as transformers'
     ROPE_INIT_FUNCTIONS compute them."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    inv_freq = _unscaled_inverse_frequencies(config.rope_theta, dim)
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
@@ -137,8 +141,8 @@ def model_rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Ar
     tables = rope_tables(positions, rope_inverse_frequencies(config), scale)
     if config.local_rope_theta is None:
         return tables
-    local = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
-    return tables + rope_tables(positions, rope_inverse_frequencies(local))
+    local = _unscaled_inverse_frequencies(config.local_rope_theta, config.head_dim)
+    return tables + rope_tables(positions, local)
 
 
 def layer_rope(config: ModelConfig, layer, tables: tuple[jax.Array, ...]):
@@ -746,9 +750,8 @@ class Attention(nn.Module):
 
         o_v = None
         window = cfg.attention_window
-        layer_window = _layer_window(cfg, layer)
         if kv is None:
-            mask_window = window if layer_window is None else layer_window
+            mask_window = _mask_window(cfg, layer)
             mask = _causal_mask(positions[:, :, None], positions[:, None, :], mask_window)
             mask = mask if attn_mask is None else mask & attn_mask[:, None, :]
             out = _dense_attention(q, k, v, mask, sm_scale, cfg.attn_logit_softcapping)
@@ -757,18 +760,7 @@ class Attention(nn.Module):
                 q, layer, kv, k_pool, v_pool, sm_scale, lora, kernels, window
             )
         else:
-            out = _cached_attention(
-                q,
-                positions,
-                layer,
-                kv,
-                k_pool,
-                v_pool,
-                sm_scale,
-                window,
-                cfg.attn_logit_softcapping,
-                layer_window,
-            )
+            out = _cached_attention(q, positions, layer, kv, k_pool, v_pool, cfg)
         out = out.reshape(b, s, cfg.q_size)
         if o_partials:
             parts = _kernel_projection(
@@ -803,6 +795,13 @@ def _layer_window(cfg: ModelConfig, layer) -> jax.Array | None:
         return None
     sliding = _layer_sliding(cfg, layer)
     return jnp.where(sliding, cfg.local_window, _UNBOUNDED_WINDOW).astype(jnp.int32)
+
+
+def _mask_window(cfg: ModelConfig, layer):
+    """The window this layer's attention masks apply: the model's static one (Mistral's), the
+    traced one of the layer (Gemma 2 / 3: ``_layer_window``), or None."""
+    layer_window = _layer_window(cfg, layer)
+    return cfg.attention_window if layer_window is None else layer_window
 
 
 def _head_norms_in_rope_kernel(module: nn.Module, rope_kernel: bool, fused, cfg) -> bool:
@@ -884,25 +883,21 @@ def _key_mask(positions, key_pos, kv: KVCache, window):
     return mask & (key_pos < kv.seq_lens[:, None, None]) & kv.token_valid[:, :, None]
 
 
-def _cached_attention(
-    q,
-    positions,
-    layer,
-    kv: KVCache,
-    k_pool,
-    v_pool,
-    sm_scale,
-    window,
-    softcap=None,
-    layer_window=None,
-):
-    """Attention of q over the pools, which already hold this step's K/V (``softcap``: the
-    scores' soft cap, ModelConfig.attn_logit_softcapping; ``layer_window``: the layer's
-    traced window, ``_layer_window``, read over the whole table)."""
+def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, cfg: ModelConfig):
+    """Attention of q over the pools, which already hold this step's K/V, with the model's
+    query scale, soft cap (ModelConfig.attn_logit_softcapping) and window: the static one,
+    whose prefill reads only the pages from the window's start, or the layer's traced one
+    (``_layer_window``), read over the whole table."""
     from pallas_kernels import paged_attention as pa
 
+    sm_scale, window, softcap = (
+        cfg.attention_scale,
+        cfg.attention_window,
+        cfg.attn_logit_softcapping,
+    )
     b, s = positions.shape
     if kv.mode == "decode":
+        layer_window = _layer_window(cfg, layer)
         assert s == 1, "decode mode takes one token per row"
         if kv.impl == "reference":
             out = pa.paged_attention_reference(
@@ -923,7 +918,7 @@ def _cached_attention(
                 *cache, **launch, logit_softcap=softcap, layer_window=layer_window
             )
         return out[:, None]
-    mask_window = window if layer_window is None else layer_window
+    mask_window = _mask_window(cfg, layer)
     page_size, max_pages = k_pool.shape[2], kv.page_table.shape[1]
     # With a sliding window a row's queries read the keys from its window start on: the pages
     # from that one's (pa.window_pages) rather than the whole table (a 32k context's prefill

@@ -293,7 +293,10 @@ def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype):
         mode="prefill",
         impl="pallas_interpret",
     )
-    one_pass = _cached_attention(q, positions, 1, kv, k_pool, v_pool, 0.25, window)
+    # head_dim 16: the query scale 0.25; Mistral's window where one is given.
+    config = dataclasses.replace(TINY, model_type="mistral", sliding_window=window)
+    assert config.attention_scale == 0.25 and config.attention_window == window
+    one_pass = _cached_attention(q, positions, 1, kv, k_pool, v_pool, config)
     visited = []
     fori_loop = jax.lax.fori_loop
 
@@ -310,8 +313,7 @@ def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype):
             dataclasses.replace(kv, prefill_key_block=8),
             k_pool,
             v_pool,
-            0.25,
-            window,
+            config,
         )
     finally:
         jax.lax.fori_loop = fori_loop

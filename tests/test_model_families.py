@@ -149,6 +149,10 @@ def test_config_json_of_each_family():
             "field 'attention_bias' is True; expected false",
         ),
         "model_type": (hf_config("gemma3"), "'model_type' is 'gemma3'; expected one of"),
+        "sliding_window_pattern": (
+            hf_config("gemma3_text", sliding_window_pattern=0),
+            "'sliding_window_pattern' is 0; expected a positive int",
+        ),
         "gemma2_layer_types": (
             hf_config("gemma2", layer_types=["full_attention", "sliding_attention"]),
             "'layer_types' is .* expected gemma2's pattern",
