@@ -419,10 +419,10 @@ def test_gemma2_steps_lower_for_the_gpu():
     """On any machine: every step shape of a Gemma 2 engine (head_dim 256) on the default
     Pallas kernels lowers to Triton kernels for an abstract GPU: the RoPE + K/V write and the
     decode attention at 256 lanes a head, its scores capped and its window the traced layer's
-    (the launch's name says so),
-    lora_matmul on the decode projections (q|k|v 4 x 256 + 2 x 256 wide over a hidden of 256),
-    with and without LoRA; its decode steps keep XLA's norms (the residual-norm launches add
-    o's and down's outputs unnormalized, not Gemma 2's sandwich norms)."""
+    (the launch's name says so), lora_matmul on the decode projections (q|k|v 4 x 256 + 2 x 256
+    wide over a hidden of 256), with and without LoRA; its decode steps keep XLA's norms (the
+    residual-norm launches add o's and down's outputs unnormalized, not Gemma 2's sandwich
+    norms)."""
     runner, steps = _lowered_steps(
         model=GEMMA2, prefill_chunk=32, projection_kernel="pallas", kv_write="pallas"
     )
