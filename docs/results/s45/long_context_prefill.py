@@ -1,8 +1,8 @@
-"""Forty-fifth session (from the forty-third session's script): the prefill at a long max_model_len, blocked
-(RunnerConfig.prefill_key_block=4096, the default) against one pass over the whole page table
-(None). llama-3-8b preset (random bf16 weights), max_model_len 32,768, 8 prompts of 256
-tokens, one token out (the time is the prefill's), timed over 3 passes after a warm one.
-Run once per mode in a fresh process: python3 long_context_prefill.py blocked|one_pass"""
+"""Forty-fifth session (the forty-third session's script): the prefill at a long
+max_model_len, blocked (RunnerConfig.prefill_key_block=4096, the default) against one pass over
+the whole page table (None). llama-3-8b preset (random bf16 weights), max_model_len 32,768, 8
+prompts of 256 tokens, one token out (the time is the prefill's), timed over 3 passes after a
+warm one. Run once per mode in a fresh process: python3 long_context_prefill.py blocked|one_pass"""
 
 import sys
 import time
