@@ -614,18 +614,78 @@ class LoraPoolConfig:
     """The GPU adapter page pool (see pallas_kernels/layout.py for the layout).
 
     max_rank: the largest adapter rank accepted; rows_per_page: rank-rows in one page;
-    pages_per_pool: pages in each width pool (the same number for every pool); max_slots: how
-    many distinct adapters one step can reference.
+    pages_per_pool: pages in each width pool unless axis_pages names it; max_slots: how many
+    distinct adapters one step can reference; axis_pages: (pool, pages) pairs for pools sized
+    apart, pool one of pallas_kernels.layout.POOL_AXES (embed, heads, kv_heads, mlp).
+
+    An adapter on all seven modules takes 7 pages of the embed pool for every 2 of heads, 2 of
+    kv_heads and 3 of mlp (rank <= rows_per_page); one on q_proj and v_proj (PEFT's default for
+    Llama) 2 of embed, 1 of heads, 1 of kv_heads and none of mlp. One page count for every pool
+    leaves the rest idle; ``sized_for`` gives each pool what n adapters of one shape take.
     """
 
     max_rank: int = 64
     rows_per_page: int = 16
     pages_per_pool: int = 256
     max_slots: int = 32
+    axis_pages: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
+        from pallas_kernels.layout import POOL_AXES  # pallas_kernels imports this module
+
         require_positive_ints(
             self, ("max_rank", "rows_per_page", "pages_per_pool", "max_slots"), "lora pool config"
+        )
+        seen = set()
+        for item in self.axis_pages:
+            axis, pages = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+            if axis not in POOL_AXES or axis in seen:
+                raise ConfigError(
+                    f"lora pool config field 'axis_pages': expected (pool, pages) pairs, each "
+                    f"pool once and one of {', '.join(POOL_AXES)}; got {item!r}"
+                )
+            if not isinstance(pages, int) or isinstance(pages, bool) or pages <= 0:
+                raise ConfigError(
+                    f"lora pool config field 'axis_pages': pool {axis!r} expected a positive "
+                    f"int of pages, got {pages!r}"
+                )
+            seen.add(axis)
+
+    def pages_in(self, axis: str) -> int:
+        """Pages of one pool (POOL_AXES)."""
+        return dict(self.axis_pages).get(axis, self.pages_per_pool)
+
+    @classmethod
+    def sized_for(
+        cls,
+        adapters: int,
+        rank: int,
+        *,
+        modules: tuple[str, ...] | None = None,
+        rows_per_page: int = 16,
+        max_slots: int | None = None,
+        max_rank: int | None = None,
+    ) -> LoraPoolConfig:
+        """Pools that hold `adapters` adapters of rank `rank` on `modules` (None: all seven) at
+        once, each pool with the pages they take and no more (a pool they leave unused keeps
+        one page); max_slots defaults to `adapters`, max_rank to `rank`."""
+        from pallas_kernels import layout
+
+        unknown = sorted(set(modules or ()) - set(layout.MODULES))
+        if unknown:
+            raise ConfigError(
+                f"LoraPoolConfig.sized_for modules: {unknown} are not among {list(layout.MODULES)}"
+            )
+        need = layout.pool_pages_needed(
+            dict.fromkeys(layout.MODULES if modules is None else modules, rank), rows_per_page
+        )
+        pages = {axis: max(1, adapters * n) for axis, n in need.items()}
+        return cls(
+            max_rank=rank if max_rank is None else max_rank,
+            rows_per_page=rows_per_page,
+            pages_per_pool=max(pages.values()),
+            max_slots=adapters if max_slots is None else max_slots,
+            axis_pages=tuple(pages.items()),
         )
 
     @property

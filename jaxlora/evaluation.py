@@ -136,18 +136,17 @@ class _PackedSource(AdapterSource):
 
     def pool_config(self, capacity: int) -> LoraPoolConfig:
         max_rank = max((r for ranks in self._ranks.values() for r in ranks.values()), default=1)
-        most_pages = 1
+        # Each pool holds `capacity` of the adapters that take the most of its pages.
+        most = dict.fromkeys(layout.POOL_AXES, 1)
         for ranks in self._ranks.values():
-            need = dict.fromkeys(layout.POOL_AXES, 0)
-            for m, r in ranks.items():
-                for axis in layout.MODULE_POOLS[m]:
-                    need[axis] += layout.pages_for_rank(r, self.rows_per_page)
-            most_pages = max(most_pages, *need.values())
+            for axis, n in layout.pool_pages_needed(ranks, self.rows_per_page).items():
+                most[axis] = max(most[axis], n)
         return LoraPoolConfig(
             max_rank=max(1, max_rank),
             rows_per_page=self.rows_per_page,
-            pages_per_pool=capacity * most_pages,
+            pages_per_pool=capacity * max(most.values()),
             max_slots=capacity,
+            axis_pages=tuple((axis, capacity * n) for axis, n in most.items()),
         )
 
     def lora_inputs(self, names, capacity, *, dtype, impl):

@@ -154,6 +154,14 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer("max_model_len", None, "Context length (prompt + output).")
 flags.DEFINE_integer("adapter_pool_pages", None, "Pages of each adapter page pool.")
+flags.DEFINE_list(
+    "adapter_pool_axis_pages",
+    [],
+    "Pages of named adapter pools where they differ from --adapter_pool_pages, as pool=pages "
+    "(pools: embed, heads, kv_heads, mlp; LoraPoolConfig.axis_pages), e.g. mlp=16 when adapters "
+    "target the attention projections only: an all-module adapter takes embed, heads, kv_heads "
+    "and mlp pages 7:2:2:3, a q_proj + v_proj one 2:1:1:0.",
+)
 flags.DEFINE_string(
     "adapter_host_memory",
     None,
@@ -507,6 +515,7 @@ def launch_config():
         kv_cache_dtype=FLAGS.kv_cache_dtype,
         max_model_len=FLAGS.max_model_len,
         adapter_pool_pages=FLAGS.adapter_pool_pages,
+        adapter_pool_axis_pages=tuple(FLAGS.adapter_pool_axis_pages),
         adapter_host_memory_bytes=(
             None
             if FLAGS.adapter_host_memory is None

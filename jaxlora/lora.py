@@ -53,12 +53,7 @@ class LoraWeights:
 
     def pages_needed(self, rows_per_page: int) -> dict[str, int]:
         """Pages this adapter takes in each pool."""
-        need = {axis: 0 for axis in layout.POOL_AXES}
-        for m, r in self.ranks.items():
-            a_axis, b_axis = MODULE_POOLS[m]
-            need[a_axis] += layout.pages_for_rank(r, rows_per_page)
-            need[b_axis] += layout.pages_for_rank(r, rows_per_page)
-        return need
+        return layout.pool_pages_needed(self.ranks, rows_per_page)
 
 
 def random_lora_weights(
@@ -188,7 +183,7 @@ def empty_pools(
     )
     return {
         axis: np.zeros(
-            (config.num_layers, pool.pages_per_pool, pool.rows_per_page, w), dtype=jnp.dtype(dtype)
+            (config.num_layers, pool.pages_in(axis), pool.rows_per_page, w), dtype=jnp.dtype(dtype)
         )
         for axis, w in widths.items()
     }
@@ -247,7 +242,7 @@ def pack_adapters(
     pool = pool or LoraPoolConfig(max_slots=max(1, len(adapters)))
     pools = empty_pools(config, pool, dtype)
     rng = np.random.default_rng(0)
-    free = {axis: list(rng.permutation(pool.pages_per_pool)) for axis in layout.POOL_AXES}
+    free = {axis: list(rng.permutation(pool.pages_in(axis))) for axis in layout.POOL_AXES}
     slots = []
     for w in adapters:
         need = w.pages_needed(pool.rows_per_page)
@@ -256,7 +251,7 @@ def pack_adapters(
             if n > len(free[axis]):
                 raise PoolExhaustedError(
                     f"pack_adapters: pool {axis!r} has {len(free[axis])} free pages, adapter "
-                    f"{w.name!r} needs {n} (raise LoraPoolConfig.pages_per_pool)"
+                    f"{w.name!r} needs {n} (raise LoraPoolConfig.pages_per_pool or its axis_pages)"
                 )
             pages[axis], free[axis] = [int(p) for p in free[axis][:n]], free[axis][n:]
         slots.append(write_adapter_rows(pools, w, pages, pool.rows_per_page))

@@ -103,6 +103,16 @@ def pages_for_rank(rank: int, rows_per_page: int) -> int:
     return -(-rank // rows_per_page)
 
 
+def pool_pages_needed(module_ranks, rows_per_page: int) -> dict[str, int]:
+    """Pages an adapter of these ranks (module name -> r; 0 or absent: not targeted) takes in
+    each pool: ceil(r / R) for its A rows and as many for its B rows, in their modules' pools."""
+    need = dict.fromkeys(POOL_AXES, 0)
+    for module, rank in module_ranks.items():
+        for axis in MODULE_POOLS[module]:
+            need[axis] += pages_for_rank(rank, rows_per_page)
+    return need
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotInfo:
     """One resident adapter as the kernels see it: per weight, its rank, scale and page ids."""

@@ -127,6 +127,15 @@ def test_roofline_counts_every_weight_and_adapter_byte():
     assert fp8.kv_read == kv // 2 and fp8.total == step.total - kv // 2
 
 
+def test_the_offline_pools_hold_the_largest_batch_of_adapters_and_no_more():
+    """Batch 128 at rank 16 (pages of 16 rows): each pool the pages of 128 adapters on all seven
+    modules (7:2:2:3), not 7 x 128 pages in every pool: gemma-2-9b's pools at batch 128 went
+    from 29 GB (out of memory on the H100) to 14 GB."""
+    pool = OfflineConfig().engine_config().lora_pool
+    assert pool.axis_pages == (("embed", 896), ("heads", 256), ("kv_heads", 256), ("mlp", 384))
+    assert pool.max_slots == 128 and pool.max_rank == 16
+
+
 def test_an_fp8_kv_cache_reaches_the_benchmark_engines_and_roofline():
     """--kv_cache_dtype (OfflineConfig / OnlineConfig.kv_cache_dtype): the engines' KV cache
     config, and the decode summary's K/V bytes at the cache's itemsize (weights and adapters
@@ -479,6 +488,11 @@ def test_online_trace_caps_the_adapters_of_a_step():
     )
     engine_config = config.engine_config()
     assert engine_config.lora_pool.max_slots == 2 and engine_config.max_skips == 3
+    # Rank 8 in pages of 8 rows, 6 resident adapters on all seven modules: 7:2:2:3 pages each.
+    pages = [
+        engine_config.lora_pool.pages_in(axis) for axis in ("embed", "heads", "kv_heads", "mlp")
+    ]
+    assert pages == [42, 12, 12, 18]
     bench = build_engine(TINY, engine_config, SETUP)
     (row,) = run_online(bench, config)["rows"]
     assert row["finished"] == row["requests"] > 8

@@ -17,6 +17,7 @@ from jaxlora.errors import ConfigError
 from jaxlora.lora import empty_pools
 from jaxlora.server import device_memory as dm
 from jaxlora.server.launch import LaunchConfig, engine_config_for, kv_page_bytes
+from pallas_kernels import layout
 
 GIB = 2**30
 H100_LIMIT = int(0.9 * 79.6 * GIB)  # the allocator's limit at a fraction of 0.9
@@ -147,9 +148,44 @@ def test_the_tightest_device_decides_and_tensor_parallelism_splits_the_pools(fra
 
 def test_the_pool_bytes_are_the_pools_the_engine_allocates():
     pool = LoraPoolConfig(max_rank=16, rows_per_page=8, pages_per_pool=5)
+    apart = dataclasses.replace(pool, axis_pages=(("mlp", 2), ("heads", 9)))
     for dtype in (jnp.float32, jnp.bfloat16):
-        arrays = empty_pools(TINY, pool, dtype)
-        assert dm.adapter_pool_bytes(TINY, pool, dtype) == sum(a.nbytes for a in arrays.values())
+        for config in (pool, apart):
+            arrays = empty_pools(TINY, config, dtype)
+            assert dm.adapter_pool_bytes(TINY, config, dtype) == sum(
+                a.nbytes for a in arrays.values()
+            )
+    assert empty_pools(TINY, apart)["mlp"].shape[1] == 2
+
+
+def test_adapter_pool_axis_pages_flag_sizes_the_pools_and_the_kv_cache(fraction):
+    """--adapter_pool_axis_pages: pools named there get their own page counts (the others
+    --adapter_pool_pages'), and the memory they no longer take goes to the KV cache."""
+    fraction("0.9")
+    memory = [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=13_476_839_424)]
+    launch = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.9, adapter_pool_pages=256)
+    uniform = engine_config_for(LLAMA2_7B, launch, backend="gpu", memory=memory)
+    # Adapters on q_proj and v_proj only: 2 embed pages for 1 heads and 1 kv_heads page, no mlp.
+    attention = dataclasses.replace(
+        launch, adapter_pool_axis_pages=("heads=128", " kv_heads = 128", "mlp=1")
+    )
+    apart = engine_config_for(LLAMA2_7B, attention, backend="gpu", memory=memory)
+    assert apart.lora_pool.axis_pages == (("heads", 128), ("kv_heads", 128), ("mlp", 1))
+    assert [apart.lora_pool.pages_in(a) for a in layout.POOL_AXES] == [256, 128, 128, 1]
+    saved = dm.adapter_pool_bytes(LLAMA2_7B, uniform.lora_pool, jnp.bfloat16) - (
+        dm.adapter_pool_bytes(LLAMA2_7B, apart.lora_pool, jnp.bfloat16)
+    )
+    assert saved == 32 * 16 * 2 * (128 * 4096 * 2 + 255 * 11008)
+    page = kv_page_bytes(LLAMA2_7B, launch, 16)
+    assert apart.kv.num_pages - uniform.kv.num_pages in (saved // page, saved // page + 1)
+    for bad in ("mlp", "mlp=0", "mlp=-1", "mlp=x", "ffn=4", "mlp=1,mlp=2"):
+        with pytest.raises(ConfigError, match=r"--adapter_pool_axis_pages entry '.*': expected"):
+            engine_config_for(
+                LLAMA2_7B,
+                dataclasses.replace(launch, adapter_pool_axis_pages=tuple(bad.split(","))),
+                backend="gpu",
+                memory=memory,
+            )
 
 
 def test_nothing_left_or_less_than_a_sequence_is_refused(fraction):

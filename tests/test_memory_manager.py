@@ -1,5 +1,6 @@
 """AdapterManager: residency, eviction, pinning, versions, async copies, threads, 1,000 adapters."""
 
+import dataclasses
 import os
 import random
 import threading
@@ -19,9 +20,21 @@ from memory_testing import (
 )
 
 from jaxlora.config import LoraPoolConfig
-from jaxlora.errors import AdapterError, FormatError, PoolExhaustedError, UnknownAdapterError
+from jaxlora.errors import (
+    AdapterError,
+    ConfigError,
+    FormatError,
+    PoolExhaustedError,
+    UnknownAdapterError,
+)
 from jaxlora.formats import load_peft_adapter
-from jaxlora.lora import LoraWeights, empty_pools, write_adapter_rows
+from jaxlora.lora import (
+    LoraWeights,
+    empty_pools,
+    pack_adapters,
+    random_lora_weights,
+    write_adapter_rows,
+)
 from jaxlora.memory import AdapterManager, AdapterManagerConfig, AdapterStore, AdapterStoreConfig
 from jaxlora.sharding import make_mesh, pool_shardings
 from pallas_kernels import layout
@@ -173,6 +186,69 @@ def test_referenced_adapters_are_never_evicted():
         h.release()
     with pytest.raises(AdapterError, match="released twice"):
         held[0].release()
+
+
+def test_pools_sized_apart_hold_each_adapter_in_its_own_pools(four):
+    """LoraPoolConfig.axis_pages: each pool array and allocator has its own page count; an
+    adapter that needs a short pool is refused naming that pool and its count, evicts from it,
+    and every resident's rows are the file's (the scatter's padding ids are each pool's)."""
+    pool = LoraPoolConfig(
+        max_rank=8, rows_per_page=2, pages_per_pool=64, max_slots=8, axis_pages=(("mlp", 3),)
+    )
+    manager = make_manager(pool)
+    widths = layout.pool_widths(
+        CONFIG.hidden_size, CONFIG.q_size, CONFIG.kv_size, CONFIG.intermediate_size
+    )
+    for axis, array in manager.pools.items():
+        pages = 3 if axis == "mlp" else 64
+        assert array.shape == (CONFIG.num_layers, pages, 2, widths[axis])
+        assert manager.allocators[axis].num_pages == pages
+    for name, path in four.items():
+        manager.register(name, path)
+    # ad0: rank 1 on all seven modules (3 mlp pages: B of gate and up, A of down); ad1: rank 2
+    # on q_proj and v_proj (no mlp page); ad2: rank 3 on o_proj and down_proj (2 mlp pages).
+    held = [manager.acquire(name) for name in ("ad0", "ad1")]
+    with pytest.raises(
+        PoolExhaustedError, match=r"'ad2'.*mlp: needs 2, 0 free \+ 0 evictable of 3"
+    ):
+        manager.acquire("ad2")
+    held[0].release()
+    held.append(manager.acquire("ad2"))  # evicts ad0 from the mlp pool
+    assert resident_names(manager) == {"ad1", "ad2"}
+    manager.poll()
+    manager.wait_all()
+    pools = host_pools(manager)
+    for h in held[1:]:
+        assert_rows_equal(
+            file_rows(four[h.name]), pool_rows(pools, h.slot_info, pool.rows_per_page), h.name
+        )
+        h.release()
+    check_consistent(manager)
+
+
+def test_pool_config_sizes_each_pool_for_its_adapters():
+    """LoraPoolConfig.sized_for: each pool the pages n adapters of one shape take (7:2:2:3 on
+    all seven modules, 2:1:1:0 on q_proj + v_proj), and no adapter more; axis_pages checked."""
+    full = LoraPoolConfig.sized_for(10, 16, rows_per_page=16)
+    assert full.axis_pages == (("embed", 70), ("heads", 20), ("kv_heads", 20), ("mlp", 30))
+    assert (full.pages_per_pool, full.max_slots, full.max_rank) == (70, 10, 16)
+    qv = LoraPoolConfig.sized_for(4, 3, modules=("q_proj", "v_proj"), rows_per_page=2)
+    assert [qv.pages_in(a) for a in layout.POOL_AXES] == [16, 8, 8, 1]
+    weights = [
+        random_lora_weights(CONFIG, f"qv{i}", 3, ("q_proj", "v_proj"), seed=i) for i in range(5)
+    ]
+    inputs = pack_adapters(CONFIG, weights[:4], qv)
+    assert {a: p.shape[1] for a, p in inputs.pools.items()} == dict(
+        zip(layout.POOL_AXES, (16, 8, 8, 1), strict=True)
+    )
+    with pytest.raises(PoolExhaustedError, match="pool 'embed' has 0 free pages"):
+        pack_adapters(CONFIG, weights, dataclasses.replace(qv, max_slots=5))
+    assert LoraPoolConfig(pages_per_pool=9, axis_pages=(("mlp", 2),)).pages_in("heads") == 9
+    for bad in ((("ffn", 4),), (("mlp", 0),), (("mlp", 2), ("mlp", 3)), ("mlp",), (("mlp", 1.5),)):
+        with pytest.raises(ConfigError, match="lora pool config field 'axis_pages'"):
+            LoraPoolConfig(axis_pages=bad)
+    with pytest.raises(ConfigError, match=r"sized_for modules: \['lm_head'\]"):
+        LoraPoolConfig.sized_for(1, 8, modules=("lm_head",))
 
 
 def test_pinned_adapters_stay_until_unpinned():

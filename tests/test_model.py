@@ -70,7 +70,17 @@ def test_no_adapter_tokens_get_exactly_the_base_model(tiny):
     np.testing.assert_array_equal(np.asarray(base), np.asarray(out))
 
 
-def test_mixed_batch_matches_merged_weights_per_row(tiny):
+@pytest.mark.parametrize(
+    "impl, axis_pages",
+    [
+        ("reference", ()),
+        # Pools of four page counts (LoraPoolConfig.axis_pages): the SGMV kernels find each
+        # pool's pages from its own array.
+        ("pallas_interpret", (("heads", 7), ("kv_heads", 5), ("mlp", 13))),
+    ],
+    ids=["reference", "pallas_pools_apart"],
+)
+def test_mixed_batch_matches_merged_weights_per_row(tiny, impl, axis_pages):
     config, params = tiny
     model = Llama(config)
     adapters = [
@@ -83,7 +93,13 @@ def test_mixed_batch_matches_merged_weights_per_row(tiny):
     lora = pack_adapters(
         config,
         adapters,
-        LoraPoolConfig(max_rank=32, rows_per_page=8, pages_per_pool=64, max_slots=4),
+        LoraPoolConfig(
+            max_rank=32, rows_per_page=8, pages_per_pool=64, max_slots=4, axis_pages=axis_pages
+        ),
+        impl=impl,
+    )
+    assert [p.shape[1] for p in lora.pools.values()] == [64, *dict(axis_pages).values()] or (
+        not axis_pages
     )
     lora = lora.with_tokens(jnp.asarray(np.repeat(row_slot[:, None], 6, axis=1)))
     mixed = np.asarray(model.apply({"params": params}, tokens, lora=lora))

@@ -2773,6 +2773,27 @@ def test_prefill_key_block_flag_reaches_the_runner():
         engine_config_for(TINY, LaunchConfig(prefill_key_block=-1), backend="cpu")
 
 
+def test_adapter_pool_axis_pages_flag_reaches_the_pools():
+    """--adapter_pool_axis_pages=mlp=2,heads=4: those pools' pages, the others
+    --adapter_pool_pages' (tests/test_device_memory.py checks the entries and the memory)."""
+    from absl import flags
+
+    from configs.models import TINY
+    from jaxlora import launch_flags
+
+    try:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(
+            ["serve.py", "--adapter_pool_pages=6", "--adapter_pool_axis_pages=mlp=2,heads=4"]
+        )
+        launch = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert launch.adapter_pool_axis_pages == ("mlp=2", "heads=4")
+    pool = engine_config_for(TINY, launch, backend="cpu").lora_pool
+    assert [pool.pages_in(a) for a in ("embed", "heads", "kv_heads", "mlp")] == [6, 4, 6, 2]
+
+
 def test_kv_cache_dtype_flag_reaches_the_engine_config():
     """--kv_cache_dtype (scripts/serve.py and scripts/run_batch.py, jaxlora.launch_flags):
     LaunchConfig's, then the engine's KVCacheConfig's; only vLLM's names parse."""

@@ -15,7 +15,6 @@ from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError
 from jaxlora.heap import GcRecorder, frozen_heap
 from jaxlora.sampling import SamplingParams
-from pallas_kernels.layout import pages_for_rank
 
 from . import profile, roofline
 from .engine_setup import BenchEngine, preload
@@ -118,11 +117,8 @@ class OfflineConfig:
                 decode_buckets=tuple(sorted(set(self.batch_sizes))),
                 prefill_buckets=tuple(sorted({1, prefill_rows})),
             ),
-            lora_pool=LoraPoolConfig(
-                max_rank=self.rank,
-                rows_per_page=rows_per_page,
-                pages_per_pool=7 * pages_for_rank(self.rank, rows_per_page) * self.max_batch,
-                max_slots=self.max_batch,
+            lora_pool=LoraPoolConfig.sized_for(
+                self.max_batch, self.rank, rows_per_page=rows_per_page
             ),
             max_num_tokens=prefill_rows * self.prompt_len + self.max_batch,
         )

@@ -18,7 +18,6 @@ from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError
 from jaxlora.heap import GcRecorder, frozen_heap
 from jaxlora.sampling import SamplingParams
-from pallas_kernels.layout import pages_for_rank
 
 from . import roofline
 from .engine_setup import BenchEngine
@@ -143,12 +142,10 @@ class OnlineConfig:
                 fuse_projections=self.fuse_projections,
                 projection_kernel=self.projection_kernel,
             ),
-            lora_pool=LoraPoolConfig(
-                max_rank=self.rank,
+            lora_pool=LoraPoolConfig.sized_for(
+                self.resident_adapters,
+                self.rank,
                 rows_per_page=rows_per_page,
-                pages_per_pool=7
-                * pages_for_rank(self.rank, rows_per_page)
-                * self.resident_adapters,
                 max_slots=self.step_slots,
             ),
             max_num_tokens=self.prefill_rows * self.prefill_chunk + self.max_batch,

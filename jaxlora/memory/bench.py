@@ -91,12 +91,12 @@ def measure_manager(
     max_in_flight: int,
 ) -> dict:
     rows_per_page = 16
-    per_adapter = 7 * -(-rank // rows_per_page)  # embed pages of an all-module adapter
-    pool = LoraPoolConfig(
-        max_rank=max(rank, rows_per_page),
+    pool = LoraPoolConfig.sized_for(
+        adapters + 1,
+        rank,
         rows_per_page=rows_per_page,
-        pages_per_pool=per_adapter * (adapters + 1),
         max_slots=adapters,
+        max_rank=max(rank, rows_per_page),
     )
     store = AdapterStore(
         config, pool, AdapterStoreConfig(dtype="bfloat16", host_memory_kind=host_memory_kind)
@@ -240,9 +240,7 @@ def measure_registration(
 ) -> dict:
     """Registers `count` PEFT directories of the model's full shape through AdapterStore
     .register_root (validation of every config and safetensors header, no weights read)."""
-    pool = LoraPoolConfig(
-        max_rank=max(rank, 16), rows_per_page=16, pages_per_pool=7 * -(-rank // 16), max_slots=1
-    )
+    pool = LoraPoolConfig.sized_for(1, rank, max_rank=max(rank, 16))
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         start = time.perf_counter()
         file_bytes = 0

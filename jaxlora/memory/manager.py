@@ -202,7 +202,6 @@ class AdapterManager:
         self.config = config or AdapterManagerConfig()
         model, pool = store.model_config, store.pool_config
         self.pool_config = pool
-        self._num_pages = pool.pages_per_pool
         self._rows_per_page = pool.rows_per_page
         self._dtype = store.dtype
         widths = layout.pool_widths(
@@ -212,14 +211,14 @@ class AdapterManager:
         self._shardings = {axis: (shardings or {}).get(axis, default) for axis in POOL_AXES}
         self._pools = {
             axis: jnp.zeros(
-                (model.num_layers, pool.pages_per_pool, pool.rows_per_page, widths[axis]),
+                (model.num_layers, pool.pages_in(axis), pool.rows_per_page, widths[axis]),
                 self._dtype,
                 device=self._shardings[axis],
             )
             for axis in POOL_AXES
         }
         self.allocators = {
-            axis: PageAllocator(pool.pages_per_pool, name=f"adapter/{axis}") for axis in POOL_AXES
+            axis: PageAllocator(pool.pages_in(axis), name=f"adapter/{axis}") for axis in POOL_AXES
         }
         self._lock = threading.RLock()
         # Every version holding pages, least recently used first (eviction order).
@@ -568,7 +567,7 @@ class AdapterManager:
             if any(reclaimable[axis] < n for axis, n in short.items()):
                 detail = ", ".join(
                     f"{axis}: needs {need[axis]}, {self.allocators[axis].free_pages} free + "
-                    f"{reclaimable[axis]} evictable of {self._num_pages}"
+                    f"{reclaimable[axis]} evictable of {self.pool_config.pages_in(axis)}"
                     for axis in short
                 )
                 raise PoolExhaustedError(
@@ -644,7 +643,8 @@ class AdapterManager:
                 continue  # evicted since: its pages may belong to someone else now
             page_ids = {}
             for axis, block in stage.items():
-                ids = np.full(block.shape[1], self._num_pages, np.int32)  # padding: dropped
+                # Padding: one past the pool's last page, dropped by the scatter.
+                ids = np.full(block.shape[1], self.pool_config.pages_in(axis), np.int32)
                 ids[: len(rec.pages[axis])] = rec.pages[axis]
                 page_ids[axis] = ids
             touched = {axis: self._pools[axis] for axis in stage}

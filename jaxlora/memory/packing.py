@@ -51,11 +51,7 @@ class AdapterFootprint:
 
     def pages_needed(self, rows_per_page: int) -> dict[str, int]:
         """Pages taken in each pool (equals LoraWeights.pages_needed)."""
-        need = dict.fromkeys(POOL_AXES, 0)
-        for m, r in zip(MODULES, self.ranks, strict=True):
-            for axis in MODULE_POOLS[m]:
-                need[axis] += layout.pages_for_rank(r, rows_per_page)
-        return need
+        return layout.pool_pages_needed(dict(zip(MODULES, self.ranks, strict=True)), rows_per_page)
 
     def slot_info(self, pages: dict[str, list[int]], rows_per_page: int) -> SlotInfo:
         """The slot of an adapter whose pages in each pool are ``pages[axis]`` (in the order the

@@ -167,7 +167,7 @@ def adapter_pool_bytes(model: ModelConfig, pool: LoraPoolConfig, dtype, *, shard
     total = 0
     for axis, width in widths.items():
         per_device = width if axis == "embed" else -(-width // shards)
-        total += model.num_layers * pool.pages_per_pool * pool.rows_per_page * per_device
+        total += model.num_layers * pool.pages_in(axis) * pool.rows_per_page * per_device
     return total * itemsize
 
 

@@ -38,6 +38,7 @@ from jaxlora.server.device_memory import (
 )
 from jaxlora.server.keys import KeysFile, check_keys, with_server_key
 from jaxlora.server.state import ServingState
+from pallas_kernels import layout
 from pallas_kernels.lora_matmul import MatmulConfig
 from pallas_kernels.sgmv import SgmvConfig
 
@@ -106,6 +107,8 @@ class LaunchConfig:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     adapter_pool_pages: int | None = None
+    # "pool=pages" items for pools sized apart from adapter_pool_pages (LoraPoolConfig.axis_pages).
+    adapter_pool_axis_pages: tuple[str, ...] = ()
     # The most bytes of disk-backed adapters' weights kept in host RAM (LoRAX's and vLLM's
     # --max-cpu-loras, in bytes; None: no limit; AdapterStoreConfig.host_budget_bytes).
     adapter_host_memory_bytes: int | None = None
@@ -160,6 +163,21 @@ class LaunchConfig:
             raise ConfigError(
                 f"tensor_parallel_size: expected an int >= 1, got {self.tensor_parallel_size!r}"
             )
+
+
+def parse_axis_pages(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, int], ...]:
+    """--adapter_pool_axis_pages items ("mlp=16") as LoraPoolConfig.axis_pages pairs."""
+    pairs = {}
+    for item in items:
+        axis, sep, pages = (part.strip() for part in item.partition("="))
+        count = int(pages) if pages.isdigit() else 0
+        if not sep or axis not in layout.POOL_AXES or axis in pairs or count < 1:
+            raise ConfigError(
+                f"--adapter_pool_axis_pages entry {item!r}: expected pool=pages, each pool once "
+                f"and one of {', '.join(layout.POOL_AXES)}, pages a positive int (e.g. mlp=16)"
+            )
+        pairs[axis] = count
+    return tuple(pairs.items())
 
 
 def parse_lora_modules(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -302,6 +320,7 @@ def engine_config_for(
         rows_per_page=pick(launch.rows_per_page, pool_default.rows_per_page),
         pages_per_pool=pick(launch.adapter_pool_pages, pool_default.pages_per_pool),
         max_slots=pick(launch.max_slots, min(max_batch, pool_default.max_slots)),
+        axis_pages=parse_axis_pages(launch.adapter_pool_axis_pages),
     )
     max_num_tokens = pick(
         launch.max_num_tokens, max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk)
