@@ -616,7 +616,8 @@ class LoraPoolConfig:
     max_rank: the largest adapter rank accepted; rows_per_page: rank-rows in one page;
     pages_per_pool: pages in each width pool unless axis_pages names it; max_slots: how many
     distinct adapters one step can reference; axis_pages: (pool, pages) pairs for pools sized
-    apart, pool one of pallas_kernels.layout.POOL_AXES (embed, heads, kv_heads, mlp).
+    apart, pool one of pallas_kernels.layout.POOL_AXES (embed, heads, kv_heads, mlp); a dict
+    is taken too.
 
     An adapter on all seven modules takes 7 pages of the embed pool for every 2 of heads, 2 of
     kv_heads and 3 of mlp (rank <= rows_per_page); one on q_proj and v_proj (PEFT's default for
@@ -636,6 +637,10 @@ class LoraPoolConfig:
         require_positive_ints(
             self, ("max_rank", "rows_per_page", "pages_per_pool", "max_slots"), "lora pool config"
         )
+        # A mapping ({"mlp": 16}) or lists of pairs are taken as the tuple of pairs it stands for.
+        pairs = self.axis_pages.items() if isinstance(self.axis_pages, dict) else self.axis_pages
+        pairs = tuple(tuple(p) if isinstance(p, list) else p for p in pairs)
+        object.__setattr__(self, "axis_pages", pairs)
         seen = set()
         for item in self.axis_pages:
             axis, pages = item if isinstance(item, tuple) and len(item) == 2 else (item, None)

@@ -244,6 +244,13 @@ def test_pool_config_sizes_each_pool_for_its_adapters():
     with pytest.raises(PoolExhaustedError, match="pool 'embed' has 0 free pages"):
         pack_adapters(CONFIG, weights, dataclasses.replace(qv, max_slots=5))
     assert LoraPoolConfig(pages_per_pool=9, axis_pages=(("mlp", 2),)).pages_in("heads") == 9
+    as_dict = LoraPoolConfig(axis_pages={"mlp": 2, "heads": 3})
+    assert (
+        as_dict.axis_pages
+        == (("mlp", 2), ("heads", 3))
+        == (LoraPoolConfig(axis_pages=[["mlp", 2], ["heads", 3]]).axis_pages)
+    )
+    assert hash(as_dict) == hash(LoraPoolConfig(axis_pages=(("mlp", 2), ("heads", 3))))
     for bad in ((("ffn", 4),), (("mlp", 0),), (("mlp", 2), ("mlp", 3)), ("mlp",), (("mlp", 1.5),)):
         with pytest.raises(ConfigError, match="lora pool config field 'axis_pages'"):
             LoraPoolConfig(axis_pages=bad)
