@@ -224,6 +224,20 @@ def test_pools_sized_apart_hold_each_adapter_in_its_own_pools(four):
         )
         h.release()
     check_consistent(manager)
+    # An adapter taking more pages of a pool than it has could never be resident (its requests
+    # would wait for ever): refused at registration, from files and from memory alike.
+    small = make_manager(dataclasses.replace(pool, axis_pages=(("mlp", 2),)))
+    message = (
+        r"adapter 'ad0' \(.*\): its rank-rows take 3 of pool 'mlp', which has 2, so it can never"
+    )
+    with pytest.raises(AdapterError, match=message):
+        small.register("ad0", four["ad0"])
+    with pytest.raises(AdapterError, match=message.replace(r"\(.*\)", r"\(<memory>\)")):
+        small.register("ad0", random_lora_weights(CONFIG, "ad0", 1, layout.MODULES))
+    small.register("ad2", four["ad2"])  # 2 mlp pages: fits
+    report = small.register_root(os.path.dirname(four["ad0"]), skip_invalid=True)
+    assert "can never be resident" in str(report.failed["ad0"])
+    assert "ad0" not in small.store.names()
 
 
 def test_pool_config_sizes_each_pool_for_its_adapters():

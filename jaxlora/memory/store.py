@@ -337,12 +337,29 @@ class AdapterStore:
             self._next_version += 1
             return version
 
+    def _check_fits(self, name: str, source: str, footprint: AdapterFootprint) -> None:
+        """AdapterError where the adapter takes more pages of a pool than the pool has: it could
+        never be resident, and its requests would wait for ever."""
+        need = footprint.pages_needed(self.pool_config.rows_per_page)
+        over = {a: n for a, n in need.items() if n > self.pool_config.pages_in(a)}
+        if over:
+            detail = ", ".join(
+                f"{n} of pool {a!r}, which has {self.pool_config.pages_in(a)}"
+                for a, n in over.items()
+            )
+            raise AdapterError(
+                f"adapter {name!r} ({source}): its rank-rows take {detail}, so it can never be "
+                "resident; raise --adapter_pool_pages / --adapter_pool_axis_pages "
+                "(LoraPoolConfig.pages_per_pool / axis_pages)"
+            )
+
     def _entry_from_path(self, name: str, path) -> AdapterEntry:
         from jaxlora.formats import read_peft_adapter_spec
 
         path = os.fspath(path)
         spec = read_peft_adapter_spec(path, self.model_config, max_rank=self.pool_config.max_rank)
         footprint = AdapterFootprint.from_modules(dict(spec.ranks), dict(spec.scales))
+        self._check_fits(name, path, footprint)
         return AdapterEntry(
             name=name,
             version=self._new_version(),
@@ -361,6 +378,9 @@ class AdapterStore:
             self.model_config,
             max_rank=self.pool_config.max_rank,
             source=weights.source or MEMORY_SOURCE,
+        )
+        self._check_fits(
+            name, weights.source or MEMORY_SOURCE, AdapterFootprint.of_weights(weights)
         )
         packed = self._to_host_memory(
             pack_weights(weights, self.model_config, self.pool_config.rows_per_page, self.dtype)
