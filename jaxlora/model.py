@@ -413,8 +413,9 @@ class ProjectionKernels:
     biases: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
     config: object = flax.struct.field(pytree_node=False, default=None)  # MatmulConfig
     # The layer-stacked RMSNorm scales, "input" and "post" -> (L, D), where the residual adds
-    # and the norms after o and down run in pallas_kernels.residual_norm (Llama.residual_norm);
-    # None: XLA runs them.
+    # and the norms after o and down run in pallas_kernels.residual_norm (Llama.residual_norm),
+    # with "attn_output" and "mlp_output" for sandwich norms (normalizing o's and down's
+    # outputs before the adds, in the same launches); None: XLA runs them.
     norm_scales: dict[str, jax.Array] | None = None
     norm_warps: int = flax.struct.field(pytree_node=False, default=16)  # its num_warps
     # With norm_scales and a step whose LoRA shrink runs in SGMV (not in lora_matmul's K loop):
@@ -514,12 +515,17 @@ def projection_kernels(
         bias = layers["attn"]["qkv_proj"]["bias"]
         biases["qkv"] = bias.reshape(bias.shape[0], -1)
     norm_scales = None
-    # (Its launches add o's and down's outputs unnormalized: not Gemma 2's sandwich norms.)
-    if residual_norm and "attn_output_norm" not in layers:
+    if residual_norm:
         norm_scales = {
             "input": layers["input_layernorm"]["scale"],
             "post": layers["post_attention_layernorm"]["scale"],
         }
+        if "attn_output_norm" in layers:  # Gemma 2 / 3's sandwich norms, before each add
+            norm_scales["attn_output"] = layers["attn_output_norm"]["scale"]
+            norm_scales["mlp_output"] = layers["mlp_output_norm"]["scale"]
+            # (residual_rms_norm_shrink has no sandwich norm: their shrinks keep SGMV launches,
+            # as swiglu_shrink keeps SiLU models'.)
+            norm_shrink = False
     return ProjectionKernels(
         kernels=kernels,
         biases=biases,
@@ -1214,7 +1220,7 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         shape = h.shape
 
-        def norm(h, parts, scales, layer, group):
+        def norm(h, parts, scales, layer, group, out_scales, out_layer):
             if not shrink:
                 h, x = norm_ops.residual_rms_norm(
                     h,
@@ -1222,6 +1228,8 @@ class DecoderLayer(nn.Module):
                     scales,
                     layer,
                     eps=cfg.rms_norm_eps,
+                    out_scales=out_scales,
+                    out_layer=out_layer,
                     num_warps=kernels.norm_warps,
                     interpret=kernels.interpret,
                 )
@@ -1242,15 +1250,25 @@ class DecoderLayer(nn.Module):
             o_partials=True,
             qkv_v=qkv_v,
         )
+        scales = kernels.norm_scales
         h, x, gate_up_v = norm(
-            h.reshape(-1, shape[-1]), parts, kernels.norm_scales["post"], layer, "gate_up"
+            h.reshape(-1, shape[-1]),
+            parts,
+            scales["post"],
+            layer,
+            "gate_up",
+            scales.get("attn_output"),
+            layer,
         )
         parts = MLP(cfg, self.dtype, self.param_dtype, name="mlp")(
             x.reshape(shape), layer, lora, kernels, down_partials=True, gate_up_v=gate_up_v
         )
         # The last layer's "next" norm reads its own scale (clamped), and its shrink the last
         # layer's A rows; its x and v go unused.
-        h, x, qkv_v = norm(h, parts, kernels.norm_scales["input"], layer + 1, "qkv")
+        # The sandwich norm of down's output is this layer's (not layer + 1's, the next norm's).
+        h, x, qkv_v = norm(
+            h, parts, scales["input"], layer + 1, "qkv", scales.get("mlp_output"), layer
+        )
         if shrink:
             return (h.reshape(shape), x.reshape(shape), qkv_v, k_pool, v_pool), None
         return (h.reshape(shape), x.reshape(shape), k_pool, v_pool), None

@@ -3,6 +3,11 @@
     h' = h + round(sum_s parts[s])
     x  = round(scale[layer]) * round(h' * rsqrt(mean(h'^2) + eps))
 
+With ``out_scales`` (Gemma 2 / 3's sandwich norms: an RMSNorm of o's and down's outputs
+before the residual add) the rounded sum is normalized first:
+
+    h' = h + round(out_scale[layer]) * round(o * rsqrt(mean(o^2) + eps)),  o = round(sum_s parts[s])
+
 ``parts`` are ``lora_matmul``'s float32 split-K partials of o or down (``partials=True``;
 one part, already rounded, where it did not split), ``scale`` the layer-stacked RMSNorm scales,
 read in place at a traced ``layer``. Every rounding is the model's: the partials' sum is rounded
@@ -45,6 +50,14 @@ from pallas_kernels.sgmv import _next_pow2
 _WHERE = "pallas_kernels/residual_norm.py"
 
 
+def _check_out_scales(out_scales, scales, fn):
+    if out_scales is not None and out_scales.shape != scales.shape:
+        raise ConfigError(
+            f"{_WHERE} {fn}: out_scales must be {tuple(scales.shape)} (layer-stacked norm "
+            f"scales of the projection's output, as scales), got shape {out_scales.shape}"
+        )
+
+
 def _check_inputs(h, parts, scales, fn):
     if h.ndim != 2:
         raise ConfigError(f"{_WHERE} {fn}: h must be (T, D), got shape {h.shape}")
@@ -76,30 +89,41 @@ def residual_rms_norm_reference(
     layer: jax.Array | int,  # () int32
     *,
     eps: float,
+    out_scales: jax.Array | None = None,  # (L, D) sandwich norm of the parts' sum, or None
+    out_layer: jax.Array | int | None = None,  # () int32 out_scales' row (None: layer)
 ) -> tuple[jax.Array, jax.Array]:  # h' (T, D), x (T, D), both h's dtype
-    """What the model computes with XLA: ``h + sum(parts)`` and ``RMSNorm`` of it."""
+    """What the model computes with XLA: ``h + sum(parts)`` (``h + RMSNorm(sum(parts))``
+    with out_scales, at out_layer: down's norm is its own layer's, the next norm the next
+    layer's) and ``RMSNorm`` of it."""
     _check_inputs(h, parts, scales, "residual_rms_norm_reference")
+    _check_out_scales(out_scales, scales, "residual_rms_norm_reference")
     dtype = h.dtype
-    h_new = h + parts.astype(jnp.float32).sum(axis=0).astype(dtype)
-    scale = scales[_layer_scalar(layer, scales.shape[0])]
-    return h_new, rms_norm(h_new, scale, eps, dtype)
+    out = parts.astype(jnp.float32).sum(axis=0).astype(dtype)
+    if out_scales is not None:
+        at = _layer_scalar(layer if out_layer is None else out_layer, scales.shape[0])
+        out = rms_norm(out, out_scales[at], eps, dtype)
+    h_new = h + out
+    return h_new, rms_norm(h_new, scales[_layer_scalar(layer, scales.shape[0])], eps, dtype)
 
 
 def _residual_norm_kernel(
     # inputs
-    layer_ref,  # (1,) int32
+    layer_ref,  # (1,) int32, or (2,) [scales' row, out_scales' row] with out_scales
     h_ref,  # (T, D)
     parts_ref,  # (S, T, D)
     scales_ref,  # (L, D)
-    # outputs
-    h_out_ref,  # (T, D) h + the parts' rounded sum
-    x_out_ref,  # (T, D) RMSNorm of it
-    *,
+    *refs,  # [out_scales_ref (L, D)] then the outputs:
+    # h_out_ref (T, D) h + the parts' rounded sum (normalized first with out_scales)
+    # x_out_ref (T, D) RMSNorm of it
     lanes: int,
     eps: float,
 ):
+    out_scales_ref = refs[0] if len(refs) == 3 else None
+    h_out_ref, x_out_ref = refs[-2:]
     row = pl.program_id(0)
-    h_new, x = _residual_norm_row(layer_ref, h_ref, parts_ref, scales_ref, row, lanes, eps)
+    h_new, x = _residual_norm_row(
+        layer_ref, h_ref, parts_ref, scales_ref, row, lanes, eps, out_scales_ref
+    )
     _store_row(h_out_ref, row, h_new, lanes)
     _store_row(x_out_ref, row, x, lanes)
 
@@ -116,7 +140,9 @@ def _row_columns(lanes: int, width: int):
     return jnp.where(ok, column, width), ok
 
 
-def _residual_norm_row(layer_ref, h_ref, parts_ref, scales_ref, row, lanes, eps):
+def _residual_norm_row(
+    layer_ref, h_ref, parts_ref, scales_ref, row, lanes, eps, out_scales_ref=None
+):
     """Row ``row``'s h' and x, (lanes,) each in h's dtype (padding lanes 0)."""
     width = h_ref.shape[1]
     dtype = h_ref.dtype
@@ -125,14 +151,22 @@ def _residual_norm_row(layer_ref, h_ref, parts_ref, scales_ref, row, lanes, eps)
     for part in range(parts_ref.shape[0]):
         at = parts_ref.at[jnp.int32(part), row, column]
         delta += _load(at, ok).astype(jnp.float32)
+    delta = delta.astype(dtype)
+    if out_scales_ref is not None:
+        delta = _rms_norm_row(delta, out_scales_ref.at[layer_ref[1], column], ok, width, eps)
     h = _load(h_ref.at[row, column], ok).astype(jnp.float32)
-    h_new = (h + delta.astype(dtype).astype(jnp.float32)).astype(dtype)
-    x32 = h_new.astype(jnp.float32)
+    h_new = (h + delta.astype(jnp.float32)).astype(dtype)
+    return h_new, _rms_norm_row(h_new, scales_ref.at[layer_ref[0], column], ok, width, eps)
+
+
+def _rms_norm_row(value, scale_at, ok, width, eps):
+    """``rms_norm`` of one row (lanes,) in its dtype; scale_at: its scale row's ref."""
+    dtype = value.dtype
+    x32 = value.astype(jnp.float32)
     mean_square = jnp.sum(x32 * x32) / width  # padding lanes hold 0
     normed = (x32 * jax.lax.rsqrt(mean_square + eps)).astype(dtype).astype(jnp.float32)
-    scale = _load(scales_ref.at[layer_ref[0], column], ok)
-    x = (scale.astype(dtype).astype(jnp.float32) * normed).astype(dtype)
-    return h_new, x
+    scale = _load(scale_at, ok)
+    return (scale.astype(dtype).astype(jnp.float32) * normed).astype(dtype)
 
 
 def _store_row(ref, row, value, lanes):
@@ -154,10 +188,15 @@ def residual_rms_norm(
     layer: jax.Array | int,  # () int32 (clamped to the stack)
     *,
     eps: float,
+    out_scales: jax.Array | None = None,  # (L, D) sandwich norm of the parts' sum, or None
+    out_layer: jax.Array | int | None = None,  # () int32 out_scales' row (None: layer)
     num_warps: int = 16,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:  # h' (T, D), x (T, D), both h's dtype
     """``residual_rms_norm_reference`` as one Pallas Triton launch (see the module docstring).
+    With ``out_scales`` a row takes a second reduction (its parts' sum normalized before the
+    add) and reads a second scale row: one launch where XLA runs the sandwich norm, the add
+    and the next norm as fusions of their own (not timed on a GPU).
 
     One program a row moves S + 2 rows (about 80 KB at 4 float32 parts of 4096 columns) with
     one SM: ``num_warps`` sets how many loads it has in flight. 16 by default (8 columns a
@@ -166,20 +205,28 @@ def residual_rms_norm(
     session). The compiled SASS loads in 128-bit vectors with any of them (20 a thread with 8
     warps, 40 with 4)."""
     _check_inputs(h, parts, scales, "residual_rms_norm")
+    _check_out_scales(out_scales, scales, "residual_rms_norm")
     num_tokens, width = h.shape
     if num_tokens == 0:
         return h, h
     lanes = _next_pow2(width)
     shape = jax.ShapeDtypeStruct(h.shape, h.dtype)
-    layer = _layer_scalar(layer, scales.shape[0]).reshape(1)
+    rows = [_layer_scalar(layer, scales.shape[0])]
+    if out_scales is not None:
+        rows.append(_layer_scalar(layer if out_layer is None else out_layer, scales.shape[0]))
+    layer = jnp.stack(rows).astype(jnp.int32)
+    sandwich = () if out_scales is None else (out_scales,)
     return pl.pallas_call(
         functools.partial(_residual_norm_kernel, lanes=lanes, eps=float(eps)),
         grid=(num_tokens,),
         out_shape=(shape, shape),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-        name=f"residual_rms_norm_s{parts.shape[0]}_d{width}_w{num_warps}",
-    )(layer, h, parts, scales)
+        name=(
+            f"residual_rms_norm{'_sandwich' if sandwich else ''}_s{parts.shape[0]}_d{width}"
+            f"_w{num_warps}"
+        ),
+    )(layer, h, parts, scales, *sandwich)
 
 
 # ------------------------------------------------------------------------------------------------

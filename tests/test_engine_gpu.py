@@ -420,9 +420,8 @@ def test_gemma2_steps_lower_for_the_gpu():
     Pallas kernels lowers to Triton kernels for an abstract GPU: the RoPE + K/V write and the
     decode attention at 256 lanes a head, its scores capped and its window the traced layer's
     (the launch's name says so), lora_matmul on the decode projections (q|k|v 4 x 256 + 2 x 256
-    wide over a hidden of 256), with and without LoRA; its decode steps keep XLA's norms (the
-    residual-norm launches add o's and down's outputs unnormalized, not Gemma 2's sandwich
-    norms)."""
+    wide over a hidden of 256), with and without LoRA; in its decode steps the residual-norm
+    launches normalize o's and down's outputs before the adds (Gemma 2's sandwich norms)."""
     runner, steps = _lowered_steps(
         model=GEMMA2, prefill_chunk=32, projection_kernel="pallas", kv_write="pallas"
     )
@@ -433,7 +432,7 @@ def test_gemma2_steps_lower_for_the_gpu():
         if mode == "decode":
             assert "paged_attention" in text and "_softcap5_layer_window" in text
             assert re.findall(r"lora_matmul", text), (mode, use_lora)
-            assert 'name = "residual_rms_norm' not in text
+            assert 'name = "residual_rms_norm_sandwich' in text, use_lora
     assert len(steps) == 2 * len(runner.bucket_shapes())
 
 

@@ -580,8 +580,9 @@ def test_a_windowed_sequence_releases_the_pages_before_its_window(prefix_caching
 
 def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_model, monkeypatch):
     """Pallas in interpret mode: paged attention, the RoPE + K/V write kernel reading q|k|v
-    (Qwen2's bias added in lora_matmul's epilogue; Qwen3's head norms in the RoPE kernel) and the
-    decode projections in lora_matmul, against the reference engine's tokens."""
+    (Qwen2's bias added in lora_matmul's epilogue; Qwen3's head norms in the RoPE kernel), the
+    decode projections in lora_matmul and the residual-norm launches (with Gemma's sandwich
+    norms), against the reference engine's tokens."""
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [3, 4]]
     names = ["all5", "qv1"]
     sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
@@ -605,6 +606,14 @@ def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_mod
         return rope_op(*args, **kwargs)
 
     monkeypatch.setattr(pa, "rope_write_kv_kernel", rope_spy)
+    sandwiched = []  # per residual-norm launch: whether it normalized o's / down's output first
+    norm_op = model_module.norm_ops.residual_rms_norm
+
+    def norm_spy(*args, **kwargs):
+        sandwiched.append(kwargs.get("out_scales") is not None)
+        return norm_op(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.norm_ops, "residual_rms_norm", norm_spy)
     outs = {}
     for impl, kv_write, projection in (
         ("reference", "xla", "xla"),
@@ -622,6 +631,9 @@ def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_mod
     assert biased == (len(launches) // 4 if family_model[0].qkv_bias else 0)
     # Qwen3's head norms run in the RoPE kernel (prefill and decode), no other family's.
     assert normed and set(normed) == {family_model[0].qk_norm}
+    # The residual adds and norms run in pallas_kernels.residual_norm, Gemma 2 / 3's sandwich
+    # norms of o's and down's outputs in the same launches.
+    assert sandwiched and set(sandwiched) == {family_model[0].sandwich_norms}
     assert outs["pallas_interpret"] == outs["reference"]
 
 

@@ -62,6 +62,63 @@ def test_kernel_matches_reference(tokens, width, parts, dtype, interpret):
     assert np.isfinite(np.asarray(got[1], np.float32)).all()
 
 
+@pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tokens, width, parts", [(5, 96, 4), (3, 4096, 8), (2, 200, 1)])
+def test_sandwich_kernel_matches_reference(tokens, width, parts, dtype, interpret):
+    """out_scales (Gemma 2 / 3's sandwich norms): the parts' rounded sum is normalized with
+    out_scales' row at out_layer before the add, the next norm with scales' row at layer (the
+    model's last norm of a layer reads down's own layer and the next layer's input norm)."""
+    rng = np.random.default_rng(tokens * 7 + width + parts)
+    h, p, scales = _inputs(rng, tokens, width, parts, 5, jnp.dtype(dtype))
+    out_scales = jnp.asarray(rng.normal(size=scales.shape) + 1, scales.dtype)
+    layer, out_layer = jnp.int32(3), jnp.int32(2)
+    got = jax.jit(
+        lambda h, p, scales, layer, out_scales: residual_rms_norm(
+            h,
+            p,
+            scales,
+            layer,
+            eps=1e-6,
+            out_scales=out_scales,
+            out_layer=out_layer,
+            interpret=interpret,
+        )
+    )(h, p, scales, layer, out_scales)
+    want = residual_rms_norm_reference(
+        h, p, scales, layer, eps=1e-6, out_scales=out_scales, out_layer=out_layer
+    )
+    plain = residual_rms_norm_reference(h, p, scales, layer, eps=1e-6)
+    for g, w, name in zip(got, want, ("h", "x"), strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=TOL[dtype], atol=TOL[dtype]
+        )
+    # The sandwich norm changes h' (so the comparison above can fail), and reads out_layer's row.
+    assert np.abs(np.asarray(got[0], np.float32) - np.asarray(plain[0], np.float32)).max() > 0.1
+    other = residual_rms_norm_reference(
+        h, p, scales, layer, eps=1e-6, out_scales=out_scales, out_layer=layer
+    )
+    assert np.abs(np.asarray(want[0], np.float32) - np.asarray(other[0], np.float32)).max() > 0.1
+
+
+def test_sandwich_reference_is_the_models_norm_add_and_norm():
+    """With out_scales the reference is jaxlora.model's sandwich layer: RMSNorm of the rounded
+    projection output (attn_output_norm / mlp_output_norm), the add, the next RMSNorm."""
+    rng = np.random.default_rng(4)
+    h, p, scales = _inputs(rng, 7, 96, 4, 3, jnp.bfloat16)
+    out_scales = jnp.asarray(rng.normal(size=scales.shape) + 1, jnp.bfloat16)
+    h_new, x = residual_rms_norm_reference(
+        h, p, scales, 2, eps=1e-6, out_scales=out_scales, out_layer=0
+    )
+    norm = RMSNorm(1e-6, jnp.bfloat16, jnp.bfloat16)
+    out = norm.apply({"params": {"scale": out_scales[0]}}, p.sum(axis=0).astype(jnp.bfloat16))
+    model_h = h + out
+    model_x = norm.apply({"params": {"scale": scales[2]}}, model_h)
+    np.testing.assert_array_equal(np.asarray(h_new, np.float32), np.asarray(model_h, np.float32))
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(model_x, np.float32))
+
+
 def test_reference_is_the_models_residual_add_and_rmsnorm():
     """The reference computes what the model's XLA path does: h + (sum of the partials rounded
     once, as lora_matmul rounds them), then jaxlora.model.RMSNorm with the layer's scale."""
@@ -90,6 +147,10 @@ def test_bad_shapes_name_the_field():
         residual_rms_norm(h, jnp.zeros((2, 4, 32)), jnp.zeros((3, 64)), 0, eps=1e-5)
     with pytest.raises(ConfigError, match="scales must be \\(L, 64\\)"):
         residual_rms_norm(h, jnp.zeros((2, 4, 64)), jnp.zeros((3, 32)), 0, eps=1e-5)
+    with pytest.raises(ConfigError, match=r"out_scales must be \(3, 64\) \(layer-stacked"):
+        residual_rms_norm(
+            h, jnp.zeros((2, 4, 64)), jnp.zeros((3, 64)), 0, eps=1e-5, out_scales=jnp.zeros((2, 64))
+        )
     with pytest.raises(ConfigError, match="h must be \\(T, D\\)"):
         residual_rms_norm_reference(
             jnp.zeros(64), jnp.zeros((1, 1, 64)), jnp.zeros((1, 64)), 0, eps=1e-5
@@ -112,6 +173,17 @@ def test_kernel_lowers_for_the_gpu(dtype):
 
     text = lower_for_gpu(layers, h, p, scales)
     assert triton_kernels(text) == 1
+
+    def sandwich_layers(h, p, scales):
+        def body(h, layer):
+            return residual_rms_norm(
+                h, p, scales, layer + 1, eps=1e-5, out_scales=scales, out_layer=layer
+            )
+
+        return jax.lax.scan(body, h, jnp.arange(3, dtype=jnp.int32))
+
+    text = lower_for_gpu(sandwich_layers, h, p, scales)
+    assert triton_kernels(text) == 1 and "residual_rms_norm_sandwich" in text
 
 
 # --- the residual add and norm with the LoRA shrink of the group that reads x ----------------
