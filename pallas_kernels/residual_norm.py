@@ -4,9 +4,10 @@
     x  = round(scale[layer]) * round(h' * rsqrt(mean(h'^2) + eps))
 
 With ``out_scales`` (Gemma 2 / 3's sandwich norms: an RMSNorm of o's and down's outputs
-before the residual add) the rounded sum is normalized first:
+before the residual add) the rounded sum o = round(sum_s parts[s]) is normalized first, with
+the scale row of ``out_layer`` (down's own layer where the next norm reads layer + 1's):
 
-    h' = h + round(out_scale[layer]) * round(o * rsqrt(mean(o^2) + eps)),  o = round(sum_s parts[s])
+    h' = h + round(out_scale[out_layer]) * round(o * rsqrt(mean(o^2) + eps))
 
 ``parts`` are ``lora_matmul``'s float32 split-K partials of o or down (``partials=True``;
 one part, already rounded, where it did not split), ``scale`` the layer-stacked RMSNorm scales,
