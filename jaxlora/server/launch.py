@@ -166,18 +166,24 @@ class LaunchConfig:
 
 
 def parse_axis_pages(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, int], ...]:
-    """--adapter_pool_axis_pages items ("mlp=16") as LoraPoolConfig.axis_pages pairs."""
-    pairs = {}
+    """--adapter_pool_axis_pages items ("mlp=16") as LoraPoolConfig.axis_pages pairs; each
+    entry is checked as it is added, by LoraPoolConfig's own check of axis_pages."""
+    pairs: tuple[tuple[str, int], ...] = ()
     for item in items:
         axis, sep, pages = (part.strip() for part in item.partition("="))
-        count = int(pages) if pages.isdigit() else 0
-        if not sep or axis not in layout.POOL_AXES or axis in pairs or count < 1:
+        ok = bool(sep) and pages.isdigit()
+        if ok:
+            try:
+                LoraPoolConfig(axis_pages=(*pairs, (axis, int(pages))))
+            except ConfigError:
+                ok = False
+        if not ok:
             raise ConfigError(
                 f"--adapter_pool_axis_pages entry {item!r}: expected pool=pages, each pool once "
                 f"and one of {', '.join(layout.POOL_AXES)}, pages a positive int (e.g. mlp=16)"
             )
-        pairs[axis] = count
-    return tuple(pairs.items())
+        pairs = (*pairs, (axis, int(pages)))
+    return pairs
 
 
 def parse_lora_modules(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
