@@ -2,7 +2,8 @@
 max_model_len, blocked (RunnerConfig.prefill_key_block=4096, the default) against one pass over
 the whole page table (None). llama-3-8b preset (random bf16 weights), max_model_len 32,768, 8
 prompts of 256 tokens, one token out (the time is the prefill's), timed over 3 passes after a
-warm one. Run once per mode in a fresh process: python3 long_context_prefill.py blocked|one_pass"""
+warm one. Run once per mode in a fresh process: python3 long_context_prefill.py blocked|one_pass
+[float32] (the forty-sixth session's float32 comparison; bfloat16 without it)."""
 
 import sys
 import time
@@ -14,6 +15,7 @@ from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.sampling import SamplingParams
 
 mode = sys.argv[1]
+dtype = jnp.dtype(sys.argv[2] if len(sys.argv) > 2 else "bfloat16")
 config = EngineConfig(
     kv=KVCacheConfig(page_size=16, num_pages=8 * 2048 // 8, max_model_len=32768),
     runner=RunnerConfig(
@@ -24,7 +26,7 @@ config = EngineConfig(
     ),
     warmup=False,
 )
-llm = jaxlora.LLM("llama-3-8b", engine_config=config, dtype=jnp.bfloat16, load_workers=0)
+llm = jaxlora.LLM("llama-3-8b", engine_config=config, dtype=dtype, load_workers=0)
 prompts = [[100 + (i * 37 + j) % 1000 for j in range(256)] for i in range(8)]
 once = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 llm.generate(prompts, sampling=once)  # compiles
@@ -43,5 +45,5 @@ margin = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, prompt_l
 outs = llm.generate([p + [0] for p in prompts], sampling=margin)
 for row, out in enumerate(outs):
     top = sorted(out.prompt_top_logprobs[-1].items(), key=lambda kv: -kv[1])[:2]
-    print(f"{mode} row {row}: top-2 {[(t, round(lp, 4)) for t, lp in top]}", flush=True)
+    print(f"{mode} {dtype} row {row}: top-2 {[(t, round(lp, 4)) for t, lp in top]}", flush=True)
 llm.stop()
