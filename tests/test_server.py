@@ -34,6 +34,7 @@ from jaxlora.server.launch import (
 )
 from tests.test_server_helpers import (
     API_KEY,
+    demo_engine_config,
     engine_idle,
     metric,
     parse_metrics,
@@ -295,6 +296,100 @@ def test_n_seed_stop_and_logprobs(served, client):
         model="poet", prompt=served[1].tokenizer.encode("Hi"), **GREEDY
     )
     assert by_ids.choices[0].text == batch.choices[0].text
+
+
+def test_return_token_ids_gives_the_prompt_and_output_ids(served, client):
+    """vLLM's return_token_ids: each completion choice carries its prompt's token ids (the ones
+    the model saw) and its output's (the EOS it sampled included: usage's count); a chat its
+    prompt's once and each choice's output ids. Streamed, the prompt's come with the first chunk
+    and the output's chunk by chunk, adding up to the unstreamed answer's. Without the field an
+    answer carries neither."""
+    tokenizer = served[1].tokenizer
+    ask = {"extra_body": {"return_token_ids": True}}
+    plain = client.completions.create(model="robot", prompt=["Hi", "Hello"], **GREEDY)
+    assert all("token_ids" not in c.model_extra for c in plain.choices)
+    answer = client.completions.create(model="robot", prompt=["Hi", "Hello"], **GREEDY, **ask)
+    for choice, prompt, before in zip(answer.choices, ["Hi", "Hello"], plain.choices, strict=True):
+        ids = choice.model_extra["token_ids"]
+        assert choice.text == before.text and tokenizer.decode(ids) == choice.text
+        assert ids[-1] in served[1].llm.engine.eos_ids  # (the text leaves EOS out)
+        assert choice.model_extra["prompt_token_ids"] == tokenizer.encode(prompt)
+    assert answer.usage.completion_tokens == sum(
+        len(c.model_extra["token_ids"]) for c in answer.choices
+    )
+    by_ids = client.completions.create(
+        model="robot", prompt=[5, 9, 13], **GREEDY, extra_body={"return_token_ids": True}
+    )
+    assert by_ids.choices[0].model_extra["prompt_token_ids"] == [5, 9, 13]
+    truncated = client.completions.create(
+        model="robot",
+        prompt=[5, 9, 13, 17],
+        **GREEDY,
+        extra_body={"return_token_ids": True, "truncate_prompt_tokens": 2},
+    )
+    assert truncated.choices[0].model_extra["prompt_token_ids"] == [13, 17]  # what it saw
+
+    streamed = list(
+        client.completions.create(model="robot", prompt="Hi", stream=True, **GREEDY, **ask)
+    )
+    extras = [c.choices[0].model_extra for c in streamed if c.choices]
+    ids = [t for e in extras for t in e["token_ids"]]
+    assert ids == answer.choices[0].model_extra["token_ids"]
+    firsts = [e["prompt_token_ids"] for e in extras if "prompt_token_ids" in e]
+    assert firsts == [tokenizer.encode("Hi")] and "prompt_token_ids" in extras[0]
+
+    chat_plain = chat(client, "robot")
+    assert "prompt_token_ids" not in chat_plain.model_extra
+    chat_ids = chat(client, "robot", n=2, **ask)
+    prompt_ids = chat_ids.model_extra["prompt_token_ids"]
+    assert len(prompt_ids) == chat_ids.usage.prompt_tokens
+    for choice in chat_ids.choices:
+        ids = choice.model_extra["token_ids"]
+        assert choice.message.content == chat_plain.choices[0].message.content
+        assert tokenizer.decode(ids) == choice.message.content
+    chunks = list(
+        client.chat.completions.create(
+            model="robot",
+            messages=[{"role": "user", "content": demo.DEMO_PROMPTS[0]}],
+            stream=True,
+            **GREEDY,
+            **ask,
+        )
+    )
+    assert chunks[0].model_extra["prompt_token_ids"] == prompt_ids
+    assert all("prompt_token_ids" not in c.model_extra for c in chunks[1:])
+    ids = [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]]
+    assert ids == chat_ids.choices[0].model_extra["token_ids"]
+
+
+def test_return_token_ids_streams_the_tokens_of_a_model_without_a_tokenizer():
+    """A preset (random weights, no tokenizer) streams no text: with return_token_ids every
+    chunk that adds tokens still goes out, carrying them, and they are the unstreamed answer's
+    (before, such a stream sent only its finish chunk)."""
+    from configs.models import MODEL_PRESETS
+    from jaxlora.server import BackgroundServer, ServingState, create_app
+
+    # (the tiny preset's config without its name: random weights, no tokenizer)
+    config = demo_engine_config(max_batch=2, max_waiting=8)
+    llm = jaxlora.LLM(MODEL_PRESETS["tiny"], engine_config=config)
+    assert llm.tokenizer is None
+
+    state = ServingState(llm, ServerConfig(model_name="tiny", api_key=API_KEY))
+    server = BackgroundServer(create_app(state)).start()
+    try:
+        tiny = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+        body = dict(model="tiny", prompt=[3, 4, 5], temperature=0, max_tokens=6)
+        ask = {"extra_body": {"return_token_ids": True, "ignore_eos": True}}
+        answer = tiny.completions.create(**body, **ask).choices[0]
+        assert answer.text == "" and len(answer.model_extra["token_ids"]) == 6
+        chunks = [c.choices[0] for c in tiny.completions.create(**body, stream=True, **ask)]
+        assert [t for c in chunks for t in c.model_extra["token_ids"]] == answer.model_extra[
+            "token_ids"
+        ]
+        assert len(chunks) >= 6 and chunks[0].model_extra["prompt_token_ids"] == [3, 4, 5]
+    finally:
+        server.stop()
+        llm.stop()
 
 
 def test_the_choices_of_a_request_compute_its_prompt_once(served, client):

@@ -521,16 +521,18 @@ def chat_message(
 def _chunk_writer(body, http_id: str, created: int, kind: str, usage_so_far):
     """An SSE chunk of a streamed answer (``kind``: its object name) with given choices. With
     ``stream_options.include_usage`` every chunk has a ``usage``: the one given (the last
-    chunk's), ``usage_so_far()`` with ``continuous_usage_stats``, else null."""
+    chunk's), ``usage_so_far()`` with ``continuous_usage_stats``, else null. ``fields``: more
+    top-level fields of this chunk."""
     include_usage, continuous_usage = _usage_options(body)
 
-    def chunk(choices: list[dict], usage=None) -> str:
+    def chunk(choices: list[dict], usage=None, **fields) -> str:
         payload = {
             "id": http_id,
             "object": kind,
             "created": created,
             "model": body.model,
             "choices": choices,
+            **fields,
         }
         if include_usage:
             if usage is None and continuous_usage:
@@ -1128,6 +1130,9 @@ def create_app(
                 }
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = formatter.prompt_logprobs(r, body.prompt_logprobs)
+                if body.return_token_ids:
+                    choice["prompt_token_ids"] = list(r.prompt_ids)
+                    choice["token_ids"] = list(r.output_ids)
                 choices.append(choice)
             return {
                 "id": http_id,
@@ -1149,7 +1154,7 @@ def create_app(
 
         async def chunks(events) -> AsyncIterator[str]:
             offsets = [0] * len(group.requests)
-            echoed = set()
+            echoed, ids_sent = set(), set()
             async for index, delta in events:
                 delta: Delta
                 if delta.finish_reason is not None and delta.finish_reason not in (
@@ -1174,7 +1179,9 @@ def create_app(
                         tokens, lps, tops, offsets[index]
                     )
                 finish = None if delta.finish_reason is None else str(delta.finish_reason)
-                if text or logprobs or finish:
+                # (a model without a tokenizer streams no text: its tokens are the news)
+                new_ids = bool(body.return_token_ids and delta.token_ids)
+                if text or logprobs or finish or new_ids:
                     choice = {
                         "index": index,
                         "text": text,
@@ -1186,6 +1193,11 @@ def create_app(
                         choice["prompt_logprobs"] = formatter.prompt_logprobs(
                             group.requests[index], body.prompt_logprobs
                         )
+                    if body.return_token_ids:
+                        if index not in ids_sent:
+                            ids_sent.add(index)
+                            choice["prompt_token_ids"] = list(group.requests[index].prompt_ids)
+                        choice["token_ids"] = list(delta.token_ids)
                     yield chunk([choice])
             if include_usage:
                 yield chunk([], _usage(prompt_lengths, group.requests))
@@ -1361,9 +1373,10 @@ def create_app(
                 lp = None
                 if body.logprobs:
                     lp = fmt.chat_logprobs(r.output_ids, r.output_logprobs, r.output_top_logprobs)
-                choices.append(
-                    {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
-                )
+                choice = {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
+                if body.return_token_ids:
+                    choice["token_ids"] = list(r.output_ids)
+                choices.append(choice)
             answer = {
                 "id": http_id,
                 "object": "chat.completion",
@@ -1372,6 +1385,8 @@ def create_app(
                 "choices": choices,
                 "usage": _usage([len(prompt)], group.requests, run.reasoning_counter),
             }
+            if body.return_token_ids:  # (vLLM's: one list, the choices share the prompt)
+                answer["prompt_token_ids"] = list(prompt)
             if body.prompt_logprobs is not None:  # (vLLM's: one list, the choices share it)
                 answer["prompt_logprobs"] = formatter.prompt_logprobs(
                     group.requests[0], body.prompt_logprobs
@@ -1387,17 +1402,25 @@ def create_app(
             lambda: _usage([len(prompt)], group.requests, run.reasoning_counter),
         )
 
-        def delta_chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
-            return chunk(
-                [
-                    {
-                        "index": index,
-                        "delta": delta,
-                        "logprobs": logprobs,
-                        "finish_reason": finish_reason,
-                    }
-                ]
-            )
+        # return_token_ids: each choice's output tokens go out with its next chunk (the finish
+        # chunk at the latest; text a parser holds back does not hold back its tokens' ids).
+        unsent_ids: list[list[int]] = [[] for _ in group.requests]
+
+        def delta_chunk(index: int, delta: dict, logprobs=None, finish_reason=None, **fields):
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+            if body.return_token_ids:
+                choice["token_ids"], unsent_ids[index] = unsent_ids[index], []
+            return chunk([choice], **fields)
+
+        async def noting_token_ids(events):
+            async for index, delta in events:
+                unsent_ids[index].extend(delta.token_ids)
+                yield index, delta
 
         delta_key = {
             "reasoning": "reasoning_content",
@@ -1407,10 +1430,14 @@ def create_app(
 
         async def chunks(events) -> AsyncIterator[str]:
             for i in range(len(group.requests)):
-                yield delta_chunk(i, {"role": "assistant", "content": ""})
+                # (vLLM's: the prompt's token ids with the first chunk)
+                first = (
+                    {"prompt_token_ids": list(prompt)} if body.return_token_ids and not i else {}
+                )
+                yield delta_chunk(i, {"role": "assistant", "content": ""}, **first)
                 if run.echo:
                     yield delta_chunk(i, {"content": run.echo})
-            async for kind, index, value, lp in chat_pieces(run, events):
+            async for kind, index, value, lp in chat_pieces(run, noting_token_ids(events)):
                 if kind == "error":
                     yield stream_error(value)
                     return

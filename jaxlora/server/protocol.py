@@ -3,7 +3,7 @@
 Fields follow the OpenAI API; ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``, ``prompt_logprobs``,
 ``bad_words``, ``allowed_token_ids``, ``skip_special_tokens``, ``return_tokens_as_token_ids``,
-``truncate_prompt_tokens``, ``priority``, ``structured_outputs``, the chat's
+``return_token_ids``, ``truncate_prompt_tokens``, ``priority``, ``structured_outputs``, the chat's
 ``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs`` and ``echo``,
 and the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` are
 vLLM's extensions. Fields this server cannot honour (suffix, ...) are accepted only at their neutral
@@ -129,6 +129,12 @@ class _SamplingFields(_Body):
     )
     return_tokens_as_token_ids: bool = Field(
         False, description="vLLM's: logprobs name tokens as 'token_id:<id>' instead of text."
+    )
+    return_token_ids: bool | None = Field(
+        None,
+        description="vLLM's: the answer also carries the prompt's token ids "
+        "(prompt_token_ids) and each choice's output token ids (token_ids); streamed, the "
+        "prompt's with the first chunk and each chunk's new tokens with it.",
     )
     truncate_prompt_tokens: int | None = Field(
         None,
