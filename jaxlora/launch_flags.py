@@ -37,6 +37,13 @@ flags.DEFINE_list(
     [],
     "Adapters kept resident in the GPU pool from the start, never evicted (no cold loads).",
 )
+flags.DEFINE_bool(
+    "enable_lora",
+    True,
+    "Serve LoRA adapters (vLLM's --enable-lora; on by default here). --noenable_lora serves the "
+    "base model alone: no adapter flag may be given, and the adapter pools take one page each, "
+    "leaving their device memory to the KV cache.",
+)
 flags.DEFINE_list(
     "allowed_adapter_roots",
     [],
@@ -476,6 +483,7 @@ def launch_config():
     return LaunchConfig(
         model=FLAGS.model,
         served_model_name=FLAGS.served_model_name,
+        enable_lora=FLAGS.enable_lora,
         lora_modules=tuple(FLAGS.lora_modules),
         lora_dirs=tuple(FLAGS.lora_dirs),
         pinned_adapters=tuple(FLAGS.pinned_adapters),

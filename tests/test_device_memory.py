@@ -188,6 +188,36 @@ def test_adapter_pool_axis_pages_flag_sizes_the_pools_and_the_kv_cache(fraction)
             )
 
 
+def test_noenable_lora_gives_the_adapter_pools_memory_to_the_kv_cache(fraction):
+    """--noenable_lora (the base model alone): the pools shrink to one page each and one slot,
+    and what the default pools took goes to the KV cache; a flag that names adapters or sizes
+    their pools is refused, naming it."""
+    fraction("0.9")
+    memory = [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=13_476_839_424)]
+    launch = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.9)
+    served = engine_config_for(LLAMA2_7B, launch, backend="gpu", memory=memory)
+    base_only = dataclasses.replace(launch, enable_lora=False)
+    alone = engine_config_for(LLAMA2_7B, base_only, backend="gpu", memory=memory)
+    assert [alone.lora_pool.pages_in(a) for a in layout.POOL_AXES] == [1, 1, 1, 1]
+    assert alone.lora_pool.max_slots == 1
+    saved = dm.adapter_pool_bytes(LLAMA2_7B, served.lora_pool, jnp.bfloat16) - (
+        dm.adapter_pool_bytes(LLAMA2_7B, alone.lora_pool, jnp.bfloat16)
+    )
+    assert saved > 6 * 10**9  # llama-2-7b's default pools, 256 pages each
+    page = kv_page_bytes(LLAMA2_7B, launch, 16)
+    assert alone.kv.num_pages - served.kv.num_pages in (saved // page, saved // page + 1)
+    for field, value, flag in (
+        ("lora_modules", ("a=/x",), "--lora_modules"),
+        ("allowed_adapter_roots", ("/x",), "--allowed_adapter_roots"),
+        ("load_adapters_on_demand", True, "--load_adapters_on_demand"),
+        ("adapter_pool_pages", 64, "--adapter_pool_pages"),
+        ("max_rank", 64, "--max_rank"),
+    ):
+        bad = dataclasses.replace(base_only, **{field: value})
+        with pytest.raises(ConfigError, match=f"--noenable_lora .* but {flag}.* was given"):
+            engine_config_for(LLAMA2_7B, bad, backend="gpu", memory=memory)
+
+
 def test_nothing_left_or_less_than_a_sequence_is_refused(fraction):
     full = [dm.DeviceMemory("cuda:0", limit=20 * GIB, in_use=15 * GIB)]
     launch = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.75)

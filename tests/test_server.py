@@ -2889,6 +2889,32 @@ def test_adapter_pool_axis_pages_flag_reaches_the_pools():
     assert [pool.pages_in(a) for a in ("embed", "heads", "kv_heads", "mlp")] == [6, 4, 6, 2]
 
 
+def test_enable_lora_flag_takes_vllms_spelling_and_noenable_lora_serves_no_adapter():
+    """vLLM's --enable-lora carries over (on by default here); --noenable_lora reaches
+    LaunchConfig, and the demo server built with it registers none of the demo's adapters."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+    from jaxlora.server.launch import build_state
+
+    launches = {}
+    try:
+        for argv in (["serve.py"], ["serve.py", "--enable-lora"], ["serve.py", "--noenable_lora"]):
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(launch_flags.vllm_spelling(argv))
+            launches[argv[-1]] = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert launches["serve.py"].enable_lora and launches["--enable-lora"].enable_lora
+    assert not launches["--noenable_lora"].enable_lora
+    state = build_state(dataclasses.replace(launches["--noenable_lora"], kv_pages=16))
+    try:
+        assert state.llm.adapters.store.names() == []
+        assert state.llm.engine_config.lora_pool.max_slots == 1
+    finally:
+        state.llm.stop()
+
+
 def test_kv_cache_dtype_flag_reaches_the_engine_config():
     """--kv_cache_dtype (scripts/serve.py and scripts/run_batch.py, jaxlora.launch_flags):
     LaunchConfig's, then the engine's KVCacheConfig's; only vLLM's names parse."""

@@ -58,6 +58,9 @@ class LaunchConfig:
 
     model: str = ""
     served_model_name: str = ""
+    # False: the base model alone (vLLM's default): no adapter source or pool size may be
+    # given, and the adapter pools shrink to one page each (their memory goes to the KV cache).
+    enable_lora: bool = True
     lora_modules: tuple[str, ...] = ()
     lora_dirs: tuple[str, ...] = ()
     pinned_adapters: tuple[str, ...] = ()
@@ -259,6 +262,36 @@ def kv_budget_for(
     return budget
 
 
+# LaunchConfig fields that name adapters or size their pools, with their flags: none may be
+# given with --noenable_lora.
+_ADAPTER_FIELDS = (
+    ("lora_modules", "--lora_modules"),
+    ("lora_dirs", "--lora_dirs"),
+    ("pinned_adapters", "--pinned_adapters"),
+    ("allowed_adapter_roots", "--allowed_adapter_roots"),
+    ("load_adapters_on_demand", "--load_adapters_on_demand"),
+    ("adapter_pool_pages", "--adapter_pool_pages"),
+    ("adapter_pool_axis_pages", "--adapter_pool_axis_pages"),
+    ("max_rank", "--max_rank (--max_lora_rank)"),
+    ("max_slots", "--max_slots (--max_loras)"),
+    ("rows_per_page", "--rows_per_page"),
+)
+
+
+def check_no_adapter_flags(launch: LaunchConfig) -> None:
+    """With --noenable_lora (the base model alone) an adapter flag is a contradiction: refused,
+    naming it, rather than silently serving without the adapters it names."""
+    given = [
+        flag for field, flag in _ADAPTER_FIELDS if getattr(launch, field) not in (None, (), False)
+    ]
+    if given:
+        raise ConfigError(
+            f"--noenable_lora serves the base model alone, but {', '.join(given)} "
+            f"{'was' if len(given) == 1 else 'were'} given (expected --enable_lora, the "
+            "default, to serve adapters)"
+        )
+
+
 def engine_config_for(
     model: ModelConfig,
     launch: LaunchConfig,
@@ -321,13 +354,23 @@ def engine_config_for(
     pages_per_seq = pages_held_at_most(
         max_model_len, page_size, model.attention_window, runner.prefill_chunk
     )
-    pool = LoraPoolConfig(
-        max_rank=pick(launch.max_rank, pool_default.max_rank),
-        rows_per_page=pick(launch.rows_per_page, pool_default.rows_per_page),
-        pages_per_pool=pick(launch.adapter_pool_pages, pool_default.pages_per_pool),
-        max_slots=pick(launch.max_slots, min(max_batch, pool_default.max_slots)),
-        axis_pages=parse_axis_pages(launch.adapter_pool_axis_pages),
-    )
+    if launch.enable_lora:
+        pool = LoraPoolConfig(
+            max_rank=pick(launch.max_rank, pool_default.max_rank),
+            rows_per_page=pick(launch.rows_per_page, pool_default.rows_per_page),
+            pages_per_pool=pick(launch.adapter_pool_pages, pool_default.pages_per_pool),
+            max_slots=pick(launch.max_slots, min(max_batch, pool_default.max_slots)),
+            axis_pages=parse_axis_pages(launch.adapter_pool_axis_pages),
+        )
+    else:
+        check_no_adapter_flags(launch)
+        # (the step programs keep their LoRA inputs; no adapter ever takes these pages)
+        pool = LoraPoolConfig(
+            max_rank=pool_default.rows_per_page,
+            rows_per_page=pool_default.rows_per_page,
+            pages_per_pool=1,
+            max_slots=1,
+        )
     max_num_tokens = pick(
         launch.max_num_tokens, max(EngineConfig().max_num_tokens, max_batch + runner.prefill_chunk)
     )
@@ -480,12 +523,15 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
 
     if launch.gpu_memory_utilization is not None:
         reserve_device_memory(launch.gpu_memory_utilization)
+    if not launch.enable_lora:
+        check_no_adapter_flags(launch)
     adapters = parse_lora_modules(launch.lora_modules)
     model = resolve_local(launch.model)  # a Hub id: its snapshot in the local cache
     if not model:
         demo.check_assets()
         model = demo.model_dir()
-        adapters = {**demo.adapter_dirs(), **adapters}
+        if launch.enable_lora:
+            adapters = {**demo.adapter_dirs(), **adapters}
     dtype = DTYPES[launch.dtype]
     sampling_defaults = generation_defaults_for(launch.generation_config, model)
     # Fused as they are made (a preset's, on the device) or loaded (a checkpoint's, on the
