@@ -70,6 +70,14 @@ flags.DEFINE_enum(
     "Llama 3.2/4's Python list of calls); empty: requests with tools are refused unless "
     "tool_choice is 'none'.",
 )
+flags.DEFINE_bool(
+    "enable_auto_tool_choice",
+    None,
+    "Chats with tools and tool_choice 'auto' (or none given) may call them, read back by "
+    "--tool_call_parser (vLLM's --enable-auto-tool-choice, which needs the parser too); unset: "
+    "on where --tool_call_parser is given; false: such chats are refused ('none', 'required' "
+    "and a named function still work).",
+)
 flags.DEFINE_enum(
     "reasoning_parser",
     "",
@@ -497,6 +505,7 @@ def launch_config():
         generation_config=FLAGS.generation_config,
         trust_request_chat_template=FLAGS.trust_request_chat_template,
         tool_call_parser=FLAGS.tool_call_parser,
+        enable_auto_tool_choice=FLAGS.enable_auto_tool_choice,
         reasoning_parser=FLAGS.reasoning_parser,
         api_key=api_key or None,
         api_keys_file=FLAGS.api_keys_file,

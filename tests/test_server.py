@@ -1534,6 +1534,61 @@ def test_tools_without_a_parser_or_a_template_are_refused_naming_the_field(clien
     assert body["param"] == "tools[0]"
 
 
+def test_enable_auto_tool_choice_takes_vllms_command_line_and_off_refuses_auto(served, client):
+    """vLLM's --enable-auto-tool-choice --tool-call-parser hermes carries over; the flag without
+    a parser is refused at launch, naming both; --noenable_auto_tool_choice refuses chats whose
+    tools would be called at the model's choice (400 naming the flag and the param), and no
+    other tool_choice."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+    from jaxlora.server.launch import check_tool_flags
+
+    launches = {}
+    try:
+        for argv in (
+            ["serve.py", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
+            ["serve.py", "--enable-auto-tool-choice"],
+            ["serve.py", "--no-enable-auto-tool-choice"],
+            ["serve.py"],
+        ):
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(launch_flags.vllm_spelling(argv))
+            launches[" ".join(argv[1:])] = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    vllm = launches["--enable-auto-tool-choice --tool-call-parser hermes"]
+    assert (vllm.enable_auto_tool_choice, vllm.tool_call_parser) == (True, "hermes")
+    check_tool_flags(vllm)
+    with pytest.raises(ConfigError, match="--enable_auto_tool_choice: .* no --tool_call_parser"):
+        check_tool_flags(launches["--enable-auto-tool-choice"])
+    assert launches["--no-enable-auto-tool-choice"].enable_auto_tool_choice is False
+    assert launches[""].enable_auto_tool_choice is None
+
+    state = served[1]
+    config = state.config
+    state.config = dataclasses.replace(config, tool_call_parser="hermes", auto_tool_choice=False)
+    try:
+        for choice in (None, "auto"):
+            extra = {} if choice is None else {"tool_choice": choice}
+            body = expect_error(
+                400,
+                lambda extra=extra: chat(client, "pirate", tools=[WEATHER_TOOL], **extra),
+                "--enable_auto_tool_choice",
+            )
+            assert body["param"] == "tool_choice"
+        # (tool_choice "none" passes the flag's gate: this demo's template then cannot
+        # render tools, which the test below serves with one that can)
+        body = expect_error(
+            400,
+            lambda: chat(client, "pirate", tools=[WEATHER_TOOL], tool_choice="none"),
+            "chat template cannot render tools",
+        )
+        assert "--enable_auto_tool_choice" not in body["message"]
+    finally:
+        state.config = config
+
+
 def test_tool_calls_are_read_back_with_the_parser(monkeypatch):
     """A server with --tool_call_parser=hermes and a chat template that renders tools: the
     template gets the tools (more prompt tokens); an answer without a call is plain content,

@@ -1229,6 +1229,15 @@ def create_app(
         parser, forced = None, forced_tool_calls(body)
         structured = await structured_output_of(body, forced)
         if body.tools and body.tool_choice in (None, "auto"):
+            if not state.config.auto_tool_choice:
+                raise with_param(
+                    RequestError(
+                        "tool_choice: 'auto' (the default where tools are given) needs a server "
+                        "started with --enable_auto_tool_choice; send 'none', 'required' or a "
+                        "named function"
+                    ),
+                    "tool_choice",
+                )
             parser = state.config.tool_call_parser
             if parser is None:
                 raise with_param(

@@ -38,6 +38,10 @@ class ServerConfig:
     tool_call_parser: how chat answers' tool calls are read back when a request offers tools
     ("hermes", "llama3_json", "mistral" or "pythonic", jaxlora.server.tool_calls; None:
     requests with tools and tool_choice other than "none" are refused).
+    auto_tool_choice: chats offering tools with tool_choice "auto" (or none given, OpenAI's
+    default then) let the model call them and read the calls back with tool_call_parser;
+    False (vLLM's default, without --enable-auto-tool-choice): such requests are refused (400,
+    naming the flag), while "none", "required" and a named function still work.
     reasoning_parser: how chat answers' reasoning is read apart from their content
     ("deepseek_r1" or "qwen3", jaxlora.server.reasoning; None: the answer is all content).
     max_stored_responses: the Responses API's responses kept in memory (the most recent ones),
@@ -74,6 +78,7 @@ class ServerConfig:
     max_stop_strings: int = 64
     load_adapters_on_demand: bool = False
     tool_call_parser: str | None = None
+    auto_tool_choice: bool = True
     reasoning_parser: str | None = None
     max_stored_responses: int = 1000
     allowed_origins: tuple[str, ...] = ()

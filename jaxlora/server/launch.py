@@ -82,6 +82,8 @@ class LaunchConfig:
     generation_config: str = "auto"
     trust_request_chat_template: bool = False  # ServerConfig.trust_request_chat_template
     tool_call_parser: str = ""  # ServerConfig.tool_call_parser ("": none)
+    # ServerConfig.auto_tool_choice (None: on; True needs tool_call_parser, as vLLM's does)
+    enable_auto_tool_choice: bool | None = None
     reasoning_parser: str = ""  # ServerConfig.reasoning_parser ("": none)
     api_key: str | None = None
     api_keys_file: str = ""  # ServerConfig.api_keys: tenants' keys (jaxlora.server.keys)
@@ -289,6 +291,16 @@ def check_no_adapter_flags(launch: LaunchConfig) -> None:
             f"--noenable_lora serves the base model alone, but {', '.join(given)} "
             f"{'was' if len(given) == 1 else 'were'} given (expected --enable_lora, the "
             "default, to serve adapters)"
+        )
+
+
+def check_tool_flags(launch: LaunchConfig) -> None:
+    """--enable_auto_tool_choice asks for calls read back, which only a parser does (vLLM
+    refuses the flag without --tool-call-parser too)."""
+    if launch.enable_auto_tool_choice and not launch.tool_call_parser:
+        raise ConfigError(
+            "--enable_auto_tool_choice: the model's tool calls are read back by a parser, but "
+            "no --tool_call_parser was given (expected hermes, llama3_json, mistral or pythonic)"
         )
 
 
@@ -525,6 +537,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         reserve_device_memory(launch.gpu_memory_utilization)
     if not launch.enable_lora:
         check_no_adapter_flags(launch)
+    check_tool_flags(launch)
     adapters = parse_lora_modules(launch.lora_modules)
     model = resolve_local(launch.model)  # a Hub id: its snapshot in the local cache
     if not model:
@@ -598,6 +611,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         adapter_roots=tuple(launch.allowed_adapter_roots),
         load_adapters_on_demand=launch.load_adapters_on_demand,
         tool_call_parser=launch.tool_call_parser or None,
+        auto_tool_choice=launch.enable_auto_tool_choice is not False,
         reasoning_parser=launch.reasoning_parser or None,
         first_token_deadline_s=launch.first_token_deadline_s,
         max_body_bytes=launch.max_body_mib * 2**20,
