@@ -2028,6 +2028,206 @@ def expect_error(status: int, call, *needles):
     return body
 
 
+# What lorax-client sends when only the prompt and an adapter are given: every parameter at its
+# default (its Parameters model's dict).
+LORAX_CLIENT_PARAMETERS = {
+    "adapter_id": None,
+    "adapter_source": None,
+    "merged_adapters": None,
+    "api_token": None,
+    "do_sample": False,
+    "max_new_tokens": None,
+    "ignore_eos_token": False,
+    "repetition_penalty": None,
+    "return_full_text": False,
+    "stop": [],
+    "seed": None,
+    "temperature": None,
+    "top_k": None,
+    "top_p": None,
+    "truncate": None,
+    "typical_p": None,
+    "best_of": None,
+    "watermark": False,
+    "details": True,
+    "decoder_input_details": False,
+    "return_k_alternatives": None,
+    "response_format": None,
+}
+
+
+def _lorax_post(served, route, inputs, stream=False, **parameters):
+    body = {"inputs": inputs, "parameters": {**LORAX_CLIENT_PARAMETERS, **parameters}}
+    if stream:
+        body["stream"] = True
+    return httpx.post(
+        served[0].base_url.removesuffix("/v1") + route,
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+
+
+def _lorax_events(response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    lines = [line for line in response.text.split("\n") if line]
+    assert all(line.startswith("data: {") for line in lines), lines  # (no [DONE], as LoRAX's)
+    return [json.loads(line[len("data: ") :]) for line in lines]
+
+
+def test_lorax_generate_answers_as_the_completion_with_lorax_details(served, client):
+    """POST /generate (LoRAX's and TGI's API; lorax-client sends every parameter): the greedy
+    text, token ids and logprobs of the same /v1/completions request, with LoRAX's details:
+    finish reasons eos_token / length / stop_sequence, token counts, each token's id, text,
+    logprob and special flag (the EOS's text written, flagged special), the prompt's tokens
+    with decoder_input_details, alternatives with return_k_alternatives; return_full_text
+    prepends the prompt; without details, none."""
+    tokenizer = served[1].tokenizer
+    reference = client.completions.create(
+        model="robot",
+        prompt="Hi",
+        logprobs=2,
+        **GREEDY,
+        extra_body={"return_token_ids": True},
+    )
+    choice = reference.choices[0]
+    answer = _lorax_post(served, "/generate", "Hi", adapter_id="robot", max_new_tokens=40)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["generated_text"] == choice.text
+    details = body["details"]
+    assert details["finish_reason"] == "eos_token"
+    assert details["prompt_tokens"] == reference.usage.prompt_tokens
+    assert details["generated_tokens"] == reference.usage.completion_tokens
+    assert (details["skipped_tokens"], details["prefill"], details["best_of_sequences"]) == (
+        0,
+        [],
+        None,
+    )
+    tokens = details["tokens"]
+    assert [t["id"] for t in tokens] == choice.model_extra["token_ids"]
+    np.testing.assert_allclose(
+        [t["logprob"] for t in tokens], choice.logprobs.token_logprobs, atol=1e-5
+    )
+    assert [t["special"] for t in tokens] == [False] * (len(tokens) - 1) + [True]
+    assert tokens[-1]["text"] == tokenizer.decode([tokens[-1]["id"]], skip_special_tokens=False)
+    assert "".join(t["text"] for t in tokens if not t["special"]) == body["generated_text"]
+    assert all(t["skipped"] is False and "alternative_tokens" not in t for t in tokens)
+
+    plain = _lorax_post(
+        served, "/generate", "Hi", adapter_id="robot", max_new_tokens=40, details=False
+    ).json()
+    assert plain == {"generated_text": choice.text, "details": None}
+    default = _lorax_post(served, "/generate", "Hi", adapter_id="robot").json()
+    assert default["details"]["generated_tokens"] == 16  # (the server's default_max_tokens)
+    assert choice.text.startswith(default["generated_text"])
+    root = httpx.post(
+        served[0].base_url.removesuffix("/v1") + "/",
+        json={"inputs": "Hi", "parameters": {"adapter_id": "robot", "max_new_tokens": 40}},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    ).json()
+    assert root == {"generated_text": choice.text, "details": None}
+
+    short = _lorax_post(served, "/generate", "Hi", adapter_id="pirate", max_new_tokens=3).json()
+    assert short["details"]["finish_reason"] == "length"
+    assert short["details"]["generated_tokens"] == 3
+    stopped = _lorax_post(
+        served, "/generate", "Hi", adapter_id="pirate", max_new_tokens=40, stop=["!"]
+    ).json()
+    assert stopped["generated_text"] == " Arr, matey"
+    assert stopped["details"]["finish_reason"] == "stop_sequence"
+    full = _lorax_post(
+        served, "/generate", "Hi", adapter_id="pirate", max_new_tokens=40, return_full_text=True
+    ).json()
+    assert (
+        full["generated_text"]
+        == "Hi"
+        + _lorax_post(served, "/generate", "Hi", adapter_id="pirate", max_new_tokens=40).json()[
+            "generated_text"
+        ]
+    )
+    base = _lorax_post(served, "/generate", "Hi", max_new_tokens=40).json()
+    assert base["generated_text"] == " " + demo.BASE_SIGNATURE
+
+    rich = _lorax_post(
+        served,
+        "/generate",
+        "Hi",
+        adapter_id="robot",
+        max_new_tokens=40,
+        decoder_input_details=True,
+        return_k_alternatives=2,
+    ).json()["details"]
+    prefill = rich["prefill"]
+    assert [t["id"] for t in prefill] == tokenizer.encode("Hi")
+    assert prefill[0]["logprob"] is None and all(t["logprob"] <= 0 for t in prefill[1:])
+    for token, top in zip(rich["tokens"], choice.logprobs.top_logprobs, strict=True):
+        alternatives = token["alternative_tokens"]
+        assert len(alternatives) == 2 and alternatives[0]["logprob"] >= alternatives[1]["logprob"]
+        np.testing.assert_allclose(
+            sorted(a["logprob"] for a in alternatives), sorted(top.values()), atol=1e-5
+        )
+
+
+def test_lorax_generate_stream_sends_one_event_a_token(served, client):
+    """POST /generate_stream (and POST / with stream true): one event a generated token with
+    its id, text, logprob and special flag; the last carries the whole text and the details; the
+    texts of the tokens not flagged special add up to it; no [DONE] event."""
+    whole = _lorax_post(served, "/generate", "Hi", adapter_id="robot", max_new_tokens=40).json()
+    for route, stream in (("/generate_stream", False), ("/", True)):
+        response = _lorax_post(
+            served, route, "Hi", stream=stream, adapter_id="robot", max_new_tokens=40
+        )
+        events = _lorax_events(response)
+        assert [e["token"]["id"] for e in events] == [t["id"] for t in whole["details"]["tokens"]]
+        assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+        last = events[-1]
+        assert last["generated_text"] == whole["generated_text"]
+        assert last["details"]["finish_reason"] == "eos_token"
+        assert last["details"]["generated_tokens"] == len(events)
+        assert last["details"]["prompt_tokens"] == whole["details"]["prompt_tokens"]
+        text = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
+        assert text == whole["generated_text"]
+        np.testing.assert_allclose(
+            [e["token"]["logprob"] for e in events],
+            [t["logprob"] for t in whole["details"]["tokens"]],
+            atol=1e-5,
+        )
+
+
+def test_lorax_requests_it_cannot_honour_get_a_400_naming_the_parameter(served):
+    """Hub / S3 / Predibase adapter sources, per-request merges, typical_p, watermark, best_of,
+    a zero temperature (LoRAX's greedy is do_sample false), and errors of the completion a
+    request becomes (too many stop strings) name the LoRAX field; an unknown adapter is a 404,
+    an unknown parameter a 400."""
+    for parameters, field in (
+        ({"adapter_id": "robot", "adapter_source": "hub"}, "parameters.adapter_source"),
+        ({"adapter_source": "ftp"}, "parameters.adapter_source"),
+        (
+            {"merged_adapters": {"ids": ["robot", "pirate"], "weights": [0.5, 0.5]}},
+            "parameters.merged_adapters",
+        ),
+        ({"typical_p": 0.5}, "parameters.typical_p"),
+        ({"watermark": True}, "parameters.watermark"),
+        ({"best_of": 2}, "parameters.best_of"),
+        ({"temperature": 0.0}, "parameters.temperature"),
+        ({"top_p": 1.0}, "parameters.top_p"),
+        ({"stop": ["x"] * 65}, "parameters.stop"),
+        ({"decoder_input_details": True, "details": False}, "parameters.decoder_input_details"),
+    ):
+        answer = _lorax_post(served, "/generate", "Hi", **parameters)
+        assert answer.status_code == 400, (parameters, answer.text)
+        error = answer.json()["error"]
+        assert error["param"] == field and error["message"].startswith(field), error
+    missing = _lorax_post(served, "/generate", "Hi", adapter_id="no-such-adapter")
+    assert missing.status_code == 404 and "no-such-adapter" in missing.text
+    unknown = _lorax_post(served, "/generate_stream", "Hi", no_such_parameter=1)
+    assert unknown.status_code == 400 and "no_such_parameter" in unknown.text
+    empty = _lorax_post(served, "/generate", "")
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "inputs"
+
+
 def test_error_answers_have_the_right_status_and_say_why(served, client):
     expect_error(404, lambda: chat(client, "no-such-adapter"), "no-such-adapter")
     too_long = "hello " * 200

@@ -36,8 +36,8 @@ from jaxlora.engine import Request as EngineRequest
 from jaxlora.engine.engine import check_prompt_length
 from jaxlora.errors import JaxloraError, PoolExhaustedError, RequestError, UnknownAdapterError
 from jaxlora.sampling import SamplingParams
+from jaxlora.server import lorax, responses
 from jaxlora.server import metrics as prom
-from jaxlora.server import responses
 from jaxlora.server.errors import (
     AuthenticationError,
     EngineRequestError,
@@ -1647,6 +1647,141 @@ def create_app(
         except ValidationError as e:
             raise RequestValidationError(e.errors(), body=body) from None
         return await handler(parsed, raw)
+
+    # ------------------------------------------------------------------ LoRAX / TGI
+
+    async def lorax_run(body: lorax.GenerateRequest, want_logprobs: bool):
+        """Checks and submits a LoRAX request: (group, its completion, the prompt's ids, the
+        alternatives asked for)."""
+        try:
+            completion = lorax.completion_body(body, state.config.model_name)
+            _check_text(completion)
+            adapter = await resolve_model(completion.model)
+            _refuse_unsupported(completion)
+            prompts = await anyio.to_thread.run_sync(
+                lambda: _completion_prompts(
+                    state, completion.prompt, 1, completion.truncate_prompt_tokens
+                )
+            )
+            structured = await structured_output_of(completion)
+            k = lorax.alternatives_of(body.parameters)
+            defaults = dict(state.config.sampling_defaults)
+            samplings = _samplings(
+                completion,
+                max_tokens_of(
+                    completion, defaults.get("max_tokens", state.config.default_max_tokens)
+                ),
+                k or (0 if want_logprobs else None),
+                1,
+                state.config.max_stop_strings,
+                prompt_logprobs=0 if body.parameters.decoder_input_details else None,
+                structured_output=structured,
+                defaults=defaults,
+            )
+            group = submit_group(
+                f"generate-{uuid.uuid4().hex}", prompts, samplings, adapter, priority_of(completion)
+            )
+        except JaxloraError as e:
+            raise lorax.renamed(e) from None
+        return group, completion, prompts[0], k
+
+    def lorax_full_text(body: lorax.GenerateRequest, text: str) -> str:
+        return body.inputs + text if body.parameters.return_full_text else text
+
+    @app.post("/generate", tags=["lorax"], dependencies=[Depends(_check_api_key)])
+    async def lorax_generate(body: lorax.GenerateRequest, raw: Request):
+        """LoRAX's (and TGI's) generate: ``generated_text`` and, with ``details``, the finish
+        reason, token counts and each token (jaxlora.server.lorax)."""
+        details = body.parameters.details
+        group, _, prompt, k = await lorax_run(body, want_logprobs=details)
+        if not await wait_all(group, raw):
+            return Response(status_code=499)
+        check_finished(group)
+        r = group.requests[0]
+        answer = {"generated_text": lorax_full_text(body, r.text), "details": None}
+        if details:
+            writer = lorax.TokenWriter(state.tokenizer)
+            answer["details"] = {
+                "finish_reason": lorax.finish_reason(r, state.engine.eos_ids),
+                "prompt_tokens": len(prompt),
+                "generated_tokens": len(r.output_ids),
+                "skipped_tokens": 0,
+                "seed": r.sampling.seed,
+                "prefill": (
+                    writer.prefill(r.prompt_ids, r.prompt_logprobs)
+                    if body.parameters.decoder_input_details
+                    else []
+                ),
+                "tokens": writer.tokens(r.output_ids, r.output_logprobs, r.output_top_logprobs, k),
+                "best_of_sequences": None,
+            }
+        return answer
+
+    @app.post("/generate_stream", tags=["lorax"], dependencies=[Depends(_check_api_key)])
+    async def lorax_generate_stream(body: lorax.GenerateRequest, raw: Request):
+        """LoRAX's (and TGI's) generate_stream: one server-sent event a generated token
+        (``token``: id, text, logprob, special), the last one with ``generated_text`` and
+        ``details`` (finish reason, token counts, seed). No ``[DONE]`` event, as LoRAX's. A
+        token's event goes out with the engine's next report (one decode step later)."""
+        group, _, prompt, k = await lorax_run(body, want_logprobs=True)
+        writer = lorax.TokenWriter(state.tokenizer)
+        request = group.requests[0]
+
+        async def chunks(events) -> AsyncIterator[str]:
+            # Each token's event waits for the next delta: the engine may report the finish in
+            # a delta of its own, and LoRAX's last event is a token's, with the details.
+            pending = None
+            async for _, delta in events:
+                delta: Delta
+                if delta.finish_reason is not None and delta.finish_reason not in (
+                    FinishReason.STOP,
+                    FinishReason.LENGTH,
+                ):
+                    if pending is not None:
+                        yield _sse(pending)
+                    yield stream_error(_failure(state, request))
+                    return
+                ids = delta.token_ids
+                # The delta's text goes with its last token that is not special (a special
+                # token's text is its own, which clients leave out by its flag).
+                plain = [i for i, t in enumerate(ids) if t not in writer.special]
+                carrier = plain[-1] if plain else None
+                tops = delta.top_logprobs or [None] * len(ids)
+                logprobs = delta.logprobs or [None] * len(ids)
+                for i, token_id in enumerate(ids):
+                    if token_id in writer.special:
+                        text = writer.text(token_id)
+                    else:
+                        text = delta.text if i == carrier else ""
+                    if pending is not None:
+                        yield _sse(pending)
+                    pending = {
+                        "token": writer.token(token_id, text, logprobs[i], tops[i], k),
+                        "generated_text": None,
+                        "details": None,
+                    }
+                if delta.finish_reason is not None and pending is not None:
+                    pending["generated_text"] = lorax_full_text(body, request.text)
+                    pending["details"] = {
+                        "finish_reason": lorax.finish_reason(request, state.engine.eos_ids),
+                        "prompt_tokens": len(prompt),
+                        "input_length": len(prompt),  # (TGI's name)
+                        "generated_tokens": len(request.output_ids),
+                        "seed": request.sampling.seed,
+                    }
+                    yield _sse(pending)
+                    return
+            if pending is not None:
+                yield _sse(pending)
+
+        return await stream(group, raw, chunks, done=False)
+
+    @app.post("/", tags=["lorax"], dependencies=[Depends(_check_api_key)])
+    async def lorax_root(body: lorax.GenerateRequest, raw: Request):
+        """TGI's compatibility route: generate, or generate_stream where ``stream`` is true."""
+        if body.stream:
+            return await lorax_generate_stream(body, raw)
+        return await lorax_generate(body, raw)
 
     return app
 

@@ -1,0 +1,277 @@
+"""LoRAX's (and text-generation-inference's) native API: ``POST /generate`` and
+``POST /generate_stream``, so that ``lorax-client``, TGI clients and scripts written for LoRAX
+reach this server's adapters unchanged.
+
+A request is ``{"inputs": "...", "parameters": {"adapter_id": ..., "max_new_tokens": ...}}``.
+It is served as the completion it describes (``completion_body``: the same prompt handling,
+sampling, stop strings, structured output and adapter routing as ``/v1/completions``); the
+answer is LoRAX's: ``generated_text`` and, with ``details``, the finish reason
+(``length``, ``eos_token`` or ``stop_sequence``), the token counts, each generated token (id,
+text, logprob, special, alternatives with ``return_k_alternatives``) and, with
+``decoder_input_details``, the prompt's tokens with their logprobs. Streamed, one event a
+generated token, the last one with the whole text and the details.
+
+What this server cannot honour is refused at anything but its neutral value (400 naming the
+``parameters`` field): an ``adapter_source`` other than ``local`` (adapters are the registered
+ones, or with ``--load_adapters_on_demand`` directories under ``--allowed_adapter_roots``; no
+Hub, S3 or Predibase download), ``merged_adapters`` (merge with ``POST /v1/load_lora_adapter``'s
+``merge`` and name the result), ``api_token``, ``typical_p``, ``watermark`` and ``best_of`` > 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxlora.errors import JaxloraError, RequestError
+from jaxlora.server.errors import with_param
+from jaxlora.server.protocol import CompletionRequest
+
+# LoRAX's adapter sources; only "local" (this server's own adapters) is served.
+ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
+
+
+class _Body(BaseModel):
+    # (lenient on numbers as LoRAX's and TGI's own servers are: 1 for 1.0 is fine; unknown
+    # fields are still refused)
+    model_config = ConfigDict(extra="forbid")
+
+
+class MergedAdapters(_Body):
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: str | None = None
+    density: float = 1.0
+    majority_sign_method: str | None = None
+
+
+class LoraxResponseFormat(_Body):
+    type: Literal["json_object"] = Field(description="'json_object' (LoRAX's one type).")
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="A JSON schema the output is an instance of."
+    )
+
+
+class GenerateParameters(_Body):
+    """LoRAX's (and TGI's) generation parameters. lorax-client sends every one, unset ones as
+    null (or false / []), so each takes its neutral value too."""
+
+    adapter_id: str | None = Field(
+        None, description="A registered adapter's name (None: the base model)."
+    )
+    adapter_source: str | None = Field(None, description="'local' or None only.")
+    merged_adapters: MergedAdapters | None = Field(None, description="Not supported (None).")
+    api_token: str | None = Field(None, description="Not used (None).")
+    do_sample: bool = Field(
+        False, description="Sample; false: greedy unless a sampling parameter is given."
+    )
+    max_new_tokens: int | None = Field(None, description="Tokens to generate at most.")
+    ignore_eos_token: bool = Field(False, description="Go on past the EOS token.")
+    repetition_penalty: float | None = Field(None, description="> 0; 1: none.")
+    frequency_penalty: float | None = Field(None, description="TGI's, as OpenAI's.")
+    return_full_text: bool = Field(False, description="Prepend the prompt to the text.")
+    stop: list[str] = Field([], description="Texts that end the output (not included).")
+    seed: int | None = Field(None, description="Sampling seed (>= 0).")
+    temperature: float | None = Field(None, description="> 0 (sampling).")
+    top_k: int | None = Field(None, description="> 0 (sampling).")
+    top_p: float | None = Field(None, description="In (0, 1) (sampling).")
+    truncate: int | None = Field(None, description="Keep the prompt's last k tokens.")
+    typical_p: float | None = Field(None, description="Not supported (None).")
+    best_of: int | None = Field(None, description="1 or None only.")
+    watermark: bool = Field(False, description="Not supported (false).")
+    details: bool = Field(False, description="Return the tokens and the finish reason.")
+    decoder_input_details: bool = Field(
+        False, description="With details: the prompt's tokens and their logprobs too."
+    )
+    return_k_alternatives: int | None = Field(
+        None, description="The k most likely tokens at each step (1..20)."
+    )
+    top_n_tokens: int | None = Field(None, description="TGI's name of return_k_alternatives.")
+    response_format: LoraxResponseFormat | None = Field(
+        None, description="{'type': 'json_object', 'schema': {...}}: JSON output."
+    )
+
+
+class GenerateRequest(_Body):
+    inputs: str = Field(description="The prompt.")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = Field(False, description="POST / only: stream the answer (generate_stream).")
+
+
+def _refuse(field: str, message: str) -> RequestError:
+    return with_param(RequestError(f"parameters.{field}: {message}"), f"parameters.{field}")
+
+
+# /v1/completions fields a completion_body error may name, and the LoRAX field each came from.
+_FIELDS = {
+    "prompt": "inputs",
+    "model": "parameters.adapter_id",
+    "max_tokens": "parameters.max_new_tokens",
+    "temperature": "parameters.temperature",
+    "top_p": "parameters.top_p",
+    "top_k": "parameters.top_k",
+    "repetition_penalty": "parameters.repetition_penalty",
+    "frequency_penalty": "parameters.frequency_penalty",
+    "stop": "parameters.stop",
+    "seed": "parameters.seed",
+    "truncate_prompt_tokens": "parameters.truncate",
+    "structured_outputs": "parameters.response_format",
+    "logprobs": "parameters.return_k_alternatives",
+    "n": "parameters.best_of",
+}
+
+
+def renamed(error: JaxloraError) -> JaxloraError:
+    """An error about the completion a request became, naming the LoRAX field instead."""
+    param = getattr(error, "param", None) or str(error).split(":", 1)[0]
+    root = param.split(".")[0].split("[")[0]
+    if root not in _FIELDS:
+        return error
+    message = str(error)
+    head, colon, rest = message.partition(":")
+    if colon and head.split(".")[0].split("[")[0] == root:
+        message = _FIELDS[root] + colon + rest
+    return with_param(type(error)(message), _FIELDS[root])
+
+
+def alternatives_of(parameters: GenerateParameters) -> int | None:
+    """The alternatives asked for a token (return_k_alternatives, or TGI's top_n_tokens)."""
+    k, n = parameters.return_k_alternatives, parameters.top_n_tokens
+    if k and n and k != n:
+        raise _refuse(
+            "top_n_tokens",
+            f"expected the same as return_k_alternatives ({k}) or none, got {n}",
+        )
+    return k or n or None
+
+
+def completion_body(body: GenerateRequest, base_model: str) -> CompletionRequest:
+    """The /v1/completions request a LoRAX request describes (its errors name the LoRAX
+    fields, ``renamed``)."""
+    p = body.parameters
+    if p.adapter_source not in (None, "local"):
+        expected = ADAPTER_SOURCES if p.adapter_source not in ADAPTER_SOURCES else "'local'"
+        raise _refuse(
+            "adapter_source",
+            f"expected {expected} or none, got {p.adapter_source!r} (this server serves the "
+            "adapters it has registered, or with --load_adapters_on_demand the directories "
+            "under its --allowed_adapter_roots; it downloads none)",
+        )
+    if p.merged_adapters is not None:
+        raise _refuse(
+            "merged_adapters",
+            "not supported per request; merge once with POST /v1/load_lora_adapter "
+            '{"lora_name": ..., "merge": [{"lora_name": ..., "weight": ...}, ...]} and send '
+            "that name as adapter_id",
+        )
+    for field, neutral in (("api_token", None), ("typical_p", None), ("watermark", False)):
+        if getattr(p, field) != neutral:
+            raise _refuse(field, f"not supported (expected {neutral!r}, the default)")
+    if p.best_of not in (None, 1):
+        raise _refuse("best_of", f"expected 1 or none, got {p.best_of!r}")
+    if p.temperature is not None and p.temperature <= 0:
+        raise _refuse(
+            "temperature", f"expected > 0 (greedy is do_sample false), got {p.temperature}"
+        )
+    if p.top_p is not None and not 0 < p.top_p < 1:
+        raise _refuse("top_p", f"expected a value in (0, 1), got {p.top_p}")
+    if p.top_k is not None and p.top_k <= 0:
+        raise _refuse("top_k", f"expected > 0, got {p.top_k}")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        raise _refuse("repetition_penalty", f"expected > 0, got {p.repetition_penalty}")
+    if p.seed is not None and p.seed < 0:
+        raise _refuse("seed", f"expected >= 0, got {p.seed}")
+    if p.truncate is not None and p.truncate <= 0:
+        raise _refuse("truncate", f"expected > 0, got {p.truncate}")
+    if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+        raise _refuse("max_new_tokens", f"expected > 0, got {p.max_new_tokens}")
+    if p.decoder_input_details and not p.details:
+        raise _refuse("decoder_input_details", "needs details true")
+    if not body.inputs:
+        raise with_param(RequestError("inputs: expected a non-empty prompt"), "inputs")
+    sampled = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
+    completion: dict[str, Any] = {
+        "model": p.adapter_id if p.adapter_id is not None else base_model,
+        "prompt": body.inputs,
+        "max_tokens": p.max_new_tokens,
+        # greedy unless sampling was asked for (TGI's reading of do_sample)
+        "temperature": (p.temperature if p.temperature is not None else 1.0) if sampled else 0.0,
+        "top_p": p.top_p if sampled else None,
+        "top_k": p.top_k if sampled else None,
+        "repetition_penalty": p.repetition_penalty,
+        "frequency_penalty": p.frequency_penalty,
+        "stop": list(p.stop) or None,
+        "seed": p.seed,
+        "ignore_eos": p.ignore_eos_token,
+        "truncate_prompt_tokens": p.truncate,
+    }
+    if p.response_format is not None:
+        schema = p.response_format.schema_
+        completion["structured_outputs"] = (
+            {"json": schema} if schema is not None else {"json_object": True}
+        )
+    return CompletionRequest.model_validate(
+        {k: v for k, v in completion.items() if v is not None}, strict=False
+    )
+
+
+def finish_reason(request, eos_ids: set[int]) -> str:
+    """LoRAX's finish reason of a finished engine request."""
+    if str(request.finish_reason) == "length":
+        return "length"
+    ids = request.output_ids
+    if ids and ids[-1] in eos_ids and not request.sampling.ignore_eos:
+        return "eos_token"
+    return "stop_sequence"
+
+
+class TokenWriter:
+    """LoRAX's token entries: id, text, logprob, special (and the alternatives)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special: set[int] = set()
+        if tokenizer is not None:
+            added = tokenizer.backend.get_added_tokens_decoder()
+            self.special = {i for i, t in added.items() if t.special}
+            self.special |= set(getattr(tokenizer, "eos_token_ids", ()) or ())
+
+    def text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def alternatives(self, top: dict[int, float] | None, k: int | None) -> list[dict] | None:
+        if not k:
+            return None
+        ranked = sorted((top or {}).items(), key=lambda item: -item[1])[:k]
+        return [{"id": i, "text": self.text(i), "logprob": lp} for i, lp in ranked]
+
+    def token(self, token_id: int, text: str, logprob, top=None, k=None) -> dict:
+        entry = {
+            "id": token_id,
+            "text": text,
+            "logprob": logprob,
+            "special": token_id in self.special,
+            "skipped": False,
+        }
+        if k:
+            entry["alternative_tokens"] = self.alternatives(top, k)
+        return entry
+
+    def tokens(self, ids, logprobs, tops, k) -> list[dict]:
+        """Each generated token with its own text (a special token's as written)."""
+        tops = tops or [None] * len(ids)
+        return [
+            self.token(t, self.text(t), lp, top, k)
+            for t, lp, top in zip(ids, logprobs or [None] * len(ids), tops, strict=True)
+        ]
+
+    def prefill(self, ids, logprobs) -> list[dict]:
+        """The prompt's tokens and their logprobs (None for the first: no context)."""
+        logprobs = logprobs or [None] * len(ids)
+        return [
+            {"id": t, "text": self.text(t), "logprob": lp}
+            for t, lp in zip(ids, logprobs, strict=True)
+        ]
