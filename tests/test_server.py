@@ -2127,7 +2127,7 @@ def test_lorax_generate_answers_as_the_completion_with_lorax_details(served, cli
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=60,
     ).json()
-    assert root == {"generated_text": choice.text, "details": None}
+    assert root == [{"generated_text": choice.text, "details": None}]  # (TGI's: a list)
 
     short = _lorax_post(served, "/generate", "Hi", adapter_id="pirate", max_new_tokens=3).json()
     assert short["details"]["finish_reason"] == "length"
@@ -2149,6 +2149,14 @@ def test_lorax_generate_answers_as_the_completion_with_lorax_details(served, cli
     )
     base = _lorax_post(served, "/generate", "Hi", max_new_tokens=40).json()
     assert base["generated_text"] == " " + demo.BASE_SIGNATURE
+    assert base["details"]["seed"] is None  # (greedy)
+    sampled = [
+        _lorax_post(
+            served, "/generate", "Hi", max_new_tokens=40, do_sample=True, temperature=0.7, seed=3
+        ).json()
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1] and sampled[0]["details"]["seed"] == 3
 
     rich = _lorax_post(
         served,

@@ -1706,7 +1706,7 @@ def create_app(
                 "prompt_tokens": len(prompt),
                 "generated_tokens": len(r.output_ids),
                 "skipped_tokens": 0,
-                "seed": r.sampling.seed,
+                "seed": lorax.seed_of(r),
                 "prefill": (
                     writer.prefill(r.prompt_ids, r.prompt_logprobs)
                     if body.parameters.decoder_input_details
@@ -1767,7 +1767,7 @@ def create_app(
                         "prompt_tokens": len(prompt),
                         "input_length": len(prompt),  # (TGI's name)
                         "generated_tokens": len(request.output_ids),
-                        "seed": request.sampling.seed,
+                        "seed": lorax.seed_of(request),
                     }
                     yield _sse(pending)
                     return
@@ -1778,10 +1778,12 @@ def create_app(
 
     @app.post("/", tags=["lorax"], dependencies=[Depends(_check_api_key)])
     async def lorax_root(body: lorax.GenerateRequest, raw: Request):
-        """TGI's compatibility route: generate, or generate_stream where ``stream`` is true."""
+        """TGI's compatibility route, which lorax-client posts to: generate_stream where
+        ``stream`` is true, else generate's answer in a list of one (as TGI's)."""
         if body.stream:
             return await lorax_generate_stream(body, raw)
-        return await lorax_generate(body, raw)
+        answer = await lorax_generate(body, raw)
+        return [answer] if isinstance(answer, dict) else answer
 
     return app
 

@@ -226,6 +226,11 @@ def finish_reason(request, eos_ids: set[int]) -> str:
     return "stop_sequence"
 
 
+def seed_of(request) -> int | None:
+    """The seed a sampled request drew with (LoRAX reports none for greedy decoding)."""
+    return request.sampling.seed if request.sampling.temperature > 0 else None
+
+
 class TokenWriter:
     """LoRAX's token entries: id, text, logprob, special (and the alternatives)."""
 
