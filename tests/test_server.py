@@ -2176,6 +2176,39 @@ def test_lorax_generate_answers_as_the_completion_with_lorax_details(served, cli
         np.testing.assert_allclose(
             sorted(a["logprob"] for a in alternatives), sorted(top.values()), atol=1e-5
         )
+    # TGI's spelling of the same: top_tokens beside the tokens, entries with a special flag.
+    tgi = _lorax_post(
+        served, "/generate", "Hi", adapter_id="robot", max_new_tokens=40, top_n_tokens=2
+    ).json()["details"]
+    assert "alternative_tokens" not in tgi["tokens"][0]
+    assert [[a["id"] for a in step] for step in tgi["top_tokens"]] == [
+        [a["id"] for a in t["alternative_tokens"]] for t in rich["tokens"]
+    ]
+    assert all(set(a) == {"id", "text", "logprob", "special"} for a in tgi["top_tokens"][0])
+    # TGI's grammar and LoRAX's response_format constrain the output as response_format does.
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a"],
+        "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False},  # (the demo model pads with blanks)
+    }
+    for constraint in (
+        {"grammar": {"type": "json", "value": schema}},
+        {"response_format": {"type": "json_object", "schema": schema}},
+    ):
+        text = _lorax_post(
+            served, "/generate", "Hi", adapter_id="robot", max_new_tokens=60, **constraint
+        ).json()["generated_text"]
+        assert set(json.loads(text)) == {"a"} and 0 <= json.loads(text)["a"] <= 9, text
+    digits = _lorax_post(
+        served,
+        "/generate",
+        "Hi",
+        max_new_tokens=8,
+        grammar={"type": "regex", "value": "[0-9]{3}"},
+    ).json()["generated_text"]
+    assert re.fullmatch("[0-9]{3}", digits), digits
 
 
 def test_lorax_generate_stream_sends_one_event_a_token(served, client):
@@ -2223,11 +2256,24 @@ def test_lorax_requests_it_cannot_honour_get_a_400_naming_the_parameter(served):
         ({"top_p": 1.0}, "parameters.top_p"),
         ({"stop": ["x"] * 65}, "parameters.stop"),
         ({"decoder_input_details": True, "details": False}, "parameters.decoder_input_details"),
+        ({"return_k_alternatives": 2, "top_n_tokens": 2}, "parameters.top_n_tokens"),
+        ({"top_n_tokens": 21}, "parameters.top_n_tokens"),
+        ({"grammar": {"type": "regex", "value": {"a": 1}}}, "parameters.grammar.value"),
+        (
+            {
+                "grammar": {"type": "regex", "value": "x"},
+                "response_format": {"type": "json_object"},
+            },
+            "parameters.grammar",
+        ),
+        ({"grammar": {"type": "regex", "value": "("}}, "parameters.grammar"),
+        ({"response_format": {"type": "json_object", "schema": []}}, "parameters.response_format"),
     ):
         answer = _lorax_post(served, "/generate", "Hi", **parameters)
         assert answer.status_code == 400, (parameters, answer.text)
         error = answer.json()["error"]
-        assert error["param"] == field and error["message"].startswith(field), error
+        assert error["param"].startswith(field), error  # (a nested field: its path)
+        assert error["message"].startswith(error["param"]), error
     missing = _lorax_post(served, "/generate", "Hi", adapter_id="no-such-adapter")
     assert missing.status_code == 404 and "no-such-adapter" in missing.text
     unknown = _lorax_post(served, "/generate_stream", "Hi", no_such_parameter=1)

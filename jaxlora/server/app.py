@@ -1651,8 +1651,7 @@ def create_app(
     # ------------------------------------------------------------------ LoRAX / TGI
 
     async def lorax_run(body: lorax.GenerateRequest, want_logprobs: bool):
-        """Checks and submits a LoRAX request: (group, its completion, the prompt's ids, the
-        alternatives asked for)."""
+        """Checks and submits a LoRAX request: (its group, the prompt's token ids)."""
         try:
             completion = lorax.completion_body(body, state.config.model_name)
             _check_text(completion)
@@ -1682,8 +1681,8 @@ def create_app(
                 f"generate-{uuid.uuid4().hex}", prompts, samplings, adapter, priority_of(completion)
             )
         except JaxloraError as e:
-            raise lorax.renamed(e) from None
-        return group, completion, prompts[0], k
+            raise lorax.renamed(e, body) from None
+        return group, prompts[0]
 
     def lorax_full_text(body: lorax.GenerateRequest, text: str) -> str:
         return body.inputs + text if body.parameters.return_full_text else text
@@ -1693,7 +1692,9 @@ def create_app(
         """LoRAX's (and TGI's) generate: ``generated_text`` and, with ``details``, the finish
         reason, token counts and each token (jaxlora.server.lorax)."""
         details = body.parameters.details
-        group, _, prompt, k = await lorax_run(body, want_logprobs=details)
+        group, prompt = await lorax_run(body, want_logprobs=details)
+        alternatives = body.parameters.return_k_alternatives or None  # (LoRAX's)
+        top_n = body.parameters.top_n_tokens or None  # (TGI's)
         if not await wait_all(group, raw):
             return Response(status_code=499)
         check_finished(group)
@@ -1712,9 +1713,15 @@ def create_app(
                     if body.parameters.decoder_input_details
                     else []
                 ),
-                "tokens": writer.tokens(r.output_ids, r.output_logprobs, r.output_top_logprobs, k),
+                "tokens": writer.tokens(
+                    r.output_ids, r.output_logprobs, r.output_top_logprobs, alternatives
+                ),
                 "best_of_sequences": None,
             }
+            if top_n:  # (TGI's form of the same: a list of entries a step)
+                answer["details"]["top_tokens"] = [
+                    writer.top_tokens(top, top_n) for top in r.output_top_logprobs
+                ]
         return answer
 
     @app.post("/generate_stream", tags=["lorax"], dependencies=[Depends(_check_api_key)])
@@ -1723,7 +1730,9 @@ def create_app(
         (``token``: id, text, logprob, special), the last one with ``generated_text`` and
         ``details`` (finish reason, token counts, seed). No ``[DONE]`` event, as LoRAX's. A
         token's event goes out with the engine's next report (one decode step later)."""
-        group, _, prompt, k = await lorax_run(body, want_logprobs=True)
+        group, prompt = await lorax_run(body, want_logprobs=True)
+        alternatives = body.parameters.return_k_alternatives or None  # (LoRAX's)
+        top_n = body.parameters.top_n_tokens or None  # (TGI's)
         writer = lorax.TokenWriter(state.tokenizer)
         request = group.requests[0]
 
@@ -1756,10 +1765,12 @@ def create_app(
                     if pending is not None:
                         yield _sse(pending)
                     pending = {
-                        "token": writer.token(token_id, text, logprobs[i], tops[i], k),
+                        "token": writer.token(token_id, text, logprobs[i], tops[i], alternatives),
                         "generated_text": None,
                         "details": None,
                     }
+                    if top_n:
+                        pending["top_tokens"] = writer.top_tokens(tops[i], top_n)
                 if delta.finish_reason is not None and pending is not None:
                     pending["generated_text"] = lorax_full_text(body, request.text)
                     pending["details"] = {

@@ -53,6 +53,13 @@ class LoraxResponseFormat(_Body):
     )
 
 
+class TgiGrammar(_Body):
+    type: Literal["json", "json_object", "regex"] = Field(
+        description="'json' (a JSON schema) or 'regex' (TGI's)."
+    )
+    value: dict[str, Any] | str = Field(description="The schema, or the regular expression.")
+
+
 class GenerateParameters(_Body):
     """LoRAX's (and TGI's) generation parameters. lorax-client sends every one, unset ones as
     null (or false / []), so each takes its neutral value too."""
@@ -87,9 +94,14 @@ class GenerateParameters(_Body):
     return_k_alternatives: int | None = Field(
         None, description="The k most likely tokens at each step (1..20)."
     )
-    top_n_tokens: int | None = Field(None, description="TGI's name of return_k_alternatives.")
+    top_n_tokens: int | None = Field(
+        None, description="TGI's: the n most likely tokens at each step, as top_tokens."
+    )
     response_format: LoraxResponseFormat | None = Field(
         None, description="{'type': 'json_object', 'schema': {...}}: JSON output."
+    )
+    grammar: TgiGrammar | None = Field(
+        None, description="TGI's: {'type': 'json', 'value': schema} or {'type': 'regex', ...}."
     )
 
 
@@ -116,33 +128,37 @@ _FIELDS = {
     "stop": "parameters.stop",
     "seed": "parameters.seed",
     "truncate_prompt_tokens": "parameters.truncate",
-    "structured_outputs": "parameters.response_format",
+    "structured_outputs": "parameters.response_format",  # (or grammar: see renamed)
     "logprobs": "parameters.return_k_alternatives",
     "n": "parameters.best_of",
 }
 
 
-def renamed(error: JaxloraError) -> JaxloraError:
+def renamed(error: JaxloraError, body: GenerateRequest) -> JaxloraError:
     """An error about the completion a request became, naming the LoRAX field instead."""
     param = getattr(error, "param", None) or str(error).split(":", 1)[0]
     root = param.split(".")[0].split("[")[0]
     if root not in _FIELDS:
         return error
+    field = _FIELDS[root]
+    if root == "structured_outputs" and body.parameters.grammar is not None:
+        field = "parameters.grammar"
     message = str(error)
     head, colon, rest = message.partition(":")
     if colon and head.split(".")[0].split("[")[0] == root:
-        message = _FIELDS[root] + colon + rest
-    return with_param(type(error)(message), _FIELDS[root])
+        message = field + colon + rest
+    return with_param(type(error)(message), field)
 
 
 def alternatives_of(parameters: GenerateParameters) -> int | None:
-    """The alternatives asked for a token (return_k_alternatives, or TGI's top_n_tokens)."""
+    """The most likely tokens asked for at each step: LoRAX's return_k_alternatives (each
+    token's alternative_tokens) or TGI's top_n_tokens (top_tokens), not both."""
     k, n = parameters.return_k_alternatives, parameters.top_n_tokens
-    if k and n and k != n:
-        raise _refuse(
-            "top_n_tokens",
-            f"expected the same as return_k_alternatives ({k}) or none, got {n}",
-        )
+    if k and n:
+        raise _refuse("top_n_tokens", "give return_k_alternatives (LoRAX's) or this, not both")
+    for field, value in (("return_k_alternatives", k), ("top_n_tokens", n)):
+        if value is not None and not 0 <= value <= 20:
+            raise _refuse(field, f"expected 0..20, got {value}")
     return k or n or None
 
 
@@ -206,11 +222,19 @@ def completion_body(body: GenerateRequest, base_model: str) -> CompletionRequest
         "ignore_eos": p.ignore_eos_token,
         "truncate_prompt_tokens": p.truncate,
     }
+    if p.response_format is not None and p.grammar is not None:
+        raise _refuse("grammar", "give response_format (LoRAX's) or grammar (TGI's), not both")
     if p.response_format is not None:
         schema = p.response_format.schema_
         completion["structured_outputs"] = (
             {"json": schema} if schema is not None else {"json_object": True}
         )
+    elif p.grammar is not None:
+        kind = "regex" if p.grammar.type == "regex" else "json"
+        if (kind == "regex") != isinstance(p.grammar.value, str):
+            expected = "a regular expression" if kind == "regex" else "a JSON schema (an object)"
+            raise _refuse("grammar.value", f"expected {expected} for type {p.grammar.type!r}")
+        completion["structured_outputs"] = {kind: p.grammar.value}
     return CompletionRequest.model_validate(
         {k: v for k, v in completion.items() if v is not None}, strict=False
     )
@@ -253,7 +277,16 @@ class TokenWriter:
         ranked = sorted((top or {}).items(), key=lambda item: -item[1])[:k]
         return [{"id": i, "text": self.text(i), "logprob": lp} for i, lp in ranked]
 
+    def top_tokens(self, top: dict[int, float] | None, n: int) -> list[dict]:
+        """TGI's top_tokens of one step: the n most likely, each a token entry."""
+        ranked = sorted((top or {}).items(), key=lambda item: -item[1])[:n]
+        return [
+            {"id": i, "text": self.text(i), "logprob": lp, "special": i in self.special}
+            for i, lp in ranked
+        ]
+
     def token(self, token_id: int, text: str, logprob, top=None, k=None) -> dict:
+        """A generated token's entry (with LoRAX's alternative_tokens where k is given)."""
         entry = {
             "id": token_id,
             "text": text,
