@@ -76,6 +76,23 @@ def with_param(error: JaxloraError, param: str | None) -> JaxloraError:
     return error
 
 
+def renamed_param(error: JaxloraError, fields: dict[str, str]) -> JaxloraError:
+    """An error about the request another request was served as (a chat, a completion), naming
+    the field of the request the client sent instead: ``fields`` maps a top-level field of the
+    first to its name in the second (its index or sub-field path is dropped: an index into a
+    chat's ``messages`` is no index the client wrote). Other errors pass unchanged."""
+    # (the engine's errors name their field at the start of the message only)
+    param = getattr(error, "param", None) or str(error).split(":", 1)[0]
+    root = param.split(".")[0].split("[")[0]
+    if root not in fields:
+        return error
+    message = str(error)
+    head, colon, rest = message.partition(":")
+    if colon and head.split(".")[0].split("[")[0] == root:
+        message = fields[root] + colon + rest
+    return with_param(type(error)(message), fields[root])
+
+
 def status_of(error: BaseException) -> tuple[int, str, str | None]:
     """(HTTP status, OpenAI error type, code) of an exception."""
     if isinstance(error, AuthenticationError):

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxlora.errors import JaxloraError, RequestError
-from jaxlora.server.errors import with_param
+from jaxlora.server.errors import renamed_param, with_param
 from jaxlora.server.protocol import CompletionRequest
 
 # LoRAX's adapter sources; only "local" (this server's own adapters) is served.
@@ -136,18 +136,10 @@ _FIELDS = {
 
 def renamed(error: JaxloraError, body: GenerateRequest) -> JaxloraError:
     """An error about the completion a request became, naming the LoRAX field instead."""
-    param = getattr(error, "param", None) or str(error).split(":", 1)[0]
-    root = param.split(".")[0].split("[")[0]
-    if root not in _FIELDS:
-        return error
-    field = _FIELDS[root]
-    if root == "structured_outputs" and body.parameters.grammar is not None:
-        field = "parameters.grammar"
-    message = str(error)
-    head, colon, rest = message.partition(":")
-    if colon and head.split(".")[0].split("[")[0] == root:
-        message = field + colon + rest
-    return with_param(type(error)(message), field)
+    fields = _FIELDS
+    if body.parameters.grammar is not None:
+        fields = {**_FIELDS, "structured_outputs": "parameters.grammar"}
+    return renamed_param(error, fields)
 
 
 def alternatives_of(parameters: GenerateParameters) -> int | None:

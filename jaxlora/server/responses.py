@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from jaxlora.errors import JaxloraError, RequestError
-from jaxlora.server.errors import with_param
+from jaxlora.server.errors import renamed_param, with_param
 from jaxlora.server.protocol import SERVICE_TIERS, ChatCompletionRequest, ResponsesRequest
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -250,16 +250,7 @@ def chat_body(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompleti
 def renamed(error: JaxloraError) -> JaxloraError:
     """An error about the chat a response became, naming the Responses field instead (a
     message's index is the chat's, so ``messages[2].content`` becomes ``input``)."""
-    # (the engine's errors name their field at the start of the message only)
-    param = getattr(error, "param", None) or str(error).split(":", 1)[0]
-    root = param.split(".")[0].split("[")[0]
-    if root not in _FIELDS:
-        return error
-    message = str(error)
-    head, colon, rest = message.partition(":")
-    if colon and head.split(".")[0].split("[")[0] == root:
-        message = _FIELDS[root] + colon + rest
-    return with_param(type(error)(message), _FIELDS[root])
+    return renamed_param(error, _FIELDS)
 
 
 def output_items(
