@@ -2830,6 +2830,26 @@ def test_requests_load_adapters_on_demand_from_the_roots(adapter_root):
         samples = parse_metrics(httpx.get(f"{server.url}/metrics").text)
         assert metric(samples, name, outcome="loaded") == 2.0
         assert metric(samples, name, outcome="failed") == 2.0
+        # LoRAX names a local adapter by its absolute path: inside a root, it is that adapter.
+        for adapter_id, status in (
+            (os.path.join(root, "robot_copy"), 200),
+            (os.path.join(root, "pirate_copy", "..", "robot_copy"), 200),
+            (os.path.join(root, "..", "outside"), 404),
+            (outside, 404),
+        ):
+            response = httpx.post(
+                f"{server.url}/generate",
+                json={
+                    "inputs": "Hi",
+                    "parameters": {"adapter_id": adapter_id, "adapter_source": "local"},
+                },
+                headers=headers,
+            )
+            assert response.status_code == status, (adapter_id, response.text)
+            if status == 200:
+                assert response.json()["generated_text"].startswith(" BEEP BOOP")
+            else:
+                assert response.json()["error"]["param"] == "parameters.adapter_id"
         # Unloaded, it loads again on the next request.
         assert unload(server.url, "pirate_copy").status_code == 200
         again = httpx.post(

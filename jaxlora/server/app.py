@@ -1653,7 +1653,9 @@ def create_app(
     async def lorax_run(body: lorax.GenerateRequest, want_logprobs: bool):
         """Checks and submits a LoRAX request: (its group, the prompt's token ids)."""
         try:
-            completion = lorax.completion_body(body, state.config.model_name)
+            completion = lorax.completion_body(
+                body, state.config.model_name, state.config.adapter_roots
+            )
             _check_text(completion)
             adapter = await resolve_model(completion.model)
             _refuse_unsupported(completion)

@@ -13,13 +13,15 @@ generated token, the last one with the whole text and the details.
 
 What this server cannot honour is refused at anything but its neutral value (400 naming the
 ``parameters`` field): an ``adapter_source`` other than ``local`` (adapters are the registered
-ones, or with ``--load_adapters_on_demand`` directories under ``--allowed_adapter_roots``; no
-Hub, S3 or Predibase download), ``merged_adapters`` (merge with ``POST /v1/load_lora_adapter``'s
+ones, or with ``--load_adapters_on_demand`` directories under ``--allowed_adapter_roots``, named
+by their path there or, as LoRAX's local adapters are, by their absolute path; no Hub, S3 or
+Predibase download), ``merged_adapters`` (merge with ``POST /v1/load_lora_adapter``'s
 ``merge`` and name the result), ``api_token``, ``typical_p``, ``watermark`` and ``best_of`` > 1.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -154,9 +156,26 @@ def alternatives_of(parameters: GenerateParameters) -> int | None:
     return k or n or None
 
 
-def completion_body(body: GenerateRequest, base_model: str) -> CompletionRequest:
+def local_adapter_name(adapter_id: str, roots: tuple[str, ...]) -> str:
+    """LoRAX names a local adapter by its directory's path: an absolute one inside an allowed
+    adapter root is the name on-demand loading gives it (its path relative to the root); any
+    other name is itself."""
+    if not os.path.isabs(adapter_id):
+        return adapter_id
+    path = os.path.normpath(adapter_id)
+    for root in roots:
+        root = os.path.normpath(os.path.abspath(root))
+        if path.startswith(root + os.sep):
+            return os.path.relpath(path, root)
+    return adapter_id
+
+
+def completion_body(
+    body: GenerateRequest, base_model: str, adapter_roots: tuple[str, ...] = ()
+) -> CompletionRequest:
     """The /v1/completions request a LoRAX request describes (its errors name the LoRAX
-    fields, ``renamed``)."""
+    fields, ``renamed``); an adapter given by its path inside ``adapter_roots`` is named as
+    ``local_adapter_name`` says."""
     p = body.parameters
     if p.adapter_source not in (None, "local"):
         expected = ADAPTER_SOURCES if p.adapter_source not in ADAPTER_SOURCES else "'local'"
@@ -200,7 +219,11 @@ def completion_body(body: GenerateRequest, base_model: str) -> CompletionRequest
         raise with_param(RequestError("inputs: expected a non-empty prompt"), "inputs")
     sampled = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
     completion: dict[str, Any] = {
-        "model": p.adapter_id if p.adapter_id is not None else base_model,
+        "model": (
+            local_adapter_name(p.adapter_id, adapter_roots)
+            if p.adapter_id is not None
+            else base_model
+        ),
         "prompt": body.inputs,
         "max_tokens": p.max_new_tokens,
         # greedy unless sampling was asked for (TGI's reading of do_sample)
