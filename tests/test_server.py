@@ -2211,6 +2211,20 @@ def test_lorax_generate_answers_as_the_completion_with_lorax_details(served, cli
     assert re.fullmatch("[0-9]{3}", digits), digits
 
 
+def test_lorax_info_tells_the_model_and_its_limits(served):
+    """GET /info (TGI's and LoRAX's; no key, as /health): the served name, dtype, context and
+    batch bounds of this server, and no adapter name."""
+    info = httpx.get(served[0].base_url.removesuffix("/v1") + "/info", timeout=10).json()
+    state = served[1]
+    assert info["model_id"] == BASE and info["router"] == "jaxlora"
+    assert info["model_dtype"] == "float32" and info["max_best_of"] == 1
+    assert info["max_total_tokens"] == state.max_model_len == info["max_input_length"] + 1
+    assert info["max_batch_size"] == state.engine.engine_config.runner.max_batch == 4
+    assert info["max_concurrent_requests"] == 32
+    assert info["max_stop_sequences"] == state.config.max_stop_strings
+    assert not any(name in json.dumps(info) for name in demo.DEMO_SIGNATURES)
+
+
 def test_lorax_generate_stream_sends_one_event_a_token(served, client):
     """POST /generate_stream (and POST / with stream true): one event a generated token with
     its id, text, logprob and special flag; the last carries the whole text and the details; the

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Annotated
 
 import anyio.to_thread
+import jax
+import jax.numpy as jnp
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -1788,6 +1790,32 @@ def create_app(
                 yield _sse(pending)
 
         return await stream(group, raw, chunks, done=False)
+
+    @app.get("/info", tags=["lorax"])
+    async def lorax_info():
+        """TGI's and LoRAX's /info: what is served and its limits (the model's name and dtype,
+        the context, the batch and queue bounds, stop sequences, best_of). Open, as /health
+        and /version are, and naming no adapter (GET /v1/models lists a key's own)."""
+        engine = state.engine
+        leaf = jax.tree.leaves(engine.runner.params)[0]
+        return {
+            "model_id": state.config.model_name,
+            "model_sha": None,
+            "model_dtype": jnp.dtype(leaf.dtype).name,
+            "model_device_type": jax.default_backend(),
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": engine.engine_config.max_waiting,
+            "max_best_of": 1,
+            "max_stop_sequences": state.config.max_stop_strings,
+            "max_input_length": state.max_model_len - 1,
+            "max_total_tokens": state.max_model_len,
+            "max_batch_size": engine.engine_config.runner.max_batch,
+            "max_batch_total_tokens": engine.engine_config.max_num_tokens,
+            "router": "jaxlora",
+            "version": jaxlora_version,
+            "sha": None,
+            "docker_label": None,
+        }
 
     @app.post("/", tags=["lorax"], dependencies=[Depends(_check_api_key)])
     async def lorax_root(body: lorax.GenerateRequest, raw: Request):
