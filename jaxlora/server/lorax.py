@@ -35,9 +35,8 @@ ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
 
 
 class _Body(BaseModel):
-    # (lenient on numbers as LoRAX's and TGI's own servers are: 1 for 1.0 is fine; unknown
-    # fields are still refused)
-    model_config = ConfigDict(extra="forbid")
+    # Strict as the OpenAI bodies are ("5" is no int; 1 is a float), unknown fields refused.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class MergedAdapters(_Body):
