@@ -2292,6 +2292,8 @@ def test_lorax_requests_it_cannot_honour_get_a_400_naming_the_parameter(served):
     assert missing.status_code == 404 and "no-such-adapter" in missing.text
     unknown = _lorax_post(served, "/generate_stream", "Hi", no_such_parameter=1)
     assert unknown.status_code == 400 and "no_such_parameter" in unknown.text
+    streamed = _lorax_post(served, "/generate", "Hi", stream=True)
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
     loose = _lorax_post(served, "/generate", "Hi", max_new_tokens="5")  # (types are strict)
     assert loose.status_code == 400 and "max_new_tokens" in loose.text
     empty = _lorax_post(served, "/generate", "")

@@ -1695,6 +1695,14 @@ def create_app(
     async def lorax_generate(body: lorax.GenerateRequest, raw: Request):
         """LoRAX's (and TGI's) generate: ``generated_text`` and, with ``details``, the finish
         reason, token counts and each token (jaxlora.server.lorax)."""
+        if body.stream and raw.url.path.endswith("/generate"):
+            raise with_param(
+                RequestError(
+                    "stream: POST /generate answers once; stream with POST /generate_stream "
+                    "(or POST / with stream true)"
+                ),
+                "stream",
+            )
         details = body.parameters.details
         group, prompt = await lorax_run(body, want_logprobs=details)
         alternatives = body.parameters.return_k_alternatives or None  # (LoRAX's)

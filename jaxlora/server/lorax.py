@@ -109,7 +109,11 @@ class GenerateParameters(_Body):
 class GenerateRequest(_Body):
     inputs: str = Field(description="The prompt.")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool = Field(False, description="POST / only: stream the answer (generate_stream).")
+    stream: bool = Field(
+        False,
+        description="POST /: stream the answer (as generate_stream); /generate refuses it, "
+        "/generate_stream always streams.",
+    )
 
 
 def _refuse(field: str, message: str) -> RequestError:
