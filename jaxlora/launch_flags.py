@@ -61,6 +61,12 @@ flags.DEFINE_bool(
     "Log one line a finished request: id, model, token counts, finish reason, time to first "
     "token, end to end, preemptions.",
 )
+flags.DEFINE_bool(
+    "disable_log_requests",
+    False,
+    "vLLM's older switch for no per-request log lines, which is this server's default; given "
+    "with --log_requests (--enable_log_requests) it is refused as a contradiction.",
+)
 flags.DEFINE_enum(
     "tool_call_parser",
     "",
@@ -319,6 +325,7 @@ VLLM_FLAG_ALIASES = {
     "max_num_batched_tokens": "max_num_tokens",
     "max_loras": "max_slots",
     "max_lora_rank": "max_rank",
+    "enable_log_requests": "log_requests",
     "block_size": "page_size",
 }
 for _alias, _name in VLLM_FLAG_ALIASES.items():
@@ -472,6 +479,17 @@ def parse_bytes(text: str, *, flag: str) -> int:
     return count
 
 
+def _log_requests() -> bool:
+    from jaxlora.errors import ConfigError
+
+    if FLAGS.log_requests and FLAGS.disable_log_requests:
+        raise ConfigError(
+            "--log_requests (--enable_log_requests) and --disable_log_requests were both given "
+            "(expected one; without either, no per-request lines are logged)"
+        )
+    return FLAGS.log_requests
+
+
 def launch_config():
     """The ``LaunchConfig`` the flags describe; JaxloraError (naming the flag) for a bad JSON
     option."""
@@ -497,7 +515,7 @@ def launch_config():
         pinned_adapters=tuple(FLAGS.pinned_adapters),
         allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
         allowed_origins=tuple(FLAGS.allowed_origins),
-        log_requests=FLAGS.log_requests,
+        log_requests=_log_requests(),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         tokenizer=FLAGS.tokenizer,

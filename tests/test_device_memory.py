@@ -627,3 +627,20 @@ def test_vllm_command_lines_carry_over():
     with pytest.raises(SystemExit):
         launch_flags.parse_flags(["serve.py", "--max-num-seqs=many"])
     flags.FLAGS.unparse_flags()
+    # vLLM's request-log switches: --enable-log-requests is --log_requests; the older
+    # --disable-log-requests is this server's default, refused beside it.
+    for argv, logged in (
+        (["serve.py", "--enable-log-requests"], True),
+        (["serve.py", "--disable-log-requests"], False),
+        (["serve.py"], False),
+        (["serve.py", "--enable-log-requests", "--disable-log-requests"], None),
+    ):
+        try:
+            launch_flags.parse_flags(argv)
+            if logged is None:
+                with pytest.raises(ConfigError, match="--disable_log_requests were both given"):
+                    launch_flags.launch_config()
+            else:
+                assert launch_flags.launch_config().log_requests is logged, argv
+        finally:
+            flags.FLAGS.unparse_flags()
