@@ -2157,6 +2157,11 @@ def test_lorax_generate_answers_as_the_completion_with_lorax_details(served, cli
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1] and sampled[0]["details"]["seed"] == 3
+    # (temperature 1 alone changes no distribution: greedy, as TGI's; 0.7 samples)
+    neutral = _lorax_post(served, "/generate", "Hi", max_new_tokens=40, temperature=1.0).json()
+    assert neutral == base
+    warm = _lorax_post(served, "/generate", "Hi", max_new_tokens=40, temperature=0.7, seed=3).json()
+    assert warm == sampled[0]  # (do_sample implied by the temperature)
 
     rich = _lorax_post(
         served,

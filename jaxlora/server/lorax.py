@@ -30,9 +30,6 @@ from jaxlora.errors import JaxloraError, RequestError
 from jaxlora.server.errors import renamed_param, with_param
 from jaxlora.server.protocol import CompletionRequest
 
-# LoRAX's adapter sources; only "local" (this server's own adapters) is served.
-ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
-
 
 class _Body(BaseModel):
     # Strict as the OpenAI bodies are ("5" is no int; 1 is a float), unknown fields refused.
@@ -181,10 +178,9 @@ def completion_body(
     ``local_adapter_name`` says."""
     p = body.parameters
     if p.adapter_source not in (None, "local"):
-        expected = ADAPTER_SOURCES if p.adapter_source not in ADAPTER_SOURCES else "'local'"
         raise _refuse(
             "adapter_source",
-            f"expected {expected} or none, got {p.adapter_source!r} (this server serves the "
+            f"expected 'local' or none, got {p.adapter_source!r} (this server serves the "
             "adapters it has registered, or with --load_adapters_on_demand the directories "
             "under its --allowed_adapter_roots; it downloads none)",
         )
@@ -220,7 +216,14 @@ def completion_body(
         raise _refuse("decoder_input_details", "needs details true")
     if not body.inputs:
         raise with_param(RequestError("inputs: expected a non-empty prompt"), "inputs")
-    sampled = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
+    # TGI samples where do_sample is set or a parameter changes the distribution (a warper):
+    # temperature 1, top_k 0 and top_p absent leave it greedy.
+    sampled = (
+        p.do_sample
+        or p.temperature not in (None, 1.0)
+        or p.top_k not in (None, 0)
+        or p.top_p is not None
+    )
     completion: dict[str, Any] = {
         "model": (
             local_adapter_name(p.adapter_id, adapter_roots)
