@@ -197,7 +197,9 @@ def residual_rms_norm(
     """``residual_rms_norm_reference`` as one Pallas Triton launch (see the module docstring).
     With ``out_scales`` a row takes a second reduction (its parts' sum normalized before the
     add) and reads a second scale row: one launch where XLA runs the sandwich norm, the add
-    and the next norm as fusions of their own (not timed on a GPU).
+    and the next norm as fusions of their own. In gemma-2-9b's batch-32 decode step on an H100
+    (forty-sixth session) its 84 launches took 4.8 us each and the step 1.6-2.2% less time
+    than with XLA's norms, with the same tokens (docs/BENCHMARKS.md).
 
     One program a row moves S + 2 rows (about 80 KB at 4 float32 parts of 4096 columns) with
     one SM: ``num_warps`` sets how many loads it has in flight. 16 by default (8 columns a
