@@ -1652,6 +1652,9 @@ def create_app(
 
     # ------------------------------------------------------------------ LoRAX / TGI
 
+    # (the tokenizer's special ids, listed once, not at every request)
+    lorax_writer = lorax.TokenWriter(state.tokenizer)
+
     async def lorax_run(body: lorax.GenerateRequest, want_logprobs: bool):
         """Checks and submits a LoRAX request: (its group, the prompt's token ids)."""
         try:
@@ -1713,26 +1716,22 @@ def create_app(
         r = group.requests[0]
         answer = {"generated_text": lorax_full_text(body, r.text), "details": None}
         if details:
-            writer = lorax.TokenWriter(state.tokenizer)
             answer["details"] = {
-                "finish_reason": lorax.finish_reason(r, state.engine.eos_ids),
-                "prompt_tokens": len(prompt),
-                "generated_tokens": len(r.output_ids),
+                **lorax.details_of(r, len(prompt), state.engine.eos_ids),
                 "skipped_tokens": 0,
-                "seed": lorax.seed_of(r),
                 "prefill": (
-                    writer.prefill(r.prompt_ids, r.prompt_logprobs)
+                    lorax_writer.prefill(r.prompt_ids, r.prompt_logprobs)
                     if body.parameters.decoder_input_details
                     else []
                 ),
-                "tokens": writer.tokens(
+                "tokens": lorax_writer.tokens(
                     r.output_ids, r.output_logprobs, r.output_top_logprobs, alternatives
                 ),
                 "best_of_sequences": None,
             }
             if top_n:  # (TGI's form of the same: a list of entries a step)
                 answer["details"]["top_tokens"] = [
-                    writer.top_tokens(top, top_n) for top in r.output_top_logprobs
+                    lorax_writer.top_tokens(top, top_n) for top in r.output_top_logprobs
                 ]
         return answer
 
@@ -1745,7 +1744,6 @@ def create_app(
         group, prompt = await lorax_run(body, want_logprobs=True)
         alternatives = body.parameters.return_k_alternatives or None  # (LoRAX's)
         top_n = body.parameters.top_n_tokens or None  # (TGI's)
-        writer = lorax.TokenWriter(state.tokenizer)
         request = group.requests[0]
 
         async def chunks(events) -> AsyncIterator[str]:
@@ -1765,32 +1763,31 @@ def create_app(
                 ids = delta.token_ids
                 # The delta's text goes with its last token that is not special (a special
                 # token's text is its own, which clients leave out by its flag).
-                plain = [i for i, t in enumerate(ids) if t not in writer.special]
+                plain = [i for i, t in enumerate(ids) if t not in lorax_writer.special]
                 carrier = plain[-1] if plain else None
                 tops = delta.top_logprobs or [None] * len(ids)
                 logprobs = delta.logprobs or [None] * len(ids)
                 for i, token_id in enumerate(ids):
-                    if token_id in writer.special:
-                        text = writer.text(token_id)
+                    if token_id in lorax_writer.special:
+                        text = lorax_writer.text(token_id)
                     else:
                         text = delta.text if i == carrier else ""
                     if pending is not None:
                         yield _sse(pending)
                     pending = {
-                        "token": writer.token(token_id, text, logprobs[i], tops[i], alternatives),
+                        "token": lorax_writer.token(
+                            token_id, text, logprobs[i], tops[i], alternatives
+                        ),
                         "generated_text": None,
                         "details": None,
                     }
                     if top_n:
-                        pending["top_tokens"] = writer.top_tokens(tops[i], top_n)
+                        pending["top_tokens"] = lorax_writer.top_tokens(tops[i], top_n)
                 if delta.finish_reason is not None and pending is not None:
                     pending["generated_text"] = lorax_full_text(body, request.text)
                     pending["details"] = {
-                        "finish_reason": lorax.finish_reason(request, state.engine.eos_ids),
-                        "prompt_tokens": len(prompt),
+                        **lorax.details_of(request, len(prompt), state.engine.eos_ids),
                         "input_length": len(prompt),  # (TGI's name)
-                        "generated_tokens": len(request.output_ids),
-                        "seed": lorax.seed_of(request),
                     }
                     yield _sse(pending)
                     return

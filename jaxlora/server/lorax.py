@@ -24,16 +24,13 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from jaxlora.errors import JaxloraError, RequestError
 from jaxlora.server.errors import renamed_param, with_param
-from jaxlora.server.protocol import CompletionRequest
 
-
-class _Body(BaseModel):
-    # Strict as the OpenAI bodies are ("5" is no int; 1 is a float), unknown fields refused.
-    model_config = ConfigDict(extra="forbid", strict=True)
+# (strict as the OpenAI bodies are: "5" is no int, 1 is a float; unknown fields refused)
+from jaxlora.server.protocol import CompletionRequest, _Body
 
 
 class MergedAdapters(_Body):
@@ -274,6 +271,17 @@ def finish_reason(request, eos_ids: set[int]) -> str:
 def seed_of(request) -> int | None:
     """The seed a sampled request drew with (LoRAX reports none for greedy decoding)."""
     return request.sampling.seed if request.sampling.temperature > 0 else None
+
+
+def details_of(request, prompt_tokens: int, eos_ids: set[int]) -> dict:
+    """What every answer's details say of a finished request (generate's add its tokens,
+    generate_stream's TGI's name of the prompt's length)."""
+    return {
+        "finish_reason": finish_reason(request, eos_ids),
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": len(request.output_ids),
+        "seed": seed_of(request),
+    }
 
 
 class TokenWriter:
