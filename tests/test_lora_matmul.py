@@ -777,10 +777,26 @@ def test_bad_inputs_raise_config_errors():
     shrink = LoraShrink(
         a_pool=prob.a_pool, a_pages=prob.a_pages, rows=jnp.full((2, 16), -1, jnp.int32)
     )
-    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got both"):
+    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got lora\.v, lora\.shrink$"):
         lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, shrink=shrink))
-    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got neither"):
+    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got none"):
         lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=None))
+    programs = LoraShrinkPrograms(a_pool=prob.a_pool, a_pages=prob.a_pages)
+    for bad, message in (
+        (programs, r"got lora\.v, lora\.shrink_programs$"),
+        (dataclasses.replace(programs, rows=0), r"lora\.shrink_programs\.rows must be an int >= 1"),
+        (
+            dataclasses.replace(programs, a_pool=prob.a_pool[..., :-1]),
+            r"lora\.shrink_programs\.a_pool must",
+        ),
+        (
+            dataclasses.replace(programs, a_pages=prob.a_pages.astype(jnp.float32)),
+            r"lora\.shrink_programs\.a_pages must be int32",
+        ),
+    ):
+        v = lora.v if bad is programs else None
+        with pytest.raises(ConfigError, match=message):
+            lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=v, shrink_programs=bad))
     for bad, message in (
         (dataclasses.replace(shrink, rows=shrink.rows[:, :8]), r"lora\.shrink\.rows must be"),
         (dataclasses.replace(shrink, a_pool=prob.a_pool[..., :-1]), r"lora\.shrink\.a_pool must"),
@@ -798,6 +814,8 @@ def test_bad_inputs_raise_config_errors():
         ({"dot_block_m": 8}, "'dot_block_m': expected a power of two >= 16"),
         ({"min_block_m": 48}, "'min_block_m': expected a power of two >= 16"),
         ({"shrink_rows": 24}, "'shrink_rows': expected 0 .off. or a power of two"),
+        ({"shrink_launch_rows": 0}, "'shrink_launch_rows': expected an int >= 1"),
+        ({"shrink_launch_block_k": None}, "'shrink_launch_block_k': expected an int >= 1"),
         ({"shrink_max_tokens": 0}, "'shrink_max_tokens': expected an int >= 1"),
         ({"plain_max_tokens": 0}, "'plain_max_tokens': expected an int >= 1"),
         ({"large_block_num_warps": 0}, "'large_block_num_warps': expected an int >= 1"),
