@@ -31,7 +31,7 @@ import numpy as np
 from jaxlora.bench.profile import trace_gpu_events
 from jaxlora.errors import ConfigError
 from pallas_kernels.lora_matmul import MatmulConfig, lora_matmul, lora_projection
-from pallas_kernels.sgmv import sgmv_delta
+from pallas_kernels.sgmv import choose_per_token, sgmv_delta
 
 # The q|k|v (q, k, v widths), o, gate|up and down projections of llama-2-7b.
 LLAMA2_7B_GROUPS = {
@@ -69,7 +69,7 @@ def copy_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["a_pool", "b_pools", "a_pages", "b_pages", "ranks", "scales", "token_slot"],
-    meta_fields=["weights", "adapter_bytes"],
+    meta_fields=["weights", "adapter_bytes", "per_token"],
 )
 @dataclasses.dataclass(frozen=True)
 class LoraCase:
@@ -84,6 +84,9 @@ class LoraCase:
     token_slot: jax.Array
     weights: tuple[int, ...]
     adapter_bytes: int
+    # The shrink's regime as the engine picks it for a decode step (choose_per_token): one
+    # program per token's rank rows where the adapters have about one token each.
+    per_token: bool = False
 
 
 def lora_case(
@@ -143,6 +146,7 @@ def lora_case(
         token_slot=jnp.asarray(token_slot, jnp.int32),
         weights=tuple(weights),
         adapter_bytes=adapter_bytes,
+        per_token=bool(choose_per_token(token_slot, ranks)),
     )
 
 
@@ -152,11 +156,21 @@ def _projection(impl, config, x, w, layer, lora):
         y = jnp.dot(x, w[layer])
         if lora is None:
             return y
-        delta = sgmv_delta(x, *_operands(lora), layer, weights=lora.weights)
+        delta = sgmv_delta(
+            x, *_operands(lora), layer, weights=lora.weights, per_token=lora.per_token
+        )
         return (y.astype(jnp.float32) + delta).astype(y.dtype)
     if lora is None:
         return lora_matmul(x, w, layer, config=config)
-    return lora_projection(x, w, *_operands(lora), layer, weights=lora.weights, config=config)
+    return lora_projection(
+        x,
+        w,
+        *_operands(lora),
+        layer,
+        weights=lora.weights,
+        config=config,
+        per_token=lora.per_token,
+    )
 
 
 def _operands(lora: LoraCase):
