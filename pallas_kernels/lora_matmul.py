@@ -102,7 +102,6 @@ from pallas_kernels.sgmv import (
     _check_b_pools,
     _check_expand_tables,
     _check_pool,
-    _decode_shrink_kernel,
     _dot_precision,
     _group_of_block,
     _idx,
@@ -259,15 +258,6 @@ class MatmulConfig(KernelConfig):
     # with 64 distinct adapters against lora_matmul's 7.07 / 9.80 ms, but 8.32 against 7.52 ms
     # with one adapter (the in-loop shrink).
     plain_max_tokens: int = 32
-    # A step whose shrink would be its own SGMV launch (adapters beyond shrink_rows) runs it in
-    # this launch instead (``LoraShrinkPrograms``): the grid's first programs are the shrink's,
-    # one token's ``shrink_launch_rows`` rank rows each (the SGMV decode shrink's program, K
-    # steps of ``shrink_launch_block_k``), and the GEMM programs, dispatched after them, wait for
-    # a counter the shrink programs raise only after their K loop, before the epilogue reads v.
-    # The shrink's A bytes then stream beside the weights instead of in a launch of their own.
-    shrink_in_launch: bool = False
-    shrink_launch_rows: int = 4
-    shrink_launch_block_k: int = 512
 
     def __post_init__(self):
         self._check_partial_share()
@@ -339,8 +329,6 @@ class MatmulConfig(KernelConfig):
             ("min_programs", 0, False),
             ("rows_epilogue_min_programs", 0, True),
             ("max_split_k", 1, False),
-            ("shrink_launch_rows", 1, False),
-            ("shrink_launch_block_k", 1, False),
         ):
             value = getattr(self, name)
             if optional and value is None:
@@ -463,40 +451,13 @@ class LoraShrink:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["a_pool", "a_pages"],
-    meta_fields=["rows", "block_k"],
-)
-@dataclasses.dataclass(frozen=True)
-class LoraShrinkPrograms:
-    """The shrink's operands when ``lora_matmul`` runs it in programs of its own launch
-    (``MatmulConfig.shrink_in_launch``, any number of adapters): each program computes one
-    token's ``rows`` rank rows of v over the whole K, ``block_k`` at a time."""
-
-    a_pool: jax.Array  # (L, P, R, K) A rank-rows
-    a_pages: jax.Array  # (S, 7, MP) int32
-    rows: int = 4
-    block_k: int = 512
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=[
-        "v",
-        "b_pools",
-        "b_pages",
-        "ranks",
-        "scales",
-        "token_slot",
-        "shrink",
-        "shrink_programs",
-    ],
+    data_fields=["v", "b_pools", "b_pages", "ranks", "scales", "token_slot", "shrink"],
     meta_fields=["weights"],
 )
 @dataclasses.dataclass(frozen=True)
 class LoraExpand:
     """The LoRA operands of ``lora_matmul`` (one module group); a pytree, weights static.
-    ``v`` is the shrink's output, or None with ``shrink`` (the kernel computes v in its K loop)
-    or ``shrink_programs`` (in programs of its own launch)."""
+    ``v`` is the shrink's output, or None with ``shrink``: then the kernel computes v itself."""
 
     v: jax.Array | None  # (T, G, MP*R) float32, the shrink output
     b_pools: tuple[jax.Array, ...]  # G pools (L, P, R, out_g)
@@ -506,7 +467,6 @@ class LoraExpand:
     token_slot: jax.Array  # (T,) int32, NO_ADAPTER = -1
     weights: tuple[int, ...]  # weight indices of the group, e.g. (0, 1, 2) for q|k|v
     shrink: LoraShrink | None = None
-    shrink_programs: LoraShrinkPrograms | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,10 +493,6 @@ class _Epilogue:
     # The shrink in the K loop (0: v is an input): its rank rows J and the A pool's pages.
     shrink_rows: int = 0
     a_pages_per_pool: int = 0
-    # The shrink in programs of the launch (0: off): rank rows of each and its K step (the A
-    # pool's pages in a_pages_per_pool).
-    launch_rows: int = 0
-    launch_block_k: int = 0
 
 
 # Past a block's last adapter slot in ``_block_adapters`` (above any slot index).
@@ -572,20 +528,7 @@ def lora_matmul_reference(
     if bias is not None:
         y = y + bias[layer].astype(jnp.float32)
     if lora is not None:
-        v = lora.v
-        if lora.shrink is not None:
-            v = _listed_shrink_reference(x, lora, layer)
-        elif lora.shrink_programs is not None:
-            programs = lora.shrink_programs
-            v = sgmv_shrink_reference(
-                x,
-                programs.a_pool,
-                programs.a_pages,
-                lora.ranks,
-                lora.token_slot,
-                layer,
-                weights=lora.weights,
-            )
+        v = lora.v if lora.shrink is None else _listed_shrink_reference(x, lora, layer)
         y = sgmv_expand_reference(
             y,
             v,
@@ -742,8 +685,6 @@ def _matmul_kernel(
     expand: _Epilogue | None,
     interpret,
     bias: bool = False,
-    program=None,
-    wait=None,
 ):
     """A program owns ``bm`` tokens x ``bn`` columns, as ``bm / sub`` sub-blocks of ``sub``
     tokens: each K step loads the weight tile once and runs one tensor-core dot per sub-block,
@@ -752,9 +693,7 @@ def _matmul_kernel(
     writes its float32 partial; its epilogue adds the LoRA terms of its share. With
     ``expand.shrink_rows`` it also computes its tokens' v over its K steps (one more dot a step,
     by the listed A rank rows) and adds ``v @ B`` from that (a K part adds its partial v's).
-    With ``bias`` (no split) it adds the layer's bias to its columns before the one rounding.
-    ``program``: its (row block, column block, K part) where the grid is not those three axes
-    (``_shrink_launch_kernel``); ``wait``: called between the K loop and the epilogue."""
+    With ``bias`` (no split) it adds the layer's bias to its columns before the one rounding."""
     bias_ref = None
     if bias:
         bias_ref, *refs = refs
@@ -764,22 +703,19 @@ def _matmul_kernel(
         shrink_refs, refs = refs[:3], refs[3:]
     num_tokens, width = x_ref.shape
     num_layers = w_ref.shape[0]
-    if program is None:
-        program = tuple(pl.program_id(axis) for axis in range(3 if split > 1 else 2))
-    row_block, j = program[:2]
-    part = program[2] if split > 1 else None
+    part = pl.program_id(2) if split > 1 else None
     # Masks along K where the steps overrun it (the last step, or whole steps of the last part).
     mask_k = split * k_steps * bk != width if split > 1 else width % bk
     # Row blocks vary fastest: the programs of one column block run side by side, so a second
     # row block reads its weights from L2.
+    j = pl.program_id(1)
     subs = []
     for s in range(bm // sub):
-        start = row_block * bm if s == 0 else row_block * bm + s * sub
+        start = pl.program_id(0) * bm if s == 0 else pl.program_id(0) * bm + s * sub
         rows = start + jnp.arange(sub, dtype=jnp.int32)
         row_ok = rows < num_tokens
-        # The dot epilogue's indices recompute an only sub-block's start themselves (from
-        # the grid, which only the plain grid has).
-        start = None if sub == bm and wait is None else start
+        # The dot epilogue's indices recompute an only sub-block's start themselves.
+        start = None if sub == bm else start
         subs.append((start, row_ok, _idx(rows, row_ok, num_tokens, interpret)))
     # Index arrays rather than pl.ds slices: the interpreter cannot mix slices with them, and
     # Triton sees the same contiguity from an aligned start plus a range.
@@ -857,8 +793,6 @@ def _matmul_kernel(
     )
     if shrink is None:
         v_accs = (None,) * len(subs)
-    if wait is not None:
-        wait()
     share = None if part is None else (part, split)
     for (_, row_ok, rows_i), ready, few, acc, v_acc in zip(
         subs, prepared, found, accs, v_accs, strict=True
@@ -931,75 +865,6 @@ def _matmul_kernel(
             acc.astype(y_ref.dtype),
             mask=row_ok[:, None],
         )
-
-
-def _shrink_launch_kernel(*refs, matmul, grid, n_shrink, chunks, ep: _Epilogue, bias, interpret):
-    """``lora_matmul`` with the shrink in programs of its own launch (``LoraShrinkPrograms``).
-
-    Inputs: x, w, layer, [bias], the A pool (L*P*R, K), its pages (S, 7, MP) int32, the G B pools,
-    B pages, ranks, scales, token slots (``_matmul_kernel``'s LoRA operands after v), and a
-    counter (1,) int32 of zero; outputs: y, v (T, G*MP*R) float32 and the counter (aliased).
-
-    Programs 0 .. n_shrink - 1 each compute one token's ``ep.launch_rows`` rank rows of v (the
-    SGMV decode shrink's program: ``chunks`` programs a token), then raise the counter; the
-    others are ``matmul``'s programs over ``grid`` (row blocks fastest), which after their K loop
-    wait for the counter to reach n_shrink before their epilogue reads v. Waiting cannot
-    deadlock: programs are dispatched in the order of their index, so every shrink program is
-    running or done before a GEMM program can occupy a place, and none of them waits.
-    Ordering: each shrink program's threads store v, meet at a barrier, then one thread adds
-    to the counter (acquire-release, GPU scope); a GEMM program's poll is an atomic read of the
-    same kind, followed by a barrier before any thread loads v (CUTLASS's semaphore pattern)."""
-    x_ref, w_ref, layer_ref, *rest = refs
-    head = [x_ref, w_ref, layer_ref]
-    if bias:
-        head.append(rest.pop(0))
-    a_ref, a_pages_ref, *rest = rest
-    *lora_refs, _, y_ref, v_ref, counter_ref = rest
-    ranks_ref, slot_ref = lora_refs[-3], lora_refs[-1]
-    p = pl.program_id(0)
-
-    @pl.when(p < n_shrink)
-    def _shrink():
-        _decode_shrink_kernel(
-            x_ref,
-            a_ref,
-            a_pages_ref,
-            ranks_ref,
-            layer_ref,
-            slot_ref,
-            v_ref,
-            weights=ep.weights,
-            rank_cols=ep.rank_cols,
-            pages_per_pool=ep.a_pages_per_pool,
-            rows_per_page=ep.rows_per_page,
-            max_pages=ep.max_pages,
-            rows=ep.launch_rows,
-            bk=ep.launch_block_k,
-            interpret=interpret,
-            program=(p % chunks, p // chunks),
-        )
-        if interpret:  # one program after another: no other program reads the counter now
-            counter_ref[0] += 1
-            return
-        pltriton.debug_barrier()
-        pltriton.atomic_add(counter_ref, (jnp.int32(0),), jnp.int32(1))
-
-    @pl.when(p >= n_shrink)
-    def _gemm():
-        q = p - n_shrink
-        program = (q % grid[0], (q // grid[0]) % grid[1], q // (grid[0] * grid[1]))
-
-        def wait():
-            if interpret:  # every shrink program ran before (programs run in index order)
-                return
-            jax.lax.while_loop(
-                lambda seen: seen < n_shrink,
-                lambda _: pltriton.atomic_add(counter_ref, (jnp.int32(0),), jnp.int32(0)),
-                jnp.int32(0),
-            )
-            pltriton.debug_barrier()
-
-        matmul(*head, v_ref, *lora_refs, y_ref, program=program, wait=wait)
 
 
 def _expand_epilogue(
@@ -1435,56 +1300,27 @@ def lora_matmul(
         args.insert(3, bias)
         tag += "_bias"
     num_warps = config.num_warps_for(bm, bn)
-    kernel = functools.partial(
-        _matmul_kernel,
-        bm=bm,
-        sub=sub,
-        bn=bn,
-        bk=bk,
-        split=split,
-        k_steps=pl.cdiv(k_blocks, split),
-        dtype=dtype,
-        expand=expand,
-        interpret=interpret,
-        bias=in_kernel_bias,
-    )
-    aliases = {}
-    launch = expand is not None and expand.launch_rows
-    if launch:
-        v_cols = len(expand.weights) * expand.rank_cols
-        chunks = pl.cdiv(v_cols, expand.launch_rows)
-        n_shrink = num_tokens * chunks
-        kernel = functools.partial(
-            _shrink_launch_kernel,
-            matmul=kernel,
-            grid=grid + (1,) * (3 - len(grid)),
-            n_shrink=n_shrink,
-            chunks=chunks,
-            ep=expand,
-            bias=in_kernel_bias,
-            interpret=interpret,
-        )
-        args.append(jnp.zeros((1,), jnp.int32))
-        aliases = {len(args) - 1: 2}
-        out_shape = (
-            out_shape,
-            jax.ShapeDtypeStruct((num_tokens, v_cols), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.int32),
-        )
-        grid = (n_shrink + int(np.prod(grid)),)
-        tag += f"_l{expand.launch_rows}k{expand.launch_block_k}"
     name = f"lora_matmul{tag}_bm{bm}_bn{bn}_bk{bk}_w{num_warps}_s{config.num_stages}"
     y = pl.pallas_call(
-        kernel,
+        functools.partial(
+            _matmul_kernel,
+            bm=bm,
+            sub=sub,
+            bn=bn,
+            bk=bk,
+            split=split,
+            k_steps=pl.cdiv(k_blocks, split),
+            dtype=dtype,
+            expand=expand,
+            interpret=interpret,
+            bias=in_kernel_bias,
+        ),
         out_shape=out_shape,
         grid=grid,
-        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=name,
     )(*args)
-    if launch:
-        y = y[0]
     if partials:
         return y if split > 1 else y[None]
     if split == 1:
@@ -1527,7 +1363,7 @@ def lora_projection(
     the shrink of those rank rows in its K loop. With ``v`` (the shrink's output, run by the
     launch before: ``pallas_kernels.residual_norm.residual_rms_norm_shrink``) one launch, the
     base GEMM and the expand."""
-    shrink = programs = None
+    shrink = None
     if v is not None:
         if shrink_rows is not None:
             raise ConfigError(
@@ -1536,14 +1372,6 @@ def lora_projection(
             )
     elif shrink_rows is not None:
         shrink = LoraShrink(a_pool=a_pool, a_pages=a_pages, rows=shrink_rows)
-    elif (config or MatmulConfig()).shrink_in_launch:
-        launch_config = config or MatmulConfig()
-        programs = LoraShrinkPrograms(
-            a_pool=a_pool,
-            a_pages=a_pages,
-            rows=launch_config.shrink_launch_rows,
-            block_k=launch_config.shrink_launch_block_k,
-        )
     else:
         v = sgmv_shrink(
             x,
@@ -1567,7 +1395,6 @@ def lora_projection(
         token_slot=token_slot,
         weights=weights,
         shrink=shrink,
-        shrink_programs=programs,
     )
     return lora_matmul(
         x,
@@ -1589,20 +1416,13 @@ def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int, width: 
             f"{_WHERE} {fn}: the group's widths {widths} add up to {sum(widths)}, "
             f"w has N = {n_cols} output columns"
         )
-    shrink, programs = lora.shrink, lora.shrink_programs
-    given = [
-        name
-        for name, value in (("v", lora.v), ("shrink", shrink), ("shrink_programs", programs))
-        if value is not None
-    ]
-    if len(given) != 1:
+    shrink = lora.shrink
+    if (lora.v is None) == (shrink is None):
         raise ConfigError(
-            f"{_WHERE} {fn}: expected exactly one of lora.v (the shrink's output), lora.shrink "
-            f"(the shrink in the K loop) and lora.shrink_programs (in programs of the launch), "
-            f"got {', '.join('lora.' + n for n in given) or 'none'}"
+            f"{_WHERE} {fn}: expected exactly one of lora.v (the shrink's output) and "
+            f"lora.shrink (the shrink in the kernel), got "
+            f"{'both' if shrink is not None else 'neither'}"
         )
-    if programs is not None:
-        _check_shrink_pool(fn, "lora.shrink_programs", programs, lora.b_pages, b_pools, width)
     rank_cols = _check_expand_tables(
         fn,
         lora.v,
@@ -1626,21 +1446,7 @@ def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int, width: 
         rows_per_page=rows_per_page,
         max_pages=max_pages,
     )
-    if programs is not None:
-        for name in ("rows", "block_k"):
-            value = getattr(programs, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(
-                    f"{_WHERE} {fn}: lora.shrink_programs.{name} must be an int >= 1, got {value!r}"
-                )
-        statics = dataclasses.replace(
-            statics,
-            launch_rows=min(programs.rows, _next_pow2(g_count * rank_cols)),
-            launch_block_k=min(programs.block_k, _next_pow2(width)),
-            a_pages_per_pool=int(programs.a_pool.shape[1]),
-        )
-        operands = [programs.a_pool.reshape(-1, width), programs.a_pages.astype(jnp.int32)]
-    elif shrink is None:
+    if shrink is None:
         operands = [lora.v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)]
     else:
         statics = dataclasses.replace(
@@ -1663,30 +1469,21 @@ def _expand_operands(fn, lora: LoraExpand, num_tokens: int, n_cols: int, width: 
     return widths, statics, operands
 
 
-def _check_shrink_pool(fn, name: str, shrink, b_pages, b_pools, width: int) -> None:
-    """Checks ``name``'s a_pool and a_pages against the B side and x's width."""
-    _check_pool(fn, f"{name}.a_pool", shrink.a_pool, where=_WHERE)
+def _check_shrink(fn, shrink: LoraShrink, b_pages, b_pools, width: int) -> int:
+    """The shrink rows J after checking ``lora.shrink`` against the B side and x's width."""
+    _check_pool(fn, "lora.shrink.a_pool", shrink.a_pool, where=_WHERE)
     num_layers, _, rows_per_page, _ = b_pools[0].shape
     expected = (num_layers, shrink.a_pool.shape[1], rows_per_page, width)
     if shrink.a_pool.shape != expected:
         raise ConfigError(
-            f"{_WHERE} {fn}: {name}.a_pool must be (L, P, R, K) = {expected} (the B pools' "
+            f"{_WHERE} {fn}: lora.shrink.a_pool must be (L, P, R, K) = {expected} (the B pools' "
             f"L and R, x's width), got shape {shrink.a_pool.shape}"
         )
     if shrink.a_pages.shape != b_pages.shape:
         raise ConfigError(
-            f"{_WHERE} {fn}: {name}.a_pages must be (S, 7, MP) = {b_pages.shape} like "
+            f"{_WHERE} {fn}: lora.shrink.a_pages must be (S, 7, MP) = {b_pages.shape} like "
             f"lora.b_pages, got shape {shrink.a_pages.shape}"
         )
-    if not jnp.issubdtype(shrink.a_pages.dtype, jnp.integer):
-        raise ConfigError(
-            f"{_WHERE} {fn}: {name}.a_pages must be int32, got {shrink.a_pages.dtype}"
-        )
-
-
-def _check_shrink(fn, shrink: LoraShrink, b_pages, b_pools, width: int) -> int:
-    """The shrink rows J after checking ``lora.shrink`` against the B side and x's width."""
-    _check_shrink_pool(fn, "lora.shrink", shrink, b_pages, b_pools, width)
     rows = shrink.rows
     if rows.ndim != 2 or rows.shape[0] != 2 or rows.shape[1] < 16:
         raise ConfigError(
@@ -1702,7 +1499,6 @@ def _check_shrink(fn, shrink: LoraShrink, b_pages, b_pools, width: int) -> int:
 __all__ = [
     "LoraExpand",
     "LoraShrink",
-    "LoraShrinkPrograms",
     "build_shrink_rows",
     "MatmulConfig",
     "lora_matmul",

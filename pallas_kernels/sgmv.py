@@ -1175,15 +1175,11 @@ def _decode_shrink_kernel(
     rows,
     bk,
     interpret,
-    program=None,
 ):
-    """One program: token t's v columns chunk * rows .. + rows. ``program`` = (chunk, t) where
-    another kernel runs these programs among its own (``lora_matmul``'s shrink programs);
-    None: the grid's (program_id(0), program_id(1))."""
     _, width = x_ref.shape
-    chunk, t = program if program is not None else (pl.program_id(0), pl.program_id(1))
+    t = pl.program_id(1)
     col_ok, live, a_i, out_i = token_rank_rows(
-        chunk * rows + jnp.arange(rows, dtype=jnp.int32),
+        pl.program_id(0) * rows + jnp.arange(rows, dtype=jnp.int32),
         slot_ref[t],
         layer_ref,
         pool_ref,

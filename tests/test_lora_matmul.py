@@ -25,7 +25,6 @@ from pallas_kernels.lora_matmul import (
     _NO_MORE,
     LoraExpand,
     LoraShrink,
-    LoraShrinkPrograms,
     MatmulConfig,
     _block_adapters,
     build_shrink_rows,
@@ -415,96 +414,6 @@ def test_shrink_in_the_k_loop(group, dtype_name, split_k, adapters, listed, num_
         assert _rel_err(y, y_two_launches) < TOL[dtype_name]
 
 
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize(
-    ("group", "dtype_name", "split_k", "epilogue", "rows", "num_tokens"),
-    [
-        ("qkv", "float32", None, "dot", 4, 40),
-        ("qkv", "bfloat16", 2, "dot", 16, 13),
-        ("gate_up", "bfloat16", None, "rows", 8, 40),
-        ("down", "float32", 4, "dot", 16, 40),
-        ("down", "bfloat16", 4, "rows_prefetch", 2, 1),
-    ],
-)
-def test_shrink_programs_in_the_launch(
-    group, dtype_name, split_k, epilogue, rows, num_tokens, interpret
-):
-    """MatmulConfig.shrink_in_launch: the shrink runs in the launch's first programs (one
-    token's ``rows`` rank rows each, K steps of 16: several per row, a partial last one for
-    down's 72), the GEMM programs wait for them before their epilogue. Any number of adapters,
-    ranks up to 12 over shuffled pages, NaN in the pools beyond every rank, base-only tokens,
-    with and without a K split, every epilogue: the reference's result (the SGMV shrink's v,
-    then the expand), and lora_projection takes that path from the config."""
-    dtype = jnp.dtype(dtype_name)
-    prob, w, lora = _case(group, num_tokens, dtype)
-    programs = LoraShrinkPrograms(a_pool=prob.a_pool, a_pages=prob.a_pages, rows=rows, block_k=16)
-    fused = dataclasses.replace(lora, v=None, shrink_programs=programs)
-    config = dataclasses.replace(
-        SMALL,
-        split_k=split_k,
-        epilogue=epilogue,
-        shrink_in_launch=True,
-        shrink_launch_rows=rows,
-        shrink_launch_block_k=16,
-    )
-    y = lora_matmul(prob.x, w, prob.layer, lora=fused, config=config, interpret=interpret)
-    assert y.shape == (num_tokens, w.shape[2]) and y.dtype == dtype
-    assert _rel_err(y, lora_matmul_reference(prob.x, w, prob.layer, lora=fused)) < TOL[dtype_name]
-    assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL[dtype_name]
-    y_projection = lora_projection(
-        prob.x,
-        w,
-        prob.a_pool,
-        prob.b_pools,
-        prob.a_pages,
-        prob.b_pages,
-        prob.ranks,
-        prob.scales,
-        jnp.asarray(prob.token_slot),
-        prob.layer,
-        weights=prob.weights,
-        config=config,
-        interpret=interpret,
-    )
-    np.testing.assert_array_equal(np.asarray(y_projection), np.asarray(y))
-
-
-def test_shrink_programs_lower_for_the_gpu_at_model_widths():
-    """The 7B decode groups with the shrink in the launch lower to Triton as one kernel a group
-    (no SGMV launch), named after its shrink programs (``_l16k512``), at batch 32."""
-    layers, rows, pages, slots = 2, 16, 8, 32
-    for width, widths, weights in (
-        (4096, (4096, 4096, 4096), (0, 1, 2)),
-        (4096, (4096,), (3,)),
-        (4096, (11008, 11008), (4, 5)),
-        (11008, (4096,), (6,)),
-    ):
-        x = jnp.zeros((32, width), jnp.bfloat16)
-        w = jnp.zeros((layers, width, sum(widths)), jnp.bfloat16)
-        a_pool = jnp.zeros((layers, pages, rows, width), jnp.bfloat16)
-        b_pools = tuple(jnp.zeros((layers, pages, rows, n), jnp.bfloat16) for n in widths)
-        tables = jnp.zeros((slots, 7, 1), jnp.int32)
-
-        def project(x, w, a_pool, b_pools, tables, weights=weights):
-            return lora_projection(
-                x,
-                w,
-                a_pool,
-                b_pools,
-                tables,
-                tables,
-                tables[:, :, 0],
-                jnp.ones((slots, 7), jnp.float32),
-                jnp.arange(32, dtype=jnp.int32),
-                jnp.int32(1),
-                weights=weights,
-                config=MatmulConfig(shrink_in_launch=True, shrink_launch_rows=16),
-            )
-
-        text = lower_for_gpu(project, x, w, a_pool, b_pools, tables)
-        assert triton_kernels(text) == 1 and "_l16k512_" in text
-
-
 def test_build_shrink_rows_lists_every_rank_row_of_each_slot():
     """Each slot's largest rank over the 7 weights, in the order given, then unused rows; None
     when they do not fit."""
@@ -777,26 +686,10 @@ def test_bad_inputs_raise_config_errors():
     shrink = LoraShrink(
         a_pool=prob.a_pool, a_pages=prob.a_pages, rows=jnp.full((2, 16), -1, jnp.int32)
     )
-    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got lora\.v, lora\.shrink$"):
+    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got both"):
         lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, shrink=shrink))
-    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got none"):
+    with pytest.raises(ConfigError, match=r"exactly one of lora\.v .* got neither"):
         lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=None))
-    programs = LoraShrinkPrograms(a_pool=prob.a_pool, a_pages=prob.a_pages)
-    for bad, message in (
-        (programs, r"got lora\.v, lora\.shrink_programs$"),
-        (dataclasses.replace(programs, rows=0), r"lora\.shrink_programs\.rows must be an int >= 1"),
-        (
-            dataclasses.replace(programs, a_pool=prob.a_pool[..., :-1]),
-            r"lora\.shrink_programs\.a_pool must",
-        ),
-        (
-            dataclasses.replace(programs, a_pages=prob.a_pages.astype(jnp.float32)),
-            r"lora\.shrink_programs\.a_pages must be int32",
-        ),
-    ):
-        v = lora.v if bad is programs else None
-        with pytest.raises(ConfigError, match=message):
-            lora_matmul(prob.x, w, 0, lora=dataclasses.replace(lora, v=v, shrink_programs=bad))
     for bad, message in (
         (dataclasses.replace(shrink, rows=shrink.rows[:, :8]), r"lora\.shrink\.rows must be"),
         (dataclasses.replace(shrink, a_pool=prob.a_pool[..., :-1]), r"lora\.shrink\.a_pool must"),
@@ -814,8 +707,6 @@ def test_bad_inputs_raise_config_errors():
         ({"dot_block_m": 8}, "'dot_block_m': expected a power of two >= 16"),
         ({"min_block_m": 48}, "'min_block_m': expected a power of two >= 16"),
         ({"shrink_rows": 24}, "'shrink_rows': expected 0 .off. or a power of two"),
-        ({"shrink_launch_rows": 0}, "'shrink_launch_rows': expected an int >= 1"),
-        ({"shrink_launch_block_k": None}, "'shrink_launch_block_k': expected an int >= 1"),
         ({"shrink_max_tokens": 0}, "'shrink_max_tokens': expected an int >= 1"),
         ({"plain_max_tokens": 0}, "'plain_max_tokens': expected an int >= 1"),
         ({"large_block_num_warps": 0}, "'large_block_num_warps': expected an int >= 1"),
