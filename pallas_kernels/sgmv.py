@@ -1237,54 +1237,6 @@ def sgmv_shrink(
     """Pallas Triton shrink; same contract as ``sgmv_shrink_reference``. ``per_token`` (static;
     ``choose_per_token`` decides it on the host) runs one program per (token, rank rows) at any
     T instead of tiles of one slot's tokens."""
-    parts, split = _shrink_parts(
-        x,
-        a_pool,
-        a_pages,
-        ranks,
-        token_slot,
-        layer,
-        weights=weights,
-        kernel_meta=kernel_meta,
-        config=config,
-        per_token=per_token,
-        interpret=interpret,
-    )
-    v = _sum_parts(parts, split, x.shape[0])
-    return v.reshape(x.shape[0], len(weights), v.shape[1] // len(weights))
-
-
-def _sum_parts(parts: jax.Array, split: jax.Array | None, num_tokens: int) -> jax.Array:
-    """v (T, G*MP*R) from the shrink's K-split partials (S*T, G*MP*R): the first ``split`` of
-    them summed in one fixed order (the others were never written); ``split`` None: v itself.
-    The prefill expand sums them the same way as it loads v, bit for bit."""
-    if split is None:
-        return parts
-    stacked = parts.reshape(-1, num_tokens, parts.shape[1])
-    v = stacked[0]
-    for k in range(1, stacked.shape[0]):  # one fixed order of float additions
-        v = v + jnp.where(k < split[0], stacked[k], 0.0)  # splits the kernel did not use
-    return v
-
-
-def _shrink_parts(
-    # inputs
-    x: jax.Array,  # (T, in)
-    a_pool: jax.Array,  # (L, P, R, in)
-    a_pages: jax.Array,  # (S, 7, MP) int32
-    ranks: jax.Array,  # (S, 7) int32
-    token_slot: jax.Array,  # (T,) int32
-    layer: jax.Array | int,  # () int32
-    *,
-    weights: tuple[int, ...],
-    kernel_meta: dict | None = None,
-    config: SgmvConfig | None = None,
-    per_token: bool = False,
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
-    """``sgmv_shrink``'s launch without the sum of its partials: (v (T, G*MP*R), None), or with a
-    deterministic K split ((S*T, G*MP*R) float32 partials, rows [k*T, (k+1)*T) split k's, and the
-    split in use, (1,) int32)."""
     config = config or SgmvConfig()
     fn = "sgmv_shrink"
     _check_weights(fn, weights)
@@ -1301,7 +1253,7 @@ def _shrink_parts(
     rank_cols = max_pages * rows_per_page
     columns = g_count * rank_cols
     if num_tokens == 0:
-        return jnp.zeros((0, columns), jnp.float32), None
+        return jnp.zeros((0, g_count, rank_cols), jnp.float32)
     pool_rows = a_pool.reshape(num_layers * pages_per_pool * rows_per_page, width)
     layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
     a_pages = a_pages.astype(jnp.int32)
@@ -1328,7 +1280,7 @@ def _shrink_parts(
             interpret=interpret,
             name=f"sgmv_shrink_{regime}_rows{rows}_bk{bk}_w{warps}_s{stages}",
         )(x, pool_rows, a_pages, ranks, layer1, token_slot)
-        return v, None
+        return v.reshape(num_tokens, g_count, rank_cols)
 
     meta = _prefill_meta(fn, "shrink", kernel_meta, token_slot, num_slots, config)
     num_tiles = meta[1].shape[0]
@@ -1378,10 +1330,13 @@ def _shrink_parts(
         interpret=interpret,
         name=name,
     )(*args)
-    if not partials:
-        return v, None
-    split = _shrink_split(meta[-1][0], n_blocks, max_split, target, jnp.where)
-    return v, jnp.asarray(split, jnp.int32).reshape(1)
+    if partials:
+        parts = v.reshape(max_split, num_tokens, columns)
+        split = _shrink_split(meta[-1][0], n_blocks, max_split, target, jnp.where)
+        v = parts[0]
+        for k in range(1, max_split):  # one fixed order of float additions
+            v = v + jnp.where(k < split, parts[k], 0.0)  # splits the kernel did not use
+    return v.reshape(num_tokens, g_count, rank_cols)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1420,8 +1375,6 @@ def _prefill_expand_kernel(
     # G B pools, (L*P_g*R, out_g) each
     # pages (S, 7, MP), ranks (S, 7), scales (S, 7) float32, layer (1,), sorted tokens (T,),
     # tile starts / sizes / slots (NT,) each, tiles in use (1,), all int32 but scales
-    # [with parts > 1: v is the shrink's partials (parts*T, G*MP*R), and the split in use (1,)
-    # int32 follows: the first split of them are summed as v is loaded]
     # outputs: refs[-1] = y_ref (T, sum of out widths): y += delta when accumulate, else the
     # float32 delta itself, written for every token (zeros where there is no adapter)
     accumulate,
@@ -1442,13 +1395,9 @@ def _prefill_expand_kernel(
     dtypes,
     prefetch_y,
     interpret,
-    parts=1,
 ):
     g_count = len(weights)
     v_ref, pool_refs, rest = _expand_operands(refs, accumulate, g_count)
-    split_ref = None
-    if parts > 1:
-        split_ref, rest = rest[-2], rest[:-2] + rest[-1:]
     (
         pages_ref,
         ranks_ref,
@@ -1521,18 +1470,9 @@ def _prefill_expand_kernel(
                     )
                     b_i = _idx(b_row, j_ok, pool_ref.shape[0], interpret)[:, None]
                     v_i = _idx(g * rank_cols + j, j_ok, v_cols, interpret)[None, :]
-                    v_mask = row_ok[:, None] & j_ok[None, :]
-                    vt = pltriton.load(v_ref.at[tok_i, v_i], mask=v_mask, other=0.0)
-                    for k in range(1, parts):
-                        # The shrink's split k, in _sum_parts' order; splits past the one in
-                        # use were never written, so never loaded.
-                        part_i = _idx(tok + k * num_tokens, row_ok, v_ref.shape[0], interpret)
-                        vt = vt + pltriton.load(
-                            v_ref.at[part_i[:, None], v_i],
-                            mask=v_mask & (k < split_ref[0]),
-                            other=0.0,
-                        )
-                    vt = vt.astype(dtype)
+                    vt = pltriton.load(
+                        v_ref.at[tok_i, v_i], mask=row_ok[:, None] & j_ok[None, :], other=0.0
+                    ).astype(dtype)
                     first = (prog_all - starts[g]) * steps
                     num_steps = jnp.minimum(steps, blocks[g] - first)
                     ragged = width % bn != 0
@@ -1825,44 +1765,6 @@ def sgmv_expand(
     ``sgmv_delta``): XLA then fuses ``y + delta`` into the ops that consume the base outputs,
     where an in-place update needs the group's outputs concatenated (and any split GEMM's partial
     sums reduced) into one buffer first (docs/BENCHMARKS.md, fifth-session HLO)."""
-    return _expand(
-        y,
-        v,
-        None,
-        b_pools,
-        b_pages,
-        ranks,
-        scales,
-        token_slot,
-        layer,
-        weights=weights,
-        kernel_meta=kernel_meta,
-        config=config,
-        per_token=per_token,
-        interpret=interpret,
-    )
-
-
-def _expand(
-    y,
-    v,
-    split,
-    b_pools,
-    b_pages,
-    ranks,
-    scales,
-    token_slot,
-    layer,
-    *,
-    weights,
-    kernel_meta,
-    config,
-    per_token,
-    interpret,
-):
-    """``sgmv_expand`` with v as given (T, G, MP*R), or with ``split`` ((1,) int32) as the
-    shrink's K-split partials (S*T, G*MP*R) (``_shrink_parts``): the prefill expand sums them as
-    it loads each tile's v, the other regimes after ``_sum_parts``."""
     config = config or SgmvConfig()
     fn = "sgmv_expand"
     b_pools, widths = _check_b_pools(fn, weights, b_pools)
@@ -1874,17 +1776,14 @@ def _expand(
             f"{widths} side by side), got shape {y.shape}"
         )
     num_tokens = y.shape[0]
-    checked = v if split is None else None
-    rank_cols = _check_expand_tables(
-        fn, checked, b_pools, b_pages, ranks, scales, token_slot, num_tokens
-    )
+    rank_cols = _check_expand_tables(fn, v, b_pools, b_pages, ranks, scales, token_slot, num_tokens)
     num_slots, _, max_pages = b_pages.shape
     rows_per_page = b_pools[0].shape[2]
     if num_tokens == 0:
         return y if accumulate else jnp.zeros((0, sum(widths)), jnp.float32)
     pool_rows = tuple(p.reshape(-1, p.shape[3]) for p in b_pools)
     layer1 = jnp.asarray(layer, jnp.int32).reshape(1)
-    v2 = v.astype(jnp.float32).reshape(-1, g_count * rank_cols)
+    v2 = v.astype(jnp.float32).reshape(num_tokens, g_count * rank_cols)
     col_offsets = tuple(int(o) for o in np.cumsum((0,) + widths[:-1]))
     statics = dict(
         accumulate=accumulate,
@@ -1908,7 +1807,6 @@ def _expand(
 
     regime = config.regime(num_tokens, per_token=per_token)
     if regime != "prefill":
-        v2 = _sum_parts(v2, split, num_tokens)
         if regime == "decode":
             block_n = config.decode_expand_block_n
             warps, stages = config.decode_expand_num_warps, config.decode_expand_num_stages
@@ -1962,11 +1860,9 @@ def _expand(
     rank_pad = max(16, _next_pow2(rank_cols))
     dtypes = tuple(_compute_dtype(p.dtype, y.dtype) for p in b_pools)
     prefetch_y = config.expand_prefetch_y and accumulate
-    parts = 1 if split is None else v2.shape[0] // num_tokens
     name = (
         f"sgmv_expand{mode}_prefill_bt{bt}_bn{bn}_st{max_steps}_w{config.expand_num_warps}"
         f"_s{config.expand_num_stages}{'_py' if prefetch_y else ''}"
-        f"{f'_v{parts}' if parts > 1 else ''}"
     )
     return pl.pallas_call(
         functools.partial(
@@ -1980,7 +1876,6 @@ def _expand(
             rank_pad=rank_pad,
             dtypes=dtypes,
             prefetch_y=prefetch_y,
-            parts=parts,
             **statics,
         ),
         out_shape=out_shape,
@@ -1989,7 +1884,7 @@ def _expand(
         compiler_params=_compiler_params(config.expand_num_warps, config.expand_num_stages),
         interpret=interpret,
         name=name,
-    )(*base, v2, *pool_rows, *tables, *meta, *(() if split is None else (split,)))
+    )(*base, v2, *pool_rows, *tables, *meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2042,14 +1937,10 @@ def sgmv_apply(
     float32 delta instead (``sgmv_expand``'s delta form; ``sgmv_delta``). ``per_token``: both
     kernels per token at any T (``choose_per_token``).
 
-    Where the shrink splits K into deterministic partials, the prefill expand sums them as it
-    loads v (in the order ``sgmv_shrink`` sums them: the same v, bit for bit) instead of an XLA
-    launch between the two.
-
     (A single-launch variant, each program recomputing its token's v for its block of y columns,
     was measured slower at every decode size: docs/BENCHMARKS.md, "Fifth session".)
     """
-    v, split = _shrink_parts(
+    v = sgmv_shrink(
         x,
         a_pool,
         a_pages,
@@ -2062,12 +1953,9 @@ def sgmv_apply(
         per_token=per_token,
         interpret=interpret,
     )
-    if split is None:
-        v = v.reshape(x.shape[0], len(weights), v.shape[1] // len(weights))
-    return _expand(
+    return sgmv_expand(
         y,
         v,
-        split,
         b_pools,
         b_pages,
         ranks,

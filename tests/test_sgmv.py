@@ -24,7 +24,6 @@ from jaxlora.errors import AdapterError, ConfigError
 from pallas_kernels.layout import NO_ADAPTER, SlotInfo, build_slot_metadata
 from pallas_kernels.sgmv import (
     SgmvConfig,
-    _shrink_parts,
     build_sgmv_metadata,
     build_sgmv_metadata_jnp,
     choose_per_token,
@@ -1131,56 +1130,6 @@ def test_sgmv_delta_matches_reference(group, num_tokens, dtype_name, interpret):
     y_from_delta = (prob.y.astype(jnp.float32) + delta).astype(prob.y.dtype)
     y_in_place = sgmv_apply(prob.x, prob.y, *pools, ts, prob.layer, **kw, interpret=interpret)
     assert _rel_err(y_from_delta, y_in_place) < TOL[dtype_name]
-
-
-@pytest.mark.parametrize("interpret", INTERPRET)
-@pytest.mark.parametrize(
-    ("target_programs", "split", "delta"), [(10_000, 8, False), (6, 2, False), (6, 2, True)]
-)
-def test_expand_sums_the_shrinks_partials(target_programs, split, delta, interpret):
-    """sgmv_apply / sgmv_delta with the shrink's deterministic K split: the prefill expand sums
-    the partials as it loads v, no launch between the two, and gives the bits of sgmv_shrink
-    (which sums them in XLA) then sgmv_expand. 8 partials; all in use, or 2 (many tiles in use
-    for the programs the split aims at): the 6 never written (NaN in the interpreter, the
-    poisoned allocator on the GPU) are never loaded."""
-    prob = make_problem(
-        13, num_tokens=40, in_width=256, out_widths=(40, 24), dtype=jnp.bfloat16, runs=True
-    )
-    config = dataclasses.replace(
-        SMALL, decode_max_tokens=0, target_programs=target_programs, deterministic=True
-    )
-    meta = build_sgmv_metadata(prob.token_slot, prob.a_pages.shape[0], config=config)
-    ts = jnp.asarray(prob.token_slot)
-    pools = (prob.a_pool, prob.b_pools, prob.a_pages, prob.b_pages, prob.ranks, prob.scales)
-    kw = dict(weights=prob.weights, kernel_meta=meta, config=config)
-    parts, used = _shrink_parts(
-        prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts, prob.layer, **kw, interpret=True
-    )
-    assert parts.shape[0] == 8 * 40 and int(used[0]) == split
-    _poison_allocator(8 * 40 * 24 * 4)
-    y = prob.y if not delta else jax.ShapeDtypeStruct(prob.y.shape, prob.y.dtype)
-
-    def apply(x, token_slot, *, interpret):
-        if delta:
-            return sgmv_delta(x, *pools, token_slot, prob.layer, **kw, interpret=interpret)
-        return sgmv_apply(x, y, *pools, token_slot, prob.layer, **kw, interpret=interpret)
-
-    if interpret:  # two launches, the expand named after the partials it sums
-        lowered = lower_for_gpu(functools.partial(apply, interpret=False), prob.x, ts)
-        assert triton_kernels(lowered) == 2 and "_v8" in lowered
-    out = apply(prob.x, ts, interpret=interpret)
-    v = sgmv_shrink(
-        prob.x, prob.a_pool, prob.a_pages, prob.ranks, ts, prob.layer, **kw, interpret=interpret
-    )
-    two_calls = sgmv_expand(
-        y, v, *pools[1:2], *pools[3:], ts, prob.layer, **kw, interpret=interpret
-    )
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(two_calls))
-    if delta:
-        ref = sgmv_delta_reference(prob.x, *pools, ts, prob.layer, weights=prob.weights)
-    else:
-        ref = sgmv_apply_reference(prob.x, prob.y, *pools, ts, prob.layer, weights=prob.weights)
-    assert _rel_err(out, ref) < TOL["bfloat16"]
 
 
 # ------------------------------------------------------------------------------------------------
