@@ -98,6 +98,29 @@ def test_async_streams_on_the_engine_thread_match_generate(base):
     assert len({tuple(c.token_ids) for c in generated}) == 3
 
 
+def test_the_last_token_s_delta_says_it_is_the_last(base):
+    """Delta.last: set on the delta of a request's last token (its finish follows in a delta of
+    its own), so that a stream that must put the end on a token (LoRAX's) holds only that one:
+    by length, by a stop token, and never on the others."""
+    llm = jaxlora.LLM(TINY, params=base, engine_config=small_engine_config(), load_workers=0)
+    engine = llm.engine
+    by_length = engine.submit([5, 6, 7], greedy(6))
+    engine.run_until_idle()
+    third = by_length.output_ids[2]
+    first_stop = by_length.output_ids.index(third)
+    stop = dataclasses.replace(greedy(6), stop_token_ids=[third])
+    by_stop = engine.submit([5, 6, 7], stop)
+    engine.run_until_idle()
+    for request, reason, tokens in (
+        (by_length, FinishReason.LENGTH, 6),
+        (by_stop, FinishReason.STOP, first_stop + 1),
+    ):
+        deltas = list(request.stream(timeout=0))
+        assert request.finish_reason is reason and len(request.output_ids) == tokens
+        assert [d.last for d in deltas] == [False] * (tokens - 1) + [True, False]
+        assert deltas[-1].finish_reason is reason and deltas[-1].token_ids == []
+
+
 def test_a_request_not_streamed_queues_only_its_end(base, monkeypatch):
     """submit(stream=False), which LLM.generate and the benchmarks use: the same tokens, but
     only the closing delta is queued, so a waited-on request keeps no object a token alive for

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 
 import httpx
@@ -2254,6 +2255,51 @@ def test_lorax_generate_stream_sends_one_event_a_token(served, client):
             [t["logprob"] for t in whole["details"]["tokens"]],
             atol=1e-5,
         )
+
+
+def test_lorax_stream_sends_a_token_s_event_before_the_next_token(served, monkeypatch):
+    """A token's event does not wait for the engine's next one: with the engine held right after
+    it reports the first of 8 tokens, the first event still reaches the client (only the last
+    token's event waits, for the finish reported with it). Then the rest of the stream as
+    before."""
+    from jaxlora.engine.request import Request
+
+    held, release = threading.Event(), threading.Event()
+    push = Request.push
+
+    def push_then_hold(self, delta):
+        push(self, delta)
+        if delta.token_ids and not held.is_set() and len(self.output_ids) == 1:
+            held.set()
+            release.wait(30)  # the engine thread waits here: no second token meanwhile
+
+    monkeypatch.setattr(Request, "push", push_then_hold)
+    body = {
+        "inputs": "Hi",
+        "parameters": {
+            **LORAX_CLIENT_PARAMETERS,
+            "max_new_tokens": 8,
+            "decoder_input_details": False,
+        },
+    }
+    url = served[0].base_url.removesuffix("/v1") + "/generate_stream"
+    events = []
+    try:
+        with httpx.stream(
+            "POST", url, json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=20
+        ) as response:
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(json.loads(line[len("data: ") :]))
+                    break
+            assert held.is_set() and len(events) == 1 and events[0]["details"] is None
+            release.set()
+            events += [json.loads(x[len("data: ") :]) for x in lines if x.startswith("data: ")]
+    finally:
+        release.set()
+    assert len(events) == 8 and events[-1]["details"]["generated_tokens"] == 8
+    assert all(e["details"] is None for e in events[:-1])
 
 
 def test_lorax_requests_it_cannot_honour_get_a_400_naming_the_parameter(served):

@@ -1444,6 +1444,7 @@ class Engine:
                 # With the first token, whose step's prompt logprobs were recorded before it.
                 prompt_logprobs=request.prompt_logprobs if first else None,
                 prompt_top_logprobs=request.prompt_top_logprobs if first else None,
+                last=finish is not None,
             )
         )
         if finish is not None:

@@ -36,6 +36,9 @@ class Delta:
     top_logprobs: list[dict[int, float]] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # Its token is the request's last: the finish follows in a delta of its own, pushed in the
+    # same engine iteration (a stream that must put the end on a token waits for it only then).
+    last: bool = False
     # The first delta of a request that asked for prompt logprobs: one entry a prompt token
     # (None for the first, which has no context).
     prompt_logprobs: list[float | None] | None = None

@@ -1740,15 +1740,16 @@ def create_app(
         """LoRAX's (and TGI's) generate_stream: one server-sent event a generated token
         (``token``: id, text, logprob, special), the last one with ``generated_text`` and
         ``details`` (finish reason, token counts, seed). No ``[DONE]`` event, as LoRAX's. A
-        token's event goes out with the engine's next report (one decode step later)."""
+        token's event goes out as the engine reports it; the last token's (``Delta.last``)
+        waits for the finish, reported in the same engine iteration, to carry the details."""
         group, prompt = await lorax_run(body, want_logprobs=True)
         alternatives = body.parameters.return_k_alternatives or None  # (LoRAX's)
         top_n = body.parameters.top_n_tokens or None  # (TGI's)
         request = group.requests[0]
 
         async def chunks(events) -> AsyncIterator[str]:
-            # Each token's event waits for the next delta: the engine may report the finish in
-            # a delta of its own, and LoRAX's last event is a token's, with the details.
+            # The last token's event waits for the finish (a delta of its own), as LoRAX's last
+            # event is a token's, with the details; every other token's goes out at once.
             pending = None
             async for _, delta in events:
                 delta: Delta
@@ -1783,6 +1784,9 @@ def create_app(
                     }
                     if top_n:
                         pending["top_tokens"] = lorax_writer.top_tokens(tops[i], top_n)
+                if pending is not None and ids and not delta.last:
+                    yield _sse(pending)
+                    pending = None
                 if delta.finish_reason is not None and pending is not None:
                     pending["generated_text"] = lorax_full_text(body, request.text)
                     pending["details"] = {
