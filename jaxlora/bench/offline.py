@@ -18,6 +18,7 @@ from jaxlora.sampling import SamplingParams
 
 from . import profile, roofline
 from .engine_setup import BenchEngine, preload
+from .gpu_monitor import GpuMonitor, describe
 from .timing import CompileCounter, StepRecord, host_ms_since
 from .workloads import WORKLOADS, assign_adapters, offline_prompts
 
@@ -171,7 +172,12 @@ def summarize_decode(
 
 
 def run_row(
-    bench: BenchEngine, config: OfflineConfig, batch: int, workload: str, copy_gbps: float
+    bench: BenchEngine,
+    config: OfflineConfig,
+    batch: int,
+    workload: str,
+    copy_gbps: float,
+    monitor: GpuMonitor | None = None,
 ) -> dict:
     """The row's requests served once with every model step timed (the step times, the
     roofline), then once per ``config.free_running`` scheduling mode untimed (tokens/s)."""
@@ -181,14 +187,16 @@ def run_row(
     names = _names(bench, indices)
     load_s = preload(bench, names)
     with frozen_heap(config.freeze_heap):
-        return _run_row(bench, config, batch, workload, names, load_s, copy_gbps)
+        return _run_row(bench, config, batch, workload, names, load_s, copy_gbps, monitor)
 
 
-def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
+def _run_row(bench, config, batch, workload, names, load_s, copy_gbps, monitor) -> dict:
     engine = bench.engine
     model = engine.config
     bench.timer.take()
-    timed = _serve(bench, config, batch, workload, names, profile_steps=config.profile_steps)
+    timed = _serve(
+        bench, config, batch, workload, names, profile_steps=config.profile_steps, monitor=monitor
+    )
     records = bench.timer.take()
     wall = timed["wall_s"]
     if timed["profiled_records"]:
@@ -216,6 +224,8 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
         # (an A/B of kernels, on the GPU) can be compared for tokens as well as for speed.
         "output_digest": output_digest(timed["output_ids"]),
         "output_head": [ids[:OUTPUT_HEAD_TOKENS] for ids in timed["output_ids"][:4]],
+        # What the GPU ran at while the pass ran (GpuMonitor; None without nvidia-smi).
+        "gpu": timed["gpu"],
     }
     row.update(
         summarize_decode(
@@ -226,6 +236,7 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
         row["profile"] = {
             **timed["step_profile"],
             "profiled_step_records_ms": [r.seconds * 1e3 for r in timed["profiled_records"]],
+            "gpu": timed["gpu_traced"],
         }
         log.info("%s", profile.format_breakdown(f"batch={batch} {workload}", timed["step_profile"]))
     if config.free_running:
@@ -234,7 +245,9 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
         try:
             for mode in config.free_running:
                 engine.async_scheduling = mode == "async"
-                free = _serve(bench, config, batch, workload, names, profile_steps=0)
+                free = _serve(
+                    bench, config, batch, workload, names, profile_steps=0, monitor=monitor
+                )
                 row["free_running"][mode] = {
                     "wall_s": free["wall_s"],
                     "output_tokens_per_s": free["output_tokens"] / free["wall_s"],
@@ -248,10 +261,11 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
                     "host_ms_decode_median": free["host_ms_decode_median"],
                     # Scheduling must not change greedy tokens.
                     "same_tokens_as_timed": free["output_ids"] == timed["output_ids"],
+                    "gpu": free["gpu"],
                 }
                 log.info(
                     "offline batch=%d %-9s %s: iteration %.2f ms (longest %.1f, %.1f ms "
-                    "outside; gc %d full, longest %.1f ms); decode iterations' host ms %s",
+                    "outside; gc %d full, longest %.1f ms); decode iterations' host ms %s %s",
                     batch,
                     workload,
                     mode,
@@ -261,21 +275,29 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
                     free["gc"]["collections"]["2"],
                     free["gc"]["ms_max"],
                     " ".join(f"{k}={v:.2f}" for k, v in free["host_ms_decode_median"].items()),
+                    describe(free["gpu"]),
                 )
             if config.profile_steps and "async" in config.free_running:
                 # The same requests once more with async scheduling and a few iterations traced
                 # (steps not waited for): the device's busy and idle time as the engine serves.
                 engine.async_scheduling = True
                 free = _serve(
-                    bench, config, batch, workload, names, profile_steps=config.profile_steps
+                    bench,
+                    config,
+                    batch,
+                    workload,
+                    names,
+                    profile_steps=config.profile_steps,
+                    monitor=monitor,
                 )
                 if free["step_profile"]:
-                    row["profile_async"] = free["step_profile"]
+                    row["profile_async"] = {**free["step_profile"], "gpu": free["gpu_traced"]}
                     log.info(
-                        "%s",
+                        "%s %s",
                         profile.format_breakdown(
                             f"batch={batch} {workload} async", free["step_profile"]
                         ),
+                        describe(free["gpu_traced"]),
                     )
         finally:
             bench.timer.enabled = True
@@ -285,13 +307,14 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps) -> dict:
         first = row["free_running"][config.free_running[0]]
         row.update(wall_s=first["wall_s"], output_tokens_per_s=first["output_tokens_per_s"])
     log.info(
-        "offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)",
+        "offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)  %s",
         batch,
         workload,
         row["output_tokens_per_s"],
         row["decode_step_ms"],
         row["roofline_ms"],
         row["roofline_ratio"],
+        describe(row["gpu"]),
     )
     return row
 
@@ -304,8 +327,10 @@ def _serve(
     names: list[str | None],
     *,
     profile_steps: int,
+    monitor: GpuMonitor | None = None,
 ) -> dict:
-    """Serves the row's requests to the end; fails if one did not produce every token."""
+    """Serves the row's requests to the end; fails if one did not produce every token. With
+    ``monitor``: the GPU's clocks over the pass ("gpu") and over its traced iterations."""
     engine = bench.engine
     prompts = offline_prompts(batch, config.prompt_len, engine.config.vocab_size, seed=config.seed)
     sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
@@ -313,8 +338,9 @@ def _serve(
     stats = engine.stats
     host_before = dict(stats.host_seconds)
     decode_host = []  # each decode-only iteration's host ms by phase
+    traced_window = None
     with CompileCounter() as compiles, GcRecorder() as collections:
-        start = time.perf_counter()
+        start, start_monotonic = time.perf_counter(), time.monotonic()
         requests = [
             engine.submit(list(map(int, p)), sampling, adapter=n, stream=False)
             for p, n in zip(prompts, names, strict=True)
@@ -327,9 +353,10 @@ def _serve(
                 and all(len(r.output_ids) >= PROFILE_AFTER_TOKENS for r in requests)
             ):
                 kept = bench.timer.take()
-                t = time.perf_counter()
+                t, t_monotonic = time.perf_counter(), time.monotonic()
                 step_profile = profile.profile_iterations(engine.step, profile_steps) or {}
                 profile_s = time.perf_counter() - t
+                traced_window = (t_monotonic, time.monotonic())
                 profiled_records = bench.timer.take()
                 bench.timer.records = kept
                 continue
@@ -340,6 +367,7 @@ def _serve(
             if stats.prefill_steps == prefills:
                 decode_host.append(host_ms_since(stats, before, 1))
         wall = time.perf_counter() - start
+        window = (start_monotonic, time.monotonic())
     host = host_ms_since(stats, host_before, len(iterations))
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
@@ -363,6 +391,12 @@ def _serve(
         "step_profile": step_profile,
         "profiled_records": profiled_records,
         "profile_s": profile_s,
+        "gpu": monitor.summary(*window) if monitor is not None else None,
+        "gpu_traced": (
+            monitor.summary(*traced_window)
+            if monitor is not None and traced_window is not None
+            else None
+        ),
         # Host ms per iteration by phase (EngineStats.host_seconds); with the profiler's
         # iterations included, so read them in a pass without --profile_steps.
         "host_ms_per_iteration": host,
@@ -417,15 +451,17 @@ def run_offline(
     after each row (checkpoints)."""
     start = time.perf_counter()
     rows, skipped = [], []
-    for batch in config.batch_sizes:
-        for workload in config.workloads:
-            if rows and time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-                skipped.append({"batch": batch, "workload": workload})
-                continue
-            rows.append(run_row(bench, config, batch, workload, copy_gbps))
-            lora_cost(rows, copy_gbps)
-            if on_row is not None:
-                on_row(rows)
+    with GpuMonitor() as monitor:
+        for batch in config.batch_sizes:
+            for workload in config.workloads:
+                elapsed = time.perf_counter() - start
+                if rows and time_budget_s is not None and elapsed > time_budget_s:
+                    skipped.append({"batch": batch, "workload": workload})
+                    continue
+                rows.append(run_row(bench, config, batch, workload, copy_gbps, monitor))
+                lora_cost(rows, copy_gbps)
+                if on_row is not None:
+                    on_row(rows)
     return {
         "config": dataclasses.asdict(config),
         "projection_kernel_used": bench.projection_kernel_used,
