@@ -2303,11 +2303,34 @@ def test_lorax_stream_sends_a_token_s_event_before_the_next_token(served, monkey
     assert all(e["details"] is None for e in events[:-1])
 
 
-def test_lorax_requests_it_cannot_honour_get_a_400_naming_the_parameter(served):
+def test_tgi_error_shapes_an_openai_error_as_lorax_answers_it():
+    """TGI's (and LoRAX's) error answers: refusals 422 "validation", an overloaded server 429
+    "overloaded", a failed generation 424 "generation", the rest their own status, untyped."""
+    from jaxlora.server.errors import error_payload, tgi_error
+
+    for status, expected in (
+        (400, (422, "validation")),
+        (413, (422, "validation")),
+        (422, (422, "validation")),
+        (429, (429, "overloaded")),
+        (503, (429, "overloaded")),
+        (500, (424, "generation")),
+        (504, (424, "generation")),
+        (404, (404, None)),
+        (401, (401, None)),
+    ):
+        payload = error_payload(status, "parameters.x: why", type_="t", param="parameters.x")
+        got_status, body = tgi_error(status, payload)
+        assert got_status == expected[0] and body["error"] == "parameters.x: why", status
+        assert body.get("error_type") == expected[1], status
+
+
+def test_lorax_requests_it_cannot_honour_get_a_422_naming_the_parameter(served):
     """Hub / S3 / Predibase adapter sources, per-request merges, typical_p, watermark, best_of,
     a zero temperature (LoRAX's greedy is do_sample false), and errors of the completion a
-    request becomes (too many stop strings) name the LoRAX field; an unknown adapter is a 404,
-    an unknown parameter a 400."""
+    request becomes (too many stop strings) name the LoRAX field; in TGI's shape and status, as
+    LoRAX answers (422, {"error", "error_type": "validation"}); an unknown adapter is a 404, an
+    unknown or mistyped parameter a 422 too; the OpenAI routes keep OpenAI's shape."""
     for parameters, field in (
         ({"adapter_id": "robot", "adapter_source": "hub"}, "parameters.adapter_source"),
         ({"adapter_source": "ftp"}, "parameters.adapter_source"),
@@ -2336,20 +2359,34 @@ def test_lorax_requests_it_cannot_honour_get_a_400_naming_the_parameter(served):
         ({"response_format": {"type": "json_object", "schema": []}}, "parameters.response_format"),
     ):
         answer = _lorax_post(served, "/generate", "Hi", **parameters)
-        assert answer.status_code == 400, (parameters, answer.text)
-        error = answer.json()["error"]
-        assert error["param"].startswith(field), error  # (a nested field: its path)
-        assert error["message"].startswith(error["param"]), error
+        assert answer.status_code == 422, (parameters, answer.text)
+        error = answer.json()
+        assert set(error) == {"error", "error_type"} and error["error_type"] == "validation"
+        assert error["error"].startswith(field), error  # (a nested field: its path)
     missing = _lorax_post(served, "/generate", "Hi", adapter_id="no-such-adapter")
-    assert missing.status_code == 404 and "no-such-adapter" in missing.text
-    unknown = _lorax_post(served, "/generate_stream", "Hi", no_such_parameter=1)
-    assert unknown.status_code == 400 and "no_such_parameter" in unknown.text
+    assert missing.status_code == 404 and "no-such-adapter" in missing.json()["error"]
+    for route in ("/generate_stream", "/"):
+        unknown = _lorax_post(served, route, "Hi", no_such_parameter=1)
+        assert unknown.status_code == 422, unknown.text
+        assert unknown.json()["error"].startswith("parameters.no_such_parameter")
     streamed = _lorax_post(served, "/generate", "Hi", stream=True)
-    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+    assert streamed.status_code == 422 and streamed.json()["error"].startswith("stream")
     loose = _lorax_post(served, "/generate", "Hi", max_new_tokens="5")  # (types are strict)
-    assert loose.status_code == 400 and "max_new_tokens" in loose.text
+    assert loose.status_code == 422 and "max_new_tokens" in loose.json()["error"]
     empty = _lorax_post(served, "/generate", "")
-    assert empty.status_code == 400 and empty.json()["error"]["param"] == "inputs"
+    assert empty.status_code == 422 and empty.json()["error"].startswith("inputs")
+    unauthorized = httpx.post(
+        served[0].base_url.removesuffix("/v1") + "/generate", json={"inputs": "Hi"}, timeout=60
+    )
+    assert unauthorized.status_code == 401 and set(unauthorized.json()) == {"error"}
+    # The OpenAI routes are not touched.
+    openai_error = httpx.post(
+        served[0].base_url + "/completions",
+        json={"model": "robot", "prompt": "Hi", "typical_p": 0.5},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert openai_error.status_code == 400 and "message" in openai_error.json()["error"]
 
 
 def test_error_answers_have_the_right_status_and_say_why(served, client):

@@ -43,11 +43,13 @@ from jaxlora.server import metrics as prom
 from jaxlora.server.errors import (
     AuthenticationError,
     EngineRequestError,
+    ErrorJSONResponse,
     NotFoundError,
     PermissionDeniedError,
     describe,
     error_response,
     exception_response,
+    tgi_error,
     with_param,
 )
 from jaxlora.server.generation import RequestGroup
@@ -703,9 +705,20 @@ def create_app(
 
     # ------------------------------------------------------------------ errors
 
+    def in_route_shape(request: Request, response: JSONResponse) -> JSONResponse:
+        """The error answer as the route's API shapes errors: LoRAX's (and TGI's) routes in
+        TGI's shape and statuses (``tgi_error``), every other route in OpenAI's."""
+        path = request.url.path
+        if path not in lorax.ROUTES or (path == "/" and request.method != "POST"):
+            return response
+        status, payload = tgi_error(response.status_code, json.loads(response.body))
+        wait = response.headers.get("retry-after")
+        headers = {"Retry-After": wait} if wait is not None else None
+        return ErrorJSONResponse(payload, status_code=status, headers=headers)
+
     @app.exception_handler(JaxloraError)
     async def jaxlora_error(request: Request, error: JaxloraError):
-        return exception_response(error)
+        return in_route_shape(request, exception_response(error))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
@@ -738,7 +751,9 @@ def create_app(
         elif first.get("type") == "json_invalid":
             field, message = "body", f"not valid JSON ({first.get('ctx', {}).get('error', '')})"
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        return error_response(400, f"{field}: {message}{more}", param=field)
+        return in_route_shape(
+            request, error_response(400, f"{field}: {message}{more}", param=field)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -746,15 +761,20 @@ def create_app(
         if error.status_code == 400 and cause is not None:
             # FastAPI's "There was an error parsing the body": say why (nested too deeply,
             # not UTF-8, ...).
-            return error_response(
-                400, f"body: not valid JSON ({type(cause).__name__}: {cause})", param="body"
+            return in_route_shape(
+                request,
+                error_response(
+                    400, f"body: not valid JSON ({type(cause).__name__}: {cause})", param="body"
+                ),
             )
         param = "body" if error.status_code == 413 else None
-        return error_response(error.status_code, str(error.detail), param=param, code=None)
+        return in_route_shape(
+            request, error_response(error.status_code, str(error.detail), param=param, code=None)
+        )
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception):
-        return exception_response(error)
+        return in_route_shape(request, exception_response(error))
 
     app.add_middleware(_LimitBody, max_bytes=state.config.max_body_bytes)
     app.add_middleware(_CountResponses, metrics=state.metrics)  # counts 413s too
@@ -1759,7 +1779,8 @@ def create_app(
                 ):
                     if pending is not None:
                         yield _sse(pending)
-                    yield stream_error(_failure(state, request))
+                    # TGI's error event: {"error", "error_type"} (lorax-client raises it).
+                    yield _sse(tgi_error(*describe(_failure(state, request)))[1])
                     return
                 ids = delta.token_ids
                 # The delta's text goes with its last token that is not special (a special

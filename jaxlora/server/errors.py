@@ -185,6 +185,23 @@ def describe(error: BaseException) -> tuple[int, dict]:
     return status, error_payload(status, message, type_=type_, param=param, code=code)
 
 
+def tgi_error(status: int, payload: dict) -> tuple[int, dict]:
+    """An OpenAI-shaped error answer (``error_payload``) in text-generation-inference's shape,
+    as LoRAX's routes answer: ``{"error": message, "error_type": ...}`` with TGI's statuses, a
+    refused request 422 ("validation"), an overloaded server 429 ("overloaded"), a failed
+    generation 424 ("generation"); other statuses (401, 404, ...) keep theirs, with no type.
+    TGI's clients (lorax-client, text-generation) raise their error classes from these."""
+    error = payload.get("error")
+    message = error.get("message", "") if isinstance(error, dict) else str(error)
+    if status in (400, 413, 422):
+        return 422, {"error": message, "error_type": "validation"}
+    if status in (429, 503):
+        return 429, {"error": message, "error_type": "overloaded"}
+    if status >= 500:
+        return 424, {"error": message, "error_type": "generation"}
+    return status, {"error": message}
+
+
 def exception_response(error: BaseException) -> JSONResponse:
     status, payload = describe(error)
     headers = _retry_after(status, getattr(error, "retry_after", RETRY_AFTER_S))

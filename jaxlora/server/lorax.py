@@ -11,12 +11,16 @@ text, logprob, special, alternatives with ``return_k_alternatives``) and, with
 ``decoder_input_details``, the prompt's tokens with their logprobs. Streamed, one event a
 generated token, the last one with the whole text and the details.
 
-What this server cannot honour is refused at anything but its neutral value (400 naming the
-``parameters`` field): an ``adapter_source`` other than ``local`` (adapters are the registered
-ones, or with ``--load_adapters_on_demand`` directories under ``--allowed_adapter_roots``, named
-by their path there or, as LoRAX's local adapters are, by their absolute path; no Hub, S3 or
-Predibase download), ``merged_adapters`` (merge with ``POST /v1/load_lora_adapter``'s
-``merge`` and name the result), ``api_token``, ``typical_p``, ``watermark`` and ``best_of`` > 1.
+Errors are TGI's: ``{"error": message, "error_type": ...}``, a refused request 422
+("validation"), an overloaded server 429 ("overloaded"), a failed generation 424
+("generation"), others (401, 404) with their status (``jaxlora.server.errors.tgi_error``); a
+stream's error is an event of that shape. What this server cannot honour is refused at anything
+but its neutral value (422, the message naming the ``parameters`` field): an ``adapter_source``
+other than ``local`` (adapters are the registered ones, or with ``--load_adapters_on_demand``
+directories under ``--allowed_adapter_roots``, named by their path there or, as LoRAX's local
+adapters are, by their absolute path; no Hub, S3 or Predibase download), ``merged_adapters``
+(merge with ``POST /v1/load_lora_adapter``'s ``merge`` and name the result), ``api_token``,
+``typical_p``, ``watermark`` and ``best_of`` > 1.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from jaxlora.server.errors import renamed_param, with_param
 
 # (strict as the OpenAI bodies are: "5" is no int, 1 is a float; unknown fields refused)
 from jaxlora.server.protocol import CompletionRequest, _Body
+
+# The routes of this API (POST; "/" is lorax-client's, as TGI's): their errors take TGI's shape.
+ROUTES = ("/generate", "/generate_stream", "/")
 
 
 class MergedAdapters(_Body):
