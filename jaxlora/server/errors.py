@@ -190,9 +190,13 @@ def tgi_error(status: int, payload: dict) -> tuple[int, dict]:
     as LoRAX's routes answer: ``{"error": message, "error_type": ...}`` with TGI's statuses, a
     refused request 422 ("validation"), an overloaded server 429 ("overloaded"), a failed
     generation 424 ("generation"); other statuses (401, 404, ...) keep theirs, with no type.
-    TGI's clients (lorax-client, text-generation) raise their error classes from these."""
+    The message starts with the request field it is about, where the error names one. TGI's
+    clients (lorax-client, text-generation) raise their error classes from these."""
     error = payload.get("error")
     message = error.get("message", "") if isinstance(error, dict) else str(error)
+    param = error.get("param") if isinstance(error, dict) else None
+    if param and not message.startswith(param):
+        message = f"{param}: {message}"  # (TGI's shape has no field of its own for it)
     if status in (400, 413, 422):
         return 422, {"error": message, "error_type": "validation"}
     if status in (429, 503):
