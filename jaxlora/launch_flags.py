@@ -13,6 +13,8 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
+from jaxlora import vllm_options  # noqa: E402  (defines vLLM's options with nothing to change)
+
 flags.DEFINE_string(
     "model",
     "",
@@ -54,6 +56,29 @@ flags.DEFINE_list(
     [],
     "Web origins (https://app.example.com, or *) whose pages may call the server from a "
     "browser (CORS); empty: none.",
+)
+flags.DEFINE_bool(
+    "allow_credentials",
+    False,
+    "CORS: browsers may send cookies and HTTP authentication with --allowed_origins' calls "
+    "(vLLM's --allow-credentials).",
+)
+flags.DEFINE_list(
+    "allowed_methods", ["*"], "CORS: HTTP methods those pages may use (vLLM's; *: any)."
+)
+flags.DEFINE_list(
+    "allowed_headers", ["*"], "CORS: request headers those pages may send (vLLM's; *: any)."
+)
+flags.DEFINE_bool(
+    "disable_fastapi_docs",
+    False,
+    "Serve no OpenAPI schema or pages (/docs, /redoc, /openapi.json; vLLM's option).",
+)
+flags.DEFINE_bool(
+    "return_tokens_as_token_ids",
+    False,
+    "Logprobs name tokens 'token_id:<id>' in every answer, as a request's own "
+    "return_tokens_as_token_ids asks (vLLM's --return-tokens-as-token-ids).",
 )
 flags.DEFINE_bool(
     "log_requests",
@@ -189,6 +214,12 @@ flags.DEFINE_string(
     "The most host RAM the weights of adapters read from disk may hold, e.g. 64GiB (vLLM's "
     "--max-cpu-loras, in bytes): past it the least recently used are dropped and read again "
     "from disk when next needed (default: no limit).",
+)
+flags.DEFINE_integer(
+    "max_cpu_loras",
+    None,
+    "vLLM's --max-cpu-loras: host RAM for this many disk-read adapters of --max_rank on every "
+    "module, in --dtype (the --adapter_host_memory budget, counted in adapters).",
 )
 flags.DEFINE_integer("rows_per_page", None, "Rank-rows per adapter page.")
 flags.DEFINE_integer("max_rank", None, "Largest adapter rank accepted.")
@@ -506,6 +537,8 @@ def launch_config():
         set_elsewhere={"deterministic": "--[no]deterministic"},
     )
     matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
+    for note in vllm_options.check_vllm_options():
+        logging.getLogger("jaxlora.launch").info("%s", note)
     return LaunchConfig(
         model=FLAGS.model,
         served_model_name=FLAGS.served_model_name,
@@ -515,6 +548,11 @@ def launch_config():
         pinned_adapters=tuple(FLAGS.pinned_adapters),
         allowed_adapter_roots=tuple(FLAGS.allowed_adapter_roots),
         allowed_origins=tuple(FLAGS.allowed_origins),
+        allow_credentials=FLAGS.allow_credentials,
+        allowed_methods=tuple(FLAGS.allowed_methods),
+        allowed_headers=tuple(FLAGS.allowed_headers),
+        return_tokens_as_token_ids=FLAGS.return_tokens_as_token_ids,
+        docs=not FLAGS.disable_fastapi_docs,
         log_requests=_log_requests(),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
@@ -556,6 +594,7 @@ def launch_config():
             if FLAGS.adapter_host_memory is None
             else parse_bytes(FLAGS.adapter_host_memory, flag="--adapter_host_memory")
         ),
+        max_cpu_loras=FLAGS.max_cpu_loras,
         rows_per_page=FLAGS.rows_per_page,
         max_rank=FLAGS.max_rank,
         max_slots=FLAGS.max_slots,

@@ -43,6 +43,18 @@ flags.DEFINE_float(
     "for up to this many seconds, then cancel the rest (a second signal stops at once).",
     lower_bound=0.0,
 )
+flags.DEFINE_string(
+    "root_path",
+    "",
+    "The path prefix a reverse proxy serves this server under, e.g. /llm (vLLM's --root-path; "
+    "the routes stay where they are, the OpenAPI pages link through the prefix).",
+)
+flags.DEFINE_enum(
+    "uvicorn_log_level",
+    None,
+    ["critical", "error", "warning", "info", "debug", "trace"],
+    "The HTTP server's (uvicorn's) log level (vLLM's --uvicorn-log-level; default: --log_level).",
+)
 flags.DEFINE_bool(
     "warmup",
     True,
@@ -95,7 +107,8 @@ def main(argv):
     app_ = create_app(state, warm_up=FLAGS.warmup, background_warmup=True, on_ready=ready)
     config = uvicorn.Config(
         app_,
-        log_level=FLAGS.log_level,
+        log_level=FLAGS.uvicorn_log_level or FLAGS.log_level,
+        root_path=FLAGS.root_path,
         timeout_graceful_shutdown=FLAGS.graceful_shutdown_s,
         **tls,
     )

@@ -185,7 +185,9 @@ def test_vllm_argument_forms_become_absls():
 
 def test_serve_script_takes_a_vllm_command_line():
     """`serve.py MODEL --lora-modules a=/x {"name": ..., "path": ...}` as vLLM's
-    `vllm serve` takes it: the demo model by position, two of its adapters by both forms."""
+    `vllm serve` takes it: the demo model by position, two of its adapters by both forms; with
+    vLLM's --root-path (the OpenAPI schema's server), --uvicorn-log-level and an option that
+    changes nothing here (--enforce-eager, logged as such)."""
     adapters = demo.adapter_dirs()
     robot = json.dumps({"name": "robot", "path": adapters["robot"], "base_model_name": "demo"})
     command = [
@@ -196,6 +198,11 @@ def test_serve_script_takes_a_vllm_command_line():
         robot,
         "--served-model-name",
         "demo",
+        "--root-path",
+        "/llm",
+        "--uvicorn-log-level",
+        "warning",
+        "--enforce-eager",
     ]
     process, output = start_serving(command, lambda line: "/v1" in line)
     try:
@@ -203,6 +210,9 @@ def test_serve_script_takes_a_vllm_command_line():
         assert match, "".join(output)
         cards = httpx.get(f"{match.group(1)}/v1/models", timeout=10).json()["data"]
         assert {m["id"] for m in cards} == {"demo", "pirate", "robot"}
+        schema = httpx.get(f"{match.group(1)}/openapi.json", timeout=10).json()
+        assert schema["servers"] == [{"url": "/llm"}]
+        assert "--enforce-eager=True changes nothing here" in "".join(output)
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -226,6 +236,7 @@ def test_serve_script_names_a_bad_xla_or_kernel_option_and_exits():
         ('--matmul_config={"dot_block": 16}', "unknown MatmulConfig field 'dot_block'"),
         ("--pinned_adapters=parrot", "--pinned_adapters: adapter 'parrot' is not registered"),
         ("--allowed_origins=app.example.com", "server config field 'allowed_origins'"),
+        ("--quantization=awq", "error: --quantization 'awq': not supported here"),
         ("--fair_share_weights=pirate=x", "error: --fair_share_weights entry 'pirate=x'"),
         ("--api_keys_file=/nowhere/keys.json", "error: /nowhere/keys.json: cannot read"),
         (

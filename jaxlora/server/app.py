@@ -693,15 +693,19 @@ def create_app(
             if manage_engine:
                 state.stop()
 
+    docs = state.config.docs
     app = FastAPI(
         title="jaxlora",
         version=jaxlora_version,
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
         description="OpenAI-compatible multi-LoRA server: `model` is the base model or "
         "any registered adapter; requests for different adapters share every batch.",
     )
     app.state.serving = state
-    formatter = _Formatter(state.tokenizer)
+    formatter = _Formatter(state.tokenizer, token_ids=state.config.return_tokens_as_token_ids)
 
     # ------------------------------------------------------------------ errors
 
@@ -784,8 +788,9 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(state.config.allowed_origins),
-            allow_methods=["*"],
-            allow_headers=["*"],
+            allow_methods=list(state.config.allowed_methods),
+            allow_headers=list(state.config.allowed_headers),
+            allow_credentials=state.config.allow_credentials,
         )
 
     # ------------------------------------------------------------------ plain routes

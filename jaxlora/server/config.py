@@ -47,7 +47,12 @@ class ServerConfig:
     max_stored_responses: the Responses API's responses kept in memory (the most recent ones),
     for GET /v1/responses/{id} and previous_response_id.
     allowed_origins: web origins whose pages may call the server from a browser (CORS; "*":
-    any); empty: no CORS headers, browsers refuse cross-origin calls.
+    any); empty: no CORS headers, browsers refuse cross-origin calls. allow_credentials,
+    allowed_methods, allowed_headers: the rest of its CORS answer (vLLM's options).
+    return_tokens_as_token_ids: logprobs name tokens "token_id:<id>" in every answer, as the
+    request field asks for one (vLLM's --return-tokens-as-token-ids).
+    docs: the OpenAPI schema and its pages (/docs, /redoc, /openapi.json); False: none
+    (vLLM's --disable-fastapi-docs).
     log_requests: one log line (INFO, logger jaxlora.server) a finished request: its id,
     model, token counts, finish reason, time to first token and end to end, preemptions.
     api_keys: tenants' keys, each for some models only (``jaxlora.server.keys``; beside
@@ -82,6 +87,11 @@ class ServerConfig:
     reasoning_parser: str | None = None
     max_stored_responses: int = 1000
     allowed_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    return_tokens_as_token_ids: bool = False
+    docs: bool = True
     log_requests: bool = False
     api_keys: tuple[ApiKey, ...] = ()
     fair_share_by: str = "model"
@@ -149,6 +159,19 @@ class ServerConfig:
                 "server config field 'allowed_origins': expected a tuple of origins "
                 f"(scheme://host[:port], or '*'), got {origins!r}"
             )
+        for field in ("allowed_methods", "allowed_headers"):
+            value = getattr(self, field)
+            if (
+                not isinstance(value, tuple)
+                or not value
+                or not all(
+                    isinstance(v, str) and v and not any(c.isspace() for c in v) for v in value
+                )
+            ):
+                raise ConfigError(
+                    f"server config field {field!r}: expected a non-empty tuple of names "
+                    f"(or '*'), got {value!r}"
+                )
         if self.load_adapters_on_demand and not roots:
             raise ConfigError(
                 "server config field 'load_adapters_on_demand': needs adapter_roots (the "

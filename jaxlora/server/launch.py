@@ -66,6 +66,11 @@ class LaunchConfig:
     pinned_adapters: tuple[str, ...] = ()
     allowed_adapter_roots: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()  # ServerConfig.allowed_origins (CORS)
+    allow_credentials: bool = False  # ServerConfig.allow_credentials (CORS)
+    allowed_methods: tuple[str, ...] = ("*",)  # ServerConfig.allowed_methods (CORS)
+    allowed_headers: tuple[str, ...] = ("*",)  # ServerConfig.allowed_headers (CORS)
+    return_tokens_as_token_ids: bool = False  # ServerConfig.return_tokens_as_token_ids
+    docs: bool = True  # ServerConfig.docs (False: vLLM's --disable-fastapi-docs)
     log_requests: bool = False  # ServerConfig.log_requests
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
@@ -117,6 +122,9 @@ class LaunchConfig:
     # The most bytes of disk-backed adapters' weights kept in host RAM (LoRAX's and vLLM's
     # --max-cpu-loras, in bytes; None: no limit; AdapterStoreConfig.host_budget_bytes).
     adapter_host_memory_bytes: int | None = None
+    # vLLM's --max-cpu-loras: that budget as this many adapters of max_rank on every module, in
+    # dtype (adapter_host_bytes); not with adapter_host_memory_bytes.
+    max_cpu_loras: int | None = None
     rows_per_page: int | None = None
     max_rank: int | None = None
     max_slots: int | None = None
@@ -146,6 +154,20 @@ class LaunchConfig:
             raise ConfigError(f"max_body_mib: expected an int >= 1, got {self.max_body_mib!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: expected one of {sorted(DTYPES)}")
+        if self.max_cpu_loras is not None:
+            if (
+                isinstance(self.max_cpu_loras, bool)
+                or not isinstance(self.max_cpu_loras, int)
+                or self.max_cpu_loras < 1
+            ):
+                raise ConfigError(
+                    f"--max_cpu_loras: expected an int >= 1 (adapters), got {self.max_cpu_loras!r}"
+                )
+            if self.adapter_host_memory_bytes is not None:
+                raise ConfigError(
+                    "--max_cpu_loras and --adapter_host_memory both bound the adapters' host "
+                    "RAM: expected one of them"
+                )
         for field, least in (("kv_cache_memory_bytes", 1), ("adapter_host_memory_bytes", 0)):
             value = getattr(self, field)
             if value is not None and (
@@ -277,7 +299,36 @@ _ADAPTER_FIELDS = (
     ("max_rank", "--max_rank (--max_lora_rank)"),
     ("max_slots", "--max_slots (--max_loras)"),
     ("rows_per_page", "--rows_per_page"),
+    ("max_cpu_loras", "--max_cpu_loras (--max-cpu-loras)"),
+    ("adapter_host_memory_bytes", "--adapter_host_memory"),
 )
+
+
+def adapter_host_bytes(model: ModelConfig, rank: int, dtype: str) -> int:
+    """Host bytes of one adapter of ``rank`` on every module of ``model``, in ``dtype``: A and
+    B of each of the 7 projections, every layer."""
+    widths = sum(fan_in + fan_out for fan_in, fan_out in model.module_shapes().values())
+    return rank * widths * model.num_layers * jnp.dtype(dtype).itemsize
+
+
+def adapter_host_budget(
+    launch: LaunchConfig, model: ModelConfig, engine_config: EngineConfig
+) -> int | None:
+    """The adapters' host RAM budget in bytes: --adapter_host_memory, or --max_cpu_loras
+    adapters of the pool's max_rank (vLLM's count; ``adapter_host_bytes``); None: no limit."""
+    if launch.max_cpu_loras is None:
+        return launch.adapter_host_memory_bytes
+    per_adapter = adapter_host_bytes(model, engine_config.lora_pool.max_rank, launch.dtype)
+    budget = launch.max_cpu_loras * per_adapter
+    log.info(
+        "--max_cpu_loras %d: adapters' host RAM budget %.2f GiB (%.1f MiB an adapter of rank %d "
+        "on every module)",
+        launch.max_cpu_loras,
+        budget / 2**30,
+        per_adapter / 2**20,
+        engine_config.lora_pool.max_rank,
+    )
+    return budget
 
 
 def check_no_adapter_flags(launch: LaunchConfig) -> None:
@@ -577,7 +628,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         seed=launch.seed,
         load_workers=launch.load_workers,
         tp=launch.tensor_parallel_size,
-        adapter_host_budget_bytes=launch.adapter_host_memory_bytes,
+        adapter_host_budget_bytes=adapter_host_budget(launch, config, engine_config),
     )
     for name, path in adapters.items():
         llm.adapters.register(name, path)
@@ -616,6 +667,11 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         first_token_deadline_s=launch.first_token_deadline_s,
         max_body_bytes=launch.max_body_mib * 2**20,
         allowed_origins=tuple(launch.allowed_origins),
+        allow_credentials=launch.allow_credentials,
+        allowed_methods=tuple(launch.allowed_methods),
+        allowed_headers=tuple(launch.allowed_headers),
+        return_tokens_as_token_ids=launch.return_tokens_as_token_ids,
+        docs=launch.docs,
         log_requests=launch.log_requests,
         fair_share_by=launch.fair_share_by,
         metrics_need_key=launch.metrics_need_key,
