@@ -13,8 +13,6 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 
-from jaxlora import vllm_options  # noqa: E402  (defines vLLM's options with nothing to change)
-
 flags.DEFINE_string(
     "model",
     "",
@@ -361,6 +359,10 @@ VLLM_FLAG_ALIASES = {
 }
 for _alias, _name in VLLM_FLAG_ALIASES.items():
     flags.DEFINE_alias(_alias, _name)
+
+# vLLM's options with nothing to change here, or refused (after this module's own flags: an
+# option of the same name is never defined twice).
+from jaxlora import vllm_options  # noqa: E402
 
 
 def vllm_spelling(argv: list[str]) -> list[str]:
