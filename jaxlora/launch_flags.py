@@ -67,6 +67,14 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "allowed_headers", ["*"], "CORS: request headers those pages may send (vLLM's; *: any)."
 )
+flags.DEFINE_integer(
+    "max_logprobs",
+    20,
+    "The most logprobs a token a request may ask for (top_logprobs, logprobs, prompt_logprobs; "
+    "vLLM's --max-logprobs), at most 20.",
+    lower_bound=0,
+    upper_bound=20,
+)
 flags.DEFINE_bool(
     "disable_fastapi_docs",
     False,
@@ -555,6 +563,7 @@ def launch_config():
         allowed_headers=tuple(FLAGS.allowed_headers),
         return_tokens_as_token_ids=FLAGS.return_tokens_as_token_ids,
         docs=not FLAGS.disable_fastapi_docs,
+        max_logprobs=FLAGS.max_logprobs,
         log_requests=_log_requests(),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,

@@ -31,6 +31,8 @@ class VllmOption:
     default: object
     accepted: tuple | None
     why: str
+    # Also accepted: the value of this flag of ours (e.g. --lora-dtype equal to --dtype).
+    same_as: str | None = None
 
 
 OPTIONS = (
@@ -164,6 +166,7 @@ OPTIONS = (
         "auto",
         ("auto",),
         "adapters are served in the model's --dtype",
+        same_as="dtype",
     ),
     VllmOption(
         "load_format",
@@ -185,13 +188,6 @@ OPTIONS = (
         "",
         ("", "main"),
         "nothing is downloaded: the local files of --model are served as they are",
-    ),
-    VllmOption(
-        "max_logprobs",
-        "int",
-        20,
-        (20,),
-        "a request may ask for up to 20 logprobs a token",
     ),
     VllmOption(
         "response_role",
@@ -267,8 +263,11 @@ def check_vllm_options() -> list[str]:
         value = FLAGS[option.name].value
         if value is None:
             continue
-        if option.accepted is not None and value not in option.accepted:
+        same = option.same_as is not None and value == FLAGS[option.same_as].value
+        if option.accepted is not None and value not in option.accepted and not same:
             accepted = " or ".join(repr(v) for v in option.accepted if v != "")
+            if option.same_as is not None:
+                accepted += f" or --{option.same_as}'s {FLAGS[option.same_as].value!r}"
             raise ConfigError(
                 f"{_dashed(option.name)} {value!r}: not supported here ({option.why}); "
                 f"expected {accepted or 'it unset'}"

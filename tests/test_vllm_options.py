@@ -83,9 +83,8 @@ def test_a_vllm_command_line_launches_with_a_note_for_each_option_that_changes_n
     [
         ("--quantization=awq", r"--quantization 'awq': not supported here \(weights are served"),
         ("--pipeline-parallel-size=2", r"--pipeline-parallel-size 2: .* expected 1"),
-        ("--lora-dtype=float16", r"--lora-dtype 'float16': .* expected 'auto'"),
+        ("--lora-dtype=float16", r"--lora-dtype 'float16': .* expected 'auto' or --dtype's"),
         ("--load-format=pt", r"--load-format 'pt': .* expected 'auto' or 'safetensors'"),
-        ("--max-logprobs=50", r"--max-logprobs 50: .* up to 20 logprobs"),
         ("--num-scheduler-steps=8", r"--num-scheduler-steps 8"),
         ("--otlp-traces-endpoint=http://x:4317", r"--otlp-traces-endpoint .*expected it unset"),
         ("--cpu-offload-gb=4", r"--cpu-offload-gb 4.0: .* expected 0.0"),
@@ -94,6 +93,16 @@ def test_a_vllm_command_line_launches_with_a_note_for_each_option_that_changes_n
 def test_options_asking_for_what_this_server_does_not_do_are_refused_by_name(option, message):
     with pytest.raises(ConfigError, match=message):
         _launch(["serve.py", "tiny", option])
+
+
+def test_lora_dtype_may_name_the_served_dtype_and_max_logprobs_is_at_most_20(caplog):
+    with caplog.at_level(logging.INFO, logger="jaxlora.launch"):
+        launch = _launch(["serve.py", "tiny", "--dtype=bfloat16", "--lora-dtype=bfloat16"])
+    assert launch.dtype == "bfloat16"
+    assert any(r.getMessage().startswith("--lora-dtype='bfloat16'") for r in caplog.records)
+    assert _launch(["serve.py", "tiny", "--max-logprobs=5"]).max_logprobs == 5
+    with pytest.raises(SystemExit):
+        _launch(["serve.py", "tiny", "--max-logprobs=50"])
 
 
 def test_max_cpu_loras_is_the_host_budget_in_adapters_of_the_pool_rank():
@@ -125,9 +134,11 @@ def test_max_cpu_loras_sets_the_adapter_store_s_budget():
 
 def test_server_options_docs_token_ids_and_cors():
     """--disable-fastapi-docs: no schema or pages; --return-tokens-as-token-ids: every answer's
-    logprobs name tokens by id; the CORS options in the preflight answer."""
+    logprobs name tokens by id; --max-logprobs: more logprobs a token are refused, naming the
+    field; the CORS options in the preflight answer."""
     server, state = start_demo_server(
         docs=False,
+        max_logprobs=2,
         return_tokens_as_token_ids=True,
         allowed_origins=("https://app.example.com",),
         allow_credentials=True,
@@ -146,6 +157,28 @@ def test_server_options_docs_token_ids_and_cors():
         ).json()
         tokens = answer["choices"][0]["logprobs"]["tokens"]
         assert len(tokens) == 3 and all(t.startswith("token_id:") for t in tokens), tokens
+        for route, fields, param in (
+            ("/completions", {"prompt": "Hi", "logprobs": 3}, "logprobs"),
+            (
+                "/chat/completions",
+                {
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "logprobs": True,
+                    "top_logprobs": 3,
+                },
+                "top_logprobs",
+            ),
+            ("/completions", {"prompt": "Hi", "prompt_logprobs": 3}, "prompt_logprobs"),
+        ):
+            refused = httpx.post(
+                server.base_url + route,
+                json={"model": "robot", "max_tokens": 2, **fields},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=60,
+            )
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == param and "at most 2 logprobs" in error["message"], error
         preflight = httpx.options(
             server.base_url + "/completions",
             headers={

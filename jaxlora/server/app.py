@@ -37,7 +37,7 @@ from jaxlora.engine import Delta, FinishReason
 from jaxlora.engine import Request as EngineRequest
 from jaxlora.engine.engine import check_prompt_length
 from jaxlora.errors import JaxloraError, PoolExhaustedError, RequestError, UnknownAdapterError
-from jaxlora.sampling import SamplingParams
+from jaxlora.sampling import MAX_LOGPROBS, SamplingParams
 from jaxlora.server import lorax, responses
 from jaxlora.server import metrics as prom
 from jaxlora.server.errors import (
@@ -270,11 +270,23 @@ def _samplings(
     structured_output: StructuredOutput | None = None,
     reasoning_tokens: ReasoningTokens | None = None,
     defaults: Mapping[str, float | int] | None = None,
+    max_logprobs: int = MAX_LOGPROBS,
 ) -> list[SamplingParams]:
     """One SamplingParams per choice (choice i of a seeded request uses seed + i). defaults:
     what an unset temperature, top_p, top_k, min_p or repetition_penalty takes instead of
-    OpenAI's (ServerConfig.sampling_defaults)."""
+    OpenAI's (ServerConfig.sampling_defaults). max_logprobs: the most logprobs a token the
+    request may ask for (ServerConfig.max_logprobs)."""
     defaults = defaults or {}
+    logprobs_field = "top_logprobs" if isinstance(body, ChatCompletionRequest) else "logprobs"
+    for field, asked in ((logprobs_field, logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if asked is not None and asked > max_logprobs:
+            raise with_param(
+                RequestError(
+                    f"{field}: expected at most {max_logprobs} logprobs a token (this "
+                    f"server's --max_logprobs), got {asked}"
+                ),
+                field,
+            )
 
     def given_or_default(name: str, openai_default):
         value = getattr(body, name)
@@ -1114,6 +1126,7 @@ def create_app(
             prompt_logprobs=_most(echoed_logprobs, body.prompt_logprobs),
             structured_output=structured,
             defaults=defaults,
+            max_logprobs=state.config.max_logprobs,
         )
         http_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -1300,6 +1313,7 @@ def create_app(
             structured_output=structured,
             reasoning_tokens=tags if structured is not None else None,
             defaults=defaults,
+            max_logprobs=state.config.max_logprobs,
         )
         group = submit_group(http_id, [prompt], samplings, adapter, priority_of(body))
         return _ChatRun(
@@ -1708,6 +1722,7 @@ def create_app(
                 prompt_logprobs=0 if body.parameters.decoder_input_details else None,
                 structured_output=structured,
                 defaults=defaults,
+                max_logprobs=state.config.max_logprobs,
             )
             group = submit_group(
                 f"generate-{uuid.uuid4().hex}", prompts, samplings, adapter, priority_of(completion)

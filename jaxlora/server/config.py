@@ -8,6 +8,7 @@ import re
 
 from jaxlora.errors import ConfigError
 from jaxlora.formats.hf import GENERATION_DEFAULT_FIELDS
+from jaxlora.sampling import MAX_LOGPROBS
 from jaxlora.server.keys import ApiKey, check_keys, with_server_key
 from jaxlora.server.reasoning import REASONING_PARSERS
 from jaxlora.server.tool_calls import PARSERS
@@ -53,6 +54,8 @@ class ServerConfig:
     request field asks for one (vLLM's --return-tokens-as-token-ids).
     docs: the OpenAPI schema and its pages (/docs, /redoc, /openapi.json); False: none
     (vLLM's --disable-fastapi-docs).
+    max_logprobs: the most logprobs a token a request may ask for (0..20; vLLM's
+    --max-logprobs): top_logprobs, logprobs, prompt_logprobs, LoRAX's alternatives.
     log_requests: one log line (INFO, logger jaxlora.server) a finished request: its id,
     model, token counts, finish reason, time to first token and end to end, preemptions.
     api_keys: tenants' keys, each for some models only (``jaxlora.server.keys``; beside
@@ -92,6 +95,7 @@ class ServerConfig:
     allowed_headers: tuple[str, ...] = ("*",)
     return_tokens_as_token_ids: bool = False
     docs: bool = True
+    max_logprobs: int = MAX_LOGPROBS
     log_requests: bool = False
     api_keys: tuple[ApiKey, ...] = ()
     fair_share_by: str = "model"
@@ -158,6 +162,15 @@ class ServerConfig:
             raise ConfigError(
                 "server config field 'allowed_origins': expected a tuple of origins "
                 f"(scheme://host[:port], or '*'), got {origins!r}"
+            )
+        if (
+            isinstance(self.max_logprobs, bool)
+            or not isinstance(self.max_logprobs, int)
+            or not 0 <= self.max_logprobs <= MAX_LOGPROBS
+        ):
+            raise ConfigError(
+                f"server config field 'max_logprobs' (--max_logprobs): expected an int in "
+                f"0..{MAX_LOGPROBS} (the sampler's most), got {self.max_logprobs!r}"
             )
         for field in ("allowed_methods", "allowed_headers"):
             value = getattr(self, field)

@@ -71,6 +71,7 @@ class LaunchConfig:
     allowed_headers: tuple[str, ...] = ("*",)  # ServerConfig.allowed_headers (CORS)
     return_tokens_as_token_ids: bool = False  # ServerConfig.return_tokens_as_token_ids
     docs: bool = True  # ServerConfig.docs (False: vLLM's --disable-fastapi-docs)
+    max_logprobs: int = 20  # ServerConfig.max_logprobs (vLLM's --max-logprobs)
     log_requests: bool = False  # ServerConfig.log_requests
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
@@ -672,6 +673,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         allowed_headers=tuple(launch.allowed_headers),
         return_tokens_as_token_ids=launch.return_tokens_as_token_ids,
         docs=launch.docs,
+        max_logprobs=launch.max_logprobs,
         log_requests=launch.log_requests,
         fair_share_by=launch.fair_share_by,
         metrics_need_key=launch.metrics_need_key,
