@@ -67,6 +67,13 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "allowed_headers", ["*"], "CORS: request headers those pages may send (vLLM's; *: any)."
 )
+flags.DEFINE_string(
+    "response_role",
+    "assistant",
+    "The role chat answers come from where the prompt asks for a new message "
+    "(add_generation_prompt; else the last message's role, whose message it continues; vLLM's "
+    "--response-role).",
+)
 flags.DEFINE_integer(
     "max_logprobs",
     20,
@@ -564,6 +571,7 @@ def launch_config():
         return_tokens_as_token_ids=FLAGS.return_tokens_as_token_ids,
         docs=not FLAGS.disable_fastapi_docs,
         max_logprobs=FLAGS.max_logprobs,
+        response_role=FLAGS.response_role,
         log_requests=_log_requests(),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         enable_prefix_caching=FLAGS.enable_prefix_caching,

@@ -190,13 +190,6 @@ OPTIONS = (
         "nothing is downloaded: the local files of --model are served as they are",
     ),
     VllmOption(
-        "response_role",
-        "string",
-        "assistant",
-        ("assistant",),
-        "chat answers come from the assistant role",
-    ),
-    VllmOption(
         "chat_template_content_format",
         "string",
         "auto",

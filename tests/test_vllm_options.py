@@ -6,6 +6,7 @@ the option (jaxlora.vllm_options)."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import httpx
@@ -95,6 +96,13 @@ def test_options_asking_for_what_this_server_does_not_do_are_refused_by_name(opt
         _launch(["serve.py", "tiny", option])
 
 
+def test_response_role_must_be_a_role_name():
+    from jaxlora.server.config import ServerConfig
+
+    with pytest.raises(ConfigError, match="'response_role' .*expected a role name"):
+        ServerConfig(model_name="m", response_role="two words")
+
+
 def test_lora_dtype_may_name_the_served_dtype_and_max_logprobs_is_at_most_20(caplog):
     with caplog.at_level(logging.INFO, logger="jaxlora.launch"):
         launch = _launch(["serve.py", "tiny", "--dtype=bfloat16", "--lora-dtype=bfloat16"])
@@ -139,6 +147,7 @@ def test_server_options_docs_token_ids_and_cors():
     server, state = start_demo_server(
         docs=False,
         max_logprobs=2,
+        response_role="model",
         return_tokens_as_token_ids=True,
         allowed_origins=("https://app.example.com",),
         allow_credentials=True,
@@ -179,6 +188,34 @@ def test_server_options_docs_token_ids_and_cors():
             assert refused.status_code == 400, refused.text
             error = refused.json()["error"]
             assert error["param"] == param and "at most 2 logprobs" in error["message"], error
+
+        # --response-role: a new message's role; a continued one keeps its own (vLLM's).
+        def chat(messages, stream=False, **extra):
+            return httpx.post(
+                server.base_url + "/chat/completions",
+                json={
+                    "model": "robot",
+                    "max_tokens": 2,
+                    "messages": messages,
+                    "stream": stream,
+                    **extra,
+                },
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=60,
+            )
+
+        user = [{"role": "user", "content": "Hi"}]
+        assert chat(user).json()["choices"][0]["message"]["role"] == "model"
+        first = next(
+            line for line in chat(user, stream=True).text.splitlines() if line.startswith("data: {")
+        )
+        assert json.loads(first[len("data: ") :])["choices"][0]["delta"]["role"] == "model"
+        continued = chat(
+            [*user, {"role": "assistant", "content": "Beep"}],
+            continue_final_message=True,
+            add_generation_prompt=False,
+        )
+        assert continued.json()["choices"][0]["message"]["role"] == "assistant", continued.text
         preflight = httpx.options(
             server.base_url + "/completions",
             headers={

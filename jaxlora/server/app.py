@@ -500,6 +500,14 @@ def _chat_echo(body: ChatCompletionRequest) -> str:
     return _content_text(last.content)
 
 
+def _answer_role(body: ChatCompletionRequest, response_role: str) -> str:
+    """The role of a chat answer (vLLM's reading): ``response_role`` where the prompt asks for a
+    new message, else the last message's, which the answer continues."""
+    if body.add_generation_prompt and not body.continue_final_message:
+        return response_role
+    return body.messages[-1].role
+
+
 def _content_text(content: str | list[dict] | None) -> str:
     """A message's text: its content string, or its text parts joined (none: empty)."""
     if isinstance(content, str):
@@ -1339,6 +1347,7 @@ def create_app(
             message, finish = chat_message(
                 text or "", str(r.finish_reason), run.calls_reader, run.max_calls
             )
+            message["role"] = _answer_role(body, state.config.response_role)
             if run.echo:
                 message["content"] = run.echo + (message.get("content") or "")
             elif text is None and message["content"] == "":
@@ -1484,7 +1493,8 @@ def create_app(
                 first = (
                     {"prompt_token_ids": list(prompt)} if body.return_token_ids and not i else {}
                 )
-                yield delta_chunk(i, {"role": "assistant", "content": ""}, **first)
+                role = _answer_role(body, state.config.response_role)
+                yield delta_chunk(i, {"role": role, "content": ""}, **first)
                 if run.echo:
                     yield delta_chunk(i, {"content": run.echo})
             async for kind, index, value, lp in chat_pieces(run, noting_token_ids(events)):

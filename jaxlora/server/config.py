@@ -56,6 +56,9 @@ class ServerConfig:
     (vLLM's --disable-fastapi-docs).
     max_logprobs: the most logprobs a token a request may ask for (0..20; vLLM's
     --max-logprobs): top_logprobs, logprobs, prompt_logprobs, LoRAX's alternatives.
+    response_role: the role of a chat answer where the prompt asks for a new message
+    (add_generation_prompt); otherwise the answer continues the last message, and has its
+    role (vLLM's --response-role and its reading).
     log_requests: one log line (INFO, logger jaxlora.server) a finished request: its id,
     model, token counts, finish reason, time to first token and end to end, preemptions.
     api_keys: tenants' keys, each for some models only (``jaxlora.server.keys``; beside
@@ -96,6 +99,7 @@ class ServerConfig:
     return_tokens_as_token_ids: bool = False
     docs: bool = True
     max_logprobs: int = MAX_LOGPROBS
+    response_role: str = "assistant"
     log_requests: bool = False
     api_keys: tuple[ApiKey, ...] = ()
     fair_share_by: str = "model"
@@ -171,6 +175,13 @@ class ServerConfig:
             raise ConfigError(
                 f"server config field 'max_logprobs' (--max_logprobs): expected an int in "
                 f"0..{MAX_LOGPROBS} (the sampler's most), got {self.max_logprobs!r}"
+            )
+        if not isinstance(self.response_role, str) or not re.fullmatch(
+            r"[A-Za-z_][A-Za-z0-9_-]*", self.response_role
+        ):
+            raise ConfigError(
+                "server config field 'response_role' (--response_role): expected a role name "
+                f"(letters, digits, _ or -), got {self.response_role!r}"
             )
         for field in ("allowed_methods", "allowed_headers"):
             value = getattr(self, field)

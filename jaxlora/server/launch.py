@@ -72,6 +72,7 @@ class LaunchConfig:
     return_tokens_as_token_ids: bool = False  # ServerConfig.return_tokens_as_token_ids
     docs: bool = True  # ServerConfig.docs (False: vLLM's --disable-fastapi-docs)
     max_logprobs: int = 20  # ServerConfig.max_logprobs (vLLM's --max-logprobs)
+    response_role: str = "assistant"  # ServerConfig.response_role (vLLM's --response-role)
     log_requests: bool = False  # ServerConfig.log_requests
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
@@ -674,6 +675,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         return_tokens_as_token_ids=launch.return_tokens_as_token_ids,
         docs=launch.docs,
         max_logprobs=launch.max_logprobs,
+        response_role=launch.response_role,
         log_requests=launch.log_requests,
         fair_share_by=launch.fair_share_by,
         metrics_need_key=launch.metrics_need_key,
