@@ -172,7 +172,7 @@ CASES = [
     bad(C, "logprobs", 1000, "0..20"),
     bad(C, "logprobs", -1, "0..20"),
     bad(M, "logprobs", "yes", "valid boolean"),  # was 200
-    bad({**M, "logprobs": True}, "top_logprobs", 1000, "0..20", param="logprobs"),
+    bad({**M, "logprobs": True}, "top_logprobs", 1000, "0..20"),
     bad({**M, "logprobs": True}, "top_logprobs", True, "valid integer"),  # was 200
     bad(C, "echo", "yes", "valid boolean"),
     bad(C, "ignore_eos", "yes", "valid boolean"),  # was 200

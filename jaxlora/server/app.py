@@ -282,7 +282,7 @@ def _samplings(
         if asked is not None and asked > max_logprobs:
             raise with_param(
                 RequestError(
-                    f"{field}: expected at most {max_logprobs} logprobs a token (this "
+                    f"{field}: expected an int in 0..{max_logprobs} (logprobs a token; this "
                     f"server's --max_logprobs), got {asked}"
                 ),
                 field,
