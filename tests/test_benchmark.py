@@ -430,6 +430,7 @@ def test_online_trace_pages_adapters_and_measures_latency():
     bench = build_engine(TINY, config.engine_config(), SETUP)
     online = run_online(bench, config)
     assert online["projection_kernel_used"] == "xla"
+    assert all("gpu" in row for row in online["rows"])  # (None without nvidia-smi)
     assert online["runner"]["max_batch"] == 4 and online["runner"]["residual_norm"] == "pallas"
     rows = online["rows"]
     # Untimed by default (the engine as it serves), timed on request; the counts either way.
@@ -887,6 +888,8 @@ def test_kernel_bench_rows_agree_with_the_baselines(tmp_path):
     report = kernels.run(config, str(out_json))
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(report))
     assert report["configs"]["sgmv:atomic"]["deterministic"] is False
+    # The GPU's clocks over each output group and rank (none here: no nvidia-smi on the CPU).
+    assert set(report["gpu"]) == {"2x32 rank 8"}
     rows = report["rows"]
     assert [(r["T"], r["workload"]) for r in rows] == [
         (4, "identical"),

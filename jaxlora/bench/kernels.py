@@ -45,6 +45,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxlora.bench import gpu_monitor
 from jaxlora.bench.profile import trace_gpu_events
 from jaxlora.errors import ConfigError
 from pallas_kernels.sgmv import (
@@ -986,12 +987,20 @@ def run(config: KernelBenchConfig, out_json: str) -> dict:
         "rows": rows,
     }
     print_header(steps)
-    for out in config.outs:
-        group = parse_group(out)
-        for rank in config.ranks:
-            flush_buf = run_group(group, rank, config, flush_buf, copy_bw, steps, rows)
-            with open(out_json, "w") as f:
-                json.dump(report, f, indent=1)
+    # What the GPU ran at over each output group and rank's rows (None without nvidia-smi).
+    report["gpu"] = {}
+    with gpu_monitor.GpuMonitor() as monitor:
+        for out in config.outs:
+            group = parse_group(out)
+            for rank in config.ranks:
+                start = time.monotonic()
+                flush_buf = run_group(group, rank, config, flush_buf, copy_bw, steps, rows)
+                clocks = monitor.summary(start, time.monotonic())
+                report["gpu"][f"{out} rank {rank}"] = clocks
+                if clocks:
+                    print(f"  {out} rank {rank}: {gpu_monitor.describe(clocks)}", flush=True)
+                with open(out_json, "w") as f:
+                    json.dump(report, f, indent=1)
     report["summary"] = summarize(rows)
     with open(out_json, "w") as f:
         json.dump(report, f, indent=1)

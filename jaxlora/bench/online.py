@@ -21,6 +21,7 @@ from jaxlora.sampling import SamplingParams
 
 from . import roofline
 from .engine_setup import BenchEngine
+from .gpu_monitor import GpuMonitor, describe
 from .timing import CompileCounter, host_ms_since
 from .workloads import TraceConfig, synthetic_trace, trace_prompt
 
@@ -302,10 +303,17 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
 
 def run_online(bench: BenchEngine, config: OnlineConfig, *, on_row=None) -> dict:
     rows = []
-    for count in config.adapter_counts:
-        rows.append(run_trace(bench, config, count))
-        if on_row is not None:
-            on_row(rows)
+    with GpuMonitor() as monitor:
+        for count in config.adapter_counts:
+            start = time.monotonic()
+            row = run_trace(bench, config, count)
+            # What the GPU ran at over the trace (GpuMonitor; None without nvidia-smi).
+            row["gpu"] = monitor.summary(start, time.monotonic())
+            if row["gpu"]:
+                log.info("online %d adapters %s", count, describe(row["gpu"]))
+            rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return {
         "config": dataclasses.asdict(config),
         "projection_kernel_used": bench.projection_kernel_used,
