@@ -22,13 +22,13 @@ FLAGS = flags.FLAGS
 
 @dataclasses.dataclass(frozen=True)
 class VllmOption:
-    """One vLLM option: ``kind`` the absl type ("bool", "int", "float", "string"), ``default``
-    vLLM's, ``accepted`` the values that change nothing here (None: every value), ``why`` what
-    this server does instead (the log line, or the refusal's reason)."""
+    """One vLLM option: ``kind`` the absl type ("bool", "int", "float", "string"),
+    ``accepted`` the values that change nothing here (None: every value), ``why`` what this
+    server does instead (the log line, or the refusal's reason). Its flag's default is None
+    (not given)."""
 
     name: str
     kind: str
-    default: object
     accepted: tuple | None
     why: str
     # Also accepted: the value of this flag of ours (e.g. --lora-dtype equal to --dtype).
@@ -39,70 +39,60 @@ OPTIONS = (
     VllmOption(
         "enforce_eager",
         "bool",
-        False,
         None,
         "steps run as XLA-compiled programs; there is no CUDA-graph capture to turn off",
     ),
     VllmOption(
         "trust_remote_code",
         "bool",
-        False,
         None,
         "no code from a checkpoint runs here (the model families are jaxlora's own)",
     ),
     VllmOption(
         "disable_log_stats",
         "bool",
-        False,
         None,
         "this server logs no periodic statistics (GET /metrics has them)",
     ),
     VllmOption(
         "swap_space",
         "float",
-        4.0,
         None,
         "a preempted request recomputes its KV cache; nothing is swapped to host memory",
     ),
     VllmOption(
         "enable_chunked_prefill",
         "bool",
-        True,
         None,
         "prompts are always prefilled in chunks of --prefill_chunk tokens beside the decode rows",
     ),
     VllmOption(
         "disable_frontend_multiprocessing",
         "bool",
-        False,
         None,
         "the HTTP server and the engine share one process",
     ),
     VllmOption(
         "enable_request_id_headers",
         "bool",
-        False,
         None,
         "every answer carries its X-Request-Id header",
     ),
     VllmOption(
         "max_seq_len_to_capture",
         "int",
-        8192,
         None,
         "no CUDA graphs are captured (XLA compiles each step shape)",
     ),
     VllmOption(
         "distributed_executor_backend",
         "string",
-        "",
         None,
         "one process drives every device (--tensor_parallel_size)",
     ),
     VllmOption(
         "download_dir",
         "string",
-        "",
         None,
         "nothing is downloaded: --model is a local checkpoint, a preset or a Hub id already in "
         "the local cache",
@@ -110,21 +100,18 @@ OPTIONS = (
     VllmOption(
         "fully_sharded_loras",
         "bool",
-        False,
         None,
         "adapter pools are sharded as the model is (--tensor_parallel_size)",
     ),
     VllmOption(
         "guided_decoding_backend",
         "string",
-        "auto",
         None,
         "structured outputs are decoded under llguidance's token masks, whatever backend is named",
     ),
     VllmOption(
         "lora_extra_vocab_size",
         "int",
-        256,
         None,
         "adapters add no vocabulary here (one whose checkpoint carries new token embeddings is "
         "refused when loaded)",
@@ -132,30 +119,26 @@ OPTIONS = (
     VllmOption(
         "num_scheduler_steps",
         "int",
-        1,
         (1,),
         "one decode step an engine iteration; async scheduling overlaps the host's work instead",
     ),
     VllmOption(
         "pipeline_parallel_size",
         "int",
-        1,
         (1,),
         "no pipeline parallelism; --tensor_parallel_size splits the model over devices",
     ),
     VllmOption(
         "data_parallel_size",
         "int",
-        1,
         (1,),
         "one engine a process; run one server a device group behind a load balancer",
     ),
-    VllmOption("api_server_count", "int", 1, (1,), "one HTTP server process drives the engine"),
-    VllmOption("cpu_offload_gb", "float", 0.0, (0.0,), "weights stay on the devices"),
+    VllmOption("api_server_count", "int", (1,), "one HTTP server process drives the engine"),
+    VllmOption("cpu_offload_gb", "float", (0.0,), "weights stay on the devices"),
     VllmOption(
         "quantization",
         "string",
-        "",
         ("", "none", "None"),
         "weights are served in --dtype (no quantized formats; --kv_cache_dtype fp8 quantizes "
         "the KV cache)",
@@ -163,7 +146,6 @@ OPTIONS = (
     VllmOption(
         "lora_dtype",
         "string",
-        "auto",
         ("auto",),
         "adapters are served in the model's --dtype",
         same_as="dtype",
@@ -171,28 +153,24 @@ OPTIONS = (
     VllmOption(
         "load_format",
         "string",
-        "auto",
         ("auto", "safetensors"),
         "checkpoints are read from safetensors files",
     ),
     VllmOption(
         "tokenizer_mode",
         "string",
-        "auto",
         ("auto", "hf"),
         "the checkpoint's Hugging Face tokenizer is used",
     ),
     VllmOption(
         "revision",
         "string",
-        "",
         ("", "main"),
         "nothing is downloaded: the local files of --model are served as they are",
     ),
     VllmOption(
         "chat_template_content_format",
         "string",
-        "auto",
         ("auto",),
         "message contents reach the chat template as text (parts joined) or as the parts list, "
         "as the template reads them",
@@ -200,32 +178,27 @@ OPTIONS = (
     VllmOption(
         "long_lora_scaling_factors",
         "string",
-        "",
         ("",),
         "adapters with their own long-context RoPE scaling are not supported",
     ),
-    VllmOption("otlp_traces_endpoint", "string", "", ("",), "no OpenTelemetry tracing"),
+    VllmOption("otlp_traces_endpoint", "string", ("",), "no OpenTelemetry tracing"),
     VllmOption(
         "hf_overrides",
         "string",
-        "",
         ("", "{}"),
         "the checkpoint's config.json is read as it is",
     ),
     VllmOption(
         "override_generation_config",
         "string",
-        "",
         ("", "{}"),
         "request defaults come from --generation_config",
     ),
     VllmOption(
-        "limit_mm_per_prompt", "string", "", ("",), "text models only (no image or audio input)"
+        "limit_mm_per_prompt", "string", ("",), "text models only (no image or audio input)"
     ),
-    VllmOption(
-        "allowed_local_media_path", "string", "", ("",), "text models only (no media input)"
-    ),
-    VllmOption("middleware", "string", "", ("",), "no user middleware is loaded"),
+    VllmOption("allowed_local_media_path", "string", ("",), "text models only (no media input)"),
+    VllmOption("middleware", "string", ("",), "no user middleware is loaded"),
 )
 
 _DEFINE = {

@@ -1340,6 +1340,7 @@ def create_app(
     def chat_answers(run: _ChatRun) -> list[tuple[dict, str]]:
         """Each choice's message and finish reason, once every choice finished."""
         body, answers = run.body, []
+        role = _answer_role(body, state.config.response_role)
         for r in run.group.requests:
             text, reasoning = r.text, None
             if run.reasoning_format is not None:
@@ -1347,7 +1348,7 @@ def create_app(
             message, finish = chat_message(
                 text or "", str(r.finish_reason), run.calls_reader, run.max_calls
             )
-            message["role"] = _answer_role(body, state.config.response_role)
+            message["role"] = role
             if run.echo:
                 message["content"] = run.echo + (message.get("content") or "")
             elif text is None and message["content"] == "":
@@ -1488,12 +1489,12 @@ def create_app(
         }
 
         async def chunks(events) -> AsyncIterator[str]:
+            role = _answer_role(body, state.config.response_role)
             for i in range(len(group.requests)):
                 # (vLLM's: the prompt's token ids with the first chunk)
                 first = (
                     {"prompt_token_ids": list(prompt)} if body.return_token_ids and not i else {}
                 )
-                role = _answer_role(body, state.config.response_role)
                 yield delta_chunk(i, {"role": role, "content": ""}, **first)
                 if run.echo:
                     yield delta_chunk(i, {"content": run.echo})
