@@ -243,6 +243,12 @@ class MatmulConfig(KernelConfig):
     # read 4 times); sub-blocks keep one weight read and small v tiles, but took 1.4x (16) and
     # 1.5x (32) the rows epilogue's time on q|k|v at T = 128 (eleventh session).
     dot_block_m: int | None = None
+    # Where the expand epilogue (dot, rows or few-adapters; not the in-loop shrink's, whose v
+    # the K loop computes) adds the LoRA terms: None after the K loop; -1 before it (the
+    # accumulator starts from them); k >= 0 inside it, at the K step min(k, steps - 1), after
+    # that step's dots, so that its B and v loads go out while the weight tiles the pipeline
+    # has already issued are in flight. After the K loop its B gathers wait on nothing else.
+    epilogue_step: int | None = None
     # T <= this: the model runs its decode projections through lora_matmul; larger T keeps
     # XLA's GEMM and the SGMV delta. In the 32-layer 7B engine (H200, scan loop, thirtieth
     # session) XLA's cuBLAS GEMMs (RunnerConfig.xla_gemms), reading each layer's slice in
@@ -326,6 +332,7 @@ class MatmulConfig(KernelConfig):
             ("epilogue_prepared_rank_rows", 0, True),
             ("epilogue_adapters", 0, False),
             ("split_k", 1, True),
+            ("epilogue_step", -1, True),
             ("min_programs", 0, False),
             ("rows_epilogue_min_programs", 0, True),
             ("max_split_k", 1, False),
@@ -493,6 +500,8 @@ class _Epilogue:
     # The shrink in the K loop (0: v is an input): its rank rows J and the A pool's pages.
     shrink_rows: int = 0
     a_pages_per_pool: int = 0
+    # Where the LoRA terms are added (MatmulConfig.epilogue_step): None after the K loop.
+    at_step: int | None = None
 
 
 # Past a block's last adapter slot in ``_block_adapters`` (above any slot index).
@@ -781,62 +790,90 @@ def _matmul_kernel(
         found = [
             _block_adapters(refs[-2], rows_i, row_ok, expand.adapters) for _, row_ok, rows_i in subs
         ]
-    j_rows = shrink_refs[2].shape[1] if shrink is not None else 0
-    accs, v_accs = jax.lax.fori_loop(
-        0,
-        k_steps,
-        body,
-        (
-            tuple(jnp.zeros((sub, bn), jnp.float32) for _ in subs),
-            tuple(jnp.zeros((sub, j_rows), jnp.float32) for _ in subs if shrink is not None),
-        ),
-    )
-    if shrink is None:
-        v_accs = (None,) * len(subs)
     share = None if part is None else (part, split)
-    for (_, row_ok, rows_i), ready, few, acc, v_acc in zip(
-        subs, prepared, found, accs, v_accs, strict=True
-    ):
 
-        def general(acc, row_ok=row_ok, rows_i=rows_i, ready=ready):
-            if ready is not None:
-                return _dot_epilogue(
+    def lora_terms(accs):
+        """Each sub-block's accumulator plus its tokens' LoRA expand (v an input)."""
+        out = []
+        for (_, row_ok, rows_i), ready, few, acc in zip(subs, prepared, found, accs, strict=True):
+
+            def general(acc, row_ok=row_ok, rows_i=rows_i, ready=ready):
+                if ready is not None:
+                    return _dot_epilogue(
+                        acc,
+                        refs[:-1],
+                        rows_i,
+                        ready,
+                        expand,
+                        dtype=dtype,
+                        share=share,
+                        interpret=interpret,
+                    )
+                return _expand_epilogue(
                     acc,
                     refs[:-1],
+                    layer_ref,
+                    j,
                     rows_i,
-                    ready,
+                    row_ok,
+                    expand,
+                    bn=bn,
+                    share=share,
+                    interpret=interpret,
+                )
+
+            def by_adapter(acc, rows_i=rows_i, few=few):
+                return _adapters_epilogue(
+                    acc,
+                    refs[:-1],
+                    layer_ref,
+                    j,
+                    rows_i,
+                    few,
                     expand,
                     dtype=dtype,
                     share=share,
                     interpret=interpret,
                 )
-            return _expand_epilogue(
-                acc,
-                refs[:-1],
-                layer_ref,
-                j,
-                rows_i,
-                row_ok,
-                expand,
-                bn=bn,
-                share=share,
-                interpret=interpret,
-            )
 
-        def by_adapter(acc, rows_i=rows_i, few=few):
-            return _adapters_epilogue(
-                acc,
-                refs[:-1],
-                layer_ref,
-                j,
-                rows_i,
-                few,
-                expand,
-                dtype=dtype,
-                share=share,
-                interpret=interpret,
-            )
+            if few is not None:
+                acc = jax.lax.cond(few.every, by_adapter, general, acc)
+            else:
+                acc = general(acc)
+            out.append(acc)
+        return tuple(out)
 
+    # Where the LoRA terms join the accumulator (MatmulConfig.epilogue_step).
+    at_step = None
+    if shrink is None and expand is not None:
+        at_step = expand.at_step
+    initial = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in subs)
+    loop_body = body
+    if at_step is not None and at_step < 0:
+        initial = lora_terms(initial)
+    elif at_step is not None:
+        in_loop_step = min(at_step, k_steps - 1)
+
+        def loop_body(kb, carry):
+            accs, v_accs = body(kb, carry)
+            accs = jax.lax.cond(kb == in_loop_step, lora_terms, lambda accs: accs, accs)
+            return accs, v_accs
+
+    j_rows = shrink_refs[2].shape[1] if shrink is not None else 0
+    accs, v_accs = jax.lax.fori_loop(
+        0,
+        k_steps,
+        loop_body,
+        (
+            initial,
+            tuple(jnp.zeros((sub, j_rows), jnp.float32) for _ in subs if shrink is not None),
+        ),
+    )
+    if shrink is None:
+        v_accs = (None,) * len(subs)
+    if shrink is None and expand is not None and at_step is None:
+        accs = lora_terms(accs)
+    for (_, row_ok, rows_i), acc, v_acc in zip(subs, accs, v_accs, strict=True):
         if shrink is not None:
             acc = _shrink_epilogue(
                 acc,
@@ -851,10 +888,6 @@ def _matmul_kernel(
                 dtype=dtype,
                 interpret=interpret,
             )
-        elif few is not None:
-            acc = jax.lax.cond(few.every, by_adapter, general, acc)
-        elif expand is not None:
-            acc = general(acc)
         if bias_ref is not None:
             acc = acc + bias_ref[layer, cols].astype(jnp.float32)[None, :]
         out_idx = (rows_i[:, None], cols[None, :])
@@ -1280,6 +1313,9 @@ def lora_matmul(
         tag += f"_a{block_adapters}"
     if sub < bm:
         tag += f"_d{sub}"
+    if expand is not None and not expand.shrink_rows and config.epilogue_step is not None:
+        expand = dataclasses.replace(expand, at_step=config.epilogue_step)
+        tag += "_epre" if config.epilogue_step < 0 else f"_e{config.epilogue_step}"
     grid = (pl.cdiv(num_tokens, bm), n_cols // bn)
     k_blocks = pl.cdiv(width, bk)
     rows_epilogue = expand is not None and not expand.epilogue_k and not expand.shrink_rows

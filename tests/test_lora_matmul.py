@@ -337,6 +337,62 @@ def test_wide_blocks_list_more_adapters(group, dtype_name, interpret):
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
+@pytest.mark.parametrize(
+    ("group", "dtype_name", "epilogue", "split_k", "adapters"),
+    [
+        ("qkv", "bfloat16", "dot", None, None),
+        ("gate_up", "float32", "dot", None, (0, 5)),  # the few-adapters epilogue
+        ("down", "float32", "dot", 4, None),  # the last part wholly past K
+        ("qkv", "float32", "rows", 2, None),
+        ("down", "bfloat16", "rows_prefetch", None, (1, 2, 3, 4, 5)),
+    ],
+)
+def test_lora_terms_join_the_accumulator_at_any_k_step(
+    group, dtype_name, epilogue, split_k, adapters, interpret
+):
+    """MatmulConfig.epilogue_step: the LoRA terms added before the K loop (-1), inside it at a
+    step (0, 1; 99 past the last step: the last), or after it (None, the default) give the
+    reference's result, and each other's within the dtype's rounding (only the order of the
+    float32 sums differs). v is NaN beyond every rank, so a term read past one shows at any
+    step; tokens without an adapter get the base output alone."""
+    dtype = jnp.dtype(dtype_name)
+    prob, w, lora = _case(group, 40, dtype, adapters=adapters, rows_per_page=8)
+    config = dataclasses.replace(
+        SMALL,
+        split_k=split_k,
+        epilogue=epilogue,
+        epilogue_rank_rows=8,
+        epilogue_block_k=32,
+        epilogue_prepared_rank_rows=8,
+        epilogue_adapters=3 if adapters else 0,
+        adapter_rank_rows=16,
+    )
+    reference = _reference_with_finite_v(prob, w, lora)
+    after = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
+    base = np.asarray(lora_matmul(prob.x, w, prob.layer, config=config, interpret=interpret))
+    no_adapter = np.asarray(prob.token_slot) < 0
+    for step in (-1, 0, 1, 99):
+        at_step = dataclasses.replace(config, epilogue_step=step)
+        y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=at_step, interpret=interpret)
+        assert y.shape == (40, w.shape[2]) and y.dtype == dtype, step
+        assert np.isfinite(np.asarray(y, np.float32)).all(), step
+        assert _rel_err(y, reference) < TOL[dtype_name], step
+        assert _rel_err(y, after) < TOL[dtype_name], step
+        np.testing.assert_array_equal(np.asarray(y)[no_adapter], base[no_adapter])
+    name = str(
+        jax.make_jaxpr(
+            lambda *a: lora_matmul(
+                *a,
+                lora=lora,
+                config=dataclasses.replace(config, epilogue_step=1),
+                interpret=interpret,
+            )
+        )(prob.x, w, prob.layer)
+    )
+    assert "_e1_" in name
+
+
+@pytest.mark.parametrize("interpret", INTERPRET)
 def test_large_blocks_run_their_own_warps(interpret):
     """MatmulConfig.large_block_num_warps: programs of at least large_block_elements outputs
     (here 64 x 32 of a 40-token step) run with 8 warps, base only and with the expand
@@ -721,6 +777,7 @@ def test_bad_inputs_raise_config_errors():
             "'epilogue_prepared_rank_rows': expected an int >= 0",
         ),
         ({"split_k": 0}, "'split_k': expected an int >= 1"),
+        ({"epilogue_step": -2}, "'epilogue_step': expected an int >= -1"),
         ({"max_partial_share": 0}, "'max_partial_share': expected a number > 0 or None"),
         ({"narrow_block_n": None}, r"'narrow_block_n': .* dimension\), got None"),
     ):
