@@ -34,6 +34,13 @@ took batch 64's step (blocks of 64 tokens) 4% under "rows" but batch 128's 20% o
 nineteenth session), so it runs above 32 and up to ``prefetch_epilogue_max_tokens`` = 64 tokens
 a block.
 
+Where the terms join (``MatmulConfig.lora_first``): with the dot epilogue they start the
+accumulator, before the K loop, and the K loop adds the base product to them; the rows
+epilogues add theirs after it. Before, the B and v loads of a program's epilogue go out while
+the other programs of its SM stream their weight tiles; after, every program waits for them at
+the end of its loop. On the H100 (forty-eighth session) that took batch 32's decode iteration
+1-2% lower with several adapters; batch 64 (the rows epilogues) rose 0.7% with it.
+
 The few-adapters epilogue (``MatmulConfig.epilogue_adapters``, on by default). Before its K
 loop a program lists the distinct adapter slots of its tokens, up to ``epilogue_adapters`` of
 them; if that is all, its epilogue adds each adapter's delta as tensor-core dots of that
@@ -243,12 +250,17 @@ class MatmulConfig(KernelConfig):
     # read 4 times); sub-blocks keep one weight read and small v tiles, but took 1.4x (16) and
     # 1.5x (32) the rows epilogue's time on q|k|v at T = 128 (eleventh session).
     dot_block_m: int | None = None
-    # Where the expand epilogue (dot, rows or few-adapters; not the in-loop shrink's, whose v
-    # the K loop computes) adds the LoRA terms: None after the K loop; -1 before it (the
-    # accumulator starts from them); k >= 0 inside it, at the K step min(k, steps - 1), after
-    # that step's dots, so that its B and v loads go out while the weight tiles the pipeline
-    # has already issued are in flight. After the K loop its B gathers wait on nothing else.
-    epilogue_step: int | None = None
+    # Whether the expand epilogue's LoRA terms (dot, rows or few-adapters; not the in-loop
+    # shrink's, whose v the K loop computes) start the accumulator before the K loop instead
+    # of joining it after. None: first where the dot epilogue runs. On the H100 (forty-eighth
+    # session, 32-layer engine, one process each) first took batch 32's async iteration from
+    # 8.39 to 8.25 ms (uniform), 8.61 to 8.53 (skewed), 8.76 to 8.65 (distinct), and batch 8's
+    # distinct from 6.49 to 6.39; batch 64 (the pipelined rows epilogue) rose 0.7% (skewed,
+    # distinct). Per projection at T = 32 each group took 0.7-6% less. Added inside the K
+    # loop, at one step under a branch, so that the B loads overlap the weight tiles already
+    # in flight, the terms cost more: Triton gave the kernel 120 KiB of shared memory instead
+    # of 72 (fewer programs an SM) and spilled, and every projection took 8-20% longer.
+    lora_first: bool | None = None
     # T <= this: the model runs its decode projections through lora_matmul; larger T keeps
     # XLA's GEMM and the SGMV delta. In the 32-layer 7B engine (H200, scan loop, thirtieth
     # session) XLA's cuBLAS GEMMs (RunnerConfig.xla_gemms), reading each layer's slice in
@@ -296,6 +308,11 @@ class MatmulConfig(KernelConfig):
                 f"MatmulConfig field 'shrink_rows': expected 0 (off) or a power of two >= 16 (a "
                 f"tensor-core dot dimension), got {shrink_rows!r}"
             )
+        if self.lora_first not in (None, True, False):
+            raise ConfigError(
+                f"MatmulConfig field 'lora_first': expected true, false or None, "
+                f"got {self.lora_first!r}"
+            )
         if self.epilogue not in (None, "dot", "rows", "rows_prefetch"):
             raise ConfigError(
                 f"MatmulConfig field 'epilogue': expected 'dot', 'rows', 'rows_prefetch' or None, "
@@ -332,7 +349,6 @@ class MatmulConfig(KernelConfig):
             ("epilogue_prepared_rank_rows", 0, True),
             ("epilogue_adapters", 0, False),
             ("split_k", 1, True),
-            ("epilogue_step", -1, True),
             ("min_programs", 0, False),
             ("rows_epilogue_min_programs", 0, True),
             ("max_split_k", 1, False),
@@ -422,6 +438,12 @@ class MatmulConfig(KernelConfig):
             return "dot"
         return "rows_prefetch" if bm <= self.prefetch_epilogue_max_tokens else "rows"
 
+    def lora_first_for(self, bm: int) -> bool:
+        """Whether blocks of ``bm`` tokens add their LoRA terms before the K loop."""
+        if self.lora_first is not None:
+            return self.lora_first
+        return self.epilogue_for(bm) == "dot"
+
     def epilogue_adapters_for(self, bm: int) -> int:
         """Most adapters a block of ``bm`` tokens may have to take the few-adapters epilogue
         (0: off)."""
@@ -500,8 +522,8 @@ class _Epilogue:
     # The shrink in the K loop (0: v is an input): its rank rows J and the A pool's pages.
     shrink_rows: int = 0
     a_pages_per_pool: int = 0
-    # Where the LoRA terms are added (MatmulConfig.epilogue_step): None after the K loop.
-    at_step: int | None = None
+    # The LoRA terms start the accumulator, before the K loop (MatmulConfig.lora_first).
+    first: bool = False
 
 
 # Past a block's last adapter slot in ``_block_adapters`` (above any slot index).
@@ -843,27 +865,15 @@ def _matmul_kernel(
             out.append(acc)
         return tuple(out)
 
-    # Where the LoRA terms join the accumulator (MatmulConfig.epilogue_step).
-    at_step = None
-    if shrink is None and expand is not None:
-        at_step = expand.at_step
+    lora_first = shrink is None and expand is not None and expand.first
     initial = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in subs)
-    loop_body = body
-    if at_step is not None and at_step < 0:
+    if lora_first:
         initial = lora_terms(initial)
-    elif at_step is not None:
-        in_loop_step = min(at_step, k_steps - 1)
-
-        def loop_body(kb, carry):
-            accs, v_accs = body(kb, carry)
-            accs = jax.lax.cond(kb == in_loop_step, lora_terms, lambda accs: accs, accs)
-            return accs, v_accs
-
     j_rows = shrink_refs[2].shape[1] if shrink is not None else 0
     accs, v_accs = jax.lax.fori_loop(
         0,
         k_steps,
-        loop_body,
+        body,
         (
             initial,
             tuple(jnp.zeros((sub, j_rows), jnp.float32) for _ in subs if shrink is not None),
@@ -871,7 +881,7 @@ def _matmul_kernel(
     )
     if shrink is None:
         v_accs = (None,) * len(subs)
-    if shrink is None and expand is not None and at_step is None:
+    if shrink is None and expand is not None and not lora_first:
         accs = lora_terms(accs)
     for (_, row_ok, rows_i), acc, v_acc in zip(subs, accs, v_accs, strict=True):
         if shrink is not None:
@@ -1311,11 +1321,11 @@ def lora_matmul(
             expand, adapters=block_adapters, adapter_rank_rows=adapter_rank_rows
         )
         tag += f"_a{block_adapters}"
+    if expand is not None and not expand.shrink_rows and config.lora_first_for(sub):
+        expand = dataclasses.replace(expand, first=True)
+        tag += "_first"
     if sub < bm:
         tag += f"_d{sub}"
-    if expand is not None and not expand.shrink_rows and config.epilogue_step is not None:
-        expand = dataclasses.replace(expand, at_step=config.epilogue_step)
-        tag += "_epre" if config.epilogue_step < 0 else f"_e{config.epilogue_step}"
     grid = (pl.cdiv(num_tokens, bm), n_cols // bn)
     k_blocks = pl.cdiv(width, bk)
     rows_epilogue = expand is not None and not expand.epilogue_k and not expand.shrink_rows

@@ -347,14 +347,14 @@ def test_wide_blocks_list_more_adapters(group, dtype_name, interpret):
         ("down", "bfloat16", "rows_prefetch", None, (1, 2, 3, 4, 5)),
     ],
 )
-def test_lora_terms_join_the_accumulator_at_any_k_step(
+def test_lora_terms_before_or_after_the_k_loop(
     group, dtype_name, epilogue, split_k, adapters, interpret
 ):
-    """MatmulConfig.epilogue_step: the LoRA terms added before the K loop (-1), inside it at a
-    step (0, 1; 99 past the last step: the last), or after it (None, the default) give the
-    reference's result, and each other's within the dtype's rounding (only the order of the
-    float32 sums differs). v is NaN beyond every rank, so a term read past one shows at any
-    step; tokens without an adapter get the base output alone."""
+    """MatmulConfig.lora_first: the LoRA terms start the accumulator before the K loop (the
+    default with the dot epilogue) or join it after (the default with the rows epilogues): the
+    reference's result either way, and each other's within the dtype's rounding (only the order
+    of the float32 sums differs). v is NaN beyond every rank, so a term read past one shows;
+    tokens without an adapter get the base output alone."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, 40, dtype, adapters=adapters, rows_per_page=8)
     config = dataclasses.replace(
@@ -367,29 +367,28 @@ def test_lora_terms_join_the_accumulator_at_any_k_step(
         epilogue_adapters=3 if adapters else 0,
         adapter_rank_rows=16,
     )
+    assert config.lora_first_for(16) == (epilogue == "dot")
     reference = _reference_with_finite_v(prob, w, lora)
-    after = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
     base = np.asarray(lora_matmul(prob.x, w, prob.layer, config=config, interpret=interpret))
     no_adapter = np.asarray(prob.token_slot) < 0
-    for step in (-1, 0, 1, 99):
-        at_step = dataclasses.replace(config, epilogue_step=step)
-        y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=at_step, interpret=interpret)
-        assert y.shape == (40, w.shape[2]) and y.dtype == dtype, step
-        assert np.isfinite(np.asarray(y, np.float32)).all(), step
-        assert _rel_err(y, reference) < TOL[dtype_name], step
-        assert _rel_err(y, after) < TOL[dtype_name], step
+    results = {}
+    for first in (True, False):
+        placed = dataclasses.replace(config, lora_first=first)
+        y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=placed, interpret=interpret)
+        assert y.shape == (40, w.shape[2]) and y.dtype == dtype, first
+        assert np.isfinite(np.asarray(y, np.float32)).all(), first
+        assert _rel_err(y, reference) < TOL[dtype_name], first
         np.testing.assert_array_equal(np.asarray(y)[no_adapter], base[no_adapter])
-    name = str(
-        jax.make_jaxpr(
-            lambda *a: lora_matmul(
-                *a,
-                lora=lora,
-                config=dataclasses.replace(config, epilogue_step=1),
-                interpret=interpret,
-            )
-        )(prob.x, w, prob.layer)
-    )
-    assert "_e1_" in name
+        name = str(
+            jax.make_jaxpr(
+                lambda *a, placed=placed: lora_matmul(
+                    *a, lora=lora, config=placed, interpret=interpret
+                )
+            )(prob.x, w, prob.layer)
+        )
+        assert ("_first_" in name) == first
+        results[first] = y
+    assert _rel_err(results[True], results[False]) < TOL[dtype_name]
 
 
 @pytest.mark.parametrize("interpret", INTERPRET)
@@ -603,23 +602,26 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
         bk = 128 if num_tokens <= 32 else 64
         split = f"_sk{512 // bk}"
         blocks = f"bm{bm}_bn{bn}_bk{bk}_w4_s4"
-        # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), the pipelined
-        # rows epilogue up to 64, rows above; each forced the other way; beside the
-        # few-adapters epilogue (4 adapters a block, 8 from 64 tokens) and without it; base
-        # only.
+        # The dot epilogue up to 32 tokens (16 tokens x 16 rank rows a step), its terms before
+        # the K loop; the pipelined rows epilogue up to 64, rows above, theirs after it; each
+        # forced the other way; beside the few-adapters epilogue (4 adapters a block, 8 from
+        # 64 tokens) and without it; base only.
         dot = num_tokens <= 32
         adapters = "a4" if num_tokens < 64 else "a8"
+        first = "_first" if dot else ""
         default = {8: "expand_r16k256p64", 64: "expand_prefetch", 128: "expand"}[num_tokens]
         cases = [
-            (None, f"lora_matmul_{default}_{adapters}"),
+            (None, f"lora_matmul_{default}_{adapters}{first}"),
             (
                 ROWS if dot else dataclasses.replace(ROWS, epilogue="dot"),
                 f"lora_matmul_expand_{adapters}"
                 if dot
-                else f"lora_matmul_expand_r16k256p64_{adapters}",
+                else f"lora_matmul_expand_r16k256p64_{adapters}_first",
             ),
-            (MatmulConfig(epilogue_adapters=0), f"lora_matmul_{default}"),
-            (MatmulConfig(wide_epilogue_adapters=0), f"lora_matmul_{default}_a4"),
+            (MatmulConfig(epilogue_adapters=0), f"lora_matmul_{default}{first}"),
+            (MatmulConfig(wide_epilogue_adapters=0), f"lora_matmul_{default}_a4{first}"),
+            (MatmulConfig(lora_first=False), f"lora_matmul_{default}_{adapters}"),
+            (MatmulConfig(lora_first=True), f"lora_matmul_{default}_{adapters}_first"),
         ]
         for config, name in cases:
             text = lower(config)
@@ -645,7 +647,7 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
     # T=128 as 8 sub-blocks of 16 tokens, each with the dot epilogue; the software-pipelined
     # rows epilogue; explicit splits.
     for config, name in (
-        (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_a4_d16_sk8_"),
+        (MatmulConfig(dot_block_m=16), "lora_matmul_expand_r16k256p64_a4_first_d16_sk8_"),
         (MatmulConfig(epilogue="rows_prefetch"), "lora_matmul_expand_prefetch_a8_sk8_"),
         (MatmulConfig(prefetch_epilogue_max_tokens=128), "lora_matmul_expand_prefetch_a8_sk8_"),
         (MatmulConfig(split_k=2), "lora_matmul_expand_a8_sk2_"),
@@ -655,7 +657,10 @@ def test_default_config_lowers_for_the_gpu_at_model_widths():
             ),
             "lora_matmul_expand_prefetch_a2_sk2_",
         ),
-        (MatmulConfig(split_k=2, epilogue="dot"), "lora_matmul_expand_r16k256p64_a8_sk2_"),
+        (
+            MatmulConfig(split_k=2, epilogue="dot"),
+            "lora_matmul_expand_r16k256p64_a8_first_sk2_",
+        ),
     ):
         text = lower(config)
         assert triton_kernels(text) == 1 and f"{name}{blocks}" in text
@@ -777,7 +782,7 @@ def test_bad_inputs_raise_config_errors():
             "'epilogue_prepared_rank_rows': expected an int >= 0",
         ),
         ({"split_k": 0}, "'split_k': expected an int >= 1"),
-        ({"epilogue_step": -2}, "'epilogue_step': expected an int >= -1"),
+        ({"lora_first": "yes"}, "'lora_first': expected true, false or None"),
         ({"max_partial_share": 0}, "'max_partial_share': expected a number > 0 or None"),
         ({"narrow_block_n": None}, r"'narrow_block_n': .* dimension\), got None"),
     ):
