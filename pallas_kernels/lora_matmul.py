@@ -253,13 +253,15 @@ class MatmulConfig(KernelConfig):
     # Whether the expand epilogue's LoRA terms (dot, rows or few-adapters; not the in-loop
     # shrink's, whose v the K loop computes) start the accumulator before the K loop instead
     # of joining it after. None: first where the dot epilogue runs. On the H100 (forty-eighth
-    # session, 32-layer engine, one process each) first took batch 32's async iteration from
-    # 8.39 to 8.25 ms (uniform), 8.61 to 8.53 (skewed), 8.76 to 8.65 (distinct), and batch 8's
-    # distinct from 6.49 to 6.39; batch 64 (the pipelined rows epilogue) rose 0.7% (skewed,
-    # distinct). Per projection at T = 32 each group took 0.7-6% less. Added inside the K
-    # loop, at one step under a branch, so that the B loads overlap the weight tiles already
-    # in flight, the terms cost more: Triton gave the kernel 120 KiB of shared memory instead
-    # of 72 (fewer programs an SM) and spilled, and every projection took 8-20% longer.
+    # session, 32-layer engine) first took batch 32's async iteration from 8.49-8.51 to 8.35 ms
+    # (uniform), 8.75 to 8.65 (skewed), 8.89 to 8.83 (distinct; four interleaved processes),
+    # and batch 8's distinct from 6.49 to 6.39; batch 64 (the pipelined rows epilogue) rose
+    # 0.7% (skewed, distinct), hence only with the dot epilogue. Per projection at T = 32:
+    # uniform -1.3% (q|k|v) to -6% (o), distinct -1.8% (down) to +0.8% (gate|up). Added
+    # inside the K loop instead, at one step under a branch, so that the B loads overlap the
+    # weight tiles already in flight, the terms cost more: Triton gave the kernel 120 KiB of
+    # shared memory instead of 72 (fewer programs an SM) and spilled, and every projection
+    # took 6-20% longer (c26d933).
     lora_first: bool | None = None
     # T <= this: the model runs its decode projections through lora_matmul; larger T keeps
     # XLA's GEMM and the SGMV delta. In the 32-layer 7B engine (H200, scan loop, thirtieth
