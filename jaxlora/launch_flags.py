@@ -142,6 +142,13 @@ flags.DEFINE_bool(
     "A request naming no registered adapter loads the adapter directory of that name under "
     "--allowed_adapter_roots first (LoRAX-style; new adapters need no load call).",
 )
+flags.DEFINE_integer(
+    "max_request_merges",
+    8,
+    "LoRAX requests' merged_adapters kept as adapters at most (each distinct merge computed "
+    "once; past this many the least recently requested is unloaded); 0: refused.",
+    lower_bound=0,
+)
 flags.DEFINE_string(
     "api_key",
     None,
@@ -574,6 +581,7 @@ def launch_config():
         response_role=FLAGS.response_role,
         log_requests=_log_requests(),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
+        max_request_merges=FLAGS.max_request_merges,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         tokenizer=FLAGS.tokenizer,
         chat_template=FLAGS.chat_template,

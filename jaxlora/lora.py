@@ -128,6 +128,147 @@ def merge_lora_weights(
     return LoraWeights(name=name, a=a, b=b, scales=scales, source=f"merge of {sources}")
 
 
+# LoRAX's per-request merge strategies (its MergeStrategy enum, lower case) and sign methods.
+PARAMETER_MERGES = ("linear", "ties", "dare_linear", "dare_ties")
+MAJORITY_SIGN_METHODS = ("total", "frequency")
+
+
+def _pruned(t: np.ndarray, density: float, method: str, rng: np.random.Generator) -> np.ndarray:
+    """PEFT's (and LoRAX's) pruning of one task tensor: "magnitude" keeps its
+    int(density * size) largest absolute values; "random" keeps each value with probability
+    density and divides the kept ones by density (DARE's rescale)."""
+    if density >= 1:
+        return t
+    if density <= 0:
+        return np.zeros_like(t)
+    if method == "magnitude":
+        flat = t.reshape(-1)
+        k = int(density * flat.size)
+        keep = np.zeros(flat.size, bool)
+        if k:
+            keep[np.argpartition(-np.abs(flat), k - 1)[:k]] = True
+        return np.where(keep, flat, 0).reshape(t.shape).astype(t.dtype)
+    kept = rng.random(t.shape) < density
+    return np.where(kept, t / np.float32(density), 0).astype(t.dtype)
+
+
+def _merged_tensor(
+    tensors: list[np.ndarray],
+    weights: np.ndarray,
+    strategy: str,
+    density: float,
+    majority_sign_method: str,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One tensor of LoRAX's merge from the parts' same-shaped tensors."""
+    if strategy == "linear":
+        stacked = np.stack(tensors)
+    else:
+        method = "magnitude" if strategy == "ties" else "random"
+        stacked = np.stack([_pruned(t, density, method, rng) for t in tensors])
+    w = weights.reshape((-1,) + (1,) * (stacked.ndim - 1))
+    if strategy in ("linear", "dare_linear"):
+        return (stacked * w).sum(axis=0)
+    # TIES: each value keeps the parts whose sign is the majority's (by total magnitude or by
+    # count), weighted, averaged over those parts.
+    sign = np.sign(stacked)
+    elected = stacked.sum(axis=0) if majority_sign_method == "total" else sign.sum(axis=0)
+    agrees = sign == np.where(elected >= 0, 1, -1)[None]
+    kept = (stacked * w * agrees).sum(axis=0)
+    return kept / np.maximum(agrees.sum(axis=0), 1).astype(np.float32)
+
+
+def merge_lora_parameters(
+    parts: Sequence[tuple[LoraWeights, float]],
+    name: str,
+    *,
+    strategy: str = "linear",
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    seed: int = 0,
+) -> LoraWeights:
+    """LoRAX's per-request merge (``merged_adapters``): each module's A and B are merged apart,
+    tensor by tensor (one layer's A or B), from the parts that target the module, with their
+    weights: "linear" sums them weighted; "ties" keeps each tensor's int(density * size)
+    largest values, elects each value's sign (``majority_sign_method`` "total": of the summed
+    values; "frequency": of the signs' count) and averages the weighted values of that sign;
+    "dare_linear" / "dare_ties" drop each value with probability 1 - density (drawn from
+    ``seed``) and divide the kept ones by density, then sum / elect as above. The parts must
+    have one rank per module (LoRAX merges adapters of one rank); the merged adapter takes the
+    first part's scale (LoRAX keeps the first adapter's config), for a module the first part
+    does not target its first module's. Unlike ``merge_lora_weights`` this is not the sum of
+    the parts' updates (B_1 A_1 + B_2 A_2): it is (B_1 + B_2)(A_1 + A_2), LoRAX's. float32;
+    AdapterError for no parts, a weight that is not a finite number, unknown strategy or sign
+    method, density outside [0, 1] (0: TIES and DARE keep nothing; "linear" ignores it), or
+    different ranks of one module."""
+    where = f"merge {name!r}"
+    if not parts:
+        raise AdapterError(f"{where}: expected at least one adapter, got none")
+    if strategy not in PARAMETER_MERGES:
+        raise AdapterError(
+            f"{where}: merge_strategy {strategy!r}; expected one of {', '.join(PARAMETER_MERGES)}"
+        )
+    if majority_sign_method not in MAJORITY_SIGN_METHODS:
+        raise AdapterError(
+            f"{where}: majority_sign_method {majority_sign_method!r}; expected one of "
+            f"{', '.join(MAJORITY_SIGN_METHODS)}"
+        )
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+        raise AdapterError(f"{where}: density {density!r}; expected a number in [0, 1]")
+    for weights, weight in parts:
+        if (
+            not isinstance(weight, (int, float, np.integer, np.floating))
+            or isinstance(weight, bool)
+            or not np.isfinite(weight)
+        ):
+            raise AdapterError(
+                f"{where}: weight of adapter {weights.name!r} is {weight!r}; expected a "
+                "finite number"
+            )
+    first = parts[0][0]
+    first_scale = next(iter(first.scales.values()), 0.0)
+    rng = np.random.default_rng(seed)
+    a, b, scales = {}, {}, {}
+    for m in MODULES:
+        targeting = [(w, float(weight)) for w, weight in parts if m in w.a]
+        if not targeting:
+            continue
+        ranks = sorted({int(w.a[m].shape[1]) for w, _ in targeting})
+        if len(ranks) > 1:
+            raise AdapterError(
+                f"{where}: module {m!r} has ranks {ranks} among the adapters; expected one "
+                "rank (LoRAX merges adapters of one rank)"
+            )
+        weights = np.asarray([weight for _, weight in targeting], np.float32)
+        merged = {}
+        for side in ("a", "b"):
+            stacked = [np.asarray(getattr(w, side)[m], np.float32) for w, _ in targeting]
+            merged[side] = np.stack(
+                [
+                    _merged_tensor(
+                        [t[layer] for t in stacked],
+                        weights,
+                        strategy,
+                        float(density),
+                        majority_sign_method,
+                        rng,
+                    )
+                    for layer in range(stacked[0].shape[0])
+                ]
+            ).astype(np.float32)
+        a[m], b[m] = merged["a"], merged["b"]
+        scales[m] = float(first.scales.get(m, first_scale))
+    sources = ", ".join(f"{weight:g} x {w.name}" for w, weight in parts)
+    return LoraWeights(
+        name=name,
+        a=a,
+        b=b,
+        scales=scales,
+        source=f"{strategy} merge of {sources}"
+        + ("" if strategy == "linear" else f" (density {density:g})"),
+    )
+
+
 LORA_UPDATES = ("in_place", "delta")
 
 

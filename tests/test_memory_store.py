@@ -12,7 +12,7 @@ from configs.models import TINY
 from jaxlora import formats
 from jaxlora.config import ModelConfig
 from jaxlora.errors import AdapterError, FormatError, JaxloraError, UnknownAdapterError
-from jaxlora.lora import LoraWeights, merge_lora_weights
+from jaxlora.lora import LoraWeights, merge_lora_parameters, merge_lora_weights
 from jaxlora.memory import AdapterFootprint, AdapterStore, AdapterStoreConfig, pack_weights
 from jaxlora.memory.packing import page_bucket, unpack_weights
 from pallas_kernels.layout import MODULES
@@ -219,6 +219,113 @@ def test_a_merge_sums_the_weighted_updates():
     ):
         with pytest.raises(AdapterError, match=message):
             merge_lora_weights(parts, "m", max_rank=8)
+
+
+def _rows(name, a, b, scale=0.5, module="q_proj"):
+    """An adapter of one module, one layer: A and B rows as given."""
+    a = np.asarray(a, np.float32)[None]
+    b = np.asarray(b, np.float32)[None]
+    return LoraWeights(name=name, a={module: a}, b={module: b}, scales={module: scale})
+
+
+def test_lorax_s_linear_merge_sums_a_and_b_apart():
+    """merge_lora_parameters, "linear" (LoRAX's default): A = sum w_i A_i and B = sum w_i B_i,
+    each module from the parts that target it (their weights only); the first part's scale
+    (its first module's where it lacks the module); not the sum of the updates."""
+    one = random_weights("one", rank=2, modules=MODULES, seed=1)
+    two = random_weights("two", rank=2, modules=("q_proj", "down_proj"), seed=2)
+    one.scales = dict.fromkeys(one.a, 0.5)
+    two.scales = {"q_proj": 2.0, "down_proj": 2.0}
+    merged = merge_lora_parameters([(two, -1.5), (one, 0.3)], "m")
+    for m in MODULES:
+        if m in two.a:
+            want_a = -1.5 * two.a[m] + 0.3 * one.a[m]
+            want_b = -1.5 * two.b[m] + 0.3 * one.b[m]
+        else:
+            want_a, want_b = 0.3 * one.a[m], 0.3 * one.b[m]
+        np.testing.assert_allclose(merged.a[m], want_a, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(merged.b[m], want_b, rtol=1e-6, atol=1e-6)
+        assert merged.scales[m] == 2.0, m  # the first part's, q_proj's where it has none
+    sum_of_updates = -1.5 * np.einsum("lri,lro->lio", two.a["q_proj"], two.b["q_proj"])
+    sum_of_updates += 0.3 * np.einsum("lri,lro->lio", one.a["q_proj"], one.b["q_proj"])
+    product = np.einsum("lri,lro->lio", merged.a["q_proj"], merged.b["q_proj"])
+    assert np.abs(product - sum_of_updates).max() > 1e-3
+    assert merged.source.startswith("linear merge of -1.5 x two, 0.3 x one")
+
+
+def test_lorax_s_ties_merge_by_hand():
+    """TIES (density 0.5): each tensor keeps its int(0.5 * 4) = 2 largest magnitudes, each value
+    takes the sign of the kept values' sum ("total") or of their signs' count ("frequency"),
+    and is the mean of the weighted values of that sign (0 where none is kept)."""
+    first = _rows("first", [[3, -1, 0.5, -4]], [[1, 2]])
+    second = _rows("second", [[-2, 2, 1, -1]], [[-1, 4]])
+    merged = merge_lora_parameters([(first, 1.0), (second, 0.5)], "m", strategy="ties", density=0.5)
+    # kept: first [3, 0, 0, -4], second [-2, 2, 0, 0]; sums [1, 2, 0, -4]: signs + + + -;
+    # weighted: first [3, 0, 0, -4], second [-1, 1, 0, 0]
+    np.testing.assert_allclose(merged.a["q_proj"][0], [[3, 1, 0, -4]])
+    # B: int(0.5 * 2) = 1 value each: first [0, 2], second [0, 4] (weighted [0, 2]); the
+    # first column has no kept value
+    np.testing.assert_allclose(merged.b["q_proj"][0], [[0, 2]])
+    # By sign count, one large value loses to two small ones.
+    big, small, other = (_rows(n, [[v]], [[1.0]]) for n, v in (("b", 5), ("s", -1), ("o", -1)))
+    parts = [(big, 1.0), (small, 2.0), (other, 4.0)]
+    total = merge_lora_parameters(parts, "t", strategy="ties")
+    frequency = merge_lora_parameters(parts, "f", strategy="ties", majority_sign_method="frequency")
+    np.testing.assert_allclose(total.a["q_proj"][0], [[5.0]])  # 5 - 1 - 1 > 0: the 5 alone
+    np.testing.assert_allclose(frequency.a["q_proj"][0], [[-3.0]])  # (-2 - 4) / 2
+    np.testing.assert_allclose(total.b["q_proj"][0], [[7.0 / 3]])  # all +: (1 + 2 + 4) / 3
+
+
+def test_lorax_s_dare_merges_drop_and_rescale_reproducibly():
+    """DARE (density 0.25): each value kept with probability 0.25 and divided by it; the draws
+    follow the seed (one merge, one adapter); dare_ties elects signs among the kept values."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((64, 512)).astype(np.float32) + 3.0  # (all positive)
+    one = _rows("one", values, values[:, :8])
+    two = _rows("two", values * 2, values[:, :8])
+    dare = merge_lora_parameters(
+        [(one, 1.0), (two, 1.0)], "d", strategy="dare_linear", density=0.25, seed=7
+    )
+    again = merge_lora_parameters(
+        [(one, 1.0), (two, 1.0)], "d", strategy="dare_linear", density=0.25, seed=7
+    )
+    other = merge_lora_parameters(
+        [(one, 1.0), (two, 1.0)], "d", strategy="dare_linear", density=0.25, seed=8
+    )
+    got = dare.a["q_proj"][0]
+    np.testing.assert_array_equal(got, again.a["q_proj"][0])
+    assert not np.array_equal(got, other.a["q_proj"][0])
+    # each value: 0, 4 v (one kept), 8 v (two kept) or 12 v (both)
+    ratio = got / values
+    assert np.all(np.isclose(ratio[:, :, None], [0.0, 4.0, 8.0, 12.0], atol=1e-4).any(-1))
+    assert abs((ratio == 0).mean() - 0.75**2) < 0.01  # both dropped
+    for strategy in ("ties", "dare_linear", "dare_ties"):  # density 0 keeps nothing
+        nothing = merge_lora_parameters([(one, 1.0)], "z", strategy=strategy, density=0.0)
+        assert not nothing.a["q_proj"].any() and not nothing.b["q_proj"].any()
+    linear = merge_lora_parameters([(one, 1.0)], "z", density=0.0)  # (linear ignores it)
+    np.testing.assert_array_equal(linear.a["q_proj"], one.a["q_proj"])
+    ties = merge_lora_parameters(
+        [(one, 1.0), (two, 1.0)], "t", strategy="dare_ties", density=0.25, seed=7
+    ).a["q_proj"][0]
+    # all positive: the mean of the kept weighted values (4 v, 8 v, or 6 v with both)
+    ratio = ties / values
+    assert np.all(np.isclose(ratio[:, :, None], [0.0, 4.0, 8.0, 6.0], atol=1e-4).any(-1))
+
+
+def test_lorax_s_merge_refuses_what_it_cannot_merge():
+    one = _rows("one", [[1.0, 2.0]], [[1.0]])
+    wide = _rows("wide", [[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0]])
+    for parts, fields, message in (
+        ([], {}, "expected at least one adapter"),
+        ([(one, 1.0), (wide, 1.0)], {}, r"module 'q_proj' has ranks \[1, 2\]"),
+        ([(one, float("inf"))], {}, "weight of adapter 'one' is inf"),
+        ([(one, 1.0)], {"strategy": "mean"}, "merge_strategy 'mean'; expected one of linear"),
+        ([(one, 1.0)], {"density": -0.5}, r"density -0.5; expected a number in \[0, 1\]"),
+        ([(one, 1.0)], {"density": 1.5}, "density 1.5"),
+        ([(one, 1.0)], {"majority_sign_method": "max"}, "majority_sign_method 'max'"),
+    ):
+        with pytest.raises(AdapterError, match=message):
+            merge_lora_parameters(parts, "m", **fields)
 
 
 # ---------------------------------------------------------------------------- bad input

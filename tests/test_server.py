@@ -2329,7 +2329,8 @@ def test_tgi_error_shapes_an_openai_error_as_lorax_answers_it():
 
 
 def test_lorax_requests_it_cannot_honour_get_a_422_naming_the_parameter(served):
-    """Hub / S3 / Predibase adapter sources, per-request merges, typical_p, watermark, best_of,
+    """Hub / S3 / Predibase adapter sources, malformed per-request merges (and one beside
+    adapter_id, or naming the base model), typical_p, watermark, best_of,
     a zero temperature (LoRAX's greedy is do_sample false), and errors of the completion a
     request becomes (too many stop strings) name the LoRAX field; in TGI's shape and status, as
     LoRAX answers (422, {"error", "error_type": "validation"}); an unknown adapter is a 404, an
@@ -2338,8 +2339,30 @@ def test_lorax_requests_it_cannot_honour_get_a_422_naming_the_parameter(served):
         ({"adapter_id": "robot", "adapter_source": "hub"}, "parameters.adapter_source"),
         ({"adapter_source": "ftp"}, "parameters.adapter_source"),
         (
-            {"merged_adapters": {"ids": ["robot", "pirate"], "weights": [0.5, 0.5]}},
-            "parameters.merged_adapters",
+            {"merged_adapters": {"ids": ["robot"], "weights": [1.0]}, "adapter_id": "robot"},
+            "parameters.adapter_id",
+        ),
+        ({"merged_adapters": {"ids": []}}, "parameters.merged_adapters.ids"),
+        ({"merged_adapters": {"ids": ["robot", ""]}}, "parameters.merged_adapters.ids[1]"),
+        (
+            {"merged_adapters": {"ids": ["robot", "pirate"], "weights": [1.0]}},
+            "parameters.merged_adapters.weights",
+        ),
+        (
+            {"merged_adapters": {"ids": ["robot"], "merge_strategy": "svd"}},
+            "parameters.merged_adapters.merge_strategy",
+        ),
+        (
+            {"merged_adapters": {"ids": ["robot"], "merge_strategy": "ties", "density": 1.5}},
+            "parameters.merged_adapters.density",
+        ),
+        (
+            {"merged_adapters": {"ids": ["robot"], "majority_sign_method": "median"}},
+            "parameters.merged_adapters.majority_sign_method",
+        ),
+        (
+            {"merged_adapters": {"ids": [demo.DEMO_MODEL_NAME]}},
+            "parameters.merged_adapters.ids[0]",
         ),
         ({"typical_p": 0.5}, "parameters.typical_p"),
         ({"watermark": True}, "parameters.watermark"),
@@ -2582,6 +2605,66 @@ def test_runtime_load_failures_are_400_with_the_reason(served, adapter_root):
             f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}
         ).json()["data"]
     }
+
+
+def test_lorax_merged_adapters_run_lorax_s_merge(served):
+    """LoRAX's per-request merged_adapters: the pirate alone at weight 1 answers as the pirate
+    does; the robot and the pirate half each (linear), or by TIES, answer otherwise; a merge
+    is computed once and kept as one adapter (``merged-<digest>``), at most
+    max_request_merges of them (the least recently requested unloaded first); an unknown
+    part is a 404 naming its place; off (0), the request is refused by name."""
+    state = served[1]
+    before = set(state.adapters.store.names())
+
+    def generate(**parameters):
+        answer = _lorax_post(served, "/generate", "Hi", max_new_tokens=8, **parameters)
+        assert answer.status_code == 200, (parameters, answer.text)
+        return answer.json()["generated_text"]
+
+    def merged_names():
+        return sorted(set(state.adapters.store.names()) - before)
+
+    pirate, robot = generate(adapter_id="pirate"), generate(adapter_id="robot")
+    assert pirate != robot
+    config = state.config
+    try:
+        assert generate(merged_adapters={"ids": ["pirate"], "weights": [1.0]}) == pirate
+        assert len(merged_names()) == 1 and merged_names()[0].startswith("merged-")
+        half = {"ids": ["robot", "pirate"], "weights": [0.5, 0.5]}
+        mixed = generate(merged_adapters=half)
+        assert mixed not in (pirate, robot)
+        assert generate(merged_adapters=half) == mixed  # (the same adapter again)
+        assert len(merged_names()) == 2
+        ties = {**half, "merge_strategy": "ties", "density": 0.5}
+        assert generate(merged_adapters=ties) != mixed
+        assert len(merged_names()) == 3
+        # weights [] are 1 each; streamed too
+        stream = _lorax_post(
+            served, "/generate_stream", "Hi", max_new_tokens=8, merged_adapters={"ids": ["pirate"]}
+        )
+        assert stream.status_code == 200
+        assert _lorax_events(stream)[-1]["generated_text"] == pirate
+        assert len(merged_names()) == 3  # (weights [] are [1.0]: the same merge)
+        # At most two kept: the least recently requested go.
+        state.config = dataclasses.replace(config, max_request_merges=2)
+        generate(merged_adapters=half)  # (now the most recent)
+        generate(merged_adapters={"ids": ["poet"]})
+        kept = merged_names()
+        assert len(kept) == 2
+        assert generate(merged_adapters=half) == mixed and merged_names() == kept
+        missing = _lorax_post(
+            served, "/generate", "Hi", merged_adapters={"ids": ["pirate", "nobody"]}
+        )
+        assert missing.status_code == 404, missing.text
+        assert missing.json()["error"].startswith("parameters.merged_adapters.ids[1]: ")
+        state.config = dataclasses.replace(config, max_request_merges=0)
+        off = _lorax_post(served, "/generate", "Hi", merged_adapters={"ids": ["pirate"]})
+        assert off.status_code == 422 and "--max_request_merges=0" in off.json()["error"]
+        assert off.json()["error"].startswith("parameters.merged_adapters: ")
+    finally:
+        state.config = config
+        for name in merged_names():
+            state.unload_adapter(name)
 
 
 def test_merged_adapters_load_at_runtime(served, client):

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxlora.config import LoraPoolConfig, ModelConfig
 from jaxlora.errors import AdapterError, FormatError, JaxloraError, UnknownAdapterError
-from jaxlora.lora import LoraWeights, merge_lora_weights
+from jaxlora.lora import LoraWeights, merge_lora_parameters, merge_lora_weights
 from jaxlora.memory.packing import (
     AdapterFootprint,
     PackedAdapter,
@@ -243,6 +243,20 @@ class AdapterStore:
             rows = unpack_weights(packed, self.model_config, self.pool_config.rows_per_page, part)
             weights.append((rows, weight))
         return merge_lora_weights(weights, name, max_rank=self.pool_config.max_rank)
+
+    def parameter_merged_weights(
+        self, name: str, parts: Sequence[tuple[str, float]], **merge
+    ) -> LoraWeights:
+        """LoRAX's merge of registered adapters' A and B (``jaxlora.lora.merge_lora_parameters``
+        with ``merge``'s strategy, density, majority_sign_method and seed), from their current
+        versions' packed rows. UnknownAdapterError for a part that is not registered;
+        AdapterError for a part of another rank, or bad merge fields."""
+        weights = []
+        for part, weight in parts:
+            packed = self.load(self.get(part))
+            rows = unpack_weights(packed, self.model_config, self.pool_config.rows_per_page, part)
+            weights.append((rows, weight))
+        return merge_lora_parameters(weights, name, **merge)
 
     # ----------------------------------------------------------------- lookups
 

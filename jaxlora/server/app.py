@@ -1712,7 +1712,11 @@ def create_app(
                 body, state.config.model_name, state.config.adapter_roots
             )
             _check_text(completion)
-            adapter = await resolve_model(completion.model)
+            merge = lorax.merge_spec(body.parameters)
+            if merge is None:
+                adapter = await resolve_model(completion.model)
+            else:
+                adapter = await lorax_merged_adapter(merge)
             _refuse_unsupported(completion)
             prompts = await anyio.to_thread.run_sync(
                 lambda: _completion_prompts(
@@ -1741,6 +1745,30 @@ def create_app(
         except JaxloraError as e:
             raise lorax.renamed(e, body) from None
         return group, prompts[0]
+
+    async def lorax_merged_adapter(merge: lorax.MergeSpec) -> str:
+        """The adapter of a request's merged_adapters (each part one the caller may use)."""
+        parts = []
+        for i, (part, weight) in enumerate(zip(merge.ids, merge.weights, strict=True)):
+            field = f"parameters.merged_adapters.ids[{i}]"
+            name = lorax.local_adapter_name(part, state.config.adapter_roots)
+            try:
+                adapter = await resolve_model(name)
+            except JaxloraError as e:
+                raise with_param(type(e)(f"{field}: {e}"), field) from None
+            if adapter is None:
+                raise with_param(
+                    RequestError(f"{field}: {part!r} is the base model, not an adapter"), field
+                )
+            parts.append((adapter, weight))
+        return await anyio.to_thread.run_sync(
+            lambda: state.request_merge(
+                parts,
+                strategy=merge.strategy,
+                density=merge.density,
+                majority_sign_method=merge.majority_sign_method,
+            )
+        )
 
     def lorax_full_text(body: lorax.GenerateRequest, text: str) -> str:
         return body.inputs + text if body.parameters.return_full_text else text

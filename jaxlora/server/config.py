@@ -75,6 +75,10 @@ class ServerConfig:
     trust_request_chat_template: a chat request's own ``chat_template`` (jinja2, sandboxed) is
     rendered; off by default, as vLLM's --trust-request-chat-template, since a template can
     loop for as long as it likes on the server.
+    max_request_merges: LoRAX's per-request ``merged_adapters`` kept as adapters at most (each
+    distinct merge is computed once and registered as ``merged-<digest>``; past this many the
+    least recently requested is unloaded: its running requests finish, a queued one fails
+    with 404); 0: such requests are refused.
     """
 
     model_name: str
@@ -106,6 +110,7 @@ class ServerConfig:
     metrics_need_key: bool = False
     sampling_defaults: tuple[tuple[str, float | int], ...] = ()
     trust_request_chat_template: bool = False
+    max_request_merges: int = 8
 
     @property
     def keys(self) -> tuple[ApiKey, ...]:
@@ -175,6 +180,15 @@ class ServerConfig:
             raise ConfigError(
                 f"server config field 'max_logprobs' (--max_logprobs): expected an int in "
                 f"0..{MAX_LOGPROBS} (the sampler's most), got {self.max_logprobs!r}"
+            )
+        if (
+            isinstance(self.max_request_merges, bool)
+            or not isinstance(self.max_request_merges, int)
+            or self.max_request_merges < 0
+        ):
+            raise ConfigError(
+                "server config field 'max_request_merges' (--max_request_merges): expected an "
+                f"int >= 0, got {self.max_request_merges!r}"
             )
         if not isinstance(self.response_role, str) or not re.fullmatch(
             r"[A-Za-z_][A-Za-z0-9_-]*", self.response_role

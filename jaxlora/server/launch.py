@@ -75,6 +75,7 @@ class LaunchConfig:
     response_role: str = "assistant"  # ServerConfig.response_role (vLLM's --response-role)
     log_requests: bool = False  # ServerConfig.log_requests
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
+    max_request_merges: int = 8  # ServerConfig.max_request_merges
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     kv_cache_dtype: str = "auto"  # KVCacheConfig.cache_dtype: "auto" or an fp8 format
     # The tokenizer's directory or a Hub id in the local cache, in place of the model's own
@@ -663,6 +664,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         api_keys=keys_file.keys if keys_file is not None else (),
         adapter_roots=tuple(launch.allowed_adapter_roots),
         load_adapters_on_demand=launch.load_adapters_on_demand,
+        max_request_merges=launch.max_request_merges,
         tool_call_parser=launch.tool_call_parser or None,
         auto_tool_choice=launch.enable_auto_tool_choice is not False,
         reasoning_parser=launch.reasoning_parser or None,

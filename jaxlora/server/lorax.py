@@ -19,18 +19,26 @@ but its neutral value (422, the message naming the ``parameters`` field): an ``a
 other than ``local`` (adapters are the registered ones, or with ``--load_adapters_on_demand``
 directories under ``--allowed_adapter_roots``, named by their path there or, as LoRAX's local
 adapters are, by their absolute path; no Hub, S3 or Predibase download), ``merged_adapters``
-(merge with ``POST /v1/load_lora_adapter``'s ``merge`` and name the result), ``api_token``,
-``typical_p``, ``watermark`` and ``best_of`` > 1.
+``api_token``, ``typical_p``, ``watermark`` and ``best_of`` > 1.
+
+``merged_adapters`` (LoRAX's per-request merge: ``ids``, ``weights``, ``merge_strategy``
+"linear" / "ties" / "dare_linear" / "dare_ties", ``density``, ``majority_sign_method`` "total" /
+"frequency") runs the request on LoRAX's merge of those registered adapters' A and B
+(``jaxlora.lora.merge_lora_parameters``), computed once per distinct merge and kept as an
+adapter (``ServerState.request_merge``, ``--max_request_merges``); ``adapter_id`` must then be
+unset.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field
 
 from jaxlora.errors import JaxloraError, RequestError
+from jaxlora.lora import MAJORITY_SIGN_METHODS, PARAMETER_MERGES
 from jaxlora.server.errors import renamed_param, with_param
 
 # (strict as the OpenAI bodies are: "5" is no int, 1 is a float; unknown fields refused)
@@ -41,11 +49,79 @@ ROUTES = ("/generate", "/generate_stream", "/")
 
 
 class MergedAdapters(_Body):
-    ids: list[str]
-    weights: list[float]
-    merge_strategy: str | None = None
-    density: float = 1.0
-    majority_sign_method: str | None = None
+    ids: list[str] = Field(description="The registered adapters to merge (1..16).")
+    weights: list[float] = Field(
+        [], description="One weight an adapter ([]: 1 each, LoRAX's default)."
+    )
+    merge_strategy: str | None = Field(
+        None, description="'linear' (None), 'ties', 'dare_linear' or 'dare_ties'."
+    )
+    density: float = Field(1.0, description="The share of values TIES / DARE keep, in [0, 1].")
+    majority_sign_method: str | None = Field(
+        None, description="TIES's sign election: 'total' (None) or 'frequency'."
+    )
+
+
+# Most adapters one per-request merge may name.
+MAX_MERGED_ADAPTERS = 16
+
+
+class MergeSpec(NamedTuple):
+    """A request's merged_adapters, checked and with LoRAX's defaults filled in."""
+
+    ids: tuple[str, ...]
+    weights: tuple[float, ...]
+    strategy: str
+    density: float
+    majority_sign_method: str
+
+
+def merge_spec(parameters: GenerateParameters) -> MergeSpec | None:
+    """The request's merge (None without merged_adapters); RequestError (422) naming the
+    ``parameters.merged_adapters`` field that is wrong."""
+    merged = parameters.merged_adapters
+    if merged is None:
+        return None
+    if parameters.adapter_id is not None:
+        raise _refuse(
+            "adapter_id", "expected none beside merged_adapters (the merge is the adapter)"
+        )
+    ids = tuple(merged.ids)
+    if not 1 <= len(ids) <= MAX_MERGED_ADAPTERS:
+        raise _refuse(
+            "merged_adapters.ids",
+            f"expected 1..{MAX_MERGED_ADAPTERS} adapter names, got {len(ids)}",
+        )
+    for i, name in enumerate(ids):
+        if not name:
+            raise _refuse(f"merged_adapters.ids[{i}]", "expected an adapter name, got ''")
+    weights = tuple(float(w) for w in merged.weights) or (1.0,) * len(ids)
+    if len(weights) != len(ids):
+        raise _refuse(
+            "merged_adapters.weights",
+            f"expected one weight an adapter ({len(ids)}) or none, got {len(weights)}",
+        )
+    for i, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise _refuse(f"merged_adapters.weights[{i}]", f"expected a finite number, got {w}")
+    strategy = (merged.merge_strategy or "linear").lower()
+    if strategy not in PARAMETER_MERGES:
+        raise _refuse(
+            "merged_adapters.merge_strategy",
+            f"expected one of {', '.join(PARAMETER_MERGES)}, got {merged.merge_strategy!r}",
+        )
+    if not 0 <= merged.density <= 1:
+        raise _refuse(
+            "merged_adapters.density", f"expected a number in [0, 1], got {merged.density}"
+        )
+    method = (merged.majority_sign_method or "total").lower()
+    if method not in MAJORITY_SIGN_METHODS:
+        raise _refuse(
+            "merged_adapters.majority_sign_method",
+            f"expected one of {', '.join(MAJORITY_SIGN_METHODS)}, "
+            f"got {merged.majority_sign_method!r}",
+        )
+    return MergeSpec(ids, weights, strategy, float(merged.density), method)
 
 
 class LoraxResponseFormat(_Body):
@@ -70,7 +146,9 @@ class GenerateParameters(_Body):
         None, description="A registered adapter's name (None: the base model)."
     )
     adapter_source: str | None = Field(None, description="'local' or None only.")
-    merged_adapters: MergedAdapters | None = Field(None, description="Not supported (None).")
+    merged_adapters: MergedAdapters | None = Field(
+        None, description="LoRAX's per-request merge of registered adapters (adapter_id unset)."
+    )
     api_token: str | None = Field(None, description="Not used (None).")
     do_sample: bool = Field(
         False, description="Sample; false: greedy unless a sampling parameter is given."
@@ -188,13 +266,7 @@ def completion_body(
             "adapters it has registered, or with --load_adapters_on_demand the directories "
             "under its --allowed_adapter_roots; it downloads none)",
         )
-    if p.merged_adapters is not None:
-        raise _refuse(
-            "merged_adapters",
-            "not supported per request; merge once with POST /v1/load_lora_adapter "
-            '{"lora_name": ..., "merge": [{"lora_name": ..., "weight": ...}, ...]} and send '
-            "that name as adapter_id",
-        )
+    merge_spec(p)  # (its errors before the merge is computed; the caller computes it)
     for field, neutral in (("api_token", None), ("typical_p", None), ("watermark", False)):
         if getattr(p, field) != neutral:
             raise _refuse(field, f"not supported (expected {neutral!r}, the default)")

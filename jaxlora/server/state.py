@@ -4,6 +4,8 @@ loading inside the allowed roots, and the metrics."""
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -113,6 +115,9 @@ class ServingState:
         self._adapter_created: dict[str, int] = {}
         self.responses = ResponseStore(config.max_stored_responses)
         self._on_demand_lock = threading.Lock()
+        # LoRAX's per-request merges, least recently requested first (request_merge)
+        self._merge_lock = threading.Lock()
+        self._request_merges: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._ready = threading.Event()
         self._started = False
         self._warmup_error: BaseException | None = None
@@ -298,6 +303,64 @@ class ServingState:
             raise with_param(AdapterError(str(e)), "merge") from None
         self._register(name, weights, replace)
         log.info("adapter %r merged: %s", name, weights.source)
+
+    def request_merge(
+        self,
+        parts: list[tuple[str, float]],
+        *,
+        strategy: str,
+        density: float,
+        majority_sign_method: str,
+    ) -> str:
+        """The adapter of LoRAX's per-request ``merged_adapters`` (registered adapters, with
+        their weights): ``merged-<digest>``, the digest of the parts' current versions and the
+        merge's fields, computed and registered the first time (``AdapterStore
+        .parameter_merged_weights``; DARE's draws seeded by the digest, so one merge is one
+        adapter). At most ``max_request_merges`` are kept: past them the least recently
+        requested is unloaded. Call it off the event loop. RequestError where the server takes
+        none; AdapterError (``parameters.merged_adapters``) for parts of different ranks."""
+        field = "parameters.merged_adapters"  # (LoRAX's field: the one route that merges)
+        limit = self.config.max_request_merges
+        if not limit:
+            raise with_param(
+                RequestError(
+                    f"{field}: per-request merges are off on this server "
+                    "(--max_request_merges=0); merge once with POST /v1/load_lora_adapter's "
+                    "merge and send that name"
+                ),
+                field,
+            )
+        store = self.adapters.store
+        versions = [store.get(part).key for part, _ in parts]
+        spec = json.dumps(
+            [versions, [w for _, w in parts], strategy, density, majority_sign_method]
+        )
+        digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
+        name = f"merged-{digest}"
+        with self._merge_lock:
+            if name in store:
+                self._request_merges.move_to_end(name, last=True)
+                return name
+            try:
+                weights = store.parameter_merged_weights(
+                    name,
+                    parts,
+                    strategy=strategy,
+                    density=density,
+                    majority_sign_method=majority_sign_method,
+                    seed=int(digest, 16),
+                )
+            except AdapterError as e:
+                raise with_param(AdapterError(f"{field}: {e}"), field) from None
+            self._register(name, weights, replace=False)
+            self._request_merges[name] = None
+            self._request_merges.move_to_end(name, last=True)
+            log.info("adapter %r merged for a request: %s", name, weights.source)
+            while len(self._request_merges) > limit:
+                oldest, _ = self._request_merges.popitem(last=False)
+                if oldest in store:
+                    self.unload_adapter(oldest)
+        return name
 
     def _check_new_name(self, name: str, replace: bool) -> None:
         if name == self.config.model_name:
