@@ -800,8 +800,8 @@ def _matmul_kernel(
 
     prepared = [None] * len(subs)
     if shrink is None and expand is not None and expand.epilogue_k:
-        # The epilogue's page-table gathers go out before the K loop: their latency hides
-        # behind the weight stream, and after it only the B and v loads remain.
+        # The epilogue's page-table gathers go out before the K loop: after it (lora_first
+        # off) only the B and v loads remain; before it they are the terms' first loads.
         prepared = [
             _dot_epilogue_indices(
                 refs[:-1], layer_ref, j, row_ok, expand, bm=sub, row0=start, interpret=interpret
