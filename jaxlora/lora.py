@@ -78,15 +78,8 @@ def random_lora_weights(
     return LoraWeights(name=name, a=a, b=b, scales={m: scale for m in modules})
 
 
-def merge_lora_weights(
-    parts: Sequence[tuple[LoraWeights, float]], name: str, *, max_rank: int | None = None
-) -> LoraWeights:
-    """The adapter whose update is the weighted sum of the parts' updates, exactly (PEFT's
-    ``add_weighted_adapter(combination_type="cat")``): each module's rank-rows are the parts'
-    rows side by side (its rank is the sum of theirs) and each part's B rows are multiplied by
-    weight * its scale / the module's scale (the first non-zero one of the parts'). float32;
-    raises AdapterError for no parts, a weight that is not a finite number, or (given max_rank)
-    a module whose summed rank would pass it."""
+def _check_merge_parts(parts: Sequence[tuple[LoraWeights, float]], name: str) -> None:
+    """AdapterError for a merge of no parts or a weight that is not a finite number."""
     if not parts:
         raise AdapterError(f"merge {name!r}: expected at least one (adapter, weight), got none")
     for weights, weight in parts:
@@ -99,6 +92,18 @@ def merge_lora_weights(
                 f"merge {name!r}: weight of adapter {weights.name!r} is {weight!r}; expected a "
                 "finite number"
             )
+
+
+def merge_lora_weights(
+    parts: Sequence[tuple[LoraWeights, float]], name: str, *, max_rank: int | None = None
+) -> LoraWeights:
+    """The adapter whose update is the weighted sum of the parts' updates, exactly (PEFT's
+    ``add_weighted_adapter(combination_type="cat")``): each module's rank-rows are the parts'
+    rows side by side (its rank is the sum of theirs) and each part's B rows are multiplied by
+    weight * its scale / the module's scale (the first non-zero one of the parts'). float32;
+    raises AdapterError for no parts, a weight that is not a finite number, or (given max_rank)
+    a module whose summed rank would pass it."""
+    _check_merge_parts(parts, name)
     a, b, scales = {}, {}, {}
     for m in MODULES:
         targeting = [(w, float(weight)) for w, weight in parts if m in w.a]
@@ -201,9 +206,8 @@ def merge_lora_parameters(
     AdapterError for no parts, a weight that is not a finite number, unknown strategy or sign
     method, density outside [0, 1] (0: TIES and DARE keep nothing; "linear" ignores it), or
     different ranks of one module."""
+    _check_merge_parts(parts, name)
     where = f"merge {name!r}"
-    if not parts:
-        raise AdapterError(f"{where}: expected at least one adapter, got none")
     if strategy not in PARAMETER_MERGES:
         raise AdapterError(
             f"{where}: merge_strategy {strategy!r}; expected one of {', '.join(PARAMETER_MERGES)}"
@@ -215,16 +219,6 @@ def merge_lora_parameters(
         )
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
         raise AdapterError(f"{where}: density {density!r}; expected a number in [0, 1]")
-    for weights, weight in parts:
-        if (
-            not isinstance(weight, (int, float, np.integer, np.floating))
-            or isinstance(weight, bool)
-            or not np.isfinite(weight)
-        ):
-            raise AdapterError(
-                f"{where}: weight of adapter {weights.name!r} is {weight!r}; expected a "
-                "finite number"
-            )
     first = parts[0][0]
     first_scale = next(iter(first.scales.values()), 0.0)
     rng = np.random.default_rng(seed)

@@ -167,6 +167,20 @@ def test_sub_blocks_share_the_weight_tile(group, dtype_name, epilogue, interpret
     assert _rel_err(base, lora_matmul_reference(prob.x, w, prob.layer)) < TOL[dtype_name]
 
 
+def _epilogue_config(split_k, epilogue, **fields):
+    """SMALL with that split and epilogue, 8 rank rows a dot step (K 32, 8 prepared), and
+    ``fields``."""
+    return dataclasses.replace(
+        SMALL,
+        split_k=split_k,
+        epilogue=epilogue,
+        epilogue_rank_rows=8,
+        epilogue_block_k=32,
+        epilogue_prepared_rank_rows=8,
+        **fields,
+    )
+
+
 @pytest.mark.parametrize("interpret", INTERPRET)
 @pytest.mark.parametrize(
     ("group", "dtype_name", "epilogue", "split_k"),
@@ -185,14 +199,7 @@ def test_split_k_partials_sum_to_the_reference(group, dtype_name, epilogue, spli
     is capped at its 3 steps; split 4 of down leaves the last part past K (masked, zeros)."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, 40, dtype)
-    config = dataclasses.replace(
-        SMALL,
-        split_k=split_k,
-        epilogue=epilogue,
-        epilogue_rank_rows=8,
-        epilogue_block_k=32,
-        epilogue_prepared_rank_rows=8,
-    )
+    config = _epilogue_config(split_k, epilogue)
     y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
     assert y.shape == (40, w.shape[2]) and y.dtype == dtype
     assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL[dtype_name]
@@ -283,16 +290,7 @@ def test_blocks_with_few_adapters(group, dtype_name, epilogue, split_k, adapters
     as the reference and as the general epilogue alone."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, 40, dtype, adapters=adapters, rows_per_page=8)
-    config = dataclasses.replace(
-        SMALL,
-        split_k=split_k,
-        epilogue=epilogue,
-        epilogue_rank_rows=8,
-        epilogue_block_k=32,
-        epilogue_prepared_rank_rows=8,
-        epilogue_adapters=3,
-        adapter_rank_rows=16,
-    )
+    config = _epilogue_config(split_k, epilogue, epilogue_adapters=3, adapter_rank_rows=16)
     y = lora_matmul(prob.x, w, prob.layer, lora=lora, config=config, interpret=interpret)
     assert y.shape == (40, w.shape[2]) and y.dtype == dtype
     assert _rel_err(y, _reference_with_finite_v(prob, w, lora)) < TOL[dtype_name]
@@ -357,15 +355,8 @@ def test_lora_terms_before_or_after_the_k_loop(
     tokens without an adapter get the base output alone."""
     dtype = jnp.dtype(dtype_name)
     prob, w, lora = _case(group, 40, dtype, adapters=adapters, rows_per_page=8)
-    config = dataclasses.replace(
-        SMALL,
-        split_k=split_k,
-        epilogue=epilogue,
-        epilogue_rank_rows=8,
-        epilogue_block_k=32,
-        epilogue_prepared_rank_rows=8,
-        epilogue_adapters=3 if adapters else 0,
-        adapter_rank_rows=16,
+    config = _epilogue_config(
+        split_k, epilogue, epilogue_adapters=3 if adapters else 0, adapter_rank_rows=16
     )
     assert config.lora_first_for(16) == (epilogue == "dot")
     reference = _reference_with_finite_v(prob, w, lora)

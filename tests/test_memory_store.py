@@ -316,7 +316,7 @@ def test_lorax_s_merge_refuses_what_it_cannot_merge():
     one = _rows("one", [[1.0, 2.0]], [[1.0]])
     wide = _rows("wide", [[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0]])
     for parts, fields, message in (
-        ([], {}, "expected at least one adapter"),
+        ([], {}, "expected at least one"),
         ([(one, 1.0), (wide, 1.0)], {}, r"module 'q_proj' has ranks \[1, 2\]"),
         ([(one, float("inf"))], {}, "weight of adapter 'one' is inf"),
         ([(one, 1.0)], {"strategy": "mean"}, "merge_strategy 'mean'; expected one of linear"),
