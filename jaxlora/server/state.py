@@ -339,7 +339,8 @@ class ServingState:
         name = f"merged-{digest}"
         with self._merge_lock:
             if name in store:
-                self._request_merges.move_to_end(name, last=True)
+                if name in self._request_merges:
+                    self._request_merges.move_to_end(name, last=True)
                 return name
             try:
                 weights = store.parameter_merged_weights(
