@@ -18,8 +18,8 @@ stream's error is an event of that shape. What this server cannot honour is refu
 but its neutral value (422, the message naming the ``parameters`` field): an ``adapter_source``
 other than ``local`` (adapters are the registered ones, or with ``--load_adapters_on_demand``
 directories under ``--allowed_adapter_roots``, named by their path there or, as LoRAX's local
-adapters are, by their absolute path; no Hub, S3 or Predibase download), ``merged_adapters``
-``api_token``, ``typical_p``, ``watermark`` and ``best_of`` > 1.
+adapters are, by their absolute path; no Hub, S3 or Predibase download), ``api_token``,
+``typical_p``, ``watermark`` and ``best_of`` > 1.
 
 ``merged_adapters`` (LoRAX's per-request merge: ``ids``, ``weights``, ``merge_strategy``
 "linear" / "ties" / "dare_linear" / "dare_ties", ``density``, ``majority_sign_method`` "total" /
