@@ -146,7 +146,8 @@ flags.DEFINE_integer(
     "max_request_merges",
     8,
     "LoRAX requests' merged_adapters kept as adapters at most (each distinct merge computed "
-    "once; past this many the least recently requested is unloaded); 0: refused.",
+    "once; past this many the least recently requested that no request uses is unloaded); "
+    "0: refused.",
     lower_bound=0,
 )
 flags.DEFINE_string(

@@ -2661,10 +2661,54 @@ def test_lorax_merged_adapters_run_lorax_s_merge(served):
         off = _lorax_post(served, "/generate", "Hi", merged_adapters={"ids": ["pirate"]})
         assert off.status_code == 422 and "--max_request_merges=0" in off.json()["error"]
         assert off.json()["error"].startswith("parameters.merged_adapters: ")
+        assert not state._merge_holds  # (each handler let its merge go)
     finally:
         state.config = config
         for name in merged_names():
             state.unload_adapter(name)
+
+
+def test_a_request_merge_in_use_is_not_unloaded(served, monkeypatch):
+    """Past max_request_merges the least recently requested merge that nothing uses goes: one
+    held by its handler (merged, its request not yet submitted) or waited for / run on by a
+    request of the engine stays, over the limit, until a later merge finds it unused."""
+    state = served[1]
+    store = state.adapters.store
+    before = set(store.names())
+    config = state.config
+    merge = functools.partial(
+        state.request_merge, strategy="linear", density=1.0, majority_sign_method="total"
+    )
+    in_queue: dict[str, int] = {}
+    real_snapshot = state.engine.queue_snapshot
+
+    def snapshot():
+        return dataclasses.replace(real_snapshot(), waiting=dict(in_queue))
+
+    monkeypatch.setattr(state.engine, "queue_snapshot", snapshot)
+    try:
+        state.config = dataclasses.replace(config, max_request_merges=1)
+        first = merge([("pirate", 1.0)])  # held by its (pretended) handler
+        second = merge([("robot", 1.0)])
+        assert first in store and second in store  # (the first still held: over the limit)
+        state.release_merge(first)
+        in_queue[second] = 1  # (its request waits in the engine's queue)
+        state.release_merge(second)
+        third = merge([("poet", 1.0)])
+        assert first not in store and second in store and third in store
+        state.release_merge(third)
+        in_queue.clear()  # (the request ended)
+        fourth = merge([("pirate", 0.5)])
+        assert {second, third} & set(store.names()) == set() and fourth in store
+        assert merge([("pirate", 0.5)]) == fourth  # (the same merge: held twice, kept)
+        state.release_merge(fourth)
+        state.release_merge(fourth)
+        assert not state._merge_holds
+    finally:
+        state.config = config
+        for name in set(store.names()) - before:
+            state.unload_adapter(name)
+        assert not state._request_merges
 
 
 def test_merged_adapters_load_at_runtime(served, client):

@@ -1707,6 +1707,7 @@ def create_app(
 
     async def lorax_run(body: lorax.GenerateRequest, want_logprobs: bool):
         """Checks and submits a LoRAX request: (its group, the prompt's token ids)."""
+        held = None  # a per-request merge, held until the request is in the engine's queue
         try:
             completion = lorax.completion_body(
                 body, state.config.model_name, state.config.adapter_roots
@@ -1716,7 +1717,7 @@ def create_app(
             if merge is None:
                 adapter = await resolve_model(completion.model)
             else:
-                adapter = await lorax_merged_adapter(merge)
+                adapter = held = await lorax_merged_adapter(merge)
             _refuse_unsupported(completion)
             prompts = await anyio.to_thread.run_sync(
                 lambda: _completion_prompts(
@@ -1744,6 +1745,9 @@ def create_app(
             )
         except JaxloraError as e:
             raise lorax.renamed(e, body) from None
+        finally:
+            if held is not None:
+                state.release_merge(held)
         return group, prompts[0]
 
     async def lorax_merged_adapter(merge: lorax.MergeSpec) -> str:

@@ -77,8 +77,8 @@ class ServerConfig:
     loop for as long as it likes on the server.
     max_request_merges: LoRAX's per-request ``merged_adapters`` kept as adapters at most (each
     distinct merge is computed once and registered as ``merged-<digest>``; past this many the
-    least recently requested is unloaded: its running requests finish, a queued one fails
-    with 404); 0: such requests are refused.
+    least recently requested that no request waits for or runs on is unloaded, and one in use
+    stays until a later merge finds it unused); 0: such requests are refused.
     """
 
     model_name: str

@@ -115,9 +115,11 @@ class ServingState:
         self._adapter_created: dict[str, int] = {}
         self.responses = ResponseStore(config.max_stored_responses)
         self._on_demand_lock = threading.Lock()
-        # LoRAX's per-request merges, least recently requested first (request_merge)
-        self._merge_lock = threading.Lock()
+        # LoRAX's per-request merges, least recently requested first (request_merge), and the
+        # handlers between a merge and their requests' submission (release_merge)
+        self._merge_lock = threading.RLock()  # (unload_adapter takes it under it)
         self._request_merges: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._merge_holds: collections.Counter[str] = collections.Counter()
         self._ready = threading.Event()
         self._started = False
         self._warmup_error: BaseException | None = None
@@ -317,8 +319,11 @@ class ServingState:
         merge's fields, computed and registered the first time (``AdapterStore
         .parameter_merged_weights``; DARE's draws seeded by the digest, so one merge is one
         adapter). At most ``max_request_merges`` are kept: past them the least recently
-        requested is unloaded. Call it off the event loop. RequestError where the server takes
-        none; AdapterError (``parameters.merged_adapters``) for parts of different ranks."""
+        requested that no request waits for or runs on is unloaded (one in use stays, over
+        the limit, until a later merge finds it unused). The caller holds the merge until its
+        requests are submitted, and must then call ``release_merge(name)``, whatever happened.
+        Call it off the event loop. RequestError where the server takes none; AdapterError
+        (``parameters.merged_adapters``) for parts of different ranks."""
         field = "parameters.merged_adapters"  # (LoRAX's field: the one route that merges)
         limit = self.config.max_request_merges
         if not limit:
@@ -339,8 +344,10 @@ class ServingState:
         name = f"merged-{digest}"
         with self._merge_lock:
             if name in store:
+                self._merge_holds[name] += 1
                 if name in self._request_merges:
                     self._request_merges.move_to_end(name, last=True)
+                    self._unload_unused_merges(limit)  # (ones in use earlier may be free now)
                 return name
             try:
                 weights = store.parameter_merged_weights(
@@ -356,12 +363,32 @@ class ServingState:
             self._register(name, weights, replace=False)
             self._request_merges[name] = None
             self._request_merges.move_to_end(name, last=True)
+            self._merge_holds[name] += 1
             log.info("adapter %r merged for a request: %s", name, weights.source)
-            while len(self._request_merges) > limit:
-                oldest, _ = self._request_merges.popitem(last=False)
-                if oldest in store:
-                    self.unload_adapter(oldest)
+            self._unload_unused_merges(limit)
         return name
+
+    def release_merge(self, name: str) -> None:
+        """Ends request_merge's hold on name (its requests are in the engine's queue now, or
+        were never submitted)."""
+        with self._merge_lock:
+            self._merge_holds[name] -= 1
+            if self._merge_holds[name] <= 0:
+                del self._merge_holds[name]
+
+    def _unload_unused_merges(self, limit: int) -> None:
+        """Unloads the least recently requested merges past limit that are neither held nor
+        waited for or run on by a request of the engine (under _merge_lock)."""
+        excess = len(self._request_merges) - limit
+        if excess <= 0:
+            return
+        snapshot = self.engine.queue_snapshot()
+        in_use = set(self._merge_holds) | set(snapshot.waiting) | set(snapshot.running)
+        for name in [n for n in self._request_merges if n not in in_use][:excess]:
+            if name in self.adapters.store:
+                self.unload_adapter(name)
+            else:
+                self._request_merges.pop(name, None)
 
     def _check_new_name(self, name: str, replace: bool) -> None:
         if name == self.config.model_name:
@@ -409,6 +436,8 @@ class ServingState:
                 "lora_name",
             ) from e
         self._adapter_created.pop(name, None)
+        with self._merge_lock:
+            self._request_merges.pop(name, None)
         log.info("adapter %r unloaded", name)
 
     # ------------------------------------------------------------------ requests
