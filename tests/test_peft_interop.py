@@ -130,3 +130,83 @@ def test_the_rope_table_is_what_transformers_computes_now(tmp_path):
             entry["saved_config"]["rope_parameters"]
             == (committed[name]["saved_config"]["rope_parameters"])
         )
+
+
+@pytest.mark.peft
+@needs_peft
+@pytest.mark.parametrize(
+    ("strategy", "density", "majority_sign_method"),
+    [("linear", 1.0, "total"), ("ties", 0.3, "total"), ("ties", 0.7, "frequency")],
+)
+def test_lorax_merges_are_peft_s_merge_utils(tmp_path, strategy, density, majority_sign_method):
+    """merge_lora_parameters (LoRAX's per-request merge) gives, tensor by tensor, what PEFT's
+    merge_utils (``task_arithmetic``, ``ties``: the code LoRAX's merges are taken from) give
+    on the same tensors: three adapters, some modules targeted by two of them only."""
+    import numpy as np
+
+    from jaxlora.lora import LoraWeights, merge_lora_parameters
+
+    rng = np.random.default_rng(7)
+    modules = {"q_proj": 3, "v_proj": 3, "down_proj": 2}  # module -> adapters targeting it
+    parts = []
+    for i, weight in enumerate((1.0, -0.6, 0.35)):
+        a, b = {}, {}
+        for m, count in modules.items():
+            if i < count:
+                a[m] = rng.normal(0, 1, (2, 4, 24)).astype(np.float32)
+                b[m] = rng.normal(0, 1, (2, 4, 16)).astype(np.float32)
+        parts.append((LoraWeights(name=f"p{i}", a=a, b=b, scales=dict.fromkeys(a, 2.0)), weight))
+    merged = merge_lora_parameters(
+        parts,
+        "m",
+        strategy=strategy,
+        density=density,
+        majority_sign_method=majority_sign_method,
+    )
+    arrays = {}
+    for m in modules:
+        for side in ("a", "b"):
+            arrays[f"{m}.{side}.merged"] = getattr(merged, side)[m]
+            for i, (w, _) in enumerate(parts):
+                if m in w.a:
+                    arrays[f"{m}.{side}.{i}"] = getattr(w, side)[m]
+    np.savez(tmp_path / "merge.npz", **arrays)
+    script = (
+        "import json, sys, numpy as np, torch\n"
+        "from peft.utils import merge_utils\n"
+        "data = np.load(sys.argv[1]); weights = json.loads(sys.argv[2])\n"
+        "strategy, density, method = sys.argv[3], float(sys.argv[4]), sys.argv[5]\n"
+        "worst, compared = 0.0, 0\n"
+        "for key in [k for k in data.files if k.endswith('.merged')]:\n"
+        "    prefix = key[: -len('merged')]\n"
+        "    idx = sorted(int(k[len(prefix):]) for k in data.files"
+        " if k.startswith(prefix) and k != key)\n"
+        "    w = torch.tensor([weights[i] for i in idx])\n"
+        "    for layer in range(data[key].shape[0]):\n"
+        "        ts = [torch.from_numpy(data[prefix + str(i)][layer]) for i in idx]\n"
+        "        if strategy == 'linear':\n"
+        "            out = merge_utils.task_arithmetic(ts, w)\n"
+        "        else:\n"
+        "            out = merge_utils.ties(ts, w, density, method)\n"
+        "        err = float((out - torch.from_numpy(data[key][layer])).abs().max())\n"
+        "        worst, compared = max(worst, err), compared + 1\n"
+        "print(json.dumps([worst, compared]))\n"
+    )
+    run = subprocess.run(
+        [
+            peft_python(),
+            "-c",
+            script,
+            str(tmp_path / "merge.npz"),
+            json.dumps([w for _, w in parts]),
+            strategy,
+            str(density),
+            majority_sign_method,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    worst, compared = json.loads(run.stdout.strip().splitlines()[-1])
+    assert compared == len(modules) * 2 * 2  # (every module's A and B, each layer)
+    assert worst < 1e-5
