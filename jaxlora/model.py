@@ -882,6 +882,15 @@ def _window_start(positions, window):
     return jnp.maximum(positions[:, 0] - window + 1, 0)
 
 
+def _unread_keys_zeroed(k, v, mask):
+    """k, v (B, K, KVH, D) gathered from the pools, zero at the keys no token of their row
+    attends to (``mask`` (B, S, K)): the slots past a row's length, or before its window, may
+    hold another request's values, NaN or inf included, and a softmax weight of 0 times NaN
+    is NaN."""
+    read = jnp.any(mask, axis=1)[:, :, None, None]
+    return jnp.where(read, k, 0), jnp.where(read, v, 0)
+
+
 def _key_mask(positions, key_pos, kv: KVCache, window):
     """(B, S, K) which cached keys each of a chunk's tokens attends to: ``_causal_mask`` within
     the rows' lengths, none for padding tokens."""
@@ -956,6 +965,7 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, cfg: Mod
     # fp8 pools (KVCacheConfig.cache_dtype) are read in q's dtype; a no-op for pools in it.
     ck, cv = ck.astype(q.dtype), cv.astype(q.dtype)
     mask = _key_mask(positions, key_pos, kv, mask_window)
+    ck, cv = _unread_keys_zeroed(ck, cv, mask)
     if kv.impl == "reference" or softcap is not None:
         # (XLA's dot_product_attention has no soft cap.)
         out = _dense_attention(q, ck, cv, mask, sm_scale, softcap)
@@ -995,7 +1005,9 @@ def _blocked_cached_attention(
         block_pages = jax.lax.dynamic_slice_in_dim(table, index * pages, pages, axis=1)
         ck, cv = pa.gather_kv(k_pool, v_pool, block_pages, layer, block_len)
         key_pos = index * block_len + jnp.arange(block_len)[None, None, :]
-        mask = _key_mask(positions, key_pos, kv, window)[:, None, None]  # (B, 1, 1, S, K)
+        mask = _key_mask(positions, key_pos, kv, window)
+        ck, cv = _unread_keys_zeroed(ck, cv, mask)
+        mask = mask[:, None, None]  # (B, 1, 1, S, K)
         scores = jnp.einsum(
             "bskgd,btkd->bkgst", qg, ck.astype(q.dtype), preferred_element_type=jnp.float32
         )

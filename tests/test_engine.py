@@ -987,6 +987,27 @@ def test_prefix_caching_reuses_pages_of_the_same_prefix_and_adapter(base, lora_a
     assert llm.engine.kv.free_pages == 13
 
 
+def test_stale_nan_in_the_kv_pools_reaches_no_request(base, lora_adapters):
+    """Every KV slot starts as NaN, as the slots a request whose activations overflowed leave
+    behind for the next holder of its pages: prompts of every length (ragged last pages, two
+    prefill chunks) and their decode steps still give the full recompute's tokens."""
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(num_pages=40),
+        load_workers=0,
+    )
+    kv = llm.engine.kv
+    kv.k_pool, kv.v_pool = (jnp.full_like(pool, jnp.nan) for pool in (kv.k_pool, kv.v_pool))
+    prompts = [[5, 6, 7], list(range(3, 13)), [9] * 6, list(range(20, 37))]
+    names = ["all5", None, "qv1", "mlp16"]
+    outs = llm.generate(prompts, adapter=names, sampling=GREEDY)
+    for prompt, name, out in zip(prompts, names, outs, strict=True):
+        params = base if name is None else merged_params(base, lora_adapters[name])
+        assert out.token_ids == greedy_reference(params, prompt, 8), (name, prompt)
+
+
 def test_fp8_kv_cache_stays_close_to_the_auto_engine(base, lora_adapters):
     """KVCacheConfig.cache_dtype: pools of the fp8 format named, a quarter of float32's bytes a
     page. Outputs are no longer the auto engine's bit for bit, but close. Over the prompts and

@@ -277,6 +277,66 @@ def test_the_scan_unrolls_two_layers_only_where_lora_matmul_runs_every_projectio
     assert scan_unroll_for_step(config, three, 1) == 1
 
 
+@pytest.mark.parametrize(
+    ("impl", "block", "window", "softcap"),
+    [
+        ("reference", None, None, None),
+        ("reference", None, 6, None),
+        ("pallas_interpret", None, None, None),
+        ("pallas_interpret", None, None, 30.0),
+        ("pallas_interpret", 8, None, None),
+        ("pallas_interpret", 8, 6, None),
+    ],
+)
+def test_prefill_attention_is_blind_to_what_a_row_does_not_read(impl, block, window, softcap):
+    """Slots of a row's pages past its length, or before its window, hold whatever the pages'
+    last holder left there, NaN and inf included (a request whose activations overflowed, an
+    adapter with absurd weights: its pages go back to the pool and come to another request).
+    A prefill chunk's attention (the reference path, XLA's dot_product_attention, the soft-
+    capped one, blocks of keys; causal and windowed) gives the same output, all finite, as
+    over zeros there."""
+    import dataclasses
+
+    from jaxlora.model import KVCache, _cached_attention
+
+    rng = np.random.default_rng(5)
+    layers, pages, page_size, kvh, group, d, chunk = 2, 24, 4, 2, 2, 16, 8
+    table = rng.permutation(pages).reshape(4, 6)  # (each row its own pages)
+    starts, counts = np.asarray([0, 9, 14, 0]), np.asarray([8, 5, 8, 0])
+    lengths = starts + counts
+    clean = rng.standard_normal((2, layers, pages, page_size, kvh, d)).astype(np.float32)
+    junk = np.full_like(clean, np.nan)
+    junk[1, :, :, 1::2] = np.inf  # (some inf among the NaN)
+    read = np.zeros((pages, page_size), bool)  # the slots some token of its row reads
+    for row in range(4):
+        first = 0 if window is None else max(0, starts[row] - window + 1)
+        for pos in range(first, lengths[row]):
+            read[table[row, pos // page_size], pos % page_size] = True
+    poisoned = np.where(read[None, None, :, :, None, None], clean, junk)
+    zeroed = np.where(read[None, None, :, :, None, None], clean, 0.0)
+    positions = jnp.asarray(starts[:, None] + np.arange(chunk), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((4, chunk, kvh * group, d)), jnp.float32)
+    config = dataclasses.replace(
+        TINY, model_type="mistral", sliding_window=window, attn_logit_softcapping=softcap
+    )
+    outs = []
+    for pools in (zeroed, poisoned):
+        k_pool, v_pool = jnp.asarray(pools[0]), jnp.asarray(pools[1])
+        kv = KVCache(
+            k_pool=k_pool,
+            v_pool=v_pool,
+            page_table=jnp.asarray(table, jnp.int32),
+            seq_lens=jnp.asarray(lengths, jnp.int32),
+            token_valid=jnp.asarray(np.arange(chunk)[None, :] < counts[:, None]),
+            mode="prefill",
+            impl=impl,
+            prefill_key_block=block,
+        )
+        outs.append(np.asarray(_cached_attention(q, positions, 1, kv, k_pool, v_pool, config)))
+    assert np.isfinite(outs[1]).all()
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 @pytest.mark.parametrize("window", [None, 60], ids=["causal", "window60"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype):
