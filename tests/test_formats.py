@@ -749,6 +749,23 @@ def test_peft_refusals_name_file_field_and_expectation(tmp_path, breakage):
         read_peft_adapter_spec(d, TINY, max_rank=MAX_RANK)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_nan_or_inf_weights_are_refused_when_the_tensors_are_read(tmp_path, dtype):
+    """A tensor holding NaN or inf is a FormatError naming the file and the tensor when the
+    weights are read (registration reads the header only, and takes the adapter)."""
+    d = write_random_peft_adapter(tmp_path / "bad", TINY, rank=4, target_modules=["q_proj"])
+    b = load_file(os.path.join(d, WEIGHTS_FILE))[f"{Q0}.lora_B.weight"].astype(dtype)
+    b[3, 1], b[7, 2] = np.nan, np.inf
+    rewrite_tensors(d, add={f"{Q0}.lora_B.weight": b})
+    read_peft_adapter_spec(d, TINY, max_rank=MAX_RANK)
+    with pytest.raises(FormatError) as info:
+        load_peft_adapter(d, TINY, max_rank=MAX_RANK)
+    assert str(info.value) == (
+        f"{os.path.join(d, WEIGHTS_FILE)}: tensor '{Q0}.lora_B.weight' holds 2 NaN or infinite "
+        "values; expected finite weights"
+    )
+
+
 def test_adapter_path_that_is_a_pickle_file_is_refused(tmp_path):
     path = tmp_path / "adapter_model.bin"
     path.write_bytes(b"\x80\x04never read")

@@ -423,6 +423,16 @@ def test_bad_in_memory_weights(store_with_one):
     weights.a["lm_head"] = weights.a.pop("q_proj")
     with pytest.raises(AdapterError, match="not LoRA targets"):
         store_with_one.register_weights("w", weights)
+    # NaN or inf anywhere (here in the second layer): refused, never paged in beside others.
+    for value in (np.nan, -np.inf):
+        weights = random_weights("w", rank=2)
+        weights.a["k_proj"][1, 0, 5] = value
+        with pytest.raises(
+            AdapterError,
+            match=r"tensor a\['k_proj'\] holds 1 NaN or infinite values \(the first at layer "
+            r"1\); expected finite weights",
+        ):
+            store_with_one.register_weights("w", weights)
     assert_store_still_serves(store_with_one, ["good"])
 
 

@@ -2364,6 +2364,10 @@ def test_lorax_requests_it_cannot_honour_get_a_422_naming_the_parameter(served):
             {"merged_adapters": {"ids": [demo.DEMO_MODEL_NAME]}},
             "parameters.merged_adapters.ids[0]",
         ),
+        (  # (weights past float32: an adapter of inf, refused as the store refuses any)
+            {"merged_adapters": {"ids": ["robot"], "weights": [1e300]}},
+            "parameters.merged_adapters: adapter 'merged-",
+        ),
         ({"typical_p": 0.5}, "parameters.typical_p"),
         ({"watermark": True}, "parameters.watermark"),
         ({"best_of": 2}, "parameters.best_of"),

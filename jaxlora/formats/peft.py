@@ -9,7 +9,7 @@ decides it when it loads the adapter (`check_target_module_exists`, `get_pattern
 Errors: AdapterError for adapters that are valid PEFT but use something jaxlora does not serve
 (DoRA, modules_to_save, bias, embedding / lm_head LoRA, rank above the pool's maximum); FormatError
 for files that are malformed or do not match the base model (bad JSON, unknown module, missing,
-unexpected or wrongly shaped tensor, pickle, truncated file).
+unexpected or wrongly shaped tensor, NaN or infinite weights, pickle, truncated file).
 """
 
 from __future__ import annotations
@@ -699,6 +699,13 @@ def load_peft_adapter(
     spec = read_peft_adapter_spec(path, config, max_rank=max_rank, name=name, dtype=dtype)
     names = {n for m in spec.target_modules for pair in spec.tensors[m] if pair for n in pair[:2]}
     raw = _safetensors.read_tensors(spec.weights_file, sorted(names))
+    for tensor, values in raw.items():
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise FormatError(
+                f"{spec.weights_file}: tensor {tensor!r} holds {int(bad.sum())} NaN or infinite "
+                "values; expected finite weights"
+            )
     shapes = config.module_shapes()
     dtype = np.dtype(dtype)
     a, b = {}, {}

@@ -150,6 +150,14 @@ def validate_weights(
         scale = weights.scales.get(m)
         if scale is None or not math.isfinite(scale):
             raise AdapterError(f"{where}: scales[{m!r}] is {scale!r}; expected a finite float")
+        for factor, rows in (("a", a), ("b", b)):
+            bad = ~np.isfinite(rows)
+            if bad.any():
+                raise AdapterError(
+                    f"{where}: tensor {factor}[{m!r}] holds {int(bad.sum())} NaN or infinite "
+                    f"values (the first at layer {int(np.argwhere(bad)[0][0])}); expected "
+                    "finite weights"
+                )
     if not weights.a:
         raise AdapterError(f"{where}: targets no module; expected at least one of {list(MODULES)}")
 

@@ -358,9 +358,9 @@ class ServingState:
                     majority_sign_method=majority_sign_method,
                     seed=int(digest, 16),
                 )
+                self._register(name, weights, replace=False)  # (NaN / inf weights refused)
             except AdapterError as e:
                 raise with_param(AdapterError(f"{field}: {e}"), field) from None
-            self._register(name, weights, replace=False)
             self._request_merges[name] = None
             self._request_merges.move_to_end(name, last=True)
             self._merge_holds[name] += 1
