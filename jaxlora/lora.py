@@ -79,18 +79,20 @@ def random_lora_weights(
 
 
 def _check_merge_parts(parts: Sequence[tuple[LoraWeights, float]], name: str) -> None:
-    """AdapterError for a merge of no parts or a weight that is not a finite number."""
+    """AdapterError for a merge of no parts or a weight that is not a finite number (within
+    float32's range, the merge's arithmetic)."""
     if not parts:
         raise AdapterError(f"merge {name!r}: expected at least one (adapter, weight), got none")
+    limit = float(np.finfo(np.float32).max)
     for weights, weight in parts:
         if (
             not isinstance(weight, (int, float, np.integer, np.floating))
             or isinstance(weight, bool)
-            or not np.isfinite(weight)
+            or not abs(float(weight)) <= limit
         ):
             raise AdapterError(
                 f"merge {name!r}: weight of adapter {weights.name!r} is {weight!r}; expected a "
-                "finite number"
+                f"finite number of at most {limit:.4g} in magnitude"
             )
 
 

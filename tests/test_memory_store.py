@@ -215,6 +215,7 @@ def test_a_merge_sums_the_weighted_updates():
         ([], "expected at least one"),
         ([(one, float("nan"))], "weight of adapter 'one' is nan"),
         ([(one, True)], "expected a finite number"),
+        ([(one, -1e39)], "is -1e.39; expected a finite number of at most 3.403e.38 in"),
         ([(one, 1.0), (one, 1.0), (one, 1.0)], "'q_proj' would have rank 9 .3 . 3 . 3."),
     ):
         with pytest.raises(AdapterError, match=message):

@@ -2364,9 +2364,9 @@ def test_lorax_requests_it_cannot_honour_get_a_422_naming_the_parameter(served):
             {"merged_adapters": {"ids": [demo.DEMO_MODEL_NAME]}},
             "parameters.merged_adapters.ids[0]",
         ),
-        (  # (weights past float32: an adapter of inf, refused as the store refuses any)
+        (  # (a weight past float32's range, whose merge would be inf)
             {"merged_adapters": {"ids": ["robot"], "weights": [1e300]}},
-            "parameters.merged_adapters: adapter 'merged-",
+            "parameters.merged_adapters: merge 'merged-",
         ),
         ({"typical_p": 0.5}, "parameters.typical_p"),
         ({"watermark": True}, "parameters.watermark"),
