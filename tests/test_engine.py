@@ -989,8 +989,9 @@ def test_prefix_caching_reuses_pages_of_the_same_prefix_and_adapter(base, lora_a
 
 def test_stale_nan_in_the_kv_pools_reaches_no_request(base, lora_adapters):
     """Every KV slot starts as NaN, as the slots a request whose activations overflowed leave
-    behind for the next holder of its pages: prompts of every length (ragged last pages, two
-    prefill chunks) and their decode steps still give the full recompute's tokens."""
+    behind for the next holder of its pages: prompts of 3 to 17 tokens (ragged last pages, up
+    to three prefill chunks of 8) and their decode steps still give the full recompute's
+    tokens."""
     llm = jaxlora.LLM(
         TINY,
         params=base,
