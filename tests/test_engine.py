@@ -1009,6 +1009,45 @@ def test_stale_nan_in_the_kv_pools_reaches_no_request(base, lora_adapters):
         assert out.token_ids == greedy_reference(params, prompt, 8), (name, prompt)
 
 
+def test_a_request_whose_logits_overflow_ends_in_an_error_alone(base, lora_adapters):
+    """An adapter of finite but absurd weights (every B value 3e38, float32's largest) drives
+    its rows' activations past float32 and their logits to NaN: its requests end in an error
+    naming it at its first token (not an argmax over NaN passed off as tokens), and the
+    requests beside them in the same steps, and after them on the same pages, give the full
+    recompute's tokens."""
+    import dataclasses
+
+    absurd = dataclasses.replace(
+        lora_adapters["all5"],
+        name="absurd",
+        b={m: np.full_like(b, 3e38) for m, b in lora_adapters["all5"].b.items()},
+    )
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters={**lora_adapters, "absurd": absurd},
+        engine_config=small_engine_config(num_pages=40),
+        load_workers=0,
+    )
+    prompts = [[5, 6, 7, 8, 9], list(range(3, 13)), [9] * 6]
+    names = ["absurd", "all5", None]
+    outs = llm.generate(prompts, adapter=names, sampling=GREEDY)
+    assert outs[0].finish_reason == str(FinishReason.ERROR) and outs[0].token_ids == []
+    assert outs[0].error == (
+        "the model's logits at output token 0 are not finite (NaN or inf): the activations of "
+        "adapter 'absurd' overflowed on this prompt"
+    )
+    for prompt, name, out in zip(prompts[1:], names[1:], outs[1:], strict=True):
+        assert out.token_ids == greedy_reference(
+            base if name is None else merged_params(base, lora_adapters[name]), prompt, 8
+        ), name
+    again = llm.generate([[5, 6, 7, 8]], adapter=["all5"], sampling=GREEDY)[0]
+    assert again.token_ids == greedy_reference(
+        merged_params(base, lora_adapters["all5"]), [5, 6, 7, 8], 8
+    )
+    assert llm.engine.kv.free_pages == 40
+
+
 def test_fp8_kv_cache_stays_close_to_the_auto_engine(base, lora_adapters):
     """KVCacheConfig.cache_dtype: pools of the fp8 format named, a quarter of float32's bytes a
     page. Outputs are no longer the auto engine's bit for bit, but close. Over the prompts and

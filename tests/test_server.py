@@ -2661,6 +2661,14 @@ def test_lorax_merged_adapters_run_lorax_s_merge(served):
         )
         assert missing.status_code == 404, missing.text
         assert missing.json()["error"].startswith("parameters.merged_adapters.ids[1]: ")
+        # Weights that overflow the activations: TGI's generation error, and the NaN its
+        # pages held reaches nobody after it.
+        overflow = _lorax_post(
+            served, "/generate", "Hi", merged_adapters={"ids": ["pirate"], "weights": [1e30]}
+        )
+        assert overflow.status_code == 424, overflow.text
+        assert "logits at output token 0 are not finite" in overflow.json()["error"]
+        assert generate(adapter_id="pirate") == pirate
         state.config = dataclasses.replace(config, max_request_merges=0)
         off = _lorax_post(served, "/generate", "Hi", merged_adapters={"ids": ["pirate"]})
         assert off.status_code == 422 and "--max_request_merges=0" in off.json()["error"]

@@ -1365,6 +1365,18 @@ class Engine:
         )
 
     def _append_token(self, request: Request, sampled, row: int) -> None:
+        if math.isnan(sampled.logprobs[row]):
+            # The chosen token's logprob (the model's log-softmax, sent every step) is NaN only
+            # where the row's logits hold NaN or inf: its activations overflowed, and its token
+            # would be an argmax over NaN. An error, not noise passed off as an answer.
+            model = "the base model" if request.adapter is None else f"adapter {request.adapter!r}"
+            self._finish(
+                request,
+                FinishReason.ERROR,
+                f"the model's logits at output token {len(request.output_ids)} are not finite "
+                f"(NaN or inf): the activations of {model} overflowed on this prompt",
+            )
+            return
         token = int(sampled.tokens[row])
         now = time.monotonic()
         if request.first_token_time is None:
