@@ -159,6 +159,24 @@ def test_bfloat16_store_casts_once():
     np.testing.assert_array_equal(got, weights.a["q_proj"].astype(jnp.bfloat16).astype(np.float32))
 
 
+def test_a_float16_store_refuses_weights_past_float16():
+    """Finite float32 weights past float16's largest (65504) would be inf in a float16 pool:
+    refused by name; a bfloat16 store takes them."""
+    weights = random_weights("w", rank=2)
+    weights.b["k_proj"][0, 1, 3] = -7e4
+    store = AdapterStore(CONFIG, POOL, AdapterStoreConfig(dtype="float16"))
+    with pytest.raises(
+        AdapterError,
+        match=r"adapter 'w' \(in memory\): tensor b\['k_proj'\] holds 7e\+04, past the largest "
+        r"float16 value of the adapter pools \(65504\); serve it in bfloat16 or float32",
+    ):
+        store.register_weights("w", weights)
+    assert len(store) == 0
+    bf16 = AdapterStore(CONFIG, POOL, AdapterStoreConfig(dtype="bfloat16"))
+    packed = bf16.load(bf16.register_weights("w", weights))
+    assert all(np.isfinite(b.astype(np.float32)).all() for b in packed.blocks.values())
+
+
 def test_pack_weights_page_order_matches_footprint():
     weights = random_weights("w", rank=5, modules=MODULES)
     packed = pack_weights(weights, CONFIG, POOL.rows_per_page, np.float32)

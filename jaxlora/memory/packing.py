@@ -165,8 +165,14 @@ def validate_weights(
 def pack_weights(
     weights: LoraWeights, config: ModelConfig, rows_per_page: int, dtype
 ) -> PackedAdapter:
-    """Cuts an adapter's rank-rows into pages in the pool dtype (rows past the rank are 0)."""
+    """Cuts an adapter's rank-rows into pages in the pool dtype (rows past the rank are 0).
+    AdapterError for a value past the largest of a pool dtype narrower than float32's range
+    (float16: it would be inf there)."""
+    import ml_dtypes
+
     footprint = AdapterFootprint.of_weights(weights)
+    largest = float(ml_dtypes.finfo(dtype).max)
+    narrow = largest < float(np.finfo(np.float32).max)
     widths = layout.pool_widths(
         config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
     )
@@ -181,7 +187,15 @@ def pack_weights(
         if not r:
             continue
         n = layout.pages_for_rank(r, rows_per_page)
-        for axis, rows in zip(MODULE_POOLS[m], (weights.a[m], weights.b[m]), strict=True):
+        sides = zip("ab", MODULE_POOLS[m], (weights.a[m], weights.b[m]), strict=True)
+        for factor, axis, rows in sides:
+            peak = float(np.max(np.abs(rows))) if narrow else 0.0
+            if peak > largest:
+                raise AdapterError(
+                    f"adapter {weights.name!r} ({weights.source or 'in memory'}): tensor "
+                    f"{factor}[{m!r}] holds {peak:.4g}, past the largest {np.dtype(dtype).name} "
+                    f"value of the adapter pools ({largest:.6g}); serve it in bfloat16 or float32"
+                )
             padded = np.zeros((config.num_layers, n * rows_per_page, widths[axis]), dtype)
             padded[:, :r] = rows
             blocks[axis][:, cursor[axis] : cursor[axis] + n] = padded.reshape(
