@@ -237,12 +237,9 @@ class AdapterStore:
         (``jaxlora.lora.merge_lora_weights``, from their current versions' packed rows; register
         it with ``register_weights`` or ``replace``). UnknownAdapterError for a part that is
         not registered; AdapterError where the sum of ranks passes the pool's max_rank."""
-        weights = []
-        for part, weight in parts:
-            packed = self.load(self.get(part))
-            rows = unpack_weights(packed, self.model_config, self.pool_config.rows_per_page, part)
-            weights.append((rows, weight))
-        return merge_lora_weights(weights, name, max_rank=self.pool_config.max_rank)
+        return merge_lora_weights(
+            self._current_rows(parts), name, max_rank=self.pool_config.max_rank
+        )
 
     def parameter_merged_weights(
         self, name: str, parts: Sequence[tuple[str, float]], **merge
@@ -251,12 +248,15 @@ class AdapterStore:
         with ``merge``'s strategy, density, majority_sign_method and seed), from their current
         versions' packed rows. UnknownAdapterError for a part that is not registered;
         AdapterError for a part of another rank, or bad merge fields."""
-        weights = []
-        for part, weight in parts:
-            packed = self.load(self.get(part))
-            rows = unpack_weights(packed, self.model_config, self.pool_config.rows_per_page, part)
-            weights.append((rows, weight))
-        return merge_lora_parameters(weights, name, **merge)
+        return merge_lora_parameters(self._current_rows(parts), name, **merge)
+
+    def _current_rows(self, parts: Sequence[tuple[str, float]]) -> list[tuple[LoraWeights, float]]:
+        """Each (registered adapter, weight) as its current version's rank-rows, with it."""
+        rows_per_page = self.pool_config.rows_per_page
+        return [
+            (unpack_weights(self.load(self.get(part)), self.model_config, rows_per_page, part), w)
+            for part, w in parts
+        ]
 
     # ----------------------------------------------------------------- lookups
 
