@@ -112,8 +112,11 @@ def main():
             f"{row['kv_table_at_copy_ms']:.3f} ms at copy",
             flush=True,
         )
-    json.dump(dict(copy_gbps=gbps, rows=rows), open(sys.argv[1], "w") if len(sys.argv) > 1
-              else sys.stdout, indent=1)
+    json.dump(
+        dict(copy_gbps=gbps, rows=rows),
+        open(sys.argv[1], "w") if len(sys.argv) > 1 else sys.stdout,
+        indent=1,
+    )
 
 
 if __name__ == "__main__":
