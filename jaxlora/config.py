@@ -57,6 +57,10 @@ FUSED_CHECKPOINT_TYPES = ("phi3",)
 # Families whose config.json may set a sliding attention window for every layer
 # (ModelConfig.sliding_window): every query attends to the last `sliding_window` keys only.
 SLIDING_WINDOW_TYPES = ("mistral", "phi3")
+# Families whose config.json may make its last layers sliding (use_sliding_window: the layers
+# from max_window_layers on attend to the last sliding_window keys, the earlier ones to all):
+# ModelConfig.local_window, max_window_layers.
+WINDOW_FROM_LAYER_TYPES = ("qwen2", "qwen3")
 
 
 # HF rope_scaling types whose frequencies are fixed (not a function of the sequence length).
@@ -179,6 +183,47 @@ def _sliding_window_field(cfg: dict[str, Any], source: str, default: int | None)
     return window
 
 
+def _window_from_layer_fields(cfg: dict[str, Any], source: str, model_type: str) -> dict[str, Any]:
+    """Qwen2's and Qwen3's sliding layers, read as transformers reads them: with
+    use_sliding_window, the layers from max_window_layers (28 where absent) on attend to the
+    last sliding_window (4,096 where absent) keys, the earlier ones to all; without it, none
+    slides. layer_types, where given, decides which layers slide and must be that pattern
+    (full_attention up to a layer, sliding_attention from it on)."""
+    layers = cfg.get("num_hidden_layers", 0)
+    enabled = cfg.get("use_sliding_window", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(
+            f"{source}: field 'use_sliding_window' is {enabled!r}; expected true or false"
+        )
+    window = _sliding_window_field(cfg, source, 4096) if enabled else None
+    kinds = cfg.get("layer_types")
+    if kinds is not None:
+        kinds = list(kinds)
+        first = kinds.index("sliding_attention") if "sliding_attention" in kinds else len(kinds)
+        pattern = ["full_attention"] * first + ["sliding_attention"] * (len(kinds) - first)
+        if kinds != pattern or len(kinds) != layers:
+            raise ConfigError(
+                f"{source}: field 'layer_types' is {kinds!r}; expected {model_type}'s pattern "
+                f"for its {layers} layers: full_attention up to a layer, sliding_attention from "
+                "it on"
+            )
+        if first < layers and window is None:
+            raise ConfigError(
+                f"{source}: field 'layer_types' has sliding_attention layers but "
+                "'use_sliding_window' is false; expected true (with a sliding_window) or "
+                "full_attention everywhere"
+            )
+    else:
+        first = cfg.get("max_window_layers", 28)
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise ConfigError(
+                f"{source}: field 'max_window_layers' is {first!r}; expected an int >= 0"
+            )
+    if window is None or first >= layers:
+        return {}
+    return dict(local_window=window, max_window_layers=first)
+
+
 def _gemma_window_fields(cfg: dict[str, Any], source: str, model_type: str) -> dict[str, Any]:
     """Gemma 2's and Gemma 3's config.json fields (transformers' defaults where absent). Their
     layer_types, where given, must be their pattern: every period-th layer full, the others
@@ -298,12 +343,14 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     query_pre_attn_scalar: float | None = None
-    # Gemma 2's and 3's sliding window of their sliding layers (transformers' layer_types):
-    # layer i is full when (i + 1) % sliding_period == 0 (Gemma 2: 2, every other layer from
-    # the second; Gemma 3: 6), sliding otherwise, where each query attends to the last
-    # local_window keys. The KV cache keeps every page (the full layers read them).
+    # The sliding window of a model's sliding layers (transformers' layer_types), where each
+    # query attends to the last local_window keys: Gemma 2's and 3's layer i is full when
+    # (i + 1) % sliding_period == 0 (Gemma 2: 2, every other layer from the second; Gemma 3:
+    # 6) and sliding otherwise; Qwen2's and Qwen3's (use_sliding_window) layers slide from
+    # max_window_layers on. The KV cache keeps every page (the full layers read them).
     local_window: int | None = None
     sliding_period: int = 2
+    max_window_layers: int | None = None
     # Gemma 3: the sliding layers' RoPE base, unscaled; rope_theta and rope_scaling are the
     # full layers'.
     local_rope_theta: float | None = None
@@ -356,6 +403,7 @@ class ModelConfig:
                     f"model config field {field!r}: expected None or a positive number, "
                     f"got {value!r}"
                 )
+        self._check_sliding_layers()
         if self.hidden_act not in HIDDEN_ACTIVATIONS:
             raise ConfigError(
                 f"model config field 'hidden_act': expected one of {sorted(HIDDEN_ACTIVATIONS)}, "
@@ -365,6 +413,34 @@ class ModelConfig:
             raise ConfigError(
                 f"model config: num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    def _check_sliding_layers(self):
+        """local_window only for the families with sliding layers; max_window_layers (a layer
+        index, 0 for every layer sliding) for Qwen2's and Qwen3's, with their window."""
+        layered = (*LAYERED_GEMMA_TYPES, *WINDOW_FROM_LAYER_TYPES)
+        if self.local_window is not None and self.model_type not in layered:
+            raise ConfigError(
+                f"model config field 'local_window': expected None for {self.model_type!r} "
+                f"(sliding layers are {list(layered)}'); got {self.local_window!r}"
+            )
+        mwl = self.max_window_layers
+        windowed_qwen = self.model_type in WINDOW_FROM_LAYER_TYPES and self.local_window
+        if windowed_qwen and (
+            mwl is None
+            or isinstance(mwl, bool)
+            or not isinstance(mwl, int)
+            or not 0 <= mwl < self.num_layers
+        ):
+            raise ConfigError(
+                f"model config field 'max_window_layers': expected the first sliding layer, an "
+                f"int in 0..{self.num_layers - 1}, for {self.model_type!r} with a local_window; "
+                f"got {mwl!r}"
+            )
+        if mwl is not None and not windowed_qwen:
+            raise ConfigError(
+                f"model config field 'max_window_layers': expected None without a local_window "
+                f"of {list(WINDOW_FROM_LAYER_TYPES)}; got {mwl!r} for {self.model_type!r}"
             )
 
     @property
@@ -499,12 +575,13 @@ class ModelConfig:
             )
         if model_type in SLIDING_WINDOW_TYPES:
             sliding_window = _sliding_window_field(cfg, source, None)
-        elif cfg.get("use_sliding_window"):
+        elif model_type not in WINDOW_FROM_LAYER_TYPES and cfg.get("use_sliding_window"):
             raise ConfigError(
                 f"{source}: field 'use_sliding_window' is true; expected false (sliding-window "
                 f"layers of {model_type} are not supported)"
             )
-        if model_type not in (*SLIDING_WINDOW_TYPES, *LAYERED_GEMMA_TYPES) and any(
+        windowed_types = (*SLIDING_WINDOW_TYPES, *LAYERED_GEMMA_TYPES, *WINDOW_FROM_LAYER_TYPES)
+        if model_type not in windowed_types and any(
             kind != "full_attention" for kind in cfg.get("layer_types") or ()
         ):
             raise ConfigError(
@@ -549,6 +626,8 @@ class ModelConfig:
             **(
                 _gemma_window_fields(cfg, source, model_type)
                 if model_type in LAYERED_GEMMA_TYPES
+                else _window_from_layer_fields(cfg, source, model_type)
+                if model_type in WINDOW_FROM_LAYER_TYPES
                 else {}
             ),
         )
@@ -602,8 +681,15 @@ class ModelConfig:
             )
         if self.local_rope_theta is not None:
             d["rope_local_base_freq"] = self.local_rope_theta
-        if self.model_type in ("qwen2", "qwen3"):
-            d["use_sliding_window"] = False
+        if self.model_type in WINDOW_FROM_LAYER_TYPES:
+            first = self.num_layers if self.local_window is None else self.max_window_layers
+            d.update(
+                use_sliding_window=self.local_window is not None,
+                sliding_window=self.local_window,
+                max_window_layers=first,
+                layer_types=["full_attention"] * first
+                + ["sliding_attention"] * (self.num_layers - first),
+            )
         if self.model_type in SLIDING_WINDOW_TYPES:
             d["sliding_window"] = self.sliding_window
         return d

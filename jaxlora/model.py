@@ -789,13 +789,17 @@ _UNBOUNDED_WINDOW = 1 << 30
 
 def _layer_sliding(cfg: ModelConfig, layer) -> jax.Array:
     """() bool, traced: whether ``layer`` is one of the sliding layers (Gemma 2 / 3: all but
-    every ModelConfig.sliding_period-th)."""
-    return (jnp.asarray(layer, jnp.int32) + 1) % cfg.sliding_period != 0
+    every ModelConfig.sliding_period-th; Qwen2 / Qwen3: from ModelConfig.max_window_layers on)."""
+    layer = jnp.asarray(layer, jnp.int32)
+    if cfg.max_window_layers is not None:
+        return layer >= cfg.max_window_layers
+    return (layer + 1) % cfg.sliding_period != 0
 
 
 def _layer_window(cfg: ModelConfig, layer) -> jax.Array | None:
     """() int32, traced: the sliding window of this layer where it depends on the layer
-    (Gemma 2 / 3: ModelConfig.local_window on the sliding layers, none on the full ones); None
+    (Gemma 2 / 3, Qwen2 / 3 with use_sliding_window: ModelConfig.local_window on the sliding
+    layers, none on the full ones); None
     for every other model (Mistral's window is static: ModelConfig.attention_window)."""
     if cfg.local_window is None:
         return None

@@ -212,7 +212,8 @@ def test_pallas_engine_with_an_fp8_kv_cache_matches_its_reference_engine():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "model_type", ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text"]
+    "model_type",
+    ["qwen2", "qwen3", "qwen3_sliding", "mistral", "gemma", "gemma2", "gemma3_text"],
 )
 def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     """Qwen2 (q/k/v biases added to lora_matmul's and XLA's q|k|v), Qwen3 (per-head q/k
@@ -224,7 +225,8 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     intermediate of 18944 / 16 (ragged tiles in every kernel). Gemma: Gemma's head_dim of 256
     with one KV head (Gemma-2B's), GELU gating, scaled and tied embeddings; Gemma 2: its norms
     after attention and the MLP, soft-capped scores (in the decode kernel) and logits, a
-    window on its even layers; Gemma 3: q / k norms, the sliding layers' own RoPE base."""
+    window on its even layers; Gemma 3: q / k norms, the sliding layers' own RoPE base;
+    Qwen3 with use_sliding_window: a window of 24 keys on its layers from the second on."""
     from tests.test_model_families import random_family_params
 
     if model_type == "qwen2":
@@ -236,6 +238,10 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
             num_kv_heads=1,
             head_dim=64,
             intermediate_size=1184,
+        )
+    elif model_type == "qwen3_sliding":
+        config_of = dataclasses.replace(
+            CONFIG, model_type="qwen3", head_dim=64, local_window=24, max_window_layers=1
         )
     elif model_type == "mistral":
         config_of = dataclasses.replace(CONFIG, model_type=model_type, sliding_window=24)

@@ -64,9 +64,15 @@ GEMMA3 = dataclasses.replace(
     rope_scaling=RopeScaling(8.0, rope_type="linear"),
     local_rope_theta=1e4,
 )
+# Qwen3 with use_sliding_window: its layers from max_window_layers (here the second of two)
+# attend to the last 4 keys, the first to all of them.
+QWEN3_SLIDING = dataclasses.replace(
+    QWEN3, name="tiny-qwen3-sliding", local_window=4, max_window_layers=1
+)
 FAMILIES = {
     "qwen2": QWEN2,
     "qwen3": QWEN3,
+    "qwen3_sliding": QWEN3_SLIDING,
     "mistral": MISTRAL,
     "gemma": GEMMA,
     "gemma2": GEMMA2,
@@ -141,7 +147,7 @@ def test_config_json_of_each_family():
     assert phi3.to_hf_dict()["architectures"] == ["Phi3ForCausalLM"]
     refused = {
         "use_sliding_window": (
-            hf_config("qwen2", use_sliding_window=True),
+            hf_config("llama", use_sliding_window=True),
             "'use_sliding_window' is true; expected false",
         ),
         "attention_bias": (
@@ -167,7 +173,7 @@ def test_config_json_of_each_family():
             "'use_bidirectional_attention' is True; expected false",
         ),
         "layer_types": (
-            hf_config("qwen3", layer_types=["full_attention", "sliding_attention"]),
+            hf_config("llama", layer_types=["full_attention", "sliding_attention"]),
             "'layer_types' is .* expected 'full_attention' for every layer",
         ),
         "sliding_window": (
@@ -268,6 +274,80 @@ def test_config_json_of_each_family():
         dataclasses.replace(TINY, hidden_act="relu")
 
 
+def test_qwen_sliding_layers_config():
+    """Qwen2's and Qwen3's use_sliding_window, read as transformers 5's Qwen2Config reads it:
+    the layers from max_window_layers on slide over sliding_window keys; layer_types, where
+    given, says which (full layers first); a config whose max_window_layers is past its layers,
+    or without use_sliding_window, has none. Written back to the same fields."""
+    for model_type in ("qwen2", "qwen3"):
+        old_form = hf_config(
+            model_type,
+            num_hidden_layers=4,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=2,
+        )
+        new_form = {
+            **old_form,
+            "max_window_layers": 28,  # (layer_types decides where given)
+            "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2,
+        }
+        for fields in (old_form, new_form):
+            config = ModelConfig.from_hf_dict(fields)
+            assert (config.local_window, config.max_window_layers) == (8, 2)
+            assert config.attention_window is None  # (the full layers read every page)
+            written = config.to_hf_dict()
+            assert written["layer_types"] == new_form["layer_types"]
+            assert written["use_sliding_window"] and written["sliding_window"] == 8
+            assert ModelConfig.from_hf_dict(written) == dataclasses.replace(config, name=model_type)
+        every_layer = ModelConfig.from_hf_dict({**old_form, "max_window_layers": 0})
+        assert every_layer.max_window_layers == 0
+        default_window = {k: v for k, v in old_form.items() if k != "sliding_window"}
+        assert ModelConfig.from_hf_dict(default_window).local_window == 4096
+        for unwindowed in (
+            {**old_form, "use_sliding_window": False},
+            {**old_form, "max_window_layers": 4},
+            {k: v for k, v in old_form.items() if k != "max_window_layers"},  # (28 layers)
+            {**new_form, "layer_types": ["full_attention"] * 4},
+            hf_config(model_type, use_sliding_window=False, layer_types=["full_attention"] * 2),
+        ):
+            config = ModelConfig.from_hf_dict(unwindowed)
+            assert config.local_window is None and config.max_window_layers is None
+            assert config.to_hf_dict()["use_sliding_window"] is False
+    refused = {
+        "'layer_types' is .* expected qwen2's pattern": {
+            **new_form,
+            "model_type": "qwen2",
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+        },
+        "'layer_types' is .* expected qwen3's pattern for its 4 layers": {
+            **new_form,
+            "layer_types": ["full_attention", "sliding_attention"],
+        },
+        "'layer_types' has sliding_attention layers but 'use_sliding_window' is false": {
+            **new_form,
+            "use_sliding_window": False,
+        },
+        "'max_window_layers' is -1; expected an int >= 0": {**old_form, "max_window_layers": -1},
+        "'use_sliding_window' is 'yes'; expected true or false": {
+            **old_form,
+            "use_sliding_window": "yes",
+        },
+        "'sliding_window' is 0; expected a positive int": {**old_form, "sliding_window": 0},
+    }
+    for message, fields in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig.from_hf_dict(fields, source="config.json")
+    with pytest.raises(ConfigError, match="'local_window': expected None for 'llama'"):
+        dataclasses.replace(TINY, local_window=4)
+    with pytest.raises(ConfigError, match="'max_window_layers': expected the first sliding"):
+        dataclasses.replace(QWEN2, local_window=4)
+    with pytest.raises(ConfigError, match="'max_window_layers': expected the first sliding"):
+        dataclasses.replace(QWEN2, local_window=4, max_window_layers=QWEN2.num_layers)
+    with pytest.raises(ConfigError, match="'max_window_layers': expected None without"):
+        dataclasses.replace(QWEN2, max_window_layers=1)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_hf_checkpoint_round_trip_and_fused_form(tmp_path, family):
     """The family's tensors under HF's names (q/k/v biases, q/k norms), read back to the same
@@ -278,7 +358,7 @@ def test_hf_checkpoint_round_trip_and_fused_form(tmp_path, family):
     save_hf_checkpoint(tmp_path, config, params)
     with open(tmp_path / "config.json") as f:
         written = json.load(f)
-    assert written["model_type"] == family
+    assert written["model_type"] == config.model_type
     from jaxlora.formats import _safetensors
 
     names, _ = _safetensors.read_header(str(tmp_path / "model.safetensors"))
