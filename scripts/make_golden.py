@@ -6,7 +6,8 @@ phi3: fused qkv_proj and gate_up_proj, which its adapters target; mistral: a sli
 of 3 keys, shorter than the rows; qwen2_yarn: qwen2 with YaRN RoPE scaling; gemma: scaled
 embeddings, norm weights stored minus 1, GELU, multi-query attention; gemma2: Gemma's with
 sandwich norms and soft caps; gemma3: gemma3_text, q / k norms, a RoPE base of its
-sliding layers' own) and four PEFT LoRA
+sliding layers' own; qwen3_sliding: qwen3 with use_sliding_window, its second layer sliding
+over 3 keys) and four PEFT LoRA
 adapters are built with transformers + peft, saved in their native formats, and the reference
 fp32 logits of the base model and of every adapter on every input row are computed by
 transformers + peft (CPU, fp32, eager attention). Output, under --out (default
@@ -97,6 +98,13 @@ FAMILIES = {
     # models tie their embeddings.
     "qwen2": ("Qwen2Config", _without(_QWEN, "attention_bias") | {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", _QWEN | {"head_dim": 32}),
+    # Qwen3 with use_sliding_window: its layers from max_window_layers on (here the second of
+    # two) see their last 3 keys only, shorter than the rows (SEQ = 8); the first sees all.
+    "qwen3_sliding": (
+        "Qwen3Config",
+        _QWEN
+        | {"head_dim": 32, "use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+    ),
     # Mistral with a sliding window of 3 keys, shorter than the rows (SEQ = 8): from the
     # fourth position on, each query sees its last 3 keys only (transformers' sliding mask).
     "mistral": (

@@ -4,12 +4,13 @@ The fixtures hold a tiny HF model of each family (Llama: tests/fixtures/golden; 
 biases and tied embeddings: golden_qwen2; Qwen3 with per-head q/k norms and a head_dim of its
 own: golden_qwen3; Phi-3 with fused qkv_proj / gate_up_proj, which its adapters target:
 golden_phi3; Mistral with a sliding window of 3 keys, shorter than the rows: golden_mistral;
-Qwen2 with YaRN RoPE scaling: golden_qwen2_yarn; Gemma with scaled embeddings, norm weights
-stored minus 1, GELU gating and one KV head: golden_gemma) and PEFT adapters in their native
-formats, plus the fp32 logits transformers + peft compute for every (variant, row): variant 0
-is the base model, variant k the k-th adapter. jaxlora loads the files with its own loaders and
-runs ONE batch in which the rows use different adapters and one row uses none; every row must
-reproduce its reference logits.
+Qwen2 with YaRN RoPE scaling: golden_qwen2_yarn; Qwen3 whose second layer slides over 3 keys
+(use_sliding_window, max_window_layers 1): golden_qwen3_sliding; Gemma with scaled
+embeddings, norm weights stored minus 1, GELU gating and one KV head: golden_gemma) and PEFT
+adapters in their native formats, plus the fp32 logits transformers + peft compute for every
+(variant, row): variant 0 is the base model, variant k the k-th adapter. jaxlora loads the files
+with its own loaders and runs ONE batch in which the rows use different adapters and one row uses
+none; every row must reproduce its reference logits.
 """
 
 import json
@@ -31,6 +32,8 @@ FAMILIES = {
     "llama": ("golden", "llama"),
     "qwen2": ("golden_qwen2", "qwen2"),
     "qwen3": ("golden_qwen3", "qwen3"),
+    # Qwen3 with use_sliding_window: its second layer sees its last 3 keys only.
+    "qwen3_sliding": ("golden_qwen3_sliding", "qwen3"),
     "phi3": ("golden_phi3", "phi3"),
     "mistral": ("golden_mistral", "mistral"),
     # Qwen2 with YaRN RoPE scaling (factor 4; frequencies kept, ramped and interpolated, cos /
@@ -167,5 +170,26 @@ def test_the_yarn_fixture_needs_its_scaling():
     )
     unscaled = dataclasses.replace(config, rope_scaling=None)
     for other in (frequencies_only, unscaled):
+        logits = np.asarray(Llama(other).apply({"params": params}, input_ids))
+        assert relative_error(logits, expected) > 100 * TOLERANCE
+
+
+def test_the_sliding_qwen_fixture_needs_its_window_on_its_sliding_layer_only():
+    """golden_qwen3_sliding's second layer slides over 3 keys (rows of 8): read without its
+    window, or with the window on both layers, the base model misses transformers' logits by far
+    more than the tolerance."""
+    import dataclasses
+
+    directory = os.path.join(FIXTURES, "golden_qwen3_sliding")
+    config, params = load_hf_checkpoint(os.path.join(directory, "base"))
+    assert (config.local_window, config.max_window_layers) == (3, 1)
+    arrays = np.load(os.path.join(directory, "golden.npz"))
+    input_ids = jnp.asarray(arrays["input_ids"])
+    expected = arrays["logits"][0]
+    windowed = np.asarray(Llama(config).apply({"params": params}, input_ids))
+    assert relative_error(windowed, expected) <= TOLERANCE
+    unwindowed = dataclasses.replace(config, local_window=None, max_window_layers=None)
+    both_layers = dataclasses.replace(config, max_window_layers=0)
+    for other in (unwindowed, both_layers):
         logits = np.asarray(Llama(other).apply({"params": params}, input_ids))
         assert relative_error(logits, expected) > 100 * TOLERANCE
