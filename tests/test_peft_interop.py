@@ -21,6 +21,7 @@ GOLDEN_BASES = {
         ("llama", "golden"),
         ("qwen2", "golden_qwen2"),
         ("qwen3", "golden_qwen3"),
+        ("qwen3_sliding", "golden_qwen3_sliding"),
         ("phi3", "golden_phi3"),
         ("gemma", "golden_gemma"),
         ("gemma2", "golden_gemma2"),
@@ -78,14 +79,22 @@ def transformers_greedy(base: str, prompt: list[int], tokens: int) -> list[int]:
 @needs_peft
 @pytest.mark.parametrize(
     "fixture",
-    ["golden_mistral", "golden_qwen2_yarn", "golden_gemma", "golden_gemma2", "golden_gemma3"],
+    [
+        "golden_mistral",
+        "golden_qwen2_yarn",
+        "golden_qwen3_sliding",
+        "golden_gemma",
+        "golden_gemma2",
+        "golden_gemma3",
+    ],
 )
 def test_the_paged_engine_generates_the_tokens_of_transformers(fixture):
     """Mistral with a 3-key sliding window (golden_mistral), Qwen2 with YaRN RoPE scaling
     (golden_qwen2_yarn), Gemma (golden_gemma) and Gemma 2 (golden_gemma2: sandwich norms, soft
     caps, a 3-key window on its even layers) and Gemma 3 (golden_gemma3: q / k norms, its
-    sliding layers' own RoPE base): the paged engine (a 12-token prefill, then decode
-    steps past the windows, fp32) generates transformers' greedy tokens."""
+    sliding layers' own RoPE base), Qwen3 whose second layer slides over 3 keys
+    (golden_qwen3_sliding): the paged engine (a 12-token prefill, then decode steps past the
+    windows, fp32) generates transformers' greedy tokens."""
     import jaxlora
     from jaxlora.sampling import SamplingParams
 
@@ -100,6 +109,8 @@ def test_the_paged_engine_generates_the_tokens_of_transformers(fixture):
             assert config.attention_window == 3
         elif fixture == "golden_qwen2_yarn":
             assert config.rope_scaling.rope_type == "yarn"
+        elif fixture == "golden_qwen3_sliding":
+            assert (config.local_window, config.max_window_layers) == (3, 1)
         else:
             assert config.model_type in ("gemma", "gemma2", "gemma3_text")
         sampling = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
