@@ -64,6 +64,9 @@ class KVCache:
     # Prefill attention over page tables longer than this many positions runs block by block
     # up to the longest row (RunnerConfig.prefill_key_block); None: one pass over the table.
     prefill_key_block: int | None = flax.struct.field(pytree_node=False, default=None)
+    # The one-pass prefill attention's jax.nn.dot_product_attention implementation
+    # (RunnerConfig.prefill_attention): "xla" or "cudnn" (bf16 / fp16 on a GPU, else "xla").
+    prefill_attention: str = flax.struct.field(pytree_node=False, default="xla")
 
 
 def _unscaled_inverse_frequencies(theta: float, dim: int) -> jax.Array:
@@ -976,9 +979,28 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, cfg: Mod
         if kv.impl != "reference":
             out = jnp.where(kv.token_valid[:, :, None, None], out, 0)
     else:
-        out = jax.nn.dot_product_attention(q, ck, cv, mask=mask[:, None], scale=sm_scale)
+        out = jax.nn.dot_product_attention(
+            q,
+            ck,
+            cv,
+            mask=mask[:, None],
+            scale=sm_scale,
+            implementation=_prefill_attention_implementation(kv, q),
+        )
         out = jnp.where(kv.token_valid[:, :, None, None], out, 0)
     return out
+
+
+def _prefill_attention_implementation(kv: KVCache, q) -> str:
+    """KVCache.prefill_attention where cuDNN's fused attention can run it (a GPU, bf16 or fp16
+    activations), else "xla"."""
+    if (
+        kv.prefill_attention == "cudnn"
+        and jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+    ):
+        return "cudnn"
+    return "xla"
 
 
 def _blocked_cached_attention(

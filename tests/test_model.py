@@ -337,6 +337,57 @@ def test_prefill_attention_is_blind_to_what_a_row_does_not_read(impl, block, win
     np.testing.assert_array_equal(outs[1], outs[0])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 40], ids=["causal", "window40"])
+def test_cudnn_prefill_attention_is_xla_s(window):
+    """RunnerConfig.prefill_attention="cudnn": a bf16 prefill chunk's one-pass attention runs in
+    cuDNN's fused attention (its custom call is in the compiled step) and gives XLA's output
+    within bf16 rounding: rows starting at 0 and mid-table, a ragged chunk, a padding row, GQA,
+    head_dim 128, NaN in every slot no token reads; causal and with a sliding window."""
+    import dataclasses
+
+    from jaxlora.model import KVCache, _cached_attention
+
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU (cuDNN)")
+    rng = np.random.default_rng(7)
+    rows, pages_per_row, page_size, kvh, group, d, chunk = 4, 16, 16, 2, 4, 128, 64
+    pages = rows * pages_per_row
+    table = rng.permutation(pages).reshape(rows, pages_per_row)
+    starts, counts = np.asarray([0, 100, 37, 0]), np.asarray([64, 64, 21, 0])
+    lengths = starts + counts
+    pools = rng.standard_normal((2, 1, pages, page_size, kvh, d)).astype(np.float32)
+    read = np.zeros((pages, page_size), bool)
+    for row in range(rows):
+        for pos in range(lengths[row]):
+            read[table[row, pos // page_size], pos % page_size] = True
+    pools = np.where(read[None, None, :, :, None, None], pools, np.nan)
+    k_pool, v_pool = (jnp.asarray(p, jnp.bfloat16) for p in pools)
+    q = jnp.asarray(rng.standard_normal((rows, chunk, kvh * group, d)), jnp.bfloat16)
+    positions = jnp.asarray(starts[:, None] + np.arange(chunk), jnp.int32)
+    config = dataclasses.replace(
+        TINY, model_type="mistral", sliding_window=window, head_dim=d, max_position_embeddings=512
+    )
+    outs = {}
+    for implementation in ("xla", "cudnn"):
+        kv = KVCache(
+            k_pool=k_pool,
+            v_pool=v_pool,
+            page_table=jnp.asarray(table, jnp.int32),
+            seq_lens=jnp.asarray(lengths, jnp.int32),
+            token_valid=jnp.asarray(np.arange(chunk)[None, :] < counts[:, None]),
+            mode="prefill",
+            impl="pallas",
+            prefill_attention=implementation,
+        )
+        step = jax.jit(lambda q, kv: _cached_attention(q, positions, 0, kv, k_pool, v_pool, config))
+        compiled = step.lower(q, kv).compile().as_text()
+        assert ("cudnn" in compiled.lower()) == (implementation == "cudnn")
+        outs[implementation] = np.asarray(step(q, kv), np.float32)
+    assert np.isfinite(outs["cudnn"]).all()
+    np.testing.assert_allclose(outs["cudnn"], outs["xla"], atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("window", [None, 60], ids=["causal", "window60"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype):

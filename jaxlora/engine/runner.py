@@ -23,6 +23,9 @@ from pallas_kernels.sgmv import SgmvConfig
 
 log = logging.getLogger("jaxlora.engine")
 
+# RunnerConfig.prefill_attention's choices (jax.nn.dot_product_attention's implementations).
+PREFILL_ATTENTIONS = ("xla", "cudnn")
+
 
 @flax.struct.dataclass
 class StepBatch:
@@ -174,6 +177,11 @@ class RunnerConfig:
     # this many positions (every configuration timed so far) keep the one-pass attention.
     # None: always one pass.
     prefill_key_block: int | None = 4096
+    # The one-pass prefill attention's implementation (jax.nn.dot_product_attention's): "xla"
+    # (scores materialized, masked, soft-maxed) or "cudnn" (cuDNN's fused attention, the mask
+    # passed as a bias; bf16 / fp16 activations on a GPU, else "xla"). Soft-capped models and
+    # the blocked path keep their own.
+    prefill_attention: str = "xla"
 
     def __post_init__(self):
         if not isinstance(self.deterministic, bool):
@@ -198,6 +206,11 @@ class RunnerConfig:
         require_positive_ints(self, ("prompt_logprobs_positions",), "runner config")
         if self.prefill_key_block is not None:
             require_positive_ints(self, ("prefill_key_block",), "runner config")
+        if self.prefill_attention not in PREFILL_ATTENTIONS:
+            raise ConfigError(
+                f"runner config field prefill_attention: expected one of "
+                f"{list(PREFILL_ATTENTIONS)}, got {self.prefill_attention!r}"
+            )
         for field in ("residual_norm_warps", "fused_shrink_rows"):
             value = getattr(self, field)
             if (
@@ -606,6 +619,7 @@ class ModelRunner:
             write_impl=self.runner.kv_write,
             attention_config=self.runner.paged_attention,
             prefill_key_block=self.runner.prefill_key_block,
+            prefill_attention=self.runner.prefill_attention,
         )
         lora = None
         if use_lora:
