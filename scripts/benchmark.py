@@ -145,6 +145,13 @@ flags.DEFINE_enum(
     "lora_matmul's rows): in place, or a float32 delta XLA adds (RunnerConfig.lora_update)",
 )
 flags.DEFINE_enum(
+    "prefill_attention",
+    "xla",
+    ["xla", "cudnn"],
+    "the prefill chunks' one-pass attention: XLA's or cuDNN's fused attention (bf16 on a GPU; "
+    "RunnerConfig.prefill_attention)",
+)
+flags.DEFINE_enum(
     "residual_norm",
     "pallas",
     ["xla", "pallas"],
@@ -373,6 +380,7 @@ def main(argv):
             xla_gemms=FLAGS.xla_gemms,
             kv_write=FLAGS.kv_write,
             lora_update=FLAGS.lora_update,
+            prefill_attention=FLAGS.prefill_attention,
             residual_norm=FLAGS.residual_norm,
             residual_norm_warps=FLAGS.residual_norm_warps,
             norm_shrink=FLAGS.norm_shrink,
