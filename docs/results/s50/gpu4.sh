@@ -16,5 +16,5 @@ for r in d['offline']['rows']:
 " >> $S 2>&1
 }
 for impl in xla cudnn; do bench b32_$impl 140 --batch_sizes=32 --offline_workloads=no_lora,distinct --prefill_attention=$impl; done
-for impl in xla cudnn; do [ $SECONDS -lt 330 ] && bench p1024_$impl 120 --batch_sizes=8 --prompt_len=1024 --output_len=16 --offline_workloads=no_lora --prefill_attention=$impl; done
+for impl in xla cudnn; do [ $SECONDS -lt 220 ] && bench p1024_$impl 65 --batch_sizes=8 --prompt_len=1024 --output_len=16 --offline_workloads=no_lora --prefill_attention=$impl; done
 date >> $S; cat $S
