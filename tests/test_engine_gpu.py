@@ -275,6 +275,53 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
     assert outputs["pallas"] == outputs["reference"]
 
 
+@pytest.mark.gpu
+def test_cudnn_prefill_engine_gives_xla_s_prompt_logprobs_in_bf16():
+    """RunnerConfig.prefill_attention="cudnn" in the compiled bf16 engine (prompts of 1-90
+    tokens over several 32-token chunks, three adapters and none, the default kernels): every
+    prompt token's logprob within bf16 rounding of the engine whose prefill runs XLA's
+    attention; and the first sampled tokens mostly agree (greedy, random weights: a near tie may
+    flip)."""
+    import jax.numpy as jnp
+
+    params = init_params(CONFIG, 0, jnp.bfloat16)
+    adapters = {
+        f"a{i}": random_lora_weights(CONFIG, f"a{i}", rank, MODULES, seed=i, std=0.05)
+        for i, rank in enumerate((16, 8, 4))
+    }
+    rng = np.random.default_rng(4)
+    prompts = [list(map(int, rng.integers(3, 1000, n))) for n in (1, 40, 17, 90, 64, 33)]
+    names = ["a0", None, "a1", "a2", "a0", None]
+    sampling = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, prompt_logprobs=0)
+    results = {}
+    for attention in ("xla", "cudnn"):
+        config = default_kernels_config("pallas")
+        config = dataclasses.replace(
+            config, runner=dataclasses.replace(config.runner, prefill_attention=attention)
+        )
+        llm = jaxlora.LLM(
+            CONFIG,
+            params=params,
+            adapters=adapters,
+            engine_config=config,
+            dtype=jnp.bfloat16,
+            load_workers=0,
+        )
+        try:
+            results[attention] = llm.generate(prompts, adapter=names, sampling=sampling)
+        finally:
+            llm.stop()
+    assert jax.default_backend() == "gpu"
+    same_first = 0
+    for xla, cudnn in zip(results["xla"], results["cudnn"], strict=True):
+        expected = np.asarray(xla.prompt_logprobs[1:], np.float32)
+        actual = np.asarray(cudnn.prompt_logprobs[1:], np.float32)
+        assert np.isfinite(actual).all()
+        np.testing.assert_allclose(actual, expected, atol=0.1, rtol=0.02)
+        same_first += xla.token_ids == cudnn.token_ids
+    assert same_first >= len(prompts) - 1
+
+
 def _lowered_steps(
     *, use_lora=(False, True), few_adapters=False, max_batch=4, model=CONFIG, **runner_fields
 ):

@@ -337,6 +337,32 @@ def test_prefill_attention_is_blind_to_what_a_row_does_not_read(impl, block, win
     np.testing.assert_array_equal(outs[1], outs[0])
 
 
+def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run():
+    """KVCache.prefill_attention="cudnn" runs XLA's attention where cuDNN's cannot (this CPU;
+    float32 activations anywhere): the same output, bit for bit."""
+    from jaxlora.model import KVCache, _cached_attention, _prefill_attention_implementation
+
+    rng = np.random.default_rng(3)
+    pools = jnp.asarray(rng.standard_normal((2, 1, 8, 4, 2, 16)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 4, 4, 16)), jnp.float32)
+    positions = jnp.asarray([[0, 1, 2, 3], [5, 6, 7, 8]], jnp.int32)
+    outs = []
+    for implementation in ("xla", "cudnn"):
+        kv = KVCache(
+            k_pool=pools[0],
+            v_pool=pools[1],
+            page_table=jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32),
+            seq_lens=jnp.asarray([4, 9], jnp.int32),
+            token_valid=jnp.ones((2, 4), bool),
+            mode="prefill",
+            impl="pallas_interpret",
+            prefill_attention=implementation,
+        )
+        assert _prefill_attention_implementation(kv, q) == "xla"
+        outs.append(np.asarray(_cached_attention(q, positions, 0, kv, pools[0], pools[1], TINY)))
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 40], ids=["causal", "window40"])
 def test_cudnn_prefill_attention_is_xla_s(window):

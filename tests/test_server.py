@@ -3447,6 +3447,32 @@ def test_prefill_key_block_flag_reaches_the_runner():
         engine_config_for(TINY, LaunchConfig(prefill_key_block=-1), backend="cpu")
 
 
+def test_prefill_attention_flag_reaches_the_runner_and_is_checked():
+    """--prefill_attention (RunnerConfig.prefill_attention): xla unless set; cudnn reaches the
+    runner; another value names the field."""
+    from absl import flags
+
+    from configs.models import TINY
+    from jaxlora import launch_flags
+    from jaxlora.engine import RunnerConfig
+
+    launches = {}
+    try:
+        for value in (None, "cudnn"):
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["serve.py"] + ([] if value is None else [f"--prefill_attention={value}"]))
+            launches[value] = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    chosen = {
+        value: engine_config_for(TINY, launch, backend="gpu").runner.prefill_attention
+        for value, launch in launches.items()
+    }
+    assert chosen == {None: "xla", "cudnn": "cudnn"}
+    with pytest.raises(ConfigError, match="prefill_attention: expected one of .*'flash'"):
+        RunnerConfig(prefill_attention="flash")
+
+
 def test_adapter_pool_axis_pages_flag_reaches_the_pools():
     """--adapter_pool_axis_pages=mlp=2,heads=4: those pools' pages, the others
     --adapter_pool_pages' (tests/test_device_memory.py checks the entries and the memory)."""
