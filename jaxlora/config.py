@@ -422,7 +422,7 @@ class ModelConfig:
         if self.local_window is not None and self.model_type not in layered:
             raise ConfigError(
                 f"model config field 'local_window': expected None for {self.model_type!r} "
-                f"(sliding layers are {list(layered)}'); got {self.local_window!r}"
+                f"(the families with sliding layers: {list(layered)}); got {self.local_window!r}"
             )
         mwl = self.max_window_layers
         windowed_qwen = self.model_type in WINDOW_FROM_LAYER_TYPES and self.local_window

@@ -802,8 +802,8 @@ def _layer_sliding(cfg: ModelConfig, layer) -> jax.Array:
 def _layer_window(cfg: ModelConfig, layer) -> jax.Array | None:
     """() int32, traced: the sliding window of this layer where it depends on the layer
     (Gemma 2 / 3, Qwen2 / 3 with use_sliding_window: ModelConfig.local_window on the sliding
-    layers, none on the full ones); None
-    for every other model (Mistral's window is static: ModelConfig.attention_window)."""
+    layers, none on the full ones); None for every other model (Mistral's window is static:
+    ModelConfig.attention_window)."""
     if cfg.local_window is None:
         return None
     sliding = _layer_sliding(cfg, layer)
@@ -979,16 +979,24 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, cfg: Mod
         if kv.impl != "reference":
             out = jnp.where(kv.token_valid[:, :, None, None], out, 0)
     else:
-        out = jax.nn.dot_product_attention(
-            q,
-            ck,
-            cv,
-            mask=mask[:, None],
-            scale=sm_scale,
-            implementation=_prefill_attention_implementation(kv, q),
-        )
+        out = _one_pass_prefill_attention(q, ck, cv, mask[:, None], sm_scale, kv)
         out = jnp.where(kv.token_valid[:, :, None, None], out, 0)
     return out
+
+
+def _one_pass_prefill_attention(q, k, v, mask, scale, kv: KVCache):
+    """jax.nn.dot_product_attention in KVCache.prefill_attention's implementation; XLA's where
+    cuDNN's cannot take these shapes (jax's check raises NotImplementedError while tracing:
+    head_dim past 128 before Hopper or 256 on it, or not a multiple of 8)."""
+    implementation = _prefill_attention_implementation(kv, q)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=scale, implementation="cudnn"
+            )
+        except NotImplementedError:
+            pass
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
 def _prefill_attention_implementation(kv: KVCache, q) -> str:

@@ -337,9 +337,11 @@ def test_prefill_attention_is_blind_to_what_a_row_does_not_read(impl, block, win
     np.testing.assert_array_equal(outs[1], outs[0])
 
 
-def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run():
+def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run(monkeypatch):
     """KVCache.prefill_attention="cudnn" runs XLA's attention where cuDNN's cannot (this CPU;
-    float32 activations anywhere): the same output, bit for bit."""
+    float32 activations anywhere; shapes jax's cuDNN check refuses while tracing): the same
+    output, bit for bit."""
+    import jaxlora.model as model_module
     from jaxlora.model import KVCache, _cached_attention, _prefill_attention_implementation
 
     rng = np.random.default_rng(3)
@@ -361,6 +363,20 @@ def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run():
         assert _prefill_attention_implementation(kv, q) == "xla"
         outs.append(np.asarray(_cached_attention(q, positions, 0, kv, pools[0], pools[1], TINY)))
     np.testing.assert_array_equal(outs[1], outs[0])
+    # Where cuDNN is chosen but jax's check refuses the shapes (NotImplementedError).
+    xla_attention, asked = jax.nn.dot_product_attention, []
+
+    def refusing(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        if implementation == "cudnn":
+            raise NotImplementedError("The head dim must be <= 256 and a multiple of 8")
+        return xla_attention(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+    monkeypatch.setattr(model_module, "_prefill_attention_implementation", lambda kv, q: "cudnn")
+    refused = _cached_attention(q, positions, 0, kv, pools[0], pools[1], TINY)
+    assert asked == ["cudnn", "xla"]
+    np.testing.assert_array_equal(np.asarray(refused), outs[0])
 
 
 @pytest.mark.gpu
