@@ -10,6 +10,7 @@ from jaxlora.config import LoraPoolConfig
 from jaxlora.errors import ConfigError
 from jaxlora.lora import LoraWeights, pack_adapters, random_lora_weights
 from jaxlora.model import (
+    KVCache,
     Llama,
     apply_rope,
     fuse_projections,
@@ -277,6 +278,20 @@ def test_the_scan_unrolls_two_layers_only_where_lora_matmul_runs_every_projectio
     assert scan_unroll_for_step(config, three, 1) == 1
 
 
+def prefill_kv(k_pool, v_pool, table, lengths, counts, chunk, **fields):
+    """A prefill chunk's KVCache: rows of ``counts`` new tokens ending at ``lengths`` over their
+    ``table`` pages (the chunk padded to ``chunk``); other KVCache fields as given."""
+    return KVCache(
+        k_pool=k_pool,
+        v_pool=v_pool,
+        page_table=jnp.asarray(table, jnp.int32),
+        seq_lens=jnp.asarray(lengths, jnp.int32),
+        token_valid=jnp.asarray(np.arange(chunk)[None, :] < np.asarray(counts)[:, None]),
+        mode="prefill",
+        **fields,
+    )
+
+
 @pytest.mark.parametrize(
     ("impl", "block", "window", "softcap"),
     [
@@ -297,7 +312,7 @@ def test_prefill_attention_is_blind_to_what_a_row_does_not_read(impl, block, win
     over zeros there."""
     import dataclasses
 
-    from jaxlora.model import KVCache, _cached_attention
+    from jaxlora.model import _cached_attention
 
     rng = np.random.default_rng(5)
     layers, pages, page_size, kvh, group, d, chunk = 2, 24, 4, 2, 2, 16, 8
@@ -322,15 +337,8 @@ def test_prefill_attention_is_blind_to_what_a_row_does_not_read(impl, block, win
     outs = []
     for pools in (zeroed, poisoned):
         k_pool, v_pool = jnp.asarray(pools[0]), jnp.asarray(pools[1])
-        kv = KVCache(
-            k_pool=k_pool,
-            v_pool=v_pool,
-            page_table=jnp.asarray(table, jnp.int32),
-            seq_lens=jnp.asarray(lengths, jnp.int32),
-            token_valid=jnp.asarray(np.arange(chunk)[None, :] < counts[:, None]),
-            mode="prefill",
-            impl=impl,
-            prefill_key_block=block,
+        kv = prefill_kv(
+            k_pool, v_pool, table, lengths, counts, chunk, impl=impl, prefill_key_block=block
         )
         outs.append(np.asarray(_cached_attention(q, positions, 1, kv, k_pool, v_pool, config)))
     assert np.isfinite(outs[1]).all()
@@ -342,7 +350,7 @@ def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run(monkeyp
     float32 activations anywhere; shapes jax's cuDNN check refuses while tracing): the same
     output, bit for bit."""
     import jaxlora.model as model_module
-    from jaxlora.model import KVCache, _cached_attention, _prefill_attention_implementation
+    from jaxlora.model import _cached_attention, _prefill_attention_implementation
 
     rng = np.random.default_rng(3)
     pools = jnp.asarray(rng.standard_normal((2, 1, 8, 4, 2, 16)), jnp.float32)
@@ -350,13 +358,14 @@ def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run(monkeyp
     positions = jnp.asarray([[0, 1, 2, 3], [5, 6, 7, 8]], jnp.int32)
     outs = []
     for implementation in ("xla", "cudnn"):
-        kv = KVCache(
-            k_pool=pools[0],
-            v_pool=pools[1],
-            page_table=jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32),
-            seq_lens=jnp.asarray([4, 9], jnp.int32),
-            token_valid=jnp.ones((2, 4), bool),
-            mode="prefill",
+        table = [[0, 1, 2, 3], [4, 5, 6, 7]]
+        kv = prefill_kv(
+            pools[0],
+            pools[1],
+            table,
+            [4, 9],
+            [4, 4],
+            4,
             impl="pallas_interpret",
             prefill_attention=implementation,
         )
@@ -388,7 +397,7 @@ def test_cudnn_prefill_attention_is_xla_s(window):
     head_dim 128, NaN in every slot no token reads; causal and with a sliding window."""
     import dataclasses
 
-    from jaxlora.model import KVCache, _cached_attention
+    from jaxlora.model import _cached_attention
 
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU (cuDNN)")
@@ -412,13 +421,13 @@ def test_cudnn_prefill_attention_is_xla_s(window):
     )
     outs = {}
     for implementation in ("xla", "cudnn"):
-        kv = KVCache(
-            k_pool=k_pool,
-            v_pool=v_pool,
-            page_table=jnp.asarray(table, jnp.int32),
-            seq_lens=jnp.asarray(lengths, jnp.int32),
-            token_valid=jnp.asarray(np.arange(chunk)[None, :] < counts[:, None]),
-            mode="prefill",
+        kv = prefill_kv(
+            k_pool,
+            v_pool,
+            table,
+            lengths,
+            counts,
+            chunk,
             impl="pallas",
             prefill_attention=implementation,
         )

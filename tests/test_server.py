@@ -3422,22 +3422,29 @@ def test_launch_settings():
         LaunchConfig(max_body_mib=0)
 
 
-def test_prefill_key_block_flag_reaches_the_runner():
-    """--prefill_key_block (RunnerConfig.prefill_key_block): unset keeps the runner's 4096,
-    0 is one pass over the page table, else the block; a negative one names the field."""
+def launch_configs_of(flag: str, values) -> dict:
+    """serve.py's LaunchConfig with ``--flag=value`` for each value (None: the flag unset)."""
     from absl import flags
 
-    from configs.models import TINY
     from jaxlora import launch_flags
 
     launches = {}
     try:
-        for value in (None, "0", "256"):
+        for value in values:
             flags.FLAGS.unparse_flags()
-            flags.FLAGS(["serve.py"] + ([] if value is None else [f"--prefill_key_block={value}"]))
+            flags.FLAGS(["serve.py"] + ([] if value is None else [f"--{flag}={value}"]))
             launches[value] = launch_flags.launch_config()
     finally:
         flags.FLAGS.unparse_flags()
+    return launches
+
+
+def test_prefill_key_block_flag_reaches_the_runner():
+    """--prefill_key_block (RunnerConfig.prefill_key_block): unset keeps the runner's 4096,
+    0 is one pass over the page table, else the block; a negative one names the field."""
+    from configs.models import TINY
+
+    launches = launch_configs_of("prefill_key_block", (None, "0", "256"))
     blocks = {
         value: engine_config_for(TINY, launch, backend="cpu").runner.prefill_key_block
         for value, launch in launches.items()
@@ -3450,20 +3457,10 @@ def test_prefill_key_block_flag_reaches_the_runner():
 def test_prefill_attention_flag_reaches_the_runner_and_is_checked():
     """--prefill_attention (RunnerConfig.prefill_attention): xla unless set; cudnn reaches the
     runner; another value names the field."""
-    from absl import flags
-
     from configs.models import TINY
-    from jaxlora import launch_flags
     from jaxlora.engine import RunnerConfig
 
-    launches = {}
-    try:
-        for value in (None, "cudnn"):
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS(["serve.py"] + ([] if value is None else [f"--prefill_attention={value}"]))
-            launches[value] = launch_flags.launch_config()
-    finally:
-        flags.FLAGS.unparse_flags()
+    launches = launch_configs_of("prefill_attention", (None, "cudnn"))
     chosen = {
         value: engine_config_for(TINY, launch, backend="gpu").runner.prefill_attention
         for value, launch in launches.items()
