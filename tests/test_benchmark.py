@@ -274,6 +274,10 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
         assert r["decode_steps"] == config.output_len - (batch == 1)
         assert r["decode_step_ms"] > 0 and r["roofline_ms"] > 0
         assert r["roofline_ratio"] == pytest.approx(r["decode_step_ms"] / r["roofline_ms"])
+        # Batch 1 prefills in one step, batch 4 in two of 2 rows; their median time beside (of
+        # one or two steps: their mean).
+        assert r["prefill_steps"] == 1 + (batch > 2)
+        assert r["prefill_step_ms"] / 1e3 == pytest.approx(r["prefill_s"] / r["prefill_steps"])
         expected_adapters = {
             "no_lora": 0,
             "identical": 1,
@@ -328,6 +332,8 @@ def test_report_lists_offline_rows_by_batch_then_workload(offline_result):
     assert header[6:8] == ["async iteration ms", "host wait ms"]
     row = table.strip().splitlines()[2].split(" | ")
     assert row[6] != "nan" and row[7] != "nan"
+    # And the median prefill step (what the prefill attention and kernels change).
+    assert header[-1] == "prefill ms |" and row[-1] != "nan |"
 
 
 def test_offline_time_budget_lists_rows_not_run(offline_result):

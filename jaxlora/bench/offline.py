@@ -143,6 +143,7 @@ def summarize_decode(
     itemsize: of the weights and adapters, kv_itemsize: of the KV cache (None: itemsize)."""
     decode = [r for r in records if r.mode == "decode"]
     full = [r for r in decode if r.rows == batch]
+    prefill = [r.seconds for r in records if r.mode == "prefill"]
     floors = [
         roofline.decode_step_bytes(
             model,
@@ -166,8 +167,11 @@ def summarize_decode(
         "bytes_kv_MB": mid.kv_read / 1e6 if mid else float("nan"),
         "bytes_adapters_MB": mid.adapters / 1e6 if mid else float("nan"),
         "distinct_adapters_per_step": _median([len(r.slot_ranks) for r in full]),
-        "prefill_steps": sum(r.mode == "prefill" for r in records),
-        "prefill_s": sum(r.seconds for r in records if r.mode == "prefill"),
+        "prefill_steps": len(prefill),
+        "prefill_s": sum(prefill),
+        # (each timed prefill step synchronized: what --prefill_attention and the prefill
+        # kernels change)
+        "prefill_step_ms": _median(prefill) * 1e3,
     }
 
 
@@ -307,13 +311,15 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps, monitor) 
         first = row["free_running"][config.free_running[0]]
         row.update(wall_s=first["wall_s"], output_tokens_per_s=first["output_tokens_per_s"])
     log.info(
-        "offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)  %s",
+        "offline batch=%d %-9s %8.1f tok/s  step %.2f ms  roofline %.2f ms  (x%.2f)  "
+        "prefill %.2f ms a step  %s",
         batch,
         workload,
         row["output_tokens_per_s"],
         row["decode_step_ms"],
         row["roofline_ms"],
         row["roofline_ratio"],
+        row["prefill_step_ms"],
         describe(row["gpu"]),
     )
     return row

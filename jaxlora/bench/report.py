@@ -306,6 +306,7 @@ def markdown(results: dict) -> str:
                     "LoRA extra ms",
                     "explained ms",
                     "LoRA cost ratio",
+                    "prefill ms",
                 ],
                 [
                     [
@@ -328,6 +329,7 @@ def markdown(results: dict) -> str:
                         r.get("lora_extra_ms", float("nan")),
                         r.get("lora_explained_ms", float("nan")),
                         r.get("lora_cost_ratio", float("nan")),
+                        r.get("prefill_step_ms", float("nan")),
                     ]
                     for r in offline
                 ],
