@@ -276,17 +276,18 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
 
 
 @pytest.mark.gpu
-def test_cudnn_prefill_engine_gives_xla_s_prompt_logprobs_in_bf16():
+@pytest.mark.parametrize("model", [CONFIG, GEMMA], ids=["head_dim32", "gemma_head_dim256"])
+def test_cudnn_prefill_engine_gives_xla_s_prompt_logprobs_in_bf16(model):
     """RunnerConfig.prefill_attention="cudnn" in the compiled bf16 engine (prompts of 1-90
-    tokens over several 32-token chunks, three adapters and none, the default kernels): every
-    prompt token's logprob within bf16 rounding of the engine whose prefill runs XLA's
-    attention; and the first sampled tokens mostly agree (greedy, random weights: a near tie may
-    flip)."""
+    tokens over several 32-token chunks, three adapters and none, the default kernels; head_dim
+    32 with grouped KV heads, and Gemma's 256 with one KV head): every prompt token's logprob
+    within bf16 rounding of the engine whose prefill runs XLA's attention; and the first sampled
+    tokens mostly agree (greedy, random weights: a near tie may flip)."""
     import jax.numpy as jnp
 
-    params = init_params(CONFIG, 0, jnp.bfloat16)
+    params = init_params(model, 0, jnp.bfloat16)
     adapters = {
-        f"a{i}": random_lora_weights(CONFIG, f"a{i}", rank, MODULES, seed=i, std=0.05)
+        f"a{i}": random_lora_weights(model, f"a{i}", rank, MODULES, seed=i, std=0.05)
         for i, rank in enumerate((16, 8, 4))
     }
     rng = np.random.default_rng(4)
@@ -300,7 +301,7 @@ def test_cudnn_prefill_engine_gives_xla_s_prompt_logprobs_in_bf16():
             config, runner=dataclasses.replace(config.runner, prefill_attention=attention)
         )
         llm = jaxlora.LLM(
-            CONFIG,
+            model,
             params=params,
             adapters=adapters,
             engine_config=config,
