@@ -15,7 +15,7 @@ from configs.models import TINY
 from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import EngineConfig, FinishReason, KVCacheConfig, RunnerConfig
 from jaxlora.engine.runner import empty_batch
-from jaxlora.errors import AdapterError
+from jaxlora.errors import AdapterError, ConfigError
 from jaxlora.model import Llama, init_params
 from jaxlora.sampling import SamplingParams
 from jaxlora.tokenizer import tiny_tokenizer
@@ -237,6 +237,71 @@ def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_ad
     assert outs["pallas_interpret", "pallas"] == outs["reference", "xla"]
 
 
+@pytest.mark.parametrize("impl", ["reference", "pallas_interpret"])
+def test_prefill_steps_read_the_narrowest_table_that_holds_their_rows(base, lora_adapters, impl):
+    """RunnerConfig.prefill_context_buckets: each prefill step gets the page table cut to the
+    narrowest bucket (in whole pages) that holds its longest row's context, the whole table
+    past the last: prompts of 3, 10 and 30 tokens in 8-token chunks over a 16-page table at
+    buckets of 8 and 24 keys (2 and 6 pages) run steps at 2, 6 and 16 pages, decode steps at
+    16, and give the tokens and prompt logprobs of the engine that always reads the whole
+    table (with adapters and without; the Pallas K/V write and attention in interpret mode)."""
+    import dataclasses
+
+    prompts = [[5, 6, 7], list(range(20, 30)), list(range(40, 70))]
+    names = ["all5", None, "qv1"]
+    sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=0)
+    outs, widths = {}, {}
+    for buckets in ((), (24, 8)):
+        config = small_engine_config()
+        runner = dataclasses.replace(config.runner, prefill_context_buckets=buckets)
+        if buckets and impl != "reference":
+            runner = dataclasses.replace(runner, impl=impl, kv_write="pallas")
+        config = dataclasses.replace(config, runner=runner)
+        assert runner.prefill_context_buckets == tuple(sorted(buckets))
+        llm = jaxlora.LLM(
+            TINY, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
+        )
+        seen, run = set(), llm.engine.runner.run
+
+        def spy(mode, *args, seen=seen, run=run, **kwargs):
+            seen.add((mode, args[3].page_table.shape[1]))
+            return run(mode, *args, **kwargs)
+
+        llm.engine.runner.run = spy
+        try:
+            outs[buckets] = llm.generate(prompts, adapter=names, sampling=sampling)
+        finally:
+            llm.stop()
+        widths[buckets] = seen
+    assert widths[()] == {("prefill", 16), ("decode", 16)}
+    assert widths[(24, 8)] == {("prefill", 2), ("prefill", 6), ("prefill", 16), ("decode", 16)}
+    for whole, cut in zip(outs[()], outs[(24, 8)], strict=True):
+        assert cut.token_ids == whole.token_ids
+        np.testing.assert_allclose(
+            np.asarray(cut.prompt_logprobs[1:], np.float32),
+            np.asarray(whole.prompt_logprobs[1:], np.float32),
+            atol=1e-5,
+        )
+
+
+def test_prefill_table_widths_follow_the_context_buckets():
+    """RunnerConfig.prefill_table_widths / prefill_table_width: the buckets in whole pages
+    where narrower than the table, then the table; a step gets the narrowest that holds its
+    context. Bad buckets name the field."""
+    runner = RunnerConfig(prefill_context_buckets=(100, 16, 4096, 16))
+    assert runner.prefill_context_buckets == (16, 100, 4096)
+    assert runner.prefill_table_widths(max_pages=256, page_size=16) == (1, 7, 256)
+    assert runner.prefill_table_widths(max_pages=32, page_size=16) == (1, 7, 32)
+    assert RunnerConfig(prefill_context_buckets=()).prefill_table_widths(32, 16) == (32,)
+    assert RunnerConfig().prefill_table_widths(32, 16) == (32,)  # 4096 keys: the table's
+    assert RunnerConfig().prefill_table_widths(2048, 16) == (256, 2048)
+    width = functools.partial(runner.prefill_table_width, max_pages=32, page_size=16)
+    assert [width(n) for n in (1, 16, 17, 112, 113, 512)] == [1, 1, 7, 7, 32, 32]
+    for bad in ((0,), (16, -4), (True,), "4096", (4096.0,)):
+        with pytest.raises(ConfigError, match="prefill_context_buckets: expected a tuple of"):
+            RunnerConfig(prefill_context_buckets=bad)
+
+
 def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
     from jaxlora.engine.runner import bucket
 
@@ -246,7 +311,11 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
     assert bucket(5, runner.buckets("decode")) == 8 and bucket(6, runner.buckets("prefill")) == 6
     import dataclasses
 
+    # (a context bucket of 8 keys: prefill steps at a 2-page table and the whole one)
     config = dataclasses.replace(small_engine_config(), warmup=True)
+    config = dataclasses.replace(
+        config, runner=dataclasses.replace(config.runner, prefill_context_buckets=(8,))
+    )
     step_compiles = []
 
     def on_warmup_event(event, duration, **kwargs):
@@ -262,8 +331,9 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
         jax.monitoring.unregister_event_duration_listener(on_warmup_event)
     warmed = set(llm.engine.runner.compiled_shapes)
     # compiled in parallel, once each: running the buckets afterwards hit JAX's cache
-    assert len(step_compiles) == len(warmed) == 2 * len(llm.engine.runner.bucket_shapes())
-    assert len(warmed) == 2 * len(llm.engine.runner.bucket_shapes())  # with and without LoRA
+    shapes = llm.engine.runner.bucket_shapes(config.kv.max_pages_per_seq, config.kv.page_size)
+    assert len(step_compiles) == len(warmed) == 2 * len(shapes)
+    assert len(warmed) == 2 * len(shapes)  # with and without LoRA
     rng = np.random.default_rng(3)
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (1, 9, 30, 4, 12)]
     compiled = []
@@ -298,7 +368,6 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
     as the lax.scan loop: same greedy tokens through paged decode and mixed adapters."""
     import dataclasses
 
-    from jaxlora.errors import ConfigError
 
     rng = np.random.default_rng(5)
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (6, 13, 2)]
@@ -343,7 +412,6 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
 def test_projection_kernel_auto_picks_lora_matmul_for_the_compiled_scan():
     """Decode projections run through lora_matmul by default only where it was measured faster
     (the compiled kernels in the scan loop); asked for, it runs with any Pallas impl."""
-    from jaxlora.errors import ConfigError
 
     assert RunnerConfig().projection_kernel_for("pallas") == "pallas"
     assert RunnerConfig().projection_kernel_for("pallas_interpret") == "xla"
@@ -389,7 +457,6 @@ def test_deterministic_runner_sums_the_shrink_split_in_one_order():
     decides the kernels' whatever the sgmv config says."""
     import dataclasses
 
-    from jaxlora.errors import ConfigError
     from pallas_kernels.sgmv import SgmvConfig
 
     assert RunnerConfig(deterministic=True).sgmv_config() == SgmvConfig(deterministic=True)
@@ -1281,7 +1348,7 @@ def test_decode_steps_of_distinct_adapters_run_per_token(base, lora_adapters):
         )
 
     def per_token_shapes(llm):
-        return {key for key in llm.engine.runner.compiled_shapes if key[4]}  # per token
+        return {key for key in llm.engine.runner.compiled_shapes if key[5]}  # per token
 
     sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     prompts = [[5, 6, 7], [40, 41, 42, 43, 44], [300]]
@@ -1336,7 +1403,6 @@ def test_runner_xla_options_reach_the_step_and_bad_ones_fail_at_build(
     import dataclasses
 
     from jaxlora.engine.runner import xla_options_from_json
-    from jaxlora.errors import ConfigError
 
     seen = []
     real_jit = jax.jit
@@ -1388,7 +1454,6 @@ def test_runner_xla_gemms_picks_cublas_on_the_compiled_kernels_only():
     layer's slice of the stacked weights in place) with the compiled Pallas impl only; an
     explicit xla_options entry wins; a bad value names the field."""
     from jaxlora.engine.runner import RunnerConfig
-    from jaxlora.errors import ConfigError
 
     cublas = {"xla_gpu_enable_triton_gemm": False}
     assert RunnerConfig().compiler_options_for("pallas") == cublas

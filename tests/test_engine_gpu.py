@@ -323,6 +323,15 @@ def test_cudnn_prefill_engine_gives_xla_s_prompt_logprobs_in_bf16(model):
     assert same_first >= len(prompts) - 1
 
 
+# The KV cache of _lowered_steps' engines.
+LOWERED_KV = KVCacheConfig(page_size=16, num_pages=64, max_model_len=128)
+
+
+def _bucket_shapes(runner):
+    """The step shapes of one of _lowered_steps' engines."""
+    return runner.bucket_shapes(LOWERED_KV.max_pages_per_seq, LOWERED_KV.page_size)
+
+
 def _lowered_steps(
     *, use_lora=(False, True), few_adapters=False, max_batch=4, model=CONFIG, **runner_fields
 ):
@@ -331,7 +340,7 @@ def _lowered_steps(
     use_lora, StableHLO text)). ``few_adapters``: the LoRA metadata of a step with few adapters
     (the shrink rows where lora_matmul runs the shrink)."""
     config = EngineConfig(
-        kv=KVCacheConfig(page_size=16, num_pages=64, max_model_len=128),
+        kv=LOWERED_KV,
         runner=RunnerConfig(
             max_batch=max_batch, max_prefill_rows=2, impl="pallas", **runner_fields
         ),
@@ -347,8 +356,8 @@ def _lowered_steps(
     )
     engine, runner = llm.engine, llm.engine.runner
     steps = []
-    for mode, rows, length in runner.bucket_shapes():
-        batch = empty_batch(rows, length, config.kv.max_pages_per_seq)
+    for mode, rows, length, pages in _bucket_shapes(runner):
+        batch = empty_batch(rows, length, pages)
         meta = engine._lora_meta(
             [], np.asarray(batch.token_slot), mode=mode if few_adapters else None
         )
@@ -466,7 +475,7 @@ def test_pallas_engine_steps_lower_for_the_gpu(
             elif mode == "decode":
                 assert per_token
         lowered += 1
-    assert lowered == 2 * len(runner.bucket_shapes())
+    assert lowered == 2 * len(_bucket_shapes(runner))
 
 
 def test_gemma2_steps_lower_for_the_gpu():
@@ -487,7 +496,7 @@ def test_gemma2_steps_lower_for_the_gpu():
             assert "paged_attention" in text and "_softcap5_layer_window" in text
             assert re.findall(r"lora_matmul", text), (mode, use_lora)
             assert 'name = "residual_rms_norm_sandwich' in text, use_lora
-    assert len(steps) == 2 * len(runner.bucket_shapes())
+    assert len(steps) == 2 * len(_bucket_shapes(runner))
 
 
 def test_a_decode_step_with_few_adapters_runs_one_launch_per_group():

@@ -570,10 +570,12 @@ class Engine:
         ``compile_threads`` threads (XLA releases the GIL); running each bucket once afterwards
         finds its executable in JAX's compilation cache and compiles the samplers."""
         start = time.perf_counter()
-        max_pages = self.engine_config.kv.max_pages_per_seq
+        kv = self.engine_config.kv
         variants = []  # (mode, rows, use_lora, padding-only batch, its LoRA metadata)
-        for mode, rows, length in self.runner.bucket_shapes():
-            batch = empty_batch(rows, length, max_pages)
+        for mode, rows, length, pages in self.runner.bucket_shapes(
+            kv.max_pages_per_seq, kv.page_size
+        ):
+            batch = empty_batch(rows, length, pages)
             lora_meta = self._lora_meta([], batch.token_slot)
             variants.append((mode, rows, False, batch, lora_meta))
             if self.adapters is not None:
@@ -1085,6 +1087,10 @@ class Engine:
         length = 1 if mode == "decode" else ec.runner.prefill_chunk
         b = bucket(len(rows), ec.runner.buckets(mode))
         max_pages = ec.kv.max_pages_per_seq
+        if mode == "prefill":  # the narrowest table that holds the longest row's context
+            max_pages = ec.runner.prefill_table_width(
+                max(request.num_computed + n for request, n in rows), max_pages, ec.kv.page_size
+            )
         tokens = np.zeros((b, length), np.int32)
         positions = np.zeros((b, length), np.int32)
         valid = np.zeros((b, length), bool)
@@ -1104,7 +1110,7 @@ class Engine:
                 token_src[i] = request.inflight_src
             positions[i, :n] = np.arange(start, start + n)
             valid[i, :n] = True
-            page_table[i] = self.kv.page_table_row(request.request_id)
+            page_table[i] = self.kv.page_table_row(request.request_id)[:max_pages]
             seq_lens[i] = start + n
             logit_index[i] = n - 1
             if request.adapter is not None:

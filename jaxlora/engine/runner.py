@@ -177,6 +177,15 @@ class RunnerConfig:
     # this many positions (every configuration timed so far) keep the one-pass attention.
     # None: always one pass.
     prefill_key_block: int | None = 4096
+    # Contexts (key positions) a prefill step's page table is cut to: the engine gives each
+    # prefill step the narrowest of these, rounded up to whole pages, that holds its longest
+    # row, where that is narrower than the whole table (max_model_len; else the whole table).
+    # The one-pass attention gathers, masks and scores every key of the table it is given, so
+    # without a cut a 256-token prompt of an engine at --max_model_len=4096 reads 4,096 keys a
+    # layer, and at 32,768 takes the blocked path (prefill_key_block). Each width narrower than
+    # the table is one more compiled prefill step per prefill bucket and LoRA variant (warm-up
+    # compiles them). Empty: every prefill step gets the whole table.
+    prefill_context_buckets: tuple[int, ...] = (4096,)
     # The one-pass prefill attention's implementation (jax.nn.dot_product_attention's): "xla"
     # (scores materialized, masked, soft-maxed) or "cudnn" (cuDNN's fused attention, the mask
     # passed as a bias; bf16 / fp16 activations on a GPU, else "xla"). Soft-capped models and
@@ -206,6 +215,15 @@ class RunnerConfig:
         require_positive_ints(self, ("prompt_logprobs_positions",), "runner config")
         if self.prefill_key_block is not None:
             require_positive_ints(self, ("prefill_key_block",), "runner config")
+        buckets = self.prefill_context_buckets
+        if not isinstance(buckets, tuple | list) or any(
+            not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in buckets
+        ):
+            raise ConfigError(
+                "runner config field prefill_context_buckets: expected a tuple of positive "
+                f"ints (key positions), got {buckets!r}"
+            )
+        object.__setattr__(self, "prefill_context_buckets", tuple(sorted(set(buckets))))
         if self.prefill_attention not in PREFILL_ATTENTIONS:
             raise ConfigError(
                 f"runner config field prefill_attention: expected one of "
@@ -320,6 +338,21 @@ class RunnerConfig:
 
     def register_offset(self, mode: str) -> int:
         return 0 if mode == "decode" else self.max_batch
+
+    def prefill_table_widths(self, max_pages: int, page_size: int) -> tuple[int, ...]:
+        """The page-table widths (pages) prefill steps run at, narrowest first: each of
+        prefill_context_buckets in whole pages where narrower than ``max_pages``, then
+        ``max_pages`` (the whole table)."""
+        cut = {-(-b // page_size) for b in self.prefill_context_buckets}
+        return tuple(sorted(w for w in cut if w < max_pages)) + (max_pages,)
+
+    def prefill_table_width(self, context: int, max_pages: int, page_size: int) -> int:
+        """The page-table width of a prefill step whose longest row reaches ``context``
+        positions (its cached keys and this step's): the narrowest that holds them."""
+        needed = -(-context // page_size)
+        return next(
+            w for w in self.prefill_table_widths(max_pages, page_size) if w >= needed
+        )
 
     def buckets(self, mode: str) -> tuple[int, ...]:
         limit = self.max_batch if mode == "decode" else self.max_prefill_rows
@@ -684,8 +717,8 @@ class ModelRunner:
         if key not in self.compiled_shapes:
             self.compiled_shapes.add(key)
             log.info(
-                "compiling step mode=%s batch=%s lora=%s shrink in the kernel=%s per token=%s "
-                "prompt logprobs=%s (%d compiled shapes)",
+                "compiling step mode=%s batch=%s table pages=%s lora=%s shrink in the kernel=%s "
+                "per token=%s prompt logprobs=%s (%d compiled shapes)",
                 *key,
                 len(self.compiled_shapes),
             )
@@ -728,22 +761,28 @@ class ModelRunner:
             per_token=use_lora and per_token,
         )
 
-    def bucket_shapes(self) -> list[tuple[str, int, int]]:
+    def bucket_shapes(self, max_pages: int, page_size: int) -> list[tuple[str, int, int, int]]:
+        """Every step shape the engine runs: (mode, rows, tokens a row, page-table width),
+        decode steps over the whole table (``max_pages``), prefill steps at each of
+        ``RunnerConfig.prefill_table_widths``."""
         r = self.runner
-        return [("decode", b, 1) for b in r.buckets("decode")] + [
-            ("prefill", b, r.prefill_chunk) for b in r.buckets("prefill")
+        return [("decode", b, 1, max_pages) for b in r.buckets("decode")] + [
+            ("prefill", b, r.prefill_chunk, width)
+            for b in r.buckets("prefill")
+            for width in r.prefill_table_widths(max_pages, page_size)
         ]
 
 
 def _shape_key(
     mode: str, batch: StepBatch, lora_meta, use_lora: bool, prompt_logprobs: bool = False
 ) -> tuple:
-    """What a step compiles for: its mode, token shape, LoRA or not and, with LoRA, whether
-    lora_matmul runs the shrink (``shrink_rows`` in the metadata) and whether the SGMV kernels
-    run per token (``per_token``); and whether it returns prompt logprobs."""
+    """What a step compiles for: its mode, token shape, page-table width, LoRA or not and, with
+    LoRA, whether lora_matmul runs the shrink (``shrink_rows`` in the metadata) and whether the
+    SGMV kernels run per token (``per_token``); and whether it returns prompt logprobs."""
     return (
         mode,
         batch.tokens.shape,
+        batch.page_table.shape[1],
         use_lora,
         use_lora and "shrink_rows" in lora_meta,
         use_lora and bool(lora_meta.get("per_token", False)),
