@@ -1,21 +1,15 @@
-# Fifty-first session's first GPU call (the fiftieth session's next_gpu.sh, widened):
+# Fifty-first session's first GPU call:
 #  1. the compiled bf16 engine with the prefill attention in cuDNN against XLA's (prompt
-#     logprobs), head_dim 32 and Gemma's 256 (tests/test_engine_gpu.py -k cudnn), and the
-#     model-level cuDNN cases again (tests/test_model.py -k cudnn);
-#  2. gemma-2b (head_dim 256, one KV head) in bf16 through scripts/benchmark.py both ways:
-#     prefill step ms, tokens/s, decode digest.
+#     logprobs), head_dim 32 and Gemma's 256 (tests/test_engine_gpu.py -k cudnn), the
+#     model-level cuDNN cases again (tests/test_model.py -k cudnn), and the prefill context
+#     buckets in the compiled engine (tests/test_engine.py -k narrowest_table: CPU-sized, run on
+#     the GPU backend);
+#  2. context_buckets.py: llama-3-8b prefill (8 x 256 prompts) at max_model_len 32,768 and 4,096,
+#     the whole table (blocked / one pass) against tables cut to the context, XLA and cuDNN.
 R=$OUT/r; mkdir -p $R; export PYTHONPATH=.
 S=$R/summary.txt; date > $S; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> $S
-timeout 250 python3 -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_model.py -k cudnn > $R/cudnn_tests.log 2>&1; echo "cudnn tests rc=$? at ${SECONDS}s" >> $S; tail -3 $R/cudnn_tests.log >> $S
-for impl in xla cudnn; do
-  [ $SECONDS -lt 420 ] || break
-  timeout 150 python3 scripts/benchmark.py --section=offline --model=gemma-2b --layer_loop=scan --free_running=async --batch_sizes=8 --offline_workloads=no_lora --prefill_attention=$impl --json_out=$R/gemma_$impl.json > $R/gemma_$impl.log 2>&1; echo "gemma-2b $impl rc=$? at ${SECONDS}s" >> $S
-  python3 -c "
-import json
-d = json.load(open('$R/gemma_$impl.json'))
-for r in d['offline']['rows']:
-    it = r['free_running']['async']['iteration_ms_median']
-    print('$impl', r['batch'], r['workload'], 'prefill step ms', r.get('prefill_step_ms'), 'tok/s', round(r['output_tokens_per_s']), 'iter ms', round(it, 3), r['output_digest'])
-" >> $S 2>&1
-done
+timeout 230 python3 -m pytest -q -m "gpu or not gpu" tests/test_engine_gpu.py tests/test_model.py tests/test_engine.py -k "cudnn or narrowest_table" > $R/tests.log 2>&1; echo "tests rc=$? at ${SECONDS}s" >> $S; tail -3 $R/tests.log >> $S
+B="python3 docs/results/s51/context_buckets.py llama-3-8b"
+timeout 200 $B 32768 whole-xla 4096-xla 4096-cudnn 512_1024_2048_4096-cudnn 512_1024_2048_4096-xla > $R/ctx32768.log 2>&1; echo "ctx 32768 rc=$? at ${SECONDS}s" >> $S; grep -E "max_model_len|Error" $R/ctx32768.log >> $S
+left=$((585 - SECONDS)); [ $left -gt 60 ] && { timeout $left $B 4096 whole-xla whole-cudnn 512_1024_2048-cudnn 512_1024_2048-xla > $R/ctx4096.log 2>&1; echo "ctx 4096 rc=$? at ${SECONDS}s" >> $S; grep -E "max_model_len|Error" $R/ctx4096.log >> $S; }
 date >> $S; cat $S
