@@ -191,6 +191,14 @@ flags.DEFINE_integer(
     "block by block over blocks of this many, only as far as the batch's longest prompt "
     "(default 4096; 0: always one pass over the whole table).",
 )
+flags.DEFINE_list(
+    "prefill_context_buckets",
+    None,
+    "Contexts (key positions) a prefill step's page table is cut to: the narrowest that holds "
+    "the step's longest prompt, so that a short prompt's attention does not read max_model_len "
+    "keys; each is one more compiled prefill shape (default 4096; empty: none; "
+    "RunnerConfig.prefill_context_buckets).",
+)
 flags.DEFINE_integer("max_num_tokens", None, "Token budget of one engine step.")
 flags.DEFINE_integer("max_waiting", None, "Queue bound: beyond it requests get 503.")
 flags.DEFINE_integer("kv_pages", None, "KV cache pages (default: half the batch at full context).")
@@ -543,6 +551,25 @@ def parse_bytes(text: str, *, flag: str) -> int:
     return count
 
 
+def parse_positive_ints(items: list[str] | None, *, flag: str) -> tuple[int, ...] | None:
+    """A comma list flag's positive ints (None where unset); ConfigError naming the flag and
+    the item otherwise."""
+    from jaxlora.errors import ConfigError
+
+    if items is None:
+        return None
+    values = []
+    for item in items:
+        try:
+            value = int(item)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"{flag}: expected positive integers, got {item!r}")
+        values.append(value)
+    return tuple(values)
+
+
 def _log_requests() -> bool:
     from jaxlora.errors import ConfigError
 
@@ -611,6 +638,9 @@ def launch_config():
         max_prefill_rows=FLAGS.max_prefill_rows,
         prefill_chunk=FLAGS.prefill_chunk,
         prefill_key_block=FLAGS.prefill_key_block,
+        prefill_context_buckets=parse_positive_ints(
+            FLAGS.prefill_context_buckets, flag="--prefill_context_buckets"
+        ),
         max_num_tokens=FLAGS.max_num_tokens,
         max_waiting=FLAGS.max_waiting,
         page_size=FLAGS.page_size,

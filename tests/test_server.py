@@ -3454,6 +3454,22 @@ def test_prefill_key_block_flag_reaches_the_runner():
         engine_config_for(TINY, LaunchConfig(prefill_key_block=-1), backend="cpu")
 
 
+def test_prefill_context_buckets_flag_reaches_the_runner():
+    """--prefill_context_buckets (RunnerConfig.prefill_context_buckets): unset keeps the
+    runner's (4096,), empty is none, a list is its buckets sorted; a bad item names the flag."""
+    from configs.models import TINY
+
+    launches = launch_configs_of("prefill_context_buckets", (None, "", "1024,512"))
+    buckets = {
+        value: engine_config_for(TINY, launch, backend="cpu").runner.prefill_context_buckets
+        for value, launch in launches.items()
+    }
+    assert buckets == {None: (4096,), "": (), "1024,512": (512, 1024)}
+    for bad in ("512,x", "0", "-4"):
+        with pytest.raises(ConfigError, match="--prefill_context_buckets: expected positive"):
+            launch_configs_of("prefill_context_buckets", (bad,))
+
+
 def test_prefill_attention_flag_reaches_the_runner_and_is_checked():
     """--prefill_attention (RunnerConfig.prefill_attention): xla unless set; cudnn reaches the
     runner; another value names the field."""

@@ -107,6 +107,9 @@ class LaunchConfig:
     # RunnerConfig.prefill_key_block: prefill attention over longer page tables runs block by
     # block up to the batch's longest row (None: RunnerConfig's default; 0: always one pass).
     prefill_key_block: int | None = None
+    # RunnerConfig.prefill_context_buckets (None: its default; empty: every prefill step reads
+    # the whole page table).
+    prefill_context_buckets: tuple[int, ...] | None = None
     max_num_tokens: int | None = None
     max_waiting: int | None = None
     page_size: int | None = None
@@ -415,6 +418,9 @@ def engine_config_for(
             runner_default.prefill_key_block
             if launch.prefill_key_block is None
             else launch.prefill_key_block or None
+        ),
+        prefill_context_buckets=pick(
+            launch.prefill_context_buckets, runner_default.prefill_context_buckets
         ),
     )
     # The pages one sequence of max_model_len holds at once (with a sliding window, those of
