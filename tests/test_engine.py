@@ -368,7 +368,6 @@ def test_unrolled_layer_loop_generates_the_scan_tokens(base, lora_adapters):
     as the lax.scan loop: same greedy tokens through paged decode and mixed adapters."""
     import dataclasses
 
-
     rng = np.random.default_rng(5)
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (6, 13, 2)]
     names = ["all5", None, "qv1"]

@@ -350,9 +350,7 @@ class RunnerConfig:
         """The page-table width of a prefill step whose longest row reaches ``context``
         positions (its cached keys and this step's): the narrowest that holds them."""
         needed = -(-context // page_size)
-        return next(
-            w for w in self.prefill_table_widths(max_pages, page_size) if w >= needed
-        )
+        return next(w for w in self.prefill_table_widths(max_pages, page_size) if w >= needed)
 
     def buckets(self, mode: str) -> tuple[int, ...]:
         limit = self.max_batch if mode == "decode" else self.max_prefill_rows
