@@ -268,11 +268,11 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "prefill_attention",
-    "xla",
-    ["xla", "cudnn"],
+    "auto",
+    ["auto", "xla", "cudnn"],
     "The prefill chunks' one-pass attention: XLA's (scores materialized) or cuDNN's fused "
-    "attention, bf16 / fp16 on a GPU (H100, llama-2-7b: an 8 x 256-token prefill step 9-11% "
-    "shorter, 8 x 1,024 23%; RunnerConfig.prefill_attention).",
+    "attention, bf16 / fp16 on a GPU; auto: cuDNN's there for heads of at most 128, XLA's for "
+    "wider ones (Gemma's 256), where cuDNN's was slower (RunnerConfig.prefill_attention).",
 )
 flags.DEFINE_enum(
     "residual_norm",

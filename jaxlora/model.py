@@ -65,7 +65,8 @@ class KVCache:
     # up to the longest row (RunnerConfig.prefill_key_block); None: one pass over the table.
     prefill_key_block: int | None = flax.struct.field(pytree_node=False, default=None)
     # The one-pass prefill attention's jax.nn.dot_product_attention implementation
-    # (RunnerConfig.prefill_attention): "xla" or "cudnn" (bf16 / fp16 on a GPU, else "xla").
+    # (RunnerConfig.prefill_attention): "xla", "cudnn" (bf16 / fp16 on a GPU, else "xla") or
+    # "auto" (cuDNN's there for heads of at most AUTO_CUDNN_MAX_HEAD_DIM, else XLA's).
     prefill_attention: str = flax.struct.field(pytree_node=False, default="xla")
 
 
@@ -999,14 +1000,19 @@ def _one_pass_prefill_attention(q, k, v, mask, scale, kv: KVCache):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
 
+# "auto" prefill attention takes cuDNN's for heads up to this wide: on an H100 its fused
+# attention was faster than XLA's for heads of 128 and slower for gemma-2b's 256 (one KV head;
+# RunnerConfig.prefill_attention).
+AUTO_CUDNN_MAX_HEAD_DIM = 128
+
+
 def _prefill_attention_implementation(kv: KVCache, q) -> str:
     """KVCache.prefill_attention where cuDNN's fused attention can run it (a GPU, bf16 or fp16
-    activations), else "xla"."""
-    if (
-        kv.prefill_attention == "cudnn"
-        and jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-    ):
+    activations; "auto": heads of at most AUTO_CUDNN_MAX_HEAD_DIM too), else "xla"."""
+    wanted = kv.prefill_attention == "cudnn" or (
+        kv.prefill_attention == "auto" and q.shape[-1] <= AUTO_CUDNN_MAX_HEAD_DIM
+    )
+    if wanted and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
 

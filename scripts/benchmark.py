@@ -146,10 +146,10 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "prefill_attention",
-    "xla",
-    ["xla", "cudnn"],
+    "auto",
+    ["auto", "xla", "cudnn"],
     "the prefill chunks' one-pass attention: XLA's or cuDNN's fused attention (bf16 on a GPU; "
-    "RunnerConfig.prefill_attention)",
+    "auto: cuDNN's for heads of at most 128; RunnerConfig.prefill_attention)",
 )
 flags.DEFINE_enum(
     "residual_norm",

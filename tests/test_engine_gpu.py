@@ -277,12 +277,14 @@ def test_pallas_engine_of_each_family_matches_its_reference_engine(model_type):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model", [CONFIG, GEMMA], ids=["head_dim32", "gemma_head_dim256"])
-def test_cudnn_prefill_engine_gives_xla_s_prompt_logprobs_in_bf16(model):
-    """RunnerConfig.prefill_attention="cudnn" in the compiled bf16 engine (prompts of 1-90
-    tokens over several 32-token chunks, three adapters and none, the default kernels; head_dim
-    32 with grouped KV heads, and Gemma's 256 with one KV head): every prompt token's logprob
-    within bf16 rounding of the engine whose prefill runs XLA's attention; and the first sampled
-    tokens mostly agree (greedy, random weights: a near tie may flip)."""
+def test_cudnn_and_default_prefill_engines_give_xla_s_prompt_logprobs_in_bf16(model):
+    """The compiled bf16 engine (prompts of 1-90 tokens over several 32-token chunks, three
+    adapters and none, the default kernels; head_dim 32 with grouped KV heads, and Gemma's 256
+    with one KV head) with RunnerConfig.prefill_attention="cudnn", and with the defaults
+    ("auto": cuDNN's for the 32-wide heads, XLA's for Gemma's) and page tables cut to context
+    buckets of 32 and 64 keys (prefill_context_buckets): every prompt token's logprob within
+    bf16 rounding of the engine whose prefill runs XLA's attention over the whole table; and
+    the first sampled tokens mostly agree (greedy, random weights: a near tie may flip)."""
     import jax.numpy as jnp
 
     params = init_params(model, 0, jnp.bfloat16)
@@ -295,32 +297,37 @@ def test_cudnn_prefill_engine_gives_xla_s_prompt_logprobs_in_bf16(model):
     names = ["a0", None, "a1", "a2", "a0", None]
     sampling = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, prompt_logprobs=0)
     results = {}
-    for attention in ("xla", "cudnn"):
+    for name, attention, buckets in (
+        ("xla", "xla", ()),
+        ("cudnn", "cudnn", ()),
+        ("default", "auto", (32, 64)),
+    ):
         config = default_kernels_config("pallas")
-        config = dataclasses.replace(
-            config, runner=dataclasses.replace(config.runner, prefill_attention=attention)
+        runner = dataclasses.replace(
+            config.runner, prefill_attention=attention, prefill_context_buckets=buckets
         )
         llm = jaxlora.LLM(
             model,
             params=params,
             adapters=adapters,
-            engine_config=config,
+            engine_config=dataclasses.replace(config, runner=runner),
             dtype=jnp.bfloat16,
             load_workers=0,
         )
         try:
-            results[attention] = llm.generate(prompts, adapter=names, sampling=sampling)
+            results[name] = llm.generate(prompts, adapter=names, sampling=sampling)
         finally:
             llm.stop()
     assert jax.default_backend() == "gpu"
-    same_first = 0
-    for xla, cudnn in zip(results["xla"], results["cudnn"], strict=True):
-        expected = np.asarray(xla.prompt_logprobs[1:], np.float32)
-        actual = np.asarray(cudnn.prompt_logprobs[1:], np.float32)
-        assert np.isfinite(actual).all()
-        np.testing.assert_allclose(actual, expected, atol=0.1, rtol=0.02)
-        same_first += xla.token_ids == cudnn.token_ids
-    assert same_first >= len(prompts) - 1
+    for name in ("cudnn", "default"):
+        same_first = 0
+        for xla, other in zip(results["xla"], results[name], strict=True):
+            expected = np.asarray(xla.prompt_logprobs[1:], np.float32)
+            actual = np.asarray(other.prompt_logprobs[1:], np.float32)
+            assert np.isfinite(actual).all()
+            np.testing.assert_allclose(actual, expected, atol=0.1, rtol=0.02, err_msg=name)
+            same_first += xla.token_ids == other.token_ids
+        assert same_first >= len(prompts) - 1, name
 
 
 # The KV cache of _lowered_steps' engines.

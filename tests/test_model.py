@@ -346,9 +346,9 @@ def test_prefill_attention_is_blind_to_what_a_row_does_not_read(impl, block, win
 
 
 def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run(monkeypatch):
-    """KVCache.prefill_attention="cudnn" runs XLA's attention where cuDNN's cannot (this CPU;
-    float32 activations anywhere; shapes jax's cuDNN check refuses while tracing): the same
-    output, bit for bit."""
+    """KVCache.prefill_attention="cudnn" (and "auto") runs XLA's attention where cuDNN's cannot
+    (this CPU; float32 activations anywhere; shapes jax's cuDNN check refuses while tracing):
+    the same output, bit for bit."""
     import jaxlora.model as model_module
     from jaxlora.model import _cached_attention, _prefill_attention_implementation
 
@@ -357,7 +357,7 @@ def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run(monkeyp
     q = jnp.asarray(rng.standard_normal((2, 4, 4, 16)), jnp.float32)
     positions = jnp.asarray([[0, 1, 2, 3], [5, 6, 7, 8]], jnp.int32)
     outs = []
-    for implementation in ("xla", "cudnn"):
+    for implementation in ("xla", "cudnn", "auto"):
         table = [[0, 1, 2, 3], [4, 5, 6, 7]]
         kv = prefill_kv(
             pools[0],
@@ -372,6 +372,7 @@ def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run(monkeyp
         assert _prefill_attention_implementation(kv, q) == "xla"
         outs.append(np.asarray(_cached_attention(q, positions, 0, kv, pools[0], pools[1], TINY)))
     np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
     # Where cuDNN is chosen but jax's check refuses the shapes (NotImplementedError).
     xla_attention, asked = jax.nn.dot_product_attention, []
 
@@ -386,6 +387,34 @@ def test_cudnn_prefill_attention_falls_back_to_xla_s_where_it_cannot_run(monkeyp
     refused = _cached_attention(q, positions, 0, kv, pools[0], pools[1], TINY)
     assert asked == ["cudnn", "xla"]
     np.testing.assert_array_equal(np.asarray(refused), outs[0])
+
+
+def test_auto_prefill_attention_takes_cudnn_on_a_gpu_for_heads_up_to_128(monkeypatch):
+    """KVCache.prefill_attention="auto" (RunnerConfig's default): cuDNN's on a GPU for bf16 /
+    fp16 heads of at most 128 (faster there on an H100), XLA's for Gemma's 256 (slower there),
+    for float32 and off the GPU; "cudnn" takes cuDNN's for 256 too; "xla" never."""
+    from jaxlora.model import _prefill_attention_implementation
+
+    def chosen(setting, head_dim, dtype, backend="gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        kv = KVCache(
+            k_pool=None,
+            v_pool=None,
+            page_table=None,
+            seq_lens=None,
+            token_valid=None,
+            mode="prefill",
+            prefill_attention=setting,
+        )
+        return _prefill_attention_implementation(kv, jnp.zeros((1, 2, 4, head_dim), dtype))
+
+    assert chosen("auto", 128, jnp.bfloat16) == "cudnn"
+    assert chosen("auto", 64, jnp.float16) == "cudnn"
+    assert chosen("auto", 256, jnp.bfloat16) == "xla"
+    assert chosen("auto", 128, jnp.float32) == "xla"
+    assert chosen("auto", 128, jnp.bfloat16, backend="cpu") == "xla"
+    assert chosen("cudnn", 256, jnp.bfloat16) == "cudnn"
+    assert chosen("xla", 128, jnp.bfloat16) == "xla"
 
 
 @pytest.mark.gpu

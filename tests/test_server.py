@@ -3456,7 +3456,8 @@ def test_prefill_key_block_flag_reaches_the_runner():
 
 def test_prefill_context_buckets_flag_reaches_the_runner():
     """--prefill_context_buckets (RunnerConfig.prefill_context_buckets): unset keeps the
-    runner's (4096,), empty is none, a list is its buckets sorted; a bad item names the flag."""
+    runner's (512, 2048, 4096), empty is none, a list is its buckets sorted; a bad item names
+    the flag."""
     from configs.models import TINY
 
     launches = launch_configs_of("prefill_context_buckets", (None, "", "1024,512"))
@@ -3464,24 +3465,24 @@ def test_prefill_context_buckets_flag_reaches_the_runner():
         value: engine_config_for(TINY, launch, backend="cpu").runner.prefill_context_buckets
         for value, launch in launches.items()
     }
-    assert buckets == {None: (4096,), "": (), "1024,512": (512, 1024)}
+    assert buckets == {None: (512, 2048, 4096), "": (), "1024,512": (512, 1024)}
     for bad in ("512,x", "0", "-4"):
         with pytest.raises(ConfigError, match="--prefill_context_buckets: expected positive"):
             launch_configs_of("prefill_context_buckets", (bad,))
 
 
 def test_prefill_attention_flag_reaches_the_runner_and_is_checked():
-    """--prefill_attention (RunnerConfig.prefill_attention): xla unless set; cudnn reaches the
-    runner; another value names the field."""
+    """--prefill_attention (RunnerConfig.prefill_attention): auto unless set; xla and cudnn
+    reach the runner; another value names the field."""
     from configs.models import TINY
     from jaxlora.engine import RunnerConfig
 
-    launches = launch_configs_of("prefill_attention", (None, "cudnn"))
+    launches = launch_configs_of("prefill_attention", (None, "xla", "cudnn"))
     chosen = {
         value: engine_config_for(TINY, launch, backend="gpu").runner.prefill_attention
         for value, launch in launches.items()
     }
-    assert chosen == {None: "xla", "cudnn": "cudnn"}
+    assert chosen == {None: "auto", "xla": "xla", "cudnn": "cudnn"}
     with pytest.raises(ConfigError, match="prefill_attention: expected one of .*'flash'"):
         RunnerConfig(prefill_attention="flash")
 

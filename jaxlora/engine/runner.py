@@ -23,8 +23,9 @@ from pallas_kernels.sgmv import SgmvConfig
 
 log = logging.getLogger("jaxlora.engine")
 
-# RunnerConfig.prefill_attention's choices (jax.nn.dot_product_attention's implementations).
-PREFILL_ATTENTIONS = ("xla", "cudnn")
+# RunnerConfig.prefill_attention's choices: jax.nn.dot_product_attention's implementations, or
+# "auto" (jaxlora.model._prefill_attention_implementation).
+PREFILL_ATTENTIONS = ("auto", "xla", "cudnn")
 
 
 @flax.struct.dataclass
@@ -182,15 +183,21 @@ class RunnerConfig:
     # row, where that is narrower than the whole table (max_model_len; else the whole table).
     # The one-pass attention gathers, masks and scores every key of the table it is given, so
     # without a cut a 256-token prompt of an engine at --max_model_len=4096 reads 4,096 keys a
-    # layer, and at 32,768 takes the blocked path (prefill_key_block). Each width narrower than
-    # the table is one more compiled prefill step per prefill bucket and LoRA variant (warm-up
+    # layer, and at 32,768 takes the blocked path (prefill_key_block). H100, llama-3-8b, eight
+    # 256-token prompts in one step (fifty-first session, XLA's attention): 124.8 -> 76.0 ms at
+    # max_model_len 4,096, 191.2 (blocked) -> 77.6 ms at 32,768. Each width narrower than the
+    # table is one more compiled prefill step per prefill bucket and LoRA variant (warm-up
     # compiles them). Empty: every prefill step gets the whole table.
-    prefill_context_buckets: tuple[int, ...] = (4096,)
+    prefill_context_buckets: tuple[int, ...] = (512, 2048, 4096)
     # The one-pass prefill attention's implementation (jax.nn.dot_product_attention's): "xla"
-    # (scores materialized, masked, soft-maxed) or "cudnn" (cuDNN's fused attention, the mask
-    # passed as a bias; bf16 / fp16 activations on a GPU, else "xla"). Soft-capped models and
-    # the blocked path keep their own.
-    prefill_attention: str = "xla"
+    # (scores materialized, masked, soft-maxed), "cudnn" (cuDNN's fused attention, the mask
+    # passed as a bias; bf16 / fp16 activations on a GPU, else "xla") or "auto": cuDNN's where
+    # it runs and the heads are at most 128 wide, else XLA's. H100, 8 x 256-token prefills at
+    # tables cut to 512 keys (fifty-first session): cuDNN's took llama-2-7b's step from 76.5 to
+    # 66.0 ms, llama-3-8b's 76.0 -> 71.8, mistral-7b's 77.6 -> 73.5, but gemma-2b's (heads of
+    # 256, one KV head) 27.3 -> 32.0 (and over a 4,096-key table 33.2 -> 59.9). Soft-capped
+    # models and the blocked path keep their own.
+    prefill_attention: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.deterministic, bool):

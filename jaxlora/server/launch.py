@@ -143,7 +143,7 @@ class LaunchConfig:
     matmul: MatmulConfig | None = None  # RunnerConfig.matmul: lora_matmul's tuning
     kv_write: str = "pallas"  # RunnerConfig.kv_write: who rotates q, k and writes K/V
     residual_norm: str = "pallas"  # RunnerConfig.residual_norm: residual adds + norms in Pallas
-    prefill_attention: str = "xla"  # RunnerConfig.prefill_attention: "xla" or "cudnn"
+    prefill_attention: str = "auto"  # RunnerConfig.prefill_attention: "auto", "xla" or "cudnn"
     deterministic: bool = True  # RunnerConfig.deterministic: no atomic adds in a step
     async_scheduling: bool = True  # EngineConfig.async_scheduling
     scheduling_policy: str = "fcfs"  # EngineConfig.scheduling_policy: fcfs, priority or fair

@@ -1,0 +1,73 @@
+"""Fifty-first session: what RunnerConfig.prefill_context_buckets costs at start-up. The
+server's engine config for a preset (jaxlora.server.launch.engine_config_for, GPU defaults,
+max_model_len 4,096, one registered adapter so that warm-up compiles the LoRA variants as with
+--enable-lora), warmed up with the default buckets or with none (one process each: the
+samplers' compilations are cached within a process): the step shapes and the warm-up's seconds
+(lowering, compiling, running), then the time of eight 256-token prompts prefilled and one
+token out (median of 3 after a warm pass).
+
+Run: PYTHONPATH=. python3 docs/results/s51/warmup_cost.py MODEL default|none"""
+
+import dataclasses
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jaxlora
+from configs.models import MODEL_PRESETS
+from jaxlora.llm import load_base_model
+from jaxlora.lora import random_lora_weights
+from jaxlora.sampling import SamplingParams
+from jaxlora.server.launch import LaunchConfig, engine_config_for
+from pallas_kernels.layout import MODULES
+
+
+def main():
+    name, which = sys.argv[1], sys.argv[2]
+    backend = jax.default_backend()
+    print(jax.devices()[0].device_kind, jax.__version__, name, flush=True)
+    config, params, _ = load_base_model(name, seed=0, dtype=jnp.bfloat16, fuse_groups=1)
+    adapter = random_lora_weights(config, "a", 16, MODULES, seed=1, std=0.01)
+    vocab = min(1000, config.vocab_size - 100)
+    prompts = [[100 + (i * 37 + j) % vocab for j in range(256)] for i in range(8)]
+    once = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    for buckets in ({"default": None, "none": ()}[which],):
+        launch = LaunchConfig(
+            max_model_len=min(4096, MODEL_PRESETS[name].context_length),
+            kv_pages=2048,
+            prefill_context_buckets=buckets,
+        )
+        engine_config = engine_config_for(config, launch, backend=backend)
+        engine_config = dataclasses.replace(engine_config, warmup=False)
+        llm = jaxlora.LLM(
+            config,
+            params=params,
+            adapters={"a": adapter},
+            engine_config=engine_config,
+            dtype=jnp.bfloat16,
+            load_workers=0,
+        )
+        try:
+            warm = llm.engine.warmup()
+            times = []
+            for _ in range(4):
+                start = time.perf_counter()
+                llm.generate(prompts, sampling=once)
+                times.append(time.perf_counter() - start)
+        finally:
+            llm.stop()
+        print(
+            f"buckets {engine_config.runner.prefill_context_buckets}: "
+            f"{len(warm['shapes'])} step shapes, lowered {warm['lower_s']:.1f} s, compiled "
+            f"{warm['compile_s']:.1f} s, run {warm['warmup_s']:.1f} s; 8 x 256 prefill "
+            f"median {statistics.median(times[1:]) * 1e3:.1f} ms",
+            flush=True,
+        )
+        del llm
+
+
+if __name__ == "__main__":
+    main()
