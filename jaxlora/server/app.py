@@ -1709,11 +1709,11 @@ def create_app(
         """Checks and submits a LoRAX request: (its group, the prompt's token ids)."""
         held = None  # a per-request merge, held until the request is in the engine's queue
         try:
+            merge = lorax.merge_spec(body.parameters)  # (checked before the other fields)
             completion = lorax.completion_body(
                 body, state.config.model_name, state.config.adapter_roots
             )
             _check_text(completion)
-            merge = lorax.merge_spec(body.parameters)
             if merge is None:
                 adapter = await resolve_model(completion.model)
             else:

@@ -257,7 +257,8 @@ def completion_body(
 ) -> CompletionRequest:
     """The /v1/completions request a LoRAX request describes (its errors name the LoRAX
     fields, ``renamed``); an adapter given by its path inside ``adapter_roots`` is named as
-    ``local_adapter_name`` says."""
+    ``local_adapter_name`` says. Its merged_adapters are ``merge_spec``'s (the caller checks
+    them first)."""
     p = body.parameters
     if p.adapter_source not in (None, "local"):
         raise _refuse(
@@ -266,7 +267,6 @@ def completion_body(
             "adapters it has registered, or with --load_adapters_on_demand the directories "
             "under its --allowed_adapter_roots; it downloads none)",
         )
-    merge_spec(p)  # (its errors before the merge is computed; the caller computes it)
     for field, neutral in (("api_token", None), ("typical_p", None), ("watermark", False)):
         if getattr(p, field) != neutral:
             raise _refuse(field, f"not supported (expected {neutral!r}, the default)")
