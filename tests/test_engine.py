@@ -1364,7 +1364,8 @@ def test_decode_steps_of_distinct_adapters_run_per_token(base, lora_adapters):
     llm = engine_with(warmup=True)
     engine = llm.engine
     warmed = set(engine.runner.compiled_shapes)  # warm-up compiles the per-token step too
-    assert ("decode", (8, 1), True, False, True, False) in warmed
+    pages = engine.engine_config.kv.max_pages_per_seq
+    assert ("decode", (8, 1), pages, True, False, True, False) in warmed
     # What the flag changes in the step: the launches' kernels.
     batch = empty_batch(8, 1, engine.engine_config.kv.max_pages_per_seq)
     meta = engine._lora_meta([], np.asarray(batch.token_slot), mode="decode")
