@@ -1,5 +1,5 @@
 """Fifty-first session: what RunnerConfig.prefill_context_buckets costs at start-up. The
-server's engine config for a preset (jaxlora.server.launch.engine_config_for, GPU defaults,
+engine's default config (RunnerConfig(), EngineConfig's defaults; 2,048 KV pages of 16,
 max_model_len 4,096, one registered adapter so that warm-up compiles the LoRA variants as with
 --enable-lora), warmed up with the default buckets or with none (one process each: the
 samplers' compilations are cached within a process): the step shapes and the warm-up's seconds
@@ -18,16 +18,15 @@ import jax.numpy as jnp
 
 import jaxlora
 from configs.models import MODEL_PRESETS
+from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.llm import load_base_model
 from jaxlora.lora import random_lora_weights
 from jaxlora.sampling import SamplingParams
-from jaxlora.server.launch import LaunchConfig, engine_config_for
 from pallas_kernels.layout import MODULES
 
 
 def main():
     name, which = sys.argv[1], sys.argv[2]
-    backend = jax.default_backend()
     print(jax.devices()[0].device_kind, jax.__version__, name, flush=True)
     config, params, _ = load_base_model(name, seed=0, dtype=jnp.bfloat16, fuse_groups=1)
     adapter = random_lora_weights(config, "a", 16, MODULES, seed=1, std=0.01)
@@ -35,13 +34,15 @@ def main():
     prompts = [[100 + (i * 37 + j) % vocab for j in range(256)] for i in range(8)]
     once = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     for buckets in ({"default": None, "none": ()}[which],):
-        launch = LaunchConfig(
+        runner = RunnerConfig()
+        if buckets is not None:
+            runner = dataclasses.replace(runner, prefill_context_buckets=buckets)
+        kv = KVCacheConfig(
+            page_size=16,
+            num_pages=2048,
             max_model_len=min(4096, MODEL_PRESETS[name].context_length),
-            kv_pages=2048,
-            prefill_context_buckets=buckets,
         )
-        engine_config = engine_config_for(config, launch, backend=backend)
-        engine_config = dataclasses.replace(engine_config, warmup=False)
+        engine_config = EngineConfig(kv=kv, runner=runner, warmup=False)
         llm = jaxlora.LLM(
             config,
             params=params,
