@@ -6,9 +6,12 @@ in one prefill step (chunk 256, 8 rows), one token out, timed over 3 passes afte
 the first tokens of every mode printed (they should agree up to bf16 near-ties).
 
 Run: PYTHONPATH=. python3 docs/results/s51/context_buckets.py MODEL MAX_MODEL_LEN MODE...
-MODE: <buckets>-<attention>, buckets "whole" (none) or keys joined by "_" (e.g. 512_1024_4096),
-attention xla or cudnn; e.g. whole-xla 4096-cudnn 512_1024_2048_4096-cudnn."""
+MODE: <buckets>-<attention>[-noblock], buckets "whole" (none) or keys joined by "_" (e.g.
+512_1024_4096), attention xla, cudnn or auto; "-noblock": prefill_key_block None (one pass over
+any table); e.g. whole-xla 4096-cudnn 512_1024_2048_4096-cudnn 512_2048_8192-cudnn-noblock.
+PROMPT_LEN in the environment sets the prompts' length (default 256)."""
 
+import os
 import statistics
 import sys
 import time
@@ -21,7 +24,7 @@ from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.llm import load_base_model
 from jaxlora.sampling import SamplingParams
 
-ROWS, PROMPT = 8, 256
+ROWS, PROMPT = 8, int(os.environ.get("PROMPT_LEN", "256"))
 
 
 def main():
@@ -32,16 +35,21 @@ def main():
     prompts = [[100 + (i * 37 + j) % vocab for j in range(PROMPT)] for i in range(ROWS)]
     once = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     for mode in modes:
-        buckets, attention = mode.split("-")
+        buckets, attention, *block = mode.split("-")
         buckets = () if buckets == "whole" else tuple(int(b) for b in buckets.split("_"))
         engine_config = EngineConfig(
-            kv=KVCacheConfig(page_size=16, num_pages=2048, max_model_len=max_model_len),
+            kv=KVCacheConfig(
+                page_size=16,
+                num_pages=max(2048, ROWS * (PROMPT // 16 + 2) + 64),
+                max_model_len=max_model_len,
+            ),
             runner=RunnerConfig(
                 max_batch=ROWS,
                 prefill_chunk=256,
                 max_prefill_rows=ROWS,
                 prefill_context_buckets=buckets,
                 prefill_attention=attention,
+                prefill_key_block=None if block == ["noblock"] else 4096,
             ),
             warmup=False,
         )
