@@ -84,6 +84,10 @@ def test_indivisible_tp_is_a_clear_error():
 
 
 def test_tensor_parallel_engine_generates_the_single_device_tokens():
+    """Over 4 devices (prefill page tables cut to an 8-key context bucket there, whole on one
+    device) the engine generates the single device's tokens."""
+    import dataclasses
+
     from jaxlora.llm import LLM
     from jaxlora.sampling import SamplingParams
     from tests.test_engine import small_engine_config
@@ -99,15 +103,27 @@ def test_tensor_parallel_engine_generates_the_single_device_tokens():
     sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     outs = {}
     for tp in (1, 4):
+        engine_config = small_engine_config()
+        runner = dataclasses.replace(
+            engine_config.runner, prefill_context_buckets=(8,) if tp > 1 else ()
+        )
         llm = LLM(
             config,
             params=params,
             adapters=adapters,
-            engine_config=small_engine_config(),
+            engine_config=dataclasses.replace(engine_config, runner=runner),
             load_workers=0,
             tp=tp,
         )
+        widths, run = set(), llm.engine.runner.run
+
+        def spy(mode, *args, widths=widths, run=run, **kwargs):
+            widths.add((mode, args[3].page_table.shape[1]))
+            return run(mode, *args, **kwargs)
+
+        llm.engine.runner.run = spy
         outs[tp] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
+        assert ("prefill", 2) in widths if tp == 4 else ("prefill", 2) not in widths
         if tp == 4:
             assert llm.engine.kv.k_pool.addressable_shards[0].data.shape[3] == 1
             # the engine runs fused projections, one group of q|k|v columns per device
