@@ -621,9 +621,15 @@ class Engine:
         jax.block_until_ready(self.kv.k_pool)
         done = time.perf_counter()
         log.info(
-            "warm-up: %d step shapes lowered in %.1f s, compiled on %d threads in %.1f s, "
-            "run with their samplers in %.1f s",
+            "warm-up: %d step shapes (prefill page tables of %s keys) lowered in %.1f s, "
+            "compiled on %d threads in %.1f s, run with their samplers in %.1f s",
             len(variants),
+            ", ".join(
+                str(w * kv.page_size)
+                for w in self.engine_config.runner.prefill_table_widths(
+                    kv.max_pages_per_seq, kv.page_size
+                )
+            ),
             lowered_at - start,
             max(threads, 1),
             compiled_at - lowered_at,
