@@ -19,6 +19,23 @@ def require_positive_ints(obj, fields: tuple[str, ...], what: str) -> None:
             raise ConfigError(f"{what} field {field!r}: expected a positive int, got {value!r}")
 
 
+def parse_positive_ints(items: list[str] | None, *, flag: str) -> tuple[int, ...] | None:
+    """A comma-list flag's positive ints (None where unset); ConfigError naming the flag and
+    the item otherwise."""
+    if items is None:
+        return None
+    values = []
+    for item in items:
+        try:
+            value = int(item)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"{flag}: expected positive integers, got {item!r}")
+        values.append(value)
+    return tuple(values)
+
+
 def parse_json(text: str, *, where: str) -> Any:
     """A JSON flag's value; ConfigError naming ``where`` if it is not valid JSON."""
     try:

@@ -551,25 +551,6 @@ def parse_bytes(text: str, *, flag: str) -> int:
     return count
 
 
-def parse_positive_ints(items: list[str] | None, *, flag: str) -> tuple[int, ...] | None:
-    """A comma list flag's positive ints (None where unset); ConfigError naming the flag and
-    the item otherwise."""
-    from jaxlora.errors import ConfigError
-
-    if items is None:
-        return None
-    values = []
-    for item in items:
-        try:
-            value = int(item)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ConfigError(f"{flag}: expected positive integers, got {item!r}")
-        values.append(value)
-    return tuple(values)
-
-
 def _log_requests() -> bool:
     from jaxlora.errors import ConfigError
 
@@ -584,6 +565,7 @@ def _log_requests() -> bool:
 def launch_config():
     """The ``LaunchConfig`` the flags describe; JaxloraError (naming the flag) for a bad JSON
     option."""
+    from jaxlora.config import parse_positive_ints
     from jaxlora.engine.runner import xla_options_from_json
     from jaxlora.server.launch import LaunchConfig, parse_fair_share_weights
     from pallas_kernels.lora_matmul import MatmulConfig

@@ -35,6 +35,7 @@ from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
+from jaxlora.config import parse_positive_ints  # noqa: E402
 from jaxlora.engine import EngineConfig  # noqa: E402
 from jaxlora.engine.kv_cache import KV_CACHE_DTYPES  # noqa: E402
 from jaxlora.engine.runner import xla_options_from_json  # noqa: E402
@@ -209,6 +210,19 @@ flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64", "128"], "offline batch s
 flags.DEFINE_list("offline_workloads", list(WORKLOADS), "offline adapter workloads")
 flags.DEFINE_integer("prompt_len", 256, "offline prompt tokens")
 flags.DEFINE_integer("output_len", 128, "offline output tokens")
+flags.DEFINE_integer(
+    "max_model_len",
+    None,
+    "offline engines' context length, the page tables' width (default prompt_len + "
+    "output_len; a server's is 4096): what a prefill step's attention reads, cut by "
+    "--prefill_context_buckets",
+)
+flags.DEFINE_list(
+    "prefill_context_buckets",
+    None,
+    "contexts (keys) prefill page tables are cut to (default RunnerConfig's 512,2048,4096; "
+    "empty: the whole table; RunnerConfig.prefill_context_buckets)",
+)
 flags.DEFINE_integer("skewed_adapters", 1000, "adapters of the skewed workload (Zipf 1)")
 flags.DEFINE_integer("prefill_rows", 8, "offline prompts prefilled per step")
 flags.DEFINE_float("offline_time_budget_s", 0.0, "rows starting later are not run; 0: none")
@@ -339,6 +353,7 @@ def main(argv):
             free_running=tuple(FLAGS.free_running),
             freeze_heap=FLAGS.freeze_heap,
             seed=FLAGS.seed,
+            max_model_len=FLAGS.max_model_len,
         )
     else:
         config = OnlineConfig(
@@ -381,6 +396,13 @@ def main(argv):
             kv_write=FLAGS.kv_write,
             lora_update=FLAGS.lora_update,
             prefill_attention=FLAGS.prefill_attention,
+            prefill_context_buckets=(
+                engine_config.runner.prefill_context_buckets
+                if FLAGS.prefill_context_buckets is None
+                else parse_positive_ints(
+                    FLAGS.prefill_context_buckets, flag="--prefill_context_buckets"
+                )
+            ),
             residual_norm=FLAGS.residual_norm,
             residual_norm_warps=FLAGS.residual_norm_warps,
             norm_shrink=FLAGS.norm_shrink,

@@ -136,6 +136,21 @@ def test_the_offline_pools_hold_the_largest_batch_of_adapters_and_no_more():
     assert pool.max_slots == 128 and pool.max_rank == 16
 
 
+def test_offline_max_model_len_widens_the_tables_not_the_cache():
+    """OfflineConfig.max_model_len (--max_model_len): the engines' context (page tables a
+    server's width) while the KV pages stay what the requests fill; shorter than a request
+    names the field."""
+    config = OfflineConfig(batch_sizes=(32,), max_model_len=4096).engine_config()
+    default = OfflineConfig(batch_sizes=(32,)).engine_config()
+    assert config.kv.max_model_len == 4096 and default.kv.max_model_len == 384
+    assert config.kv.num_pages == default.kv.num_pages == 32 * 24
+    with pytest.raises(
+        ConfigError,
+        match=r"'max_model_len': expected None or an int >= prompt_len \+ output_len \(384\)",
+    ):
+        OfflineConfig(max_model_len=256)
+
+
 def test_an_fp8_kv_cache_reaches_the_benchmark_engines_and_roofline():
     """--kv_cache_dtype (OfflineConfig / OnlineConfig.kv_cache_dtype): the engines' KV cache
     config, and the decode summary's K/V bytes at the cache's itemsize (weights and adapters
@@ -676,6 +691,8 @@ def test_benchmark_script_writes_results_and_report(tmp_path):
         "--weight_sets=1",
         "--compile_threads=2",
         "--kv_cache_dtype=fp8",
+        "--max_model_len=64",
+        "--prefill_context_buckets=16",
         f"--json_out={offline}",
         check=True,
         timeout=600,
@@ -683,6 +700,14 @@ def test_benchmark_script_writes_results_and_report(tmp_path):
     doc = json.loads(offline.read_text())
     assert doc["meta"]["copy_GBps"] == 20 and doc["meta"]["platform"] == "cpu"
     assert doc["offline"]["config"]["kv_cache_dtype"] == "fp8"
+    # A 64-key table (4 pages), prefill steps at 1 page (the 16-key bucket) and at the whole.
+    assert doc["offline"]["config"]["max_model_len"] == 64
+    shapes = doc["meta"]["setup_seconds"]["compile"]["shapes"]
+    assert {(mode, pages) for mode, _, pages, *_ in shapes} == {
+        ("decode", 4),
+        ("prefill", 1),
+        ("prefill", 4),
+    }
     assert [r["workload"] for r in doc["offline"]["rows"]] == ["no_lora", "distinct"]
     peft = tmp_path / "peft.json"
     peft.write_text(

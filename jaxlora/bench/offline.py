@@ -56,6 +56,10 @@ class OfflineConfig:
     # serve.py serves once warm: a full garbage collection then scans only what the row creates.
     freeze_heap: bool = True
     seed: int = 0
+    # The engine's context length (its page tables' width: a prefill step's attention reads
+    # the table RunnerConfig.prefill_context_buckets cuts it to); None: prompt_len + output_len.
+    # The KV pages stay those the requests fill. A server's default is 4,096.
+    max_model_len: int | None = None
 
     def __post_init__(self):
         if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
@@ -77,6 +81,15 @@ class OfflineConfig:
             raise ConfigError(
                 f"offline benchmark field 'profile_steps': expected an int >= 0, "
                 f"got {self.profile_steps!r}"
+            )
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int)
+            or self.max_model_len < self.prompt_len + self.output_len
+        ):
+            raise ConfigError(
+                f"offline benchmark field 'max_model_len': expected None or an int >= "
+                f"prompt_len + output_len ({self.prompt_len + self.output_len}), "
+                f"got {self.max_model_len!r}"
             )
         for field in ("prompt_len", "output_len", "rank", "skewed_adapters", "prefill_rows"):
             value = getattr(self, field)
@@ -103,7 +116,7 @@ class OfflineConfig:
         return EngineConfig(
             kv=KVCacheConfig(
                 page_size=KV_PAGE_SIZE,
-                max_model_len=max_len,
+                max_model_len=self.max_model_len or max_len,
                 num_pages=self.max_batch * -(-max_len // KV_PAGE_SIZE),
                 cache_dtype=self.kv_cache_dtype,
             ),

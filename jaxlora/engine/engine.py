@@ -636,9 +636,16 @@ class Engine:
             done - compiled_at,
         )
         return {
-            "shapes": [
-                [mode, rows, use_lora, "shrink_rows" in meta, "per_token" in meta]
-                for mode, rows, use_lora, _, meta in variants
+            "shapes": [  # (mode, rows, page-table width, LoRA, shrink in the kernel, per token)
+                [
+                    mode,
+                    rows,
+                    batch.page_table.shape[1],
+                    use_lora,
+                    "shrink_rows" in meta,
+                    "per_token" in meta,
+                ]
+                for mode, rows, use_lora, batch, meta in variants
             ],
             "lower_s": lowered_at - start,
             "compile_s": compiled_at - lowered_at,
