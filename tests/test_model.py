@@ -397,15 +397,7 @@ def test_auto_prefill_attention_takes_cudnn_on_a_gpu_for_heads_up_to_128(monkeyp
 
     def chosen(setting, head_dim, dtype, backend="gpu"):
         monkeypatch.setattr(jax, "default_backend", lambda: backend)
-        kv = KVCache(
-            k_pool=None,
-            v_pool=None,
-            page_table=None,
-            seq_lens=None,
-            token_valid=None,
-            mode="prefill",
-            prefill_attention=setting,
-        )
+        kv = prefill_kv(None, None, [[0]], [1], [1], 1, prefill_attention=setting)
         return _prefill_attention_implementation(kv, jnp.zeros((1, 2, 4, head_dim), dtype))
 
     assert chosen("auto", 128, jnp.bfloat16) == "cudnn"
