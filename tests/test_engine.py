@@ -237,6 +237,19 @@ def test_engine_on_the_kernels_in_interpret_mode_matches_reference(base, lora_ad
     assert outs["pallas_interpret", "pallas"] == outs["reference", "xla"]
 
 
+def record_table_widths(llm) -> set:
+    """The (mode, page-table width) of every step the LLM's engine runs from now on, as a set
+    filled while it runs."""
+    seen, run = set(), llm.engine.runner.run
+
+    def spy(mode, *args, **kwargs):
+        seen.add((mode, args[3].page_table.shape[1]))
+        return run(mode, *args, **kwargs)
+
+    llm.engine.runner.run = spy
+    return seen
+
+
 @pytest.mark.parametrize(("impl", "window"), [("pallas_interpret", None), ("reference", 6)])
 def test_prefill_steps_read_the_narrowest_table_that_holds_their_rows(
     base, lora_adapters, impl, window
@@ -269,13 +282,7 @@ def test_prefill_steps_read_the_narrowest_table_that_holds_their_rows(
         llm = jaxlora.LLM(
             model, params=base, adapters=lora_adapters, engine_config=config, load_workers=0
         )
-        seen, run = set(), llm.engine.runner.run
-
-        def spy(mode, *args, seen=seen, run=run, **kwargs):
-            seen.add((mode, args[3].page_table.shape[1]))
-            return run(mode, *args, **kwargs)
-
-        llm.engine.runner.run = spy
+        seen = record_table_widths(llm)
         try:
             outs[buckets] = llm.generate(prompts, adapter=names, sampling=sampling)
         finally:

@@ -90,7 +90,7 @@ def test_tensor_parallel_engine_generates_the_single_device_tokens():
 
     from jaxlora.llm import LLM
     from jaxlora.sampling import SamplingParams
-    from tests.test_engine import small_engine_config
+    from tests.test_engine import record_table_widths, small_engine_config
 
     config = TP_CONFIG
     params = init_params(config, 5)
@@ -115,13 +115,7 @@ def test_tensor_parallel_engine_generates_the_single_device_tokens():
             load_workers=0,
             tp=tp,
         )
-        widths, run = set(), llm.engine.runner.run
-
-        def spy(mode, *args, widths=widths, run=run, **kwargs):
-            widths.add((mode, args[3].page_table.shape[1]))
-            return run(mode, *args, **kwargs)
-
-        llm.engine.runner.run = spy
+        widths = record_table_widths(llm)
         outs[tp] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
         assert ("prefill", 2) in widths if tp == 4 else ("prefill", 2) not in widths
         if tp == 4:

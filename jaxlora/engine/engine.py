@@ -1099,15 +1099,15 @@ class Engine:
         ec = self.engine_config
         length = 1 if mode == "decode" else ec.runner.prefill_chunk
         b = bucket(len(rows), ec.runner.buckets(mode))
-        max_pages = ec.kv.max_pages_per_seq
+        table_pages = ec.kv.max_pages_per_seq
         if mode == "prefill":  # the narrowest table that holds the longest row's context
-            max_pages = ec.runner.prefill_table_width(
-                max(request.num_computed + n for request, n in rows), max_pages, ec.kv.page_size
+            table_pages = ec.runner.prefill_table_width(
+                max(request.num_computed + n for request, n in rows), table_pages, ec.kv.page_size
             )
         tokens = np.zeros((b, length), np.int32)
         positions = np.zeros((b, length), np.int32)
         valid = np.zeros((b, length), bool)
-        page_table = np.zeros((b, max_pages), np.int32)
+        page_table = np.zeros((b, table_pages), np.int32)
         seq_lens = np.zeros(b, np.int32)
         logit_index = np.zeros(b, np.int32)
         token_slot = np.full((b, length), layout.NO_ADAPTER, np.int32)
@@ -1123,7 +1123,7 @@ class Engine:
                 token_src[i] = request.inflight_src
             positions[i, :n] = np.arange(start, start + n)
             valid[i, :n] = True
-            page_table[i] = self.kv.page_table_row(request.request_id)[:max_pages]
+            page_table[i] = self.kv.page_table_row(request.request_id)[:table_pages]
             seq_lens[i] = start + n
             logit_index[i] = n - 1
             if request.adapter is not None:
