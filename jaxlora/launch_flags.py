@@ -196,8 +196,8 @@ flags.DEFINE_list(
     None,
     "Contexts (key positions) a prefill step's page table is cut to: the narrowest that holds "
     "the step's longest prompt, so that a short prompt's attention does not read max_model_len "
-    "keys; each is one more compiled prefill shape (default 512,2048,4096; empty: none; "
-    "RunnerConfig.prefill_context_buckets).",
+    "keys; each is one more compiled prefill shape (default 512,2048,4096, then doubling to "
+    "65536; empty: none; RunnerConfig.prefill_context_buckets).",
 )
 flags.DEFINE_integer("max_num_tokens", None, "Token budget of one engine step.")
 flags.DEFINE_integer("max_waiting", None, "Queue bound: beyond it requests get 503.")

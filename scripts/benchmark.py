@@ -220,8 +220,8 @@ flags.DEFINE_integer(
 flags.DEFINE_list(
     "prefill_context_buckets",
     None,
-    "contexts (keys) prefill page tables are cut to (default RunnerConfig's 512,2048,4096; "
-    "empty: the whole table; RunnerConfig.prefill_context_buckets)",
+    "contexts (keys) prefill page tables are cut to (default RunnerConfig's 512,2048,4096, then "
+    "doubling to 65536; empty: the whole table; RunnerConfig.prefill_context_buckets)",
 )
 flags.DEFINE_integer("skewed_adapters", 1000, "adapters of the skewed workload (Zipf 1)")
 flags.DEFINE_integer("prefill_rows", 8, "offline prompts prefilled per step")

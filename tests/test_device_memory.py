@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.models import LLAMA2_7B, LLAMA3_8B, TINY
+from configs.models import LLAMA2_7B, LLAMA3_8B, MISTRAL_7B, TINY
 from jaxlora.config import LoraPoolConfig
 from jaxlora.errors import ConfigError
 from jaxlora.lora import empty_pools
@@ -21,6 +21,28 @@ from pallas_kernels import layout
 
 GIB = 2**30
 H100_LIMIT = int(0.9 * 79.6 * GIB)  # the allocator's limit at a fraction of 0.9
+
+
+def working_of(model, config, *, max_batch, itemsize=2, shards=1):
+    """step_working_bytes of an engine config built by engine_config_for, its prefill
+    attention counted as the server counts it."""
+    runner = config.runner
+    attention = dm.prefill_attention_bytes(
+        model,
+        rows=runner.max_prefill_rows,
+        chunk=runner.prefill_chunk,
+        max_model_len=config.kv.max_model_len,
+        key_block=runner.prefill_key_block,
+        itemsize=itemsize,
+        shards=shards,
+    )
+    return dm.step_working_bytes(
+        model,
+        max_num_tokens=config.max_num_tokens,
+        max_batch=max_batch,
+        shards=shards,
+        prefill_attention=attention,
+    )
 
 
 @pytest.fixture
@@ -49,7 +71,7 @@ def test_the_kv_cache_gets_what_weights_pools_and_working_memory_leave(fraction)
     launch = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.9, max_batch=64)
     config = engine_config_for(LLAMA2_7B, launch, backend="gpu", memory=memory)
     pools = dm.adapter_pool_bytes(LLAMA2_7B, config.lora_pool, jnp.bfloat16)
-    working = dm.step_working_bytes(LLAMA2_7B, max_num_tokens=config.max_num_tokens, max_batch=64)
+    working = working_of(LLAMA2_7B, config, max_batch=64)
     page = kv_page_bytes(LLAMA2_7B, launch, 16)
     assert page == 2 * 32 * 16 * 32 * 128 * 2
     expected = (H100_LIMIT - weights - pools - working) // page
@@ -84,9 +106,9 @@ def test_a_fragmented_region_sizes_the_cache_by_its_largest_free_block(fraction)
     page = kv_page_bytes(LLAMA2_7B, launch, 16)
     assert config.kv.num_pages == (tail - pools - dm.CONTIGUOUS_SLACK_BYTES) // page
     assert config.kv.num_pages * page + pools <= tail  # K, V and the pools fit in the tail
-    working = dm.step_working_bytes(LLAMA2_7B, max_num_tokens=config.max_num_tokens, max_batch=64)
+    working = working_of(LLAMA2_7B, config, max_batch=64)
     assert working < hole  # the share alone would not have seen the hole
-    assert unfragmented.kv.num_pages - config.kv.num_pages == 99  # the hole less the reserve
+    assert unfragmented.kv.num_pages - config.kv.num_pages == 60  # the hole less the reserve
     budget = dm.kv_budget(0.9, holed, pending=0, adapter_pools=pools, working=GIB)
     assert budget.bound_by_block and budget.largest_free == tail
     assert "bound by the largest free block, 56.09 GiB of the 59.09 free" in budget.describe()
@@ -140,9 +162,7 @@ def test_the_tightest_device_decides_and_tensor_parallelism_splits_the_pools(fra
     assert two == embed + (one - embed) // 2
     tp2 = LaunchConfig(dtype="bfloat16", gpu_memory_utilization=0.75, tensor_parallel_size=2)
     config = engine_config_for(LLAMA3_8B, tp2, backend="gpu", memory=memory)
-    working = dm.step_working_bytes(
-        LLAMA3_8B, max_num_tokens=config.max_num_tokens, max_batch=32, shards=2
-    )
+    working = working_of(LLAMA3_8B, config, max_batch=32, shards=2)
     assert config.kv.num_pages == (54 * GIB - two - working) // kv_page_bytes(LLAMA3_8B, tp2, 16)
 
 
@@ -350,6 +370,51 @@ def test_the_working_estimate_grows_with_the_step():
     assert dm.step_working_bytes(LLAMA2_7B, max_num_tokens=256, max_batch=32, shards=2) < small
 
 
+def test_the_prefill_attention_transients_are_counted():
+    """A prefill step's attention gathers K and V over the whole table (cuDNN's one pass: past
+    prefill_key_block too) and XLA's float32 scores over at most a block: at Mistral 7B's
+    max_model_len 32,768 the step reserve grows by what those take beyond the MLP's
+    activations, so the cache gets that many bytes fewer; tensor parallelism splits the heads."""
+    args = dict(rows=4, chunk=64, key_block=4096, itemsize=2)
+    long = dm.prefill_attention_bytes(MISTRAL_7B, max_model_len=32768, **args)
+    gathered = 2 * 4 * 32768 * 8 * 128 * 2
+    assert long == gathered + 4 * 64 * 32768 * 3 + 2 * 4 * 32 * 64 * 4096 * 4
+    unblocked = dm.prefill_attention_bytes(
+        MISTRAL_7B, max_model_len=32768, **(args | {"key_block": None})
+    )
+    assert unblocked - long == 2 * 4 * 32 * 64 * (32768 - 4096) * 4
+    halves = dm.prefill_attention_bytes(MISTRAL_7B, max_model_len=32768, shards=2, **args)
+    assert halves == gathered // 2 + 4 * 64 * 32768 * 3 + 4 * 32 * 64 * 4096 * 4
+    small = dm.step_working_bytes(MISTRAL_7B, max_num_tokens=512, max_batch=32)
+    assert (
+        dm.step_working_bytes(MISTRAL_7B, max_num_tokens=512, max_batch=32, prefill_attention=long)
+        - small
+        == long - dm.LIVE_ACTIVATIONS * 512 * (4 * 4096 + 6144 + 2 * 14336) * 4
+    )
+    assert (
+        dm.step_working_bytes(MISTRAL_7B, max_num_tokens=512, max_batch=32, prefill_attention=1)
+        == small
+    )  # (smaller than the activations: they count)
+    memory = [dm.DeviceMemory("cuda:0", limit=H100_LIMIT, in_use=16 * GIB)]
+    pages = {}
+    for max_model_len in (4096, 32768):
+        launch = LaunchConfig(
+            dtype="bfloat16", gpu_memory_utilization=0.9, max_model_len=max_model_len
+        )
+        config = engine_config_for(MISTRAL_7B, launch, backend="gpu", memory=memory)
+        working = working_of(MISTRAL_7B, config, max_batch=config.runner.max_batch)
+        pools = dm.adapter_pool_bytes(MISTRAL_7B, config.lora_pool, jnp.bfloat16)
+        page = kv_page_bytes(MISTRAL_7B, launch, 16)
+        assert config.kv.num_pages == (H100_LIMIT - 16 * GIB - pools - working) // page
+        pages[max_model_len] = config.kv.num_pages
+    assert (
+        pages[4096] - pages[32768]
+        >= (long - dm.prefill_attention_bytes(MISTRAL_7B, max_model_len=4096, **args))
+        // kv_page_bytes(MISTRAL_7B, launch, 16)
+        > 0
+    )
+
+
 def test_the_serving_flag_and_build_state(fraction, monkeypatch):
     """--gpu_memory_utilization reaches LaunchConfig; build_state sizes the engine from the
     devices' reports (faked here: the CPU reports none) and keeps the weights counted."""
@@ -387,7 +452,7 @@ def test_the_serving_flag_and_build_state(fraction, monkeypatch):
     state = launch_module.build_state(small)
     try:
         kv = state.llm.engine.engine_config.kv
-        working = dm.step_working_bytes(TINY, max_num_tokens=64, max_batch=2)
+        working = working_of(TINY, state.llm.engine.engine_config, max_batch=2, itemsize=4)
         pools = dm.adapter_pool_bytes(TINY, state.llm.engine.engine_config.lora_pool, jnp.float32)
         left = 2 * GIB + 64 * 2**20 - working - pools
         assert seen == [1]

@@ -309,7 +309,9 @@ def test_prefill_table_widths_follow_the_context_buckets():
     assert runner.prefill_table_widths(max_pages=32, page_size=16) == (1, 7, 32)
     assert RunnerConfig(prefill_context_buckets=()).prefill_table_widths(32, 16) == (32,)
     assert RunnerConfig().prefill_table_widths(32, 16) == (32,)  # 4096 keys: the table's
-    assert RunnerConfig().prefill_table_widths(2048, 16) == (32, 128, 256, 2048)
+    assert RunnerConfig().prefill_table_widths(2048, 16) == (32, 128, 256, 512, 1024, 2048)
+    # (past 4,096 keys the default widths double: max_model_len 131,072)
+    assert RunnerConfig().prefill_table_widths(8192, 16)[3:] == (512, 1024, 2048, 4096, 8192)
     width = functools.partial(runner.prefill_table_width, max_pages=32, page_size=16)
     assert [width(n) for n in (1, 16, 17, 112, 113, 512)] == [1, 1, 7, 7, 32, 32]
     for bad in ((0,), (16, -4), (True,), "4096", (4096.0,)):

@@ -410,12 +410,16 @@ def test_auto_prefill_attention_takes_cudnn_on_a_gpu_for_heads_up_to_128(monkeyp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("window", [None, 40], ids=["causal", "window40"])
-def test_cudnn_prefill_attention_is_xla_s(window):
+@pytest.mark.parametrize(
+    "window, key_block", [(None, None), (40, None), (None, 64)], ids=["causal", "window40", "long"]
+)
+def test_cudnn_prefill_attention_is_xla_s(window, key_block):
     """RunnerConfig.prefill_attention="cudnn": a bf16 prefill chunk's one-pass attention runs in
     cuDNN's fused attention (its custom call is in the compiled step) and gives XLA's output
     within bf16 rounding: rows starting at 0 and mid-table, a ragged chunk, a padding row, GQA,
-    head_dim 128, NaN in every slot no token reads; causal and with a sliding window."""
+    head_dim 128, NaN in every slot no token reads; causal and with a sliding window. "long": a
+    table past prefill_key_block, which XLA's attention reads block by block and cuDNN's in one
+    pass."""
     import dataclasses
 
     from jaxlora.model import _cached_attention
@@ -450,13 +454,76 @@ def test_cudnn_prefill_attention_is_xla_s(window):
             chunk,
             impl="pallas",
             prefill_attention=implementation,
+            prefill_key_block=key_block,
         )
         step = jax.jit(lambda q, kv: _cached_attention(q, positions, 0, kv, k_pool, v_pool, config))
         compiled = step.lower(q, kv).compile().as_text()
         assert ("__cudnn$fmha" in compiled) == (implementation == "cudnn")
+        # (the blocked path is a while loop over key blocks)
+        assert ("while" in compiled) == (key_block is not None and implementation == "xla")
         outs[implementation] = np.asarray(step(q, kv), np.float32)
     assert np.isfinite(outs["cudnn"]).all()
     np.testing.assert_allclose(outs["cudnn"], outs["xla"], atol=2e-2, rtol=2e-2)
+
+
+def test_cudnn_reads_a_table_past_the_key_block_in_one_pass(monkeypatch):
+    """A prefill table past prefill_key_block: where cuDNN's attention runs (stood in for by
+    XLA's here) it takes the whole table in one pass, no key blocks; where jax's check refuses
+    its shapes, or the model soft-caps its logits, the blocked path runs instead of XLA's one
+    pass over the long table. All three give the blocked path's output."""
+    import dataclasses
+
+    import jaxlora.model as model_module
+    from jaxlora.model import _cached_attention
+
+    rng = np.random.default_rng(11)
+    pages, page_size, kvh, d, chunk = 16, 4, 2, 16, 8
+    k_pool, v_pool = (
+        jnp.asarray(rng.standard_normal((1, pages, page_size, kvh, d)), jnp.float32)
+        for _ in range(2)
+    )
+    table = rng.permutation(pages).reshape(2, 8)
+    starts, counts = np.asarray([0, 21]), np.asarray([8, 5])
+    positions = jnp.asarray(starts[:, None] + np.arange(chunk), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((2, chunk, 2 * kvh, d)), jnp.float32)
+
+    def attention(config=TINY, **fields):
+        kv = prefill_kv(
+            k_pool, v_pool, table, starts + counts, counts, chunk, impl="pallas_interpret", **fields
+        )
+        return np.asarray(_cached_attention(q, positions, 0, kv, k_pool, v_pool, config))
+
+    blocked = attention(prefill_key_block=8)  # (32 keys: 4 blocks of 8)
+    xla_attention, asked, blocks = jax.nn.dot_product_attention, [], []
+    refuse = [False]
+
+    def cudnn_as_xla(query, key, *args, implementation=None, **kwargs):
+        asked.append((implementation, key.shape[1]))
+        if implementation == "cudnn" and refuse[0]:
+            raise NotImplementedError("The head dim must be <= 256 and a multiple of 8")
+        return xla_attention(query, key, *args, implementation="xla", **kwargs)
+
+    fori_loop = jax.lax.fori_loop
+
+    def counting(lower, upper, body, carry):
+        blocks.append((int(lower), int(upper)))
+        return fori_loop(lower, upper, body, carry)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_as_xla)
+    monkeypatch.setattr(jax.lax, "fori_loop", counting)
+    monkeypatch.setattr(model_module, "_prefill_attention_implementation", lambda kv, q: "cudnn")
+    one_pass = attention(prefill_key_block=8)
+    assert asked == [("cudnn", 32)] and blocks == []
+    np.testing.assert_allclose(one_pass, blocked, atol=1e-5, rtol=0)
+    asked.clear()
+    refuse[0] = True
+    refused = attention(prefill_key_block=8)
+    assert asked == [("cudnn", 32)] and blocks == [(0, 4)]  # no XLA one pass over 32 keys
+    np.testing.assert_array_equal(refused, blocked)
+    capped = dataclasses.replace(TINY, attn_logit_softcapping=30.0)
+    asked.clear(), blocks.clear()
+    attention(capped, prefill_key_block=8)
+    assert asked == [] and blocks == [(0, 4)]
 
 
 @pytest.mark.parametrize("window", [None, 60], ids=["causal", "window60"])

@@ -3456,8 +3456,8 @@ def test_prefill_key_block_flag_reaches_the_runner():
 
 def test_prefill_context_buckets_flag_reaches_the_runner():
     """--prefill_context_buckets (RunnerConfig.prefill_context_buckets): unset keeps the
-    runner's (512, 2048, 4096), empty is none, a list is its buckets sorted; a bad item names
-    the flag."""
+    runner's (512, 2048, 4096, ..., 65536), empty is none, a list is its buckets sorted; a bad
+    item names the flag."""
     from configs.models import TINY
 
     launches = launch_configs_of("prefill_context_buckets", (None, "", "1024,512"))
@@ -3465,7 +3465,11 @@ def test_prefill_context_buckets_flag_reaches_the_runner():
         value: engine_config_for(TINY, launch, backend="cpu").runner.prefill_context_buckets
         for value, launch in launches.items()
     }
-    assert buckets == {None: (512, 2048, 4096), "": (), "1024,512": (512, 1024)}
+    assert buckets == {
+        None: (512, 2048, 4096, 8192, 16384, 32768, 65536),
+        "": (),
+        "1024,512": (512, 1024),
+    }
     for bad in ("512,x", "0", "-4"):
         with pytest.raises(ConfigError, match="--prefill_context_buckets: expected positive"):
             launch_configs_of("prefill_context_buckets", (bad,))

@@ -170,13 +170,14 @@ class RunnerConfig:
     # head runs over the chunk's positions in slices of this many (float32 (rows, slice, vocab):
     # llama-3's 128k vocabulary at 64 positions, 33 MB a row instead of 131 MB for 256).
     prompt_logprobs_positions: int = 64
-    # Prefill steps whose page table holds more key positions than this (max_model_len) attend
-    # block by block over blocks of this many, only as far as the batch's longest row (an
-    # online softmax in a loop of run-time length): a chunk's attention then costs what its
-    # rows' contexts hold, not max_model_len (at --max_model_len=32768 a 256-token chunk of a
-    # short prompt would otherwise gather and score 32,768 keys a layer). Tables of at most
-    # this many positions (every configuration timed so far) keep the one-pass attention.
-    # None: always one pass.
+    # Prefill steps whose page table holds more key positions than this attend block by block
+    # over blocks of this many, only as far as the batch's longest row (an online softmax in a
+    # loop of run-time length), unless cuDNN's fused attention runs them (prefill_attention:
+    # it materializes no score matrix, and its one pass over tables cut to 8,192 / 32,768 keys
+    # took eight 8,192-token llama-3-8b prompts in 3.62 s against 6.24 s blocked; H100,
+    # fifty-second session): XLA's one pass would gather and score every key of the table
+    # (a (rows, heads, chunk, keys) float32 matrix). Tables of at most this many positions
+    # keep the one pass. None: always one pass.
     prefill_key_block: int | None = 4096
     # Contexts (key positions) a prefill step's page table is cut to: the engine gives each
     # prefill step the narrowest of these, rounded up to whole pages, that holds its longest
@@ -185,10 +186,12 @@ class RunnerConfig:
     # without a cut a 256-token prompt of an engine at --max_model_len=4096 reads 4,096 keys a
     # layer, and at 32,768 takes the blocked path (prefill_key_block). H100, llama-3-8b, eight
     # 256-token prompts in one step (fifty-first session, XLA's attention): 124.8 -> 76.0 ms at
-    # max_model_len 4,096, 191.2 (blocked) -> 77.6 ms at 32,768. Each width narrower than the
-    # table is one more compiled prefill step per prefill bucket and LoRA variant (warm-up
-    # compiles them). Empty: every prefill step gets the whole table.
-    prefill_context_buckets: tuple[int, ...] = (512, 2048, 4096)
+    # max_model_len 4,096, 191.2 (blocked) -> 77.6 ms at 32,768. Past 4,096 the widths double,
+    # so that cuDNN's one pass over a long prompt's table reads less than twice its context.
+    # Each width narrower than the table is one more compiled prefill step per prefill bucket
+    # and LoRA variant (warm-up compiles them): at max_model_len 4,096 two, at 32,768 five.
+    # Empty: every prefill step gets the whole table.
+    prefill_context_buckets: tuple[int, ...] = (512, 2048, 4096, 8192, 16384, 32768, 65536)
     # The one-pass prefill attention's implementation (jax.nn.dot_product_attention's): "xla"
     # (scores materialized, masked, soft-maxed), "cudnn" (cuDNN's fused attention, the mask
     # passed as a bias; bf16 / fp16 activations on a GPU, else "xla") or "auto": cuDNN's where

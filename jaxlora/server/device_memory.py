@@ -13,11 +13,13 @@ backend had started, the GPU's memory is inferred from the limit and the fractio
 and the share is capped at the limit.
 
 The working memory of a step is an estimate, not a measurement: the largest activations of a
-step of ``max_num_tokens`` tokens (f32, four live at once), the logits and the sampler's sorted
-copies of them, and a fixed 2 GiB for what XLA and the kernels keep beside them (the GEMM
-autotuner's buffers while a step compiles, cuBLAS workspaces, adapter uploads in flight,
-allocator fragmentation). The server logs each device's peak once it is warm
-(``describe_device_memory``): the measure to set the share by.
+step of ``max_num_tokens`` tokens (f32, four live at once) or, where larger, a prefill step's
+attention transients (the K and V gathered over max_model_len keys, XLA's scores;
+``prefill_attention_bytes``), the logits and the sampler's sorted copies of them, and a fixed
+2 GiB for what XLA and the kernels keep beside them (the GEMM autotuner's buffers while a step
+compiles, cuBLAS workspaces, adapter uploads in flight, allocator fragmentation). The server
+logs each device's peak once it is warm (``describe_device_memory``): the measure to set the
+share by.
 
 JAX's GPU allocator hands out each array as one contiguous block of its region, and loading the
 weights leaves holes where their transients were freed: on an H100 at a share of 0.9 the
@@ -171,10 +173,44 @@ def adapter_pool_bytes(model: ModelConfig, pool: LoraPoolConfig, dtype, *, shard
     return total * itemsize
 
 
-def step_working_bytes(
-    model: ModelConfig, *, max_num_tokens: int, max_batch: int, shards: int = 1
+def prefill_attention_bytes(
+    model: ModelConfig,
+    *,
+    rows: int,
+    chunk: int,
+    max_model_len: int,
+    key_block: int | None,
+    itemsize: int,
+    shards: int = 1,
 ) -> int:
-    """The estimate of a step's working memory on each device (see the module docstring)."""
+    """The largest transients of one layer's prefill attention (jaxlora.model._cached_attention)
+    on each device, for ``rows`` prompts of ``chunk`` tokens over a page table of
+    ``max_model_len`` keys: the K and V gathered from the pools over the whole table (cuDNN's
+    one pass reads every key of it, past ``key_block`` too), the mask and cuDNN's bias made of
+    it, and XLA's float32 scores and probabilities over at most ``key_block`` keys (the blocked
+    path's block; None: the whole table). An upper bound: which of the two runs depends on the
+    backend, dtype and head width, and a cut table (RunnerConfig.prefill_context_buckets) reads
+    fewer keys."""
+    kv_heads = -(-model.num_kv_heads // shards)
+    heads = -(-model.num_heads // shards)
+    gathered = 2 * rows * max_model_len * kv_heads * model.head_dim * itemsize
+    mask = rows * chunk * max_model_len * (1 + itemsize)
+    scored = max_model_len if key_block is None else min(max_model_len, key_block)
+    scores = 2 * rows * heads * chunk * scored * 4
+    return gathered + mask + scores
+
+
+def step_working_bytes(
+    model: ModelConfig,
+    *,
+    max_num_tokens: int,
+    max_batch: int,
+    shards: int = 1,
+    prefill_attention: int = 0,
+) -> int:
+    """The estimate of a step's working memory on each device (see the module docstring);
+    ``prefill_attention``: prefill_attention_bytes of the engine's prefill steps (a layer's
+    attention transients and its MLP's activations are not live at once: the larger counts)."""
     widest = (
         4 * model.hidden_size
         + (model.q_size + 2 * model.kv_size) // shards
@@ -182,7 +218,7 @@ def step_working_bytes(
     )
     activations = LIVE_ACTIVATIONS * max_num_tokens * widest * 4
     logits = (LOGIT_COPIES * max_batch + max_num_tokens) * model.vocab_size * 4
-    return activations + logits + FIXED_WORKING_BYTES
+    return max(activations, prefill_attention) + logits + FIXED_WORKING_BYTES
 
 
 @dataclasses.dataclass(frozen=True)

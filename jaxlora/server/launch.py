@@ -33,6 +33,7 @@ from jaxlora.server.device_memory import (
     device_memory,
     host_bytes_per_device,
     kv_budget,
+    prefill_attention_bytes,
     reserve_device_memory,
     step_working_bytes,
 )
@@ -275,9 +276,11 @@ def kv_budget_for(
     max_batch: int,
     memory: list[DeviceMemory] | None = None,
     pending_bytes: int = 0,
+    prefill_attention: int = 0,
 ) -> KVBudget:
     """How launch.gpu_memory_utilization's share of each tensor-parallel device is spent,
-    the KV cache's bytes last (jaxlora.server.device_memory)."""
+    the KV cache's bytes last (jaxlora.server.device_memory); ``prefill_attention``: the
+    prefill steps' attention transients (device_memory.prefill_attention_bytes)."""
     shards = launch.tensor_parallel_size
     if memory is None:
         memory = device_memory(jax.devices()[:shards])
@@ -287,7 +290,11 @@ def kv_budget_for(
         pending=pending_bytes,
         adapter_pools=adapter_pool_bytes(model, pool, DTYPES[launch.dtype], shards=shards),
         working=step_working_bytes(
-            model, max_num_tokens=max_num_tokens, max_batch=max_batch, shards=shards
+            model,
+            max_num_tokens=max_num_tokens,
+            max_batch=max_batch,
+            shards=shards,
+            prefill_attention=prefill_attention,
         ),
     )
     return budget
@@ -458,6 +465,15 @@ def engine_config_for(
             max_batch=max_batch,
             memory=memory,
             pending_bytes=pending_bytes,
+            prefill_attention=prefill_attention_bytes(
+                model,
+                rows=runner.max_prefill_rows,
+                chunk=runner.prefill_chunk,
+                max_model_len=max_model_len,
+                key_block=runner.prefill_key_block,
+                itemsize=jnp.dtype(DTYPES[launch.dtype]).itemsize,
+                shards=launch.tensor_parallel_size,
+            ),
         )
         kv_cache_memory_bytes = budget.kv_cache
     if kv_cache_memory_bytes is not None:
