@@ -23,17 +23,23 @@ from jaxlora.sampling import SamplingParams
 # (jaxlora.server's package imports fastapi, which the device lacks)
 _spec = importlib.util.spec_from_file_location("device_memory", "jaxlora/server/device_memory.py")
 dm = importlib.util.module_from_spec(_spec)
+sys.modules["device_memory"] = dm
 _spec.loader.exec_module(dm)
 
-ROWS, MAX_LEN, PROMPT = 4, 32768, int(os.environ.get("PROMPT_LEN", "30000"))
+ROWS, PROMPT = 4, int(os.environ.get("PROMPT_LEN", "30000"))
+MAX_LEN = int(os.environ.get("MAX_LEN", "32768"))
 GIB = 2**30
 
 
 def stats(label):
-    s = jax.devices()[0].memory_stats()
+    s = jax.devices()[0].memory_stats() or {
+        "bytes_in_use": 0,
+        "peak_bytes_in_use": 0,
+        "bytes_limit": 0,
+    }
     print(
-        f"{label}: in use {s['bytes_in_use'] / GIB:.3f} GiB, peak {s['peak_bytes_in_use'] / GIB:.3f}"
-        f" GiB, limit {s['bytes_limit'] / GIB:.3f} GiB",
+        f"{label}: in use {s['bytes_in_use'] / GIB:.3f} GiB, peak "
+        f"{s['peak_bytes_in_use'] / GIB:.3f} GiB, limit {s['bytes_limit'] / GIB:.3f} GiB",
         flush=True,
     )
     return s
