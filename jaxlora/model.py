@@ -965,9 +965,9 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, cfg: Mod
 
     # A table past prefill_key_block takes the blocked path unless cuDNN's fused attention
     # runs its one pass: that one materializes no score matrix, so its memory grows with the
-    # keys alone, and it was 1.7x faster (H100, llama-3-8b, 8 x 8,192-token prompts at
-    # max_model_len 32,768 over tables cut to 8,192 / 32,768 keys: 3.62 s against the blocked
-    # path's 6.24 s; fifty-second session).
+    # keys alone, and it was 1.4-2.3x faster (H100, llama-3-8b at max_model_len 32,768, eight
+    # prompts of 4,608 / 8,192 / 16,384 tokens: 1.64 / 3.35 / 9.04 s against XLA's blocked
+    # path's 2.34 / 6.54 / 20.46 s; fifty-second session).
     long_table = (
         span >= max_pages
         and kv.impl != "reference"

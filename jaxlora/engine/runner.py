@@ -173,9 +173,9 @@ class RunnerConfig:
     # Prefill steps whose page table holds more key positions than this attend block by block
     # over blocks of this many, only as far as the batch's longest row (an online softmax in a
     # loop of run-time length), unless cuDNN's fused attention runs them (prefill_attention:
-    # it materializes no score matrix, and its one pass over tables cut to 8,192 / 32,768 keys
-    # took eight 8,192-token llama-3-8b prompts in 3.62 s against 6.24 s blocked; H100,
-    # fifty-second session): XLA's one pass would gather and score every key of the table
+    # it materializes no score matrix, and its one pass took eight 8,192-token llama-3-8b
+    # prompts in 3.35 s against 6.54 s blocked, 16,384-token ones in 9.04 s against 20.46;
+    # H100, fifty-second session): XLA's one pass would gather and score every key of the table
     # (a (rows, heads, chunk, keys) float32 matrix). Tables of at most this many positions
     # keep the one pass. None: always one pass.
     prefill_key_block: int | None = 4096
