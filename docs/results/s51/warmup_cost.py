@@ -1,14 +1,18 @@
-"""Fifty-first session: what RunnerConfig.prefill_context_buckets costs at start-up. The
-engine's default config (RunnerConfig(), EngineConfig's defaults; 2,048 KV pages of 16,
-max_model_len 4,096, one registered adapter so that warm-up compiles the LoRA variants as with
---enable-lora), warmed up with the default buckets or with none (one process each: the
-samplers' compilations are cached within a process): the step shapes and the warm-up's seconds
-(lowering, compiling, running), then the time of eight 256-token prompts prefilled and one
-token out (median of 3 after a warm pass).
+"""Fifty-first session (MAX_LEN and explicit buckets added in the fifty-second): what
+RunnerConfig.prefill_context_buckets costs at start-up. The engine's default config
+(RunnerConfig(), EngineConfig's defaults; 2,048 KV pages of 16, max_model_len MAX_LEN (default
+4,096, at most the model's context), one registered adapter so that warm-up compiles the LoRA
+variants as with --enable-lora), warmed up (one process each: the samplers' compilations are
+cached within a process): the step shapes and the warm-up's seconds (lowering, compiling,
+running), then the time of eight 256-token prompts prefilled and one token out (median of 3
+after a warm pass).
 
-Run: PYTHONPATH=. python3 docs/results/s51/warmup_cost.py MODEL default|none"""
+Run: PYTHONPATH=. [MAX_LEN=32768] python3 docs/results/s51/warmup_cost.py MODEL BUCKETS
+BUCKETS: default, none, or keys joined by "_" (512_2048_4096: the fifty-first session's
+default, which its runs called "default")."""
 
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -33,14 +37,17 @@ def main():
     vocab = min(1000, config.vocab_size - 100)
     prompts = [[100 + (i * 37 + j) % vocab for j in range(256)] for i in range(8)]
     once = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    for buckets in ({"default": None, "none": ()}[which],):
+    named = {"default": None, "none": ()}
+    for buckets in (named[which] if which in named else tuple(map(int, which.split("_"))),):
         runner = RunnerConfig()
         if buckets is not None:
             runner = dataclasses.replace(runner, prefill_context_buckets=buckets)
         kv = KVCacheConfig(
             page_size=16,
             num_pages=2048,
-            max_model_len=min(4096, MODEL_PRESETS[name].context_length),
+            max_model_len=min(
+                int(os.environ.get("MAX_LEN", "4096")), MODEL_PRESETS[name].context_length
+            ),
         )
         engine_config = EngineConfig(kv=kv, runner=runner, warmup=False)
         llm = jaxlora.LLM(
@@ -61,7 +68,8 @@ def main():
         finally:
             llm.stop()
         print(
-            f"buckets {engine_config.runner.prefill_context_buckets}: "
+            f"max_model_len {kv.max_model_len}, buckets "
+            f"{engine_config.runner.prefill_context_buckets}: "
             f"{len(warm['shapes'])} step shapes, lowered {warm['lower_s']:.1f} s, compiled "
             f"{warm['compile_s']:.1f} s, run {warm['warmup_s']:.1f} s; 8 x 256 prefill "
             f"median {statistics.median(times[1:]) * 1e3:.1f} ms",

@@ -11,6 +11,6 @@ done
 # the new default (five cut widths) against the fifty-first session's 512 / 2,048 / 4,096.
 for b in default 512_2048_4096; do
   left=$((590 - SECONDS)); [ $left -gt 150 ] || break
-  MAX_LEN=32768 timeout $left python3 docs/results/s52/warmup_cost.py mistral-7b $b > $R/warmup_$b.log 2>&1; echo "warmup $b rc=$? at ${SECONDS}s" >> $S; grep -E "buckets|Error" $R/warmup_$b.log >> $S
+  MAX_LEN=32768 timeout $left python3 docs/results/s51/warmup_cost.py mistral-7b $b > $R/warmup_$b.log 2>&1; echo "warmup $b rc=$? at ${SECONDS}s" >> $S; grep -E "buckets|Error" $R/warmup_$b.log >> $S
 done
 date >> $S; cat $S
