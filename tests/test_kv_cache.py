@@ -23,7 +23,8 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
     the holders; a pool of only free and cached pages reports every page free. Some sequences
     start from a live one's prompt (``share_prefix``: the n choices of a request); some
     release their first pages (``release_before``: a sliding window), which a later sharer
-    takes as released positions."""
+    takes as released positions. Each live sequence's page-table row (kept by the cache as
+    its pages change) is its page list's."""
     rng = np.random.default_rng(seed)
     size, num_pages = 4, 14
     kv = KVCacheManager(
@@ -89,6 +90,11 @@ def test_random_sequences_share_only_pages_of_their_own_prefix(seed):
                 written[page] = (adapter, tuple(tokens[i * size : (i + 1) * size]))
             kv.register_full_pages(seq, tokens_of, adapter, len(tokens))
             live[seq] = (adapter, tokens)
+        for s in live:  # (the rows kept up to date are the rows of the page lists)
+            expected = np.zeros(kv.config.max_pages_per_seq, np.int32)
+            expected[: len(kv.pages_of(s))] = [page or 0 for page in kv.pages_of(s)]
+            np.testing.assert_array_equal(kv.page_table_row(s), expected)
+        assert set(kv._rows) == set(live)
         held = [p for s in live for p in kv.pages_of(s) if p is not None]
         distinct = set(held)
         for page in distinct:

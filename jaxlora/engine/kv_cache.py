@@ -167,6 +167,10 @@ class KVCacheManager:
         self.allocator = PageAllocator(config.num_pages, name="kv")
         # seq -> its pages by position; None: released (before a sliding window)
         self._pages: dict[int, list[int | None]] = {}
+        # seq -> its page-table row (page_table_row), kept up to date as pages come and go: a
+        # step copies rows instead of converting page lists (13 ms a step for 128 rows of
+        # 2,048 pages on the CPU machine, 0.3 ms for 24)
+        self._rows: dict[int, np.ndarray] = {}
         self.prefix_caching = config.prefix_caching
         self._refs: dict[int, int] = {}  # page -> sequences holding it
         self._keys: dict[int, list] = {}  # seq -> keys of its leading full pages
@@ -212,11 +216,20 @@ class KVCacheManager:
             fresh.append(page)
         for page in fresh:
             self._refs[page] = 1
-        self._pages.setdefault(seq_id, []).extend(fresh)
+        pages = self._pages.setdefault(seq_id, [])
+        self._row(seq_id)[len(pages) : len(pages) + len(fresh)] = fresh
+        pages.extend(fresh)
         return True
+
+    def _row(self, seq_id: int) -> np.ndarray:
+        row = self._rows.get(seq_id)
+        if row is None:
+            row = self._rows[seq_id] = np.zeros(self.config.max_pages_per_seq, np.int32)
+        return row
 
     def free(self, seq_id: int) -> None:
         pages = self._pages.pop(seq_id, None)
+        self._rows.pop(seq_id, None)
         self._keys.pop(seq_id, None)
         self._released_until.pop(seq_id, None)
         self._release(pages or ())
@@ -234,6 +247,7 @@ class KVCacheManager:
             return 0
         released = [page for page in pages[done:count] if page is not None]
         pages[done:count] = [None] * (count - done)
+        self._row(seq_id)[done:count] = 0
         self._released_until[seq_id] = count
         self._release(released)
         return len(released)
@@ -312,6 +326,8 @@ class KVCacheManager:
             self._evictable.pop(page, None)
             self._refs[page] = self._refs.get(page, 0) + 1
         self._pages[seq_id] = list(pages)
+        row = self._rows[seq_id] = np.zeros(self.config.max_pages_per_seq, np.int32)
+        row[: len(pages)] = [0 if page is None else page for page in pages]
         if keys:
             self._keys[seq_id] = list(keys)
 
@@ -351,11 +367,14 @@ class KVCacheManager:
 
     def page_table_row(self, seq_id: int) -> np.ndarray:
         """The sequence's page ids by position, 0 past its last page and where a page was
-        released (never read: see the module docstring)."""
-        row = np.zeros(self.config.max_pages_per_seq, np.int32)
-        pages = self.pages_of(seq_id)
-        row[: len(pages)] = [0 if page is None else page for page in pages]
-        return row
+        released (never read: see the module docstring). A read-only view of the row the
+        cache keeps: it changes as the sequence's pages do, so copy it to keep it."""
+        row = self._rows.get(seq_id)
+        if row is None:
+            row = np.zeros(self.config.max_pages_per_seq, np.int32)
+        view = row.view()
+        view.flags.writeable = False
+        return view
 
     @property
     def free_pages(self) -> int:
