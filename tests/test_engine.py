@@ -1525,10 +1525,9 @@ def xla_decode_runs():
         (False, True, False, True, None),
         (True, True, False, True, None),
         (True, False, True, True, None),
+        # (each opt-in shrink fusion alone in the unrolled loop, all three in the scan)
         (True, True, False, True, "unrolled:norm"),
-        (True, False, False, True, "scan:norm"),
         (True, True, False, True, "unrolled:swiglu"),
-        (True, False, False, True, "scan:norm+swiglu"),
         (True, True, False, False, "unrolled:attention"),
         (True, False, False, True, "scan:norm+swiglu+attention"),
     ],
