@@ -168,8 +168,8 @@ class KVCacheManager:
         # seq -> its pages by position; None: released (before a sliding window)
         self._pages: dict[int, list[int | None]] = {}
         # seq -> its page-table row (page_table_row), kept up to date as pages come and go: a
-        # step copies rows instead of converting page lists (13 ms a step for 128 rows of
-        # 2,048 pages on the CPU machine, 0.3 ms for 24)
+        # step copies rows instead of converting page lists (128 rows of 2,048 pages: 0.24 ms
+        # of host time a step instead of 10.9 on the CPU machine; fifty-second session)
         self._rows: dict[int, np.ndarray] = {}
         self.prefix_caching = config.prefix_caching
         self._refs: dict[int, int] = {}  # page -> sequences holding it
