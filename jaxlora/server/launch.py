@@ -271,16 +271,16 @@ def kv_budget_for(
     model: ModelConfig,
     launch: LaunchConfig,
     pool: LoraPoolConfig,
+    runner: RunnerConfig,
     *,
+    max_model_len: int,
     max_num_tokens: int,
-    max_batch: int,
     memory: list[DeviceMemory] | None = None,
     pending_bytes: int = 0,
-    prefill_attention: int = 0,
 ) -> KVBudget:
     """How launch.gpu_memory_utilization's share of each tensor-parallel device is spent,
-    the KV cache's bytes last (jaxlora.server.device_memory); ``prefill_attention``: the
-    prefill steps' attention transients (device_memory.prefill_attention_bytes)."""
+    the KV cache's bytes last (jaxlora.server.device_memory): the step's working memory is
+    that of the runner's batch and prefill steps over tables of max_model_len keys."""
     shards = launch.tensor_parallel_size
     if memory is None:
         memory = device_memory(jax.devices()[:shards])
@@ -292,9 +292,17 @@ def kv_budget_for(
         working=step_working_bytes(
             model,
             max_num_tokens=max_num_tokens,
-            max_batch=max_batch,
+            max_batch=runner.max_batch,
             shards=shards,
-            prefill_attention=prefill_attention,
+            prefill_attention=prefill_attention_bytes(
+                model,
+                rows=runner.max_prefill_rows,
+                chunk=runner.prefill_chunk,
+                max_model_len=max_model_len,
+                key_block=runner.prefill_key_block,
+                itemsize=jnp.dtype(DTYPES[launch.dtype]).itemsize,
+                shards=shards,
+            ),
         ),
     )
     return budget
@@ -461,19 +469,11 @@ def engine_config_for(
             model,
             launch,
             pool,
+            runner,
+            max_model_len=max_model_len,
             max_num_tokens=max_num_tokens,
-            max_batch=max_batch,
             memory=memory,
             pending_bytes=pending_bytes,
-            prefill_attention=prefill_attention_bytes(
-                model,
-                rows=runner.max_prefill_rows,
-                chunk=runner.prefill_chunk,
-                max_model_len=max_model_len,
-                key_block=runner.prefill_key_block,
-                itemsize=jnp.dtype(DTYPES[launch.dtype]).itemsize,
-                shards=launch.tensor_parallel_size,
-            ),
         )
         kv_cache_memory_bytes = budget.kv_cache
     if kv_cache_memory_bytes is not None:
