@@ -967,14 +967,16 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, cfg: Mod
     # runs its one pass: that one materializes no score matrix, so its memory grows with the
     # keys alone, and it was 1.4-2.3x faster (H100, llama-3-8b at max_model_len 32,768, eight
     # prompts of 4,608 / 8,192 / 16,384 tokens: 1.64 / 3.35 / 9.04 s against XLA's blocked
-    # path's 2.34 / 6.54 / 20.46 s; fifty-second session).
-    long_table = (
-        span >= max_pages
-        and kv.impl != "reference"
-        and block is not None
-        and max_pages * page_size > block
-    )
-    if long_table and (softcap is not None or _prefill_attention_implementation(kv, q) != "cudnn"):
+    # path's 2.34 / 6.54 / 20.46 s; fifty-second session). The jnp path (the CPU's, and the
+    # tensor-parallel steps', which XLA partitions over the heads) blocks too: its dense
+    # attention holds float32 scores and weights over the whole table, 4 GiB a prompt for a
+    # 512-token chunk of 32 heads over 32,768 keys.
+    long_table = span >= max_pages and block is not None and max_pages * page_size > block
+    if long_table and (
+        kv.impl == "reference"
+        or softcap is not None
+        or _prefill_attention_implementation(kv, q) != "cudnn"
+    ):
         return blocked()
     if span < max_pages:
         first_page = _window_start(positions, window) // page_size

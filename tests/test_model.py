@@ -526,14 +526,17 @@ def test_cudnn_reads_a_table_past_the_key_block_in_one_pass(monkeypatch):
     assert asked == [] and blocks == [(0, 4)]
 
 
+@pytest.mark.parametrize("impl", ["pallas_interpret", "reference"])
 @pytest.mark.parametrize("window", [None, 60], ids=["causal", "window60"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype):
+def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype, impl):
     """RunnerConfig.prefill_key_block: a prefill chunk's attention over a long page table,
     block by block (online softmax, as far as the longest row), gives the one-pass attention
     over the whole table: rows starting at 0 and mid-table, a ragged chunk, a padding row;
     causal and with a sliding window whose span is the table's (so the windowed gather does
-    not take it). The blocks visited follow the rows' lengths, not the table."""
+    not take it). The blocks visited follow the rows' lengths, not the table. The jnp path
+    ("reference": the CPU's and the tensor-parallel steps') blocks as the kernels' does; its
+    one pass is the dense attention."""
     import dataclasses
 
     from jaxlora.model import KVCache, _cached_attention
@@ -556,7 +559,7 @@ def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype):
         seq_lens=jnp.asarray(starts + counts, jnp.int32),
         token_valid=valid,
         mode="prefill",
-        impl="pallas_interpret",
+        impl=impl,
     )
     # head_dim 16: the query scale 0.25; Mistral's window where one is given.
     config = dataclasses.replace(TINY, model_type="mistral", sliding_window=window)

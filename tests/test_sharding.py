@@ -83,11 +83,14 @@ def test_indivisible_tp_is_a_clear_error():
         )
 
 
-def test_tensor_parallel_engine_generates_the_single_device_tokens():
+def test_tensor_parallel_engine_generates_the_single_device_tokens(monkeypatch):
     """Over 4 devices (prefill page tables cut to an 8-key context bucket there, whole on one
-    device) the engine generates the single device's tokens."""
+    device; prefill attention over a longer table block by block, 8 keys a block, there, in
+    one pass over the whole table on one device) the engine generates the single device's
+    tokens."""
     import dataclasses
 
+    from jaxlora import model as model_module
     from jaxlora.llm import LLM
     from jaxlora.sampling import SamplingParams
     from tests.test_engine import record_table_widths, small_engine_config
@@ -101,11 +104,21 @@ def test_tensor_parallel_engine_generates_the_single_device_tokens():
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3], [40, 41, 42]]
     names = ["a", None, "b"]
     sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    blocked_tables = []
+    blocked_attention = model_module._blocked_cached_attention
+
+    def record_blocked(q, positions, layer, kv, *args, **kwargs):
+        blocked_tables.append(kv.page_table.shape[1])
+        return blocked_attention(q, positions, layer, kv, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "_blocked_cached_attention", record_blocked)
     outs = {}
     for tp in (1, 4):
         engine_config = small_engine_config()
         runner = dataclasses.replace(
-            engine_config.runner, prefill_context_buckets=(8,) if tp > 1 else ()
+            engine_config.runner,
+            prefill_context_buckets=(8,) if tp > 1 else (),
+            prefill_key_block=8 if tp > 1 else None,
         )
         llm = LLM(
             config,
@@ -118,6 +131,9 @@ def test_tensor_parallel_engine_generates_the_single_device_tokens():
         widths = record_table_widths(llm)
         outs[tp] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sampling)]
         assert ("prefill", 2) in widths if tp == 4 else ("prefill", 2) not in widths
+        # The 11-token prompt's second chunk reads the whole 16-page table (past the bucket),
+        # block by block on 4 devices; the 2-page tables fit in one block.
+        assert set(blocked_tables) == ({16} if tp == 4 else set()), blocked_tables
         if tp == 4:
             assert llm.engine.kv.k_pool.addressable_shards[0].data.shape[3] == 1
             # the engine runs fused projections, one group of q|k|v columns per device
