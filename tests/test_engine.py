@@ -1241,6 +1241,36 @@ def test_choices_of_one_prompt_compute_its_pages_once(
     assert llm.engine.kv.free_pages == num_pages
 
 
+@pytest.mark.parametrize(("window", "busy", "shared"), [(6, True, 0), (12, False, 12)])
+def test_a_later_choice_shares_no_page_its_leader_released_before_its_window(window, busy, shared):
+    """A sliding window, a 14-token prompt (pages of 4), two choices in a batch of 2 rows.
+    With a third request ahead of them the follower waits for its row while the leader decodes
+    on and releases its pages before its own window: a window of 6 keys from the follower's
+    first query (position 12) reads page 1, released, so nothing is shared (those keys read as
+    page 0, another sequence's, before). Admitted at once, a follower with a window of 12 keys
+    (from page 0, still held) takes the 3 full pages. Either way each choice gets the tokens
+    the prompt gets alone."""
+    import dataclasses
+
+    model = dataclasses.replace(TINY, model_type="mistral", sliding_window=window)
+    params = init_params(model, 0)
+    config = small_engine_config()
+    config = dataclasses.replace(config, runner=dataclasses.replace(config.runner, max_batch=2))
+    prompt = list(range(3, 17))
+    sampling = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm = jaxlora.LLM(model, params=params, engine_config=config, load_workers=0)
+    engine = llm.engine
+    if busy:
+        engine.submit(list(range(100, 110)), SamplingParams(max_tokens=8, ignore_eos=True))
+    leader = engine.submit(prompt, sampling)
+    follower = engine.submit(prompt, sampling, share_prompt_with=leader)
+    engine.run_until_idle()
+    assert engine.stats.shared_prompt_tokens == shared
+    alone = llm.generate([prompt], sampling=sampling)[0].token_ids
+    assert leader.output_ids == follower.output_ids == alone
+    assert engine.kv.free_pages == config.kv.num_pages
+
+
 def test_a_choice_asking_for_prompt_logprobs_computes_its_prompt_at_once(base):
     """A later choice that asks for prompt logprobs shares no pages (it computes every prompt
     position's logits), so it does not wait for its leader's prefill: both prefill in the

@@ -171,6 +171,11 @@ def test_pages_before_a_window_are_released_and_their_places_kept():
     assert kv.share_prefix("a", "c", 8) == 8 and kv.pages_of("c") == [None, first[1]]
     assert kv._refs[first[1]] == 2
     kv.free("c")
+    # With a window the next query's keys must all be held: from position 8, a window of 6
+    # reads position 3 (page 0, released), one of 5 from position 4 (page 1, held).
+    assert kv.share_prefix("a", "c", 8, window=6) == 0 and kv.pages_of("c") == []
+    assert kv.share_prefix("a", "c", 8, window=5) == 8 and kv.pages_of("c") == [None, first[1]]
+    kv.free("c")
     # A window of 6 keys, steps of 2 tokens: the sequence walks 40 tokens in 8 pages' room.
     window, chunk = 6, 2
     bound = kv.pages_held_at_most(40, window, chunk)

@@ -871,7 +871,10 @@ class Engine:
         # (an adapter replaced since the leader took its version: other K/V, nothing shared)
         if shared and self._kv_key(request.prompt_leader) == self._kv_key(request):
             shared = self.kv.share_prefix(
-                request.prompt_leader.request_id, request.request_id, shared
+                request.prompt_leader.request_id,
+                request.request_id,
+                shared,
+                window=self.config.attention_window,
             )
             request.num_computed = shared
         else:

@@ -303,18 +303,29 @@ class KVCacheManager:
             self._hold(seq_id, pages, keys)
         return len(pages) * size
 
-    def share_prefix(self, source_id: int, seq_id: int, num_tokens: int) -> int:
+    def share_prefix(
+        self, source_id: int, seq_id: int, num_tokens: int, window: int | None = None
+    ) -> int:
         """Gives a sequence without pages the source sequence's pages that its first
         num_tokens tokens fill (full pages only, which the source never writes again; counted
         references): the number of tokens they hold. The caller vouches that the two sequences'
-        first num_tokens tokens and adapter version are the same."""
+        first num_tokens tokens and adapter version are the same. With a sliding ``window``
+        nothing is shared unless the source still holds every page the sequence's next query
+        reads: a source past the shared tokens may have released pages inside that window
+        (release_before), and those places would read as page 0, another sequence's keys."""
         if self._pages.get(seq_id):
             return 0
-        count = min(num_tokens // self.config.page_size, len(self._pages.get(source_id, ())))
+        source = self._pages.get(source_id, ())
+        size = self.config.page_size
+        count = min(num_tokens // size, len(source))
         if not count:
             return 0
-        self._hold(seq_id, self._pages[source_id][:count], self._keys.get(source_id, [])[:count])
-        return count * self.config.page_size
+        if window is not None:
+            first_read = max(0, count * size - window + 1) // size
+            if any(page is None for page in source[first_read:count]):
+                return 0
+        self._hold(seq_id, source[:count], self._keys.get(source_id, [])[:count])
+        return count * size
 
     def _hold(self, seq_id: int, pages: list[int], keys: list) -> None:
         """A sequence without pages takes pages another sequence computed, by counted
