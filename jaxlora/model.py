@@ -971,7 +971,9 @@ def _cached_attention(q, positions, layer, kv: KVCache, k_pool, v_pool, cfg: Mod
     # tensor-parallel steps', which XLA partitions over the heads) blocks too: its dense
     # attention holds float32 scores and weights over the whole table, 4 GiB a prompt for a
     # 512-token chunk of 32 heads over 32,768 keys.
-    long_table = span >= max_pages and block is not None and max_pages * page_size > block
+    # A static window's gather (span pages) counts as a table too: past the block it blocks
+    # as well (Mistral v0.1's 4,096-key window and 2,048-token chunks read 6,160 keys).
+    long_table = block is not None and min(span, max_pages) * page_size > block
     if long_table and (
         kv.impl == "reference"
         or softcap is not None

@@ -527,14 +527,15 @@ def test_cudnn_reads_a_table_past_the_key_block_in_one_pass(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["pallas_interpret", "reference"])
-@pytest.mark.parametrize("window", [None, 60], ids=["causal", "window60"])
+@pytest.mark.parametrize("window", [None, 60, 20], ids=["causal", "window60", "window20"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_blocked_prefill_attention_is_the_one_pass_attention(window, dtype, impl):
     """RunnerConfig.prefill_key_block: a prefill chunk's attention over a long page table,
     block by block (online softmax, as far as the longest row), gives the one-pass attention
     over the whole table: rows starting at 0 and mid-table, a ragged chunk, a padding row;
     causal and with a sliding window whose span is the table's (so the windowed gather does
-    not take it). The blocks visited follow the rows' lengths, not the table. The jnp path
+    not take it) or half of it (8 pages: the windowed gather's keys past the block block too).
+    The blocks visited follow the rows' lengths, not the table. The jnp path
     ("reference": the CPU's and the tensor-parallel steps') blocks as the kernels' does; its
     one pass is the dense attention."""
     import dataclasses
