@@ -36,12 +36,20 @@ def working_of(model, config, *, max_batch, itemsize=2, shards=1):
         itemsize=itemsize,
         shards=shards,
     )
+    decode = dm.decode_attention_bytes(
+        model,
+        rows=runner.max_batch,
+        max_model_len=config.kv.max_model_len,
+        itemsize=itemsize,
+        shards=shards,
+    )
     return dm.step_working_bytes(
         model,
         max_num_tokens=config.max_num_tokens,
         max_batch=max_batch,
         shards=shards,
         prefill_attention=attention,
+        decode_attention=decode if shards > 1 else 0,
     )
 
 
@@ -413,6 +421,61 @@ def test_the_prefill_attention_transients_are_counted():
         // kv_page_bytes(MISTRAL_7B, launch, 16)
         > 0
     )
+
+
+def test_the_tensor_parallel_decode_attention_transients_are_counted(fraction):
+    """A tensor-parallel engine's decode steps run the jnp attention, which gathers every
+    row's K and V over the whole table (in the pool's dtype and in float32) and scores them in
+    float32: at Mistral 7B's max_model_len 32,768, batch 32 and 2 devices that is 6.1 GiB a
+    device, more than a prefill step's transients, and the cache gets that many bytes fewer.
+    One device (the Pallas kernel reads the pages in place) counts none of it."""
+    decode = dm.decode_attention_bytes(
+        MISTRAL_7B, rows=32, max_model_len=32768, itemsize=2, shards=2
+    )
+    assert decode == 2 * 32 * 32768 * 4 * 128 * (2 + 4) + 2 * 32 * 16 * 32768 * 4
+    assert decode > 6 * GIB
+    memory = [dm.DeviceMemory(f"cuda:{i}", limit=H100_LIMIT, in_use=8 * GIB) for i in range(2)]
+    pages = {}
+    for tp in (1, 2):
+        launch = LaunchConfig(
+            dtype="bfloat16",
+            gpu_memory_utilization=0.9,
+            max_model_len=32768,
+            tensor_parallel_size=tp,
+        )
+        config = engine_config_for(MISTRAL_7B, launch, backend="gpu", memory=memory)
+        assert config.runner.max_batch == 32
+        working = working_of(MISTRAL_7B, config, max_batch=32, shards=tp)
+        pools = dm.adapter_pool_bytes(MISTRAL_7B, config.lora_pool, jnp.bfloat16, shards=tp)
+        page = kv_page_bytes(MISTRAL_7B, launch, 16)
+        assert config.kv.num_pages == (H100_LIMIT - 8 * GIB - pools - working) // page
+        pages[tp] = config.kv.num_pages
+        prefill = dm.prefill_attention_bytes(
+            MISTRAL_7B,
+            rows=config.runner.max_prefill_rows,
+            chunk=config.runner.prefill_chunk,
+            max_model_len=32768,
+            key_block=config.runner.prefill_key_block,
+            itemsize=2,
+            shards=tp,
+        )
+        if tp == 2:
+            assert decode > prefill
+            assert working == dm.step_working_bytes(
+                MISTRAL_7B,
+                max_num_tokens=config.max_num_tokens,
+                max_batch=32,
+                shards=2,
+                decode_attention=decode,
+            )
+        else:
+            assert working == dm.step_working_bytes(
+                MISTRAL_7B,
+                max_num_tokens=config.max_num_tokens,
+                max_batch=32,
+                prefill_attention=prefill,
+            )
+    assert pages[2] > 0 and pages[1] > 0
 
 
 def test_the_serving_flag_and_build_state(fraction, monkeypatch):

@@ -15,11 +15,12 @@ and the share is capped at the limit.
 The working memory of a step is an estimate, not a measurement: the largest activations of a
 step of ``max_num_tokens`` tokens (f32, four live at once) or, where larger, a prefill step's
 attention transients (the K and V gathered over max_model_len keys, XLA's scores;
-``prefill_attention_bytes``), the logits and the sampler's sorted copies of them, and a fixed
-2 GiB for what XLA and the kernels keep beside them (the GEMM autotuner's buffers while a step
-compiles, cuBLAS workspaces, adapter uploads in flight, allocator fragmentation). The server
-logs each device's peak once it is warm (``describe_device_memory``): the measure to set the
-share by.
+``prefill_attention_bytes``) or, with tensor parallelism, a decode step's jnp attention (every
+row's K and V gathered over the table and in float32; ``decode_attention_bytes``), the logits
+and the sampler's sorted copies of them, and a fixed 2 GiB for what XLA and the kernels keep
+beside them (the GEMM autotuner's buffers while a step compiles, cuBLAS workspaces, adapter
+uploads in flight, allocator fragmentation). The server logs each device's peak once it is
+warm (``describe_device_memory``): the measure to set the share by.
 
 JAX's GPU allocator hands out each array as one contiguous block of its region, and loading the
 weights leaves holes where their transients were freed: on an H100 at a share of 0.9 the
@@ -200,6 +201,22 @@ def prefill_attention_bytes(
     return gathered + mask + scores
 
 
+def decode_attention_bytes(
+    model: ModelConfig, *, rows: int, max_model_len: int, itemsize: int, shards: int = 1
+) -> int:
+    """The largest transients of one layer's decode attention on the jnp path
+    (pallas_kernels.paged_attention.paged_attention_reference, which tensor-parallel steps run:
+    jaxlora.engine.engine) on each device, for ``rows`` rows over a page table of
+    ``max_model_len`` keys: every row's K and V gathered in the pool's dtype and again in
+    float32, and the float32 scores and weights. (The Pallas kernel of a single device reads
+    the pages in place.)"""
+    kv_heads = -(-model.num_kv_heads // shards)
+    heads = -(-model.num_heads // shards)
+    gathered = 2 * rows * max_model_len * kv_heads * model.head_dim * (itemsize + 4)
+    scores = 2 * rows * heads * max_model_len * 4
+    return gathered + scores
+
+
 def step_working_bytes(
     model: ModelConfig,
     *,
@@ -207,10 +224,13 @@ def step_working_bytes(
     max_batch: int,
     shards: int = 1,
     prefill_attention: int = 0,
+    decode_attention: int = 0,
 ) -> int:
     """The estimate of a step's working memory on each device (see the module docstring);
-    ``prefill_attention``: prefill_attention_bytes of the engine's prefill steps (a layer's
-    attention transients and its MLP's activations are not live at once: the larger counts)."""
+    ``prefill_attention``: prefill_attention_bytes of the engine's prefill steps,
+    ``decode_attention``: decode_attention_bytes of its decode steps where they run the jnp
+    path (a layer's attention transients and its MLP's activations are not live at once: the
+    largest counts)."""
     widest = (
         4 * model.hidden_size
         + (model.q_size + 2 * model.kv_size) // shards
@@ -218,7 +238,7 @@ def step_working_bytes(
     )
     activations = LIVE_ACTIVATIONS * max_num_tokens * widest * 4
     logits = (LOGIT_COPIES * max_batch + max_num_tokens) * model.vocab_size * 4
-    return max(activations, prefill_attention) + logits + FIXED_WORKING_BYTES
+    return max(activations, prefill_attention, decode_attention) + logits + FIXED_WORKING_BYTES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ from jaxlora.server.device_memory import (
     KVBudget,
     adapter_pool_bytes,
     check_utilization,
+    decode_attention_bytes,
     device_memory,
     host_bytes_per_device,
     kv_budget,
@@ -282,6 +283,7 @@ def kv_budget_for(
     the KV cache's bytes last (jaxlora.server.device_memory): the step's working memory is
     that of the runner's batch and prefill steps over tables of max_model_len keys."""
     shards = launch.tensor_parallel_size
+    itemsize = jnp.dtype(DTYPES[launch.dtype]).itemsize
     if memory is None:
         memory = device_memory(jax.devices()[:shards])
     budget = kv_budget(
@@ -300,9 +302,19 @@ def kv_budget_for(
                 chunk=runner.prefill_chunk,
                 max_model_len=max_model_len,
                 key_block=runner.prefill_key_block,
-                itemsize=jnp.dtype(DTYPES[launch.dtype]).itemsize,
+                itemsize=itemsize,
                 shards=shards,
             ),
+            # (a tensor-parallel engine's steps run the jnp path: jaxlora.engine.engine)
+            decode_attention=decode_attention_bytes(
+                model,
+                rows=runner.max_batch,
+                max_model_len=max_model_len,
+                itemsize=itemsize,
+                shards=shards,
+            )
+            if shards > 1
+            else 0,
         ),
     )
     return budget
