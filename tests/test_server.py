@@ -3025,7 +3025,9 @@ def test_the_readmes_keys_file_loads(tmp_path):
 def test_requests_load_adapters_on_demand_from_the_roots(adapter_root):
     """load_adapters_on_demand: a request naming an adapter directory under the roots loads it
     (once, for concurrent requests) and is served by it; what is outside the roots or no adapter
-    directory stays 404; a directory that does not load is a 400 naming `model`."""
+    directory stays 404, and so does any other spelling of a directory's path ("./a", "a/",
+    "b/../a": each would register a's weights again, and "b/../a" would pass an API key's
+    pattern for b); a directory that does not load is a 400 naming `model`."""
     root, outside = adapter_root
     server, state = start_demo_server(adapter_roots=(root,), load_adapters_on_demand=True)
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -3060,7 +3062,15 @@ def test_requests_load_adapters_on_demand_from_the_roots(adapter_root):
         assert metric(samples, name, outcome="loaded") == 1.0
         card = httpx.get(f"{server.url}/v1/models/robot_copy", headers=headers).json()
         assert card["parent"] == demo.DEMO_MODEL_NAME and card["id"] == "robot_copy"
-        for missing in ("../outside", "link_out", "does_not_exist", outside, "pirate_copy/.."):
+        spellings = ("./robot_copy", "robot_copy/", "pirate_copy/../robot_copy", "a//robot_copy")
+        for missing in (
+            "../outside",
+            "link_out",
+            "does_not_exist",
+            outside,
+            "pirate_copy/..",
+            *spellings,
+        ):
             response = httpx.post(
                 f"{server.url}/v1/completions",
                 json={"model": missing, "prompt": "Hi", "max_tokens": 2},

@@ -215,8 +215,12 @@ class ServingState:
     def _load_on_demand(self, name: str) -> bool:
         """Registers the adapter directory ``name`` (a relative path under the roots) if there
         is one; False if there is none. A directory that is there but does not load raises
-        (400, naming `model`). Concurrent requests for the same new name load it once."""
+        (400, naming `model`). Concurrent requests for the same new name load it once. Only a
+        directory's own spelling loads: "a/../b", "./b" or "b/" would register b's weights
+        again under another name each, and pass an API key's patterns for a (acme-*/../globex)."""
         if os.path.isabs(name) or not _encodable(name) or "\x00" in name:
+            return False
+        if any(part in ("", ".", "..") for part in name.split("/")):
             return False
         try:
             real = resolve_adapter_path(name, self.config.adapter_roots)
