@@ -520,6 +520,35 @@ def test_top_k_past_the_vocabulary_keeps_every_token(http):
     assert texts[0] == texts[1]
 
 
+def test_a_null_is_the_fields_default(http):
+    """OpenAI's schema marks the optional fields nullable and clients send null for unset:
+    n, stream, echo, the chat's logprobs, the Responses API's stream and store, LoRAX's stream
+    and its parameters' flags given null answer as if left out (they were 400s)."""
+    nulls = {"n": None, "stream": None, "priority": None, "skip_special_tokens": None}
+    cases = [
+        (COMPLETIONS, comp(**nulls, echo=None, stream_options=None), C),
+        (CHAT, chat(**nulls, logprobs=None, temperature=0), chat(temperature=0)),
+        (RESPONSES, {**R, "stream": None, "store": None}, R),
+        (
+            "/generate",
+            {"inputs": "Hi", "stream": None, "parameters": {"max_new_tokens": 4, "details": None}},
+            {"inputs": "Hi", "parameters": {"max_new_tokens": 4}},
+        ),
+    ]
+    for path, with_nulls, without in cases:
+        answers = [post(http, path, body) for body in (with_nulls, without)]
+        for response in answers:
+            assert response.status_code == 200, (path, response.text)
+        first, second = (response.json() for response in answers)
+        for key in ("id", "created", "created_at"):
+            first.pop(key, None), second.pop(key, None)
+        if path == RESPONSES:
+            for item in first["output"] + second["output"]:
+                item.pop("id", None)
+            first, second = first["output"], second["output"]
+        assert first == second, path
+
+
 def test_tokenizing_leaves_the_event_loop_free(served, monkeypatch):
     """A slow tokenization (a long prompt, a large vocabulary) runs off the event loop, which
     serves every client: /health answers while it runs."""

@@ -9,18 +9,36 @@ and the older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_
 vLLM's extensions. Fields this server cannot honour (suffix, ...) are accepted only at their neutral
 value, so that a client never silently gets something else than it asked for; unknown fields
 are refused (400), as OpenAI does. Types are strict, as OpenAI's are: "5" or true is not taken for
-an int, nor 1 or "yes" for a bool (400).
+an int, nor 1 or "yes" for a bool (400). A null is the field's default, as OpenAI's schema marks
+its optional fields nullable (``"n": null``, ``"stream": null``: 1, false); a required field
+given null is refused.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        # (no field's default differs from null where null is allowed: dropping it changes
+        # nothing there, and gives the default where a client's library sends null for unset;
+        # a required field keeps its null, refused by name)
+        if isinstance(data, dict):
+            optional = {
+                key
+                for name, field in cls.model_fields.items()
+                if not field.is_required()
+                for key in (name, field.alias)
+            }
+            return {k: v for k, v in data.items() if v is not None or k not in optional}
+        return data
 
 
 class StreamOptions(_Body):
