@@ -1797,6 +1797,21 @@ def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
             assert all(p.index == 0 and not p.id for p in pieces[1:])
             assert "".join(p.function.arguments for p in pieces) == call.function.arguments
             assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+            # Cut short by max_tokens: the call with the arguments so far, finish "length",
+            # whole as streamed (it was content, and the stream a call).
+            cut = chat(client, model, tools=tools, tool_choice=named, max_tokens=3).choices[0]
+            assert cut.finish_reason == "length" and cut.message.content is None
+            [part] = cut.message.tool_calls
+            assert part.function.name == "get_time"
+            assert call.function.arguments.startswith(part.function.arguments)
+            assert part.function.arguments != call.function.arguments
+            chunks = list(
+                chat(client, model, tools=tools, tool_choice=named, max_tokens=3, stream=True)
+            )
+            pieces = [c.choices[0].delta.tool_calls for c in chunks if c.choices]
+            streamed = "".join(p[0].function.arguments for p in pieces if p)
+            assert streamed.strip() == part.function.arguments
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         whole = chat(client, "pirate", tools=tools, tool_choice="required", max_tokens=80)
         choice = whole.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
@@ -1842,6 +1857,10 @@ def test_forced_tool_calls_are_decoded_under_the_tools_schemas():
         events = list(client.responses.create(**asked, **forced, max_output_tokens=40, stream=True))
         pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
         assert len(pieces) > 1 and "".join(pieces) == item.arguments
+        cut = client.responses.create(**asked, **forced, max_output_tokens=3)
+        assert cut.status == "incomplete"
+        [part] = cut.output
+        assert part.type == "function_call" and item.arguments.startswith(part.arguments)
         result = {"type": "function_call_output", "call_id": item.call_id, "output": "12:00"}
         answered = client.responses.create(
             model="pirate",

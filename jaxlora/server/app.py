@@ -524,13 +524,16 @@ def chat_message(
     """A chat answer's message and finish reason: with a tool-call parser, the calls in the
     text (the first ``max_calls``: vLLM's reading of ``parallel_tool_calls: false``) become
     ``tool_calls`` (finish reason "tool_calls") and the rest its content; a forced call's
-    answer (``ForcedToolCalls``) becomes its calls, unless cut short."""
+    answer (``ForcedToolCalls``) becomes its calls: a named one's always, with the answer's
+    finish reason ("length" where cut short, as its stream ends), required's unless cut
+    short."""
     message = {"role": "assistant", "content": text}
     if calls_reader is None:
         return message, finish_reason
     if isinstance(calls_reader, ForcedToolCalls):
         content, calls = None, calls_reader.parse(text)
-        called = calls_reader.finish_reason
+        named = calls_reader.name is not None
+        called = finish_reason if named else calls_reader.finish_reason
     else:
         content, calls = parse_tool_calls(text, calls_reader)
         calls = calls[:max_calls]

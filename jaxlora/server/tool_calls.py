@@ -291,14 +291,16 @@ class ForcedToolCalls:
         self.finish_reason = "stop"
 
     def parse(self, text: str) -> list[ToolCall]:
-        """The calls in a complete answer; [] if it does not parse (cut short)."""
+        """The calls in an answer: a named call's whatever the text (cut short by max_tokens
+        too: its stream sent it as the call's arguments, as vLLM answers); required's [] if it
+        does not parse (cut short)."""
+        if self.name is not None:
+            # The arguments as the model wrote them: what the stream sent, piece by piece.
+            return [ToolCall(self.name, text.strip())]
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
             return []
-        if self.name is not None:
-            # The arguments as the model wrote them: what the stream sent, piece by piece.
-            return [ToolCall(self.name, text.strip())] if isinstance(value, dict) else []
         if not isinstance(value, list):
             return []
         calls = [_call(item, "parameters") for item in value]
