@@ -3451,6 +3451,48 @@ def test_launch_settings():
         LaunchConfig(max_body_mib=0)
 
 
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "max_batch",
+        "max_prefill_rows",
+        "prefill_chunk",
+        "max_num_tokens",
+        "page_size",
+        "kv_pages",
+        "max_model_len",
+    ],
+)
+@pytest.mark.parametrize("value", ["0", "-16"])
+def test_sizes_below_one_are_refused_naming_the_flag(flag, value):
+    """serve.py's sizes are ints >= 1: --page_size=0 was a ZeroDivisionError, -16 with
+    --gpu_memory_utilization "-8910960 KV pages of -8192 bytes", and --prefill_chunk=0 an
+    IndexError in the first step, --max_num_tokens=0 or --max_prefill_rows=0 requests that
+    never ran."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+
+    try:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["serve.py", f"--{flag}={value}"])
+        with pytest.raises(ConfigError, match=f"^--{flag}: expected an int >= 1, got {value}$"):
+            launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_engine_sizes_below_one_are_refused_by_the_configs():
+    """The library's configs refuse them too (a config built without serve.py's flags)."""
+    from jaxlora.engine import EngineConfig, RunnerConfig
+
+    for field in ("max_batch", "prefill_chunk", "max_prefill_rows"):
+        with pytest.raises(ConfigError, match=f"'{field}': expected a positive int, got 0"):
+            RunnerConfig(**{field: 0})
+    with pytest.raises(ConfigError, match="'max_num_tokens': expected a positive int, got 0"):
+        EngineConfig(max_num_tokens=0)
+
+
 def launch_configs_of(flag: str, values) -> dict:
     """serve.py's LaunchConfig with ``--flag=value`` for each value (None: the flag unset)."""
     from absl import flags

@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.bad_words import BadWords, apply_bans, bad_word_token_ids
-from jaxlora.config import LoraPoolConfig, ModelConfig
+from jaxlora.config import LoraPoolConfig, ModelConfig, require_positive_ints
 from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager
 from jaxlora.engine.request import Delta, FinishReason, Request, Status
 from jaxlora.engine.runner import (
@@ -157,6 +157,7 @@ class EngineConfig:
     fair_share_weights: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
+        require_positive_ints(self, ("max_num_tokens",), "engine config")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ConfigError(
                 f"EngineConfig: field 'scheduling_policy' is {self.scheduling_policy!r}; "

@@ -222,7 +222,11 @@ class RunnerConfig:
                 f"runner config field residual_norm: expected 'xla' or 'pallas', "
                 f"got {self.residual_norm!r}"
             )
-        require_positive_ints(self, ("prompt_logprobs_positions",), "runner config")
+        require_positive_ints(
+            self,
+            ("max_batch", "prefill_chunk", "max_prefill_rows", "prompt_logprobs_positions"),
+            "runner config",
+        )
         if self.prefill_key_block is not None:
             require_positive_ints(self, ("prefill_key_block",), "runner config")
         buckets = self.prefill_context_buckets

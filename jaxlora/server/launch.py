@@ -185,6 +185,21 @@ class LaunchConfig:
                 raise ConfigError(
                     f"{field}: expected None or an int >= {least} (bytes), got {value!r}"
                 )
+        # (checked here, before engine_config_for divides by them or a step is shaped by them)
+        for field in (
+            "max_batch",
+            "max_prefill_rows",
+            "prefill_chunk",
+            "max_num_tokens",
+            "page_size",
+            "kv_pages",
+            "max_model_len",
+        ):
+            value = getattr(self, field)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"--{field}: expected an int >= 1, got {value!r}")
         if self.gpu_memory_utilization is not None:
             check_utilization(self.gpu_memory_utilization)
         sizers = [
