@@ -249,10 +249,20 @@ def test_n_seed_stop_and_logprobs(served, client):
     lp = scored.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == scored.usage.completion_tokens
     assert "".join(lp.tokens[:-1]) == scored.choices[0].text  # the last one is EOS
+    # (the token itself among its alternatives, as OpenAI's legacy API gives it)
     assert all(
-        len(top) <= 2 and max(top.values()) >= tok_lp - 1e-5
-        for top, tok_lp in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+        len(top) <= 3 and max(top.values()) >= tok_lp - 1e-5 and top[token] == tok_lp
+        for top, tok_lp, token in zip(lp.top_logprobs, lp.token_logprobs, lp.tokens, strict=True)
     )
+    hot = client.completions.create(
+        model="robot", prompt="Hi", logprobs=1, temperature=3.0, seed=1, max_tokens=12
+    ).choices[0]
+    tops = hot.logprobs.top_logprobs
+    assert all(
+        top[t] == t_lp
+        for top, t_lp, t in zip(tops, hot.logprobs.token_logprobs, hot.logprobs.tokens, strict=True)
+    )
+    assert any(len(top) == 2 for top in tops)  # sampled tokens below the most likely one
     chat_scored = chat(client, "robot", logprobs=True, top_logprobs=3)
     content = chat_scored.choices[0].logprobs.content
     assert len(content) == chat_scored.usage.completion_tokens
@@ -496,8 +506,11 @@ def test_echo_with_logprobs_scores_the_prompt(served, client):
     np.testing.assert_allclose(
         lp.token_logprobs[1 : len(ids)], request.prompt_logprobs[1:], rtol=1e-6, atol=1e-6
     )
-    for top, token_lp in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True):
-        assert len(top) == 1 and max(top.values()) >= token_lp - 1e-6
+    for top, token_lp, token in zip(
+        lp.top_logprobs[1:], lp.token_logprobs[1:], lp.tokens[1:], strict=True
+    ):
+        assert len(top) in (1, 2) and max(top.values()) >= token_lp - 1e-6
+        assert top[token] == token_lp
     plain = client.completions.create(model="robot", prompt=ids, logprobs=1, max_tokens=1)
     assert plain.choices[0].logprobs.tokens == lp.tokens[-1:]
     # Streamed: the same blocks, the prompt's in the first chunk.
@@ -511,12 +524,16 @@ def test_echo_with_logprobs_scores_the_prompt(served, client):
     assert tokens == lp.tokens and logprobs[0] is None
     np.testing.assert_allclose(logprobs[1:], lp.token_logprobs[1:], rtol=1e-6, atol=1e-6)
     assert len(chunks[0].choices[0].logprobs.tokens) == len(ids) + 1
-    # A text prompt, logprobs=0: the prompt's tokens (BOS first) with no alternatives.
+    # A text prompt, logprobs=0: the prompt's tokens (BOS first), each its only alternative.
     text = client.completions.create(
         model="robot", prompt="Tell me a joke, robot.", echo=True, logprobs=0, max_tokens=2
     )
     block = text.choices[0].logprobs
-    assert len(block.tokens) == len(ids) + 2 and block.top_logprobs[1:] == [{}] * (len(ids) + 1)
+    assert len(block.tokens) == len(ids) + 2
+    assert block.top_logprobs[1:] == [
+        {token: token_lp}
+        for token, token_lp in zip(block.tokens[1:], block.token_logprobs[1:], strict=True)
+    ]
     np.testing.assert_allclose(
         block.token_logprobs[1 : len(ids)], lp.token_logprobs[1 : len(ids)], atol=1e-6
     )
@@ -545,8 +562,11 @@ def test_prompt_logprobs_as_vllm(served, client):
         # The chosen token and the 3 most likely: ranks 1..3, and the chosen one's beyond.
         extra = [chosen["rank"]] if chosen["rank"] > 3 else []
         assert sorted(e["rank"] for e in entry.values()) == [1, 2, 3, *extra]
-    # echo's logprobs=1 still has one alternative a token.
-    assert all(len(t) == 1 for t in whole.choices[0].logprobs.top_logprobs[1 : len(ids)])
+    # echo's logprobs=1 keeps its own count: the most likely token, and the token itself.
+    echoed = whole.choices[0].logprobs
+    for position, top in enumerate(echoed.top_logprobs[1 : len(ids)], 1):
+        assert echoed.tokens[position] in top
+        assert len(top) == (1 if request.prompt_logprob_ranks[position] == 1 else 2)
     chunks = list(
         client.completions.create(**asked, stream=True, extra_body={"prompt_logprobs": 3})
     )

@@ -417,11 +417,18 @@ class _Formatter:
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
-        # (None for a prompt's first token, which has no logprob)
-        top = [
-            None if entry is None else {self.token_text(t): lp for t, lp in entry.items()}
-            for entry in (tops or [{}] * len(tokens))
-        ]
+        # (None for a prompt's first token, which has no logprob.) The token itself is among
+        # its position's alternatives, as OpenAI's legacy API and vLLM give it: up to
+        # logprobs + 1 of them, the token alone for logprobs=0.
+        top = []
+        for i, entry in enumerate(tops or [{}] * len(tokens)):
+            if entry is None:
+                top.append(None)
+                continue
+            alternatives = {self.token_text(t): lp for t, lp in entry.items()}
+            if logprobs and logprobs[i] is not None:
+                alternatives.setdefault(tokens[i], logprobs[i])
+            top.append(alternatives)
         return {
             "tokens": tokens,
             "token_logprobs": list(logprobs or []),
