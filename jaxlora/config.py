@@ -619,6 +619,16 @@ class ModelConfig:
                 f"{source}: field {act_field!r} is {act!r}; expected one of "
                 f"{sorted(HIDDEN_ACTIVATIONS)}"
             )
+
+        def typed(key, default, kind):
+            value = cfg.get(key, default)
+            expected = {bool: "a bool", int: "an int", float: "a number"}[kind]
+            if (kind is bool) != isinstance(value, bool) or not isinstance(
+                value, int | float if kind is float else kind
+            ):
+                raise ConfigError(f"{source}: field {key!r} is {value!r}; expected {expected}")
+            return kind(value)
+
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
         head_dim = cfg.get("head_dim") or hidden // heads
@@ -631,11 +641,13 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=head_dim,
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=typed("rope_theta", 10000.0, float),
             rope_scaling=scaling,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rms_norm_eps=typed("rms_norm_eps", 1e-5, float),
+            # (transformers' Gemma configs tie them by default, and the 4.x ones that left it
+            # at that did not write the field)
+            tie_word_embeddings=typed("tie_word_embeddings", model_type in GEMMA_TYPES, bool),
+            max_position_embeddings=typed("max_position_embeddings", 4096, int),
             name=str(cfg.get("_name_or_path") or model_type),
             model_type=model_type,
             sliding_window=sliding_window,

@@ -141,6 +141,56 @@ def test_hf_tied_embeddings_have_no_lm_head(tmp_path):
     config, loaded = load_hf_checkpoint(tmp_path)
     assert config.tie_word_embeddings and "lm_head" not in loaded
     assert_trees_equal(loaded, params)
+    # Another head is refused: tied, it would answer with other logits than transformers 5,
+    # which serves that head.
+    other = params["embed_tokens"]["embedding"].copy()
+    other[3, 5] += 1.0
+    rewrite_tensors(tmp_path, "model.safetensors", add={"lm_head.weight": other})
+    with pytest.raises(FormatError) as info:
+        load_hf_checkpoint(tmp_path)
+    assert str(info.value) == (
+        f"{os.path.join(tmp_path, 'model.safetensors')}: tensor 'lm_head.weight' differs from "
+        "'model.embed_tokens.weight' while config.json sets tie_word_embeddings true: expected "
+        "no lm_head.weight or a copy of the embeddings (set tie_word_embeddings false in "
+        "config.json to serve this head)"
+    )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "gemma2"])
+def test_hf_config_without_tie_word_embeddings_takes_transformers_default(model_type):
+    """transformers' Gemma configs tie the LM head to the embeddings by default (and the 4.x
+    ones left the field out where it was that), Llama's do not."""
+    from jaxlora.config import ModelConfig
+
+    fields = TINY.to_hf_dict() | {"model_type": model_type}
+    if model_type == "gemma2":
+        fields |= {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}
+    del fields["tie_word_embeddings"]
+    config = ModelConfig.from_hf_dict(fields, source="config.json")
+    assert config.tie_word_embeddings == (model_type != "llama")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("rms_norm_eps", None, "a number"),
+        ("rope_theta", None, "a number"),
+        ("rope_theta", "1e4", "a number"),
+        ("max_position_embeddings", None, "an int"),
+        ("max_position_embeddings", "big", "an int"),
+        ("max_position_embeddings", 4096.0, "an int"),
+        ("tie_word_embeddings", "false", "a bool"),
+        ("tie_word_embeddings", 0, "a bool"),
+    ],
+)
+def test_hf_config_fields_of_the_wrong_type_are_refused_by_name(field, value, expected):
+    """Was a bare TypeError / ValueError, and "false" a true tie_word_embeddings."""
+    from jaxlora.config import ModelConfig
+
+    fields = TINY.to_hf_dict() | {field: value}
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_hf_dict(fields, source="/m/config.json")
+    assert str(info.value) == (f"/m/config.json: field {field!r} is {value!r}; expected {expected}")
 
 
 def test_hf_sharded_checkpoint(tmp_path, tiny_params):
@@ -724,6 +774,16 @@ PEFT_BREAKAGES = {
         lambda d: rewrite_config(d, exclude_modules={"q_proj": 1}),
         FormatError,
         [CONFIG_FILE, "exclude_modules"],
+    ),
+    "exclude_modules_bad_regex": (
+        lambda d: rewrite_config(d, exclude_modules="model.layers.["),
+        FormatError,
+        [CONFIG_FILE, "exclude_modules", "not a valid regex"],
+    ),
+    "layers_pattern_bad_regex": (
+        lambda d: rewrite_config(d, layers_to_transform=[0], layers_pattern=["layers", "h["]),
+        FormatError,
+        [CONFIG_FILE, "layers_pattern", "not a valid regex"],
     ),
     "no_config": (
         lambda d: os.remove(os.path.join(d, CONFIG_FILE)),

@@ -391,7 +391,23 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
                     target[...] = part
                 else:
                     target[layer] = part
+    if "lm_head.weight" in tolerated and "lm_head.weight" in files:
+        _check_tied_head(files["lm_head.weight"], params["embed_tokens"]["embedding"])
     return config, params
+
+
+def _check_tied_head(file: str, embedding: np.ndarray) -> None:
+    """A checkpoint whose config ties the LM head to the embeddings may still hold an
+    lm_head.weight: the embeddings' copy is ignored, another head is refused (transformers 5
+    would serve that head, untied; tying it would answer with other logits, silently)."""
+    head = _safetensors.read_tensors(file, ["lm_head.weight"])["lm_head.weight"]
+    if not np.array_equal(head.astype(embedding.dtype), embedding):
+        raise FormatError(
+            f"{file}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' while "
+            f"{CONFIG_NAME} sets tie_word_embeddings true: expected no lm_head.weight or a copy "
+            f"of the embeddings (set tie_word_embeddings false in {CONFIG_NAME} to serve this "
+            "head)"
+        )
 
 
 def _is_norm(parts) -> bool:

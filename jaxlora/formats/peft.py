@@ -435,6 +435,19 @@ def _check_config(cfg: dict, config_file: str) -> dict:
                 f"{config_file}: field {field!r} is {value!r}; expected a string, "
                 "a list of strings or null"
             )
+        # (a string exclude_modules is a regex; each layers_pattern is one inside a regex)
+        if field == "exclude_modules":
+            patterns = [value] if isinstance(value, str) else []
+        else:
+            names = [] if value is None else [value] if isinstance(value, str) else value
+            patterns = [rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\." for name in names]
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise FormatError(
+                    f"{config_file}: field {field!r} {value!r} is not a valid regex ({e})"
+                ) from e
     layers = cfg.get("layers_to_transform")
     if not (
         layers is None
