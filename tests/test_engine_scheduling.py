@@ -621,3 +621,109 @@ def test_the_fairness_benchmark_shows_what_a_flood_does_to_the_others():
     assert max(steps) - min(steps) <= 2, steps
     table = format_table(result)
     assert "fair, light x4   light0" in table and "OTHER TOKENS" not in table
+
+
+def pool_of_one_adapter_config(**engine):
+    """An adapter pool that holds one of two same-shaped rank-4 q|v adapters at a time."""
+    config = small_engine_config(**engine.pop("kv", {}))
+    return dataclasses.replace(
+        config, lora_pool=dataclasses.replace(config.lora_pool, pages_per_pool=3), **engine
+    )
+
+
+def two_adapters():
+    return {
+        "x": random_lora(TINY, "x", 4, ("q_proj", "v_proj"), 1),
+        "y": random_lora(TINY, "y", 4, ("q_proj", "v_proj"), 2),
+    }
+
+
+def test_the_request_at_the_fairness_bound_gets_the_adapter_pages_a_waiting_request_holds(
+    base,
+):
+    """The pool holds one adapter. y's request waits for x's pages; x's second request took x
+    (a reference) but no KV pages (a 3-page cache); a third x request overtakes y, which
+    reaches the bound (max_skips 1). The x request that holds x still goes past the bound: its
+    running gives x's pages back, and y then runs (it waited forever, x held by a request
+    nobody tried again)."""
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=two_adapters(),
+        engine_config=pool_of_one_adapter_config(
+            kv={"num_pages": 3, "max_model_len": 12}, max_skips=1
+        ),
+        load_workers=0,
+    )
+    engine = llm.engine
+    first = engine.submit(list(range(10, 18)), greedy(2), adapter="x")  # 2 of the 3 KV pages
+    head = engine.submit([5, 6, 7], greedy(2), adapter="y")
+    holder = engine.submit(list(range(20, 28)), greedy(2), adapter="x")
+    later = engine.submit([8, 9, 10], greedy(2), adapter="x")
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < 100, [(r.request_id, r.status, r.skipped) for r in engine._waiting]
+    requests = (first, head, holder, later)
+    assert all(r.finish_reason is FinishReason.LENGTH for r in requests)
+    assert head.skipped >= 1 and engine.kv.free_pages == 3
+    assert llm.adapters.stats().referenced == 0
+
+
+def test_an_adapter_that_cannot_fit_beside_the_pinned_ones_is_an_error_not_a_wait(base):
+    """Pinned x fills the pool: y's request would wait forever, and past the fairness bound
+    (max_skips 2) nothing behind it would run, base-model requests included. It finishes with
+    an error naming the pinned pages; the others run."""
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=two_adapters(),
+        engine_config=pool_of_one_adapter_config(max_skips=2),
+        load_workers=0,
+    )
+    llm.adapters.pin("x", wait=True)
+    engine = llm.engine
+    refused = engine.submit([5, 6, 7], greedy(2), adapter="y")
+    others = [engine.submit([9, 9, i], greedy(2)) for i in range(5)]
+    others.append(engine.submit([4, 4], greedy(2), adapter="x"))
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < 100
+    assert refused.finish_reason is FinishReason.ERROR
+    assert "cannot fit in the adapter page pool beside the pinned adapters" in refused.error
+    assert all(r.finish_reason is FinishReason.LENGTH for r in others)
+    llm.adapters.unpin("x")
+    assert llm.generate([[5, 6, 7]], adapter=["y"], sampling=greedy(2))[0].token_ids
+
+
+def test_a_request_longer_than_the_kv_pool_is_refused_at_submit(base):
+    """Alone in the engine it would preempt itself at the pool's end and recompute forever."""
+    llm = jaxlora.LLM(
+        TINY, params=base, engine_config=small_engine_config(num_pages=3), load_workers=0
+    )
+    with pytest.raises(RequestError, match="^max_tokens: 20 plus the prompt's 5 tokens need 7 KV"):
+        llm.engine.submit([5, 6, 7, 8, 9], greedy(20))
+    assert llm.generate([[5, 6, 7, 8, 9]], sampling=greedy(7))[0].token_ids
+
+
+def test_async_scheduling_switched_off_mid_run_keeps_every_token(base):
+    """EngineConfig.async_scheduling may be switched between iterations: switched off while a
+    step is pending, that step's tokens are still read (one was lost, and the request never
+    finished)."""
+    llm = jaxlora.LLM(TINY, params=base, engine_config=small_engine_config(), load_workers=0)
+    expected = llm.generate([[5, 6, 7]], sampling=greedy(6))[0].token_ids
+    engine = llm.engine
+    assert engine.async_scheduling
+    request = engine.submit([5, 6, 7], greedy(6))
+    for _ in range(3):
+        engine.step()
+    engine.async_scheduling = False
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        assert steps < 20
+    assert request.output_ids == expected and request.inflight == 0

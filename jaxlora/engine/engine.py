@@ -10,8 +10,12 @@ Scheduling policy (one iteration):
    allow. A request that cannot be admitted (its adapter's pages are all held, or the step's
    adapter slots are full of other adapters) may be overtaken by later requests, but at most
    ``max_skips`` times; after that nothing behind it is admitted until it is (the fairness bound:
-   no request and no adapter starves under a skewed load). A request whose adapter is still being
-   copied to the GPU holds its place but does not block others.
+   no request and no adapter starves under a skewed load). Past the bound, where the request at
+   it waits for its adapter's pages, the waiting requests that already hold their own adapter
+   (refused for KV pages after acquiring it, or preempted) still go: the pages it waits for
+   may be theirs, and only running frees them. A request whose adapter cannot fit beside the
+   pinned adapters ever is finished with an error rather than waited for. A request whose
+   adapter is still being copied to the GPU holds its place but does not block others.
 3. Decode rows (one token each) go first; prompts are prefilled in chunks of at most
    ``prefill_chunk`` tokens within the remaining token budget, so a long prompt never stalls the
    running decodes.
@@ -424,6 +428,17 @@ class Engine:
                 f"prompt: {len(prompt_ids)} tokens need more KV pages than the "
                 f"pool has ({self.engine_config.kv.num_pages})"
             )
+        # (alone in the engine it would preempt itself at the pool's end and recompute, forever)
+        held = self.kv.pages_held_at_most(
+            len(prompt_ids) + sampling.max_tokens,
+            self.config.attention_window,
+            self.engine_config.runner.prefill_chunk,
+        )
+        if held > self.engine_config.kv.num_pages:
+            raise RequestError(
+                f"max_tokens: {sampling.max_tokens} plus the prompt's {len(prompt_ids)} tokens "
+                f"need {held} KV pages; the pool has {self.engine_config.kv.num_pages}"
+            )
         if adapter is not None:
             if self.adapters is None or adapter not in self.adapters.store:
                 raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
@@ -666,7 +681,8 @@ class Engine:
         # Every step of this iteration reads the tokens the previous iteration sampled from the
         # register as it was; the samplers chain their writes into the next one.
         register_in, launched = self._register, []
-        completing = self._pending if self.async_scheduling else []
+        # (the previous iteration's steps, also where async scheduling was switched off since)
+        completing = self._pending
         # A structured output's mask needs the row's previous token (policy 6): then the
         # samplers wait until the model steps are dispatched and those tokens are read.
         defer_samplers = bool(completing) and any(
@@ -691,7 +707,8 @@ class Engine:
             # tokens (and the host work on them) overlaps with them.
             self._pending = launched
         else:
-            completing = launched
+            self._pending = []
+            completing = [*completing, *launched]
         for launch in completing:
             self._complete(launch)
         if launched:
@@ -801,9 +818,16 @@ class Engine:
     def _admit(self) -> None:
         ec = self.engine_config
         blocked: list[Request] = []  # passed over in this pass, in queue order
+        # Past the fairness bound, where the request at it waits for its adapter's pages, the
+        # waiting requests that hold their adapter (refused for KV pages after acquiring it, or
+        # preempted) still go: they may hold the very pages it waits for, and running is how
+        # they give them back.
+        holders_only = False
         for request in self._queue_order():
             if request.status is not Status.WAITING:
                 continue  # (a victim preempted in this pass: it waits for the next)
+            if holders_only and request.adapter_handle is None:
+                continue
             if self._awaits_leader(request):
                 continue  # holds its place, blocks nobody: its leader's prefill is under way
             if len(self._running) >= ec.runner.max_batch:
@@ -825,14 +849,25 @@ class Engine:
                 # been overtaken max_skips times, nothing behind it is admitted before it.
                 for waiting in blocked:
                     waiting.skipped += 1
-                if any(waiting.skipped >= ec.max_skips for waiting in blocked):
-                    break
+                bound = [waiting for waiting in blocked if waiting.skipped >= ec.max_skips]
+                if bound:
+                    if not self._waits_for_adapter_pages(bound[0]):
+                        break
+                    holders_only = True
                 continue
             if request.status is Status.FINISHED:
                 continue  # refused for good (unknown adapter, ...): blocks nobody
-            if request.skipped >= ec.max_skips:
-                break  # the fairness bound: nobody overtakes it any more
+            if request.skipped >= ec.max_skips and not holders_only:
+                # The fairness bound: nobody overtakes it any more.
+                if not self._waits_for_adapter_pages(request):
+                    break
+                holders_only = True
             blocked.append(request)
+
+    def _waits_for_adapter_pages(self, request: Request) -> bool:
+        """Whether a waiting request was refused because its adapter is not resident (it
+        holds no handle on it: the pool lacked the pages, or the step lacked a slot)."""
+        return request.adapter is not None and request.adapter_handle is None
 
     def _adapter_admissible(self, request: Request) -> bool:
         """Whether the request's adapter (none, or held with a step slot for it) lets it in;

@@ -562,6 +562,31 @@ class AdapterManager:
             if n > self.allocators[axis].free_pages
         }
         if short:
+            pinned = {
+                axis: sum(
+                    len(rec.pages[axis])
+                    for rec in self._residents.values()
+                    if self._is_pinned(rec) and rec.entry is not entry
+                )
+                for axis in short
+            }
+            never = [
+                axis
+                for axis in short
+                if need[axis] > self.pool_config.pages_in(axis) - pinned[axis]
+            ]
+            if never:
+                # (not a retry later: pinned adapters are never evicted)
+                raise AdapterError(
+                    f"adapter {entry.name!r} (rank {entry.footprint.max_rank}) cannot fit in "
+                    "the adapter page pool beside the pinned adapters ("
+                    + ", ".join(
+                        f"{axis}: needs {need[axis]} of {self.pool_config.pages_in(axis)} pages, "
+                        f"{pinned[axis]} pinned"
+                        for axis in never
+                    )
+                    + "); unpin some or size the pool larger"
+                )
             victims = [rec for rec in self._residents.values() if self._evictable(rec)]
             reclaimable = {axis: sum(len(rec.pages[axis]) for rec in victims) for axis in short}
             if any(reclaimable[axis] < n for axis, n in short.items()):
