@@ -358,6 +358,17 @@ CASES = [
     bad(M, "tools", "x", "valid list"),
     bad(M, "metadata", {"a": 5}, "valid string", param="metadata.a"),
     bad(M, "metadata", {"str": 5}, "valid string", param="metadata.str"),  # a key, not a type
+    # OpenAI's bounds (kept with a stored answer: was up to the body's size)
+    bad(M, "metadata", {str(i): "v" for i in range(17)}, "at most 16 key-value pairs"),
+    bad(M, "metadata", {"k" * 65: "v"}, "at most 64 characters"),
+    bad(M, "metadata", {"k": "v" * 513}, "the value of 'k': expected at most 512 characters"),
+    raw(
+        RESPONSES,
+        {**R, "metadata": {"k": "v" * 8192}},
+        "responses-metadata-long",
+        "metadata",
+        "at most 512 characters",
+    ),
     # ---------------------------------------------------------------- whole bodies
     raw(COMPLETIONS, b"[1, 2]", "body-list", "body", "valid dictionary", "got [1, 2]"),
     raw(CHAT, b"5", "body-number", "body", "valid dictionary"),

@@ -911,16 +911,21 @@ def create_app(
             await resolve_model(body.model)
         tokenizer = need_tokenizer("tokens")
         vocab = state.llm.config.vocab_size
-        for i, token in enumerate(body.tokens):
-            if not 0 <= token < vocab:
-                raise with_param(
-                    RequestError(
-                        f"tokens[{i}]: token id {token} is outside the vocabulary "
-                        f"(expected 0..{vocab - 1})"
-                    ),
-                    "tokens",
-                )
-        return {"prompt": tokenizer.decode(body.tokens)}
+
+        def decode():
+            for i, token in enumerate(body.tokens):
+                if not 0 <= token < vocab:
+                    raise with_param(
+                        RequestError(
+                            f"tokens[{i}]: token id {token} is outside the vocabulary "
+                            f"(expected 0..{vocab - 1})"
+                        ),
+                        "tokens",
+                    )
+            return tokenizer.decode(body.tokens)
+
+        # (off the event loop, as /tokenize: millions of ids take a second)
+        return {"prompt": await anyio.to_thread.run_sync(decode)}
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 

@@ -16,9 +16,27 @@ given null is refused.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _openai_metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    # OpenAI's bounds: the server keeps it with a stored answer, beside no prompt that would
+    # bound its size.
+    if value is None:
+        return value
+    if len(value) > 16:
+        raise ValueError(f"expected at most 16 key-value pairs, got {len(value)}")
+    for key, text in value.items():
+        if len(key) > 64:
+            raise ValueError(f"key {key[:64]!r}...: expected at most 64 characters")
+        if len(text) > 512:
+            raise ValueError(f"the value of {key!r}: expected at most 512 characters")
+    return value
+
+
+Metadata = Annotated[dict[str, str] | None, AfterValidator(_openai_metadata)]
 
 
 class _Body(BaseModel):
@@ -244,7 +262,7 @@ class ChatCompletionRequest(_SamplingFields):
         "read it, e.g. gpt-oss's).",
     )
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata = None
 
 
 class MergePart(_Body):
@@ -283,7 +301,7 @@ class ResponsesRequest(_Body):
         None, description="Continue the conversation of a stored response."
     )
     store: bool = Field(True, description="Keep the response for GET and previous_response_id.")
-    metadata: dict[str, str] | None = None
+    metadata: Metadata = None
     user: str | None = None
     reasoning: dict[str, Any] | None = Field(
         None, description="{'effort': ...} reaches the chat template as reasoning_effort."
