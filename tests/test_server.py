@@ -2713,6 +2713,16 @@ def test_lorax_merged_adapters_run_lorax_s_merge(served):
         assert off.status_code == 422 and "--max_request_merges=0" in off.json()["error"]
         assert off.json()["error"].startswith("parameters.merged_adapters: ")
         assert not state._merge_holds  # (each handler let its merge go)
+        # /metrics names every per-request merge "merged-*" (a client makes new digests
+        # without bound: a weight of 1.001 is another merge), and forgets unloaded ones.
+        text = httpx.get(f"{served[0].url}/metrics").text
+        assert 'jaxlora_requests_total{model="merged-*"}' in text
+        assert set(re.findall(r"merged-[0-9a-f]{16}", text)) <= set(merged_names())
+        assert 'model="merged-' not in text.replace('model="merged-*"', "")
+        registered = set(state.adapters.store.names())
+        assert set(state.adapters.stats().load_seconds) <= registered
+        counted = state.engine.stats.requests_per_adapter
+        assert {n for n in counted if re.fullmatch(r"merged-[0-9a-f]{16}", n)} <= registered
     finally:
         state.config = config
         for name in merged_names():

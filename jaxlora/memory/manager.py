@@ -276,6 +276,7 @@ class AdapterManager:
         entry = self.store.unregister(name)
         with self._lock:
             self._pinned.discard(name)
+            self._load_seconds.pop(name, None)
             self._retire_stale(name)
         return entry
 

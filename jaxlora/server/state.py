@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -33,6 +34,15 @@ from jaxlora.server.keys import ApiKey, KeysFile, TokenBucket, with_server_key
 from jaxlora.server.responses import ResponseStore
 
 log = logging.getLogger("jaxlora.server")
+
+# /metrics' model (and fair-share tenant) of every per-request merge, ``merged-<digest>``.
+REQUEST_MERGE_LABEL = "merged-*"
+_REQUEST_MERGE_NAME = re.compile(r"merged-[0-9a-f]{16}")
+
+
+def is_request_merge(adapter: str | None) -> bool:
+    """Whether an adapter name is one ServingState.request_merge gives."""
+    return adapter is not None and _REQUEST_MERGE_NAME.fullmatch(adapter) is not None
 
 
 def _encodable(path: str) -> bool:
@@ -440,6 +450,7 @@ class ServingState:
                 "lora_name",
             ) from e
         self._adapter_created.pop(name, None)
+        self.engine.stats.requests_per_adapter.pop(name, None)
         with self._merge_lock:
             self._request_merges.pop(name, None)
         log.info("adapter %r unloaded", name)
@@ -498,6 +509,10 @@ class ServingState:
         self.reserve_tokens(caller, cost)
         deadline = self.config.first_token_deadline_s
         by_key = caller is not None and self.config.fair_share_by == "key"
+        # (fair shares by model count the per-request merges as one tenant: one counter)
+        tenant = (
+            caller.name if by_key else REQUEST_MERGE_LABEL if is_request_merge(adapter) else None
+        )
         try:
             request = self.engine.submit(
                 prompt_ids,
@@ -507,7 +522,7 @@ class ServingState:
                 deadline_s=deadline,
                 share_prompt_with=share_prompt_with,
                 priority=priority,
-                tenant=caller.name if by_key else None,
+                tenant=tenant,
             )
         except BaseException:
             if caller is not None and caller.name in self._buckets:
@@ -553,7 +568,11 @@ class ServingState:
         return with_server_key(self.keys_file.current(), self.config.api_key)
 
     def model_label(self, adapter: str | None) -> str:
-        return self.config.model_name if adapter is None else adapter
+        """A model as /metrics names it: every per-request merge under one name
+        (REQUEST_MERGE_LABEL), whose digests a client chooses without bound."""
+        if adapter is None:
+            return self.config.model_name
+        return REQUEST_MERGE_LABEL if is_request_merge(adapter) else adapter
 
     def _on_finish(self, request: Request) -> None:
         m = self.metrics
