@@ -2729,6 +2729,41 @@ def test_lorax_merged_adapters_run_lorax_s_merge(served):
             state.unload_adapter(name)
 
 
+def test_a_keys_limits_refuse_a_merge_before_it_is_computed(served, monkeypatch):
+    """A per-request merge is work and a place among max_request_merges: a request its key's
+    tokens a minute or in-flight bound refuse is refused before the merge (it was computed and
+    registered first, pushing other keys' merges out)."""
+    from jaxlora.server.keys import ApiKey
+
+    state = served[1]
+    before = set(state.adapters.store.names())
+    monkeypatch.setattr(state, "_buckets", {})
+    poor = ApiKey("poor", "sk-poor-0123456789abcdef", ("*",), max_tokens_per_minute=20)
+    busy = ApiKey("busy", "sk-busy-0123456789abcdef", ("*",), max_in_flight=1)
+    monkeypatch.setattr(state, "config", dataclasses.replace(state.config, api_keys=(poor, busy)))
+    url = served[0].base_url.removesuffix("/v1") + "/generate"
+
+    def post(key, **parameters):
+        body = {
+            "inputs": "Hi",
+            "parameters": {"merged_adapters": {"ids": ["pirate"]}, **parameters},
+        }
+        return httpx.post(
+            url, json=body, headers={"Authorization": f"Bearer {key.key}"}, timeout=60
+        )
+
+    merges = []
+    monkeypatch.setattr(
+        state, "request_merge", lambda *a, **k: merges.append(a) or pytest.fail("merged")
+    )
+    over = post(poor, max_new_tokens=1000)
+    assert over.status_code == 422 and "more than API key 'poor'" in over.json()["error"]
+    monkeypatch.setitem(state._in_flight, "busy", 1)
+    full = post(busy, max_new_tokens=4)
+    assert full.status_code == 429 and "max_in_flight" in full.json()["error"]
+    assert merges == [] and set(state.adapters.store.names()) == before
+
+
 def test_a_request_merge_in_use_is_not_unloaded(served, monkeypatch):
     """Past max_request_merges the least recently requested merge that nothing uses goes: one
     held by its handler (merged, its request not yet submitted) or waited for / run on by a

@@ -1732,7 +1732,7 @@ def create_app(
             if merge is None:
                 adapter = await resolve_model(completion.model)
             else:
-                adapter = held = await lorax_merged_adapter(merge)
+                parts = await lorax_merge_parts(merge)
             _refuse_unsupported(completion)
             prompts = await anyio.to_thread.run_sync(
                 lambda: _completion_prompts(
@@ -1755,6 +1755,11 @@ def create_app(
                 defaults=defaults,
                 max_logprobs=state.config.max_logprobs,
             )
+            if merge is not None:
+                # The merge is work (and a place among --max_request_merges): the request's
+                # own checks and its key's limits refuse it first.
+                state.check_limits(_CALLER.get(), len(prompts[0]) + samplings[0].max_tokens)
+                adapter = held = await lorax_merged_adapter(merge, parts)
             group = submit_group(
                 f"generate-{uuid.uuid4().hex}", prompts, samplings, adapter, priority_of(completion)
             )
@@ -1765,8 +1770,9 @@ def create_app(
                 state.release_merge(held)
         return group, prompts[0]
 
-    async def lorax_merged_adapter(merge: lorax.MergeSpec) -> str:
-        """The adapter of a request's merged_adapters (each part one the caller may use)."""
+    async def lorax_merge_parts(merge: lorax.MergeSpec) -> list[tuple[str, float]]:
+        """The adapters and weights of a request's merged_adapters (each part one the caller
+        may use)."""
         parts = []
         for i, (part, weight) in enumerate(zip(merge.ids, merge.weights, strict=True)):
             field = f"parameters.merged_adapters.ids[{i}]"
@@ -1780,6 +1786,10 @@ def create_app(
                     RequestError(f"{field}: {part!r} is the base model, not an adapter"), field
                 )
             parts.append((adapter, weight))
+        return parts
+
+    async def lorax_merged_adapter(merge: lorax.MergeSpec, parts) -> str:
+        """The adapter of a request's merged_adapters (lorax_merge_parts' parts), held."""
         return await anyio.to_thread.run_sync(
             lambda: state.request_merge(
                 parts,

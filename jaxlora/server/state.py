@@ -457,6 +457,23 @@ class ServingState:
 
     # ------------------------------------------------------------------ requests
 
+    def check_limits(self, caller: ApiKey | None, tokens: int) -> None:
+        """The errors ``submit`` would raise now for the caller's max_in_flight and tokens a
+        minute, for a request of ``tokens`` (its prompt and max_tokens), consuming nothing:
+        for work to refuse before doing it (a per-request merge)."""
+        self._check_in_flight(caller)
+        self.reserve_tokens(caller, tokens)
+        if caller is not None and caller.max_tokens_per_minute is not None:
+            self._buckets[caller.name].give_back(tokens)
+
+    def _check_in_flight(self, caller: ApiKey | None) -> None:
+        if caller is not None and caller.max_in_flight is not None:
+            if self._in_flight[caller.name] >= caller.max_in_flight:
+                raise RateLimitError(
+                    f"API key {caller.name!r} has {self._in_flight[caller.name]} generations "
+                    "in flight, its most (max_in_flight); retry when one ends"
+                )
+
     def reserve_tokens(self, caller: ApiKey | None, tokens: int) -> None:
         """Takes a generation's tokens (its prompt and max_tokens) from its key's
         tokens a minute; RateLimitError (with the wait) when they are not there, RequestError
@@ -499,12 +516,7 @@ class ServingState:
         shared, not computed again); priority: vLLM's (lower first, under the "priority"
         scheduling policy); caller: the request's API key (its usage is counted by key, and
         its max_in_flight caps its generations at once: RateLimitError beyond)."""
-        if caller is not None and caller.max_in_flight is not None:
-            if self._in_flight[caller.name] >= caller.max_in_flight:
-                raise RateLimitError(
-                    f"API key {caller.name!r} has {self._in_flight[caller.name]} generations "
-                    "in flight, its most (max_in_flight); retry when one ends"
-                )
+        self._check_in_flight(caller)
         cost = len(prompt_ids) + sampling.max_tokens
         self.reserve_tokens(caller, cost)
         deadline = self.config.first_token_deadline_s
