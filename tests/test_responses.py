@@ -265,6 +265,25 @@ def test_the_store_keeps_the_most_recent():
     assert store.delete("r1") and not store.delete("r1")
 
 
+def test_one_keys_responses_do_not_push_out_anothers():
+    """Past its capacity the store drops the oldest response of the key holding the most: a
+    flood from one key replaces its own responses, and another key's stay (a global LRU let
+    any tenant's traffic make another's GET and previous_response_id 404)."""
+    store = responses.ResponseStore(4)
+    store.put(responses.StoredResponse({"id": "acme-0"}, [], [], owner="acme"))
+    store.put(responses.StoredResponse({"id": "acme-1"}, [], [], owner="acme"))
+    for i in range(10):
+        store.put(responses.StoredResponse({"id": f"globex-{i}"}, [], [], owner="globex"))
+    assert store.get("acme-0") and store.get("acme-1")
+    assert [i for i in range(10) if store.get(f"globex-{i}")] == [8, 9]
+    # Now the one holding the most, acme's oldest go.
+    store.put(responses.StoredResponse({"id": "acme-2"}, [], [], owner="acme"))
+    assert store.get("acme-0") is None and store.get("globex-8") and store.get("globex-9")
+    assert store.delete("acme-2") and not store.delete("acme-2")
+    store.put(responses.StoredResponse({"id": "acme-1"}, ["again"], [], owner="acme"))
+    assert store.get("acme-1").conversation == ["again"] and len(store._items) == 3
+
+
 def test_input_items_are_listed_as_openai_items():
     from openai.types.responses import ResponseItemList
 

@@ -45,8 +45,9 @@ class ServerConfig:
     naming the flag), while "none", "required" and a named function still work.
     reasoning_parser: how chat answers' reasoning is read apart from their content
     ("deepseek_r1" or "qwen3", jaxlora.server.reasoning; None: the answer is all content).
-    max_stored_responses: the Responses API's responses kept in memory (the most recent ones),
-    for GET /v1/responses/{id} and previous_response_id.
+    max_stored_responses: the Responses API's responses kept in memory (the most recent ones;
+    past it, of the API key that holds the most), for GET /v1/responses/{id} and
+    previous_response_id.
     allowed_origins: web origins whose pages may call the server from a browser (CORS; "*":
     any); empty: no CORS headers, browsers refuse cross-origin calls. allow_credentials,
     allowed_methods, allowed_headers: the rest of its CORS answer (vLLM's options).

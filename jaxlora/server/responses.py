@@ -432,20 +432,26 @@ class StoredResponse:
 
 
 class ResponseStore:
-    """The most recent responses, by id."""
+    """The most recent responses, by id, at most ``capacity`` of them. Past it the oldest
+    response of the owner (API key) that holds the most goes: one tenant's traffic pushes out
+    its own responses, not another's (a global LRU let it empty every other key's store)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._items: collections.OrderedDict[str, StoredResponse] = collections.OrderedDict()
+        self._items: dict[str, StoredResponse] = {}
+        # Each owner's response ids, oldest first.
+        self._by_owner: dict[str | None, collections.OrderedDict[str, None]] = {}
         self._lock = threading.Lock()
 
     def put(self, stored: StoredResponse) -> None:
         key = stored.response["id"]
         with self._lock:
+            self._forget(key)
             self._items[key] = stored
-            self._items.move_to_end(key)
+            self._by_owner.setdefault(stored.owner, collections.OrderedDict())[key] = None
             while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+                owner = max(self._by_owner, key=lambda o: len(self._by_owner[o]))
+                self._forget(next(iter(self._by_owner[owner])))
 
     def get(self, response_id: str) -> StoredResponse | None:
         with self._lock:
@@ -453,7 +459,17 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
-            return self._items.pop(response_id, None) is not None
+            return self._forget(response_id)
+
+    def _forget(self, response_id: str) -> bool:
+        stored = self._items.pop(response_id, None)
+        if stored is None:
+            return False
+        ids = self._by_owner[stored.owner]
+        del ids[response_id]
+        if not ids:
+            del self._by_owner[stored.owner]
+        return True
 
 
 class ResponseEvents:
