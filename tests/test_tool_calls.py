@@ -22,7 +22,7 @@ HERMES = (
 
 def test_hermes_blocks_become_calls_after_the_text():
     content, calls = parse_tool_calls(HERMES, "hermes")
-    assert content == "Let me look."
+    assert content == "Let me look. "  # (as it streams, and as vLLM answers: not stripped)
     assert calls == [
         ToolCall("get_weather", json.dumps({"city": "Paris", "unit": "C"})),
         ToolCall("now", "{}"),
@@ -84,10 +84,42 @@ def test_streamed_llama3_answers_are_held_only_when_they_open_like_a_call():
     assert broken.push("{not a call") == "" and broken.finish() == ("{not a call", [])
 
 
+def test_answers_past_pythons_readers_or_cut_short_stay_text():
+    """A model repeating a digit until max_tokens (past Python's 4,300 digits a number), or
+    nesting past the recursion limit, is no call and no crash: the text stays, whole and
+    streamed. Plain JSON with a "name" is no llama3_json call without its parameters. A
+    hermes block left open is read as vLLM reads it: a whole call (the closing tag never
+    came), or, cut short, the answer as text (its last call was dropped)."""
+    digits = "1" * 5000
+    answers = {
+        "hermes": f'<tool_call>{{"name": "f", "arguments": {{"x": {digits}}}}}</tool_call>',
+        "llama3_json": f'{{"name": "f", "parameters": {{"x": {digits}',
+        "mistral": f'[TOOL_CALLS] [{{"name": "f", "arguments": {{"x": {digits}}}}}]',
+        "pythonic": "[" * 3000,
+    }
+    for parser, answer in answers.items():
+        assert parse_tool_calls(answer, parser) == (answer, []), parser
+        stream = ToolCallStream(parser)
+        streamed = stream.push(answer)
+        assert streamed + stream.finish()[0] == answer and stream.finish()[1] == []
+    assert parse_tool_calls("[" * 3000, "llama3_json") == ("[" * 3000, [])
+    data = '{"name": "Alice", "age": 30}'
+    assert parse_tool_calls(data, "llama3_json") == (data, [])
+    left_open = f"Hi <tool_call>{WEATHER}"
+    assert parse_tool_calls(left_open, "hermes") == (
+        "Hi ",
+        [ToolCall("get_weather", json.dumps({"city": "Paris", "unit": "C"}))],
+    )
+    cut = f'<tool_call>{WEATHER}</tool_call>\n<tool_call>\n{{"name": "b", "argu'
+    assert parse_tool_calls(cut, "hermes") == (cut, [])
+    forced = ForcedToolCalls([_tool("f")], "required")
+    assert forced.parse(f'[{{"name": "f", "parameters": {{"x": {digits}}}}}]') == []
+
+
 def test_mistral_calls_in_both_formats():
     listed = f'Checking. [TOOL_CALLS] [{WEATHER}, {{"name": "now", "arguments": {{}}}}]'
     content, calls = parse_tool_calls(listed, "mistral")
-    assert content == "Checking."
+    assert content == "Checking. "
     assert calls == [
         ToolCall("get_weather", json.dumps({"city": "Paris", "unit": "C"})),
         ToolCall("now", "{}"),
@@ -153,7 +185,7 @@ def test_new_parsers_stream_as_the_whole_answer_parses(parser, answer, streamed,
 
 def test_chat_message_carries_the_calls_and_their_finish_reason():
     message, finish = chat_message(HERMES, "stop", "hermes")
-    assert finish == "tool_calls" and message["content"] == "Let me look."
+    assert finish == "tool_calls" and message["content"] == "Let me look. "
     [first, second] = message["tool_calls"]
     assert first["type"] == "function" and first["id"].startswith("call_")
     assert json.loads(first["function"]["arguments"]) == {"city": "Paris", "unit": "C"}

@@ -26,7 +26,9 @@ import uuid
 
 PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 _HERMES_START, _HERMES_END = "<tool_call>", "</tool_call>"
-_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# A block, or the last one left open (the answer cut short, or ended without the closing tag),
+# as vLLM's parser reads them.
+_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>|<tool_call>\s*(.*)", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
 _MISTRAL_START, _MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 _PYTHON_START, _PYTHON_END = "<|python_start|>", "<|python_end|>"
@@ -52,8 +54,13 @@ class ToolCall:
         return call if index is None else {"index": index, **call}
 
 
-def _call(obj, arguments_key: str) -> ToolCall | None:
+def _call(obj, arguments_key: str, *, require_arguments: bool = False) -> ToolCall | None:
+    """A call's object: a name and its arguments (under arguments_key or "arguments"; none:
+    {} inside a call's markers, and no call where the whole answer is JSON,
+    ``require_arguments``: ``{"name": "Alice", "age": 30}`` is data, as vLLM reads it)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    if require_arguments and arguments_key not in obj and "arguments" not in obj:
         return None
     arguments = obj.get(arguments_key, obj.get("arguments", {}))
     if isinstance(arguments, str):
@@ -71,9 +78,9 @@ def _hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     if start < 0:
         return text, []
     calls = []
-    for block in _HERMES_BLOCK.findall(text, start):
+    for closed, left_open in _HERMES_BLOCK.findall(text, start):
         try:
-            call = _call(json.loads(block), "arguments")
+            call = _call(json.loads(closed or left_open), "arguments")
         except json.JSONDecodeError:
             call = None
         if call is None:
@@ -81,7 +88,8 @@ def _hermes(text: str) -> tuple[str | None, list[ToolCall]]:
         calls.append(call)
     if not calls:
         return text, []
-    return text[:start].strip() or None, calls
+    # (the text before the call as it is, as it streams and as vLLM answers)
+    return text[:start] or None, calls
 
 
 def _llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -96,7 +104,7 @@ def _llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
             obj, end = decoder.raw_decode(body, at)
         except json.JSONDecodeError:
             return text, []
-        call = _call(obj, "parameters")
+        call = _call(obj, "parameters", require_arguments=True)
         if call is None:
             return text, []
         calls.append(call)
@@ -132,7 +140,7 @@ def _mistral(text: str) -> tuple[str | None, list[ToolCall]]:
             calls.append(_call({"name": name.strip(), "arguments": parsed}, "arguments"))
     if any(call is None for call in calls):
         return text, []
-    return text[:start].strip() or None, calls
+    return text[:start] or None, calls
 
 
 def _pythonic(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -176,7 +184,12 @@ _PARSE = {
 def parse_tool_calls(text: str, parser: str) -> tuple[str | None, list[ToolCall]]:
     """(the text that is not a call, None if none is left; the calls). No calls: the text as
     it is."""
-    return _PARSE[parser](text)
+    try:
+        return _PARSE[parser](text)
+    except (ValueError, RecursionError):
+        # Python's readers refuse numbers past 4,300 digits (a model repeating a digit until
+        # max_tokens) and nesting past the recursion limit: not a call, the text stays.
+        return text, []
 
 
 class ToolCallStream:
@@ -299,7 +312,7 @@ class ForcedToolCalls:
             return [ToolCall(self.name, text.strip())]
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # (JSONDecodeError, or past Python's limits)
             return []
         if not isinstance(value, list):
             return []
