@@ -138,23 +138,38 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
     return role, content
 
 
-def _template_extras(message: Mapping[str, Any]) -> dict:
+def _template_extras(message: Mapping[str, Any], index: int) -> dict:
     """The tool-calling fields of a message, for templates that render them: an assistant's
     tool_calls (arguments as JSON text, OpenAI's form, and parsed, the form HF templates
-    read), a tool result's tool_call_id and name."""
+    read), a tool result's tool_call_id and name. RequestError naming the field for calls
+    that are not OpenAI's objects."""
     extras = {k: message[k] for k in ("tool_call_id", "name") if message.get(k) is not None}
     calls = message.get("tool_calls")
     if calls:
+        if not isinstance(calls, Sequence) or isinstance(calls, str):
+            raise RequestError(
+                f"messages[{index}].tool_calls: expected a list of calls, got "
+                f"{type(calls).__name__}"
+            )
         parsed = []
-        for call in calls:
-            function = dict(call.get("function") or {}) if isinstance(call, Mapping) else {}
+        for k, call in enumerate(calls):
+            field = f"messages[{index}].tool_calls[{k}]"
+            if not isinstance(call, Mapping):
+                raise RequestError(f"{field}: expected an object, got {type(call).__name__}")
+            function = call.get("function")
+            if not isinstance(function, Mapping):
+                raise RequestError(
+                    f"{field}.function: expected an object with the function's name and "
+                    f"arguments, got {type(function).__name__}"
+                )
+            function = dict(function)
             arguments = function.get("arguments")
             if isinstance(arguments, str):
                 try:
                     function["arguments"] = json.loads(arguments)
-                except json.JSONDecodeError:
-                    pass
-            parsed.append({**call, "function": function} if isinstance(call, Mapping) else call)
+                except (ValueError, RecursionError):  # (not JSON, or past Python's limits)
+                    pass  # the text as it was sent
+            parsed.append({**call, "function": function})
         extras["tool_calls"] = parsed
     return extras
 
@@ -445,12 +460,13 @@ class Tokenizer:
         else:
             source = self.chat_template_source
             template = _compile_template(self.chat_template, source)
+        rendered_messages = [
+            {"role": r, "content": c, **_template_extras(m, i)}
+            for i, ((r, c), m) in enumerate(zip(normalised, messages, strict=True))
+        ]
         try:
             return template.render(
-                messages=[
-                    {"role": r, "content": c, **_template_extras(m)}
-                    for (r, c), m in zip(normalised, messages, strict=True)
-                ],
+                messages=rendered_messages,
                 tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -542,11 +558,40 @@ def _compile_template(source_text: str, source: str):
         raise ConfigError(
             f"{source}: a chat template, which needs the jinja2 package (pip install jinja2)"
         ) from e
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    # The helpers HF's own renderer offers templates.
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(
-        value, ensure_ascii=False, indent=indent
+    import jinja2.ext
+
+    class GenerationTag(jinja2.ext.Extension):
+        """HF's {% generation %} ... {% endgeneration %} (it marks the assistant's tokens for
+        training masks): rendered as its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = self.call_method("_render", [], [], lineno=lineno)
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    # HF's renderer: its extensions ({% break %} / {% continue %}, {% generation %}) and helpers.
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, GenerationTag],
     )
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = _raise_from_template
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -178,6 +179,60 @@ def test_jinja_chat_template_from_config(tok, tmp_path):
     assert loaded.encode_chat(messages).count(tok.bos_token_id) == 1  # BOS not doubled
     with pytest.raises(RequestError, match="system message must come first"):
         loaded.apply_chat_template(messages[::-1])
+
+
+def test_jinja_templates_get_hf_s_extensions_and_tojson(tok):
+    """What HF's renderer offers templates: {% break %} / {% continue %} (Qwen3.5-style),
+    {% generation %} blocks (rendered as their body) and tojson's ensure_ascii, separators and
+    sort_keys (Kimi's tojson(separators=...)); before, a ConfigError on every request."""
+    pytest.importorskip("jinja2")
+    messages = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+        "{{ m.role }}{% endfor %}|{% for m in messages %}{% generation %}{{ m.content }}"
+        "{% endgeneration %}{% endfor %}|{{ {'b': 'é', 'a': 1} | tojson(separators=(',', ':'), "
+        "sort_keys=true) }}|{{ 'é' | tojson(ensure_ascii=true) }}"
+    )
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=False)
+    finally:
+        tok.chat_template = None
+    assert text == 'user|UA|{"a":1,"b":"é"}|"\\u00e9"'
+
+
+def test_malformed_tool_calls_in_messages_are_the_requests_fault(tok):
+    """An assistant message's tool_calls that are not OpenAI's objects are a RequestError
+    naming the field (they were a ConfigError blaming the server's template: a 500);
+    arguments that are not JSON, or past Python's readers, reach the template as text."""
+    pytest.importorskip("jinja2")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% for c in m.tool_calls or [] %}"
+        "{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}"
+    )
+
+    def render(calls):
+        messages = [
+            {"role": "user", "content": "U"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+        ]
+        return tok.apply_chat_template(messages, add_generation_prompt=False)
+
+    try:
+        for calls, field in (
+            ([{"type": "function", "function": "f"}], "tool_calls[0].function"),
+            ([{"type": "function", "function": 5}], "tool_calls[0].function"),
+            (["f"], "tool_calls[0]"),
+            ("f", "tool_calls"),
+        ):
+            with pytest.raises(RequestError, match=rf"^messages\[1\]\.{re.escape(field)}: "):
+                render(calls)
+        huge = '{"x": 1' + "0" * 5000 + "}"
+        call = {"type": "function", "function": {"name": "f", "arguments": huge}}
+        assert render([call]) == "U" + json.dumps(huge)
+        call["function"]["arguments"] = '{"x": 1}'
+        assert render([call]) == 'U{"x": 1}'
+    finally:
+        tok.chat_template = None
 
 
 def test_jinja_template_cannot_reach_python(tok, tmp_path):
