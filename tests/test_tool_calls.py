@@ -114,6 +114,12 @@ def test_answers_past_pythons_readers_or_cut_short_stay_text():
     assert parse_tool_calls(cut, "hermes") == (cut, [])
     forced = ForcedToolCalls([_tool("f")], "required")
     assert forced.parse(f'[{{"name": "f", "parameters": {{"x": {digits}}}}}]') == []
+    # A lone surrogate (half an emoji's escape) stays escaped: the answer must encode as UTF-8.
+    [call] = parse_tool_calls(
+        '<tool_call>{"name": "f", "arguments": {"s": "\\ud83d é"}}</tool_call>', "hermes"
+    )[1]
+    assert call.arguments == '{"s": "\\ud83d \\u00e9"}'
+    call.arguments.encode()
 
 
 def test_mistral_calls_in_both_formats():

@@ -54,6 +54,17 @@ class ToolCall:
         return call if index is None else {"index": index, **call}
 
 
+def _json_text(arguments: dict) -> str:
+    """The arguments as JSON text: non-ASCII characters as they are, unless a lone surrogate
+    (a model's "\\ud83d" without its pair) would make the answer unencodable as UTF-8."""
+    text = json.dumps(arguments, ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(arguments)
+    return text
+
+
 def _call(obj, arguments_key: str, *, require_arguments: bool = False) -> ToolCall | None:
     """A call's object: a name and its arguments (under arguments_key or "arguments"; none:
     {} inside a call's markers, and no call where the whole answer is JSON,
@@ -70,7 +81,7 @@ def _call(obj, arguments_key: str, *, require_arguments: bool = False) -> ToolCa
             return None
     if not isinstance(arguments, dict):
         return None
-    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
+    return ToolCall(obj["name"], _json_text(arguments))
 
 
 def _hermes(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -166,7 +177,7 @@ def _pythonic(text: str) -> tuple[str | None, list[ToolCall]]:
             return text, []
         try:
             arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-            encoded = json.dumps(arguments, ensure_ascii=False)
+            encoded = _json_text(arguments)
         except (ValueError, TypeError, SyntaxError):
             return text, []
         calls.append(ToolCall(ast.unparse(node.func), encoded))
