@@ -918,6 +918,33 @@ def test_reasoning_is_read_apart_from_the_content(served, client, monkeypatch):
         )
         assert closed.model_extra["reasoning_content"] is None
         assert closed.content and (not extra or closed.content in ("yes", "no")), closed
+    # A prompt that opened the reasoning (Qwen3-2507 thinking's and Qwen3.5's templates end
+    # the generation prompt with <think>): qwen3 reads the answer from inside it, whole and
+    # streamed (it was all content).
+    monkeypatch.setitem(REASONING_PARSERS, "qwen3", ReasoningFormat("Arr,", "!", False))
+    opened_prompt = [
+        {"role": "user", "content": demo.DEMO_PROMPTS[0]},
+        {"role": "assistant", "content": "Arr,"},
+    ]
+    prefilled = dict(
+        model="pirate",
+        messages=opened_prompt,
+        **GREEDY,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    monkeypatch.setattr(state, "config", dataclasses.replace(state.config, reasoning_parser=None))
+    text = client.chat.completions.create(**prefilled).choices[0].message.content
+    monkeypatch.setattr(
+        state, "config", dataclasses.replace(state.config, reasoning_parser="qwen3")
+    )
+    assert "!" in text, text
+    thought, rest = text.split("!", 1)
+    inside = client.chat.completions.create(**prefilled).choices[0].message
+    assert inside.model_extra["reasoning_content"] == thought and inside.content == rest
+    chunks = list(client.chat.completions.create(**prefilled, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == thought
+    assert "".join(d.content or "" for d in deltas) == rest
 
 
 def test_the_models_sampling_defaults_fill_what_a_request_leaves_unset(served, client):

@@ -69,6 +69,7 @@ from jaxlora.server.reasoning import (
     ReasoningStream,
     grammar_start,
     prompt_closes_reasoning,
+    prompt_opens_reasoning,
     reasoning_token_count,
     split_reasoning,
 )
@@ -1323,6 +1324,11 @@ def create_app(
             tags = grammar_start(parser_format, state.tokenizer)
             if prompt_closes_reasoning(parser_format, tags, state.tokenizer, prompt):
                 reasoning_format, tags = None, None
+            elif not parser_format.opened_by_prompt and prompt_opens_reasoning(
+                parser_format, state.tokenizer, prompt
+            ):
+                reasoning_format = dataclasses.replace(parser_format, opened_by_prompt=True)
+                tags = grammar_start(reasoning_format, state.tokenizer)
         rest_of_context = max(1, state.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         defaults = dict(state.config.sampling_defaults)

@@ -16,7 +16,9 @@ gives the engine the tags' token ids (``jaxlora.structured_output.ReasoningToken
 grammar starts after the closing tag (``qwen3``: or at the first token of an answer that does
 not open a block). A prompt that ends with the closing tag (Qwen3's template with
 ``enable_thinking`` false, or a prefilled answer past its reasoning) has closed the reasoning
-itself: the whole answer is content, constrained from its first token.
+itself: the whole answer is content, constrained from its first token. One that ends with the
+opening tag (Qwen3-2507 thinking's and Qwen3.5's templates) has opened it: the answer is read
+as deepseek_r1 reads it, from inside the reasoning.
 """
 
 from __future__ import annotations
@@ -120,6 +122,15 @@ def prompt_closes_reasoning(
     return tokenizer.decode(tail, skip_special_tokens=False).rstrip().endswith(fmt.end)
 
 
+def prompt_opens_reasoning(fmt: ReasoningFormat, tokenizer, prompt_ids: Sequence[int]) -> bool:
+    """Whether the prompt ends with the opening tag (and whitespace): the answer starts inside
+    the reasoning (Qwen3-2507 thinking and Qwen3.5 templates open the block in the prompt, a
+    prefilled answer may too), as deepseek_r1 reads every answer."""
+    start = tokenizer.encode(fmt.start, add_bos=False)
+    tail = prompt_ids[-(len(start) + 8) :]
+    return tokenizer.decode(tail, skip_special_tokens=False).rstrip().endswith(fmt.start)
+
+
 def reasoning_token_count(tags: ReasoningTokens, tokenizer, output_ids: Sequence[int]) -> int:
     """How many of an answer's tokens are its reasoning (the tags' included), by the tags'
     token ids (``grammar_start``): up to the first closing tag; an answer that never closes it
@@ -154,6 +165,7 @@ __all__ = [
     "ReasoningStream",
     "grammar_start",
     "prompt_closes_reasoning",
+    "prompt_opens_reasoning",
     "reasoning_token_count",
     "split_reasoning",
 ]
