@@ -141,9 +141,14 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
 def _template_extras(message: Mapping[str, Any], index: int) -> dict:
     """The tool-calling fields of a message, for templates that render them: an assistant's
     tool_calls (arguments as JSON text, OpenAI's form, and parsed, the form HF templates
-    read), a tool result's tool_call_id and name. RequestError naming the field for calls
+    read), a tool result's tool_call_id and name, an earlier answer's reasoning_content
+    (Qwen3's templates render it, as vLLM passes it). RequestError naming the field for calls
     that are not OpenAI's objects."""
-    extras = {k: message[k] for k in ("tool_call_id", "name") if message.get(k) is not None}
+    extras = {
+        k: message[k]
+        for k in ("tool_call_id", "name", "reasoning_content")
+        if message.get(k) is not None
+    }
     calls = message.get("tool_calls")
     if calls:
         if not isinstance(calls, Sequence) or isinstance(calls, str):

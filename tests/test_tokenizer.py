@@ -231,6 +231,13 @@ def test_malformed_tool_calls_in_messages_are_the_requests_fault(tok):
         assert render([call]) == "U" + json.dumps(huge)
         call["function"]["arguments"] = '{"x": 1}'
         assert render([call]) == 'U{"x": 1}'
+        # An earlier answer's reasoning reaches templates that render it (Qwen3's).
+        tok.chat_template = "{% for m in messages %}{{ m.reasoning_content or '-' }}{% endfor %}"
+        messages = [
+            {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A", "reasoning_content": "R"},
+        ]
+        assert tok.apply_chat_template(messages, add_generation_prompt=False) == "-R"
     finally:
         tok.chat_template = None
 
