@@ -42,6 +42,8 @@ MAX_LOGPROBS = 20
 # logit_bias entries a request may give (OpenAI allows 300; each is an entry of the step's
 # sparse processing arrays, whose width is bucketed to a power of two).
 MAX_LOGIT_BIAS = 1024
+# The least temperature that samples (vLLM's: lower ones are raised to it).
+MIN_TEMPERATURE = 0.01
 MAX_BAD_WORDS = 256  # (each is matched against the output on the host, every step)
 # The smallest width of those arrays: bounded compilations for short histories.
 MIN_PROCESSING_ENTRIES = 64
@@ -52,36 +54,36 @@ _SEED_MODULUS = 2**64
 class SamplingParams:
     """How one request samples.
 
-    temperature: 0 = greedy (top_k / top_p ignored), else logits / temperature;
-    top_p: nucleus sampling, keep the smallest set of most likely tokens whose probability reaches
-    top_p (1 = off); top_k: keep the k most likely tokens (0 = off); max_tokens: tokens to
-    generate at most; stop_token_ids: tokens that end the output (besides EOS); stop_strings: text
-    that ends the output (not included in it); seed: the request's random stream (None: the engine
-    picks one); logprobs: None = no logprobs, n = the chosen token's logprob and the n most likely
+    temperature: 0 = greedy (top_k / top_p ignored), else logits / temperature (at least 0.01,
+    as vLLM raises it); top_p: nucleus sampling, keep the smallest set of most likely tokens
+    whose probability reaches top_p (1 = off); top_k: keep the k most likely tokens (0 or -1 =
+    off); max_tokens: tokens to generate at most; stop_token_ids: tokens that end the output
+    (besides EOS); stop_strings: text that ends the output (not included in it); seed: the
+    request's random stream (None: the engine picks one; the server reads vLLM's -1 as None);
+    logprobs: None = no logprobs, n = the chosen token's logprob and the n most likely
     alternatives (0..20); ignore_eos: keep generating past EOS until max_tokens or a stop.
 
-    Logit processing (see the module docstring): logit_bias: {token id: bias in [-100, 100]}
-    added to the logits (a mapping, or (id, bias) pairs; kept sorted); presence_penalty /
-    frequency_penalty: in [-2, 2], per distinct output token / per occurrence;
-    repetition_penalty: > 0 (1 = off) over prompt and output tokens; min_tokens: EOS (unless
-    ignore_eos) and stop tokens are banned, and stop strings not looked for, until this many
-    tokens are out. min_p: after temperature, drop tokens less likely than min_p times the most
-    likely one (0 = off), before top-k / top-p. prompt_logprobs: None = none, n = each prompt
-    token's logprob given the tokens before it (the model's own distribution; the first token
-    has none) and the n most likely alternatives there (0..20); the prefill steps that compute
-    them run the LM head on every position. include_stop_str_in_output: the stop string or
-    stop token (EOS, stop_token_ids) that ended the output is part of its text (vLLM's; its
-    token id is in the output's ids either way). structured_output: a
-    ``jaxlora.structured_output.StructuredOutput`` the output must match (constrained decoding:
-    the sampler only sees the tokens its grammar allows next). bad_words: words the output never
-    contains (vLLM's; at most MAX_BAD_WORDS, tokenized by the engine, ``jaxlora.bad_words``).
-    reasoning_tokens: a ``jaxlora.structured_output.ReasoningTokens``: the structured output
-    constrains only what follows the answer's reasoning (its tags' token ids; None: all of it).
-    allowed_token_ids: None, or the only tokens the output may take (vLLM's; EOS too only if
-    listed), through the same token bitmask; where a grammar allows none of them, the grammar
-    decides. skip_special_tokens: the output's text leaves special tokens out (vLLM's; False:
-    they are written, e.g. an EOS that ``ignore_eos`` went past).
-    """
+    Logit processing (see the module docstring): logit_bias: {token id: bias} added to the
+    logits, clamped to [-100, 100] as vLLM does (a mapping, or (id, bias) pairs; kept sorted);
+    presence_penalty / frequency_penalty: in [-2, 2], per distinct output token / per
+    occurrence; repetition_penalty: > 0 (1 = off) over prompt and output tokens; min_tokens: EOS
+    (with ignore_eos too, as vLLM's) and stop tokens are banned, and stop strings not looked
+    for, until this many tokens are out. min_p: after temperature, drop tokens less likely than
+    min_p times the most likely one (0 = off), before top-k / top-p. prompt_logprobs: None =
+    none, n = each prompt token's logprob given the tokens before it (the model's own
+    distribution; the first token has none) and the n most likely alternatives there (0..20);
+    the prefill steps that compute them run the LM head on every position.
+    include_stop_str_in_output: the stop string or stop token (EOS, stop_token_ids) that ended
+    the output is part of its text (vLLM's; its token id is in the output's ids either way).
+    structured_output: a ``jaxlora.structured_output.StructuredOutput`` the output must match
+    (constrained decoding: the sampler only sees the tokens its grammar allows next). bad_words:
+    words the output never contains (vLLM's; at most MAX_BAD_WORDS, tokenized by the engine,
+    ``jaxlora.bad_words``). reasoning_tokens: a ``jaxlora.structured_output.ReasoningTokens``:
+    the structured output constrains only what follows the answer's reasoning (its tags' token
+    ids; None: all of it). allowed_token_ids: None, or the only tokens the output may take
+    (vLLM's; EOS too only if listed), through the same token bitmask; where a grammar allows
+    none of them, the grammar decides. skip_special_tokens: the output's text leaves special
+    tokens out (vLLM's; False: they are written, e.g. an EOS that ``ignore_eos`` went past)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -127,8 +129,10 @@ class SamplingParams:
             fail("temperature", "a finite number >= 0 (at most float32's 3.4e38)")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "a number in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < 0:
-            fail("top_k", "an int >= 0 (0 = off)")
+        if not is_int(self.top_k) or self.top_k < -1:
+            fail("top_k", "an int >= 0 (0 or -1 = off)")
+        if self.top_k == -1:  # (vLLM's and older clients' "off")
+            object.__setattr__(self, "top_k", 0)
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "an int >= 1")
         if self.seed is not None and not is_int(self.seed):
@@ -176,7 +180,13 @@ class SamplingParams:
                 self, "allowed_token_ids", tuple(sorted({int(t) for t in self.allowed_token_ids}))
             )
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        object.__setattr__(self, "temperature", float(self.temperature))
+        # vLLM raises temperatures in (0, 0.01) to 0.01: below, logits / temperature overflows
+        # float32 (1e-38 turns every logit infinite and picks the first token).
+        object.__setattr__(
+            self,
+            "temperature",
+            float(self.temperature) and max(float(self.temperature), MIN_TEMPERATURE),
+        )
         object.__setattr__(self, "top_p", float(self.top_p))
         for field in ("presence_penalty", "frequency_penalty"):
             if not is_number(getattr(self, field)) or not -2 <= getattr(self, field) <= 2:
@@ -219,8 +229,8 @@ class SamplingParams:
     def _checked_logit_bias(self, fail, is_int, is_number) -> tuple[tuple[int, float], ...]:
         bias = self.logit_bias
         expected = (
-            f"a mapping of token ids >= 0 to biases in [-100, 100], at most {MAX_LOGIT_BIAS} "
-            "entries"
+            f"a mapping of token ids >= 0 to finite biases (clamped to [-100, 100]), at most "
+            f"{MAX_LOGIT_BIAS} entries"
         )
         if isinstance(bias, dict):
             bias = tuple(bias.items())
@@ -231,11 +241,11 @@ class SamplingParams:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 fail("logit_bias", expected)
             token, value = pair
-            if not is_int(token) or token < 0 or not is_number(value) or not -100 <= value <= 100:
+            if not is_int(token) or token < 0 or not is_number(value):
                 fail("logit_bias", expected)
             if int(token) in pairs:
                 fail("logit_bias", f"{expected}, each token once (token {token} twice)")
-            pairs[int(token)] = float(value)
+            pairs[int(token)] = min(100.0, max(-100.0, float(value)))  # (clamped, as vLLM)
         return tuple(sorted(pairs.items()))
 
     @property
@@ -331,7 +341,9 @@ def logit_processing(
         bias_values = np.asarray([b for _, b in p.logit_bias], np.float32)
         banned = empty
         if index < p.min_tokens:
-            banned = p.stop_token_ids if p.ignore_eos else (*p.stop_token_ids, *eos_ids)
+            # (EOS too with ignore_eos, as vLLM's min_tokens bans every stop id: ignore_eos
+            # lets EOS be sampled later without ending the answer)
+            banned = (*p.stop_token_ids, *eos_ids)
             banned = np.unique(np.asarray(banned, np.int32))
         counted = p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
         out_ids, out_counts = empty, empty

@@ -175,6 +175,23 @@ def test_logprobs_of_chosen_and_top_tokens():
     assert run(logits, params).top_logprobs.shape == (4, 0)
 
 
+def test_vllm_s_spellings_and_bounds():
+    """top_k -1 is off (vLLM's and older clients'); temperatures in (0, 0.01) are raised to
+    0.01 as vLLM raises them (at 1.2e-38 every logit divided by it was infinite and the first
+    token won); logit_bias values are clamped to [-100, 100] as vLLM's server clamps them."""
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(temperature=1.2e-38).temperature == 0.01
+    assert SamplingParams(temperature=0.0).temperature == 0.0
+    assert SamplingParams(temperature=0.5).temperature == 0.5
+    assert SamplingParams(logit_bias={5: 150, 6: -1e9}).logit_bias == ((5, 100.0), (6, -100.0))
+    logits = jnp.asarray([[38.0, 45.0, 12.0, -5.0]])
+    picked = {
+        int(run(logits, [SamplingParams(temperature=1.2e-38, seed=seed)]).tokens[0])
+        for seed in range(8)
+    }
+    assert picked == {1}
+
+
 def test_padding_rows_and_seed_words():
     batch = SamplingBatch.from_params([SamplingParams(seed=-1)], [3], batch_size=4)
     assert batch.temperature.shape == (4,) and (batch.temperature[1:] == 0).all()
@@ -194,7 +211,7 @@ def test_padding_rows_and_seed_words():
         ("temperature", 1e300, "3.4e38"),
         ("top_p", 0.0, r"\(0, 1\]"),
         ("top_p", 1.5, r"\(0, 1\]"),
-        ("top_k", -1, ">= 0"),
+        ("top_k", -2, ">= 0"),
         ("top_k", 2.5, "int"),
         ("max_tokens", 0, ">= 1"),
         ("logprobs", 21, "0..20"),
@@ -210,7 +227,7 @@ def test_padding_rows_and_seed_words():
         ("min_p", 1.5, r"\[0, 1\]"),
         ("min_tokens", 17, r"0..max_tokens \(16\)"),
         ("min_tokens", -1, "0..max_tokens"),
-        ("logit_bias", {5: 101}, r"\[-100, 100\]"),
+        ("logit_bias", {5: float("inf")}, "finite biases"),
         ("logit_bias", {-1: 1}, ">= 0"),
         ("logit_bias", {"5": 1}, ">= 0"),
         ("logit_bias", [(5, 1), (5, 2)], "token 5 twice"),
@@ -255,7 +272,7 @@ def reference_processing(logits, params, prompts, outputs, token_indices, eos_id
         for token, bias in p.logit_bias:
             x[token] += bias
         if token_indices[row] < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
+            banned = list(p.stop_token_ids) + list(eos_ids)  # (ignore_eos too, as vLLM)
             x[banned] = -np.inf
         seen = set(prompts[row]) | set(outputs[row])
         for token in seen:
@@ -317,7 +334,7 @@ def test_logit_processing_matches_a_dense_reference():
     pending = [True, True, False, True, False, True]
     token_indices = [len(o) for o in outputs]
     token_indices[2] = 3  # still below min_tokens: 5, 6 and EOS banned
-    token_indices[3] = 2  # below min_tokens too, but ignore_eos: nothing banned
+    token_indices[3] = 2  # below min_tokens too: EOS banned with ignore_eos too (vLLM's)
     logits = rng.standard_normal((len(params), vocab)).astype(np.float32) * 4
     logits[2, [1, 5, 6]] += 30  # the banned tokens would win
     processed, tokens, out = processed_run(logits, params, prompts, outputs, pending, token_indices)
@@ -325,7 +342,7 @@ def test_logit_processing_matches_a_dense_reference():
     np.testing.assert_allclose(processed, expected, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(tokens, expected.argmax(axis=1))
     assert tokens[2] not in (1, 5, 6)
-    assert np.isneginf(processed[2, [1, 5, 6]]).all() and np.isfinite(processed[3, 1])
+    assert np.isneginf(processed[2, [1, 5, 6]]).all() and np.isneginf(processed[3, 1])
     np.testing.assert_array_equal(processed[4], logits[4])
     model = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
     np.testing.assert_allclose(

@@ -152,7 +152,7 @@ CASES = [
     bad(C, "logit_bias", {"one": 1}, "token ids", "'one'"),
     bad(M, "logit_bias", {"-3": 1}, "token ids"),
     bad(C, "logit_bias", {"12345678901": 1}, "token ids"),
-    bad(C, "logit_bias", {"5": 101}, "[-100, 100]"),
+    bad(C, "logit_bias", {"5": "x"}, "valid number", param="logit_bias.5"),
     bad(M, "logit_bias", {"5": NAN}, "[-100, 100]"),
     bad(C, "logit_bias", {"70000": 1}, "token id 70000", "vocabulary"),
     bad(M, "logit_bias", {str(i): 1 for i in range(1025)}, "at most 1024"),
@@ -558,6 +558,24 @@ def test_a_null_is_the_fields_default(http):
                 item.pop("id", None)
             first, second = first["output"], second["output"]
         assert first == second, path
+
+
+def test_vllm_s_neutral_values_are_taken(http):
+    """What vLLM takes as "off": top_k -1, seed -1 (no seed: sampled answers differ from run
+    to run), a chat's top_logprobs 0 without logprobs; and logit_bias past [-100, 100] is
+    clamped (all were 400s, and seed -1 a fixed seed)."""
+    from jaxlora.server.app import _samplings
+    from jaxlora.server.protocol import CompletionRequest
+
+    for body in (comp(top_k=-1), chat(top_logprobs=0), comp(logit_bias={"5": 150})):
+        path = CHAT if "messages" in body else COMPLETIONS
+        response = post(http, path, body)
+        assert response.status_code == 200, (body, response.text)
+    request = CompletionRequest(**comp(seed=-1, n=2, temperature=1.0))
+    assert [p.seed for p in _samplings(request, 4, None, 2, 4)] == [None, None]
+    request = CompletionRequest(**comp(seed=7, n=2, temperature=1.0))
+    assert [p.seed for p in _samplings(request, 4, None, 2, 4)] == [7, 8]
+    assert post(http, CHAT, chat(top_logprobs=2)).status_code == 400
 
 
 def test_tokenizing_leaves_the_event_loop_free(served, monkeypatch):

@@ -47,8 +47,8 @@ GENERATION_DEFAULT_FIELDS = {
     "top_p": ("top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "top_k": (
         "top_k",
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-        "an int >= 0",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+        "an int >= 0 (0 or -1: off)",
     ),
     "min_p": ("min_p", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "repetition_penalty": (

@@ -160,7 +160,7 @@ def _refuse_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None
                 "cannot continue the final message and add a generation prompt after it; set "
                 "add_generation_prompt to false",
             )
-        if body.top_logprobs is not None and not body.logprobs:
+        if body.top_logprobs and not body.logprobs:  # (0 asks for nothing, as vLLM reads it)
             refuse("top_logprobs", "needs logprobs=true")
         if body.prompt_logprobs is not None and body.stream:
             refuse("prompt_logprobs", "only without stream on chat completions")
@@ -320,7 +320,8 @@ def _samplings(
         logit_bias[int(key)] = bias
     out = []
     for i in range(count):
-        seed = None if body.seed is None else (body.seed + i) % _SEED_LIMIT
+        # (-1: vLLM's "no seed")
+        seed = None if body.seed in (None, -1) else (body.seed + i) % _SEED_LIMIT
         try:
             out.append(
                 SamplingParams(
