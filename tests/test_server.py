@@ -27,6 +27,7 @@ from jaxlora.sampling import SamplingParams
 from jaxlora.server import resolve_adapter_path
 from jaxlora.server.config import ServerConfig
 from jaxlora.server.launch import (
+    SIZE_FIELDS,
     LaunchConfig,
     banner,
     engine_config_for,
@@ -3543,18 +3544,7 @@ def test_launch_settings():
         LaunchConfig(max_body_mib=0)
 
 
-@pytest.mark.parametrize(
-    "flag",
-    [
-        "max_batch",
-        "max_prefill_rows",
-        "prefill_chunk",
-        "max_num_tokens",
-        "page_size",
-        "kv_pages",
-        "max_model_len",
-    ],
-)
+@pytest.mark.parametrize("flag", SIZE_FIELDS)
 @pytest.mark.parametrize("value", ["0", "-16"])
 def test_sizes_below_one_are_refused_naming_the_flag(flag, value):
     """serve.py's sizes are ints >= 1: --page_size=0 was a ZeroDivisionError, -16 with

@@ -418,26 +418,23 @@ class Engine:
                 f"max_tokens: {sampling.max_tokens} plus the prompt's "
                 f"{len(prompt_ids)} tokens exceeds the context length {limit}"
             )
-        held = self.kv.pages_held_at_most(
-            len(prompt_ids) + 1,
-            self.config.attention_window,
-            self.engine_config.runner.prefill_chunk,
-        )
-        if held > self.engine_config.kv.num_pages:
+        pool = self.engine_config.kv.num_pages
+
+        def pages_held(tokens: int) -> int:
+            return self.kv.pages_held_at_most(
+                tokens, self.config.attention_window, self.engine_config.runner.prefill_chunk
+            )
+
+        if pages_held(len(prompt_ids) + 1) > pool:
             raise RequestError(
-                f"prompt: {len(prompt_ids)} tokens need more KV pages than the "
-                f"pool has ({self.engine_config.kv.num_pages})"
+                f"prompt: {len(prompt_ids)} tokens need more KV pages than the pool has ({pool})"
             )
         # (alone in the engine it would preempt itself at the pool's end and recompute, forever)
-        held = self.kv.pages_held_at_most(
-            len(prompt_ids) + sampling.max_tokens,
-            self.config.attention_window,
-            self.engine_config.runner.prefill_chunk,
-        )
-        if held > self.engine_config.kv.num_pages:
+        held = pages_held(len(prompt_ids) + sampling.max_tokens)
+        if held > pool:
             raise RequestError(
                 f"max_tokens: {sampling.max_tokens} plus the prompt's {len(prompt_ids)} tokens "
-                f"need {held} KV pages; the pool has {self.engine_config.kv.num_pages}"
+                f"need {held} KV pages; the pool has {pool}"
             )
         if adapter is not None:
             if self.adapters is None or adapter not in self.adapters.store:

@@ -49,6 +49,18 @@ log = logging.getLogger("jaxlora.server")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# LaunchConfig's sizes (ints >= 1 where given), each also its flag's name.
+SIZE_FIELDS = (
+    "max_batch",
+    "max_prefill_rows",
+    "prefill_chunk",
+    "max_num_tokens",
+    "page_size",
+    "kv_pages",
+    "max_model_len",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     """model: "" (the embedded demo), a preset name, a HF directory or an orbax checkpoint.
@@ -186,15 +198,7 @@ class LaunchConfig:
                     f"{field}: expected None or an int >= {least} (bytes), got {value!r}"
                 )
         # (checked here, before engine_config_for divides by them or a step is shaped by them)
-        for field in (
-            "max_batch",
-            "max_prefill_rows",
-            "prefill_chunk",
-            "max_num_tokens",
-            "page_size",
-            "kv_pages",
-            "max_model_len",
-        ):
+        for field in SIZE_FIELDS:
             value = getattr(self, field)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
