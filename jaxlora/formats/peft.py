@@ -222,13 +222,18 @@ def _matches_target(targets, layers, layers_pattern, key: str) -> bool:
     else:
         match = None
         for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = re.match(_layers_regex(pattern), key)
             if match:
                 break
     if match is None:
         return False
     index = int(match.group("idx"))
     return index == layers if isinstance(layers, int) else index in layers
+
+
+def _layers_regex(layers_pattern: str) -> str:
+    """PEFT's regex of a module name in a layer of ``layers_pattern`` (its index: ``idx``)."""
+    return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
 
 
 def _excluded(exclude, key: str) -> bool:
@@ -440,7 +445,7 @@ def _check_config(cfg: dict, config_file: str) -> dict:
             patterns = [value] if isinstance(value, str) else []
         else:
             names = [] if value is None else [value] if isinstance(value, str) else value
-            patterns = [rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\." for name in names]
+            patterns = [_layers_regex(name) for name in names]
         for pattern in patterns:
             try:
                 re.compile(pattern)

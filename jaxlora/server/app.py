@@ -1326,7 +1326,7 @@ def create_app(
             if prompt_closes_reasoning(parser_format, tags, state.tokenizer, prompt):
                 reasoning_format, tags = None, None
             elif not parser_format.opened_by_prompt and prompt_opens_reasoning(
-                parser_format, state.tokenizer, prompt
+                parser_format, tags, state.tokenizer, prompt
             ):
                 reasoning_format = dataclasses.replace(parser_format, opened_by_prompt=True)
                 tags = grammar_start(reasoning_format, state.tokenizer)

@@ -117,18 +117,23 @@ def prompt_closes_reasoning(
 ) -> bool:
     """Whether the prompt ends with the closing tag (and whitespace): the answer is then all
     content."""
+    return _prompt_ends_with(fmt.end, len(tags.end), tokenizer, prompt_ids)
+
+
+def prompt_opens_reasoning(
+    fmt: ReasoningFormat, tags: ReasoningTokens, tokenizer, prompt_ids: Sequence[int]
+) -> bool:
+    """Whether the prompt ends with the opening tag (and whitespace; ``tags`` the format's
+    own, grammar_start's, with the opening tag's ids): the answer starts inside the reasoning
+    (Qwen3-2507 thinking and Qwen3.5 templates open the block in the prompt, a prefilled
+    answer may too), as deepseek_r1 reads every answer."""
+    return _prompt_ends_with(fmt.start, len(tags.start), tokenizer, prompt_ids)
+
+
+def _prompt_ends_with(tag: str, tag_tokens: int, tokenizer, prompt_ids: Sequence[int]) -> bool:
     # (the tag's tokens and a few of whitespace after it are enough to read)
-    tail = prompt_ids[-(len(tags.end) + 8) :]
-    return tokenizer.decode(tail, skip_special_tokens=False).rstrip().endswith(fmt.end)
-
-
-def prompt_opens_reasoning(fmt: ReasoningFormat, tokenizer, prompt_ids: Sequence[int]) -> bool:
-    """Whether the prompt ends with the opening tag (and whitespace): the answer starts inside
-    the reasoning (Qwen3-2507 thinking and Qwen3.5 templates open the block in the prompt, a
-    prefilled answer may too), as deepseek_r1 reads every answer."""
-    start = tokenizer.encode(fmt.start, add_bos=False)
-    tail = prompt_ids[-(len(start) + 8) :]
-    return tokenizer.decode(tail, skip_special_tokens=False).rstrip().endswith(fmt.start)
+    tail = prompt_ids[-(tag_tokens + 8) :]
+    return tokenizer.decode(tail, skip_special_tokens=False).rstrip().endswith(tag)
 
 
 def reasoning_token_count(tags: ReasoningTokens, tokenizer, output_ids: Sequence[int]) -> int:
