@@ -2650,6 +2650,38 @@ def unload(url, name):
     )
 
 
+def test_an_unload_waiting_for_a_merge_leaves_the_event_loop_free(served, adapter_root):
+    """An unload waits for the merge lock, which a per-request merge holds while it is
+    computed (seconds for a large model): meanwhile the server answers everyone else."""
+    state, url = served[1], served[0].url
+    assert load(url, "unload_me", "pirate_copy").status_code == 200
+    held, release = threading.Event(), threading.Event()
+
+    def merging():  # (what request_merge does while it computes)
+        with state._merge_lock:
+            held.set()
+            release.wait(10)
+
+    merge = threading.Thread(target=merging)
+    merge.start()
+    unloading = None
+    try:
+        assert held.wait(5)
+        unloading = threading.Thread(target=lambda: unload(url, "unload_me"))
+        unloading.start()
+        time.sleep(0.2)  # (the unload is waiting for the lock)
+        began = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert time.monotonic() - began < 1.0
+        assert unloading.is_alive()  # (its answer still waits for the merge)
+    finally:
+        release.set()
+        merge.join()
+        if unloading is not None:
+            unloading.join(10)
+    assert "unload_me" not in state.adapters.store
+
+
 def test_runtime_load_failures_are_400_with_the_reason(served, adapter_root):
     root, outside = adapter_root
     url = served[0].url

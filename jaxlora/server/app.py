@@ -980,7 +980,9 @@ def create_app(
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
         _require_admin("unload adapters")
         _check_text(body)
-        state.unload_adapter(body.lora_name)
+        # Off the event loop: it waits for the merge lock, which a per-request merge being
+        # computed in a worker thread holds for as long as the merge takes.
+        await anyio.to_thread.run_sync(state.unload_adapter, body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     # ------------------------------------------------------------------ generation helpers
