@@ -12,7 +12,7 @@ import pytest
 
 from configs.models import TINY
 from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager, kv_pool_dtype
-from jaxlora.errors import ConfigError
+from jaxlora.errors import ConfigError, RequestError
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -123,6 +123,20 @@ def test_without_prefix_caching_nothing_is_cached_and_pages_return():
     assert kv.attach_prefix(1, lambda s, n: tokens[s : s + n], None, 11) == 0
     with pytest.raises(ConfigError, match="prefix_caching: expected a bool"):
         KVCacheConfig(prefix_caching=1)
+
+
+def test_room_past_the_page_table_is_refused_and_takes_nothing():
+    """A sequence asking for more pages than its page-table row has (max_pages_per_seq) gets a
+    RequestError naming the limit, and no page is taken (none leaks from the pool)."""
+    kv = KVCacheManager(TINY, KVCacheConfig(page_size=4, num_pages=16, max_model_len=8))
+    assert kv.ensure("a", 8)  # exactly the two pages of the row
+    with pytest.raises(RequestError, match=r"3 pages for 9 tokens, past max_pages_per_seq 2"):
+        kv.ensure("a", 9)
+    with pytest.raises(RequestError, match="max_model_len 8"):
+        kv.ensure("b", 12)
+    assert kv.free_pages == 16 - 2 and kv.pages_of("b") == [] and len(kv.pages_of("a")) == 2
+    kv.free("a")
+    assert kv.free_pages == 16 and not kv._refs and not kv.allocator.allocated_pages()
 
 
 def test_shared_prompt_pages_outlive_their_first_holder_without_prefix_caching():

@@ -351,6 +351,25 @@ def test_background_loads_and_a_file_broken_after_registration(tmp_path):
     check_consistent(manager)
 
 
+def test_a_pin_whose_background_load_fails_leaves_the_name_unpinned(tmp_path):
+    """pin(wait=True) raising a load error from the loader thread leaves name unpinned, as the
+    same error from acquire() does with load_workers=0; a name pinned before stays pinned."""
+    manager = make_manager(workers=1)
+    bad = write_adapter(tmp_path, "bad", rank=2, seed=1)
+    manager.register("bad", bad)
+    with open(os.path.join(bad, "adapter_model.safetensors"), "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(FormatError, match="adapter_model.safetensors"):
+        manager.pin("bad", wait=True)
+    assert not manager.is_pinned("bad") and manager.pinned_names() == set()
+    manager.pin("bad")  # (no wait: the load fails later, the pin stays as asked)
+    with pytest.raises(FormatError):
+        manager.pin("bad", wait=True)
+    assert manager.is_pinned("bad")
+    manager.close()
+    check_consistent(manager)
+
+
 def test_eviction_before_the_copy_cancels_it():
     manager = small_manager()
     manager.acquire("w0").release()  # queued, never polled

@@ -101,6 +101,9 @@ class ManagerMachine(RuleBasedStateMachine):
         except PoolExhaustedError:
             self.check_really_exhausted(name)
             return
+        except AdapterError as e:
+            self.check_never_fits_beside_pinned(name, e)
+            return
         assert handle.version == self.manager.store.get(name).version
         self.handles.append(handle)
         self.note_pinned_residents()
@@ -129,6 +132,8 @@ class ManagerMachine(RuleBasedStateMachine):
             assert name not in self.registered
         except PoolExhaustedError:
             self.check_really_exhausted(name)
+        except AdapterError as e:
+            self.check_never_fits_beside_pinned(name, e)
         else:
             self.pinned.add(name)
             self.note_pinned_residents()
@@ -198,6 +203,19 @@ class ManagerMachine(RuleBasedStateMachine):
         assert any(
             self.manager.allocators[a].free_pages + evictable[a] < n for a, n in need.items()
         ), "refused although eviction could make room"
+
+    def check_never_fits_beside_pinned(self, name, error):
+        """That AdapterError is only allowed when the pinned adapters' pages leave too few."""
+        assert "beside the pinned adapters" in str(error), error
+        need = self.manager.store.get(name).footprint.pages_needed(POOL.rows_per_page)
+        pinned = dict.fromkeys(need, 0)
+        for r in self.manager.residents():
+            if r.pinned and r.name != name:
+                for axis in need:
+                    pinned[axis] += len(r.pages[axis])
+        assert any(n > POOL.pages_in(a) - pinned[a] for a, n in need.items()), (
+            "refused for pinned adapters that leave room"
+        )
 
     @invariant()
     def pages_are_owned_once_and_weights_match_files(self):

@@ -97,6 +97,34 @@ def test_eager_registration_loads_at_once(adapters):
     assert set(stats.load_seconds) == set(store.names())
 
 
+def test_eager_registration_of_weights_that_cannot_be_packed_registers_nothing(tmp_path):
+    """With eager=True the weights are read at registration: a file whose headers pass but
+    whose weights cannot be packed (past float16's largest here) fails the register, the
+    replace and its directory of register_root, leaving the store as it was."""
+    from safetensors.numpy import load_file, save_file
+
+    good = write_adapter(tmp_path / "root", "good", rank=2, seed=1)
+    bad = write_adapter(tmp_path / "root", "bad", rank=2, seed=2)
+    file = os.path.join(bad, "adapter_model.safetensors")
+    tensors = load_file(file)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].copy()
+    tensors[first].flat[0] = 7e4
+    save_file(tensors, file)
+    store = AdapterStore(CONFIG, POOL, AdapterStoreConfig(eager=True, dtype="float16"))
+    with pytest.raises(AdapterError, match="past the largest float16 value"):
+        store.register("x", bad)
+    assert "x" not in store and store.stats().cached == 0
+    store.register("x", good)
+    with pytest.raises(AdapterError, match="past the largest float16 value"):
+        store.replace("x", bad)
+    assert store.get("x").source == good and store.is_cached(store.get("x"))
+    store.unregister("x")
+    report = store.register_root(tmp_path / "root", skip_invalid=True)
+    assert report.registered == ("good",) and list(report.failed) == ["bad"]
+    assert store.names() == ["good"] and store.is_cached(store.get("good"))
+
+
 def test_host_budget_drops_least_recently_used(adapters):
     _, paths = adapters
     store = AdapterStore(CONFIG, POOL)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.config import ModelConfig, require_positive_ints
-from jaxlora.errors import ConfigError
+from jaxlora.errors import ConfigError, RequestError
 from jaxlora.memory.allocator import PageAllocator
 from pallas_kernels.paged_attention import window_pages
 
@@ -203,7 +203,17 @@ class KVCacheManager:
         return max(0, self.pages_for(num_tokens) - len(self.pages_of(seq_id)))
 
     def ensure(self, seq_id: int, num_tokens: int) -> bool:
-        """Makes room for num_tokens tokens of seq_id; False (and nothing taken) if no pages."""
+        """Makes room for num_tokens tokens of seq_id; False (and nothing taken) if no pages.
+        RequestError (nothing taken) past the page table's max_pages_per_seq pages."""
+        if self.pages_for(num_tokens) > self.config.max_pages_per_seq:
+            # Checked before taking pages: the page-table row has no place for them, and pages
+            # taken before that failure would leak.
+            raise RequestError(
+                f"KV cache: sequence {seq_id!r} needs {self.pages_for(num_tokens)} pages for "
+                f"{num_tokens} tokens, past max_pages_per_seq "
+                f"{self.config.max_pages_per_seq} (max_model_len "
+                f"{self.config.max_model_len}, page_size {self.config.page_size})"
+            )
         need = self.extra_pages_needed(seq_id, num_tokens)
         if need == 0:
             return True

@@ -330,22 +330,25 @@ class AdapterManager:
 
     def pin(self, name: str, *, wait: bool = False) -> None:
         """Keeps the current version of name resident until unpin (it is never evicted). Raises
-        like acquire() when it cannot be made resident, and then leaves name unpinned."""
+        like acquire() when it cannot be made resident (with wait, its load error too), and then
+        leaves name unpinned."""
         with self._lock:
             was_pinned = name in self._pinned
             self._pinned.add(name)
         try:
             handle = self.acquire(name)
+            try:
+                if wait:
+                    handle.wait()
+            finally:
+                self.release(handle)
         except BaseException:
+            # (a background load's error reaches us only in wait(): the same failure as
+            # acquire()'s with load_workers=0, so the same outcome)
             if not was_pinned:
                 with self._lock:
                     self._pinned.discard(name)
             raise
-        try:
-            if wait:
-                handle.wait()
-        finally:
-            self.release(handle)
 
     def is_pinned(self, name: str) -> bool:
         return name in self._pinned

@@ -44,7 +44,8 @@ class AdapterStoreConfig:
 
     dtype: element type of the host copy and of the GPU pool (weights are cast once, at load);
     host_budget_bytes: the most bytes of disk-backed adapters kept in RAM (None: no limit);
-    eager: read and pack weights at registration instead of on first use;
+    eager: read and pack weights at registration instead of on first use (a registration whose
+    weights cannot be read or packed then fails and registers nothing);
     host_memory_kind: None keeps numpy arrays (pageable memory); "pinned_host" keeps jax arrays
     in page-locked host memory, which the GPU reads several times faster (H100, one 84 MB
     adapter: ready 3.0 ms after acquire against 8.6 ms from numpy), at the price of pinned RAM
@@ -184,11 +185,14 @@ class AdapterStore:
             )
         except OSError as e:
             raise FormatError(f"{root}: cannot list adapter root directory ({e.strerror})") from e
-        entries, failed = [], {}
+        entries, failed, reads = [], {}, {}
         for child in children:
             try:
                 self._check_name(child)
-                entries.append(self._entry_from_path(child, os.path.join(root, child)))
+                entry = self._entry_from_path(child, os.path.join(root, child))
+                if self.config.eager:
+                    reads[child] = self._timed_read(entry)
+                entries.append(entry)
             except JaxloraError as e:
                 failed[child] = e
         with self._lock:
@@ -209,9 +213,8 @@ class AdapterStore:
                 if entry.name not in failed:
                     self._entries[entry.name] = entry
                     registered.append(entry.name)
-        if self.config.eager:
-            for name in registered:
-                self._eager_load(name)
+                    if entry.name in reads:
+                        self._keep_read_locked(entry, *reads[entry.name])
         return RegistrationReport(registered=tuple(registered), failed=failed)
 
     def replace(self, name: str, path_or_weights: str | os.PathLike | LoraWeights) -> AdapterEntry:
@@ -300,14 +303,9 @@ class AdapterStore:
             packed = self._cached_locked(entry.key)
         if packed is not None:
             return packed
-        start = time.perf_counter()
-        packed = self._read_and_pack(entry)
-        seconds = time.perf_counter() - start
+        packed, seconds = self._timed_read(entry)
         with self._lock:
-            self._loads += 1
-            self._load_seconds[entry.name] = seconds
-            if self._entries.get(entry.name) is entry:
-                self._cache_locked(entry.key, packed)
+            self._keep_read_locked(entry, packed, seconds)
         return packed
 
     def stats(self) -> StoreStats:
@@ -411,30 +409,49 @@ class AdapterStore:
     def _insert(
         self, entry: AdapterEntry, *, replace: bool, packed: PackedAdapter | None = None
     ) -> AdapterEntry:
+        read = None
+        if self.config.eager and packed is None:
+            # Read before the entry becomes visible: a file that cannot be read or packed
+            # refuses the registration (or the replace) and changes nothing.
+            with self._lock:
+                self._check_insertable_locked(entry, replace=replace)
+            read = self._timed_read(entry)
         with self._lock:
-            old = self._entries.get(entry.name)
-            if replace and old is None:
-                raise UnknownAdapterError(self._unknown_message(entry.name))
-            if not replace and old is not None:
-                raise AdapterError(
-                    f"adapter name {entry.name!r} ({entry.source}) is already "
-                    f"registered (from {old.source}); unregister or replace it"
-                )
+            old = self._check_insertable_locked(entry, replace=replace)
             if old is not None:
                 self._forget_weights(old.key)
             self._entries[entry.name] = entry
             if packed is not None:
                 self._memory_only[entry.key] = packed
-        if self.config.eager and packed is None:
-            self._eager_load(entry.name)
+            if read is not None:
+                self._keep_read_locked(entry, *read)
         return entry
 
-    def _eager_load(self, name: str) -> None:
-        try:
-            entry = self.get(name)
-        except UnknownAdapterError:
-            return  # unregistered meanwhile
-        self.load(entry)
+    def _check_insertable_locked(
+        self, entry: AdapterEntry, *, replace: bool
+    ) -> AdapterEntry | None:
+        """The entry name has now (None: unregistered); raises unless entry may take its place."""
+        old = self._entries.get(entry.name)
+        if replace and old is None:
+            raise UnknownAdapterError(self._unknown_message(entry.name))
+        if not replace and old is not None:
+            raise AdapterError(
+                f"adapter name {entry.name!r} ({entry.source}) is already "
+                f"registered (from {old.source}); unregister or replace it"
+            )
+        return old
+
+    def _timed_read(self, entry: AdapterEntry) -> tuple[PackedAdapter, float]:
+        start = time.perf_counter()
+        packed = self._read_and_pack(entry)
+        return packed, time.perf_counter() - start
+
+    def _keep_read_locked(self, entry: AdapterEntry, packed: PackedAdapter, seconds: float) -> None:
+        """Counts a read from disk and caches its weights while entry is current."""
+        self._loads += 1
+        self._load_seconds[entry.name] = seconds
+        if self._entries.get(entry.name) is entry:
+            self._cache_locked(entry.key, packed)
 
     def _read_and_pack(self, entry: AdapterEntry) -> PackedAdapter:
         from jaxlora.formats import load_peft_adapter
