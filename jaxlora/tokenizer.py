@@ -129,7 +129,7 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
                     f"({{'type': 'text', 'text': ...}}) are supported, got {part!r}"
                 )
             texts.append(part["text"])
-        content = "".join(texts)
+        content = "\n".join(texts)  # (vLLM joins a message's text parts with newlines)
     if not isinstance(content, str):
         raise RequestError(
             f"messages[{index}].content: expected a string or a list of text "
@@ -204,16 +204,35 @@ class IncrementalDecoder:
         self._ids = [int(t) for t in prompt_ids[-self._CONTEXT_TOKENS :]]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        # A prompt that ends inside a character (token ids cut mid-character, e.g. an earlier
+        # answer's, sent back to be continued): its last tokens stay unread, so that the
+        # output's tokens finish the character (as vLLM's DecodeStream, primed with the
+        # prompt, does), and the first text handed out is what follows the prompt's text as
+        # shown (its unfinished character a U+FFFD), not a slice by that text's length.
+        self._shown: str | None = None
+        shown = self._decode(self._ids)
+        if shown.endswith("\ufffd"):
+            while self._read_offset and self._decode(self._ids[: self._read_offset]).endswith(
+                "\ufffd"
+            ):
+                self._read_offset -= 1
+            self._shown = shown
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def _delta(self, *, final: bool) -> str:
-        decode = functools.partial(self._tokenizer.decode, skip_special_tokens=self._skip)
-        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        start = len(prefix_text)
+        if self._shown is not None:  # (the first text after a prompt ending mid-character)
+            start = len(os.path.commonprefix([self._shown, new_text]))
+        if len(new_text) <= start or (new_text.endswith("\ufffd") and not final):
             return ""
+        self._shown = None
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return new_text[len(prefix_text) :]
+        return new_text[start:]
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
@@ -237,9 +256,17 @@ class Tokenizer:
         chat_template: str | None = None,
         source: str = "<memory>",
         chat_template_source: str | None = None,
+        add_bos_token: bool | None = None,
     ):
         """chat_template_source: where the template came from, for its errors (default:
-        source, whose field 'chat_template' held it)."""
+        source, whose field 'chat_template' held it). add_bos_token: whether ``encode`` puts
+        the BOS token first (None: when there is one); templates get ``bos_token`` either
+        way, as HF's do."""
+        # A tokenizer.json may carry the truncation or padding its last user set (fine-tuning
+        # scripts save them); HF's encode turns them off unless asked, so text is never cut or
+        # padded here either (nor for llguidance, which reads backend.to_str()).
+        backend.no_truncation()
+        backend.no_padding()
         self.backend = backend
         self.source = source
         self.chat_template_source = chat_template_source or f"{source}: field 'chat_template'"
@@ -247,6 +274,7 @@ class Tokenizer:
         self.pad_token = pad_token
         self.chat_template = chat_template
         self.bos_token_id = self._special_id(bos_token, "bos_token")
+        self.add_bos_token = self.bos_token_id is not None and add_bos_token is not False
         self.pad_token_id = self._special_id(pad_token, "pad_token")
         eos_ids = [self._special_id(t, "eos_token") for t in eos_tokens]
         self.eos_token_ids: tuple[int, ...] = tuple(sorted({*eos_ids, *map(int, extra_eos_ids)}))
@@ -291,8 +319,12 @@ class Tokenizer:
         config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
         config = load_json_object(config_path) if os.path.isfile(config_path) else {}
         bos = _token_content(config.get("bos_token"), "bos_token", config_path)
-        if config.get("add_bos_token") is False:
-            bos = None
+        add_bos = config.get("add_bos_token")
+        if not isinstance(add_bos, bool):
+            # As HF's encode: BOS where the file's post-processor puts it (Llama's, Gemma's
+            # TemplateProcessing), not where it does not (GPT-2-style byte-level files that name
+            # a bos_token, e.g. SmolLM2's <|im_start|>).
+            add_bos = _post_processor_adds(backend, bos)
         eos = _token_content(config.get("eos_token"), "eos_token", config_path)
         pad = _token_content(config.get("pad_token"), "pad_token", config_path)
         template = _chat_template(config.get("chat_template"), config_path)
@@ -335,6 +367,7 @@ class Tokenizer:
             chat_template=template,
             source=source,
             chat_template_source=template_source,
+            add_bos_token=add_bos,
         )
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -347,7 +380,7 @@ class Tokenizer:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
-            "add_bos_token": self.bos_token is not None,
+            "add_bos_token": self.add_bos_token,
         }
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
@@ -370,11 +403,12 @@ class Tokenizer:
         return self.backend.id_to_token(int(token_id))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of text, with the BOS token first when add_bos and the model has one.
+        """Token ids of text, with the BOS token first when add_bos and the model adds one
+        (``add_bos_token``).
 
         The file's own post-processor is not applied (it would add BOS a second time)."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_token_id is not None:
+        if add_bos and self.add_bos_token:
             ids = [self.bos_token_id, *ids]
         return ids
 
@@ -428,11 +462,19 @@ class Tokenizer:
                 "itself; expected none of " + ", ".join(sorted(_TEMPLATE_VARIABLES))
             )
         normalised = [_message_text(m, i) for i, m in enumerate(messages)]
+        if continue_final_message:
+            role, final = normalised[-1]
+            if not final.strip():
+                raise RequestError(
+                    f"messages[{len(messages) - 1}].content: continue_final_message needs a "
+                    "final message with text to continue, got an empty one"
+                )
+            normalised[-1] = (role, final + _CONTINUE_TAG)
         text = self._render_chat(
             messages, normalised, add_generation_prompt, tools, extra, template
         )
         if continue_final_message:
-            text = _cut_after_final_message(text, normalised[-1][1], len(messages) - 1)
+            text = _cut_after_final_message(text, final, len(messages) - 1)
         return text
 
     def _render_chat(
@@ -525,26 +567,36 @@ _TEMPLATE_VARIABLES = frozenset(
 )
 
 
+# Appended to the final message's text for continue_final_message, so that the cut is where
+# the template wrote that message's end (transformers' tag): not where the same text comes
+# again after it (a final message "end" and a template's "<|im_end|>").
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _post_processor_adds(backend: tokenizers.Tokenizer, bos: str | None) -> bool:
+    """Whether the tokenizer's post-processor puts the token ``bos`` first."""
+    bos_id = None if bos is None else backend.token_to_id(bos)
+    if bos_id is None:
+        return False
+    with_special = backend.encode("a", add_special_tokens=True).ids
+    plain = backend.encode("a", add_special_tokens=False).ids
+    return with_special[:1] == [bos_id] and plain[:1] != [bos_id]
+
+
 def _cut_after_final_message(text: str, final: str, index: int) -> str:
-    """The rendered chat up to the end of the final message's content (HF's rule: templates
-    may strip the content, so its stripped form is looked for, and its leading text kept as
-    the template wrote it)."""
-    stripped = final.strip()
-    if not stripped:
-        raise RequestError(
-            f"messages[{index}].content: continue_final_message needs a final message with "
-            "text to continue, got an empty one"
-        )
-    at = text.rfind(stripped)
-    if at < 0:
+    """The chat rendered with ``_CONTINUE_TAG`` after the final message's text, cut before the
+    tag (HF's rule: a template that strips the message strips the tag's space too, and then
+    the whitespace before the tag, the message's trailing whitespace, goes as well)."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
         raise RequestError(
             f"messages[{index}].content: continue_final_message: the chat template does not "
             "write the final message's text into the prompt"
         )
-    kept = final.lstrip()
-    if text[at : at + len(kept)] == kept:  # the template kept its trailing whitespace
-        return text[: at + len(kept)]
-    return text[: at + len(stripped)]
+    at = text.rindex(tag)
+    if text.startswith(_CONTINUE_TAG, at):  # the template kept the message's whitespace
+        return text[:at]
+    return text[:at].rstrip()
 
 
 class _TemplateRaised(Exception):

@@ -1401,6 +1401,19 @@ def test_chat_continues_a_prefilled_answer_as_vllm(served, client):
     )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == echoed.choices[0].message.content
+    # The prefilled answer as text parts: joined by newlines in the prompt and in the echo.
+    parts = [{"type": "text", "text": "Arr,"}, {"type": "text", "text": "here be"}]
+    in_parts = client.chat.completions.create(
+        model="pirate",
+        messages=[prefilled[0], {**prefilled[1], "content": parts}],
+        **GREEDY,
+        extra_body=echo,
+    )
+    as_one = [prefilled[0], {**prefilled[1], "content": "Arr,\nhere be"}]
+    continued = client.completions.create(
+        model="pirate", prompt=tokenizer.encode_chat(as_one, continue_final_message=True), **GREEDY
+    )
+    assert in_parts.choices[0].message.content == "Arr,\nhere be" + continued.choices[0].text
     # echo after a user message adds nothing.
     assert (
         chat(client, "pirate", extra_body={"echo": True}).choices[0].message.content

@@ -7,6 +7,8 @@ import re
 
 import numpy as np
 import pytest
+import tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 
 from configs.models import TINY
 from jaxlora.errors import ConfigError, FormatError, RequestError
@@ -46,8 +48,8 @@ def test_round_trip(tok, text):
     assert tok.encode(text, add_bos=False) == ids[1:]
 
 
-def stream(tok, ids, prompt_ids=()):
-    decoder = tok.incremental_decoder(prompt_ids)
+def stream(tok, ids, prompt_ids=(), skip_special_tokens=True):
+    decoder = tok.incremental_decoder(prompt_ids, skip_special_tokens=skip_special_tokens)
     pieces = [decoder.push(i) for i in ids]
     pieces.append(decoder.finish())
     return pieces
@@ -79,6 +81,151 @@ def test_incremental_decode_continues_the_prompt(tok):
     assert "".join(stream(tok, generated, prompt_ids=prompt)) == full[len(tok.decode(prompt)) :]
 
 
+# Text the streaming tokenizers below learn from, and the pieces their random texts are made of:
+# multi-byte characters (2, 3 and 4 bytes, ZWJ sequences, flags) that their tokens split.
+_STREAM_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello, world!",
+    "Café, naïve, résumé, déjà vu, Ångström, façade.",
+    "日本語のテキストと中文文本，한국어 텍스트. 你好，世界！",
+    "emoji 😀👍🏽 and a family 👨‍👩‍👧 🎉 🇫🇷",
+    "  spaces\tand\nnewlines  ",
+] * 3
+_STREAM_PIECES = [
+    *("the", " fox", "é", "ï", "中文", "世界", "😀", "👍🏽", "👨‍👩‍👧", "🇫🇷", "ß", "Ω"),
+    *(" ", "  ", "\n", "!", "7", "Z", "ア", "\u00a0", "<tool>", " hi there"),
+]
+
+
+def _byte_level_tokenizer() -> Tokenizer:
+    """GPT-2 / Qwen-style: byte-level BPE, with added tokens, special and not."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=350,
+        show_progress=False,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(_STREAM_CORPUS, trainer=trainer)
+    backend.add_tokens([AddedToken("<tool>"), AddedToken(" hi there")])
+    backend.add_special_tokens([AddedToken("<|im_end|>", special=True)])
+    return Tokenizer(backend, bos_token="<s>", eos_tokens=("</s>",))
+
+
+def _sentencepiece_tokenizer(metaspace: bool) -> Tokenizer:
+    """Llama / Mistral-style: BPE with byte fallback (<0xNN> tokens for what the vocabulary
+    lacks), "▁" for spaces and the text's first space dropped by the decoder (Llama-2's
+    Prepend + Strip, or the newer Metaspace with prepend_scheme "first")."""
+    backend = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    if metaspace:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        backend.decoder = decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first", split=False)]
+        )
+    else:
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+        backend.decoder = decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
+    trainer = trainers.BpeTrainer(
+        vocab_size=200,
+        show_progress=False,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        limit_alphabet=40,  # (so that byte fallback is common)
+    )
+    backend.train_from_iterator(_STREAM_CORPUS, trainer=trainer)
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    backend.add_special_tokens([AddedToken("<|im_end|>", special=True)])
+    return Tokenizer(backend, bos_token="<s>", eos_tokens=("</s>",))
+
+
+def _random_output(tok: Tokenizer, rng) -> list[int]:
+    """Ids a model could answer with: random texts of multi-byte pieces, encoded, with
+    special tokens between them."""
+    specials = [tok.token_to_id(t) for t in ("<s>", "</s>", "<|im_end|>")]
+    ids = []
+    for _ in range(rng.integers(1, 6)):
+        ids += tok.encode("".join(rng.choice(_STREAM_PIECES, rng.integers(1, 8))), add_bos=False)
+        if rng.random() < 0.5:
+            ids.append(int(rng.choice(specials)))
+    return ids
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _byte_level_tokenizer,
+        lambda: _sentencepiece_tokenizer(False),
+        lambda: _sentencepiece_tokenizer(True),
+    ],
+    ids=["byte_level", "llama_sentencepiece", "metaspace"],
+)
+def test_streaming_equals_full_decode_and_vllm_s_decode_stream(make):
+    """Streamed pieces, for byte-level and SentencePiece (byte fallback, leading space)
+    tokenizers, special tokens skipped or not: their concatenation is the full decode, no
+    piece shows U+FFFD for a character its next tokens complete, and each piece is the one
+    tokenizers' DecodeStream (vLLM's fast incremental detokenizer) gives for that token.
+    After a prompt, the pieces are the text the output adds to the prompt's (the first
+    token's leading space kept)."""
+    tok = make()
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        ids, skip = _random_output(tok, rng), bool(rng.random() < 0.5)
+        pieces = stream(tok, ids, skip_special_tokens=skip)
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip)
+        assert "\ufffd" not in "".join(pieces)
+        reference = tokenizers.decoders.DecodeStream(skip_special_tokens=skip)
+        assert pieces[:-1] == [reference.step(tok.backend, i) or "" for i in ids]
+        assert pieces[-1] == ""
+        prompt = _random_output(tok, rng)
+        before = tok.decode(prompt, skip_special_tokens=skip)
+        after = tok.decode(prompt + ids, skip_special_tokens=skip)
+        assert after.startswith(before)
+        assert "".join(stream(tok, ids, prompt, skip_special_tokens=skip)) == after[len(before) :]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [tiny_tokenizer, _byte_level_tokenizer, lambda: _sentencepiece_tokenizer(False)],
+    ids=["tiny", "byte_level", "llama_sentencepiece"],
+)
+def test_a_prompt_ending_inside_a_character_is_finished_by_the_output(make):
+    """Token ids cut inside a character (a client sending an earlier answer's ids back to be
+    continued): the output's tokens finish the character and it is streamed whole, then the
+    rest: before, the held U+FFFDs' length was taken for the prompt's text and the character
+    and the text after it (with byte fallback, a space and a letter too) were lost."""
+    tok = make()
+    ids = tok.encode("Hi ж🦀 ok", add_bos=False)
+    cuts = [c for c in range(1, len(ids)) if tok.decode(ids[:c]).endswith("\ufffd")]
+    assert len(cuts) >= 2  # (the characters are split across tokens)
+    for cut in cuts:
+        # What follows the prompt's text as decoded: "Hi ", then U+FFFDs for an unfinished
+        # character (with byte fallback, for a whole run of byte tokens that is not UTF-8:
+        # "ж" and half of "🦀").
+        shown = tok.decode(ids[:cut])
+        expected = "🦀 ok" if "ж" in shown else "ж🦀 ok"
+        pieces = stream(tok, ids[cut:], prompt_ids=ids[:cut])
+        assert "".join(pieces) == expected, (cut, pieces)
+        assert "\ufffd" not in "".join(pieces)
+    # Bytes that no output token finishes stay the prompt's: the output adds only its text.
+    broken, ok = tok.encode("Hi 🦀", add_bos=False)[:-1], tok.encode("ok", add_bos=False)
+    before, after = tok.decode(broken), tok.decode(broken + ok)
+    assert before.endswith("\ufffd") and after.startswith(before)
+    assert "".join(stream(tok, ok, broken)) == after[len(before) :]
+
+
 def test_default_chat_template(tok):
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -90,8 +237,8 @@ def test_default_chat_template(tok):
         {"role": "user", "content": "Bye"},
     ]
     text = tok.apply_chat_template(messages)
-    assert text == (
-        "<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\nHello.\n"
+    assert text == (  # (text parts joined with newlines, as vLLM joins them)
+        "<|system|>\nBe brief.\n<|user|>\nHi \nthere\n<|assistant|>\nHello.\n"
         "<|user|>\nBye\n<|assistant|>\n"
     )
     assert not tok.apply_chat_template(messages, add_generation_prompt=False).endswith(
@@ -386,6 +533,125 @@ def test_continue_final_message_and_template_kwargs_with_a_jinja_template(tok, t
     )
     with pytest.raises(RequestError, match=r"^messages\[0\].content: .*does not write"):
         missing.apply_chat_template(user, continue_final_message=True)
+
+
+# ChatML's and Llama-3's way of ending a turn, for the continue_final_message cut below.
+_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, final, expected",
+    [  # (expected: transformers 5.17's apply_chat_template(..., continue_final_message=True))
+        (_CHATML, "end", "<|im_start|>user\nSay<|im_end|>\n<|im_start|>assistant\nend"),
+        (
+            _CHATML,
+            "The answer is ",
+            "<|im_start|>user\nSay<|im_end|>\n<|im_start|>assistant\nThe answer is ",
+        ),
+        (
+            _LLAMA3,
+            "d",
+            "<bos><|start_header_id|>user<|end_header_id|>\n\nSay<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nd",
+        ),
+        (
+            _LLAMA3,
+            " Sure thing  ",
+            "<bos><|start_header_id|>user<|end_header_id|>\n\nSay<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nSure thing",
+        ),
+    ],
+)
+def test_continue_final_message_cuts_where_the_message_ends(tok, template, final, expected):
+    """The prompt ends where the template wrote the end of the final message, as HF cuts it
+    (it marks that end with a tag): not after a later copy of the message's text, as a short
+    prefill ("end", "d") has in the template's end of turn ("<|im_end|>", "<|eot_id|>")."""
+    pytest.importorskip("jinja2")
+    messages = [{"role": "user", "content": "Say"}, {"role": "assistant", "content": final}]
+    assert tok.apply_chat_template(messages, continue_final_message=True, template=template) == (
+        expected
+    )
+
+
+def test_text_parts_are_joined_with_newlines_as_in_vllm(tok):
+    """A message's content given as text parts is their texts joined with "\\n" (vLLM's
+    chat_utils joins them so for templates that read content as a string), not run together."""
+    pytest.importorskip("jinja2")
+    parts = [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second"}]
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": parts}], template="{{ messages[0]['content'] }}"
+    )
+    assert text == "First line.\nSecond"
+
+
+def test_truncation_and_padding_saved_in_tokenizer_json_are_not_applied(tok, tmp_path):
+    """A tokenizer.json may hold the truncation and padding its last user set (fine-tuning
+    scripts save them so); HF's encode does not apply them unless asked, and neither does
+    ours: a long prompt is not cut to max_length, a short one not padded."""
+    tok.save(tmp_path)
+    backend = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    backend.enable_truncation(max_length=4)
+    backend.enable_padding(length=64, pad_id=tok.pad_token_id, pad_token="<pad>")
+    backend.save(str(tmp_path / "tokenizer.json"))
+    loaded = Tokenizer.from_file(tmp_path)
+    for text in TEXTS:
+        assert loaded.encode(text) == tok.encode(text)
+    assert len(loaded.encode(TEXTS[0])) > 4
+    assert loaded.encode("hi", add_bos=False) == tok.encode("hi", add_bos=False)
+    spec = json.loads(loaded.backend.to_str())  # (what llguidance's token masks read)
+    assert spec["truncation"] is None and spec["padding"] is None
+
+
+def test_bos_as_hf_adds_it_and_templates_always_get_it(tok, tmp_path):
+    """Without add_bos_token in tokenizer_config.json, encode puts BOS first where the
+    file's post-processor does (Llama's TemplateProcessing), not where it does not (GPT-2-style
+    files naming a bos_token, as SmolLM2's does): HF's encode. add_bos_token false (DeepSeek-V3's
+    config) stops encode adding it, but the chat template still gets bos_token, as HF gives it."""
+    pytest.importorskip("jinja2")
+    template = "{{ bos_token }}{{ messages[0]['content'] }}"
+    hi = tok.encode("hi", add_bos=False)
+    for name, post_processor, config, adds in [
+        ("gpt2", tokenizers.processors.ByteLevel(trim_offsets=False), {}, False),
+        ("none", None, {}, False),
+        (
+            "llama",
+            tokenizers.processors.TemplateProcessing(
+                single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+            ),
+            {},
+            True,
+        ),
+        ("explicit", None, {"add_bos_token": True}, True),
+        ("deepseek", None, {"add_bos_token": False}, False),
+    ]:
+        directory = tmp_path / name
+        tok.save(directory)
+        backend = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        backend.post_processor = post_processor
+        backend.save(str(directory / "tokenizer.json"))
+        config = {"bos_token": "<bos>", "eos_token": "<eos>", "chat_template": template, **config}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+        loaded = Tokenizer.from_file(directory)
+        assert loaded.encode("hi") == ([tok.bos_token_id] if adds else []) + hi, name
+        user = [{"role": "user", "content": "hi"}]
+        assert loaded.apply_chat_template(user) == "<bos>hi"
+        assert loaded.encode_chat(user) == [tok.bos_token_id, *hi]  # (written by the template)
+        assert Tokenizer.from_file(_resaved(loaded, tmp_path / f"{name}-saved")).encode("hi") == (
+            loaded.encode("hi")
+        )
+
+
+def _resaved(tokenizer, directory):
+    tokenizer.save(directory)
+    return directory
 
 
 def test_the_chat_template_flag(tmp_path):

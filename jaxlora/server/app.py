@@ -518,10 +518,11 @@ def _answer_role(body: ChatCompletionRequest, response_role: str) -> str:
 
 
 def _content_text(content: str | list[dict] | None) -> str:
-    """A message's text: its content string, or its text parts joined (none: empty)."""
+    """A message's text: its content string, or its text parts joined by newlines, as the
+    tokenizer (and vLLM) joins them (none: empty)."""
     if isinstance(content, str):
         return content
-    return "".join(p["text"] for p in content or () if isinstance(p.get("text"), str))
+    return "\n".join(p["text"] for p in content or () if isinstance(p.get("text"), str))
 
 
 def chat_message(
