@@ -19,6 +19,11 @@ def parse_adapter_flags(pairs) -> dict[str, str]:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter {pair!r}: expected name=path")
+        if name in adapters:
+            raise ConfigError(
+                f"--adapter {pair!r}: adapter name {name!r} given twice (also "
+                f"{adapters[name]!r}); expected one path a name"
+            )
         adapters[name] = path
     return adapters
 

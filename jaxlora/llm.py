@@ -33,12 +33,49 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None  # each output token's logprob (SamplingParams.logprobs)
     error: str | None = None
     # SamplingParams.prompt_logprobs: each prompt token's logprob (None for the first)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprob_ranks: list[int | None] | None = None  # each prompt token's rank there
+    # SamplingParams.logprobs = n > 0: each output token's n most likely tokens and logprobs
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _prompt_list(prompts) -> list:
+    """generate's prompts as a list, as vLLM reads them: one prompt (text, token ids or a
+    ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dict) or a sequence of them."""
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    if hasattr(prompts, "__array__") and not isinstance(prompts, Sequence):
+        prompts = np.asarray(prompts)  # (a numpy or JAX array: one prompt, or a batch's rows)
+        return [prompts] if prompts.ndim == 1 else list(prompts)
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
+        raise RequestError(
+            "prompts: expected a prompt (text or token ids) or a list of them, "
+            f"got {type(prompts).__name__}"
+        )
+    prompts = list(prompts)
+    if prompts and all(_is_token_id(t) for t in prompts):
+        return [prompts]  # one prompt's token ids
+    return prompts
+
+
+def _check_adapter_and_sampling(adapter, sampling) -> None:
+    if adapter is not None and not isinstance(adapter, str):
+        raise RequestError(
+            f"adapter: expected a registered adapter's name or None, got {adapter!r}"
+        )
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise RequestError(
+            "sampling: expected a jaxlora.sampling.SamplingParams (or one a prompt), got "
+            f"{type(sampling).__name__}"
+        )
 
 
 def load_base_model(
@@ -110,6 +147,16 @@ class LLM:
         tp: int = 1,
         adapter_host_budget_bytes: int | None = None,
     ):
+        if not isinstance(model, (str, os.PathLike, ModelConfig)):
+            raise ConfigError(
+                "model: expected a preset name, a checkpoint directory or a ModelConfig, got "
+                f"{type(model).__name__}"
+            )
+        if adapters is not None and not isinstance(adapters, Mapping):
+            raise ConfigError(
+                "adapters: expected a mapping of adapter names to PEFT directories or "
+                f"LoraWeights, got {type(adapters).__name__}"
+            )
         self.engine_config = engine_config or EngineConfig()
         # The model's generation_config.json sampling defaults (vLLM's LLM reads them too).
         self.generation_defaults: dict[str, float | int] = {}
@@ -194,14 +241,39 @@ class LLM:
         benchmark passes); the number of KV pages that were registered."""
         return self.engine.reset_prefix_cache()
 
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode(self, prompt: str | Sequence[int] | Mapping[str, Any]) -> list[int]:
+        """A prompt's token ids: text (tokenized), token ids, or vLLM's ``{"prompt": text}`` /
+        ``{"prompt_token_ids": ids}``."""
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt and isinstance(prompt["prompt"], str):
+                prompt = prompt["prompt"]
+            else:
+                raise RequestError(
+                    "prompt: a dict prompt takes 'prompt' (text) or 'prompt_token_ids', got "
+                    f"keys {sorted(map(str, prompt))}"
+                )
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(
                     "prompt: text given but the model has no tokenizer; pass token ids"
                 )
             return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        expected = "prompt: expected text or a list of token ids (ints)"
+        if isinstance(prompt, (bytes, bytearray)):
+            raise RequestError(f"{expected}, got {type(prompt).__name__}")
+        try:
+            ids = np.asarray(prompt)
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"{expected}, got {prompt!r:.200}") from e
+        if ids.size and (
+            ids.ndim != 1
+            or not np.issubdtype(ids.dtype, np.integer)
+            or (isinstance(prompt, (list, tuple)) and any(isinstance(t, bool) for t in prompt))
+        ):
+            raise RequestError(f"{expected}, got {prompt!r:.200}")
+        return [int(t) for t in ids.tolist()]
 
     def submit(
         self,
@@ -212,6 +284,7 @@ class LLM:
         deadline_s: float | None = None,
         stream: bool = True,
     ) -> Request:
+        _check_adapter_and_sampling(adapter, sampling)
         return self.engine.submit(
             self.encode(prompt),
             sampling if sampling is not None else self.get_default_sampling_params(),
@@ -228,35 +301,63 @@ class LLM:
 
     def generate(
         self,
-        prompts: Sequence[str | Sequence[int]],
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int] | Mapping[str, Any]],
         adapter: str | None | Sequence[str | None] = None,
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Runs every prompt in shared batches (each with its own adapter) until all finish.
+
+        prompts: one prompt or a list of them, each text, token ids or vLLM's
+        ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``; one Completion a prompt.
+        sampling may come second, as in vLLM's ``generate(prompts, sampling_params)``. If a
+        prompt is refused (too long, an unknown adapter, ...), or the call is interrupted,
+        none of its requests is left in the engine.
         Repeats of one prompt with one adapter (samples of a prompt: best-of-n, RL rollouts)
         compute the prompt's full pages once (``Engine.submit(share_prompt_with=...)``)."""
+        prompts = _prompt_list(prompts)
         n = len(prompts)
+        if sampling is None and (
+            isinstance(adapter, SamplingParams)
+            or (
+                isinstance(adapter, (list, tuple))
+                and adapter
+                and all(isinstance(a, SamplingParams) for a in adapter)
+            )
+        ):
+            # vLLM's order, generate(prompts, sampling_params): a SamplingParams is no adapter.
+            adapter, sampling = None, adapter
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
-        samplings = [s if s is not None else self.get_default_sampling_params() for s in samplings]
         if len(adapters) != n or len(samplings) != n:
             raise RequestError(
                 f"generate: {n} prompts but {len(adapters)} adapters and "
                 f"{len(samplings)} sampling parameters"
             )
+        for a, s in zip(adapters, samplings, strict=True):
+            _check_adapter_and_sampling(a, s)
+        samplings = [s if s is not None else self.get_default_sampling_params() for s in samplings]
+        prompt_ids = [self.encode(p) for p in prompts]
         requests, leaders = [], {}
-        for p, a, s in zip(prompts, adapters, samplings, strict=True):
-            ids = self.encode(p)
-            key = (tuple(ids), a)
-            request = self.engine.submit(
-                ids, s, adapter=a, stream=False, share_prompt_with=leaders.get(key)
-            )
-            leaders.setdefault(key, request)
-            requests.append(request)
-        if self.engine._thread is None:
-            self.engine.run_until_idle()
-        for r in requests:
-            r.wait()
+        try:
+            for ids, a, s in zip(prompt_ids, adapters, samplings, strict=True):
+                key = (tuple(ids), a)
+                request = self.engine.submit(
+                    ids, s, adapter=a, stream=False, share_prompt_with=leaders.get(key)
+                )
+                leaders.setdefault(key, request)
+                requests.append(request)
+        except BaseException:
+            # (a later prompt refused: the ones queued before it are not left to run)
+            self._abandon(requests, reap=True)
+            raise
+        try:
+            if self.engine._thread is None:
+                self.engine.run_until_idle()
+            for r in requests:
+                r.wait()
+        except BaseException:  # (e.g. KeyboardInterrupt: the rest is not computed later)
+            self._abandon(requests)
+            raise
         return [
             Completion(
                 request_id=r.request_id,
@@ -270,9 +371,19 @@ class LLM:
                 prompt_logprobs=r.prompt_logprobs,
                 prompt_top_logprobs=r.prompt_top_logprobs,
                 prompt_logprob_ranks=r.prompt_logprob_ranks,
+                top_logprobs=list(r.output_top_logprobs) if r.output_top_logprobs else None,
             )
             for r in requests
         ]
+
+    def _abandon(self, requests: Sequence[Request], *, reap: bool = False) -> None:
+        """Cancels the unfinished requests of a generate that raised. reap: without the engine
+        thread, one step finishes them now (their pages freed, the queue empty again)."""
+        for r in requests:
+            if not r.finished:
+                self.engine.cancel(r.request_id)
+        if reap and requests and self.engine._thread is None:
+            self.engine.step()
 
     def chat(
         self,
@@ -315,6 +426,8 @@ class LLM:
     ):
         """Async iterator of deltas; the engine must be running (``start()``). Leaving the
         iteration early cancels the request (its pages are freed)."""
+        if self.engine._thread is None:  # (nothing would step it: the iteration would hang)
+            raise RequestError("stream: the engine is not running; call llm.start() first")
         request = self.submit(prompt, adapter=adapter, sampling=sampling, deadline_s=deadline_s)
         try:
             async for delta in request.astream():

@@ -61,7 +61,8 @@ class SamplingParams:
     (besides EOS); stop_strings: text that ends the output (not included in it); seed: the
     request's random stream (None: the engine picks one; the server reads vLLM's -1 as None);
     logprobs: None = no logprobs, n = the chosen token's logprob and the n most likely
-    alternatives (0..20); ignore_eos: keep generating past EOS until max_tokens or a stop.
+    alternatives (0..20); stop_strings, stop_token_ids, bad_words and logit_bias take None for
+    none, as vLLM's do; ignore_eos: keep generating past EOS until max_tokens or a stop.
 
     Logit processing (see the module docstring): logit_bias: {token id: bias} added to the
     logits, clamped to [-100, 100] as vLLM does (a mapping, or (id, bias) pairs; kept sorted);
@@ -148,6 +149,10 @@ class SamplingParams:
         for field in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "a bool")
+        # None is vLLM's default of these (none).
+        for field in ("stop_strings", "stop_token_ids", "bad_words", "logit_bias"):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, ())
         # Lists (as JSON gives them) and a single stop string are accepted and frozen to tuples.
         stop_strings = self.stop_strings
         if isinstance(stop_strings, str):

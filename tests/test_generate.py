@@ -1,6 +1,11 @@
 """scripts/generate.py's library side: demo adapters answer differently, in one batch."""
 
+import numpy as np
+import pytest
+
+from jaxlora.errors import ConfigError, RequestError, UnknownAdapterError
 from jaxlora.generate import run_generate
+from jaxlora.sampling import SamplingParams
 
 
 def demo_run(**kwargs):
@@ -95,3 +100,133 @@ def test_a_model_without_a_tokenizer_takes_token_id_prompts():
     )
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "error: model " in run.stderr and "give --prompt as token ids" in run.stderr
+
+
+# -- LLM.generate as a vLLM user calls it ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_llm():
+    from jaxlora import LLM, demo
+    from jaxlora.engine import EngineConfig
+
+    return LLM(
+        demo.model_dir(), adapters=demo.adapter_dirs(), engine_config=EngineConfig(warmup=False)
+    )
+
+
+def greedy(max_tokens=3, **kwargs):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+
+
+def test_generate_takes_one_prompt_and_vllm_s_argument_order(demo_llm):
+    """One prompt (text, token ids, a numpy or JAX array, vLLM's prompt dicts) is one request,
+    not one a character or a token; a SamplingParams second is vLLM's generate(prompts,
+    sampling_params), not an adapter name."""
+    import jax.numpy as jnp
+
+    text = "Who are you?"
+    ids = demo_llm.tokenizer.encode(text)
+    (expected,) = demo_llm.generate([text], sampling=greedy())
+    for prompt in (
+        text,
+        ids,
+        np.array(ids),
+        jnp.array(ids),
+        {"prompt": text},
+        {"prompt_token_ids": ids},
+        [{"prompt_token_ids": ids}],
+    ):
+        outs = demo_llm.generate(prompt, sampling=greedy())
+        assert [o.token_ids for o in outs] == [expected.token_ids], type(prompt)
+    outs = demo_llm.generate([text, ids], greedy())
+    assert [o.token_ids for o in outs] == [expected.token_ids] * 2
+    outs = demo_llm.generate(np.array([ids, ids]), [greedy(), greedy(2)])
+    assert [len(o.token_ids) for o in outs] == [3, 2] and outs[0].adapter is None
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda llm: llm.generate(None), RequestError, "prompts: expected a prompt"),
+        (lambda llm: llm.generate([None]), RequestError, "prompt: expected text or a list"),
+        (lambda llm: llm.generate([[1.5, 2.0]]), RequestError, "token ids \\(ints\\)"),
+        (lambda llm: llm.generate([[True, 2]]), RequestError, "token ids \\(ints\\)"),
+        (lambda llm: llm.generate(["a", 5]), RequestError, "got 5"),
+        (lambda llm: llm.generate([{"text": "a"}]), RequestError, "'prompt_token_ids'"),
+        (lambda llm: llm.generate(["a"], sampling={"temperature": 0}), RequestError, "sampling:"),
+        (lambda llm: llm.generate(["a"], adapter=[{}]), RequestError, "adapter: expected"),
+        (lambda llm: llm.submit("a", sampling={"max_tokens": 2}), RequestError, "sampling:"),
+    ],
+)
+def test_generate_refuses_bad_arguments_naming_them(demo_llm, call, error, message):
+    with pytest.raises(error, match=message):
+        call(demo_llm)
+    assert not demo_llm.engine.has_work()
+
+
+def test_llm_refuses_a_bad_model_or_adapters_argument():
+    from jaxlora import LLM, demo
+
+    with pytest.raises(ConfigError, match="adapters: expected a mapping"):
+        LLM(demo.model_dir(), adapters=list(demo.adapter_dirs().values()))
+    with pytest.raises(ConfigError, match="model: expected a preset name"):
+        LLM(None)
+
+
+def test_a_refused_or_interrupted_generate_leaves_no_request_behind(demo_llm, monkeypatch):
+    """A prompt refused after others were queued, or an interrupted run, cancels the call's
+    requests: the next call computes only its own tokens."""
+    stats = demo_llm.engine.stats
+    with pytest.raises(UnknownAdapterError):
+        demo_llm.generate(
+            ["Hi", "Hello", "Hey"], adapter=[None, "pirate", "nope"], sampling=greedy()
+        )
+    with pytest.raises(RequestError, match="context length"):
+        demo_llm.generate(["Hi", "a " * 5000], sampling=greedy())
+    assert not demo_llm.engine.has_work()
+    before = stats.generated_tokens
+    demo_llm.generate(["Hi"], sampling=greedy(4))
+    assert stats.generated_tokens - before == 4
+
+    def interrupted(max_steps=None):
+        demo_llm.engine.step()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(demo_llm.engine, "run_until_idle", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            demo_llm.generate(["Hi", "Hello"], sampling=greedy(8))
+    before = stats.generated_tokens
+    demo_llm.generate(["Hi"], sampling=greedy(4))
+    assert stats.generated_tokens - before == 4 and not demo_llm.engine.has_work()
+
+
+def test_completion_carries_the_top_logprobs_asked_for(demo_llm):
+    """SamplingParams(logprobs=n): each output token's n most likely tokens, the greedy token
+    first with its own logprob."""
+    (out,) = demo_llm.generate(["Who are you?"], sampling=greedy(3, logprobs=2))
+    assert len(out.top_logprobs) == len(out.token_ids) == len(out.logprobs) == 3
+    for token, logprob, top in zip(out.token_ids, out.logprobs, out.top_logprobs, strict=True):
+        assert len(top) == 2 and next(iter(top)) == token and top[token] == logprob
+    (plain,) = demo_llm.generate(["Who are you?"], sampling=greedy(3, logprobs=0))
+    assert plain.top_logprobs is None and len(plain.logprobs) == 3
+
+
+def test_an_adapter_flag_given_twice_is_refused():
+    from jaxlora.generate import parse_adapter_flags
+
+    with pytest.raises(ConfigError, match="'a' given twice"):
+        parse_adapter_flags(["a=/x", "b=/y", "a=/z"])
+
+
+def test_stream_without_a_running_engine_is_refused_not_hung(demo_llm):
+    import asyncio
+
+    async def first_delta():
+        async for delta in demo_llm.stream("Hi", sampling=greedy(2)):
+            return delta
+
+    with pytest.raises(RequestError, match="call llm.start\\(\\) first"):
+        asyncio.run(asyncio.wait_for(first_delta(), timeout=5))
+    assert not demo_llm.engine.has_work()

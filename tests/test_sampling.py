@@ -465,3 +465,11 @@ def test_stop_detector_skips_detection_when_told():
     assert detector.push(" E", detect=False) == (" ", False)
     assert detector.push("ND here") == ("", True)
     assert detector.text == "an END "
+
+
+def test_none_is_vllm_s_default_of_the_list_fields():
+    """vLLM's SamplingParams default stop, stop_token_ids, bad_words and logit_bias to None:
+    a vLLM caller's explicit None means none here too."""
+    params = SamplingParams(stop_strings=None, stop_token_ids=None, bad_words=None, logit_bias=None)
+    assert params == SamplingParams()
+    assert not params.processes_logits and not params.masks_tokens
