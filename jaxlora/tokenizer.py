@@ -115,6 +115,11 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
     if not isinstance(role, str):
         raise RequestError(f"messages[{index}].role: expected a string, got {role!r}")
     if content is None:
+        if role != "assistant":  # (an assistant's tool calls may stand for its content)
+            raise RequestError(
+                f"messages[{index}].content: expected a string or a list of text parts, got "
+                "none (only assistant messages may leave it out)"
+            )
         content = ""
     if isinstance(content, list):  # OpenAI content parts: only text parts are understood
         texts = []

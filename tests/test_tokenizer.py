@@ -259,6 +259,8 @@ def test_default_chat_template(tok):
         ([{"role": "user", "content": 5}], r"messages\[0\].content"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "text parts"),
         (["just a string"], r"messages\[0\]"),
+        ([{"role": "user"}], r"^messages\[0\].content: .*only assistant messages"),
+        ([{"role": "user", "content": "x"}, {"role": "tool", "content": None}], r"messages\[1\]"),
     ],
 )
 def test_bad_messages_raise_request_error(tok, messages, match):
