@@ -257,6 +257,57 @@ def test_streamed_events_validate_and_add_up_to_the_response():
     assert (error["type"], error["message"], error["code"]) == ("error", "generation failed", "500")
 
 
+def _lp(token: str) -> dict:
+    return {"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+def test_streamed_logprobs_of_tokens_without_text_open_no_message():
+    """With logprobs the chat streams pieces of no text for tokens a parser holds back: a
+    reasoning block's tags, or text held before any item. They open no message item (the
+    streamed output once began with an empty message, its logprobs the opening tag's, before
+    the reasoning): a tag's logprobs are the reasoning's and dropped, as the whole answer's
+    message leaves them out; text held before any item takes its logprobs to the message."""
+    writer = responses.ResponseEvents(body(top_logprobs=1), "resp_1", 1)
+    sse = writer.start()
+    sse += writer.content("", [_lp("<th"), _lp("ink>")])  # (the opening tag, held)
+    sse += writer.reasoning("Hm")
+    sse += writer.content("", [_lp("</think>")])  # (the closing tag)
+    sse += writer.content("Hi", [_lp("Hi")])
+    sse += writer.content("", [_lp("<eos>")])
+    closing, response = writer.finish("stop", responses.usage(2, 6))
+    events = _events(sse + closing)
+    adapter = TypeAdapter(ResponseStreamEvent)
+    for event in events:
+        adapter.validate_python(event)
+    added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == ["reasoning", "message"]
+    parsed = Response.model_validate(response)
+    assert [item.type for item in parsed.output] == ["reasoning", "message"]
+    tokens = [entry.token for entry in parsed.output[1].content[0].logprobs]
+    assert tokens == ["Hi", "<eos>"]
+    deltas = [x["token"] for e in events for x in e.get("logprobs", []) if "delta" in e]
+    assert deltas == tokens
+    # Held before any item, with no reasoning after: the message's first tokens.
+    writer = responses.ResponseEvents(body(top_logprobs=1), "resp_2", 1)
+    sse = writer.content("", [_lp("<to")]) + writer.content("<tool", [_lp("ol")])
+    closing, response = writer.finish("stop", responses.usage(2, 2))
+    [message] = Response.model_validate(response).output
+    assert [e.token for e in message.content[0].logprobs] == ["<to", "ol"]
+    streamed = [x["token"] for e in _events(sse) for x in e.get("logprobs", [])]
+    assert streamed == ["<to", "ol"]
+    # An answer of such tokens only: the empty message has them (as the whole answer's has).
+    writer = responses.ResponseEvents(body(top_logprobs=1), "resp_3", 1)
+    sse = writer.content("", [_lp("<eos>")])
+    closing, response = writer.finish("stop", responses.usage(2, 1))
+    [message] = Response.model_validate(response).output
+    assert message.content[0].text == "" and message.content[0].logprobs[0].token == "<eos>"
+    assert [e["type"] for e in _events(sse + closing)][:3] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+    ]
+
+
 def test_the_store_keeps_the_most_recent():
     store = responses.ResponseStore(2)
     for i in range(3):

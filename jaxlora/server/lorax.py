@@ -31,6 +31,7 @@ unset.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Literal, NamedTuple
@@ -328,10 +329,16 @@ def completion_body(
         )
     elif p.grammar is not None:
         kind = "regex" if p.grammar.type == "regex" else "json"
-        if (kind == "regex") != isinstance(p.grammar.value, str):
+        value = p.grammar.value
+        if kind == "json" and isinstance(value, str):
+            try:  # (TGI's: a JSON schema may come as its JSON text)
+                value = json.loads(value)
+            except ValueError:
+                pass
+        if not isinstance(value, str if kind == "regex" else dict):
             expected = "a regular expression" if kind == "regex" else "a JSON schema (an object)"
             raise _refuse("grammar.value", f"expected {expected} for type {p.grammar.type!r}")
-        completion["structured_outputs"] = {kind: p.grammar.value}
+        completion["structured_outputs"] = {kind: value}
     return CompletionRequest.model_validate(
         {k: v for k, v in completion.items() if v is not None}, strict=False
     )

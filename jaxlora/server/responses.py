@@ -482,6 +482,7 @@ class ResponseEvents:
         self._open: dict | None = None  # the output item still streaming
         self._text = ""  # its text so far (reasoning or message)
         self._logprobs: list[dict] = []  # a message's token logprobs so far
+        self._held: list[dict] = []  # logprobs of tokens with no text before any item
         self._calls: dict[int, dict] = {}  # the call items by their chat index
 
     def _event(self, kind: str, **fields) -> str:
@@ -514,6 +515,7 @@ class ResponseEvents:
         return {"item_id": self._open["id"], "output_index": len(self.output) - 1}
 
     def reasoning(self, text: str) -> list[str]:
+        self._held = []  # (the opening tag's tokens: reasoning's, as the usage counts them)
         events = []
         if self._open is None or self._open["type"] != "reasoning":
             events += self._add(_reasoning_item("", "in_progress"))
@@ -538,19 +540,28 @@ class ResponseEvents:
         return events
 
     def content(self, text: str, logprobs: list[dict] | None = None) -> list[str]:
-        """Message text, with its tokens' logprobs (the chat's entries) where asked for."""
+        """Message text, with its tokens' logprobs (the chat's entries) where asked for.
+        Tokens with no text open no message (the whole answer has none of them): those in a
+        reasoning item (its tags: reasoning, as the usage counts them) are dropped, those
+        before any item (text a parser holds back) go with the message that opens next."""
+        logprobs = logprobs or []
         events = []
         if self._open is None or self._open["type"] != "message":
+            if not text:
+                if self._open is None:
+                    self._held += logprobs
+                return []
             events += self._open_message()
+            logprobs, self._held = [*self._held, *logprobs], []
         self._text += text
-        self._logprobs += logprobs or []
+        self._logprobs += logprobs
         events.append(
             self._event(
                 "response.output_text.delta",
                 **self._where(),
                 content_index=0,
                 delta=text,
-                logprobs=logprobs or [],
+                logprobs=logprobs,
             )
         )
         return events
@@ -623,6 +634,9 @@ class ResponseEvents:
         events = []
         if not any(item["type"] in ("message", "function_call") for item in self.output):
             events += self._open_message()  # (an empty answer: an empty message, as whole)
+            if self._held:
+                held, self._held = self._held, []
+                events += self.content("", held)
         events += self._close(status)  # (each item before it was closed when the next came)
         response = self._response(status, usage_)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
