@@ -1226,6 +1226,20 @@ def test_responses_answer_as_the_chat_does(served, client):
     unstored = client.responses.create(**asked, input=prompt, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
+    # Only background responses can be cancelled (none here); newer clients' identifiers
+    # are taken and echoed.
+    with pytest.raises(openai.BadRequestError, match="only background responses"):
+        client.responses.cancel(response.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel(unstored.id)
+    tagged = client.responses.create(
+        **{**asked, "max_output_tokens": 1},
+        input=prompt,
+        safety_identifier="u-1",
+        prompt_cache_key="k-1",
+        store=False,
+    )
+    assert (tagged.safety_identifier, tagged.prompt_cache_key) == ("u-1", "k-1")
     client.responses.delete(response.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(response.id)
@@ -2216,8 +2230,16 @@ def test_lorax_generate_answers_as_the_completion_with_lorax_details(served, cli
     stopped = _lorax_post(
         served, "/generate", "Hi", adapter_id="pirate", max_new_tokens=40, stop=["!"]
     ).json()
-    assert stopped["generated_text"] == " Arr, matey"
+    assert stopped["generated_text"] == " Arr, matey!"  # (TGI's: the stop sequence kept)
     assert stopped["details"]["finish_reason"] == "stop_sequence"
+    assert "".join(t["text"] for t in stopped["details"]["tokens"]) == " Arr, matey!"
+    streamed = _lorax_events(
+        _lorax_post(
+            served, "/generate_stream", "Hi", adapter_id="pirate", max_new_tokens=40, stop=["!"]
+        )
+    )
+    assert "".join(e["token"]["text"] for e in streamed) == " Arr, matey!"
+    assert streamed[-1]["generated_text"] == " Arr, matey!"
     full = _lorax_post(
         served, "/generate", "Hi", adapter_id="pirate", max_new_tokens=40, return_full_text=True
     ).json()

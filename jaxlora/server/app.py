@@ -1683,6 +1683,19 @@ def create_app(
             raise NotFoundError(f"No response found with id '{response_id}'")
         return {"id": response_id, "object": "response", "deleted": True}
 
+    @api.post("/responses/{response_id}/cancel", tags=["generation"])
+    async def cancel_response(response_id: str):
+        """OpenAI cancels background responses only (a stored one is already done): 404 for
+        an unknown id, else 400, as OpenAI answers for a response that was not background."""
+        stored_response(response_id)  # (404 unless it is the caller's)
+        raise with_param(
+            RequestError(
+                "response_id: only background responses can be cancelled; this server runs "
+                "none (background is not supported)"
+            ),
+            "response_id",
+        )
+
     app.include_router(api)
 
     # SageMaker's container contract (as vLLM's): GET /ping answers as /health, and POST

@@ -159,7 +159,9 @@ class GenerateParameters(_Body):
     repetition_penalty: float | None = Field(None, description="> 0; 1: none.")
     frequency_penalty: float | None = Field(None, description="TGI's, as OpenAI's.")
     return_full_text: bool = Field(False, description="Prepend the prompt to the text.")
-    stop: list[str] = Field([], description="Texts that end the output (not included).")
+    stop: list[str] = Field(
+        [], description="Texts that end the output (kept in it, as TGI's and LoRAX's are)."
+    )
     seed: int | None = Field(None, description="Sampling seed (>= 0).")
     temperature: float | None = Field(None, description="> 0 (sampling).")
     top_k: int | None = Field(None, description="> 0 (sampling).")
@@ -316,6 +318,8 @@ def completion_body(
         "repetition_penalty": p.repetition_penalty,
         "frequency_penalty": p.frequency_penalty,
         "stop": list(p.stop) or None,
+        # TGI's (and LoRAX's) text is every generated token's, the stop sequence's too
+        "include_stop_str_in_output": True if p.stop else None,
         "seed": p.seed,
         "ignore_eos": p.ignore_eos_token,
         "truncate_prompt_tokens": p.truncate,

@@ -303,6 +303,10 @@ class ResponsesRequest(_Body):
     store: bool = Field(True, description="Keep the response for GET and previous_response_id.")
     metadata: Metadata = None
     user: str | None = None
+    # OpenAI's end-user and cache-routing identifiers (newer clients send them): accepted and
+    # echoed, as the chat's are accepted
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     reasoning: dict[str, Any] | None = Field(
         None, description="{'effort': ...} reaches the chat template as reasoning_effort."
     )

@@ -370,6 +370,8 @@ def response_object(
         "truncation": body.truncation or "disabled",
         "usage": usage_,
         "user": body.user,
+        "safety_identifier": body.safety_identifier,
+        "prompt_cache_key": body.prompt_cache_key,
     }
 
 
