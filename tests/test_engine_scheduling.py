@@ -727,3 +727,60 @@ def test_async_scheduling_switched_off_mid_run_keeps_every_token(base):
         steps += 1
         assert steps < 20
     assert request.output_ids == expected and request.inflight == 0
+
+
+@pytest.mark.parametrize("max_batch", [2, 8])
+def test_a_higher_priority_request_preempts_nobody_when_that_would_not_admit_it(base, max_batch):
+    """A 4-page pool: priority-0 r0 holds 3 pages, priority-5 low the last one (and, with two
+    rows, the last row). Priority-1 high needs 2 pages for its first chunk: preempting low
+    frees only one, and r0 ranks before it. So low is not preempted (it was, for nothing, and
+    then came straight back while high still waited, every iteration); high runs once r0 is
+    done."""
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        engine_config=priority_config(max_batch=max_batch, num_pages=4, max_model_len=16),
+        load_workers=0,
+    )
+    engine = llm.engine
+    r0 = engine.submit(list(range(10, 19)), greedy(3), priority=0)  # 9 + 2 fed: 3 pages
+    low = engine.submit([5, 6], greedy(3), priority=5)  # 2 + 2 fed: 1 page
+    for _ in range(2):
+        engine.step()
+    assert engine.kv.free_pages == 0 and low.status is Status.RUNNING
+    high = engine.submit([7, 8, 9, 11, 12], greedy(3), priority=1)  # 2 pages
+    engine.step()
+    assert high.status is Status.WAITING
+    assert low.status is Status.RUNNING and low.preemptions == 0
+    engine.run_until_idle()
+    assert engine.stats.preemptions == 0
+    for request in (r0, low, high):
+        assert request.finish_reason is FinishReason.LENGTH
+        assert request.output_ids == greedy_reference(base, request.prompt_ids, 3)
+    assert engine.kv.free_pages == 4
+
+
+def test_a_request_short_of_pages_preempts_nobody_whose_pages_would_not_do(base):
+    """A 7-page pool: old holds 2 pages, mid 4 and needs 2 more for its last prompt chunk,
+    new (the newest) the last page. Preempting new frees one page, not enough: mid preempts
+    itself (policy 4's last resort) and new keeps its work (it was preempted too, for
+    nothing)."""
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        engine_config=small_engine_config(num_pages=7, max_model_len=28),
+        load_workers=0,
+    )
+    engine = llm.engine
+    old = engine.submit([3, 4, 5, 6, 7], greedy(3))  # 5 + 2 fed: 2 pages
+    mid = engine.submit(list(range(100, 124)), greedy(2))  # 24 + 1 fed: 7 pages in the end
+    new = engine.submit([8, 9], greedy(2))  # 2 + 1 fed: 1 page
+    for _ in range(3):
+        engine.step()
+    assert mid.preemptions == 1 and new.preemptions == 0
+    engine.run_until_idle()
+    for request in (old, mid, new):
+        assert request.finish_reason is FinishReason.LENGTH
+        want = greedy_reference(base, request.prompt_ids, request.sampling.max_tokens)
+        assert request.output_ids == want
+    assert new.preemptions == 0 and engine.kv.free_pages == 7

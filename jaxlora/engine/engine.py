@@ -21,7 +21,8 @@ Scheduling policy (one iteration):
    running decodes.
 4. When the KV pool runs out, the most recently arrived running request that is newer than the
    one needing pages is preempted, one not yet scheduled in this iteration if there is one, or
-   else the requester itself (an older request is never preempted for a newer one): its pages
+   else the requester itself (an older request is never preempted for a newer one, and none is
+   preempted where all the newer ones' pages would not do: then the requester is): its pages
    are freed and it re-queues at the front; it later recomputes its prompt and the tokens it had
    generated, and continues with identical output (sampling keys depend only on the request's
    seed and the token index).
@@ -54,7 +55,8 @@ Scheduling policy (one iteration):
    order within a priority; policy 2's fairness bound holds among them). Preemption (4) takes
    the running request of the lowest priority, the newest among equals, and never one that
    ranks before the requester. A waiting request that ranks before a running one of a lower
-   priority and finds no batch row or KV pages preempts it (lowest first) to be admitted.
+   priority and finds no batch row or KV pages preempts it (lowest first) to be admitted, as
+   many as that takes, and none where preempting them all would not admit it.
    Under "fcfs" (the default) every request has priority 0 and the order is 2 and 4's.
 9. Fair shares (``EngineConfig.scheduling_policy="fair"``: the Virtual Token Counter of
    Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024). Each tenant (by
@@ -812,6 +814,54 @@ class Engine:
         ]
         return max(lower, key=lambda r: r.rank) if lower else None
 
+    def _room_below(self, request: Request, pages: int) -> list[Request] | None:
+        """What admitting a waiting request takes: [] where a batch row and ``pages`` more KV
+        pages are free; else (policy 8) the fewest running requests of a lower priority than
+        its, lowest first, whose preemption frees them; None where even all of those would not
+        (nobody is preempted for a request that still could not be admitted)."""
+        rows = len(self._running) + 1 - self.engine_config.runner.max_batch
+        if rows <= 0 and pages <= self.kv.free_pages:
+            return []
+        if self.engine_config.scheduling_policy != "priority":
+            return None
+        lower = [
+            r for r in self._running if r.status is Status.RUNNING and r.priority > request.priority
+        ]
+        return self._victims(
+            request, sorted(lower, key=lambda r: r.rank, reverse=True), rows, pages
+        )
+
+    def _victims(
+        self, request: Request, candidates: list[Request], rows: int, pages: int
+    ) -> list[Request] | None:
+        """The fewest of ``candidates`` (running requests), taken in their order, whose
+        preemption gives ``request`` ``rows`` batch rows and leaves ``pages`` KV pages free;
+        None where preempting them all would not. A page is freed once every sequence that
+        holds it is preempted (prompt sharing, prefix caching); the request's own stay."""
+        pages -= self.kv.free_pages
+        if rows <= 0 and pages <= 0:
+            return []
+        if len(candidates) < rows:
+            return None
+        ids = {id(r) for r in candidates}
+        kept = set(self.kv.pages_of(request.request_id))
+        holders = collections.Counter()
+        for r in self._running:
+            if id(r) in ids:
+                holders.update(set(self.kv.pages_of(r.request_id)))
+            elif r is not request:
+                kept.update(self.kv.pages_of(r.request_id))
+        victims, freed = [], 0
+        for victim in candidates:
+            if len(victims) >= rows and freed >= pages:
+                break
+            victims.append(victim)
+            for page in set(self.kv.pages_of(victim.request_id)):
+                holders[page] -= 1
+                if page is not None and not holders[page] and page not in kept:
+                    freed += 1
+        return victims if len(victims) >= rows and freed >= pages else None
+
     def _admit(self) -> None:
         ec = self.engine_config
         blocked: list[Request] = []  # passed over in this pass, in queue order
@@ -827,20 +877,13 @@ class Engine:
                 continue
             if self._awaits_leader(request):
                 continue  # holds its place, blocks nobody: its leader's prefill is under way
-            if len(self._running) >= ec.runner.max_batch:
-                # Policy 8: a row from a lower priority, for a request whose adapter lets it in
-                # (no row is taken for a request that could not use it).
-                victim = self._lowest_below(request)
-                if victim is None or not self._adapter_admissible(request):
-                    break
-                self._preempt(victim)
+            if len(self._running) >= ec.runner.max_batch and (
+                # Policy 8: a row from a lower priority (_try_admit takes it), for a request
+                # whose adapter lets it in.
+                self._lowest_below(request) is None or not self._adapter_admissible(request)
+            ):
+                break
             outcome = self._try_admit(request)
-            while outcome == _NO_PAGES:
-                victim = self._lowest_below(request)
-                if victim is None:
-                    break
-                self._preempt(victim)
-                outcome = self._try_admit(request)
             if outcome == _ADMITTED:
                 # Every request passed over has been overtaken once more; once one of them has
                 # been overtaken max_skips times, nothing behind it is admitted before it.
@@ -894,9 +937,10 @@ class Engine:
         return not (full and self._adapter_key(request) not in running)
 
     def _try_admit(self, request: Request) -> str:
-        """Admits the request if it can; returns ``_ADMITTED``, ``_NO_PAGES`` (KV pages are
-        what it lacks: policy 8 may free some) or ``_REFUSED`` (its adapter's slot or pages;
-        or it finished, refused for good)."""
+        """Admits the request if it can, preempting running requests of a lower priority
+        where that gets it a batch row and KV pages (policy 8, ``_room_below``); returns
+        ``_ADMITTED``, ``_NO_PAGES`` (a row or KV pages are what it lacks) or ``_REFUSED``
+        (its adapter's slot or pages; or it finished, refused for good)."""
         ec = self.engine_config
         if not self._adapter_admissible(request):
             return _REFUSED
@@ -929,7 +973,11 @@ class Engine:
             request.num_computed = cached
         first = min(request.remaining, ec.runner.prefill_chunk)
         self._release_before_window(request)
-        if not self.kv.ensure(request.request_id, request.num_computed + first):
+        need = self.kv.extra_pages_needed(request.request_id, request.num_computed + first)
+        victims = self._room_below(request, need)
+        for victim in victims or ():
+            self._preempt(victim)
+        if victims is None or not self.kv.ensure(request.request_id, request.num_computed + first):
             self.kv.free(request.request_id)  # the cached pages it took, if any
             request.num_computed = 0
             return _NO_PAGES
@@ -1005,27 +1053,35 @@ class Engine:
     def _reserve(
         self, request: Request, n: int, scheduled: tuple[list[tuple[Request, int]], ...] = ()
     ) -> bool:
-        """KV pages for n more tokens; preempts the newest running request if needed, which is
-        the requester itself when it is the newest (an older request is never preempted for a
-        newer one; under priorities, the last by ``Request.rank``, policy 8). Requests already
-        scheduled this iteration are preempted only when nothing else is left (their work would
-        be wasted)."""
+        """KV pages for n more tokens; preempts the newest running requests if needed, or
+        else the requester itself: when it is the newest, or when preempting every newer one
+        would not free enough (an older request is never preempted for a newer one, nor a
+        newer one for nothing; under priorities, the last by ``Request.rank``, policy 8).
+        Requests already scheduled this iteration are preempted only when nothing else is left
+        (their work would be wasted)."""
         ranked = self.engine_config.scheduling_policy == "priority"
         order = (lambda r: r.rank) if ranked else (lambda r: r.arrival)
         self._release_before_window(request)
-        while not self.kv.ensure(request.request_id, request.num_computed + n):
-            after = [
+        if self.kv.ensure(request.request_id, request.num_computed + n):
+            return True
+        need = self.kv.extra_pages_needed(request.request_id, request.num_computed + n)
+        taken = {id(r) for rows in scheduled for r, _ in rows}
+        after = sorted(
+            (
                 r
                 for r in self._running
                 if r is not request and r.status is Status.RUNNING and order(r) > order(request)
-            ]
-            if not after:
-                self._preempt(request)
-                return False
-            taken = {id(r) for rows in scheduled for r, _ in rows}
-            idle = [r for r in after if id(r) not in taken]
-            self._preempt(max(idle or after, key=order))
-        return request.status is Status.RUNNING
+            ),
+            key=lambda r: (id(r) not in taken, order(r)),
+            reverse=True,
+        )
+        victims = self._victims(request, after, 0, need)
+        for victim in victims or ():
+            self._preempt(victim)
+        if victims is None or not self.kv.ensure(request.request_id, request.num_computed + n):
+            self._preempt(request)
+            return False
+        return True
 
     def _release_before_window(self, request: Request) -> None:
         """With a sliding window, releases the request's KV pages wholly before the first key
