@@ -15,7 +15,7 @@ from configs.models import TINY
 from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import EngineConfig, FinishReason, KVCacheConfig, RunnerConfig
 from jaxlora.engine.runner import empty_batch
-from jaxlora.errors import AdapterError, ConfigError
+from jaxlora.errors import AdapterError, ConfigError, RequestError
 from jaxlora.model import Llama, init_params
 from jaxlora.sampling import SamplingParams
 from jaxlora.tokenizer import tiny_tokenizer
@@ -143,6 +143,9 @@ def test_pages_return_after_finish_cancel_and_deadline(base, lora_adapters):
     assert done.finish_reason is FinishReason.LENGTH and len(done.output_ids) == 8
     assert cancelled.finish_reason is FinishReason.ABORT
     assert late.finish_reason is FinishReason.DEADLINE and late.output_ids == []
+    for bad in ("5", float("nan"), True):  # (NaN never passed; a string failed in the loop)
+        with pytest.raises(RequestError, match="^deadline_s: expected a number"):
+            llm.submit([9], sampling=GREEDY, deadline_s=bad)
     assert engine.kv.free_pages == free_kv
     stats = llm.adapters.stats()
     assert stats.referenced == 0

@@ -376,6 +376,13 @@ class Engine:
             raise RequestError(f"tenant: expected a string, got {tenant!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise RequestError(f"priority: expected an int, got {priority!r}")
+        if deadline_s is not None and (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, (int, float))
+            or math.isnan(deadline_s)
+        ):
+            # (a NaN deadline never passed, a string failed deep in the scheduler)
+            raise RequestError(f"deadline_s: expected a number of seconds, got {deadline_s!r}")
         if priority and self.engine_config.scheduling_policy != "priority":
             raise RequestError(
                 f"priority: {priority} needs the 'priority' scheduling policy; this engine "

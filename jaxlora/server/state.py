@@ -713,7 +713,8 @@ class ServingState:
         )
         lines += prom.counter_snapshot(
             "jaxlora_prefix_cache_hit_tokens_total",
-            "Prompt tokens whose K/V came from the prefix cache instead of being computed.",
+            "Tokens whose K/V came from the prefix cache instead of being computed (a "
+            "prompt's, and a preempted request's prompt and output when it resumes).",
             usage["prefix_cached_tokens"],
         )
         lines += prom.counter_snapshot(
