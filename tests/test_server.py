@@ -3060,8 +3060,9 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
             headers={"Authorization": f"Bearer {acme_secret}"},
         )
         assert tokenized.status_code == 404
-        # max_in_flight 1: a second generation while one streams is a 429 (Retry-After), and so
-        # is a request of n=2 (refused whole); once the stream ends, the key may go on.
+        # max_in_flight 1: a second generation while one streams is a 429 (Retry-After); a
+        # request of n=2 could never fit, a 400 naming n (a 429 would be retried for ever);
+        # once the stream ends, the key may go on.
         capped = openai.OpenAI(base_url=server.base_url, api_key=capped_secret, max_retries=0)
         running = chat(capped, "robot", stream=True, max_tokens=40, extra_body={"ignore_eos": True})
         next(iter(running))
@@ -3071,7 +3072,7 @@ def test_tenant_keys_reach_their_own_models_only(tmp_path):
         assert "'capped' has 1 generations in flight" in limited.value.body["message"]
         assert len([c for c in running if c.choices and c.choices[0].delta.content]) > 0
         assert wait_until(lambda: engine_idle(state))
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.BadRequestError, match="max_in_flight"):
             chat(capped, "poet", n=2)
         assert wait_until(lambda: engine_idle(state)) and not state._in_flight
         assert chat(capped, "poet").choices[0].message.content == demo.DEMO_SIGNATURES["poet"]

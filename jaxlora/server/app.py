@@ -1014,6 +1014,14 @@ def create_app(
         adapter: str | None,
         priority: int = 0,
     ) -> RequestGroup:
+        state.refuse_what_never_fits(
+            _CALLER.get(),
+            [
+                len(ids) + sampling.max_tokens
+                for ids in prompts
+                for sampling in samplings_per_prompt
+            ],
+        )
         group = RequestGroup(state.engine, state.pump)
         for sampling in samplings_per_prompt:
             try:

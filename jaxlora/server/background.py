@@ -57,22 +57,24 @@ class BackgroundServer:
         return f"{self.url}/v1"
 
     def start(self, timeout: float = 600.0) -> BackgroundServer:
-        self._thread = threading.Thread(
-            target=self._server.run,
-            kwargs={"sockets": [self._socket]},
-            name="jaxlora-uvicorn",
-            daemon=True,
-        )
+        self._thread = threading.Thread(target=self._run, name="jaxlora-uvicorn", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive():
+                self.stop()  # (the socket, still bound, and the thread)
                 raise ConfigError(f"server on {self.url} failed to start (see the log)")
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(f"server on {self.url} not started after {timeout} s")
             time.sleep(0.01)
         return self
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        except SystemExit:  # uvicorn's exit on a failed start-up (it logged why): start() says
+            pass
 
     def stop(self, timeout: float = 60.0) -> None:
         self._server.should_exit = True

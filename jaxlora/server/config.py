@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -12,6 +13,27 @@ from jaxlora.sampling import MAX_LOGPROBS
 from jaxlora.server.keys import ApiKey, check_keys, with_server_key
 from jaxlora.server.reasoning import REASONING_PARSERS
 from jaxlora.server.tool_calls import PARSERS
+
+# Fields that must be bools, and the flag of each that has one (scripts/serve.py).
+_BOOL_FIELDS = {
+    "load_adapters_on_demand": " (--load_adapters_on_demand)",
+    "auto_tool_choice": " (--enable_auto_tool_choice)",
+    "allow_credentials": " (--allow_credentials)",
+    "return_tokens_as_token_ids": " (--return_tokens_as_token_ids)",
+    "docs": " (--docs)",
+    "log_requests": " (--log_requests)",
+    "metrics_need_key": " (--metrics_need_key)",
+    "trust_request_chat_template": " (--trust_request_chat_template)",
+}
+
+
+def _is_seconds(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +142,21 @@ class ServerConfig:
         return with_server_key(self.api_keys, self.api_key)
 
     def __post_init__(self):
+        for field, flag in _BOOL_FIELDS.items():
+            value = getattr(self, field)
+            if not isinstance(value, bool):  # ("false" or 0 would read as their truth value)
+                raise ConfigError(
+                    f"server config field {field!r}{flag}: expected True or False, got {value!r}"
+                )
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ConfigError(
-                f"server config field 'model_name': expected a non-empty string, "
-                f"got {self.model_name!r}"
+                "server config field 'model_name' (--served_model_name): expected a non-empty "
+                f"string, got {self.model_name!r}"
             )
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
-            raise ConfigError("server config field 'api_key': expected a non-empty string or None")
+            raise ConfigError(
+                "server config field 'api_key' (--api_key): expected a non-empty string or None"
+            )
         if not isinstance(self.api_keys, tuple) or not all(
             isinstance(k, ApiKey) for k in self.api_keys
         ):
@@ -147,21 +177,29 @@ class ServerConfig:
                 "server config field 'fair_share_by': 'key' needs API keys (--api_keys_file or "
                 "--api_key)"
             )
+        if isinstance(self.adapter_roots, (str, bytes, os.PathLike)) or not all(
+            isinstance(r, (str, os.PathLike)) for r in self.adapter_roots
+        ):
+            raise ConfigError(
+                "server config field 'adapter_roots' (--allowed_adapter_roots): expected a tuple "
+                f"of directories, got {self.adapter_roots!r}"
+            )
         roots = tuple(os.fspath(r) for r in self.adapter_roots)
         for root in roots:
             if not os.path.isdir(root):
                 raise ConfigError(
-                    f"server config field 'adapter_roots': {root!r} is not a directory"
+                    "server config field 'adapter_roots' (--allowed_adapter_roots): "
+                    f"{root!r} is not a directory"
                 )
         object.__setattr__(self, "adapter_roots", roots)
         if self.tool_call_parser not in (None, *PARSERS):
             raise ConfigError(
-                f"server config field 'tool_call_parser': expected one of {list(PARSERS)} or "
-                f"None, got {self.tool_call_parser!r}"
+                "server config field 'tool_call_parser' (--tool_call_parser): expected one of "
+                f"{list(PARSERS)} or None, got {self.tool_call_parser!r}"
             )
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ConfigError(
-                f"server config field 'reasoning_parser': expected one of "
+                f"server config field 'reasoning_parser' (--reasoning_parser): expected one of "
                 f"{list(REASONING_PARSERS)} or None, got {self.reasoning_parser!r}"
             )
         origins = self.allowed_origins
@@ -170,8 +208,8 @@ class ServerConfig:
             for o in origins
         ):
             raise ConfigError(
-                "server config field 'allowed_origins': expected a tuple of origins "
-                f"(scheme://host[:port], or '*'), got {origins!r}"
+                "server config field 'allowed_origins' (--allowed_origins): expected a tuple of "
+                f"origins (scheme://host[:port], or '*'), got {origins!r}"
             )
         if (
             isinstance(self.max_logprobs, bool)
@@ -208,13 +246,13 @@ class ServerConfig:
                 )
             ):
                 raise ConfigError(
-                    f"server config field {field!r}: expected a non-empty tuple of names "
-                    f"(or '*'), got {value!r}"
+                    f"server config field {field!r} (--{field}): expected a non-empty tuple of "
+                    f"names (or '*'), got {value!r}"
                 )
         if self.load_adapters_on_demand and not roots:
             raise ConfigError(
-                "server config field 'load_adapters_on_demand': needs adapter_roots (the "
-                "directories adapters are loaded from), got none"
+                "server config field 'load_adapters_on_demand': needs adapter_roots "
+                "(--allowed_adapter_roots: the directories adapters are loaded from), got none"
             )
         for field in (
             "max_n",
@@ -225,31 +263,49 @@ class ServerConfig:
         ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                flag = " (--max_body_mib, in MiB)" if field == "max_body_bytes" else ""
                 raise ConfigError(
-                    f"server config field {field!r}: expected an int >= 1, got {value!r}"
+                    f"server config field {field!r}{flag}: expected an int >= 1, got {value!r}"
                 )
         for field in ("stream_poll_s", "disconnect_poll_s"):
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not value > 0:
+            # (inf: the stream poller, or the disconnect check, would never run again)
+            if not _is_seconds(value):
                 raise ConfigError(
-                    f"server config field {field!r}: expected seconds > 0, got {value!r}"
+                    f"server config field {field!r}: expected finite seconds > 0, got {value!r}"
                 )
-        names = {name for name, _, _ in GENERATION_DEFAULT_FIELDS.values()}
+        checks = {
+            name: (check, expected) for name, check, expected in GENERATION_DEFAULT_FIELDS.values()
+        }
+        if not isinstance(self.sampling_defaults, tuple):
+            raise ConfigError(
+                "server config field 'sampling_defaults': expected a tuple of (name, number) "
+                f"pairs, got {self.sampling_defaults!r}"
+            )
         for pair in self.sampling_defaults:
             if not (
                 isinstance(pair, tuple)
                 and len(pair) == 2
-                and pair[0] in names
+                and pair[0] in checks
                 and isinstance(pair[1], (int, float))
                 and not isinstance(pair[1], bool)
             ):
                 raise ConfigError(
                     "server config field 'sampling_defaults': expected (name, number) pairs "
-                    f"with names in {sorted(names)}, got {pair!r}"
+                    f"with names in {sorted(checks)}, got {pair!r}"
+                )
+            check, expected = checks[pair[0]]
+            if not check(pair[1]):  # (what generation_config.json may hold: --generation_config)
+                raise ConfigError(
+                    f"server config field 'sampling_defaults': {pair[0]}: expected {expected}, "
+                    f"got {pair[1]!r}"
                 )
         deadline = self.first_token_deadline_s
-        if deadline is not None and (not isinstance(deadline, (int, float)) or not deadline > 0):
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0
+        ):
             raise ConfigError(
-                f"server config field 'first_token_deadline_s': expected seconds "
+                f"server config field 'first_token_deadline_s' (--first_token_deadline_s): "
+                f"expected seconds "
                 f"> 0 or None, got {deadline!r}"
             )

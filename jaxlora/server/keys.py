@@ -62,8 +62,18 @@ class ApiKey:
             raise ConfigError(
                 f"API key name {self.name!r}: expected 1-64 letters, digits, '.', '_' or '-'"
             )
-        if not isinstance(self.key, str) or not self.key or not self.key.isprintable():
-            raise ConfigError(f"{where}: key: expected a printable string")
+        if (
+            not isinstance(self.key, str)
+            or not self.key
+            or not self.key.isascii()
+            or not self.key.isprintable()
+            or self.key != self.key.strip()
+        ):
+            # (an HTTP client sends ASCII headers only, and the Bearer value arrives stripped:
+            # another key could never be sent)
+            raise ConfigError(
+                f"{where}: key: expected printable ASCII without surrounding whitespace"
+            )
         if not isinstance(self.models, tuple) or not all(
             isinstance(m, str) and m for m in self.models
         ):
@@ -92,14 +102,29 @@ class ApiKey:
         return self.priority if asked is None else max(asked, self.priority)
 
     def allows(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+        return any(model_matches(model, pattern) for pattern in self.models)
+
+
+def model_matches(model: str, pattern: str) -> bool:
+    """Whether a key's ``models`` entry names model: the name itself (an adapter's name may
+    hold ``[``, ``?`` or ``*``), or a shell pattern (``fnmatch``) that matches it."""
+    return model == pattern or fnmatch.fnmatchcase(model, pattern)
 
 
 def with_server_key(tenants: tuple[ApiKey, ...], api_key: str | None) -> tuple[ApiKey, ...]:
     """Every key a server takes: the tenants' and its own ``--api_key`` (an admin of every
     model, named "api_key"; none when None)."""
-    own = () if api_key is None else (ApiKey("api_key", api_key, ("*",), True),)
+    own = () if api_key is None else (_ServerKey("api_key", api_key, ("*",), True),)
     return (*tenants, *own)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ServerKey(ApiKey):
+    """The server's own ``--api_key`` (with_server_key): not an entry of the keys file."""
+
+
+def _entry(keys: tuple[ApiKey, ...], i: int) -> str:
+    return "--api_key" if isinstance(keys[i], _ServerKey) else f"keys[{i}]"
 
 
 def find_key(keys: tuple[ApiKey, ...], given: str) -> ApiKey | None:
@@ -114,13 +139,16 @@ def find_key(keys: tuple[ApiKey, ...], given: str) -> ApiKey | None:
 def check_keys(keys: tuple[ApiKey, ...], where: str) -> None:
     """Names and secrets are each used once."""
     for attribute in ("name", "key"):
-        seen = set()
+        seen: dict[str, int] = {}
         for i, key in enumerate(keys):
             value = getattr(key, attribute)
             if value in seen:
                 shown = repr(value) if attribute == "name" else "(not shown)"
-                raise ConfigError(f"{where}: keys[{i}].{attribute}: {shown} is used twice")
-            seen.add(value)
+                raise ConfigError(
+                    f"{where}: keys[{i}].{attribute}: {shown} is used twice (by "
+                    f"{_entry(keys, seen[value])} and {_entry(keys, i)})"
+                )
+            seen[value] = i
 
 
 def load_api_keys(path: str) -> tuple[ApiKey, ...]:
@@ -265,5 +293,6 @@ __all__ = [
     "check_keys",
     "find_key",
     "load_api_keys",
+    "model_matches",
     "with_server_key",
 ]

@@ -8,7 +8,6 @@ few batch buckets (each compiles for seconds there), on GPU the engine's default
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from jaxlora.server.device_memory import (
     reserve_device_memory,
     step_working_bytes,
 )
-from jaxlora.server.keys import KeysFile, check_keys, with_server_key
+from jaxlora.server.keys import KeysFile, check_keys, model_matches, with_server_key
 from jaxlora.server.state import ServingState
 from pallas_kernels import layout
 from pallas_kernels.lora_matmul import MatmulConfig
@@ -757,7 +756,7 @@ def unmatched_names(state: ServingState, launch: LaunchConfig) -> list[str]:
     warnings = []
     for key in state.config.api_keys:
         for pattern in key.models:
-            if not any(fnmatch.fnmatchcase(m, pattern) for m in models):
+            if not any(model_matches(m, pattern) for m in models):
                 warnings.append(
                     f"--api_keys_file: key {key.name!r}: models pattern {pattern!r} matches no "
                     "model served now"

@@ -466,6 +466,33 @@ class ServingState:
         if caller is not None and caller.max_tokens_per_minute is not None:
             self._buckets[caller.name].give_back(tokens)
 
+    def refuse_what_never_fits(self, caller: ApiKey | None, costs: list[int]) -> None:
+        """RequestError (400) for a request whose generations (``costs``: each one's prompt and
+        max_tokens) its key's limits could never take at once: more than its max_in_flight, or
+        more tokens than its minute. A 429 would be retried for ever."""
+        if caller is None:
+            return
+        cap = caller.max_in_flight
+        if cap is not None and len(costs) > cap:
+            raise with_param(
+                RequestError(
+                    f"n: the request asks for {len(costs)} generations (its prompts times n), "
+                    f"more than API key {caller.name!r} may have in flight at once "
+                    f"({cap}, max_in_flight); ask for fewer"
+                ),
+                "n",
+            )
+        budget = caller.max_tokens_per_minute
+        if budget is not None and sum(costs) > budget:
+            raise with_param(
+                RequestError(
+                    f"max_tokens: the request's generations (its prompts times n) come to "
+                    f"{sum(costs)} tokens of prompt and max_tokens, more than API key "
+                    f"{caller.name!r} may use in a minute ({budget}); ask for fewer"
+                ),
+                "max_tokens",
+            )
+
     def _check_in_flight(self, caller: ApiKey | None) -> None:
         if caller is not None and caller.max_in_flight is not None:
             if self._in_flight[caller.name] >= caller.max_in_flight:
@@ -586,6 +613,14 @@ class ServingState:
             return self.config.model_name
         return REQUEST_MERGE_LABEL if is_request_merge(adapter) else adapter
 
+    def _per_model_label(self, counts: dict[str | None, int]) -> dict[tuple[str], int]:
+        """{(model label,): count}, summed over the adapters one label stands for (every
+        per-request merge is REQUEST_MERGE_LABEL)."""
+        summed: collections.Counter = collections.Counter()
+        for adapter, n in counts.items():
+            summed[(self.model_label(adapter),)] += n
+        return dict(summed)
+
     def _on_finish(self, request: Request) -> None:
         m = self.metrics
         label = self.model_label(request.adapter)
@@ -665,13 +700,13 @@ class ServingState:
         lines += prom.gauge(
             "jaxlora_model_requests_waiting",
             "Requests queued in the engine, per model (adapters with none are not listed).",
-            {(self.model_label(a),): n for a, n in queues.waiting.items()},
+            self._per_model_label(queues.waiting),
             ("model",),
         )
         lines += prom.gauge(
             "jaxlora_model_requests_running",
             "Requests holding KV pages, per model (adapters with none are not listed).",
-            {(self.model_label(a),): n for a, n in queues.running.items()},
+            self._per_model_label(queues.running),
             ("model",),
         )
         policy = engine.engine_config.scheduling_policy
