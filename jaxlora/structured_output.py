@@ -28,6 +28,7 @@ spells a tag with other tokens is not seen to open or close its reasoning.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import threading
@@ -78,7 +79,12 @@ class StructuredOutput:
             fail("compact to be a bool", self.compact)
         spec = self.spec
         if self.kind == "json" and isinstance(spec, dict):
-            spec = json.dumps(spec)
+            try:
+                spec = json.dumps(spec)
+            except RecursionError:
+                raise RequestError(f"{self.field}: the schema is nested too deeply") from None
+            except (TypeError, ValueError) as e:
+                raise RequestError(f"{self.field}: the schema is not JSON ({e})") from None
         if self.kind == "choice":
             if (
                 not isinstance(spec, (list, tuple))
@@ -101,13 +107,18 @@ class StructuredOutput:
                 schema = json.loads(self.spec)
             except json.JSONDecodeError as e:
                 raise RequestError(f"{self.field}: the schema is not valid JSON ({e})") from None
+            except RecursionError:
+                raise RequestError(f"{self.field}: the schema is nested too deeply") from None
             if not isinstance(schema, (dict, bool)):
                 raise RequestError(
                     f"{self.field}: expected a JSON schema (an object), got {self.spec[:200]!r}"
                 )
+            # (llguidance applies options to an object schema only: true is {}; false fails)
+            compact = self.compact and schema is not False
             try:
                 grammar = llg.LLMatcher.grammar_from_json_schema(
-                    self.spec, overrides={"whitespace_flexible": False} if self.compact else None
+                    "{}" if schema is True else self.spec,
+                    overrides={"whitespace_flexible": False} if compact else None,
                 )
             except ValueError as e:
                 raise RequestError(f"{self.field}: not a usable JSON schema ({e})") from None
@@ -259,7 +270,18 @@ def token_mask(tokens: Sequence[int], vocab_size: int) -> np.ndarray:
 class TokenMasks:
     """The engine's side of structured outputs: the tokenizer as llguidance sees it (built once,
     over the model's whole vocabulary: ids past the tokenizer's are never allowed), a matcher
-    per constrained request, and the step's bitmask of the allowed tokens."""
+    per constrained request, and the step's bitmask of the allowed tokens.
+
+    Compiling a grammar against the vocabulary takes up to seconds for a large schema (its
+    lexer), so the last ``KEPT_GRAMMARS`` grammars' compiled matchers are kept (fewer where
+    their grammars pass ``KEPT_GRAMMAR_CHARS`` together: some hundred bytes of memory a
+    character; the last one is always kept), with their first mask computed: a request's
+    matcher is a copy of its grammar's (microseconds: the n choices of a request, and every
+    request of an application's one schema, compile it once), and ``prepare`` compiles one
+    ahead, off the caller's event loop."""
+
+    KEPT_GRAMMARS = 32
+    KEPT_GRAMMAR_CHARS = 1 << 20
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: Sequence[int]):
         llg = _llguidance()
@@ -271,15 +293,41 @@ class TokenMasks:
         )
         self._executor = llg.LLExecutor()
         self._lock = threading.Lock()
+        # grammar -> its compiled matcher (never advanced: requests get copies), oldest first
+        self._compiled: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self._compiled_lock = threading.Lock()
 
     def matcher(self, structured: StructuredOutput):
         """A fresh matcher for one request; RequestError (naming the request field) if the
         grammar does not work with this tokenizer."""
-        llg = _llguidance()
-        matcher = llg.LLMatcher(self._tokenizer, structured.grammar, log_level=0)
-        if matcher.is_error():
-            raise RequestError(f"{structured.field}: {matcher.get_error()}")
-        return matcher
+        return self._compiled_matcher(structured).deep_copy()
+
+    def prepare(self, structured: StructuredOutput) -> None:
+        """Compiles the grammar against the vocabulary now (a thread's work for a large
+        schema), for the requests that ask ``matcher`` for it next; RequestError as there."""
+        self._compiled_matcher(structured)
+
+    def _compiled_matcher(self, structured: StructuredOutput):
+        grammar = structured.grammar
+        with self._compiled_lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return compiled
+        compiled = _llguidance().LLMatcher(self._tokenizer, grammar, log_level=0)
+        if not compiled.is_error():
+            compiled.compute_bitmask()  # (its lexer's first states, which the copies keep)
+        if compiled.is_error():
+            raise RequestError(f"{structured.field}: {compiled.get_error()}")
+        with self._compiled_lock:
+            self._compiled[grammar] = compiled
+            chars = sum(map(len, self._compiled))
+            while len(self._compiled) > 1 and (
+                len(self._compiled) > self.KEPT_GRAMMARS or chars > self.KEPT_GRAMMAR_CHARS
+            ):
+                dropped, _ = self._compiled.popitem(last=False)
+                chars -= len(dropped)
+        return compiled
 
     def bitmask(self, rows: Sequence[tuple[object, int]], batch_size: int) -> np.ndarray:
         """(batch_size, words) int32: each (matcher, row)'s allowed tokens; other rows allow

@@ -5,6 +5,7 @@ with its own matcher."""
 import dataclasses
 import json
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ PERSON = {
     "x-guidance": {"whitespace_flexible": False},
 }
 DIGITS = r"[a-z]{2,5}-[0-9]{1,3}"
+DEEP = {"type": "integer"}
+for _ in range(3000):
+    DEEP = {"type": "array", "items": DEEP}
 CHOICES = ("yes", "no", "maybe not")
 ARITHMETIC = 'start: "(" expr ")"\nexpr: DIGIT ("+" DIGIT)*\n%import common.DIGIT'
 
@@ -58,11 +62,25 @@ ARITHMETIC = 'start: "(" expr ")"\nexpr: DIGIT ("+" DIGIT)*\n%import common.DIGI
         ("choice", ["a", ""], "a list of 1..1024 non-empty strings"),
         ("choice", "yes", "a list of 1..1024 non-empty strings"),
         ("grammar", "start: (", "not a Lark or GBNF grammar|does not compile"),
+        # (a string inside a request body nests as deep as it likes: a 400, not a 500)
+        ("json", '{"items":' * 5000 + "{}" + "}" * 5000, "nested too deeply"),
+        ("json", DEEP, "nested too deeply"),
+        ("json", {"enum": [{1, 2}]}, "the schema is not JSON"),
     ],
 )
 def test_a_bad_spec_is_refused_naming_its_field(kind, spec, message):
     with pytest.raises(RequestError, match=rf"^response_format: .*({message})"):
         StructuredOutput(kind, spec, field="response_format")
+
+
+def test_the_schema_true_is_any_json_value_compact_or_not(tokenizer):
+    """(llguidance applies options such as compact JSON to an object schema only)"""
+    masks = TokenMasks(tokenizer, TINY.vocab_size, tokenizer.eos_token_ids)
+    for compact in (False, True):
+        matcher = masks.matcher(StructuredOutput("json", "true", compact=compact))
+        ids = tokenizer.encode('[1,{"a":null}, "x"]', add_bos=False)
+        spaced = ids.index(tokenizer.encode(' "x', add_bos=False)[0])
+        assert matcher.validate_tokens(ids) == (spaced if compact else len(ids))
 
 
 def test_specs_compile_once_and_sampling_params_check_the_type():
@@ -72,6 +90,51 @@ def test_specs_compile_once_and_sampling_params_check_the_type():
     assert StructuredOutput("choice", ["a", "b"]).spec == ("a", "b")
     with pytest.raises(RequestError, match="'structured_output'"):
         SamplingParams(structured_output={"type": "json_object"})
+
+
+def test_a_grammar_compiles_against_the_vocabulary_once(tokenizer, monkeypatch):
+    """A request's matcher is a copy of its grammar's compiled one (a large schema compiles in
+    seconds, a copy in microseconds): the n choices of a request, or the requests of one
+    schema, compile it once; each copy goes its own way; the last few grammars are kept."""
+    import llguidance
+
+    from jaxlora import structured_output
+
+    specs = [StructuredOutput("choice", CHOICES), StructuredOutput("choice", list(CHOICES))]
+    others = [StructuredOutput("regex", DIGITS), StructuredOutput("grammar", ARITHMETIC)]
+    compiled = []
+
+    def compile_matcher(*args, **kwargs):
+        compiled.append(args[1])
+        return llguidance.LLMatcher(*args, **kwargs)
+
+    fake = types.SimpleNamespace(
+        LLTokenizer=llguidance.LLTokenizer,
+        LLExecutor=llguidance.LLExecutor,
+        LLMatcher=compile_matcher,
+    )
+    monkeypatch.setattr(structured_output, "_llguidance", lambda: fake)
+    masks = TokenMasks(tokenizer, TINY.vocab_size, tokenizer.eos_token_ids)
+    first, second = (masks.matcher(spec) for spec in specs)
+    assert len(compiled) == 1
+    yes, no = (tokenizer.encode(word, add_bos=False) for word in ("yes", "no"))
+    assert first.try_consume_tokens(yes) == len(yes)
+    assert second.try_consume_tokens(no) == len(no)
+    assert masks.matcher(specs[0]).try_consume_tokens(no) == len(no)
+    monkeypatch.setattr(TokenMasks, "KEPT_GRAMMARS", 2)
+    for spec in others:
+        masks.prepare(spec)
+    masks.matcher(others[1])
+    assert len(compiled) == 3
+    masks.matcher(specs[0])  # (the oldest: dropped)
+    assert compiled == [specs[0].grammar, *(spec.grammar for spec in others), specs[0].grammar]
+    # Fewer where the grammars are large together (the last one is kept).
+    monkeypatch.setattr(TokenMasks, "KEPT_GRAMMARS", 32)
+    monkeypatch.setattr(TokenMasks, "KEPT_GRAMMAR_CHARS", 1)
+    masks.prepare(others[0])
+    masks.matcher(specs[0])
+    masks.matcher(specs[0])
+    assert compiled[4:] == [others[0].grammar, specs[0].grammar]
 
 
 # ---------------------------------------------------------------------------- the sampler

@@ -989,12 +989,16 @@ def create_app(
     # ------------------------------------------------------------------ generation helpers
 
     async def structured_output_of(body, forced=None) -> StructuredOutput | None:
-        """The request's constraint, compiled off the event loop (a large schema takes a
-        while), with the engine's token masks built (the first time: the tokenizer's trie)."""
+        """The request's constraint, checked and compiled against the vocabulary off the event
+        loop (a large schema takes a while; the engine's token masks keep the compiled
+        grammar, whose copies the request's choices take), the token masks built the first
+        time (the tokenizer's trie)."""
         structured = await anyio.to_thread.run_sync(lambda: _structured_output(body, forced))
         if structured is not None:
             try:
-                await anyio.to_thread.run_sync(lambda: state.engine.token_masks(structured.field))
+                await anyio.to_thread.run_sync(
+                    lambda: state.engine.token_masks(structured.field).prepare(structured)
+                )
             except RequestError as e:
                 raise with_param(e, structured.field.split(".")[0]) from None
         return structured
