@@ -325,6 +325,19 @@ def test_unregister_while_in_use(tmp_path):
     assert not manager.residents() and check_consistent(manager) == []
 
 
+def test_a_copy_finishing_after_unregister_records_no_load_time(tmp_path):
+    """/metrics' load-time gauge has a label per name in load_seconds: a name unregistered
+    while its copy was in flight must not come back when the copy finishes."""
+    manager = make_manager()
+    manager.register("c", write_adapter(tmp_path, "c", rank=2, seed=3))
+    handle = manager.acquire("c")  # (its copy in flight until the next poll)
+    manager.unregister("c")
+    handle.wait()
+    manager.poll()
+    assert "c" not in manager.stats().load_seconds
+    handle.release()
+
+
 def test_background_loads_and_a_file_broken_after_registration(tmp_path):
     manager = make_manager(workers=2)
     good = write_adapter(tmp_path, "good", rank=3, seed=1)

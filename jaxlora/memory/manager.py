@@ -689,7 +689,8 @@ class AdapterManager:
             rec.marker = None
             if rec.state is _State.COPYING and not rec.dead:
                 rec.state = _State.READY
-                self._load_seconds[rec.entry.name] = time.perf_counter() - rec.started
+                if rec.entry.name in self.store:  # (not a name unregistered meanwhile)
+                    self._load_seconds[rec.entry.name] = time.perf_counter() - rec.started
 
     def _is_ready(self, rec: _Residency) -> bool:
         if rec.state is _State.COPYING:
