@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
@@ -40,6 +41,32 @@ class Example:
     prompt: tuple[int, ...]
     completion: tuple[int, ...]
     source: str = ""
+
+    def __post_init__(self):
+        # Token ids as tuples of ints (lists would not concatenate with tuples), and at least
+        # one of each: with no prompt, arrays() would mask all but the last completion token.
+        for field in ("prompt", "completion"):
+            value = getattr(self, field)
+            try:
+                ids = tuple(operator.index(t) for t in value)
+            except TypeError:
+                ids = None
+            if ids is None or any(t < 0 for t in ids):
+                raise FormatError(
+                    f"{self.source or 'example'}: field {field!r} must be a sequence of token "
+                    f"ids (ints >= 0); got {value!r:.100}"
+                )
+            if not ids:
+                raise FormatError(
+                    f"{self.source or 'example'}: field {field!r} has no tokens; expected at "
+                    "least one"
+                    + (
+                        " (the first completion token is predicted from it)"
+                        if field == "prompt"
+                        else ""
+                    )
+                )
+            object.__setattr__(self, field, ids)
 
     @property
     def length(self) -> int:
@@ -166,14 +193,25 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, object]]:
     """Yields (\"file:line\", parsed JSON) for every non-blank line."""
     path = os.fspath(path)
     try:
-        f = open(path, encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first
+        # record; surrogateescape: a byte that is not UTF-8 is reported with its line below
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape")
     except FileNotFoundError as e:
         raise FormatError(f"{path}: file not found (expected a JSONL dataset)") from e
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read the JSONL dataset ({e.strerror})") from e
     with f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             source = f"{path}:{number}"
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise FormatError(
+                    f"{source}: not valid UTF-8 (byte 0x{ord(line[e.start]) - 0xDC00:02x} at "
+                    f"column {e.start + 1}); expected a UTF-8 encoded JSONL file"
+                ) from None
             try:
                 yield source, json.loads(line)
             except json.JSONDecodeError as e:

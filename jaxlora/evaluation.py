@@ -591,6 +591,19 @@ def evaluate(
     """
     if not examples:
         raise ConfigError("evaluate: no examples")
+    if not isinstance(eval_config, EvalConfig):
+        raise ConfigError(f"evaluate: expected an EvalConfig, got {type(eval_config).__name__}")
+    if adapters is not None and not isinstance(adapters, AdapterSource):
+        raise ConfigError(
+            f"evaluate: adapters must be an AdapterSource (HostAdapters, PeftAdapters, "
+            f"RandomAdapters) or None; got {type(adapters).__name__}"
+        )
+    for example in examples:
+        if not isinstance(example, Example):
+            raise ConfigError(
+                f"evaluate: expected jaxlora.data.Example items (make_example, "
+                f"load_examples); got {type(example).__name__}"
+            )
     names: list[str | None] = list(dict.fromkeys(e.adapter for e in examples))
     known = set(adapters.names) if adapters is not None else set()
     for example in examples:
@@ -613,6 +626,8 @@ def evaluate(
             )
 
     devices = list(devices if devices is not None else jax.devices())
+    if not devices:
+        raise ConfigError("evaluate: devices is empty (None: every device)")
     local = [d for d in devices if d.process_index == jax.process_index()]
     local_positions = [devices.index(d) for d in local]
     impl = _resolve_impl(eval_config.lora_impl, devices)

@@ -21,6 +21,8 @@ import functools
 import hashlib
 import json
 import math
+import numbers
+import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -32,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora.config import ModelConfig, require_positive_ints
 from jaxlora.data import Example, Tokenizer, bucket_length, make_example, pad_rows
-from jaxlora.errors import ConfigError
+from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.lora import LoraInputs, LoraWeights
 from jaxlora.model import Llama
 from pallas_kernels import layout
@@ -40,6 +42,22 @@ from pallas_kernels.layout import MODULE_POOLS, MODULES, NO_ADAPTER
 
 DATA_AXIS = "data"
 SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_real(value) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool | np.bool_)
+        and math.isfinite(value)
+    )
+
+
+class TrainingDivergedError(JaxloraError):
+    """A loss or a trained parameter became NaN or infinite."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,31 +87,46 @@ class TrainConfig:
 
     def __post_init__(self):
         require_positive_ints(self, ("rank", "steps", "batch_size", "max_seq_len"), "train config")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+        if not _is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(
                 f"train config field 'warmup_steps': expected an int in "
                 f"[0, steps={self.steps}], got {self.warmup_steps!r}"
             )
-        if not self.learning_rate > 0:
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ConfigError(
-                f"train config field 'learning_rate': expected > 0, got {self.learning_rate!r}"
+                f"train config field 'seed': expected an int in [0, 2**63), got {self.seed!r}"
             )
-        if self.weight_decay < 0:
+        if not isinstance(self.use_rslora, bool):
             raise ConfigError(
-                f"train config field 'weight_decay': expected >= 0, got {self.weight_decay!r}"
+                f"train config field 'use_rslora': expected a bool, got {self.use_rslora!r}"
             )
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(
-                f"train config field 'max_grad_norm': expected > 0 or None, got "
-                f"{self.max_grad_norm!r}"
-            )
-        if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(
-                f"train config field 'alpha': expected > 0 or None, got {self.alpha!r}"
-            )
+        # finite real numbers: NaN passes `not x < 0`, and a NaN or infinite learning rate,
+        # weight decay or alpha turns every parameter into NaN at the first update
+        for field, optional, bound in (
+            ("learning_rate", False, "> 0"),
+            ("weight_decay", False, ">= 0"),
+            ("max_grad_norm", True, "> 0"),
+            ("alpha", True, "> 0"),
+        ):
+            value = getattr(self, field)
+            if optional and value is None:
+                continue
+            if not (_is_finite_real(value) and (value >= 0 if bound == ">= 0" else value > 0)):
+                raise ConfigError(
+                    f"train config field {field!r}: expected a finite number {bound}"
+                    + (" or None" if optional else "")
+                    + f", got {value!r}"
+                )
+            # a plain float (a numpy scalar would not go into the checkpoint's JSON metadata)
+            object.__setattr__(self, field, float(value))
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"train config field 'schedule': expected one of {SCHEDULES}, got {self.schedule!r}"
+            )
+        if isinstance(self.target_modules, str):
+            raise ConfigError(
+                f"train config field 'target_modules': expected a sequence of module names, "
+                f"got the string {self.target_modules!r} (write ({self.target_modules!r},))"
             )
         modules = tuple(self.target_modules)
         unknown = [m for m in modules if m not in MODULES]
@@ -400,14 +433,18 @@ class _Checkpoints:
         )
         return jax.tree.map(np.asarray, restored["state"])
 
-    def save(self, step: int, state: dict, meta: dict, *, force: bool = False) -> None:
+    def save(self, step: int, state: dict, meta: dict, *, force: bool = False, check=None) -> None:
+        """check(host_state): raises instead of writing a state that must not be resumed."""
         ocp = self._ocp
         if not force and step % self.every:
             return
+        host = jax.device_get(state)
+        if check is not None:
+            check(host)
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)
             ),
             force=force,
         )
@@ -490,7 +527,22 @@ def train_adapters(
     checkpoint_dir: orbax checkpoints every `checkpoint_every` steps and at the end; a directory
     that already holds a checkpoint of the same run (config, adapters, data) is resumed.
     on_log(step, {name: loss}) is called every `log_every` steps (0: never).
+    A NaN or infinite loss or parameter raises TrainingDivergedError (and is never checkpointed).
     """
+    if not isinstance(train, TrainConfig):
+        raise ConfigError(f"train_adapters: expected a TrainConfig, got {type(train).__name__}")
+    if not isinstance(datasets, Mapping):
+        raise ConfigError(
+            f"train_adapters: expected a mapping adapter name -> examples, got "
+            f"{type(datasets).__name__}"
+        )
+    for field, value, least in (
+        ("checkpoint_every", checkpoint_every, 1),
+        ("max_checkpoints", max_checkpoints, 1),
+        ("log_every", log_every, 0),
+    ):
+        if not _is_int(value) or value < least:
+            raise ConfigError(f"train_adapters: {field} must be an int >= {least}, got {value!r}")
     names = list(datasets)
     if not names:
         raise ConfigError("train_adapters: no dataset given (expected adapter name -> examples)")
@@ -500,6 +552,12 @@ def train_adapters(
         if not dataset:
             raise ConfigError(f"train_adapters: dataset of adapter {name!r} is empty")
         for example in dataset:
+            if not isinstance(example, Example):
+                raise ConfigError(
+                    f"train_adapters: dataset of adapter {name!r} holds a "
+                    f"{type(example).__name__}; expected jaxlora.data.Example "
+                    "(make_example, load_examples)"
+                )
             if example.length > train.max_seq_len:
                 raise ConfigError(
                     f"{example.source}: sequence of {example.length + 1} tokens; "
@@ -511,6 +569,8 @@ def train_adapters(
                 )
             longest = max(longest, example.length)
     devices = list(devices if devices is not None else jax.local_devices())
+    if not devices:
+        raise ConfigError("train_adapters: devices is empty (None: every local device)")
     mesh = Mesh(np.array(devices), (DATA_AXIS,))
     sampler = BatchSampler(
         data,
@@ -546,22 +606,71 @@ def train_adapters(
         losses = []
         for step in range(start_step, train.steps):
             state, step_losses = step_fn(state, params, sampler.batch(step, len(devices)))
+            if losses:  # the previous step's losses, read while this step runs
+                _check_losses(np.asarray(losses[-1]), step - 1, names, train)
             losses.append(step_losses)
             done = step + 1
             if on_log is not None and log_every and (done % log_every == 0 or done == train.steps):
                 on_log(done, dict(zip(names, np.asarray(step_losses).tolist(), strict=True)))
             if checkpoints is not None:
-                checkpoints.save(done, state, meta, force=done == train.steps)
+                checkpoints.save(
+                    done,
+                    state,
+                    meta,
+                    force=done == train.steps,
+                    check=lambda host, done=done: _check_parameters(
+                        host["lora"], done, names, train
+                    ),
+                )
+        if losses:
+            _check_losses(np.asarray(losses[-1]), train.steps - 1, names, train)
     finally:
         if checkpoints is not None:
             checkpoints.close()
     host_lora = jax.device_get(state["lora"])
+    _check_parameters(host_lora, train.steps, names, train)
     return TrainResult(
         adapters=lora_weights_from_params(host_lora, names, train),
         losses=np.asarray(jax.device_get(losses), np.float32).reshape(-1, len(names)),
         start_step=start_step,
         lora_params=host_lora,
     )
+
+
+def _check_losses(step_losses: np.ndarray, step: int, names: Sequence[str], train) -> None:
+    """TrainingDivergedError if an adapter's loss at (0-based) `step` is NaN or infinite."""
+    bad = [i for i, loss in enumerate(step_losses) if not np.isfinite(loss)]
+    if not bad:
+        return
+    which = ", ".join(f"{names[i]!r} ({step_losses[i]})" for i in bad)
+    hint = (
+        "before any update: check the base model's parameters and dtype"
+        if step == 0
+        else _lower_hint(train)
+    )
+    raise TrainingDivergedError(
+        f"training diverged: non-finite loss of adapter(s) {which} at step {step + 1} of "
+        f"{train.steps}; {hint}"
+    )
+
+
+def _check_parameters(lora: dict, step: int, names: Sequence[str], train) -> None:
+    """TrainingDivergedError if an adapter's parameters after `step` steps are not all finite."""
+    finite = np.ones(len(names), bool)
+    for leaf in jax.tree.leaves(lora):
+        finite &= np.isfinite(np.asarray(leaf)).reshape(len(names), -1).all(axis=1)
+    if finite.all():
+        return
+    bad = [names[i] for i in np.flatnonzero(~finite)]
+    raise TrainingDivergedError(
+        f"training diverged: adapter(s) {bad} have NaN or infinite parameters after step "
+        f"{step} of {train.steps} (nothing saved for this step); {_lower_hint(train)}"
+    )
+
+
+def _lower_hint(train: TrainConfig) -> str:
+    clip = "set" if train.max_grad_norm is None else f"lower (now {train.max_grad_norm})"
+    return f"lower the learning rate (peak {train.learning_rate}) or {clip} max_grad_norm"
 
 
 def train_adapter(
@@ -616,7 +725,12 @@ def _as_example(item, tokenizer, config: ModelConfig, source: str) -> Example:
     prompt, completion = item
 
     def ids_or_text(value):
-        return value if isinstance(value, str) else [int(t) for t in value]
+        if isinstance(value, str):
+            return value
+        try:  # ints and numpy integers (not floats) as a list; make_example checks the rest
+            return [operator.index(t) for t in value]
+        except TypeError:
+            return value
 
     return make_example(
         ids_or_text(prompt),

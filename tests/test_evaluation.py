@@ -316,3 +316,44 @@ def test_jsonl_text_is_tokenized_prompt_with_bos_completion_without(tmp_path):
     assert len(second.prompt) == 1
     with pytest.raises(ConfigError, match="no tokenizer"):
         load_examples(path, default_adapter="x")
+
+
+def test_jsonl_with_a_byte_order_mark_or_bad_utf8_or_a_directory(tmp_path):
+    record = '{"adapter": "a", "prompt": [1], "completion": [2]}\n'
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(("\ufeff" + record).encode("utf-8"))  # as Windows editors save it
+    (example,) = load_examples(bom, require_adapter=True)
+    assert example.prompt == (1,) and example.completion == (2,)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes((record + '{"adapter": "a", "text": "caf\xe9 au lait"}\n').encode("latin-1"))
+    with pytest.raises(FormatError, match=r"latin1.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        load_examples(latin1, tokenizer=tiny_tokenizer())
+    with pytest.raises(FormatError, match="cannot read"):
+        load_examples(tmp_path)
+
+
+def test_example_token_ids_are_checked_and_stored_as_tuples():
+    # no prompt: arrays() masked all but the last completion token, silently
+    with pytest.raises(FormatError, match="row7: field 'prompt' has no tokens"):
+        Example("a", (), (5, 6, 7), "row7")
+    with pytest.raises(FormatError, match="'completion' has no tokens"):
+        Example("a", (1,), (), "row8")
+    with pytest.raises(FormatError, match="'completion' must be a sequence of token ids"):
+        Example("a", (1,), (2, -1), "row9")  # a negative id indexed the embedding from the end
+    with pytest.raises(FormatError, match="'prompt' must be a sequence of token ids"):
+        Example("a", (1.0, 2.0), (3,), "row10")
+    example = Example("a", [1, np.int64(2)], [3], "lists")  # lists did not concatenate
+    assert example.prompt == (1, 2) and example.completion == (3,)
+    inputs, targets, mask = example.arrays()
+    assert inputs.tolist() == [1, 2] and targets.tolist() == [2, 3] and mask.tolist() == [0, 1]
+
+
+def test_evaluate_refuses_wrong_argument_types(params):
+    weights = evaluation.HostAdapters(TINY, {})
+    example = Example("a", (1,), (2,), "x")
+    with pytest.raises(ConfigError, match="AdapterSource.*got dict"):  # was an AttributeError
+        evaluation.evaluate(TINY, params, [example], {"a": weights})
+    with pytest.raises(ConfigError, match="expected jaxlora.data.Example"):
+        evaluation.evaluate(TINY, params, [((1,), (2,))])
+    with pytest.raises(ConfigError, match="devices is empty"):
+        evaluation.evaluate(TINY, params, [Example(None, (1,), (2,), "x")], devices=[])

@@ -1,5 +1,6 @@
 """LoRA training: learning, multi-adapter batches, data parallelism, kill + resume, PEFT export."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from safetensors.numpy import load_file
 from configs.models import TINY
 from jaxlora import training
 from jaxlora.data import Example, make_example
-from jaxlora.errors import ConfigError
+from jaxlora.errors import ConfigError, FormatError
 from jaxlora.formats import load_peft_adapter, save_peft_adapter
 from jaxlora.lora import pack_adapters
 from jaxlora.model import Llama
@@ -280,11 +281,67 @@ def test_killed_training_resumes_to_the_same_parameters(tmp_path):
         ("target_modules", ("q_proj", "lm_head")),
         ("schedule", "exponential"),
         ("warmup_steps", 500),
+        # NaN passed `weight_decay < 0` and `alpha > 0`-style checks or hit a bare TypeError;
+        # inf passed and turned every parameter into NaN at the first update
+        ("weight_decay", float("nan")),
+        ("learning_rate", float("inf")),
+        ("learning_rate", "1e-3"),
+        ("max_grad_norm", "1"),
+        ("alpha", float("inf")),
+        ("seed", -1),
+        ("seed", 1.5),
+        ("warmup_steps", True),
+        ("use_rslora", "yes"),
     ],
 )
 def test_bad_train_config_is_refused(field, value):
     with pytest.raises(ConfigError, match=field):
         training.TrainConfig(**{field: value})
+
+
+def test_numpy_scalars_in_train_config_go_into_checkpoint_metadata():
+    train = training.TrainConfig(learning_rate=np.float32(1e-3), alpha=np.float32(16))
+    assert type(train.learning_rate) is float and type(train.alpha) is float
+    json.dumps(dataclasses.asdict(train))  # the checkpoint's metadata
+
+
+def test_bad_train_adapters_arguments_are_refused_before_training(params, tmp_path):
+    data = {"a": [Example("a", (1, 2), (3,), "x")]}
+    train = training.TrainConfig(steps=2)
+    with pytest.raises(ConfigError, match="checkpoint_every"):  # was a ZeroDivisionError
+        training.train_adapters(
+            TINY, params, data, train, checkpoint_dir=tmp_path, checkpoint_every=0
+        )
+    with pytest.raises(ConfigError, match="devices is empty"):
+        training.train_adapters(TINY, params, data, train, devices=[])
+    with pytest.raises(ConfigError, match="expected jaxlora.data.Example"):
+        training.train_adapters(TINY, params, {"a": [((1, 2), (3,))]}, train)
+
+
+@pytest.mark.parametrize(
+    "pair,message",
+    [(([1, 2], None), "'completion' must be"), (([1, 2], [3.7]), "'completion' must be")],
+)
+def test_train_adapter_refuses_bad_token_ids(params, pair, message):
+    # None was a bare TypeError; [3.7] was truncated to token 3 and trained on
+    with pytest.raises(FormatError, match=message):
+        training.train_adapter(TINY, params, [pair], steps=1)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(params, tmp_path):
+    broken = jax.tree.map(np.array, params)
+    broken["norm"]["scale"][0] = np.nan  # e.g. a base model that overflowed its dtype
+    data = {"a": [Example("a", (1, 2), (3, 4), "x")]}
+    train = training.TrainConfig(rank=2, steps=3, batch_size=1, target_modules=("q_proj",))
+    devices = jax.local_devices()[:1]
+    with pytest.raises(training.TrainingDivergedError, match="'a'.*step 1 of 3.*base model"):
+        training.train_adapters(TINY, broken, data, train, devices=devices)
+    # no checkpoint of NaN parameters is written (a restart would resume it)
+    with pytest.raises(training.TrainingDivergedError, match=r"\['a'\].*after step 1"):
+        training.train_adapters(
+            TINY, broken, data, train, devices=devices, checkpoint_dir=tmp_path, checkpoint_every=1
+        )
+    assert not [p for p in tmp_path.iterdir() if p.name.isdigit()]
 
 
 def test_overlong_example_is_refused_with_its_source(params):
