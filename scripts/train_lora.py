@@ -26,7 +26,9 @@ flags.DEFINE_string(
     "tiny",
     "model preset (random weights, --seed), HF checkpoint directory or orbax checkpoint",
 )
-flags.DEFINE_integer("seed", 0, "seed of a preset's random weights")
+flags.DEFINE_integer(
+    "seed", 0, "seed of the adapters' initialization (and of a preset's random weights)"
+)
 flags.DEFINE_string(
     "tokenizer", None, "tokenizer.json (or its directory), or 'tiny'; default: the model's own"
 )
@@ -92,7 +94,13 @@ def main(argv):
             max_grad_norm=FLAGS.max_grad_norm if FLAGS.max_grad_norm > 0 else None,
             batch_size=FLAGS.batch_size,
             max_seq_len=FLAGS.max_seq_len,
+            seed=FLAGS.seed,
         )
+        if FLAGS.num_devices is not None and FLAGS.num_devices < 1:
+            raise JaxloraError(
+                f"--num_devices: expected an int >= 1 (or unset: every local device), got "
+                f"{FLAGS.num_devices}"
+            )
         examples = load_examples(
             FLAGS.data,
             tokenizer=tokenizer,
@@ -136,7 +144,15 @@ def main(argv):
             print(f"resumed from step {result.start_step} ({FLAGS.checkpoint_dir})", flush=True)
         for name, weights in result.adapters.items():
             path = save_peft_adapter(
-                os.path.join(FLAGS.output_dir, name), weights, config, alpha=train.lora_alpha
+                os.path.join(FLAGS.output_dir, name),
+                weights,
+                config,
+                alpha=train.lora_alpha,
+                use_rslora=train.use_rslora,
+                # (a checkpoint directory is what PEFT loads the base from; a preset is none)
+                base_model_name_or_path=(
+                    os.path.abspath(FLAGS.model) if os.path.isdir(FLAGS.model) else None
+                ),
             )
             print(f"adapter {name!r} -> {path}")
     except JaxloraError as e:

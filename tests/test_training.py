@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -130,6 +131,28 @@ def test_peft_export_round_trip(signature_run, params, tmp_path):
         {"params": params}, tokens, lora=pack_adapters(TINY, [loaded]).with_tokens(slots)
     )
     np.testing.assert_allclose(np.asarray(reloaded), np.asarray(original), rtol=1e-5, atol=1e-5)
+    # Trained with rsLoRA: the config says so (alpha / sqrt(r)) and the weights still compute
+    # the same; the base model PEFT loads is the one named.
+    rs = save_peft_adapter(
+        tmp_path / "rs",
+        weights,
+        TINY,
+        alpha=train.lora_alpha,
+        use_rslora=True,
+        base_model_name_or_path="/models/tiny",
+    )
+    rs_config = json.loads((tmp_path / "rs" / "adapter_config.json").read_text())
+    assert rs_config["use_rslora"] is True and rs_config["lora_alpha"] == train.lora_alpha
+    assert rs_config["base_model_name_or_path"] == "/models/tiny"
+    rs_loaded = load_peft_adapter(rs, TINY, max_rank=8)
+    for m in train.target_modules:
+        np.testing.assert_allclose(
+            np.asarray(rs_loaded.b[m], np.float32) * rs_loaded.scales[m],
+            np.asarray(weights.b[m], np.float32) * weights.scales[m],
+            rtol=1e-5,
+            atol=1e-7,
+        )
+        assert rs_loaded.scales[m] == pytest.approx(train.lora_alpha / math.sqrt(8))
 
 
 def test_train_adapter_fast_path_on_token_ids(params):

@@ -812,12 +812,17 @@ def save_peft_adapter(
     config: ModelConfig,
     *,
     alpha: float | None = None,
+    use_rslora: bool = False,
+    base_model_name_or_path: str | None = None,
 ) -> str:
     """Writes a PEFT-loadable adapter directory; returns its path.
 
     alpha=None: each module's lora_alpha is scales[m] * r_m (alpha_pattern where modules differ).
     alpha given: lora_alpha = alpha for every module and each module's B is multiplied by
     scales[m] / (alpha / r_m), so the adapter computes exactly what `weights` computes.
+    use_rslora: the config says rsLoRA (scale alpha / sqrt(r), as an adapter trained with it
+    was), and sqrt(r_m) stands for r_m above. base_model_name_or_path: the base model PEFT's
+    ``AutoPeftModel`` loads (default: the config's name).
     For Phi-3 the modules are its fused ones (``_peft_view``: q, k, v as one LoRA on qkv_proj
     of the summed rank, B block-diagonal; gate, up on gate_up_proj).
     """
@@ -826,9 +831,12 @@ def save_peft_adapter(
         raise AdapterError(f"adapter {weights.name!r}: targets no module; nothing to save")
     directory = os.fspath(path)
     os.makedirs(directory, exist_ok=True)
+    if not isinstance(use_rslora, bool):
+        raise AdapterError(f"use_rslora: expected a bool, got {use_rslora!r}")
     modules, a, b, scales, ranks = _peft_view(weights, config)
     top_rank = max(ranks.values())
-    wanted_alpha = {m: scales[m] * ranks[m] for m in modules}
+    per_rank = math.sqrt if use_rslora else float  # (what PEFT divides lora_alpha by)
+    wanted_alpha = {m: scales[m] * per_rank(ranks[m]) for m in modules}
     if alpha is None:
         lora_alpha = wanted_alpha[next(m for m in modules if ranks[m] == top_rank)]
         alpha_pattern = {m: a for m, a in wanted_alpha.items() if a != lora_alpha}
@@ -849,13 +857,13 @@ def save_peft_adapter(
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": config.name,
+        "base_model_name_or_path": base_model_name_or_path or config.name,
         "r": top_rank,
         "lora_alpha": lora_alpha,
         "target_modules": modules,
         "rank_pattern": {m: r for m, r in ranks.items() if r != top_rank},
         "alpha_pattern": alpha_pattern,
-        "use_rslora": False,
+        "use_rslora": use_rslora,
         "use_dora": False,
         "bias": "none",
         "modules_to_save": None,
