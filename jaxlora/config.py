@@ -80,6 +80,49 @@ SLIDING_WINDOW_TYPES = ("mistral", "phi3")
 WINDOW_FROM_LAYER_TYPES = ("qwen2", "qwen3")
 
 
+# transformers' config classes' defaults of the fields this reader uses (the same in
+# transformers 4 and 5), by model_type: a config.json that leaves a field out gets the value
+# transformers gives it, not another family's. (Gemma 2 / 3 take their activation from
+# hidden_activation, gelu_pytorch_tanh where absent: from_hf_dict.)
+HF_FIELD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048},
+    "mistral": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 131072,
+        "num_key_value_heads": 8,
+        "sliding_window": 4096,
+    },
+    "qwen2": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "qwen3": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 32768,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+    },
+    "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
+    "gemma": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 8192,
+        "num_key_value_heads": 16,
+        "head_dim": 256,
+        "hidden_act": "gelu_pytorch_tanh",
+    },
+    "gemma2": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 8192,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+    },
+    "gemma3_text": {
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 131072,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "rope_theta": 1000000.0,
+    },
+}
+
+
 # HF rope_scaling types whose frequencies are fixed (not a function of the sequence length).
 ROPE_SCALING_TYPES = ("llama3", "linear", "yarn")
 
@@ -252,6 +295,10 @@ def _gemma_window_fields(cfg: dict[str, Any], source: str, model_type: str) -> d
     period = 2 if gemma2 else cfg.get("sliding_window_pattern", 6)
     if kinds is not None and "full_attention" in kinds and "sliding_attention" in kinds:
         period = list(kinds).index("full_attention") + 1
+    elif kinds is not None and kinds and set(kinds) == {"sliding_attention"}:
+        # Every layer sliding (transformers' default for fewer layers than the pattern's
+        # period, as save_pretrained writes it): a period no layer reaches.
+        period = len(kinds) + 1
     if not isinstance(period, int) or isinstance(period, bool) or period < 1:
         raise ConfigError(
             f"{source}: field 'sliding_window_pattern' is {period!r}; expected a positive int"
@@ -266,7 +313,8 @@ def _gemma_window_fields(cfg: dict[str, Any], source: str, model_type: str) -> d
     window = _sliding_window_field(cfg, source, 4096)
     all_full = kinds is not None and set(kinds) == {"full_attention"}
     fields = dict(
-        attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0 if gemma2 else None),
+        # (transformers' Gemma 3 keeps attn_logit_softcapping but never caps the scores)
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0) if gemma2 else None,
         final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0 if gemma2 else None),
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
         local_window=None if all_full else window,
@@ -570,6 +618,7 @@ class ModelConfig:
                 f"{source}: field 'model_type' is {model_type!r}; expected one of "
                 f"{sorted(HF_MODEL_TYPES)}"
             )
+        cfg = {**HF_FIELD_DEFAULTS[model_type], **cfg}
         for field in ("attention_bias", "mlp_bias"):
             # Qwen2's q/k/v biases are its architecture's, not this field's.
             if cfg.get(field):
@@ -606,7 +655,11 @@ class ModelConfig:
                 "'full_attention' for every layer (sliding-window layers are not supported)"
             )
         act_field, act = "hidden_act", cfg.get("hidden_act", "silu")
-        if model_type in GEMMA_TYPES:
+        if model_type in LAYERED_GEMMA_TYPES:
+            # transformers' Gemma 2 and 3 read hidden_activation only.
+            act_field, act = "hidden_activation", cfg.get("hidden_activation")
+            act = act if act is not None else "gelu_pytorch_tanh"
+        elif model_type in GEMMA_TYPES:
             # transformers 4 reads Gemma's hidden_activation and, where it is unset, uses the
             # tanh approximation the models were trained with whatever hidden_act says (the
             # first checkpoints say "gelu"); vLLM does the same.

@@ -55,11 +55,13 @@ GEMMA2 = dataclasses.replace(
 )
 # Gemma 3 (text): Gemma 2's layer with per-head q / k norms, its sliding layers (every layer
 # but each second here) with a RoPE base of their own and the full ones' scaled linearly; and,
-# though Gemma 3 sets none, Gemma 2's soft caps, so that one engine family runs them all.
+# though Gemma 3 sets none, Gemma 2's final soft cap (its attention cap transformers' Gemma 3
+# never applies, so a config.json of it would not say what the model computes).
 GEMMA3 = dataclasses.replace(
     GEMMA2,
     name="tiny-gemma3",
     model_type="gemma3_text",
+    attn_logit_softcapping=None,
     rope_theta=1e6,
     rope_scaling=RopeScaling(8.0, rope_type="linear"),
     local_rope_theta=1e4,

@@ -118,13 +118,17 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
                 f"{path}: field 'rope_parameters.sliding_attention' is {local!r}; expected "
                 "rope_type 'default' (the sliding layers' scaling is not supported)"
             )
-        if "rope_theta" in local and raw.get("rope_local_base_freq") is None:
+        if "rope_theta" in local:  # (transformers 5 prefers it to rope_local_base_freq)
             raw["rope_local_base_freq"] = local["rope_theta"]
         rope = rope.pop("full_attention", None) or {}
-    if isinstance(rope, dict):
+    if rope is not None and not isinstance(rope, dict):
+        raise ConfigError(f"{path}: field 'rope_parameters' is {rope!r}; expected an object")
+    if rope is not None and not raw.get("rope_scaling"):
+        # transformers 5 takes rope_theta and partial_rotary_factor from here before the
+        # top-level fields; a rope_scaling replaces this whole object (its rope_theta too).
         raw = dict(raw)
         for field in ("rope_theta", "partial_rotary_factor"):  # (Phi-3 keeps the factor here)
-            if field in rope and raw.get(field) is None:
+            if rope.get(field) is not None:
                 raw[field] = rope[field]
         scaling = {
             k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
@@ -132,8 +136,6 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type != "default" and not raw.get("rope_scaling"):
             raw["rope_scaling"] = scaling
-    elif rope is not None:
-        raise ConfigError(f"{path}: field 'rope_parameters' is {rope!r}; expected an object")
     return ModelConfig.from_hf_dict(raw, source=path)
 
 
