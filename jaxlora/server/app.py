@@ -484,9 +484,13 @@ class _Formatter:
         return out
 
 
-def _usage(prompt_lengths: list[int], requests: list[EngineRequest], reasoning=None) -> dict:
+def _usage(
+    prompt_lengths: list[int], requests: list[EngineRequest], reasoning=None, whole=False
+) -> dict:
     """OpenAI's usage block; ``reasoning`` (a chat's answers read by a reasoning parser: a
-    function of output ids) adds ``completion_tokens_details.reasoning_tokens``."""
+    function of output ids) adds ``completion_tokens_details.reasoning_tokens``. ``whole``:
+    a whole (not streamed) answer's, with vLLM's ``prompt_tokens_details`` (null: this server
+    counts no cached tokens per request)."""
     prompt = sum(prompt_lengths)
     completion = sum(len(r.output_ids) for r in requests)
     usage = {
@@ -494,10 +498,48 @@ def _usage(prompt_lengths: list[int], requests: list[EngineRequest], reasoning=N
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if whole:
+        usage["prompt_tokens_details"] = None
     if reasoning is not None:
         thought = sum(reasoning(r.output_ids) for r in requests)
         usage["completion_tokens_details"] = {"reasoning_tokens": thought}
     return usage
+
+
+# Top-level fields of a whole answer that vLLM's always has (null here, as in vLLM).
+_ANSWER_NULLS = {"service_tier": None, "system_fingerprint": None}
+
+
+# Prompt tokens decoded before an output's (tokenizer.IncrementalDecoder's left context).
+_DECODE_CONTEXT = 6
+
+
+def _stop_reason(request: EngineRequest, tokenizer, eos_ids) -> int | str | None:
+    """vLLM's ``stop_reason``: the stop token id (``stop_token_ids``) or the stop string that
+    ended the output; None where it ended otherwise (EOS, a finished structured output,
+    max_tokens)."""
+    if request.finish_reason is not FinishReason.STOP or not request.output_ids:
+        return None
+    sampling, last = request.sampling, request.output_ids[-1]
+    if len(request.output_ids) > sampling.min_tokens:  # (the engine's order: EOS first)
+        if not sampling.ignore_eos and last in eos_ids:
+            return None
+        if last in sampling.stop_token_ids:
+            return last
+    if not sampling.stop_strings or tokenizer is None:
+        return None
+    if sampling.include_stop_str_in_output:  # the text ends with it
+        found = [s for s in sampling.stop_strings if request.text.endswith(s)]
+    else:  # it follows the text: the output's whole text, after the prompt's last tokens as
+        # the engine's decoder reads it (two decodes, not one a token: no stall for long ones)
+        context, skip = list(request.prompt_ids[-_DECODE_CONTEXT:]), sampling.skip_special_tokens
+        shown = tokenizer.decode(context, skip_special_tokens=skip)
+        full = tokenizer.decode(context + request.output_ids, skip_special_tokens=skip)
+        found = [
+            s for s in sampling.stop_strings if full.startswith(s, len(shown) + len(request.text))
+        ]
+    # (at the same place, the longest one is the engine's)
+    return max(found, key=len) if found else None
 
 
 def _chat_echo(body: ChatCompletionRequest) -> str:
@@ -558,8 +600,8 @@ def chat_message(
 def _chunk_writer(body, http_id: str, created: int, kind: str, usage_so_far):
     """An SSE chunk of a streamed answer (``kind``: its object name) with given choices. With
     ``stream_options.include_usage`` every chunk has a ``usage``: the one given (the last
-    chunk's), ``usage_so_far()`` with ``continuous_usage_stats``, else null. ``fields``: more
-    top-level fields of this chunk."""
+    chunk's), ``usage_so_far(index)`` of its choice with ``continuous_usage_stats``, else null.
+    ``fields``: more top-level fields of this chunk."""
     include_usage, continuous_usage = _usage_options(body)
 
     def chunk(choices: list[dict], usage=None, **fields) -> str:
@@ -573,11 +615,26 @@ def _chunk_writer(body, http_id: str, created: int, kind: str, usage_so_far):
         }
         if include_usage:
             if usage is None and continuous_usage:
-                usage = usage_so_far()
+                usage = usage_so_far(choices[0]["index"])
             payload["usage"] = usage
         return _sse(payload)
 
     return chunk
+
+
+def _streamed_usage(prompt_length: int, request: EngineRequest, streamed: int, reasoning=None):
+    """A chunk's usage under vLLM's ``continuous_usage_stats``: its choice's prompt and the
+    ``streamed`` output tokens of it that the stream has sent so far (the engine may be
+    ahead)."""
+    usage = {
+        "prompt_tokens": prompt_length,
+        "completion_tokens": streamed,
+        "total_tokens": prompt_length + streamed,
+    }
+    if reasoning is not None:
+        thought = reasoning(request.output_ids[:streamed])
+        usage["completion_tokens_details"] = {"reasoning_tokens": thought}
+    return usage
 
 
 def _usage_options(body) -> tuple[bool, bool]:
@@ -1140,6 +1197,9 @@ def create_app(
         _, payload = describe(error)
         return _sse(payload)
 
+    def stop_reason(request: EngineRequest) -> int | str | None:
+        return _stop_reason(request, state.tokenizer, state.engine.eos_ids)
+
     # ------------------------------------------------------------------ completions
 
     @api.post("/completions", tags=["generation"])
@@ -1156,10 +1216,15 @@ def create_app(
         # echo with logprobs: the prompt's tokens get theirs too (as OpenAI's legacy API and
         # vLLM answer; lm-evaluation-harness scores choices this way).
         echoed_logprobs = body.logprobs if body.echo else None
+        # echo with max_tokens 0: the prompt alone, and its logprobs (OpenAI's legacy way of
+        # scoring a text, as vLLM answers it: one token is generated, and not returned).
+        echo_only = body.echo and body.max_tokens == 0
         defaults = dict(state.config.sampling_defaults)
         samplings = _samplings(
             body,
-            max_tokens_of(body, defaults.get("max_tokens", state.config.default_max_tokens)),
+            1
+            if echo_only
+            else max_tokens_of(body, defaults.get("max_tokens", state.config.default_max_tokens)),
             body.logprobs,
             body.n,
             state.config.max_stop_strings,
@@ -1197,6 +1262,8 @@ def create_app(
                 if body.logprobs is not None:
                     tokens, lps = r.output_ids, r.output_logprobs
                     tops = r.output_top_logprobs or [{}] * len(tokens)  # logprobs=0: none
+                    if echo_only:
+                        tokens, lps, tops = [], [], []
                     if body.echo:
                         tokens = r.prompt_ids + tokens
                         lps = r.prompt_logprobs + lps
@@ -1204,9 +1271,10 @@ def create_app(
                     logprobs, _ = fmt.completion_logprobs(tokens, lps, tops, 0)
                 choice = {
                     "index": i,
-                    "text": echo_text(i) + r.text,
+                    "text": echo_text(i) + ("" if echo_only else r.text),
                     "logprobs": logprobs,
                     "finish_reason": str(r.finish_reason),
+                    "stop_reason": stop_reason(r),
                 }
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = formatter.prompt_logprobs(r, body.prompt_logprobs)
@@ -1220,16 +1288,18 @@ def create_app(
                 "created": created,
                 "model": body.model,
                 "choices": choices,
-                "usage": _usage(prompt_lengths, group.requests),
+                "usage": _usage(prompt_lengths, group.requests, whole=True),
+                **_ANSWER_NULLS,
             }
 
         include_usage = _usage_options(body)[0]
+        streamed = [0] * len(group.requests)  # each choice's output tokens sent so far
         chunk = _chunk_writer(
             body,
             http_id,
             created,
             "text_completion",
-            lambda: _usage(prompt_lengths, group.requests),
+            lambda i: _streamed_usage(prompt_lengths[i // body.n], group.requests[i], streamed[i]),
         )
 
         async def chunks(events) -> AsyncIterator[str]:
@@ -1237,13 +1307,14 @@ def create_app(
             echoed, ids_sent = set(), set()
             async for index, delta in events:
                 delta: Delta
+                streamed[index] += len(delta.token_ids)
                 if delta.finish_reason is not None and delta.finish_reason not in (
                     FinishReason.STOP,
                     FinishReason.LENGTH,
                 ):
                     yield stream_error(_failure(state, group.requests[index]))
                     return
-                text = delta.text
+                text = "" if echo_only else delta.text
                 if body.echo and index not in echoed:
                     echoed.add(index)
                     text = echo_text(index) + text
@@ -1251,6 +1322,8 @@ def create_app(
                 if body.logprobs is not None and delta.token_ids:
                     tokens, lps = delta.token_ids, delta.logprobs
                     tops = delta.top_logprobs or [{}] * len(tokens)  # logprobs=0: none
+                    if echo_only:
+                        tokens, lps, tops = [], [], []
                     if body.echo and delta.prompt_logprobs is not None:  # the first delta
                         tokens = group.requests[index].prompt_ids + tokens
                         lps = delta.prompt_logprobs + lps
@@ -1259,6 +1332,7 @@ def create_app(
                         tokens, lps, tops, offsets[index]
                     )
                 finish = None if delta.finish_reason is None else str(delta.finish_reason)
+                r = group.requests[index]
                 # (a model without a tokenizer streams no text: its tokens are the news)
                 new_ids = bool(body.return_token_ids and delta.token_ids)
                 if text or logprobs or finish or new_ids:
@@ -1267,6 +1341,7 @@ def create_app(
                         "text": text,
                         "logprobs": logprobs,
                         "finish_reason": finish,
+                        "stop_reason": None if finish is None else stop_reason(r),
                     }
                     if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
                         # (with the first delta, once every prompt token's are recorded)
@@ -1391,7 +1466,8 @@ def create_app(
             elif text is None and message["content"] == "":
                 message["content"] = None  # (all reasoning, as vLLM answers)
             if run.parser_format is not None and body.include_reasoning:
-                message["reasoning_content"] = reasoning
+                # (vLLM's name, and its older one, which clients written for it still read)
+                message["reasoning"] = message["reasoning_content"] = reasoning
             answers.append((message, finish))
         return answers
 
@@ -1470,7 +1546,13 @@ def create_app(
                 lp = None
                 if body.logprobs:
                     lp = fmt.chat_logprobs(r.output_ids, r.output_logprobs, r.output_top_logprobs)
-                choice = {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
+                choice = {
+                    "index": i,
+                    "message": message,
+                    "logprobs": lp,
+                    "finish_reason": finish,
+                    "stop_reason": stop_reason(r),
+                }
                 if body.return_token_ids:
                     choice["token_ids"] = list(r.output_ids)
                 choices.append(choice)
@@ -1480,7 +1562,8 @@ def create_app(
                 "created": created,
                 "model": body.model,
                 "choices": choices,
-                "usage": _usage([len(prompt)], group.requests, run.reasoning_counter),
+                "usage": _usage([len(prompt)], group.requests, run.reasoning_counter, whole=True),
+                **_ANSWER_NULLS,
             }
             if body.return_token_ids:  # (vLLM's: one list, the choices share the prompt)
                 answer["prompt_token_ids"] = list(prompt)
@@ -1491,12 +1574,15 @@ def create_app(
             return answer
 
         include_usage = _usage_options(body)[0]
+        streamed = [0] * len(group.requests)  # each choice's output tokens read so far
         chunk = _chunk_writer(
             body,
             http_id,
             created,
             "chat.completion.chunk",
-            lambda: _usage([len(prompt)], group.requests, run.reasoning_counter),
+            lambda i: _streamed_usage(
+                len(prompt), group.requests[i], streamed[i], run.reasoning_counter
+            ),
         )
 
         # return_token_ids: each choice's output tokens go out with its next chunk (the finish
@@ -1510,6 +1596,8 @@ def create_app(
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
+            if finish_reason is not None:  # (vLLM's, with the finish only)
+                choice["stop_reason"] = stop_reason(group.requests[index])
             if body.return_token_ids:
                 choice["token_ids"], unsent_ids[index] = unsent_ids[index], []
             return chunk([choice], **fields)
@@ -1517,12 +1605,14 @@ def create_app(
         async def noting_token_ids(events):
             async for index, delta in events:
                 unsent_ids[index].extend(delta.token_ids)
+                streamed[index] += len(delta.token_ids)
                 yield index, delta
 
-        delta_key = {
-            "reasoning": "reasoning_content",
-            "content": "content",
-            "tool_calls": "tool_calls",
+        # (reasoning under vLLM's name, and its older one, as the whole message has it)
+        delta_keys = {
+            "reasoning": ("reasoning", "reasoning_content"),
+            "content": ("content",),
+            "tool_calls": ("tool_calls",),
         }
 
         async def chunks(events) -> AsyncIterator[str]:
@@ -1542,7 +1632,7 @@ def create_app(
                 if kind == "finish":
                     yield delta_chunk(index, {}, finish_reason=value)
                 else:
-                    yield delta_chunk(index, {delta_key[kind]: value}, lp)
+                    yield delta_chunk(index, dict.fromkeys(delta_keys[kind], value), lp)
             if include_usage:
                 yield chunk([], _usage([len(prompt)], group.requests, run.reasoning_counter))
 

@@ -60,7 +60,9 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = Field(False, description="Send a last chunk with the token usage.")
+    # (true unless given false, as vLLM's: stream_options {"continuous_usage_stats": true}
+    # alone streams the usage)
+    include_usage: bool = Field(True, description="Send a last chunk with the token usage.")
     continuous_usage_stats: bool = Field(
         False,
         description="With include_usage: every chunk also carries the usage so far (vLLM's).",
