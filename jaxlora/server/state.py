@@ -472,26 +472,27 @@ class ServingState:
         more tokens than its minute. A 429 would be retried for ever."""
         if caller is None:
             return
-        cap = caller.max_in_flight
-        if cap is not None and len(costs) > cap:
-            raise with_param(
-                RequestError(
-                    f"n: the request asks for {len(costs)} generations (its prompts times n), "
-                    f"more than API key {caller.name!r} may have in flight at once "
-                    f"({cap}, max_in_flight); ask for fewer"
-                ),
+        limits = (
+            (
+                caller.max_in_flight,
+                len(costs),
                 "n",
-            )
-        budget = caller.max_tokens_per_minute
-        if budget is not None and sum(costs) > budget:
-            raise with_param(
-                RequestError(
-                    f"max_tokens: the request's generations (its prompts times n) come to "
-                    f"{sum(costs)} tokens of prompt and max_tokens, more than API key "
-                    f"{caller.name!r} may use in a minute ({budget}); ask for fewer"
-                ),
+                f"the request asks for {len(costs)} generations (its prompts times n), more "
+                f"than API key {caller.name!r} may have in flight at once "
+                f"({caller.max_in_flight}, max_in_flight)",
+            ),
+            (
+                caller.max_tokens_per_minute,
+                sum(costs),
                 "max_tokens",
-            )
+                f"the request's generations (its prompts times n) come to {sum(costs)} tokens "
+                f"of prompt and max_tokens, more than API key {caller.name!r} may use in a "
+                f"minute ({caller.max_tokens_per_minute})",
+            ),
+        )
+        for limit, amount, field, what in limits:
+            if limit is not None and amount > limit:
+                raise with_param(RequestError(f"{field}: {what}; ask for fewer"), field)
 
     def _check_in_flight(self, caller: ApiKey | None) -> None:
         if caller is not None and caller.max_in_flight is not None:
