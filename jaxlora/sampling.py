@@ -644,17 +644,26 @@ def truncate_at_stop(
     False); ``include_stop``: the text up to the end of that stop string (of the longest one
     found there). Incremental callers pass search_from = len(previous text) - longest stop + 1
     so that only text that could contain a new match is searched."""
+    at, stop = find_stop(text, stop_strings, search_from=search_from)
+    if stop is None:
+        return text, False
+    return text[: at + len(stop) if include_stop else at], True
+
+
+def find_stop(
+    text: str, stop_strings: Sequence[str], *, search_from: int = 0
+) -> tuple[int, str | None]:
+    """(where, which): the earliest stop string found at or after search_from, the longest
+    one where several start there; (-1, None) where none is found."""
     start = max(0, search_from)
-    earliest, end = -1, -1
+    earliest, found_stop = -1, None
     for stop in stop_strings:
         found = text.find(stop, start)
         if found >= 0 and (
-            earliest < 0 or found < earliest or (found == earliest and found + len(stop) > end)
+            earliest < 0 or found < earliest or (found == earliest and len(stop) > len(found_stop))
         ):
-            earliest, end = found, found + len(stop)
-    if earliest < 0:
-        return text, False
-    return text[: end if include_stop else earliest], True
+            earliest, found_stop = found, stop
+    return earliest, found_stop
 
 
 class StopStringDetector:
@@ -662,8 +671,8 @@ class StopStringDetector:
 
     ``push(delta)`` takes newly decoded text and returns (text safe to stream now, stopped).
     Once stopped, the streamed text ends right before the stop string (``include_stop``: right
-    after it) and the detector takes nothing more. ``flush()`` returns the text held back when
-    generation ends without a stop.
+    after it), ``matched`` is that stop string, and the detector takes nothing more.
+    ``flush()`` returns the text held back when generation ends without a stop.
     """
 
     def __init__(self, stop_strings: Sequence[str], *, include_stop: bool = False):
@@ -672,7 +681,11 @@ class StopStringDetector:
         self._longest = max((len(s) for s in self.stop_strings), default=0)
         self._text = ""
         self._emitted = 0
-        self.stopped = False
+        self.matched: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched is not None
 
     @property
     def text(self) -> str:
@@ -687,12 +700,9 @@ class StopStringDetector:
         search_from = len(self._text) - self._longest + 1
         self._text += delta
         if detect:
-            self._text, self.stopped = truncate_at_stop(
-                self._text,
-                self.stop_strings,
-                search_from=search_from,
-                include_stop=self.include_stop,
-            )
+            at, self.matched = find_stop(self._text, self.stop_strings, search_from=search_from)
+            if self.matched is not None:
+                self._text = self._text[: at + len(self.matched) if self.include_stop else at]
         end = len(self._text) if self.stopped else len(self._text) - self._partial_stop_suffix()
         end = max(end, self._emitted)
         out = self._text[self._emitted : end]

@@ -430,6 +430,7 @@ def test_stop_detector_on_streamed_text(pieces):
         if stopped:
             break
     assert stopped and "".join(streamed) == "Hello world" == detector.text
+    assert detector.matched == "<end>"  # (the engine's Request.stop_reason)
     assert detector.push("again") == ("", True)
 
 
@@ -439,7 +440,7 @@ def test_stop_detector_holds_back_then_flushes():
     assert detector.push("ORY") == ("STORY", False)
     assert detector.push(" S") == (" ", False)
     assert detector.flush() == "S"
-    assert detector.text == "the STORY S"
+    assert detector.text == "the STORY S" and detector.matched is None
     assert StopStringDetector([]).push("anything") == ("anything", False)
 
 

@@ -1520,13 +1520,13 @@ class Engine:
         self.stats.tokens_per_adapter[request.adapter or ""] += 1
         self._service[request.tenant] += self._fair_cost(request.tenant, FAIR_OUTPUT_WEIGHT)
         sp = request.sampling
-        finish = None
+        finish, stop_reason = None, None
         # min_tokens: the sampler banned EOS and the stop tokens, and no stop string counts yet.
         may_stop = len(request.output_ids) > sp.min_tokens
         if may_stop and not sp.ignore_eos and token in self.eos_ids:
             finish = FinishReason.STOP
         elif may_stop and token in sp.stop_token_ids:
-            finish = FinishReason.STOP
+            finish, stop_reason = FinishReason.STOP, token
         grammar, grammar_done = request._grammar, False
         if grammar is not None:
             if not grammar.advance(token):
@@ -1548,7 +1548,7 @@ class Engine:
         if detector is not None and finish is None:
             text, stopped = detector.push(text, detect=may_stop)
             if stopped:
-                finish = FinishReason.STOP
+                finish, stop_reason = FinishReason.STOP, detector.matched
         if finish is None and grammar_done:
             finish = FinishReason.STOP
         if finish is None and (
@@ -1564,6 +1564,7 @@ class Engine:
             if detector is not None:
                 text += detector.flush()
         request.text += text
+        request.stop_reason = stop_reason
         first = len(request.output_ids) == 1
         request.push(
             Delta(

@@ -76,6 +76,9 @@ class Request:
     inflight_src: int = -1
     epoch: int = 0  # bumped on preemption: results of steps dispatched before are dropped
     finish_reason: FinishReason | None = None
+    # vLLM's: the stop token id (stop_token_ids) or stop string that ended the output; None
+    # where it ended otherwise (EOS, a finished structured output, max_tokens, an error)
+    stop_reason: int | str | None = None
     error: str | None = None
     adapter_handle: object | None = None
     preemptions: int = 0

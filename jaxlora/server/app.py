@@ -510,38 +510,6 @@ def _usage(
 _ANSWER_NULLS = {"service_tier": None, "system_fingerprint": None}
 
 
-# Prompt tokens decoded before an output's (tokenizer.IncrementalDecoder's left context).
-_DECODE_CONTEXT = 6
-
-
-def _stop_reason(request: EngineRequest, tokenizer, eos_ids) -> int | str | None:
-    """vLLM's ``stop_reason``: the stop token id (``stop_token_ids``) or the stop string that
-    ended the output; None where it ended otherwise (EOS, a finished structured output,
-    max_tokens)."""
-    if request.finish_reason is not FinishReason.STOP or not request.output_ids:
-        return None
-    sampling, last = request.sampling, request.output_ids[-1]
-    if len(request.output_ids) > sampling.min_tokens:  # (the engine's order: EOS first)
-        if not sampling.ignore_eos and last in eos_ids:
-            return None
-        if last in sampling.stop_token_ids:
-            return last
-    if not sampling.stop_strings or tokenizer is None:
-        return None
-    if sampling.include_stop_str_in_output:  # the text ends with it
-        found = [s for s in sampling.stop_strings if request.text.endswith(s)]
-    else:  # it follows the text: the output's whole text, after the prompt's last tokens as
-        # the engine's decoder reads it (two decodes, not one a token: no stall for long ones)
-        context, skip = list(request.prompt_ids[-_DECODE_CONTEXT:]), sampling.skip_special_tokens
-        shown = tokenizer.decode(context, skip_special_tokens=skip)
-        full = tokenizer.decode(context + request.output_ids, skip_special_tokens=skip)
-        found = [
-            s for s in sampling.stop_strings if full.startswith(s, len(shown) + len(request.text))
-        ]
-    # (at the same place, the longest one is the engine's)
-    return max(found, key=len) if found else None
-
-
 def _chat_echo(body: ChatCompletionRequest) -> str:
     """The text a chat answer starts with under vLLM's ``echo``: the last message's, when it is
     the assistant's (the message the answer continues or follows), else none."""
@@ -1197,9 +1165,6 @@ def create_app(
         _, payload = describe(error)
         return _sse(payload)
 
-    def stop_reason(request: EngineRequest) -> int | str | None:
-        return _stop_reason(request, state.tokenizer, state.engine.eos_ids)
-
     # ------------------------------------------------------------------ completions
 
     @api.post("/completions", tags=["generation"])
@@ -1274,7 +1239,7 @@ def create_app(
                     "text": echo_text(i) + ("" if echo_only else r.text),
                     "logprobs": logprobs,
                     "finish_reason": str(r.finish_reason),
-                    "stop_reason": stop_reason(r),
+                    "stop_reason": r.stop_reason,
                 }
                 if body.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = formatter.prompt_logprobs(r, body.prompt_logprobs)
@@ -1341,7 +1306,7 @@ def create_app(
                         "text": text,
                         "logprobs": logprobs,
                         "finish_reason": finish,
-                        "stop_reason": None if finish is None else stop_reason(r),
+                        "stop_reason": None if finish is None else r.stop_reason,
                     }
                     if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
                         # (with the first delta, once every prompt token's are recorded)
@@ -1551,7 +1516,7 @@ def create_app(
                     "message": message,
                     "logprobs": lp,
                     "finish_reason": finish,
-                    "stop_reason": stop_reason(r),
+                    "stop_reason": r.stop_reason,
                 }
                 if body.return_token_ids:
                     choice["token_ids"] = list(r.output_ids)
@@ -1597,7 +1562,7 @@ def create_app(
                 "finish_reason": finish_reason,
             }
             if finish_reason is not None:  # (vLLM's, with the finish only)
-                choice["stop_reason"] = stop_reason(group.requests[index])
+                choice["stop_reason"] = group.requests[index].stop_reason
             if body.return_token_ids:
                 choice["token_ids"], unsent_ids[index] = unsent_ids[index], []
             return chunk([choice], **fields)
