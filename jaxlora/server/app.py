@@ -485,14 +485,23 @@ class _Formatter:
 
 
 def _usage(
-    prompt_lengths: list[int], requests: list[EngineRequest], reasoning=None, whole=False
+    prompt_lengths: list[int],
+    requests: list[EngineRequest],
+    reasoning=None,
+    whole=False,
+    sent: list[int] | None = None,
 ) -> dict:
     """OpenAI's usage block; ``reasoning`` (a chat's answers read by a reasoning parser: a
     function of output ids) adds ``completion_tokens_details.reasoning_tokens``. ``whole``:
     a whole (not streamed) answer's, with vLLM's ``prompt_tokens_details`` (null: this server
-    counts no cached tokens per request)."""
+    counts no cached tokens per request). ``sent``: each request's output tokens a stream has
+    sent so far, counted instead of all of them (vLLM's ``continuous_usage_stats``: the engine
+    may be ahead of the stream)."""
+    outputs = [r.output_ids for r in requests]
+    if sent is not None:
+        outputs = [ids[:n] for ids, n in zip(outputs, sent, strict=True)]
     prompt = sum(prompt_lengths)
-    completion = sum(len(r.output_ids) for r in requests)
+    completion = sum(map(len, outputs))
     usage = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -501,7 +510,7 @@ def _usage(
     if whole:
         usage["prompt_tokens_details"] = None
     if reasoning is not None:
-        thought = sum(reasoning(r.output_ids) for r in requests)
+        thought = sum(reasoning(ids) for ids in outputs)
         usage["completion_tokens_details"] = {"reasoning_tokens": thought}
     return usage
 
@@ -588,21 +597,6 @@ def _chunk_writer(body, http_id: str, created: int, kind: str, usage_so_far):
         return _sse(payload)
 
     return chunk
-
-
-def _streamed_usage(prompt_length: int, request: EngineRequest, streamed: int, reasoning=None):
-    """A chunk's usage under vLLM's ``continuous_usage_stats``: its choice's prompt and the
-    ``streamed`` output tokens of it that the stream has sent so far (the engine may be
-    ahead)."""
-    usage = {
-        "prompt_tokens": prompt_length,
-        "completion_tokens": streamed,
-        "total_tokens": prompt_length + streamed,
-    }
-    if reasoning is not None:
-        thought = reasoning(request.output_ids[:streamed])
-        usage["completion_tokens_details"] = {"reasoning_tokens": thought}
-    return usage
 
 
 def _usage_options(body) -> tuple[bool, bool]:
@@ -1264,7 +1258,9 @@ def create_app(
             http_id,
             created,
             "text_completion",
-            lambda i: _streamed_usage(prompt_lengths[i // body.n], group.requests[i], streamed[i]),
+            lambda i: _usage(
+                [prompt_lengths[i // body.n]], [group.requests[i]], sent=[streamed[i]]
+            ),
         )
 
         async def chunks(events) -> AsyncIterator[str]:
@@ -1545,8 +1541,8 @@ def create_app(
             http_id,
             created,
             "chat.completion.chunk",
-            lambda i: _streamed_usage(
-                len(prompt), group.requests[i], streamed[i], run.reasoning_counter
+            lambda i: _usage(
+                [len(prompt)], [group.requests[i]], run.reasoning_counter, sent=[streamed[i]]
             ),
         )
 
