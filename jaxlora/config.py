@@ -8,7 +8,23 @@ import math
 import os
 from typing import Any
 
+import numpy as np
+
 from jaxlora.errors import ConfigError
+
+
+def is_int(value) -> bool:
+    """An int (a numpy integer too), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A finite int or float (numpy's too), not a bool."""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def require_positive_ints(obj, fields: tuple[str, ...], what: str) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlora.config import LoraPoolConfig, ModelConfig
+from jaxlora.config import LoraPoolConfig, ModelConfig, is_int
 from jaxlora.engine import Engine, EngineConfig, Request
 from jaxlora.errors import ConfigError, RequestError
 from jaxlora.formats.hub_cache import is_repo_id, not_cached, resolve_local
@@ -43,10 +43,6 @@ class Completion:
     top_logprobs: list[dict[int, float]] | None = None
 
 
-def _is_token_id(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _prompt_list(prompts) -> list:
     """generate's prompts as a list, as vLLM reads them: one prompt (text, token ids or a
     ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}`` dict) or a sequence of them."""
@@ -61,7 +57,7 @@ def _prompt_list(prompts) -> list:
             f"got {type(prompts).__name__}"
         )
     prompts = list(prompts)
-    if prompts and all(_is_token_id(t) for t in prompts):
+    if prompts and all(is_int(t) for t in prompts):
         return [prompts]  # one prompt's token ids
     return prompts
 

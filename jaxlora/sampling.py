@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 
 import flax.struct
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.config import is_finite_number, is_int
 from jaxlora.errors import RequestError
 from jaxlora.structured_output import ReasoningTokens, StructuredOutput
 
@@ -115,20 +115,13 @@ class SamplingParams:
                 f"sampling parameter {field!r}: expected {expected}, got {getattr(self, field)!r}"
             )
 
-        def is_int(value):
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-        def is_number(value):
-            return (
-                isinstance(value, (int, float, np.integer, np.floating))
-                and not isinstance(value, bool)
-                and math.isfinite(value)
-            )
-
         # (the step divides float32 logits by it: past float32's largest it would be infinity)
-        if not is_number(self.temperature) or not 0 <= self.temperature <= np.finfo(np.float32).max:
+        if (
+            not is_finite_number(self.temperature)
+            or not 0 <= self.temperature <= np.finfo(np.float32).max
+        ):
             fail("temperature", "a finite number >= 0 (at most float32's 3.4e38)")
-        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_finite_number(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "a number in (0, 1]")
         if not is_int(self.top_k) or self.top_k < -1:
             fail("top_k", "an int >= 0 (0 or -1 = off)")
@@ -194,22 +187,22 @@ class SamplingParams:
         )
         object.__setattr__(self, "top_p", float(self.top_p))
         for field in ("presence_penalty", "frequency_penalty"):
-            if not is_number(getattr(self, field)) or not -2 <= getattr(self, field) <= 2:
+            if not is_finite_number(getattr(self, field)) or not -2 <= getattr(self, field) <= 2:
                 fail(field, "a number in [-2, 2]")
             object.__setattr__(self, field, float(getattr(self, field)))
         if (
-            not is_number(self.repetition_penalty)
+            not is_finite_number(self.repetition_penalty)
             or not 0 < self.repetition_penalty <= np.finfo(np.float32).max
         ):
             fail("repetition_penalty", "a finite number > 0 (1 = off)")
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
-        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
+        if not is_finite_number(self.min_p) or not 0 <= self.min_p <= 1:
             fail("min_p", "a number in [0, 1] (0 = off)")
         object.__setattr__(self, "min_p", float(self.min_p))
         if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             fail("min_tokens", f"an int in 0..max_tokens ({self.max_tokens})")
         object.__setattr__(self, "min_tokens", int(self.min_tokens))
-        object.__setattr__(self, "logit_bias", self._checked_logit_bias(fail, is_int, is_number))
+        object.__setattr__(self, "logit_bias", self._checked_logit_bias(fail))
         if self.structured_output is not None and not isinstance(
             self.structured_output, StructuredOutput
         ):
@@ -231,7 +224,7 @@ class SamplingParams:
             ),
         )
 
-    def _checked_logit_bias(self, fail, is_int, is_number) -> tuple[tuple[int, float], ...]:
+    def _checked_logit_bias(self, fail) -> tuple[tuple[int, float], ...]:
         bias = self.logit_bias
         expected = (
             f"a mapping of token ids >= 0 to finite biases (clamped to [-100, 100]), at most "
@@ -246,7 +239,7 @@ class SamplingParams:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 fail("logit_bias", expected)
             token, value = pair
-            if not is_int(token) or token < 0 or not is_number(value):
+            if not is_int(token) or token < 0 or not is_finite_number(value):
                 fail("logit_bias", expected)
             if int(token) in pairs:
                 fail("logit_bias", f"{expected}, each token once (token {token} twice)")

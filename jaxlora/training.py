@@ -21,7 +21,6 @@ import functools
 import hashlib
 import json
 import math
-import numbers
 import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlora.config import ModelConfig, require_positive_ints
+from jaxlora.config import ModelConfig, is_finite_number, require_positive_ints
 from jaxlora.data import Example, Tokenizer, bucket_length, make_example, pad_rows
 from jaxlora.errors import ConfigError, JaxloraError
 from jaxlora.lora import LoraInputs, LoraWeights
@@ -45,15 +44,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 
 def _is_int(value) -> bool:
+    # (a plain int, unlike config.is_int: these go into the checkpoint's JSON metadata)
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite_real(value) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool | np.bool_)
-        and math.isfinite(value)
-    )
 
 
 class TrainingDivergedError(JaxloraError):
@@ -111,7 +103,7 @@ class TrainConfig:
             value = getattr(self, field)
             if optional and value is None:
                 continue
-            if not (_is_finite_real(value) and (value >= 0 if bound == ">= 0" else value > 0)):
+            if not (is_finite_number(value) and (value >= 0 if bound == ">= 0" else value > 0)):
                 raise ConfigError(
                     f"train config field {field!r}: expected a finite number {bound}"
                     + (" or None" if optional else "")

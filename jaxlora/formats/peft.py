@@ -24,7 +24,7 @@ import re
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxlora.config import ModelConfig
+from jaxlora.config import ModelConfig, is_finite_number
 from jaxlora.errors import AdapterError, FormatError
 from jaxlora.formats import _safetensors
 from jaxlora.formats._safetensors import FLOAT_DTYPES
@@ -341,10 +341,6 @@ def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _is_finite_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_config(cfg: dict, config_file: str) -> dict:
     """Validates field types and refuses unsupported features; returns a normalised copy."""
     peft_type = cfg.get("peft_type")
@@ -381,7 +377,7 @@ def _check_config(cfg: dict, config_file: str) -> dict:
     if not _is_positive_int(r):
         raise FormatError(f"{config_file}: field 'r' is {r!r}; expected a positive int")
     alpha = cfg.get("lora_alpha", 8)
-    if not _is_finite_number(alpha):
+    if not is_finite_number(alpha):
         raise FormatError(
             f"{config_file}: field 'lora_alpha' is {alpha!r}; expected a finite number"
         )
@@ -390,7 +386,7 @@ def _check_config(cfg: dict, config_file: str) -> dict:
         raise FormatError(f"{config_file}: field 'use_rslora' is {use_rslora!r}; expected a bool")
     for field, valid, expected in (
         ("rank_pattern", _is_positive_int, "a positive int"),
-        ("alpha_pattern", _is_finite_number, "a finite number"),
+        ("alpha_pattern", is_finite_number, "a finite number"),
     ):
         patterns = cfg.get(field) or {}
         if not isinstance(patterns, dict):
