@@ -24,6 +24,7 @@ from jaxlora.config import ModelConfig
 from jaxlora.formats import load_hf_checkpoint
 from jaxlora.formats.hf import read_hf_config
 from jaxlora.model import Llama
+from tests.test_peft_interop import needs_peft, peft_python
 
 _TINY = {
     "vocab_size": 12,
@@ -393,13 +394,10 @@ def test_gemma2_every_layer_sliding_reads_back():
 
 
 @pytest.mark.peft
+@needs_peft
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_literals_are_transformers_logits(tmp_path, name):
-    from tests.test_peft_interop import peft_python
-
     python = peft_python()
-    if python is None:
-        pytest.skip("no interpreter with torch + transformers (set JAXLORA_PEFT_PYTHON)")
     directory = write_checkpoint(tmp_path / name, name)
     script = (
         "import json, sys, torch, transformers\n"
