@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxlora.config import ModelConfig
+from jaxlora.config import HF_MODEL_TYPES, ModelConfig, is_finite_number, is_int
 from jaxlora.errors import ConfigError, FormatError
 from jaxlora.formats import _safetensors
 from jaxlora.formats._safetensors import FLOAT_DTYPES
@@ -38,7 +38,9 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Finite: an infinite default (JSON's Infinity) was taken, then refused by every request
+    # that left the field out, with an error that did not name generation_config.json.
+    return is_finite_number(value)
 
 
 # generation_config.json field -> (the sampling default it sets, its check, what it expects).
@@ -99,7 +101,7 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     if os.path.isdir(path):
         path = os.path.join(path, CONFIG_NAME)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: file not found (expected a HF config.json)") from e
@@ -107,12 +109,28 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
+    _check_field_types(raw, path)
+    quantization = raw.get("quantization_config")
+    if quantization:
+        # Its weights are packed integers or FP8 with scales (q_proj.qweight, weight_scale):
+        # without this, the first refusal would be a "missing tensor q_proj.weight".
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ConfigError(
+            f"{path}: field 'quantization_config' is set (quant_method {method!r}): quantized "
+            "checkpoints are not supported; expected an unquantized checkpoint (float32, "
+            "float16 or bfloat16 weights)"
+        )
     rope = raw.get("rope_parameters")
     if isinstance(rope, dict) and {"full_attention", "sliding_attention"} & set(rope):
         # Gemma 3's: one set a layer type. The full layers' is the model's RoPE (scaled or
         # not); the sliding layers' may only set their own base.
         raw, rope = dict(raw), dict(rope)
         local = rope.pop("sliding_attention", None) or {}
+        if not isinstance(local, dict):
+            raise ConfigError(
+                f"{path}: field 'rope_parameters.sliding_attention' is {local!r}; expected an "
+                "object"
+            )
         if local.get("rope_type", "default") != "default":
             raise ConfigError(
                 f"{path}: field 'rope_parameters.sliding_attention' is {local!r}; expected "
@@ -136,7 +154,90 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type != "default" and not raw.get("rope_scaling"):
             raw["rope_scaling"] = scaling
-    return ModelConfig.from_hf_dict(raw, source=path)
+    try:
+        return ModelConfig.from_hf_dict(raw, source=path)
+    except ConfigError as e:
+        if str(e).startswith(path):
+            raise
+        # ModelConfig's own checks name the field, not the file it came from.
+        raise ConfigError(f"{path}: {e}") from e
+    except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as e:
+        # A field of a type that neither _check_field_types nor from_hf_dict checks: still
+        # the file's fault, and said so, rather than a traceback from inside the reader.
+        raise ConfigError(
+            f"{path}: a field has a type or value that cannot be read ({type(e).__name__}: "
+            f"{e}); expected a transformers config.json of {sorted(HF_MODEL_TYPES)}"
+        ) from e
+
+
+def _is_positive_int(value) -> bool:
+    return is_int(value) and value > 0
+
+
+def _is_positive_number(value) -> bool:
+    return is_finite_number(value) and value > 0
+
+
+# RoPE's numbers, where transformers 4 (top level, rope_scaling) and 5 (rope_parameters; Gemma
+# 3's per layer type) keep them: a base <= 0 or NaN makes NaN frequencies, a llama3 factor that
+# is a string a TypeError when the model is built.
+_ROPE_NUMBER_FIELDS = {
+    f"{prefix}{field}": (_is_positive_number, "a finite number > 0")
+    for prefix in (
+        "rope_scaling.",
+        "rope_parameters.",
+        "rope_parameters.full_attention.",
+        "rope_parameters.sliding_attention.",
+    )
+    for field in ("rope_theta", "low_freq_factor", "high_freq_factor")
+}
+
+# config.json fields (dotted: inside an object) that ModelConfig.from_hf_dict computes with
+# before it checks them, or does not check: (check, what it expects). A wrong type there was a
+# bare TypeError / ZeroDivisionError from inside the reader (hidden_size // "4"), or a model that
+# loads and computes NaN (rope_theta 0, rms_norm_eps < 0). Checked where present.
+HF_CONFIG_FIELD_CHECKS = {
+    "model_type": (lambda v: isinstance(v, str), f"one of {sorted(HF_MODEL_TYPES)}"),
+    **dict.fromkeys(
+        (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ),
+        (_is_positive_int, "a positive int"),
+    ),
+    **dict.fromkeys(
+        ("num_key_value_heads", "head_dim"),
+        (lambda v: v is None or _is_positive_int(v), "a positive int or null"),
+    ),
+    **dict.fromkeys(
+        ("hidden_act", "hidden_activation"),
+        (lambda v: v is None or isinstance(v, str), "a string or null"),
+    ),
+    "layer_types": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+        "a list of strings or null",
+    ),
+    "rms_norm_eps": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
+    "rope_theta": (_is_positive_number, "a finite number > 0"),
+    "rope_local_base_freq": (_is_positive_number, "a finite number > 0"),
+    **_ROPE_NUMBER_FIELDS,
+}
+
+
+def _check_field_types(raw: dict, path: str) -> None:
+    """ConfigError naming the file and the field for the first field of HF_CONFIG_FIELD_CHECKS
+    that raw holds with a wrong type or value."""
+    for field, (valid, expected) in HF_CONFIG_FIELD_CHECKS.items():
+        *parents, name = field.split(".")
+        node = raw
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node and not valid(node[name]):
+            raise ConfigError(f"{path}: field {field!r} is {node[name]!r}; expected {expected}")
 
 
 def param_shapes(config: ModelConfig) -> dict:
@@ -296,9 +397,9 @@ def _weight_files(directory: str) -> tuple[dict[str, str], dict, str]:
         return dict.fromkeys(tensors, single), {single: tensors}, single
     if os.path.isfile(index):
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise FormatError(
                 f"{index}: not a valid safetensors index (expected JSON with a "
                 f"'weight_map' object): {e}"
@@ -313,7 +414,26 @@ def _weight_files(directory: str) -> tuple[dict[str, str], dict, str]:
                     "name in the checkpoint directory"
                 )
             files[name] = os.path.join(directory, shard)
-        headers = {path: _safetensors.read_header(path)[0] for path in set(files.values())}
+        for path in sorted(set(files.values())):
+            if not os.path.isfile(path):
+                listed = [name for name, file in files.items() if file == path]
+                raise FormatError(
+                    f"{index}: weight_map names shard {os.path.basename(path)!r} (for "
+                    f"{len(listed)} tensors, e.g. {listed[0]!r}), but {path} is not found; "
+                    "expected every shard the index names in the checkpoint directory"
+                )
+        headers = {path: _safetensors.read_header(path)[0] for path in sorted(set(files.values()))}
+        holder: dict[str, str] = {}
+        for path, tensors in headers.items():
+            for name in tensors:
+                if name in holder:
+                    # transformers and vLLM read every shard whole: which copy they would serve
+                    # depends on the order they read the shards in.
+                    raise FormatError(
+                        f"{index}: tensor {name!r} is in two shards, {holder[name]} and {path}; "
+                        "expected each tensor in one shard"
+                    )
+                holder[name] = path
         for name, path in files.items():
             if name not in headers[path]:
                 raise FormatError(
@@ -333,7 +453,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
     """Reads a HF Llama checkpoint directory into (config, params) with numpy leaves of dtype.
 
     Every tensor's presence, dtype and shape is checked from the safetensors headers before any
-    weight is read.
+    weight is read; every weight must be finite once converted to dtype (as an adapter's must:
+    NaN in the file, or a value the cast overflows, is a FormatError naming the tensor).
     """
     directory = os.fspath(path)
     if os.path.isfile(directory):
@@ -389,10 +510,12 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=np.float32) -> tuple[Mo
                 part = value if columns is None else value[:, lo : lo + columns]
                 lo += columns or 0
                 target = _leaf(params, tensor_path)
-                if layer is None:
-                    target[...] = part
-                else:
-                    target[layer] = part
+                destination = target if layer is None else target[layer]
+                with np.errstate(over="ignore"):  # (an overflow is refused just below)
+                    destination[...] = part
+                # As an adapter's: NaN or inf in the file, or a weight the cast to dtype made
+                # infinite, would be served as NaN logits wherever it is read.
+                _safetensors.check_finite(file, name, part, destination)
     if "lm_head.weight" in tolerated and "lm_head.weight" in files:
         _check_tied_head(files["lm_head.weight"], params["embed_tokens"]["embedding"])
     return config, params

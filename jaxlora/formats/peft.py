@@ -261,10 +261,16 @@ def _matched_modules(
     )
 
 
+def _pattern_regex(pattern: str) -> str:
+    """The regex PEFT's get_pattern_key matches a rank_pattern / alpha_pattern key with: the
+    key at the end of the module name."""
+    return rf"(.*\.)?({pattern})$"
+
+
 def _pattern_key(patterns: dict, key: str) -> str | None:
     """PEFT's get_pattern_key: the first pattern that matches the end of the module name."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if re.match(_pattern_regex(pattern), key):
             return pattern
     return None
 
@@ -328,7 +334,7 @@ def _adapter_paths(path: str) -> tuple[str, str, str]:
 
 def _read_config(config_file: str) -> dict:
     try:
-        with open(config_file) as f:
+        with open(config_file, encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{config_file}: not valid JSON ({e})") from e
@@ -400,7 +406,9 @@ def _check_config(cfg: dict, config_file: str) -> dict:
                     f"{config_file}: {field}[{key!r}] is {value!r}; expected {expected}"
                 )
             try:
-                re.compile(key)
+                # As PEFT matches it: a key valid alone may not be inside that regex ("(?i)x":
+                # inline flags must start the expression).
+                re.compile(_pattern_regex(key))
             except re.error as e:
                 raise FormatError(
                     f"{config_file}: {field} key {key!r} is not a valid regex ({e})"
@@ -732,11 +740,19 @@ def load_peft_adapter(
                 continue
             rank = spec.layer_ranks[m][layer]
             ratio = spec.layer_scales[m][layer] / spec.scales[m] if spec.scales[m] else 0.0
-            a[m][layer, :rank] = raw[pair[0]]
             b_rows = raw[pair[1]].T
             if len(pair) == 4:  # a member of a fused module: its columns of B's rows
                 b_rows = b_rows[:, pair[2] : pair[3]]
-            b[m][layer, :rank] = b_rows if ratio == 1.0 else b_rows.astype(np.float32) * ratio
+            # The file's values are finite (checked above), but the cast to dtype can still
+            # make one infinite (an F64 weight past float32's range): refused just below.
+            with np.errstate(over="ignore"):
+                a[m][layer, :rank] = raw[pair[0]]
+                b[m][layer, :rank] = b_rows if ratio == 1.0 else b_rows.astype(np.float32) * ratio
+            for tensor, stored, served in (
+                (pair[0], raw[pair[0]], a[m][layer, :rank]),
+                (pair[1], b_rows, b[m][layer, :rank]),
+            ):
+                _safetensors.check_finite(spec.weights_file, tensor, stored, served)
     return LoraWeights(name=spec.name, a=a, b=b, scales=dict(spec.scales), source=spec.path)
 
 
