@@ -31,12 +31,20 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from jaxlora import __version__ as jaxlora_version
 from jaxlora.engine import Delta, FinishReason
 from jaxlora.engine import Request as EngineRequest
 from jaxlora.engine.engine import check_prompt_length
-from jaxlora.errors import JaxloraError, PoolExhaustedError, RequestError, UnknownAdapterError
+from jaxlora.errors import (
+    AdapterError,
+    FormatError,
+    JaxloraError,
+    PoolExhaustedError,
+    RequestError,
+    UnknownAdapterError,
+)
 from jaxlora.sampling import MAX_LOGPROBS, SamplingParams
 from jaxlora.server import lorax, responses
 from jaxlora.server import metrics as prom
@@ -762,15 +770,7 @@ def create_app(
     # ------------------------------------------------------------------ errors
 
     def in_route_shape(request: Request, response: JSONResponse) -> JSONResponse:
-        """The error answer as the route's API shapes errors: LoRAX's (and TGI's) routes in
-        TGI's shape and statuses (``tgi_error``), every other route in OpenAI's."""
-        path = request.url.path
-        if path not in lorax.ROUTES or (path == "/" and request.method != "POST"):
-            return response
-        status, payload = tgi_error(response.status_code, json.loads(response.body))
-        wait = response.headers.get("retry-after")
-        headers = {"Retry-After": wait} if wait is not None else None
-        return ErrorJSONResponse(payload, status_code=status, headers=headers)
+        return _in_route_shape(request.url.path, request.method, response)
 
     @app.exception_handler(JaxloraError)
     async def jaxlora_error(request: Request, error: JaxloraError):
@@ -799,6 +799,12 @@ def create_app(
             expected = ", ".join(accepted[:-1]) + " or " + accepted[-1]
             message = f"expected {expected}, got {_shown(error.body, loc)}"
             problems = [first, *(p for p in problems if not in_union(p))]
+        elif not loc and isinstance(error.body, bytes):
+            # FastAPI reads a body as JSON only where its Content-Type says so (curl -d sends a
+            # form's, requests' data= none); vLLM too takes application/json only.
+            given = request.headers.get("content-type")
+            got = f"Content-Type {given!r}" if given else "no Content-Type"
+            message = f"expected a JSON object sent with Content-Type: application/json, got {got}"
         elif first.get("type", "").endswith("_type"):  # a value of the wrong JSON type
             message = f"{message}, got {_shown(error.body, loc)}"
         field = _field_name(loc)
@@ -988,11 +994,20 @@ def create_app(
                 lambda: state.merge_adapters(body.lora_name, merge, replace=body.load_inplace)
             )
         else:
-            await anyio.to_thread.run_sync(
-                lambda: state.load_adapter(
-                    body.lora_name, body.lora_path, replace=body.load_inplace
+            try:
+                await anyio.to_thread.run_sync(
+                    lambda: state.load_adapter(
+                        body.lora_name, body.lora_path, replace=body.load_inplace
+                    )
                 )
-            )
+            except (AdapterError, FormatError) as e:
+                if isinstance(e, UnknownAdapterError) or getattr(e, "param", None) is not None:
+                    raise
+                # The directory's files do not load (its config, its weights): the message
+                # names the file on the server's disk; the answer names the request's field.
+                raise with_param(
+                    type(e)(f"lora_path {body.lora_path!r}: {e}"), "lora_path"
+                ) from None
         verb = "replaced" if body.load_inplace else "added"
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb} successfully.")
 
@@ -1132,7 +1147,7 @@ def create_app(
             FinishReason.LENGTH,
         ):
             group.cancel()
-            return exception_response(_failure(state, group.requests[index]))
+            return in_route_shape(raw, exception_response(_failure(state, group.requests[index])))
 
         async def all_events():
             yield first
@@ -1780,9 +1795,17 @@ def create_app(
         (``input``), answered as its /v1 route answers it."""
         try:
             body = json.loads(await raw.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ClientDisconnect:  # (gone before its body arrived: nobody to answer)
+            return Response(status_code=499)
+        except json.JSONDecodeError as e:
             problem = {"type": "json_invalid", "loc": ("body",), "msg": "invalid JSON"}
             raise RequestValidationError([{**problem, "ctx": {"error": str(e)}}]) from None
+        except (ValueError, RecursionError) as e:
+            # Not UTF-8, nested too deeply, an int of over 4300 digits: answered as FastAPI's
+            # parsing of the other routes' bodies is (``http_error``).
+            raise with_param(
+                RequestError(f"body: not valid JSON ({type(e).__name__}: {e})"), "body"
+            ) from None
         route = next(
             (r for r in invocation_routes if isinstance(body, dict) and r[0] in body), None
         )
@@ -2037,6 +2060,17 @@ class _ClientGone(Exception):
     """The client of a request disconnected."""
 
 
+def _in_route_shape(path: str, method: str, response: JSONResponse) -> JSONResponse:
+    """The error answer as the route's API shapes errors: LoRAX's (and TGI's) routes in TGI's
+    shape and statuses (``tgi_error``), every other route in OpenAI's."""
+    if path not in lorax.ROUTES or (path == "/" and method != "POST"):
+        return response
+    status, payload = tgi_error(response.status_code, json.loads(response.body))
+    wait = response.headers.get("retry-after")
+    headers = {"Retry-After": wait} if wait is not None else None
+    return ErrorJSONResponse(payload, status_code=status, headers=headers)
+
+
 class _LimitBody:
     """Refuses request bodies over max_bytes (413) before reading them: by their Content-Length,
     or, sent in chunks, as soon as the bytes received pass the limit."""
@@ -2055,6 +2089,8 @@ class _LimitBody:
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
             response = error_response(413, self.message(f"{length} bytes"), param="body")
+            # (answered before the app's error handlers, which shape the other refusals)
+            response = _in_route_shape(scope["path"], scope["method"], response)
             await response(scope, receive, send)
             return
         received = 0
@@ -2113,8 +2149,11 @@ class _RequestIdHeader:
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get("x-request-id", "")
-        # (echoed only when it is a plain token: no header injection through it)
-        request_id = given if re.fullmatch(r"[\w.:@-]{1,128}", given) else uuid.uuid4().hex
+        # (echoed only when it is a plain ASCII token: no header injection through it, and no
+        # latin-1 letter, which str's \w matches, going back re-encoded as other bytes)
+        request_id = (
+            given if re.fullmatch(r"[\w.:@-]{1,128}", given, re.ASCII) else uuid.uuid4().hex
+        )
 
         async def tagged_send(message):
             if message["type"] == "http.response.start":

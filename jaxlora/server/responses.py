@@ -102,7 +102,7 @@ def input_messages(input_: str | list) -> list[dict]:
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
             role = item.get("role")
-            if role not in _ROLES:
+            if not isinstance(role, str) or role not in _ROLES:  # (a list is no dict key)
                 raise _fail(f"{field}.role", f"one of {list(_ROLES)}", role)
             text = _text_of(item.get("content"), f"{field}.content")
             messages.append({"role": _ROLES[role], "content": text})
