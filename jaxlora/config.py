@@ -27,6 +27,14 @@ def is_finite_number(value) -> bool:
     )
 
 
+def _is_positive_int(value) -> bool:
+    return is_int(value) and value > 0
+
+
+def _is_positive_number(value) -> bool:
+    return is_finite_number(value) and value > 0
+
+
 def require_positive_ints(obj, fields: tuple[str, ...], what: str) -> None:
     """Raises ConfigError naming `what` and the field unless every field is an int > 0."""
     for field in fields:
@@ -139,6 +147,35 @@ HF_FIELD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# config.json fields that from_hf_dict computes with before ModelConfig could check them
+# (hidden_size // num_attention_heads, range(num_hidden_layers), set(layer_types)), or that
+# ModelConfig checks under a name of its own (num_layers): (check, what it expects), checked
+# where present, each named as the file names it. A wrong type there was a bare TypeError /
+# ZeroDivisionError, or a message naming a field the file does not have.
+HF_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(
+        (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ),
+        (_is_positive_int, "a positive int"),
+    ),
+    **dict.fromkeys(
+        ("num_key_value_heads", "head_dim"),
+        (lambda v: v is None or _is_positive_int(v), "a positive int or null"),
+    ),
+    "layer_types": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+        "a list of strings or null",
+    ),
+    # Gemma 3's sliding layers' RoPE base (0 or NaN: NaN frequencies)
+    "rope_local_base_freq": (_is_positive_number, "a finite number > 0"),
+}
+
+
 # HF rope_scaling types whose frequencies are fixed (not a function of the sequence length).
 ROPE_SCALING_TYPES = ("llama3", "linear", "yarn")
 
@@ -175,9 +212,11 @@ class RopeScaling:
                 f"rope scaling field 'rope_type': expected one of {list(ROPE_SCALING_TYPES)}, "
                 f"got {self.rope_type!r}"
             )
-        for field in ("factor", "beta_fast", "beta_slow"):
+        # (finite: an infinite factor makes every frequency 0 and the context length an
+        # OverflowError; a llama3 factor that is not a number a TypeError in the RoPE table)
+        for field in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            if not _is_positive_number(value):
                 raise ConfigError(
                     f"rope scaling field {field!r}: expected a positive number, got {value!r}"
                 )
@@ -189,8 +228,7 @@ class RopeScaling:
         for field in ("attention_factor", "mscale", "mscale_all_dim"):
             value = getattr(self, field)
             if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
+                not is_finite_number(value)
                 or value < 0
                 or (field == "attention_factor" and value == 0)
             ):
@@ -252,7 +290,7 @@ def _sliding_layer_types(layers: int, period: int) -> list[str]:
 def _sliding_window_field(cfg: dict[str, Any], source: str, default: int | None) -> int | None:
     """config.json's sliding_window (``default`` where absent): a positive int or null."""
     window = cfg.get("sliding_window", default)
-    if window is not None and (not isinstance(window, int) or window <= 0):
+    if window is not None and not _is_positive_int(window):  # (true is no window size)
         raise ConfigError(
             f"{source}: field 'sliding_window' is {window!r}; expected a positive int or null"
         )
@@ -341,15 +379,63 @@ def _gemma_window_fields(cfg: dict[str, Any], source: str, model_type: str) -> d
     return fields
 
 
-def rope_scaling_from_hf(cfg: dict[str, Any], source: str) -> RopeScaling | None:
+def _rope_parameters_as_top_level_fields(
+    cfg: dict[str, Any], source: str
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """cfg with transformers 5's rope_parameters (what its save_pretrained writes instead of
+    the top-level rope_theta and rope_scaling; Gemma 3's, one object a layer type) read into
+    the transformers 4 fields from_hf_dict reads, as transformers 5 reads them: its rope_theta
+    and partial_rotary_factor before the top-level ones, its scaling unless a rope_scaling is
+    set (which replaces the whole object, its rope_theta too); and, for the messages, where in
+    the file each field set here came from. Without it, a llama3-scaled model with base 500,000
+    was read as unscaled with base 10,000."""
+    rope = cfg.get("rope_parameters")
+    if rope is None:
+        return cfg, {}
+    cfg, origins, where = dict(cfg), {}, "rope_parameters"
+    if isinstance(rope, dict) and {"full_attention", "sliding_attention"} & set(rope):
+        # Gemma 3's: the full layers' is the model's RoPE (scaled or not); the sliding
+        # layers' may only set their own base.
+        local = rope.get("sliding_attention") or {}
+        if not isinstance(local, dict):
+            raise ConfigError(
+                f"{source}: field 'rope_parameters.sliding_attention' is {local!r}; expected an "
+                "object"
+            )
+        if local.get("rope_type", "default") != "default":
+            raise ConfigError(
+                f"{source}: field 'rope_parameters.sliding_attention' is {local!r}; expected "
+                "rope_type 'default' (the sliding layers' scaling is not supported)"
+            )
+        if "rope_theta" in local:  # (transformers 5 prefers it to rope_local_base_freq)
+            cfg["rope_local_base_freq"] = local["rope_theta"]
+            origins["rope_local_base_freq"] = "rope_parameters.sliding_attention.rope_theta"
+        rope, where = rope.get("full_attention") or {}, "rope_parameters.full_attention"
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{source}: field {where!r} is {rope!r}; expected an object")
+    if cfg.get("rope_scaling"):
+        return cfg, origins
+    for field in ("rope_theta", "partial_rotary_factor"):  # (Phi-3 keeps the factor here)
+        if rope.get(field) is not None:
+            cfg[field], origins[field] = rope[field], f"{where}.{field}"
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        cfg["rope_scaling"], origins["rope_scaling"] = scaling, where
+    return cfg, origins
+
+
+def rope_scaling_from_hf(
+    cfg: dict[str, Any], source: str, field: str = "rope_scaling"
+) -> RopeScaling | None:
     """config.json's rope_scaling, read as transformers 5 reads it: original_max_position_
     embeddings from the top level where a checkpoint keeps it there (Phi-3), else the scaling's
-    own, else max_position_embeddings."""
+    own, else max_position_embeddings. field: where the file keeps it, for the messages
+    (rope_parameters in transformers 5's, _rope_parameters_as_top_level_fields)."""
     raw = cfg.get("rope_scaling")
     if not raw:
         return None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: field 'rope_scaling' is {raw!r}; expected an object")
+        raise ConfigError(f"{source}: field {field!r} is {raw!r}; expected an object")
     rope_type = raw.get("rope_type", raw.get("type"))
     if rope_type in (None, "default"):
         return None
@@ -361,7 +447,7 @@ def rope_scaling_from_hf(cfg: dict[str, Any], source: str) -> RopeScaling | None
             else ""
         )
         raise ConfigError(
-            f"{source}: field 'rope_scaling.rope_type' is {rope_type!r}; expected one of "
+            f"{source}: field '{field}.rope_type' is {rope_type!r}; expected one of "
             f"{['default', *ROPE_SCALING_TYPES]}{why}"
         )
     max_positions = cfg.get("max_position_embeddings", 4096)
@@ -370,7 +456,7 @@ def rope_scaling_from_hf(cfg: dict[str, Any], source: str) -> RopeScaling | None
     )
     factor = raw.get("factor")
     if factor is None:
-        raise ConfigError(f"{source}: field 'rope_scaling.factor' is missing ({rope_type})")
+        raise ConfigError(f"{source}: field '{field}.factor' is missing ({rope_type})")
     fields: dict[str, Any] = dict(rope_type=rope_type, factor=factor)
     if rope_type != "linear":  # (linear's frequencies do not depend on it)
         fields["original_max_position_embeddings"] = original
@@ -387,7 +473,7 @@ def rope_scaling_from_hf(cfg: dict[str, Any], source: str) -> RopeScaling | None
     try:
         return RopeScaling(**fields)
     except ConfigError as e:
-        raise ConfigError(f"{source}: field 'rope_scaling': {e}") from None
+        raise ConfigError(f"{source}: field {field!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,10 +562,13 @@ class ModelConfig:
             "local_rope_theta",
         ):
             value = getattr(self, field)
-            kinds = int if field in ("local_window", "sliding_period") else int | float
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, kinds) or not value > 0
-            ):
+            # (finite: an infinite soft cap makes inf * tanh(x / inf), NaN logits)
+            valid = (
+                _is_positive_int
+                if field in ("local_window", "sliding_period")
+                else _is_positive_number
+            )
+            if value is not None and not valid(value):
                 raise ConfigError(
                     f"model config field {field!r}: expected None or a positive number, "
                     f"got {value!r}"
@@ -621,20 +710,31 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Reads a HF Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma `config.json` dictionary."""
+        """Reads a HF Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma `config.json` dictionary,
+        as transformers 4 or 5 writes it. A field of the wrong type or value is a ConfigError
+        naming ``source``, the field and what was expected."""
 
         def need(key):
             if key not in cfg:
                 raise ConfigError(f"{source}: missing field {key!r}")
             return cfg[key]
 
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         model_type = cfg.get("model_type", "llama")
-        if model_type not in HF_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in HF_MODEL_TYPES:
             raise ConfigError(
                 f"{source}: field 'model_type' is {model_type!r}; expected one of "
                 f"{sorted(HF_MODEL_TYPES)}"
             )
+        cfg, origins = _rope_parameters_as_top_level_fields(cfg, source)
         cfg = {**HF_FIELD_DEFAULTS[model_type], **cfg}
+        for field, (valid, expected) in HF_FIELD_CHECKS.items():
+            if field in cfg and not valid(cfg[field]):
+                raise ConfigError(
+                    f"{source}: field {origins.get(field, field)!r} is {cfg[field]!r}; "
+                    f"expected {expected}"
+                )
         for field in ("attention_bias", "mlp_bias"):
             # Qwen2's q/k/v biases are its architecture's, not this field's.
             if cfg.get(field):
@@ -651,9 +751,10 @@ class ModelConfig:
         sliding_window = None
         rotary = cfg.get("partial_rotary_factor", 1.0)
         if rotary != 1.0:
+            field = origins.get("partial_rotary_factor", "partial_rotary_factor")
             raise ConfigError(
-                f"{source}: field 'partial_rotary_factor' is {rotary!r}; expected 1.0 (RoPE on "
-                "part of each head is not supported)"
+                f"{source}: field {field!r} is {rotary!r}; expected 1.0 (RoPE on part of each "
+                "head is not supported)"
             )
         if model_type in SLIDING_WINDOW_TYPES:
             sliding_window = _sliding_window_field(cfg, source, None)
@@ -683,26 +784,34 @@ class ModelConfig:
                 act_field, act = "hidden_activation", cfg["hidden_activation"]
             elif act in ("gelu", "gelu_pytorch_tanh"):
                 act = "gelu_pytorch_tanh"
-        if act not in HIDDEN_ACTIVATIONS:
+        if not isinstance(act, str) or act not in HIDDEN_ACTIVATIONS:
             raise ConfigError(
                 f"{source}: field {act_field!r} is {act!r}; expected one of "
                 f"{sorted(HIDDEN_ACTIVATIONS)}"
             )
 
-        def typed(key, default, kind):
+        def typed(key, default, kind, bound=None):
+            """cfg[key] (default where absent) as kind; bound: (a check of its value, what the
+            check expects)."""
             value = cfg.get(key, default)
-            expected = {bool: "a bool", int: "an int", float: "a number"}[kind]
+            expected = None
             if (kind is bool) != isinstance(value, bool) or not isinstance(
                 value, int | float if kind is float else kind
             ):
-                raise ConfigError(f"{source}: field {key!r} is {value!r}; expected {expected}")
+                expected = {bool: "a bool", int: "an int", float: "a number"}[kind]
+            elif bound is not None and not bound[0](value):
+                expected = bound[1]
+            if expected is not None:
+                raise ConfigError(
+                    f"{source}: field {origins.get(key, key)!r} is {value!r}; expected {expected}"
+                )
             return kind(value)
 
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
         head_dim = cfg.get("head_dim") or hidden // heads
-        scaling = rope_scaling_from_hf(cfg, source)
-        return cls(
+        scaling = rope_scaling_from_hf(cfg, source, origins.get("rope_scaling", "rope_scaling"))
+        fields = dict(
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
             intermediate_size=need("intermediate_size"),
@@ -710,9 +819,17 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=head_dim,
-            rope_theta=typed("rope_theta", 10000.0, float),
+            # (a base <= 0 or NaN makes NaN frequencies; an epsilon < 0 NaN norms)
+            rope_theta=typed(
+                "rope_theta", 10000.0, float, (_is_positive_number, "a finite number > 0")
+            ),
             rope_scaling=scaling,
-            rms_norm_eps=typed("rms_norm_eps", 1e-5, float),
+            rms_norm_eps=typed(
+                "rms_norm_eps",
+                1e-5,
+                float,
+                (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
+            ),
             # (transformers' Gemma configs tie them by default, and the 4.x ones that left it
             # at that did not write the field)
             tie_word_embeddings=typed("tie_word_embeddings", model_type in GEMMA_TYPES, bool),
@@ -729,18 +846,24 @@ class ModelConfig:
                 else {}
             ),
         )
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            # ModelConfig's own checks name its field, not the file the value came from.
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_hf_json(cls, path: str | os.PathLike) -> ModelConfig:
+        """Reads a HF config.json (or the one in a directory): from_hf_dict's ModelConfig."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: file not found (expected a HF config.json)") from e
-        except json.JSONDecodeError as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
         return cls.from_hf_dict(data, source=path)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jaxlora.errors import ConfigError, FormatError, RequestError
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -363,7 +366,7 @@ class Tokenizer:
                 )
             extra_eos = ids
         source = config_path if os.path.isfile(config_path) else file
-        return cls(
+        tokenizer = cls(
             backend,
             bos_token=bos,
             eos_tokens=(eos,) if eos else (),
@@ -374,6 +377,15 @@ class Tokenizer:
             chat_template_source=template_source,
             add_bos_token=add_bos,
         )
+        if template is not None:
+            try:
+                _compile_template(template, tokenizer.chat_template_source)
+            except ConfigError as e:
+                # Warned, not refused: vLLM loads such a model too (it parses the template when
+                # a chat request renders it), its completions need no template, and
+                # --chat_template (set_chat_template) may replace it after loading.
+                log.warning("%s; chat requests will be refused until it is replaced", e)
+        return tokenizer
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes tokenizer.json and tokenizer_config.json (and generation_config.json when
@@ -503,15 +515,16 @@ class Tokenizer:
             if add_generation_prompt:
                 parts.append("<|assistant|>\n")
             return "".join(parts)
-        if from_request:  # (its faults are the request's)
-            source = "chat_template"
-            try:
-                template = _compile_template(request_template, source)
-            except ConfigError as e:
-                raise RequestError(str(e)) from None
-        else:
-            source = self.chat_template_source
-            template = _compile_template(self.chat_template, source)
+        source = "chat_template" if from_request else self.chat_template_source
+        try:
+            template = _compile_template(
+                request_template if from_request else self.chat_template, source
+            )
+        except ConfigError as e:
+            # A request's own template: its fault. The model's: a RequestError too, as vLLM
+            # answers both with a 400 naming the template error, not a 500 that clients (the
+            # OpenAI SDK) retry although it fails the same way every time.
+            raise RequestError(str(e)) from None
         rendered_messages = [
             {"role": r, "content": c, **_template_extras(m, i)}
             for i, ((r, c), m) in enumerate(zip(normalised, messages, strict=True))
@@ -539,7 +552,8 @@ class Tokenizer:
                     f"chat_template_kwargs: the chat template ({source}) "
                     f"failed to render with {sorted(extra)} ({type(e).__name__}: {e})"
                 ) from e
-            raise ConfigError(
+            # (the model's template: a 400 as vLLM's, for the reason a parse error is)
+            raise RequestError(
                 f"{source}: the chat template failed to render ({type(e).__name__}: {e})"
             ) from e
 

@@ -166,7 +166,7 @@ CONFIG_BREAKAGES = {
                 "original_max_position_embeddings": 256,
             }
         },
-        "rope_scaling.low_freq_factor",
+        "rope_scaling",  # (and rope scaling field 'low_freq_factor')
     ),  # loaded; a TypeError deep in the RoPE table when the model is built
     "gemma3_local_rope_a_string": (
         {"model_type": "gemma3_text", "rope_local_base_freq": "x"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -396,11 +397,41 @@ def test_jinja_template_cannot_reach_python(tok, tmp_path):
     write_hf_dir(
         tmp_path, tok, chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}"
     )
-    with pytest.raises(ConfigError, match="chat_template"):
+    with pytest.raises(RequestError, match="chat_template.*SecurityError"):
         Tokenizer.from_file(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_a_model_chat_template_jinja2_cannot_parse_loads_and_refuses_chat_requests(
+    tok, tmp_path, caplog
+):
+    """As vLLM, which parses the template only when a chat request renders it: the model loads
+    (its completions need no template, and --chat_template may replace it), with a warning
+    naming the template, and each chat request is refused with a RequestError naming it
+    (vLLM's 400). It was a ConfigError, answered 500, which clients such as the OpenAI SDK
+    retry although it fails the same way every time."""
+    pytest.importorskip("jinja2")
+    from jaxlora.server.errors import status_of
+
     write_hf_dir(tmp_path, tok, chat_template="{% for m in messages %}")
-    with pytest.raises(ConfigError, match="not a valid jinja2 template"):
-        Tokenizer.from_file(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+    with caplog.at_level(logging.WARNING, logger="jaxlora.tokenizer"):
+        loaded = Tokenizer.from_file(tmp_path)
+    source = f"{tmp_path / 'tokenizer_config.json'}: field 'chat_template'"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxlora.tokenizer"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{source}: not a valid jinja2 template")
+    assert loaded.encode("Hello") == tok.encode("Hello")
+    user = [{"role": "user", "content": "x"}]
+    for _ in range(2):  # (every request: a template that failed to parse is not cached)
+        with pytest.raises(RequestError) as info:
+            loaded.encode_chat(user)
+        assert str(info.value).startswith(f"{source}: not a valid jinja2 template ("), info.value
+        assert status_of(info.value)[0] == 400
+    loaded.set_chat_template("<{{ messages[0]['content'] }}>", "--chat_template")
+    assert loaded.apply_chat_template(user) == "<x>"
+    caplog.clear()
+    write_hf_dir(tmp_path, tok, chat_template="{{ messages[0]['content'] }}")
+    with caplog.at_level(logging.WARNING, logger="jaxlora.tokenizer"):
+        Tokenizer.from_file(tmp_path)
+    assert not [r for r in caplog.records if r.name == "jaxlora.tokenizer"]
 
 
 def test_chat_template_files_beside_the_config_win_as_in_transformers(tok, tmp_path):
@@ -423,7 +454,7 @@ def test_chat_template_files_beside_the_config_win_as_in_transformers(tok, tmp_p
     loaded.save(tmp_path / "again")
     assert Tokenizer.from_file(tmp_path / "again").apply_chat_template(user) == "JINJA x<eos>"
     jinja.write_text("{% for m in messages %}")
-    with pytest.raises(ConfigError, match=r"chat_template\.jinja: not a valid jinja2 template"):
+    with pytest.raises(RequestError, match=r"chat_template\.jinja: not a valid jinja2 template"):
         Tokenizer.from_file(tmp_path).apply_chat_template(user)
     jinja.write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(FormatError, match=r"chat_template\.jinja: cannot read the file"):
@@ -528,7 +559,8 @@ def test_continue_final_message_and_template_kwargs_with_a_jinja_template(tok, t
     )
     with pytest.raises(RequestError, match=r"^chat_template_kwargs: .*failed to render"):
         broken.apply_chat_template(user, template_kwargs={"n": 1})
-    with pytest.raises(ConfigError, match="chat_template"):  # (no request variable: its own)
+    # (no request variable: the template's own fault, but answered as vLLM does, a 400)
+    with pytest.raises(RequestError, match=r"field 'chat_template': the chat template failed"):
         broken.apply_chat_template(user)
     missing = Tokenizer.from_file(
         write_hf_dir(tmp_path / "m", tok, chat_template="{{ 'fixed prompt' }}")

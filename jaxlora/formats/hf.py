@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxlora.config import HF_MODEL_TYPES, ModelConfig, is_finite_number, is_int
+from jaxlora.config import ModelConfig, is_finite_number
 from jaxlora.errors import ConfigError, FormatError
 from jaxlora.formats import _safetensors
 from jaxlora.formats._safetensors import FLOAT_DTYPES
@@ -91,12 +91,8 @@ def read_generation_defaults(path: str | os.PathLike) -> dict[str, float | int]:
 
 
 def read_hf_config(path: str | os.PathLike) -> ModelConfig:
-    """ModelConfig of a HF config.json, in the format of transformers 4 or 5.
-
-    transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta, scaling fields}) instead of
-    top-level `rope_theta` and `rope_scaling`; it is translated here so ModelConfig.from_hf_dict
-    sees the form it reads, and a llama3-scaled model is not silently read as unscaled.
-    """
+    """ModelConfig of a HF config.json, in the format of transformers 4 or 5
+    (``ModelConfig.from_hf_dict``, which names the file and the field of a bad value)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, CONFIG_NAME)
@@ -109,7 +105,6 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    _check_field_types(raw, path)
     quantization = raw.get("quantization_config")
     if quantization:
         # Its weights are packed integers or FP8 with scales (q_proj.qweight, weight_scale):
@@ -120,124 +115,7 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
             "checkpoints are not supported; expected an unquantized checkpoint (float32, "
             "float16 or bfloat16 weights)"
         )
-    rope = raw.get("rope_parameters")
-    if isinstance(rope, dict) and {"full_attention", "sliding_attention"} & set(rope):
-        # Gemma 3's: one set a layer type. The full layers' is the model's RoPE (scaled or
-        # not); the sliding layers' may only set their own base.
-        raw, rope = dict(raw), dict(rope)
-        local = rope.pop("sliding_attention", None) or {}
-        if not isinstance(local, dict):
-            raise ConfigError(
-                f"{path}: field 'rope_parameters.sliding_attention' is {local!r}; expected an "
-                "object"
-            )
-        if local.get("rope_type", "default") != "default":
-            raise ConfigError(
-                f"{path}: field 'rope_parameters.sliding_attention' is {local!r}; expected "
-                "rope_type 'default' (the sliding layers' scaling is not supported)"
-            )
-        if "rope_theta" in local:  # (transformers 5 prefers it to rope_local_base_freq)
-            raw["rope_local_base_freq"] = local["rope_theta"]
-        rope = rope.pop("full_attention", None) or {}
-    if rope is not None and not isinstance(rope, dict):
-        raise ConfigError(f"{path}: field 'rope_parameters' is {rope!r}; expected an object")
-    if rope is not None and not raw.get("rope_scaling"):
-        # transformers 5 takes rope_theta and partial_rotary_factor from here before the
-        # top-level fields; a rope_scaling replaces this whole object (its rope_theta too).
-        raw = dict(raw)
-        for field in ("rope_theta", "partial_rotary_factor"):  # (Phi-3 keeps the factor here)
-            if rope.get(field) is not None:
-                raw[field] = rope[field]
-        scaling = {
-            k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")
-        }
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type != "default" and not raw.get("rope_scaling"):
-            raw["rope_scaling"] = scaling
-    try:
-        return ModelConfig.from_hf_dict(raw, source=path)
-    except ConfigError as e:
-        if str(e).startswith(path):
-            raise
-        # ModelConfig's own checks name the field, not the file it came from.
-        raise ConfigError(f"{path}: {e}") from e
-    except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError) as e:
-        # A field of a type that neither _check_field_types nor from_hf_dict checks: still
-        # the file's fault, and said so, rather than a traceback from inside the reader.
-        raise ConfigError(
-            f"{path}: a field has a type or value that cannot be read ({type(e).__name__}: "
-            f"{e}); expected a transformers config.json of {sorted(HF_MODEL_TYPES)}"
-        ) from e
-
-
-def _is_positive_int(value) -> bool:
-    return is_int(value) and value > 0
-
-
-def _is_positive_number(value) -> bool:
-    return is_finite_number(value) and value > 0
-
-
-# RoPE's numbers, where transformers 4 (top level, rope_scaling) and 5 (rope_parameters; Gemma
-# 3's per layer type) keep them: a base <= 0 or NaN makes NaN frequencies, a llama3 factor that
-# is a string a TypeError when the model is built.
-_ROPE_NUMBER_FIELDS = {
-    f"{prefix}{field}": (_is_positive_number, "a finite number > 0")
-    for prefix in (
-        "rope_scaling.",
-        "rope_parameters.",
-        "rope_parameters.full_attention.",
-        "rope_parameters.sliding_attention.",
-    )
-    for field in ("rope_theta", "low_freq_factor", "high_freq_factor")
-}
-
-# config.json fields (dotted: inside an object) that ModelConfig.from_hf_dict computes with
-# before it checks them, or does not check: (check, what it expects). A wrong type there was a
-# bare TypeError / ZeroDivisionError from inside the reader (hidden_size // "4"), or a model that
-# loads and computes NaN (rope_theta 0, rms_norm_eps < 0). Checked where present.
-HF_CONFIG_FIELD_CHECKS = {
-    "model_type": (lambda v: isinstance(v, str), f"one of {sorted(HF_MODEL_TYPES)}"),
-    **dict.fromkeys(
-        (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "max_position_embeddings",
-        ),
-        (_is_positive_int, "a positive int"),
-    ),
-    **dict.fromkeys(
-        ("num_key_value_heads", "head_dim"),
-        (lambda v: v is None or _is_positive_int(v), "a positive int or null"),
-    ),
-    **dict.fromkeys(
-        ("hidden_act", "hidden_activation"),
-        (lambda v: v is None or isinstance(v, str), "a string or null"),
-    ),
-    "layer_types": (
-        lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
-        "a list of strings or null",
-    ),
-    "rms_norm_eps": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
-    "rope_theta": (_is_positive_number, "a finite number > 0"),
-    "rope_local_base_freq": (_is_positive_number, "a finite number > 0"),
-    **_ROPE_NUMBER_FIELDS,
-}
-
-
-def _check_field_types(raw: dict, path: str) -> None:
-    """ConfigError naming the file and the field for the first field of HF_CONFIG_FIELD_CHECKS
-    that raw holds with a wrong type or value."""
-    for field, (valid, expected) in HF_CONFIG_FIELD_CHECKS.items():
-        *parents, name = field.split(".")
-        node = raw
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if isinstance(node, dict) and name in node and not valid(node[name]):
-            raise ConfigError(f"{path}: field {field!r} is {node[name]!r}; expected {expected}")
+    return ModelConfig.from_hf_dict(raw, source=path)
 
 
 def param_shapes(config: ModelConfig) -> dict:

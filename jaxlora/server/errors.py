@@ -110,8 +110,9 @@ def status_of(error: BaseException) -> tuple[int, str, str | None]:
     if isinstance(error, PoolExhaustedError):
         return 503, "server_error", "overloaded"
     if isinstance(error, ConfigError):
-        # At request time only the server's own configuration (e.g. its chat template) can be
-        # wrong: not the client's fault.
+        # At request time only the server's own configuration can be wrong: not the client's
+        # fault. (A model's chat template that does not parse or render is a RequestError, a
+        # 400 as in vLLM: jaxlora.tokenizer.)
         return 500, "server_error", "server_config"
     if isinstance(error, (RequestError, AdapterError, FormatError)):
         return 400, "invalid_request_error", None
