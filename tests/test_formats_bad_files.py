@@ -292,3 +292,26 @@ def test_adapter_weights_beyond_float32_are_refused_not_made_infinite(tmp_path):
     with pytest.raises(FormatError) as info:
         load_peft_adapter(d, TINY, max_rank=MAX_RANK)
     assert str(info.value).startswith(f"{path}: tensor '{name}' holds values up to 1e+300")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"lora_alpha": 1e308}, "lora_alpha"),
+        ({"alpha_pattern": {"q_proj": -1e300}}, "alpha_pattern['q_proj']"),
+    ],
+)
+def test_alpha_whose_scale_overflows_float32_is_refused(tmp_path, changes, field):
+    """lora_alpha / r finite in float64 but past float32's range: the kernels' float32 scale
+    table held inf (every output of the adapter inf or NaN)."""
+    d = _adapter(tmp_path)
+    config_path = os.path.join(d, "adapter_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, **changes}, f)
+    with pytest.raises(FormatError) as info:
+        load_peft_adapter(d, TINY, max_rank=MAX_RANK)
+    message = str(info.value)
+    assert message.startswith(f"{config_path}: field {field} is "), message
+    assert "float32" in message

@@ -578,6 +578,10 @@ def _parse_tensor_name(
     return module, match.group("kind")
 
 
+# The largest scale the kernels' float32 scale tables hold.
+_LARGEST_SCALE = float(np.finfo(np.float32).max)
+
+
 def _module_scale(layer_ranks: list[int], layer_scales: list[float]) -> float:
     """The scale the kernels apply to a module: that of its first full-rank layer (other layers
     fold their ratio to it into their B rows), or any non-zero one if that one is zero."""
@@ -618,10 +622,18 @@ def read_peft_adapter_spec(
                 f"{config_file}: field {field} gives module {key!r} rank {rank}; "
                 f"expected at most max_rank={max_rank}"
             )
+        scale = alpha / math.sqrt(rank) if cfg["use_rslora"] else alpha / rank
+        if abs(scale) > _LARGEST_SCALE:
+            # (finite in float64, infinite in the kernels' float32 scales: every output of the
+            # adapter would be inf or NaN)
+            field = f"alpha_pattern[{alpha_key!r}]" if alpha_key is not None else "lora_alpha"
+            raise FormatError(
+                f"{config_file}: field {field} is {alpha!r}, which gives module {key!r} (rank "
+                f"{rank}) the scale {scale:.3g}; expected a scale within float32's range "
+                f"(at most {_LARGEST_SCALE:.3g} in magnitude)"
+            )
         layer_ranks.setdefault(module, [0] * n_layers)[layer] = rank
-        layer_scales.setdefault(module, [0.0] * n_layers)[layer] = (
-            alpha / math.sqrt(rank) if cfg["use_rslora"] else alpha / rank
-        )
+        layer_scales.setdefault(module, [0.0] * n_layers)[layer] = scale
 
     header, _ = _safetensors.read_header(weights_file)
     targetable = _targetable(config)
