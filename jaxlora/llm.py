@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxlora.config import LoraPoolConfig, ModelConfig, is_int
 from jaxlora.engine import Engine, EngineConfig, Request
+from jaxlora.engine.engine import check_params
 from jaxlora.errors import ConfigError, RequestError
 from jaxlora.formats.hub_cache import is_repo_id, not_cached, resolve_local
 from jaxlora.lora import LoraWeights
@@ -60,6 +61,21 @@ def _prompt_list(prompts) -> list:
     if prompts and all(is_int(t) for t in prompts):
         return [prompts]  # one prompt's token ids
     return prompts
+
+
+def _check_dtype(dtype) -> None:
+    """ConfigError unless dtype is a floating-point dtype (the model's and the pools')."""
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        raise ConfigError(
+            f"dtype: {dtype!r} is not a dtype (expected e.g. jnp.float32 or 'bfloat16')"
+        ) from None
+    if not floating:
+        raise ConfigError(
+            f"dtype: {jnp.dtype(dtype).name}; expected a floating-point dtype (float32, "
+            "bfloat16 or float16)"
+        )
 
 
 def _check_adapter_and_sampling(adapter, sampling) -> None:
@@ -153,6 +169,18 @@ class LLM:
                 "adapters: expected a mapping of adapter names to PEFT directories or "
                 f"LoraWeights, got {type(adapters).__name__}"
             )
+        if engine_config is not None and not isinstance(engine_config, EngineConfig):
+            raise ConfigError(
+                "engine_config: expected an EngineConfig or None, got "
+                f"{type(engine_config).__name__}"
+            )
+        _check_dtype(dtype)
+        for name, value in (("tp", tp), ("seed", seed)):
+            if not is_int(value) or (name == "tp" and value < 1):
+                raise ConfigError(
+                    f"{name}: expected an int{' >= 1' if name == 'tp' else ''}, got {value!r}"
+                )
+        seed = int(seed)  # (a numpy int too: init_params reads only an int as a seed)
         self.engine_config = engine_config or EngineConfig()
         # The model's generation_config.json sampling defaults (vLLM's LLM reads them too).
         self.generation_defaults: dict[str, float | int] = {}
@@ -181,6 +209,7 @@ class LLM:
                 raise ConfigError(
                     "LLM(model=..., params=...): with params, model must be a ModelConfig"
                 )
+            check_params(model, params)  # (before tp > 1 shards them: the Engine checks too)
             self.config, default_tokenizer = model, None
         self.tokenizer = tokenizer or default_tokenizer
         kv = self.engine_config.kv
@@ -243,6 +272,10 @@ class LLM:
         if isinstance(prompt, Mapping):
             if "prompt_token_ids" in prompt:
                 prompt = prompt["prompt_token_ids"]
+                if isinstance(prompt, str):  # (else tokenized as text: another prompt)
+                    raise RequestError(
+                        f"prompt_token_ids: expected a list of token ids, got text {prompt!r:.100}"
+                    )
             elif "prompt" in prompt and isinstance(prompt["prompt"], str):
                 prompt = prompt["prompt"]
             else:
@@ -350,7 +383,11 @@ class LLM:
             if self.engine._thread is None:
                 self.engine.run_until_idle()
             for r in requests:
-                r.wait()
+                while not r.wait(timeout=0.1):
+                    if self.engine._thread is None:
+                        # The engine thread was stopped (llm.stop()) while this call waited
+                        # on it: nothing else steps these requests now.
+                        self.engine.run_until_idle()
         except BaseException:  # (e.g. KeyboardInterrupt: the rest is not computed later)
             self._abandon(requests)
             raise
@@ -398,6 +435,16 @@ class LLM:
         last message, ``chat_template_kwargs`` go to the template)."""
         if self.tokenizer is None:
             raise RequestError("messages: the model has no tokenizer (and so no chat template)")
+        if not isinstance(conversations, Sequence) or isinstance(conversations, str):
+            raise RequestError(
+                "conversations: expected a list of messages or a list of such lists, got "
+                f"{type(conversations).__name__}"
+            )
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+            raise RequestError(
+                "chat_template_kwargs: expected a dict or None, got "
+                f"{type(chat_template_kwargs).__name__}"
+            )
         if conversations and isinstance(conversations[0], Mapping):
             conversations = [conversations]
         prompts = [

@@ -78,19 +78,21 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
 import math
 import threading
 import time
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.bad_words import BadWords, apply_bans, bad_word_token_ids
-from jaxlora.config import LoraPoolConfig, ModelConfig, require_positive_ints
+from jaxlora.config import LoraPoolConfig, ModelConfig, is_int, require_positive_ints
 from jaxlora.engine.kv_cache import KVCacheConfig, KVCacheManager
 from jaxlora.engine.request import Delta, FinishReason, Request, Status
 from jaxlora.engine.runner import (
@@ -137,6 +139,27 @@ def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
         )
 
 
+def checked_token_ids(prompt_ids) -> list[int]:
+    """A prompt's token ids (a sequence of ints, or a 1-D integer numpy or JAX array) as a list
+    of ints; RequestError for anything else: ``int()`` of each truncated floats to ids and
+    split a string of digits into one token a digit, silently another prompt than the one
+    given."""
+    expected = "prompt_ids: expected a sequence of token ids (ints)"
+    if hasattr(prompt_ids, "__array__") and not isinstance(prompt_ids, Sequence):
+        ids = np.asarray(prompt_ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise RequestError(f"{expected}, got an array of shape {ids.shape} and {ids.dtype}")
+        return ids.tolist()
+    if not isinstance(prompt_ids, Sequence) or isinstance(prompt_ids, (str, bytes, bytearray)):
+        raise RequestError(f"{expected}, got {type(prompt_ids).__name__}")
+    ids = []
+    for t in prompt_ids:
+        if not is_int(t):
+            raise RequestError(f"{expected}, got {t!r:.50} among them")
+        ids.append(int(t))
+    return ids
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     kv: KVCacheConfig = KVCacheConfig()
@@ -164,6 +187,29 @@ class EngineConfig:
 
     def __post_init__(self):
         require_positive_ints(self, ("max_num_tokens",), "engine config")
+        # (a dict or None here failed at the first use, deep in the engine; max_waiting 0
+        # refused every request as "the queue is full")
+        for field, kind in (
+            ("kv", KVCacheConfig),
+            ("runner", RunnerConfig),
+            ("lora_pool", LoraPoolConfig),
+        ):
+            if not isinstance(getattr(self, field), kind):
+                raise ConfigError(
+                    f"EngineConfig: field {field!r} is {getattr(self, field)!r:.100}; expected "
+                    f"a {kind.__name__}"
+                )
+        for field, least in (("max_waiting", 1), ("max_skips", 0), ("compile_threads", 1)):
+            value = getattr(self, field)
+            if not is_int(value) or value < least:
+                raise ConfigError(
+                    f"EngineConfig: field {field!r} is {value!r}; expected an int >= {least}"
+                )
+        for field in ("warmup", "async_scheduling"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(
+                    f"EngineConfig: field {field!r} is {getattr(self, field)!r}; expected a bool"
+                )
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ConfigError(
                 f"EngineConfig: field 'scheduling_policy' is {self.scheduling_policy!r}; "
@@ -265,6 +311,51 @@ class EngineStats:
     host_seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
+# repr(ModelConfig) -> the shapes of its canonical parameter tree (``check_params``)
+_CANONICAL_PARAM_SHAPES: dict[str, object] = {}
+
+
+def check_params(config: ModelConfig, params) -> None:
+    """ConfigError naming the first parameter of ``params`` that the model of ``config`` does
+    not have, lacks, or has in another shape (the canonical or the fused tree, as
+    ``init_params`` and the checkpoint loaders give them). Unchecked, parameters of another
+    model failed at the first step, inside Flax or lax.scan."""
+    from jaxlora.model import fuse_projections, init_params, projections_fused
+
+    if not isinstance(params, Mapping):
+        raise ConfigError(
+            "params: expected the model's parameter tree (a dict, as jaxlora.model.init_params "
+            f"or a checkpoint loader gives it), got {type(params).__name__}"
+        )
+    key = repr(config)  # (a config's rope_scaling may be a dict: configs are not all hashable)
+    if key not in _CANONICAL_PARAM_SHAPES:  # (tracing the model's init: ~0.1 s)
+        _CANONICAL_PARAM_SHAPES[key] = jax.eval_shape(lambda: init_params(config, 0))
+    expected = _CANONICAL_PARAM_SHAPES[key]
+    if projections_fused(params):
+        groups = params["layers"]["attn"]["qkv_proj"]["kernel"].shape[-2]
+        expected = jax.eval_shape(functools.partial(fuse_projections, groups=groups), expected)
+
+    def shapes(tree) -> dict[str, tuple | None]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {
+            f"params{jax.tree_util.keystr(path)}": getattr(leaf, "shape", None)
+            for path, leaf in leaves
+        }
+
+    given, wanted = shapes(params), shapes(expected)
+    model = f"the {config.name or config.model_type} model of this ModelConfig"
+    for path, shape in wanted.items():
+        if path not in given:
+            raise ConfigError(f"{path}: missing; {model} has it, of shape {shape}")
+        if given[path] is None:
+            raise ConfigError(f"{path}: expected an array of shape {shape}, got no array")
+        if tuple(given[path]) != shape:
+            raise ConfigError(f"{path} has shape {tuple(given[path])}; expected {shape} ({model})")
+    for path in given:
+        if path not in wanted:
+            raise ConfigError(f"{path}: not a parameter of {model}")
+
+
 def _step_params(params, config, mesh, fuse: bool):
     """The runner's parameters: on the device once (a loaded checkpoint arrives as numpy; left
     on the host, jit would copy it to the device at every step), with q|k|v and gate|up fused if
@@ -321,6 +412,7 @@ class Engine:
             # The Pallas kernels are not partitioned by GSPMD: a sharded step uses the jnp path,
             # which XLA splits over the mesh.
             runner_config = dataclasses.replace(runner_config, impl="reference")
+        check_params(config, params)
         params = _step_params(params, config, mesh, runner_config.fuse_projections)
         self.runner = ModelRunner(
             config, params, runner_config, dtype=dtype, register_sharding=register_sharding
@@ -329,6 +421,7 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._lock = threading.RLock()
+        self._step_lock = threading.Lock()  # one iteration at a time (``step``)
         self._waiting: collections.deque[Request] = collections.deque()
         # Policy 9: each tenant's service counter, and the requests waiting or running of each
         # busy tenant (no entry for an idle one).
@@ -371,7 +464,24 @@ class Engine:
         served first, under the "priority" scheduling policy only (policy 8). tenant: whose
         share of service the request counts in under the "fair" policy (policy 9; default: its
         adapter's, "" for the base model), e.g. a customer's API key name."""
+        prompt_ids = checked_token_ids(prompt_ids)
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise RequestError(
+                f"sampling: expected a jaxlora.sampling.SamplingParams or None, got "
+                f"{type(sampling).__name__}"
+            )
         sampling = sampling or SamplingParams()
+        if adapter is not None and not isinstance(adapter, str):
+            raise RequestError(
+                f"adapter: expected a registered adapter's name or None, got {adapter!r:.100}"
+            )
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError(f"request_id: expected a string or None, got {request_id!r:.100}")
+        if share_prompt_with is not None and not isinstance(share_prompt_with, Request):
+            raise RequestError(
+                "share_prompt_with: expected a Request or None (one this engine's submit "
+                f"returned), got {type(share_prompt_with).__name__}"
+            )
         if tenant is not None and not isinstance(tenant, str):
             raise RequestError(f"tenant: expected a string, got {tenant!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -388,7 +498,6 @@ class Engine:
                 f"priority: {priority} needs the 'priority' scheduling policy; this engine "
                 f"schedules by {self.engine_config.scheduling_policy!r} (expected 0)"
             )
-        prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("prompt: expected at least one token, got an empty prompt")
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
@@ -676,6 +785,14 @@ class Engine:
 
     # -- one iteration --------------------------------------------------------------------------
     def step(self) -> None:
+        """One iteration (see the module docstring). Iterations from several threads (two
+        ``LLM.generate`` calls without the engine thread, each stepping) take turns: two at once
+        each completed or dropped the other's launched steps, whose requests then waited for
+        their tokens for ever."""
+        with self._step_lock:
+            self._step()
+
+    def _step(self) -> None:
         start = time.perf_counter()
         if self.adapters is not None:
             self.adapters.poll()

@@ -49,7 +49,12 @@ from jaxlora.errors import AdapterError, JaxloraError, PoolExhaustedError
 from jaxlora.lora import LoraWeights
 from jaxlora.memory.allocator import PageAllocator, PoolUsage
 from jaxlora.memory.packing import PackedAdapter
-from jaxlora.memory.store import AdapterEntry, AdapterStore, RegistrationReport
+from jaxlora.memory.store import (
+    AdapterEntry,
+    AdapterStore,
+    RegistrationReport,
+    check_lookup_name,
+)
 from pallas_kernels import layout
 from pallas_kernels.layout import POOL_AXES, SlotInfo
 
@@ -332,6 +337,7 @@ class AdapterManager:
         """Keeps the current version of name resident until unpin (it is never evicted). Raises
         like acquire() when it cannot be made resident (with wait, its load error too), and then
         leaves name unpinned."""
+        check_lookup_name(name)  # (before it goes into the set of pinned names)
         with self._lock:
             was_pinned = name in self._pinned
             self._pinned.add(name)

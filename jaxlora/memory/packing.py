@@ -15,12 +15,12 @@ The page order is the one of
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from jaxlora.config import ModelConfig
+from jaxlora.config import ModelConfig, is_finite_number
 from jaxlora.errors import AdapterError
 from jaxlora.lora import LoraWeights
 from pallas_kernels import layout
@@ -117,6 +117,13 @@ def validate_weights(
     tensor and the expected shape."""
     shapes = config.module_shapes()
     where = f"adapter {weights.name!r} ({source})"
+    for field in ("a", "b", "scales"):
+        # (LoraWeights is a plain dataclass: nothing checked these when it was built)
+        if not isinstance(getattr(weights, field), Mapping):
+            raise AdapterError(
+                f"{where}: field {field!r} is {getattr(weights, field)!r:.100}; expected a dict "
+                "of module name to " + ("scale" if field == "scales" else "array")
+            )
     unknown = (set(weights.a) | set(weights.b)) - set(MODULES)
     if unknown:
         raise AdapterError(
@@ -130,6 +137,8 @@ def validate_weights(
         )
     for m in weights.a:
         fan_in, fan_out = shapes[m]
+        for factor in ("a", "b"):
+            _check_rows(getattr(weights, factor)[m], f"{where}: tensor {factor}[{m!r}]")
         a, b = np.asarray(weights.a[m]), np.asarray(weights.b[m])
         if a.ndim != 3 or a.shape[0] != config.num_layers or a.shape[2] != fan_in:
             raise AdapterError(
@@ -148,8 +157,8 @@ def validate_weights(
                 "(the pool's max_rank)"
             )
         scale = weights.scales.get(m)
-        if scale is None or not math.isfinite(scale):
-            raise AdapterError(f"{where}: scales[{m!r}] is {scale!r}; expected a finite float")
+        if not is_finite_number(scale):
+            raise AdapterError(f"{where}: scales[{m!r}] is {scale!r}; expected a finite number")
         for factor, rows in (("a", a), ("b", b)):
             bad = ~np.isfinite(rows)
             if bad.any():
@@ -162,6 +171,25 @@ def validate_weights(
         raise AdapterError(f"{where}: targets no module; expected at least one of {list(MODULES)}")
 
 
+def _check_rows(rows, where: str) -> None:
+    """AdapterError unless rows is an array of real floating-point values: integers or bools
+    are no LoRA weights (token ids passed by mistake, say), the cast to the pool would drop a
+    complex array's imaginary part, and an object array fails inside numpy."""
+    import jax
+
+    if not (hasattr(rows, "shape") and hasattr(rows, "dtype")):
+        raise AdapterError(f"{where} is a {type(rows).__name__}; expected a numpy or JAX array")
+    try:
+        floating = jax.dtypes.issubdtype(rows.dtype, np.floating)
+    except TypeError:  # (a dtype JAX does not know: none of its floating-point ones)
+        floating = False
+    if not floating:
+        raise AdapterError(
+            f"{where} has dtype {rows.dtype}; expected a floating-point array (float32, "
+            "bfloat16, float16 or float64)"
+        )
+
+
 def pack_weights(
     weights: LoraWeights, config: ModelConfig, rows_per_page: int, dtype
 ) -> PackedAdapter:
@@ -172,7 +200,6 @@ def pack_weights(
 
     footprint = AdapterFootprint.of_weights(weights)
     largest = float(ml_dtypes.finfo(dtype).max)
-    narrow = largest < float(np.finfo(np.float32).max)
     widths = layout.pool_widths(
         config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
     )
@@ -189,12 +216,20 @@ def pack_weights(
         n = layout.pages_for_rank(r, rows_per_page)
         sides = zip("ab", MODULE_POOLS[m], (weights.a[m], weights.b[m]), strict=True)
         for factor, axis, rows in sides:
-            peak = float(np.max(np.abs(rows))) if narrow else 0.0
+            # Rows of a wider range than the pool's (float64 into float32, float32 into
+            # float16) would turn inf in the cast.
+            wider = float(ml_dtypes.finfo(rows.dtype).max) > largest
+            peak = float(np.max(np.abs(rows))) if wider else 0.0
             if peak > largest:
+                advice = (
+                    "serve it in bfloat16 or float32"
+                    if largest < float(np.finfo(np.float32).max)
+                    else "scale the adapter's weights into float32's range"
+                )
                 raise AdapterError(
                     f"adapter {weights.name!r} ({weights.source or 'in memory'}): tensor "
                     f"{factor}[{m!r}] holds {peak:.4g}, past the largest {np.dtype(dtype).name} "
-                    f"value of the adapter pools ({largest:.6g}); serve it in bfloat16 or float32"
+                    f"value of the adapter pools ({largest:.6g}); {advice}"
                 )
             padded = np.zeros((config.num_layers, n * rows_per_page, widths[axis]), dtype)
             padded[:, :r] = rows

@@ -38,6 +38,13 @@ MEMORY_SOURCE = "<memory>"
 MAX_NAME_LENGTH = 256
 
 
+def check_lookup_name(name) -> None:
+    """AdapterError for a name that cannot be an adapter's (a list was a TypeError from the
+    registry's dict; an int, "not registered" where the mistake is the argument's type)."""
+    if not isinstance(name, str):
+        raise AdapterError(f"adapter name {name!r:.100}: expected a string")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterStoreConfig:
     """Host-side options of the adapter store.
@@ -228,6 +235,7 @@ class AdapterStore:
 
     def unregister(self, name: str) -> AdapterEntry:
         """Forgets `name`; returns the entry it had. Holders of the entry may still load it."""
+        check_lookup_name(name)
         with self._lock:
             entry = self._entries.pop(name, None)
             if entry is None:
@@ -241,7 +249,7 @@ class AdapterStore:
         it with ``register_weights`` or ``replace``). UnknownAdapterError for a part that is
         not registered; AdapterError where the sum of ranks passes the pool's max_rank."""
         return merge_lora_weights(
-            self._current_rows(parts), name, max_rank=self.pool_config.max_rank
+            self._current_rows(name, parts), name, max_rank=self.pool_config.max_rank
         )
 
     def parameter_merged_weights(
@@ -251,10 +259,19 @@ class AdapterStore:
         with ``merge``'s strategy, density, majority_sign_method and seed), from their current
         versions' packed rows. UnknownAdapterError for a part that is not registered;
         AdapterError for a part of another rank, or bad merge fields."""
-        return merge_lora_parameters(self._current_rows(parts), name, **merge)
+        return merge_lora_parameters(self._current_rows(name, parts), name, **merge)
 
-    def _current_rows(self, parts: Sequence[tuple[str, float]]) -> list[tuple[LoraWeights, float]]:
+    def _current_rows(
+        self, name: str, parts: Sequence[tuple[str, float]]
+    ) -> list[tuple[LoraWeights, float]]:
         """Each (registered adapter, weight) as its current version's rank-rows, with it."""
+        if not isinstance(parts, Sequence) or not all(
+            isinstance(part, (tuple, list)) and len(part) == 2 and isinstance(part[0], str)
+            for part in parts
+        ):
+            raise AdapterError(
+                f"merge {name!r}: parts: expected (adapter name, weight) pairs, got {parts!r:.200}"
+            )
         rows_per_page = self.pool_config.rows_per_page
         return [
             (unpack_weights(self.load(self.get(part)), self.model_config, rows_per_page, part), w)
@@ -264,6 +281,7 @@ class AdapterStore:
     # ----------------------------------------------------------------- lookups
 
     def get(self, name: str) -> AdapterEntry:
+        check_lookup_name(name)
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
@@ -368,6 +386,12 @@ class AdapterStore:
     def _entry_from_path(self, name: str, path) -> AdapterEntry:
         from jaxlora.formats import read_peft_adapter_spec
 
+        if not isinstance(path, (str, os.PathLike)):
+            # (os.fspath's TypeError named no adapter and no argument)
+            raise AdapterError(
+                f"adapter {name!r}: source: expected a PEFT adapter directory (a path) or "
+                f"LoraWeights, got {type(path).__name__}"
+            )
         path = os.fspath(path)
         spec = read_peft_adapter_spec(path, self.model_config, max_rank=self.pool_config.max_rank)
         footprint = AdapterFootprint.from_modules(dict(spec.ranks), dict(spec.scales))
