@@ -306,3 +306,31 @@ def test_the_server_is_unharmed(served, http):
         if name == "jaxlora_http_responses_total":
             statuses[dict(labels)["status"]] += value
     assert {s for s in statuses if s[0] in "45"} <= {"400", "404", "422", "424"}, statuses
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_that_fails_while_running_is_the_request_s_fault(http, stream):
+    """A grammar that llguidance accepts but gives up on once the output reaches it is a 400
+    naming the request's field (was a 500 "engine_error", which clients retry: it fails the
+    same way every time); a stream that already started ends with that error in its body."""
+    body = {
+        "model": "pirate",
+        "prompt": "Hi",
+        "max_tokens": 4,
+        "structured_outputs": {"regex": EXPLODING_REGEX},
+        "stream": stream,
+    }
+    response = post(http, "/v1/completions", body)
+    if stream and response.status_code == 200:
+        events = [
+            json.loads(line[len("data: ") :])
+            for line in response.text.splitlines()
+            if line.startswith("data: {")
+        ]
+        error = next(e["error"] for e in events if "error" in e)
+    else:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+    assert error["type"] == "invalid_request_error", error
+    assert error["param"] == "structured_outputs.regex", error
+    assert "failed at output token 0" in error["message"] and "lexer" in error["message"]

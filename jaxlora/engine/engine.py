@@ -1647,11 +1647,16 @@ class Engine:
         grammar, grammar_done = request._grammar, False
         if grammar is not None:
             if not grammar.advance(token):
-                # (the mask allowed it: a matcher that refuses it is broken)
+                # The mask allowed it: the matcher gave up on the grammar the request sent (a
+                # limit of llguidance's lexer or parser, met only once the output reached it,
+                # e.g. "(a{1000}){1000}"'s "too many expressions"): the request's fault.
+                field = sp.structured_output.field
                 self._finish(
                     request,
                     FinishReason.ERROR,
-                    f"structured output: token {token} refused ({grammar.get_error()})",
+                    f"{field}: the structured output's grammar failed at output token "
+                    f"{len(request.output_ids) - 1} ({grammar.get_error().splitlines()[0]})",
+                    error_is_request=True,
                 )
                 return
             grammar_done = grammar.is_stopped()  # the grammar can take nothing more
@@ -1703,7 +1708,14 @@ class Engine:
             return ""
         return request._detok_state.push(token)
 
-    def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(
+        self,
+        request: Request,
+        reason: FinishReason,
+        error: str | None = None,
+        *,
+        error_is_request: bool = False,
+    ) -> None:
         if request.status is Status.FINISHED:
             return
         if request in self._running:
@@ -1721,6 +1733,7 @@ class Engine:
         request.status = Status.FINISHED
         request.finish_reason = reason
         request.error = error
+        request.error_is_request = error_is_request
         request.finish_time = time.monotonic()
         self._by_id.pop(request.request_id, None)
         self.stats.finished += 1

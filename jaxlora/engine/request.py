@@ -80,6 +80,9 @@ class Request:
     # where it ended otherwise (EOS, a finished structured output, max_tokens, an error)
     stop_reason: int | str | None = None
     error: str | None = None
+    # The error is the request's own fault, not the engine's (its structured output's grammar
+    # passed a limit of llguidance's while it ran): a server answers it as a bad request.
+    error_is_request: bool = False
     adapter_handle: object | None = None
     preemptions: int = 0
     skipped: int = 0  # times a later request was admitted first (fairness bound)

@@ -634,6 +634,8 @@ def _failure(state: ServingState, request: EngineRequest) -> JaxloraError | None
             ),
             "model",
         )
+    if request.error_is_request:  # (its structured output's grammar)
+        return with_param(RequestError(request.error), request.sampling.structured_output.field)
     return EngineRequestError(f"generation failed: {request.error}")
 
 
