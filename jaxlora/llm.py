@@ -313,6 +313,10 @@ class LLM:
         deadline_s: float | None = None,
         stream: bool = True,
     ) -> Request:
+        """Queues one request and returns it without waiting. With the engine thread running
+        (``start()``) it is served in the background (``Request.wait``, ``stream``); without,
+        nothing steps it until the caller does (``llm.engine.run_until_idle()``): a
+        ``wait()`` with no timeout would wait for ever."""
         _check_adapter_and_sampling(adapter, sampling)
         return self.engine.submit(
             self.encode(prompt),
