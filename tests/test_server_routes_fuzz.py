@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from jaxlora import demo
-from tests.test_server_fuzz import check_error, post
+from tests.test_server_fuzz import INVOKE, LOAD, MAX_BODY, RESPONSES, C, R, check_error, post
+from tests.test_server_fuzz import raw as case
 from tests.test_server_helpers import (
     API_KEY,
     engine_idle,
@@ -26,13 +27,7 @@ from tests.test_server_helpers import (
     wait_until,
 )
 
-MAX_BODY = 1 << 20  # the served ServerConfig.max_body_bytes
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-RESPONSES = "/v1/responses"
-LOAD = "/v1/load_lora_adapter"
-INVOKE = "/invocations"
-R = {"model": "pirate", "input": "Hi", "max_output_tokens": 4, "temperature": 0}
-C = {"model": "pirate", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
 
 # Adapter directories under the served root whose files do not load: (config text, weights).
 PIRATE_CONFIG = json.loads(
@@ -70,10 +65,6 @@ def served(tmp_path_factory):
 def http(served):
     with httpx.Client(base_url=served[0].url, headers=AUTH, timeout=60) as client:
         yield client
-
-
-def case(path, body, case_id, param, *needles, status=400):
-    return pytest.param(path, body, status, param, needles, id=case_id)
 
 
 NESTED = b"[" * 10**5 + b"]" * 10**5
@@ -289,25 +280,6 @@ def test_a_stream_its_client_cuts_releases_its_request(served, monkeypatch, path
     assert finished == {"abort": 1}
 
 
-def test_the_server_is_unharmed(served, http):
-    """Runs last: no request of this module got a 5xx (or a 401, 405, ...), no bad load
-    registered an adapter, and greedy requests still give the adapter's answer."""
-    server, state = served
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
-    models = {m["id"] for m in http.get("/v1/models").json()["data"]}
-    assert models == {demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES}
-    answer = post(http, "/v1/completions", {**C, "max_tokens": 40})
-    assert answer.status_code == 200
-    assert answer.json()["choices"][0]["text"] == " " + demo.DEMO_SIGNATURES["pirate"]
-    assert wait_until(lambda: engine_idle(state))
-    samples = parse_metrics(httpx.get(f"{server.url}/metrics").text)
-    statuses = collections.Counter()
-    for (name, labels), value in samples.items():
-        if name == "jaxlora_http_responses_total":
-            statuses[dict(labels)["status"]] += value
-    assert {s for s in statuses if s[0] in "45"} <= {"400", "404", "422", "424"}, statuses
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_grammar_that_fails_while_running_is_the_request_s_fault(http, stream):
     """A grammar that llguidance accepts but gives up on once the output reaches it is a 400
@@ -334,3 +306,22 @@ def test_a_grammar_that_fails_while_running_is_the_request_s_fault(http, stream)
     assert error["type"] == "invalid_request_error", error
     assert error["param"] == "structured_outputs.regex", error
     assert "failed at output token 0" in error["message"] and "lexer" in error["message"]
+
+
+def test_the_server_is_unharmed(served, http):
+    """Runs last: no request of this module got a 5xx (or a 401, 405, ...), no bad load
+    registered an adapter, and greedy requests still give the adapter's answer."""
+    server, state = served
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    models = {m["id"] for m in http.get("/v1/models").json()["data"]}
+    assert models == {demo.DEMO_MODEL_NAME, *demo.DEMO_SIGNATURES}
+    answer = post(http, "/v1/completions", {**C, "max_tokens": 40})
+    assert answer.status_code == 200
+    assert answer.json()["choices"][0]["text"] == " " + demo.DEMO_SIGNATURES["pirate"]
+    assert wait_until(lambda: engine_idle(state))
+    samples = parse_metrics(httpx.get(f"{server.url}/metrics").text)
+    statuses = collections.Counter()
+    for (name, labels), value in samples.items():
+        if name == "jaxlora_http_responses_total":
+            statuses[dict(labels)["status"]] += value
+    assert {s for s in statuses if s[0] in "45"} <= {"400", "404", "422", "424"}, statuses
