@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxlora.config import LoraPoolConfig, ModelConfig, is_int
 from jaxlora.engine import Engine, EngineConfig, Request
-from jaxlora.engine.engine import check_params
+from jaxlora.engine.engine import check_params, checked_token_ids
 from jaxlora.errors import ConfigError, RequestError
 from jaxlora.formats.hub_cache import is_repo_id, not_cached, resolve_local
 from jaxlora.lora import LoraWeights
@@ -289,20 +289,7 @@ class LLM:
                     "prompt: text given but the model has no tokenizer; pass token ids"
                 )
             return self.tokenizer.encode(prompt)
-        expected = "prompt: expected text or a list of token ids (ints)"
-        if isinstance(prompt, (bytes, bytearray)):
-            raise RequestError(f"{expected}, got {type(prompt).__name__}")
-        try:
-            ids = np.asarray(prompt)
-        except (TypeError, ValueError) as e:
-            raise RequestError(f"{expected}, got {prompt!r:.200}") from e
-        if ids.size and (
-            ids.ndim != 1
-            or not np.issubdtype(ids.dtype, np.integer)
-            or (isinstance(prompt, (list, tuple)) and any(isinstance(t, bool) for t in prompt))
-        ):
-            raise RequestError(f"{expected}, got {prompt!r:.200}")
-        return [int(t) for t in ids.tolist()]
+        return checked_token_ids(prompt, "prompt: expected text or a list of token ids (ints)")
 
     def submit(
         self,

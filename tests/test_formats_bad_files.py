@@ -228,6 +228,30 @@ def test_nan_or_inf_base_weights_are_refused_like_an_adapter_s(checkpoint, tmp_p
     )
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_all_finite_finds_each_kind_of_non_finite_value_anywhere(dtype):
+    """all_finite reads the 16-bit floats' exponent bits and the others with np.isfinite, chunk
+    by chunk: every kind of non-finite value is found wherever it is (past the first chunk, in
+    a view that is not contiguous), and the largest finite values are not taken for one."""
+    import ml_dtypes
+
+    dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    size = 3 * safetensors_io._FINITE_CHUNK + 5
+    largest = ml_dtypes.finfo(dtype).max
+    finite = np.full(size, largest, dtype)
+    finite[1::2] = -largest
+    assert safetensors_io.all_finite(finite)
+    assert safetensors_io.all_finite(finite.reshape(-1, 1)[::2])
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (0, safetensors_io._FINITE_CHUNK + 1, size - 1):
+            values = finite.copy()
+            values[where] = bad
+            assert not safetensors_io.all_finite(values), (bad, where)
+        strided = np.zeros((size, 2), dtype)
+        strided[-1, 0] = bad
+        assert not safetensors_io.all_finite(strided[:, 0])
+
+
 def test_weights_beyond_the_served_dtype_are_refused_not_made_infinite(checkpoint, tmp_path):
     """An F64 weight past float32's range became inf in the float32 params, silently."""
     d = _copy(checkpoint, tmp_path)

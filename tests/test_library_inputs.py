@@ -120,6 +120,21 @@ def test_malformed_adapter_containers_are_refused_naming_the_field(llm, spoil, m
     assert_nothing_held(llm)
 
 
+def test_a_scale_given_as_a_0_d_numpy_or_jax_array_is_a_number(llm):
+    """alpha / jnp.sqrt(rank) is a 0-d JAX array: taken as its float (the footprint reads
+    float(scale)), as before the scales were checked."""
+    reference = llm.adapters.store.get("good").footprint.scales
+    w = weights()
+    w.scales = {
+        m: (jnp.float32(s) if i % 2 else np.array(s, np.float64))
+        for i, (m, s) in enumerate(w.scales.items())
+    }
+    llm.register_adapter("arrays", w)
+    assert llm.adapters.store.get("arrays").footprint.scales == pytest.approx(reference)
+    llm.adapters.unregister("arrays")
+    assert_nothing_held(llm)
+
+
 def test_float64_rows_past_the_pool_dtype_are_refused_not_served_as_inf(llm):
     """float64 rows within float64's range but past float32's (the pool's): the cast made them
     inf in the pool, and every request of the adapter ended in an error blaming its prompt."""
@@ -181,6 +196,19 @@ def test_engine_submit_takes_numpy_and_jax_token_ids(llm):
     llm.engine.run_until_idle()
     assert request.prompt_ids == other.prompt_ids == [1, 2, 3]
     assert request.output_ids == other.output_ids and len(request.output_ids) == 4
+    assert_nothing_held(llm)
+
+
+def test_engine_submit_takes_integer_scalars_of_numpy_and_jax(llm):
+    """A list of a JAX array's elements (0-d arrays, as iterating one or an argmax gives) is
+    token ids, as LLM.generate takes it; int() took them before the prompt check."""
+    for prompt in (list(jnp.array([1, 2, 3])), [np.array(1), jnp.int32(2), np.uint8(3)]):
+        request = llm.engine.submit(prompt, GREEDY)
+        assert request.prompt_ids == [1, 2, 3] and all(type(t) is int for t in request.prompt_ids)
+        llm.engine.run_until_idle()
+    for prompt in ([jnp.array(1.0)], [jnp.array(True)], [np.array([1])]):
+        with pytest.raises(RequestError, match=r"prompt_ids: expected a sequence of token ids"):
+            llm.engine.submit(prompt, GREEDY)
     assert_nothing_held(llm)
 
 

@@ -83,6 +83,7 @@ import heapq
 import itertools
 import logging
 import math
+import operator
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -139,25 +140,35 @@ def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
         )
 
 
-def checked_token_ids(prompt_ids) -> list[int]:
-    """A prompt's token ids (a sequence of ints, or a 1-D integer numpy or JAX array) as a list
-    of ints; RequestError for anything else: ``int()`` of each truncated floats to ids and
-    split a string of digits into one token a digit, silently another prompt than the one
-    given."""
-    expected = "prompt_ids: expected a sequence of token ids (ints)"
+def checked_token_ids(
+    prompt_ids, expected: str = "prompt_ids: expected a sequence of token ids (ints)"
+) -> list[int]:
+    """A prompt's token ids (a sequence of ints or integer scalars, or a 1-D integer numpy or
+    JAX array) as a list of ints; RequestError starting with ``expected`` for anything else:
+    ``int()`` of each truncated floats to ids and split a string of digits into one token a
+    digit, silently another prompt than the one given."""
     if hasattr(prompt_ids, "__array__") and not isinstance(prompt_ids, Sequence):
         ids = np.asarray(prompt_ids)
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
             raise RequestError(f"{expected}, got an array of shape {ids.shape} and {ids.dtype}")
         return ids.tolist()
     if not isinstance(prompt_ids, Sequence) or isinstance(prompt_ids, (str, bytes, bytearray)):
-        raise RequestError(f"{expected}, got {type(prompt_ids).__name__}")
-    ids = []
-    for t in prompt_ids:
-        if not is_int(t):
-            raise RequestError(f"{expected}, got {t!r:.50} among them")
-        ids.append(int(t))
+        raise RequestError(f"{expected}, got {prompt_ids!r:.100}")
+    ids = [_token_id(t) for t in prompt_ids]
+    if None in ids:
+        raise RequestError(f"{expected}, got {prompt_ids[ids.index(None)]!r:.50} among them")
     return ids
+
+
+def _token_id(t) -> int | None:
+    """t as a token id: an int, a numpy integer or a 0-d integer array (a JAX array's elements
+    are such arrays); None for a bool or anything else."""
+    if isinstance(t, bool):
+        return None
+    try:
+        return operator.index(t)
+    except TypeError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,26 +322,25 @@ class EngineStats:
     host_seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
-# repr(ModelConfig) -> the shapes of its canonical parameter tree (``check_params``)
-_CANONICAL_PARAM_SHAPES: dict[str, object] = {}
-
-
 def check_params(config: ModelConfig, params) -> None:
     """ConfigError naming the first parameter of ``params`` that the model of ``config`` does
     not have, lacks, or has in another shape (the canonical or the fused tree, as
     ``init_params`` and the checkpoint loaders give them). Unchecked, parameters of another
-    model failed at the first step, inside Flax or lax.scan."""
-    from jaxlora.model import fuse_projections, init_params, projections_fused
+    model failed at the first step, inside Flax or lax.scan. The expected shapes are the
+    checkpoint loaders' (``param_shapes``): no trace of the model's init (~0.1 s a model)."""
+    from jaxlora.formats.hf import param_shapes
+    from jaxlora.model import fuse_projections, projections_fused
 
     if not isinstance(params, Mapping):
         raise ConfigError(
             "params: expected the model's parameter tree (a dict, as jaxlora.model.init_params "
             f"or a checkpoint loader gives it), got {type(params).__name__}"
         )
-    key = repr(config)  # (a config's rope_scaling may be a dict: configs are not all hashable)
-    if key not in _CANONICAL_PARAM_SHAPES:  # (tracing the model's init: ~0.1 s)
-        _CANONICAL_PARAM_SHAPES[key] = jax.eval_shape(lambda: init_params(config, 0))
-    expected = _CANONICAL_PARAM_SHAPES[key]
+    expected = jax.tree.map(
+        lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32),
+        param_shapes(config),
+        is_leaf=lambda leaf: isinstance(leaf, tuple),
+    )
     if projections_fused(params):
         groups = params["layers"]["attn"]["qkv_proj"]["kernel"].shape[-2]
         expected = jax.eval_shape(functools.partial(fuse_projections, groups=groups), expected)

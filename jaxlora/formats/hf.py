@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxlora.config import ModelConfig, is_finite_number
+from jaxlora.config import ModelConfig, is_finite_number, is_int
 from jaxlora.errors import ConfigError, FormatError
 from jaxlora.formats import _safetensors
 from jaxlora.formats._safetensors import FLOAT_DTYPES
@@ -37,30 +37,26 @@ _DERIVED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
-def _is_number(value) -> bool:
-    # Finite: an infinite default (JSON's Infinity) was taken, then refused by every request
-    # that left the field out, with an error that did not name generation_config.json.
-    return is_finite_number(value)
-
-
 # generation_config.json field -> (the sampling default it sets, its check, what it expects).
+# The numbers must be finite: an infinite default (JSON's Infinity) was taken, then refused by
+# every request that left the field out, with an error that did not name the file.
 GENERATION_DEFAULT_FIELDS = {
-    "temperature": ("temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "top_p": ("top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "temperature": ("temperature", lambda v: is_finite_number(v) and v >= 0, "a number >= 0"),
+    "top_p": ("top_p", lambda v: is_finite_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "top_k": (
         "top_k",
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+        lambda v: is_int(v) and v >= -1,
         "an int >= 0 (0 or -1: off)",
     ),
-    "min_p": ("min_p", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "min_p": ("min_p", lambda v: is_finite_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "repetition_penalty": (
         "repetition_penalty",
-        lambda v: _is_number(v) and v > 0,
+        lambda v: is_finite_number(v) and v > 0,
         "a number > 0",
     ),
     "max_new_tokens": (
         "max_tokens",
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        lambda v: is_int(v) and v >= 1,
         "an int >= 1",
     ),
 }

@@ -157,7 +157,8 @@ def validate_weights(
                 "(the pool's max_rank)"
             )
         scale = weights.scales.get(m)
-        if not is_finite_number(scale):
+        # (a 0-d numpy or JAX array is its number: alpha / jnp.sqrt(rank) gives one)
+        if not is_finite_number(scale.item() if getattr(scale, "shape", None) == () else scale):
             raise AdapterError(f"{where}: scales[{m!r}] is {scale!r}; expected a finite number")
         for factor, rows in (("a", a), ("b", b)):
             bad = ~np.isfinite(rows)
