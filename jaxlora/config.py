@@ -476,6 +476,26 @@ def rope_scaling_from_hf(
         raise ConfigError(f"{source}: field {field!r}: {e}") from None
 
 
+def read_config_json(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(the file's path, its JSON object) of a HF config.json or of the one in a directory;
+    ConfigError naming the file for one that is missing or not a JSON object."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found (expected a HF config.json)") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # (an int of 4,300+ digits, nesting too deep)
+        raise ConfigError(f"{path}: not a usable JSON document ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return path, data
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a Llama-family decoder (what HF `config.json` describes)."""
@@ -855,16 +875,7 @@ class ModelConfig:
     @classmethod
     def from_hf_json(cls, path: str | os.PathLike) -> ModelConfig:
         """Reads a HF config.json (or the one in a directory): from_hf_dict's ModelConfig."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: file not found (expected a HF config.json)") from e
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        path, data = read_config_json(path)
         return cls.from_hf_dict(data, source=path)
 
     def to_hf_dict(self) -> dict[str, Any]:

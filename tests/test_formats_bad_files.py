@@ -339,3 +339,14 @@ def test_alpha_whose_scale_overflows_float32_is_refused(tmp_path, changes, field
     message = str(info.value)
     assert message.startswith(f"{config_path}: field {field} is "), message
     assert "float32" in message
+
+
+@pytest.mark.parametrize(
+    "text", ['{"hidden_size": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000]
+)
+def test_config_json_python_cannot_parse_is_a_config_error(tmp_path, text):
+    """An int of more digits than Python converts, or nesting past its recursion limit: a
+    ValueError / RecursionError from inside json before."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"config.json: not a usable JSON document"):
+        read_hf_config(tmp_path)

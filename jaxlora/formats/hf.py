@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxlora.config import ModelConfig, is_finite_number, is_int
+from jaxlora.config import ModelConfig, is_finite_number, is_int, read_config_json
 from jaxlora.errors import ConfigError, FormatError
 from jaxlora.formats import _safetensors
 from jaxlora.formats._safetensors import FLOAT_DTYPES
@@ -89,18 +89,7 @@ def read_generation_defaults(path: str | os.PathLike) -> dict[str, float | int]:
 def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     """ModelConfig of a HF config.json, in the format of transformers 4 or 5
     (``ModelConfig.from_hf_dict``, which names the file and the field of a bad value)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, CONFIG_NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: file not found (expected a HF config.json)") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    path, raw = read_config_json(path)
     quantization = raw.get("quantization_config")
     if quantization:
         # Its weights are packed integers or FP8 with scales (q_proj.qweight, weight_scale):
@@ -109,7 +98,8 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         raise ConfigError(
             f"{path}: field 'quantization_config' is set (quant_method {method!r}): quantized "
             "checkpoints are not supported; expected an unquantized checkpoint (float32, "
-            "float16 or bfloat16 weights)"
+            "float16 or bfloat16 weights). Some exports of merged 16-bit weights keep a stale "
+            "quantization_config: if this checkpoint's weights are floats, delete the field"
         )
     return ModelConfig.from_hf_dict(raw, source=path)
 
