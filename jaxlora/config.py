@@ -27,7 +27,8 @@ def is_finite_number(value) -> bool:
     )
 
 
-def _is_positive_int(value) -> bool:
+def is_positive_int(value) -> bool:
+    """An int > 0 (a numpy integer too), not a bool."""
     return is_int(value) and value > 0
 
 
@@ -161,11 +162,11 @@ HF_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
             "num_hidden_layers",
             "num_attention_heads",
         ),
-        (_is_positive_int, "a positive int"),
+        (is_positive_int, "a positive int"),
     ),
     **dict.fromkeys(
         ("num_key_value_heads", "head_dim"),
-        (lambda v: v is None or _is_positive_int(v), "a positive int or null"),
+        (lambda v: v is None or is_positive_int(v), "a positive int or null"),
     ),
     "layer_types": (
         lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
@@ -290,7 +291,7 @@ def _sliding_layer_types(layers: int, period: int) -> list[str]:
 def _sliding_window_field(cfg: dict[str, Any], source: str, default: int | None) -> int | None:
     """config.json's sliding_window (``default`` where absent): a positive int or null."""
     window = cfg.get("sliding_window", default)
-    if window is not None and not _is_positive_int(window):  # (true is no window size)
+    if window is not None and not is_positive_int(window):  # (true is no window size)
         raise ConfigError(
             f"{source}: field 'sliding_window' is {window!r}; expected a positive int or null"
         )
@@ -584,7 +585,7 @@ class ModelConfig:
             value = getattr(self, field)
             # (finite: an infinite soft cap makes inf * tanh(x / inf), NaN logits)
             valid = (
-                _is_positive_int
+                is_positive_int
                 if field in ("local_window", "sliding_period")
                 else _is_positive_number
             )

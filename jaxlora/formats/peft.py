@@ -24,7 +24,7 @@ import re
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxlora.config import ModelConfig, is_finite_number
+from jaxlora.config import ModelConfig, is_finite_number, is_positive_int
 from jaxlora.errors import AdapterError, FormatError
 from jaxlora.formats import _safetensors
 from jaxlora.formats._safetensors import FLOAT_DTYPES
@@ -343,10 +343,6 @@ def _read_config(config_file: str) -> dict:
     return cfg
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _check_config(cfg: dict, config_file: str) -> dict:
     """Validates field types and refuses unsupported features; returns a normalised copy."""
     peft_type = cfg.get("peft_type")
@@ -380,7 +376,7 @@ def _check_config(cfg: dict, config_file: str) -> dict:
             "not supported; expected 'none'"
         )
     r = cfg.get("r")
-    if not _is_positive_int(r):
+    if not is_positive_int(r):
         raise FormatError(f"{config_file}: field 'r' is {r!r}; expected a positive int")
     alpha = cfg.get("lora_alpha", 8)
     if not is_finite_number(alpha):
@@ -391,7 +387,7 @@ def _check_config(cfg: dict, config_file: str) -> dict:
     if not isinstance(use_rslora, bool):
         raise FormatError(f"{config_file}: field 'use_rslora' is {use_rslora!r}; expected a bool")
     for field, valid, expected in (
-        ("rank_pattern", _is_positive_int, "a positive int"),
+        ("rank_pattern", is_positive_int, "a positive int"),
         ("alpha_pattern", is_finite_number, "a finite number"),
     ):
         patterns = cfg.get(field) or {}
