@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxlora.config import LoraPoolConfig, ModelConfig, is_int
 from jaxlora.engine import Engine, EngineConfig, Request
-from jaxlora.engine.engine import check_params, checked_token_ids
+from jaxlora.engine.engine import check_adapter_and_sampling, check_params, checked_token_ids
 from jaxlora.errors import ConfigError, RequestError
 from jaxlora.formats.hub_cache import is_repo_id, not_cached, resolve_local
 from jaxlora.lora import LoraWeights
@@ -75,18 +75,6 @@ def _check_dtype(dtype) -> None:
         raise ConfigError(
             f"dtype: {jnp.dtype(dtype).name}; expected a floating-point dtype (float32, "
             "bfloat16 or float16)"
-        )
-
-
-def _check_adapter_and_sampling(adapter, sampling) -> None:
-    if adapter is not None and not isinstance(adapter, str):
-        raise RequestError(
-            f"adapter: expected a registered adapter's name or None, got {adapter!r}"
-        )
-    if sampling is not None and not isinstance(sampling, SamplingParams):
-        raise RequestError(
-            "sampling: expected a jaxlora.sampling.SamplingParams (or one a prompt), got "
-            f"{type(sampling).__name__}"
         )
 
 
@@ -304,7 +292,6 @@ class LLM:
         (``start()``) it is served in the background (``Request.wait``, ``stream``); without,
         nothing steps it until the caller does (``llm.engine.run_until_idle()``): a
         ``wait()`` with no timeout would wait for ever."""
-        _check_adapter_and_sampling(adapter, sampling)
         return self.engine.submit(
             self.encode(prompt),
             sampling if sampling is not None else self.get_default_sampling_params(),
@@ -354,7 +341,7 @@ class LLM:
                 f"{len(samplings)} sampling parameters"
             )
         for a, s in zip(adapters, samplings, strict=True):
-            _check_adapter_and_sampling(a, s)
+            check_adapter_and_sampling(a, s)  # (all before any is queued)
         samplings = [s if s is not None else self.get_default_sampling_params() for s in samplings]
         prompt_ids = [self.encode(p) for p in prompts]
         requests, leaders = [], {}

@@ -160,6 +160,20 @@ def checked_token_ids(
     return ids
 
 
+def check_adapter_and_sampling(adapter, sampling) -> None:
+    """RequestError unless adapter is an adapter's name or None and sampling a SamplingParams
+    or None (a dict or a list here failed deep in the engine)."""
+    if adapter is not None and not isinstance(adapter, str):
+        raise RequestError(
+            f"adapter: expected a registered adapter's name or None, got {adapter!r:.100}"
+        )
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise RequestError(
+            "sampling: expected a jaxlora.sampling.SamplingParams or None, got "
+            f"{type(sampling).__name__}"
+        )
+
+
 def _token_id(t) -> int | None:
     """t as a token id: an int, a numpy integer or a 0-d integer array (a JAX array's elements
     are such arrays); None for a bool or anything else."""
@@ -475,16 +489,8 @@ class Engine:
         share of service the request counts in under the "fair" policy (policy 9; default: its
         adapter's, "" for the base model), e.g. a customer's API key name."""
         prompt_ids = checked_token_ids(prompt_ids)
-        if sampling is not None and not isinstance(sampling, SamplingParams):
-            raise RequestError(
-                f"sampling: expected a jaxlora.sampling.SamplingParams or None, got "
-                f"{type(sampling).__name__}"
-            )
+        check_adapter_and_sampling(adapter, sampling)
         sampling = sampling or SamplingParams()
-        if adapter is not None and not isinstance(adapter, str):
-            raise RequestError(
-                f"adapter: expected a registered adapter's name or None, got {adapter!r:.100}"
-            )
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(f"request_id: expected a string or None, got {request_id!r:.100}")
         if share_prompt_with is not None and not isinstance(share_prompt_with, Request):
