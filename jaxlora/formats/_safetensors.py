@@ -16,6 +16,7 @@ import struct
 import numpy as np
 from safetensors import safe_open
 
+from jaxlora.config import is_int
 from jaxlora.errors import FormatError
 
 # Extensions of formats that can only be read by unpickling (torch.save, pickle, joblib).
@@ -142,10 +143,6 @@ def _clip(value, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _entry_fields(entry) -> tuple[str, tuple[int, ...], tuple[int, int]] | None:
     """(dtype, shape, (begin, end)) of a header entry, or None where any has the wrong type.
 
@@ -157,10 +154,10 @@ def _entry_fields(entry) -> tuple[str, tuple[int, ...], tuple[int, int]] | None:
     if not (
         isinstance(dtype, str)
         and isinstance(shape, list)
-        and all(_is_count(d) for d in shape)
+        and all((is_int(d) and d >= 0) for d in shape)
         and isinstance(offsets, list)
         and len(offsets) == 2
-        and all(_is_count(o) for o in offsets)
+        and all((is_int(o) and o >= 0) for o in offsets)
     ):
         return None
     return dtype, tuple(shape), (offsets[0], offsets[1])
