@@ -148,6 +148,35 @@ HF_FIELD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Bounds no real checkpoint comes near (the largest open models have ~126 layers and ~2e12
+# parameters, the longest contexts ~1e7 positions): a config beyond them is a typo or a
+# hostile file, which would otherwise hang building per-layer tables (10^30 layers) or fail
+# deep inside an allocation. Positions are int32 on the device.
+MAX_LAYERS = 4096
+MAX_PARAMETERS = 10**13
+MAX_POSITIONS = 2**31 - 1
+
+
+def _is_layer_count(value) -> bool:
+    return is_positive_int(value) and value <= MAX_LAYERS
+
+
+def model_parameters(
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> int:
+    """The parameters of the projections, the MLPs and one embedding table (norms and biases,
+    a rounding error, left out): what bounds a config's size."""
+    attention = hidden_size * (2 * num_heads + 2 * num_kv_heads) * head_dim
+    mlp = 3 * hidden_size * intermediate_size
+    return vocab_size * hidden_size + num_layers * (attention + mlp)
+
+
 # config.json fields that from_hf_dict computes with before ModelConfig could check them
 # (hidden_size // num_attention_heads, range(num_hidden_layers), set(layer_types)), or that
 # ModelConfig checks under a name of its own (num_layers): (check, what it expects), checked
@@ -159,11 +188,11 @@ HF_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
             "vocab_size",
             "hidden_size",
             "intermediate_size",
-            "num_hidden_layers",
             "num_attention_heads",
         ),
         (is_positive_int, "a positive int"),
     ),
+    "num_hidden_layers": (_is_layer_count, f"a positive int up to {MAX_LAYERS:,}"),
     **dict.fromkeys(
         ("num_key_value_heads", "head_dim"),
         (lambda v: v is None or is_positive_int(v), "a positive int or null"),
@@ -558,6 +587,7 @@ class ModelConfig:
             ),
             "model config",
         )
+        self._check_size()
         if self.model_type not in HF_MODEL_TYPES:
             raise ConfigError(
                 f"model config field 'model_type': expected one of {sorted(HF_MODEL_TYPES)}, "
@@ -604,6 +634,48 @@ class ModelConfig:
             raise ConfigError(
                 f"model config: num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    def _check_size(self):
+        """The bounds of MAX_LAYERS, MAX_PARAMETERS and MAX_POSITIONS; rope_theta and
+        rms_norm_eps as the config.json reader bounds them (a base <= 0 or NaN makes NaN
+        frequencies, an epsilon < 0 NaN norms)."""
+        if self.num_layers > MAX_LAYERS:
+            raise ConfigError(
+                f"model config field 'num_layers': expected at most {MAX_LAYERS:,} layers, got "
+                f"{self.num_layers:,}"
+            )
+        parameters = model_parameters(
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_layers,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
+        if parameters > MAX_PARAMETERS:
+            raise ConfigError(
+                f"model config: {parameters:.3g} parameters (vocab_size {self.vocab_size:,}, "
+                f"hidden_size {self.hidden_size:,}, intermediate_size "
+                f"{self.intermediate_size:,}, num_layers {self.num_layers:,}, heads "
+                f"{self.num_heads:,} / {self.num_kv_heads:,} of head_dim {self.head_dim:,}); "
+                f"expected at most {MAX_PARAMETERS:.0e}"
+            )
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise ConfigError(
+                f"model config field 'max_position_embeddings': expected at most "
+                f"{MAX_POSITIONS:,} (positions are int32), got {self.max_position_embeddings:,}"
+            )
+        if not _is_positive_number(self.rope_theta):
+            raise ConfigError(
+                f"model config field 'rope_theta': expected a finite number > 0, got "
+                f"{self.rope_theta!r}"
+            )
+        if not (is_finite_number(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+            raise ConfigError(
+                f"model config field 'rms_norm_eps': expected a finite number >= 0, got "
+                f"{self.rms_norm_eps!r}"
             )
 
     def _check_sliding_layers(self):

@@ -4,6 +4,7 @@ TypeError / ZeroDivisionError / ValueError / UnicodeDecodeError, never a model t
 inf or NaN), as read_hf_config refuses them; and a transformers 5 config.json (rope_parameters)
 read as read_hf_config reads it."""
 
+import dataclasses
 import json
 import math
 import os
@@ -104,9 +105,23 @@ BREAKAGES = {
         },
         "final_logit_softcapping",
     ),  # (loaded: inf * tanh(x / inf) is NaN logits)
+    "gemma2_layers_10_to_the_30": (
+        {"model_type": "gemma2", "num_hidden_layers": 10**30, "layer_types": None},
+        "num_hidden_layers",
+    ),  # (hung building the layer-type pattern)
+    "qwen2_layers_10_to_the_12": (
+        {"model_type": "qwen2", "num_hidden_layers": 10**12, "use_sliding_window": True},
+        "num_hidden_layers",
+    ),
+    "llama_layers_5000": ({"num_hidden_layers": 5000}, "num_hidden_layers"),
+    "max_position_embeddings_beyond_int32": (
+        {"max_position_embeddings": 2**31},
+        "max_position_embeddings",
+    ),  # (loaded: positions overflow int32 on the device)
 }
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
 def test_from_hf_dict_refuses_fields_of_the_wrong_type_or_value_by_name(breakage):
     changes, field = BREAKAGES[breakage]
@@ -123,6 +138,48 @@ def test_from_hf_dict_names_the_source_for_model_config_checks():
     without the file."""
     with pytest.raises(ConfigError, match=rf"^{SOURCE}: .*num_kv_heads \(3\)"):
         ModelConfig.from_hf_dict(_config(num_key_value_heads=3), source=SOURCE)
+
+
+def test_a_model_beyond_any_real_size_is_refused_naming_its_parameters():
+    """More than 10^13 parameters (hidden 10^7, intermediate 10^6: 6e13) would fail deep inside
+    an allocation; the message gives the count and the fields it comes from."""
+    with pytest.raises(ConfigError, match=rf"^{SOURCE}: model config: 6(\.\d+)?e\+13 parameters "):
+        ModelConfig.from_hf_dict(
+            _config(hidden_size=10**7, intermediate_size=10**6, head_dim=128), source=SOURCE
+        )
+    # The largest open models are far below the bound (about 4e11 parameters here).
+    ModelConfig.from_hf_dict(
+        _config(
+            vocab_size=128256,
+            hidden_size=16384,
+            intermediate_size=53248,
+            num_hidden_layers=126,
+            num_attention_heads=128,
+            num_key_value_heads=8,
+            head_dim=128,
+        ),
+        source=SOURCE,
+    )
+
+
+DIRECT_BREAKAGES = {
+    # ModelConfig built directly (as a pipeline does) bounded rope_theta and rms_norm_eps only
+    # in the config.json reader
+    "rope_theta_zero": ({"rope_theta": 0.0}, "rope_theta"),
+    "rope_theta_nan": ({"rope_theta": NAN}, "rope_theta"),
+    "rope_theta_a_string": ({"rope_theta": "1e4"}, "rope_theta"),
+    "rms_norm_eps_negative": ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+    "rms_norm_eps_inf": ({"rms_norm_eps": math.inf}, "rms_norm_eps"),
+    "layers_5000": ({"num_layers": 5000}, "num_layers"),
+    "positions_beyond_int32": ({"max_position_embeddings": 2**40}, "max_position_embeddings"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(DIRECT_BREAKAGES))
+def test_model_config_built_directly_refuses_values_the_reader_refuses(breakage):
+    changes, field = DIRECT_BREAKAGES[breakage]
+    with pytest.raises(ConfigError, match=rf"^model config field '{field}': expected"):
+        dataclasses.replace(TINY, **changes)
 
 
 @pytest.mark.parametrize("value", [[TINY.to_hf_dict()], "llama", None])

@@ -33,7 +33,10 @@ load(lambda *a: None)  # warms the page cache
 for run in range(2):
     calls.update(n=0, s=0.0)
     with_check = load(timed_check)
-    print(f"run {run}: with the check {with_check:.2f} s ({calls['n']} tensors checked in "
-          f"{calls['s']:.2f} s)", flush=True)
+    print(
+        f"run {run}: with the check {with_check:.2f} s ({calls['n']} tensors checked in "
+        f"{calls['s']:.2f} s)",
+        flush=True,
+    )
     without = load(lambda *a: None)
     print(f"run {run}: without it     {without:.2f} s", flush=True)
