@@ -2825,6 +2825,48 @@ def test_lorax_merged_adapters_run_lorax_s_merge(served):
             state.unload_adapter(name)
 
 
+def test_per_request_merge_names_cannot_be_taken_by_a_loaded_adapter(served, adapter_root):
+    """A per-request merge's name is the digest of its parts: an adapter loaded or merged under
+    a name of that form (merged-<16 hex digits>) was served as that merge to whoever asked for
+    it next (the merge found the name taken and used it), and counted as a merge on /metrics.
+    Such names are refused, naming lora_name; the merge computes its own adapter."""
+    state, url = served[1], served[0].url
+    name = state.request_merge(
+        [("pirate", 1.0)], strategy="linear", density=1.0, majority_sign_method="total"
+    )
+    state.release_merge(name)
+    state.unload_adapter(name)
+    taken = load(url, name, "robot_copy")
+    assert taken.status_code == 400, taken.text
+    assert taken.json()["error"]["param"] == "lora_name"
+    assert "reserved" in taken.json()["error"]["message"]
+    merged = httpx.post(
+        f"{url}/v1/load_lora_adapter",
+        json={
+            "lora_name": "merged-0123456789abcdef",
+            "merge": [{"lora_name": "robot", "weight": 1}],
+        },
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert merged.status_code == 400 and "reserved" in merged.text, merged.text
+    assert name not in state.adapters.store.names()
+    # Names that only look alike stay free.
+    assert load(url, "merged-robot", "robot_copy").status_code == 200
+    assert unload(url, "merged-robot").status_code == 200
+
+
+def test_launch_refuses_a_startup_adapter_under_a_merge_s_name(tmp_path):
+    from jaxlora.server.launch import LaunchConfig, build_state
+
+    pirate = demo.adapter_dirs()["pirate"]
+    with pytest.raises(ConfigError, match=r"^--lora_modules: adapter name 'merged-0{16}' is "):
+        build_state(LaunchConfig(lora_modules=(f"{'merged-' + '0' * 16}={pirate}",)))
+    root = tmp_path / "root"
+    shutil.copytree(pirate, root / ("merged-" + "a" * 16))
+    with pytest.raises(ConfigError, match=r"^--lora_dirs: adapter name 'merged-a{16}' is "):
+        build_state(LaunchConfig(lora_dirs=(str(root),), kv_pages=16))
+
+
 def test_a_keys_limits_refuse_a_merge_before_it_is_computed(served, monkeypatch):
     """A per-request merge is work and a place among max_request_merges: a request its key's
     tokens a minute or in-flight bound refuse is refused before the merge (it was computed and

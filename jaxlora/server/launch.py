@@ -38,7 +38,7 @@ from jaxlora.server.device_memory import (
     step_working_bytes,
 )
 from jaxlora.server.keys import KeysFile, check_keys, model_matches, with_server_key
-from jaxlora.server.state import ServingState
+from jaxlora.server.state import ServingState, reserved_name_message
 from pallas_kernels import layout
 from pallas_kernels.lora_matmul import MatmulConfig
 from pallas_kernels.sgmv import SgmvConfig
@@ -647,6 +647,10 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         check_no_adapter_flags(launch)
     check_tool_flags(launch)
     adapters = parse_lora_modules(launch.lora_modules)
+    for name in adapters:
+        reserved = reserved_name_message(name)
+        if reserved:
+            raise ConfigError(f"--lora_modules: {reserved}")
     model = resolve_local(launch.model)  # a Hub id: its snapshot in the local cache
     if not model:
         demo.check_assets()
@@ -691,6 +695,10 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         llm.adapters.register(name, path)
     for root in launch.lora_dirs:
         llm.adapters.register_root(root)
+    for name in llm.adapters.store.names():  # (--lora_dirs' directory names)
+        reserved = reserved_name_message(name)
+        if reserved:
+            raise ConfigError(f"--lora_dirs: {reserved}")
     for name in launch.pinned_adapters:
         if name not in llm.adapters.store:
             raise ConfigError(

@@ -45,6 +45,19 @@ def is_request_merge(adapter: str | None) -> bool:
     return adapter is not None and _REQUEST_MERGE_NAME.fullmatch(adapter) is not None
 
 
+def reserved_name_message(name: str) -> str | None:
+    """Why name cannot be an adapter's that a client or operator loads (None: it can). The
+    per-request merges' names are the digest of their parts: an adapter loaded under one
+    would be served as that merge to whoever later asks for it (and counted as a merge on
+    /metrics)."""
+    if not is_request_merge(name):
+        return None
+    return (
+        f"adapter name {name!r} is reserved: merged-<16 hex digits> names LoRAX's per-request "
+        "merges (parameters.merged_adapters); choose another name"
+    )
+
+
 def _encodable(path: str) -> bool:
     """Whether path can name a file (not, e.g., with a lone surrogate "\\ud800" from JSON)."""
     try:
@@ -405,6 +418,9 @@ class ServingState:
                 self._request_merges.pop(name, None)
 
     def _check_new_name(self, name: str, replace: bool) -> None:
+        reserved = reserved_name_message(name)
+        if reserved:
+            raise with_param(AdapterError(f"lora_name: {reserved}"), "lora_name")
         if name == self.config.model_name:
             raise with_param(
                 AdapterError(f"lora_name {name!r}: that is the base model's name"), "lora_name"
