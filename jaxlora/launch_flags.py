@@ -94,6 +94,14 @@ flags.DEFINE_bool(
     "return_tokens_as_token_ids asks (vLLM's --return-tokens-as-token-ids).",
 )
 flags.DEFINE_bool(
+    "enable_prompt_tokens_details",
+    False,
+    "Answers' usage counts the prompt tokens the prefix cache (or a request of the same prompt) "
+    "had already computed: prompt_tokens_details.cached_tokens (vLLM's "
+    "--enable-prompt-tokens-details; off: null). The Responses API's "
+    "input_tokens_details.cached_tokens counts them either way.",
+)
+flags.DEFINE_bool(
     "log_requests",
     False,
     "Log one line a finished request: id, model, token counts, finish reason, time to first "
@@ -594,6 +602,7 @@ def launch_config():
         allowed_methods=tuple(FLAGS.allowed_methods),
         allowed_headers=tuple(FLAGS.allowed_headers),
         return_tokens_as_token_ids=FLAGS.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=FLAGS.enable_prompt_tokens_details,
         docs=not FLAGS.disable_fastapi_docs,
         max_logprobs=FLAGS.max_logprobs,
         response_role=FLAGS.response_role,

@@ -42,6 +42,9 @@ class Completion:
     prompt_logprob_ranks: list[int | None] | None = None  # each prompt token's rank there
     # SamplingParams.logprobs = n > 0: each output token's n most likely tokens and logprobs
     top_logprobs: list[dict[int, float]] | None = None
+    # Prompt tokens whose K/V were not computed for it: the prefix cache's (prefix_caching) or
+    # those it shared with an earlier request of the same prompt (vLLM's num_cached_tokens)
+    num_cached_tokens: int = 0
 
 
 def _prompt_list(prompts) -> list:
@@ -383,6 +386,7 @@ class LLM:
                 prompt_top_logprobs=r.prompt_top_logprobs,
                 prompt_logprob_ranks=r.prompt_logprob_ranks,
                 top_logprobs=list(r.output_top_logprobs) if r.output_top_logprobs else None,
+                num_cached_tokens=r.num_cached_tokens,
             )
             for r in requests
         ]

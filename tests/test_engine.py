@@ -1039,8 +1039,10 @@ def test_prefix_caching_reuses_pages_of_the_same_prefix_and_adapter(base, lora_a
         assert out.token_ids == greedy_reference(params, prompt, 8), (name, prompt)
 
     first = shared + [7]
-    expect(first, "all5", llm.generate([first], adapter=["all5"], sampling=GREEDY)[0])
+    out = llm.generate([first], adapter=["all5"], sampling=GREEDY)[0]
+    expect(first, "all5", out)
     assert stats.prefix_cached_tokens == 0 and kv.cached_pages >= 4
+    assert out.num_cached_tokens == 0
     # The same prefix: 16 tokens (4 pages) from the cache for the same adapter only.
     prompts = [shared + [8, 9], shared[:17], shared + [1], shared[:10] + [4] * 9]
     names = ["all5", "all5", None, "qv1"]
@@ -1048,11 +1050,13 @@ def test_prefix_caching_reuses_pages_of_the_same_prefix_and_adapter(base, lora_a
     for prompt, name, out in zip(prompts, names, outs, strict=True):
         expect(prompt, name, out)
     assert stats.prefix_cached_tokens == 16 + 16
+    # Each request's own count (vLLM's num_cached_tokens; the server's cached_tokens).
+    assert [out.num_cached_tokens for out in outs] == [16, 16, 0, 0]
     assert kv.free_pages == config.kv.num_pages
     # A prompt that is all cached pages still computes its last token (for its logits).
     again = llm.generate([shared[:16]], adapter=["all5"], sampling=GREEDY)[0]
     expect(shared[:16], "all5", again)
-    assert stats.prefix_cached_tokens == 32 + 12
+    assert stats.prefix_cached_tokens == 32 + 12 and again.num_cached_tokens == 12
     # Reset (vLLM's reset_prefix_cache): nothing cached, the same prompt computes it all.
     registered = kv.cached_pages
     assert registered >= 4 and llm.reset_prefix_cache() == registered

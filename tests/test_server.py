@@ -2825,6 +2825,59 @@ def test_lorax_merged_adapters_run_lorax_s_merge(served):
             state.unload_adapter(name)
 
 
+def test_usage_counts_the_prompt_tokens_found_computed(served, client):
+    """--enable_prompt_tokens_details (vLLM's): usage.prompt_tokens_details.cached_tokens, the
+    prompt tokens whose K/V the prefix cache held (full pages of the same adapter), in whole
+    answers and a stream's last usage chunk, each prompt counted once with n choices; off,
+    null as before; the Responses API's input_tokens_details.cached_tokens counts them either
+    way (it said 0 whatever the cache held)."""
+    state, url = served[1], served[0].url
+    kv, config = state.llm.engine.kv, state.config
+    page = kv.config.page_size
+    content = " ".join(demo.DEMO_PROMPTS)
+    messages = [{"role": "user", "content": content}]
+    kv.prefix_caching = True  # (served's engine, for this test only)
+    try:
+        first = chat(client, "pirate", content)
+        assert first.usage.prompt_tokens_details is None  # (off: vLLM's default)
+        state.config = dataclasses.replace(config, enable_prompt_tokens_details=True)
+        again = chat(client, "pirate", content)
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        prompt = again.usage.prompt_tokens
+        assert cached == (prompt - 1) // page * page and cached > 0, (cached, prompt)
+        assert chat(client, "robot", content).usage.prompt_tokens_details.cached_tokens == 0
+        streamed = list(
+            client.chat.completions.create(
+                model="pirate",
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **GREEDY,
+            )
+        )
+        assert streamed[-1].usage.prompt_tokens_details.cached_tokens == cached
+        two = client.chat.completions.create(model="pirate", messages=messages, n=2, **GREEDY)
+        assert two.usage.prompt_tokens == prompt
+        assert two.usage.prompt_tokens_details.cached_tokens == cached
+        completion = client.completions.create(model="robot", prompt=content, **GREEDY)
+        assert completion.usage.prompt_tokens_details.cached_tokens == 0
+        completion = client.completions.create(model="robot", prompt=content, **GREEDY)
+        tokens = completion.usage.prompt_tokens
+        assert completion.usage.prompt_tokens_details.cached_tokens == (tokens - 1) // page * page
+        state.config = config
+        response = httpx.post(
+            f"{url}/v1/responses",
+            json={"model": "pirate", "input": content, "temperature": 0, "max_output_tokens": 8},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ).json()
+        assert response["usage"]["input_tokens"] == prompt
+        assert response["usage"]["input_tokens_details"]["cached_tokens"] == cached
+    finally:
+        state.config = config
+        kv.prefix_caching = False
+        state.llm.reset_prefix_cache()
+
+
 def test_per_request_merge_names_cannot_be_taken_by_a_loaded_adapter(served, adapter_root):
     """A per-request merge's name is the digest of its parts: an adapter loaded or merged under
     a name of that form (merged-<16 hex digits>) was served as that merge to whoever asked for

@@ -78,6 +78,7 @@ def test_a_secret_or_name_used_twice_names_api_key_where_it_is_the_flags():
         ("docs", "--docs"),
         ("log_requests", "--log_requests"),
         ("return_tokens_as_token_ids", "--return_tokens_as_token_ids"),
+        ("enable_prompt_tokens_details", "--enable_prompt_tokens_details"),
         ("load_adapters_on_demand", "--load_adapters_on_demand"),
     ],
 )

@@ -43,6 +43,7 @@ VLLM_COMMAND = [
     "--allowed-methods=GET,POST",
     "--return-tokens-as-token-ids",
     "--disable-fastapi-docs",
+    "--enable-prompt-tokens-details",
 ]
 
 
@@ -60,6 +61,7 @@ def test_a_vllm_command_line_launches_with_a_note_for_each_option_that_changes_n
     assert (launch.max_slots, launch.max_rank, launch.max_cpu_loras) == (2, 16, 4)
     assert launch.allow_credentials and launch.allowed_methods == ("GET", "POST")
     assert launch.return_tokens_as_token_ids and not launch.docs
+    assert launch.enable_prompt_tokens_details
     notes = [r.getMessage() for r in caplog.records if r.name == "jaxlora.launch"]
     for option in (
         "--enforce-eager",

@@ -1128,6 +1128,7 @@ class Engine:
         request.status = Status.RUNNING
         if request.admitted_time is None:
             request.admitted_time = time.monotonic()
+            request.num_cached_tokens = cached + shared
         self._running.append(request)
         if not request.fair_charged:  # (policy 9: a prompt counts once, recomputed or not)
             request.fair_charged = True

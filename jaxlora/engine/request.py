@@ -87,6 +87,9 @@ class Request:
     preemptions: int = 0
     skipped: int = 0  # times a later request was admitted first (fairness bound)
     admitted_time: float | None = None  # first admission (a preempted request keeps it)
+    # Prompt tokens whose K/V its first admission found computed, by the prefix cache or its
+    # prompt leader (vLLM's num_cached_tokens; a recompute after preemption does not change it).
+    num_cached_tokens: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
     cancel_requested: bool = False

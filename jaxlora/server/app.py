@@ -498,13 +498,15 @@ def _usage(
     reasoning=None,
     whole=False,
     sent: list[int] | None = None,
+    cached: bool = False,
 ) -> dict:
     """OpenAI's usage block; ``reasoning`` (a chat's answers read by a reasoning parser: a
     function of output ids) adds ``completion_tokens_details.reasoning_tokens``. ``whole``:
-    a whole (not streamed) answer's, with vLLM's ``prompt_tokens_details`` (null: this server
-    counts no cached tokens per request). ``sent``: each request's output tokens a stream has
-    sent so far, counted instead of all of them (vLLM's ``continuous_usage_stats``: the engine
-    may be ahead of the stream)."""
+    a whole (not streamed) answer's, with vLLM's ``prompt_tokens_details``: null, or with
+    ``cached`` (ServerConfig.enable_prompt_tokens_details) the prompt tokens found computed,
+    which a stream's last usage chunk (``sent`` None) also gets. ``sent``: each request's
+    output tokens a stream has sent so far, counted instead of all of them (vLLM's
+    ``continuous_usage_stats``: the engine may be ahead of the stream)."""
     outputs = [r.output_ids for r in requests]
     if sent is not None:
         outputs = [ids[:n] for ids, n in zip(outputs, sent, strict=True)]
@@ -515,12 +517,26 @@ def _usage(
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    if whole:
-        usage["prompt_tokens_details"] = None
+    if whole or (cached and sent is None):
+        usage["prompt_tokens_details"] = (
+            {"cached_tokens": _cached_tokens(prompt_lengths, requests)} if cached else None
+        )
     if reasoning is not None:
         thought = sum(reasoning(ids) for ids in outputs)
         usage["completion_tokens_details"] = {"reasoning_tokens": thought}
     return usage
+
+
+def _cached_tokens(prompt_lengths: list[int], requests: list[EngineRequest]) -> int:
+    """The prompt tokens whose K/V were found computed, each prompt counted once, as usage
+    counts its tokens: requests are prompt-major, n a prompt, and the n choices of a prompt
+    share its pages (the first computes what the prefix cache lacks, the others find it all),
+    so a prompt counts its least-cached choice's."""
+    per_prompt = len(requests) // max(len(prompt_lengths), 1)
+    return sum(
+        min(r.num_cached_tokens for r in requests[i * per_prompt : (i + 1) * per_prompt])
+        for i in range(len(prompt_lengths))
+    )
 
 
 # Top-level fields of a whole answer that vLLM's always has (null here, as in vLLM).
@@ -1264,7 +1280,12 @@ def create_app(
                 "created": created,
                 "model": body.model,
                 "choices": choices,
-                "usage": _usage(prompt_lengths, group.requests, whole=True),
+                "usage": _usage(
+                    prompt_lengths,
+                    group.requests,
+                    whole=True,
+                    cached=state.config.enable_prompt_tokens_details,
+                ),
                 **_ANSWER_NULLS,
             }
 
@@ -1333,7 +1354,14 @@ def create_app(
                         choice["token_ids"] = list(delta.token_ids)
                     yield chunk([choice])
             if include_usage:
-                yield chunk([], _usage(prompt_lengths, group.requests))
+                yield chunk(
+                    [],
+                    _usage(
+                        prompt_lengths,
+                        group.requests,
+                        cached=state.config.enable_prompt_tokens_details,
+                    ),
+                )
 
         return await stream(group, raw, chunks)
 
@@ -1540,7 +1568,13 @@ def create_app(
                 "created": created,
                 "model": body.model,
                 "choices": choices,
-                "usage": _usage([len(prompt)], group.requests, run.reasoning_counter, whole=True),
+                "usage": _usage(
+                    [len(prompt)],
+                    group.requests,
+                    run.reasoning_counter,
+                    whole=True,
+                    cached=state.config.enable_prompt_tokens_details,
+                ),
                 **_ANSWER_NULLS,
             }
             if body.return_token_ids:  # (vLLM's: one list, the choices share the prompt)
@@ -1612,7 +1646,15 @@ def create_app(
                 else:
                     yield delta_chunk(index, dict.fromkeys(delta_keys[kind], value), lp)
             if include_usage:
-                yield chunk([], _usage([len(prompt)], group.requests, run.reasoning_counter))
+                yield chunk(
+                    [],
+                    _usage(
+                        [len(prompt)],
+                        group.requests,
+                        run.reasoning_counter,
+                        cached=state.config.enable_prompt_tokens_details,
+                    ),
+                )
 
         return await stream(group, raw, chunks)
 
@@ -1650,7 +1692,9 @@ def create_app(
         request = run.group.requests[0]
 
         def usage(thought: int) -> dict:
-            return responses.usage(len(run.prompt), len(request.output_ids), thought)
+            return responses.usage(
+                len(run.prompt), len(request.output_ids), thought, request.num_cached_tokens
+            )
 
         def kept(response: dict) -> dict:
             if body.store:

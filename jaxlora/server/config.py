@@ -20,6 +20,7 @@ _BOOL_FIELDS = {
     "auto_tool_choice": " (--enable_auto_tool_choice)",
     "allow_credentials": " (--allow_credentials)",
     "return_tokens_as_token_ids": " (--return_tokens_as_token_ids)",
+    "enable_prompt_tokens_details": " (--enable_prompt_tokens_details)",
     "docs": " (--docs)",
     "log_requests": " (--log_requests)",
     "metrics_need_key": " (--metrics_need_key)",
@@ -75,6 +76,10 @@ class ServerConfig:
     allowed_methods, allowed_headers: the rest of its CORS answer (vLLM's options).
     return_tokens_as_token_ids: logprobs name tokens "token_id:<id>" in every answer, as the
     request field asks for one (vLLM's --return-tokens-as-token-ids).
+    enable_prompt_tokens_details: a whole answer's usage (and a stream's last usage chunk)
+    counts the prompt tokens whose K/V were already computed, by the prefix cache or by a
+    request of the same prompt, as prompt_tokens_details.cached_tokens (vLLM's
+    --enable-prompt-tokens-details); False: prompt_tokens_details null, as vLLM's default.
     docs: the OpenAPI schema and its pages (/docs, /redoc, /openapi.json); False: none
     (vLLM's --disable-fastapi-docs).
     max_logprobs: the most logprobs a token a request may ask for (0..20; vLLM's
@@ -124,6 +129,7 @@ class ServerConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     return_tokens_as_token_ids: bool = False
+    enable_prompt_tokens_details: bool = False
     docs: bool = True
     max_logprobs: int = MAX_LOGPROBS
     response_role: str = "assistant"

@@ -83,6 +83,7 @@ class LaunchConfig:
     allowed_methods: tuple[str, ...] = ("*",)  # ServerConfig.allowed_methods (CORS)
     allowed_headers: tuple[str, ...] = ("*",)  # ServerConfig.allowed_headers (CORS)
     return_tokens_as_token_ids: bool = False  # ServerConfig.return_tokens_as_token_ids
+    enable_prompt_tokens_details: bool = False  # ServerConfig.enable_prompt_tokens_details
     docs: bool = True  # ServerConfig.docs (False: vLLM's --disable-fastapi-docs)
     max_logprobs: int = 20  # ServerConfig.max_logprobs (vLLM's --max-logprobs)
     response_role: str = "assistant"  # ServerConfig.response_role (vLLM's --response-role)
@@ -737,6 +738,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         allowed_methods=tuple(launch.allowed_methods),
         allowed_headers=tuple(launch.allowed_headers),
         return_tokens_as_token_ids=launch.return_tokens_as_token_ids,
+        enable_prompt_tokens_details=launch.enable_prompt_tokens_details,
         docs=launch.docs,
         max_logprobs=launch.max_logprobs,
         response_role=launch.response_role,

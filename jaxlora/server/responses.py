@@ -325,10 +325,12 @@ def assistant_message(output: list[dict]) -> dict:
     return message
 
 
-def usage(prompt_tokens: int, output_tokens: int, reasoning_tokens: int = 0) -> dict:
+def usage(
+    prompt_tokens: int, output_tokens: int, reasoning_tokens: int = 0, cached_tokens: int = 0
+) -> dict:
     return {
         "input_tokens": prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": prompt_tokens + output_tokens,
