@@ -128,6 +128,43 @@ def test_hf_round_trip_is_exact_and_in_hf_layout(tmp_path, tiny_params):
     assert all(v.dtype == np.float32 for v in flat(params).values())
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+def test_hf_load_copies_weights_tile_by_tile_on_workers_exactly(tmp_path, model_type):
+    """load_hf_checkpoint copies transposed weights tile by tile (256 x 256) on worker threads:
+    widths beyond one tile and no multiple of it (hidden 288, intermediate 600, vocab 300),
+    Phi-3's fused q|k|v and gate|up split by columns, one worker or several, float32 or
+    bfloat16: the params as saved; a NaN in one tensor is still refused by name."""
+    import ml_dtypes
+
+    config = dataclasses.replace(
+        TINY,
+        model_type=model_type,
+        vocab_size=300,
+        hidden_size=288,
+        intermediate_size=600,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=72,
+    )
+    params = random_params(config, seed=3)
+    save_hf_checkpoint(tmp_path, config, params)
+    for workers in (1, 3, None):
+        loaded_config, loaded = load_hf_checkpoint(tmp_path, workers=workers)
+        assert loaded_config == config
+        assert_trees_equal(loaded, params)
+    _, bf16 = load_hf_checkpoint(tmp_path, dtype=ml_dtypes.bfloat16, workers=2)
+    for key, value in flat(params).items():
+        np.testing.assert_array_equal(
+            flat(bf16)[key], value.astype(ml_dtypes.bfloat16), err_msg=key
+        )
+    stored = load_file(os.path.join(tmp_path, "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    stored[name][3, 290] = np.nan
+    save_file(stored, os.path.join(tmp_path, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=rf"tensor '{name}' holds 1 NaN or infinite"):
+        load_hf_checkpoint(tmp_path, workers=3)
+
+
 def test_hf_tied_embeddings_have_no_lm_head(tmp_path):
     tied = dataclasses.replace(TINY, tie_word_embeddings=True)
     params = random_params(tied)
