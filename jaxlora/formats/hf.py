@@ -406,17 +406,18 @@ def load_hf_checkpoint(
     return config, params
 
 
-def _copy_tiled(destination: np.ndarray, source: np.ndarray) -> None:
+def _copy_tiled(destination: np.ndarray, source: np.ndarray) -> np.ndarray:
     """destination[...] = source; a 2-D source that is not C-contiguous (a transposed weight,
-    or a fused one's columns) tile by tile (_TRANSPOSE_TILE)."""
+    or a fused one's columns) tile by tile (_TRANSPOSE_TILE). Returns destination."""
     if source.ndim != 2 or source.flags.c_contiguous:
         destination[...] = source
-        return
+        return destination
     rows, cols = source.shape
     for i in range(0, rows, _TRANSPOSE_TILE):
         for j in range(0, cols, _TRANSPOSE_TILE):
             tile = (slice(i, i + _TRANSPOSE_TILE), slice(j, j + _TRANSPOSE_TILE))
             destination[tile] = source[tile]
+    return destination
 
 
 def _check_tied_head(file: str, embedding: np.ndarray) -> None:
@@ -487,7 +488,10 @@ def save_hf_checkpoint(path: str | os.PathLike, config: ModelConfig, params: dic
         value = values[0] if len(values) == 1 else np.concatenate(values, axis=-1)
         if config.hf_norm_offset and _is_norm(parts):
             value = (value.astype(np.float32) - config.hf_norm_offset).astype(value.dtype)
-        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+        value = value.T if transposed else value
+        if not value.flags.c_contiguous:
+            value = _copy_tiled(np.empty(value.shape, value.dtype), value)
+        tensors[name] = value
     dtype = np.asarray(params["embed_tokens"]["embedding"]).dtype
     hf_config = {
         **config.to_hf_dict(),
