@@ -3,6 +3,7 @@ no page leaks."""
 
 import functools
 import re
+import threading
 from dataclasses import replace as dataclasses_replace
 
 import jax
@@ -336,12 +337,20 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
     config = dataclasses.replace(
         config, runner=dataclasses.replace(config.runner, prefill_context_buckets=(8,))
     )
-    step_compiles = []
+    step_compiles, sampler_compiles = [], []
 
     def on_warmup_event(event, duration, **kwargs):
         if event.endswith("backend_compile_duration") and "_forward" in str(kwargs):
             step_compiles.append(kwargs)
+        if event.endswith("backend_compile_duration") and "sample_step" in str(kwargs):
+            sampler_compiles.append(threading.current_thread().name)
 
+    # (the samplers' shapes are other tests' too: compiled here, not found in a cache)
+    from jaxlora.engine.runner import sample_step
+
+    sample_step.clear_cache()
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     jax.monitoring.register_event_duration_secs_listener(on_warmup_event)
     try:
         llm = jaxlora.LLM(
@@ -349,11 +358,17 @@ def test_compilations_are_bounded_by_the_buckets(base, lora_adapters):
         )
     finally:
         jax.monitoring.unregister_event_duration_listener(on_warmup_event)
+        jax.config.update("jax_enable_compilation_cache", cache)
     warmed = set(llm.engine.runner.compiled_shapes)
     # compiled in parallel, once each: running the buckets afterwards hit JAX's cache
     shapes = llm.engine.runner.bucket_shapes(config.kv.max_pages_per_seq, config.kv.page_size)
     assert len(step_compiles) == len(warmed) == 2 * len(shapes)
     assert len(warmed) == 2 * len(shapes)  # with and without LoRA
+    # Each bucket's four sampler variants, once each, on the compile threads (one after the
+    # other on the engine's thread, they took longer than all the steps together).
+    buckets = {(mode, rows) for mode, rows, *_ in shapes}
+    assert len(sampler_compiles) == 4 * len(buckets)
+    assert threading.current_thread().name not in sampler_compiles
     rng = np.random.default_rng(3)
     prompts = [list(map(int, rng.integers(3, 500, n))) for n in (1, 9, 30, 4, 12)]
     compiled = []
