@@ -1583,18 +1583,22 @@ class Engine:
     ):
         """Dispatches the sampler of a step (its inputs in one packed transfer); returns its
         packed results and the token register with this mode's part rewritten."""
+        args, static = self._sampler_arguments(logits, mode, sampling, top_n, filtered)
+        return sample_step(*args, pending_register, **static)
+
+    def _sampler_arguments(
+        self, logits, mode: str, sampling: SamplingBatch, top_n: int, filtered: bool
+    ) -> tuple[tuple, dict]:
+        """sample_step's arguments before pending_register, and its static ones."""
         packed = PackedInputs.pack(sampling)
-        return sample_step(
-            logits,
-            self._register,
-            jax.device_put(packed.buffer),
-            pending_register,
+        static = dict(
             treedef=packed.treedef,
             layout=packed.layout,
             register_offset=self.engine_config.runner.register_offset(mode),
             num_top_logprobs=top_n,
             apply_filters=filtered,
         )
+        return (logits, self._register, jax.device_put(packed.buffer)), static
 
     def _lower_samplers(self, variants, compiled) -> list:
         """Every sampler variant ``_warm_sampler`` runs, lowered for the logits each bucket's
@@ -1609,22 +1613,10 @@ class Engine:
             seen.add((mode, rows))
             info = step.out_info[0]
             logits = jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=info.sharding)
-            packed = PackedInputs.pack(SamplingBatch.from_params([], [], batch_size=rows))
-            buffer = jax.device_put(packed.buffer)
+            sampling = SamplingBatch.from_params([], [], batch_size=rows)
             for top_n, filtered in itertools.product((0, MAX_LOGPROBS), (False, True)):
-                lowered.append(
-                    sample_step.lower(
-                        logits,
-                        self._register,
-                        buffer,
-                        None,
-                        treedef=packed.treedef,
-                        layout=packed.layout,
-                        register_offset=self.engine_config.runner.register_offset(mode),
-                        num_top_logprobs=top_n,
-                        apply_filters=filtered,
-                    )
-                )
+                args, static = self._sampler_arguments(logits, mode, sampling, top_n, filtered)
+                lowered.append(sample_step.lower(*args, None, **static))
         return lowered
 
     def _warm_sampler(self, logits, mode: str, rows: int) -> None:
