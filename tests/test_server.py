@@ -2825,18 +2825,18 @@ def test_lorax_merged_adapters_run_lorax_s_merge(served):
             state.unload_adapter(name)
 
 
-def test_usage_counts_the_prompt_tokens_found_computed(served, client):
+def test_usage_counts_the_prompt_tokens_found_computed():
     """--enable_prompt_tokens_details (vLLM's): usage.prompt_tokens_details.cached_tokens, the
     prompt tokens whose K/V the prefix cache held (full pages of the same adapter), in whole
     answers and a stream's last usage chunk, each prompt counted once with n choices; off,
     null as before; the Responses API's input_tokens_details.cached_tokens counts them either
     way (it said 0 whatever the cache held)."""
-    state, url = served[1], served[0].url
-    kv, config = state.llm.engine.kv, state.config
-    page = kv.config.page_size
+    server, state = start_demo_server(prefix_caching=True)
+    url, config = server.url, state.config
+    client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+    page = state.llm.engine.kv.config.page_size
     content = " ".join(demo.DEMO_PROMPTS)
     messages = [{"role": "user", "content": content}]
-    kv.prefix_caching = True  # (served's engine, for this test only)
     try:
         first = chat(client, "pirate", content)
         assert first.usage.prompt_tokens_details is None  # (off: vLLM's default)
@@ -2873,9 +2873,7 @@ def test_usage_counts_the_prompt_tokens_found_computed(served, client):
         assert response["usage"]["input_tokens"] == prompt
         assert response["usage"]["input_tokens_details"]["cached_tokens"] == cached
     finally:
-        state.config = config
-        kv.prefix_caching = False
-        state.llm.reset_prefix_cache()
+        server.stop()
 
 
 def test_per_request_merge_names_cannot_be_taken_by_a_loaded_adapter(served, adapter_root):

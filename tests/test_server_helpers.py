@@ -14,10 +14,14 @@ from jaxlora.server import BackgroundServer, ServerConfig, ServingState, create_
 API_KEY = "test-key"
 
 
-def demo_engine_config(*, max_batch: int, max_waiting: int, kv_pages: int = 96) -> EngineConfig:
+def demo_engine_config(
+    *, max_batch: int, max_waiting: int, kv_pages: int = 96, prefix_caching: bool = False
+) -> EngineConfig:
     """Small pools and few shape buckets (each compiles for seconds on CPU)."""
     return EngineConfig(
-        kv=KVCacheConfig(page_size=8, num_pages=kv_pages, max_model_len=128),
+        kv=KVCacheConfig(
+            page_size=8, num_pages=kv_pages, max_model_len=128, prefix_caching=prefix_caching
+        ),
         runner=RunnerConfig(max_batch=max_batch, prefill_chunk=32, max_prefill_rows=1),
         # (max_rank 16: two demo adapters merged)
         lora_pool=LoraPoolConfig(max_rank=16, rows_per_page=8, pages_per_pool=48, max_slots=4),
@@ -34,6 +38,7 @@ def start_demo_server(
     kv_pages: int = 96,
     adapter_roots=(),
     api_key: str | None = API_KEY,
+    prefix_caching: bool = False,
     **server_kwargs,
 ):
     """(BackgroundServer, ServingState) of the demo model and adapters, engine warm."""
@@ -42,7 +47,10 @@ def start_demo_server(
         demo.model_dir(),
         adapters=demo.adapter_dirs(),
         engine_config=demo_engine_config(
-            max_batch=max_batch, max_waiting=max_waiting, kv_pages=kv_pages
+            max_batch=max_batch,
+            max_waiting=max_waiting,
+            kv_pages=kv_pages,
+            prefix_caching=prefix_caching,
         ),
     )
     state = ServingState(
