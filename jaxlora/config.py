@@ -36,6 +36,11 @@ def _is_positive_number(value) -> bool:
     return is_finite_number(value) and value > 0
 
 
+def _is_norm_epsilon(value) -> bool:
+    """An RMSNorm epsilon: finite and >= 0 (one < 0 makes NaN norms)."""
+    return is_finite_number(value) and value >= 0
+
+
 def require_positive_ints(obj, fields: tuple[str, ...], what: str) -> None:
     """Raises ConfigError naming `what` and the field unless every field is an int > 0."""
     for field in fields:
@@ -587,7 +592,7 @@ class ModelConfig:
             ),
             "model config",
         )
-        self._check_size()
+        self._check_bounds()
         if self.model_type not in HF_MODEL_TYPES:
             raise ConfigError(
                 f"model config field 'model_type': expected one of {sorted(HF_MODEL_TYPES)}, "
@@ -636,7 +641,7 @@ class ModelConfig:
                 f"num_kv_heads ({self.num_kv_heads})"
             )
 
-    def _check_size(self):
+    def _check_bounds(self):
         """The bounds of MAX_LAYERS, MAX_PARAMETERS and MAX_POSITIONS; rope_theta and
         rms_norm_eps as the config.json reader bounds them (a base <= 0 or NaN makes NaN
         frequencies, an epsilon < 0 NaN norms)."""
@@ -672,7 +677,7 @@ class ModelConfig:
                 f"model config field 'rope_theta': expected a finite number > 0, got "
                 f"{self.rope_theta!r}"
             )
-        if not (is_finite_number(self.rms_norm_eps) and self.rms_norm_eps >= 0):
+        if not _is_norm_epsilon(self.rms_norm_eps):
             raise ConfigError(
                 f"model config field 'rms_norm_eps': expected a finite number >= 0, got "
                 f"{self.rms_norm_eps!r}"
@@ -921,7 +926,7 @@ class ModelConfig:
                 "rms_norm_eps",
                 1e-5,
                 float,
-                (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
+                (_is_norm_epsilon, "a finite number >= 0"),
             ),
             # (transformers' Gemma configs tie them by default, and the 4.x ones that left it
             # at that did not write the field)

@@ -262,6 +262,14 @@ def parse_lora_modules(specs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
+def _refuse_reserved_names(names, flag: str) -> None:
+    """ConfigError naming flag for an adapter name reserved for per-request merges."""
+    for name in names:
+        reserved = reserved_name_message(name)
+        if reserved:
+            raise ConfigError(f"{flag}: {reserved}")
+
+
 def parse_fair_share_weights(specs: tuple[str, ...] | list[str]) -> tuple[tuple[str, float], ...]:
     """((name, weight), ...) from "name=weight" entries (--fair_share_weights)."""
     out = []
@@ -648,10 +656,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         check_no_adapter_flags(launch)
     check_tool_flags(launch)
     adapters = parse_lora_modules(launch.lora_modules)
-    for name in adapters:
-        reserved = reserved_name_message(name)
-        if reserved:
-            raise ConfigError(f"--lora_modules: {reserved}")
+    _refuse_reserved_names(adapters, "--lora_modules")
     model = resolve_local(launch.model)  # a Hub id: its snapshot in the local cache
     if not model:
         demo.check_assets()
@@ -696,10 +701,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         llm.adapters.register(name, path)
     for root in launch.lora_dirs:
         llm.adapters.register_root(root)
-    for name in llm.adapters.store.names():  # (--lora_dirs' directory names)
-        reserved = reserved_name_message(name)
-        if reserved:
-            raise ConfigError(f"--lora_dirs: {reserved}")
+    _refuse_reserved_names(llm.adapters.store.names(), "--lora_dirs")  # (its directories)
     for name in launch.pinned_adapters:
         if name not in llm.adapters.store:
             raise ConfigError(
