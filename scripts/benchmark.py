@@ -39,7 +39,7 @@ from jaxlora.config import parse_positive_ints  # noqa: E402
 from jaxlora.engine import EngineConfig  # noqa: E402
 from jaxlora.engine.kv_cache import KV_CACHE_DTYPES  # noqa: E402
 from jaxlora.engine.runner import xla_options_from_json  # noqa: E402
-from jaxlora.errors import JaxloraError  # noqa: E402
+from jaxlora.errors import ConfigError, JaxloraError  # noqa: E402
 from pallas_kernels.lora_matmul import MatmulConfig  # noqa: E402
 from pallas_kernels.sgmv import SgmvConfig  # noqa: E402
 
@@ -118,6 +118,12 @@ flags.DEFINE_bool(
 flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
 flags.DEFINE_float("copy_gib", 1.0, "size of the copy-bandwidth buffers")
 flags.DEFINE_integer("flush_mib", 256, "size of the L2-flush buffer of the copy measurement")
+flags.DEFINE_float(
+    "matmul_tflops",
+    0.0,
+    "online with --online_prefix_len: the matmul rate of the prefill floor; 0: measure it",
+)
+flags.DEFINE_integer("matmul_size", 8192, "the matmul-rate measurement's square operands")
 flags.DEFINE_integer("compile_threads", 16, "parallel compilations of the engine's step shapes")
 flags.DEFINE_enum(
     "impl",
@@ -239,6 +245,16 @@ flags.DEFINE_float("online_cv", 1.0, "inter-arrival coefficient of variation (1:
 flags.DEFINE_enum("online_popularity", "slora", ["slora", "zipf"], "popularity law")
 flags.DEFINE_integer("online_min_len", 8, "shortest prompt / output")
 flags.DEFINE_integer("online_max_len", 512, "longest prompt / output")
+flags.DEFINE_integer(
+    "online_prefix_len",
+    0,
+    "tokens of each adapter's system prompt that its requests' prompts start with (0: none)",
+)
+flags.DEFINE_list(
+    "online_prefix_caching",
+    ["off"],
+    "each trace is served once per mode listed (off, on): prefix caching on one compiled engine",
+)
 flags.DEFINE_float("slo_s", 6.0, "first-token objective")
 flags.DEFINE_integer("online_max_batch", 64, "decode rows per step")
 flags.DEFINE_integer(
@@ -272,6 +288,78 @@ def measure_copy_gbps() -> tuple[float, dict]:
     if FLAGS.copy_bandwidth_gbps > 0:
         return FLAGS.copy_bandwidth_gbps, {"given": FLAGS.copy_bandwidth_gbps}
     return kernels.copy_ceiling(copy_gib=FLAGS.copy_gib, flush_mib=FLAGS.flush_mib)
+
+
+def measure_matmul_tflops() -> tuple[float, dict]:
+    """The matmul rate of the prefill floor (jaxlora.bench.kernels.matmul_ceiling), or the one
+    given."""
+    if FLAGS.matmul_tflops > 0:
+        return FLAGS.matmul_tflops, {"given": FLAGS.matmul_tflops}
+    return kernels.matmul_ceiling(size=FLAGS.matmul_size)
+
+
+def prefix_caching_modes(values) -> tuple[bool, ...]:
+    modes = {"off": False, "on": True}
+    bad = [v for v in values if v not in modes]
+    if bad or not values:
+        raise ConfigError(
+            f"--online_prefix_caching: expected off and / or on, got {','.join(values)!r}"
+        )
+    return tuple(modes[v] for v in values)
+
+
+def section_config(prefix_caching: tuple[bool, ...]):
+    """The offline or online section's config from the flags (ConfigError names a bad one)."""
+    if FLAGS.section == "offline":
+        return OfflineConfig(
+            batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
+            workloads=tuple(FLAGS.offline_workloads),
+            prompt_len=FLAGS.prompt_len,
+            output_len=FLAGS.output_len,
+            rank=FLAGS.rank,
+            skewed_adapters=FLAGS.skewed_adapters,
+            prefill_rows=FLAGS.prefill_rows,
+            impl=FLAGS.impl,
+            layer_loop=FLAGS.layer_loop,
+            fuse_projections=FLAGS.fuse_projections,
+            projection_kernel=FLAGS.projection_kernel,
+            kv_cache_dtype=FLAGS.kv_cache_dtype,
+            profile_steps=FLAGS.profile_steps,
+            free_running=tuple(FLAGS.free_running),
+            freeze_heap=FLAGS.freeze_heap,
+            seed=FLAGS.seed,
+            max_model_len=FLAGS.max_model_len,
+        )
+    return OnlineConfig(
+        adapter_counts=tuple(int(n) for n in FLAGS.online_adapters),
+        rate=FLAGS.online_rate,
+        duration_s=FLAGS.online_duration_s,
+        drain_timeout_s=FLAGS.online_drain_s,
+        alpha=FLAGS.online_alpha,
+        cv=FLAGS.online_cv,
+        popularity=FLAGS.online_popularity,
+        min_len=FLAGS.online_min_len,
+        max_len=FLAGS.online_max_len,
+        prefix_len=FLAGS.online_prefix_len,
+        prefix_caching=prefix_caching,
+        slo_s=FLAGS.slo_s,
+        rank=FLAGS.rank,
+        max_batch=FLAGS.online_max_batch,
+        max_slots=FLAGS.online_max_slots or None,
+        max_skips=FLAGS.online_max_skips,
+        prefill_chunk=FLAGS.online_prefill_chunk,
+        prefill_rows=FLAGS.online_prefill_rows,
+        resident_adapters=FLAGS.online_resident_adapters,
+        kv_pages=FLAGS.online_kv_pages,
+        impl=FLAGS.impl,
+        layer_loop=FLAGS.layer_loop,
+        fuse_projections=FLAGS.fuse_projections,
+        projection_kernel=FLAGS.projection_kernel,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
+        time_steps=FLAGS.online_time_steps,
+        freeze_heap=FLAGS.freeze_heap,
+        seed=FLAGS.seed,
+    )
 
 
 def meta(copy_gbps: float, copy_methods: dict, setup_seconds: dict, model) -> dict:
@@ -320,70 +408,26 @@ def main(argv):
         )
         matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
         xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
+        config = section_config(prefix_caching_modes(FLAGS.online_prefix_caching))
+        model = get_model_preset(FLAGS.model)
+        if FLAGS.model_layers:
+            model = dataclasses.replace(model, num_layers=FLAGS.model_layers)
+        setup = SetupConfig(
+            dtype=FLAGS.dtype,
+            rank=FLAGS.rank,
+            weight_sets=FLAGS.weight_sets,
+            compile_threads=FLAGS.compile_threads,
+            seed=FLAGS.seed,
+        )
     except JaxloraError as e:
         sys.exit(f"error: {e}")
-    model = get_model_preset(FLAGS.model)
-    if FLAGS.model_layers:
-        model = dataclasses.replace(model, num_layers=FLAGS.model_layers)
-    setup = SetupConfig(
-        dtype=FLAGS.dtype,
-        rank=FLAGS.rank,
-        weight_sets=FLAGS.weight_sets,
-        compile_threads=FLAGS.compile_threads,
-        seed=FLAGS.seed,
-    )
     print("devices:", jax.devices(), flush=True)
     copy_gbps, copy_methods = measure_copy_gbps()
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
-    if FLAGS.section == "offline":
-        config = OfflineConfig(
-            batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
-            workloads=tuple(FLAGS.offline_workloads),
-            prompt_len=FLAGS.prompt_len,
-            output_len=FLAGS.output_len,
-            rank=FLAGS.rank,
-            skewed_adapters=FLAGS.skewed_adapters,
-            prefill_rows=FLAGS.prefill_rows,
-            impl=FLAGS.impl,
-            layer_loop=FLAGS.layer_loop,
-            fuse_projections=FLAGS.fuse_projections,
-            projection_kernel=FLAGS.projection_kernel,
-            kv_cache_dtype=FLAGS.kv_cache_dtype,
-            profile_steps=FLAGS.profile_steps,
-            free_running=tuple(FLAGS.free_running),
-            freeze_heap=FLAGS.freeze_heap,
-            seed=FLAGS.seed,
-            max_model_len=FLAGS.max_model_len,
-        )
-    else:
-        config = OnlineConfig(
-            adapter_counts=tuple(int(n) for n in FLAGS.online_adapters),
-            rate=FLAGS.online_rate,
-            duration_s=FLAGS.online_duration_s,
-            drain_timeout_s=FLAGS.online_drain_s,
-            alpha=FLAGS.online_alpha,
-            cv=FLAGS.online_cv,
-            popularity=FLAGS.online_popularity,
-            min_len=FLAGS.online_min_len,
-            max_len=FLAGS.online_max_len,
-            slo_s=FLAGS.slo_s,
-            rank=FLAGS.rank,
-            max_batch=FLAGS.online_max_batch,
-            max_slots=FLAGS.online_max_slots or None,
-            max_skips=FLAGS.online_max_skips,
-            prefill_chunk=FLAGS.online_prefill_chunk,
-            prefill_rows=FLAGS.online_prefill_rows,
-            resident_adapters=FLAGS.online_resident_adapters,
-            kv_pages=FLAGS.online_kv_pages,
-            impl=FLAGS.impl,
-            layer_loop=FLAGS.layer_loop,
-            fuse_projections=FLAGS.fuse_projections,
-            projection_kernel=FLAGS.projection_kernel,
-            kv_cache_dtype=FLAGS.kv_cache_dtype,
-            time_steps=FLAGS.online_time_steps,
-            freeze_heap=FLAGS.freeze_heap,
-            seed=FLAGS.seed,
-        )
+    matmul_tflops = matmul_method = None
+    if FLAGS.section == "online" and FLAGS.online_prefix_len > 0:
+        matmul_tflops, matmul_method = measure_matmul_tflops()
+        print(f"matmul rate: {matmul_tflops:.0f} TFLOP/s", flush=True)
     engine_config = config.engine_config()
     engine_config = dataclasses.replace(
         engine_config,
@@ -417,6 +461,9 @@ def main(argv):
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
     doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}
     doc["meta"]["adapter_host_bytes"] = bench.adapters.host_bytes
+    if matmul_tflops is not None:
+        doc["meta"]["matmul_TFLOPs"] = matmul_tflops
+        doc["meta"]["matmul_method"] = matmul_method
     doc["meta"]["step_compiler_options"] = bench.engine.runner.compiler_options
     path = output_path()
 
@@ -437,7 +484,11 @@ def main(argv):
     else:
         doc["online"] = {"rows": []}
         doc["online"] = run_online(
-            bench, config, on_row=lambda rows: (doc["online"].update(rows=rows), checkpoint(rows))
+            bench,
+            config,
+            on_row=lambda rows: (doc["online"].update(rows=rows), checkpoint(rows)),
+            copy_gbps=copy_gbps,
+            matmul_tflops=matmul_tflops,
         )
     checkpoint(None)
     print(report.markdown(doc), flush=True)

@@ -28,6 +28,8 @@ from jaxlora.bench.workloads import (
     assign_adapters,
     offline_prompts,
     synthetic_trace,
+    system_prompt,
+    trace_prompt,
 )
 from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import Engine, EngineConfig, KVCacheConfig, RunnerConfig
@@ -98,6 +100,54 @@ def test_synthetic_trace_follows_its_config():
         TraceConfig(num_adapters=5, rate=1.0, duration_s=1.0, min_len=10, max_len=9)
     with pytest.raises(ConfigError, match="'popularity'"):
         TraceConfig(num_adapters=5, rate=1.0, duration_s=1.0, popularity="pareto")
+
+
+def test_trace_prompts_start_with_their_adapter_s_system_prompt():
+    config = TraceConfig(num_adapters=3, rate=50.0, duration_s=2.0, prefix_len=20, seed=2)
+    trace = synthetic_trace(config)
+    assert trace == synthetic_trace(dataclasses.replace(config, prefix_len=0))  # same requests
+    prefixes = {a: system_prompt(a, 20, 100, seed=2) for a in range(3)}
+    assert len({tuple(p) for p in prefixes.values()}) == 3
+    assert all(3 <= t < 100 for p in prefixes.values() for t in p)
+    for item in trace[:20]:
+        prompt = trace_prompt(item, 100, seed=2, prefix_len=20)
+        assert len(prompt) == 20 + item.prompt_len
+        assert prompt[:20] == prefixes[item.adapter]
+        assert prompt[20:] == trace_prompt(item, 100, seed=2)  # its own tokens, as without
+    assert system_prompt(0, 20, 100, seed=3) != prefixes[0]
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ConfigError, match="'prefix_len'"):
+            TraceConfig(num_adapters=3, rate=1.0, duration_s=1.0, prefix_len=bad)
+
+
+def test_prefill_flops_count_projections_attention_and_the_lm_head():
+    params = init_params(TINY, 0, dtype=jnp.float32)
+    projections = sum(
+        x.size
+        for path, x in jax.tree_util.tree_leaves_with_path(params["layers"])
+        if "kernel" in jax.tree_util.keystr(path)
+    )
+    lm_head = params["lm_head"]["kernel"].size
+    attention = 4 * TINY.num_layers * TINY.num_heads * TINY.head_dim  # a query's FLOPs a key
+    # Positions 0..9 see 1..10 keys; 10..12 see 11..13 more; an empty span computes nothing.
+    assert roofline.prefill_flops(TINY, [(0, 10)]) == 2 * projections * 10 + attention * 55 + (
+        2 * lm_head
+    )
+    assert roofline.prefill_flops(TINY, [(0, 10), (10, 13), (5, 5)]) == (
+        2 * projections * 13 + attention * (55 + 11 + 12 + 13) + 2 * 2 * lm_head
+    )
+    # Positions 2..6 see 3, 4, 4, 4, 4 keys in a window of 4 (Mistral's, every layer) ...
+    windowed = dataclasses.replace(TINY, model_type="mistral", sliding_window=4)
+    assert roofline.prefill_flops(windowed, [(2, 7)]) == (
+        2 * projections * 5 + attention * (3 + 4 + 4 + 4 + 4) + 2 * lm_head
+    )
+    # ... or in Gemma 2's sliding layer (the first of two; the second sees 3..7 keys).
+    gemma = dataclasses.replace(TINY, model_type="gemma2", local_window=4, sliding_period=2)
+    per_layer = attention // TINY.num_layers
+    assert roofline.prefill_flops(gemma, [(2, 7)]) == (
+        2 * projections * 5 + per_layer * (19 + 25) + 2 * lm_head
+    )
+    assert roofline.prefill_flops(gemma, [(0, 3)]) == roofline.prefill_flops(TINY, [(0, 3)])
 
 
 def test_roofline_counts_every_weight_and_adapter_byte():
@@ -526,6 +576,60 @@ def test_online_trace_caps_the_adapters_of_a_step():
             OnlineConfig(max_batch=64, max_slots=bad)
 
 
+def test_online_trace_with_system_prompts_computes_them_once_with_prefix_caching():
+    config = OnlineConfig(
+        adapter_counts=(2,),
+        rate=30.0,
+        duration_s=1.0,
+        drain_timeout_s=60.0,
+        min_len=4,
+        max_len=12,
+        prefix_len=40,
+        prefix_caching=(False, True),
+        rank=8,
+        max_batch=4,
+        prefill_chunk=16,
+        prefill_rows=2,
+        resident_adapters=6,
+        kv_pages=96,
+    )
+    engine_config = config.engine_config()
+    assert engine_config.kv.max_model_len == 40 + 2 * 12
+    bench = build_engine(TINY, engine_config, SETUP)
+    off, on = run_online(bench, config, copy_gbps=20.0, matmul_tflops=0.5)["rows"]
+    trace = synthetic_trace(config.trace(2))
+    total = sum(40 + t.prompt_len for t in trace)
+    for row, caching in ((off, False), (on, True)):
+        assert row["prefix_caching"] is caching and row["prefix_len"] == 40
+        assert row["finished"] == row["requests"] == len(trace) > 10
+        assert row["prompt_tokens"] == total
+        assert row["decode_floor_s"] > 0 and row["prefill_floor_s"] > 0
+    # (A prompt whose last chunk is one token is fed in a decode step: not counted.)
+    computed_at_least = total - len(trace)
+    assert off["prompt_tokens_cached"] == 0
+    assert computed_at_least <= off["prompt_tokens_computed"] <= total
+    # With the cache each adapter's system prompt is computed about once: its two full
+    # 16-token pages (32 of its 40 tokens) are taken from the cache by the later requests.
+    assert on["prompt_tokens_cached"] > 0 and on["prompt_tokens_cached"] % 16 == 0
+    assert on["prompt_tokens_cached"] <= 32 * (len(trace) - 1)
+    assert on["prompt_tokens_computed"] + on["prompt_tokens_cached"] >= computed_at_least
+    assert on["prompt_tokens_computed"] < off["prompt_tokens_computed"]
+    assert on["cached_share"] == pytest.approx(on["prompt_tokens_cached"] / total)
+    assert on["prefill_floor_s"] < off["prefill_floor_s"]
+    # The last trace left its pages cached; turning caching off forgets them.
+    assert bench.engine.kv.prefix_caching and bench.engine.kv.cached_pages > 0
+    assert bench.engine.set_prefix_caching(False) > 0 and bench.engine.kv.cached_pages == 0
+    text = report.markdown({"meta": {}, "online": {"rows": [off, on]}})
+    assert "### Shared system prompts (prefix caching)" in text
+    assert "Prefix caching on against off" in text
+    # The trace with system prompts is not S-LoRA's: its rows judge no target.
+    assert "### Online (S-LoRA synthetic trace)" not in text
+    with pytest.raises(ConfigError, match="'prefix_caching'"):
+        OnlineConfig(prefix_caching=(True, True))
+    with pytest.raises(ConfigError, match="set_prefix_caching"):
+        bench.engine.set_prefix_caching("on")
+
+
 def _results(ratio=1.1, lora_ratio=1.05, speedup=40.0, retention=0.97):
     rows = [
         {
@@ -741,6 +845,16 @@ def test_benchmark_script_writes_results_and_report(tmp_path):
     assert markdown.read_text().strip() == out.strip()
     with pytest.raises(ConfigError, match="not found"):
         report.load([str(tmp_path / "missing.json")])
+
+
+def test_benchmark_script_names_a_bad_online_flag():
+    for flag, message in (
+        ("--online_prefix_caching=off,maybe", "--online_prefix_caching: expected off and / or on"),
+        ("--online_prefix_len=-3", "field 'prefix_len': expected an int >= 0, got -3"),
+    ):
+        out = _run_script("benchmark.py", "--section=online", "--model=tiny", flag)
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert out.stderr.strip().startswith("error: ") and message in out.stderr
 
 
 def test_report_figure(tmp_path):

@@ -660,6 +660,45 @@ def copy_ceiling(
     return max(m["GBps"] for m in methods.values()), {**methods, "timing": "wall clock"}
 
 
+def matmul_ceiling(
+    *, size: int = 8192, chain: int = 16, calls: int = 3, dtype=jnp.bfloat16
+) -> tuple[float, dict]:
+    """The dense matmul rate in TFLOP/s (1e12 FLOPs a second): ``chain`` dependent (size, size)
+    @ (size, size) products in one jit, each multiplying the previous one's result (none hoisted
+    or merged), 2 * size**3 FLOPs each, at the best of ``calls`` calls' wall-clock time (one
+    dispatch for the chain: at ~1.5 ms a product on an H100 the host's share is noise). Random
+    non-zero operands (``fill``); the weight's scale keeps the products' magnitude, so no value
+    grows to infinity or shrinks to zeros along the chain."""
+    if size < 1 or chain < 1 or calls < 1:
+        raise ConfigError(
+            f"matmul_ceiling: size, chain and calls must be >= 1, got {size}, {chain}, {calls}"
+        )
+    x = fill((size, size), dtype, 11, 1.0)
+    weight = fill((size, size), dtype, 12, float(np.sqrt(3.0 / size)))
+
+    @jax.jit
+    def chained(x, weight):
+        return jax.lax.fori_loop(0, chain, lambda _, y: jnp.dot(y, weight), x)
+
+    out = jax.block_until_ready(chained(x, weight))  # (compiles)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        out = jax.block_until_ready(chained(x, weight))
+        times.append(time.perf_counter() - start)
+    if not bool(jnp.isfinite(out).all()):
+        raise FloatingPointError("matmul_ceiling: the chained products overflowed")
+    best = min(times)
+    tflops = 2 * size**3 * chain / best / 1e12
+    return tflops, {
+        "size": size,
+        "chain": chain,
+        "dtype": jnp.dtype(dtype).name,
+        "ms_per_product": best * 1e3 / chain,
+        "timing": "wall clock",
+    }
+
+
 # ------------------------------------------------------------------------------------------------
 # main loop
 # ------------------------------------------------------------------------------------------------

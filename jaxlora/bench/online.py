@@ -1,6 +1,12 @@
 """Online serving on S-LoRA's synthetic trace: requests arrive on their trace times while the
 engine runs (in this thread: submit what has arrived, run one iteration, repeat); adapters start
-in host memory (the pool is emptied before each trace) and are paged in on demand."""
+in host memory (the pool is emptied before each trace) and are paged in on demand.
+
+With ``prefix_len`` every request starts with its adapter's system prompt, and each trace can be
+served with prefix caching off and on (``prefix_caching``, on one compiled engine; the cache
+starts empty each time). Each row then counts the prompt tokens computed and taken from the
+cache, and the trace's floor: its decode steps' bytes at the copy bandwidth plus the FLOPs of
+the prompt positions it computed at the matmul rate (both measured in the same run)."""
 
 from __future__ import annotations
 
@@ -37,7 +43,9 @@ class OnlineConfig:
     --max-loras; None: max_batch, every row its own adapter); max_skips: how often a waiting
     request may be overtaken (EngineConfig.max_skips), e.g. by requests for adapters already in
     the step while it waits for a slot; resident_adapters: adapters the GPU pool holds at once;
-    kv_pages: KV cache pages of 16 tokens."""
+    kv_pages: KV cache pages of 16 tokens; prefix_len: tokens of each adapter's system prompt
+    that its requests start with (TraceConfig.prefix_len; 0: none); prefix_caching: each trace
+    is served once per mode listed (False: off, True: on)."""
 
     adapter_counts: tuple[int, ...] = (5, 100, 1000, 2000)
     rate: float = 4.0
@@ -48,6 +56,8 @@ class OnlineConfig:
     popularity: str = "slora"
     min_len: int = 8
     max_len: int = 512
+    prefix_len: int = 0
+    prefix_caching: tuple[bool, ...] = (False,)
     slo_s: float = 6.0
     rank: int = 16
     max_batch: int = 64
@@ -106,6 +116,17 @@ class OnlineConfig:
                 f"must be >= max_batch ({self.max_batch}): a full step of "
                 "distinct adapters needs them all resident"
             )
+        modes = self.prefix_caching
+        if (
+            not isinstance(modes, tuple)
+            or not modes
+            or any(not isinstance(m, bool) for m in modes)
+            or len(set(modes)) != len(modes)
+        ):
+            raise ConfigError(
+                "online benchmark field 'prefix_caching': expected a tuple of distinct bools "
+                f"(False: off, True: on), got {modes!r}"
+            )
         self.trace(self.adapter_counts[0])  # validates the trace fields
 
     def trace(self, num_adapters: int) -> TraceConfig:
@@ -118,6 +139,7 @@ class OnlineConfig:
             popularity=self.popularity,
             min_len=self.min_len,
             max_len=self.max_len,
+            prefix_len=self.prefix_len,
             seed=self.seed,
         )
 
@@ -131,8 +153,9 @@ class OnlineConfig:
             kv=KVCacheConfig(
                 page_size=16,
                 num_pages=self.kv_pages,
-                max_model_len=2 * self.max_len,
+                max_model_len=self.prefix_len + 2 * self.max_len,
                 cache_dtype=self.kv_cache_dtype,
+                prefix_caching=self.prefix_caching[0],
             ),
             runner=RunnerConfig(
                 max_batch=self.max_batch,
@@ -159,14 +182,27 @@ def _percentile(values, q):
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> dict:
+def run_trace(
+    bench: BenchEngine,
+    config: OnlineConfig,
+    num_adapters: int,
+    *,
+    prefix_caching: bool = False,
+    copy_gbps: float | None = None,
+    matmul_tflops: float | None = None,
+) -> dict:
+    """One trace served; copy_gbps / matmul_tflops: the rates of the row's floor (None: no
+    floor)."""
     engine, manager = bench.engine, bench.manager
     model = engine.config
     trace = synthetic_trace(config.trace(num_adapters))
     names = bench.adapters.ensure([r.adapter for r in trace])
     manager.evict_all_unused()
+    engine.set_prefix_caching(prefix_caching)  # (and an empty cache either way)
     before = manager.stats()
     preemptions_before = engine.stats.preemptions
+    prompt_tokens_before = engine.stats.prompt_tokens
+    cached_before = engine.stats.prefix_cached_tokens
     host_before = dict(engine.stats.host_seconds)
     bench.timer.take()
     bench.timer.blocking = config.time_steps
@@ -190,7 +226,9 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
                     temperature=0.0, max_tokens=item.output_len, ignore_eos=True
                 )
                 request = engine.submit(
-                    trace_prompt(item, model.vocab_size, seed=config.seed),
+                    trace_prompt(
+                        item, model.vocab_size, seed=config.seed, prefix_len=config.prefix_len
+                    ),
                     sampling,
                     adapter=names[next_index],
                     stream=False,
@@ -242,8 +280,13 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         for ranks in r.slot_ranks
     )
     last_arrival = trace[-1].arrival_s if trace else 0.0
+    prompt_tokens = sum(config.prefix_len + item.prompt_len for item, _ in submitted)
+    cached = engine.stats.prefix_cached_tokens - cached_before
+    floor = _trace_floor(bench, records, submitted, config.prefix_len, copy_gbps, matmul_tflops)
     row = {
         "num_adapters": num_adapters,
+        "prefix_len": config.prefix_len,
+        "prefix_caching": prefix_caching,
         "requests": len(trace),
         "finished": len(done),
         "unfinished": len(trace) - len(done),
@@ -276,6 +319,15 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         else 0.0,
         "adapters_per_step_max": max((len(r.slot_ranks) for r in records), default=0),
         "prefill_steps": sum(r.mode == "prefill" for r in records),
+        # Prompt tokens of the submitted requests (system prompts included); those the prefill
+        # steps computed (recomputations after a preemption included; a prompt's last token
+        # left alone by its chunks is fed in a decode step, not counted) and those whose K/V
+        # came from the prefix cache at admission.
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_computed": engine.stats.prompt_tokens - prompt_tokens_before,
+        "prompt_tokens_cached": cached,
+        "cached_share": cached / prompt_tokens if prompt_tokens else 0.0,
+        **floor,
         "preemptions": engine.stats.preemptions - preemptions_before,
         "compilations_while_timed": compiles.count,
         # The garbage collections the trace paid for (jaxlora.heap.GcRecorder.summary).
@@ -298,22 +350,77 @@ def run_trace(bench: BenchEngine, config: OnlineConfig, num_adapters: int) -> di
         row["gc"]["collections"]["2"],
         row["gc"]["ms_max"],
     )
+    if config.prefix_len or prefix_caching:
+        log.info(
+            "online n=%d, %d-token system prompts, prefix caching %s: %d of %d prompt tokens "
+            "computed, %d cached (%.1f%%)",
+            num_adapters,
+            config.prefix_len,
+            "on" if prefix_caching else "off",
+            row["prompt_tokens_computed"],
+            prompt_tokens,
+            cached,
+            100 * row["cached_share"],
+        )
     return row
 
 
-def run_online(bench: BenchEngine, config: OnlineConfig, *, on_row=None) -> dict:
+def _trace_floor(bench, records, submitted, prefix_len, copy_gbps, matmul_tflops) -> dict:
+    """The trace's device-time floor (see the module docstring): its decode steps' bytes at
+    copy_gbps, the prompt positions it computed (each request's past the tokens it found
+    computed at its first admission) at matmul_tflops; {} without both rates."""
+    if not copy_gbps or not matmul_tflops:
+        return {}
+    model = bench.engine.config
+    decode_s = sum(
+        roofline.decode_step_bytes(
+            model,
+            bench.itemsize,
+            seq_lens=r.seq_lens,
+            adapter_ranks=r.slot_ranks,
+            kv_itemsize=bench.kv_itemsize,
+        ).seconds(copy_gbps)
+        for r in records
+        if r.mode == "decode"
+    )
+    spans = [
+        (request.num_cached_tokens, prefix_len + item.prompt_len)
+        for item, request in submitted
+        if request.admitted_time is not None
+    ]
+    prefill_s = roofline.prefill_flops(model, spans) / (matmul_tflops * 1e12)
+    return {"decode_floor_s": decode_s, "prefill_floor_s": prefill_s}
+
+
+def run_online(
+    bench: BenchEngine,
+    config: OnlineConfig,
+    *,
+    on_row=None,
+    copy_gbps: float | None = None,
+    matmul_tflops: float | None = None,
+) -> dict:
+    """Every trace of config.adapter_counts, each once per config.prefix_caching mode."""
     rows = []
     with GpuMonitor() as monitor:
         for count in config.adapter_counts:
-            start = time.monotonic()
-            row = run_trace(bench, config, count)
-            # What the GPU ran at over the trace (GpuMonitor; None without nvidia-smi).
-            row["gpu"] = monitor.summary(start, time.monotonic())
-            if row["gpu"]:
-                log.info("online %d adapters %s", count, describe(row["gpu"]))
-            rows.append(row)
-            if on_row is not None:
-                on_row(rows)
+            for caching in config.prefix_caching:
+                start = time.monotonic()
+                row = run_trace(
+                    bench,
+                    config,
+                    count,
+                    prefix_caching=caching,
+                    copy_gbps=copy_gbps,
+                    matmul_tflops=matmul_tflops,
+                )
+                # What the GPU ran at over the trace (GpuMonitor; None without nvidia-smi).
+                row["gpu"] = monitor.summary(start, time.monotonic())
+                if row["gpu"]:
+                    log.info("online %d adapters %s", count, describe(row["gpu"]))
+                rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
     return {
         "config": dataclasses.asdict(config),
         "projection_kernel_used": bench.projection_kernel_used,

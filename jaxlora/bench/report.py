@@ -30,12 +30,12 @@ ONLINE_SATURATED_SHARE = 0.5
 # files that agree on everything else (and on the meta's set-up) have their rows merged.
 _ROW_KEYS = {
     "offline": ("batch", "workload"),
-    "online": ("num_adapters",),
+    "online": ("num_adapters", "prefix_len", "prefix_caching"),
     "peft": ("batch", "workload"),
 }
 _ROW_SELECTORS = {
     "offline": ("batch_sizes", "workloads", "free_running", "profile_steps"),
-    "online": ("adapter_counts", "time_steps"),
+    "online": ("adapter_counts", "time_steps", "prefix_caching"),
     "peft": ("batch_sizes", "workloads", "max_time_s"),
 }
 _SETUP = ("device", "model", "dtype", "rank")
@@ -113,6 +113,20 @@ def _offline_order(row) -> tuple:
     workload = row["workload"]
     rank = WORKLOADS.index(workload) if workload in WORKLOADS else len(WORKLOADS)
     return (row["batch"], rank, workload)
+
+
+def slora_rows(rows: list[dict]) -> list[dict]:
+    """The online rows of S-LoRA's trace as the issue defines it: no system prompts, no prefix
+    caching (rows written before either existed have neither field)."""
+    return [r for r in rows if not r.get("prefix_len") and not r.get("prefix_caching")]
+
+
+def prefix_rows(rows: list[dict]) -> list[dict]:
+    """The online rows of traces with system prompts, by adapters and caching mode."""
+    return sorted(
+        (r for r in rows if r.get("prefix_len")),
+        key=lambda r: (r["num_adapters"], bool(r.get("prefix_caching"))),
+    )
 
 
 def _finite(x) -> bool:
@@ -222,7 +236,7 @@ def verdicts(results: dict) -> list[dict]:
         }
     )
 
-    online = {r["num_adapters"]: r for r in results.get("online", {}).get("rows", [])}
+    online = {r["num_adapters"]: r for r in slora_rows(results.get("online", {}).get("rows", []))}
     if ONLINE_FEW in online and ONLINE_MANY in online:
         few, many = online[ONLINE_FEW]["throughput_rps"], online[ONLINE_MANY]["throughput_rps"]
         retention = many / few if few else float("nan")
@@ -360,7 +374,8 @@ def markdown(results: dict) -> str:
                 ],
             )
         )
-    online = results.get("online", {}).get("rows", [])
+    all_online = results.get("online", {}).get("rows", [])
+    online = slora_rows(all_online)
     if online:
         parts.append(
             "### Online (S-LoRA synthetic trace)\n\n"
@@ -406,12 +421,94 @@ def markdown(results: dict) -> str:
                 ],
             )
         )
+    with_prefix = prefix_rows(all_online)
+    if with_prefix:
+        parts.append(_prefix_tables(with_prefix))
     verdict_rows = [
         [v["target"], {True: "met", False: "MISSED", None: "not measured"}[v["met"]], v["detail"]]
         for v in verdicts(results)
     ]
     parts.append("### Targets\n\n" + _table(["target", "verdict", "measured"], verdict_rows))
     return "\n\n".join(parts) + "\n"
+
+
+def _prefix_tables(rows: list[dict]) -> str:
+    """The traces with system prompts: each row, then prefix caching on against off."""
+
+    def floor(r):
+        parts = (r.get("decode_floor_s"), r.get("prefill_floor_s"))
+        return sum(parts) if all(_finite(x) for x in parts) else float("nan")
+
+    text = "### Shared system prompts (prefix caching)\n\n" + _table(
+        [
+            "adapters",
+            "system prompt",
+            "caching",
+            "req/s",
+            "tokens/s",
+            "queued steps",
+            "TTFT p50 s",
+            "TTFT p90 s",
+            "TTFT p99 s",
+            "SLO met",
+            "prompt tokens computed",
+            "cached",
+            "floor s (decode + prefill)",
+            "elapsed s",
+            "floor / elapsed",
+        ],
+        [
+            [
+                r["num_adapters"],
+                r["prefix_len"],
+                "on" if r.get("prefix_caching") else "off",
+                r["throughput_rps"],
+                r["output_tokens_per_s"],
+                f"{100 * r['queued_step_share']:.0f}%",
+                r["ttft_p50_s"],
+                r["ttft_p90_s"],
+                r["ttft_p99_s"],
+                f"{100 * r['slo_attainment']:.1f}%",
+                f"{r['prompt_tokens_computed']} / {r['prompt_tokens']}",
+                f"{100 * r['cached_share']:.1f}%",
+                f"{floor(r):.2f} ({r.get('decode_floor_s', float('nan')):.2f} + "
+                f"{r.get('prefill_floor_s', float('nan')):.2f})",
+                r["elapsed_s"],
+                f"{100 * floor(r) / r['elapsed_s']:.1f}%" if _finite(floor(r)) else "-",
+            ]
+            for r in rows
+        ],
+    )
+    pairs = {}
+    for r in rows:
+        pairs.setdefault(r["num_adapters"], {})[bool(r.get("prefix_caching"))] = r
+    compared = [
+        [
+            count,
+            f"{pair[True]['throughput_rps'] / pair[False]['throughput_rps']:.2f}x",
+            f"{pair[False]['ttft_p50_s'] / pair[True]['ttft_p50_s']:.2f}x",
+            f"{pair[False]['ttft_p90_s'] / pair[True]['ttft_p90_s']:.2f}x",
+            f"{pair[True]['prompt_tokens_computed'] / pair[False]['prompt_tokens_computed']:.3f}",
+        ]
+        for count, pair in sorted(pairs.items())
+        if len(pair) == 2
+        and pair[False]["throughput_rps"]
+        and pair[True]["ttft_p50_s"]
+        and pair[True]["ttft_p90_s"]
+        and pair[False]["prompt_tokens_computed"]
+    ]
+    if compared:
+        text += "\n\nPrefix caching on against off (the same trace):\n\n" + _table(
+            [
+                "adapters",
+                "req/s on / off",
+                "TTFT p50 off / on",
+                "TTFT p90 off / on",
+                "prompt tokens computed on / off",
+            ],
+            compared,
+        )
+    return text
 
 
 def plot(results: dict, path: str | os.PathLike) -> bool:
@@ -424,7 +521,7 @@ def plot(results: dict, path: str | os.PathLike) -> bool:
     except ImportError:
         return False
     offline = results.get("offline", {}).get("rows", [])
-    online = results.get("online", {}).get("rows", [])
+    online = slora_rows(results.get("online", {}).get("rows", []))
     peft = results.get("peft", {}).get("rows", [])
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]

@@ -13,10 +13,14 @@ A decode step of B rows reads, at the least:
 
 Activations, the KV written for the new tokens, logits and metadata are a few MB at most and are
 left out: the floor is a lower bound.
+
+Prefill is compute-bound instead: ``prefill_flops`` counts the arithmetic of computing prompt
+positions, whose floor is its time at a measured matmul rate.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterable, Sequence
 
@@ -84,3 +88,48 @@ def decode_step_bytes(
         kv_read=kv_read_bytes(config, itemsize if kv_itemsize is None else kv_itemsize, seq_lens),
         adapters=sum(adapter_bytes(config, itemsize, ranks) for ranks in adapter_ranks),
     )
+
+
+def _layer_windows(config: ModelConfig) -> list[int | None]:
+    """Each layer's sliding window (None: it sees every key before it): Mistral's static one,
+    or Gemma 2 / 3's and Qwen's sliding layers' (``ModelConfig.local_window``)."""
+    windows = []
+    for layer in range(config.num_layers):
+        window = config.attention_window
+        if config.local_window is not None:
+            if config.max_window_layers is not None:
+                sliding = layer >= config.max_window_layers
+            else:
+                sliding = (layer + 1) % config.sliding_period != 0
+            window = config.local_window if sliding else window
+        windows.append(window)
+    return windows
+
+
+def _keys_seen(start: int, end: int, window: int | None) -> int:
+    """Keys the positions [start, end) attend to: p + 1 each, at most window."""
+    if window is None or window >= end:
+        return (end * (end + 1) - start * (start + 1)) // 2
+    full = max(start, window)  # positions from here on see window keys each
+    below = (full * (full + 1) - start * (start + 1)) // 2 if full > start else 0
+    return below + window * (end - full)
+
+
+def prefill_flops(config: ModelConfig, spans: Iterable[tuple[int, int]]) -> int:
+    """FLOPs of computing the prompt positions [start, end) of each span (a prompt's positions
+    past those whose K/V came from a cache), at the least: every layer's projections, 2 FLOPs a
+    weight a position; attention, 4 FLOPs a query element a key (scores and the weighted sum)
+    over the keys each position sees (itself and those before it, within its layer's sliding
+    window); the LM head once a span (the logits of its last position). LoRA's arithmetic
+    (rank 16: 0.4% of a 7B's) and the norms are left out."""
+    h, q, kv, inter = (config.hidden_size, config.q_size, config.kv_size, config.intermediate_size)
+    per_position = 2 * config.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * inter)
+    windows = collections.Counter(_layer_windows(config))
+    flops = 0
+    for start, end in spans:
+        start, end = int(start), int(end)
+        if end <= start:
+            continue
+        keys = sum(layers * _keys_seen(start, end, w) for w, layers in windows.items())
+        flops += per_position * (end - start) + 4 * q * keys + 2 * config.vocab_size * h
+    return flops

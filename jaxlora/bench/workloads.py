@@ -20,6 +20,9 @@ POPULARITIES: tuple[str, ...] = ("slora", "zipf")
 # Ids below this are left out of random prompts: they are special tokens (pad/bos/eos) in Llama
 # tokenizers, and a prompt of them would not be a prompt a server sees.
 FIRST_PROMPT_TOKEN = 3
+# The third seed word of the system prompts' random streams (the requests' own are seeded by
+# (seed, index): a 2-word seed, never this stream).
+_SYSTEM_PROMPT_STREAM = 0x5157
 
 
 def adapter_name(index: int) -> str:
@@ -88,7 +91,9 @@ class TraceConfig:
     u ~ Power(alpha) on [0, 1] (density alpha * u^(alpha-1), S-LoRA's generator: alpha 1 gives
     every adapter the same popularity, smaller alpha concentrates requests on low ids);
     popularity "zipf": p(k) ~ 1 / (k + 1)^alpha; prompt and output lengths: uniform integers in
-    [min_len, max_len].
+    [min_len, max_len]; prefix_len: tokens of a system prompt of each adapter that its requests'
+    prompts start with (``trace_prompt``; 0: none), before their own prompt_len tokens: a
+    platform's per-customer instructions, the prefix that prefix caching computes once.
     """
 
     num_adapters: int
@@ -99,6 +104,7 @@ class TraceConfig:
     popularity: str = "slora"
     min_len: int = 8
     max_len: int = 512
+    prefix_len: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -119,6 +125,9 @@ class TraceConfig:
             fail("min_len", "an int >= 1")
         if not isinstance(self.max_len, int) or self.max_len < self.min_len:
             fail("max_len", f"an int >= min_len ({self.min_len})")
+        prefix_len = self.prefix_len
+        if not isinstance(prefix_len, int) or isinstance(prefix_len, bool) or prefix_len < 0:
+            fail("prefix_len", "an int >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +172,21 @@ def synthetic_trace(config: TraceConfig) -> list[TraceRequest]:
     ]
 
 
-def trace_prompt(request: TraceRequest, vocab_size: int, *, seed: int = 0) -> list[int]:
-    """The prompt token ids of a trace request (random, deterministic in seed and index)."""
+def system_prompt(adapter: int, prefix_len: int, vocab_size: int, *, seed: int = 0) -> list[int]:
+    """The system prompt of an adapter's requests: prefix_len random token ids, deterministic
+    in seed and adapter (no two adapters share one: their K/V differ anyway)."""
+    rng = np.random.default_rng((seed, adapter, _SYSTEM_PROMPT_STREAM))
+    return [int(t) for t in rng.integers(FIRST_PROMPT_TOKEN, vocab_size, prefix_len)]
+
+
+def trace_prompt(
+    request: TraceRequest, vocab_size: int, *, seed: int = 0, prefix_len: int = 0
+) -> list[int]:
+    """The prompt token ids of a trace request: its adapter's system prompt of prefix_len
+    tokens (``system_prompt``), then prompt_len tokens of its own (random, deterministic in
+    seed and index)."""
     rng = np.random.default_rng((seed, request.index))
-    return [int(t) for t in rng.integers(FIRST_PROMPT_TOKEN, vocab_size, request.prompt_len)]
+    own = [int(t) for t in rng.integers(FIRST_PROMPT_TOKEN, vocab_size, request.prompt_len)]
+    if not prefix_len:
+        return own
+    return system_prompt(request.adapter, prefix_len, vocab_size, seed=seed) + own

@@ -1796,6 +1796,21 @@ class Engine:
         log.info("prefix cache reset: %d pages forgotten", dropped)
         return dropped
 
+    def set_prefix_caching(self, enabled: bool) -> int:
+        """Turns prefix caching on or off from now on (``KVCacheConfig.prefix_caching`` chooses
+        it at start-up; a benchmark serves one trace each way on one compiled engine). The cache
+        starts empty either way: the pages it held are forgotten (their number is returned);
+        running requests keep theirs."""
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"set_prefix_caching: expected a bool, got {enabled!r}")
+        with self._lock:
+            dropped = self.kv.reset_prefix_cache()
+            self.kv.prefix_caching = enabled
+        log.info(
+            "prefix caching %s (%d cached pages forgotten)", "on" if enabled else "off", dropped
+        )
+        return dropped
+
     # -- introspection --------------------------------------------------------------------------
     def pool_usage(self) -> dict:
         usage = {
