@@ -471,8 +471,8 @@ def _prefix_tables(rows: list[dict]) -> str:
                 f"{100 * r['slo_attainment']:.1f}%",
                 f"{r['prompt_tokens_computed']} / {r['prompt_tokens']}",
                 f"{100 * r['cached_share']:.1f}%",
-                f"{floor(r):.2f} ({r.get('decode_floor_s', float('nan')):.2f} + "
-                f"{r.get('prefill_floor_s', float('nan')):.2f})",
+                f"{floor(r):.3g} ({r.get('decode_floor_s', float('nan')):.3g} + "
+                f"{r.get('prefill_floor_s', float('nan')):.3g})",
                 r["elapsed_s"],
                 f"{100 * floor(r) / r['elapsed_s']:.1f}%" if _finite(floor(r)) else "-",
             ]
