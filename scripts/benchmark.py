@@ -4,12 +4,15 @@ roofline, and S-LoRA's synthetic online trace. See docs/BENCHMARKS.md for the re
     PYTHONPATH=. python scripts/benchmark.py --section=offline --json_out=$OUT/offline.json
     PYTHONPATH=. python scripts/benchmark.py --section=online --online_rate=6 \\
         --json_out=$OUT/online.json
+    PYTHONPATH=. python scripts/benchmark.py --section=online --online_prefix_len=1024 \\
+        --online_prefix_caching=off,on --online_max_len=256 --json_out=$OUT/prefix.json
     PYTHONPATH=. python scripts/bench_peft.py --json_out=$OUT/peft.json
     PYTHONPATH=. python scripts/benchmark.py --section=report \\
         --inputs=$OUT/offline.json,$OUT/online.json,$OUT/peft.json --figure_out=$OUT/bench.png
 
 The copy bandwidth of the roofline is measured in the same process by the kernel benchmark's
-copy-ceiling measurement (jaxlora.bench.kernels.copy_ceiling).
+copy-ceiling measurement (jaxlora.bench.kernels.copy_ceiling); with system prompts
+(--online_prefix_len) the matmul rate of the prefill floor too (kernels.matmul_ceiling).
 """
 
 from __future__ import annotations
