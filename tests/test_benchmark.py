@@ -150,6 +150,17 @@ def test_prefill_flops_count_projections_attention_and_the_lm_head():
     assert roofline.prefill_flops(gemma, [(0, 3)]) == roofline.prefill_flops(TINY, [(0, 3)])
 
 
+def test_matmul_ceiling_times_chained_products():
+    from jaxlora.bench.kernels import matmul_ceiling
+
+    tflops, method = matmul_ceiling(size=64, chain=3, calls=2)
+    assert math.isfinite(tflops) and tflops > 0
+    assert method["size"] == 64 and method["chain"] == 3 and method["dtype"] == "bfloat16"
+    assert tflops == pytest.approx(2 * 64**3 * 3 / (method["ms_per_product"] * 3e-3) / 1e12)
+    with pytest.raises(ConfigError, match="matmul_ceiling"):
+        matmul_ceiling(size=0)
+
+
 def test_roofline_counts_every_weight_and_adapter_byte():
     params = init_params(TINY, 0, dtype=jnp.bfloat16)
     total = sum(x.nbytes for x in jax.tree.leaves(params))
