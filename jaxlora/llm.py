@@ -239,6 +239,28 @@ class LLM:
             mesh=mesh,
         )
 
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        """An LLM over an Engine built elsewhere, with its model, adapter manager and tokenizer
+        (no generation_config.json defaults), e.g. to serve an engine of one's own pipeline
+        over HTTP: ``create_app(ServingState(LLM.from_engine(engine), ServerConfig(...)))``."""
+        if not isinstance(engine, Engine):
+            raise ConfigError(f"from_engine: expected an Engine, got {type(engine).__name__}")
+        if engine.adapters is None:
+            raise ConfigError(
+                "from_engine: the engine has no adapter manager (Engine(adapters=...)); an LLM "
+                "serves adapters through one"
+            )
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        llm.engine_config = engine.engine_config
+        llm.config = engine.config
+        llm.tokenizer = engine.tokenizer
+        llm.adapters = engine.adapters
+        llm.store = engine.adapters.store
+        llm.generation_defaults = {}
+        return llm
+
     @property
     def params(self):
         return self.engine.runner.params

@@ -37,6 +37,7 @@ from jaxlora.bench import kernels, report  # noqa: E402
 from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
+from jaxlora.bench.serving import bench_tokenizer, run_serving  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
 from jaxlora.config import parse_positive_ints  # noqa: E402
 from jaxlora.engine import EngineConfig  # noqa: E402
@@ -47,7 +48,13 @@ from pallas_kernels.lora_matmul import MatmulConfig  # noqa: E402
 from pallas_kernels.sgmv import SgmvConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("section", "offline", ["offline", "online", "report"], "what to run")
+flags.DEFINE_enum(
+    "section",
+    "offline",
+    ["offline", "online", "serving", "report"],
+    "what to run (serving: the online trace in-process, then through the OpenAI server over "
+    "HTTP with its client in another process; the --online_* flags set both)",
+)
 flags.DEFINE_string("model", "llama-2-7b", "model preset (configs/models.py)")
 flags.DEFINE_integer(
     "model_layers",
@@ -124,7 +131,8 @@ flags.DEFINE_integer("flush_mib", 256, "size of the L2-flush buffer of the copy 
 flags.DEFINE_float(
     "matmul_tflops",
     0.0,
-    "online with --online_prefix_len: the matmul rate of the prefill floor; 0: measure it",
+    "serving, and online with --online_prefix_len: the matmul rate of the prefill floor; 0: "
+    "measure it",
 )
 flags.DEFINE_integer("matmul_size", 8192, "the matmul-rate measurement's square operands")
 flags.DEFINE_integer("compile_threads", 16, "parallel compilations of the engine's step shapes")
@@ -428,7 +436,7 @@ def main(argv):
     copy_gbps, copy_methods = measure_copy_gbps()
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     matmul_tflops = matmul_method = None
-    if FLAGS.section == "online" and FLAGS.online_prefix_len > 0:
+    if FLAGS.section == "serving" or (FLAGS.section == "online" and FLAGS.online_prefix_len > 0):
         matmul_tflops, matmul_method = measure_matmul_tflops()
         print(f"matmul rate: {matmul_tflops:.0f} TFLOP/s", flush=True)
     engine_config = config.engine_config()
@@ -460,7 +468,8 @@ def main(argv):
             deterministic=FLAGS.deterministic,
         ),
     )
-    bench = build_engine(model, engine_config, setup)
+    tokenizer = bench_tokenizer(model.vocab_size) if FLAGS.section == "serving" else None
+    bench = build_engine(model, engine_config, setup, tokenizer=tokenizer)
     print(f"engine ready: {json.dumps(bench.setup_seconds)}", flush=True)
     doc = {"meta": meta(copy_gbps, copy_methods, bench.setup_seconds, model)}
     doc["meta"]["adapter_host_bytes"] = bench.adapters.host_bytes
@@ -483,6 +492,15 @@ def main(argv):
             copy_gbps,
             time_budget_s=budget,
             on_row=lambda rows: (doc["offline"].update(rows=rows), checkpoint(rows)),
+        )
+    elif FLAGS.section == "serving":
+        doc["serving"] = {"rows": []}
+        doc["serving"] = run_serving(
+            bench,
+            config,
+            on_row=lambda rows: (doc["serving"].update(rows=rows), checkpoint(rows)),
+            copy_gbps=copy_gbps,
+            matmul_tflops=matmul_tflops,
         )
     else:
         doc["online"] = {"rows": []}

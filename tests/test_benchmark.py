@@ -161,6 +161,22 @@ def test_matmul_ceiling_times_chained_products():
         matmul_ceiling(size=0)
 
 
+def test_kv_tokens_read_counts_each_shared_page_once():
+    table = np.array([[5, 6, 7, 0], [5, 6, 9, 0], [1, 2, 3, 4]], np.int32)
+    # Rows of 40 and 35 tokens sharing their first two pages; a padding row reads nothing.
+    assert roofline.kv_tokens_read([40, 35, 0], table, 16) == 16 + 16 + 8 + 3
+    # A page both rows read in part (8 and 3 tokens) counts its larger part.
+    assert roofline.kv_tokens_read([40, 35], table[:2][:, [0, 2, 1, 3]], 16) == 16 * 3 + 8
+    assert roofline.kv_tokens_read([40, 35, 0], [[1, 2, 3, 0], [4, 5, 6, 0], [0] * 4], 16) == 75
+    # A window of 20 keys: the last 20 positions of each row (pages before it are not read).
+    assert roofline.kv_tokens_read([40], table[:1], 16, window=20) == 12 + 8
+    assert roofline.kv_tokens_read([0, 0], table[:2], 16) == 0
+    per_row = roofline.decode_step_bytes(TINY, 2, seq_lens=[40, 35], adapter_ranks=[])
+    shared = roofline.decode_step_bytes(TINY, 2, seq_lens=[40, 35], adapter_ranks=[], kv_tokens=43)
+    assert shared.weights == per_row.weights
+    assert shared.kv_read == per_row.kv_read * 43 // 75
+
+
 def test_roofline_counts_every_weight_and_adapter_byte():
     params = init_params(TINY, 0, dtype=jnp.bfloat16)
     total = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -639,6 +655,85 @@ def test_online_trace_with_system_prompts_computes_them_once_with_prefix_caching
         OnlineConfig(prefix_caching=(True, True))
     with pytest.raises(ConfigError, match="set_prefix_caching"):
         bench.engine.set_prefix_caching("on")
+
+
+def test_serving_client_summary_counts_chunks_tokens_and_errors():
+    from jaxlora.bench.serving_client import summarize
+
+    def result(index, arrival, chunks, tokens, max_tokens=3, error=None):
+        return {
+            "index": index,
+            "arrival_s": arrival,
+            "sent_s": arrival,
+            "end_s": (chunks[-1] if chunks else arrival) + 0.01,
+            "chunk_times": chunks,
+            "max_tokens": max_tokens,
+            "prompt_tokens": 5,
+            "completion_tokens": tokens,
+            "error": error,
+        }
+
+    results = [
+        result(0, 0.0, [0.1, 0.2, 0.3], 3),
+        result(1, 0.5, [0.9, 1.1], 3),  # two chunks for three tokens
+        result(2, 0.6, [0.7], 1, max_tokens=4),  # cut short: not finished
+        result(3, 0.7, [], None, error="HTTP 400: bad"),
+    ]
+    s = summarize(results, slo_s=0.3)
+    assert (s["requests"], s["finished"], s["unfinished"], s["errors"]) == (4, 2, 2, 1)
+    assert s["first_errors"] == ["HTTP 400: bad"]
+    assert s["elapsed_s"] == pytest.approx(1.11)
+    assert s["throughput_rps"] == pytest.approx(2 / 1.11)
+    assert s["output_tokens_per_s"] == pytest.approx(6 / 1.11)
+    assert s["ttft_p50_s"] == pytest.approx(0.25)  # 0.1 and 0.4 after their arrivals
+    assert s["tpot_ms_median"] == pytest.approx(100.0)  # 0.2 / 2 tokens both
+    assert s["itl_ms_p50"] == pytest.approx(100.0)  # gaps 0.1, 0.1, 0.2
+    assert s["tokens_per_chunk"] == pytest.approx(6 / 5)
+    assert s["slo_attainment"] == pytest.approx(1 / 4)  # of every request sent
+
+
+def test_serving_over_http_against_the_engine_in_process():
+    from jaxlora.bench.serving import bench_tokenizer, run_serving
+    from jaxlora.llm import LLM
+
+    config = OnlineConfig(
+        adapter_counts=(3,),
+        rate=20.0,
+        duration_s=1.0,
+        drain_timeout_s=60.0,
+        min_len=4,
+        max_len=12,
+        rank=8,
+        max_batch=4,
+        prefill_chunk=16,
+        prefill_rows=2,
+        resident_adapters=6,
+        kv_pages=96,
+    )
+    bench = build_engine(
+        TINY, config.engine_config(), SETUP, tokenizer=bench_tokenizer(TINY.vocab_size)
+    )
+    (row,) = run_serving(bench, config, copy_gbps=20.0, matmul_tflops=0.5)["rows"]
+    engine, http = row["in_process"], row["http"]
+    trace = synthetic_trace(config.trace(3))
+    assert row["num_adapters"] == 3
+    for r in (engine, http):
+        assert r["requests"] == r["finished"] == len(trace) > 5
+        assert r["ttft_p50_s"] > 0 and r["tpot_ms_median"] > 0
+        assert r["decode_floor_s"] > 0 and r["prefill_floor_s"] > 0
+    assert http["errors"] == 0 and http["compilations_while_timed"] == 0
+    assert http["output_tokens_per_s"] * http["elapsed_s"] == pytest.approx(
+        sum(t.output_len for t in trace)
+    )
+    assert 1 <= http["tokens_per_chunk"] and http["itl_ms_p50"] > 0
+    # The same prompts: computed whole in both passes (no prefix caching in either).
+    assert http["prompt_tokens_computed"] == engine["prompt_tokens_computed"]
+    assert http["prefill_floor_s"] == pytest.approx(engine["prefill_floor_s"])
+    text = report.markdown({"meta": {}, "serving": {"rows": [row]}})
+    assert "### Serving over HTTP" in text and "HTTP / in-process" in text
+    assert not bench.engine._thread  # (the server's shutdown stopped the engine's thread)
+    with pytest.raises(ConfigError, match="from_engine: expected an Engine"):
+        LLM.from_engine(bench.manager)
 
 
 def _results(ratio=1.1, lora_ratio=1.05, speedup=40.0, retention=0.97):

@@ -64,9 +64,15 @@ class BenchEngine:
 
 
 def build_engine(
-    model: ModelConfig, engine_config: EngineConfig, setup: SetupConfig, *, params=None
+    model: ModelConfig,
+    engine_config: EngineConfig,
+    setup: SetupConfig,
+    *,
+    params=None,
+    tokenizer=None,
 ) -> BenchEngine:
-    """params: reuse base weights (None: random ones, created on the default device)."""
+    """params: reuse base weights (None: random ones, created on the default device);
+    tokenizer: the engine's (None: none; outputs are token ids only)."""
     dtype = jnp.dtype(setup.dtype)
     seconds = {}
     start = time.perf_counter()
@@ -89,6 +95,7 @@ def build_engine(
         params,
         dataclasses.replace(engine_config, warmup=False, compile_threads=setup.compile_threads),
         adapters=manager,
+        tokenizer=tokenizer,
         dtype=dtype,
     )
     seconds["compile"] = compile_step_shapes(engine)

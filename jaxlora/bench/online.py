@@ -282,7 +282,12 @@ def run_trace(
     last_arrival = trace[-1].arrival_s if trace else 0.0
     prompt_tokens = sum(config.prefix_len + item.prompt_len for item, _ in submitted)
     cached = engine.stats.prefix_cached_tokens - cached_before
-    floor = _trace_floor(bench, records, submitted, config.prefix_len, copy_gbps, matmul_tflops)
+    spans = [  # (each request's positions past those it found computed at its admission)
+        (request.num_cached_tokens, config.prefix_len + item.prompt_len)
+        for item, request in submitted
+        if request.admitted_time is not None
+    ]
+    floor = trace_floor(bench, records, spans, copy_gbps, matmul_tflops)
     row = {
         "num_adapters": num_adapters,
         "prefix_len": config.prefix_len,
@@ -365,10 +370,10 @@ def run_trace(
     return row
 
 
-def _trace_floor(bench, records, submitted, prefix_len, copy_gbps, matmul_tflops) -> dict:
-    """The trace's device-time floor (see the module docstring): its decode steps' bytes at
-    copy_gbps, the prompt positions it computed (each request's past the tokens it found
-    computed at its first admission) at matmul_tflops; {} without both rates."""
+def trace_floor(bench, records, spans, copy_gbps, matmul_tflops) -> dict:
+    """A trace's device-time floor (see the module docstring): its decode steps' bytes at
+    copy_gbps, the prompt positions [start, end) of ``spans`` (each request's past the tokens
+    it found computed) at matmul_tflops; {} without both rates."""
     if not copy_gbps or not matmul_tflops:
         return {}
     model = bench.engine.config
@@ -379,15 +384,11 @@ def _trace_floor(bench, records, submitted, prefix_len, copy_gbps, matmul_tflops
             seq_lens=r.seq_lens,
             adapter_ranks=r.slot_ranks,
             kv_itemsize=bench.kv_itemsize,
+            kv_tokens=r.kv_tokens,  # (rows sharing a cached prefix read its pages once)
         ).seconds(copy_gbps)
         for r in records
         if r.mode == "decode"
     )
-    spans = [
-        (request.num_cached_tokens, prefix_len + item.prompt_len)
-        for item, request in submitted
-        if request.admitted_time is not None
-    ]
     prefill_s = roofline.prefill_flops(model, spans) / (matmul_tflops * 1e12)
     return {"decode_floor_s": decode_s, "prefill_floor_s": prefill_s}
 

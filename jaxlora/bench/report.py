@@ -32,11 +32,13 @@ _ROW_KEYS = {
     "offline": ("batch", "workload"),
     "online": ("num_adapters", "prefix_len", "prefix_caching"),
     "peft": ("batch", "workload"),
+    "serving": ("num_adapters",),
 }
 _ROW_SELECTORS = {
     "offline": ("batch_sizes", "workloads", "free_running", "profile_steps"),
     "online": ("adapter_counts", "time_steps", "prefix_caching"),
     "peft": ("batch_sizes", "workloads", "max_time_s"),
+    "serving": ("adapter_counts", "time_steps"),
 }
 _SETUP = ("device", "model", "dtype", "rank")
 
@@ -424,6 +426,9 @@ def markdown(results: dict) -> str:
     with_prefix = prefix_rows(all_online)
     if with_prefix:
         parts.append(_prefix_tables(with_prefix))
+    serving = results.get("serving", {}).get("rows", [])
+    if serving:
+        parts.append(_serving_table(serving))
     verdict_rows = [
         [v["target"], {True: "met", False: "MISSED", None: "not measured"}[v["met"]], v["detail"]]
         for v in verdicts(results)
@@ -509,6 +514,76 @@ def _prefix_tables(rows: list[dict]) -> str:
             compared,
         )
     return text
+
+
+def _serving_table(rows: list[dict]) -> str:
+    """The trace in-process against the same trace through the OpenAI server over HTTP."""
+
+    def floor_share(r):
+        parts = (r.get("decode_floor_s"), r.get("prefill_floor_s"))
+        if not all(_finite(x) for x in parts) or not _finite(r.get("elapsed_s")):
+            return "-"
+        return f"{100 * sum(parts) / r['elapsed_s']:.1f}%"
+
+    table = []
+    for row in sorted(rows, key=lambda r: r["num_adapters"]):
+        engine, http = row["in_process"], row["http"]
+        for label, r in (("in-process", engine), ("HTTP", http)):
+            table.append(
+                [
+                    row["num_adapters"],
+                    label,
+                    f"{r['finished']} / {r['requests']}",
+                    r["throughput_rps"],
+                    r["output_tokens_per_s"],
+                    r["ttft_p50_s"],
+                    r["ttft_p90_s"],
+                    r["ttft_p99_s"],
+                    r["tpot_ms_median"],
+                    r.get("itl_ms_p50", float("nan")),
+                    r.get("itl_ms_p99", float("nan")),
+                    f"{100 * r['slo_attainment']:.1f}%",
+                    floor_share(r),
+                ]
+            )
+        if engine["throughput_rps"]:
+            table.append(
+                [
+                    row["num_adapters"],
+                    "HTTP / in-process",
+                    "",
+                    f"{http['throughput_rps'] / engine['throughput_rps']:.3f}x",
+                    "",
+                    f"{1e3 * (http['ttft_p50_s'] - engine['ttft_p50_s']):+.1f} ms",
+                    f"{1e3 * (http['ttft_p90_s'] - engine['ttft_p90_s']):+.1f} ms",
+                    f"{1e3 * (http['ttft_p99_s'] - engine['ttft_p99_s']):+.1f} ms",
+                    f"{http['tpot_ms_median'] - engine['tpot_ms_median']:+.2f} ms",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
+    return "### Serving over HTTP (the OpenAI server against the engine in-process)\n\n" + (
+        _table(
+            [
+                "adapters",
+                "pass",
+                "finished",
+                "req/s",
+                "tokens/s",
+                "TTFT p50 s",
+                "TTFT p90 s",
+                "TTFT p99 s",
+                "TPOT ms",
+                "ITL p50 ms",
+                "ITL p99 ms",
+                "SLO met",
+                "floor / elapsed",
+            ],
+            table,
+        )
+    )
 
 
 def plot(results: dict, path: str | os.PathLike) -> bool:

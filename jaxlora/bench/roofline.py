@@ -24,6 +24,8 @@ import collections
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from jaxlora.config import ModelConfig
 from pallas_kernels.layout import MODULES
 
@@ -72,6 +74,27 @@ def adapter_bytes(config: ModelConfig, itemsize: int, ranks: Sequence[int]) -> i
     return config.num_layers * rows * itemsize
 
 
+def kv_tokens_read(seq_lens, page_table, page_size: int, window: int | None = None) -> int:
+    """The K/V token slots a step's rows read, each page counted once: rows sharing pages (a
+    cached prefix, the n choices of a prompt) read them from one place, so the floor counts
+    their bytes once. seq_lens: tokens of each row (0: padding); page_table: each row's page
+    ids by position; window: the sliding window (the first keys a row reads)."""
+    lengths = np.asarray(seq_lens, np.int64)[:, None]
+    page_table = np.asarray(page_table)
+    first = np.maximum(lengths - window, 0) if window is not None else np.zeros_like(lengths)
+    index = np.arange(page_table.shape[1])[None, :]
+    counts = np.minimum((index + 1) * page_size, lengths) - np.maximum(index * page_size, first)
+    read = counts > 0  # (padding rows, of length 0, read nothing)
+    if not read.any():
+        return 0
+    pages, counts = page_table[read], counts[read]
+    order = np.lexsort((-counts, pages))  # by page, its largest count first
+    pages, counts = pages[order], counts[order]
+    first_of_page = np.ones(len(pages), bool)
+    first_of_page[1:] = pages[1:] != pages[:-1]
+    return int(counts[first_of_page].sum())
+
+
 def decode_step_bytes(
     config: ModelConfig,
     itemsize: int,
@@ -79,13 +102,20 @@ def decode_step_bytes(
     seq_lens: Sequence[int],
     adapter_ranks: Iterable[Sequence[int]],
     kv_itemsize: int | None = None,
+    kv_tokens: int | None = None,
 ) -> DecodeStepBytes:
     """The floor of one decode step: seq_lens of its rows (padding rows left out) and the ranks
     of each distinct adapter it uses; itemsize: of the weights and adapters, kv_itemsize: of the
-    KV cache (None: itemsize)."""
+    KV cache (None: itemsize); kv_tokens: the distinct K/V token slots its rows read
+    (``kv_tokens_read``; None: each row's own, as when no row shares a page)."""
+    kv_itemsize = itemsize if kv_itemsize is None else kv_itemsize
+    if kv_tokens is None:
+        kv_read = kv_read_bytes(config, kv_itemsize, seq_lens)
+    else:
+        kv_read = config.num_layers * 2 * config.kv_size * kv_itemsize * int(kv_tokens)
     return DecodeStepBytes(
         weights=base_weight_bytes(config, itemsize, len(seq_lens)),
-        kv_read=kv_read_bytes(config, itemsize if kv_itemsize is None else kv_itemsize, seq_lens),
+        kv_read=kv_read,
         adapters=sum(adapter_bytes(config, itemsize, ranks) for ranks in adapter_ranks),
     )
 

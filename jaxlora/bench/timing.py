@@ -17,6 +17,8 @@ import time
 import jax
 import numpy as np
 
+from . import roofline
+
 log = logging.getLogger("jaxlora.bench")
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -30,6 +32,8 @@ class StepRecord:
     slot_ranks: tuple[tuple[int, ...], ...]  # the 7 ranks of each distinct adapter in the step
     use_lora: bool
     seconds: float
+    # K/V token slots the rows read, each shared page once (roofline.kv_tokens_read)
+    kv_tokens: int | None = None
 
     @property
     def rows(self) -> int:
@@ -57,6 +61,8 @@ class StepTimer:
         self.blocking = True
         self._run = engine.runner.run
         engine.runner.run = self._timed_run
+        self._page_size = engine.engine_config.kv.page_size
+        self._window = engine.config.attention_window
 
     def _timed_run(
         self, mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register=None, **extra
@@ -92,6 +98,11 @@ class StepTimer:
                 slot_ranks=tuple(tuple(int(r) for r in row) for row in ranks),
                 use_lora=bool(use_lora),
                 seconds=seconds,
+                kv_tokens=roofline.kv_tokens_read(
+                    seq_lens, np.asarray(batch.page_table), self._page_size, self._window
+                )
+                if mode == "decode"
+                else None,
             )
         )
         return out

@@ -1,0 +1,187 @@
+"""Serving over HTTP against the engine in-process: what the OpenAI server costs.
+
+One BenchEngine serves S-LoRA's trace (the online section's requests: ``OnlineConfig``) twice:
+
+1. in-process, stepped by this thread (``online.run_trace``, prefix caching off): the baseline,
+   the engine with no server around it;
+2. behind the OpenAI-compatible server (``create_app`` over ``LLM.from_engine``: uvicorn in a
+   thread of this process, the engine in its own thread, as ``scripts/serve.py`` runs them),
+   with the requests sent by ``serving_client`` from a process of its own: token-id prompts to
+   ``/v1/completions``, streamed, each at its arrival time.
+
+The engine has a tokenizer (a synthetic byte-level BPE of the model's vocabulary size:
+``structured.synthetic_tokenizer``), so both passes detokenize their outputs and the server
+streams text as it would. A row gives both passes' throughput and latencies, the HTTP pass's
+ratios to the in-process one, and the HTTP pass's floor (its decode steps' bytes at the copy
+rate plus its prompts' FLOPs at the matmul rate, ``online.trace_floor``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from jaxlora.heap import GcRecorder, frozen_heap
+
+from .engine_setup import BenchEngine
+from .gpu_monitor import GpuMonitor
+from .online import OnlineConfig, run_trace, trace_floor
+from .serving_client import save_requests, summarize, trace_requests
+from .timing import CompileCounter
+from .workloads import synthetic_trace
+
+log = logging.getLogger("jaxlora.bench")
+
+BASE_MODEL_NAME = "base"
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def bench_tokenizer(vocab_size: int):
+    """The engine's tokenizer for the serving benchmark: a synthetic byte-level BPE of
+    vocab_size ids, EOS last (random weights need no real vocabulary, the server's text
+    streaming needs one)."""
+    from jaxlora.tokenizer import Tokenizer
+
+    from .structured import synthetic_tokenizer
+
+    backend = synthetic_tokenizer(vocab_size).backend
+    return Tokenizer(backend, eos_tokens=("<eos>",), source=f"synthetic_tokenizer({vocab_size})")
+
+
+def _client(url: str, requests_path: str, results_path: str, timeout_s: float) -> None:
+    env = {**os.environ, "PYTHONPATH": _REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("JAXLORA_BENCH_API_KEY", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxlora.bench.serving_client", url, requests_path, results_path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"serving client failed ({done.returncode}): {done.stderr[-2000:]}")
+
+
+def serve_http(
+    bench: BenchEngine,
+    config: OnlineConfig,
+    num_adapters: int,
+    *,
+    copy_gbps: float | None = None,
+    matmul_tflops: float | None = None,
+) -> dict:
+    """The trace through the OpenAI server (pass 2 of the module docstring); one row."""
+    from jaxlora.llm import LLM
+    from jaxlora.server import ServerConfig, ServingState, create_app
+    from jaxlora.server.background import BackgroundServer
+
+    engine, manager = bench.engine, bench.manager
+    trace = synthetic_trace(config.trace(num_adapters))
+    names = bench.adapters.ensure([r.adapter for r in trace])
+    model_of = dict(zip((r.adapter for r in trace), names, strict=True))
+    requests = trace_requests(
+        trace,
+        model_of.__getitem__,
+        vocab_size=engine.config.vocab_size,
+        seed=config.seed,
+        prefix_len=config.prefix_len,
+    )
+    manager.evict_all_unused()
+    engine.set_prefix_caching(False)
+    state = ServingState(LLM.from_engine(engine), ServerConfig(model_name=BASE_MODEL_NAME))
+    app = create_app(state)
+    prompt_tokens_before = engine.stats.prompt_tokens
+    preemptions_before = engine.stats.preemptions
+    bench.timer.take()
+    bench.timer.blocking = False
+    timeout_s = config.duration_s + config.drain_timeout_s + 120
+    try:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            frozen_heap(config.freeze_heap),
+            CompileCounter() as compiles,
+            GcRecorder() as collections,
+        ):
+            requests_path = os.path.join(tmp, "requests.json")
+            results_path = os.path.join(tmp, "results.json")
+            save_requests(requests_path, requests)
+            with BackgroundServer(app) as server:
+                _client(server.base_url, requests_path, results_path, timeout_s)
+            with open(results_path) as f:
+                results = json.load(f)
+    finally:
+        bench.timer.blocking = True
+    records = bench.timer.take()
+    decode = [r for r in records if r.mode == "decode"]
+    row = {
+        "num_adapters": num_adapters,
+        "prefix_len": config.prefix_len,
+        **summarize(results, config.slo_s),
+        "offered_rps": len(trace) / trace[-1].arrival_s if trace else float("nan"),
+        "decode_steps": len(decode),
+        "decode_rows_mean": (sum(r.rows for r in decode) / len(decode)) if decode else 0.0,
+        "prefill_steps": sum(r.mode == "prefill" for r in records),
+        "prompt_tokens_computed": engine.stats.prompt_tokens - prompt_tokens_before,
+        "preemptions": engine.stats.preemptions - preemptions_before,
+        "compilations_while_timed": compiles.count,
+        "gc": collections.summary(),
+        **trace_floor(
+            bench,
+            records,
+            # (the prompts that got a first token: computed whole, caching being off)
+            [
+                (0, len(q.prompt))
+                for q, r in zip(requests, results, strict=True)
+                if r["chunk_times"]
+            ],
+            copy_gbps,
+            matmul_tflops,
+        ),
+    }
+    log.info(
+        "serving n=%d over HTTP: %.2f req/s, %.0f tok/s, ttft p50 %.3f s p99 %.3f s, "
+        "tpot %.1f ms, itl p99 %.1f ms, %d errors",
+        num_adapters,
+        row["throughput_rps"],
+        row["output_tokens_per_s"],
+        row["ttft_p50_s"],
+        row["ttft_p99_s"],
+        row["tpot_ms_median"],
+        row["itl_ms_p99"],
+        row["errors"],
+    )
+    return row
+
+
+def run_serving(
+    bench: BenchEngine,
+    config: OnlineConfig,
+    *,
+    on_row=None,
+    copy_gbps: float | None = None,
+    matmul_tflops: float | None = None,
+) -> dict:
+    """Every trace of config.adapter_counts in-process, then over HTTP (prefix caching off)."""
+    rows = []
+    with GpuMonitor() as monitor:
+        for count in config.adapter_counts:
+            start = time.monotonic()
+            engine_row = run_trace(
+                bench, config, count, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
+            )
+            engine_row["gpu"] = monitor.summary(start, time.monotonic())
+            start = time.monotonic()
+            http_row = serve_http(
+                bench, config, count, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
+            )
+            http_row["gpu"] = monitor.summary(start, time.monotonic())
+            rows.append({"num_adapters": count, "in_process": engine_row, "http": http_row})
+            if on_row is not None:
+                on_row(rows)
+    return {"config": dataclasses.asdict(config), "rows": rows}
