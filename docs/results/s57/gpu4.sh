@@ -8,6 +8,8 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > /dev/null 2>&1
 export PYTHONPATH=.:/tmp/site
 R=$OUT/r; mkdir -p $R; S=$R/summary.txt; date > $S
+# The load-test client's httpx, where the machine lacks it (.whl/httpx: httpx, httpcore, h11).
+python3 -c "import httpx; print('httpx', httpx.__version__)" >> $S 2>&1 || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/httpx/*.whl > /dev/null 2>&1; python3 -c "import httpx; print('httpx (carried)', httpx.__version__)" >> $S 2>&1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader >> $S
 for RATE in 8 16; do
   timeout 200 python3 scripts/benchmark.py --section=serving --online_adapters=5 --online_rate=$RATE \
