@@ -12,13 +12,13 @@ R=$OUT/r; mkdir -p $R; S=$R/summary.txt; date > $S
 python3 -c "import httpx; print('httpx', httpx.__version__)" >> $S 2>&1 || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/httpx/*.whl > /dev/null 2>&1; python3 -c "import httpx; print('httpx (carried)', httpx.__version__)" >> $S 2>&1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader >> $S
 for RATE in 8 16; do
-  timeout 200 python3 scripts/benchmark.py --section=serving --online_adapters=5 --online_rate=$RATE \
-    --online_duration_s=30 --online_drain_s=40 --json_out=$R/serving$RATE.json > $R/serving$RATE.log 2>&1
+  timeout 185 python3 scripts/benchmark.py --section=serving --online_adapters=5 --online_rate=$RATE \
+    --online_duration_s=30 --online_drain_s=30 --json_out=$R/serving$RATE.json > $R/serving$RATE.log 2>&1
   echo "serving rate $RATE rc=$? at ${SECONDS}s" >> $S
   grep -E "copy bandwidth|matmul rate|online n=|serving n=" $R/serving$RATE.log >> $S
   sed -n '/### Serving over HTTP/,/### Targets/p' $R/serving$RATE.log >> $S
 done
-timeout 150 python3 scripts/benchmark.py --section=online --online_adapters=5 --online_prefix_len=1024 \
+timeout 120 python3 scripts/benchmark.py --section=online --online_adapters=5 --online_prefix_len=1024 \
   --online_min_len=8 --online_max_len=256 --online_duration_s=30 --online_drain_s=30 --online_kv_pages=5000 \
   --online_prefix_caching=on --online_rate=30 --json_out=$R/rate30.json > $R/rate30.log 2>&1
 echo "prefix rate 30 rc=$? at ${SECONDS}s" >> $S
