@@ -20,7 +20,7 @@ from jaxlora.bench import profile, report, roofline
 from jaxlora.bench.adapters import AdapterPopulation, make_store
 from jaxlora.bench.engine_setup import SetupConfig, build_engine
 from jaxlora.bench.offline import OfflineConfig, run_offline
-from jaxlora.bench.online import OnlineConfig, run_online
+from jaxlora.bench.online import OnlineConfig, run_online, run_trace
 from jaxlora.bench.workloads import (
     WORKLOADS,
     TraceConfig,
@@ -731,7 +731,10 @@ def test_serving_over_http_against_the_engine_in_process():
     assert http["prefill_floor_s"] == pytest.approx(engine["prefill_floor_s"])
     text = report.markdown({"meta": {}, "serving": {"rows": [row]}})
     assert "### Serving over HTTP" in text and "HTTP / in-process" in text
-    assert not bench.engine._thread  # (the server's shutdown stopped the engine's thread)
+    assert not bench.engine._thread  # (the engine's thread stopped with the server)
+    # The engine and its adapter manager serve on after the server (the next trace's passes).
+    again = run_trace(bench, config, 3)
+    assert again["finished"] == again["requests"] == len(trace)
     with pytest.raises(ConfigError, match="from_engine: expected an Engine"):
         LLM.from_engine(bench.manager)
 

@@ -95,7 +95,9 @@ def serve_http(
     manager.evict_all_unused()
     engine.set_prefix_caching(False)
     state = ServingState(LLM.from_engine(engine), ServerConfig(model_name=BASE_MODEL_NAME))
-    app = create_app(state)
+    # The engine is started and stopped here, not by the app: the app's shutdown would also
+    # close the adapter manager, which the next trace (in-process or not) still needs.
+    app = create_app(state, manage_engine=False)
     prompt_tokens_before = engine.stats.prompt_tokens
     preemptions_before = engine.stats.preemptions
     bench.timer.take()
@@ -111,8 +113,12 @@ def serve_http(
             requests_path = os.path.join(tmp, "requests.json")
             results_path = os.path.join(tmp, "results.json")
             save_requests(requests_path, requests)
-            with BackgroundServer(app) as server:
-                _client(server.base_url, requests_path, results_path, timeout_s)
+            state.start()
+            try:
+                with BackgroundServer(app) as server:
+                    _client(server.base_url, requests_path, results_path, timeout_s)
+            finally:
+                engine.stop()
             with open(results_path) as f:
                 results = json.load(f)
     finally:

@@ -1,0 +1,63 @@
+"""Fifty-seventh session: the OpenAI server's CPU time a streamed token, on the CPU machine.
+
+The serving section's two passes (jaxlora.bench.serving) with the tiny model: the trace
+stepped in-process, then through the server over HTTP (the client in its own process). The
+process CPU time of the second pass over the first's (both serve the same tokens; the engine's
+own work is the same), divided by the tokens streamed: what the server spends a token on the
+engine's interpreter (the delta pump, the handlers, the SSE chunks, uvicorn's writes).
+
+    JAX_PLATFORMS=cpu PYTHONPATH=. python docs/results/s57/server_cpu.py [repeats]
+"""
+
+import logging
+import sys
+import time
+
+from configs.models import TINY
+from jaxlora.bench import online, serving
+from jaxlora.bench.engine_setup import SetupConfig, build_engine
+from jaxlora.bench.online import OnlineConfig
+
+
+def timed(fn):
+    cpu, wall = time.process_time(), time.perf_counter()
+    row = fn()
+    return row, time.process_time() - cpu, time.perf_counter() - wall
+
+
+def main(repeats: int):
+    logging.getLogger("jaxlora").setLevel(logging.WARNING)
+    config = OnlineConfig(
+        adapter_counts=(4,),
+        rate=24.0,
+        duration_s=4.0,
+        drain_timeout_s=120.0,
+        min_len=64,
+        max_len=128,
+        rank=8,
+        max_batch=32,
+        prefill_chunk=128,
+        prefill_rows=4,
+        resident_adapters=32,
+        kv_pages=1024,
+    )
+    setup = SetupConfig(dtype="float32", rank=8, weight_sets=2, compile_threads=2)
+    bench = build_engine(
+        TINY, config.engine_config(), setup, tokenizer=serving.bench_tokenizer(TINY.vocab_size)
+    )
+    for i in range(repeats):
+        engine_row, engine_cpu, engine_wall = timed(lambda: online.run_trace(bench, config, 4))
+        http_row, http_cpu, http_wall = timed(lambda: serving.serve_http(bench, config, 4))
+        tokens = http_row["output_tokens_per_s"] * http_row["elapsed_s"]
+        print(
+            f"run {i}: {tokens:.0f} tokens; in-process {engine_cpu:.2f} s CPU ({engine_wall:.2f} "
+            f"s wall, {engine_row['throughput_rps']:.2f} req/s); HTTP {http_cpu:.2f} s CPU "
+            f"({http_wall:.2f} s wall, {http_row['throughput_rps']:.2f} req/s, TPOT "
+            f"{http_row['tpot_ms_median']:.2f} ms against {engine_row['tpot_ms_median']:.2f}); "
+            f"server: {1e6 * (http_cpu - engine_cpu) / tokens:.0f} us of CPU a streamed token",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
