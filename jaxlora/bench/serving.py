@@ -68,6 +68,14 @@ def _client(url: str, requests_path: str, results_path: str, timeout_s: float) -
         raise RuntimeError(f"serving client failed ({done.returncode}): {done.stderr[-2000:]}")
 
 
+def _thread_cpu_s(thread) -> float:
+    """A running thread's CPU seconds so far (NaN where the platform cannot say)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except (AttributeError, OSError, TypeError):
+        return float("nan")
+
+
 def serve_http(
     bench: BenchEngine,
     config: OnlineConfig,
@@ -117,6 +125,12 @@ def serve_http(
             try:
                 with BackgroundServer(app) as server:
                     _client(server.base_url, requests_path, results_path, timeout_s)
+                    # (the CPU each thread spent, read before they end: the server's share of
+                    # the one interpreter lock the engine's host work also needs)
+                    threads_cpu_s = {
+                        "server": _thread_cpu_s(server._thread),
+                        "engine": _thread_cpu_s(engine._thread),
+                    }
             finally:
                 engine.stop()
             with open(results_path) as f:
@@ -137,6 +151,14 @@ def serve_http(
         "preemptions": engine.stats.preemptions - preemptions_before,
         "compilations_while_timed": compiles.count,
         "gc": collections.summary(),
+        # CPU seconds of the HTTP server's thread (uvicorn's event loop: the handlers, the
+        # delta pump, the SSE writes) and of the engine's, over the pass; and the server's a
+        # streamed token
+        "server_thread_cpu_s": threads_cpu_s["server"],
+        "engine_thread_cpu_s": threads_cpu_s["engine"],
+        "server_cpu_us_per_token": 1e6
+        * threads_cpu_s["server"]
+        / max(1, sum(r["completion_tokens"] or 0 for r in results)),
         **trace_floor(
             bench,
             records,

@@ -8,6 +8,7 @@ import enum
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from jaxlora.sampling import SamplingParams
 
@@ -112,6 +113,10 @@ class Request:
     fair_charged: bool = False  # its prompt counted in its tenant's service (engine policy 9)
     tenant: str = ""  # whose share of service it counts in (policy 9; Engine.submit's tenant)
     _allowed_tokens: object | None = None  # (words,) int32 bitmask of allowed_token_ids
+    # Called with the request after each delta it is given (on the engine's thread): how a
+    # consumer of many requests learns which have news without polling every queue (the
+    # server's DeltaPump). It must be cheap and thread-safe, e.g. a deque's append.
+    on_push: Callable[[Request], None] | None = None
 
     @property
     def masks_after_previous_token(self) -> bool:
@@ -161,11 +166,28 @@ class Request:
 
     # -- streaming (engine thread -> consumers) -------------------------------------------------
     def push(self, delta: Delta) -> None:
-        if self.stream_deltas or delta.finish_reason is not None:
-            self._queue.put(delta)
+        if not self.stream_deltas and delta.finish_reason is None:
+            return
+        self._queue.put(delta)
         if delta.finish_reason is not None:
             self._queue.put(_END)
             self._done.set()
+        on_push = self.on_push
+        if on_push is not None:
+            on_push(self)
+
+    def take_deltas(self) -> list[Delta]:
+        """Every delta given so far and not yet taken, without blocking (up to the last one,
+        which has a finish_reason)."""
+        deltas = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return deltas
+            if item is _END:
+                return deltas
+            deltas.append(item)
 
     def stream(self, timeout: float | None = None):
         """Blocking iterator over deltas until the request finishes."""

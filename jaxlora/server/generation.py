@@ -1,10 +1,13 @@
 """From engine requests to the event loop: one poller for every open request, and the group of
 requests (prompts x choices) that one HTTP call made.
 
-The engine thread pushes each request's deltas into the request's own thread-safe queue. Rather
-than one coroutine per request polling its queue (tens of thousands of wake-ups a second with a
-few hundred open streams), one ``DeltaPump`` task drains every open request's queue each
-``poll_s`` and hands the deltas to the asyncio queue of the HTTP call that owns the request.
+The engine thread pushes each request's deltas into the request's own thread-safe queue and
+names the request in the pump's ready list (``Request.on_push``: a deque's append). Rather than
+one coroutine per request polling its queue (tens of thousands of wake-ups a second with a few
+hundred open streams), one ``DeltaPump`` task, each ``poll_s``, drains the queues of the
+requests named since its last pass (not every open request's: an empty queue's check cost as
+much as a delta's delivery) and hands the deltas to the asyncio queue of the HTTP call that
+owns the request.
 
 A group that is abandoned (client gone, error) cancels its unfinished requests; the pump keeps
 watching them until the engine reports them finished (their KV pages and adapter references are
@@ -14,28 +17,13 @@ freed by then), so that metrics count them too.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import queue
 from collections.abc import AsyncIterator, Callable
 
 from jaxlora.engine import Delta, Engine, Request
 
 log = logging.getLogger("jaxlora.server")
-
-
-def drain(request: Request) -> list[Delta]:
-    """Every delta the engine has pushed for request so far (without blocking)."""
-    deltas = []
-    while True:
-        try:
-            delta = next(request.stream(timeout=0), None)
-        except queue.Empty:
-            return deltas
-        if delta is None:
-            return deltas
-        deltas.append(delta)
-        if delta.finish_reason is not None:
-            return deltas
 
 
 class DeltaPump:
@@ -46,6 +34,9 @@ class DeltaPump:
         self._on_finish = on_finish
         # request -> (queue of the HTTP call, its choice index); queue None once abandoned.
         self._watched: dict[Request, tuple[asyncio.Queue | None, int]] = {}
+        # requests given deltas since the last pass (appended on the engine's thread; a
+        # request may be named more than once)
+        self._ready: collections.deque[Request] = collections.deque()
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
 
@@ -61,6 +52,8 @@ class DeltaPump:
 
     def watch(self, request: Request, target: asyncio.Queue, index: int) -> None:
         self._watched[request] = (target, index)
+        request.on_push = self._ready.append
+        self._ready.append(request)  # (deltas given before on_push was set)
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(
@@ -74,12 +67,18 @@ class DeltaPump:
             self._watched[request] = (None, self._watched[request][1])
 
     def _pump_once(self) -> None:
-        for request, (target, index) in list(self._watched.items()):
-            for delta in drain(request):
+        for _ in range(len(self._ready)):  # (those named before this pass: the next takes
+            request = self._ready.popleft()  # any named meanwhile)
+            watched = self._watched.get(request)
+            if watched is None:  # (finished, or named twice and drained to its end)
+                continue
+            target, index = watched
+            for delta in request.take_deltas():
                 if target is not None:
                     target.put_nowait((index, delta))
                 if delta.finish_reason is not None:
                     del self._watched[request]
+                    request.on_push = None
                     try:
                         self._on_finish(request)
                     except Exception:  # bookkeeping must never stall every open stream
@@ -125,10 +124,13 @@ class RequestGroup:
 
     async def next_event(self, timeout: float | None = None) -> tuple[int, Delta] | None:
         """The next (choice index, delta); None after timeout seconds without one."""
-        try:
-            index, delta = await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+        if timeout is None:  # (asyncio.wait_for's timeout scope costs more than the get)
+            index, delta = await self._queue.get()
+        else:
+            try:
+                index, delta = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                return None
         if delta.finish_reason is not None:
             self._open.discard(index)
         return index, delta

@@ -2,9 +2,9 @@
 
 The serving section's two passes (jaxlora.bench.serving) with the tiny model: the trace
 stepped in-process, then through the server over HTTP (the client in its own process). The
-process CPU time of the second pass over the first's (both serve the same tokens; the engine's
-own work is the same), divided by the tokens streamed: what the server spends a token on the
-engine's interpreter (the delta pump, the handlers, the SSE chunks, uvicorn's writes).
+CPU seconds of the server's thread (uvicorn's event loop: the handlers, the delta pump, the SSE
+chunks and writes) over the HTTP pass, a streamed token: what the server takes of the
+interpreter lock the engine's host work also needs.
 
     JAX_PLATFORMS=cpu PYTHONPATH=. python docs/results/s57/server_cpu.py [repeats]
 """
@@ -54,7 +54,9 @@ def main(repeats: int):
             f"s wall, {engine_row['throughput_rps']:.2f} req/s); HTTP {http_cpu:.2f} s CPU "
             f"({http_wall:.2f} s wall, {http_row['throughput_rps']:.2f} req/s, TPOT "
             f"{http_row['tpot_ms_median']:.2f} ms against {engine_row['tpot_ms_median']:.2f}); "
-            f"server: {1e6 * (http_cpu - engine_cpu) / tokens:.0f} us of CPU a streamed token",
+            f"server thread {http_row['server_thread_cpu_s']:.2f} s CPU "
+            f"({http_row['server_cpu_us_per_token']:.1f} us a token), engine thread "
+            f"{http_row['engine_thread_cpu_s']:.2f} s",
             flush=True,
         )
 
