@@ -151,6 +151,15 @@ flags.DEFINE_bool(
     "--allowed_adapter_roots first (LoRAX-style; new adapters need no load call).",
 )
 flags.DEFINE_integer(
+    "stream_interval",
+    1,
+    "Tokens a streamed chunk carries at least: n > 1 holds a stream's tokens until n are made "
+    "(its first token and its end go out at once), n times fewer chunks for the server to "
+    "send, which near capacity leaves more of the interpreter to the engine; 1: every token "
+    "as it is made.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
     "max_request_merges",
     8,
     "LoRAX requests' merged_adapters kept as adapters at most (each distinct merge computed "
@@ -609,6 +618,7 @@ def launch_config():
         log_requests=_log_requests(),
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         max_request_merges=FLAGS.max_request_merges,
+        stream_interval=FLAGS.stream_interval,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         tokenizer=FLAGS.tokenizer,
         chat_template=FLAGS.chat_template,

@@ -125,6 +125,12 @@ flags.DEFINE_bool(
     "serve each offline row and online trace with the objects alive before it frozen out of "
     "Python's garbage collector (gc.freeze), as serve.py serves once warm",
 )
+flags.DEFINE_integer(
+    "serving_stream_interval",
+    1,
+    "serving: the server's --stream_interval (tokens a streamed chunk carries at least)",
+    lower_bound=1,
+)
 flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
 flags.DEFINE_float("copy_gib", 1.0, "size of the copy-bandwidth buffers")
 flags.DEFINE_integer("flush_mib", 256, "size of the L2-flush buffer of the copy measurement")
@@ -501,6 +507,7 @@ def main(argv):
             on_row=lambda rows: (doc["serving"].update(rows=rows), checkpoint(rows)),
             copy_gbps=copy_gbps,
             matmul_tflops=matmul_tflops,
+            stream_interval=FLAGS.serving_stream_interval,
         )
     else:
         doc["online"] = {"rows": []}

@@ -75,3 +75,111 @@ def test_a_request_s_deltas_are_taken_without_blocking_up_to_its_end():
     assert named == [] and quiet.take_deltas() == []
     quiet.push(Delta([], "", finish_reason=FinishReason.STOP))
     assert named == [quiet] and len(quiet.take_deltas()) == 1
+
+
+def test_merged_deltas_keep_tokens_text_logprobs_and_the_end_in_order():
+    from jaxlora.server.generation import merge_deltas
+
+    first = Delta([1], "a", logprobs=[-0.1], top_logprobs=[{1: -0.1}], prompt_logprobs=[None])
+    second = Delta([2, 3], "bc", logprobs=[-0.2, -0.3], top_logprobs=[{2: -0.2}, {3: -0.3}])
+    last = Delta([4], "d", logprobs=[-0.4], top_logprobs=[{4: -0.4}], last=True)
+    end = Delta([], "", finish_reason=FinishReason.LENGTH)
+    merged = merge_deltas([first, second, last, end])
+    assert merged == Delta(
+        [1, 2, 3, 4],
+        "abcd",
+        logprobs=[-0.1, -0.2, -0.3, -0.4],
+        top_logprobs=[{1: -0.1}, {2: -0.2}, {3: -0.3}, {4: -0.4}],
+        finish_reason=FinishReason.LENGTH,
+        last=True,
+        prompt_logprobs=[None],
+    )
+    assert merge_deltas([second]) is second
+    plain = merge_deltas([Delta([1], "x"), Delta([2], "y")])
+    assert plain.logprobs is None and plain.top_logprobs is None and not plain.last
+
+
+def test_a_stream_interval_holds_tokens_until_it_has_that_many_or_ends():
+    async def scenario():
+        pump = DeltaPump(0.001, lambda request: None, stream_interval=3)
+        request, _ = _request("r")
+        out = asyncio.Queue()
+        pump.watch(request, out, 0)
+
+        async def given(*deltas):
+            for delta in deltas:
+                request.push(delta)
+            await asyncio.sleep(0.01)
+            return [out.get_nowait()[1] for _ in range(out.qsize())]
+
+        assert await given(Delta([1], "a")) == [Delta([1], "a")]  # the first goes out at once
+        assert await given(Delta([2], "b")) == []
+        assert await given(Delta([3], "c")) == []
+        assert await given(Delta([4], "d")) == [Delta([2, 3, 4], "bcd")]
+        assert await given(Delta([5], "e", last=True)) == []
+        end = Delta([], "", finish_reason=FinishReason.STOP)
+        merged = Delta([5], "e", finish_reason=FinishReason.STOP, last=True)
+        assert await given(end) == [merged]  # (the end with the tokens held)
+        assert pump.open_requests == 0
+        await pump.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_server_with_a_stream_interval_streams_the_same_answers_in_fewer_chunks():
+    import json
+
+    import httpx
+
+    from jaxlora import demo
+    from jaxlora.errors import ConfigError
+    from jaxlora.server import ServerConfig
+    from tests.test_server_helpers import API_KEY, start_demo_server
+
+    for bad in (0, True, 2.0):
+        try:
+            ServerConfig(model_name="m", stream_interval=bad)
+        except ConfigError as e:
+            assert "'stream_interval'" in str(e) and "expected an int >= 1" in str(e)
+        else:
+            raise AssertionError(f"stream_interval={bad!r} taken")
+    server, state = start_demo_server(stream_interval=3)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {
+        "model": next(iter(demo.DEMO_SIGNATURES)),
+        "prompt": demo.DEMO_PROMPTS[0],
+        "max_tokens": 11,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    try:
+        whole = httpx.post(f"{server.base_url}/completions", json=body, headers=headers).json()
+        streamed = httpx.post(
+            f"{server.base_url}/completions", json={**body, "stream": True}, headers=headers
+        )
+        chunks = [
+            json.loads(line[len("data: ") :])
+            for line in streamed.text.split("\n")
+            if line.startswith("data: {")
+        ]
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        sizes = [len(c["token_ids"]) for c in choices]
+        # 11 tokens: the first chunk as soon as there is a token (with the others the engine
+        # made before the pump's pass: the tiny model on the CPU makes several in 2 ms), then
+        # at least 3 a chunk, the rest with the finish.
+        assert sum(sizes) == 11 and min(sizes[1:-1], default=3) >= 3
+        assert len(sizes) <= 1 + 10 // 3 + 1 and choices[-1]["finish_reason"] == "length"
+        assert "".join(c["text"] for c in choices) == whole["choices"][0]["text"]
+        assert [t for c in choices for t in c["token_ids"]] == whole["choices"][0]["token_ids"]
+        # LoRAX's stream still sends one event a token, the last with the details.
+        lorax = httpx.post(
+            server.base_url.removesuffix("/v1") + "/generate_stream",
+            json={"inputs": demo.DEMO_PROMPTS[0], "parameters": {"max_new_tokens": 7}},
+            headers=headers,
+        )
+        events = [json.loads(x[len("data: ") :]) for x in lorax.text.split("\n") if x]
+        assert len(events) == events[-1]["details"]["generated_tokens"]
+        assert all(e["details"] is None for e in events[:-1])
+    finally:
+        server.stop()

@@ -83,8 +83,10 @@ def serve_http(
     *,
     copy_gbps: float | None = None,
     matmul_tflops: float | None = None,
+    stream_interval: int = 1,
 ) -> dict:
-    """The trace through the OpenAI server (pass 2 of the module docstring); one row."""
+    """The trace through the OpenAI server (pass 2 of the module docstring); one row.
+    stream_interval: the server's (``ServerConfig.stream_interval``)."""
     from jaxlora.llm import LLM
     from jaxlora.server import ServerConfig, ServingState, create_app
     from jaxlora.server.background import BackgroundServer
@@ -102,7 +104,10 @@ def serve_http(
     )
     manager.evict_all_unused()
     engine.set_prefix_caching(False)
-    state = ServingState(LLM.from_engine(engine), ServerConfig(model_name=BASE_MODEL_NAME))
+    state = ServingState(
+        LLM.from_engine(engine),
+        ServerConfig(model_name=BASE_MODEL_NAME, stream_interval=stream_interval),
+    )
     # The engine is started and stopped here, not by the app: the app's shutdown would also
     # close the adapter manager, which the next trace (in-process or not) still needs.
     app = create_app(state, manage_engine=False)
@@ -142,6 +147,7 @@ def serve_http(
     row = {
         "num_adapters": num_adapters,
         "prefix_len": config.prefix_len,
+        "stream_interval": stream_interval,
         **summarize(results, config.slo_s),
         "offered_rps": len(trace) / trace[-1].arrival_s if trace else float("nan"),
         "decode_steps": len(decode),
@@ -194,8 +200,10 @@ def run_serving(
     on_row=None,
     copy_gbps: float | None = None,
     matmul_tflops: float | None = None,
+    stream_interval: int = 1,
 ) -> dict:
-    """Every trace of config.adapter_counts in-process, then over HTTP (prefix caching off)."""
+    """Every trace of config.adapter_counts in-process, then over HTTP (prefix caching off;
+    the server's stream_interval)."""
     rows = []
     with GpuMonitor() as monitor:
         for count in config.adapter_counts:
@@ -206,7 +214,12 @@ def run_serving(
             engine_row["gpu"] = monitor.summary(start, time.monotonic())
             start = time.monotonic()
             http_row = serve_http(
-                bench, config, count, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
+                bench,
+                config,
+                count,
+                copy_gbps=copy_gbps,
+                matmul_tflops=matmul_tflops,
+                stream_interval=stream_interval,
             )
             http_row["gpu"] = monitor.summary(start, time.monotonic())
             rows.append({"num_adapters": count, "in_process": engine_row, "http": http_row})

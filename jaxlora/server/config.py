@@ -48,6 +48,10 @@ class ServerConfig:
     (S-LoRA's admission control; None: requests wait as long as the queue lets them).
     stream_poll_s: how often the server collects new tokens from the engine for all open
     requests (one poller for all of them, so the cost does not grow with the number of streams).
+    stream_interval: tokens a streamed chunk carries at least (a request's first token always
+    goes out alone, at once; its end whenever it comes): n > 1 sends n times fewer chunks, for
+    n times less of the server's work a token (shared with the engine's host work near
+    capacity), at the cost of smoothness (``jaxlora.server.generation``).
     disconnect_poll_s: how often a non-streaming request checks that its client is still there.
     default_max_tokens: max_tokens of a completion that gives none (chat: the rest of the
     context).
@@ -115,6 +119,7 @@ class ServerConfig:
     max_n: int = 16
     first_token_deadline_s: float | None = None
     stream_poll_s: float = 0.002
+    stream_interval: int = 1
     disconnect_poll_s: float = 0.25
     default_max_tokens: int = 16
     max_body_bytes: int = 32 * 2**20
@@ -262,6 +267,7 @@ class ServerConfig:
             )
         for field in (
             "max_n",
+            "stream_interval",
             "default_max_tokens",
             "max_body_bytes",
             "max_stop_strings",

@@ -9,6 +9,14 @@ requests named since its last pass (not every open request's: an empty queue's c
 much as a delta's delivery) and hands the deltas to the asyncio queue of the HTTP call that
 owns the request.
 
+With ``stream_interval`` n > 1 a request's deltas are held until they carry n tokens (or its
+finish) and handed over as one (``merge_deltas``): a stream then sends one chunk per n tokens
+or more (those the engine made between two passes) instead of one a token, which costs the
+server's thread (shared with the engine's host work) about n times less a token. A request's
+first delta is never held (its first token goes out as soon as it is made); the tokens held
+wait for the next ones, so a request that stalls (e.g. preempted) sends them only when it goes
+on or ends.
+
 A group that is abandoned (client gone, error) cancels its unfinished requests; the pump keeps
 watching them until the engine reports them finished (their KV pages and adapter references are
 freed by then), so that metrics count them too.
@@ -26,12 +34,44 @@ from jaxlora.engine import Delta, Engine, Request
 log = logging.getLogger("jaxlora.server")
 
 
-class DeltaPump:
-    """Moves deltas from engine requests to asyncio queues; on_finish(request) at each end."""
+def merge_deltas(deltas: list[Delta]) -> Delta:
+    """One delta for several consecutive deltas of a request: their tokens, text and logprobs
+    in order; the first one's prompt logprobs; the last one's finish (``last`` if any was)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    first, end = deltas[0], deltas[-1]
+    logprobs = [d.logprobs for d in deltas]
+    tops = [d.top_logprobs for d in deltas]
+    return Delta(
+        token_ids=[t for d in deltas for t in d.token_ids],
+        text="".join(d.text for d in deltas),
+        logprobs=None
+        if all(x is None for x in logprobs)
+        else [v for x in logprobs for v in x or ()],
+        top_logprobs=None if all(x is None for x in tops) else [v for x in tops for v in x or ()],
+        finish_reason=end.finish_reason,
+        error=end.error,
+        last=any(d.last for d in deltas),
+        prompt_logprobs=first.prompt_logprobs,
+        prompt_top_logprobs=first.prompt_top_logprobs,
+    )
 
-    def __init__(self, poll_s: float, on_finish: Callable[[Request], None]):
+
+class DeltaPump:
+    """Moves deltas from engine requests to asyncio queues; on_finish(request) at each end.
+    stream_interval: tokens a delivered delta carries at most before it is handed over (see the
+    module docstring; 1: each delta as the engine made it)."""
+
+    def __init__(
+        self, poll_s: float, on_finish: Callable[[Request], None], *, stream_interval: int = 1
+    ):
         self._poll_s = poll_s
         self._on_finish = on_finish
+        self._interval = stream_interval
+        # request -> the deltas held back for it (stream_interval > 1) and their tokens; the
+        # requests that had a delta delivered
+        self._held: dict[Request, tuple[list[Delta], int]] = {}
+        self._delivered: set[Request] = set()
         # request -> (queue of the HTTP call, its choice index); queue None once abandoned.
         self._watched: dict[Request, tuple[asyncio.Queue | None, int]] = {}
         # requests given deltas since the last pass (appended on the engine's thread; a
@@ -73,16 +113,35 @@ class DeltaPump:
             if watched is None:  # (finished, or named twice and drained to its end)
                 continue
             target, index = watched
-            for delta in request.take_deltas():
-                if target is not None:
+            deltas = request.take_deltas()
+            if not deltas:
+                continue
+            ended = deltas[-1].finish_reason is not None
+            if target is not None:
+                for delta in self._due(request, deltas, ended):
                     target.put_nowait((index, delta))
-                if delta.finish_reason is not None:
-                    del self._watched[request]
-                    request.on_push = None
-                    try:
-                        self._on_finish(request)
-                    except Exception:  # bookkeeping must never stall every open stream
-                        log.exception("on_finish failed for %s", request.request_id)
+            if ended:
+                del self._watched[request]
+                self._held.pop(request, None)
+                self._delivered.discard(request)
+                request.on_push = None
+                try:
+                    self._on_finish(request)
+                except Exception:  # bookkeeping must never stall every open stream
+                    log.exception("on_finish failed for %s", request.request_id)
+
+    def _due(self, request: Request, deltas: list[Delta], ended: bool) -> list[Delta]:
+        """The deltas to deliver now (stream_interval: the rest are held for the next pass)."""
+        if self._interval == 1:
+            return deltas
+        held, tokens = self._held.pop(request, ([], 0))
+        held.extend(deltas)
+        tokens += sum(len(d.token_ids) for d in deltas)
+        if ended or tokens >= self._interval or request not in self._delivered:
+            self._delivered.add(request)
+            return [merge_deltas(held)]
+        self._held[request] = (held, tokens)
+        return []
 
     async def _run(self) -> None:
         while True:

@@ -90,6 +90,7 @@ class LaunchConfig:
     log_requests: bool = False  # ServerConfig.log_requests
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     max_request_merges: int = 8  # ServerConfig.max_request_merges
+    stream_interval: int = 1  # ServerConfig.stream_interval
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     kv_cache_dtype: str = "auto"  # KVCacheConfig.cache_dtype: "auto" or an fp8 format
     # The tokenizer's directory or a Hub id in the local cache, in place of the model's own
@@ -730,6 +731,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         adapter_roots=tuple(launch.allowed_adapter_roots),
         load_adapters_on_demand=launch.load_adapters_on_demand,
         max_request_merges=launch.max_request_merges,
+        stream_interval=launch.stream_interval,
         tool_call_parser=launch.tool_call_parser or None,
         auto_tool_choice=launch.enable_auto_tool_choice is not False,
         reasoning_parser=launch.reasoning_parser or None,

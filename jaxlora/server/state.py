@@ -127,7 +127,9 @@ class ServingState:
             else max(len(t) for t in self.tokenizer.backend.get_vocab(with_added_tokens=True))
         )
         self.metrics = prom.ServerMetrics(self.max_model_len)
-        self.pump = DeltaPump(config.stream_poll_s, self._on_finish)
+        self.pump = DeltaPump(
+            config.stream_poll_s, self._on_finish, stream_interval=config.stream_interval
+        )
         # request id -> its API key's name, until it ends; each key's requests in flight (both
         # touched on the event loop only: by the handlers and the delta pump)
         self._callers: dict[str, str] = {}

@@ -6,7 +6,7 @@ CPU seconds of the server's thread (uvicorn's event loop: the handlers, the delt
 chunks and writes) over the HTTP pass, a streamed token: what the server takes of the
 interpreter lock the engine's host work also needs.
 
-    JAX_PLATFORMS=cpu PYTHONPATH=. python docs/results/s57/server_cpu.py [repeats]
+    JAX_PLATFORMS=cpu PYTHONPATH=. python docs/results/s57/server_cpu.py [repeats] [interval]
 """
 
 import logging
@@ -25,7 +25,7 @@ def timed(fn):
     return row, time.process_time() - cpu, time.perf_counter() - wall
 
 
-def main(repeats: int):
+def main(repeats: int, interval: int):
     logging.getLogger("jaxlora").setLevel(logging.WARNING)
     config = OnlineConfig(
         adapter_counts=(4,),
@@ -47,11 +47,14 @@ def main(repeats: int):
     )
     for i in range(repeats):
         engine_row, engine_cpu, engine_wall = timed(lambda: online.run_trace(bench, config, 4))
-        http_row, http_cpu, http_wall = timed(lambda: serving.serve_http(bench, config, 4))
+        http_row, http_cpu, http_wall = timed(
+            lambda: serving.serve_http(bench, config, 4, stream_interval=interval)
+        )
         tokens = http_row["output_tokens_per_s"] * http_row["elapsed_s"]
         print(
-            f"run {i}: {tokens:.0f} tokens; in-process {engine_cpu:.2f} s CPU ({engine_wall:.2f} "
-            f"s wall, {engine_row['throughput_rps']:.2f} req/s); HTTP {http_cpu:.2f} s CPU "
+            f"run {i} (stream_interval {interval}): {tokens:.0f} tokens; in-process "
+            f"{engine_cpu:.2f} s CPU ({engine_wall:.2f} s wall, "
+            f"{engine_row['throughput_rps']:.2f} req/s); HTTP {http_cpu:.2f} s CPU "
             f"({http_wall:.2f} s wall, {http_row['throughput_rps']:.2f} req/s, TPOT "
             f"{http_row['tpot_ms_median']:.2f} ms against {engine_row['tpot_ms_median']:.2f}); "
             f"server thread {http_row['server_thread_cpu_s']:.2f} s CPU "
@@ -62,4 +65,4 @@ def main(repeats: int):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2, int(sys.argv[2]) if len(sys.argv) > 2 else 1)
