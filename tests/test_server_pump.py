@@ -183,3 +183,21 @@ def test_a_server_with_a_stream_interval_streams_the_same_answers_in_fewer_chunk
         assert all(e["details"] is None for e in events[:-1])
     finally:
         server.stop()
+
+
+def test_the_stream_interval_flag_reaches_the_launch_config():
+    import pytest
+    from absl import flags
+
+    from jaxlora import launch_flags
+
+    try:
+        launch_flags.parse_flags(["serve.py", "tiny", "--stream-interval=4"])
+        assert launch_flags.launch_config().stream_interval == 4
+    finally:
+        flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit):  # (absl's one-line error: not a positive integer)
+        try:
+            launch_flags.parse_flags(["serve.py", "tiny", "--stream_interval=0"])
+        finally:
+            flags.FLAGS.unparse_flags()
