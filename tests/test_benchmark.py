@@ -510,11 +510,11 @@ def test_profile_breakdown_groups_kernels_and_measures_idle_time():
     assert profile.gpu_events("/nonexistent") == []
 
 
-def test_online_trace_pages_adapters_and_measures_latency():
-    config = OnlineConfig(
-        adapter_counts=(3, 40),
+def small_online_config(**fields) -> OnlineConfig:
+    """An online trace the tiny model serves in seconds on the CPU (fields override)."""
+    defaults = dict(
         rate=40.0,
-        duration_s=1.5,
+        duration_s=1.0,
         drain_timeout_s=60.0,
         min_len=4,
         max_len=12,
@@ -525,6 +525,11 @@ def test_online_trace_pages_adapters_and_measures_latency():
         resident_adapters=6,
         kv_pages=64,
     )
+    return OnlineConfig(**{**defaults, **fields})
+
+
+def test_online_trace_pages_adapters_and_measures_latency():
+    config = small_online_config(adapter_counts=(3, 40), duration_s=1.5)
     bench = build_engine(TINY, config.engine_config(), SETUP)
     online = run_online(bench, config)
     assert online["projection_kernel_used"] == "xla"
@@ -569,22 +574,7 @@ def test_online_trace_pages_adapters_and_measures_latency():
 
 
 def test_online_trace_caps_the_adapters_of_a_step():
-    config = OnlineConfig(
-        adapter_counts=(40,),
-        rate=40.0,
-        duration_s=1.0,
-        drain_timeout_s=60.0,
-        min_len=4,
-        max_len=12,
-        rank=8,
-        max_batch=4,
-        max_slots=2,
-        max_skips=3,
-        prefill_chunk=8,
-        prefill_rows=1,
-        resident_adapters=6,
-        kv_pages=64,
-    )
+    config = small_online_config(adapter_counts=(40,), max_slots=2, max_skips=3)
     engine_config = config.engine_config()
     assert engine_config.lora_pool.max_slots == 2 and engine_config.max_skips == 3
     # Rank 8 in pages of 8 rows, 6 resident adapters on all seven modules: 7:2:2:3 pages each.
@@ -604,20 +594,13 @@ def test_online_trace_caps_the_adapters_of_a_step():
 
 
 def test_online_trace_with_system_prompts_computes_them_once_with_prefix_caching():
-    config = OnlineConfig(
+    config = small_online_config(
         adapter_counts=(2,),
         rate=30.0,
-        duration_s=1.0,
-        drain_timeout_s=60.0,
-        min_len=4,
-        max_len=12,
         prefix_len=40,
         prefix_caching=(False, True),
-        rank=8,
-        max_batch=4,
         prefill_chunk=16,
         prefill_rows=2,
-        resident_adapters=6,
         kv_pages=96,
     )
     engine_config = config.engine_config()
@@ -696,19 +679,8 @@ def test_serving_over_http_against_the_engine_in_process():
     from jaxlora.bench.serving import bench_tokenizer, run_serving
     from jaxlora.llm import LLM
 
-    config = OnlineConfig(
-        adapter_counts=(3,),
-        rate=20.0,
-        duration_s=1.0,
-        drain_timeout_s=60.0,
-        min_len=4,
-        max_len=12,
-        rank=8,
-        max_batch=4,
-        prefill_chunk=16,
-        prefill_rows=2,
-        resident_adapters=6,
-        kv_pages=96,
+    config = small_online_config(
+        adapter_counts=(3,), rate=20.0, prefill_chunk=16, prefill_rows=2, kv_pages=96
     )
     bench = build_engine(
         TINY, config.engine_config(), SETUP, tokenizer=bench_tokenizer(TINY.vocab_size)

@@ -393,6 +393,15 @@ def trace_floor(bench, records, spans, copy_gbps, matmul_tflops) -> dict:
     return {"decode_floor_s": decode_s, "prefill_floor_s": prefill_s}
 
 
+def monitored(monitor: GpuMonitor, serve) -> dict:
+    """serve()'s row, with what the GPU ran at meanwhile (``row["gpu"]``: GpuMonitor's
+    summary; None without nvidia-smi)."""
+    start = time.monotonic()
+    row = serve()
+    row["gpu"] = monitor.summary(start, time.monotonic())
+    return row
+
+
 def run_online(
     bench: BenchEngine,
     config: OnlineConfig,
@@ -406,17 +415,17 @@ def run_online(
     with GpuMonitor() as monitor:
         for count in config.adapter_counts:
             for caching in config.prefix_caching:
-                start = time.monotonic()
-                row = run_trace(
-                    bench,
-                    config,
-                    count,
-                    prefix_caching=caching,
-                    copy_gbps=copy_gbps,
-                    matmul_tflops=matmul_tflops,
+                row = monitored(
+                    monitor,
+                    lambda count=count, caching=caching: run_trace(
+                        bench,
+                        config,
+                        count,
+                        prefix_caching=caching,
+                        copy_gbps=copy_gbps,
+                        matmul_tflops=matmul_tflops,
+                    ),
                 )
-                # What the GPU ran at over the trace (GpuMonitor; None without nvidia-smi).
-                row["gpu"] = monitor.summary(start, time.monotonic())
                 if row["gpu"]:
                     log.info("online %d adapters %s", count, describe(row["gpu"]))
                 rows.append(row)

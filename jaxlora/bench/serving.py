@@ -31,7 +31,7 @@ from jaxlora.heap import GcRecorder, frozen_heap
 
 from .engine_setup import BenchEngine
 from .gpu_monitor import GpuMonitor
-from .online import OnlineConfig, run_trace, trace_floor
+from .online import OnlineConfig, monitored, run_trace, trace_floor
 from .serving_client import save_requests, summarize, trace_requests
 from .timing import CompileCounter
 from .workloads import synthetic_trace
@@ -207,21 +207,23 @@ def run_serving(
     rows = []
     with GpuMonitor() as monitor:
         for count in config.adapter_counts:
-            start = time.monotonic()
-            engine_row = run_trace(
-                bench, config, count, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
+            engine_row = monitored(
+                monitor,
+                lambda count=count: run_trace(
+                    bench, config, count, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
+                ),
             )
-            engine_row["gpu"] = monitor.summary(start, time.monotonic())
-            start = time.monotonic()
-            http_row = serve_http(
-                bench,
-                config,
-                count,
-                copy_gbps=copy_gbps,
-                matmul_tflops=matmul_tflops,
-                stream_interval=stream_interval,
+            http_row = monitored(
+                monitor,
+                lambda count=count: serve_http(
+                    bench,
+                    config,
+                    count,
+                    copy_gbps=copy_gbps,
+                    matmul_tflops=matmul_tflops,
+                    stream_interval=stream_interval,
+                ),
             )
-            http_row["gpu"] = monitor.summary(start, time.monotonic())
             rows.append({"num_adapters": count, "in_process": engine_row, "http": http_row})
             if on_row is not None:
                 on_row(rows)
