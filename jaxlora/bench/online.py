@@ -17,8 +17,6 @@ import math
 import statistics
 import time
 
-import numpy as np
-
 from jaxlora.config import LoraPoolConfig
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import ConfigError
@@ -28,6 +26,7 @@ from jaxlora.sampling import SamplingParams
 from . import roofline
 from .engine_setup import BenchEngine
 from .gpu_monitor import GpuMonitor, describe
+from .serving_client import latency_fields
 from .timing import CompileCounter, host_ms_since
 from .workloads import TraceConfig, synthetic_trace, trace_prompt
 
@@ -178,10 +177,6 @@ class OnlineConfig:
         )
 
 
-def _percentile(values, q):
-    return float(np.percentile(values, q)) if len(values) else float("nan")
-
-
 def run_trace(
     bench: BenchEngine,
     config: OnlineConfig,
@@ -304,13 +299,7 @@ def run_trace(
         # near 0, the trace ran below capacity.
         "queued_step_share": queued_steps / steps if steps else 0.0,
         "waiting_mean": waiting_total / steps if steps else 0.0,
-        "ttft_p50_s": _percentile(ttft, 50),
-        "ttft_p90_s": _percentile(ttft, 90),
-        "ttft_p99_s": _percentile(ttft, 99),
-        "tpot_ms_median": statistics.median(tpot) * 1e3 if tpot else float("nan"),
-        "tpot_ms_mean": statistics.fmean(tpot) * 1e3 if tpot else float("nan"),
-        "latency_s_mean": statistics.fmean(latency) if latency else float("nan"),
-        "slo_attainment": sum(t <= config.slo_s for t in ttft) / len(trace),
+        **latency_fields(ttft, tpot, latency, requests=len(trace), slo_s=config.slo_s),
         "adapter_misses": after.misses - before.misses,
         "adapter_evictions": after.evictions - before.evictions,
         "adapter_GB_copied": (after.bytes_copied - before.bytes_copied) / 1e9,

@@ -128,6 +128,21 @@ def _percentile(values, q) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
+def latency_fields(ttft, tpot, latency, *, requests: int, slo_s: float) -> dict:
+    """A trace row's latency fields (the online and serving sections'): first-token latency
+    percentiles (s), time per output token (ms), mean end-to-end latency (s), and the share of
+    all ``requests`` whose first token came within slo_s."""
+    return {
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p90_s": _percentile(ttft, 90),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "tpot_ms_median": statistics.median(tpot) * 1e3 if tpot else float("nan"),
+        "tpot_ms_mean": statistics.fmean(tpot) * 1e3 if tpot else float("nan"),
+        "latency_s_mean": statistics.fmean(latency) if latency else float("nan"),
+        "slo_attainment": sum(t <= slo_s for t in ttft) / requests if requests else 0.0,
+    }
+
+
 def summarize(results: list[dict], slo_s: float) -> dict:
     """The online section's row fields (throughput, TTFT percentiles, TPOT, SLO) of a client
     run, plus the inter-chunk gaps. A request counts as finished when it got all its
@@ -157,18 +172,16 @@ def summarize(results: list[dict], slo_s: float) -> dict:
         "elapsed_s": elapsed,
         "throughput_rps": len(done) / elapsed if done else 0.0,
         "output_tokens_per_s": out_tokens / elapsed if done else 0.0,
-        "ttft_p50_s": _percentile(ttft, 50),
-        "ttft_p90_s": _percentile(ttft, 90),
-        "ttft_p99_s": _percentile(ttft, 99),
-        "tpot_ms_median": statistics.median(tpot) * 1e3 if tpot else float("nan"),
-        "tpot_ms_mean": statistics.fmean(tpot) * 1e3 if tpot else float("nan"),
+        **latency_fields(
+            ttft,
+            tpot,
+            [r["end_s"] - r["arrival_s"] for r in done],
+            requests=len(results),
+            slo_s=slo_s,
+        ),
         "itl_ms_p50": _percentile(gaps, 50) * 1e3,
         "itl_ms_p99": _percentile(gaps, 99) * 1e3,
         "tokens_per_chunk": out_tokens / chunks if chunks else float("nan"),
-        "latency_s_mean": (
-            statistics.fmean(r["end_s"] - r["arrival_s"] for r in done) if done else float("nan")
-        ),
-        "slo_attainment": sum(t <= slo_s for t in ttft) / len(results) if results else 0.0,
     }
 
 
