@@ -59,8 +59,8 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
 
 class DeltaPump:
     """Moves deltas from engine requests to asyncio queues; on_finish(request) at each end.
-    stream_interval: tokens a delivered delta carries at most before it is handed over (see the
-    module docstring; 1: each delta as the engine made it)."""
+    stream_interval: tokens a delivered delta carries at least, its request's first and last
+    apart (see the module docstring; 1: each delta as the engine made it)."""
 
     def __init__(
         self, poll_s: float, on_finish: Callable[[Request], None], *, stream_interval: int = 1
