@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import socket
 
 import httpx
 import pytest
@@ -146,6 +147,29 @@ def test_a_server_that_fails_to_start_releases_its_socket():
     with pytest.raises(ConfigError, match="failed to start"):
         server.start(timeout=30)
     assert server._socket.fileno() == -1
+
+
+@pytest.mark.parametrize(
+    ("host", "url_host"),
+    [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]"), ("::", "[::1]"), ("0.0.0.0", "127.0.0.1")],
+)
+def test_a_background_server_listens_on_ipv4_and_ipv6_addresses(host, url_host):
+    """BackgroundServer bound IPv4 sockets only: an IPv6 host ("::1") failed to bind."""
+    if ":" in host:
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping():
+        return {"ok": True}
+
+    with BackgroundServer(app, host=host, log_level="critical") as server:
+        assert server.url == f"http://{url_host}:{server.port}"
+        assert httpx.get(f"{server.url}/ping", timeout=10).json() == {"ok": True}
 
 
 @pytest.mark.parametrize(
