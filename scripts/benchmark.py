@@ -485,40 +485,34 @@ def main(argv):
     doc["meta"]["step_compiler_options"] = bench.engine.runner.compiler_options
     path = output_path()
 
-    def checkpoint(rows):
+    def checkpoint():
         with open(path, "w") as f:
             json.dump(doc, f, indent=1)
 
-    if FLAGS.section == "offline":
+    section = FLAGS.section
+    doc[section] = {"rows": []}
+
+    def on_row(rows):  # (each row written as soon as it is measured)
+        doc[section].update(rows=rows)
+        checkpoint()
+
+    if section == "offline":
         budget = FLAGS.offline_time_budget_s or None
-        doc["offline"] = {"rows": []}
-        doc["offline"] = run_offline(
+        doc[section] = run_offline(bench, config, copy_gbps, time_budget_s=budget, on_row=on_row)
+    elif section == "serving":
+        doc[section] = run_serving(
             bench,
             config,
-            copy_gbps,
-            time_budget_s=budget,
-            on_row=lambda rows: (doc["offline"].update(rows=rows), checkpoint(rows)),
-        )
-    elif FLAGS.section == "serving":
-        doc["serving"] = {"rows": []}
-        doc["serving"] = run_serving(
-            bench,
-            config,
-            on_row=lambda rows: (doc["serving"].update(rows=rows), checkpoint(rows)),
+            on_row=on_row,
             copy_gbps=copy_gbps,
             matmul_tflops=matmul_tflops,
             stream_interval=FLAGS.serving_stream_interval,
         )
     else:
-        doc["online"] = {"rows": []}
-        doc["online"] = run_online(
-            bench,
-            config,
-            on_row=lambda rows: (doc["online"].update(rows=rows), checkpoint(rows)),
-            copy_gbps=copy_gbps,
-            matmul_tflops=matmul_tflops,
+        doc[section] = run_online(
+            bench, config, on_row=on_row, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
         )
-    checkpoint(None)
+    checkpoint()
     print(report.markdown(doc), flush=True)
     print("wrote", path, flush=True)
 

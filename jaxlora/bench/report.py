@@ -437,13 +437,22 @@ def markdown(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _floor_s(row: dict) -> float:
+    """A trace row's floor in seconds: its decode part plus its prefill part (NaN without)."""
+    parts = (row.get("decode_floor_s"), row.get("prefill_floor_s"))
+    return sum(parts) if all(_finite(x) for x in parts) else float("nan")
+
+
+def _floor_share(row: dict) -> str:
+    """A trace row's floor as a share of its elapsed time ("-" without one)."""
+    floor = _floor_s(row)
+    if not _finite(floor) or not _finite(row.get("elapsed_s")):
+        return "-"
+    return f"{100 * floor / row['elapsed_s']:.1f}%"
+
+
 def _prefix_tables(rows: list[dict]) -> str:
     """The traces with system prompts: each row, then prefix caching on against off."""
-
-    def floor(r):
-        parts = (r.get("decode_floor_s"), r.get("prefill_floor_s"))
-        return sum(parts) if all(_finite(x) for x in parts) else float("nan")
-
     text = "### Shared system prompts (prefix caching)\n\n" + _table(
         [
             "adapters",
@@ -476,10 +485,10 @@ def _prefix_tables(rows: list[dict]) -> str:
                 f"{100 * r['slo_attainment']:.1f}%",
                 f"{r['prompt_tokens_computed']} / {r['prompt_tokens']}",
                 f"{100 * r['cached_share']:.1f}%",
-                f"{floor(r):.3g} ({r.get('decode_floor_s', float('nan')):.3g} + "
+                f"{_floor_s(r):.3g} ({r.get('decode_floor_s', float('nan')):.3g} + "
                 f"{r.get('prefill_floor_s', float('nan')):.3g})",
                 r["elapsed_s"],
-                f"{100 * floor(r) / r['elapsed_s']:.1f}%" if _finite(floor(r)) else "-",
+                _floor_share(r),
             ]
             for r in rows
         ],
@@ -518,13 +527,6 @@ def _prefix_tables(rows: list[dict]) -> str:
 
 def _serving_table(rows: list[dict]) -> str:
     """The trace in-process against the same trace through the OpenAI server over HTTP."""
-
-    def floor_share(r):
-        parts = (r.get("decode_floor_s"), r.get("prefill_floor_s"))
-        if not all(_finite(x) for x in parts) or not _finite(r.get("elapsed_s")):
-            return "-"
-        return f"{100 * sum(parts) / r['elapsed_s']:.1f}%"
-
     table = []
     for row in sorted(rows, key=lambda r: r["num_adapters"]):
         engine, http = row["in_process"], row["http"]
@@ -543,7 +545,7 @@ def _serving_table(rows: list[dict]) -> str:
                     r.get("itl_ms_p50", float("nan")),
                     r.get("itl_ms_p99", float("nan")),
                     f"{100 * r['slo_attainment']:.1f}%",
-                    floor_share(r),
+                    _floor_share(r),
                 ]
             )
         if engine["throughput_rps"]:
