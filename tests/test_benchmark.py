@@ -634,6 +634,11 @@ def test_online_trace_with_system_prompts_computes_them_once_with_prefix_caching
     assert "Prefix caching on against off" in text
     # The trace with system prompts is not S-LoRA's: its rows judge no target.
     assert "### Online (S-LoRA synthetic trace)" not in text
+    # Nor is one with caching on and no system prompt, listed with the prefix rows (it was
+    # in neither table).
+    bare = {**on, "prefix_len": 0}
+    rows = report.prefix_rows([off, bare])
+    assert rows == [off, bare] and report.slora_rows([off, bare]) == []
     with pytest.raises(ConfigError, match="'prefix_caching'"):
         OnlineConfig(prefix_caching=(True, True))
     with pytest.raises(ConfigError, match="set_prefix_caching"):

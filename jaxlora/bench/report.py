@@ -124,9 +124,11 @@ def slora_rows(rows: list[dict]) -> list[dict]:
 
 
 def prefix_rows(rows: list[dict]) -> list[dict]:
-    """The online rows of traces with system prompts, by adapters and caching mode."""
+    """The online rows that are not S-LoRA's (``slora_rows``): traces with system prompts or
+    prefix caching, by adapters and caching mode."""
+    slora = {id(r) for r in slora_rows(rows)}
     return sorted(
-        (r for r in rows if r.get("prefix_len")),
+        (r for r in rows if id(r) not in slora),
         key=lambda r: (r["num_adapters"], bool(r.get("prefix_caching"))),
     )
 
