@@ -159,6 +159,16 @@ flags.DEFINE_integer(
     "as it is made.",
     lower_bound=1,
 )
+flags.DEFINE_float(
+    "switch_interval_ms",
+    0.0,
+    "The interpreter's thread switch interval while serving, in ms (sys.setswitchinterval): "
+    "the engine's host work and the HTTP handlers share one interpreter lock, and the engine "
+    "waits up to this long for it after each step it hands to the device; 0: Python's own "
+    "(5 ms).",
+    lower_bound=0.0,
+    upper_bound=1000.0,
+)
 flags.DEFINE_integer(
     "max_request_merges",
     8,
@@ -619,6 +629,7 @@ def launch_config():
         load_adapters_on_demand=FLAGS.load_adapters_on_demand,
         max_request_merges=FLAGS.max_request_merges,
         stream_interval=FLAGS.stream_interval,
+        switch_interval_ms=FLAGS.switch_interval_ms,
         enable_prefix_caching=FLAGS.enable_prefix_caching,
         tokenizer=FLAGS.tokenizer,
         chat_template=FLAGS.chat_template,

@@ -37,7 +37,7 @@ from jaxlora.bench import kernels, report  # noqa: E402
 from jaxlora.bench.engine_setup import SetupConfig, build_engine  # noqa: E402
 from jaxlora.bench.offline import OfflineConfig, run_offline  # noqa: E402
 from jaxlora.bench.online import OnlineConfig, run_online  # noqa: E402
-from jaxlora.bench.serving import bench_tokenizer, run_serving  # noqa: E402
+from jaxlora.bench.serving import bench_tokenizer, run_serving, server_variants  # noqa: E402
 from jaxlora.bench.workloads import WORKLOADS  # noqa: E402
 from jaxlora.config import parse_positive_ints  # noqa: E402
 from jaxlora.engine import EngineConfig  # noqa: E402
@@ -125,11 +125,17 @@ flags.DEFINE_bool(
     "serve each offline row and online trace with the objects alive before it frozen out of "
     "Python's garbage collector (gc.freeze), as serve.py serves once warm",
 )
-flags.DEFINE_integer(
+flags.DEFINE_list(
     "serving_stream_interval",
-    1,
-    "serving: the server's --stream_interval (tokens a streamed chunk carries at least)",
-    lower_bound=1,
+    ["1"],
+    "serving: the server's --stream_interval (tokens a streamed chunk carries at least); "
+    "several: one HTTP pass each (and each --serving_switch_interval_ms)",
+)
+flags.DEFINE_list(
+    "serving_switch_interval_ms",
+    ["0"],
+    "serving: the server's --switch_interval_ms (the interpreter's thread switch interval; 0: "
+    "Python's own, 5 ms); several: one HTTP pass each",
 )
 flags.DEFINE_float("copy_bandwidth_gbps", 0.0, "roofline bandwidth; 0: measure it")
 flags.DEFINE_float("copy_gib", 1.0, "size of the copy-bandwidth buffers")
@@ -426,6 +432,7 @@ def main(argv):
         matmul = MatmulConfig.from_json(FLAGS.matmul_config or "{}", where="--matmul_config")
         xla_options = xla_options_from_json(FLAGS.xla_options, where="--xla_options")
         config = section_config(prefix_caching_modes(FLAGS.online_prefix_caching))
+        variants = server_variants(FLAGS.serving_stream_interval, FLAGS.serving_switch_interval_ms)
         model = get_model_preset(FLAGS.model)
         if FLAGS.model_layers:
             model = dataclasses.replace(model, num_layers=FLAGS.model_layers)
@@ -506,7 +513,7 @@ def main(argv):
             on_row=on_row,
             copy_gbps=copy_gbps,
             matmul_tflops=matmul_tflops,
-            stream_interval=FLAGS.serving_stream_interval,
+            variants=variants,
         )
     else:
         doc[section] = run_online(

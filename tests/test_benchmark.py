@@ -680,9 +680,19 @@ def test_serving_client_summary_counts_chunks_tokens_and_errors():
     assert s["slo_attainment"] == pytest.approx(1 / 4)  # of every request sent
 
 
-def test_serving_over_http_against_the_engine_in_process():
-    from jaxlora.bench.serving import bench_tokenizer, run_serving
+def test_serving_over_http_against_the_engine_in_process(monkeypatch):
+    from jaxlora.bench.serving import ServerVariant, bench_tokenizer, run_serving
     from jaxlora.llm import LLM
+
+    switches = []
+    set_switch_interval = sys.setswitchinterval
+
+    def record_switch_interval(seconds):
+        switches.append(seconds)
+        set_switch_interval(seconds)
+
+    monkeypatch.setattr(sys, "setswitchinterval", record_switch_interval)
+    interpreter_interval = sys.getswitchinterval()
 
     config = small_online_config(
         adapter_counts=(3,), rate=20.0, prefill_chunk=16, prefill_rows=2, kv_pages=96
@@ -690,14 +700,26 @@ def test_serving_over_http_against_the_engine_in_process():
     bench = build_engine(
         TINY, config.engine_config(), SETUP, tokenizer=bench_tokenizer(TINY.vocab_size)
     )
-    (row,) = run_serving(bench, config, copy_gbps=20.0, matmul_tflops=0.5)["rows"]
-    engine, http = row["in_process"], row["http"]
+    variant = ServerVariant(stream_interval=2, switch_interval_ms=0.5)
+    (row,) = run_serving(bench, config, copy_gbps=20.0, matmul_tflops=0.5, variants=(variant,))[
+        "rows"
+    ]
+    engine, (http,) = row["in_process"], row["http"]
+    # The pass ran at the variant's switch interval and gave the interpreter's back after it.
+    assert switches == [0.0005, interpreter_interval]
+    assert sys.getswitchinterval() == interpreter_interval
+    assert (http["stream_interval"], http["switch_interval_ms"]) == (2, 0.5)
     trace = synthetic_trace(config.trace(3))
     assert row["num_adapters"] == 3
     for r in (engine, http):
         assert r["requests"] == r["finished"] == len(trace) > 5
         assert r["ttft_p50_s"] > 0 and r["tpot_ms_median"] > 0
         assert r["decode_floor_s"] > 0 and r["prefill_floor_s"] > 0
+        # The engine's host phases, wall and its thread's CPU (never more than the wall)
+        wall, cpu = r["host_ms_per_step"], r["host_cpu_ms_per_step"]
+        assert set(wall) == set(cpu) == {"schedule", "build", "dispatch", "wait", "append"}
+        assert all(0 <= cpu[phase] <= wall[phase] * 1.05 + 0.05 for phase in wall)
+        assert sum(cpu.values()) > 0
     assert http["errors"] == 0 and http["compilations_while_timed"] == 0
     assert http["output_tokens_per_s"] * http["elapsed_s"] == pytest.approx(
         sum(t.output_len for t in trace)
@@ -707,7 +729,8 @@ def test_serving_over_http_against_the_engine_in_process():
     assert http["prompt_tokens_computed"] == engine["prompt_tokens_computed"]
     assert http["prefill_floor_s"] == pytest.approx(engine["prefill_floor_s"])
     text = report.markdown({"meta": {}, "serving": {"rows": [row]}})
-    assert "### Serving over HTTP" in text and "HTTP / in-process" in text
+    assert "### Serving over HTTP" in text
+    assert "| HTTP (stream interval 2, switch interval 0.5 ms) / in-process |" in text
     assert not bench.engine._thread  # (the engine's thread stopped with the server)
     # The engine and its adapter manager serve on after the server (the next trace's passes).
     again = run_trace(bench, config, 3)
@@ -937,10 +960,79 @@ def test_benchmark_script_names_a_bad_online_flag():
     for flag, message in (
         ("--online_prefix_caching=off,maybe", "--online_prefix_caching: expected off and / or on"),
         ("--online_prefix_len=-3", "field 'prefix_len': expected an int >= 0, got -3"),
+        ("--serving_stream_interval=1,0", "--serving_stream_interval: expected ints >= 1"),
+        ("--serving_switch_interval_ms=fast", "--serving_switch_interval_ms: expected ms in"),
     ):
         out = _run_script("benchmark.py", "--section=online", "--model=tiny", flag)
         assert out.returncode != 0 and "Traceback" not in out.stderr
         assert out.stderr.strip().startswith("error: ") and message in out.stderr
+
+
+def test_server_variants_pair_every_stream_interval_with_every_switch_interval():
+    from jaxlora.bench.serving import ServerVariant, server_variants
+
+    assert server_variants(["1", "4"], ["0", "0.5"]) == (
+        ServerVariant(1, 0.0),
+        ServerVariant(1, 0.5),
+        ServerVariant(4, 0.0),
+        ServerVariant(4, 0.5),
+    )
+    assert ServerVariant(1, 0.0).switch_interval_s is None  # (the interpreter's own)
+    assert ServerVariant(4, 0.5).switch_interval_s == 0.0005
+    assert ServerVariant(4, 0.5).label == "stream interval 4, switch interval 0.5 ms"
+    for streams, switches, message in (
+        ([], ["0"], "--serving_stream_interval: expected at least one"),
+        (["2.5"], ["0"], "--serving_stream_interval: expected ints >= 1, got '2.5'"),
+        (["1"], ["-1"], "--serving_switch_interval_ms: expected ms in [0, 1000]"),
+        (["1"], ["inf"], "--serving_switch_interval_ms"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            server_variants(streams, switches)
+
+
+def test_serving_report_reads_a_single_http_pass_and_every_variant():
+    """The fifty-seventh session's files hold one HTTP pass a row (a dict); later ones a list,
+    one a server variant, each with the engine's host time beside its CPU."""
+
+    def serving_row(rps, **extra):
+        return {
+            "requests": 10,
+            "finished": 10,
+            "throughput_rps": rps,
+            "output_tokens_per_s": 100 * rps,
+            "ttft_p50_s": 0.5 / rps,
+            "ttft_p90_s": 1.0 / rps,
+            "ttft_p99_s": 2.0 / rps,
+            "tpot_ms_median": 10.0,
+            "slo_attainment": 1.0,
+            **extra,
+        }
+
+    engine = serving_row(10.0, host_ms_per_step={"build": 1.0, "dispatch": 2.0, "wait": 5.0})
+    old = {"num_adapters": 5, "in_process": engine, "http": serving_row(8.0)}
+    text = report.markdown({"meta": {}, "serving": {"rows": [old]}})
+    assert "| 5 | HTTP / in-process |  | 0.800x |" in text
+    assert "| 3.00 |" in text  # the engine's own host ms, "wait" left out (no CPU recorded)
+    host = {"build": 1.0, "dispatch": 6.0, "wait": 1.0}
+    cpu = {"build": 0.9, "dispatch": 1.5, "wait": 0.1}
+    new = {
+        **old,
+        "http": [
+            serving_row(8.0, stream_interval=1, switch_interval_ms=0.0),
+            serving_row(
+                9.5,
+                stream_interval=1,
+                switch_interval_ms=0.5,
+                host_ms_per_step=host,
+                host_cpu_ms_per_step=cpu,
+                server_cpu_us_per_token=61.25,
+            ),
+        ],
+    }
+    text = report.markdown({"meta": {}, "serving": {"rows": [new]}})
+    assert "| 5 | HTTP / in-process |  | 0.800x |" in text
+    assert "| 5 | HTTP (switch interval 0.5 ms) / in-process |  | 0.950x |" in text
+    assert "| 7.00 (2.40) | 61.2 |" in text
 
 
 def test_report_figure(tmp_path):

@@ -511,9 +511,11 @@ def test_the_serving_flag_and_build_state(fraction, monkeypatch):
         max_num_tokens=64,
         adapter_pool_pages=4,
         max_model_len=64,
+        switch_interval_ms=0.5,
     )
     state = launch_module.build_state(small)
     try:
+        assert state.config.switch_interval_s == 0.0005  # (--switch_interval_ms, in ms)
         kv = state.llm.engine.engine_config.kv
         working = working_of(TINY, state.llm.engine.engine_config, max_batch=2, itemsize=4)
         pools = dm.adapter_pool_bytes(TINY, state.llm.engine.engine_config.lora_pool, jnp.float32)

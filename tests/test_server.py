@@ -3499,6 +3499,10 @@ def test_metrics_are_valid_prometheus_text_and_move(served, client):
     assert metric(after, "jaxlora_engine_ready") == 1
     for phase in ("schedule", "build", "dispatch", "wait", "append"):
         assert moved("jaxlora_engine_host_seconds_total", phase=phase) > 0, phase
+        # (the engine thread's CPU in the phase: at most its wall time)
+        cpu = moved("jaxlora_engine_host_cpu_seconds_total", phase=phase)
+        assert 0 <= cpu <= moved("jaxlora_engine_host_seconds_total", phase=phase) + 1e-3, phase
+    assert moved("jaxlora_engine_host_cpu_seconds_total", phase="build") > 0
     assert ("jaxlora_num_requests_waiting", frozenset()) in after
     # Each finished request's phases and sizes (vLLM's histograms).
     for phase in ("queue", "prefill", "decode"):

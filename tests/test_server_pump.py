@@ -2,6 +2,9 @@
 in order, to the HTTP call that owns its request; only requests given deltas are drained."""
 
 import asyncio
+import sys
+
+import pytest
 
 from jaxlora.engine import Delta, FinishReason, Request
 from jaxlora.sampling import SamplingParams
@@ -143,7 +146,8 @@ def test_a_server_with_a_stream_interval_streams_the_same_answers_in_fewer_chunk
             assert "'stream_interval'" in str(e) and "expected an int >= 1" in str(e)
         else:
             raise AssertionError(f"stream_interval={bad!r} taken")
-    server, state = start_demo_server(stream_interval=3)
+    interpreter_interval = sys.getswitchinterval()
+    server, state = start_demo_server(stream_interval=3, switch_interval_s=0.002)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     body = {
         "model": next(iter(demo.DEMO_SIGNATURES)),
@@ -181,12 +185,40 @@ def test_a_server_with_a_stream_interval_streams_the_same_answers_in_fewer_chunk
         events = [json.loads(x[len("data: ") :]) for x in lorax.text.split("\n") if x]
         assert len(events) == events[-1]["details"]["generated_tokens"]
         assert all(e["details"] is None for e in events[:-1])
+        # The app's switch interval holds while it runs; its shutdown gives the old one back.
+        assert sys.getswitchinterval() == pytest.approx(0.002)
     finally:
         server.stop()
+    assert sys.getswitchinterval() == interpreter_interval
+
+
+def test_the_switch_interval_is_checked_and_its_flag_is_in_ms():
+    from absl import flags
+
+    from jaxlora import launch_flags
+    from jaxlora.errors import ConfigError
+    from jaxlora.server import ServerConfig
+
+    assert ServerConfig(model_name="m").switch_interval_s is None  # (the interpreter's own)
+    for bad in (0, -0.001, float("inf"), float("nan"), 2.0, True, "1"):
+        with pytest.raises(ConfigError, match=r"'switch_interval_s' \(--switch_interval_ms"):
+            ServerConfig(model_name="m", switch_interval_s=bad)
+    try:
+        launch_flags.parse_flags(["serve.py", "tiny", "--switch_interval_ms=0.5"])
+        assert launch_flags.launch_config().switch_interval_ms == 0.5
+        flags.FLAGS.unparse_flags()
+        launch_flags.parse_flags(["serve.py", "tiny"])
+        assert launch_flags.launch_config().switch_interval_ms == 0.0
+    finally:
+        flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit):  # (absl's one-line error: below its lower bound)
+        try:
+            launch_flags.parse_flags(["serve.py", "tiny", "--switch_interval_ms=-1"])
+        finally:
+            flags.FLAGS.unparse_flags()
 
 
 def test_the_stream_interval_flag_reaches_the_launch_config():
-    import pytest
     from absl import flags
 
     from jaxlora import launch_flags

@@ -199,6 +199,7 @@ def run_trace(
     prompt_tokens_before = engine.stats.prompt_tokens
     cached_before = engine.stats.prefix_cached_tokens
     host_before = dict(engine.stats.host_seconds)
+    cpu_before = dict(engine.stats.host_cpu_seconds)
     bench.timer.take()
     bench.timer.blocking = config.time_steps
     submitted = []
@@ -249,6 +250,7 @@ def run_trace(
                 time.sleep(max(0.0, min(0.005, origin + trace[next_index].arrival_s - now)))
         end = time.monotonic()
     host = host_ms_since(engine.stats, host_before, steps)
+    host_cpu = host_ms_since(engine.stats, cpu_before, steps, counter="host_cpu_seconds")
     after = manager.stats()
     records = bench.timer.take()
     done = [
@@ -330,6 +332,9 @@ def run_trace(
         # blocked on the device, the rest the host's own work ("schedule" includes polling the
         # adapter pool and starting adapter loads at admission).
         "host_ms_per_step": host,
+        # The engine thread's CPU ms in the same phases: where it is far below the wall time,
+        # the phase was blocked (on the device, or on the interpreter lock).
+        "host_cpu_ms_per_step": host_cpu,
     }
     log.info(
         "online n=%d: %.2f req/s, %.0f tok/s, ttft p50 %.2f s p99 %.2f s, SLO %.1f%%, "

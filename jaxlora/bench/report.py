@@ -527,47 +527,78 @@ def _prefix_tables(rows: list[dict]) -> str:
     return text
 
 
+def _http_passes(row: dict) -> list[dict]:
+    """A serving row's HTTP passes (one a server variant; files before the fifty-eighth
+    session hold one pass, not a list)."""
+    http = row["http"]
+    return http if isinstance(http, list) else [http]
+
+
+def _host_ms(r: dict) -> str:
+    """An engine's host ms an iteration outside "wait", wall (its thread's CPU)."""
+    wall = r.get("host_ms_per_step")
+    if not wall:
+        return "-"
+    own = sum(ms for phase, ms in wall.items() if phase != "wait")
+    cpu = r.get("host_cpu_ms_per_step")
+    if not cpu:
+        return f"{own:.2f}"
+    return f"{own:.2f} ({sum(ms for phase, ms in cpu.items() if phase != 'wait'):.2f})"
+
+
 def _serving_table(rows: list[dict]) -> str:
-    """The trace in-process against the same trace through the OpenAI server over HTTP."""
+    """The trace in-process against the same trace through the OpenAI server over HTTP, once a
+    server variant."""
+    from .serving import variant_label
+
     table = []
+
+    def line(adapters, label, r):
+        server_us = r.get("server_cpu_us_per_token")
+        table.append(
+            [
+                adapters,
+                label,
+                f"{r['finished']} / {r['requests']}",
+                r["throughput_rps"],
+                r["output_tokens_per_s"],
+                r["ttft_p50_s"],
+                r["ttft_p90_s"],
+                r["ttft_p99_s"],
+                r["tpot_ms_median"],
+                r.get("itl_ms_p50", float("nan")),
+                r.get("itl_ms_p99", float("nan")),
+                f"{100 * r['slo_attainment']:.1f}%",
+                _floor_share(r),
+                _host_ms(r),
+                "-" if server_us is None else f"{server_us:.1f}",
+            ]
+        )
+
     for row in sorted(rows, key=lambda r: r["num_adapters"]):
-        engine, http = row["in_process"], row["http"]
-        for label, r in (("in-process", engine), ("HTTP", http)):
-            table.append(
-                [
-                    row["num_adapters"],
-                    label,
-                    f"{r['finished']} / {r['requests']}",
-                    r["throughput_rps"],
-                    r["output_tokens_per_s"],
-                    r["ttft_p50_s"],
-                    r["ttft_p90_s"],
-                    r["ttft_p99_s"],
-                    r["tpot_ms_median"],
-                    r.get("itl_ms_p50", float("nan")),
-                    r.get("itl_ms_p99", float("nan")),
-                    f"{100 * r['slo_attainment']:.1f}%",
-                    _floor_share(r),
-                ]
+        adapters, engine = row["num_adapters"], row["in_process"]
+        line(adapters, "in-process", engine)
+        for http in _http_passes(row):
+            options = variant_label(
+                http.get("stream_interval", 1), http.get("switch_interval_ms", 0.0)
             )
-        if engine["throughput_rps"]:
-            table.append(
-                [
-                    row["num_adapters"],
-                    "HTTP / in-process",
-                    "",
-                    f"{http['throughput_rps'] / engine['throughput_rps']:.3f}x",
-                    "",
-                    f"{1e3 * (http['ttft_p50_s'] - engine['ttft_p50_s']):+.1f} ms",
-                    f"{1e3 * (http['ttft_p90_s'] - engine['ttft_p90_s']):+.1f} ms",
-                    f"{1e3 * (http['ttft_p99_s'] - engine['ttft_p99_s']):+.1f} ms",
-                    f"{http['tpot_ms_median'] - engine['tpot_ms_median']:+.2f} ms",
-                    "",
-                    "",
-                    "",
-                    "",
-                ]
-            )
+            label = f"HTTP ({options})" if options else "HTTP"
+            line(adapters, label, http)
+            if engine["throughput_rps"]:
+                table.append(
+                    [
+                        adapters,
+                        f"{label} / in-process",
+                        "",
+                        f"{http['throughput_rps'] / engine['throughput_rps']:.3f}x",
+                        "",
+                        f"{1e3 * (http['ttft_p50_s'] - engine['ttft_p50_s']):+.1f} ms",
+                        f"{1e3 * (http['ttft_p90_s'] - engine['ttft_p90_s']):+.1f} ms",
+                        f"{1e3 * (http['ttft_p99_s'] - engine['ttft_p99_s']):+.1f} ms",
+                        f"{http['tpot_ms_median'] - engine['tpot_ms_median']:+.2f} ms",
+                        *[""] * 6,
+                    ]
+                )
     return "### Serving over HTTP (the OpenAI server against the engine in-process)\n\n" + (
         _table(
             [
@@ -584,6 +615,8 @@ def _serving_table(rows: list[dict]) -> str:
                 "ITL p99 ms",
                 "SLO met",
                 "floor / elapsed",
+                "engine host ms / iteration, wall (CPU)",
+                "server CPU us / token",
             ],
             table,
         )

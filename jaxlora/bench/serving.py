@@ -33,7 +33,7 @@ from .engine_setup import BenchEngine
 from .gpu_monitor import GpuMonitor
 from .online import OnlineConfig, monitored, run_trace, trace_floor
 from .serving_client import save_requests, summarize, trace_requests
-from .timing import CompileCounter
+from .timing import CompileCounter, host_ms_since
 from .workloads import synthetic_trace
 
 log = logging.getLogger("jaxlora.bench")
@@ -52,6 +52,65 @@ def bench_tokenizer(vocab_size: int):
 
     backend = synthetic_tokenizer(vocab_size).backend
     return Tokenizer(backend, eos_tokens=("<eos>",), source=f"synthetic_tokenizer({vocab_size})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerVariant:
+    """Server options a serving pass runs with: ``ServerConfig.stream_interval``, and its
+    ``switch_interval_s`` in ms (0: the interpreter's own, 5 ms)."""
+
+    stream_interval: int = 1
+    switch_interval_ms: float = 0.0
+
+    @property
+    def switch_interval_s(self) -> float | None:
+        return self.switch_interval_ms / 1e3 if self.switch_interval_ms else None
+
+    @property
+    def label(self) -> str:
+        return variant_label(self.stream_interval, self.switch_interval_ms)
+
+
+def variant_label(stream_interval: int, switch_interval_ms: float) -> str:
+    """How a report names a serving pass's server options ("" for the defaults)."""
+    parts = []
+    if stream_interval != 1:
+        parts.append(f"stream interval {stream_interval}")
+    if switch_interval_ms:
+        parts.append(f"switch interval {switch_interval_ms:g} ms")
+    return ", ".join(parts)
+
+
+def server_variants(stream_intervals, switch_intervals_ms) -> tuple[ServerVariant, ...]:
+    """Every pairing of the flags' values (--serving_stream_interval,
+    --serving_switch_interval_ms: lists of strings), ConfigError naming a bad one."""
+    from jaxlora.errors import ConfigError
+
+    def parse(items, flag, kind, ok, expected):
+        values = []
+        for item in items:
+            try:
+                value = kind(str(item).strip())
+            except ValueError:
+                value = None
+            if value is None or not ok(value):
+                raise ConfigError(f"{flag}: expected {expected}, got {item!r}")
+            values.append(value)
+        if not values:
+            raise ConfigError(f"{flag}: expected at least one value, got none")
+        return values
+
+    intervals = parse(
+        stream_intervals, "--serving_stream_interval", int, lambda v: v >= 1, "ints >= 1"
+    )
+    switches = parse(
+        switch_intervals_ms,
+        "--serving_switch_interval_ms",
+        float,
+        lambda v: 0 <= v <= 1000,
+        "ms in [0, 1000] (0: the interpreter's own)",
+    )
+    return tuple(ServerVariant(i, s) for i in intervals for s in switches)
 
 
 def _client(url: str, requests_path: str, results_path: str, timeout_s: float) -> None:
@@ -83,10 +142,10 @@ def serve_http(
     *,
     copy_gbps: float | None = None,
     matmul_tflops: float | None = None,
-    stream_interval: int = 1,
+    variant: ServerVariant = ServerVariant(),
 ) -> dict:
-    """The trace through the OpenAI server (pass 2 of the module docstring); one row.
-    stream_interval: the server's (``ServerConfig.stream_interval``)."""
+    """The trace through the OpenAI server (pass 2 of the module docstring) with the server
+    options of variant; one row."""
     from jaxlora.llm import LLM
     from jaxlora.server import ServerConfig, ServingState, create_app
     from jaxlora.server.background import BackgroundServer
@@ -106,13 +165,20 @@ def serve_http(
     engine.set_prefix_caching(False)
     state = ServingState(
         LLM.from_engine(engine),
-        ServerConfig(model_name=BASE_MODEL_NAME, stream_interval=stream_interval),
+        ServerConfig(
+            model_name=BASE_MODEL_NAME,
+            stream_interval=variant.stream_interval,
+            switch_interval_s=variant.switch_interval_s,
+        ),
     )
     # The engine is started and stopped here, not by the app: the app's shutdown would also
     # close the adapter manager, which the next trace (in-process or not) still needs.
     app = create_app(state, manage_engine=False)
     prompt_tokens_before = engine.stats.prompt_tokens
     preemptions_before = engine.stats.preemptions
+    iterations_before = engine.stats.steps
+    host_before = dict(engine.stats.host_seconds)
+    cpu_before = dict(engine.stats.host_cpu_seconds)
     bench.timer.take()
     bench.timer.blocking = False
     timeout_s = config.duration_s + config.drain_timeout_s + 120
@@ -144,10 +210,12 @@ def serve_http(
         bench.timer.blocking = True
     records = bench.timer.take()
     decode = [r for r in records if r.mode == "decode"]
+    iterations = engine.stats.steps - iterations_before
     row = {
         "num_adapters": num_adapters,
         "prefix_len": config.prefix_len,
-        "stream_interval": stream_interval,
+        "stream_interval": variant.stream_interval,
+        "switch_interval_ms": variant.switch_interval_ms,
         **summarize(results, config.slo_s),
         "offered_rps": len(trace) / trace[-1].arrival_s if trace else float("nan"),
         "decode_steps": len(decode),
@@ -165,6 +233,12 @@ def serve_http(
         "server_cpu_us_per_token": 1e6
         * threads_cpu_s["server"]
         / max(1, sum(r["completion_tokens"] or 0 for r in results)),
+        # The engine's iterations by phase, wall and its thread's CPU (as the in-process
+        # row's): wall far above CPU outside "wait" is the engine waiting for the lock
+        "host_ms_per_step": host_ms_since(engine.stats, host_before, iterations),
+        "host_cpu_ms_per_step": host_ms_since(
+            engine.stats, cpu_before, iterations, counter="host_cpu_seconds"
+        ),
         **trace_floor(
             bench,
             records,
@@ -179,9 +253,10 @@ def serve_http(
         ),
     }
     log.info(
-        "serving n=%d over HTTP: %.2f req/s, %.0f tok/s, ttft p50 %.3f s p99 %.3f s, "
+        "serving n=%d over HTTP%s: %.2f req/s, %.0f tok/s, ttft p50 %.3f s p99 %.3f s, "
         "tpot %.1f ms, itl p99 %.1f ms, %d errors",
         num_adapters,
+        f" ({variant.label})" if variant.label else "",
         row["throughput_rps"],
         row["output_tokens_per_s"],
         row["ttft_p50_s"],
@@ -200,10 +275,10 @@ def run_serving(
     on_row=None,
     copy_gbps: float | None = None,
     matmul_tflops: float | None = None,
-    stream_interval: int = 1,
+    variants: tuple[ServerVariant, ...] = (ServerVariant(),),
 ) -> dict:
-    """Every trace of config.adapter_counts in-process, then over HTTP (prefix caching off;
-    the server's stream_interval)."""
+    """Every trace of config.adapter_counts in-process, then over HTTP once for each of the
+    server's variants (prefix caching off). A row's "http" lists the variants' passes."""
     rows = []
     with GpuMonitor() as monitor:
         for count in config.adapter_counts:
@@ -213,18 +288,21 @@ def run_serving(
                     bench, config, count, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
                 ),
             )
-            http_row = monitored(
-                monitor,
-                lambda count=count: serve_http(
-                    bench,
-                    config,
-                    count,
-                    copy_gbps=copy_gbps,
-                    matmul_tflops=matmul_tflops,
-                    stream_interval=stream_interval,
-                ),
-            )
-            rows.append({"num_adapters": count, "in_process": engine_row, "http": http_row})
+            http_rows = [
+                monitored(
+                    monitor,
+                    lambda count=count, variant=variant: serve_http(
+                        bench,
+                        config,
+                        count,
+                        copy_gbps=copy_gbps,
+                        matmul_tflops=matmul_tflops,
+                        variant=variant,
+                    ),
+                )
+                for variant in variants
+            ]
+            rows.append({"num_adapters": count, "in_process": engine_row, "http": http_rows})
             if on_row is not None:
                 on_row(rows)
     return {"config": dataclasses.asdict(config), "rows": rows}

@@ -40,12 +40,15 @@ class StepRecord:
         return len(self.seq_lens)
 
 
-def host_ms_since(stats, before: dict, iterations: int) -> dict[str, float]:
-    """Host milliseconds per iteration by phase (``EngineStats.host_seconds``) since the
-    snapshot ``before`` (a ``dict`` of it) over ``iterations`` engine iterations."""
+def host_ms_since(
+    stats, before: dict, iterations: int, *, counter: str = "host_seconds"
+) -> dict[str, float]:
+    """Host milliseconds per iteration by phase (``EngineStats.host_seconds``, or the engine
+    thread's CPU in them: counter="host_cpu_seconds") since the snapshot ``before`` (a
+    ``dict`` of that counter) over ``iterations`` engine iterations."""
     return {
         phase: (seconds - before.get(phase, 0.0)) * 1e3 / max(1, iterations)
-        for phase, seconds in stats.host_seconds.items()
+        for phase, seconds in getattr(stats, counter).items()
     }
 
 

@@ -334,6 +334,10 @@ class EngineStats:
     # "append" (the tokens appended, streamed, stops checked). With async scheduling, an
     # iteration that waits ~0 means the device ran out of queued work: the host is the bound.
     host_seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # The engine thread's CPU seconds in the same phases (``time.thread_time``): a phase whose
+    # wall time is far above its CPU time was blocked (on the device, or waiting for the
+    # interpreter lock that a server in the same process also takes).
+    host_cpu_seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 def check_params(config: ModelConfig, params) -> None:
@@ -811,15 +815,23 @@ class Engine:
         with self._step_lock:
             self._step()
 
+    def _account(self, phase: str, wall_start: float, cpu_start: float) -> tuple[float, float]:
+        """Adds the wall and thread-CPU seconds since (wall_start, cpu_start) to phase; returns
+        the clocks' readings now."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self.stats.host_seconds[phase] += wall - wall_start
+        self.stats.host_cpu_seconds[phase] += cpu - cpu_start
+        return wall, cpu
+
     def _step(self) -> None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         if self.adapters is not None:
             self.adapters.poll()
         with self._lock:
             self._reap()
             self._admit()
             decode, prefill = self._schedule()
-        self.stats.host_seconds["schedule"] += time.perf_counter() - start
+        self._account("schedule", start, cpu_start)
         # Every step of this iteration reads the tokens the previous iteration sampled from the
         # register as it was; the samplers chain their writes into the next one.
         register_in, launched = self._register, []
@@ -1327,7 +1339,7 @@ class Engine:
         """Builds and dispatches one step and its sampler; the host reads the results later
         (``_complete``). A row whose input token is still being sampled on the device (async
         scheduling) reads it from ``register_in``."""
-        build_start = time.perf_counter()
+        build_start, build_cpu = time.perf_counter(), time.thread_time()
         # A row scheduled earlier in this iteration may have been preempted since.
         rows = [(r, n) for r, n in rows if r.status is Status.RUNNING]
         if not rows:
@@ -1382,7 +1394,7 @@ class Engine:
         lora_meta = self._lora_meta(slot_infos, token_slot, mode=mode if use_lora else None)
         prompt_targets, prompt_rows = self._prompt_targets(rows, b, length)
         extra = {} if prompt_targets is None else {"prompt_targets": prompt_targets}
-        built = time.perf_counter()
+        built, built_cpu = self._account("build", build_start, build_cpu)
         with self._locked_lora_pools() as lora_pools:
             logits, self.kv.k_pool, self.kv.v_pool, *prompt_logprobs = self.runner.run(
                 mode,
@@ -1417,8 +1429,7 @@ class Engine:
             batch_rows=b,
             pending_register=register_in if processing is not None else None,
         )
-        self.stats.host_seconds["build"] += built - build_start
-        self.stats.host_seconds["dispatch"] += time.perf_counter() - built
+        self._account("dispatch", built, built_cpu)
         if prompt_logprobs:
             launch.prompt_logprobs, launch.prompt_rows = prompt_logprobs[0], prompt_rows
             launch.prompt_logprobs.copy_to_host_async()
@@ -1476,7 +1487,7 @@ class Engine:
     def _dispatch_sampler(self, launch: _Launch) -> None:
         """Dispatches a launched step's sampler (after its model step: a structured output's
         mask is computed only now, once the host has read the row's previous token)."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         inputs, launch.sampler_inputs = launch.sampler_inputs, None
         params = inputs.params
         allowed = None
@@ -1501,7 +1512,7 @@ class Engine:
             pending_register=inputs.pending_register,
         )
         launch.sampled.copy_to_host_async()
-        self.stats.host_seconds["dispatch"] += time.perf_counter() - start
+        self._account("dispatch", start, cpu_start)
 
     @staticmethod
     def _prompt_targets(rows, batch_rows: int, length: int):
@@ -1554,9 +1565,9 @@ class Engine:
 
     def _complete(self, launch: _Launch) -> None:
         """Reads a dispatched step's sampled tokens (waits for them) and appends them."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         host = np.asarray(launch.sampled)
-        read = time.perf_counter()
+        read, read_cpu = self._account("wait", start, cpu_start)
         sampled = unpack_samples(host)
         with self._lock:
             if launch.prompt_logprobs is not None:
@@ -1568,8 +1579,7 @@ class Engine:
                     continue
                 request.inflight -= 1
                 self._append_token(request, sampled, row)
-        self.stats.host_seconds["wait"] += read - start
-        self.stats.host_seconds["append"] += time.perf_counter() - read
+        self._account("append", read, read_cpu)
 
     def _sample(
         self,

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -762,6 +763,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        switch_interval = sys.getswitchinterval()
+        if state.config.switch_interval_s is not None:
+            sys.setswitchinterval(state.config.switch_interval_s)
         if manage_engine:
             state.start(warm_up=warm_up, background=background_warmup, on_ready=on_ready)
         try:
@@ -770,6 +774,7 @@ def create_app(
             await state.pump.close()
             if manage_engine:
                 state.stop()
+            sys.setswitchinterval(switch_interval)
 
     docs = state.config.docs
     app = FastAPI(

@@ -52,6 +52,11 @@ class ServerConfig:
     goes out alone, at once; its end whenever it comes): n > 1 sends n times fewer chunks, for
     n times less of the server's work a token (shared with the engine's host work near
     capacity), at the cost of smoothness (``jaxlora.server.generation``).
+    switch_interval_s: the interpreter's thread switch interval while the app runs
+    (``sys.setswitchinterval``, process-wide; restored at its shutdown): the engine's host work
+    and the server's handlers share one interpreter lock, and a thread that wants it back (the
+    engine, after each step it hands to the device) waits up to this long while another runs
+    Python. None: the interpreter's own (5 ms).
     disconnect_poll_s: how often a non-streaming request checks that its client is still there.
     default_max_tokens: max_tokens of a completion that gives none (chat: the rest of the
     context).
@@ -120,6 +125,7 @@ class ServerConfig:
     first_token_deadline_s: float | None = None
     stream_poll_s: float = 0.002
     stream_interval: int = 1
+    switch_interval_s: float | None = None
     disconnect_poll_s: float = 0.25
     default_max_tokens: int = 16
     max_body_bytes: int = 32 * 2**20
@@ -286,6 +292,13 @@ class ServerConfig:
                 raise ConfigError(
                     f"server config field {field!r}: expected finite seconds > 0, got {value!r}"
                 )
+        interval = self.switch_interval_s
+        # (Python refuses 0 and takes at most about 2**31 microseconds' worth of a float)
+        if interval is not None and not (_is_seconds(interval) and interval <= 1.0):
+            raise ConfigError(
+                "server config field 'switch_interval_s' (--switch_interval_ms, in ms): "
+                f"expected None or finite seconds in (0, 1], got {interval!r}"
+            )
         checks = {
             name: (check, expected) for name, check, expected in GENERATION_DEFAULT_FIELDS.values()
         }

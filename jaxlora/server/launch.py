@@ -91,6 +91,7 @@ class LaunchConfig:
     load_adapters_on_demand: bool = False  # ServerConfig.load_adapters_on_demand
     max_request_merges: int = 8  # ServerConfig.max_request_merges
     stream_interval: int = 1  # ServerConfig.stream_interval
+    switch_interval_ms: float = 0.0  # ServerConfig.switch_interval_s, in ms (0: Python's own)
     enable_prefix_caching: bool = False  # KVCacheConfig.prefix_caching
     kv_cache_dtype: str = "auto"  # KVCacheConfig.cache_dtype: "auto" or an fp8 format
     # The tokenizer's directory or a Hub id in the local cache, in place of the model's own
@@ -732,6 +733,7 @@ def build_state(launch: LaunchConfig, *, warmup: bool = False) -> ServingState:
         load_adapters_on_demand=launch.load_adapters_on_demand,
         max_request_merges=launch.max_request_merges,
         stream_interval=launch.stream_interval,
+        switch_interval_s=launch.switch_interval_ms / 1e3 if launch.switch_interval_ms else None,
         tool_call_parser=launch.tool_call_parser or None,
         auto_tool_choice=launch.enable_auto_tool_choice is not False,
         reasoning_parser=launch.reasoning_parser or None,

@@ -901,6 +901,14 @@ class ServingState:
             {(phase,): seconds for phase, seconds in host.items()},
             ("phase",),
         )
+        cpu = dict(stats.host_cpu_seconds)
+        lines += prom.counter_snapshot(
+            "jaxlora_engine_host_cpu_seconds_total",
+            "The engine thread's CPU seconds in the same phases: a phase far above its CPU "
+            "time waited (on the device, or on the interpreter lock this server also takes).",
+            {(phase,): seconds for phase, seconds in cpu.items()},
+            ("phase",),
+        )
         lines += prom.gauge(
             "jaxlora_engine_step_seconds",
             "Moving average of the duration of one engine iteration.",
