@@ -790,9 +790,10 @@ def test_packed_step_inputs_round_trip_every_dtype():
 
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_a_step_makes_one_host_to_device_transfer(base, lora_adapters, use_lora):
-    """The batch and the LoRA and kernel metadata travel packed in one explicit transfer: with
-    implicit host-to-device transfers disallowed, a step still runs and gives the logits of the
-    unpacked inputs."""
+    """The batch and the LoRA and kernel metadata travel packed in one transfer: the compiled
+    step gets one host array and device arrays otherwise; with the caller's implicit
+    host-to-device transfers disallowed, a step still runs and gives the logits of the unpacked
+    inputs."""
     import dataclasses
 
     config = small_engine_config()
@@ -813,11 +814,24 @@ def test_a_step_makes_one_host_to_device_transfer(base, lora_adapters, use_lora)
             mode="decode",
             use_lora=use_lora,
         )[0]
-        with jax.transfer_guard_host_to_device("disallow"):
-            logits, engine.kv.k_pool, engine.kv.v_pool = runner.run(
-                "decode", engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta, use_lora
-            )
+        step, calls = runner._step, []
+
+        def spy(*args, **static):
+            calls.append(args)
+            return step(*args, **static)
+
+        runner._step = spy
+        try:
+            with jax.transfer_guard_host_to_device("disallow"):
+                logits, engine.kv.k_pool, engine.kv.v_pool = runner.run(
+                    "decode", engine.kv.k_pool, engine.kv.v_pool, pools, batch, meta, use_lora
+                )
+        finally:
+            runner._step = step
     handle.release()
+    (args,) = calls
+    host = [leaf for leaf in jax.tree.leaves(args) if not isinstance(leaf, jax.Array)]
+    assert len(host) == 1 and isinstance(host[0], np.ndarray) and host[0].ndim == 1
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
@@ -1850,3 +1864,24 @@ def test_llm_chat_renders_each_conversation_then_generates(base):
     assert [c.prompt_ids for c in both] == ids
     assert tokenizer.decode(ids[1]).endswith("It is")
     assert [c.token_ids for c in both] == [c.token_ids for c in llm.generate(ids, sampling=greedy)]
+
+
+def test_the_engine_serves_under_a_guard_against_implicit_transfers(base, lora_adapters):
+    """A pipeline that disallows implicit host-to-device transfers (to catch its own stray
+    ones) can still generate: each step's and each sampler's one packed host array is let
+    through, and the same tokens come out as without the guard."""
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
+    prompts = [[5, 6, 7, 8], list(range(40, 52)), [300, 301]]
+    adapters = ["all5", None, "qv1"]
+    sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(prompts, adapter=adapters, sampling=sampling)]
+    with jax.transfer_guard_host_to_device("disallow"):
+        guarded = llm.generate(prompts, adapter=adapters, sampling=sampling)
+    assert [o.token_ids for o in guarded] == expected
+    assert all(len(t) == 6 for t in expected)

@@ -1594,7 +1594,8 @@ class Engine:
         """Dispatches the sampler of a step (its inputs in one packed transfer); returns its
         packed results and the token register with this mode's part rewritten."""
         args, static = self._sampler_arguments(logits, mode, sampling, top_n, filtered)
-        return sample_step(*args, pending_register, **static)
+        with jax.transfer_guard_host_to_device("allow"):  # (its one packed transfer: Runner.run)
+            return sample_step(*args, pending_register, **static)
 
     def _sampler_arguments(
         self, logits, mode: str, sampling: SamplingBatch, top_n: int, filtered: bool
@@ -1608,7 +1609,7 @@ class Engine:
             num_top_logprobs=top_n,
             apply_filters=filtered,
         )
-        return (logits, self._register, jax.device_put(packed.buffer)), static
+        return (logits, self._register, packed.buffer), static  # (jit transfers it)
 
     def _lower_samplers(self, variants, compiled) -> list:
         """Every sampler variant ``_warm_sampler`` runs, lowered for the logits each bucket's

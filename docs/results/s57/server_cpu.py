@@ -48,7 +48,9 @@ def main(repeats: int, interval: int):
     for i in range(repeats):
         engine_row, engine_cpu, engine_wall = timed(lambda: online.run_trace(bench, config, 4))
         http_row, http_cpu, http_wall = timed(
-            lambda: serving.serve_http(bench, config, 4, stream_interval=interval)
+            lambda: serving.serve_http(
+                bench, config, 4, variant=serving.ServerVariant(stream_interval=interval)
+            )
         )
         tokens = http_row["output_tokens_per_s"] * http_row["elapsed_s"]
         print(
