@@ -344,6 +344,10 @@ def test_offline_rows_time_every_decode_step_against_its_roofline(offline_result
             assert set(host) == {"schedule", "build", "dispatch", "wait", "append"}
             assert all(v >= 0 for v in host.values())
             assert 0 < sum(host.values()) * f["engine_iterations"] <= f["wall_s"] * 1e3
+            # (and the engine thread's CPU in each phase, never above the phase's wall time)
+            cpu = f["host_cpu_ms_per_iteration"]
+            assert set(cpu) == set(host) and sum(cpu.values()) > 0
+            assert all(0 <= cpu[phase] <= host[phase] * 1.05 + 0.05 for phase in host)
             # Decode-only iterations (every one after the prompts): the same phases, each
             # no longer than the whole iteration.
             decode = f["host_ms_decode_median"]
@@ -560,6 +564,8 @@ def test_online_trace_pages_adapters_and_measures_latency():
         assert (r["waiting_mean"] > 0) == (r["queued_step_share"] > 0)
         assert set(r["host_ms_per_step"]) == {"schedule", "build", "dispatch", "wait", "append"}
         assert 0 < sum(r["host_ms_per_step"].values()) <= r["elapsed_s"] * 1e3
+        assert set(r["host_cpu_ms_per_step"]) == set(r["host_ms_per_step"])
+        assert 0 < sum(r["host_cpu_ms_per_step"].values()) <= sum(r["host_ms_per_step"].values())
         # Each step reads each distinct adapter it uses once: at least every adapter of the
         # trace once, at most one adapter per row of every step.
         one_adapter_gb = roofline.adapter_bytes(TINY, bench.itemsize, [config.rank] * 7) / 1e9

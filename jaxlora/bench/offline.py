@@ -275,6 +275,7 @@ def _run_row(bench, config, batch, workload, names, load_s, copy_gbps, monitor) 
                     "engine_iterations": len(free["iterations"]),
                     "compilations_while_timed": free["compilations"],
                     "host_ms_per_iteration": free["host_ms_per_iteration"],
+                    "host_cpu_ms_per_iteration": free["host_cpu_ms_per_iteration"],
                     "host_ms_decode_median": free["host_ms_decode_median"],
                     # Scheduling must not change greedy tokens.
                     "same_tokens_as_timed": free["output_ids"] == timed["output_ids"],
@@ -356,6 +357,7 @@ def _serve(
     iterations, profiled_records, step_profile, profile_s = [], [], None, 0.0
     stats = engine.stats
     host_before = dict(stats.host_seconds)
+    cpu_before = dict(stats.host_cpu_seconds)
     decode_host = []  # each decode-only iteration's host ms by phase
     traced_window = None
     with CompileCounter() as compiles, GcRecorder() as collections:
@@ -388,6 +390,7 @@ def _serve(
         wall = time.perf_counter() - start
         window = (start_monotonic, time.monotonic())
     host = host_ms_since(stats, host_before, len(iterations))
+    host_cpu = host_ms_since(stats, cpu_before, len(iterations), counter="host_cpu_seconds")
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
         raise RuntimeError(
@@ -419,6 +422,8 @@ def _serve(
         # Host ms per iteration by phase (EngineStats.host_seconds); with the profiler's
         # iterations included, so read them in a pass without --profile_steps.
         "host_ms_per_iteration": host,
+        # The engine thread's CPU ms in the same phases (wall far above it: blocked).
+        "host_cpu_ms_per_iteration": host_cpu,
         # The median of each phase over the iterations that ran decode steps only: with async
         # scheduling, "wait" near 0 there means the GPU had run out of queued work.
         "host_ms_decode_median": {
