@@ -48,6 +48,7 @@ MAX_BAD_WORDS = 256  # (each is matched against the output on the host, every st
 # The smallest width of those arrays: bounded compilations for short histories.
 MIN_PROCESSING_ENTRIES = 64
 _SEED_MODULUS = 2**64
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,12 +464,6 @@ class SamplingBatch:
             )
         if batch_size < rows:
             raise ValueError(f"SamplingBatch.from_params: batch_size={batch_size} < {rows} rows")
-        temperature = np.zeros(batch_size, np.float32)
-        top_p = np.ones(batch_size, np.float32)
-        top_k = np.zeros(batch_size, np.int32)
-        seed_words = np.zeros((batch_size, 2), np.uint32)
-        token_index = np.zeros(batch_size, np.int32)
-        min_p = np.zeros(batch_size, np.float32)
         if processing is None and any(p.processes_logits for p in params):
             raise ValueError("SamplingBatch.from_params: a row processes its logits: pass them")
         if allowed is None and any(p.masks_tokens for p in params):
@@ -478,17 +473,26 @@ class SamplingBatch:
                 f"SamplingBatch.from_params: masks for {allowed.shape[0]} rows, "
                 f"batch_size={batch_size}"
             )
-        for row, p in enumerate(params):
-            seed = p.seed if seeds is None else seeds[row]
-            if seed is None:
-                raise ValueError(f"SamplingBatch.from_params: row {row} has no seed")
-            temperature[row] = p.temperature
-            top_p[row] = p.top_p
-            # Any k past the vocabulary keeps every token; one past int32 must not fail the step.
-            top_k[row] = min(p.top_k, np.iinfo(np.int32).max)
-            seed_words[row] = split_seed(seed)
-            token_index[row] = token_indices[row]
-            min_p[row] = p.min_p
+        # (one array a field from Python lists: this runs for every step, and element-wise
+        # stores into numpy arrays cost several times more)
+        seeds = [p.seed for p in params] if seeds is None else list(seeds)
+        if None in seeds:
+            raise ValueError(f"SamplingBatch.from_params: row {seeds.index(None)} has no seed")
+        seeds = [int(seed) % _SEED_MODULUS for seed in seeds]
+        pad = batch_size - rows
+
+        def column(values, fill, dtype) -> np.ndarray:
+            return np.array(values + [fill] * pad, dtype)
+
+        temperature = column([p.temperature for p in params], 0.0, np.float32)
+        top_p = column([p.top_p for p in params], 1.0, np.float32)
+        # Any k past the vocabulary keeps every token; one past int32 must not fail the step.
+        top_k = column([min(p.top_k, _INT32_MAX) for p in params], 0, np.int32)
+        seed_words = np.zeros((batch_size, 2), np.uint32)
+        seed_words[:rows, 0] = [seed & 0xFFFFFFFF for seed in seeds]
+        seed_words[:rows, 1] = [seed >> 32 for seed in seeds]
+        token_index = column(list(token_indices), 0, np.int32)
+        min_p = column([p.min_p for p in params], 0.0, np.float32)
         return cls(
             temperature=temperature,
             top_p=top_p,

@@ -201,6 +201,26 @@ def test_padding_rows_and_seed_words():
         SamplingBatch.from_params([SamplingParams()], [0])
     with_override = SamplingBatch.from_params([SamplingParams()], [0], seeds=[9])
     assert tuple(with_override.seed[0]) == (9, 0)
+    # Every row's fields where it is, the padding after them (greedy, top_p 1, seed 0).
+    seeds = [2**32 + 7, -1, 2**64 + 5]
+    rows = [
+        SamplingParams(temperature=0.5 + i, top_p=0.9, top_k=2**40 if i else 7, min_p=0.1 * i)
+        for i in range(3)
+    ]
+    batch = SamplingBatch.from_params(rows, [4, 5, 6], seeds=seeds, batch_size=5)
+    assert [tuple(map(int, w)) for w in batch.seed] == [
+        *map(split_seed, seeds),
+        (0, 0),
+        (0, 0),
+    ]
+    np.testing.assert_allclose(batch.temperature, [0.5, 1.5, 2.5, 0, 0])
+    np.testing.assert_allclose(batch.top_p, [0.9, 0.9, 0.9, 1, 1], rtol=1e-6)
+    assert batch.top_k.tolist() == [7, 2**31 - 1, 2**31 - 1, 0, 0]
+    np.testing.assert_allclose(batch.min_p, [0, 0.1, 0.2, 0, 0], rtol=1e-6)
+    assert batch.token_index.tolist() == [4, 5, 6, 0, 0]
+    assert batch.seed.dtype == np.uint32 and batch.top_k.dtype == np.int32
+    with pytest.raises(ValueError, match="row 1 has no seed"):
+        SamplingBatch.from_params([SamplingParams(seed=1), SamplingParams()], [0, 0])
 
 
 @pytest.mark.parametrize(
