@@ -734,27 +734,33 @@ class ModelRunner:
                 *key,
                 len(self.compiled_shapes),
             )
-        arrays, per_token = _split_per_token(lora_meta)
-        packed = PackedInputs.pack((batch, arrays, prompt_targets))
-        register = self.empty_register if register is None else register
+        args, static = self._step_arguments(
+            mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register, prompt_targets
+        )
         # The packed host array goes to jit as it is: jit's own transfer of it took ~0.1 ms less
         # of the host a step than jax.device_put's (whose fresh array also slowed the call that
         # took it). It is the step's one host-to-device transfer, so a caller's guard against
         # implicit transfers lets it through and still holds for everything else.
         with jax.transfer_guard_host_to_device("allow"):
-            return self._step(
-                self.params,
-                k_pool,
-                v_pool,
-                lora_pools,
-                register,
-                packed.buffer,
-                treedef=packed.treedef,
-                layout=packed.layout,
-                mode=mode,
-                use_lora=use_lora,
-                per_token=use_lora and per_token,
-            )
+            return self._step(*args, **static)
+
+    def _step_arguments(
+        self, mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, register, targets
+    ) -> tuple[tuple, dict]:
+        """The compiled step's arguments (the host inputs packed in one int32 array) and its
+        static ones."""
+        arrays, per_token = _split_per_token(lora_meta)
+        packed = PackedInputs.pack((batch, arrays, targets))
+        register = self.empty_register if register is None else register
+        args = (self.params, k_pool, v_pool, lora_pools, register, packed.buffer)
+        static = dict(
+            treedef=packed.treedef,
+            layout=packed.layout,
+            mode=mode,
+            use_lora=use_lora,
+            per_token=use_lora and per_token,
+        )
+        return args, static
 
     def lower(
         self, mode: str, k_pool, v_pool, lora_pools, batch: StepBatch, lora_meta, use_lora: bool
@@ -762,21 +768,10 @@ class ModelRunner:
         """The step lowered for these shapes (``.compile()`` fills JAX's compilation cache, so
         a later ``run`` of the same shapes does not compile again)."""
         self.compiled_shapes.add(_shape_key(mode, batch, lora_meta, use_lora))
-        arrays, per_token = _split_per_token(lora_meta)
-        packed = PackedInputs.pack((batch, arrays, None))
-        return self._step.lower(
-            self.params,
-            k_pool,
-            v_pool,
-            lora_pools,
-            self.empty_register,
-            packed.buffer,
-            treedef=packed.treedef,
-            layout=packed.layout,
-            mode=mode,
-            use_lora=use_lora,
-            per_token=use_lora and per_token,
+        args, static = self._step_arguments(
+            mode, k_pool, v_pool, lora_pools, batch, lora_meta, use_lora, None, None
         )
+        return self._step.lower(*args, **static)
 
     def bucket_shapes(self, max_pages: int, page_size: int) -> list[tuple[str, int, int, int]]:
         """Every step shape the engine runs: (mode, rows, tokens a row, page-table width),
