@@ -131,6 +131,12 @@ flags.DEFINE_list(
     "serving: the server's --stream_interval (tokens a streamed chunk carries at least); "
     "several: one HTTP pass each (and each --serving_switch_interval_ms)",
 )
+flags.DEFINE_bool(
+    "serving_in_process",
+    True,
+    "serving: also serve each trace in-process, the HTTP passes' baseline; false: the HTTP "
+    "passes alone",
+)
 flags.DEFINE_list(
     "serving_switch_interval_ms",
     ["0"],
@@ -514,6 +520,7 @@ def main(argv):
             copy_gbps=copy_gbps,
             matmul_tflops=matmul_tflops,
             variants=variants,
+            in_process=FLAGS.serving_in_process,
         )
     else:
         doc[section] = run_online(

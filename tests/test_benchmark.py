@@ -1039,6 +1039,31 @@ def test_serving_report_reads_a_single_http_pass_and_every_variant():
     assert "| 5 | HTTP / in-process |  | 0.800x |" in text
     assert "| 5 | HTTP (switch interval 0.5 ms) / in-process |  | 0.950x |" in text
     assert "| 7.00 (2.40) | 61.2 |" in text
+    # The HTTP passes alone (--noserving_in_process): no baseline row, no ratios.
+    text = report.markdown({"meta": {}, "serving": {"rows": [{**new, "in_process": None}]}})
+    assert "| 5 | HTTP (switch interval 0.5 ms) | 10 / 10 |" in text
+    assert "in-process |" not in text
+
+
+def test_serving_without_the_in_process_pass_runs_only_the_http_ones(monkeypatch):
+    from jaxlora.bench import serving
+
+    def not_run(*args, **kwargs):
+        raise AssertionError("the in-process pass ran")
+
+    passes = []
+    monkeypatch.setattr(serving, "run_trace", not_run)
+    monkeypatch.setattr(
+        serving, "serve_http", lambda bench, config, count, **kw: passes.append(kw) or {"n": count}
+    )
+    config = small_online_config(adapter_counts=(3, 4))
+    variants = (serving.ServerVariant(1, 0.0), serving.ServerVariant(1, 0.5))
+    rows = serving.run_serving(None, config, variants=variants, in_process=False)["rows"]
+    assert [(r["num_adapters"], r["in_process"], [h["n"] for h in r["http"]]) for r in rows] == [
+        (3, None, [3, 3]),
+        (4, None, [4, 4]),
+    ]
+    assert [p["variant"] for p in passes] == [*variants, *variants]
 
 
 def test_report_figure(tmp_path):

@@ -577,14 +577,15 @@ def _serving_table(rows: list[dict]) -> str:
 
     for row in sorted(rows, key=lambda r: r["num_adapters"]):
         adapters, engine = row["num_adapters"], row["in_process"]
-        line(adapters, "in-process", engine)
+        if engine is not None:  # (None: the HTTP passes alone, --noserving_in_process)
+            line(adapters, "in-process", engine)
         for http in _http_passes(row):
             options = variant_label(
                 http.get("stream_interval", 1), http.get("switch_interval_ms", 0.0)
             )
             label = f"HTTP ({options})" if options else "HTTP"
             line(adapters, label, http)
-            if engine["throughput_rps"]:
+            if engine is not None and engine["throughput_rps"]:
                 table.append(
                     [
                         adapters,

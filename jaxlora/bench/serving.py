@@ -276,18 +276,23 @@ def run_serving(
     copy_gbps: float | None = None,
     matmul_tflops: float | None = None,
     variants: tuple[ServerVariant, ...] = (ServerVariant(),),
+    in_process: bool = True,
 ) -> dict:
     """Every trace of config.adapter_counts in-process, then over HTTP once for each of the
-    server's variants (prefix caching off). A row's "http" lists the variants' passes."""
+    server's variants (prefix caching off). A row's "http" lists the variants' passes; its
+    "in_process" is None where in_process is False (the HTTP passes only: a baseline measured
+    before, on the same machine and code, is not measured again)."""
     rows = []
     with GpuMonitor() as monitor:
         for count in config.adapter_counts:
-            engine_row = monitored(
-                monitor,
-                lambda count=count: run_trace(
-                    bench, config, count, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
-                ),
-            )
+            engine_row = None
+            if in_process:
+                engine_row = monitored(
+                    monitor,
+                    lambda count=count: run_trace(
+                        bench, config, count, copy_gbps=copy_gbps, matmul_tflops=matmul_tflops
+                    ),
+                )
             http_rows = [
                 monitored(
                     monitor,
