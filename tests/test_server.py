@@ -38,6 +38,7 @@ from tests.test_server_helpers import (
     API_KEY,
     demo_engine_config,
     engine_idle,
+    launch_configs_of,
     metric,
     parse_metrics,
     start_demo_server,
@@ -3739,23 +3740,6 @@ def test_engine_sizes_below_one_are_refused_by_the_configs():
             RunnerConfig(**{field: 0})
     with pytest.raises(ConfigError, match="'max_num_tokens': expected a positive int, got 0"):
         EngineConfig(max_num_tokens=0)
-
-
-def launch_configs_of(flag: str, values) -> dict:
-    """serve.py's LaunchConfig with ``--flag=value`` for each value (None: the flag unset)."""
-    from absl import flags
-
-    from jaxlora import launch_flags
-
-    launches = {}
-    try:
-        for value in values:
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS(["serve.py"] + ([] if value is None else [f"--{flag}={value}"]))
-            launches[value] = launch_flags.launch_config()
-    finally:
-        flags.FLAGS.unparse_flags()
-    return launches
 
 
 def test_prefill_key_block_flag_reaches_the_runner():

@@ -136,3 +136,20 @@ def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
 
 def metric(samples, name: str, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def launch_configs_of(flag: str, values) -> dict:
+    """serve.py's LaunchConfig with ``--flag=value`` for each value (None: the flag unset)."""
+    from absl import flags
+
+    from jaxlora import launch_flags
+
+    launches = {}
+    try:
+        for value in values:
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["serve.py"] + ([] if value is None else [f"--{flag}={value}"]))
+            launches[value] = launch_flags.launch_config()
+    finally:
+        flags.FLAGS.unparse_flags()
+    return launches

@@ -198,19 +198,15 @@ def test_the_switch_interval_is_checked_and_its_flag_is_in_ms():
     from jaxlora import launch_flags
     from jaxlora.errors import ConfigError
     from jaxlora.server import ServerConfig
+    from tests.test_server_helpers import launch_configs_of
 
     assert ServerConfig(model_name="m").switch_interval_s is None  # (the interpreter's own)
     for bad in (0, -0.001, float("inf"), float("nan"), 2.0, True, "1"):
         with pytest.raises(ConfigError, match=r"'switch_interval_s' \(--switch_interval_ms"):
             ServerConfig(model_name="m", switch_interval_s=bad)
-    try:
-        launch_flags.parse_flags(["serve.py", "tiny", "--switch_interval_ms=0.5"])
-        assert launch_flags.launch_config().switch_interval_ms == 0.5
-        flags.FLAGS.unparse_flags()
-        launch_flags.parse_flags(["serve.py", "tiny"])
-        assert launch_flags.launch_config().switch_interval_ms == 0.0
-    finally:
-        flags.FLAGS.unparse_flags()
+    launches = launch_configs_of("switch_interval_ms", (None, "0.5"))
+    assert launches[None].switch_interval_ms == 0.0
+    assert launches["0.5"].switch_interval_ms == 0.5
     with pytest.raises(SystemExit):  # (absl's one-line error: below its lower bound)
         try:
             launch_flags.parse_flags(["serve.py", "tiny", "--switch_interval_ms=-1"])
