@@ -19,7 +19,7 @@ from jaxlora.sampling import SamplingParams
 from . import profile, roofline
 from .engine_setup import BenchEngine, preload
 from .gpu_monitor import GpuMonitor, describe
-from .timing import CompileCounter, StepRecord, host_ms_since
+from .timing import CompileCounter, StepRecord, host_ms_since, host_snapshot
 from .workloads import WORKLOADS, assign_adapters, offline_prompts
 
 log = logging.getLogger("jaxlora.bench")
@@ -356,8 +356,7 @@ def _serve(
     sampling = SamplingParams(temperature=0.0, max_tokens=config.output_len, ignore_eos=True)
     iterations, profiled_records, step_profile, profile_s = [], [], None, 0.0
     stats = engine.stats
-    host_before = dict(stats.host_seconds)
-    cpu_before = dict(stats.host_cpu_seconds)
+    host_before = host_snapshot(stats)
     decode_host = []  # each decode-only iteration's host ms by phase
     traced_window = None
     with CompileCounter() as compiles, GcRecorder() as collections:
@@ -381,16 +380,15 @@ def _serve(
                 profiled_records = bench.timer.take()
                 bench.timer.records = kept
                 continue
-            before, prefills = dict(stats.host_seconds), stats.prefill_steps
+            before, prefills = host_snapshot(stats), stats.prefill_steps
             t = time.perf_counter()
             engine.step()
             iterations.append(time.perf_counter() - t)
             if stats.prefill_steps == prefills:
-                decode_host.append(host_ms_since(stats, before, 1))
+                decode_host.append(host_ms_since(stats, before, 1)[0])
         wall = time.perf_counter() - start
         window = (start_monotonic, time.monotonic())
-    host = host_ms_since(stats, host_before, len(iterations))
-    host_cpu = host_ms_since(stats, cpu_before, len(iterations), counter="host_cpu_seconds")
+    host, host_cpu = host_ms_since(stats, host_before, len(iterations))
     failed = [r for r in requests if r.error or len(r.output_ids) != config.output_len]
     if failed:
         raise RuntimeError(

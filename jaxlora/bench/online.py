@@ -27,7 +27,7 @@ from . import roofline
 from .engine_setup import BenchEngine
 from .gpu_monitor import GpuMonitor, describe
 from .serving_client import latency_fields
-from .timing import CompileCounter, host_ms_since
+from .timing import CompileCounter, host_ms_since, host_snapshot
 from .workloads import TraceConfig, synthetic_trace, trace_prompt
 
 log = logging.getLogger("jaxlora.bench")
@@ -198,8 +198,7 @@ def run_trace(
     preemptions_before = engine.stats.preemptions
     prompt_tokens_before = engine.stats.prompt_tokens
     cached_before = engine.stats.prefix_cached_tokens
-    host_before = dict(engine.stats.host_seconds)
-    cpu_before = dict(engine.stats.host_cpu_seconds)
+    host_before = host_snapshot(engine.stats)
     bench.timer.take()
     bench.timer.blocking = config.time_steps
     submitted = []
@@ -249,8 +248,7 @@ def run_trace(
             elif next_index < len(trace):
                 time.sleep(max(0.0, min(0.005, origin + trace[next_index].arrival_s - now)))
         end = time.monotonic()
-    host = host_ms_since(engine.stats, host_before, steps)
-    host_cpu = host_ms_since(engine.stats, cpu_before, steps, counter="host_cpu_seconds")
+    host, host_cpu = host_ms_since(engine.stats, host_before, steps)
     after = manager.stats()
     records = bench.timer.take()
     done = [

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from .engine_setup import BenchEngine
 from .gpu_monitor import GpuMonitor
 from .online import OnlineConfig, monitored, run_trace, trace_floor
 from .serving_client import save_requests, summarize, trace_requests
-from .timing import CompileCounter, host_ms_since
+from .timing import CompileCounter, host_ms_since, host_snapshot
 from .workloads import synthetic_trace
 
 log = logging.getLogger("jaxlora.bench")
@@ -84,32 +85,28 @@ def variant_label(stream_interval: int, switch_interval_ms: float) -> str:
 def server_variants(stream_intervals, switch_intervals_ms) -> tuple[ServerVariant, ...]:
     """Every pairing of the flags' values (--serving_stream_interval,
     --serving_switch_interval_ms: lists of strings), ConfigError naming a bad one."""
+    from jaxlora.config import parse_positive_ints
     from jaxlora.errors import ConfigError
 
-    def parse(items, flag, kind, ok, expected):
-        values = []
-        for item in items:
-            try:
-                value = kind(str(item).strip())
-            except ValueError:
-                value = None
-            if value is None or not ok(value):
-                raise ConfigError(f"{flag}: expected {expected}, got {item!r}")
-            values.append(value)
+    intervals = parse_positive_ints(list(stream_intervals), flag="--serving_stream_interval")
+    switches = []
+    for item in switch_intervals_ms:
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= 1000:  # (NaN too)
+            raise ConfigError(
+                "--serving_switch_interval_ms: expected ms in [0, 1000] (0: the interpreter's "
+                f"own), got {item!r}"
+            )
+        switches.append(value)
+    for flag, values in (
+        ("--serving_stream_interval", intervals),
+        ("--serving_switch_interval_ms", switches),
+    ):
         if not values:
             raise ConfigError(f"{flag}: expected at least one value, got none")
-        return values
-
-    intervals = parse(
-        stream_intervals, "--serving_stream_interval", int, lambda v: v >= 1, "ints >= 1"
-    )
-    switches = parse(
-        switch_intervals_ms,
-        "--serving_switch_interval_ms",
-        float,
-        lambda v: 0 <= v <= 1000,
-        "ms in [0, 1000] (0: the interpreter's own)",
-    )
     return tuple(ServerVariant(i, s) for i in intervals for s in switches)
 
 
@@ -177,8 +174,7 @@ def serve_http(
     prompt_tokens_before = engine.stats.prompt_tokens
     preemptions_before = engine.stats.preemptions
     iterations_before = engine.stats.steps
-    host_before = dict(engine.stats.host_seconds)
-    cpu_before = dict(engine.stats.host_cpu_seconds)
+    host_before = host_snapshot(engine.stats)
     bench.timer.take()
     bench.timer.blocking = False
     timeout_s = config.duration_s + config.drain_timeout_s + 120
@@ -211,6 +207,7 @@ def serve_http(
     records = bench.timer.take()
     decode = [r for r in records if r.mode == "decode"]
     iterations = engine.stats.steps - iterations_before
+    host, host_cpu = host_ms_since(engine.stats, host_before, iterations)
     row = {
         "num_adapters": num_adapters,
         "prefix_len": config.prefix_len,
@@ -235,10 +232,8 @@ def serve_http(
         / max(1, sum(r["completion_tokens"] or 0 for r in results)),
         # The engine's iterations by phase, wall and its thread's CPU (as the in-process
         # row's): wall far above CPU outside "wait" is the engine waiting for the lock
-        "host_ms_per_step": host_ms_since(engine.stats, host_before, iterations),
-        "host_cpu_ms_per_step": host_ms_since(
-            engine.stats, cpu_before, iterations, counter="host_cpu_seconds"
-        ),
+        "host_ms_per_step": host,
+        "host_cpu_ms_per_step": host_cpu,
         **trace_floor(
             bench,
             records,

@@ -40,16 +40,26 @@ class StepRecord:
         return len(self.seq_lens)
 
 
-def host_ms_since(
-    stats, before: dict, iterations: int, *, counter: str = "host_seconds"
-) -> dict[str, float]:
-    """Host milliseconds per iteration by phase (``EngineStats.host_seconds``, or the engine
-    thread's CPU in them: counter="host_cpu_seconds") since the snapshot ``before`` (a
-    ``dict`` of that counter) over ``iterations`` engine iterations."""
-    return {
-        phase: (seconds - before.get(phase, 0.0)) * 1e3 / max(1, iterations)
-        for phase, seconds in getattr(stats, counter).items()
-    }
+def host_snapshot(stats) -> tuple[dict, dict]:
+    """The engine's host seconds by phase so far: wall (``EngineStats.host_seconds``) and its
+    thread's CPU in them (``host_cpu_seconds``)."""
+    return dict(stats.host_seconds), dict(stats.host_cpu_seconds)
+
+
+def host_ms_since(stats, before: tuple[dict, dict], iterations: int) -> tuple[dict, dict]:
+    """Host milliseconds per iteration by phase since the snapshot ``before``
+    (``host_snapshot``) over ``iterations`` engine iterations: wall, and the engine thread's
+    CPU (where far below the wall, the phase was blocked: on the device, or on the
+    interpreter lock)."""
+
+    def per_iteration(now, then):
+        return {
+            phase: (seconds - then.get(phase, 0.0)) * 1e3 / max(1, iterations)
+            for phase, seconds in now.items()
+        }
+
+    wall, cpu = before
+    return per_iteration(stats.host_seconds, wall), per_iteration(stats.host_cpu_seconds, cpu)
 
 
 class StepTimer:
