@@ -9,28 +9,29 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
 
-# XLA's CPU backend at LLVM optimization level 0 in the test processes: most of the suite's time
-# is compiling interpreted Pallas kernels and tiny engines once each, whose runs are short, so
-# compiling without LLVM's optimizations took the CI suite from 16:55 to 13:13 on 2 cores. Only
-# where no CUDA plugin is installed (the GPU tests compile as users do), and only for this
-# process: the flag is taken out of the environment again once the backend has read it, so the
-# scripts the tests run as subprocesses compile as a user's would. JAXLORA_TEST_FAST_COMPILE=0
+# XLA's CPU backend at LLVM optimization level 0 in the test processes and the scripts they run
+# as subprocesses: most of the suite's time is compiling interpreted Pallas kernels and tiny
+# engines once each, whose runs are short, so compiling without LLVM's optimizations took the CI
+# suite from 16:55 to 13:13 on 2 cores (the test processes), and the script tests' files from
+# 183 to 1NN s (their subprocesses too, which had compiled at the default level). Only where no
+# CUDA plugin is installed (the GPU tests compile as users do). JAXLORA_TEST_FAST_COMPILE=0
 # turns it off.
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
-_xla_flags_of_users = os.environ["XLA_FLAGS"]
 _fast_compile = os.environ.get("JAXLORA_TEST_FAST_COMPILE", "1") == "1" and not any(
     importlib.util.find_spec(name) is not None
     for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin")
 )
-if _fast_compile:
-    os.environ["XLA_FLAGS"] = f"{_xla_flags_of_users} {_FAST_COMPILE}"
+if _fast_compile and _FAST_COMPILE not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {_FAST_COMPILE}"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-if _fast_compile:
-    jax.devices()  # the backend reads XLA_FLAGS once, here
-    os.environ["XLA_FLAGS"] = _xla_flags_of_users
+
+def xla_flags_of_users() -> str:
+    """XLA_FLAGS without the fast-compile flag: for a subprocess that must compile as a user's."""
+    return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != _FAST_COMPILE)
+
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

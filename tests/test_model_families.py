@@ -517,15 +517,20 @@ def test_phi3_checkpoints_and_adapters_fuse_q_k_v_and_gate_up(tmp_path):
 ENGINE_FAMILIES = sorted(set(FAMILIES) - {"gemma", "gemma2"})
 
 
-@pytest.fixture(scope="module", params=ENGINE_FAMILIES)
-def family_model(request):
-    config = FAMILIES[request.param]
+def family_model_of(name: str):
+    """(config, random parameters, two adapters: all5 on every module, qv1 on q and v)."""
+    config = FAMILIES[name]
     params = random_family_params(config, 0)
     adapters = {
         "all5": random_lora(config, "all5", 5, MODULES, 1),
         "qv1": random_lora(config, "qv1", 1, ("q_proj", "v_proj"), 2, scale=2.0),
     }
     return config, params, adapters
+
+
+@pytest.fixture(scope="module", params=ENGINE_FAMILIES)
+def family_model(request):
+    return family_model_of(request.param)
 
 
 def generate(family_model, prompts, names, sampling, *, engine_config=None, tp=1, inspect=None):
@@ -719,8 +724,12 @@ def test_kernel_path_in_interpret_mode_generates_the_reference_tokens(family_mod
     assert outs["pallas_interpret"] == outs["reference"]
 
 
-def test_tensor_parallel_engine_generates_the_single_device_tokens(family_model):
+# What tensor parallelism does apart from Llama's (tests/test_sharding.py): Qwen2's q/k/v biases,
+# Gemma 3's q/k norms, sandwich norms and 256-wide heads; the other families add nothing to it.
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_tensor_parallel_engine_generates_the_single_device_tokens(family):
     """tp = 2: the q/k/v biases split with their heads, the q/k norms replicated."""
+    family_model = family_model_of(family)
     config = family_model[0]
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices (tests/conftest.py fakes 4 CPU devices)")
