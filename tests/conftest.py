@@ -13,7 +13,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # as subprocesses: most of the suite's time is compiling interpreted Pallas kernels and tiny
 # engines once each, whose runs are short, so compiling without LLVM's optimizations took the CI
 # suite from 16:55 to 13:13 on 2 cores (the test processes), and the script tests' files from
-# 183 to 1NN s (their subprocesses too, which had compiled at the default level). Only where no
+# 183 to 169 s (their subprocesses too, which had compiled at the default level). Only where no
 # CUDA plugin is installed (the GPU tests compile as users do). JAXLORA_TEST_FAST_COMPILE=0
 # turns it off.
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
