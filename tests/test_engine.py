@@ -705,6 +705,49 @@ def test_deadline_aborts_an_admitted_request_that_can_no_longer_make_it(base, lo
     assert engine.kv.free_pages == free_kv and llm.adapters.stats().referenced == 0
 
 
+def test_reap_walks_the_queue_only_for_a_cancel_or_a_first_token_deadline(base, lora_adapters):
+    """Engine._reap (cancellations, first-token deadlines) walks the running and waiting
+    requests only while a cancelled request is unfinished or a request with a deadline awaits
+    its first token: none of its queue walks in an iteration of a queue without either, and a
+    cancel or a deadline given later is still acted on."""
+    llm = jaxlora.LLM(
+        TINY,
+        params=base,
+        adapters=lora_adapters,
+        engine_config=small_engine_config(),
+        load_workers=0,
+    )
+    engine = llm.engine
+    walks, reaping = [], []  # (_admit orders the queue too: only _reap's walks count)
+    queue_order, reap = engine._queue_order, engine._reap
+    engine._queue_order = lambda: (reaping and walks.append(1)) or queue_order()
+
+    def spied_reap():
+        reaping.append(1)
+        try:
+            reap()
+        finally:
+            reaping.pop()
+
+    engine._reap = spied_reap
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    queued = [llm.submit([5, 6, 7 + i], adapter="all5", sampling=sampling) for i in range(12)]
+    engine.step()
+    assert walks == [] and engine._cancelled == set() and engine._deadline_requests == set()
+    engine.cancel(queued[-1].request_id)  # still waiting
+    assert engine._cancelled == {queued[-1]}
+    engine.step()
+    assert queued[-1].finish_reason is FinishReason.ABORT and engine._cancelled == set()
+    late = llm.submit([9, 9, 9], adapter="qv1", sampling=GREEDY, deadline_s=-1.0)
+    engine.step()
+    assert walks and late.finish_reason is FinishReason.DEADLINE
+    walks.clear()
+    engine.step()
+    assert walks == [] and engine._deadline_requests == set()
+    engine.run_until_idle()
+    assert all(r.finish_reason is FinishReason.LENGTH for r in queued[:-1])
+
+
 def test_submit_refuses_what_it_cannot_honour(base):
     from jaxlora.errors import RequestError
 
