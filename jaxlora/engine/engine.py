@@ -889,8 +889,8 @@ class Engine:
                     self._finish(request, FinishReason.ABORT, "cancelled")
             self._cancelled = {r for r in self._cancelled if not r.finished}
         self._deadline_requests = {r for r in self._deadline_requests if not r.finished}
-        if not any(not r.output_ids and not r.inflight for r in self._deadline_requests):
-            return  # (no request that still waits for its first token has a deadline)
+        if not any(map(self._awaits_first_token_by_deadline, self._deadline_requests)):
+            return
         ec = self.engine_config
         ema = self.stats.step_time_ema
         # Prompt tokens still to prefill ahead of each request: running ones first (their chunks
@@ -898,7 +898,7 @@ class Engine:
         ahead = 0
         for request in list(self._running) + self._queue_order():
             own = max(0, len(request.prompt_ids) - request.num_computed)
-            if request.deadline is not None and not request.output_ids and not request.inflight:
+            if self._awaits_first_token_by_deadline(request):
                 # Admitted or not, a request without its first token (its adapter still
                 # loading, its prompt half prefilled) is aborted once it cannot make it: its own
                 # chunks, and the iterations the prompts ahead of it need.
@@ -912,6 +912,11 @@ class Engine:
                     )
                     continue
             ahead += own
+
+    @staticmethod
+    def _awaits_first_token_by_deadline(request: Request) -> bool:
+        """A request with a first-token deadline and no first token yet (none in flight)."""
+        return request.deadline is not None and not request.output_ids and not request.inflight
 
     @staticmethod
     def _adapter_key(request: Request) -> tuple[str, int]:
