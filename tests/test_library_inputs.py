@@ -16,7 +16,7 @@ from configs.models import TINY
 from jaxlora.engine import EngineConfig, KVCacheConfig, RunnerConfig
 from jaxlora.errors import AdapterError, ConfigError, RequestError
 from jaxlora.lora import random_lora_weights
-from jaxlora.model import init_params
+from jaxlora.model import fuse_projections, init_params
 from jaxlora.sampling import SamplingParams
 from pallas_kernels.layout import MODULES
 from tests.test_engine import small_engine_config
@@ -375,11 +375,23 @@ def test_params_missing_or_adding_a_leaf_are_refused(base):
         jaxlora.LLM(TINY, params=extra, engine_config=small_engine_config())
     with pytest.raises(ConfigError, match=r"params: expected the model's parameter tree"):
         jaxlora.LLM(TINY, params=[1, 2], engine_config=small_engine_config())
+    # an untied checkpoint's LM head given to a model that ties it: the message says so
+    tied = dataclasses.replace(TINY, tie_word_embeddings=True)
+    with pytest.raises(
+        ConfigError,
+        match=r"params\['lm_head'\]\['kernel'\]: not a parameter of .*tie_word_embeddings=True",
+    ):
+        jaxlora.LLM(tied, params=base, engine_config=small_engine_config())
+    # the fused tree is checked in its own shapes
+    fused = fuse_projections(base)
+    fused["layers"]["mlp"]["gate_up_proj"]["kernel"] = fused["layers"]["mlp"]["gate_up_proj"][
+        "kernel"
+    ][..., :-1]
+    with pytest.raises(ConfigError, match=r"params\['layers'\]\['mlp'\]\['gate_up_proj'\]"):
+        jaxlora.LLM(TINY, params=fused, engine_config=small_engine_config())
 
 
 def test_fused_and_float64_params_are_accepted(base):
-    from jaxlora.model import fuse_projections
-
     expected = None
     for params in (base, fuse_projections(base), jax.tree.map(np.float64, base)):
         llm = jaxlora.LLM(TINY, params=params, engine_config=small_engine_config())

@@ -78,7 +78,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import heapq
 import itertools
 import logging
@@ -343,45 +342,18 @@ class EngineStats:
 def check_params(config: ModelConfig, params) -> None:
     """ConfigError naming the first parameter of ``params`` that the model of ``config`` does
     not have, lacks, or has in another shape (the canonical or the fused tree, as
-    ``init_params`` and the checkpoint loaders give them). Unchecked, parameters of another
-    model failed at the first step, inside Flax or lax.scan. The expected shapes are the
-    checkpoint loaders' (``param_shapes``): no trace of the model's init (~0.1 s a model)."""
-    from jaxlora.formats.hf import param_shapes
-    from jaxlora.model import fuse_projections, projections_fused
+    ``init_params`` and the checkpoint loaders give them; ``formats.hf.param_tree_mismatch``).
+    Unchecked, parameters of another model failed at the first step, inside Flax or lax.scan."""
+    from jaxlora.formats.hf import param_tree_mismatch
 
     if not isinstance(params, Mapping):
         raise ConfigError(
             "params: expected the model's parameter tree (a dict, as jaxlora.model.init_params "
             f"or a checkpoint loader gives it), got {type(params).__name__}"
         )
-    expected = jax.tree.map(
-        lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32),
-        param_shapes(config),
-        is_leaf=lambda leaf: isinstance(leaf, tuple),
-    )
-    if projections_fused(params):
-        groups = params["layers"]["attn"]["qkv_proj"]["kernel"].shape[-2]
-        expected = jax.eval_shape(functools.partial(fuse_projections, groups=groups), expected)
-
-    def shapes(tree) -> dict[str, tuple | None]:
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {
-            f"params{jax.tree_util.keystr(path)}": getattr(leaf, "shape", None)
-            for path, leaf in leaves
-        }
-
-    given, wanted = shapes(params), shapes(expected)
-    model = f"the {config.name or config.model_type} model of this ModelConfig"
-    for path, shape in wanted.items():
-        if path not in given:
-            raise ConfigError(f"{path}: missing; {model} has it, of shape {shape}")
-        if given[path] is None:
-            raise ConfigError(f"{path}: expected an array of shape {shape}, got no array")
-        if tuple(given[path]) != shape:
-            raise ConfigError(f"{path} has shape {tuple(given[path])}; expected {shape} ({model})")
-    for path in given:
-        if path not in wanted:
-            raise ConfigError(f"{path}: not a parameter of {model}")
+    mismatch = param_tree_mismatch(config, params)
+    if mismatch is not None:
+        raise ConfigError(mismatch)
 
 
 def _step_params(params, config, mesh, fuse: bool):

@@ -226,37 +226,61 @@ def _hf_shape(
     return tuple(reversed(shape)) if transposed else tuple(shape)
 
 
-def _flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    if isinstance(tree, dict):
-        flat = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, (*prefix, key)))
-        return flat
-    return {prefix: tree}
+def param_tree_mismatch(config: ModelConfig, params) -> str | None:
+    """The first parameter of ``params`` (a dict tree) that the model of ``config`` lacks, does
+    not have, or has in another shape, as a message naming it by its path
+    (``params['layers']['attn']['q_proj']['kernel']``); None where the tree is the model's.
+    The canonical tree and the fused one (q|k|v, gate|up: the engine's ``LLM.params``) are both
+    the model's. The expected shapes are ``param_shapes``' (no trace of the model's init)."""
+    import jax
+
+    from jaxlora.model import fuse_projections, projections_fused
+
+    def is_shape(leaf) -> bool:
+        return isinstance(leaf, tuple)
+
+    expected = param_shapes(config)
+    qkv = params["layers"]["attn"]["qkv_proj"] if projections_fused(params) else None
+    if isinstance(qkv, dict) and len(getattr(qkv.get("kernel"), "shape", ())) > 2:
+        groups = qkv["kernel"].shape[-2]  # (the tensor-parallel groups it was fused for)
+        structs = jax.tree.map(
+            lambda shape: jax.ShapeDtypeStruct(shape, np.float32), expected, is_leaf=is_shape
+        )
+        fused = jax.eval_shape(lambda tree: fuse_projections(tree, groups=groups), structs)
+        expected = jax.tree.map(lambda leaf: tuple(leaf.shape), fused)
+
+    def by_path(tree, shape_of, is_leaf=None) -> dict[str, tuple | None]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+        return {f"params{jax.tree_util.keystr(path)}": shape_of(leaf) for path, leaf in leaves}
+
+    given = by_path(params, lambda leaf: tuple(leaf.shape) if hasattr(leaf, "shape") else None)
+    wanted = by_path(expected, tuple, is_leaf=is_shape)
+    model = f"the {config.name or config.model_type} model of this ModelConfig"
+    tied = f"tie_word_embeddings={config.tie_word_embeddings}"
+    for path, shape in wanted.items():
+        if path not in given:
+            return f"{path}: missing; {model} has it, of shape {shape}"
+        if given[path] is None:
+            return f"{path}: expected an array of shape {shape}, got no array"
+        if given[path] != shape:
+            return f"{path} has shape {given[path]}; expected {shape} ({model})"
+    for path in given:
+        if path not in wanted:
+            hint = f" ({tied}: the LM head is the embedding's)" if "lm_head" in path else ""
+            return f"{path}: not a parameter of {model}{hint}"
+    return None
 
 
-def check_params(config: ModelConfig, params: dict, source: str = "params") -> None:
-    """Raises FormatError unless params has exactly the leaves and shapes the model expects."""
+def check_params(config: ModelConfig, params, source: str = "params") -> None:
+    """FormatError (naming ``source``, a file or what is being written) unless params is the
+    model's tree (``param_tree_mismatch``): the check before a checkpoint is read or written."""
     if not isinstance(params, dict):
         raise FormatError(
             f"{source}: expected a dict pytree of arrays, got {type(params).__name__}"
         )
-    expected = _flatten(param_shapes(config))
-    got = _flatten(params)
-    for path, shape in expected.items():
-        name = "/".join(path)
-        if path not in got:
-            raise FormatError(f"{source}: missing parameter {name!r} (expected shape {shape})")
-        leaf = got[path]
-        actual = tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
-        if actual != shape:
-            raise FormatError(f"{source}: parameter {name!r} has shape {actual}; expected {shape}")
-    extra = sorted("/".join(p) for p in set(got) - set(expected))
-    if extra:
-        raise FormatError(
-            f"{source}: unexpected parameters {extra} (tie_word_embeddings="
-            f"{config.tie_word_embeddings})"
-        )
+    mismatch = param_tree_mismatch(config, params)
+    if mismatch is not None:
+        raise FormatError(f"{source}: {mismatch}")
 
 
 def _weight_files(directory: str) -> tuple[dict[str, str], dict, str]:
