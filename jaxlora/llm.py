@@ -27,7 +27,31 @@ from jaxlora.tokenizer import Tokenizer, tiny_tokenizer
 
 
 @dataclasses.dataclass
+class CompletionOutput:
+    """One sample of a prompt (vLLM's ``CompletionOutput``): ``Completion.outputs[index]``."""
+
+    index: int
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    # vLLM's: the stop token id or stop string that ended it; None where EOS, max_tokens or an
+    # error did
+    stop_reason: int | str | None = None
+    logprobs: list[float] | None = None  # each output token's logprob (SamplingParams.logprobs)
+    # SamplingParams.logprobs = n > 0: each output token's n most likely tokens and logprobs
+    top_logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None  # the sum of logprobs (None without them)
+    error: str | None = None
+
+
+@dataclasses.dataclass
 class Completion:
+    """What ``LLM.generate`` returns for one prompt (vLLM's ``RequestOutput``): its samples in
+    ``outputs`` (``SamplingParams.n`` of them, one by default), and the first sample's fields
+    (token_ids, text, finish_reason, logprobs, top_logprobs, stop_reason) at the top level, as
+    one-sample callers read them. error: the first sample's error that has one (None: none)."""
+
     request_id: str
     adapter: str | None
     prompt_ids: list[int]
@@ -45,6 +69,69 @@ class Completion:
     # Prompt tokens whose K/V were not computed for it: the prefix cache's (prefix_caching) or
     # those it shared with an earlier request of the same prompt (vLLM's num_cached_tokens)
     num_cached_tokens: int = 0
+    stop_reason: int | str | None = None
+    outputs: list[CompletionOutput] = dataclasses.field(default_factory=list)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """vLLM's name for ``prompt_ids``."""
+        return self.prompt_ids
+
+    @property
+    def finished(self) -> bool:
+        """vLLM's: always True here (``generate`` returns when every sample has finished)."""
+        return True
+
+
+def _output(index: int, request: Request) -> CompletionOutput:
+    logprobs = list(request.output_logprobs) if request.output_logprobs else None
+    return CompletionOutput(
+        index=index,
+        request_id=request.request_id,
+        token_ids=list(request.output_ids),
+        text=request.text,
+        finish_reason=str(request.finish_reason),
+        stop_reason=request.stop_reason,
+        logprobs=logprobs,
+        top_logprobs=list(request.output_top_logprobs) if request.output_top_logprobs else None,
+        cumulative_logprob=float(sum(logprobs)) if logprobs else None,
+        error=request.error,
+    )
+
+
+def _completion(samples: Sequence[Request]) -> Completion:
+    """One prompt's Completion from its samples' finished requests (the first one leads)."""
+    first, outputs = samples[0], [_output(i, r) for i, r in enumerate(samples)]
+    return Completion(
+        request_id=first.request_id,
+        adapter=first.adapter,
+        prompt_ids=first.prompt_ids,
+        token_ids=outputs[0].token_ids,
+        text=outputs[0].text,
+        finish_reason=outputs[0].finish_reason,
+        logprobs=outputs[0].logprobs,
+        error=next((o.error for o in outputs if o.error is not None), None),
+        prompt_logprobs=first.prompt_logprobs,
+        prompt_top_logprobs=first.prompt_top_logprobs,
+        prompt_logprob_ranks=first.prompt_logprob_ranks,
+        top_logprobs=outputs[0].top_logprobs,
+        num_cached_tokens=first.num_cached_tokens,
+        stop_reason=outputs[0].stop_reason,
+        outputs=outputs,
+    )
+
+
+def _samples(sampling: SamplingParams) -> list[SamplingParams]:
+    """A request's SamplingParams for each of sampling.n samples: sample i of a seeded one
+    draws from seed + i (vLLM's children and the server's choices; the engine takes any int)."""
+    if sampling.n == 1:
+        return [sampling]
+    return [
+        dataclasses.replace(
+            sampling, n=1, seed=None if sampling.seed is None else sampling.seed + i
+        )
+        for i in range(sampling.n)
+    ]
 
 
 def _prompt_list(prompts) -> list:
@@ -340,7 +427,8 @@ class LLM:
         """Runs every prompt in shared batches (each with its own adapter) until all finish.
 
         prompts: one prompt or a list of them, each text, token ids or vLLM's
-        ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``; one Completion a prompt.
+        ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``; one Completion a prompt, with
+        ``SamplingParams.n`` samples in its ``outputs`` (vLLM's ``RequestOutput.outputs``).
         sampling may come second, as in vLLM's ``generate(prompts, sampling_params)``. If a
         prompt is refused (too long, an unknown adapter, ...), or the call is interrupted,
         none of its requests is left in the engine.
@@ -369,15 +457,19 @@ class LLM:
             check_adapter_and_sampling(a, s)  # (all before any is queued)
         samplings = [s if s is not None else self.get_default_sampling_params() for s in samplings]
         prompt_ids = [self.encode(p) for p in prompts]
-        requests, leaders = [], {}
+        requests, per_prompt, leaders = [], [], {}
         try:
             for ids, a, s in zip(prompt_ids, adapters, samplings, strict=True):
                 key = (tuple(ids), a)
-                request = self.engine.submit(
-                    ids, s, adapter=a, stream=False, share_prompt_with=leaders.get(key)
-                )
-                leaders.setdefault(key, request)
-                requests.append(request)
+                samples = []
+                for sample in _samples(s):
+                    request = self.engine.submit(
+                        ids, sample, adapter=a, stream=False, share_prompt_with=leaders.get(key)
+                    )
+                    leaders.setdefault(key, request)
+                    samples.append(request)
+                requests.extend(samples)
+                per_prompt.append(samples)
         except BaseException:
             # (a later prompt refused: the ones queued before it are not left to run)
             self._abandon(requests, reap=True)
@@ -394,24 +486,7 @@ class LLM:
         except BaseException:  # (e.g. KeyboardInterrupt: the rest is not computed later)
             self._abandon(requests)
             raise
-        return [
-            Completion(
-                request_id=r.request_id,
-                adapter=r.adapter,
-                prompt_ids=r.prompt_ids,
-                token_ids=list(r.output_ids),
-                text=r.text,
-                finish_reason=str(r.finish_reason),
-                logprobs=list(r.output_logprobs) if r.output_logprobs else None,
-                error=r.error,
-                prompt_logprobs=r.prompt_logprobs,
-                prompt_top_logprobs=r.prompt_top_logprobs,
-                prompt_logprob_ranks=r.prompt_logprob_ranks,
-                top_logprobs=list(r.output_top_logprobs) if r.output_top_logprobs else None,
-                num_cached_tokens=r.num_cached_tokens,
-            )
-            for r in requests
-        ]
+        return [_completion(samples) for samples in per_prompt]
 
     def _abandon(self, requests: Sequence[Request], *, reap: bool = False) -> None:
         """Cancels the unfinished requests of a generate that raised. reap: without the engine

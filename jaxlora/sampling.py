@@ -85,7 +85,11 @@ class SamplingParams:
     ids; None: all of it). allowed_token_ids: None, or the only tokens the output may take
     (vLLM's; EOS too only if listed), through the same token bitmask; where a grammar allows
     none of them, the grammar decides. skip_special_tokens: the output's text leaves special
-    tokens out (vLLM's; False: they are written, e.g. an EOS that ``ignore_eos`` went past)."""
+    tokens out (vLLM's; False: they are written, e.g. an EOS that ``ignore_eos`` went past).
+    n: samples of the prompt (vLLM's): ``LLM.generate`` / ``LLM.chat`` run n requests that share
+    the prompt's pages and return them as one Completion's ``outputs``; with a seed, sample i
+    draws from seed + i, as vLLM's and the server's choices do. An engine request is one sample
+    (``Engine.submit`` takes n = 1 only)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -109,6 +113,7 @@ class SamplingParams:
     reasoning_tokens: ReasoningTokens | None = None
     allowed_token_ids: tuple[int, ...] | None = None
     skip_special_tokens: bool = True
+    n: int = 1
 
     def __post_init__(self):
         def fail(field, expected):
@@ -130,6 +135,9 @@ class SamplingParams:
             object.__setattr__(self, "top_k", 0)
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "an int >= 1")
+        if not is_int(self.n) or self.n < 1:
+            fail("n", "an int >= 1 (samples of the prompt)")
+        object.__setattr__(self, "n", int(self.n))
         if self.seed is not None and not is_int(self.seed):
             fail("seed", "an int or None")
         if self.logprobs is not None and (

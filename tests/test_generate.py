@@ -157,6 +157,9 @@ def test_generate_takes_one_prompt_and_vllm_s_argument_order(demo_llm):
         (lambda llm: llm.generate(["a"], sampling={"temperature": 0}), RequestError, "sampling:"),
         (lambda llm: llm.generate(["a"], adapter=[{}]), RequestError, "adapter: expected"),
         (lambda llm: llm.submit("a", sampling={"max_tokens": 2}), RequestError, "sampling:"),
+        (lambda llm: llm.generate(["a"], greedy(n=0)), RequestError, "'n': expected an int >= 1"),
+        (lambda llm: llm.generate(["a"], greedy(n="2")), RequestError, "'n': expected an int"),
+        (lambda llm: llm.submit("a", sampling=greedy(n=2)), RequestError, "'n': a request is one"),
     ],
 )
 def test_generate_refuses_bad_arguments_naming_them(demo_llm, call, error, message):
@@ -211,6 +214,53 @@ def test_completion_carries_the_top_logprobs_asked_for(demo_llm):
         assert len(top) == 2 and next(iter(top)) == token and top[token] == logprob
     (plain,) = demo_llm.generate(["Who are you?"], sampling=greedy(3, logprobs=0))
     assert plain.top_logprobs is None and len(plain.logprobs) == 3
+
+
+def test_n_samples_of_a_prompt_come_back_in_its_outputs_as_vllm_s(demo_llm):
+    """SamplingParams(n=k): k samples of each prompt in its Completion's outputs (vLLM's
+    RequestOutput.outputs), sample i drawn from seed + i as the server's choice i is; the top
+    level is the first sample; the prompt is computed once for all of them."""
+    import dataclasses
+
+    sampled = SamplingParams(
+        n=3, temperature=3.0, seed=7, max_tokens=8, ignore_eos=True, logprobs=0
+    )
+    prompts = ["Who are you?", "Hi"]
+    outs = demo_llm.generate(prompts, "pirate", sampled)
+    assert [len(o.outputs) for o in outs] == [3, 3]
+    for out, prompt in zip(outs, prompts, strict=True):
+        assert out.prompt_token_ids == demo_llm.tokenizer.encode(prompt)
+        assert [o.index for o in out.outputs] == [0, 1, 2] and out.finished
+        first = out.outputs[0]
+        assert (out.text, out.token_ids, out.logprobs) == (
+            first.text,
+            first.token_ids,
+            first.logprobs,
+        )
+        assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # (3.0: they differ)
+        for o in out.outputs:
+            assert len(o.token_ids) == 8 and o.finish_reason == "length"
+            assert o.cumulative_logprob == pytest.approx(sum(o.logprobs))
+    # the same call again: the same samples; sample i is one request seeded seed + i
+    again = demo_llm.generate(prompts, "pirate", sampled)
+    assert [[o.token_ids for o in c.outputs] for c in again] == [
+        [o.token_ids for o in c.outputs] for c in outs
+    ]
+    for i in range(3):
+        (alone,) = demo_llm.generate(
+            prompts[0], "pirate", dataclasses.replace(sampled, n=1, seed=7 + i)
+        )
+        assert alone.token_ids == outs[0].outputs[i].token_ids
+    # the samples of one prompt share its pages: its full pages are computed once
+    page = demo_llm.engine.engine_config.kv.page_size
+    long_prompt = list(range(1, 3 * page + 2))
+    stats = demo_llm.engine.stats
+    computed, shared = stats.prompt_tokens, stats.shared_prompt_tokens
+    (out,) = demo_llm.generate([long_prompt], sampling=greedy(2, n=4))
+    assert stats.shared_prompt_tokens - shared == 3 * 3 * page
+    assert stats.prompt_tokens - computed <= len(long_prompt) + 3  # (not 4 x 49)
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 1  # (greedy: all alike)
+    assert not demo_llm.engine.has_work()
 
 
 def test_an_adapter_flag_given_twice_is_refused():

@@ -472,6 +472,11 @@ class Engine:
         prompt_ids = checked_token_ids(prompt_ids)
         check_adapter_and_sampling(adapter, sampling)
         sampling = sampling or SamplingParams()
+        if sampling.n != 1:
+            raise RequestError(
+                f"sampling parameter 'n': a request is one sample, expected 1, got {sampling.n} "
+                "(LLM.generate and LLM.chat run n samples as n requests sharing the prompt)"
+            )
         if request_id is not None and not isinstance(request_id, str):
             raise RequestError(f"request_id: expected a string or None, got {request_id!r:.100}")
         if share_prompt_with is not None and not isinstance(share_prompt_with, Request):
