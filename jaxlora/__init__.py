@@ -4,9 +4,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # `jaxlora.LLM` without importing JAX for every `import jaxlora.errors`.
-    if name == "LLM":
-        from jaxlora.llm import LLM
+    # `jaxlora.LLM` and `jaxlora.LoRARequest` (vLLM's) without importing JAX for every
+    # `import jaxlora.errors`.
+    if name in ("LLM", "LoRARequest"):
+        from jaxlora import llm
 
-        return LLM
+        return getattr(llm, name)
     raise AttributeError(name)

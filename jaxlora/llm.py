@@ -18,7 +18,7 @@ import numpy as np
 from jaxlora.config import LoraPoolConfig, ModelConfig, is_int
 from jaxlora.engine import Engine, EngineConfig, Request
 from jaxlora.engine.engine import check_adapter_and_sampling, check_params, checked_token_ids
-from jaxlora.errors import ConfigError, RequestError
+from jaxlora.errors import ConfigError, RequestError, UnknownAdapterError
 from jaxlora.formats.hub_cache import is_repo_id, not_cached, resolve_local
 from jaxlora.lora import LoraWeights
 from jaxlora.memory import AdapterManager, AdapterManagerConfig, AdapterStore, AdapterStoreConfig
@@ -81,6 +81,18 @@ class Completion:
     def finished(self) -> bool:
         """vLLM's: always True here (``generate`` returns when every sample has finished)."""
         return True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's ``LoRARequest(lora_name, lora_int_id, lora_path)``, as ``LLM.generate`` and
+    ``LLM.chat`` take it (``lora_request=``): the adapter registered as ``lora_name``, or, where
+    none is, the PEFT directory ``lora_path`` registered under that name on first use. The id is
+    vLLM's and is not read here (adapters are named). vLLM's own LoRARequest objects work too."""
+
+    lora_name: str
+    lora_int_id: int = 0
+    lora_path: str = ""
 
 
 def _output(index: int, request: Request) -> CompletionOutput:
@@ -423,13 +435,18 @@ class LLM:
         prompts: str | Sequence[int] | Sequence[str | Sequence[int] | Mapping[str, Any]],
         adapter: str | None | Sequence[str | None] = None,
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
     ) -> list[Completion]:
         """Runs every prompt in shared batches (each with its own adapter) until all finish.
 
         prompts: one prompt or a list of them, each text, token ids or vLLM's
         ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``; one Completion a prompt, with
         ``SamplingParams.n`` samples in its ``outputs`` (vLLM's ``RequestOutput.outputs``).
-        sampling may come second, as in vLLM's ``generate(prompts, sampling_params)``. If a
+        sampling may come second, as in vLLM's ``generate(prompts, sampling_params)``, and
+        vLLM's keyword names are taken: ``sampling_params`` for ``sampling``, ``lora_request``
+        (a ``LoRARequest`` or one a prompt, None: the base model) for ``adapter``. If a
         prompt is refused (too long, an unknown adapter, ...), or the call is interrupted,
         none of its requests is left in the engine.
         Repeats of one prompt with one adapter (samples of a prompt: best-of-n, RL rollouts)
@@ -446,6 +463,18 @@ class LLM:
         ):
             # vLLM's order, generate(prompts, sampling_params): a SamplingParams is no adapter.
             adapter, sampling = None, adapter
+        if sampling_params is not None:
+            if sampling is not None:
+                raise RequestError(
+                    "sampling_params: given beside sampling (vLLM's name for it); give one"
+                )
+            sampling = sampling_params
+        if lora_request is not None:
+            if adapter is not None:
+                raise RequestError(
+                    "lora_request: given beside adapter (vLLM's way to name one); give one"
+                )
+            adapter = self._lora_request_adapters(lora_request)
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * n
         if len(adapters) != n or len(samplings) != n:
@@ -488,6 +517,43 @@ class LLM:
             raise
         return [_completion(samples) for samples in per_prompt]
 
+    def _lora_request_adapters(self, lora_request) -> str | None | list[str | None]:
+        """The adapter names of vLLM's ``lora_request`` argument (one or one a prompt), each
+        registered from its ``lora_path`` if its name is not yet (before any request is
+        queued). A name registered from another directory is refused, not silently served."""
+        many = isinstance(lora_request, (list, tuple))
+        names = []
+        for item in lora_request if many else [lora_request]:
+            if item is None:
+                names.append(None)
+                continue
+            name, path = getattr(item, "lora_name", None), getattr(item, "lora_path", "")
+            if not isinstance(name, str) or not name or not isinstance(path, (str, os.PathLike)):
+                raise RequestError(
+                    "lora_request: expected a LoRARequest(lora_name, lora_int_id, lora_path) "
+                    f"or None, got {item!r:.100}"
+                )
+            if self.adapters is None:
+                raise RequestError(
+                    f"lora_request {name!r}: this LLM serves its base model alone (no adapters)"
+                )
+            path = os.fspath(path)
+            entry = self.adapters.store.current(name)
+            if entry is None and not path:
+                raise UnknownAdapterError(
+                    f"lora_request {name!r}: no adapter is registered under this name, and its "
+                    "lora_path is empty (expected the PEFT directory to load it from)"
+                )
+            if entry is None:
+                self.register_adapter(name, path)
+            elif path and os.path.realpath(path) != os.path.realpath(entry.source):
+                raise RequestError(
+                    f"lora_request {name!r}: lora_path {path!r}, but {name!r} is registered "
+                    f"from {entry.source!r}; expected the same directory (or another name)"
+                )
+            names.append(name)
+        return names if many else names[0]
+
     def _abandon(self, requests: Sequence[Request], *, reap: bool = False) -> None:
         """Cancels the unfinished requests of a generate that raised. reap: without the engine
         thread, one step finishes them now (their pages freed, the queue empty again)."""
@@ -507,11 +573,14 @@ class LLM:
         continue_final_message: bool = False,
         tools: Sequence[Mapping[str, Any]] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
     ) -> list[Completion]:
         """``generate`` over chats (vLLM's ``LLM.chat``): one conversation (a list of
         ``{"role", "content"}`` messages) or a list of them, each rendered with the tokenizer's
         chat template (``Tokenizer.encode_chat``: ``continue_final_message`` continues the
-        last message, ``chat_template_kwargs`` go to the template)."""
+        last message, ``chat_template_kwargs`` go to the template); ``sampling_params`` and
+        ``lora_request`` as ``generate`` takes them."""
         if self.tokenizer is None:
             raise RequestError("messages: the model has no tokenizer (and so no chat template)")
         if not isinstance(conversations, Sequence) or isinstance(conversations, str):
@@ -536,7 +605,9 @@ class LLM:
             )
             for messages in conversations
         ]
-        return self.generate(prompts, adapter, sampling)
+        return self.generate(
+            prompts, adapter, sampling, sampling_params=sampling_params, lora_request=lora_request
+        )
 
     async def stream(
         self,

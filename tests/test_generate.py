@@ -263,6 +263,56 @@ def test_n_samples_of_a_prompt_come_back_in_its_outputs_as_vllm_s(demo_llm):
     assert not demo_llm.engine.has_work()
 
 
+def test_vllm_s_keyword_names_sampling_params_and_lora_request(demo_llm):
+    """vLLM's generate(prompts, sampling_params=..., lora_request=LoRARequest(name, id, path)):
+    a registered name is served; an unregistered one is registered from its path first; a
+    name registered from another directory, or none and no path, is refused naming it."""
+    from jaxlora import LoRARequest, demo
+    from jaxlora.errors import UnknownAdapterError
+
+    prompts = ["Who are you?", "Hi"]
+    by_name = demo_llm.generate(prompts, ["pirate", None], greedy(6))
+    outs = demo_llm.generate(
+        prompts, sampling_params=greedy(6), lora_request=[LoRARequest("pirate", 1), None]
+    )
+    assert [o.token_ids for o in outs] == [o.token_ids for o in by_name]
+    assert [o.adapter for o in outs] == ["pirate", None]
+    robot = demo.adapter_dirs()["robot"]
+    assert "robot_again" not in demo_llm.store
+    (out,) = demo_llm.generate(
+        prompts[0], greedy(6), lora_request=LoRARequest("robot_again", 2, robot)
+    )
+    assert "robot_again" in demo_llm.store
+    (as_robot,) = demo_llm.generate(prompts[0], "robot", greedy(6))
+    assert out.token_ids == as_robot.token_ids and out.adapter == "robot_again"
+    (chatted,) = demo_llm.chat(
+        [{"role": "user", "content": "Hi"}],
+        sampling_params=greedy(6),
+        lora_request=LoRARequest("robot_again", 2, robot),
+    )
+    (chat_robot,) = demo_llm.chat([{"role": "user", "content": "Hi"}], "robot", greedy(6))
+    assert chatted.token_ids == chat_robot.token_ids
+    refusals = [
+        (
+            dict(lora_request=LoRARequest("robot_again", 2, demo.adapter_dirs()["poet"])),
+            RequestError,
+            "'robot_again' is registered from .*robot",
+        ),
+        (dict(lora_request=LoRARequest("nobody", 3)), UnknownAdapterError, "'nobody': no adapter"),
+        (dict(lora_request="pirate"), RequestError, "expected a LoRARequest"),
+        (
+            dict(adapter="pirate", lora_request=LoRARequest("pirate", 1)),
+            RequestError,
+            "beside adapter",
+        ),
+        (dict(sampling=greedy(), sampling_params=greedy()), RequestError, "beside sampling"),
+    ]
+    for kwargs, error, message in refusals:
+        with pytest.raises(error, match=message):
+            demo_llm.generate(prompts, **{"sampling": greedy(), **kwargs})
+    assert not demo_llm.engine.has_work()
+
+
 def test_an_adapter_flag_given_twice_is_refused():
     from jaxlora.generate import parse_adapter_flags
 
