@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -131,6 +132,46 @@ def _completion(samples: Sequence[Request]) -> Completion:
         stop_reason=outputs[0].stop_reason,
         outputs=outputs,
     )
+
+
+class _Progress:
+    """vLLM's ``use_tqdm`` bar for ``generate``: the prompts whose samples have all finished,
+    and the output tokens a second so far."""
+
+    def __init__(self, tqdm, per_prompt: Sequence[Sequence[Request]]):
+        self._per_prompt = per_prompt
+        self._done = 0
+        self._start = time.perf_counter()
+        self._bar = tqdm(total=len(per_prompt), desc="Processed prompts", unit="prompt")
+
+    def update(self) -> None:
+        done = sum(all(r.finished for r in samples) for samples in self._per_prompt)
+        if done > self._done:
+            tokens = sum(len(r.output_ids) for samples in self._per_prompt for r in samples)
+            seconds = max(time.perf_counter() - self._start, 1e-9)
+            self._bar.set_postfix_str(f"output {tokens / seconds:,.1f} toks/s", refresh=False)
+            self._bar.update(done - self._done)
+            self._done = done
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _tqdm(use_tqdm):
+    """tqdm's class where ``use_tqdm`` asks for the bar, else None (checked before anything is
+    queued)."""
+    if not isinstance(use_tqdm, bool):
+        raise RequestError(f"use_tqdm: expected a bool, got {use_tqdm!r:.100}")
+    if not use_tqdm:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise ConfigError(
+            "use_tqdm: the progress bar needs the tqdm package (pip install tqdm); "
+            "expected use_tqdm=False without it"
+        ) from None
+    return tqdm
 
 
 def _samples(sampling: SamplingParams) -> list[SamplingParams]:
@@ -438,6 +479,7 @@ class LLM:
         *,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
+        use_tqdm: bool = False,
     ) -> list[Completion]:
         """Runs every prompt in shared batches (each with its own adapter) until all finish.
 
@@ -446,13 +488,15 @@ class LLM:
         ``SamplingParams.n`` samples in its ``outputs`` (vLLM's ``RequestOutput.outputs``).
         sampling may come second, as in vLLM's ``generate(prompts, sampling_params)``, and
         vLLM's keyword names are taken: ``sampling_params`` for ``sampling``, ``lora_request``
-        (a ``LoRARequest`` or one a prompt, None: the base model) for ``adapter``. If a
+        (a ``LoRARequest`` or one a prompt, None: the base model) for ``adapter``, and
+        ``use_tqdm`` (vLLM's progress bar on stderr, off by default here). If a
         prompt is refused (too long, an unknown adapter, ...), or the call is interrupted,
         none of its requests is left in the engine.
         Repeats of one prompt with one adapter (samples of a prompt: best-of-n, RL rollouts)
         compute the prompt's full pages once (``Engine.submit(share_prompt_with=...)``)."""
         prompts = _prompt_list(prompts)
         n = len(prompts)
+        tqdm = _tqdm(use_tqdm)
         if sampling is None and (
             isinstance(adapter, SamplingParams)
             or (
@@ -503,18 +547,30 @@ class LLM:
             # (a later prompt refused: the ones queued before it are not left to run)
             self._abandon(requests, reap=True)
             raise
+        progress = None if tqdm is None else _Progress(tqdm, per_prompt)
         try:
             if self.engine._thread is None:
-                self.engine.run_until_idle()
+                if progress is None:
+                    self.engine.run_until_idle()
+                while progress is not None and self.engine.has_work():
+                    self.engine.run_until_idle(max_steps=1)
+                    progress.update()
             for r in requests:
                 while not r.wait(timeout=0.1):
                     if self.engine._thread is None:
                         # The engine thread was stopped (llm.stop()) while this call waited
                         # on it: nothing else steps these requests now.
                         self.engine.run_until_idle()
+                    if progress is not None:
+                        progress.update()
+            if progress is not None:
+                progress.update()
         except BaseException:  # (e.g. KeyboardInterrupt: the rest is not computed later)
             self._abandon(requests)
             raise
+        finally:
+            if progress is not None:
+                progress.close()
         return [_completion(samples) for samples in per_prompt]
 
     def _lora_request_adapters(self, lora_request) -> str | None | list[str | None]:
@@ -575,12 +631,13 @@ class LLM:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
+        use_tqdm: bool = False,
     ) -> list[Completion]:
         """``generate`` over chats (vLLM's ``LLM.chat``): one conversation (a list of
         ``{"role", "content"}`` messages) or a list of them, each rendered with the tokenizer's
         chat template (``Tokenizer.encode_chat``: ``continue_final_message`` continues the
-        last message, ``chat_template_kwargs`` go to the template); ``sampling_params`` and
-        ``lora_request`` as ``generate`` takes them."""
+        last message, ``chat_template_kwargs`` go to the template); ``sampling_params``,
+        ``lora_request`` and ``use_tqdm`` as ``generate`` takes them."""
         if self.tokenizer is None:
             raise RequestError("messages: the model has no tokenizer (and so no chat template)")
         if not isinstance(conversations, Sequence) or isinstance(conversations, str):
@@ -606,7 +663,12 @@ class LLM:
             for messages in conversations
         ]
         return self.generate(
-            prompts, adapter, sampling, sampling_params=sampling_params, lora_request=lora_request
+            prompts,
+            adapter,
+            sampling,
+            sampling_params=sampling_params,
+            lora_request=lora_request,
+            use_tqdm=use_tqdm,
         )
 
     async def stream(

@@ -313,6 +313,27 @@ def test_vllm_s_keyword_names_sampling_params_and_lora_request(demo_llm):
     assert not demo_llm.engine.has_work()
 
 
+def test_use_tqdm_draws_vllm_s_progress_bar_on_stderr(demo_llm, capsys):
+    """use_tqdm=True: the prompts done and the output tokens a second, stepping the engine here
+    or waiting on its thread; the answers are those without the bar."""
+    prompts = ["Hi", "Hello", "Who are you?"]
+    plain = demo_llm.generate(prompts, greedy(4))
+    assert capsys.readouterr().err == ""
+    outs = demo_llm.generate(prompts, greedy(4), use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "3/3" in err and "toks/s" in err, err
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    demo_llm.start()
+    try:
+        outs = demo_llm.chat([{"role": "user", "content": "Hi"}], None, greedy(4), use_tqdm=True)
+    finally:
+        demo_llm.stop()
+    assert "1/1" in capsys.readouterr().err and len(outs[0].token_ids) == 4
+    with pytest.raises(RequestError, match="use_tqdm: expected a bool, got 'yes'"):
+        demo_llm.generate(prompts, greedy(4), use_tqdm="yes")
+    assert not demo_llm.engine.has_work()
+
+
 def test_an_adapter_flag_given_twice_is_refused():
     from jaxlora.generate import parse_adapter_flags
 
