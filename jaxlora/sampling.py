@@ -59,7 +59,8 @@ class SamplingParams:
     as vLLM raises it); top_p: nucleus sampling, keep the smallest set of most likely tokens
     whose probability reaches top_p (1 = off); top_k: keep the k most likely tokens (0 or -1 =
     off); max_tokens: tokens to generate at most; stop_token_ids: tokens that end the output
-    (besides EOS); stop_strings: text that ends the output (not included in it); seed: the
+    (besides EOS); stop_strings: text that ends the output (not included in it; ``stop``, vLLM's
+    name, is taken for it); seed: the
     request's random stream (None: the engine picks one; the server reads vLLM's -1 as None);
     logprobs: None = no logprobs, n = the chosen token's logprob and the n most likely
     alternatives (0..20); stop_strings, stop_token_ids, bad_words and logit_bias take None for
@@ -114,12 +115,29 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     skip_special_tokens: bool = True
     n: int = 1
+    # vLLM's name for stop_strings (SamplingParams(stop=["\n"])): merged into it, not kept
+    stop: dataclasses.InitVar[str | Sequence[str] | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, stop=None):
         def fail(field, expected):
             raise RequestError(
                 f"sampling parameter {field!r}: expected {expected}, got {getattr(self, field)!r}"
             )
+
+        if stop is not None:
+            if self.stop_strings:
+                raise RequestError(
+                    "sampling parameter 'stop': given beside stop_strings (vLLM's name for "
+                    "them); expected one of the two"
+                )
+            if not isinstance(stop, (str, list, tuple)) or not all(
+                isinstance(s, str) and s for s in ([stop] if isinstance(stop, str) else stop)
+            ):
+                raise RequestError(
+                    "sampling parameter 'stop': expected a non-empty string or a list of them, "
+                    f"got {stop!r:.100}"
+                )
+            object.__setattr__(self, "stop_strings", stop)
 
         # (the step divides float32 logits by it: past float32's largest it would be infinity)
         if (

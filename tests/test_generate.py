@@ -277,6 +277,12 @@ def test_vllm_s_keyword_names_sampling_params_and_lora_request(demo_llm):
     )
     assert [o.token_ids for o in outs] == [o.token_ids for o in by_name]
     assert [o.adapter for o in outs] == ["pirate", None]
+    stopped = demo_llm.generate(
+        prompts[0],
+        sampling_params=SamplingParams(temperature=0, max_tokens=12, stop=","),
+        lora_request=LoRARequest("pirate", 1),
+    )
+    assert (stopped[0].text, stopped[0].stop_reason) == (" Arr", ",")
     robot = demo.adapter_dirs()["robot"]
     assert "robot_again" not in demo_llm.store
     (out,) = demo_llm.generate(

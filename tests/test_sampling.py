@@ -192,6 +192,21 @@ def test_vllm_s_spellings_and_bounds():
     assert picked == {1}
 
 
+def test_stop_is_vllm_s_name_for_stop_strings():
+    """SamplingParams(stop=...) as vLLM's: one string or a list, the same params as
+    stop_strings (equal, hashed alike; a replace keeps them), never beside stop_strings."""
+    import dataclasses
+
+    assert SamplingParams(stop="\n").stop_strings == ("\n",)
+    assert SamplingParams(stop=["a", "b"]) == SamplingParams(stop_strings=("a", "b"))
+    assert hash(SamplingParams(stop="a")) == hash(SamplingParams(stop_strings=["a"]))
+    replaced = dataclasses.replace(SamplingParams(stop="a"), max_tokens=3)
+    assert replaced.stop_strings == ("a",) and replaced.max_tokens == 3
+    assert dataclasses.replace(replaced, stop_strings=("b",)).stop_strings == ("b",)
+    with pytest.raises(RequestError, match="'stop': given beside stop_strings"):
+        SamplingParams(stop="a", stop_strings=["b"])
+
+
 def test_padding_rows_and_seed_words():
     batch = SamplingBatch.from_params([SamplingParams(seed=-1)], [3], batch_size=4)
     assert batch.temperature.shape == (4,) and (batch.temperature[1:] == 0).all()
@@ -253,6 +268,10 @@ def test_padding_rows_and_seed_words():
         ("logit_bias", [(5, 1), (5, 2)], "token 5 twice"),
         ("logit_bias", {i: 1 for i in range(1025)}, "at most 1024"),
         ("logit_bias", 5, "mapping"),
+        ("n", 0, ">= 1"),
+        ("n", 1.5, "int"),
+        ("stop", 5, "a non-empty string or a list"),
+        ("stop", ["\n", ""], "a non-empty string or a list"),
     ],
 )
 def test_invalid_params_raise_request_error(field, value, message):
