@@ -72,6 +72,7 @@ class Completion:
     num_cached_tokens: int = 0
     stop_reason: int | str | None = None
     outputs: list[CompletionOutput] = dataclasses.field(default_factory=list)
+    prompt: str | None = None  # the prompt's text where it was given as text (vLLM's)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -112,7 +113,14 @@ def _output(index: int, request: Request) -> CompletionOutput:
     )
 
 
-def _completion(samples: Sequence[Request]) -> Completion:
+def _prompt_text(prompt) -> str | None:
+    """A generate prompt's text (vLLM's RequestOutput.prompt): None where it was token ids."""
+    if isinstance(prompt, Mapping):
+        prompt = prompt.get("prompt") if "prompt_token_ids" not in prompt else None
+    return prompt if isinstance(prompt, str) else None
+
+
+def _completion(samples: Sequence[Request], prompt: str | None = None) -> Completion:
     """One prompt's Completion from its samples' finished requests (the first one leads)."""
     first, outputs = samples[0], [_output(i, r) for i, r in enumerate(samples)]
     return Completion(
@@ -131,6 +139,7 @@ def _completion(samples: Sequence[Request]) -> Completion:
         num_cached_tokens=first.num_cached_tokens,
         stop_reason=outputs[0].stop_reason,
         outputs=outputs,
+        prompt=prompt,
     )
 
 
@@ -571,7 +580,10 @@ class LLM:
         finally:
             if progress is not None:
                 progress.close()
-        return [_completion(samples) for samples in per_prompt]
+        return [
+            _completion(samples, _prompt_text(prompt))
+            for samples, prompt in zip(per_prompt, prompts, strict=True)
+        ]
 
     def _lora_request_adapters(self, lora_request) -> str | None | list[str | None]:
         """The adapter names of vLLM's ``lora_request`` argument (one or one a prompt), each

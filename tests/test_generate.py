@@ -139,6 +139,9 @@ def test_generate_takes_one_prompt_and_vllm_s_argument_order(demo_llm):
     ):
         outs = demo_llm.generate(prompt, sampling=greedy())
         assert [o.token_ids for o in outs] == [expected.token_ids], type(prompt)
+        # vLLM's RequestOutput.prompt: the text where the prompt was text
+        as_text = isinstance(prompt, str) or (isinstance(prompt, dict) and "prompt" in prompt)
+        assert outs[0].prompt == (text if as_text else None), type(prompt)
     outs = demo_llm.generate([text, ids], greedy())
     assert [o.token_ids for o in outs] == [expected.token_ids] * 2
     outs = demo_llm.generate(np.array([ids, ids]), [greedy(), greedy(2)])
