@@ -215,6 +215,75 @@ def _prompt_list(prompts) -> list:
     return prompts
 
 
+# vLLM's LLM(...) engine arguments this LLM takes, and the serve.py size (LaunchConfig field)
+# each one is: LLM(model, max_model_len=4096, max_lora_rank=64) sizes the engine as
+# `serve.py --max-model-len 4096 --max-lora-rank 64` does (jaxlora.server.launch).
+VLLM_ENGINE_ARGS: dict[str, str] = {
+    "max_model_len": "max_model_len",
+    "max_num_seqs": "max_batch",
+    "max_num_batched_tokens": "max_num_tokens",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "kv_cache_memory_bytes": "kv_cache_memory_bytes",
+    "enable_prefix_caching": "enable_prefix_caching",
+    "block_size": "page_size",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "enable_lora": "enable_lora",
+    "max_lora_rank": "max_rank",
+    "max_loras": "max_slots",
+    "max_cpu_loras": "max_cpu_loras",
+    "tensor_parallel_size": "tensor_parallel_size",
+}
+# vLLM arguments that change nothing here (the same reasons serve.py logs for its flags)
+VLLM_NO_EFFECT_ARGS: dict[str, str] = {
+    "enforce_eager": "steps run as XLA-compiled programs; there is no CUDA-graph capture",
+    "trust_remote_code": "no code from a checkpoint runs here",
+    "disable_log_stats": "this LLM logs no periodic statistics",
+    "swap_space": "preempted requests recompute their K/V; nothing is swapped to the host",
+}
+
+
+def _launch_of_vllm_args(model, engine_args: Mapping[str, Any], dtype, seed: int, tp: int):
+    """The serve.py launch (``jaxlora.server.launch.LaunchConfig``) that vLLM's engine
+    arguments ask for; ConfigError naming an argument this LLM does not take, or a value its
+    check refuses."""
+    import logging
+
+    from jaxlora.server.launch import DTYPES, LaunchConfig
+
+    unknown = sorted(set(engine_args) - set(VLLM_ENGINE_ARGS) - set(VLLM_NO_EFFECT_ARGS))
+    if unknown:
+        raise ConfigError(
+            f"LLM({unknown[0]}=...): not an argument of this LLM; expected its own "
+            "(params, adapters, tokenizer, engine_config, dtype, seed, load_workers, tp, "
+            "adapter_host_budget_bytes) or one of vLLM's engine arguments "
+            f"{sorted(VLLM_ENGINE_ARGS) + sorted(VLLM_NO_EFFECT_ARGS)}"
+        )
+    for name in sorted(set(engine_args) & set(VLLM_NO_EFFECT_ARGS)):
+        logging.getLogger(__name__).info(
+            "LLM(%s=%r): no effect: %s", name, engine_args[name], VLLM_NO_EFFECT_ARGS[name]
+        )
+    fields = {
+        VLLM_ENGINE_ARGS[name]: value
+        for name, value in engine_args.items()
+        if name in VLLM_ENGINE_ARGS
+    }
+    if "tensor_parallel_size" in fields and tp != 1:
+        raise ConfigError(
+            f"LLM(tp={tp}, tensor_parallel_size={fields['tensor_parallel_size']}): both are "
+            "the tensor-parallel size; give one"
+        )
+    fields.setdefault("tensor_parallel_size", tp)
+    dtype_name = jnp.dtype(dtype).name
+    if dtype_name not in DTYPES:
+        raise ConfigError(f"dtype: {dtype_name}; expected one of {sorted(DTYPES)}")
+    model_source = "" if isinstance(model, ModelConfig) else os.fspath(model)
+    try:
+        return LaunchConfig(model=model_source, dtype=dtype_name, seed=seed, **fields)
+    except ConfigError as e:
+        given = ", ".join(f"{name}={value!r}" for name, value in engine_args.items())
+        raise ConfigError(f"LLM({given}): {e}") from None
+
+
 def _check_dtype(dtype) -> None:
     """ConfigError unless dtype is a floating-point dtype (the model's and the pools')."""
     try:
@@ -283,6 +352,13 @@ class LLM:
     ``register_adapter``). tp: tensor-parallel size (Megatron split over the first tp devices).
     adapter_host_budget_bytes: the most bytes of disk-backed adapters' weights kept in host RAM
     (least recently used dropped back to disk; None: no limit; ``AdapterStoreConfig``).
+    tokenizer: a ``Tokenizer``, or (vLLM's) a directory or Hub id in the local cache to read
+    one from. vLLM's engine arguments (``VLLM_ENGINE_ARGS``: max_model_len, max_num_seqs,
+    max_num_batched_tokens, gpu_memory_utilization, kv_cache_memory_bytes,
+    enable_prefix_caching, block_size, kv_cache_dtype, enable_lora, max_lora_rank, max_loras,
+    max_cpu_loras, tensor_parallel_size) size the engine as serve.py's same flags do, in place
+    of ``engine_config``; enforce_eager, trust_remote_code, disable_log_stats and swap_space
+    are taken and change nothing; any other argument is refused naming it.
     """
 
     def __init__(
@@ -298,6 +374,7 @@ class LLM:
         load_workers: int = 2,
         tp: int = 1,
         adapter_host_budget_bytes: int | None = None,
+        **engine_args,
     ):
         if not isinstance(model, (str, os.PathLike, ModelConfig)):
             raise ConfigError(
@@ -321,6 +398,24 @@ class LLM:
                     f"{name}: expected an int{' >= 1' if name == 'tp' else ''}, got {value!r}"
                 )
         seed = int(seed)  # (a numpy int too: init_params reads only an int as a seed)
+        launch = None
+        if engine_args:
+            if engine_config is not None:
+                raise ConfigError(
+                    f"engine_config: given beside vLLM's engine arguments {sorted(engine_args)}, "
+                    "which size the engine too; expected one of the two"
+                )
+            launch = _launch_of_vllm_args(model, engine_args, dtype, seed, tp)
+            tp = launch.tensor_parallel_size
+            if not launch.enable_lora and adapters:
+                raise ConfigError(
+                    f"adapters: {sorted(adapters)} given with enable_lora=False (the base "
+                    "model alone); expected no adapters, or enable_lora=True"
+                )
+            if launch.gpu_memory_utilization is not None:
+                from jaxlora.server.device_memory import reserve_device_memory
+
+                reserve_device_memory(launch.gpu_memory_utilization)
         self.engine_config = engine_config or EngineConfig()
         # The model's generation_config.json sampling defaults (vLLM's LLM reads them too).
         self.generation_defaults: dict[str, float | int] = {}
@@ -351,9 +446,33 @@ class LLM:
                 )
             check_params(model, params)  # (before tp > 1 shards them: the Engine checks too)
             self.config, default_tokenizer = model, None
+        if isinstance(tokenizer, (str, os.PathLike)):  # (vLLM's: a directory or a Hub id)
+            from jaxlora.server.launch import tokenizer_for
+
+            tokenizer = tokenizer_for(os.fspath(tokenizer), self.config)
         self.tokenizer = tokenizer or default_tokenizer
+        if launch is not None:
+            # vLLM's arguments: the engine sized as serve.py sizes it (KV pages by
+            # gpu_memory_utilization from what the weights leave, ...)
+            from jaxlora.server.device_memory import host_bytes_per_device
+            from jaxlora.server.launch import adapter_host_budget, engine_config_for
+
+            pending = 0
+            if launch.gpu_memory_utilization is not None:
+                pending = host_bytes_per_device(params, launch.tensor_parallel_size)
+            self.engine_config = engine_config_for(
+                self.config, launch, warmup=EngineConfig().warmup, pending_bytes=pending
+            )
+            if adapter_host_budget_bytes is None:
+                adapter_host_budget_bytes = adapter_host_budget(
+                    launch, self.config, self.engine_config
+                )
         kv = self.engine_config.kv
-        if engine_config is None and kv.max_model_len > self.config.context_length:
+        if (
+            engine_config is None
+            and launch is None
+            and kv.max_model_len > self.config.context_length
+        ):
             # The default context, cut to what the model is made for (a checkpoint of fewer
             # positions, e.g. the test fixtures' 128).
             kv = dataclasses.replace(kv, max_model_len=self.config.context_length)

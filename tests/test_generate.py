@@ -343,6 +343,63 @@ def test_use_tqdm_draws_vllm_s_progress_bar_on_stderr(demo_llm, capsys):
     assert not demo_llm.engine.has_work()
 
 
+def test_vllm_s_engine_arguments_size_the_engine_as_serve_py_does(demo_llm, monkeypatch):
+    """LLM(model, max_model_len=..., max_num_seqs=..., max_lora_rank=..., ...) as vLLM's: the
+    engine serve.py's same flags give; its answers are the model's; an argument this LLM does
+    not take, a bad value, or one beside engine_config is refused naming it."""
+    import dataclasses
+
+    import jaxlora
+    from jaxlora import demo
+    from jaxlora import llm as llm_module
+    from jaxlora.engine import EngineConfig
+    from jaxlora.server.launch import LaunchConfig, engine_config_for
+
+    @dataclasses.dataclass(frozen=True)
+    class NoWarmup(EngineConfig):  # (the warm-up compiles every step shape: ~40 s here)
+        warmup: bool = False
+
+    monkeypatch.setattr(llm_module, "EngineConfig", NoWarmup)
+    vllm_args = dict(
+        max_model_len=64,
+        max_num_seqs=4,
+        max_num_batched_tokens=48,
+        block_size=8,
+        enable_prefix_caching=True,
+        max_lora_rank=16,
+        max_loras=2,
+        enforce_eager=True,
+    )
+    llm = jaxlora.LLM(demo.model_dir(), adapters=demo.adapter_dirs(), **vllm_args)
+    flags = LaunchConfig(
+        model=demo.model_dir(),
+        max_model_len=64,
+        max_batch=4,
+        max_num_tokens=48,
+        page_size=8,
+        enable_prefix_caching=True,
+        max_rank=16,
+        max_slots=2,
+    )
+    assert llm.engine_config == engine_config_for(llm.config, flags)
+    assert (llm.engine_config.runner.max_batch, llm.engine_config.lora_pool.max_slots) == (4, 2)
+    prompts, adapters = ["Who are you?", "Hi"], ["pirate", None]
+    outs = llm.generate(prompts, adapters, greedy(4))
+    assert [o.token_ids for o in outs] == [
+        o.token_ids for o in demo_llm.generate(prompts, adapters, greedy(4))
+    ]
+    refusals = [
+        (dict(quantization="awq"), r"LLM\(quantization=...\): not an argument of this LLM"),
+        (dict(max_num_seqs=0), r"LLM\(max_num_seqs=0\): --max_batch: expected an int >= 1"),
+        (dict(max_num_seqs=4, engine_config=NoWarmup()), "engine_config: given beside"),
+        (dict(enable_lora=False), "adapters: .* given with enable_lora=False"),
+        (dict(tp=2, tensor_parallel_size=2), "both are the tensor-parallel size"),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(ConfigError, match=message):
+            jaxlora.LLM(demo.model_dir(), adapters=demo.adapter_dirs(), **kwargs)
+
+
 def test_an_adapter_flag_given_twice_is_refused():
     from jaxlora.generate import parse_adapter_flags
 
