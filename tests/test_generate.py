@@ -398,6 +398,11 @@ def test_vllm_s_engine_arguments_size_the_engine_as_serve_py_does(demo_llm, monk
     for kwargs, message in refusals:
         with pytest.raises(ConfigError, match=message):
             jaxlora.LLM(demo.model_dir(), adapters=demo.adapter_dirs(), **kwargs)
+    # vLLM's tokenizer argument: a directory to read one from
+    by_path = jaxlora.LLM(demo.model_dir(), tokenizer=demo.model_dir(), max_num_seqs=2)
+    assert by_path.tokenizer.encode("Who are you?") == demo_llm.tokenizer.encode("Who are you?")
+    with pytest.raises(ConfigError, match="--tokenizer="):
+        jaxlora.LLM(demo.model_dir(), tokenizer="/nonexistent/tokenizer", max_num_seqs=2)
 
 
 def test_an_adapter_flag_given_twice_is_refused():
