@@ -608,6 +608,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[Completion]:
         """Runs every prompt in shared batches (each with its own adapter) until all finish.
 
@@ -617,7 +618,9 @@ class LLM:
         sampling may come second, as in vLLM's ``generate(prompts, sampling_params)``, and
         vLLM's keyword names are taken: ``sampling_params`` for ``sampling``, ``lora_request``
         (a ``LoRARequest`` or one a prompt, None: the base model) for ``adapter``, and
-        ``use_tqdm`` (vLLM's progress bar on stderr, off by default here). If a
+        ``use_tqdm`` (vLLM's progress bar on stderr, off by default here), and ``priority``
+        (vLLM's: one int a prompt, lower served first, under
+        ``EngineConfig(scheduling_policy="priority")``). If a
         prompt is refused (too long, an unknown adapter, ...), or the call is interrupted,
         none of its requests is left in the engine.
         Repeats of one prompt with one adapter (samples of a prompt: best-of-n, RL rollouts)
@@ -654,18 +657,41 @@ class LLM:
                 f"generate: {n} prompts but {len(adapters)} adapters and "
                 f"{len(samplings)} sampling parameters"
             )
+        if priority is None:
+            priorities = [0] * n
+        elif not isinstance(priority, (list, tuple)) or len(priority) != n:
+            raise RequestError(
+                f"priority: expected a list of {n} ints (one a prompt, as vLLM's), got "
+                f"{priority!r:.100}"
+            )
+        else:
+            priorities = list(priority)  # (each checked by Engine.submit, before any is queued)
+            for p in priorities:
+                if not is_int(p):
+                    raise RequestError(f"priority: expected ints, got {p!r:.100}")
+            if any(priorities) and self.engine_config.scheduling_policy != "priority":
+                raise RequestError(
+                    f"priority: {priorities} needs the 'priority' scheduling policy; this "
+                    f"engine schedules by {self.engine_config.scheduling_policy!r} "
+                    "(expected none, or all 0)"
+                )
         for a, s in zip(adapters, samplings, strict=True):
             check_adapter_and_sampling(a, s)  # (all before any is queued)
         samplings = [s if s is not None else self.get_default_sampling_params() for s in samplings]
         prompt_ids = [self.encode(p) for p in prompts]
         requests, per_prompt, leaders = [], [], {}
         try:
-            for ids, a, s in zip(prompt_ids, adapters, samplings, strict=True):
+            for ids, a, s, p in zip(prompt_ids, adapters, samplings, priorities, strict=True):
                 key = (tuple(ids), a)
                 samples = []
                 for sample in _samples(s):
                     request = self.engine.submit(
-                        ids, sample, adapter=a, stream=False, share_prompt_with=leaders.get(key)
+                        ids,
+                        sample,
+                        adapter=a,
+                        stream=False,
+                        share_prompt_with=leaders.get(key),
+                        priority=int(p),
                     )
                     leaders.setdefault(key, request)
                     samples.append(request)
@@ -763,11 +789,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
         use_tqdm: bool = False,
+        chat_template: str | None = None,
     ) -> list[Completion]:
         """``generate`` over chats (vLLM's ``LLM.chat``): one conversation (a list of
         ``{"role", "content"}`` messages) or a list of them, each rendered with the tokenizer's
         chat template (``Tokenizer.encode_chat``: ``continue_final_message`` continues the
-        last message, ``chat_template_kwargs`` go to the template); ``sampling_params``,
+        last message, ``chat_template_kwargs`` go to the template, ``chat_template``: a jinja2
+        template in place of the tokenizer's, as vLLM's); ``sampling_params``,
         ``lora_request`` and ``use_tqdm`` as ``generate`` takes them."""
         if self.tokenizer is None:
             raise RequestError("messages: the model has no tokenizer (and so no chat template)")
@@ -790,6 +818,7 @@ class LLM:
                 continue_final_message=continue_final_message,
                 tools=tools,
                 template_kwargs=chat_template_kwargs,
+                template=chat_template,
             )
             for messages in conversations
         ]

@@ -322,6 +322,38 @@ def test_vllm_s_keyword_names_sampling_params_and_lora_request(demo_llm):
     assert not demo_llm.engine.has_work()
 
 
+def test_vllm_s_priority_and_chat_template_arguments(demo_llm, monkeypatch):
+    """generate(priority=[...]): one a prompt, each request's (its samples' too), under the
+    priority policy only; chat(chat_template=...): the prompt rendered by that template."""
+    import dataclasses
+
+    messages = [{"role": "user", "content": "Hi"}]
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    (own,) = demo_llm.chat(messages, None, greedy(2), chat_template=template)
+    (default,) = demo_llm.chat(messages, None, greedy(2))
+    assert own.prompt_ids == demo_llm.tokenizer.encode_chat(messages, template=template)
+    assert own.prompt_ids != default.prompt_ids
+    with pytest.raises(RequestError, match="chat_template"):
+        demo_llm.chat(messages, None, greedy(2), chat_template="{% for %}")
+    with pytest.raises(RequestError, match="needs the 'priority' scheduling policy"):
+        demo_llm.generate(["Hi", "Hello"], greedy(2), priority=[1, 0])
+    with pytest.raises(RequestError, match="a list of 2 ints"):
+        demo_llm.generate(["Hi", "Hello"], greedy(2), priority=[0])
+    by_priority = dataclasses.replace(demo_llm.engine_config, scheduling_policy="priority")
+    monkeypatch.setattr(demo_llm, "engine_config", by_priority)
+    monkeypatch.setattr(demo_llm.engine, "engine_config", by_priority)
+    submitted, submit = [], demo_llm.engine.submit
+
+    def recording(*args, **kwargs):
+        submitted.append(kwargs["priority"])
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(demo_llm.engine, "submit", recording)
+    outs = demo_llm.generate(["Hi", "Hello"], greedy(2, n=2), priority=[3, -1])
+    assert submitted == [3, 3, -1, -1] and [len(o.outputs) for o in outs] == [2, 2]
+    assert not demo_llm.engine.has_work()
+
+
 def test_use_tqdm_draws_vllm_s_progress_bar_on_stderr(demo_llm, capsys):
     """use_tqdm=True: the prompts done and the output tokens a second, stepping the engine here
     or waiting on its thread; the answers are those without the bar."""
