@@ -682,7 +682,7 @@ class LLM:
         requests, per_prompt, leaders = [], [], {}
         try:
             for ids, a, s, p in zip(prompt_ids, adapters, samplings, priorities, strict=True):
-                key = (tuple(ids), a)
+                key = (tuple(ids), a, s.truncate_prompt_tokens)
                 samples = []
                 for sample in _samples(s):
                     request = self.engine.submit(

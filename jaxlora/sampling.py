@@ -90,7 +90,9 @@ class SamplingParams:
     n: samples of the prompt (vLLM's): ``LLM.generate`` / ``LLM.chat`` run n requests that share
     the prompt's pages and return them as one Completion's ``outputs``; with a seed, sample i
     draws from seed + i, as vLLM's and the server's choices do. An engine request is one sample
-    (``Engine.submit`` takes n = 1 only)."""
+    (``Engine.submit`` takes n = 1 only). truncate_prompt_tokens: the prompt's last k tokens
+    are the request's prompt (vLLM's left truncation; -1: the engine's context length; None:
+    the whole prompt), cut by ``Engine.submit``."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -115,6 +117,8 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     skip_special_tokens: bool = True
     n: int = 1
+    # vLLM's: keep only the prompt's last k tokens (-1: the context length; None: all of it)
+    truncate_prompt_tokens: int | None = None
     # vLLM's name for stop_strings (SamplingParams(stop=["\n"])): merged into it, not kept
     stop: dataclasses.InitVar[str | Sequence[str] | None] = None
 
@@ -156,6 +160,11 @@ class SamplingParams:
         if not is_int(self.n) or self.n < 1:
             fail("n", "an int >= 1 (samples of the prompt)")
         object.__setattr__(self, "n", int(self.n))
+        if self.truncate_prompt_tokens is not None and (
+            not is_int(self.truncate_prompt_tokens)
+            or not (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)
+        ):
+            fail("truncate_prompt_tokens", "None, an int >= 1, or -1 (the context length)")
         if self.seed is not None and not is_int(self.seed):
             fail("seed", "an int or None")
         if self.logprobs is not None and (

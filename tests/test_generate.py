@@ -354,6 +354,28 @@ def test_vllm_s_priority_and_chat_template_arguments(demo_llm, monkeypatch):
     assert not demo_llm.engine.has_work()
 
 
+def test_truncate_prompt_tokens_keeps_the_prompt_s_last_tokens(demo_llm):
+    """SamplingParams(truncate_prompt_tokens=k) as vLLM's: the request's prompt is the last k
+    tokens (-1: the context length), so a prompt too long for the context is cut, not refused;
+    the same prompt cut two ways is two prompts (no page shared between them)."""
+    limit = demo_llm.engine_config.kv.max_model_len
+    long_prompt = [1 + i % 50 for i in range(limit + 20)]
+    with pytest.raises(RequestError, match="context length"):
+        demo_llm.generate([long_prompt], greedy(2))
+    cut, whole = demo_llm.generate(
+        [long_prompt, long_prompt[-9:]],
+        [greedy(2, truncate_prompt_tokens=9), greedy(2)],
+    )
+    assert cut.prompt_ids == long_prompt[-9:] and cut.token_ids == whole.token_ids
+    two_ways = demo_llm.generate(
+        [long_prompt] * 2, [greedy(2, truncate_prompt_tokens=k) for k in (9, 30)]
+    )
+    assert [len(o.prompt_ids) for o in two_ways] == [9, 30]
+    with pytest.raises(RequestError, match="the context length is"):  # (-1: all of it)
+        demo_llm.generate([long_prompt], greedy(2, truncate_prompt_tokens=-1))
+    assert not demo_llm.engine.has_work()
+
+
 def test_use_tqdm_draws_vllm_s_progress_bar_on_stderr(demo_llm, capsys):
     """use_tqdm=True: the prompts done and the output tokens a second, stepping the engine here
     or waiting on its thread; the answers are those without the bar."""

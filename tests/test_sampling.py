@@ -269,6 +269,8 @@ def test_padding_rows_and_seed_words():
         ("logit_bias", {i: 1 for i in range(1025)}, "at most 1024"),
         ("logit_bias", 5, "mapping"),
         ("n", 0, ">= 1"),
+        ("truncate_prompt_tokens", 0, "an int >= 1, or -1"),
+        ("truncate_prompt_tokens", -2, "an int >= 1, or -1"),
         ("n", 1.5, "int"),
         ("stop", 5, "a non-empty string or a list"),
         ("stop", ["\n", ""], "a non-empty string or a list"),

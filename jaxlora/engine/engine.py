@@ -472,6 +472,11 @@ class Engine:
         prompt_ids = checked_token_ids(prompt_ids)
         check_adapter_and_sampling(adapter, sampling)
         sampling = sampling or SamplingParams()
+        if sampling.truncate_prompt_tokens is not None:  # (vLLM's left truncation)
+            keep = sampling.truncate_prompt_tokens
+            prompt_ids = prompt_ids[
+                -(self.engine_config.kv.max_model_len if keep == -1 else keep) :
+            ]
         if sampling.n != 1:
             raise RequestError(
                 f"sampling parameter 'n': a request is one sample, expected 1, got {sampling.n} "
