@@ -134,14 +134,7 @@ class SamplingParams:
                     "sampling parameter 'stop': given beside stop_strings (vLLM's name for "
                     "them); expected one of the two"
                 )
-            if not isinstance(stop, (str, list, tuple)) or not all(
-                isinstance(s, str) and s for s in ([stop] if isinstance(stop, str) else stop)
-            ):
-                raise RequestError(
-                    "sampling parameter 'stop': expected a non-empty string or a list of them, "
-                    f"got {stop!r:.100}"
-                )
-            object.__setattr__(self, "stop_strings", stop)
+            object.__setattr__(self, "stop_strings", stop)  # (checked below, as 'stop')
 
         # (the step divides float32 logits by it: past float32's largest it would be infinity)
         if (
@@ -189,7 +182,10 @@ class SamplingParams:
         if not isinstance(stop_strings, (list, tuple)) or not all(
             isinstance(s, str) and s for s in stop_strings
         ):
-            fail("stop_strings", "a list of non-empty strings")
+            raise RequestError(
+                f"sampling parameter {'stop_strings' if stop is None else 'stop'!r}: expected a "
+                f"non-empty string or a list of them, got {self.stop_strings!r:.100}"
+            )
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
             is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
