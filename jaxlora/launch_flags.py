@@ -430,6 +430,8 @@ for _alias, _name in VLLM_FLAG_ALIASES.items():
 # option of the same name is never defined twice).
 from jaxlora import vllm_options  # noqa: E402
 
+vllm_options.define_flags()
+
 
 def vllm_spelling(argv: list[str]) -> list[str]:
     """argv with vLLM's dashed long options in absl's spelling: ``--max-num-seqs=8`` as

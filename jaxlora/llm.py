@@ -233,13 +233,14 @@ VLLM_ENGINE_ARGS: dict[str, str] = {
     "max_cpu_loras": "max_cpu_loras",
     "tensor_parallel_size": "tensor_parallel_size",
 }
-# vLLM arguments that change nothing here (the same reasons serve.py logs for its flags)
-VLLM_NO_EFFECT_ARGS: dict[str, str] = {
-    "enforce_eager": "steps run as XLA-compiled programs; there is no CUDA-graph capture",
-    "trust_remote_code": "no code from a checkpoint runs here",
-    "disable_log_stats": "this LLM logs no periodic statistics",
-    "swap_space": "preempted requests recompute their K/V; nothing is swapped to the host",
-}
+# vLLM arguments that change nothing here, whatever their value; the reason logged is the one
+# serve.py logs for its flag of the same name (jaxlora.vllm_options.OPTIONS)
+VLLM_NO_EFFECT_ARGS: tuple[str, ...] = (
+    "enforce_eager",
+    "trust_remote_code",
+    "disable_log_stats",
+    "swap_space",
+)
 
 
 def _launch_of_vllm_args(model, engine_args: Mapping[str, Any], dtype, seed: int, tp: int):
@@ -249,6 +250,7 @@ def _launch_of_vllm_args(model, engine_args: Mapping[str, Any], dtype, seed: int
     import logging
 
     from jaxlora.server.launch import DTYPES, LaunchConfig
+    from jaxlora.vllm_options import OPTIONS
 
     unknown = sorted(set(engine_args) - set(VLLM_ENGINE_ARGS) - set(VLLM_NO_EFFECT_ARGS))
     if unknown:
@@ -258,9 +260,10 @@ def _launch_of_vllm_args(model, engine_args: Mapping[str, Any], dtype, seed: int
             "adapter_host_budget_bytes) or one of vLLM's engine arguments "
             f"{sorted(VLLM_ENGINE_ARGS) + sorted(VLLM_NO_EFFECT_ARGS)}"
         )
+    reasons = {option.name: option.why for option in OPTIONS}
     for name in sorted(set(engine_args) & set(VLLM_NO_EFFECT_ARGS)):
         logging.getLogger(__name__).info(
-            "LLM(%s=%r): no effect: %s", name, engine_args[name], VLLM_NO_EFFECT_ARGS[name]
+            "LLM(%s=%r): no effect: %s", name, engine_args[name], reasons[name]
         )
     fields = {
         VLLM_ENGINE_ARGS[name]: value

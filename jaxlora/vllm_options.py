@@ -4,7 +4,7 @@ do, so that a vLLM command line carries over: each is taken under its vLLM name
 why it has no effect, or
 refused at launch (``ConfigError`` naming the option, the value and what it takes) where its
 value asks for something this server cannot give (``--quantization fp8``,
-``--pipeline-parallel-size 2``). Importing this module defines the flags (absl); the options
+``--pipeline-parallel-size 2``). ``define_flags`` defines the flags (absl); the options
 this server implements (``--max-cpu-loras``, ``--root-path``, ``--disable-fastapi-docs``,
 ...) are ordinary flags of ``jaxlora.launch_flags`` and ``scripts/serve.py``.
 """
@@ -208,12 +208,17 @@ _DEFINE = {
     "string": flags.DEFINE_string,
 }
 
-for _option in OPTIONS:
-    if _option.name not in FLAGS:
-        _help = f"vLLM's option, taken so that its command lines carry over: {_option.why}" + (
-            "" if _option.accepted is None else f" (takes {list(_option.accepted)})"
-        )
-        _DEFINE[_option.kind](_option.name, None, _help)
+
+def define_flags() -> None:
+    """Defines each option's absl flag (default None: not given), unless a flag of its name is
+    defined already (``jaxlora.launch_flags`` calls this after its own flags). Importing the
+    module alone defines nothing: the library reads ``OPTIONS`` too."""
+    for option in OPTIONS:
+        if option.name not in FLAGS:
+            help_text = f"vLLM's option, taken so that its command lines carry over: {option.why}"
+            if option.accepted is not None:
+                help_text += f" (takes {list(option.accepted)})"
+            _DEFINE[option.kind](option.name, None, help_text)
 
 
 def _dashed(name: str) -> str:
