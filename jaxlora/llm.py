@@ -668,16 +668,12 @@ class LLM:
                 f"{priority!r:.100}"
             )
         else:
-            priorities = list(priority)  # (each checked by Engine.submit, before any is queued)
+            # (numpy ints too; Engine.submit refuses a priority its policy does not read, and
+            # the requests queued before it are then abandoned, as for any refused prompt)
+            priorities = list(priority)
             for p in priorities:
                 if not is_int(p):
                     raise RequestError(f"priority: expected ints, got {p!r:.100}")
-            if any(priorities) and self.engine_config.scheduling_policy != "priority":
-                raise RequestError(
-                    f"priority: {priorities} needs the 'priority' scheduling policy; this "
-                    f"engine schedules by {self.engine_config.scheduling_policy!r} "
-                    "(expected none, or all 0)"
-                )
         for a, s in zip(adapters, samplings, strict=True):
             check_adapter_and_sampling(a, s)  # (all before any is queued)
         samplings = [s if s is not None else self.get_default_sampling_params() for s in samplings]
@@ -706,10 +702,10 @@ class LLM:
             raise
         progress = None if tqdm is None else _Progress(tqdm, per_prompt)
         try:
-            if self.engine._thread is None:
-                if progress is None:
-                    self.engine.run_until_idle()
-                while progress is not None and self.engine.has_work():
+            if self.engine._thread is None and progress is None:
+                self.engine.run_until_idle()
+            elif self.engine._thread is None:
+                while self.engine.has_work():  # (a step at a time: the bar moves as they end)
                     self.engine.run_until_idle(max_steps=1)
                     progress.update()
             for r in requests:
